@@ -1,0 +1,163 @@
+//! The storage contract. [`Backend`] is what the user-facing `fleetdb::Store` talks to: the
+//! embedded SQLite backend, the PostgreSQL backend and (later) the remote client implement it.
+//! [`TxRows`] is the narrower interface a backend implements INSIDE one database transaction so
+//! that [`crate::apply`] can decide what a batch does once, for every backend.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{Batch, OpResult};
+use crate::error::Result;
+use crate::model::{
+    Change, ChangeFilter, ChangeOp, Entity, Namespace, Object, ObjectKey, Revision, Tag,
+};
+use crate::query::ObjectQuery;
+use crate::time::Timestamp;
+
+/// An embedded, numbered schema migration. Each backend has its own list, mirrored number by
+/// number (a commented no-op where one backend has nothing to do).
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Where a database's schema stands relative to this binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaStatus {
+    /// Highest migration applied to the database (0: empty database).
+    pub database: u32,
+    /// Highest migration this binary knows.
+    pub binary: u32,
+    /// Migrations this binary would apply, in order.
+    pub pending: Vec<MigrationInfo>,
+    /// Migrations applied, in order, with when.
+    pub applied: Vec<AppliedMigration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    pub version: u32,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedMigration {
+    pub version: u32,
+    pub name: String,
+    pub applied_at: Timestamp,
+}
+
+/// The store's position in its change log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionInfo {
+    /// The highest revision committed.
+    pub current: Revision,
+    /// Entries at or before this revision have been compacted away.
+    pub compacted: Revision,
+}
+
+/// Declared differences between backends (never hidden behind silent fallbacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Several OS processes may write the same database at once.
+    pub multi_process_writers: bool,
+    /// Concurrent write transactions are committed in groups sharing one durable sync.
+    pub group_commit: bool,
+    /// Revisions become visible in the order they were assigned (no in-flight gaps).
+    pub revisions_visible_in_order: bool,
+}
+
+/// The storage contract. Every method is one atomic unit; [`Backend::commit`] is the only write.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// A short name for messages ("sqlite", "postgres").
+    fn name(&self) -> &'static str;
+    fn capabilities(&self) -> Capabilities;
+
+    async fn schema_status(&self) -> Result<SchemaStatus>;
+    /// Apply pending migrations. Writes nothing when there is nothing to apply.
+    async fn migrate(&self) -> Result<SchemaStatus>;
+
+    async fn namespace_get(&self, name: &str) -> Result<Option<Namespace>>;
+    /// Namespaces ordered by name, after `after`, at most `limit`.
+    async fn namespace_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Namespace>>;
+    async fn object_get(&self, key: &ObjectKey) -> Result<Option<Object>>;
+    /// Objects matching the query, ordered by (kind, id), at most `query.limit`.
+    async fn object_list(&self, query: &ObjectQuery) -> Result<Vec<Object>>;
+    async fn tag_get(&self, key: &ObjectKey, name: &str) -> Result<Option<Tag>>;
+    /// All tags of one object, ordered by name.
+    async fn tag_list(&self, key: &ObjectKey) -> Result<Vec<Tag>>;
+
+    /// Check the preconditions and apply the operations of `batch` atomically: all of it or
+    /// nothing. Transient database failures (serialization failures, a busy database) are retried
+    /// inside; `Conflict` means a precondition failed.
+    async fn commit(&self, batch: Batch) -> Result<Vec<OpResult>>;
+
+    /// Change-log entries with revision > `after` that pass `filter`, in revision order, at most
+    /// `limit`. `Compacted` if `after` is older than the compaction point.
+    async fn changes(
+        &self,
+        after: Revision,
+        filter: &ChangeFilter,
+        limit: usize,
+    ) -> Result<Vec<Change>>;
+    /// Drop change-log entries with revision < `before`. Returns how many were dropped.
+    async fn compact(&self, before: Revision) -> Result<u64>;
+    async fn revision(&self) -> Result<RevisionInfo>;
+}
+
+/// A change-log entry before the backend assigns its revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeDraft {
+    pub namespace: String,
+    pub kind: String,
+    pub id: String,
+    pub entity: Entity,
+    pub name: String,
+    pub op: ChangeOp,
+    /// Canonical JSON text.
+    pub old_value: Option<String>,
+    pub new_value: Option<String>,
+    pub at: Timestamp,
+}
+
+/// What a tag read inside a transaction returns: whether the object exists and the tag (with its
+/// canonical JSON text) if present. One read, so backends can answer it with one query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRead {
+    pub object_exists: bool,
+    pub tag: Option<(Tag, String)>,
+}
+
+/// Row-level primitives a backend implements inside ONE database transaction. Each `*_put` and
+/// `*_remove` assigns the next revision, writes the row with it and appends the change-log row,
+/// all as part of the same transaction, and returns the revision. The backend translates; it
+/// decides nothing ([`crate::apply`] does).
+#[async_trait]
+pub trait TxRows: Send {
+    async fn namespace_read(&mut self, name: &str) -> Result<Option<Namespace>>;
+    /// Object counts per kind in a namespace (for the "not empty" error), at most a few kinds.
+    async fn namespace_usage(&mut self, name: &str) -> Result<Vec<(String, u64)>>;
+    /// Insert or replace the namespace row (its `revision` field is ignored and assigned).
+    async fn namespace_put(&mut self, ns: &Namespace, change: &ChangeDraft) -> Result<Revision>;
+    async fn namespace_remove(&mut self, name: &str, change: &ChangeDraft) -> Result<Revision>;
+
+    async fn object_read(&mut self, key: &ObjectKey) -> Result<Option<Object>>;
+    async fn object_put(&mut self, obj: &Object, change: &ChangeDraft) -> Result<Revision>;
+    async fn object_remove(&mut self, key: &ObjectKey, change: &ChangeDraft) -> Result<Revision>;
+
+    async fn tag_read(&mut self, key: &ObjectKey, name: &str) -> Result<TagRead>;
+    /// All tags of an object with their canonical text, ordered by name.
+    async fn tag_read_all(&mut self, key: &ObjectKey) -> Result<Vec<(Tag, String)>>;
+    async fn tag_put(&mut self, tag: &Tag, text: &str, change: &ChangeDraft) -> Result<Revision>;
+    async fn tag_remove(
+        &mut self,
+        key: &ObjectKey,
+        name: &str,
+        change: &ChangeDraft,
+    ) -> Result<Revision>;
+}

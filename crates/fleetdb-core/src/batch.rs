@@ -1,0 +1,198 @@
+//! A write batch: the unit a backend commits atomically. Every write — a single `tag_set` or a
+//! user transaction — becomes one [`Batch`]: preconditions (what the transaction read, with the
+//! revision it saw) plus operations. A batch is plain data, so a backend can replay it after a
+//! serialization failure, and a remote client can send it over the wire unchanged.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{Labels, Namespace, Object, ObjectKey, Revision, Tag};
+use crate::time::Timestamp;
+use crate::validate;
+
+/// How an object put treats an existing or missing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PutMode {
+    /// Create it or update its labels.
+    #[default]
+    Upsert,
+    /// Fail with `AlreadyExists` if it exists.
+    Create,
+    /// Fail with `NotFound` if it does not exist.
+    Update,
+}
+
+/// One write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Op {
+    NamespaceCreate {
+        name: String,
+        labels: Labels,
+    },
+    /// Patch labels: an empty value deletes the label.
+    NamespaceLabels {
+        name: String,
+        labels: Labels,
+    },
+    NamespaceDelete {
+        name: String,
+    },
+    /// Create or update an object; `labels` is a patch (an empty value deletes the label).
+    ObjectPut {
+        key: ObjectKey,
+        labels: Labels,
+        mode: PutMode,
+    },
+    /// Delete an object and all its tags.
+    ObjectDelete {
+        key: ObjectKey,
+    },
+    /// Set a tag; `value` is canonical JSON text (see [`validate::canonical_json`]).
+    TagSet {
+        key: ObjectKey,
+        name: String,
+        value: String,
+    },
+    TagDelete {
+        key: ObjectKey,
+        name: String,
+    },
+}
+
+impl Op {
+    /// Validate every field against the rules and limits. Called at the edge (the library and,
+    /// later, the server on what arrives over the wire) before a batch reaches a backend.
+    pub fn validate(&self, limits: &Limits) -> Result<()> {
+        match self {
+            Op::NamespaceCreate { name, labels } | Op::NamespaceLabels { name, labels } => {
+                validate::name("namespace", name)?;
+                validate::user_labels(labels)
+            }
+            Op::NamespaceDelete { name } => validate::name("namespace", name),
+            Op::ObjectPut { key, labels, .. } => {
+                key.validate()?;
+                validate::user_labels(labels)
+            }
+            Op::ObjectDelete { key } => key.validate(),
+            Op::TagSet { key, name, value } => {
+                key.validate()?;
+                validate::name("tag", name)?;
+                if value.len() > limits.tag_value_bytes_max {
+                    return Err(Error::TooLarge {
+                        field: format!("tag {name:?} value"),
+                        size: value.len(),
+                        max: limits.tag_value_bytes_max,
+                    });
+                }
+                let parsed = validate::parse_json(&format!("tag {name:?} value"), value)?;
+                if serde_json::to_string(&parsed).ok().as_deref() != Some(value.as_str()) {
+                    return Err(Error::invalid(
+                        format!("tag {name:?} value"),
+                        value.chars().take(64).collect::<String>(),
+                        "must be canonical JSON (sorted keys, no whitespace)",
+                    ));
+                }
+                Ok(())
+            }
+            Op::TagDelete { key, name } => {
+                key.validate()?;
+                validate::name("tag", name)
+            }
+        }
+    }
+}
+
+/// What a transaction read, and the revision it saw (`None`: it saw nothing there). The commit
+/// fails with `Conflict` unless every precondition still holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "on")]
+pub enum Precondition {
+    Namespace {
+        name: String,
+        revision: Option<Revision>,
+    },
+    Object {
+        key: ObjectKey,
+        revision: Option<Revision>,
+    },
+    Tag {
+        key: ObjectKey,
+        name: String,
+        revision: Option<Revision>,
+    },
+}
+
+/// Preconditions and operations committed atomically at time `now`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub preconditions: Vec<Precondition>,
+    pub ops: Vec<Op>,
+    pub now: Timestamp,
+}
+
+impl Batch {
+    pub fn validate(&self, limits: &Limits) -> Result<()> {
+        if self.ops.len() > limits.txn_ops_max {
+            return Err(Error::invalid(
+                "transaction",
+                format!("{} writes", self.ops.len()),
+                format!("at most {} writes per transaction", limits.txn_ops_max),
+            ));
+        }
+        if self.preconditions.len() > limits.txn_reads_max {
+            return Err(Error::invalid(
+                "transaction",
+                format!("{} reads", self.preconditions.len()),
+                format!("at most {} reads per transaction", limits.txn_reads_max),
+            ));
+        }
+        self.ops.iter().try_for_each(|op| op.validate(limits))
+    }
+}
+
+/// The effect of one operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Applied {
+    Namespace(Namespace),
+    Object(Object),
+    Tag(Tag),
+    /// The entity was removed at this revision.
+    Deleted {
+        revision: Revision,
+    },
+}
+
+/// The result of one operation: its effect, and whether it changed anything (a put of identical
+/// content is a no-op: no new revision, no change-log row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpResult {
+    pub changed: bool,
+    pub applied: Applied,
+}
+
+/// Limits enforced at the edge. Every bound has a name; see `docs/design.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest canonical JSON text of one tag value.
+    pub tag_value_bytes_max: usize,
+    /// Writes in one transaction.
+    pub txn_ops_max: usize,
+    /// Point reads recorded by one transaction.
+    pub txn_reads_max: usize,
+    /// Times a transaction closure runs before giving up on conflicts.
+    pub txn_attempts_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tag_value_bytes_max: 1 << 20,
+            txn_ops_max: 10_000,
+            txn_reads_max: 10_000,
+            txn_attempts_max: 20,
+        }
+    }
+}

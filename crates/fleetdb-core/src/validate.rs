@@ -1,0 +1,276 @@
+//! Validation at the edge: names, label keys and values, JSON values, sizes. Every rule lives here
+//! once; backends never see unvalidated input.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+/// Names of namespaces, kinds, ids and tags: `^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$`.
+pub const NAME_RULE: &str = "must match ^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$ (letters and digits, single '.', '_' or '-' between them)";
+/// The longest name, in bytes.
+pub const NAME_BYTES_MAX: usize = 76;
+/// Key plus value of one label, in bytes.
+pub const LABEL_BYTES_MAX: usize = 4096;
+/// Labels on one object or namespace.
+pub const LABELS_PER_OBJECT_MAX: usize = 256;
+/// Label keys with this prefix belong to the system.
+pub const RESERVED_LABEL_PREFIX: &str = "fleetdb.io/";
+/// The rule for label keys.
+pub const LABEL_KEY_RULE: &str =
+    "must be 1 or more of letters, digits, '.', '_', '-' and '/', starting and ending with a letter or digit";
+
+/// Check a name against [`NAME_RULE`] and [`NAME_BYTES_MAX`]. `field` names what it is ("kind", "id", ...).
+pub fn name(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, value, "must not be empty"));
+    }
+    if value.len() > NAME_BYTES_MAX {
+        return Err(Error::invalid(
+            field,
+            value,
+            format!("is {} bytes; the maximum is {NAME_BYTES_MAX}", value.len()),
+        ));
+    }
+    let bytes = value.as_bytes();
+    let mut prev_sep = true; // at the start a separator is not allowed either
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() {
+            prev_sep = false;
+        } else if matches!(b, b'.' | b'_' | b'-') {
+            if prev_sep {
+                return Err(Error::invalid(field, value, NAME_RULE));
+            }
+            prev_sep = true;
+        } else {
+            return Err(Error::invalid(field, value, NAME_RULE));
+        }
+    }
+    if prev_sep {
+        return Err(Error::invalid(field, value, NAME_RULE));
+    }
+    Ok(())
+}
+
+/// Check a label key's syntax (not the reserved prefix: see [`user_label_key`]).
+pub fn label_key(key: &str) -> Result<()> {
+    let bytes = key.as_bytes();
+    let ok_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/');
+    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
+        return Err(Error::invalid("label key", key, "must not be empty"));
+    };
+    if !first.is_ascii_alphanumeric()
+        || !last.is_ascii_alphanumeric()
+        || !bytes.iter().all(|&b| ok_char(b))
+    {
+        return Err(Error::invalid("label key", key, LABEL_KEY_RULE));
+    }
+    if key.len() > LABEL_BYTES_MAX {
+        return Err(Error::TooLarge {
+            field: format!("label key {key:.32?}…"),
+            size: key.len(),
+            max: LABEL_BYTES_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Check a label key written by a user: syntax, and not under the system's reserved prefix.
+pub fn user_label_key(key: &str) -> Result<()> {
+    label_key(key)?;
+    if key.starts_with(RESERVED_LABEL_PREFIX) {
+        return Err(Error::invalid(
+            "label key",
+            key,
+            format!("the prefix {RESERVED_LABEL_PREFIX:?} is reserved for the system"),
+        ));
+    }
+    Ok(())
+}
+
+/// Check one label (key and value) written by a user. An empty value is allowed: it deletes the label.
+pub fn user_label(key: &str, value: &str) -> Result<()> {
+    user_label_key(key)?;
+    let size = key.len() + value.len();
+    if size > LABEL_BYTES_MAX {
+        return Err(Error::TooLarge {
+            field: format!("label {key:?} (key + value)"),
+            size,
+            max: LABEL_BYTES_MAX,
+        });
+    }
+    if value.contains('\0') {
+        return Err(Error::invalid(
+            format!("label {key:?} value"),
+            value.replace('\0', "\\0"),
+            "must not contain NUL characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Check a label patch (key → value; an empty value deletes the key).
+pub fn user_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > LABELS_PER_OBJECT_MAX {
+        return Err(Error::invalid(
+            "labels",
+            format!("{} labels", labels.len()),
+            format!("at most {LABELS_PER_OBJECT_MAX} labels per object"),
+        ));
+    }
+    for (k, v) in labels {
+        user_label(k, v)?;
+    }
+    Ok(())
+}
+
+/// Apply a label patch: keys with an empty value are removed, others set. Returns the new label
+/// set; fails if it would hold more than [`LABELS_PER_OBJECT_MAX`] labels.
+pub fn merge_labels(
+    current: &BTreeMap<String, String>,
+    patch: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = current.clone();
+    for (k, v) in patch {
+        if v.is_empty() {
+            out.remove(k);
+        } else {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    if out.len() > LABELS_PER_OBJECT_MAX {
+        return Err(Error::invalid(
+            "labels",
+            format!("{} labels", out.len()),
+            format!("at most {LABELS_PER_OBJECT_MAX} labels per object"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Parse `k=v` label arguments (CLI and config), validating each.
+pub fn parse_label_arg(arg: &str) -> Result<(String, String)> {
+    let Some((k, v)) = arg.split_once('=') else {
+        return Err(Error::invalid(
+            "label",
+            arg,
+            "must be KEY=VALUE (an empty VALUE deletes the label)",
+        ));
+    };
+    user_label(k, v)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Serialize a JSON value canonically (object keys sorted, no whitespace) and check its size.
+/// Two values that are equal as JSON have the same canonical text, which is what makes
+/// "set to the identical value" detectable as a no-op.
+pub fn canonical_json(field: &str, value: &serde_json::Value, max: usize) -> Result<String> {
+    // serde_json's default map is a BTreeMap, so keys come out sorted.
+    let text = serde_json::to_string(value)
+        .map_err(|e| Error::invalid(field, "<value>", e.to_string()))?;
+    if text.len() > max {
+        return Err(Error::TooLarge {
+            field: field.to_string(),
+            size: text.len(),
+            max,
+        });
+    }
+    Ok(text)
+}
+
+/// Parse JSON text given by a user, naming the field and the position of the error.
+pub fn parse_json(field: &str, text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| {
+        let shown: String = text.chars().take(64).collect();
+        Error::invalid(field, shown, format!("is not valid JSON: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "default", "m1", "a.b-c_d", "0", "A9.z"] {
+            name("id", ok).unwrap();
+        }
+        for bad in ["", "-a", "a-", "a..b", "a b", "a/b", "é", ".", "a._b"] {
+            let err = name("id", bad).unwrap_err();
+            assert!(matches!(err, Error::Invalid { .. }), "{bad:?}: {err}");
+        }
+        name("id", &"a".repeat(76)).unwrap();
+        let err = name("id", &"a".repeat(77)).unwrap_err();
+        assert!(
+            err.to_string().contains("77 bytes; the maximum is 76"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn uuids_are_names() {
+        name("id", &uuid::Uuid::new_v4().to_string()).unwrap();
+    }
+
+    #[test]
+    fn labels() {
+        user_label("provider", "equinix").unwrap();
+        user_label("a.b/c-d_e", "").unwrap();
+        let err = user_label("fleetdb.io/gc.root", "x").unwrap_err();
+        assert!(err.to_string().contains("reserved for the system"), "{err}");
+        let err = user_label("k", &"v".repeat(4096)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "label \"k\" (key + value) is 4097 bytes; the maximum is 4096"
+        );
+        user_label("k", &"v".repeat(4095)).unwrap();
+        assert!(user_label("/k", "v").is_err());
+        assert!(user_label("k v", "v").is_err());
+        assert!(user_label("k", "a\0b").is_err());
+    }
+
+    #[test]
+    fn merge() {
+        let cur: BTreeMap<_, _> =
+            [("a".to_string(), "1".to_string()), ("b".into(), "2".into())].into();
+        let patch: BTreeMap<_, _> =
+            [("a".to_string(), "".to_string()), ("c".into(), "3".into())].into();
+        let out = merge_labels(&cur, &patch).unwrap();
+        assert_eq!(
+            out,
+            [("b".to_string(), "2".to_string()), ("c".into(), "3".into())].into()
+        );
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_and_limits_size() {
+        let v: serde_json::Value = serde_json::from_str(r#"{ "b": 1, "a": [1, 2] }"#).unwrap();
+        assert_eq!(
+            canonical_json("v", &v, 100).unwrap(),
+            r#"{"a":[1,2],"b":1}"#
+        );
+        let err = canonical_json("tag value", &v, 5).unwrap_err();
+        assert_eq!(err.to_string(), "tag value is 17 bytes; the maximum is 5");
+        let err = parse_json("tag value", "{nope").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is not valid JSON: key must be a string at line 1 column 2"),
+            "{err}"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn name_check_never_panics_and_matches_rule(s in "\\PC{0,80}") {
+            let ok = name("n", &s).is_ok();
+            let re_ok = !s.is_empty() && s.len() <= NAME_BYTES_MAX
+                && s.split(['.', '_', '-']).all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()));
+            prop_assert_eq!(ok, re_ok);
+        }
+
+        #[test]
+        fn label_check_never_panics(k in "\\PC{0,40}", v in "\\PC{0,40}") {
+            let _ = user_label(&k, &v);
+        }
+    }
+}
