@@ -1,1 +1,351 @@
+//! FleetDB's embedded backend on SQLite.
+//!
+//! - One writer thread owns the write connection and commits in groups ([`writer`]).
+//! - Reads run on a small pool of read-only connections; in WAL mode they never wait for the
+//!   writer. A read runs inline on the calling task: reads are bounded (pages of at most
+//!   `LIST_PAGE_MAX` rows) and take microseconds from the page cache.
+//! - `sqlite::memory:` uses one connection for reads and writes (an in-memory database is private
+//!   to its connection).
 
+mod migrate;
+mod read;
+mod rows;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use fleetdb_core::{
+    Backend, Batch, Capabilities, Change, ChangeFilter, Clock, Error, Namespace, Object, ObjectKey,
+    ObjectQuery, OpResult, Result, Revision, RevisionInfo, SchemaStatus, Tag,
+};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot};
+
+pub use migrate::{testing, MIGRATIONS};
+pub use writer::{GROUP_JOBS_MAX, QUEUE_JOBS_MAX};
+
+/// How durable a commit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: a commit is on disk when the call returns (the default).
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: a power loss may lose the last commits (never corrupts).
+    Normal,
+}
+
+/// Options for [`SqliteBackend::open`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Apply pending migrations at open.
+    pub migrate: bool,
+    pub durability: Durability,
+    /// How long to wait for another process's write lock before reporting the database busy.
+    pub busy_timeout_ms: u64,
+    /// Read connections kept open.
+    pub readers_max: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            migrate: true,
+            durability: Durability::Full,
+            busy_timeout_ms: 5_000,
+            readers_max: 8,
+        }
+    }
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File(PathBuf),
+    Memory,
+}
+
+/// The SQLite backend. Cheap to share behind an `Arc`.
+pub struct SqliteBackend {
+    location: Location,
+    options: SqliteOptions,
+    clock: Arc<dyn Clock>,
+    writer: mpsc::Sender<writer::Job>,
+    /// In memory: the one connection. On disk: the writer's (used only by the writer thread).
+    write_conn: Arc<Mutex<Connection>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteBackend")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+/// Map a rusqlite error to a FleetDB error. The only place that interprets driver errors.
+pub(crate) fn map_err(e: rusqlite::Error) -> Error {
+    use rusqlite::ErrorCode;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => Error::Unavailable(format!(
+                "the SQLite database is busy (another writer holds it): {e}"
+            )),
+            ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly => {
+                Error::Unavailable(format!("cannot open or write the SQLite database: {e}"))
+            }
+            ErrorCode::DiskFull => Error::Unavailable(format!("disk full: {e}")),
+            _ => Error::Backend(e.to_string()),
+        },
+        _ => Error::Backend(e.to_string()),
+    }
+}
+
+pub(crate) fn current_revision(c: &Connection) -> Result<RevisionInfo> {
+    c.prepare_cached(
+        "SELECT (SELECT coalesce(max(revision), 0) FROM changes),
+                (SELECT value FROM fleetdb_meta WHERE key = 'compacted_revision')",
+    )
+    .and_then(|mut s| s.query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))))
+    .map(|(max, compacted)| RevisionInfo {
+        current: Revision(max.max(compacted)),
+        compacted: Revision(compacted),
+    })
+    .map_err(map_err)
+}
+
+/// Parse `sqlite:///abs/path`, `sqlite://rel/path`, `sqlite:path` or `sqlite::memory:`.
+pub fn parse_url(url: &str) -> Result<Location> {
+    let rest = url
+        .strip_prefix("sqlite:")
+        .ok_or_else(|| Error::invalid("database URL", url, "a SQLite URL starts with sqlite:"))?;
+    if rest == ":memory:" || rest == "//:memory:" {
+        return Ok(Location::Memory);
+    }
+    let path = rest.strip_prefix("//").unwrap_or(rest);
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() {
+        return Err(Error::invalid(
+            "database URL",
+            url,
+            "needs a file path: sqlite:///abs/path/fleetdb.sqlite, sqlite://rel/path or sqlite::memory:",
+        ));
+    }
+    Ok(Location::File(PathBuf::from(path)))
+}
+
+fn configure(c: &Connection, options: &SqliteOptions) -> Result<()> {
+    c.busy_timeout(std::time::Duration::from_millis(options.busy_timeout_ms))
+        .map_err(map_err)?;
+    c.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+fn open_file(path: &Path, options: &SqliteOptions, read_only: bool) -> Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let c = Connection::open_with_flags(path, flags).map_err(|e| {
+        Error::Unavailable(format!(
+            "cannot open SQLite database {}: {e}",
+            path.display()
+        ))
+    })?;
+    configure(&c, options)?;
+    Ok(c)
+}
+
+impl SqliteBackend {
+    /// Open (creating the file and its folder on first use) and, if `options.migrate`, migrate.
+    /// The schema version is checked before anything is written: a database newer than this
+    /// binary is refused with `SchemaTooNew` and left untouched.
+    pub async fn open(
+        location: Location,
+        options: SqliteOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let conn = match &location {
+            Location::Memory => {
+                let c = Connection::open_in_memory().map_err(map_err)?;
+                configure(&c, &options)?;
+                c
+            }
+            Location::File(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        Error::Unavailable(format!(
+                            "cannot create the folder {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                }
+                open_file(path, &options, false)?
+            }
+        };
+        migrate::check_not_too_new(&conn)?;
+        if let Location::File(_) = location {
+            // WAL lets readers run beside the writer. Setting it again on a WAL database writes nothing.
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+                .map_err(map_err)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(Error::Backend(format!(
+                    "SQLite refused WAL mode (got {mode})"
+                )));
+            }
+        }
+        let sync = match options.durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous={sync}"))
+            .map_err(map_err)?;
+        let mut conn = conn;
+        if options.migrate {
+            migrate::migrate(&mut conn, clock.now())?;
+        }
+        let write_conn = Arc::new(Mutex::new(conn));
+        let writer = writer::spawn(write_conn.clone())?;
+        Ok(SqliteBackend {
+            location,
+            options,
+            clock,
+            writer,
+            write_conn,
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Run `f` on a read connection.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let path = match &self.location {
+            Location::Memory => {
+                let c = self.write_conn.lock().unwrap_or_else(|p| p.into_inner());
+                return f(&c);
+            }
+            Location::File(p) => p,
+        };
+        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => open_file(path, &self.options, true)?,
+        };
+        let out = f(&conn);
+        let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < self.options.readers_max {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// Run `f` on the writer thread with the write connection, between groups.
+    async fn exclusive<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job = writer::Job::Exclusive(Box::new(move |c: &mut Connection| {
+            let _ = tx.send(f(c));
+        }));
+        self.writer
+            .send(job)
+            .await
+            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            multi_process_writers: true,
+            group_commit: true,
+            revisions_visible_in_order: true,
+        }
+    }
+
+    async fn schema_status(&self) -> Result<SchemaStatus> {
+        self.read(migrate::status)
+    }
+
+    async fn migrate(&self) -> Result<SchemaStatus> {
+        let now = self.clock.now();
+        self.exclusive(move |c| {
+            migrate::migrate(c, now)?;
+            migrate::status(c)
+        })
+        .await
+    }
+
+    async fn namespace_get(&self, name: &str) -> Result<Option<Namespace>> {
+        self.read(|c| rows::get_namespace(c, name))
+    }
+
+    async fn namespace_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Namespace>> {
+        self.read(|c| read::namespace_list(c, after, limit))
+    }
+
+    async fn object_get(&self, key: &ObjectKey) -> Result<Option<Object>> {
+        self.read(|c| rows::get_object(c, key))
+    }
+
+    async fn object_list(&self, query: &ObjectQuery) -> Result<Vec<Object>> {
+        self.read(|c| read::object_list(c, query))
+    }
+
+    async fn tag_get(&self, key: &ObjectKey, name: &str) -> Result<Option<Tag>> {
+        self.read(|c| Ok(rows::get_tag(c, key, name)?.map(|(t, _)| t)))
+    }
+
+    async fn tag_list(&self, key: &ObjectKey) -> Result<Vec<Tag>> {
+        self.read(|c| {
+            Ok(rows::list_tags(c, key)?
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect())
+        })
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<Vec<OpResult>> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(writer::Job::Commit { batch, reply })
+            .await
+            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?
+    }
+
+    async fn changes(
+        &self,
+        after: Revision,
+        filter: &ChangeFilter,
+        limit: usize,
+    ) -> Result<Vec<Change>> {
+        self.read(|c| read::changes(c, after, filter, limit))
+    }
+
+    async fn compact(&self, before: Revision) -> Result<u64> {
+        self.exclusive(move |c| read::compact(c, before)).await
+    }
+
+    async fn revision(&self) -> Result<RevisionInfo> {
+        self.read(current_revision)
+    }
+}

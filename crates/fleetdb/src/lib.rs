@@ -1,1 +1,566 @@
+//! # FleetDB
+//!
+//! The state and coordination store for infrastructure control planes: objects with labels and
+//! typed tags in namespaces, a change log with a global revision, and atomic transactions, on
+//! embedded SQLite (zero setup) or PostgreSQL.
+//!
+//! ```no_run
+//! # async fn demo() -> fleetdb::Result<()> {
+//! use fleetdb::{ObjectKey, Store};
+//! use serde_json::json;
+//!
+//! let store = Store::open("sqlite::memory:").await?;
+//! let m1 = ObjectKey::new("default", "machine", "m1")?;
+//! store.object_put(&m1, [("provider".to_string(), "equinix".to_string())].into()).await?;
+//! store.tag_set(&m1, "provided", &json!({"provider_id": "x1"})).await?;
+//! let tag = store.tag_get(&m1, "provided").await?.expect("just set");
+//! assert_eq!(tag.value["provider_id"], "x1");
+//! # Ok(()) }
+//! ```
+//!
+//! [`Store`] is the one user-facing type. It validates every input at the edge and talks to a
+//! [`Backend`]: SQLite, PostgreSQL, or (later) a remote server: the same API either way.
 
+mod txn;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetdb_core::validate;
+pub use fleetdb_core::{
+    self as core, parse_label_selector, Applied, Backend, Batch, Capabilities, Change,
+    ChangeFilter, ChangeOp, Clock, Entity, Error, LabelRequirement, Labels, Limits, ManualClock,
+    Namespace, Object, ObjectCursor, ObjectKey, ObjectQuery, Op, OpResult, Page, PutMode, Result,
+    Revision, RevisionInfo, SchemaStatus, SystemClock, Tag, Timestamp, DEFAULT_NAMESPACE,
+};
+#[cfg(feature = "postgres")]
+pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
+pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
+pub use txn::Txn;
+
+/// The database used when none is given: an embedded SQLite file under the current folder.
+pub const DEFAULT_URL: &str = "sqlite://fleetdb-data/fleetdb.sqlite";
+
+/// The result of a write: the item as it now is, and whether the write changed anything (writing
+/// identical content is a no-op: no new revision, no change-log row).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Written<T> {
+    pub item: T,
+    pub changed: bool,
+}
+
+/// Options for [`Store::open_with`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Apply pending schema migrations at open (default: yes). When no, a database behind this
+    /// binary opens, but every data call returns `SchemaBehind` until [`Store::migrate`].
+    pub migrate: bool,
+    /// Durability of the embedded backend (default: full; each commit is on disk when it returns).
+    pub durability: Durability,
+    pub limits: Limits,
+    pub clock: Arc<dyn Clock>,
+    /// PostgreSQL connections kept in the pool.
+    pub postgres_pool_size_max: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            migrate: true,
+            durability: Durability::Full,
+            limits: Limits::default(),
+            clock: Arc::new(SystemClock),
+            postgres_pool_size_max: 16,
+        }
+    }
+}
+
+/// A handle on a FleetDB database. Cheap to clone; clones share the connection(s).
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+fn expect_applied<T>(
+    mut results: Vec<OpResult>,
+    pick: impl FnOnce(Applied) -> Option<T>,
+) -> Result<Written<T>> {
+    let r = results
+        .pop()
+        .ok_or_else(|| Error::Backend("the backend returned no result for a write".into()))?;
+    let changed = r.changed;
+    pick(r.applied)
+        .map(|item| Written { item, changed })
+        .ok_or_else(|| {
+            Error::Backend("the backend returned the wrong kind of result for a write".into())
+        })
+}
+
+impl Store {
+    /// Open the database at `url` with default options. `""` means [`DEFAULT_URL`].
+    ///
+    /// URLs: `sqlite:///abs/path/db.sqlite`, `sqlite://relative/path.sqlite`, `sqlite::memory:`,
+    /// `postgres://user@host:port/db`.
+    pub async fn open(url: &str) -> Result<Store> {
+        Store::open_with(url, OpenOptions::default()).await
+    }
+
+    pub async fn open_with(url: &str, options: OpenOptions) -> Result<Store> {
+        let url = if url.is_empty() { DEFAULT_URL } else { url };
+        let backend: Arc<dyn Backend> = if url.starts_with("sqlite:") {
+            let location = fleetdb_sqlite::parse_url(url)?;
+            let opts = SqliteOptions {
+                migrate: options.migrate,
+                durability: options.durability,
+                ..SqliteOptions::default()
+            };
+            Arc::new(SqliteBackend::open(location, opts, options.clock.clone()).await?)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            open_postgres(url, &options).await?
+        } else {
+            return Err(Error::invalid(
+                "database URL",
+                url,
+                "must start with sqlite: (sqlite:///path, sqlite::memory:) or postgres://",
+            ));
+        };
+        Store::from_backend(backend, options.clock, options.limits).await
+    }
+
+    /// Wrap an already opened backend.
+    pub async fn from_backend(
+        backend: Arc<dyn Backend>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+    ) -> Result<Store> {
+        let status = backend.schema_status().await?;
+        let ready = status.database == status.binary;
+        Ok(Store {
+            backend,
+            clock,
+            limits,
+            ready: Arc::new(AtomicBool::new(ready)),
+        })
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    async fn ready(&self) -> Result<()> {
+        if self.ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let s = self.backend.schema_status().await?;
+        if s.database == s.binary {
+            self.ready.store(true, Ordering::Release);
+            return Ok(());
+        }
+        Err(Error::SchemaBehind {
+            database: s.database,
+            binary: s.binary,
+        })
+    }
+
+    async fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>> {
+        self.ready().await?;
+        let batch = Batch {
+            preconditions: Vec::new(),
+            ops,
+            now: self.clock.now(),
+        };
+        batch.validate(&self.limits)?;
+        self.backend.commit(batch).await
+    }
+
+    // ---- schema ----
+
+    pub async fn schema_status(&self) -> Result<SchemaStatus> {
+        self.backend.schema_status().await
+    }
+
+    /// Apply pending migrations; writes nothing if there are none.
+    pub async fn migrate(&self) -> Result<SchemaStatus> {
+        let s = self.backend.migrate().await?;
+        self.ready.store(s.database == s.binary, Ordering::Release);
+        Ok(s)
+    }
+
+    // ---- namespaces ----
+
+    pub async fn namespace_create(&self, name: &str, labels: Labels) -> Result<Namespace> {
+        let r = self
+            .write(vec![Op::NamespaceCreate {
+                name: name.into(),
+                labels,
+            }])
+            .await?;
+        Ok(expect_applied(r, |a| match a {
+            Applied::Namespace(n) => Some(n),
+            _ => None,
+        })?
+        .item)
+    }
+
+    pub async fn namespace_get(&self, name: &str) -> Result<Option<Namespace>> {
+        self.ready().await?;
+        validate::name("namespace", name)?;
+        self.backend.namespace_get(name).await
+    }
+
+    /// Namespaces ordered by name; `cursor` is the `next` of the previous page.
+    pub async fn namespace_list(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Namespace>> {
+        self.ready().await?;
+        check_limit(limit)?;
+        if let Some(c) = cursor {
+            validate::name("cursor", c)?;
+        }
+        let mut items = self.backend.namespace_list(cursor, limit + 1).await?;
+        let next = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|n| n.name.clone())
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// Patch a namespace's labels (an empty value deletes a label).
+    pub async fn namespace_set_labels(
+        &self,
+        name: &str,
+        labels: Labels,
+    ) -> Result<Written<Namespace>> {
+        let r = self
+            .write(vec![Op::NamespaceLabels {
+                name: name.into(),
+                labels,
+            }])
+            .await?;
+        expect_applied(r, |a| match a {
+            Applied::Namespace(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// Delete an empty namespace. Fails with `NamespaceNotEmpty`, naming what is left, otherwise.
+    pub async fn namespace_delete(&self, name: &str) -> Result<Revision> {
+        let r = self
+            .write(vec![Op::NamespaceDelete { name: name.into() }])
+            .await?;
+        deleted_revision(r)
+    }
+
+    // ---- objects ----
+
+    /// Create or update an object; `labels` is a patch (an empty value deletes a label).
+    pub async fn object_put(&self, key: &ObjectKey, labels: Labels) -> Result<Written<Object>> {
+        self.object_put_mode(key, labels, PutMode::Upsert).await
+    }
+
+    pub async fn object_put_mode(
+        &self,
+        key: &ObjectKey,
+        labels: Labels,
+        mode: PutMode,
+    ) -> Result<Written<Object>> {
+        let r = self
+            .write(vec![Op::ObjectPut {
+                key: key.clone(),
+                labels,
+                mode,
+            }])
+            .await?;
+        expect_applied(r, |a| match a {
+            Applied::Object(o) => Some(o),
+            _ => None,
+        })
+    }
+
+    /// Create an object with a generated UUID id.
+    pub async fn object_create(
+        &self,
+        namespace: &str,
+        kind: &str,
+        labels: Labels,
+    ) -> Result<Object> {
+        let key = ObjectKey::new(namespace, kind, uuid::Uuid::new_v4().to_string())?;
+        Ok(self
+            .object_put_mode(&key, labels, PutMode::Create)
+            .await?
+            .item)
+    }
+
+    pub async fn object_get(&self, key: &ObjectKey) -> Result<Option<Object>> {
+        self.ready().await?;
+        key.validate()?;
+        self.backend.object_get(key).await
+    }
+
+    /// One page of objects, ordered by (kind, id). Pass the page's `next` as `query.after`
+    /// (decoded with [`ObjectCursor::decode`]) for the following page.
+    pub async fn object_list(&self, query: &ObjectQuery) -> Result<Page<Object>> {
+        self.ready().await?;
+        query.validate()?;
+        let mut q = query.clone();
+        q.limit = query.limit + 1;
+        let mut items = self.backend.object_list(&q).await?;
+        let next = if items.len() > query.limit {
+            items.truncate(query.limit);
+            items.last().map(|o| {
+                ObjectCursor {
+                    kind: o.key.kind.clone(),
+                    id: o.key.id.clone(),
+                }
+                .encode()
+            })
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// Delete an object and all its tags.
+    pub async fn object_delete(&self, key: &ObjectKey) -> Result<Revision> {
+        let r = self
+            .write(vec![Op::ObjectDelete { key: key.clone() }])
+            .await?;
+        deleted_revision(r)
+    }
+
+    // ---- tags ----
+
+    /// Set a tag. Setting the identical value is a no-op (`changed == false`, same revision).
+    pub async fn tag_set(
+        &self,
+        key: &ObjectKey,
+        name: &str,
+        value: &serde_json::Value,
+    ) -> Result<Written<Tag>> {
+        let text = validate::canonical_json(
+            &format!("tag {name:?} value"),
+            value,
+            self.limits.tag_value_bytes_max,
+        )?;
+        let r = self
+            .write(vec![Op::TagSet {
+                key: key.clone(),
+                name: name.into(),
+                value: text,
+            }])
+            .await?;
+        expect_applied(r, |a| match a {
+            Applied::Tag(t) => Some(t),
+            _ => None,
+        })
+    }
+
+    pub async fn tag_get(&self, key: &ObjectKey, name: &str) -> Result<Option<Tag>> {
+        self.ready().await?;
+        key.validate()?;
+        validate::name("tag", name)?;
+        self.backend.tag_get(key, name).await
+    }
+
+    /// All tags of an object, ordered by name. `NotFound` if the object does not exist.
+    pub async fn tag_list(&self, key: &ObjectKey) -> Result<Vec<Tag>> {
+        self.ready().await?;
+        key.validate()?;
+        let tags = self.backend.tag_list(key).await?;
+        if tags.is_empty() && self.backend.object_get(key).await?.is_none() {
+            return Err(Error::not_found(format!("object {key}")));
+        }
+        Ok(tags)
+    }
+
+    pub async fn tag_delete(&self, key: &ObjectKey, name: &str) -> Result<Revision> {
+        let r = self
+            .write(vec![Op::TagDelete {
+                key: key.clone(),
+                name: name.into(),
+            }])
+            .await?;
+        deleted_revision(r)
+    }
+
+    // ---- transactions ----
+
+    /// Run `f` as one atomic transaction: its reads see one consistent state, its writes commit
+    /// all together or not at all.
+    ///
+    /// **`f` may run more than once.** If something it read changes before the commit (or the
+    /// database reports a serialization failure or is busy), the transaction is retried from the
+    /// start, up to `Limits::txn_attempts_max` times. So `f` must be free of side effects: do not
+    /// send messages, bump counters or call other services from inside it; return what you need
+    /// and act on it after `txn` returns.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: fleetdb::Store, m1: fleetdb::ObjectKey) -> fleetdb::Result<()> {
+    /// use serde_json::json;
+    /// let generation = store
+    ///     .txn(|tx| {
+    ///         let m1 = m1.clone();
+    ///         async move {
+    ///             let next = match tx.tag_get(&m1, "os_install_request").await? {
+    ///                 Some(t) => t.value["generation"].as_i64().unwrap_or(0) + 1,
+    ///                 None => 1,
+    ///             };
+    ///             tx.tag_set(&m1, "os_install_request", &json!({ "generation": next }))?;
+    ///             Ok(next)
+    ///         }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn txn<T, F, Fut>(&self, mut f: F) -> Result<T>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.ready().await?;
+        let attempts = self.limits.txn_attempts_max.max(1);
+        let mut last = String::new();
+        for attempt in 0..attempts {
+            let tx = Txn::new(self.backend.clone(), self.limits.clone(), self.clock.now());
+            let out = match f(tx.clone()).await {
+                Ok(out) => out,
+                Err(e @ Error::Conflict { .. }) => {
+                    last = e.to_string();
+                    retry_pause(attempt).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let batch = tx.into_batch();
+            if batch.ops.is_empty() {
+                return Ok(out); // read-only: the reads were consistent (checked as they were recorded)
+            }
+            batch.validate(&self.limits)?;
+            match self.backend.commit(batch).await {
+                Ok(_) => return Ok(out),
+                Err(e @ Error::Conflict { .. }) => {
+                    last = e.to_string();
+                    retry_pause(attempt).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::RetriesExhausted { attempts, last })
+    }
+
+    // ---- change log ----
+
+    /// Change-log entries after `after`, in revision order, at most `limit` (1..=10,000).
+    pub async fn changes(
+        &self,
+        after: Revision,
+        filter: &ChangeFilter,
+        limit: usize,
+    ) -> Result<Vec<Change>> {
+        self.ready().await?;
+        filter.validate()?;
+        if limit == 0 || limit > CHANGES_PAGE_MAX {
+            return Err(Error::invalid(
+                "limit",
+                limit.to_string(),
+                format!("must be between 1 and {CHANGES_PAGE_MAX}"),
+            ));
+        }
+        self.backend.changes(after, filter, limit).await
+    }
+
+    /// Drop change-log entries with revision < `before`. Returns how many were dropped.
+    pub async fn compact(&self, before: Revision) -> Result<u64> {
+        self.ready().await?;
+        self.backend.compact(before).await
+    }
+
+    pub async fn revision(&self) -> Result<RevisionInfo> {
+        self.ready().await?;
+        self.backend.revision().await
+    }
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str, options: &OpenOptions) -> Result<Arc<dyn Backend>> {
+    let opts = PostgresOptions {
+        migrate: options.migrate,
+        pool_size_max: options.postgres_pool_size_max,
+    };
+    Ok(Arc::new(
+        PostgresBackend::open(url, opts, options.clock.clone()).await?,
+    ))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str, _options: &OpenOptions) -> Result<Arc<dyn Backend>> {
+    Err(Error::Unsupported {
+        backend: "postgres".into(),
+        what: "this build of fleetdb was made without the `postgres` feature".into(),
+    })
+}
+
+/// Most change-log entries one call returns.
+pub const CHANGES_PAGE_MAX: usize = 10_000;
+
+fn check_limit(limit: usize) -> Result<()> {
+    if limit == 0 || limit > fleetdb_core::query::LIST_PAGE_MAX {
+        return Err(Error::invalid(
+            "limit",
+            limit.to_string(),
+            format!(
+                "must be between 1 and {}",
+                fleetdb_core::query::LIST_PAGE_MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn deleted_revision(r: Vec<OpResult>) -> Result<Revision> {
+    Ok(expect_applied(r, |a| match a {
+        Applied::Deleted { revision } => Some(revision),
+        _ => None,
+    })?
+    .item)
+}
+
+/// Pause before retrying a conflicting transaction: exponential from 1 ms, capped at 64 ms, with
+/// jitter so that conflicting writers spread out. (Real time on purpose: this is back-pressure, not
+/// a rule that depends on the clock.)
+async fn retry_pause(attempt: u32) {
+    let base_us = 1_000u64 << attempt.min(6);
+    let jitter = u64::from(std::process::id()).wrapping_mul(2_654_435_761)
+        ^ u64::from(attempt).wrapping_mul(40_503);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::from(d.subsec_nanos()))
+        .unwrap_or(0);
+    let us = base_us / 2 + (jitter ^ nanos) % (base_us / 2 + 1);
+    tokio::time::sleep(Duration::from_micros(us)).await;
+}

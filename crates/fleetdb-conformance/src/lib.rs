@@ -1,0 +1,1043 @@
+//! FleetDB's conformance suite: the behaviour of the user-facing [`Store`] API, specified once.
+//!
+//! Each backend instantiates the whole suite with [`suite!`], giving a function that makes a
+//! fresh, empty database per test (so tests run in parallel and never see each other's rows) and
+//! one that cleans it up. A backend that does not pass every case here is not supported.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetdb::{
+    ChangeFilter, ChangeOp, Entity, Error, LabelRequirement, Labels, Limits, ManualClock,
+    ObjectCursor, ObjectKey, ObjectQuery, PutMode, Revision, Store, Timestamp,
+};
+use serde_json::json;
+
+/// A fresh database for one test: the store, its manual clock, and the URL it was opened with.
+pub struct Harness {
+    pub store: Store,
+    pub clock: ManualClock,
+    pub url: String,
+    /// Backend-specific cleanup state (e.g. the PostgreSQL schema to drop).
+    pub cleanup: String,
+}
+
+/// The time every harness clock starts at: 2026-01-01T00:00:00Z.
+pub const START: Timestamp = Timestamp(1_767_225_600_000_000);
+
+/// Expand the whole suite into one `#[tokio::test]` per case.
+/// `$make` is an `async fn() -> Harness`; `$drop` an `async fn(Harness)`.
+#[macro_export]
+macro_rules! suite {
+    ($make:path, $drop:path) => {
+        $crate::suite!(@cases $make, $drop;
+            default_namespace_exists,
+            namespace_lifecycle,
+            namespace_delete_refuses_non_empty,
+            namespace_list_paginates,
+            object_put_get_and_labels,
+            object_put_modes_and_generated_ids,
+            object_needs_existing_namespace,
+            object_list_paginates_in_order,
+            object_list_label_selectors_match_reference,
+            object_delete_deletes_tags,
+            tag_set_get_list_delete,
+            tag_identical_set_is_noop,
+            tag_needs_existing_object,
+            tag_value_size_limit_is_configurable,
+            invalid_input_changes_nothing,
+            json_values_round_trip,
+            change_log_records_every_mutation,
+            change_log_filters,
+            compaction_gives_compacted,
+            clock_is_an_input,
+            txn_is_atomic,
+            txn_reads_its_own_writes,
+            txn_retries_on_conflict,
+            txn_serializes_concurrent_increments,
+            txn_read_only_writes_nothing,
+            concurrent_writers_all_commit,
+        );
+    };
+    (@cases $make:path, $drop:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let h = $make().await;
+                $crate::$case(&h).await;
+                $drop(h).await;
+            }
+        )*
+    };
+}
+
+fn key(ns: &str, kind: &str, id: &str) -> ObjectKey {
+    ObjectKey::new(ns, kind, id).expect("valid key")
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn rev(h: &Harness) -> Revision {
+    h.store.revision().await.expect("revision").current
+}
+
+async fn all_changes(h: &Harness) -> Vec<fleetdb::Change> {
+    h.store
+        .changes(Revision(0), &ChangeFilter::default(), 10_000)
+        .await
+        .expect("changes")
+}
+
+pub async fn default_namespace_exists(h: &Harness) {
+    let ns = h
+        .store
+        .namespace_get("default")
+        .await
+        .unwrap()
+        .expect("default exists");
+    assert_eq!(ns.name, "default");
+    let err = h.store.namespace_delete("default").await.unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    assert!(h.store.namespace_get("default").await.unwrap().is_some());
+}
+
+pub async fn namespace_lifecycle(h: &Harness) {
+    let s = &h.store;
+    let ns = s
+        .namespace_create("team-a", labels(&[("owner", "infra")]))
+        .await
+        .unwrap();
+    assert_eq!(ns.labels, labels(&[("owner", "infra")]));
+    assert_eq!(ns.created_at, START);
+    let err = s
+        .namespace_create("team-a", Labels::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+
+    h.clock.advance(Duration::from_secs(5));
+    let w = s
+        .namespace_set_labels("team-a", labels(&[("owner", ""), ("tier", "1")]))
+        .await
+        .unwrap();
+    assert!(w.changed);
+    assert_eq!(w.item.labels, labels(&[("tier", "1")]));
+    assert_eq!(w.item.updated_at, START.add(Duration::from_secs(5)));
+    assert!(w.item.revision > ns.revision);
+    let same = s
+        .namespace_set_labels("team-a", labels(&[("tier", "1")]))
+        .await
+        .unwrap();
+    assert!(!same.changed);
+    assert_eq!(same.item.revision, w.item.revision);
+
+    s.namespace_delete("team-a").await.unwrap();
+    assert!(s.namespace_get("team-a").await.unwrap().is_none());
+    let err = s.namespace_delete("team-a").await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    let err = s
+        .namespace_create("bad name", Labels::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("namespace") && err.to_string().contains("bad name"),
+        "{err}"
+    );
+}
+
+pub async fn namespace_delete_refuses_non_empty(h: &Harness) {
+    let s = &h.store;
+    s.namespace_create("lab", Labels::new()).await.unwrap();
+    for i in 0..3 {
+        s.object_put(&key("lab", "machine", &format!("m{i}")), Labels::new())
+            .await
+            .unwrap();
+    }
+    s.object_put(&key("lab", "switch", "s1"), Labels::new())
+        .await
+        .unwrap();
+    let before = rev(h).await;
+    let err = s.namespace_delete("lab").await.unwrap_err();
+    match &err {
+        Error::NamespaceNotEmpty {
+            namespace,
+            remaining,
+        } => {
+            assert_eq!(namespace, "lab");
+            assert_eq!(remaining, "4 object(s): 3 machine, 1 switch");
+        }
+        other => panic!("expected NamespaceNotEmpty, got {other}"),
+    }
+    assert_eq!(rev(h).await, before, "a refused delete writes nothing");
+    for i in 0..3 {
+        s.object_delete(&key("lab", "machine", &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    s.object_delete(&key("lab", "switch", "s1")).await.unwrap();
+    s.namespace_delete("lab").await.unwrap();
+}
+
+pub async fn namespace_list_paginates(h: &Harness) {
+    let s = &h.store;
+    for i in 0..7 {
+        s.namespace_create(&format!("ns{i}"), Labels::new())
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = s.namespace_list(cursor.as_deref(), 3).await.unwrap();
+        assert!(page.items.len() <= 3);
+        seen.extend(page.items.into_iter().map(|n| n.name));
+        match page.next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = (0..7).map(|i| format!("ns{i}")).collect();
+    expected.push("default".into());
+    expected.sort();
+    assert_eq!(seen, expected);
+    assert!(s.namespace_list(None, 0).await.is_err());
+}
+
+pub async fn object_put_get_and_labels(h: &Harness) {
+    let s = &h.store;
+    let m1 = key("default", "machine", "m1");
+    assert!(s.object_get(&m1).await.unwrap().is_none());
+    let w = s
+        .object_put(&m1, labels(&[("provider", "equinix"), ("rack", "r1")]))
+        .await
+        .unwrap();
+    assert!(w.changed);
+    assert_eq!(w.item.created_at, START);
+    assert_eq!(w.item.updated_at, START);
+    let got = s.object_get(&m1).await.unwrap().unwrap();
+    assert_eq!(got, w.item);
+
+    h.clock.advance(Duration::from_secs(60));
+    let w2 = s
+        .object_put(&m1, labels(&[("rack", ""), ("zone", "z1")]))
+        .await
+        .unwrap();
+    assert!(w2.changed);
+    assert_eq!(
+        w2.item.labels,
+        labels(&[("provider", "equinix"), ("zone", "z1")])
+    );
+    assert_eq!(w2.item.created_at, START);
+    assert_eq!(w2.item.updated_at, START.add(Duration::from_secs(60)));
+    assert!(w2.item.revision > w.item.revision);
+
+    let w3 = s.object_put(&m1, labels(&[("zone", "z1")])).await.unwrap();
+    assert!(!w3.changed, "identical labels are a no-op");
+    assert_eq!(w3.item.revision, w2.item.revision);
+    // Deleting a label that is not there changes nothing either.
+    let w4 = s.object_put(&m1, labels(&[("nope", "")])).await.unwrap();
+    assert!(!w4.changed);
+    assert_eq!(s.object_get(&m1).await.unwrap().unwrap(), w2.item);
+}
+
+pub async fn object_put_modes_and_generated_ids(h: &Harness) {
+    let s = &h.store;
+    let m = key("default", "machine", "m1");
+    let err = s
+        .object_put_mode(&m, Labels::new(), PutMode::Update)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    s.object_put_mode(&m, Labels::new(), PutMode::Create)
+        .await
+        .unwrap();
+    let err = s
+        .object_put_mode(&m, Labels::new(), PutMode::Create)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+    s.object_put_mode(&m, labels(&[("a", "b")]), PutMode::Update)
+        .await
+        .unwrap();
+
+    let a = s
+        .object_create("default", "blob", labels(&[("x", "1")]))
+        .await
+        .unwrap();
+    let b = s
+        .object_create("default", "blob", Labels::new())
+        .await
+        .unwrap();
+    assert_ne!(a.key.id, b.key.id);
+    assert_eq!(a.key.id.len(), 36, "a UUID: {}", a.key.id);
+    assert_eq!(
+        s.object_get(&a.key).await.unwrap().unwrap().labels,
+        labels(&[("x", "1")])
+    );
+}
+
+pub async fn object_needs_existing_namespace(h: &Harness) {
+    let before = rev(h).await;
+    let err = h
+        .store
+        .object_put(&key("nowhere", "machine", "m1"), Labels::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::NotFound {
+            what: "namespace \"nowhere\"".into()
+        }
+    );
+    assert_eq!(rev(h).await, before);
+}
+
+pub async fn object_list_paginates_in_order(h: &Harness) {
+    let s = &h.store;
+    for i in 0..12 {
+        s.object_put(
+            &key("default", "machine", &format!("m{i:02}")),
+            Labels::new(),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..5 {
+        s.object_put(&key("default", "switch", &format!("s{i}")), Labels::new())
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut q = ObjectQuery::new("default").limit(5);
+    loop {
+        let page = s.object_list(&q).await.unwrap();
+        assert!(page.items.len() <= 5);
+        seen.extend(
+            page.items
+                .iter()
+                .map(|o| format!("{}/{}", o.key.kind, o.key.id)),
+        );
+        match page.next {
+            Some(c) => q.after = Some(ObjectCursor::decode(&c).unwrap()),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = (0..12).map(|i| format!("machine/m{i:02}")).collect();
+    expected.extend((0..5).map(|i| format!("switch/s{i}")));
+    assert_eq!(seen, expected);
+
+    let switches = s
+        .object_list(&ObjectQuery::new("default").kind("switch"))
+        .await
+        .unwrap();
+    assert_eq!(switches.items.len(), 5);
+    assert!(switches.next.is_none());
+    assert!(s
+        .object_list(&ObjectQuery::new("default").limit(0))
+        .await
+        .is_err());
+    assert!(s
+        .object_list(&ObjectQuery::new("default").limit(1001))
+        .await
+        .is_err());
+    assert!(ObjectCursor::decode("garbage!").is_err());
+}
+
+pub async fn object_list_label_selectors_match_reference(h: &Harness) {
+    let s = &h.store;
+    let sets: Vec<Labels> = vec![
+        labels(&[("provider", "equinix"), ("rack", "r1")]),
+        labels(&[("provider", "equinix")]),
+        labels(&[("provider", "ovh"), ("rack", "r2")]),
+        labels(&[("rack", "r1"), ("a.b/c-d", "x")]),
+        Labels::new(),
+    ];
+    for (i, l) in sets.iter().enumerate() {
+        s.object_put(&key("default", "machine", &format!("m{i}")), l.clone())
+            .await
+            .unwrap();
+    }
+    let selectors = [
+        "provider=equinix",
+        "provider!=equinix",
+        "rack",
+        "!rack",
+        "provider=equinix,rack=r1",
+        "provider,!rack",
+        "a.b/c-d=x",
+        "provider!=ovh,rack",
+    ];
+    for sel in selectors {
+        let reqs: Vec<LabelRequirement> = fleetdb::parse_label_selector(sel).unwrap();
+        let mut q = ObjectQuery::new("default").kind("machine");
+        q.labels = reqs.clone();
+        let got: Vec<String> = s
+            .object_list(&q)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|o| o.key.id)
+            .collect();
+        let expected: Vec<String> = sets
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| reqs.iter().all(|r| r.matches(l)))
+            .map(|(i, _)| format!("m{i}"))
+            .collect();
+        assert_eq!(got, expected, "selector {sel}");
+    }
+}
+
+pub async fn object_delete_deletes_tags(h: &Harness) {
+    let s = &h.store;
+    let m = key("default", "machine", "m1");
+    s.object_put(&m, Labels::new()).await.unwrap();
+    s.tag_set(&m, "provided", &json!({"provider_id": "x1"}))
+        .await
+        .unwrap();
+    s.tag_set(&m, "agent_started", &json!(true)).await.unwrap();
+    let r = s.object_delete(&m).await.unwrap();
+    assert!(s.object_get(&m).await.unwrap().is_none());
+    assert!(s.tag_get(&m, "provided").await.unwrap().is_none());
+    // Re-creating the object does not resurrect the old tags.
+    s.object_put(&m, Labels::new()).await.unwrap();
+    assert!(s.tag_list(&m).await.unwrap().is_empty());
+    let changes = all_changes(h).await;
+    let deletes: Vec<(Entity, String)> = changes
+        .iter()
+        .filter(|c| c.op == ChangeOp::Delete)
+        .map(|c| (c.entity, c.name.clone()))
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![
+            (Entity::Tag, "agent_started".to_string()),
+            (Entity::Tag, "provided".to_string()),
+            (Entity::Object, String::new())
+        ]
+    );
+    assert_eq!(
+        changes.iter().find(|c| c.revision == r).unwrap().entity,
+        Entity::Object
+    );
+    let err = s
+        .object_delete(&key("default", "machine", "ghost"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+}
+
+pub async fn tag_set_get_list_delete(h: &Harness) {
+    let s = &h.store;
+    let m = key("default", "machine", "m1");
+    s.object_put(&m, Labels::new()).await.unwrap();
+    let t = s
+        .tag_set(&m, "provided", &json!({"provider_id": "x1"}))
+        .await
+        .unwrap();
+    assert!(t.changed);
+    assert_eq!(t.item.updated_at, START);
+    h.clock.advance(Duration::from_secs(1));
+    let t2 = s
+        .tag_set(&m, "provided", &json!({"provider_id": "x2"}))
+        .await
+        .unwrap();
+    assert!(t2.item.revision > t.item.revision);
+    assert_eq!(t2.item.updated_at, START.add(Duration::from_secs(1)));
+    s.tag_set(&m, "agent_heartbeat", &json!({"at": 5}))
+        .await
+        .unwrap();
+    let got = s.tag_get(&m, "provided").await.unwrap().unwrap();
+    assert_eq!(got, t2.item);
+    let names: Vec<String> = s
+        .tag_list(&m)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, vec!["agent_heartbeat", "provided"]);
+    s.tag_delete(&m, "provided").await.unwrap();
+    assert!(s.tag_get(&m, "provided").await.unwrap().is_none());
+    let err = s.tag_delete(&m, "provided").await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    let err = s
+        .tag_list(&key("default", "machine", "ghost"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+}
+
+pub async fn tag_identical_set_is_noop(h: &Harness) {
+    let s = &h.store;
+    let m = key("default", "machine", "m1");
+    s.object_put(&m, Labels::new()).await.unwrap();
+    let t = s
+        .tag_set(&m, "provided", &json!({"b": 1, "a": [1, 2]}))
+        .await
+        .unwrap();
+    let before = rev(h).await;
+    let n_changes = all_changes(h).await.len();
+    h.clock.advance(Duration::from_secs(10));
+    // Same JSON, other key order: still identical.
+    let again: serde_json::Value = serde_json::from_str(r#"{ "a": [1,2], "b": 1 }"#).unwrap();
+    let t2 = s.tag_set(&m, "provided", &again).await.unwrap();
+    assert!(!t2.changed);
+    assert_eq!(t2.item.revision, t.item.revision);
+    assert_eq!(t2.item.updated_at, t.item.updated_at);
+    assert_eq!(rev(h).await, before);
+    assert_eq!(all_changes(h).await.len(), n_changes);
+}
+
+pub async fn tag_needs_existing_object(h: &Harness) {
+    let before = rev(h).await;
+    let err = h
+        .store
+        .tag_set(&key("default", "machine", "ghost"), "provided", &json!(1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::NotFound {
+            what: "object default/machine/ghost".into()
+        }
+    );
+    assert_eq!(rev(h).await, before);
+}
+
+pub async fn tag_value_size_limit_is_configurable(h: &Harness) {
+    let small = Store::from_backend(
+        h.store.backend().clone(),
+        Arc::new(h.clock.clone()),
+        Limits {
+            tag_value_bytes_max: 64,
+            ..Limits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let m = key("default", "machine", "m1");
+    small.object_put(&m, Labels::new()).await.unwrap();
+    let before = rev(h).await;
+    let err = small
+        .tag_set(&m, "big", &json!("x".repeat(100)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::TooLarge {
+            field: "tag \"big\" value".into(),
+            size: 102,
+            max: 64
+        }
+    );
+    assert_eq!(rev(h).await, before);
+    // The default limit is 1 MiB.
+    let err = h
+        .store
+        .tag_set(&m, "big", &json!("x".repeat(1 << 20)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { max: 1048576, .. }), "{err}");
+    h.store
+        .tag_set(&m, "big", &json!("x".repeat(100)))
+        .await
+        .unwrap();
+}
+
+pub async fn invalid_input_changes_nothing(h: &Harness) {
+    let s = &h.store;
+    let m = key("default", "machine", "m1");
+    s.object_put(&m, Labels::new()).await.unwrap();
+    let before = rev(h).await;
+    let cases: Vec<(Error, &str)> = vec![
+        (
+            s.object_put(
+                &ObjectKey {
+                    namespace: "default".into(),
+                    kind: "machine".into(),
+                    id: "bad id".into(),
+                },
+                Labels::new(),
+            )
+            .await
+            .unwrap_err(),
+            "invalid id \"bad id\"",
+        ),
+        (
+            s.object_put(&m, labels(&[("k", &"v".repeat(5000))]))
+                .await
+                .unwrap_err(),
+            "label \"k\" (key + value) is 5001 bytes; the maximum is 4096",
+        ),
+        (
+            s.object_put(&m, labels(&[("fleetdb.io/gc.root", "x")]))
+                .await
+                .unwrap_err(),
+            "reserved for the system",
+        ),
+        (
+            s.tag_set(&m, "-bad", &json!(1)).await.unwrap_err(),
+            "invalid tag \"-bad\"",
+        ),
+        (
+            s.object_put(
+                &ObjectKey {
+                    namespace: "default".into(),
+                    kind: "k".repeat(77),
+                    id: "x".into(),
+                },
+                Labels::new(),
+            )
+            .await
+            .unwrap_err(),
+            "is 77 bytes; the maximum is 76",
+        ),
+        (
+            s.namespace_create("", Labels::new()).await.unwrap_err(),
+            "must not be empty",
+        ),
+    ];
+    for (err, needle) in cases {
+        assert!(
+            err.to_string().contains(needle),
+            "{err} should contain {needle}"
+        );
+    }
+    assert_eq!(rev(h).await, before, "bad input wrote something");
+    assert_eq!(
+        s.object_get(&m).await.unwrap().unwrap().labels,
+        Labels::new()
+    );
+}
+
+pub async fn json_values_round_trip(h: &Harness) {
+    let s = &h.store;
+    let m = key("default", "machine", "m1");
+    s.object_put(
+        &m,
+        labels(&[("note", "ünïcode ✓ \"quoted\" 'single' \\ back")]),
+    )
+    .await
+    .unwrap();
+    let values = [
+        json!(null),
+        json!(true),
+        json!(-17),
+        json!(1.5),
+        json!(u64::MAX),
+        json!("text with \u{0000} nul and ✓"),
+        json!([1, "two", {"three": [3]}]),
+        json!({"nested": {"deep": {"list": [null, false, 0.25]}}, "emoji": "🚀"}),
+    ];
+    for (i, v) in values.iter().enumerate() {
+        let name = format!("t{i}");
+        s.tag_set(&m, &name, v).await.unwrap();
+        assert_eq!(
+            &s.tag_get(&m, &name).await.unwrap().unwrap().value,
+            v,
+            "tag {name}"
+        );
+    }
+    assert_eq!(
+        s.object_get(&m).await.unwrap().unwrap().labels["note"],
+        "ünïcode ✓ \"quoted\" 'single' \\ back"
+    );
+}
+
+pub async fn change_log_records_every_mutation(h: &Harness) {
+    let s = &h.store;
+    let start = rev(h).await;
+    let m = key("default", "machine", "m1");
+    s.object_put(&m, labels(&[("a", "1")])).await.unwrap();
+    s.tag_set(&m, "provided", &json!({"id": 1})).await.unwrap();
+    s.tag_set(&m, "provided", &json!({"id": 2})).await.unwrap();
+    s.tag_delete(&m, "provided").await.unwrap();
+    s.namespace_create("other", Labels::new()).await.unwrap();
+    let changes = s
+        .changes(start, &ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 5);
+    for w in changes.windows(2) {
+        assert!(w[1].revision > w[0].revision, "strictly increasing");
+    }
+    assert_eq!(changes.last().unwrap().revision, rev(h).await);
+    let c = &changes[0];
+    assert_eq!(
+        (c.entity, c.op, c.kind.as_str(), c.id.as_str()),
+        (Entity::Object, ChangeOp::Put, "machine", "m1")
+    );
+    assert_eq!(c.old_value, None);
+    assert_eq!(c.new_value, Some(json!({"labels": {"a": "1"}})));
+    let c = &changes[2];
+    assert_eq!((c.entity, c.name.as_str()), (Entity::Tag, "provided"));
+    assert_eq!(c.old_value, Some(json!({"id": 1})));
+    assert_eq!(c.new_value, Some(json!({"id": 2})));
+    assert_eq!(c.at, START);
+    let c = &changes[3];
+    assert_eq!(
+        (c.op, c.old_value.clone(), c.new_value.clone()),
+        (ChangeOp::Delete, Some(json!({"id": 2})), None)
+    );
+    let c = &changes[4];
+    assert_eq!(
+        (c.entity, c.namespace.as_str(), c.kind.as_str()),
+        (Entity::Namespace, "other", "")
+    );
+    // Object revision = revision of its own last change; tag revision likewise.
+    assert_eq!(
+        s.object_get(&m).await.unwrap().unwrap().revision,
+        changes[0].revision
+    );
+    // Reading from the middle gives exactly the rest.
+    let rest = s
+        .changes(changes[1].revision, &ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(rest, changes[2..].to_vec());
+    let limited = s.changes(start, &ChangeFilter::default(), 2).await.unwrap();
+    assert_eq!(limited, changes[..2].to_vec());
+}
+
+pub async fn change_log_filters(h: &Harness) {
+    let s = &h.store;
+    s.namespace_create("lab", Labels::new()).await.unwrap();
+    for (ns, kind, id) in [
+        ("default", "machine", "rack1-m1"),
+        ("default", "machine", "rack1-m2"),
+        ("default", "machine", "rack2-m1"),
+        ("default", "switch", "rack1-s1"),
+        ("lab", "machine", "rack1-m1"),
+    ] {
+        s.object_put(&key(ns, kind, id), Labels::new())
+            .await
+            .unwrap();
+    }
+    let ids = |cs: Vec<fleetdb::Change>| {
+        cs.into_iter()
+            .map(|c| format!("{}/{}/{}", c.namespace, c.kind, c.id))
+            .collect::<Vec<_>>()
+    };
+    let f = ChangeFilter {
+        namespace: Some("lab".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(s.changes(Revision(0), &f, 100).await.unwrap()),
+        vec!["lab//", "lab/machine/rack1-m1"]
+    );
+    let f = ChangeFilter {
+        namespace: Some("default".into()),
+        kind: Some("machine".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(s.changes(Revision(0), &f, 100).await.unwrap()),
+        vec![
+            "default/machine/rack1-m1",
+            "default/machine/rack1-m2",
+            "default/machine/rack2-m1"
+        ]
+    );
+    let f = ChangeFilter {
+        namespace: Some("default".into()),
+        kind: Some("machine".into()),
+        id_prefix: Some("rack1-".into()),
+    };
+    assert_eq!(
+        ids(s.changes(Revision(0), &f, 100).await.unwrap()),
+        vec!["default/machine/rack1-m1", "default/machine/rack1-m2"]
+    );
+    let bad = ChangeFilter {
+        kind: Some("machine".into()),
+        ..Default::default()
+    };
+    assert!(s.changes(Revision(0), &bad, 10).await.is_err());
+    assert!(s
+        .changes(Revision(0), &ChangeFilter::default(), 0)
+        .await
+        .is_err());
+}
+
+pub async fn compaction_gives_compacted(h: &Harness) {
+    let s = &h.store;
+    let m = key("default", "machine", "m1");
+    s.object_put(&m, Labels::new()).await.unwrap();
+    for i in 0..10 {
+        s.tag_set(&m, "counter", &json!(i)).await.unwrap();
+    }
+    let all = all_changes(h).await;
+    assert_eq!(all.len(), 11);
+    let cut = all[5].revision;
+    let dropped = s.compact(cut).await.unwrap();
+    assert_eq!(dropped, 5);
+    let info = s.revision().await.unwrap();
+    assert_eq!(info.compacted, all[4].revision);
+    assert_eq!(info.current, all[10].revision);
+    let err = s
+        .changes(Revision(0), &ChangeFilter::default(), 100)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::Compacted {
+            requested: Revision(0),
+            compacted_revision: all[4].revision
+        }
+    );
+    let rest = s
+        .changes(all[4].revision, &ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(rest, all[5..].to_vec());
+    // Compacting everything keeps the current revision, and new writes continue above it.
+    s.compact(Revision(info.current.0 + 1000)).await.unwrap();
+    let info2 = s.revision().await.unwrap();
+    assert_eq!(info2.current, info.current);
+    assert_eq!(info2.compacted, info.current);
+    let t = s.tag_set(&m, "counter", &json!(99)).await.unwrap();
+    assert!(t.item.revision > info.current);
+    assert_eq!(
+        s.changes(info2.compacted, &ChangeFilter::default(), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+pub async fn clock_is_an_input(h: &Harness) {
+    let s = &h.store;
+    let m = key("default", "machine", "m1");
+    h.clock.advance(Duration::from_secs(3600 * 24 * 365));
+    let o = s.object_put(&m, Labels::new()).await.unwrap().item;
+    assert_eq!(
+        o.created_at,
+        START.add(Duration::from_secs(3600 * 24 * 365))
+    );
+    h.clock.set(Timestamp(42));
+    let t = s.tag_set(&m, "t", &json!(1)).await.unwrap().item;
+    assert_eq!(t.updated_at, Timestamp(42));
+}
+
+pub async fn txn_is_atomic(h: &Harness) {
+    let s = &h.store;
+    let m1 = key("default", "machine", "m1");
+    s.object_put(&m1, Labels::new()).await.unwrap();
+    let before = rev(h).await;
+    let err = s
+        .txn(|tx| {
+            let m1 = m1.clone();
+            async move {
+                tx.tag_set(&m1, "a", &json!(1))?;
+                tx.object_put(&key("default", "machine", "m2"), Labels::new())?;
+                tx.tag_set(&key("default", "machine", "ghost"), "a", &json!(1))?;
+                Ok(())
+            }
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    assert_eq!(rev(h).await, before, "nothing half-written");
+    assert!(s.tag_get(&m1, "a").await.unwrap().is_none());
+    assert!(s
+        .object_get(&key("default", "machine", "m2"))
+        .await
+        .unwrap()
+        .is_none());
+    // An error returned by the closure aborts too.
+    let err = s
+        .txn(|tx| {
+            let m1 = m1.clone();
+            async move {
+                tx.tag_set(&m1, "a", &json!(1))?;
+                Err::<(), _>(Error::invalid("test", "x", "closure refused"))
+            }
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("closure refused"));
+    assert_eq!(rev(h).await, before);
+    // And a good one commits every write.
+    s.txn(|tx| {
+        let m1 = m1.clone();
+        async move {
+            tx.tag_set(&m1, "a", &json!(1))?;
+            tx.object_put(&key("default", "machine", "m2"), labels(&[("x", "y")]))?;
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(all_changes(h).await.len(), 3);
+}
+
+pub async fn txn_reads_its_own_writes(h: &Harness) {
+    let s = &h.store;
+    let m1 = key("default", "machine", "m1");
+    let (obj, tag, gone) = s
+        .txn(|tx| {
+            let m1 = m1.clone();
+            async move {
+                assert!(tx.object_get(&m1).await?.is_none());
+                tx.object_put(&m1, labels(&[("a", "1")]))?;
+                tx.object_put(&m1, labels(&[("b", "2")]))?;
+                tx.tag_set(&m1, "t", &json!({"v": 1}))?;
+                let obj = tx.object_get(&m1).await?;
+                let tag = tx.tag_get(&m1, "t").await?;
+                tx.tag_delete(&m1, "t")?;
+                let gone = tx.tag_get(&m1, "t").await?;
+                tx.tag_set(&m1, "t", &json!({"v": 2}))?;
+                Ok((obj, tag, gone))
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(obj.unwrap().labels, labels(&[("a", "1"), ("b", "2")]));
+    assert_eq!(tag.unwrap().value, json!({"v": 1}));
+    assert!(gone.is_none());
+    assert_eq!(
+        s.tag_get(&m1, "t").await.unwrap().unwrap().value,
+        json!({"v": 2})
+    );
+}
+
+pub async fn txn_retries_on_conflict(h: &Harness) {
+    let s = &h.store;
+    let m1 = key("default", "machine", "m1");
+    s.object_put(&m1, Labels::new()).await.unwrap();
+    s.tag_set(&m1, "n", &json!(0)).await.unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let out = s
+        .txn(|tx| {
+            let (m1, runs, s) = (m1.clone(), runs.clone(), s.clone());
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let n = tx.tag_get(&m1, "n").await?.unwrap().value.as_i64().unwrap();
+                if run == 0 {
+                    // Someone else changes what we read before we commit.
+                    s.tag_set(&m1, "n", &json!(100)).await?;
+                }
+                tx.tag_set(&m1, "n", &json!(n + 1))?;
+                Ok(n + 1)
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the closure ran again after the conflict"
+    );
+    assert_eq!(out, 101);
+    assert_eq!(
+        s.tag_get(&m1, "n").await.unwrap().unwrap().value,
+        json!(101)
+    );
+}
+
+pub async fn txn_serializes_concurrent_increments(h: &Harness) {
+    let s = &h.store;
+    let m1 = key("default", "machine", "m1");
+    s.object_put(&m1, Labels::new()).await.unwrap();
+    let tasks = 6;
+    let each = 10;
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (s, m1) = (s.clone(), m1.clone());
+        handles.push(tokio::spawn(async move {
+            for _ in 0..each {
+                s.txn(|tx| {
+                    let m1 = m1.clone();
+                    async move {
+                        let n = tx
+                            .tag_get(&m1, "n")
+                            .await?
+                            .map(|t| t.value.as_i64().unwrap())
+                            .unwrap_or(0);
+                        tx.tag_set(&m1, "n", &json!(n + 1))?;
+                        Ok(())
+                    }
+                })
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for hd in handles {
+        hd.await.unwrap();
+    }
+    assert_eq!(
+        s.tag_get(&m1, "n").await.unwrap().unwrap().value,
+        json!(tasks * each),
+        "no lost update"
+    );
+}
+
+pub async fn txn_read_only_writes_nothing(h: &Harness) {
+    let before = rev(h).await;
+    let got = h
+        .store
+        .txn(|tx| async move { tx.namespace_get("default").await })
+        .await
+        .unwrap();
+    assert!(got.is_some());
+    assert_eq!(rev(h).await, before);
+}
+
+pub async fn concurrent_writers_all_commit(h: &Harness) {
+    let s = &h.store;
+    let writers = 8;
+    let each = 25;
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let m = key("default", "machine", &format!("w{w}"));
+            s.object_put(&m, Labels::new()).await.unwrap();
+            let mut revs = Vec::new();
+            for i in 0..each {
+                revs.push(s.tag_set(&m, "i", &json!(i)).await.unwrap().item.revision);
+            }
+            // A failing write among them does not fail its neighbours.
+            assert!(s
+                .tag_set(&key("default", "machine", "ghost"), "i", &json!(1))
+                .await
+                .is_err());
+            revs
+        }));
+    }
+    let mut all: Vec<Revision> = Vec::new();
+    for hd in futures::future::join_all(handles).await {
+        all.extend(hd.unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "every write has its own revision");
+    assert_eq!(n, writers * each);
+    let per_object: BTreeMap<String, serde_json::Value> =
+        futures::future::join_all((0..writers).map(|w| {
+            let s = s.clone();
+            async move {
+                let m = key("default", "machine", &format!("w{w}"));
+                (
+                    m.id.clone(),
+                    s.tag_get(&m, "i").await.unwrap().unwrap().value,
+                )
+            }
+        }))
+        .await
+        .into_iter()
+        .collect();
+    assert!(per_object.values().all(|v| *v == json!(each - 1)));
+}

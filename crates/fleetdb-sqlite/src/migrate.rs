@@ -1,0 +1,145 @@
+//! Embedded, numbered migrations, mirrored with fleetdb-postgres number by number.
+
+use fleetdb_core::backend::{AppliedMigration, MigrationInfo};
+use fleetdb_core::{Error, Migration, Result, SchemaStatus, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::map_err;
+
+/// Every migration this binary knows, in order. Adding one requires a test in
+/// `tests/migrations.rs`; a test fails if one is missing.
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "change_log",
+        sql: include_str!("../migrations/0002_change_log.sql"),
+    },
+];
+
+fn binary_version() -> u32 {
+    MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
+}
+
+fn has_schema_table(c: &Connection) -> Result<bool> {
+    c.query_row(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fleetdb_schema'",
+        [],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|r| r.is_some())
+    .map_err(map_err)
+}
+
+fn database_version(c: &Connection) -> Result<u32> {
+    if !has_schema_table(c)? {
+        return Ok(0);
+    }
+    c.query_row(
+        "SELECT coalesce(max(version), 0) FROM fleetdb_schema",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v as u32)
+    .map_err(map_err)
+}
+
+/// Refuse a database whose schema is newer than this binary, before anything is written.
+pub(crate) fn check_not_too_new(c: &Connection) -> Result<()> {
+    let database = database_version(c)?;
+    if database > binary_version() {
+        return Err(Error::SchemaTooNew {
+            database,
+            binary: binary_version(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn status(c: &Connection) -> Result<SchemaStatus> {
+    let database = database_version(c)?;
+    let mut applied = Vec::new();
+    if has_schema_table(c)? {
+        let mut stmt = c
+            .prepare("SELECT version, name, applied_at FROM fleetdb_schema ORDER BY version")
+            .map_err(map_err)?;
+        applied = stmt
+            .query_map([], |r| {
+                Ok(AppliedMigration {
+                    version: r.get::<_, i64>(0)? as u32,
+                    name: r.get(1)?,
+                    applied_at: Timestamp(r.get(2)?),
+                })
+            })
+            .map_err(map_err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(map_err)?;
+    }
+    Ok(SchemaStatus {
+        database,
+        binary: binary_version(),
+        pending: MIGRATIONS
+            .iter()
+            .filter(|m| m.version > database)
+            .map(|m| MigrationInfo {
+                version: m.version,
+                name: m.name.to_string(),
+            })
+            .collect(),
+        applied,
+    })
+}
+
+/// Apply every pending migration up to `target`, each in its own transaction together with its
+/// row in `fleetdb_schema`. Writes nothing when nothing is pending.
+pub fn migrate_to(c: &mut Connection, target: u32, now: Timestamp) -> Result<()> {
+    check_not_too_new(c)?;
+    for m in MIGRATIONS.iter().filter(|m| m.version <= target) {
+        // Re-read under the write lock: another process may have migrated meanwhile.
+        if database_version(c)? >= m.version {
+            continue;
+        }
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(map_err)?;
+        if database_version(&tx)? >= m.version {
+            continue;
+        }
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS fleetdb_schema (
+                 version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+        )
+        .map_err(map_err)?;
+        tx.execute(
+            "INSERT INTO fleetdb_schema (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            params![m.version, m.name, now.0],
+        )
+        .map_err(map_err)?;
+        tx.execute_batch(m.sql).map_err(|e| {
+            Error::Backend(format!("migration {:04}_{} failed: {e}", m.version, m.name))
+        })?;
+        tx.commit().map_err(map_err)?;
+        tracing::info!(version = m.version, name = m.name, "applied migration");
+    }
+    Ok(())
+}
+
+pub(crate) fn migrate(c: &mut Connection, now: Timestamp) -> Result<()> {
+    migrate_to(c, binary_version(), now)
+}
+
+/// Test support: apply migrations up to `version` on a database file.
+pub mod testing {
+    use super::*;
+
+    /// Open `path` and migrate it to exactly `version` (for migration tests).
+    pub fn migrate_file_to(path: &std::path::Path, version: u32) -> Result<()> {
+        let mut c = Connection::open(path).map_err(map_err)?;
+        migrate_to(&mut c, version, Timestamp(0))
+    }
+}

@@ -1,0 +1,315 @@
+//! Row mapping and the [`TxRows`] primitives, run on the writer thread inside one SQLite
+//! transaction. The futures are always ready at once (rusqlite is synchronous).
+
+use async_trait::async_trait;
+use fleetdb_core::apply::stored_key;
+use fleetdb_core::backend::{ChangeDraft, TagRead, TxRows};
+use fleetdb_core::{Error, Labels, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::map_err;
+
+pub(crate) fn labels_from_text(text: &str) -> Result<Labels> {
+    serde_json::from_str(text)
+        .map_err(|e| Error::Backend(format!("corrupt labels in the store: {e}")))
+}
+
+pub(crate) fn labels_text(labels: &Labels) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".to_string())
+}
+
+pub(crate) const NAMESPACE_COLS: &str = "name, labels, created_at, updated_at, revision";
+pub(crate) const OBJECT_COLS: &str =
+    "namespace, kind, id, labels, created_at, updated_at, revision";
+pub(crate) const TAG_COLS: &str = "namespace, kind, id, name, value, updated_at, revision";
+
+pub(crate) fn namespace_row(r: &Row<'_>) -> rusqlite::Result<(String, String, i64, i64, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+pub(crate) fn namespace_from(raw: (String, String, i64, i64, i64)) -> Result<Namespace> {
+    Ok(Namespace {
+        name: raw.0,
+        labels: labels_from_text(&raw.1)?,
+        created_at: Timestamp(raw.2),
+        updated_at: Timestamp(raw.3),
+        revision: Revision(raw.4),
+    })
+}
+
+type ObjectRaw = (String, String, String, String, i64, i64, i64);
+
+pub(crate) fn object_row(r: &Row<'_>) -> rusqlite::Result<ObjectRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+pub(crate) fn object_from(raw: ObjectRaw) -> Result<Object> {
+    Ok(Object {
+        key: stored_key(raw.0, raw.1, raw.2),
+        labels: labels_from_text(&raw.3)?,
+        created_at: Timestamp(raw.4),
+        updated_at: Timestamp(raw.5),
+        revision: Revision(raw.6),
+    })
+}
+
+type TagRaw = (String, String, String, String, String, i64, i64);
+
+pub(crate) fn tag_row(r: &Row<'_>) -> rusqlite::Result<TagRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+/// A tag and its canonical JSON text.
+pub(crate) fn tag_from(raw: TagRaw) -> Result<(Tag, String)> {
+    let value = serde_json::from_str(&raw.4)
+        .map_err(|e| Error::Backend(format!("corrupt tag value in the store: {e}")))?;
+    Ok((
+        Tag {
+            object: stored_key(raw.0, raw.1, raw.2),
+            name: raw.3,
+            value,
+            updated_at: Timestamp(raw.5),
+            revision: Revision(raw.6),
+        },
+        raw.4,
+    ))
+}
+
+pub(crate) fn get_namespace(conn: &Connection, name: &str) -> Result<Option<Namespace>> {
+    let raw = conn
+        .prepare_cached(&format!(
+            "SELECT {NAMESPACE_COLS} FROM namespaces WHERE name = ?1"
+        ))
+        .and_then(|mut s| s.query_row([name], namespace_row).optional())
+        .map_err(map_err)?;
+    raw.map(namespace_from).transpose()
+}
+
+pub(crate) fn get_object(conn: &Connection, key: &ObjectKey) -> Result<Option<Object>> {
+    let raw = conn
+        .prepare_cached(&format!(
+            "SELECT {OBJECT_COLS} FROM objects WHERE namespace = ?1 AND kind = ?2 AND id = ?3"
+        ))
+        .and_then(|mut s| {
+            s.query_row(params![key.namespace, key.kind, key.id], object_row)
+                .optional()
+        })
+        .map_err(map_err)?;
+    raw.map(object_from).transpose()
+}
+
+pub(crate) fn get_tag(
+    conn: &Connection,
+    key: &ObjectKey,
+    name: &str,
+) -> Result<Option<(Tag, String)>> {
+    let raw = conn
+        .prepare_cached(&format!(
+            "SELECT {TAG_COLS} FROM tags WHERE namespace = ?1 AND kind = ?2 AND id = ?3 AND name = ?4"
+        ))
+        .and_then(|mut s| s.query_row(params![key.namespace, key.kind, key.id, name], tag_row).optional())
+        .map_err(map_err)?;
+    raw.map(tag_from).transpose()
+}
+
+pub(crate) fn list_tags(conn: &Connection, key: &ObjectKey) -> Result<Vec<(Tag, String)>> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {TAG_COLS} FROM tags WHERE namespace = ?1 AND kind = ?2 AND id = ?3 ORDER BY name"
+        ))
+        .map_err(map_err)?;
+    let rows = stmt
+        .query_map(params![key.namespace, key.kind, key.id], tag_row)
+        .map_err(map_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(map_err)?;
+    rows.into_iter().map(tag_from).collect()
+}
+
+/// The revisions this group has handed out; the writer loads it under the write lock.
+pub(crate) struct SqliteRows<'c> {
+    pub conn: &'c mut Connection,
+    pub revision: &'c mut i64,
+}
+
+impl SqliteRows<'_> {
+    fn append(&mut self, c: &ChangeDraft) -> Result<Revision> {
+        *self.revision += 1;
+        let rev = *self.revision;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    rev,
+                    c.namespace,
+                    c.kind,
+                    c.id,
+                    c.entity.as_str(),
+                    c.name,
+                    c.op.as_str(),
+                    c.old_value,
+                    c.new_value,
+                    c.at.0
+                ])
+            })
+            .map_err(map_err)?;
+        Ok(Revision(rev))
+    }
+
+    fn exec(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<()> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TxRows for SqliteRows<'_> {
+    async fn namespace_read(&mut self, name: &str) -> Result<Option<Namespace>> {
+        get_namespace(self.conn, name)
+    }
+
+    async fn namespace_usage(&mut self, name: &str) -> Result<Vec<(String, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, count(*) FROM objects WHERE namespace = ?1 GROUP BY kind ORDER BY kind LIMIT 10")
+            .map_err(map_err)?;
+        let rows = stmt
+            .query_map([name], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(map_err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(map_err)?;
+        Ok(rows)
+    }
+
+    async fn namespace_put(&mut self, ns: &Namespace, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        self.exec(
+            "INSERT INTO namespaces (name, labels, created_at, updated_at, revision) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET labels = excluded.labels, updated_at = excluded.updated_at, revision = excluded.revision",
+            params![ns.name, labels_text(&ns.labels), ns.created_at.0, ns.updated_at.0, rev.0],
+        )?;
+        Ok(rev)
+    }
+
+    async fn namespace_remove(&mut self, name: &str, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        self.exec("DELETE FROM namespaces WHERE name = ?1", [name])?;
+        Ok(rev)
+    }
+
+    async fn object_read(&mut self, key: &ObjectKey) -> Result<Option<Object>> {
+        get_object(self.conn, key)
+    }
+
+    async fn object_put(&mut self, obj: &Object, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        let k = &obj.key;
+        self.exec(
+            "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (namespace, kind, id) DO UPDATE SET labels = excluded.labels, updated_at = excluded.updated_at, revision = excluded.revision",
+            params![k.namespace, k.kind, k.id, labels_text(&obj.labels), obj.created_at.0, obj.updated_at.0, rev.0],
+        )?;
+        Ok(rev)
+    }
+
+    async fn object_remove(&mut self, key: &ObjectKey, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        self.exec(
+            "DELETE FROM objects WHERE namespace = ?1 AND kind = ?2 AND id = ?3",
+            params![key.namespace, key.kind, key.id],
+        )?;
+        Ok(rev)
+    }
+
+    async fn tag_read(&mut self, key: &ObjectKey, name: &str) -> Result<TagRead> {
+        // One statement: whether the object exists, and the tag row if any.
+        let raw = self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM objects WHERE namespace = ?1 AND kind = ?2 AND id = ?3),
+                        t.value, t.updated_at, t.revision
+                 FROM (SELECT 1) LEFT JOIN tags t
+                   ON t.namespace = ?1 AND t.kind = ?2 AND t.id = ?3 AND t.name = ?4",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![key.namespace, key.kind, key.id, name], |r| {
+                    Ok((
+                        r.get::<_, bool>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                })
+            })
+            .map_err(map_err)?;
+        let tag = match raw {
+            (_, Some(value), Some(updated_at), Some(revision)) => Some(tag_from((
+                key.namespace.clone(),
+                key.kind.clone(),
+                key.id.clone(),
+                name.to_string(),
+                value,
+                updated_at,
+                revision,
+            ))?),
+            _ => None,
+        };
+        Ok(TagRead {
+            object_exists: raw.0,
+            tag,
+        })
+    }
+
+    async fn tag_read_all(&mut self, key: &ObjectKey) -> Result<Vec<(Tag, String)>> {
+        list_tags(self.conn, key)
+    }
+
+    async fn tag_put(&mut self, tag: &Tag, text: &str, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        let k = &tag.object;
+        self.exec(
+            "INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (namespace, kind, id, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at, revision = excluded.revision",
+            params![k.namespace, k.kind, k.id, tag.name, text, tag.updated_at.0, rev.0],
+        )?;
+        Ok(rev)
+    }
+
+    async fn tag_remove(
+        &mut self,
+        key: &ObjectKey,
+        name: &str,
+        change: &ChangeDraft,
+    ) -> Result<Revision> {
+        let rev = self.append(change)?;
+        self.exec(
+            "DELETE FROM tags WHERE namespace = ?1 AND kind = ?2 AND id = ?3 AND name = ?4",
+            params![key.namespace, key.kind, key.id, name],
+        )?;
+        Ok(rev)
+    }
+}
