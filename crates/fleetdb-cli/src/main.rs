@@ -1,1 +1,586 @@
-fn main() {}
+//! `fleetdb`: the operator CLI. Every command is a thin shell over `fleetdb::Store`; validation
+//! and errors come from the library, so the CLI and the API can never disagree.
+
+mod output;
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use fleetdb::{
+    core::validate, ChangeFilter, Error, Labels, ObjectCursor, ObjectKey, ObjectQuery, OpenOptions,
+    PutMode, Revision, Store,
+};
+use output::Format;
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleetdb",
+    version,
+    about = "FleetDB: state and coordination for infrastructure control planes"
+)]
+struct Cli {
+    /// Database URL: sqlite:///path/db.sqlite, sqlite::memory:, postgres://user@host/db.
+    /// Default: the embedded database ./fleetdb-data/fleetdb.sqlite.
+    #[arg(long, global = true, env = "FLEETDB_DB", default_value = fleetdb::DEFAULT_URL)]
+    db: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    /// Namespace to work in.
+    #[arg(short = 'n', long, global = true, env = "FLEETDB_NAMESPACE", default_value = fleetdb::DEFAULT_NAMESPACE)]
+    namespace: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Namespaces.
+    #[command(subcommand)]
+    Ns(NsCmd),
+    /// Objects (machines, switches, anything with an identity).
+    #[command(subcommand)]
+    Object(ObjectCmd),
+    /// Tags: named JSON facts on objects.
+    #[command(subcommand)]
+    Tag(TagCmd),
+    /// Read the change log.
+    Changes(ChangesArgs),
+    /// Drop change-log entries before a revision.
+    Compact {
+        /// Drop entries with a revision lower than this.
+        #[arg(long)]
+        before: i64,
+    },
+    /// Schema migrations.
+    #[command(subcommand)]
+    Migrate(MigrateCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum NsCmd {
+    /// Create a namespace.
+    Create {
+        name: String,
+        /// KEY=VALUE, repeatable.
+        #[arg(short, long = "label")]
+        labels: Vec<String>,
+    },
+    /// List namespaces.
+    Ls,
+    /// Show one namespace.
+    Get { name: String },
+    /// Set or delete (KEY=) labels of a namespace.
+    Label {
+        name: String,
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
+    /// Delete an empty namespace.
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum ObjectCmd {
+    /// Create or update an object. Labels are a patch: KEY= deletes a label.
+    Put {
+        kind: String,
+        id: String,
+        /// KEY=VALUE, repeatable.
+        #[arg(short, long = "label")]
+        labels: Vec<String>,
+        /// Fail if the object exists already.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Show one object.
+    Get { kind: String, id: String },
+    /// List objects, ordered by kind then id.
+    Ls(ObjectLs),
+    /// Delete an object and its tags.
+    Rm { kind: String, id: String },
+}
+
+#[derive(Args, Debug)]
+struct ObjectLs {
+    /// Only this kind.
+    kind: Option<String>,
+    /// Label selector: KEY=VALUE, KEY!=VALUE, KEY, !KEY, comma-separated (all must hold).
+    #[arg(short = 'l', long)]
+    selector: Option<String>,
+    /// Page size (1..=1000).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Continue after this cursor (the `next` of a previous page).
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Follow cursors and list everything.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum TagCmd {
+    /// Set a tag to a JSON value (given as an argument, or read from stdin if omitted or `-`).
+    Set {
+        kind: String,
+        id: String,
+        name: String,
+        value: Option<String>,
+    },
+    /// Show one tag.
+    Get {
+        kind: String,
+        id: String,
+        name: String,
+    },
+    /// List the tags of an object.
+    Ls { kind: String, id: String },
+    /// Delete a tag.
+    Rm {
+        kind: String,
+        id: String,
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ChangesArgs {
+    /// Entries after this revision.
+    #[arg(long, default_value_t = 0)]
+    after: i64,
+    /// Only this kind (in the selected namespace).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only ids with this prefix (needs --kind).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Every namespace, not just the selected one.
+    #[arg(long, conflicts_with_all = ["kind", "prefix"])]
+    all_namespaces: bool,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrateCmd {
+    /// Show the schema version of the database and of this binary (writes nothing).
+    Status,
+    /// Apply pending migrations.
+    Up,
+}
+
+fn parse_labels(args: &[String]) -> Result<Labels, Error> {
+    args.iter().map(|a| validate::parse_label_arg(a)).collect()
+}
+
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::Invalid { .. } | Error::TooLarge { .. } => 2,
+        Error::NotFound { .. } => 3,
+        Error::AlreadyExists { .. } | Error::Conflict { .. } | Error::NamespaceNotEmpty { .. } => 4,
+        Error::SchemaTooNew { .. } | Error::SchemaBehind { .. } => 5,
+        Error::Unavailable(_) => 6,
+        _ => 1,
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = cli.output;
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match format {
+                Format::Json => eprintln!(
+                    "{}",
+                    json!({"error": {"code": e.code(), "message": e.to_string()}})
+                ),
+                Format::Table => eprintln!("error: {e}"),
+            }
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    validate::name("namespace", &cli.namespace)?;
+    let migrate = !matches!(cli.command, Command::Migrate(MigrateCmd::Status));
+    let store = Store::open_with(
+        &cli.db,
+        OpenOptions {
+            migrate,
+            ..OpenOptions::default()
+        },
+    )
+    .await?;
+    let ns = cli.namespace.as_str();
+    let fmt = cli.output;
+    let key = |kind: &str, id: &str| ObjectKey::new(ns, kind, id);
+    match cli.command {
+        Command::Ns(cmd) => ns_cmd(&store, fmt, cmd).await,
+        Command::Object(cmd) => match cmd {
+            ObjectCmd::Put {
+                kind,
+                id,
+                labels,
+                create,
+            } => {
+                let k = key(&kind, &id)?;
+                let mode = if create {
+                    PutMode::Create
+                } else {
+                    PutMode::Upsert
+                };
+                let w = store
+                    .object_put_mode(&k, parse_labels(&labels)?, mode)
+                    .await?;
+                match fmt {
+                    Format::Json => {
+                        let mut v = output::object(&w.item);
+                        v["changed"] = json!(w.changed);
+                        output::print_json(&v);
+                    }
+                    Format::Table => println!(
+                        "{} {} (revision {})",
+                        if w.changed { "wrote" } else { "unchanged" },
+                        w.item.key,
+                        w.item.revision
+                    ),
+                }
+                Ok(())
+            }
+            ObjectCmd::Get { kind, id } => {
+                let k = key(&kind, &id)?;
+                let o = store
+                    .object_get(&k)
+                    .await?
+                    .ok_or_else(|| Error::not_found(format!("object {k}")))?;
+                match fmt {
+                    Format::Json => output::print_json(&output::object(&o)),
+                    Format::Table => output::table(
+                        &["KIND", "ID", "LABELS", "CREATED", "UPDATED", "REVISION"],
+                        &[object_row(&o)],
+                    ),
+                }
+                Ok(())
+            }
+            ObjectCmd::Ls(args) => object_ls(&store, fmt, ns, args).await,
+            ObjectCmd::Rm { kind, id } => {
+                let k = key(&kind, &id)?;
+                let r = store.object_delete(&k).await?;
+                match fmt {
+                    Format::Json => {
+                        output::print_json(&json!({"deleted": k.to_string(), "revision": r.0}))
+                    }
+                    Format::Table => println!("deleted {k} (revision {r})"),
+                }
+                Ok(())
+            }
+        },
+        Command::Tag(cmd) => match cmd {
+            TagCmd::Set {
+                kind,
+                id,
+                name,
+                value,
+            } => {
+                let k = key(&kind, &id)?;
+                validate::name("tag", &name)?;
+                let text = match value.as_deref() {
+                    None | Some("-") => {
+                        let mut s = String::new();
+                        let limit = store.limits().tag_value_bytes_max as u64 * 4 + 1;
+                        std::io::stdin()
+                            .take(limit)
+                            .read_to_string(&mut s)
+                            .map_err(|e| {
+                                Error::invalid(
+                                    "tag value",
+                                    "<stdin>",
+                                    format!("cannot read stdin: {e}"),
+                                )
+                            })?;
+                        s
+                    }
+                    Some(v) => v.to_string(),
+                };
+                let value = validate::parse_json(&format!("tag {name:?} value"), &text)?;
+                let w = store.tag_set(&k, &name, &value).await?;
+                match fmt {
+                    Format::Json => {
+                        let mut v = output::tag(&w.item);
+                        v["changed"] = json!(w.changed);
+                        output::print_json(&v);
+                    }
+                    Format::Table => println!(
+                        "{} tag {} of {} (revision {})",
+                        if w.changed { "set" } else { "unchanged" },
+                        name,
+                        k,
+                        w.item.revision
+                    ),
+                }
+                Ok(())
+            }
+            TagCmd::Get { kind, id, name } => {
+                let k = key(&kind, &id)?;
+                let Some(t) = store.tag_get(&k, &name).await? else {
+                    if store.object_get(&k).await?.is_none() {
+                        return Err(Error::not_found(format!("object {k}")));
+                    }
+                    return Err(Error::not_found(format!("tag {name:?} of object {k}")));
+                };
+                match fmt {
+                    Format::Json => output::print_json(&output::tag(&t)),
+                    Format::Table => println!("{}", t.value),
+                }
+                Ok(())
+            }
+            TagCmd::Ls { kind, id } => {
+                let k = key(&kind, &id)?;
+                let tags = store.tag_list(&k).await?;
+                match fmt {
+                    Format::Json => {
+                        output::print_json(&tags.iter().map(output::tag).collect::<Vec<_>>())
+                    }
+                    Format::Table => output::table(
+                        &["NAME", "VALUE", "UPDATED", "REVISION"],
+                        &tags
+                            .iter()
+                            .map(|t| {
+                                vec![
+                                    t.name.clone(),
+                                    t.value.to_string(),
+                                    t.updated_at.to_rfc3339(),
+                                    t.revision.to_string(),
+                                ]
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
+                }
+                Ok(())
+            }
+            TagCmd::Rm { kind, id, name } => {
+                let k = key(&kind, &id)?;
+                let r = store.tag_delete(&k, &name).await?;
+                match fmt {
+                    Format::Json => output::print_json(
+                        &json!({"deleted": format!("{k}#{name}"), "revision": r.0}),
+                    ),
+                    Format::Table => println!("deleted tag {name} of {k} (revision {r})"),
+                }
+                Ok(())
+            }
+        },
+        Command::Changes(a) => {
+            let filter = if a.all_namespaces {
+                ChangeFilter::default()
+            } else {
+                ChangeFilter {
+                    namespace: Some(ns.to_string()),
+                    kind: a.kind,
+                    id_prefix: a.prefix,
+                }
+            };
+            let changes = store.changes(Revision(a.after), &filter, a.limit).await?;
+            match fmt {
+                Format::Json => {
+                    output::print_json(&changes.iter().map(output::change).collect::<Vec<_>>())
+                }
+                Format::Table => output::table(
+                    &["REVISION", "OP", "ENTITY", "KEY", "NAME", "AT"],
+                    &changes
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                c.revision.to_string(),
+                                c.op.as_str().into(),
+                                c.entity.as_str().into(),
+                                format!("{}/{}/{}", c.namespace, c.kind, c.id),
+                                c.name.clone(),
+                                c.at.to_rfc3339(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+            Ok(())
+        }
+        Command::Compact { before } => {
+            let dropped = store.compact(Revision(before)).await?;
+            let info = store.revision().await?;
+            match fmt {
+                Format::Json => output::print_json(&json!({
+                    "dropped": dropped, "compacted_revision": info.compacted.0, "current_revision": info.current.0
+                })),
+                Format::Table => println!(
+                    "dropped {dropped} entries; compacted through revision {}",
+                    info.compacted
+                ),
+            }
+            Ok(())
+        }
+        Command::Migrate(cmd) => {
+            let status = match cmd {
+                MigrateCmd::Status => store.schema_status().await?,
+                MigrateCmd::Up => store.migrate().await?,
+            };
+            match fmt {
+                Format::Json => output::print_json(&output::schema(&status)),
+                Format::Table => {
+                    println!("database schema version: {}", status.database);
+                    println!("binary schema version:   {}", status.binary);
+                    for m in &status.applied {
+                        println!(
+                            "  applied  {:04}_{}  at {}",
+                            m.version, m.name, m.applied_at
+                        );
+                    }
+                    for m in &status.pending {
+                        println!("  pending  {:04}_{}", m.version, m.name);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn object_row(o: &fleetdb::Object) -> Vec<String> {
+    vec![
+        o.key.kind.clone(),
+        o.key.id.clone(),
+        output::labels_text(&o.labels),
+        o.created_at.to_rfc3339(),
+        o.updated_at.to_rfc3339(),
+        o.revision.to_string(),
+    ]
+}
+
+async fn ns_cmd(store: &Store, fmt: Format, cmd: NsCmd) -> Result<(), Error> {
+    match cmd {
+        NsCmd::Create { name, labels } => {
+            let n = store
+                .namespace_create(&name, parse_labels(&labels)?)
+                .await?;
+            match fmt {
+                Format::Json => output::print_json(&output::namespace(&n)),
+                Format::Table => println!("created namespace {} (revision {})", n.name, n.revision),
+            }
+        }
+        NsCmd::Ls => {
+            let mut all = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = store.namespace_list(cursor.as_deref(), 1000).await?;
+                all.extend(page.items);
+                match page.next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            match fmt {
+                Format::Json => {
+                    output::print_json(&all.iter().map(output::namespace).collect::<Vec<_>>())
+                }
+                Format::Table => output::table(
+                    &["NAME", "LABELS", "CREATED", "REVISION"],
+                    &all.iter()
+                        .map(|n| {
+                            vec![
+                                n.name.clone(),
+                                output::labels_text(&n.labels),
+                                n.created_at.to_rfc3339(),
+                                n.revision.to_string(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        NsCmd::Get { name } => {
+            let n = store
+                .namespace_get(&name)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("namespace {name:?}")))?;
+            match fmt {
+                Format::Json => output::print_json(&output::namespace(&n)),
+                Format::Table => output::table(
+                    &["NAME", "LABELS", "CREATED", "REVISION"],
+                    &[vec![
+                        n.name.clone(),
+                        output::labels_text(&n.labels),
+                        n.created_at.to_rfc3339(),
+                        n.revision.to_string(),
+                    ]],
+                ),
+            }
+        }
+        NsCmd::Label { name, labels } => {
+            let w = store
+                .namespace_set_labels(&name, parse_labels(&labels)?)
+                .await?;
+            match fmt {
+                Format::Json => {
+                    let mut v = output::namespace(&w.item);
+                    v["changed"] = json!(w.changed);
+                    output::print_json(&v);
+                }
+                Format::Table => println!(
+                    "{} namespace {} (revision {})",
+                    if w.changed { "labelled" } else { "unchanged" },
+                    w.item.name,
+                    w.item.revision
+                ),
+            }
+        }
+        NsCmd::Rm { name } => {
+            let r = store.namespace_delete(&name).await?;
+            match fmt {
+                Format::Json => output::print_json(&json!({"deleted": name, "revision": r.0})),
+                Format::Table => println!("deleted namespace {name} (revision {r})"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn object_ls(store: &Store, fmt: Format, ns: &str, args: ObjectLs) -> Result<(), Error> {
+    let mut q = ObjectQuery::new(ns).limit(args.limit);
+    q.kind = args.kind;
+    if let Some(sel) = &args.selector {
+        q.labels = fleetdb::parse_label_selector(sel)?;
+    }
+    if let Some(c) = &args.cursor {
+        q.after = Some(ObjectCursor::decode(c)?);
+    }
+    let mut items = Vec::new();
+    let next = loop {
+        let page = store.object_list(&q).await?;
+        items.extend(page.items);
+        match page.next {
+            Some(c) if args.all => q.after = Some(ObjectCursor::decode(&c)?),
+            other => break other,
+        }
+    };
+    match fmt {
+        Format::Json => output::print_json(&json!({
+            "items": items.iter().map(output::object).collect::<Vec<_>>(),
+            "next": next,
+        })),
+        Format::Table => {
+            output::table(
+                &["KIND", "ID", "LABELS", "CREATED", "UPDATED", "REVISION"],
+                &items.iter().map(object_row).collect::<Vec<_>>(),
+            );
+            if let Some(n) = next {
+                eprintln!("more: --cursor {n}");
+            }
+        }
+    }
+    Ok(())
+}

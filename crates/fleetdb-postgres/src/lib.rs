@@ -1,1 +1,503 @@
+//! FleetDB's PostgreSQL backend.
+//!
+//! Every batch runs as one `SERIALIZABLE` transaction driving [`fleetdb_core::apply::apply_batch`];
+//! serialization failures (40001), deadlocks (40P01) and a revision taken twice are retried with
+//! exponential backoff and jitter. Revisions come from the `fleetdb_revision` sequence, so they are
+//! unique and increasing per transaction but may commit out of order and have gaps (see
+//! [`Capabilities::revisions_visible_in_order`]).
+//!
+//! Several processes may open the same database: migrations are serialized through the
+//! `fleetdb_schema` primary key, writes through PostgreSQL's serializable isolation.
 
+mod error;
+mod migrate;
+mod sql;
+pub mod testing;
+mod tx;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object as PooledClient, Pool, RecyclingMethod};
+use fleetdb_core::apply::apply_batch;
+use fleetdb_core::{
+    Backend, Batch, Capabilities, Change, ChangeFilter, Clock, Error, Migration, Namespace, Object,
+    ObjectKey, ObjectQuery, OpResult, Result, Revision, RevisionInfo, SchemaStatus, Tag,
+};
+use tokio_postgres::NoTls;
+
+use crate::error::{classify, db_err, pool_err, Failure};
+use crate::sql::Param;
+use crate::tx::PgTx;
+
+/// The PostgreSQL migrations, in order. Mirrors the SQLite backend's list number by number.
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "change_log",
+        sql: include_str!("../migrations/0002_change_log.sql"),
+    },
+];
+
+/// Attempts of one batch before [`Error::RetriesExhausted`].
+const COMMIT_ATTEMPTS_MAX: u32 = 30;
+/// First backoff between attempts; doubles per attempt up to [`BACKOFF_MAX`].
+const BACKOFF_INITIAL: Duration = Duration::from_millis(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
+/// Connect timeout used when the URL does not set `connect_timeout`.
+const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Object listings with at most this many label requirements use a cached prepared statement
+/// (the SQL shape depends on the requirements, so caching every shape could grow without bound).
+const CACHED_LABEL_REQUIREMENTS_MAX: usize = 8;
+
+/// How [`PostgresBackend::open`] behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Apply pending migrations on open (otherwise leave the database as it is).
+    pub migrate: bool,
+    /// Most connections in the pool.
+    pub pool_size_max: usize,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            migrate: true,
+            pool_size_max: 16,
+        }
+    }
+}
+
+/// The PostgreSQL backend: a connection pool and a clock.
+#[derive(Clone)]
+pub struct PostgresBackend {
+    pool: Pool,
+    clock: Arc<dyn Clock>,
+    /// The URL with any password redacted, for messages.
+    target: String,
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = self.pool.status();
+        f.debug_struct("PostgresBackend")
+            .field("target", &self.target)
+            .field("pool_size", &status.size)
+            .field("pool_size_max", &status.max_size)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+impl PostgresBackend {
+    /// Connect to `url` (`postgres://…` or `postgresql://…`, in `tokio_postgres::Config` syntax,
+    /// e.g. `?options=-c%20search_path%3Dmy_schema`), check the schema version before writing
+    /// anything, and apply pending migrations if `options.migrate` is set.
+    ///
+    /// Fails with [`Error::SchemaTooNew`] (having written nothing) if the database has a migration
+    /// this binary does not know, and with [`Error::Unavailable`] if the server cannot be reached.
+    pub async fn open(url: &str, options: PostgresOptions, clock: Arc<dyn Clock>) -> Result<Self> {
+        let target = redact_url(url);
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(Error::invalid(
+                "PostgreSQL URL",
+                &target,
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| Error::invalid("PostgreSQL URL", &target, e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
+        }
+        if options.pool_size_max == 0 {
+            return Err(Error::invalid(
+                "pool size",
+                "0",
+                "must be at least 1 connection",
+            ));
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size_max)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Backend(format!("building the connection pool: {e}")))?;
+        let backend = PostgresBackend {
+            pool,
+            clock,
+            target,
+        };
+        let client = backend.client().await.map_err(|e| match e {
+            Error::Unavailable(msg) => {
+                Error::Unavailable(format!("PostgreSQL at {}: {msg}", backend.target))
+            }
+            other => other,
+        })?;
+        let (status, _) = migrate::read_status(&client, MIGRATIONS).await?;
+        migrate::check_not_too_new(&status)?;
+        if options.migrate && !status.pending.is_empty() {
+            migrate::run(&client, MIGRATIONS, backend.clock.as_ref()).await?;
+        }
+        Ok(backend)
+    }
+
+    async fn client(&self) -> Result<PooledClient> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    /// One attempt at a batch: a transaction on one connection.
+    async fn commit_once(&self, batch: &Batch) -> std::result::Result<Vec<OpResult>, Failure> {
+        let client = self.client().await.map_err(Failure::Fail)?;
+        let mut guard = TxGuard {
+            client: Some(client),
+            open: true,
+        };
+        let conn: &deadpool_postgres::ClientWrapper = guard.client();
+        let mut rows = PgTx::new(conn);
+        let applied = apply_batch(&mut rows, batch).await;
+        let (begun, transient) = (rows.begun, rows.transient.take());
+        let outcome = match applied {
+            Ok(results) if !begun => Ok(results),
+            Ok(results) => match conn.batch_execute("COMMIT").await {
+                Ok(()) => Ok(results),
+                // A failed COMMIT has ended the transaction (or lost the connection, which the
+                // pool's recycling check discards).
+                Err(e) => Err(classify(&e)),
+            },
+            Err(err) => {
+                if begun && conn.batch_execute("ROLLBACK").await.is_err() {
+                    // Leave `open` set: the connection is dropped rather than reused.
+                    return Err(transient.map_or(Failure::Fail(err), Failure::Retry));
+                }
+                Err(transient.map_or(Failure::Fail(err), Failure::Retry))
+            }
+        };
+        guard.open = false;
+        outcome
+    }
+
+    async fn query(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<tokio_postgres::Row>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
+        client.query(&stmt, params).await.map_err(db_err)
+    }
+}
+
+/// Owns the pooled connection of a transaction. If the transaction is still open when it drops
+/// (the commit future was cancelled, or ROLLBACK failed), the connection is detached from the pool
+/// and closed, so the server rolls back and no one reuses a connection inside a transaction.
+struct TxGuard {
+    client: Option<PooledClient>,
+    open: bool,
+}
+
+impl TxGuard {
+    fn client(&self) -> &deadpool_postgres::ClientWrapper {
+        // Set in the constructor, taken only in drop.
+        self.client.as_deref().expect("TxGuard holds a client")
+    }
+}
+
+impl Drop for TxGuard {
+    fn drop(&mut self) {
+        if self.open {
+            if let Some(client) = self.client.take() {
+                drop(PooledClient::take(client));
+            }
+        }
+    }
+}
+
+/// The pause before attempt `attempt + 1`: exponential from 1 ms, capped at 100 ms, with jitter
+/// (uniform in the upper half of the window).
+fn backoff(attempt: u32) -> Duration {
+    use rand::Rng as _;
+    let exp = BACKOFF_INITIAL.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let window = exp.min(BACKOFF_MAX);
+    let micros = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+    let jittered = rand::rng().random_range(micros / 2..=micros);
+    Duration::from_micros(jittered)
+}
+
+/// `url` with its password (if any) replaced by `***`.
+fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = url.find("://") {
+        let rest_start = scheme_end + 3;
+        let rest = &url[rest_start..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                out = format!(
+                    "{}{}:***{}",
+                    &url[..rest_start],
+                    &rest[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+    }
+    // `password=` in the query string.
+    if let Some(pos) = out.find("password=") {
+        let value_start = pos + "password=".len();
+        let value_end = out[value_start..]
+            .find(['&', ' '])
+            .map_or(out.len(), |i| value_start + i);
+        out.replace_range(value_start..value_end, "***");
+    }
+    out
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            multi_process_writers: true,
+            group_commit: true,
+            revisions_visible_in_order: false,
+        }
+    }
+
+    async fn schema_status(&self) -> Result<SchemaStatus> {
+        let client = self.client().await?;
+        Ok(migrate::read_status(&client, MIGRATIONS).await?.0)
+    }
+
+    async fn migrate(&self) -> Result<SchemaStatus> {
+        let client = self.client().await?;
+        migrate::run(&client, MIGRATIONS, self.clock.as_ref()).await
+    }
+
+    async fn namespace_get(&self, name: &str) -> Result<Option<Namespace>> {
+        let rows = self.query(sql::NAMESPACE_GET, &[&name]).await?;
+        rows.first().map(sql::namespace_from_row).transpose()
+    }
+
+    async fn namespace_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Namespace>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match after {
+            Some(after) => {
+                self.query(sql::NAMESPACE_LIST_AFTER, &[&after, &limit])
+                    .await?
+            }
+            None => self.query(sql::NAMESPACE_LIST_FIRST, &[&limit]).await?,
+        };
+        rows.iter().map(sql::namespace_from_row).collect()
+    }
+
+    async fn object_get(&self, key: &ObjectKey) -> Result<Option<Object>> {
+        let rows = self
+            .query(sql::OBJECT_GET, &[&key.namespace, &key.kind, &key.id])
+            .await?;
+        rows.first().map(sql::object_from_row).transpose()
+    }
+
+    async fn object_list(&self, query: &ObjectQuery) -> Result<Vec<Object>> {
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let (text, params) = sql::object_list_sql(query, &limit);
+        let client = self.client().await?;
+        let rows = if query.labels.len() <= CACHED_LABEL_REQUIREMENTS_MAX {
+            let stmt = client.prepare_cached(&text).await.map_err(db_err)?;
+            client.query(&stmt, &params).await
+        } else {
+            let stmt = client.prepare(&text).await.map_err(db_err)?;
+            client.query(&stmt, &params).await
+        }
+        .map_err(db_err)?;
+        rows.iter().map(sql::object_from_row).collect()
+    }
+
+    async fn tag_get(&self, key: &ObjectKey, name: &str) -> Result<Option<Tag>> {
+        let rows = self
+            .query(sql::TAG_GET, &[&key.namespace, &key.kind, &key.id, &name])
+            .await?;
+        Ok(rows
+            .first()
+            .map(|r| sql::tag_from_row(key, r))
+            .transpose()?
+            .map(|(tag, _)| tag))
+    }
+
+    async fn tag_list(&self, key: &ObjectKey) -> Result<Vec<Tag>> {
+        let rows = self
+            .query(sql::TAG_LIST, &[&key.namespace, &key.kind, &key.id])
+            .await?;
+        rows.iter()
+            .map(|r| sql::tag_from_row(key, r).map(|(tag, _)| tag))
+            .collect()
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<Vec<OpResult>> {
+        if batch.ops.is_empty() && batch.preconditions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.commit_once(&batch).await {
+                Ok(results) => return Ok(results),
+                Err(Failure::Fail(err)) => return Err(err),
+                Err(Failure::Retry(msg)) => {
+                    if attempt >= COMMIT_ATTEMPTS_MAX {
+                        return Err(Error::RetriesExhausted {
+                            attempts: attempt,
+                            last: msg,
+                        });
+                    }
+                    let pause = backoff(attempt);
+                    tracing::debug!(attempt, ?pause, reason = %msg, "retrying PostgreSQL transaction");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    async fn changes(
+        &self,
+        after: Revision,
+        filter: &ChangeFilter,
+        limit: usize,
+    ) -> Result<Vec<Change>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let prefix = filter.id_prefix.as_deref().map(sql::like_prefix);
+        let mut params: Vec<Param<'_>> = vec![&after.0];
+        if let Some(ns) = &filter.namespace {
+            params.push(ns);
+        }
+        if let Some(kind) = &filter.kind {
+            params.push(kind);
+        }
+        if let Some(prefix) = &prefix {
+            params.push(prefix);
+        }
+        params.push(&limit);
+        let text = sql::changes_sql(
+            filter.namespace.is_some(),
+            filter.kind.is_some(),
+            prefix.is_some(),
+        );
+        let rows = self.query(&text, &params).await?;
+        let Some(first) = rows.first() else {
+            return Err(Error::Backend(
+                "fleetdb_meta has no compacted_revision row".to_string(),
+            ));
+        };
+        let compacted: i64 = first.try_get(0).map_err(db_err)?;
+        if after.0 < compacted {
+            return Err(Error::Compacted {
+                requested: after,
+                compacted_revision: Revision(compacted),
+            });
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(change) = sql::change_from_row(row)? {
+                out.push(change);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn compact(&self, before: Revision) -> Result<u64> {
+        let floor = before.0.saturating_sub(1);
+        let rows = self.query(sql::COMPACT, &[&before.0, &floor]).await?;
+        let deleted: i64 = rows
+            .first()
+            .ok_or_else(|| Error::Backend("compaction returned no row".to_string()))?
+            .try_get(0)
+            .map_err(db_err)?;
+        Ok(u64::try_from(deleted).unwrap_or(0))
+    }
+
+    async fn revision(&self) -> Result<RevisionInfo> {
+        let rows = self.query(sql::REVISION, &[]).await?;
+        let row = rows.first().ok_or_else(|| {
+            Error::Backend("fleetdb_meta has no compacted_revision row".to_string())
+        })?;
+        Ok(RevisionInfo {
+            current: Revision(row.try_get(0).map_err(db_err)?),
+            compacted: Revision(row.try_get(1).map_err(db_err)?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 1..40 {
+            let d = backoff(attempt);
+            let window = BACKOFF_INITIAL
+                .saturating_mul(1u32 << (attempt - 1).min(16))
+                .min(BACKOFF_MAX);
+            assert!(d <= window && d >= window / 2, "{attempt}: {d:?}");
+        }
+        assert!(backoff(1) <= Duration::from_millis(1));
+        assert!(backoff(30) >= Duration::from_millis(50));
+    }
+
+    /// The first read of a transaction is pipelined with BEGIN and must run inside it.
+    #[tokio::test]
+    async fn first_read_runs_inside_the_serializable_transaction() {
+        let base = testing::test_url();
+        let (url, schema) = testing::create_schema(&base)
+            .await
+            .unwrap_or_else(|msg| panic!("{msg}"));
+        let backend = PostgresBackend::open(
+            &url,
+            PostgresOptions::default(),
+            Arc::new(fleetdb_core::SystemClock),
+        )
+        .await
+        .unwrap();
+        let client = backend.client().await.unwrap();
+        for _ in 0..3 {
+            let mut rows = PgTx::new(&client);
+            let got = rows
+                .read("SELECT current_setting('transaction_isolation')", &[])
+                .await
+                .unwrap();
+            assert!(rows.begun);
+            // Had the query overtaken BEGIN, it would have run in its own READ COMMITTED
+            // transaction.
+            assert_eq!(got[0].get::<_, String>(0), "serializable");
+            client.batch_execute("ROLLBACK").await.unwrap();
+        }
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db?x=1"),
+            "postgres://u:***@h:5432/db?x=1"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=secret&a=b"),
+            "postgres://u@h/db?password=***&a=b"
+        );
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
+}

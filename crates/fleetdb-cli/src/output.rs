@@ -1,0 +1,113 @@
+//! Output: a table for people, JSON for tools. The JSON shapes here are a stable interface
+//! (documented in docs/cli.md): fields are only ever added, never renamed or removed.
+
+use fleetdb::{Change, Namespace, Object, SchemaStatus, Tag};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+pub fn namespace(n: &Namespace) -> Value {
+    json!({
+        "name": n.name,
+        "labels": n.labels,
+        "created_at": n.created_at.to_rfc3339(),
+        "updated_at": n.updated_at.to_rfc3339(),
+        "revision": n.revision.0,
+    })
+}
+
+pub fn object(o: &Object) -> Value {
+    json!({
+        "namespace": o.key.namespace,
+        "kind": o.key.kind,
+        "id": o.key.id,
+        "labels": o.labels,
+        "created_at": o.created_at.to_rfc3339(),
+        "updated_at": o.updated_at.to_rfc3339(),
+        "revision": o.revision.0,
+    })
+}
+
+pub fn tag(t: &Tag) -> Value {
+    json!({
+        "namespace": t.object.namespace,
+        "kind": t.object.kind,
+        "id": t.object.id,
+        "name": t.name,
+        "value": t.value,
+        "updated_at": t.updated_at.to_rfc3339(),
+        "revision": t.revision.0,
+    })
+}
+
+pub fn change(c: &Change) -> Value {
+    json!({
+        "revision": c.revision.0,
+        "namespace": c.namespace,
+        "kind": c.kind,
+        "id": c.id,
+        "entity": c.entity.as_str(),
+        "name": c.name,
+        "op": c.op.as_str(),
+        "old_value": c.old_value,
+        "new_value": c.new_value,
+        "at": c.at.to_rfc3339(),
+    })
+}
+
+pub fn schema(s: &SchemaStatus) -> Value {
+    json!({
+        "database_version": s.database,
+        "binary_version": s.binary,
+        "up_to_date": s.database == s.binary,
+        "applied": s.applied.iter().map(|m| json!({
+            "version": m.version, "name": m.name, "applied_at": m.applied_at.to_rfc3339()
+        })).collect::<Vec<_>>(),
+        "pending": s.pending.iter().map(|m| json!({"version": m.version, "name": m.name})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn labels_text(labels: &fleetdb::Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Print rows as aligned columns under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+pub fn print_json<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    );
+}

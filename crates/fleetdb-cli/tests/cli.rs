@@ -1,0 +1,426 @@
+//! The CLI end to end: the real `fleetdb` binary, on the embedded default and on PostgreSQL.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+struct Db {
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+fn fleetdb(db: &Db, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetdb"));
+    cmd.current_dir(db.dir.path())
+        .env_remove("FLEETDB_NAMESPACE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if db.url.is_empty() {
+        cmd.env_remove("FLEETDB_DB");
+    } else {
+        cmd.env("FLEETDB_DB", &db.url);
+    }
+    let mut child = cmd.args(args).spawn().expect("run fleetdb");
+    let mut pipe = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        pipe.write_all(s.as_bytes()).unwrap();
+    }
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+fn ok_json(db: &Db, args: &[&str]) -> Value {
+    let mut full = vec!["-o", "json"];
+    full.extend_from_slice(args);
+    let out = fleetdb(db, &full, None);
+    assert!(
+        out.status.success(),
+        "fleetdb {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Run a command that must fail: returns (exit code, stderr).
+fn fails(db: &Db, args: &[&str], stdin: Option<&str>) -> (i32, String) {
+    let out = fleetdb(db, args, stdin);
+    assert!(!out.status.success(), "fleetdb {args:?} should fail");
+    assert!(out.stdout.is_empty(), "nothing on stdout when failing");
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn revision(db: &Db) -> i64 {
+    let changes = ok_json(db, &["changes", "--all-namespaces", "--limit", "10000"]);
+    changes
+        .as_array()
+        .unwrap()
+        .last()
+        .map(|c| c["revision"].as_i64().unwrap())
+        .unwrap_or(0)
+}
+
+fn round_trip(db: &Db) {
+    let o = ok_json(
+        db,
+        &[
+            "object",
+            "put",
+            "machine",
+            "m1",
+            "--label",
+            "provider=equinix",
+            "--label",
+            "rack=r1",
+        ],
+    );
+    assert_eq!(o["labels"]["provider"], "equinix");
+    assert_eq!(o["changed"], true);
+    let t = ok_json(
+        db,
+        &[
+            "tag",
+            "set",
+            "machine",
+            "m1",
+            "provided",
+            r#"{"provider_id":"x1"}"#,
+        ],
+    );
+    assert_eq!(t["value"]["provider_id"], "x1");
+    // From stdin, both implicit and with `-`.
+    let out = fleetdb(
+        db,
+        &["tag", "set", "machine", "m1", "agent_started"],
+        Some(r#"{"at": 1}"#),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = fleetdb(
+        db,
+        &["tag", "set", "machine", "m1", "hw", "-"],
+        Some("[1, 2, 3]\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let got = ok_json(db, &["object", "get", "machine", "m1"]);
+    assert_eq!(
+        got["labels"],
+        serde_json::json!({"provider": "equinix", "rack": "r1"})
+    );
+    assert_eq!(got["namespace"], "default");
+    assert!(got["created_at"].as_str().unwrap().ends_with('Z'));
+    let tags = ok_json(db, &["tag", "ls", "machine", "m1"]);
+    let names: Vec<&str> = tags
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["agent_started", "hw", "provided"]);
+    assert_eq!(
+        ok_json(db, &["tag", "get", "machine", "m1", "hw"])["value"],
+        serde_json::json!([1, 2, 3])
+    );
+
+    // Identical value: unchanged, same revision.
+    let again = ok_json(
+        db,
+        &[
+            "tag",
+            "set",
+            "machine",
+            "m1",
+            "provided",
+            r#"{ "provider_id" : "x1" }"#,
+        ],
+    );
+    assert_eq!(again["changed"], false);
+    assert_eq!(again["revision"], t["revision"]);
+
+    // Label patch: empty value deletes.
+    let o2 = ok_json(db, &["object", "put", "machine", "m1", "--label", "rack="]);
+    assert_eq!(o2["labels"], serde_json::json!({"provider": "equinix"}));
+
+    // Listing with selectors and pagination.
+    for i in 2..=5 {
+        ok_json(
+            db,
+            &[
+                "object",
+                "put",
+                "machine",
+                &format!("m{i}"),
+                "--label",
+                "provider=ovh",
+            ],
+        );
+    }
+    let page = ok_json(
+        db,
+        &[
+            "object",
+            "ls",
+            "machine",
+            "--selector",
+            "provider=ovh",
+            "--limit",
+            "3",
+        ],
+    );
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
+    let next = page["next"].as_str().unwrap().to_string();
+    let page2 = ok_json(
+        db,
+        &[
+            "object",
+            "ls",
+            "machine",
+            "--selector",
+            "provider=ovh",
+            "--limit",
+            "3",
+            "--cursor",
+            &next,
+        ],
+    );
+    assert_eq!(page2["items"].as_array().unwrap().len(), 1);
+    assert!(page2["next"].is_null());
+    let all = ok_json(db, &["object", "ls", "--all", "--limit", "2"]);
+    assert_eq!(all["items"].as_array().unwrap().len(), 5);
+
+    // Namespaces.
+    ok_json(db, &["ns", "create", "lab", "--label", "team=infra"]);
+    ok_json(db, &["-n", "lab", "object", "put", "switch", "s1"]);
+    let (code, err) = fails(db, &["ns", "rm", "lab"], None);
+    assert_eq!(code, 4);
+    assert!(
+        err.contains("namespace \"lab\" is not empty: it still holds 1 object(s): 1 switch"),
+        "{err}"
+    );
+    ok_json(db, &["-n", "lab", "object", "rm", "switch", "s1"]);
+    ok_json(db, &["ns", "rm", "lab"]);
+    let nss = ok_json(db, &["ns", "ls"]);
+    assert_eq!(nss.as_array().unwrap().len(), 1);
+
+    // Table output works too.
+    let out = fleetdb(db, &["object", "ls"], None);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("KIND"));
+
+    // Deleting the object deletes its tags.
+    ok_json(db, &["object", "rm", "machine", "m1"]);
+    let (code, err) = fails(db, &["tag", "get", "machine", "m1", "provided"], None);
+    assert_eq!(code, 3);
+    assert!(err.contains("object default/machine/m1 not found"), "{err}");
+}
+
+fn bad_input_changes_nothing(db: &Db) {
+    ok_json(db, &["object", "put", "machine", "keep"]);
+    let before = revision(db);
+    let big = format!("k={}", "v".repeat(5000));
+    let cases: Vec<(Vec<&str>, Option<&str>, i32, &str)> = vec![
+        (
+            vec!["object", "put", "machine", "bad id"],
+            None,
+            2,
+            "invalid id \"bad id\": must match",
+        ),
+        (
+            vec!["object", "put", "ma/chine", "x"],
+            None,
+            2,
+            "invalid kind \"ma/chine\"",
+        ),
+        (
+            vec!["-n", "no such", "object", "ls"],
+            None,
+            2,
+            "invalid namespace \"no such\"",
+        ),
+        (
+            vec!["object", "put", "machine", "keep", "--label", &big],
+            None,
+            2,
+            "is 5001 bytes; the maximum is 4096",
+        ),
+        (
+            vec!["object", "put", "machine", "keep", "--label", "novalue"],
+            None,
+            2,
+            "must be KEY=VALUE",
+        ),
+        (
+            vec![
+                "object",
+                "put",
+                "machine",
+                "keep",
+                "--label",
+                "fleetdb.io/x=1",
+            ],
+            None,
+            2,
+            "reserved for the system",
+        ),
+        (
+            vec!["tag", "set", "machine", "keep", "t", "{nope"],
+            None,
+            2,
+            "is not valid JSON",
+        ),
+        (
+            vec!["tag", "set", "machine", "keep", "t"],
+            Some("not json"),
+            2,
+            "is not valid JSON",
+        ),
+        (
+            vec!["tag", "set", "machine", "ghost", "t", "1"],
+            None,
+            3,
+            "object default/machine/ghost not found",
+        ),
+        (
+            vec!["object", "get", "machine", "ghost"],
+            None,
+            3,
+            "not found",
+        ),
+        (
+            vec!["object", "rm", "machine", "ghost"],
+            None,
+            3,
+            "not found",
+        ),
+        (
+            vec!["-n", "nowhere", "object", "put", "machine", "m"],
+            None,
+            3,
+            "namespace \"nowhere\" not found",
+        ),
+        (
+            vec!["object", "ls", "--limit", "0"],
+            None,
+            2,
+            "invalid limit \"0\"",
+        ),
+        (
+            vec!["object", "ls", "--cursor", "zzz"],
+            None,
+            2,
+            "invalid cursor",
+        ),
+        (
+            vec!["object", "ls", "--selector", "a=,b"],
+            None,
+            2,
+            "label selector",
+        ),
+    ];
+    for (args, stdin, code, needle) in cases {
+        let (got, err) = fails(db, &args, stdin);
+        assert_eq!(got, code, "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: {err:?} should contain {needle:?}"
+        );
+        assert!(err.starts_with("error: "), "{err}");
+    }
+    // JSON errors are JSON.
+    let (_, err) = fails(
+        db,
+        &["-o", "json", "object", "get", "machine", "ghost"],
+        None,
+    );
+    let v: Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
+    assert_eq!(revision(db), before, "bad input wrote something");
+}
+
+fn sqlite_db() -> Db {
+    Db {
+        url: String::new(),
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+#[test]
+fn embedded_default_round_trip() {
+    let db = sqlite_db();
+    round_trip(&db);
+    assert!(
+        db.dir.path().join("fleetdb-data/fleetdb.sqlite").exists(),
+        "the embedded default location"
+    );
+}
+
+#[test]
+fn embedded_default_bad_input() {
+    bad_input_changes_nothing(&sqlite_db());
+}
+
+#[test]
+fn migrate_status_writes_nothing_and_up_migrates() {
+    let db = Db {
+        url: "sqlite://fresh/db.sqlite".into(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let s = ok_json(&db, &["migrate", "status"]);
+    assert_eq!(s["database_version"], 0);
+    assert_eq!(s["up_to_date"], false);
+    assert_eq!(
+        s["pending"].as_array().unwrap().len() as u64,
+        s["binary_version"].as_u64().unwrap()
+    );
+    let s = ok_json(&db, &["migrate", "up"]);
+    assert_eq!(s["up_to_date"], true);
+    assert!(s["pending"].as_array().unwrap().is_empty());
+}
+
+fn pg_base() -> String {
+    std::env::var("FLEETDB_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn pg_db(rt: &tokio::runtime::Runtime) -> (Db, String) {
+    let (url, schema) = rt
+        .block_on(fleetdb_postgres::testing::create_schema(&pg_base()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (
+        Db {
+            url,
+            dir: tempfile::tempdir().unwrap(),
+        },
+        schema,
+    )
+}
+
+#[test]
+fn postgres_round_trip_and_bad_input() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (db, schema) = pg_db(&rt);
+    round_trip(&db);
+    bad_input_changes_nothing(&db);
+    assert!(
+        !db.dir.path().join("fleetdb-data").exists(),
+        "nothing embedded was created"
+    );
+    rt.block_on(fleetdb_postgres::testing::drop_schema(&pg_base(), &schema))
+        .unwrap();
+}

@@ -1,0 +1,83 @@
+//! The one place where driver errors become FleetDB errors.
+
+use deadpool_postgres::PoolError;
+use fleetdb_core::Error;
+use tokio_postgres::error::SqlState;
+
+/// What a driver error means to FleetDB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// A transient conflict between transactions (serialization failure, deadlock, a revision
+    /// taken twice): running the whole transaction again may succeed.
+    Retry(String),
+    /// Anything else, already translated.
+    Fail(Error),
+}
+
+/// Classify a driver error: connection problems are [`Error::Unavailable`], serialization
+/// failures (40001), deadlocks (40P01) and unique violations on the change log's primary key are
+/// [`Failure::Retry`], everything else is [`Error::Backend`].
+pub(crate) fn classify(e: &tokio_postgres::Error) -> Failure {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        let mut msg = format!("{} (SQLSTATE {})", db.message(), code.code());
+        if let Some(detail) = db.detail() {
+            msg.push_str(": ");
+            msg.push_str(detail);
+        }
+        if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+        {
+            return Failure::Retry(msg);
+        }
+        if *code == SqlState::UNIQUE_VIOLATION && db.constraint() == Some("changes_pkey") {
+            return Failure::Retry(msg);
+        }
+        let c = code.code();
+        // Connection exceptions, authentication, a missing database, the server shutting down or
+        // refusing connections: the database cannot be used right now.
+        if c.starts_with("08")
+            || c.starts_with("28")
+            || matches!(c, "3D000" | "57P01" | "57P02" | "57P03" | "53300")
+        {
+            return Failure::Fail(Error::Unavailable(msg));
+        }
+        return Failure::Fail(Error::Backend(msg));
+    }
+    let text = e.to_string();
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io || text.starts_with("error connecting") || text.contains("timeout") {
+        let full = match std::error::Error::source(e) {
+            Some(s) => format!("{text}: {s}"),
+            None => text,
+        };
+        return Failure::Fail(Error::Unavailable(full));
+    }
+    Failure::Fail(Error::Backend(text))
+}
+
+/// A driver error outside a retried transaction: a transient conflict is reported as
+/// [`Error::Unavailable`] (trying again may succeed).
+pub(crate) fn db_err(e: tokio_postgres::Error) -> Error {
+    match classify(&e) {
+        Failure::Retry(msg) => Error::Unavailable(msg),
+        Failure::Fail(err) => err,
+    }
+}
+
+/// Whether a driver error is a unique violation on `constraint`.
+pub(crate) fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some(constraint)
+    })
+}
+
+/// Getting a connection from the pool failed: the database is unreachable (or refused us).
+pub(crate) fn pool_err(e: PoolError) -> Error {
+    match e {
+        PoolError::Backend(e) => match classify(&e) {
+            Failure::Fail(Error::Backend(msg)) | Failure::Retry(msg) => Error::Unavailable(msg),
+            Failure::Fail(err) => err,
+        },
+        other => Error::Unavailable(format!("connection pool: {other}")),
+    }
+}

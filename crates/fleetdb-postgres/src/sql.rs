@@ -1,0 +1,384 @@
+//! SQL text and row decoding shared by the transaction ([`crate::tx`]) and the plain reads.
+
+use fleetdb_core::apply::{parse_stored_json, stored_key};
+use fleetdb_core::backend::ChangeDraft;
+use fleetdb_core::{
+    Change, ChangeOp, Entity, Error, LabelRequirement, Labels, Namespace, Object, ObjectKey,
+    ObjectQuery, Result, Revision, Tag, Timestamp,
+};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::error::db_err;
+
+pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
+
+pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+
+pub(crate) const NAMESPACE_GET: &str =
+    "SELECT name, labels, created_at, updated_at, revision FROM namespaces WHERE name = $1";
+pub(crate) const NAMESPACE_LIST_FIRST: &str =
+    "SELECT name, labels, created_at, updated_at, revision FROM namespaces ORDER BY name LIMIT $1";
+pub(crate) const NAMESPACE_LIST_AFTER: &str =
+    "SELECT name, labels, created_at, updated_at, revision FROM namespaces WHERE name > $1 \
+     ORDER BY name LIMIT $2";
+pub(crate) const NAMESPACE_USAGE: &str = "SELECT kind, count(*) FROM objects WHERE namespace = $1 \
+     GROUP BY kind ORDER BY kind LIMIT 10";
+
+const OBJECT_COLUMNS: &str = "namespace, kind, id, labels, created_at, updated_at, revision";
+pub(crate) const OBJECT_GET: &str =
+    "SELECT namespace, kind, id, labels, created_at, updated_at, revision FROM objects \
+     WHERE namespace = $1 AND kind = $2 AND id = $3";
+
+pub(crate) const TAG_GET: &str = "SELECT name, value, updated_at, revision FROM tags \
+     WHERE namespace = $1 AND kind = $2 AND id = $3 AND name = $4";
+pub(crate) const TAG_LIST: &str = "SELECT name, value, updated_at, revision FROM tags \
+     WHERE namespace = $1 AND kind = $2 AND id = $3 ORDER BY name";
+/// Whether the object exists and the tag, in one row.
+pub(crate) const TAG_READ: &str =
+    "SELECT EXISTS (SELECT 1 FROM objects WHERE namespace = $1 AND kind = $2 AND id = $3), \
+     t.value, t.updated_at, t.revision \
+     FROM (SELECT 1) AS x LEFT JOIN tags AS t \
+     ON t.namespace = $1 AND t.kind = $2 AND t.id = $3 AND t.name = $4";
+
+/// The change-log row of a write, `$1`..`$9`, taking the next revision. The write's own parameters
+/// start at `$10`.
+macro_rules! change_cte {
+    () => {
+        "WITH c AS (INSERT INTO changes \
+         (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+         VALUES (nextval('fleetdb_revision'), $1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         RETURNING revision) "
+    };
+}
+
+pub(crate) const NAMESPACE_PUT: &str = concat!(
+    change_cte!(),
+    "INSERT INTO namespaces (name, labels, created_at, updated_at, revision) \
+     SELECT $10::text, $11::text, $12::bigint, $13::bigint, c.revision FROM c \
+     ON CONFLICT (name) DO UPDATE SET labels = excluded.labels, \
+     updated_at = excluded.updated_at, revision = excluded.revision \
+     RETURNING revision"
+);
+pub(crate) const NAMESPACE_REMOVE: &str = concat!(
+    change_cte!(),
+    ", d AS (DELETE FROM namespaces WHERE name = $10::text) SELECT revision FROM c"
+);
+pub(crate) const OBJECT_PUT: &str = concat!(
+    change_cte!(),
+    "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+     SELECT $10::text, $11::text, $12::text, $13::text, $14::bigint, $15::bigint, c.revision \
+     FROM c \
+     ON CONFLICT (namespace, kind, id) DO UPDATE SET labels = excluded.labels, \
+     updated_at = excluded.updated_at, revision = excluded.revision \
+     RETURNING revision"
+);
+pub(crate) const OBJECT_REMOVE: &str = concat!(
+    change_cte!(),
+    ", d AS (DELETE FROM objects WHERE namespace = $10::text AND kind = $11::text \
+     AND id = $12::text) SELECT revision FROM c"
+);
+pub(crate) const TAG_PUT: &str = concat!(
+    change_cte!(),
+    "INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+     SELECT $10::text, $11::text, $12::text, $13::text, $14::text, $15::bigint, c.revision \
+     FROM c \
+     ON CONFLICT (namespace, kind, id, name) DO UPDATE SET value = excluded.value, \
+     updated_at = excluded.updated_at, revision = excluded.revision \
+     RETURNING revision"
+);
+pub(crate) const TAG_REMOVE: &str = concat!(
+    change_cte!(),
+    ", d AS (DELETE FROM tags WHERE namespace = $10::text AND kind = $11::text \
+     AND id = $12::text AND name = $13::text) SELECT revision FROM c"
+);
+
+pub(crate) const REVISION: &str =
+    "SELECT greatest(coalesce((SELECT max(revision) FROM changes), 0), value), value \
+     FROM fleetdb_meta WHERE key = 'compacted_revision'";
+
+/// Delete old changes and move the compaction point, in one statement (so one transaction and one
+/// snapshot: `cur` sees the log before the delete). `$1` = before, `$2` = before - 1.
+pub(crate) const COMPACT: &str = "WITH cur AS (\
+       SELECT greatest(coalesce((SELECT max(revision) FROM changes), 0), \
+         (SELECT value FROM fleetdb_meta WHERE key = 'compacted_revision')) AS r), \
+     d AS (DELETE FROM changes WHERE revision < $1::bigint RETURNING 1), \
+     u AS (UPDATE fleetdb_meta SET value = greatest(value, least($2::bigint, (SELECT r FROM cur))) \
+       WHERE key = 'compacted_revision') \
+     SELECT count(*) FROM d";
+
+/// A change-log row's parameters `$1`..`$9` followed by `rest`.
+pub(crate) fn with_change<'a>(c: &'a ChangeDraft, rest: &[Param<'a>]) -> Vec<Param<'a>> {
+    let entity: Param<'a> = entity_param(c.entity);
+    let op: Param<'a> = op_param(c.op);
+    let mut v: Vec<Param<'a>> = Vec::with_capacity(9 + rest.len());
+    v.extend_from_slice(&[
+        &c.namespace,
+        &c.kind,
+        &c.id,
+        entity,
+        &c.name,
+        op,
+        &c.old_value,
+        &c.new_value,
+        &c.at.0,
+    ]);
+    v.extend_from_slice(rest);
+    v
+}
+
+fn entity_param(e: Entity) -> Param<'static> {
+    match e {
+        Entity::Namespace => &"namespace",
+        Entity::Object => &"object",
+        Entity::Tag => &"tag",
+    }
+}
+
+fn op_param(op: ChangeOp) -> Param<'static> {
+    match op {
+        ChangeOp::Put => &"put",
+        ChangeOp::Delete => &"delete",
+    }
+}
+
+/// Object labels as stored: the JSON object of the map.
+pub(crate) fn labels_text(labels: &Labels) -> String {
+    // A map of strings always serializes.
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".to_string())
+}
+
+fn parse_labels(text: &str) -> Result<Labels> {
+    serde_json::from_str(text)
+        .map_err(|e| Error::Backend(format!("corrupt labels in the store: {e}")))
+}
+
+fn parse_value(text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text)
+        .map_err(|e| Error::Backend(format!("corrupt tag value in the store: {e}")))
+}
+
+pub(crate) fn namespace_from_row(row: &Row) -> Result<Namespace> {
+    let labels: String = row.try_get(1).map_err(db_err)?;
+    Ok(Namespace {
+        name: row.try_get(0).map_err(db_err)?,
+        labels: parse_labels(&labels)?,
+        created_at: Timestamp(row.try_get(2).map_err(db_err)?),
+        updated_at: Timestamp(row.try_get(3).map_err(db_err)?),
+        revision: Revision(row.try_get(4).map_err(db_err)?),
+    })
+}
+
+pub(crate) fn object_from_row(row: &Row) -> Result<Object> {
+    let labels: String = row.try_get(3).map_err(db_err)?;
+    Ok(Object {
+        key: stored_key(
+            row.try_get(0).map_err(db_err)?,
+            row.try_get(1).map_err(db_err)?,
+            row.try_get(2).map_err(db_err)?,
+        ),
+        labels: parse_labels(&labels)?,
+        created_at: Timestamp(row.try_get(4).map_err(db_err)?),
+        updated_at: Timestamp(row.try_get(5).map_err(db_err)?),
+        revision: Revision(row.try_get(6).map_err(db_err)?),
+    })
+}
+
+/// A tag from a `name, value, updated_at, revision` row, with its stored canonical text.
+pub(crate) fn tag_from_row(key: &ObjectKey, row: &Row) -> Result<(Tag, String)> {
+    let text: String = row.try_get(1).map_err(db_err)?;
+    let tag = Tag {
+        object: key.clone(),
+        name: row.try_get(0).map_err(db_err)?,
+        value: parse_value(&text)?,
+        updated_at: Timestamp(row.try_get(2).map_err(db_err)?),
+        revision: Revision(row.try_get(3).map_err(db_err)?),
+    };
+    Ok((tag, text))
+}
+
+/// A tag from a [`TAG_READ`] row (`exists, value, updated_at, revision`), if present.
+pub(crate) fn tag_from_read_row(key: &ObjectKey, name: &str, row: &Row) -> Result<Option<(Tag, String)>> {
+    let text: Option<String> = row.try_get(1).map_err(db_err)?;
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let tag = Tag {
+        object: key.clone(),
+        name: name.to_string(),
+        value: parse_value(&text)?,
+        updated_at: Timestamp(row.try_get(2).map_err(db_err)?),
+        revision: Revision(row.try_get(3).map_err(db_err)?),
+    };
+    Ok(Some((tag, text)))
+}
+
+/// Label requirements in a canonical order (by operator, then key and value), so that the SQL
+/// text depends only on how many requirements of each operator there are and prepared statements
+/// are reused. A conjunction does not depend on the order.
+fn canonical_requirements(reqs: &[LabelRequirement]) -> Vec<&LabelRequirement> {
+    fn rank(r: &LabelRequirement) -> u8 {
+        match r {
+            LabelRequirement::Eq { .. } => 0,
+            LabelRequirement::NotEq { .. } => 1,
+            LabelRequirement::Exists { .. } => 2,
+            LabelRequirement::NotExists { .. } => 3,
+        }
+    }
+    let mut v: Vec<&LabelRequirement> = reqs.iter().collect();
+    v.sort_by_key(|r| rank(r));
+    v
+}
+
+/// The SQL and parameters of an object listing. Values are only ever passed as numbered
+/// parameters.
+pub(crate) fn object_list_sql<'a>(q: &'a ObjectQuery, limit: &'a i64) -> (String, Vec<Param<'a>>) {
+    let mut sql = format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE namespace = $1");
+    let mut params: Vec<Param<'a>> = vec![&q.namespace];
+    fn next<'a>(params: &mut Vec<Param<'a>>, p: Param<'a>) -> usize {
+        params.push(p);
+        params.len()
+    }
+    if let Some(kind) = &q.kind {
+        let n = next(&mut params, kind);
+        sql.push_str(&format!(" AND kind = ${n}"));
+    }
+    if let Some(after) = &q.after {
+        let k = next(&mut params, &after.kind);
+        let i = next(&mut params, &after.id);
+        sql.push_str(&format!(" AND (kind, id) > (${k}::text, ${i}::text)"));
+    }
+    for r in canonical_requirements(&q.labels) {
+        match r {
+            LabelRequirement::Eq { key, value } => {
+                let k = next(&mut params, key);
+                let v = next(&mut params, value);
+                sql.push_str(&format!(" AND (labels::jsonb ->> ${k}::text) = ${v}::text"));
+            }
+            LabelRequirement::NotEq { key, value } => {
+                let k = next(&mut params, key);
+                let v = next(&mut params, value);
+                sql.push_str(&format!(
+                    " AND (labels::jsonb ->> ${k}::text) IS DISTINCT FROM ${v}::text"
+                ));
+            }
+            LabelRequirement::Exists { key } => {
+                let k = next(&mut params, key);
+                sql.push_str(&format!(" AND (labels::jsonb ? ${k}::text)"));
+            }
+            LabelRequirement::NotExists { key } => {
+                let k = next(&mut params, key);
+                sql.push_str(&format!(" AND NOT (labels::jsonb ? ${k}::text)"));
+            }
+        }
+    }
+    let n = next(&mut params, limit);
+    sql.push_str(&format!(" ORDER BY kind, id LIMIT ${n}"));
+    (sql, params)
+}
+
+/// Escape `%`, `_` and `\` for a LIKE pattern with the default escape character `\`.
+pub(crate) fn like_prefix(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1);
+    for ch in prefix.chars() {
+        if matches!(ch, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out.push('%');
+    out
+}
+
+/// The change-log read: the compaction point and, unless `after` is older than it, the entries.
+/// One statement, so both come from the same snapshot. `$1` = after; the filter's parameters
+/// follow; the limit is last.
+pub(crate) fn changes_sql(namespace: bool, kind: bool, id_prefix: bool) -> String {
+    let mut inner = String::from(
+        "SELECT revision, namespace, kind, id, entity, name, op, old_value, new_value, at \
+         FROM changes WHERE revision > $1 AND $1 >= m.value",
+    );
+    let mut n = 1;
+    if namespace {
+        n += 1;
+        inner.push_str(&format!(" AND namespace = ${n}"));
+    }
+    if kind {
+        n += 1;
+        inner.push_str(&format!(" AND kind = ${n}"));
+    }
+    if id_prefix {
+        n += 1;
+        inner.push_str(&format!(" AND id LIKE ${n} ESCAPE '\\'"));
+    }
+    n += 1;
+    inner.push_str(&format!(" ORDER BY revision LIMIT ${n}"));
+    format!(
+        "SELECT m.value, c.revision, c.namespace, c.kind, c.id, c.entity, c.name, c.op, \
+         c.old_value, c.new_value, c.at \
+         FROM fleetdb_meta AS m LEFT JOIN LATERAL ({inner}) AS c ON true \
+         WHERE m.key = 'compacted_revision' ORDER BY c.revision"
+    )
+}
+
+/// A change from a [`changes_sql`] row, `None` for the row that only carries the compaction point.
+pub(crate) fn change_from_row(row: &Row) -> Result<Option<Change>> {
+    let revision: Option<i64> = row.try_get(1).map_err(db_err)?;
+    let Some(revision) = revision else {
+        return Ok(None);
+    };
+    let entity: String = row.try_get(5).map_err(db_err)?;
+    let op: String = row.try_get(7).map_err(db_err)?;
+    Ok(Some(Change {
+        revision: Revision(revision),
+        namespace: row.try_get(2).map_err(db_err)?,
+        kind: row.try_get(3).map_err(db_err)?,
+        id: row.try_get(4).map_err(db_err)?,
+        entity: Entity::parse(&entity)?,
+        name: row.try_get(6).map_err(db_err)?,
+        op: ChangeOp::parse(&op)?,
+        old_value: parse_stored_json(row.try_get(8).map_err(db_err)?)?,
+        new_value: parse_stored_json(row.try_get(9).map_err(db_err)?)?,
+        at: Timestamp(row.try_get(10).map_err(db_err)?),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_prefix_escapes() {
+        assert_eq!(like_prefix("a_b%c\\"), "a\\_b\\%c\\\\%");
+        assert_eq!(like_prefix(""), "%");
+    }
+
+    #[test]
+    fn object_list_sql_is_numbered_and_canonical() {
+        let mut q = ObjectQuery::new("ns").kind("machine");
+        q.labels = vec![
+            LabelRequirement::NotExists { key: "z".into() },
+            LabelRequirement::Eq {
+                key: "a".into(),
+                value: "1".into(),
+            },
+        ];
+        let limit = 10i64;
+        let (sql, params) = object_list_sql(&q, &limit);
+        assert_eq!(params.len(), 6);
+        assert!(sql.contains("kind = $2"), "{sql}");
+        assert!(sql.contains("(labels::jsonb ->> $3::text) = $4::text"), "{sql}");
+        assert!(sql.contains("NOT (labels::jsonb ? $5::text)"), "{sql}");
+        assert!(sql.ends_with("LIMIT $6"), "{sql}");
+        assert!(!sql.contains("'"), "values must never be inlined: {sql}");
+    }
+
+    #[test]
+    fn changes_sql_numbers_filters() {
+        let sql = changes_sql(true, true, true);
+        assert!(sql.contains("namespace = $2"));
+        assert!(sql.contains("kind = $3"));
+        assert!(sql.contains("id LIKE $4 ESCAPE '\\'"));
+        assert!(sql.contains("LIMIT $5"));
+    }
+}

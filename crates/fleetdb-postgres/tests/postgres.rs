@@ -1,0 +1,837 @@
+//! PostgreSQL-specific behaviour of the backend: migrations, writes-nothing opens, retries under
+//! concurrency, compaction, label filters, round trips. The shared conformance suite covers the
+//! rest. Every test works in its own throwaway schema on `$FLEETDB_TEST_POSTGRES_URL`.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetdb_core::{
+    Applied, Backend, Batch, ChangeFilter, ChangeOp, Clock, Entity, Error, LabelRequirement,
+    ManualClock, ObjectCursor, ObjectKey, ObjectQuery, Op, Precondition, PutMode, Revision,
+    Timestamp,
+};
+use fleetdb_postgres::{testing, PostgresBackend, PostgresOptions, MIGRATIONS};
+use tokio_postgres::NoTls;
+
+struct TestDb {
+    base: String,
+    url: String,
+    schema: String,
+}
+
+impl TestDb {
+    async fn new() -> TestDb {
+        let base = testing::test_url();
+        match testing::create_schema(&base).await {
+            Ok((url, schema)) => TestDb { base, url, schema },
+            Err(msg) => panic!("{msg}"),
+        }
+    }
+
+    /// A URL for the schema whose sessions are read-only: any write fails.
+    fn read_only_url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{sep}options=-c%20search_path%3D{}%20-c%20default_transaction_read_only%3Don",
+            self.base, self.schema
+        )
+    }
+
+    async fn raw(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    async fn open(&self) -> PostgresBackend {
+        open_url(&self.url, PostgresOptions::default()).await.unwrap()
+    }
+
+    async fn drop(self) {
+        testing::drop_schema(&self.base, &self.schema).await.unwrap();
+    }
+}
+
+fn clock() -> Arc<dyn Clock> {
+    Arc::new(ManualClock::new(Timestamp(1_700_000_000_000_000)))
+}
+
+async fn open_url(url: &str, options: PostgresOptions) -> fleetdb_core::Result<PostgresBackend> {
+    PostgresBackend::open(url, options, clock()).await
+}
+
+fn key(kind: &str, id: &str) -> ObjectKey {
+    ObjectKey::new("default", kind, id).unwrap()
+}
+
+fn batch(ops: Vec<Op>) -> Batch {
+    Batch {
+        preconditions: Vec::new(),
+        ops,
+        now: Timestamp(1_700_000_000_000_000),
+    }
+}
+
+fn put(k: &ObjectKey, labels: &[(&str, &str)]) -> Op {
+    Op::ObjectPut {
+        key: k.clone(),
+        labels: labels
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+        mode: PutMode::Upsert,
+    }
+}
+
+fn tag_set(k: &ObjectKey, name: &str, value: &str) -> Op {
+    Op::TagSet {
+        key: k.clone(),
+        name: name.to_string(),
+        value: value.to_string(),
+    }
+}
+
+async fn schema_rows(client: &tokio_postgres::Client) -> Vec<(i32, String, i64)> {
+    client
+        .query(
+            "SELECT version, name, applied_at FROM fleetdb_schema ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test]
+async fn open_migrates_and_a_second_open_writes_nothing() {
+    let db = TestDb::new().await;
+
+    // A read-only session cannot migrate: proves the read-only check below detects writes.
+    let err = open_url(&db.read_only_url(), PostgresOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Backend(m) if m.contains("read-only")),
+        "{err:?}"
+    );
+
+    let backend = db.open().await;
+    let status = backend.schema_status().await.unwrap();
+    assert_eq!(status.database, 2);
+    assert_eq!(status.binary, 2);
+    assert!(status.pending.is_empty());
+    let applied: Vec<_> = status
+        .applied
+        .iter()
+        .map(|a| (a.version, a.name.as_str()))
+        .collect();
+    assert_eq!(applied, vec![(1, "init"), (2, "change_log")]);
+    assert_eq!(
+        status.applied[0].applied_at,
+        Timestamp(1_700_000_000_000_000),
+        "applied_at comes from the clock"
+    );
+    let default = backend.namespace_get("default").await.unwrap().unwrap();
+    assert_eq!(default.revision, Revision(0));
+    assert!(default.created_at.0 > 1_600_000_000_000_000);
+    let rev = backend.revision().await.unwrap();
+    assert_eq!((rev.current, rev.compacted), (Revision(0), Revision(0)));
+
+    let raw = db.raw().await;
+    let before = schema_rows(&raw).await;
+
+    // Nothing to migrate: the open only reads (it succeeds in a read-only session).
+    let again = open_url(&db.read_only_url(), PostgresOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.schema_status().await.unwrap(), status);
+    assert_eq!(again.migrate().await.unwrap(), status);
+    assert_eq!(schema_rows(&raw).await, before);
+    assert_eq!(again.revision().await.unwrap(), rev);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn schema_too_new_fails_and_writes_nothing() {
+    let db = TestDb::new().await;
+    db.open().await;
+    let raw = db.raw().await;
+    raw.execute(
+        "INSERT INTO fleetdb_schema (version, name, applied_at) VALUES (999, 'future', 1)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let before = schema_rows(&raw).await;
+    for migrate in [true, false] {
+        let options = PostgresOptions {
+            migrate,
+            ..PostgresOptions::default()
+        };
+        // Read-only: had it tried to write anything, it would fail with a different error.
+        let err = open_url(&db.read_only_url(), options).await.unwrap_err();
+        assert_eq!(
+            err,
+            Error::SchemaTooNew {
+                database: 999,
+                binary: MIGRATIONS.len() as u32
+            }
+        );
+    }
+    assert_eq!(schema_rows(&raw).await, before);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn open_without_migrate_leaves_the_database_alone() {
+    let db = TestDb::new().await;
+    let backend = open_url(
+        &db.read_only_url(),
+        PostgresOptions {
+            migrate: false,
+            pool_size_max: 2,
+        },
+    )
+    .await
+    .unwrap();
+    let status = backend.schema_status().await.unwrap();
+    assert_eq!((status.database, status.binary), (0, 2));
+    assert_eq!(status.pending.len(), 2);
+    assert!(status.applied.is_empty());
+
+    // Migrations one at a time, then the rest on open.
+    testing::migrate_to(&db.url, 1).await.unwrap();
+    let backend = open_url(
+        &db.url,
+        PostgresOptions {
+            migrate: false,
+            pool_size_max: 2,
+        },
+    )
+    .await
+    .unwrap();
+    let status = backend.schema_status().await.unwrap();
+    assert_eq!(status.database, 1);
+    assert_eq!(status.pending.len(), 1);
+    let status = backend.migrate().await.unwrap();
+    assert_eq!(status.database, 2);
+    assert!(status.pending.is_empty());
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn concurrent_migrators_agree() {
+    let db = TestDb::new().await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = db.url.clone();
+        tasks.push(tokio::spawn(async move {
+            open_url(&url, PostgresOptions::default()).await.map(|_| ())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let raw = db.raw().await;
+    assert_eq!(schema_rows(&raw).await.len(), 2);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn unreachable_server_is_unavailable() {
+    let err = open_url(
+        "postgres://postgres@127.0.0.1:1/postgres",
+        PostgresOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    let msg = testing::create_schema("postgres://postgres@127.0.0.1:1/postgres")
+        .await
+        .unwrap_err();
+    assert!(
+        msg.contains("PostgreSQL at postgres://postgres@127.0.0.1:1/postgres is unreachable (")
+            && msg.contains("pg_ctlcluster --skip-systemctl-redirect")
+            && msg.contains("FLEETDB_TEST_POSTGRES_URL"),
+        "{msg}"
+    );
+    let err = open_url("mysql://x", PostgresOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn tag_set_commits_with_its_change() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    let m = key("machine", "m1");
+    let results = backend
+        .commit(batch(vec![put(&m, &[("rack", "r1")]), tag_set(&m, "ip", "\"10.0.0.1\"")]))
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 2);
+    let Applied::Tag(tag) = &results[1].applied else {
+        panic!("{results:?}")
+    };
+    assert!(results[1].changed);
+    assert_eq!(tag.value, serde_json::json!("10.0.0.1"));
+    let got = backend.tag_get(&m, "ip").await.unwrap().unwrap();
+    assert_eq!(&got, tag);
+    assert_eq!(backend.tag_list(&m).await.unwrap(), vec![got.clone()]);
+    let obj = backend.object_get(&m).await.unwrap().unwrap();
+    assert_eq!(obj.labels.get("rack").map(String::as_str), Some("r1"));
+
+    let changes = backend
+        .changes(Revision(0), &ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[0].entity, Entity::Object);
+    assert_eq!(
+        changes[0].new_value,
+        Some(serde_json::json!({"labels": {"rack": "r1"}}))
+    );
+    assert_eq!(changes[1].entity, Entity::Tag);
+    assert_eq!(changes[1].op, ChangeOp::Put);
+    assert_eq!(changes[1].name, "ip");
+    assert_eq!(changes[1].revision, tag.revision);
+    assert_eq!(changes[1].new_value, Some(serde_json::json!("10.0.0.1")));
+    assert!(changes[0].revision < changes[1].revision);
+    assert_eq!(backend.revision().await.unwrap().current, tag.revision);
+
+    // Stored as specified: labels as a JSON object, the value as its canonical text.
+    let raw = db.raw().await;
+    let row = raw
+        .query_one("SELECT labels FROM objects WHERE id = 'm1'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), r#"{"rack":"r1"}"#);
+    let row = raw
+        .query_one("SELECT value FROM tags WHERE name = 'ip'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "\"10.0.0.1\"");
+
+    // Same value: no change, no revision.
+    let again = backend
+        .commit(batch(vec![tag_set(&m, "ip", "\"10.0.0.1\"")]))
+        .await
+        .unwrap();
+    assert!(!again[0].changed);
+    assert_eq!(backend.revision().await.unwrap().current, tag.revision);
+
+    // A domain error rolls the whole batch back and is not retried.
+    let err = backend
+        .commit(batch(vec![
+            tag_set(&m, "ip", "\"10.0.0.2\""),
+            tag_set(&key("machine", "nope"), "ip", "1"),
+        ]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    assert_eq!(
+        backend.tag_get(&m, "ip").await.unwrap().unwrap().value,
+        serde_json::json!("10.0.0.1")
+    );
+
+    // Delete the object: its tags go first, each with a change.
+    let results = backend
+        .commit(batch(vec![Op::ObjectDelete { key: m.clone() }]))
+        .await
+        .unwrap();
+    assert!(matches!(results[0].applied, Applied::Deleted { .. }));
+    let changes = backend
+        .changes(tag.revision, &ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    let kinds: Vec<_> = changes.iter().map(|c| (c.entity, c.op)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (Entity::Tag, ChangeOp::Delete),
+            (Entity::Object, ChangeOp::Delete)
+        ]
+    );
+    assert!(backend.tag_list(&m).await.unwrap().is_empty());
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn concurrent_commits_all_succeed() {
+    let db = TestDb::new().await;
+    let backend = Arc::new(db.open().await);
+    let m = key("machine", "shared");
+    backend.commit(batch(vec![put(&m, &[])])).await.unwrap();
+
+    const TASKS: usize = 8;
+    const ROUNDS: usize = 10;
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let backend = backend.clone();
+        let m = m.clone();
+        handles.push(tokio::spawn(async move {
+            for r in 0..ROUNDS {
+                // Blind writes to the same rows: serialization failures are retried inside.
+                let writer = format!("w{t}-{r}");
+                backend
+                    .commit(batch(vec![
+                        tag_set(&m, "last", &format!("\"{t}-{r}\"")),
+                        tag_set(&m, &format!("t{t}"), &r.to_string()),
+                        put(&m, &[("writer", writer.as_str())]),
+                    ]))
+                    .await
+                    .unwrap();
+                // A read-modify-write counter with a precondition: serializable, never loses an
+                // increment. `Conflict` is the caller's to retry (re-read).
+                loop {
+                    let current = backend.tag_get(&m, "counter").await.unwrap();
+                    let (n, revision) = match &current {
+                        Some(tag) => (tag.value.as_i64().unwrap(), Some(tag.revision)),
+                        None => (0, None),
+                    };
+                    let mut b = batch(vec![tag_set(&m, "counter", &(n + 1).to_string())]);
+                    b.preconditions.push(Precondition::Tag {
+                        key: m.clone(),
+                        name: "counter".into(),
+                        revision,
+                    });
+                    match backend.commit(b).await {
+                        Ok(_) => break,
+                        Err(Error::Conflict { .. }) => continue,
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let counter = backend.tag_get(&m, "counter").await.unwrap().unwrap();
+    assert_eq!(counter.value, serde_json::json!(TASKS * ROUNDS));
+    let changes = backend
+        .changes(Revision(0), &ChangeFilter::default(), 10_000)
+        .await
+        .unwrap();
+    // 1 object create + per round: 2 tag sets + 1 label update + 1 counter increment.
+    assert_eq!(changes.len(), 1 + TASKS * ROUNDS * 4);
+    for w in changes.windows(2) {
+        assert!(w[0].revision < w[1].revision);
+    }
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn compaction() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    let m = key("machine", "m1");
+    backend.commit(batch(vec![put(&m, &[])])).await.unwrap();
+    for i in 0..4 {
+        backend
+            .commit(batch(vec![tag_set(&m, "n", &i.to_string())]))
+            .await
+            .unwrap();
+    }
+    let all = backend
+        .changes(Revision(0), &ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 5);
+    let r: Vec<Revision> = all.iter().map(|c| c.revision).collect();
+
+    // Drop the first two entries.
+    assert_eq!(backend.compact(r[2]).await.unwrap(), 2);
+    let info = backend.revision().await.unwrap();
+    assert_eq!(info.compacted, Revision(r[2].0 - 1));
+    assert_eq!(info.current, r[4]);
+    let err = backend
+        .changes(Revision(0), &ChangeFilter::default(), 100)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::Compacted {
+            requested: Revision(0),
+            compacted_revision: info.compacted
+        }
+    );
+    let rest = backend
+        .changes(info.compacted, &ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(rest, all[2..].to_vec());
+    // Compacting to an older point never moves the compaction point back.
+    assert_eq!(backend.compact(r[1]).await.unwrap(), 0);
+    assert_eq!(backend.revision().await.unwrap().compacted, info.compacted);
+
+    // Far in the future: everything goes, the point stops at the current revision.
+    assert_eq!(backend.compact(Revision(1_000_000)).await.unwrap(), 3);
+    let info = backend.revision().await.unwrap();
+    assert_eq!((info.current, info.compacted), (r[4], r[4]));
+    assert!(backend
+        .changes(r[4], &ChangeFilter::default(), 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(matches!(
+        backend
+            .changes(Revision(r[4].0 - 1), &ChangeFilter::default(), 100)
+            .await,
+        Err(Error::Compacted { .. })
+    ));
+
+    // New writes continue after the compacted revision.
+    let res = backend
+        .commit(batch(vec![tag_set(&m, "n", "99")]))
+        .await
+        .unwrap();
+    let Applied::Tag(tag) = &res[0].applied else {
+        panic!()
+    };
+    assert!(tag.revision > r[4]);
+    assert_eq!(backend.revision().await.unwrap().current, tag.revision);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn change_filters_escape_like_patterns() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    let ids = ["a_1", "ab1", "a-1", "b_1"];
+    for id in ids {
+        backend
+            .commit(batch(vec![put(&key("machine", id), &[])]))
+            .await
+            .unwrap();
+    }
+    backend
+        .commit(batch(vec![put(&key("switch", "a_1"), &[])]))
+        .await
+        .unwrap();
+    let filter = |kind: Option<&str>, prefix: Option<&str>| ChangeFilter {
+        namespace: Some("default".into()),
+        kind: kind.map(String::from),
+        id_prefix: prefix.map(String::from),
+    };
+    let ids_of = |changes: Vec<fleetdb_core::Change>| -> Vec<String> {
+        changes.into_iter().map(|c| c.id).collect()
+    };
+    let got = backend
+        .changes(Revision(0), &filter(Some("machine"), Some("a_")), 100)
+        .await
+        .unwrap();
+    assert_eq!(ids_of(got), vec!["a_1"]);
+    let got = backend
+        .changes(Revision(0), &filter(Some("machine"), Some("a")), 100)
+        .await
+        .unwrap();
+    assert_eq!(ids_of(got), vec!["a_1", "ab1", "a-1"]);
+    let got = backend
+        .changes(Revision(0), &filter(None, None), 100)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 5);
+    let got = backend
+        .changes(Revision(0), &filter(Some("switch"), None), 100)
+        .await
+        .unwrap();
+    assert_eq!(ids_of(got), vec!["a_1"]);
+    let other_ns = ChangeFilter {
+        namespace: Some("other".into()),
+        ..ChangeFilter::default()
+    };
+    assert!(backend
+        .changes(Revision(0), &other_ns, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // Limit.
+    let got = backend
+        .changes(Revision(0), &ChangeFilter::default(), 2)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn object_list_label_filters_and_bytewise_order() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    // Bytewise order regardless of the database's collation: "B" < "a" < "a-b" < "a.b" < "a_b" < "ab".
+    let objects: Vec<(&str, &str, Vec<(&str, &str)>)> = vec![
+        ("machine", "ab", vec![("env", "prod"), ("rack", "r1")]),
+        ("machine", "a_b", vec![("env", "dev")]),
+        ("machine", "B", vec![("env", "prod"), ("gpu", "yes")]),
+        ("machine", "a.b", vec![]),
+        ("machine", "a-b", vec![("rack", "r2")]),
+        ("machine", "a", vec![("env", "prod"), ("rack", "r2")]),
+        ("switch", "s1", vec![("env", "prod")]),
+    ];
+    let mut ops = Vec::new();
+    for (kind, id, labels) in &objects {
+        ops.push(put(&key(kind, id), labels));
+    }
+    backend.commit(batch(ops)).await.unwrap();
+
+    let all = backend
+        .object_list(&ObjectQuery::new("default"))
+        .await
+        .unwrap();
+    let order: Vec<_> = all
+        .iter()
+        .map(|o| format!("{}/{}", o.key.kind, o.key.id))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            "machine/B",
+            "machine/a",
+            "machine/a-b",
+            "machine/a.b",
+            "machine/a_b",
+            "machine/ab",
+            "switch/s1"
+        ]
+    );
+
+    let eq = |k: &str, v: &str| LabelRequirement::Eq {
+        key: k.into(),
+        value: v.into(),
+    };
+    let neq = |k: &str, v: &str| LabelRequirement::NotEq {
+        key: k.into(),
+        value: v.into(),
+    };
+    let exists = |k: &str| LabelRequirement::Exists { key: k.into() };
+    let absent = |k: &str| LabelRequirement::NotExists { key: k.into() };
+    let selectors: Vec<(Option<&str>, Vec<LabelRequirement>)> = vec![
+        (None, vec![eq("env", "prod")]),
+        (None, vec![neq("env", "prod")]),
+        (None, vec![exists("rack")]),
+        (None, vec![absent("rack")]),
+        (Some("machine"), vec![eq("env", "prod"), exists("rack")]),
+        (
+            Some("machine"),
+            vec![absent("gpu"), neq("rack", "r1"), eq("env", "prod")],
+        ),
+        (None, vec![eq("env", "nope")]),
+        (Some("switch"), vec![eq("env", "prod"), absent("rack")]),
+        (
+            None,
+            (0..12).map(|i| absent(&format!("k{i}"))).collect(), // uncached statement shape
+        ),
+    ];
+    for (kind, reqs) in selectors {
+        let mut q = ObjectQuery::new("default");
+        q.kind = kind.map(String::from);
+        q.labels = reqs.clone();
+        let got: Vec<ObjectKey> = backend
+            .object_list(&q)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        let want: Vec<ObjectKey> = all
+            .iter()
+            .filter(|o| kind.is_none_or(|k| o.key.kind == k))
+            .filter(|o| reqs.iter().all(|r| r.matches(&o.labels)))
+            .map(|o| o.key.clone())
+            .collect();
+        assert_eq!(got, want, "kind {kind:?}, {reqs:?}");
+    }
+
+    // Cursor pagination, two at a time, across kinds.
+    let mut seen = Vec::new();
+    let mut q = ObjectQuery::new("default").limit(2);
+    loop {
+        let page = backend.object_list(&q).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        let last = page.last().unwrap();
+        q.after = Some(ObjectCursor {
+            kind: last.key.kind.clone(),
+            id: last.key.id.clone(),
+        });
+        seen.extend(page.into_iter().map(|o| o.key));
+    }
+    assert_eq!(
+        seen,
+        all.iter().map(|o| o.key.clone()).collect::<Vec<_>>()
+    );
+
+    // Namespaces are listed bytewise too.
+    let mut ops = Vec::new();
+    for name in ["Zeta", "alpha", "beta"] {
+        ops.push(Op::NamespaceCreate {
+            name: name.into(),
+            labels: BTreeMap::new(),
+        });
+    }
+    backend.commit(batch(ops)).await.unwrap();
+    let names: Vec<String> = backend
+        .namespace_list(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, vec!["Zeta", "alpha", "beta", "default"]);
+    let names: Vec<String> = backend
+        .namespace_list(Some("alpha"), 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, vec!["beta", "default"]);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn namespace_lifecycle_and_usage() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    let create = Op::NamespaceCreate {
+        name: "team".into(),
+        labels: [("owner".to_string(), "me".to_string())].into(),
+    };
+    let res = backend.commit(batch(vec![create.clone()])).await.unwrap();
+    let Applied::Namespace(ns) = &res[0].applied else {
+        panic!()
+    };
+    assert_eq!(backend.namespace_get("team").await.unwrap().as_ref(), Some(ns));
+    let err = backend.commit(batch(vec![create])).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+
+    let k = ObjectKey::new("team", "machine", "m1").unwrap();
+    backend.commit(batch(vec![put(&k, &[])])).await.unwrap();
+    let err = backend
+        .commit(batch(vec![Op::NamespaceDelete {
+            name: "team".into(),
+        }]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NamespaceNotEmpty { remaining, .. } if remaining.contains("1 machine")),
+        "{err:?}"
+    );
+    backend
+        .commit(batch(vec![
+            Op::ObjectDelete { key: k.clone() },
+            Op::NamespaceDelete {
+                name: "team".into(),
+            },
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(backend.namespace_get("team").await.unwrap(), None);
+    db.drop().await;
+}
+
+/// A TCP proxy adding `delay` to everything the server sends (without accumulating delays across
+/// chunks), so each round trip costs at least `delay`.
+async fn delaying_proxy(target: String, delay: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let target = target.clone();
+            tokio::spawn(async move {
+                let server = tokio::net::TcpStream::connect(target).await.unwrap();
+                server.set_nodelay(true).unwrap();
+                client.set_nodelay(true).unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+                tokio::spawn(async move {
+                    while let Some((at, chunk)) = rx.recv().await {
+                        tokio::time::sleep_until((at + delay).into()).await;
+                        if cw.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_tag_set_costs_three_round_trips() {
+    let db = TestDb::new().await;
+    let config = tokio_postgres::Config::from_str(&db.url).unwrap();
+    let (host, port) = match (config.get_hosts().first(), config.get_ports().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(h)), Some(p)) => (h.clone(), *p),
+        _ => {
+            eprintln!("skipping: the test server is not reached over TCP");
+            return db.drop().await;
+        }
+    };
+    let host_port = format!("{host}:{port}");
+    if !db.url.contains(&host_port) {
+        eprintln!("skipping: cannot rewrite {host_port} in the test URL");
+        return db.drop().await;
+    }
+    db.open().await; // migrate directly
+    const DELAY: Duration = Duration::from_millis(40);
+    let proxy = delaying_proxy(host_port.clone(), DELAY).await;
+    let url = db.url.replace(&host_port, &proxy.to_string());
+    let backend = open_url(
+        &url,
+        PostgresOptions {
+            migrate: true,
+            pool_size_max: 1,
+        },
+    )
+    .await
+    .unwrap();
+    let m = key("machine", "m1");
+    backend.commit(batch(vec![put(&m, &[])])).await.unwrap();
+    // Warm the statement cache of the single connection.
+    backend
+        .commit(batch(vec![tag_set(&m, "t", "0")]))
+        .await
+        .unwrap();
+    let mut best = Duration::MAX;
+    for i in 1..=4 {
+        let start = Instant::now();
+        backend
+            .commit(batch(vec![tag_set(&m, "t", &i.to_string())]))
+            .await
+            .unwrap();
+        best = best.min(start.elapsed());
+    }
+    eprintln!("one tag set through a {DELAY:?} proxy: {best:?}");
+    // BEGIN pipelined with the read, the write, COMMIT: 3 round trips (4 would be >= 160 ms).
+    assert!(best >= DELAY * 3, "{best:?}");
+    assert!(best < DELAY * 4, "{best:?}: more than 3 round trips");
+    db.drop().await;
+}

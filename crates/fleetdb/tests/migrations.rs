@@ -1,0 +1,354 @@
+//! Migration tests, both backends. Every migration has a test here that writes rows with the
+//! schema BEFORE it and reads them through the API AFTER it; `every_migration_has_a_test` fails
+//! when a migration is added without one. Also: an up-to-date open writes nothing, and a
+//! database newer than the binary is refused untouched.
+
+use std::sync::Arc;
+
+use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
+use serde_json::json;
+
+/// The migrations that have a test below. Add the number when you add the test.
+const TESTED: &[u32] = &[1, 2];
+
+#[test]
+fn every_migration_has_a_test() {
+    let sqlite: Vec<u32> = fleetdb_sqlite::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .collect();
+    assert_eq!(
+        sqlite, TESTED,
+        "a SQLite migration has no test in tests/migrations.rs"
+    );
+    let expected: Vec<u32> = (1..=sqlite.len() as u32).collect();
+    assert_eq!(
+        sqlite, expected,
+        "migrations are numbered 1, 2, 3… without gaps"
+    );
+}
+
+#[test]
+fn migrations_are_mirrored_across_backends() {
+    let names = |ms: &[fleetdb::core::Migration]| {
+        ms.iter().map(|m| (m.version, m.name)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(fleetdb_sqlite::MIGRATIONS),
+        names(fleetdb_postgres::MIGRATIONS)
+    );
+}
+
+// ---------------------------------------------------------------- SQLite
+
+fn sqlite_path() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    (dir, path)
+}
+
+async fn open_sqlite(path: &std::path::Path) -> fleetdb::Result<Store> {
+    Store::open(&format!("sqlite://{}", path.display())).await
+}
+
+#[tokio::test]
+async fn sqlite_0001_init_creates_the_default_namespace() {
+    let (_d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, 1).unwrap();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let n: i64 = c
+        .query_row(
+            "SELECT count(*) FROM namespaces WHERE name = 'default'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(c);
+    let store = open_sqlite(&path).await.unwrap();
+    assert!(store.namespace_get("default").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn sqlite_0002_change_log_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, 1).unwrap();
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            r#"INSERT INTO objects VALUES ('default', 'machine', 'm1', '{"provider":"equinix"}', 10, 20, 0);
+               INSERT INTO tags VALUES ('default', 'machine', 'm1', 'provided', '{"provider_id":"x1"}', 30, 0);"#,
+        )
+        .unwrap();
+    }
+    let store = open_sqlite(&path).await.unwrap();
+    assert_eq!(store.schema_status().await.unwrap().database, 2);
+    check_rows_from_before(&store).await;
+}
+
+/// Rows written by version 1 (revision 0, no change log yet) read correctly, and writing on
+/// top of them starts the change log at revision 1.
+async fn check_rows_from_before(store: &Store) {
+    let m1 = ObjectKey::new("default", "machine", "m1").unwrap();
+    let o = store.object_get(&m1).await.unwrap().unwrap();
+    assert_eq!(o.labels["provider"], "equinix");
+    assert_eq!((o.created_at.0, o.updated_at.0, o.revision.0), (10, 20, 0));
+    let t = store.tag_get(&m1, "provided").await.unwrap().unwrap();
+    assert_eq!(t.value, json!({"provider_id": "x1"}));
+    let w = store
+        .tag_set(&m1, "provided", &json!({"provider_id": "x2"}))
+        .await
+        .unwrap();
+    assert_eq!(w.item.revision.0, 1);
+    let changes = store
+        .changes(fleetdb::Revision(0), &Default::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].old_value, Some(json!({"provider_id": "x1"})));
+}
+
+#[tokio::test]
+async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
+    let (_d, path) = sqlite_path();
+    let store = open_sqlite(&path).await.unwrap();
+    store
+        .object_put(
+            &ObjectKey::new("default", "machine", "m1").unwrap(),
+            Labels::new(),
+        )
+        .await
+        .unwrap();
+    drop(store);
+    // Let the last connection close (SQLite checkpoints and removes the WAL).
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let before = std::fs::read(&path).unwrap();
+    let wal = path.with_extension("sqlite-wal");
+    let store = open_sqlite(&path).await.unwrap();
+    let status = store.schema_status().await.unwrap();
+    assert!(status.pending.is_empty());
+    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(
+        wal_len, 0,
+        "the second open appended to the WAL: it wrote something"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[tokio::test]
+async fn sqlite_newer_schema_is_refused_untouched() {
+    let (_d, path) = sqlite_path();
+    drop(open_sqlite(&path).await.unwrap());
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute(
+            "INSERT INTO fleetdb_schema VALUES (999, 'from_the_future', 0)",
+            [],
+        )
+        .unwrap();
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    let err = open_sqlite(&path).await.unwrap_err();
+    assert_eq!(
+        err,
+        Error::SchemaTooNew {
+            database: 999,
+            binary: 2
+        }
+    );
+    assert!(err.to_string().contains("upgrade fleetdb"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[tokio::test]
+async fn sqlite_without_migrate_a_behind_database_says_so() {
+    let (_d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, 1).unwrap();
+    let store = Store::open_with(
+        &format!("sqlite://{}", path.display()),
+        OpenOptions {
+            migrate: false,
+            ..OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let err = store.namespace_get("default").await.unwrap_err();
+    assert_eq!(
+        err,
+        Error::SchemaBehind {
+            database: 1,
+            binary: 2
+        }
+    );
+    store.migrate().await.unwrap();
+    assert!(store.namespace_get("default").await.unwrap().is_some());
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+fn pg_base() -> String {
+    fleetdb_postgres::testing::test_url()
+}
+
+struct PgSchema {
+    url: String,
+    name: String,
+}
+
+async fn pg_schema() -> PgSchema {
+    let (url, name) = fleetdb_postgres::testing::create_schema(&pg_base())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    PgSchema { url, name }
+}
+
+async fn pg_exec(url: &str, sql: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap();
+}
+
+async fn pg_drop(s: PgSchema) {
+    fleetdb_postgres::testing::drop_schema(&pg_base(), &s.name)
+        .await
+        .unwrap();
+}
+
+/// A URL for the same schema through a role that may only read: an open through it fails if it
+/// tries to write anything.
+async fn pg_read_only_url(s: &PgSchema) -> String {
+    let role = format!("{}_ro", s.name);
+    pg_exec(
+        &s.url,
+        &format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role} LOGIN; END IF; END $$;
+             GRANT USAGE ON SCHEMA {schema} TO {role};
+             GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
+             GRANT SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role};",
+            schema = s.name
+        ),
+    )
+    .await;
+    s.url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
+}
+
+async fn pg_drop_role(s: &PgSchema) {
+    let role = format!("{}_ro", s.name);
+    pg_exec(
+        &pg_base(),
+        &format!("DROP OWNED BY {role}; DROP ROLE IF EXISTS {role};"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_0001_init_creates_the_default_namespace() {
+    let s = pg_schema().await;
+    fleetdb_postgres::testing::migrate_to(&s.url, 1)
+        .await
+        .unwrap();
+    let store = Store::open(&s.url).await.unwrap();
+    assert!(store.namespace_get("default").await.unwrap().is_some());
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0002_change_log_keeps_rows_written_before_it() {
+    let s = pg_schema().await;
+    fleetdb_postgres::testing::migrate_to(&s.url, 1)
+        .await
+        .unwrap();
+    pg_exec(
+        &s.url,
+        r#"INSERT INTO objects VALUES ('default', 'machine', 'm1', '{"provider":"equinix"}', 10, 20, 0);
+           INSERT INTO tags VALUES ('default', 'machine', 'm1', 'provided', '{"provider_id":"x1"}', 30, 0);"#,
+    )
+    .await;
+    let store = Store::open(&s.url).await.unwrap();
+    assert_eq!(store.schema_status().await.unwrap().database, 2);
+    check_rows_from_before(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_open_with_nothing_to_migrate_writes_nothing() {
+    let s = pg_schema().await;
+    drop(Store::open(&s.url).await.unwrap());
+    let ro = pg_read_only_url(&s).await;
+    let store = Store::open(&ro)
+        .await
+        .expect("an up-to-date open through a read-only role succeeds");
+    assert!(store.namespace_get("default").await.unwrap().is_some());
+    // The role really cannot write.
+    let err = store
+        .namespace_create("x", Labels::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    drop(store);
+    pg_drop_role(&s).await;
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_newer_schema_is_refused_untouched() {
+    let s = pg_schema().await;
+    drop(Store::open(&s.url).await.unwrap());
+    pg_exec(
+        &s.url,
+        "INSERT INTO fleetdb_schema VALUES (999, 'from_the_future', 0)",
+    )
+    .await;
+    let ro = pg_read_only_url(&s).await;
+    let err = Store::open(&ro).await.unwrap_err();
+    assert_eq!(
+        err,
+        Error::SchemaTooNew {
+            database: 999,
+            binary: 2
+        }
+    );
+    let err = Store::open(&s.url).await.unwrap_err();
+    assert_eq!(
+        err,
+        Error::SchemaTooNew {
+            database: 999,
+            binary: 2
+        }
+    );
+    pg_drop_role(&s).await;
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_concurrent_first_opens_migrate_once() {
+    let s = pg_schema().await;
+    let opens = (0..4).map(|_| {
+        let url = s.url.clone();
+        tokio::spawn(async move {
+            Store::open_with(
+                &url,
+                OpenOptions {
+                    clock: Arc::new(fleetdb::SystemClock),
+                    ..OpenOptions::default()
+                },
+            )
+            .await
+        })
+    });
+    for r in futures::future::join_all(opens).await {
+        r.unwrap().expect("every concurrent open succeeds");
+    }
+    let store = Store::open(&s.url).await.unwrap();
+    let st = store.schema_status().await.unwrap();
+    assert_eq!(st.applied.len(), 2);
+    drop(store);
+    pg_drop(s).await;
+}
