@@ -32,22 +32,6 @@ impl Timestamp {
         }
     }
 
-    /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> Self {
-        Timestamp(
-            self.0
-                .saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        )
-    }
-
-    /// `self - d`, saturating.
-    pub fn sub(self, d: Duration) -> Self {
-        Timestamp(
-            self.0
-                .saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        )
-    }
-
     /// RFC 3339 with microseconds, e.g. `2026-11-25T10:00:00.000000Z`.
     pub fn to_rfc3339(self) -> String {
         if self.0 >= 0 {
@@ -56,6 +40,28 @@ impl Timestamp {
         } else {
             format!("{}us-before-epoch", -self.0)
         }
+    }
+}
+
+/// `t + d`, saturating.
+impl std::ops::Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, d: Duration) -> Timestamp {
+        Timestamp(
+            self.0
+                .saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+        )
+    }
+}
+
+/// `t - d`, saturating.
+impl std::ops::Sub<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn sub(self, d: Duration) -> Timestamp {
+        Timestamp(
+            self.0
+                .saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+        )
     }
 }
 

@@ -106,7 +106,9 @@ pub(crate) async fn run(
             if let Err(e) = client.batch_execute(CREATE_SCHEMA_TABLE).await {
                 // Two migrators creating the table at once: one of them gets a duplicate.
                 let raced = e.code().is_some_and(|c| {
-                    *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE
+                    *c == SqlState::UNIQUE_VIOLATION
+                        || *c == SqlState::DUPLICATE_TABLE
+                        || *c == SqlState::DUPLICATE_OBJECT
                 });
                 if !raced {
                     return Err(db_err(e));

@@ -198,7 +198,11 @@ pub(crate) fn tag_from_row(key: &ObjectKey, row: &Row) -> Result<(Tag, String)> 
 }
 
 /// A tag from a [`TAG_READ`] row (`exists, value, updated_at, revision`), if present.
-pub(crate) fn tag_from_read_row(key: &ObjectKey, name: &str, row: &Row) -> Result<Option<(Tag, String)>> {
+pub(crate) fn tag_from_read_row(
+    key: &ObjectKey,
+    name: &str,
+    row: &Row,
+) -> Result<Option<(Tag, String)>> {
     let text: Option<String> = row.try_get(1).map_err(db_err)?;
     let Some(text) = text else {
         return Ok(None);
@@ -367,7 +371,10 @@ mod tests {
         let (sql, params) = object_list_sql(&q, &limit);
         assert_eq!(params.len(), 6);
         assert!(sql.contains("kind = $2"), "{sql}");
-        assert!(sql.contains("(labels::jsonb ->> $3::text) = $4::text"), "{sql}");
+        assert!(
+            sql.contains("(labels::jsonb ->> $3::text) = $4::text"),
+            "{sql}"
+        );
         assert!(sql.contains("NOT (labels::jsonb ? $5::text)"), "{sql}");
         assert!(sql.ends_with("LIMIT $6"), "{sql}");
         assert!(!sql.contains("'"), "values must never be inlined: {sql}");

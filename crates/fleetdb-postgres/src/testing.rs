@@ -69,9 +69,7 @@ fn check_schema_name(schema: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{schema:?} is not a test schema (fleetdb_t_<hex>)"
-        ))
+        Err(format!("{schema:?} is not a test schema (fleetdb_t_<hex>)"))
     }
 }
 

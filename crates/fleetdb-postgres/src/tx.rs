@@ -60,9 +60,11 @@ impl<'a> PgTx<'a> {
         let result = if self.begun {
             client.query(&stmt, params).await
         } else {
-            let (begin, rows) =
-                futures::future::join(client.batch_execute(sql::BEGIN), client.query(&stmt, params))
-                    .await;
+            let (begin, rows) = futures::future::join(
+                client.batch_execute(sql::BEGIN),
+                client.query(&stmt, params),
+            )
+            .await;
             if let Err(e) = begin {
                 return Err(self.fail(e));
             }
@@ -92,7 +94,10 @@ impl<'a> PgTx<'a> {
             self.begun = true;
         }
         match self.client.query_one(&stmt, params).await {
-            Ok(row) => row.try_get::<_, i64>(0).map(Revision).map_err(|e| self.fail(e)),
+            Ok(row) => row
+                .try_get::<_, i64>(0)
+                .map(Revision)
+                .map_err(|e| self.fail(e)),
             Err(e) => Err(self.fail(e)),
         }
     }

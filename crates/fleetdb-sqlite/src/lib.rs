@@ -72,6 +72,7 @@ pub struct SqliteBackend {
     options: SqliteOptions,
     clock: Arc<dyn Clock>,
     writer: mpsc::Sender<writer::Job>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
     /// In memory: the one connection. On disk: the writer's (used only by the writer thread).
     write_conn: Arc<Mutex<Connection>>,
     readers: Mutex<Vec<Connection>>,
@@ -82,6 +83,24 @@ impl std::fmt::Debug for SqliteBackend {
         f.debug_struct("SqliteBackend")
             .field("location", &self.location)
             .finish()
+    }
+}
+
+/// Closing: the writer finishes every queued write, then every connection closes (SQLite then
+/// checkpoints the WAL), before the drop returns. So a process that drops its store has nothing
+/// half-done in flight.
+impl Drop for SqliteBackend {
+    fn drop(&mut self) {
+        // Readers first: the last connection to close checkpoints, and a read-only one cannot.
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.writer, closed));
+        if let Some(t) = self.writer_thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -211,12 +230,13 @@ impl SqliteBackend {
             migrate::migrate(&mut conn, clock.now())?;
         }
         let write_conn = Arc::new(Mutex::new(conn));
-        let writer = writer::spawn(write_conn.clone())?;
+        let (writer, writer_thread) = writer::spawn(write_conn.clone())?;
         Ok(SqliteBackend {
             location,
             options,
             clock,
             writer,
+            writer_thread: Some(writer_thread),
             write_conn,
             readers: Mutex::new(Vec::new()),
         })

@@ -33,9 +33,11 @@ pub(crate) enum Job {
     Exclusive(Exclusive),
 }
 
-pub(crate) fn spawn(conn: Arc<Mutex<Connection>>) -> Result<mpsc::Sender<Job>> {
+pub(crate) fn spawn(
+    conn: Arc<Mutex<Connection>>,
+) -> Result<(mpsc::Sender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Job>(QUEUE_JOBS_MAX);
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("fleetdb-sqlite-writer".into())
         .spawn(move || {
             let mut group: Vec<(Batch, oneshot::Sender<Result<Vec<OpResult>>>)> = Vec::new();
@@ -58,7 +60,7 @@ pub(crate) fn spawn(conn: Arc<Mutex<Connection>>) -> Result<mpsc::Sender<Job>> {
             }
         })
         .map_err(|e| Error::Backend(format!("cannot start the SQLite writer thread: {e}")))?;
-    Ok(tx)
+    Ok((tx, handle))
 }
 
 fn flush(

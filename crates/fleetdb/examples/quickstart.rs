@@ -9,8 +9,12 @@ async fn main() -> fleetdb::Result<()> {
 
     // An object with labels, and typed facts about it as tags.
     let m1 = ObjectKey::new("default", "machine", "m1")?;
-    store.object_put(&m1, [("provider".into(), "equinix".into())].into()).await?;
-    store.tag_set(&m1, "provided", &json!({"provider_id": "x1"})).await?;
+    store
+        .object_put(&m1, [("provider".into(), "equinix".into())].into())
+        .await?;
+    store
+        .tag_set(&m1, "provided", &json!({"provider_id": "x1"}))
+        .await?;
 
     // Several reads and writes, atomically. The closure may run more than once: no side effects.
     let generation = store
@@ -28,12 +32,16 @@ async fn main() -> fleetdb::Result<()> {
         .await?;
 
     let equinix = store
-        .object_list(&ObjectQuery::new("default").kind("machine").label(fleetdb::LabelRequirement::Eq {
-            key: "provider".into(),
-            value: "equinix".into(),
-        }))
+        .object_list(&ObjectQuery::new("default").kind("machine").label(
+            fleetdb::LabelRequirement::Eq {
+                key: "provider".into(),
+                value: "equinix".into(),
+            },
+        ))
         .await?;
-    let changes = store.changes(fleetdb::Revision(0), &Default::default(), 100).await?;
+    let changes = store
+        .changes(fleetdb::Revision(0), &Default::default(), 100)
+        .await?;
     println!(
         "generation {generation}; {} equinix machine(s); {} changes, last at revision {}",
         equinix.items.len(),

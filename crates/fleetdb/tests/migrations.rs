@@ -119,11 +119,13 @@ async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
         )
         .await
         .unwrap();
-    drop(store);
-    // Let the last connection close (SQLite checkpoints and removes the WAL).
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    drop(store); // closes every connection: SQLite checkpoints and removes the WAL
     let before = std::fs::read(&path).unwrap();
     let wal = path.with_extension("sqlite-wal");
+    assert!(
+        !wal.exists(),
+        "the WAL is checkpointed when the store is dropped"
+    );
     let store = open_sqlite(&path).await.unwrap();
     let status = store.schema_status().await.unwrap();
     assert!(status.pending.is_empty());
