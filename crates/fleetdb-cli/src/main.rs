@@ -2,6 +2,7 @@
 //! and errors come from the library, so the CLI and the API can never disagree.
 
 mod output;
+mod work_cmd;
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -57,6 +58,24 @@ enum Command {
     /// Schema migrations.
     #[command(subcommand)]
     Migrate(MigrateCmd),
+    /// Sessions: components' liveness.
+    #[command(subcommand)]
+    Session(work_cmd::SessionCmd),
+    /// Processes and their conflicts.
+    #[command(subcommand)]
+    Process(work_cmd::ProcessCmd),
+    /// Active claims.
+    #[command(subcommand)]
+    Work(work_cmd::WorkCmd),
+    /// Backoffs after failures.
+    #[command(subcommand)]
+    Backoff(work_cmd::BackoffCmd),
+    /// Work history of an object (KIND ID) or of a process (--process P), newest first.
+    History(work_cmd::HistoryArgs),
+    /// List (or --count) the objects a selector matches.
+    Select(work_cmd::SelectArgs),
+    /// Turn a program into a worker: claim objects and run it for each one.
+    Worker(work_cmd::WorkerArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -180,7 +199,11 @@ fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Invalid { .. } | Error::TooLarge { .. } => 2,
         Error::NotFound { .. } => 3,
-        Error::AlreadyExists { .. } | Error::Conflict { .. } | Error::NamespaceNotEmpty { .. } => 4,
+        Error::AlreadyExists { .. }
+        | Error::Conflict { .. }
+        | Error::NamespaceNotEmpty { .. }
+        | Error::SessionExpired { .. }
+        | Error::WorkLost { .. } => 4,
         Error::SchemaTooNew { .. } | Error::SchemaBehind { .. } => 5,
         Error::Unavailable(_) => 6,
         _ => 1,
@@ -424,6 +447,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Session(cmd) => work_cmd::session(&store, fmt, cmd).await,
+        Command::Process(cmd) => work_cmd::process(&store, fmt, cmd).await,
+        Command::Work(cmd) => work_cmd::work(&store, fmt, ns, cmd).await,
+        Command::Backoff(cmd) => work_cmd::backoff(&store, fmt, ns, cmd).await,
+        Command::History(a) => work_cmd::history(&store, fmt, ns, a).await,
+        Command::Select(a) => work_cmd::select(&store, fmt, a).await,
+        Command::Worker(a) => work_cmd::worker(&store, &cli.db, a).await,
         Command::Migrate(cmd) => {
             let status = match cmd {
                 MigrateCmd::Status => store.schema_status().await?,

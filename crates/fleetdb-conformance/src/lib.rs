@@ -15,6 +15,8 @@ use fleetdb::{
 };
 use serde_json::json;
 
+pub mod work;
+
 /// A fresh database for one test: the store, its manual clock, and the URL it was opened with.
 pub struct Harness {
     pub store: Store,
@@ -59,10 +61,31 @@ macro_rules! suite {
             txn_retries_on_conflict,
             txn_serializes_concurrent_increments,
             txn_read_only_writes_nothing,
-            concurrent_writers_all_commit,
+            concurrent_writers_all_commit;
+            session_start_list_close,
+            processes_must_be_declared,
+            same_process_excludes_other_processes_do_not,
+            conflicting_processes_exclude_each_other,
+            finish_runs_writes_and_releases_atomically,
+            backoff_follows_bmdb_vectors,
+            history_records_every_step,
+            dead_session_work_is_claimable_at_its_deadline,
+            sweeper_expires_held_work,
+            renewal_failure_shorter_than_ttl_keeps_the_session,
+            renewal_failure_past_the_deadline_expires,
+            session_writes_check_liveness_in_the_transaction,
+            closing_a_session_releases_its_work,
+            dropped_work_is_cancelled,
+            workers_never_claim_one_object_twice,
+            claim_wait_wakes_on_a_change,
+            bmdb_workflow_selectors,
+            selector_sql_agrees_with_reference,
+            metrics_count_sessions_work_and_transactions,
+            finish_many_is_all_or_nothing,
+            work_matches_a_model_under_random_operations,
         );
     };
-    (@cases $make:path, $drop:path; $($case:ident),* $(,)?) => {
+    (@cases $make:path, $drop:path; $($case:ident),* ; $($work:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
@@ -71,14 +94,22 @@ macro_rules! suite {
                 $drop(h).await;
             }
         )*
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $work() {
+                let h = $make().await;
+                $crate::work::$work(&h).await;
+                $drop(h).await;
+            }
+        )*
     };
 }
 
-fn key(ns: &str, kind: &str, id: &str) -> ObjectKey {
+pub(crate) fn key(ns: &str, kind: &str, id: &str) -> ObjectKey {
     ObjectKey::new(ns, kind, id).expect("valid key")
 }
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
+pub(crate) fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -661,7 +692,7 @@ pub async fn json_values_round_trip(h: &Harness) {
         json!(-17),
         json!(1.5),
         json!(u64::MAX),
-        json!("text with \u{0000} nul and ✓"),
+        json!("text with \\u0000 escaped and ✓"),
         json!([1, "two", {"three": [3]}]),
         json!({"nested": {"deep": {"list": [null, false, 0.25]}}, "emoji": "🚀"}),
     ];
@@ -674,6 +705,13 @@ pub async fn json_values_round_trip(h: &Harness) {
             "tag {name}"
         );
     }
+    // NUL cannot be stored (PostgreSQL's jsonb refuses it): a clear error, nothing written.
+    let err = s
+        .tag_set(&m, "nul", &json!({"a": ["x\u{0000}y"]}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("must not contain NUL"), "{err}");
+    assert!(s.tag_get(&m, "nul").await.unwrap().is_none());
     assert_eq!(
         s.object_get(&m).await.unwrap().unwrap().labels["note"],
         "ünïcode ✓ \"quoted\" 'single' \\ back"

@@ -1,7 +1,7 @@
 //! What a batch does, decided once for every backend. A backend opens a transaction, wraps it in
 //! a [`TxRows`] and calls [`apply_batch`]; if anything fails it rolls the whole transaction back.
 
-use crate::backend::{ChangeDraft, TxRows};
+use crate::backend::{CandidateQuery, ChangeDraft, HistoryDraft, TxRows};
 use crate::batch::{Applied, Batch, Op, OpResult, Precondition, PutMode};
 use crate::error::{Error, Result};
 use crate::model::{
@@ -9,11 +9,14 @@ use crate::model::{
 };
 use crate::time::Timestamp;
 use crate::validate;
+use crate::work::{
+    BackoffInfo, ClaimRequest, ClaimTarget, Outcome, Process, SessionInfo, WorkEvent, WorkInfo,
+};
 
 /// Check every precondition, then apply every op in order. On `Err` the caller must roll back.
 pub async fn apply_batch<T: TxRows + ?Sized>(rows: &mut T, batch: &Batch) -> Result<Vec<OpResult>> {
     for p in &batch.preconditions {
-        check_precondition(rows, p).await?;
+        check_precondition(rows, p, batch.now).await?;
     }
     let mut out = Vec::with_capacity(batch.ops.len());
     for op in &batch.ops {
@@ -22,7 +25,11 @@ pub async fn apply_batch<T: TxRows + ?Sized>(rows: &mut T, batch: &Batch) -> Res
     Ok(out)
 }
 
-async fn check_precondition<T: TxRows + ?Sized>(rows: &mut T, p: &Precondition) -> Result<()> {
+async fn check_precondition<T: TxRows + ?Sized>(
+    rows: &mut T,
+    p: &Precondition,
+    now: Timestamp,
+) -> Result<()> {
     let (what, seen, now) = match p {
         Precondition::Namespace { name, revision } => (
             format!("namespace {name:?}"),
@@ -43,6 +50,10 @@ async fn check_precondition<T: TxRows + ?Sized>(rows: &mut T, p: &Precondition) 
             *revision,
             rows.tag_read(key, name).await?.tag.map(|(t, _)| t.revision),
         ),
+        Precondition::SessionAlive { session_id } => {
+            live_session(rows, session_id, now).await?;
+            return Ok(());
+        }
     };
     if seen != now {
         return Err(Error::Conflict { what });
@@ -362,7 +373,379 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                 applied: Applied::Deleted { revision },
             })
         }
+        Op::SessionStart { session } => {
+            rows.session_insert(session).await?;
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Session(session.clone()),
+            })
+        }
+        Op::SessionClose { id } => {
+            let Some(session) = rows.session_read(id).await? else {
+                return Err(Error::not_found(format!("session {id}")));
+            };
+            let held = rows.work_of_session(id).await?;
+            for w in &held {
+                release(
+                    rows,
+                    w,
+                    &session,
+                    WorkEvent::Canceled,
+                    Some("session closed".into()),
+                    now,
+                )
+                .await?;
+            }
+            rows.session_remove(id).await?;
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Done {
+                    count: held.len() as u64,
+                },
+            })
+        }
+        Op::ProcessDefine { name, conflicts } => {
+            let mut list: Vec<String> = conflicts.iter().filter(|c| *c != name).cloned().collect();
+            list.sort();
+            list.dedup();
+            for c in &list {
+                if rows.process_read(c).await?.is_none() {
+                    return Err(Error::invalid(
+                        "conflicting process",
+                        c,
+                        "is not declared; declare it first (`fleetdb process define`)",
+                    ));
+                }
+            }
+            let created_at = rows
+                .process_read(name)
+                .await?
+                .map(|p| p.created_at)
+                .unwrap_or(now);
+            let p = Process {
+                name: name.clone(),
+                conflicts: list,
+                created_at,
+            };
+            rows.process_put(&p).await?;
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Process(p),
+            })
+        }
+        Op::WorkRelease {
+            key,
+            process,
+            session_id,
+            token,
+            outcome,
+        } => {
+            let lost = |why: &str| Error::WorkLost {
+                what: format!("{process} on {key} (token {token}) {why}; nothing was changed"),
+            };
+            let Some(w) = rows.work_read(key, process).await? else {
+                return Err(lost("is not held by anyone"));
+            };
+            if w.session_id != *session_id || w.token != *token {
+                return Err(lost("is held by another claim"));
+            }
+            let Some(session) = rows
+                .session_read(session_id)
+                .await?
+                .filter(|s| s.alive_at(now))
+            else {
+                return Err(lost("belongs to an expired session"));
+            };
+            match outcome {
+                Outcome::Finished => {
+                    rows.backoff_remove(key, process).await?;
+                    release(rows, &w, &session, WorkEvent::Finished, None, now).await?;
+                }
+                Outcome::Canceled => {
+                    release(rows, &w, &session, WorkEvent::Canceled, None, now).await?
+                }
+                Outcome::Failed {
+                    cause,
+                    backoff,
+                    uniform,
+                } => {
+                    let last = rows
+                        .backoff_read(key, process)
+                        .await?
+                        .map(|b| b.last_interval_s);
+                    let interval_s = backoff.next_interval_s(last);
+                    let until = Timestamp(
+                        now.0
+                            .saturating_add(interval_s.saturating_mul(1_000_000))
+                            .saturating_add(
+                                backoff.jitter_ms(interval_s, *uniform).saturating_mul(1000),
+                            ),
+                    );
+                    rows.backoff_put(&BackoffInfo {
+                        key: key.clone(),
+                        process: process.clone(),
+                        until,
+                        cause: cause.clone(),
+                        last_interval_s: interval_s,
+                    })
+                    .await?;
+                    release(
+                        rows,
+                        &w,
+                        &session,
+                        WorkEvent::Failed,
+                        Some(cause.clone()),
+                        now,
+                    )
+                    .await?;
+                }
+            }
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Done { count: 1 },
+            })
+        }
+        Op::WorkForceCancel { key, process } => {
+            let Some(w) = rows.work_read(key, process).await? else {
+                return Ok(OpResult {
+                    changed: false,
+                    applied: Applied::Done { count: 0 },
+                });
+            };
+            let (component, host) = match rows.session_read(&w.session_id).await? {
+                Some(s) => (s.component, s.host),
+                None => (String::new(), String::new()),
+            };
+            rows.work_remove(key, process).await?;
+            let cause = Some("canceled by operator".to_string());
+            rows.history_append(&history(
+                &w,
+                &component,
+                &host,
+                WorkEvent::Canceled,
+                cause,
+                now,
+            ))
+            .await?;
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Done { count: 1 },
+            })
+        }
+        Op::BackoffClear { key, process } => {
+            let removed = rows.backoff_remove(key, process).await?;
+            Ok(OpResult {
+                changed: removed,
+                applied: Applied::Done {
+                    count: u64::from(removed),
+                },
+            })
+        }
     }
+}
+
+async fn live_session<T: TxRows + ?Sized>(
+    rows: &mut T,
+    id: &str,
+    now: Timestamp,
+) -> Result<SessionInfo> {
+    match rows.session_read(id).await? {
+        Some(s) if s.alive_at(now) => Ok(s),
+        _ => Err(Error::SessionExpired {
+            session_id: id.to_string(),
+        }),
+    }
+}
+
+fn history(
+    w: &WorkInfo,
+    session_component: &str,
+    session_host: &str,
+    event: WorkEvent,
+    cause: Option<String>,
+    at: Timestamp,
+) -> HistoryDraft {
+    HistoryDraft {
+        key: w.key.clone(),
+        process: w.process.clone(),
+        event,
+        session_id: w.session_id.clone(),
+        component: session_component.to_string(),
+        host: session_host.to_string(),
+        token: w.token,
+        at,
+        cause,
+    }
+}
+
+/// Remove a claim and record why.
+async fn release<T: TxRows + ?Sized>(
+    rows: &mut T,
+    w: &WorkInfo,
+    session: &SessionInfo,
+    event: WorkEvent,
+    cause: Option<String>,
+    now: Timestamp,
+) -> Result<()> {
+    rows.work_remove(&w.key, &w.process).await?;
+    rows.history_append(&history(
+        w,
+        &session.component,
+        &session.host,
+        event,
+        cause,
+        now,
+    ))
+    .await
+}
+
+/// Release a claim whose session is dead (history `Expired`). The session row may be gone already.
+async fn expire<T: TxRows + ?Sized>(rows: &mut T, w: &WorkInfo, now: Timestamp) -> Result<()> {
+    let (component, host) = match rows.session_read(&w.session_id).await? {
+        Some(s) => (s.component, s.host),
+        None => (String::new(), String::new()),
+    };
+    rows.work_remove(&w.key, &w.process).await?;
+    let cause = Some("session expired".to_string());
+    rows.history_append(&history(
+        w,
+        &component,
+        &host,
+        WorkEvent::Expired,
+        cause,
+        now,
+    ))
+    .await
+}
+
+/// The process itself and every process it conflicts with, in either direction.
+async fn exclusions<T: TxRows + ?Sized>(rows: &mut T, process: &str) -> Result<Vec<String>> {
+    let all = rows.process_all().await?;
+    let Some(p) = all.iter().find(|p| p.name == process) else {
+        return Err(Error::invalid(
+            "process",
+            process,
+            "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
+        ));
+    };
+    let mut out = vec![p.name.clone()];
+    out.extend(p.conflicts.iter().cloned());
+    out.extend(
+        all.iter()
+            .filter(|q| q.conflicts.iter().any(|c| c == process))
+            .map(|q| q.name.clone()),
+    );
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Claim work: check the session, find candidates (not held by a live session for this process or
+/// a conflicting one, not in backoff), release stale claims of dead sessions on them (history
+/// `Expired`), insert the claims with fresh fencing tokens and write `Started` history.
+pub async fn apply_claim<T: TxRows + ?Sized>(
+    rows: &mut T,
+    req: &ClaimRequest,
+) -> Result<Vec<WorkInfo>> {
+    let now = req.now;
+    let session = live_session(rows, &req.session_id, now).await?;
+    let exclude = exclusions(rows, &req.process).await?;
+    let keys = match &req.target {
+        ClaimTarget::Object(key) => {
+            if rows.object_read(key).await?.is_none() {
+                return Err(Error::not_found(format!("object {key}")));
+            }
+            for p in &exclude {
+                if let Some(w) = rows.work_read(key, p).await? {
+                    let alive = rows
+                        .session_read(&w.session_id)
+                        .await?
+                        .is_some_and(|s| s.alive_at(now));
+                    if alive {
+                        return Err(Error::Conflict {
+                            what: format!(
+                                "{key} is held for process {} by session {}",
+                                w.process, w.session_id
+                            ),
+                        });
+                    }
+                }
+            }
+            if let Some(b) = rows.backoff_read(key, &req.process).await? {
+                if b.until > now {
+                    return Err(Error::Conflict {
+                        what: format!(
+                            "{key} is in backoff for {} until {}: {}",
+                            req.process, b.until, b.cause
+                        ),
+                    });
+                }
+            }
+            vec![key.clone()]
+        }
+        ClaimTarget::Selector(text) => {
+            let selector = crate::selector::Selector::parse(text)?;
+            rows.claim_candidates(&CandidateQuery {
+                selector,
+                process: req.process.clone(),
+                exclude,
+                now,
+                limit: req.limit,
+            })
+            .await?
+        }
+    };
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Some(stale) = rows.work_read(&key, &req.process).await? {
+            expire(rows, &stale, now).await?;
+        }
+        let w = WorkInfo {
+            key,
+            process: req.process.clone(),
+            session_id: session.id.clone(),
+            token: rows.next_token().await?,
+            started_at: now,
+        };
+        rows.work_insert(&w).await?;
+        let h = history(
+            &w,
+            &session.component,
+            &session.host,
+            WorkEvent::Started,
+            None,
+            now,
+        );
+        rows.history_append(&h).await?;
+        out.push(w);
+    }
+    Ok(out)
+}
+
+/// Remove up to `limit` expired sessions, expiring every claim they held.
+pub async fn apply_sweep<T: TxRows + ?Sized>(
+    rows: &mut T,
+    now: Timestamp,
+    limit: usize,
+) -> Result<u64> {
+    let expired = rows.sessions_expired(now, limit).await?;
+    for s in &expired {
+        for w in rows.work_of_session(&s.id).await? {
+            rows.work_remove(&w.key, &w.process).await?;
+            let cause = Some("session expired".to_string());
+            rows.history_append(&history(
+                &w,
+                &s.component,
+                &s.host,
+                WorkEvent::Expired,
+                cause,
+                now,
+            ))
+            .await?;
+        }
+        rows.session_remove(&s.id).await?;
+    }
+    Ok(expired.len() as u64)
 }
 
 /// Parse a change-log row's JSON text (used by backends when reading the log).

@@ -15,6 +15,10 @@ use crate::model::{
 };
 use crate::query::ObjectQuery;
 use crate::time::Timestamp;
+use crate::work::{
+    BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkEvent,
+    WorkInfo,
+};
 
 /// An embedded, numbered schema migration. Each backend has its own list, mirrored number by
 /// number (a commented no-op where one backend has nothing to do).
@@ -108,6 +112,63 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Drop change-log entries with revision < `before`. Returns how many were dropped.
     async fn compact(&self, before: Revision) -> Result<u64>;
     async fn revision(&self) -> Result<RevisionInfo>;
+
+    // ---- sessions and work ----
+
+    /// Claim work atomically (see [`crate::apply::apply_claim`]). `Conflict` only for a claim of one
+    /// named object that is taken; a selector claim returns what it could get (maybe nothing).
+    async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>>;
+    /// Push the deadline of each of these sessions to `now + its ttl`, in ONE statement, for the
+    /// sessions still alive at `now`. Returns the sessions renewed, with their new deadlines.
+    async fn session_renew(
+        &self,
+        ids: &[String],
+        now: Timestamp,
+    ) -> Result<Vec<(String, Timestamp)>>;
+    /// Delete up to `limit` sessions expired at `now`, writing an `Expired` history row for each
+    /// claim they held and releasing it. Returns how many sessions were removed.
+    async fn session_sweep(&self, now: Timestamp, limit: usize) -> Result<u64>;
+    async fn session_get(&self, id: &str) -> Result<Option<SessionInfo>>;
+    /// Sessions ordered by id, after `after`, at most `limit`.
+    async fn session_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionInfo>>;
+    async fn process_list(&self) -> Result<Vec<Process>>;
+    /// Work rows ordered by (process, namespace, kind, id), optionally of one process.
+    async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>>;
+    /// Backoff rows ordered by (process, namespace, kind, id) with `until > active_at` if given.
+    async fn backoff_list(
+        &self,
+        process: Option<&str>,
+        active_at: Option<Timestamp>,
+        limit: usize,
+    ) -> Result<Vec<BackoffInfo>>;
+    /// History newest first, with `seq < before` if given, at most `limit`.
+    async fn history_list(
+        &self,
+        filter: &HistoryFilter,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>>;
+    /// Delete history rows older than `before`. Returns how many.
+    async fn history_prune(&self, before: Timestamp) -> Result<u64>;
+    /// Objects matching a selector (text, parsed by the backend), ordered by (namespace, kind, id),
+    /// after `after`, at most `limit`.
+    async fn select(
+        &self,
+        selector: &str,
+        now: Timestamp,
+        after: Option<&ObjectKey>,
+        limit: usize,
+    ) -> Result<Vec<Object>>;
+    /// Per process: claims held by live sessions, and backoffs with `until > now` (for gauges).
+    async fn work_stats(&self, now: Timestamp) -> Result<Vec<WorkStats>> {
+        let _ = now;
+        Err(crate::Error::Unsupported {
+            backend: self.name().to_string(),
+            what: "work statistics".into(),
+        })
+    }
+    /// How many objects match a selector.
+    async fn count(&self, selector: &str, now: Timestamp) -> Result<u64>;
 }
 
 /// A change-log entry before the backend assigns its revision.
@@ -160,4 +221,66 @@ pub trait TxRows: Send {
         name: &str,
         change: &ChangeDraft,
     ) -> Result<Revision>;
+
+    // ---- sessions and work (no change-log rows: these are not objects) ----
+
+    async fn session_read(&mut self, id: &str) -> Result<Option<SessionInfo>>;
+    async fn session_insert(&mut self, s: &SessionInfo) -> Result<()>;
+    async fn session_remove(&mut self, id: &str) -> Result<()>;
+    /// Up to `limit` sessions with `deadline <= now`.
+    async fn sessions_expired(&mut self, now: Timestamp, limit: usize) -> Result<Vec<SessionInfo>>;
+    async fn process_read(&mut self, name: &str) -> Result<Option<Process>>;
+    async fn process_put(&mut self, p: &Process) -> Result<()>;
+    /// Every declared process.
+    async fn process_all(&mut self) -> Result<Vec<Process>>;
+    async fn work_read(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>>;
+    /// Work held by one session.
+    async fn work_of_session(&mut self, session_id: &str) -> Result<Vec<WorkInfo>>;
+    async fn work_insert(&mut self, w: &WorkInfo) -> Result<()>;
+    async fn work_remove(&mut self, key: &ObjectKey, process: &str) -> Result<()>;
+    async fn backoff_read(&mut self, key: &ObjectKey, process: &str)
+        -> Result<Option<BackoffInfo>>;
+    async fn backoff_put(&mut self, b: &BackoffInfo) -> Result<()>;
+    /// Returns whether a row was removed.
+    async fn backoff_remove(&mut self, key: &ObjectKey, process: &str) -> Result<bool>;
+    async fn history_append(&mut self, h: &HistoryDraft) -> Result<()>;
+    /// The next fencing token (strictly increasing, never reused).
+    async fn next_token(&mut self) -> Result<i64>;
+    /// Objects matching the query that no live session holds for any of `q.exclude` processes
+    /// and that are not in an active backoff for `q.process`, ordered by (namespace, kind, id),
+    /// at most `q.limit`. One query; the backend compiles `q.selector`.
+    async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>>;
+}
+
+/// Work statistics of one process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkStats {
+    pub process: String,
+    pub active_work: u64,
+    pub active_backoffs: u64,
+}
+
+/// A history row before the backend numbers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryDraft {
+    pub key: ObjectKey,
+    pub process: String,
+    pub event: WorkEvent,
+    pub session_id: String,
+    pub component: String,
+    pub host: String,
+    pub token: i64,
+    pub at: Timestamp,
+    pub cause: Option<String>,
+}
+
+/// What [`TxRows::claim_candidates`] looks for.
+#[derive(Debug, Clone)]
+pub struct CandidateQuery {
+    pub selector: crate::selector::Selector,
+    pub process: String,
+    /// The process itself and every process it conflicts with (both directions).
+    pub exclude: Vec<String>,
+    pub now: Timestamp,
+    pub limit: usize,
 }

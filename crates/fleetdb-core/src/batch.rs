@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::{Labels, Namespace, Object, ObjectKey, Revision, Tag};
 use crate::time::Timestamp;
 use crate::validate;
+use crate::work::{self, Outcome, Process, SessionInfo};
 
 /// How an object put treats an existing or missing object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -24,7 +25,7 @@ pub enum PutMode {
 }
 
 /// One write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Op {
     NamespaceCreate {
@@ -58,6 +59,37 @@ pub enum Op {
     TagDelete {
         key: ObjectKey,
         name: String,
+    },
+    /// Insert a session row (its deadline computed by the caller from `now` and the TTL).
+    SessionStart {
+        session: SessionInfo,
+    },
+    /// Delete a session and release its work (history: Canceled, cause "session closed").
+    SessionClose {
+        id: String,
+    },
+    /// Declare (or redeclare) a process and the processes it conflicts with.
+    ProcessDefine {
+        name: String,
+        conflicts: Vec<String>,
+    },
+    /// End a claim. Fails with `WorkLost` unless the claim is held by `session_id` with `token`.
+    WorkRelease {
+        key: ObjectKey,
+        process: String,
+        session_id: String,
+        token: i64,
+        outcome: Outcome,
+    },
+    /// Remove the backoff of (object, process), if any.
+    BackoffClear {
+        key: ObjectKey,
+        process: String,
+    },
+    /// An operator ends a claim whoever holds it (history: Canceled, cause "canceled by operator").
+    WorkForceCancel {
+        key: ObjectKey,
+        process: String,
     },
 }
 
@@ -100,6 +132,50 @@ impl Op {
                 key.validate()?;
                 validate::name("tag", name)
             }
+            Op::SessionStart { session } => {
+                validate::name("component", &session.component)?;
+                validate::name("host", &session.host)?;
+                validate::name("session id", &session.id)
+            }
+            Op::SessionClose { id } => validate::name("session id", id),
+            Op::ProcessDefine { name, conflicts } => {
+                validate::name("process", name)?;
+                if conflicts.len() > work::PROCESS_CONFLICTS_MAX {
+                    return Err(Error::invalid(
+                        "process conflicts",
+                        format!("{} processes", conflicts.len()),
+                        format!("at most {}", work::PROCESS_CONFLICTS_MAX),
+                    ));
+                }
+                conflicts
+                    .iter()
+                    .try_for_each(|c| validate::name("conflicting process", c))
+            }
+            Op::WorkRelease {
+                key,
+                process,
+                session_id,
+                outcome,
+                ..
+            } => {
+                key.validate()?;
+                validate::name("process", process)?;
+                validate::name("session id", session_id)?;
+                if let Outcome::Failed { cause, .. } = outcome {
+                    if cause.len() > work::CAUSE_BYTES_MAX {
+                        return Err(Error::TooLarge {
+                            field: "failure cause".into(),
+                            size: cause.len(),
+                            max: work::CAUSE_BYTES_MAX,
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Op::BackoffClear { key, process } | Op::WorkForceCancel { key, process } => {
+                key.validate()?;
+                validate::name("process", process)
+            }
         }
     }
 }
@@ -122,10 +198,12 @@ pub enum Precondition {
         name: String,
         revision: Option<Revision>,
     },
+    /// The session exists and its deadline is after the batch's `now`.
+    SessionAlive { session_id: String },
 }
 
 /// Preconditions and operations committed atomically at time `now`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     pub preconditions: Vec<Precondition>,
     pub ops: Vec<Op>,
@@ -162,6 +240,12 @@ pub enum Applied {
     /// The entity was removed at this revision.
     Deleted {
         revision: Revision,
+    },
+    Session(SessionInfo),
+    Process(Process),
+    /// A claim ended (or a session closed, releasing this many claims; or backoffs were cleared).
+    Done {
+        count: u64,
     },
 }
 

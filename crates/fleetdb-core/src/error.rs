@@ -39,6 +39,12 @@ pub enum Error {
     /// A precondition (a value read inside a transaction) no longer holds. Transactions retry on it.
     #[error("conflict: {what} changed since it was read")]
     Conflict { what: String },
+    /// The session has expired (or was closed): every later call on it fails; start a new one.
+    #[error("session {session_id} has expired")]
+    SessionExpired { session_id: String },
+    /// The claim is no longer held by this session with this fencing token; nothing was changed.
+    #[error("work lost: {what}")]
+    WorkLost { what: String },
     /// A transaction kept conflicting and gave up.
     #[error("transaction gave up after {attempts} attempts: {last}")]
     RetriesExhausted { attempts: u32, last: String },
@@ -99,6 +105,8 @@ impl Error {
             Error::NamespaceNotEmpty { .. } => "namespace_not_empty",
             Error::Conflict { .. } => "conflict",
             Error::RetriesExhausted { .. } => "retries_exhausted",
+            Error::SessionExpired { .. } => "session_expired",
+            Error::WorkLost { .. } => "work_lost",
             Error::SchemaTooNew { .. } => "schema_too_new",
             Error::SchemaBehind { .. } => "schema_behind",
             Error::Compacted { .. } => "compacted",

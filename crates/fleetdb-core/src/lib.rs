@@ -9,8 +9,10 @@ pub mod batch;
 pub mod error;
 pub mod model;
 pub mod query;
+pub mod selector;
 pub mod time;
 pub mod validate;
+pub mod work;
 
 pub use backend::{Backend, Capabilities, Migration, RevisionInfo, SchemaStatus};
 pub use batch::{Applied, Batch, Limits, Op, OpResult, Precondition, PutMode};

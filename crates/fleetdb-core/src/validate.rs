@@ -167,6 +167,14 @@ pub fn canonical_json(field: &str, value: &serde_json::Value, max: usize) -> Res
     // serde_json's default map is a BTreeMap, so keys come out sorted.
     let text = serde_json::to_string(value)
         .map_err(|e| Error::invalid(field, "<value>", e.to_string()))?;
+    if has_nul(value) {
+        // PostgreSQL's jsonb (used by selectors) cannot hold NUL, so neither backend stores it.
+        return Err(Error::invalid(
+            field,
+            "<value>",
+            "must not contain NUL characters (\\u0000)",
+        ));
+    }
     if text.len() > max {
         return Err(Error::TooLarge {
             field: field.to_string(),
@@ -175,6 +183,15 @@ pub fn canonical_json(field: &str, value: &serde_json::Value, max: usize) -> Res
         });
     }
     Ok(text)
+}
+
+fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 /// Parse JSON text given by a user, naming the field and the position of the error.

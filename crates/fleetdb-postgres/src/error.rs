@@ -15,8 +15,8 @@ pub(crate) enum Failure {
 }
 
 /// Classify a driver error: connection problems are [`Error::Unavailable`], serialization
-/// failures (40001), deadlocks (40P01) and unique violations on the change log's primary key are
-/// [`Failure::Retry`], everything else is [`Error::Backend`].
+/// failures (40001), deadlocks (40P01) and unique violations on the change log's and the work
+/// table's primary keys are [`Failure::Retry`], everything else is [`Error::Backend`].
 pub(crate) fn classify(e: &tokio_postgres::Error) -> Failure {
     if let Some(db) = e.as_db_error() {
         let code = db.code();
@@ -29,7 +29,12 @@ pub(crate) fn classify(e: &tokio_postgres::Error) -> Failure {
         {
             return Failure::Retry(msg);
         }
-        if *code == SqlState::UNIQUE_VIOLATION && db.constraint() == Some("changes_pkey") {
+        // A revision taken twice, or the same (object, process) claimed by two transactions at
+        // once (reported as a unique violation rather than a serialization failure when the
+        // other one committed first): running the transaction again reads what it missed.
+        if *code == SqlState::UNIQUE_VIOLATION
+            && matches!(db.constraint(), Some("changes_pkey" | "work_pkey"))
+        {
             return Failure::Retry(msg);
         }
         let c = code.code();

@@ -1,8 +1,10 @@
 //! FleetDB's PostgreSQL backend.
 //!
-//! Every batch runs as one `SERIALIZABLE` transaction driving [`fleetdb_core::apply::apply_batch`];
-//! serialization failures (40001), deadlocks (40P01) and a revision taken twice are retried with
-//! exponential backoff and jitter. Revisions come from the `fleetdb_revision` sequence, so they are
+//! Every batch, claim and session sweep runs as one `SERIALIZABLE` transaction driving
+//! [`fleetdb_core::apply::apply_batch`], [`apply_claim`] or [`apply_sweep`]; serialization
+//! failures (40001), deadlocks (40P01), a revision taken twice and a claim inserted twice are
+//! retried with exponential backoff and jitter (a retried claim runs its candidate query again, so
+//! it moves on to other candidates). Revisions come from the `fleetdb_revision` sequence, so they are
 //! unique and increasing per transaction but may commit out of order and have gaps (see
 //! [`Capabilities::revisions_visible_in_order`]).
 //!
@@ -14,6 +16,7 @@ mod migrate;
 mod sql;
 pub mod testing;
 mod tx;
+mod work;
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,10 +25,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object as PooledClient, Pool, RecyclingMethod};
-use fleetdb_core::apply::apply_batch;
+use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
+use fleetdb_core::backend::WorkStats;
+use fleetdb_core::selector::Selector;
+use fleetdb_core::work::{
+    BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+};
 use fleetdb_core::{
     Backend, Batch, Capabilities, Change, ChangeFilter, Clock, Error, Migration, Namespace, Object,
-    ObjectKey, ObjectQuery, OpResult, Result, Revision, RevisionInfo, SchemaStatus, Tag,
+    ObjectKey, ObjectQuery, OpResult, Result, Revision, RevisionInfo, SchemaStatus, Tag, Timestamp,
 };
 use tokio_postgres::NoTls;
 
@@ -45,9 +53,15 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "change_log",
         sql: include_str!("../migrations/0002_change_log.sql"),
     },
+    Migration {
+        version: 3,
+        name: "sessions_work",
+        sql: include_str!("../migrations/0003_sessions_work.sql"),
+    },
 ];
 
-/// Attempts of one batch before [`Error::RetriesExhausted`].
+/// Attempts of one transaction (batch, claim, sweep) or retried statement before
+/// [`Error::RetriesExhausted`].
 const COMMIT_ATTEMPTS_MAX: u32 = 30;
 /// First backoff between attempts; doubles per attempt up to [`BACKOFF_MAX`].
 const BACKOFF_INITIAL: Duration = Duration::from_millis(1);
@@ -57,6 +71,20 @@ const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 /// Object listings with at most this many label requirements use a cached prepared statement
 /// (the SQL shape depends on the requirements, so caching every shape could grow without bound).
 const CACHED_LABEL_REQUIREMENTS_MAX: usize = 8;
+
+/// What one retried SERIALIZABLE transaction applies.
+enum Write<'a> {
+    Batch(&'a Batch),
+    Claim(&'a ClaimRequest),
+    Sweep { now: Timestamp, limit: usize },
+}
+
+/// What a [`Write`] returns.
+enum Written {
+    Batch(Vec<OpResult>),
+    Claim(Vec<WorkInfo>),
+    Sweep(u64),
+}
 
 /// How [`PostgresBackend::open`] behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,8 +188,31 @@ impl PostgresBackend {
         self.pool.get().await.map_err(pool_err)
     }
 
-    /// One attempt at a batch: a transaction on one connection.
-    async fn commit_once(&self, batch: &Batch) -> std::result::Result<Vec<OpResult>, Failure> {
+    /// Apply `write` in one SERIALIZABLE transaction, retrying transient failures.
+    async fn transact(&self, write: Write<'_>) -> Result<Written> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.transact_once(&write).await {
+                Ok(results) => return Ok(results),
+                Err(Failure::Fail(err)) => return Err(err),
+                Err(Failure::Retry(msg)) => {
+                    if attempt >= COMMIT_ATTEMPTS_MAX {
+                        return Err(Error::RetriesExhausted {
+                            attempts: attempt,
+                            last: msg,
+                        });
+                    }
+                    let pause = backoff(attempt);
+                    tracing::debug!(attempt, ?pause, reason = %msg, "retrying PostgreSQL transaction");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    /// One attempt: a transaction on one connection.
+    async fn transact_once(&self, write: &Write<'_>) -> std::result::Result<Written, Failure> {
         let client = self.client().await.map_err(Failure::Fail)?;
         let mut guard = TxGuard {
             client: Some(client),
@@ -169,17 +220,30 @@ impl PostgresBackend {
         };
         let conn: &deadpool_postgres::ClientWrapper = guard.client();
         let mut rows = PgTx::new(conn);
-        let applied = apply_batch(&mut rows, batch).await;
-        let (begun, transient) = (rows.begun, rows.transient.take());
+        let applied = match write {
+            Write::Batch(batch) => apply_batch(&mut rows, batch).await.map(Written::Batch),
+            Write::Claim(req) => apply_claim(&mut rows, req).await.map(Written::Claim),
+            Write::Sweep { now, limit } => apply_sweep(&mut rows, *now, *limit)
+                .await
+                .map(Written::Sweep),
+        };
         let outcome = match applied {
-            Ok(results) if !begun => Ok(results),
-            Ok(results) => match conn.batch_execute("COMMIT").await {
+            Ok(results) if !rows.begun => Ok(results),
+            Ok(results) => match rows.commit().await {
                 Ok(()) => Ok(results),
                 // A failed COMMIT has ended the transaction (or lost the connection, which the
-                // pool's recycling check discards).
-                Err(e) => Err(classify(&e)),
+                // pool's recycling check discards). A deferred write that failed before COMMIT
+                // was sent leaves it open: roll it back.
+                Err(failure) => {
+                    if conn.batch_execute("ROLLBACK").await.is_err() {
+                        // Leave `open` set: the connection is dropped rather than reused.
+                        return Err(failure);
+                    }
+                    Err(failure)
+                }
             },
             Err(err) => {
+                let (begun, transient) = (rows.begun, rows.transient.take());
                 if begun && conn.batch_execute("ROLLBACK").await.is_err() {
                     // Leave `open` set: the connection is dropped rather than reused.
                     return Err(transient.map_or(Failure::Fail(err), Failure::Retry));
@@ -189,6 +253,52 @@ impl PostgresBackend {
         };
         guard.open = false;
         outcome
+    }
+
+    /// Run one statement in autocommit, retrying transient failures (serialization failures on
+    /// servers that run every statement serializable, such as CockroachDB).
+    async fn query_retrying(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
+            match client.query(&stmt, params).await {
+                Ok(rows) => return Ok(rows),
+                Err(e) => match classify(&e) {
+                    Failure::Fail(err) => return Err(err),
+                    Failure::Retry(msg) => {
+                        if attempt >= COMMIT_ATTEMPTS_MAX {
+                            return Err(Error::RetriesExhausted {
+                                attempts: attempt,
+                                last: msg,
+                            });
+                        }
+                        drop(client);
+                        let pause = backoff(attempt);
+                        tracing::debug!(attempt, ?pause, reason = %msg, "retrying PostgreSQL statement");
+                        tokio::time::sleep(pause).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Run a compiled selector query (text varying per selector) in ONE round trip, uncached.
+    async fn query_selector(
+        &self,
+        sql: &str,
+        params: &work::TypedParams,
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let client = self.client().await?;
+        client
+            .query_typed(sql, &params.typed())
+            .await
+            .map_err(db_err)
     }
 
     async fn query(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<tokio_postgres::Row>> {
@@ -350,24 +460,11 @@ impl Backend for PostgresBackend {
         if batch.ops.is_empty() && batch.preconditions.is_empty() {
             return Ok(Vec::new());
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.commit_once(&batch).await {
-                Ok(results) => return Ok(results),
-                Err(Failure::Fail(err)) => return Err(err),
-                Err(Failure::Retry(msg)) => {
-                    if attempt >= COMMIT_ATTEMPTS_MAX {
-                        return Err(Error::RetriesExhausted {
-                            attempts: attempt,
-                            last: msg,
-                        });
-                    }
-                    let pause = backoff(attempt);
-                    tracing::debug!(attempt, ?pause, reason = %msg, "retrying PostgreSQL transaction");
-                    tokio::time::sleep(pause).await;
-                }
-            }
+        match self.transact(Write::Batch(&batch)).await? {
+            Written::Batch(results) => Ok(results),
+            _ => Err(Error::Backend(
+                "a batch returned something else".to_string(),
+            )),
         }
     }
 
@@ -438,6 +535,148 @@ impl Backend for PostgresBackend {
             compacted: Revision(row.try_get(1).map_err(db_err)?),
         })
     }
+
+    // ---- sessions and work ----
+
+    async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
+        match self.transact(Write::Claim(&req)).await? {
+            Written::Claim(work) => Ok(work),
+            _ => Err(Error::Backend(
+                "a claim returned something else".to_string(),
+            )),
+        }
+    }
+
+    async fn session_renew(
+        &self,
+        ids: &[String],
+        now: Timestamp,
+    ) -> Result<Vec<(String, Timestamp)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = work::json_list(ids);
+        let rows = self
+            .query_retrying(work::SESSION_RENEW, &[&now.0, &ids])
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).map_err(db_err)?,
+                    Timestamp(r.try_get(1).map_err(db_err)?),
+                ))
+            })
+            .collect()
+    }
+
+    async fn session_sweep(&self, now: Timestamp, limit: usize) -> Result<u64> {
+        match self.transact(Write::Sweep { now, limit }).await? {
+            Written::Sweep(n) => Ok(n),
+            _ => Err(Error::Backend(
+                "a sweep returned something else".to_string(),
+            )),
+        }
+    }
+
+    async fn session_get(&self, id: &str) -> Result<Option<SessionInfo>> {
+        let rows = self.query(work::SESSION_GET, &[&id]).await?;
+        rows.first().map(work::session_from_row).transpose()
+    }
+
+    async fn session_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionInfo>> {
+        let after = after.unwrap_or("");
+        let limit = work::limit_param(limit);
+        let rows = self.query(work::SESSION_LIST, &[&after, &limit]).await?;
+        rows.iter().map(work::session_from_row).collect()
+    }
+
+    async fn process_list(&self) -> Result<Vec<Process>> {
+        let rows = self.query(work::PROCESS_ALL, &[]).await?;
+        rows.iter().map(work::process_from_row).collect()
+    }
+
+    async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>> {
+        let limit = work::limit_param(limit);
+        let rows = self.query(work::WORK_LIST, &[&process, &limit]).await?;
+        rows.iter().map(work::work_from_row).collect()
+    }
+
+    async fn backoff_list(
+        &self,
+        process: Option<&str>,
+        active_at: Option<Timestamp>,
+        limit: usize,
+    ) -> Result<Vec<BackoffInfo>> {
+        let active_at = active_at.map(|t| t.0);
+        let limit = work::limit_param(limit);
+        let rows = self
+            .query(work::BACKOFF_LIST, &[&process, &active_at, &limit])
+            .await?;
+        rows.iter().map(work::backoff_from_row).collect()
+    }
+
+    async fn history_list(
+        &self,
+        filter: &HistoryFilter,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>> {
+        let before = before.unwrap_or(i64::MAX);
+        let limit = work::limit_param(limit);
+        let rows = match filter {
+            HistoryFilter::Object(k) => {
+                self.query(
+                    work::HISTORY_OF_OBJECT,
+                    &[&k.namespace, &k.kind, &k.id, &before, &limit],
+                )
+                .await?
+            }
+            HistoryFilter::Process(p) => {
+                self.query(work::HISTORY_OF_PROCESS, &[p, &before, &limit])
+                    .await?
+            }
+        };
+        rows.iter().map(work::history_from_row).collect()
+    }
+
+    async fn history_prune(&self, before: Timestamp) -> Result<u64> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(work::HISTORY_PRUNE)
+            .await
+            .map_err(db_err)?;
+        client.execute(&stmt, &[&before.0]).await.map_err(db_err)
+    }
+
+    async fn select(
+        &self,
+        selector: &str,
+        now: Timestamp,
+        after: Option<&ObjectKey>,
+        limit: usize,
+    ) -> Result<Vec<Object>> {
+        let selector = Selector::parse(selector)?;
+        let (sql, params) = work::select_sql(&selector, now, after, limit);
+        let rows = self.query_selector(&sql, &params).await?;
+        work::objects_from_rows(&rows)
+    }
+
+    async fn work_stats(&self, now: Timestamp) -> Result<Vec<WorkStats>> {
+        let rows = self.query(work::WORK_STATS, &[&now.0]).await?;
+        rows.iter().map(work::work_stats_from_row).collect()
+    }
+
+    async fn count(&self, selector: &str, now: Timestamp) -> Result<u64> {
+        let selector = Selector::parse(selector)?;
+        let (sql, params) = work::count_sql(&selector, now);
+        let rows = self.query_selector(&sql, &params).await?;
+        let n: i64 = rows
+            .first()
+            .ok_or_else(|| Error::Backend("count returned no row".to_string()))?
+            .try_get(0)
+            .map_err(db_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +724,77 @@ mod tests {
             client.batch_execute("ROLLBACK").await.unwrap();
         }
         drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    async fn test_backend(pool_size_max: usize) -> (PostgresBackend, String, String) {
+        let base = testing::test_url();
+        let (url, schema) = testing::create_schema(&base)
+            .await
+            .unwrap_or_else(|msg| panic!("{msg}"));
+        let backend = PostgresBackend::open(
+            &url,
+            PostgresOptions {
+                migrate: true,
+                pool_size_max,
+            },
+            Arc::new(fleetdb_core::SystemClock),
+        )
+        .await
+        .unwrap();
+        (backend, base, schema)
+    }
+
+    /// A deferred write that fails before reaching the server (here: a parameter of the wrong
+    /// type) must keep COMMIT from being sent after the writes queued before it.
+    #[tokio::test]
+    async fn commit_is_not_sent_after_a_write_that_failed_to_send() {
+        let (backend, base, schema) = test_backend(1).await;
+        let client = backend.client().await.unwrap();
+        let insert = "INSERT INTO processes (name, conflicts, created_at) VALUES ($1, $2, $3)";
+        let mut rows = PgTx::new(&client);
+        rows.read("SELECT 1", &[]).await.unwrap();
+        let good: Vec<tx::Owned> = vec![Box::new("A".to_string()), Box::new("[]"), Box::new(1i64)];
+        rows.defer(insert, good).await.unwrap();
+        // created_at is BIGINT: an i32 does not encode.
+        let bad: Vec<tx::Owned> = vec![Box::new("B".to_string()), Box::new("[]"), Box::new(1i32)];
+        rows.defer(insert, bad).await.unwrap();
+        assert!(rows.commit().await.is_err());
+        client.batch_execute("ROLLBACK").await.unwrap();
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM processes", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "the first write must not have been committed");
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// Selector SQL varies per selector; it is never prepared as a named statement, so the
+    /// server-side statement cache of a connection does not grow with the selectors used.
+    #[tokio::test]
+    async fn selector_queries_are_not_cached() {
+        let (backend, base, schema) = test_backend(1).await;
+        let now = Timestamp(0);
+        backend.count("kind = warmup", now).await.unwrap();
+        let prepared = |client: PooledClient| async move {
+            let n: i64 = client
+                .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n
+        };
+        let before = prepared(backend.client().await.unwrap()).await;
+        for i in 0..20 {
+            let sel = format!("kind = machine and tag(t{i}).x > {i}");
+            backend.select(&sel, now, None, 10).await.unwrap();
+            backend.count(&sel, now).await.unwrap();
+        }
+        let after = prepared(backend.client().await.unwrap()).await;
+        // The count query itself is prepared (unnamed statements are not listed).
+        assert!(after <= before + 1, "{before} -> {after}");
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 

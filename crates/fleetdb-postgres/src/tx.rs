@@ -1,19 +1,43 @@
 //! One SERIALIZABLE transaction wrapped as [`TxRows`]: the row-level primitives
-//! [`fleetdb_core::apply::apply_batch`] drives.
+//! [`fleetdb_core::apply`] drives (batches, claims, sweeps).
 //!
 //! Round trips: the transaction is opened lazily and `BEGIN` is pipelined with the first read (it
 //! is sent on the same connection just before it, and both answers are awaited together). Every
 //! `*_put` / `*_remove` is ONE statement: a data-modifying CTE that takes `nextval` for the
 //! revision, appends the change-log row and writes the row.
+//!
+//! Writes that return nothing (the session and work rows: inserts, removals, history) are
+//! deferred: they are queued and sent pipelined just before the next statement that needs an
+//! answer (a read, a revision-returning write, `COMMIT`), so they cost no round trip of their own.
+//! A deferred write that fails makes that next statement fail with the write's error (the
+//! transaction is then rolled back), and `COMMIT` is never sent after a write that failed before
+//! it was sent.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use async_trait::async_trait;
 use deadpool_postgres::ClientWrapper;
-use fleetdb_core::backend::{ChangeDraft, TagRead, TxRows};
-use fleetdb_core::{Error, Namespace, Object, ObjectKey, Result, Revision, Tag};
+use fleetdb_core::backend::{CandidateQuery, ChangeDraft, HistoryDraft, TagRead, TxRows};
+use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
+use fleetdb_core::{Error, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
+use futures::future::{maybe_done, MaybeDone};
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
 use crate::error::{classify, Failure};
 use crate::sql::{self, Param};
+use crate::work;
+
+/// An owned statement parameter (deferred writes outlive the call that queued them).
+pub(crate) type Owned = Box<dyn ToSql + Sync + Send>;
+
+/// A write queued until the next statement that needs an answer.
+struct Deferred {
+    stmt: Statement,
+    params: Vec<Owned>,
+}
 
 pub(crate) struct PgTx<'a> {
     client: &'a ClientWrapper,
@@ -21,6 +45,64 @@ pub(crate) struct PgTx<'a> {
     pub(crate) begun: bool,
     /// A transient failure (serialization failure, deadlock) happened: retry the whole batch.
     pub(crate) transient: Option<String>,
+    /// Deferred writes, in order. Only ever non-empty once `begun`.
+    pending: Vec<Deferred>,
+}
+
+/// Poll `writes`, then `last`, in that order (tokio-postgres sends a request on its first poll,
+/// so this is also the order they reach the server), until all are done. `last` is never polled,
+/// so never sent, if a write has already failed when its turn comes: a write that fails before
+/// reaching the server (say, a parameter that does not encode) must not be followed by `COMMIT`.
+/// Returns the first write error, if any, and `last`'s result if it was sent.
+async fn pipeline<W, L, T>(
+    writes: Vec<W>,
+    last: L,
+) -> (
+    Option<tokio_postgres::Error>,
+    Option<std::result::Result<T, tokio_postgres::Error>>,
+)
+where
+    W: Future<Output = std::result::Result<u64, tokio_postgres::Error>>,
+    L: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+{
+    let mut writes: Vec<Pin<Box<MaybeDone<W>>>> = writes
+        .into_iter()
+        .map(|w| Box::pin(maybe_done(w)))
+        .collect();
+    let mut last = Box::pin(maybe_done(last));
+    // None: not decided yet; Some(true): sent; Some(false): abandoned.
+    let mut send_last: Option<bool> = None;
+    futures::future::poll_fn(|cx| {
+        let mut done = true;
+        let mut failed = false;
+        for w in writes.iter_mut() {
+            if w.as_mut().poll(cx).is_pending() {
+                done = false;
+            } else if matches!(w.as_mut().output_mut(), Some(Err(_))) {
+                failed = true;
+            }
+        }
+        let send = *send_last.get_or_insert(!failed);
+        if send && last.as_mut().poll(cx).is_pending() {
+            done = false;
+        }
+        if done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    let first_error = writes
+        .iter_mut()
+        .filter_map(|w| w.as_mut().take_output())
+        .find_map(|r| r.err());
+    let last = if send_last == Some(true) {
+        last.as_mut().take_output()
+    } else {
+        None
+    };
+    (first_error, last)
 }
 
 impl<'a> PgTx<'a> {
@@ -29,6 +111,95 @@ impl<'a> PgTx<'a> {
             client,
             begun: false,
             transient: None,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Send the deferred writes and then `last`'s request, pipelined, and return `last`'s answer
+    /// (or the first failed write's error).
+    async fn after_pending<T, F, Fut>(&mut self, last: F) -> Result<T>
+    where
+        F: FnOnce(&'a ClientWrapper) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    {
+        let client = self.client;
+        if self.pending.is_empty() {
+            return last(client).await.map_err(|e| self.fail(e));
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let refs: Vec<Vec<Param<'_>>> = pending
+            .iter()
+            .map(|d| d.params.iter().map(|p| &**p as Param<'_>).collect())
+            .collect();
+        let writes: Vec<_> = pending
+            .iter()
+            .zip(&refs)
+            .map(|(d, params)| client.execute(&d.stmt, params))
+            .collect();
+        let (write_err, answer) = pipeline(writes, last(client)).await;
+        if let Some(e) = write_err {
+            return Err(self.fail(e));
+        }
+        match answer {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) => Err(self.fail(e)),
+            None => Err(Error::Backend(
+                "a deferred write failed without an error".to_string(),
+            )),
+        }
+    }
+
+    /// Queue a write that returns nothing; it is sent with the next statement that needs an
+    /// answer.
+    pub(crate) async fn defer(&mut self, sql: &str, params: Vec<Owned>) -> Result<()> {
+        let stmt = self.statement(sql).await?;
+        self.begin_alone().await?;
+        self.pending.push(Deferred { stmt, params });
+        Ok(())
+    }
+
+    /// Open the transaction on its own round trip if it is not open yet. Writes are never
+    /// pipelined with `BEGIN`: if `BEGIN` failed they would run outside the transaction.
+    async fn begin_alone(&mut self) -> Result<()> {
+        if !self.begun {
+            // The apply functions always read before they write; this is only a safety net.
+            if let Err(e) = self.client.batch_execute(sql::BEGIN).await {
+                return Err(self.fail(e));
+            }
+            self.begun = true;
+        }
+        Ok(())
+    }
+
+    /// Run a write now (after the deferred ones) and return how many rows it touched.
+    pub(crate) async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        let stmt = self.statement(sql).await?;
+        self.begin_alone().await?;
+        self.after_pending(|c| c.execute(&stmt, params)).await
+    }
+
+    /// Run a query whose text varies (a compiled selector) inside the transaction: one round
+    /// trip with an unnamed statement and declared parameter types, nothing cached.
+    pub(crate) async fn query_typed(
+        &mut self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<Vec<Row>> {
+        self.begin_alone().await?;
+        self.after_pending(|c| c.query_typed(sql, params)).await
+    }
+
+    /// End the transaction: the deferred writes and `COMMIT`, pipelined. On `Err` the caller must
+    /// not assume the transaction ended (a write that failed before reaching the server kept
+    /// `COMMIT` from being sent): send `ROLLBACK`, which only warns if there is no transaction.
+    pub(crate) async fn commit(&mut self) -> std::result::Result<(), Failure> {
+        self.transient = None;
+        match self.after_pending(|c| c.batch_execute("COMMIT")).await {
+            Ok(()) => Ok(()),
+            Err(err) => Err(self
+                .transient
+                .take()
+                .map_or(Failure::Fail(err), Failure::Retry)),
         }
     }
 
@@ -56,22 +227,21 @@ impl<'a> PgTx<'a> {
     /// connection first and the query runs inside the transaction).
     pub(crate) async fn read(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
         let stmt = self.statement(sql).await?;
+        if self.begun {
+            return self.after_pending(|c| c.query(&stmt, params)).await;
+        }
+        // Nothing is deferred before the transaction is open.
         let client = self.client;
-        let result = if self.begun {
-            client.query(&stmt, params).await
-        } else {
-            let (begin, rows) = futures::future::join(
-                client.batch_execute(sql::BEGIN),
-                client.query(&stmt, params),
-            )
-            .await;
-            if let Err(e) = begin {
-                return Err(self.fail(e));
-            }
-            self.begun = true;
-            rows
-        };
-        result.map_err(|e| self.fail(e))
+        let (begin, rows) = futures::future::join(
+            client.batch_execute(sql::BEGIN),
+            client.query(&stmt, params),
+        )
+        .await;
+        if let Err(e) = begin {
+            return Err(self.fail(e));
+        }
+        self.begun = true;
+        rows.map_err(|e| self.fail(e))
     }
 
     async fn read_one(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Row> {
@@ -85,21 +255,11 @@ impl<'a> PgTx<'a> {
     /// Run a write (one statement returning the new revision) inside the transaction.
     async fn write(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Revision> {
         let stmt = self.statement(sql).await?;
-        if !self.begun {
-            // apply_batch always reads before it writes; this is only a safety net. A write is
-            // never pipelined with BEGIN: if BEGIN failed it would run outside the transaction.
-            if let Err(e) = self.client.batch_execute(sql::BEGIN).await {
-                return Err(self.fail(e));
-            }
-            self.begun = true;
-        }
-        match self.client.query_one(&stmt, params).await {
-            Ok(row) => row
-                .try_get::<_, i64>(0)
-                .map(Revision)
-                .map_err(|e| self.fail(e)),
-            Err(e) => Err(self.fail(e)),
-        }
+        self.begin_alone().await?;
+        let row = self.after_pending(|c| c.query_one(&stmt, params)).await?;
+        row.try_get::<_, i64>(0)
+            .map(Revision)
+            .map_err(|e| self.fail(e))
     }
 }
 
@@ -204,5 +364,79 @@ impl TxRows for PgTx<'_> {
     ) -> Result<Revision> {
         let params = sql::with_change(change, &[&key.namespace, &key.kind, &key.id, &name]);
         self.write(sql::TAG_REMOVE, &params).await
+    }
+
+    // ---- sessions and work (see crate::work) ----
+
+    async fn session_read(&mut self, id: &str) -> Result<Option<SessionInfo>> {
+        work::session_read(self, id).await
+    }
+
+    async fn session_insert(&mut self, s: &SessionInfo) -> Result<()> {
+        work::session_insert(self, s).await
+    }
+
+    async fn session_remove(&mut self, id: &str) -> Result<()> {
+        work::session_remove(self, id).await
+    }
+
+    async fn sessions_expired(&mut self, now: Timestamp, limit: usize) -> Result<Vec<SessionInfo>> {
+        work::sessions_expired(self, now, limit).await
+    }
+
+    async fn process_read(&mut self, name: &str) -> Result<Option<Process>> {
+        work::process_read(self, name).await
+    }
+
+    async fn process_put(&mut self, p: &Process) -> Result<()> {
+        work::process_put(self, p).await
+    }
+
+    async fn process_all(&mut self) -> Result<Vec<Process>> {
+        work::process_all(self).await
+    }
+
+    async fn work_read(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>> {
+        work::work_read(self, key, process).await
+    }
+
+    async fn work_of_session(&mut self, session_id: &str) -> Result<Vec<WorkInfo>> {
+        work::work_of_session(self, session_id).await
+    }
+
+    async fn work_insert(&mut self, w: &WorkInfo) -> Result<()> {
+        work::work_insert(self, w).await
+    }
+
+    async fn work_remove(&mut self, key: &ObjectKey, process: &str) -> Result<()> {
+        work::work_remove(self, key, process).await
+    }
+
+    async fn backoff_read(
+        &mut self,
+        key: &ObjectKey,
+        process: &str,
+    ) -> Result<Option<BackoffInfo>> {
+        work::backoff_read(self, key, process).await
+    }
+
+    async fn backoff_put(&mut self, b: &BackoffInfo) -> Result<()> {
+        work::backoff_put(self, b).await
+    }
+
+    async fn backoff_remove(&mut self, key: &ObjectKey, process: &str) -> Result<bool> {
+        work::backoff_remove(self, key, process).await
+    }
+
+    async fn history_append(&mut self, h: &HistoryDraft) -> Result<()> {
+        work::history_append(self, h).await
+    }
+
+    async fn next_token(&mut self) -> Result<i64> {
+        work::next_token(self).await
+    }
+
+    async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>> {
+        work::claim_candidates(self, q).await
     }
 }

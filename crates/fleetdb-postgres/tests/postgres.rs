@@ -125,15 +125,18 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
 
     let backend = db.open().await;
     let status = backend.schema_status().await.unwrap();
-    assert_eq!(status.database, 2);
-    assert_eq!(status.binary, 2);
+    assert_eq!(status.database, 3);
+    assert_eq!(status.binary, 3);
     assert!(status.pending.is_empty());
     let applied: Vec<_> = status
         .applied
         .iter()
         .map(|a| (a.version, a.name.as_str()))
         .collect();
-    assert_eq!(applied, vec![(1, "init"), (2, "change_log")]);
+    assert_eq!(
+        applied,
+        vec![(1, "init"), (2, "change_log"), (3, "sessions_work")]
+    );
     assert_eq!(
         status.applied[0].applied_at,
         Timestamp(1_700_000_000_000_000),
@@ -203,8 +206,8 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .await
     .unwrap();
     let status = backend.schema_status().await.unwrap();
-    assert_eq!((status.database, status.binary), (0, 2));
-    assert_eq!(status.pending.len(), 2);
+    assert_eq!((status.database, status.binary), (0, 3));
+    assert_eq!(status.pending.len(), 3);
     assert!(status.applied.is_empty());
 
     // Migrations one at a time, then the rest on open.
@@ -220,9 +223,9 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .unwrap();
     let status = backend.schema_status().await.unwrap();
     assert_eq!(status.database, 1);
-    assert_eq!(status.pending.len(), 1);
+    assert_eq!(status.pending.len(), 2);
     let status = backend.migrate().await.unwrap();
-    assert_eq!(status.database, 2);
+    assert_eq!(status.database, 3);
     assert!(status.pending.is_empty());
     db.drop().await;
 }
@@ -241,7 +244,7 @@ async fn concurrent_migrators_agree() {
         t.await.unwrap().unwrap();
     }
     let raw = db.raw().await;
-    assert_eq!(schema_rows(&raw).await.len(), 2);
+    assert_eq!(schema_rows(&raw).await.len(), MIGRATIONS.len());
     db.drop().await;
 }
 
@@ -853,5 +856,329 @@ async fn a_tag_set_costs_three_round_trips() {
     // BEGIN pipelined with the read, the write, COMMIT: 3 round trips (4 would be >= 160 ms).
     assert!(best >= DELAY * 3, "{best:?}");
     assert!(best < DELAY * 4, "{best:?}: more than 3 round trips");
+    db.drop().await;
+}
+
+// ---- sessions and work ----
+
+const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
+
+fn session(id: &str, ttl_ms: i64) -> fleetdb_core::work::SessionInfo {
+    fleetdb_core::work::SessionInfo {
+        id: id.to_string(),
+        component: "worker".into(),
+        host: "host-1".into(),
+        runtime_info: String::new(),
+        ttl_ms,
+        created_at: NOW,
+        deadline: Timestamp(NOW.0 + ttl_ms * 1000),
+    }
+}
+
+/// A declared process `P`, a session per id (TTL 10 s) and `n` machines `m000`…
+async fn work_setup(backend: &PostgresBackend, sessions: &[&str], n: usize) -> Vec<ObjectKey> {
+    let mut ops = vec![Op::ProcessDefine {
+        name: "P".into(),
+        conflicts: Vec::new(),
+    }];
+    for id in sessions {
+        ops.push(Op::SessionStart {
+            session: session(id, 10_000),
+        });
+    }
+    let keys: Vec<ObjectKey> = (0..n)
+        .map(|i| key("machine", &format!("m{i:03}")))
+        .collect();
+    ops.extend(keys.iter().map(|k| put(k, &[])));
+    backend.commit(batch(ops)).await.unwrap();
+    keys
+}
+
+fn claim_request(
+    session_id: &str,
+    target: fleetdb_core::work::ClaimTarget,
+    limit: usize,
+) -> fleetdb_core::work::ClaimRequest {
+    fleetdb_core::work::ClaimRequest {
+        session_id: session_id.into(),
+        process: "P".into(),
+        target,
+        limit,
+        now: NOW,
+    }
+}
+
+fn by_selector(session_id: &str, selector: &str, limit: usize) -> fleetdb_core::work::ClaimRequest {
+    claim_request(
+        session_id,
+        fleetdb_core::work::ClaimTarget::Selector(selector.into()),
+        limit,
+    )
+}
+
+#[tokio::test]
+async fn racing_claims_of_one_object_give_one_winner_and_conflicts() {
+    let db = TestDb::new().await;
+    let backend = Arc::new(db.open().await);
+    let ids: Vec<String> = (0..8).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let keys = work_setup(&backend, &refs, 1).await;
+    let mut tasks = Vec::new();
+    for id in ids.clone() {
+        let backend = backend.clone();
+        let k = keys[0].clone();
+        tasks.push(tokio::spawn(async move {
+            let target = fleetdb_core::work::ClaimTarget::Object(k);
+            backend.claim(claim_request(&id, target, 1)).await
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(w) => {
+                assert_eq!(w.len(), 1);
+                winners += 1;
+            }
+            // The losers see the winner's claim (after a retry if they raced it): never a
+            // unique violation, never retries exhausted.
+            Err(Error::Conflict { .. }) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(backend.work_list(None, 10).await.unwrap().len(), 1);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn racing_selector_claims_split_the_objects() {
+    let db = TestDb::new().await;
+    let backend = Arc::new(db.open().await);
+    let ids: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    work_setup(&backend, &refs, 30).await;
+    let mut tasks = Vec::new();
+    for id in ids.clone() {
+        let backend = backend.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let w = backend
+                    .claim(by_selector(&id, "kind = machine", 2))
+                    .await
+                    .unwrap();
+                if w.is_empty() {
+                    return got;
+                }
+                got.extend(w.into_iter().map(|w| (w.key, w.token)));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let keys: std::collections::BTreeSet<_> = all.iter().map(|(k, _)| k.clone()).collect();
+    let tokens: std::collections::BTreeSet<_> = all.iter().map(|(_, t)| *t).collect();
+    assert_eq!((all.len(), keys.len(), tokens.len()), (30, 30, 30));
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn session_renew_is_one_statement_for_live_sessions_only() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    let mut ops = vec![
+        Op::SessionStart {
+            session: session("alive", 10_000),
+        },
+        Op::SessionStart {
+            session: session("short", 1_000),
+        },
+    ];
+    ops.push(Op::SessionStart {
+        session: session("other", 30_000),
+    });
+    backend.commit(batch(ops)).await.unwrap();
+    let later = Timestamp(NOW.0 + 5_000_000); // "short" died at NOW + 1 s
+    let ids: Vec<String> = ["alive", "short", "unknown"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut renewed = backend.session_renew(&ids, later).await.unwrap();
+    renewed.sort();
+    assert_eq!(
+        renewed,
+        vec![("alive".to_string(), Timestamp(later.0 + 10_000_000))]
+    );
+    assert_eq!(
+        backend
+            .session_get("alive")
+            .await
+            .unwrap()
+            .unwrap()
+            .deadline,
+        Timestamp(later.0 + 10_000_000)
+    );
+    // Not listed: untouched. Expired: not revived.
+    assert_eq!(
+        backend
+            .session_get("other")
+            .await
+            .unwrap()
+            .unwrap()
+            .deadline,
+        Timestamp(NOW.0 + 30_000_000)
+    );
+    assert_eq!(
+        backend
+            .session_get("short")
+            .await
+            .unwrap()
+            .unwrap()
+            .deadline,
+        Timestamp(NOW.0 + 1_000_000)
+    );
+    assert!(backend.session_renew(&[], later).await.unwrap().is_empty());
+    // The sweep removes only the expired one.
+    assert_eq!(backend.session_sweep(later, 100).await.unwrap(), 1);
+    let left: Vec<String> = backend
+        .session_list(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(left, vec!["alive", "other"]);
+    db.drop().await;
+}
+
+/// Session and work writes are deferred and pipelined; one that fails must fail the whole
+/// transaction, commit nothing, and be retried when it is transient.
+#[tokio::test]
+async fn a_failing_deferred_write_commits_nothing_and_transient_ones_are_retried() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    let keys = work_setup(&backend, &["s1"], 3).await;
+    let target = fleetdb_core::work::ClaimTarget::Object(keys[0].clone());
+    backend.claim(claim_request("s1", target, 1)).await.unwrap();
+    let raw = db.raw().await;
+    raw.batch_execute(
+        "CREATE SEQUENCE refusals;
+         CREATE TABLE refuse (mode TEXT NOT NULL);
+         CREATE FUNCTION refuse_history() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF EXISTS (SELECT 1 FROM refuse WHERE mode = 'always') THEN
+             RAISE EXCEPTION 'history refused';
+           END IF;
+           IF EXISTS (SELECT 1 FROM refuse WHERE mode = 'twice') AND nextval('refusals') <= 2 THEN
+             RAISE EXCEPTION 'injected conflict' USING ERRCODE = 'serialization_failure';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_history BEFORE INSERT ON work_history
+           FOR EACH ROW EXECUTE FUNCTION refuse_history();
+         INSERT INTO refuse VALUES ('always');",
+    )
+    .await
+    .unwrap();
+    let err = backend
+        .claim(by_selector("s1", "kind = machine", 2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Backend(m) if m.contains("history refused")),
+        "{err:?}"
+    );
+    assert_eq!(backend.work_list(None, 10).await.unwrap().len(), 1);
+    // Closing the session writes a Canceled row for its claim: refused, nothing changes.
+    let close = batch(vec![Op::SessionClose { id: "s1".into() }]);
+    let err = backend.commit(close).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Backend(m) if m.contains("history refused")),
+        "{err:?}"
+    );
+    assert!(backend.session_get("s1").await.unwrap().is_some());
+    assert_eq!(backend.work_list(None, 10).await.unwrap().len(), 1);
+
+    // Transient: two serialization failures, then it goes through, exactly once.
+    raw.batch_execute("UPDATE refuse SET mode = 'twice'")
+        .await
+        .unwrap();
+    let got = backend
+        .claim(by_selector("s1", "kind = machine", 2))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    let refusals: i64 = raw
+        .query_one("SELECT last_value FROM refusals", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(refusals >= 3, "{refusals}");
+    let history: i64 = raw
+        .query_one("SELECT count(*) FROM work_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(history, 3);
+    assert_eq!(backend.work_list(None, 10).await.unwrap().len(), 3);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_selector_claim_costs_four_plus_two_round_trips_per_object() {
+    let db = TestDb::new().await;
+    let config = tokio_postgres::Config::from_str(&db.url).unwrap();
+    let (host, port) = match (config.get_hosts().first(), config.get_ports().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(h)), Some(p)) => (h.clone(), *p),
+        _ => {
+            eprintln!("skipping: the test server is not reached over TCP");
+            return db.drop().await;
+        }
+    };
+    let host_port = format!("{host}:{port}");
+    if !db.url.contains(&host_port) {
+        eprintln!("skipping: cannot rewrite {host_port} in the test URL");
+        return db.drop().await;
+    }
+    work_setup(&db.open().await, &["s1"], 40).await;
+    // Longer than the tag set test's: ten round trips leave more room for CPU time.
+    const DELAY: Duration = Duration::from_millis(80);
+    let proxy = delaying_proxy(host_port.clone(), DELAY).await;
+    let url = db.url.replace(&host_port, &proxy.to_string());
+    let backend = open_url(
+        &url,
+        PostgresOptions {
+            migrate: true,
+            pool_size_max: 1,
+        },
+    )
+    .await
+    .unwrap();
+    // Warm the statement cache of the single connection.
+    let selector = "kind = machine and not has(done)";
+    backend.claim(by_selector("s1", selector, 2)).await.unwrap();
+    for (objects, round_trips) in [(1u32, 6u32), (3, 10)] {
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let start = Instant::now();
+            let got = backend
+                .claim(by_selector("s1", selector, objects as usize))
+                .await
+                .unwrap();
+            best = best.min(start.elapsed());
+            assert_eq!(got.len(), objects as usize);
+        }
+        eprintln!("a claim of {objects} through a {DELAY:?} proxy: {best:?}");
+        // BEGIN pipelined with the session read, the processes, the candidates, per object its
+        // stale-claim read (carrying the previous object's deferred writes) and its token, and
+        // COMMIT carrying the last deferred writes.
+        assert!(best >= DELAY * round_trips, "{best:?}");
+        assert!(
+            best < DELAY * (round_trips + 1),
+            "{best:?}: more than {round_trips} round trips"
+        );
+    }
     db.drop().await;
 }

@@ -10,12 +10,17 @@
 mod migrate;
 mod read;
 mod rows;
+mod work;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use fleetdb_core::work::{
+    BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+};
+use fleetdb_core::Timestamp;
 use fleetdb_core::{
     Backend, Batch, Capabilities, Change, ChangeFilter, Clock, Error, Namespace, Object, ObjectKey,
     ObjectQuery, OpResult, Result, Revision, RevisionInfo, SchemaStatus, Tag,
@@ -268,6 +273,17 @@ impl SqliteBackend {
         out
     }
 
+    /// Queue a write for the writer's next group and wait until its group committed.
+    async fn write(&self, write: writer::Write) -> Result<writer::Written> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(writer::Job::Commit { write, reply })
+            .await
+            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?
+    }
+
     /// Run `f` on the writer thread with the write connection, between groups.
     async fn exclusive<T: Send + 'static>(
         &self,
@@ -343,13 +359,12 @@ impl Backend for SqliteBackend {
     }
 
     async fn commit(&self, batch: Batch) -> Result<Vec<OpResult>> {
-        let (reply, rx) = oneshot::channel();
-        self.writer
-            .send(writer::Job::Commit { batch, reply })
-            .await
-            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?
+        match self.write(writer::Write::Batch(batch)).await? {
+            writer::Written::Batch(r) => Ok(r),
+            _ => Err(Error::Backend(
+                "the writer answered a batch with something else".into(),
+            )),
+        }
     }
 
     async fn changes(
@@ -367,5 +382,97 @@ impl Backend for SqliteBackend {
 
     async fn revision(&self) -> Result<RevisionInfo> {
         self.read(current_revision)
+    }
+
+    async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
+        match self.write(writer::Write::Claim(req)).await? {
+            writer::Written::Claim(r) => Ok(r),
+            _ => Err(Error::Backend(
+                "the writer answered a claim with something else".into(),
+            )),
+        }
+    }
+
+    async fn session_renew(
+        &self,
+        ids: &[String],
+        now: Timestamp,
+    ) -> Result<Vec<(String, Timestamp)>> {
+        let write = writer::Write::Renew {
+            ids: ids.to_vec(),
+            now,
+        };
+        match self.write(write).await? {
+            writer::Written::Renew(r) => Ok(r),
+            _ => Err(Error::Backend(
+                "the writer answered a renewal with something else".into(),
+            )),
+        }
+    }
+
+    async fn session_sweep(&self, now: Timestamp, limit: usize) -> Result<u64> {
+        match self.write(writer::Write::Sweep { now, limit }).await? {
+            writer::Written::Sweep(n) => Ok(n),
+            _ => Err(Error::Backend(
+                "the writer answered a sweep with something else".into(),
+            )),
+        }
+    }
+
+    async fn session_get(&self, id: &str) -> Result<Option<SessionInfo>> {
+        self.read(|c| work::session_read(c, id))
+    }
+
+    async fn session_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionInfo>> {
+        self.read(|c| work::session_list(c, after, limit))
+    }
+
+    async fn process_list(&self) -> Result<Vec<Process>> {
+        self.read(work::process_all)
+    }
+
+    async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>> {
+        self.read(|c| work::work_list(c, process, limit))
+    }
+
+    async fn backoff_list(
+        &self,
+        process: Option<&str>,
+        active_at: Option<Timestamp>,
+        limit: usize,
+    ) -> Result<Vec<BackoffInfo>> {
+        self.read(|c| work::backoff_list(c, process, active_at, limit))
+    }
+
+    async fn history_list(
+        &self,
+        filter: &HistoryFilter,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>> {
+        self.read(|c| work::history_list(c, filter, before, limit))
+    }
+
+    async fn history_prune(&self, before: Timestamp) -> Result<u64> {
+        self.exclusive(move |c| work::history_prune(c, before))
+            .await
+    }
+
+    async fn select(
+        &self,
+        selector: &str,
+        now: Timestamp,
+        after: Option<&ObjectKey>,
+        limit: usize,
+    ) -> Result<Vec<Object>> {
+        self.read(|c| work::select(c, selector, now, after, limit))
+    }
+
+    async fn work_stats(&self, now: Timestamp) -> Result<Vec<fleetdb_core::backend::WorkStats>> {
+        self.read(|c| work::work_stats(c, now))
+    }
+
+    async fn count(&self, selector: &str, now: Timestamp) -> Result<u64> {
+        self.read(|c| work::count(c, selector, now))
     }
 }

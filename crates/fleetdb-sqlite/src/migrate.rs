@@ -19,6 +19,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "change_log",
         sql: include_str!("../migrations/0002_change_log.sql"),
     },
+    Migration {
+        version: 3,
+        name: "sessions_work",
+        sql: include_str!("../migrations/0003_sessions_work.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

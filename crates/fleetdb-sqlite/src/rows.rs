@@ -3,11 +3,12 @@
 
 use async_trait::async_trait;
 use fleetdb_core::apply::stored_key;
-use fleetdb_core::backend::{ChangeDraft, TagRead, TxRows};
+use fleetdb_core::backend::{CandidateQuery, ChangeDraft, HistoryDraft, TagRead, TxRows};
+use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
 use fleetdb_core::{Error, Labels, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::map_err;
+use crate::{map_err, work};
 
 pub(crate) fn labels_from_text(text: &str) -> Result<Labels> {
     serde_json::from_str(text)
@@ -311,5 +312,61 @@ impl TxRows for SqliteRows<'_> {
             params![key.namespace, key.kind, key.id, name],
         )?;
         Ok(rev)
+    }
+
+    async fn session_read(&mut self, id: &str) -> Result<Option<SessionInfo>> {
+        work::session_read(self.conn, id)
+    }
+    async fn session_insert(&mut self, s: &SessionInfo) -> Result<()> {
+        work::session_insert(self.conn, s)
+    }
+    async fn session_remove(&mut self, id: &str) -> Result<()> {
+        work::session_remove(self.conn, id)
+    }
+    async fn sessions_expired(&mut self, now: Timestamp, limit: usize) -> Result<Vec<SessionInfo>> {
+        work::sessions_expired(self.conn, now, limit)
+    }
+    async fn process_read(&mut self, name: &str) -> Result<Option<Process>> {
+        work::process_read(self.conn, name)
+    }
+    async fn process_put(&mut self, p: &Process) -> Result<()> {
+        work::process_put(self.conn, p)
+    }
+    async fn process_all(&mut self) -> Result<Vec<Process>> {
+        work::process_all(self.conn)
+    }
+    async fn work_read(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>> {
+        work::work_read(self.conn, key, process)
+    }
+    async fn work_of_session(&mut self, session_id: &str) -> Result<Vec<WorkInfo>> {
+        work::work_of_session(self.conn, session_id)
+    }
+    async fn work_insert(&mut self, w: &WorkInfo) -> Result<()> {
+        work::work_insert(self.conn, w)
+    }
+    async fn work_remove(&mut self, key: &ObjectKey, process: &str) -> Result<()> {
+        work::work_remove(self.conn, key, process)
+    }
+    async fn backoff_read(
+        &mut self,
+        key: &ObjectKey,
+        process: &str,
+    ) -> Result<Option<BackoffInfo>> {
+        work::backoff_read(self.conn, key, process)
+    }
+    async fn backoff_put(&mut self, b: &BackoffInfo) -> Result<()> {
+        work::backoff_put(self.conn, b)
+    }
+    async fn backoff_remove(&mut self, key: &ObjectKey, process: &str) -> Result<bool> {
+        work::backoff_remove(self.conn, key, process)
+    }
+    async fn history_append(&mut self, h: &HistoryDraft) -> Result<()> {
+        work::history_append(self.conn, h)
+    }
+    async fn next_token(&mut self) -> Result<i64> {
+        work::next_token(self.conn)
+    }
+    async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>> {
+        work::claim_candidates(self.conn, q)
     }
 }

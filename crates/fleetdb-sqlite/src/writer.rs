@@ -6,8 +6,9 @@
 //! A request that fails rolls back to its savepoint and gets its error; its neighbours commit.
 //! Every caller is answered only after the group's COMMIT returned, i.e. after its data is durable.
 
-use fleetdb_core::apply::apply_batch;
-use fleetdb_core::{Batch, Error, OpResult, Result};
+use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
+use fleetdb_core::work::{ClaimRequest, WorkInfo};
+use fleetdb_core::{Batch, Error, OpResult, Result, Timestamp};
 use rusqlite::Connection;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -24,10 +25,28 @@ const GROUP_ATTEMPTS_MAX: u32 = 5;
 
 pub(crate) type Exclusive = Box<dyn FnOnce(&mut Connection) + Send>;
 
+/// A write that joins a group: each runs in its own savepoint.
+pub(crate) enum Write {
+    Batch(Batch),
+    Claim(ClaimRequest),
+    Renew { ids: Vec<String>, now: Timestamp },
+    Sweep { now: Timestamp, limit: usize },
+}
+
+/// What a [`Write`] returns.
+pub(crate) enum Written {
+    Batch(Vec<OpResult>),
+    Claim(Vec<WorkInfo>),
+    Renew(Vec<(String, Timestamp)>),
+    Sweep(u64),
+}
+
+type Reply = oneshot::Sender<Result<Written>>;
+
 pub(crate) enum Job {
     Commit {
-        batch: Batch,
-        reply: oneshot::Sender<Result<Vec<OpResult>>>,
+        write: Write,
+        reply: Reply,
     },
     /// Run with the write connection, outside any group (migrations, compaction).
     Exclusive(Exclusive),
@@ -40,12 +59,12 @@ pub(crate) fn spawn(
     let handle = std::thread::Builder::new()
         .name("fleetdb-sqlite-writer".into())
         .spawn(move || {
-            let mut group: Vec<(Batch, oneshot::Sender<Result<Vec<OpResult>>>)> = Vec::new();
+            let mut group: Vec<(Write, Reply)> = Vec::new();
             while let Some(first) = rx.blocking_recv() {
                 let mut next = Some(first);
                 while let Some(job) = next.take() {
                     match job {
-                        Job::Commit { batch, reply } => group.push((batch, reply)),
+                        Job::Commit { write, reply } => group.push((write, reply)),
                         Job::Exclusive(f) => {
                             flush(&conn, &mut group);
                             let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -63,10 +82,7 @@ pub(crate) fn spawn(
     Ok((tx, handle))
 }
 
-fn flush(
-    conn: &Mutex<Connection>,
-    group: &mut Vec<(Batch, oneshot::Sender<Result<Vec<OpResult>>>)>,
-) {
+fn flush(conn: &Mutex<Connection>, group: &mut Vec<(Write, Reply)>) {
     if group.is_empty() {
         return;
     }
@@ -88,22 +104,41 @@ fn flush(
     }
 }
 
-fn run_group(
-    c: &mut Connection,
-    group: &[(Batch, oneshot::Sender<Result<Vec<OpResult>>>)],
-) -> Result<Vec<Result<Vec<OpResult>>>> {
+fn run_group(c: &mut Connection, group: &[(Write, Reply)]) -> Result<Vec<Result<Written>>> {
     c.execute_batch("BEGIN IMMEDIATE").map_err(map_err)?;
     let outcome = (|| {
         let mut revision = current_revision(c)?.current.0;
         let mut results = Vec::with_capacity(group.len());
-        for (batch, _) in group {
+        for (write, _) in group {
             c.execute_batch("SAVEPOINT fleetdb_txn").map_err(map_err)?;
             let before = revision;
-            let mut rows = SqliteRows {
-                conn: c,
-                revision: &mut revision,
+            let r = match write {
+                Write::Batch(batch) => {
+                    let mut rows = SqliteRows {
+                        conn: c,
+                        revision: &mut revision,
+                    };
+                    futures::executor::block_on(apply_batch(&mut rows, batch)).map(Written::Batch)
+                }
+                Write::Claim(req) => {
+                    let mut rows = SqliteRows {
+                        conn: c,
+                        revision: &mut revision,
+                    };
+                    futures::executor::block_on(apply_claim(&mut rows, req)).map(Written::Claim)
+                }
+                Write::Renew { ids, now } => {
+                    crate::work::session_renew(c, ids, *now).map(Written::Renew)
+                }
+                Write::Sweep { now, limit } => {
+                    let mut rows = SqliteRows {
+                        conn: c,
+                        revision: &mut revision,
+                    };
+                    futures::executor::block_on(apply_sweep(&mut rows, *now, *limit))
+                        .map(Written::Sweep)
+                }
             };
-            let r = futures::executor::block_on(apply_batch(&mut rows, batch));
             match r {
                 Ok(r) => {
                     c.execute_batch("RELEASE fleetdb_txn").map_err(map_err)?;

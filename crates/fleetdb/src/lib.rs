@@ -21,6 +21,8 @@
 //! [`Store`] is the one user-facing type. It validates every input at the edge and talks to a
 //! [`Backend`]: SQLite, PostgreSQL, or (later) a remote server: the same API either way.
 
+pub mod metrics;
+mod session;
 mod txn;
 
 use std::future::Future;
@@ -29,15 +31,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetdb_core::validate;
+pub use fleetdb_core::work::{
+    Backoff, BackoffInfo, HistoryEntry, HistoryFilter, Outcome, Process, SessionInfo, SessionSpec,
+    WorkEvent, WorkInfo,
+};
 pub use fleetdb_core::{
     self as core, parse_label_selector, Applied, Backend, Batch, Capabilities, Change,
     ChangeFilter, ChangeOp, Clock, Entity, Error, LabelRequirement, Labels, Limits, ManualClock,
-    Namespace, Object, ObjectCursor, ObjectKey, ObjectQuery, Op, OpResult, Page, PutMode, Result,
-    Revision, RevisionInfo, SchemaStatus, SystemClock, Tag, Timestamp, DEFAULT_NAMESPACE,
+    Namespace, Object, ObjectCursor, ObjectKey, ObjectQuery, Op, OpResult, Page, Precondition,
+    PutMode, Result, Revision, RevisionInfo, SchemaStatus, SystemClock, Tag, Timestamp,
+    DEFAULT_NAMESPACE,
 };
 #[cfg(feature = "postgres")]
 pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
 pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
+pub use session::{Session, Work};
 pub use txn::Txn;
 
 /// The database used when none is given: an embedded SQLite file under the current folder.
@@ -84,6 +92,31 @@ pub struct Store {
     clock: Arc<dyn Clock>,
     limits: Limits,
     ready: Arc<AtomicBool>,
+    keeper: Arc<session::Keeper>,
+    metrics: metrics::Metrics,
+}
+
+/// A store reference that does not keep the store open (for background tasks).
+struct WeakStore {
+    backend: std::sync::Weak<dyn Backend>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    ready: Arc<AtomicBool>,
+    keeper: std::sync::Weak<session::Keeper>,
+    metrics: metrics::Metrics,
+}
+
+impl WeakStore {
+    fn upgrade(&self) -> Option<Store> {
+        Some(Store {
+            backend: self.backend.upgrade()?,
+            clock: self.clock.clone(),
+            limits: self.limits.clone(),
+            ready: self.ready.clone(),
+            keeper: self.keeper.upgrade()?,
+            metrics: self.metrics.clone(),
+        })
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -153,6 +186,8 @@ impl Store {
             clock,
             limits,
             ready: Arc::new(AtomicBool::new(ready)),
+            keeper: Arc::default(),
+            metrics: metrics::Metrics::default(),
         })
     }
 
@@ -168,7 +203,18 @@ impl Store {
         &self.limits
     }
 
-    async fn ready(&self) -> Result<()> {
+    fn downgrade(&self) -> WeakStore {
+        WeakStore {
+            backend: Arc::downgrade(&self.backend),
+            clock: self.clock.clone(),
+            limits: self.limits.clone(),
+            ready: self.ready.clone(),
+            keeper: Arc::downgrade(&self.keeper),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    pub(crate) async fn ready(&self) -> Result<()> {
         if self.ready.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -183,7 +229,7 @@ impl Store {
         })
     }
 
-    async fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>> {
+    pub(crate) async fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>> {
         self.ready().await?;
         let batch = Batch {
             preconditions: Vec::new(),
@@ -191,7 +237,33 @@ impl Store {
             now: self.clock.now(),
         };
         batch.validate(&self.limits)?;
-        self.backend.commit(batch).await
+        let r = self.backend.commit(batch).await;
+        self.metrics.txn(&r);
+        r
+    }
+
+    /// This store's metrics (Prometheus).
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Recompute the gauges (active work and active backoffs per process) from the store.
+    pub async fn metrics_refresh(&self) -> Result<()> {
+        self.ready().await?;
+        let stats = self.backend.work_stats(self.clock.now()).await?;
+        self.metrics.work_active.reset();
+        self.metrics.backoffs_active.reset();
+        for s in stats {
+            self.metrics
+                .work_active
+                .with_label_values(&[s.process.as_str()])
+                .set(s.active_work as i64);
+            self.metrics
+                .backoffs_active
+                .with_label_values(&[s.process.as_str()])
+                .set(s.active_backoffs as i64);
+        }
+        Ok(())
     }
 
     // ---- schema ----
@@ -437,7 +509,23 @@ impl Store {
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub async fn txn<T, F, Fut>(&self, mut f: F) -> Result<T>
+    pub async fn txn<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.txn_with(f, Vec::new(), Vec::new()).await
+    }
+
+    /// [`Store::txn`] with extra preconditions (checked first) and extra ops (applied after the
+    /// closure's writes) in the same batch: how sessions make their writes conditional on being
+    /// alive, and how work is finished together with the caller's writes.
+    pub(crate) async fn txn_with<T, F, Fut>(
+        &self,
+        mut f: F,
+        pre: Vec<Precondition>,
+        post: Vec<Op>,
+    ) -> Result<T>
     where
         F: FnMut(Txn) -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -450,26 +538,37 @@ impl Store {
             let out = match f(tx.clone()).await {
                 Ok(out) => out,
                 Err(e @ Error::Conflict { .. }) => {
+                    self.metrics.transactions_retried.inc();
                     last = e.to_string();
                     retry_pause(attempt).await;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let batch = tx.into_batch();
-            if batch.ops.is_empty() {
+            let mut batch = tx.into_batch();
+            if batch.ops.is_empty() && post.is_empty() {
                 return Ok(out); // read-only: the reads were consistent (checked as they were recorded)
             }
+            batch.preconditions.splice(0..0, pre.iter().cloned());
+            batch.ops.extend(post.iter().cloned());
             batch.validate(&self.limits)?;
             match self.backend.commit(batch).await {
-                Ok(_) => return Ok(out),
+                Ok(_) => {
+                    self.metrics.transactions_executed.inc();
+                    return Ok(out);
+                }
                 Err(e @ Error::Conflict { .. }) => {
+                    self.metrics.transactions_retried.inc();
                     last = e.to_string();
                     retry_pause(attempt).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.metrics.transactions_failed.inc();
+                    return Err(e);
+                }
             }
         }
+        self.metrics.transactions_failed.inc();
         Err(Error::RetriesExhausted { attempts, last })
     }
 
@@ -528,7 +627,21 @@ async fn open_postgres(_url: &str, _options: &OpenOptions) -> Result<Arc<dyn Bac
 /// Most change-log entries one call returns.
 pub const CHANGES_PAGE_MAX: usize = 10_000;
 
-fn check_limit(limit: usize) -> Result<()> {
+/// Trim a page fetched with `limit + 1` rows and return the cursor of the next page.
+pub(crate) fn next_page<T>(
+    items: &mut Vec<T>,
+    limit: usize,
+    cursor: impl Fn(&T) -> String,
+) -> Option<String> {
+    if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(cursor)
+    } else {
+        None
+    }
+}
+
+pub(crate) fn check_limit(limit: usize) -> Result<()> {
     if limit == 0 || limit > fleetdb_core::query::LIST_PAGE_MAX {
         return Err(Error::invalid(
             "limit",

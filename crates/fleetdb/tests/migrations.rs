@@ -9,7 +9,7 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2];
+const TESTED: &[u32] = &[1, 2, 3];
 
 #[test]
 fn every_migration_has_a_test() {
@@ -82,7 +82,7 @@ async fn sqlite_0002_change_log_keeps_rows_written_before_it() {
         .unwrap();
     }
     let store = open_sqlite(&path).await.unwrap();
-    assert_eq!(store.schema_status().await.unwrap().database, 2);
+    assert_eq!(store.schema_status().await.unwrap().database, 3);
     check_rows_from_before(&store).await;
 }
 
@@ -106,6 +106,63 @@ async fn check_rows_from_before(store: &Store) {
         .unwrap();
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].old_value, Some(json!({"provider_id": "x1"})));
+}
+
+#[tokio::test]
+async fn sqlite_0003_sessions_work_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, 2).unwrap();
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(V2_ROWS).unwrap();
+    }
+    check_v2_rows_then_work(&open_sqlite(&path).await.unwrap()).await;
+}
+
+/// Rows as version 2 wrote them: an object, a tag and their change-log entries.
+const V2_ROWS: &str = r#"
+    INSERT INTO objects VALUES ('default', 'machine', 'm1', '{"provider":"equinix"}', 10, 10, 1);
+    INSERT INTO tags VALUES ('default', 'machine', 'm1', 'provided', '{"provider_id":"x1"}', 20, 2);
+    INSERT INTO changes VALUES (1, 'default', 'machine', 'm1', 'object', '', 'put', NULL, '{"labels":{"provider":"equinix"}}', 10);
+    INSERT INTO changes VALUES (2, 'default', 'machine', 'm1', 'tag', 'provided', 'put', NULL, '{"provider_id":"x1"}', 20);
+"#;
+
+/// After 0003: the version-2 rows read back, revisions continue, and work on them can be claimed.
+async fn check_v2_rows_then_work(store: &Store) {
+    let m1 = ObjectKey::new("default", "machine", "m1").unwrap();
+    assert_eq!(store.object_get(&m1).await.unwrap().unwrap().revision.0, 1);
+    assert_eq!(
+        store
+            .tag_get(&m1, "provided")
+            .await
+            .unwrap()
+            .unwrap()
+            .revision
+            .0,
+        2
+    );
+    assert_eq!(
+        store
+            .changes(fleetdb::Revision(0), &Default::default(), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let w = store
+        .tag_set(&m1, "agent_started", &json!(true))
+        .await
+        .unwrap();
+    assert!(w.item.revision.0 > 2);
+    store.process_define("AgentStart", &[]).await.unwrap();
+    let s = store
+        .session_start(fleetdb::SessionSpec::new("test", "host"))
+        .await
+        .unwrap();
+    let mut work = s.claim("AgentStart", "has(provided)", 5).await.unwrap();
+    assert_eq!(work.len(), 1);
+    work[0].finish(|_| async { Ok(()) }).await.unwrap();
+    s.close().await.unwrap();
 }
 
 #[tokio::test]
@@ -156,7 +213,7 @@ async fn sqlite_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 2
+            binary: 3
         }
     );
     assert!(err.to_string().contains("upgrade fleetdb"), "{err}");
@@ -181,7 +238,7 @@ async fn sqlite_without_migrate_a_behind_database_says_so() {
         err,
         Error::SchemaBehind {
             database: 1,
-            binary: 2
+            binary: 3
         }
     );
     store.migrate().await.unwrap();
@@ -273,8 +330,25 @@ async fn postgres_0002_change_log_keeps_rows_written_before_it() {
     )
     .await;
     let store = Store::open(&s.url).await.unwrap();
-    assert_eq!(store.schema_status().await.unwrap().database, 2);
+    assert_eq!(store.schema_status().await.unwrap().database, 3);
     check_rows_from_before(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0003_sessions_work_keeps_rows_written_before_it() {
+    let s = pg_schema().await;
+    fleetdb_postgres::testing::migrate_to(&s.url, 2)
+        .await
+        .unwrap();
+    pg_exec(
+        &s.url,
+        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
+    )
+    .await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_work(&store).await;
     drop(store);
     pg_drop(s).await;
 }
@@ -314,7 +388,7 @@ async fn postgres_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 2
+            binary: 3
         }
     );
     let err = Store::open(&s.url).await.unwrap_err();
@@ -322,7 +396,7 @@ async fn postgres_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 2
+            binary: 3
         }
     );
     pg_drop_role(&s).await;
@@ -350,7 +424,7 @@ async fn postgres_concurrent_first_opens_migrate_once() {
     }
     let store = Store::open(&s.url).await.unwrap();
     let st = store.schema_status().await.unwrap();
-    assert_eq!(st.applied.len(), 2);
+    assert_eq!(st.applied.len(), 3);
     drop(store);
     pg_drop(s).await;
 }

@@ -1,0 +1,579 @@
+//! `fleetdb session|process|work|backoff|history|select|worker`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use fleetdb::{Backoff, Error, HistoryEntry, HistoryFilter, ObjectKey, SessionSpec, Store};
+use serde_json::{json, Value};
+
+use crate::output::{self, Format};
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCmd {
+    /// List sessions (live and expired but not yet swept).
+    Ls,
+    /// Show one session.
+    Show { id: String },
+    /// Close a session: release its work (history: Canceled) and delete it.
+    Close { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProcessCmd {
+    /// Declare a process (or change its conflicts).
+    Define {
+        name: String,
+        /// Processes it conflicts with (declared already), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        conflicts: Vec<String>,
+    },
+    /// List declared processes.
+    Ls,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkCmd {
+    /// List active claims.
+    Ls {
+        #[arg(long)]
+        process: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Force-cancel a claim, whoever holds it (its holder then gets WorkLost).
+    Cancel {
+        kind: String,
+        id: String,
+        process: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackoffCmd {
+    /// List backoffs (active ones; --all for those already over too).
+    Ls {
+        #[arg(long)]
+        process: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Clear the backoff of an object for a process.
+    Clear {
+        kind: String,
+        id: String,
+        process: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    /// Kind and id of the object (or use --process).
+    #[arg(num_args = 0..=2)]
+    object: Vec<String>,
+    /// History of one process instead of one object.
+    #[arg(long, conflicts_with = "object")]
+    process: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SelectArgs {
+    /// The selector (see docs/selectors.md).
+    selector: String,
+    /// Only print how many objects match.
+    #[arg(long)]
+    count: bool,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Component name (recorded in sessions and history).
+    #[arg(long)]
+    component: String,
+    /// Host name (default: this machine's, made to fit the name rule).
+    #[arg(long)]
+    host: Option<String>,
+    /// The process to claim work for (declared with `fleetdb process define`).
+    #[arg(long)]
+    process: String,
+    /// Which objects to work on.
+    #[arg(long)]
+    selector: String,
+    /// Objects claimed at a time (run one after the other).
+    #[arg(long, default_value_t = 1)]
+    limit: usize,
+    /// Session TTL.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Backoff after a failure: INITIAL,MAX,EXPONENT[,JITTER].
+    #[arg(long, default_value = "1s,10m,2")]
+    backoff: String,
+    /// Claim once (without waiting), work what was claimed, and exit.
+    #[arg(long)]
+    once: bool,
+    /// The program to run for each claimed object, with its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn session_json(s: &fleetdb::SessionInfo, now: fleetdb::Timestamp) -> Value {
+    json!({
+        "id": s.id, "component": s.component, "host": s.host, "runtime_info": s.runtime_info,
+        "ttl_ms": s.ttl_ms, "created_at": s.created_at.to_rfc3339(), "deadline": s.deadline.to_rfc3339(),
+        "alive": s.alive_at(now),
+    })
+}
+
+fn work_json(w: &fleetdb::WorkInfo) -> Value {
+    json!({
+        "namespace": w.key.namespace, "kind": w.key.kind, "id": w.key.id, "process": w.process,
+        "session_id": w.session_id, "token": w.token, "started_at": w.started_at.to_rfc3339(),
+    })
+}
+
+fn history_json(e: &HistoryEntry) -> Value {
+    json!({
+        "seq": e.seq, "namespace": e.key.namespace, "kind": e.key.kind, "id": e.key.id,
+        "process": e.process, "event": e.event.as_str(), "session_id": e.session_id,
+        "component": e.component, "host": e.host, "token": e.token, "at": e.at.to_rfc3339(), "cause": e.cause,
+    })
+}
+
+pub async fn session(store: &Store, fmt: Format, cmd: SessionCmd) -> Result<(), Error> {
+    let now = store.clock().now();
+    match cmd {
+        SessionCmd::Ls => {
+            let mut all = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = store.session_list(cursor.as_deref(), 1000).await?;
+                all.extend(page.items);
+                match page.next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            match fmt {
+                Format::Json => output::print_json(
+                    &all.iter().map(|s| session_json(s, now)).collect::<Vec<_>>(),
+                ),
+                Format::Table => output::table(
+                    &["ID", "COMPONENT", "HOST", "DEADLINE", "ALIVE"],
+                    &all.iter()
+                        .map(|s| {
+                            vec![
+                                s.id.clone(),
+                                s.component.clone(),
+                                s.host.clone(),
+                                s.deadline.to_rfc3339(),
+                                s.alive_at(now).to_string(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        SessionCmd::Show { id } => {
+            let s = store
+                .session_get(&id)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("session {id}")))?;
+            let held: Vec<_> = store
+                .work_list(None, 1000)
+                .await?
+                .into_iter()
+                .filter(|w| w.session_id == id)
+                .collect();
+            match fmt {
+                Format::Json => {
+                    let mut v = session_json(&s, now);
+                    v["work"] = held.iter().map(work_json).collect();
+                    output::print_json(&v);
+                }
+                Format::Table => {
+                    println!("id:           {}\ncomponent:    {}\nhost:         {}\nruntime info: {}\nttl:          {} ms\ncreated:      {}\ndeadline:     {}\nalive:        {}",
+                        s.id, s.component, s.host, s.runtime_info, s.ttl_ms, s.created_at, s.deadline, s.alive_at(now));
+                    for w in held {
+                        println!("work:         {} {} (token {})", w.process, w.key, w.token);
+                    }
+                }
+            }
+        }
+        SessionCmd::Close { id } => {
+            let n = store.session_close(&id).await?;
+            match fmt {
+                Format::Json => output::print_json(&json!({"closed": id, "released": n})),
+                Format::Table => println!("closed session {id}; released {n} claim(s)"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn process(store: &Store, fmt: Format, cmd: ProcessCmd) -> Result<(), Error> {
+    let procs = match cmd {
+        ProcessCmd::Define { name, conflicts } => {
+            let c: Vec<&str> = conflicts.iter().map(String::as_str).collect();
+            vec![store.process_define(&name, &c).await?]
+        }
+        ProcessCmd::Ls => store.process_list().await?,
+    };
+    match fmt {
+        Format::Json => output::print_json(
+            &procs.iter().map(|p| json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339()})).collect::<Vec<_>>(),
+        ),
+        Format::Table => output::table(
+            &["PROCESS", "CONFLICTS"],
+            &procs.iter().map(|p| vec![p.name.clone(), p.conflicts.join(",")]).collect::<Vec<_>>(),
+        ),
+    }
+    Ok(())
+}
+
+pub async fn work(store: &Store, fmt: Format, ns: &str, cmd: WorkCmd) -> Result<(), Error> {
+    let (process, limit) = match cmd {
+        WorkCmd::Ls { process, limit } => (process, limit),
+        WorkCmd::Cancel { kind, id, process } => {
+            let k = ObjectKey::new(ns, &kind, &id)?;
+            let canceled = store.work_cancel(&k, &process).await?;
+            match fmt {
+                Format::Json => output::print_json(&json!({"canceled": canceled})),
+                Format::Table => println!(
+                    "{}",
+                    if canceled {
+                        "canceled"
+                    } else {
+                        "no such claim"
+                    }
+                ),
+            }
+            return Ok(());
+        }
+    };
+    let items = store.work_list(process.as_deref(), limit).await?;
+    match fmt {
+        Format::Json => output::print_json(&items.iter().map(work_json).collect::<Vec<_>>()),
+        Format::Table => output::table(
+            &["PROCESS", "OBJECT", "SESSION", "TOKEN", "STARTED"],
+            &items
+                .iter()
+                .map(|w| {
+                    vec![
+                        w.process.clone(),
+                        w.key.to_string(),
+                        w.session_id.clone(),
+                        w.token.to_string(),
+                        w.started_at.to_rfc3339(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+    Ok(())
+}
+
+pub async fn backoff(store: &Store, fmt: Format, ns: &str, cmd: BackoffCmd) -> Result<(), Error> {
+    match cmd {
+        BackoffCmd::Ls {
+            process,
+            all,
+            limit,
+        } => {
+            let items = store.backoff_list(process.as_deref(), !all, limit).await?;
+            match fmt {
+                Format::Json => output::print_json(
+                    &items
+                        .iter()
+                        .map(|b| json!({"namespace": b.key.namespace, "kind": b.key.kind, "id": b.key.id, "process": b.process,
+                            "until": b.until.to_rfc3339(), "cause": b.cause, "last_interval_s": b.last_interval_s}))
+                        .collect::<Vec<_>>(),
+                ),
+                Format::Table => output::table(
+                    &["PROCESS", "OBJECT", "UNTIL", "INTERVAL", "CAUSE"],
+                    &items
+                        .iter()
+                        .map(|b| {
+                            let cause: String = b.cause.chars().take(60).collect();
+                            vec![b.process.clone(), b.key.to_string(), b.until.to_rfc3339(), format!("{}s", b.last_interval_s), cause]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        BackoffCmd::Clear { kind, id, process } => {
+            let k = ObjectKey::new(ns, &kind, &id)?;
+            let cleared = store.backoff_clear(&k, &process).await?;
+            match fmt {
+                Format::Json => output::print_json(&json!({"cleared": cleared})),
+                Format::Table => println!(
+                    "{}",
+                    if cleared {
+                        "cleared"
+                    } else {
+                        "no backoff to clear"
+                    }
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn history(store: &Store, fmt: Format, ns: &str, a: HistoryArgs) -> Result<(), Error> {
+    let filter = match (&a.process, a.object.as_slice()) {
+        (Some(p), []) => HistoryFilter::Process(p.clone()),
+        (None, [kind, id]) => HistoryFilter::Object(ObjectKey::new(ns, kind, id)?),
+        _ => {
+            return Err(Error::invalid(
+                "history",
+                a.object.join(" "),
+                "give KIND ID, or --process P",
+            ))
+        }
+    };
+    let page = store.history(&filter, a.cursor.as_deref(), a.limit).await?;
+    match fmt {
+        Format::Json => output::print_json(
+            &json!({"items": page.items.iter().map(history_json).collect::<Vec<_>>(), "next": page.next}),
+        ),
+        Format::Table => {
+            output::table(
+                &[
+                    "AT",
+                    "EVENT",
+                    "PROCESS",
+                    "OBJECT",
+                    "TOKEN",
+                    "COMPONENT",
+                    "HOST",
+                    "CAUSE",
+                ],
+                &page
+                    .items
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.at.to_rfc3339(),
+                            e.event.as_str().into(),
+                            e.process.clone(),
+                            e.key.to_string(),
+                            e.token.to_string(),
+                            e.component.clone(),
+                            e.host.clone(),
+                            e.cause
+                                .clone()
+                                .unwrap_or_default()
+                                .chars()
+                                .take(60)
+                                .collect(),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            if let Some(n) = page.next {
+                eprintln!("more: --cursor {n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn select(store: &Store, fmt: Format, a: SelectArgs) -> Result<(), Error> {
+    if a.count {
+        let n = store.count(&a.selector).await?;
+        match fmt {
+            Format::Json => output::print_json(&json!({"count": n})),
+            Format::Table => println!("{n}"),
+        }
+        return Ok(());
+    }
+    let page = store
+        .select(&a.selector, a.cursor.as_deref(), a.limit)
+        .await?;
+    match fmt {
+        Format::Json => output::print_json(
+            &json!({"items": page.items.iter().map(output::object).collect::<Vec<_>>(), "next": page.next}),
+        ),
+        Format::Table => {
+            output::table(
+                &["NAMESPACE", "KIND", "ID", "LABELS"],
+                &page
+                    .items
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.key.namespace.clone(),
+                            o.key.kind.clone(),
+                            o.key.id.clone(),
+                            output::labels_text(&o.labels),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            if let Some(n) = page.next {
+                eprintln!("more: --cursor {n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// This machine's host name, made to fit the name rule.
+fn default_host() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "localhost".into());
+    let cleaned: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed = cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .chars()
+        .take(76)
+        .collect::<String>();
+    if trimmed.is_empty() {
+        "localhost".into()
+    } else {
+        trimmed
+    }
+}
+
+/// Bytes of a failed command's stderr kept as the failure cause.
+const CAUSE_TAIL_BYTES: usize = 4096;
+
+/// `fleetdb worker … -- CMD ARGS`: claim objects and run CMD for each, heartbeating meanwhile.
+pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Error> {
+    let backoff = Backoff::parse(&a.backoff)?;
+    fleetdb::core::selector::Selector::parse(&a.selector)?;
+    let host = a.host.clone().unwrap_or_else(default_host);
+    let spec = SessionSpec::new(&a.component, &host)
+        .runtime_info(format!(
+            "fleetdb worker pid {} running {}",
+            std::process::id(),
+            a.command.join(" ")
+        ))
+        .ttl(a.ttl);
+    let session = store.session_start(spec).await?;
+    eprintln!(
+        "worker: session {} ({} on {host}) claiming {} work",
+        session.id(),
+        a.component,
+        a.process
+    );
+    let result = worker_loop(&session, db_url, &a, &backoff).await;
+    if !session.is_expired() {
+        let _ = session.clone().close().await;
+    }
+    result
+}
+
+async fn worker_loop(
+    session: &fleetdb::Session,
+    db_url: &str,
+    a: &WorkerArgs,
+    backoff: &Backoff,
+) -> Result<(), Error> {
+    loop {
+        let claimed = if a.once {
+            session.claim(&a.process, &a.selector, a.limit).await?
+        } else {
+            tokio::select! {
+                r = session.claim_wait(&a.process, &a.selector, a.limit, Duration::from_secs(30)) => r?,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        };
+        for mut w in claimed {
+            let key = w.key().clone();
+            eprintln!("worker: {} {} (token {})", a.process, key, w.token());
+            let mut child = tokio::process::Command::new(&a.command[0])
+                .args(&a.command[1..])
+                .env("FLEETDB_DB", db_url)
+                .env("FLEETDB_NAMESPACE", &key.namespace)
+                .env("FLEETDB_KIND", &key.kind)
+                .env("FLEETDB_ID", &key.id)
+                .env("FLEETDB_PROCESS", &a.process)
+                .env("FLEETDB_TOKEN", w.token().to_string())
+                .env("FLEETDB_SESSION", session.id())
+                .stdin(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| {
+                    Error::invalid(
+                        "command",
+                        a.command.join(" "),
+                        format!("cannot start it: {e}"),
+                    )
+                })?;
+            let mut stderr = child.stderr.take();
+            let tail = tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if let Some(s) = stderr.as_mut() {
+                    use tokio::io::AsyncReadExt;
+                    let _ = s.read_to_end(&mut buf).await;
+                }
+                buf
+            });
+            let status = loop {
+                tokio::select! {
+                    s = child.wait() => break Some(s),
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if session.is_expired() {
+                            let _ = child.kill().await;
+                            break None;
+                        }
+                    }
+                }
+            };
+            let err_bytes = tail.await.unwrap_or_default();
+            // Pass the child's stderr through.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), &err_bytes);
+            match status {
+                None => {
+                    std::mem::forget(w); // the claim is lost with the session; nothing to cancel
+                    return Err(Error::SessionExpired {
+                        session_id: session.id().to_string(),
+                    });
+                }
+                Some(Ok(s)) if s.success() => w.finish(|_| async { Ok(()) }).await?,
+                Some(Ok(s)) => {
+                    let start = err_bytes.len().saturating_sub(CAUSE_TAIL_BYTES);
+                    let tail = String::from_utf8_lossy(&err_bytes[start..])
+                        .trim()
+                        .to_string();
+                    let cause = if tail.is_empty() {
+                        format!("exit status {s}")
+                    } else {
+                        format!("{s}: {tail}")
+                    };
+                    w.fail(backoff, &cause).await?;
+                }
+                Some(Err(e)) => {
+                    w.fail(backoff, &format!("waiting for the command failed: {e}"))
+                        .await?
+                }
+            }
+        }
+        if a.once {
+            return Ok(());
+        }
+    }
+}

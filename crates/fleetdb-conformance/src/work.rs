@@ -1,0 +1,1217 @@
+//! Sessions, processes, selectors, work, backoff and history: BMDB's scenarios plus what BMDB
+//! never tested (lock release after a crash, renewal failures, failing finish, stale tokens).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use fleetdb::core::selector::{ObjectView, Selector};
+use fleetdb::{Backoff, Clock, Error, HistoryFilter, Labels, ObjectKey, SessionSpec, WorkEvent};
+use serde_json::json;
+
+use crate::{key, Harness};
+
+fn spec(component: &str) -> SessionSpec {
+    SessionSpec::new(component, "host-1").ttl(Duration::from_secs(10))
+}
+
+async fn machines(h: &Harness, n: usize) -> Vec<ObjectKey> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let k = key("default", "machine", &format!("m{i:03}"));
+        h.store.object_put(&k, Labels::new()).await.unwrap();
+        out.push(k);
+    }
+    out
+}
+
+async fn events(h: &Harness, k: &ObjectKey) -> Vec<(WorkEvent, String)> {
+    let mut page = h
+        .store
+        .history(&HistoryFilter::Object(k.clone()), None, 1000)
+        .await
+        .unwrap()
+        .items;
+    page.reverse();
+    page.into_iter().map(|e| (e.event, e.process)).collect()
+}
+
+pub async fn session_start_list_close(h: &Harness) {
+    let s = h
+        .store
+        .session_start(
+            SessionSpec::new("shepherd", "host-7")
+                .runtime_info("v1.2 pid 42")
+                .ttl(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    let info = h.store.session_get(s.id()).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            info.component.as_str(),
+            info.host.as_str(),
+            info.runtime_info.as_str()
+        ),
+        ("shepherd", "host-7", "v1.2 pid 42")
+    );
+    assert_eq!(info.deadline, crate::START + Duration::from_secs(30));
+    assert_eq!(h.store.session_list(None, 10).await.unwrap().items.len(), 1);
+    for bad in [
+        SessionSpec::new("bad name", "h"),
+        SessionSpec::new("c", "h").ttl(Duration::from_millis(100)),
+        SessionSpec::new("c", "h").runtime_info("x".repeat(5000)),
+    ] {
+        assert!(h.store.session_start(bad).await.is_err());
+    }
+    assert_eq!(s.clone().close().await.unwrap(), 0);
+    assert!(h.store.session_get(s.id()).await.unwrap().is_none());
+    assert!(matches!(
+        s.claim("p", "has(x)", 1).await,
+        Err(Error::SessionExpired { .. })
+    ));
+}
+
+pub async fn processes_must_be_declared(h: &Harness) {
+    let s = h.store.session_start(spec("c")).await.unwrap();
+    machines(h, 1).await;
+    let err = s
+        .claim("Undeclared", "kind = machine", 1)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("process \"Undeclared\": is not declared"),
+        "{err}"
+    );
+    let err = h
+        .store
+        .process_define("AgentStart", &["Recovery"])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("\"Recovery\": is not declared"),
+        "{err}"
+    );
+    h.store.process_define("Recovery", &[]).await.unwrap();
+    let p = h
+        .store
+        .process_define("AgentStart", &["Recovery"])
+        .await
+        .unwrap();
+    assert_eq!(p.conflicts, vec!["Recovery"]);
+    let names: Vec<String> = h
+        .store
+        .process_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, vec!["AgentStart", "Recovery"]);
+}
+
+pub async fn same_process_excludes_other_processes_do_not(h: &Harness) {
+    let st = &h.store;
+    st.process_define("A", &[]).await.unwrap();
+    st.process_define("B", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s1 = st.session_start(spec("one")).await.unwrap();
+    let s2 = st.session_start(spec("two")).await.unwrap();
+    let mut w1 = s1.claim_object(&ks[0], "A").await.unwrap();
+    // Same process, other session: refused; selector claims skip it.
+    let err = s2.claim_object(&ks[0], "A").await.unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    assert!(s2.claim("A", "kind = machine", 5).await.unwrap().is_empty());
+    // Another process on the same object: allowed.
+    let mut w2 = s2.claim_object(&ks[0], "B").await.unwrap();
+    assert!(w2.token() > w1.token(), "fencing tokens increase");
+    w1.cancel().await.unwrap();
+    w2.cancel().await.unwrap();
+    // Cancel then re-claim.
+    let mut again = s2.claim("A", "kind = machine", 5).await.unwrap();
+    assert_eq!(again.len(), 1);
+    again[0].finish(|_tx| async { Ok(()) }).await.unwrap();
+    assert_eq!(
+        events(h, &ks[0]).await,
+        vec![
+            (WorkEvent::Started, "A".into()),
+            (WorkEvent::Started, "B".into()),
+            (WorkEvent::Canceled, "A".into()),
+            (WorkEvent::Canceled, "B".into()),
+            (WorkEvent::Started, "A".into()),
+            (WorkEvent::Finished, "A".into()),
+        ]
+    );
+}
+
+pub async fn conflicting_processes_exclude_each_other(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Recovery", &[]).await.unwrap();
+    st.process_define("AgentStart", &["Recovery"])
+        .await
+        .unwrap();
+    st.process_define("Other", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut w = s.claim_object(&ks[0], "AgentStart").await.unwrap();
+    // Declared on AgentStart, enforced both ways.
+    assert!(matches!(
+        s.claim_object(&ks[0], "Recovery").await,
+        Err(Error::Conflict { .. })
+    ));
+    assert!(s
+        .claim("Recovery", "kind = machine", 1)
+        .await
+        .unwrap()
+        .is_empty());
+    s.claim_object(&ks[0], "Other")
+        .await
+        .unwrap()
+        .cancel()
+        .await
+        .unwrap();
+    w.cancel().await.unwrap();
+    let mut r = s.claim_object(&ks[0], "Recovery").await.unwrap();
+    assert!(matches!(
+        s.claim_object(&ks[0], "AgentStart").await,
+        Err(Error::Conflict { .. })
+    ));
+    r.cancel().await.unwrap();
+}
+
+pub async fn finish_runs_writes_and_releases_atomically(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Provision", &[]).await.unwrap();
+    let ks = machines(h, 2).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut w = s
+        .claim("Provision", "kind = machine and not has(provided)", 1)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(w.key(), &ks[0]);
+    // A failing finish (its closure errors) changes nothing and keeps the claim.
+    let err = w
+        .finish(|_tx| async { Err::<(), _>(Error::invalid("test", "x", "refused")) })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refused"));
+    // A finish whose commit fails (a write to a missing object) keeps the claim too.
+    let ghost = key("default", "machine", "ghost");
+    let err = w
+        .finish(|tx| {
+            let ghost = ghost.clone();
+            async move { tx.tag_set(&ghost, "provided", &json!(1)) }
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    assert_eq!(
+        st.work_list(Some("Provision"), 10).await.unwrap().len(),
+        1,
+        "claim still held"
+    );
+    let k0 = ks[0].clone();
+    w.finish(|tx| {
+        let k0 = k0.clone();
+        async move { tx.tag_set(&k0, "provided", &json!({"provider_id": "x1"})) }
+    })
+    .await
+    .unwrap();
+    assert!(st.work_list(None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        st.tag_get(&ks[0], "provided").await.unwrap().unwrap().value["provider_id"],
+        "x1"
+    );
+    // The selector now picks the next one.
+    let next = s
+        .claim("Provision", "kind = machine and not has(provided)", 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|w| w.key().clone()).collect::<Vec<_>>(),
+        vec![ks[1].clone()]
+    );
+    // Ending twice is refused.
+    assert!(matches!(w.cancel().await, Err(Error::WorkLost { .. })));
+}
+
+pub async fn backoff_follows_bmdb_vectors(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5), 2.0).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let mut w = s
+            .claim("Install", "kind = machine", 1)
+            .await
+            .unwrap()
+            .pop()
+            .expect("claimable after backoff");
+        w.fail(&b, "disk on fire").await.unwrap();
+        let bo = st
+            .backoff_list(Some("Install"), true, 10)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(bo.cause, "disk on fire");
+        let wait = Duration::from_micros((bo.until.0 - h.clock.now().0) as u64);
+        seen.push(wait.as_secs());
+        // In backoff: not claimable, neither by selector nor by name, until it ends.
+        assert!(s
+            .claim("Install", "kind = machine", 1)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            s.claim_object(&ks[0], "Install").await,
+            Err(Error::Conflict { .. })
+        ));
+        h.clock.advance(wait - Duration::from_millis(1));
+        assert!(s
+            .claim("Install", "kind = machine", 1)
+            .await
+            .unwrap()
+            .is_empty());
+        h.clock.advance(Duration::from_millis(1));
+        h.store.renew_sessions().await.unwrap();
+    }
+    assert_eq!(seen, vec![1, 2, 4, 5, 5]);
+    // Finish resets the sequence.
+    s.claim("Install", "kind = machine", 1)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .finish(|_| async { Ok(()) })
+        .await
+        .unwrap();
+    assert!(st.backoff_list(None, false, 10).await.unwrap().is_empty());
+    let mut w = s
+        .claim("Install", "kind = machine", 1)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    w.fail(&b, "again").await.unwrap();
+    let bo = st
+        .backoff_list(None, false, 10)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(bo.last_interval_s, 1);
+    // Operators can clear it.
+    assert!(st.backoff_clear(&ks[0], "Install").await.unwrap());
+    assert!(!st.backoff_clear(&ks[0], "Install").await.unwrap());
+    assert_eq!(
+        s.claim("Install", "kind = machine", 1).await.unwrap().len(),
+        1
+    );
+}
+
+pub async fn history_records_every_step(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s = st
+        .session_start(SessionSpec::new("worker", "host-9").ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1), 1.0).unwrap();
+    let mut tokens = Vec::new();
+    let mut w = s.claim_object(&ks[0], "P").await.unwrap();
+    tokens.push(w.token());
+    w.fail(&b, "boom").await.unwrap();
+    h.clock.advance(Duration::from_secs(2));
+    let mut w = s.claim_object(&ks[0], "P").await.unwrap();
+    tokens.push(w.token());
+    w.cancel().await.unwrap();
+    let mut w = s.claim_object(&ks[0], "P").await.unwrap();
+    tokens.push(w.token());
+    w.finish(|_| async { Ok(()) }).await.unwrap();
+    let all = st
+        .history(&HistoryFilter::Object(ks[0].clone()), None, 100)
+        .await
+        .unwrap()
+        .items;
+    let got: Vec<(WorkEvent, i64, Option<String>)> = all
+        .iter()
+        .rev()
+        .map(|e| (e.event, e.token, e.cause.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (WorkEvent::Started, tokens[0], None),
+            (WorkEvent::Failed, tokens[0], Some("boom".into())),
+            (WorkEvent::Started, tokens[1], None),
+            (WorkEvent::Canceled, tokens[1], None),
+            (WorkEvent::Started, tokens[2], None),
+            (WorkEvent::Finished, tokens[2], None),
+        ]
+    );
+    for e in &all {
+        assert_eq!(
+            (e.session_id.as_str(), e.component.as_str(), e.host.as_str()),
+            (s.id(), "worker", "host-9")
+        );
+    }
+    assert_eq!(all[0].at, crate::START + Duration::from_secs(2));
+    // Newest first, paginated, per process too.
+    let p1 = st
+        .history(&HistoryFilter::Process("P".into()), None, 4)
+        .await
+        .unwrap();
+    assert_eq!(p1.items.len(), 4);
+    let p2 = st
+        .history(&HistoryFilter::Process("P".into()), p1.next.as_deref(), 4)
+        .await
+        .unwrap();
+    assert_eq!(p2.items.len(), 2);
+    assert!(p2.next.is_none());
+    let mut seqs: Vec<i64> = p1.items.iter().chain(&p2.items).map(|e| e.seq).collect();
+    let sorted = {
+        let mut v = seqs.clone();
+        v.sort_by(|a, b| b.cmp(a));
+        v
+    };
+    assert_eq!(seqs, sorted);
+    seqs.dedup();
+    assert_eq!(seqs.len(), 6);
+    // Kept after the object is deleted; pruned by retention.
+    st.object_delete(&ks[0]).await.unwrap();
+    assert_eq!(
+        st.history(&HistoryFilter::Object(ks[0].clone()), None, 100)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        6
+    );
+    h.clock.advance(Duration::from_secs(3600));
+    assert_eq!(
+        st.history_prune(Duration::from_secs(1800)).await.unwrap(),
+        6
+    );
+    assert!(st
+        .history(&HistoryFilter::Process("P".into()), None, 100)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+}
+
+pub async fn dead_session_work_is_claimable_at_its_deadline(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let dead = st.session_start(spec("crashy")).await.unwrap();
+    let alive = st.session_start(spec("healthy")).await.unwrap();
+    let mut held = dead.claim_object(&ks[0], "P").await.unwrap();
+    dead.pause_renewal(); // as if its process hung or was killed
+    h.clock.advance(Duration::from_secs(9));
+    st.renew_sessions().await.unwrap();
+    assert!(
+        matches!(
+            alive.claim_object(&ks[0], "P").await,
+            Err(Error::Conflict { .. })
+        ),
+        "alive until its deadline"
+    );
+    h.clock.advance(Duration::from_secs(1));
+    // No sweeper has run: liveness is checked by the claim itself.
+    let mut w = alive
+        .claim("P", "kind = machine", 1)
+        .await
+        .unwrap()
+        .pop()
+        .expect("free at the deadline");
+    assert!(w.token() > held.token());
+    // The stale holder cannot end it, and changes nothing by trying.
+    assert!(matches!(
+        held.finish(|_| async { Ok(()) }).await,
+        Err(Error::WorkLost { .. })
+    ));
+    assert!(matches!(held.cancel().await, Err(Error::WorkLost { .. })));
+    assert!(dead.is_expired());
+    assert!(matches!(
+        dead.claim("P", "kind = machine", 1).await,
+        Err(Error::SessionExpired { .. })
+    ));
+    let e = events(h, &ks[0]).await;
+    assert_eq!(
+        e.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+        vec![WorkEvent::Started, WorkEvent::Expired, WorkEvent::Started]
+    );
+    w.finish(|_| async { Ok(()) }).await.unwrap();
+    // The sweeper deletes the dead session.
+    assert_eq!(st.sweep_sessions().await.unwrap(), 1);
+    assert!(st.session_get(dead.id()).await.unwrap().is_none());
+    assert!(st.session_get(alive.id()).await.unwrap().is_some());
+}
+
+pub async fn sweeper_expires_held_work(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 2).await;
+    let dead = st.session_start(spec("crashy")).await.unwrap();
+    let w = dead.claim("P", "kind = machine", 2).await.unwrap();
+    assert_eq!(w.len(), 2);
+    dead.pause_renewal();
+    h.clock.advance(Duration::from_secs(11));
+    assert_eq!(st.sweep_sessions().await.unwrap(), 1);
+    assert!(st.work_list(None, 10).await.unwrap().is_empty());
+    for k in &ks {
+        let hist = st
+            .history(&HistoryFilter::Object(k.clone()), None, 10)
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(hist[0].event, WorkEvent::Expired);
+        assert_eq!(hist[0].component, "crashy");
+        assert_eq!(hist[0].session_id, dead.id());
+    }
+    std::mem::forget(w); // their session is gone; dropping would try to cancel
+}
+
+pub async fn renewal_failure_shorter_than_ttl_keeps_the_session(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut w = s.claim_object(&ks[0], "P").await.unwrap();
+    st.inject_renewal_failures(2);
+    for _ in 0..2 {
+        h.clock.advance(Duration::from_secs(3));
+        assert!(st.renew_sessions().await.is_err());
+        assert!(
+            !s.is_expired(),
+            "a failure before the deadline does not expire the session"
+        );
+    }
+    h.clock.advance(Duration::from_secs(3)); // 9 s after the last renewal: still alive
+    st.renew_sessions().await.unwrap();
+    h.clock.advance(Duration::from_secs(9)); // would be past the old deadline
+    assert!(!s.is_expired());
+    w.finish(|_| async { Ok(()) }).await.unwrap();
+}
+
+pub async fn renewal_failure_past_the_deadline_expires(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    machines(h, 1).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    st.inject_renewal_failures(10);
+    h.clock.advance(Duration::from_secs(10));
+    assert!(st.renew_sessions().await.is_err());
+    assert!(s.is_expired());
+    assert!(matches!(
+        s.claim("P", "kind = machine", 1).await,
+        Err(Error::SessionExpired { .. })
+    ));
+    let before = st.revision().await.unwrap().current;
+    let k = key("default", "machine", "m000");
+    let err = s
+        .txn(|tx| {
+            let k = k.clone();
+            async move { tx.tag_set(&k, "t", &json!(1)) }
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SessionExpired { .. }), "{err}");
+    assert_eq!(st.revision().await.unwrap().current, before);
+}
+
+pub async fn session_writes_check_liveness_in_the_transaction(h: &Harness) {
+    let st = &h.store;
+    let k = machines(h, 1).await.remove(0);
+    let s = st.session_start(spec("c")).await.unwrap();
+    s.txn(|tx| {
+        let k = k.clone();
+        async move { tx.tag_set(&k, "alive", &json!(true)) }
+    })
+    .await
+    .unwrap();
+    // Closed by an operator behind its back: the next write is refused inside the transaction.
+    st.session_close(s.id()).await.unwrap();
+    let err = s
+        .txn(|tx| {
+            let k = k.clone();
+            async move { tx.tag_set(&k, "alive", &json!(false)) }
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SessionExpired { .. }), "{err}");
+    assert_eq!(
+        st.tag_get(&k, "alive").await.unwrap().unwrap().value,
+        json!(true)
+    );
+}
+
+pub async fn closing_a_session_releases_its_work(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 3).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let held = s.claim("P", "kind = machine", 3).await.unwrap();
+    assert_eq!(s.clone().close().await.unwrap(), 3);
+    assert!(st.work_list(None, 10).await.unwrap().is_empty());
+    for k in &ks {
+        let hist = st
+            .history(&HistoryFilter::Object(k.clone()), None, 10)
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(
+            (hist[0].event, hist[0].cause.as_deref()),
+            (WorkEvent::Canceled, Some("session closed"))
+        );
+    }
+    std::mem::forget(held);
+}
+
+pub async fn dropped_work_is_cancelled(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    drop(s.claim_object(&ks[0], "P").await.unwrap());
+    for _ in 0..200 {
+        if st.work_list(None, 10).await.unwrap().is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        st.work_list(None, 10).await.unwrap().is_empty(),
+        "the dropped claim was cancelled"
+    );
+    assert_eq!(
+        events(h, &ks[0]).await.last().unwrap().0,
+        WorkEvent::Canceled
+    );
+}
+
+pub async fn workers_never_claim_one_object_twice(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 40).await;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let st = st.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = st.session_start(spec(&format!("w{i}"))).await.unwrap();
+            let mut done = Vec::new();
+            loop {
+                let claimed = s
+                    .claim("P", "kind = machine and not has(done)", 3)
+                    .await
+                    .unwrap();
+                if claimed.is_empty() {
+                    break;
+                }
+                for mut w in claimed {
+                    let k = w.key().clone();
+                    let by = s.id().to_string();
+                    w.finish(|tx| {
+                        let (k, by) = (k.clone(), by.clone());
+                        async move { tx.tag_set(&k, "done", &json!(by)) }
+                    })
+                    .await
+                    .unwrap();
+                    done.push(k);
+                }
+            }
+            done
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: BTreeSet<_> = all.iter().cloned().collect();
+    assert_eq!(all.len(), 40, "every object worked exactly once");
+    assert_eq!(unique, ks.into_iter().collect());
+}
+
+pub async fn claim_wait_wakes_on_a_change(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let s = st.session_start(spec("c")).await.unwrap();
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.claim_wait(
+                "P",
+                "kind = machine and has(ready)",
+                1,
+                Duration::from_secs(20),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let k = machines(h, 1).await.remove(0);
+    st.tag_set(&k, "ready", &json!(true)).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("woke")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].key(), &k);
+    // Nothing to claim: returns empty after the timeout.
+    let none = s
+        .claim_wait("P", "kind = nothing", 1, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+/// BMDB's three workflows as selectors, on hand-built machines, driving listings and counts.
+pub async fn bmdb_workflow_selectors(h: &Harness) {
+    let st = &h.store;
+    let now = crate::START + Duration::from_secs(3600);
+    let at = |mins_ago: u64| now - Duration::from_secs(60 * mins_ago);
+    // (id, tags with (value, minutes ago))
+    type Facts<'a> = Vec<(&'a str, serde_json::Value, u64)>;
+    let fleet: Vec<(&str, Facts)> = vec![
+        ("fresh", vec![("provided", json!({"provider_id": "a"}), 5)]),
+        (
+            "started",
+            vec![
+                ("provided", json!({}), 50),
+                ("agent_started", json!({}), 40),
+                ("agent_heartbeat", json!({}), 5),
+            ],
+        ),
+        (
+            "silent",
+            vec![
+                ("provided", json!({}), 50),
+                ("agent_started", json!({}), 40),
+            ],
+        ),
+        (
+            "booting",
+            vec![
+                ("provided", json!({}), 50),
+                ("agent_started", json!({}), 20),
+            ],
+        ),
+        (
+            "stale",
+            vec![
+                ("provided", json!({}), 50),
+                ("agent_started", json!({}), 40),
+                ("agent_heartbeat", json!({}), 15),
+            ],
+        ),
+        (
+            "install",
+            vec![
+                ("provided", json!({}), 5),
+                ("os_install_request", json!({"generation": 2}), 3),
+                ("os_install_report", json!({"generation": 1}), 30),
+            ],
+        ),
+        (
+            "installed",
+            vec![
+                ("provided", json!({}), 5),
+                ("os_install_request", json!({"generation": 2}), 3),
+                ("os_install_report", json!({"generation": 2}), 1),
+            ],
+        ),
+        (
+            "first-install",
+            vec![
+                ("provided", json!({}), 5),
+                ("os_install_request", json!({"generation": 1}), 3),
+            ],
+        ),
+    ];
+    for (id, tags) in &fleet {
+        let k = key("default", "machine", id);
+        st.object_put(&k, Labels::new()).await.unwrap();
+        for (name, value, ago) in tags {
+            h.clock.set(at(*ago));
+            st.tag_set(&k, name, value).await.unwrap();
+        }
+    }
+    h.clock.set(now);
+    let agent_start = "kind = machine and has(provided) and not has(agent_started) \
+        and not (has(os_install_request) and tag(os_install_request).generation != tag(os_install_report).generation)";
+    let recovery = "has(agent_started) and ((not has(agent_heartbeat) and updated(agent_started) < now - 30m) \
+        or updated(agent_heartbeat) < now - 10m)";
+    let install = "has(os_install_request) and tag(os_install_request).generation != tag(os_install_report).generation";
+    for (sel, expected) in [
+        (agent_start, vec!["fresh", "installed"]),
+        (recovery, vec!["silent", "stale"]),
+        (install, vec!["first-install", "install"]),
+    ] {
+        let got: Vec<String> = st
+            .select(sel, None, 100)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|o| o.key.id)
+            .collect();
+        assert_eq!(got, expected, "{sel}");
+        assert_eq!(st.count(sel).await.unwrap(), expected.len() as u64);
+    }
+    let err = st.select("has(provided) and", None, 10).await.unwrap_err();
+    assert!(err.to_string().contains("selector"), "{err}");
+}
+
+/// The SQL every backend generates for selectors agrees with the reference semantics
+/// (`Selector::matches`) on a varied fleet and many selectors.
+pub async fn selector_sql_agrees_with_reference(h: &Harness) {
+    let st = &h.store;
+    st.namespace_create("lab", Labels::new()).await.unwrap();
+    let values = [
+        json!(1),
+        json!(2.5),
+        json!("a"),
+        json!("B"),
+        json!(true),
+        json!(null),
+        json!({"g": 1}),
+        json!([1, 2]),
+    ];
+    let mut n = 0usize;
+    for ns in ["default", "lab"] {
+        for kind in ["machine", "switch"] {
+            for i in 0..6 {
+                n += 1;
+                let k = key(ns, kind, &format!("o{i}"));
+                let mut l = Labels::new();
+                if n.is_multiple_of(2) {
+                    l.insert(
+                        "provider".into(),
+                        if n.is_multiple_of(4) {
+                            "equinix".into()
+                        } else {
+                            "ovh".into()
+                        },
+                    );
+                }
+                if n.is_multiple_of(3) {
+                    l.insert("rack".into(), format!("r{}", n % 5));
+                }
+                st.object_put(&k, l).await.unwrap();
+                h.clock
+                    .set(crate::START + Duration::from_secs(60 * (n as u64 % 7)));
+                if n % 2 == 1 {
+                    st.tag_set(
+                        &k,
+                        "a",
+                        &json!({"g": values[n % values.len()].clone(), "n": n}),
+                    )
+                    .await
+                    .unwrap();
+                }
+                if n % 3 != 1 {
+                    st.tag_set(
+                        &k,
+                        "b",
+                        &json!({"g": values[(n / 2) % values.len()].clone()}),
+                    )
+                    .await
+                    .unwrap();
+                }
+            }
+        }
+    }
+    let now = crate::START + Duration::from_secs(600);
+    h.clock.set(now);
+    let selectors = [
+        "kind = machine",
+        "namespace != lab and kind = switch",
+        "label(provider) = \"equinix\"",
+        "label(provider) != \"equinix\"",
+        "label(rack) in (\"r0\", \"r3\")",
+        "label(rack) not in (\"r0\")",
+        "has_label(rack) or not has_label(provider)",
+        "has(a) and not has(b)",
+        "tag(a).g = tag(b).g",
+        "tag(a).g != tag(b).g",
+        "tag(a).g = 1",
+        "tag(a).g > 1",
+        "tag(a).g <= 2.5",
+        "tag(a).g = \"a\"",
+        "tag(a).g < \"a\"",
+        "tag(a).g = true",
+        "tag(a).g = null",
+        "tag(a).g != null",
+        "tag(a).n >= 10 and tag(a).n < 20",
+        "tag(b) = tag(b)",
+        "updated(a) < now - 5m",
+        "updated(b) >= now - 3m",
+        "not (has(a) or has(b))",
+        "not (tag(a).g != tag(b).g)",
+    ];
+    // Fetch everything once to evaluate the reference semantics.
+    let mut all = Vec::new();
+    for ns in ["default", "lab"] {
+        let objs = st
+            .object_list(&fleetdb::ObjectQuery::new(ns).limit(1000))
+            .await
+            .unwrap()
+            .items;
+        for o in objs {
+            let tags: BTreeMap<String, (serde_json::Value, fleetdb::Timestamp)> = st
+                .tag_list(&o.key)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| (t.name, (t.value, t.updated_at)))
+                .collect();
+            all.push((o, tags));
+        }
+    }
+    for sel in selectors {
+        let parsed = Selector::parse(sel).unwrap();
+        let mut expected: Vec<String> = all
+            .iter()
+            .filter(|(o, tags)| {
+                parsed.matches(
+                    &ObjectView {
+                        namespace: &o.key.namespace,
+                        kind: &o.key.kind,
+                        id: &o.key.id,
+                        labels: &o.labels,
+                        tags,
+                    },
+                    now,
+                )
+            })
+            .map(|(o, _)| o.key.to_string())
+            .collect();
+        expected.sort();
+        let got: Vec<String> = st
+            .select(sel, None, 1000)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|o| o.key.to_string())
+            .collect();
+        assert_eq!(got, expected, "selector {sel}");
+        assert_eq!(
+            st.count(sel).await.unwrap(),
+            expected.len() as u64,
+            "count {sel}"
+        );
+    }
+}
+
+pub async fn metrics_count_sessions_work_and_transactions(h: &Harness) {
+    let st = &h.store;
+    let m = st.metrics();
+    st.process_define("P", &[]).await.unwrap();
+    machines(h, 3).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut got = s.claim("P", "kind = machine", 3).await.unwrap();
+    got[0].finish(|_| async { Ok(()) }).await.unwrap();
+    got[1]
+        .fail(
+            &Backoff::new(Duration::from_secs(60), Duration::from_secs(60), 1.0).unwrap(),
+            "x",
+        )
+        .await
+        .unwrap();
+    st.metrics_refresh().await.unwrap();
+    assert_eq!(m.sessions_started.get(), 1);
+    assert_eq!(m.work_started.with_label_values(&["P"]).get(), 3);
+    assert_eq!(
+        m.work_finished.with_label_values(&["P", "finished"]).get(),
+        1
+    );
+    assert_eq!(m.work_finished.with_label_values(&["P", "failed"]).get(), 1);
+    assert_eq!(m.work_active.with_label_values(&["P"]).get(), 1);
+    assert_eq!(m.backoffs_active.with_label_values(&["P"]).get(), 1);
+    assert!(m.transactions_executed.get() >= 6);
+    got[2].cancel().await.unwrap();
+    h.clock.advance(Duration::from_secs(61));
+    st.metrics_refresh().await.unwrap();
+    assert_eq!(m.work_active.with_label_values(&["P"]).get(), 0);
+    assert_eq!(
+        m.backoffs_active.with_label_values(&["P"]).get(),
+        0,
+        "an expired backoff is not active"
+    );
+    s.close().await.unwrap();
+    assert_eq!(m.sessions_closed.get(), 1);
+    let text = m.encode();
+    assert!(
+        text.contains("fleetdb_work_finished_total{process=\"P\",result=\"canceled\"} 1"),
+        "{text}"
+    );
+}
+
+pub async fn finish_many_is_all_or_nothing(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    machines(h, 5).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut got = s.claim("P", "kind = machine", 5).await.unwrap();
+    // One of them is lost (closed behind the session's back and re-claimed by another session):
+    // the whole batch fails and the others stay held.
+    let other = st.session_start(spec("other")).await.unwrap();
+    let k = got[4].key().clone();
+    assert!(
+        st.work_cancel(&k, "P").await.unwrap(),
+        "an operator force-cancels one"
+    );
+    assert!(!st.work_cancel(&k, "P").await.unwrap());
+    let taken = other.claim_object(&k, "P").await.unwrap();
+    let hist = st
+        .history(&HistoryFilter::Object(k.clone()), None, 10)
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(
+        (hist[1].event, hist[1].cause.as_deref()),
+        (WorkEvent::Canceled, Some("canceled by operator"))
+    );
+    assert!(matches!(
+        s.finish_many(&mut got).await,
+        Err(Error::WorkLost { .. })
+    ));
+    assert_eq!(
+        st.work_list(None, 10).await.unwrap().len(),
+        5,
+        "4 still held by s, 1 by other"
+    );
+    let mut four: Vec<_> = got.drain(..4).collect();
+    s.finish_many(&mut four).await.unwrap();
+    let left = st.work_list(None, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].session_id, other.id());
+    drop(taken);
+    std::mem::forget(got);
+}
+
+/// A tiny deterministic PRNG (xorshift), so a failing sequence is reproducible from its seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Model-based test: random interleavings of claim / finish / cancel / fail / pause renewal /
+/// advance clock / sweep, checked after every step against a simple in-memory model of who holds
+/// what, which backoffs are active, and which sessions are alive.
+pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
+    use std::collections::HashMap;
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    st.process_define("Q", &["P"]).await.unwrap();
+    st.process_define("R", &[]).await.unwrap();
+    let procs = ["P", "Q", "R"];
+    let conflicts = |a: &str, b: &str| a == b || (a != "R" && b != "R");
+    let objs = machines(h, 4).await;
+    let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(8), 2.0).unwrap();
+    let ttl = Duration::from_secs(10);
+
+    let mut sessions = Vec::new();
+    let mut deadline = Vec::new();
+    let mut paused = Vec::new();
+    for i in 0..3 {
+        sessions.push(
+            st.session_start(SessionSpec::new(format!("s{i}"), "h").ttl(ttl))
+                .await
+                .unwrap(),
+        );
+        deadline.push(h.clock.now() + ttl);
+        paused.push(false);
+    }
+    // Model: (object index, process) -> (session index, token); backoffs: -> (until, last interval s).
+    let mut held: HashMap<(usize, &str), (usize, i64)> = HashMap::new();
+    let mut backoffs: HashMap<(usize, &str), (fleetdb::Timestamp, i64)> = HashMap::new();
+    let mut handles: Vec<(usize, fleetdb::Work)> = Vec::new();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    // How often each interesting outcome happened: the sequence must exercise all of them.
+    let (mut claimed, mut refused, mut ended, mut lost) = (0, 0, 0, 0);
+
+    // Three components; when one's session has expired it starts a new one (a restart).
+    let mut slots = [0usize, 1, 2];
+    for step in 0..300 {
+        let now = h.clock.now();
+        for slot in slots.iter_mut() {
+            if now >= deadline[*slot] && rng.below(2) == 0 {
+                sessions.push(
+                    st.session_start(
+                        SessionSpec::new(format!("s{}", sessions.len()), "h").ttl(ttl),
+                    )
+                    .await
+                    .unwrap(),
+                );
+                deadline.push(now + ttl);
+                paused.push(false);
+                *slot = sessions.len() - 1;
+            }
+        }
+        let alive = |s: usize, deadline: &Vec<fleetdb::Timestamp>| now < deadline[s];
+        match rng.below(10) {
+            0..=3 => {
+                let (s, o, p) = (
+                    slots[rng.below(3) as usize],
+                    rng.below(4) as usize,
+                    procs[rng.below(3) as usize],
+                );
+                let r = sessions[s].claim_object(&objs[o], p).await;
+                let blocked = held.iter().any(|((ho, hp), (hs, _))| {
+                    *ho == o && conflicts(hp, p) && alive(*hs, &deadline)
+                });
+                let in_backoff = backoffs.get(&(o, p)).is_some_and(|(until, _)| *until > now);
+                match r {
+                    Ok(w) => {
+                        assert!(
+                            alive(s, &deadline) && !blocked && !in_backoff,
+                            "step {step}: claim should have failed"
+                        );
+                        held.insert((o, p), (s, w.token()));
+                        handles.push((s, w));
+                        claimed += 1;
+                    }
+                    Err(Error::SessionExpired { .. }) => {
+                        assert!(!alive(s, &deadline), "step {step}: session alive")
+                    }
+                    Err(Error::Conflict { .. }) => {
+                        assert!(
+                            blocked || in_backoff,
+                            "step {step}: claim should have worked"
+                        );
+                        refused += 1;
+                    }
+                    Err(e) => panic!("step {step}: unexpected {e}"),
+                }
+            }
+            4..=6 if !handles.is_empty() => {
+                let i = rng.below(handles.len() as u64) as usize;
+                let (s, mut w) = handles.swap_remove(i);
+                let o = objs.iter().position(|k| k == w.key()).unwrap();
+                let p = procs.iter().copied().find(|p| *p == w.process()).unwrap();
+                let still = held.get(&(o, p)) == Some(&(s, w.token())) && alive(s, &deadline);
+                let kind = rng.below(3);
+                let r = match kind {
+                    0 => w.finish(|_| async { Ok(()) }).await,
+                    1 => w.cancel().await,
+                    _ => w.fail(&backoff, "model").await,
+                };
+                match r {
+                    Ok(()) => {
+                        assert!(still, "step {step}: ending a lost claim succeeded");
+                        held.remove(&(o, p));
+                        ended += 1;
+                        match kind {
+                            0 => {
+                                backoffs.remove(&(o, p));
+                            }
+                            2 => {
+                                let last = backoffs.get(&(o, p)).map(|b| b.1);
+                                let next = backoff.next_interval_s(last);
+                                backoffs
+                                    .insert((o, p), (now + Duration::from_secs(next as u64), next));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(Error::WorkLost { .. }) | Err(Error::SessionExpired { .. }) => {
+                        assert!(!still, "step {step}: a held claim was refused");
+                        lost += 1;
+                    }
+                    Err(e) => panic!("step {step}: unexpected {e}"),
+                }
+                std::mem::forget(w);
+            }
+            7 if rng.below(3) == 0 => {
+                let s = slots[rng.below(3) as usize];
+                sessions[s].pause_renewal();
+                paused[s] = true;
+            }
+            8 => {
+                h.clock.advance(Duration::from_millis(rng.below(6000)));
+            }
+            _ => {
+                st.sweep_sessions().await.unwrap();
+            }
+        }
+        // Renew (as the background task would), in the model too.
+        let now = h.clock.now();
+        let _ = st.renew_sessions().await;
+        for s in 0..sessions.len() {
+            if !paused[s] && now < deadline[s] {
+                deadline[s] = now + ttl;
+            }
+        }
+        // Compare: live claims, active backoffs.
+        let mut live_store: Vec<(String, String, i64)> = st
+            .work_list(None, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|w| {
+                sessions
+                    .iter()
+                    .enumerate()
+                    .any(|(i, s)| s.id() == w.session_id && now < deadline[i])
+            })
+            .map(|w| (w.key.id, w.process, w.token))
+            .collect();
+        live_store.sort();
+        let mut live_model: Vec<(String, String, i64)> = held
+            .iter()
+            .filter(|(_, (s, _))| now < deadline[*s])
+            .map(|((o, p), (_, t))| (objs[*o].id.clone(), p.to_string(), *t))
+            .collect();
+        live_model.sort();
+        assert_eq!(live_store, live_model, "step {step}: live claims");
+        let mut bo_store: Vec<(String, String, i64)> = st
+            .backoff_list(None, true, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.key.id, b.process, b.until.0))
+            .collect();
+        bo_store.sort();
+        let mut bo_model: Vec<(String, String, i64)> = backoffs
+            .iter()
+            .filter(|(_, (until, _))| *until > now)
+            .map(|((o, p), (until, _))| (objs[*o].id.clone(), p.to_string(), until.0))
+            .collect();
+        bo_model.sort();
+        assert_eq!(bo_store, bo_model, "step {step}: active backoffs");
+        for (i, s) in sessions.iter().enumerate() {
+            assert_eq!(
+                s.is_expired(),
+                now >= deadline[i],
+                "step {step}: session {i} liveness"
+            );
+        }
+    }
+    for (_, w) in handles {
+        std::mem::forget(w);
+    }
+    let expired = sessions.iter().filter(|s| s.is_expired()).count();
+    assert!(
+        claimed >= 10 && refused >= 5 && ended >= 5 && lost >= 1 && expired >= 1,
+        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, expired {expired}"
+    );
+}

@@ -1,0 +1,423 @@
+//! Sessions, processes, work claims, backoff and history: the types and the rules.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::ObjectKey;
+use crate::time::Timestamp;
+use crate::validate;
+
+/// Shortest session TTL.
+pub const SESSION_TTL_MIN: Duration = Duration::from_secs(1);
+/// Longest session TTL.
+pub const SESSION_TTL_MAX: Duration = Duration::from_secs(3600);
+/// The TTL when none is given.
+pub const SESSION_TTL_DEFAULT: Duration = Duration::from_secs(10);
+/// Longest runtime info text.
+pub const RUNTIME_INFO_BYTES_MAX: usize = 4096;
+/// Longest failure cause kept in history and backoff.
+pub const CAUSE_BYTES_MAX: usize = 4096;
+/// Most objects one claim takes.
+pub const CLAIM_BATCH_MAX: usize = 1000;
+/// Most processes one process may conflict with.
+pub const PROCESS_CONFLICTS_MAX: usize = 64;
+/// Most history rows one page returns.
+pub const HISTORY_PAGE_ROWS_MAX: usize = 1000;
+
+/// A session row: a component's proof of liveness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub component: String,
+    pub host: String,
+    pub runtime_info: String,
+    pub ttl_ms: i64,
+    pub created_at: Timestamp,
+    /// Alive while `now < deadline`.
+    pub deadline: Timestamp,
+}
+
+impl SessionInfo {
+    pub fn alive_at(&self, now: Timestamp) -> bool {
+        now < self.deadline
+    }
+}
+
+/// What a component says about itself when it starts a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSpec {
+    pub component: String,
+    pub host: String,
+    pub runtime_info: String,
+    pub ttl: Duration,
+}
+
+impl SessionSpec {
+    pub fn new(component: impl Into<String>, host: impl Into<String>) -> Self {
+        SessionSpec {
+            component: component.into(),
+            host: host.into(),
+            runtime_info: String::new(),
+            ttl: SESSION_TTL_DEFAULT,
+        }
+    }
+
+    pub fn runtime_info(mut self, info: impl Into<String>) -> Self {
+        self.runtime_info = info.into();
+        self
+    }
+
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        validate::name("component", &self.component)?;
+        validate::name("host", &self.host)?;
+        if self.runtime_info.len() > RUNTIME_INFO_BYTES_MAX {
+            return Err(Error::TooLarge {
+                field: "runtime info".into(),
+                size: self.runtime_info.len(),
+                max: RUNTIME_INFO_BYTES_MAX,
+            });
+        }
+        if self.runtime_info.contains('\0') {
+            return Err(Error::invalid(
+                "runtime info",
+                self.runtime_info.replace('\0', "\\0"),
+                "must not contain NUL",
+            ));
+        }
+        if self.ttl < SESSION_TTL_MIN || self.ttl > SESSION_TTL_MAX {
+            return Err(Error::invalid(
+                "session ttl",
+                format!("{:?}", self.ttl),
+                format!("must be between {SESSION_TTL_MIN:?} and {SESSION_TTL_MAX:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A declared process and the processes it conflicts with (as declared; conflicts are symmetric
+/// when claims are checked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    pub name: String,
+    pub conflicts: Vec<String>,
+    pub created_at: Timestamp,
+}
+
+/// Active work: an exclusive claim by a session on (object, process).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkInfo {
+    pub key: ObjectKey,
+    pub process: String,
+    pub session_id: String,
+    /// Fencing token: strictly increasing across all claims.
+    pub token: i64,
+    pub started_at: Timestamp,
+}
+
+/// A backoff row: (object, process) may not be claimed before `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackoffInfo {
+    pub key: ObjectKey,
+    pub process: String,
+    pub until: Timestamp,
+    pub cause: String,
+    /// The interval the last failure chose, in whole seconds (the base of the next one).
+    pub last_interval_s: i64,
+}
+
+/// A history event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WorkEvent {
+    Started,
+    Finished,
+    Failed,
+    Canceled,
+    Expired,
+}
+
+impl WorkEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkEvent::Started => "Started",
+            WorkEvent::Finished => "Finished",
+            WorkEvent::Failed => "Failed",
+            WorkEvent::Canceled => "Canceled",
+            WorkEvent::Expired => "Expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "Started" => WorkEvent::Started,
+            "Finished" => WorkEvent::Finished,
+            "Failed" => WorkEvent::Failed,
+            "Canceled" => WorkEvent::Canceled,
+            "Expired" => WorkEvent::Expired,
+            other => {
+                return Err(Error::Backend(format!(
+                    "unknown history event {other:?} in the store"
+                )))
+            }
+        })
+    }
+}
+
+/// One row of work history. Kept after the object is deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Position in the history (increasing).
+    pub seq: i64,
+    pub key: ObjectKey,
+    pub process: String,
+    pub event: WorkEvent,
+    pub session_id: String,
+    pub component: String,
+    pub host: String,
+    pub token: i64,
+    pub at: Timestamp,
+    pub cause: Option<String>,
+}
+
+/// Which history to list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HistoryFilter {
+    Object(ObjectKey),
+    Process(String),
+}
+
+/// Exponential backoff after failures, with BMDB's semantics: the first failure waits `initial`;
+/// each next one waits the previous interval × `exponent`, clamped to `maximum` and rounded up to
+/// whole seconds. A finish resets the sequence. Optional jitter adds up to `jitter` × interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Backoff {
+    initial_s: i64,
+    maximum_s: i64,
+    exponent: f64,
+    jitter: f64,
+}
+
+impl Backoff {
+    /// Validates: 1 s ≤ initial ≤ maximum ≤ 30 days, 1 ≤ exponent ≤ 100 (finite).
+    pub fn new(initial: Duration, maximum: Duration, exponent: f64) -> Result<Backoff> {
+        let secs = |d: Duration| d.as_secs() as i64 + i64::from(d.subsec_nanos() > 0);
+        let (initial_s, maximum_s) = (secs(initial), secs(maximum));
+        if initial < Duration::from_secs(1) {
+            return Err(Error::invalid(
+                "backoff initial",
+                format!("{initial:?}"),
+                "must be at least 1s",
+            ));
+        }
+        if maximum < initial || maximum > Duration::from_secs(30 * 24 * 3600) {
+            return Err(Error::invalid(
+                "backoff maximum",
+                format!("{maximum:?}"),
+                "must be at least the initial interval and at most 30 days",
+            ));
+        }
+        if !exponent.is_finite() || !(1.0..=100.0).contains(&exponent) {
+            return Err(Error::invalid(
+                "backoff exponent",
+                exponent.to_string(),
+                "must be between 1 and 100",
+            ));
+        }
+        Ok(Backoff {
+            initial_s,
+            maximum_s,
+            exponent,
+            jitter: 0.0,
+        })
+    }
+
+    /// Add up to `fraction` × interval of random delay (0 ≤ fraction ≤ 1).
+    pub fn with_jitter(mut self, fraction: f64) -> Result<Backoff> {
+        if !fraction.is_finite() || !(0.0..=1.0).contains(&fraction) {
+            return Err(Error::invalid(
+                "backoff jitter",
+                fraction.to_string(),
+                "must be between 0 and 1",
+            ));
+        }
+        self.jitter = fraction;
+        Ok(self)
+    }
+
+    /// Parse `INITIAL,MAX,EXPONENT[,JITTER]`, e.g. `1s,10m,2` (CLI).
+    pub fn parse(text: &str) -> Result<Backoff> {
+        let bad = |why: &str| {
+            Error::invalid(
+                "backoff",
+                text,
+                format!("{why}; expected INITIAL,MAX,EXPONENT[,JITTER] like 1s,10m,2"),
+            )
+        };
+        let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+        if parts.len() < 3 || parts.len() > 4 {
+            return Err(bad("wrong number of parts"));
+        }
+        let d = |s: &str| humantime::parse_duration(s).map_err(|e| bad(&format!("{s:?}: {e}")));
+        let f = |s: &str| {
+            s.parse::<f64>()
+                .map_err(|_| bad(&format!("{s:?} is not a number")))
+        };
+        let b = Backoff::new(d(parts[0])?, d(parts[1])?, f(parts[2])?)?;
+        match parts.get(3) {
+            Some(j) => b.with_jitter(f(j)?),
+            None => Ok(b),
+        }
+    }
+
+    pub fn initial_s(&self) -> i64 {
+        self.initial_s
+    }
+    pub fn maximum_s(&self) -> i64 {
+        self.maximum_s
+    }
+    pub fn exponent(&self) -> f64 {
+        self.exponent
+    }
+    pub fn jitter(&self) -> f64 {
+        self.jitter
+    }
+
+    /// The next interval in whole seconds, given the last one (None: first failure).
+    pub fn next_interval_s(&self, last_s: Option<i64>) -> i64 {
+        match last_s {
+            None => self.initial_s,
+            Some(last) => {
+                // Multiply in whole milliseconds (truncating, as a duration would) before rounding
+                // up to seconds, so 90 s × 1.1 is 99 s, not 100 s from 99.00000000000001.
+                let next_ms = (last.max(1) as f64 * 1000.0 * self.exponent).floor();
+                let next_s = (next_ms / 1000.0).ceil().min(self.maximum_s as f64);
+                (next_s as i64).clamp(self.initial_s, self.maximum_s)
+            }
+        }
+    }
+
+    /// Jitter to add to an interval, given a uniform random number in [0, 1).
+    pub fn jitter_ms(&self, interval_s: i64, uniform: f64) -> i64 {
+        (interval_s as f64 * 1000.0 * self.jitter * uniform.clamp(0.0, 1.0)) as i64
+    }
+}
+
+/// How a claim ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    Finished,
+    Canceled,
+    /// `uniform` is a random number in [0, 1) drawn by the caller (so a replayed batch is identical).
+    Failed {
+        cause: String,
+        backoff: Backoff,
+        uniform: f64,
+    },
+}
+
+/// A claim request: by selector, or one known object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub session_id: String,
+    pub process: String,
+    pub target: ClaimTarget,
+    pub limit: usize,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClaimTarget {
+    /// Selector text (parsed again by the backend: it is data on the wire).
+    Selector(String),
+    Object(ObjectKey),
+}
+
+/// Check a failure cause.
+pub fn cause(text: &str) -> Result<String> {
+    if text.len() > CAUSE_BYTES_MAX {
+        // Keep the tail: the end of an error output is usually the useful part.
+        let mut start = text.len() - CAUSE_BYTES_MAX;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        return Ok(text[start..].replace('\0', "\\0"));
+    }
+    Ok(text.replace('\0', "\\0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(b: &Backoff, n: usize) -> Vec<i64> {
+        let mut out = Vec::new();
+        let mut last = None;
+        for _ in 0..n {
+            let next = b.next_interval_s(last);
+            out.push(next);
+            last = Some(next);
+        }
+        out
+    }
+
+    #[test]
+    fn bmdb_backoff_vectors() {
+        let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5), 2.0).unwrap();
+        assert_eq!(seq(&b, 5), vec![1, 2, 4, 5, 5]);
+        let b = Backoff::new(Duration::from_secs(60), Duration::from_secs(120), 1.1).unwrap();
+        assert_eq!(seq(&b, 9), vec![60, 66, 73, 81, 90, 99, 109, 120, 120]);
+        let fixed = Backoff::new(Duration::from_secs(7), Duration::from_secs(7), 1.0).unwrap();
+        assert_eq!(seq(&fixed, 3), vec![7, 7, 7]);
+    }
+
+    #[test]
+    fn backoff_validation() {
+        assert!(Backoff::new(Duration::from_millis(500), Duration::from_secs(5), 2.0).is_err());
+        assert!(Backoff::new(Duration::from_secs(5), Duration::from_secs(1), 2.0).is_err());
+        assert!(Backoff::new(Duration::from_secs(1), Duration::from_secs(5), 0.5).is_err());
+        assert!(Backoff::new(Duration::from_secs(1), Duration::from_secs(5), f64::NAN).is_err());
+        assert!(
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(5), 2.0)
+                .unwrap()
+                .with_jitter(1.5)
+                .is_err()
+        );
+        let b = Backoff::parse("1s,10m,2,0.1").unwrap();
+        assert_eq!(
+            (b.initial_s(), b.maximum_s(), b.exponent(), b.jitter()),
+            (1, 600, 2.0, 0.1)
+        );
+        let err = Backoff::parse("1s,10m").unwrap_err();
+        assert!(err.to_string().contains("INITIAL,MAX,EXPONENT"), "{err}");
+        assert_eq!(b.jitter_ms(10, 0.5), 500);
+    }
+
+    #[test]
+    fn session_spec_validation() {
+        SessionSpec::new("shepherd", "host-1").validate().unwrap();
+        assert!(SessionSpec::new("shepherd", "host 1").validate().is_err());
+        assert!(SessionSpec::new("s", "h")
+            .ttl(Duration::from_millis(10))
+            .validate()
+            .is_err());
+        assert!(SessionSpec::new("s", "h")
+            .ttl(Duration::from_secs(7200))
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn long_causes_keep_their_tail() {
+        let long = format!("{}END", "x".repeat(5000));
+        let c = cause(&long).unwrap();
+        assert_eq!(c.len(), CAUSE_BYTES_MAX);
+        assert!(c.ends_with("END"));
+    }
+}

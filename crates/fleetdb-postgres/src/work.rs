@@ -1,0 +1,525 @@
+//! Sessions, processes, work, backoff and history on PostgreSQL: SQL text, row decoding, the work
+//! half of [`TxRows`](fleetdb_core::backend::TxRows) (called from [`crate::tx`]) and the plain
+//! reads. Mirrors `fleetdb-sqlite/src/work.rs` statement by statement.
+//!
+//! Selector SQL (claim candidates, `select`, `count`) varies with the selector, so it is sent with
+//! `query_typed`: an unnamed statement with declared parameter types, parsed, bound and executed
+//! in ONE round trip and never cached (neither in the client nor on the server), however many
+//! different selectors callers use.
+
+use fleetdb_core::apply::stored_key;
+use fleetdb_core::backend::{CandidateQuery, HistoryDraft, WorkStats};
+use fleetdb_core::selector::{Dialect, Selector, SqlParam};
+use fleetdb_core::work::{BackoffInfo, HistoryEntry, Process, SessionInfo, WorkEvent, WorkInfo};
+use fleetdb_core::{Error, Object, ObjectKey, Result, Timestamp};
+use tokio_postgres::types::Type;
+use tokio_postgres::Row;
+
+use crate::error::db_err;
+use crate::sql::{object_from_row, Param};
+use crate::tx::{Owned, PgTx};
+
+/// `vec![Box::new(a) as Owned, …]`: parameters of a deferred write.
+macro_rules! owned {
+    ($($p:expr),* $(,)?) => {
+        vec![$(Box::new($p) as Owned),*]
+    };
+}
+
+pub(crate) const SESSION_GET: &str =
+    "SELECT id, component, host, runtime_info, ttl_ms, created_at, deadline FROM sessions \
+     WHERE id = $1";
+pub(crate) const SESSION_LIST: &str =
+    "SELECT id, component, host, runtime_info, ttl_ms, created_at, deadline FROM sessions \
+     WHERE id > $1 ORDER BY id LIMIT $2";
+const SESSION_INSERT: &str = "INSERT INTO sessions \
+     (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const SESSION_REMOVE: &str = "DELETE FROM sessions WHERE id = $1";
+const SESSIONS_EXPIRED: &str =
+    "SELECT id, component, host, runtime_info, ttl_ms, created_at, deadline FROM sessions \
+     WHERE deadline <= $1 ORDER BY deadline, id LIMIT $2";
+/// ONE statement renews every listed session still alive at `$1`. The ids come as one JSON array
+/// text (rather than a `text[]`), as the SQLite backend passes them to `json_each`.
+pub(crate) const SESSION_RENEW: &str = "UPDATE sessions SET deadline = $1::bigint + ttl_ms * 1000 \
+     WHERE id IN (SELECT jsonb_array_elements_text(($2::text)::jsonb)) AND deadline > $1::bigint \
+     RETURNING id, deadline";
+
+pub(crate) const PROCESS_ALL: &str =
+    "SELECT name, conflicts, created_at FROM processes ORDER BY name";
+const PROCESS_GET: &str = "SELECT name, conflicts, created_at FROM processes WHERE name = $1";
+const PROCESS_PUT: &str =
+    "INSERT INTO processes (name, conflicts, created_at) VALUES ($1, $2, $3) \
+     ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts";
+
+const WORK_GET: &str =
+    "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
+     WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
+const WORK_OF_SESSION: &str =
+    "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
+     WHERE session_id = $1 ORDER BY namespace, kind, id, process";
+const WORK_INSERT: &str =
+    "INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const WORK_REMOVE: &str =
+    "DELETE FROM work WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
+pub(crate) const WORK_LIST: &str =
+    "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
+     WHERE ($1::text IS NULL OR process = $1::text) \
+     ORDER BY process, namespace, kind, id LIMIT $2";
+
+const BACKOFF_GET: &str =
+    "SELECT namespace, kind, id, process, until, cause, last_interval_s FROM work_backoff \
+     WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
+const BACKOFF_PUT: &str = "INSERT INTO work_backoff \
+     (namespace, kind, id, process, until, cause, last_interval_s) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     ON CONFLICT (namespace, kind, id, process) DO UPDATE SET until = excluded.until, \
+     cause = excluded.cause, last_interval_s = excluded.last_interval_s";
+const BACKOFF_REMOVE: &str =
+    "DELETE FROM work_backoff WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
+pub(crate) const BACKOFF_LIST: &str =
+    "SELECT namespace, kind, id, process, until, cause, last_interval_s FROM work_backoff \
+     WHERE ($1::text IS NULL OR process = $1::text) AND ($2::bigint IS NULL OR until > $2::bigint) \
+     ORDER BY process, namespace, kind, id LIMIT $3";
+
+/// `seq` is an identity column: the server numbers the row.
+const HISTORY_APPEND: &str = "INSERT INTO work_history \
+     (namespace, kind, id, process, event, session_id, component, host, token, at, cause) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+pub(crate) const HISTORY_OF_OBJECT: &str =
+    "SELECT seq, namespace, kind, id, process, event, session_id, component, host, token, at, \
+     cause FROM work_history WHERE namespace = $1 AND kind = $2 AND id = $3 AND seq < $4 \
+     ORDER BY seq DESC LIMIT $5";
+pub(crate) const HISTORY_OF_PROCESS: &str =
+    "SELECT seq, namespace, kind, id, process, event, session_id, component, host, token, at, \
+     cause FROM work_history WHERE process = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3";
+pub(crate) const HISTORY_PRUNE: &str = "DELETE FROM work_history WHERE at < $1";
+
+/// Per declared process: claims held by live sessions and backoffs still running at `$1`.
+pub(crate) const WORK_STATS: &str = "SELECT p.name, \
+     (SELECT count(*) FROM work w JOIN sessions s ON s.id = w.session_id \
+       WHERE w.process = p.name AND s.deadline > $1::bigint), \
+     (SELECT count(*) FROM work_backoff b WHERE b.process = p.name AND b.until > $1::bigint) \
+     FROM processes p ORDER BY p.name";
+
+const NEXT_TOKEN: &str = "SELECT nextval('fleetdb_fencing')";
+
+// ---- rows ----
+
+pub(crate) fn session_from_row(r: &Row) -> Result<SessionInfo> {
+    Ok(SessionInfo {
+        id: r.try_get(0).map_err(db_err)?,
+        component: r.try_get(1).map_err(db_err)?,
+        host: r.try_get(2).map_err(db_err)?,
+        runtime_info: r.try_get(3).map_err(db_err)?,
+        ttl_ms: r.try_get(4).map_err(db_err)?,
+        created_at: Timestamp(r.try_get(5).map_err(db_err)?),
+        deadline: Timestamp(r.try_get(6).map_err(db_err)?),
+    })
+}
+
+pub(crate) fn work_from_row(r: &Row) -> Result<WorkInfo> {
+    Ok(WorkInfo {
+        key: key_from_row(r)?,
+        process: r.try_get(3).map_err(db_err)?,
+        session_id: r.try_get(4).map_err(db_err)?,
+        token: r.try_get(5).map_err(db_err)?,
+        started_at: Timestamp(r.try_get(6).map_err(db_err)?),
+    })
+}
+
+pub(crate) fn backoff_from_row(r: &Row) -> Result<BackoffInfo> {
+    Ok(BackoffInfo {
+        key: key_from_row(r)?,
+        process: r.try_get(3).map_err(db_err)?,
+        until: Timestamp(r.try_get(4).map_err(db_err)?),
+        cause: r.try_get(5).map_err(db_err)?,
+        last_interval_s: r.try_get(6).map_err(db_err)?,
+    })
+}
+
+pub(crate) fn history_from_row(r: &Row) -> Result<HistoryEntry> {
+    let event: String = r.try_get(5).map_err(db_err)?;
+    Ok(HistoryEntry {
+        seq: r.try_get(0).map_err(db_err)?,
+        key: stored_key(
+            r.try_get(1).map_err(db_err)?,
+            r.try_get(2).map_err(db_err)?,
+            r.try_get(3).map_err(db_err)?,
+        ),
+        process: r.try_get(4).map_err(db_err)?,
+        event: WorkEvent::parse(&event)?,
+        session_id: r.try_get(6).map_err(db_err)?,
+        component: r.try_get(7).map_err(db_err)?,
+        host: r.try_get(8).map_err(db_err)?,
+        token: r.try_get(9).map_err(db_err)?,
+        at: Timestamp(r.try_get(10).map_err(db_err)?),
+        cause: r.try_get(11).map_err(db_err)?,
+    })
+}
+
+pub(crate) fn process_from_row(r: &Row) -> Result<Process> {
+    let conflicts: String = r.try_get(1).map_err(db_err)?;
+    Ok(Process {
+        name: r.try_get(0).map_err(db_err)?,
+        conflicts: serde_json::from_str(&conflicts)
+            .map_err(|e| Error::Backend(format!("corrupt process conflicts in the store: {e}")))?,
+        created_at: Timestamp(r.try_get(2).map_err(db_err)?),
+    })
+}
+
+pub(crate) fn work_stats_from_row(r: &Row) -> Result<WorkStats> {
+    let count = |i: usize| -> Result<u64> {
+        let n: i64 = r.try_get(i).map_err(db_err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    };
+    Ok(WorkStats {
+        process: r.try_get(0).map_err(db_err)?,
+        active_work: count(1)?,
+        active_backoffs: count(2)?,
+    })
+}
+
+/// An object key from the first three columns.
+fn key_from_row(r: &Row) -> Result<ObjectKey> {
+    Ok(stored_key(
+        r.try_get(0).map_err(db_err)?,
+        r.try_get(1).map_err(db_err)?,
+        r.try_get(2).map_err(db_err)?,
+    ))
+}
+
+/// A JSON array of strings, as text.
+pub(crate) fn json_list(items: &[String]) -> String {
+    // A list of strings always serializes.
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_string())
+}
+
+pub(crate) fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+// ---- selector SQL ----
+
+/// Parameters of a compiled selector query, with the types `query_typed` declares.
+pub(crate) struct TypedParams(Vec<SqlParam>);
+
+impl TypedParams {
+    /// Append a parameter; returns its placeholder, with a cast matching its declared type.
+    fn push(&mut self, p: SqlParam) -> String {
+        let cast = match &p {
+            SqlParam::Text(_) => "::text",
+            SqlParam::Int(_) => "::bigint",
+            SqlParam::Float(_) => "::float8",
+            SqlParam::Bool(_) => "::boolean",
+        };
+        self.0.push(p);
+        format!("{}{cast}", Dialect::Postgres.placeholder(self.0.len()))
+    }
+
+    /// The `(value, type)` pairs `query_typed` takes.
+    pub(crate) fn typed(&self) -> Vec<(Param<'_>, Type)> {
+        self.0
+            .iter()
+            .map(|p| match p {
+                SqlParam::Text(s) => (s as Param<'_>, Type::TEXT),
+                SqlParam::Int(i) => (i as Param<'_>, Type::INT8),
+                SqlParam::Float(f) => (f as Param<'_>, Type::FLOAT8),
+                SqlParam::Bool(b) => (b as Param<'_>, Type::BOOL),
+            })
+            .collect()
+    }
+}
+
+/// `FROM objects o <joins> WHERE (<selector>)` and its parameters, numbered from `$1`: the joins
+/// first (their placeholders come first in the text), then the condition.
+fn selector_from_where(selector: &Selector, now: Timestamp) -> (String, TypedParams) {
+    let mut params = Vec::new();
+    let joins = selector.tag_joins(Dialect::Postgres, &mut params);
+    let cond = selector.to_sql(Dialect::Postgres, now, &mut params);
+    (
+        format!("FROM objects o{joins} WHERE ({cond})"),
+        TypedParams(params),
+    )
+}
+
+/// The candidates of a selector claim: matching objects that no live session holds for any of the
+/// excluded processes and that are not in an active backoff for the process.
+pub(crate) fn claim_candidates_sql(q: &CandidateQuery) -> (String, TypedParams) {
+    let (base, mut params) = selector_from_where(&q.selector, q.now);
+    let exclude = params.push(SqlParam::Text(json_list(&q.exclude)));
+    let now = params.push(SqlParam::Int(q.now.0));
+    let process = params.push(SqlParam::Text(q.process.clone()));
+    let limit = params.push(SqlParam::Int(limit_param(q.limit)));
+    let sql = format!(
+        "SELECT o.namespace, o.kind, o.id {base} \
+         AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions s ON s.id = w.session_id \
+           WHERE w.namespace = o.namespace AND w.kind = o.kind AND w.id = o.id \
+           AND w.process IN (SELECT jsonb_array_elements_text(({exclude})::jsonb)) \
+           AND s.deadline > {now}) \
+         AND NOT EXISTS (SELECT 1 FROM work_backoff b \
+           WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id \
+           AND b.process = {process} AND b.until > {now}) \
+         ORDER BY o.namespace, o.kind, o.id LIMIT {limit}"
+    );
+    (sql, params)
+}
+
+pub(crate) fn select_sql(
+    selector: &Selector,
+    now: Timestamp,
+    after: Option<&ObjectKey>,
+    limit: usize,
+) -> (String, TypedParams) {
+    let (base, mut params) = selector_from_where(selector, now);
+    let mut sql = format!(
+        "SELECT o.namespace, o.kind, o.id, o.labels, o.created_at, o.updated_at, o.revision {base}"
+    );
+    if let Some(k) = after {
+        let n = params.push(SqlParam::Text(k.namespace.clone()));
+        let kd = params.push(SqlParam::Text(k.kind.clone()));
+        let i = params.push(SqlParam::Text(k.id.clone()));
+        sql.push_str(&format!(
+            " AND (o.namespace, o.kind, o.id) > ({n}, {kd}, {i})"
+        ));
+    }
+    let l = params.push(SqlParam::Int(limit_param(limit)));
+    sql.push_str(&format!(" ORDER BY o.namespace, o.kind, o.id LIMIT {l}"));
+    (sql, params)
+}
+
+pub(crate) fn count_sql(selector: &Selector, now: Timestamp) -> (String, TypedParams) {
+    let (base, params) = selector_from_where(selector, now);
+    (format!("SELECT count(*) {base}"), params)
+}
+
+pub(crate) fn objects_from_rows(rows: &[Row]) -> Result<Vec<Object>> {
+    rows.iter().map(object_from_row).collect()
+}
+
+// ---- TxRows (called from tx.rs) ----
+
+pub(crate) async fn session_read(tx: &mut PgTx<'_>, id: &str) -> Result<Option<SessionInfo>> {
+    let rows = tx.read(SESSION_GET, &[&id]).await?;
+    rows.first().map(session_from_row).transpose()
+}
+
+pub(crate) async fn session_insert(tx: &mut PgTx<'_>, s: &SessionInfo) -> Result<()> {
+    let params = owned![
+        s.id.clone(),
+        s.component.clone(),
+        s.host.clone(),
+        s.runtime_info.clone(),
+        s.ttl_ms,
+        s.created_at.0,
+        s.deadline.0,
+    ];
+    tx.defer(SESSION_INSERT, params).await
+}
+
+pub(crate) async fn session_remove(tx: &mut PgTx<'_>, id: &str) -> Result<()> {
+    tx.defer(SESSION_REMOVE, owned![id.to_string()]).await
+}
+
+pub(crate) async fn sessions_expired(
+    tx: &mut PgTx<'_>,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<SessionInfo>> {
+    let limit = limit_param(limit);
+    let rows = tx.read(SESSIONS_EXPIRED, &[&now.0, &limit]).await?;
+    rows.iter().map(session_from_row).collect()
+}
+
+pub(crate) async fn process_read(tx: &mut PgTx<'_>, name: &str) -> Result<Option<Process>> {
+    let rows = tx.read(PROCESS_GET, &[&name]).await?;
+    rows.first().map(process_from_row).transpose()
+}
+
+pub(crate) async fn process_put(tx: &mut PgTx<'_>, p: &Process) -> Result<()> {
+    let params = owned![p.name.clone(), json_list(&p.conflicts), p.created_at.0];
+    tx.defer(PROCESS_PUT, params).await
+}
+
+pub(crate) async fn process_all(tx: &mut PgTx<'_>) -> Result<Vec<Process>> {
+    let rows = tx.read(PROCESS_ALL, &[]).await?;
+    rows.iter().map(process_from_row).collect()
+}
+
+pub(crate) async fn work_read(
+    tx: &mut PgTx<'_>,
+    key: &ObjectKey,
+    process: &str,
+) -> Result<Option<WorkInfo>> {
+    let rows = tx
+        .read(WORK_GET, &[&key.namespace, &key.kind, &key.id, &process])
+        .await?;
+    rows.first().map(work_from_row).transpose()
+}
+
+pub(crate) async fn work_of_session(tx: &mut PgTx<'_>, session_id: &str) -> Result<Vec<WorkInfo>> {
+    let rows = tx.read(WORK_OF_SESSION, &[&session_id]).await?;
+    rows.iter().map(work_from_row).collect()
+}
+
+pub(crate) async fn work_insert(tx: &mut PgTx<'_>, w: &WorkInfo) -> Result<()> {
+    let k = &w.key;
+    let params = owned![
+        k.namespace.clone(),
+        k.kind.clone(),
+        k.id.clone(),
+        w.process.clone(),
+        w.session_id.clone(),
+        w.token,
+        w.started_at.0,
+    ];
+    tx.defer(WORK_INSERT, params).await
+}
+
+pub(crate) async fn work_remove(tx: &mut PgTx<'_>, key: &ObjectKey, process: &str) -> Result<()> {
+    let params = owned![
+        key.namespace.clone(),
+        key.kind.clone(),
+        key.id.clone(),
+        process.to_string(),
+    ];
+    tx.defer(WORK_REMOVE, params).await
+}
+
+pub(crate) async fn backoff_read(
+    tx: &mut PgTx<'_>,
+    key: &ObjectKey,
+    process: &str,
+) -> Result<Option<BackoffInfo>> {
+    let rows = tx
+        .read(BACKOFF_GET, &[&key.namespace, &key.kind, &key.id, &process])
+        .await?;
+    rows.first().map(backoff_from_row).transpose()
+}
+
+pub(crate) async fn backoff_put(tx: &mut PgTx<'_>, b: &BackoffInfo) -> Result<()> {
+    let k = &b.key;
+    let params = owned![
+        k.namespace.clone(),
+        k.kind.clone(),
+        k.id.clone(),
+        b.process.clone(),
+        b.until.0,
+        b.cause.clone(),
+        b.last_interval_s,
+    ];
+    tx.defer(BACKOFF_PUT, params).await
+}
+
+pub(crate) async fn backoff_remove(
+    tx: &mut PgTx<'_>,
+    key: &ObjectKey,
+    process: &str,
+) -> Result<bool> {
+    let n = tx
+        .execute(
+            BACKOFF_REMOVE,
+            &[&key.namespace, &key.kind, &key.id, &process],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+pub(crate) async fn history_append(tx: &mut PgTx<'_>, h: &HistoryDraft) -> Result<()> {
+    let k = &h.key;
+    let params = owned![
+        k.namespace.clone(),
+        k.kind.clone(),
+        k.id.clone(),
+        h.process.clone(),
+        h.event.as_str(),
+        h.session_id.clone(),
+        h.component.clone(),
+        h.host.clone(),
+        h.token,
+        h.at.0,
+        h.cause.clone(),
+    ];
+    tx.defer(HISTORY_APPEND, params).await
+}
+
+pub(crate) async fn next_token(tx: &mut PgTx<'_>) -> Result<i64> {
+    let rows = tx.read(NEXT_TOKEN, &[]).await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::Backend("nextval returned no row".to_string()))?;
+    row.try_get(0).map_err(db_err)
+}
+
+pub(crate) async fn claim_candidates(
+    tx: &mut PgTx<'_>,
+    q: &CandidateQuery,
+) -> Result<Vec<ObjectKey>> {
+    let (sql, params) = claim_candidates_sql(q);
+    let rows = tx.query_typed(&sql, &params.typed()).await?;
+    rows.iter().map(key_from_row).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(selector: &str) -> CandidateQuery {
+        CandidateQuery {
+            selector: Selector::parse(selector).unwrap(),
+            process: "P".into(),
+            exclude: vec!["P".into(), "Q".into()],
+            now: Timestamp(1_000),
+            limit: 5,
+        }
+    }
+
+    /// Placeholders are numbered in the order their parameters were pushed, and every parameter
+    /// appears in the text.
+    #[test]
+    fn candidate_sql_numbers_joins_then_condition_then_own_parameters() {
+        let (sql, params) = claim_candidates_sql(&query("has(a) and tag(b).x = 1"));
+        let n = params.0.len();
+        assert_eq!(n, 2 + 2 + 4, "{sql}");
+        for i in 1..=n {
+            assert!(sql.contains(&format!("${i}::")), "${i} missing: {sql}");
+        }
+        assert!(!sql.contains(&format!("${}", n + 1)), "{sql}");
+        assert!(sql.contains("t0.name = $1::text"), "{sql}");
+        assert!(sql.contains("t1.name = $2::text"), "{sql}");
+        assert!(
+            sql.contains(&format!(
+                "jsonb_array_elements_text((${}::text)::jsonb)",
+                n - 3
+            )),
+            "{sql}"
+        );
+        assert!(sql.ends_with(&format!("LIMIT ${n}::bigint")), "{sql}");
+        assert_eq!(params.0[n - 4], SqlParam::Text("[\"P\",\"Q\"]".into()));
+        assert_eq!(params.typed().len(), n);
+    }
+
+    #[test]
+    fn select_sql_pages_after_a_key() {
+        let after = ObjectKey::new("default", "machine", "m1").unwrap();
+        let (sql, params) = select_sql(
+            &Selector::parse("kind = machine").unwrap(),
+            Timestamp(0),
+            Some(&after),
+            10,
+        );
+        assert!(
+            sql.contains("(o.namespace, o.kind, o.id) > ($2::text, $3::text, $4::text)"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("ORDER BY o.namespace, o.kind, o.id LIMIT $5::bigint"));
+        assert_eq!(params.0.len(), 5);
+        let (sql, params) = count_sql(&Selector::parse("kind = machine").unwrap(), Timestamp(0));
+        assert_eq!(
+            sql,
+            "SELECT count(*) FROM objects o WHERE ((o.kind = $1::text))"
+        );
+        assert_eq!(params.0.len(), 1);
+    }
+}

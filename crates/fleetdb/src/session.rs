@@ -1,0 +1,820 @@
+//! Sessions and work, for callers: liveness with background renewal, claims, and their outcomes.
+//!
+//! A [`Session`] proves a component is alive. The store renews every session of the process in
+//! ONE statement per tick (every TTL/3 of the shortest TTL). A renewal that fails is retried on
+//! the next ticks; only when the session's deadline has passed without a successful renewal does
+//! the session turn expired, and then every call on it fails with `SessionExpired`.
+//!
+//! Work is an exclusive claim by a session on (object, process), with a fencing token. Ending it
+//! (finish, cancel, fail) succeeds only while the claim is still held with that token.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use fleetdb_core::work::{
+    Backoff, ClaimRequest, ClaimTarget, Outcome, SessionInfo, SessionSpec, WorkInfo,
+    CLAIM_BATCH_MAX,
+};
+use fleetdb_core::{Error, ObjectKey, Op, Precondition, Result, Timestamp};
+
+use crate::{Store, Txn};
+
+/// Sessions removed per sweep call.
+pub const SWEEP_SESSIONS_MAX: usize = 1000;
+/// How often the background task sweeps expired sessions.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often `claim_wait` looks at the change log for something new.
+pub const CLAIM_WAIT_POLL: Duration = Duration::from_millis(100);
+/// How often `claim_wait` tries again even without a change (time-based selectors, backoffs ending).
+pub const CLAIM_WAIT_RETRY: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct SessionState {
+    deadline: Timestamp,
+    expired: bool,
+    paused: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct SessionShared {
+    info: SessionInfo,
+    state: Mutex<SessionState>,
+}
+
+impl SessionShared {
+    fn state(&self) -> std::sync::MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The per-store registry of live sessions, renewed together.
+#[derive(Debug, Default)]
+pub(crate) struct Keeper {
+    sessions: Mutex<HashMap<String, Weak<SessionShared>>>,
+    started: AtomicBool,
+    /// Fault injection for tests: fail this many renewal rounds.
+    fail_renewals: AtomicU32,
+}
+
+impl Keeper {
+    fn live(&self) -> Vec<Arc<SessionShared>> {
+        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+        map.values().filter_map(Weak::upgrade).collect()
+    }
+
+    fn forget(&self, id: &str) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+}
+
+/// A live session. Cheap to clone; clones are the same session. Dropping the last clone stops
+/// its renewal (it then expires after its TTL); [`Session::close`] ends it at once.
+#[derive(Debug, Clone)]
+pub struct Session {
+    store: Store,
+    shared: Arc<SessionShared>,
+}
+
+impl Store {
+    /// Start a session. Its renewal runs in the background as long as a clone of it exists.
+    pub async fn session_start(&self, spec: SessionSpec) -> Result<Session> {
+        spec.validate()?;
+        let now = self.clock.now();
+        let ttl_ms = spec.ttl.as_millis() as i64;
+        let info = SessionInfo {
+            id: uuid::Uuid::new_v4().to_string(),
+            component: spec.component,
+            host: spec.host,
+            runtime_info: spec.runtime_info,
+            ttl_ms,
+            created_at: now,
+            deadline: now + spec.ttl,
+        };
+        self.write(vec![Op::SessionStart {
+            session: info.clone(),
+        }])
+        .await?;
+        let shared = Arc::new(SessionShared {
+            state: Mutex::new(SessionState {
+                deadline: info.deadline,
+                expired: false,
+                paused: false,
+            }),
+            info,
+        });
+        self.keeper
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(shared.info.id.clone(), Arc::downgrade(&shared));
+        self.start_background();
+        self.metrics.sessions_started.inc();
+        Ok(Session {
+            store: self.clone(),
+            shared,
+        })
+    }
+
+    /// Renew every session of this store now, in one statement. The background task calls this
+    /// every TTL/3; tests call it after moving the clock.
+    pub async fn renew_sessions(&self) -> Result<()> {
+        let sessions: Vec<Arc<SessionShared>> = self
+            .keeper
+            .live()
+            .into_iter()
+            .filter(|s| {
+                let st = s.state();
+                !st.expired && !st.paused
+            })
+            .collect();
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let ids: Vec<String> = sessions.iter().map(|s| s.info.id.clone()).collect();
+        let injected = self
+            .keeper
+            .fail_renewals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let result = if injected {
+            Err(Error::Unavailable("injected renewal failure".into()))
+        } else {
+            self.backend.session_renew(&ids, now).await
+        };
+        match result {
+            Ok(renewed) => {
+                let renewed: HashMap<String, Timestamp> = renewed.into_iter().collect();
+                for s in &sessions {
+                    let mut st = s.state();
+                    match renewed.get(&s.info.id) {
+                        Some(deadline) => st.deadline = *deadline,
+                        // The store says it is gone or past its deadline.
+                        None => {
+                            st.expired = true;
+                            self.metrics.sessions_expired.inc();
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Transient: keep trying until the deadline passes.
+                for s in &sessions {
+                    let mut st = s.state();
+                    if now >= st.deadline && !st.expired {
+                        st.expired = true;
+                        self.metrics.sessions_expired.inc();
+                    }
+                }
+                tracing::warn!(error = %e, "session renewal failed; retrying until the deadline");
+                Err(e)
+            }
+        }
+    }
+
+    /// Delete expired sessions (at most [`SWEEP_SESSIONS_MAX`] per call) and release their work
+    /// with `Expired` history. Claims never wait for this: a dead session's work is claimable at
+    /// once; the sweep only tidies up and records.
+    pub async fn sweep_sessions(&self) -> Result<u64> {
+        self.ready().await?;
+        let n = self
+            .backend
+            .session_sweep(self.clock.now(), SWEEP_SESSIONS_MAX)
+            .await?;
+        self.metrics.sessions_expired.inc_by(n);
+        Ok(n)
+    }
+
+    /// Test hook: make the next `n` renewal rounds fail as if the database were unreachable.
+    #[doc(hidden)]
+    pub fn inject_renewal_failures(&self, n: u32) {
+        self.keeper.fail_renewals.store(n, Ordering::SeqCst);
+    }
+
+    /// Start the background task (renewal every TTL/3 of the shortest live TTL; sweep every
+    /// [`SWEEP_INTERVAL`]). It holds only weak references and ends when the store is dropped.
+    fn start_background(&self) {
+        if self.keeper.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.keeper.started.store(false, Ordering::SeqCst);
+            return;
+        };
+        let weak = self.downgrade();
+        rt.spawn(async move {
+            let mut since_sweep = Duration::ZERO;
+            loop {
+                let tick = {
+                    let Some(store) = weak.upgrade() else { return };
+                    let min_ttl = store
+                        .keeper
+                        .live()
+                        .iter()
+                        .map(|s| s.info.ttl_ms)
+                        .min()
+                        .unwrap_or(3_000);
+                    Duration::from_millis((min_ttl / 3).max(100) as u64)
+                };
+                tokio::time::sleep(tick).await;
+                let Some(store) = weak.upgrade() else { return };
+                let _ = store.renew_sessions().await;
+                since_sweep += tick;
+                if since_sweep >= SWEEP_INTERVAL {
+                    since_sweep = Duration::ZERO;
+                    if let Err(e) = store.sweep_sessions().await {
+                        tracing::warn!(error = %e, "session sweep failed");
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Session {
+    pub fn id(&self) -> &str {
+        &self.shared.info.id
+    }
+
+    pub fn info(&self) -> &SessionInfo {
+        &self.shared.info
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether this session is known to be expired (no renewal succeeded before its deadline).
+    pub fn is_expired(&self) -> bool {
+        let now = self.store.clock.now();
+        let mut st = self.shared.state();
+        if !st.expired && now >= st.deadline {
+            st.expired = true;
+        }
+        st.expired
+    }
+
+    /// The deadline as last renewed.
+    pub fn deadline(&self) -> Timestamp {
+        self.shared.state().deadline
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.is_expired() {
+            return Err(Error::SessionExpired {
+                session_id: self.id().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Map a `SessionExpired` from the store into the local state, so later calls fail fast.
+    fn note<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(Error::SessionExpired { .. }) = &r {
+            self.shared.state().expired = true;
+        }
+        r
+    }
+
+    /// Test hook: stop renewing this session (as if its process hung).
+    #[doc(hidden)]
+    pub fn pause_renewal(&self) {
+        self.shared.state().paused = true;
+    }
+
+    /// Run a transaction on behalf of this session: it commits only if the session is alive at
+    /// commit time (checked inside the same database transaction).
+    pub async fn txn<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.check()?;
+        let pre = vec![Precondition::SessionAlive {
+            session_id: self.id().to_string(),
+        }];
+        let r = self.store.txn_with(f, pre, Vec::new()).await;
+        self.note(r)
+    }
+
+    async fn claim_target(
+        &self,
+        process: &str,
+        target: ClaimTarget,
+        limit: usize,
+    ) -> Result<Vec<Work>> {
+        self.check()?;
+        fleetdb_core::validate::name("process", process)?;
+        if limit == 0 || limit > CLAIM_BATCH_MAX {
+            return Err(Error::invalid(
+                "limit",
+                limit.to_string(),
+                format!("must be between 1 and {CLAIM_BATCH_MAX}"),
+            ));
+        }
+        self.store.ready().await?;
+        let req = ClaimRequest {
+            session_id: self.id().to_string(),
+            process: process.to_string(),
+            target,
+            limit,
+            now: self.store.clock.now(),
+        };
+        let claimed = self.note(self.store.backend.claim(req).await)?;
+        if !claimed.is_empty() {
+            self.store
+                .metrics
+                .work_started
+                .with_label_values(&[process])
+                .inc_by(claimed.len() as u64);
+        }
+        Ok(claimed
+            .into_iter()
+            .map(|info| Work {
+                session: self.clone(),
+                info,
+                done: false,
+            })
+            .collect())
+    }
+
+    /// Claim up to `limit` objects matching `selector` for `process`: objects no live session
+    /// holds for this or a conflicting process, and not in backoff for this process. Returns what
+    /// it got (possibly nothing); objects taken concurrently are skipped, not an error.
+    pub async fn claim(&self, process: &str, selector: &str, limit: usize) -> Result<Vec<Work>> {
+        fleetdb_core::selector::Selector::parse(selector)?;
+        self.claim_target(process, ClaimTarget::Selector(selector.to_string()), limit)
+            .await
+    }
+
+    /// Claim one known object, or fail with `Conflict` (held, or in backoff) or `NotFound`.
+    pub async fn claim_object(&self, key: &ObjectKey, process: &str) -> Result<Work> {
+        key.validate()?;
+        let mut got = self
+            .claim_target(process, ClaimTarget::Object(key.clone()), 1)
+            .await?;
+        got.pop()
+            .ok_or_else(|| Error::Backend("a claim of one object returned nothing".into()))
+    }
+
+    /// Like [`Session::claim`], but when nothing is claimable, wait (up to `timeout`) for a
+    /// change in the store and try again. Wakes within [`CLAIM_WAIT_POLL`] of a change, and
+    /// retries at least every [`CLAIM_WAIT_RETRY`] for conditions that depend on time.
+    pub async fn claim_wait(
+        &self,
+        process: &str,
+        selector: &str,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Work>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let seen = self.store.backend.revision().await?.current;
+            let got = self.claim(process, selector, limit).await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            let retry_at = tokio::time::Instant::now() + CLAIM_WAIT_RETRY;
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Ok(Vec::new());
+                }
+                if now >= retry_at {
+                    break;
+                }
+                tokio::time::sleep(CLAIM_WAIT_POLL.min(deadline - now)).await;
+                if self.store.backend.revision().await?.current != seen {
+                    break;
+                }
+                self.check()?;
+            }
+        }
+    }
+
+    /// Finish many claims of this session in ONE transaction (no caller writes): the batch
+    /// finish used by high-throughput workers. All or nothing: on error every claim is still held.
+    pub async fn finish_many(&self, works: &mut [Work]) -> Result<()> {
+        self.check()?;
+        if works.is_empty() {
+            return Ok(());
+        }
+        for w in works.iter() {
+            w.check_open()?;
+            if w.info.session_id != self.id() {
+                return Err(Error::invalid(
+                    "work",
+                    w.info.key.to_string(),
+                    "belongs to another session; finish_many takes this session's claims only",
+                ));
+            }
+        }
+        let mut ops = vec![];
+        for w in works.iter() {
+            ops.push(w.release_op(Outcome::Finished));
+        }
+        let batch_len = ops.len();
+        let r = self.store.write(ops).await;
+        let r = self.note(r)?;
+        debug_assert_eq!(r.len(), batch_len);
+        for w in works.iter_mut() {
+            w.done = true;
+            self.store
+                .metrics
+                .work_finished
+                .with_label_values(&[w.info.process.as_str(), "finished"])
+                .inc();
+        }
+        Ok(())
+    }
+
+    /// Close the session: release everything it holds (history `Canceled`, cause "session
+    /// closed") and delete it. Returns how many claims were released.
+    pub async fn close(self) -> Result<u64> {
+        self.store.keeper.forget(self.id());
+        self.shared.state().expired = true;
+        self.store.metrics.sessions_closed.inc();
+        let r = self
+            .store
+            .write(vec![Op::SessionClose {
+                id: self.id().to_string(),
+            }])
+            .await?;
+        Ok(match r.first().map(|r| &r.applied) {
+            Some(fleetdb_core::Applied::Done { count }) => *count,
+            _ => 0,
+        })
+    }
+}
+
+/// An exclusive claim on (object, process), held by a session, with a fencing token. End it with
+/// [`Work::finish`], [`Work::cancel`] or [`Work::fail`]; a claim dropped without an outcome is
+/// cancelled in the background.
+#[derive(Debug)]
+pub struct Work {
+    session: Session,
+    info: WorkInfo,
+    done: bool,
+}
+
+impl Work {
+    pub fn key(&self) -> &ObjectKey {
+        &self.info.key
+    }
+    pub fn process(&self) -> &str {
+        &self.info.process
+    }
+    /// The fencing token: strictly increasing across claims; pass it to external systems so they
+    /// can refuse a stale holder.
+    pub fn token(&self) -> i64 {
+        self.info.token
+    }
+    pub fn info(&self) -> &WorkInfo {
+        &self.info
+    }
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    fn release_op(&self, outcome: Outcome) -> Op {
+        Op::WorkRelease {
+            key: self.info.key.clone(),
+            process: self.info.process.clone(),
+            session_id: self.info.session_id.clone(),
+            token: self.info.token,
+            outcome,
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.done {
+            return Err(Error::WorkLost {
+                what: format!(
+                    "{} on {} (token {}) has ended already",
+                    self.info.process, self.info.key, self.info.token
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Run the caller's writes, release the claim, clear the backoff and write history, in ONE
+    /// transaction. If it fails, nothing happened: the claim is still held and can be finished,
+    /// cancelled or failed again. `f` may run several times (see [`Store::txn`]).
+    pub async fn finish<T, F, Fut>(&mut self, f: F) -> Result<T>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.check_open()?;
+        let pre = vec![Precondition::SessionAlive {
+            session_id: self.info.session_id.clone(),
+        }];
+        let post = vec![self.release_op(Outcome::Finished)];
+        let out = self.session.store.txn_with(f, pre, post).await;
+        let out = self.lost_if_expired(out);
+        let out = self.count_end("finished", out)?;
+        self.done = true;
+        Ok(out)
+    }
+
+    /// A `SessionExpired` while ending a claim means the claim is lost.
+    fn lost_if_expired<T>(&self, r: Result<T>) -> Result<T> {
+        match self.session.note(r) {
+            Err(Error::SessionExpired { session_id }) => Err(Error::WorkLost {
+                what: format!(
+                    "{} on {} (token {}): session {session_id} has expired; nothing was changed",
+                    self.info.process, self.info.key, self.info.token
+                ),
+            }),
+            other => other,
+        }
+    }
+
+    async fn end(&mut self, outcome: Outcome) -> Result<()> {
+        self.check_open()?;
+        let result = match &outcome {
+            Outcome::Finished => "finished",
+            Outcome::Canceled => "canceled",
+            Outcome::Failed { .. } => "failed",
+        };
+        let r = self
+            .session
+            .store
+            .write(vec![self.release_op(outcome)])
+            .await
+            .map(|_| ());
+        let r = self.lost_if_expired(r);
+        self.count_end(result, r)?;
+        self.done = true;
+        Ok(())
+    }
+
+    /// Count how the claim ended: `result` if it did, `expired` if it was lost to its session.
+    fn count_end<T>(&self, result: &str, r: Result<T>) -> Result<T> {
+        let m = &self.session.store.metrics.work_finished;
+        match &r {
+            Ok(_) => m
+                .with_label_values(&[self.info.process.as_str(), result])
+                .inc(),
+            Err(Error::WorkLost { .. }) => m
+                .with_label_values(&[self.info.process.as_str(), "expired"])
+                .inc(),
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Release the claim without an outcome (history `Canceled`); the backoff is left as it is.
+    pub async fn cancel(&mut self) -> Result<()> {
+        self.end(Outcome::Canceled).await
+    }
+
+    /// Release the claim as failed: history `Failed` with `cause`, and a backoff for this
+    /// (object, process) following `backoff` (the interval grows with each consecutive failure).
+    pub async fn fail(&mut self, backoff: &Backoff, cause: &str) -> Result<()> {
+        let cause = fleetdb_core::work::cause(cause)?;
+        let uniform = if backoff.jitter() > 0.0 {
+            rand_unit()
+        } else {
+            0.0
+        };
+        self.end(Outcome::Failed {
+            cause,
+            backoff: *backoff,
+            uniform,
+        })
+        .await
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (store, op) = (
+            self.session.store.clone(),
+            self.release_op(Outcome::Canceled),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.write(vec![op]).await {
+                    tracing::debug!(error = %e, "cancelling a dropped claim failed (it expires with its session)");
+                }
+            });
+        }
+    }
+}
+
+/// A uniform random number in [0, 1) for backoff jitter (no need for a crypto RNG).
+fn rand_unit() -> f64 {
+    let bytes = uuid::Uuid::new_v4();
+    let n = u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+    (n >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Store {
+    /// Declare (or redeclare) a process and the processes it conflicts with. Conflicts must be
+    /// declared already; they are symmetric when claims are checked.
+    pub async fn process_define(
+        &self,
+        name: &str,
+        conflicts: &[&str],
+    ) -> Result<fleetdb_core::work::Process> {
+        let r = self
+            .write(vec![Op::ProcessDefine {
+                name: name.to_string(),
+                conflicts: conflicts.iter().map(|c| c.to_string()).collect(),
+            }])
+            .await?;
+        match r.into_iter().next().map(|r| r.applied) {
+            Some(fleetdb_core::Applied::Process(p)) => Ok(p),
+            _ => Err(Error::Backend("process_define returned no process".into())),
+        }
+    }
+
+    pub async fn process_list(&self) -> Result<Vec<fleetdb_core::work::Process>> {
+        self.ready().await?;
+        self.backend.process_list().await
+    }
+
+    pub async fn session_get(&self, id: &str) -> Result<Option<SessionInfo>> {
+        self.ready().await?;
+        fleetdb_core::validate::name("session id", id)?;
+        self.backend.session_get(id).await
+    }
+
+    /// Sessions ordered by id (expired ones too, until swept).
+    pub async fn session_list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::Page<SessionInfo>> {
+        self.ready().await?;
+        crate::check_limit(limit)?;
+        let mut items = self.backend.session_list(after, limit + 1).await?;
+        let next = crate::next_page(&mut items, limit, |s| s.id.clone());
+        Ok(crate::Page { items, next })
+    }
+
+    /// Close any session by id (operators): releases its work like [`Session::close`].
+    pub async fn session_close(&self, id: &str) -> Result<u64> {
+        let r = self
+            .write(vec![Op::SessionClose { id: id.to_string() }])
+            .await?;
+        Ok(match r.first().map(|r| &r.applied) {
+            Some(fleetdb_core::Applied::Done { count }) => *count,
+            _ => 0,
+        })
+    }
+
+    /// Active claims (of live and of not yet swept dead sessions), optionally of one process.
+    pub async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>> {
+        self.ready().await?;
+        crate::check_limit(limit)?;
+        if let Some(p) = process {
+            fleetdb_core::validate::name("process", p)?;
+        }
+        self.backend.work_list(process, limit).await
+    }
+
+    /// Operators: end a claim whoever holds it (history `Canceled`, cause "canceled by
+    /// operator"). The holder's next finish/cancel/fail gets `WorkLost`. Returns whether there was one.
+    pub async fn work_cancel(&self, key: &ObjectKey, process: &str) -> Result<bool> {
+        let r = self
+            .write(vec![Op::WorkForceCancel {
+                key: key.clone(),
+                process: process.to_string(),
+            }])
+            .await?;
+        Ok(r.first().is_some_and(|r| r.changed))
+    }
+
+    /// Backoffs, optionally of one process; `active_only` hides those already over.
+    pub async fn backoff_list(
+        &self,
+        process: Option<&str>,
+        active_only: bool,
+        limit: usize,
+    ) -> Result<Vec<fleetdb_core::work::BackoffInfo>> {
+        self.ready().await?;
+        crate::check_limit(limit)?;
+        if let Some(p) = process {
+            fleetdb_core::validate::name("process", p)?;
+        }
+        let at = active_only.then(|| self.clock.now());
+        self.backend.backoff_list(process, at, limit).await
+    }
+
+    /// Remove the backoff of (object, process). Returns whether there was one.
+    pub async fn backoff_clear(&self, key: &ObjectKey, process: &str) -> Result<bool> {
+        let r = self
+            .write(vec![Op::BackoffClear {
+                key: key.clone(),
+                process: process.to_string(),
+            }])
+            .await?;
+        Ok(r.first().is_some_and(|r| r.changed))
+    }
+
+    /// Work history, newest first. `cursor` is the `next` of the previous page.
+    pub async fn history(
+        &self,
+        filter: &fleetdb_core::work::HistoryFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::Page<fleetdb_core::work::HistoryEntry>> {
+        self.ready().await?;
+        match filter {
+            fleetdb_core::work::HistoryFilter::Object(k) => k.validate()?,
+            fleetdb_core::work::HistoryFilter::Process(p) => {
+                fleetdb_core::validate::name("process", p)?
+            }
+        }
+        if limit == 0 || limit > fleetdb_core::work::HISTORY_PAGE_ROWS_MAX {
+            return Err(Error::invalid(
+                "limit",
+                limit.to_string(),
+                format!(
+                    "must be between 1 and {}",
+                    fleetdb_core::work::HISTORY_PAGE_ROWS_MAX
+                ),
+            ));
+        }
+        let before = cursor
+            .map(|c| {
+                c.parse::<i64>().map_err(|_| {
+                    Error::invalid("cursor", c, "is not a cursor returned by a history listing")
+                })
+            })
+            .transpose()?;
+        let mut items = self.backend.history_list(filter, before, limit + 1).await?;
+        let next = crate::next_page(&mut items, limit, |h| h.seq.to_string());
+        Ok(crate::Page { items, next })
+    }
+
+    /// Delete history older than `retention`. Returns how many rows went.
+    pub async fn history_prune(&self, retention: Duration) -> Result<u64> {
+        self.ready().await?;
+        self.backend
+            .history_prune(self.clock.now() - retention)
+            .await
+    }
+
+    /// Objects matching a selector (see docs/selectors.md), ordered by (namespace, kind, id).
+    pub async fn select(
+        &self,
+        selector: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::Page<crate::Object>> {
+        self.ready().await?;
+        fleetdb_core::selector::Selector::parse(selector)?;
+        crate::check_limit(limit)?;
+        let after = cursor.map(decode_key_cursor).transpose()?;
+        let mut items = self
+            .backend
+            .select(selector, self.clock.now(), after.as_ref(), limit + 1)
+            .await?;
+        let next = crate::next_page(&mut items, limit, |o| encode_key_cursor(&o.key));
+        Ok(crate::Page { items, next })
+    }
+
+    /// How many objects match a selector.
+    pub async fn count(&self, selector: &str) -> Result<u64> {
+        self.ready().await?;
+        fleetdb_core::selector::Selector::parse(selector)?;
+        self.backend.count(selector, self.clock.now()).await
+    }
+}
+
+fn encode_key_cursor(k: &ObjectKey) -> String {
+    format!("{}/{}/{}", k.namespace, k.kind, k.id)
+}
+
+fn decode_key_cursor(c: &str) -> Result<ObjectKey> {
+    let mut parts = c.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(n), Some(k), Some(i)) => ObjectKey::new(n, k, i).map_err(|_| {
+            Error::invalid(
+                "cursor",
+                c,
+                "is not a cursor returned by a selector listing",
+            )
+        }),
+        _ => Err(Error::invalid(
+            "cursor",
+            c,
+            "is not a cursor returned by a selector listing",
+        )),
+    }
+}
