@@ -3,6 +3,9 @@
 //!
 //! `tagset`: single-tag-set transactions per second at 1 and N concurrent writers.
 //!
+//! `work`: the work-queue benchmarks in the peers' shapes (one-at-a-time, burn-down, 10,000
+//! live sessions); see [`work`].
+//!
 //! - raw SQLite: rusqlite, WAL, `synchronous=FULL`, one OS thread and one connection per writer,
 //!   each op `BEGIN IMMEDIATE; INSERT .. ON CONFLICT DO UPDATE ..; COMMIT` on a random key of a
 //!   table shaped like FleetDB's `tags` table.
@@ -13,6 +16,8 @@
 //!
 //! Every op is an UPDATE of an existing row on both sides: the raw table is pre-filled with one
 //! row per object, and FleetDB's objects are pre-created with their `hb` tag.
+
+pub mod work;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;

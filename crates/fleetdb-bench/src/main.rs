@@ -1,12 +1,33 @@
 //! `fleetdb-bench`: see the crate documentation (src/lib.rs) and `fleetdb-bench --help`.
 
-use clap::Parser;
-use fleetdb_bench::{run_tagset_main, Cli, Command};
+use clap::{Parser, Subcommand};
+use fleetdb_bench::work::{run_work_main, WorkArgs};
+use fleetdb_bench::{run_tagset_main, Command};
+
+/// The library's subcommands plus `work`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleetdb-bench",
+    about = "FleetDB benchmarks: FleetDB next to the raw engine, same driver, same run"
+)]
+struct MainCli {
+    #[command(subcommand)]
+    command: MainCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum MainCommand {
+    #[command(flatten)]
+    Lib(Command),
+    /// Work queues in the peers' shapes: one-at-a-time, burn-down, 10,000 live sessions.
+    Work(WorkArgs),
+}
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = MainCli::parse();
     let code = match cli.command {
-        Command::Tagset(args) => run_tagset_main(args),
+        MainCommand::Lib(Command::Tagset(args)) => run_tagset_main(args),
+        MainCommand::Work(args) => run_work_main(args),
     };
     std::process::exit(code);
 }

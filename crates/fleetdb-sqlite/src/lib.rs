@@ -1,6 +1,7 @@
 //! FleetDB's embedded backend on SQLite.
 //!
-//! - One writer thread owns the write connection and commits in groups ([`writer`]).
+//! - One write connection; callers commit in groups, the first caller in leading the group on its
+//!   own thread ([`writer`]). A checkpointer thread keeps WAL checkpoints off the write path.
 //! - Reads run on a small pool of read-only connections; in WAL mode they never wait for the
 //!   writer. A read runs inline on the calling task: reads are bounded (pages of at most
 //!   `LIST_PAGE_MAX` rows) and take microseconds from the page cache.
@@ -26,10 +27,10 @@ use fleetdb_core::{
     ObjectQuery, OpResult, Result, Revision, RevisionInfo, SchemaStatus, Tag,
 };
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub use migrate::{testing, MIGRATIONS};
-pub use writer::{GROUP_JOBS_MAX, QUEUE_JOBS_MAX};
+pub use writer::GROUP_JOBS_MAX;
 
 /// How durable a commit is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,9 +77,10 @@ pub struct SqliteBackend {
     location: Location,
     options: SqliteOptions,
     clock: Arc<dyn Clock>,
-    writer: mpsc::Sender<writer::Job>,
+    queue: Arc<writer::Queue>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
-    /// In memory: the one connection. On disk: the writer's (used only by the writer thread).
+    checkpointer: Option<Checkpointer>,
+    /// In memory: the one connection. On disk: the write connection (held by whoever commits a group).
     write_conn: Arc<Mutex<Connection>>,
     readers: Mutex<Vec<Connection>>,
 }
@@ -91,21 +93,72 @@ impl std::fmt::Debug for SqliteBackend {
     }
 }
 
-/// Closing: the writer finishes every queued write, then every connection closes (SQLite then
-/// checkpoints the WAL), before the drop returns. So a process that drops its store has nothing
-/// half-done in flight.
+/// Closing: every write was driven to its answer by its caller (a dropped store has no caller
+/// left waiting), the checkpointer stops, then every connection closes (SQLite then checkpoints
+/// the WAL and removes it) before the drop returns.
 impl Drop for SqliteBackend {
     fn drop(&mut self) {
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
+        }
         // Readers first: the last connection to close checkpoints, and a read-only one cannot.
         self.readers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.writer, closed));
+        // The writer thread ends when the queue is gone (its wake channel closes).
+        let (placeholder, _) = writer::Queue::new();
+        drop(std::mem::replace(&mut self.queue, Arc::new(placeholder)));
         if let Some(t) = self.writer_thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// How often the checkpointer copies the WAL into the database file.
+pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A thread that runs passive WAL checkpoints off the write path.
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn spawn(conn: Connection) -> Result<Checkpointer> {
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("fleetdb-sqlite-checkpoint".into())
+            .spawn(move || {
+                let (lock, cv) = &*flag;
+                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                while !*stopped {
+                    let (guard, _) = cv
+                        .wait_timeout(stopped, CHECKPOINT_INTERVAL)
+                        .unwrap_or_else(|p| p.into_inner());
+                    stopped = guard;
+                    if *stopped {
+                        break;
+                    }
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!(error = %e, "passive checkpoint failed; retrying later");
+                    }
+                }
+                drop(conn);
+            })
+            .map_err(|e| {
+                Error::Backend(format!("cannot start the SQLite checkpoint thread: {e}"))
+            })?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    fn stop(self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        let _ = self.thread.join();
     }
 }
 
@@ -234,14 +287,37 @@ impl SqliteBackend {
         if options.migrate {
             migrate::migrate(&mut conn, clock.now())?;
         }
+        let checkpointer = match &location {
+            Location::File(path) => {
+                // Checkpoints copy the WAL into the database file and fsync it: work the writer
+                // should not wait for. Move it to a thread of its own.
+                conn.execute_batch(
+                    "PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864",
+                )
+                .map_err(map_err)?;
+                Some(Checkpointer::spawn(open_file(path, &options, false)?)?)
+            }
+            Location::Memory => None,
+        };
         let write_conn = Arc::new(Mutex::new(conn));
-        let (writer, writer_thread) = writer::spawn(write_conn.clone())?;
+        let (queue, wake) = writer::Queue::new();
+        let queue = Arc::new(queue);
+        let writer_thread = {
+            let (q, c) = (Arc::downgrade(&queue), write_conn.clone());
+            std::thread::Builder::new()
+                .name("fleetdb-sqlite-writer".into())
+                .spawn(move || writer::Queue::writer_loop(q, c, wake))
+                .map_err(|e| {
+                    Error::Backend(format!("cannot start the SQLite writer thread: {e}"))
+                })?
+        };
         Ok(SqliteBackend {
             location,
             options,
             clock,
-            writer,
+            queue,
             writer_thread: Some(writer_thread),
+            checkpointer,
             write_conn,
             readers: Mutex::new(Vec::new()),
         })
@@ -273,32 +349,25 @@ impl SqliteBackend {
         out
     }
 
-    /// Queue a write for the writer's next group and wait until its group committed.
+    /// Queue a write, lead the group commit if nobody does, and wait until the group that
+    /// carried it committed.
     async fn write(&self, write: writer::Write) -> Result<writer::Written> {
         let (reply, rx) = oneshot::channel();
-        self.writer
-            .send(writer::Job::Commit { write, reply })
-            .await
-            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?;
+        self.queue.submit(&self.write_conn, write, reply);
         rx.await
-            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?
+            .map_err(|_| Error::Unavailable("the SQLite write was abandoned".into()))?
     }
 
-    /// Run `f` on the writer thread with the write connection, between groups.
+    /// Run `f` with the write connection, between groups (migrations, compaction).
     async fn exclusive<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let (tx, rx) = oneshot::channel();
-        let job = writer::Job::Exclusive(Box::new(move |c: &mut Connection| {
-            let _ = tx.send(f(c));
-        }));
-        self.writer
-            .send(job)
-            .await
-            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("the SQLite writer thread has stopped".into()))?
+        let out = {
+            let mut c = self.write_conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut c)
+        };
+        out
     }
 }
 

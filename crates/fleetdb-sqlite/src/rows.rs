@@ -1,4 +1,4 @@
-//! Row mapping and the [`TxRows`] primitives, run on the writer thread inside one SQLite
+//! Row mapping and the [`TxRows`] primitives, run by the holder of the write connection inside one SQLite
 //! transaction. The futures are always ready at once (rusqlite is synchronous).
 
 use async_trait::async_trait;

@@ -1,29 +1,32 @@
-//! The single writer thread and its group commit.
+//! The write path and its group commit.
 //!
-//! SQLite allows one writer at a time, and a durable commit costs one fsync. The writer thread
-//! takes every write request that is waiting (up to [`GROUP_JOBS_MAX`]), runs each inside its own
-//! SAVEPOINT of ONE transaction, and commits once: many logical transactions share one fsync.
+//! SQLite allows one writer at a time, and a durable commit costs one fsync. A caller queues its
+//! write, then tries to take the write connection without waiting. If it gets it, it commits a
+//! group (its write and whatever else is waiting) on its own thread: a lone writer pays no hand-off
+//! between threads, which on a VM costs more than the statements. If the connection is taken, it
+//! wakes the writer thread, which commits groups until the queue is empty. A group takes every
+//! write that is waiting (up to [`GROUP_JOBS_MAX`]), runs each inside its own SAVEPOINT of ONE
+//! transaction and commits once: many logical transactions share one fsync. Every queued write
+//! either commits on its caller's thread or has woken the writer, so none is left behind.
 //! A request that fails rolls back to its savepoint and gets its error; its neighbours commit.
 //! Every caller is answered only after the group's COMMIT returned, i.e. after its data is durable.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
 use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
 use fleetdb_core::work::{ClaimRequest, WorkInfo};
-use fleetdb_core::{Batch, Error, OpResult, Result, Timestamp};
+use fleetdb_core::{Batch, OpResult, Result, Timestamp};
 use rusqlite::Connection;
-use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::rows::SqliteRows;
 use crate::{current_revision, map_err};
 
 /// Most write requests committed together in one group.
 pub const GROUP_JOBS_MAX: usize = 256;
-/// Most write requests waiting for the writer before callers wait to enqueue.
-pub const QUEUE_JOBS_MAX: usize = 4096;
 /// Attempts at a group that finds the database busy (another process writing) past busy_timeout.
 const GROUP_ATTEMPTS_MAX: u32 = 5;
-
-pub(crate) type Exclusive = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// A write that joins a group: each runs in its own savepoint.
 pub(crate) enum Write {
@@ -41,56 +44,99 @@ pub(crate) enum Written {
     Sweep(u64),
 }
 
-type Reply = oneshot::Sender<Result<Written>>;
+pub(crate) type Reply = oneshot::Sender<Result<Written>>;
 
-pub(crate) enum Job {
-    Commit {
-        write: Write,
-        reply: Reply,
-    },
-    /// Run with the write connection, outside any group (migrations, compaction).
-    Exclusive(Exclusive),
+/// Writes waiting for a leader, and the writer thread that leads when callers contend.
+pub(crate) struct Queue {
+    waiting: Mutex<VecDeque<(Write, Reply)>>,
+    wake: std::sync::mpsc::SyncSender<()>,
 }
 
-pub(crate) fn spawn(
-    conn: Arc<Mutex<Connection>>,
-) -> Result<(mpsc::Sender<Job>, std::thread::JoinHandle<()>)> {
-    let (tx, mut rx) = mpsc::channel::<Job>(QUEUE_JOBS_MAX);
-    let handle = std::thread::Builder::new()
-        .name("fleetdb-sqlite-writer".into())
-        .spawn(move || {
-            let mut group: Vec<(Write, Reply)> = Vec::new();
-            while let Some(first) = rx.blocking_recv() {
-                let mut next = Some(first);
-                while let Some(job) = next.take() {
-                    match job {
-                        Job::Commit { write, reply } => group.push((write, reply)),
-                        Job::Exclusive(f) => {
-                            flush(&conn, &mut group);
-                            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-                            f(&mut c);
-                        }
-                    }
-                    if group.len() < GROUP_JOBS_MAX {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                flush(&conn, &mut group);
+impl Queue {
+    /// The queue and the receiving end the writer thread waits on.
+    pub(crate) fn new() -> (Queue, std::sync::mpsc::Receiver<()>) {
+        let (wake, rx) = std::sync::mpsc::sync_channel(1);
+        (
+            Queue {
+                waiting: Mutex::default(),
+                wake,
+            },
+            rx,
+        )
+    }
+
+    fn take_group(&self) -> Vec<(Write, Reply)> {
+        let mut q = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.len().min(GROUP_JOBS_MAX);
+        q.drain(..n).collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    fn wake_writer(&self) {
+        // A full channel means a wake-up is pending already.
+        let _ = self.wake.try_send(());
+    }
+
+    /// Queue a write. If the connection is free, commit a group at once on the caller's thread
+    /// (a lone writer pays no hand-off between threads); otherwise the writer thread will.
+    pub(crate) fn submit(&self, conn: &Mutex<Connection>, write: Write, reply: Reply) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((write, reply));
+        let mut c = match conn.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.wake_writer();
+                return;
             }
-        })
-        .map_err(|e| Error::Backend(format!("cannot start the SQLite writer thread: {e}")))?;
-    Ok((tx, handle))
+        };
+        let mut group = self.take_group();
+        flush(&mut c, &mut group);
+        drop(c);
+        // Writes queued meanwhile (their callers found the connection taken and woke the writer,
+        // or will): make sure the writer looks.
+        if !self.is_empty() {
+            self.wake_writer();
+        }
+    }
+
+    /// The writer thread's loop: on each wake-up, commit groups until the queue is empty. Ends
+    /// when the queue is dropped.
+    pub(crate) fn writer_loop(
+        this: std::sync::Weak<Queue>,
+        conn: std::sync::Arc<Mutex<Connection>>,
+        wake: std::sync::mpsc::Receiver<()>,
+    ) {
+        while wake.recv().is_ok() {
+            let Some(q) = this.upgrade() else { return };
+            loop {
+                let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let mut group = q.take_group();
+                if group.is_empty() {
+                    break;
+                }
+                flush(&mut c, &mut group);
+            }
+        }
+    }
 }
 
-fn flush(conn: &Mutex<Connection>, group: &mut Vec<(Write, Reply)>) {
+fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>) {
     if group.is_empty() {
         return;
     }
-    let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
     let mut attempt = 0;
     let results = loop {
         attempt += 1;
-        match run_group(&mut c, group) {
+        match run_group(c, group) {
             Ok(results) => break results,
             Err(e) if e.is_retryable() && attempt < GROUP_ATTEMPTS_MAX => {
                 tracing::debug!(attempt, error = %e, "sqlite group commit retry");
@@ -104,49 +150,59 @@ fn flush(conn: &Mutex<Connection>, group: &mut Vec<(Write, Reply)>) {
     }
 }
 
+/// Run a fixed statement (BEGIN, SAVEPOINT, COMMIT …) from the statement cache: no parsing per
+/// group, which matters at thousands of groups per second.
+fn exec(c: &Connection, sql: &str) -> Result<()> {
+    c.prepare_cached(sql)
+        .and_then(|mut s| s.raw_execute())
+        .map(|_| ())
+        .map_err(map_err)
+}
+
+fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Written> {
+    match write {
+        Write::Batch(batch) => {
+            let mut rows = SqliteRows { conn: c, revision };
+            futures::executor::block_on(apply_batch(&mut rows, batch)).map(Written::Batch)
+        }
+        Write::Claim(req) => {
+            let mut rows = SqliteRows { conn: c, revision };
+            futures::executor::block_on(apply_claim(&mut rows, req)).map(Written::Claim)
+        }
+        Write::Renew { ids, now } => crate::work::session_renew(c, ids, *now).map(Written::Renew),
+        Write::Sweep { now, limit } => {
+            let mut rows = SqliteRows { conn: c, revision };
+            futures::executor::block_on(apply_sweep(&mut rows, *now, *limit)).map(Written::Sweep)
+        }
+    }
+}
+
+/// One transaction for the whole group. With several requests each runs in its own savepoint,
+/// so a failing one rolls back alone; a lone request needs no savepoint (its failure rolls back
+/// the transaction).
 fn run_group(c: &mut Connection, group: &[(Write, Reply)]) -> Result<Vec<Result<Written>>> {
-    c.execute_batch("BEGIN IMMEDIATE").map_err(map_err)?;
+    exec(c, "BEGIN IMMEDIATE")?;
+    let single = group.len() == 1;
     let outcome = (|| {
         let mut revision = current_revision(c)?.current.0;
         let mut results = Vec::with_capacity(group.len());
         for (write, _) in group {
-            c.execute_batch("SAVEPOINT fleetdb_txn").map_err(map_err)?;
+            if !single {
+                exec(c, "SAVEPOINT fleetdb_txn")?;
+            }
             let before = revision;
-            let r = match write {
-                Write::Batch(batch) => {
-                    let mut rows = SqliteRows {
-                        conn: c,
-                        revision: &mut revision,
-                    };
-                    futures::executor::block_on(apply_batch(&mut rows, batch)).map(Written::Batch)
-                }
-                Write::Claim(req) => {
-                    let mut rows = SqliteRows {
-                        conn: c,
-                        revision: &mut revision,
-                    };
-                    futures::executor::block_on(apply_claim(&mut rows, req)).map(Written::Claim)
-                }
-                Write::Renew { ids, now } => {
-                    crate::work::session_renew(c, ids, *now).map(Written::Renew)
-                }
-                Write::Sweep { now, limit } => {
-                    let mut rows = SqliteRows {
-                        conn: c,
-                        revision: &mut revision,
-                    };
-                    futures::executor::block_on(apply_sweep(&mut rows, *now, *limit))
-                        .map(Written::Sweep)
-                }
-            };
-            match r {
+            match apply_one(c, write, &mut revision) {
                 Ok(r) => {
-                    c.execute_batch("RELEASE fleetdb_txn").map_err(map_err)?;
+                    if !single {
+                        exec(c, "RELEASE fleetdb_txn")?;
+                    }
                     results.push(Ok(r));
                 }
                 Err(e) => {
-                    c.execute_batch("ROLLBACK TO fleetdb_txn; RELEASE fleetdb_txn")
-                        .map_err(map_err)?;
+                    if !single {
+                        exec(c, "ROLLBACK TO fleetdb_txn")?;
+                        exec(c, "RELEASE fleetdb_txn")?;
+                    }
                     revision = before;
                     results.push(Err(e));
                 }
@@ -155,11 +211,16 @@ fn run_group(c: &mut Connection, group: &[(Write, Reply)]) -> Result<Vec<Result<
         Ok(results)
     })();
     match outcome {
-        Ok(results) => match c.execute_batch("COMMIT") {
+        // A lone request that failed: nothing to keep.
+        Ok(results) if single && results[0].is_err() => {
+            exec(c, "ROLLBACK")?;
+            Ok(results)
+        }
+        Ok(results) => match exec(c, "COMMIT") {
             Ok(()) => Ok(results),
             Err(e) => {
                 let _ = c.execute_batch("ROLLBACK");
-                Err(map_err(e))
+                Err(e)
             }
         },
         Err(e) => {
