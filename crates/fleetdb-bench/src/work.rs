@@ -109,7 +109,11 @@ pub struct WorkArgs {
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
     pub backends: Vec<BackendKind>,
     /// Shapes to run, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "oneatatime,burndown,sessions")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "oneatatime,burndown,sessions"
+    )]
     pub only: Vec<Shape>,
     /// One-at-a-time: measured seconds (after the warm-up).
     #[arg(long, default_value_t = 10.0)]
@@ -370,7 +374,11 @@ mod counted_impl {
             after: Option<&str>,
             limit: usize,
         ) -> Result<Vec<Namespace>> {
-            timed!(self, namespace_list, self.inner.namespace_list(after, limit))
+            timed!(
+                self,
+                namespace_list,
+                self.inner.namespace_list(after, limit)
+            )
         }
         async fn object_get(&self, key: &ObjectKey) -> Result<Option<Object>> {
             timed!(self, object_get, self.inner.object_get(key))
@@ -732,27 +740,30 @@ fn postgres_cpu_secs() -> (f64, usize) {
 struct CpuProbe {
     wall: Instant,
     me: f64,
-    pg: (f64, usize),
+    /// None: not a PostgreSQL run (the server's CPU is not ours to report).
+    pg: Option<(f64, usize)>,
 }
 
 impl CpuProbe {
-    fn start() -> Self {
+    fn start(postgres: bool) -> Self {
         CpuProbe {
             wall: Instant::now(),
             me: self_cpu_secs(),
-            pg: postgres_cpu_secs(),
+            pg: postgres.then(postgres_cpu_secs),
         }
     }
     fn finish(&self) -> Cpu {
         let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
-        let pg = postgres_cpu_secs();
+        let postgres_pct = match self.pg {
+            Some(before) if before.1 > 0 => {
+                let after = postgres_cpu_secs();
+                100.0 * (after.0 - before.0) / wall
+            }
+            _ => f64::NAN,
+        };
         Cpu {
             process_pct: 100.0 * (self_cpu_secs() - self.me) / wall,
-            postgres_pct: if pg.1 == 0 || self.pg.1 == 0 {
-                f64::NAN
-            } else {
-                100.0 * (pg.0 - self.pg.0) / wall
-            },
+            postgres_pct,
         }
     }
 }
@@ -984,7 +995,12 @@ async fn pg_place(_base: &str) -> BResult<(Place, String)> {
     Err("this build of fleetdb-bench was made without the `postgres` feature".into())
 }
 
-async fn new_session(store: &Store, role: &str, i: usize, ttl: Duration) -> BResult<fleetdb::Session> {
+async fn new_session(
+    store: &Store,
+    role: &str,
+    i: usize,
+    ttl: Duration,
+) -> BResult<fleetdb::Session> {
     store
         .session_start(
             SessionSpec::new("fleetdb-bench", "bench")
@@ -1028,7 +1044,8 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
     let sent: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let mut sessions = Vec::new();
     for w in 0..args.workers {
-        sessions.push(new_session(store, "worker", w, fleetdb::core::work::SESSION_TTL_DEFAULT).await?);
+        sessions
+            .push(new_session(store, "worker", w, fleetdb::core::work::SESSION_TTL_DEFAULT).await?);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let warm_end = Instant::now() + Duration::from_secs_f64(args.warmup_secs.max(0.0));
@@ -1087,7 +1104,8 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
                         rec.finished_total += 1;
                         if in_window(done) {
                             rec.completed_in_window += 1;
-                            rec.finish_us.push(done.duration_since(f0).as_micros() as u64);
+                            rec.finish_us
+                                .push(done.duration_since(f0).as_micros() as u64);
                         }
                     }
                     Err(e) => errors.add("finish", &e),
@@ -1132,7 +1150,8 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
                         rec.adds_total += 1;
                         if started >= warm_end {
                             rec.adds_in_window += 1;
-                            rec.add_us.push(done.duration_since(started).as_micros() as u64);
+                            rec.add_us
+                                .push(done.duration_since(started).as_micros() as u64);
                         }
                     }
                     Err(e) => {
@@ -1147,7 +1166,7 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
 
     // The window: CPU, backend calls and PostgreSQL activity from warm_end to end.
     tokio::time::sleep_until(warm_end.into()).await;
-    let probe = CpuProbe::start();
+    let probe = CpuProbe::start(db.kind == BackendKind::Postgres);
     let calls0 = db.stats.snapshot();
     let pg0 = match &db.admin {
         Some(a) => a.activity().await,
@@ -1368,10 +1387,11 @@ async fn burndown(db: &Db, args: &WorkArgs) -> BResult<BurnResult> {
     }
     let mut sessions = Vec::new();
     for w in 0..args.workers {
-        sessions.push(new_session(store, "worker", w, fleetdb::core::work::SESSION_TTL_DEFAULT).await?);
+        sessions
+            .push(new_session(store, "worker", w, fleetdb::core::work::SESSION_TTL_DEFAULT).await?);
     }
     let done = Arc::new(AtomicU64::new(0));
-    let probe = CpuProbe::start();
+    let probe = CpuProbe::start(db.kind == BackendKind::Postgres);
     let calls0 = db.stats.snapshot();
     let pg0 = match &db.admin {
         Some(a) => a.activity().await,
@@ -1578,7 +1598,7 @@ async fn sessions_shape(db: &Db, args: &WorkArgs) -> BResult<SessResult> {
     }
 
     let window = Duration::from_secs_f64(args.sessions_window_secs());
-    let probe = CpuProbe::start();
+    let probe = CpuProbe::start(db.kind == BackendKind::Postgres);
     let calls0 = db.stats.snapshot();
     let (pg0, upd0) = match &db.admin {
         Some(a) => (a.activity().await, a.sessions_updates().await),
@@ -1631,8 +1651,7 @@ async fn sessions_shape(db: &Db, args: &WorkArgs) -> BResult<SessResult> {
     if sessions.len() != n {
         problems.push(format!("only {} of {n} sessions started", sessions.len()));
     }
-    if alive_local != sessions.len() || alive_listed != sessions.len() || sampled_alive != sampled
-    {
+    if alive_local != sessions.len() || alive_listed != sessions.len() || sampled_alive != sampled {
         problems.push(format!(
             "sessions lost: alive locally {alive_local}, listed alive {alive_listed} of {listed}, \
              sampled alive {sampled_alive} of {sampled} (of {} started)",
@@ -2047,11 +2066,11 @@ pub fn render_markdown(r: &WorkReport) -> String {
         );
         let _ = writeln!(
             s,
-            "| backend | claim calls / job claimed | revision polls / job | commits / job finished | avg claim call ms | avg commit ms | claim_wait ms (mean) | finish ms (mean) | add call p50 / p99 ms | process CPU % | postgres CPU % | PG commits / rollbacks per s | claim attempts rolled back (token gap) |"
+            "| backend | claim calls/s (mean ms) | jobs claimed/s | revision polls/s | commit calls/s (mean ms) | commits per add or finish | claim_wait mean ms | finish mean ms | add call p50 / p99 ms | process CPU % | postgres CPU % | PG commits / rollbacks per s | claim attempts rolled back (token gap, whole run) |"
         );
         let _ = writeln!(
             s,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"
+            "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|"
         );
         for m in &r.one {
             let pg = m.pg.map_or("–".into(), |p| {
@@ -2061,15 +2080,21 @@ pub fn render_markdown(r: &WorkReport) -> String {
                     fmt_int(p.xact_rollback as f64 / m.secs)
                 )
             });
+            let rate = |c: Call| fmt_int(m.calls.calls(c) as f64 / m.secs);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {pg} | {} |",
+                "| {} | {} ({}) | {} | {} | {} ({}) | {} | {} | {} | {} / {} | {} | {} | {pg} | {} |",
                 m.backend.name(),
-                f2(per(m.calls.calls(Call::claim), m.claims_in_window)),
-                f2(per(m.calls.calls(Call::revision), m.claims_in_window)),
-                f2(per(m.calls.calls(Call::commit), m.completed_in_window)),
+                rate(Call::claim),
                 f2(m.calls.avg_ms(Call::claim)),
+                fmt_int(m.claims_in_window as f64 / m.secs),
+                rate(Call::revision),
+                rate(Call::commit),
                 f2(m.calls.avg_ms(Call::commit)),
+                f2(per(
+                    m.calls.calls(Call::commit),
+                    m.adds_in_window + m.completed_in_window
+                )),
                 f2(m.claim_wait_avg_ms),
                 f2(m.finish_avg_ms),
                 f2(m.add_p50_ms),
@@ -2181,9 +2206,9 @@ pub fn render_markdown(r: &WorkReport) -> String {
                 .collect::<Vec<_>>()
                 .join(" / ");
             let stmts = match m.pg_renewed_rounds {
-                Some(rounds) => format!(
-                    "1 (one UPDATE; sessions rows updated ÷ sessions = {rounds:.1} rounds)"
-                ),
+                Some(rounds) => {
+                    format!("1 (one UPDATE; sessions rows updated ÷ sessions = {rounds:.1} rounds)")
+                }
                 None => "1 (one UPDATE)".into(),
             };
             let _ = writeln!(
@@ -2264,7 +2289,10 @@ pub fn render_markdown(r: &WorkReport) -> String {
         );
     }
     if !trouble.is_empty() {
-        let _ = writeln!(s, "\nErrors (FleetDB calls that failed, exact text) and problems:\n");
+        let _ = writeln!(
+            s,
+            "\nErrors (FleetDB calls that failed, exact text) and problems:\n"
+        );
         s.push_str(&trouble);
     }
     if !r.notes.is_empty() {

@@ -255,6 +255,106 @@ impl PostgresBackend {
         outcome
     }
 
+    /// The hot path of a lone tag set, in ONE round trip: `BEGIN`, one statement and `COMMIT`
+    /// are pipelined. The statement makes the same decisions as `apply_batch` does for a
+    /// `TagSet` (object must exist, identical value is a no-op, otherwise one revision, one
+    /// change-log row, the upsert); the conformance suite holds both to the same behaviour.
+    async fn tag_set_fused(
+        &self,
+        key: &fleetdb_core::ObjectKey,
+        name: &str,
+        value: &str,
+        now: fleetdb_core::Timestamp,
+    ) -> Result<Vec<OpResult>> {
+        const SQL: &str = "WITH obj AS (SELECT 1 FROM objects WHERE namespace = $1 AND kind = $2 AND id = $3),
+             old AS (SELECT value, updated_at, revision FROM tags
+                     WHERE namespace = $1 AND kind = $2 AND id = $3 AND name = $4),
+             chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at)
+                     SELECT nextval('fleetdb_revision'), $1, $2, $3, 'tag', $4, 'put', (SELECT value FROM old), $5, $6
+                     WHERE EXISTS (SELECT 1 FROM obj) AND NOT EXISTS (SELECT 1 FROM old WHERE value = $5)
+                     RETURNING revision),
+             up AS (INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision)
+                    SELECT $1, $2, $3, $4, $5, $6, revision FROM chg
+                    ON CONFLICT (namespace, kind, id, name) DO UPDATE
+                      SET value = excluded.value, updated_at = excluded.updated_at, revision = excluded.revision
+                    RETURNING revision)
+             SELECT EXISTS (SELECT 1 FROM obj), (SELECT value FROM old), (SELECT updated_at FROM old),
+                    (SELECT revision FROM old), (SELECT revision FROM up)";
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(SQL).await.map_err(db_err)?;
+            let params: [Param<'_>; 6] =
+                [&key.namespace, &key.kind, &key.id, &name, &value, &now.0];
+            let (begin, rows, commit) = futures::future::join3(
+                client.batch_execute(sql::BEGIN),
+                client.query(&stmt, &params),
+                client.batch_execute("COMMIT"),
+            )
+            .await;
+            // The first failure tells what happened (a failed statement turns COMMIT into a rollback).
+            let outcome = match (begin, rows, commit) {
+                (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(_), Err(e)) => Err(e),
+                (Ok(()), Ok(rows), Ok(())) => Ok(rows),
+            };
+            let rows = match outcome {
+                Ok(rows) => rows,
+                Err(e) => match classify(&e) {
+                    Failure::Fail(err) => return Err(err),
+                    Failure::Retry(msg) => {
+                        if attempt >= COMMIT_ATTEMPTS_MAX {
+                            return Err(Error::RetriesExhausted {
+                                attempts: attempt,
+                                last: msg,
+                            });
+                        }
+                        drop(client);
+                        tokio::time::sleep(backoff(attempt)).await;
+                        continue;
+                    }
+                },
+            };
+            let row = rows
+                .first()
+                .ok_or_else(|| Error::Backend("the tag set statement returned no row".into()))?;
+            let exists: bool = row.try_get(0).map_err(db_err)?;
+            if !exists {
+                return Err(Error::not_found(format!("object {key}")));
+            }
+            let new_rev: Option<i64> = row.try_get(4).map_err(db_err)?;
+            let (tag, changed) = match new_rev {
+                Some(rev) => (
+                    fleetdb_core::Tag {
+                        object: key.clone(),
+                        name: name.to_string(),
+                        value: sql::parse_value(value)?,
+                        updated_at: now,
+                        revision: fleetdb_core::Revision(rev),
+                    },
+                    true,
+                ),
+                None => {
+                    let text: String = row.try_get(1).map_err(db_err)?;
+                    (
+                        fleetdb_core::Tag {
+                            object: key.clone(),
+                            name: name.to_string(),
+                            value: sql::parse_value(&text)?,
+                            updated_at: fleetdb_core::Timestamp(row.try_get(2).map_err(db_err)?),
+                            revision: fleetdb_core::Revision(row.try_get(3).map_err(db_err)?),
+                        },
+                        false,
+                    )
+                }
+            };
+            return Ok(vec![OpResult {
+                changed,
+                applied: fleetdb_core::Applied::Tag(tag),
+            }]);
+        }
+    }
+
     /// Run one statement in autocommit, retrying transient failures (serialization failures on
     /// servers that run every statement serializable, such as CockroachDB).
     async fn query_retrying(
@@ -459,6 +559,11 @@ impl Backend for PostgresBackend {
     async fn commit(&self, batch: Batch) -> Result<Vec<OpResult>> {
         if batch.ops.is_empty() && batch.preconditions.is_empty() {
             return Ok(Vec::new());
+        }
+        if let ([], [fleetdb_core::Op::TagSet { key, name, value }]) =
+            (batch.preconditions.as_slice(), batch.ops.as_slice())
+        {
+            return self.tag_set_fused(key, name, value, batch.now).await;
         }
         match self.transact(Write::Batch(&batch)).await? {
             Written::Batch(results) => Ok(results),

@@ -153,7 +153,7 @@ fn parse_labels(text: &str) -> Result<Labels> {
         .map_err(|e| Error::Backend(format!("corrupt labels in the store: {e}")))
 }
 
-fn parse_value(text: &str) -> Result<serde_json::Value> {
+pub(crate) fn parse_value(text: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text)
         .map_err(|e| Error::Backend(format!("corrupt tag value in the store: {e}")))
 }
