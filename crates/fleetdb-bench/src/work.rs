@@ -495,10 +495,7 @@ pub struct ErrorLog {
 /// The variant name of an error (`RetriesExhausted`, `SessionExpired`, …).
 fn error_kind(e: &fleetdb::Error) -> String {
     let dbg = format!("{e:?}");
-    dbg.split(|c: char| c == '{' || c == '(' || c == ' ')
-        .next()
-        .unwrap_or("")
-        .to_string()
+    dbg.split(['{', '(', ' ']).next().unwrap_or("").to_string()
 }
 
 impl ErrorLog {
@@ -536,6 +533,8 @@ pub struct Cpu {
     pub process_pct: f64,
     /// All `postgres` processes (NaN when none are visible, e.g. on SQLite runs).
     pub postgres_pct: f64,
+    /// Everything else on the machine (host busy − the two above): other load that competed.
+    pub others_pct: f64,
 }
 
 /// PostgreSQL activity over a window (cumulative statistics: they lag by up to about a second).
@@ -736,12 +735,34 @@ fn postgres_cpu_secs() -> (f64, usize) {
     (total, n)
 }
 
+/// Busy CPU seconds of the whole machine (all cores), from /proc/stat.
+fn host_busy_secs() -> f64 {
+    let Some(line) = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_string))
+    else {
+        return f64::NAN;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 5 {
+        return f64::NAN;
+    }
+    // user nice system idle iowait irq softirq steal (guest is already in user)
+    let total: f64 = v.iter().take(8).sum();
+    (total - v[3] - v[4]) / CLK_TCK
+}
+
 /// A CPU probe started at one instant.
 struct CpuProbe {
     wall: Instant,
     me: f64,
     /// None: not a PostgreSQL run (the server's CPU is not ours to report).
     pg: Option<(f64, usize)>,
+    host: f64,
 }
 
 impl CpuProbe {
@@ -750,6 +771,7 @@ impl CpuProbe {
             wall: Instant::now(),
             me: self_cpu_secs(),
             pg: postgres.then(postgres_cpu_secs),
+            host: host_busy_secs(),
         }
     }
     fn finish(&self) -> Cpu {
@@ -761,9 +783,17 @@ impl CpuProbe {
             }
             _ => f64::NAN,
         };
+        let process_pct = 100.0 * (self_cpu_secs() - self.me) / wall;
+        let host_pct = 100.0 * (host_busy_secs() - self.host) / wall;
+        let pg = if postgres_pct.is_finite() {
+            postgres_pct
+        } else {
+            0.0
+        };
         Cpu {
-            process_pct: 100.0 * (self_cpu_secs() - self.me) / wall,
+            process_pct,
             postgres_pct,
+            others_pct: (host_pct - process_pct - pg).max(0.0),
         }
     }
 }
@@ -1053,7 +1083,8 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
     let in_window = move |t: Instant| t >= warm_end && t < end;
 
     let mut workers = tokio::task::JoinSet::new();
-    for session in sessions.iter().cloned() {
+    for session in &sessions {
+        let session = session.clone();
         let (stop, sent, errors) = (stop.clone(), sent.clone(), errors.clone());
         workers.spawn(async move {
             let mut rec = WorkerRec::default();
@@ -1219,6 +1250,15 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
         wr.missing_t += r.missing_t;
         wr.max_token = wr.max_token.max(r.max_token);
     }
+    // Recount once every worker has stopped (a worker may finish its last job after the drain
+    // looked), for the accounting check.
+    let left_final = match store.count(SELECTOR).await {
+        Ok(n) => n,
+        Err(e) => {
+            errors.add("count", &e);
+            left
+        }
+    };
     for s in sessions {
         if let Err(e) = s.close().await {
             errors.add("session close", &e);
@@ -1231,12 +1271,12 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
             "{left} jobs still eligible after draining for {drain_secs:.1} s"
         ));
     }
-    if wr.finished_total + left != prod.adds_total {
+    if wr.finished_total + left_final != prod.adds_total {
         problems.push(format!(
-            "{} adds, {} finished, {left} left: {} unaccounted for",
+            "{} adds, {} finished, {left_final} still eligible: {} unaccounted for",
             prod.adds_total,
             wr.finished_total,
-            prod.adds_total as i64 - wr.finished_total as i64 - left as i64
+            prod.adds_total as i64 - wr.finished_total as i64 - left_final as i64
         ));
     }
     if wr.missing_t > 0 {
@@ -1400,7 +1440,8 @@ async fn burndown(db: &Db, args: &WorkArgs) -> BResult<BurnResult> {
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs_f64(args.burndown_max_secs);
     let mut workers = tokio::task::JoinSet::new();
-    for session in sessions.iter().cloned() {
+    for session in &sessions {
+        let session = session.clone();
         let (done, errors) = (done.clone(), errors.clone());
         let batch = args.batch;
         workers.spawn(async move {
@@ -1885,6 +1926,14 @@ fn log_sess(m: &SessResult) {
     log_errors(&m.errors, &m.problems);
 }
 
+/// Jobs finished per second while draining the backlog after the producers stopped.
+pub fn drain_rate(m: &OneResult) -> f64 {
+    if m.drain_secs <= 0.0 || m.backlog_at_end == 0 {
+        return f64::NAN;
+    }
+    (m.backlog_at_end - m.left_after_drain) as f64 / m.drain_secs
+}
+
 fn per(a: u64, b: u64) -> f64 {
     if b == 0 {
         f64::NAN
@@ -2027,17 +2076,17 @@ pub fn render_markdown(r: &WorkReport) -> String {
         );
         let _ = writeln!(
             s,
-            "| system | backend | completed/s | adds/s | add→claim p50 ms | p90 ms | p99 ms | max ms | backlog at window end | left after drain | errors | goal | met |"
+            "| system | backend | completed/s | adds/s | add→claim p50 ms | p90 ms | p99 ms | max ms | backlog at window end | drained/s (producers stopped) | left after drain | errors | goal | met |"
         );
         let _ = writeln!(
             s,
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
         );
         for m in &r.one {
             let (goal, met) = one_goal(m);
             let _ = writeln!(
                 s,
-                "| **FleetDB** | {} | **{}** | {} | {} | {} | **{}** | {} | {} | {} | {} | {goal} | {} |",
+                "| **FleetDB** | {} | **{}** | {} | {} | {} | **{}** | {} | {} | {} | {} | {} | {goal} | {} |",
                 m.backend.name(),
                 fmt_int(m.completed_per_sec),
                 fmt_int(m.adds_per_sec),
@@ -2046,6 +2095,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
                 f1(m.p99_ms),
                 f1(m.max_ms),
                 fmt_int(m.backlog_at_end as f64),
+                fmt_int(drain_rate(m)),
                 fmt_int(m.left_after_drain as f64),
                 errors_total(&m.errors),
                 yes_no(met)
@@ -2054,7 +2104,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
         for (sys, per_s, p50, p99) in PEER_ONE {
             let _ = writeln!(
                 s,
-                "| {sys} (peer) | postgres | {} | – | {} | – | {} | – | – | – | – | – | – |",
+                "| {sys} (peer) | postgres | {} | – | {} | – | {} | – | – | – | – | – | – | – |",
                 fmt_int(*per_s),
                 f1(*p50),
                 f1(*p99)
@@ -2062,15 +2112,18 @@ pub fn render_markdown(r: &WorkReport) -> String {
         }
         let _ = writeln!(
             s,
-            "\nWhere the time goes (window; backend calls counted by a wrapper around the backend):\n"
+            "\nWhere the time goes (window; backend calls counted by a wrapper around the backend; \
+             CPU in % of one core of {}; other = the rest of the machine: kernel I/O threads, other \
+             processes):\n",
+            r.machine.get("nproc").map_or("?", String::as_str)
         );
         let _ = writeln!(
             s,
-            "| backend | claim calls/s (mean ms) | jobs claimed/s | revision polls/s | commit calls/s (mean ms) | commits per add or finish | claim_wait mean ms | finish mean ms | add call p50 / p99 ms | process CPU % | postgres CPU % | PG commits / rollbacks per s | claim attempts rolled back (token gap, whole run) |"
+            "| backend | claim calls/s (mean ms) | jobs claimed/s | revision polls/s | commit calls/s (mean ms) | commits per add or finish | claim_wait mean ms | finish mean ms | add call p50 / p99 ms | process CPU % | postgres CPU % | other CPU % | PG commits / rollbacks per s | claim attempts rolled back (token gap, whole run) |"
         );
         let _ = writeln!(
             s,
-            "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|"
+            "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|---:|"
         );
         for m in &r.one {
             let pg = m.pg.map_or("–".into(), |p| {
@@ -2083,7 +2136,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
             let rate = |c: Call| fmt_int(m.calls.calls(c) as f64 / m.secs);
             let _ = writeln!(
                 s,
-                "| {} | {} ({}) | {} | {} | {} ({}) | {} | {} | {} | {} / {} | {} | {} | {pg} | {} |",
+                "| {} | {} ({}) | {} | {} | {} ({}) | {} | {} | {} | {} / {} | {} | {} | {} | {pg} | {} |",
                 m.backend.name(),
                 rate(Call::claim),
                 f2(m.calls.avg_ms(Call::claim)),
@@ -2101,6 +2154,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
                 f2(m.add_p99_ms),
                 f1(m.cpu.process_pct),
                 f1(m.cpu.postgres_pct),
+                f1(m.cpu.others_pct),
                 m.token_gap
             );
         }
@@ -2147,9 +2201,9 @@ pub fn render_markdown(r: &WorkReport) -> String {
         );
         let _ = writeln!(
             s,
-            "| backend | claim: calls, mean ms, % | delete txn: calls, mean ms, % | finish_many: calls, mean ms, % | backend commits | process CPU % | postgres CPU % | PG commits / rollbacks | claim attempts rolled back (token gap) |"
+            "| backend | claim: calls, mean ms, % | delete txn: calls, mean ms, % | finish_many: calls, mean ms, % | backend commits | process CPU % | postgres CPU % | other CPU % | PG commits / rollbacks | claim attempts rolled back (token gap) |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---:|---:|---:|---|---:|");
+        let _ = writeln!(s, "|---|---|---|---|---:|---:|---:|---:|---|---:|");
         for m in &r.burn {
             let phase = |(n, t): (u64, f64)| {
                 format!(
@@ -2168,7 +2222,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
             });
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {pg} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {pg} | {} |",
                 m.backend.name(),
                 phase(m.claim_phase),
                 phase(m.delete_phase),
@@ -2176,6 +2230,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
                 fmt_int(m.calls.calls(Call::commit) as f64),
                 f1(m.cpu.process_pct),
                 f1(m.cpu.postgres_pct),
+                f1(m.cpu.others_pct),
                 m.token_gap
             );
         }
@@ -2191,11 +2246,11 @@ pub fn render_markdown(r: &WorkReport) -> String {
         );
         let _ = writeln!(
             s,
-            "| system | backend | sessions | started/s | renewal calls in window (ticks expected) | statements per renewal | mean renewal ms | manual renew_sessions ms | process CPU % | postgres CPU % | total CPU % | alive at end | goal | met |"
+            "| system | backend | sessions | started/s | renewal calls in window (ticks expected) | statements per renewal | mean renewal ms | manual renew_sessions ms | process CPU % | postgres CPU % | total CPU % | other CPU % | alive at end | goal | met |"
         );
         let _ = writeln!(
             s,
-            "|---|---|---:|---:|---|---|---:|---|---:|---:|---:|---|---|---|"
+            "|---|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---|---|---|"
         );
         for m in &r.sessions {
             let (goal, met) = sessions_goal(m);
@@ -2213,7 +2268,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
             };
             let _ = writeln!(
                 s,
-                "| **FleetDB** | {} | {} | {} | {} ({:.1}) | {stmts} | {} | {manual} | {} | {} | **{}** | {} listed alive of {}, {}/{} sampled, {} alive locally | {goal} | {} |",
+                "| **FleetDB** | {} | {} | {} | {} ({:.1}) | {stmts} | {} | {manual} | {} | {} | **{}** | {} | {} listed alive of {}, {}/{} sampled, {} alive locally | {goal} | {} |",
                 m.backend.name(),
                 fmt_int(m.sessions as f64),
                 fmt_int(m.starts_per_sec),
@@ -2223,6 +2278,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
                 f1(m.cpu.process_pct),
                 f1(m.cpu.postgres_pct),
                 f1(sessions_total_cpu(m)),
+                f1(m.cpu.others_pct),
                 fmt_int(m.alive_listed as f64),
                 fmt_int(m.listed as f64),
                 m.sampled_alive,
@@ -2233,7 +2289,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
         }
         let _ = writeln!(
             s,
-            "| etcd 3.4.23 (peer) | – | 10,000 leases | 2,338 grants/s | ~3,100 keepalives/s, one stream | – | – | – | client ~15 | etcd {PEER_ETCD_LEASE_CPU} | {PEER_ETCD_LEASE_CPU} (server) | all survived | – | – |"
+            "| etcd 3.4.23 (peer) | – | 10,000 leases | 2,338 grants/s | ~3,100 keepalives/s, one stream | – | – | – | client ~15 | etcd {PEER_ETCD_LEASE_CPU} | {PEER_ETCD_LEASE_CPU} (server) | – | all survived | – | – |"
         );
         let _ = writeln!(
             s,
@@ -2311,7 +2367,11 @@ pub fn render_markdown(r: &WorkReport) -> String {
 }
 
 fn cpu_json(c: &Cpu) -> serde_json::Value {
-    json!({"process_pct_of_1_core": num(c.process_pct), "postgres_pct_of_1_core": num(c.postgres_pct)})
+    json!({
+        "process_pct_of_1_core": num(c.process_pct),
+        "postgres_pct_of_1_core": num(c.postgres_pct),
+        "other_processes_pct_of_1_core": num(c.others_pct),
+    })
 }
 
 fn pg_json(p: &Option<PgActivity>) -> serde_json::Value {
@@ -2356,7 +2416,8 @@ pub fn json_lines(r: &WorkReport) -> Vec<serde_json::Value> {
             "add_call_p50_ms": num(m.add_p50_ms), "add_call_p99_ms": num(m.add_p99_ms),
             "claim_wait_avg_ms": num(m.claim_wait_avg_ms), "finish_avg_ms": num(m.finish_avg_ms),
             "backlog_at_window_end": m.backlog_at_end, "left_after_drain": m.left_after_drain,
-            "drain_secs": m.drain_secs, "adds_total": m.adds_total,
+            "drain_secs": m.drain_secs, "drained_per_sec": num(drain_rate(m)),
+            "adds_total": m.adds_total,
             "finished_total": m.finished_total, "token_gap": m.token_gap,
             "backend_calls": m.calls.to_json(), "cpu": cpu_json(&m.cpu), "pg": pg_json(&m.pg),
             "errors": errors_json(&m.errors), "problems": m.problems,

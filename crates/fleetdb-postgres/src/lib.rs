@@ -58,6 +58,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "sessions_work",
         sql: include_str!("../migrations/0003_sessions_work.sql"),
     },
+    Migration {
+        version: 4,
+        name: "tags_by_name",
+        sql: include_str!("../migrations/0004_tags_by_name.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before

@@ -125,8 +125,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
 
     let backend = db.open().await;
     let status = backend.schema_status().await.unwrap();
-    assert_eq!(status.database, 3);
-    assert_eq!(status.binary, 3);
+    assert_eq!(status.database, 4);
+    assert_eq!(status.binary, 4);
     assert!(status.pending.is_empty());
     let applied: Vec<_> = status
         .applied
@@ -135,7 +135,12 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
         .collect();
     assert_eq!(
         applied,
-        vec![(1, "init"), (2, "change_log"), (3, "sessions_work")]
+        vec![
+            (1, "init"),
+            (2, "change_log"),
+            (3, "sessions_work"),
+            (4, "tags_by_name")
+        ]
     );
     assert_eq!(
         status.applied[0].applied_at,
@@ -206,8 +211,8 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .await
     .unwrap();
     let status = backend.schema_status().await.unwrap();
-    assert_eq!((status.database, status.binary), (0, 3));
-    assert_eq!(status.pending.len(), 3);
+    assert_eq!((status.database, status.binary), (0, 4));
+    assert_eq!(status.pending.len(), 4);
     assert!(status.applied.is_empty());
 
     // Migrations one at a time, then the rest on open.
@@ -225,7 +230,7 @@ async fn open_without_migrate_leaves_the_database_alone() {
     assert_eq!(status.database, 1);
     assert_eq!(status.pending.len(), 2);
     let status = backend.migrate().await.unwrap();
-    assert_eq!(status.database, 3);
+    assert_eq!(status.database, 4);
     assert!(status.pending.is_empty());
     db.drop().await;
 }

@@ -24,6 +24,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "sessions_work",
         sql: include_str!("../migrations/0003_sessions_work.sql"),
     },
+    Migration {
+        version: 4,
+        name: "tags_by_name",
+        sql: include_str!("../migrations/0004_tags_by_name.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -9,7 +9,7 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3];
+const TESTED: &[u32] = &[1, 2, 3, 4];
 
 #[test]
 fn every_migration_has_a_test() {
@@ -82,7 +82,7 @@ async fn sqlite_0002_change_log_keeps_rows_written_before_it() {
         .unwrap();
     }
     let store = open_sqlite(&path).await.unwrap();
-    assert_eq!(store.schema_status().await.unwrap().database, 3);
+    assert_eq!(store.schema_status().await.unwrap().database, 4);
     check_rows_from_before(&store).await;
 }
 
@@ -166,6 +166,17 @@ async fn check_v2_rows_then_work(store: &Store) {
 }
 
 #[tokio::test]
+async fn sqlite_0004_tags_by_name_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, 3).unwrap();
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(V2_ROWS).unwrap();
+    }
+    check_v2_rows_then_work(&open_sqlite(&path).await.unwrap()).await;
+}
+
+#[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
     let store = open_sqlite(&path).await.unwrap();
@@ -213,7 +224,7 @@ async fn sqlite_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 3
+            binary: 4
         }
     );
     assert!(err.to_string().contains("upgrade fleetdb"), "{err}");
@@ -238,7 +249,7 @@ async fn sqlite_without_migrate_a_behind_database_says_so() {
         err,
         Error::SchemaBehind {
             database: 1,
-            binary: 3
+            binary: 4
         }
     );
     store.migrate().await.unwrap();
@@ -330,7 +341,7 @@ async fn postgres_0002_change_log_keeps_rows_written_before_it() {
     )
     .await;
     let store = Store::open(&s.url).await.unwrap();
-    assert_eq!(store.schema_status().await.unwrap().database, 3);
+    assert_eq!(store.schema_status().await.unwrap().database, 4);
     check_rows_from_before(&store).await;
     drop(store);
     pg_drop(s).await;
@@ -340,6 +351,23 @@ async fn postgres_0002_change_log_keeps_rows_written_before_it() {
 async fn postgres_0003_sessions_work_keeps_rows_written_before_it() {
     let s = pg_schema().await;
     fleetdb_postgres::testing::migrate_to(&s.url, 2)
+        .await
+        .unwrap();
+    pg_exec(
+        &s.url,
+        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
+    )
+    .await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_work(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0004_tags_by_name_keeps_rows_written_before_it() {
+    let s = pg_schema().await;
+    fleetdb_postgres::testing::migrate_to(&s.url, 3)
         .await
         .unwrap();
     pg_exec(
@@ -388,7 +416,7 @@ async fn postgres_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 3
+            binary: 4
         }
     );
     let err = Store::open(&s.url).await.unwrap_err();
@@ -396,7 +424,7 @@ async fn postgres_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 3
+            binary: 4
         }
     );
     pg_drop_role(&s).await;
@@ -424,7 +452,7 @@ async fn postgres_concurrent_first_opens_migrate_once() {
     }
     let store = Store::open(&s.url).await.unwrap();
     let st = store.schema_status().await.unwrap();
-    assert_eq!(st.applied.len(), 3);
+    assert_eq!(st.applied.len(), 4);
     drop(store);
     pg_drop(s).await;
 }

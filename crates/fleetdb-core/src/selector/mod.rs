@@ -261,11 +261,38 @@ impl Selector {
     /// ` LEFT JOIN tags t0 ON t0.namespace = o.namespace AND t0.kind = o.kind AND t0.id = o.id
     /// AND t0.name = ?1`. Tag names are appended to `params`.
     pub fn tag_joins(&self, dialect: Dialect, params: &mut Vec<SqlParam>) -> String {
-        sql::tag_joins(dialect, &self.tags(), params)
+        sql::tag_joins(dialect, &self.tags(), &self.required_tags(), params)
+    }
+
+    /// Tags the object must have for the selector to match: those named by a `has(T)`,
+    /// `updated(T) …` or a comparison other than `!=` in the top-level conjunction. Their joins
+    /// are inner joins, so the database can start from the (selective) tag index instead of
+    /// scanning every object.
+    pub fn required_tags(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        self.expr.collect_required(&mut out);
+        out
     }
 }
 
 impl Expr {
+    fn collect_required(&self, out: &mut BTreeSet<String>) {
+        match self {
+            Expr::And(xs) => xs.iter().for_each(|x| x.collect_required(out)),
+            Expr::Pred(Pred::Has { tag }) | Expr::Pred(Pred::Updated { tag, .. }) => {
+                out.insert(tag.clone());
+            }
+            // A missing side makes every comparison but `!=` false.
+            Expr::Pred(Pred::Compare { left, op, right }) if *op != CmpOp::Ne => {
+                out.insert(left.tag.clone());
+                if let Operand::Field(f) = right {
+                    out.insert(f.tag.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn collect_tags<'a>(&'a self, out: &mut BTreeSet<&'a str>) {
         match self {
             Expr::Or(xs) | Expr::And(xs) => xs.iter().for_each(|x| x.collect_tags(out)),

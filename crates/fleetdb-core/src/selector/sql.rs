@@ -10,12 +10,24 @@ use super::eval::threshold;
 use super::{CmpOp, Dialect, EqOp, Expr, Field, Literal, Operand, Pred, SqlParam};
 use crate::time::Timestamp;
 
-pub(super) fn tag_joins(dialect: Dialect, tags: &[String], params: &mut Vec<SqlParam>) -> String {
+pub(super) fn tag_joins(
+    dialect: Dialect,
+    tags: &[String],
+    required: &std::collections::BTreeSet<String>,
+    params: &mut Vec<SqlParam>,
+) -> String {
     let mut out = String::new();
     for (i, tag) in tags.iter().enumerate() {
         let p = push(dialect, params, SqlParam::Text(tag.clone()));
+        // A required tag is an inner join (the selector is false without it anyway): the
+        // planner may then drive the query from the tags index.
+        let join = if required.contains(tag) {
+            "JOIN"
+        } else {
+            "LEFT JOIN"
+        };
         out.push_str(&format!(
-            " LEFT JOIN tags t{i} ON t{i}.namespace = o.namespace AND t{i}.kind = o.kind \
+            " {join} tags t{i} ON t{i}.namespace = o.namespace AND t{i}.kind = o.kind \
              AND t{i}.id = o.id AND t{i}.name = {p}"
         ));
     }

@@ -619,9 +619,18 @@ fn sql_uses_only_placeholders_numbered_after_existing_params() {
                 "{i}: {text}"
             );
         }
-        assert!(joins.starts_with(" LEFT JOIN tags t0 ON t0.namespace = o.namespace"));
-        assert!(joins.contains("LEFT JOIN tags t1 ON"));
+        // Both tags are required (`updated(hb) …`, `tag(os).name = …`): inner joins.
+        assert!(joins.starts_with(" JOIN tags t0 ON t0.namespace = o.namespace"), "{joins}");
+        assert!(joins.contains(" JOIN tags t1 ON"));
+        assert!(!joins.contains("LEFT"));
     }
+    // Only tags the top-level conjunction requires are inner joins.
+    let s = sel("has(a) and not has(b) and (has(c) or has(d)) and tag(e).x != 1 and tag(f).y = tag(g).z");
+    let req: Vec<String> = s.required_tags().into_iter().collect();
+    assert_eq!(req, vec!["a", "f", "g"]);
+    let mut params = Vec::new();
+    let joins = s.tag_joins(Dialect::Sqlite, &mut params);
+    assert_eq!(joins.matches(" LEFT JOIN ").count(), 4, "{joins}");
     assert_eq!(Dialect::Sqlite.placeholder(3), "?3");
     assert_eq!(Dialect::Postgres.placeholder(3), "$3");
     let mut params = Vec::new();
