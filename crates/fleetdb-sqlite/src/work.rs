@@ -316,9 +316,9 @@ pub(crate) fn next_token(c: &Connection) -> Result<i64> {
 
 /// `FROM objects o <joins> WHERE <selector>` with its parameters, numbered from 1.
 fn selector_from_where(selector: &Selector, now: Timestamp, params: &mut Vec<SqlParam>) -> String {
-    let joins = selector.tag_joins(Dialect::Sqlite, params);
+    let from = selector.from_sql(Dialect::Sqlite, params);
     let cond = selector.to_sql(Dialect::Sqlite, now, params);
-    format!("FROM objects o {joins} WHERE ({cond})")
+    format!("FROM {from} WHERE ({cond})")
 }
 
 fn ph(params: &mut Vec<SqlParam>, p: SqlParam) -> String {
@@ -336,6 +336,9 @@ pub(crate) fn claim_candidates(c: &Connection, q: &CandidateQuery) -> Result<Vec
     let now = ph(&mut params, SqlParam::Int(q.now.0));
     let process = ph(&mut params, SqlParam::Text(q.process.clone()));
     let limit = ph(&mut params, SqlParam::Int(q.limit as i64));
+    // No ORDER BY: SQLite cannot tell that the driving index (the required tag's `tags_by_name`,
+    // or the objects key) is already in key order once other columns are constrained, and would
+    // sort every candidate to return one. The scan itself yields candidates in key order.
     let sql = format!(
         "SELECT o.namespace, o.kind, o.id {base}
            AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions s ON s.id = w.session_id
@@ -344,7 +347,7 @@ pub(crate) fn claim_candidates(c: &Connection, q: &CandidateQuery) -> Result<Vec
            AND NOT EXISTS (SELECT 1 FROM work_backoff b
                            WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id
                              AND b.process = {process} AND b.until > {now})
-         ORDER BY o.namespace, o.kind, o.id LIMIT {limit}"
+         LIMIT {limit}"
     );
     collect(
         c,
@@ -459,6 +462,7 @@ pub(crate) fn select(
     limit: usize,
 ) -> Result<Vec<Object>> {
     let selector = Selector::parse(selector)?;
+    let key = selector.key_alias(Dialect::Sqlite);
     let mut params = Vec::new();
     let base = selector_from_where(&selector, now, &mut params);
     let mut sql = format!(
@@ -471,11 +475,13 @@ pub(crate) fn select(
             ph(&mut params, SqlParam::Text(k.id.clone())),
         );
         sql.push_str(&format!(
-            " AND (o.namespace, o.kind, o.id) > ({n}, {kd}, {i})"
+            " AND ({key}.namespace, {key}.kind, {key}.id) > ({n}, {kd}, {i})"
         ));
     }
     let l = ph(&mut params, SqlParam::Int(limit as i64));
-    sql.push_str(&format!(" ORDER BY o.namespace, o.kind, o.id LIMIT {l}"));
+    sql.push_str(&format!(
+        " ORDER BY {key}.namespace, {key}.kind, {key}.id LIMIT {l}"
+    ));
     let raws = collect(
         c,
         &sql,

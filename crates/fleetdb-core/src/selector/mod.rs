@@ -264,6 +264,31 @@ impl Selector {
         sql::tag_joins(dialect, &self.tags(), &self.required_tags(), params)
     }
 
+    /// The whole FROM clause: the objects table `o` and the tag joins. On SQLite, when the
+    /// selector requires a tag, the query is forced to start from that tag (`CROSS JOIN` fixes
+    /// the join order in SQLite), so it reads the few objects that have it through the
+    /// `tags_by_name` index instead of scanning every object (SQLite keeps no statistics unless
+    /// ANALYZE runs; PostgreSQL's planner has them and chooses on its own).
+    pub fn from_sql(&self, dialect: Dialect, params: &mut Vec<SqlParam>) -> String {
+        sql::from_clause(dialect, &self.tags(), &self.required_tags(), params)
+    }
+
+    /// The alias whose `namespace, kind, id` columns to order and page by with [`Self::from_sql`]:
+    /// the leading tag's on SQLite (its `tags_by_name` index is already in that order for one
+    /// name, so `ORDER BY … LIMIT n` stops after n rows instead of sorting every candidate), else `o`.
+    pub fn key_alias(&self, dialect: Dialect) -> String {
+        match dialect {
+            Dialect::Sqlite => {
+                let required = self.required_tags();
+                match self.tags().iter().position(|t| required.contains(t)) {
+                    Some(i) => format!("t{i}"),
+                    None => "o".to_string(),
+                }
+            }
+            Dialect::Postgres => "o".to_string(),
+        }
+    }
+
     /// Tags the object must have for the selector to match: those named by a `has(T)`,
     /// `updated(T) …` or a comparison other than `!=` in the top-level conjunction. Their joins
     /// are inner joins, so the database can start from the (selective) tag index instead of

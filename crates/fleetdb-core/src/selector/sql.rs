@@ -34,6 +34,42 @@ pub(super) fn tag_joins(
     out
 }
 
+pub(super) fn from_clause(
+    dialect: Dialect,
+    tags: &[String],
+    required: &std::collections::BTreeSet<String>,
+    params: &mut Vec<SqlParam>,
+) -> String {
+    let lead = match dialect {
+        Dialect::Sqlite => tags.iter().position(|t| required.contains(t)),
+        Dialect::Postgres => None,
+    };
+    let Some(lead) = lead else {
+        return format!("objects o{}", tag_joins(dialect, tags, required, params));
+    };
+    let p = push(dialect, params, SqlParam::Text(tags[lead].clone()));
+    let mut out = format!(
+        "tags t{lead} CROSS JOIN objects o ON t{lead}.namespace = o.namespace AND t{lead}.kind = o.kind \
+         AND t{lead}.id = o.id AND t{lead}.name = {p}"
+    );
+    for (i, tag) in tags.iter().enumerate() {
+        if i == lead {
+            continue;
+        }
+        let p = push(dialect, params, SqlParam::Text(tag.clone()));
+        let join = if required.contains(tag) {
+            "JOIN"
+        } else {
+            "LEFT JOIN"
+        };
+        out.push_str(&format!(
+            " {join} tags t{i} ON t{i}.namespace = o.namespace AND t{i}.kind = o.kind \
+             AND t{i}.id = o.id AND t{i}.name = {p}"
+        ));
+    }
+    out
+}
+
 /// Append a parameter; returns its placeholder (with a type cast in PostgreSQL, so that the
 /// server infers TEXT/BIGINT whatever the context).
 fn push(dialect: Dialect, params: &mut Vec<SqlParam>, p: SqlParam) -> String {

@@ -620,12 +620,17 @@ fn sql_uses_only_placeholders_numbered_after_existing_params() {
             );
         }
         // Both tags are required (`updated(hb) …`, `tag(os).name = …`): inner joins.
-        assert!(joins.starts_with(" JOIN tags t0 ON t0.namespace = o.namespace"), "{joins}");
+        assert!(
+            joins.starts_with(" JOIN tags t0 ON t0.namespace = o.namespace"),
+            "{joins}"
+        );
         assert!(joins.contains(" JOIN tags t1 ON"));
         assert!(!joins.contains("LEFT"));
     }
     // Only tags the top-level conjunction requires are inner joins.
-    let s = sel("has(a) and not has(b) and (has(c) or has(d)) and tag(e).x != 1 and tag(f).y = tag(g).z");
+    let s = sel(
+        "has(a) and not has(b) and (has(c) or has(d)) and tag(e).x != 1 and tag(f).y = tag(g).z",
+    );
     let req: Vec<String> = s.required_tags().into_iter().collect();
     assert_eq!(req, vec!["a", "f", "g"]);
     let mut params = Vec::new();
