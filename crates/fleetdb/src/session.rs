@@ -328,7 +328,18 @@ impl Session {
             limit,
             now: self.store.clock.now(),
         };
-        let claimed = self.note(self.store.backend.claim(req).await)?;
+        let by_selector = matches!(req.target, ClaimTarget::Selector(_));
+        let claimed = match self.store.backend.claim(req).await {
+            // Under heavy contention (PostgreSQL serialization failures on every attempt) a
+            // selector claim gets nothing this time, like a claim whose candidates were all taken:
+            // the caller (or `claim_wait`) tries again. A claim of one named object reports it.
+            Err(Error::RetriesExhausted { attempts, last }) if by_selector => {
+                self.store.metrics.transactions_failed.inc();
+                tracing::warn!(attempts, last = %last, "claim gave up under contention; nothing claimed");
+                Vec::new()
+            }
+            r => self.note(r)?,
+        };
         if !claimed.is_empty() {
             self.store
                 .metrics
@@ -348,7 +359,8 @@ impl Session {
 
     /// Claim up to `limit` objects matching `selector` for `process`: objects no live session
     /// holds for this or a conflicting process, and not in backoff for this process. Returns what
-    /// it got (possibly nothing); objects taken concurrently are skipped, not an error.
+    /// it got (possibly nothing); objects taken concurrently are skipped, not an error (a claim
+    /// that keeps colliding with concurrent claims until its retries run out returns nothing).
     pub async fn claim(&self, process: &str, selector: &str, limit: usize) -> Result<Vec<Work>> {
         fleetdb_core::selector::Selector::parse(selector)?;
         self.claim_target(process, ClaimTarget::Selector(selector.to_string()), limit)
