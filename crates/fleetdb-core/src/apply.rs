@@ -652,6 +652,8 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
     let exclude = exclusions(rows, &req.process).await?;
     let keys = match &req.target {
         ClaimTarget::Object(key) => {
+            // Lock first: what follows must see every claim committed before it.
+            rows.lock_object(key).await?;
             if rows.object_read(key).await?.is_none() {
                 return Err(Error::not_found(format!("object {key}")));
             }

@@ -250,6 +250,12 @@ pub trait TxRows: Send {
     /// and that are not in an active backoff for `q.process`, ordered by (namespace, kind, id),
     /// at most `q.limit`. One query; the backend compiles `q.selector`.
     async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>>;
+    /// Lock an object against concurrent claims until the transaction ends (a backend whose
+    /// writes are serialized anyway need not do anything).
+    async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {
+        let _ = key;
+        Ok(())
+    }
 }
 
 /// Work statistics of one process.

@@ -224,7 +224,12 @@ impl PostgresBackend {
             open: true,
         };
         let conn: &deadpool_postgres::ClientWrapper = guard.client();
-        let mut rows = PgTx::new(conn);
+        // Claims run READ COMMITTED and lock the objects they take (see work::claim_candidates):
+        // under SERIALIZABLE, claimers racing for the head of a queue abort one another.
+        let mut rows = match write {
+            Write::Claim(_) => PgTx::with_begin(conn, sql::BEGIN_CLAIM),
+            _ => PgTx::new(conn),
+        };
         let applied = match write {
             Write::Batch(batch) => apply_batch(&mut rows, batch).await.map(Written::Batch),
             Write::Claim(req) => apply_claim(&mut rows, req).await.map(Written::Claim),

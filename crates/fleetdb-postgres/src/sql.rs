@@ -14,6 +14,9 @@ use crate::error::db_err;
 pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
 
 pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+/// Claims: every statement sees what is committed when it starts; exclusion comes from row locks
+/// on the claimed objects (every claim path locks the object first), not from SSI.
+pub(crate) const BEGIN_CLAIM: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 pub(crate) const NAMESPACE_GET: &str =
     "SELECT name, labels, created_at, updated_at, revision FROM namespaces WHERE name = $1";

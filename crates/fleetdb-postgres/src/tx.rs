@@ -41,6 +41,8 @@ struct Deferred {
 
 pub(crate) struct PgTx<'a> {
     client: &'a ClientWrapper,
+    /// The statement that opens the transaction (its isolation level).
+    begin: &'static str,
     /// `BEGIN` has been sent and succeeded: the transaction must be ended.
     pub(crate) begun: bool,
     /// A transient failure (serialization failure, deadlock) happened: retry the whole batch.
@@ -109,9 +111,18 @@ impl<'a> PgTx<'a> {
     pub(crate) fn new(client: &'a ClientWrapper) -> Self {
         PgTx {
             client,
+            begin: sql::BEGIN,
             begun: false,
             transient: None,
             pending: Vec::new(),
+        }
+    }
+
+    /// A transaction opened with another `BEGIN` (claims run READ COMMITTED with row locks).
+    pub(crate) fn with_begin(client: &'a ClientWrapper, begin: &'static str) -> Self {
+        PgTx {
+            begin,
+            ..PgTx::new(client)
         }
     }
 
@@ -163,7 +174,7 @@ impl<'a> PgTx<'a> {
     async fn begin_alone(&mut self) -> Result<()> {
         if !self.begun {
             // The apply functions always read before they write; this is only a safety net.
-            if let Err(e) = self.client.batch_execute(sql::BEGIN).await {
+            if let Err(e) = self.client.batch_execute(self.begin).await {
                 return Err(self.fail(e));
             }
             self.begun = true;
@@ -233,7 +244,7 @@ impl<'a> PgTx<'a> {
         // Nothing is deferred before the transaction is open.
         let client = self.client;
         let (begin, rows) = futures::future::join(
-            client.batch_execute(sql::BEGIN),
+            client.batch_execute(self.begin),
             client.query(&stmt, params),
         )
         .await;
@@ -438,5 +449,15 @@ impl TxRows for PgTx<'_> {
 
     async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>> {
         work::claim_candidates(self, q).await
+    }
+
+    async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {
+        let params: [Param<'_>; 3] = [&key.namespace, &key.kind, &key.id];
+        self.read(
+            "SELECT 1 FROM objects WHERE namespace = $1 AND kind = $2 AND id = $3 FOR UPDATE",
+            &params,
+        )
+        .await?;
+        Ok(())
     }
 }

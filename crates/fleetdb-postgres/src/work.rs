@@ -247,7 +247,20 @@ fn selector_from_where(selector: &Selector, now: Timestamp) -> (String, TypedPar
 /// The candidates of a selector claim: matching objects that no live session holds for any of the
 /// excluded processes and that are not in an active backoff for the process.
 pub(crate) fn claim_candidates_sql(q: &CandidateQuery) -> (String, TypedParams) {
-    let (base, mut params) = selector_from_where(&q.selector, q.now);
+    claim_candidates_sql_in(q, None)
+}
+
+/// The candidate query; with `only` (a JSON array of `{"ns","kind","id"}`), restricted to those
+/// objects (the re-check after locking).
+fn claim_candidates_sql_in(q: &CandidateQuery, only: Option<String>) -> (String, TypedParams) {
+    let (mut base, mut params) = selector_from_where(&q.selector, q.now);
+    if let Some(only) = only {
+        let p = params.push(SqlParam::Text(only));
+        base.push_str(&format!(
+            " AND (o.namespace, o.kind, o.id) IN (SELECT k.ns, k.kind, k.id \
+               FROM jsonb_to_recordset(({p})::jsonb) AS k(ns text, kind text, id text))"
+        ));
+    }
     let exclude = params.push(SqlParam::Text(json_list(&q.exclude)));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
@@ -452,11 +465,30 @@ pub(crate) async fn next_token(tx: &mut PgTx<'_>) -> Result<i64> {
     row.try_get(0).map_err(db_err)
 }
 
+/// Candidates, in a READ COMMITTED claim transaction: (1) find and lock them, skipping objects
+/// another claim has locked (`FOR UPDATE OF o SKIP LOCKED`); (2) check them again in a fresh
+/// snapshot, now that they are locked: a claim committed between (1)'s snapshot and the lock is
+/// seen, and so is a change that made an object no longer match. Every claim path locks the
+/// object before it looks at its work rows, so two claims can never both pass (2) for one object.
 pub(crate) async fn claim_candidates(
     tx: &mut PgTx<'_>,
     q: &CandidateQuery,
 ) -> Result<Vec<ObjectKey>> {
     let (sql, params) = claim_candidates_sql(q);
+    let sql = format!("{sql} FOR UPDATE OF o SKIP LOCKED");
+    let rows = tx.query_typed(&sql, &params.typed()).await?;
+    let locked: Vec<ObjectKey> = rows.iter().map(key_from_row).collect::<Result<_>>()?;
+    if locked.is_empty() {
+        return Ok(locked);
+    }
+    let only = serde_json::to_string(
+        &locked
+            .iter()
+            .map(|k| serde_json::json!({"ns": k.namespace, "kind": k.kind, "id": k.id}))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_else(|_| "[]".into());
+    let (sql, params) = claim_candidates_sql_in(q, Some(only));
     let rows = tx.query_typed(&sql, &params.typed()).await?;
     rows.iter().map(key_from_row).collect()
 }
