@@ -71,6 +71,11 @@ pub struct OpenOptions {
     pub clock: Arc<dyn Clock>,
     /// PostgreSQL connections kept in the pool.
     pub postgres_pool_size_max: usize,
+    /// Run the background task: session renewal (every TTL/3), the sweeper of expired sessions
+    /// (every second) and history pruning. Tests that drive time by hand turn it off.
+    pub background: bool,
+    /// Delete work history older than this (checked with every sweep). `None` keeps it all.
+    pub history_retention: Option<Duration>,
 }
 
 impl Default for OpenOptions {
@@ -81,6 +86,8 @@ impl Default for OpenOptions {
             limits: Limits::default(),
             clock: Arc::new(SystemClock),
             postgres_pool_size_max: 16,
+            background: true,
+            history_retention: None,
         }
     }
 }
@@ -94,6 +101,14 @@ pub struct Store {
     ready: Arc<AtomicBool>,
     keeper: Arc<session::Keeper>,
     metrics: metrics::Metrics,
+    background: Arc<Background>,
+}
+
+/// Settings of the background task.
+#[derive(Debug, Default)]
+pub(crate) struct Background {
+    pub(crate) enabled: AtomicBool,
+    pub(crate) history_retention: std::sync::Mutex<Option<Duration>>,
 }
 
 /// A store reference that does not keep the store open (for background tasks).
@@ -104,6 +119,7 @@ struct WeakStore {
     ready: Arc<AtomicBool>,
     keeper: std::sync::Weak<session::Keeper>,
     metrics: metrics::Metrics,
+    background: Arc<Background>,
 }
 
 impl WeakStore {
@@ -115,6 +131,7 @@ impl WeakStore {
             ready: self.ready.clone(),
             keeper: self.keeper.upgrade()?,
             metrics: self.metrics.clone(),
+            background: self.background.clone(),
         })
     }
 }
@@ -170,7 +187,20 @@ impl Store {
                 "must start with sqlite: (sqlite:///path, sqlite::memory:) or postgres://",
             ));
         };
-        Store::from_backend(backend, options.clock, options.limits).await
+        let store = Store::from_backend(backend, options.clock, options.limits).await?;
+        store
+            .background
+            .enabled
+            .store(options.background, Ordering::SeqCst);
+        *store
+            .background
+            .history_retention
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = options.history_retention;
+        // A sweeper in every connected process: dead sessions are cleaned up even where no
+        // session of this process runs.
+        store.start_background();
+        Ok(store)
     }
 
     /// Wrap an already opened backend.
@@ -188,6 +218,10 @@ impl Store {
             ready: Arc::new(AtomicBool::new(ready)),
             keeper: Arc::default(),
             metrics: metrics::Metrics::default(),
+            background: Arc::new(Background {
+                enabled: AtomicBool::new(true),
+                history_retention: std::sync::Mutex::new(None),
+            }),
         })
     }
 
@@ -211,6 +245,7 @@ impl Store {
             ready: self.ready.clone(),
             keeper: Arc::downgrade(&self.keeper),
             metrics: self.metrics.clone(),
+            background: self.background.clone(),
         }
     }
 

@@ -57,6 +57,8 @@ pub(crate) struct Keeper {
     started: AtomicBool,
     /// Fault injection for tests: fail this many renewal rounds.
     fail_renewals: AtomicU32,
+    /// Wakes the background task when a session starts (its tick may have to shorten).
+    changed: tokio::sync::Notify,
 }
 
 impl Keeper {
@@ -115,6 +117,7 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .insert(shared.info.id.clone(), Arc::downgrade(&shared));
         self.start_background();
+        self.keeper.changed.notify_one();
         self.metrics.sessions_started.inc();
         Ok(Session {
             store: self.clone(),
@@ -201,7 +204,10 @@ impl Store {
 
     /// Start the background task (renewal every TTL/3 of the shortest live TTL; sweep every
     /// [`SWEEP_INTERVAL`]). It holds only weak references and ends when the store is dropped.
-    fn start_background(&self) {
+    pub(crate) fn start_background(&self) {
+        if !self.background.enabled.load(Ordering::SeqCst) {
+            return;
+        }
         if self.keeper.started.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -224,14 +230,35 @@ impl Store {
                         .unwrap_or(3_000);
                     Duration::from_millis((min_ttl / 3).max(100) as u64)
                 };
-                tokio::time::sleep(tick).await;
+                let woken = {
+                    let Some(keeper) = weak.keeper.upgrade() else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(tick) => false,
+                        _ = keeper.changed.notified() => true,
+                    }
+                };
                 let Some(store) = weak.upgrade() else { return };
+                if woken {
+                    continue; // a new session: recompute the tick (its deadline is fresh)
+                }
                 let _ = store.renew_sessions().await;
                 since_sweep += tick;
                 if since_sweep >= SWEEP_INTERVAL {
                     since_sweep = Duration::ZERO;
                     if let Err(e) = store.sweep_sessions().await {
                         tracing::warn!(error = %e, "session sweep failed");
+                    }
+                    let retention = *store
+                        .background
+                        .history_retention
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if let Some(keep) = retention {
+                        if let Err(e) = store.history_prune(keep).await {
+                            tracing::warn!(error = %e, "history pruning failed");
+                        }
                     }
                 }
             }

@@ -22,6 +22,8 @@ async fn make() -> Harness {
         &url,
         OpenOptions {
             clock: Arc::new(clock.clone()),
+            // Tests move time by hand and renew and sweep explicitly.
+            background: false,
             postgres_pool_size_max: 4,
             ..OpenOptions::default()
         },

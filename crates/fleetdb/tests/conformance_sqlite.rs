@@ -15,6 +15,8 @@ async fn make() -> Harness {
         &url,
         OpenOptions {
             clock: Arc::new(clock.clone()),
+            // Tests move time by hand and renew and sweep explicitly.
+            background: false,
             ..OpenOptions::default()
         },
     )
