@@ -1450,11 +1450,16 @@ pub fn json_lines(r: &Report) -> Vec<serde_json::Value> {
 }
 
 fn append_json(r: &Report, path: &Path) -> std::io::Result<()> {
+    append_lines(path, json_lines(r))
+}
+
+/// Append JSON values to a file, one per line (shared by every benchmark).
+pub(crate) fn append_lines(path: &Path, lines: Vec<serde_json::Value>) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
-    for line in json_lines(r) {
+    for line in lines {
         writeln!(f, "{line}")?;
     }
     Ok(())

@@ -27,7 +27,6 @@
 //! many backend calls (and how much time in them) each job took.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -2471,14 +2470,7 @@ pub fn json_lines(r: &WorkReport) -> Vec<serde_json::Value> {
 }
 
 fn append_json(r: &WorkReport, path: &Path) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    for line in json_lines(r) {
-        writeln!(f, "{line}")?;
-    }
-    Ok(())
+    crate::append_lines(path, json_lines(r))
 }
 
 #[cfg(test)]
