@@ -698,15 +698,22 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
         }
     };
     let mut out = Vec::with_capacity(keys.len());
-    for key in keys {
-        if let Some(stale) = rows.work_read(&key, &req.process).await? {
-            expire(rows, &stale, now).await?;
-        }
+    // Claims of dead sessions still on these (object, process): released with `Expired` history.
+    for stale in rows.work_read_many(&keys, &req.process).await? {
+        expire(rows, &stale, now).await?;
+    }
+    let tokens = rows.next_tokens(keys.len()).await?;
+    if tokens.len() != keys.len() {
+        return Err(Error::Backend(
+            "the store handed out too few fencing tokens".into(),
+        ));
+    }
+    for (key, token) in keys.into_iter().zip(tokens) {
         let w = WorkInfo {
             key,
             process: req.process.clone(),
             session_id: session.id.clone(),
-            token: rows.next_token().await?,
+            token,
             started_at: now,
         };
         rows.work_insert(&w).await?;

@@ -250,6 +250,25 @@ pub trait TxRows: Send {
     /// and that are not in an active backoff for `q.process`, ordered by (namespace, kind, id),
     /// at most `q.limit`. One query; the backend compiles `q.selector`.
     async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>>;
+    /// The work rows of (key, process) for many keys at once (claims of many objects read
+    /// them in one go). The default reads them one by one.
+    async fn work_read_many(&mut self, keys: &[ObjectKey], process: &str) -> Result<Vec<WorkInfo>> {
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some(w) = self.work_read(k, process).await? {
+                out.push(w);
+            }
+        }
+        Ok(out)
+    }
+    /// `n` fresh fencing tokens, increasing. The default takes them one by one.
+    async fn next_tokens(&mut self, n: usize) -> Result<Vec<i64>> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next_token().await?);
+        }
+        Ok(out)
+    }
     /// Lock an object against concurrent claims until the transaction ends (a backend whose
     /// writes are serialized anyway need not do anything).
     async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {

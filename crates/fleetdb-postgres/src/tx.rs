@@ -447,6 +447,14 @@ impl TxRows for PgTx<'_> {
         work::next_token(self).await
     }
 
+    async fn next_tokens(&mut self, n: usize) -> Result<Vec<i64>> {
+        work::next_tokens(self, n).await
+    }
+
+    async fn work_read_many(&mut self, keys: &[ObjectKey], process: &str) -> Result<Vec<WorkInfo>> {
+        work::work_read_many(self, keys, process).await
+    }
+
     async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>> {
         work::claim_candidates(self, q).await
     }

@@ -457,6 +457,49 @@ pub(crate) async fn history_append(tx: &mut PgTx<'_>, h: &HistoryDraft) -> Resul
     tx.defer(HISTORY_APPEND, params).await
 }
 
+/// The work rows of many keys for one process, in one statement.
+pub(crate) async fn work_read_many(
+    tx: &mut PgTx<'_>,
+    keys: &[ObjectKey],
+    process: &str,
+) -> Result<Vec<WorkInfo>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let only = serde_json::to_string(
+        &keys
+            .iter()
+            .map(|k| serde_json::json!({"ns": k.namespace, "kind": k.kind, "id": k.id}))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_else(|_| "[]".into());
+    let rows = tx
+        .read(
+            "SELECT w.namespace, w.kind, w.id, w.process, w.session_id, w.token, w.started_at FROM work w \
+             JOIN jsonb_to_recordset(($1::text)::jsonb) AS k(ns text, kind text, id text) \
+               ON w.namespace = k.ns AND w.kind = k.kind AND w.id = k.id \
+             WHERE w.process = $2 ORDER BY w.namespace, w.kind, w.id",
+            &[&only, &process],
+        )
+        .await?;
+    rows.iter().map(work_from_row).collect()
+}
+
+/// `n` fencing tokens in one statement.
+pub(crate) async fn next_tokens(tx: &mut PgTx<'_>, n: usize) -> Result<Vec<i64>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let n = n as i64;
+    let rows = tx
+        .read(
+            "SELECT nextval('fleetdb_fencing') FROM generate_series(1, $1::bigint) ORDER BY 1",
+            &[&n],
+        )
+        .await?;
+    rows.iter().map(|r| r.try_get(0).map_err(db_err)).collect()
+}
+
 pub(crate) async fn next_token(tx: &mut PgTx<'_>) -> Result<i64> {
     let rows = tx.read(NEXT_TOKEN, &[]).await?;
     let row = rows

@@ -1139,7 +1139,7 @@ async fn a_failing_deferred_write_commits_nothing_and_transient_ones_are_retried
 }
 
 #[tokio::test]
-async fn a_selector_claim_costs_five_plus_two_round_trips_per_object() {
+async fn a_selector_claim_costs_seven_round_trips_whatever_it_takes() {
     let db = TestDb::new().await;
     let config = tokio_postgres::Config::from_str(&db.url).unwrap();
     let (host, port) = match (config.get_hosts().first(), config.get_ports().first()) {
@@ -1171,7 +1171,7 @@ async fn a_selector_claim_costs_five_plus_two_round_trips_per_object() {
     // Warm the statement cache of the single connection.
     let selector = "kind = machine and not has(done)";
     backend.claim(by_selector("s1", selector, 2)).await.unwrap();
-    for (objects, round_trips) in [(1u32, 7u32), (3, 11)] {
+    for (objects, round_trips) in [(1u32, 7u32), (3, 7)] {
         let mut best = Duration::MAX;
         for _ in 0..3 {
             let start = Instant::now();
@@ -1184,7 +1184,8 @@ async fn a_selector_claim_costs_five_plus_two_round_trips_per_object() {
         }
         eprintln!("a claim of {objects} through a {DELAY:?} proxy: {best:?}");
         // BEGIN pipelined with the session read, the processes, the candidates (found and
-        // locked, then checked again under the lock: two round trips), per object its
+        // locked, then checked again under the lock: two round trips), the stale claims of all
+        // of them, their tokens, and COMMIT carrying the deferred writes. Formerly per object its
         // stale-claim read (carrying the previous object's deferred writes) and its token, and
         // COMMIT carrying the last deferred writes.
         assert!(best >= DELAY * round_trips, "{best:?}");
