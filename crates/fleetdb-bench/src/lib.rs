@@ -371,16 +371,10 @@ pub fn run_tagset(args: TagsetArgs) -> Report {
             .push("--writers, --secs and --objects must be positive".into());
         return report;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            report
-                .failures
-                .push(format!("cannot start the tokio runtime: {e}"));
+            report.failures.push(e);
             return report;
         }
     };
@@ -1451,6 +1445,15 @@ pub fn json_lines(r: &Report) -> Vec<serde_json::Value> {
 
 fn append_json(r: &Report, path: &Path) -> std::io::Result<()> {
     append_lines(path, json_lines(r))
+}
+
+/// The runtime every benchmark runs on: 2 workers, like the peers' Rust client.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the tokio runtime: {e}"))
 }
 
 /// Append JSON values to a file, one per line (shared by every benchmark).

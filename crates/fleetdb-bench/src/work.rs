@@ -1787,16 +1787,10 @@ pub fn run_work(args: WorkArgs) -> WorkReport {
         );
         return report;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            report
-                .failures
-                .push(format!("cannot start the tokio runtime: {e}"));
+            report.failures.push(e);
             return report;
         }
     };
