@@ -1,7 +1,7 @@
 //! What a batch does, decided once for every backend. A backend opens a transaction, wraps it in
 //! a [`TxRows`] and calls [`apply_batch`]; if anything fails it rolls the whole transaction back.
 
-use crate::backend::{CandidateQuery, ChangeDraft, HistoryDraft, TxRows};
+use crate::backend::{CandidateQuery, ChangeDraft, TxRows};
 use crate::batch::{Applied, Batch, Op, OpResult, Precondition, PutMode};
 use crate::error::{Error, Result};
 use crate::model::{
@@ -9,6 +9,7 @@ use crate::model::{
 };
 use crate::time::Timestamp;
 use crate::validate;
+use crate::work::HistoryEntry;
 use crate::work::{
     BackoffInfo, ClaimRequest, ClaimTarget, Outcome, Process, SessionInfo, WorkEvent, WorkInfo,
 };
@@ -564,8 +565,9 @@ fn history(
     event: WorkEvent,
     cause: Option<String>,
     at: Timestamp,
-) -> HistoryDraft {
-    HistoryDraft {
+) -> HistoryEntry {
+    HistoryEntry {
+        seq: 0,
         key: w.key.clone(),
         process: w.process.clone(),
         event,

@@ -16,8 +16,7 @@ use crate::model::{
 use crate::query::ObjectQuery;
 use crate::time::Timestamp;
 use crate::work::{
-    BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkEvent,
-    WorkInfo,
+    BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
 };
 
 /// An embedded, numbered schema migration. Each backend has its own list, mirrored number by
@@ -243,7 +242,8 @@ pub trait TxRows: Send {
     async fn backoff_put(&mut self, b: &BackoffInfo) -> Result<()>;
     /// Returns whether a row was removed.
     async fn backoff_remove(&mut self, key: &ObjectKey, process: &str) -> Result<bool>;
-    async fn history_append(&mut self, h: &HistoryDraft) -> Result<()>;
+    /// Append a history row; its `seq` is ignored (the backend numbers rows).
+    async fn history_append(&mut self, h: &HistoryEntry) -> Result<()>;
     /// The next fencing token (strictly increasing, never reused).
     async fn next_token(&mut self) -> Result<i64>;
     /// Objects matching the query that no live session holds for any of `q.exclude` processes
@@ -283,20 +283,6 @@ pub struct WorkStats {
     pub process: String,
     pub active_work: u64,
     pub active_backoffs: u64,
-}
-
-/// A history row before the backend numbers it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryDraft {
-    pub key: ObjectKey,
-    pub process: String,
-    pub event: WorkEvent,
-    pub session_id: String,
-    pub component: String,
-    pub host: String,
-    pub token: i64,
-    pub at: Timestamp,
-    pub cause: Option<String>,
 }
 
 /// What [`TxRows::claim_candidates`] looks for.

@@ -19,7 +19,7 @@ use std::task::Poll;
 
 use async_trait::async_trait;
 use deadpool_postgres::ClientWrapper;
-use fleetdb_core::backend::{CandidateQuery, ChangeDraft, HistoryDraft, TagRead, TxRows};
+use fleetdb_core::backend::{CandidateQuery, ChangeDraft, TagRead, TxRows};
 use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
 use fleetdb_core::{Error, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
 use futures::future::{maybe_done, MaybeDone};
@@ -439,7 +439,7 @@ impl TxRows for PgTx<'_> {
         work::backoff_remove(self, key, process).await
     }
 
-    async fn history_append(&mut self, h: &HistoryDraft) -> Result<()> {
+    async fn history_append(&mut self, h: &fleetdb_core::work::HistoryEntry) -> Result<()> {
         work::history_append(self, h).await
     }
 

@@ -8,7 +8,7 @@
 //! different selectors callers use.
 
 use fleetdb_core::apply::stored_key;
-use fleetdb_core::backend::{CandidateQuery, HistoryDraft, WorkStats};
+use fleetdb_core::backend::{CandidateQuery, WorkStats};
 use fleetdb_core::selector::{Dialect, Selector, SqlParam};
 use fleetdb_core::work::{BackoffInfo, HistoryEntry, Process, SessionInfo, WorkEvent, WorkInfo};
 use fleetdb_core::{Error, Object, ObjectKey, Result, Timestamp};
@@ -439,7 +439,7 @@ pub(crate) async fn backoff_remove(
     Ok(n > 0)
 }
 
-pub(crate) async fn history_append(tx: &mut PgTx<'_>, h: &HistoryDraft) -> Result<()> {
+pub(crate) async fn history_append(tx: &mut PgTx<'_>, h: &HistoryEntry) -> Result<()> {
     let k = &h.key;
     let params = owned![
         k.namespace.clone(),

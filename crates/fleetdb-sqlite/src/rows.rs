@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use fleetdb_core::apply::stored_key;
-use fleetdb_core::backend::{CandidateQuery, ChangeDraft, HistoryDraft, TagRead, TxRows};
+use fleetdb_core::backend::{CandidateQuery, ChangeDraft, TagRead, TxRows};
 use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
 use fleetdb_core::{Error, Labels, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -360,7 +360,7 @@ impl TxRows for SqliteRows<'_> {
     async fn backoff_remove(&mut self, key: &ObjectKey, process: &str) -> Result<bool> {
         work::backoff_remove(self.conn, key, process)
     }
-    async fn history_append(&mut self, h: &HistoryDraft) -> Result<()> {
+    async fn history_append(&mut self, h: &fleetdb_core::work::HistoryEntry) -> Result<()> {
         work::history_append(self.conn, h)
     }
     async fn next_token(&mut self) -> Result<i64> {

@@ -2,7 +2,7 @@
 //! [`TxRows`](fleetdb_core::backend::TxRows), and the read queries.
 
 use fleetdb_core::apply::stored_key;
-use fleetdb_core::backend::{CandidateQuery, HistoryDraft};
+use fleetdb_core::backend::CandidateQuery;
 use fleetdb_core::selector::{Dialect, Selector, SqlParam};
 use fleetdb_core::work::{
     BackoffInfo, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkEvent, WorkInfo,
@@ -283,7 +283,7 @@ pub(crate) fn backoff_remove(c: &Connection, key: &ObjectKey, process: &str) -> 
     )? > 0)
 }
 
-pub(crate) fn history_append(c: &Connection, h: &HistoryDraft) -> Result<()> {
+pub(crate) fn history_append(c: &Connection, h: &HistoryEntry) -> Result<()> {
     let k = &h.key;
     exec(
         c,
