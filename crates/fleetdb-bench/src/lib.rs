@@ -18,6 +18,7 @@
 //! row per object, and FleetDB's objects are pre-created with their `hb` tag.
 
 pub mod work;
+pub mod world;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use fleetdb_bench::work::{run_work_main, WorkArgs};
+use fleetdb_bench::world::{run_world_main, WorldArgs};
 use fleetdb_bench::{run_tagset_main, Command};
 
 /// The library's subcommands plus `work`.
@@ -21,6 +22,8 @@ enum MainCommand {
     Lib(Command),
     /// Work queues in the peers' shapes: one-at-a-time, burn-down, 10,000 live sessions.
     Work(WorkArgs),
+    /// Watch fan-out, idle watcher memory and key-value set throughput (etcd's shapes).
+    World(WorldArgs),
 }
 
 fn main() {
@@ -28,6 +31,7 @@ fn main() {
     let code = match cli.command {
         MainCommand::Lib(Command::Tagset(args)) => run_tagset_main(args),
         MainCommand::Work(args) => run_work_main(args),
+        MainCommand::World(args) => run_world_main(args),
     };
     std::process::exit(code);
 }

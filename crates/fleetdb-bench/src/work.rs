@@ -479,6 +479,24 @@ mod counted_impl {
         async fn count(&self, selector: &str, now: Timestamp) -> Result<u64> {
             timed!(self, count, self.inner.count(selector, now))
         }
+        async fn world_list(
+            &self,
+            query: &fleetdb::core::world::WorldQuery,
+        ) -> Result<Vec<fleetdb::core::world::WorldRecord>> {
+            self.inner.world_list(query).await
+        }
+        async fn settled_revision(&self, wait: std::time::Duration) -> Result<Revision> {
+            self.inner.settled_revision(wait).await
+        }
+        async fn announce_changes(&self) -> Result<()> {
+            self.inner.announce_changes().await
+        }
+        async fn listen_changes(
+            &self,
+            wake: std::sync::Arc<dyn Fn() + Send + Sync>,
+        ) -> Result<bool> {
+            self.inner.listen_changes(wake).await
+        }
     }
 }
 

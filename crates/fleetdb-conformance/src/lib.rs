@@ -16,6 +16,7 @@ use fleetdb::{
 use serde_json::json;
 
 pub mod work;
+pub mod world;
 
 /// A fresh database for one test: the store, its manual clock, and the URL it was opened with.
 pub struct Harness {
@@ -82,10 +83,22 @@ macro_rules! suite {
             selector_sql_agrees_with_reference,
             metrics_count_sessions_work_and_transactions,
             finish_many_is_all_or_nothing,
-            work_matches_a_model_under_random_operations,
+            work_matches_a_model_under_random_operations;
+            watch_starts_with_a_snapshot_then_changes,
+            watch_resume_loses_and_duplicates_nothing,
+            watch_from_a_compacted_revision_gives_compacted,
+            slow_watcher_is_cut_off_fast_one_keeps_up,
+            directed_exports_are_invisible_to_other_hosts,
+            sync_exports_prunes_what_a_host_no_longer_exports,
+            session_bound_exports_vanish_when_the_session_expires,
+            kv_get_set_cas_delete,
+            per_host_maps_are_separate_from_keys,
+            deploy_chain_rules_and_trees,
+            schedule_follows_registrations_and_session_liveness,
+            membership_lists_and_watches_live_sessions,
         );
     };
-    (@cases $make:path, $drop:path; $($case:ident),* ; $($work:ident),* $(,)?) => {
+    (@cases $make:path, $drop:path; $($case:ident),* ; $($work:ident),* ; $($world:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
@@ -99,6 +112,14 @@ macro_rules! suite {
             async fn $work() {
                 let h = $make().await;
                 $crate::work::$work(&h).await;
+                $drop(h).await;
+            }
+        )*
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $world() {
+                let h = $make().await;
+                $crate::world::$world(&h).await;
                 $drop(h).await;
             }
         )*

@@ -68,7 +68,7 @@ fn labels_json(labels: &Labels) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn draft(
+pub(crate) fn draft(
     ns: &str,
     kind: &str,
     id: &str,
@@ -376,6 +376,7 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
         }
         Op::SessionStart { session } => {
             rows.session_insert(session).await?;
+            crate::world_apply::session_started(rows, session, now).await?;
             Ok(OpResult {
                 changed: true,
                 applied: Applied::Session(session.clone()),
@@ -398,6 +399,7 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                 .await?;
             }
             rows.session_remove(id).await?;
+            crate::world_apply::session_ended(rows, &session, now).await?;
             Ok(OpResult {
                 changed: true,
                 applied: Applied::Done {
@@ -542,10 +544,20 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                 },
             })
         }
+        Op::Export { .. }
+        | Op::Unexport { .. }
+        | Op::KvSet { .. }
+        | Op::KvDelete { .. }
+        | Op::MapSet { .. }
+        | Op::MapDelete { .. }
+        | Op::DeployAdd { .. }
+        | Op::DeployPrune { .. }
+        | Op::ScheduleRegister { .. }
+        | Op::ScheduleUnregister { .. } => crate::world_apply::apply_world_op(rows, op, now).await,
     }
 }
 
-async fn live_session<T: TxRows + ?Sized>(
+pub(crate) async fn live_session<T: TxRows + ?Sized>(
     rows: &mut T,
     id: &str,
     now: Timestamp,
@@ -755,7 +767,9 @@ pub async fn apply_sweep<T: TxRows + ?Sized>(
             .await?;
         }
         rows.session_remove(&s.id).await?;
+        crate::world_apply::session_ended(rows, s, now).await?;
     }
+    crate::world_apply::sweep_expired(rows, now, limit).await?;
     Ok(expired.len() as u64)
 }
 

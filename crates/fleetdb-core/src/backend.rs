@@ -18,6 +18,7 @@ use crate::time::Timestamp;
 use crate::work::{
     BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
 };
+use crate::world::{Space, WorldQuery, WorldRecord};
 
 /// An embedded, numbered schema migration. Each backend has its own list, mirrored number by
 /// number (a commented no-op where one backend has nothing to do).
@@ -168,6 +169,36 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     }
     /// How many objects match a selector.
     async fn count(&self, selector: &str, now: Timestamp) -> Result<u64>;
+
+    // ---- the World ----
+
+    /// World records matching the query (one query: [`WorldQuery::to_sql`]).
+    async fn world_list(&self, query: &WorldQuery) -> Result<Vec<WorldRecord>>;
+
+    /// Make sure every revision up to the current one is either visible in the change log or will
+    /// never be: where revisions may become visible out of order
+    /// ([`Capabilities::revisions_visible_in_order`] false), fill each hole below the highest
+    /// visible revision with a gap marker, waiting for the transaction that holds it (at most
+    /// `wait`). Returns the highest revision below which the log has no holes: a watcher may
+    /// deliver everything up to it and resume after it without missing anything. Gap markers are
+    /// never returned by [`Backend::changes`].
+    async fn settled_revision(&self, wait: std::time::Duration) -> Result<Revision> {
+        let _ = wait;
+        Ok(self.revision().await?.current)
+    }
+
+    /// Tell OTHER processes sharing the database that changes were committed (PostgreSQL:
+    /// `NOTIFY`). Callers coalesce; a backend without such a channel does nothing.
+    async fn announce_changes(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Call `wake` whenever another process announces changes, until the backend is dropped.
+    /// Returns false when the backend has no such channel (watchers then rely on polling).
+    async fn listen_changes(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<bool> {
+        let _ = wake;
+        Ok(false)
+    }
 }
 
 /// A change-log entry before the backend assigns its revision.
@@ -269,6 +300,24 @@ pub trait TxRows: Send {
         }
         Ok(out)
     }
+    // ---- the World ----
+
+    /// The record at (space, key), whatever its expiry or session (callers judge liveness).
+    async fn world_read(&mut self, space: Space, key: &str) -> Result<Option<WorldRecord>>;
+    /// Records matching the query, inside the transaction.
+    async fn world_scan(&mut self, query: &WorldQuery) -> Result<Vec<WorldRecord>>;
+    /// Insert or replace a record: assigns the next revision to `revision` (and to
+    /// `create_revision` when the record's `create_revision` is 0), appends `change`.
+    async fn world_put(&mut self, record: &WorldRecord, change: &ChangeDraft) -> Result<Revision>;
+    async fn world_remove(
+        &mut self,
+        space: Space,
+        key: &str,
+        change: &ChangeDraft,
+    ) -> Result<Revision>;
+    /// Append a change-log row that describes no stored row of its own (membership changes).
+    async fn change_append(&mut self, change: &ChangeDraft) -> Result<Revision>;
+
     /// Lock an object against concurrent claims until the transaction ends (a backend whose
     /// writes are serialized anyway need not do anything).
     async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {

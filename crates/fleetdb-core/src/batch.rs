@@ -10,6 +10,8 @@ use crate::model::{Labels, Namespace, Object, ObjectKey, Revision, Tag};
 use crate::time::Timestamp;
 use crate::validate;
 use crate::work::{self, Outcome, Process, SessionInfo};
+use crate::world::{self, DeployDraft, ExportId, ExportOutcome, ExportRecord, Lifetime};
+use crate::world::{ScheduleOptions, WorldRecord};
 
 /// How an object put treats an existing or missing object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -90,6 +92,63 @@ pub enum Op {
     WorkForceCancel {
         key: ObjectKey,
         process: String,
+    },
+
+    // ---- the World (see `crate::world`) ----
+    /// Export records from `host`. With `sync`, they become the host's complete export set: every
+    /// other export of the host is removed in the same transaction.
+    Export {
+        host: String,
+        records: Vec<ExportRecord>,
+        sync: bool,
+    },
+    /// Remove exports of `host`; ids that do not exist are ignored.
+    Unexport {
+        host: String,
+        ids: Vec<ExportId>,
+    },
+    /// Set a key. With `expect`, only if the key's revision is that (`Revision(0)`: the key must
+    /// not exist); otherwise `Conflict`.
+    KvSet {
+        key: String,
+        value: String,
+        expect: Option<Revision>,
+        #[serde(default)]
+        lifetime: Lifetime,
+    },
+    /// Delete a key (`NotFound` if missing). With `expect`, only at that revision.
+    KvDelete {
+        key: String,
+        expect: Option<Revision>,
+    },
+    /// Set `host`'s own value in map `namespace`.
+    MapSet {
+        namespace: String,
+        host: String,
+        value: String,
+    },
+    MapDelete {
+        namespace: String,
+        host: String,
+    },
+    /// Add a deploy (the chain rules are in `docs/design.md`).
+    DeployAdd {
+        deploy: DeployDraft,
+    },
+    /// Remove deploys with id < `before` (never the newest deploy). Blobs stay until collected.
+    DeployPrune {
+        before: u64,
+    },
+    /// Register `host` for scheduling in `namespace`, bound to its session.
+    ScheduleRegister {
+        namespace: String,
+        host: String,
+        session_id: String,
+        options: ScheduleOptions,
+    },
+    ScheduleUnregister {
+        namespace: String,
+        host: String,
     },
 }
 
@@ -176,7 +235,106 @@ impl Op {
                 key.validate()?;
                 validate::name("process", process)
             }
+            Op::Export {
+                host,
+                records,
+                sync: _,
+            } => {
+                validate::name("host", host)?;
+                if records.len() > world::EXPORTS_PER_CALL_MAX {
+                    return Err(Error::invalid(
+                        "exports",
+                        format!("{} records", records.len()),
+                        format!("at most {} per call", world::EXPORTS_PER_CALL_MAX),
+                    ));
+                }
+                let mut ids: Vec<&ExportId> = Vec::with_capacity(records.len());
+                for r in records {
+                    r.validate()?;
+                    ids.push(&r.id);
+                }
+                ids.sort_unstable();
+                if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(Error::invalid(
+                        "exports",
+                        w[0].to_string(),
+                        "the same (kind, name, target) appears twice",
+                    ));
+                }
+                Ok(())
+            }
+            Op::Unexport { host, ids } => {
+                validate::name("host", host)?;
+                if ids.len() > world::EXPORTS_PER_CALL_MAX {
+                    return Err(Error::invalid(
+                        "exports",
+                        format!("{} records", ids.len()),
+                        format!("at most {} per call", world::EXPORTS_PER_CALL_MAX),
+                    ));
+                }
+                ids.iter().try_for_each(ExportId::validate)
+            }
+            Op::KvSet {
+                key,
+                value,
+                expect,
+                lifetime,
+            } => {
+                world::validate_kv_key(key)?;
+                world::validate_kv_value(value)?;
+                validate_expect(*expect)?;
+                lifetime.validate()
+            }
+            Op::KvDelete { key, expect } => {
+                world::validate_kv_key(key)?;
+                validate_expect(*expect)
+            }
+            Op::MapSet {
+                namespace,
+                host,
+                value,
+            } => {
+                validate::name("map namespace", namespace)?;
+                validate::name("host", host)?;
+                world::validate_map_value(value)
+            }
+            Op::MapDelete { namespace, host } => {
+                validate::name("map namespace", namespace)?;
+                validate::name("host", host)
+            }
+            Op::DeployAdd { deploy } => deploy.validate(),
+            Op::DeployPrune { before } => {
+                if *before > i64::MAX as u64 {
+                    return Err(Error::invalid("deploy id", before.to_string(), "too large"));
+                }
+                Ok(())
+            }
+            Op::ScheduleRegister {
+                namespace,
+                host,
+                session_id,
+                options: _,
+            } => {
+                validate::name("scheduler namespace", namespace)?;
+                validate::name("host", host)?;
+                validate::name("session id", session_id)
+            }
+            Op::ScheduleUnregister { namespace, host } => {
+                validate::name("scheduler namespace", namespace)?;
+                validate::name("host", host)
+            }
         }
+    }
+}
+
+fn validate_expect(expect: Option<Revision>) -> Result<()> {
+    match expect {
+        Some(Revision(r)) if r < 0 => Err(Error::invalid(
+            "expected revision",
+            r.to_string(),
+            "must be 0 (absent) or a revision",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -247,6 +405,10 @@ pub enum Applied {
     Done {
         count: u64,
     },
+    /// What an export or unexport did, record by record.
+    Exports(ExportOutcome),
+    /// A World record as written (or as found, when nothing changed).
+    World(Box<WorldRecord>),
 }
 
 /// The result of one operation: its effect, and whether it changed anything (a put of identical

@@ -60,6 +60,14 @@ pub enum Error {
         requested: Revision,
         compacted_revision: Revision,
     },
+    /// A write was refused by a rule of the data it addresses (a deploy chain rule, say); `reason`
+    /// says which. Retrying the same write cannot succeed.
+    #[error("{what} refused: {reason}")]
+    Refused { what: String, reason: String },
+    /// A watch consumer fell behind its buffer and was ended. Resume with `from_revision =
+    /// last_delivered` to miss nothing.
+    #[error("watch fell behind and was ended; resume after revision {last_delivered}")]
+    WatchLagged { last_delivered: Revision },
     /// The operation is not supported by this backend (a declared capability difference).
     #[error("unsupported by the {backend} backend: {what}")]
     Unsupported { backend: String, what: String },
@@ -110,6 +118,8 @@ impl Error {
             Error::SchemaTooNew { .. } => "schema_too_new",
             Error::SchemaBehind { .. } => "schema_behind",
             Error::Compacted { .. } => "compacted",
+            Error::Refused { .. } => "refused",
+            Error::WatchLagged { .. } => "watch_lagged",
             Error::Unsupported { .. } => "unsupported",
             Error::Unavailable(_) => "unavailable",
             Error::Backend(_) => "backend",

@@ -13,6 +13,8 @@ pub mod selector;
 pub mod time;
 pub mod validate;
 pub mod work;
+pub mod world;
+mod world_apply;
 
 pub use backend::{Backend, Capabilities, Migration, RevisionInfo, SchemaStatus};
 pub use batch::{Applied, Batch, Limits, Op, OpResult, Precondition, PutMode};

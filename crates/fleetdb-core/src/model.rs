@@ -106,6 +106,31 @@ pub enum Entity {
     Namespace,
     Object,
     Tag,
+    /// World data: one entity per [`crate::world::Space`].
+    Export,
+    Kv,
+    Map,
+    Deploy,
+    Blob,
+    Registration,
+    Schedule,
+    /// A session joining or leaving (membership).
+    Member,
+}
+
+impl From<crate::world::Space> for Entity {
+    fn from(s: crate::world::Space) -> Self {
+        use crate::world::Space;
+        match s {
+            Space::Export => Entity::Export,
+            Space::Kv => Entity::Kv,
+            Space::Map => Entity::Map,
+            Space::Deploy => Entity::Deploy,
+            Space::Blob => Entity::Blob,
+            Space::Registration => Entity::Registration,
+            Space::Schedule => Entity::Schedule,
+        }
+    }
 }
 
 impl Entity {
@@ -114,6 +139,14 @@ impl Entity {
             Entity::Namespace => "namespace",
             Entity::Object => "object",
             Entity::Tag => "tag",
+            Entity::Export => "export",
+            Entity::Kv => "kv",
+            Entity::Map => "map",
+            Entity::Deploy => "deploy",
+            Entity::Blob => "blob",
+            Entity::Registration => "registration",
+            Entity::Schedule => "schedule",
+            Entity::Member => "member",
         }
     }
 
@@ -122,6 +155,14 @@ impl Entity {
             "namespace" => Ok(Entity::Namespace),
             "object" => Ok(Entity::Object),
             "tag" => Ok(Entity::Tag),
+            "export" => Ok(Entity::Export),
+            "kv" => Ok(Entity::Kv),
+            "map" => Ok(Entity::Map),
+            "deploy" => Ok(Entity::Deploy),
+            "blob" => Ok(Entity::Blob),
+            "registration" => Ok(Entity::Registration),
+            "schedule" => Ok(Entity::Schedule),
+            "member" => Ok(Entity::Member),
             other => Err(Error::Backend(format!(
                 "unknown change entity {other:?} in the change log"
             ))),

@@ -8,11 +8,19 @@
 //! unique and increasing per transaction but may commit out of order and have gaps (see
 //! [`Capabilities::revisions_visible_in_order`]).
 //!
+//! Watches read the change log only up to [`Backend::settled_revision`], which fills holes left by
+//! transactions that rolled back with gap markers and waits (bounded) for those still running (see
+//! the `settle` module); compaction never passes it. [`Backend::announce_changes`] and
+//! [`Backend::listen_changes`] wake watchers of other processes with `NOTIFY`/`LISTEN` on a
+//! per-schema channel (see the `notify` module).
+//!
 //! Several processes may open the same database: migrations are serialized through the
 //! `fleetdb_schema` primary key, writes through PostgreSQL's serializable isolation.
 
 mod error;
 mod migrate;
+mod notify;
+mod settle;
 mod sql;
 pub mod testing;
 mod tx;
@@ -27,10 +35,11 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object as PooledClient, Pool, RecyclingMethod};
 use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
 use fleetdb_core::backend::WorkStats;
-use fleetdb_core::selector::Selector;
+use fleetdb_core::selector::{Dialect, Selector};
 use fleetdb_core::work::{
     BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
 };
+use fleetdb_core::world::{WorldQuery, WorldRecord};
 use fleetdb_core::{
     Backend, Batch, Capabilities, Change, ChangeFilter, Clock, Error, Migration, Namespace, Object,
     ObjectKey, ObjectQuery, OpResult, Result, Revision, RevisionInfo, SchemaStatus, Tag, Timestamp,
@@ -62,6 +71,11 @@ pub static MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "tags_by_name",
         sql: include_str!("../migrations/0004_tags_by_name.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "world",
+        sql: include_str!("../migrations/0005_world.sql"),
     },
 ];
 
@@ -118,6 +132,15 @@ pub struct PostgresBackend {
     target: String,
     /// Sweeps done, to refresh the planner statistics of the work tables every few of them.
     sweeps: Arc<std::sync::atomic::AtomicU64>,
+    /// The pool's connection settings, for the dedicated `LISTEN` connection.
+    config: Arc<tokio_postgres::Config>,
+    /// The `NOTIFY` channel of this schema (see [`notify::channel_name`]).
+    channel: Arc<str>,
+    /// The last settled revision ([`settle`]): every revision up to it is in the change log, a gap
+    /// marker, or compacted. Locked for a whole gap-filling pass.
+    settled: Arc<tokio::sync::Mutex<i64>>,
+    /// Dropped with the last clone of the backend, which ends the `LISTEN` tasks.
+    alive: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -128,6 +151,7 @@ impl fmt::Debug for PostgresBackend {
             .field("pool_size", &status.size)
             .field("pool_size_max", &status.max_size)
             .field("clock", &self.clock)
+            .field("channel", &self.channel)
             .finish()
     }
 }
@@ -160,6 +184,7 @@ impl PostgresBackend {
                 "must be at least 1 connection",
             ));
         }
+        let listen_config = Arc::new(config.clone());
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -177,6 +202,10 @@ impl PostgresBackend {
             clock,
             target,
             sweeps: Arc::default(),
+            config: listen_config,
+            channel: Arc::from(""),
+            settled: Arc::default(),
+            alive: Arc::new(tokio::sync::watch::channel(()).0),
         };
         let client = backend.client().await.map_err(|e| match e {
             Error::Unavailable(msg) => {
@@ -189,7 +218,17 @@ impl PostgresBackend {
         if options.migrate && !status.pending.is_empty() {
             migrate::run(&client, MIGRATIONS, backend.clock.as_ref()).await?;
         }
-        Ok(backend)
+        let schema: Option<String> = client
+            .query_one("SELECT current_schema()", &[])
+            .await
+            .map_err(db_err)?
+            .try_get(0)
+            .map_err(db_err)?;
+        drop(client);
+        Ok(PostgresBackend {
+            channel: Arc::from(notify::channel_name(schema.as_deref().unwrap_or("public"))),
+            ..backend
+        })
     }
 
     async fn client(&self) -> Result<PooledClient> {
@@ -424,13 +463,13 @@ impl PostgresBackend {
 /// Owns the pooled connection of a transaction. If the transaction is still open when it drops
 /// (the commit future was cancelled, or ROLLBACK failed), the connection is detached from the pool
 /// and closed, so the server rolls back and no one reuses a connection inside a transaction.
-struct TxGuard {
-    client: Option<PooledClient>,
-    open: bool,
+pub(crate) struct TxGuard {
+    pub(crate) client: Option<PooledClient>,
+    pub(crate) open: bool,
 }
 
 impl TxGuard {
-    fn client(&self) -> &deadpool_postgres::ClientWrapper {
+    pub(crate) fn client(&self) -> &deadpool_postgres::ClientWrapper {
         // Set in the constructor, taken only in drop.
         self.client.as_deref().expect("TxGuard holds a client")
     }
@@ -485,6 +524,10 @@ fn redact_url(url: &str) -> String {
     }
     out
 }
+
+/// How long compaction waits for in-flight revisions below the requested point (it stops below
+/// the first one still running after that).
+const COMPACT_SETTLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Sweeps between two refreshes of the work tables' planner statistics.
 const SWEEPS_PER_ANALYZE: u64 = 10;
@@ -636,6 +679,10 @@ impl Backend for PostgresBackend {
     }
 
     async fn compact(&self, before: Revision) -> Result<u64> {
+        // Never past a revision whose transaction may still commit: its change would land below
+        // the compaction point, where no watcher resuming after that point would look.
+        let settled = settle::settled_revision(self, COMPACT_SETTLE_WAIT).await?;
+        let before = Revision(before.0.min(settled.0.saturating_add(1)));
         let floor = before.0.saturating_sub(1);
         let rows = self.query(sql::COMPACT, &[&before.0, &floor]).await?;
         let deleted: i64 = rows
@@ -799,6 +846,44 @@ impl Backend for PostgresBackend {
         work::objects_from_rows(&rows)
     }
 
+    async fn world_list(&self, query: &WorldQuery) -> Result<Vec<WorldRecord>> {
+        let (text, params) = query.to_sql(Dialect::Postgres, sql::WORLD_COLUMNS);
+        let rows = self
+            .query_selector(&text, &work::TypedParams::new(params))
+            .await?;
+        rows.iter().map(sql::world_from_row).collect()
+    }
+
+    async fn settled_revision(&self, wait: Duration) -> Result<Revision> {
+        settle::settled_revision(self, wait).await
+    }
+
+    async fn announce_changes(&self) -> Result<()> {
+        let channel: &str = &self.channel;
+        self.query("SELECT pg_notify($1, '')", &[&channel]).await?;
+        Ok(())
+    }
+
+    async fn listen_changes(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Result<bool> {
+        // Listening before returning, so nothing announced after this call is missed; if the
+        // server cannot be reached now, the task keeps trying (and wakes once it listens).
+        let first = match notify::listen(&self.config, &self.channel).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, target = %self.target, "LISTEN failed; retrying in the background");
+                None
+            }
+        };
+        notify::spawn_listener(
+            (*self.config).clone(),
+            self.channel.to_string(),
+            wake,
+            first,
+            self.alive.subscribe(),
+        );
+        Ok(true)
+    }
+
     async fn work_stats(&self, now: Timestamp) -> Result<Vec<WorkStats>> {
         let rows = self.query(work::WORK_STATS, &[&now.0]).await?;
         rows.iter().map(work::work_stats_from_row).collect()
@@ -933,6 +1018,121 @@ mod tests {
         let after = prepared(backend.client().await.unwrap()).await;
         // The count query itself is prepared (unnamed statements are not listed).
         assert!(after <= before + 1, "{before} -> {after}");
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// The World primitives: one revision per write, create revision kept across updates, every
+    /// column round-trips, scans use the query's SQL.
+    #[tokio::test]
+    async fn world_rows_round_trip() {
+        use fleetdb_core::backend::{ChangeDraft, TxRows};
+        use fleetdb_core::world::{Space, WorldQuery, WorldRecord};
+        use fleetdb_core::{ChangeFilter, ChangeOp, Entity};
+
+        let (backend, base, schema) = test_backend(2).await;
+        let draft = |id: &str, op: ChangeOp| ChangeDraft {
+            namespace: ".kv".into(),
+            kind: String::new(),
+            id: id.into(),
+            entity: Entity::Kv,
+            name: String::new(),
+            op,
+            old_value: None,
+            new_value: Some("{}".into()),
+            at: Timestamp(5),
+        };
+        let mut rec = WorldRecord::new(Space::Kv, "k1", Timestamp(5));
+        rec.data = vec![0, 1, 2, 255];
+        rec.meta = Some("{\"a\":1}".into());
+        rec.expires_at = Some(Timestamp(1_000));
+        rec.scope = "s".into();
+
+        let client = backend.client().await.unwrap();
+        let mut rows = PgTx::new(&client);
+        assert!(rows.world_read(Space::Kv, "k1").await.unwrap().is_none());
+        let r1 = rows
+            .world_put(&rec, &draft("k1", ChangeOp::Put))
+            .await
+            .unwrap();
+        let mut other = WorldRecord::new(Space::Kv, "k2", Timestamp(6));
+        other.session_id = Some("s1".into());
+        let r2 = rows
+            .world_put(&other, &draft("k2", ChangeOp::Put))
+            .await
+            .unwrap();
+        let got = rows.world_read(Space::Kv, "k1").await.unwrap().unwrap();
+        assert_eq!(
+            got,
+            WorldRecord {
+                revision: r1,
+                create_revision: r1,
+                ..rec.clone()
+            }
+        );
+        // An update keeps the create revision it is given.
+        let mut updated = got.clone();
+        updated.data = b"new".to_vec();
+        updated.expires_at = None;
+        updated.updated_at = Timestamp(9);
+        let r3 = rows
+            .world_put(&updated, &draft("k1", ChangeOp::Put))
+            .await
+            .unwrap();
+        let got = rows.world_read(Space::Kv, "k1").await.unwrap().unwrap();
+        assert_eq!((got.create_revision, got.revision), (r1, r3));
+        assert_eq!((got.data.as_slice(), got.expires_at), (&b"new"[..], None));
+        let mut q = WorldQuery::new(Space::Kv);
+        q.key_prefix = Some("k".into());
+        let keys: Vec<String> = rows
+            .world_scan(&q)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(keys, ["k1", "k2"]);
+        q.descending = true;
+        q.limit = 1;
+        assert_eq!(rows.world_scan(&q).await.unwrap()[0].revision, r2);
+        let r4 = rows
+            .world_remove(Space::Kv, "k2", &draft("k2", ChangeOp::Delete))
+            .await
+            .unwrap();
+        let mut member = draft("s1", ChangeOp::Put);
+        member.namespace = ".member".into();
+        member.entity = Entity::Member;
+        let r5 = rows.change_append(&member).await.unwrap();
+        rows.commit().await.unwrap();
+        drop(client);
+
+        assert!(r1 < r2 && r2 < r3 && r3 < r4 && r4 < r5);
+        let listed = backend
+            .world_list(&WorldQuery::new(Space::Kv))
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].revision, r3);
+        assert!(backend
+            .world_list(&WorldQuery::new(Space::Map))
+            .await
+            .unwrap()
+            .is_empty());
+        let changes = backend
+            .changes(Revision(0), &ChangeFilter::default(), 10)
+            .await
+            .unwrap();
+        let revs: Vec<(Revision, Entity)> =
+            changes.iter().map(|c| (c.revision, c.entity)).collect();
+        assert_eq!(
+            revs,
+            [
+                (r1, Entity::Kv),
+                (r2, Entity::Kv),
+                (r3, Entity::Kv),
+                (r4, Entity::Kv),
+                (r5, Entity::Member)
+            ]
+        );
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 

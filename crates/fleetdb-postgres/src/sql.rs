@@ -2,6 +2,7 @@
 
 use fleetdb_core::apply::{parse_stored_json, stored_key};
 use fleetdb_core::backend::ChangeDraft;
+use fleetdb_core::world::{Space, WorldRecord};
 use fleetdb_core::{
     Change, ChangeOp, Entity, Error, LabelRequirement, Labels, Namespace, Object, ObjectKey,
     ObjectQuery, Result, Revision, Tag, Timestamp,
@@ -96,6 +97,36 @@ pub(crate) const TAG_REMOVE: &str = concat!(
      AND id = $12::text AND name = $13::text) SELECT revision FROM c"
 );
 
+/// The columns of a World record, in the order [`world_from_row`] reads them.
+pub(crate) const WORLD_COLUMNS: &str = "space, key, scope, owner, kind, name, target, data, meta, \
+     session_id, expires_at, create_revision, revision, created_at, updated_at";
+pub(crate) const WORLD_GET: &str =
+    "SELECT space, key, scope, owner, kind, name, target, data, meta, session_id, expires_at, \
+     create_revision, revision, created_at, updated_at FROM world WHERE space = $1 AND key = $2";
+/// Insert or replace a World record with the change's revision (and, when `$21` is 0, that
+/// revision as its create revision too).
+pub(crate) const WORLD_PUT: &str = concat!(
+    change_cte!(),
+    "INSERT INTO world (space, key, scope, owner, kind, name, target, data, meta, session_id, \
+     expires_at, create_revision, revision, created_at, updated_at) \
+     SELECT $10::text, $11::text, $12::text, $13::text, $14::text, $15::text, $16::text, \
+     $17::bytea, $18::text, $19::text, $20::bigint, \
+     CASE WHEN $21::bigint = 0 THEN c.revision ELSE $21::bigint END, c.revision, \
+     $22::bigint, $23::bigint FROM c \
+     ON CONFLICT (space, key) DO UPDATE SET scope = excluded.scope, owner = excluded.owner, \
+     kind = excluded.kind, name = excluded.name, target = excluded.target, data = excluded.data, \
+     meta = excluded.meta, session_id = excluded.session_id, expires_at = excluded.expires_at, \
+     create_revision = excluded.create_revision, revision = excluded.revision, \
+     created_at = excluded.created_at, updated_at = excluded.updated_at \
+     RETURNING revision"
+);
+pub(crate) const WORLD_REMOVE: &str = concat!(
+    change_cte!(),
+    ", d AS (DELETE FROM world WHERE space = $10::text AND key = $11::text) SELECT revision FROM c"
+);
+/// A change-log row alone (membership changes).
+pub(crate) const CHANGE_APPEND: &str = concat!(change_cte!(), "SELECT revision FROM c");
+
 pub(crate) const REVISION: &str =
     "SELECT greatest(coalesce((SELECT max(revision) FROM changes), 0), value), value \
      FROM fleetdb_meta WHERE key = 'compacted_revision'";
@@ -135,6 +166,14 @@ fn entity_param(e: Entity) -> Param<'static> {
         Entity::Namespace => &"namespace",
         Entity::Object => &"object",
         Entity::Tag => &"tag",
+        Entity::Export => &"export",
+        Entity::Kv => &"kv",
+        Entity::Map => &"map",
+        Entity::Deploy => &"deploy",
+        Entity::Blob => &"blob",
+        Entity::Registration => &"registration",
+        Entity::Schedule => &"schedule",
+        Entity::Member => &"member",
     }
 }
 
@@ -220,6 +259,29 @@ pub(crate) fn tag_from_read_row(
     Ok(Some((tag, text)))
 }
 
+/// A World record from a [`WORLD_COLUMNS`] row.
+pub(crate) fn world_from_row(row: &Row) -> Result<WorldRecord> {
+    let space: String = row.try_get(0).map_err(db_err)?;
+    let expires_at: Option<i64> = row.try_get(10).map_err(db_err)?;
+    Ok(WorldRecord {
+        space: Space::parse(&space)?,
+        key: row.try_get(1).map_err(db_err)?,
+        scope: row.try_get(2).map_err(db_err)?,
+        owner: row.try_get(3).map_err(db_err)?,
+        kind: row.try_get(4).map_err(db_err)?,
+        name: row.try_get(5).map_err(db_err)?,
+        target: row.try_get(6).map_err(db_err)?,
+        data: row.try_get(7).map_err(db_err)?,
+        meta: row.try_get(8).map_err(db_err)?,
+        session_id: row.try_get(9).map_err(db_err)?,
+        expires_at: expires_at.map(Timestamp),
+        create_revision: Revision(row.try_get(11).map_err(db_err)?),
+        revision: Revision(row.try_get(12).map_err(db_err)?),
+        created_at: Timestamp(row.try_get(13).map_err(db_err)?),
+        updated_at: Timestamp(row.try_get(14).map_err(db_err)?),
+    })
+}
+
 /// Label requirements in a canonical order (by operator, then key and value), so that the SQL
 /// text depends only on how many requirements of each operator there are and prepared statements
 /// are reused. A conjunction does not depend on the order.
@@ -297,13 +359,14 @@ pub(crate) fn like_prefix(prefix: &str) -> String {
     out
 }
 
-/// The change-log read: the compaction point and, unless `after` is older than it, the entries.
-/// One statement, so both come from the same snapshot. `$1` = after; the filter's parameters
+/// The change-log read: the compaction point and, unless `after` is older than it, the entries
+/// (never the gap markers [`crate::settle`] writes). One statement, so both come from the same
+/// snapshot. `$1` = after; the filter's parameters
 /// follow; the limit is last.
 pub(crate) fn changes_sql(namespace: bool, kind: bool, id_prefix: bool) -> String {
     let mut inner = String::from(
         "SELECT revision, namespace, kind, id, entity, name, op, old_value, new_value, at \
-         FROM changes WHERE revision > $1 AND $1 >= m.value",
+         FROM changes WHERE revision > $1 AND $1 >= m.value AND op <> 'gap'",
     );
     let mut n = 1;
     if namespace {
@@ -390,5 +453,15 @@ mod tests {
         assert!(sql.contains("kind = $3"));
         assert!(sql.contains("id LIKE $4 ESCAPE '\\'"));
         assert!(sql.contains("LIMIT $5"));
+        assert!(
+            sql.contains("op <> 'gap'"),
+            "gap markers are never returned: {sql}"
+        );
+    }
+
+    #[test]
+    fn world_statements_read_the_world_columns() {
+        assert!(WORLD_GET.contains(WORLD_COLUMNS), "{WORLD_GET}");
+        assert!(WORLD_PUT.contains(&format!("INSERT INTO world ({WORLD_COLUMNS})")));
     }
 }

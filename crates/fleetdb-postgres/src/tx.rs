@@ -20,7 +20,9 @@ use std::task::Poll;
 use async_trait::async_trait;
 use deadpool_postgres::ClientWrapper;
 use fleetdb_core::backend::{CandidateQuery, ChangeDraft, TagRead, TxRows};
+use fleetdb_core::selector::Dialect;
 use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
+use fleetdb_core::world::{Space, WorldQuery, WorldRecord};
 use fleetdb_core::{Error, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
 use futures::future::{maybe_done, MaybeDone};
 use tokio_postgres::types::{ToSql, Type};
@@ -375,6 +377,61 @@ impl TxRows for PgTx<'_> {
     ) -> Result<Revision> {
         let params = sql::with_change(change, &[&key.namespace, &key.kind, &key.id, &name]);
         self.write(sql::TAG_REMOVE, &params).await
+    }
+
+    // ---- the World ----
+
+    async fn world_read(&mut self, space: Space, key: &str) -> Result<Option<WorldRecord>> {
+        let rows = self.read(sql::WORLD_GET, &[&space.as_str(), &key]).await?;
+        rows.first().map(sql::world_from_row).transpose()
+    }
+
+    async fn world_scan(&mut self, query: &WorldQuery) -> Result<Vec<WorldRecord>> {
+        let (text, params) = query.to_sql(Dialect::Postgres, sql::WORLD_COLUMNS);
+        let params = work::TypedParams::new(params);
+        let rows = self.query_typed(&text, &params.typed()).await?;
+        rows.iter().map(sql::world_from_row).collect()
+    }
+
+    async fn world_put(&mut self, record: &WorldRecord, change: &ChangeDraft) -> Result<Revision> {
+        let space = record.space.as_str();
+        let expires_at = record.expires_at.map(|t| t.0);
+        let params = sql::with_change(
+            change,
+            &[
+                &space,
+                &record.key,
+                &record.scope,
+                &record.owner,
+                &record.kind,
+                &record.name,
+                &record.target,
+                &record.data,
+                &record.meta,
+                &record.session_id,
+                &expires_at,
+                &record.create_revision.0,
+                &record.created_at.0,
+                &record.updated_at.0,
+            ],
+        );
+        self.write(sql::WORLD_PUT, &params).await
+    }
+
+    async fn world_remove(
+        &mut self,
+        space: Space,
+        key: &str,
+        change: &ChangeDraft,
+    ) -> Result<Revision> {
+        let space = space.as_str();
+        let params = sql::with_change(change, &[&space, &key]);
+        self.write(sql::WORLD_REMOVE, &params).await
+    }
+
+    async fn change_append(&mut self, change: &ChangeDraft) -> Result<Revision> {
+        let params = sql::with_change(change, &[]);
+        self.write(sql::CHANGE_APPEND, &params).await
     }
 
     // ---- sessions and work (see crate::work) ----

@@ -206,6 +206,11 @@ pub(crate) fn limit_param(limit: usize) -> i64 {
 pub(crate) struct TypedParams(Vec<SqlParam>);
 
 impl TypedParams {
+    /// Parameters compiled elsewhere (a World query), in placeholder order.
+    pub(crate) fn new(params: Vec<SqlParam>) -> Self {
+        TypedParams(params)
+    }
+
     /// Append a parameter; returns its placeholder, with a cast matching its declared type.
     fn push(&mut self, p: SqlParam) -> String {
         let cast = match &p {

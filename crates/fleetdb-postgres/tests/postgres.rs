@@ -125,8 +125,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
 
     let backend = db.open().await;
     let status = backend.schema_status().await.unwrap();
-    assert_eq!(status.database, 4);
-    assert_eq!(status.binary, 4);
+    assert_eq!(status.database, 5);
+    assert_eq!(status.binary, 5);
     assert!(status.pending.is_empty());
     let applied: Vec<_> = status
         .applied
@@ -139,7 +139,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (1, "init"),
             (2, "change_log"),
             (3, "sessions_work"),
-            (4, "tags_by_name")
+            (4, "tags_by_name"),
+            (5, "world")
         ]
     );
     assert_eq!(
@@ -211,8 +212,8 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .await
     .unwrap();
     let status = backend.schema_status().await.unwrap();
-    assert_eq!((status.database, status.binary), (0, 4));
-    assert_eq!(status.pending.len(), 4);
+    assert_eq!((status.database, status.binary), (0, 5));
+    assert_eq!(status.pending.len(), 5);
     assert!(status.applied.is_empty());
 
     // Migrations one at a time, then the rest on open.
@@ -228,9 +229,9 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .unwrap();
     let status = backend.schema_status().await.unwrap();
     assert_eq!(status.database, 1);
-    assert_eq!(status.pending.len(), 3);
+    assert_eq!(status.pending.len(), 4);
     let status = backend.migrate().await.unwrap();
-    assert_eq!(status.database, 4);
+    assert_eq!(status.database, 5);
     assert!(status.pending.is_empty());
     db.drop().await;
 }
@@ -1194,5 +1195,311 @@ async fn a_selector_claim_costs_seven_round_trips_whatever_it_takes() {
             "{best:?}: more than {round_trips} round trips"
         );
     }
+    db.drop().await;
+}
+
+// ---- watches: gap filling and cross-process wake-ups ----
+
+/// Commit an object put and return its revision.
+async fn put_rev(backend: &PostgresBackend, id: &str) -> Revision {
+    let res = backend
+        .commit(batch(vec![put(&key("machine", id), &[])]))
+        .await
+        .unwrap();
+    let Applied::Object(obj) = &res[0].applied else {
+        panic!("{res:?}")
+    };
+    obj.revision
+}
+
+/// A hand-made writer: takes the next revision and inserts its change row in a transaction it
+/// leaves open.
+async fn in_flight_change(client: &tokio_postgres::Client, id: &str) -> Revision {
+    client.batch_execute("BEGIN").await.unwrap();
+    let row = client
+        .query_one(
+            "INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, \
+             new_value, at) VALUES (nextval('fleetdb_revision'), 'default', 'machine', $1, \
+             'object', '', 'put', NULL, '{}', 1) RETURNING revision",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    Revision(row.get(0))
+}
+
+async fn change_revisions(backend: &PostgresBackend, after: Revision) -> Vec<Revision> {
+    backend
+        .changes(after, &ChangeFilter::default(), 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.revision)
+        .collect()
+}
+
+async fn gap_markers(client: &tokio_postgres::Client) -> Vec<i64> {
+    client
+        .query(
+            "SELECT revision FROM changes WHERE op = 'gap' ORDER BY revision",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The settled revision never passes a revision whose transaction is still running; it moves on
+/// once that transaction commits (its row is then read) or rolls back (a gap marker fills the
+/// hole, and is never returned).
+#[tokio::test]
+async fn settled_revision_waits_for_in_flight_revisions() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    let hand = db.raw().await;
+    let wait = Duration::from_millis(300);
+
+    let r1 = put_rev(&backend, "a").await;
+    assert_eq!(backend.settled_revision(wait).await.unwrap(), r1);
+
+    // Commit case.
+    let g = in_flight_change(&hand, "inflight").await;
+    let r2 = put_rev(&backend, "b").await;
+    assert!(g < r2 && r1 < g);
+    let start = Instant::now();
+    let settled = backend.settled_revision(wait).await.unwrap();
+    assert_eq!(
+        settled,
+        Revision(g.0 - 1),
+        "must stop below the in-flight revision"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "waited for it"
+    );
+    // Visible now, but not deliverable yet: a watcher reads only up to the settled revision.
+    assert_eq!(change_revisions(&backend, r1).await, vec![r2]);
+    hand.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(backend.settled_revision(wait).await.unwrap(), r2);
+    assert_eq!(change_revisions(&backend, r1).await, vec![g, r2]);
+    let changes = backend
+        .changes(r1, &ChangeFilter::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(changes[0].id, "inflight");
+
+    // Abort case.
+    let g2 = in_flight_change(&hand, "aborted").await;
+    let r3 = put_rev(&backend, "c").await;
+    assert_eq!(
+        backend.settled_revision(wait).await.unwrap(),
+        Revision(g2.0 - 1)
+    );
+    hand.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(backend.settled_revision(wait).await.unwrap(), r3);
+    assert_eq!(change_revisions(&backend, r2).await, vec![r3]);
+    assert_eq!(gap_markers(&hand).await, vec![g2.0]);
+    assert_eq!(backend.revision().await.unwrap().current, r3);
+
+    // A transaction that commits while the settler waits: it waits for it, then passes it.
+    let g3 = in_flight_change(&hand, "late").await;
+    let r4 = put_rev(&backend, "d").await;
+    let committer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        hand.batch_execute("COMMIT").await.unwrap();
+        hand
+    });
+    let start = Instant::now();
+    assert_eq!(
+        backend
+            .settled_revision(Duration::from_secs(10))
+            .await
+            .unwrap(),
+        r4
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let hand = committer.await.unwrap();
+    assert_eq!(change_revisions(&backend, r3).await, vec![g3, r4]);
+    assert_eq!(
+        gap_markers(&hand).await,
+        vec![g2.0],
+        "no marker for a committed row"
+    );
+
+    // Compaction removes markers like other rows.
+    backend.compact(Revision(r4.0 + 1)).await.unwrap();
+    assert!(gap_markers(&hand).await.is_empty());
+    assert_eq!(backend.settled_revision(wait).await.unwrap(), r4);
+
+    // ... and never passes a revision still in flight.
+    let g4 = in_flight_change(&hand, "compacted").await;
+    let r5 = put_rev(&backend, "e").await;
+    backend.compact(Revision(r5.0 + 1)).await.unwrap();
+    assert_eq!(
+        backend.revision().await.unwrap().compacted,
+        Revision(g4.0 - 1)
+    );
+    hand.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        change_revisions(&backend, Revision(g4.0 - 1)).await,
+        vec![g4, r5]
+    );
+    db.drop().await;
+}
+
+/// A writer that took a revision but inserts its change row only after a gap marker filled that
+/// revision fails on the change log's key, which the backend retries (with a new revision); a
+/// second backend (another process) agrees on the settled revision.
+#[tokio::test]
+async fn a_late_change_row_loses_to_the_gap_marker() {
+    let db = TestDb::new().await;
+    let backend = db.open().await;
+    let other = db.open().await;
+    let hand = db.raw().await;
+    put_rev(&backend, "a").await;
+    let g: i64 = hand
+        .query_one("SELECT nextval('fleetdb_revision')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let r = put_rev(&backend, "b").await;
+    assert_eq!(
+        other
+            .settled_revision(Duration::from_millis(100))
+            .await
+            .unwrap(),
+        r
+    );
+    assert_eq!(gap_markers(&hand).await, vec![g]);
+    let err = hand
+        .execute(
+            "INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, \
+             new_value, at) VALUES ($1, 'default', 'machine', 'late', 'object', '', 'put', \
+             NULL, '{}', 1)",
+            &[&g],
+        )
+        .await
+        .unwrap_err();
+    let db_err = err.as_db_error().unwrap();
+    assert_eq!(db_err.constraint(), Some("changes_pkey"));
+    assert_eq!(
+        backend
+            .settled_revision(Duration::from_millis(100))
+            .await
+            .unwrap(),
+        r
+    );
+    // Writes keep working after markers (a fused tag set and a batch).
+    let m = key("machine", "a");
+    backend
+        .commit(batch(vec![tag_set(&m, "t", "1")]))
+        .await
+        .unwrap();
+    let r2 = put_rev(&backend, "c").await;
+    assert_eq!(
+        other
+            .settled_revision(Duration::from_millis(100))
+            .await
+            .unwrap(),
+        r2
+    );
+    db.drop().await;
+}
+
+/// Connections whose last statement was a LISTEN on `db`'s channel.
+async fn listening_connections(db: &TestDb) -> i64 {
+    db.raw()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN fleetdb\\_changes\\_%' \
+             AND query LIKE '%' || $1::text",
+            &[&db.schema],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `announce_changes` wakes listeners on the same schema (in other processes: other backends), and
+/// only those.
+#[tokio::test]
+async fn announcements_wake_listeners_of_the_same_schema_only() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let db = TestDb::new().await;
+    let elsewhere = TestDb::new().await;
+    let listener = db.open().await;
+    let announcer = db.open().await;
+    let stranger = elsewhere.open().await;
+
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let notified = Arc::new(tokio::sync::Notify::new());
+    let (w, n) = (wakes.clone(), notified.clone());
+    let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        w.fetch_add(1, Ordering::SeqCst);
+        n.notify_one();
+    });
+    assert!(listener.listen_changes(wake).await.unwrap());
+
+    stranger.announce_changes().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        wakes.load(Ordering::SeqCst),
+        0,
+        "another schema's announcement"
+    );
+
+    announcer.announce_changes().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), notified.notified())
+        .await
+        .expect("woken");
+    assert!(wakes.load(Ordering::SeqCst) >= 1);
+
+    // The listening task ends with the backend: its connection goes away.
+    assert_eq!(listening_connections(&db).await, 1);
+
+    // A dropped connection is replaced, with a wake-up (announcements may have been missed).
+    let before = wakes.load(Ordering::SeqCst);
+    db.raw()
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE query LIKE 'LISTEN fleetdb\\_changes\\_%' AND query LIKE '%' || $1::text",
+            &[&db.schema],
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while wakes.load(Ordering::SeqCst) == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no wake-up after reconnecting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = wakes.load(Ordering::SeqCst);
+    announcer.announce_changes().await.unwrap();
+    let start = Instant::now();
+    while wakes.load(Ordering::SeqCst) == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "not listening after reconnecting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(listening_connections(&db).await, 1);
+
+    drop(listener);
+    let start = Instant::now();
+    while listening_connections(&db).await != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "listener still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop((announcer, stranger));
+    elsewhere.drop().await;
     db.drop().await;
 }

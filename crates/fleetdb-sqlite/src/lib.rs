@@ -12,6 +12,7 @@ mod migrate;
 mod read;
 mod rows;
 mod work;
+mod world;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -543,5 +544,12 @@ impl Backend for SqliteBackend {
 
     async fn count(&self, selector: &str, now: Timestamp) -> Result<u64> {
         self.read(|c| work::count(c, selector, now))
+    }
+
+    async fn world_list(
+        &self,
+        query: &fleetdb_core::world::WorldQuery,
+    ) -> Result<Vec<fleetdb_core::world::WorldRecord>> {
+        self.read(|c| world::world_scan(c, query))
     }
 }

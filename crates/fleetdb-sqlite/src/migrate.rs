@@ -29,6 +29,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "tags_by_name",
         sql: include_str!("../migrations/0004_tags_by_name.sql"),
     },
+    Migration {
+        version: 5,
+        name: "world",
+        sql: include_str!("../migrations/0005_world.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -8,7 +8,9 @@ use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
 use fleetdb_core::{Error, Labels, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::{map_err, work};
+use fleetdb_core::world::{Space, WorldQuery, WorldRecord};
+
+use crate::{map_err, work, world};
 
 pub(crate) fn labels_from_text(text: &str) -> Result<Labels> {
     serde_json::from_str(text)
@@ -368,5 +370,29 @@ impl TxRows for SqliteRows<'_> {
     }
     async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>> {
         work::claim_candidates(self.conn, q)
+    }
+    async fn world_read(&mut self, space: Space, key: &str) -> Result<Option<WorldRecord>> {
+        world::world_read(self.conn, space, key)
+    }
+    async fn world_scan(&mut self, q: &WorldQuery) -> Result<Vec<WorldRecord>> {
+        world::world_scan(self.conn, q)
+    }
+    async fn world_put(&mut self, r: &WorldRecord, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        world::world_write(self.conn, r, rev)?;
+        Ok(rev)
+    }
+    async fn world_remove(
+        &mut self,
+        space: Space,
+        key: &str,
+        change: &ChangeDraft,
+    ) -> Result<Revision> {
+        let rev = self.append(change)?;
+        world::world_delete(self.conn, space, key)?;
+        Ok(rev)
+    }
+    async fn change_append(&mut self, change: &ChangeDraft) -> Result<Revision> {
+        self.append(change)
     }
 }

@@ -129,7 +129,7 @@ fn exec(c: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<usiz
         .map_err(map_err)
 }
 
-fn to_value(p: SqlParam) -> Value {
+pub(crate) fn to_value(p: SqlParam) -> Value {
     match p {
         SqlParam::Text(s) => Value::Text(s),
         SqlParam::Int(i) => Value::Integer(i),

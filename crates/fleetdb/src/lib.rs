@@ -24,6 +24,8 @@
 pub mod metrics;
 mod session;
 mod txn;
+pub mod watch;
+mod world;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +49,8 @@ pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
 pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
 pub use session::{Session, Work};
 pub use txn::Txn;
+pub use watch::{Watch, WatchEvent, WatchRequest, WatchScope};
+pub use world::World;
 
 /// The database used when none is given: an embedded SQLite file under the current folder.
 pub const DEFAULT_URL: &str = "sqlite://fleetdb-data/fleetdb.sqlite";
@@ -76,6 +80,11 @@ pub struct OpenOptions {
     pub background: bool,
     /// Delete work history older than this (checked with every sweep). `None` keeps it all.
     pub history_retention: Option<Duration>,
+    /// Watches look at the change log at least this often, even without a wake-up (changes of
+    /// this process, and of others on PostgreSQL via NOTIFY, wake them at once).
+    pub watch_poll_interval: Duration,
+    /// An idle watch gets a progress event (the current revision) this often.
+    pub watch_progress_interval: Duration,
 }
 
 impl Default for OpenOptions {
@@ -88,6 +97,8 @@ impl Default for OpenOptions {
             postgres_pool_size_max: 16,
             background: true,
             history_retention: None,
+            watch_poll_interval: Duration::from_secs(1),
+            watch_progress_interval: Duration::from_secs(5),
         }
     }
 }
@@ -102,6 +113,8 @@ pub struct Store {
     keeper: Arc<session::Keeper>,
     metrics: metrics::Metrics,
     background: Arc<Background>,
+    hub: Arc<watch::Hub>,
+    hub_timing: watch::HubTiming,
 }
 
 /// Settings of the background task.
@@ -120,6 +133,8 @@ struct WeakStore {
     keeper: std::sync::Weak<session::Keeper>,
     metrics: metrics::Metrics,
     background: Arc<Background>,
+    hub: std::sync::Weak<watch::Hub>,
+    hub_timing: watch::HubTiming,
 }
 
 impl WeakStore {
@@ -132,6 +147,8 @@ impl WeakStore {
             keeper: self.keeper.upgrade()?,
             metrics: self.metrics.clone(),
             background: self.background.clone(),
+            hub: self.hub.upgrade()?,
+            hub_timing: self.hub_timing,
         })
     }
 }
@@ -187,7 +204,13 @@ impl Store {
                 "must start with sqlite: (sqlite:///path, sqlite::memory:) or postgres://",
             ));
         };
-        let store = Store::from_backend(backend, options.clock, options.limits).await?;
+        let mut store = Store::from_backend(backend, options.clock, options.limits).await?;
+        store.hub_timing = watch::HubTiming {
+            poll: options.watch_poll_interval.max(Duration::from_millis(1)),
+            progress: options
+                .watch_progress_interval
+                .max(Duration::from_millis(1)),
+        };
         store
             .background
             .enabled
@@ -222,6 +245,11 @@ impl Store {
                 enabled: AtomicBool::new(true),
                 history_retention: std::sync::Mutex::new(None),
             }),
+            hub: Arc::default(),
+            hub_timing: watch::HubTiming {
+                poll: Duration::from_secs(1),
+                progress: Duration::from_secs(5),
+            },
         })
     }
 
@@ -246,7 +274,15 @@ impl Store {
             keeper: Arc::downgrade(&self.keeper),
             metrics: self.metrics.clone(),
             background: self.background.clone(),
+            hub: Arc::downgrade(&self.hub),
+            hub_timing: self.hub_timing,
         }
+    }
+
+    /// A write committed: wake this process's watches and tell other processes.
+    pub(crate) fn committed(&self) {
+        self.hub.committed();
+        self.start_announcer();
     }
 
     pub(crate) async fn ready(&self) -> Result<()> {
@@ -274,6 +310,9 @@ impl Store {
         batch.validate(&self.limits)?;
         let r = self.backend.commit(batch).await;
         self.metrics.txn(&r);
+        if matches!(&r, Ok(results) if results.iter().any(|x| x.changed)) {
+            self.committed();
+        }
         r
     }
 
@@ -588,8 +627,11 @@ impl Store {
             batch.ops.extend(post.iter().cloned());
             batch.validate(&self.limits)?;
             match self.backend.commit(batch).await {
-                Ok(_) => {
+                Ok(results) => {
                     self.metrics.transactions_executed.inc();
+                    if results.iter().any(|r| r.changed) {
+                        self.committed();
+                    }
                     return Ok(out);
                 }
                 Err(e @ Error::Conflict { .. }) => {

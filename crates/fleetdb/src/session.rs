@@ -193,6 +193,8 @@ impl Store {
             .session_sweep(self.clock.now(), SWEEP_SESSIONS_MAX)
             .await?;
         self.metrics.sessions_expired.inc_by(n);
+        // Expired sessions and TTLs change membership and the World: wake the watches.
+        self.committed();
         Ok(n)
     }
 

@@ -9,7 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5];
+/// The newest migration this binary knows.
+const LATEST: u32 = 5;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -82,7 +84,7 @@ async fn sqlite_0002_change_log_keeps_rows_written_before_it() {
         .unwrap();
     }
     let store = open_sqlite(&path).await.unwrap();
-    assert_eq!(store.schema_status().await.unwrap().database, 4);
+    assert_eq!(store.schema_status().await.unwrap().database, LATEST);
     check_rows_from_before(&store).await;
 }
 
@@ -176,6 +178,33 @@ async fn sqlite_0004_tags_by_name_keeps_rows_written_before_it() {
     check_v2_rows_then_work(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// After 0005: the older rows read back and World writes take the next revisions.
+async fn check_v2_rows_then_world(store: &Store) {
+    check_v2_rows_then_work(store).await;
+    let before = store.revision().await.unwrap().current;
+    let w = store.kv_set("after/0005", "v").await.unwrap();
+    assert!(w.item.revision > before);
+    let h1 = store.world("h1").unwrap();
+    h1.map_set("ns", "x").await.unwrap();
+    assert_eq!(store.map_get("ns").await.unwrap().len(), 1);
+    let changes = store
+        .changes(before, &fleetdb::ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert!(changes.iter().any(|c| c.id == "after/0005"));
+}
+
+#[tokio::test]
+async fn sqlite_0005_world_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, 4).unwrap();
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(V2_ROWS).unwrap();
+    }
+    check_v2_rows_then_world(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -224,7 +253,7 @@ async fn sqlite_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 4
+            binary: LATEST
         }
     );
     assert!(err.to_string().contains("upgrade fleetdb"), "{err}");
@@ -249,7 +278,7 @@ async fn sqlite_without_migrate_a_behind_database_says_so() {
         err,
         Error::SchemaBehind {
             database: 1,
-            binary: 4
+            binary: LATEST
         }
     );
     store.migrate().await.unwrap();
@@ -341,7 +370,7 @@ async fn postgres_0002_change_log_keeps_rows_written_before_it() {
     )
     .await;
     let store = Store::open(&s.url).await.unwrap();
-    assert_eq!(store.schema_status().await.unwrap().database, 4);
+    assert_eq!(store.schema_status().await.unwrap().database, LATEST);
     check_rows_from_before(&store).await;
     drop(store);
     pg_drop(s).await;
@@ -382,6 +411,23 @@ async fn postgres_0004_tags_by_name_keeps_rows_written_before_it() {
 }
 
 #[tokio::test]
+async fn postgres_0005_world_keeps_rows_written_before_it() {
+    let s = pg_schema().await;
+    fleetdb_postgres::testing::migrate_to(&s.url, 4)
+        .await
+        .unwrap();
+    pg_exec(
+        &s.url,
+        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
+    )
+    .await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_world(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
 async fn postgres_open_with_nothing_to_migrate_writes_nothing() {
     let s = pg_schema().await;
     drop(Store::open(&s.url).await.unwrap());
@@ -416,7 +462,7 @@ async fn postgres_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 4
+            binary: LATEST
         }
     );
     let err = Store::open(&s.url).await.unwrap_err();
@@ -424,7 +470,7 @@ async fn postgres_newer_schema_is_refused_untouched() {
         err,
         Error::SchemaTooNew {
             database: 999,
-            binary: 4
+            binary: LATEST
         }
     );
     pg_drop_role(&s).await;
@@ -452,7 +498,7 @@ async fn postgres_concurrent_first_opens_migrate_once() {
     }
     let store = Store::open(&s.url).await.unwrap();
     let st = store.schema_status().await.unwrap();
-    assert_eq!(st.applied.len(), 4);
+    assert_eq!(st.applied.len(), LATEST as usize);
     drop(store);
     pg_drop(s).await;
 }

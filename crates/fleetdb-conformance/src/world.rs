@@ -1,0 +1,709 @@
+//! Conformance cases of watches and the World (exports, key-values, maps, deploys, scheduler,
+//! membership).
+
+use std::time::Duration;
+
+use fleetdb::core::world::{
+    DeployDraft, DeployFileDraft, ExportFilter, ExportId, ExportRecord, Lifetime, ScheduleOptions,
+    Strategy,
+};
+use fleetdb::{
+    ChangeOp, Entity, Error, Revision, SessionSpec, Watch, WatchEvent, WatchRequest, WatchScope,
+};
+
+use crate::Harness;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn next(w: &mut Watch) -> WatchEvent {
+    loop {
+        match w.next_timeout(WAIT).await {
+            Some(Ok(WatchEvent::Progress { .. })) => continue,
+            Some(Ok(ev)) => return ev,
+            Some(Err(e)) => panic!("watch ended: {e}"),
+            None => panic!("no watch event within {WAIT:?}"),
+        }
+    }
+}
+
+async fn next_change(w: &mut Watch) -> std::sync::Arc<fleetdb::Change> {
+    match next(w).await {
+        WatchEvent::Change(c) => c,
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+fn rec(kind: &str, name: &str, to: &str, data: &str) -> ExportRecord {
+    ExportRecord {
+        id: ExportId::new(kind, name, to),
+        data: data.as_bytes().to_vec(),
+        lifetime: Lifetime::persistent(),
+    }
+}
+
+pub async fn watch_starts_with_a_snapshot_then_changes(h: &Harness) {
+    let s = &h.store;
+    s.kv_set("app/a", "1").await.unwrap();
+    s.kv_set("app/b", "2").await.unwrap();
+    s.kv_set("other", "x").await.unwrap();
+    let mut w = s
+        .watch(WatchRequest::new(WatchScope::Kv {
+            prefix: "app/".into(),
+        }))
+        .await
+        .unwrap();
+    let WatchEvent::Snapshot { revision, items } = next(&mut w).await else {
+        panic!("a watch without from_revision starts with a snapshot");
+    };
+    let ids: Vec<&str> = items.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["app/a", "app/b"]);
+    assert_eq!(items[0].new_value.as_ref().unwrap()["value"], "1");
+    assert!(revision >= items[1].revision);
+    let set = s.kv_set("app/c", "3").await.unwrap();
+    s.kv_set("other", "y").await.unwrap();
+    s.kv_delete("app/a", None).await.unwrap();
+    let c = next_change(&mut w).await;
+    assert_eq!(
+        (c.id.as_str(), c.op, c.revision),
+        ("app/c", ChangeOp::Put, set.item.revision)
+    );
+    assert_eq!(c.entity, Entity::Kv);
+    let d = next_change(&mut w).await;
+    assert_eq!((d.id.as_str(), d.op), ("app/a", ChangeOp::Delete));
+    assert_eq!(
+        d.old_value.as_ref().unwrap()["value"],
+        "1",
+        "previous value delivered"
+    );
+}
+
+pub async fn watch_resume_loses_and_duplicates_nothing(h: &Harness) {
+    let s = &h.store;
+    let start = s.revision().await.unwrap().current;
+    for i in 0..30 {
+        s.kv_set(&format!("k/{i:02}"), &i.to_string())
+            .await
+            .unwrap();
+    }
+    let scope = WatchScope::Kv {
+        prefix: "k/".into(),
+    };
+    let mut w = s
+        .watch(WatchRequest::new(scope.clone()).from_revision(start))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.push(next_change(&mut w).await);
+    }
+    drop(w); // "disconnect"
+    let resume = seen.last().unwrap().revision;
+    // Writes while disconnected, and while reconnecting.
+    for i in 30..40 {
+        s.kv_set(&format!("k/{i:02}"), &i.to_string())
+            .await
+            .unwrap();
+    }
+    let mut w = s
+        .watch(WatchRequest::new(scope).from_revision(resume))
+        .await
+        .unwrap();
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for i in 40..50 {
+                s.kv_set(&format!("k/{i:02}"), &i.to_string())
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    for _ in 10..50 {
+        seen.push(next_change(&mut w).await);
+    }
+    writer.await.unwrap();
+    let ids: Vec<String> = seen.iter().map(|c| c.id.clone()).collect();
+    let expected: Vec<String> = (0..50).map(|i| format!("k/{i:02}")).collect();
+    assert_eq!(ids, expected, "every change once, in order");
+    assert!(seen.windows(2).all(|p| p[0].revision < p[1].revision));
+    assert!(w
+        .next_timeout(Duration::from_millis(200))
+        .await
+        .is_none_or(|e| matches!(e, Ok(WatchEvent::Progress { .. }))));
+}
+
+pub async fn watch_from_a_compacted_revision_gives_compacted(h: &Harness) {
+    let s = &h.store;
+    for i in 0..5 {
+        s.kv_set("c", &i.to_string()).await.unwrap();
+    }
+    let now = s.revision().await.unwrap().current;
+    s.compact(now).await.unwrap();
+    let err = s
+        .watch(WatchRequest::new(WatchScope::All).from_revision(Revision(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Compacted { compacted_revision, .. } if compacted_revision >= Revision(1)),
+        "{err}"
+    );
+}
+
+pub async fn slow_watcher_is_cut_off_fast_one_keeps_up(h: &Harness) {
+    let s = &h.store;
+    let scope = WatchScope::Kv { prefix: "".into() };
+    let mut fast = s
+        .watch(WatchRequest::new(scope.clone()).buffer(8))
+        .await
+        .unwrap();
+    let mut slow = s.watch(WatchRequest::new(scope).buffer(8)).await.unwrap();
+    assert!(matches!(next(&mut fast).await, WatchEvent::Snapshot { .. }));
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < 60 {
+            match fast.next_timeout(WAIT).await {
+                Some(Ok(WatchEvent::Change(_))) => n += 1,
+                Some(Ok(_)) => {}
+                other => panic!("the fast watcher must keep up: {other:?}"),
+            }
+        }
+        n
+    });
+    for i in 0..60 {
+        s.kv_set(&format!("x{i}"), "v").await.unwrap();
+        if i % 4 == 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await; // let the fast reader run
+        }
+    }
+    assert_eq!(reader.await.unwrap(), 60);
+    // The slow one gets what fitted in its buffer, then a resumable error.
+    let mut got = Vec::new();
+    let err = loop {
+        match slow.next_timeout(WAIT).await {
+            Some(Ok(ev)) => got.push(ev),
+            Some(Err(e)) => break e,
+            None => panic!("the slow watcher was neither fed nor ended"),
+        }
+    };
+    let Error::WatchLagged { last_delivered } = err else {
+        panic!("expected WatchLagged, got {err}");
+    };
+    assert!(got.len() <= 8);
+    assert_eq!(got.last().unwrap().revision(), last_delivered);
+    // Resuming from last_delivered gives the rest, nothing lost.
+    let mut again = s
+        .watch(
+            WatchRequest::new(WatchScope::Kv { prefix: "".into() }).from_revision(last_delivered),
+        )
+        .await
+        .unwrap();
+    let mut rest = 0;
+    while let Some(Ok(WatchEvent::Change(_))) = again.next_timeout(Duration::from_millis(500)).await
+    {
+        rest += 1;
+    }
+    let delivered = got
+        .iter()
+        .filter(|e| matches!(e, WatchEvent::Change(_)))
+        .count();
+    assert_eq!(delivered + rest, 60);
+}
+
+pub async fn directed_exports_are_invisible_to_other_hosts(h: &Harness) {
+    let s = &h.store;
+    let (h1, h2, h3) = (
+        s.world("h1").unwrap(),
+        s.world("h2").unwrap(),
+        s.world("h3").unwrap(),
+    );
+    let mut w3 = h3
+        .watch(WatchScope::Exports { kind: None }, None)
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut w3).await, WatchEvent::Snapshot { items, .. } if items.is_empty()));
+    let out = h1
+        .export(vec![
+            rec("file", "motd", "h2", "for h2"),
+            rec("file", "hosts", "*", "for all"),
+            rec("svc", "db", "*", "db"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.changed.len(), 3);
+    assert!(out.unchanged.is_empty());
+    let names = |v: Vec<fleetdb::core::world::Export>| -> Vec<String> {
+        v.into_iter()
+            .map(|e| format!("{}:{}", e.from, e.id.name))
+            .collect()
+    };
+    assert_eq!(names(h3.collect(&[]).await.unwrap()), ["h1:hosts", "h1:db"]);
+    assert_eq!(
+        names(h2.collect(&[]).await.unwrap()),
+        ["h1:hosts", "h1:motd", "h1:db"]
+    );
+    assert_eq!(
+        names(h1.collect(&[]).await.unwrap()).len(),
+        3,
+        "a host sees its own"
+    );
+    // Filters are ORed, empty fields match anything.
+    let f = [
+        ExportFilter {
+            kind: Some("svc".into()),
+            ..Default::default()
+        },
+        ExportFilter {
+            name: Some("motd".into()),
+            ..Default::default()
+        },
+    ];
+    assert_eq!(names(h2.collect(&f).await.unwrap()), ["h1:motd", "h1:db"]);
+    let from_other = [ExportFilter {
+        from: Some("h9".into()),
+        ..Default::default()
+    }];
+    assert!(h2.collect(&from_other).await.unwrap().is_empty());
+    // The watch of h3 saw only the records to '*'.
+    let a = next_change(&mut w3).await;
+    let b = next_change(&mut w3).await;
+    assert!(
+        a.id.ends_with("/*") && b.id.ends_with("/*"),
+        "{} {}",
+        a.id,
+        b.id
+    );
+    assert!(w3
+        .next_timeout(Duration::from_millis(300))
+        .await
+        .is_none_or(|e| !matches!(e, Ok(WatchEvent::Change(_)))));
+    // Identical export: unchanged, and no change event.
+    let again = h1
+        .export(vec![rec("file", "hosts", "*", "for all")])
+        .await
+        .unwrap();
+    assert_eq!(again.unchanged, vec![ExportId::new("file", "hosts", "*")]);
+    assert!(again.changed.is_empty());
+    let changed = h1
+        .export(vec![rec("file", "hosts", "*", "v2")])
+        .await
+        .unwrap();
+    assert_eq!(changed.changed, vec![ExportId::new("file", "hosts", "*")]);
+    // Bad input.
+    assert!(matches!(
+        h1.export(vec![rec("file", "a b", "*", "")]).await,
+        Err(Error::Invalid { .. })
+    ));
+    assert!(matches!(
+        h1.export(vec![rec("file", "x", "*", "1"), rec("file", "x", "*", "2")])
+            .await,
+        Err(Error::Invalid { .. })
+    ));
+    assert!(s.world("not a host").is_err());
+}
+
+pub async fn sync_exports_prunes_what_a_host_no_longer_exports(h: &Harness) {
+    let s = &h.store;
+    let h1 = s.world("h1").unwrap();
+    let h2 = s.world("h2").unwrap();
+    h1.export(vec![
+        rec("f", "a", "*", "1"),
+        rec("f", "b", "*", "2"),
+        rec("f", "c", "h2", "3"),
+    ])
+    .await
+    .unwrap();
+    h2.export(vec![rec("f", "z", "*", "9")]).await.unwrap();
+    let out = h1
+        .sync_exports(vec![rec("f", "a", "*", "1"), rec("f", "d", "*", "4")])
+        .await
+        .unwrap();
+    assert_eq!(out.unchanged, vec![ExportId::new("f", "a", "*")]);
+    assert_eq!(out.changed, vec![ExportId::new("f", "d", "*")]);
+    let mut removed = out.removed.clone();
+    removed.sort();
+    assert_eq!(
+        removed,
+        vec![ExportId::new("f", "b", "*"), ExportId::new("f", "c", "h2")]
+    );
+    let mine: Vec<String> = h2
+        .collect(&[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| format!("{}:{}", e.from, e.id.name))
+        .collect();
+    assert_eq!(
+        mine,
+        ["h1:a", "h1:d", "h2:z"],
+        "other hosts' exports untouched"
+    );
+    let gone = h1
+        .unexport(vec![
+            ExportId::new("f", "a", "*"),
+            ExportId::new("f", "nope", "*"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(gone.removed, vec![ExportId::new("f", "a", "*")]);
+}
+
+pub async fn session_bound_exports_vanish_when_the_session_expires(h: &Harness) {
+    let s = &h.store;
+    let sess = s
+        .session_start(SessionSpec::new("agent", "h1").ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let h1 = s.world("h1").unwrap();
+    let h2 = s.world("h2").unwrap();
+    let mut bound = rec("f", "bound", "*", "b");
+    bound.lifetime = Lifetime::session(sess.id());
+    let mut ttl = rec("f", "ttl", "*", "t");
+    ttl.lifetime = Lifetime::ttl(Duration::from_secs(30));
+    h1.export(vec![bound, ttl, rec("f", "kept", "*", "k")])
+        .await
+        .unwrap();
+    // Binding to another host's session is refused.
+    let mut foreign = rec("f", "x", "*", "x");
+    foreign.lifetime = Lifetime::session(sess.id());
+    assert!(matches!(
+        h2.export(vec![foreign]).await,
+        Err(Error::Invalid { .. })
+    ));
+    let mut w = h2
+        .watch(
+            WatchScope::Exports {
+                kind: Some("f".into()),
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut w).await, WatchEvent::Snapshot { items, .. } if items.len() == 3));
+    std::mem::forget(sess); // the process "dies": nobody renews or closes it
+    h.clock.advance(Duration::from_secs(11));
+    let names = |v: Vec<fleetdb::core::world::Export>| -> Vec<String> {
+        v.into_iter().map(|e| e.id.name).collect()
+    };
+    assert_eq!(
+        names(h2.collect(&[]).await.unwrap()),
+        ["kept", "ttl"],
+        "a dead session's exports are invisible at once, before any sweep"
+    );
+    s.sweep_sessions().await.unwrap();
+    let c = next_change(&mut w).await;
+    assert_eq!((c.op, c.id.as_str()), (ChangeOp::Delete, "h1/f/bound/*"));
+    h.clock.advance(Duration::from_secs(20));
+    assert_eq!(names(h2.collect(&[]).await.unwrap()), ["kept"]);
+    s.sweep_sessions().await.unwrap();
+    let c = next_change(&mut w).await;
+    assert_eq!((c.op, c.id.as_str()), (ChangeOp::Delete, "h1/f/ttl/*"));
+}
+
+pub async fn kv_get_set_cas_delete(h: &Harness) {
+    let s = &h.store;
+    assert!(
+        s.kv_get("a/b").await.unwrap().is_none(),
+        "a missing key is None, not an error"
+    );
+    let w = s.kv_set("a/b", "v1").await.unwrap();
+    assert!(w.changed);
+    let r1 = w.item.revision;
+    assert_eq!(s.kv_get("a/b").await.unwrap().unwrap().value, "v1");
+    let same = s.kv_set("a/b", "v1").await.unwrap();
+    assert!(!same.changed);
+    assert_eq!(same.item.revision, r1);
+    let err = s
+        .kv_cas("a/b", "v2", Revision(r1.0 + 100))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    assert!(matches!(
+        s.kv_cas("a/b", "v2", Revision(0)).await,
+        Err(Error::Conflict { .. })
+    ));
+    let w2 = s.kv_cas("a/b", "v2", r1).await.unwrap();
+    assert!(w2.item.revision > r1);
+    assert_eq!(w2.item.create_revision, r1);
+    assert!(s.kv_cas("new", "n", Revision(0)).await.unwrap().changed);
+    assert!(matches!(
+        s.kv_delete("a/b", Some(r1)).await,
+        Err(Error::Conflict { .. })
+    ));
+    s.kv_delete("a/b", Some(w2.item.revision)).await.unwrap();
+    assert!(matches!(
+        s.kv_delete("a/b", None).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.kv_set("bad key", "x").await,
+        Err(Error::Invalid { .. })
+    ));
+    assert!(matches!(
+        s.kv_set("k", &"x".repeat(2 << 20)).await,
+        Err(Error::TooLarge { .. })
+    ));
+    // TTL and session binding.
+    s.kv_set_with("t", "x", None, Lifetime::ttl(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let sess = s.session_start(SessionSpec::new("c", "h1")).await.unwrap();
+    s.kv_set_with("b", "x", None, Lifetime::session(sess.id()))
+        .await
+        .unwrap();
+    h.clock.advance(Duration::from_secs(6));
+    assert!(s.kv_get("t").await.unwrap().is_none(), "expired at its TTL");
+    sess.close().await.unwrap();
+    assert!(
+        s.kv_get("b").await.unwrap().is_none(),
+        "gone with its session"
+    );
+    s.kv_set("p/1", "a").await.unwrap();
+    s.kv_set("p/2", "b").await.unwrap();
+    s.kv_set("q", "c").await.unwrap();
+    let listed: Vec<String> = s
+        .kv_list("p/", None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(listed, ["p/1", "p/2"]);
+}
+
+pub async fn per_host_maps_are_separate_from_keys(h: &Harness) {
+    let s = &h.store;
+    let (h1, h2) = (s.world("h1").unwrap(), s.world("h2").unwrap());
+    h1.map_set("ns", "one").await.unwrap();
+    h2.map_set("ns", "two").await.unwrap();
+    s.kv_set("ns/h1", "plain key").await.unwrap();
+    let m = s.map_get("ns").await.unwrap();
+    assert_eq!(
+        m.get("h1").map(String::as_str),
+        Some("one"),
+        "a plain key never overwrites a map value"
+    );
+    assert_eq!(m.get("h2").map(String::as_str), Some("two"));
+    assert_eq!(s.kv_get("ns/h1").await.unwrap().unwrap().value, "plain key");
+    h1.map_delete("ns").await.unwrap();
+    assert_eq!(s.map_get("ns").await.unwrap().len(), 1);
+    assert!(matches!(
+        h1.map_delete("ns").await,
+        Err(Error::NotFound { .. })
+    ));
+    let mut w = s
+        .watch(WatchRequest::new(WatchScope::Map {
+            namespace: "ns".into(),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut w).await, WatchEvent::Snapshot { items, .. } if items.len() == 1));
+    h1.map_set("ns", "again").await.unwrap();
+    h1.map_set("other", "x").await.unwrap();
+    let c = next_change(&mut w).await;
+    assert_eq!(
+        (
+            c.id.as_str(),
+            c.new_value.as_ref().unwrap()["value"].as_str()
+        ),
+        ("ns/h1", Some("again"))
+    );
+}
+
+pub async fn deploy_chain_rules_and_trees(h: &Harness) {
+    let s = &h.store;
+    assert_eq!(s.deploy_max_id().await.unwrap(), None);
+    let d = |id, hash: Option<&str>, parent: Option<&str>| DeployDraft {
+        id,
+        hash: hash.map(str::to_string),
+        parent_hash: parent.map(str::to_string),
+        payload: format!("payload {id}").into_bytes(),
+        files: vec![],
+    };
+    let refused = |r: fleetdb::Result<_>, needle: &str| match r {
+        Err(Error::Refused { reason, .. }) => assert!(reason.contains(needle), "{reason}"),
+        Err(e) => panic!("expected Refused ({needle}), got {e}"),
+        Ok(_) => panic!("expected Refused ({needle})"),
+    };
+    refused(
+        s.deploy_add(d(2, None, None)).await.map(|_| ()),
+        "previous deploy 1 does not exist",
+    );
+    s.deploy_add(d(1, Some("aaa"), None)).await.unwrap();
+    assert!(matches!(
+        s.deploy_add(d(1, None, None)).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    refused(
+        s.deploy_add(d(2, Some("bbb"), Some("zzz")))
+            .await
+            .map(|_| ()),
+        "does not match",
+    );
+    refused(
+        s.deploy_add(d(3, None, None)).await.map(|_| ()),
+        "previous deploy 2 does not exist",
+    );
+    s.deploy_add(d(2, Some("bbb"), Some("aaa"))).await.unwrap();
+    s.deploy_add(d(3, None, None)).await.unwrap(); // hashes are optional
+    assert!(matches!(
+        s.deploy_add(d(0, None, None)).await,
+        Err(Error::Invalid { .. })
+    ));
+    assert_eq!(s.deploy_max_id().await.unwrap(), Some(3));
+    // A tree: identical contents are stored once; reading gives every byte back.
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let file = |path: &str, content: &[u8]| DeployFileDraft {
+        path: path.into(),
+        mode: 0o644,
+        content: content.to_vec(),
+    };
+    let mut tree = d(4, None, None);
+    tree.files = vec![
+        file("etc/a.conf", b"same"),
+        file("etc/b.conf", b"same"),
+        file("bin/tool", &big),
+        file("empty", b""),
+    ];
+    let added = s.deploy_add(tree).await.unwrap();
+    assert_eq!(added.files.len(), 4);
+    assert_eq!(
+        added.files[2].digest, added.files[3].digest,
+        "dedup by content"
+    );
+    let files = s.deploy_files(4).await.unwrap();
+    let by_path: std::collections::BTreeMap<String, Vec<u8>> =
+        files.into_iter().map(|(f, b)| (f.path, b)).collect();
+    assert_eq!(by_path["bin/tool"], big);
+    assert_eq!(by_path["etc/a.conf"], b"same");
+    assert_eq!(by_path["empty"], b"");
+    let mut bad = d(5, None, None);
+    bad.files = vec![file("../escape", b"x")];
+    assert!(matches!(
+        s.deploy_add(bad).await,
+        Err(Error::Invalid { .. })
+    ));
+    // Prune: never the newest.
+    assert_eq!(s.deploy_prune(3).await.unwrap(), 2);
+    let ids: Vec<u64> = s
+        .deploy_list(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, [3, 4]);
+    assert_eq!(s.deploy_prune(100).await.unwrap(), 1);
+    assert_eq!(s.deploy_max_id().await.unwrap(), Some(4));
+    assert_eq!(
+        s.deploy_get(4).await.unwrap().unwrap().payload,
+        b"payload 4"
+    );
+    s.deploy_add(d(5, None, None)).await.unwrap();
+}
+
+pub async fn schedule_follows_registrations_and_session_liveness(h: &Harness) {
+    let s = &h.store;
+    let start = |host: &str, ttl: u64| {
+        let s = s.clone();
+        let host = host.to_string();
+        async move {
+            s.session_start(SessionSpec::new("sched", host).ttl(Duration::from_secs(ttl)))
+                .await
+                .unwrap()
+        }
+    };
+    let (sa, sb) = (start("ha", 600).await, start("hb", 10).await);
+    let opts = ScheduleOptions {
+        strategy: Strategy::Rr,
+        max_count: 0,
+    };
+    s.world("hb")
+        .unwrap()
+        .schedule_register("web", &sb, opts.clone())
+        .await
+        .unwrap();
+    s.world("ha")
+        .unwrap()
+        .schedule_register("web", &sa, opts.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.schedule_get("web").await.unwrap().unwrap().hosts,
+        ["hb", "ha"],
+        "rr keeps order of arrival"
+    );
+    // A host cannot register with another host's session.
+    assert!(s
+        .world("hc")
+        .unwrap()
+        .schedule_register("web", &sa, opts.clone())
+        .await
+        .is_err());
+    let mut w = s
+        .watch(WatchRequest::new(WatchScope::Schedule {
+            namespace: Some("web".into()),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut w).await, WatchEvent::Snapshot { items, .. } if items.len() == 1));
+    // hb's session dies: after the sweep the schedule drops it, without any leader.
+    std::mem::forget(sb);
+    h.clock.advance(Duration::from_secs(11));
+    s.sweep_sessions().await.unwrap();
+    assert_eq!(s.schedule_get("web").await.unwrap().unwrap().hosts, ["ha"]);
+    let c = next_change(&mut w).await;
+    assert_eq!(
+        c.new_value.as_ref().unwrap()["meta"]["hosts"],
+        serde_json::json!(["ha"])
+    );
+    let sc = start("hc", 600).await;
+    s.world("hc")
+        .unwrap()
+        .schedule_register("web", &sc, opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.schedule_get("web").await.unwrap().unwrap().hosts,
+        ["ha", "hc"]
+    );
+    s.world("ha")
+        .unwrap()
+        .schedule_unregister("web")
+        .await
+        .unwrap();
+    assert_eq!(s.schedule_get("web").await.unwrap().unwrap().hosts, ["hc"]);
+    sc.close().await.unwrap();
+    assert!(s
+        .schedule_get("web")
+        .await
+        .unwrap()
+        .unwrap()
+        .hosts
+        .is_empty());
+}
+
+pub async fn membership_lists_and_watches_live_sessions(h: &Harness) {
+    let s = &h.store;
+    let a = s
+        .session_start(SessionSpec::new("agent", "h1").runtime_info("v1"))
+        .await
+        .unwrap();
+    let mut w = s
+        .watch(WatchRequest::new(WatchScope::Members))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut w).await, WatchEvent::Snapshot { items, .. } if items.len() == 1));
+    let b = s
+        .session_start(SessionSpec::new("agent", "h2"))
+        .await
+        .unwrap();
+    let members = s.members().await.unwrap();
+    assert_eq!(members.len(), 2);
+    let c = next_change(&mut w).await;
+    assert_eq!((c.op, c.id.as_str()), (ChangeOp::Put, b.id()));
+    assert_eq!(c.new_value.as_ref().unwrap()["host"], "h2");
+    a.close().await.unwrap();
+    let c = next_change(&mut w).await;
+    assert_eq!(c.op, ChangeOp::Delete);
+    assert_eq!(s.members().await.unwrap().len(), 1);
+}

@@ -1,0 +1,814 @@
+//! Watches: resumable, filtered change feeds with bounded buffers.
+//!
+//! One [`Hub`] per store reads the change log ONCE for all watchers of the process and fans each
+//! change out to the watchers whose filter it passes. The log is the truth; wake-ups only say
+//! "look again": a local commit (pushed, no polling), a `NOTIFY` from another process
+//! (PostgreSQL), or the poll interval as the fallback. The hub only delivers up to the backend's
+//! settled revision ([`Backend::settled_revision`]), below which no revision can still appear, so
+//! "resume after the last revision you saw" never skips anything.
+//!
+//! A watcher that starts from an old revision first catches up on its own task (reading the log
+//! with its filter, at its consumer's pace), then joins the hub's live fan-out at exactly the
+//! hub's position. A live watcher whose buffer is full is ended with
+//! [`Error::WatchLagged`]`{ last_delivered }`: it never blocks writers or other watchers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use fleetdb_core::world::{self, Space, WorldQuery, MEMBER_CHANGE_NAMESPACE};
+use fleetdb_core::{
+    Backend, Change, ChangeFilter, ChangeOp, Entity, Error, ObjectQuery, Result, Revision,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Notify};
+
+use crate::Store;
+
+/// Events buffered per watcher by default before a slow consumer is cut off.
+pub const WATCH_BUFFER_DEFAULT: usize = 1024;
+/// Largest buffer a watcher may ask for.
+pub const WATCH_BUFFER_MAX: usize = 1 << 20;
+/// Change-log rows the hub reads per query.
+const HUB_PAGE: usize = 10_000;
+/// How long the hub lets `settled_revision` wait for an in-flight transaction.
+const SETTLE_WAIT: Duration = Duration::from_millis(500);
+
+/// What a watch follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "scope")]
+pub enum WatchScope {
+    /// Every change (operators; no snapshot: only its revision).
+    All,
+    /// Objects (and their tags) of a namespace, optionally of one kind and id prefix.
+    Objects {
+        namespace: String,
+        kind: Option<String>,
+        id_prefix: Option<String>,
+    },
+    /// Keys with this prefix ("" for all).
+    Kv {
+        prefix: String,
+    },
+    /// Exports the watching host may see, optionally of one kind.
+    Exports {
+        kind: Option<String>,
+    },
+    /// One per-host map.
+    Map {
+        namespace: String,
+    },
+    Deploys,
+    /// One scheduler namespace, or all.
+    Schedule {
+        namespace: Option<String>,
+    },
+    /// Sessions joining and leaving.
+    Members,
+}
+
+impl WatchScope {
+    fn validate(&self) -> Result<()> {
+        match self {
+            WatchScope::Objects {
+                namespace,
+                kind,
+                id_prefix,
+            } => ChangeFilter {
+                namespace: Some(namespace.clone()),
+                kind: kind.clone(),
+                id_prefix: id_prefix.clone(),
+            }
+            .validate(),
+            WatchScope::Kv { prefix } => world::validate_kv_prefix(prefix),
+            WatchScope::Exports { kind: Some(k) } => fleetdb_core::validate::name("export kind", k),
+            WatchScope::Map { namespace }
+            | WatchScope::Schedule {
+                namespace: Some(namespace),
+            } => fleetdb_core::validate::name("namespace", namespace),
+            _ => Ok(()),
+        }
+    }
+
+    /// The change-log filter that selects this scope (an index range in every backend).
+    fn filter(&self) -> ChangeFilter {
+        let f = |ns: &str, kind: Option<&str>, prefix: Option<&str>| ChangeFilter {
+            namespace: Some(ns.to_string()),
+            kind: kind.map(str::to_string),
+            id_prefix: prefix.filter(|p| !p.is_empty()).map(str::to_string),
+        };
+        match self {
+            WatchScope::All => ChangeFilter::default(),
+            WatchScope::Objects {
+                namespace,
+                kind,
+                id_prefix,
+            } => f(namespace, kind.as_deref(), id_prefix.as_deref()),
+            WatchScope::Kv { prefix } => f(Space::Kv.change_namespace(), Some(""), Some(prefix)),
+            WatchScope::Exports { kind } => {
+                f(Space::Export.change_namespace(), kind.as_deref(), None)
+            }
+            WatchScope::Map { namespace } => {
+                f(Space::Map.change_namespace(), Some(namespace), None)
+            }
+            WatchScope::Deploys => f(Space::Deploy.change_namespace(), Some(""), None),
+            WatchScope::Schedule { namespace } => f(
+                Space::Schedule.change_namespace(),
+                namespace.as_deref(),
+                None,
+            ),
+            WatchScope::Members => f(MEMBER_CHANGE_NAMESPACE, None, None),
+        }
+    }
+}
+
+/// A watch to open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRequest {
+    pub scope: WatchScope,
+    /// Replay changes after this revision. `None`: start with a snapshot of the scope.
+    pub from_revision: Option<Revision>,
+    /// Only what this host may see (World exports directed elsewhere are hidden).
+    pub viewer: Option<String>,
+    /// Events buffered before a slow consumer is cut off (default [`WATCH_BUFFER_DEFAULT`]).
+    pub buffer: Option<usize>,
+}
+
+impl WatchRequest {
+    pub fn new(scope: WatchScope) -> Self {
+        WatchRequest {
+            scope,
+            from_revision: None,
+            viewer: None,
+            buffer: None,
+        }
+    }
+
+    pub fn from_revision(mut self, r: Revision) -> Self {
+        self.from_revision = Some(r);
+        self
+    }
+
+    pub fn viewer(mut self, host: impl Into<String>) -> Self {
+        self.viewer = Some(host.into());
+        self
+    }
+
+    pub fn buffer(mut self, n: usize) -> Self {
+        self.buffer = Some(n);
+        self
+    }
+}
+
+/// One thing a watch delivers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum WatchEvent {
+    /// The scope's state when the watch started (only without `from_revision`), as put changes
+    /// carrying each item's own revision. Every change after `revision` follows; a change the
+    /// snapshot already reflects is not repeated.
+    Snapshot {
+        revision: Revision,
+        items: Vec<Change>,
+    },
+    Change(Arc<Change>),
+    /// Nothing new up to `revision`: a consumer may resume from here.
+    Progress {
+        revision: Revision,
+    },
+}
+
+impl WatchEvent {
+    /// The revision a consumer may resume after once it has handled this event.
+    pub fn revision(&self) -> Revision {
+        match self {
+            WatchEvent::Snapshot { revision, .. } | WatchEvent::Progress { revision } => *revision,
+            WatchEvent::Change(c) => c.revision,
+        }
+    }
+}
+
+/// The receiving end of a watch. Dropping it ends the watch.
+pub struct Watch {
+    rx: mpsc::Receiver<WatchEvent>,
+    end: Arc<Mutex<Option<Error>>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("done", &self.done).finish()
+    }
+}
+
+impl Watch {
+    /// The next event; `Some(Err(_))` once if the watch was ended (e.g. `WatchLagged`), then
+    /// `None`.
+    pub async fn next(&mut self) -> Option<Result<WatchEvent>> {
+        if self.done {
+            return None;
+        }
+        match self.rx.recv().await {
+            Some(ev) => Some(Ok(ev)),
+            None => {
+                self.done = true;
+                let err = self.end.lock().unwrap_or_else(|p| p.into_inner()).take();
+                Some(Err(err.unwrap_or_else(|| {
+                    Error::Unavailable("the store was closed; resume the watch".into())
+                })))
+            }
+        }
+    }
+
+    /// Like [`Watch::next`], giving up after `timeout` (`None`: nothing arrived).
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Option<Result<WatchEvent>> {
+        tokio::time::timeout(timeout, self.next())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+struct Watcher {
+    filter: ChangeFilter,
+    viewer: Option<String>,
+    tx: mpsc::Sender<WatchEvent>,
+    end: Arc<Mutex<Option<Error>>>,
+    /// Last revision fully handed to the consumer (or filtered out).
+    pos: Revision,
+    /// Per-key revisions of the snapshot (changes at or below are already reflected).
+    snapshot: Option<HashMap<(String, String, String, String), Revision>>,
+    last_sent: Instant,
+}
+
+impl Watcher {
+    fn wants(&self, c: &Change) -> bool {
+        if !self.filter.matches(c) {
+            return false;
+        }
+        if let Some(v) = &self.viewer {
+            if !world::change_visible(v, c) {
+                return false;
+            }
+        }
+        if let Some(snap) = &self.snapshot {
+            let k = (
+                c.namespace.clone(),
+                c.kind.clone(),
+                c.id.clone(),
+                c.name.clone(),
+            );
+            if snap.get(&k).is_some_and(|r| c.revision <= *r) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Offer a change. Returns false when the watcher is finished (consumer gone or too slow).
+    fn offer(&mut self, c: &Arc<Change>) -> bool {
+        if self.wants(c) {
+            match self.tx.try_send(WatchEvent::Change(c.clone())) {
+                Ok(()) => self.last_sent = Instant::now(),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    *self.end.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Error::WatchLagged {
+                            last_delivered: self.pos,
+                        });
+                    return false;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        self.pos = c.revision;
+        true
+    }
+}
+
+/// The per-store fan-out. See the module documentation.
+#[derive(Default)]
+pub(crate) struct Hub {
+    state: Mutex<HubState>,
+    /// A commit of this process, or a NOTIFY from another.
+    wake: Notify,
+    /// The hub moved (watchers catching up wait on it).
+    moved: Notify,
+    started: AtomicBool,
+    /// Set by a local commit; the announcer tells other processes.
+    announce: Notify,
+    announcer_started: AtomicBool,
+}
+
+#[derive(Default)]
+struct HubState {
+    pos: Revision,
+    watchers: Vec<Watcher>,
+    /// Watchers still catching up on their own task.
+    joining: usize,
+}
+
+impl Hub {
+    /// A commit of this process happened: look again, and tell other processes.
+    pub(crate) fn committed(&self) {
+        self.wake.notify_one();
+        self.announce.notify_one();
+    }
+}
+
+/// Options of the hub (from `OpenOptions`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HubTiming {
+    pub poll: Duration,
+    pub progress: Duration,
+}
+
+impl Store {
+    /// Open a watch. Without `from_revision` it starts with a snapshot of the scope; with it,
+    /// it replays the change log after that revision (`Compacted` if it is gone: relist).
+    pub async fn watch(&self, req: WatchRequest) -> Result<Watch> {
+        self.ready().await?;
+        req.scope.validate()?;
+        if let Some(v) = &req.viewer {
+            fleetdb_core::validate::name("host", v)?;
+        }
+        let buffer = req.buffer.unwrap_or(WATCH_BUFFER_DEFAULT);
+        if buffer == 0 || buffer > WATCH_BUFFER_MAX {
+            return Err(Error::invalid(
+                "watch buffer",
+                buffer.to_string(),
+                format!("must be between 1 and {WATCH_BUFFER_MAX}"),
+            ));
+        }
+        self.start_hub();
+        let filter = req.scope.filter();
+        let (tx, rx) = mpsc::channel(buffer);
+        let end = Arc::new(Mutex::new(None));
+        let (pos, snapshot) = match req.from_revision {
+            Some(from) => {
+                let info = self.backend.revision().await?;
+                if from < info.compacted {
+                    return Err(Error::Compacted {
+                        requested: from,
+                        compacted_revision: info.compacted,
+                    });
+                }
+                (from, None)
+            }
+            None => {
+                let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
+                let items = self.snapshot(&req.scope, req.viewer.as_deref()).await?;
+                let keys = items
+                    .iter()
+                    .map(|c| {
+                        (
+                            (
+                                c.namespace.clone(),
+                                c.kind.clone(),
+                                c.id.clone(),
+                                c.name.clone(),
+                            ),
+                            c.revision,
+                        )
+                    })
+                    .collect();
+                tx.try_send(WatchEvent::Snapshot {
+                    revision: settled,
+                    items,
+                })
+                .map_err(|_| Error::Backend("a new watch buffer was full".into()))?;
+                (settled, Some(keys))
+            }
+        };
+        let watcher = Watcher {
+            filter,
+            viewer: req.viewer.clone(),
+            tx,
+            end: end.clone(),
+            pos,
+            snapshot,
+            last_sent: Instant::now(),
+        };
+        self.hub
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .joining += 1;
+        // Usually the watcher is at the hub's position already and joins at once; otherwise it
+        // catches up on its own task.
+        if let Some(watcher) = self.try_register(watcher) {
+            let store = self.clone();
+            tokio::spawn(async move {
+                store.join(watcher).await;
+            });
+        }
+        Ok(Watch {
+            rx,
+            end,
+            done: false,
+        })
+    }
+
+    /// Catch a watcher up from its position to the hub's, then hand it to the hub.
+    async fn join(self, mut w: Watcher) {
+        loop {
+            w = match self.try_register(w) {
+                None => return,
+                Some(w) => w,
+            };
+            match self.catch_up_step(&mut w).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // The consumer is gone.
+                    self.hub
+                        .state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .joining -= 1;
+                    return;
+                }
+                Err(e) => {
+                    self.hub
+                        .state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .joining -= 1;
+                    *w.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hand the watcher to the hub if it is at the hub's position (under the lock the hub fans
+    /// out with, so no change falls between the two); otherwise give it back.
+    fn try_register(&self, w: Watcher) -> Option<Watcher> {
+        let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.watchers.is_empty() && st.joining == 1 && w.pos != st.pos && w.snapshot.is_some() {
+            st.pos = w.pos; // nobody else depends on the hub's position
+        }
+        if w.pos == st.pos {
+            st.joining -= 1;
+            st.watchers.push(w);
+            return None;
+        }
+        Some(w)
+    }
+
+    /// One step of catching up: read the log with the watcher's filter up to the hub's
+    /// position. Returns false if the consumer is gone.
+    async fn catch_up_step(&self, w: &mut Watcher) -> Result<bool> {
+        let target = self.hub.state.lock().unwrap_or_else(|p| p.into_inner()).pos;
+        if w.pos > target {
+            // The hub is behind this watcher's snapshot: wait for it to move.
+            let moved = self.hub.moved.notified();
+            self.hub.wake.notify_one();
+            let _ = tokio::time::timeout(Duration::from_millis(100), moved).await;
+            return Ok(!w.tx.is_closed());
+        }
+        let page = self
+            .backend
+            .changes(w.pos, &w.filter, HUB_PAGE.min(w.tx.max_capacity()))
+            .await?;
+        let mut advanced = false;
+        for c in page {
+            if c.revision > target {
+                break;
+            }
+            let c = Arc::new(c);
+            let rev = c.revision;
+            if w.wants(&c) {
+                // Catching up goes at the consumer's own pace.
+                if w.tx.send(WatchEvent::Change(c)).await.is_err() {
+                    return Ok(false);
+                }
+                w.last_sent = Instant::now();
+            }
+            w.pos = rev;
+            advanced = true;
+        }
+        if !advanced {
+            w.pos = target; // nothing of ours up to the hub's position
+        }
+        Ok(true)
+    }
+
+    /// The current state of a scope, as put changes with each item's revision.
+    async fn snapshot(&self, scope: &WatchScope, viewer: Option<&str>) -> Result<Vec<Change>> {
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        let put =
+            |namespace: &str, kind: &str, id: &str, entity, name: &str, value, revision, at| {
+                Change {
+                    revision,
+                    namespace: namespace.to_string(),
+                    kind: kind.to_string(),
+                    id: id.to_string(),
+                    entity,
+                    name: name.to_string(),
+                    op: ChangeOp::Put,
+                    old_value: None,
+                    new_value: Some(value),
+                    at,
+                }
+            };
+        let world_scan = |space: Space| {
+            let mut q = WorldQuery::new(space);
+            q.live_at = Some(now);
+            q.limit = fleetdb_core::query::LIST_PAGE_MAX;
+            q
+        };
+        let mut queries = Vec::new();
+        match scope {
+            WatchScope::All => {}
+            WatchScope::Objects {
+                namespace,
+                kind,
+                id_prefix,
+            } => {
+                let mut q = ObjectQuery::new(namespace.clone());
+                q.kind = kind.clone();
+                q.limit = fleetdb_core::query::LIST_PAGE_MAX;
+                loop {
+                    let objects = self.backend.object_list(&q).await?;
+                    let done = objects.len() < q.limit;
+                    for o in &objects {
+                        if id_prefix
+                            .as_ref()
+                            .is_some_and(|p| !o.key.id.starts_with(p.as_str()))
+                        {
+                            continue;
+                        }
+                        out.push(put(
+                            &o.key.namespace,
+                            &o.key.kind,
+                            &o.key.id,
+                            Entity::Object,
+                            "",
+                            serde_json::json!({ "labels": o.labels }),
+                            o.revision,
+                            o.updated_at,
+                        ));
+                        for t in self.backend.tag_list(&o.key).await? {
+                            out.push(put(
+                                &o.key.namespace,
+                                &o.key.kind,
+                                &o.key.id,
+                                Entity::Tag,
+                                &t.name,
+                                t.value.clone(),
+                                t.revision,
+                                t.updated_at,
+                            ));
+                        }
+                    }
+                    match objects.last() {
+                        Some(last) if !done => {
+                            q.after = Some(fleetdb_core::ObjectCursor {
+                                kind: last.key.kind.clone(),
+                                id: last.key.id.clone(),
+                            });
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            WatchScope::Kv { prefix } => {
+                let mut q = world_scan(Space::Kv);
+                q.key_prefix = Some(prefix.clone());
+                queries.push(q);
+            }
+            WatchScope::Exports { kind } => {
+                let mut q = world_scan(Space::Export);
+                q.viewer = viewer.map(str::to_string);
+                if let Some(k) = kind {
+                    q.filters = vec![world::ExportFilter {
+                        kind: Some(k.clone()),
+                        ..Default::default()
+                    }];
+                }
+                queries.push(q);
+            }
+            WatchScope::Map { namespace } => {
+                let mut q = world_scan(Space::Map);
+                q.scope = Some(namespace.clone());
+                queries.push(q);
+            }
+            WatchScope::Deploys => queries.push(world_scan(Space::Deploy)),
+            WatchScope::Schedule { namespace } => {
+                let mut q = world_scan(Space::Schedule);
+                q.scope = namespace.clone();
+                queries.push(q);
+            }
+            WatchScope::Members => {
+                let mut after: Option<String> = None;
+                loop {
+                    let page = self
+                        .backend
+                        .session_list(after.as_deref(), fleetdb_core::query::LIST_PAGE_MAX)
+                        .await?;
+                    let done = page.len() < fleetdb_core::query::LIST_PAGE_MAX;
+                    after = page.last().map(|s| s.id.clone());
+                    for s in page.into_iter().filter(|s| s.alive_at(now)) {
+                        out.push(put(
+                            MEMBER_CHANGE_NAMESPACE,
+                            &s.component,
+                            &s.id,
+                            Entity::Member,
+                            "",
+                            serde_json::to_value(&s).unwrap_or_default(),
+                            Revision(0),
+                            s.created_at,
+                        ));
+                    }
+                    if done {
+                        break;
+                    }
+                }
+            }
+        }
+        for mut q in queries {
+            loop {
+                let page = self.backend.world_list(&q).await?;
+                let done = page.len() < q.limit;
+                q.after_key = page.last().map(|r| r.key.clone());
+                for r in page {
+                    let kind = match r.space {
+                        Space::Export => r.kind.clone(),
+                        Space::Map | Space::Registration | Space::Schedule => r.scope.clone(),
+                        _ => String::new(),
+                    };
+                    let value = serde_json::from_str(&r.change_json()).unwrap_or_default();
+                    out.push(put(
+                        r.space.change_namespace(),
+                        &kind,
+                        &r.key,
+                        Entity::from(r.space),
+                        "",
+                        value,
+                        r.revision,
+                        r.updated_at,
+                    ));
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn start_hub(&self) {
+        if self.hub.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let hub: Weak<Hub> = Arc::downgrade(&self.hub);
+        let backend: Weak<dyn Backend> = Arc::downgrade(&self.backend);
+        let timing = self.hub_timing;
+        {
+            let hub = hub.clone();
+            let backend2 = self.backend.clone();
+            tokio::spawn(async move {
+                let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                    if let Some(h) = hub.upgrade() {
+                        h.wake.notify_one();
+                    }
+                });
+                if let Err(e) = backend2.listen_changes(wake).await {
+                    tracing::warn!(error = %e, "listening for other processes' changes failed; polling");
+                }
+            });
+        }
+        tokio::spawn(async move {
+            let mut last_progress = Instant::now();
+            loop {
+                let Some(h) = hub.upgrade() else { return };
+                let _ = tokio::time::timeout(timing.poll, h.wake.notified()).await;
+                let Some(b) = backend.upgrade() else { return };
+                let active = {
+                    let mut st = h.state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.watchers.retain(|w| !w.tx.is_closed()); // dropped watches
+                    !st.watchers.is_empty() || st.joining > 0
+                };
+                if !active {
+                    continue;
+                }
+                if let Err(e) = hub_step(&h, b.as_ref()).await {
+                    tracing::warn!(error = %e, "watch hub could not read the change log");
+                }
+                if last_progress.elapsed() >= timing.progress {
+                    last_progress = Instant::now();
+                    let mut st = h.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let pos = st.pos;
+                    st.watchers.retain_mut(|w| {
+                        if w.last_sent.elapsed() >= timing.progress {
+                            match w.tx.try_send(WatchEvent::Progress { revision: pos }) {
+                                Ok(()) => w.last_sent = Instant::now(),
+                                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                                Err(mpsc::error::TrySendError::Full(_)) => {}
+                            }
+                        }
+                        true
+                    });
+                }
+            }
+        });
+    }
+
+    /// Tell other processes about local commits, coalesced (at most one announcement in flight).
+    pub(crate) fn start_announcer(&self) {
+        if self.hub.announcer_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let hub: Weak<Hub> = Arc::downgrade(&self.hub);
+        let backend: Weak<dyn Backend> = Arc::downgrade(&self.backend);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.hub.announcer_started.store(false, Ordering::SeqCst);
+            return;
+        };
+        rt.spawn(async move {
+            loop {
+                {
+                    let Some(h) = hub.upgrade() else { return };
+                    if tokio::time::timeout(Duration::from_secs(1), h.announce.notified())
+                        .await
+                        .is_err()
+                    {
+                        continue;
+                    }
+                }
+                let Some(b) = backend.upgrade() else { return };
+                if let Err(e) = b.announce_changes().await {
+                    tracing::debug!(error = %e, "announcing changes failed");
+                }
+            }
+        });
+    }
+}
+
+/// Read what is new up to the settled revision, once, and fan it out.
+async fn hub_step(h: &Hub, backend: &dyn Backend) -> Result<()> {
+    let settled = backend.settled_revision(SETTLE_WAIT).await?;
+    loop {
+        let pos = h.state.lock().unwrap_or_else(|p| p.into_inner()).pos;
+        if pos >= settled {
+            return Ok(());
+        }
+        let page = match backend
+            .changes(pos, &ChangeFilter::default(), HUB_PAGE)
+            .await
+        {
+            Ok(p) => p,
+            Err(Error::Compacted { .. }) => {
+                // Compacted under a slow hub: every live watcher must relist.
+                let info = backend.revision().await?;
+                let mut st = h.state.lock().unwrap_or_else(|p| p.into_inner());
+                for w in st.watchers.drain(..) {
+                    *w.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(Error::Compacted {
+                        requested: w.pos,
+                        compacted_revision: info.compacted,
+                    });
+                }
+                st.pos = info.compacted.max(settled);
+                h.moved.notify_waiters();
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let changes: Vec<Arc<Change>> = page
+            .into_iter()
+            .filter(|c| c.revision <= settled)
+            .map(Arc::new)
+            .collect();
+        let new_pos = changes.last().map_or(settled, |c| c.revision).max(pos);
+        let reached = changes.len() < HUB_PAGE;
+        {
+            let mut st = h.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.watchers.retain_mut(|w| {
+                if w.tx.is_closed() {
+                    return false; // the consumer dropped its Watch
+                }
+                for c in &changes {
+                    if !w.offer(c) {
+                        return false;
+                    }
+                }
+                w.pos = if reached {
+                    settled.max(new_pos)
+                } else {
+                    new_pos
+                };
+                true
+            });
+            st.pos = if reached {
+                settled.max(new_pos)
+            } else {
+                new_pos
+            };
+        }
+        h.moved.notify_waiters();
+        if reached {
+            return Ok(());
+        }
+    }
+}

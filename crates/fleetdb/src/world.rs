@@ -1,0 +1,439 @@
+//! The World API: what hosts share (see `fleetdb_core::world` for the model and limits).
+//!
+//! Key-values, deploys, schedules and membership are read by anyone through [`Store`]. What is
+//! a host's own — its exports, its value in a per-host map, its scheduler registration — is
+//! written through a [`World`] handle bound to that host, and exports are collected through it
+//! too, so a host only ever sees exports meant for it. (Over the network the server will bind
+//! the handle to the caller's credentials.)
+
+use std::collections::BTreeMap;
+
+use fleetdb_core::validate;
+use fleetdb_core::work::SessionInfo;
+use fleetdb_core::world::{
+    self, Deploy, DeployDraft, DeployFile, Export, ExportFilter, ExportId, ExportOutcome,
+    ExportRecord, KvEntry, Lifetime, Registration, Schedule, ScheduleOptions, Space, WorldQuery,
+    WorldRecord,
+};
+use fleetdb_core::{Applied, Error, Op, OpResult, Result, Revision};
+
+use crate::watch::{Watch, WatchRequest, WatchScope};
+use crate::{check_limit, Session, Store, Written};
+
+/// Filters in one collect call.
+pub const COLLECT_FILTERS_MAX: usize = 100;
+
+fn one(results: Vec<OpResult>) -> Result<OpResult> {
+    results
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Backend("the backend returned no result for a write".into()))
+}
+
+fn record(r: OpResult) -> Result<Written<WorldRecord>> {
+    match r.applied {
+        Applied::World(rec) => Ok(Written {
+            item: *rec,
+            changed: r.changed,
+        }),
+        _ => Err(Error::Backend(
+            "the backend returned the wrong kind of result for a World write".into(),
+        )),
+    }
+}
+
+fn exports(r: OpResult) -> Result<ExportOutcome> {
+    match r.applied {
+        Applied::Exports(o) => Ok(o),
+        _ => Err(Error::Backend(
+            "the backend returned the wrong kind of result for an export".into(),
+        )),
+    }
+}
+
+fn deleted(r: OpResult) -> Result<Revision> {
+    match r.applied {
+        Applied::Deleted { revision } => Ok(revision),
+        _ => Err(Error::Backend(
+            "the backend returned the wrong kind of result for a delete".into(),
+        )),
+    }
+}
+
+impl Store {
+    /// The World as host `host` sees and writes it.
+    pub fn world(&self, host: &str) -> Result<World> {
+        validate::name("host", host)?;
+        Ok(World {
+            store: self.clone(),
+            host: host.to_string(),
+        })
+    }
+
+    async fn world_query(&self, q: WorldQuery) -> Result<Vec<WorldRecord>> {
+        self.ready().await?;
+        self.backend.world_list(&q).await
+    }
+
+    async fn world_one(&self, space: Space, key: &str) -> Result<Option<WorldRecord>> {
+        let mut q = WorldQuery::new(space);
+        q.key = Some(key.to_string());
+        q.live_at = Some(self.clock.now());
+        q.limit = 1;
+        Ok(self.world_query(q).await?.pop())
+    }
+
+    // ---- key-values ----
+
+    /// The entry at `key`; `None` if there is none (a missing key is not an error).
+    pub async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>> {
+        world::validate_kv_key(key)?;
+        Ok(self.world_one(Space::Kv, key).await?.map(KvEntry::from))
+    }
+
+    /// Entries whose key starts with `prefix`, in key order, after `after`, at most `limit`.
+    pub async fn kv_list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KvEntry>> {
+        world::validate_kv_prefix(prefix)?;
+        check_limit(limit)?;
+        let mut q = WorldQuery::new(Space::Kv);
+        q.key_prefix = Some(prefix.to_string());
+        q.after_key = after.map(str::to_string);
+        q.live_at = Some(self.clock.now());
+        q.limit = limit;
+        Ok(self
+            .world_query(q)
+            .await?
+            .into_iter()
+            .map(KvEntry::from)
+            .collect())
+    }
+
+    /// Set a key (persistent). Setting the same value changes nothing (`changed: false`).
+    pub async fn kv_set(&self, key: &str, value: &str) -> Result<Written<KvEntry>> {
+        self.kv_set_with(key, value, None, Lifetime::persistent())
+            .await
+    }
+
+    /// Set a key only if its revision is `expect` (`Revision(0)`: only if absent); otherwise
+    /// `Conflict` naming the current revision.
+    pub async fn kv_cas(
+        &self,
+        key: &str,
+        value: &str,
+        expect: Revision,
+    ) -> Result<Written<KvEntry>> {
+        self.kv_set_with(key, value, Some(expect), Lifetime::persistent())
+            .await
+    }
+
+    /// Set a key with every option: compare-and-set and a lifetime (session-bound or TTL).
+    pub async fn kv_set_with(
+        &self,
+        key: &str,
+        value: &str,
+        expect: Option<Revision>,
+        lifetime: Lifetime,
+    ) -> Result<Written<KvEntry>> {
+        let r = one(self
+            .write(vec![Op::KvSet {
+                key: key.to_string(),
+                value: value.to_string(),
+                expect,
+                lifetime,
+            }])
+            .await?)?;
+        let w = record(r)?;
+        Ok(Written {
+            item: KvEntry::from(w.item),
+            changed: w.changed,
+        })
+    }
+
+    /// Delete a key (`NotFound` if missing); with `expect`, only at that revision.
+    pub async fn kv_delete(&self, key: &str, expect: Option<Revision>) -> Result<Revision> {
+        deleted(one(self
+            .write(vec![Op::KvDelete {
+                key: key.to_string(),
+                expect,
+            }])
+            .await?)?)
+    }
+
+    // ---- per-host maps ----
+
+    /// Every host's value in map `namespace`: host → value.
+    pub async fn map_get(&self, namespace: &str) -> Result<BTreeMap<String, String>> {
+        validate::name("map namespace", namespace)?;
+        let mut q = WorldQuery::new(Space::Map);
+        q.scope = Some(namespace.to_string());
+        q.limit = world::SCHEDULE_HOSTS_MAX;
+        Ok(self
+            .world_query(q)
+            .await?
+            .into_iter()
+            .map(|r| (r.owner.clone(), r.text()))
+            .collect())
+    }
+
+    // ---- deploys ----
+
+    /// Add a deploy: `id` must be new, deploy `id - 1` must exist (unless `id` is 1), and when
+    /// both `hash` and `parent_hash` are given, `parent_hash` must equal deploy `id - 1`'s hash.
+    /// A refusal is `Refused` (or `AlreadyExists`) saying which rule failed. Files of the tree are
+    /// stored once per content (sha256).
+    pub async fn deploy_add(&self, draft: DeployDraft) -> Result<Deploy> {
+        let w = record(one(self
+            .write(vec![Op::DeployAdd { deploy: draft }])
+            .await?)?)?;
+        Deploy::try_from(w.item)
+    }
+
+    pub async fn deploy_get(&self, id: u64) -> Result<Option<Deploy>> {
+        self.world_one(Space::Deploy, &world::deploy_key(id))
+            .await?
+            .map(Deploy::try_from)
+            .transpose()
+    }
+
+    /// Deploys in id order after `after`, at most `limit`.
+    pub async fn deploy_list(&self, after: Option<u64>, limit: usize) -> Result<Vec<Deploy>> {
+        check_limit(limit)?;
+        let mut q = WorldQuery::new(Space::Deploy);
+        q.after_key = after.map(world::deploy_key);
+        q.limit = limit;
+        self.world_query(q)
+            .await?
+            .into_iter()
+            .map(Deploy::try_from)
+            .collect()
+    }
+
+    /// The highest deploy id (one index lookup), `None` if there is no deploy.
+    pub async fn deploy_max_id(&self) -> Result<Option<u64>> {
+        let mut q = WorldQuery::new(Space::Deploy);
+        q.descending = true;
+        q.limit = 1;
+        self.world_query(q)
+            .await?
+            .pop()
+            .map(|r| world::parse_deploy_key(&r.key))
+            .transpose()
+    }
+
+    /// The files of a deploy's tree with their contents, byte-identical to what was added.
+    pub async fn deploy_files(&self, id: u64) -> Result<Vec<(DeployFile, Vec<u8>)>> {
+        let Some(d) = self.deploy_get(id).await? else {
+            return Err(Error::not_found(format!("deploy {id}")));
+        };
+        let mut out = Vec::with_capacity(d.files.len());
+        for f in d.files {
+            let Some(blob) = self.world_one(Space::Blob, &f.digest).await? else {
+                return Err(Error::Backend(format!(
+                    "blob {} of deploy {id} file {:?} is missing",
+                    f.digest, f.path
+                )));
+            };
+            out.push((f, blob.data));
+        }
+        Ok(out)
+    }
+
+    /// Remove deploys with id < `before` (the newest deploy always stays). Returns how many.
+    /// Their blobs stay until garbage collection.
+    pub async fn deploy_prune(&self, before: u64) -> Result<u64> {
+        let r = one(self.write(vec![Op::DeployPrune { before }]).await?)?;
+        match r.applied {
+            Applied::Done { count } => Ok(count),
+            _ => Err(Error::Backend("unexpected result of a deploy prune".into())),
+        }
+    }
+
+    // ---- scheduler and membership ----
+
+    /// The scheduled hosts of `namespace` (`None`: nobody ever registered).
+    pub async fn schedule_get(&self, namespace: &str) -> Result<Option<Schedule>> {
+        validate::name("scheduler namespace", namespace)?;
+        self.world_one(Space::Schedule, namespace)
+            .await?
+            .map(Schedule::try_from)
+            .transpose()
+    }
+
+    /// The live registrations of `namespace`, by host.
+    pub async fn schedule_registrations(&self, namespace: &str) -> Result<Vec<Registration>> {
+        validate::name("scheduler namespace", namespace)?;
+        let mut q = WorldQuery::new(Space::Registration);
+        q.scope = Some(namespace.to_string());
+        q.live_at = Some(self.clock.now());
+        q.limit = world::SCHEDULE_HOSTS_MAX;
+        self.world_query(q)
+            .await?
+            .into_iter()
+            .map(Registration::try_from)
+            .collect()
+    }
+
+    /// The live sessions (host, component, runtime info), by id.
+    pub async fn members(&self) -> Result<Vec<SessionInfo>> {
+        self.ready().await?;
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .backend
+                .session_list(after.as_deref(), fleetdb_core::query::LIST_PAGE_MAX)
+                .await?;
+            let done = page.len() < fleetdb_core::query::LIST_PAGE_MAX;
+            after = page.last().map(|s| s.id.clone());
+            out.extend(page.into_iter().filter(|s| s.alive_at(now)));
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// One host's view of the World: what it exports, collects, and owns.
+#[derive(Debug, Clone)]
+pub struct World {
+    store: Store,
+    host: String,
+}
+
+impl World {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Export records. Identical records are not rewritten; the outcome lists exactly which
+    /// records changed and which did not.
+    pub async fn export(&self, records: Vec<ExportRecord>) -> Result<ExportOutcome> {
+        self.export_op(records, false).await
+    }
+
+    /// Make `records` this host's complete export set, atomically: every other export of the
+    /// host is removed (listed in `removed`). A restarted host calls this to clean up.
+    pub async fn sync_exports(&self, records: Vec<ExportRecord>) -> Result<ExportOutcome> {
+        self.export_op(records, true).await
+    }
+
+    async fn export_op(&self, records: Vec<ExportRecord>, sync: bool) -> Result<ExportOutcome> {
+        exports(one(self
+            .store
+            .write(vec![Op::Export {
+                host: self.host.clone(),
+                records,
+                sync,
+            }])
+            .await?)?)
+    }
+
+    /// Remove exports of this host by (kind, name, target); missing ones are ignored.
+    pub async fn unexport(&self, ids: Vec<ExportId>) -> Result<ExportOutcome> {
+        exports(one(self
+            .store
+            .write(vec![Op::Unexport {
+                host: self.host.clone(),
+                ids,
+            }])
+            .await?)?)
+    }
+
+    /// Exports this host may see (its own, those to it and those to `*`) that pass any of the
+    /// filters (none: all), filtered in the database. Ordered by (from, kind, name, target).
+    pub async fn collect(&self, filters: &[ExportFilter]) -> Result<Vec<Export>> {
+        if filters.len() > COLLECT_FILTERS_MAX {
+            return Err(Error::invalid(
+                "collect filters",
+                filters.len().to_string(),
+                format!("at most {COLLECT_FILTERS_MAX}"),
+            ));
+        }
+        filters.iter().try_for_each(ExportFilter::validate)?;
+        let mut q = WorldQuery::new(Space::Export);
+        q.viewer = Some(self.host.clone());
+        q.filters = filters.to_vec();
+        q.live_at = Some(self.store.clock.now());
+        q.limit = fleetdb_core::query::LIST_PAGE_MAX;
+        let mut out = Vec::new();
+        loop {
+            let page = self.store.world_query(q.clone()).await?;
+            let done = page.len() < q.limit;
+            q.after_key = page.last().map(|r| r.key.clone());
+            out.extend(page.into_iter().map(Export::from));
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Set this host's value in map `namespace`.
+    pub async fn map_set(&self, namespace: &str, value: &str) -> Result<Written<String>> {
+        let w = record(one(self
+            .store
+            .write(vec![Op::MapSet {
+                namespace: namespace.to_string(),
+                host: self.host.clone(),
+                value: value.to_string(),
+            }])
+            .await?)?)?;
+        Ok(Written {
+            item: w.item.text(),
+            changed: w.changed,
+        })
+    }
+
+    /// Delete this host's value in map `namespace` (`NotFound` if it has none).
+    pub async fn map_delete(&self, namespace: &str) -> Result<Revision> {
+        deleted(one(self
+            .store
+            .write(vec![Op::MapDelete {
+                namespace: namespace.to_string(),
+                host: self.host.clone(),
+            }])
+            .await?)?)
+    }
+
+    /// Register this host for scheduling in `namespace`, bound to `session` (which must be this
+    /// host's): it drops out when the session ends.
+    pub async fn schedule_register(
+        &self,
+        namespace: &str,
+        session: &Session,
+        options: ScheduleOptions,
+    ) -> Result<Registration> {
+        let w = record(one(self
+            .store
+            .write(vec![Op::ScheduleRegister {
+                namespace: namespace.to_string(),
+                host: self.host.clone(),
+                session_id: session.id().to_string(),
+                options,
+            }])
+            .await?)?)?;
+        Registration::try_from(w.item)
+    }
+
+    pub async fn schedule_unregister(&self, namespace: &str) -> Result<Revision> {
+        deleted(one(self
+            .store
+            .write(vec![Op::ScheduleUnregister {
+                namespace: namespace.to_string(),
+                host: self.host.clone(),
+            }])
+            .await?)?)
+    }
+
+    /// Watch as this host: exports directed to other hosts are never delivered.
+    pub async fn watch(&self, scope: WatchScope, from: Option<Revision>) -> Result<Watch> {
+        let mut req = WatchRequest::new(scope).viewer(self.host.clone());
+        req.from_revision = from;
+        self.store.watch(req).await
+    }
+}
