@@ -407,6 +407,143 @@ impl PostgresBackend {
         }
     }
 
+    /// A selector claim in two round trips (see [`work::claim_lock_sql`] and
+    /// [`work::claim_take_sql`]): `BEGIN` (READ COMMITTED) + find-and-lock, then check-and-take +
+    /// `COMMIT`. It makes the decisions of `apply_claim` (the conformance suite holds both to the
+    /// same behaviour), retrying transient failures.
+    async fn claim_selector(&self, req: &ClaimRequest, selector: Selector) -> Result<Vec<WorkInfo>> {
+        let q = fleetdb_core::backend::CandidateQuery {
+            selector,
+            process: req.process.clone(),
+            exclude: Vec::new(),
+            now: req.now,
+            limit: req.limit,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.claim_selector_once(req, &q).await {
+                Ok(work) => return Ok(work),
+                Err(Failure::Fail(err)) => return Err(err),
+                Err(Failure::Retry(msg)) => {
+                    if attempt >= COMMIT_ATTEMPTS_MAX {
+                        return Err(Error::RetriesExhausted {
+                            attempts: attempt,
+                            last: msg,
+                        });
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn claim_selector_once(
+        &self,
+        req: &ClaimRequest,
+        q: &fleetdb_core::backend::CandidateQuery,
+    ) -> std::result::Result<Vec<WorkInfo>, Failure> {
+        let client = self.client().await.map_err(Failure::Fail)?;
+        let mut guard = TxGuard {
+            client: Some(client),
+            open: true,
+        };
+        let conn: &deadpool_postgres::ClientWrapper = guard.client();
+        let (lock_sql, lock_params) = work::claim_lock_sql(q, &req.session_id);
+        let (begin, rows) = futures::future::join(
+            conn.batch_execute(sql::BEGIN_CLAIM),
+            conn.query_typed(&lock_sql, &lock_params.typed()),
+        )
+        .await;
+        if let Err(e) = begin {
+            // BEGIN failed: no transaction is open, the statement ran on its own (and its locks
+            // are gone with it).
+            guard.open = false;
+            return Err(classify(&e));
+        }
+        let row = match rows {
+            Ok(rows) => rows.into_iter().next(),
+            Err(e) => {
+                let failure = classify(&e);
+                if conn.batch_execute("ROLLBACK").await.is_ok() {
+                    guard.open = false;
+                }
+                return Err(failure);
+            }
+        };
+        let decoded = (|| -> Result<(bool, bool, Option<String>)> {
+            let row = row.ok_or_else(|| Error::Backend("the claim returned no row".into()))?;
+            Ok((
+                row.try_get(0).map_err(db_err)?,
+                row.try_get(1).map_err(db_err)?,
+                row.try_get(2).map_err(db_err)?,
+            ))
+        })();
+        let end = |commit: bool| async move {
+            conn.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
+                .await
+                .map_err(|e| classify(&e))
+        };
+        let (alive, declared, locked) = match decoded {
+            Ok(v) => v,
+            Err(e) => {
+                end(false).await?;
+                guard.open = false;
+                return Err(Failure::Fail(e));
+            }
+        };
+        if !alive || !declared || locked.is_none() {
+            end(false).await?;
+            guard.open = false;
+            if !alive {
+                return Err(Failure::Fail(Error::SessionExpired {
+                    session_id: req.session_id.clone(),
+                }));
+            }
+            if !declared {
+                return Err(Failure::Fail(Error::invalid(
+                    "process",
+                    &req.process,
+                    "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
+                )));
+            }
+            return Ok(Vec::new());
+        }
+        let locked = locked.unwrap_or_default();
+        let (take_sql, take_params) = work::claim_take_sql(q, &req.session_id, locked);
+        let typed = take_params.typed();
+        let (rows, commit) = futures::future::join(
+            conn.query_typed(&take_sql, &typed),
+            conn.batch_execute("COMMIT"),
+        )
+        .await;
+        // A failed statement turns COMMIT into a rollback: the transaction is over either way.
+        let rows = match (rows, commit) {
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                guard.open = false;
+                return Err(classify(&e));
+            }
+            (Ok(rows), Ok(())) => rows,
+        };
+        guard.open = false;
+        rows.iter()
+            .map(|r| {
+                Ok(WorkInfo {
+                    key: fleetdb_core::apply::stored_key(
+                        r.try_get(0).map_err(db_err)?,
+                        r.try_get(1).map_err(db_err)?,
+                        r.try_get(2).map_err(db_err)?,
+                    ),
+                    process: req.process.clone(),
+                    session_id: req.session_id.clone(),
+                    token: r.try_get(3).map_err(db_err)?,
+                    started_at: req.now,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(Failure::Fail)
+    }
+
     /// Run one statement in autocommit, retrying transient failures (serialization failures on
     /// servers that run every statement serializable, such as CockroachDB).
     async fn query_retrying(
@@ -707,6 +844,10 @@ impl Backend for PostgresBackend {
     // ---- sessions and work ----
 
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
+        if let fleetdb_core::work::ClaimTarget::Selector(text) = &req.target {
+            let selector = Selector::parse(text)?;
+            return self.claim_selector(&req, selector).await;
+        }
         match self.transact(Write::Claim(&req)).await? {
             Written::Claim(work) => Ok(work),
             _ => Err(Error::Backend(

@@ -284,6 +284,101 @@ fn claim_candidates_sql_in(q: &CandidateQuery, only: Option<String>) -> (String,
     (sql, params)
 }
 
+/// The processes a claim for `{process}` excludes (itself and every process it conflicts with, in
+/// either direction), as SQL over the `processes` table, given the placeholder of the process
+/// name. Computed inside the claim's statement, so a claim reads no process rows of its own.
+fn exclusions_sql(process: &str) -> String {
+    format!(
+        "SELECT p.name FROM processes p, processes me WHERE me.name = {process} \
+         AND (p.name = me.name OR (p.conflicts)::jsonb ? me.name OR (me.conflicts)::jsonb ? p.name)"
+    )
+}
+
+/// Step 1 of a selector claim (one statement, pipelined with `BEGIN`, READ COMMITTED): whether
+/// the session is alive and the process declared, and the candidates, found and locked
+/// (`FOR UPDATE OF o SKIP LOCKED`, so concurrent claimers take different objects) as a JSON array
+/// of `{"ns","kind","id"}` in key order (NULL when there are none).
+pub(crate) fn claim_lock_sql(q: &CandidateQuery, session_id: &str) -> (String, TypedParams) {
+    let (base, mut params) = selector_from_where(&q.selector, q.now);
+    let sid = params.push(SqlParam::Text(session_id.to_string()));
+    let now = params.push(SqlParam::Int(q.now.0));
+    let process = params.push(SqlParam::Text(q.process.clone()));
+    let limit = params.push(SqlParam::Int(limit_param(q.limit)));
+    let ex = exclusions_sql(&process);
+    let sql = format!(
+        "WITH s AS (SELECT 1 FROM sessions WHERE id = {sid} AND deadline > {now}), \
+         me AS (SELECT 1 FROM processes WHERE name = {process}), \
+         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} \
+           AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) \
+           AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions ws ON ws.id = w.session_id \
+             WHERE w.namespace = o.namespace AND w.kind = o.kind AND w.id = o.id \
+             AND w.process IN ({ex}) AND ws.deadline > {now}) \
+           AND NOT EXISTS (SELECT 1 FROM work_backoff b \
+             WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id \
+             AND b.process = {process} AND b.until > {now}) \
+           ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) \
+         SELECT EXISTS (SELECT 1 FROM s), EXISTS (SELECT 1 FROM me), \
+           (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
+              ORDER BY c.namespace, c.kind, c.id)::text FROM c)"
+    );
+    (sql, params)
+}
+
+/// Step 2 of a selector claim (one statement, pipelined with `COMMIT`): the locked candidates
+/// (`locked`, step 1's JSON) are checked again in this statement's fresh snapshot (a claim
+/// committed between step 1's snapshot and its lock is seen now, and so is a change that made an
+/// object stop matching); each survivor gets a fencing token, its work row (replacing a row of a
+/// dead session, which gets `Expired` history first) and `Started` history. Returns
+/// `(namespace, kind, id, token)` in key order.
+pub(crate) fn claim_take_sql(
+    q: &CandidateQuery,
+    session_id: &str,
+    locked: String,
+) -> (String, TypedParams) {
+    let (base, mut params) = selector_from_where(&q.selector, q.now);
+    let keys = params.push(SqlParam::Text(locked));
+    let sid = params.push(SqlParam::Text(session_id.to_string()));
+    let now = params.push(SqlParam::Int(q.now.0));
+    let process = params.push(SqlParam::Text(q.process.clone()));
+    let ex = exclusions_sql(&process);
+    let sql = format!(
+        "WITH s AS MATERIALIZED (SELECT component, host FROM sessions WHERE id = {sid} AND deadline > {now}), \
+         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} \
+           AND (o.namespace, o.kind, o.id) IN (SELECT k.ns, k.kind, k.id \
+             FROM jsonb_to_recordset(({keys})::jsonb) AS k(ns text, kind text, id text)) \
+           AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions ws ON ws.id = w.session_id \
+             WHERE w.namespace = o.namespace AND w.kind = o.kind AND w.id = o.id \
+             AND w.process IN ({ex}) AND ws.deadline > {now}) \
+           AND NOT EXISTS (SELECT 1 FROM work_backoff b \
+             WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id \
+             AND b.process = {process} AND b.until > {now}) \
+           AND EXISTS (SELECT 1 FROM s) \
+           ORDER BY o.namespace, o.kind, o.id), \
+         t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, nextval('fleetdb_fencing') AS token, \
+           row_number() OVER () AS n FROM c), \
+         old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, t.n \
+           FROM work w JOIN t ON w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
+           WHERE w.process = {process}), \
+         up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+           SELECT t.namespace, t.kind, t.id, {process}, {sid}, t.token, {now} FROM t \
+           ON CONFLICT (namespace, kind, id, process) DO UPDATE SET session_id = excluded.session_id, \
+             token = excluded.token, started_at = excluded.started_at), \
+         h AS (INSERT INTO work_history \
+           (namespace, kind, id, process, event, session_id, component, host, token, at, cause) \
+           SELECT namespace, kind, id, {process}, event, session_id, component, host, token, {now}, cause \
+           FROM (SELECT 0 AS phase, old.n, old.namespace, old.kind, old.id, 'Expired' AS event, \
+                   old.session_id, COALESCE(os.component, '') AS component, \
+                   COALESCE(os.host, '') AS host, old.token, 'session expired' AS cause \
+                 FROM old LEFT JOIN sessions os ON os.id = old.session_id \
+                 UNION ALL \
+                 SELECT 1, t.n, t.namespace, t.kind, t.id, 'Started', {sid}, s.component, s.host, \
+                   t.token, NULL FROM t, s) AS e \
+           ORDER BY phase, n) \
+         SELECT namespace, kind, id, token FROM t ORDER BY n"
+    );
+    (sql, params)
+}
+
 pub(crate) fn select_sql(
     selector: &Selector,
     now: Timestamp,
