@@ -14,8 +14,8 @@
 //!   first-in-first-out like the peers' job tables.
 //! - **Burn-down**: `--burndown` objects with the `eligible` tag are created in transactions of
 //!   1000 (the insert rate is reported), then `--workers` tasks (own sessions) loop: `claim(...,
-//!   --batch)`, then ONE `Session::txn` deleting the `eligible` tag of every claimed object, then
-//!   `Session::finish_many` (two transactions per batch: `finish_many` takes no caller writes).
+//!   --batch)`, then ONE transaction (`Session::finish_many_with`) deleting the `eligible` tag of
+//!   every claimed object and finishing every claim.
 //!   jobs/s = N ÷ (time from worker start until every object is done and no claim is left).
 //! - **Sessions**: `--sessions` sessions with a 10 s TTL in one store; the store's background task
 //!   renews all of them in one statement per tick (TTL/3). Over a window of `--sessions-secs`
@@ -1490,9 +1490,9 @@ async fn burndown(db: &Db, args: &WorkArgs) -> BResult<BurnResult> {
                 }
                 let claimed: Arc<Vec<ObjectKey>> =
                     Arc::new(works.iter().map(|w| w.key().clone()).collect());
-                let d0 = Instant::now();
+                let f0 = Instant::now();
                 let r = session
-                    .txn(|tx| {
+                    .finish_many_with(&mut works, |tx| {
                         let claimed = claimed.clone();
                         async move {
                             for k in claimed.iter() {
@@ -1502,19 +1502,12 @@ async fn burndown(db: &Db, args: &WorkArgs) -> BResult<BurnResult> {
                         }
                     })
                     .await;
-                rec.delete.0 += 1;
-                rec.delete.1 += d0.elapsed().as_secs_f64();
-                if let Err(e) = r {
-                    // The claims are cancelled when `works` drops; the objects stay eligible.
-                    errors.add("delete txn", &e);
-                    continue;
-                }
-                let f0 = Instant::now();
-                let r = session.finish_many(&mut works).await;
                 rec.finish.0 += 1;
                 rec.finish.1 += f0.elapsed().as_secs_f64();
                 if let Err(e) = r {
-                    errors.add("finish_many", &e);
+                    // The claims are cancelled when `works` drops; the objects stay eligible.
+                    errors.add("finish_many_with", &e);
+                    continue;
                 }
                 // Out of the queue either way: the eligible tags are gone.
                 done.fetch_add(claimed.len() as u64, Ordering::Relaxed);
@@ -2174,7 +2167,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
     if !r.burn.is_empty() {
         let _ = writeln!(
             s,
-            "\n### Burn-down: {} eligible objects, {} workers, claims of {}, two transactions per batch (delete the tags; finish_many)\n",
+            "\n### Burn-down: {} eligible objects, {} workers, claims of {}, one transaction per batch (delete the tags and finish: finish_many_with)\n",
             fmt_int(a.burndown as f64),
             a.workers,
             a.batch
@@ -2212,7 +2205,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
         );
         let _ = writeln!(
             s,
-            "| backend | claim: calls, mean ms, % | delete txn: calls, mean ms, % | finish_many: calls, mean ms, % | backend commits | process CPU % | postgres CPU % | other CPU % | PG commits / rollbacks | claim attempts rolled back (token gap) |"
+            "| backend | claim: calls, mean ms, % | delete txn: calls, mean ms, % | finish_many_with: calls, mean ms, % | backend commits | process CPU % | postgres CPU % | other CPU % | PG commits / rollbacks | claim attempts rolled back (token gap) |"
         );
         let _ = writeln!(s, "|---|---|---|---|---:|---:|---:|---:|---|---:|");
         for m in &r.burn {

@@ -83,6 +83,7 @@ macro_rules! suite {
             selector_sql_agrees_with_reference,
             metrics_count_sessions_work_and_transactions,
             finish_many_is_all_or_nothing,
+            finish_many_with_writes_is_atomic,
             work_matches_a_model_under_random_operations;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,

@@ -1000,6 +1000,83 @@ pub async fn finish_many_is_all_or_nothing(h: &Harness) {
     std::mem::forget(got);
 }
 
+/// `finish_many_with`: the caller's writes and every release commit together; a stale token on
+/// one claim fails the whole batch (the writes are not applied, every claim is still held), and
+/// the batch then succeeds without it, with Finished history for each.
+pub async fn finish_many_with_writes_is_atomic(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let keys = machines(h, 4).await;
+    for k in &keys {
+        st.tag_set(k, "todo", &json!(true)).await.unwrap();
+    }
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut got = s.claim("P", "has(todo)", 4).await.unwrap();
+    assert_eq!(got.len(), 4);
+    let claimed: Vec<ObjectKey> = got.iter().map(|w| w.key().clone()).collect();
+    // One claim goes stale: force-cancelled and taken by another session.
+    let other = st.session_start(spec("other")).await.unwrap();
+    let stale = claimed[3].clone();
+    assert!(st.work_cancel(&stale, "P").await.unwrap());
+    let taken = other.claim_object(&stale, "P").await.unwrap();
+    let r = s
+        .finish_many_with(&mut got, |tx| {
+            let claimed = claimed.clone();
+            async move {
+                for k in &claimed {
+                    tx.tag_delete(k, "todo")?;
+                }
+                Ok(7)
+            }
+        })
+        .await;
+    assert!(matches!(r, Err(Error::WorkLost { .. })), "{r:?}");
+    for k in &claimed {
+        assert!(
+            st.tag_get(k, "todo").await.unwrap().is_some(),
+            "no caller write of a failed batch is applied"
+        );
+    }
+    let held = st.work_list(Some("P"), 10).await.unwrap();
+    assert_eq!(held.len(), 4, "3 still held by s, 1 by other: {held:?}");
+    assert_eq!(held.iter().filter(|w| w.session_id == s.id()).count(), 3);
+    // Without the stale one, the batch commits: writes, releases and history together.
+    let mut three: Vec<_> = got.drain(..3).collect();
+    let done = claimed[..3].to_vec();
+    let n = s
+        .finish_many_with(&mut three, |tx| {
+            let done = done.clone();
+            async move {
+                for k in &done {
+                    tx.tag_delete(k, "todo")?;
+                }
+                Ok(done.len())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    for k in &done {
+        assert!(st.tag_get(k, "todo").await.unwrap().is_none());
+        let ev = events(h, k).await;
+        assert_eq!(
+            ev.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+            vec![WorkEvent::Started, WorkEvent::Finished],
+            "{ev:?}"
+        );
+    }
+    let left = st.work_list(Some("P"), 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].session_id, other.id());
+    // Ended claims cannot be finished again.
+    assert!(matches!(
+        s.finish_many_with(&mut three, |_| async { Ok(()) }).await,
+        Err(Error::WorkLost { .. })
+    ));
+    drop(taken);
+    std::mem::forget(got);
+}
+
 /// A tiny deterministic PRNG (xorshift), so a failing sequence is reproducible from its seed.
 struct Rng(u64);
 impl Rng {

@@ -411,7 +411,11 @@ impl PostgresBackend {
     /// [`work::claim_take_sql`]): `BEGIN` (READ COMMITTED) + find-and-lock, then check-and-take +
     /// `COMMIT`. It makes the decisions of `apply_claim` (the conformance suite holds both to the
     /// same behaviour), retrying transient failures.
-    async fn claim_selector(&self, req: &ClaimRequest, selector: Selector) -> Result<Vec<WorkInfo>> {
+    async fn claim_selector(
+        &self,
+        req: &ClaimRequest,
+        selector: Selector,
+    ) -> Result<Vec<WorkInfo>> {
         let q = fleetdb_core::backend::CandidateQuery {
             selector,
             process: req.process.clone(),

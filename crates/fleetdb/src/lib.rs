@@ -282,6 +282,8 @@ impl Store {
     /// A write committed: wake this process's watches and tell other processes.
     pub(crate) fn committed(&self) {
         self.hub.committed();
+        // And one waiting `claim_wait` of this store.
+        self.keeper.committed.notify_one();
         self.start_announcer();
     }
 

@@ -59,6 +59,9 @@ pub(crate) struct Keeper {
     fail_renewals: AtomicU32,
     /// Wakes the background task when a session starts (its tick may have to shorten).
     changed: tokio::sync::Notify,
+    /// Wakes one `claim_wait` of this store when a write of this store commits (writes of other
+    /// processes are seen by polling the revision).
+    pub(crate) committed: tokio::sync::Notify,
 }
 
 impl Keeper {
@@ -407,7 +410,8 @@ impl Session {
     }
 
     /// Like [`Session::claim`], but when nothing is claimable, wait (up to `timeout`) for a
-    /// change in the store and try again. Wakes within [`CLAIM_WAIT_POLL`] of a change, and
+    /// change in the store and try again. A write committed through this `Store` wakes one
+    /// waiting claim at once; other writers' changes are seen within [`CLAIM_WAIT_POLL`]; and it
     /// retries at least every [`CLAIM_WAIT_RETRY`] for conditions that depend on time.
     pub async fn claim_wait(
         &self,
@@ -421,6 +425,8 @@ impl Session {
             let seen = self.store.backend.revision().await?.current;
             let got = self.claim(process, selector, limit).await?;
             if !got.is_empty() {
+                // There may be more: pass the wake-up on to another waiting worker.
+                self.store.keeper.committed.notify_one();
                 return Ok(got);
             }
             let retry_at = tokio::time::Instant::now() + CLAIM_WAIT_RETRY;
@@ -432,8 +438,11 @@ impl Session {
                 if now >= retry_at {
                     break;
                 }
-                tokio::time::sleep(CLAIM_WAIT_POLL.min(deadline - now)).await;
-                if self.store.backend.revision().await?.current != seen {
+                let woken = tokio::select! {
+                    _ = tokio::time::sleep(CLAIM_WAIT_POLL.min(deadline - now)) => false,
+                    _ = self.store.keeper.committed.notified() => true,
+                };
+                if woken || self.store.backend.revision().await?.current != seen {
                     break;
                 }
                 self.check()?;
@@ -444,28 +453,46 @@ impl Session {
     /// Finish many claims of this session in ONE transaction (no caller writes): the batch
     /// finish used by high-throughput workers. All or nothing: on error every claim is still held.
     pub async fn finish_many(&self, works: &mut [Work]) -> Result<()> {
+        self.finish_many_with(works, |_| async { Ok(()) }).await
+    }
+
+    /// Run the caller's writes and finish many claims of this session, all in ONE transaction
+    /// (like [`Work::finish`] for a batch). All or nothing: if any claim is lost (stale token,
+    /// released by an operator, expired session), or `f` or the commit fails, nothing is written
+    /// and every claim is still held. `f` may run several times (see [`Store::txn`]).
+    pub async fn finish_many_with<T, F, Fut>(&self, works: &mut [Work], f: F) -> Result<T>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
         self.check()?;
-        if works.is_empty() {
-            return Ok(());
-        }
         for w in works.iter() {
             w.check_open()?;
             if w.info.session_id != self.id() {
                 return Err(Error::invalid(
                     "work",
                     w.info.key.to_string(),
-                    "belongs to another session; finish_many takes this session's claims only",
+                    "belongs to another session; a batch finish takes this session's claims only",
                 ));
             }
         }
-        let mut ops = vec![];
-        for w in works.iter() {
-            ops.push(w.release_op(Outcome::Finished));
-        }
-        let batch_len = ops.len();
-        let r = self.store.write(ops).await;
-        let r = self.note(r)?;
-        debug_assert_eq!(r.len(), batch_len);
+        let pre = vec![Precondition::SessionAlive {
+            session_id: self.id().to_string(),
+        }];
+        let post: Vec<Op> = works
+            .iter()
+            .map(|w| w.release_op(Outcome::Finished))
+            .collect();
+        let r = self.store.txn_with(f, pre, post).await;
+        let out = match self.note(r) {
+            Err(Error::SessionExpired { session_id }) => Err(Error::WorkLost {
+                what: format!(
+                    "{} claim(s) of session {session_id}: the session has expired; nothing was changed",
+                    works.len()
+                ),
+            }),
+            other => other,
+        }?;
         for w in works.iter_mut() {
             w.done = true;
             self.store
@@ -474,7 +501,7 @@ impl Session {
                 .with_label_values(&[w.info.process.as_str(), "finished"])
                 .inc();
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Close the session: release everything it holds (history `Canceled`, cause "session
