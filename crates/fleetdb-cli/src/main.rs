@@ -3,11 +3,12 @@
 
 mod output;
 mod work_cmd;
+mod world_cmd;
 
 use std::io::Read;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fleetdb::{
     core::validate, ChangeFilter, Error, Labels, ObjectCursor, ObjectKey, ObjectQuery, OpenOptions,
     PutMode, Revision, Store,
@@ -76,6 +77,28 @@ enum Command {
     Select(work_cmd::SelectArgs),
     /// Turn a program into a worker: claim objects and run it for each one.
     Worker(work_cmd::WorkerArgs),
+    /// Stream changes (objects, or World data with --world) as JSON lines.
+    Watch(world_cmd::WatchArgs),
+    /// Export a record from a host (or `export sync`: replace a host's whole export set).
+    Export(world_cmd::ExportArgs),
+    /// The exports a host may see.
+    Collect(world_cmd::CollectArgs),
+    /// Remove an export of a host.
+    Unexport(world_cmd::UnexportArgs),
+    /// Key-values.
+    #[command(subcommand)]
+    Kv(world_cmd::KvCmd),
+    /// Per-host string maps.
+    #[command(subcommand)]
+    Map(world_cmd::MapCmd),
+    /// Deploys: a chain of payloads and file trees.
+    #[command(subcommand)]
+    Deploy(world_cmd::DeployCmd),
+    /// The scheduler: hosts register for a namespace; anyone reads the scheduled set.
+    #[command(subcommand)]
+    Schedule(world_cmd::ScheduleCmd),
+    /// Live sessions (host, component, runtime info).
+    Members,
 }
 
 #[derive(Subcommand, Debug)]
@@ -203,25 +226,41 @@ fn exit_code(e: &Error) -> u8 {
         | Error::Conflict { .. }
         | Error::NamespaceNotEmpty { .. }
         | Error::SessionExpired { .. }
-        | Error::WorkLost { .. } => 4,
+        | Error::WorkLost { .. }
+        | Error::Refused { .. }
+        | Error::Compacted { .. } => 4,
         Error::SchemaTooNew { .. } | Error::SchemaBehind { .. } => 5,
-        Error::Unavailable(_) => 6,
+        Error::Unavailable(_) | Error::WatchLagged { .. } => 6,
         _ => 1,
     }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // Whether -n/--namespace (or FLEETDB_NAMESPACE) was given, rather than defaulted.
+    let namespace_given = matches
+        .value_source("namespace")
+        .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let format = cli.output;
-    match run(cli).await {
+    match run(cli, namespace_given).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match format {
-                Format::Json => eprintln!(
-                    "{}",
-                    json!({"error": {"code": e.code(), "message": e.to_string()}})
-                ),
+                Format::Json => {
+                    let mut err = json!({"code": e.code(), "message": e.to_string()});
+                    match &e {
+                        Error::WatchLagged { last_delivered } => {
+                            err["last_delivered"] = json!(last_delivered.0)
+                        }
+                        Error::Compacted {
+                            compacted_revision, ..
+                        } => err["compacted_revision"] = json!(compacted_revision.0),
+                        _ => {}
+                    }
+                    eprintln!("{}", json!({ "error": err }))
+                }
                 Format::Table => eprintln!("error: {e}"),
             }
             ExitCode::from(exit_code(&e))
@@ -229,7 +268,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
+async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
     validate::name("namespace", &cli.namespace)?;
     let migrate = !matches!(cli.command, Command::Migrate(MigrateCmd::Status));
     let store = Store::open_with(
@@ -240,11 +279,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
         },
     )
     .await?;
+    let result = dispatch(&store, cli, namespace_given).await;
+    // A short-lived command exits right after its write; tell watchers in other processes now
+    // (PostgreSQL NOTIFY) rather than leave them to their poll interval.
+    if store.metrics().transactions_executed.get() > 0 {
+        let _ = store.backend().announce_changes().await;
+    }
+    result
+}
+
+async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), Error> {
     let ns = cli.namespace.as_str();
     let fmt = cli.output;
     let key = |kind: &str, id: &str| ObjectKey::new(ns, kind, id);
     match cli.command {
-        Command::Ns(cmd) => ns_cmd(&store, fmt, cmd).await,
+        Command::Ns(cmd) => ns_cmd(store, fmt, cmd).await,
         Command::Object(cmd) => match cmd {
             ObjectCmd::Put {
                 kind,
@@ -291,7 +340,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
                 Ok(())
             }
-            ObjectCmd::Ls(args) => object_ls(&store, fmt, ns, args).await,
+            ObjectCmd::Ls(args) => object_ls(store, fmt, ns, args).await,
             ObjectCmd::Rm { kind, id } => {
                 let k = key(&kind, &id)?;
                 let r = store.object_delete(&k).await?;
@@ -447,13 +496,22 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Session(cmd) => work_cmd::session(&store, fmt, cmd).await,
-        Command::Process(cmd) => work_cmd::process(&store, fmt, cmd).await,
-        Command::Work(cmd) => work_cmd::work(&store, fmt, ns, cmd).await,
-        Command::Backoff(cmd) => work_cmd::backoff(&store, fmt, ns, cmd).await,
-        Command::History(a) => work_cmd::history(&store, fmt, ns, a).await,
-        Command::Select(a) => work_cmd::select(&store, fmt, a).await,
-        Command::Worker(a) => work_cmd::worker(&store, &cli.db, a).await,
+        Command::Session(cmd) => work_cmd::session(store, fmt, cmd).await,
+        Command::Process(cmd) => work_cmd::process(store, fmt, cmd).await,
+        Command::Work(cmd) => work_cmd::work(store, fmt, ns, cmd).await,
+        Command::Backoff(cmd) => work_cmd::backoff(store, fmt, ns, cmd).await,
+        Command::History(a) => work_cmd::history(store, fmt, ns, a).await,
+        Command::Select(a) => work_cmd::select(store, fmt, a).await,
+        Command::Worker(a) => work_cmd::worker(store, &cli.db, a).await,
+        Command::Watch(a) => world_cmd::watch(store, ns, namespace_given, a).await,
+        Command::Export(a) => world_cmd::export(store, fmt, a).await,
+        Command::Collect(a) => world_cmd::collect(store, fmt, a).await,
+        Command::Unexport(a) => world_cmd::unexport(store, fmt, a).await,
+        Command::Kv(cmd) => world_cmd::kv(store, fmt, cmd).await,
+        Command::Map(cmd) => world_cmd::map(store, fmt, cmd).await,
+        Command::Deploy(cmd) => world_cmd::deploy(store, fmt, cmd).await,
+        Command::Schedule(cmd) => world_cmd::schedule(store, fmt, cmd).await,
+        Command::Members => world_cmd::members(store, fmt).await,
         Command::Migrate(cmd) => {
             let status = match cmd {
                 MigrateCmd::Status => store.schema_status().await?,

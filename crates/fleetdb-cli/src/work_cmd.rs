@@ -126,7 +126,7 @@ pub struct WorkerArgs {
     command: Vec<String>,
 }
 
-fn session_json(s: &fleetdb::SessionInfo, now: fleetdb::Timestamp) -> Value {
+pub(crate) fn session_json(s: &fleetdb::SessionInfo, now: fleetdb::Timestamp) -> Value {
     json!({
         "id": s.id, "component": s.component, "host": s.host, "runtime_info": s.runtime_info,
         "ttl_ms": s.ttl_ms, "created_at": s.created_at.to_rfc3339(), "deadline": s.deadline.to_rfc3339(),
