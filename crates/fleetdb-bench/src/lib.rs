@@ -17,6 +17,7 @@
 //! Every op is an UPDATE of an existing row on both sides: the raw table is pre-filled with one
 //! row per object, and FleetDB's objects are pre-created with their `hb` tag.
 
+pub mod gc;
 pub mod work;
 pub mod world;
 

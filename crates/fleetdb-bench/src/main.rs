@@ -1,6 +1,7 @@
 //! `fleetdb-bench`: see the crate documentation (src/lib.rs) and `fleetdb-bench --help`.
 
 use clap::{Parser, Subcommand};
+use fleetdb_bench::gc::{run_gc_main, GcArgs};
 use fleetdb_bench::work::{run_work_main, WorkArgs};
 use fleetdb_bench::world::{run_world_main, WorldArgs};
 use fleetdb_bench::{run_tagset_main, Command};
@@ -24,6 +25,8 @@ enum MainCommand {
     Work(WorkArgs),
     /// Watch fan-out, idle watcher memory and key-value set throughput (etcd's shapes).
     World(WorldArgs),
+    /// A full garbage collection over 1,000,000 objects and blobs, with a concurrent writer.
+    Gc(GcArgs),
 }
 
 fn main() {
@@ -32,6 +35,7 @@ fn main() {
         MainCommand::Lib(Command::Tagset(args)) => run_tagset_main(args),
         MainCommand::Work(args) => run_work_main(args),
         MainCommand::World(args) => run_world_main(args),
+        MainCommand::Gc(args) => run_gc_main(args),
     };
     std::process::exit(code);
 }

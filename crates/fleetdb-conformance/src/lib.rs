@@ -15,6 +15,8 @@ use fleetdb::{
 };
 use serde_json::json;
 
+pub mod content;
+pub mod gc;
 pub mod work;
 pub mod world;
 
@@ -96,10 +98,25 @@ macro_rules! suite {
             per_host_maps_are_separate_from_keys,
             deploy_chain_rules_and_trees,
             schedule_follows_registrations_and_session_liveness,
-            membership_lists_and_watches_live_sessions,
+            membership_lists_and_watches_live_sessions;
+            gc_keeps_roots_and_what_they_reference,
+            malformed_reference_labels_are_rejected,
+            leases_hold_objects_flat_or_deep,
+            an_expired_lease_triggers_collection_by_itself,
+            objects_created_or_referenced_during_a_collection_survive_it,
+            external_collectors_remove_unused_resources_and_failures_skip,
+            gc_reports_stats_and_metrics;
+            blob_put_get_ranges_info_list_delete,
+            blob_digest_or_size_mismatch_commits_nothing,
+            ingest_resumes_where_it_stands_and_refuses_other_offsets,
+            expired_ingests_are_swept,
+            same_content_twice_is_one_blob,
+            blob_committed_under_a_lease_is_held_by_it,
+            orphaned_bytes_are_removed_after_a_crash,
+            commits_racing_byte_removal_never_lose_bytes,
         );
     };
-    (@cases $make:path, $drop:path; $($case:ident),* ; $($work:ident),* ; $($world:ident),* $(,)?) => {
+    (@cases $make:path, $drop:path; $($case:ident),* ; $($work:ident),* ; $($world:ident),* ; $($gc:ident),* ; $($content:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
@@ -121,6 +138,22 @@ macro_rules! suite {
             async fn $world() {
                 let h = $make().await;
                 $crate::world::$world(&h).await;
+                $drop(h).await;
+            }
+        )*
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $gc() {
+                let h = $make().await;
+                $crate::gc::$gc(&h).await;
+                $drop(h).await;
+            }
+        )*
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $content() {
+                let h = $make().await;
+                $crate::content::$content(&h).await;
                 $drop(h).await;
             }
         )*
@@ -659,7 +692,7 @@ pub async fn invalid_input_changes_nothing(h: &Harness) {
             "label \"k\" (key + value) is 5001 bytes; the maximum is 4096",
         ),
         (
-            s.object_put(&m, labels(&[("fleetdb.io/gc.root", "x")]))
+            s.object_put(&m, labels(&[("fleetdb.io/owner", "x")]))
                 .await
                 .unwrap_err(),
             "reserved for the system",

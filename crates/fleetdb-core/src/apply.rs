@@ -99,6 +99,15 @@ async fn require_namespace<T: TxRows + ?Sized>(rows: &mut T, name: &str) -> Resu
     }
 }
 
+/// [`apply_op`] for the other appliers (the sweep deletes objects exactly as `ObjectDelete` does).
+pub(crate) async fn apply_op_pub<T: TxRows + ?Sized>(
+    rows: &mut T,
+    op: &Op,
+    now: Timestamp,
+) -> Result<OpResult> {
+    Box::pin(apply_op(rows, op, now)).await
+}
+
 async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> Result<OpResult> {
     match op {
         Op::NamespaceCreate { name, labels } => {
@@ -554,6 +563,14 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
         | Op::DeployPrune { .. }
         | Op::ScheduleRegister { .. }
         | Op::ScheduleUnregister { .. } => crate::world_apply::apply_world_op(rows, op, now).await,
+        Op::GcKindDeclare { .. }
+        | Op::LeaseCreate { .. }
+        | Op::LeaseDelete { .. }
+        | Op::LeaseAddResource { .. }
+        | Op::LeaseRemoveResource { .. }
+        | Op::BlobCommit { .. }
+        | Op::BlobDelete { .. }
+        | Op::GcSweep { .. } => Box::pin(crate::gc_apply::apply_gc_op(rows, op, now)).await,
     }
 }
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, OpResult};
 use crate::error::Result;
+use crate::gc::{BlobInfo, GcKind, GcSnapshot, Lease, Resource};
 use crate::model::{
     Change, ChangeFilter, ChangeOp, Entity, Namespace, Object, ObjectKey, Revision, Tag,
 };
@@ -193,6 +194,113 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    // ---- leases, garbage collection, content store ----
+
+    async fn lease_get(&self, id: &str) -> Result<Option<Lease>> {
+        let _ = id;
+        Err(self.unsupported("leases"))
+    }
+    /// Leases ordered by id, after `after`, at most `limit`.
+    async fn lease_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Lease>> {
+        let _ = (after, limit);
+        Err(self.unsupported("leases"))
+    }
+    /// Resources of a lease, ordered.
+    async fn lease_resources(&self, id: &str) -> Result<Vec<Resource>> {
+        let _ = id;
+        Err(self.unsupported("leases"))
+    }
+    async fn gc_kinds(&self) -> Result<Vec<GcKind>> {
+        Err(self.unsupported("garbage collection"))
+    }
+    /// One consistent view of everything the mark phase needs (one read transaction).
+    async fn gc_snapshot(&self) -> Result<GcSnapshot> {
+        Err(self.unsupported("garbage collection"))
+    }
+
+    /// Start (or resume) an upload under `reference`: returns where it stands (its offset).
+    async fn ingest_start(
+        &self,
+        reference: &str,
+        expected: Option<(&str, u64)>,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<crate::content::IngestStatus> {
+        let _ = (reference, expected, now, expires_at);
+        Err(self.unsupported("the content store"))
+    }
+    /// Append `data` at `offset` (which must be the ingest's current offset).
+    async fn ingest_write(
+        &self,
+        reference: &str,
+        offset: u64,
+        data: &[u8],
+        now: Timestamp,
+    ) -> Result<crate::content::IngestStatus> {
+        let _ = (reference, offset, data, now);
+        Err(self.unsupported("the content store"))
+    }
+    /// Verify the upload against `digest` and `size` (a mismatch commits nothing and keeps the
+    /// ingest), store the bytes, then commit the metadata (and the lease entry) as one
+    /// [`crate::batch::Op::BlobCommit`].
+    async fn ingest_commit(
+        &self,
+        reference: &str,
+        digest: &str,
+        size: u64,
+        labels: crate::model::Labels,
+        lease: Option<&str>,
+        now: Timestamp,
+    ) -> Result<BlobInfo> {
+        let _ = (reference, digest, size, labels, lease, now);
+        Err(self.unsupported("the content store"))
+    }
+    async fn ingest_abort(&self, reference: &str) -> Result<()> {
+        let _ = reference;
+        Err(self.unsupported("the content store"))
+    }
+    async fn ingest_list(&self) -> Result<Vec<crate::content::IngestStatus>> {
+        Err(self.unsupported("the content store"))
+    }
+    /// Remove ingests that expired at `now`. Returns how many.
+    async fn ingest_sweep(&self, now: Timestamp) -> Result<u64> {
+        let _ = now;
+        Err(self.unsupported("the content store"))
+    }
+    async fn blob_info(&self, digest: &str) -> Result<Option<BlobInfo>> {
+        let _ = digest;
+        Err(self.unsupported("the content store"))
+    }
+    /// `len` bytes (or to the end) from `offset`.
+    async fn blob_read(&self, digest: &str, offset: u64, len: Option<u64>) -> Result<Vec<u8>> {
+        let _ = (digest, offset, len);
+        Err(self.unsupported("the content store"))
+    }
+    /// Blobs ordered by digest after `after`, at most `limit`.
+    async fn blob_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<BlobInfo>> {
+        let _ = (after, limit);
+        Err(self.unsupported("the content store"))
+    }
+    /// Remove the BYTES of blobs whose metadata is gone (after a sweep or delete committed).
+    /// Idempotent; bytes of a blob that has metadata again are kept.
+    async fn blob_remove_bytes(&self, digests: &[String]) -> Result<u64> {
+        let _ = digests;
+        Err(self.unsupported("the content store"))
+    }
+    /// Remove bytes that have no metadata (left by a crash between a sweep and its byte removal,
+    /// or by a failed commit). Returns (files or chunks of) how many blobs.
+    async fn blob_orphans_remove(&self) -> Result<u64> {
+        Err(self.unsupported("the content store"))
+    }
+
+    /// The error for a feature this backend lacks.
+    fn unsupported(&self, what: &str) -> crate::Error {
+        crate::Error::Unsupported {
+            backend: self.name().to_string(),
+            what: what.to_string(),
+        }
+    }
+
     /// Call `wake` whenever another process announces changes, until the backend is dropped.
     /// Returns false when the backend has no such channel (watchers then rely on polling).
     async fn listen_changes(&self, wake: std::sync::Arc<dyn Fn() + Send + Sync>) -> Result<bool> {
@@ -318,11 +426,85 @@ pub trait TxRows: Send {
     /// Append a change-log row that describes no stored row of its own (membership changes).
     async fn change_append(&mut self, change: &ChangeDraft) -> Result<Revision>;
 
+    // ---- leases, garbage collection, content metadata ----
+
+    async fn gc_kind_read(&mut self, kind: &str) -> Result<Option<GcKind>> {
+        let _ = kind;
+        Err(tx_unsupported("garbage collection"))
+    }
+    async fn gc_kind_put(&mut self, k: &GcKind) -> Result<()> {
+        let _ = k;
+        Err(tx_unsupported("garbage collection"))
+    }
+    async fn lease_read(&mut self, id: &str) -> Result<Option<Lease>> {
+        let _ = id;
+        Err(tx_unsupported("leases"))
+    }
+    /// Insert or replace a lease; assigns the revision, appends `change`.
+    async fn lease_put(&mut self, lease: &Lease, change: &ChangeDraft) -> Result<Revision> {
+        let _ = (lease, change);
+        Err(tx_unsupported("leases"))
+    }
+    /// Delete a lease and its resource rows.
+    async fn lease_remove(&mut self, id: &str, change: &ChangeDraft) -> Result<Revision> {
+        let _ = (id, change);
+        Err(tx_unsupported("leases"))
+    }
+    /// Returns whether a row was added.
+    async fn lease_resource_add(
+        &mut self,
+        lease: &str,
+        resource: &Resource,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let _ = (lease, resource, now);
+        Err(tx_unsupported("leases"))
+    }
+    /// Returns whether a row was removed.
+    async fn lease_resource_remove(&mut self, lease: &str, resource: &Resource) -> Result<bool> {
+        let _ = (lease, resource);
+        Err(tx_unsupported("leases"))
+    }
+    async fn lease_resources_of(&mut self, lease: &str) -> Result<Vec<Resource>> {
+        let _ = lease;
+        Err(tx_unsupported("leases"))
+    }
+    async fn blob_meta_read(&mut self, digest: &str) -> Result<Option<BlobInfo>> {
+        let _ = digest;
+        Err(tx_unsupported("the content store"))
+    }
+    async fn blob_meta_put(&mut self, b: &BlobInfo, change: &ChangeDraft) -> Result<Revision> {
+        let _ = (b, change);
+        Err(tx_unsupported("the content store"))
+    }
+    async fn blob_meta_remove(&mut self, digest: &str, change: &ChangeDraft) -> Result<Revision> {
+        let _ = (digest, change);
+        Err(tx_unsupported("the content store"))
+    }
+    /// Every distinct (namespace, kind, id) written by a `put` change after `after`, with its
+    /// latest revision, at most `limit` (the sweep protects what changed during a collection;
+    /// deletions cannot add references, so they are left out).
+    async fn changes_after(
+        &mut self,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<(Revision, String, String, String)>> {
+        let _ = (after, limit);
+        Err(tx_unsupported("garbage collection"))
+    }
+
     /// Lock an object against concurrent claims until the transaction ends (a backend whose
     /// writes are serialized anyway need not do anything).
     async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {
         let _ = key;
         Ok(())
+    }
+}
+
+fn tx_unsupported(what: &str) -> crate::Error {
+    crate::Error::Unsupported {
+        backend: "this backend".into(),
+        what: what.to_string(),
     }
 }
 

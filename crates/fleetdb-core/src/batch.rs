@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::gc::{BlobInfo, Lease, Resource};
 use crate::model::{Labels, Namespace, Object, ObjectKey, Revision, Tag};
 use crate::time::Timestamp;
 use crate::validate;
@@ -149,6 +150,53 @@ pub enum Op {
     ScheduleUnregister {
         namespace: String,
         host: String,
+    },
+
+    // ---- leases, collectable kinds, content, collection (see `crate::gc`) ----
+    /// Declare whether objects of `kind` may be collected when nothing needs them.
+    GcKindDeclare {
+        kind: String,
+        collectable: bool,
+    },
+    /// Create a lease (`AlreadyExists` if the id is taken).
+    LeaseCreate {
+        id: String,
+        labels: Labels,
+        flat: bool,
+        expires_at: Option<crate::time::Timestamp>,
+    },
+    /// Delete a lease and its resource list (what it held becomes collectable).
+    LeaseDelete {
+        id: String,
+    },
+    /// Add a resource to a live lease (the resource need not exist yet).
+    LeaseAddResource {
+        lease: String,
+        resource: Resource,
+    },
+    LeaseRemoveResource {
+        lease: String,
+        resource: Resource,
+    },
+    /// Record a blob whose bytes the backend has verified and stored; optionally add it to a
+    /// lease in the same transaction. Re-committing existing content changes nothing.
+    BlobCommit {
+        digest: String,
+        size: u64,
+        labels: Labels,
+        lease: Option<String>,
+    },
+    /// Remove a blob's metadata (the backend removes its bytes after the commit).
+    BlobDelete {
+        digest: String,
+    },
+    /// The collector's sweep of candidates found garbage at `mark_revision`: each is removed
+    /// unless it, or anything that now references it, changed after `mark_revision`.
+    GcSweep {
+        mark_revision: Revision,
+        objects: Vec<ObjectKey>,
+        blobs: Vec<String>,
+        expired_leases: Vec<String>,
     },
 }
 
@@ -323,6 +371,43 @@ impl Op {
                 validate::name("scheduler namespace", namespace)?;
                 validate::name("host", host)
             }
+            Op::GcKindDeclare { kind, .. } => validate::name("kind", kind),
+            Op::LeaseCreate { id, labels, .. } => {
+                validate::name("lease id", id)?;
+                validate::user_labels(labels)
+            }
+            Op::LeaseDelete { id } => validate::name("lease id", id),
+            Op::LeaseAddResource { lease, resource }
+            | Op::LeaseRemoveResource { lease, resource } => {
+                validate::name("lease id", lease)?;
+                resource.validate()
+            }
+            Op::BlobCommit {
+                digest,
+                labels,
+                lease,
+                ..
+            } => {
+                world::validate_digest(digest)?;
+                validate::user_labels(labels)?;
+                if let Some(l) = lease {
+                    validate::name("lease id", l)?;
+                }
+                Ok(())
+            }
+            Op::BlobDelete { digest } => world::validate_digest(digest),
+            Op::GcSweep {
+                objects,
+                blobs,
+                expired_leases,
+                ..
+            } => {
+                objects.iter().try_for_each(ObjectKey::validate)?;
+                blobs.iter().try_for_each(|d| world::validate_digest(d))?;
+                expired_leases
+                    .iter()
+                    .try_for_each(|l| validate::name("lease id", l))
+            }
         }
     }
 }
@@ -409,6 +494,18 @@ pub enum Applied {
     Exports(ExportOutcome),
     /// A World record as written (or as found, when nothing changed).
     World(Box<WorldRecord>),
+    Lease(Lease),
+    Blob(BlobInfo),
+    /// What a sweep removed (blobs by digest, so their bytes can go after the commit) and how
+    /// many candidates it spared.
+    Swept {
+        objects: u64,
+        blobs: Vec<String>,
+        /// Sizes of the removed blobs together.
+        bytes: u64,
+        leases: u64,
+        spared: u64,
+    },
 }
 
 /// The result of one operation: its effect, and whether it changed anything (a put of identical

@@ -6,7 +6,10 @@
 pub mod apply;
 pub mod backend;
 pub mod batch;
+pub mod content;
 pub mod error;
+pub mod gc;
+mod gc_apply;
 pub mod model;
 pub mod query;
 pub mod selector;

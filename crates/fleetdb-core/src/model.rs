@@ -116,6 +116,10 @@ pub enum Entity {
     Schedule,
     /// A session joining or leaving (membership).
     Member,
+    /// A lease (garbage collection).
+    Lease,
+    /// A content-store blob's metadata.
+    Content,
 }
 
 impl From<crate::world::Space> for Entity {
@@ -147,6 +151,8 @@ impl Entity {
             Entity::Registration => "registration",
             Entity::Schedule => "schedule",
             Entity::Member => "member",
+            Entity::Lease => "lease",
+            Entity::Content => "content",
         }
     }
 
@@ -163,6 +169,8 @@ impl Entity {
             "registration" => Ok(Entity::Registration),
             "schedule" => Ok(Entity::Schedule),
             "member" => Ok(Entity::Member),
+            "lease" => Ok(Entity::Lease),
+            "content" => Ok(Entity::Content),
             other => Err(Error::Backend(format!(
                 "unknown change entity {other:?} in the change log"
             ))),

@@ -9,7 +9,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// A point in time: microseconds since the Unix epoch (UTC). Stored as a 64-bit integer in every
 /// backend, so both have the same precision and no time-zone handling.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct Timestamp(pub i64);

@@ -89,7 +89,15 @@ pub fn user_label_key(key: &str) -> Result<()> {
 
 /// Check one label (key and value) written by a user. An empty value is allowed: it deletes the label.
 pub fn user_label(key: &str, value: &str) -> Result<()> {
-    user_label_key(key)?;
+    if key.starts_with(crate::gc::GC_LABEL_PREFIX) {
+        // The system's reference labels: users write them, and they must be well formed.
+        label_key(key)?;
+        if !value.is_empty() {
+            crate::gc::parse_gc_label(key, value)?;
+        }
+    } else {
+        user_label_key(key)?;
+    }
     let size = key.len() + value.len();
     if size > LABEL_BYTES_MAX {
         return Err(Error::TooLarge {
@@ -233,8 +241,12 @@ mod tests {
     fn labels() {
         user_label("provider", "equinix").unwrap();
         user_label("a.b/c-d_e", "").unwrap();
-        let err = user_label("fleetdb.io/gc.root", "x").unwrap_err();
+        let err = user_label("fleetdb.io/owner", "x").unwrap_err();
         assert!(err.to_string().contains("reserved for the system"), "{err}");
+        // gc labels are the system's vocabulary that users write, checked for form.
+        user_label("fleetdb.io/gc.root", "x").unwrap();
+        user_label("fleetdb.io/gc.ref.layer", "l1").unwrap();
+        assert!(user_label("fleetdb.io/gc.ref.layer", "not an id").is_err());
         let err = user_label("k", &"v".repeat(4096)).unwrap_err();
         assert_eq!(
             err.to_string(),

@@ -402,8 +402,8 @@ fn check_expect(key: &str, live: Option<&WorldRecord>, expect: Option<Revision>)
     }
     Err(Error::Conflict {
         what: match live {
-            Some(_) => format!("key {key:?} is at revision {current}, not {expected}"),
-            None => format!("key {key:?} does not exist (expected revision {expected})"),
+            Some(_) => format!("key {key:?} (expected at revision {expected}, now at {current})"),
+            None => format!("key {key:?} (expected at revision {expected}, now absent)"),
         },
     })
 }

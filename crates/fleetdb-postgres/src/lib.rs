@@ -17,7 +17,9 @@
 //! Several processes may open the same database: migrations are serialized through the
 //! `fleetdb_schema` primary key, writes through PostgreSQL's serializable isolation.
 
+mod content;
 mod error;
+mod gc;
 mod migrate;
 mod notify;
 mod settle;
@@ -77,6 +79,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "world",
         sql: include_str!("../migrations/0005_world.sql"),
     },
+    Migration {
+        version: 6,
+        name: "leases_content",
+        sql: include_str!("../migrations/0006_leases_content.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -95,7 +102,12 @@ const CACHED_LABEL_REQUIREMENTS_MAX: usize = 8;
 enum Write<'a> {
     Batch(&'a Batch),
     Claim(&'a ClaimRequest),
-    Sweep { now: Timestamp, limit: usize },
+    Sweep {
+        now: Timestamp,
+        limit: usize,
+    },
+    /// A verified upload's chunks copied to the blob and its metadata committed (see `content`).
+    BlobCommit(&'a content::BlobCommit<'a>),
 }
 
 /// What a [`Write`] returns.
@@ -278,6 +290,9 @@ impl PostgresBackend {
             Write::Sweep { now, limit } => apply_sweep(&mut rows, *now, *limit)
                 .await
                 .map(Written::Sweep),
+            Write::BlobCommit(c) => content::commit_in_tx(&mut rows, c)
+                .await
+                .map(Written::Batch),
         };
         let outcome = match applied {
             Ok(results) if !rows.begun => Ok(results),
@@ -1027,6 +1042,114 @@ impl Backend for PostgresBackend {
             self.alive.subscribe(),
         );
         Ok(true)
+    }
+
+    // ---- leases, garbage collection, content store (see the gc and content modules) ----
+
+    async fn lease_get(&self, id: &str) -> Result<Option<fleetdb_core::gc::Lease>> {
+        let rows = self.query(gc::LEASE_GET, &[&id]).await?;
+        rows.first().map(gc::lease_from_row).transpose()
+    }
+
+    async fn lease_list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<fleetdb_core::gc::Lease>> {
+        let after = after.unwrap_or("");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.query(gc::LEASE_LIST, &[&after, &limit]).await?;
+        rows.iter().map(gc::lease_from_row).collect()
+    }
+
+    async fn lease_resources(&self, id: &str) -> Result<Vec<fleetdb_core::gc::Resource>> {
+        let rows = self.query(gc::LEASE_RESOURCES_OF, &[&id]).await?;
+        let mut out = rows
+            .iter()
+            .map(|r| gc::resource_from_row(r, 0))
+            .collect::<Result<Vec<_>>>()?;
+        out.sort();
+        Ok(out)
+    }
+
+    async fn gc_kinds(&self) -> Result<Vec<fleetdb_core::gc::GcKind>> {
+        let rows = self.query(gc::GC_KIND_ALL, &[]).await?;
+        rows.iter().map(gc::gc_kind_from_row).collect()
+    }
+
+    async fn gc_snapshot(&self) -> Result<fleetdb_core::gc::GcSnapshot> {
+        gc::gc_snapshot(self).await
+    }
+
+    async fn ingest_start(
+        &self,
+        reference: &str,
+        expected: Option<(&str, u64)>,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<fleetdb_core::content::IngestStatus> {
+        self.content_ingest_start(reference, expected, now, expires_at)
+            .await
+    }
+
+    async fn ingest_write(
+        &self,
+        reference: &str,
+        offset: u64,
+        data: &[u8],
+        now: Timestamp,
+    ) -> Result<fleetdb_core::content::IngestStatus> {
+        self.content_ingest_write(reference, offset, data, now)
+            .await
+    }
+
+    async fn ingest_commit(
+        &self,
+        reference: &str,
+        digest: &str,
+        size: u64,
+        labels: fleetdb_core::Labels,
+        lease: Option<&str>,
+        now: Timestamp,
+    ) -> Result<fleetdb_core::gc::BlobInfo> {
+        self.content_ingest_commit(reference, digest, size, labels, lease, now)
+            .await
+    }
+
+    async fn ingest_abort(&self, reference: &str) -> Result<()> {
+        self.content_ingest_abort(reference).await
+    }
+
+    async fn ingest_list(&self) -> Result<Vec<fleetdb_core::content::IngestStatus>> {
+        self.content_ingest_list().await
+    }
+
+    async fn ingest_sweep(&self, now: Timestamp) -> Result<u64> {
+        self.content_ingest_sweep(now).await
+    }
+
+    async fn blob_info(&self, digest: &str) -> Result<Option<fleetdb_core::gc::BlobInfo>> {
+        self.content_blob_info(digest).await
+    }
+
+    async fn blob_read(&self, digest: &str, offset: u64, len: Option<u64>) -> Result<Vec<u8>> {
+        self.content_blob_read(digest, offset, len).await
+    }
+
+    async fn blob_list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<fleetdb_core::gc::BlobInfo>> {
+        self.content_blob_list(after, limit).await
+    }
+
+    async fn blob_remove_bytes(&self, digests: &[String]) -> Result<u64> {
+        self.content_blob_remove_bytes(digests).await
+    }
+
+    async fn blob_orphans_remove(&self) -> Result<u64> {
+        self.content_blob_orphans_remove().await
     }
 
     async fn work_stats(&self, now: Timestamp) -> Result<Vec<WorkStats>> {

@@ -174,6 +174,8 @@ fn entity_param(e: Entity) -> Param<'static> {
         Entity::Registration => &"registration",
         Entity::Schedule => &"schedule",
         Entity::Member => &"member",
+        Entity::Lease => &"lease",
+        Entity::Content => &"content",
     }
 }
 

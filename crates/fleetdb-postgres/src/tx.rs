@@ -20,6 +20,7 @@ use std::task::Poll;
 use async_trait::async_trait;
 use deadpool_postgres::ClientWrapper;
 use fleetdb_core::backend::{CandidateQuery, ChangeDraft, TagRead, TxRows};
+use fleetdb_core::gc::{BlobInfo, GcKind, Lease, Resource};
 use fleetdb_core::selector::Dialect;
 use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
 use fleetdb_core::world::{Space, WorldQuery, WorldRecord};
@@ -29,6 +30,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
 use crate::error::{classify, Failure};
+use crate::gc;
 use crate::sql::{self, Param};
 use crate::work;
 
@@ -514,6 +516,118 @@ impl TxRows for PgTx<'_> {
 
     async fn claim_candidates(&mut self, q: &CandidateQuery) -> Result<Vec<ObjectKey>> {
         work::claim_candidates(self, q).await
+    }
+
+    // ---- leases, collectable kinds, blob metadata (see crate::gc) ----
+
+    async fn gc_kind_read(&mut self, kind: &str) -> Result<Option<GcKind>> {
+        let rows = self.read(gc::GC_KIND_GET, &[&kind]).await?;
+        rows.first().map(gc::gc_kind_from_row).transpose()
+    }
+
+    async fn gc_kind_put(&mut self, k: &GcKind) -> Result<()> {
+        let collectable = i64::from(k.collectable);
+        self.execute(gc::GC_KIND_PUT, &[&k.kind, &collectable, &k.declared_at.0])
+            .await?;
+        Ok(())
+    }
+
+    async fn lease_read(&mut self, id: &str) -> Result<Option<Lease>> {
+        let rows = self.read(gc::LEASE_GET, &[&id]).await?;
+        rows.first().map(gc::lease_from_row).transpose()
+    }
+
+    async fn lease_put(&mut self, lease: &Lease, change: &ChangeDraft) -> Result<Revision> {
+        let labels = gc::labels_text(&lease.labels);
+        let flat = i64::from(lease.flat);
+        let expires = lease.expires_at.map(|t| t.0);
+        let params = sql::with_change(
+            change,
+            &[&lease.id, &labels, &flat, &expires, &lease.created_at.0],
+        );
+        self.write(gc::LEASE_PUT, &params).await
+    }
+
+    async fn lease_remove(&mut self, id: &str, change: &ChangeDraft) -> Result<Revision> {
+        let params = sql::with_change(change, &[&id]);
+        self.write(gc::LEASE_REMOVE, &params).await
+    }
+
+    async fn lease_resource_add(
+        &mut self,
+        lease: &str,
+        resource: &Resource,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let (rtype, ns, kind, id) = resource.columns();
+        let n = self
+            .execute(
+                gc::LEASE_RESOURCE_ADD,
+                &[&lease, &rtype, &ns, &kind, &id, &now.0],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn lease_resource_remove(&mut self, lease: &str, resource: &Resource) -> Result<bool> {
+        let (rtype, ns, kind, id) = resource.columns();
+        let n = self
+            .execute(
+                gc::LEASE_RESOURCE_REMOVE,
+                &[&lease, &rtype, &ns, &kind, &id],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn lease_resources_of(&mut self, lease: &str) -> Result<Vec<Resource>> {
+        let rows = self.read(gc::LEASE_RESOURCES_OF, &[&lease]).await?;
+        let mut out = rows
+            .iter()
+            .map(|r| gc::resource_from_row(r, 0))
+            .collect::<Result<Vec<_>>>()?;
+        out.sort();
+        Ok(out)
+    }
+
+    async fn blob_meta_read(&mut self, digest: &str) -> Result<Option<BlobInfo>> {
+        let rows = self.read(gc::BLOB_GET, &[&digest]).await?;
+        rows.first().map(gc::blob_from_row).transpose()
+    }
+
+    async fn blob_meta_put(&mut self, b: &BlobInfo, change: &ChangeDraft) -> Result<Revision> {
+        let labels = gc::labels_text(&b.labels);
+        let size = i64::try_from(b.size)
+            .map_err(|_| Error::invalid("blob size", b.size.to_string(), "too large"))?;
+        let params = sql::with_change(
+            change,
+            &[&b.digest, &size, &labels, &b.created_at.0, &b.updated_at.0],
+        );
+        self.write(gc::BLOB_PUT, &params).await
+    }
+
+    async fn blob_meta_remove(&mut self, digest: &str, change: &ChangeDraft) -> Result<Revision> {
+        let params = sql::with_change(change, &[&digest]);
+        self.write(gc::BLOB_REMOVE, &params).await
+    }
+
+    async fn changes_after(
+        &mut self,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<(Revision, String, String, String)>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.read(gc::CHANGES_AFTER, &[&after.0, &limit]).await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    Revision(r.try_get(0).map_err(|e| self.fail(e))?),
+                    r.try_get(1).map_err(|e| self.fail(e))?,
+                    r.try_get(2).map_err(|e| self.fail(e))?,
+                    r.try_get(3).map_err(|e| self.fail(e))?,
+                ))
+            })
+            .collect()
     }
 
     async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {

@@ -125,8 +125,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
 
     let backend = db.open().await;
     let status = backend.schema_status().await.unwrap();
-    assert_eq!(status.database, 5);
-    assert_eq!(status.binary, 5);
+    assert_eq!(status.database, 6);
+    assert_eq!(status.binary, 6);
     assert!(status.pending.is_empty());
     let applied: Vec<_> = status
         .applied
@@ -140,7 +140,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (2, "change_log"),
             (3, "sessions_work"),
             (4, "tags_by_name"),
-            (5, "world")
+            (5, "world"),
+            (6, "leases_content")
         ]
     );
     assert_eq!(
@@ -212,8 +213,8 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .await
     .unwrap();
     let status = backend.schema_status().await.unwrap();
-    assert_eq!((status.database, status.binary), (0, 5));
-    assert_eq!(status.pending.len(), 5);
+    assert_eq!((status.database, status.binary), (0, 6));
+    assert_eq!(status.pending.len(), 6);
     assert!(status.applied.is_empty());
 
     // Migrations one at a time, then the rest on open.
@@ -229,9 +230,9 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .unwrap();
     let status = backend.schema_status().await.unwrap();
     assert_eq!(status.database, 1);
-    assert_eq!(status.pending.len(), 4);
+    assert_eq!(status.pending.len(), 5);
     let status = backend.migrate().await.unwrap();
-    assert_eq!(status.database, 5);
+    assert_eq!(status.database, 6);
     assert!(status.pending.is_empty());
     db.drop().await;
 }

@@ -8,6 +8,8 @@
 //! - `sqlite::memory:` uses one connection for reads and writes (an in-memory database is private
 //!   to its connection).
 
+mod content;
+mod gc;
 mod migrate;
 mod read;
 mod rows;
@@ -551,5 +553,102 @@ impl Backend for SqliteBackend {
         query: &fleetdb_core::world::WorldQuery,
     ) -> Result<Vec<fleetdb_core::world::WorldRecord>> {
         self.read(|c| world::world_scan(c, query))
+    }
+
+    async fn lease_get(&self, id: &str) -> Result<Option<fleetdb_core::gc::Lease>> {
+        self.read(|c| gc::lease_read(c, id))
+    }
+
+    async fn lease_list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<fleetdb_core::gc::Lease>> {
+        self.read(|c| gc::lease_list(c, after, limit))
+    }
+
+    async fn lease_resources(&self, id: &str) -> Result<Vec<fleetdb_core::gc::Resource>> {
+        self.read(|c| gc::lease_resources_of(c, id))
+    }
+
+    async fn gc_kinds(&self) -> Result<Vec<fleetdb_core::gc::GcKind>> {
+        self.read(gc::gc_kinds)
+    }
+
+    async fn gc_snapshot(&self) -> Result<fleetdb_core::gc::GcSnapshot> {
+        self.read(gc::gc_snapshot)
+    }
+
+    // ---- the content store (see the content module) ----
+
+    async fn ingest_start(
+        &self,
+        reference: &str,
+        expected: Option<(&str, u64)>,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<fleetdb_core::content::IngestStatus> {
+        self.content_ingest_start(reference, expected, now, expires_at)
+            .await
+    }
+
+    async fn ingest_write(
+        &self,
+        reference: &str,
+        offset: u64,
+        data: &[u8],
+        now: Timestamp,
+    ) -> Result<fleetdb_core::content::IngestStatus> {
+        self.content_ingest_write(reference, offset, data, now)
+            .await
+    }
+
+    async fn ingest_commit(
+        &self,
+        reference: &str,
+        digest: &str,
+        size: u64,
+        labels: fleetdb_core::Labels,
+        lease: Option<&str>,
+        now: Timestamp,
+    ) -> Result<fleetdb_core::gc::BlobInfo> {
+        self.content_ingest_commit(reference, digest, size, labels, lease, now)
+            .await
+    }
+
+    async fn ingest_abort(&self, reference: &str) -> Result<()> {
+        self.content_ingest_abort(reference).await
+    }
+
+    async fn ingest_list(&self) -> Result<Vec<fleetdb_core::content::IngestStatus>> {
+        self.content_ingest_list().await
+    }
+
+    async fn ingest_sweep(&self, now: Timestamp) -> Result<u64> {
+        self.content_ingest_sweep(now).await
+    }
+
+    async fn blob_info(&self, digest: &str) -> Result<Option<fleetdb_core::gc::BlobInfo>> {
+        self.content_blob_info(digest).await
+    }
+
+    async fn blob_read(&self, digest: &str, offset: u64, len: Option<u64>) -> Result<Vec<u8>> {
+        self.content_blob_read(digest, offset, len).await
+    }
+
+    async fn blob_list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<fleetdb_core::gc::BlobInfo>> {
+        self.content_blob_list(after, limit).await
+    }
+
+    async fn blob_remove_bytes(&self, digests: &[String]) -> Result<u64> {
+        self.content_blob_remove_bytes(digests).await
+    }
+
+    async fn blob_orphans_remove(&self) -> Result<u64> {
+        self.content_blob_orphans_remove().await
     }
 }

@@ -34,6 +34,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "world",
         sql: include_str!("../migrations/0005_world.sql"),
     },
+    Migration {
+        version: 6,
+        name: "leases_content",
+        sql: include_str!("../migrations/0006_leases_content.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -8,9 +8,10 @@ use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
 use fleetdb_core::{Error, Labels, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use fleetdb_core::gc::{BlobInfo, GcKind, Lease, Resource};
 use fleetdb_core::world::{Space, WorldQuery, WorldRecord};
 
-use crate::{map_err, work, world};
+use crate::{gc, map_err, work, world};
 
 pub(crate) fn labels_from_text(text: &str) -> Result<Labels> {
     serde_json::from_str(text)
@@ -394,5 +395,58 @@ impl TxRows for SqliteRows<'_> {
     }
     async fn change_append(&mut self, change: &ChangeDraft) -> Result<Revision> {
         self.append(change)
+    }
+    async fn gc_kind_read(&mut self, kind: &str) -> Result<Option<GcKind>> {
+        gc::gc_kind_read(self.conn, kind)
+    }
+    async fn gc_kind_put(&mut self, k: &GcKind) -> Result<()> {
+        gc::gc_kind_put(self.conn, k)
+    }
+    async fn lease_read(&mut self, id: &str) -> Result<Option<Lease>> {
+        gc::lease_read(self.conn, id)
+    }
+    async fn lease_put(&mut self, lease: &Lease, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        gc::lease_put(self.conn, lease, rev)?;
+        Ok(rev)
+    }
+    async fn lease_remove(&mut self, id: &str, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        gc::lease_remove(self.conn, id)?;
+        Ok(rev)
+    }
+    async fn lease_resource_add(
+        &mut self,
+        lease: &str,
+        resource: &Resource,
+        now: Timestamp,
+    ) -> Result<bool> {
+        gc::lease_resource_add(self.conn, lease, resource, now)
+    }
+    async fn lease_resource_remove(&mut self, lease: &str, resource: &Resource) -> Result<bool> {
+        gc::lease_resource_remove(self.conn, lease, resource)
+    }
+    async fn lease_resources_of(&mut self, lease: &str) -> Result<Vec<Resource>> {
+        gc::lease_resources_of(self.conn, lease)
+    }
+    async fn blob_meta_read(&mut self, digest: &str) -> Result<Option<BlobInfo>> {
+        gc::blob_meta_read(self.conn, digest)
+    }
+    async fn blob_meta_put(&mut self, b: &BlobInfo, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        gc::blob_meta_put(self.conn, b, rev)?;
+        Ok(rev)
+    }
+    async fn blob_meta_remove(&mut self, digest: &str, change: &ChangeDraft) -> Result<Revision> {
+        let rev = self.append(change)?;
+        gc::blob_meta_remove(self.conn, digest)?;
+        Ok(rev)
+    }
+    async fn changes_after(
+        &mut self,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<(Revision, String, String, String)>> {
+        gc::changes_after(self.conn, after, limit)
     }
 }

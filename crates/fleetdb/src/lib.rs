@@ -21,6 +21,8 @@
 //! [`Store`] is the one user-facing type. It validates every input at the edge and talks to a
 //! [`Backend`]: SQLite, PostgreSQL, or (later) a remote server: the same API either way.
 
+mod content;
+pub mod gc;
 pub mod metrics;
 mod session;
 mod txn;
@@ -32,6 +34,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use content::{BlobWriter, BLOB_LIST_PAGE_MAX};
+pub use fleetdb_core::content::IngestStatus;
 use fleetdb_core::validate;
 pub use fleetdb_core::work::{
     Backoff, BackoffInfo, HistoryEntry, HistoryFilter, Outcome, Process, SessionInfo, SessionSpec,
@@ -47,6 +51,7 @@ pub use fleetdb_core::{
 #[cfg(feature = "postgres")]
 pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
 pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
+pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec};
 pub use session::{Session, Work};
 pub use txn::Txn;
 pub use watch::{Watch, WatchEvent, WatchRequest, WatchScope};
@@ -85,6 +90,8 @@ pub struct OpenOptions {
     pub watch_poll_interval: Duration,
     /// An idle watch gets a progress event (the current revision) this often.
     pub watch_progress_interval: Duration,
+    /// When the garbage collector runs by itself (with `background`).
+    pub gc: GcOptions,
 }
 
 impl Default for OpenOptions {
@@ -99,6 +106,7 @@ impl Default for OpenOptions {
             history_retention: None,
             watch_poll_interval: Duration::from_secs(1),
             watch_progress_interval: Duration::from_secs(5),
+            gc: GcOptions::default(),
         }
     }
 }
@@ -115,6 +123,7 @@ pub struct Store {
     background: Arc<Background>,
     hub: Arc<watch::Hub>,
     hub_timing: watch::HubTiming,
+    gc: Arc<gc::GcState>,
 }
 
 /// Settings of the background task.
@@ -135,6 +144,7 @@ struct WeakStore {
     background: Arc<Background>,
     hub: std::sync::Weak<watch::Hub>,
     hub_timing: watch::HubTiming,
+    gc: std::sync::Weak<gc::GcState>,
 }
 
 impl WeakStore {
@@ -149,6 +159,7 @@ impl WeakStore {
             background: self.background.clone(),
             hub: self.hub.upgrade()?,
             hub_timing: self.hub_timing,
+            gc: self.gc.upgrade()?,
         })
     }
 }
@@ -223,6 +234,10 @@ impl Store {
         // A sweeper in every connected process: dead sessions are cleaned up even where no
         // session of this process runs.
         store.start_background();
+        store.gc_set_options(options.gc.clone())?;
+        if options.background {
+            store.start_gc();
+        }
         Ok(store)
     }
 
@@ -246,6 +261,7 @@ impl Store {
                 history_retention: std::sync::Mutex::new(None),
             }),
             hub: Arc::default(),
+            gc: Arc::default(),
             hub_timing: watch::HubTiming {
                 poll: Duration::from_secs(1),
                 progress: Duration::from_secs(5),
@@ -276,6 +292,7 @@ impl Store {
             background: self.background.clone(),
             hub: Arc::downgrade(&self.hub),
             hub_timing: self.hub_timing,
+            gc: Arc::downgrade(&self.gc),
         }
     }
 
@@ -312,8 +329,11 @@ impl Store {
         batch.validate(&self.limits)?;
         let r = self.backend.commit(batch).await;
         self.metrics.txn(&r);
-        if matches!(&r, Ok(results) if results.iter().any(|x| x.changed)) {
-            self.committed();
+        if let Ok(results) = &r {
+            self.gc.note(results);
+            if results.iter().any(|x| x.changed) {
+                self.committed();
+            }
         }
         r
     }
@@ -631,6 +651,7 @@ impl Store {
             match self.backend.commit(batch).await {
                 Ok(results) => {
                     self.metrics.transactions_executed.inc();
+                    self.gc.note(&results);
                     if results.iter().any(|r| r.changed) {
                         self.committed();
                     }

@@ -18,6 +18,13 @@ pub struct Metrics {
     pub work_finished: IntCounterVec,
     pub work_active: IntGaugeVec,
     pub backoffs_active: IntGaugeVec,
+    pub gc_runs: IntCounter,
+    pub gc_swept: IntCounterVec,
+    pub gc_bytes_freed: IntCounter,
+    pub gc_last_mark_seconds: prometheus::Gauge,
+    pub gc_last_sweep_seconds: prometheus::Gauge,
+    pub gc_writers_blocked_seconds: prometheus::Counter,
+    pub gc_writers_blocked_max_seconds: prometheus::Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -48,6 +55,45 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
         .register(Box::new(g.clone()))
         .expect("metric registered once");
     g
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let g = prometheus::Gauge::new(name, help).expect("valid metric name");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn fcounter(registry: &Registry, name: &str, help: &str) -> prometheus::Counter {
+    let c = prometheus::Counter::new(name, help).expect("valid metric name");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    /// Record one collection.
+    pub fn gc(&self, s: &fleetdb_core::gc::GcStats) {
+        self.gc_runs.inc();
+        self.gc_swept
+            .with_label_values(&["object"])
+            .inc_by(s.swept_objects);
+        self.gc_swept
+            .with_label_values(&["blob"])
+            .inc_by(s.swept_blobs);
+        self.gc_swept
+            .with_label_values(&["lease"])
+            .inc_by(s.expired_leases);
+        self.gc_bytes_freed.inc_by(s.bytes_freed);
+        self.gc_last_mark_seconds.set(s.mark_ms / 1000.0);
+        self.gc_last_sweep_seconds.set(s.sweep_ms / 1000.0);
+        self.gc_writers_blocked_seconds
+            .inc_by(s.writers_blocked_ms / 1000.0);
+        self.gc_writers_blocked_max_seconds
+            .set(s.writers_blocked_max_ms / 1000.0);
+    }
 }
 
 impl Default for Metrics {
@@ -107,6 +153,38 @@ impl Default for Metrics {
                 "fleetdb_backoffs_active",
                 "Backoffs not yet over.",
                 &["process"],
+            ),
+            gc_runs: counter(&r, "fleetdb_gc_runs_total", "Garbage collections run."),
+            gc_swept: counter_vec(
+                &r,
+                "fleetdb_gc_swept_total",
+                "Objects, blobs and expired leases removed by garbage collection.",
+                &["type"],
+            ),
+            gc_bytes_freed: counter(
+                &r,
+                "fleetdb_gc_bytes_freed_total",
+                "Blob bytes freed by garbage collection.",
+            ),
+            gc_last_mark_seconds: gauge(
+                &r,
+                "fleetdb_gc_last_mark_seconds",
+                "Duration of the last collection's mark phase.",
+            ),
+            gc_last_sweep_seconds: gauge(
+                &r,
+                "fleetdb_gc_last_sweep_seconds",
+                "Duration of the last collection's sweep phase.",
+            ),
+            gc_writers_blocked_seconds: fcounter(
+                &r,
+                "fleetdb_gc_writers_blocked_seconds_total",
+                "Time writers waited on the collector's transactions.",
+            ),
+            gc_writers_blocked_max_seconds: gauge(
+                &r,
+                "fleetdb_gc_writers_blocked_max_seconds",
+                "Longest single wait of writers on the last collection.",
             ),
             registry: r,
         }

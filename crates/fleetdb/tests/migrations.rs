@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6];
 /// The newest migration this binary knows.
-const LATEST: u32 = 5;
+const LATEST: u32 = 6;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -203,6 +203,42 @@ async fn sqlite_0005_world_keeps_rows_written_before_it() {
         c.execute_batch(V2_ROWS).unwrap();
     }
     check_v2_rows_then_world(&open_sqlite(&path).await.unwrap()).await;
+}
+
+/// After 0006: older rows read back; leases and collection work on top of them.
+async fn check_v2_rows_then_gc(store: &Store) {
+    check_v2_rows_then_world(store).await;
+    store.gc_kind_declare("layer", true).await.unwrap();
+    let lease = store
+        .lease_create(fleetdb::LeaseSpec::default())
+        .await
+        .unwrap();
+    let kept = ObjectKey::new("default", "layer", "kept").unwrap();
+    store
+        .object_put_leased(&kept, Labels::new(), &lease.id)
+        .await
+        .unwrap();
+    let gone = ObjectKey::new("default", "layer", "gone").unwrap();
+    store.object_put(&gone, Labels::new()).await.unwrap();
+    let stats = store.gc_run().await.unwrap();
+    assert_eq!(stats.swept_objects, 1);
+    assert!(store.object_get(&kept).await.unwrap().is_some());
+    let m1 = ObjectKey::new("default", "machine", "m1").unwrap();
+    assert!(
+        store.object_get(&m1).await.unwrap().is_some(),
+        "undeclared kinds stay"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_0006_leases_content_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, 5).unwrap();
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(V2_ROWS).unwrap();
+    }
+    check_v2_rows_then_gc(&open_sqlite(&path).await.unwrap()).await;
 }
 
 #[tokio::test]
@@ -423,6 +459,23 @@ async fn postgres_0005_world_keeps_rows_written_before_it() {
     .await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_world(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0006_leases_content_keeps_rows_written_before_it() {
+    let s = pg_schema().await;
+    fleetdb_postgres::testing::migrate_to(&s.url, 5)
+        .await
+        .unwrap();
+    pg_exec(
+        &s.url,
+        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
+    )
+    .await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_gc(&store).await;
     drop(store);
     pg_drop(s).await;
 }

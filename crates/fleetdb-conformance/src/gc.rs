@@ -1,0 +1,452 @@
+//! Conformance cases of leases, references and garbage collection.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fleetdb::core::gc::{self, Resource};
+use fleetdb::{Batch, Clock, Error, ExternalCollector, LeaseSpec, Op, Result, Store};
+
+use crate::{key, labels, Harness};
+
+async fn obj(s: &Store, kind: &str, id: &str, l: &[(&str, &str)]) {
+    s.object_put(&key("default", kind, id), labels(l))
+        .await
+        .unwrap();
+}
+
+async fn exists(s: &Store, kind: &str, id: &str) -> bool {
+    s.object_get(&key("default", kind, id))
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn declare(s: &Store) {
+    s.gc_kind_declare("image", true).await.unwrap();
+    s.gc_kind_declare("layer", true).await.unwrap();
+    s.gc_kind_declare("machine", false).await.unwrap();
+}
+
+pub async fn gc_keeps_roots_and_what_they_reference(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    let later = (crate::START + Duration::from_secs(3600)).to_rfc3339();
+    obj(
+        s,
+        "image",
+        "i1",
+        &[
+            ("fleetdb.io/gc.root", "true"),
+            ("fleetdb.io/gc.ref.layer", "l1"),
+        ],
+    )
+    .await;
+    obj(
+        s,
+        "layer",
+        "l1",
+        &[("fleetdb.io/gc.ref.layer.parent", "l0")],
+    )
+    .await;
+    obj(s, "layer", "l0", &[]).await;
+    obj(s, "layer", "l2", &[]).await; // garbage
+    obj(s, "layer", "l4", &[("fleetdb.io/gc.expire", &later)]).await;
+    obj(
+        s,
+        "machine",
+        "m1",
+        &[("fleetdb.io/gc.ref.layer/boot", "l5")],
+    )
+    .await; // not collectable: a root
+    obj(s, "layer", "l5", &[]).await;
+    obj(s, "note", "n1", &[]).await; // undeclared kind: never collected
+    obj(s, "layer", "c1", &[("fleetdb.io/gc.ref.layer", "c2")]).await; // unreachable cycle
+    obj(s, "layer", "c2", &[("fleetdb.io/gc.ref.layer", "c1")]).await;
+    let stats = s.gc_run().await.unwrap();
+    assert_eq!(stats.swept_objects, 3, "{stats:?}");
+    for (kind, id, alive) in [
+        ("image", "i1", true),
+        ("layer", "l1", true),
+        ("layer", "l0", true),
+        ("layer", "l2", false),
+        ("layer", "l4", true),
+        ("machine", "m1", true),
+        ("layer", "l5", true),
+        ("note", "n1", true),
+        ("layer", "c1", false),
+        ("layer", "c2", false),
+    ] {
+        assert_eq!(exists(s, kind, id).await, alive, "{kind}/{id}");
+    }
+    assert!(stats.marked >= 7);
+    // gc.expire is a root only until then; the deadline is known.
+    assert!(s.gc_status().next_deadline.is_some());
+    h.clock.advance(Duration::from_secs(3601));
+    s.gc_run().await.unwrap();
+    assert!(!exists(s, "layer", "l4").await);
+    // Deletions are in the change log like any other.
+    let changes = s
+        .changes(
+            fleetdb::Revision(0),
+            &fleetdb::ChangeFilter::default(),
+            1000,
+        )
+        .await
+        .unwrap();
+    assert!(changes
+        .iter()
+        .any(|c| c.id == "l2" && c.op == fleetdb::ChangeOp::Delete));
+}
+
+pub async fn malformed_reference_labels_are_rejected(h: &Harness) {
+    let s = &h.store;
+    for (k, v) in [
+        ("fleetdb.io/gc.ref.layer", "not an id!"),
+        ("fleetdb.io/gc.ref.content", "sha256:nothex"),
+        ("fleetdb.io/gc.expire", "next tuesday"),
+        ("fleetdb.io/gc.unknown", "x"),
+        ("fleetdb.io/other", "x"),
+    ] {
+        let err = s
+            .object_put(&key("default", "layer", "x"), labels(&[(k, v)]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{k}={v}: {err}");
+    }
+    assert!(!exists(s, "layer", "x").await, "nothing written");
+}
+
+pub async fn leases_hold_objects_flat_or_deep(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    let deep = s
+        .lease_create(LeaseSpec {
+            id: Some("deep".into()),
+            labels: labels(&[("owner", "pull")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let flat = s
+        .lease_create(LeaseSpec {
+            flat: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(flat.id.starts_with("lease-"), "generated id");
+    assert!(matches!(
+        s.lease_create(LeaseSpec {
+            id: Some("deep".into()),
+            ..Default::default()
+        })
+        .await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    s.object_put_leased(
+        &key("default", "image", "i2"),
+        labels(&[("fleetdb.io/gc.ref.layer", "l6")]),
+        "deep",
+    )
+    .await
+    .unwrap();
+    obj(s, "layer", "l6", &[]).await;
+    s.object_put_leased(
+        &key("default", "image", "i3"),
+        labels(&[("fleetdb.io/gc.ref.layer", "l7")]),
+        &flat.id,
+    )
+    .await
+    .unwrap();
+    obj(s, "layer", "l7", &[]).await;
+    // Created under a missing lease: nothing is written.
+    assert!(s
+        .object_put_leased(&key("default", "image", "i9"), labels(&[]), "nope")
+        .await
+        .is_err());
+    assert!(!exists(s, "image", "i9").await);
+    assert_eq!(
+        s.lease_resources("deep").await.unwrap(),
+        vec![Resource::Object {
+            key: key("default", "image", "i2")
+        }]
+    );
+    let listed = s.lease_list("owner=pull", None, 10).await.unwrap().items;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, deep.id);
+    s.gc_run().await.unwrap();
+    assert!(exists(s, "image", "i2").await && exists(s, "layer", "l6").await);
+    assert!(
+        exists(s, "image", "i3").await,
+        "a flat lease holds the object"
+    );
+    assert!(
+        !exists(s, "layer", "l7").await,
+        "but not what it references"
+    );
+    // A synchronous delete returns after a collection that freed what the lease held.
+    let stats = s.lease_delete("deep", true).await.unwrap().unwrap();
+    assert!(stats.swept_objects >= 2);
+    assert!(!exists(s, "image", "i2").await && !exists(s, "layer", "l6").await);
+    assert!(matches!(
+        s.lease_delete("deep", false).await,
+        Err(Error::NotFound { .. })
+    ));
+    // Removing a resource.
+    assert!(s
+        .lease_remove_resource(
+            &flat.id,
+            Resource::Object {
+                key: key("default", "image", "i3")
+            }
+        )
+        .await
+        .unwrap());
+    s.gc_run().await.unwrap();
+    assert!(!exists(s, "image", "i3").await);
+}
+
+pub async fn an_expired_lease_triggers_collection_by_itself(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    let l = s
+        .lease_create(LeaseSpec {
+            expire_in: Some(Duration::from_secs(10)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.object_put_leased(&key("default", "layer", "held"), labels(&[]), &l.id)
+        .await
+        .unwrap();
+    s.gc_run().await.unwrap();
+    assert!(exists(s, "layer", "held").await);
+    assert_eq!(s.gc_status().next_deadline, l.expires_at);
+    assert!(
+        s.gc_maybe_run().await.unwrap().is_none(),
+        "nothing is due yet"
+    );
+    h.clock.advance(Duration::from_secs(11));
+    // No write, no request: the deadline alone makes a run due.
+    let stats = s
+        .gc_maybe_run()
+        .await
+        .unwrap()
+        .expect("a run at the lease's expiry");
+    assert_eq!(stats.trigger, "deadline");
+    assert_eq!(stats.expired_leases, 1);
+    assert!(!exists(s, "layer", "held").await);
+    assert!(
+        s.lease_get(&l.id).await.unwrap().is_none(),
+        "the expired lease is gone"
+    );
+    // An expired lease takes no more resources.
+    assert!(s
+        .lease_add(
+            &l.id,
+            Resource::Object {
+                key: key("default", "layer", "x")
+            }
+        )
+        .await
+        .is_err());
+}
+
+pub async fn objects_created_or_referenced_during_a_collection_survive_it(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    for i in 0..20 {
+        obj(s, "layer", &format!("g{i}"), &[]).await;
+    }
+    // Mark now, sweep later: what happens in between must be respected by the sweep.
+    let snap = s.backend().gc_snapshot().await.unwrap();
+    let marked = gc::mark(&snap, h.clock.now());
+    assert_eq!(marked.garbage_objects.len(), 20);
+    obj(s, "image", "new", &[("fleetdb.io/gc.ref.layer", "g3")]).await; // references old garbage
+    obj(s, "layer", "g7", &[("touched", "yes")]).await; // changed since the mark
+    let l = s.lease_create(LeaseSpec::default()).await.unwrap();
+    s.lease_add(
+        &l.id,
+        Resource::Object {
+            key: key("default", "layer", "g9"),
+        },
+    )
+    .await
+    .unwrap();
+    let r = s
+        .backend()
+        .commit(Batch {
+            preconditions: vec![],
+            ops: vec![Op::GcSweep {
+                mark_revision: snap.revision,
+                objects: marked.garbage_objects.clone(),
+                blobs: vec![],
+                expired_leases: vec![],
+            }],
+            now: h.clock.now(),
+        })
+        .await
+        .unwrap();
+    let fleetdb::Applied::Swept {
+        objects, spared, ..
+    } = &r[0].applied
+    else {
+        panic!("{r:?}");
+    };
+    assert_eq!((*objects, *spared), (17, 3));
+    for id in ["g3", "g7", "g9"] {
+        assert!(exists(s, "layer", id).await, "{id} was spared");
+    }
+    assert!(exists(s, "image", "new").await);
+    // And with a real concurrent writer: whatever it references while the target still exists
+    // (checked in its own transaction) survives, and nothing it creates is lost.
+    for i in 0..300 {
+        obj(s, "layer", &format!("old{i}"), &[]).await;
+    }
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut referenced = Vec::new();
+            for i in 0..100 {
+                let target = key("default", "layer", &format!("old{}", i * 3));
+                let referrer = key("default", "image", &format!("w{i}"));
+                let made = s
+                    .txn(|tx| {
+                        let (target, referrer) = (target.clone(), referrer.clone());
+                        async move {
+                            if tx.object_get(&target).await?.is_none() {
+                                return Ok(false); // already collected: nothing to reference
+                            }
+                            tx.object_put(
+                                &referrer,
+                                labels(&[
+                                    ("fleetdb.io/gc.ref.layer", target.id.as_str()),
+                                    ("fleetdb.io/gc.root", "true"),
+                                ]),
+                            )?;
+                            Ok(true)
+                        }
+                    })
+                    .await
+                    .unwrap();
+                if made {
+                    referenced.push((referrer, target));
+                }
+            }
+            referenced
+        })
+    };
+    s.gc_run().await.unwrap();
+    let referenced = writer.await.unwrap();
+    for (referrer, target) in referenced {
+        assert!(s.object_get(&referrer).await.unwrap().is_some());
+        assert!(
+            s.object_get(&target).await.unwrap().is_some(),
+            "{target} lost"
+        );
+    }
+}
+
+struct Volumes {
+    all: Vec<String>,
+    removed: Arc<Mutex<Vec<String>>>,
+    fail: bool,
+}
+
+#[async_trait]
+impl ExternalCollector for Volumes {
+    fn kind(&self) -> &str {
+        if self.fail {
+            "disk"
+        } else {
+            "volume"
+        }
+    }
+    async fn all(&self) -> Result<Vec<String>> {
+        if self.fail {
+            return Err(Error::Unavailable("the disk API is down".into()));
+        }
+        Ok(self.all.clone())
+    }
+    async fn active(&self) -> Result<Vec<String>> {
+        Ok(vec!["va".into()])
+    }
+    async fn remove(&self, id: &str) -> Result<()> {
+        self.removed.lock().unwrap().push(id.to_string());
+        Ok(())
+    }
+}
+
+pub async fn external_collectors_remove_unused_resources_and_failures_skip(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    let removed = Arc::new(Mutex::new(Vec::new()));
+    s.gc_register_collector(Arc::new(Volumes {
+        all: vec!["va".into(), "vb".into(), "vc".into(), "vd".into()],
+        removed: removed.clone(),
+        fail: false,
+    }))
+    .unwrap();
+    s.gc_register_collector(Arc::new(Volumes {
+        all: vec![],
+        removed: removed.clone(),
+        fail: true,
+    }))
+    .unwrap();
+    obj(s, "machine", "m1", &[("fleetdb.io/gc.ref.volume", "vb")]).await;
+    let l = s.lease_create(LeaseSpec::default()).await.unwrap();
+    s.lease_add(
+        &l.id,
+        Resource::Object {
+            key: key("any", "volume", "vd"),
+        },
+    )
+    .await
+    .unwrap();
+    obj(s, "layer", "junk", &[]).await;
+    let stats = s.gc_run().await.unwrap();
+    assert_eq!(*removed.lock().unwrap(), vec!["vc".to_string()]);
+    assert_eq!(
+        stats.collector_errors.len(),
+        1,
+        "{:?}",
+        stats.collector_errors
+    );
+    assert_eq!(
+        stats.swept_objects, 1,
+        "the failing collector did not stop the collection"
+    );
+}
+
+pub async fn gc_reports_stats_and_metrics(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    for i in 0..50 {
+        obj(s, "layer", &format!("x{i}"), &[]).await;
+    }
+    let stats = s.gc_run().await.unwrap();
+    assert_eq!(stats.swept_objects, 50);
+    assert!(stats.mark_ms >= 0.0 && stats.sweep_ms > 0.0 && stats.writers_blocked_ms > 0.0);
+    assert!(stats.writers_blocked_max_ms <= stats.writers_blocked_ms);
+    let status = s.gc_status();
+    assert_eq!(status.runs, 1);
+    assert_eq!(status.last.unwrap().swept_objects, 50);
+    let text = s.metrics().encode();
+    assert!(text.contains("fleetdb_gc_runs_total 1"), "{text}");
+    assert!(
+        text.contains("fleetdb_gc_swept_total{type=\"object\"} 50"),
+        "{text}"
+    );
+    // Thresholds: deletions make a run due.
+    obj(s, "layer", "y", &[]).await;
+    s.object_delete(&key("default", "layer", "y"))
+        .await
+        .unwrap();
+    obj(s, "layer", "z", &[]).await;
+    let due = s.gc_maybe_run().await.unwrap();
+    assert!(
+        due.is_some() || s.gc_status().runs == 1,
+        "pause budget may defer, never skip"
+    );
+}

@@ -1,0 +1,383 @@
+//! What lease, content and collection operations do, decided once for every backend.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::apply::{apply_op_pub, draft};
+use crate::backend::{ChangeDraft, TxRows};
+use crate::batch::{Applied, Op, OpResult};
+use crate::error::{Error, Result};
+use crate::gc::{
+    references, BlobInfo, GcKind, Lease, Resource, CONTENT_CHANGE_NAMESPACE, LEASE_CHANGE_NAMESPACE,
+};
+use crate::model::{ChangeOp, Entity, Labels, ObjectKey, Revision};
+use crate::time::Timestamp;
+
+/// Distinct entities changed during a collection beyond which a sweep batch spares everything
+/// (it cannot cheaply tell what they reference; the next collection decides).
+const FRESH_MAX: usize = 100_000;
+
+fn lease_json(l: &Lease) -> String {
+    serde_json::json!({ "labels": l.labels, "flat": l.flat, "expires_at": l.expires_at })
+        .to_string()
+}
+
+fn lease_draft(l: &Lease, op: ChangeOp, now: Timestamp) -> ChangeDraft {
+    let (old, new) = match op {
+        ChangeOp::Put => (None, Some(lease_json(l))),
+        ChangeOp::Delete => (Some(lease_json(l)), None),
+    };
+    draft(
+        LEASE_CHANGE_NAMESPACE,
+        "",
+        &l.id,
+        Entity::Lease,
+        "",
+        op,
+        old,
+        new,
+        now,
+    )
+}
+
+fn blob_json(b: &BlobInfo) -> String {
+    serde_json::json!({ "size": b.size, "labels": b.labels }).to_string()
+}
+
+fn blob_draft(b: &BlobInfo, op: ChangeOp, now: Timestamp) -> ChangeDraft {
+    let (old, new) = match op {
+        ChangeOp::Put => (None, Some(blob_json(b))),
+        ChangeOp::Delete => (Some(blob_json(b)), None),
+    };
+    draft(
+        CONTENT_CHANGE_NAMESPACE,
+        "",
+        &b.digest,
+        Entity::Content,
+        "",
+        op,
+        old,
+        new,
+        now,
+    )
+}
+
+async fn live_lease<T: TxRows + ?Sized>(rows: &mut T, id: &str, now: Timestamp) -> Result<Lease> {
+    match rows.lease_read(id).await? {
+        Some(l) if l.alive_at(now) => Ok(l),
+        Some(_) => Err(Error::Refused {
+            what: format!("lease {id:?}"),
+            reason: "it has expired".into(),
+        }),
+        None => Err(Error::not_found(format!("lease {id:?}"))),
+    }
+}
+
+fn done(changed: bool, count: u64) -> OpResult {
+    OpResult {
+        changed,
+        applied: Applied::Done { count },
+    }
+}
+
+pub(crate) async fn apply_gc_op<T: TxRows + ?Sized>(
+    rows: &mut T,
+    op: &Op,
+    now: Timestamp,
+) -> Result<OpResult> {
+    match op {
+        Op::GcKindDeclare { kind, collectable } => {
+            if let Some(k) = rows.gc_kind_read(kind).await? {
+                if k.collectable == *collectable {
+                    return Ok(done(false, 0));
+                }
+            }
+            rows.gc_kind_put(&GcKind {
+                kind: kind.clone(),
+                collectable: *collectable,
+                declared_at: now,
+            })
+            .await?;
+            Ok(done(true, 1))
+        }
+        Op::LeaseCreate {
+            id,
+            labels,
+            flat,
+            expires_at,
+        } => {
+            if rows.lease_read(id).await?.is_some() {
+                return Err(Error::AlreadyExists {
+                    what: format!("lease {id:?}"),
+                });
+            }
+            if let Some(t) = expires_at {
+                if *t <= now {
+                    return Err(Error::invalid(
+                        "lease expiry",
+                        t.to_rfc3339(),
+                        "must be in the future",
+                    ));
+                }
+            }
+            let mut lease = Lease {
+                id: id.clone(),
+                labels: crate::validate::merge_labels(&Labels::new(), labels)?,
+                flat: *flat,
+                expires_at: *expires_at,
+                created_at: now,
+                revision: Revision(0),
+            };
+            lease.revision = rows
+                .lease_put(&lease, &lease_draft(&lease, ChangeOp::Put, now))
+                .await?;
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Lease(lease),
+            })
+        }
+        Op::LeaseDelete { id } => {
+            let Some(lease) = rows.lease_read(id).await? else {
+                return Err(Error::not_found(format!("lease {id:?}")));
+            };
+            let revision = rows
+                .lease_remove(id, &lease_draft(&lease, ChangeOp::Delete, now))
+                .await?;
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Deleted { revision },
+            })
+        }
+        Op::LeaseAddResource { lease, resource } => {
+            let l = live_lease(rows, lease, now).await?;
+            let added = rows.lease_resource_add(lease, resource, now).await?;
+            if added {
+                // A change row, so a collection running now protects what was just leased.
+                rows.change_append(&lease_draft(&l, ChangeOp::Put, now))
+                    .await?;
+            }
+            Ok(done(added, u64::from(added)))
+        }
+        Op::LeaseRemoveResource { lease, resource } => {
+            if rows.lease_read(lease).await?.is_none() {
+                return Err(Error::not_found(format!("lease {lease:?}")));
+            }
+            let removed = rows.lease_resource_remove(lease, resource).await?;
+            Ok(done(removed, u64::from(removed)))
+        }
+        Op::BlobCommit {
+            digest,
+            size,
+            labels,
+            lease,
+        } => {
+            if let Some(l) = lease {
+                live_lease(rows, l, now).await?;
+            }
+            let existing = rows.blob_meta_read(digest).await?;
+            let info = match existing {
+                Some(mut b) => {
+                    if b.size != *size {
+                        return Err(Error::Backend(format!(
+                            "blob {digest} is stored with size {} but was committed with size {size}",
+                            b.size
+                        )));
+                    }
+                    let merged = crate::validate::merge_labels(&b.labels, labels)?;
+                    if merged != b.labels {
+                        b.labels = merged;
+                        b.updated_at = now;
+                        b.revision = rows
+                            .blob_meta_put(&b, &blob_draft(&b, ChangeOp::Put, now))
+                            .await?;
+                    }
+                    b
+                }
+                None => {
+                    let mut b = BlobInfo {
+                        digest: digest.clone(),
+                        size: *size,
+                        labels: crate::validate::merge_labels(&Labels::new(), labels)?,
+                        created_at: now,
+                        updated_at: now,
+                        revision: Revision(0),
+                    };
+                    b.revision = rows
+                        .blob_meta_put(&b, &blob_draft(&b, ChangeOp::Put, now))
+                        .await?;
+                    b
+                }
+            };
+            if let Some(l) = lease {
+                rows.lease_resource_add(
+                    l,
+                    &Resource::Blob {
+                        digest: digest.clone(),
+                    },
+                    now,
+                )
+                .await?;
+            }
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Blob(info),
+            })
+        }
+        Op::BlobDelete { digest } => {
+            let Some(b) = rows.blob_meta_read(digest).await? else {
+                return Err(Error::not_found(format!("blob {digest}")));
+            };
+            let revision = rows
+                .blob_meta_remove(digest, &blob_draft(&b, ChangeOp::Delete, now))
+                .await?;
+            Ok(OpResult {
+                changed: true,
+                applied: Applied::Deleted { revision },
+            })
+        }
+        Op::GcSweep {
+            mark_revision,
+            objects,
+            blobs,
+            expired_leases,
+        } => sweep(rows, *mark_revision, objects, blobs, expired_leases, now).await,
+        other => Err(Error::Backend(format!(
+            "not a lease or collection operation: {other:?}"
+        ))),
+    }
+}
+
+/// Everything reachable from what changed after `mark`: objects and blobs written since, and
+/// the resources of leases touched since. Read in the sweeping transaction, so it is exact.
+async fn protected_since<T: TxRows + ?Sized>(
+    rows: &mut T,
+    mark: Revision,
+) -> Result<Option<HashSet<Resource>>> {
+    let mut start: Vec<Resource> = Vec::new();
+    let page = rows.changes_after(mark, FRESH_MAX).await?;
+    if page.len() >= FRESH_MAX {
+        return Ok(None); // too much changed to tell: spare the whole batch
+    }
+    for (_, ns, kind, id) in page {
+        if ns == LEASE_CHANGE_NAMESPACE {
+            start.extend(rows.lease_resources_of(&id).await?);
+        } else if ns == CONTENT_CHANGE_NAMESPACE {
+            start.push(Resource::Blob { digest: id });
+        } else if !ns.starts_with('.') && !kind.is_empty() {
+            start.push(Resource::Object {
+                key: ObjectKey {
+                    namespace: ns,
+                    kind,
+                    id,
+                },
+            });
+        }
+    }
+    let mut seen: HashSet<Resource> = HashSet::new();
+    while let Some(r) = start.pop() {
+        if !seen.insert(r.clone()) {
+            continue;
+        }
+        let labels = match &r {
+            Resource::Object { key } => rows
+                .object_read(key)
+                .await?
+                .map(|o| (key.namespace.clone(), o.labels)),
+            Resource::Blob { digest } => rows
+                .blob_meta_read(digest)
+                .await?
+                .map(|b| (String::new(), b.labels)),
+        };
+        if let Some((ns, labels)) = labels {
+            start.extend(
+                references(&ns, &labels)
+                    .into_iter()
+                    .filter(|x| !seen.contains(x)),
+            );
+        }
+    }
+    Ok(Some(seen))
+}
+
+async fn sweep<T: TxRows + ?Sized>(
+    rows: &mut T,
+    mark: Revision,
+    objects: &[ObjectKey],
+    blobs: &[String],
+    expired_leases: &[String],
+    now: Timestamp,
+) -> Result<OpResult> {
+    let Some(protected) = protected_since(rows, mark).await? else {
+        return Ok(OpResult {
+            changed: false,
+            applied: Applied::Swept {
+                objects: 0,
+                blobs: Vec::new(),
+                bytes: 0,
+                leases: 0,
+                spared: (objects.len() + blobs.len()) as u64,
+            },
+        });
+    };
+    let mut collectable: HashMap<String, bool> = HashMap::new();
+    let (mut swept_objects, mut spared, mut leases) = (0u64, 0u64, 0u64);
+    let mut swept_blobs = Vec::new();
+    let mut bytes = 0u64;
+    for id in expired_leases {
+        if let Some(l) = rows.lease_read(id).await? {
+            if !l.alive_at(now) {
+                rows.lease_remove(id, &lease_draft(&l, ChangeOp::Delete, now))
+                    .await?;
+                leases += 1;
+            }
+        }
+    }
+    for key in objects {
+        let res = Resource::Object { key: key.clone() };
+        let Some(obj) = rows.object_read(key).await? else {
+            continue;
+        };
+        let still_collectable = match collectable.get(&key.kind) {
+            Some(c) => *c,
+            None => {
+                let c = rows
+                    .gc_kind_read(&key.kind)
+                    .await?
+                    .is_some_and(|k| k.collectable);
+                collectable.insert(key.kind.clone(), c);
+                c
+            }
+        };
+        if obj.revision > mark || protected.contains(&res) || !still_collectable {
+            spared += 1;
+            continue;
+        }
+        apply_op_pub(rows, &Op::ObjectDelete { key: key.clone() }, now).await?;
+        swept_objects += 1;
+    }
+    for digest in blobs {
+        let res = Resource::Blob {
+            digest: digest.clone(),
+        };
+        let Some(b) = rows.blob_meta_read(digest).await? else {
+            continue;
+        };
+        if b.revision > mark || protected.contains(&res) {
+            spared += 1;
+            continue;
+        }
+        rows.blob_meta_remove(digest, &blob_draft(&b, ChangeOp::Delete, now))
+            .await?;
+        bytes += b.size;
+        swept_blobs.push(digest.clone());
+    }
+    Ok(OpResult {
+        changed: swept_objects > 0 || !swept_blobs.is_empty() || leases > 0,
+        applied: Applied::Swept {
+            objects: swept_objects,
+            blobs: swept_blobs,
+            bytes,
+            leases,
+            spared,
+        },
+    })
+}

@@ -1,0 +1,793 @@
+//! The content store of the embedded backend: blob bytes are files in the database's folder,
+//! `blobs/sha256/<hex>`; uploads in progress ("ingests") are files `ingest/<sha256 of the
+//! reference>` with a row in `ingests`; blob metadata is committed through the normal write path
+//! (`Op::BlobCommit`), so it joins leases, the change log and garbage collection.
+//!
+//! - A write appends at the upload's offset, fsyncs, then advances the row. A file lock
+//!   (`flock`) on the upload file serializes writers of one upload, in this and other processes
+//!   (a second one gets `Unavailable`).
+//! - A commit verifies the sha256 and size of the whole upload first (a mismatch commits
+//!   nothing and keeps the upload), then marks the upload with the digest it commits
+//!   (`expected_digest`), links the file into `blobs/` (keeping an existing blob file), fsyncs the
+//!   folder, commits `Op::BlobCommit` and only then drops the upload.
+//! - Bytes are removed ([`SqliteBackend::blob_remove_bytes`], orphans) under the database write
+//!   lock, and only for a digest with neither metadata nor an upload marked with it. Since a
+//!   commit marks its upload (under the same lock) before it looks for an existing blob file,
+//!   a removal can never take the bytes of a blob whose commit it raced: no age guard is needed.
+//!
+//! `sqlite::memory:` has no folder: its content store is `Unsupported`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use fleetdb_core::batch::{Applied, Batch, Op, OpResult};
+use fleetdb_core::content::{
+    validate_ingest_ref, IngestStatus, BLOB_BYTES_MAX, CHUNK_BYTES, INGEST_WRITE_BYTES_MAX,
+};
+use fleetdb_core::gc::BlobInfo;
+use fleetdb_core::world::validate_digest;
+use fleetdb_core::{Backend, Error, Labels, Result, Revision, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use sha2::Digest as _;
+
+use crate::rows::labels_from_text;
+use crate::{map_err, Location, SqliteBackend};
+
+/// Digests whose bytes one hold of the write lock removes at most (writers wait meanwhile).
+const REMOVE_BATCH: usize = 256;
+
+const INGEST_COLS: &str =
+    "ref, expected_digest, expected_size, \"offset\", started_at, updated_at, expires_at";
+const BLOB_COLS: &str = "digest, size, labels, created_at, updated_at, revision";
+
+/// Where the bytes live.
+pub(crate) struct Dirs {
+    blobs: PathBuf,
+    ingest: PathBuf,
+}
+
+impl Dirs {
+    fn blob(&self, digest: &str) -> PathBuf {
+        self.blobs
+            .join(digest.strip_prefix("sha256:").unwrap_or(digest))
+    }
+
+    fn ingest(&self, reference: &str) -> PathBuf {
+        self.ingest
+            .join(hex(&sha2::Sha256::digest(reference.as_bytes())))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn is_hex64(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> Error {
+    match e.kind() {
+        ErrorKind::StorageFull => Error::Unavailable(format!("disk full: {what}: {e}")),
+        ErrorKind::PermissionDenied => Error::Unavailable(format!("{what}: {e}")),
+        _ => Error::Backend(format!("{what}: {e}")),
+    }
+}
+
+/// fsync a folder, so that a rename, link or unlink in it is durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(format!("syncing {}", dir.display()), e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err(format!("removing {}", path.display()), e)),
+    }
+}
+
+fn ingest_row(r: &Row<'_>) -> rusqlite::Result<IngestStatus> {
+    let size: Option<i64> = r.get(2)?;
+    let offset: i64 = r.get(3)?;
+    Ok(IngestStatus {
+        reference: r.get(0)?,
+        expected_digest: r.get(1)?,
+        expected_size: size.map(|s| s as u64),
+        offset: offset as u64,
+        started_at: Timestamp(r.get(4)?),
+        updated_at: Timestamp(r.get(5)?),
+        expires_at: Timestamp(r.get(6)?),
+    })
+}
+
+fn ingest_get(c: &Connection, reference: &str) -> Result<Option<IngestStatus>> {
+    c.prepare_cached(&format!("SELECT {INGEST_COLS} FROM ingests WHERE ref = ?1"))
+        .and_then(|mut s| s.query_row([reference], ingest_row).optional())
+        .map_err(map_err)
+}
+
+fn blob_row(r: &Row<'_>) -> rusqlite::Result<(String, i64, String, i64, i64, i64)> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn blob_from(raw: (String, i64, String, i64, i64, i64)) -> Result<BlobInfo> {
+    Ok(BlobInfo {
+        digest: raw.0,
+        size: raw.1 as u64,
+        labels: labels_from_text(&raw.2)?,
+        created_at: Timestamp(raw.3),
+        updated_at: Timestamp(raw.4),
+        revision: Revision(raw.5),
+    })
+}
+
+fn blob_get(c: &Connection, digest: &str) -> Result<Option<BlobInfo>> {
+    c.prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE digest = ?1"))
+        .and_then(|mut s| s.query_row([digest], blob_row).optional())
+        .map_err(map_err)?
+        .map(blob_from)
+        .transpose()
+}
+
+/// Whether the bytes of `digest` are needed: it has metadata, or an upload is committing it.
+fn bytes_needed(c: &Connection, digest: &str) -> Result<bool> {
+    c.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = ?1) \
+         OR EXISTS (SELECT 1 FROM ingests WHERE expected_digest = ?1)",
+    )
+    .and_then(|mut s| s.query_row([digest], |r| r.get(0)))
+    .map_err(map_err)
+}
+
+// ---- the rules every backend applies (mirrored in fleetdb-postgres/src/content.rs) ----
+
+fn check_expected(expected: Option<(&str, u64)>) -> Result<()> {
+    if let Some((digest, size)) = expected {
+        validate_digest(digest)?;
+        if size > BLOB_BYTES_MAX {
+            return Err(Error::TooLarge {
+                field: "blob".into(),
+                size: usize::try_from(size).unwrap_or(usize::MAX),
+                max: BLOB_BYTES_MAX as usize,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_resume(
+    reference: &str,
+    stored: &IngestStatus,
+    expected: Option<(&str, u64)>,
+) -> Result<()> {
+    let Some((digest, size)) = expected else {
+        return Ok(());
+    };
+    if let Some(d) = &stored.expected_digest {
+        if d != digest {
+            return Err(Error::invalid(
+                "expected digest",
+                digest,
+                format!("the upload {reference:?} in progress expects {d}; abort it first"),
+            ));
+        }
+    }
+    if let Some(s) = stored.expected_size {
+        if s != size {
+            return Err(Error::invalid(
+                "expected size",
+                size.to_string(),
+                format!("the upload {reference:?} in progress expects {s} bytes; abort it first"),
+            ));
+        }
+    }
+    if stored.offset > size {
+        return Err(Error::invalid(
+            "expected size",
+            size.to_string(),
+            format!(
+                "the upload {reference:?} has {} bytes already",
+                stored.offset
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_write(status: &IngestStatus, offset: u64, len: usize) -> Result<()> {
+    if offset != status.offset {
+        return Err(Error::invalid(
+            "ingest offset",
+            offset.to_string(),
+            format!(
+                "the upload {:?} stands at offset {}; write from there",
+                status.reference, status.offset
+            ),
+        ));
+    }
+    if len > INGEST_WRITE_BYTES_MAX {
+        return Err(Error::TooLarge {
+            field: "ingest write".into(),
+            size: len,
+            max: INGEST_WRITE_BYTES_MAX,
+        });
+    }
+    let end = offset + len as u64;
+    if let Some(size) = status.expected_size {
+        if end > size {
+            return Err(Error::invalid(
+                "ingest write",
+                format!("{len} bytes at offset {offset}"),
+                format!("the upload was declared as {size} bytes"),
+            ));
+        }
+    }
+    if end > BLOB_BYTES_MAX {
+        return Err(Error::TooLarge {
+            field: "blob".into(),
+            size: usize::try_from(end).unwrap_or(usize::MAX),
+            max: BLOB_BYTES_MAX as usize,
+        });
+    }
+    Ok(())
+}
+
+fn check_commit(status: &IngestStatus, digest: &str, size: u64) -> Result<()> {
+    if status.offset != size {
+        return Err(Error::invalid(
+            "blob size",
+            size.to_string(),
+            format!(
+                "the upload {:?} has {} bytes; nothing was committed",
+                status.reference, status.offset
+            ),
+        ));
+    }
+    if let Some(d) = &status.expected_digest {
+        if d != digest {
+            return Err(Error::invalid(
+                "blob digest",
+                digest,
+                format!("the upload was started expecting {d}; nothing was committed"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn range(info: &BlobInfo, offset: u64, len: Option<u64>) -> Result<(u64, u64)> {
+    if offset > info.size {
+        return Err(Error::invalid(
+            "offset",
+            offset.to_string(),
+            format!("blob {} has {} bytes", info.digest, info.size),
+        ));
+    }
+    let end = match len {
+        Some(l) => offset.saturating_add(l).min(info.size),
+        None => info.size,
+    };
+    Ok((offset, end))
+}
+
+/// Run blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Backend(format!("a content store task failed: {e}")))?
+}
+
+/// Open (creating it if asked) and lock an upload's file for this call.
+fn open_locked(path: &Path, reference: &str, create: bool) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                Error::not_found(format!("the bytes of upload {reference:?}"))
+            } else {
+                io_err(format!("opening {}", path.display()), e)
+            }
+        })?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::Unavailable(format!(
+            "upload {reference:?} is being written or committed by another call; try again"
+        ))),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(format!("locking {}", path.display()), e)),
+    }
+}
+
+/// Cut the file to `offset` bytes (dropping what a write that never advanced the row left).
+fn trim(f: &File, offset: u64, reference: &str) -> Result<()> {
+    let len = f
+        .metadata()
+        .map_err(|e| io_err("reading an upload's size", e))?
+        .len();
+    if len < offset {
+        return Err(Error::Backend(format!(
+            "upload {reference:?} should hold {offset} bytes but its file has {len}; abort it and start again"
+        )));
+    }
+    if len > offset {
+        f.set_len(offset)
+            .map_err(|e| io_err("trimming an upload", e))?;
+    }
+    Ok(())
+}
+
+impl SqliteBackend {
+    fn content_dirs(&self) -> Result<Dirs> {
+        match &self.location {
+            Location::File(path) => {
+                let root = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                Ok(Dirs {
+                    blobs: root.join("blobs").join("sha256"),
+                    ingest: root.join("ingest"),
+                })
+            }
+            Location::Memory => Err(self.unsupported(
+                "the content store (an in-memory database has no folder for blob files)",
+            )),
+        }
+    }
+
+    /// Run `f` in a transaction holding the database's write lock (this process's writer and
+    /// every other process wait): for short bookkeeping only.
+    fn locked<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let c = self.write_conn.lock().unwrap_or_else(|p| p.into_inner());
+        c.execute_batch("BEGIN IMMEDIATE").map_err(map_err)?;
+        match f(&c) {
+            Ok(v) => match c.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = c.execute_batch("ROLLBACK");
+                    Err(map_err(e))
+                }
+            },
+            Err(e) => {
+                let _ = c.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) async fn content_ingest_start(
+        &self,
+        reference: &str,
+        expected: Option<(&str, u64)>,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<IngestStatus> {
+        validate_ingest_ref(reference)?;
+        check_expected(expected)?;
+        if expires_at <= now {
+            return Err(Error::invalid(
+                "ingest expiry",
+                expires_at.to_rfc3339(),
+                "must be in the future",
+            ));
+        }
+        let dirs = self.content_dirs()?;
+        let path = dirs.ingest(reference);
+        let (digest, size) = match expected {
+            Some((d, s)) => (Some(d.to_string()), Some(s as i64)),
+            None => (None, None),
+        };
+        self.locked(|c| {
+            match ingest_get(c, reference)? {
+                Some(stored) if stored.expires_at > now => {
+                    check_resume(reference, &stored, expected)?;
+                    c.execute(
+                        "UPDATE ingests SET expected_digest = coalesce(?2, expected_digest), \
+                         expected_size = coalesce(?3, expected_size), updated_at = ?4, \
+                         expires_at = ?5 WHERE ref = ?1",
+                        params![reference, digest, size, now.0, expires_at.0],
+                    )
+                    .map_err(map_err)?;
+                }
+                stale => {
+                    if stale.is_some() {
+                        c.execute("DELETE FROM ingests WHERE ref = ?1", [reference])
+                            .map_err(map_err)?;
+                    }
+                    // Bytes an earlier upload of this reference may have left.
+                    remove_if_present(&path)?;
+                    c.execute(
+                        "INSERT INTO ingests (ref, expected_digest, expected_size, \"offset\", \
+                         started_at, updated_at, expires_at) VALUES (?1, ?2, ?3, 0, ?4, ?4, ?5)",
+                        params![reference, digest, size, now.0, expires_at.0],
+                    )
+                    .map_err(map_err)?;
+                }
+            }
+            ingest_get(c, reference)?
+                .ok_or_else(|| Error::Backend("the upload row vanished".into()))
+        })
+    }
+
+    fn live_ingest(&self, reference: &str, now: Timestamp) -> Result<IngestStatus> {
+        match self.read(|c| ingest_get(c, reference))? {
+            Some(s) if s.expires_at > now => Ok(s),
+            Some(_) => Err(Error::not_found(format!(
+                "upload {reference:?} (it expired)"
+            ))),
+            None => Err(Error::not_found(format!("upload {reference:?}"))),
+        }
+    }
+
+    pub(crate) async fn content_ingest_write(
+        &self,
+        reference: &str,
+        offset: u64,
+        data: &[u8],
+        now: Timestamp,
+    ) -> Result<IngestStatus> {
+        validate_ingest_ref(reference)?;
+        let dirs = self.content_dirs()?;
+        let status = self.live_ingest(reference, now)?;
+        check_write(&status, offset, data.len())?;
+        if data.is_empty() {
+            return Ok(status);
+        }
+        let path = dirs.ingest(reference);
+        let r = reference.to_string();
+        let file = blocking(move || open_locked(&path, &r, true)).await?;
+        // Read again under the file lock: another writer may have advanced it meanwhile.
+        let status = self.live_ingest(reference, now)?;
+        check_write(&status, offset, data.len())?;
+        let bytes = data.to_vec();
+        let (r, ingest_dir) = (reference.to_string(), dirs.ingest.clone());
+        let file = blocking(move || {
+            let mut f = file;
+            trim(&f, offset, &r)?;
+            f.seek(SeekFrom::Start(offset))
+                .and_then(|_| f.write_all(&bytes))
+                .and_then(|()| f.sync_data())
+                .map_err(|e| io_err(format!("writing upload {r:?}"), e))?;
+            if offset == 0 {
+                sync_dir(&ingest_dir)?;
+            }
+            Ok(f)
+        })
+        .await?;
+        let end = offset + data.len() as u64;
+        let updated = self.locked(|c| {
+            c.execute(
+                "UPDATE ingests SET \"offset\" = ?2, updated_at = ?3 \
+                 WHERE ref = ?1 AND \"offset\" = ?4",
+                params![reference, end as i64, now.0, offset as i64],
+            )
+            .map_err(map_err)
+        })?;
+        drop(file);
+        if updated != 1 {
+            return Err(Error::Conflict {
+                what: format!("upload {reference:?}"),
+            });
+        }
+        Ok(IngestStatus {
+            offset: end,
+            updated_at: now,
+            ..status
+        })
+    }
+
+    pub(crate) async fn content_ingest_commit(
+        &self,
+        reference: &str,
+        digest: &str,
+        size: u64,
+        labels: Labels,
+        lease: Option<&str>,
+        now: Timestamp,
+    ) -> Result<BlobInfo> {
+        validate_ingest_ref(reference)?;
+        check_expected(Some((digest, size)))?;
+        let dirs = self.content_dirs()?;
+        let status = self.live_ingest(reference, now)?;
+        check_commit(&status, digest, size)?;
+        let path = dirs.ingest(reference);
+        let (p, r) = (path.clone(), reference.to_string());
+        // An empty upload may have no file yet.
+        let file = blocking(move || open_locked(&p, &r, size == 0)).await?;
+        let status = self.live_ingest(reference, now)?;
+        check_commit(&status, digest, size)?;
+        let r = reference.to_string();
+        let (file, actual) = blocking(move || {
+            let f = file;
+            trim(&f, size, &r)?;
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let mut reader = &f;
+            reader
+                .seek(SeekFrom::Start(0))
+                .map_err(|e| io_err("reading an upload", e))?;
+            loop {
+                let n = reader
+                    .read(&mut buf)
+                    .map_err(|e| io_err(format!("reading upload {r:?}"), e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            f.sync_all()
+                .map_err(|e| io_err(format!("syncing upload {r:?}"), e))?;
+            Ok((f, format!("sha256:{}", hex(&hasher.finalize()))))
+        })
+        .await?;
+        if actual != digest {
+            return Err(Error::invalid(
+                "blob digest",
+                digest,
+                format!(
+                    "the bytes of upload {reference:?} hash to {actual}; nothing was committed"
+                ),
+            ));
+        }
+        // Mark the upload with what it commits: from here on its bytes are needed.
+        let marked = self.locked(|c| {
+            c.execute(
+                "UPDATE ingests SET expected_digest = ?2, expected_size = ?3 \
+                 WHERE ref = ?1 AND \"offset\" = ?3 AND started_at = ?4",
+                params![reference, digest, size as i64, status.started_at.0],
+            )
+            .map_err(map_err)
+        })?;
+        if marked != 1 {
+            return Err(Error::Conflict {
+                what: format!("upload {reference:?} (it changed while it was committed)"),
+            });
+        }
+        let (blob_path, blobs_dir, p) = (dirs.blob(digest), dirs.blobs.clone(), path.clone());
+        blocking(move || {
+            fs::create_dir_all(&blobs_dir)
+                .map_err(|e| io_err(format!("creating {}", blobs_dir.display()), e))?;
+            match fs::hard_link(&p, &blob_path) {
+                Ok(()) => {}
+                // The blob is stored already: keep it.
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+                Err(_) => {
+                    // No hard links here: copy, sync, rename.
+                    let tmp = blob_path.with_extension("tmp");
+                    fs::copy(&p, &tmp)
+                        .and_then(|_| File::open(&tmp)?.sync_all())
+                        .and_then(|()| fs::rename(&tmp, &blob_path))
+                        .map_err(|e| io_err(format!("storing {}", blob_path.display()), e))?;
+                }
+            }
+            sync_dir(&blobs_dir)
+        })
+        .await?;
+        let batch = Batch {
+            preconditions: Vec::new(),
+            ops: vec![Op::BlobCommit {
+                digest: digest.to_string(),
+                size,
+                labels,
+                lease: lease.map(str::to_string),
+            }],
+            now,
+        };
+        // A failure here (say, the lease expired) keeps the upload: abort or commit again.
+        let mut results = Backend::commit(self, batch).await?;
+        let info = match results.pop() {
+            Some(OpResult {
+                applied: Applied::Blob(info),
+                ..
+            }) => info,
+            _ => {
+                return Err(Error::Backend(
+                    "a blob commit returned the wrong kind of result".into(),
+                ))
+            }
+        };
+        self.locked(|c| {
+            c.execute("DELETE FROM ingests WHERE ref = ?1", [reference])
+                .map_err(map_err)?;
+            remove_if_present(&path)
+        })?;
+        drop(file);
+        Ok(info)
+    }
+
+    pub(crate) async fn content_ingest_abort(&self, reference: &str) -> Result<()> {
+        validate_ingest_ref(reference)?;
+        let dirs = self.content_dirs()?;
+        let path = dirs.ingest(reference);
+        let removed = self.locked(|c| {
+            let n = c
+                .execute("DELETE FROM ingests WHERE ref = ?1", [reference])
+                .map_err(map_err)?;
+            remove_if_present(&path)?;
+            Ok(n)
+        })?;
+        if removed == 0 {
+            return Err(Error::not_found(format!("upload {reference:?}")));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn content_ingest_list(&self) -> Result<Vec<IngestStatus>> {
+        self.content_dirs()?;
+        self.read(|c| {
+            let mut s = c
+                .prepare_cached(&format!("SELECT {INGEST_COLS} FROM ingests ORDER BY ref"))
+                .map_err(map_err)?;
+            let rows = s.query_map([], ingest_row).map_err(map_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+        })
+    }
+
+    pub(crate) async fn content_ingest_sweep(&self, now: Timestamp) -> Result<u64> {
+        let dirs = self.content_dirs()?;
+        self.locked(|c| {
+            let refs: Vec<String> = {
+                let mut s = c
+                    .prepare_cached("SELECT ref FROM ingests WHERE expires_at <= ?1")
+                    .map_err(map_err)?;
+                let rows = s.query_map([now.0], |r| r.get(0)).map_err(map_err)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(map_err)?
+            };
+            for r in &refs {
+                c.execute("DELETE FROM ingests WHERE ref = ?1", [r])
+                    .map_err(map_err)?;
+                remove_if_present(&dirs.ingest(r))?;
+            }
+            Ok(refs.len() as u64)
+        })
+    }
+
+    pub(crate) async fn content_blob_info(&self, digest: &str) -> Result<Option<BlobInfo>> {
+        validate_digest(digest)?;
+        self.read(|c| blob_get(c, digest))
+    }
+
+    pub(crate) async fn content_blob_list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<BlobInfo>> {
+        self.read(|c| crate::gc::blob_list(c, after, limit))
+    }
+
+    pub(crate) async fn content_blob_read(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<Vec<u8>> {
+        validate_digest(digest)?;
+        let dirs = self.content_dirs()?;
+        let info = self
+            .read(|c| blob_get(c, digest))?
+            .ok_or_else(|| Error::not_found(format!("blob {digest}")))?;
+        let (start, end) = range(&info, offset, len)?;
+        let path = dirs.blob(digest);
+        let d = digest.to_string();
+        let read = blocking(move || {
+            let mut f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_err(format!("opening {}", path.display()), e)),
+            };
+            let mut out = vec![0u8; (end - start) as usize];
+            f.seek(SeekFrom::Start(start))
+                .and_then(|_| f.read_exact(&mut out))
+                .map_err(|e| io_err(format!("reading blob {d}"), e))?;
+            Ok(Some(out))
+        })
+        .await?;
+        match read {
+            Some(bytes) => Ok(bytes),
+            // Removed meanwhile (deleted or collected), or lost.
+            None => match self.read(|c| blob_get(c, digest))? {
+                None => Err(Error::not_found(format!("blob {digest}"))),
+                Some(_) => Err(Error::Backend(format!(
+                    "the bytes of blob {digest} are missing from {}",
+                    dirs.blob(digest).display()
+                ))),
+            },
+        }
+    }
+
+    pub(crate) async fn content_blob_remove_bytes(&self, digests: &[String]) -> Result<u64> {
+        let dirs = self.content_dirs()?;
+        let mut removed = 0;
+        for batch in digests.chunks(REMOVE_BATCH) {
+            removed += self.locked(|c| {
+                let mut n = 0;
+                for d in batch {
+                    if validate_digest(d).is_err() || bytes_needed(c, d)? {
+                        continue;
+                    }
+                    if remove_if_present(&dirs.blob(d))? {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })?;
+        }
+        if removed > 0 {
+            sync_dir(&dirs.blobs)?;
+        }
+        Ok(removed)
+    }
+
+    pub(crate) async fn content_blob_orphans_remove(&self) -> Result<u64> {
+        let dirs = self.content_dirs()?;
+        let names = |dir: &Path| -> Result<Vec<String>> {
+            match fs::read_dir(dir) {
+                Ok(entries) => Ok(entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| is_hex64(n))
+                    .collect()),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(io_err(format!("listing {}", dir.display()), e)),
+            }
+        };
+        let digests: Vec<String> = names(&dirs.blobs)?
+            .into_iter()
+            .map(|h| format!("sha256:{h}"))
+            .collect();
+        let mut removed = self.content_blob_remove_bytes(&digests).await?;
+        // Upload files without an upload row (the lock keeps new uploads out meanwhile).
+        let files = names(&dirs.ingest)?;
+        if !files.is_empty() {
+            removed += self.locked(|c| {
+                let live: std::collections::HashSet<PathBuf> = {
+                    let mut s = c
+                        .prepare_cached("SELECT ref FROM ingests")
+                        .map_err(map_err)?;
+                    let rows = s
+                        .query_map([], |r| r.get::<_, String>(0))
+                        .map_err(map_err)?;
+                    rows.map(|r| r.map(|r| dirs.ingest(&r)))
+                        .collect::<rusqlite::Result<_>>()
+                        .map_err(map_err)?
+                };
+                let mut n = 0;
+                for f in files {
+                    let p = dirs.ingest.join(f);
+                    if !live.contains(&p) && remove_if_present(&p)? {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })?;
+        }
+        Ok(removed)
+    }
+}

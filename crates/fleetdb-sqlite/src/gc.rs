@@ -1,0 +1,356 @@
+//! Leases, collectable kinds, blob metadata and the collector's snapshot.
+
+use fleetdb_core::gc::{BlobInfo, GcKind, GcSnapshot, Lease, Resource, GC_LABEL_PREFIX};
+use fleetdb_core::world::Space;
+use fleetdb_core::{Labels, ObjectKey, Result, Revision, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::map_err;
+use crate::rows::{labels_from_text, labels_text};
+
+const LEASE_COLS: &str = "id, labels, flat, expires_at, created_at, revision";
+const BLOB_COLS: &str = "digest, size, labels, created_at, updated_at, revision";
+
+type LeaseRaw = (String, String, bool, Option<i64>, i64, i64);
+
+fn lease_row(r: &Row<'_>) -> rusqlite::Result<LeaseRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn lease_from(raw: LeaseRaw) -> Result<Lease> {
+    Ok(Lease {
+        id: raw.0,
+        labels: labels_from_text(&raw.1)?,
+        flat: raw.2,
+        expires_at: raw.3.map(Timestamp),
+        created_at: Timestamp(raw.4),
+        revision: Revision(raw.5),
+    })
+}
+
+type BlobRaw = (String, i64, String, i64, i64, i64);
+
+fn blob_row(r: &Row<'_>) -> rusqlite::Result<BlobRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn blob_from(raw: BlobRaw) -> Result<BlobInfo> {
+    Ok(BlobInfo {
+        digest: raw.0,
+        size: raw.1 as u64,
+        labels: labels_from_text(&raw.2)?,
+        created_at: Timestamp(raw.3),
+        updated_at: Timestamp(raw.4),
+        revision: Revision(raw.5),
+    })
+}
+
+fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<usize> {
+    c.prepare_cached(sql)
+        .and_then(|mut s| s.execute(p))
+        .map_err(map_err)
+}
+
+pub(crate) fn gc_kind_read(c: &Connection, kind: &str) -> Result<Option<GcKind>> {
+    c.prepare_cached("SELECT kind, collectable, declared_at FROM gc_kinds WHERE kind = ?1")
+        .and_then(|mut s| {
+            s.query_row([kind], |r| {
+                Ok(GcKind {
+                    kind: r.get(0)?,
+                    collectable: r.get(1)?,
+                    declared_at: Timestamp(r.get(2)?),
+                })
+            })
+            .optional()
+        })
+        .map_err(map_err)
+}
+
+pub(crate) fn gc_kinds(c: &Connection) -> Result<Vec<GcKind>> {
+    let mut s = c
+        .prepare_cached("SELECT kind, collectable, declared_at FROM gc_kinds ORDER BY kind")
+        .map_err(map_err)?;
+    let rows = s
+        .query_map([], |r| {
+            Ok(GcKind {
+                kind: r.get(0)?,
+                collectable: r.get(1)?,
+                declared_at: Timestamp(r.get(2)?),
+            })
+        })
+        .map_err(map_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(map_err);
+    rows
+}
+
+pub(crate) fn gc_kind_put(c: &Connection, k: &GcKind) -> Result<()> {
+    exec(
+        c,
+        "INSERT INTO gc_kinds (kind, collectable, declared_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (kind) DO UPDATE SET collectable = excluded.collectable, declared_at = excluded.declared_at",
+        params![k.kind, k.collectable, k.declared_at.0],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn lease_read(c: &Connection, id: &str) -> Result<Option<Lease>> {
+    let raw = c
+        .prepare_cached(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"))
+        .and_then(|mut s| s.query_row([id], lease_row).optional())
+        .map_err(map_err)?;
+    raw.map(lease_from).transpose()
+}
+
+pub(crate) fn lease_list(c: &Connection, after: Option<&str>, limit: usize) -> Result<Vec<Lease>> {
+    let mut s = c
+        .prepare_cached(&format!(
+            "SELECT {LEASE_COLS} FROM leases WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))
+        .map_err(map_err)?;
+    let raws = s
+        .query_map(params![after.unwrap_or(""), limit as i64], lease_row)
+        .map_err(map_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(map_err)?;
+    raws.into_iter().map(lease_from).collect()
+}
+
+pub(crate) fn lease_put(c: &Connection, l: &Lease, revision: Revision) -> Result<()> {
+    exec(
+        c,
+        "INSERT INTO leases (id, labels, flat, expires_at, created_at, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET labels = excluded.labels, flat = excluded.flat,
+           expires_at = excluded.expires_at, revision = excluded.revision",
+        params![l.id, labels_text(&l.labels), l.flat, l.expires_at.map(|t| t.0), l.created_at.0, revision.0],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn lease_remove(c: &Connection, id: &str) -> Result<()> {
+    exec(c, "DELETE FROM lease_resources WHERE lease_id = ?1", [id])?;
+    exec(c, "DELETE FROM leases WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+pub(crate) fn lease_resource_add(
+    c: &Connection,
+    lease: &str,
+    r: &Resource,
+    now: Timestamp,
+) -> Result<bool> {
+    let (t, ns, kind, id) = r.columns();
+    Ok(exec(
+        c,
+        "INSERT INTO lease_resources (lease_id, rtype, namespace, kind, id, added_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        params![lease, t, ns, kind, id, now.0],
+    )? > 0)
+}
+
+pub(crate) fn lease_resource_remove(c: &Connection, lease: &str, r: &Resource) -> Result<bool> {
+    let (t, ns, kind, id) = r.columns();
+    Ok(exec(
+        c,
+        "DELETE FROM lease_resources WHERE lease_id = ?1 AND rtype = ?2 AND namespace = ?3 AND kind = ?4 AND id = ?5",
+        params![lease, t, ns, kind, id],
+    )? > 0)
+}
+
+pub(crate) fn lease_resources_of(c: &Connection, lease: &str) -> Result<Vec<Resource>> {
+    let mut s = c
+        .prepare_cached(
+            "SELECT rtype, namespace, kind, id FROM lease_resources WHERE lease_id = ?1
+             ORDER BY rtype, namespace, kind, id",
+        )
+        .map_err(map_err)?;
+    let raws = s
+        .query_map([lease], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })
+        .map_err(map_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(map_err)?;
+    raws.into_iter()
+        .map(|(t, ns, k, id)| Resource::from_columns(&t, ns, k, id))
+        .collect()
+}
+
+pub(crate) fn blob_meta_read(c: &Connection, digest: &str) -> Result<Option<BlobInfo>> {
+    let raw = c
+        .prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE digest = ?1"))
+        .and_then(|mut s| s.query_row([digest], blob_row).optional())
+        .map_err(map_err)?;
+    raw.map(blob_from).transpose()
+}
+
+pub(crate) fn blob_list(
+    c: &Connection,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<BlobInfo>> {
+    let mut s = c
+        .prepare_cached(&format!(
+            "SELECT {BLOB_COLS} FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2"
+        ))
+        .map_err(map_err)?;
+    let raws = s
+        .query_map(params![after.unwrap_or(""), limit as i64], blob_row)
+        .map_err(map_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(map_err)?;
+    raws.into_iter().map(blob_from).collect()
+}
+
+pub(crate) fn blob_meta_put(c: &Connection, b: &BlobInfo, revision: Revision) -> Result<()> {
+    exec(
+        c,
+        "INSERT INTO blobs (digest, size, labels, created_at, updated_at, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (digest) DO UPDATE SET labels = excluded.labels, updated_at = excluded.updated_at,
+           revision = excluded.revision",
+        params![b.digest, b.size as i64, labels_text(&b.labels), b.created_at.0, b.updated_at.0, revision.0],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn blob_meta_remove(c: &Connection, digest: &str) -> Result<()> {
+    exec(c, "DELETE FROM blobs WHERE digest = ?1", [digest])?;
+    Ok(())
+}
+
+pub(crate) fn changes_after(
+    c: &Connection,
+    after: Revision,
+    limit: usize,
+) -> Result<Vec<(Revision, String, String, String)>> {
+    let mut s = c
+        .prepare_cached(
+            "SELECT max(revision), namespace, kind, id FROM changes WHERE revision > ?1 AND op = 'put'
+             GROUP BY namespace, kind, id LIMIT ?2",
+        )
+        .map_err(map_err)?;
+    let rows = s
+        .query_map(params![after.0, limit as i64], |r| {
+            Ok((Revision(r.get(0)?), r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .map_err(map_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(map_err);
+    rows
+}
+
+fn gc_labels(text: &str) -> Result<Option<Labels>> {
+    if !text.contains(GC_LABEL_PREFIX) {
+        return Ok(None);
+    }
+    let labels = labels_from_text(text)?;
+    Ok(fleetdb_core::gc::has_gc_labels(&labels).then_some(labels))
+}
+
+/// Everything the mark phase needs, in ONE read transaction (a consistent snapshot).
+pub(crate) fn gc_snapshot(c: &Connection) -> Result<GcSnapshot> {
+    c.execute_batch("BEGIN").map_err(map_err)?;
+    let out = gc_snapshot_in(c);
+    let _ = c.execute_batch("COMMIT");
+    out
+}
+
+fn gc_snapshot_in(c: &Connection) -> Result<GcSnapshot> {
+    let revision: i64 = c
+        .query_row(
+            "SELECT max(coalesce((SELECT max(revision) FROM changes), 0),
+                        coalesce((SELECT value FROM fleetdb_meta WHERE key = 'compacted_revision'), 0))",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(map_err)?;
+    let mut snap = GcSnapshot {
+        revision: Revision(revision),
+        kinds: gc_kinds(c)?,
+        ..GcSnapshot::default()
+    };
+    snap.leases = lease_list(c, None, i64::MAX as usize)?;
+    {
+        let mut s = c
+            .prepare("SELECT lease_id, rtype, namespace, kind, id FROM lease_resources")
+            .map_err(map_err)?;
+        let mut rows = s.query([]).map_err(map_err)?;
+        while let Some(r) = rows.next().map_err(map_err)? {
+            let lease: String = r.get(0).map_err(map_err)?;
+            let t: String = r.get(1).map_err(map_err)?;
+            let res = Resource::from_columns(
+                &t,
+                r.get(2).map_err(map_err)?,
+                r.get(3).map_err(map_err)?,
+                r.get(4).map_err(map_err)?,
+            )?;
+            snap.lease_resources.push((lease, res));
+        }
+    }
+    {
+        let mut s = c
+            .prepare("SELECT namespace, kind, id, revision, labels FROM objects")
+            .map_err(map_err)?;
+        let mut rows = s.query([]).map_err(map_err)?;
+        while let Some(r) = rows.next().map_err(map_err)? {
+            let labels: String = r.get(4).map_err(map_err)?;
+            snap.objects.push((
+                ObjectKey {
+                    namespace: r.get(0).map_err(map_err)?,
+                    kind: r.get(1).map_err(map_err)?,
+                    id: r.get(2).map_err(map_err)?,
+                },
+                Revision(r.get(3).map_err(map_err)?),
+                gc_labels(&labels)?,
+            ));
+        }
+    }
+    {
+        let mut s = c
+            .prepare("SELECT digest, revision, labels FROM blobs")
+            .map_err(map_err)?;
+        let mut rows = s.query([]).map_err(map_err)?;
+        while let Some(r) = rows.next().map_err(map_err)? {
+            let labels: String = r.get(2).map_err(map_err)?;
+            snap.blobs.push((
+                r.get(0).map_err(map_err)?,
+                Revision(r.get(1).map_err(map_err)?),
+                gc_labels(&labels)?,
+            ));
+        }
+    }
+    {
+        // Content-store blobs named by retained deploys' trees.
+        let mut s = c
+            .prepare("SELECT meta FROM world WHERE space = ?1 AND meta IS NOT NULL")
+            .map_err(map_err)?;
+        let mut rows = s.query([Space::Deploy.as_str()]).map_err(map_err)?;
+        while let Some(r) = rows.next().map_err(map_err)? {
+            let meta: String = r.get(0).map_err(map_err)?;
+            if let Ok(m) = serde_json::from_str::<fleetdb_core::world::DeployMeta>(&meta) {
+                snap.world_blobs
+                    .extend(m.files.into_iter().map(|f| f.digest));
+            }
+        }
+    }
+    Ok(snap)
+}

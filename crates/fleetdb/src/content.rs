@@ -1,0 +1,270 @@
+//! The content store: content-addressed blobs (sha256) written through resumable, expiring
+//! uploads ("ingests"), with the expected digest and size verified before anything is committed.
+//!
+//! ```no_run
+//! # async fn demo(store: fleetdb::Store) -> fleetdb::Result<()> {
+//! let info = store.blob_put(b"hello", Default::default(), None).await?;
+//! assert_eq!(store.blob_get(&info.digest).await?, b"hello");
+//!
+//! // Streaming, resumable: the same reference continues where the upload stands.
+//! let mut w = store.blob_writer("upload-1", None, None).await?;
+//! w.write(b"large ").await?;
+//! w.write(b"content").await?;
+//! let info = w.commit(Default::default()).await?;
+//! # Ok(()) }
+//! ```
+
+use fleetdb_core::content::{IngestStatus, INGEST_TTL_DEFAULT, INGEST_WRITE_BYTES_MAX};
+use fleetdb_core::gc::BlobInfo;
+use fleetdb_core::world::{sha256_digest, validate_digest};
+use fleetdb_core::{validate, Error, Labels, Op, Page, Result};
+use sha2::Digest as _;
+
+use crate::Store;
+
+/// Blobs a listing returns at most per page.
+pub const BLOB_LIST_PAGE_MAX: usize = 1_000;
+
+/// An upload in progress: write its bytes in order, then commit (verified) or abort. Dropping
+/// it leaves the upload to be resumed (or to expire).
+pub struct BlobWriter {
+    store: Store,
+    status: IngestStatus,
+    lease: Option<String>,
+    /// The hash of everything written, when this writer saw it all (started at offset 0).
+    hasher: Option<sha2::Sha256>,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("status", &self.status)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+fn check_lease(lease: Option<&str>) -> Result<()> {
+    if let Some(l) = lease {
+        validate::name("lease id", l)?;
+    }
+    Ok(())
+}
+
+impl BlobWriter {
+    /// Where the upload stands (`offset`: the bytes received so far).
+    pub fn status(&self) -> &IngestStatus {
+        &self.status
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.status.offset
+    }
+
+    /// Append `data` (sent in pieces of at most [`INGEST_WRITE_BYTES_MAX`]); each piece is
+    /// durable when its call returns.
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        for piece in data.chunks(INGEST_WRITE_BYTES_MAX) {
+            let now = self.store.clock.now();
+            self.status = self
+                .store
+                .backend
+                .ingest_write(&self.status.reference, self.status.offset, piece, now)
+                .await?;
+            if let Some(h) = &mut self.hasher {
+                h.update(piece);
+            }
+        }
+        Ok(())
+    }
+
+    /// Verify and commit the upload as a blob with these labels (added to the writer's lease,
+    /// if any). The digest and size are the expected ones given at the start, or computed from
+    /// what this writer wrote. A mismatch commits nothing and keeps the upload.
+    pub async fn commit(self, labels: Labels) -> Result<BlobInfo> {
+        let (digest, size) = match (&self.status.expected_digest, self.status.expected_size) {
+            (Some(d), Some(s)) => (d.clone(), s),
+            _ => match &self.hasher {
+                Some(h) => (
+                    format!("sha256:{}", hex(&h.clone().finalize())),
+                    self.status.offset,
+                ),
+                None => {
+                    return Err(Error::invalid(
+                        "blob digest",
+                        "",
+                        "a resumed upload started without an expected digest must be committed with commit_as(digest, size, labels)",
+                    ))
+                }
+            },
+        };
+        self.commit_as(&digest, size, labels).await
+    }
+
+    /// Verify the upload against `digest` and `size` and commit it.
+    pub async fn commit_as(self, digest: &str, size: u64, labels: Labels) -> Result<BlobInfo> {
+        validate_digest(digest)?;
+        validate::user_labels(&labels)?;
+        self.store.ready().await?;
+        let now = self.store.clock.now();
+        let info = self
+            .store
+            .backend
+            .ingest_commit(
+                &self.status.reference,
+                digest,
+                size,
+                labels,
+                self.lease.as_deref(),
+                now,
+            )
+            .await?;
+        self.store.committed();
+        Ok(info)
+    }
+
+    /// Drop the upload and its bytes.
+    pub async fn abort(self) -> Result<()> {
+        self.store
+            .backend
+            .ingest_abort(&self.status.reference)
+            .await
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+impl Store {
+    /// Start an upload under `reference`, or resume the one in progress (its `offset` says where
+    /// to continue). `expected` (digest, size) is checked at commit; a resumed upload must agree
+    /// with what it was started with. The upload expires [`INGEST_TTL_DEFAULT`] after it was
+    /// started or last resumed (an expired upload is swept, or started over when resumed).
+    pub async fn blob_writer(
+        &self,
+        reference: &str,
+        expected: Option<(&str, u64)>,
+        lease: Option<&str>,
+    ) -> Result<BlobWriter> {
+        fleetdb_core::content::validate_ingest_ref(reference)?;
+        if let Some((d, _)) = expected {
+            validate_digest(d)?;
+        }
+        check_lease(lease)?;
+        self.ready().await?;
+        let now = self.clock.now();
+        let status = self
+            .backend
+            .ingest_start(reference, expected, now, now + INGEST_TTL_DEFAULT)
+            .await?;
+        let hasher = (status.offset == 0).then(sha2::Sha256::new);
+        Ok(BlobWriter {
+            store: self.clone(),
+            status,
+            lease: lease.map(str::to_string),
+            hasher,
+        })
+    }
+
+    /// Store `bytes` as a blob (its digest computed here), optionally under a lease.
+    pub async fn blob_put(
+        &self,
+        bytes: &[u8],
+        labels: Labels,
+        lease: Option<&str>,
+    ) -> Result<BlobInfo> {
+        validate::user_labels(&labels)?;
+        let digest = sha256_digest(bytes);
+        let reference = format!("put-{}", uuid::Uuid::new_v4());
+        let mut w = self
+            .blob_writer(&reference, Some((&digest, bytes.len() as u64)), lease)
+            .await?;
+        let written = w.write(bytes).await;
+        let committed = match written {
+            Ok(()) => w.commit(labels).await,
+            Err(e) => Err(e),
+        };
+        if committed.is_err() {
+            // Best effort: the upload would expire anyway.
+            let _ = self.backend.ingest_abort(&reference).await;
+        }
+        committed
+    }
+
+    /// The whole blob. `NotFound` if it is not stored.
+    pub async fn blob_get(&self, digest: &str) -> Result<Vec<u8>> {
+        self.blob_read_range(digest, 0, None).await
+    }
+
+    /// `len` bytes (or up to the end) from `offset`.
+    pub async fn blob_read_range(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<Vec<u8>> {
+        validate_digest(digest)?;
+        self.ready().await?;
+        self.backend.blob_read(digest, offset, len).await
+    }
+
+    pub async fn blob_info(&self, digest: &str) -> Result<Option<BlobInfo>> {
+        validate_digest(digest)?;
+        self.ready().await?;
+        self.backend.blob_info(digest).await
+    }
+
+    /// Blobs ordered by digest, after `after`, at most `limit` (up to [`BLOB_LIST_PAGE_MAX`]);
+    /// `next` is the cursor of the next page.
+    pub async fn blob_list(&self, after: Option<&str>, limit: usize) -> Result<Page<BlobInfo>> {
+        if let Some(a) = after {
+            validate_digest(a)?;
+        }
+        if limit == 0 || limit > BLOB_LIST_PAGE_MAX {
+            return Err(Error::invalid(
+                "limit",
+                limit.to_string(),
+                format!("must be 1 to {BLOB_LIST_PAGE_MAX}"),
+            ));
+        }
+        self.ready().await?;
+        let items = self.backend.blob_list(after, limit).await?;
+        let next = (items.len() == limit)
+            .then(|| items.last().map(|b| b.digest.clone()))
+            .flatten();
+        Ok(Page { items, next })
+    }
+
+    /// Delete a blob: its metadata (one committed write), then its bytes. `NotFound` if it is
+    /// not stored.
+    pub async fn blob_delete(&self, digest: &str) -> Result<()> {
+        validate_digest(digest)?;
+        self.write(vec![Op::BlobDelete {
+            digest: digest.to_string(),
+        }])
+        .await?;
+        // If this fails, the bytes are orphans: the collector's orphan pass removes them.
+        if let Err(e) = self.backend.blob_remove_bytes(&[digest.to_string()]).await {
+            tracing::warn!(%digest, error = %e, "removing a deleted blob's bytes failed; the next collection will");
+        }
+        Ok(())
+    }
+
+    /// Uploads in progress.
+    pub async fn ingest_list(&self) -> Result<Vec<IngestStatus>> {
+        self.ready().await?;
+        self.backend.ingest_list().await
+    }
+
+    /// Drop an upload in progress and its bytes.
+    pub async fn ingest_abort(&self, reference: &str) -> Result<()> {
+        fleetdb_core::content::validate_ingest_ref(reference)?;
+        self.ready().await?;
+        self.backend.ingest_abort(reference).await
+    }
+}
