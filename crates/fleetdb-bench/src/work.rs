@@ -133,6 +133,10 @@ pub struct WorkArgs {
     /// order, so random ids make the queue unordered).
     #[arg(long)]
     pub random_ids: bool,
+    /// One-at-a-time: workers finish and claim the next in one call (`Work::finish_and_claim`)
+    /// instead of a finish and then a claim.
+    #[arg(long)]
+    pub finish_and_claim: bool,
     /// Burn-down: objects made eligible before the workers start.
     #[arg(long, default_value_t = 50_000)]
     pub burndown: usize,
@@ -410,6 +414,13 @@ mod counted_impl {
         }
         async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
             timed!(self, claim, self.inner.claim(req))
+        }
+        async fn commit_then_claim(
+            &self,
+            batch: Batch,
+            claim: ClaimRequest,
+        ) -> Result<(Vec<OpResult>, Vec<WorkInfo>)> {
+            timed!(self, claim, self.inner.commit_then_claim(batch, claim))
         }
         async fn session_renew(
             &self,
@@ -1103,13 +1114,19 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
     for session in &sessions {
         let session = session.clone();
         let (stop, sent, errors) = (stop.clone(), sent.clone(), errors.clone());
+        let finish_and_claim = args.finish_and_claim;
         workers.spawn(async move {
             let mut rec = WorkerRec::default();
+            let mut next: Vec<fleetdb::Work> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let asked = Instant::now();
-                let got = session
-                    .claim_wait(PROCESS, SELECTOR, 1, CLAIM_WAIT_TIMEOUT)
-                    .await;
+                let got = if next.is_empty() {
+                    session
+                        .claim_wait(PROCESS, SELECTOR, 1, CLAIM_WAIT_TIMEOUT)
+                        .await
+                } else {
+                    Ok(std::mem::take(&mut next))
+                };
                 let got_wall = now_micros();
                 let got_at = Instant::now();
                 let mut works = match got {
@@ -1140,12 +1157,25 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
                     }
                 }
                 let f0 = Instant::now();
-                let r = work
-                    .finish(|tx| {
+                let r = if finish_and_claim {
+                    work.finish_and_claim(
+                        |tx| {
+                            let key = key.clone();
+                            async move { tx.tag_delete(&key, ELIGIBLE) }
+                        },
+                        PROCESS,
+                        SELECTOR,
+                        1,
+                    )
+                    .await
+                    .map(|((), claimed)| next = claimed)
+                } else {
+                    work.finish(|tx| {
                         let key = key.clone();
                         async move { tx.tag_delete(&key, ELIGIBLE) }
                     })
-                    .await;
+                    .await
+                };
                 let done = Instant::now();
                 match r {
                     Ok(()) => {

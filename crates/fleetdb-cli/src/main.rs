@@ -1,6 +1,7 @@
 //! `fleetdb`: the operator CLI. Every command is a thin shell over `fleetdb::Store`; validation
 //! and errors come from the library, so the CLI and the API can never disagree.
 
+mod gc_cmd;
 mod output;
 mod work_cmd;
 mod world_cmd;
@@ -99,6 +100,15 @@ enum Command {
     Schedule(world_cmd::ScheduleCmd),
     /// Live sessions (host, component, runtime info).
     Members,
+    /// Leases: hold objects and blobs alive until deleted or expired.
+    #[command(subcommand)]
+    Lease(gc_cmd::LeaseCmd),
+    /// The content store: content-addressed blobs (sha256).
+    #[command(subcommand)]
+    Blob(gc_cmd::BlobCmd),
+    /// Garbage collection: collectable kinds, runs and their stats.
+    #[command(subcommand)]
+    Gc(gc_cmd::GcCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -512,6 +522,9 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
         Command::Deploy(cmd) => world_cmd::deploy(store, fmt, cmd).await,
         Command::Schedule(cmd) => world_cmd::schedule(store, fmt, cmd).await,
         Command::Members => world_cmd::members(store, fmt).await,
+        Command::Lease(cmd) => gc_cmd::lease(store, fmt, ns, cmd).await,
+        Command::Blob(cmd) => gc_cmd::blob(store, fmt, cmd).await,
+        Command::Gc(cmd) => gc_cmd::gc(store, fmt, cmd).await,
         Command::Migrate(cmd) => {
             let status = match cmd {
                 MigrateCmd::Status => store.schema_status().await?,
@@ -671,4 +684,13 @@ async fn object_ls(store: &Store, fmt: Format, ns: &str, args: ObjectLs) -> Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_definitions_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

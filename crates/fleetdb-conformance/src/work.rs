@@ -1292,3 +1292,73 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
         "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, expired {expired}"
     );
 }
+
+pub async fn finish_and_claim_finishes_then_claims_the_next(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let keys = machines(h, 3).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut first = s
+        .claim("P", "kind = machine", 1)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let k1 = first.key().clone();
+    // A failing closure: nothing happens, the claim stays held, nothing more is claimed.
+    let err = first
+        .finish_and_claim(
+            |_tx| async { Err::<(), _>(Error::invalid("test", "x", "refused on purpose")) },
+            "P",
+            "kind = machine",
+            1,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }));
+    assert_eq!(st.work_list(None, 10).await.unwrap().len(), 1);
+    // The real thing: the writes, the release and the next claim.
+    let (value, mut next) = first
+        .finish_and_claim(
+            |tx| {
+                let k1 = k1.clone();
+                async move {
+                    tx.tag_set(&k1, "done", &serde_json::json!(true))?;
+                    Ok(7)
+                }
+            },
+            "P",
+            "kind = machine and not has(done)",
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(value, 7);
+    assert_eq!(next.len(), 1);
+    let n = next.pop().unwrap();
+    assert_ne!(n.key(), &k1);
+    assert!(n.token() > first.token(), "fencing tokens keep increasing");
+    assert_eq!(
+        events(h, &k1)
+            .await
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect::<Vec<_>>(),
+        [WorkEvent::Started, WorkEvent::Finished]
+    );
+    assert!(st.tag_get(&k1, "done").await.unwrap().is_some());
+    assert_eq!(keys.len(), 3);
+    // A finished claim cannot be finished again; a lost one claims nothing.
+    let mut n = n;
+    st.work_cancel(n.key(), "P").await.unwrap();
+    assert!(matches!(
+        n.finish_and_claim(|_tx| async { Ok(()) }, "P", "kind = machine", 1)
+            .await,
+        Err(Error::WorkLost { .. })
+    ));
+    assert_eq!(
+        st.work_list(None, 10).await.unwrap().len(),
+        0,
+        "nothing claimed"
+    );
+}

@@ -116,6 +116,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     // ---- sessions and work ----
 
+    /// Commit `batch`, then (only if it committed) run `claim`: a worker's "finish this, give me
+    /// the next". A backend with a single writer does both in one round trip to it; the default
+    /// runs them one after the other. A claim failure after the commit yields no work, not an
+    /// error (like a selector claim that found nothing).
+    async fn commit_then_claim(
+        &self,
+        batch: Batch,
+        claim: ClaimRequest,
+    ) -> Result<(Vec<OpResult>, Vec<WorkInfo>)> {
+        let results = self.commit(batch).await?;
+        let claimed = self.claim(claim).await.unwrap_or_default();
+        Ok((results, claimed))
+    }
+
     /// Claim work atomically (see [`crate::apply::apply_claim`]). `Conflict` only for a claim of one
     /// named object that is taken; a selector claim returns what it could get (maybe nothing).
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>>;

@@ -456,6 +456,22 @@ impl Backend for SqliteBackend {
         self.read(current_revision)
     }
 
+    async fn commit_then_claim(
+        &self,
+        batch: Batch,
+        claim: ClaimRequest,
+    ) -> Result<(Vec<OpResult>, Vec<WorkInfo>)> {
+        match self
+            .write(writer::Write::BatchThenClaim(batch, claim))
+            .await?
+        {
+            writer::Written::BatchThenClaim(r, w) => Ok((r, w)),
+            _ => Err(Error::Backend(
+                "the writer answered a batch-then-claim with something else".into(),
+            )),
+        }
+    }
+
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
         match self.write(writer::Write::Claim(req)).await? {
             writer::Written::Claim(r) => Ok(r),

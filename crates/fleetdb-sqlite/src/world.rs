@@ -70,6 +70,8 @@ pub(crate) fn world_scan(c: &Connection, q: &WorldQuery) -> Result<Vec<WorldReco
     raws.into_iter().map(world_from).collect()
 }
 
+/// Insert or update a record. scope, owner, kind, name and target are functions of the key (see
+/// `Space`), so an update leaves them, and the indexes on them, untouched.
 pub(crate) fn world_write(c: &Connection, r: &WorldRecord, revision: Revision) -> Result<()> {
     let create = if r.create_revision == Revision(0) {
         revision
@@ -78,8 +80,7 @@ pub(crate) fn world_write(c: &Connection, r: &WorldRecord, revision: Revision) -
     };
     c.prepare_cached(&format!(
         "INSERT INTO world ({WORLD_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-         ON CONFLICT (space, key) DO UPDATE SET scope = excluded.scope, owner = excluded.owner,
-           kind = excluded.kind, name = excluded.name, target = excluded.target, data = excluded.data,
+         ON CONFLICT (space, key) DO UPDATE SET data = excluded.data,
            meta = excluded.meta, session_id = excluded.session_id, expires_at = excluded.expires_at,
            create_revision = excluded.create_revision, revision = excluded.revision,
            created_at = excluded.created_at, updated_at = excluded.updated_at"

@@ -32,14 +32,23 @@ const GROUP_ATTEMPTS_MAX: u32 = 5;
 pub(crate) enum Write {
     Batch(Batch),
     Claim(ClaimRequest),
-    Renew { ids: Vec<String>, now: Timestamp },
-    Sweep { now: Timestamp, limit: usize },
+    /// A batch, then (if it applied) a claim, in the same savepoint.
+    BatchThenClaim(Batch, ClaimRequest),
+    Renew {
+        ids: Vec<String>,
+        now: Timestamp,
+    },
+    Sweep {
+        now: Timestamp,
+        limit: usize,
+    },
 }
 
 /// What a [`Write`] returns.
 pub(crate) enum Written {
     Batch(Vec<OpResult>),
     Claim(Vec<WorkInfo>),
+    BatchThenClaim(Vec<OpResult>, Vec<WorkInfo>),
     Renew(Vec<(String, Timestamp)>),
     Sweep(u64),
 }
@@ -168,6 +177,14 @@ fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Wr
         Write::Claim(req) => {
             let mut rows = SqliteRows { conn: c, revision };
             futures::executor::block_on(apply_claim(&mut rows, req)).map(Written::Claim)
+        }
+        Write::BatchThenClaim(batch, req) => {
+            let mut rows = SqliteRows { conn: c, revision };
+            futures::executor::block_on(async {
+                let results = apply_batch(&mut rows, batch).await?;
+                let claimed = apply_claim(&mut rows, req).await?;
+                Ok(Written::BatchThenClaim(results, claimed))
+            })
         }
         Write::Renew { ids, now } => crate::work::session_renew(c, ids, *now).map(Written::Renew),
         Write::Sweep { now, limit } => {

@@ -192,7 +192,11 @@ impl Store {
     ) -> Result<Page<Lease>> {
         self.ready().await?;
         check_limit(limit)?;
-        let reqs: Vec<LabelRequirement> = parse_label_selector(selector)?;
+        let reqs: Vec<LabelRequirement> = if selector.trim().is_empty() {
+            Vec::new()
+        } else {
+            parse_label_selector(selector)?
+        };
         let mut items = Vec::new();
         let mut cursor = after.map(str::to_string);
         let next = loop {

@@ -618,10 +618,26 @@ impl Store {
     /// alive, and how work is finished together with the caller's writes.
     pub(crate) async fn txn_with<T, F, Fut>(
         &self,
-        mut f: F,
+        f: F,
         pre: Vec<Precondition>,
         post: Vec<Op>,
     ) -> Result<T>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        Ok(self.txn_then_claim(f, pre, post, None).await?.0)
+    }
+
+    /// [`Store::txn_with`], then (when `claim` is given) a claim in the same backend call once
+    /// the batch committed: a worker's "finish this, give me the next" in one writer round trip.
+    pub(crate) async fn txn_then_claim<T, F, Fut>(
+        &self,
+        mut f: F,
+        pre: Vec<Precondition>,
+        post: Vec<Op>,
+        claim: Option<fleetdb_core::work::ClaimRequest>,
+    ) -> Result<(T, Vec<WorkInfo>)>
     where
         F: FnMut(Txn) -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -642,20 +658,28 @@ impl Store {
                 Err(e) => return Err(e),
             };
             let mut batch = tx.into_batch();
-            if batch.ops.is_empty() && post.is_empty() {
-                return Ok(out); // read-only: the reads were consistent (checked as they were recorded)
+            if batch.ops.is_empty() && post.is_empty() && claim.is_none() {
+                return Ok((out, Vec::new())); // read-only: the reads were consistent (checked as they were recorded)
             }
             batch.preconditions.splice(0..0, pre.iter().cloned());
             batch.ops.extend(post.iter().cloned());
             batch.validate(&self.limits)?;
-            match self.backend.commit(batch).await {
-                Ok(results) => {
+            let committed = match &claim {
+                None => self.backend.commit(batch).await.map(|r| (r, Vec::new())),
+                Some(req) => {
+                    let mut req = req.clone();
+                    req.now = batch.now;
+                    self.backend.commit_then_claim(batch, req).await
+                }
+            };
+            match committed {
+                Ok((results, claimed)) => {
                     self.metrics.transactions_executed.inc();
                     self.gc.note(&results);
                     if results.iter().any(|r| r.changed) {
                         self.committed();
                     }
-                    return Ok(out);
+                    return Ok((out, claimed));
                 }
                 Err(e @ Error::Conflict { .. }) => {
                     self.metrics.transactions_retried.inc();

@@ -337,12 +337,13 @@ impl Session {
         self.note(r)
     }
 
-    async fn claim_target(
+    /// Validate a claim and build its request.
+    fn claim_request(
         &self,
         process: &str,
         target: ClaimTarget,
         limit: usize,
-    ) -> Result<Vec<Work>> {
+    ) -> Result<ClaimRequest> {
         self.check()?;
         fleetdb_core::validate::name("process", process)?;
         if limit == 0 || limit > CLAIM_BATCH_MAX {
@@ -352,14 +353,45 @@ impl Session {
                 format!("must be between 1 and {CLAIM_BATCH_MAX}"),
             ));
         }
-        self.store.ready().await?;
-        let req = ClaimRequest {
+        if let ClaimTarget::Selector(text) = &target {
+            fleetdb_core::selector::Selector::parse(text)?;
+        }
+        Ok(ClaimRequest {
             session_id: self.id().to_string(),
             process: process.to_string(),
             target,
             limit,
             now: self.store.clock.now(),
-        };
+        })
+    }
+
+    /// Wrap claimed rows as [`Work`] and count them.
+    fn claimed(&self, process: &str, claimed: Vec<WorkInfo>) -> Vec<Work> {
+        if !claimed.is_empty() {
+            self.store
+                .metrics
+                .work_started
+                .with_label_values(&[process])
+                .inc_by(claimed.len() as u64);
+        }
+        claimed
+            .into_iter()
+            .map(|info| Work {
+                session: self.clone(),
+                info,
+                done: false,
+            })
+            .collect()
+    }
+
+    async fn claim_target(
+        &self,
+        process: &str,
+        target: ClaimTarget,
+        limit: usize,
+    ) -> Result<Vec<Work>> {
+        let req = self.claim_request(process, target, limit)?;
+        self.store.ready().await?;
         let by_selector = matches!(req.target, ClaimTarget::Selector(_));
         let claimed = match self.store.backend.claim(req).await {
             // Under heavy contention (PostgreSQL serialization failures on every attempt) a
@@ -372,21 +404,7 @@ impl Session {
             }
             r => self.note(r)?,
         };
-        if !claimed.is_empty() {
-            self.store
-                .metrics
-                .work_started
-                .with_label_values(&[process])
-                .inc_by(claimed.len() as u64);
-        }
-        Ok(claimed
-            .into_iter()
-            .map(|info| Work {
-                session: self.clone(),
-                info,
-                done: false,
-            })
-            .collect())
+        Ok(self.claimed(process, claimed))
     }
 
     /// Claim up to `limit` objects matching `selector` for `process`: objects no live session
@@ -394,7 +412,6 @@ impl Session {
     /// it got (possibly nothing); objects taken concurrently are skipped, not an error (a claim
     /// that keeps colliding with concurrent claims until its retries run out returns nothing).
     pub async fn claim(&self, process: &str, selector: &str, limit: usize) -> Result<Vec<Work>> {
-        fleetdb_core::selector::Selector::parse(selector)?;
         self.claim_target(process, ClaimTarget::Selector(selector.to_string()), limit)
             .await
     }
@@ -592,6 +609,43 @@ impl Work {
         let out = self.count_end("finished", out)?;
         self.done = true;
         Ok(out)
+    }
+
+    /// [`Work::finish`], then claim up to `limit` more objects matching `selector` for
+    /// `process` — in ONE round trip to the embedded store's writer (one transaction: the
+    /// finish, then the claim). A worker's loop "finish this, give me the next" so costs one
+    /// write instead of two. If the finish fails, nothing happened (the claim is still held) and
+    /// nothing was claimed; a claim that fails after the finish committed returns no work.
+    pub async fn finish_and_claim<T, F, Fut>(
+        &mut self,
+        f: F,
+        process: &str,
+        selector: &str,
+        limit: usize,
+    ) -> Result<(T, Vec<Work>)>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.check_open()?;
+        let req = self.session.claim_request(
+            process,
+            ClaimTarget::Selector(selector.to_string()),
+            limit,
+        )?;
+        let pre = vec![Precondition::SessionAlive {
+            session_id: self.info.session_id.clone(),
+        }];
+        let post = vec![self.release_op(Outcome::Finished)];
+        let out = self
+            .session
+            .store
+            .txn_then_claim(f, pre, post, Some(req))
+            .await;
+        let out = self.lost_if_expired(out);
+        let (value, claimed) = self.count_end("finished", out)?;
+        self.done = true;
+        Ok((value, self.session.claimed(process, claimed)))
     }
 
     /// A `SessionExpired` while ending a claim means the claim is lost.

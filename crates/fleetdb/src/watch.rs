@@ -170,7 +170,8 @@ pub enum WatchEvent {
     /// snapshot already reflects is not repeated.
     Snapshot {
         revision: Revision,
-        items: Vec<Change>,
+        /// Shared, so that an event stays one pointer wide in every watcher's buffer.
+        items: Arc<Vec<Change>>,
     },
     Change(Arc<Change>),
     /// Nothing new up to `revision`: a consumer may resume from here.
@@ -374,7 +375,7 @@ impl Store {
                     .collect();
                 tx.try_send(WatchEvent::Snapshot {
                     revision: settled,
-                    items,
+                    items: Arc::new(items),
                 })
                 .map_err(|_| Error::Backend("a new watch buffer was full".into()))?;
                 (settled, Some(keys))

@@ -67,3 +67,14 @@ async fn idle_watches_get_progress_with_the_current_revision() {
         assert!(tokio::time::Instant::now() < deadline, "no progress event");
     }
 }
+
+#[test]
+fn a_buffered_event_is_small() {
+    // Each watcher's buffer holds events by value: keep them a few words wide (memory per idle
+    // watcher is a goal of its own).
+    assert!(
+        std::mem::size_of::<WatchEvent>() <= 24,
+        "{}",
+        std::mem::size_of::<WatchEvent>()
+    );
+}
