@@ -468,6 +468,20 @@ pub async fn kv_get_set_cas_delete(h: &Harness) {
         .map(|e| e.key)
         .collect();
     assert_eq!(listed, ["p/1", "p/2"]);
+    // A plain overwrite keeps the creation revision and logs the previous value.
+    let first = s.kv_set("over", "one").await.unwrap().item;
+    let second = s.kv_set("over", "two").await.unwrap().item;
+    assert_eq!(second.create_revision, first.revision);
+    assert!(second.revision > first.revision);
+    let log = s
+        .changes(first.revision, &fleetdb::ChangeFilter::default(), 10)
+        .await
+        .unwrap();
+    let c = log.iter().find(|c| c.id == "over").unwrap();
+    assert_eq!(c.old_value.as_ref().unwrap()["value"], "one");
+    assert_eq!(c.new_value.as_ref().unwrap()["value"], "two");
+    assert_eq!(c.revision, second.revision);
+    assert_eq!(s.kv_get("over").await.unwrap().unwrap(), second);
 }
 
 pub async fn per_host_maps_are_separate_from_keys(h: &Harness) {

@@ -232,6 +232,45 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Err(self.unsupported("garbage collection"))
     }
 
+    /// Every distinct (namespace, kind, id) written by a `put` change with a revision in
+    /// `(after, upto]`, with its latest revision, at most `limit` (the collector protects, between
+    /// its sweep transactions, what changed since its mark). `Compacted` if `after` is older than
+    /// the compaction point. The default reads [`Backend::changes`].
+    async fn gc_changed(
+        &self,
+        after: Revision,
+        upto: Revision,
+        limit: usize,
+    ) -> Result<Vec<(Revision, String, String, String)>> {
+        let mut latest: std::collections::HashMap<(String, String, String), Revision> =
+            std::collections::HashMap::new();
+        let mut cursor = after;
+        const PAGE: usize = 10_000;
+        'pages: while cursor < upto {
+            let page = self.changes(cursor, &ChangeFilter::default(), PAGE).await?;
+            let full = page.len() >= PAGE;
+            for c in page {
+                if c.revision > upto {
+                    break 'pages;
+                }
+                cursor = c.revision;
+                if c.op == ChangeOp::Put {
+                    latest.insert((c.namespace, c.kind, c.id), c.revision);
+                    if latest.len() >= limit {
+                        break 'pages;
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(latest
+            .into_iter()
+            .map(|((ns, kind, id), rev)| (rev, ns, kind, id))
+            .collect())
+    }
+
     /// Start (or resume) an upload under `reference`: returns where it stands (its offset).
     async fn ingest_start(
         &self,
@@ -507,6 +546,38 @@ pub trait TxRows: Send {
         Err(tx_unsupported("garbage collection"))
     }
 
+    /// The collector's set-based sweep of objects: delete, in one go, those of `keys` that exist
+    /// with a revision ≤ `mark` and whose kind is declared collectable NOW, with all their tags.
+    /// Writes NO change-log rows (the caller appends them, [`TxRows::changes_append_many`]).
+    /// Returns `None` when the backend does not implement it (the caller then deletes object by
+    /// object, exactly like `ObjectDelete`).
+    async fn gc_objects_remove(
+        &mut self,
+        keys: &[ObjectKey],
+        mark: Revision,
+    ) -> Result<Option<GcRemoved<RemovedObject>>> {
+        let _ = (keys, mark);
+        Ok(None)
+    }
+    /// The same for blobs' metadata: delete those of `digests` whose revision is ≤ `mark`;
+    /// returns the metadata removed. `None`: not implemented.
+    async fn gc_blobs_remove(
+        &mut self,
+        digests: &[String],
+        mark: Revision,
+    ) -> Result<Option<GcRemoved<BlobInfo>>> {
+        let _ = (digests, mark);
+        Ok(None)
+    }
+    /// Append change-log rows describing rows already written or removed, in order, each with the
+    /// next revision. The default appends them one by one.
+    async fn changes_append_many(&mut self, changes: &[ChangeDraft]) -> Result<()> {
+        for c in changes {
+            self.change_append(c).await?;
+        }
+        Ok(())
+    }
+
     /// Lock an object against concurrent claims until the transaction ends (a backend whose
     /// writes are serialized anyway need not do anything).
     async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {
@@ -520,6 +591,23 @@ fn tx_unsupported(what: &str) -> crate::Error {
         backend: "this backend".into(),
         what: what.to_string(),
     }
+}
+
+/// What a set-based sweep primitive removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcRemoved<T> {
+    pub removed: Vec<T>,
+    /// Candidates that exist but were kept (revision after the mark, or kind not collectable).
+    pub kept: u64,
+}
+
+/// An object removed by [`TxRows::gc_objects_remove`]: its labels and its tags (name and
+/// canonical JSON text, ordered by name), for the change-log rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedObject {
+    pub key: ObjectKey,
+    pub labels: crate::model::Labels,
+    pub tags: Vec<(String, String)>,
 }
 
 /// Work statistics of one process.

@@ -41,19 +41,39 @@ pub enum GcLabel {
     },
 }
 
+/// What a gc label means, borrowing the label's text (the mark phase parses every reference
+/// label of every node: no allocation per label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GcLabelRef<'a> {
+    Root,
+    Expire(Timestamp),
+    Ref { kind: &'a str, target: &'a str },
+}
+
 /// Parse a label under [`GC_LABEL_PREFIX`]. `Ok(None)` for labels outside it; `Invalid` for a
 /// malformed gc label (rejected when written).
 pub fn parse_gc_label(key: &str, value: &str) -> Result<Option<GcLabel>> {
+    Ok(parse_gc_label_ref(key, value)?.map(|l| match l {
+        GcLabelRef::Root => GcLabel::Root,
+        GcLabelRef::Expire(t) => GcLabel::Expire(t),
+        GcLabelRef::Ref { kind, target } => GcLabel::Ref {
+            kind: kind.to_string(),
+            target: target.to_string(),
+        },
+    }))
+}
+
+fn parse_gc_label_ref<'a>(key: &'a str, value: &'a str) -> Result<Option<GcLabelRef<'a>>> {
     if !key.starts_with(GC_LABEL_PREFIX) {
         return Ok(None);
     }
     let bad = |rule: &str| Err(Error::invalid(format!("label {key:?}"), value, rule));
     if key == ROOT_LABEL {
-        return Ok(Some(GcLabel::Root));
+        return Ok(Some(GcLabelRef::Root));
     }
     if key == EXPIRE_LABEL {
         return match parse_rfc3339(value) {
-            Some(t) => Ok(Some(GcLabel::Expire(t))),
+            Some(t) => Ok(Some(GcLabelRef::Expire(t))),
             None => bad("must be an RFC 3339 time, e.g. 2026-12-01T00:00:00Z"),
         };
     }
@@ -93,10 +113,23 @@ pub fn parse_gc_label(key: &str, value: &str) -> Result<Option<GcLabel>> {
     } else if validate::name("id", value).is_err() {
         return bad("a reference's value must be the id of the referenced object");
     }
-    Ok(Some(GcLabel::Ref {
-        kind: kind.to_string(),
-        target: value.to_string(),
+    Ok(Some(GcLabelRef::Ref {
+        kind,
+        target: value,
     }))
+}
+
+/// The (kind, target) of every well-formed reference label, borrowed (labels under
+/// [`REF_PREFIX`] only: a range of the sorted map).
+fn reference_labels(labels: &Labels) -> impl Iterator<Item = (&str, &str)> {
+    use std::ops::Bound;
+    labels
+        .range::<str, _>((Bound::Included(REF_PREFIX), Bound::Unbounded))
+        .take_while(|(k, _)| k.starts_with(REF_PREFIX))
+        .filter_map(|(k, v)| match parse_gc_label_ref(k, v) {
+            Ok(Some(GcLabelRef::Ref { kind, target })) => Some((kind, target)),
+            _ => None,
+        })
 }
 
 fn parse_rfc3339(s: &str) -> Option<Timestamp> {
@@ -232,21 +265,21 @@ pub struct Marked {
 
 /// References of a node with these labels in `namespace`.
 pub fn references(namespace: &str, labels: &Labels) -> Vec<Resource> {
-    labels
-        .iter()
-        .filter_map(|(k, v)| match parse_gc_label(k, v) {
-            Ok(Some(GcLabel::Ref { kind, target })) => Some(if kind == CONTENT_KIND {
-                Resource::Blob { digest: target }
+    reference_labels(labels)
+        .map(|(kind, target)| {
+            if kind == CONTENT_KIND {
+                Resource::Blob {
+                    digest: target.to_string(),
+                }
             } else {
                 Resource::Object {
                     key: ObjectKey {
                         namespace: namespace.to_string(),
-                        kind,
-                        id: target,
+                        kind: kind.to_string(),
+                        id: target.to_string(),
                     },
                 }
-            }),
-            _ => None,
+            }
         })
         .collect()
 }
@@ -265,8 +298,59 @@ pub fn root_by_labels(labels: &Labels, now: Timestamp) -> (bool, Option<Timestam
     }
 }
 
+/// Nodes of the reference graph, interned to dense integer ids (borrowing the snapshot's text).
+/// Objects and blobs of the snapshot come first; then "phantom" nodes: targets of references,
+/// lease resources and World blobs that do not exist (they count as marked, like any node).
+#[derive(Default)]
+struct Nodes<'a> {
+    objects: HashMap<(&'a str, &'a str, &'a str), u32>,
+    blobs: HashMap<&'a str, u32>,
+    count: u32,
+}
+
+impl<'a> Nodes<'a> {
+    fn object(&mut self, namespace: &'a str, kind: &'a str, id: &'a str) -> u32 {
+        let next = &mut self.count;
+        *self
+            .objects
+            .entry((namespace, kind, id))
+            .or_insert_with(|| {
+                *next += 1;
+                *next - 1
+            })
+    }
+
+    fn blob(&mut self, digest: &'a str) -> u32 {
+        let next = &mut self.count;
+        *self.blobs.entry(digest).or_insert_with(|| {
+            *next += 1;
+            *next - 1
+        })
+    }
+
+    fn resource(&mut self, r: &'a Resource) -> u32 {
+        match r {
+            Resource::Object { key } => self.object(&key.namespace, &key.kind, &key.id),
+            Resource::Blob { digest } => self.blob(digest),
+        }
+    }
+
+    /// The node a reference label of a node in `namespace` points at.
+    fn target(&mut self, namespace: &'a str, kind: &'a str, target: &'a str) -> u32 {
+        if kind == CONTENT_KIND {
+            self.blob(target)
+        } else {
+            self.object(namespace, kind, target)
+        }
+    }
+}
+
 /// Mark from the roots and return what is garbage. Pure: the same snapshot and time always give
 /// the same answer.
+///
+/// Lean for millions of nodes: nodes are interned to integer ids borrowing the snapshot's
+/// strings (nothing is cloned but the garbage returned), references are parsed without
+/// allocating, the graph is a compressed adjacency array and the marks a bit per node.
 pub fn mark(snap: &GcSnapshot, now: Timestamp) -> Marked {
     let collectable: HashSet<&str> = snap
         .kinds
@@ -278,11 +362,21 @@ pub fn mark(snap: &GcSnapshot, now: Timestamp) -> Marked {
     let mut deadline = |t: Timestamp| {
         next_deadline = Some(next_deadline.map_or(t, |d: Timestamp| d.min(t)));
     };
-    // Adjacency: node -> references.
-    let mut edges: HashMap<Resource, Vec<Resource>> = HashMap::new();
-    let mut stack: Vec<Resource> = Vec::new();
-    for (key, _, labels) in &snap.objects {
-        let node = Resource::Object { key: key.clone() };
+    let mut nodes = Nodes {
+        objects: HashMap::with_capacity(snap.objects.len()),
+        blobs: HashMap::with_capacity(snap.blobs.len()),
+        count: 0,
+    };
+    let object_ids: Vec<u32> = snap
+        .objects
+        .iter()
+        .map(|(k, _, _)| nodes.object(&k.namespace, &k.kind, &k.id))
+        .collect();
+    let blob_ids: Vec<u32> = snap.blobs.iter().map(|(d, _, _)| nodes.blob(d)).collect();
+    // Edges (source, target) and roots.
+    let mut edges: Vec<(u32, u32)> = Vec::new();
+    let mut stack: Vec<u32> = Vec::new();
+    for ((key, _, labels), &node) in snap.objects.iter().zip(&object_ids) {
         let mut root = !collectable.contains(key.kind.as_str());
         if let Some(l) = labels {
             let (r, d) = root_by_labels(l, now);
@@ -290,27 +384,22 @@ pub fn mark(snap: &GcSnapshot, now: Timestamp) -> Marked {
             if let Some(d) = d {
                 deadline(d);
             }
-            let refs = references(&key.namespace, l);
-            if !refs.is_empty() {
-                edges.insert(node.clone(), refs);
+            for (kind, target) in reference_labels(l) {
+                edges.push((node, nodes.target(&key.namespace, kind, target)));
             }
         }
         if root {
             stack.push(node);
         }
     }
-    for (digest, _, labels) in &snap.blobs {
+    for ((_, _, labels), &node) in snap.blobs.iter().zip(&blob_ids) {
         if let Some(l) = labels {
-            let node = Resource::Blob {
-                digest: digest.clone(),
-            };
             let (r, d) = root_by_labels(l, now);
             if let Some(d) = d {
                 deadline(d);
             }
-            let refs = references("", l);
-            if !refs.is_empty() {
-                edges.insert(node.clone(), refs);
+            for (kind, target) in reference_labels(l) {
+                edges.push((node, nodes.target("", kind, target)));
             }
             if r {
                 stack.push(node);
@@ -318,7 +407,7 @@ pub fn mark(snap: &GcSnapshot, now: Timestamp) -> Marked {
         }
     }
     for d in &snap.world_blobs {
-        stack.push(Resource::Blob { digest: d.clone() });
+        stack.push(nodes.blob(d));
     }
     let mut expired_leases = Vec::new();
     let mut live_leases: HashMap<&str, bool> = HashMap::new();
@@ -332,39 +421,63 @@ pub fn mark(snap: &GcSnapshot, now: Timestamp) -> Marked {
             expired_leases.push(l.id.clone());
         }
     }
-    let mut marked: HashSet<Resource> = HashSet::new();
+    // A flat lease keeps the resource itself: marked, but not a root (what it references is
+    // followed only if the resource is reachable some other way).
+    let mut held: Vec<u32> = Vec::new();
     for (lease, res) in &snap.lease_resources {
         match live_leases.get(lease.as_str()) {
-            Some(true) => {
-                marked.insert(res.clone()); // flat: the resource only
-            }
-            Some(false) => stack.push(res.clone()),
+            Some(true) => held.push(nodes.resource(res)),
+            Some(false) => stack.push(nodes.resource(res)),
             None => {}
         }
     }
-    while let Some(n) = stack.pop() {
-        if !marked.insert(n.clone()) {
+    let n = nodes.count as usize;
+    drop(nodes);
+    // Compressed adjacency: the targets of node i are targets[start[i]..start[i + 1]].
+    let mut start = vec![0u32; n + 1];
+    for &(s, _) in &edges {
+        start[s as usize + 1] += 1;
+    }
+    for i in 0..n {
+        start[i + 1] += start[i];
+    }
+    let mut fill = start.clone();
+    let mut targets = vec![0u32; edges.len()];
+    for &(s, t) in &edges {
+        targets[fill[s as usize] as usize] = t;
+        fill[s as usize] += 1;
+    }
+    drop((edges, fill));
+    let mut reached = vec![false; n];
+    while let Some(v) = stack.pop() {
+        let v = v as usize;
+        if reached[v] {
             continue;
         }
-        if let Some(refs) = edges.get(&n) {
-            stack.extend(refs.iter().filter(|r| !marked.contains(*r)).cloned());
-        }
+        reached[v] = true;
+        let refs = &targets[start[v] as usize..start[v + 1] as usize];
+        stack.extend(refs.iter().filter(|&&t| !reached[t as usize]));
+    }
+    let mut live = reached;
+    for h in held {
+        live[h as usize] = true;
     }
     let garbage_objects = snap
         .objects
         .iter()
-        .filter(|(k, _, _)| collectable.contains(k.kind.as_str()))
-        .filter(|(k, _, _)| !marked.contains(&Resource::Object { key: k.clone() }))
-        .map(|(k, _, _)| k.clone())
+        .zip(&object_ids)
+        .filter(|((k, _, _), &id)| collectable.contains(k.kind.as_str()) && !live[id as usize])
+        .map(|((k, _, _), _)| k.clone())
         .collect();
     let garbage_blobs = snap
         .blobs
         .iter()
-        .filter(|(d, _, _)| !marked.contains(&Resource::Blob { digest: d.clone() }))
-        .map(|(d, _, _)| d.clone())
+        .zip(&blob_ids)
+        .filter(|(_, &id)| !live[id as usize])
+        .map(|((d, _, _), _)| d.clone())
         .collect();
     Marked {
-        live: marked.len(),
+        live: live.iter().filter(|&&m| m).count(),
         garbage_objects,
         garbage_blobs,
         expired_leases,
@@ -505,6 +618,301 @@ mod tests {
         assert_eq!(g, ["c1", "c2", "y"]);
     }
 
+    /// The simple reference the lean [`mark`] is checked against: Resources in hash maps,
+    /// labels parsed with [`parse_gc_label`].
+    fn mark_reference(snap: &GcSnapshot, now: Timestamp) -> Marked {
+        let collectable: HashSet<&str> = snap
+            .kinds
+            .iter()
+            .filter(|k| k.collectable)
+            .map(|k| k.kind.as_str())
+            .collect();
+        let mut next_deadline: Option<Timestamp> = None;
+        let mut deadline = |t: Timestamp| {
+            next_deadline = Some(next_deadline.map_or(t, |d: Timestamp| d.min(t)));
+        };
+        let refs_of = |ns: &str, l: &Labels| -> Vec<Resource> {
+            l.iter()
+                .filter_map(|(k, v)| match parse_gc_label(k, v) {
+                    Ok(Some(GcLabel::Ref { kind, target })) => Some(if kind == CONTENT_KIND {
+                        Resource::Blob { digest: target }
+                    } else {
+                        Resource::Object {
+                            key: ObjectKey {
+                                namespace: ns.to_string(),
+                                kind,
+                                id: target,
+                            },
+                        }
+                    }),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut edges: HashMap<Resource, Vec<Resource>> = HashMap::new();
+        let mut stack: Vec<Resource> = Vec::new();
+        for (key, _, labels) in &snap.objects {
+            let node = Resource::Object { key: key.clone() };
+            let mut root = !collectable.contains(key.kind.as_str());
+            if let Some(l) = labels {
+                let (r, d) = root_by_labels(l, now);
+                root |= r;
+                if let Some(d) = d {
+                    deadline(d);
+                }
+                edges
+                    .entry(node.clone())
+                    .or_default()
+                    .extend(refs_of(&key.namespace, l));
+            }
+            if root {
+                stack.push(node);
+            }
+        }
+        for (digest, _, labels) in &snap.blobs {
+            if let Some(l) = labels {
+                let node = Resource::Blob {
+                    digest: digest.clone(),
+                };
+                let (r, d) = root_by_labels(l, now);
+                if let Some(d) = d {
+                    deadline(d);
+                }
+                edges
+                    .entry(node.clone())
+                    .or_default()
+                    .extend(refs_of("", l));
+                if r {
+                    stack.push(node);
+                }
+            }
+        }
+        for d in &snap.world_blobs {
+            stack.push(Resource::Blob { digest: d.clone() });
+        }
+        let mut expired_leases = Vec::new();
+        let mut live_leases: HashMap<&str, bool> = HashMap::new();
+        for l in &snap.leases {
+            if l.alive_at(now) {
+                if let Some(t) = l.expires_at {
+                    deadline(t);
+                }
+                live_leases.insert(&l.id, l.flat);
+            } else {
+                expired_leases.push(l.id.clone());
+            }
+        }
+        let mut held: HashSet<Resource> = HashSet::new();
+        for (lease, res) in &snap.lease_resources {
+            match live_leases.get(lease.as_str()) {
+                Some(true) => {
+                    held.insert(res.clone());
+                }
+                Some(false) => stack.push(res.clone()),
+                None => {}
+            }
+        }
+        let mut marked: HashSet<Resource> = HashSet::new();
+        while let Some(n) = stack.pop() {
+            if !marked.insert(n.clone()) {
+                continue;
+            }
+            if let Some(refs) = edges.get(&n) {
+                stack.extend(refs.iter().filter(|r| !marked.contains(*r)).cloned());
+            }
+        }
+        marked.extend(held);
+        Marked {
+            live: marked.len(),
+            garbage_objects: snap
+                .objects
+                .iter()
+                .filter(|(k, _, _)| collectable.contains(k.kind.as_str()))
+                .filter(|(k, _, _)| !marked.contains(&Resource::Object { key: k.clone() }))
+                .map(|(k, _, _)| k.clone())
+                .collect(),
+            garbage_blobs: snap
+                .blobs
+                .iter()
+                .filter(|(d, _, _)| !marked.contains(&Resource::Blob { digest: d.clone() }))
+                .map(|(d, _, _)| d.clone())
+                .collect(),
+            expired_leases,
+            next_deadline,
+        }
+    }
+
+    fn dg(i: u8) -> String {
+        format!("sha256:{:064x}", i)
+    }
+
+    /// A gc label for a random snapshot: references (to objects, blobs, nothing that exists,
+    /// malformed), roots and expiries (past and future).
+    fn arb_label() -> impl proptest::strategy::Strategy<Value = (String, String)> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..4u8, 0..6u8, 0..3u8).prop_map(|(k, i, s)| {
+                let kind = ["a", "b", "m", "x"][k as usize];
+                let key = match s {
+                    0 => format!("{REF_PREFIX}{kind}"),
+                    1 => format!("{REF_PREFIX}{kind}.s{i}"),
+                    _ => format!("{REF_PREFIX}{kind}/p/{i}"),
+                };
+                (key, format!("o{i}"))
+            }),
+            (0..5u8, 0..2u8).prop_map(|(i, s)| (
+                if s == 0 {
+                    format!("{REF_PREFIX}content")
+                } else {
+                    format!("{REF_PREFIX}content.c{i}")
+                },
+                dg(i)
+            )),
+            Just((format!("{REF_PREFIX}a"), "bad id!".to_string())),
+            Just((ROOT_LABEL.to_string(), "true".to_string())),
+            (0..3i64).prop_map(|d| (
+                EXPIRE_LABEL.to_string(),
+                format!("2026-01-0{}T00:00:00Z", d + 1)
+            )),
+            Just(("team".to_string(), "infra".to_string())),
+        ]
+    }
+
+    fn arb_snapshot() -> impl proptest::strategy::Strategy<Value = GcSnapshot> {
+        use proptest::collection::{btree_set, vec};
+        use proptest::prelude::*;
+        let labels = || vec(arb_label(), 0..4).prop_map(|v| v.into_iter().collect::<Labels>());
+        let objects = btree_set((0..2u8, 0..4u8, 0..6u8), 0..30).prop_flat_map(move |keys| {
+            let n = keys.len();
+            (Just(keys), vec(labels(), n))
+        });
+        let blobs = btree_set(0..5u8, 0..5).prop_flat_map(move |d| {
+            let n = d.len();
+            (Just(d), vec(labels(), n))
+        });
+        let resource = (0..3u8, 0..2u8, 0..4u8, 0..6u8).prop_map(|(t, ns, k, i)| {
+            if t == 0 {
+                Resource::Blob { digest: dg(i % 5) }
+            } else {
+                Resource::Object {
+                    key: ObjectKey::new(
+                        format!("n{ns}"),
+                        ["a", "b", "m", "x"][k as usize],
+                        format!("o{i}"),
+                    )
+                    .unwrap(),
+                }
+            }
+        });
+        (
+            vec(any::<bool>(), 4),
+            objects,
+            blobs,
+            vec((any::<bool>(), 0..3u8), 0..4),
+            vec((0..5u8, resource), 0..8),
+            vec(0..6u8, 0..2),
+        )
+            .prop_map(|(coll, (keys, ls), (digests, bls), leases, res, world)| {
+                GcSnapshot {
+                    revision: Revision(1),
+                    kinds: ["a", "b", "m", "x"]
+                        .iter()
+                        .zip(coll)
+                        .map(|(k, c)| GcKind {
+                            kind: k.to_string(),
+                            collectable: c,
+                            declared_at: Timestamp::EPOCH,
+                        })
+                        .collect(),
+                    leases: leases
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &(flat, e))| Lease {
+                            id: format!("l{i}"),
+                            labels: Labels::new(),
+                            flat,
+                            expires_at: match e {
+                                0 => None,
+                                1 => Some(Timestamp(0)),
+                                _ => Some(parse_rfc3339("2026-01-03T00:00:00Z").unwrap()),
+                            },
+                            created_at: Timestamp::EPOCH,
+                            revision: Revision(1),
+                        })
+                        .collect(),
+                    lease_resources: res.into_iter().map(|(l, r)| (format!("l{l}"), r)).collect(),
+                    objects: keys
+                        .into_iter()
+                        .zip(ls)
+                        .map(|((ns, k, i), l)| {
+                            (
+                                ObjectKey::new(
+                                    format!("n{ns}"),
+                                    ["a", "b", "m", "x"][k as usize],
+                                    format!("o{i}"),
+                                )
+                                .unwrap(),
+                                Revision(1),
+                                has_gc_labels(&l).then_some(l),
+                            )
+                        })
+                        .collect(),
+                    blobs: digests
+                        .into_iter()
+                        .zip(bls)
+                        .map(|(d, l)| (dg(d), Revision(1), has_gc_labels(&l).then_some(l)))
+                        .collect(),
+                    world_blobs: world.into_iter().map(dg).collect(),
+                }
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn lean_mark_agrees_with_the_reference(snap in arb_snapshot(), day in 0..4i64) {
+            let now = parse_rfc3339("2026-01-01T12:00:00Z").unwrap();
+            let now = Timestamp(now.0 + (day - 1) * 86_400_000_000);
+            proptest::prop_assert_eq!(mark(&snap, now), mark_reference(&snap, now));
+        }
+    }
+
+    #[test]
+    fn a_flat_lease_does_not_stop_a_root_s_references_being_followed() {
+        let snap = GcSnapshot {
+            kinds: vec![GcKind {
+                kind: "b".into(),
+                collectable: true,
+                declared_at: Timestamp::EPOCH,
+            }],
+            leases: vec![Lease {
+                id: "flat".into(),
+                labels: Labels::new(),
+                flat: true,
+                expires_at: None,
+                created_at: Timestamp::EPOCH,
+                revision: Revision(1),
+            }],
+            lease_resources: vec![(
+                "flat".into(),
+                Resource::Object {
+                    key: key("machine", "m"),
+                },
+            )],
+            objects: vec![
+                (
+                    key("machine", "m"),
+                    Revision(1),
+                    Some(labels(&[("fleetdb.io/gc.ref.b", "z")])),
+                ),
+                (key("b", "z"), Revision(1), None),
+            ],
+            ..Default::default()
+        };
+        let m = mark(&snap, Timestamp::EPOCH);
+        assert!(m.garbage_objects.is_empty(), "{m:?}");
+        assert_eq!(m.live, 2);
+    }
+
     #[test]
     fn expiry_is_a_root_until_then_and_sets_the_deadline() {
         let snap = GcSnapshot {
@@ -525,5 +933,71 @@ mod tests {
         assert!(before.garbage_objects.is_empty());
         assert_eq!(before.next_deadline, Some(t));
         assert_eq!(mark(&snap, t).garbage_objects.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// The mark over the benchmark's shape (run with `--release --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn mark_a_million_nodes() {
+        let chains = 200_000;
+        let mut snap = GcSnapshot {
+            kinds: ["image", "layer"]
+                .iter()
+                .map(|k| GcKind {
+                    kind: k.to_string(),
+                    collectable: true,
+                    declared_at: Timestamp::EPOCH,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let r = |k: &str, v: String| -> Option<Labels> {
+            Some([(format!("{REF_PREFIX}{k}"), v)].into_iter().collect())
+        };
+        for c in 0..chains {
+            let d = format!("sha256:{c:064x}");
+            for (kind, id, l) in [
+                ("image", format!("i{c}"), r("layer", format!("a{c}"))),
+                ("layer", format!("a{c}"), r("layer", format!("b{c}"))),
+                ("layer", format!("b{c}"), r("layer", format!("d{c}"))),
+                ("layer", format!("d{c}"), r("content", d.clone())),
+            ] {
+                snap.objects.push((
+                    ObjectKey::new("default", kind, &id).unwrap(),
+                    Revision(0),
+                    l,
+                ));
+            }
+            snap.blobs.push((d, Revision(0), None));
+            if c < chains * 9 / 10 {
+                snap.lease_resources.push((
+                    format!("l{}", c % 10_000),
+                    Resource::Object {
+                        key: ObjectKey::new("default", "image", format!("i{c}")).unwrap(),
+                    },
+                ));
+            }
+        }
+        for i in 0..10_000 {
+            snap.leases.push(Lease {
+                id: format!("l{i}"),
+                labels: Labels::new(),
+                flat: false,
+                expires_at: None,
+                created_at: Timestamp::EPOCH,
+                revision: Revision(0),
+            });
+        }
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let m = mark(&snap, Timestamp::EPOCH);
+            eprintln!("mark: {:?} ({} live)", t.elapsed(), m.live);
+            assert_eq!(m.garbage_objects.len(), 80_000);
+        }
     }
 }

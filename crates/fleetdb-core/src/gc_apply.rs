@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::apply::{apply_op_pub, draft};
-use crate::backend::{ChangeDraft, TxRows};
+use crate::backend::{ChangeDraft, GcRemoved, TxRows};
 use crate::batch::{Applied, Op, OpResult};
 use crate::error::{Error, Result};
 use crate::gc::{
@@ -15,6 +15,11 @@ use crate::time::Timestamp;
 /// Distinct entities changed during a collection beyond which a sweep batch spares everything
 /// (it cannot cheaply tell what they reference; the next collection decides).
 const FRESH_MAX: usize = 100_000;
+
+/// The old value of an object's delete change (as `ObjectDelete` writes it).
+fn labels_json(labels: &Labels) -> String {
+    serde_json::to_string(&serde_json::json!({ "labels": labels })).unwrap_or_default()
+}
 
 fn lease_json(l: &Lease) -> String {
     serde_json::json!({ "labels": l.labels, "flat": l.flat, "expires_at": l.expires_at })
@@ -331,44 +336,117 @@ async fn sweep<T: TxRows + ?Sized>(
             }
         }
     }
-    for key in objects {
-        let res = Resource::Object { key: key.clone() };
-        let Some(obj) = rows.object_read(key).await? else {
-            continue;
-        };
-        let still_collectable = match collectable.get(&key.kind) {
-            Some(c) => *c,
-            None => {
-                let c = rows
-                    .gc_kind_read(&key.kind)
-                    .await?
-                    .is_some_and(|k| k.collectable);
-                collectable.insert(key.kind.clone(), c);
-                c
-            }
-        };
-        if obj.revision > mark || protected.contains(&res) || !still_collectable {
+    // Candidates that something changed during the collection reaches are spared here; the
+    // backend's set-based primitive rechecks the revision and the kind inside the transaction.
+    let (objects, spared_objects): (Vec<&ObjectKey>, Vec<&ObjectKey>) = objects
+        .iter()
+        .partition(|k| !protected.contains(&Resource::Object { key: (*k).clone() }));
+    let (blobs, spared_blobs): (Vec<&String>, Vec<&String>) = blobs.iter().partition(|d| {
+        !protected.contains(&Resource::Blob {
+            digest: (*d).clone(),
+        })
+    });
+    // Protected candidates that no longer exist are not counted (as before: nothing to spare).
+    for key in spared_objects {
+        if rows.object_read(key).await?.is_some() {
             spared += 1;
-            continue;
         }
-        apply_op_pub(rows, &Op::ObjectDelete { key: key.clone() }, now).await?;
-        swept_objects += 1;
     }
-    for digest in blobs {
-        let res = Resource::Blob {
-            digest: digest.clone(),
-        };
-        let Some(b) = rows.blob_meta_read(digest).await? else {
-            continue;
-        };
-        if b.revision > mark || protected.contains(&res) {
+    for digest in spared_blobs {
+        if rows.blob_meta_read(digest).await?.is_some() {
             spared += 1;
-            continue;
         }
-        rows.blob_meta_remove(digest, &blob_draft(&b, ChangeOp::Delete, now))
-            .await?;
-        bytes += b.size;
-        swept_blobs.push(digest.clone());
+    }
+    let keys: Vec<ObjectKey> = objects.iter().map(|k| (*k).clone()).collect();
+    match rows.gc_objects_remove(&keys, mark).await? {
+        Some(GcRemoved { removed, kept }) => {
+            spared += kept;
+            // The change rows ObjectDelete writes: each tag, then the object.
+            let mut drafts = Vec::with_capacity(removed.len());
+            for o in &removed {
+                let k = &o.key;
+                for (name, text) in &o.tags {
+                    drafts.push(draft(
+                        &k.namespace,
+                        &k.kind,
+                        &k.id,
+                        Entity::Tag,
+                        name,
+                        ChangeOp::Delete,
+                        Some(text.clone()),
+                        None,
+                        now,
+                    ));
+                }
+                drafts.push(draft(
+                    &k.namespace,
+                    &k.kind,
+                    &k.id,
+                    Entity::Object,
+                    "",
+                    ChangeOp::Delete,
+                    Some(labels_json(&o.labels)),
+                    None,
+                    now,
+                ));
+            }
+            rows.changes_append_many(&drafts).await?;
+            swept_objects += removed.len() as u64;
+        }
+        None => {
+            for key in keys {
+                let Some(obj) = rows.object_read(&key).await? else {
+                    continue;
+                };
+                let still_collectable = match collectable.get(&key.kind) {
+                    Some(c) => *c,
+                    None => {
+                        let c = rows
+                            .gc_kind_read(&key.kind)
+                            .await?
+                            .is_some_and(|k| k.collectable);
+                        collectable.insert(key.kind.clone(), c);
+                        c
+                    }
+                };
+                if obj.revision > mark || !still_collectable {
+                    spared += 1;
+                    continue;
+                }
+                apply_op_pub(rows, &Op::ObjectDelete { key }, now).await?;
+                swept_objects += 1;
+            }
+        }
+    }
+    let digests: Vec<String> = blobs.iter().map(|d| (*d).clone()).collect();
+    match rows.gc_blobs_remove(&digests, mark).await? {
+        Some(GcRemoved { removed, kept }) => {
+            spared += kept;
+            let drafts: Vec<ChangeDraft> = removed
+                .iter()
+                .map(|b| blob_draft(b, ChangeOp::Delete, now))
+                .collect();
+            rows.changes_append_many(&drafts).await?;
+            for b in removed {
+                bytes += b.size;
+                swept_blobs.push(b.digest);
+            }
+        }
+        None => {
+            for digest in digests {
+                let Some(b) = rows.blob_meta_read(&digest).await? else {
+                    continue;
+                };
+                if b.revision > mark {
+                    spared += 1;
+                    continue;
+                }
+                rows.blob_meta_remove(&digest, &blob_draft(&b, ChangeOp::Delete, now))
+                    .await?;
+                bytes += b.size;
+                swept_blobs.push(digest);
+            }
+        }
     }
     Ok(OpResult {
         changed: swept_objects > 0 || !swept_blobs.is_empty() || leases > 0,

@@ -98,6 +98,58 @@ pub(crate) const CHANGES_AFTER: &str =
     "SELECT max(revision), namespace, kind, id FROM changes WHERE revision > $1 AND op = 'put' \
      GROUP BY namespace, kind, id LIMIT $2";
 
+// ---- the sweep (set-based, see `TxRows::gc_objects_remove`) ----
+
+/// Delete the candidates `($1, $2, $3)` (parallel arrays) whose revision is ≤ `$4` and whose kind
+/// is collectable now, with their tags, in ONE statement. Rows: `(0, key, labels, NULL)` per
+/// object removed, `(1, key, tag value, tag name)` per tag removed, and
+/// nothing else (see [`SWEEP_OBJECTS_EXISTING`]).
+pub(crate) const SWEEP_OBJECTS: &str = "WITH cand AS (\
+       SELECT c.namespace COLLATE \"C\" AS namespace, c.kind COLLATE \"C\" AS kind, \
+              c.id COLLATE \"C\" AS id \
+       FROM unnest($1::text[], $2::text[], $3::text[]) AS c(namespace, kind, id)), \
+     o AS (DELETE FROM objects o USING cand c \
+       WHERE o.namespace = c.namespace AND o.kind = c.kind AND o.id = c.id \
+         AND o.revision <= $4 \
+         AND EXISTS (SELECT 1 FROM gc_kinds k WHERE k.kind = o.kind AND k.collectable <> 0) \
+       RETURNING o.namespace, o.kind, o.id, o.labels), \
+     t AS (DELETE FROM tags t USING o \
+       WHERE t.namespace = o.namespace AND t.kind = o.kind AND t.id = o.id \
+       RETURNING t.namespace, t.kind, t.id, t.name, t.value) \
+     SELECT 0, namespace, kind, id, labels, NULL::text FROM o \
+     UNION ALL SELECT 1, namespace, kind, id, value, name FROM t";
+/// How many of the candidates `($1, $2, $3)` exist (only asked when some were not removed).
+pub(crate) const SWEEP_OBJECTS_EXISTING: &str = "SELECT count(*) FROM objects o \
+     JOIN unnest($1::text[], $2::text[], $3::text[]) AS c(namespace, kind, id) \
+     ON o.namespace = c.namespace COLLATE \"C\" AND o.kind = c.kind COLLATE \"C\" \
+       AND o.id = c.id COLLATE \"C\"";
+/// Delete the blobs' metadata `$1` whose revision is ≤ `$2`, returning their columns.
+pub(crate) const SWEEP_BLOBS: &str = "WITH cand AS (\
+       SELECT d COLLATE \"C\" AS digest FROM unnest($1::text[]) AS d), \
+     b AS (DELETE FROM blobs b USING cand c WHERE b.digest = c.digest AND b.revision <= $2 \
+       RETURNING b.digest, b.size, b.labels, b.created_at, b.updated_at, b.revision) \
+     SELECT digest, size, labels, created_at, updated_at, revision FROM b";
+/// How many of the blobs `$1` exist (only asked when some were not removed).
+pub(crate) const SWEEP_BLOBS_EXISTING: &str =
+    "SELECT count(*) FROM blobs WHERE digest = ANY($1::text[] COLLATE \"C\")";
+/// Append change-log rows from parallel arrays, in array order, each with the next revision.
+pub(crate) const CHANGES_APPEND_MANY: &str = "INSERT INTO changes \
+     (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+     SELECT nextval('fleetdb_revision'), namespace, kind, id, entity, name, op, old_value, \
+       new_value, at \
+     FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+       $6::text[], $7::text[], $8::text[], $9::bigint[]) \
+       WITH ORDINALITY AS c(namespace, kind, id, entity, name, op, old_value, new_value, at, n) \
+       ORDER BY n) AS c";
+
+/// The compaction point, then each distinct entity put in `($1, $2]` with its latest revision
+/// (at most `$3`; NULLs when there is none).
+pub(crate) const GC_CHANGED: &str = "SELECT m.value, x.rev, x.namespace, x.kind, x.id \
+     FROM (SELECT value FROM fleetdb_meta WHERE key = 'compacted_revision') AS m \
+     LEFT JOIN (SELECT max(revision) AS rev, namespace, kind, id FROM changes \
+       WHERE revision > $1 AND revision <= $2 AND op = 'put' \
+       GROUP BY namespace, kind, id LIMIT $3) AS x ON true";
+
 // ---- the snapshot ----
 
 /// Every object: its key, revision and, only when its labels mention a gc label, the labels.

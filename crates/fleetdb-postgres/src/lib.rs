@@ -322,6 +322,150 @@ impl PostgresBackend {
         outcome
     }
 
+    /// One statement in its own SERIALIZABLE transaction, in ONE round trip (`BEGIN`, the
+    /// statement and `COMMIT` pipelined), retried on serialization failures.
+    async fn one_statement(
+        &self,
+        sql_text: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        self.one_statement_in(sql::BEGIN, None, sql_text, params)
+            .await
+    }
+
+    /// [`PostgresBackend::one_statement`] in a transaction opened with `begin`, optionally after
+    /// taking the per-key lock of key-value writes (a separate statement, so that the main one's
+    /// READ COMMITTED snapshot is taken once the lock is held).
+    async fn one_statement_in(
+        &self,
+        begin: &str,
+        kv_lock: Option<&str>,
+        sql_text: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(sql_text).await.map_err(db_err)?;
+            let lock = client.prepare_cached(sql::KV_LOCK).await.map_err(db_err)?;
+            let lock_params: [Param<'_>; 1] = [&kv_lock.unwrap_or_default()];
+            let locked = async {
+                match kv_lock {
+                    Some(_) => client.query(&lock, &lock_params).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            };
+            let (begin, locked, rows, commit) = futures::future::join4(
+                client.batch_execute(begin),
+                locked,
+                client.query(&stmt, params),
+                client.batch_execute("COMMIT"),
+            )
+            .await;
+            // The first failure tells what happened (a failed statement turns COMMIT into a rollback).
+            let outcome = match (begin, locked, rows, commit) {
+                (Err(e), _, _, _)
+                | (Ok(()), Err(e), _, _)
+                | (Ok(()), Ok(()), Err(e), _)
+                | (Ok(()), Ok(()), Ok(_), Err(e)) => Err(e),
+                (Ok(()), Ok(()), Ok(rows), Ok(())) => Ok(rows),
+            };
+            match outcome {
+                Ok(rows) => return Ok(rows),
+                Err(e) => match classify(&e) {
+                    Failure::Fail(err) => return Err(err),
+                    Failure::Retry(msg) => {
+                        if attempt >= COMMIT_ATTEMPTS_MAX {
+                            return Err(Error::RetriesExhausted {
+                                attempts: attempt,
+                                last: msg,
+                            });
+                        }
+                        drop(client);
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// The hot path of a lone, unconditional, persistent key-value set: one round trip, the same
+    /// decisions as `apply_batch` (identical value: no-op; otherwise one revision, one change-log
+    /// row with the previous value, the upsert). Returns `None` when the stored key is bound to a
+    /// session or a TTL (its liveness needs the general path).
+    async fn kv_set_fused(
+        &self,
+        key: &str,
+        value: &str,
+        now: fleetdb_core::Timestamp,
+    ) -> Result<Option<Vec<OpResult>>> {
+        use fleetdb_core::world::{Space, WorldRecord};
+        const SQL: &str = "WITH old AS (SELECT data, session_id, expires_at, create_revision, revision, created_at, updated_at
+                          FROM world WHERE space = 'kv' AND key = $1),
+             go AS (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM old WHERE data = $2 OR session_id IS NOT NULL OR expires_at IS NOT NULL)),
+             chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at)
+                     SELECT nextval('fleetdb_revision'), '.kv', '', $1, 'kv', '', 'put',
+                            (SELECT jsonb_build_object('value', convert_from(data, 'UTF8'))::text FROM old), $3, $4
+                     FROM go RETURNING revision),
+             up AS (INSERT INTO world (space, key, scope, owner, kind, name, target, data, meta, session_id, expires_at,
+                                       create_revision, revision, created_at, updated_at)
+                    SELECT 'kv', $1, '', '', '', '', '', $2, NULL, NULL, NULL,
+                           coalesce((SELECT create_revision FROM old), revision), revision,
+                           coalesce((SELECT created_at FROM old), $4), $4 FROM chg
+                    ON CONFLICT (space, key) DO UPDATE SET data = excluded.data, meta = NULL, session_id = NULL,
+                      expires_at = NULL, create_revision = excluded.create_revision, revision = excluded.revision,
+                      updated_at = excluded.updated_at
+                    RETURNING revision, create_revision, created_at)
+             SELECT (SELECT revision FROM up), (SELECT create_revision FROM up), (SELECT created_at FROM up),
+                    EXISTS (SELECT 1 FROM old WHERE session_id IS NOT NULL OR expires_at IS NOT NULL),
+                    (SELECT revision FROM old), (SELECT create_revision FROM old),
+                    (SELECT created_at FROM old), (SELECT updated_at FROM old)";
+        let mut rec = WorldRecord::new(Space::Kv, key, now);
+        rec.data = value.as_bytes().to_vec();
+        let new_json = rec.change_json();
+        let data: &[u8] = value.as_bytes();
+        let params: [Param<'_>; 4] = [&key, &data, &new_json, &now.0];
+        // READ COMMITTED under the key's lock: every writer of this key holds it until it
+        // commits, so the statement's snapshot (taken after the lock) has the key's latest
+        // value, and the key's revisions are taken in commit order. No SSI predicate locks, so
+        // concurrent sets of different keys never abort each other.
+        let rows = self
+            .one_statement_in(sql::BEGIN_CLAIM, Some(key), SQL, &params)
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::Backend("the key-value statement returned no row".into()))?;
+        let bound: bool = row.try_get(3).map_err(db_err)?;
+        if bound {
+            return Ok(None);
+        }
+        let new_rev: Option<i64> = row.try_get(0).map_err(db_err)?;
+        let changed = new_rev.is_some();
+        let (rev, create, created, updated) = match new_rev {
+            Some(r) => (
+                r,
+                row.try_get::<_, i64>(1).map_err(db_err)?,
+                row.try_get::<_, i64>(2).map_err(db_err)?,
+                now.0,
+            ),
+            None => (
+                row.try_get::<_, i64>(4).map_err(db_err)?,
+                row.try_get::<_, i64>(5).map_err(db_err)?,
+                row.try_get::<_, i64>(6).map_err(db_err)?,
+                row.try_get::<_, i64>(7).map_err(db_err)?,
+            ),
+        };
+        rec.revision = fleetdb_core::Revision(rev);
+        rec.create_revision = fleetdb_core::Revision(create);
+        rec.created_at = fleetdb_core::Timestamp(created);
+        rec.updated_at = fleetdb_core::Timestamp(updated);
+        Ok(Some(vec![OpResult {
+            changed,
+            applied: fleetdb_core::Applied::World(Box::new(rec)),
+        }]))
+    }
+
     /// The hot path of a lone tag set, in ONE round trip: `BEGIN`, one statement and `COMMIT`
     /// are pipelined. The statement makes the same decisions as `apply_batch` does for a
     /// `TagSet` (object must exist, identical value is a no-op, otherwise one revision, one
@@ -347,41 +491,9 @@ impl PostgresBackend {
                     RETURNING revision)
              SELECT EXISTS (SELECT 1 FROM obj), (SELECT value FROM old), (SELECT updated_at FROM old),
                     (SELECT revision FROM old), (SELECT revision FROM up)";
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let client = self.client().await?;
-            let stmt = client.prepare_cached(SQL).await.map_err(db_err)?;
-            let params: [Param<'_>; 6] =
-                [&key.namespace, &key.kind, &key.id, &name, &value, &now.0];
-            let (begin, rows, commit) = futures::future::join3(
-                client.batch_execute(sql::BEGIN),
-                client.query(&stmt, &params),
-                client.batch_execute("COMMIT"),
-            )
-            .await;
-            // The first failure tells what happened (a failed statement turns COMMIT into a rollback).
-            let outcome = match (begin, rows, commit) {
-                (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(_), Err(e)) => Err(e),
-                (Ok(()), Ok(rows), Ok(())) => Ok(rows),
-            };
-            let rows = match outcome {
-                Ok(rows) => rows,
-                Err(e) => match classify(&e) {
-                    Failure::Fail(err) => return Err(err),
-                    Failure::Retry(msg) => {
-                        if attempt >= COMMIT_ATTEMPTS_MAX {
-                            return Err(Error::RetriesExhausted {
-                                attempts: attempt,
-                                last: msg,
-                            });
-                        }
-                        drop(client);
-                        tokio::time::sleep(backoff(attempt)).await;
-                        continue;
-                    }
-                },
-            };
+        let params: [Param<'_>; 6] = [&key.namespace, &key.kind, &key.id, &name, &value, &now.0];
+        let rows = self.one_statement(SQL, &params).await?;
+        {
             let row = rows
                 .first()
                 .ok_or_else(|| Error::Backend("the tag set statement returned no row".into()))?;
@@ -415,10 +527,10 @@ impl PostgresBackend {
                     )
                 }
             };
-            return Ok(vec![OpResult {
+            Ok(vec![OpResult {
                 changed,
                 applied: fleetdb_core::Applied::Tag(tag),
-            }]);
+            }])
         }
     }
 
@@ -780,6 +892,22 @@ impl Backend for PostgresBackend {
         {
             return self.tag_set_fused(key, name, value, batch.now).await;
         }
+        if let (
+            [],
+            [fleetdb_core::Op::KvSet {
+                key,
+                value,
+                expect: None,
+                lifetime,
+            }],
+        ) = (batch.preconditions.as_slice(), batch.ops.as_slice())
+        {
+            if lifetime.session_id.is_none() && lifetime.ttl_ms.is_none() {
+                if let Some(r) = self.kv_set_fused(key, value, batch.now).await? {
+                    return Ok(r);
+                }
+            }
+        }
         match self.transact(Write::Batch(&batch)).await? {
             Written::Batch(results) => Ok(results),
             _ => Err(Error::Backend(
@@ -1079,6 +1207,37 @@ impl Backend for PostgresBackend {
 
     async fn gc_snapshot(&self) -> Result<fleetdb_core::gc::GcSnapshot> {
         gc::gc_snapshot(self).await
+    }
+
+    async fn gc_changed(
+        &self,
+        after: Revision,
+        upto: Revision,
+        limit: usize,
+    ) -> Result<Vec<(Revision, String, String, String)>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(gc::GC_CHANGED, &[&after.0, &upto.0, &limit])
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let compacted: i64 = r.try_get(0).map_err(db_err)?;
+            if after.0 < compacted {
+                return Err(Error::Compacted {
+                    requested: after,
+                    compacted_revision: Revision(compacted),
+                });
+            }
+            if let Some(rev) = r.try_get::<_, Option<i64>>(1).map_err(db_err)? {
+                out.push((
+                    Revision(rev),
+                    r.try_get(2).map_err(db_err)?,
+                    r.try_get(3).map_err(db_err)?,
+                    r.try_get(4).map_err(db_err)?,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     async fn ingest_start(

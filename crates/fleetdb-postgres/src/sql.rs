@@ -18,6 +18,9 @@ pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
 /// Claims: every statement sees what is committed when it starts; exclusion comes from row locks
 /// on the claimed objects (every claim path locks the object first), not from SSI.
 pub(crate) const BEGIN_CLAIM: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+/// The per-key lock of key-value writes (see `PostgresBackend::kv_set_fused`).
+pub(crate) const KV_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('fleetdb.kv:' || $1::text, 0))";
 
 pub(crate) const NAMESPACE_GET: &str =
     "SELECT name, labels, created_at, updated_at, revision FROM namespaces WHERE name = $1";
@@ -190,6 +193,10 @@ fn op_param(op: ChangeOp) -> Param<'static> {
 pub(crate) fn labels_text(labels: &Labels) -> String {
     // A map of strings always serializes.
     serde_json::to_string(labels).unwrap_or_else(|_| "{}".to_string())
+}
+
+pub(crate) fn parse_labels_pub(text: &str) -> Result<Labels> {
+    parse_labels(text)
 }
 
 fn parse_labels(text: &str) -> Result<Labels> {

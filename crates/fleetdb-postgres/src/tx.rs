@@ -19,7 +19,9 @@ use std::task::Poll;
 
 use async_trait::async_trait;
 use deadpool_postgres::ClientWrapper;
-use fleetdb_core::backend::{CandidateQuery, ChangeDraft, TagRead, TxRows};
+use fleetdb_core::backend::{
+    CandidateQuery, ChangeDraft, GcRemoved, RemovedObject, TagRead, TxRows,
+};
 use fleetdb_core::gc::{BlobInfo, GcKind, Lease, Resource};
 use fleetdb_core::selector::Dialect;
 use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
@@ -240,6 +242,16 @@ impl<'a> PgTx<'a> {
     /// Run a read inside the transaction. The first one also opens it: `BEGIN` and the query are
     /// pipelined (both futures are polled in order by `join`, so `BEGIN` is written to the
     /// connection first and the query runs inside the transaction).
+    /// Key-value writes take a per-key advisory lock (until the transaction ends): the lone
+    /// `kv set` hot path runs READ COMMITTED under that lock (see `kv_set_fused`), so every
+    /// other path that reads or writes a key takes it too.
+    async fn kv_lock(&mut self, space: Space, key: &str) -> Result<()> {
+        if space == Space::Kv {
+            self.read(sql::KV_LOCK, &[&key]).await?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn read(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
         let stmt = self.statement(sql).await?;
         if self.begun {
@@ -384,6 +396,7 @@ impl TxRows for PgTx<'_> {
     // ---- the World ----
 
     async fn world_read(&mut self, space: Space, key: &str) -> Result<Option<WorldRecord>> {
+        self.kv_lock(space, key).await?;
         let rows = self.read(sql::WORLD_GET, &[&space.as_str(), &key]).await?;
         rows.first().map(sql::world_from_row).transpose()
     }
@@ -396,6 +409,7 @@ impl TxRows for PgTx<'_> {
     }
 
     async fn world_put(&mut self, record: &WorldRecord, change: &ChangeDraft) -> Result<Revision> {
+        self.kv_lock(record.space, &record.key).await?;
         let space = record.space.as_str();
         let expires_at = record.expires_at.map(|t| t.0);
         let params = sql::with_change(
@@ -426,6 +440,7 @@ impl TxRows for PgTx<'_> {
         key: &str,
         change: &ChangeDraft,
     ) -> Result<Revision> {
+        self.kv_lock(space, key).await?;
         let space = space.as_str();
         let params = sql::with_change(change, &[&space, &key]);
         self.write(sql::WORLD_REMOVE, &params).await
@@ -609,6 +624,129 @@ impl TxRows for PgTx<'_> {
     async fn blob_meta_remove(&mut self, digest: &str, change: &ChangeDraft) -> Result<Revision> {
         let params = sql::with_change(change, &[&digest]);
         self.write(gc::BLOB_REMOVE, &params).await
+    }
+
+    async fn gc_objects_remove(
+        &mut self,
+        keys: &[ObjectKey],
+        mark: Revision,
+    ) -> Result<Option<GcRemoved<RemovedObject>>> {
+        let mut out = GcRemoved {
+            removed: Vec::with_capacity(keys.len()),
+            kept: 0,
+        };
+        if keys.is_empty() {
+            return Ok(Some(out));
+        }
+        let ns: Vec<&str> = keys.iter().map(|k| k.namespace.as_str()).collect();
+        let kinds: Vec<&str> = keys.iter().map(|k| k.kind.as_str()).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+        let rows = self
+            .read(gc::SWEEP_OBJECTS, &[&ns, &kinds, &ids, &mark.0])
+            .await?;
+        let mut tags: std::collections::HashMap<ObjectKey, Vec<(String, String)>> =
+            std::collections::HashMap::new();
+        for r in &rows {
+            let what: i32 = r.try_get(0).map_err(|e| self.fail(e))?;
+            let text: String = r.try_get(4).map_err(|e| self.fail(e))?;
+            let key = fleetdb_core::apply::stored_key(
+                r.try_get(1).map_err(|e| self.fail(e))?,
+                r.try_get(2).map_err(|e| self.fail(e))?,
+                r.try_get(3).map_err(|e| self.fail(e))?,
+            );
+            if what == 0 {
+                out.removed.push(RemovedObject {
+                    key,
+                    labels: sql::parse_labels_pub(&text)?,
+                    tags: Vec::new(),
+                });
+            } else {
+                let name: String = r.try_get(5).map_err(|e| self.fail(e))?;
+                tags.entry(key).or_default().push((name, text));
+            }
+        }
+        for o in &mut out.removed {
+            if let Some(mut t) = tags.remove(&o.key) {
+                t.sort_unstable();
+                o.tags = t;
+            }
+        }
+        if out.removed.len() < keys.len() {
+            let row = self
+                .read_one(gc::SWEEP_OBJECTS_EXISTING, &[&ns, &kinds, &ids])
+                .await?;
+            let existed: i64 = row.try_get(0).map_err(|e| self.fail(e))?;
+            out.kept = u64::try_from(existed)
+                .unwrap_or(0)
+                .saturating_sub(out.removed.len() as u64);
+        }
+        Ok(Some(out))
+    }
+
+    async fn gc_blobs_remove(
+        &mut self,
+        digests: &[String],
+        mark: Revision,
+    ) -> Result<Option<GcRemoved<BlobInfo>>> {
+        let mut out = GcRemoved {
+            removed: Vec::with_capacity(digests.len()),
+            kept: 0,
+        };
+        if digests.is_empty() {
+            return Ok(Some(out));
+        }
+        let rows = self.read(gc::SWEEP_BLOBS, &[&digests, &mark.0]).await?;
+        for r in &rows {
+            let labels: String = r.try_get(2).map_err(|e| self.fail(e))?;
+            out.removed.push(BlobInfo {
+                digest: r.try_get(0).map_err(|e| self.fail(e))?,
+                size: u64::try_from(r.try_get::<_, i64>(1).map_err(|e| self.fail(e))?).unwrap_or(0),
+                labels: sql::parse_labels_pub(&labels)?,
+                created_at: Timestamp(r.try_get(3).map_err(|e| self.fail(e))?),
+                updated_at: Timestamp(r.try_get(4).map_err(|e| self.fail(e))?),
+                revision: Revision(r.try_get(5).map_err(|e| self.fail(e))?),
+            });
+        }
+        if out.removed.len() < digests.len() {
+            let row = self.read_one(gc::SWEEP_BLOBS_EXISTING, &[&digests]).await?;
+            let existed: i64 = row.try_get(0).map_err(|e| self.fail(e))?;
+            out.kept = u64::try_from(existed)
+                .unwrap_or(0)
+                .saturating_sub(out.removed.len() as u64);
+        }
+        Ok(Some(out))
+    }
+
+    /// ONE statement, deferred: it is sent with the next statement or `COMMIT`.
+    async fn changes_append_many(&mut self, changes: &[ChangeDraft]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let col = |f: &dyn Fn(&ChangeDraft) -> String| -> Owned {
+            Box::new(changes.iter().map(f).collect::<Vec<String>>())
+        };
+        let params: Vec<Owned> = vec![
+            col(&|c| c.namespace.clone()),
+            col(&|c| c.kind.clone()),
+            col(&|c| c.id.clone()),
+            col(&|c| c.entity.as_str().to_string()),
+            col(&|c| c.name.clone()),
+            col(&|c| c.op.as_str().to_string()),
+            Box::new(
+                changes
+                    .iter()
+                    .map(|c| c.old_value.clone())
+                    .collect::<Vec<Option<String>>>(),
+            ),
+            Box::new(
+                changes
+                    .iter()
+                    .map(|c| c.new_value.clone())
+                    .collect::<Vec<Option<String>>>(),
+            ),
+            Box::new(changes.iter().map(|c| c.at.0).collect::<Vec<i64>>()),
+        ];
+        self.defer(gc::CHANGES_APPEND_MANY, params).await
     }
 
     async fn changes_after(

@@ -1,5 +1,8 @@
 //! Leases, collectable kinds, blob metadata and the collector's snapshot.
 
+use std::collections::HashMap;
+
+use fleetdb_core::backend::{GcRemoved, RemovedObject};
 use fleetdb_core::gc::{BlobInfo, GcKind, GcSnapshot, Lease, Resource, GC_LABEL_PREFIX};
 use fleetdb_core::world::Space;
 use fleetdb_core::{Labels, ObjectKey, Result, Revision, Timestamp};
@@ -353,4 +356,103 @@ fn gc_snapshot_in(c: &Connection) -> Result<GcSnapshot> {
         }
     }
     Ok(snap)
+}
+
+/// The sweep's set-based object removal ([`fleetdb_core::backend::TxRows::gc_objects_remove`]):
+/// prepared statements run back to back inside the write transaction (no round trips to save on
+/// SQLite, but no label parsing or per-object reads either).
+pub(crate) fn objects_remove(
+    c: &Connection,
+    keys: &[ObjectKey],
+    mark: Revision,
+) -> Result<GcRemoved<RemovedObject>> {
+    let collectable: HashMap<String, bool> = gc_kinds(c)?
+        .into_iter()
+        .map(|k| (k.kind, k.collectable))
+        .collect();
+    let mut del = c
+        .prepare_cached(
+            "DELETE FROM objects WHERE namespace = ?1 AND kind = ?2 AND id = ?3 AND revision <= ?4
+             RETURNING labels",
+        )
+        .map_err(map_err)?;
+    let mut exists = c
+        .prepare_cached("SELECT 1 FROM objects WHERE namespace = ?1 AND kind = ?2 AND id = ?3")
+        .map_err(map_err)?;
+    let mut tags = c
+        .prepare_cached(
+            "DELETE FROM tags WHERE namespace = ?1 AND kind = ?2 AND id = ?3 RETURNING name, value",
+        )
+        .map_err(map_err)?;
+    let mut out = GcRemoved {
+        removed: Vec::with_capacity(keys.len()),
+        kept: 0,
+    };
+    for k in keys {
+        let labels: Option<String> = if collectable.get(&k.kind).copied().unwrap_or(false) {
+            del.query_row(params![k.namespace, k.kind, k.id, mark.0], |r| r.get(0))
+                .optional()
+                .map_err(map_err)?
+        } else {
+            None
+        };
+        let Some(labels) = labels else {
+            if exists
+                .exists(params![k.namespace, k.kind, k.id])
+                .map_err(map_err)?
+            {
+                out.kept += 1;
+            }
+            continue;
+        };
+        let mut t: Vec<(String, String)> = tags
+            .query_map(params![k.namespace, k.kind, k.id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(map_err)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(map_err)?;
+        t.sort_unstable();
+        out.removed.push(RemovedObject {
+            key: k.clone(),
+            labels: labels_from_text(&labels)?,
+            tags: t,
+        });
+    }
+    Ok(out)
+}
+
+/// The sweep's blob metadata removal ([`fleetdb_core::backend::TxRows::gc_blobs_remove`]).
+pub(crate) fn blobs_remove(
+    c: &Connection,
+    digests: &[String],
+    mark: Revision,
+) -> Result<GcRemoved<BlobInfo>> {
+    let mut del = c
+        .prepare_cached(&format!(
+            "DELETE FROM blobs WHERE digest = ?1 AND revision <= ?2 RETURNING {BLOB_COLS}"
+        ))
+        .map_err(map_err)?;
+    let mut exists = c
+        .prepare_cached("SELECT 1 FROM blobs WHERE digest = ?1")
+        .map_err(map_err)?;
+    let mut out = GcRemoved {
+        removed: Vec::with_capacity(digests.len()),
+        kept: 0,
+    };
+    for d in digests {
+        match del
+            .query_row(params![d, mark.0], blob_row)
+            .optional()
+            .map_err(map_err)?
+        {
+            Some(raw) => out.removed.push(blob_from(raw)?),
+            None => {
+                if exists.exists([d]).map_err(map_err)? {
+                    out.kept += 1;
+                }
+            }
+        }
+    }
+    Ok(out)
 }

@@ -3,7 +3,9 @@
 
 use async_trait::async_trait;
 use fleetdb_core::apply::stored_key;
-use fleetdb_core::backend::{CandidateQuery, ChangeDraft, TagRead, TxRows};
+use fleetdb_core::backend::{
+    CandidateQuery, ChangeDraft, GcRemoved, RemovedObject, TagRead, TxRows,
+};
 use fleetdb_core::work::{BackoffInfo, Process, SessionInfo, WorkInfo};
 use fleetdb_core::{Error, Labels, Namespace, Object, ObjectKey, Result, Revision, Tag, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -442,6 +444,29 @@ impl TxRows for SqliteRows<'_> {
         gc::blob_meta_remove(self.conn, digest)?;
         Ok(rev)
     }
+    async fn gc_objects_remove(
+        &mut self,
+        keys: &[ObjectKey],
+        mark: Revision,
+    ) -> Result<Option<GcRemoved<RemovedObject>>> {
+        gc::objects_remove(self.conn, keys, mark).map(Some)
+    }
+
+    async fn gc_blobs_remove(
+        &mut self,
+        digests: &[String],
+        mark: Revision,
+    ) -> Result<Option<GcRemoved<BlobInfo>>> {
+        gc::blobs_remove(self.conn, digests, mark).map(Some)
+    }
+
+    async fn changes_append_many(&mut self, changes: &[ChangeDraft]) -> Result<()> {
+        for c in changes {
+            self.append(c)?;
+        }
+        Ok(())
+    }
+
     async fn changes_after(
         &mut self,
         after: Revision,

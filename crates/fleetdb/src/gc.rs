@@ -444,8 +444,18 @@ impl Store {
             trigger: "explicit".into(),
             ..GcStats::default()
         };
-        let snap = self.backend.gc_snapshot().await?;
-        let marked = gc::mark(&snap, now);
+        // The snapshot (SQLite reads it synchronously; PostgreSQL decodes a million rows) and the
+        // mark are long CPU work: on a blocking thread, so the runtime's workers keep serving
+        // writers meanwhile.
+        let backend = self.backend.clone();
+        let handle = tokio::runtime::Handle::current();
+        let (snap, marked) = tokio::task::spawn_blocking(move || {
+            let snap = handle.block_on(backend.gc_snapshot())?;
+            let marked = gc::mark(&snap, now);
+            Ok::<_, Error>((snap, marked))
+        })
+        .await
+        .map_err(|e| Error::Backend(format!("the mark phase panicked: {e}")))??;
         *self
             .gc
             .next_deadline
@@ -461,22 +471,36 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .sweep_batch_target;
-        let mut batch = 256usize;
-        let mut objects = marked.garbage_objects.as_slice();
-        let mut blobs = marked.garbage_blobs.as_slice();
+        let mut batch = 512usize;
+        // Taken from the end (reversed once), so each batch is a cheap split.
+        let mut objects = marked.garbage_objects;
+        let mut blobs = marked.garbage_blobs;
+        objects.reverse();
+        blobs.reverse();
         let mut leases = marked.expired_leases.clone();
         let mut freed_digests = Vec::new();
+        let mut fresh = Fresh::new(snap.revision);
         while !objects.is_empty() || !blobs.is_empty() || !leases.is_empty() {
+            // What changed since the last batch is protected here, so each sweep transaction
+            // only reads the change log written since (see `Fresh`).
+            let spared = self.advance(&mut fresh, &mut objects, &mut blobs).await?;
+            stats.spared += spared;
+            if fresh.gave_up {
+                stats.spared += (objects.len() + blobs.len()) as u64;
+                objects.clear();
+                blobs.clear();
+                if leases.is_empty() {
+                    break;
+                }
+            }
             let n_obj = objects.len().min(batch);
             let n_blob = blobs.len().min(batch - n_obj);
             let op = Op::GcSweep {
-                mark_revision: snap.revision,
-                objects: objects[..n_obj].to_vec(),
-                blobs: blobs[..n_blob].to_vec(),
+                mark_revision: fresh.mark,
+                objects: objects.split_off(objects.len() - n_obj),
+                blobs: blobs.split_off(blobs.len() - n_blob),
                 expired_leases: std::mem::take(&mut leases),
             };
-            objects = &objects[n_obj..];
-            blobs = &blobs[n_blob..];
             let t = Instant::now();
             let batch_now = self.clock.now();
             let results = self
@@ -491,10 +515,10 @@ impl Store {
             let ms = took.as_secs_f64() * 1000.0;
             stats.writers_blocked_ms += ms;
             stats.writers_blocked_max_ms = stats.writers_blocked_max_ms.max(ms);
-            if took > target {
-                batch = (batch / 2).max(16);
-            } else if took < target / 4 {
-                batch = (batch * 2).min(8192);
+            // Aim the next batch at the target: proportional, at most halving or doubling.
+            if n_obj + n_blob == batch {
+                let ratio = target.as_secs_f64() / took.as_secs_f64().max(1e-4);
+                batch = ((batch as f64 * ratio.clamp(0.5, 2.0) * 0.9) as usize).clamp(16, 16_384);
             }
             for r in &results {
                 if let Applied::Swept {
@@ -528,6 +552,99 @@ impl Store {
         Ok(stats)
     }
 
+    /// Protect, outside any transaction, everything reachable from what was put after
+    /// `fresh.mark` up to the settled revision, drop it from the candidates (`objects`, `blobs`)
+    /// and move `fresh.mark` there. Returns how many candidates it spared.
+    async fn advance(
+        &self,
+        fresh: &mut Fresh,
+        objects: &mut Vec<fleetdb_core::ObjectKey>,
+        blobs: &mut Vec<String>,
+    ) -> Result<u64> {
+        if fresh.gave_up {
+            return Ok(0);
+        }
+        let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
+        if settled <= fresh.mark {
+            return Ok(0);
+        }
+        let changed = match self
+            .backend
+            .gc_changed(fresh.mark, settled, FRESH_MAX)
+            .await
+        {
+            Ok(c) => c,
+            Err(Error::Compacted { .. }) => {
+                fresh.gave_up = true; // what changed can no longer be told: spare the rest
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+        if changed.len() >= FRESH_MAX {
+            fresh.gave_up = true;
+            return Ok(0);
+        }
+        // The nodes put in (mark, settled]: re-read even if protected before (their references
+        // may have changed); other nodes protected before were closed over then and have not
+        // changed since (a change would be in this range or after it).
+        let mut start: HashSet<Resource> = HashSet::new();
+        for (_, ns, kind, id) in changed {
+            if ns == gc::LEASE_CHANGE_NAMESPACE {
+                start.extend(ignore_unsupported(self.backend.lease_resources(&id).await)?);
+            } else if ns == gc::CONTENT_CHANGE_NAMESPACE {
+                start.insert(Resource::Blob { digest: id });
+            } else if !ns.starts_with('.') && !kind.is_empty() {
+                start.insert(Resource::Object {
+                    key: fleetdb_core::ObjectKey {
+                        namespace: ns,
+                        kind,
+                        id,
+                    },
+                });
+            }
+        }
+        let mut stack: Vec<Resource> = start.iter().cloned().collect();
+        let mut seen: HashSet<Resource> = HashSet::new();
+        let mut newly = 0usize;
+        while let Some(r) = stack.pop() {
+            if !seen.insert(r.clone()) {
+                continue;
+            }
+            if !start.contains(&r) && fresh.contains(&r) {
+                continue;
+            }
+            if fresh.insert(&r) {
+                newly += 1;
+            }
+            let labels = match &r {
+                Resource::Object { key } => self
+                    .backend
+                    .object_get(key)
+                    .await?
+                    .map(|o| (key.namespace.clone(), o.labels)),
+                Resource::Blob { digest } => {
+                    ignore_unsupported(self.backend.blob_info(digest).await)?
+                        .map(|b| (String::new(), b.labels))
+                }
+            };
+            if let Some((ns, labels)) = labels {
+                stack.extend(
+                    gc::references(&ns, &labels)
+                        .into_iter()
+                        .filter(|x| !seen.contains(x)),
+                );
+            }
+        }
+        fresh.mark = settled;
+        if newly == 0 {
+            return Ok(0);
+        }
+        let before = objects.len() + blobs.len();
+        objects.retain(|k| !fresh.objects.contains(k));
+        blobs.retain(|d| !fresh.blobs.contains(d));
+        Ok((before - objects.len() - blobs.len()) as u64)
+    }
+
     /// External collectors: remove what exists, is not active, not leased by a live lease and
     /// not referenced by any live object. A failing collector skips the round.
     async fn run_external(&self, snap: &gc::GcSnapshot, now: Timestamp, stats: &mut GcStats) {
@@ -558,6 +675,54 @@ impl Store {
                 c.cancel().await;
                 stats.collector_errors.push(format!("{kind}: {e}"));
             }
+        }
+    }
+}
+
+/// Distinct entities changed during a collection beyond which the rest of it spares everything
+/// (as a sweep transaction does).
+const FRESH_MAX: usize = 100_000;
+/// How long the collector waits for revisions in flight before protecting what changed.
+const SETTLE_WAIT: Duration = Duration::from_millis(50);
+
+/// What the collector protects between sweep transactions. Each sweep transaction carries
+/// `mark` as its mark revision: it spares candidates changed after `mark` and everything
+/// reachable from what was put after `mark` (invariant 36, inside the transaction); what was put
+/// between the snapshot's revision and `mark` was closed over here, from the settled change log,
+/// and its candidates dropped. Together that is exactly what a transaction marking at the
+/// snapshot's revision would spare: a path from something put after the snapshot to a candidate
+/// either passes a node put after `mark` (the transaction follows it) or consists of nodes that
+/// have not changed since `mark`, whose references read here are still those in force.
+/// The point: the sweep transaction no longer scans its own earlier batches' change rows.
+struct Fresh {
+    mark: fleetdb_core::Revision,
+    objects: HashSet<fleetdb_core::ObjectKey>,
+    blobs: HashSet<String>,
+    gave_up: bool,
+}
+
+impl Fresh {
+    fn new(mark: fleetdb_core::Revision) -> Self {
+        Fresh {
+            mark,
+            objects: HashSet::new(),
+            blobs: HashSet::new(),
+            gave_up: false,
+        }
+    }
+
+    fn contains(&self, r: &Resource) -> bool {
+        match r {
+            Resource::Object { key } => self.objects.contains(key),
+            Resource::Blob { digest } => self.blobs.contains(digest),
+        }
+    }
+
+    /// Whether it was new.
+    fn insert(&mut self, r: &Resource) -> bool {
+        match r {
+            Resource::Object { key } => self.objects.insert(key.clone()),
+            Resource::Blob { digest } => self.blobs.insert(digest.clone()),
         }
     }
 }

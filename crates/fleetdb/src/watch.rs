@@ -32,6 +32,8 @@ pub const WATCH_BUFFER_DEFAULT: usize = 1024;
 pub const WATCH_BUFFER_MAX: usize = 1 << 20;
 /// Change-log rows the hub reads per query.
 const HUB_PAGE: usize = 10_000;
+/// Commits within this window after an announcement share the next one.
+const ANNOUNCE_COALESCE: Duration = Duration::from_millis(5);
 /// How long the hub lets `settled_revision` wait for an in-flight transaction.
 const SETTLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -742,6 +744,10 @@ impl Store {
                 if let Err(e) = b.announce_changes().await {
                     tracing::debug!(error = %e, "announcing changes failed");
                 }
+                drop(b);
+                // Coalesce: commits in the next few milliseconds share the next announcement
+                // (a NOTIFY per commit would double the database's transactions).
+                tokio::time::sleep(ANNOUNCE_COALESCE).await;
             }
         });
     }
