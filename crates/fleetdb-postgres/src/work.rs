@@ -40,13 +40,14 @@ const SESSIONS_EXPIRED: &str =
     "SELECT id, component, host, runtime_info, ttl_ms, created_at, deadline FROM sessions \
      WHERE deadline <= $1 ORDER BY deadline, id LIMIT $2";
 /// ONE statement renews every listed session still alive at `$1`. The ids come as one JSON array
-/// text (rather than a `text[]`), as the SQLite backend passes them to `json_each`. `= ANY(ARRAY
-/// (…))` makes the plan a primary-key lookup per id whatever the table's statistics say (with
-/// the `IN (subquery)` form and statistics of a still-empty table, PostgreSQL chose a nested loop
-/// that took seconds for 10,000 sessions, and sessions expired).
-pub(crate) const SESSION_RENEW: &str = "UPDATE sessions SET deadline = $1::bigint + ttl_ms * 1000 \
-     WHERE id = ANY (ARRAY(SELECT jsonb_array_elements_text(($2::text)::jsonb))) \
-     AND deadline > $1::bigint RETURNING id, deadline";
+/// text (rather than a `text[]`), as the SQLite backend passes them to `json_each`. The join
+/// drives from the id list into the primary key, a plan that holds whatever the table's
+/// statistics say and also as a cached generic plan (the `IN (subquery)` form became a nested
+/// loop over the whole table once statistics said it was empty, and `= ANY(ARRAY(…))` a
+/// sequential scan once the statement's plan was cached: 10,000 sessions took seconds).
+pub(crate) const SESSION_RENEW: &str = "UPDATE sessions s SET deadline = $1::bigint + s.ttl_ms * 1000 \
+     FROM jsonb_array_elements_text(($2::text)::jsonb) AS ids(id) \
+     WHERE s.id = ids.id AND s.deadline > $1::bigint RETURNING s.id, s.deadline";
 
 pub(crate) const PROCESS_ALL: &str =
     "SELECT name, conflicts, created_at FROM processes ORDER BY name";
