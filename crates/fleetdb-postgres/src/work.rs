@@ -45,7 +45,8 @@ const SESSIONS_EXPIRED: &str =
 /// statistics say and also as a cached generic plan (the `IN (subquery)` form became a nested
 /// loop over the whole table once statistics said it was empty, and `= ANY(ARRAY(…))` a
 /// sequential scan once the statement's plan was cached: 10,000 sessions took seconds).
-pub(crate) const SESSION_RENEW: &str = "UPDATE sessions s SET deadline = $1::bigint + s.ttl_ms * 1000 \
+pub(crate) const SESSION_RENEW: &str =
+    "UPDATE sessions s SET deadline = $1::bigint + s.ttl_ms * 1000 \
      FROM jsonb_array_elements_text(($2::text)::jsonb) AS ids(id) \
      WHERE s.id = ids.id AND s.deadline > $1::bigint RETURNING s.id, s.deadline";
 
