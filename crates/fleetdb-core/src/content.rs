@@ -6,9 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::gc::BlobInfo;
 use crate::time::Timestamp;
-
-pub use crate::gc::BlobInfo;
+use crate::world::validate_digest;
 
 /// Largest blob, in bytes.
 pub const BLOB_BYTES_MAX: u64 = 8 << 30;
@@ -50,4 +50,148 @@ pub fn validate_ingest_ref(r: &str) -> Result<()> {
             "must be 1 to 256 bytes of letters, digits, '.', '_', '-', ':' and '/', without '..'",
         ))
     }
+}
+
+// ---- checks shared by every backend's content store ----
+
+/// Check what an upload says it will be.
+pub fn check_expected(expected: Option<(&str, u64)>) -> Result<()> {
+    if let Some((digest, size)) = expected {
+        validate_digest(digest)?;
+        if size > BLOB_BYTES_MAX {
+            return Err(Error::TooLarge {
+                field: "blob".into(),
+                size: usize::try_from(size).unwrap_or(usize::MAX),
+                max: BLOB_BYTES_MAX as usize,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An existing upload resumed with `expected`: the expectations must agree.
+pub fn check_resume(
+    reference: &str,
+    stored: &IngestStatus,
+    expected: Option<(&str, u64)>,
+) -> Result<()> {
+    let Some((digest, size)) = expected else {
+        return Ok(());
+    };
+    if let Some(d) = &stored.expected_digest {
+        if d != digest {
+            return Err(Error::invalid(
+                "expected digest",
+                digest,
+                format!("the upload {reference:?} in progress expects {d}; abort it first"),
+            ));
+        }
+    }
+    if let Some(s) = stored.expected_size {
+        if s != size {
+            return Err(Error::invalid(
+                "expected size",
+                size.to_string(),
+                format!("the upload {reference:?} in progress expects {s} bytes; abort it first"),
+            ));
+        }
+    }
+    if stored.offset > size {
+        return Err(Error::invalid(
+            "expected size",
+            size.to_string(),
+            format!(
+                "the upload {reference:?} has {} bytes already",
+                stored.offset
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The checks of a write at `offset` of `len` bytes to an upload standing at `status`.
+pub fn check_write(status: &IngestStatus, offset: u64, len: usize) -> Result<()> {
+    if offset != status.offset {
+        return Err(Error::invalid(
+            "ingest offset",
+            offset.to_string(),
+            format!(
+                "the upload {:?} stands at offset {}; write from there",
+                status.reference, status.offset
+            ),
+        ));
+    }
+    if len > INGEST_WRITE_BYTES_MAX {
+        return Err(Error::TooLarge {
+            field: "ingest write".into(),
+            size: len,
+            max: INGEST_WRITE_BYTES_MAX,
+        });
+    }
+    let end = offset + len as u64;
+    if let Some(size) = status.expected_size {
+        if end > size {
+            return Err(Error::invalid(
+                "ingest write",
+                format!("{len} bytes at offset {offset}"),
+                format!("the upload was declared as {size} bytes"),
+            ));
+        }
+    }
+    if end > BLOB_BYTES_MAX {
+        return Err(Error::TooLarge {
+            field: "blob".into(),
+            size: usize::try_from(end).unwrap_or(usize::MAX),
+            max: BLOB_BYTES_MAX as usize,
+        });
+    }
+    Ok(())
+}
+
+/// The checks of a commit of `digest`/`size` against the upload (before hashing).
+pub fn check_commit(status: &IngestStatus, digest: &str, size: u64) -> Result<()> {
+    if status.offset != size {
+        return Err(Error::invalid(
+            "blob size",
+            size.to_string(),
+            format!(
+                "the upload {:?} has {} bytes; nothing was committed",
+                status.reference, status.offset
+            ),
+        ));
+    }
+    if let Some(d) = &status.expected_digest {
+        if d != digest {
+            return Err(Error::invalid(
+                "blob digest",
+                digest,
+                format!("the upload was started expecting {d}; nothing was committed"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn digest_mismatch(reference: &str, digest: &str, actual: &str) -> Error {
+    Error::invalid(
+        "blob digest",
+        digest,
+        format!("the bytes of upload {reference:?} hash to {actual}; nothing was committed"),
+    )
+}
+
+/// The byte range `[start, end)` a read of `len` (or to the end) from `offset` covers.
+pub fn range(info: &BlobInfo, offset: u64, len: Option<u64>) -> Result<(u64, u64)> {
+    if offset > info.size {
+        return Err(Error::invalid(
+            "offset",
+            offset.to_string(),
+            format!("blob {} has {} bytes", info.digest, info.size),
+        ));
+    }
+    let end = match len {
+        Some(l) => offset.saturating_add(l).min(info.size),
+        None => info.size,
+    };
+    Ok((offset, end))
 }

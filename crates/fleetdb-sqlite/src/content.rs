@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use fleetdb_core::batch::{Applied, Batch, Op, OpResult};
 use fleetdb_core::content::{
-    validate_ingest_ref, IngestStatus, BLOB_BYTES_MAX, CHUNK_BYTES, INGEST_WRITE_BYTES_MAX,
+    check_commit, check_expected, check_resume, check_write, digest_mismatch, range,
+    validate_ingest_ref, IngestStatus, CHUNK_BYTES,
 };
 use fleetdb_core::gc::BlobInfo;
 use fleetdb_core::world::validate_digest;
@@ -161,135 +162,6 @@ fn bytes_needed(c: &Connection, digest: &str) -> Result<bool> {
 }
 
 // ---- the rules every backend applies (mirrored in fleetdb-postgres/src/content.rs) ----
-
-fn check_expected(expected: Option<(&str, u64)>) -> Result<()> {
-    if let Some((digest, size)) = expected {
-        validate_digest(digest)?;
-        if size > BLOB_BYTES_MAX {
-            return Err(Error::TooLarge {
-                field: "blob".into(),
-                size: usize::try_from(size).unwrap_or(usize::MAX),
-                max: BLOB_BYTES_MAX as usize,
-            });
-        }
-    }
-    Ok(())
-}
-
-fn check_resume(
-    reference: &str,
-    stored: &IngestStatus,
-    expected: Option<(&str, u64)>,
-) -> Result<()> {
-    let Some((digest, size)) = expected else {
-        return Ok(());
-    };
-    if let Some(d) = &stored.expected_digest {
-        if d != digest {
-            return Err(Error::invalid(
-                "expected digest",
-                digest,
-                format!("the upload {reference:?} in progress expects {d}; abort it first"),
-            ));
-        }
-    }
-    if let Some(s) = stored.expected_size {
-        if s != size {
-            return Err(Error::invalid(
-                "expected size",
-                size.to_string(),
-                format!("the upload {reference:?} in progress expects {s} bytes; abort it first"),
-            ));
-        }
-    }
-    if stored.offset > size {
-        return Err(Error::invalid(
-            "expected size",
-            size.to_string(),
-            format!(
-                "the upload {reference:?} has {} bytes already",
-                stored.offset
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn check_write(status: &IngestStatus, offset: u64, len: usize) -> Result<()> {
-    if offset != status.offset {
-        return Err(Error::invalid(
-            "ingest offset",
-            offset.to_string(),
-            format!(
-                "the upload {:?} stands at offset {}; write from there",
-                status.reference, status.offset
-            ),
-        ));
-    }
-    if len > INGEST_WRITE_BYTES_MAX {
-        return Err(Error::TooLarge {
-            field: "ingest write".into(),
-            size: len,
-            max: INGEST_WRITE_BYTES_MAX,
-        });
-    }
-    let end = offset + len as u64;
-    if let Some(size) = status.expected_size {
-        if end > size {
-            return Err(Error::invalid(
-                "ingest write",
-                format!("{len} bytes at offset {offset}"),
-                format!("the upload was declared as {size} bytes"),
-            ));
-        }
-    }
-    if end > BLOB_BYTES_MAX {
-        return Err(Error::TooLarge {
-            field: "blob".into(),
-            size: usize::try_from(end).unwrap_or(usize::MAX),
-            max: BLOB_BYTES_MAX as usize,
-        });
-    }
-    Ok(())
-}
-
-fn check_commit(status: &IngestStatus, digest: &str, size: u64) -> Result<()> {
-    if status.offset != size {
-        return Err(Error::invalid(
-            "blob size",
-            size.to_string(),
-            format!(
-                "the upload {:?} has {} bytes; nothing was committed",
-                status.reference, status.offset
-            ),
-        ));
-    }
-    if let Some(d) = &status.expected_digest {
-        if d != digest {
-            return Err(Error::invalid(
-                "blob digest",
-                digest,
-                format!("the upload was started expecting {d}; nothing was committed"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn range(info: &BlobInfo, offset: u64, len: Option<u64>) -> Result<(u64, u64)> {
-    if offset > info.size {
-        return Err(Error::invalid(
-            "offset",
-            offset.to_string(),
-            format!("blob {} has {} bytes", info.digest, info.size),
-        ));
-    }
-    let end = match len {
-        Some(l) => offset.saturating_add(l).min(info.size),
-        None => info.size,
-    };
-    Ok((offset, end))
-}
 
 /// Run blocking file work off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -548,13 +420,7 @@ impl SqliteBackend {
         })
         .await?;
         if actual != digest {
-            return Err(Error::invalid(
-                "blob digest",
-                digest,
-                format!(
-                    "the bytes of upload {reference:?} hash to {actual}; nothing was committed"
-                ),
-            ));
+            return Err(digest_mismatch(reference, digest, &actual));
         }
         // Mark the upload with what it commits: from here on its bytes are needed.
         let marked = self.locked(|c| {
