@@ -176,10 +176,11 @@ async fn measure(name: &str, url: &str, p: &Plan) -> String {
     let (max, p99, writes) = w.await.unwrap_or_default();
     match stats {
         Ok(s) => format!(
-            "| {name} | {} nodes | {:.2} s (mark {:.0} ms, sweep {:.0} ms) | swept {} objects + {} blobs, marked {} | writer during GC: max {:.1} ms, p99 {:.1} ms ({writes} writes; without GC: max {:.1} ms, p99 {:.1} ms); collector's longest txn {:.1} ms |",
+            "| {name} | {} nodes | {:.2} s (mark {:.0} ms of which snapshot {:.0} ms, sweep {:.0} ms) | swept {} objects + {} blobs, marked {} | writer during GC: max {:.1} ms, p99 {:.1} ms ({writes} writes; without GC: max {:.1} ms, p99 {:.1} ms); collector's longest txn {:.1} ms |",
             p.chains * 5,
             wall.as_secs_f64(),
             s.mark_ms,
+            s.snapshot_ms,
             s.sweep_ms,
             s.swept_objects,
             s.swept_blobs,

@@ -497,7 +497,10 @@ pub struct GcStats {
     pub bytes_freed: u64,
     /// Candidates spared because they changed (or became referenced) during the collection.
     pub spared: u64,
+    /// The whole mark phase, of which `snapshot_ms` reading the snapshot.
     pub mark_ms: f64,
+    #[serde(default)]
+    pub snapshot_ms: f64,
     pub sweep_ms: f64,
     /// Total time writers waited on the collector's transactions, and the longest single wait.
     pub writers_blocked_ms: f64,

@@ -449,13 +449,16 @@ impl Store {
         // writers meanwhile.
         let backend = self.backend.clone();
         let handle = tokio::runtime::Handle::current();
-        let (snap, marked) = tokio::task::spawn_blocking(move || {
+        let (snap, marked, read) = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
             let snap = handle.block_on(backend.gc_snapshot())?;
+            let read = t.elapsed();
             let marked = gc::mark(&snap, now);
-            Ok::<_, Error>((snap, marked))
+            Ok::<_, Error>((snap, marked, read))
         })
         .await
         .map_err(|e| Error::Backend(format!("the mark phase panicked: {e}")))??;
+        stats.snapshot_ms = read.as_secs_f64() * 1000.0;
         *self
             .gc
             .next_deadline
