@@ -82,6 +82,9 @@ pub(crate) struct GcState {
     next_deadline: Mutex<Option<Timestamp>>,
     /// Real time before which no automatic run starts (the pause budget).
     not_before: Mutex<Option<Instant>>,
+    /// Real time before which no threshold-triggered run starts: the whole run's duration
+    /// divided by the same share (so collection itself uses at most that share of the time).
+    cpu_not_before: Mutex<Option<Instant>>,
     collectors: Mutex<Vec<Arc<dyn ExternalCollector>>>,
 }
 
@@ -401,6 +404,20 @@ impl Store {
         } else {
             return Ok(None);
         };
+        if matches!(trigger, "deletions" | "mutations") {
+            // Threshold runs also respect a CPU budget: a busy store with millions of objects
+            // would otherwise mark continuously. Requests and deadlines are not deferred by it.
+            if let Some(t) = *self
+                .gc
+                .cpu_not_before
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+            {
+                if Instant::now() < t {
+                    return Ok(None);
+                }
+            }
+        }
         let mut stats = self.gc_run().await?;
         stats.trigger = trigger.to_string();
         *self.gc.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone());
@@ -431,6 +448,13 @@ impl Store {
         let pause = Duration::from_secs_f64(stats.writers_blocked_ms / 1000.0 / opts.pause_share);
         *self.gc.not_before.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(Instant::now() + pause);
+        let busy =
+            Duration::from_secs_f64((stats.mark_ms + stats.sweep_ms) / 1000.0 / opts.pause_share);
+        *self
+            .gc
+            .cpu_not_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + busy);
         *self.gc.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone());
         self.metrics.gc(&stats);
         Ok(stats)
