@@ -219,7 +219,7 @@ pub fn parse_url(url: &str) -> Result<Location> {
 fn configure(c: &Connection, options: &SqliteOptions) -> Result<()> {
     c.busy_timeout(std::time::Duration::from_millis(options.busy_timeout_ms))
         .map_err(map_err)?;
-    c.set_prepared_statement_cache_capacity(64);
+    c.set_prepared_statement_cache_capacity(256);
     Ok(())
 }
 
