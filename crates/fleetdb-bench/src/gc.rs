@@ -27,6 +27,9 @@ pub struct GcArgs {
     /// Share of chains nothing holds.
     #[arg(long, default_value_t = 0.1)]
     pub garbage: f64,
+    /// The collector's target duration of one sweep transaction (`GcOptions::sweep_batch_target`).
+    #[arg(long, default_value_t = 20)]
+    pub sweep_target_ms: u64,
 }
 
 fn digest(c: usize) -> String {
@@ -150,11 +153,15 @@ async fn writer(store: Store, stop: Arc<AtomicBool>) -> (Duration, Duration, usi
     (max, p99, lat.len())
 }
 
-async fn measure(name: &str, url: &str, p: &Plan) -> String {
+async fn measure(name: &str, url: &str, p: &Plan, sweep_target: Duration) -> String {
     let store = Store::open_with(
         url,
         OpenOptions {
             background: false,
+            gc: fleetdb::GcOptions {
+                sweep_batch_target: sweep_target,
+                ..fleetdb::GcOptions::default()
+            },
             ..OpenOptions::default()
         },
     )
@@ -217,7 +224,16 @@ pub fn run_gc_main(a: GcArgs) -> i32 {
                 return 1;
             }
             eprintln!("sqlite: loaded in {:.1} s", t.elapsed().as_secs_f64());
-            println!("{}", measure("sqlite", &url, &plan).await);
+            println!(
+                "{}",
+                measure(
+                    "sqlite",
+                    &url,
+                    &plan,
+                    Duration::from_millis(a.sweep_target_ms)
+                )
+                .await
+            );
         }
         #[cfg(feature = "postgres")]
         if a.backend == "postgres" || a.backend == "both" {
@@ -235,7 +251,16 @@ pub fn run_gc_main(a: GcArgs) -> i32 {
                 return 1;
             }
             eprintln!("postgres: loaded in {:.1} s", t.elapsed().as_secs_f64());
-            println!("{}", measure("postgres", &url, &plan).await);
+            println!(
+                "{}",
+                measure(
+                    "postgres",
+                    &url,
+                    &plan,
+                    Duration::from_millis(a.sweep_target_ms)
+                )
+                .await
+            );
             let _ = fleetdb_postgres::testing::drop_schema(&a.pg_url, &schema).await;
         }
         0
