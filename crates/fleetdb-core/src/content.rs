@@ -195,3 +195,22 @@ pub fn range(info: &BlobInfo, offset: u64, len: Option<u64>) -> Result<(u64, u64
     };
     Ok((offset, end))
 }
+
+/// The checks of a new or resumed upload: its reference, what it says it will be, its expiry.
+pub fn check_ingest_start(
+    reference: &str,
+    expected: Option<(&str, u64)>,
+    now: Timestamp,
+    expires_at: Timestamp,
+) -> Result<()> {
+    validate_ingest_ref(reference)?;
+    check_expected(expected)?;
+    if expires_at <= now {
+        return Err(Error::invalid(
+            "ingest expiry",
+            expires_at.to_rfc3339(),
+            "must be in the future",
+        ));
+    }
+    Ok(())
+}

@@ -20,8 +20,8 @@ use std::future::Future;
 use fleetdb_core::apply::apply_batch;
 use fleetdb_core::batch::{Applied, Batch, Op, OpResult};
 use fleetdb_core::content::{
-    check_commit, check_expected, check_resume, check_write, digest_mismatch, range,
-    validate_ingest_ref, IngestStatus, CHUNK_BYTES, INGEST_WRITE_BYTES_MAX,
+    check_commit, check_expected, check_ingest_start, check_resume, check_write, digest_mismatch,
+    range, validate_ingest_ref, IngestStatus, CHUNK_BYTES, INGEST_WRITE_BYTES_MAX,
 };
 use fleetdb_core::gc::BlobInfo;
 use fleetdb_core::world::validate_digest;
@@ -225,15 +225,7 @@ impl PostgresBackend {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<IngestStatus> {
-        validate_ingest_ref(reference)?;
-        check_expected(expected)?;
-        if expires_at <= now {
-            return Err(Error::invalid(
-                "ingest expiry",
-                expires_at.to_rfc3339(),
-                "must be in the future",
-            ));
-        }
+        check_ingest_start(reference, expected, now, expires_at)?;
         retry(|| self.ingest_start_once(reference, expected, now, expires_at)).await
     }
 

@@ -23,16 +23,15 @@ use std::path::{Path, PathBuf};
 
 use fleetdb_core::batch::{Applied, Batch, Op, OpResult};
 use fleetdb_core::content::{
-    check_commit, check_expected, check_resume, check_write, digest_mismatch, range,
-    validate_ingest_ref, IngestStatus, CHUNK_BYTES,
+    check_commit, check_expected, check_ingest_start, check_resume, check_write, digest_mismatch,
+    range, validate_ingest_ref, IngestStatus, CHUNK_BYTES,
 };
 use fleetdb_core::gc::BlobInfo;
 use fleetdb_core::world::validate_digest;
-use fleetdb_core::{Backend, Error, Labels, Result, Revision, Timestamp};
+use fleetdb_core::{Backend, Error, Labels, Result, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use sha2::Digest as _;
 
-use crate::rows::labels_from_text;
 use crate::{map_err, Location, SqliteBackend};
 
 /// Digests whose bytes one hold of the write lock removes at most (writers wait meanwhile).
@@ -40,7 +39,6 @@ const REMOVE_BATCH: usize = 256;
 
 const INGEST_COLS: &str =
     "ref, expected_digest, expected_size, \"offset\", started_at, updated_at, expires_at";
-const BLOB_COLS: &str = "digest, size, labels, created_at, updated_at, revision";
 
 /// Where the bytes live.
 pub(crate) struct Dirs {
@@ -119,36 +117,6 @@ fn ingest_get(c: &Connection, reference: &str) -> Result<Option<IngestStatus>> {
     c.prepare_cached(&format!("SELECT {INGEST_COLS} FROM ingests WHERE ref = ?1"))
         .and_then(|mut s| s.query_row([reference], ingest_row).optional())
         .map_err(map_err)
-}
-
-fn blob_row(r: &Row<'_>) -> rusqlite::Result<(String, i64, String, i64, i64, i64)> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-    ))
-}
-
-fn blob_from(raw: (String, i64, String, i64, i64, i64)) -> Result<BlobInfo> {
-    Ok(BlobInfo {
-        digest: raw.0,
-        size: raw.1 as u64,
-        labels: labels_from_text(&raw.2)?,
-        created_at: Timestamp(raw.3),
-        updated_at: Timestamp(raw.4),
-        revision: Revision(raw.5),
-    })
-}
-
-fn blob_get(c: &Connection, digest: &str) -> Result<Option<BlobInfo>> {
-    c.prepare_cached(&format!("SELECT {BLOB_COLS} FROM blobs WHERE digest = ?1"))
-        .and_then(|mut s| s.query_row([digest], blob_row).optional())
-        .map_err(map_err)?
-        .map(blob_from)
-        .transpose()
 }
 
 /// Whether the bytes of `digest` are needed: it has metadata, or an upload is committing it.
@@ -261,15 +229,7 @@ impl SqliteBackend {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<IngestStatus> {
-        validate_ingest_ref(reference)?;
-        check_expected(expected)?;
-        if expires_at <= now {
-            return Err(Error::invalid(
-                "ingest expiry",
-                expires_at.to_rfc3339(),
-                "must be in the future",
-            ));
-        }
+        check_ingest_start(reference, expected, now, expires_at)?;
         let dirs = self.content_dirs()?;
         let path = dirs.ingest(reference);
         let (digest, size) = match expected {
@@ -537,7 +497,7 @@ impl SqliteBackend {
 
     pub(crate) async fn content_blob_info(&self, digest: &str) -> Result<Option<BlobInfo>> {
         validate_digest(digest)?;
-        self.read(|c| blob_get(c, digest))
+        self.read(|c| crate::gc::blob_meta_read(c, digest))
     }
 
     pub(crate) async fn content_blob_list(
@@ -557,7 +517,7 @@ impl SqliteBackend {
         validate_digest(digest)?;
         let dirs = self.content_dirs()?;
         let info = self
-            .read(|c| blob_get(c, digest))?
+            .read(|c| crate::gc::blob_meta_read(c, digest))?
             .ok_or_else(|| Error::not_found(format!("blob {digest}")))?;
         let (start, end) = range(&info, offset, len)?;
         let path = dirs.blob(digest);
@@ -578,7 +538,7 @@ impl SqliteBackend {
         match read {
             Some(bytes) => Ok(bytes),
             // Removed meanwhile (deleted or collected), or lost.
-            None => match self.read(|c| blob_get(c, digest))? {
+            None => match self.read(|c| crate::gc::blob_meta_read(c, digest))? {
                 None => Err(Error::not_found(format!("blob {digest}"))),
                 Some(_) => Err(Error::Backend(format!(
                     "the bytes of blob {digest} are missing from {}",

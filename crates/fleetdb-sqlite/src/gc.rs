@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::map_err;
 use crate::rows::{labels_from_text, labels_text};
+use crate::work::collect;
 
 const LEASE_COLS: &str = "id, labels, flat, expires_at, created_at, revision";
 const BLOB_COLS: &str = "digest, size, labels, created_at, updated_at, revision";
@@ -84,21 +85,18 @@ pub(crate) fn gc_kind_read(c: &Connection, kind: &str) -> Result<Option<GcKind>>
 }
 
 pub(crate) fn gc_kinds(c: &Connection) -> Result<Vec<GcKind>> {
-    let mut s = c
-        .prepare_cached("SELECT kind, collectable, declared_at FROM gc_kinds ORDER BY kind")
-        .map_err(map_err)?;
-    let rows = s
-        .query_map([], |r| {
+    collect(
+        c,
+        "SELECT kind, collectable, declared_at FROM gc_kinds ORDER BY kind",
+        [],
+        |r| {
             Ok(GcKind {
                 kind: r.get(0)?,
                 collectable: r.get(1)?,
                 declared_at: Timestamp(r.get(2)?),
             })
-        })
-        .map_err(map_err)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(map_err);
-    rows
+        },
+    )
 }
 
 pub(crate) fn gc_kind_put(c: &Connection, k: &GcKind) -> Result<()> {
@@ -120,17 +118,15 @@ pub(crate) fn lease_read(c: &Connection, id: &str) -> Result<Option<Lease>> {
 }
 
 pub(crate) fn lease_list(c: &Connection, after: Option<&str>, limit: usize) -> Result<Vec<Lease>> {
-    let mut s = c
-        .prepare_cached(&format!(
-            "SELECT {LEASE_COLS} FROM leases WHERE id > ?1 ORDER BY id LIMIT ?2"
-        ))
-        .map_err(map_err)?;
-    let raws = s
-        .query_map(params![after.unwrap_or(""), limit as i64], lease_row)
-        .map_err(map_err)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(map_err)?;
-    raws.into_iter().map(lease_from).collect()
+    collect(
+        c,
+        &format!("SELECT {LEASE_COLS} FROM leases WHERE id > ?1 ORDER BY id LIMIT ?2"),
+        params![after.unwrap_or(""), limit as i64],
+        lease_row,
+    )?
+    .into_iter()
+    .map(lease_from)
+    .collect()
 }
 
 pub(crate) fn lease_put(c: &Connection, l: &Lease, revision: Revision) -> Result<()> {
@@ -175,27 +171,23 @@ pub(crate) fn lease_resource_remove(c: &Connection, lease: &str, r: &Resource) -
 }
 
 pub(crate) fn lease_resources_of(c: &Connection, lease: &str) -> Result<Vec<Resource>> {
-    let mut s = c
-        .prepare_cached(
-            "SELECT rtype, namespace, kind, id FROM lease_resources WHERE lease_id = ?1
-             ORDER BY rtype, namespace, kind, id",
-        )
-        .map_err(map_err)?;
-    let raws = s
-        .query_map([lease], |r| {
+    collect(
+        c,
+        "SELECT rtype, namespace, kind, id FROM lease_resources WHERE lease_id = ?1
+         ORDER BY rtype, namespace, kind, id",
+        [lease],
+        |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
             ))
-        })
-        .map_err(map_err)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(map_err)?;
-    raws.into_iter()
-        .map(|(t, ns, k, id)| Resource::from_columns(&t, ns, k, id))
-        .collect()
+        },
+    )?
+    .into_iter()
+    .map(|(t, ns, k, id)| Resource::from_columns(&t, ns, k, id))
+    .collect()
 }
 
 pub(crate) fn blob_meta_read(c: &Connection, digest: &str) -> Result<Option<BlobInfo>> {
@@ -211,17 +203,15 @@ pub(crate) fn blob_list(
     after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<BlobInfo>> {
-    let mut s = c
-        .prepare_cached(&format!(
-            "SELECT {BLOB_COLS} FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2"
-        ))
-        .map_err(map_err)?;
-    let raws = s
-        .query_map(params![after.unwrap_or(""), limit as i64], blob_row)
-        .map_err(map_err)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(map_err)?;
-    raws.into_iter().map(blob_from).collect()
+    collect(
+        c,
+        &format!("SELECT {BLOB_COLS} FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2"),
+        params![after.unwrap_or(""), limit as i64],
+        blob_row,
+    )?
+    .into_iter()
+    .map(blob_from)
+    .collect()
 }
 
 pub(crate) fn blob_meta_put(c: &Connection, b: &BlobInfo, revision: Revision) -> Result<()> {
@@ -245,20 +235,13 @@ pub(crate) fn changes_after(
     after: Revision,
     limit: usize,
 ) -> Result<Vec<(Revision, String, String, String)>> {
-    let mut s = c
-        .prepare_cached(
-            "SELECT max(revision), namespace, kind, id FROM changes WHERE revision > ?1 AND op = 'put'
-             GROUP BY namespace, kind, id LIMIT ?2",
-        )
-        .map_err(map_err)?;
-    let rows = s
-        .query_map(params![after.0, limit as i64], |r| {
-            Ok((Revision(r.get(0)?), r.get(1)?, r.get(2)?, r.get(3)?))
-        })
-        .map_err(map_err)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(map_err);
-    rows
+    collect(
+        c,
+        "SELECT max(revision), namespace, kind, id FROM changes WHERE revision > ?1 AND op = 'put'
+         GROUP BY namespace, kind, id LIMIT ?2",
+        params![after.0, limit as i64],
+        |r| Ok((Revision(r.get(0)?), r.get(1)?, r.get(2)?, r.get(3)?)),
+    )
 }
 
 fn gc_labels(text: &str) -> Result<Option<Labels>> {

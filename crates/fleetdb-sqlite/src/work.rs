@@ -108,7 +108,8 @@ fn process_from(name: String, conflicts: String, created_at: i64) -> Result<Proc
     })
 }
 
-fn collect<T>(
+/// Every row of `sql`, mapped by `f`.
+pub(crate) fn collect<T>(
     c: &Connection,
     sql: &str,
     params: impl rusqlite::Params,

@@ -112,13 +112,31 @@ async fn check_rows_from_before(store: &Store) {
 
 #[tokio::test]
 async fn sqlite_0003_sessions_work_keeps_rows_written_before_it() {
-    let (_d, path) = sqlite_path();
-    fleetdb_sqlite::testing::migrate_file_to(&path, 2).unwrap();
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(V2_ROWS).unwrap();
-    }
+    let (_d, path) = sqlite_with_v2_rows(2);
     check_v2_rows_then_work(&open_sqlite(&path).await.unwrap()).await;
+}
+
+/// A SQLite file migrated to `version`, holding [`V2_ROWS`].
+fn sqlite_with_v2_rows(version: u32) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, version).unwrap();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(V2_ROWS).unwrap();
+    (d, path)
+}
+
+/// A PostgreSQL schema migrated to `version`, holding [`V2_ROWS`].
+async fn pg_with_v2_rows(version: u32) -> PgSchema {
+    let s = pg_schema().await;
+    fleetdb_postgres::testing::migrate_to(&s.url, version)
+        .await
+        .unwrap();
+    pg_exec(
+        &s.url,
+        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
+    )
+    .await;
+    s
 }
 
 /// Rows as version 2 wrote them: an object, a tag and their change-log entries.
@@ -169,12 +187,7 @@ async fn check_v2_rows_then_work(store: &Store) {
 
 #[tokio::test]
 async fn sqlite_0004_tags_by_name_keeps_rows_written_before_it() {
-    let (_d, path) = sqlite_path();
-    fleetdb_sqlite::testing::migrate_file_to(&path, 3).unwrap();
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(V2_ROWS).unwrap();
-    }
+    let (_d, path) = sqlite_with_v2_rows(3);
     check_v2_rows_then_work(&open_sqlite(&path).await.unwrap()).await;
 }
 
@@ -196,12 +209,7 @@ async fn check_v2_rows_then_world(store: &Store) {
 
 #[tokio::test]
 async fn sqlite_0005_world_keeps_rows_written_before_it() {
-    let (_d, path) = sqlite_path();
-    fleetdb_sqlite::testing::migrate_file_to(&path, 4).unwrap();
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(V2_ROWS).unwrap();
-    }
+    let (_d, path) = sqlite_with_v2_rows(4);
     check_v2_rows_then_world(&open_sqlite(&path).await.unwrap()).await;
 }
 
@@ -232,12 +240,7 @@ async fn check_v2_rows_then_gc(store: &Store) {
 
 #[tokio::test]
 async fn sqlite_0006_leases_content_keeps_rows_written_before_it() {
-    let (_d, path) = sqlite_path();
-    fleetdb_sqlite::testing::migrate_file_to(&path, 5).unwrap();
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(V2_ROWS).unwrap();
-    }
+    let (_d, path) = sqlite_with_v2_rows(5);
     check_v2_rows_then_gc(&open_sqlite(&path).await.unwrap()).await;
 }
 
@@ -414,15 +417,7 @@ async fn postgres_0002_change_log_keeps_rows_written_before_it() {
 
 #[tokio::test]
 async fn postgres_0003_sessions_work_keeps_rows_written_before_it() {
-    let s = pg_schema().await;
-    fleetdb_postgres::testing::migrate_to(&s.url, 2)
-        .await
-        .unwrap();
-    pg_exec(
-        &s.url,
-        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
-    )
-    .await;
+    let s = pg_with_v2_rows(2).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_work(&store).await;
     drop(store);
@@ -431,15 +426,7 @@ async fn postgres_0003_sessions_work_keeps_rows_written_before_it() {
 
 #[tokio::test]
 async fn postgres_0004_tags_by_name_keeps_rows_written_before_it() {
-    let s = pg_schema().await;
-    fleetdb_postgres::testing::migrate_to(&s.url, 3)
-        .await
-        .unwrap();
-    pg_exec(
-        &s.url,
-        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
-    )
-    .await;
+    let s = pg_with_v2_rows(3).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_work(&store).await;
     drop(store);
@@ -448,15 +435,7 @@ async fn postgres_0004_tags_by_name_keeps_rows_written_before_it() {
 
 #[tokio::test]
 async fn postgres_0005_world_keeps_rows_written_before_it() {
-    let s = pg_schema().await;
-    fleetdb_postgres::testing::migrate_to(&s.url, 4)
-        .await
-        .unwrap();
-    pg_exec(
-        &s.url,
-        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
-    )
-    .await;
+    let s = pg_with_v2_rows(4).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_world(&store).await;
     drop(store);
@@ -465,15 +444,7 @@ async fn postgres_0005_world_keeps_rows_written_before_it() {
 
 #[tokio::test]
 async fn postgres_0006_leases_content_keeps_rows_written_before_it() {
-    let s = pg_schema().await;
-    fleetdb_postgres::testing::migrate_to(&s.url, 5)
-        .await
-        .unwrap();
-    pg_exec(
-        &s.url,
-        &format!("{V2_ROWS} SELECT setval('fleetdb_revision', 2);"),
-    )
-    .await;
+    let s = pg_with_v2_rows(5).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_gc(&store).await;
     drop(store);
