@@ -361,21 +361,15 @@ pub async fn lease(store: &Store, fmt: Format, ns: &str, cmd: LeaseCmd) -> Resul
                     other => break other,
                 }
             };
-            match fmt {
-                Format::Json => output::print_json(&json!({
-                    "items": items.iter().map(|l| lease_json(l, now)).collect::<Vec<_>>(),
-                    "next": next,
-                })),
-                Format::Table => {
-                    output::table(
-                        &LEASE_HEADER,
-                        &items.iter().map(|l| lease_row(l, now)).collect::<Vec<_>>(),
-                    );
-                    if let Some(n) = next {
-                        eprintln!("more: --cursor {n}");
-                    }
-                }
-            }
+            output::print_page(
+                fmt,
+                &items,
+                next,
+                |l| lease_json(l, now),
+                &LEASE_HEADER,
+                |l| lease_row(l, now),
+                "--cursor",
+            );
         }
         LeaseCmd::Show { id } => {
             let l = store
@@ -634,31 +628,22 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
                     other => break other,
                 }
             };
-            match fmt {
-                Format::Json => output::print_json(&json!({
-                    "items": items.iter().map(blob_json).collect::<Vec<_>>(),
-                    "next": next,
-                })),
-                Format::Table => {
-                    output::table(
-                        &["DIGEST", "SIZE", "LABELS", "CREATED"],
-                        &items
-                            .iter()
-                            .map(|b| {
-                                vec![
-                                    b.digest.clone(),
-                                    b.size.to_string(),
-                                    output::labels_text(&b.labels),
-                                    b.created_at.to_rfc3339(),
-                                ]
-                            })
-                            .collect::<Vec<_>>(),
-                    );
-                    if let Some(n) = next {
-                        eprintln!("more: --cursor {n}");
-                    }
-                }
-            }
+            output::print_page(
+                fmt,
+                &items,
+                next,
+                blob_json,
+                &["DIGEST", "SIZE", "LABELS", "CREATED"],
+                |b| {
+                    vec![
+                        b.digest.clone(),
+                        b.size.to_string(),
+                        output::labels_text(&b.labels),
+                        b.created_at.to_rfc3339(),
+                    ]
+                },
+                "--cursor",
+            );
         }
         BlobCmd::Info { digest } => {
             let b = store

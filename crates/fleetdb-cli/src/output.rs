@@ -111,3 +111,28 @@ pub fn print_json<T: Serialize>(v: &T) {
         serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     );
 }
+
+/// One page of a listing: `{"items": […], "next": …}` as JSON, or a table with a hint on stderr
+/// for the next page (`more: <flag> <next>`).
+pub fn print_page<T, N: Serialize + std::fmt::Display>(
+    fmt: Format,
+    items: &[T],
+    next: Option<N>,
+    json_of: impl Fn(&T) -> serde_json::Value,
+    header: &[&str],
+    row_of: impl Fn(&T) -> Vec<String>,
+    next_flag: &str,
+) {
+    match fmt {
+        Format::Json => print_json(&serde_json::json!({
+            "items": items.iter().map(json_of).collect::<Vec<_>>(),
+            "next": next,
+        })),
+        Format::Table => {
+            table(header, &items.iter().map(row_of).collect::<Vec<_>>());
+            if let Some(n) = next {
+                eprintln!("more: {next_flag} {n}");
+            }
+        }
+    }
+}

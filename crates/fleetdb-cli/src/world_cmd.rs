@@ -863,31 +863,22 @@ pub async fn kv(store: &Store, fmt: Format, cmd: KvCmd) -> Result<(), Error> {
                     _ => break None,
                 }
             };
-            match fmt {
-                Format::Json => output::print_json(&json!({
-                    "items": items.iter().map(kv_json).collect::<Vec<_>>(),
-                    "next": next,
-                })),
-                Format::Table => {
-                    output::table(
-                        &["KEY", "VALUE", "REVISION", "EXPIRES"],
-                        &items
-                            .iter()
-                            .map(|e| {
-                                vec![
-                                    e.key.clone(),
-                                    e.value.chars().take(60).collect(),
-                                    e.revision.to_string(),
-                                    e.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                                ]
-                            })
-                            .collect::<Vec<_>>(),
-                    );
-                    if let Some(n) = next {
-                        eprintln!("more: --cursor {n}");
-                    }
-                }
-            }
+            output::print_page(
+                fmt,
+                &items,
+                next,
+                kv_json,
+                &["KEY", "VALUE", "REVISION", "EXPIRES"],
+                |e| {
+                    vec![
+                        e.key.clone(),
+                        e.value.chars().take(60).collect(),
+                        e.revision.to_string(),
+                        e.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    ]
+                },
+                "--cursor",
+            );
         }
         KvCmd::Watch {
             prefix,
@@ -1191,33 +1182,24 @@ pub async fn deploy(store: &Store, fmt: Format, cmd: DeployCmd) -> Result<(), Er
                     _ => break None,
                 }
             };
-            match fmt {
-                Format::Json => output::print_json(&json!({
-                    "items": items.iter().map(deploy_summary_json).collect::<Vec<_>>(),
-                    "next": next,
-                })),
-                Format::Table => {
-                    output::table(
-                        &["ID", "HASH", "PARENT", "PAYLOAD", "FILES", "CREATED"],
-                        &items
-                            .iter()
-                            .map(|d| {
-                                vec![
-                                    d.id.to_string(),
-                                    d.hash.clone().unwrap_or_default(),
-                                    d.parent_hash.clone().unwrap_or_default(),
-                                    d.payload.len().to_string(),
-                                    d.files.len().to_string(),
-                                    d.created_at.to_rfc3339(),
-                                ]
-                            })
-                            .collect::<Vec<_>>(),
-                    );
-                    if let Some(n) = next {
-                        eprintln!("more: --after {n}");
-                    }
-                }
-            }
+            output::print_page(
+                fmt,
+                &items,
+                next,
+                deploy_summary_json,
+                &["ID", "HASH", "PARENT", "PAYLOAD", "FILES", "CREATED"],
+                |d| {
+                    vec![
+                        d.id.to_string(),
+                        d.hash.clone().unwrap_or_default(),
+                        d.parent_hash.clone().unwrap_or_default(),
+                        d.payload.len().to_string(),
+                        d.files.len().to_string(),
+                        d.created_at.to_rfc3339(),
+                    ]
+                },
+                "--after",
+            );
         }
         DeployCmd::Prune { before, keep } => {
             let before = match (before, keep) {
