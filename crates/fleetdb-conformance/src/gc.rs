@@ -486,3 +486,43 @@ pub async fn threshold_runs_respect_the_time_budget_requests_do_not(h: &Harness)
     assert_eq!(stats.trigger, "requested");
     assert!(!exists(s, "layer", "t0").await);
 }
+
+pub async fn a_blob_held_only_by_an_expired_lease_goes_at_the_expiry(h: &Harness) {
+    let s = &h.store;
+    let l = s
+        .lease_create(LeaseSpec {
+            expire_in: Some(Duration::from_secs(10)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let held = s
+        .blob_put(b"layer bytes", labels(&[]), Some(&l.id))
+        .await
+        .unwrap();
+    let kept = s
+        .blob_put(b"rooted", labels(&[("fleetdb.io/gc.root", "true")]), None)
+        .await
+        .unwrap();
+    s.gc_run().await.unwrap();
+    assert!(s.blob_info(&held.digest).await.unwrap().is_some());
+    assert!(
+        s.gc_maybe_run().await.unwrap().is_none(),
+        "nothing is due yet"
+    );
+    h.clock.advance(Duration::from_secs(11));
+    let stats = s
+        .gc_maybe_run()
+        .await
+        .unwrap()
+        .expect("a run at the lease's expiry, with no other trigger");
+    assert_eq!(stats.trigger, "deadline");
+    assert_eq!(stats.swept_blobs, 1);
+    assert_eq!(stats.bytes_freed, held.size);
+    assert!(s.blob_info(&held.digest).await.unwrap().is_none());
+    assert!(matches!(
+        s.blob_get(&held.digest).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(s.blob_get(&kept.digest).await.unwrap(), b"rooted");
+}

@@ -107,7 +107,8 @@ macro_rules! suite {
             objects_created_or_referenced_during_a_collection_survive_it,
             external_collectors_remove_unused_resources_and_failures_skip,
             gc_reports_stats_and_metrics,
-            threshold_runs_respect_the_time_budget_requests_do_not;
+            threshold_runs_respect_the_time_budget_requests_do_not,
+            a_blob_held_only_by_an_expired_lease_goes_at_the_expiry;
             blob_put_get_ranges_info_list_delete,
             blob_digest_or_size_mismatch_commits_nothing,
             ingest_resumes_where_it_stands_and_refuses_other_offsets,
