@@ -86,6 +86,7 @@ macro_rules! suite {
             metrics_count_sessions_work_and_transactions,
             finish_many_is_all_or_nothing,
             finish_many_with_writes_is_atomic,
+            many_tag_deletes_in_one_transaction,
             finish_and_claim_finishes_then_claims_the_next,
             work_matches_a_model_under_random_operations;
             watch_starts_with_a_snapshot_then_changes,

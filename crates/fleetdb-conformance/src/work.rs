@@ -1003,6 +1003,78 @@ pub async fn finish_many_is_all_or_nothing(h: &Harness) {
 /// `finish_many_with`: the caller's writes and every release commit together; a stale token on
 /// one claim fails the whole batch (the writes are not applied, every claim is still held), and
 /// the batch then succeeds without it, with Finished history for each.
+/// A transaction of many tag deletes (applied as one set by backends that can) decides exactly
+/// what deleting them one by one does: a missing tag anywhere fails the whole transaction and
+/// changes nothing; otherwise one change-log row per tag, in order, with its old value.
+pub async fn many_tag_deletes_in_one_transaction(h: &Harness) {
+    let st = &h.store;
+    let keys = machines(h, 5).await;
+    for (i, k) in keys.iter().enumerate() {
+        st.tag_set(k, "todo", &json!({"n": i})).await.unwrap();
+    }
+    let before = st.revision().await.unwrap().current;
+    // The fourth object lacks the tag: nothing is deleted.
+    st.tag_delete(&keys[3], "todo").await.unwrap();
+    let after_single = st.revision().await.unwrap().current;
+    let r = st
+        .txn(|tx| {
+            let keys = keys.clone();
+            async move {
+                for k in &keys {
+                    tx.tag_delete(k, "todo")?;
+                }
+                Ok(())
+            }
+        })
+        .await;
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(
+            st.tag_get(k, "todo").await.unwrap().is_some(),
+            i != 3,
+            "{k}"
+        );
+    }
+    // Without it, every delete lands, each with its own revision and old value, in order.
+    let rest: Vec<ObjectKey> = keys
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3)
+        .map(|(_, k)| k.clone())
+        .collect();
+    st.txn(|tx| {
+        let rest = rest.clone();
+        async move {
+            for k in &rest {
+                tx.tag_delete(k, "todo")?;
+            }
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let changes = st
+        .changes(after_single, &fleetdb::ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    let deletes: Vec<_> = changes
+        .iter()
+        .filter(|c| c.entity == fleetdb::Entity::Tag)
+        .collect();
+    assert_eq!(deletes.len(), 4, "{changes:?}");
+    for (c, k) in deletes.iter().zip(&rest) {
+        assert_eq!(
+            (c.kind.as_str(), c.id.as_str()),
+            (k.kind.as_str(), k.id.as_str())
+        );
+        assert_eq!(c.op, fleetdb::ChangeOp::Delete);
+        let n = keys.iter().position(|x| x == k).unwrap();
+        assert_eq!(c.old_value, Some(json!({"n": n})), "{c:?}");
+        assert!(c.revision > before);
+    }
+    assert!(deletes.windows(2).all(|w| w[0].revision < w[1].revision));
+}
+
 pub async fn finish_many_with_writes_is_atomic(h: &Harness) {
     let st = &h.store;
     st.process_define("P", &[]).await.unwrap();

@@ -20,10 +20,178 @@ pub async fn apply_batch<T: TxRows + ?Sized>(rows: &mut T, batch: &Batch) -> Res
         check_precondition(rows, p, batch.now).await?;
     }
     let mut out = Vec::with_capacity(batch.ops.len());
-    for op in &batch.ops {
-        out.push(apply_op(rows, op, batch.now).await?);
+    let mut rest = &batch.ops[..];
+    while let Some(op) = rest.first() {
+        let run = run_len(rest);
+        if run >= 2 {
+            out.extend(apply_run(rows, &rest[..run], batch.now).await?);
+            rest = &rest[run..];
+        } else {
+            out.push(apply_op(rows, op, batch.now).await?);
+            rest = &rest[1..];
+        }
     }
     Ok(out)
+}
+
+/// Ops at most in one set-based run.
+const RUN_MAX: usize = 1000;
+
+/// How many ops at the start of `ops` can be applied as one run by [`apply_run`]: consecutive tag
+/// deletes of distinct tags, or consecutive finishes (or cancels) of distinct claims of one
+/// session and process. Within such a run no op reads what another writes, so reading every
+/// row first and writing them all after decides exactly what applying them one by one does.
+fn run_len(ops: &[Op]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let n = match ops.first() {
+        Some(Op::TagDelete { .. }) => ops
+            .iter()
+            .take_while(|op| match op {
+                Op::TagDelete { key, name } => seen.insert((key, name.as_str())),
+                _ => false,
+            })
+            .count(),
+        Some(Op::WorkRelease {
+            session_id: sid,
+            process: p,
+            outcome: first @ (Outcome::Finished | Outcome::Canceled),
+            ..
+        }) => ops
+            .iter()
+            .take_while(|op| match op {
+                Op::WorkRelease {
+                    key,
+                    process,
+                    session_id,
+                    outcome,
+                    ..
+                } => {
+                    session_id == sid
+                        && process == p
+                        && outcome == first
+                        && seen.insert((key, process.as_str()))
+                }
+                _ => false,
+            })
+            .count(),
+        _ => 1,
+    };
+    n.clamp(1, RUN_MAX)
+}
+
+/// Apply a run found by [`run_len`]: one read of every row the run needs, the same decisions
+/// (and the same first error) as [`apply_op`] one by one, then the writes as one set.
+async fn apply_run<T: TxRows + ?Sized>(
+    rows: &mut T,
+    ops: &[Op],
+    now: Timestamp,
+) -> Result<Vec<OpResult>> {
+    match ops.first() {
+        Some(Op::TagDelete { .. }) => {
+            let items: Vec<(ObjectKey, String)> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::TagDelete { key, name } => Some((key.clone(), name.clone())),
+                    _ => None,
+                })
+                .collect();
+            let reads = rows.tag_read_many(&items).await?;
+            let mut changes = Vec::with_capacity(items.len());
+            for ((key, name), read) in items.iter().zip(reads) {
+                if !read.object_exists {
+                    return Err(Error::not_found(format!("object {key}")));
+                }
+                let Some((_, text)) = read.tag else {
+                    return Err(Error::not_found(format!("tag {name:?} of object {key}")));
+                };
+                changes.push(draft(
+                    &key.namespace,
+                    &key.kind,
+                    &key.id,
+                    Entity::Tag,
+                    name,
+                    ChangeOp::Delete,
+                    Some(text),
+                    None,
+                    now,
+                ));
+            }
+            let revisions = rows.tag_remove_many(&items, &changes).await?;
+            Ok(revisions
+                .into_iter()
+                .map(|revision| OpResult {
+                    changed: true,
+                    applied: Applied::Deleted { revision },
+                })
+                .collect())
+        }
+        Some(Op::WorkRelease {
+            process,
+            session_id,
+            outcome,
+            ..
+        }) => {
+            let keys: Vec<ObjectKey> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::WorkRelease { key, .. } => Some(key.clone()),
+                    _ => None,
+                })
+                .collect();
+            let held: std::collections::HashMap<ObjectKey, WorkInfo> = rows
+                .work_read_many(&keys, process)
+                .await?
+                .into_iter()
+                .map(|w| (w.key.clone(), w))
+                .collect();
+            let session = rows
+                .session_read(session_id)
+                .await?
+                .filter(|s| s.alive_at(now));
+            let event = match outcome {
+                Outcome::Finished => WorkEvent::Finished,
+                _ => WorkEvent::Canceled,
+            };
+            let mut works = Vec::with_capacity(ops.len());
+            let mut entries = Vec::with_capacity(ops.len());
+            for op in ops {
+                let Op::WorkRelease { key, token, .. } = op else {
+                    continue;
+                };
+                let lost = |why: &str| Error::WorkLost {
+                    what: format!("{process} on {key} (token {token}) {why}; nothing was changed"),
+                };
+                let Some(w) = held.get(key) else {
+                    return Err(lost("is not held by anyone"));
+                };
+                if w.session_id != *session_id || w.token != *token {
+                    return Err(lost("is held by another claim"));
+                }
+                let Some(session) = &session else {
+                    return Err(lost("belongs to an expired session"));
+                };
+                entries.push(history(
+                    w,
+                    &session.component,
+                    &session.host,
+                    event,
+                    None,
+                    now,
+                ));
+                works.push(w.clone());
+            }
+            rows.work_release_many(&works, &entries, *outcome == Outcome::Finished)
+                .await?;
+            Ok(works
+                .iter()
+                .map(|_| OpResult {
+                    changed: true,
+                    applied: Applied::Done { count: 1 },
+                })
+                .collect())
+        }
+        _ => Err(Error::Backend("apply_run: not a run".to_string())),
+    }
 }
 
 async fn check_precondition<T: TxRows + ?Sized>(

@@ -453,6 +453,47 @@ pub trait TxRows: Send {
         }
         Ok(out)
     }
+    /// Release many claims at once (a batch finish): for each, remove the backoff first when
+    /// `clear_backoff`, then the work row, and append `history[i]` (in order). The default
+    /// releases them one by one; backends override it with set-based statements.
+    async fn work_release_many(
+        &mut self,
+        works: &[WorkInfo],
+        history: &[HistoryEntry],
+        clear_backoff: bool,
+    ) -> Result<()> {
+        for (w, h) in works.iter().zip(history) {
+            if clear_backoff {
+                self.backoff_remove(&w.key, &w.process).await?;
+            }
+            self.work_remove(&w.key, &w.process).await?;
+            self.history_append(h).await?;
+        }
+        Ok(())
+    }
+    /// [`TxRows::tag_read`] of many distinct (object, tag) pairs, answered in order. The default
+    /// reads them one by one.
+    async fn tag_read_many(&mut self, items: &[(ObjectKey, String)]) -> Result<Vec<TagRead>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (key, name) in items {
+            out.push(self.tag_read(key, name).await?);
+        }
+        Ok(out)
+    }
+    /// [`TxRows::tag_remove`] of many distinct (object, tag) pairs, each with its change-log row
+    /// (`changes[i]`); the revisions are returned in order and increase. The default removes
+    /// them one by one.
+    async fn tag_remove_many(
+        &mut self,
+        items: &[(ObjectKey, String)],
+        changes: &[ChangeDraft],
+    ) -> Result<Vec<Revision>> {
+        let mut out = Vec::with_capacity(items.len());
+        for ((key, name), change) in items.iter().zip(changes) {
+            out.push(self.tag_remove(key, name, change).await?);
+        }
+        Ok(out)
+    }
     /// `n` fresh fencing tokens, increasing. The default takes them one by one.
     async fn next_tokens(&mut self, n: usize) -> Result<Vec<i64>> {
         let mut out = Vec::with_capacity(n);

@@ -581,9 +581,19 @@ impl PostgresBackend {
         };
         let conn: &deadpool_postgres::ClientWrapper = guard.client();
         let (lock_sql, lock_params) = work::claim_lock_sql(q, &req.session_id);
+        // A worker claims with one selector over and over: its two statements are prepared once
+        // per connection (planning them costs more than running them).
+        let lock_stmt = match prepare_claim(conn, &lock_sql).await {
+            Ok(stmt) => stmt,
+            Err(failure) => {
+                // No transaction was opened.
+                guard.open = false;
+                return Err(failure);
+            }
+        };
         let (begin, rows) = futures::future::join(
-            conn.batch_execute(sql::BEGIN_CLAIM),
-            conn.query_typed(&lock_sql, &lock_params.typed()),
+            conn.batch_execute(sql::BEGIN_CLAIM_PLANNED),
+            conn.query(&lock_stmt, &lock_params.values()),
         )
         .await;
         if let Err(e) = begin {
@@ -642,19 +652,28 @@ impl PostgresBackend {
         }
         let locked = locked.unwrap_or_default();
         let (take_sql, take_params) = work::claim_take_sql(q, &req.session_id, locked);
-        let typed = take_params.typed();
-        let (rows, commit) = futures::future::join(
-            conn.query_typed(&take_sql, &typed),
+        let take_stmt = match prepare_claim(conn, &take_sql).await {
+            Ok(stmt) => stmt,
+            Err(failure) => {
+                end(false).await?;
+                guard.open = false;
+                return Err(failure);
+            }
+        };
+        let values = take_params.values();
+        let (defaults, rows, commit) = futures::future::join3(
+            conn.batch_execute(sql::CLAIM_PLANNER_DEFAULTS),
+            conn.query(&take_stmt, &values),
             conn.batch_execute("COMMIT"),
         )
         .await;
         // A failed statement turns COMMIT into a rollback: the transaction is over either way.
-        let rows = match (rows, commit) {
-            (Err(e), _) | (Ok(_), Err(e)) => {
+        let rows = match (defaults, rows, commit) {
+            (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(_), Err(e)) => {
                 guard.open = false;
                 return Err(classify(&e));
             }
-            (Ok(rows), Ok(())) => rows,
+            (Ok(()), Ok(rows), Ok(())) => rows,
         };
         guard.open = false;
         rows.iter()
@@ -755,6 +774,18 @@ impl Drop for TxGuard {
 
 /// The pause before attempt `attempt + 1`: exponential from 1 ms, capped at 100 ms, with jitter
 /// (uniform in the upper half of the window).
+/// A selector-claim statement from the connection's cache, preparing it on first use; the cache
+/// is emptied first when it holds [`sql::STATEMENTS_CACHED_MAX`] statements.
+async fn prepare_claim(
+    conn: &deadpool_postgres::ClientWrapper,
+    text: &str,
+) -> std::result::Result<tokio_postgres::Statement, Failure> {
+    if conn.statement_cache.size() >= sql::STATEMENTS_CACHED_MAX {
+        conn.statement_cache.clear();
+    }
+    conn.prepare_cached(text).await.map_err(|e| classify(&e))
+}
+
 fn backoff(attempt: u32) -> Duration {
     use rand::Rng as _;
     let exp = BACKOFF_INITIAL.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));

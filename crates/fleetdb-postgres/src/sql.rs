@@ -18,6 +18,22 @@ pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
 /// Claims: every statement sees what is committed when it starts; exclusion comes from row locks
 /// on the claimed objects (every claim path locks the object first), not from SSI.
 pub(crate) const BEGIN_CLAIM: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+/// A selector claim's transaction: [`BEGIN_CLAIM`], planned for a queue. A claim wants the first
+/// few candidates in key order, so nested loops over indexes (driven by the most selective tag
+/// index, probing the work and backoff keys per candidate) are right whatever the statistics say;
+/// with stale statistics (a queue that just filled) the planner otherwise picks merge joins that
+/// walk every finished object, or a merge on the namespace alone that compares every pair. Sorts
+/// are off too: the claim's key order always comes from an index (objects' primary key or
+/// `tags_by_name`), so a sort can only mean reading every candidate to return the first few.
+pub(crate) const BEGIN_CLAIM_PLANNED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
+     SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_sort = off";
+/// Undoes [`BEGIN_CLAIM_PLANNED`]'s planner settings before a claim's second step (a join of the
+/// few locked keys, which the default planner does well and nested loops alone do badly).
+pub(crate) const CLAIM_PLANNER_DEFAULTS: &str = "SET LOCAL enable_mergejoin TO DEFAULT; \
+     SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_sort TO DEFAULT";
+/// Prepared selector-claim statements kept per connection: past this many cached statements the
+/// connection's cache is emptied (selector text is the caller's, so the cache must stay bounded).
+pub(crate) const STATEMENTS_CACHED_MAX: usize = 256;
 /// The per-key lock of key-value writes (see `PostgresBackend::kv_set_fused`).
 pub(crate) const KV_LOCK: &str =
     "SELECT pg_advisory_xact_lock(hashtextextended('fleetdb.kv:' || $1::text, 0))";
@@ -47,6 +63,28 @@ pub(crate) const TAG_READ: &str =
      t.value, t.updated_at, t.revision \
      FROM (SELECT 1) AS x LEFT JOIN tags AS t \
      ON t.namespace = $1 AND t.kind = $2 AND t.id = $3 AND t.name = $4";
+
+/// Many [`TAG_READ`]s in one statement: `$1` is a JSON array of `{"n","ns","kind","id","name"}`;
+/// one row per element, in `n` order, with [`TAG_READ`]'s columns.
+pub(crate) const TAG_READ_MANY: &str = "SELECT EXISTS (SELECT 1 FROM objects o \
+       WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id), \
+     t.value, t.updated_at, t.revision \
+     FROM jsonb_to_recordset(($1::text)::jsonb) AS k(n bigint, ns text, kind text, id text, name text) \
+     LEFT JOIN tags AS t ON t.namespace = k.ns AND t.kind = k.kind AND t.id = k.id AND t.name = k.name \
+     ORDER BY k.n";
+
+/// Many [`TAG_REMOVE`]s in one statement: `$1` is a JSON array of
+/// `{"n","ns","kind","id","name","old","at"}`; the change-log rows take revisions in `n` order.
+/// Returns `(revision, namespace, kind, id, name)` per removed tag.
+pub(crate) const TAG_REMOVE_MANY: &str = "WITH k AS (SELECT * FROM jsonb_to_recordset(($1::text)::jsonb) \
+       AS k(n bigint, ns text, kind text, id text, name text, old text, at bigint)), \
+     c AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+       SELECT nextval('fleetdb_revision'), s.ns, s.kind, s.id, 'tag', s.name, 'delete', s.old, NULL, s.at \
+       FROM (SELECT * FROM k ORDER BY n) AS s \
+       RETURNING revision, namespace, kind, id, name), \
+     d AS (DELETE FROM tags t USING k WHERE t.namespace = k.ns AND t.kind = k.kind \
+       AND t.id = k.id AND t.name = k.name) \
+     SELECT revision, namespace, kind, id, name FROM c";
 
 /// The change-log row of a write, `$1`..`$9`, taking the next revision. The write's own parameters
 /// start at `$10`.

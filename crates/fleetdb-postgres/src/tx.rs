@@ -393,6 +393,78 @@ impl TxRows for PgTx<'_> {
         self.write(sql::TAG_REMOVE, &params).await
     }
 
+    async fn tag_read_many(&mut self, items: &[(ObjectKey, String)]) -> Result<Vec<TagRead>> {
+        let keys: Vec<serde_json::Value> = items
+            .iter()
+            .enumerate()
+            .map(|(n, (k, name))| {
+                serde_json::json!({"n": n, "ns": k.namespace, "kind": k.kind, "id": k.id, "name": name})
+            })
+            .collect();
+        let text = serde_json::Value::Array(keys).to_string();
+        let rows = self.read(sql::TAG_READ_MANY, &[&text]).await?;
+        if rows.len() != items.len() {
+            return Err(Error::Backend(format!(
+                "reading {} tags returned {} rows",
+                items.len(),
+                rows.len()
+            )));
+        }
+        items
+            .iter()
+            .zip(&rows)
+            .map(|((key, name), row)| {
+                Ok(TagRead {
+                    object_exists: row.try_get(0).map_err(crate::error::db_err)?,
+                    tag: sql::tag_from_read_row(key, name, row)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn tag_remove_many(
+        &mut self,
+        items: &[(ObjectKey, String)],
+        changes: &[ChangeDraft],
+    ) -> Result<Vec<Revision>> {
+        let keys: Vec<serde_json::Value> = items
+            .iter()
+            .zip(changes)
+            .enumerate()
+            .map(|(n, ((k, name), c))| {
+                serde_json::json!({"n": n, "ns": k.namespace, "kind": k.kind, "id": k.id,
+                    "name": name, "old": c.old_value, "at": c.at.0})
+            })
+            .collect();
+        let text = serde_json::Value::Array(keys).to_string();
+        let stmt = self.statement(sql::TAG_REMOVE_MANY).await?;
+        self.begin_alone().await?;
+        let params: [Param<'_>; 1] = [&text];
+        let rows = self.after_pending(|c| c.query(&stmt, &params)).await?;
+        let mut by_key = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let rev: i64 = row.try_get(0).map_err(crate::error::db_err)?;
+            let key = fleetdb_core::apply::stored_key(
+                row.try_get(1).map_err(crate::error::db_err)?,
+                row.try_get(2).map_err(crate::error::db_err)?,
+                row.try_get(3).map_err(crate::error::db_err)?,
+            );
+            let name: String = row.try_get(4).map_err(crate::error::db_err)?;
+            by_key.insert((key, name), Revision(rev));
+        }
+        items
+            .iter()
+            .map(|item| {
+                by_key.get(item).copied().ok_or_else(|| {
+                    Error::Backend(format!(
+                        "no change-log row for tag {:?} of {}",
+                        item.1, item.0
+                    ))
+                })
+            })
+            .collect()
+    }
+
     // ---- the World ----
 
     async fn world_read(&mut self, space: Space, key: &str) -> Result<Option<WorldRecord>> {
@@ -523,6 +595,16 @@ impl TxRows for PgTx<'_> {
 
     async fn next_tokens(&mut self, n: usize) -> Result<Vec<i64>> {
         work::next_tokens(self, n).await
+    }
+
+    async fn work_release_many(
+        &mut self,
+        _works: &[WorkInfo],
+        history: &[fleetdb_core::work::HistoryEntry],
+        clear_backoff: bool,
+    ) -> Result<()> {
+        // Each history entry names its claim's key and process.
+        work::work_release_many(self, history, clear_backoff).await
     }
 
     async fn work_read_many(&mut self, keys: &[ObjectKey], process: &str) -> Result<Vec<WorkInfo>> {

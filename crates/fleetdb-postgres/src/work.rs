@@ -228,6 +228,20 @@ impl TypedParams {
         format!("{}{cast}", Dialect::Postgres.placeholder(self.0.len()))
     }
 
+    /// The values in placeholder order (every placeholder carries its cast, so a statement
+    /// prepared from the text knows the types).
+    pub(crate) fn values(&self) -> Vec<Param<'_>> {
+        self.0
+            .iter()
+            .map(|p| match p {
+                SqlParam::Text(s) => s as Param<'_>,
+                SqlParam::Int(i) => i as Param<'_>,
+                SqlParam::Float(f) => f as Param<'_>,
+                SqlParam::Bool(b) => b as Param<'_>,
+            })
+            .collect()
+    }
+
     /// The `(value, type)` pairs `query_typed` takes.
     pub(crate) fn typed(&self) -> Vec<(Param<'_>, Type)> {
         self.0
@@ -252,6 +266,15 @@ fn selector_from_where(selector: &Selector, now: Timestamp) -> (String, TypedPar
         format!("FROM objects o{joins} WHERE ({cond})"),
         TypedParams(params),
     )
+}
+
+/// [`selector_from_where`] for the first step of a claim: the FROM clause starts from the
+/// first required tag (see `Selector::claim_from_sql`).
+fn claim_from_where(selector: &Selector, now: Timestamp) -> (String, TypedParams) {
+    let mut params = Vec::new();
+    let from = selector.claim_from_sql(&mut params);
+    let cond = selector.to_sql(Dialect::Postgres, now, &mut params);
+    (format!("FROM {from} WHERE ({cond})"), TypedParams(params))
 }
 
 /// The candidates of a selector claim: matching objects that no live session holds for any of the
@@ -299,28 +322,41 @@ fn exclusions_sql(process: &str) -> String {
     )
 }
 
+/// The claim steps' test that candidate `o` is free: no live session holds it for an excluded
+/// process (`ex`: their names, as SQL) and it is not in backoff for `process`. Each test is a
+/// correlated subquery kept out of the join tree (`OFFSET 0`), so it runs per candidate as one
+/// primary-key probe: a claim visits the first candidates in key order and stops, and the planner,
+/// left to itself, may instead join every held or backed-off row against every candidate.
+fn candidate_free_sql(ex: &str, process: &str, now: &str) -> String {
+    format!(
+        "AND NOT EXISTS (SELECT 1 FROM work w \
+           WHERE w.namespace = o.namespace AND w.kind = o.kind AND w.id = o.id \
+           AND w.process = ANY (ARRAY({ex})) \
+           AND EXISTS (SELECT 1 FROM sessions ws WHERE ws.id = w.session_id AND ws.deadline > {now}) \
+           OFFSET 0) \
+         AND NOT EXISTS (SELECT 1 FROM work_backoff b \
+           WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id \
+           AND b.process = {process} AND b.until > {now} OFFSET 0)"
+    )
+}
+
 /// Step 1 of a selector claim (one statement, pipelined with `BEGIN`, READ COMMITTED): whether
 /// the session is alive and the process declared, and the candidates, found and locked
 /// (`FOR UPDATE OF o SKIP LOCKED`, so concurrent claimers take different objects) as a JSON array
 /// of `{"ns","kind","id"}` in key order (NULL when there are none).
 pub(crate) fn claim_lock_sql(q: &CandidateQuery, session_id: &str) -> (String, TypedParams) {
-    let (base, mut params) = selector_from_where(&q.selector, q.now);
+    let (base, mut params) = claim_from_where(&q.selector, q.now);
     let sid = params.push(SqlParam::Text(session_id.to_string()));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
     let limit = params.push(SqlParam::Int(limit_param(q.limit)));
     let ex = exclusions_sql(&process);
+    let free = candidate_free_sql(&ex, &process, &now);
     let sql = format!(
         "WITH s AS (SELECT 1 FROM sessions WHERE id = {sid} AND deadline > {now}), \
          me AS (SELECT 1 FROM processes WHERE name = {process}), \
          c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} \
-           AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) \
-           AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions ws ON ws.id = w.session_id \
-             WHERE w.namespace = o.namespace AND w.kind = o.kind AND w.id = o.id \
-             AND w.process IN ({ex}) AND ws.deadline > {now}) \
-           AND NOT EXISTS (SELECT 1 FROM work_backoff b \
-             WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id \
-             AND b.process = {process} AND b.until > {now}) \
+           AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) {free} \
            ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) \
          SELECT EXISTS (SELECT 1 FROM s), EXISTS (SELECT 1 FROM me), \
            (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
@@ -346,17 +382,12 @@ pub(crate) fn claim_take_sql(
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
     let ex = exclusions_sql(&process);
+    let free = candidate_free_sql(&ex, &process, &now);
     let sql = format!(
         "WITH s AS MATERIALIZED (SELECT component, host FROM sessions WHERE id = {sid} AND deadline > {now}), \
          c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} \
            AND (o.namespace, o.kind, o.id) IN (SELECT k.ns, k.kind, k.id \
-             FROM jsonb_to_recordset(({keys})::jsonb) AS k(ns text, kind text, id text)) \
-           AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions ws ON ws.id = w.session_id \
-             WHERE w.namespace = o.namespace AND w.kind = o.kind AND w.id = o.id \
-             AND w.process IN ({ex}) AND ws.deadline > {now}) \
-           AND NOT EXISTS (SELECT 1 FROM work_backoff b \
-             WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id \
-             AND b.process = {process} AND b.until > {now}) \
+             FROM jsonb_to_recordset(({keys})::jsonb) AS k(ns text, kind text, id text)) {free} \
            AND EXISTS (SELECT 1 FROM s) \
            ORDER BY o.namespace, o.kind, o.id), \
          t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, nextval('fleetdb_fencing') AS token, \
@@ -560,6 +591,45 @@ pub(crate) async fn history_append(tx: &mut PgTx<'_>, h: &HistoryEntry) -> Resul
         h.cause.clone(),
     ];
     tx.defer(HISTORY_APPEND, params).await
+}
+
+/// Release many claims in ONE deferred statement (see `TxRows::work_release_many`): backoffs
+/// (when `$2`), work rows, and the history rows in order.
+const WORK_RELEASE_MANY: &str = "WITH k AS (SELECT * FROM jsonb_to_recordset(($1::text)::jsonb) \
+       AS k(n bigint, ns text, kind text, id text, process text, event text, session_id text, \
+            component text, host text, token bigint, at bigint, cause text)), \
+     b AS (DELETE FROM work_backoff x USING k WHERE $2::boolean AND x.namespace = k.ns \
+       AND x.kind = k.kind AND x.id = k.id AND x.process = k.process), \
+     w AS (DELETE FROM work x USING k WHERE x.namespace = k.ns AND x.kind = k.kind \
+       AND x.id = k.id AND x.process = k.process) \
+     INSERT INTO work_history \
+       (namespace, kind, id, process, event, session_id, component, host, token, at, cause) \
+     SELECT ns, kind, id, process, event, session_id, component, host, token, at, cause \
+     FROM k ORDER BY n";
+
+pub(crate) async fn work_release_many(
+    tx: &mut PgTx<'_>,
+    history: &[HistoryEntry],
+    clear_backoff: bool,
+) -> Result<()> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = history
+        .iter()
+        .enumerate()
+        .map(|(n, h)| {
+            serde_json::json!({
+                "n": n, "ns": h.key.namespace, "kind": h.key.kind, "id": h.key.id,
+                "process": h.process, "event": h.event.as_str(), "session_id": h.session_id,
+                "component": h.component, "host": h.host, "token": h.token, "at": h.at.0,
+                "cause": h.cause,
+            })
+        })
+        .collect();
+    let text = serde_json::Value::Array(rows).to_string();
+    tx.defer(WORK_RELEASE_MANY, owned![text, clear_backoff])
+        .await
 }
 
 /// The work rows of many keys for one process, in one statement.

@@ -273,6 +273,19 @@ impl Selector {
         sql::from_clause(dialect, &self.tags(), &self.required_tags(), params)
     }
 
+    /// PostgreSQL's FROM clause for claims (see `sql::driven_from_clause`): started from the
+    /// first required tag when there is one, else `objects o` with the tag joins.
+    pub fn claim_from_sql(&self, params: &mut Vec<SqlParam>) -> String {
+        let (tags, required) = (self.tags(), self.required_tags());
+        match sql::driven_from_clause(&tags, &required, params) {
+            Some(from) => from,
+            None => format!(
+                "objects o{}",
+                sql::tag_joins(Dialect::Postgres, &tags, &required, params)
+            ),
+        }
+    }
+
     /// The alias whose `namespace, kind, id` columns to order and page by with [`Self::from_sql`]:
     /// the leading tag's on SQLite (its `tags_by_name` index is already in that order for one
     /// name, so `ORDER BY … LIMIT n` stops after n rows instead of sorting every candidate), else `o`.

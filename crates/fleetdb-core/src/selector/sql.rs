@@ -70,6 +70,42 @@ pub(super) fn from_clause(
     out
 }
 
+/// PostgreSQL's FROM clause for a claim: like [`from_clause`] on SQLite, the query starts from
+/// the first required tag, here a subquery kept out of the join tree (`OFFSET 0`) that reads
+/// that tag's rows in key order from `tags_by_name`; each object is then one primary-key probe.
+/// The planner, with statistics from before a queue drained, otherwise starts from `objects`
+/// and walks every finished object. `None` when the selector requires no tag.
+pub(super) fn driven_from_clause(
+    tags: &[String],
+    required: &std::collections::BTreeSet<String>,
+    params: &mut Vec<SqlParam>,
+) -> Option<String> {
+    let dialect = Dialect::Postgres;
+    let lead = tags.iter().position(|t| required.contains(t))?;
+    let p = push(dialect, params, SqlParam::Text(tags[lead].clone()));
+    let mut out = format!(
+        "(SELECT * FROM tags WHERE name = {p} ORDER BY namespace, kind, id OFFSET 0) t{lead} \
+         JOIN objects o ON o.namespace = t{lead}.namespace AND o.kind = t{lead}.kind \
+         AND o.id = t{lead}.id"
+    );
+    for (i, tag) in tags.iter().enumerate() {
+        if i == lead {
+            continue;
+        }
+        let p = push(dialect, params, SqlParam::Text(tag.clone()));
+        let join = if required.contains(tag) {
+            "JOIN"
+        } else {
+            "LEFT JOIN"
+        };
+        out.push_str(&format!(
+            " {join} tags t{i} ON t{i}.namespace = o.namespace AND t{i}.kind = o.kind \
+             AND t{i}.id = o.id AND t{i}.name = {p}"
+        ));
+    }
+    Some(out)
+}
+
 /// Append a parameter; returns its placeholder (with a type cast in PostgreSQL, so that the
 /// server infers TEXT/BIGINT whatever the context).
 fn push(dialect: Dialect, params: &mut Vec<SqlParam>, p: SqlParam) -> String {
