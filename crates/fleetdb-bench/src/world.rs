@@ -38,6 +38,9 @@ pub struct WorldArgs {
     pub kv_secs: u64,
     #[arg(long, default_value_t = 64)]
     pub kv_clients: usize,
+    /// Measurements to run, comma separated: fanout, idle, kv.
+    #[arg(long, default_value = "fanout,idle,kv", value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 fn micros_now() -> u64 {
@@ -221,10 +224,17 @@ async fn run_backend(name: &str, url: &str, a: &WorldArgs) -> Vec<String> {
     } else {
         store.clone()
     };
-    rows.push(fanout(&store, &writer, a).await);
-    rows.push(idle_memory(&store, a.idle_watchers).await);
-    rows.push(kv_throughput(&store, 1, a.kv_secs).await);
-    rows.push(kv_throughput(&store, a.kv_clients, a.kv_secs).await);
+    let runs = |m: &str| a.only.iter().any(|o| o == m);
+    if runs("fanout") {
+        rows.push(fanout(&store, &writer, a).await);
+    }
+    if runs("idle") {
+        rows.push(idle_memory(&store, a.idle_watchers).await);
+    }
+    if runs("kv") {
+        rows.push(kv_throughput(&store, 1, a.kv_secs).await);
+        rows.push(kv_throughput(&store, a.kv_clients, a.kv_secs).await);
+    }
     rows
 }
 

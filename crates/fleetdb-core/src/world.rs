@@ -940,9 +940,11 @@ impl WorldQuery {
             }
         };
         let text = |s: &str| SqlParam::Text(s.to_string());
+        // The space is one of a fixed set of names, written as a literal so that PostgreSQL can
+        // use the World's partial indexes (`WHERE space <> 'kv'`) in a prepared statement.
         let mut sql = format!(
-            "SELECT {columns} FROM world WHERE space = {}",
-            p(text(self.space.as_str()), &mut params)
+            "SELECT {columns} FROM world WHERE space = '{}'",
+            self.space.as_str()
         );
         if let Some(k) = &self.key {
             sql += &format!(" AND key = {}", p(text(k), &mut params));

@@ -84,6 +84,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "leases_content",
         sql: include_str!("../migrations/0006_leases_content.sql"),
     },
+    Migration {
+        version: 7,
+        name: "world_kv_indexes",
+        sql: include_str!("../migrations/0007_world_kv_indexes.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -329,47 +334,21 @@ impl PostgresBackend {
         sql_text: &str,
         params: &[Param<'_>],
     ) -> Result<Vec<tokio_postgres::Row>> {
-        self.one_statement_in(sql::BEGIN, None, sql_text, params)
-            .await
-    }
-
-    /// [`PostgresBackend::one_statement`] in a transaction opened with `begin`, optionally after
-    /// taking the per-key lock of key-value writes (a separate statement, so that the main one's
-    /// READ COMMITTED snapshot is taken once the lock is held).
-    async fn one_statement_in(
-        &self,
-        begin: &str,
-        kv_lock: Option<&str>,
-        sql_text: &str,
-        params: &[Param<'_>],
-    ) -> Result<Vec<tokio_postgres::Row>> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let client = self.client().await?;
             let stmt = client.prepare_cached(sql_text).await.map_err(db_err)?;
-            let lock = client.prepare_cached(sql::KV_LOCK).await.map_err(db_err)?;
-            let lock_params: [Param<'_>; 1] = [&kv_lock.unwrap_or_default()];
-            let locked = async {
-                match kv_lock {
-                    Some(_) => client.query(&lock, &lock_params).await.map(|_| ()),
-                    None => Ok(()),
-                }
-            };
-            let (begin, locked, rows, commit) = futures::future::join4(
-                client.batch_execute(begin),
-                locked,
+            let (begin, rows, commit) = futures::future::join3(
+                client.batch_execute(sql::BEGIN),
                 client.query(&stmt, params),
                 client.batch_execute("COMMIT"),
             )
             .await;
             // The first failure tells what happened (a failed statement turns COMMIT into a rollback).
-            let outcome = match (begin, locked, rows, commit) {
-                (Err(e), _, _, _)
-                | (Ok(()), Err(e), _, _)
-                | (Ok(()), Ok(()), Err(e), _)
-                | (Ok(()), Ok(()), Ok(_), Err(e)) => Err(e),
-                (Ok(()), Ok(()), Ok(rows), Ok(())) => Ok(rows),
+            let outcome = match (begin, rows, commit) {
+                (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(_), Err(e)) => Err(e),
+                (Ok(()), Ok(rows), Ok(())) => Ok(rows),
             };
             match outcome {
                 Ok(rows) => return Ok(rows),
@@ -390,10 +369,19 @@ impl PostgresBackend {
         }
     }
 
-    /// The hot path of a lone, unconditional, persistent key-value set: one round trip, the same
-    /// decisions as `apply_batch` (identical value: no-op; otherwise one revision, one change-log
-    /// row with the previous value, the upsert). Returns `None` when the stored key is bound to a
-    /// session or a TTL (its liveness needs the general path).
+    /// The hot path of a lone, unconditional, persistent key-value set: ONE statement in its own
+    /// (autocommit) transaction, making the decisions of `apply_batch` (identical value: no-op;
+    /// otherwise one revision, one change-log row with the previous value, the write). Returns
+    /// `None` when the stored key is bound to a session or a TTL (its liveness needs the general
+    /// path).
+    ///
+    /// An existing key is read `FOR UPDATE` in the statement itself: under READ COMMITTED that
+    /// waits for a concurrent writer of the key and yields its committed row, so the previous
+    /// value and the revision order are those of the commits. A new key is inserted with
+    /// `ON CONFLICT DO NOTHING`; if another writer created it first, the update runs instead.
+    /// Serializable transactions touching the key (every other key-value path) conflict with
+    /// these row writes as with any other (first updater wins, or a unique violation that
+    /// PostgreSQL reports as a serialization failure).
     async fn kv_set_fused(
         &self,
         key: &str,
@@ -401,69 +389,82 @@ impl PostgresBackend {
         now: fleetdb_core::Timestamp,
     ) -> Result<Option<Vec<OpResult>>> {
         use fleetdb_core::world::{Space, WorldRecord};
-        const SQL: &str = "WITH old AS (SELECT data, session_id, expires_at, create_revision, revision, created_at, updated_at
-                          FROM world WHERE space = 'kv' AND key = $1),
-             go AS (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM old WHERE data = $2 OR session_id IS NOT NULL OR expires_at IS NOT NULL)),
-             chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at)
-                     SELECT nextval('fleetdb_revision'), '.kv', '', $1, 'kv', '', 'put',
-                            (SELECT jsonb_build_object('value', convert_from(data, 'UTF8'))::text FROM old), $3, $4
-                     FROM go RETURNING revision),
-             up AS (INSERT INTO world (space, key, scope, owner, kind, name, target, data, meta, session_id, expires_at,
-                                       create_revision, revision, created_at, updated_at)
-                    SELECT 'kv', $1, '', '', '', '', '', $2, NULL, NULL, NULL,
-                           coalesce((SELECT create_revision FROM old), revision), revision,
-                           coalesce((SELECT created_at FROM old), $4), $4 FROM chg
-                    ON CONFLICT (space, key) DO UPDATE SET data = excluded.data, meta = NULL, session_id = NULL,
-                      expires_at = NULL, create_revision = excluded.create_revision, revision = excluded.revision,
-                      updated_at = excluded.updated_at
-                    RETURNING revision, create_revision, created_at)
-             SELECT (SELECT revision FROM up), (SELECT create_revision FROM up), (SELECT created_at FROM up),
-                    EXISTS (SELECT 1 FROM old WHERE session_id IS NOT NULL OR expires_at IS NOT NULL),
-                    (SELECT revision FROM old), (SELECT create_revision FROM old),
-                    (SELECT created_at FROM old), (SELECT updated_at FROM old)";
+        const UPDATE: &str = "WITH old AS (SELECT data, session_id, expires_at, create_revision, revision, \
+                created_at, updated_at FROM world WHERE space = 'kv' AND key = $1 FOR UPDATE), \
+             go AS (SELECT 1 FROM old WHERE data <> $2 AND session_id IS NULL AND expires_at IS NULL), \
+             chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+                SELECT nextval('fleetdb_revision'), '.kv', '', $1, 'kv', '', 'put', \
+                  (SELECT jsonb_build_object('value', convert_from(data, 'UTF8'))::text FROM old), $3, $4 \
+                FROM go RETURNING revision), \
+             up AS (UPDATE world w SET data = $2, meta = NULL, revision = chg.revision, updated_at = $4 \
+                FROM chg WHERE w.space = 'kv' AND w.key = $1 RETURNING w.revision) \
+             SELECT EXISTS (SELECT 1 FROM old), (SELECT revision FROM up), \
+               EXISTS (SELECT 1 FROM old WHERE session_id IS NOT NULL OR expires_at IS NOT NULL), \
+               (SELECT revision FROM old), (SELECT create_revision FROM old), \
+               (SELECT created_at FROM old), (SELECT updated_at FROM old)";
+        const INSERT: &str = "WITH up AS (INSERT INTO world (space, key, scope, owner, kind, name, target, \
+                data, meta, session_id, expires_at, create_revision, revision, created_at, updated_at) \
+                SELECT 'kv', $1, '', '', '', '', '', $2, NULL, NULL, NULL, r.rev, r.rev, $4, $4 \
+                FROM (SELECT nextval('fleetdb_revision') AS rev) AS r \
+                ON CONFLICT (space, key) DO NOTHING RETURNING revision), \
+             chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+                SELECT revision, '.kv', '', $1, 'kv', '', 'put', NULL, $3, $4 FROM up) \
+             SELECT (SELECT revision FROM up)";
+        /// Rounds of "update found no row, insert found one" before giving up (each needs a
+        /// concurrent create and delete of the key in between).
+        const ROUNDS_MAX: usize = 8;
         let mut rec = WorldRecord::new(Space::Kv, key, now);
         rec.data = value.as_bytes().to_vec();
         let new_json = rec.change_json();
         let data: &[u8] = value.as_bytes();
         let params: [Param<'_>; 4] = [&key, &data, &new_json, &now.0];
-        // READ COMMITTED under the key's lock: every writer of this key holds it until it
-        // commits, so the statement's snapshot (taken after the lock) has the key's latest
-        // value, and the key's revisions are taken in commit order. No SSI predicate locks, so
-        // concurrent sets of different keys never abort each other.
-        let rows = self
-            .one_statement_in(sql::BEGIN_CLAIM, Some(key), SQL, &params)
-            .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| Error::Backend("the key-value statement returned no row".into()))?;
-        let bound: bool = row.try_get(3).map_err(db_err)?;
-        if bound {
-            return Ok(None);
+        for _ in 0..ROUNDS_MAX {
+            let rows = self.query_retrying(UPDATE, &params).await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| Error::Backend("the key-value statement returned no row".into()))?;
+            let exists: bool = row.try_get(0).map_err(db_err)?;
+            if !exists {
+                let rows = self.query_retrying(INSERT, &params).await?;
+                let rev: Option<i64> = match rows.first() {
+                    Some(row) => row.try_get(0).map_err(db_err)?,
+                    None => None,
+                };
+                let Some(rev) = rev else {
+                    // Created concurrently: update it.
+                    continue;
+                };
+                rec.revision = fleetdb_core::Revision(rev);
+                rec.create_revision = fleetdb_core::Revision(rev);
+                return Ok(Some(vec![OpResult {
+                    changed: true,
+                    applied: fleetdb_core::Applied::World(Box::new(rec)),
+                }]));
+            }
+            let bound: bool = row.try_get(2).map_err(db_err)?;
+            if bound {
+                return Ok(None);
+            }
+            let new_rev: Option<i64> = row.try_get(1).map_err(db_err)?;
+            let old_rev: i64 = row.try_get(3).map_err(db_err)?;
+            rec.create_revision = fleetdb_core::Revision(row.try_get(4).map_err(db_err)?);
+            rec.created_at = fleetdb_core::Timestamp(row.try_get(5).map_err(db_err)?);
+            let changed = new_rev.is_some();
+            match new_rev {
+                Some(r) => rec.revision = fleetdb_core::Revision(r),
+                None => {
+                    rec.revision = fleetdb_core::Revision(old_rev);
+                    rec.updated_at = fleetdb_core::Timestamp(row.try_get(6).map_err(db_err)?);
+                }
+            }
+            return Ok(Some(vec![OpResult {
+                changed,
+                applied: fleetdb_core::Applied::World(Box::new(rec)),
+            }]));
         }
-        let new_rev: Option<i64> = row.try_get(0).map_err(db_err)?;
-        let changed = new_rev.is_some();
-        let (rev, create, created, updated) = match new_rev {
-            Some(r) => (
-                r,
-                row.try_get::<_, i64>(1).map_err(db_err)?,
-                row.try_get::<_, i64>(2).map_err(db_err)?,
-                now.0,
-            ),
-            None => (
-                row.try_get::<_, i64>(4).map_err(db_err)?,
-                row.try_get::<_, i64>(5).map_err(db_err)?,
-                row.try_get::<_, i64>(6).map_err(db_err)?,
-                row.try_get::<_, i64>(7).map_err(db_err)?,
-            ),
-        };
-        rec.revision = fleetdb_core::Revision(rev);
-        rec.create_revision = fleetdb_core::Revision(create);
-        rec.created_at = fleetdb_core::Timestamp(created);
-        rec.updated_at = fleetdb_core::Timestamp(updated);
-        Ok(Some(vec![OpResult {
-            changed,
-            applied: fleetdb_core::Applied::World(Box::new(rec)),
-        }]))
+        Err(Error::Unavailable(format!(
+            "key {key:?} was created and deleted concurrently {ROUNDS_MAX} times in a row"
+        )))
     }
 
     /// The hot path of a lone tag set, in ONE round trip: `BEGIN`, one statement and `COMMIT`

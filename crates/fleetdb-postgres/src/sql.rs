@@ -34,9 +34,6 @@ pub(crate) const CLAIM_PLANNER_DEFAULTS: &str = "SET LOCAL enable_mergejoin TO D
 /// Prepared selector-claim statements kept per connection: past this many cached statements the
 /// connection's cache is emptied (selector text is the caller's, so the cache must stay bounded).
 pub(crate) const STATEMENTS_CACHED_MAX: usize = 256;
-/// The per-key lock of key-value writes (see `PostgresBackend::kv_set_fused`).
-pub(crate) const KV_LOCK: &str =
-    "SELECT pg_advisory_xact_lock(hashtextextended('fleetdb.kv:' || $1::text, 0))";
 
 pub(crate) const NAMESPACE_GET: &str =
     "SELECT name, labels, created_at, updated_at, revision FROM namespaces WHERE name = $1";

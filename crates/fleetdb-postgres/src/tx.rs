@@ -242,16 +242,6 @@ impl<'a> PgTx<'a> {
     /// Run a read inside the transaction. The first one also opens it: `BEGIN` and the query are
     /// pipelined (both futures are polled in order by `join`, so `BEGIN` is written to the
     /// connection first and the query runs inside the transaction).
-    /// Key-value writes take a per-key advisory lock (until the transaction ends): the lone
-    /// `kv set` hot path runs READ COMMITTED under that lock (see `kv_set_fused`), so every
-    /// other path that reads or writes a key takes it too.
-    async fn kv_lock(&mut self, space: Space, key: &str) -> Result<()> {
-        if space == Space::Kv {
-            self.read(sql::KV_LOCK, &[&key]).await?;
-        }
-        Ok(())
-    }
-
     pub(crate) async fn read(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
         let stmt = self.statement(sql).await?;
         if self.begun {
@@ -468,7 +458,6 @@ impl TxRows for PgTx<'_> {
     // ---- the World ----
 
     async fn world_read(&mut self, space: Space, key: &str) -> Result<Option<WorldRecord>> {
-        self.kv_lock(space, key).await?;
         let rows = self.read(sql::WORLD_GET, &[&space.as_str(), &key]).await?;
         rows.first().map(sql::world_from_row).transpose()
     }
@@ -481,7 +470,6 @@ impl TxRows for PgTx<'_> {
     }
 
     async fn world_put(&mut self, record: &WorldRecord, change: &ChangeDraft) -> Result<Revision> {
-        self.kv_lock(record.space, &record.key).await?;
         let space = record.space.as_str();
         let expires_at = record.expires_at.map(|t| t.0);
         let params = sql::with_change(
@@ -512,7 +500,6 @@ impl TxRows for PgTx<'_> {
         key: &str,
         change: &ChangeDraft,
     ) -> Result<Revision> {
-        self.kv_lock(space, key).await?;
         let space = space.as_str();
         let params = sql::with_change(change, &[&space, &key]);
         self.write(sql::WORLD_REMOVE, &params).await

@@ -125,8 +125,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
 
     let backend = db.open().await;
     let status = backend.schema_status().await.unwrap();
-    assert_eq!(status.database, 6);
-    assert_eq!(status.binary, 6);
+    assert_eq!(status.database, 7);
+    assert_eq!(status.binary, 7);
     assert!(status.pending.is_empty());
     let applied: Vec<_> = status
         .applied
@@ -141,7 +141,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (3, "sessions_work"),
             (4, "tags_by_name"),
             (5, "world"),
-            (6, "leases_content")
+            (6, "leases_content"),
+            (7, "world_kv_indexes"),
         ]
     );
     assert_eq!(
@@ -213,8 +214,8 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .await
     .unwrap();
     let status = backend.schema_status().await.unwrap();
-    assert_eq!((status.database, status.binary), (0, 6));
-    assert_eq!(status.pending.len(), 6);
+    assert_eq!((status.database, status.binary), (0, 7));
+    assert_eq!(status.pending.len(), 7);
     assert!(status.applied.is_empty());
 
     // Migrations one at a time, then the rest on open.
@@ -230,9 +231,9 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .unwrap();
     let status = backend.schema_status().await.unwrap();
     assert_eq!(status.database, 1);
-    assert_eq!(status.pending.len(), 5);
+    assert_eq!(status.pending.len(), 6);
     let status = backend.migrate().await.unwrap();
-    assert_eq!(status.database, 6);
+    assert_eq!(status.database, 7);
     assert!(status.pending.is_empty());
     db.drop().await;
 }

@@ -39,6 +39,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "leases_content",
         sql: include_str!("../migrations/0006_leases_content.sql"),
     },
+    Migration {
+        version: 7,
+        name: "world_kv_indexes",
+        sql: include_str!("../migrations/0007_world_kv_indexes.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7];
 /// The newest migration this binary knows.
-const LATEST: u32 = 6;
+const LATEST: u32 = 7;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -244,6 +244,36 @@ async fn sqlite_0006_leases_content_keeps_rows_written_before_it() {
     check_v2_rows_then_gc(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// After 0007: older rows read back; exports, maps and key-values are found as before.
+async fn check_v2_rows_then_kv_indexes(store: &Store) {
+    check_v2_rows_then_gc(store).await;
+    let h1 = store.world("h1").unwrap();
+    h1.export(vec![fleetdb::core::world::ExportRecord {
+        id: fleetdb::core::world::ExportId::new("file", "f1", "*"),
+        data: b"d".to_vec(),
+        lifetime: fleetdb::core::world::Lifetime::persistent(),
+    }])
+    .await
+    .unwrap();
+    let h2 = store.world("h2").unwrap();
+    let seen = h2.collect(&[]).await.unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(store.map_get("ns").await.unwrap().len(), 1);
+    store.kv_set("after/0007", "v1").await.unwrap();
+    let w = store.kv_set("after/0007", "v2").await.unwrap();
+    assert!(w.changed);
+    assert_eq!(
+        store.kv_get("after/0007").await.unwrap().map(|e| e.value),
+        Some("v2".to_string())
+    );
+}
+
+#[tokio::test]
+async fn sqlite_0007_world_kv_indexes_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_with_v2_rows(6);
+    check_v2_rows_then_kv_indexes(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -447,6 +477,15 @@ async fn postgres_0006_leases_content_keeps_rows_written_before_it() {
     let s = pg_with_v2_rows(5).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_gc(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0007_world_kv_indexes_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(6).await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_kv_indexes(&store).await;
     drop(store);
     pg_drop(s).await;
 }
