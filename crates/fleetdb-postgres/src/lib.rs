@@ -398,10 +398,8 @@ impl PostgresBackend {
                 FROM go RETURNING revision), \
              up AS (UPDATE world w SET data = $2, meta = NULL, revision = chg.revision, updated_at = $4 \
                 FROM chg WHERE w.space = 'kv' AND w.key = $1 RETURNING w.revision) \
-             SELECT EXISTS (SELECT 1 FROM old), (SELECT revision FROM up), \
-               EXISTS (SELECT 1 FROM old WHERE session_id IS NOT NULL OR expires_at IS NOT NULL), \
-               (SELECT revision FROM old), (SELECT create_revision FROM old), \
-               (SELECT created_at FROM old), (SELECT updated_at FROM old)";
+             SELECT (SELECT revision FROM up), session_id IS NOT NULL OR expires_at IS NOT NULL, \
+               revision, create_revision, created_at, updated_at FROM old";
         const INSERT: &str = "WITH up AS (INSERT INTO world (space, key, scope, owner, kind, name, target, \
                 data, meta, session_id, expires_at, create_revision, revision, created_at, updated_at) \
                 SELECT 'kv', $1, '', '', '', '', '', $2, NULL, NULL, NULL, r.rev, r.rev, $4, $4 \
@@ -420,11 +418,8 @@ impl PostgresBackend {
         let params: [Param<'_>; 4] = [&key, &data, &new_json, &now.0];
         for _ in 0..ROUNDS_MAX {
             let rows = self.query_retrying(UPDATE, &params).await?;
-            let row = rows
-                .first()
-                .ok_or_else(|| Error::Backend("the key-value statement returned no row".into()))?;
-            let exists: bool = row.try_get(0).map_err(db_err)?;
-            if !exists {
+            // No row: the key does not exist.
+            let Some(row) = rows.first() else {
                 let rows = self.query_retrying(INSERT, &params).await?;
                 let rev: Option<i64> = match rows.first() {
                     Some(row) => row.try_get(0).map_err(db_err)?,
@@ -440,21 +435,21 @@ impl PostgresBackend {
                     changed: true,
                     applied: fleetdb_core::Applied::World(Box::new(rec)),
                 }]));
-            }
-            let bound: bool = row.try_get(2).map_err(db_err)?;
+            };
+            let bound: bool = row.try_get(1).map_err(db_err)?;
             if bound {
                 return Ok(None);
             }
-            let new_rev: Option<i64> = row.try_get(1).map_err(db_err)?;
-            let old_rev: i64 = row.try_get(3).map_err(db_err)?;
-            rec.create_revision = fleetdb_core::Revision(row.try_get(4).map_err(db_err)?);
-            rec.created_at = fleetdb_core::Timestamp(row.try_get(5).map_err(db_err)?);
+            let new_rev: Option<i64> = row.try_get(0).map_err(db_err)?;
+            let old_rev: i64 = row.try_get(2).map_err(db_err)?;
+            rec.create_revision = fleetdb_core::Revision(row.try_get(3).map_err(db_err)?);
+            rec.created_at = fleetdb_core::Timestamp(row.try_get(4).map_err(db_err)?);
             let changed = new_rev.is_some();
             match new_rev {
                 Some(r) => rec.revision = fleetdb_core::Revision(r),
                 None => {
                     rec.revision = fleetdb_core::Revision(old_rev);
-                    rec.updated_at = fleetdb_core::Timestamp(row.try_get(6).map_err(db_err)?);
+                    rec.updated_at = fleetdb_core::Timestamp(row.try_get(5).map_err(db_err)?);
                 }
             }
             return Ok(Some(vec![OpResult {
@@ -1180,7 +1175,13 @@ impl Backend for PostgresBackend {
 
     async fn announce_changes(&self) -> Result<()> {
         let channel: &str = &self.channel;
-        self.query("SELECT pg_notify($1, '')", &[&channel]).await?;
+        // A wake-up needs no durability (the change log is the truth): committing it without
+        // waiting for the WAL flush keeps it from adding an fsync next to the writers' own.
+        self.query(
+            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
+            &[&channel],
+        )
+        .await?;
         Ok(())
     }
 
