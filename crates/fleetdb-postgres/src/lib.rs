@@ -1481,6 +1481,39 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// Claim statements are prepared per connection, but their cache stays bounded whatever
+    /// selectors callers send.
+    #[tokio::test]
+    async fn claim_statement_cache_is_bounded() {
+        let (backend, base, schema) = test_backend(1).await;
+        let n = sql::STATEMENTS_CACHED_MAX + 50;
+        for i in 0..n {
+            let req = ClaimRequest {
+                session_id: "no-such-session".into(),
+                process: "P".into(),
+                target: fleetdb_core::work::ClaimTarget::Selector(format!("has(t{i})")),
+                limit: 1,
+                now: Timestamp(0),
+            };
+            // Prepared, then refused: the session does not exist.
+            let r = backend.claim(req).await;
+            assert!(matches!(r, Err(Error::SessionExpired { .. })), "{r:?}");
+        }
+        let client = backend.client().await.unwrap();
+        let prepared: i64 = client
+            .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            (prepared as usize) <= sql::STATEMENTS_CACHED_MAX + 1,
+            "{prepared} statements prepared after {n} distinct selectors"
+        );
+        assert!(client.statement_cache.size() <= sql::STATEMENTS_CACHED_MAX);
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
     /// The World primitives: one revision per write, create revision kept across updates, every
     /// column round-trips, scans use the query's SQL.
     #[tokio::test]
