@@ -38,6 +38,10 @@ pub struct WorldArgs {
     pub kv_secs: u64,
     #[arg(long, default_value_t = 64)]
     pub kv_clients: usize,
+    /// PostgreSQL connections per store (default: the store's own default, 16). The kv run's 64
+    /// clients share them, as an application's tasks share one store.
+    #[arg(long)]
+    pub pg_pool: Option<usize>,
     /// Measurements to run, comma separated: fanout, idle, kv.
     #[arg(long, default_value = "fanout,idle,kv", value_delimiter = ',')]
     pub only: Vec<String>,
@@ -69,12 +73,13 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-async fn open(url: &str) -> Store {
+async fn open(url: &str, pool: Option<usize>) -> Store {
+    let defaults = OpenOptions::default();
     Store::open_with(
         url,
         OpenOptions {
-            postgres_pool_size_max: 80,
-            ..OpenOptions::default()
+            postgres_pool_size_max: pool.unwrap_or(defaults.postgres_pool_size_max),
+            ..defaults
         },
     )
     .await
@@ -218,9 +223,9 @@ async fn kv_throughput(store: &Store, clients: usize, secs: u64) -> String {
 
 async fn run_backend(name: &str, url: &str, a: &WorldArgs) -> Vec<String> {
     let mut rows = vec![format!("| **{name}** | | | |")];
-    let store = open(url).await;
+    let store = open(url, a.pg_pool).await;
     let writer = if name == "postgres" {
-        open(url).await // a second store: wake-ups cross it by NOTIFY, as between processes
+        open(url, a.pg_pool).await // a second store: wake-ups cross it by NOTIFY, as between processes
     } else {
         store.clone()
     };
@@ -247,6 +252,11 @@ pub fn run_world_main(a: WorldArgs) -> i32 {
         }
     };
     rt.block_on(async {
+        println!(
+            "PostgreSQL connections per store: {}\n",
+            a.pg_pool
+                .map_or_else(|| "16 (the store's default)".to_string(), |n| n.to_string())
+        );
         println!("| measurement | shape | result | latency |\n|---|---|---|---|");
         if a.backend == "sqlite" || a.backend == "both" {
             let dir = tempfile::tempdir().expect("temp dir");

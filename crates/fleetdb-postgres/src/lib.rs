@@ -287,6 +287,11 @@ impl PostgresBackend {
         // under SERIALIZABLE, claimers racing for the head of a queue abort one another.
         let mut rows = match write {
             Write::Claim(_) => PgTx::with_begin(conn, sql::BEGIN_CLAIM),
+            Write::Batch(batch) if releases_only(batch) => {
+                let mut tx = PgTx::with_begin(conn, sql::BEGIN_RELEASE);
+                tx.lock_reads = true;
+                tx
+            }
             _ => PgTx::new(conn),
         };
         let applied = match write {
@@ -770,6 +775,35 @@ impl Drop for TxGuard {
 
 /// The pause before attempt `attempt + 1`: exponential from 1 ms, capped at 100 ms, with jitter
 /// (uniform in the upper half of the window).
+/// Whether a batch only finishes or cancels claims (and deletes tags): a worker's finish. Such a
+/// batch runs READ COMMITTED with its work and tag rows read `FOR UPDATE`, not SERIALIZABLE:
+/// every decision rests on rows it then holds locked (the claim's work row, the tags it
+/// deletes), the rest are writes (history, backoff removal, change-log rows), and concurrent
+/// finishes of neighbouring claims no longer abort each other on SSI's page and relation locks.
+/// A claim taking over an expired claim, a sweeper expiring it, or a serializable writer of the
+/// same tag waits for those locks or fails its own first-updater check and retries.
+fn releases_only(batch: &Batch) -> bool {
+    use fleetdb_core::{work::Outcome, Op, Precondition};
+    batch
+        .preconditions
+        .iter()
+        .all(|p| matches!(p, Precondition::SessionAlive { .. }))
+        && batch
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::WorkRelease { .. }))
+        && batch.ops.iter().all(|op| {
+            matches!(
+                op,
+                Op::TagDelete { .. }
+                    | Op::WorkRelease {
+                        outcome: Outcome::Finished | Outcome::Canceled,
+                        ..
+                    }
+            )
+        })
+}
+
 /// A selector-claim statement from the connection's cache, preparing it on first use; the cache
 /// is emptied first when it holds [`sql::STATEMENTS_CACHED_MAX`] statements.
 async fn prepare_claim(

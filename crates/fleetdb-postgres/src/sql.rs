@@ -15,6 +15,9 @@ use crate::error::db_err;
 pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
 
 pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+/// Batches that only release claims and delete tags (a worker's finish): READ COMMITTED, with
+/// the work and tag rows they decide on read `FOR UPDATE` (see `PostgresBackend::commit`).
+pub(crate) const BEGIN_RELEASE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 /// Claims: every statement sees what is committed when it starts; exclusion comes from row locks
 /// on the claimed objects (every claim path locks the object first), not from SSI.
 pub(crate) const BEGIN_CLAIM: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
@@ -60,6 +63,23 @@ pub(crate) const TAG_READ: &str =
      t.value, t.updated_at, t.revision \
      FROM (SELECT 1) AS x LEFT JOIN tags AS t \
      ON t.namespace = $1 AND t.kind = $2 AND t.id = $3 AND t.name = $4";
+
+/// [`TAG_READ`] that locks the tag row (`FOR UPDATE`, in a lateral subquery since the tag may
+/// be missing): under READ COMMITTED it waits for a concurrent writer and reads its committed row.
+pub(crate) const TAG_READ_LOCKED: &str =
+    "SELECT EXISTS (SELECT 1 FROM objects WHERE namespace = $1 AND kind = $2 AND id = $3), \
+     t.value, t.updated_at, t.revision \
+     FROM (SELECT 1) AS x LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags \
+       WHERE namespace = $1 AND kind = $2 AND id = $3 AND name = $4 FOR UPDATE) AS t ON true";
+
+/// [`TAG_READ_MANY`] that locks the tag rows, as [`TAG_READ_LOCKED`].
+pub(crate) const TAG_READ_MANY_LOCKED: &str = "SELECT EXISTS (SELECT 1 FROM objects o \
+       WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id), \
+     t.value, t.updated_at, t.revision \
+     FROM jsonb_to_recordset(($1::text)::jsonb) AS k(n bigint, ns text, kind text, id text, name text) \
+     LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags \
+       WHERE namespace = k.ns AND kind = k.kind AND id = k.id AND name = k.name FOR UPDATE) AS t ON true \
+     ORDER BY k.n";
 
 /// Many [`TAG_READ`]s in one statement: `$1` is a JSON array of `{"n","ns","kind","id","name"}`;
 /// one row per element, in `n` order, with [`TAG_READ`]'s columns.

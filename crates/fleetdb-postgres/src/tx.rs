@@ -55,6 +55,9 @@ pub(crate) struct PgTx<'a> {
     pub(crate) transient: Option<String>,
     /// Deferred writes, in order. Only ever non-empty once `begun`.
     pending: Vec<Deferred>,
+    /// Reads of tags and work rows lock what they read (`FOR UPDATE`): the transaction runs
+    /// READ COMMITTED and its decisions rest on those rows (see `PostgresBackend::commit`).
+    pub(crate) lock_reads: bool,
 }
 
 /// Poll `writes`, then `last`, in that order (tokio-postgres sends a request on its first poll,
@@ -121,6 +124,7 @@ impl<'a> PgTx<'a> {
             begun: false,
             transient: None,
             pending: Vec::new(),
+            lock_reads: false,
         }
     }
 
@@ -341,8 +345,13 @@ impl TxRows for PgTx<'_> {
     }
 
     async fn tag_read(&mut self, key: &ObjectKey, name: &str) -> Result<TagRead> {
+        let text = if self.lock_reads {
+            sql::TAG_READ_LOCKED
+        } else {
+            sql::TAG_READ
+        };
         let row = self
-            .read_one(sql::TAG_READ, &[&key.namespace, &key.kind, &key.id, &name])
+            .read_one(text, &[&key.namespace, &key.kind, &key.id, &name])
             .await?;
         let object_exists: bool = row.try_get(0).map_err(|e| self.fail(e))?;
         Ok(TagRead {
@@ -392,7 +401,12 @@ impl TxRows for PgTx<'_> {
             })
             .collect();
         let text = serde_json::Value::Array(keys).to_string();
-        let rows = self.read(sql::TAG_READ_MANY, &[&text]).await?;
+        let many = if self.lock_reads {
+            sql::TAG_READ_MANY_LOCKED
+        } else {
+            sql::TAG_READ_MANY
+        };
+        let rows = self.read(many, &[&text]).await?;
         if rows.len() != items.len() {
             return Err(Error::Backend(format!(
                 "reading {} tags returned {} rows",

@@ -60,6 +60,9 @@ const PROCESS_PUT: &str =
 const WORK_GET: &str =
     "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
      WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
+const WORK_GET_LOCKED: &str =
+    "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
+     WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4 FOR UPDATE";
 const WORK_OF_SESSION: &str =
     "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
      WHERE session_id = $1 ORDER BY namespace, kind, id, process";
@@ -501,8 +504,13 @@ pub(crate) async fn work_read(
     key: &ObjectKey,
     process: &str,
 ) -> Result<Option<WorkInfo>> {
+    let text = if tx.lock_reads {
+        WORK_GET_LOCKED
+    } else {
+        WORK_GET
+    };
     let rows = tx
-        .read(WORK_GET, &[&key.namespace, &key.kind, &key.id, &process])
+        .read(text, &[&key.namespace, &key.kind, &key.id, &process])
         .await?;
     rows.first().map(work_from_row).transpose()
 }
@@ -648,15 +656,16 @@ pub(crate) async fn work_read_many(
             .collect::<Vec<_>>(),
     )
     .unwrap_or_else(|_| "[]".into());
-    let rows = tx
-        .read(
-            "SELECT w.namespace, w.kind, w.id, w.process, w.session_id, w.token, w.started_at FROM work w \
+    const READ: &str = "SELECT w.namespace, w.kind, w.id, w.process, w.session_id, w.token, w.started_at FROM work w \
              JOIN jsonb_to_recordset(($1::text)::jsonb) AS k(ns text, kind text, id text) \
                ON w.namespace = k.ns AND w.kind = k.kind AND w.id = k.id \
-             WHERE w.process = $2 ORDER BY w.namespace, w.kind, w.id",
-            &[&only, &process],
-        )
-        .await?;
+             WHERE w.process = $2 ORDER BY w.namespace, w.kind, w.id";
+    const READ_LOCKED: &str = "SELECT w.namespace, w.kind, w.id, w.process, w.session_id, w.token, w.started_at FROM work w \
+             JOIN jsonb_to_recordset(($1::text)::jsonb) AS k(ns text, kind text, id text) \
+               ON w.namespace = k.ns AND w.kind = k.kind AND w.id = k.id \
+             WHERE w.process = $2 ORDER BY w.namespace, w.kind, w.id FOR UPDATE OF w";
+    let text = if tx.lock_reads { READ_LOCKED } else { READ };
+    let rows = tx.read(text, &[&only, &process]).await?;
     rows.iter().map(work_from_row).collect()
 }
 
