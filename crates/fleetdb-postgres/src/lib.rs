@@ -997,7 +997,7 @@ impl Backend for PostgresBackend {
         }
         params.push(&limit);
         let text = sql::changes_sql(
-            filter.namespace.is_some(),
+            filter.namespace.as_deref(),
             filter.kind.is_some(),
             prefix.is_some(),
         );

@@ -423,19 +423,30 @@ pub(crate) fn like_prefix(prefix: &str) -> String {
     out
 }
 
+/// The change-log namespace of key-value changes (left out of `changes_scope`).
+const KV_CHANGE_NAMESPACE: &str = ".kv";
+
 /// The change-log read: the compaction point and, unless `after` is older than it, the entries
 /// (never the gap markers [`crate::settle`] writes). One statement, so both come from the same
 /// snapshot. `$1` = after; the filter's parameters
 /// follow; the limit is last.
-pub(crate) fn changes_sql(namespace: bool, kind: bool, id_prefix: bool) -> String {
+///
+/// `changes_scope` leaves key-value changes out (migration 0007: one index write less per
+/// `kv set`), so a namespace filter other than the key-values' says so in the text
+/// (`namespace <> '.kv'`), which lets the planner use that partial index in a generic plan; a
+/// filter on the key-values' namespace reads the primary key from `$1` on.
+pub(crate) fn changes_sql(namespace: Option<&str>, kind: bool, id_prefix: bool) -> String {
     let mut inner = String::from(
         "SELECT revision, namespace, kind, id, entity, name, op, old_value, new_value, at \
          FROM changes WHERE revision > $1 AND $1 >= m.value AND op <> 'gap'",
     );
     let mut n = 1;
-    if namespace {
+    if let Some(ns) = namespace {
         n += 1;
         inner.push_str(&format!(" AND namespace = ${n}"));
+        if ns != KV_CHANGE_NAMESPACE {
+            inner.push_str(" AND namespace <> '.kv'");
+        }
     }
     if kind {
         n += 1;
@@ -512,7 +523,14 @@ mod tests {
 
     #[test]
     fn changes_sql_numbers_filters() {
-        let sql = changes_sql(true, true, true);
+        assert_eq!(
+            fleetdb_core::world::Space::Kv.change_namespace(),
+            KV_CHANGE_NAMESPACE
+        );
+        let kv = changes_sql(Some(KV_CHANGE_NAMESPACE), true, true);
+        assert!(!kv.contains("<> '.kv'"), "{kv}");
+        let sql = changes_sql(Some("default"), true, true);
+        assert!(sql.contains("namespace <> '.kv'"), "{sql}");
         assert!(sql.contains("namespace = $2"));
         assert!(sql.contains("kind = $3"));
         assert!(sql.contains("id LIKE $4 ESCAPE '\\'"));
