@@ -330,15 +330,20 @@ fn exclusions_sql(process: &str) -> String {
 /// correlated subquery kept out of the join tree (`OFFSET 0`), so it runs per candidate as one
 /// primary-key probe: a claim visits the first candidates in key order and stops, and the planner,
 /// left to itself, may instead join every held or backed-off row against every candidate.
-fn candidate_free_sql(ex: &str, process: &str, now: &str) -> String {
+///
+/// `k` is the alias whose key columns the tests name: the leading tag's in the first step (see
+/// `Selector::claim_key_alias`), so a candidate held by another worker is skipped before its
+/// object is even looked up (in a burn-down, every claim passes over the claims the other
+/// workers hold).
+fn candidate_free_sql(ex: &str, process: &str, now: &str, k: &str) -> String {
     format!(
         "AND NOT EXISTS (SELECT 1 FROM work w \
-           WHERE w.namespace = o.namespace AND w.kind = o.kind AND w.id = o.id \
+           WHERE w.namespace = {k}.namespace AND w.kind = {k}.kind AND w.id = {k}.id \
            AND w.process = ANY (ARRAY({ex})) \
            AND EXISTS (SELECT 1 FROM sessions ws WHERE ws.id = w.session_id AND ws.deadline > {now}) \
            OFFSET 0) \
          AND NOT EXISTS (SELECT 1 FROM work_backoff b \
-           WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id \
+           WHERE b.namespace = {k}.namespace AND b.kind = {k}.kind AND b.id = {k}.id \
            AND b.process = {process} AND b.until > {now} OFFSET 0)"
     )
 }
@@ -354,7 +359,7 @@ pub(crate) fn claim_lock_sql(q: &CandidateQuery, session_id: &str) -> (String, T
     let process = params.push(SqlParam::Text(q.process.clone()));
     let limit = params.push(SqlParam::Int(limit_param(q.limit)));
     let ex = exclusions_sql(&process);
-    let free = candidate_free_sql(&ex, &process, &now);
+    let free = candidate_free_sql(&ex, &process, &now, &q.selector.claim_key_alias());
     let sql = format!(
         "WITH s AS (SELECT 1 FROM sessions WHERE id = {sid} AND deadline > {now}), \
          me AS (SELECT 1 FROM processes WHERE name = {process}), \
@@ -385,7 +390,7 @@ pub(crate) fn claim_take_sql(
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
     let ex = exclusions_sql(&process);
-    let free = candidate_free_sql(&ex, &process, &now);
+    let free = candidate_free_sql(&ex, &process, &now, "o");
     let sql = format!(
         "WITH s AS MATERIALIZED (SELECT component, host FROM sessions WHERE id = {sid} AND deadline > {now}), \
          c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} \

@@ -286,6 +286,17 @@ impl Selector {
         }
     }
 
+    /// The alias whose key columns a claim's per-candidate tests should name in
+    /// [`Self::claim_from_sql`]: the leading tag's when the query starts from it (the tests then
+    /// run on each tag row before its object is looked up), else `o`.
+    pub fn claim_key_alias(&self) -> String {
+        let required = self.required_tags();
+        match self.tags().iter().position(|t| required.contains(t)) {
+            Some(i) => format!("t{i}"),
+            None => "o".to_string(),
+        }
+    }
+
     /// The alias whose `namespace, kind, id` columns to order and page by with [`Self::from_sql`]:
     /// the leading tag's on SQLite (its `tags_by_name` index is already in that order for one
     /// name, so `ORDER BY … LIMIT n` stops after n rows instead of sorting every candidate), else `o`.
