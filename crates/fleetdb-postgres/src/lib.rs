@@ -287,6 +287,14 @@ impl PostgresBackend {
         // under SERIALIZABLE, claimers racing for the head of a queue abort one another.
         let mut rows = match write {
             Write::Claim(_) => PgTx::with_begin(conn, sql::BEGIN_CLAIM),
+            Write::Batch(batch)
+                if batch
+                    .ops
+                    .iter()
+                    .any(|op| matches!(op, fleetdb_core::Op::GcSweep { .. })) =>
+            {
+                PgTx::with_begin(conn, sql::BEGIN_SWEEP)
+            }
             Write::Batch(batch) if releases_only(batch) => {
                 let mut tx = PgTx::with_begin(conn, sql::BEGIN_RELEASE);
                 tx.lock_reads = true;

@@ -15,6 +15,13 @@ use crate::error::db_err;
 pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
 
 pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+/// A collector's sweep transaction: SERIALIZABLE, with sequential scans off. Each sweep
+/// transaction reads the change log after its mark revision (a short range at the end of the
+/// primary key) and deletes candidates by key; with no statistics yet (a freshly loaded table,
+/// autovacuum behind or off) the planner otherwise reads the whole change log in every sweep
+/// transaction: minutes instead of seconds for a million objects.
+pub(crate) const BEGIN_SWEEP: &str =
+    "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL enable_seqscan = off";
 /// Batches that only release claims and delete tags (a worker's finish): READ COMMITTED, with
 /// the work and tag rows they decide on read `FOR UPDATE` (see `PostgresBackend::commit`).
 pub(crate) const BEGIN_RELEASE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
