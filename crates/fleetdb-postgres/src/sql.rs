@@ -64,38 +64,43 @@ pub(crate) const TAG_GET: &str = "SELECT name, value, updated_at, revision FROM 
      WHERE namespace = $1 AND kind = $2 AND id = $3 AND name = $4";
 pub(crate) const TAG_LIST: &str = "SELECT name, value, updated_at, revision FROM tags \
      WHERE namespace = $1 AND kind = $2 AND id = $3 ORDER BY name";
-/// Whether the object exists and the tag, in one row.
-pub(crate) const TAG_READ: &str =
-    "SELECT EXISTS (SELECT 1 FROM objects WHERE namespace = $1 AND kind = $2 AND id = $3), \
-     t.value, t.updated_at, t.revision \
-     FROM (SELECT 1) AS x LEFT JOIN tags AS t \
-     ON t.namespace = $1 AND t.kind = $2 AND t.id = $3 AND t.name = $4";
-
-/// [`TAG_READ`] that locks the tag row (`FOR UPDATE`, in a lateral subquery since the tag may
-/// be missing): under READ COMMITTED it waits for a concurrent writer and reads its committed row.
-pub(crate) const TAG_READ_LOCKED: &str =
-    "SELECT EXISTS (SELECT 1 FROM objects WHERE namespace = $1 AND kind = $2 AND id = $3), \
-     t.value, t.updated_at, t.revision \
-     FROM (SELECT 1) AS x LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags \
-       WHERE namespace = $1 AND kind = $2 AND id = $3 AND name = $4 FOR UPDATE) AS t ON true";
-
-/// [`TAG_READ_MANY`] that locks the tag rows, as [`TAG_READ_LOCKED`].
-pub(crate) const TAG_READ_MANY_LOCKED: &str = "SELECT EXISTS (SELECT 1 FROM objects o \
-       WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id), \
-     t.value, t.updated_at, t.revision \
-     FROM jsonb_to_recordset(($1::text)::jsonb) AS k(n bigint, ns text, kind text, id text, name text) \
-     LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags \
-       WHERE namespace = k.ns AND kind = k.kind AND id = k.id AND name = k.name FOR UPDATE) AS t ON true \
-     ORDER BY k.n";
+/// Whether the object exists and the tag, in one row; `$lock` is `""` or `" FOR UPDATE"` (the
+/// tag row is read in a lateral subquery, since it may be missing, so that it can be locked: under
+/// READ COMMITTED a locking read waits for a concurrent writer and reads its committed row).
+macro_rules! tag_read {
+    ($lock:literal) => {
+        concat!(
+            "SELECT EXISTS (SELECT 1 FROM objects WHERE namespace = $1 AND kind = $2 AND id = $3), \
+             t.value, t.updated_at, t.revision \
+             FROM (SELECT 1) AS x LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags \
+               WHERE namespace = $1 AND kind = $2 AND id = $3 AND name = $4",
+            $lock,
+            ") AS t ON true"
+        )
+    };
+}
+pub(crate) const TAG_READ: &str = tag_read!("");
+pub(crate) const TAG_READ_LOCKED: &str = tag_read!(" FOR UPDATE");
 
 /// Many [`TAG_READ`]s in one statement: `$1` is a JSON array of `{"n","ns","kind","id","name"}`;
-/// one row per element, in `n` order, with [`TAG_READ`]'s columns.
-pub(crate) const TAG_READ_MANY: &str = "SELECT EXISTS (SELECT 1 FROM objects o \
-       WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id), \
-     t.value, t.updated_at, t.revision \
-     FROM jsonb_to_recordset(($1::text)::jsonb) AS k(n bigint, ns text, kind text, id text, name text) \
-     LEFT JOIN tags AS t ON t.namespace = k.ns AND t.kind = k.kind AND t.id = k.id AND t.name = k.name \
-     ORDER BY k.n";
+/// one row per element, in `n` order, with [`TAG_READ`]'s columns (`$lock` as there).
+macro_rules! tag_read_many {
+    ($lock:literal) => {
+        concat!(
+            "SELECT EXISTS (SELECT 1 FROM objects o \
+               WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id), \
+             t.value, t.updated_at, t.revision \
+             FROM jsonb_to_recordset(($1::text)::jsonb) \
+               AS k(n bigint, ns text, kind text, id text, name text) \
+             LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags \
+               WHERE namespace = k.ns AND kind = k.kind AND id = k.id AND name = k.name",
+            $lock,
+            ") AS t ON true ORDER BY k.n"
+        )
+    };
+}
+pub(crate) const TAG_READ_MANY: &str = tag_read_many!("");
+pub(crate) const TAG_READ_MANY_LOCKED: &str = tag_read_many!(" FOR UPDATE");
 
 /// Many [`TAG_REMOVE`]s in one statement: `$1` is a JSON array of
 /// `{"n","ns","kind","id","name","old","at"}`; the change-log rows take revisions in `n` order.

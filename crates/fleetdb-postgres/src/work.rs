@@ -57,12 +57,18 @@ const PROCESS_PUT: &str =
     "INSERT INTO processes (name, conflicts, created_at) VALUES ($1, $2, $3) \
      ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts";
 
-const WORK_GET: &str =
-    "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
-     WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
-const WORK_GET_LOCKED: &str =
-    "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
-     WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4 FOR UPDATE";
+macro_rules! work_get {
+    ($lock:literal) => {
+        concat!(
+            "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
+             WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4",
+            $lock
+        )
+    };
+}
+const WORK_GET: &str = work_get!("");
+/// [`WORK_GET`] for a READ COMMITTED finish: the claim's row stays as read until it commits.
+const WORK_GET_LOCKED: &str = work_get!(" FOR UPDATE");
 const WORK_OF_SESSION: &str =
     "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
      WHERE session_id = $1 ORDER BY namespace, kind, id, process";
@@ -661,14 +667,19 @@ pub(crate) async fn work_read_many(
             .collect::<Vec<_>>(),
     )
     .unwrap_or_else(|_| "[]".into());
-    const READ: &str = "SELECT w.namespace, w.kind, w.id, w.process, w.session_id, w.token, w.started_at FROM work w \
-             JOIN jsonb_to_recordset(($1::text)::jsonb) AS k(ns text, kind text, id text) \
-               ON w.namespace = k.ns AND w.kind = k.kind AND w.id = k.id \
-             WHERE w.process = $2 ORDER BY w.namespace, w.kind, w.id";
-    const READ_LOCKED: &str = "SELECT w.namespace, w.kind, w.id, w.process, w.session_id, w.token, w.started_at FROM work w \
-             JOIN jsonb_to_recordset(($1::text)::jsonb) AS k(ns text, kind text, id text) \
-               ON w.namespace = k.ns AND w.kind = k.kind AND w.id = k.id \
-             WHERE w.process = $2 ORDER BY w.namespace, w.kind, w.id FOR UPDATE OF w";
+    macro_rules! read {
+        ($lock:literal) => {
+            concat!(
+                "SELECT w.namespace, w.kind, w.id, w.process, w.session_id, w.token, w.started_at \
+                 FROM work w JOIN jsonb_to_recordset(($1::text)::jsonb) AS k(ns text, kind text, id text) \
+                   ON w.namespace = k.ns AND w.kind = k.kind AND w.id = k.id \
+                 WHERE w.process = $2 ORDER BY w.namespace, w.kind, w.id",
+                $lock
+            )
+        };
+    }
+    const READ: &str = read!("");
+    const READ_LOCKED: &str = read!(" FOR UPDATE OF w");
     let text = if tx.lock_reads { READ_LOCKED } else { READ };
     let rows = tx.read(text, &[&only, &process]).await?;
     rows.iter().map(work_from_row).collect()
