@@ -87,6 +87,7 @@ macro_rules! suite {
             finish_many_is_all_or_nothing,
             finish_many_with_writes_is_atomic,
             many_tag_deletes_in_one_transaction,
+            object_with_tags_in_one_transaction,
             finish_and_claim_finishes_then_claims_the_next,
             work_matches_a_model_under_random_operations;
             watch_starts_with_a_snapshot_then_changes,

@@ -1075,6 +1075,76 @@ pub async fn many_tag_deletes_in_one_transaction(h: &Harness) {
     assert!(deletes.windows(2).all(|w| w[0].revision < w[1].revision));
 }
 
+/// Creating an object with its tags in one transaction (a fast path on some backends): the
+/// object and its tags get increasing revisions in op order with one change row each; the same
+/// transaction on an existing object merges its labels and updates its tags; a missing
+/// namespace or an existing object under `object_create` fails and writes nothing.
+pub async fn object_with_tags_in_one_transaction(h: &Harness) {
+    let st = &h.store;
+    let k = key("default", "job", "j-new");
+    let before = st.revision().await.unwrap().current;
+    let put = |k: ObjectKey, create: bool, label: &'static str, x: i64| {
+        st.txn(move |tx| {
+            let k = k.clone();
+            async move {
+                let mut labels = Labels::new();
+                labels.insert("l".to_string(), label.to_string());
+                if create {
+                    tx.object_create(&k, labels)?;
+                } else {
+                    tx.object_put(&k, labels)?;
+                }
+                tx.tag_set(&k, "x", &json!(x))?;
+                tx.tag_set(&k, "y", &json!({"x": x}))
+            }
+        })
+    };
+    put(k.clone(), false, "a", 1).await.unwrap();
+    let obj = st.object_get(&k).await.unwrap().unwrap();
+    assert_eq!(obj.labels.get("l").map(String::as_str), Some("a"));
+    let x = st.tag_get(&k, "x").await.unwrap().unwrap();
+    let y = st.tag_get(&k, "y").await.unwrap().unwrap();
+    assert_eq!(
+        (x.value.clone(), y.value.clone()),
+        (json!(1), json!({"x": 1}))
+    );
+    assert!(before < obj.revision && obj.revision < x.revision && x.revision < y.revision);
+    let changes = st
+        .changes(before, &fleetdb::ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    let mine: Vec<_> = changes.iter().filter(|c| c.id == "j-new").collect();
+    assert_eq!(mine.len(), 3, "{changes:?}");
+    assert_eq!(
+        mine.iter()
+            .map(|c| (c.entity, c.name.as_str(), c.revision))
+            .collect::<Vec<_>>(),
+        vec![
+            (fleetdb::Entity::Object, "", obj.revision),
+            (fleetdb::Entity::Tag, "x", x.revision),
+            (fleetdb::Entity::Tag, "y", y.revision),
+        ]
+    );
+    assert_eq!(mine[0].new_value, Some(json!({"labels": {"l": "a"}})));
+    assert_eq!(mine[1].old_value, None);
+    // Again on the existing object: labels merged, tags updated with their old values.
+    put(k.clone(), false, "b", 2).await.unwrap();
+    let obj2 = st.object_get(&k).await.unwrap().unwrap();
+    assert_eq!(obj2.labels.get("l").map(String::as_str), Some("b"));
+    assert_eq!(obj2.created_at, obj.created_at);
+    assert_eq!(st.tag_get(&k, "x").await.unwrap().unwrap().value, json!(2));
+    // Create on an existing object fails and changes nothing.
+    let r = put(k.clone(), true, "c", 3).await;
+    assert!(matches!(r, Err(Error::AlreadyExists { .. })), "{r:?}");
+    assert_eq!(st.tag_get(&k, "x").await.unwrap().unwrap().value, json!(2));
+    // A missing namespace: NotFound, nothing written.
+    let nowhere = key("nowhere", "job", "j1");
+    let r = put(nowhere.clone(), false, "a", 1).await;
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    let r = put(nowhere.clone(), true, "a", 1).await;
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+}
+
 pub async fn finish_many_with_writes_is_atomic(h: &Harness) {
     let st = &h.store;
     st.process_define("P", &[]).await.unwrap();

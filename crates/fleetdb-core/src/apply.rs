@@ -230,7 +230,8 @@ async fn check_precondition<T: TxRows + ?Sized>(
     Ok(())
 }
 
-fn labels_json(labels: &Labels) -> String {
+/// The change-log value of an object: `{"labels": …}`.
+pub fn labels_json(labels: &Labels) -> String {
     // A BTreeMap of strings always serializes.
     serde_json::to_string(&serde_json::json!({ "labels": labels })).unwrap_or_default()
 }

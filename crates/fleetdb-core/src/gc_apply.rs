@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::apply::{apply_op_pub, draft};
+use crate::apply::{apply_op_pub, draft, labels_json};
 use crate::backend::{ChangeDraft, GcRemoved, TxRows};
 use crate::batch::{Applied, Op, OpResult};
 use crate::error::{Error, Result};
@@ -15,11 +15,6 @@ use crate::time::Timestamp;
 /// Distinct entities changed during a collection beyond which a sweep batch spares everything
 /// (it cannot cheaply tell what they reference; the next collection decides).
 const FRESH_MAX: usize = 100_000;
-
-/// The old value of an object's delete change (as `ObjectDelete` writes it).
-fn labels_json(labels: &Labels) -> String {
-    serde_json::to_string(&serde_json::json!({ "labels": labels })).unwrap_or_default()
-}
 
 fn lease_json(l: &Lease) -> String {
     serde_json::json!({ "labels": l.labels, "flat": l.flat, "expires_at": l.expires_at })

@@ -543,6 +543,126 @@ impl PostgresBackend {
         }
     }
 
+    /// The hot path of "create this object with these tags" (an object put, then tag sets of
+    /// that object with distinct names, nothing else): ONE statement that inserts the object
+    /// `ON CONFLICT DO NOTHING` and, only if it was new, its tags, each with its change-log row,
+    /// revisions in op order. It never reads the key first, so creators of neighbouring keys (new
+    /// ids are time-ordered) take no predicate locks on each other's index pages. `None` when the
+    /// batch has another shape or the object exists (the general path then decides: merge the
+    /// labels, or `AlreadyExists`), or when an input is one the general path must reject.
+    async fn object_create_fused(&self, batch: &Batch) -> Result<Option<Vec<OpResult>>> {
+        use fleetdb_core::{Applied, Op, PutMode};
+        const SQL: &str = "WITH ns AS (SELECT 1 FROM namespaces WHERE name = $1), \
+             o AS (INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+                SELECT $1, $2, $3, $4, $5, $5, nextval('fleetdb_revision') FROM ns \
+                ON CONFLICT (namespace, kind, id) DO NOTHING RETURNING revision), \
+             oc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+                SELECT revision, $1, $2, $3, 'object', '', 'put', NULL, $6, $5 FROM o), \
+             k AS (SELECT * FROM jsonb_to_recordset(($7::text)::jsonb) AS k(n bigint, name text, value text)), \
+             t AS (INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+                SELECT $1, $2, $3, s.name, s.value, $5, nextval('fleetdb_revision') \
+                FROM o, (SELECT * FROM k ORDER BY n) AS s RETURNING name, value, revision), \
+             tc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+                SELECT revision, $1, $2, $3, 'tag', name, 'put', NULL, value, $5 FROM t) \
+             SELECT EXISTS (SELECT 1 FROM ns), (SELECT revision FROM o), \
+               (SELECT jsonb_object_agg(name, revision)::text FROM t)";
+        let ([], [Op::ObjectPut { key, labels, mode }, sets @ ..]) =
+            (batch.preconditions.as_slice(), batch.ops.as_slice())
+        else {
+            return Ok(None);
+        };
+        // A lone upsert usually updates an existing object: leave it to the general path.
+        if *mode == PutMode::Update || (*mode == PutMode::Upsert && sets.is_empty()) {
+            return Ok(None);
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut tags = Vec::with_capacity(sets.len());
+        for op in sets {
+            let Op::TagSet {
+                key: tag_key,
+                name,
+                value,
+            } = op
+            else {
+                return Ok(None);
+            };
+            let Ok(parsed) = serde_json::from_str::<serde_json::Value>(value) else {
+                return Ok(None); // the general path names the bad value
+            };
+            if tag_key != key || !names.insert(name.as_str()) {
+                return Ok(None);
+            }
+            tags.push((name, value, parsed));
+        }
+        let Ok(labels) = fleetdb_core::validate::merge_labels(&fleetdb_core::Labels::new(), labels)
+        else {
+            return Ok(None);
+        };
+        let now = batch.now;
+        let labels_text = sql::labels_text(&labels);
+        let change = fleetdb_core::apply::labels_json(&labels);
+        let tags_json = serde_json::Value::Array(
+            tags.iter()
+                .enumerate()
+                .map(|(n, (name, value, _))| serde_json::json!({"n": n, "name": name, "value": value}))
+                .collect(),
+        )
+        .to_string();
+        let params: [Param<'_>; 7] = [
+            &key.namespace,
+            &key.kind,
+            &key.id,
+            &labels_text,
+            &now.0,
+            &change,
+            &tags_json,
+        ];
+        let rows = self.one_statement(SQL, &params).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::Backend("the object statement returned no row".into()))?;
+        let ns_exists: bool = row.try_get(0).map_err(db_err)?;
+        if !ns_exists {
+            return Err(Error::not_found(format!("namespace {:?}", key.namespace)));
+        }
+        let Some(revision) = row.try_get::<_, Option<i64>>(1).map_err(db_err)? else {
+            return Ok(None); // it exists
+        };
+        let tag_revisions: std::collections::HashMap<String, i64> =
+            match row.try_get::<_, Option<String>>(2).map_err(db_err)? {
+                Some(text) => serde_json::from_str(&text)
+                    .map_err(|e| Error::Backend(format!("tag revisions of a new object: {e}")))?,
+                None => std::collections::HashMap::new(),
+            };
+        let mut out = Vec::with_capacity(1 + tags.len());
+        out.push(OpResult {
+            changed: true,
+            applied: Applied::Object(fleetdb_core::Object {
+                key: key.clone(),
+                labels,
+                created_at: now,
+                updated_at: now,
+                revision: fleetdb_core::Revision(revision),
+            }),
+        });
+        for (name, _, parsed) in tags {
+            let rev = tag_revisions.get(name.as_str()).copied().ok_or_else(|| {
+                Error::Backend(format!("no revision for tag {name:?} of a new object"))
+            })?;
+            out.push(OpResult {
+                changed: true,
+                applied: Applied::Tag(fleetdb_core::Tag {
+                    object: key.clone(),
+                    name: name.clone(),
+                    value: parsed,
+                    updated_at: now,
+                    revision: fleetdb_core::Revision(rev),
+                }),
+            });
+        }
+        Ok(Some(out))
+    }
+
     /// A selector claim in two round trips (see [`work::claim_lock_sql`] and
     /// [`work::claim_take_sql`]): `BEGIN` (READ COMMITTED) + find-and-lock, then check-and-take +
     /// `COMMIT`. It makes the decisions of `apply_claim` (the conformance suite holds both to the
@@ -960,6 +1080,9 @@ impl Backend for PostgresBackend {
             (batch.preconditions.as_slice(), batch.ops.as_slice())
         {
             return self.tag_set_fused(key, name, value, batch.now).await;
+        }
+        if let Some(results) = self.object_create_fused(&batch).await? {
+            return Ok(results);
         }
         if let (
             [],
