@@ -283,25 +283,7 @@ impl PostgresBackend {
             open: true,
         };
         let conn: &deadpool_postgres::ClientWrapper = guard.client();
-        // Claims run READ COMMITTED and lock the objects they take (see work::claim_candidates):
-        // under SERIALIZABLE, claimers racing for the head of a queue abort one another.
-        let mut rows = match write {
-            Write::Claim(_) => PgTx::with_begin(conn, sql::BEGIN_CLAIM),
-            Write::Batch(batch)
-                if batch
-                    .ops
-                    .iter()
-                    .any(|op| matches!(op, fleetdb_core::Op::GcSweep { .. })) =>
-            {
-                PgTx::with_begin(conn, sql::BEGIN_SWEEP)
-            }
-            Write::Batch(batch) if releases_only(batch) => {
-                let mut tx = PgTx::with_begin(conn, sql::BEGIN_RELEASE);
-                tx.lock_reads = true;
-                tx
-            }
-            _ => PgTx::new(conn),
-        };
+        let mut rows = transaction_for(write, conn);
         let applied = match write {
             Write::Batch(batch) => apply_batch(&mut rows, batch).await.map(Written::Batch),
             Write::Claim(req) => apply_claim(&mut rows, req).await.map(Written::Claim),
@@ -903,6 +885,30 @@ impl Drop for TxGuard {
 
 /// The pause before attempt `attempt + 1`: exponential from 1 ms, capped at 100 ms, with jitter
 /// (uniform in the upper half of the window).
+/// The transaction a write runs in: SERIALIZABLE by default; claims READ COMMITTED, locking the
+/// objects they take (under SERIALIZABLE, claimers racing for the head of a queue abort one
+/// another); sweeps without sequential scans (`sql::BEGIN_SWEEP`); finishes READ COMMITTED with
+/// their reads locking ([`releases_only`]).
+fn transaction_for<'a>(write: &Write<'_>, conn: &'a deadpool_postgres::ClientWrapper) -> PgTx<'a> {
+    match write {
+        Write::Claim(_) => PgTx::with_begin(conn, sql::BEGIN_READ_COMMITTED),
+        Write::Batch(batch)
+            if batch
+                .ops
+                .iter()
+                .any(|op| matches!(op, fleetdb_core::Op::GcSweep { .. })) =>
+        {
+            PgTx::with_begin(conn, sql::BEGIN_SWEEP)
+        }
+        Write::Batch(batch) if releases_only(batch) => {
+            let mut tx = PgTx::with_begin(conn, sql::BEGIN_READ_COMMITTED);
+            tx.lock_reads = true;
+            tx
+        }
+        _ => PgTx::new(conn),
+    }
+}
+
 /// Whether a batch only finishes or cancels claims (and deletes tags): a worker's finish. Such a
 /// batch runs READ COMMITTED with its work and tag rows read `FOR UPDATE`, not SERIALIZABLE:
 /// every decision rests on rows it then holds locked (the claim's work row, the tags it

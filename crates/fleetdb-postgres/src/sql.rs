@@ -22,13 +22,11 @@ pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
 /// transaction: minutes instead of seconds for a million objects.
 pub(crate) const BEGIN_SWEEP: &str =
     "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL enable_seqscan = off";
-/// Batches that only release claims and delete tags (a worker's finish): READ COMMITTED, with
-/// the work and tag rows they decide on read `FOR UPDATE` (see `PostgresBackend::commit`).
-pub(crate) const BEGIN_RELEASE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
-/// Claims: every statement sees what is committed when it starts; exclusion comes from row locks
-/// on the claimed objects (every claim path locks the object first), not from SSI.
-pub(crate) const BEGIN_CLAIM: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
-/// A selector claim's transaction: [`BEGIN_CLAIM`], planned for a queue. A claim wants the first
+/// Claims and finishes: every statement sees what is committed when it starts; their decisions
+/// rest on row locks, not on SSI (a claim locks the object first; a finish reads its work and tag
+/// rows `FOR UPDATE`, see `transaction_for`).
+pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+/// A selector claim's transaction: [`BEGIN_READ_COMMITTED`], planned for a queue. A claim wants the first
 /// few candidates in key order, so nested loops over indexes (driven by the most selective tag
 /// index, probing the work and backoff keys per candidate) are right whatever the statistics say;
 /// with stale statistics (a queue that just filled) the planner otherwise picks merge joins that
