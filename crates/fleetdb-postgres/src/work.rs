@@ -277,6 +277,29 @@ fn selector_from_where(selector: &Selector, now: Timestamp) -> (String, TypedPar
     )
 }
 
+/// [`selector_from_where`] restricted to the objects listed in `keys` (a JSON array of
+/// `{"ns","kind","id"}`): `FROM <keys> k CROSS JOIN LATERAL (<selector on k>) o WHERE TRUE`. The
+/// claim re-checks after locking use it. The listed keys drive: each is one primary-key probe of
+/// `objects` (and of each tag the selector joins), whatever the planner believes of the tables.
+/// The `(key) IN (<keys>)` form let a planner without statistics walk the selector's whole tag
+/// index and test every entry against the list: a one-object claim cost O(backlog).
+fn selector_on_keys(selector: &Selector, now: Timestamp, keys: String) -> (String, TypedParams) {
+    let mut params = Vec::new();
+    let joins = selector.tag_joins(Dialect::Postgres, &mut params);
+    let cond = selector.to_sql(Dialect::Postgres, now, &mut params);
+    let mut params = TypedParams(params);
+    let keys = params.push(SqlParam::Text(keys));
+    (
+        format!(
+            "FROM jsonb_to_recordset(({keys})::jsonb) AS k(ns text, kind text, id text) \
+             CROSS JOIN LATERAL (SELECT o.namespace, o.kind, o.id FROM objects o{joins} \
+               WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id AND ({cond}) \
+               OFFSET 0) o WHERE TRUE"
+        ),
+        params,
+    )
+}
+
 /// [`selector_from_where`] for the first step of a claim: the FROM clause starts from the
 /// first required tag (see `Selector::claim_from_sql`).
 fn claim_from_where(selector: &Selector, now: Timestamp) -> (String, TypedParams) {
@@ -295,14 +318,10 @@ pub(crate) fn claim_candidates_sql(q: &CandidateQuery) -> (String, TypedParams) 
 /// The candidate query; with `only` (a JSON array of `{"ns","kind","id"}`), restricted to those
 /// objects (the re-check after locking).
 fn claim_candidates_sql_in(q: &CandidateQuery, only: Option<String>) -> (String, TypedParams) {
-    let (mut base, mut params) = selector_from_where(&q.selector, q.now);
-    if let Some(only) = only {
-        let p = params.push(SqlParam::Text(only));
-        base.push_str(&format!(
-            " AND (o.namespace, o.kind, o.id) IN (SELECT k.ns, k.kind, k.id \
-               FROM jsonb_to_recordset(({p})::jsonb) AS k(ns text, kind text, id text))"
-        ));
-    }
+    let (base, mut params) = match only {
+        Some(only) => selector_on_keys(&q.selector, q.now, only),
+        None => selector_from_where(&q.selector, q.now),
+    };
     let exclude = params.push(SqlParam::Text(json_list(&q.exclude)));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
@@ -390,8 +409,7 @@ pub(crate) fn claim_take_sql(
     session_id: &str,
     locked: String,
 ) -> (String, TypedParams) {
-    let (base, mut params) = selector_from_where(&q.selector, q.now);
-    let keys = params.push(SqlParam::Text(locked));
+    let (base, mut params) = selector_on_keys(&q.selector, q.now, locked);
     let sid = params.push(SqlParam::Text(session_id.to_string()));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
@@ -399,9 +417,7 @@ pub(crate) fn claim_take_sql(
     let free = candidate_free_sql(&ex, &process, &now, "o");
     let sql = format!(
         "WITH s AS MATERIALIZED (SELECT component, host FROM sessions WHERE id = {sid} AND deadline > {now}), \
-         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} \
-           AND (o.namespace, o.kind, o.id) IN (SELECT k.ns, k.kind, k.id \
-             FROM jsonb_to_recordset(({keys})::jsonb) AS k(ns text, kind text, id text)) {free} \
+         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} {free} \
            AND EXISTS (SELECT 1 FROM s) \
            ORDER BY o.namespace, o.kind, o.id), \
          t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, nextval('fleetdb_fencing') AS token, \
