@@ -89,6 +89,7 @@ macro_rules! suite {
             many_tag_deletes_in_one_transaction,
             object_with_tags_in_one_transaction,
             finish_and_claim_finishes_then_claims_the_next,
+            finish_deleting_the_eligible_tag,
             work_matches_a_model_under_random_operations;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,

@@ -1504,3 +1504,140 @@ pub async fn finish_and_claim_finishes_then_claims_the_next(h: &Harness) {
         "nothing claimed"
     );
 }
+
+/// A worker's finish that deletes the tag that made the object eligible (the shape backends may
+/// run as one statement), alone and followed by the next claim: every check of the general path
+/// (a missing tag, a lost claim) leaves everything as it was, and a finish that lands deletes the
+/// tag with its change-log row (old value), ends the claim with `Finished` history, and the next
+/// claim never sees the finished object.
+pub async fn finish_deleting_the_eligible_tag(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let keys = machines(h, 3).await;
+    for (i, k) in keys.iter().enumerate() {
+        st.tag_set(k, "todo", &json!({"n": i})).await.unwrap();
+    }
+    let s = st.session_start(spec("c")).await.unwrap();
+    let sel = "kind = machine and has(todo)";
+    let mut w0 = s.claim("P", sel, 1).await.unwrap().pop().unwrap();
+    let k0 = w0.key().clone();
+    assert_eq!(k0, keys[0]);
+    // A tag that is not there: the finish fails whole, the claim and the tag stay.
+    let err = w0
+        .finish_and_claim(
+            |tx| {
+                let k0 = k0.clone();
+                async move {
+                    tx.tag_delete(&k0, "todo")?;
+                    tx.tag_delete(&k0, "absent")
+                }
+            },
+            "P",
+            sel,
+            1,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    assert!(st.tag_get(&k0, "todo").await.unwrap().is_some());
+    assert_eq!(st.work_list(None, 10).await.unwrap().len(), 1);
+    let before = st.revision().await.unwrap().current;
+    let ((), mut next) = w0
+        .finish_and_claim(
+            |tx| {
+                let k0 = k0.clone();
+                async move { tx.tag_delete(&k0, "todo") }
+            },
+            "P",
+            sel,
+            1,
+        )
+        .await
+        .unwrap();
+    let mut w1 = next.pop().expect("the next object is claimed");
+    assert_eq!(w1.key(), &keys[1]);
+    assert!(st.tag_get(&k0, "todo").await.unwrap().is_none());
+    let changes = st
+        .changes(before, &fleetdb::ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].id, k0.id);
+    assert_eq!(changes[0].name, "todo");
+    assert_eq!(changes[0].op, fleetdb::ChangeOp::Delete);
+    assert_eq!(changes[0].old_value, Some(json!({"n": 0})));
+    assert_eq!(
+        events(h, &k0)
+            .await
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect::<Vec<_>>(),
+        [WorkEvent::Started, WorkEvent::Finished]
+    );
+    // A plain finish of the same shape; then a claim lost to an operator cannot be finished and
+    // its tag stays.
+    let k1 = w1.key().clone();
+    w1.finish(|tx| {
+        let k1 = k1.clone();
+        async move { tx.tag_delete(&k1, "todo") }
+    })
+    .await
+    .unwrap();
+    assert!(st.tag_get(&k1, "todo").await.unwrap().is_none());
+    let mut w2 = s.claim("P", sel, 1).await.unwrap().pop().unwrap();
+    let k2 = w2.key().clone();
+    assert_eq!(k2, keys[2]);
+    st.work_cancel(&k2, "P").await.unwrap();
+    let err = w2
+        .finish_and_claim(
+            |tx| {
+                let k2 = k2.clone();
+                async move { tx.tag_delete(&k2, "todo") }
+            },
+            "P",
+            sel,
+            1,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WorkLost { .. }), "{err:?}");
+    assert!(st.tag_get(&k2, "todo").await.unwrap().is_some());
+    // Nothing left to claim after a finish: the finish still lands.
+    let mut w2 = s.claim("P", sel, 1).await.unwrap().pop().unwrap();
+    let ((), next) = w2
+        .finish_and_claim(
+            |tx| {
+                let k2 = k2.clone();
+                async move { tx.tag_delete(&k2, "todo") }
+            },
+            "P",
+            sel,
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(next.is_empty());
+    assert!(st.tag_get(&k2, "todo").await.unwrap().is_none());
+    assert!(st.work_list(None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        events(h, &k1)
+            .await
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect::<Vec<_>>(),
+        [WorkEvent::Started, WorkEvent::Finished]
+    );
+    assert_eq!(
+        events(h, &k2)
+            .await
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect::<Vec<_>>(),
+        [
+            WorkEvent::Started,
+            WorkEvent::Canceled,
+            WorkEvent::Started,
+            WorkEvent::Finished
+        ]
+    );
+}

@@ -19,6 +19,7 @@
 
 mod content;
 mod error;
+mod finish;
 mod gc;
 mod migrate;
 mod notify;
@@ -322,10 +323,12 @@ impl PostgresBackend {
         outcome
     }
 
-    /// One statement in its own SERIALIZABLE transaction, in ONE round trip (`BEGIN`, the
-    /// statement and `COMMIT` pipelined), retried on serialization failures.
+    /// One statement in its own transaction (`begin` opens it: SERIALIZABLE unless a caller has
+    /// reason otherwise), in ONE round trip (`BEGIN`, the statement and `COMMIT` pipelined),
+    /// retried on serialization failures.
     async fn one_statement(
         &self,
+        begin: &str,
         sql_text: &str,
         params: &[Param<'_>],
     ) -> Result<Vec<tokio_postgres::Row>> {
@@ -335,7 +338,7 @@ impl PostgresBackend {
             let client = self.client().await?;
             let stmt = client.prepare_cached(sql_text).await.map_err(db_err)?;
             let (begin, rows, commit) = futures::future::join3(
-                client.batch_execute(sql::BEGIN),
+                client.batch_execute(begin),
                 client.query(&stmt, params),
                 client.batch_execute("COMMIT"),
             )
@@ -483,7 +486,7 @@ impl PostgresBackend {
              SELECT EXISTS (SELECT 1 FROM obj), (SELECT value FROM old), (SELECT updated_at FROM old),
                     (SELECT revision FROM old), (SELECT revision FROM up)";
         let params: [Param<'_>; 6] = [&key.namespace, &key.kind, &key.id, &name, &value, &now.0];
-        let rows = self.one_statement(SQL, &params).await?;
+        let rows = self.one_statement(sql::BEGIN, SQL, &params).await?;
         {
             let row = rows
                 .first()
@@ -599,7 +602,7 @@ impl PostgresBackend {
             &change,
             &tags_json,
         ];
-        let rows = self.one_statement(SQL, &params).await?;
+        let rows = self.one_statement(sql::BEGIN, SQL, &params).await?;
         let row = rows
             .first()
             .ok_or_else(|| Error::Backend("the object statement returned no row".into()))?;
@@ -645,15 +648,39 @@ impl PostgresBackend {
         Ok(Some(out))
     }
 
+    /// The hot path of a worker's finish (or cancel): see [`finish::FusedFinish`]. ONE
+    /// statement in a READ COMMITTED transaction, one round trip. `None` when the batch has
+    /// another shape or a check fails: the general path then runs and names the failure exactly.
+    async fn finish_fused(&self, batch: &Batch) -> Result<Option<Vec<OpResult>>> {
+        let Some(finish) = finish::FusedFinish::new(batch) else {
+            return Ok(None);
+        };
+        let rows = self
+            .one_statement(sql::BEGIN_READ_COMMITTED, finish::SQL, &finish.params())
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::Backend("the finish statement returned no row".into()))?;
+        finish.results(row)
+    }
+
     /// A selector claim in two round trips (see [`work::claim_lock_sql`] and
     /// [`work::claim_take_sql`]): `BEGIN` (READ COMMITTED) + find-and-lock, then check-and-take +
     /// `COMMIT`. It makes the decisions of `apply_claim` (the conformance suite holds both to the
     /// same behaviour), retrying transient failures.
+    ///
+    /// With `finish` (a worker's "finish this, give me the next"), the finish statement runs first
+    /// in the same transaction and the same first round trip: finish and claim commit together in
+    /// two round trips. Returns the finish's results, or `None` when one of its checks failed
+    /// (then nothing happened: the caller runs the general path, which names the failure). Once
+    /// the finish has passed, a claim that cannot proceed (expired session, undeclared process,
+    /// nothing to claim) commits the finish and yields no work.
     async fn claim_selector(
         &self,
         req: &ClaimRequest,
         selector: Selector,
-    ) -> Result<Vec<WorkInfo>> {
+        finish: Option<&finish::FusedFinish>,
+    ) -> Result<(Option<Vec<OpResult>>, Vec<WorkInfo>)> {
         let q = fleetdb_core::backend::CandidateQuery {
             selector,
             process: req.process.clone(),
@@ -664,8 +691,8 @@ impl PostgresBackend {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.claim_selector_once(req, &q).await {
-                Ok(work) => return Ok(work),
+            match self.claim_selector_once(req, &q, finish).await {
+                Ok(out) => return Ok(out),
                 Err(Failure::Fail(err)) => return Err(err),
                 Err(Failure::Retry(msg)) => {
                     if attempt >= COMMIT_ATTEMPTS_MAX {
@@ -684,7 +711,8 @@ impl PostgresBackend {
         &self,
         req: &ClaimRequest,
         q: &fleetdb_core::backend::CandidateQuery,
-    ) -> std::result::Result<Vec<WorkInfo>, Failure> {
+        finish: Option<&finish::FusedFinish>,
+    ) -> std::result::Result<(Option<Vec<OpResult>>, Vec<WorkInfo>), Failure> {
         let client = self.client().await.map_err(Failure::Fail)?;
         let mut guard = TxGuard {
             client: Some(client),
@@ -694,35 +722,89 @@ impl PostgresBackend {
         let (lock_sql, lock_params) = work::claim_lock_sql(q, &req.session_id);
         // A worker claims with one selector over and over: its two statements are prepared once
         // per connection (planning them costs more than running them).
-        let lock_stmt = match prepare_claim(conn, &lock_sql).await {
-            Ok(stmt) => stmt,
+        let prepared = async {
+            let lock = prepare_claim(conn, &lock_sql).await?;
+            let finish = match finish {
+                Some(_) => Some(
+                    conn.prepare_cached(finish::SQL)
+                        .await
+                        .map_err(|e| classify(&e))?,
+                ),
+                None => None,
+            };
+            Ok::<_, Failure>((lock, finish))
+        };
+        let (lock_stmt, finish_stmt) = match prepared.await {
+            Ok(stmts) => stmts,
             Err(failure) => {
                 // No transaction was opened.
                 guard.open = false;
                 return Err(failure);
             }
         };
-        let (begin, rows) = futures::future::join(
-            conn.batch_execute(sql::BEGIN_CLAIM_PLANNED),
+        let finish_params = finish.map(|f| f.params());
+        let finish_rows = async {
+            match (&finish_stmt, &finish_params) {
+                (Some(stmt), Some(params)) => conn.query(stmt, params).await.map(Some),
+                _ => Ok(None),
+            }
+        };
+        // One round trip: BEGIN, the finish (if any), the planner settings, find-and-lock.
+        let (begin, finished, planned, rows) = futures::future::join4(
+            conn.batch_execute(sql::BEGIN_READ_COMMITTED),
+            finish_rows,
+            conn.batch_execute(sql::CLAIM_PLANNED),
             conn.query(&lock_stmt, &lock_params.values()),
         )
         .await;
         if let Err(e) = begin {
-            // BEGIN failed: no transaction is open, the statement ran on its own (and its locks
-            // are gone with it).
+            // BEGIN failed: no transaction is open, the statements ran on their own (and their
+            // locks are gone with them; a finish that ran alone is retried by the general path,
+            // which then finds it done: the caller sees the error).
             guard.open = false;
             return Err(classify(&e));
         }
-        let row = match rows {
-            Ok(rows) => rows.into_iter().next(),
-            Err(e) => {
-                let failure = classify(&e);
-                if conn.batch_execute("ROLLBACK").await.is_ok() {
-                    guard.open = false;
-                }
-                return Err(failure);
-            }
+        let end = |commit: bool| async move {
+            conn.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
+                .await
+                .map_err(|e| classify(&e))
         };
+        let first_error = finished
+            .as_ref()
+            .err()
+            .or(planned.as_ref().err())
+            .or(rows.as_ref().err());
+        if let Some(e) = first_error {
+            let failure = classify(e);
+            if end(false).await.is_ok() {
+                guard.open = false;
+            }
+            return Err(failure);
+        }
+        let finish_results = match (finish, finished.ok().flatten()) {
+            (Some(f), Some(rows)) => {
+                let decoded = rows
+                    .first()
+                    .ok_or_else(|| Error::Backend("the finish statement returned no row".into()))
+                    .and_then(|row| f.results(row));
+                match decoded {
+                    Ok(Some(results)) => Some(results),
+                    Ok(None) => {
+                        // A finish check failed: nothing happened.
+                        end(false).await?;
+                        guard.open = false;
+                        return Ok((None, Vec::new()));
+                    }
+                    Err(e) => {
+                        end(false).await?;
+                        guard.open = false;
+                        return Err(Failure::Fail(e));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let row = rows.ok().and_then(|rows| rows.into_iter().next());
         let decoded = (|| -> Result<(bool, bool, Option<String>)> {
             let row = row.ok_or_else(|| Error::Backend("the claim returned no row".into()))?;
             Ok((
@@ -731,11 +813,6 @@ impl PostgresBackend {
                 row.try_get(2).map_err(db_err)?,
             ))
         })();
-        let end = |commit: bool| async move {
-            conn.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
-                .await
-                .map_err(|e| classify(&e))
-        };
         let (alive, declared, locked) = match decoded {
             Ok(v) => v,
             Err(e) => {
@@ -745,8 +822,12 @@ impl PostgresBackend {
             }
         };
         if !alive || !declared || locked.is_none() {
-            end(false).await?;
+            // A finish that passed commits; the claim yields nothing.
+            end(finish_results.is_some()).await?;
             guard.open = false;
+            if finish_results.is_some() {
+                return Ok((finish_results, Vec::new()));
+            }
             if !alive {
                 return Err(Failure::Fail(Error::SessionExpired {
                     session_id: req.session_id.clone(),
@@ -759,7 +840,7 @@ impl PostgresBackend {
                     "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
                 )));
             }
-            return Ok(Vec::new());
+            return Ok((None, Vec::new()));
         }
         let locked = locked.unwrap_or_default();
         let (take_sql, take_params) = work::claim_take_sql(q, &req.session_id, locked);
@@ -787,7 +868,8 @@ impl PostgresBackend {
             (Ok(()), Ok(rows), Ok(())) => rows,
         };
         guard.open = false;
-        rows.iter()
+        let work = rows
+            .iter()
             .map(|r| {
                 Ok(WorkInfo {
                     key: fleetdb_core::apply::stored_key(
@@ -802,7 +884,8 @@ impl PostgresBackend {
                 })
             })
             .collect::<Result<Vec<_>>>()
-            .map_err(Failure::Fail)
+            .map_err(Failure::Fail)?;
+        Ok((finish_results, work))
     }
 
     /// Run one statement in autocommit, retrying transient failures (serialization failures on
@@ -1090,6 +1173,9 @@ impl Backend for PostgresBackend {
         if let Some(results) = self.object_create_fused(&batch).await? {
             return Ok(results);
         }
+        if let Some(results) = self.finish_fused(&batch).await? {
+            return Ok(results);
+        }
         if let (
             [],
             [fleetdb_core::Op::KvSet {
@@ -1188,10 +1274,34 @@ impl Backend for PostgresBackend {
 
     // ---- sessions and work ----
 
+    /// A finish of the fused shape and a selector claim run in one READ COMMITTED transaction,
+    /// in two round trips (see `claim_selector`); anything else, or a finish whose checks fail,
+    /// as `commit` then `claim`.
+    async fn commit_then_claim(
+        &self,
+        batch: Batch,
+        claim: ClaimRequest,
+    ) -> Result<(Vec<OpResult>, Vec<WorkInfo>)> {
+        if let (Some(finish), fleetdb_core::work::ClaimTarget::Selector(text)) =
+            (finish::FusedFinish::new(&batch), &claim.target)
+        {
+            if let Ok(selector) = Selector::parse(text) {
+                if let (Some(results), work) =
+                    self.claim_selector(&claim, selector, Some(&finish)).await?
+                {
+                    return Ok((results, work));
+                }
+            }
+        }
+        let results = self.commit(batch).await?;
+        let claimed = self.claim(claim).await.unwrap_or_default();
+        Ok((results, claimed))
+    }
+
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
         if let fleetdb_core::work::ClaimTarget::Selector(text) = &req.target {
             let selector = Selector::parse(text)?;
-            return self.claim_selector(&req, selector).await;
+            return Ok(self.claim_selector(&req, selector, None).await?.1);
         }
         match self.transact(Write::Claim(&req)).await? {
             Written::Claim(work) => Ok(work),

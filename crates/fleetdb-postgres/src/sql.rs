@@ -26,16 +26,17 @@ pub(crate) const BEGIN_SWEEP: &str =
 /// rest on row locks, not on SSI (a claim locks the object first; a finish reads its work and tag
 /// rows `FOR UPDATE`, see `transaction_for`).
 pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
-/// A selector claim's transaction: [`BEGIN_READ_COMMITTED`], planned for a queue. A claim wants the first
+/// A selector claim's planner settings, after [`BEGIN_READ_COMMITTED`] (and a fused finish, when
+/// the claim follows one in the same transaction). A claim wants the first
 /// few candidates in key order, so nested loops over indexes (driven by the most selective tag
 /// index, probing the work and backoff keys per candidate) are right whatever the statistics say;
 /// with stale statistics (a queue that just filled) the planner otherwise picks merge joins that
 /// walk every finished object, or a merge on the namespace alone that compares every pair. Sorts
 /// are off too: the claim's key order always comes from an index (objects' primary key or
 /// `tags_by_name`), so a sort can only mean reading every candidate to return the first few.
-pub(crate) const BEGIN_CLAIM_PLANNED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
-     SET LOCAL enable_mergejoin = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_sort = off";
-/// Undoes [`BEGIN_CLAIM_PLANNED`]'s planner settings before a claim's second step (a join of the
+pub(crate) const CLAIM_PLANNED: &str = "SET LOCAL enable_mergejoin = off; \
+     SET LOCAL enable_hashjoin = off; SET LOCAL enable_sort = off";
+/// Undoes [`CLAIM_PLANNED`]'s planner settings before a claim's second step (a join of the
 /// few locked keys, which the default planner does well and nested loops alone do badly).
 pub(crate) const CLAIM_PLANNER_DEFAULTS: &str = "SET LOCAL enable_mergejoin TO DEFAULT; \
      SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_sort TO DEFAULT";
