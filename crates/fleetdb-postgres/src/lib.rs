@@ -656,7 +656,7 @@ impl PostgresBackend {
             return Ok(None);
         };
         let rows = self
-            .one_statement(sql::BEGIN_READ_COMMITTED, finish::SQL, &finish.params())
+            .one_statement(sql::BEGIN_FINISH, finish::SQL, &finish.params())
             .await?;
         let row = rows
             .first()
@@ -749,11 +749,11 @@ impl PostgresBackend {
                 _ => Ok(None),
             }
         };
-        // One round trip: BEGIN, the finish (if any), the planner settings, find-and-lock.
-        let (begin, finished, planned, rows) = futures::future::join4(
+        // One round trip: BEGIN, the planner settings, the finish (if any), find-and-lock.
+        let (begin, planned, finished, rows) = futures::future::join4(
             conn.batch_execute(sql::BEGIN_READ_COMMITTED),
-            finish_rows,
             conn.batch_execute(sql::CLAIM_PLANNED),
+            finish_rows,
             conn.query(&lock_stmt, &lock_params.values()),
         )
         .await;
@@ -769,10 +769,10 @@ impl PostgresBackend {
                 .await
                 .map_err(|e| classify(&e))
         };
-        let first_error = finished
+        let first_error = planned
             .as_ref()
             .err()
-            .or(planned.as_ref().err())
+            .or(finished.as_ref().err())
             .or(rows.as_ref().err());
         if let Some(e) = first_error {
             let failure = classify(e);
@@ -853,19 +853,18 @@ impl PostgresBackend {
             }
         };
         let values = take_params.values();
-        let (defaults, rows, commit) = futures::future::join3(
-            conn.batch_execute(sql::CLAIM_PLANNER_DEFAULTS),
+        let (rows, commit) = futures::future::join(
             conn.query(&take_stmt, &values),
             conn.batch_execute("COMMIT"),
         )
         .await;
         // A failed statement turns COMMIT into a rollback: the transaction is over either way.
-        let rows = match (defaults, rows, commit) {
-            (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(_), Err(e)) => {
+        let rows = match (rows, commit) {
+            (Err(e), _) | (Ok(_), Err(e)) => {
                 guard.open = false;
                 return Err(classify(&e));
             }
-            (Ok(()), Ok(rows), Ok(())) => rows,
+            (Ok(rows), Ok(())) => rows,
         };
         guard.open = false;
         let work = rows
@@ -1852,6 +1851,57 @@ mod tests {
         assert!(plan.contains("Insert on work "), "{plan}");
         let total = plan_rows(&lines);
         assert!(total < 50, "the re-check read {total} rows:\n{plan}");
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// The fused finish runs with a generic plan made once per connection, maybe while the tables
+    /// were empty: that plan must reach every row by key, never by a sequential scan that would
+    /// read the grown table on every run.
+    #[tokio::test]
+    async fn finish_plan_made_on_empty_tables_scans_nothing() {
+        let (backend, base, schema) = test_backend(1).await;
+        let client = backend.client().await.unwrap();
+        // The transaction settings of a finish, for the whole session.
+        let settings = sql::BEGIN_FINISH
+            .split_once(';')
+            .map(|(_, rest)| rest.replace("SET LOCAL", "SET"))
+            .unwrap();
+        client.batch_execute(&settings).await.unwrap();
+        client
+            .batch_execute(&format!("PREPARE f AS {}", finish::SQL))
+            .await
+            .unwrap();
+        let run = "EXECUTE f('s', 0, \
+             '[{\"n\":0,\"ns\":\"default\",\"kind\":\"job\",\"id\":\"j00001\",\"name\":\"eligible\"}]', \
+             '[{\"n\":0,\"ns\":\"default\",\"kind\":\"job\",\"id\":\"j00001\",\"token\":1}]', \
+             'P', true, 'Finished')";
+        client.batch_execute(run).await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'eligible', 'true', 0, g \
+                 FROM generate_series(1, 3000) g; \
+                 INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'P', 's', g, 0 \
+                 FROM generate_series(1, 3000) g;",
+            )
+            .await
+            .unwrap();
+        let rows = client
+            .simple_query(&format!("EXPLAIN {run}"))
+            .await
+            .unwrap();
+        let plan: Vec<String> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Insert on work_history"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
     }

@@ -19,27 +19,44 @@ pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
 /// transaction reads the change log after its mark revision (a short range at the end of the
 /// primary key) and deletes candidates by key; with no statistics yet (a freshly loaded table,
 /// autovacuum behind or off) the planner otherwise reads the whole change log in every sweep
-/// transaction: minutes instead of seconds for a million objects.
+/// transaction: minutes instead of seconds for a million objects. JIT is off: a plan that must
+/// take a disabled node costs over 10^10 and would be compiled (see [`CLAIM_PLANNED`]).
 pub(crate) const BEGIN_SWEEP: &str =
-    "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL enable_seqscan = off";
+    "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL jit = off; SET LOCAL enable_seqscan = off";
 /// Claims and finishes: every statement sees what is committed when it starts; their decisions
 /// rest on row locks, not on SSI (a claim locks the object first; a finish reads its work and tag
 /// rows `FOR UPDATE`, see `transaction_for`).
 pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
-/// A selector claim's planner settings, after [`BEGIN_READ_COMMITTED`] (and a fused finish, when
-/// the claim follows one in the same transaction). A claim wants the first
-/// few candidates in key order, so nested loops over indexes (driven by the most selective tag
-/// index, probing the work and backoff keys per candidate) are right whatever the statistics say;
-/// with stale statistics (a queue that just filled) the planner otherwise picks merge joins that
-/// walk every finished object, or a merge on the namespace alone that compares every pair. Sorts
-/// are off too: the claim's key order always comes from an index (objects' primary key or
+/// A selector claim's planner settings, after [`BEGIN_READ_COMMITTED`] (and before a fused finish
+/// when the claim follows one in the same transaction). A claim wants the first few candidates in
+/// key order, so nested loops over indexes (driven by the most selective tag index, probing the
+/// work and backoff keys per candidate) are right whatever the statistics say; with stale
+/// statistics (a queue that just filled) the planner otherwise picks merge joins that walk every
+/// finished object, or a merge on the namespace alone that compares every pair. Sorts are off
+/// too: the claim's key order always comes from an index (objects' primary key or
 /// `tags_by_name`), so a sort can only mean reading every candidate to return the first few.
-pub(crate) const CLAIM_PLANNED: &str = "SET LOCAL enable_mergejoin = off; \
-     SET LOCAL enable_hashjoin = off; SET LOCAL enable_sort = off";
-/// Undoes [`CLAIM_PLANNED`]'s planner settings before a claim's second step (a join of the
-/// few locked keys, which the default planner does well and nested loops alone do badly).
-pub(crate) const CLAIM_PLANNER_DEFAULTS: &str = "SET LOCAL enable_mergejoin TO DEFAULT; \
-     SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_sort TO DEFAULT";
+/// The second step (the locked keys, each probed by its primary key) and the finish are nested
+/// loops over keys as well.
+///
+/// Sequential scans are off: every row a claim or a finish reads is reached by a key. These
+/// statements are prepared once per connection and run with their generic plan
+/// (`plan_cache_mode`): left to choose, PostgreSQL kept planning one run in seven again (a
+/// custom plan costs about a millisecond, four times a run), and a generic plan made while a
+/// queue was still empty held sequential scans that read the whole, grown table on every run.
+/// JIT compilation is off: a plan that had to take a disabled node costs over 10^10, far above
+/// `jit_above_cost`, and compiling it took longer (1.4 s) than any claim runs.
+macro_rules! claim_planned {
+    () => {
+        "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off; \
+         SET LOCAL enable_seqscan = off; SET LOCAL enable_mergejoin = off; \
+         SET LOCAL enable_hashjoin = off; SET LOCAL enable_sort = off"
+    };
+}
+pub(crate) const CLAIM_PLANNED: &str = claim_planned!();
+/// A fused finish's transaction (see `finish.rs`): READ COMMITTED, planned as a claim
+/// ([`CLAIM_PLANNED`]).
+pub(crate) const BEGIN_FINISH: &str =
+    concat!("BEGIN ISOLATION LEVEL READ COMMITTED; ", claim_planned!());
 /// Prepared selector-claim statements kept per connection: past this many cached statements the
 /// connection's cache is emptied (selector text is the caller's, so the cache must stay bounded).
 pub(crate) const STATEMENTS_CACHED_MAX: usize = 256;

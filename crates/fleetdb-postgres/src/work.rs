@@ -423,8 +423,8 @@ pub(crate) fn claim_take_sql(
          t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, nextval('fleetdb_fencing') AS token, \
            row_number() OVER () AS n FROM c), \
          old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, t.n \
-           FROM work w JOIN t ON w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
-           WHERE w.process = {process}), \
+           FROM t CROSS JOIN LATERAL (SELECT * FROM work w WHERE w.namespace = t.namespace \
+             AND w.kind = t.kind AND w.id = t.id AND w.process = {process}) AS w), \
          up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
            SELECT t.namespace, t.kind, t.id, {process}, {sid}, t.token, {now} FROM t \
            ON CONFLICT (namespace, kind, id, process) DO UPDATE SET session_id = excluded.session_id, \
