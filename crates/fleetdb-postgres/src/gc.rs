@@ -240,16 +240,27 @@ const SNAPSHOT_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_mill
 /// everything the change log after it reaches).
 pub(crate) async fn gc_snapshot(backend: &PostgresBackend) -> Result<GcSnapshot> {
     let revision = crate::settle::settled_revision(backend, SNAPSHOT_SETTLE_WAIT).await?;
+    // Two connections reading halves of the large tables in one exported snapshot: the server's
+    // and this process's work of a million rows spread over two cores. A pool of one connection
+    // (or a server without exported snapshots) reads it all on one.
+    if backend.pool.status().max_size >= 2 {
+        if let Some(snap) = parallel_snapshot(backend, revision).await? {
+            return Ok(snap);
+        }
+    }
     let client = backend.client().await?;
     let mut guard = TxGuard {
         client: Some(client),
         open: true,
     };
     let conn = guard.client();
-    conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(db_err)?;
-    let out = read_snapshot(conn, revision).await;
+    conn.batch_execute(BEGIN_SNAPSHOT).await.map_err(db_err)?;
+    let out = async {
+        let mut snap = read_small(conn, revision).await?;
+        read_large(conn, Part::All, &mut snap).await?;
+        Ok(snap)
+    }
+    .await;
     // A read-only transaction: ending it either way releases the snapshot.
     conn.batch_execute(if out.is_ok() { "COMMIT" } else { "ROLLBACK" })
         .await
@@ -258,21 +269,135 @@ pub(crate) async fn gc_snapshot(backend: &PostgresBackend) -> Result<GcSnapshot>
     out
 }
 
-async fn read_snapshot(
+/// The snapshot transaction. Sequential scans are off so that a half of a table is read by a TID
+/// range scan (the planner would otherwise scan the whole table for a half of it); JIT is off
+/// with them (see `sql::CLAIM_PLANNED`).
+const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+     SET LOCAL jit = off; SET LOCAL enable_seqscan = off";
+
+/// Which rows of the large tables a reader takes: all of them, or the blocks before or from a
+/// block number (objects, blobs).
+#[derive(Clone, Copy)]
+enum Part {
+    All,
+    Before(i64, i64),
+    From(i64, i64),
+}
+
+/// The snapshot read by two connections in one exported snapshot: the first exports it and reads
+/// the small tables and the first half of `objects` and `blobs` (by block), the second the rest.
+/// `None` when the server cannot export or import a snapshot: the caller reads on one connection.
+async fn parallel_snapshot(
+    backend: &PostgresBackend,
+    revision: Revision,
+) -> Result<Option<GcSnapshot>> {
+    let (first, second) = futures::try_join!(backend.client(), backend.client())?;
+    let mut first = TxGuard {
+        client: Some(first),
+        open: true,
+    };
+    let mut second = TxGuard {
+        client: Some(second),
+        open: true,
+    };
+    let setup = async {
+        let row = {
+            let conn = first.client();
+            conn.batch_execute(BEGIN_SNAPSHOT).await?;
+            conn.query_one(
+                "SELECT pg_export_snapshot(), \
+                 pg_relation_size('objects') / current_setting('block_size')::bigint, \
+                 pg_relation_size('blobs') / current_setting('block_size')::bigint",
+                &[],
+            )
+            .await?
+        };
+        let id: String = row.try_get(0)?;
+        let (objects, blobs): (i64, i64) = (row.try_get(1)?, row.try_get(2)?);
+        let conn = second.client();
+        conn.batch_execute(&format!(
+            "{BEGIN_SNAPSHOT}; SET TRANSACTION SNAPSHOT '{}'",
+            id.replace('\'', "''")
+        ))
+        .await?;
+        Ok::<_, tokio_postgres::Error>((objects / 2, blobs / 2))
+    }
+    .await;
+    let end = |guard: &mut TxGuard, ok: bool| {
+        let conn = guard.client.take();
+        async move {
+            if let Some(conn) = conn {
+                // A read-only transaction: ending it either way releases the snapshot.
+                if conn
+                    .batch_execute(if ok { "COMMIT" } else { "ROLLBACK" })
+                    .await
+                    .is_err()
+                {
+                    drop(deadpool_postgres::Object::take(conn));
+                }
+            }
+        }
+    };
+    let (objects_mid, blobs_mid) = match setup {
+        Ok(mids) => mids,
+        Err(e) => {
+            tracing::debug!(error = %e, "no exported snapshot; the collector reads on one connection");
+            futures::join!(end(&mut first, false), end(&mut second, false));
+            return Ok(None);
+        }
+    };
+    let read_first = async {
+        let conn = first.client();
+        let mut snap = read_small(conn, revision).await?;
+        read_large(conn, Part::Before(objects_mid, blobs_mid), &mut snap).await?;
+        Ok::<_, Error>(snap)
+    };
+    // The second half decodes on a blocking thread of its own, so on another core when there is
+    // one, and never on a runtime worker that writers need (decoding half a million rows is
+    // seconds of CPU with nothing to wait for).
+    let handle = tokio::runtime::Handle::current();
+    let read_second = tokio::task::spawn_blocking(move || {
+        handle.block_on(async move {
+            let mut snap = GcSnapshot::default();
+            let out = read_large(
+                second.client(),
+                Part::From(objects_mid, blobs_mid),
+                &mut snap,
+            )
+            .await
+            .map(|()| snap);
+            (second, out)
+        })
+    });
+    let (a, joined) = futures::join!(read_first, read_second);
+    let (mut second, b) = joined.map_err(|e| {
+        Error::Backend(format!(
+            "the collector's second snapshot reader failed: {e}"
+        ))
+    })?;
+    let ok = a.is_ok() && b.is_ok();
+    first.open = false;
+    second.open = false;
+    futures::join!(end(&mut first, ok), end(&mut second, ok));
+    let (mut snap, rest) = (a?, b?);
+    snap.objects.extend(rest.objects);
+    snap.blobs.extend(rest.blobs);
+    Ok(Some(snap))
+}
+
+/// The small tables (kinds, leases, their resources, the World's blob references), pipelined.
+async fn read_small(
     conn: &deadpool_postgres::ClientWrapper,
     revision: Revision,
 ) -> Result<GcSnapshot> {
     let none: [Param<'_>; 0] = [];
-    let (s_kinds, s_leases, s_res, s_objects, s_blobs, s_world) = futures::try_join!(
+    let (s_kinds, s_leases, s_res, s_world) = futures::try_join!(
         conn.prepare_cached(GC_KIND_ALL),
         conn.prepare_cached(LEASE_ALL),
         conn.prepare_cached(LEASE_RESOURCES_ALL),
-        conn.prepare_cached(SNAPSHOT_OBJECTS),
-        conn.prepare_cached(SNAPSHOT_BLOBS),
         conn.prepare_cached(SNAPSHOT_WORLD_BLOBS),
     )
     .map_err(db_err)?;
-    // The small tables, pipelined; then the large ones streamed row by row.
     let (kinds, leases, res, world) = futures::try_join!(
         conn.query(&s_kinds, &none),
         conn.query(&s_leases, &none),
@@ -280,7 +405,7 @@ async fn read_snapshot(
         conn.query(&s_world, &none),
     )
     .map_err(db_err)?;
-    let mut snap = GcSnapshot {
+    Ok(GcSnapshot {
         revision,
         kinds: kinds.iter().map(gc_kind_from_row).collect::<Result<_>>()?,
         leases: leases.iter().map(lease_from_row).collect::<Result<_>>()?,
@@ -293,9 +418,39 @@ async fn read_snapshot(
             .map(|r| r.try_get(0).map_err(db_err))
             .collect::<Result<_>>()?,
         ..GcSnapshot::default()
+    })
+}
+
+/// `objects` and `blobs` (the `part` of them), streamed row by row into `snap`.
+async fn read_large(
+    conn: &deadpool_postgres::ClientWrapper,
+    part: Part,
+    snap: &mut GcSnapshot,
+) -> Result<()> {
+    let (filter, objects_block, blobs_block) = match part {
+        Part::All => ("", 0, 0),
+        Part::Before(o, b) => (" WHERE ctid < format('(%s,0)', $1::bigint)::tid", o, b),
+        Part::From(o, b) => (" WHERE ctid >= format('(%s,0)', $1::bigint)::tid", o, b),
     };
+    let (objects_sql, blobs_sql) = (
+        format!("{SNAPSHOT_OBJECTS}{filter}"),
+        format!("{SNAPSHOT_BLOBS}{filter}"),
+    );
+    let (s_objects, s_blobs) = futures::try_join!(
+        conn.prepare_cached(&objects_sql),
+        conn.prepare_cached(&blobs_sql),
+    )
+    .map_err(db_err)?;
+    fn params<'a>(filtered: bool, block: &'a i64) -> Vec<Param<'a>> {
+        if filtered {
+            vec![block as Param<'a>]
+        } else {
+            Vec::new()
+        }
+    }
+    let filtered = !filter.is_empty();
     let objects = conn
-        .query_raw(&s_objects, none.iter().copied())
+        .query_raw(&s_objects, params(filtered, &objects_block))
         .await
         .map_err(db_err)?;
     pin_mut!(objects);
@@ -310,7 +465,7 @@ async fn read_snapshot(
         snap.objects.push((key, rev, labels));
     }
     let blobs = conn
-        .query_raw(&s_blobs, none.iter().copied())
+        .query_raw(&s_blobs, params(filtered, &blobs_block))
         .await
         .map_err(db_err)?;
     pin_mut!(blobs);
@@ -320,7 +475,7 @@ async fn read_snapshot(
         let labels = gc_labels(r.try_get::<_, Option<&str>>(2).map_err(db_err)?)?;
         snap.blobs.push((digest, rev, labels));
     }
-    Ok(snap)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -365,6 +520,63 @@ mod tests {
             assert_eq!(snap.objects.len(), 1_000_000);
             assert_eq!(with_labels, 200_000);
         }
+        crate::testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// The snapshot read in halves (two connections, one exported snapshot) holds every row
+    /// once, and nothing written after it; a pool of one connection reads the same on one.
+    #[tokio::test]
+    async fn snapshot_halves_hold_every_row_once() {
+        use fleetdb_core::Backend as _;
+        let base = crate::testing::test_url();
+        let (url, schema) = crate::testing::create_schema(&base).await.unwrap();
+        let open = |pool_size_max| {
+            PostgresBackend::open(
+                &url,
+                crate::PostgresOptions {
+                    migrate: true,
+                    pool_size_max,
+                },
+                std::sync::Arc::new(fleetdb_core::SystemClock),
+            )
+        };
+        let backend = open(4).await.unwrap();
+        let client = backend.client().await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+                 SELECT 'default', 'layer', 'o' || g, '{}', 0, 0, g FROM generate_series(1, 5000) g; \
+                 INSERT INTO blobs (digest, size, labels, created_at, updated_at, revision) \
+                 SELECT 'sha256:' || lpad(to_hex(g), 64, '0'), 1, '{}', 0, 0, g \
+                 FROM generate_series(1, 3000) g;",
+            )
+            .await
+            .unwrap();
+        let blocks: i64 = client
+            .query_one("SELECT pg_relation_size('objects') / 8192", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(blocks >= 4, "objects spans {blocks} blocks");
+        drop(client);
+        let distinct = |snap: &GcSnapshot| {
+            let objects: std::collections::HashSet<_> =
+                snap.objects.iter().map(|o| o.0.id.clone()).collect();
+            let blobs: std::collections::HashSet<_> =
+                snap.blobs.iter().map(|b| b.0.clone()).collect();
+            (
+                snap.objects.len(),
+                objects.len(),
+                snap.blobs.len(),
+                blobs.len(),
+            )
+        };
+        let snap = backend.gc_snapshot().await.unwrap();
+        assert_eq!(distinct(&snap), (5000, 5000, 3000, 3000));
+        let single = open(1).await.unwrap();
+        let snap = single.gc_snapshot().await.unwrap();
+        assert_eq!(distinct(&snap), (5000, 5000, 3000, 3000));
+        drop((backend, single));
         crate::testing::drop_schema(&base, &schema).await.unwrap();
     }
 
