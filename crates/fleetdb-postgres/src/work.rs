@@ -424,7 +424,7 @@ pub(crate) fn claim_take_sql(
            row_number() OVER () AS n FROM c), \
          old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, t.n \
            FROM t CROSS JOIN LATERAL (SELECT * FROM work w WHERE w.namespace = t.namespace \
-             AND w.kind = t.kind AND w.id = t.id AND w.process = {process}) AS w), \
+             AND w.kind = t.kind AND w.id = t.id AND w.process = {process} OFFSET 0) AS w), \
          up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
            SELECT t.namespace, t.kind, t.id, {process}, {sid}, t.token, {now} FROM t \
            ON CONFLICT (namespace, kind, id, process) DO UPDATE SET session_id = excluded.session_id, \
