@@ -229,8 +229,11 @@ pub(crate) fn labels_text(labels: &BTreeMap<String, String>) -> String {
     crate::sql::labels_text(labels)
 }
 
-/// How long the snapshot waits for revisions still in flight before settling below them.
-const SNAPSHOT_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long the snapshot waits for revisions still in flight before settling below them. Short:
+/// a gap marker waiting for one writer holds the markers below it, and a writer whose revision is
+/// among them waits too; settling lower only means the sweep spares more (everything after the
+/// mark's revision is spared).
+const SNAPSHOT_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// One consistent view for the mark phase (see the module documentation).
 ///
