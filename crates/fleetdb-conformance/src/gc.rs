@@ -351,6 +351,8 @@ pub async fn objects_created_or_referenced_during_a_collection_survive_it(h: &Ha
 struct Volumes {
     all: Vec<String>,
     removed: Arc<Mutex<Vec<String>>>,
+    /// (lease id, volume) pairs the volume service itself keeps for leases.
+    leased: Arc<Mutex<Vec<(String, String)>>>,
     fail: bool,
 }
 
@@ -372,6 +374,9 @@ impl ExternalCollector for Volumes {
     async fn active(&self) -> Result<Vec<String>> {
         Ok(vec!["va".into()])
     }
+    async fn leased(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.leased.lock().unwrap().clone())
+    }
     async fn remove(&self, id: &str) -> Result<()> {
         self.removed.lock().unwrap().push(id.to_string());
         Ok(())
@@ -382,15 +387,25 @@ pub async fn external_collectors_remove_unused_resources_and_failures_skip(h: &H
     let s = &h.store;
     declare(s).await;
     let removed = Arc::new(Mutex::new(Vec::new()));
+    let leased = Arc::new(Mutex::new(Vec::new()));
     s.gc_register_collector(Arc::new(Volumes {
-        all: vec!["va".into(), "vb".into(), "vc".into(), "vd".into()],
+        all: vec![
+            "va".into(),
+            "vb".into(),
+            "vc".into(),
+            "vd".into(),
+            "ve".into(),
+            "vf".into(),
+        ],
         removed: removed.clone(),
+        leased: leased.clone(),
         fail: false,
     }))
     .unwrap();
     s.gc_register_collector(Arc::new(Volumes {
         all: vec![],
         removed: removed.clone(),
+        leased: Arc::default(),
         fail: true,
     }))
     .unwrap();
@@ -404,9 +419,17 @@ pub async fn external_collectors_remove_unused_resources_and_failures_skip(h: &H
     )
     .await
     .unwrap();
+    // The volume service keeps ve for the live lease and vf for a lease that does not exist.
+    leased.lock().unwrap().extend([
+        (l.id.clone(), "ve".to_string()),
+        ("gone".into(), "vf".into()),
+    ]);
     obj(s, "layer", "junk", &[]).await;
     let stats = s.gc_run().await.unwrap();
-    assert_eq!(*removed.lock().unwrap(), vec!["vc".to_string()]);
+    assert_eq!(
+        *removed.lock().unwrap(),
+        vec!["vc".to_string(), "vf".to_string()]
+    );
     assert_eq!(
         stats.collector_errors.len(),
         1,

@@ -59,6 +59,13 @@ pub trait ExternalCollector: Send + Sync {
     async fn all(&self) -> Result<Vec<String>>;
     /// Resources in use by the collector's own account (roots).
     async fn active(&self) -> Result<Vec<String>>;
+    /// Resources the collector's own bookkeeping holds for FleetDB leases, as `(lease id,
+    /// resource id)`: kept while that lease is alive, like a lease's own resources (containerd's
+    /// "list held by a lease", asked once per round for every lease rather than lease by lease).
+    /// The default holds nothing.
+    async fn leased(&self) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
     /// Remove one unused resource.
     async fn remove(&self, id: &str) -> Result<()>;
     /// The round ended (removals done).
@@ -685,13 +692,26 @@ impl Store {
             return;
         }
         let held = external_held(snap, now);
+        let live: HashSet<&str> = snap
+            .leases
+            .iter()
+            .filter(|l| l.alive_at(now))
+            .map(|l| l.id.as_str())
+            .collect();
         for c in collectors {
             let kind = c.kind().to_string();
             let round = async {
                 let all = c.all().await?;
-                let active: HashSet<String> = c.active().await?.into_iter().collect();
+                let mut keep: HashSet<String> = c.active().await?.into_iter().collect();
+                keep.extend(
+                    c.leased()
+                        .await?
+                        .into_iter()
+                        .filter(|(lease, _)| live.contains(lease.as_str()))
+                        .map(|(_, id)| id),
+                );
                 for id in all {
-                    if active.contains(&id) || held.contains(&(kind.clone(), id.clone())) {
+                    if keep.contains(&id) || held.contains(&(kind.clone(), id.clone())) {
                         continue;
                     }
                     c.remove(&id).await?;
