@@ -613,6 +613,40 @@ pub async fn deploy_chain_rules_and_trees(h: &Harness) {
         b"payload 4"
     );
     s.deploy_add(d(5, None, None)).await.unwrap();
+    // The tree's contents live in the content store: held while deploy 4 is retained, collected
+    // once it is pruned (the upload lease that protected them before the deploy landed is gone).
+    let digests: Vec<String> = added.files.iter().map(|f| f.digest.clone()).collect();
+    for dg in &digests {
+        assert!(s.blob_info(dg).await.unwrap().is_some(), "{dg} stored");
+    }
+    assert!(s.lease_list("", None, 10).await.unwrap().items.is_empty());
+    s.gc_run().await.unwrap();
+    for dg in &digests {
+        assert!(
+            s.blob_info(dg).await.unwrap().is_some(),
+            "{dg} held by deploy 4"
+        );
+    }
+    assert_eq!(s.deploy_prune(5).await.unwrap(), 1);
+    s.gc_run().await.unwrap();
+    for dg in &digests {
+        assert!(
+            s.blob_info(dg).await.unwrap().is_none(),
+            "{dg} collected after its deploy was pruned"
+        );
+    }
+    // A tree that shares content with a retained deploy keeps that content.
+    let mut six = d(6, None, None);
+    six.files = vec![file("a", b"kept"), file("b", b"dropped")];
+    let six = s.deploy_add(six).await.unwrap();
+    let mut seven = d(7, None, None);
+    seven.files = vec![file("a", b"kept")];
+    s.deploy_add(seven).await.unwrap();
+    assert_eq!(s.deploy_prune(7).await.unwrap(), 2);
+    s.gc_run().await.unwrap();
+    assert!(s.blob_info(&six.files[0].digest).await.unwrap().is_some());
+    assert!(s.blob_info(&six.files[1].digest).await.unwrap().is_none());
+    assert_eq!(s.deploy_files(7).await.unwrap()[0].1, b"kept");
 }
 
 pub async fn schedule_follows_registrations_and_session_liveness(h: &Harness) {

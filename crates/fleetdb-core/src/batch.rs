@@ -132,9 +132,12 @@ pub enum Op {
         namespace: String,
         host: String,
     },
-    /// Add a deploy (the chain rules are in `docs/design.md`).
+    /// Add a deploy (the chain rules are in `docs/design.md`). `stored`: files whose content
+    /// is already in the content store (checked in the transaction); `deploy.files` are stored
+    /// as World blob records (the older form, kept for compatibility).
     DeployAdd {
         deploy: DeployDraft,
+        stored: Vec<crate::world::DeployFile>,
     },
     /// Remove deploys with id < `before` (never the newest deploy). Blobs stay until collected.
     DeployPrune {
@@ -350,7 +353,14 @@ impl Op {
                 validate::name("map namespace", namespace)?;
                 validate::name("host", host)
             }
-            Op::DeployAdd { deploy } => deploy.validate(),
+            Op::DeployAdd { deploy, stored } => {
+                deploy.validate()?;
+                for f in stored {
+                    world::validate_tree_path(&f.path)?;
+                    world::validate_digest(&f.digest)?;
+                }
+                Ok(())
+            }
             Op::DeployPrune { before } => {
                 if *before > i64::MAX as u64 {
                     return Err(Error::invalid("deploy id", before.to_string(), "too large"));

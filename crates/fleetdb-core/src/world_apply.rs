@@ -316,7 +316,7 @@ pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
                 applied: Applied::Deleted { revision },
             })
         }
-        Op::DeployAdd { deploy } => add_deploy(rows, deploy, now).await,
+        Op::DeployAdd { deploy, stored } => add_deploy(rows, deploy, stored, now).await,
         Op::DeployPrune { before } => {
             let mut newest = WorldQuery::new(Space::Deploy);
             newest.descending = true;
@@ -411,6 +411,7 @@ fn check_expect(key: &str, live: Option<&WorldRecord>, expect: Option<Revision>)
 async fn add_deploy<T: TxRows + ?Sized>(
     rows: &mut T,
     d: &world::DeployDraft,
+    stored: &[DeployFile],
     now: Timestamp,
 ) -> Result<OpResult> {
     let key = deploy_key(d.id);
@@ -464,7 +465,33 @@ async fn add_deploy<T: TxRows + ?Sized>(
             size: f.content.len() as u64,
         });
     }
+    for f in stored {
+        // Written to the content store before this transaction (under a lease that keeps it
+        // until the deploy holds it): it must be there, with this size.
+        match rows.blob_meta_read(&f.digest).await? {
+            Some(b) if b.size == f.size => files.push(f.clone()),
+            Some(b) => {
+                return Err(Error::Backend(format!(
+                    "blob {} of deploy file {:?} has {} bytes in the content store, not {}",
+                    f.digest, f.path, b.size, f.size
+                )))
+            }
+            None => {
+                return Err(Error::not_found(format!(
+                    "blob {} of deploy file {:?} in the content store",
+                    f.digest, f.path
+                )))
+            }
+        }
+    }
     files.sort_by(|a, b| a.path.cmp(&b.path));
+    if let Some(w) = files.windows(2).find(|w| w[0].path == w[1].path) {
+        return Err(Error::invalid(
+            "deploy file path",
+            &w[0].path,
+            "appears twice in the tree",
+        ));
+    }
     let meta = DeployMeta {
         hash: d.hash.clone(),
         parent_hash: d.parent_hash.clone(),

@@ -15,13 +15,17 @@ use fleetdb_core::world::{
     ExportRecord, KvEntry, Lifetime, Registration, Schedule, ScheduleOptions, Space, WorldQuery,
     WorldRecord,
 };
-use fleetdb_core::{Applied, Error, Op, OpResult, Result, Revision};
+use fleetdb_core::{Applied, Error, Labels, Op, OpResult, Result, Revision};
 
 use crate::watch::{Watch, WatchRequest, WatchScope};
 use crate::{check_limit, Session, Store, Written};
 
 /// Filters in one collect call.
 pub const COLLECT_FILTERS_MAX: usize = 100;
+
+/// How long the lease that protects a deploy's file blobs, written before the deploy itself,
+/// lives if the deploy never lands (it is deleted as soon as the deploy is written or refused).
+const DEPLOY_UPLOAD_LEASE: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn one(results: Vec<OpResult>) -> Result<OpResult> {
     results
@@ -186,10 +190,63 @@ impl Store {
     /// both `hash` and `parent_hash` are given, `parent_hash` must equal deploy `id - 1`'s hash.
     /// A refusal is `Refused` (or `AlreadyExists`) saying which rule failed. Files of the tree are
     /// stored once per content (sha256).
-    pub async fn deploy_add(&self, draft: DeployDraft) -> Result<Deploy> {
-        let w = record(one(self
-            .write(vec![Op::DeployAdd { deploy: draft }])
-            .await?)?)?;
+    ///
+    /// The files' contents go to the content store first (each distinct content once, under a
+    /// short lease so that no collection removes them before the deploy holds them), then the
+    /// deploy is written in one transaction that checks they are there. A retained deploy holds
+    /// its files' blobs; once pruned, blobs no other deploy or root holds are collected.
+    pub async fn deploy_add(&self, mut draft: DeployDraft) -> Result<Deploy> {
+        draft.validate()?;
+        let files = std::mem::take(&mut draft.files);
+        let lease = if files.is_empty() {
+            None
+        } else {
+            Some(
+                self.lease_create(crate::LeaseSpec {
+                    id: None,
+                    labels: Labels::new(),
+                    flat: true,
+                    expire_in: Some(DEPLOY_UPLOAD_LEASE),
+                })
+                .await?,
+            )
+        };
+        let written = async {
+            let mut stored = Vec::with_capacity(files.len());
+            let mut sizes: std::collections::HashMap<String, u64> = Default::default();
+            for f in &files {
+                let digest = world::sha256_digest(&f.content);
+                if !sizes.contains_key(&digest) {
+                    let info = self
+                        .blob_put(
+                            &f.content,
+                            Labels::new(),
+                            lease.as_ref().map(|l| l.id.as_str()),
+                        )
+                        .await?;
+                    sizes.insert(digest.clone(), info.size);
+                }
+                stored.push(DeployFile {
+                    path: f.path.clone(),
+                    mode: f.mode,
+                    size: sizes[&digest],
+                    digest,
+                });
+            }
+            self.write(vec![Op::DeployAdd {
+                deploy: draft,
+                stored,
+            }])
+            .await
+        }
+        .await;
+        if let Some(l) = lease {
+            // The deploy holds the blobs now (or failed); the lease would expire anyway.
+            if let Err(e) = self.lease_delete(&l.id, false).await {
+                tracing::debug!(lease = %l.id, error = %e, "dropping a deploy upload lease failed");
+            }
+        }
+        let w = record(one(written?)?)?;
         Deploy::try_from(w.item)
     }
 
@@ -232,19 +289,29 @@ impl Store {
         };
         let mut out = Vec::with_capacity(d.files.len());
         for f in d.files {
-            let Some(blob) = self.world_one(Space::Blob, &f.digest).await? else {
-                return Err(Error::Backend(format!(
-                    "blob {} of deploy {id} file {:?} is missing",
-                    f.digest, f.path
-                )));
+            // The content store; deploys added before trees moved there kept them as World blobs.
+            let bytes = match self.blob_get(&f.digest).await {
+                Ok(bytes) => bytes,
+                Err(Error::NotFound { .. }) => {
+                    match self.world_one(Space::Blob, &f.digest).await? {
+                        Some(blob) => blob.data,
+                        None => {
+                            return Err(Error::Backend(format!(
+                                "blob {} of deploy {id} file {:?} is missing",
+                                f.digest, f.path
+                            )))
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
             };
-            out.push((f, blob.data));
+            out.push((f, bytes));
         }
         Ok(out)
     }
 
     /// Remove deploys with id < `before` (the newest deploy always stays). Returns how many.
-    /// Their blobs stay until garbage collection.
+    /// Their files' blobs stay until a collection finds nothing else holds them.
     pub async fn deploy_prune(&self, before: u64) -> Result<u64> {
         let r = one(self.write(vec![Op::DeployPrune { before }]).await?)?;
         match r.applied {
