@@ -1542,18 +1542,7 @@ pub async fn finish_deleting_the_eligible_tag(h: &Harness) {
     assert!(st.tag_get(&k0, "todo").await.unwrap().is_some());
     assert_eq!(st.work_list(None, 10).await.unwrap().len(), 1);
     let before = st.revision().await.unwrap().current;
-    let ((), mut next) = w0
-        .finish_and_claim(
-            |tx| {
-                let k0 = k0.clone();
-                async move { tx.tag_delete(&k0, "todo") }
-            },
-            "P",
-            sel,
-            1,
-        )
-        .await
-        .unwrap();
+    let mut next = finish_deleting_todo(&mut w0, sel).await.unwrap();
     let mut w1 = next.pop().expect("the next object is claimed");
     assert_eq!(w1.key(), &keys[1]);
     assert!(st.tag_get(&k0, "todo").await.unwrap().is_none());
@@ -1567,11 +1556,7 @@ pub async fn finish_deleting_the_eligible_tag(h: &Harness) {
     assert_eq!(changes[0].op, fleetdb::ChangeOp::Delete);
     assert_eq!(changes[0].old_value, Some(json!({"n": 0})));
     assert_eq!(
-        events(h, &k0)
-            .await
-            .into_iter()
-            .map(|(e, _)| e)
-            .collect::<Vec<_>>(),
+        event_kinds(h, &k0).await,
         [WorkEvent::Started, WorkEvent::Finished]
     );
     // A plain finish of the same shape; then a claim lost to an operator cannot be finished and
@@ -1588,51 +1573,21 @@ pub async fn finish_deleting_the_eligible_tag(h: &Harness) {
     let k2 = w2.key().clone();
     assert_eq!(k2, keys[2]);
     st.work_cancel(&k2, "P").await.unwrap();
-    let err = w2
-        .finish_and_claim(
-            |tx| {
-                let k2 = k2.clone();
-                async move { tx.tag_delete(&k2, "todo") }
-            },
-            "P",
-            sel,
-            1,
-        )
-        .await
-        .unwrap_err();
+    let err = finish_deleting_todo(&mut w2, sel).await.unwrap_err();
     assert!(matches!(err, Error::WorkLost { .. }), "{err:?}");
     assert!(st.tag_get(&k2, "todo").await.unwrap().is_some());
     // Nothing left to claim after a finish: the finish still lands.
     let mut w2 = s.claim("P", sel, 1).await.unwrap().pop().unwrap();
-    let ((), next) = w2
-        .finish_and_claim(
-            |tx| {
-                let k2 = k2.clone();
-                async move { tx.tag_delete(&k2, "todo") }
-            },
-            "P",
-            sel,
-            1,
-        )
-        .await
-        .unwrap();
+    let next = finish_deleting_todo(&mut w2, sel).await.unwrap();
     assert!(next.is_empty());
     assert!(st.tag_get(&k2, "todo").await.unwrap().is_none());
     assert!(st.work_list(None, 10).await.unwrap().is_empty());
     assert_eq!(
-        events(h, &k1)
-            .await
-            .into_iter()
-            .map(|(e, _)| e)
-            .collect::<Vec<_>>(),
+        event_kinds(h, &k1).await,
         [WorkEvent::Started, WorkEvent::Finished]
     );
     assert_eq!(
-        events(h, &k2)
-            .await
-            .into_iter()
-            .map(|(e, _)| e)
-            .collect::<Vec<_>>(),
+        event_kinds(h, &k2).await,
         [
             WorkEvent::Started,
             WorkEvent::Canceled,
@@ -1640,4 +1595,27 @@ pub async fn finish_deleting_the_eligible_tag(h: &Harness) {
             WorkEvent::Finished
         ]
     );
+}
+
+/// Finish `w` deleting its object's `todo` tag, and claim the next object matching `sel`.
+async fn finish_deleting_todo(
+    w: &mut fleetdb::Work,
+    sel: &str,
+) -> fleetdb::Result<Vec<fleetdb::Work>> {
+    let k = w.key().clone();
+    w.finish_and_claim(
+        move |tx| {
+            let k = k.clone();
+            async move { tx.tag_delete(&k, "todo") }
+        },
+        "P",
+        sel,
+        1,
+    )
+    .await
+    .map(|((), next)| next)
+}
+
+async fn event_kinds(h: &Harness, k: &ObjectKey) -> Vec<WorkEvent> {
+    events(h, k).await.into_iter().map(|(e, _)| e).collect()
 }

@@ -692,12 +692,7 @@ impl Store {
             return;
         }
         let held = external_held(snap, now);
-        let live: HashSet<&str> = snap
-            .leases
-            .iter()
-            .filter(|l| l.alive_at(now))
-            .map(|l| l.id.as_str())
-            .collect();
+        let live = live_leases(snap, now);
         for c in collectors {
             let kind = c.kind().to_string();
             let round = async {
@@ -788,18 +783,22 @@ fn external_held(snap: &gc::GcSnapshot, now: Timestamp) -> HashSet<(String, Stri
             }
         }
     }
-    let live: HashSet<&str> = snap
-        .leases
-        .iter()
-        .filter(|l| l.alive_at(now))
-        .map(|l| l.id.as_str())
-        .collect();
+    let live = live_leases(snap, now);
     for (lease, r) in &snap.lease_resources {
         if let (true, Resource::Object { key }) = (live.contains(lease.as_str()), r) {
             held.insert((key.kind.clone(), key.id.clone()));
         }
     }
     held
+}
+
+/// Ids of the snapshot's leases alive at `now`.
+fn live_leases(snap: &gc::GcSnapshot, now: Timestamp) -> HashSet<&str> {
+    snap.leases
+        .iter()
+        .filter(|l| l.alive_at(now))
+        .map(|l| l.id.as_str())
+        .collect()
 }
 
 fn ignore_unsupported<T: Default>(r: Result<T>) -> Result<T> {
