@@ -98,23 +98,7 @@ async fn apply_run<T: TxRows + ?Sized>(
             let reads = rows.tag_read_many(&items).await?;
             let mut changes = Vec::with_capacity(items.len());
             for ((key, name), read) in items.iter().zip(reads) {
-                if !read.object_exists {
-                    return Err(Error::not_found(format!("object {key}")));
-                }
-                let Some((_, text)) = read.tag else {
-                    return Err(Error::not_found(format!("tag {name:?} of object {key}")));
-                };
-                changes.push(draft(
-                    &key.namespace,
-                    &key.kind,
-                    &key.id,
-                    Entity::Tag,
-                    name,
-                    ChangeOp::Delete,
-                    Some(text),
-                    None,
-                    now,
-                ));
+                changes.push(tag_delete_change(key, name, read, now)?);
             }
             let revisions = rows.tag_remove_many(&items, &changes).await?;
             Ok(revisions
@@ -192,6 +176,33 @@ async fn apply_run<T: TxRows + ?Sized>(
         }
         _ => Err(Error::Backend("apply_run: not a run".to_string())),
     }
+}
+
+/// The change-log row of deleting tag `name` of `key`, as read: `NotFound` when the object or
+/// the tag is not there.
+fn tag_delete_change(
+    key: &ObjectKey,
+    name: &str,
+    read: crate::backend::TagRead,
+    now: Timestamp,
+) -> Result<ChangeDraft> {
+    if !read.object_exists {
+        return Err(Error::not_found(format!("object {key}")));
+    }
+    let Some((_, text)) = read.tag else {
+        return Err(Error::not_found(format!("tag {name:?} of object {key}")));
+    };
+    Ok(draft(
+        &key.namespace,
+        &key.kind,
+        &key.id,
+        Entity::Tag,
+        name,
+        ChangeOp::Delete,
+        Some(text),
+        None,
+        now,
+    ))
 }
 
 async fn check_precondition<T: TxRows + ?Sized>(
@@ -529,23 +540,7 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
         }
         Op::TagDelete { key, name } => {
             let read = rows.tag_read(key, name).await?;
-            if !read.object_exists {
-                return Err(Error::not_found(format!("object {key}")));
-            }
-            let Some((_, text)) = read.tag else {
-                return Err(Error::not_found(format!("tag {name:?} of object {key}")));
-            };
-            let change = draft(
-                &key.namespace,
-                &key.kind,
-                &key.id,
-                Entity::Tag,
-                name,
-                ChangeOp::Delete,
-                Some(text),
-                None,
-                now,
-            );
+            let change = tag_delete_change(key, name, read, now)?;
             let revision = rows.tag_remove(key, name, &change).await?;
             Ok(OpResult {
                 changed: true,

@@ -16,8 +16,22 @@ pub(super) fn tag_joins(
     required: &std::collections::BTreeSet<String>,
     params: &mut Vec<SqlParam>,
 ) -> String {
+    joins_except(dialect, tags, required, None, params)
+}
+
+/// The joins of every tag but `skip` (the one a FROM clause already starts from), in order.
+fn joins_except(
+    dialect: Dialect,
+    tags: &[String],
+    required: &std::collections::BTreeSet<String>,
+    skip: Option<usize>,
+    params: &mut Vec<SqlParam>,
+) -> String {
     let mut out = String::new();
     for (i, tag) in tags.iter().enumerate() {
+        if Some(i) == skip {
+            continue;
+        }
         let p = push(dialect, params, SqlParam::Text(tag.clone()));
         // A required tag is an inner join (the selector is false without it anyway): the
         // planner may then drive the query from the tags index.
@@ -52,21 +66,7 @@ pub(super) fn from_clause(
         "tags t{lead} CROSS JOIN objects o ON t{lead}.namespace = o.namespace AND t{lead}.kind = o.kind \
          AND t{lead}.id = o.id AND t{lead}.name = {p}"
     );
-    for (i, tag) in tags.iter().enumerate() {
-        if i == lead {
-            continue;
-        }
-        let p = push(dialect, params, SqlParam::Text(tag.clone()));
-        let join = if required.contains(tag) {
-            "JOIN"
-        } else {
-            "LEFT JOIN"
-        };
-        out.push_str(&format!(
-            " {join} tags t{i} ON t{i}.namespace = o.namespace AND t{i}.kind = o.kind \
-             AND t{i}.id = o.id AND t{i}.name = {p}"
-        ));
-    }
+    out.push_str(&joins_except(dialect, tags, required, Some(lead), params));
     out
 }
 
@@ -88,21 +88,7 @@ pub(super) fn driven_from_clause(
          JOIN objects o ON o.namespace = t{lead}.namespace AND o.kind = t{lead}.kind \
          AND o.id = t{lead}.id"
     );
-    for (i, tag) in tags.iter().enumerate() {
-        if i == lead {
-            continue;
-        }
-        let p = push(dialect, params, SqlParam::Text(tag.clone()));
-        let join = if required.contains(tag) {
-            "JOIN"
-        } else {
-            "LEFT JOIN"
-        };
-        out.push_str(&format!(
-            " {join} tags t{i} ON t{i}.namespace = o.namespace AND t{i}.kind = o.kind \
-             AND t{i}.id = o.id AND t{i}.name = {p}"
-        ));
-    }
+    out.push_str(&joins_except(dialect, tags, required, Some(lead), params));
     Some(out)
 }
 
