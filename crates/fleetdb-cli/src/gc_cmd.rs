@@ -265,20 +265,26 @@ const LEASE_HEADER: [&str; 6] = ["ID", "LABELS", "FLAT", "EXPIRES", "ALIVE", "CR
 
 // ---- leases ----
 
+/// The object `KIND/ID` of namespace `ns`, given with `flag`.
+pub(crate) fn object_resource(ns: &str, flag: &str, o: &str) -> Result<Resource, Error> {
+    let Some((kind, id)) = o.split_once('/') else {
+        return Err(Error::invalid(flag, o, "must be KIND/ID"));
+    };
+    Ok(Resource::Object {
+        key: ObjectKey::new(ns, kind, id)?,
+    })
+}
+
+/// The blob `sha256:HEX`.
+pub(crate) fn blob_resource(digest: String) -> Result<Resource, Error> {
+    fleetdb::core::world::validate_digest(&digest)?;
+    Ok(Resource::Blob { digest })
+}
+
 fn resource(ns: &str, r: ResourceArg) -> Result<Resource, Error> {
     match (r.object, r.blob) {
-        (Some(o), None) => {
-            let Some((kind, id)) = o.split_once('/') else {
-                return Err(Error::invalid("--object", o, "must be KIND/ID"));
-            };
-            Ok(Resource::Object {
-                key: ObjectKey::new(ns, kind, id)?,
-            })
-        }
-        (None, Some(digest)) => {
-            fleetdb::core::world::validate_digest(&digest)?;
-            Ok(Resource::Blob { digest })
-        }
+        (Some(o), None) => object_resource(ns, "--object", &o),
+        (None, Some(digest)) => blob_resource(digest),
         _ => Err(Error::invalid(
             "resource",
             "",

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
+use fleetdb::core::gc::Resource;
 use fleetdb::core::world::{
     self as w, Deploy, DeployDraft, DeployFileDraft, Export, ExportFilter, ExportId, ExportOutcome,
     ExportRecord, KvEntry, Lifetime, Schedule, ScheduleOptions, Strategy,
@@ -20,6 +21,7 @@ use fleetdb::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::gc_cmd;
 use crate::output::{self, Format};
 use crate::work_cmd;
 
@@ -105,6 +107,13 @@ pub struct ExportArgs {
     /// Remove the export this long after the write (default: it stays until unexported).
     #[arg(long, value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
+    /// Hold this object (of the `-n` namespace) alive while the export lives (the garbage
+    /// collector keeps it and what it references). Repeatable.
+    #[arg(long, value_name = "KIND/ID")]
+    hold_object: Vec<String>,
+    /// Hold this blob alive while the export lives. Repeatable.
+    #[arg(long, value_name = "sha256:HEX")]
+    hold_blob: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,7 +123,9 @@ pub enum ExportSub {
     Sync {
         #[arg(long)]
         host: String,
-        /// JSON array of {"kind", "name", "to", "data" | "data_base64", "ttl"?} ('-': stdin).
+        /// JSON array of {"kind", "name", "to", "data" | "data_base64", "ttl"?, "holds"?}
+        /// ('-': stdin); holds: [{"type": "blob", "digest"} | {"type": "object", "key":
+        /// {"namespace", "kind", "id"}}].
         #[arg(long, default_value = "-")]
         file: PathBuf,
     },
@@ -372,6 +383,7 @@ fn export_json(e: &Export) -> Value {
         "from": e.from, "kind": e.id.kind, "name": e.id.name, "to": e.id.to,
         "data": text_or_null(&e.data), "data_base64": base64(&e.data),
         "session_id": e.session_id, "expires_at": ts_opt(e.expires_at),
+        "holds": e.holds.iter().map(gc_cmd::resource_json).collect::<Vec<_>>(),
         "revision": e.revision.0, "updated_at": e.updated_at.to_rfc3339(),
     })
 }
@@ -622,6 +634,8 @@ struct SyncRecord {
     data: Option<String>,
     data_base64: Option<String>,
     ttl: Option<String>,
+    #[serde(default)]
+    holds: Vec<Resource>,
 }
 
 fn print_outcome(fmt: Format, o: &ExportOutcome) {
@@ -644,7 +658,7 @@ fn print_outcome(fmt: Format, o: &ExportOutcome) {
     }
 }
 
-pub async fn export(store: &Store, fmt: Format, a: ExportArgs) -> Result<(), Error> {
+pub async fn export(store: &Store, ns: &str, fmt: Format, a: ExportArgs) -> Result<(), Error> {
     if let Some(ExportSub::Sync { host, file }) = a.sync {
         let world = store.world(&host)?;
         let text = read_bytes(
@@ -685,6 +699,7 @@ pub async fn export(store: &Store, fmt: Format, a: ExportArgs) -> Result<(), Err
                 id: ExportId::new(r.kind, r.name, r.to),
                 data,
                 lifetime: lifetime(ttl),
+                holds: r.holds,
             };
             rec.validate()?;
             records.push(rec);
@@ -707,10 +722,18 @@ pub async fn export(store: &Store, fmt: Format, a: ExportArgs) -> Result<(), Err
         (None, Some(f)) => read_bytes("export data file", &f, w::EXPORT_DATA_BYTES_MAX)?,
         (None, None) => return Err(missing("--data")),
     };
+    let mut holds = Vec::new();
+    for o in &a.hold_object {
+        holds.push(gc_cmd::object_resource(ns, "--hold-object", o)?);
+    }
+    for d in a.hold_blob {
+        holds.push(gc_cmd::blob_resource(d)?);
+    }
     let rec = ExportRecord {
         id,
         data,
         lifetime: lifetime(a.ttl),
+        holds,
     };
     rec.validate()?;
     let o = world.export(vec![rec]).await?;

@@ -599,3 +599,61 @@ fn gc_status_json_shape() {
     assert!(table.contains("collectable kinds: image"), "{table}");
     assert!(table.contains("2 live"), "{table}");
 }
+
+#[test]
+fn exports_hold_blobs_and_objects_alive() {
+    let db = sqlite_db();
+    let file = write_file(db.dir.path(), "held.bin", b"held by an export");
+    let held = String::from_utf8(ok(&db, &["blob", "put", &file]))
+        .unwrap()
+        .trim()
+        .to_string();
+    let loose_file = write_file(db.dir.path(), "loose.bin", b"nobody holds me");
+    let loose = String::from_utf8(ok(&db, &["blob", "put", &loose_file]))
+        .unwrap()
+        .trim()
+        .to_string();
+    ok(&db, &["gc", "kind", "image", "--collectable"]);
+    ok(&db, &["object", "put", "image", "web"]);
+    let export = [
+        "export", "--host", "h1", "--kind", "image", "--name", "web", "--to", "*", "--data", "v2",
+    ];
+    let mut args = export.to_vec();
+    args.extend(["--hold-blob", &held, "--hold-object", "image/web"]);
+    let out = ok_json(&db, &args);
+    assert_eq!(out["changed"].as_array().unwrap().len(), 1, "{out}");
+    let seen = ok_json(&db, &["collect", "--host", "h2"]);
+    let holds = &seen[0]["holds"];
+    assert_eq!(holds.as_array().unwrap().len(), 2, "{seen}");
+    assert!(holds
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["type"] == "blob" && h["digest"] == held.as_str()));
+
+    ok(&db, &["gc", "run"]);
+    ok(&db, &["blob", "info", &held]);
+    ok(&db, &["object", "get", "image", "web"]);
+    fails_with(&db, &["blob", "info", &loose], 3, "not found");
+
+    // Holding what does not exist fails and writes nothing; a malformed hold is invalid.
+    let mut missing = export.to_vec();
+    missing[6] = "other";
+    missing.extend(["--hold-blob", &loose]);
+    fails_with(&db, &missing, 3, "held by export");
+    let mut bad = export.to_vec();
+    bad.extend(["--hold-object", "no-slash"]);
+    fails_with(&db, &bad, 2, "KIND/ID");
+    let seen = ok_json(&db, &["collect", "--host", "h2"]);
+    assert_eq!(seen.as_array().unwrap().len(), 1);
+
+    ok(
+        &db,
+        &[
+            "unexport", "--host", "h1", "--kind", "image", "--name", "web", "--to", "*",
+        ],
+    );
+    ok(&db, &["gc", "run"]);
+    fails_with(&db, &["blob", "info", &held], 3, "not found");
+    fails_with(&db, &["object", "get", "image", "web"], 3, "not found");
+}

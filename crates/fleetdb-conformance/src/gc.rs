@@ -28,6 +28,21 @@ async fn declare(s: &Store) {
     s.gc_kind_declare("machine", false).await.unwrap();
 }
 
+/// The run `gc_maybe_run` starts once the pause budget of the previous run (real time: a few
+/// hundred milliseconds at most here) allows it; `None` if none is due within 10 s.
+async fn due_run(s: &Store) -> Option<gc::GcStats> {
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(stats) = s.gc_maybe_run().await.unwrap() {
+            return Some(stats);
+        }
+        if std::time::Instant::now() > give_up {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn gc_keeps_roots_and_what_they_reference(h: &Harness) {
     let s = &h.store;
     declare(s).await;
@@ -534,10 +549,8 @@ pub async fn a_blob_held_only_by_an_expired_lease_goes_at_the_expiry(h: &Harness
         "nothing is due yet"
     );
     h.clock.advance(Duration::from_secs(11));
-    let stats = s
-        .gc_maybe_run()
+    let stats = due_run(s)
         .await
-        .unwrap()
         .expect("a run at the lease's expiry, with no other trigger");
     assert_eq!(stats.trigger, "deadline");
     assert_eq!(stats.swept_blobs, 1);
@@ -548,4 +561,176 @@ pub async fn a_blob_held_only_by_an_expired_lease_goes_at_the_expiry(h: &Harness
         Err(Error::NotFound { .. })
     ));
     assert_eq!(s.blob_get(&kept.digest).await.unwrap(), b"rooted");
+}
+
+/// Exports hold objects and blobs alive while they live (persistent: until unexported; TTL: until
+/// then, which also triggers a collection; session-bound: while the session lives), an export
+/// written during a collection protects what it holds, and an export cannot hold what does not
+/// exist.
+pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
+    use fleetdb::core::world::{ExportId, ExportRecord, Lifetime, EXPORT_HOLDS_MAX};
+    use fleetdb::SessionSpec;
+    let s = &h.store;
+    declare(s).await;
+    let blob = |d: &str| Resource::Blob {
+        digest: d.to_string(),
+    };
+    let put = |bytes: &'static [u8]| async move {
+        s.blob_put(bytes, labels(&[]), None).await.unwrap().digest
+    };
+    let (persistent, ttl_held, bound_ref, fresh) = (
+        put(b"persistent").await,
+        put(b"ttl").await,
+        put(b"bound ref").await,
+        put(b"fresh").await,
+    );
+    obj(
+        s,
+        "image",
+        "bound",
+        &[("fleetdb.io/gc.ref.content", &bound_ref)],
+    )
+    .await;
+    let export = |name: &str, lifetime: Lifetime, holds: Vec<Resource>| ExportRecord {
+        id: ExportId::new("files", name, "*"),
+        data: name.as_bytes().to_vec(),
+        lifetime,
+        holds,
+    };
+    let sess = s
+        .session_start(SessionSpec::new("agent", "h1").ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let h1 = s.world("h1").unwrap();
+    let out = h1
+        .export(vec![
+            export("p", Lifetime::persistent(), vec![blob(&persistent)]),
+            export(
+                "t",
+                Lifetime::ttl(Duration::from_secs(10)),
+                vec![blob(&ttl_held)],
+            ),
+            export(
+                "b",
+                Lifetime::session(sess.id()),
+                vec![Resource::Object {
+                    key: key("default", "image", "bound"),
+                }],
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.changed.len(), 3);
+    let collected = h1.collect(&[]).await.unwrap();
+    let p = collected.iter().find(|e| e.id.name == "p").unwrap();
+    assert_eq!(p.holds, vec![blob(&persistent)], "holds are read back");
+    // The same export again is unchanged; holding something else is a change.
+    let again = h1
+        .export(vec![export(
+            "p",
+            Lifetime::persistent(),
+            vec![blob(&persistent)],
+        )])
+        .await
+        .unwrap();
+    assert_eq!(again.unchanged.len(), 1);
+
+    // Everything held survives a collection.
+    s.gc_run().await.unwrap();
+    for d in [&persistent, &ttl_held, &bound_ref, &fresh] {
+        let kept = s.blob_info(d).await.unwrap().is_some();
+        assert_eq!(
+            kept,
+            d != &fresh,
+            "{d}: held blobs stay, the unheld one goes"
+        );
+    }
+    assert!(exists(s, "image", "bound").await);
+
+    // The TTL export's end is a collection deadline by itself.
+    h.clock.advance(Duration::from_secs(11));
+    let stats = due_run(s)
+        .await
+        .expect("a run when the export's TTL passes");
+    assert_eq!(stats.trigger, "deadline");
+    assert!(s.blob_info(&ttl_held).await.unwrap().is_none());
+    assert!(s.blob_info(&persistent).await.unwrap().is_some());
+
+    // A session-bound export holds (deeply) while its session lives, not after.
+    s.gc_run().await.unwrap();
+    assert!(exists(s, "image", "bound").await);
+    std::mem::forget(sess); // the holder dies: nobody renews or closes the session
+    h.clock.advance(Duration::from_secs(61));
+    s.gc_run().await.unwrap();
+    assert!(!exists(s, "image", "bound").await, "its session is dead");
+    assert!(s.blob_info(&bound_ref).await.unwrap().is_none());
+
+    // An export written between the mark and the sweep protects what it holds.
+    let late = put(b"late").await;
+    let snap = s.backend().gc_snapshot().await.unwrap();
+    let marked = gc::mark(&snap, h.clock.now());
+    assert_eq!(marked.garbage_blobs, vec![late.clone()]);
+    h1.export(vec![export(
+        "late",
+        Lifetime::persistent(),
+        vec![blob(&late)],
+    )])
+    .await
+    .unwrap();
+    let r = s
+        .backend()
+        .commit(Batch {
+            preconditions: vec![],
+            ops: vec![Op::GcSweep {
+                mark_revision: snap.revision,
+                objects: vec![],
+                blobs: marked.garbage_blobs.clone(),
+                expired_leases: vec![],
+            }],
+            now: h.clock.now(),
+        })
+        .await
+        .unwrap();
+    let fleetdb::Applied::Swept { blobs, spared, .. } = &r[0].applied else {
+        panic!("{r:?}");
+    };
+    assert_eq!((blobs.len(), *spared), (0, 1));
+    s.gc_run().await.unwrap();
+    assert!(s.blob_info(&late).await.unwrap().is_some());
+
+    // What does not exist cannot be held; nothing is written.
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let err = h1
+        .export(vec![export(
+            "bad",
+            Lifetime::persistent(),
+            vec![blob(&missing)],
+        )])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    assert!(!h1
+        .collect(&[])
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.id.name == "bad"));
+    let too_many = (0..=EXPORT_HOLDS_MAX)
+        .map(|i| Resource::Object {
+            key: key("default", "image", &format!("i{i}")),
+        })
+        .collect();
+    let err = h1
+        .export(vec![export("big", Lifetime::persistent(), too_many)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+
+    // Unexported, what it held goes at the next collection.
+    h1.unexport(vec![ExportId::new("files", "p", "*")])
+        .await
+        .unwrap();
+    s.gc_run().await.unwrap();
+    assert!(s.blob_info(&persistent).await.unwrap().is_none());
+    assert!(s.blob_info(&late).await.unwrap().is_some());
 }

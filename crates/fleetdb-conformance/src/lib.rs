@@ -111,7 +111,8 @@ macro_rules! suite {
             external_collectors_remove_unused_resources_and_failures_skip,
             gc_reports_stats_and_metrics,
             threshold_runs_respect_the_time_budget_requests_do_not,
-            a_blob_held_only_by_an_expired_lease_goes_at_the_expiry;
+            a_blob_held_only_by_an_expired_lease_goes_at_the_expiry,
+            exports_hold_objects_and_blobs_while_they_live;
             blob_put_get_ranges_info_list_delete,
             blob_digest_or_size_mismatch_commits_nothing,
             ingest_resumes_where_it_stands_and_refuses_other_offsets,

@@ -38,6 +38,7 @@ fn rec(kind: &str, name: &str, to: &str, data: &str) -> ExportRecord {
         id: ExportId::new(kind, name, to),
         data: data.as_bytes().to_vec(),
         lifetime: Lifetime::persistent(),
+        holds: vec![],
     }
 }
 

@@ -246,6 +246,84 @@ pub struct GcSnapshot {
     pub blobs: Vec<(String, Revision, Option<Labels>)>,
     /// Blobs held by retained deploys (and other World records).
     pub world_blobs: Vec<String>,
+    /// What exports hold, with when each export stops holding it.
+    pub export_holds: Vec<ExportHold>,
+}
+
+/// A resource an export holds (`ExportRecord::holds`): a root while the export lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportHold {
+    pub resource: Resource,
+    /// The export's TTL deadline (a collection is due then).
+    pub expires_at: Option<Timestamp>,
+    /// The deadline of the session the export is bound to, as the snapshot read it (renewals
+    /// move it, so it is not a collection deadline). A session-bound export whose session is
+    /// gone holds nothing and is not in the snapshot.
+    pub session_deadline: Option<Timestamp>,
+}
+
+impl ExportHold {
+    /// Whether the export still holds its resource at `now`.
+    pub fn alive_at(&self, now: Timestamp) -> bool {
+        self.expires_at.is_none_or(|t| now < t) && self.session_deadline.is_none_or(|t| now < t)
+    }
+}
+
+/// The snapshot's read of exports that hold something, in both backends' SQL: (meta, TTL
+/// deadline, the bound session's deadline); a session-bound export whose session is gone holds
+/// nothing.
+pub const SNAPSHOT_EXPORT_HOLDS_SQL: &str = "SELECT w.meta, w.expires_at, s.deadline \
+     FROM world AS w LEFT JOIN sessions AS s ON s.id = w.session_id \
+     WHERE w.space = 'export' AND w.meta IS NOT NULL AND (w.session_id IS NULL OR s.id IS NOT NULL)";
+
+/// The holds of one row of [`SNAPSHOT_EXPORT_HOLDS_SQL`].
+pub fn export_holds_of_row(
+    meta: &str,
+    expires_at: Option<i64>,
+    session_deadline: Option<i64>,
+) -> impl Iterator<Item = ExportHold> {
+    crate::world::ExportMeta::holds_of(Some(meta))
+        .into_iter()
+        .map(move |resource| ExportHold {
+            resource,
+            expires_at: expires_at.map(Timestamp),
+            session_deadline: session_deadline.map(Timestamp),
+        })
+}
+
+/// Where a change-log row of a put leads the collector's protection (what changed during a
+/// collection, and everything reachable from it, is spared).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeStart {
+    /// An object or blob itself.
+    Node(Resource),
+    /// The resources of this lease.
+    Lease(String),
+    /// What the export at this World key holds.
+    Export(String),
+    /// Nothing the collector removes.
+    None,
+}
+
+/// What a change-log row `(namespace, kind, id)` of a put protects.
+pub fn change_start(namespace: String, kind: String, id: String) -> ChangeStart {
+    if namespace == LEASE_CHANGE_NAMESPACE {
+        ChangeStart::Lease(id)
+    } else if namespace == CONTENT_CHANGE_NAMESPACE {
+        ChangeStart::Node(Resource::Blob { digest: id })
+    } else if namespace == crate::world::Space::Export.change_namespace() {
+        ChangeStart::Export(id)
+    } else if !namespace.starts_with('.') && !kind.is_empty() {
+        ChangeStart::Node(Resource::Object {
+            key: ObjectKey {
+                namespace,
+                kind,
+                id,
+            },
+        })
+    } else {
+        ChangeStart::None
+    }
 }
 
 /// The outcome of marking.
@@ -408,6 +486,14 @@ pub fn mark(snap: &GcSnapshot, now: Timestamp) -> Marked {
     }
     for d in &snap.world_blobs {
         stack.push(nodes.blob(d));
+    }
+    for h in &snap.export_holds {
+        if h.alive_at(now) {
+            if let Some(t) = h.expires_at {
+                deadline(t);
+            }
+            stack.push(nodes.resource(&h.resource));
+        }
     }
     let mut expired_leases = Vec::new();
     let mut live_leases: HashMap<&str, bool> = HashMap::new();
@@ -614,6 +700,7 @@ mod tests {
             ],
             blobs: vec![],
             world_blobs: vec![],
+            export_holds: vec![],
         };
         let m = mark(&snap, Timestamp::EPOCH);
         let mut g: Vec<String> = m.garbage_objects.iter().map(|k| k.id.clone()).collect();
@@ -692,6 +779,14 @@ mod tests {
         }
         for d in &snap.world_blobs {
             stack.push(Resource::Blob { digest: d.clone() });
+        }
+        for h in &snap.export_holds {
+            if h.alive_at(now) {
+                if let Some(t) = h.expires_at {
+                    deadline(t);
+                }
+                stack.push(h.resource.clone());
+            }
         }
         let mut expired_leases = Vec::new();
         let mut live_leases: HashMap<&str, bool> = HashMap::new();
@@ -812,62 +907,80 @@ mod tests {
             objects,
             blobs,
             vec((any::<bool>(), 0..3u8), 0..4),
-            vec((0..5u8, resource), 0..8),
+            vec((0..5u8, resource.clone()), 0..8),
             vec(0..6u8, 0..2),
+            vec((resource, 0..4u8, 0..4u8), 0..4),
         )
-            .prop_map(|(coll, (keys, ls), (digests, bls), leases, res, world)| {
-                GcSnapshot {
-                    revision: Revision(1),
-                    kinds: ["a", "b", "m", "x"]
-                        .iter()
-                        .zip(coll)
-                        .map(|(k, c)| GcKind {
-                            kind: k.to_string(),
-                            collectable: c,
-                            declared_at: Timestamp::EPOCH,
-                        })
-                        .collect(),
-                    leases: leases
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &(flat, e))| Lease {
-                            id: format!("l{i}"),
-                            labels: Labels::new(),
-                            flat,
-                            expires_at: match e {
-                                0 => None,
-                                1 => Some(Timestamp(0)),
-                                _ => Some(parse_rfc3339("2026-01-03T00:00:00Z").unwrap()),
-                            },
-                            created_at: Timestamp::EPOCH,
-                            revision: Revision(1),
-                        })
-                        .collect(),
-                    lease_resources: res.into_iter().map(|(l, r)| (format!("l{l}"), r)).collect(),
-                    objects: keys
-                        .into_iter()
-                        .zip(ls)
-                        .map(|((ns, k, i), l)| {
-                            (
-                                ObjectKey::new(
-                                    format!("n{ns}"),
-                                    ["a", "b", "m", "x"][k as usize],
-                                    format!("o{i}"),
+            .prop_map(
+                |(coll, (keys, ls), (digests, bls), leases, res, world, exports)| {
+                    // Export and session deadlines: none, or on day 1, 2 or 3.
+                    let day = |d: u8| {
+                        (d > 0).then(|| parse_rfc3339(&format!("2026-01-0{d}T06:00:00Z")).unwrap())
+                    };
+                    GcSnapshot {
+                        revision: Revision(1),
+                        kinds: ["a", "b", "m", "x"]
+                            .iter()
+                            .zip(coll)
+                            .map(|(k, c)| GcKind {
+                                kind: k.to_string(),
+                                collectable: c,
+                                declared_at: Timestamp::EPOCH,
+                            })
+                            .collect(),
+                        leases: leases
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &(flat, e))| Lease {
+                                id: format!("l{i}"),
+                                labels: Labels::new(),
+                                flat,
+                                expires_at: match e {
+                                    0 => None,
+                                    1 => Some(Timestamp(0)),
+                                    _ => Some(parse_rfc3339("2026-01-03T00:00:00Z").unwrap()),
+                                },
+                                created_at: Timestamp::EPOCH,
+                                revision: Revision(1),
+                            })
+                            .collect(),
+                        lease_resources: res
+                            .into_iter()
+                            .map(|(l, r)| (format!("l{l}"), r))
+                            .collect(),
+                        objects: keys
+                            .into_iter()
+                            .zip(ls)
+                            .map(|((ns, k, i), l)| {
+                                (
+                                    ObjectKey::new(
+                                        format!("n{ns}"),
+                                        ["a", "b", "m", "x"][k as usize],
+                                        format!("o{i}"),
+                                    )
+                                    .unwrap(),
+                                    Revision(1),
+                                    has_gc_labels(&l).then_some(l),
                                 )
-                                .unwrap(),
-                                Revision(1),
-                                has_gc_labels(&l).then_some(l),
-                            )
-                        })
-                        .collect(),
-                    blobs: digests
-                        .into_iter()
-                        .zip(bls)
-                        .map(|(d, l)| (dg(d), Revision(1), has_gc_labels(&l).then_some(l)))
-                        .collect(),
-                    world_blobs: world.into_iter().map(dg).collect(),
-                }
-            })
+                            })
+                            .collect(),
+                        blobs: digests
+                            .into_iter()
+                            .zip(bls)
+                            .map(|(d, l)| (dg(d), Revision(1), has_gc_labels(&l).then_some(l)))
+                            .collect(),
+                        world_blobs: world.into_iter().map(dg).collect(),
+                        export_holds: exports
+                            .into_iter()
+                            .map(|(resource, e, d)| ExportHold {
+                                resource,
+                                expires_at: day(e),
+                                session_deadline: day(d),
+                            })
+                            .collect(),
+                    }
+                },
+            )
     }
 
     proptest::proptest! {

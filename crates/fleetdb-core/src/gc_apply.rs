@@ -7,10 +7,12 @@ use crate::backend::{ChangeDraft, GcRemoved, TxRows};
 use crate::batch::{Applied, Op, OpResult};
 use crate::error::{Error, Result};
 use crate::gc::{
-    references, BlobInfo, GcKind, Lease, Resource, CONTENT_CHANGE_NAMESPACE, LEASE_CHANGE_NAMESPACE,
+    change_start, references, BlobInfo, ChangeStart, GcKind, Lease, Resource,
+    CONTENT_CHANGE_NAMESPACE, LEASE_CHANGE_NAMESPACE,
 };
 use crate::model::{ChangeOp, Entity, Labels, ObjectKey, Revision};
 use crate::time::Timestamp;
+use crate::world::{ExportMeta, Space};
 
 /// Distinct entities changed during a collection beyond which a sweep batch spares everything
 /// (it cannot cheaply tell what they reference; the next collection decides).
@@ -258,18 +260,15 @@ async fn protected_since<T: TxRows + ?Sized>(
         return Ok(None); // too much changed to tell: spare the whole batch
     }
     for (_, ns, kind, id) in page {
-        if ns == LEASE_CHANGE_NAMESPACE {
-            start.extend(rows.lease_resources_of(&id).await?);
-        } else if ns == CONTENT_CHANGE_NAMESPACE {
-            start.push(Resource::Blob { digest: id });
-        } else if !ns.starts_with('.') && !kind.is_empty() {
-            start.push(Resource::Object {
-                key: ObjectKey {
-                    namespace: ns,
-                    kind,
-                    id,
-                },
-            });
+        match change_start(ns, kind, id) {
+            ChangeStart::Node(r) => start.push(r),
+            ChangeStart::Lease(id) => start.extend(rows.lease_resources_of(&id).await?),
+            ChangeStart::Export(key) => {
+                if let Some(rec) = rows.world_read(Space::Export, &key).await? {
+                    start.extend(ExportMeta::holds_of(rec.meta.as_deref()));
+                }
+            }
+            ChangeStart::None => {}
         }
     }
     let mut seen: HashSet<Resource> = HashSet::new();

@@ -14,6 +14,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::gc::Resource;
 use crate::model::{Change, Revision};
 use crate::selector::{Dialect, SqlParam};
 use crate::time::Timestamp;
@@ -23,6 +24,8 @@ use crate::validate;
 pub const EXPORT_DATA_BYTES_MAX: usize = 1 << 20;
 /// Records in one export call.
 pub const EXPORTS_PER_CALL_MAX: usize = 10_000;
+/// Objects and blobs one export may hold alive (garbage-collection roots while it lives).
+pub const EXPORT_HOLDS_MAX: usize = 64;
 /// Largest key-value key, in bytes.
 pub const KV_KEY_BYTES_MAX: usize = 512;
 /// Largest key-value value, in bytes.
@@ -349,6 +352,11 @@ pub struct ExportRecord {
     pub data: Vec<u8>,
     #[serde(default)]
     pub lifetime: Lifetime,
+    /// Objects and blobs the export holds alive: the collector keeps them (and what they
+    /// reference) while the export lives: until it is removed, its TTL passes or its session ends.
+    /// Each must exist when the export is written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holds: Vec<Resource>,
 }
 
 impl ExportRecord {
@@ -361,7 +369,43 @@ impl ExportRecord {
                 max: EXPORT_DATA_BYTES_MAX,
             });
         }
+        if self.holds.len() > EXPORT_HOLDS_MAX {
+            return Err(Error::TooLarge {
+                field: format!("export {} holds", self.id),
+                size: self.holds.len(),
+                max: EXPORT_HOLDS_MAX,
+            });
+        }
+        for r in &self.holds {
+            r.validate()?;
+        }
         self.lifetime.validate()
+    }
+
+    /// The stored `meta` of this record: `None` when it holds nothing.
+    pub fn meta(&self) -> Option<String> {
+        let mut holds = self.holds.clone();
+        holds.sort();
+        holds.dedup();
+        (!holds.is_empty())
+            .then(|| serde_json::to_string(&ExportMeta { holds }).expect("export meta serializes"))
+    }
+}
+
+/// What an export record stores besides its data (the World row's `meta`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportMeta {
+    /// Sorted, without duplicates.
+    #[serde(default)]
+    pub holds: Vec<Resource>,
+}
+
+impl ExportMeta {
+    /// The holds of a stored export's `meta` (none if absent or unreadable).
+    pub fn holds_of(meta: Option<&str>) -> Vec<Resource> {
+        meta.and_then(|m| serde_json::from_str::<ExportMeta>(m).ok())
+            .map(|m| m.holds)
+            .unwrap_or_default()
     }
 }
 
@@ -376,6 +420,9 @@ pub struct Export {
     pub data: Vec<u8>,
     pub session_id: Option<String>,
     pub expires_at: Option<Timestamp>,
+    /// What the export holds alive (see [`ExportRecord::holds`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holds: Vec<Resource>,
     pub revision: Revision,
     pub updated_at: Timestamp,
 }
@@ -383,6 +430,7 @@ pub struct Export {
 impl From<WorldRecord> for Export {
     fn from(r: WorldRecord) -> Self {
         Export {
+            holds: ExportMeta::holds_of(r.meta.as_deref()),
             from: r.owner,
             id: ExportId {
                 kind: r.kind,

@@ -8,6 +8,7 @@ use crate::apply::{draft, live_session};
 use crate::backend::{ChangeDraft, TxRows};
 use crate::batch::{Applied, Op, OpResult};
 use crate::error::{Error, Result};
+use crate::gc::Resource;
 use crate::model::{ChangeOp, Entity, Revision};
 use crate::time::Timestamp;
 use crate::work::SessionInfo;
@@ -162,6 +163,21 @@ async fn scan_all<T: TxRows + ?Sized>(rows: &mut T, mut q: WorldQuery) -> Result
     }
 }
 
+/// Every resource `r` holds exists (read in the writing transaction: an export cannot come to
+/// hold what a concurrent collection is removing, see `docs/design.md` §12).
+async fn check_holds<T: TxRows + ?Sized>(rows: &mut T, r: &world::ExportRecord) -> Result<()> {
+    for h in &r.holds {
+        let exists = match h {
+            Resource::Object { key } => rows.object_read(key).await?.is_some(),
+            Resource::Blob { digest } => rows.blob_meta_read(digest).await?.is_some(),
+        };
+        if !exists {
+            return Err(Error::not_found(format!("{h}, held by export {}", r.id)));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
     rows: &mut T,
     op: &Op,
@@ -180,9 +196,12 @@ pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
                 keep.insert(key.clone());
                 let (stored, live) = read_live(rows, Space::Export, &key, now).await?;
                 let (session_id, expires_at) = bind(rows, Some(host), &r.lifetime, now).await?;
+                check_holds(rows, r).await?;
+                let meta = r.meta();
                 if let Some(cur) = &live {
                     // A TTL export is refreshed by every export; otherwise identical is a no-op.
                     if cur.data == r.data
+                        && cur.meta == meta
                         && cur.session_id == session_id
                         && expires_at.is_none()
                         && cur.expires_at.is_none()
@@ -197,6 +216,7 @@ pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
                 rec.name = r.id.name.clone();
                 rec.target = r.id.to.clone();
                 rec.data = r.data.clone();
+                rec.meta = meta;
                 rec.session_id = session_id;
                 rec.expires_at = expires_at;
                 let old = if live.is_some() {

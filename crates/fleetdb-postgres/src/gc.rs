@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use fleetdb_core::apply::stored_key;
-use fleetdb_core::gc::{has_gc_labels, BlobInfo, GcKind, GcSnapshot, Lease, Resource};
+use fleetdb_core::gc::{self, has_gc_labels, BlobInfo, GcKind, GcSnapshot, Lease, Resource};
 use fleetdb_core::{Error, Labels, ObjectKey, Result, Revision, Timestamp};
 use futures::{pin_mut, TryStreamExt};
 use tokio_postgres::Row;
@@ -394,20 +394,31 @@ async fn read_small(
     revision: Revision,
 ) -> Result<GcSnapshot> {
     let none: [Param<'_>; 0] = [];
-    let (s_kinds, s_leases, s_res, s_world) = futures::try_join!(
+    let (s_kinds, s_leases, s_res, s_world, s_exports) = futures::try_join!(
         conn.prepare_cached(GC_KIND_ALL),
         conn.prepare_cached(LEASE_ALL),
         conn.prepare_cached(LEASE_RESOURCES_ALL),
         conn.prepare_cached(SNAPSHOT_WORLD_BLOBS),
+        conn.prepare_cached(gc::SNAPSHOT_EXPORT_HOLDS_SQL),
     )
     .map_err(db_err)?;
-    let (kinds, leases, res, world) = futures::try_join!(
+    let (kinds, leases, res, world, exports) = futures::try_join!(
         conn.query(&s_kinds, &none),
         conn.query(&s_leases, &none),
         conn.query(&s_res, &none),
         conn.query(&s_world, &none),
+        conn.query(&s_exports, &none),
     )
     .map_err(db_err)?;
+    let mut export_holds = Vec::new();
+    for r in &exports {
+        let meta: String = r.try_get(0).map_err(db_err)?;
+        export_holds.extend(gc::export_holds_of_row(
+            &meta,
+            r.try_get(1).map_err(db_err)?,
+            r.try_get(2).map_err(db_err)?,
+        ));
+    }
     Ok(GcSnapshot {
         revision,
         kinds: kinds.iter().map(gc_kind_from_row).collect::<Result<_>>()?,
@@ -420,6 +431,7 @@ async fn read_small(
             .iter()
             .map(|r| r.try_get(0).map_err(db_err))
             .collect::<Result<_>>()?,
+        export_holds,
         ..GcSnapshot::default()
     })
 }

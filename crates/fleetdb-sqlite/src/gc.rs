@@ -338,6 +338,22 @@ fn gc_snapshot_in(c: &Connection) -> Result<GcSnapshot> {
             }
         }
     }
+    {
+        // What exports hold alive.
+        let mut s = c
+            .prepare(fleetdb_core::gc::SNAPSHOT_EXPORT_HOLDS_SQL)
+            .map_err(map_err)?;
+        let mut rows = s.query([]).map_err(map_err)?;
+        while let Some(r) = rows.next().map_err(map_err)? {
+            let meta: String = r.get(0).map_err(map_err)?;
+            snap.export_holds
+                .extend(fleetdb_core::gc::export_holds_of_row(
+                    &meta,
+                    r.get(1).map_err(map_err)?,
+                    r.get(2).map_err(map_err)?,
+                ));
+        }
+    }
     Ok(snap)
 }
 

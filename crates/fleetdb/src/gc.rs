@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fleetdb_core::gc::{self, GcKind, GcStats, Lease, Resource};
+use fleetdb_core::world::{ExportMeta, Space, WorldQuery};
 use fleetdb_core::{
     parse_label_selector, Applied, Batch, Error, LabelRequirement, Labels, ObjectKey, Op, OpResult,
     Page, Result, Timestamp,
@@ -623,18 +624,22 @@ impl Store {
         // changed since (a change would be in this range or after it).
         let mut start: HashSet<Resource> = HashSet::new();
         for (_, ns, kind, id) in changed {
-            if ns == gc::LEASE_CHANGE_NAMESPACE {
-                start.extend(ignore_unsupported(self.backend.lease_resources(&id).await)?);
-            } else if ns == gc::CONTENT_CHANGE_NAMESPACE {
-                start.insert(Resource::Blob { digest: id });
-            } else if !ns.starts_with('.') && !kind.is_empty() {
-                start.insert(Resource::Object {
-                    key: fleetdb_core::ObjectKey {
-                        namespace: ns,
-                        kind,
-                        id,
-                    },
-                });
+            match gc::change_start(ns, kind, id) {
+                gc::ChangeStart::Node(r) => {
+                    start.insert(r);
+                }
+                gc::ChangeStart::Lease(id) => {
+                    start.extend(ignore_unsupported(self.backend.lease_resources(&id).await)?);
+                }
+                gc::ChangeStart::Export(key) => {
+                    let mut q = WorldQuery::new(Space::Export);
+                    q.key = Some(key);
+                    q.limit = 1;
+                    for rec in self.backend.world_list(&q).await? {
+                        start.extend(ExportMeta::holds_of(rec.meta.as_deref()));
+                    }
+                }
+                gc::ChangeStart::None => {}
             }
         }
         let mut stack: Vec<Resource> = start.iter().cloned().collect();

@@ -252,6 +252,7 @@ async fn check_v2_rows_then_kv_indexes(store: &Store) {
         id: fleetdb::core::world::ExportId::new("file", "f1", "*"),
         data: b"d".to_vec(),
         lifetime: fleetdb::core::world::Lifetime::persistent(),
+        holds: vec![],
     }])
     .await
     .unwrap();
