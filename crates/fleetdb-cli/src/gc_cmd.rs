@@ -17,6 +17,8 @@ use crate::parse_labels;
 
 /// Bytes read from the input and sent per write by `blob put`.
 const PUT_CHUNK_BYTES: usize = 1 << 20;
+/// Recorded collections `gc status` shows.
+const RECENT_RUNS: usize = 10;
 /// Bytes read per call by `blob get`.
 const GET_CHUNK_BYTES: u64 = 4 << 20;
 
@@ -747,10 +749,12 @@ pub async fn gc(store: &Store, fmt: Format, cmd: GcCmd) -> Result<(), Error> {
                 }
             }
             let ingests = store.ingest_list().await?.len();
+            let recent = store.gc_history(RECENT_RUNS).await?;
             match fmt {
                 Format::Json => output::print_json(&json!({
                     "runs": st.runs,
                     "last": st.last.as_ref().map_or(Value::Null, stats_json),
+                    "recent": recent.iter().map(stats_json).collect::<Vec<_>>(),
                     "deletions_since": st.deletions_since,
                     "mutations_since": st.mutations_since,
                     "next_deadline": opt_time(st.next_deadline),
@@ -781,8 +785,24 @@ pub async fn gc(store: &Store, fmt: Format, cmd: GcCmd) -> Result<(), Error> {
                         "runs:              {} in this process (`fleetdb gc run` runs one)",
                         st.runs
                     );
-                    if let Some(s) = &st.last {
+                    // The newest run by any process (this one's is recorded too).
+                    if let Some(s) = recent.first().or(st.last.as_ref()) {
+                        println!("last run (any process):");
                         print_stats(s);
+                    }
+                    if recent.len() > 1 {
+                        println!("earlier runs:");
+                        for s in &recent[1..] {
+                            println!(
+                                "  {} ({}): swept {} objects, {} blobs; {:.1} ms mark, {:.1} ms sweep",
+                                s.started_at,
+                                s.trigger,
+                                s.swept_objects,
+                                s.swept_blobs,
+                                s.mark_ms,
+                                s.sweep_ms
+                            );
+                        }
                     }
                 }
             }

@@ -598,6 +598,24 @@ fn gc_status_json_shape() {
     let table = String::from_utf8(ok(&db, &["gc", "status"])).unwrap();
     assert!(table.contains("collectable kinds: image"), "{table}");
     assert!(table.contains("2 live"), "{table}");
+    assert_eq!(s["recent"], serde_json::json!([]), "no run yet: {s}");
+
+    // Runs by other processes (here: two earlier `gc run` invocations) are recorded in the
+    // store and shown newest first.
+    ok_json(&db, &["object", "put", "image", "garbage"]);
+    let first = ok_json(&db, &["gc", "run"]);
+    assert_eq!(first["swept_objects"], 1);
+    let second = ok_json(&db, &["gc", "run"]);
+    let s = ok_json(&db, &["gc", "status"]);
+    let recent = s["recent"].as_array().unwrap();
+    assert_eq!(recent.len(), 2, "{s}");
+    assert_eq!(recent[0]["started_at"], second["started_at"]);
+    assert_eq!(recent[1]["swept_objects"], 1);
+    assert_eq!(recent[1]["trigger"], "explicit");
+    assert!(s["last"].is_null(), "this process ran none: {s}");
+    let table = String::from_utf8(ok(&db, &["gc", "status"])).unwrap();
+    assert!(table.contains("last run (any process):"), "{table}");
+    assert!(table.contains("earlier runs:"), "{table}");
 }
 
 #[test]

@@ -470,6 +470,24 @@ pub async fn gc_reports_stats_and_metrics(h: &Harness) {
     let status = s.gc_status();
     assert_eq!(status.runs, 1);
     assert_eq!(status.last.unwrap().swept_objects, 50);
+    // Recorded in the store for every process; the newest 100 are kept.
+    let history = s.gc_history(10).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(
+        (history[0].started_at, history[0].swept_objects),
+        (stats.started_at, 50)
+    );
+    let text = serde_json::to_string(&stats).unwrap();
+    for _ in 0..fleetdb::GC_RUNS_KEPT + 5 {
+        s.backend()
+            .gc_run_record(&text, stats.started_at, fleetdb::GC_RUNS_KEPT)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.backend().gc_runs(1000).await.unwrap().len(),
+        fleetdb::GC_RUNS_KEPT
+    );
     let text = s.metrics().encode();
     assert!(text.contains("fleetdb_gc_runs_total 1"), "{text}");
     assert!(

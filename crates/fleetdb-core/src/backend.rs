@@ -346,6 +346,18 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Err(self.unsupported("the content store"))
     }
 
+    /// Record a finished collection's statistics (JSON of [`crate::gc::GcStats`]), keeping the
+    /// newest `keep` records, so every process and the CLI see the last runs.
+    async fn gc_run_record(&self, stats: &str, started_at: Timestamp, keep: usize) -> Result<()> {
+        let _ = (stats, started_at, keep);
+        Err(self.unsupported("the collector's run history"))
+    }
+    /// The newest recorded collections' statistics (JSON), newest first, at most `limit`.
+    async fn gc_runs(&self, limit: usize) -> Result<Vec<String>> {
+        let _ = limit;
+        Err(self.unsupported("the collector's run history"))
+    }
+
     /// The error for a feature this backend lacks.
     fn unsupported(&self, what: &str) -> crate::Error {
         crate::Error::Unsupported {

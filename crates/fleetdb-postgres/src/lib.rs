@@ -90,6 +90,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "world_kv_indexes",
         sql: include_str!("../migrations/0007_world_kv_indexes.sql"),
     },
+    Migration {
+        version: 8,
+        name: "gc_runs",
+        sql: include_str!("../migrations/0008_gc_runs.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -1622,6 +1627,19 @@ impl Backend for PostgresBackend {
 
     async fn blob_orphans_remove(&self) -> Result<u64> {
         self.content_blob_orphans_remove().await
+    }
+
+    async fn gc_run_record(&self, stats: &str, started_at: Timestamp, keep: usize) -> Result<()> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        self.query(sql::GC_RUN_RECORD, &[&started_at.0, &stats, &keep])
+            .await
+            .map(|_| ())
+    }
+
+    async fn gc_runs(&self, limit: usize) -> Result<Vec<String>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.query(sql::GC_RUNS, &[&limit]).await?;
+        rows.iter().map(|r| r.try_get(0).map_err(db_err)).collect()
     }
 
     async fn work_stats(&self, now: Timestamp) -> Result<Vec<WorkStats>> {

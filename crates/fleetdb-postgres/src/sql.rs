@@ -516,6 +516,13 @@ pub(crate) fn change_from_row(row: &Row) -> Result<Option<Change>> {
     }))
 }
 
+/// Record a collection's statistics and keep the newest `$3` (`Backend::gc_run_record`).
+pub(crate) const GC_RUN_RECORD: &str = "WITH ins AS (\
+     INSERT INTO gc_runs (started_at, stats) VALUES ($1, $2) RETURNING seq) \
+     DELETE FROM gc_runs WHERE seq <= (SELECT seq FROM ins) - $3";
+/// The newest recorded collections' statistics (`Backend::gc_runs`).
+pub(crate) const GC_RUNS: &str = "SELECT stats FROM gc_runs ORDER BY seq DESC LIMIT $1";
+
 #[cfg(test)]
 mod tests {
     use super::*;

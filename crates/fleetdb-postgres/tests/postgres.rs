@@ -125,8 +125,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
 
     let backend = db.open().await;
     let status = backend.schema_status().await.unwrap();
-    assert_eq!(status.database, 7);
-    assert_eq!(status.binary, 7);
+    assert_eq!(status.database, 8);
+    assert_eq!(status.binary, 8);
     assert!(status.pending.is_empty());
     let applied: Vec<_> = status
         .applied
@@ -143,6 +143,7 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (5, "world"),
             (6, "leases_content"),
             (7, "world_kv_indexes"),
+            (8, "gc_runs"),
         ]
     );
     assert_eq!(
@@ -214,8 +215,8 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .await
     .unwrap();
     let status = backend.schema_status().await.unwrap();
-    assert_eq!((status.database, status.binary), (0, 7));
-    assert_eq!(status.pending.len(), 7);
+    assert_eq!((status.database, status.binary), (0, 8));
+    assert_eq!(status.pending.len(), 8);
     assert!(status.applied.is_empty());
 
     // Migrations one at a time, then the rest on open.
@@ -231,9 +232,9 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .unwrap();
     let status = backend.schema_status().await.unwrap();
     assert_eq!(status.database, 1);
-    assert_eq!(status.pending.len(), 6);
+    assert_eq!(status.pending.len(), 7);
     let status = backend.migrate().await.unwrap();
-    assert_eq!(status.database, 7);
+    assert_eq!(status.database, 8);
     assert!(status.pending.is_empty());
     db.drop().await;
 }

@@ -455,3 +455,35 @@ pub(crate) fn blobs_remove(
     }
     Ok(out)
 }
+
+/// Record one collection's statistics; keep the newest `keep`.
+pub(crate) fn run_record(
+    c: &mut Connection,
+    stats: &str,
+    started_at: Timestamp,
+    keep: usize,
+) -> Result<()> {
+    let tx = c.transaction().map_err(map_err)?;
+    tx.execute(
+        "INSERT INTO gc_runs (started_at, stats) VALUES (?1, ?2)",
+        rusqlite::params![started_at.0, stats],
+    )
+    .map_err(map_err)?;
+    tx.execute(
+        "DELETE FROM gc_runs WHERE seq <= (SELECT max(seq) FROM gc_runs) - ?1",
+        [i64::try_from(keep).unwrap_or(i64::MAX)],
+    )
+    .map_err(map_err)?;
+    tx.commit().map_err(map_err)
+}
+
+/// The newest recorded collections' statistics, newest first.
+pub(crate) fn runs(c: &Connection, limit: usize) -> Result<Vec<String>> {
+    let mut s = c
+        .prepare_cached("SELECT stats FROM gc_runs ORDER BY seq DESC LIMIT ?1")
+        .map_err(map_err)?;
+    let rows = s
+        .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| r.get(0))
+        .map_err(map_err)?;
+    rows.collect::<std::result::Result<_, _>>().map_err(map_err)
+}

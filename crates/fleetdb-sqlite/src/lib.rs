@@ -667,4 +667,14 @@ impl Backend for SqliteBackend {
     async fn blob_orphans_remove(&self) -> Result<u64> {
         self.content_blob_orphans_remove().await
     }
+
+    async fn gc_run_record(&self, stats: &str, started_at: Timestamp, keep: usize) -> Result<()> {
+        let stats = stats.to_string();
+        self.exclusive(move |c| gc::run_record(c, &stats, started_at, keep))
+            .await
+    }
+
+    async fn gc_runs(&self, limit: usize) -> Result<Vec<String>> {
+        self.read(|c| gc::runs(c, limit))
+    }
 }

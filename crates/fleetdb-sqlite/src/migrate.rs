@@ -44,6 +44,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "world_kv_indexes",
         sql: include_str!("../migrations/0007_world_kv_indexes.sql"),
     },
+    Migration {
+        version: 8,
+        name: "gc_runs",
+        sql: include_str!("../migrations/0008_gc_runs.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -426,14 +426,32 @@ impl Store {
                 }
             }
         }
-        let mut stats = self.gc_run().await?;
-        stats.trigger = trigger.to_string();
-        *self.gc.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone());
-        Ok(Some(stats))
+        self.run_collection(trigger).await.map(Some)
     }
 
     /// Run one full collection now.
     pub async fn gc_run(&self) -> Result<GcStats> {
+        self.run_collection("explicit").await
+    }
+
+    /// The newest collections' statistics recorded in the store by any process, newest first (at
+    /// most [`GC_RUNS_KEPT`] are kept).
+    pub async fn gc_history(&self, limit: usize) -> Result<Vec<GcStats>> {
+        self.ready().await?;
+        let limit = limit.min(GC_RUNS_KEPT);
+        ignore_unsupported(self.backend.gc_runs(limit).await)?
+            .iter()
+            .map(|text| {
+                serde_json::from_str(text).map_err(|e| {
+                    Error::Backend(format!(
+                        "a collection's recorded statistics are corrupt: {e}"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn run_collection(&self, trigger: &str) -> Result<GcStats> {
         self.ready().await?;
         let _one_at_a_time = self.gc.running.lock().await;
         self.gc.requested.store(false, Ordering::Relaxed);
@@ -445,7 +463,8 @@ impl Store {
             self.gc.deletions.fetch_add(deletions, Ordering::Relaxed);
             self.gc.mutations.fetch_add(mutations, Ordering::Relaxed);
         }
-        let stats = result?;
+        let mut stats = result?;
+        stats.trigger = trigger.to_string();
         self.gc.runs.fetch_add(1, Ordering::Relaxed);
         let opts = self
             .gc
@@ -465,6 +484,16 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + busy);
         *self.gc.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone());
         self.metrics.gc(&stats);
+        // The run history is a report: failing to write it does not fail the collection.
+        let text = serde_json::to_string(&stats).expect("gc stats serialize");
+        match self
+            .backend
+            .gc_run_record(&text, stats.started_at, GC_RUNS_KEPT)
+            .await
+        {
+            Ok(()) | Err(Error::Unsupported { .. }) => {}
+            Err(e) => tracing::warn!(error = %e, "could not record the collection's statistics"),
+        }
         Ok(stats)
     }
 
@@ -725,6 +754,9 @@ impl Store {
         }
     }
 }
+
+/// Collections whose statistics the store keeps (`Store::gc_history`).
+pub const GC_RUNS_KEPT: usize = 100;
 
 /// Distinct entities changed during a collection beyond which the rest of it spares everything
 /// (as a sweep transaction does).

@@ -51,7 +51,7 @@ pub use fleetdb_core::{
 #[cfg(feature = "postgres")]
 pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
 pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
-pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec};
+pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec, GC_RUNS_KEPT};
 pub use session::{Session, Work};
 pub use txn::Txn;
 pub use watch::{Watch, WatchEvent, WatchRequest, WatchScope};

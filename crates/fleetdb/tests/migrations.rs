@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8];
 /// The newest migration this binary knows.
-const LATEST: u32 = 7;
+const LATEST: u32 = 8;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -275,6 +275,27 @@ async fn sqlite_0007_world_kv_indexes_keeps_rows_written_before_it() {
     check_v2_rows_then_kv_indexes(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// After 0008: older rows read back; a collection over them is recorded in the run history.
+async fn check_v2_rows_then_gc_runs(store: &Store) {
+    check_v2_rows_then_kv_indexes(store).await;
+    let before = store.gc_history(10).await.unwrap().len();
+    let stats = store.gc_run().await.unwrap();
+    let history = store.gc_history(10).await.unwrap();
+    assert_eq!(history.len(), before + 1);
+    let newest = &history[0];
+    assert_eq!(
+        (newest.started_at, newest.marked, &newest.trigger),
+        (stats.started_at, stats.marked, &stats.trigger),
+        "newest first"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_0008_gc_runs_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_with_v2_rows(7);
+    check_v2_rows_then_gc_runs(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -487,6 +508,15 @@ async fn postgres_0007_world_kv_indexes_keeps_rows_written_before_it() {
     let s = pg_with_v2_rows(6).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_kv_indexes(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0008_gc_runs_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(7).await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_gc_runs(&store).await;
     drop(store);
     pg_drop(s).await;
 }
