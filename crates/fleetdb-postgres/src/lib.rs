@@ -164,6 +164,8 @@ pub struct PostgresBackend {
     settled: Arc<tokio::sync::Mutex<i64>>,
     /// Dropped with the last clone of the backend, which ends the `LISTEN` tasks.
     alive: Arc<tokio::sync::watch::Sender<()>>,
+    /// Where each selector claim scans from next ([`work::ClaimHands`]).
+    hands: Arc<work::ClaimHands>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -229,6 +231,7 @@ impl PostgresBackend {
             channel: Arc::from(""),
             settled: Arc::default(),
             alive: Arc::new(tokio::sync::watch::channel(()).0),
+            hands: Arc::default(),
         };
         let client = backend.client().await.map_err(|e| match e {
             Error::Unavailable(msg) => {
@@ -724,7 +727,10 @@ impl PostgresBackend {
             open: true,
         };
         let conn: &deadpool_postgres::ClientWrapper = guard.client();
-        let (lock_sql, lock_params) = work::claim_lock_sql(q, &req.session_id);
+        let (lock_sql, mut lock_params) =
+            work::claim_lock_sql(q, &req.session_id, &work::hand_start());
+        let hand = self.hands.get(&req.process, &lock_sql);
+        lock_params.set_hand(&hand);
         // A worker claims with one selector over and over: its two statements are prepared once
         // per connection (planning them costs more than running them).
         let prepared = async {
@@ -848,6 +854,7 @@ impl PostgresBackend {
             return Ok((None, Vec::new()));
         }
         let locked = locked.unwrap_or_default();
+        self.hands.advance(&req.process, &lock_sql, &hand, &locked);
         let (take_sql, take_params) = work::claim_take_sql(q, &req.session_id, locked);
         let take_stmt = match prepare_claim(conn, &take_sql).await {
             Ok(stmt) => stmt,
@@ -1871,6 +1878,101 @@ mod tests {
         assert!(total < 50, "the re-check read {total} rows:\n{plan}");
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// Selector claims turn like a clock hand: each starts after the last candidate the previous
+    /// one took, and wraps around to the start, so released candidates behind the hand wait for
+    /// the next turn instead of being taken again first.
+    #[tokio::test]
+    async fn claims_turn_like_a_clock_hand() {
+        // Two connections: the test holds one, claims take the other.
+        let (backend, base, schema) = test_backend(2).await;
+        let client = backend.client().await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 2, '0'), '{}', 0, 0, g \
+                 FROM generate_series(1, 10) g; \
+                 INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 2, '0'), 'eligible', 'true', 0, g \
+                 FROM generate_series(1, 10) g; \
+                 INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
+                 VALUES ('s', 'test', 'h', '', 1000, 0, 1000000); \
+                 INSERT INTO processes (name, conflicts, created_at) VALUES ('P', '[]', 0);",
+            )
+            .await
+            .unwrap();
+        let claim = |limit: usize| {
+            let backend = backend.clone();
+            async move {
+                let got = backend
+                    .claim(ClaimRequest {
+                        session_id: "s".into(),
+                        process: "P".into(),
+                        target: fleetdb_core::work::ClaimTarget::Selector(
+                            "kind = job and has(eligible)".into(),
+                        ),
+                        limit,
+                        now: Timestamp(0),
+                    })
+                    .await
+                    .unwrap();
+                got.into_iter().map(|w| w.key.id).collect::<Vec<_>>()
+            }
+        };
+        let release = |ids: &'static str| {
+            let client = &client;
+            async move {
+                client
+                    .batch_execute(&format!("DELETE FROM work WHERE id IN ({ids})"))
+                    .await
+                    .unwrap();
+            }
+        };
+        assert_eq!(claim(3).await, ["j01", "j02", "j03"]);
+        release("'j01', 'j02', 'j03'").await;
+        assert_eq!(
+            claim(3).await,
+            ["j04", "j05", "j06"],
+            "after the hand first"
+        );
+        release("'j04', 'j05', 'j06'").await;
+        assert_eq!(claim(3).await, ["j07", "j08", "j09"]);
+        // The end of the key space, then around to the start.
+        assert_eq!(claim(3).await, ["j01", "j02", "j10"]);
+        assert_eq!(claim(10).await, ["j03", "j04", "j05", "j06"]);
+        assert!(claim(10).await.is_empty(), "everything is held");
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    #[test]
+    fn the_hand_moves_to_the_last_key_in_scan_order() {
+        let hands = work::ClaimHands::default();
+        let key = |id: &str| ObjectKey {
+            namespace: "default".into(),
+            kind: "job".into(),
+            id: id.into(),
+        };
+        let locked = |ids: &[&str]| {
+            serde_json::to_string(
+                &ids.iter()
+                    .map(|id| serde_json::json!({"ns": "default", "kind": "job", "id": id}))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap()
+        };
+        assert_eq!(hands.get("P", "q"), work::hand_start());
+        hands.advance("P", "q", &work::hand_start(), &locked(&["a", "b"]));
+        assert_eq!(hands.get("P", "q"), key("b"));
+        // Wrapped: took "c" after the hand, then "a" from the start: the hand is at "a".
+        hands.advance("P", "q", &key("b"), &locked(&["a", "c"]));
+        assert_eq!(hands.get("P", "q"), key("a"));
+        // Nothing locked: the hand stays; other selectors and processes have their own.
+        hands.advance("P", "q", &key("a"), "[]");
+        assert_eq!(hands.get("P", "q"), key("a"));
+        assert_eq!(hands.get("Q", "q"), work::hand_start());
+        assert_eq!(hands.get("P", "other"), work::hand_start());
     }
 
     /// The fused finish runs with a generic plan made once per connection, maybe while the tables

@@ -7,6 +7,8 @@
 //! in ONE round trip and never cached (neither in the client nor on the server), however many
 //! different selectors callers use.
 
+use std::collections::HashMap;
+
 use fleetdb_core::apply::stored_key;
 use fleetdb_core::backend::{CandidateQuery, WorkStats};
 use fleetdb_core::selector::{Dialect, Selector, SqlParam};
@@ -225,6 +227,16 @@ impl TypedParams {
         TypedParams(params)
     }
 
+    /// Replace the claim hand, the last three parameters of [`claim_lock_sql`].
+    pub(crate) fn set_hand(&mut self, hand: &ObjectKey) {
+        let n = self.0.len();
+        if n >= 3 {
+            self.0[n - 3] = SqlParam::Text(hand.namespace.clone());
+            self.0[n - 2] = SqlParam::Text(hand.kind.clone());
+            self.0[n - 1] = SqlParam::Text(hand.id.clone());
+        }
+    }
+
     /// Append a parameter; returns its placeholder, with a cast matching its declared type.
     fn push(&mut self, p: SqlParam) -> String {
         let cast = match &p {
@@ -377,25 +389,116 @@ fn candidate_free_sql(ex: &str, process: &str, now: &str, k: &str) -> String {
 /// the session is alive and the process declared, and the candidates, found and locked
 /// (`FOR UPDATE OF o SKIP LOCKED`, so concurrent claimers take different objects) as a JSON array
 /// of `{"ns","kind","id"}` in key order (NULL when there are none).
-pub(crate) fn claim_lock_sql(q: &CandidateQuery, session_id: &str) -> (String, TypedParams) {
+///
+/// The scan starts after `hand` (the claim cursor, see [`ClaimHands`]) and wraps around: the
+/// candidates after it in key order, then, only if those were fewer than the limit, the ones up
+/// to it (a `UNION ALL` under one `LIMIT`: the second branch never runs when the first fills
+/// it). A claim then starts where this process's previous claim stopped instead of passing, in
+/// every claim, the candidates other workers hold and the index entries of finished ones.
+/// The hand's three parameters are the last ones ([`TypedParams::set_hand`]): the text does
+/// not depend on it.
+pub(crate) fn claim_lock_sql(
+    q: &CandidateQuery,
+    session_id: &str,
+    hand: &ObjectKey,
+) -> (String, TypedParams) {
     let (base, mut params) = claim_from_where(&q.selector, q.now);
     let sid = params.push(SqlParam::Text(session_id.to_string()));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
     let limit = params.push(SqlParam::Int(limit_param(q.limit)));
+    let h_ns = params.push(SqlParam::Text(hand.namespace.clone()));
+    let h_kind = params.push(SqlParam::Text(hand.kind.clone()));
+    let h_id = params.push(SqlParam::Text(hand.id.clone()));
     let ex = exclusions_sql(&process);
-    let free = candidate_free_sql(&ex, &process, &now, &q.selector.claim_key_alias());
+    let k = q.selector.claim_key_alias();
+    let free = candidate_free_sql(&ex, &process, &now, &k);
+    let branch = |cmp: &str| {
+        format!(
+            "SELECT * FROM (SELECT o.namespace, o.kind, o.id {base} \
+               AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) {free} \
+               AND ({k}.namespace, {k}.kind, {k}.id) {cmp} ({h_ns}, {h_kind}, {h_id}) \
+               ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) AS b"
+        )
+    };
+    let (after, upto) = (branch(">"), branch("<="));
     let sql = format!(
         "WITH s AS (SELECT 1 FROM sessions WHERE id = {sid} AND deadline > {now}), \
          me AS (SELECT 1 FROM processes WHERE name = {process}), \
-         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} \
-           AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) {free} \
-           ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) \
+         c AS MATERIALIZED ({after} UNION ALL {upto} LIMIT {limit}) \
          SELECT EXISTS (SELECT 1 FROM s), EXISTS (SELECT 1 FROM me), \
            (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
               ORDER BY c.namespace, c.kind, c.id)::text FROM c)"
     );
     (sql, params)
+}
+
+/// Where each (process, selector) claim of this process scans from next: a clock hand over the
+/// key space. After a claim it points at the last candidate taken in scan order (the largest one
+/// up to the old hand if the scan wrapped, else the largest one taken), so consecutive claims
+/// take consecutive stretches and every candidate is reached within one turn. Workers of one
+/// process share a hand; one that starts at a stretch another is taking skips its locked rows.
+/// Claims make no ordering promise (design.md invariant 19), so this only changes which
+/// candidates come first. Bounded: forgotten wholesale past [`HANDS_MAX`] selectors.
+#[derive(Default)]
+pub(crate) struct ClaimHands(std::sync::Mutex<HashMap<(String, String), ObjectKey>>);
+
+/// (process, selector statement) pairs whose hands are kept.
+const HANDS_MAX: usize = 1024;
+
+/// The key before every key: a claim from it scans everything in its first branch.
+pub(crate) fn hand_start() -> ObjectKey {
+    ObjectKey {
+        namespace: String::new(),
+        kind: String::new(),
+        id: String::new(),
+    }
+}
+
+fn key_tuple(k: &ObjectKey) -> (&str, &str, &str) {
+    (&k.namespace, &k.kind, &k.id)
+}
+
+impl ClaimHands {
+    pub(crate) fn get(&self, process: &str, statement: &str) -> ObjectKey {
+        let hands = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        hands
+            .get(&(process.to_string(), statement.to_string()))
+            .cloned()
+            .unwrap_or_else(hand_start)
+    }
+
+    /// Move the hand after a claim that scanned from `from` and locked `locked` (step 1's JSON).
+    pub(crate) fn advance(&self, process: &str, statement: &str, from: &ObjectKey, locked: &str) {
+        let Ok(keys) = serde_json::from_str::<Vec<serde_json::Value>>(locked) else {
+            return;
+        };
+        let field = |k: &serde_json::Value, f: &str| k[f].as_str().map(str::to_string);
+        let keys: Vec<ObjectKey> = keys
+            .iter()
+            .filter_map(|k| {
+                Some(ObjectKey {
+                    namespace: field(k, "ns")?,
+                    kind: field(k, "kind")?,
+                    id: field(k, "id")?,
+                })
+            })
+            .collect();
+        let wrapped = keys
+            .iter()
+            .filter(|k| key_tuple(k) <= key_tuple(from))
+            .max_by(|a, b| key_tuple(a).cmp(&key_tuple(b)));
+        let Some(next) =
+            wrapped.or_else(|| keys.iter().max_by(|a, b| key_tuple(a).cmp(&key_tuple(b))))
+        else {
+            return;
+        };
+        let mut hands = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if hands.len() >= HANDS_MAX {
+            hands.clear();
+        }
+        hands.insert((process.to_string(), statement.to_string()), next.clone());
+    }
 }
 
 /// Step 2 of a selector claim (one statement, pipelined with `COMMIT`): the locked candidates
