@@ -379,12 +379,17 @@ pub fn root_by_labels(labels: &Labels, now: Timestamp) -> (bool, Option<Timestam
 /// Nodes of the reference graph, interned to dense integer ids (borrowing the snapshot's text).
 /// Objects and blobs of the snapshot come first; then "phantom" nodes: targets of references,
 /// lease resources and World blobs that do not exist (they count as marked, like any node).
+///
+/// The maps hash with foldhash, not std's SipHash: interning a million keys is most of the mark,
+/// and the keys are the store's own (no untrusted input chooses them to collide).
 #[derive(Default)]
 struct Nodes<'a> {
-    objects: HashMap<(&'a str, &'a str, &'a str), u32>,
-    blobs: HashMap<&'a str, u32>,
+    objects: FastMap<(&'a str, &'a str, &'a str), u32>,
+    blobs: FastMap<&'a str, u32>,
     count: u32,
 }
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 impl<'a> Nodes<'a> {
     fn object(&mut self, namespace: &'a str, kind: &'a str, id: &'a str) -> u32 {
@@ -441,8 +446,8 @@ pub fn mark(snap: &GcSnapshot, now: Timestamp) -> Marked {
         next_deadline = Some(next_deadline.map_or(t, |d: Timestamp| d.min(t)));
     };
     let mut nodes = Nodes {
-        objects: HashMap::with_capacity(snap.objects.len()),
-        blobs: HashMap::with_capacity(snap.blobs.len()),
+        objects: FastMap::with_capacity_and_hasher(snap.objects.len(), Default::default()),
+        blobs: FastMap::with_capacity_and_hasher(snap.blobs.len(), Default::default()),
         count: 0,
     };
     let object_ids: Vec<u32> = snap
