@@ -751,4 +751,52 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
     s.gc_run().await.unwrap();
     assert!(s.blob_info(&persistent).await.unwrap().is_none());
     assert!(s.blob_info(&late).await.unwrap().is_some());
+
+    // A real concurrent exporter, exporting one blob after another until the collection is
+    // over: every export that was written holds a blob that is still there afterwards (an
+    // export of a blob already collected fails with NotFound).
+    let mut loose = Vec::new();
+    for i in 0..300 {
+        let b = s
+            .blob_put(format!("loose {i}").as_bytes(), labels(&[]), None)
+            .await
+            .unwrap();
+        loose.push(b.digest);
+    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let exporter = {
+        let (h1, loose, done) = (s.world("h1").unwrap(), loose.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            // From the last blob down: the sweep removes them in digest order, so the two meet.
+            for (i, d) in loose.iter().enumerate().rev() {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = h1
+                    .export(vec![export(
+                        &format!("race{i}"),
+                        Lifetime::persistent(),
+                        vec![blob(d)],
+                    )])
+                    .await;
+                match r {
+                    Ok(_) => held.push(d.clone()),
+                    Err(Error::NotFound { .. }) => {} // collected before the export
+                    Err(e) => panic!("export: {e}"),
+                }
+            }
+            held
+        })
+    };
+    s.gc_run().await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let held = exporter.await.unwrap();
+    s.gc_run().await.unwrap();
+    for d in &held {
+        assert!(
+            s.blob_info(d).await.unwrap().is_some(),
+            "{d} is held by an export but was collected"
+        );
+    }
 }
