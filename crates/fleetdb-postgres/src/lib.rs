@@ -729,7 +729,13 @@ impl PostgresBackend {
         let conn: &deadpool_postgres::ClientWrapper = guard.client();
         let (lock_sql, mut lock_params) =
             work::claim_lock_sql(q, &req.session_id, &work::hand_start());
-        let hand = self.hands.get(&req.process, &lock_sql);
+        let clock_hand = self.hands.hand(&req.process, &lock_sql);
+        // Held until the hand has moved past this claim's candidates (see `Hand::TURN_MIN`).
+        let turn = match req.limit >= work::Hand::TURN_MIN {
+            true => Some(clock_hand.turn.lock().await),
+            false => None,
+        };
+        let hand = clock_hand.get();
         lock_params.set_hand(&hand);
         // A worker claims with one selector over and over: its two statements are prepared once
         // per connection (planning them costs more than running them).
@@ -854,7 +860,8 @@ impl PostgresBackend {
             return Ok((None, Vec::new()));
         }
         let locked = locked.unwrap_or_default();
-        self.hands.advance(&req.process, &lock_sql, &hand, &locked);
+        clock_hand.advance(&hand, &locked);
+        drop(turn);
         let (take_sql, take_params) = work::claim_take_sql(q, &req.session_id, locked);
         let take_stmt = match prepare_claim(conn, &take_sql).await {
             Ok(stmt) => stmt,
@@ -1946,9 +1953,50 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// The hand bounds the leading tag's index scan itself: a claim from near the end of 3,000
+    /// eligible objects reads the rows after the hand, not every row before it.
+    #[tokio::test]
+    async fn claim_find_starts_at_the_hand() {
+        let (backend, base, schema) = test_backend(1).await;
+        let client = backend.client().await.unwrap();
+        client
+            .batch_execute(
+                "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), '{}', 0, 0, g \
+                 FROM generate_series(1, 3000) g; \
+                 INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'eligible', 'true', 0, g \
+                 FROM generate_series(1, 3000) g; \
+                 INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
+                 VALUES ('s', 'test', 'h', '', 1000, 0, 1000000); \
+                 INSERT INTO processes (name, conflicts, created_at) VALUES ('P', '[]', 0);",
+            )
+            .await
+            .unwrap();
+        let q = fleetdb_core::backend::CandidateQuery {
+            selector: Selector::parse("kind = job and has(eligible)").unwrap(),
+            process: "P".into(),
+            exclude: Vec::new(),
+            now: Timestamp(0),
+            limit: 10,
+        };
+        let hand = ObjectKey::new("default", "job", "j02990").unwrap();
+        let (find, params) = work::claim_lock_sql(&q, "s", &hand);
+        let explain = format!("EXPLAIN ANALYZE {find}");
+        let stmt = client.prepare(&explain).await.unwrap();
+        let rows = client.query(&stmt, &params.values()).await.unwrap();
+        let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let plan = lines.join("\n");
+        let total = plan_rows(&lines);
+        assert!(total < 200, "the find step read {total} rows:\n{plan}");
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
     #[test]
     fn the_hand_moves_to_the_last_key_in_scan_order() {
         let hands = work::ClaimHands::default();
+        let hand = hands.hand("P", "q");
         let key = |id: &str| ObjectKey {
             namespace: "default".into(),
             kind: "job".into(),
@@ -1962,17 +2010,17 @@ mod tests {
             )
             .unwrap()
         };
-        assert_eq!(hands.get("P", "q"), work::hand_start());
-        hands.advance("P", "q", &work::hand_start(), &locked(&["a", "b"]));
-        assert_eq!(hands.get("P", "q"), key("b"));
+        assert_eq!(hand.get(), work::hand_start());
+        hand.advance(&work::hand_start(), &locked(&["a", "b"]));
+        assert_eq!(hand.get(), key("b"));
         // Wrapped: took "c" after the hand, then "a" from the start: the hand is at "a".
-        hands.advance("P", "q", &key("b"), &locked(&["a", "c"]));
-        assert_eq!(hands.get("P", "q"), key("a"));
+        hand.advance(&key("b"), &locked(&["a", "c"]));
+        assert_eq!(hand.get(), key("a"));
         // Nothing locked: the hand stays; other selectors and processes have their own.
-        hands.advance("P", "q", &key("a"), "[]");
-        assert_eq!(hands.get("P", "q"), key("a"));
-        assert_eq!(hands.get("Q", "q"), work::hand_start());
-        assert_eq!(hands.get("P", "other"), work::hand_start());
+        hand.advance(&key("a"), "[]");
+        assert_eq!(hands.hand("P", "q").get(), key("a"));
+        assert_eq!(hands.hand("Q", "q").get(), work::hand_start());
+        assert_eq!(hands.hand("P", "other").get(), work::hand_start());
     }
 
     /// The fused finish runs with a generic plan made once per connection, maybe while the tables

@@ -8,10 +8,11 @@
 //! different selectors callers use.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use fleetdb_core::apply::stored_key;
 use fleetdb_core::backend::{CandidateQuery, WorkStats};
-use fleetdb_core::selector::{Dialect, Selector, SqlParam};
+use fleetdb_core::selector::{Dialect, Selector, SqlParam, CLAIM_LEAD_FILTER};
 use fleetdb_core::work::{BackoffInfo, HistoryEntry, Process, SessionInfo, WorkEvent, WorkInfo};
 use fleetdb_core::{Error, Object, ObjectKey, Result, Timestamp};
 use tokio_postgres::types::Type;
@@ -414,10 +415,21 @@ pub(crate) fn claim_lock_sql(
     let k = q.selector.claim_key_alias();
     let free = candidate_free_sql(&ex, &process, &now, &k);
     let branch = |cmp: &str| {
+        let hand = format!("({h_ns}, {h_kind}, {h_id})");
+        // The bound goes inside the leading tag's subquery, where it bounds the index scan (see
+        // `CLAIM_LEAD_FILTER`); without a leading tag, on `o` (a primary-key range).
+        let (from, outer) = if base.contains(CLAIM_LEAD_FILTER) {
+            let inner = format!("AND (namespace, kind, id) {cmp} {hand}");
+            (base.replace(CLAIM_LEAD_FILTER, &inner), String::new())
+        } else {
+            (
+                base.clone(),
+                format!("AND ({k}.namespace, {k}.kind, {k}.id) {cmp} {hand}"),
+            )
+        };
         format!(
-            "SELECT * FROM (SELECT o.namespace, o.kind, o.id {base} \
-               AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) {free} \
-               AND ({k}.namespace, {k}.kind, {k}.id) {cmp} ({h_ns}, {h_kind}, {h_id}) \
+            "SELECT * FROM (SELECT o.namespace, o.kind, o.id {from} \
+               AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) {free} {outer} \
                ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) AS b"
         )
     };
@@ -436,12 +448,19 @@ pub(crate) fn claim_lock_sql(
 /// Where each (process, selector) claim of this process scans from next: a clock hand over the
 /// key space. After a claim it points at the last candidate taken in scan order (the largest one
 /// up to the old hand if the scan wrapped, else the largest one taken), so consecutive claims
-/// take consecutive stretches and every candidate is reached within one turn. Workers of one
-/// process share a hand; one that starts at a stretch another is taking skips its locked rows.
-/// Claims make no ordering promise (design.md invariant 19), so this only changes which
-/// candidates come first. Bounded: forgotten wholesale past [`HANDS_MAX`] selectors.
+/// take consecutive stretches and every candidate is reached within one turn. Claims make no
+/// ordering promise (design.md invariant 19), so this only changes which candidates come first.
+/// Bounded: forgotten wholesale past [`HANDS_MAX`] selectors.
 #[derive(Default)]
-pub(crate) struct ClaimHands(std::sync::Mutex<HashMap<(String, String), ObjectKey>>);
+pub(crate) struct ClaimHands(std::sync::Mutex<HashMap<(String, String), Arc<Hand>>>);
+
+/// One (process, selector) hand.
+#[derive(Default)]
+pub(crate) struct Hand {
+    at: std::sync::Mutex<Option<ObjectKey>>,
+    /// Claims of many candidates take turns finding theirs ([`Hand::TURN_MIN`]).
+    pub(crate) turn: tokio::sync::Mutex<()>,
+}
 
 /// (process, selector statement) pairs whose hands are kept.
 const HANDS_MAX: usize = 1024;
@@ -460,16 +479,38 @@ fn key_tuple(k: &ObjectKey) -> (&str, &str, &str) {
 }
 
 impl ClaimHands {
-    pub(crate) fn get(&self, process: &str, statement: &str) -> ObjectKey {
-        let hands = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        hands
-            .get(&(process.to_string(), statement.to_string()))
-            .cloned()
+    pub(crate) fn hand(&self, process: &str, statement: &str) -> Arc<Hand> {
+        let mut hands = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (process.to_string(), statement.to_string());
+        if let Some(h) = hands.get(&key) {
+            return h.clone();
+        }
+        if hands.len() >= HANDS_MAX {
+            hands.clear();
+        }
+        hands.entry(key).or_default().clone()
+    }
+}
+
+impl Hand {
+    /// Claims of at least this many candidates find them one at a time per process (a tokio
+    /// mutex held for the find-and-lock round trip only, taken before the transaction begins, so
+    /// no database lock is held while waiting for it). Claims started together would otherwise
+    /// all scan from the same hand, each passing every candidate the others are locking — at
+    /// 100 per claim that was most of the find step's reads. Small claims pass few and do not
+    /// wait.
+    pub(crate) const TURN_MIN: usize = 16;
+
+    pub(crate) fn get(&self) -> ObjectKey {
+        self.at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
             .unwrap_or_else(hand_start)
     }
 
     /// Move the hand after a claim that scanned from `from` and locked `locked` (step 1's JSON).
-    pub(crate) fn advance(&self, process: &str, statement: &str, from: &ObjectKey, locked: &str) {
+    pub(crate) fn advance(&self, from: &ObjectKey, locked: &str) {
         let Ok(keys) = serde_json::from_str::<Vec<serde_json::Value>>(locked) else {
             return;
         };
@@ -493,11 +534,7 @@ impl ClaimHands {
         else {
             return;
         };
-        let mut hands = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if hands.len() >= HANDS_MAX {
-            hands.clear();
-        }
-        hands.insert((process.to_string(), statement.to_string()), next.clone());
+        *self.at.lock().unwrap_or_else(|p| p.into_inner()) = Some(next.clone());
     }
 }
 

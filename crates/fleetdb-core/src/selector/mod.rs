@@ -27,6 +27,7 @@ use crate::time::Timestamp;
 mod eval;
 mod parse;
 mod sql;
+pub use sql::CLAIM_LEAD_FILTER;
 
 #[cfg(test)]
 mod testgen;

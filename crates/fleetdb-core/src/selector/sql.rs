@@ -70,6 +70,11 @@ pub(super) fn from_clause(
     out
 }
 
+/// A marker (an SQL comment) inside the leading tag's subquery of [`driven_from_clause`], where
+/// a claim may put a condition on that tag's `namespace, kind, id` so that it bounds the index
+/// scan itself (a condition outside the subquery only filters what the scan read).
+pub const CLAIM_LEAD_FILTER: &str = "/*lead*/";
+
 /// PostgreSQL's FROM clause for a claim: like [`from_clause`] on SQLite, the query starts from
 /// the first required tag, here a subquery kept out of the join tree (`OFFSET 0`) that reads
 /// that tag's rows in key order from `tags_by_name`; each object is then one primary-key probe.
@@ -84,7 +89,7 @@ pub(super) fn driven_from_clause(
     let lead = tags.iter().position(|t| required.contains(t))?;
     let p = push(dialect, params, SqlParam::Text(tags[lead].clone()));
     let mut out = format!(
-        "(SELECT * FROM tags WHERE name = {p} ORDER BY namespace, kind, id OFFSET 0) t{lead} \
+        "(SELECT * FROM tags WHERE name = {p} {CLAIM_LEAD_FILTER} ORDER BY namespace, kind, id OFFSET 0) t{lead} \
          JOIN objects o ON o.namespace = t{lead}.namespace AND o.kind = t{lead}.kind \
          AND o.id = t{lead}.id"
     );
