@@ -652,6 +652,16 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(again.unchanged.len(), 1);
+    for holds in [
+        vec![blob(&persistent), blob(&ttl_held)],
+        vec![blob(&persistent)],
+    ] {
+        let changed = h1
+            .export(vec![export("p", Lifetime::persistent(), holds)])
+            .await
+            .unwrap();
+        assert_eq!(changed.changed.len(), 1, "other holds are a change");
+    }
 
     // Everything held survives a collection.
     s.gc_run().await.unwrap();

@@ -1828,6 +1828,25 @@ mod tests {
 
     /// Rows every node of an `EXPLAIN ANALYZE` text plan produced (`rows` × `loops` of each
     /// node's actual figures), summed over the tree.
+    /// `n` objects `default/job/j<number, zero-padded to width>` with an `eligible` tag, a live
+    /// session `s` and a declared process `P`.
+    async fn seed_eligible(client: &deadpool_postgres::Client, n: u32, width: u32) {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, {width}, '0'), '{{}}', 0, 0, g \
+                 FROM generate_series(1, {n}) g; \
+                 INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, {width}, '0'), 'eligible', 'true', 0, g \
+                 FROM generate_series(1, {n}) g; \
+                 INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
+                 VALUES ('s', 'test', 'h', '', 1000, 0, 1000000); \
+                 INSERT INTO processes (name, conflicts, created_at) VALUES ('P', '[]', 0);"
+            ))
+            .await
+            .unwrap();
+    }
+
     fn plan_rows(lines: &[String]) -> u64 {
         let field = |line: &str, name: &str| -> Option<u64> {
             let at = line.find(name)? + name.len();
@@ -1853,19 +1872,7 @@ mod tests {
     async fn claim_recheck_reads_only_the_locked_keys() {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
-        client
-            .batch_execute(
-                "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
-                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), '{}', 0, 0, g \
-                 FROM generate_series(1, 3000) g; \
-                 INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
-                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'eligible', 'true', 0, g \
-                 FROM generate_series(1, 3000) g; \
-                 INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
-                 VALUES ('s', 'test', 'h', '', 1000, 0, 1000000);",
-            )
-            .await
-            .unwrap();
+        seed_eligible(&client, 3000, 5).await;
         let q = fleetdb_core::backend::CandidateQuery {
             selector: Selector::parse("kind = job and has(eligible)").unwrap(),
             process: "P".into(),
@@ -1895,20 +1902,7 @@ mod tests {
         // Two connections: the test holds one, claims take the other.
         let (backend, base, schema) = test_backend(2).await;
         let client = backend.client().await.unwrap();
-        client
-            .batch_execute(
-                "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
-                 SELECT 'default', 'job', 'j' || lpad(g::text, 2, '0'), '{}', 0, 0, g \
-                 FROM generate_series(1, 10) g; \
-                 INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
-                 SELECT 'default', 'job', 'j' || lpad(g::text, 2, '0'), 'eligible', 'true', 0, g \
-                 FROM generate_series(1, 10) g; \
-                 INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
-                 VALUES ('s', 'test', 'h', '', 1000, 0, 1000000); \
-                 INSERT INTO processes (name, conflicts, created_at) VALUES ('P', '[]', 0);",
-            )
-            .await
-            .unwrap();
+        seed_eligible(&client, 10, 2).await;
         let claim = |limit: usize| {
             let backend = backend.clone();
             async move {
@@ -1959,20 +1953,7 @@ mod tests {
     async fn claim_find_starts_at_the_hand() {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
-        client
-            .batch_execute(
-                "INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
-                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), '{}', 0, 0, g \
-                 FROM generate_series(1, 3000) g; \
-                 INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
-                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'eligible', 'true', 0, g \
-                 FROM generate_series(1, 3000) g; \
-                 INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
-                 VALUES ('s', 'test', 'h', '', 1000, 0, 1000000); \
-                 INSERT INTO processes (name, conflicts, created_at) VALUES ('P', '[]', 0);",
-            )
-            .await
-            .unwrap();
+        seed_eligible(&client, 3000, 5).await;
         let q = fleetdb_core::backend::CandidateQuery {
             selector: Selector::parse("kind = job and has(eligible)").unwrap(),
             process: "P".into(),
