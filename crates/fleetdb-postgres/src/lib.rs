@@ -1828,6 +1828,20 @@ mod tests {
 
     /// Rows every node of an `EXPLAIN ANALYZE` text plan produced (`rows` × `loops` of each
     /// node's actual figures), summed over the tree.
+    /// The lines of `EXPLAIN ANALYZE` of `sql` run with `params`.
+    async fn explain_analyze(
+        client: &deadpool_postgres::Client,
+        sql: &str,
+        params: &work::TypedParams,
+    ) -> Vec<String> {
+        let stmt = client
+            .prepare(&format!("EXPLAIN ANALYZE {sql}"))
+            .await
+            .unwrap();
+        let rows = client.query(&stmt, &params.values()).await.unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
     /// `n` objects `default/job/j<number, zero-padded to width>` with an `eligible` tag, a live
     /// session `s` and a declared process `P`.
     async fn seed_eligible(client: &deadpool_postgres::Client, n: u32, width: u32) {
@@ -1882,10 +1896,7 @@ mod tests {
         };
         let locked = r#"[{"ns":"default","kind":"job","id":"j02999"}]"#.to_string();
         let (take, params) = work::claim_take_sql(&q, "s", locked);
-        let explain = format!("EXPLAIN ANALYZE {take}");
-        let stmt = client.prepare(&explain).await.unwrap();
-        let rows = client.query(&stmt, &params.values()).await.unwrap();
-        let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let lines = explain_analyze(&client, &take, &params).await;
         let plan = lines.join("\n");
         assert!(plan.contains("Insert on work "), "{plan}");
         let total = plan_rows(&lines);
@@ -1963,10 +1974,7 @@ mod tests {
         };
         let hand = ObjectKey::new("default", "job", "j02990").unwrap();
         let (find, params) = work::claim_lock_sql(&q, "s", &hand);
-        let explain = format!("EXPLAIN ANALYZE {find}");
-        let stmt = client.prepare(&explain).await.unwrap();
-        let rows = client.query(&stmt, &params.values()).await.unwrap();
-        let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let lines = explain_analyze(&client, &find, &params).await;
         let plan = lines.join("\n");
         let total = plan_rows(&lines);
         assert!(total < 200, "the find step read {total} rows:\n{plan}");
