@@ -620,6 +620,9 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
         .await
         .unwrap();
     let h1 = s.world("h1").unwrap();
+    let export_held = |name: &str, holds: Vec<Resource>| {
+        h1.export(vec![export(name, Lifetime::persistent(), holds)])
+    };
     let out = h1
         .export(vec![
             export("p", Lifetime::persistent(), vec![blob(&persistent)]),
@@ -643,23 +646,13 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
     let p = collected.iter().find(|e| e.id.name == "p").unwrap();
     assert_eq!(p.holds, vec![blob(&persistent)], "holds are read back");
     // The same export again is unchanged; holding something else is a change.
-    let again = h1
-        .export(vec![export(
-            "p",
-            Lifetime::persistent(),
-            vec![blob(&persistent)],
-        )])
-        .await
-        .unwrap();
+    let again = export_held("p", vec![blob(&persistent)]).await.unwrap();
     assert_eq!(again.unchanged.len(), 1);
     for holds in [
         vec![blob(&persistent), blob(&ttl_held)],
         vec![blob(&persistent)],
     ] {
-        let changed = h1
-            .export(vec![export("p", Lifetime::persistent(), holds)])
-            .await
-            .unwrap();
+        let changed = export_held("p", holds).await.unwrap();
         assert_eq!(changed.changed.len(), 1, "other holds are a change");
     }
 
@@ -698,13 +691,7 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
     let snap = s.backend().gc_snapshot().await.unwrap();
     let marked = gc::mark(&snap, h.clock.now());
     assert_eq!(marked.garbage_blobs, vec![late.clone()]);
-    h1.export(vec![export(
-        "late",
-        Lifetime::persistent(),
-        vec![blob(&late)],
-    )])
-    .await
-    .unwrap();
+    export_held("late", vec![blob(&late)]).await.unwrap();
     let r = s
         .backend()
         .commit(Batch {
@@ -728,14 +715,7 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
 
     // What does not exist cannot be held; nothing is written.
     let missing = format!("sha256:{}", "0".repeat(64));
-    let err = h1
-        .export(vec![export(
-            "bad",
-            Lifetime::persistent(),
-            vec![blob(&missing)],
-        )])
-        .await
-        .unwrap_err();
+    let err = export_held("bad", vec![blob(&missing)]).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
     assert!(!h1
         .collect(&[])
@@ -748,10 +728,7 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
             key: key("default", "image", &format!("i{i}")),
         })
         .collect();
-    let err = h1
-        .export(vec![export("big", Lifetime::persistent(), too_many)])
-        .await
-        .unwrap_err();
+    let err = export_held("big", too_many).await.unwrap_err();
     assert!(matches!(err, Error::TooLarge { .. }), "{err}");
 
     // Unexported, what it held goes at the next collection.

@@ -1828,6 +1828,17 @@ mod tests {
 
     /// Rows every node of an `EXPLAIN ANALYZE` text plan produced (`rows` × `loops` of each
     /// node's actual figures), summed over the tree.
+    /// A claim of up to `limit` of [`seed_eligible`]'s jobs for process `P` at time 0.
+    fn eligible_jobs(limit: usize) -> fleetdb_core::backend::CandidateQuery {
+        fleetdb_core::backend::CandidateQuery {
+            selector: Selector::parse("kind = job and has(eligible)").unwrap(),
+            process: "P".into(),
+            exclude: Vec::new(),
+            now: Timestamp(0),
+            limit,
+        }
+    }
+
     /// The lines of `EXPLAIN ANALYZE` of `sql` run with `params`.
     async fn explain_analyze(
         client: &deadpool_postgres::Client,
@@ -1887,13 +1898,7 @@ mod tests {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
         seed_eligible(&client, 3000, 5).await;
-        let q = fleetdb_core::backend::CandidateQuery {
-            selector: Selector::parse("kind = job and has(eligible)").unwrap(),
-            process: "P".into(),
-            exclude: Vec::new(),
-            now: Timestamp(0),
-            limit: 1,
-        };
+        let q = eligible_jobs(1);
         let locked = r#"[{"ns":"default","kind":"job","id":"j02999"}]"#.to_string();
         let (take, params) = work::claim_take_sql(&q, "s", locked);
         let lines = explain_analyze(&client, &take, &params).await;
@@ -1965,13 +1970,7 @@ mod tests {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
         seed_eligible(&client, 3000, 5).await;
-        let q = fleetdb_core::backend::CandidateQuery {
-            selector: Selector::parse("kind = job and has(eligible)").unwrap(),
-            process: "P".into(),
-            exclude: Vec::new(),
-            now: Timestamp(0),
-            limit: 10,
-        };
+        let q = eligible_jobs(10);
         let hand = ObjectKey::new("default", "job", "j02990").unwrap();
         let (find, params) = work::claim_lock_sql(&q, "s", &hand);
         let lines = explain_analyze(&client, &find, &params).await;
@@ -1996,13 +1995,7 @@ mod tests {
             .batch_execute(&sql::CLAIM_PLANNED.replace("SET LOCAL", "SET"))
             .await
             .unwrap();
-        let q = fleetdb_core::backend::CandidateQuery {
-            selector: Selector::parse("kind = job and has(eligible)").unwrap(),
-            process: "P".into(),
-            exclude: Vec::new(),
-            now: Timestamp(0),
-            limit: 10,
-        };
+        let q = eligible_jobs(10);
         let (find, find_params) = work::claim_lock_sql(&q, "s", &work::hand_start());
         let (take, take_params) = work::claim_take_sql(
             &q,
