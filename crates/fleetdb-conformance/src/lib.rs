@@ -99,6 +99,7 @@ macro_rules! suite {
             sync_exports_prunes_what_a_host_no_longer_exports,
             session_bound_exports_vanish_when_the_session_expires,
             kv_get_set_cas_delete,
+            racing_sets_of_one_key_chain_their_previous_values,
             per_host_maps_are_separate_from_keys,
             deploy_chain_rules_and_trees,
             schedule_follows_registrations_and_session_liveness,

@@ -485,6 +485,54 @@ pub async fn kv_get_set_cas_delete(h: &Harness) {
     assert_eq!(s.kv_get("over").await.unwrap().unwrap(), second);
 }
 
+/// Writers racing on one key (and creating it): the change log holds every set once, in
+/// revision order, and each change's previous value is the value the change before it wrote;
+/// the key ends with the last change's value and revision.
+pub async fn racing_sets_of_one_key_chain_their_previous_values(h: &Harness) {
+    const WRITERS: usize = 8;
+    const EACH: usize = 25;
+    let s = &h.store;
+    let start = s.revision().await.unwrap().current;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                s.kv_set("hot", &format!("{w}-{i}")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log: Vec<_> = s
+        .changes(start, &fleetdb::ChangeFilter::default(), 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.id == "hot")
+        .collect();
+    assert_eq!(log.len(), WRITERS * EACH, "every set is one change");
+    assert!(log[0].old_value.is_none(), "the first set created the key");
+    for pair in log.windows(2) {
+        assert!(pair[0].revision < pair[1].revision);
+        assert_eq!(
+            pair[1].old_value.as_ref().map(|v| &v["value"]),
+            pair[0].new_value.as_ref().map(|v| &v["value"]),
+            "the previous value of revision {} is what revision {} wrote",
+            pair[1].revision,
+            pair[0].revision
+        );
+    }
+    let last = log.last().unwrap();
+    let now = s.kv_get("hot").await.unwrap().unwrap();
+    assert_eq!(now.revision, last.revision);
+    assert_eq!(
+        Some(&serde_json::Value::from(now.value)),
+        last.new_value.as_ref().map(|v| &v["value"])
+    );
+}
+
 pub async fn per_host_maps_are_separate_from_keys(h: &Harness) {
     let s = &h.store;
     let (h1, h2) = (s.world("h1").unwrap(), s.world("h2").unwrap());

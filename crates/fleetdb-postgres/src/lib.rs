@@ -95,6 +95,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "gc_runs",
         sql: include_str!("../migrations/0008_gc_runs.sql"),
     },
+    Migration {
+        version: 9,
+        name: "world_prev_data",
+        sql: include_str!("../migrations/0009_world_prev_data.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -381,13 +386,18 @@ impl PostgresBackend {
     /// `None` when the stored key is bound to a session or a TTL (its liveness needs the general
     /// path).
     ///
-    /// An existing key is read `FOR UPDATE` in the statement itself: under READ COMMITTED that
-    /// waits for a concurrent writer of the key and yields its committed row, so the previous
-    /// value and the revision order are those of the commits. A new key is inserted with
-    /// `ON CONFLICT DO NOTHING`; if another writer created it first, the update runs instead.
-    /// Serializable transactions touching the key (every other key-value path) conflict with
-    /// these row writes as with any other (first updater wins, or a unique violation that
-    /// PostgreSQL reports as a serialization failure).
+    /// An existing key is updated without being locked first: under READ COMMITTED an UPDATE
+    /// that meets a concurrent writer of the row waits for its commit and then re-evaluates its
+    /// conditions and its SET list on the row version it finally replaces, so `prev_data = data`
+    /// captures the value of the commit just before this one, and `nextval` (taken in the same
+    /// SET list) orders the revisions of one key as their commits (migration 0009; conformance
+    /// `racing_sets_of_one_key_chain_their_previous_values`). When nothing was updated, the
+    /// statement's own snapshot of the row says why (identical value, bound, or absent); if it
+    /// says none of these, a concurrent set changed the key in between and the set runs again.
+    /// A new key is inserted with `ON CONFLICT DO NOTHING`; if another writer created it first,
+    /// the update runs instead. Serializable transactions touching the key (every other
+    /// key-value path) conflict with these row writes as with any other (first updater wins, or
+    /// a unique violation that PostgreSQL reports as a serialization failure).
     async fn kv_set_fused(
         &self,
         key: &str,
@@ -395,17 +405,22 @@ impl PostgresBackend {
         now: fleetdb_core::Timestamp,
     ) -> Result<Option<Vec<OpResult>>> {
         use fleetdb_core::world::{Space, WorldRecord};
-        const UPDATE: &str = "WITH old AS (SELECT data, session_id, expires_at, create_revision, revision, \
-                created_at, updated_at FROM world WHERE space = 'kv' AND key = $1 FOR UPDATE), \
-             go AS (SELECT 1 FROM old WHERE data <> $2 AND session_id IS NULL AND expires_at IS NULL), \
+        // Rows: (true, new revision, create_revision, created_at, updated_at, ...) when it
+        // updated; (false, revision, create_revision, created_at, updated_at, identical, bound)
+        // from the snapshot when it did not; none when the key does not exist.
+        const UPDATE: &str = "WITH up AS (UPDATE world w SET prev_data = w.data, data = $2, meta = NULL, \
+                revision = nextval('fleetdb_revision'), updated_at = $4 \
+                WHERE w.space = 'kv' AND w.key = $1 AND w.data <> $2 \
+                  AND w.session_id IS NULL AND w.expires_at IS NULL \
+                RETURNING w.revision, w.create_revision, w.created_at, w.updated_at, w.prev_data), \
              chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
-                SELECT nextval('fleetdb_revision'), '.kv', '', $1, 'kv', '', 'put', \
-                  (SELECT jsonb_build_object('value', convert_from(data, 'UTF8'))::text FROM old), $3, $4 \
-                FROM go RETURNING revision), \
-             up AS (UPDATE world w SET data = $2, meta = NULL, revision = chg.revision, updated_at = $4 \
-                FROM chg WHERE w.space = 'kv' AND w.key = $1 RETURNING w.revision) \
-             SELECT (SELECT revision FROM up), session_id IS NOT NULL OR expires_at IS NOT NULL, \
-               revision, create_revision, created_at, updated_at FROM old";
+                SELECT revision, '.kv', '', $1, 'kv', '', 'put', \
+                  jsonb_build_object('value', convert_from(prev_data, 'UTF8'))::text, $3, $4 FROM up) \
+             SELECT true, revision, create_revision, created_at, updated_at, false, false FROM up \
+             UNION ALL \
+             SELECT false, revision, create_revision, created_at, updated_at, data = $2, \
+               session_id IS NOT NULL OR expires_at IS NOT NULL \
+             FROM world WHERE space = 'kv' AND key = $1 AND NOT EXISTS (SELECT 1 FROM up)";
         const INSERT: &str = "WITH up AS (INSERT INTO world (space, key, scope, owner, kind, name, target, \
                 data, meta, session_id, expires_at, create_revision, revision, created_at, updated_at) \
                 SELECT 'kv', $1, '', '', '', '', '', $2, NULL, NULL, NULL, r.rev, r.rev, $4, $4 \
@@ -414,8 +429,9 @@ impl PostgresBackend {
              chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
                 SELECT revision, '.kv', '', $1, 'kv', '', 'put', NULL, $3, $4 FROM up) \
              SELECT (SELECT revision FROM up)";
-        /// Rounds of "update found no row, insert found one" before giving up (each needs a
-        /// concurrent create and delete of the key in between).
+        /// Rounds before giving up; each further round needs a concurrent write of the key in
+        /// between (created while this set found it absent, deleted or set to this very value
+        /// while it waited to update it).
         const ROUNDS_MAX: usize = 8;
         let mut rec = WorldRecord::new(Space::Kv, key, now);
         rec.data = value.as_bytes().to_vec();
@@ -442,29 +458,27 @@ impl PostgresBackend {
                     applied: fleetdb_core::Applied::World(Box::new(rec)),
                 }]));
             };
-            let bound: bool = row.try_get(1).map_err(db_err)?;
+            let updated: bool = row.try_get(0).map_err(db_err)?;
+            let identical: bool = row.try_get(5).map_err(db_err)?;
+            let bound: bool = row.try_get(6).map_err(db_err)?;
             if bound {
                 return Ok(None);
             }
-            let new_rev: Option<i64> = row.try_get(0).map_err(db_err)?;
-            let old_rev: i64 = row.try_get(2).map_err(db_err)?;
-            rec.create_revision = fleetdb_core::Revision(row.try_get(3).map_err(db_err)?);
-            rec.created_at = fleetdb_core::Timestamp(row.try_get(4).map_err(db_err)?);
-            let changed = new_rev.is_some();
-            match new_rev {
-                Some(r) => rec.revision = fleetdb_core::Revision(r),
-                None => {
-                    rec.revision = fleetdb_core::Revision(old_rev);
-                    rec.updated_at = fleetdb_core::Timestamp(row.try_get(5).map_err(db_err)?);
-                }
+            if !updated && !identical {
+                // Changed by a concurrent set between the snapshot and the update: again.
+                continue;
             }
+            rec.revision = fleetdb_core::Revision(row.try_get(1).map_err(db_err)?);
+            rec.create_revision = fleetdb_core::Revision(row.try_get(2).map_err(db_err)?);
+            rec.created_at = fleetdb_core::Timestamp(row.try_get(3).map_err(db_err)?);
+            rec.updated_at = fleetdb_core::Timestamp(row.try_get(4).map_err(db_err)?);
             return Ok(Some(vec![OpResult {
-                changed,
+                changed: updated,
                 applied: fleetdb_core::Applied::World(Box::new(rec)),
             }]));
         }
         Err(Error::Unavailable(format!(
-            "key {key:?} was created and deleted concurrently {ROUNDS_MAX} times in a row"
+            "key {key:?} was changed concurrently in each of {ROUNDS_MAX} rounds in a row"
         )))
     }
 

@@ -125,8 +125,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
 
     let backend = db.open().await;
     let status = backend.schema_status().await.unwrap();
-    assert_eq!(status.database, 8);
-    assert_eq!(status.binary, 8);
+    assert_eq!(status.database, 9);
+    assert_eq!(status.binary, 9);
     assert!(status.pending.is_empty());
     let applied: Vec<_> = status
         .applied
@@ -144,6 +144,7 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (6, "leases_content"),
             (7, "world_kv_indexes"),
             (8, "gc_runs"),
+            (9, "world_prev_data"),
         ]
     );
     assert_eq!(
@@ -215,8 +216,8 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .await
     .unwrap();
     let status = backend.schema_status().await.unwrap();
-    assert_eq!((status.database, status.binary), (0, 8));
-    assert_eq!(status.pending.len(), 8);
+    assert_eq!((status.database, status.binary), (0, 9));
+    assert_eq!(status.pending.len(), 9);
     assert!(status.applied.is_empty());
 
     // Migrations one at a time, then the rest on open.
@@ -232,9 +233,9 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .unwrap();
     let status = backend.schema_status().await.unwrap();
     assert_eq!(status.database, 1);
-    assert_eq!(status.pending.len(), 7);
+    assert_eq!(status.pending.len(), 8);
     let status = backend.migrate().await.unwrap();
-    assert_eq!(status.database, 8);
+    assert_eq!(status.database, 9);
     assert!(status.pending.is_empty());
     db.drop().await;
 }

@@ -49,6 +49,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "gc_runs",
         sql: include_str!("../migrations/0008_gc_runs.sql"),
     },
+    Migration {
+        version: 9,
+        name: "world_prev_data",
+        sql: include_str!("../migrations/0009_world_prev_data.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

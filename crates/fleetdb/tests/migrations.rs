@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9];
 /// The newest migration this binary knows.
-const LATEST: u32 = 8;
+const LATEST: u32 = 9;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -296,6 +296,48 @@ async fn sqlite_0008_gc_runs_keeps_rows_written_before_it() {
     check_v2_rows_then_gc_runs(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// A key-value row and its change as version 8 wrote them (revision 3), for the 0009 checks;
+/// `data` is the backend's spelling of the bytes "old".
+fn v8_kv_row(data: &str) -> String {
+    format!(
+        "INSERT INTO world (space, key, scope, owner, kind, name, target, data, meta, session_id, \
+           expires_at, create_revision, revision, created_at, updated_at) \
+         VALUES ('kv', 'pre', '', '', '', '', '', {data}, NULL, NULL, NULL, 3, 3, 30, 30); \
+         INSERT INTO changes VALUES (3, '.kv', '', 'pre', 'kv', '', 'put', NULL, '{{\"value\":\"old\"}}', 30);"
+    )
+}
+
+/// After 0009: the version-2 rows read back, and a key written before it is overwritten with
+/// its previous value in the change log.
+async fn check_v2_rows_then_prev_data(store: &Store) {
+    let m1 = ObjectKey::new("default", "machine", "m1").unwrap();
+    assert_eq!(store.object_get(&m1).await.unwrap().unwrap().revision.0, 1);
+    let tag = store.tag_get(&m1, "provided").await.unwrap().unwrap();
+    assert_eq!(tag.revision.0, 2);
+    let before = store.kv_get("pre").await.unwrap().unwrap();
+    assert_eq!((before.value.as_str(), before.revision.0), ("old", 3));
+    let set = store.kv_set("pre", "new").await.unwrap();
+    assert!(set.changed);
+    assert_eq!(set.item.create_revision.0, 3);
+    let log = store
+        .changes(fleetdb::Revision(3), &fleetdb::ChangeFilter::default(), 10)
+        .await
+        .unwrap();
+    let c = log.iter().find(|c| c.id == "pre").unwrap();
+    assert_eq!(c.old_value.as_ref().unwrap()["value"], "old");
+    assert_eq!(c.new_value.as_ref().unwrap()["value"], "new");
+    assert_eq!(c.revision, set.item.revision);
+}
+
+#[tokio::test]
+async fn sqlite_0009_world_prev_data_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_with_v2_rows(8);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(&v8_kv_row("CAST('old' AS BLOB)")).unwrap();
+    drop(c);
+    check_v2_rows_then_prev_data(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -517,6 +559,23 @@ async fn postgres_0008_gc_runs_keeps_rows_written_before_it() {
     let s = pg_with_v2_rows(7).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_gc_runs(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0009_world_prev_data_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(8).await;
+    pg_exec(
+        &s.url,
+        &format!(
+            "{} SELECT setval('fleetdb_revision', 3);",
+            v8_kv_row("convert_to('old', 'UTF8')")
+        ),
+    )
+    .await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_prev_data(&store).await;
     drop(store);
     pg_drop(s).await;
 }

@@ -1,0 +1,11 @@
+-- 0009: the value a one-statement key-value set replaced. The set is
+--   UPDATE world SET prev_data = data, data = $new, revision = nextval(...) ... RETURNING prev_data
+-- Under READ COMMITTED an UPDATE that meets a concurrent writer of the row waits for it and
+-- then evaluates its SET list on the row version it finally replaces, so `prev_data` is the value
+-- of the commit just before this one and the change log's previous values chain in revision
+-- order without locking the row first (the former SELECT ... FOR UPDATE wrote a lock record to
+-- the WAL and dirtied the page once more per set). Only that statement reads it, right after
+-- writing it; elsewhere it means nothing and may be stale. Adding a nullable column rewrites
+-- nothing. SQLite has no such statement (its single writer reads the row it replaces in the same
+-- transaction): fleetdb-sqlite/migrations/0009_world_prev_data.sql is empty, to keep versions equal.
+ALTER TABLE world ADD COLUMN prev_data BYTEA;
