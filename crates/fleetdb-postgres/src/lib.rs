@@ -2061,6 +2061,62 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// Whether a candidate is held is a probe of `work` by the candidate's key, whatever the
+    /// statistics: with a few live sessions and work rows, a generic plan drove the probe from
+    /// the live sessions (`sessions_deadline`) into `work_session`, reading every work row each
+    /// live session ever held, dead ones included (this machine's PostgreSQL never vacuums), once
+    /// per candidate: ~3,000 buffers for a claim of one in the one-at-a-time benchmark.
+    #[tokio::test]
+    async fn claim_probes_work_by_the_candidate_key() {
+        let (backend, base, schema) = test_backend(1).await;
+        let client = backend.client().await.unwrap();
+        client
+            .batch_execute(&sql::CLAIM_PLANNED.replace("SET LOCAL", "SET"))
+            .await
+            .unwrap();
+        seed_eligible(&client, 3000, 5).await;
+        // Eight live sessions; `s` held (and finished) 2,000 jobs, and holds the first eight.
+        client
+            .batch_execute(
+                "INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
+                 SELECT 's' || g, 'test', 'h', '', 1000, 0, 1000000 FROM generate_series(1, 7) g; \
+                 INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'P', 's', g, 0 \
+                 FROM generate_series(1, 2000) g; \
+                 DELETE FROM work WHERE id > 'j00008'; \
+                 ANALYZE;",
+            )
+            .await
+            .unwrap();
+        let q = eligible_jobs(1);
+        let (find, find_params) = work::claim_lock_sql(&q, "s", &work::hand_start());
+        let (take, take_params) = work::claim_take_sql(
+            &q,
+            "s",
+            r#"[{"ns":"default","kind":"job","id":"j02001"}]"#.to_string(),
+        );
+        client
+            .batch_execute(&format!("PREPARE find AS {find}; PREPARE take AS {take}"))
+            .await
+            .unwrap();
+        for (name, params) in [("find", &find_params), ("take", &take_params)] {
+            let rows = client
+                .query(
+                    &format!("EXPLAIN ANALYZE EXECUTE {name}({})", params.literals()),
+                    &[],
+                )
+                .await
+                .unwrap();
+            let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let plan = lines.join("\n");
+            assert!(plan.contains("work_pkey"), "{name}:\n{plan}");
+            assert!(!plan.contains("work_session"), "{name}:\n{plan}");
+            assert!(!plan.contains("sessions_deadline"), "{name}:\n{plan}");
+        }
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
     #[test]
     fn the_hand_moves_to_the_last_key_in_scan_order() {
         let hands = work::ClaimHands::default();
