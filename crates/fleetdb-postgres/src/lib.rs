@@ -21,6 +21,7 @@ mod content;
 mod error;
 mod finish;
 mod gc;
+mod kv;
 mod migrate;
 mod notify;
 mod settle;
@@ -171,6 +172,8 @@ pub struct PostgresBackend {
     alive: Arc<tokio::sync::watch::Sender<()>>,
     /// Where each selector claim scans from next ([`work::ClaimHands`]).
     hands: Arc<work::ClaimHands>,
+    /// Lone key-value sets waiting for a connection, written in shared transactions ([`kv`]).
+    kv: Arc<kv::KvCombiner>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -237,6 +240,7 @@ impl PostgresBackend {
             settled: Arc::default(),
             alive: Arc::new(tokio::sync::watch::channel(()).0),
             hands: Arc::default(),
+            kv: Arc::default(),
         };
         let client = backend.client().await.map_err(|e| match e {
             Error::Unavailable(msg) => {
@@ -378,108 +382,6 @@ impl PostgresBackend {
                 },
             }
         }
-    }
-
-    /// The hot path of a lone, unconditional, persistent key-value set: ONE statement in its own
-    /// (autocommit) transaction, making the decisions of `apply_batch` (identical value: no-op;
-    /// otherwise one revision, one change-log row with the previous value, the write). Returns
-    /// `None` when the stored key is bound to a session or a TTL (its liveness needs the general
-    /// path).
-    ///
-    /// An existing key is updated without being locked first: under READ COMMITTED an UPDATE
-    /// that meets a concurrent writer of the row waits for its commit and then re-evaluates its
-    /// conditions and its SET list on the row version it finally replaces, so `prev_data = data`
-    /// captures the value of the commit just before this one, and `nextval` (taken in the same
-    /// SET list) orders the revisions of one key as their commits (migration 0009; conformance
-    /// `racing_sets_of_one_key_chain_their_previous_values`). When nothing was updated, the
-    /// statement's own snapshot of the row says why (identical value, bound, or absent); if it
-    /// says none of these, a concurrent set changed the key in between and the set runs again.
-    /// A new key is inserted with `ON CONFLICT DO NOTHING`; if another writer created it first,
-    /// the update runs instead. Serializable transactions touching the key (every other
-    /// key-value path) conflict with these row writes as with any other (first updater wins, or
-    /// a unique violation that PostgreSQL reports as a serialization failure).
-    async fn kv_set_fused(
-        &self,
-        key: &str,
-        value: &str,
-        now: fleetdb_core::Timestamp,
-    ) -> Result<Option<Vec<OpResult>>> {
-        use fleetdb_core::world::{Space, WorldRecord};
-        // Rows: (true, new revision, create_revision, created_at, updated_at, ...) when it
-        // updated; (false, revision, create_revision, created_at, updated_at, identical, bound)
-        // from the snapshot when it did not; none when the key does not exist.
-        const UPDATE: &str = "WITH up AS (UPDATE world w SET prev_data = w.data, data = $2, meta = NULL, \
-                revision = nextval('fleetdb_revision'), updated_at = $4 \
-                WHERE w.space = 'kv' AND w.key = $1 AND w.data <> $2 \
-                  AND w.session_id IS NULL AND w.expires_at IS NULL \
-                RETURNING w.revision, w.create_revision, w.created_at, w.updated_at, w.prev_data), \
-             chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
-                SELECT revision, '.kv', '', $1, 'kv', '', 'put', \
-                  jsonb_build_object('value', convert_from(prev_data, 'UTF8'))::text, $3, $4 FROM up) \
-             SELECT true, revision, create_revision, created_at, updated_at, false, false FROM up \
-             UNION ALL \
-             SELECT false, revision, create_revision, created_at, updated_at, data = $2, \
-               session_id IS NOT NULL OR expires_at IS NOT NULL \
-             FROM world WHERE space = 'kv' AND key = $1 AND NOT EXISTS (SELECT 1 FROM up)";
-        const INSERT: &str = "WITH up AS (INSERT INTO world (space, key, scope, owner, kind, name, target, \
-                data, meta, session_id, expires_at, create_revision, revision, created_at, updated_at) \
-                SELECT 'kv', $1, '', '', '', '', '', $2, NULL, NULL, NULL, r.rev, r.rev, $4, $4 \
-                FROM (SELECT nextval('fleetdb_revision') AS rev) AS r \
-                ON CONFLICT (space, key) DO NOTHING RETURNING revision), \
-             chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
-                SELECT revision, '.kv', '', $1, 'kv', '', 'put', NULL, $3, $4 FROM up) \
-             SELECT (SELECT revision FROM up)";
-        /// Rounds before giving up; each further round needs a concurrent write of the key in
-        /// between (created while this set found it absent, deleted or set to this very value
-        /// while it waited to update it).
-        const ROUNDS_MAX: usize = 8;
-        let mut rec = WorldRecord::new(Space::Kv, key, now);
-        rec.data = value.as_bytes().to_vec();
-        let new_json = rec.change_json();
-        let data: &[u8] = value.as_bytes();
-        let params: [Param<'_>; 4] = [&key, &data, &new_json, &now.0];
-        for _ in 0..ROUNDS_MAX {
-            let rows = self.query_retrying(UPDATE, &params).await?;
-            // No row: the key does not exist.
-            let Some(row) = rows.first() else {
-                let rows = self.query_retrying(INSERT, &params).await?;
-                let rev: Option<i64> = match rows.first() {
-                    Some(row) => row.try_get(0).map_err(db_err)?,
-                    None => None,
-                };
-                let Some(rev) = rev else {
-                    // Created concurrently: update it.
-                    continue;
-                };
-                rec.revision = fleetdb_core::Revision(rev);
-                rec.create_revision = fleetdb_core::Revision(rev);
-                return Ok(Some(vec![OpResult {
-                    changed: true,
-                    applied: fleetdb_core::Applied::World(Box::new(rec)),
-                }]));
-            };
-            let updated: bool = row.try_get(0).map_err(db_err)?;
-            let identical: bool = row.try_get(5).map_err(db_err)?;
-            let bound: bool = row.try_get(6).map_err(db_err)?;
-            if bound {
-                return Ok(None);
-            }
-            if !updated && !identical {
-                // Changed by a concurrent set between the snapshot and the update: again.
-                continue;
-            }
-            rec.revision = fleetdb_core::Revision(row.try_get(1).map_err(db_err)?);
-            rec.create_revision = fleetdb_core::Revision(row.try_get(2).map_err(db_err)?);
-            rec.created_at = fleetdb_core::Timestamp(row.try_get(3).map_err(db_err)?);
-            rec.updated_at = fleetdb_core::Timestamp(row.try_get(4).map_err(db_err)?);
-            return Ok(Some(vec![OpResult {
-                changed: updated,
-                applied: fleetdb_core::Applied::World(Box::new(rec)),
-            }]));
-        }
-        Err(Error::Unavailable(format!(
-            "key {key:?} was changed concurrently in each of {ROUNDS_MAX} rounds in a row"
-        )))
     }
 
     /// The hot path of a lone tag set, in ONE round trip: `BEGIN`, one statement and `COMMIT`
