@@ -36,6 +36,8 @@ use crate::{map_err, Location, SqliteBackend};
 
 /// Digests whose bytes one hold of the write lock removes at most (writers wait meanwhile).
 const REMOVE_BATCH: usize = 256;
+/// The pause between two such batches, in which writers waiting for the write lock get it.
+const REMOVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
 const INGEST_COLS: &str =
     "ref, expected_digest, expected_size, \"offset\", started_at, updated_at, expires_at";
@@ -551,7 +553,13 @@ impl SqliteBackend {
     pub(crate) async fn content_blob_remove_bytes(&self, digests: &[String]) -> Result<u64> {
         let dirs = self.content_dirs()?;
         let mut removed = 0;
-        for batch in digests.chunks(REMOVE_BATCH) {
+        for (i, batch) in digests.chunks(REMOVE_BATCH).enumerate() {
+            if i > 0 {
+                // Let the writer in between batches: the write connection's mutex is not fair,
+                // and re-taken at once it starved a concurrent writer for the whole loop (96 ms
+                // for 20,000 digests in the GC benchmark).
+                tokio::time::sleep(REMOVE_PAUSE).await;
+            }
             removed += self.locked(|c| {
                 let mut n = 0;
                 for d in batch {
