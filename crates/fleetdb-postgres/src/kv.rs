@@ -115,7 +115,7 @@ struct Pending {
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Pending>,
-    /// Keys of sets in a statement now.
+    /// Keys of sets being written now (in a shared transaction, or alone).
     in_flight: HashSet<String>,
 }
 
@@ -123,7 +123,7 @@ struct Queue {
 #[derive(Default)]
 pub(crate) struct KvCombiner {
     queue: Mutex<Queue>,
-    /// Woken when a combined statement ends (its keys are free again).
+    /// Woken when a shared transaction or a set alone ends (its keys are free again).
     done: Notify,
     next_id: AtomicU64,
     /// Shared transactions committed, the sets they wrote, and the ones that failed (for tests
@@ -156,12 +156,13 @@ impl KvCombiner {
         taken
     }
 
-    /// Whether set `id` is still waiting (no statement has taken it).
+    /// Whether set `id` is still waiting (no shared transaction has taken it).
     fn is_waiting(&self, id: u64) -> bool {
         self.lock().waiting.iter().any(|p| p.id == id)
     }
 
-    /// Remove set `id` if it is still waiting (its caller is leaving); false if a statement has it.
+    /// Remove set `id` if it is still waiting (its caller is leaving); false if a shared
+    /// transaction has it.
     fn withdraw(&self, id: u64) -> bool {
         let mut q = self.lock();
         let before = q.waiting.len();
@@ -170,7 +171,7 @@ impl KvCombiner {
     }
 }
 
-/// Frees a statement's keys and wakes the waiting callers when dropped (however the statement
+/// Frees a transaction's keys and wakes the waiting callers when dropped (however the transaction
 /// ended).
 struct InFlight<'a> {
     combiner: &'a KvCombiner,
@@ -276,7 +277,7 @@ impl PostgresBackend {
         }
         loop {
             if !combiner.is_waiting(id) {
-                // A statement has it: only its answer is left to wait for.
+                // A shared transaction has it: only its answer is left to wait for.
                 return self.answered(answer.await, key, value, now).await;
             }
             let freed = combiner.done.notified();
@@ -292,14 +293,14 @@ impl PostgresBackend {
                             if combiner.withdraw(id) {
                                 return Err(pool_err(e));
                             }
-                            continue; // a statement has it: its answer comes
+                            continue; // a shared transaction has it: its answer comes
                         }
                     };
                     let taken = combiner.take();
                     if taken.is_empty() {
                         drop(client);
                         if combiner.is_waiting(id) {
-                            // This key is in a statement now: wait for one to end.
+                            // This key is in a shared transaction now: wait for one to end.
                             tokio::select! {
                                 biased;
                                 got = &mut answer => return self.answered(got, key, value, now).await,
@@ -324,8 +325,8 @@ impl PostgresBackend {
         }
     }
 
-    /// The answer of a set's statement, or the set run alone if it was handed back (or its
-    /// statement's task is gone).
+    /// The answer of a set's shared transaction, or the set run alone if it was handed back (or
+    /// the transaction's task is gone).
     async fn answered(
         &self,
         got: std::result::Result<Outcome, oneshot::error::RecvError>,
