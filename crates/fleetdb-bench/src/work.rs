@@ -123,6 +123,11 @@ pub struct WorkArgs {
     /// One-at-a-time: producer tasks, each adding one job per awaited call.
     #[arg(long, default_value_t = 8)]
     pub producers: usize,
+    /// One-at-a-time: adds per second of all producers together, on a fixed schedule (each
+    /// producer takes every `producers`-th slot; one behind schedule adds at once, as the
+    /// peers' paced producer). 0: flat out, each add as soon as the last returned.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Worker tasks (one-at-a-time and burn-down), each with its own session.
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
@@ -576,6 +581,8 @@ pub struct PgActivity {
 pub struct OneResult {
     pub backend: BackendKind,
     pub producers: usize,
+    /// Adds per second on a schedule (0: flat out).
+    pub rate: f64,
     pub workers: usize,
     pub secs: f64,
     pub adds_in_window: u64,
@@ -1194,12 +1201,25 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
     }
 
     let mut producers = tokio::task::JoinSet::new();
-    for _ in 0..args.producers {
+    let paced_from = Instant::now();
+    for p in 0..args.producers {
         let (store, sent, errors) = (store.clone(), sent.clone(), errors.clone());
         let random = args.random_ids;
+        // Slot k of the whole schedule is at k / rate; producer p takes slots p, p + n, p + 2n …
+        let pace = (args.rate > 0.0).then(|| {
+            (
+                Duration::from_secs_f64(p as f64 / args.rate),
+                Duration::from_secs_f64(args.producers as f64 / args.rate),
+            )
+        });
         producers.spawn(async move {
             let mut rec = ProducerRec::default();
+            let mut slot = 0u32;
             loop {
+                if let Some((first, gap)) = pace {
+                    tokio::time::sleep_until((paced_from + first + gap * slot).into()).await;
+                    slot += 1;
+                }
                 let id = job_id(random);
                 let key = match job_key(&id) {
                     Ok(k) => k,
@@ -1345,6 +1365,7 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
     Ok(OneResult {
         backend: db.kind,
         producers: args.producers,
+        rate: args.rate,
         workers: args.workers,
         secs: args.secs,
         adds_in_window: prod.adds_in_window,
@@ -2120,7 +2141,12 @@ pub fn render_markdown(r: &WorkReport) -> String {
             let (goal, met) = one_goal(m);
             let _ = writeln!(
                 s,
-                "| **FleetDB** | {} | **{}** | {} | {} | {} | **{}** | {} | {} | {} | {} | {} | {goal} | {} |",
+                "| **FleetDB**{} | {} | **{}** | {} | {} | {} | **{}** | {} | {} | {} | {} | {} | {goal} | {} |",
+                if m.rate > 0.0 {
+                    format!(", adds paced at {}/s", fmt_int(m.rate))
+                } else {
+                    String::new()
+                },
                 m.backend.name(),
                 fmt_int(m.completed_per_sec),
                 fmt_int(m.adds_per_sec),
@@ -2424,7 +2450,7 @@ pub fn json_lines(r: &WorkReport) -> Vec<serde_json::Value> {
         "bench": "work",
         "secs": a.secs,
         "warmup_secs": a.warmup_secs,
-        "producers": a.producers,
+        "producers": a.producers, "rate": a.rate,
         "workers": a.workers,
         "burndown": a.burndown,
         "batch": a.batch,
@@ -2458,6 +2484,9 @@ pub fn json_lines(r: &WorkReport) -> Vec<serde_json::Value> {
             "goal": goal, "goal_met": met,
             "peers": PEER_ONE.iter().map(|(sys, v, p50, p99)| json!({"system": sys, "completed_per_sec": v, "p50_ms": p50, "p99_ms": p99})).collect::<Vec<_>>(),
         }));
+        if let Some(row) = out.last_mut().and_then(serde_json::Value::as_object_mut) {
+            row.insert("rate".into(), num(m.rate));
+        }
     }
     for m in &r.burn {
         let goal = burn_goal(m);
