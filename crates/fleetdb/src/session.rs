@@ -36,6 +36,10 @@ struct SessionState {
     deadline: Timestamp,
     expired: bool,
     paused: bool,
+    /// The (process, selector) of this session's last selector claim, if it came back empty:
+    /// `claim_wait` then skips its immediate claim (nothing changed since, most likely) and
+    /// starts with the revision read.
+    empty_claim: Option<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -111,6 +115,7 @@ impl Store {
                 deadline: info.deadline,
                 expired: false,
                 paused: false,
+                empty_claim: None,
             }),
             info,
         });
@@ -390,6 +395,7 @@ impl Session {
         target: ClaimTarget,
         limit: usize,
     ) -> Result<Vec<Work>> {
+        let req_target_selector = target.clone();
         let req = self.claim_request(process, target, limit)?;
         self.store.ready().await?;
         let by_selector = matches!(req.target, ClaimTarget::Selector(_));
@@ -404,7 +410,16 @@ impl Session {
             }
             r => self.note(r)?,
         };
+        if let ClaimTarget::Selector(selector) = &req_target_selector {
+            self.note_empty(process, selector, claimed.is_empty());
+        }
         Ok(self.claimed(process, claimed))
+    }
+
+    /// Remember whether the last selector claim of (`process`, `selector`) came back empty.
+    fn note_empty(&self, process: &str, selector: &str, empty: bool) {
+        let mut st = self.shared.state();
+        st.empty_claim = empty.then(|| (process.to_string(), selector.to_string()));
     }
 
     /// Claim up to `limit` objects matching `selector` for `process`: objects no live session
@@ -440,11 +455,23 @@ impl Session {
         let deadline = tokio::time::Instant::now() + timeout;
         // A busy queue: the first claim finds work, and no revision is read (one round trip
         // less per claim). Otherwise the loop reads the revision BEFORE each claim, so that a
-        // commit after that claim's snapshot moves the revision and wakes the wait.
-        let got = self.claim(process, selector, limit).await?;
-        if !got.is_empty() {
-            self.store.keeper.committed.notify_one();
-            return Ok(got);
+        // commit after that claim's snapshot moves the revision and wakes the wait. A session
+        // whose last claim of this selector came back empty (say, the claim of a
+        // `finish_and_claim` just before) starts with the loop: an immediate claim would most
+        // likely be empty again, and empty claims of idle workers cost the database as much as
+        // full ones.
+        let just_empty = self
+            .shared
+            .state()
+            .empty_claim
+            .as_ref()
+            .is_some_and(|(p, s)| p == process && s == selector);
+        if !just_empty {
+            let got = self.claim(process, selector, limit).await?;
+            if !got.is_empty() {
+                self.store.keeper.committed.notify_one();
+                return Ok(got);
+            }
         }
         loop {
             let seen = self.store.backend.revision().await?.current;
@@ -653,6 +680,8 @@ impl Work {
         let out = self.lost_if_expired(out);
         let (value, claimed) = self.count_end("finished", out)?;
         self.done = true;
+        self.session
+            .note_empty(process, selector, claimed.is_empty());
         Ok((value, self.session.claimed(process, claimed)))
     }
 
