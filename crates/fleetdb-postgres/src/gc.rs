@@ -276,7 +276,7 @@ pub(crate) async fn gc_snapshot(backend: &PostgresBackend) -> Result<GcSnapshot>
 /// range scan (the planner would otherwise scan the whole table for a half of it); JIT is off
 /// with them (see `sql::CLAIM_PLANNED`).
 const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-     SET LOCAL jit = off; SET LOCAL enable_seqscan = off";
+     SELECT set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true)";
 
 /// Which rows of the large tables a reader takes: all of them, or the blocks before or from a
 /// block number (objects, blobs).

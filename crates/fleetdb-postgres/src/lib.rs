@@ -1908,7 +1908,7 @@ mod tests {
         let client = backend.client().await.unwrap();
         // A claim's planner settings (generic plans), for the whole session.
         client
-            .batch_execute(&sql::CLAIM_PLANNED.replace("SET LOCAL", "SET"))
+            .batch_execute(&sql::session_level(sql::CLAIM_PLANNED))
             .await
             .unwrap();
         let q = eligible_jobs(10);
@@ -1973,7 +1973,7 @@ mod tests {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
         client
-            .batch_execute(&sql::CLAIM_PLANNED.replace("SET LOCAL", "SET"))
+            .batch_execute(&sql::session_level(sql::CLAIM_PLANNED))
             .await
             .unwrap();
         seed_eligible(&client, 3000, 5).await;
@@ -2059,7 +2059,7 @@ mod tests {
         // The transaction settings of a finish, for the whole session.
         let settings = sql::BEGIN_FINISH
             .split_once(';')
-            .map(|(_, rest)| rest.replace("SET LOCAL", "SET"))
+            .map(|(_, rest)| sql::session_level(rest))
             .unwrap();
         client.batch_execute(&settings).await.unwrap();
         client

@@ -121,11 +121,12 @@ async fn mark(
     };
     let conn = guard.client();
     let stmt = conn.prepare_cached(MARK).await.map_err(db_err)?;
-    // One simple query: if BEGIN fails, the SETs do not run (nor, the connection being broken
+    // One simple query: if BEGIN fails, the settings are not made (nor, the connection being broken
     // then, the insert).
     let begin = format!(
-        "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {lock_ms}; \
-         SET LOCAL statement_timeout = {statement_ms}"
+        "BEGIN ISOLATION LEVEL READ COMMITTED; \
+         SELECT set_config('lock_timeout', '{lock_ms}', true), \
+           set_config('statement_timeout', '{statement_ms}', true)"
     );
     let holes = holes.to_vec();
     let (begun, inserted, committed) = futures::future::join3(
