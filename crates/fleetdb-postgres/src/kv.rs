@@ -431,32 +431,12 @@ impl PostgresBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use fleetdb_core::backend::Backend;
     use fleetdb_core::world::Lifetime;
     use fleetdb_core::{Batch, Op};
 
     use super::*;
-    use crate::{testing, PostgresOptions};
-
-    async fn backend(pool: usize) -> (PostgresBackend, String, String) {
-        let base = testing::test_url();
-        let (url, schema) = testing::create_schema(&base)
-            .await
-            .unwrap_or_else(|msg| panic!("{msg}"));
-        let backend = PostgresBackend::open(
-            &url,
-            PostgresOptions {
-                migrate: true,
-                pool_size_max: pool,
-            },
-            Arc::new(fleetdb_core::SystemClock),
-        )
-        .await
-        .unwrap();
-        (backend, base, schema)
-    }
+    use crate::testing;
 
     fn set(key: &str, value: &str) -> Batch {
         Batch {
@@ -475,7 +455,7 @@ mod tests {
     /// written once with its own revision, and each key's change log chains its values.
     #[tokio::test]
     async fn concurrent_sets_share_transactions_and_each_is_written_once() {
-        let (backend, base, schema) = backend(2).await;
+        let (backend, base, schema) = crate::test_backend(2).await;
         let mut tasks = Vec::new();
         for t in 0..32 {
             let b = backend.clone();
@@ -531,7 +511,7 @@ mod tests {
     /// handed back, are written, and the failing one reports its error.
     #[tokio::test]
     async fn a_failing_set_does_not_take_its_neighbours_down() {
-        let (backend, base, schema) = backend(1).await;
+        let (backend, base, schema) = crate::test_backend(1).await;
         // A value no API can write: its previous value cannot be read as text.
         {
             let client = backend.client().await.unwrap();

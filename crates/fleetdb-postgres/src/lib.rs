@@ -1590,6 +1590,27 @@ impl Backend for PostgresBackend {
     }
 }
 
+/// A backend on a fresh schema of the test server (migrated, system clock, a pool of
+/// `pool_size_max`), with the server's base URL and the schema to drop.
+#[cfg(test)]
+pub(crate) async fn test_backend(pool_size_max: usize) -> (PostgresBackend, String, String) {
+    let base = testing::test_url();
+    let (url, schema) = testing::create_schema(&base)
+        .await
+        .unwrap_or_else(|msg| panic!("{msg}"));
+    let backend = PostgresBackend::open(
+        &url,
+        PostgresOptions {
+            migrate: true,
+            pool_size_max,
+        },
+        Arc::new(fleetdb_core::SystemClock),
+    )
+    .await
+    .unwrap();
+    (backend, base, schema)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1638,23 +1659,7 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
-    async fn test_backend(pool_size_max: usize) -> (PostgresBackend, String, String) {
-        let base = testing::test_url();
-        let (url, schema) = testing::create_schema(&base)
-            .await
-            .unwrap_or_else(|msg| panic!("{msg}"));
-        let backend = PostgresBackend::open(
-            &url,
-            PostgresOptions {
-                migrate: true,
-                pool_size_max,
-            },
-            Arc::new(fleetdb_core::SystemClock),
-        )
-        .await
-        .unwrap();
-        (backend, base, schema)
-    }
+    use crate::test_backend;
 
     /// A deferred write that fails before reaching the server (here: a parameter of the wrong
     /// type) must keep COMMIT from being sent after the writes queued before it.
@@ -1879,6 +1884,52 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// A claim's two steps for `q` (find from the start of the hand, take of one key),
+    /// prepared as `find` and `take` after `first` (say, `ANALYZE;`) with a claim's planner
+    /// settings made the session's: their parameters, by name.
+    async fn prepare_claim_steps(
+        client: &deadpool_postgres::Client,
+        q: &fleetdb_core::backend::CandidateQuery,
+        first: &str,
+    ) -> [(&'static str, work::TypedParams); 2] {
+        client
+            .batch_execute(&sql::session_level(sql::CLAIM_PLANNED))
+            .await
+            .unwrap();
+        let (find, find_params) = work::claim_lock_sql(q, "s", &work::hand_start());
+        let (take, take_params) = work::claim_take_sql(
+            q,
+            "s",
+            r#"[{"ns":"default","kind":"job","id":"j02001"}]"#.to_string(),
+        );
+        client
+            .batch_execute(&format!(
+                "{first} PREPARE find AS {find}; PREPARE take AS {take}"
+            ))
+            .await
+            .unwrap();
+        [("find", find_params), ("take", take_params)]
+    }
+
+    /// `EXPLAIN ANALYZE` of the prepared statement `name` run with `params`, as one text.
+    async fn explain_prepared(
+        client: &deadpool_postgres::Client,
+        name: &str,
+        params: &work::TypedParams,
+    ) -> String {
+        let rows = client
+            .query(
+                &format!("EXPLAIN ANALYZE EXECUTE {name}({})", params.literals()),
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The hand bounds the leading tag's index scan itself: a claim from near the end of 3,000
     /// eligible objects reads the rows after the hand, not every row before it.
     #[tokio::test]
@@ -1906,26 +1957,10 @@ mod tests {
     async fn claim_reads_one_backoff_row_per_candidate() {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
-        // A claim's planner settings (generic plans), for the whole session.
-        client
-            .batch_execute(&sql::session_level(sql::CLAIM_PLANNED))
-            .await
-            .unwrap();
-        let q = eligible_jobs(10);
-        let (find, find_params) = work::claim_lock_sql(&q, "s", &work::hand_start());
-        let (take, take_params) = work::claim_take_sql(
-            &q,
-            "s",
-            r#"[{"ns":"default","kind":"job","id":"j02001"}]"#.to_string(),
-        );
         // Prepared (and planned) while the tables are empty and analyzed so, as a new connection
         // may after a queue drained.
-        client
-            .batch_execute(&format!(
-                "ANALYZE; PREPARE find AS {find}; PREPARE take AS {take}"
-            ))
-            .await
-            .unwrap();
+        let steps = prepare_claim_steps(&client, &eligible_jobs(10), "ANALYZE;").await;
+        let [(_, find_params), (_, take_params)] = &steps;
         client
             .batch_execute(&format!(
                 "EXECUTE find({}); EXECUTE take({})",
@@ -1946,16 +1981,8 @@ mod tests {
             .unwrap();
         // The find step passes the 2,000 backed-off candidates one by one (that is inherent);
         // each must cost one primary-key probe, not a scan of the process's backoffs.
-        for (name, params) in [("find", &find_params), ("take", &take_params)] {
-            let rows = client
-                .query(
-                    &format!("EXPLAIN ANALYZE EXECUTE {name}({})", params.literals()),
-                    &[],
-                )
-                .await
-                .unwrap();
-            let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            let plan = lines.join("\n");
+        for (name, params) in &steps {
+            let plan = explain_prepared(&client, name, params).await;
             assert!(plan.contains("work_backoff_pkey"), "{name}:\n{plan}");
             assert!(!plan.contains("work_backoff_process"), "{name}:\n{plan}");
         }
@@ -1972,10 +1999,6 @@ mod tests {
     async fn claim_probes_work_by_the_candidate_key() {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
-        client
-            .batch_execute(&sql::session_level(sql::CLAIM_PLANNED))
-            .await
-            .unwrap();
         seed_eligible(&client, 3000, 5).await;
         // Eight live sessions; `s` held (and finished) 2,000 jobs, and holds the first eight.
         client
@@ -1990,27 +2013,9 @@ mod tests {
             )
             .await
             .unwrap();
-        let q = eligible_jobs(1);
-        let (find, find_params) = work::claim_lock_sql(&q, "s", &work::hand_start());
-        let (take, take_params) = work::claim_take_sql(
-            &q,
-            "s",
-            r#"[{"ns":"default","kind":"job","id":"j02001"}]"#.to_string(),
-        );
-        client
-            .batch_execute(&format!("PREPARE find AS {find}; PREPARE take AS {take}"))
-            .await
-            .unwrap();
-        for (name, params) in [("find", &find_params), ("take", &take_params)] {
-            let rows = client
-                .query(
-                    &format!("EXPLAIN ANALYZE EXECUTE {name}({})", params.literals()),
-                    &[],
-                )
-                .await
-                .unwrap();
-            let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            let plan = lines.join("\n");
+        let steps = prepare_claim_steps(&client, &eligible_jobs(1), "").await;
+        for (name, params) in &steps {
+            let plan = explain_prepared(&client, name, params).await;
             assert!(plan.contains("work_pkey"), "{name}:\n{plan}");
             assert!(!plan.contains("work_session"), "{name}:\n{plan}");
             assert!(!plan.contains("sessions_deadline"), "{name}:\n{plan}");
