@@ -1765,13 +1765,29 @@ mod tests {
         client: &deadpool_postgres::Client,
         sql: &str,
         params: &work::TypedParams,
-    ) -> Vec<String> {
+    ) -> Plan {
         let stmt = client
             .prepare(&format!("EXPLAIN ANALYZE {sql}"))
             .await
             .unwrap();
         let rows = client.query(&stmt, &params.values()).await.unwrap();
-        rows.iter().map(|r| r.get(0)).collect()
+        Plan::of(&rows)
+    }
+
+    /// An `EXPLAIN ANALYZE` output: its text, and the rows its nodes read in all.
+    struct Plan {
+        text: String,
+        rows: u64,
+    }
+
+    impl Plan {
+        fn of(rows: &[tokio_postgres::Row]) -> Plan {
+            let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            Plan {
+                rows: plan_rows(&lines),
+                text: lines.join("\n"),
+            }
+        }
     }
 
     /// `n` objects `default/job/j<number, zero-padded to width>` with an `eligible` tag, a live
@@ -1822,11 +1838,10 @@ mod tests {
         let q = eligible_jobs(1);
         let locked = r#"[{"ns":"default","kind":"job","id":"j02999"}]"#.to_string();
         let (take, params) = work::claim_take_sql(&q, "s", locked);
-        let lines = explain_analyze(&client, &take, &params).await;
-        let plan = lines.join("\n");
-        assert!(plan.contains("Insert on work "), "{plan}");
-        let total = plan_rows(&lines);
-        assert!(total < 50, "the re-check read {total} rows:\n{plan}");
+        let plan = explain_analyze(&client, &take, &params).await;
+        assert!(plan.text.contains("Insert on work "), "{}", plan.text);
+        let total = plan.rows;
+        assert!(total < 50, "the re-check read {total} rows:\n{}", plan.text);
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
@@ -1924,10 +1939,7 @@ mod tests {
             )
             .await
             .unwrap();
-        rows.iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n")
+        Plan::of(&rows).text
     }
 
     /// The hand bounds the leading tag's index scan itself: a claim from near the end of 3,000
@@ -1940,10 +1952,13 @@ mod tests {
         let q = eligible_jobs(10);
         let hand = ObjectKey::new("default", "job", "j02990").unwrap();
         let (find, params) = work::claim_lock_sql(&q, "s", &hand);
-        let lines = explain_analyze(&client, &find, &params).await;
-        let plan = lines.join("\n");
-        let total = plan_rows(&lines);
-        assert!(total < 200, "the find step read {total} rows:\n{plan}");
+        let plan = explain_analyze(&client, &find, &params).await;
+        let total = plan.rows;
+        assert!(
+            total < 200,
+            "the find step read {total} rows:\n{}",
+            plan.text
+        );
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
