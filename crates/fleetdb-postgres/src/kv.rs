@@ -43,50 +43,64 @@ use crate::PostgresBackend;
 /// Sets one shared transaction writes at most.
 pub(crate) const COMBINE_MAX: usize = 16;
 
+/// The parts [`UPSERT_ONE`] and [`UPDATE_ONE`] share, so they decide alike: the update of an
+/// existing, unbound key whose value differs (capturing the value it replaces), its change-log
+/// row, and the row telling why an existing key was not updated (from the snapshot).
+macro_rules! kv_update_cte {
+    () => {
+        "WITH up AS (UPDATE world w SET prev_data = w.data, data = $2, meta = NULL, \
+            revision = nextval('fleetdb_revision'), updated_at = $4 \
+            WHERE w.space = 'kv' AND w.key = $1 AND w.data <> $2 \
+              AND w.session_id IS NULL AND w.expires_at IS NULL \
+            RETURNING w.revision, w.create_revision, w.created_at, w.updated_at, w.prev_data), "
+    };
+}
+macro_rules! kv_update_change {
+    () => {
+        "SELECT revision, '.kv', '', $1, 'kv', '', 'put', \
+           jsonb_build_object('value', convert_from(prev_data, 'UTF8'))::text, $3, $4 FROM up"
+    };
+}
+macro_rules! kv_not_updated {
+    () => {
+        "SELECT false, revision, create_revision, created_at, updated_at, data = $2, \
+           session_id IS NOT NULL OR expires_at IS NOT NULL \
+         FROM world WHERE space = 'kv' AND key = $1 AND NOT EXISTS (SELECT 1 FROM up)"
+    };
+}
 /// One set. Rows: (true, revision, create_revision, created_at, updated_at, false, false) when
 /// it updated or inserted the key; (false, revision, create_revision, created_at, updated_at,
 /// identical, bound) from the statement's snapshot when it did not update an existing key; none
 /// when it could not decide (another writer created the key meanwhile).
-const UPSERT_ONE: &str = "WITH up AS (UPDATE world w SET prev_data = w.data, data = $2, meta = NULL, \
-        revision = nextval('fleetdb_revision'), updated_at = $4 \
-        WHERE w.space = 'kv' AND w.key = $1 AND w.data <> $2 \
-          AND w.session_id IS NULL AND w.expires_at IS NULL \
-        RETURNING w.revision, w.create_revision, w.created_at, w.updated_at, w.prev_data), \
-     new AS MATERIALIZED (SELECT nextval('fleetdb_revision') AS rev \
+const UPSERT_ONE: &str = concat!(
+    kv_update_cte!(),
+    "new AS MATERIALIZED (SELECT nextval('fleetdb_revision') AS rev \
         WHERE NOT EXISTS (SELECT 1 FROM world WHERE space = 'kv' AND key = $1)), \
      ins AS (INSERT INTO world (space, key, scope, owner, kind, name, target, data, meta, \
           session_id, expires_at, create_revision, revision, created_at, updated_at) \
         SELECT 'kv', $1, '', '', '', '', '', $2, NULL, NULL, NULL, rev, rev, $4, $4 FROM new \
         ON CONFLICT (space, key) DO NOTHING RETURNING revision), \
-     chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
-        SELECT revision, '.kv', '', $1, 'kv', '', 'put', \
-          jsonb_build_object('value', convert_from(prev_data, 'UTF8'))::text, $3, $4 FROM up \
-        UNION ALL \
-        SELECT revision, '.kv', '', $1, 'kv', '', 'put', NULL, $3, $4 FROM ins) \
+     chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) ",
+    kv_update_change!(),
+    " UNION ALL SELECT revision, '.kv', '', $1, 'kv', '', 'put', NULL, $3, $4 FROM ins) \
      SELECT true, revision, create_revision, created_at, updated_at, false, false FROM up \
      UNION ALL \
      SELECT true, revision, revision, $4, $4, false, false FROM ins \
-     UNION ALL \
-     SELECT false, revision, create_revision, created_at, updated_at, data = $2, \
-       session_id IS NOT NULL OR expires_at IS NOT NULL \
-     FROM world WHERE space = 'kv' AND key = $1 AND NOT EXISTS (SELECT 1 FROM up)";
+     UNION ALL ",
+    kv_not_updated!()
+);
 
 /// One set of a key expected to exist: [`UPSERT_ONE`] without the insert (rows alike; none
 /// when the key does not exist). Cheaper by an index probe and three plan nodes, it is what a
 /// set alone tries first.
-const UPDATE_ONE: &str = "WITH up AS (UPDATE world w SET prev_data = w.data, data = $2, meta = NULL, \
-        revision = nextval('fleetdb_revision'), updated_at = $4 \
-        WHERE w.space = 'kv' AND w.key = $1 AND w.data <> $2 \
-          AND w.session_id IS NULL AND w.expires_at IS NULL \
-        RETURNING w.revision, w.create_revision, w.created_at, w.updated_at, w.prev_data), \
-     chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
-        SELECT revision, '.kv', '', $1, 'kv', '', 'put', \
-          jsonb_build_object('value', convert_from(prev_data, 'UTF8'))::text, $3, $4 FROM up) \
-     SELECT true, revision, create_revision, created_at, updated_at, false, false FROM up \
-     UNION ALL \
-     SELECT false, revision, create_revision, created_at, updated_at, data = $2, \
-       session_id IS NOT NULL OR expires_at IS NOT NULL \
-     FROM world WHERE space = 'kv' AND key = $1 AND NOT EXISTS (SELECT 1 FROM up)";
+const UPDATE_ONE: &str = concat!(
+    kv_update_cte!(),
+    "chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) ",
+    kv_update_change!(),
+    ") SELECT true, revision, create_revision, created_at, updated_at, false, false FROM up \
+     UNION ALL ",
+    kv_not_updated!()
+);
 
 /// Rounds of a set alone before giving up; each further round needs a concurrent write of the
 /// key in between (created while the set found it absent, deleted or set to this very value
@@ -191,8 +205,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// The record a decided set returns (`rec` holds the key, value and time).
-fn decided(mut rec: WorldRecord, row: &Row) -> Result<Option<Vec<OpResult>>> {
-    let updated: bool = row.try_get(0).map_err(db_err)?;
+fn decided(mut rec: WorldRecord, row: &Row, updated: bool) -> Result<Option<Vec<OpResult>>> {
     rec.revision = Revision(row.try_get(1).map_err(db_err)?);
     rec.create_revision = Revision(row.try_get(2).map_err(db_err)?);
     rec.created_at = Timestamp(row.try_get(3).map_err(db_err)?);
@@ -211,7 +224,7 @@ fn outcome(rec: WorldRecord, row: &Row) -> Result<Outcome> {
     Ok(if bound {
         Outcome::Done(None)
     } else if updated || identical {
-        Outcome::Done(decided(rec, row)?)
+        Outcome::Done(decided(rec, row, updated)?)
     } else {
         // Changed by a concurrent set between the snapshot and the update.
         Outcome::Alone
