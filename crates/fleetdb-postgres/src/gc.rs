@@ -349,38 +349,12 @@ async fn parallel_snapshot(
             return Ok(None);
         }
     };
-    // Each half decodes on a blocking thread of its own, so on another core when there is one,
-    // and never on a runtime worker that writers need (decoding half a million rows is seconds
-    // of CPU with nothing to wait for, and a result already received is collected without
-    // yielding: read on a runtime worker, the small tables' tens of thousands of rows held a
-    // concurrent writer for up to 82 ms at the start of a collection).
-    let handle = tokio::runtime::Handle::current();
-    let first_handle = handle.clone();
-    let read_first = tokio::task::spawn_blocking(move || {
-        first_handle.block_on(async move {
-            let out = async {
-                let conn = first.client();
-                let mut snap = read_small(conn, revision).await?;
-                read_large(conn, Part::Before(objects_mid, blobs_mid), &mut snap).await?;
-                Ok::<_, Error>(snap)
-            }
-            .await;
-            (first, out)
-        })
-    });
-    let read_second = tokio::task::spawn_blocking(move || {
-        handle.block_on(async move {
-            let mut snap = GcSnapshot::default();
-            let out = read_large(
-                second.client(),
-                Part::From(objects_mid, blobs_mid),
-                &mut snap,
-            )
-            .await
-            .map(|()| snap);
-            (second, out)
-        })
-    });
+    let halves = (
+        Part::Before(objects_mid, blobs_mid),
+        Part::From(objects_mid, blobs_mid),
+    );
+    let read_first = read_on_blocking_thread(first, revision, halves.0, true);
+    let read_second = read_on_blocking_thread(second, revision, halves.1, false);
     let (joined_first, joined_second) = futures::join!(read_first, read_second);
     let failed = |e: tokio::task::JoinError| {
         Error::Backend(format!("a snapshot reader of the collector failed: {e}"))
@@ -395,6 +369,37 @@ async fn parallel_snapshot(
     snap.objects.extend(rest.objects);
     snap.blobs.extend(rest.blobs);
     Ok(Some(snap))
+}
+
+/// Read `part` of the large tables (and, with `small`, the small ones first) in `reader`'s
+/// snapshot transaction on a blocking thread of its own, so on another core when there is one,
+/// and never on a runtime worker that writers need: decoding half a million rows is seconds of
+/// CPU with nothing to wait for, and a result already received is collected without yielding
+/// (read on a runtime worker, the small tables' tens of thousands of rows held a concurrent
+/// writer for up to 82 ms at the start of a collection). Returns the reader with what it read.
+fn read_on_blocking_thread(
+    reader: TxGuard,
+    revision: Revision,
+    part: Part,
+    small: bool,
+) -> tokio::task::JoinHandle<(TxGuard, Result<GcSnapshot>)> {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        handle.block_on(async move {
+            let out = async {
+                let conn = reader.client();
+                let mut snap = if small {
+                    read_small(conn, revision).await?
+                } else {
+                    GcSnapshot::default()
+                };
+                read_large(conn, part, &mut snap).await?;
+                Ok(snap)
+            }
+            .await;
+            (reader, out)
+        })
+    })
 }
 
 /// The small tables (kinds, leases, their resources, the World's blob references), pipelined.

@@ -395,7 +395,6 @@ impl Session {
         target: ClaimTarget,
         limit: usize,
     ) -> Result<Vec<Work>> {
-        let req_target_selector = target.clone();
         let req = self.claim_request(process, target, limit)?;
         self.store.ready().await?;
         let by_selector = matches!(req.target, ClaimTarget::Selector(_));
@@ -410,9 +409,6 @@ impl Session {
             }
             r => self.note(r)?,
         };
-        if let ClaimTarget::Selector(selector) = &req_target_selector {
-            self.note_empty(process, selector, claimed.is_empty());
-        }
         Ok(self.claimed(process, claimed))
     }
 
@@ -427,8 +423,11 @@ impl Session {
     /// it got (possibly nothing); objects taken concurrently are skipped, not an error (a claim
     /// that keeps colliding with concurrent claims until its retries run out returns nothing).
     pub async fn claim(&self, process: &str, selector: &str, limit: usize) -> Result<Vec<Work>> {
-        self.claim_target(process, ClaimTarget::Selector(selector.to_string()), limit)
-            .await
+        let got = self
+            .claim_target(process, ClaimTarget::Selector(selector.to_string()), limit)
+            .await?;
+        self.note_empty(process, selector, got.is_empty());
+        Ok(got)
     }
 
     /// Claim one known object, or fail with `Conflict` (held, or in backoff) or `NotFound`.
