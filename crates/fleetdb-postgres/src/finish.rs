@@ -1,14 +1,19 @@
-//! A worker's finish (or cancel) as ONE statement: the hot path of `commit` for a batch of tag
-//! deletes followed by releases of one session's claims, and the first half of
-//! `commit_then_claim`'s single transaction.
+//! Workers' finishes (or cancels) as ONE statement: the hot path of `commit` for a batch of tag
+//! deletes followed by releases of one session's claims, and the first part of
+//! `commit_then_claim`'s transaction — for one finish, or for the finishes of several workers
+//! whose claims share a transaction ([`crate::claims`]).
 //!
-//! The statement makes the decisions of `apply_batch` for such a batch: the session must be alive,
-//! every tag must exist, every claim must be held by the session with its token. The tag, work
-//! and backoff rows are read `FOR UPDATE` (as the general READ COMMITTED finish reads them), so
-//! every decision rests on the newest committed row and holds until commit. Only if every check
-//! passes does it write: the change-log rows (revisions in op order), the tag, work and backoff
-//! deletes, and the history rows in op order. When a check fails it writes nothing and says so;
-//! the caller then runs the general path, which names the failure exactly.
+//! The statement makes the decisions of `apply_batch` for each finish (a group `g`): its session
+//! must be alive, every tag it deletes must exist, every claim it releases must be held by its
+//! session with its token. The tag, work and backoff rows are read `FOR UPDATE` (as the general
+//! READ COMMITTED finish reads them), so every decision rests on the newest committed row and
+//! holds until commit. Only the finishes whose checks all pass write: the change-log rows
+//! (revisions in op order), the tag, work and backoff deletes, and the history rows in op order.
+//! A finish whose check fails writes nothing and is reported so; the caller then runs the
+//! general path, which names the failure exactly. The finishes of one statement touch distinct
+//! tags and claims ([`FusedFinish::disjoint`]), so no decision rests on another's writes.
+
+use std::collections::{HashMap, HashSet};
 
 use fleetdb_core::work::{Outcome, WorkEvent};
 use fleetdb_core::{
@@ -22,52 +27,62 @@ use crate::sql::Param;
 /// Every row is reached by key through its primary key (lateral probes) and written by
 /// the `ctid` its locking read returned: plans that hold whatever the planner believes of
 /// the tables (a `DELETE … USING <list>` became a hash join over a whole table).
-pub(crate) const SQL: &str = "WITH s AS MATERIALIZED (SELECT component, host FROM sessions \
-       WHERE id = $1 AND deadline > $2), \
-     td AS MATERIALIZED (SELECT k.n, k.ns, k.kind, k.id, k.name, t.value, t.ctid AS tid \
-       FROM jsonb_to_recordset(($3::text)::jsonb) AS k(n bigint, ns text, kind text, id text, name text) \
+///
+/// `$1`: the finishes (`g`, session, history event, whether backoffs are cleared); `$2`: now;
+/// `$3`: the tag deletes and `$4` the releases, each numbered `n` in op order across finishes.
+/// Returns the finishes that passed (a JSON array of `g`, NULL if none) and the change-log rows
+/// written.
+pub(crate) const SQL: &str = "WITH gs AS MATERIALIZED (SELECT k.g, k.sid, k.event, \
+         COALESCE(s.alive, false) AS alive, s.component, s.host \
+       FROM jsonb_to_recordset(($1::text)::jsonb) AS k(g bigint, sid text, event text) \
+       LEFT JOIN LATERAL (SELECT true AS alive, component, host FROM sessions \
+         WHERE id = k.sid AND deadline > $2) AS s ON true), \
+     td AS MATERIALIZED (SELECT k.n, k.g, k.ns, k.kind, k.id, k.name, t.value, t.ctid AS tid \
+       FROM jsonb_to_recordset(($3::text)::jsonb) \
+         AS k(n bigint, g bigint, ns text, kind text, id text, name text) \
        LEFT JOIN LATERAL (SELECT value, ctid FROM tags WHERE namespace = k.ns AND kind = k.kind \
          AND id = k.id AND name = k.name FOR UPDATE) AS t ON true), \
-     wr AS MATERIALIZED (SELECT k.n, k.ns, k.kind, k.id, k.token, w.session_id AS holder, \
-         w.token AS held, w.ctid AS tid, b.ctid AS backoff \
-       FROM jsonb_to_recordset(($4::text)::jsonb) AS k(n bigint, ns text, kind text, id text, token bigint) \
+     wr AS MATERIALIZED (SELECT k.n, k.g, k.ns, k.kind, k.id, k.p, k.token, \
+         w.session_id AS holder, w.token AS held, w.ctid AS tid, b.ctid AS backoff \
+       FROM jsonb_to_recordset(($4::text)::jsonb) \
+         AS k(n bigint, g bigint, ns text, kind text, id text, p text, token bigint, fin boolean) \
        LEFT JOIN LATERAL (SELECT session_id, token, ctid FROM work WHERE namespace = k.ns \
-         AND kind = k.kind AND id = k.id AND process = $5 FOR UPDATE) AS w ON true \
-       LEFT JOIN LATERAL (SELECT ctid FROM work_backoff WHERE $6::boolean AND namespace = k.ns \
-         AND kind = k.kind AND id = k.id AND process = $5 FOR UPDATE) AS b ON true), \
-     ok AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM s) \
-       AND NOT EXISTS (SELECT 1 FROM td WHERE td.value IS NULL) \
-       AND NOT EXISTS (SELECT 1 FROM wr WHERE wr.holder IS DISTINCT FROM $1 \
-         OR wr.held IS DISTINCT FROM wr.token) AS ok), \
+         AND kind = k.kind AND id = k.id AND process = k.p FOR UPDATE) AS w ON true \
+       LEFT JOIN LATERAL (SELECT ctid FROM work_backoff WHERE k.fin AND namespace = k.ns \
+         AND kind = k.kind AND id = k.id AND process = k.p FOR UPDATE) AS b ON true), \
+     ok AS MATERIALIZED (SELECT gs.g FROM gs WHERE gs.alive \
+       AND NOT EXISTS (SELECT 1 FROM td WHERE td.g = gs.g AND td.value IS NULL) \
+       AND NOT EXISTS (SELECT 1 FROM wr WHERE wr.g = gs.g \
+         AND (wr.holder IS DISTINCT FROM gs.sid OR wr.held IS DISTINCT FROM wr.token))), \
      c AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
        SELECT nextval('fleetdb_revision'), x.ns, x.kind, x.id, 'tag', x.name, 'delete', x.value, NULL, $2 \
-       FROM (SELECT * FROM td ORDER BY n) AS x WHERE (SELECT ok FROM ok) \
+       FROM (SELECT * FROM td WHERE td.g IN (SELECT g FROM ok) ORDER BY n) AS x \
        RETURNING revision, namespace, kind, id, name), \
-     d AS (DELETE FROM tags WHERE (SELECT ok FROM ok) \
-       AND ctid = ANY (ARRAY(SELECT tid FROM td))), \
-     b AS (DELETE FROM work_backoff WHERE (SELECT ok FROM ok) \
-       AND ctid = ANY (ARRAY(SELECT backoff FROM wr WHERE backoff IS NOT NULL))), \
-     w AS (DELETE FROM work WHERE (SELECT ok FROM ok) \
-       AND ctid = ANY (ARRAY(SELECT tid FROM wr))), \
+     d AS (DELETE FROM tags \
+       WHERE ctid = ANY (ARRAY(SELECT tid FROM td WHERE td.g IN (SELECT g FROM ok)))), \
+     b AS (DELETE FROM work_backoff WHERE ctid = ANY (ARRAY(SELECT backoff FROM wr \
+       WHERE backoff IS NOT NULL AND wr.g IN (SELECT g FROM ok)))), \
+     w AS (DELETE FROM work \
+       WHERE ctid = ANY (ARRAY(SELECT tid FROM wr WHERE wr.g IN (SELECT g FROM ok)))), \
      h AS (INSERT INTO work_history \
        (namespace, kind, id, process, event, session_id, component, host, token, at, cause) \
-       SELECT x.ns, x.kind, x.id, $5, $7, $1, s.component, s.host, x.token, $2, NULL \
-       FROM (SELECT * FROM wr ORDER BY n) AS x, s WHERE (SELECT ok FROM ok)) \
-     SELECT (SELECT ok FROM ok), \
+       SELECT x.ns, x.kind, x.id, x.p, gs.event, gs.sid, gs.component, gs.host, x.token, $2, NULL \
+       FROM (SELECT * FROM wr WHERE wr.g IN (SELECT g FROM ok)) AS x JOIN gs ON gs.g = x.g \
+       ORDER BY x.n) \
+     SELECT (SELECT jsonb_agg(g)::text FROM ok), \
        (SELECT jsonb_agg(jsonb_build_array(namespace, kind, id, name, revision))::text FROM c)";
 
-/// A finish batch, ready to run as [`SQL`].
+/// A finish batch, ready to run as [`SQL`] (alone, or with others: [`FinishParams`]).
+#[derive(Clone)]
 pub(crate) struct FusedFinish {
     session_id: String,
     now: i64,
-    tags_json: String,
-    work_json: String,
     process: String,
     finished: bool,
-    event: &'static str,
     /// The deleted tags, in op order.
     deletes: Vec<(ObjectKey, String)>,
-    releases: usize,
+    /// The released claims (key, token), in op order.
+    releases: Vec<(ObjectKey, i64)>,
 }
 
 impl FusedFinish {
@@ -92,18 +107,15 @@ impl FusedFinish {
             return None;
         }
         let mut deletes: Vec<(ObjectKey, String)> = Vec::new();
-        let mut tags = Vec::new();
-        let mut releases = Vec::new();
-        let mut seen_tags = std::collections::HashSet::new();
-        let mut seen_keys = std::collections::HashSet::new();
+        let mut releases: Vec<(ObjectKey, i64)> = Vec::new();
+        let mut seen_tags = HashSet::new();
+        let mut seen_keys = HashSet::new();
         for op in &batch.ops {
             match op {
                 Op::TagDelete { key, name } if releases.is_empty() => {
                     if !seen_tags.insert((key, name)) {
                         return None;
                     }
-                    tags.push(serde_json::json!({"n": tags.len(), "ns": key.namespace,
-                        "kind": key.kind, "id": key.id, "name": name}));
                     deletes.push((key.clone(), name.clone()));
                 }
                 Op::WorkRelease {
@@ -116,52 +128,124 @@ impl FusedFinish {
                     if !seen_keys.insert(key) {
                         return None;
                     }
-                    releases.push(serde_json::json!({"n": releases.len(), "ns": key.namespace,
-                        "kind": key.kind, "id": key.id, "token": token}));
+                    releases.push((key.clone(), *token));
                 }
                 _ => return None,
             }
         }
-        let finished = *outcome == Outcome::Finished;
         Some(FusedFinish {
             session_id: session_id.clone(),
             now: batch.now.0,
-            tags_json: serde_json::Value::Array(tags).to_string(),
-            work_json: serde_json::Value::Array(releases.clone()).to_string(),
             process: process.clone(),
-            finished,
-            event: if finished {
-                WorkEvent::Finished
-            } else {
-                WorkEvent::Canceled
-            }
-            .as_str(),
+            finished: *outcome == Outcome::Finished,
             deletes,
-            releases: releases.len(),
+            releases,
         })
     }
 
-    /// [`SQL`]'s parameters.
-    pub(crate) fn params(&self) -> [Param<'_>; 7] {
-        [
-            &self.session_id,
-            &self.now,
-            &self.tags_json,
-            &self.work_json,
-            &self.process,
-            &self.finished,
-            &self.event,
-        ]
+    /// Whether this finish touches none of the tags and claims of `others` (finishes of one
+    /// statement must not: each decides on the rows as they were before the statement).
+    pub(crate) fn disjoint(&self, others: &[&FusedFinish]) -> bool {
+        others.iter().all(|o| {
+            self.deletes.iter().all(|d| !o.deletes.contains(d))
+                && self.releases.iter().all(|(k, _)| {
+                    !(o.process == self.process && o.releases.iter().any(|(ok, _)| ok == k))
+                })
+        })
     }
 
-    /// The batch's results from [`SQL`]'s row, as `apply_batch` gives them; `None` when a check
-    /// failed (nothing was written).
-    pub(crate) fn results(&self, row: &Row) -> Result<Option<Vec<OpResult>>> {
-        let ok: bool = row.try_get(0).map_err(db_err)?;
-        if !ok {
+    /// The batch's results (as `apply_batch` gives them) when finish `g` of the statement
+    /// passed; `None` when one of its checks failed (it wrote nothing).
+    pub(crate) fn results(&self, done: &FinishRow, g: usize) -> Result<Option<Vec<OpResult>>> {
+        if !done.passed.contains(&g) {
             return Ok(None);
         }
-        let mut revisions = std::collections::HashMap::with_capacity(self.deletes.len());
+        let mut out = Vec::with_capacity(self.deletes.len() + self.releases.len());
+        for (key, name) in &self.deletes {
+            let revision = done
+                .revisions
+                .get(&(key.clone(), name.clone()))
+                .copied()
+                .ok_or_else(|| {
+                    Error::Backend(format!("no change-log row for tag {name:?} of {key}"))
+                })?;
+            out.push(OpResult {
+                changed: true,
+                applied: Applied::Deleted { revision },
+            });
+        }
+        out.extend(self.releases.iter().map(|_| OpResult {
+            changed: true,
+            applied: Applied::Done { count: 1 },
+        }));
+        Ok(Some(out))
+    }
+}
+
+/// [`SQL`]'s parameters for some finishes (finish `g` is the `g`-th), at the latest of their
+/// times (each as if it had come that moment later).
+pub(crate) struct FinishParams {
+    groups: String,
+    tags: String,
+    work: String,
+    now: i64,
+}
+
+impl FinishParams {
+    pub(crate) fn new(finishes: &[&FusedFinish]) -> FinishParams {
+        let mut groups = Vec::with_capacity(finishes.len());
+        let (mut tags, mut work) = (Vec::new(), Vec::new());
+        for (g, f) in finishes.iter().enumerate() {
+            let event = match f.finished {
+                true => WorkEvent::Finished,
+                false => WorkEvent::Canceled,
+            };
+            groups.push(serde_json::json!({"g": g, "sid": f.session_id, "event": event.as_str()}));
+            for (key, name) in &f.deletes {
+                tags.push(
+                    serde_json::json!({"n": tags.len(), "g": g, "ns": key.namespace,
+                    "kind": key.kind, "id": key.id, "name": name}),
+                );
+            }
+            for (key, token) in &f.releases {
+                work.push(
+                    serde_json::json!({"n": work.len(), "g": g, "ns": key.namespace,
+                    "kind": key.kind, "id": key.id, "p": f.process, "token": token,
+                    "fin": f.finished}),
+                );
+            }
+        }
+        FinishParams {
+            groups: serde_json::Value::Array(groups).to_string(),
+            tags: serde_json::Value::Array(tags).to_string(),
+            work: serde_json::Value::Array(work).to_string(),
+            now: finishes.iter().map(|f| f.now).max().unwrap_or_default(),
+        }
+    }
+
+    /// [`SQL`]'s parameters.
+    pub(crate) fn params(&self) -> [Param<'_>; 4] {
+        [&self.groups, &self.now, &self.tags, &self.work]
+    }
+}
+
+/// What [`SQL`]'s row says: the finishes that passed and the revision of each tag deleted.
+pub(crate) struct FinishRow {
+    passed: HashSet<usize>,
+    revisions: HashMap<(ObjectKey, String), Revision>,
+}
+
+impl FinishRow {
+    pub(crate) fn decode(rows: &[Row]) -> Result<FinishRow> {
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::Backend("the finish statement returned no row".into()))?;
+        let passed = match row.try_get::<_, Option<String>>(0).map_err(db_err)? {
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| Error::Backend(format!("the finishes that passed: {e}")))?,
+            None => HashSet::new(),
+        };
+        let mut revisions = HashMap::new();
         if let Some(text) = row.try_get::<_, Option<String>>(1).map_err(db_err)? {
             let list: Vec<(String, String, String, String, i64)> = serde_json::from_str(&text)
                 .map_err(|e| Error::Backend(format!("revisions of a finish: {e}")))?;
@@ -172,23 +256,6 @@ impl FusedFinish {
                 );
             }
         }
-        let mut out = Vec::with_capacity(self.deletes.len() + self.releases);
-        for item in &self.deletes {
-            let revision = revisions.remove(item).ok_or_else(|| {
-                Error::Backend(format!(
-                    "no change-log row for tag {:?} of {}",
-                    item.1, item.0
-                ))
-            })?;
-            out.push(OpResult {
-                changed: true,
-                applied: Applied::Deleted { revision },
-            });
-        }
-        out.extend((0..self.releases).map(|_| OpResult {
-            changed: true,
-            applied: Applied::Done { count: 1 },
-        }));
-        Ok(Some(out))
+        Ok(FinishRow { passed, revisions })
     }
 }

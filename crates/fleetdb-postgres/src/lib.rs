@@ -17,6 +17,7 @@
 //! Several processes may open the same database: migrations are serialized through the
 //! `fleetdb_schema` primary key, writes through PostgreSQL's serializable isolation.
 
+mod claims;
 mod content;
 mod error;
 mod finish;
@@ -174,6 +175,9 @@ pub struct PostgresBackend {
     hands: Arc<work::ClaimHands>,
     /// Lone key-value sets waiting for a connection, written in shared transactions ([`kv`]).
     kv: Arc<kv::KvCombiner>,
+    /// Selector claims waiting for their (process, selector)'s claim in flight, sent in shared
+    /// transactions ([`claims`]).
+    claims: Arc<claims::ClaimCombiner>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -241,6 +245,7 @@ impl PostgresBackend {
             alive: Arc::new(tokio::sync::watch::channel(()).0),
             hands: Arc::default(),
             kv: Arc::default(),
+            claims: Arc::default(),
         };
         let client = backend.client().await.map_err(|e| match e {
             Error::Unavailable(msg) => {
@@ -579,13 +584,11 @@ impl PostgresBackend {
         let Some(finish) = finish::FusedFinish::new(batch) else {
             return Ok(None);
         };
+        let params = finish::FinishParams::new(&[&finish]);
         let rows = self
-            .one_statement(sql::BEGIN_FINISH, finish::SQL, &finish.params())
+            .one_statement(sql::BEGIN_FINISH, finish::SQL, &params.params())
             .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| Error::Backend("the finish statement returned no row".into()))?;
-        finish.results(row)
+        finish.results(&finish::FinishRow::decode(&rows)?, 0)
     }
 
     /// A selector claim in two round trips (see [`work::claim_lock_sql`] and
@@ -599,7 +602,7 @@ impl PostgresBackend {
     /// (then nothing happened: the caller runs the general path, which names the failure). Once
     /// the finish has passed, a claim that cannot proceed (expired session, undeclared process,
     /// nothing to claim) commits the finish and yields no work.
-    async fn claim_selector(
+    async fn claim_selector_alone(
         &self,
         req: &ClaimRequest,
         selector: Selector,
@@ -643,8 +646,11 @@ impl PostgresBackend {
             open: true,
         };
         let conn: &deadpool_postgres::ClientWrapper = guard.client();
-        let (lock_sql, mut lock_params) =
-            work::claim_lock_sql(q, &req.session_id, &work::hand_start());
+        let (lock_sql, mut lock_params) = work::claim_lock_sql(
+            q,
+            std::slice::from_ref(&req.session_id),
+            &work::hand_start(),
+        );
         let clock_hand = self.hands.hand(&req.process, &lock_sql);
         // Held until the hand has moved past this claim's candidates (see `Hand::TURN_MIN`).
         let turn = match req.limit >= work::Hand::TURN_MIN {
@@ -675,10 +681,10 @@ impl PostgresBackend {
                 return Err(failure);
             }
         };
-        let finish_params = finish.map(|f| f.params());
+        let finish_params = finish.map(|f| finish::FinishParams::new(&[f]));
         let finish_rows = async {
             match (&finish_stmt, &finish_params) {
-                (Some(stmt), Some(params)) => conn.query(stmt, params).await.map(Some),
+                (Some(stmt), Some(params)) => conn.query(stmt, &params.params()).await.map(Some),
                 _ => Ok(None),
             }
         };
@@ -716,10 +722,7 @@ impl PostgresBackend {
         }
         let finish_results = match (finish, finished.ok().flatten()) {
             (Some(f), Some(rows)) => {
-                let decoded = rows
-                    .first()
-                    .ok_or_else(|| Error::Backend("the finish statement returned no row".into()))
-                    .and_then(|row| f.results(row));
+                let decoded = finish::FinishRow::decode(&rows).and_then(|done| f.results(&done, 0));
                 match decoded {
                     Ok(Some(results)) => Some(results),
                     Ok(None) => {
@@ -741,7 +744,10 @@ impl PostgresBackend {
         let decoded = (|| -> Result<(bool, bool, Option<String>)> {
             let row = row.ok_or_else(|| Error::Backend("the claim returned no row".into()))?;
             Ok((
-                row.try_get(0).map_err(db_err)?,
+                // The alive sessions of the one claiming: NULL or `[id]`.
+                row.try_get::<_, Option<String>>(0)
+                    .map_err(db_err)?
+                    .is_some(),
                 row.try_get(1).map_err(db_err)?,
                 row.try_get(2).map_err(db_err)?,
             ))
@@ -767,18 +773,24 @@ impl PostgresBackend {
                 }));
             }
             if !declared {
-                return Err(Failure::Fail(Error::invalid(
-                    "process",
-                    &req.process,
-                    "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
-                )));
+                return Err(Failure::Fail(claims::undeclared(&req.process)));
             }
             return Ok((None, Vec::new()));
         }
         let locked = locked.unwrap_or_default();
         clock_hand.advance(&hand, &locked);
         drop(turn);
-        let (take_sql, take_params) = work::claim_take_sql(q, &req.session_id, locked);
+        let locked = match serde_json::from_str::<Vec<serde_json::Value>>(&locked) {
+            Ok(candidates) => work::locked_for(&candidates, &req.session_id),
+            Err(e) => {
+                end(false).await?;
+                guard.open = false;
+                return Err(Failure::Fail(Error::Backend(format!(
+                    "the candidates of a claim: {e}"
+                ))));
+            }
+        };
+        let (take_sql, take_params) = work::claim_take_sql(q, locked);
         let take_stmt = match prepare_claim(conn, &take_sql).await {
             Ok(stmt) => stmt,
             Err(failure) => {
@@ -804,19 +816,7 @@ impl PostgresBackend {
         guard.open = false;
         let work = rows
             .iter()
-            .map(|r| {
-                Ok(WorkInfo {
-                    key: fleetdb_core::apply::stored_key(
-                        r.try_get(0).map_err(db_err)?,
-                        r.try_get(1).map_err(db_err)?,
-                        r.try_get(2).map_err(db_err)?,
-                    ),
-                    process: req.process.clone(),
-                    session_id: req.session_id.clone(),
-                    token: r.try_get(3).map_err(db_err)?,
-                    started_at: req.now,
-                })
-            })
+            .map(|r| claimed_work(r, req, req.now))
             .collect::<Result<Vec<_>>>()
             .map_err(Failure::Fail)?;
         Ok((finish_results, work))
@@ -873,6 +873,22 @@ impl PostgresBackend {
         let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
         client.query(&stmt, params).await.map_err(db_err)
     }
+}
+
+/// The work of a row of [`work::claim_take_sql`] (`namespace, kind, id, token`), claimed for
+/// `req` at `now`.
+fn claimed_work(r: &tokio_postgres::Row, req: &ClaimRequest, now: Timestamp) -> Result<WorkInfo> {
+    Ok(WorkInfo {
+        key: fleetdb_core::apply::stored_key(
+            r.try_get(0).map_err(db_err)?,
+            r.try_get(1).map_err(db_err)?,
+            r.try_get(2).map_err(db_err)?,
+        ),
+        process: req.process.clone(),
+        session_id: req.session_id.clone(),
+        token: r.try_get(3).map_err(db_err)?,
+        started_at: now,
+    })
 }
 
 /// Owns the pooled connection of a transaction. If the transaction is still open when it drops
@@ -1836,8 +1852,8 @@ mod tests {
         let client = backend.client().await.unwrap();
         seed_eligible(&client, 3000, 5).await;
         let q = eligible_jobs(1);
-        let locked = r#"[{"ns":"default","kind":"job","id":"j02999"}]"#.to_string();
-        let (take, params) = work::claim_take_sql(&q, "s", locked);
+        let locked = r#"[{"ns":"default","kind":"job","id":"j02999","sid":"s"}]"#.to_string();
+        let (take, params) = work::claim_take_sql(&q, locked);
         let plan = explain_analyze(&client, &take, &params).await;
         assert!(plan.text.contains("Insert on work "), "{}", plan.text);
         let total = plan.rows;
@@ -1911,11 +1927,10 @@ mod tests {
             .batch_execute(&sql::session_level(sql::CLAIM_PLANNED))
             .await
             .unwrap();
-        let (find, find_params) = work::claim_lock_sql(q, "s", &work::hand_start());
+        let (find, find_params) = work::claim_lock_sql(q, &["s".to_string()], &work::hand_start());
         let (take, take_params) = work::claim_take_sql(
             q,
-            "s",
-            r#"[{"ns":"default","kind":"job","id":"j02001"}]"#.to_string(),
+            r#"[{"ns":"default","kind":"job","id":"j02001","sid":"s"}]"#.to_string(),
         );
         client
             .batch_execute(&format!(
@@ -1951,7 +1966,7 @@ mod tests {
         seed_eligible(&client, 3000, 5).await;
         let q = eligible_jobs(10);
         let hand = ObjectKey::new("default", "job", "j02990").unwrap();
-        let (find, params) = work::claim_lock_sql(&q, "s", &hand);
+        let (find, params) = work::claim_lock_sql(&q, &["s".to_string()], &hand);
         let plan = explain_analyze(&client, &find, &params).await;
         let total = plan.rows;
         assert!(
@@ -2086,10 +2101,9 @@ mod tests {
             .batch_execute(&format!("PREPARE f AS {}", finish::SQL))
             .await
             .unwrap();
-        let run = "EXECUTE f('s', 0, \
-             '[{\"n\":0,\"ns\":\"default\",\"kind\":\"job\",\"id\":\"j00001\",\"name\":\"eligible\"}]', \
-             '[{\"n\":0,\"ns\":\"default\",\"kind\":\"job\",\"id\":\"j00001\",\"token\":1}]', \
-             'P', true, 'Finished')";
+        let run = "EXECUTE f('[{\"g\":0,\"sid\":\"s\",\"event\":\"Finished\"}]', 0, \
+             '[{\"n\":0,\"g\":0,\"ns\":\"default\",\"kind\":\"job\",\"id\":\"j00001\",\"name\":\"eligible\"}]', \
+             '[{\"n\":0,\"g\":0,\"ns\":\"default\",\"kind\":\"job\",\"id\":\"j00001\",\"p\":\"P\",\"token\":1,\"fin\":true}]')";
         client.batch_execute(run).await.unwrap();
         client
             .batch_execute(

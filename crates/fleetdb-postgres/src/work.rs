@@ -319,7 +319,7 @@ fn selector_on_keys(selector: &Selector, now: Timestamp, keys: String) -> (Strin
     let keys = params.push(SqlParam::Text(keys));
     (
         format!(
-            "FROM jsonb_to_recordset(({keys})::jsonb) AS k(ns text, kind text, id text) \
+            "FROM jsonb_to_recordset(({keys})::jsonb) AS k(ns text, kind text, id text, sid text) \
              CROSS JOIN LATERAL (SELECT o.namespace, o.kind, o.id FROM objects o{joins} \
                WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id AND ({cond}) \
                OFFSET 0) o WHERE TRUE"
@@ -417,10 +417,15 @@ fn not_in_backoff_sql(process: &str, now: &str, k: &str) -> String {
     )
 }
 
-/// Step 1 of a selector claim (one statement, pipelined with `BEGIN`, READ COMMITTED): whether
-/// the session is alive and the process declared, and the candidates, found and locked
-/// (`FOR UPDATE OF o SKIP LOCKED`, so concurrent claimers take different objects) as a JSON array
-/// of `{"ns","kind","id"}` in key order (NULL when there are none).
+/// Step 1 of a selector claim (one statement, pipelined with `BEGIN`, READ COMMITTED): which of
+/// the claiming `sessions` are alive (a JSON array of their ids, NULL when none is), whether the
+/// process is declared, and the candidates, found and locked (`FOR UPDATE OF o SKIP LOCKED`, so
+/// concurrent claimers take different objects) as a JSON array of `{"ns","kind","id"}` in key
+/// order (NULL when there are none). Several sessions: the claims of one process's workers
+/// sharing a transaction ([`crate::claims`]); candidates are found while any of them is alive.
+/// The sessions are probed by id only (a subquery kept out of the join tree), never through
+/// `sessions_deadline`: that would read every live session (plan-guard test
+/// `claim_probes_work_by_the_candidate_key`).
 ///
 /// The scan starts after `hand` (the claim cursor, see [`ClaimHands`]) and wraps around: the
 /// candidates after it in key order, then, only if those were fewer than the limit, the ones up
@@ -431,11 +436,11 @@ fn not_in_backoff_sql(process: &str, now: &str, k: &str) -> String {
 /// not depend on it.
 pub(crate) fn claim_lock_sql(
     q: &CandidateQuery,
-    session_id: &str,
+    sessions: &[String],
     hand: &ObjectKey,
 ) -> (String, TypedParams) {
     let (base, mut params) = claim_from_where(&q.selector, q.now);
-    let sid = params.push(SqlParam::Text(session_id.to_string()));
+    let sids = params.push(SqlParam::Text(json_list(sessions)));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
     let limit = params.push(SqlParam::Int(limit_param(q.limit)));
@@ -466,10 +471,12 @@ pub(crate) fn claim_lock_sql(
     };
     let (after, upto) = (branch(">"), branch("<="));
     let sql = format!(
-        "WITH s AS (SELECT 1 FROM sessions WHERE id = {sid} AND deadline > {now}), \
+        "WITH s AS (SELECT id FROM (SELECT ss.id, ss.deadline FROM sessions ss \
+           WHERE ss.id = ANY (ARRAY(SELECT jsonb_array_elements_text(({sids})::jsonb))) \
+           OFFSET 0) ss WHERE ss.deadline > {now}), \
          me AS (SELECT 1 FROM processes WHERE name = {process}), \
          c AS MATERIALIZED ({after} UNION ALL {upto} LIMIT {limit}) \
-         SELECT EXISTS (SELECT 1 FROM s), EXISTS (SELECT 1 FROM me), \
+         SELECT (SELECT jsonb_agg(id)::text FROM s), EXISTS (SELECT 1 FROM me), \
            (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
               ORDER BY c.namespace, c.kind, c.id)::text FROM c)"
     );
@@ -570,34 +577,31 @@ impl Hand {
 }
 
 /// Step 2 of a selector claim (one statement, pipelined with `COMMIT`): the locked candidates
-/// (`locked`, step 1's JSON) are checked again in this statement's fresh snapshot (a claim
-/// committed between step 1's snapshot and its lock is seen now, and so is a change that made an
-/// object stop matching); each survivor gets a fencing token, its work row (replacing a row of a
+/// (`locked`: step 1's JSON, each with the session `sid` it is for, see [`locked_for`]) are
+/// checked again in this statement's fresh snapshot (a claim committed between step 1's snapshot
+/// and its lock is seen now, and so is a change that made an object stop matching), and so is
+/// each one's session; each survivor gets a fencing token, its work row (replacing a row of a
 /// dead session, which gets `Expired` history first) and `Started` history. Returns
-/// `(namespace, kind, id, token)` in key order.
-pub(crate) fn claim_take_sql(
-    q: &CandidateQuery,
-    session_id: &str,
-    locked: String,
-) -> (String, TypedParams) {
+/// `(namespace, kind, id, token, session)` in key order. Several sessions: the claims of one
+/// process's workers sharing a transaction ([`crate::claims`]).
+pub(crate) fn claim_take_sql(q: &CandidateQuery, locked: String) -> (String, TypedParams) {
     let (base, mut params) = selector_on_keys(&q.selector, q.now, locked);
-    let sid = params.push(SqlParam::Text(session_id.to_string()));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
     let ex = exclusions_sql(&process);
     let free = candidate_free_sql(&ex, &process, &now, "o");
     let sql = format!(
-        "WITH s AS MATERIALIZED (SELECT component, host FROM sessions WHERE id = {sid} AND deadline > {now}), \
-         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id {base} {free} \
-           AND EXISTS (SELECT 1 FROM s) \
+        "WITH c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid {base} {free} \
+           AND EXISTS (SELECT 1 FROM (SELECT ss.deadline FROM sessions ss WHERE ss.id = k.sid \
+             OFFSET 0) ss WHERE ss.deadline > {now}) \
            ORDER BY o.namespace, o.kind, o.id), \
-         t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, nextval('fleetdb_fencing') AS token, \
-           row_number() OVER () AS n FROM c), \
+         t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, \
+           nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c), \
          old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, t.n \
            FROM t CROSS JOIN LATERAL (SELECT * FROM work w WHERE w.namespace = t.namespace \
              AND w.kind = t.kind AND w.id = t.id AND w.process = {process} OFFSET 0) AS w), \
          up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
-           SELECT t.namespace, t.kind, t.id, {process}, {sid}, t.token, {now} FROM t \
+           SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, {now} FROM t \
            ON CONFLICT (namespace, kind, id, process) DO UPDATE SET session_id = excluded.session_id, \
              token = excluded.token, started_at = excluded.started_at), \
          h AS (INSERT INTO work_history \
@@ -608,12 +612,28 @@ pub(crate) fn claim_take_sql(
                    COALESCE(os.host, '') AS host, old.token, 'session expired' AS cause \
                  FROM old LEFT JOIN sessions os ON os.id = old.session_id \
                  UNION ALL \
-                 SELECT 1, t.n, t.namespace, t.kind, t.id, 'Started', {sid}, s.component, s.host, \
-                   t.token, NULL FROM t, s) AS e \
+                 SELECT 1, t.n, t.namespace, t.kind, t.id, 'Started', t.sid, s.component, s.host, \
+                   t.token, NULL FROM t JOIN sessions s ON s.id = t.sid) AS e \
            ORDER BY phase, n) \
-         SELECT namespace, kind, id, token FROM t ORDER BY n"
+         SELECT namespace, kind, id, token, sid FROM t ORDER BY n"
     );
     (sql, params)
+}
+
+/// Step 1's candidates (a JSON array of `{"ns","kind","id"}`) given to session `sid`, as step 2
+/// takes them.
+pub(crate) fn locked_for(candidates: &[serde_json::Value], sid: &str) -> String {
+    let list: Vec<serde_json::Value> = candidates
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            if let Some(o) = c.as_object_mut() {
+                o.insert("sid".into(), serde_json::Value::String(sid.to_string()));
+            }
+            c
+        })
+        .collect();
+    serde_json::Value::Array(list).to_string()
 }
 
 pub(crate) fn select_sql(
