@@ -46,7 +46,7 @@ use tokio::sync::oneshot;
 use crate::error::db_err;
 use crate::finish::{self, FinishParams, FinishRow, FusedFinish};
 use crate::sql;
-use crate::{prepare_claim, work, PostgresBackend, TxGuard};
+use crate::{classify, prepare_claim, work, Failure, PostgresBackend, TxGuard};
 
 /// Claims one shared transaction carries at most.
 pub(crate) const SHARED_MAX: usize = 16;
@@ -212,12 +212,139 @@ pub(crate) fn undeclared(process: &str) -> Error {
     )
 }
 
-/// What a shared transaction does for one claim once its first round trip is back.
-enum Plan {
-    /// Answered without a take.
-    Answer(Answer),
-    /// Takes some of the locked candidates; `finished`: its finish's results.
-    Take { finished: Option<Vec<OpResult>> },
+/// What one claim transaction's round trip said: `BEGIN` and the planner settings, the finishes
+/// (if any, [`finish::SQL`]), find-and-lock ([`work::claim_lock_sql`]), check-and-take
+/// ([`work::claim_take_sql`]) and `COMMIT`, pipelined. Each statement hands its results to the
+/// next through transaction settings (see [`work::ALIVE_GUC`]), so nothing waits for the client
+/// between them; a statement that fails aborts the transaction (`COMMIT` then rolls back).
+pub(crate) struct ClaimTxn {
+    pub(crate) finished: Option<FinishRow>,
+    pub(crate) alive: HashSet<String>,
+    pub(crate) declared: bool,
+    /// How many candidates find-and-lock locked.
+    pub(crate) locked_n: usize,
+    pub(crate) took: Vec<tokio_postgres::Row>,
+}
+
+impl ClaimTxn {
+    /// The keys the take took (rows it could not read left out).
+    pub(crate) fn taken_keys(&self) -> Vec<fleetdb_core::ObjectKey> {
+        self.took
+            .iter()
+            .filter_map(|r| {
+                Some(fleetdb_core::apply::stored_key(
+                    r.try_get(0).ok()?,
+                    r.try_get(1).ok()?,
+                    r.try_get(2).ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) async fn run(
+        backend: &PostgresBackend,
+        (lock_sql, lock_params): (&str, &work::TypedParams),
+        finish: Option<&FinishParams>,
+        (take_sql, take_params): &(String, work::TypedParams),
+    ) -> std::result::Result<ClaimTxn, Failure> {
+        let client = backend.client().await.map_err(Failure::Fail)?;
+        let mut guard = TxGuard {
+            client: Some(client),
+            open: true,
+        };
+        let conn: &deadpool_postgres::ClientWrapper = guard.client();
+        // A worker claims with one selector over and over: the statements are prepared once per
+        // connection (planning them costs more than running them).
+        let prepared = async {
+            let lock = prepare_claim(conn, lock_sql).await?;
+            let take = prepare_claim(conn, take_sql).await?;
+            let finish = match finish {
+                Some(_) => Some(
+                    conn.prepare_cached(finish::SQL)
+                        .await
+                        .map_err(|e| classify(&e))?,
+                ),
+                None => None,
+            };
+            Ok::<_, Failure>((lock, take, finish))
+        };
+        let (lock_stmt, take_stmt, finish_stmt) = match prepared.await {
+            Ok(stmts) => stmts,
+            Err(failure) => {
+                guard.open = false; // no transaction was opened
+                return Err(failure);
+            }
+        };
+        let finished = async {
+            match (&finish_stmt, finish) {
+                (Some(stmt), Some(params)) => conn.query(stmt, &params.params()).await.map(Some),
+                _ => Ok(None),
+            }
+        };
+        let (lock_values, take_values) = (lock_params.values(), take_params.values());
+        // Sent in this order: tokio-postgres sends a request on its first poll.
+        let (begin, finished, locked, took, commit) = futures::future::join5(
+            conn.batch_execute(sql::BEGIN_FINISH),
+            finished,
+            conn.query(&lock_stmt, &lock_values),
+            conn.query(&take_stmt, &take_values),
+            conn.batch_execute("COMMIT"),
+        )
+        .await;
+        // COMMIT ran (or the connection is gone): the transaction is over either way. A failed
+        // statement turned it into a rollback; had BEGIN failed, the statements ran on their own
+        // and failed or did nothing (the take needs the find's settings; a finish that ran
+        // alone is retried by the general path, which then finds it done).
+        guard.open = false;
+        let (finished, locked, took) = match (begin, finished, locked, took, commit) {
+            (Ok(()), Ok(finished), Ok(locked), Ok(took), Ok(())) => (finished, locked, took),
+            (begin, finished, locked, took, commit) => {
+                let first = [
+                    begin.err(),
+                    finished.err(),
+                    locked.err(),
+                    took.err(),
+                    commit.err(),
+                ]
+                .into_iter()
+                .flatten()
+                .next();
+                return Err(match first {
+                    Some(e) => classify(&e),
+                    None => Failure::Fail(Error::Backend("a claim failed".into())),
+                });
+            }
+        };
+        drop(guard);
+        let decoded = (|| -> Result<ClaimTxn> {
+            let finished = finished.as_deref().map(FinishRow::decode).transpose()?;
+            let row = locked
+                .first()
+                .ok_or_else(|| Error::Backend("the claim returned no row".into()))?;
+            let alive: Option<String> = row.try_get(0).map_err(db_err)?;
+            let declared: bool = row.try_get(1).map_err(db_err)?;
+            let locked: Option<String> = row.try_get(2).map_err(db_err)?;
+            let alive: HashSet<String> = match alive {
+                Some(json) => serde_json::from_str(&json)
+                    .map_err(|e| Error::Backend(format!("the alive sessions of a claim: {e}")))?,
+                None => HashSet::new(),
+            };
+            let locked_n = match &locked {
+                Some(json) => serde_json::from_str::<Vec<serde_json::Value>>(json)
+                    .map_err(|e| Error::Backend(format!("the candidates of a claim: {e}")))?
+                    .len(),
+                None => 0,
+            };
+            Ok(ClaimTxn {
+                finished,
+                alive,
+                declared,
+                locked_n,
+                took,
+            })
+        })();
+        decoded.map_err(Failure::Fail)
+    }
 }
 
 impl PostgresBackend {
@@ -346,198 +473,85 @@ impl PostgresBackend {
         let clock_hand = self.hands.hand(&process, &lock_sql);
         let hand = clock_hand.get();
         lock_params.set_hand(&hand);
-        // The finishes, in one statement: finish `g` is the `g`-th claim with one.
+        // The finishes, in one statement: finish `f` is the `f`-th claim with one.
         let finishes: Vec<&FusedFinish> = taken.iter().filter_map(|w| w.finish.as_ref()).collect();
         let finish_params = (!finishes.is_empty()).then(|| FinishParams::new(&finishes));
-
-        let client = self.client().await.ok()?;
-        let mut guard = TxGuard {
-            client: Some(client),
-            open: true,
-        };
-        let conn: &deadpool_postgres::ClientWrapper = guard.client();
-        let prepared = async {
-            let lock = prepare_claim(conn, &lock_sql).await.ok()?;
-            let finish = match finish_params {
-                Some(_) => Some(conn.prepare_cached(finish::SQL).await.ok()?),
-                None => None,
-            };
-            Some((lock, finish))
-        };
-        let Some((lock_stmt, finish_stmt)) = prepared.await else {
-            guard.open = false; // no transaction was opened
-            return None;
-        };
-        let finished = async {
-            match (&finish_stmt, &finish_params) {
-                (Some(stmt), Some(params)) => conn.query(stmt, &params.params()).await.map(Some),
-                _ => Ok(None),
-            }
-        };
-        // One round trip: BEGIN, the planner settings, the finishes, find-and-lock (sent in
-        // this order: tokio-postgres sends a request on its first poll).
-        let (begin, planned, finished, rows) = futures::future::join4(
-            conn.batch_execute(sql::BEGIN_READ_COMMITTED),
-            conn.batch_execute(sql::CLAIM_PLANNED),
-            finished,
-            conn.query(&lock_stmt, &lock_params.values()),
-        )
-        .await;
-        if begin.is_err() {
-            // No transaction is open (see `claim_selector_alone`).
-            guard.open = false;
-            return None;
-        }
-        let decided = (|| -> Result<Option<_>> {
-            let (Ok(()), Ok(finished), Ok(rows)) = (planned, finished, rows) else {
-                return Ok(None);
-            };
-            let done = finished.as_deref().map(FinishRow::decode).transpose()?;
-            let row = rows
-                .first()
-                .ok_or_else(|| Error::Backend("the claim returned no row".into()))?;
-            let alive: Option<String> = row.try_get(0).map_err(db_err)?;
-            let declared: bool = row.try_get(1).map_err(db_err)?;
-            let locked: Option<String> = row.try_get(2).map_err(db_err)?;
-            let alive: HashSet<String> = match alive {
-                Some(json) => serde_json::from_str(&json)
-                    .map_err(|e| Error::Backend(format!("the alive sessions of a claim: {e}")))?,
-                None => HashSet::new(),
-            };
-            let candidates: Vec<serde_json::Value> = match &locked {
-                Some(json) => serde_json::from_str(json)
-                    .map_err(|e| Error::Backend(format!("the candidates of a claim: {e}")))?,
-                None => Vec::new(),
-            };
-            // Per claim: None = no finish; Some(None) = its checks failed; Some(Some(results)).
-            let mut g = 0;
-            let mut finish_results = Vec::with_capacity(taken.len());
-            for w in taken {
-                finish_results.push(match (&w.finish, &done) {
-                    (Some(f), Some(done)) => {
-                        g += 1;
-                        Some(f.results(done, g - 1)?)
-                    }
-                    _ => None,
-                });
-            }
-            Ok(Some((finish_results, alive, declared, locked, candidates)))
-        })();
-        let Ok(Some((finish_results, alive, declared, locked, candidates))) = decided else {
-            if conn.batch_execute("ROLLBACK").await.is_ok() {
-                guard.open = false;
-            }
-            return None;
-        };
-        if let Some(locked) = &locked {
-            clock_hand.advance(&hand, locked);
-        }
-
-        // Candidates go to the claims in arrival order, each up to its limit.
-        let mut next = 0;
-        let mut owner: HashMap<(String, String, String), usize> = HashMap::new();
-        let mut assigned: Vec<serde_json::Value> = Vec::new();
-        let plans: Vec<Plan> = taken
+        let mut f = 0;
+        let slots: Vec<work::Slot> = taken
             .iter()
-            .zip(finish_results)
             .enumerate()
-            .map(|(i, (w, finished))| {
-                let finished = match finished {
-                    Some(None) => return Plan::Answer(Answer::Alone),
-                    other => other.flatten(),
+            .map(|(r, w)| work::Slot {
+                r,
+                sid: w.req.session_id.clone(),
+                f: w.finish.as_ref().map(|_| {
+                    f += 1;
+                    f - 1
+                }),
+                n: w.req.limit,
+            })
+            .collect();
+        let txn = ClaimTxn::run(
+            self,
+            (&lock_sql, &lock_params),
+            finish_params.as_ref(),
+            &work::claim_take_sql(&q, work::slots_json(&slots)),
+        )
+        .await
+        .ok()?;
+        clock_hand.advance_to(&hand, &txn.taken_keys());
+        let passed = |f: usize| txn.finished.as_ref().is_some_and(|done| done.passed(f));
+        let assigned = work::assigned(&slots, txn.locked_n, |sid| txn.alive.contains(sid), passed);
+        let mut took: HashMap<usize, Vec<WorkInfo>> = HashMap::new();
+        for row in &txn.took {
+            // Committed: a row that cannot be read is work nobody gets (it expires with its
+            // session), as for a claim alone whose answer could not be read.
+            let Some(r) = row
+                .try_get::<_, i64>(5)
+                .ok()
+                .and_then(|r| usize::try_from(r).ok())
+                .filter(|r| *r < taken.len())
+            else {
+                continue;
+            };
+            if let Ok(w) = crate::claimed_work(row, &taken[r].req, now) {
+                took.entry(r).or_default().push(w);
+            }
+        }
+        let answers = taken
+            .iter()
+            .zip(&slots)
+            .zip(assigned)
+            .map(|((w, slot), assigned)| {
+                let finished = match (&w.finish, slot.f, &txn.finished) {
+                    (Some(fin), Some(f), Some(done)) => match fin.results(done, f) {
+                        Ok(Some(results)) => Some(results),
+                        // Its finish failed a check: nothing of it was written.
+                        Ok(None) | Err(_) => return Answer::Alone,
+                    },
+                    _ => None,
                 };
                 let refused = |err: Error| {
-                    Plan::Answer(Answer::Done(match &finished {
+                    Answer::Done(match &finished {
                         // As alone: a finish that passed commits, the claim yields nothing.
                         Some(results) => Ok((Some(results.clone()), Vec::new())),
                         None => Err(err),
-                    }))
+                    })
                 };
-                if !declared {
+                if !txn.declared {
                     return refused(undeclared(&process));
                 }
-                if !alive.contains(&w.req.session_id) {
+                if !txn.alive.contains(&w.req.session_id) {
                     return refused(Error::SessionExpired {
                         session_id: w.req.session_id.clone(),
                     });
                 }
-                let n = w.req.limit.min(candidates.len() - next);
-                if n == 0 {
-                    return Plan::Answer(Answer::Done(Ok((finished, Vec::new()))));
-                }
-                let mine = &candidates[next..next + n];
-                next += n;
-                for c in mine {
-                    let field = |f: &str| c[f].as_str().unwrap_or_default().to_string();
-                    owner.insert((field("ns"), field("kind"), field("id")), i);
-                }
-                let given: Vec<serde_json::Value> =
-                    serde_json::from_str(&work::locked_for(mine, &w.req.session_id))
-                        .unwrap_or_default();
-                assigned.extend(given);
-                Plan::Take { finished }
-            })
-            .collect();
-
-        // Second round trip: the take and COMMIT (in key order: the candidates were).
-        let mut took: HashMap<usize, Vec<WorkInfo>> = HashMap::new();
-        if assigned.is_empty() {
-            // Nothing to take: the finishes commit (a transaction that wrote nothing as well).
-            let committed = conn.batch_execute("COMMIT").await.is_ok();
-            guard.open = false;
-            if !committed {
-                return None;
-            }
-        } else {
-            let (take_sql, take_params) =
-                work::claim_take_sql(&q, serde_json::Value::Array(assigned).to_string());
-            let Ok(take_stmt) = prepare_claim(conn, &take_sql).await else {
-                if conn.batch_execute("ROLLBACK").await.is_ok() {
-                    guard.open = false;
-                }
-                return None;
-            };
-            let values = take_params.values();
-            let (rows, commit) = futures::future::join(
-                conn.query(&take_stmt, &values),
-                conn.batch_execute("COMMIT"),
-            )
-            .await;
-            // A failed statement turns COMMIT into a rollback: the transaction is over either way.
-            guard.open = false;
-            let (Ok(rows), Ok(())) = (rows, commit) else {
-                return None;
-            };
-            drop(guard);
-            for row in &rows {
-                let key: Result<(String, String, String)> = (|| {
-                    Ok((
-                        row.try_get(0).map_err(db_err)?,
-                        row.try_get(1).map_err(db_err)?,
-                        row.try_get(2).map_err(db_err)?,
-                    ))
-                })();
-                // Committed: a row that cannot be read is work nobody gets (it expires with its
-                // session), as for a claim alone whose answer could not be read.
-                let Some(&i) = key.ok().and_then(|k| owner.get(&k)) else {
-                    continue;
-                };
-                if let Ok(w) = crate::claimed_work(row, &taken[i].req, now) {
-                    took.entry(i).or_default().push(w);
-                }
-            }
-        }
-
-        let answers = plans
-            .into_iter()
-            .enumerate()
-            .map(|(i, plan)| match plan {
-                Plan::Answer(a) => a,
-                Plan::Take { finished } => match took.remove(&i) {
+                match took.remove(&slot.r) {
                     Some(work) => Answer::Done(Ok((finished, work))),
-                    // Its session died, or its candidates stopped matching: ask again alone.
-                    None => Answer::ClaimAlone(finished),
-                },
+                    // Its candidates were all gone at the take (its session died meanwhile, or
+                    // they stopped matching): ask again alone.
+                    None if assigned > 0 => Answer::ClaimAlone(finished),
+                    None => Answer::Done(Ok((finished, Vec::new()))),
+                }
             })
             .collect();
         Some(answers)

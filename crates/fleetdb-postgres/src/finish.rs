@@ -30,8 +30,8 @@ use crate::sql::Param;
 ///
 /// `$1`: the finishes (`g`, session, history event, whether backoffs are cleared); `$2`: now;
 /// `$3`: the tag deletes and `$4` the releases, each numbered `n` in op order across finishes.
-/// Returns the finishes that passed (a JSON array of `g`, NULL if none) and the change-log rows
-/// written.
+/// Returns the finishes that passed (a JSON array of `g`, NULL if none; also left in the
+/// transaction setting `work::PASSED_GUC` for a claim behind it) and the change-log rows written.
 pub(crate) const SQL: &str = "WITH gs AS MATERIALIZED (SELECT k.g, k.sid, k.event, \
          COALESCE(s.alive, false) AS alive, s.component, s.host \
        FROM jsonb_to_recordset(($1::text)::jsonb) AS k(g bigint, sid text, event text) \
@@ -70,7 +70,8 @@ pub(crate) const SQL: &str = "WITH gs AS MATERIALIZED (SELECT k.g, k.sid, k.even
        FROM (SELECT * FROM wr WHERE wr.g IN (SELECT g FROM ok)) AS x JOIN gs ON gs.g = x.g \
        ORDER BY x.n) \
      SELECT (SELECT jsonb_agg(g)::text FROM ok), \
-       (SELECT jsonb_agg(jsonb_build_array(namespace, kind, id, name, revision))::text FROM c)";
+       (SELECT jsonb_agg(jsonb_build_array(namespace, kind, id, name, revision))::text FROM c), \
+       set_config('fleetdb.finish_passed', COALESCE((SELECT jsonb_agg(g) FROM ok), '[]'::jsonb)::text, true)";
 
 /// A finish batch, ready to run as [`SQL`] (alone, or with others: [`FinishParams`]).
 #[derive(Clone)]
@@ -236,6 +237,11 @@ pub(crate) struct FinishRow {
 }
 
 impl FinishRow {
+    /// Whether finish `g` of the statement passed its checks (and wrote).
+    pub(crate) fn passed(&self, g: usize) -> bool {
+        self.passed.contains(&g)
+    }
+
     pub(crate) fn decode(rows: &[Row]) -> Result<FinishRow> {
         let row = rows
             .first()

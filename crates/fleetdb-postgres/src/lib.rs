@@ -591,17 +591,17 @@ impl PostgresBackend {
         finish.results(&finish::FinishRow::decode(&rows)?, 0)
     }
 
-    /// A selector claim in two round trips (see [`work::claim_lock_sql`] and
-    /// [`work::claim_take_sql`]): `BEGIN` (READ COMMITTED) + find-and-lock, then check-and-take +
-    /// `COMMIT`. It makes the decisions of `apply_claim` (the conformance suite holds both to the
-    /// same behaviour), retrying transient failures.
+    /// A selector claim alone, in ONE round trip ([`claims::ClaimTxn`]): `BEGIN` (READ
+    /// COMMITTED), find-and-lock ([`work::claim_lock_sql`]), check-and-take
+    /// ([`work::claim_take_sql`]), `COMMIT`. It makes the decisions of `apply_claim` (the
+    /// conformance suite holds both to the same behaviour), retrying transient failures.
     ///
     /// With `finish` (a worker's "finish this, give me the next"), the finish statement runs first
-    /// in the same transaction and the same first round trip: finish and claim commit together in
-    /// two round trips. Returns the finish's results, or `None` when one of its checks failed
-    /// (then nothing happened: the caller runs the general path, which names the failure). Once
-    /// the finish has passed, a claim that cannot proceed (expired session, undeclared process,
-    /// nothing to claim) commits the finish and yields no work.
+    /// in the same transaction and round trip. Returns the finish's results, or `None` when one of
+    /// its checks failed (then nothing was written: the take skips a claim whose finish failed,
+    /// and the caller runs the general path, which names the failure). Once the finish has
+    /// passed, a claim that cannot proceed (expired session, undeclared process, nothing to
+    /// claim) commits the finish and yields no work.
     async fn claim_selector_alone(
         &self,
         req: &ClaimRequest,
@@ -640,12 +640,6 @@ impl PostgresBackend {
         q: &fleetdb_core::backend::CandidateQuery,
         finish: Option<&finish::FusedFinish>,
     ) -> std::result::Result<(Option<Vec<OpResult>>, Vec<WorkInfo>), Failure> {
-        let client = self.client().await.map_err(Failure::Fail)?;
-        let mut guard = TxGuard {
-            client: Some(client),
-            open: true,
-        };
-        let conn: &deadpool_postgres::ClientWrapper = guard.client();
         let (lock_sql, mut lock_params) = work::claim_lock_sql(
             q,
             std::slice::from_ref(&req.session_id),
@@ -659,162 +653,45 @@ impl PostgresBackend {
         };
         let hand = clock_hand.get();
         lock_params.set_hand(&hand);
-        // A worker claims with one selector over and over: its two statements are prepared once
-        // per connection (planning them costs more than running them).
-        let prepared = async {
-            let lock = prepare_claim(conn, &lock_sql).await?;
-            let finish = match finish {
-                Some(_) => Some(
-                    conn.prepare_cached(finish::SQL)
-                        .await
-                        .map_err(|e| classify(&e))?,
-                ),
-                None => None,
-            };
-            Ok::<_, Failure>((lock, finish))
-        };
-        let (lock_stmt, finish_stmt) = match prepared.await {
-            Ok(stmts) => stmts,
-            Err(failure) => {
-                // No transaction was opened.
-                guard.open = false;
-                return Err(failure);
-            }
-        };
+        let slots = [work::Slot {
+            r: 0,
+            sid: req.session_id.clone(),
+            f: finish.map(|_| 0),
+            n: req.limit,
+        }];
         let finish_params = finish.map(|f| finish::FinishParams::new(&[f]));
-        let finish_rows = async {
-            match (&finish_stmt, &finish_params) {
-                (Some(stmt), Some(params)) => conn.query(stmt, &params.params()).await.map(Some),
-                _ => Ok(None),
-            }
-        };
-        // One round trip: BEGIN, the planner settings, the finish (if any), find-and-lock.
-        let (begin, planned, finished, rows) = futures::future::join4(
-            conn.batch_execute(sql::BEGIN_READ_COMMITTED),
-            conn.batch_execute(sql::CLAIM_PLANNED),
-            finish_rows,
-            conn.query(&lock_stmt, &lock_params.values()),
+        let txn = claims::ClaimTxn::run(
+            self,
+            (&lock_sql, &lock_params),
+            finish_params.as_ref(),
+            &work::claim_take_sql(q, work::slots_json(&slots)),
         )
-        .await;
-        if let Err(e) = begin {
-            // BEGIN failed: no transaction is open, the statements ran on their own (and their
-            // locks are gone with them; a finish that ran alone is retried by the general path,
-            // which then finds it done: the caller sees the error).
-            guard.open = false;
-            return Err(classify(&e));
-        }
-        let end = |commit: bool| async move {
-            conn.batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
-                .await
-                .map_err(|e| classify(&e))
-        };
-        let first_error = planned
-            .as_ref()
-            .err()
-            .or(finished.as_ref().err())
-            .or(rows.as_ref().err());
-        if let Some(e) = first_error {
-            let failure = classify(e);
-            if end(false).await.is_ok() {
-                guard.open = false;
-            }
-            return Err(failure);
-        }
-        let finish_results = match (finish, finished.ok().flatten()) {
-            (Some(f), Some(rows)) => {
-                let decoded = finish::FinishRow::decode(&rows).and_then(|done| f.results(&done, 0));
-                match decoded {
-                    Ok(Some(results)) => Some(results),
-                    Ok(None) => {
-                        // A finish check failed: nothing happened.
-                        end(false).await?;
-                        guard.open = false;
-                        return Ok((None, Vec::new()));
-                    }
-                    Err(e) => {
-                        end(false).await?;
-                        guard.open = false;
-                        return Err(Failure::Fail(e));
-                    }
-                }
-            }
+        .await?;
+        clock_hand.advance_to(&hand, &txn.taken_keys());
+        drop(turn);
+        let finish_results = match (finish, &txn.finished) {
+            (Some(f), Some(done)) => match f.results(done, 0).map_err(Failure::Fail)? {
+                Some(results) => Some(results),
+                // A finish check failed: nothing was written (the take skipped its claim).
+                None => return Ok((None, Vec::new())),
+            },
             _ => None,
         };
-        let row = rows.ok().and_then(|rows| rows.into_iter().next());
-        let decoded = (|| -> Result<(bool, bool, Option<String>)> {
-            let row = row.ok_or_else(|| Error::Backend("the claim returned no row".into()))?;
-            Ok((
-                // The alive sessions of the one claiming: NULL or `[id]`.
-                row.try_get::<_, Option<String>>(0)
-                    .map_err(db_err)?
-                    .is_some(),
-                row.try_get(1).map_err(db_err)?,
-                row.try_get(2).map_err(db_err)?,
-            ))
-        })();
-        let (alive, declared, locked) = match decoded {
-            Ok(v) => v,
-            Err(e) => {
-                end(false).await?;
-                guard.open = false;
-                return Err(Failure::Fail(e));
-            }
+        let refused = |err: Error| match &finish_results {
+            // A finish that passed has committed; the claim yields nothing.
+            Some(_) => Ok((finish_results.clone(), Vec::new())),
+            None => Err(Failure::Fail(err)),
         };
-        if !alive || !declared || locked.is_none() {
-            // A finish that passed commits; the claim yields nothing.
-            end(finish_results.is_some()).await?;
-            guard.open = false;
-            if finish_results.is_some() {
-                return Ok((finish_results, Vec::new()));
-            }
-            if !alive {
-                return Err(Failure::Fail(Error::SessionExpired {
-                    session_id: req.session_id.clone(),
-                }));
-            }
-            if !declared {
-                return Err(Failure::Fail(claims::undeclared(&req.process)));
-            }
-            return Ok((None, Vec::new()));
+        if !txn.alive.contains(&req.session_id) {
+            return refused(Error::SessionExpired {
+                session_id: req.session_id.clone(),
+            });
         }
-        let locked = locked.unwrap_or_default();
-        clock_hand.advance(&hand, &locked);
-        drop(turn);
-        let locked = match serde_json::from_str::<Vec<serde_json::Value>>(&locked) {
-            Ok(candidates) => work::locked_for(&candidates, &req.session_id),
-            Err(e) => {
-                end(false).await?;
-                guard.open = false;
-                return Err(Failure::Fail(Error::Backend(format!(
-                    "the candidates of a claim: {e}"
-                ))));
-            }
-        };
-        let (take_sql, take_params) = work::claim_take_sql(q, locked);
-        let take_stmt = match prepare_claim(conn, &take_sql).await {
-            Ok(stmt) => stmt,
-            Err(failure) => {
-                end(false).await?;
-                guard.open = false;
-                return Err(failure);
-            }
-        };
-        let values = take_params.values();
-        let (rows, commit) = futures::future::join(
-            conn.query(&take_stmt, &values),
-            conn.batch_execute("COMMIT"),
-        )
-        .await;
-        // A failed statement turns COMMIT into a rollback: the transaction is over either way.
-        let rows = match (rows, commit) {
-            (Err(e), _) | (Ok(_), Err(e)) => {
-                guard.open = false;
-                return Err(classify(&e));
-            }
-            (Ok(rows), Ok(())) => rows,
-        };
-        guard.open = false;
-        let work = rows
+        if !txn.declared {
+            return refused(claims::undeclared(&req.process));
+        }
+        let work = txn
+            .took
             .iter()
             .map(|r| claimed_work(r, req, req.now))
             .collect::<Result<Vec<_>>>()
@@ -1852,12 +1729,18 @@ mod tests {
         let client = backend.client().await.unwrap();
         seed_eligible(&client, 3000, 5).await;
         let q = eligible_jobs(1);
-        let locked = r#"[{"ns":"default","kind":"job","id":"j02999","sid":"s"}]"#.to_string();
-        let (take, params) = work::claim_take_sql(&q, locked);
+        hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j02999"}]"#).await;
+        let (take, params) = work::claim_take_sql(&q, one_slot());
         let plan = explain_analyze(&client, &take, &params).await;
         assert!(plan.text.contains("Insert on work "), "{}", plan.text);
         let total = plan.rows;
         assert!(total < 50, "the re-check read {total} rows:\n{}", plan.text);
+        let taken: i64 = client
+            .query_one("SELECT count(*) FROM work WHERE id = 'j02999'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(taken, 1, "the take took the locked key");
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
@@ -1915,6 +1798,32 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// What find-and-lock leaves for check-and-take in its transaction, as the session's
+    /// settings: `locked` (a JSON array of keys) found for the live session `s`.
+    async fn hand_over(client: &deadpool_postgres::Client, locked: &str) {
+        client
+            .query(
+                &format!(
+                    "SELECT set_config('{}', $1, false), set_config('{}', '[\"s\"]', false)",
+                    work::LOCKED_GUC,
+                    work::ALIVE_GUC
+                ),
+                &[&locked],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Step 2's slots for one claim of one object by session `s`.
+    fn one_slot() -> String {
+        work::slots_json(&[work::Slot {
+            r: 0,
+            sid: "s".into(),
+            f: None,
+            n: 1,
+        }])
+    }
+
     /// A claim's two steps for `q` (find from the start of the hand, take of one key),
     /// prepared as `find` and `take` after `first` (say, `ANALYZE;`) with a claim's planner
     /// settings made the session's: their parameters, by name.
@@ -1928,10 +1837,8 @@ mod tests {
             .await
             .unwrap();
         let (find, find_params) = work::claim_lock_sql(q, &["s".to_string()], &work::hand_start());
-        let (take, take_params) = work::claim_take_sql(
-            q,
-            r#"[{"ns":"default","kind":"job","id":"j02001","sid":"s"}]"#.to_string(),
-        );
+        hand_over(client, r#"[{"ns":"default","kind":"job","id":"j02001"}]"#).await;
+        let (take, take_params) = work::claim_take_sql(q, one_slot());
         client
             .batch_execute(&format!(
                 "{first} PREPARE find AS {find}; PREPARE take AS {take}"

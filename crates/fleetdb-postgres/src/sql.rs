@@ -59,6 +59,7 @@ macro_rules! claim_planned {
            set_config('enable_sort', 'off', true)"
     };
 }
+#[cfg(test)]
 pub(crate) const CLAIM_PLANNED: &str = claim_planned!();
 /// A fused finish's transaction (see `finish.rs`): READ COMMITTED, planned as a claim
 /// ([`CLAIM_PLANNED`]).

@@ -305,21 +305,31 @@ fn selector_from_where(selector: &Selector, now: Timestamp) -> (String, TypedPar
     )
 }
 
+/// Where [`selector_on_keys`] finds its keys: a JSON text parameter, or an SQL expression.
+enum Keys {
+    Json(String),
+    Sql(&'static str),
+}
+
 /// [`selector_from_where`] restricted to the objects listed in `keys` (a JSON array of
-/// `{"ns","kind","id"}`): `FROM <keys> k CROSS JOIN LATERAL (<selector on k>) o WHERE TRUE`. The
+/// `{"ns","kind","id"}`, each maybe with the claiming session `sid` and request `r`): `FROM <keys> k CROSS JOIN LATERAL (<selector on k>) o WHERE TRUE`. The
 /// claim re-checks after locking use it. The listed keys drive: each is one primary-key probe of
 /// `objects` (and of each tag the selector joins), whatever the planner believes of the tables.
 /// The `(key) IN (<keys>)` form let a planner without statistics walk the selector's whole tag
 /// index and test every entry against the list: a one-object claim cost O(backlog).
-fn selector_on_keys(selector: &Selector, now: Timestamp, keys: String) -> (String, TypedParams) {
+fn selector_on_keys(selector: &Selector, now: Timestamp, keys: Keys) -> (String, TypedParams) {
     let mut params = Vec::new();
     let joins = selector.tag_joins(Dialect::Postgres, &mut params);
     let cond = selector.to_sql(Dialect::Postgres, now, &mut params);
     let mut params = TypedParams(params);
-    let keys = params.push(SqlParam::Text(keys));
+    let keys = match keys {
+        Keys::Json(json) => params.push(SqlParam::Text(json)),
+        Keys::Sql(sql) => sql.to_string(),
+    };
     (
         format!(
-            "FROM jsonb_to_recordset(({keys})::jsonb) AS k(ns text, kind text, id text, sid text) \
+            "FROM jsonb_to_recordset(({keys})::jsonb) \
+               AS k(ns text, kind text, id text, sid text, r bigint) \
              CROSS JOIN LATERAL (SELECT o.namespace, o.kind, o.id FROM objects o{joins} \
                WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id AND ({cond}) \
                OFFSET 0) o WHERE TRUE"
@@ -347,7 +357,7 @@ pub(crate) fn claim_candidates_sql(q: &CandidateQuery) -> (String, TypedParams) 
 /// objects (the re-check after locking).
 fn claim_candidates_sql_in(q: &CandidateQuery, only: Option<String>) -> (String, TypedParams) {
     let (base, mut params) = match only {
-        Some(only) => selector_on_keys(&q.selector, q.now, only),
+        Some(only) => selector_on_keys(&q.selector, q.now, Keys::Json(only)),
         None => selector_from_where(&q.selector, q.now),
     };
     let exclude = params.push(SqlParam::Text(json_list(&q.exclude)));
@@ -421,7 +431,9 @@ fn not_in_backoff_sql(process: &str, now: &str, k: &str) -> String {
 /// the claiming `sessions` are alive (a JSON array of their ids, NULL when none is), whether the
 /// process is declared, and the candidates, found and locked (`FOR UPDATE OF o SKIP LOCKED`, so
 /// concurrent claimers take different objects) as a JSON array of `{"ns","kind","id"}` in key
-/// order (NULL when there are none). Several sessions: the claims of one process's workers
+/// order (NULL when there are none); the alive sessions and the candidates are also left in the
+/// transaction's settings ([`ALIVE_GUC`], [`LOCKED_GUC`]) for step 2, pipelined behind it in the
+/// same round trip. Several sessions: the claims of one process's workers
 /// sharing a transaction ([`crate::claims`]); candidates are found while any of them is alive.
 /// The sessions are probed by id only (a subquery kept out of the join tree), never through
 /// `sessions_deadline`: that would read every live session (plan-guard test
@@ -476,9 +488,12 @@ pub(crate) fn claim_lock_sql(
            OFFSET 0) ss WHERE ss.deadline > {now}), \
          me AS (SELECT 1 FROM processes WHERE name = {process}), \
          c AS MATERIALIZED ({after} UNION ALL {upto} LIMIT {limit}) \
-         SELECT (SELECT jsonb_agg(id)::text FROM s), EXISTS (SELECT 1 FROM me), \
+         SELECT a.alive::text, a.declared, a.locked::text, \
+           set_config('{ALIVE_GUC}', COALESCE(a.alive, '[]'::jsonb)::text, true), \
+           set_config('{LOCKED_GUC}', COALESCE(a.locked, '[]'::jsonb)::text, true) \
+         FROM (SELECT (SELECT jsonb_agg(id) FROM s) AS alive, EXISTS (SELECT 1 FROM me) AS declared, \
            (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
-              ORDER BY c.namespace, c.kind, c.id)::text FROM c)"
+              ORDER BY c.namespace, c.kind, c.id) FROM c) AS locked) AS a"
     );
     (sql, params)
 }
@@ -547,7 +562,9 @@ impl Hand {
             .unwrap_or_else(hand_start)
     }
 
-    /// Move the hand after a claim that scanned from `from` and locked `locked` (step 1's JSON).
+    /// Move the hand after a claim that scanned from `from` and took `locked` (a JSON array of
+    /// `{"ns","kind","id"}`).
+    #[cfg(test)]
     pub(crate) fn advance(&self, from: &ObjectKey, locked: &str) {
         let Ok(keys) = serde_json::from_str::<Vec<serde_json::Value>>(locked) else {
             return;
@@ -563,6 +580,11 @@ impl Hand {
                 })
             })
             .collect();
+        self.advance_to(from, &keys);
+    }
+
+    /// Move the hand after a claim that scanned from `from` and took `keys` (none: it stays).
+    pub(crate) fn advance_to(&self, from: &ObjectKey, keys: &[ObjectKey]) {
         let wrapped = keys
             .iter()
             .filter(|k| key_tuple(k) <= key_tuple(from))
@@ -576,26 +598,93 @@ impl Hand {
     }
 }
 
-/// Step 2 of a selector claim (one statement, pipelined with `COMMIT`): the locked candidates
-/// (`locked`: step 1's JSON, each with the session `sid` it is for, see [`locked_for`]) are
-/// checked again in this statement's fresh snapshot (a claim committed between step 1's snapshot
-/// and its lock is seen now, and so is a change that made an object stop matching), and so is
-/// each one's session; each survivor gets a fencing token, its work row (replacing a row of a
-/// dead session, which gets `Expired` history first) and `Started` history. Returns
-/// `(namespace, kind, id, token, session)` in key order. Several sessions: the claims of one
-/// process's workers sharing a transaction ([`crate::claims`]).
-pub(crate) fn claim_take_sql(q: &CandidateQuery, locked: String) -> (String, TypedParams) {
-    let (base, mut params) = selector_on_keys(&q.selector, q.now, locked);
+/// Transaction settings (`set_config(…, true)`) by which a claim's statements hand their
+/// results to the next one in the same round trip: the alive claiming sessions and the locked
+/// candidates (step 1, JSON arrays), and the finishes that passed (`finish::SQL`, a JSON array
+/// of their numbers). Read with `NULLIF(…, '')`: once set in a connection, a setting outside the
+/// transaction that set it reads as the empty string.
+pub(crate) const ALIVE_GUC: &str = "fleetdb.claim_alive";
+pub(crate) const LOCKED_GUC: &str = "fleetdb.claim_locked";
+pub(crate) const PASSED_GUC: &str = "fleetdb.finish_passed";
+
+/// One claim's place in step 2: claim `r` of the transaction (in arrival order) for session
+/// `sid`, up to `n` candidates, after finish `f` of the transaction (if it finishes first:
+/// only if that finish passed).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Slot {
+    pub(crate) r: usize,
+    pub(crate) sid: String,
+    pub(crate) f: Option<usize>,
+    pub(crate) n: usize,
+}
+
+/// The JSON of `slots` (with their order) that [`claim_take_sql`] takes.
+pub(crate) fn slots_json(slots: &[Slot]) -> String {
+    let list: Vec<serde_json::Value> = slots
+        .iter()
+        .enumerate()
+        .map(|(o, s)| serde_json::json!({"o": o, "r": s.r, "sid": s.sid, "f": s.f, "n": s.n}))
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+/// How many of `locked` candidates step 2 gives each slot: in slot order, each up to its `n`,
+/// skipping slots whose session is not alive or whose finish did not pass (as
+/// [`claim_take_sql`] assigns them).
+pub(crate) fn assigned(
+    slots: &[Slot],
+    locked: usize,
+    alive: impl Fn(&str) -> bool,
+    passed: impl Fn(usize) -> bool,
+) -> Vec<usize> {
+    let mut left = locked;
+    slots
+        .iter()
+        .map(|s| {
+            if !alive(&s.sid) || s.f.is_some_and(|f| !passed(f)) {
+                return 0;
+            }
+            let n = s.n.min(left);
+            left -= n;
+            n
+        })
+        .collect()
+}
+
+/// Step 2 of a selector claim (one statement, pipelined behind step 1 and followed by `COMMIT`
+/// in the same round trip): step 1's candidates ([`LOCKED_GUC`]) go to the `slots`
+/// ([`slots_json`]; see [`assigned`]) and are checked again in this statement's fresh snapshot
+/// (a claim committed between step 1's snapshot and its lock is seen now, and so is a change
+/// that made an object stop matching), and so is each one's session; each survivor gets a
+/// fencing token, its work row (replacing a row of a dead session, which gets `Expired` history
+/// first) and `Started` history. Returns `(namespace, kind, id, token, session, slot r)` in key
+/// order. Several slots: the claims of one process's workers sharing a transaction
+/// ([`crate::claims`]).
+pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, TypedParams) {
+    let (base, mut params) =
+        selector_on_keys(&q.selector, q.now, Keys::Sql("(SELECT keys FROM k0)"));
+    let slots = params.push(SqlParam::Text(slots));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
     let ex = exclusions_sql(&process);
     let free = candidate_free_sql(&ex, &process, &now, "o");
+    let setting =
+        |name: &str| format!("COALESCE(NULLIF(current_setting('{name}', true), ''), '[]')::jsonb");
+    let (alive, locked, passed) = (setting(ALIVE_GUC), setting(LOCKED_GUC), setting(PASSED_GUC));
     let sql = format!(
-        "WITH c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid {base} {free} \
+        "WITH sl AS MATERIALIZED (SELECT x.r, x.sid, row_number() OVER (ORDER BY x.o, g.i) AS pos \
+           FROM jsonb_to_recordset(({slots})::jsonb) AS x(o bigint, r bigint, sid text, f bigint, n bigint) \
+           CROSS JOIN LATERAL generate_series(1, x.n) AS g(i) \
+           WHERE (x.f IS NULL OR {passed} @> to_jsonb(x.f)) AND {alive} ? x.sid), \
+         k0 AS MATERIALIZED (SELECT jsonb_agg(l.v || jsonb_build_object('sid', sl.sid, 'r', sl.r) \
+             ORDER BY l.pos) AS keys \
+           FROM jsonb_array_elements({locked}) WITH ORDINALITY AS l(v, pos) \
+           JOIN sl ON sl.pos = l.pos), \
+         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid, k.r {base} {free} \
            AND EXISTS (SELECT 1 FROM (SELECT ss.deadline FROM sessions ss WHERE ss.id = k.sid \
              OFFSET 0) ss WHERE ss.deadline > {now}) \
            ORDER BY o.namespace, o.kind, o.id), \
-         t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, \
+         t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, c.r, \
            nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c), \
          old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, t.n \
            FROM t CROSS JOIN LATERAL (SELECT * FROM work w WHERE w.namespace = t.namespace \
@@ -615,25 +704,9 @@ pub(crate) fn claim_take_sql(q: &CandidateQuery, locked: String) -> (String, Typ
                  SELECT 1, t.n, t.namespace, t.kind, t.id, 'Started', t.sid, s.component, s.host, \
                    t.token, NULL FROM t JOIN sessions s ON s.id = t.sid) AS e \
            ORDER BY phase, n) \
-         SELECT namespace, kind, id, token, sid FROM t ORDER BY n"
+         SELECT namespace, kind, id, token, sid, r FROM t ORDER BY n"
     );
     (sql, params)
-}
-
-/// Step 1's candidates (a JSON array of `{"ns","kind","id"}`) given to session `sid`, as step 2
-/// takes them.
-pub(crate) fn locked_for(candidates: &[serde_json::Value], sid: &str) -> String {
-    let list: Vec<serde_json::Value> = candidates
-        .iter()
-        .map(|c| {
-            let mut c = c.clone();
-            if let Some(o) = c.as_object_mut() {
-                o.insert("sid".into(), serde_json::Value::String(sid.to_string()));
-            }
-            c
-        })
-        .collect();
-    serde_json::Value::Array(list).to_string()
 }
 
 pub(crate) fn select_sql(
