@@ -34,8 +34,13 @@
 //! already, and take turns at the hand instead.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::task::Poll;
+
+use futures::future::maybe_done;
 
 use fleetdb_core::backend::{Backend, CandidateQuery};
 use fleetdb_core::selector::Selector;
@@ -169,7 +174,7 @@ impl ClaimCombiner {
 /// The turn of a (process, selector): when it drops (however the claim holding it ended), the
 /// claims that waited meanwhile go in one shared transaction on a spawned task, which holds the
 /// turn in its turn.
-struct Turn {
+pub(crate) struct Turn {
     backend: PostgresBackend,
     key: GroupKey,
 }
@@ -191,14 +196,15 @@ impl Drop for Turn {
             backend: self.backend.clone(),
             key: self.key.clone(),
         };
+        let backend = self.backend.clone();
         rt.spawn(async move {
-            let answers = turn.backend.claim_shared(&next).await;
+            // The turn passes on as soon as the transaction's work is written (see `Hooks`).
+            let answers = backend.claim_shared(&next, turn).await;
             for (w, answer) in next.into_iter().zip(answers) {
                 if let Err(Answer::Done(Ok((_, work)))) = w.reply.send(answer) {
-                    turn.backend.cancel_undelivered(work);
+                    backend.cancel_undelivered(work);
                 }
             }
-            drop(turn);
         });
     }
 }
@@ -211,6 +217,20 @@ pub(crate) fn undeclared(process: &str) -> Error {
         "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
     )
 }
+
+/// What a claim's caller does as its transaction's answers come in, before its commit is
+/// durable (the commit's WAL flush is most of a loaded transaction's time).
+#[derive(Default)]
+pub(crate) struct Hooks<'a> {
+    /// With find-and-lock's candidates (JSON; `None` when there are none or it failed), once
+    /// its answer is in: from then on the candidates are this transaction's (locked).
+    pub(crate) locked: Option<LockedHook<'a>>,
+    /// Once check-and-take's answer is in: only the commit is left.
+    pub(crate) taken: Option<Box<dyn FnOnce() + Send + 'a>>,
+}
+
+/// [`Hooks::locked`].
+pub(crate) type LockedHook<'a> = Box<dyn FnOnce(Option<&str>) + Send + 'a>;
 
 /// What one claim transaction's round trip said: `BEGIN` and the planner settings, the finishes
 /// (if any, [`finish::SQL`]), find-and-lock ([`work::claim_lock_sql`]), check-and-take
@@ -246,6 +266,7 @@ impl ClaimTxn {
         (lock_sql, lock_params): (&str, &work::TypedParams),
         finish: Option<&FinishParams>,
         (take_sql, take_params): &(String, work::TypedParams),
+        hooks: Hooks<'_>,
     ) -> std::result::Result<ClaimTxn, Failure> {
         let client = backend.client().await.map_err(Failure::Fail)?;
         let mut guard = TxGuard {
@@ -282,29 +303,66 @@ impl ClaimTxn {
             }
         };
         let (lock_values, take_values) = (lock_params.values(), take_params.values());
-        // Sent in this order: tokio-postgres sends a request on its first poll.
-        let (begin, finished, locked, took, commit) = futures::future::join5(
-            conn.batch_execute(sql::BEGIN_FINISH),
-            finished,
-            conn.query(&lock_stmt, &lock_values),
-            conn.query(&take_stmt, &take_values),
-            conn.batch_execute("COMMIT"),
-        )
-        .await;
+        let (begin, finished, locked, took, commit) = {
+            let mut begin = pin!(maybe_done(conn.batch_execute(sql::BEGIN_FINISH)));
+            let mut finished = pin!(maybe_done(finished));
+            let mut locked = pin!(maybe_done(conn.query(&lock_stmt, &lock_values)));
+            let mut took = pin!(maybe_done(conn.query(&take_stmt, &take_values)));
+            let mut commit = pin!(maybe_done(conn.batch_execute("COMMIT")));
+            // Send every request, in this order: tokio-postgres sends a request on its first poll.
+            futures::future::poll_fn(|cx| {
+                let _ = begin.as_mut().poll(cx);
+                let _ = finished.as_mut().poll(cx);
+                let _ = locked.as_mut().poll(cx);
+                let _ = took.as_mut().poll(cx);
+                let _ = commit.as_mut().poll(cx);
+                Poll::Ready(())
+            })
+            .await;
+            // The answers come in the same order.
+            begin.as_mut().await;
+            finished.as_mut().await;
+            locked.as_mut().await;
+            let locked = locked.as_mut().take_output();
+            if let Some(hook) = hooks.locked {
+                let json = match &locked {
+                    Some(Ok(rows)) => rows
+                        .first()
+                        .and_then(|r| r.try_get::<_, Option<String>>(2).ok())
+                        .flatten(),
+                    _ => None,
+                };
+                hook(json.as_deref());
+            }
+            took.as_mut().await;
+            if let Some(hook) = hooks.taken {
+                hook();
+            }
+            commit.as_mut().await;
+            (
+                begin.as_mut().take_output(),
+                finished.as_mut().take_output(),
+                locked,
+                took.as_mut().take_output(),
+                commit.as_mut().take_output(),
+            )
+        };
         // COMMIT ran (or the connection is gone): the transaction is over either way. A failed
         // statement turned it into a rollback; had BEGIN failed, the statements ran on their own
         // and failed or did nothing (the take needs the find's settings; a finish that ran
         // alone is retried by the general path, which then finds it done).
         guard.open = false;
         let (finished, locked, took) = match (begin, finished, locked, took, commit) {
-            (Ok(()), Ok(finished), Ok(locked), Ok(took), Ok(())) => (finished, locked, took),
+            (Some(Ok(())), Some(Ok(finished)), Some(Ok(locked)), Some(Ok(took)), Some(Ok(()))) => {
+                (finished, locked, took)
+            }
             (begin, finished, locked, took, commit) => {
                 let first = [
-                    begin.err(),
-                    finished.err(),
-                    locked.err(),
-                    took.err(),
-                    commit.err(),
+                    begin.and_then(|r| r.err()),
+                    finished.and_then(|r| r.err()),
+                    locked.and_then(|r| r.err()),
+                    took.and_then(|r| r.err()),
+                    commit.and_then(|r| r.err()),
                 ]
                 .into_iter()
                 .flatten()
@@ -359,19 +417,24 @@ impl PostgresBackend {
         finish: Option<&FusedFinish>,
     ) -> Result<Claimed> {
         let ClaimTarget::Selector(text) = &req.target else {
-            return self.claim_selector_alone(req, selector, finish).await;
+            return self
+                .claim_selector_alone(req, selector, finish, &mut None)
+                .await;
         };
         if req.limit >= work::Hand::TURN_MIN {
-            return self.claim_selector_alone(req, selector, finish).await;
+            return self
+                .claim_selector_alone(req, selector, finish, &mut None)
+                .await;
         }
         let key = (req.process.clone(), text.clone());
         match self.claims.enter(&key, req, finish) {
             Entered::First => {
-                let _turn = Turn {
+                let mut turn = Some(Turn {
                     backend: self.clone(),
                     key,
-                };
-                self.claim_selector_alone(req, selector, finish).await
+                });
+                self.claim_selector_alone(req, selector, finish, &mut turn)
+                    .await
             }
             Entered::Queued(answer) => match answer.await {
                 Ok(Answer::Done(r)) => r,
@@ -379,17 +442,19 @@ impl PostgresBackend {
                     // As alone: once the finish has committed, a claim that cannot proceed
                     // yields no work.
                     let work = self
-                        .claim_selector_alone(req, selector, None)
+                        .claim_selector_alone(req, selector, None, &mut None)
                         .await
                         .map(|(_, w)| w)
                         .unwrap_or_default();
                     Ok((Some(finished), work))
                 }
                 Ok(Answer::ClaimAlone(None)) => {
-                    self.claim_selector_alone(req, selector, None).await
+                    self.claim_selector_alone(req, selector, None, &mut None)
+                        .await
                 }
                 Ok(Answer::Alone) | Err(_) => {
-                    self.claim_selector_alone(req, selector, finish).await
+                    self.claim_selector_alone(req, selector, finish, &mut None)
+                        .await
                 }
             },
         }
@@ -426,8 +491,8 @@ impl PostgresBackend {
     /// Run `taken` (claims of one process and selector, in arrival order) in one transaction and
     /// decide each (see the module documentation). Every failure before the commit hands every
     /// claim back.
-    async fn claim_shared(&self, taken: &[Waiting]) -> Vec<Answer> {
-        let answers = self.claim_shared_txn(taken).await;
+    async fn claim_shared(&self, taken: &[Waiting], turn: Turn) -> Vec<Answer> {
+        let answers = self.claim_shared_txn(taken, turn).await;
         match &answers {
             Some(_) => {
                 self.claims.shared_txns.fetch_add(1, Ordering::Relaxed);
@@ -447,7 +512,7 @@ impl PostgresBackend {
     }
 
     /// The shared transaction; `None` when it wrote nothing (each claim runs alone).
-    async fn claim_shared_txn(&self, taken: &[Waiting]) -> Option<Vec<Answer>> {
+    async fn claim_shared_txn(&self, taken: &[Waiting], turn: Turn) -> Option<Vec<Answer>> {
         let first = taken.first()?;
         let ClaimTarget::Selector(text) = &first.req.target else {
             return None;
@@ -495,6 +560,10 @@ impl PostgresBackend {
             (&lock_sql, &lock_params),
             finish_params.as_ref(),
             &work::claim_take_sql(&q, work::slots_json(&slots)),
+            Hooks {
+                locked: None,
+                taken: Some(Box::new(move || drop(turn))),
+            },
         )
         .await
         .ok()?;

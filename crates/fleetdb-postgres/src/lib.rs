@@ -607,6 +607,7 @@ impl PostgresBackend {
         req: &ClaimRequest,
         selector: Selector,
         finish: Option<&finish::FusedFinish>,
+        combiner_turn: &mut Option<claims::Turn>,
     ) -> Result<(Option<Vec<OpResult>>, Vec<WorkInfo>)> {
         let q = fleetdb_core::backend::CandidateQuery {
             selector,
@@ -618,7 +619,10 @@ impl PostgresBackend {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.claim_selector_once(req, &q, finish).await {
+            match self
+                .claim_selector_once(req, &q, finish, combiner_turn)
+                .await
+            {
                 Ok(out) => return Ok(out),
                 Err(Failure::Fail(err)) => return Err(err),
                 Err(Failure::Retry(msg)) => {
@@ -639,6 +643,7 @@ impl PostgresBackend {
         req: &ClaimRequest,
         q: &fleetdb_core::backend::CandidateQuery,
         finish: Option<&finish::FusedFinish>,
+        combiner_turn: &mut Option<claims::Turn>,
     ) -> std::result::Result<(Option<Vec<OpResult>>, Vec<WorkInfo>), Failure> {
         let (lock_sql, mut lock_params) = work::claim_lock_sql(
             q,
@@ -660,15 +665,35 @@ impl PostgresBackend {
             n: req.limit,
         }];
         let finish_params = finish.map(|f| finish::FinishParams::new(&[f]));
+        // A claim of many candidates moves the hand past the ones it locked and lets the next
+        // one find its own as soon as find-and-lock's answer is in; a small one moves it by
+        // what it took. The combiner's turn passes on once the work is written.
+        let turned = turn.is_some();
+        let hooks = claims::Hooks {
+            locked: turn.map(|turn| -> claims::LockedHook<'_> {
+                let (clock_hand, hand) = (&clock_hand, hand.clone());
+                Box::new(move |locked| {
+                    if let Some(locked) = locked {
+                        clock_hand.advance(&hand, locked);
+                    }
+                    drop(turn);
+                })
+            }),
+            taken: combiner_turn
+                .take()
+                .map(|t| -> Box<dyn FnOnce() + Send> { Box::new(move || drop(t)) }),
+        };
         let txn = claims::ClaimTxn::run(
             self,
             (&lock_sql, &lock_params),
             finish_params.as_ref(),
             &work::claim_take_sql(q, work::slots_json(&slots)),
+            hooks,
         )
         .await?;
-        clock_hand.advance_to(&hand, &txn.taken_keys());
-        drop(turn);
+        if !turned {
+            clock_hand.advance_to(&hand, &txn.taken_keys());
+        }
         let finish_results = match (finish, &txn.finished) {
             (Some(f), Some(done)) => match f.results(done, 0).map_err(Failure::Fail)? {
                 Some(results) => Some(results),

@@ -562,9 +562,8 @@ impl Hand {
             .unwrap_or_else(hand_start)
     }
 
-    /// Move the hand after a claim that scanned from `from` and took `locked` (a JSON array of
+    /// Move the hand after a claim that scanned from `from` and locked `locked` (a JSON array of
     /// `{"ns","kind","id"}`).
-    #[cfg(test)]
     pub(crate) fn advance(&self, from: &ObjectKey, locked: &str) {
         let Ok(keys) = serde_json::from_str::<Vec<serde_json::Value>>(locked) else {
             return;
