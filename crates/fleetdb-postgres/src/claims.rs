@@ -87,11 +87,13 @@ struct Group {
     waiting: VecDeque<Waiting>,
 }
 
-/// Claim transactions of one (process, selector) in flight at once from this process: one
-/// claim alone and one shared transaction, or two shared ones. One made claims wait for each
-/// other's round trips; more left fewer claims to share each transaction (measured with the
-/// one-at-a-time benchmark: flat out 1,421 / 1,572 / 1,862 completed/s with 1 / 2 / 3, paced at
-/// 2,000/s all kept up, p99 33 / 65 / 79 ms, PostgreSQL CPU 106 / 127 / 138 %).
+/// Claim transactions of one (process, selector) in flight at once from this process (a
+/// transaction passes its turn on once its work is written, before its commit's WAL flush): one
+/// claim alone and one shared transaction, or two shared ones. Measured with the one-at-a-time
+/// benchmark (paced at 1,500/s, four runs each, interleaved): with one, PostgreSQL used 112–122 %
+/// CPU and p99 was 13–29 ms in two runs, 421–2,190 ms in two; with two, 135–148 % and 8.9–218 ms
+/// in three runs, 712 ms in one. Flat out, more in flight completed more (1,421 / 1,572 / 1,862
+/// jobs/s with one / two / three, before the turn passed on early) at more CPU per job.
 pub(crate) const IN_FLIGHT_MAX: usize = 2;
 
 #[derive(Default)]
