@@ -2,27 +2,27 @@
 //! transactions (flat combining).
 //!
 //! At most [`IN_FLIGHT_MAX`] claim transactions per (process, selector text) are in flight from
-//! this process at a time. A claim that finds fewer runs alone at once, exactly as it would
-//! without sharing ([`PostgresBackend::claim_selector_alone`]); claims arriving meanwhile wait in
-//! a queue, and when a transaction in flight ends, the waiting ones (up to [`SHARED_MAX`], in
-//! arrival order) go together in ONE transaction of two round trips, on a spawned task that
-//! answers each caller:
+//! this process at a time; a transaction passes its turn on as soon as its work is written, before
+//! its commit's WAL flush ([`Hooks`]). A claim that finds a turn free runs alone at once, exactly
+//! as it would without sharing ([`PostgresBackend::claim_selector_alone`]); claims arriving
+//! meanwhile wait in a queue, and when a turn passes on, the waiting ones (up to [`SHARED_MAX`],
+//! in arrival order) go together in ONE transaction of one round trip ([`ClaimTxn`]), on a
+//! spawned task that answers each caller: `BEGIN` and the planner settings; ONE statement with
+//! every claim's finish (a worker's "finish this, give me the next"; [`finish::SQL`] checks and
+//! writes each finish on its own); ONE find-and-lock for all of them ([`work::claim_lock_sql`]
+//! with every claiming session and the sum of their limits); ONE check-and-take
+//! ([`work::claim_take_sql`]: the locked candidates go to the claims in arrival order, each up to
+//! its limit, skipping a claim whose session is not alive or whose finish failed); `COMMIT`.
 //!
-//! 1. `BEGIN`, the planner settings, ONE statement with every claim's finish (a worker's "finish
-//!    this, give me the next"; [`finish::SQL`] checks and writes each finish on its own) and ONE
-//!    find-and-lock for all of them ([`work::claim_lock_sql`] with every claiming session and the
-//!    sum of their limits);
-//! 2. ONE check-and-take ([`work::claim_take_sql`]: each locked candidate with the session it is
-//!    for — in arrival order, each claim up to its limit, in key order) and `COMMIT`.
-//!
-//! Under load a worker's claim costs a share of a commit, of two round trips and of four
-//! statements instead of all of them: ~225 µs of statement time per job instead of ~400 in the
-//! one-at-a-time benchmark. The rules that keep it the claims' own semantics:
+//! Under load a worker's claim costs a share of a transaction and of four statements instead of
+//! all of them: ~230 µs of statement time per job instead of ~400 in the one-at-a-time benchmark.
+//! The rules that keep it the claims' own semantics:
 //! - a claim is either answered from the shared transaction or handed back to its caller, which
 //!   runs it alone (with its retries): every claim of a transaction that failed (nothing of it
-//!   was written), one whose finish failed a check (that finish wrote nothing; alone, the
-//!   general path names the failure), and the claim part of one whose candidates were all gone
-//!   at the take (its session died meanwhile, or they stopped matching) — its finish committed;
+//!   was written), one whose finish failed a check (that finish wrote nothing, the take skipped
+//!   the claim; alone, the general path names the failure), and the claim part of one whose
+//!   candidates were all gone at the take (its session died meanwhile, or they stopped
+//!   matching) — its finish committed;
 //! - a claim's session is checked alive in the same statements as alone: the find says which
 //!   claiming sessions are alive, and the take checks each candidate's session again;
 //! - finishes of one transaction touch distinct tags and claims (a finish that does not waits
