@@ -265,3 +265,80 @@ impl FinishRow {
         Ok(FinishRow { passed, revisions })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fleetdb_core::{Precondition, Timestamp};
+
+    use super::*;
+
+    fn finish(session: &str, process: &str, tags: &[&str], claims: &[&str]) -> FusedFinish {
+        let key = |id: &str| ObjectKey::new("default", "job", id).unwrap();
+        let mut ops: Vec<Op> = tags
+            .iter()
+            .map(|id| Op::TagDelete {
+                key: key(id),
+                name: "t".into(),
+            })
+            .collect();
+        ops.extend(claims.iter().map(|id| Op::WorkRelease {
+            key: key(id),
+            process: process.into(),
+            session_id: session.into(),
+            token: 1,
+            outcome: Outcome::Finished,
+        }));
+        FusedFinish::new(&Batch {
+            preconditions: vec![Precondition::SessionAlive {
+                session_id: session.into(),
+            }],
+            ops,
+            now: Timestamp(1),
+        })
+        .unwrap()
+    }
+
+    /// Finishes that share a transaction's statement must touch distinct tags and claims: a
+    /// claim counts per process.
+    #[test]
+    fn finishes_that_touch_a_common_tag_or_claim_are_not_disjoint() {
+        let a = finish("s1", "P", &["j1"], &["j1"]);
+        assert!(finish("s2", "P", &["j2"], &["j2"]).disjoint(&[&a]));
+        assert!(
+            !finish("s2", "P", &["j1"], &["j2"]).disjoint(&[&a]),
+            "a tag"
+        );
+        assert!(
+            !finish("s2", "P", &["j2"], &["j1"]).disjoint(&[&a]),
+            "a claim"
+        );
+        assert!(
+            finish("s2", "Q", &["j2"], &["j1"]).disjoint(&[&a]),
+            "another process's claim of the object"
+        );
+        assert!(finish("s2", "P", &["j1"], &["j2"]).disjoint(&[]));
+    }
+
+    /// Each finish of a grouped statement is numbered and carries its session, process and
+    /// event; tag deletes and releases are numbered in op order across the finishes.
+    #[test]
+    fn grouped_parameters_number_finishes_and_ops() {
+        let (a, b) = (
+            finish("s1", "P", &["j1"], &["j1"]),
+            finish("s2", "Q", &["j2", "j3"], &["j2"]),
+        );
+        let p = FinishParams::new(&[&a, &b]);
+        let groups: serde_json::Value = serde_json::from_str(&p.groups).unwrap();
+        assert_eq!(groups[1]["g"], 1);
+        assert_eq!(groups[1]["sid"], "s2");
+        assert_eq!(groups[1]["event"], "Finished");
+        let tags: serde_json::Value = serde_json::from_str(&p.tags).unwrap();
+        assert_eq!(tags[2]["n"], 2);
+        assert_eq!(tags[2]["g"], 1);
+        assert_eq!(tags[2]["id"], "j3");
+        let work: serde_json::Value = serde_json::from_str(&p.work).unwrap();
+        assert_eq!(work[1]["p"], "Q");
+        assert_eq!(work[1]["fin"], true);
+        assert_eq!(p.now, 1);
+    }
+}

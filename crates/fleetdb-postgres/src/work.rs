@@ -1076,4 +1076,35 @@ mod tests {
         );
         assert_eq!(params.0.len(), 1);
     }
+
+    /// Step 2 gives the locked candidates to the slots in order, each up to its limit, skipping
+    /// a dead session's slot and one whose finish failed (as `claim_take_sql` does in SQL).
+    #[test]
+    fn candidates_go_to_live_slots_in_order() {
+        let slot = |r: usize, sid: &str, f: Option<usize>, n: usize| Slot {
+            r,
+            sid: sid.into(),
+            f,
+            n,
+        };
+        let slots = [
+            slot(0, "a", Some(0), 1),
+            slot(1, "dead", None, 3),
+            slot(2, "b", Some(1), 2),
+            slot(3, "c", None, 2),
+            slot(4, "a", None, 1),
+        ];
+        let alive = |s: &str| s != "dead";
+        let passed = |f: usize| f != 1;
+        // Finish 1 failed (slot 2 skipped), "dead" is not alive (slot 1 skipped).
+        assert_eq!(assigned(&slots, 10, alive, passed), [1, 0, 0, 2, 1]);
+        assert_eq!(assigned(&slots, 2, alive, passed), [1, 0, 0, 1, 0]);
+        assert_eq!(assigned(&slots, 0, alive, passed), [0, 0, 0, 0, 0]);
+        let json: serde_json::Value = serde_json::from_str(&slots_json(&slots)).unwrap();
+        assert_eq!(
+            json[2],
+            serde_json::json!({"o": 2, "r": 2, "sid": "b", "f": 1, "n": 2})
+        );
+        assert_eq!(json[1]["f"], serde_json::Value::Null);
+    }
 }
