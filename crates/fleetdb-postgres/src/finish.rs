@@ -298,6 +298,12 @@ mod tests {
         .unwrap()
     }
 
+    /// The statement leaves the finishes that passed where a claim behind it reads them.
+    #[test]
+    fn the_statement_hands_the_passed_finishes_to_the_take() {
+        assert!(SQL.contains(&format!("set_config('{}'", crate::work::PASSED_GUC)));
+    }
+
     /// Finishes that share a transaction's statement must touch distinct tags and claims: a
     /// claim counts per process.
     #[test]

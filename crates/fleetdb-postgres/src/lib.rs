@@ -1127,7 +1127,7 @@ impl Backend for PostgresBackend {
     // ---- sessions and work ----
 
     /// A finish of the fused shape and a selector claim run in one READ COMMITTED transaction,
-    /// in two round trips (see `claim_selector`); anything else, or a finish whose checks fail,
+    /// in one round trip (see `claim_selector`); anything else, or a finish whose checks fail,
     /// as `commit` then `claim`.
     async fn commit_then_claim(
         &self,
