@@ -107,7 +107,8 @@ pub(crate) struct ClaimCombiner {
 }
 
 enum Entered {
-    /// No transaction of the key is in flight: this claim runs alone, holding the turn.
+    /// Fewer than [`IN_FLIGHT_MAX`] transactions of the key are in flight: this claim runs
+    /// alone, holding a turn.
     First,
     /// Queued: the answer comes on this channel.
     Queued(oneshot::Receiver<Answer>),
@@ -138,8 +139,8 @@ impl ClaimCombiner {
         }
     }
 
-    /// The transaction of `key` in flight has ended: the claims to send next, in arrival order
-    /// (none: the key is free).
+    /// A turn of `key` passes on: the claims to send next, in arrival order (none: the turn is
+    /// free again).
     fn next(&self, key: &GroupKey) -> Vec<Waiting> {
         let mut groups = self.lock();
         let Some(group) = groups.get_mut(key) else {
@@ -159,15 +160,19 @@ impl ClaimCombiner {
         while let Some(w) = group.waiting.pop_front() {
             let fits = batch.len() < SHARED_MAX
                 && w.finish.as_ref().is_none_or(|f| {
-                    let others: Vec<&FusedFinish> =
+                    let taken: Vec<&FusedFinish> =
                         batch.iter().filter_map(|b| b.finish.as_ref()).collect();
-                    f.disjoint(&others)
+                    f.disjoint(&taken)
                 });
             match fits {
                 true => batch.push(w),
                 false => kept.push_back(w),
             }
+            if batch.len() == SHARED_MAX {
+                break;
+            }
         }
+        kept.extend(group.waiting.drain(..));
         group.waiting = kept;
         batch
     }
