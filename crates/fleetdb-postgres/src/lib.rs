@@ -1549,17 +1549,7 @@ mod tests {
     /// The first read of a transaction is pipelined with BEGIN and must run inside it.
     #[tokio::test]
     async fn first_read_runs_inside_the_serializable_transaction() {
-        let base = testing::test_url();
-        let (url, schema) = testing::create_schema(&base)
-            .await
-            .unwrap_or_else(|msg| panic!("{msg}"));
-        let backend = PostgresBackend::open(
-            &url,
-            PostgresOptions::default(),
-            Arc::new(fleetdb_core::SystemClock),
-        )
-        .await
-        .unwrap();
+        let (backend, base, schema) = test_backend(PostgresOptions::default().pool_size_max).await;
         let client = backend.client().await.unwrap();
         for _ in 0..3 {
             let mut rows = PgTx::new(&client);
@@ -1849,8 +1839,13 @@ mod tests {
         }])
     }
 
+    /// The tables a claim reads, analyzed by name: a bare `ANALYZE` would visit every schema of
+    /// the test database, and deadlocked with a concurrent test dropping its schema.
+    const ANALYZE_CLAIM_TABLES: &str =
+        "ANALYZE objects, tags, work, work_backoff, sessions, processes;";
+
     /// A claim's two steps for `q` (find from the start of the hand, take of one key),
-    /// prepared as `find` and `take` after `first` (say, `ANALYZE;`) with a claim's planner
+    /// prepared as `find` and `take` after `first` (say, [`ANALYZE_CLAIM_TABLES`]) with a claim's planner
     /// settings made the session's: their parameters, by name.
     async fn prepare_claim_steps(
         client: &deadpool_postgres::Client,
@@ -1921,7 +1916,7 @@ mod tests {
         let client = backend.client().await.unwrap();
         // Prepared (and planned) while the tables are empty and analyzed so, as a new connection
         // may after a queue drained.
-        let steps = prepare_claim_steps(&client, &eligible_jobs(10), "ANALYZE;").await;
+        let steps = prepare_claim_steps(&client, &eligible_jobs(10), ANALYZE_CLAIM_TABLES).await;
         let [(_, find_params), (_, take_params)] = &steps;
         client
             .batch_execute(&format!(
@@ -1964,15 +1959,14 @@ mod tests {
         seed_eligible(&client, 3000, 5).await;
         // Eight live sessions; `s` held (and finished) 2,000 jobs, and holds the first eight.
         client
-            .batch_execute(
+            .batch_execute(&format!(
                 "INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
                  SELECT 's' || g, 'test', 'h', '', 1000, 0, 1000000 FROM generate_series(1, 7) g; \
                  INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
                  SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'P', 's', g, 0 \
                  FROM generate_series(1, 2000) g; \
-                 DELETE FROM work WHERE id > 'j00008'; \
-                 ANALYZE;",
-            )
+                 DELETE FROM work WHERE id > 'j00008'; {ANALYZE_CLAIM_TABLES}"
+            ))
             .await
             .unwrap();
         let steps = prepare_claim_steps(&client, &eligible_jobs(1), "").await;
