@@ -24,9 +24,14 @@ use tokio_postgres::Row;
 use crate::error::db_err;
 use crate::sql::Param;
 
-/// Every row is reached by key through its primary key (lateral probes) and written by
-/// the `ctid` its locking read returned: plans that hold whatever the planner believes of
-/// the tables (a `DELETE … USING <list>` became a hash join over a whole table).
+/// Every row is reached by key (lateral probes) and written by the `ctid` its locking read
+/// returned: plans that hold whatever the planner believes of the tables (a `DELETE … USING
+/// <list>` became a hash join over a whole table). A session is probed by its id alone, in a
+/// subquery kept out of the join tree (`OFFSET 0`): with the deadline beside it, a plan made
+/// while `sessions` looked small read every live session through `sessions_deadline` for each
+/// finish. A claim or backoff is probed by its full key, an exact lookup in each index that can
+/// serve it (migration 0010: before it, `work (process)` made each probe read every claim the
+/// process ever had, dead rows included; plan-guard test `finish_probes_rows_by_key`).
 ///
 /// `$1`: the finishes (`g`, session, history event, whether backoffs are cleared); `$2`: now;
 /// `$3`: the tag deletes and `$4` the releases, each numbered `n` in op order across finishes.
@@ -35,8 +40,9 @@ use crate::sql::Param;
 pub(crate) const SQL: &str = "WITH gs AS MATERIALIZED (SELECT k.g, k.sid, k.event, \
          COALESCE(s.alive, false) AS alive, s.component, s.host \
        FROM jsonb_to_recordset(($1::text)::jsonb) AS k(g bigint, sid text, event text) \
-       LEFT JOIN LATERAL (SELECT true AS alive, component, host FROM sessions \
-         WHERE id = k.sid AND deadline > $2) AS s ON true), \
+       LEFT JOIN LATERAL (SELECT true AS alive, s.component, s.host FROM (SELECT component, \
+         host, deadline FROM sessions WHERE id = k.sid OFFSET 0) AS s WHERE s.deadline > $2) \
+         AS s ON true), \
      td AS MATERIALIZED (SELECT k.n, k.g, k.ns, k.kind, k.id, k.name, t.value, t.ctid AS tid \
        FROM jsonb_to_recordset(($3::text)::jsonb) \
          AS k(n bigint, g bigint, ns text, kind text, id text, name text) \

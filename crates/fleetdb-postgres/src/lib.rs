@@ -102,6 +102,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "world_prev_data",
         sql: include_str!("../migrations/0009_world_prev_data.sql"),
     },
+    Migration {
+        version: 10,
+        name: "work_key_probes",
+        sql: include_str!("../migrations/0010_work_key_probes.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -1874,14 +1879,7 @@ mod tests {
         name: &str,
         params: &work::TypedParams,
     ) -> String {
-        let rows = client
-            .query(
-                &format!("EXPLAIN ANALYZE EXECUTE {name}({})", params.literals()),
-                &[],
-            )
-            .await
-            .unwrap();
-        Plan::of(&rows).text
+        explain_prepared_text(client, &format!("EXECUTE {name}({})", params.literals())).await
     }
 
     /// The hand bounds the leading tag's index scan itself: a claim from near the end of 3,000
@@ -1978,6 +1976,138 @@ mod tests {
         }
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// The scans of `tables` in `plan` (EXPLAIN text) that do not reach their rows by key: no
+    /// index (or recheck) condition on an `id` column and no `ctid` list. Each is a read of
+    /// every row of a range (a process's claims, the live sessions) where one probe was meant.
+    fn unkeyed_scans(plan: &str, tables: &[&str]) -> Vec<String> {
+        let lines: Vec<&str> = plan.lines().collect();
+        let mut unkeyed = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(scan) = line.find("Scan") else {
+                continue;
+            };
+            let table = line[scan..]
+                .split(" on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next());
+            if !table.is_some_and(|t| tables.contains(&t)) {
+                continue;
+            }
+            let conds = lines[i + 1..]
+                .iter()
+                .take_while(|l| !l.contains("->"))
+                .filter(|l| l.contains("Cond:"));
+            let keyed = conds
+                .into_iter()
+                .any(|l| l.contains("TID Cond") || l.contains("(id = "));
+            if !keyed {
+                unkeyed.push(line.trim().to_string());
+            }
+        }
+        unkeyed
+    }
+
+    #[test]
+    fn unkeyed_scans_names_the_scans_without_a_key_condition() {
+        let plan = "Nested Loop\n\
+            ->  Bitmap Heap Scan on work w_1  (cost=1 rows=1)\n\
+                  Recheck Cond: (process = k.p)\n\
+                  ->  Bitmap Index Scan on work_process\n\
+                        Index Cond: (process = k.p)\n\
+            ->  Index Scan using work_pkey on work w_2\n\
+                  Index Cond: ((namespace = k.ns) AND (kind = k.kind) AND (id = k.id))\n\
+            ->  Index Scan using sessions_pkey on sessions s\n\
+            ->  Tid Scan on work_backoff b\n\
+                  TID Cond: (ctid = ANY ($1))\n\
+            ->  CTE Scan on wr";
+        let unkeyed = unkeyed_scans(plan, &["work", "work_backoff", "sessions"]);
+        assert_eq!(unkeyed.len(), 2, "{unkeyed:?}");
+        assert!(unkeyed[0].contains("Bitmap Heap Scan on work w_1"));
+        assert!(unkeyed[1].contains("on sessions s"));
+    }
+
+    /// A finish and a claim's take reach each claim, backoff and session they read by its key,
+    /// whatever plan a connection made while the tables were empty: with the per-process indexes
+    /// led by the process alone, each finish and take read every claim the process ever had
+    /// (536 index entries and 30 heap pages per probe after 3,000 jobs of the one-at-a-time
+    /// benchmark), and the live sessions were read in full (`sessions_deadline`, or a whole
+    /// `sessions_pkey` scan under a join) for each finish and take.
+    #[tokio::test]
+    async fn finish_and_take_probe_rows_by_key() {
+        let (backend, base, schema) = test_backend(1).await;
+        let client = backend.client().await.unwrap();
+        let steps = prepare_claim_steps(&client, &eligible_jobs(1), ANALYZE_CLAIM_TABLES).await;
+        let [_, (_, take_params)] = &steps;
+        let groups = r#"'[{"g":0,"sid":"s","event":"Finished"}]'"#;
+        let tags =
+            r#"'[{"n":0,"g":0,"ns":"default","kind":"job","id":"j00001","name":"eligible"}]'"#;
+        let works = r#"'[{"n":1,"g":0,"ns":"default","kind":"job","id":"j00001","p":"P","token":1,"fin":true}]'"#;
+        // Planned now, while every table is empty (and analyzed so).
+        client
+            .batch_execute(&format!(
+                "PREPARE fin(text, bigint, text, text) AS {}; \
+                 EXECUTE fin('[]', 0, '[]', '[]'); EXECUTE take({})",
+                finish::SQL,
+                take_params.literals()
+            ))
+            .await
+            .unwrap();
+        seed_eligible(&client, 3000, 5).await;
+        // Eight live sessions; `s` held (and finished) 2,000 jobs of P and holds j00001; 2,000
+        // objects are backed off for P, and so is j00001.
+        client
+            .batch_execute(
+                "INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
+                 SELECT 's' || g, 'test', 'h', '', 1000, 0, 1000000 FROM generate_series(1, 7) g; \
+                 INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'P', 's', g, 0 \
+                 FROM generate_series(1, 2000) g; \
+                 DELETE FROM work WHERE id > 'j00001'; \
+                 INSERT INTO work_backoff (namespace, kind, id, process, until, cause, last_interval_s) \
+                 SELECT 'default', 'job', 'j' || lpad(g::text, 5, '0'), 'P', 999999999, 'x', 1 \
+                 FROM generate_series(1001, 3000) g UNION ALL \
+                 SELECT 'default', 'job', 'j00001', 'P', 1, 'x', 1;",
+            )
+            .await
+            .unwrap();
+        let finish = explain_prepared_text(
+            &client,
+            &format!("EXECUTE fin({groups}, 0, {tags}, {works})"),
+        )
+        .await;
+        assert!(finish.contains("Delete on work "), "{finish}");
+        let tables = ["work", "work_backoff", "sessions"];
+        assert_eq!(
+            unkeyed_scans(&finish, &tables),
+            Vec::<String>::new(),
+            "{finish}"
+        );
+        let finished: i64 = client
+            .query_one("SELECT count(*) FROM work", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(finished, 0, "the finish released the claim:\n{finish}");
+        let take = explain_prepared(&client, "take", take_params).await;
+        assert!(take.contains("Insert on work "), "{take}");
+        assert_eq!(
+            unkeyed_scans(&take, &tables),
+            Vec::<String>::new(),
+            "{take}"
+        );
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// `EXPLAIN ANALYZE <execute>`, as one text.
+    async fn explain_prepared_text(client: &deadpool_postgres::Client, execute: &str) -> String {
+        let rows = client
+            .query(&format!("EXPLAIN ANALYZE {execute}"), &[])
+            .await
+            .unwrap();
+        Plan::of(&rows).text
     }
 
     #[test]

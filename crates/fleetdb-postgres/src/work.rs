@@ -656,7 +656,9 @@ pub(crate) fn assigned(
 /// (a claim committed between step 1's snapshot and its lock is seen now, and so is a change
 /// that made an object stop matching), and so is each one's session; each survivor gets a
 /// fencing token, its work row (replacing a row of a dead session, which gets `Expired` history
-/// first) and `Started` history. Returns `(namespace, kind, id, token, session, slot r)` in key
+/// first) and `Started` history (each session probed by its id alone, in a subquery kept out of
+/// the join tree: joined plainly, a plan made while `sessions` looked small read every session
+/// per take). Returns `(namespace, kind, id, token, session, slot r)` in key
 /// order. Several slots: the claims of one process's workers sharing a transaction
 /// ([`crate::claims`]).
 pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, TypedParams) {
@@ -698,10 +700,12 @@ pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, Type
            FROM (SELECT 0 AS phase, old.n, old.namespace, old.kind, old.id, 'Expired' AS event, \
                    old.session_id, COALESCE(os.component, '') AS component, \
                    COALESCE(os.host, '') AS host, old.token, 'session expired' AS cause \
-                 FROM old LEFT JOIN sessions os ON os.id = old.session_id \
+                 FROM old LEFT JOIN LATERAL (SELECT component, host FROM sessions \
+                   WHERE id = old.session_id OFFSET 0) AS os ON true \
                  UNION ALL \
                  SELECT 1, t.n, t.namespace, t.kind, t.id, 'Started', t.sid, s.component, s.host, \
-                   t.token, NULL FROM t JOIN sessions s ON s.id = t.sid) AS e \
+                   t.token, NULL FROM t CROSS JOIN LATERAL (SELECT component, host \
+                   FROM sessions WHERE id = t.sid OFFSET 0) AS s) AS e \
            ORDER BY phase, n) \
          SELECT namespace, kind, id, token, sid, r FROM t ORDER BY n"
     );

@@ -125,8 +125,8 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
 
     let backend = db.open().await;
     let status = backend.schema_status().await.unwrap();
-    assert_eq!(status.database, 9);
-    assert_eq!(status.binary, 9);
+    assert_eq!(status.database, 10);
+    assert_eq!(status.binary, 10);
     assert!(status.pending.is_empty());
     let applied: Vec<_> = status
         .applied
@@ -145,6 +145,7 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (7, "world_kv_indexes"),
             (8, "gc_runs"),
             (9, "world_prev_data"),
+            (10, "work_key_probes"),
         ]
     );
     assert_eq!(
@@ -216,8 +217,8 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .await
     .unwrap();
     let status = backend.schema_status().await.unwrap();
-    assert_eq!((status.database, status.binary), (0, 9));
-    assert_eq!(status.pending.len(), 9);
+    assert_eq!((status.database, status.binary), (0, 10));
+    assert_eq!(status.pending.len(), 10);
     assert!(status.applied.is_empty());
 
     // Migrations one at a time, then the rest on open.
@@ -233,9 +234,9 @@ async fn open_without_migrate_leaves_the_database_alone() {
     .unwrap();
     let status = backend.schema_status().await.unwrap();
     assert_eq!(status.database, 1);
-    assert_eq!(status.pending.len(), 8);
+    assert_eq!(status.pending.len(), 9);
     let status = backend.migrate().await.unwrap();
-    assert_eq!(status.database, 9);
+    assert_eq!(status.database, 10);
     assert!(status.pending.is_empty());
     db.drop().await;
 }

@@ -54,6 +54,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "world_prev_data",
         sql: include_str!("../migrations/0009_world_prev_data.sql"),
     },
+    Migration {
+        version: 10,
+        name: "work_key_probes",
+        sql: include_str!("../migrations/0010_work_key_probes.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 /// The newest migration this binary knows.
-const LATEST: u32 = 9;
+const LATEST: u32 = 10;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -338,6 +338,49 @@ async fn sqlite_0009_world_prev_data_keeps_rows_written_before_it() {
     check_v2_rows_then_prev_data(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// A claim (object m1) and a running backoff (object m2) of process P by session s9, as version
+/// 9 wrote them, for the 0010 checks.
+const V9_WORK_ROWS: &str = "
+    INSERT INTO processes VALUES ('P', '[]', 0);
+    INSERT INTO sessions VALUES ('s9', 'test', 'h', '', 10000, 0, 4102444800000000);
+    INSERT INTO work VALUES ('default', 'machine', 'm1', 'P', 's9', 7, 0);
+    INSERT INTO work_backoff VALUES ('default', 'machine', 'm2', 'P', 4102444800000000, 'x', 1);
+";
+
+/// After 0010 (the per-process indexes rebuilt, led by the process and followed by the key): the
+/// claim and the backoff written before it are listed per process and ended by key.
+async fn check_v2_rows_then_work_key_probes(store: &Store) {
+    let m1 = ObjectKey::new("default", "machine", "m1").unwrap();
+    let m2 = ObjectKey::new("default", "machine", "m2").unwrap();
+    assert_eq!(store.object_get(&m1).await.unwrap().unwrap().revision.0, 1);
+    let work = store.work_list(Some("P"), 10).await.unwrap();
+    assert_eq!(work.len(), 1);
+    assert_eq!(
+        (&work[0].key, work[0].token, work[0].session_id.as_str()),
+        (&m1, 7, "s9")
+    );
+    let backoffs = store.backoff_list(Some("P"), true, 10).await.unwrap();
+    assert_eq!(backoffs.len(), 1);
+    assert_eq!((&backoffs[0].key, backoffs[0].cause.as_str()), (&m2, "x"));
+    assert!(store.work_cancel(&m1, "P").await.unwrap());
+    assert!(store.work_list(Some("P"), 10).await.unwrap().is_empty());
+    assert!(store.backoff_clear(&m2, "P").await.unwrap());
+    assert!(store
+        .backoff_list(Some("P"), false, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_0010_work_key_probes_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_with_v2_rows(9);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(V9_WORK_ROWS).unwrap();
+    drop(c);
+    check_v2_rows_then_work_key_probes(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -576,6 +619,16 @@ async fn postgres_0009_world_prev_data_keeps_rows_written_before_it() {
     .await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_prev_data(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0010_work_key_probes_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(9).await;
+    pg_exec(&s.url, V9_WORK_ROWS).await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_work_key_probes(&store).await;
     drop(store);
     pg_drop(s).await;
 }
