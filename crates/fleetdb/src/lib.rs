@@ -296,11 +296,37 @@ impl Store {
         }
     }
 
-    /// A write committed: wake this process's watches and tell other processes.
+    /// A write committed: wake this process's watches and tell other processes; wake waiting
+    /// claims of every group (what it touched is not known here).
     pub(crate) fn committed(&self) {
+        self.committed_batch(usize::MAX, &[], None);
+    }
+
+    /// [`Store::committed`] for a batch that touched `objects` objects
+    /// ([`session::objects_touched`]) and returned `results`, maybe followed in its transaction
+    /// by a claim: `claimed` = (process, selector, limit, how many it got). Waiting claims are
+    /// woken as [`session::ClaimWakes`] says; the revisions the batch wrote are noted as this
+    /// store's own, which the waiting claims' revision poll then does not take for another
+    /// process's change.
+    pub(crate) fn committed_batch(
+        &self,
+        objects: usize,
+        results: &[OpResult],
+        claimed: Option<(&str, &str, usize, usize)>,
+    ) {
         self.hub.committed();
-        // And one waiting `claim_wait` of this store.
-        self.keeper.committed.notify_one();
+        self.keeper
+            .own_revisions
+            .note(results.iter().filter_map(|r| match &r.applied {
+                Applied::Object(o) => Some(o.revision),
+                Applied::Tag(t) => Some(t.revision),
+                Applied::Deleted { revision } => Some(*revision),
+                _ => None,
+            }));
+        let except = claimed.and_then(|(process, selector, limit, got)| {
+            (got < limit).then_some((process, selector))
+        });
+        self.keeper.claim_wakes.committed(except, objects);
         self.start_announcer();
     }
 
@@ -327,12 +353,13 @@ impl Store {
             now: self.clock.now(),
         };
         batch.validate(&self.limits)?;
+        let objects = session::objects_touched(&batch.ops);
         let r = self.backend.commit(batch).await;
         self.metrics.txn(&r);
         if let Ok(results) = &r {
             self.gc.note(results);
             if results.iter().any(|x| x.changed) {
-                self.committed();
+                self.committed_batch(objects, results, None);
             }
         }
         r
@@ -664,6 +691,7 @@ impl Store {
             batch.preconditions.splice(0..0, pre.iter().cloned());
             batch.ops.extend(post.iter().cloned());
             batch.validate(&self.limits)?;
+            let objects = session::objects_touched(&batch.ops);
             let committed = match &claim {
                 None => self.backend.commit(batch).await.map(|r| (r, Vec::new())),
                 Some(req) => {
@@ -677,7 +705,13 @@ impl Store {
                     self.metrics.transactions_executed.inc();
                     self.gc.note(&results);
                     if results.iter().any(|r| r.changed) {
-                        self.committed();
+                        let group = claim.as_ref().and_then(|req| match &req.target {
+                            fleetdb_core::work::ClaimTarget::Selector(s) => {
+                                Some((req.process.as_str(), s.as_str(), req.limit, claimed.len()))
+                            }
+                            fleetdb_core::work::ClaimTarget::Object(_) => None,
+                        });
+                        self.committed_batch(objects, &results, group);
                     }
                     return Ok((out, claimed));
                 }
