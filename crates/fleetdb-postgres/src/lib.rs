@@ -1938,8 +1938,9 @@ mod tests {
         // each must cost one primary-key probe, not a scan of the process's backoffs.
         for (name, params) in &steps {
             let plan = explain_prepared(&client, name, params).await;
-            assert!(plan.contains("work_backoff_pkey"), "{name}:\n{plan}");
-            assert!(!plan.contains("work_backoff_process"), "{name}:\n{plan}");
+            assert!(plan.contains("on work_backoff "), "{name}:\n{plan}");
+            let unkeyed = unkeyed_scans(&plan, &["work", "work_backoff", "sessions"]);
+            assert_eq!(unkeyed, Vec::<String>::new(), "{name}:\n{plan}");
         }
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
@@ -1970,40 +1971,63 @@ mod tests {
         let steps = prepare_claim_steps(&client, &eligible_jobs(1), "").await;
         for (name, params) in &steps {
             let plan = explain_prepared(&client, name, params).await;
-            assert!(plan.contains("work_pkey"), "{name}:\n{plan}");
-            assert!(!plan.contains("work_session"), "{name}:\n{plan}");
-            assert!(!plan.contains("sessions_deadline"), "{name}:\n{plan}");
+            assert!(plan.contains("on work "), "{name}:\n{plan}");
+            let unkeyed = unkeyed_scans(&plan, &["work", "work_backoff", "sessions"]);
+            assert_eq!(unkeyed, Vec::<String>::new(), "{name}:\n{plan}");
         }
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
-    /// The scans of `tables` in `plan` (EXPLAIN text) that do not reach their rows by key: no
-    /// index (or recheck) condition on an `id` column and no `ctid` list. Each is a read of
-    /// every row of a range (a process's claims, the live sessions) where one probe was meant.
+    /// The scans of `tables` in `plan` (EXPLAIN text) that do not reach their rows by key: a
+    /// sequential scan, an index scan whose condition does not fix both the index's leading
+    /// column and the `id` by equality (it reads the whole index, or every entry of a process),
+    /// or a scan through an index that is not led by a key (`work_session`, `sessions_deadline`). Each is a read of every row of a range (a
+    /// process's claims, the live sessions) where one probe was meant.
     fn unkeyed_scans(plan: &str, tables: &[&str]) -> Vec<String> {
+        // The leading column of each index of the claim tables that is led by a key.
+        const LEADS: &[(&str, &str)] = &[
+            ("work_pkey", "namespace"),
+            ("work_process", "process"),
+            ("work_backoff_pkey", "namespace"),
+            ("work_backoff_process", "process"),
+            ("sessions_pkey", "id"),
+        ];
         let lines: Vec<&str> = plan.lines().collect();
         let mut unkeyed = Vec::new();
         for (i, line) in lines.iter().enumerate() {
-            let Some(scan) = line.find("Scan") else {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let on = |w: &str| words.iter().position(|x| *x == w);
+            // (index, table) of an index scan; a sequential scan has no index.
+            let (index, table) = if let Some(u) = on("using") {
+                (Some(words[u + 1]), words.get(u + 3).copied())
+            } else if line.contains("Bitmap Index Scan on ") {
+                // The table is the longest one whose name and `_` start the index's.
+                let index = words[on("on").unwrap() + 1];
+                let table = tables
+                    .iter()
+                    .copied()
+                    .filter(|t| index.starts_with(&format!("{t}_")))
+                    .max_by_key(|t| t.len());
+                (Some(index), table)
+            } else if line.contains("Seq Scan on ") {
+                (None, words.get(on("on").unwrap() + 1).copied())
+            } else {
                 continue;
             };
-            let table = line[scan..]
-                .split(" on ")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next());
-            if !table.is_some_and(|t| tables.contains(&t)) {
+            let Some(table) = table.filter(|t| tables.contains(t)) else {
                 continue;
-            }
-            let conds = lines[i + 1..]
-                .iter()
-                .take_while(|l| !l.contains("->"))
-                .filter(|l| l.contains("Cond:"));
-            let keyed = conds
-                .into_iter()
-                .any(|l| l.contains("TID Cond") || l.contains("(id = "));
+            };
+            let lead = index.and_then(|x| LEADS.iter().find(|(n, _)| *n == x).map(|(_, c)| *c));
+            let keyed = lead.is_some_and(|lead| {
+                lines[i + 1..]
+                    .iter()
+                    .take_while(|l| !l.contains("->"))
+                    .filter(|l| l.contains("Index Cond:"))
+                    .any(|l| l.contains(&format!("({lead} = ")) && l.contains("(id = "))
+            });
             if !keyed {
-                unkeyed.push(line.trim().to_string());
+                unkeyed.push(format!("{} [{table}]", line.trim()));
             }
         }
         unkeyed
@@ -2018,14 +2042,29 @@ mod tests {
                         Index Cond: (process = k.p)\n\
             ->  Index Scan using work_pkey on work w_2\n\
                   Index Cond: ((namespace = k.ns) AND (kind = k.kind) AND (id = k.id))\n\
+            ->  Index Scan using work_backoff_process on work_backoff b\n\
+                  Index Cond: ((namespace = k.ns) AND (kind = k.kind) AND (id = k.id))\n\
+            ->  Index Scan using work_backoff_process on work_backoff b\n\
+                  Index Cond: ((process = $5) AND (namespace = k.ns) AND (kind = k.kind) AND (id = k.id))\n\
             ->  Index Scan using sessions_pkey on sessions s\n\
+            ->  Index Scan using sessions_deadline on sessions s\n\
+                  Index Cond: (deadline > $2)\n\
+            ->  Seq Scan on sessions s\n\
             ->  Tid Scan on work_backoff b\n\
                   TID Cond: (ctid = ANY ($1))\n\
             ->  CTE Scan on wr";
         let unkeyed = unkeyed_scans(plan, &["work", "work_backoff", "sessions"]);
-        assert_eq!(unkeyed.len(), 2, "{unkeyed:?}");
-        assert!(unkeyed[0].contains("Bitmap Heap Scan on work w_1"));
-        assert!(unkeyed[1].contains("on sessions s"));
+        let expected = [
+            "Bitmap Index Scan on work_process [work]",
+            "work_backoff_process on work_backoff b [work_backoff]",
+            "sessions_pkey on sessions s [sessions]",
+            "sessions_deadline on sessions s [sessions]",
+            "Seq Scan on sessions s [sessions]",
+        ];
+        assert_eq!(unkeyed.len(), expected.len(), "{unkeyed:#?}");
+        for (u, e) in unkeyed.iter().zip(expected) {
+            assert!(u.contains(e), "{u} vs {e}");
+        }
     }
 
     /// A finish and a claim's take reach each claim, backoff and session they read by its key,

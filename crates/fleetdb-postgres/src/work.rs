@@ -394,36 +394,39 @@ fn exclusions_sql(process: &str) -> String {
 /// object is even looked up (in a burn-down, every claim passes over the claims the other
 /// workers hold).
 ///
-/// Both probes name only a key inside a subquery kept out of the join tree (`OFFSET 0`), as
-/// [`not_in_backoff_sql`] does, so they can only be primary-key probes whatever the statistics:
-/// the work rows of the candidate (by its key), then each one's session (by its id). Written as
-/// plain conditions, a generic plan made with a few live sessions drove the test from the live
+/// Both probes name only keys inside subqueries kept out of the join tree (`OFFSET 0`), as
+/// [`not_in_backoff_sql`] does, so they can only be exact probes whatever the statistics: the
+/// candidate's work rows of the excluded processes (by the full key, exact in both indexes that
+/// can serve it, see migration 0010), then each one's session (by its id). Written as plain
+/// conditions, a generic plan made with a few live sessions drove the test from the live
 /// sessions (`sessions_deadline`) into `work_session`, reading every work row each session ever
 /// held, dead ones included, once per candidate: ~3,000 buffers for a claim of one in the
 /// one-at-a-time benchmark (plan-guard test `claim_probes_work_by_the_candidate_key`).
 fn candidate_free_sql(ex: &str, process: &str, now: &str, k: &str) -> String {
     format!(
-        "AND NOT EXISTS (SELECT 1 FROM (SELECT w.process, w.session_id FROM work w \
-           WHERE w.namespace = {k}.namespace AND w.kind = {k}.kind AND w.id = {k}.id OFFSET 0) w \
-           WHERE w.process = ANY (ARRAY({ex})) \
-           AND EXISTS (SELECT 1 FROM (SELECT ws.deadline FROM sessions ws \
+        "AND NOT EXISTS (SELECT 1 FROM (SELECT w.session_id FROM work w \
+           WHERE w.namespace = {k}.namespace AND w.kind = {k}.kind AND w.id = {k}.id \
+           AND w.process = ANY (ARRAY({ex})) OFFSET 0) w \
+           WHERE EXISTS (SELECT 1 FROM (SELECT ws.deadline FROM sessions ws \
              WHERE ws.id = w.session_id OFFSET 0) ws WHERE ws.deadline > {now})) {backoff}",
         backoff = not_in_backoff_sql(process, now, k)
     )
 }
 
-/// `AND` candidate `k` is not in backoff for `process` at `now`. The probe names only the
-/// object's key inside a subquery kept out of the join tree, so it can only be the primary key's
-/// (namespace, kind, id) prefix: one row per process the object is backed off for. Written as
-/// one condition, a generic plan made while `work_backoff` was empty used `work_backoff_process`
-/// (process, until) instead, scanning every backoff of the process once per candidate: 380 ms
-/// for a claim of 10 past 2,000 backed-off objects (plan-guard test
+/// `AND` candidate `k` is not in backoff for `process` at `now`. The probe names the full key
+/// (object and process) inside a subquery kept out of the join tree, and `until` outside it, so
+/// it is an exact lookup in either index that can serve it (the primary key, or since migration
+/// 0010 `work_backoff_process`, which ends with the key). Written as one condition with `until`,
+/// a generic plan made while `work_backoff` was empty used the old `work_backoff_process`
+/// (process, until), scanning every backoff of the process once per candidate: 380 ms for a
+/// claim of 10 past 2,000 backed-off objects; naming the object's key alone, after 0010 a plan
+/// read the whole new index for the key's columns behind the process (plan-guard test
 /// `claim_reads_one_backoff_row_per_candidate`).
 fn not_in_backoff_sql(process: &str, now: &str, k: &str) -> String {
     format!(
-        "AND NOT EXISTS (SELECT 1 FROM (SELECT b.process, b.until FROM work_backoff b \
-           WHERE b.namespace = {k}.namespace AND b.kind = {k}.kind AND b.id = {k}.id OFFSET 0) b \
-           WHERE b.process = {process} AND b.until > {now})"
+        "AND NOT EXISTS (SELECT 1 FROM (SELECT b.until FROM work_backoff b \
+           WHERE b.namespace = {k}.namespace AND b.kind = {k}.kind AND b.id = {k}.id \
+           AND b.process = {process} OFFSET 0) b WHERE b.until > {now})"
     )
 }
 
@@ -441,9 +444,13 @@ fn not_in_backoff_sql(process: &str, now: &str, k: &str) -> String {
 ///
 /// The scan starts after `hand` (the claim cursor, see [`ClaimHands`]) and wraps around: the
 /// candidates after it in key order, then, only if those were fewer than the limit, the ones up
-/// to it (a `UNION ALL` under one `LIMIT`: the second branch never runs when the first fills
-/// it). A claim then starts where this process's previous claim stopped instead of passing, in
-/// every claim, the candidates other workers hold and the index entries of finished ones.
+/// to it. The two passes are two rows of bounds (`VALUES`) driving ONE lateral scan under one
+/// `LIMIT` (the second pass never runs when the first fills it): the plan holds the candidate
+/// scan and its tests once. Written as a `UNION ALL` of two copies, half of a plan of ~58 nodes
+/// was never run yet initialized by every execution, and initializing plans was ~30 % of
+/// PostgreSQL's CPU in the one-at-a-time benchmark. A claim then starts where this process's
+/// previous claim stopped instead of passing, in every claim, the candidates other workers hold
+/// and the index entries of finished ones.
 /// The hand's three parameters are the last ones ([`TypedParams::set_hand`]): the text does
 /// not depend on it.
 pub(crate) fn claim_lock_sql(
@@ -462,32 +469,41 @@ pub(crate) fn claim_lock_sql(
     let ex = exclusions_sql(&process);
     let k = q.selector.claim_key_alias();
     let free = candidate_free_sql(&ex, &process, &now, &k);
-    let branch = |cmp: &str| {
-        let hand = format!("({h_ns}, {h_kind}, {h_id})");
-        // The bound goes inside the leading tag's subquery, where it bounds the index scan (see
-        // `CLAIM_LEAD_FILTER`); without a leading tag, on `o` (a primary-key range).
-        let (from, outer) = if base.contains(CLAIM_LEAD_FILTER) {
-            let inner = format!("AND (namespace, kind, id) {cmp} {hand}");
-            (base.replace(CLAIM_LEAD_FILTER, &inner), String::new())
-        } else {
-            (
-                base.clone(),
-                format!("AND ({k}.namespace, {k}.kind, {k}.id) {cmp} {hand}"),
+    // The scan's bounds come from the pass (`r`): after the hand, then up to it.
+    let bounds = "> (r.lns, r.lkind, r.lid) AND (namespace, kind, id) <= (r.uns, r.ukind, r.uid)";
+    // The bound goes inside the leading tag's subquery, where it bounds the index scan (see
+    // `CLAIM_LEAD_FILTER`); without a leading tag, on `o` (a primary-key range).
+    let (from, outer) = if base.contains(CLAIM_LEAD_FILTER) {
+        let inner = format!("AND (namespace, kind, id) {bounds}");
+        (base.replace(CLAIM_LEAD_FILTER, &inner), String::new())
+    } else {
+        let outer = format!(
+            "AND ({k}.namespace, {k}.kind, {k}.id) {}",
+            bounds.replace(
+                "(namespace, kind, id)",
+                &format!("({k}.namespace, {k}.kind, {k}.id)")
             )
-        };
-        format!(
-            "SELECT * FROM (SELECT o.namespace, o.kind, o.id {from} \
-               AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) {free} {outer} \
-               ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) AS b"
-        )
+        );
+        (base.clone(), outer)
     };
-    let (after, upto) = (branch(">"), branch("<="));
+    let c = |h: &str| format!("{h} COLLATE \"C\"");
+    let (hn, hk, hi) = (c(&h_ns), c(&h_kind), c(&h_id));
+    let top = c("'~'"); // above every valid name (letters, digits, '.', '_', '-')
+    let low = c("''"); // below every valid name (never empty)
+    let passes = format!(
+        "(VALUES (1, {hn}, {hk}, {hi}, {top}, {top}, {top}), (2, {low}, {low}, {low}, {hn}, {hk}, {hi})) \
+         AS r(pass, lns, lkind, lid, uns, ukind, uid)"
+    );
     let sql = format!(
         "WITH s AS (SELECT id FROM (SELECT ss.id, ss.deadline FROM sessions ss \
            WHERE ss.id = ANY (ARRAY(SELECT jsonb_array_elements_text(({sids})::jsonb))) \
            OFFSET 0) ss WHERE ss.deadline > {now}), \
          me AS (SELECT 1 FROM processes WHERE name = {process}), \
-         c AS MATERIALIZED ({after} UNION ALL {upto} LIMIT {limit}) \
+         c AS MATERIALIZED (SELECT b.namespace, b.kind, b.id FROM {passes} \
+           CROSS JOIN LATERAL (SELECT o.namespace, o.kind, o.id {from} \
+             AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) {free} {outer} \
+             ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) AS b \
+           LIMIT {limit}) \
          SELECT a.alive::text, a.declared, a.locked::text, \
            set_config('{ALIVE_GUC}', COALESCE(a.alive, '[]'::jsonb)::text, true), \
            set_config('{LOCKED_GUC}', COALESCE(a.locked, '[]'::jsonb)::text, true) \
