@@ -31,7 +31,9 @@ use crate::sql::Param;
 /// while `sessions` looked small read every live session through `sessions_deadline` for each
 /// finish. A claim or backoff is probed by its full key, an exact lookup in each index that can
 /// serve it (migration 0010: before it, `work (process)` made each probe read every claim the
-/// process ever had, dead rows included; plan-guard test `finish_probes_rows_by_key`).
+/// process ever had, dead rows included; plan-guard test `finish_and_take_probe_rows_by_key`).
+/// The rows of the finishes that passed are picked once (`tdo`, `wro`), not by a semi-join in
+/// each of the five writes: every execution initializes the whole plan, used or not.
 ///
 /// `$1`: the finishes (`g`, session, history event, whether backoffs are cleared); `$2`: now;
 /// `$3`: the tag deletes and `$4` the releases, each numbered `n` in op order across finishes.
@@ -60,20 +62,20 @@ pub(crate) const SQL: &str = "WITH gs AS MATERIALIZED (SELECT k.g, k.sid, k.even
        AND NOT EXISTS (SELECT 1 FROM td WHERE td.g = gs.g AND td.value IS NULL) \
        AND NOT EXISTS (SELECT 1 FROM wr WHERE wr.g = gs.g \
          AND (wr.holder IS DISTINCT FROM gs.sid OR wr.held IS DISTINCT FROM wr.token))), \
+     tdo AS MATERIALIZED (SELECT * FROM td WHERE td.g IN (SELECT g FROM ok)), \
+     wro AS MATERIALIZED (SELECT * FROM wr WHERE wr.g IN (SELECT g FROM ok)), \
      c AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
        SELECT nextval('fleetdb_revision'), x.ns, x.kind, x.id, 'tag', x.name, 'delete', x.value, NULL, $2 \
-       FROM (SELECT * FROM td WHERE td.g IN (SELECT g FROM ok) ORDER BY n) AS x \
+       FROM (SELECT * FROM tdo ORDER BY n) AS x \
        RETURNING revision, namespace, kind, id, name), \
-     d AS (DELETE FROM tags \
-       WHERE ctid = ANY (ARRAY(SELECT tid FROM td WHERE td.g IN (SELECT g FROM ok)))), \
-     b AS (DELETE FROM work_backoff WHERE ctid = ANY (ARRAY(SELECT backoff FROM wr \
-       WHERE backoff IS NOT NULL AND wr.g IN (SELECT g FROM ok)))), \
-     w AS (DELETE FROM work \
-       WHERE ctid = ANY (ARRAY(SELECT tid FROM wr WHERE wr.g IN (SELECT g FROM ok)))), \
+     d AS (DELETE FROM tags WHERE ctid = ANY (ARRAY(SELECT tid FROM tdo))), \
+     b AS (DELETE FROM work_backoff \
+       WHERE ctid = ANY (ARRAY(SELECT backoff FROM wro WHERE backoff IS NOT NULL))), \
+     w AS (DELETE FROM work WHERE ctid = ANY (ARRAY(SELECT tid FROM wro))), \
      h AS (INSERT INTO work_history \
        (namespace, kind, id, process, event, session_id, component, host, token, at, cause) \
        SELECT x.ns, x.kind, x.id, x.p, gs.event, gs.sid, gs.component, gs.host, x.token, $2, NULL \
-       FROM (SELECT * FROM wr WHERE wr.g IN (SELECT g FROM ok)) AS x JOIN gs ON gs.g = x.g \
+       FROM wro AS x JOIN gs ON gs.g = x.g \
        ORDER BY x.n) \
      SELECT (SELECT jsonb_agg(g)::text FROM ok), \
        (SELECT jsonb_agg(jsonb_build_array(namespace, kind, id, name, revision))::text FROM c), \
