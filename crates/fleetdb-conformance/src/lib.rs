@@ -81,6 +81,7 @@ macro_rules! suite {
             dropped_work_is_cancelled,
             workers_never_claim_one_object_twice,
             claim_wait_wakes_on_a_change,
+            claim_wait_wakes_on_another_processs_change,
             bmdb_workflow_selectors,
             selector_sql_agrees_with_reference,
             metrics_count_sessions_work_and_transactions,

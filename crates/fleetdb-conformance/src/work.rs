@@ -674,6 +674,50 @@ pub async fn claim_wait_wakes_on_a_change(h: &Harness) {
     assert!(none.is_empty());
 }
 
+/// A waiting claim wakes within a second of another process's commit (here: a second `Store` on
+/// the same database, which this store hears of only through the revision poll), also when the
+/// worker's last claim came back empty and it therefore waits before claiming again; and the
+/// waiter's own store's writes that touch no candidate (a key-value) wake nobody for nothing.
+pub async fn claim_wait_wakes_on_another_processs_change(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let s = st.session_start(spec("c")).await.unwrap();
+    let selector = "kind = machine and has(ready)";
+    assert!(s.claim("P", selector, 1).await.unwrap().is_empty());
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.claim_wait("P", selector, 1, Duration::from_secs(20))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    st.kv_set("unrelated", "x").await.unwrap();
+    let k = machines(h, 1).await.remove(0);
+    let other = fleetdb::Store::open_with(
+        &h.url,
+        fleetdb::OpenOptions {
+            clock: std::sync::Arc::new(h.clock.clone()),
+            background: false,
+            ..fleetdb::OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "nothing to claim yet");
+    other.tag_set(&k, "ready", &json!(true)).await.unwrap();
+    let committed = std::time::Instant::now();
+    // Within a second, as promised; 2 s allowed for a loaded test machine.
+    let got = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .unwrap_or_else(|_| panic!("not woken {:?} after the commit", committed.elapsed()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].key(), &k);
+}
+
 /// BMDB's three workflows as selectors, on hand-built machines, driving listings and counts.
 pub async fn bmdb_workflow_selectors(h: &Harness) {
     let st = &h.store;
