@@ -119,7 +119,8 @@ impl BlobWriter {
                 now,
             )
             .await?;
-        self.store.committed();
+        // A blob is no object: no claim can have a new candidate.
+        self.store.committed_batch(0, &[], None);
         Ok(info)
     }
 

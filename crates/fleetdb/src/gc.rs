@@ -601,7 +601,8 @@ impl Store {
                 }
             }
             if results.iter().any(|r| r.changed) {
-                self.committed();
+                // Removals make no claim candidate: wake the watches, not waiting claims.
+                self.committed_batch(0, &results, None);
             }
         }
         stats.swept_blobs = freed_digests.len() as u64;

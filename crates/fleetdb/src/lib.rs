@@ -296,15 +296,10 @@ impl Store {
         }
     }
 
-    /// A write committed: wake this process's watches and tell other processes; wake waiting
-    /// claims of every group (what it touched is not known here).
-    pub(crate) fn committed(&self) {
-        self.committed_batch(usize::MAX, &[], None);
-    }
-
-    /// [`Store::committed`] for a batch that touched `objects` objects
-    /// ([`session::objects_touched`]) and returned `results`, maybe followed in its transaction
-    /// by a claim: `claimed` = (process, selector, limit, how many it got). Waiting claims are
+    /// A write committed: wake this process's watches and tell other processes. The write
+    /// touched `objects` objects ([`session::objects_touched`]; 0 for writes that cannot make a
+    /// claim candidate) and returned `results`, maybe followed in its transaction by a claim:
+    /// `claimed` = (process, selector, limit, how many it got). Waiting claims are
     /// woken as [`session::ClaimWakes`] says; the revisions the batch wrote are noted as this
     /// store's own, which the waiting claims' revision poll then does not take for another
     /// process's change.

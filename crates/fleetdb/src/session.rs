@@ -363,8 +363,10 @@ impl Store {
             .session_sweep(self.clock.now(), SWEEP_SESSIONS_MAX)
             .await?;
         self.metrics.sessions_expired.inc_by(n);
-        // Expired sessions and TTLs change membership and the World: wake the watches.
-        self.committed();
+        // Expired sessions and TTLs change membership and the World: wake the watches. Waiting
+        // claims only if sessions went: their claims were free since their deadlines, which
+        // woke nobody.
+        self.committed_batch(if n > 0 { usize::MAX } else { 0 }, &[], None);
         Ok(n)
     }
 
