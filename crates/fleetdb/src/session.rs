@@ -113,8 +113,8 @@ impl OwnRevisions {
 /// (process, selector text): the claims one group of waiters makes.
 type WaitGroup = (String, String);
 
-/// Groups kept at most; past it they are forgotten wholesale (a waiter holding a forgotten
-/// group is woken by the revision poll instead, within [`CLAIM_WAIT_POLL`]).
+/// Groups kept without a waiter at most; past it those are forgotten (a group a waiter holds is
+/// kept, so no waiter misses a wake-up).
 const WAIT_GROUPS_MAX: usize = 1024;
 /// Waiters of one group one commit wakes at most.
 const WAKES_PER_COMMIT_MAX: usize = 64;
@@ -159,7 +159,7 @@ impl ClaimWakes {
             return g.clone();
         }
         if groups.len() >= WAIT_GROUPS_MAX {
-            groups.clear();
+            groups.retain(|_, g| Arc::strong_count(g) > 1);
         }
         let g = Arc::new(WaitGroupState::default());
         groups.insert((process.to_string(), selector.to_string()), g.clone());
@@ -1212,6 +1212,20 @@ mod tests {
         for w in waiters {
             w.abort();
         }
+    }
+
+    #[test]
+    fn groups_a_waiter_holds_are_kept_past_the_bound() {
+        let wakes = ClaimWakes::default();
+        let held = wakes.group("P", "held");
+        for i in 0..WAIT_GROUPS_MAX {
+            drop(wakes.group("P", &format!("s{i}")));
+        }
+        assert!(wakes.groups.lock().unwrap().len() <= WAIT_GROUPS_MAX);
+        assert!(
+            Arc::ptr_eq(&held, &wakes.group("P", "held")),
+            "the held group is kept"
+        );
     }
 
     #[test]
