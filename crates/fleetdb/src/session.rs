@@ -668,6 +668,7 @@ impl Session {
                     if self.store.keeper.own_revisions.all_own(seen, current) {
                         // This store's own commits: they woke the groups they concern.
                         seen = current;
+                        self.check()?;
                         continue;
                     }
                     // Another process's commit: it may have made several candidates, and each
