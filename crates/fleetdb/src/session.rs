@@ -62,6 +62,8 @@ pub(crate) struct Keeper {
     fail_renewals: AtomicU32,
     /// Wakes the background task when a session starts (its tick may have to shorten).
     changed: tokio::sync::Notify,
+    /// A sweep (and history pruning) is running on its own task.
+    sweeping: AtomicBool,
     /// Wakes waiting `claim_wait`s of this store when a write of this store commits (writes of
     /// other processes are seen by polling the revision).
     pub(crate) claim_wakes: ClaimWakes,
@@ -419,21 +421,30 @@ impl Store {
                 }
                 let _ = store.renew_sessions().await;
                 since_sweep += tick;
-                if since_sweep >= SWEEP_INTERVAL {
+                // The sweep and the history pruning run on a task of their own, one at a time:
+                // however long they take (a first prune may delete millions of rows), the
+                // renewals keep their cadence, and no session expires waiting for them.
+                if since_sweep >= SWEEP_INTERVAL
+                    && !store.keeper.sweeping.swap(true, Ordering::SeqCst)
+                {
                     since_sweep = Duration::ZERO;
-                    if let Err(e) = store.sweep_sessions().await {
-                        tracing::warn!(error = %e, "session sweep failed");
-                    }
-                    let retention = *store
-                        .background
-                        .history_retention
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    if let Some(keep) = retention {
-                        if let Err(e) = store.history_prune(keep).await {
-                            tracing::warn!(error = %e, "history pruning failed");
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = store.sweep_sessions().await {
+                            tracing::warn!(error = %e, "session sweep failed");
                         }
-                    }
+                        let retention = *store
+                            .background
+                            .history_retention
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        if let Some(keep) = retention {
+                            if let Err(e) = store.history_prune(keep).await {
+                                tracing::warn!(error = %e, "history pruning failed");
+                            }
+                        }
+                        store.keeper.sweeping.store(false, Ordering::SeqCst);
+                    });
                 }
             }
         });
