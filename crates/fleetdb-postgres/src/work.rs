@@ -469,30 +469,28 @@ pub(crate) fn claim_lock_sql(
     let ex = exclusions_sql(&process);
     let k = q.selector.claim_key_alias();
     let free = candidate_free_sql(&ex, &process, &now, &k);
-    // The scan's bounds come from the pass (`r`): after the hand, then up to it.
-    let bounds = "> (r.lns, r.lkind, r.lid) AND (namespace, kind, id) <= (r.uns, r.ukind, r.uid)";
-    // The bound goes inside the leading tag's subquery, where it bounds the index scan (see
+    // The scan's bounds on `cols` come from the pass (`r`): after the hand, then up to it.
+    let bounds = |cols: &str| {
+        format!("AND {cols} > (r.lns, r.lkind, r.lid) AND {cols} <= (r.uns, r.ukind, r.uid)")
+    };
+    // The bounds go inside the leading tag's subquery, where they bound the index scan (see
     // `CLAIM_LEAD_FILTER`); without a leading tag, on `o` (a primary-key range).
     let (from, outer) = if base.contains(CLAIM_LEAD_FILTER) {
-        let inner = format!("AND (namespace, kind, id) {bounds}");
+        let inner = bounds("(namespace, kind, id)");
         (base.replace(CLAIM_LEAD_FILTER, &inner), String::new())
     } else {
-        let outer = format!(
-            "AND ({k}.namespace, {k}.kind, {k}.id) {}",
-            bounds.replace(
-                "(namespace, kind, id)",
-                &format!("({k}.namespace, {k}.kind, {k}.id)")
-            )
-        );
-        (base.clone(), outer)
+        (
+            base.clone(),
+            bounds(&format!("({k}.namespace, {k}.kind, {k}.id)")),
+        )
     };
     let c = |h: &str| format!("{h} COLLATE \"C\"");
     let (hn, hk, hi) = (c(&h_ns), c(&h_kind), c(&h_id));
     let top = c("'~'"); // above every valid name (letters, digits, '.', '_', '-')
     let low = c("''"); // below every valid name (never empty)
     let passes = format!(
-        "(VALUES (1, {hn}, {hk}, {hi}, {top}, {top}, {top}), (2, {low}, {low}, {low}, {hn}, {hk}, {hi})) \
-         AS r(pass, lns, lkind, lid, uns, ukind, uid)"
+        "(VALUES ({hn}, {hk}, {hi}, {top}, {top}, {top}), ({low}, {low}, {low}, {hn}, {hk}, {hi})) \
+         AS r(lns, lkind, lid, uns, ukind, uid)"
     );
     let sql = format!(
         "WITH s AS (SELECT id FROM (SELECT ss.id, ss.deadline FROM sessions ss \
