@@ -343,7 +343,8 @@ mod counted_impl {
     use async_trait::async_trait;
     use fleetdb::core::backend::{SchemaStatus, WorkStats};
     use fleetdb::core::work::{
-        BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+        BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo,
+        WorkInfo,
     };
     use fleetdb::core::{
         Backend, Batch, Capabilities, Change, ChangeFilter, Namespace, Object, ObjectKey,
@@ -417,14 +418,14 @@ mod counted_impl {
         async fn revision(&self) -> Result<RevisionInfo> {
             timed!(self, revision, self.inner.revision())
         }
-        async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
+        async fn claim(&self, req: ClaimRequest) -> Result<Claimed> {
             timed!(self, claim, self.inner.claim(req))
         }
         async fn commit_then_claim(
             &self,
             batch: Batch,
             claim: ClaimRequest,
-        ) -> Result<(Vec<OpResult>, Vec<WorkInfo>)> {
+        ) -> Result<(Vec<OpResult>, Claimed)> {
             timed!(self, claim, self.inner.commit_then_claim(batch, claim))
         }
         async fn session_renew(

@@ -17,7 +17,7 @@ use crate::model::{
 use crate::query::ObjectQuery;
 use crate::time::Timestamp;
 use crate::work::{
-    BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
 };
 use crate::world::{Space, WorldQuery, WorldRecord};
 
@@ -124,15 +124,17 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         &self,
         batch: Batch,
         claim: ClaimRequest,
-    ) -> Result<(Vec<OpResult>, Vec<WorkInfo>)> {
+    ) -> Result<(Vec<OpResult>, Claimed)> {
         let results = self.commit(batch).await?;
         let claimed = self.claim(claim).await.unwrap_or_default();
         Ok((results, claimed))
     }
 
     /// Claim work atomically (see [`crate::apply::apply_claim`]). `Conflict` only for a claim of one
-    /// named object that is taken; a selector claim returns what it could get (maybe nothing).
-    async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>>;
+    /// named object that is taken; a selector claim returns what it could get (maybe nothing),
+    /// and when that is less than its limit, the revision it looked at if the backend knows it
+    /// ([`Claimed`]).
+    async fn claim(&self, req: ClaimRequest) -> Result<Claimed>;
     /// Push the deadline of each of these sessions to `now + its ttl`, in ONE statement, for the
     /// sessions still alive at `now`. Returns the sessions renewed, with their new deadlines.
     async fn session_renew(

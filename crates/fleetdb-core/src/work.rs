@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::ObjectKey;
+use crate::model::{ObjectKey, Revision};
 use crate::time::Timestamp;
 use crate::validate;
 
@@ -330,6 +330,35 @@ pub struct ClaimRequest {
     pub target: ClaimTarget,
     pub limit: usize,
     pub now: Timestamp,
+}
+
+/// What a claim got: the work (possibly none), and, when it got less than its limit, the
+/// change-log revision as of the snapshot its candidates were looked for in, when the backend
+/// can tell. A waiting claim ([`crate::backend::Backend::claim`] callers such as `claim_wait`)
+/// waits for a revision past it without reading the revision again: every change it did not
+/// see has a later revision (a change it saw may have made no candidate).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Claimed {
+    pub work: Vec<WorkInfo>,
+    /// `None`: the claim filled its limit, or the backend could not tell.
+    pub revision: Option<Revision>,
+}
+
+impl Claimed {
+    /// Work alone (no revision known).
+    pub fn work(work: Vec<WorkInfo>) -> Self {
+        Self {
+            work,
+            revision: None,
+        }
+    }
+
+    /// The answer of a claim of up to `limit` that looked at `revision`: kept only if the work
+    /// is short of the limit.
+    pub fn short_of(limit: usize, work: Vec<WorkInfo>, revision: Option<Revision>) -> Self {
+        let revision = revision.filter(|_| work.len() < limit);
+        Self { work, revision }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -44,7 +44,7 @@ use futures::future::maybe_done;
 
 use fleetdb_core::backend::{Backend, CandidateQuery};
 use fleetdb_core::selector::Selector;
-use fleetdb_core::work::{ClaimRequest, ClaimTarget, Outcome, WorkInfo};
+use fleetdb_core::work::{ClaimRequest, ClaimTarget, Claimed, Outcome, WorkInfo};
 use fleetdb_core::{Batch, Error, Op, OpResult, Result};
 use tokio::sync::oneshot;
 
@@ -57,11 +57,11 @@ use crate::{classify, prepare_claim, work, Failure, PostgresBackend, TxGuard};
 pub(crate) const SHARED_MAX: usize = 16;
 
 /// A claim's answer: the finish's results (when it finished something first) and the work.
-pub(crate) type Claimed = (Option<Vec<OpResult>>, Vec<WorkInfo>);
+pub(crate) type ClaimAnswer = (Option<Vec<OpResult>>, Claimed);
 
 /// What a shared transaction decided for one claim.
 enum Answer {
-    Done(Result<Claimed>),
+    Done(Result<ClaimAnswer>),
     /// Nothing of it was written: the caller runs it alone, finish and all.
     Alone,
     /// Its finish (if any) committed with these results; the caller runs the claim alone.
@@ -208,8 +208,8 @@ impl Drop for Turn {
             // The turn passes on as soon as the transaction's work is written (see `Hooks`).
             let answers = backend.claim_shared(&next, turn).await;
             for (w, answer) in next.into_iter().zip(answers) {
-                if let Err(Answer::Done(Ok((_, work)))) = w.reply.send(answer) {
-                    backend.cancel_undelivered(work);
+                if let Err(Answer::Done(Ok((_, claimed)))) = w.reply.send(answer) {
+                    backend.cancel_undelivered(claimed.work);
                 }
             }
         });
@@ -250,6 +250,9 @@ pub(crate) struct ClaimTxn {
     pub(crate) declared: bool,
     /// How many candidates find-and-lock locked.
     pub(crate) locked_n: usize,
+    /// The change log's revision in find-and-lock's snapshot, when it locked fewer candidates
+    /// than the limit.
+    pub(crate) revision: Option<fleetdb_core::Revision>,
     pub(crate) took: Vec<tokio_postgres::Row>,
 }
 
@@ -389,6 +392,7 @@ impl ClaimTxn {
             let alive: Option<String> = row.try_get(0).map_err(db_err)?;
             let declared: bool = row.try_get(1).map_err(db_err)?;
             let locked: Option<String> = row.try_get(2).map_err(db_err)?;
+            let revision: Option<i64> = row.try_get(3).map_err(db_err)?;
             let alive: HashSet<String> = match alive {
                 Some(json) => serde_json::from_str(&json)
                     .map_err(|e| Error::Backend(format!("the alive sessions of a claim: {e}")))?,
@@ -405,6 +409,7 @@ impl ClaimTxn {
                 alive,
                 declared,
                 locked_n,
+                revision: revision.map(fleetdb_core::Revision),
                 took,
             })
         })();
@@ -422,7 +427,7 @@ impl PostgresBackend {
         req: &ClaimRequest,
         selector: Selector,
         finish: Option<&FusedFinish>,
-    ) -> Result<Claimed> {
+    ) -> Result<ClaimAnswer> {
         let ClaimTarget::Selector(text) = &req.target else {
             return self
                 .claim_selector_alone(req, selector, finish, &mut None)
@@ -451,7 +456,7 @@ impl PostgresBackend {
                     let work = self
                         .claim_selector_alone(req, selector, None, &mut None)
                         .await
-                        .map(|(_, w)| w)
+                        .map(|(_, claimed)| claimed)
                         .unwrap_or_default();
                     Ok((Some(finished), work))
                 }
@@ -609,7 +614,7 @@ impl PostgresBackend {
                 let refused = |err: Error| {
                     Answer::Done(match &finished {
                         // As alone: a finish that passed commits, the claim yields nothing.
-                        Some(results) => Ok((Some(results.clone()), Vec::new())),
+                        Some(results) => Ok((Some(results.clone()), Claimed::default())),
                         None => Err(err),
                     })
                 };
@@ -622,11 +627,17 @@ impl PostgresBackend {
                     });
                 }
                 match took.remove(&slot.r) {
-                    Some(work) => Answer::Done(Ok((finished, work))),
+                    Some(work) => Answer::Done(Ok((
+                        finished,
+                        Claimed::short_of(slot.n, work, txn.revision),
+                    ))),
                     // Its candidates were all gone at the take (its session died meanwhile, or
                     // they stopped matching): ask again alone.
                     None if assigned > 0 => Answer::ClaimAlone(finished),
-                    None => Answer::Done(Ok((finished, Vec::new()))),
+                    None => Answer::Done(Ok((
+                        finished,
+                        Claimed::short_of(slot.n, Vec::new(), txn.revision),
+                    ))),
                 }
             })
             .collect();
@@ -779,7 +790,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let session = format!("s{s}");
                 let mut done = Vec::new();
-                let mut next = b.claim(claim(&b, &session)).await.unwrap();
+                let mut next = b.claim(claim(&b, &session)).await.unwrap().work;
                 while let Some(w) = next.pop() {
                     assert!(next.is_empty(), "a claim of one got more");
                     let (results, claimed) = b
@@ -788,10 +799,10 @@ mod tests {
                         .unwrap();
                     assert_eq!(results.len(), 2, "the finish's results");
                     done.push((w.key.id.clone(), w.token));
-                    next = claimed;
+                    next = claimed.work;
                     if next.is_empty() {
                         // Another worker may still be finishing: ask once more.
-                        next = b.claim(claim(&b, &session)).await.unwrap();
+                        next = b.claim(claim(&b, &session)).await.unwrap().work;
                     }
                 }
                 done
@@ -836,7 +847,7 @@ mod tests {
         seed(&backend, 5, 2).await;
         let mut held = Vec::new();
         for s in ["s0", "s1"] {
-            held.extend(backend.claim(claim(&backend, s)).await.unwrap());
+            held.extend(backend.claim(claim(&backend, s)).await.unwrap().work);
         }
         assert_eq!(held.len(), 2);
         let turns = hold_turns(&backend);
@@ -860,7 +871,7 @@ mod tests {
 
         let (results, next) = good_task.await.unwrap().unwrap();
         assert_eq!(results.len(), 2);
-        assert_eq!(next.len(), 1, "the good one's next claim");
+        assert_eq!(next.work.len(), 1, "the good one's next claim");
         let err = stale_task.await.unwrap().unwrap_err();
         assert!(matches!(err, Error::WorkLost { .. }), "{err}");
         let err = gone_task.await.unwrap().unwrap_err();
@@ -902,7 +913,7 @@ mod tests {
                 assert!(h.iter().any(|e| e.event == WorkEvent::Started));
                 assert!(backend.work_list(None, 10).await.unwrap().is_empty());
                 let again = backend.claim(claim(&backend, "s0")).await.unwrap();
-                assert_eq!(again.len(), 1, "the job is free again");
+                assert_eq!(again.work.len(), 1, "the job is free again");
                 drop(backend);
                 testing::drop_schema(&base, &schema).await.unwrap();
                 return;

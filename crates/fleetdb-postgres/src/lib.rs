@@ -42,7 +42,7 @@ use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
 use fleetdb_core::backend::WorkStats;
 use fleetdb_core::selector::{Dialect, Selector};
 use fleetdb_core::work::{
-    BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
 };
 use fleetdb_core::world::{WorldQuery, WorldRecord};
 use fleetdb_core::{
@@ -613,7 +613,7 @@ impl PostgresBackend {
         selector: Selector,
         finish: Option<&finish::FusedFinish>,
         combiner_turn: &mut Option<claims::Turn>,
-    ) -> Result<(Option<Vec<OpResult>>, Vec<WorkInfo>)> {
+    ) -> Result<claims::ClaimAnswer> {
         let q = fleetdb_core::backend::CandidateQuery {
             selector,
             process: req.process.clone(),
@@ -649,7 +649,7 @@ impl PostgresBackend {
         q: &fleetdb_core::backend::CandidateQuery,
         finish: Option<&finish::FusedFinish>,
         combiner_turn: &mut Option<claims::Turn>,
-    ) -> std::result::Result<(Option<Vec<OpResult>>, Vec<WorkInfo>), Failure> {
+    ) -> std::result::Result<claims::ClaimAnswer, Failure> {
         let (lock_sql, mut lock_params) = work::claim_lock_sql(
             q,
             std::slice::from_ref(&req.session_id),
@@ -703,13 +703,13 @@ impl PostgresBackend {
             (Some(f), Some(done)) => match f.results(done, 0).map_err(Failure::Fail)? {
                 Some(results) => Some(results),
                 // A finish check failed: nothing was written (the take skipped its claim).
-                None => return Ok((None, Vec::new())),
+                None => return Ok((None, Claimed::default())),
             },
             _ => None,
         };
         let refused = |err: Error| match &finish_results {
             // A finish that passed has committed; the claim yields nothing.
-            Some(_) => Ok((finish_results.clone(), Vec::new())),
+            Some(_) => Ok((finish_results.clone(), Claimed::default())),
             None => Err(Failure::Fail(err)),
         };
         if !txn.alive.contains(&req.session_id) {
@@ -726,7 +726,10 @@ impl PostgresBackend {
             .map(|r| claimed_work(r, req, req.now))
             .collect::<Result<Vec<_>>>()
             .map_err(Failure::Fail)?;
-        Ok((finish_results, work))
+        Ok((
+            finish_results,
+            Claimed::short_of(req.limit, work, txn.revision),
+        ))
     }
 
     /// Run one statement in autocommit, retrying transient failures (serialization failures on
@@ -1138,7 +1141,7 @@ impl Backend for PostgresBackend {
         &self,
         batch: Batch,
         claim: ClaimRequest,
-    ) -> Result<(Vec<OpResult>, Vec<WorkInfo>)> {
+    ) -> Result<(Vec<OpResult>, Claimed)> {
         if let (Some(finish), fleetdb_core::work::ClaimTarget::Selector(text)) =
             (finish::FusedFinish::new(&batch), &claim.target)
         {
@@ -1155,13 +1158,13 @@ impl Backend for PostgresBackend {
         Ok((results, claimed))
     }
 
-    async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
+    async fn claim(&self, req: ClaimRequest) -> Result<Claimed> {
         if let fleetdb_core::work::ClaimTarget::Selector(text) = &req.target {
             let selector = Selector::parse(text)?;
             return Ok(self.claim_selector(&req, selector, None).await?.1);
         }
         match self.transact(Write::Claim(&req)).await? {
-            Written::Claim(work) => Ok(work),
+            Written::Claim(work) => Ok(Claimed::work(work)),
             _ => Err(Error::Backend(
                 "a claim returned something else".to_string(),
             )),
@@ -1789,7 +1792,7 @@ mod tests {
                     })
                     .await
                     .unwrap();
-                got.into_iter().map(|w| w.key.id).collect::<Vec<_>>()
+                got.work.into_iter().map(|w| w.key.id).collect::<Vec<_>>()
             }
         };
         let release = |ids: &'static str| {

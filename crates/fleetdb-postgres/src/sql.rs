@@ -221,9 +221,21 @@ pub(crate) const WORLD_REMOVE: &str = concat!(
 /// A change-log row alone (membership changes).
 pub(crate) const CHANGE_APPEND: &str = concat!(change_cte!(), "SELECT revision FROM c");
 
-pub(crate) const REVISION: &str =
-    "SELECT greatest(coalesce((SELECT max(revision) FROM changes), 0), value), value \
-     FROM fleetdb_meta WHERE key = 'compacted_revision'";
+/// The change log's current revision (the newest change, or the compaction point of an emptied
+/// log), then `$extra` columns.
+macro_rules! revision_select {
+    ($extra:literal) => {
+        concat!(
+            "SELECT greatest(coalesce((SELECT max(revision) FROM changes), 0), value)",
+            $extra,
+            " FROM fleetdb_meta WHERE key = 'compacted_revision'"
+        )
+    };
+}
+/// The current revision and the compaction point.
+pub(crate) const REVISION: &str = revision_select!(", value");
+/// The current revision alone (a claim's subquery, see `work::claim_lock_sql`).
+pub(crate) const REVISION_NOW: &str = revision_select!("");
 
 /// Delete old changes and move the compaction point, in one statement (so one transaction and one
 /// snapshot: `cur` sees the log before the delete). `$1` = before, `$2` = before - 1.

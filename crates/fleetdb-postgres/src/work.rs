@@ -432,9 +432,12 @@ fn not_in_backoff_sql(process: &str, now: &str, k: &str) -> String {
 
 /// Step 1 of a selector claim (one statement, pipelined with `BEGIN`, READ COMMITTED): which of
 /// the claiming `sessions` are alive (a JSON array of their ids, NULL when none is), whether the
-/// process is declared, and the candidates, found and locked (`FOR UPDATE OF o SKIP LOCKED`, so
+/// process is declared, the candidates, found and locked (`FOR UPDATE OF o SKIP LOCKED`, so
 /// concurrent claimers take different objects) as a JSON array of `{"ns","kind","id"}` in key
-/// order (NULL when there are none); the alive sessions and the candidates are also left in the
+/// order (NULL when there are none), and, when they are fewer than the limit, the change log's
+/// revision in the same snapshot (NULL otherwise; an initplan run only then): a claim that comes
+/// back short hands it to `claim_wait`, which waits for a later one instead of reading it in a
+/// statement of its own (one or two per job at moderate load); the alive sessions and the candidates are also left in the
 /// transaction's settings ([`ALIVE_GUC`], [`LOCKED_GUC`]) for step 2, pipelined behind it in the
 /// same round trip. Several sessions: the claims of one process's workers
 /// sharing a transaction ([`crate::claims`]); candidates are found while any of them is alive.
@@ -503,11 +506,13 @@ pub(crate) fn claim_lock_sql(
              ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) AS b \
            LIMIT {limit}) \
          SELECT a.alive::text, a.declared, a.locked::text, \
+           CASE WHEN COALESCE(jsonb_array_length(a.locked), 0) < {limit} THEN ({revision}) END, \
            set_config('{ALIVE_GUC}', COALESCE(a.alive, '[]'::jsonb)::text, true), \
            set_config('{LOCKED_GUC}', COALESCE(a.locked, '[]'::jsonb)::text, true) \
          FROM (SELECT (SELECT jsonb_agg(id) FROM s) AS alive, EXISTS (SELECT 1 FROM me) AS declared, \
            (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
-              ORDER BY c.namespace, c.kind, c.id) FROM c) AS locked) AS a"
+              ORDER BY c.namespace, c.kind, c.id) FROM c) AS locked) AS a",
+        revision = crate::sql::REVISION_NOW
     );
     (sql, params)
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use fleetdb_core::work::{
-    BackoffInfo, ClaimRequest, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
 };
 use fleetdb_core::Timestamp;
 use fleetdb_core::{
@@ -460,7 +460,7 @@ impl Backend for SqliteBackend {
         &self,
         batch: Batch,
         claim: ClaimRequest,
-    ) -> Result<(Vec<OpResult>, Vec<WorkInfo>)> {
+    ) -> Result<(Vec<OpResult>, Claimed)> {
         match self
             .write(writer::Write::BatchThenClaim(batch, claim))
             .await?
@@ -472,7 +472,7 @@ impl Backend for SqliteBackend {
         }
     }
 
-    async fn claim(&self, req: ClaimRequest) -> Result<Vec<WorkInfo>> {
+    async fn claim(&self, req: ClaimRequest) -> Result<Claimed> {
         match self.write(writer::Write::Claim(req)).await? {
             writer::Written::Claim(r) => Ok(r),
             _ => Err(Error::Backend(

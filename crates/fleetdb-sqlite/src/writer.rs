@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
-use fleetdb_core::work::{ClaimRequest, WorkInfo};
+use fleetdb_core::work::{ClaimRequest, Claimed};
 use fleetdb_core::{Batch, OpResult, Result, Timestamp};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -47,8 +47,8 @@ pub(crate) enum Write {
 /// What a [`Write`] returns.
 pub(crate) enum Written {
     Batch(Vec<OpResult>),
-    Claim(Vec<WorkInfo>),
-    BatchThenClaim(Vec<OpResult>, Vec<WorkInfo>),
+    Claim(Claimed),
+    BatchThenClaim(Vec<OpResult>, Claimed),
     Renew(Vec<(String, Timestamp)>),
     Sweep(u64),
 }
@@ -175,16 +175,21 @@ fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Wr
             futures::executor::block_on(apply_batch(&mut rows, batch)).map(Written::Batch)
         }
         Write::Claim(req) => {
-            let mut rows = SqliteRows { conn: c, revision };
-            futures::executor::block_on(apply_claim(&mut rows, req)).map(Written::Claim)
+            let work = {
+                let mut rows = SqliteRows { conn: c, revision };
+                futures::executor::block_on(apply_claim(&mut rows, req))?
+            };
+            claimed(c, req, work).map(Written::Claim)
         }
         Write::BatchThenClaim(batch, req) => {
-            let mut rows = SqliteRows { conn: c, revision };
-            futures::executor::block_on(async {
-                let results = apply_batch(&mut rows, batch).await?;
-                let claimed = apply_claim(&mut rows, req).await?;
-                Ok(Written::BatchThenClaim(results, claimed))
-            })
+            let (results, work) = {
+                let mut rows = SqliteRows { conn: c, revision };
+                futures::executor::block_on(async {
+                    let results = apply_batch(&mut rows, batch).await?;
+                    Ok::<_, fleetdb_core::Error>((results, apply_claim(&mut rows, req).await?))
+                })?
+            };
+            Ok(Written::BatchThenClaim(results, claimed(c, req, work)?))
         }
         Write::Renew { ids, now } => crate::work::session_renew(c, ids, *now).map(Written::Renew),
         Write::Sweep { now, limit } => {
@@ -192,6 +197,20 @@ fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Wr
             futures::executor::block_on(apply_sweep(&mut rows, *now, *limit)).map(Written::Sweep)
         }
     }
+}
+
+/// A claim's answer: a claim that got less than its limit also says the revision it looked at
+/// (read in the same transaction: the single writer sees every commit before it).
+fn claimed(
+    c: &Connection,
+    req: &ClaimRequest,
+    work: Vec<fleetdb_core::work::WorkInfo>,
+) -> Result<Claimed> {
+    let revision = match work.len() < req.limit {
+        true => Some(current_revision(c)?.current),
+        false => None,
+    };
+    Ok(Claimed { work, revision })
 }
 
 /// One transaction for the whole group. With several requests each runs in its own savepoint,

@@ -659,7 +659,7 @@ impl Store {
         pre: Vec<Precondition>,
         post: Vec<Op>,
         claim: Option<fleetdb_core::work::ClaimRequest>,
-    ) -> Result<(T, Vec<WorkInfo>)>
+    ) -> Result<(T, fleetdb_core::work::Claimed)>
     where
         F: FnMut(Txn) -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -681,14 +681,18 @@ impl Store {
             };
             let mut batch = tx.into_batch();
             if batch.ops.is_empty() && post.is_empty() && claim.is_none() {
-                return Ok((out, Vec::new())); // read-only: the reads were consistent (checked as they were recorded)
+                return Ok((out, Default::default())); // read-only: the reads were consistent (checked as they were recorded)
             }
             batch.preconditions.splice(0..0, pre.iter().cloned());
             batch.ops.extend(post.iter().cloned());
             batch.validate(&self.limits)?;
             let objects = session::objects_touched(&batch.ops);
             let committed = match &claim {
-                None => self.backend.commit(batch).await.map(|r| (r, Vec::new())),
+                None => self
+                    .backend
+                    .commit(batch)
+                    .await
+                    .map(|r| (r, Default::default())),
                 Some(req) => {
                     let mut req = req.clone();
                     req.now = batch.now;
@@ -701,9 +705,12 @@ impl Store {
                     self.gc.note(&results);
                     if results.iter().any(|r| r.changed) {
                         let group = claim.as_ref().and_then(|req| match &req.target {
-                            fleetdb_core::work::ClaimTarget::Selector(s) => {
-                                Some((req.process.as_str(), s.as_str(), req.limit, claimed.len()))
-                            }
+                            fleetdb_core::work::ClaimTarget::Selector(s) => Some((
+                                req.process.as_str(),
+                                s.as_str(),
+                                req.limit,
+                                claimed.work.len(),
+                            )),
                             fleetdb_core::work::ClaimTarget::Object(_) => None,
                         });
                         self.committed_batch(objects, &results, group);

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fleetdb_core::work::{
-    Backoff, ClaimRequest, ClaimTarget, Outcome, SessionInfo, SessionSpec, WorkInfo,
+    Backoff, ClaimRequest, ClaimTarget, Claimed, Outcome, SessionInfo, SessionSpec, WorkInfo,
     CLAIM_BATCH_MAX,
 };
-use fleetdb_core::{Error, ObjectKey, Op, Precondition, Result, Timestamp};
+use fleetdb_core::{Error, ObjectKey, Op, Precondition, Result, Revision, Timestamp};
 
 use crate::{Store, Txn};
 
@@ -36,9 +36,18 @@ struct SessionState {
     deadline: Timestamp,
     expired: bool,
     paused: bool,
-    /// The (process, selector) of this session's last selector claim, if it came back empty:
-    /// `claim_wait` then waits before claiming (see there).
-    empty_claim: Option<(String, String)>,
+    /// This session's last selector claim, if it came back empty: `claim_wait` then waits
+    /// before claiming (see there).
+    empty_claim: Option<EmptyClaim>,
+}
+
+/// A selector claim that came back empty.
+#[derive(Debug, Clone)]
+struct EmptyClaim {
+    process: String,
+    selector: String,
+    /// The change-log revision it looked at, when the backend said ([`Claimed`]).
+    revision: Option<Revision>,
 }
 
 #[derive(Debug)]
@@ -569,7 +578,7 @@ impl Session {
         process: &str,
         target: ClaimTarget,
         limit: usize,
-    ) -> Result<Vec<Work>> {
+    ) -> Result<(Vec<Work>, Option<Revision>)> {
         let req = self.claim_request(process, target, limit)?;
         self.store.ready().await?;
         let by_selector = matches!(req.target, ClaimTarget::Selector(_));
@@ -580,18 +589,32 @@ impl Session {
             Err(Error::RetriesExhausted { attempts, last }) if by_selector => {
                 self.store.metrics.transactions_failed.inc();
                 tracing::warn!(attempts, last = %last, "claim gave up under contention; nothing claimed");
-                Vec::new()
+                Claimed::default()
             }
             r => self.note(r)?,
         };
-        Ok(self.claimed(process, claimed))
+        Ok((self.claimed(process, claimed.work), claimed.revision))
     }
 
-    /// Remember whether the last selector claim of (`process`, `selector`) came back empty.
-    /// Record whether the claim of (process, selector) came back empty.
-    fn note_empty(&self, process: &str, selector: &str, empty: bool) {
+    /// Record whether the claim of (process, selector) came back empty, and the revision it
+    /// looked at.
+    fn note_empty(&self, process: &str, selector: &str, empty: bool, revision: Option<Revision>) {
         let mut st = self.shared.state();
-        st.empty_claim = empty.then(|| (process.to_string(), selector.to_string()));
+        st.empty_claim = empty.then(|| EmptyClaim {
+            process: process.to_string(),
+            selector: selector.to_string(),
+            revision,
+        });
+    }
+
+    /// The revision this session's last claim of (process, selector) looked at, if it came back
+    /// empty and the backend said.
+    fn empty_revision(&self, process: &str, selector: &str) -> Option<Option<Revision>> {
+        let st = self.shared.state();
+        st.empty_claim
+            .as_ref()
+            .filter(|e| e.process == process && e.selector == selector)
+            .map(|e| e.revision)
     }
 
     /// Claim up to `limit` objects matching `selector` for `process`: objects no live session
@@ -599,17 +622,17 @@ impl Session {
     /// it got (possibly nothing); objects taken concurrently are skipped, not an error (a claim
     /// that keeps colliding with concurrent claims until its retries run out returns nothing).
     pub async fn claim(&self, process: &str, selector: &str, limit: usize) -> Result<Vec<Work>> {
-        let got = self
+        let (got, revision) = self
             .claim_target(process, ClaimTarget::Selector(selector.to_string()), limit)
             .await?;
-        self.note_empty(process, selector, got.is_empty());
+        self.note_empty(process, selector, got.is_empty(), revision);
         Ok(got)
     }
 
     /// Claim one known object, or fail with `Conflict` (held, or in backoff) or `NotFound`.
     pub async fn claim_object(&self, key: &ObjectKey, process: &str) -> Result<Work> {
         key.validate()?;
-        let mut got = self
+        let (mut got, _) = self
             .claim_target(process, ClaimTarget::Object(key.clone()), 1)
             .await?;
         got.pop()
@@ -629,35 +652,29 @@ impl Session {
     ) -> Result<Vec<Work>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let group = self.store.keeper.claim_wakes.group(process, selector);
-        // A busy queue: the first claim finds work, and no revision is read (one round trip
-        // less per claim). A claim that came back empty — this one, or this session's last one
-        // of this selector (say, the claim of a `finish_and_claim` just before) — is not made
-        // again at once: empty claims of idle workers cost the database as much as full ones.
-        // The wait reads the revision and waits: a commit of this store since that claim woke a
-        // waiter of the group, who looks, or left its wake-up for the next to wait; a commit of
-        // another process is seen by the revision poll if it came after the revision read, else
+        // A busy queue: the first claim finds work. A claim that came back empty — this one, or
+        // this session's last one of this selector (say, the claim of a `finish_and_claim` just
+        // before) — is not made again at once: empty claims of idle workers cost the database as
+        // much as full ones. The wait then waits for a change after the revision that claim
+        // looked at (the backend says it with a short claim, from the claim's own snapshot, so
+        // no statement reads it): a commit of this store since woke a waiter of the group, who
+        // looks, or left its wake-up for the next to wait; a commit of another process moves the
+        // revision past it, which the poll sees. Only when the backend could not say is the
+        // revision read after the claim, and another process's commit between the two is seen
         // by the retry within `CLAIM_WAIT_RETRY`.
-        let last_empty = self
-            .shared
-            .state()
-            .empty_claim
-            .as_ref()
-            .is_some_and(|(p, s)| p == process && s == selector);
-        if !last_empty {
+        let mut looked = self.empty_revision(process, selector);
+        if looked.is_none() {
             let got = self.claim(process, selector, limit).await?;
             if !got.is_empty() {
                 return Ok(got);
             }
+            looked = self.empty_revision(process, selector);
         }
-        let mut skip_claim = true;
         loop {
-            let mut seen = self.store.backend.revision().await?.current;
-            if !std::mem::take(&mut skip_claim) {
-                let got = self.claim(process, selector, limit).await?;
-                if !got.is_empty() {
-                    return Ok(got);
-                }
-            }
+            let mut seen = match looked.flatten() {
+                Some(r) => r,
+                None => self.store.backend.revision().await?.current,
+            };
             let retry_at = tokio::time::Instant::now() + CLAIM_WAIT_RETRY;
             loop {
                 let now = tokio::time::Instant::now();
@@ -690,6 +707,11 @@ impl Session {
                 }
                 self.check()?;
             }
+            let got = self.claim(process, selector, limit).await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            looked = self.empty_revision(process, selector);
         }
     }
 
@@ -872,8 +894,8 @@ impl Work {
         let (value, claimed) = self.count_end("finished", out)?;
         self.done = true;
         self.session
-            .note_empty(process, selector, claimed.is_empty());
-        Ok((value, self.session.claimed(process, claimed)))
+            .note_empty(process, selector, claimed.work.is_empty(), claimed.revision);
+        Ok((value, self.session.claimed(process, claimed.work)))
     }
 
     /// A `SessionExpired` while ending a claim means the claim is lost.
