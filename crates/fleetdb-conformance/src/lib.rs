@@ -72,6 +72,7 @@ macro_rules! suite {
             finish_runs_writes_and_releases_atomically,
             backoff_follows_bmdb_vectors,
             history_records_every_step,
+            history_prune_goes_in_write_order,
             dead_session_work_is_claimable_at_its_deadline,
             sweeper_expires_held_work,
             renewal_failure_shorter_than_ttl_keeps_the_session,

@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use fleetdb::core::selector::{ObjectView, Selector};
-use fleetdb::{Backoff, Clock, Error, HistoryFilter, Labels, ObjectKey, SessionSpec, WorkEvent};
+use fleetdb::{
+    Backoff, Clock, Error, HistoryEntry, HistoryFilter, Labels, ObjectKey, SessionSpec, Store,
+    WorkEvent,
+};
 use serde_json::json;
 
 use crate::{key, Harness};
@@ -404,6 +407,54 @@ pub async fn history_records_every_step(h: &Harness) {
         .unwrap()
         .items
         .is_empty());
+}
+
+/// Retention prunes history in write order: the oldest rows up to the first one written at or
+/// after the cut-off. A row with an older time written after a newer one (another process's
+/// clock behind) stays until the rows before it go.
+pub async fn history_prune_goes_in_write_order(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s = st
+        .session_start(SessionSpec::new("worker", "h").ttl(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let cycle = || async {
+        let mut w = s.claim_object(&ks[0], "P").await.unwrap();
+        w.cancel().await.unwrap();
+    };
+    cycle().await; // two rows at START
+    h.clock.set(crate::START + Duration::from_secs(100));
+    cycle().await; // two at +100
+    h.clock.set(crate::START + Duration::from_secs(10));
+    cycle().await; // two at +10, written after the ones at +100
+    let ats = |items: &[HistoryEntry]| -> Vec<i64> {
+        items
+            .iter()
+            .rev()
+            .map(|e| (e.at.0 - crate::START.0) / 1_000_000)
+            .collect()
+    };
+    let all = |st: &Store| {
+        let st = st.clone();
+        async move {
+            st.history(&HistoryFilter::Process("P".into()), None, 100)
+                .await
+                .unwrap()
+                .items
+        }
+    };
+    assert_eq!(ats(&all(st).await), vec![0, 0, 100, 100, 10, 10]);
+    // Cut-off at +90: the two at START go; the ones at +10 wait behind the ones at +100.
+    h.clock.set(crate::START + Duration::from_secs(150));
+    assert_eq!(st.history_prune(Duration::from_secs(60)).await.unwrap(), 2);
+    assert_eq!(ats(&all(st).await), vec![100, 100, 10, 10]);
+    assert_eq!(st.history_prune(Duration::from_secs(60)).await.unwrap(), 0);
+    // Cut-off past every row: the rest go.
+    h.clock.set(crate::START + Duration::from_secs(1000));
+    assert_eq!(st.history_prune(Duration::from_secs(60)).await.unwrap(), 4);
+    assert!(all(st).await.is_empty());
 }
 
 pub async fn dead_session_work_is_claimable_at_its_deadline(h: &Harness) {

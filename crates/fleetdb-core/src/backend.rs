@@ -166,6 +166,10 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         limit: usize,
     ) -> Result<Vec<HistoryEntry>>;
     /// Delete history rows older than `before`. Returns how many.
+    /// Delete history rows written before `before`, in write (`seq`) order: the oldest rows up
+    /// to the first one at or after `before` (a row after it stays, even if older, until the rows
+    /// before it go), in statements of at most [`crate::work::HISTORY_PRUNE_BATCH`] rows each, one
+    /// transaction per statement. Returns how many rows were deleted.
     async fn history_prune(&self, before: Timestamp) -> Result<u64>;
     /// Objects matching a selector (text, parsed by the backend), ordered by (namespace, kind, id),
     /// after `after`, at most `limit`.

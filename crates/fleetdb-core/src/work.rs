@@ -21,6 +21,8 @@ pub const RUNTIME_INFO_BYTES_MAX: usize = 4096;
 pub const CAUSE_BYTES_MAX: usize = 4096;
 /// Most objects one claim takes.
 pub const CLAIM_BATCH_MAX: usize = 1000;
+/// History rows one pruning statement deletes at most (a prune runs batches until one is short).
+pub const HISTORY_PRUNE_BATCH: usize = 10_000;
 /// Most processes one process may conflict with.
 pub const PROCESS_CONFLICTS_MAX: usize = 64;
 /// Most history rows one page returns.

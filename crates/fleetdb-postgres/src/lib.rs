@@ -107,6 +107,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "work_key_probes",
         sql: include_str!("../migrations/0010_work_key_probes.sql"),
     },
+    Migration {
+        version: 11,
+        name: "history_prune_by_seq",
+        sql: include_str!("../migrations/0011_history_prune_by_seq.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -594,6 +599,29 @@ impl PostgresBackend {
             .one_statement(sql::BEGIN_FINISH, finish::SQL, &params.params())
             .await?;
         finish.results(&finish::FinishRow::decode(&rows)?, 0)
+    }
+
+    /// [`Backend::history_prune`] in statements of at most `batch` rows, each its own
+    /// transaction.
+    pub(crate) async fn history_prune_in(&self, before: Timestamp, batch: usize) -> Result<u64> {
+        let batch = batch.max(1);
+        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let rows = self
+                .query_retrying(work::HISTORY_PRUNE, &[&before.0, &limit])
+                .await?;
+            let n: i64 = rows
+                .first()
+                .ok_or_else(|| Error::Backend("a history prune returned no row".into()))?
+                .try_get(0)
+                .map_err(db_err)?;
+            let n = u64::try_from(n).unwrap_or(0);
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     /// A selector claim alone, in ONE round trip ([`claims::ClaimTxn`]): `BEGIN` (READ
@@ -1281,12 +1309,8 @@ impl Backend for PostgresBackend {
     }
 
     async fn history_prune(&self, before: Timestamp) -> Result<u64> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(work::HISTORY_PRUNE)
+        self.history_prune_in(before, fleetdb_core::work::HISTORY_PRUNE_BATCH)
             .await
-            .map_err(db_err)?;
-        client.execute(&stmt, &[&before.0]).await.map_err(db_err)
     }
 
     async fn select(
@@ -1600,6 +1624,43 @@ mod tests {
             .get(0);
         assert_eq!(n, 0, "the first write must not have been committed");
         drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// History is pruned in `seq` order, in statements of at most the batch: the rows before the
+    /// first one at or after the cut-off go, the older ones written after it stay.
+    #[tokio::test]
+    async fn history_prune_runs_in_batches_in_write_order() {
+        let (backend, base, schema) = test_backend(2).await;
+        let client = backend.client().await.unwrap();
+        let remaining = || async {
+            let rows = client
+                .query("SELECT at FROM work_history ORDER BY seq", &[])
+                .await
+                .unwrap();
+            rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
+        };
+        // Nine rows at 1..9, but the sixth at 100.
+        client
+            .batch_execute(
+                "INSERT INTO work_history (namespace, kind, id, process, event, session_id, \
+                   component, host, token, at) \
+                 SELECT 'default', 'machine', 'm', 'P', 'Started', 's', 'c', 'h', g, \
+                   CASE WHEN g = 6 THEN 100 ELSE g END FROM generate_series(1, 9) g",
+            )
+            .await
+            .unwrap();
+        // Batches of 2: [1, 2], [3, 4], then 5 before the stop at 100.
+        assert_eq!(backend.history_prune_in(Timestamp(50), 2).await.unwrap(), 5);
+        assert_eq!(remaining().await, vec![100, 7, 8, 9]);
+        assert_eq!(backend.history_prune_in(Timestamp(50), 2).await.unwrap(), 0);
+        assert_eq!(
+            backend.history_prune_in(Timestamp(101), 3).await.unwrap(),
+            4
+        );
+        assert!(remaining().await.is_empty());
+        drop(client);
+        drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 

@@ -111,7 +111,15 @@ pub(crate) const HISTORY_OF_OBJECT: &str =
 pub(crate) const HISTORY_OF_PROCESS: &str =
     "SELECT seq, namespace, kind, id, process, event, session_id, component, host, token, at, \
      cause FROM work_history WHERE process = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3";
-pub(crate) const HISTORY_PRUNE: &str = "DELETE FROM work_history WHERE at < $1";
+/// One batch of [`fleetdb_core::Backend::history_prune`]: of the `$2` oldest rows (by `seq`),
+/// delete those before the first one written at or after `$1` (an exact `seq` range of the
+/// primary key; nothing reads `at` through an index since migration 0011).
+pub(crate) const HISTORY_PRUNE: &str = "WITH head AS MATERIALIZED (\
+       SELECT seq, at FROM work_history ORDER BY seq LIMIT $2), \
+     stop AS (SELECT coalesce(min(seq), 9223372036854775807) AS seq FROM head WHERE at >= $1), \
+     d AS (DELETE FROM work_history WHERE seq IN \
+       (SELECT h.seq FROM head h WHERE h.seq < (SELECT seq FROM stop)) RETURNING 1) \
+     SELECT count(*) FROM d";
 
 /// Per declared process: claims held by live sessions and backoffs still running at `$1`.
 pub(crate) const WORK_STATS: &str = "SELECT p.name, \

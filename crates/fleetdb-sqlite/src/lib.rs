@@ -361,6 +361,22 @@ impl SqliteBackend {
             .map_err(|_| Error::Unavailable("the SQLite write was abandoned".into()))?
     }
 
+    /// [`Backend::history_prune`] in statements of at most `batch` rows, the write connection
+    /// taken for each.
+    pub(crate) async fn history_prune_in(&self, before: Timestamp, batch: usize) -> Result<u64> {
+        let batch = batch.max(1);
+        let mut total = 0;
+        loop {
+            let n = self
+                .exclusive(move |c| work::history_prune(c, before, batch))
+                .await?;
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Run `f` with the write connection, between groups (migrations, compaction).
     async fn exclusive<T: Send + 'static>(
         &self,
@@ -542,7 +558,7 @@ impl Backend for SqliteBackend {
     }
 
     async fn history_prune(&self, before: Timestamp) -> Result<u64> {
-        self.exclusive(move |c| work::history_prune(c, before))
+        self.history_prune_in(before, fleetdb_core::work::HISTORY_PRUNE_BATCH)
             .await
     }
 
@@ -676,5 +692,109 @@ impl Backend for SqliteBackend {
 
     async fn gc_runs(&self, limit: usize) -> Result<Vec<String>> {
         self.read(|c| gc::runs(c, limit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claim that comes back short says the change log's revision it looked at (`claim_wait`
+    /// waits for a later one without reading it); a full one does not.
+    #[tokio::test]
+    async fn a_short_claim_says_the_revision_it_looked_at() {
+        use fleetdb_core::work::{ClaimTarget, SessionInfo};
+        use fleetdb_core::{Op, PutMode};
+        let now = Timestamp(1_700_000_000_000_000);
+        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::ManualClock::new(now));
+        let backend = SqliteBackend::open(Location::Memory, SqliteOptions::default(), clock)
+            .await
+            .unwrap();
+        let mut ops = vec![
+            Op::ProcessDefine {
+                name: "P".into(),
+                conflicts: Vec::new(),
+            },
+            Op::SessionStart {
+                session: SessionInfo {
+                    id: "s1".into(),
+                    component: "worker".into(),
+                    host: "h".into(),
+                    runtime_info: String::new(),
+                    ttl_ms: 10_000,
+                    created_at: now,
+                    deadline: Timestamp(now.0 + 10_000_000),
+                },
+            },
+        ];
+        for i in 0..3 {
+            ops.push(Op::ObjectPut {
+                key: ObjectKey::new("default", "machine", format!("m{i}")).unwrap(),
+                labels: Default::default(),
+                mode: PutMode::Upsert,
+            });
+        }
+        backend
+            .commit(Batch {
+                preconditions: Vec::new(),
+                ops,
+                now,
+            })
+            .await
+            .unwrap();
+        let claim = || ClaimRequest {
+            session_id: "s1".into(),
+            process: "P".into(),
+            target: ClaimTarget::Selector("kind = machine".into()),
+            limit: 2,
+            now,
+        };
+        let full = backend.claim(claim()).await.unwrap();
+        assert_eq!((full.work.len(), full.revision), (2, None));
+        let current = backend.revision().await.unwrap().current;
+        let short = backend.claim(claim()).await.unwrap();
+        assert_eq!((short.work.len(), short.revision), (1, Some(current)));
+        let empty = backend.claim(claim()).await.unwrap();
+        assert_eq!((empty.work.len(), empty.revision), (0, Some(current)));
+    }
+
+    /// History is pruned in `seq` order, in statements of at most the batch: the rows before the
+    /// first one at or after the cut-off go, the older ones written after it stay.
+    #[tokio::test]
+    async fn history_prune_runs_in_batches_in_write_order() {
+        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::time::SystemClock);
+        let backend = SqliteBackend::open(Location::Memory, SqliteOptions::default(), clock)
+            .await
+            .unwrap();
+        let remaining = |b: &SqliteBackend| {
+            let c = b.write_conn.lock().unwrap();
+            let mut s = c
+                .prepare("SELECT at FROM work_history ORDER BY seq")
+                .unwrap();
+            let rows = s.query_map([], |r| r.get::<_, i64>(0)).unwrap();
+            rows.collect::<std::result::Result<Vec<_>, _>>().unwrap()
+        };
+        {
+            let c = backend.write_conn.lock().unwrap();
+            for g in 1..=9i64 {
+                let at = if g == 6 { 100 } else { g };
+                c.execute(
+                    "INSERT INTO work_history (namespace, kind, id, process, event, session_id, \
+                       component, host, token, at) \
+                     VALUES ('default', 'machine', 'm', 'P', 'Started', 's', 'c', 'h', ?1, ?2)",
+                    rusqlite::params![g, at],
+                )
+                .unwrap();
+            }
+        }
+        // Batches of 2: [1, 2], [3, 4], then 5 before the stop at 100.
+        assert_eq!(backend.history_prune_in(Timestamp(50), 2).await.unwrap(), 5);
+        assert_eq!(remaining(&backend), vec![100, 7, 8, 9]);
+        assert_eq!(backend.history_prune_in(Timestamp(50), 2).await.unwrap(), 0);
+        assert_eq!(
+            backend.history_prune_in(Timestamp(101), 3).await.unwrap(),
+            4
+        );
+        assert!(remaining(&backend).is_empty());
     }
 }

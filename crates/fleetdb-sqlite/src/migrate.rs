@@ -59,6 +59,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "work_key_probes",
         sql: include_str!("../migrations/0010_work_key_probes.sql"),
     },
+    Migration {
+        version: 11,
+        name: "history_prune_by_seq",
+        sql: include_str!("../migrations/0011_history_prune_by_seq.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -451,8 +451,13 @@ pub(crate) fn history_list(
     raws.into_iter().map(history_from).collect()
 }
 
-pub(crate) fn history_prune(c: &Connection, before: Timestamp) -> Result<u64> {
-    Ok(exec(c, "DELETE FROM work_history WHERE at < ?1", [before.0])? as u64)
+/// One batch of [`fleetdb_core::Backend::history_prune`]: of the `batch` oldest rows (by `seq`),
+/// delete those before the first one written at or after `before`.
+pub(crate) fn history_prune(c: &Connection, before: Timestamp, batch: usize) -> Result<u64> {
+    let sql = "WITH head AS (SELECT seq, at FROM work_history ORDER BY seq LIMIT ?2) \
+        DELETE FROM work_history WHERE seq IN (SELECT seq FROM head WHERE seq < \
+          (SELECT coalesce(min(seq), 9223372036854775807) FROM head WHERE at >= ?1))";
+    Ok(exec(c, sql, params![before.0, batch as i64])? as u64)
 }
 
 pub(crate) fn select(

@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
 /// The newest migration this binary knows.
-const LATEST: u32 = 10;
+const LATEST: u32 = 11;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -381,6 +381,51 @@ async fn sqlite_0010_work_key_probes_keeps_rows_written_before_it() {
     check_v2_rows_then_work_key_probes(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// History of process P as version 10 wrote it: two old rows, then one from the far future.
+const V10_HISTORY_ROWS: &str = "
+    INSERT INTO work_history (namespace, kind, id, process, event, session_id, component, host,
+        token, at, cause)
+    VALUES ('default', 'machine', 'm1', 'P', 'Started', 's9', 'test', 'h', 7, 1000000, NULL),
+           ('default', 'machine', 'm1', 'P', 'Finished', 's9', 'test', 'h', 7, 2000000, NULL),
+           ('default', 'machine', 'm1', 'P', 'Started', 's9', 'test', 'h', 8, 4102444800000000, NULL);
+";
+
+/// After 0011 (`work_history (at)` dropped, history pruned in `seq` order): the rows written
+/// before it are listed, and the old ones pruned.
+async fn check_v2_rows_then_history_prune_by_seq(store: &Store) {
+    let listed = |store: &Store| {
+        let store = store.clone();
+        async move {
+            store
+                .history(&fleetdb::HistoryFilter::Process("P".into()), None, 10)
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .map(|e| e.token)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(store).await, vec![8, 7, 7]);
+    assert_eq!(
+        store
+            .history_prune(std::time::Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(listed(store).await, vec![8]);
+}
+
+#[tokio::test]
+async fn sqlite_0011_history_prune_by_seq_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_with_v2_rows(10);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(V10_HISTORY_ROWS).unwrap();
+    drop(c);
+    check_v2_rows_then_history_prune_by_seq(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -629,6 +674,16 @@ async fn postgres_0010_work_key_probes_keeps_rows_written_before_it() {
     pg_exec(&s.url, V9_WORK_ROWS).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_work_key_probes(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0011_history_prune_by_seq_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(10).await;
+    pg_exec(&s.url, V10_HISTORY_ROWS).await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_v2_rows_then_history_prune_by_seq(&store).await;
     drop(store);
     pg_drop(s).await;
 }
