@@ -120,7 +120,7 @@ pub(crate) fn lease_read(c: &Connection, id: &str) -> Result<Option<Lease>> {
 pub(crate) fn lease_list(c: &Connection, after: Option<&str>, limit: usize) -> Result<Vec<Lease>> {
     collect(
         c,
-        &format!("SELECT {LEASE_COLS} FROM leases WHERE id > ?1 ORDER BY id LIMIT ?2"),
+        &format!("SELECT {LEASE_COLS} FROM leases WHERE id > ?1 ORDER BY id LIMIT +?2"),
         params![after.unwrap_or(""), limit as i64],
         lease_row,
     )?
@@ -205,7 +205,7 @@ pub(crate) fn blob_list(
 ) -> Result<Vec<BlobInfo>> {
     collect(
         c,
-        &format!("SELECT {BLOB_COLS} FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2"),
+        &format!("SELECT {BLOB_COLS} FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT +?2"),
         params![after.unwrap_or(""), limit as i64],
         blob_row,
     )?
@@ -238,7 +238,7 @@ pub(crate) fn changes_after(
     collect(
         c,
         "SELECT max(revision), namespace, kind, id FROM changes WHERE revision > ?1 AND op = 'put'
-         GROUP BY namespace, kind, id LIMIT ?2",
+         GROUP BY namespace, kind, id LIMIT +?2",
         params![after.0, limit as i64],
         |r| Ok((Revision(r.get(0)?), r.get(1)?, r.get(2)?, r.get(3)?)),
     )
@@ -480,7 +480,7 @@ pub(crate) fn run_record(
 /// The newest recorded collections' statistics, newest first.
 pub(crate) fn runs(c: &Connection, limit: usize) -> Result<Vec<String>> {
     let mut s = c
-        .prepare_cached("SELECT stats FROM gc_runs ORDER BY seq DESC LIMIT ?1")
+        .prepare_cached("SELECT stats FROM gc_runs ORDER BY seq DESC LIMIT +?1")
         .map_err(map_err)?;
     let rows = s
         .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| r.get(0))

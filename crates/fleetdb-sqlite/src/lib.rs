@@ -7,6 +7,13 @@
 //!   `LIST_PAGE_MAX` rows) and take microseconds from the page cache.
 //! - `sqlite::memory:` uses one connection for reads and writes (an in-memory database is private
 //!   to its connection).
+//! - Statements are prepared once per connection (`prepare_cached`) and must STAY prepared: a
+//!   bound `LIMIT ?` is written `LIMIT +?`. SQLite (3.45+) plans with the value bound to a bare
+//!   `LIMIT ?` and so marks the statement to be prepared again whenever that parameter is bound,
+//!   i.e. on every run: parsing and planning the selector claim every time was ~5 % of the
+//!   one-at-a-time benchmark's CPU (every claim re-prepared, `StatementStatus::RePrepare` equal to
+//!   `Run`). The unary `+` keeps the value out of planning (test
+//!   `claims_are_not_prepared_again`).
 
 mod content;
 mod gc;
@@ -699,14 +706,13 @@ impl Backend for SqliteBackend {
 mod tests {
     use super::*;
 
-    /// A claim that comes back short says the change log's revision it looked at (`claim_wait`
-    /// waits for a later one without reading it); a full one does not.
-    #[tokio::test]
-    async fn a_short_claim_says_the_revision_it_looked_at() {
-        use fleetdb_core::work::{ClaimTarget, SessionInfo};
+    const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
+
+    /// An in-memory backend with process `P`, session `s1` and machines m0, m1, m2.
+    async fn claim_setup() -> SqliteBackend {
+        use fleetdb_core::work::SessionInfo;
         use fleetdb_core::{Op, PutMode};
-        let now = Timestamp(1_700_000_000_000_000);
-        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::ManualClock::new(now));
+        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::ManualClock::new(NOW));
         let backend = SqliteBackend::open(Location::Memory, SqliteOptions::default(), clock)
             .await
             .unwrap();
@@ -722,8 +728,8 @@ mod tests {
                     host: "h".into(),
                     runtime_info: String::new(),
                     ttl_ms: 10_000,
-                    created_at: now,
-                    deadline: Timestamp(now.0 + 10_000_000),
+                    created_at: NOW,
+                    deadline: Timestamp(NOW.0 + 10_000_000),
                 },
             },
         ];
@@ -738,24 +744,58 @@ mod tests {
             .commit(Batch {
                 preconditions: Vec::new(),
                 ops,
-                now,
+                now: NOW,
             })
             .await
             .unwrap();
-        let claim = || ClaimRequest {
+        backend
+    }
+
+    fn claim_request(limit: usize) -> ClaimRequest {
+        ClaimRequest {
             session_id: "s1".into(),
             process: "P".into(),
-            target: ClaimTarget::Selector("kind = machine".into()),
-            limit: 2,
-            now,
-        };
-        let full = backend.claim(claim()).await.unwrap();
+            target: fleetdb_core::work::ClaimTarget::Selector("kind = machine".into()),
+            limit,
+            now: NOW,
+        }
+    }
+
+    /// A claim that comes back short says the change log's revision it looked at (`claim_wait`
+    /// waits for a later one without reading it); a full one does not.
+    #[tokio::test]
+    async fn a_short_claim_says_the_revision_it_looked_at() {
+        let backend = claim_setup().await;
+        let full = backend.claim(claim_request(2)).await.unwrap();
         assert_eq!((full.work.len(), full.revision), (2, None));
         let current = backend.revision().await.unwrap().current;
-        let short = backend.claim(claim()).await.unwrap();
+        let short = backend.claim(claim_request(2)).await.unwrap();
         assert_eq!((short.work.len(), short.revision), (1, Some(current)));
-        let empty = backend.claim(claim()).await.unwrap();
+        let empty = backend.claim(claim_request(2)).await.unwrap();
         assert_eq!((empty.work.len(), empty.revision), (0, Some(current)));
+    }
+
+    /// A claim's statement is prepared once and run many times: a bare bound `LIMIT ?` made
+    /// SQLite prepare it again at every run (see the module documentation).
+    #[tokio::test]
+    async fn claims_are_not_prepared_again() {
+        let backend = claim_setup().await;
+        for _ in 0..3 {
+            backend.claim(claim_request(1)).await.unwrap();
+        }
+        let q = fleetdb_core::backend::CandidateQuery {
+            selector: fleetdb_core::selector::Selector::parse("kind = machine").unwrap(),
+            process: "P".into(),
+            exclude: vec!["P".into()],
+            now: NOW,
+            limit: 1,
+        };
+        let (sql, _) = work::claim_candidates_sql(&q);
+        let c = backend.write_conn.lock().unwrap();
+        let stmt = c.prepare_cached(&sql).unwrap();
+        let runs = stmt.get_status(rusqlite::StatementStatus::Run);
+        assert!(runs >= 3, "the claims ran this statement: {runs}");
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
     /// History is pruned in `seq` order, in statements of at most the batch: the rows before the

@@ -20,7 +20,7 @@ pub(crate) fn namespace_list(
 ) -> Result<Vec<Namespace>> {
     let mut stmt = c
         .prepare_cached(&format!(
-            "SELECT {NAMESPACE_COLS} FROM namespaces WHERE name > ?1 ORDER BY name LIMIT ?2"
+            "SELECT {NAMESPACE_COLS} FROM namespaces WHERE name > ?1 ORDER BY name LIMIT +?2"
         ))
         .map_err(map_err)?;
     let raws = stmt
@@ -70,7 +70,7 @@ pub(crate) fn object_list(c: &Connection, q: &ObjectQuery) -> Result<Vec<Object>
             }
         }
     }
-    sql.push_str(" ORDER BY kind, id LIMIT ?");
+    sql.push_str(" ORDER BY kind, id LIMIT +?");
     args.push(Value::Integer(q.limit as i64));
     let mut stmt = c.prepare_cached(&sql).map_err(map_err)?;
     let raws = stmt
@@ -129,7 +129,7 @@ pub(crate) fn changes(
             }
         }
     }
-    sql.push_str(" ORDER BY revision LIMIT ?");
+    sql.push_str(" ORDER BY revision LIMIT +?");
     args.push(Value::Integer(limit as i64));
     let mut stmt = c.prepare_cached(&sql).map_err(map_err)?;
     let raws: Vec<ChangeRaw> = stmt

@@ -171,7 +171,7 @@ pub(crate) fn sessions_expired(
     collect(
         c,
         &format!(
-            "SELECT {SESSION_COLS} FROM sessions WHERE deadline <= ?1 ORDER BY deadline LIMIT ?2"
+            "SELECT {SESSION_COLS} FROM sessions WHERE deadline <= ?1 ORDER BY deadline LIMIT +?2"
         ),
         params![now.0, limit as i64],
         session_row,
@@ -328,6 +328,17 @@ fn ph(params: &mut Vec<SqlParam>, p: SqlParam) -> String {
 }
 
 pub(crate) fn claim_candidates(c: &Connection, q: &CandidateQuery) -> Result<Vec<ObjectKey>> {
+    let (sql, params) = claim_candidates_sql(q);
+    collect(
+        c,
+        &sql,
+        rusqlite::params_from_iter(params.into_iter().map(to_value)),
+        |r| Ok(stored_key(r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+}
+
+/// [`claim_candidates`]' statement and parameters.
+pub(crate) fn claim_candidates_sql(q: &CandidateQuery) -> (String, Vec<SqlParam>) {
     let mut params = Vec::new();
     let base = selector_from_where(&q.selector, q.now, &mut params);
     let exclude = ph(
@@ -348,14 +359,9 @@ pub(crate) fn claim_candidates(c: &Connection, q: &CandidateQuery) -> Result<Vec
            AND NOT EXISTS (SELECT 1 FROM work_backoff b
                            WHERE b.namespace = o.namespace AND b.kind = o.kind AND b.id = o.id
                              AND b.process = {process} AND b.until > {now})
-         LIMIT {limit}"
+         LIMIT +{limit}"
     );
-    collect(
-        c,
-        &sql,
-        rusqlite::params_from_iter(params.into_iter().map(to_value)),
-        |r| Ok(stored_key(r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
+    (sql, params)
 }
 
 // ---- Backend reads and writes ----
@@ -383,7 +389,7 @@ pub(crate) fn session_list(
 ) -> Result<Vec<SessionInfo>> {
     collect(
         c,
-        &format!("SELECT {SESSION_COLS} FROM sessions WHERE id > ?1 ORDER BY id LIMIT ?2"),
+        &format!("SELECT {SESSION_COLS} FROM sessions WHERE id > ?1 ORDER BY id LIMIT +?2"),
         params![after.unwrap_or(""), limit as i64],
         session_row,
     )
@@ -398,7 +404,7 @@ pub(crate) fn work_list(
         c,
         &format!(
             "SELECT {WORK_COLS} FROM work WHERE (?1 IS NULL OR process = ?1)
-             ORDER BY process, namespace, kind, id LIMIT ?2"
+             ORDER BY process, namespace, kind, id LIMIT +?2"
         ),
         params![process, limit as i64],
         work_row,
@@ -415,7 +421,7 @@ pub(crate) fn backoff_list(
         c,
         &format!(
             "SELECT {BACKOFF_COLS} FROM work_backoff WHERE (?1 IS NULL OR process = ?1) AND (?2 IS NULL OR until > ?2)
-             ORDER BY process, namespace, kind, id LIMIT ?3"
+             ORDER BY process, namespace, kind, id LIMIT +?3"
         ),
         params![process, active_at.map(|t| t.0), limit as i64],
         backoff_row,
@@ -434,7 +440,7 @@ pub(crate) fn history_list(
             c,
             &format!(
                 "SELECT {HISTORY_COLS} FROM work_history WHERE namespace = ?1 AND kind = ?2 AND id = ?3 AND seq < ?4
-                 ORDER BY seq DESC LIMIT ?5"
+                 ORDER BY seq DESC LIMIT +?5"
             ),
             params![k.namespace, k.kind, k.id, before, limit as i64],
             history_row,
@@ -442,7 +448,7 @@ pub(crate) fn history_list(
         HistoryFilter::Process(p) => collect(
             c,
             &format!(
-                "SELECT {HISTORY_COLS} FROM work_history WHERE process = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+                "SELECT {HISTORY_COLS} FROM work_history WHERE process = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT +?3"
             ),
             params![p, before, limit as i64],
             history_row,
@@ -454,7 +460,7 @@ pub(crate) fn history_list(
 /// One batch of [`fleetdb_core::Backend::history_prune`]: of the `batch` oldest rows (by `seq`),
 /// delete those before the first one written at or after `before`.
 pub(crate) fn history_prune(c: &Connection, before: Timestamp, batch: usize) -> Result<u64> {
-    let sql = "WITH head AS (SELECT seq, at FROM work_history ORDER BY seq LIMIT ?2) \
+    let sql = "WITH head AS (SELECT seq, at FROM work_history ORDER BY seq LIMIT +?2) \
         DELETE FROM work_history WHERE seq IN (SELECT seq FROM head WHERE seq < \
           (SELECT coalesce(min(seq), 9223372036854775807) FROM head WHERE at >= ?1))";
     Ok(exec(c, sql, params![before.0, batch as i64])? as u64)
@@ -486,7 +492,7 @@ pub(crate) fn select(
     }
     let l = ph(&mut params, SqlParam::Int(limit as i64));
     sql.push_str(&format!(
-        " ORDER BY {key}.namespace, {key}.kind, {key}.id LIMIT {l}"
+        " ORDER BY {key}.namespace, {key}.kind, {key}.id LIMIT +{l}"
     ));
     let raws = collect(
         c,
