@@ -59,7 +59,8 @@ macro_rules! claim_planned {
            set_config('enable_sort', 'off', true)"
     };
 }
-#[cfg(test)]
+/// The settings alone: a claim transaction sends them as a prepared statement after
+/// [`BEGIN_READ_COMMITTED`] (as text, they were parsed and planned at every run).
 pub(crate) const CLAIM_PLANNED: &str = claim_planned!();
 /// A fused finish's transaction (see `finish.rs`): READ COMMITTED, planned as a claim
 /// ([`CLAIM_PLANNED`]).
