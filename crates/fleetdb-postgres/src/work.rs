@@ -688,6 +688,12 @@ pub(crate) fn assigned(
 /// per take). Returns `(namespace, kind, id, token, session, slot r)` in key
 /// order. Several slots: the claims of one process's workers sharing a transaction
 /// ([`crate::claims`]).
+///
+/// The candidates go to the slots by position: each passing slot owns the positions (lo, hi] of
+/// the running sum of the passing slots' limits, a join of candidates × slots (slots are few).
+/// It was a join on one position per candidate, one row per position a slot could take
+/// (`generate_series`): with hash and merge joins off, a nested loop of candidates × positions,
+/// 10,000 comparisons and ~4 ms of a claim of 100's ~19 ms.
 pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, TypedParams) {
     let (base, mut params) =
         selector_on_keys(&q.selector, q.now, Keys::Sql("(SELECT keys FROM k0)"));
@@ -700,14 +706,14 @@ pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, Type
         |name: &str| format!("COALESCE(NULLIF(current_setting('{name}', true), ''), '[]')::jsonb");
     let (alive, locked, passed) = (setting(ALIVE_GUC), setting(LOCKED_GUC), setting(PASSED_GUC));
     let sql = format!(
-        "WITH sl AS MATERIALIZED (SELECT x.r, x.sid, row_number() OVER (ORDER BY x.o, g.i) AS pos \
+        "WITH sl AS MATERIALIZED (SELECT x.r, x.sid, \
+             sum(x.n) OVER (ORDER BY x.o) - x.n AS lo, sum(x.n) OVER (ORDER BY x.o) AS hi \
            FROM jsonb_to_recordset(({slots})::jsonb) AS x(o bigint, r bigint, sid text, f bigint, n bigint) \
-           CROSS JOIN LATERAL generate_series(1, x.n) AS g(i) \
            WHERE (x.f IS NULL OR {passed} @> to_jsonb(x.f)) AND {alive} ? x.sid), \
          k0 AS MATERIALIZED (SELECT jsonb_agg(l.v || jsonb_build_object('sid', sl.sid, 'r', sl.r) \
              ORDER BY l.pos) AS keys \
            FROM jsonb_array_elements({locked}) WITH ORDINALITY AS l(v, pos) \
-           JOIN sl ON sl.pos = l.pos), \
+           JOIN sl ON l.pos > sl.lo AND l.pos <= sl.hi), \
          c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid, k.r {base} {free} \
            AND EXISTS (SELECT 1 FROM (SELECT ss.deadline FROM sessions ss WHERE ss.id = k.sid \
              OFFSET 0) ss WHERE ss.deadline > {now}) \
