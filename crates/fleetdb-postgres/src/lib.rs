@@ -356,11 +356,13 @@ impl PostgresBackend {
     }
 
     /// One statement in its own transaction (`begin` opens it: SERIALIZABLE unless a caller has
-    /// reason otherwise), in ONE round trip (`BEGIN`, the statement and `COMMIT` pipelined),
-    /// retried on serialization failures.
+    /// reason otherwise; then the `settings` statement, if any, prepared like the statement), in
+    /// ONE round trip (`BEGIN`, the settings, the statement and `COMMIT` pipelined), retried on
+    /// serialization failures.
     async fn one_statement(
         &self,
         begin: &str,
+        settings: Option<&str>,
         sql_text: &str,
         params: &[Param<'_>],
     ) -> Result<Vec<tokio_postgres::Row>> {
@@ -369,14 +371,25 @@ impl PostgresBackend {
             attempt += 1;
             let client = self.client().await?;
             let stmt = client.prepare_cached(sql_text).await.map_err(db_err)?;
-            let (begin, rows, commit) = futures::future::join3(
+            let settings = match settings {
+                Some(text) => Some(client.prepare_cached(text).await.map_err(db_err)?),
+                None => None,
+            };
+            let set = async {
+                match &settings {
+                    Some(s) => client.query(s, &[]).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            };
+            let (begin, set, rows, commit) = futures::future::join4(
                 client.batch_execute(begin),
+                set,
                 client.query(&stmt, params),
                 client.batch_execute("COMMIT"),
             )
             .await;
             // The first failure tells what happened (a failed statement turns COMMIT into a rollback).
-            let outcome = match (begin, rows, commit) {
+            let outcome = match (begin.and(set), rows, commit) {
                 (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(_), Err(e)) => Err(e),
                 (Ok(()), Ok(rows), Ok(())) => Ok(rows),
             };
@@ -425,7 +438,7 @@ impl PostgresBackend {
              SELECT EXISTS (SELECT 1 FROM obj), (SELECT value FROM old), (SELECT updated_at FROM old),
                     (SELECT revision FROM old), (SELECT revision FROM up)";
         let params: [Param<'_>; 6] = [&key.namespace, &key.kind, &key.id, &name, &value, &now.0];
-        let rows = self.one_statement(sql::BEGIN, SQL, &params).await?;
+        let rows = self.one_statement(sql::BEGIN, None, SQL, &params).await?;
         {
             let row = rows
                 .first()
@@ -541,7 +554,7 @@ impl PostgresBackend {
             &change,
             &tags_json,
         ];
-        let rows = self.one_statement(sql::BEGIN, SQL, &params).await?;
+        let rows = self.one_statement(sql::BEGIN, None, SQL, &params).await?;
         let row = rows
             .first()
             .ok_or_else(|| Error::Backend("the object statement returned no row".into()))?;
@@ -596,7 +609,12 @@ impl PostgresBackend {
         };
         let params = finish::FinishParams::new(&[&finish]);
         let rows = self
-            .one_statement(sql::BEGIN_FINISH, finish::SQL, &params.params())
+            .one_statement(
+                sql::BEGIN_READ_COMMITTED,
+                Some(sql::CLAIM_PLANNED),
+                finish::SQL,
+                &params.params(),
+            )
             .await?;
         finish.results(&finish::FinishRow::decode(&rows)?, 0)
     }
@@ -2251,10 +2269,7 @@ mod tests {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
         // The transaction settings of a finish, for the whole session.
-        let settings = sql::BEGIN_FINISH
-            .split_once(';')
-            .map(|(_, rest)| sql::session_level(rest))
-            .unwrap();
+        let settings = sql::session_level(sql::CLAIM_PLANNED);
         client.batch_execute(&settings).await.unwrap();
         client
             .batch_execute(&format!("PREPARE f AS {}", finish::SQL))

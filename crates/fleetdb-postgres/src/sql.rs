@@ -50,22 +50,15 @@ pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMIT
 /// statement of a message is parsed, run and answered on its own (pgbench, one message of
 /// `BEGIN`, six statements, `COMMIT`: 0.43 ms whether they are `SET LOCAL`s or `SELECT 1`s, against
 /// 0.19 ms with the one `SELECT set_config(…)`; the one-at-a-time benchmark, where every job
-/// sends these once, did not move beyond its noise).
-macro_rules! claim_planned {
-    () => {
-        "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), \
-           set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true), \
-           set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true), \
-           set_config('enable_sort', 'off', true)"
-    };
-}
-/// The settings alone: a claim transaction sends them as a prepared statement after
-/// [`BEGIN_READ_COMMITTED`] (as text, they were parsed and planned at every run).
-pub(crate) const CLAIM_PLANNED: &str = claim_planned!();
-/// A fused finish's transaction (see `finish.rs`): READ COMMITTED, planned as a claim
-/// ([`CLAIM_PLANNED`]).
-pub(crate) const BEGIN_FINISH: &str =
-    concat!("BEGIN ISOLATION LEVEL READ COMMITTED; ", claim_planned!());
+/// sends these once, did not move beyond its noise). They are sent as a prepared statement after
+/// [`BEGIN_READ_COMMITTED`], in claim transactions and fused finishes (see `finish.rs`): as text
+/// (`BEGIN …; SELECT set_config(…)`) they were parsed and planned at every run (~20 µs of
+/// planning, more than running them).
+pub(crate) const CLAIM_PLANNED: &str =
+    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), \
+       set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true), \
+       set_config('enable_mergejoin', 'off', true), set_config('enable_hashjoin', 'off', true), \
+       set_config('enable_sort', 'off', true)";
 /// Prepared selector-claim statements kept per connection: past this many cached statements the
 /// connection's cache is emptied (selector text is the caller's, so the cache must stay bounded).
 pub(crate) const STATEMENTS_CACHED_MAX: usize = 256;
