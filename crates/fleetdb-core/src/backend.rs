@@ -165,7 +165,6 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<HistoryEntry>>;
-    /// Delete history rows older than `before`. Returns how many.
     /// Delete history rows written before `before`, in write (`seq`) order: the oldest rows up
     /// to the first one at or after `before` (a row after it stays, even if older, until the rows
     /// before it go), in statements of at most [`crate::work::HISTORY_PRUNE_BATCH`] rows each, one

@@ -334,6 +334,25 @@ pub struct ClaimRequest {
     pub now: Timestamp,
 }
 
+/// Run `step` — a statement deleting at most the given number of rows, returning how many it
+/// deleted — until one deletes fewer than `batch` (at least 1); returns the total. Each step is
+/// its own transaction, so a prune of millions of rows holds no lock or transaction for long.
+pub async fn delete_in_batches<F, Fut>(batch: usize, mut step: F) -> Result<u64>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    let batch = batch.max(1);
+    let mut total = 0;
+    loop {
+        let n = step(batch).await?;
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+    }
+}
+
 /// What a claim got: the work (possibly none), and, when it got less than its limit, the
 /// change-log revision as of the snapshot its candidates were looked for in, when the backend
 /// can tell. A waiting claim ([`crate::backend::Backend::claim`] callers such as `claim_wait`)

@@ -622,10 +622,8 @@ impl PostgresBackend {
     /// [`Backend::history_prune`] in statements of at most `batch` rows, each its own
     /// transaction.
     pub(crate) async fn history_prune_in(&self, before: Timestamp, batch: usize) -> Result<u64> {
-        let batch = batch.max(1);
-        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
-        let mut total = 0;
-        loop {
+        fleetdb_core::work::delete_in_batches(batch, |batch| async move {
+            let limit = i64::try_from(batch).unwrap_or(i64::MAX);
             let rows = self
                 .query_retrying(work::HISTORY_PRUNE, &[&before.0, &limit])
                 .await?;
@@ -634,12 +632,9 @@ impl PostgresBackend {
                 .ok_or_else(|| Error::Backend("a history prune returned no row".into()))?
                 .try_get(0)
                 .map_err(db_err)?;
-            let n = u64::try_from(n).unwrap_or(0);
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
     }
 
     /// A selector claim alone, in ONE round trip ([`claims::ClaimTxn`]): `BEGIN` (READ

@@ -371,17 +371,10 @@ impl SqliteBackend {
     /// [`Backend::history_prune`] in statements of at most `batch` rows, the write connection
     /// taken for each.
     pub(crate) async fn history_prune_in(&self, before: Timestamp, batch: usize) -> Result<u64> {
-        let batch = batch.max(1);
-        let mut total = 0;
-        loop {
-            let n = self
-                .exclusive(move |c| work::history_prune(c, before, batch))
-                .await?;
-            total += n;
-            if n < batch as u64 {
-                return Ok(total);
-            }
-        }
+        fleetdb_core::work::delete_in_batches(batch, |batch| {
+            self.exclusive(move |c| work::history_prune(c, before, batch))
+        })
+        .await
     }
 
     /// Run `f` with the write connection, between groups (migrations, compaction).
