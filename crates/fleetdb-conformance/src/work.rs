@@ -1240,6 +1240,163 @@ pub async fn object_with_tags_in_one_transaction(h: &Harness) {
     assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
 }
 
+/// Many objects with their tags in one transaction (a fleet import; PostgreSQL writes it as one
+/// statement): revisions and change-log rows in op order, and all or nothing when an object
+/// exists (`Create`) or a namespace is missing; upserts of existing objects merge.
+pub async fn objects_with_tags_in_bulk(h: &Harness) {
+    let st = &h.store;
+    let ids = |prefix: &str, n: usize| -> Vec<ObjectKey> {
+        (0..n)
+            .map(|i| key("default", "job", &format!("{prefix}{i:03}")))
+            .collect()
+    };
+    // keys[i] with label l=`label`, tags x = i and y = {"x": i} (none for every third key).
+    let bulk = |keys: Vec<ObjectKey>, create: bool, label: &'static str| {
+        st.txn(move |tx| {
+            let keys = keys.clone();
+            async move {
+                for (i, k) in keys.iter().enumerate() {
+                    let labels = crate::labels(&[("l", label)]);
+                    if create {
+                        tx.object_create(k, labels)?;
+                    } else {
+                        tx.object_put(k, labels)?;
+                    }
+                    if i % 3 != 2 || !create {
+                        tx.tag_set(k, "x", &json!(i))?;
+                        tx.tag_set(k, "y", &json!({ "x": i }))?;
+                    }
+                }
+                Ok(())
+            }
+        })
+    };
+    let changes_after = |r: fleetdb::Revision| async move {
+        st.changes(r, &fleetdb::ChangeFilter::default(), 1000)
+            .await
+            .unwrap()
+    };
+
+    // New objects: every op has its revision and change-log row, in op order.
+    let before = st.revision().await.unwrap().current;
+    let keys = ids("a", 6);
+    bulk(keys.clone(), true, "a").await.unwrap();
+    let mut expected = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let obj = st.object_get(k).await.unwrap().unwrap();
+        assert_eq!(obj.labels, crate::labels(&[("l", "a")]));
+        expected.push((
+            k.id.clone(),
+            fleetdb::Entity::Object,
+            String::new(),
+            obj.revision,
+        ));
+        for name in ["x", "y"] {
+            match st.tag_get(k, name).await.unwrap() {
+                Some(t) if i % 3 != 2 => {
+                    let want = if name == "x" {
+                        json!(i)
+                    } else {
+                        json!({ "x": i })
+                    };
+                    assert_eq!(t.value, want);
+                    expected.push((
+                        k.id.clone(),
+                        fleetdb::Entity::Tag,
+                        name.to_string(),
+                        t.revision,
+                    ));
+                }
+                None if i % 3 == 2 => {}
+                other => panic!("tag {name} of {k}: {other:?}"),
+            }
+        }
+    }
+    let changes = changes_after(before).await;
+    let got: Vec<_> = changes
+        .iter()
+        .map(|c| (c.id.clone(), c.entity, c.name.clone(), c.revision))
+        .collect();
+    assert_eq!(got, expected, "one change per op, revisions in op order");
+    let revs: Vec<_> = expected.iter().map(|e| e.3).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+    assert_eq!(changes[0].new_value, Some(json!({"labels": {"l": "a"}})));
+    assert_eq!(changes[1].new_value, Some(json!(0)));
+
+    // One object exists: a create batch fails whole and writes nothing.
+    let at = st.revision().await.unwrap().current;
+    let mut clash = ids("b", 3);
+    clash.insert(1, keys[4].clone());
+    let r = bulk(clash.clone(), true, "b").await;
+    assert!(matches!(r, Err(Error::AlreadyExists { .. })), "{r:?}");
+    for k in &clash {
+        let o = st.object_get(k).await.unwrap();
+        if *k == keys[4] {
+            assert_eq!(o.unwrap().labels, crate::labels(&[("l", "a")]));
+        } else {
+            assert!(o.is_none(), "{k} was written by a failed batch");
+        }
+    }
+    assert_eq!(
+        st.tag_get(&keys[4], "x").await.unwrap().unwrap().value,
+        json!(4)
+    );
+    assert!(changes_after(at).await.is_empty());
+
+    // The same as upserts: the existing object is merged (created_at kept), the rest created.
+    let created = st.object_get(&keys[4]).await.unwrap().unwrap().created_at;
+    h.clock.advance(Duration::from_secs(5));
+    bulk(clash.clone(), false, "c").await.unwrap();
+    for (i, k) in clash.iter().enumerate() {
+        let o = st.object_get(k).await.unwrap().unwrap();
+        assert_eq!(o.labels, crate::labels(&[("l", "c")]));
+        assert_eq!(st.tag_get(k, "x").await.unwrap().unwrap().value, json!(i));
+        if *k == keys[4] {
+            assert_eq!(o.created_at, created);
+            assert!(o.updated_at > created);
+        }
+    }
+
+    // A missing namespace anywhere in the batch: NotFound, nothing written.
+    let at = st.revision().await.unwrap().current;
+    let mut lost = ids("d", 3);
+    lost.push(key("nowhere", "job", "d9"));
+    for create in [true, false] {
+        let r = bulk(lost.clone(), create, "d").await;
+        assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    }
+    for k in &lost[..3] {
+        assert!(st.object_get(k).await.unwrap().is_none());
+    }
+    assert!(changes_after(at).await.is_empty());
+
+    // Racing creates of overlapping batches: one wins whole, the other fails whole.
+    for round in 0..4 {
+        let common = ids(&format!("r{round}c"), 10);
+        let mut left = ids(&format!("r{round}l"), 10);
+        let mut right = ids(&format!("r{round}r"), 10);
+        left.extend(common.iter().cloned());
+        right.splice(0..0, common.iter().cloned());
+        let (a, b) = tokio::join!(
+            bulk(left.clone(), true, "l"),
+            bulk(right.clone(), true, "r")
+        );
+        let (won, lost) = match (&a, &b) {
+            (Ok(()), Err(Error::AlreadyExists { .. })) => (&left, &right),
+            (Err(Error::AlreadyExists { .. }), Ok(())) => (&right, &left),
+            other => panic!("round {round}: {other:?}"),
+        };
+        let label = if won == &left { "l" } else { "r" };
+        for k in won {
+            let o = st.object_get(k).await.unwrap().unwrap();
+            assert_eq!(o.labels, crate::labels(&[("l", label)]), "{k}");
+        }
+        for k in lost.iter().filter(|k| !common.contains(k)) {
+            assert!(st.object_get(k).await.unwrap().is_none(), "{k}");
+        }
+    }
+}
+
 pub async fn finish_many_with_writes_is_atomic(h: &Harness) {
     let st = &h.store;
     st.process_define("P", &[]).await.unwrap();

@@ -19,6 +19,7 @@
 
 mod claims;
 mod content;
+mod create;
 mod error;
 mod finish;
 mod gc;
@@ -480,81 +481,32 @@ impl PostgresBackend {
         }
     }
 
-    /// The hot path of "create this object with these tags" (an object put, then tag sets of
-    /// that object with distinct names, nothing else): ONE statement that inserts the object
-    /// `ON CONFLICT DO NOTHING` and, only if it was new, its tags, each with its change-log row,
-    /// revisions in op order. It never reads the key first, so creators of neighbouring keys (new
-    /// ids are time-ordered) take no predicate locks on each other's index pages. `None` when the
-    /// batch has another shape or the object exists (the general path then decides: merge the
+    /// The hot path of "create these objects with these tags" ([`create`]): `None` when the
+    /// batch has another shape or an object exists (the general path then decides: merge the
     /// labels, or `AlreadyExists`), or when an input is one the general path must reject.
     async fn object_create_fused(&self, batch: &Batch) -> Result<Option<Vec<OpResult>>> {
-        use fleetdb_core::{Applied, Op, PutMode};
-        const SQL: &str = "WITH ns AS (SELECT 1 FROM namespaces WHERE name = $1), \
-             o AS (INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
-                SELECT $1, $2, $3, $4, $5, $5, nextval('fleetdb_revision') FROM ns \
-                ON CONFLICT (namespace, kind, id) DO NOTHING RETURNING revision), \
-             oc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
-                SELECT revision, $1, $2, $3, 'object', '', 'put', NULL, $6, $5 FROM o), \
-             k AS (SELECT * FROM jsonb_to_recordset(($7::text)::jsonb) AS k(n bigint, name text, value text)), \
-             t AS (INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
-                SELECT $1, $2, $3, s.name, s.value, $5, nextval('fleetdb_revision') \
-                FROM o, (SELECT * FROM k ORDER BY n) AS s RETURNING name, value, revision), \
-             tc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
-                SELECT revision, $1, $2, $3, 'tag', name, 'put', NULL, value, $5 FROM t) \
-             SELECT EXISTS (SELECT 1 FROM ns), (SELECT revision FROM o), \
-               (SELECT jsonb_object_agg(name, revision)::text FROM t)";
-        let ([], [Op::ObjectPut { key, labels, mode }, sets @ ..]) =
-            (batch.preconditions.as_slice(), batch.ops.as_slice())
-        else {
+        let Some(objects) = create::new_objects(batch) else {
             return Ok(None);
         };
-        // A lone upsert usually updates an existing object: leave it to the general path.
-        if *mode == PutMode::Update || (*mode == PutMode::Upsert && sets.is_empty()) {
-            return Ok(None);
+        if objects.len() > 1 {
+            return self.objects_create_many(objects, batch.now).await;
         }
-        let mut names = std::collections::HashSet::new();
-        let mut tags = Vec::with_capacity(sets.len());
-        for op in sets {
-            let Op::TagSet {
-                key: tag_key,
-                name,
-                value,
-            } = op
-            else {
-                return Ok(None);
-            };
-            let Ok(parsed) = serde_json::from_str::<serde_json::Value>(value) else {
-                return Ok(None); // the general path names the bad value
-            };
-            if tag_key != key || !names.insert(name.as_str()) {
-                return Ok(None);
-            }
-            tags.push((name, value, parsed));
-        }
-        let Ok(labels) = fleetdb_core::validate::merge_labels(&fleetdb_core::Labels::new(), labels)
-        else {
-            return Ok(None);
-        };
-        let now = batch.now;
-        let labels_text = sql::labels_text(&labels);
-        let change = fleetdb_core::apply::labels_json(&labels);
-        let tags_json = serde_json::Value::Array(
-            tags.iter()
-                .enumerate()
-                .map(|(n, (name, value, _))| serde_json::json!({"n": n, "name": name, "value": value}))
-                .collect(),
-        )
-        .to_string();
+        let object = &objects[0];
+        let key = object.key;
+        let p = create::one_params(object, batch.now);
         let params: [Param<'_>; 7] = [
             &key.namespace,
             &key.kind,
             &key.id,
-            &labels_text,
-            &now.0,
-            &change,
-            &tags_json,
+            &p.labels,
+            &p.now,
+            &p.change,
+            &p.tags,
         ];
-        let rows = self.one_statement(sql::BEGIN, None, SQL, &params).await?;
+        // One round trip: a new object writes nothing it would have to take back.
+        let rows = self
+            .one_statement(sql::BEGIN, None, create::ONE, &params)
+            .await?;
         let row = rows
             .first()
             .ok_or_else(|| Error::Backend("the object statement returned no row".into()))?;
@@ -571,33 +523,96 @@ impl PostgresBackend {
                     .map_err(|e| Error::Backend(format!("tag revisions of a new object: {e}")))?,
                 None => std::collections::HashMap::new(),
             };
-        let mut out = Vec::with_capacity(1 + tags.len());
-        out.push(OpResult {
-            changed: true,
-            applied: Applied::Object(fleetdb_core::Object {
-                key: key.clone(),
-                labels,
-                created_at: now,
-                updated_at: now,
-                revision: fleetdb_core::Revision(revision),
-            }),
-        });
-        for (name, _, parsed) in tags {
-            let rev = tag_revisions.get(name.as_str()).copied().ok_or_else(|| {
-                Error::Backend(format!("no revision for tag {name:?} of a new object"))
+        let names: Vec<String> = object.tags.iter().map(|t| t.0.to_string()).collect();
+        create::results(objects, batch.now, |n| match n {
+            0 => Some(revision),
+            n => tag_revisions.get(names.get(n - 1)?).copied(),
+        })
+        .map(Some)
+    }
+
+    /// [`create::MANY`] in a SERIALIZABLE transaction of two round trips (`BEGIN` and the
+    /// statement, then `COMMIT`), rolled back instead when an object existed or a namespace is
+    /// missing (`None`: the general path decides and names it), retried on serialization
+    /// failures.
+    async fn objects_create_many(
+        &self,
+        objects: Vec<create::NewObject<'_>>,
+        now: Timestamp,
+    ) -> Result<Option<Vec<OpResult>>> {
+        let (objects_json, tags_json) = create::many_params(&objects);
+        let params: [Param<'_>; 3] = [&objects_json, &tags_json, &now.0];
+        let mut attempt = 0;
+        let revisions = loop {
+            attempt += 1;
+            match self.objects_create_many_once(&params, objects.len()).await {
+                Ok(Some(revisions)) => break revisions,
+                Ok(None) => return Ok(None),
+                Err(Failure::Fail(err)) => return Err(err),
+                Err(Failure::Retry(msg)) => {
+                    if attempt >= COMMIT_ATTEMPTS_MAX {
+                        return Err(Error::RetriesExhausted {
+                            attempts: attempt,
+                            last: msg,
+                        });
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        };
+        create::results(objects, now, |n| revisions.get(&n).copied()).map(Some)
+    }
+
+    /// One attempt of [`Self::objects_create_many`]: the revisions by op index once committed,
+    /// `None` once rolled back.
+    async fn objects_create_many_once(
+        &self,
+        params: &[Param<'_>],
+        expected: usize,
+    ) -> std::result::Result<Option<std::collections::HashMap<usize, i64>>, Failure> {
+        let client = self.client().await.map_err(Failure::Fail)?;
+        let mut guard = TxGuard {
+            client: Some(client),
+            open: true,
+        };
+        let conn: &deadpool_postgres::ClientWrapper = guard.client();
+        let stmt = conn
+            .prepare_cached(create::MANY)
+            .await
+            .map_err(|e| classify(&e))?;
+        let (begin, rows) =
+            futures::future::join(conn.batch_execute(sql::BEGIN), conn.query(&stmt, params)).await;
+        let decided = begin.and(rows).map_err(|e| classify(&e)).and_then(|rows| {
+            let row = rows.first().ok_or_else(|| {
+                Failure::Fail(Error::Backend(
+                    "the objects statement returned no row".into(),
+                ))
             })?;
-            out.push(OpResult {
-                changed: true,
-                applied: Applied::Tag(fleetdb_core::Tag {
-                    object: key.clone(),
-                    name: name.clone(),
-                    value: parsed,
-                    updated_at: now,
-                    revision: fleetdb_core::Revision(rev),
-                }),
-            });
+            let get = |e| Failure::Fail(db_err(e));
+            let namespaces: bool = row.try_get(0).map_err(get)?;
+            let inserted: i64 = row.try_get(1).map_err(get)?;
+            if !namespaces || usize::try_from(inserted).ok() != Some(expected) {
+                return Ok(None);
+            }
+            create::many_revisions(row.try_get(2).map_err(get)?)
+                .map(Some)
+                .map_err(Failure::Fail)
+        });
+        let end = match &decided {
+            Ok(Some(_)) => "COMMIT",
+            _ => "ROLLBACK",
+        };
+        // A failed COMMIT rolled back; a failed ROLLBACK leaves `open` set, so the connection
+        // is dropped rather than reused.
+        let ended = conn.batch_execute(end).await;
+        if ended.is_ok() || end == "COMMIT" {
+            guard.open = false;
         }
-        Ok(Some(out))
+        match (decided, ended) {
+            (Err(failure), _) => Err(failure),
+            (Ok(Some(_)), Err(e)) => Err(classify(&e)),
+            (Ok(decided), _) => Ok(decided),
+        }
     }
 
     /// The hot path of a worker's finish (or cancel): see [`finish::FusedFinish`]. ONE
@@ -1672,6 +1687,90 @@ mod tests {
             4
         );
         assert!(remaining().await.is_empty());
+        drop(client);
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// Many new objects with tags are ONE statement (the fused path answers, not the general
+    /// one); when one of them exists, or a namespace is missing, that path keeps nothing and
+    /// leaves the batch to the general path.
+    #[tokio::test]
+    async fn bulk_create_is_one_statement_and_keeps_nothing_on_a_clash() {
+        use fleetdb_core::{Op, PutMode};
+        let (backend, base, schema) = test_backend(2).await;
+        let client = backend.client().await.unwrap();
+        let count = |sql: &'static str| {
+            let client = &client;
+            async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        let batch = |ids: &[(&str, &str)]| Batch {
+            preconditions: Vec::new(),
+            now: Timestamp(7),
+            ops: ids
+                .iter()
+                .flat_map(|(ns, id)| {
+                    let key = ObjectKey::new(*ns, "job", *id).unwrap();
+                    [
+                        Op::ObjectPut {
+                            key: key.clone(),
+                            labels: [("l".to_string(), "v".to_string())].into(),
+                            mode: PutMode::Create,
+                        },
+                        Op::TagSet {
+                            key,
+                            name: "t".to_string(),
+                            value: format!("{{\"id\": \"{id}\"}}"),
+                        },
+                    ]
+                })
+                .collect(),
+        };
+        let rows = |n| {
+            count(if n == 0 {
+                "SELECT count(*) FROM objects"
+            } else {
+                "SELECT count(*) FROM changes"
+            })
+        };
+        let fresh = batch(&[("default", "a"), ("default", "b"), ("default", "c")]);
+        let results = backend
+            .object_create_fused(&fresh)
+            .await
+            .unwrap()
+            .expect("new objects take the fused path");
+        assert_eq!(results.len(), 6);
+        let revs: Vec<i64> = results
+            .iter()
+            .map(|r| match &r.applied {
+                fleetdb_core::Applied::Object(o) => o.revision.0,
+                fleetdb_core::Applied::Tag(t) => t.revision.0,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+        assert_eq!((rows(0).await, rows(1).await), (3, 6));
+        // "b" exists: nothing of the batch stays, and the general path is asked to decide.
+        let clash = batch(&[("default", "d"), ("default", "b"), ("default", "e")]);
+        assert!(backend.object_create_fused(&clash).await.unwrap().is_none());
+        let missing = batch(&[("default", "f"), ("nowhere", "g")]);
+        assert!(backend
+            .object_create_fused(&missing)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!((rows(0).await, rows(1).await), (3, 6));
+        let tags: Vec<String> = client
+            .query("SELECT value FROM tags ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            tags,
+            ["{\"id\": \"a\"}", "{\"id\": \"b\"}", "{\"id\": \"c\"}"]
+        );
         drop(client);
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();

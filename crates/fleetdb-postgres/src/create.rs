@@ -1,0 +1,237 @@
+//! "Create these objects with these tags" without reading a key first: the hot path of adding
+//! work items one at a time, and of importing a fleet in bulk.
+//!
+//! A batch qualifies when it has no preconditions and its ops are groups of an object put
+//! (`Create`, or `Upsert` followed by at least one tag set: a lone upsert usually updates an
+//! existing object) followed by tag sets of that object with distinct names, the objects all
+//! distinct. Every object is new in the common case, so the statements insert them
+//! `ON CONFLICT DO NOTHING` instead of reading each key first: creators of neighbouring keys (new
+//! ids are time-ordered) then take no predicate locks on each other's index pages, and a batch of
+//! a thousand objects is one statement instead of five round trips per object. When an object
+//! exists after all, nothing of the batch is kept and the general path decides (merge the labels,
+//! or `AlreadyExists`); an object that a concurrent transaction created and this one cannot see
+//! is a serialization failure under SERIALIZABLE (`ON CONFLICT DO NOTHING` checks visibility),
+//! so the batch is retried and then sees it.
+//!
+//! Revisions are taken in op order (the object's, then its tags', then the next object's), one
+//! change-log row per op, as [`fleetdb_core::apply::apply_batch`] writes them; the conformance
+//! suite holds both paths to the same results.
+
+use std::collections::{HashMap, HashSet};
+
+use fleetdb_core::{
+    Applied, Batch, Error, Labels, Object, ObjectKey, Op, OpResult, PutMode, Result, Revision, Tag,
+    Timestamp,
+};
+
+use crate::sql;
+
+/// One object of a create batch, with its tags.
+pub(crate) struct NewObject<'a> {
+    /// Index of the object put in the batch; its tags follow it (`n + 1 …`).
+    n: usize,
+    pub(crate) key: &'a ObjectKey,
+    labels: Labels,
+    /// An upsert: qualifies only with at least one tag set.
+    upsert: bool,
+    /// The tag sets: name, value as written, value parsed.
+    pub(crate) tags: Vec<(&'a str, &'a str, serde_json::Value)>,
+}
+
+impl NewObject<'_> {
+    fn complete(&self) -> bool {
+        !(self.upsert && self.tags.is_empty())
+    }
+}
+
+/// The batch as objects to create, or `None` when it has another shape (or an input the general
+/// path must reject and name: a bad value, too many labels).
+pub(crate) fn new_objects(batch: &Batch) -> Option<Vec<NewObject<'_>>> {
+    if !batch.preconditions.is_empty() {
+        return None;
+    }
+    let mut out: Vec<NewObject<'_>> = Vec::new();
+    let mut keys = HashSet::new();
+    let mut names = HashSet::new();
+    for (n, op) in batch.ops.iter().enumerate() {
+        match op {
+            Op::ObjectPut { key, labels, mode } => {
+                if *mode == PutMode::Update
+                    || !keys.insert(key)
+                    || out.last().is_some_and(|o| !o.complete())
+                {
+                    return None;
+                }
+                names.clear();
+                out.push(NewObject {
+                    n,
+                    key,
+                    labels: fleetdb_core::validate::merge_labels(&Labels::new(), labels).ok()?,
+                    upsert: *mode == PutMode::Upsert,
+                    tags: Vec::new(),
+                });
+            }
+            Op::TagSet { key, name, value } => {
+                let last = out.last_mut()?;
+                if key != last.key || !names.insert(name.as_str()) {
+                    return None;
+                }
+                let parsed = serde_json::from_str::<serde_json::Value>(value).ok()?;
+                last.tags.push((name.as_str(), value.as_str(), parsed));
+            }
+            _ => return None,
+        }
+    }
+    if out.is_empty() || out.last().is_some_and(|o| !o.complete()) {
+        return None;
+    }
+    Some(out)
+}
+
+/// One object: ONE statement that inserts the object `ON CONFLICT DO NOTHING` and, only if it
+/// was new, its tags, each with its change-log row, revisions in op order. `$1`–`$3` the key,
+/// `$4` the labels, `$5` now, `$6` the labels as the change log shows them, `$7` the tags
+/// (`[{n, name, value}]`). Returns whether the namespace exists, the object's revision (NULL if
+/// it existed) and the tags' revisions by name.
+pub(crate) const ONE: &str = "WITH ns AS (SELECT 1 FROM namespaces WHERE name = $1), \
+     o AS (INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+        SELECT $1, $2, $3, $4, $5, $5, nextval('fleetdb_revision') FROM ns \
+        ON CONFLICT (namespace, kind, id) DO NOTHING RETURNING revision), \
+     oc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+        SELECT revision, $1, $2, $3, 'object', '', 'put', NULL, $6, $5 FROM o), \
+     k AS (SELECT * FROM jsonb_to_recordset(($7::text)::jsonb) AS k(n bigint, name text, value text)), \
+     t AS (INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+        SELECT $1, $2, $3, s.name, s.value, $5, nextval('fleetdb_revision') \
+        FROM o, (SELECT * FROM k ORDER BY n) AS s RETURNING name, value, revision), \
+     tc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+        SELECT revision, $1, $2, $3, 'tag', name, 'put', NULL, value, $5 FROM t) \
+     SELECT EXISTS (SELECT 1 FROM ns), (SELECT revision FROM o), \
+       (SELECT jsonb_object_agg(name, revision)::text FROM t)";
+
+/// Many objects: ONE statement, run in a transaction the caller commits only when every object
+/// was new (the statement inserts what it can; a short count means some existed, and the caller
+/// rolls back). `$1` the objects (`[{n, ns, kind, id, labels, change}]`), `$2` the tags
+/// (`[{n, o, name, value}]`, `o` the object's `n`), `$3` now. Nothing is written unless every
+/// namespace exists. Returns whether they all do, how many objects were inserted, and the
+/// revision of every op (`[[n, revision], …]`).
+pub(crate) const MANY: &str = "WITH oi AS MATERIALIZED (SELECT * FROM jsonb_to_recordset(($1::text)::jsonb) \
+        AS k(n bigint, ns text, kind text, id text, labels text, change text)), \
+     ti AS MATERIALIZED (SELECT * FROM jsonb_to_recordset(($2::text)::jsonb) \
+        AS k(n bigint, o bigint, name text, value text)), \
+     nsok AS MATERIALIZED (SELECT NOT EXISTS (SELECT 1 FROM (SELECT DISTINCT ns FROM oi) AS d \
+        WHERE NOT EXISTS (SELECT 1 FROM namespaces WHERE name = d.ns)) AS ok), \
+     r AS MATERIALIZED (SELECT x.n, nextval('fleetdb_revision') AS rev \
+        FROM (SELECT n FROM oi UNION ALL SELECT n FROM ti ORDER BY n) AS x \
+        WHERE (SELECT ok FROM nsok)), \
+     o AS (INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+        SELECT oi.ns, oi.kind, oi.id, oi.labels, $3, $3, r.rev FROM oi JOIN r ON r.n = oi.n \
+        ON CONFLICT (namespace, kind, id) DO NOTHING RETURNING revision), \
+     oc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+        SELECT r.rev, oi.ns, oi.kind, oi.id, 'object', '', 'put', NULL, oi.change, $3 \
+        FROM oi JOIN r ON r.n = oi.n), \
+     t AS (INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+        SELECT oi.ns, oi.kind, oi.id, ti.name, ti.value, $3, r.rev \
+        FROM ti JOIN r ON r.n = ti.n JOIN oi ON oi.n = ti.o \
+        ON CONFLICT (namespace, kind, id, name) DO NOTHING), \
+     tc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+        SELECT r.rev, oi.ns, oi.kind, oi.id, 'tag', ti.name, 'put', NULL, ti.value, $3 \
+        FROM ti JOIN r ON r.n = ti.n JOIN oi ON oi.n = ti.o) \
+     SELECT (SELECT ok FROM nsok), (SELECT count(*) FROM o), \
+       (SELECT jsonb_agg(jsonb_build_array(n, rev))::text FROM r)";
+
+/// The parameters of [`ONE`] for `object` (the only one).
+pub(crate) fn one_params(object: &NewObject<'_>, now: Timestamp) -> OneParams {
+    let tags = serde_json::Value::Array(
+        object
+            .tags
+            .iter()
+            .enumerate()
+            .map(|(n, (name, value, _))| serde_json::json!({"n": n, "name": name, "value": value}))
+            .collect(),
+    )
+    .to_string();
+    OneParams {
+        labels: sql::labels_text(&object.labels),
+        change: fleetdb_core::apply::labels_json(&object.labels),
+        now: now.0,
+        tags,
+    }
+}
+
+/// Owned parameters of [`ONE`] (besides the key).
+pub(crate) struct OneParams {
+    pub(crate) labels: String,
+    pub(crate) change: String,
+    pub(crate) now: i64,
+    pub(crate) tags: String,
+}
+
+/// The objects and tags parameters of [`MANY`].
+pub(crate) fn many_params(objects: &[NewObject<'_>]) -> (String, String) {
+    let mut o = Vec::with_capacity(objects.len());
+    let mut t = Vec::new();
+    for object in objects {
+        o.push(serde_json::json!({
+            "n": object.n,
+            "ns": object.key.namespace,
+            "kind": object.key.kind,
+            "id": object.key.id,
+            "labels": sql::labels_text(&object.labels),
+            "change": fleetdb_core::apply::labels_json(&object.labels),
+        }));
+        for (i, (name, value, _)) in object.tags.iter().enumerate() {
+            t.push(serde_json::json!({"n": object.n + 1 + i, "o": object.n, "name": name, "value": value}));
+        }
+    }
+    (
+        serde_json::Value::Array(o).to_string(),
+        serde_json::Value::Array(t).to_string(),
+    )
+}
+
+/// The results of creating `objects` (in op order), given the revision of each op by index.
+pub(crate) fn results(
+    objects: Vec<NewObject<'_>>,
+    now: Timestamp,
+    revision: impl Fn(usize) -> Option<i64>,
+) -> Result<Vec<OpResult>> {
+    let missing = |what: String| Error::Backend(format!("no revision for {what} of a new object"));
+    let mut out = Vec::with_capacity(objects.iter().map(|o| 1 + o.tags.len()).sum());
+    for object in objects {
+        let rev = revision(object.n).ok_or_else(|| missing(format!("object {}", object.key)))?;
+        out.push(OpResult {
+            changed: true,
+            applied: Applied::Object(Object {
+                key: object.key.clone(),
+                labels: object.labels,
+                created_at: now,
+                updated_at: now,
+                revision: Revision(rev),
+            }),
+        });
+        for (i, (name, _, value)) in object.tags.into_iter().enumerate() {
+            let rev = revision(object.n + 1 + i).ok_or_else(|| missing(format!("tag {name:?}")))?;
+            out.push(OpResult {
+                changed: true,
+                applied: Applied::Tag(Tag {
+                    object: object.key.clone(),
+                    name: name.to_string(),
+                    value,
+                    updated_at: now,
+                    revision: Revision(rev),
+                }),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The revisions of [`MANY`]'s last column, by op index.
+pub(crate) fn many_revisions(text: Option<String>) -> Result<HashMap<usize, i64>> {
+    let pairs: Vec<(usize, i64)> = match text {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| Error::Backend(format!("revisions of new objects: {e}")))?,
+        None => Vec::new(),
+    };
+    Ok(pairs.into_iter().collect())
+}
