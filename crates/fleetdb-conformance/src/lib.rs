@@ -91,6 +91,7 @@ macro_rules! suite {
             many_tag_deletes_in_one_transaction,
             object_with_tags_in_one_transaction,
             objects_with_tags_in_bulk,
+            tag_sets_in_bulk,
             finish_and_claim_finishes_then_claims_the_next,
             finish_deleting_the_eligible_tag,
             work_matches_a_model_under_random_operations;

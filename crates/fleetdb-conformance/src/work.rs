@@ -1397,6 +1397,114 @@ pub async fn objects_with_tags_in_bulk(h: &Harness) {
     }
 }
 
+/// Tag sets of many existing objects in one transaction (PostgreSQL: one statement): new and
+/// changed values get revisions and change-log rows in op order, identical ones are no-ops, and
+/// a missing object fails the whole batch.
+pub async fn tag_sets_in_bulk(h: &Harness) {
+    let st = &h.store;
+    let keys: Vec<ObjectKey> = (0..4)
+        .map(|i| key("default", "machine", &format!("m{i}")))
+        .collect();
+    for k in &keys {
+        st.object_put(k, Labels::new()).await.unwrap();
+        st.tag_set(k, "state", &json!("new")).await.unwrap();
+    }
+    let set_all = |sets: Vec<(ObjectKey, &'static str, serde_json::Value)>| {
+        st.txn(move |tx| {
+            let sets = sets.clone();
+            async move {
+                for (k, name, value) in &sets {
+                    tx.tag_set(k, name, value)?;
+                }
+                Ok(())
+            }
+        })
+    };
+    let before = st.revision().await.unwrap().current;
+    let kept = st.tag_get(&keys[1], "state").await.unwrap().unwrap();
+    set_all(vec![
+        (keys[0].clone(), "state", json!("ready")),
+        (keys[1].clone(), "state", json!("new")), // identical: a no-op
+        (keys[2].clone(), "owner", json!({"team": "a"})),
+        (keys[0].clone(), "owner", json!({"team": "b"})),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(st.tag_get(&keys[1], "state").await.unwrap().unwrap(), kept);
+    let changes = st
+        .changes(before, &fleetdb::ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    let got: Vec<_> = changes
+        .iter()
+        .map(|c| {
+            (
+                c.id.as_str(),
+                c.name.as_str(),
+                c.old_value.clone(),
+                c.new_value.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("m0", "state", Some(json!("new")), Some(json!("ready"))),
+            ("m2", "owner", None, Some(json!({"team": "a"}))),
+            ("m0", "owner", None, Some(json!({"team": "b"}))),
+        ]
+    );
+    assert!(changes.windows(2).all(|w| w[0].revision < w[1].revision));
+    for (c, (k, name)) in changes.iter().zip([
+        (&keys[0], "state"),
+        (&keys[2], "owner"),
+        (&keys[0], "owner"),
+    ]) {
+        let t = st.tag_get(k, name).await.unwrap().unwrap();
+        assert_eq!(
+            (t.revision, Some(t.value)),
+            (c.revision, c.new_value.clone())
+        );
+    }
+
+    // A missing object anywhere: NotFound, nothing written.
+    let at = st.revision().await.unwrap().current;
+    let r = set_all(vec![
+        (keys[3].clone(), "state", json!("gone")),
+        (key("default", "machine", "nope"), "state", json!("x")),
+    ])
+    .await;
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    assert_eq!(
+        st.tag_get(&keys[3], "state").await.unwrap().unwrap().value,
+        json!("new")
+    );
+    assert!(st
+        .changes(at, &fleetdb::ChangeFilter::default(), 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Racing bulk sets of the same tags both commit, one after the other.
+    let at = st.revision().await.unwrap().current;
+    let sets = |v: &'static str| keys.iter().map(|k| (k.clone(), "race", json!(v))).collect();
+    let (a, b) = tokio::join!(set_all(sets("a")), set_all(sets("b")));
+    a.unwrap();
+    b.unwrap();
+    let changes = st
+        .changes(at, &fleetdb::ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 8, "{changes:?}");
+    let last = changes[7].new_value.clone();
+    for k in &keys {
+        assert_eq!(
+            Some(st.tag_get(k, "race").await.unwrap().unwrap().value),
+            last
+        );
+    }
+}
+
 pub async fn finish_many_with_writes_is_atomic(h: &Harness) {
     let st = &h.store;
     st.process_define("P", &[]).await.unwrap();

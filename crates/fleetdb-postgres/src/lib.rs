@@ -19,9 +19,9 @@
 
 mod claims;
 mod content;
-mod create;
 mod error;
 mod finish;
+mod fused;
 mod gc;
 mod kv;
 mod migrate;
@@ -485,7 +485,7 @@ impl PostgresBackend {
     /// batch has another shape or an object exists (the general path then decides: merge the
     /// labels, or `AlreadyExists`), or when an input is one the general path must reject.
     async fn object_create_fused(&self, batch: &Batch) -> Result<Option<Vec<OpResult>>> {
-        let Some(objects) = create::new_objects(batch) else {
+        let Some(objects) = fused::new_objects(batch) else {
             return Ok(None);
         };
         if objects.len() > 1 {
@@ -493,7 +493,7 @@ impl PostgresBackend {
         }
         let object = &objects[0];
         let key = object.key;
-        let p = create::one_params(object, batch.now);
+        let p = fused::one_params(object, batch.now);
         let params: [Param<'_>; 7] = [
             &key.namespace,
             &key.kind,
@@ -505,7 +505,7 @@ impl PostgresBackend {
         ];
         // One round trip: a new object writes nothing it would have to take back.
         let rows = self
-            .one_statement(sql::BEGIN, None, create::ONE, &params)
+            .one_statement(sql::BEGIN, None, fused::ONE, &params)
             .await?;
         let row = rows
             .first()
@@ -524,23 +524,23 @@ impl PostgresBackend {
                 None => std::collections::HashMap::new(),
             };
         let names: Vec<String> = object.tags.iter().map(|t| t.0.to_string()).collect();
-        create::results(objects, batch.now, |n| match n {
+        fused::results(objects, batch.now, |n| match n {
             0 => Some(revision),
             n => tag_revisions.get(names.get(n - 1)?).copied(),
         })
         .map(Some)
     }
 
-    /// [`create::MANY`] in a SERIALIZABLE transaction of two round trips (`BEGIN` and the
+    /// [`fused::MANY`] in a SERIALIZABLE transaction of two round trips (`BEGIN` and the
     /// statement, then `COMMIT`), rolled back instead when an object existed or a namespace is
     /// missing (`None`: the general path decides and names it), retried on serialization
     /// failures.
     async fn objects_create_many(
         &self,
-        objects: Vec<create::NewObject<'_>>,
+        objects: Vec<fused::NewObject<'_>>,
         now: Timestamp,
     ) -> Result<Option<Vec<OpResult>>> {
-        let (objects_json, tags_json) = create::many_params(&objects);
+        let (objects_json, tags_json) = fused::many_params(&objects);
         let params: [Param<'_>; 3] = [&objects_json, &tags_json, &now.0];
         let mut attempt = 0;
         let revisions = loop {
@@ -560,7 +560,7 @@ impl PostgresBackend {
                 }
             }
         };
-        create::results(objects, now, |n| revisions.get(&n).copied()).map(Some)
+        fused::results(objects, now, |n| revisions.get(&n).copied()).map(Some)
     }
 
     /// One attempt of [`Self::objects_create_many`]: the revisions by op index once committed,
@@ -577,7 +577,7 @@ impl PostgresBackend {
         };
         let conn: &deadpool_postgres::ClientWrapper = guard.client();
         let stmt = conn
-            .prepare_cached(create::MANY)
+            .prepare_cached(fused::MANY)
             .await
             .map_err(|e| classify(&e))?;
         let (begin, rows) =
@@ -594,7 +594,7 @@ impl PostgresBackend {
             if !namespaces || usize::try_from(inserted).ok() != Some(expected) {
                 return Ok(None);
             }
-            create::many_revisions(row.try_get(2).map_err(get)?)
+            fused::many_revisions(row.try_get(2).map_err(get)?)
                 .map(Some)
                 .map_err(Failure::Fail)
         });
@@ -613,6 +613,30 @@ impl PostgresBackend {
             (Ok(Some(_)), Err(e)) => Err(classify(&e)),
             (Ok(decided), _) => Ok(decided),
         }
+    }
+
+    /// Tag sets of existing objects in bulk ([`fused::TAG_SETS`]): ONE statement, one round
+    /// trip. `None` when the batch has another shape or an object is missing (nothing was
+    /// written; the general path names it).
+    async fn tag_sets_fused(&self, batch: &Batch) -> Result<Option<Vec<OpResult>>> {
+        let Some(sets) = fused::tag_sets(batch) else {
+            return Ok(None);
+        };
+        let param = fused::tag_sets_param(&sets);
+        let params: [Param<'_>; 2] = [&param, &batch.now.0];
+        let rows = self
+            .one_statement(sql::BEGIN_SWEEP, None, fused::TAG_SETS, &params)
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::Backend("the tag sets statement returned no row".into()))?;
+        fused::tag_sets_results(
+            sets,
+            batch.now,
+            row.try_get(0).map_err(db_err)?,
+            row.try_get(1).map_err(db_err)?,
+            row.try_get(2).map_err(db_err)?,
+        )
     }
 
     /// The hot path of a worker's finish (or cancel): see [`finish::FusedFinish`]. ONE
@@ -1087,6 +1111,9 @@ impl Backend for PostgresBackend {
             return self.tag_set_fused(key, name, value, batch.now).await;
         }
         if let Some(results) = self.object_create_fused(&batch).await? {
+            return Ok(results);
+        }
+        if let Some(results) = self.tag_sets_fused(&batch).await? {
             return Ok(results);
         }
         if let Some(results) = self.finish_fused(&batch).await? {
@@ -1692,11 +1719,12 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
-    /// Many new objects with tags are ONE statement (the fused path answers, not the general
-    /// one); when one of them exists, or a namespace is missing, that path keeps nothing and
-    /// leaves the batch to the general path.
+    /// Many new objects with tags, and many tag sets of existing objects, are ONE statement each
+    /// (the fused paths answer, not the general one); when an object exists (creates) or is
+    /// missing (tag sets), or a namespace is missing, they keep nothing and leave the batch to
+    /// the general path.
     #[tokio::test]
-    async fn bulk_create_is_one_statement_and_keeps_nothing_on_a_clash() {
+    async fn bulk_creates_and_tag_sets_are_one_statement_and_keep_nothing_on_a_clash() {
         use fleetdb_core::{Op, PutMode};
         let (backend, base, schema) = test_backend(2).await;
         let client = backend.client().await.unwrap();
@@ -1771,6 +1799,34 @@ mod tests {
             tags,
             ["{\"id\": \"a\"}", "{\"id\": \"b\"}", "{\"id\": \"c\"}"]
         );
+        // Tag sets of existing objects in bulk: one statement too; a missing object writes
+        // nothing and leaves the batch to the general path.
+        let sets = |ids: &[(&str, &str)]| Batch {
+            preconditions: Vec::new(),
+            now: Timestamp(8),
+            ops: ids
+                .iter()
+                .map(|(id, value)| Op::TagSet {
+                    key: ObjectKey::new("default", "job", *id).unwrap(),
+                    name: "t".to_string(),
+                    value: value.to_string(),
+                })
+                .collect(),
+        };
+        let results = backend
+            .tag_sets_fused(&sets(&[("a", "1"), ("b", "{\"id\": \"b\"}"), ("c", "3")]))
+            .await
+            .unwrap()
+            .expect("tag sets of existing objects take the fused path");
+        let changed: Vec<bool> = results.iter().map(|r| r.changed).collect();
+        assert_eq!(changed, [true, false, true], "b's value is identical");
+        assert_eq!(rows(1).await, 8);
+        assert!(backend
+            .tag_sets_fused(&sets(&[("a", "5"), ("zz", "5")]))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(rows(1).await, 8);
         drop(client);
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();

@@ -1,10 +1,15 @@
-//! "Create these objects with these tags" without reading a key first: the hot path of adding
-//! work items one at a time, and of importing a fleet in bulk.
+//! Batches of many writes as ONE statement each, where the general path ([`apply_batch`]) would
+//! read and write every op in round trips of its own: creating objects with their tags (the hot
+//! path of adding work items one at a time, and of importing a fleet in bulk), and setting tags
+//! of existing objects in bulk. Each makes the decisions `apply_batch` makes (the conformance
+//! suite holds both paths to the same results), with revisions and change-log rows in op order;
+//! when the batch would fail, nothing of it is kept and the general path runs it again and names
+//! the error exactly.
 //!
-//! A batch qualifies when it has no preconditions and its ops are groups of an object put
-//! (`Create`, or `Upsert` followed by at least one tag set: a lone upsert usually updates an
-//! existing object) followed by tag sets of that object with distinct names, the objects all
-//! distinct. Every object is new in the common case, so the statements insert them
+//! **Creates.** A batch qualifies when it has no preconditions and its ops are groups of an
+//! object put (`Create`, or `Upsert` followed by at least one tag set: a lone upsert usually
+//! updates an existing object) followed by tag sets of that object with distinct names, the
+//! objects all distinct. Every object is new in the common case, so the statements insert them
 //! `ON CONFLICT DO NOTHING` instead of reading each key first: creators of neighbouring keys (new
 //! ids are time-ordered) then take no predicate locks on each other's index pages, and a batch of
 //! a thousand objects is one statement instead of five round trips per object. When an object
@@ -13,9 +18,11 @@
 //! is a serialization failure under SERIALIZABLE (`ON CONFLICT DO NOTHING` checks visibility),
 //! so the batch is retried and then sees it.
 //!
-//! Revisions are taken in op order (the object's, then its tags', then the next object's), one
-//! change-log row per op, as [`fleetdb_core::apply::apply_batch`] writes them; the conformance
-//! suite holds both paths to the same results.
+//! **Tag sets.** A batch of tag sets only (no preconditions, distinct tags): every object must
+//! exist (else nothing is written); a tag whose value is identical is a no-op (no revision); the
+//! others are upserted, each with its change-log row carrying the replaced value.
+//!
+//! [`apply_batch`]: fleetdb_core::apply::apply_batch
 
 use std::collections::{HashMap, HashSet};
 
@@ -234,4 +241,128 @@ pub(crate) fn many_revisions(text: Option<String>) -> Result<HashMap<usize, i64>
         None => Vec::new(),
     };
     Ok(pairs.into_iter().collect())
+}
+
+/// One op of a bulk tag set.
+pub(crate) struct TagSetOp<'a> {
+    /// Its index in the batch.
+    n: usize,
+    key: &'a ObjectKey,
+    name: &'a str,
+    /// The value as written.
+    value: &'a str,
+    parsed: serde_json::Value,
+}
+
+/// A batch of at least two tag sets of distinct tags and nothing else; `None` for any other
+/// batch (or a value the general path must reject and name).
+pub(crate) fn tag_sets(batch: &Batch) -> Option<Vec<TagSetOp<'_>>> {
+    if !batch.preconditions.is_empty() || batch.ops.len() < 2 {
+        return None;
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(batch.ops.len());
+    for (n, op) in batch.ops.iter().enumerate() {
+        let Op::TagSet { key, name, value } = op else {
+            return None;
+        };
+        if !seen.insert((key, name)) {
+            return None;
+        }
+        let parsed = serde_json::from_str::<serde_json::Value>(value).ok()?;
+        out.push(TagSetOp {
+            n,
+            key,
+            name,
+            value,
+            parsed,
+        });
+    }
+    Some(out)
+}
+
+/// Tag sets of existing objects: ONE statement (run with sequential scans off, so every object
+/// and tag is reached by a primary-key probe). `$1` the sets (`[{n, ns, kind, id, name, value}]`),
+/// `$2` now. Writes nothing if an object is missing. Returns whether one is, the revision of every
+/// set that changed a value (`[[n, revision], …]`) and the tags found (`[[n, value, updated_at,
+/// revision], …]`).
+pub(crate) const TAG_SETS: &str = "WITH k AS MATERIALIZED (SELECT * FROM jsonb_to_recordset(($1::text)::jsonb) \
+        AS k(n bigint, ns text, kind text, id text, name text, value text)), \
+     miss AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM k WHERE NOT EXISTS (SELECT 1 FROM objects o \
+        WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id)) AS gone), \
+     cur AS MATERIALIZED (SELECT k.*, t.value AS old, t.updated_at AS old_at, t.revision AS old_rev \
+        FROM k LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags WHERE namespace = k.ns \
+          AND kind = k.kind AND id = k.id AND name = k.name) AS t ON true), \
+     r AS MATERIALIZED (SELECT x.n, nextval('fleetdb_revision') AS rev \
+        FROM (SELECT n FROM cur WHERE old IS DISTINCT FROM value ORDER BY n) AS x \
+        WHERE NOT (SELECT gone FROM miss)), \
+     chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+        SELECT r.rev, c.ns, c.kind, c.id, 'tag', c.name, 'put', c.old, c.value, $2 \
+        FROM r JOIN cur AS c ON c.n = r.n), \
+     up AS (INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+        SELECT c.ns, c.kind, c.id, c.name, c.value, $2, r.rev FROM r JOIN cur AS c ON c.n = r.n \
+        ON CONFLICT (namespace, kind, id, name) DO UPDATE \
+          SET value = excluded.value, updated_at = excluded.updated_at, revision = excluded.revision) \
+     SELECT (SELECT gone FROM miss), (SELECT jsonb_agg(jsonb_build_array(n, rev))::text FROM r), \
+       (SELECT jsonb_agg(jsonb_build_array(n, old, old_at, old_rev))::text FROM cur WHERE old IS NOT NULL)";
+
+/// The parameter `$1` of [`TAG_SETS`].
+pub(crate) fn tag_sets_param(sets: &[TagSetOp<'_>]) -> String {
+    serde_json::Value::Array(
+        sets.iter()
+            .map(|s| {
+                serde_json::json!({"n": s.n, "ns": s.key.namespace, "kind": s.key.kind,
+                    "id": s.key.id, "name": s.name, "value": s.value})
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+/// The results of [`TAG_SETS`]: `None` when an object was missing (nothing was written).
+pub(crate) fn tag_sets_results(
+    sets: Vec<TagSetOp<'_>>,
+    now: Timestamp,
+    missing: bool,
+    changed: Option<String>,
+    found: Option<String>,
+) -> Result<Option<Vec<OpResult>>> {
+    if missing {
+        return Ok(None);
+    }
+    let changed = many_revisions(changed)?;
+    let found: Vec<(usize, String, i64, i64)> = match found {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| Error::Backend(format!("tags found by a tag set: {e}")))?,
+        None => Vec::new(),
+    };
+    let found: HashMap<usize, (String, i64, i64)> = found
+        .into_iter()
+        .map(|(n, v, at, rev)| (n, (v, at, rev)))
+        .collect();
+    sets.into_iter()
+        .map(|s| {
+            let (key, name) = (s.key, s.name);
+            let (value, updated_at, revision, changed) = match changed.get(&s.n) {
+                Some(rev) => (s.parsed, now, *rev, true),
+                None => {
+                    let (text, at, rev) = found.get(&s.n).ok_or_else(|| {
+                        Error::Backend(format!("tag {name:?} of {key}: neither set nor found"))
+                    })?;
+                    (sql::parse_value(text)?, Timestamp(*at), *rev, false)
+                }
+            };
+            Ok(OpResult {
+                changed,
+                applied: Applied::Tag(Tag {
+                    object: key.clone(),
+                    name: name.to_string(),
+                    value,
+                    updated_at,
+                    revision: Revision(revision),
+                }),
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
