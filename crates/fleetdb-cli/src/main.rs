@@ -2,6 +2,7 @@
 //! and errors come from the library, so the CLI and the API can never disagree.
 
 mod gc_cmd;
+mod import_cmd;
 mod output;
 mod work_cmd;
 mod world_cmd;
@@ -153,6 +154,19 @@ enum ObjectCmd {
     Ls(ObjectLs),
     /// Delete an object and its tags.
     Rm { kind: String, id: String },
+    /// Import objects with their labels and tags from JSON lines ({"kind": …, "id": …,
+    /// "labels": {…}, "tags": {"name": <JSON>, …}}), in transactions of --batch objects. Every
+    /// line is validated before anything is written.
+    Import {
+        /// The file (`-` or omitted: stdin).
+        file: Option<String>,
+        /// Fail if an object exists already (default: create or update; labels are a patch).
+        #[arg(long)]
+        create: bool,
+        /// Objects per transaction (1..=5000).
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -335,6 +349,11 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                 }
                 Ok(())
             }
+            ObjectCmd::Import {
+                file,
+                create,
+                batch,
+            } => import_cmd::import(store, fmt, ns, file.as_deref(), create, batch).await,
             ObjectCmd::Get { kind, id } => {
                 let k = key(&kind, &id)?;
                 let o = store

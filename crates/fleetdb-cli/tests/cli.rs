@@ -353,6 +353,99 @@ fn bad_input_changes_nothing(db: &Db) {
     assert_eq!(revision(db), before, "bad input wrote something");
 }
 
+/// `object import`: JSON lines in transactions of `--batch`; bad input writes nothing and names
+/// its line; a refused transaction names its lines and keeps the ones before it.
+fn import(db: &Db) {
+    let lines = |from: usize, to: usize| -> String {
+        (from..to)
+            .map(|i| {
+                format!(
+                    "{{\"kind\": \"machine\", \"id\": \"m{i:04}\", \"labels\": {{\"rack\": \"r{}\"}}, \"tags\": {{\"provided\": {{\"at\": {i}}}}}}}\n\n",
+                    i % 3
+                )
+            })
+            .collect()
+    };
+    let count = |db: &Db| {
+        ok_json(
+            db,
+            &["select", "--count", "kind = machine and has(provided)"],
+        )
+    };
+    let out = fleetdb(
+        db,
+        &["-o", "json", "object", "import", "--batch", "40"],
+        Some(&lines(0, 100)),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["objects"].as_u64(), v["transactions"].as_u64()),
+        (Some(100), Some(3))
+    );
+    assert_eq!(count(db)["count"], 100);
+    let m7 = ok_json(db, &["object", "get", "machine", "m0007"]);
+    assert_eq!(m7["labels"]["rack"], "r1");
+    assert_eq!(
+        ok_json(db, &["tag", "get", "machine", "m0007", "provided"])["value"]["at"],
+        7
+    );
+
+    // Bad input anywhere: nothing is written, the line is named.
+    let before = revision(db);
+    let bad = format!(
+        "{}{{\"kind\": \"machine\", \"id\": \"bad id!\"}}\n",
+        lines(100, 110)
+    );
+    let (code, err) = fails(db, &["object", "import"], Some(&bad));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("line 21"), "{err}");
+    for bad in [
+        "{\"kind\": \"machine\"}\n",
+        "{\"kind\": \"machine\", \"id\": \"a\", \"tagz\": {}}\n",
+        "{\"kind\": \"machine\", \"id\": \"a\", \"tags\": {\"bad name!\": 1}}\n",
+        "{\"kind\": \"machine\", \"id\": \"a\"}\n{\"kind\": \"machine\", \"id\": \"a\"}\n",
+        "not json\n",
+    ] {
+        let (code, err) = fails(db, &["object", "import"], Some(bad));
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("line "), "{bad}: {err}");
+    }
+    let (code, _) = fails(
+        db,
+        &["object", "import", "--batch", "0"],
+        Some(&lines(0, 1)),
+    );
+    assert_eq!(code, 2);
+    assert_eq!(revision(db), before, "bad input wrote nothing");
+
+    // --create: the transaction holding an existing object fails whole; those before it stay.
+    let mixed = format!("{}{}", lines(200, 240), lines(95, 100));
+    let (code, err) = fails(
+        db,
+        &["object", "import", "--create", "--batch", "40"],
+        Some(&mixed),
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("lines 81–89") && err.contains("40 objects"),
+        "{err}"
+    );
+    assert_eq!(count(db)["count"], 140);
+    // Without --create the same input updates the existing objects.
+    let out = fleetdb(db, &["object", "import"], Some(&mixed));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(db)["count"], 140);
+}
+
 fn sqlite_db() -> Db {
     Db {
         url: String::new(),
@@ -373,6 +466,11 @@ fn embedded_default_round_trip() {
 #[test]
 fn embedded_default_bad_input() {
     bad_input_changes_nothing(&sqlite_db());
+}
+
+#[test]
+fn embedded_default_import() {
+    import(&sqlite_db());
 }
 
 #[test]
@@ -417,6 +515,7 @@ fn postgres_round_trip_and_bad_input() {
     let (db, schema) = pg_db(&rt);
     round_trip(&db);
     bad_input_changes_nothing(&db);
+    import(&db);
     assert!(
         !db.dir.path().join("fleetdb-data").exists(),
         "nothing embedded was created"
