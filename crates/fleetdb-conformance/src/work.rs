@@ -1370,6 +1370,66 @@ pub async fn objects_with_tags_in_bulk(h: &Harness) {
     }
     assert!(changes_after(at).await.is_empty());
 
+    // Upserts of existing objects in bulk: labels merged (an empty value deletes one), identical
+    // labels and tag values change nothing, the rest get revisions and change rows in op order.
+    let at = st.revision().await.unwrap().current;
+    let y0 = st.tag_get(&keys[0], "y").await.unwrap().unwrap();
+    let k = keys.clone();
+    st.txn(move |tx| {
+        let k = k.clone();
+        async move {
+            tx.object_put(&k[0], crate::labels(&[("l", "a")]))?;
+            tx.tag_set(&k[0], "x", &json!(0))?;
+            tx.tag_set(&k[0], "y", &json!("new"))?;
+            tx.object_put(&k[1], crate::labels(&[("l", ""), ("z", "1")]))?;
+            tx.tag_set(&k[1], "x", &json!(100))?;
+            tx.object_put(&k[2], crate::labels(&[("z", "2")]))
+        }
+    })
+    .await
+    .unwrap();
+    let got: Vec<_> = changes_after(at)
+        .await
+        .iter()
+        .map(|c| {
+            (
+                c.id.clone(),
+                c.name.clone(),
+                c.old_value.clone(),
+                c.new_value.clone(),
+            )
+        })
+        .collect();
+    let s = |v: &str| v.to_string();
+    assert_eq!(
+        got,
+        vec![
+            (s("a000"), s("y"), Some(json!({"x": 0})), Some(json!("new"))),
+            (
+                s("a001"),
+                s(""),
+                Some(json!({"labels": {"l": "a"}})),
+                Some(json!({"labels": {"z": "1"}}))
+            ),
+            (s("a001"), s("x"), Some(json!(1)), Some(json!(100))),
+            (
+                s("a002"),
+                s(""),
+                Some(json!({"labels": {"l": "a"}})),
+                Some(json!({"labels": {"l": "a", "z": "2"}}))
+            ),
+        ]
+    );
+    let o0 = st.object_get(&keys[0]).await.unwrap().unwrap();
+    assert!(
+        o0.revision < y0.revision,
+        "an identical put keeps its revision"
+    );
+    assert!(st.tag_get(&keys[0], "x").await.unwrap().unwrap().revision < at);
+    let o1 = st.object_get(&keys[1]).await.unwrap().unwrap();
+    assert_eq!(o1.labels, crate::labels(&[("z", "1")]));
+    assert!(o1.updated_at > o1.created_at);
+
     // Racing creates of overlapping batches: one wins whole, the other fails whole.
     for round in 0..4 {
         let common = ids(&format!("r{round}c"), 10);

@@ -33,27 +33,37 @@ use fleetdb_core::{
 
 use crate::sql;
 
-/// One object of a create batch, with its tags.
+/// One object of a create (or upsert) batch, with its tags.
 pub(crate) struct NewObject<'a> {
     /// Index of the object put in the batch; its tags follow it (`n + 1 …`).
     n: usize,
     pub(crate) key: &'a ObjectKey,
+    /// The labels of a new object (the patch applied to none).
     labels: Labels,
-    /// An upsert: qualifies only with at least one tag set.
-    upsert: bool,
+    /// The patch as given (an empty value deletes a label).
+    patch: &'a Labels,
+    mode: PutMode,
     /// The tag sets: name, value as written, value parsed.
     pub(crate) tags: Vec<(&'a str, &'a str, serde_json::Value)>,
 }
 
 impl NewObject<'_> {
-    fn complete(&self) -> bool {
-        !(self.upsert && self.tags.is_empty())
+    /// An upsert qualifies for the create path only with at least one tag set (a lone upsert
+    /// usually updates an existing object).
+    fn creates(&self) -> bool {
+        self.mode == PutMode::Create || (self.mode == PutMode::Upsert && !self.tags.is_empty())
     }
 }
 
 /// The batch as objects to create, or `None` when it has another shape (or an input the general
 /// path must reject and name: a bad value, too many labels).
 pub(crate) fn new_objects(batch: &Batch) -> Option<Vec<NewObject<'_>>> {
+    objects(batch).filter(|objects| objects.iter().all(NewObject::creates))
+}
+
+/// The batch as groups of an object put (any mode) and tag sets of that object (distinct
+/// names), the objects distinct, no preconditions; `None` for any other batch.
+pub(crate) fn objects(batch: &Batch) -> Option<Vec<NewObject<'_>>> {
     if !batch.preconditions.is_empty() {
         return None;
     }
@@ -63,10 +73,7 @@ pub(crate) fn new_objects(batch: &Batch) -> Option<Vec<NewObject<'_>>> {
     for (n, op) in batch.ops.iter().enumerate() {
         match op {
             Op::ObjectPut { key, labels, mode } => {
-                if *mode == PutMode::Update
-                    || !keys.insert(key)
-                    || out.last().is_some_and(|o| !o.complete())
-                {
+                if !keys.insert(key) {
                     return None;
                 }
                 names.clear();
@@ -74,7 +81,8 @@ pub(crate) fn new_objects(batch: &Batch) -> Option<Vec<NewObject<'_>>> {
                     n,
                     key,
                     labels: fleetdb_core::validate::merge_labels(&Labels::new(), labels).ok()?,
-                    upsert: *mode == PutMode::Upsert,
+                    patch: labels,
+                    mode: *mode,
                     tags: Vec::new(),
                 });
             }
@@ -89,7 +97,7 @@ pub(crate) fn new_objects(batch: &Batch) -> Option<Vec<NewObject<'_>>> {
             _ => return None,
         }
     }
-    if out.is_empty() || out.last().is_some_and(|o| !o.complete()) {
+    if out.is_empty() {
         return None;
     }
     Some(out)
@@ -365,4 +373,217 @@ pub(crate) fn tag_sets_results(
         })
         .collect::<Result<Vec<_>>>()
         .map(Some)
+}
+
+/// Upserts, step 1: what the batch's objects and tags are now (and whether the namespace of each
+/// object exists), read by key in the transaction that then writes (SERIALIZABLE: the decisions
+/// rest on these reads). `$1`: `[{n, ns, kind, id, name}]`, `name` null for an object. Returns
+/// per `n`: the object's labels, created_at, updated_at and revision, or the tag's value,
+/// updated_at and revision (NULLs if absent), and whether the namespace exists.
+pub(crate) const UPSERT_READ: &str =
+    "WITH k AS MATERIALIZED (SELECT * FROM jsonb_to_recordset(($1::text)::jsonb) \
+        AS k(n bigint, ns text, kind text, id text, name text)) \
+     SELECT k.n, COALESCE(o.labels, t.value), COALESCE(o.created_at, t.updated_at), o.updated_at, \
+       COALESCE(o.revision, t.revision), \
+       k.name IS NOT NULL OR EXISTS (SELECT 1 FROM namespaces WHERE name = k.ns) \
+     FROM k \
+     LEFT JOIN LATERAL (SELECT labels, created_at, updated_at, revision FROM objects \
+       WHERE k.name IS NULL AND namespace = k.ns AND kind = k.kind AND id = k.id) AS o ON true \
+     LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags WHERE k.name IS NOT NULL \
+       AND namespace = k.ns AND kind = k.kind AND id = k.id AND name = k.name) AS t ON true";
+
+/// Upserts, step 2: the writes decided from step 1, revisions in op order. `$1` the objects
+/// (`[{n, ns, kind, id, labels, created_at, old, new}]`), `$2` the tags (`[{n, ns, kind, id,
+/// name, value, old}]`), `$3` now. Returns the revision of every write (`[[n, revision], …]`).
+pub(crate) const UPSERT_WRITE: &str = "WITH oi AS MATERIALIZED (SELECT * FROM jsonb_to_recordset(($1::text)::jsonb) \
+        AS k(n bigint, ns text, kind text, id text, labels text, created_at bigint, old text, new text)), \
+     ti AS MATERIALIZED (SELECT * FROM jsonb_to_recordset(($2::text)::jsonb) \
+        AS k(n bigint, ns text, kind text, id text, name text, value text, old text)), \
+     r AS MATERIALIZED (SELECT x.n, nextval('fleetdb_revision') AS rev \
+        FROM (SELECT n FROM oi UNION ALL SELECT n FROM ti ORDER BY n) AS x), \
+     o AS (INSERT INTO objects (namespace, kind, id, labels, created_at, updated_at, revision) \
+        SELECT oi.ns, oi.kind, oi.id, oi.labels, oi.created_at, $3, r.rev FROM oi JOIN r ON r.n = oi.n \
+        ON CONFLICT (namespace, kind, id) DO UPDATE \
+          SET labels = excluded.labels, updated_at = excluded.updated_at, revision = excluded.revision), \
+     oc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+        SELECT r.rev, oi.ns, oi.kind, oi.id, 'object', '', 'put', oi.old, oi.new, $3 \
+        FROM oi JOIN r ON r.n = oi.n), \
+     t AS (INSERT INTO tags (namespace, kind, id, name, value, updated_at, revision) \
+        SELECT ti.ns, ti.kind, ti.id, ti.name, ti.value, $3, r.rev FROM ti JOIN r ON r.n = ti.n \
+        ON CONFLICT (namespace, kind, id, name) DO UPDATE \
+          SET value = excluded.value, updated_at = excluded.updated_at, revision = excluded.revision), \
+     tc AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+        SELECT r.rev, ti.ns, ti.kind, ti.id, 'tag', ti.name, 'put', ti.old, ti.value, $3 \
+        FROM ti JOIN r ON r.n = ti.n) \
+     SELECT (SELECT jsonb_agg(jsonb_build_array(n, rev))::text FROM r)";
+
+/// The parameter of [`UPSERT_READ`].
+pub(crate) fn upsert_read_param(objects: &[NewObject<'_>]) -> String {
+    let mut out = Vec::new();
+    for o in objects {
+        let (ns, kind, id) = (&o.key.namespace, &o.key.kind, &o.key.id);
+        out.push(serde_json::json!({"n": o.n, "ns": ns, "kind": kind, "id": id, "name": null}));
+        for (i, (name, _, _)) in o.tags.iter().enumerate() {
+            out.push(serde_json::json!({"n": o.n + 1 + i, "ns": ns, "kind": kind, "id": id, "name": name}));
+        }
+    }
+    serde_json::Value::Array(out).to_string()
+}
+
+/// What [`UPSERT_READ`] found for one op: labels or value, created_at (objects) or updated_at
+/// (tags), updated_at (objects), revision, whether the object's namespace exists.
+pub(crate) type Found = (Option<String>, Option<i64>, Option<i64>, Option<i64>, bool);
+
+/// The decided upsert: the results of the ops that change nothing, and the writes of the others
+/// (the parameters of [`UPSERT_WRITE`]) with what their results will be once their revisions
+/// are known.
+pub(crate) struct Upsert {
+    results: Vec<OpResult>,
+    /// Indexes into `results` waiting for their revision, by op index.
+    pending: Vec<(usize, usize)>,
+    pub(crate) objects: String,
+    pub(crate) tags: String,
+}
+
+impl Upsert {
+    /// Nothing to write: every op was a no-op.
+    pub(crate) fn is_noop(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The results, given the revisions [`UPSERT_WRITE`] returned.
+    pub(crate) fn results(mut self, revisions: &HashMap<usize, i64>) -> Result<Vec<OpResult>> {
+        for (n, i) in self.pending {
+            let rev =
+                Revision(*revisions.get(&n).ok_or_else(|| {
+                    Error::Backend(format!("no revision for op {n} of an upsert"))
+                })?);
+            match &mut self.results[i].applied {
+                Applied::Object(o) => o.revision = rev,
+                Applied::Tag(t) => t.revision = rev,
+                _ => {}
+            }
+        }
+        Ok(self.results)
+    }
+}
+
+/// Decide every op as [`fleetdb_core::apply::apply_batch`] would, from what [`UPSERT_READ`]
+/// found (`found`, by op index). `None` when one would fail (an object exists for `Create`, is
+/// missing for `Update`, a namespace is missing, too many labels): the general path then names it.
+pub(crate) fn upsert_decide(
+    objects: &[NewObject<'_>],
+    found: &HashMap<usize, Found>,
+    now: Timestamp,
+) -> Result<Option<Upsert>> {
+    let mut up = Upsert {
+        results: Vec::new(),
+        pending: Vec::new(),
+        objects: String::new(),
+        tags: String::new(),
+    };
+    let (mut ow, mut tw) = (Vec::new(), Vec::new());
+    for o in objects {
+        let Some((labels, created_at, updated_at, revision, ns_exists)) = found.get(&o.n) else {
+            return Err(Error::Backend(format!("the upsert read lost op {}", o.n)));
+        };
+        let key = o.key;
+        let current = match (labels, created_at, updated_at, revision) {
+            (Some(l), Some(c), Some(u), Some(r)) => Some(Object {
+                key: key.clone(),
+                labels: sql::parse_labels_pub(l)?,
+                created_at: Timestamp(*c),
+                updated_at: Timestamp(*u),
+                revision: Revision(*r),
+            }),
+            _ => None,
+        };
+        let obj = match (current, o.mode) {
+            (Some(_), PutMode::Create) | (None, PutMode::Update) => return Ok(None),
+            (None, _) if !ns_exists => return Ok(None),
+            (Some(cur), _) => {
+                let Ok(merged) = fleetdb_core::validate::merge_labels(&cur.labels, o.patch) else {
+                    return Ok(None);
+                };
+                if merged == cur.labels {
+                    up.results.push(OpResult {
+                        changed: false,
+                        applied: Applied::Object(cur),
+                    });
+                    None
+                } else {
+                    let old = fleetdb_core::apply::labels_json(&cur.labels);
+                    Some((
+                        Object {
+                            labels: merged,
+                            updated_at: now,
+                            ..cur
+                        },
+                        Some(old),
+                    ))
+                }
+            }
+            (None, _) => Some((
+                Object {
+                    key: key.clone(),
+                    labels: o.labels.clone(),
+                    created_at: now,
+                    updated_at: now,
+                    revision: Revision(0),
+                },
+                None,
+            )),
+        };
+        if let Some((obj, old)) = obj {
+            ow.push(serde_json::json!({
+                "n": o.n, "ns": key.namespace, "kind": key.kind, "id": key.id,
+                "labels": sql::labels_text(&obj.labels), "created_at": obj.created_at.0,
+                "old": old, "new": fleetdb_core::apply::labels_json(&obj.labels),
+            }));
+            up.pending.push((o.n, up.results.len()));
+            up.results.push(OpResult {
+                changed: true,
+                applied: Applied::Object(obj),
+            });
+        }
+        for (i, (name, value, parsed)) in o.tags.iter().enumerate() {
+            let n = o.n + 1 + i;
+            let Some((old, at, _, rev, _)) = found.get(&n) else {
+                return Err(Error::Backend(format!("the upsert read lost op {n}")));
+            };
+            if let (Some(old), Some(at), Some(rev)) = (old, at, rev) {
+                if old == *value {
+                    up.results.push(OpResult {
+                        changed: false,
+                        applied: Applied::Tag(Tag {
+                            object: key.clone(),
+                            name: name.to_string(),
+                            value: sql::parse_value(old)?,
+                            updated_at: Timestamp(*at),
+                            revision: Revision(*rev),
+                        }),
+                    });
+                    continue;
+                }
+            }
+            tw.push(serde_json::json!({
+                "n": n, "ns": key.namespace, "kind": key.kind, "id": key.id,
+                "name": name, "value": value, "old": old,
+            }));
+            up.pending.push((n, up.results.len()));
+            up.results.push(OpResult {
+                changed: true,
+                applied: Applied::Tag(Tag {
+                    object: key.clone(),
+                    name: name.to_string(),
+                    value: parsed.clone(),
+                    updated_at: now,
+                    revision: Revision(0),
+                }),
+            });
+        }
+    }
+    up.objects = serde_json::Value::Array(ow).to_string();
+    up.tags = serde_json::Value::Array(tw).to_string();
+    Ok(Some(up))
 }

@@ -542,25 +542,111 @@ impl PostgresBackend {
     ) -> Result<Option<Vec<OpResult>>> {
         let (objects_json, tags_json) = fused::many_params(&objects);
         let params: [Param<'_>; 3] = [&objects_json, &tags_json, &now.0];
-        let mut attempt = 0;
-        let revisions = loop {
-            attempt += 1;
-            match self.objects_create_many_once(&params, objects.len()).await {
-                Ok(Some(revisions)) => break revisions,
-                Ok(None) => return Ok(None),
-                Err(Failure::Fail(err)) => return Err(err),
-                Err(Failure::Retry(msg)) => {
-                    if attempt >= COMMIT_ATTEMPTS_MAX {
-                        return Err(Error::RetriesExhausted {
-                            attempts: attempt,
-                            last: msg,
-                        });
-                    }
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-            }
+        let expected = objects.len();
+        let Some(revisions) = retrying(|| self.objects_create_many_once(&params, expected)).await?
+        else {
+            return Ok(None);
         };
         fused::results(objects, now, |n| revisions.get(&n).copied()).map(Some)
+    }
+
+    /// Many object puts (any mode, objects that may exist) with tag sets of them: read what they
+    /// touch in ONE statement, decide every op in Rust as `apply_batch` would
+    /// ([`fused::upsert_decide`]), write every change in ONE statement pipelined with `COMMIT`;
+    /// SERIALIZABLE, so the decisions hold. `None` when the batch has another shape, fewer than
+    /// two objects (the general path is as quick), or an op would fail (rolled back; the general
+    /// path names the failure).
+    async fn objects_upsert_fused(&self, batch: &Batch) -> Result<Option<Vec<OpResult>>> {
+        let Some(objects) = fused::objects(batch).filter(|o| o.len() > 1) else {
+            return Ok(None);
+        };
+        let read = fused::upsert_read_param(&objects);
+        retrying(|| self.objects_upsert_once(&read, &objects, batch.now)).await
+    }
+
+    /// One attempt of [`Self::objects_upsert_fused`]: two round trips (`BEGIN` and the read;
+    /// the write and `COMMIT`), or a `ROLLBACK` when an op would fail.
+    async fn objects_upsert_once(
+        &self,
+        read: &str,
+        objects: &[fused::NewObject<'_>],
+        now: Timestamp,
+    ) -> std::result::Result<Option<Vec<OpResult>>, Failure> {
+        let client = self.client().await.map_err(Failure::Fail)?;
+        let mut guard = TxGuard {
+            client: Some(client),
+            open: true,
+        };
+        let conn: &deadpool_postgres::ClientWrapper = guard.client();
+        let fail = |e: tokio_postgres::Error| classify(&e);
+        let (read_stmt, write_stmt) = futures::future::try_join(
+            conn.prepare_cached(fused::UPSERT_READ),
+            conn.prepare_cached(fused::UPSERT_WRITE),
+        )
+        .await
+        .map_err(fail)?;
+        let (begin, rows) = futures::future::join(
+            conn.batch_execute(sql::BEGIN_SWEEP),
+            conn.query(&read_stmt, &[&read]),
+        )
+        .await;
+        let decided = begin.and(rows).map_err(fail).and_then(|rows| {
+            let get = |e| Failure::Fail(db_err(e));
+            let mut found = std::collections::HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let n: i64 = row.try_get(0).map_err(get)?;
+                let f: fused::Found = (
+                    row.try_get(1).map_err(get)?,
+                    row.try_get(2).map_err(get)?,
+                    row.try_get(3).map_err(get)?,
+                    row.try_get(4).map_err(get)?,
+                    row.try_get(5).map_err(get)?,
+                );
+                found.insert(usize::try_from(n).unwrap_or(usize::MAX), f);
+            }
+            fused::upsert_decide(objects, &found, now).map_err(Failure::Fail)
+        });
+        let up = match decided {
+            Ok(Some(up)) if !up.is_noop() => up,
+            other => {
+                // Nothing to write (every op a no-op), an op that would fail, or an error: end
+                // the transaction here. A failed ROLLBACK leaves `open` set, so the connection
+                // is dropped rather than reused.
+                let end = if matches!(other, Ok(Some(_))) {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                };
+                if conn.batch_execute(end).await.is_ok() {
+                    guard.open = false;
+                }
+                return match other {
+                    Ok(Some(up)) => up
+                        .results(&Default::default())
+                        .map(Some)
+                        .map_err(Failure::Fail),
+                    Ok(None) => Ok(None),
+                    Err(failure) => Err(failure),
+                };
+            }
+        };
+        let params: [Param<'_>; 3] = [&up.objects, &up.tags, &now.0];
+        let (rows, commit) = futures::future::join(
+            conn.query(&write_stmt, &params),
+            conn.batch_execute("COMMIT"),
+        )
+        .await;
+        // COMMIT after a failed statement rolls back; either way the transaction is over.
+        guard.open = false;
+        let rows = rows.map_err(fail)?;
+        commit.map_err(fail)?;
+        let text: Option<String> = rows
+            .first()
+            .ok_or_else(|| Failure::Fail(Error::Backend("the upsert returned no row".into())))?
+            .try_get(0)
+            .map_err(|e| Failure::Fail(db_err(e)))?;
+        let revisions = fused::many_revisions(text).map_err(Failure::Fail)?;
+        up.results(&revisions).map(Some).map_err(Failure::Fail)
     }
 
     /// One attempt of [`Self::objects_create_many`]: the revisions by op index once committed,
@@ -906,6 +992,32 @@ impl Drop for TxGuard {
     }
 }
 
+/// Run `attempt` until it succeeds or fails for good, pausing between transient failures
+/// ([`backoff`]), at most [`COMMIT_ATTEMPTS_MAX`] times.
+async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, Failure>>,
+{
+    let mut tried = 0;
+    loop {
+        tried += 1;
+        match attempt().await {
+            Ok(out) => return Ok(out),
+            Err(Failure::Fail(err)) => return Err(err),
+            Err(Failure::Retry(msg)) => {
+                if tried >= COMMIT_ATTEMPTS_MAX {
+                    return Err(Error::RetriesExhausted {
+                        attempts: tried,
+                        last: msg,
+                    });
+                }
+                tokio::time::sleep(backoff(tried)).await;
+            }
+        }
+    }
+}
+
 /// The pause before attempt `attempt + 1`: exponential from 1 ms, capped at 100 ms, with jitter
 /// (uniform in the upper half of the window).
 /// The transaction a write runs in: SERIALIZABLE by default; claims READ COMMITTED, locking the
@@ -1114,6 +1226,9 @@ impl Backend for PostgresBackend {
             return Ok(results);
         }
         if let Some(results) = self.tag_sets_fused(&batch).await? {
+            return Ok(results);
+        }
+        if let Some(results) = self.objects_upsert_fused(&batch).await? {
             return Ok(results);
         }
         if let Some(results) = self.finish_fused(&batch).await? {
@@ -1827,6 +1942,32 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(rows(1).await, 8);
+        // Puts of existing objects in bulk: read, decided, written; a create of an existing
+        // object writes nothing and leaves the batch to the general path.
+        let mut upsert = batch(&[("default", "a"), ("default", "new")]);
+        for op in upsert.ops.iter_mut() {
+            if let Op::ObjectPut { mode, .. } = op {
+                *mode = PutMode::Upsert;
+            }
+        }
+        let results = backend
+            .objects_upsert_fused(&upsert)
+            .await
+            .unwrap()
+            .expect("puts of existing objects take the fused path");
+        let changed: Vec<bool> = results.iter().map(|r| r.changed).collect();
+        assert_eq!(
+            changed,
+            [false, true, true, true],
+            "a's labels are identical"
+        );
+        assert_eq!((rows(0).await, rows(1).await), (4, 11));
+        assert!(backend
+            .objects_upsert_fused(&clash)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!((rows(0).await, rows(1).await), (4, 11));
         drop(client);
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
