@@ -1,7 +1,7 @@
-//! Batches of many writes as ONE statement each, where the general path ([`apply_batch`]) would
+//! Batches of many writes as one or two statements, where the general path ([`apply_batch`]) would
 //! read and write every op in round trips of its own: creating objects with their tags (the hot
-//! path of adding work items one at a time, and of importing a fleet in bulk), and setting tags
-//! of existing objects in bulk. Each makes the decisions `apply_batch` makes (the conformance
+//! path of adding work items one at a time, and of importing a fleet in bulk), setting tags of
+//! existing objects in bulk, and putting objects that may exist with their tags. Each makes the decisions `apply_batch` makes (the conformance
 //! suite holds both paths to the same results), with revisions and change-log rows in op order;
 //! when the batch would fail, nothing of it is kept and the general path runs it again and names
 //! the error exactly.
@@ -21,6 +21,11 @@
 //! **Tag sets.** A batch of tag sets only (no preconditions, distinct tags): every object must
 //! exist (else nothing is written); a tag whose value is identical is a no-op (no revision); the
 //! others are upserted, each with its change-log row carrying the replaced value.
+//!
+//! **Upserts.** Several object puts of any mode (objects that may exist: a re-import, an
+//! inventory sync), each followed by tag sets of its object: one statement reads by key what the
+//! batch touches, the ops are decided in Rust as `apply_batch` decides them
+//! ([`upsert_decide`]), and one statement writes what changed. Two round trips in all.
 //!
 //! [`apply_batch`]: fleetdb_core::apply::apply_batch
 
