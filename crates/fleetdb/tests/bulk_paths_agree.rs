@@ -47,7 +47,7 @@ fn random_key(rng: &mut Rng) -> ObjectKey {
         "default"
     };
     let kind = ["machine", "switch"][rng.below(2)];
-    ObjectKey::new(ns, kind, &format!("o{}", rng.below(10))).unwrap()
+    ObjectKey::new(ns, kind, format!("o{}", rng.below(10))).unwrap()
 }
 
 fn random_value(rng: &mut Rng) -> serde_json::Value {
