@@ -481,7 +481,7 @@ impl PostgresBackend {
         }
     }
 
-    /// The hot path of "create these objects with these tags" ([`create`]): `None` when the
+    /// The hot path of "create these objects with these tags" ([`fused`]): `None` when the
     /// batch has another shape or an object exists (the general path then decides: merge the
     /// labels, or `AlreadyExists`), or when an input is one the general path must reject.
     async fn object_create_fused(&self, batch: &Batch) -> Result<Option<Vec<OpResult>>> {
