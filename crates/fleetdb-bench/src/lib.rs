@@ -458,6 +458,8 @@ enum Fill {
     Create,
     /// A new value of its `hb` tag (bulk tag sets of existing objects).
     Retag,
+    /// Delete the object (and its tag): bulk deletes, after the measurements.
+    Delete,
 }
 
 /// Create every object with its `hb` tag (or set the tag again), in transactions of [`PREFILL_CHUNK`] objects,
@@ -496,6 +498,7 @@ async fn fleetdb_prefill(
                                             tx.tag_set(k, TAG, &json!({"seq": 0}))?;
                                         }
                                         Fill::Retag => tx.tag_set(k, TAG, &json!({"seq": -1}))?,
+                                        Fill::Delete => tx.object_delete(k)?,
                                     }
                                 }
                                 Ok(())
@@ -535,6 +538,7 @@ async fn fleetdb_prefill(
     let what = match fill {
         Fill::Create => "pre-created {} objects with their tag",
         Fill::Retag => "set the tag of all {} objects again",
+        Fill::Delete => "deleted all {} objects (and their tags)",
     }
     .replace("{}", &keys.len().to_string());
     eprintln!(
@@ -849,6 +853,15 @@ mod sqlite {
             log_measurement(&m);
             report.measurements.push(m);
         }
+        let notes = rt.block_on(fleetdb_prefill(
+            &store,
+            &keys,
+            args.prefill_concurrency,
+            Fill::Delete,
+        ))?;
+        report
+            .notes
+            .extend(notes.into_iter().map(|n| format!("sqlite: {n}")));
         drop(store);
         Ok(())
     }
@@ -1102,6 +1115,10 @@ mod postgres {
             log_measurement(&m);
             report.measurements.push(m);
         }
+        let notes = fleetdb_prefill(&store, &keys, args.prefill_concurrency, Fill::Delete).await?;
+        report
+            .notes
+            .extend(notes.into_iter().map(|n| format!("postgres: {n}")));
         drop(store);
         Ok(())
     }

@@ -1565,6 +1565,76 @@ pub async fn tag_sets_in_bulk(h: &Harness) {
     }
 }
 
+/// Many objects deleted in one transaction (PostgreSQL: a read and a write statement): each
+/// object's tags go first (in name order), then the object, objects in op order; a missing
+/// object fails the whole batch and deletes nothing.
+pub async fn objects_deleted_in_bulk(h: &Harness) {
+    let st = &h.store;
+    let keys: Vec<ObjectKey> = (0..3)
+        .map(|i| key("default", "machine", &format!("d{i}")))
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        st.object_put(k, crate::labels(&[("rack", "r1")]))
+            .await
+            .unwrap();
+        for name in ["b", "a"].iter().take(2 - i.min(2)) {
+            st.tag_set(k, name, &json!(i)).await.unwrap();
+        }
+    }
+    let delete = |ks: Vec<ObjectKey>| {
+        st.txn(move |tx| {
+            let ks = ks.clone();
+            async move {
+                for k in &ks {
+                    tx.object_delete(k)?;
+                }
+                Ok(())
+            }
+        })
+    };
+    let at = st.revision().await.unwrap().current;
+    let r = delete(vec![keys[0].clone(), key("default", "machine", "nope")]).await;
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    assert!(st.object_get(&keys[0]).await.unwrap().is_some());
+    assert_eq!(st.tag_list(&keys[0]).await.unwrap().len(), 2);
+    delete(vec![keys[1].clone(), keys[0].clone(), keys[2].clone()])
+        .await
+        .unwrap();
+    for k in &keys {
+        assert!(st.object_get(k).await.unwrap().is_none());
+        assert!(st.tag_get(k, "a").await.unwrap().is_none());
+    }
+    let got: Vec<_> = st
+        .changes(at, &fleetdb::ChangeFilter::default(), 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c.id.clone(),
+                c.entity,
+                c.name.clone(),
+                c.op,
+                c.old_value.clone(),
+            )
+        })
+        .collect();
+    use fleetdb::{ChangeOp::Delete, Entity};
+    let s = |v: &str| v.to_string();
+    let rack = Some(json!({"labels": {"rack": "r1"}}));
+    assert_eq!(
+        got,
+        vec![
+            (s("d1"), Entity::Tag, s("b"), Delete, Some(json!(1))),
+            (s("d1"), Entity::Object, s(""), Delete, rack.clone()),
+            (s("d0"), Entity::Tag, s("a"), Delete, Some(json!(0))),
+            (s("d0"), Entity::Tag, s("b"), Delete, Some(json!(0))),
+            (s("d0"), Entity::Object, s(""), Delete, rack.clone()),
+            (s("d2"), Entity::Object, s(""), Delete, rack),
+        ]
+    );
+}
+
 pub async fn finish_many_with_writes_is_atomic(h: &Harness) {
     let st = &h.store;
     st.process_define("P", &[]).await.unwrap();

@@ -1,7 +1,8 @@
 //! Batches of many writes as one or two statements, where the general path ([`apply_batch`]) would
 //! read and write every op in round trips of its own: creating objects with their tags (the hot
 //! path of adding work items one at a time, and of importing a fleet in bulk), setting tags of
-//! existing objects in bulk, and putting objects that may exist with their tags. Each makes the decisions `apply_batch` makes (the conformance
+//! existing objects in bulk, putting objects that may exist with their tags, and deleting
+//! objects in bulk. Each makes the decisions `apply_batch` makes (the conformance
 //! suite holds both paths to the same results), with revisions and change-log rows in op order;
 //! when the batch would fail, nothing of it is kept and the general path runs it again and names
 //! the error exactly.
@@ -26,6 +27,9 @@
 //! inventory sync), each followed by tag sets of its object: one statement reads by key what the
 //! batch touches, the ops are decided in Rust as `apply_batch` decides them
 //! ([`upsert_decide`]), and one statement writes what changed. Two round trips in all.
+//!
+//! **Deletes.** Several object deletes: one statement reads every object and its tags, one
+//! writes the change rows (each object's tags in name order, then the object) and the deletes.
 //!
 //! [`apply_batch`]: fleetdb_core::apply::apply_batch
 
@@ -591,4 +595,107 @@ pub(crate) fn upsert_decide(
     up.objects = serde_json::Value::Array(ow).to_string();
     up.tags = serde_json::Value::Array(tw).to_string();
     Ok(Some(up))
+}
+
+/// A batch of at least two deletes of distinct objects and nothing else: (op index, key).
+pub(crate) fn deletes(batch: &Batch) -> Option<Vec<(usize, &ObjectKey)>> {
+    if !batch.preconditions.is_empty() || batch.ops.len() < 2 {
+        return None;
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(batch.ops.len());
+    for (n, op) in batch.ops.iter().enumerate() {
+        let Op::ObjectDelete { key } = op else {
+            return None;
+        };
+        if !seen.insert(key) {
+            return None;
+        }
+        out.push((n, key));
+    }
+    Some(out)
+}
+
+/// Deletes, step 1: every object's labels and its tags (in name order, as the general path
+/// lists them), by key, in the transaction that then deletes them. `$1`: `[{n, ns, kind, id}]`.
+/// Rows: (n, labels, tag name, tag value); labels NULL for a missing object, name NULL for an
+/// object without tags.
+pub(crate) const DELETE_READ: &str =
+    "WITH k AS MATERIALIZED (SELECT * FROM jsonb_to_recordset(($1::text)::jsonb) \
+        AS k(n bigint, ns text, kind text, id text)) \
+     SELECT k.n, o.labels, t.name, t.value FROM k \
+     LEFT JOIN LATERAL (SELECT labels FROM objects \
+       WHERE namespace = k.ns AND kind = k.kind AND id = k.id) AS o ON true \
+     LEFT JOIN LATERAL (SELECT name, value FROM tags WHERE o.labels IS NOT NULL \
+       AND namespace = k.ns AND kind = k.kind AND id = k.id) AS t ON true \
+     ORDER BY k.n, t.name";
+
+/// Deletes, step 2: the change rows (each object's tags, then the object, objects in op order;
+/// revisions in that order) and the deletes. `$1`: `[{i, n, ns, kind, id, entity, name, old}]`
+/// (`i` the change's place), `$2` now. Returns each object's revision (`[[n, revision], …]`).
+pub(crate) const DELETE_WRITE: &str = "WITH ch AS MATERIALIZED (SELECT * FROM jsonb_to_recordset(($1::text)::jsonb) \
+        AS k(i bigint, n bigint, ns text, kind text, id text, entity text, name text, old text)), \
+     r AS MATERIALIZED (SELECT x.i, nextval('fleetdb_revision') AS rev \
+        FROM (SELECT i FROM ch ORDER BY i) AS x), \
+     c AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+        SELECT r.rev, ch.ns, ch.kind, ch.id, ch.entity, ch.name, 'delete', ch.old, NULL, $2 \
+        FROM ch JOIN r ON r.i = ch.i), \
+     dt AS (DELETE FROM tags t USING ch WHERE ch.entity = 'tag' AND t.namespace = ch.ns \
+        AND t.kind = ch.kind AND t.id = ch.id AND t.name = ch.name), \
+     dobj AS (DELETE FROM objects o USING ch WHERE ch.entity = 'object' AND o.namespace = ch.ns \
+        AND o.kind = ch.kind AND o.id = ch.id) \
+     SELECT (SELECT jsonb_agg(jsonb_build_array(ch.n, r.rev))::text \
+       FROM ch JOIN r ON r.i = ch.i WHERE ch.entity = 'object')";
+
+/// The parameter of [`DELETE_READ`].
+pub(crate) fn delete_read_param(deletes: &[(usize, &ObjectKey)]) -> String {
+    serde_json::Value::Array(
+        deletes
+            .iter()
+            .map(
+                |(n, k)| serde_json::json!({"n": n, "ns": k.namespace, "kind": k.kind, "id": k.id}),
+            )
+            .collect(),
+    )
+    .to_string()
+}
+
+/// The parameter of [`DELETE_WRITE`] from what [`DELETE_READ`] returned (rows of (n, labels,
+/// tag name, tag value) in its order); `None` when an object is missing (the general path names
+/// it).
+/// A row of [`DELETE_READ`]: op index, the object's labels, a tag's name and value.
+pub(crate) type DeleteRow = (i64, Option<String>, Option<String>, Option<String>);
+
+pub(crate) fn delete_write_param(
+    deletes: &[(usize, &ObjectKey)],
+    rows: &[DeleteRow],
+) -> Result<Option<String>> {
+    let mut changes = Vec::new();
+    for (n, key) in deletes {
+        let mine = rows
+            .iter()
+            .filter(|r| usize::try_from(r.0).ok() == Some(*n));
+        let mut labels = None;
+        for (_, l, name, value) in mine {
+            let Some(l) = l else {
+                return Ok(None);
+            };
+            labels = Some(l);
+            if let (Some(name), Some(value)) = (name, value) {
+                changes.push(
+                    serde_json::json!({"i": changes.len(), "n": n, "ns": key.namespace,
+                    "kind": key.kind, "id": key.id, "entity": "tag", "name": name, "old": value}),
+                );
+            }
+        }
+        let Some(labels) = labels else {
+            return Ok(None);
+        };
+        let old = fleetdb_core::apply::labels_json(&sql::parse_labels_pub(labels)?);
+        changes.push(
+            serde_json::json!({"i": changes.len(), "n": n, "ns": key.namespace,
+            "kind": key.kind, "id": key.id, "entity": "object", "name": "", "old": old}),
+        );
+    }
+    Ok(Some(serde_json::Value::Array(changes).to_string()))
 }

@@ -561,92 +561,163 @@ impl PostgresBackend {
             return Ok(None);
         };
         let read = fused::upsert_read_param(&objects);
-        retrying(|| self.objects_upsert_once(&read, &objects, batch.now)).await
-    }
-
-    /// One attempt of [`Self::objects_upsert_fused`]: two round trips (`BEGIN` and the read;
-    /// the write and `COMMIT`), or a `ROLLBACK` when an op would fail.
-    async fn objects_upsert_once(
-        &self,
-        read: &str,
-        objects: &[fused::NewObject<'_>],
-        now: Timestamp,
-    ) -> std::result::Result<Option<Vec<OpResult>>, Failure> {
-        let client = self.client().await.map_err(Failure::Fail)?;
-        let mut guard = TxGuard {
-            client: Some(client),
-            open: true,
-        };
-        let conn: &deadpool_postgres::ClientWrapper = guard.client();
-        let fail = |e: tokio_postgres::Error| classify(&e);
-        let (read_stmt, write_stmt) = futures::future::try_join(
-            conn.prepare_cached(fused::UPSERT_READ),
-            conn.prepare_cached(fused::UPSERT_WRITE),
-        )
-        .await
-        .map_err(fail)?;
-        let (begin, rows) = futures::future::join(
-            conn.batch_execute(sql::BEGIN_SWEEP),
-            conn.query(&read_stmt, &[&read]),
-        )
-        .await;
-        let decided = begin.and(rows).map_err(fail).and_then(|rows| {
-            let get = |e| Failure::Fail(db_err(e));
+        let now = batch.now;
+        self.read_decide_write(fused::UPSERT_READ, &read, fused::UPSERT_WRITE, |rows| {
             let mut found = std::collections::HashMap::with_capacity(rows.len());
-            for row in &rows {
-                let n: i64 = row.try_get(0).map_err(get)?;
+            for row in rows {
+                let n: i64 = row.try_get(0).map_err(db_err)?;
                 let f: fused::Found = (
-                    row.try_get(1).map_err(get)?,
-                    row.try_get(2).map_err(get)?,
-                    row.try_get(3).map_err(get)?,
-                    row.try_get(4).map_err(get)?,
-                    row.try_get(5).map_err(get)?,
+                    row.try_get(1).map_err(db_err)?,
+                    row.try_get(2).map_err(db_err)?,
+                    row.try_get(3).map_err(db_err)?,
+                    row.try_get(4).map_err(db_err)?,
+                    row.try_get(5).map_err(db_err)?,
                 );
                 found.insert(usize::try_from(n).unwrap_or(usize::MAX), f);
             }
-            fused::upsert_decide(objects, &found, now).map_err(Failure::Fail)
-        });
-        let up = match decided {
-            Ok(Some(up)) if !up.is_noop() => up,
-            other => {
-                // Nothing to write (every op a no-op), an op that would fail, or an error: end
-                // the transaction here. A failed ROLLBACK leaves `open` set, so the connection
-                // is dropped rather than reused.
-                let end = if matches!(other, Ok(Some(_))) {
-                    "COMMIT"
-                } else {
-                    "ROLLBACK"
-                };
-                if conn.batch_execute(end).await.is_ok() {
-                    guard.open = false;
-                }
-                return match other {
-                    Ok(Some(up)) => up
-                        .results(&Default::default())
-                        .map(Some)
-                        .map_err(Failure::Fail),
-                    Ok(None) => Ok(None),
-                    Err(failure) => Err(failure),
-                };
+            let Some(up) = fused::upsert_decide(&objects, &found, now)? else {
+                return Ok(Decided::Rollback);
+            };
+            if up.is_noop() {
+                return up.results(&Default::default()).map(Decided::Commit);
             }
+            let params: Vec<tx::Owned> = vec![
+                Box::new(up.objects.clone()),
+                Box::new(up.tags.clone()),
+                Box::new(now.0),
+            ];
+            Ok(Decided::Write(
+                params,
+                Box::new(move |revisions| up.results(&revisions)),
+            ))
+        })
+        .await
+    }
+
+    /// Many object deletes: read every object and its tags in ONE statement, write every change
+    /// row and delete in ONE statement pipelined with `COMMIT` (each object's tags, then the
+    /// object, in op order, as the general path does). `None` when the batch has another shape
+    /// or an object is missing (rolled back; the general path names it).
+    async fn objects_delete_fused(&self, batch: &Batch) -> Result<Option<Vec<OpResult>>> {
+        let Some(deletes) = fused::deletes(batch) else {
+            return Ok(None);
         };
-        let params: [Param<'_>; 3] = [&up.objects, &up.tags, &now.0];
-        let (rows, commit) = futures::future::join(
-            conn.query(&write_stmt, &params),
-            conn.batch_execute("COMMIT"),
-        )
-        .await;
-        // COMMIT after a failed statement rolls back; either way the transaction is over.
-        guard.open = false;
-        let rows = rows.map_err(fail)?;
-        commit.map_err(fail)?;
-        let text: Option<String> = rows
-            .first()
-            .ok_or_else(|| Failure::Fail(Error::Backend("the upsert returned no row".into())))?
-            .try_get(0)
-            .map_err(|e| Failure::Fail(db_err(e)))?;
-        let revisions = fused::many_revisions(text).map_err(Failure::Fail)?;
-        up.results(&revisions).map(Some).map_err(Failure::Fail)
+        let read = fused::delete_read_param(&deletes);
+        let now = batch.now;
+        self.read_decide_write(fused::DELETE_READ, &read, fused::DELETE_WRITE, |rows| {
+            let rows = rows
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get(0).map_err(db_err)?,
+                        r.try_get(1).map_err(db_err)?,
+                        r.try_get(2).map_err(db_err)?,
+                        r.try_get(3).map_err(db_err)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let Some(changes) = fused::delete_write_param(&deletes, &rows)? else {
+                return Ok(Decided::Rollback);
+            };
+            let ns: Vec<usize> = deletes.iter().map(|(n, _)| *n).collect();
+            Ok(Decided::Write(
+                vec![Box::new(changes), Box::new(now.0)],
+                Box::new(move |revisions| {
+                    ns.iter()
+                        .map(|n| {
+                            let rev = revisions.get(n).copied().ok_or_else(|| {
+                                Error::Backend(format!("no revision for delete {n}"))
+                            })?;
+                            Ok(OpResult {
+                                changed: true,
+                                applied: fleetdb_core::Applied::Deleted {
+                                    revision: Revision(rev),
+                                },
+                            })
+                        })
+                        .collect()
+                }),
+            ))
+        })
+        .await
+    }
+
+    /// A SERIALIZABLE transaction of two round trips, retried on serialization failures: `BEGIN`
+    /// (sequential scans off: every row is reached by key) pipelined with `read` (its one
+    /// parameter: `read_param`); `decide` looks at the rows and says to roll back (`None`: the
+    /// general path then runs the batch and names what failed), to commit what was read as is,
+    /// or to run `write` with its parameters, pipelined with `COMMIT`, whose one column is the
+    /// revisions by op index (`[[n, revision], …]`) handed to the answer.
+    async fn read_decide_write<T>(
+        &self,
+        read: &'static str,
+        read_param: &str,
+        write: &'static str,
+        decide: impl Fn(&[tokio_postgres::Row]) -> Result<Decided<T>>,
+    ) -> Result<Option<T>> {
+        retrying(|| async {
+            let client = self.client().await.map_err(Failure::Fail)?;
+            let mut guard = TxGuard {
+                client: Some(client),
+                open: true,
+            };
+            let conn: &deadpool_postgres::ClientWrapper = guard.client();
+            let fail = |e: tokio_postgres::Error| classify(&e);
+            let (read_stmt, write_stmt) =
+                futures::future::try_join(conn.prepare_cached(read), conn.prepare_cached(write))
+                    .await
+                    .map_err(fail)?;
+            let (begin, rows) = futures::future::join(
+                conn.batch_execute(sql::BEGIN_SWEEP),
+                conn.query(&read_stmt, &[&read_param]),
+            )
+            .await;
+            let decided = begin
+                .and(rows)
+                .map_err(fail)
+                .and_then(|rows| decide(&rows).map_err(Failure::Fail));
+            let (params, answer) = match decided {
+                Ok(Decided::Write(params, answer)) => (params, answer),
+                other => {
+                    // Nothing to write, an op that would fail, or an error: end the
+                    // transaction here. A failed ROLLBACK leaves `open` set, so the connection
+                    // is dropped rather than reused.
+                    let end = if matches!(other, Ok(Decided::Commit(_))) {
+                        "COMMIT"
+                    } else {
+                        "ROLLBACK"
+                    };
+                    if conn.batch_execute(end).await.is_ok() {
+                        guard.open = false;
+                    }
+                    return match other {
+                        Ok(Decided::Commit(out)) => Ok(Some(out)),
+                        Ok(_) => Ok(None),
+                        Err(failure) => Err(failure),
+                    };
+                }
+            };
+            let params: Vec<Param<'_>> = params.iter().map(|p| p.as_ref() as Param<'_>).collect();
+            let (rows, commit) = futures::future::join(
+                conn.query(&write_stmt, &params),
+                conn.batch_execute("COMMIT"),
+            )
+            .await;
+            // COMMIT after a failed statement rolls back; either way the transaction is over.
+            guard.open = false;
+            let rows = rows.map_err(fail)?;
+            commit.map_err(fail)?;
+            let text: Option<String> = rows
+                .first()
+                .ok_or_else(|| {
+                    Failure::Fail(Error::Backend("a bulk write returned no row".into()))
+                })?
+                .try_get(0)
+                .map_err(|e| Failure::Fail(db_err(e)))?;
+            let revisions = fused::many_revisions(text).map_err(Failure::Fail)?;
+            answer(revisions).map(Some).map_err(Failure::Fail)
+        })
+        .await
     }
 
     /// One attempt of [`Self::objects_create_many`]: the revisions by op index once committed,
@@ -992,6 +1063,19 @@ impl Drop for TxGuard {
     }
 }
 
+/// What [`PostgresBackend::read_decide_write`] does after its read.
+enum Decided<T> {
+    /// An op would fail: roll back (the general path names the failure).
+    Rollback,
+    /// Nothing to write: commit, answering this.
+    Commit(T),
+    /// Run the write with these parameters; the answer from its revisions by op index.
+    Write(
+        Vec<tx::Owned>,
+        Box<dyn FnOnce(std::collections::HashMap<usize, i64>) -> Result<T> + Send>,
+    ),
+}
+
 /// Run `attempt` until it succeeds or fails for good, pausing between transient failures
 /// ([`backoff`]), at most [`COMMIT_ATTEMPTS_MAX`] times.
 async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T>
@@ -1229,6 +1313,9 @@ impl Backend for PostgresBackend {
             return Ok(results);
         }
         if let Some(results) = self.objects_upsert_fused(&batch).await? {
+            return Ok(results);
+        }
+        if let Some(results) = self.objects_delete_fused(&batch).await? {
             return Ok(results);
         }
         if let Some(results) = self.finish_fused(&batch).await? {
@@ -1968,6 +2055,34 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!((rows(0).await, rows(1).await), (4, 11));
+        // Deletes in bulk: each object's tags, then the object; a missing one keeps them all.
+        let delete = |ids: &[&str]| Batch {
+            preconditions: Vec::new(),
+            now: Timestamp(9),
+            ops: ids
+                .iter()
+                .map(|id| Op::ObjectDelete {
+                    key: ObjectKey::new("default", "job", *id).unwrap(),
+                })
+                .collect(),
+        };
+        assert!(backend
+            .objects_delete_fused(&delete(&["a", "nope"]))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!((rows(0).await, rows(1).await), (4, 11));
+        let results = backend
+            .objects_delete_fused(&delete(&["a", "new"]))
+            .await
+            .unwrap()
+            .expect("deletes of existing objects take the fused path");
+        assert_eq!(results.len(), 2);
+        assert_eq!(
+            (rows(0).await, rows(1).await),
+            (2, 15),
+            "2 tags and 2 objects went"
+        );
         drop(client);
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();

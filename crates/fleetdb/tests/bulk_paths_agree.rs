@@ -1,5 +1,5 @@
 #![cfg(feature = "postgres")]
-//! PostgreSQL writes batches of object puts and tag sets as one or two statements
+//! PostgreSQL writes batches of object puts, tag sets and object deletes as one or two statements
 //! (`fleetdb-postgres/src/fused.rs`); SQLite applies every op on its own (`apply_batch`). The same
 //! random batches, on the same clock, must leave both with the same outcome, the same objects
 //! and tags and the same change log (revision numbers aside: PostgreSQL's have gaps).
@@ -38,6 +38,9 @@ enum Step {
         name: String,
         value: serde_json::Value,
     },
+    Delete {
+        key: ObjectKey,
+    },
 }
 
 fn random_key(rng: &mut Rng) -> ObjectKey {
@@ -65,7 +68,14 @@ fn random_value(rng: &mut Rng) -> serde_json::Value {
 /// tag sets only, sometimes anything (a tag before its put, a key twice).
 fn random_batch(rng: &mut Rng) -> Vec<Step> {
     let mut steps = Vec::new();
-    match rng.below(4) {
+    match rng.below(5) {
+        4 => {
+            for _ in 0..2 + rng.below(3) {
+                steps.push(Step::Delete {
+                    key: random_key(rng),
+                });
+            }
+        }
         0 => {
             for _ in 0..2 + rng.below(4) {
                 let key = random_key(rng);
@@ -126,6 +136,7 @@ async fn apply(store: &Store, steps: &[Step]) -> Result<(), String> {
                         } => tx.object_create(key, labels.clone())?,
                         Step::Put { key, labels, .. } => tx.object_put(key, labels.clone())?,
                         Step::Tag { key, name, value } => tx.tag_set(key, name, value)?,
+                        Step::Delete { key } => tx.object_delete(key)?,
                     }
                 }
                 Ok(())
@@ -205,7 +216,7 @@ async fn bulk_batches_agree_with_the_general_path() {
         .unwrap_or(0x5EED_F1EE_7DB0_0001u64);
     let mut rng = Rng(seed | 1);
     let mut outcomes = [0usize; 2];
-    for round in 0..150 {
+    for round in 0..200 {
         clock.advance(Duration::from_secs(1));
         let steps = random_batch(&mut rng);
         let (a, b) = (apply(&sqlite, &steps).await, apply(&pg, &steps).await);
