@@ -15,8 +15,6 @@
 //! the lock is held, only chunks whose digest has no metadata: it can never remove the bytes of a
 //! blob whose commit it raced.
 
-use std::future::Future;
-
 use fleetdb_core::apply::apply_batch;
 use fleetdb_core::batch::{Applied, Batch, Op, OpResult};
 use fleetdb_core::content::{
@@ -34,7 +32,7 @@ use crate::error::{classify, db_err, Failure};
 use crate::gc;
 use crate::sql::Param;
 use crate::tx::PgTx;
-use crate::{backoff, PostgresBackend, TxGuard, COMMIT_ATTEMPTS_MAX};
+use crate::{retrying, PostgresBackend, TxGuard};
 
 const CHUNK: i64 = CHUNK_BYTES as i64;
 /// Digests whose bytes one transaction removes at most.
@@ -128,31 +126,6 @@ fn hex_digest(h: sha2::Sha256) -> String {
     s
 }
 
-/// Retry a unit of work that fails transiently.
-async fn retry<T, F, Fut>(mut once: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = std::result::Result<T, Failure>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match once().await {
-            Ok(v) => return Ok(v),
-            Err(Failure::Fail(e)) => return Err(e),
-            Err(Failure::Retry(msg)) => {
-                if attempt >= COMMIT_ATTEMPTS_MAX {
-                    return Err(Error::RetriesExhausted {
-                        attempts: attempt,
-                        last: msg,
-                    });
-                }
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-        }
-    }
-}
-
 fn pg(e: tokio_postgres::Error) -> Failure {
     classify(&e)
 }
@@ -226,7 +199,7 @@ impl PostgresBackend {
         expires_at: Timestamp,
     ) -> Result<IngestStatus> {
         check_ingest_start(reference, expected, now, expires_at)?;
-        retry(|| self.ingest_start_once(reference, expected, now, expires_at)).await
+        retrying(|| self.ingest_start_once(reference, expected, now, expires_at)).await
     }
 
     async fn ingest_start_once(
@@ -308,7 +281,7 @@ impl PostgresBackend {
                 max: INGEST_WRITE_BYTES_MAX,
             });
         }
-        retry(|| self.ingest_write_once(reference, offset, data, now)).await
+        retrying(|| self.ingest_write_once(reference, offset, data, now)).await
     }
 
     async fn ingest_write_once(
@@ -443,7 +416,7 @@ impl PostgresBackend {
     ) -> Result<BlobInfo> {
         validate_ingest_ref(reference)?;
         check_expected(Some((digest, size)))?;
-        let (status, actual) = retry(|| self.ingest_hash(reference)).await?;
+        let (status, actual) = retrying(|| self.ingest_hash(reference)).await?;
         if status.expires_at <= now {
             return Err(Error::not_found(format!(
                 "upload {reference:?} (it expired)"
@@ -540,7 +513,7 @@ impl PostgresBackend {
         len: Option<u64>,
     ) -> Result<Vec<u8>> {
         validate_digest(digest)?;
-        retry(|| self.blob_read_once(digest, offset, len)).await
+        retrying(|| self.blob_read_once(digest, offset, len)).await
     }
 
     async fn blob_read_once(
@@ -601,7 +574,7 @@ impl PostgresBackend {
     pub(crate) async fn content_blob_remove_bytes(&self, digests: &[String]) -> Result<u64> {
         let mut removed = 0;
         for batch in digests.chunks(REMOVE_BATCH) {
-            removed += retry(|| self.remove_bytes_once(batch)).await?;
+            removed += retrying(|| self.remove_bytes_once(batch)).await?;
         }
         Ok(removed)
     }

@@ -1077,8 +1077,8 @@ enum Decided<T> {
 }
 
 /// Run `attempt` until it succeeds or fails for good, pausing between transient failures
-/// ([`backoff`]), at most [`COMMIT_ATTEMPTS_MAX`] times.
-async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T>
+/// ([`backoff`]), at most [`COMMIT_ATTEMPTS_MAX`] times (the fused bulk paths, the content store).
+pub(crate) async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, Failure>>,
