@@ -532,9 +532,8 @@ impl PostgresBackend {
     }
 
     /// [`fused::MANY`] in a SERIALIZABLE transaction of two round trips (`BEGIN` and the
-    /// statement, then `COMMIT`), rolled back instead when an object existed or a namespace is
-    /// missing (`None`: the general path decides and names it), retried on serialization
-    /// failures.
+    /// statement, then `COMMIT`; [`Self::read_decide_write`]), rolled back instead when an object
+    /// existed or a namespace is missing (`None`: the general path decides and names it).
     async fn objects_create_many(
         &self,
         objects: Vec<fused::NewObject<'_>>,
@@ -543,7 +542,19 @@ impl PostgresBackend {
         let (objects_json, tags_json) = fused::many_params(&objects);
         let params: [Param<'_>; 3] = [&objects_json, &tags_json, &now.0];
         let expected = objects.len();
-        let Some(revisions) = retrying(|| self.objects_create_many_once(&params, expected)).await?
+        let Some(revisions) = self
+            .read_decide_write(fused::MANY, &params, |rows| {
+                let row = rows.first().ok_or_else(|| {
+                    Error::Backend("the objects statement returned no row".into())
+                })?;
+                let namespaces: bool = row.try_get(0).map_err(db_err)?;
+                let inserted: i64 = row.try_get(1).map_err(db_err)?;
+                if !namespaces || usize::try_from(inserted).ok() != Some(expected) {
+                    return Ok(Decided::Rollback);
+                }
+                fused::many_revisions(row.try_get(2).map_err(db_err)?).map(Decided::Commit)
+            })
+            .await?
         else {
             return Ok(None);
         };
@@ -562,7 +573,7 @@ impl PostgresBackend {
         };
         let read = fused::upsert_read_param(&objects);
         let now = batch.now;
-        self.read_decide_write(fused::UPSERT_READ, &read, fused::UPSERT_WRITE, |rows| {
+        self.read_decide_write(fused::UPSERT_READ, &[&read], |rows| {
             let mut found = std::collections::HashMap::with_capacity(rows.len());
             for row in rows {
                 let n: i64 = row.try_get(0).map_err(db_err)?;
@@ -587,6 +598,7 @@ impl PostgresBackend {
                 Box::new(now.0),
             ];
             Ok(Decided::Write(
+                fused::UPSERT_WRITE,
                 params,
                 Box::new(move |revisions| up.results(&revisions)),
             ))
@@ -604,7 +616,7 @@ impl PostgresBackend {
         };
         let read = fused::delete_read_param(&deletes);
         let now = batch.now;
-        self.read_decide_write(fused::DELETE_READ, &read, fused::DELETE_WRITE, |rows| {
+        self.read_decide_write(fused::DELETE_READ, &[&read], |rows| {
             let rows = rows
                 .iter()
                 .map(|r| {
@@ -621,6 +633,7 @@ impl PostgresBackend {
             };
             let ns: Vec<usize> = deletes.iter().map(|(n, _)| *n).collect();
             Ok(Decided::Write(
+                fused::DELETE_WRITE,
                 vec![Box::new(changes), Box::new(now.0)],
                 Box::new(move |revisions| {
                     ns.iter()
@@ -642,17 +655,16 @@ impl PostgresBackend {
         .await
     }
 
-    /// A SERIALIZABLE transaction of two round trips, retried on serialization failures: `BEGIN`
-    /// (sequential scans off: every row is reached by key) pipelined with `read` (its one
-    /// parameter: `read_param`); `decide` looks at the rows and says to roll back (`None`: the
-    /// general path then runs the batch and names what failed), to commit what was read as is,
-    /// or to run `write` with its parameters, pipelined with `COMMIT`, whose one column is the
-    /// revisions by op index (`[[n, revision], …]`) handed to the answer.
+    /// A SERIALIZABLE transaction of at most two round trips, retried on serialization
+    /// failures: `BEGIN` (sequential scans off: every row is reached by key) pipelined with
+    /// `read`; `decide` looks at its rows and says to roll back (`None`: the general path then
+    /// runs the batch and names what failed), to commit as is (what `read` wrote, if anything),
+    /// or to run a write, pipelined with `COMMIT`, whose one column is the revisions by op index
+    /// (`[[n, revision], …]`) handed to the answer.
     async fn read_decide_write<T>(
         &self,
         read: &'static str,
-        read_param: &str,
-        write: &'static str,
+        read_params: &[Param<'_>],
         decide: impl Fn(&[tokio_postgres::Row]) -> Result<Decided<T>>,
     ) -> Result<Option<T>> {
         retrying(|| async {
@@ -663,40 +675,34 @@ impl PostgresBackend {
             };
             let conn: &deadpool_postgres::ClientWrapper = guard.client();
             let fail = |e: tokio_postgres::Error| classify(&e);
-            let (read_stmt, write_stmt) =
-                futures::future::try_join(conn.prepare_cached(read), conn.prepare_cached(write))
-                    .await
-                    .map_err(fail)?;
+            let read_stmt = conn.prepare_cached(read).await.map_err(fail)?;
             let (begin, rows) = futures::future::join(
                 conn.batch_execute(sql::BEGIN_SWEEP),
-                conn.query(&read_stmt, &[&read_param]),
+                conn.query(&read_stmt, read_params),
             )
             .await;
             let decided = begin
                 .and(rows)
                 .map_err(fail)
                 .and_then(|rows| decide(&rows).map_err(Failure::Fail));
-            let (params, answer) = match decided {
-                Ok(Decided::Write(params, answer)) => (params, answer),
-                other => {
-                    // Nothing to write, an op that would fail, or an error: end the
-                    // transaction here. A failed ROLLBACK leaves `open` set, so the connection
-                    // is dropped rather than reused.
-                    let end = if matches!(other, Ok(Decided::Commit(_))) {
-                        "COMMIT"
-                    } else {
-                        "ROLLBACK"
-                    };
-                    if conn.batch_execute(end).await.is_ok() {
+            let (write, params, answer) = match decided {
+                Ok(Decided::Write(write, params, answer)) => (write, params, answer),
+                Ok(Decided::Commit(out)) => {
+                    // A COMMIT that fails has rolled back: the transaction is over either way.
+                    let committed = conn.batch_execute("COMMIT").await;
+                    guard.open = false;
+                    return committed.map(|()| Some(out)).map_err(fail);
+                }
+                rolled_back => {
+                    // An op would fail, or an error. A failed ROLLBACK leaves `open` set, so
+                    // the connection is dropped rather than reused.
+                    if conn.batch_execute("ROLLBACK").await.is_ok() {
                         guard.open = false;
                     }
-                    return match other {
-                        Ok(Decided::Commit(out)) => Ok(Some(out)),
-                        Ok(_) => Ok(None),
-                        Err(failure) => Err(failure),
-                    };
+                    return rolled_back.map(|_| None);
                 }
             };
+            let write_stmt = conn.prepare_cached(write).await.map_err(fail)?;
             let params: Vec<Param<'_>> = params.iter().map(|p| p.as_ref() as Param<'_>).collect();
             let (rows, commit) = futures::future::join(
                 conn.query(&write_stmt, &params),
@@ -718,58 +724,6 @@ impl PostgresBackend {
             answer(revisions).map(Some).map_err(Failure::Fail)
         })
         .await
-    }
-
-    /// One attempt of [`Self::objects_create_many`]: the revisions by op index once committed,
-    /// `None` once rolled back.
-    async fn objects_create_many_once(
-        &self,
-        params: &[Param<'_>],
-        expected: usize,
-    ) -> std::result::Result<Option<std::collections::HashMap<usize, i64>>, Failure> {
-        let client = self.client().await.map_err(Failure::Fail)?;
-        let mut guard = TxGuard {
-            client: Some(client),
-            open: true,
-        };
-        let conn: &deadpool_postgres::ClientWrapper = guard.client();
-        let stmt = conn
-            .prepare_cached(fused::MANY)
-            .await
-            .map_err(|e| classify(&e))?;
-        let (begin, rows) =
-            futures::future::join(conn.batch_execute(sql::BEGIN), conn.query(&stmt, params)).await;
-        let decided = begin.and(rows).map_err(|e| classify(&e)).and_then(|rows| {
-            let row = rows.first().ok_or_else(|| {
-                Failure::Fail(Error::Backend(
-                    "the objects statement returned no row".into(),
-                ))
-            })?;
-            let get = |e| Failure::Fail(db_err(e));
-            let namespaces: bool = row.try_get(0).map_err(get)?;
-            let inserted: i64 = row.try_get(1).map_err(get)?;
-            if !namespaces || usize::try_from(inserted).ok() != Some(expected) {
-                return Ok(None);
-            }
-            fused::many_revisions(row.try_get(2).map_err(get)?)
-                .map(Some)
-                .map_err(Failure::Fail)
-        });
-        let end = match &decided {
-            Ok(Some(_)) => "COMMIT",
-            _ => "ROLLBACK",
-        };
-        // A failed COMMIT rolled back; a failed ROLLBACK leaves `open` set, so the connection
-        // is dropped rather than reused.
-        let ended = conn.batch_execute(end).await;
-        if ended.is_ok() || end == "COMMIT" {
-            guard.open = false;
-        }
-        match (decided, ended) {
-            (Err(failure), _) => Err(failure),
-            (Ok(Some(_)), Err(e)) => Err(classify(&e)),
-            (Ok(decided), _) => Ok(decided),
-        }
     }
 
     /// Tag sets of existing objects in bulk ([`fused::TAG_SETS`]): ONE statement, one round
@@ -1069,8 +1023,9 @@ enum Decided<T> {
     Rollback,
     /// Nothing to write: commit, answering this.
     Commit(T),
-    /// Run the write with these parameters; the answer from its revisions by op index.
+    /// Run this write with these parameters; the answer from its revisions by op index.
     Write(
+        &'static str,
         Vec<tx::Owned>,
         Box<dyn FnOnce(std::collections::HashMap<usize, i64>) -> Result<T> + Send>,
     ),
@@ -1921,12 +1876,12 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
-    /// Many new objects with tags, and many tag sets of existing objects, are ONE statement each
-    /// (the fused paths answer, not the general one); when an object exists (creates) or is
-    /// missing (tag sets), or a namespace is missing, they keep nothing and leave the batch to
+    /// Bulk creates and tag sets (one statement each), upserts and deletes (a read and a write):
+    /// the fused paths answer, not the general one; when an object exists (creates) or is missing
+    /// (tag sets, deletes), or a namespace is missing, they keep nothing and leave the batch to
     /// the general path.
     #[tokio::test]
-    async fn bulk_creates_and_tag_sets_are_one_statement_and_keep_nothing_on_a_clash() {
+    async fn bulk_paths_answer_and_keep_nothing_on_a_clash() {
         use fleetdb_core::{Op, PutMode};
         let (backend, base, schema) = test_backend(2).await;
         let client = backend.client().await.unwrap();
