@@ -131,6 +131,10 @@ pub struct WorkArgs {
     /// Worker tasks (one-at-a-time and burn-down), each with its own session.
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// PostgreSQL: most connections in the store's pool (default: enough for every producer and
+    /// worker at once, at least the library's default).
+    #[arg(long)]
+    pub postgres_pool: Option<usize>,
     /// One-at-a-time: cap on draining the backlog after the window.
     #[arg(long, default_value_t = 30.0)]
     pub drain_max_secs: f64,
@@ -950,9 +954,11 @@ impl Db {
         let defaults = OpenOptions::default();
         let options = OpenOptions {
             durability: args.sqlite_synchronous.durability(),
-            postgres_pool_size_max: defaults
-                .postgres_pool_size_max
-                .max(args.producers + args.workers + 4),
+            postgres_pool_size_max: args.postgres_pool.unwrap_or(
+                defaults
+                    .postgres_pool_size_max
+                    .max(args.producers + args.workers + 4),
+            ),
             ..defaults
         };
         let (place, url) = match kind {

@@ -18,6 +18,7 @@
 //! `fleetdb_schema` primary key, writes through PostgreSQL's serializable isolation.
 
 mod claims;
+mod combine;
 mod content;
 mod error;
 mod finish;
@@ -189,6 +190,9 @@ pub struct PostgresBackend {
     /// Selector claims waiting for their (process, selector)'s claim in flight, sent in shared
     /// transactions ([`claims`]).
     claims: Arc<claims::ClaimCombiner>,
+    /// Lone creates and tag sets waiting for a turn, written in shared transactions
+    /// ([`combine`]).
+    writes: Arc<combine::WriteCombiner>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -257,6 +261,7 @@ impl PostgresBackend {
             hands: Arc::default(),
             kv: Arc::default(),
             claims: Arc::default(),
+            writes: Arc::default(),
         };
         let client = backend.client().await.map_err(|e| match e {
             Error::Unavailable(msg) => {
@@ -478,6 +483,52 @@ impl PostgresBackend {
                 changed,
                 applied: fleetdb_core::Applied::Tag(tag),
             }])
+        }
+    }
+
+    /// A batch, on its own: the one- or two-statement path of its shape, else the general path.
+    pub(crate) async fn commit_unshared(&self, batch: &Batch) -> Result<Vec<OpResult>> {
+        if let ([], [fleetdb_core::Op::TagSet { key, name, value }]) =
+            (batch.preconditions.as_slice(), batch.ops.as_slice())
+        {
+            return self.tag_set_fused(key, name, value, batch.now).await;
+        }
+        if let Some(results) = self.object_create_fused(batch).await? {
+            return Ok(results);
+        }
+        if let Some(results) = self.tag_sets_fused(batch).await? {
+            return Ok(results);
+        }
+        if let Some(results) = self.objects_upsert_fused(batch).await? {
+            return Ok(results);
+        }
+        if let Some(results) = self.objects_delete_fused(batch).await? {
+            return Ok(results);
+        }
+        if let Some(results) = self.finish_fused(batch).await? {
+            return Ok(results);
+        }
+        if let (
+            [],
+            [fleetdb_core::Op::KvSet {
+                key,
+                value,
+                expect: None,
+                lifetime,
+            }],
+        ) = (batch.preconditions.as_slice(), batch.ops.as_slice())
+        {
+            if lifetime.session_id.is_none() && lifetime.ttl_ms.is_none() {
+                if let Some(r) = self.kv_set_fused(key, value, batch.now).await? {
+                    return Ok(r);
+                }
+            }
+        }
+        match self.transact(Write::Batch(batch)).await? {
+            Written::Batch(results) => Ok(results),
+            _ => Err(Error::Backend(
+                "a batch returned something else".to_string(),
+            )),
         }
     }
 
@@ -1256,48 +1307,11 @@ impl Backend for PostgresBackend {
         if batch.ops.is_empty() && batch.preconditions.is_empty() {
             return Ok(Vec::new());
         }
-        if let ([], [fleetdb_core::Op::TagSet { key, name, value }]) =
-            (batch.preconditions.as_slice(), batch.ops.as_slice())
-        {
-            return self.tag_set_fused(key, name, value, batch.now).await;
+        if let Some((shape, key)) = combine::shape(&batch) {
+            let key = key.clone();
+            return self.commit_lone(batch, shape, &key).await;
         }
-        if let Some(results) = self.object_create_fused(&batch).await? {
-            return Ok(results);
-        }
-        if let Some(results) = self.tag_sets_fused(&batch).await? {
-            return Ok(results);
-        }
-        if let Some(results) = self.objects_upsert_fused(&batch).await? {
-            return Ok(results);
-        }
-        if let Some(results) = self.objects_delete_fused(&batch).await? {
-            return Ok(results);
-        }
-        if let Some(results) = self.finish_fused(&batch).await? {
-            return Ok(results);
-        }
-        if let (
-            [],
-            [fleetdb_core::Op::KvSet {
-                key,
-                value,
-                expect: None,
-                lifetime,
-            }],
-        ) = (batch.preconditions.as_slice(), batch.ops.as_slice())
-        {
-            if lifetime.session_id.is_none() && lifetime.ttl_ms.is_none() {
-                if let Some(r) = self.kv_set_fused(key, value, batch.now).await? {
-                    return Ok(r);
-                }
-            }
-        }
-        match self.transact(Write::Batch(&batch)).await? {
-            Written::Batch(results) => Ok(results),
-            _ => Err(Error::Backend(
-                "a batch returned something else".to_string(),
-            )),
-        }
+        self.commit_unshared(&batch).await
     }
 
     async fn changes(
@@ -1873,6 +1887,148 @@ mod tests {
         assert!(remaining().await.is_empty());
         drop(client);
         drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// Lone creates and tag sets of many callers at once share transactions ([`combine`]), and
+    /// each caller gets what it would have got alone: its own results with revisions in its op
+    /// order, `AlreadyExists` for the loser of two creates of one object, `NotFound` for a
+    /// missing namespace or object, a no-op for an identical value; one change-log row per
+    /// change, nothing else written.
+    #[tokio::test]
+    async fn lone_writes_share_transactions_and_answer_as_alone() {
+        use fleetdb_core::{Applied, Op, PutMode};
+        let (backend, base, schema) = test_backend(8).await;
+        let key = |ns: &str, id: &str| ObjectKey::new(ns, "job", id).unwrap();
+        let create = |ns: &str, id: &str| Batch {
+            preconditions: Vec::new(),
+            now: Timestamp(5),
+            ops: vec![
+                Op::ObjectPut {
+                    key: key(ns, id),
+                    labels: [("l".to_string(), id.to_string())].into(),
+                    mode: PutMode::Create,
+                },
+                Op::TagSet {
+                    key: key(ns, id),
+                    name: "a".to_string(),
+                    value: "1".to_string(),
+                },
+                Op::TagSet {
+                    key: key(ns, id),
+                    name: "b".to_string(),
+                    value: format!("\"{id}\""),
+                },
+            ],
+        };
+        let set = |id: &str, value: &str| Batch {
+            preconditions: Vec::new(),
+            now: Timestamp(6),
+            ops: vec![Op::TagSet {
+                key: key("default", id),
+                name: "a".to_string(),
+                value: value.to_string(),
+            }],
+        };
+        // Objects the tag sets find.
+        for i in 0..40 {
+            backend
+                .commit(create("default", &format!("old{i}")))
+                .await
+                .unwrap();
+        }
+        let client = backend.client().await.unwrap();
+        let count = |sql: &'static str| {
+            let client = &client;
+            async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        let changes_before = count("SELECT count(*) FROM changes").await;
+
+        #[derive(Debug, PartialEq)]
+        enum Want {
+            Changed(usize),
+            Unchanged,
+            Exists,
+            Missing,
+        }
+        let mut writes: Vec<(Batch, Want)> = Vec::new();
+        for i in 0..120 {
+            writes.push((create("default", &format!("new{i}")), Want::Changed(3)));
+        }
+        for i in 0..10 {
+            // Created twice: one of the two wins.
+            writes.push((create("default", &format!("twice{i}")), Want::Exists));
+            writes.push((create("default", &format!("twice{i}")), Want::Exists));
+            writes.push((create("nowhere", &format!("x{i}")), Want::Missing));
+            writes.push((set(&format!("gone{i}"), "2"), Want::Missing));
+        }
+        for i in 0..40 {
+            let want = if i % 2 == 0 {
+                Want::Unchanged
+            } else {
+                Want::Changed(1)
+            };
+            let value = if i % 2 == 0 { "1" } else { "2" };
+            writes.push((set(&format!("old{i}"), value), want));
+        }
+        let tasks: Vec<_> = writes
+            .into_iter()
+            .map(|(batch, want)| {
+                let backend = backend.clone();
+                tokio::spawn(async move { (backend.commit(batch).await, want) })
+            })
+            .collect();
+        let mut won_twice = 0;
+        let mut changed_ops = 0;
+        for task in tasks {
+            let (got, want) = task.await.unwrap();
+            match (got, &want) {
+                (Ok(results), Want::Changed(n)) => {
+                    assert_eq!(results.len(), *n);
+                    assert!(results.iter().all(|r| r.changed));
+                    let revs: Vec<i64> = results
+                        .iter()
+                        .map(|r| match &r.applied {
+                            Applied::Object(o) => o.revision.0,
+                            Applied::Tag(t) => t.revision.0,
+                            other => panic!("{other:?}"),
+                        })
+                        .collect();
+                    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+                    changed_ops += n;
+                }
+                (Ok(results), Want::Unchanged) => {
+                    assert_eq!(results.len(), 1);
+                    assert!(!results[0].changed);
+                }
+                (Ok(results), Want::Exists) => {
+                    assert_eq!(results.len(), 3);
+                    won_twice += 1;
+                    changed_ops += 3;
+                }
+                (Err(Error::AlreadyExists { .. }), Want::Exists) => {}
+                (Err(Error::NotFound { .. }), Want::Missing) => {}
+                (other, want) => panic!("{want:?}: {other:?}"),
+            }
+        }
+        assert_eq!(won_twice, 10, "one of each pair of creates wins");
+        let changes = count("SELECT count(*) FROM changes").await - changes_before;
+        assert_eq!(changes, changed_ops as i64);
+        assert_eq!(count("SELECT count(*) FROM objects").await, 40 + 120 + 10);
+        assert_eq!(
+            count("SELECT count(*) FROM objects WHERE namespace = 'nowhere' OR id LIKE 'gone%'")
+                .await,
+            0
+        );
+        assert!(
+            backend
+                .writes
+                .shared_txns
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0,
+            "230 writes at once share transactions"
+        );
+        drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
