@@ -244,8 +244,14 @@ impl PostgresBackend {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // Last in, first out: the connections used last are reused first, so under a steady load
+        // the same few server processes stay busy with warm caches (their prepared statements'
+        // plans, catalog caches, CPU caches) and the rest idle; first in, first out rotated every
+        // transaction through all of them (one-at-a-time benchmark flat out, interleaved: 1,459 / 1,559
+        // completed/s first in, first out; 1,592 / 1,661 last in, first out).
         let pool = Pool::builder(manager)
             .max_size(options.pool_size_max)
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| Error::Backend(format!("building the connection pool: {e}")))?;
