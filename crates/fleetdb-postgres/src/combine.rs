@@ -252,6 +252,18 @@ impl PostgresBackend {
                     .map(|&n| Answer::Done(Ok(results.by_ref().take(n).collect())))
                     .collect()
             }
+            // Committed, yet not one result per op: never run such writes again.
+            Ok(Some(results)) => {
+                let e = Error::Backend(format!(
+                    "a shared write transaction answered {} results for {} ops",
+                    results.len(),
+                    joined.ops.len()
+                ));
+                counts
+                    .iter()
+                    .map(|_| Answer::Done(Err(e.clone())))
+                    .collect()
+            }
             Err(Error::Unavailable(msg)) => counts
                 .iter()
                 .map(|_| Answer::Done(Err(Error::Unavailable(msg.clone()))))
