@@ -93,6 +93,7 @@ macro_rules! suite {
             objects_with_tags_in_bulk,
             tag_sets_in_bulk,
             objects_deleted_in_bulk,
+            lone_writes_at_once_answer_as_alone,
             finish_and_claim_finishes_then_claims_the_next,
             finish_deleting_the_eligible_tag,
             work_matches_a_model_under_random_operations;

@@ -1565,6 +1565,127 @@ pub async fn tag_sets_in_bulk(h: &Harness) {
     }
 }
 
+/// Many lone writes at once (each a transaction of its own: an object created with its tags, or
+/// one tag set), as a busy server's clients or a queue's producers send them: each answers as it
+/// would alone, whatever the backend makes of the concurrency (PostgreSQL shares their
+/// transactions, SQLite commits them in groups) — one of two creates of an object wins, a missing
+/// namespace or object is `NotFound`, an identical value is a no-op, every change is in the
+/// change log once, in each write's op order.
+pub async fn lone_writes_at_once_answer_as_alone(h: &Harness) {
+    let st = &h.store;
+    for i in 0..20 {
+        let k = key("default", "job", &format!("old{i}"));
+        st.object_put(&k, Labels::new()).await.unwrap();
+        st.tag_set(&k, "a", &json!(1)).await.unwrap();
+    }
+    let before = st.revision().await.unwrap().current;
+    let create = |ns: &'static str, id: String| async move {
+        let k = key(ns, "job", &id);
+        let k2 = k.clone();
+        st.txn(move |tx| {
+            let k = k.clone();
+            async move {
+                tx.object_create(&k, Labels::new())?;
+                tx.tag_set(&k, "a", &json!(1))?;
+                tx.tag_set(&k, "b", &json!({ "id": k.id }))
+            }
+        })
+        .await
+        .map(|()| k2)
+    };
+    let set = |id: String, value: serde_json::Value| async move {
+        st.tag_set(&key("default", "job", &id), "a", &value).await
+    };
+    let creates = futures::future::join_all(
+        (0..60)
+            .map(|i| create("default", format!("new{i}")))
+            .chain((0..8).flat_map(|i| {
+                [
+                    create("default", format!("twice{i}")),
+                    create("default", format!("twice{i}")),
+                ]
+            }))
+            .chain((0..4).map(|i| create("nowhere", format!("x{i}")))),
+    );
+    let sets = futures::future::join_all(
+        (0..20)
+            .map(|i| set(format!("old{i}"), json!(1 + i % 2)))
+            .chain((0..4).map(|i| set(format!("gone{i}"), json!(2)))),
+    );
+    let (created, tagged) = futures::join!(creates, sets);
+    let mut won = 0;
+    for (i, r) in created.iter().enumerate() {
+        match (i, r) {
+            (0..60, Ok(_)) => {}
+            (60..76, Ok(_)) => won += 1,
+            (60..76, Err(Error::AlreadyExists { .. })) => {}
+            (76.., Err(Error::NotFound { .. })) => {}
+            (i, r) => panic!("create {i}: {r:?}"),
+        }
+    }
+    assert_eq!(won, 8, "one of each pair of creates of one object wins");
+    let mut changed_sets = 0;
+    for (i, r) in tagged.iter().enumerate() {
+        match (i, r) {
+            (0..20, Ok(w)) => {
+                assert_eq!(w.item.value, json!(1 + i % 2));
+                assert_eq!(
+                    w.changed,
+                    i % 2 == 1,
+                    "tag set {i}: an identical value is a no-op"
+                );
+                if w.changed {
+                    changed_sets += 1;
+                } else {
+                    assert!(w.item.revision <= before);
+                }
+            }
+            (20.., Err(Error::NotFound { .. })) => {}
+            (i, r) => panic!("tag set {i}: {r:?}"),
+        }
+    }
+    let changes = st
+        .changes(before, &fleetdb::ChangeFilter::default(), 10_000)
+        .await
+        .unwrap();
+    // Every new object: the object and its two tags; every changed value: one row.
+    assert_eq!(changes.len(), (60 + 8) * 3 + changed_sets);
+    assert!(changes.windows(2).all(|w| w[0].revision < w[1].revision));
+    let mut per_object: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in &changes {
+        per_object
+            .entry(c.id.clone())
+            .or_default()
+            .push(c.name.clone());
+    }
+    for (id, names) in &per_object {
+        if !id.starts_with("old") {
+            assert_eq!(
+                names,
+                &["", "a", "b"],
+                "{id}: object, then its tags in op order"
+            );
+        }
+    }
+    for (k, _) in created
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|k| (k, ()))
+    {
+        let b = st
+            .tag_get(k, "b")
+            .await
+            .unwrap()
+            .expect("created with its tags");
+        assert_eq!(b.value, json!({ "id": k.id }));
+    }
+    assert!(st
+        .object_get(&key("default", "job", "gone0"))
+        .await
+        .unwrap()
+        .is_none());
+}
+
 /// Many objects deleted in one transaction (PostgreSQL: a read and a write statement): each
 /// object's tags go first (in name order), then the object, objects in op order; a missing
 /// object fails the whole batch and deletes nothing.
