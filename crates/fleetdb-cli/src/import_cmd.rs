@@ -2,15 +2,19 @@
 //! `--batch` objects (a fleet inventory; on PostgreSQL each transaction is one statement).
 //!
 //! Every line is read and validated before anything is written, so bad input writes nothing and
-//! names its line. Each transaction is atomic; one the database refuses (a missing namespace, an
-//! object that exists with `--create`) is reported with the lines it held, after the ones before
-//! it committed.
+//! names its line. Each transaction is atomic; `--jobs` of them are in flight at once, started in
+//! line order. One the database refuses (a missing namespace, an object that exists with
+//! `--create`) is reported with the lines it held; no transaction starts after it, those in flight
+//! finish, and the report names the lines written and the lines not attempted (every object
+//! appears once in the input, so transactions never overlap and a re-run in the default mode is
+//! safe).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 
 use fleetdb::core::validate;
 use fleetdb::{Error, Labels, ObjectKey, Store};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -19,6 +23,59 @@ use crate::output::{self, Format};
 /// Objects per transaction at most (the store's limit is 10,000 writes per transaction; an
 /// object with many tags is many writes).
 pub const BATCH_MAX: usize = 5_000;
+
+/// Transactions in flight at most.
+pub const JOBS_MAX: usize = 16;
+
+/// What became of one transaction.
+enum Outcome {
+    Written,
+    Failed(Error),
+    /// Not started: an earlier transaction had failed.
+    NotAttempted,
+}
+
+/// The lines of the chunks numbered `picked` (ascending) as ranges, neighbouring chunks merged:
+/// "1–79, 121–159".
+fn line_ranges(chunks: &[&[Item]], picked: &[usize]) -> String {
+    let mut ranges: Vec<(usize, usize, usize)> = Vec::new(); // (first line, last line, last chunk)
+    for &i in picked {
+        let (Some(first), Some(last)) = (chunks[i].first(), chunks[i].last()) else {
+            continue;
+        };
+        match ranges.last_mut() {
+            Some((_, end, at)) if *at + 1 == i => {
+                *end = last.line;
+                *at = i;
+            }
+            _ => ranges.push((first.line, last.line, i)),
+        }
+    }
+    ranges
+        .iter()
+        .map(|(a, b, _)| format!("{a}–{b}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One transaction: the objects of `chunk` with their tags.
+async fn write(store: &Store, chunk: &[Item], create: bool) -> Result<(), Error> {
+    store
+        .txn(|tx| async move {
+            for item in chunk {
+                if create {
+                    tx.object_create(&item.key, item.labels.clone())?;
+                } else {
+                    tx.object_put(&item.key, item.labels.clone())?;
+                }
+                for (name, value) in &item.tags {
+                    tx.tag_set(&item.key, name, value)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+}
 
 /// One input line.
 #[derive(Debug, Deserialize)]
@@ -122,7 +179,15 @@ pub async fn import(
     file: Option<&str>,
     create: bool,
     batch: usize,
+    jobs: usize,
 ) -> Result<(), Error> {
+    if jobs == 0 || jobs > JOBS_MAX {
+        return Err(Error::invalid(
+            "--jobs",
+            jobs.to_string(),
+            format!("must be between 1 and {JOBS_MAX}"),
+        ));
+    }
     if batch == 0 || batch > BATCH_MAX {
         return Err(Error::invalid(
             "--batch",
@@ -139,32 +204,62 @@ pub async fn import(
         }
     };
     let started = std::time::Instant::now();
-    let mut written = 0usize;
-    for chunk in items.chunks(batch) {
-        let r = store
-            .txn(|tx| async move {
-                for item in chunk {
-                    if create {
-                        tx.object_create(&item.key, item.labels.clone())?;
-                    } else {
-                        tx.object_put(&item.key, item.labels.clone())?;
-                    }
-                    for (name, value) in &item.tags {
-                        tx.tag_set(&item.key, name, value)?;
+    let chunks: Vec<&[Item]> = items.chunks(batch).collect();
+    // Transactions start in line order; after a failure none starts (those in flight finish).
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let mut outcomes: Vec<(usize, Outcome)> = futures::stream::iter(chunks.iter().enumerate())
+        .map(|(i, chunk)| {
+            let failed = &failed;
+            async move {
+                if failed.load(std::sync::atomic::Ordering::Acquire) {
+                    return (i, Outcome::NotAttempted);
+                }
+                match write(store, chunk, create).await {
+                    Ok(()) => (i, Outcome::Written),
+                    Err(e) => {
+                        failed.store(true, std::sync::atomic::Ordering::Release);
+                        (i, Outcome::Failed(e))
                     }
                 }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = r {
-            let (first, last) = (chunk[0].line, chunk[chunk.len() - 1].line);
-            eprintln!(
-                "fleetdb: the transaction of lines {first}–{last} failed and wrote nothing; \
-                 the {written} objects before them were imported"
-            );
+            }
+        })
+        .buffer_unordered(jobs)
+        .collect()
+        .await;
+    outcomes.sort_by_key(|(i, _)| *i);
+    let of = |want: fn(&Outcome) -> bool| -> Vec<usize> {
+        outcomes
+            .iter()
+            .filter(|(_, o)| want(o))
+            .map(|(i, _)| *i)
+            .collect()
+    };
+    let done = of(|o| matches!(o, Outcome::Written));
+    let written: usize = done.iter().map(|&i| chunks[i].len()).sum();
+    if let Some(pos) = outcomes
+        .iter()
+        .position(|(_, o)| matches!(o, Outcome::Failed(_)))
+    {
+        let failed = of(|o| matches!(o, Outcome::Failed(_)));
+        let skipped = of(|o| matches!(o, Outcome::NotAttempted));
+        let mut report = format!(
+            "fleetdb: the transaction{} of lines {} failed and wrote nothing; {written} objects were imported",
+            if failed.len() > 1 { "s" } else { "" },
+            line_ranges(&chunks, &failed)
+        );
+        if !done.is_empty() {
+            report.push_str(&format!(" (lines {})", line_ranges(&chunks, &done)));
+        }
+        if !skipped.is_empty() {
+            report.push_str(&format!(
+                "; lines {} were not attempted",
+                line_ranges(&chunks, &skipped)
+            ));
+        }
+        eprintln!("{report}");
+        if let (_, Outcome::Failed(e)) = outcomes.swap_remove(pos) {
             return Err(e);
         }
-        written += chunk.len();
     }
     let secs = started.elapsed().as_secs_f64();
     match fmt {

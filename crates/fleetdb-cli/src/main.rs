@@ -166,6 +166,9 @@ enum ObjectCmd {
         /// Objects per transaction (1..=5000).
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        /// Transactions in flight at once (1..=16), started in line order.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
     },
 }
 
@@ -353,7 +356,8 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                 file,
                 create,
                 batch,
-            } => import_cmd::import(store, fmt, ns, file.as_deref(), create, batch).await,
+                jobs,
+            } => import_cmd::import(store, fmt, ns, file.as_deref(), create, batch, jobs).await,
             ObjectCmd::Get { kind, id } => {
                 let k = key(&kind, &id)?;
                 let o = store

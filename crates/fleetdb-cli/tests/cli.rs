@@ -436,14 +436,52 @@ fn import(db: &Db) {
         "{err}"
     );
     assert_eq!(count(db)["count"], 140);
+
+    // One at a time (--jobs 1): no transaction starts after a refused one, and the report names
+    // the lines written and the lines not attempted.
+    let three =
+        |a: usize, b: usize| format!("{}{}{}", lines(a, a + 40), lines(95, 100), lines(b, b + 40));
+    let (code, err) = fails(
+        db,
+        &[
+            "object", "import", "--create", "--batch", "40", "--jobs", "1",
+        ],
+        Some(&three(300, 400)),
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("lines 81–159 failed")
+            && err.contains("40 objects were imported (lines 1–79)")
+            && err.contains("lines 161–169 were not attempted"),
+        "{err}"
+    );
+    assert_eq!(count(db)["count"], 180);
+    // Several in flight (the default): the report still says exactly what was written.
+    let (code, err) = fails(
+        db,
+        &["object", "import", "--create", "--batch", "40"],
+        Some(&three(500, 600)),
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("lines 81–159 failed"), "{err}");
+    let imported: u64 = err
+        .split(" objects were imported")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(count(db)["count"], 180 + imported, "{err}");
+    let (code, _) = fails(db, &["object", "import", "--jobs", "0"], Some(&lines(0, 1)));
+    assert_eq!(code, 2);
     // Without --create the same input updates the existing objects.
+    let before = count(db)["count"].as_u64().unwrap();
     let out = fleetdb(db, &["object", "import"], Some(&mixed));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(count(db)["count"], 140);
+    assert_eq!(count(db)["count"], before);
 }
 
 fn sqlite_db() -> Db {
