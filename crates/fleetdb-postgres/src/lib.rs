@@ -2038,6 +2038,79 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// Lone writes whose callers give up while they wait for a turn or a shared transaction:
+    /// each write is written whole or not at all, never half; the turn is not lost (writes after
+    /// them still run, alone at once when nothing waits).
+    #[tokio::test]
+    async fn abandoned_lone_writes_leave_nothing_half_written_and_free_the_turn() {
+        use fleetdb_core::{Op, PutMode};
+        let (backend, base, schema) = test_backend(4).await;
+        let create = |id: String| Batch {
+            preconditions: Vec::new(),
+            now: Timestamp(5),
+            ops: vec![
+                Op::ObjectPut {
+                    key: ObjectKey::new("default", "job", &id).unwrap(),
+                    labels: fleetdb_core::Labels::new(),
+                    mode: PutMode::Create,
+                },
+                Op::TagSet {
+                    key: ObjectKey::new("default", "job", &id).unwrap(),
+                    name: "a".to_string(),
+                    value: "1".to_string(),
+                },
+            ],
+        };
+        for round in 0..5 {
+            let tasks: Vec<_> = (0..40)
+                .map(|i| {
+                    let backend = backend.clone();
+                    let batch = create(format!("r{round}-{i}"));
+                    tokio::spawn(async move {
+                        // Every other caller gives up almost at once.
+                        let wait = Duration::from_micros(if i % 2 == 0 { 50 } else { 60_000_000 });
+                        tokio::time::timeout(wait, backend.commit(batch)).await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                if let Ok(r) = t.await.unwrap() {
+                    r.unwrap();
+                }
+            }
+        }
+        // Whatever the abandoned writes did, they did whole (their shared transactions go on).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let client = backend.client().await.unwrap();
+        // One snapshot for the three counts.
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM objects), (SELECT count(*) FROM tags), \
+                   (SELECT count(*) FROM changes)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (objects, tags, changes): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert!(
+            objects >= 100,
+            "the callers that waited were answered: {objects}"
+        );
+        assert_eq!(tags, objects, "no object without its tag");
+        assert_eq!(changes, 2 * objects);
+        assert!(backend.writes.shared_txns.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        drop(client);
+        // The turn is free again: a lone write runs at once and answers.
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            backend.commit(create("after".to_string())),
+        )
+        .await
+        .expect("the turn was passed on");
+        assert_eq!(r.unwrap().len(), 2);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
     /// Bulk creates and tag sets (one statement each), upserts and deletes (a read and a write):
     /// the fused paths answer, not the general one; when an object exists (creates) or is missing
     /// (tag sets, deletes), or a namespace is missing, they keep nothing and leave the batch to
