@@ -2098,7 +2098,13 @@ mod tests {
         );
         assert_eq!(tags, objects, "no object without its tag");
         assert_eq!(changes, 2 * objects);
-        assert!(backend.writes.shared_txns.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert!(
+            backend
+                .writes
+                .shared_txns
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
         drop(client);
         // The turn is free again: a lone write runs at once and answers.
         let r = tokio::time::timeout(
