@@ -228,6 +228,7 @@ pub(crate) fn limit_param(limit: usize) -> i64 {
 // ---- selector SQL ----
 
 /// Parameters of a compiled selector query, with the types `query_typed` declares.
+#[derive(Clone)]
 pub(crate) struct TypedParams(Vec<SqlParam>);
 
 impl TypedParams {
@@ -313,14 +314,16 @@ fn selector_from_where(selector: &Selector, now: Timestamp) -> (String, TypedPar
     )
 }
 
-/// Where [`selector_on_keys`] finds its keys: a JSON text parameter, or an SQL expression.
+/// Where [`selector_on_keys`] finds its keys: a JSON text parameter, or rows of
+/// `(ns, kind, id, sid, r)` (an SQL FROM item, such as a CTE's name).
 enum Keys {
     Json(String),
-    Sql(&'static str),
+    Rows(&'static str),
 }
 
 /// [`selector_from_where`] restricted to the objects listed in `keys` (a JSON array of
-/// `{"ns","kind","id"}`, each maybe with the claiming session `sid` and request `r`): `FROM <keys> k CROSS JOIN LATERAL (<selector on k>) o WHERE TRUE`. The
+/// `{"ns","kind","id"}`, or rows that also carry the claiming session `sid` and request `r`):
+/// `FROM <keys> k CROSS JOIN LATERAL (<selector on k>) o WHERE TRUE`. The
 /// claim re-checks after locking use it. The listed keys drive: each is one primary-key probe of
 /// `objects` (and of each tag the selector joins), whatever the planner believes of the tables.
 /// The `(key) IN (<keys>)` form let a planner without statistics walk the selector's whole tag
@@ -331,13 +334,15 @@ fn selector_on_keys(selector: &Selector, now: Timestamp, keys: Keys) -> (String,
     let cond = selector.to_sql(Dialect::Postgres, now, &mut params);
     let mut params = TypedParams(params);
     let keys = match keys {
-        Keys::Json(json) => params.push(SqlParam::Text(json)),
-        Keys::Sql(sql) => sql.to_string(),
+        Keys::Json(json) => format!(
+            "jsonb_to_recordset(({})::jsonb) AS k(ns text, kind text, id text, sid text, r bigint)",
+            params.push(SqlParam::Text(json))
+        ),
+        Keys::Rows(rows) => format!("{rows} AS k"),
     };
     (
         format!(
-            "FROM jsonb_to_recordset(({keys})::jsonb) \
-               AS k(ns text, kind text, id text, sid text, r bigint) \
+            "FROM {keys} \
              CROSS JOIN LATERAL (SELECT o.namespace, o.kind, o.id FROM objects o{joins} \
                WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id AND ({cond}) \
                OFFSET 0) o WHERE TRUE"
@@ -519,7 +524,7 @@ pub(crate) fn claim_lock_sql(
            set_config('{LOCKED_GUC}', COALESCE(a.locked, '[]'::jsonb)::text, true) \
          FROM (SELECT (SELECT jsonb_agg(id) FROM s) AS alive, EXISTS (SELECT 1 FROM me) AS declared, \
            (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
-              ORDER BY c.namespace, c.kind, c.id) FROM c) AS locked) AS a",
+              ORDER BY c.namespace, c.kind, c.id) FROM c) AS locked OFFSET 0) AS a",
         revision = crate::sql::REVISION_NOW
     );
     (sql, params)
@@ -681,11 +686,13 @@ pub(crate) fn assigned(
 /// in the same round trip): step 1's candidates ([`LOCKED_GUC`]) go to the `slots`
 /// ([`slots_json`]; see [`assigned`]) and are checked again in this statement's fresh snapshot
 /// (a claim committed between step 1's snapshot and its lock is seen now, and so is a change
-/// that made an object stop matching), and so is each one's session; each survivor gets a
-/// fencing token, its work row (replacing a row of a dead session, which gets `Expired` history
-/// first) and `Started` history (each session probed by its id alone, in a subquery kept out of
-/// the join tree: joined plainly, a plan made while `sessions` looked small read every session
-/// per take). Returns `(namespace, kind, id, token, session, slot r)` in key
+/// that made an object stop matching), and so is each slot's session, once per slot (`ss`:
+/// probed per candidate, it cost a session probe per job, and another one for the history's
+/// component and host); each survivor gets a fencing token, its work row (replacing a row of a
+/// dead session, which gets `Expired` history first) and `Started` history. Each session is
+/// probed by its id alone, in a subquery kept out of the join tree: joined plainly, a plan made
+/// while `sessions` looked small read every session per take. Returns
+/// `(namespace, kind, id, token, session, slot r)` in key
 /// order. Several slots: the claims of one process's workers sharing a transaction
 /// ([`crate::claims`]).
 ///
@@ -695,8 +702,7 @@ pub(crate) fn assigned(
 /// (`generate_series`): with hash and merge joins off, a nested loop of candidates × positions,
 /// 10,000 comparisons and ~4 ms of a claim of 100's ~19 ms.
 pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, TypedParams) {
-    let (base, mut params) =
-        selector_on_keys(&q.selector, q.now, Keys::Sql("(SELECT keys FROM k0)"));
+    let (base, mut params) = selector_on_keys(&q.selector, q.now, Keys::Rows("k0"));
     let slots = params.push(SqlParam::Text(slots));
     let now = params.push(SqlParam::Int(q.now.0));
     let process = params.push(SqlParam::Text(q.process.clone()));
@@ -710,13 +716,14 @@ pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, Type
              sum(x.n) OVER (ORDER BY x.o) - x.n AS lo, sum(x.n) OVER (ORDER BY x.o) AS hi \
            FROM jsonb_to_recordset(({slots})::jsonb) AS x(o bigint, r bigint, sid text, f bigint, n bigint) \
            WHERE (x.f IS NULL OR {passed} @> to_jsonb(x.f)) AND {alive} ? x.sid), \
-         k0 AS MATERIALIZED (SELECT jsonb_agg(l.v || jsonb_build_object('sid', sl.sid, 'r', sl.r) \
-             ORDER BY l.pos) AS keys \
+         ss AS MATERIALIZED (SELECT sl.r, sl.sid, sl.lo, sl.hi, s.component, s.host FROM sl \
+           CROSS JOIN LATERAL (SELECT s.component, s.host FROM (SELECT component, host, deadline \
+             FROM sessions WHERE id = sl.sid OFFSET 0) s WHERE s.deadline > {now}) s), \
+         k0 AS MATERIALIZED (SELECT l.v ->> 'ns' AS ns, l.v ->> 'kind' AS kind, \
+             l.v ->> 'id' AS id, ss.sid, ss.r \
            FROM jsonb_array_elements({locked}) WITH ORDINALITY AS l(v, pos) \
-           JOIN sl ON l.pos > sl.lo AND l.pos <= sl.hi), \
+           JOIN ss ON l.pos > ss.lo AND l.pos <= ss.hi), \
          c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid, k.r {base} {free} \
-           AND EXISTS (SELECT 1 FROM (SELECT ss.deadline FROM sessions ss WHERE ss.id = k.sid \
-             OFFSET 0) ss WHERE ss.deadline > {now}) \
            ORDER BY o.namespace, o.kind, o.id), \
          t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, c.r, \
            nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c), \
@@ -736,9 +743,8 @@ pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, Type
                  FROM old LEFT JOIN LATERAL (SELECT component, host FROM sessions \
                    WHERE id = old.session_id OFFSET 0) AS os ON true \
                  UNION ALL \
-                 SELECT 1, t.n, t.namespace, t.kind, t.id, 'Started', t.sid, s.component, s.host, \
-                   t.token, NULL FROM t CROSS JOIN LATERAL (SELECT component, host \
-                   FROM sessions WHERE id = t.sid OFFSET 0) AS s) AS e \
+                 SELECT 1, t.n, t.namespace, t.kind, t.id, 'Started', t.sid, ss.component, \
+                   ss.host, t.token, NULL FROM t JOIN ss ON ss.r = t.r) AS e \
            ORDER BY phase, n) \
          SELECT namespace, kind, id, token, sid, r FROM t ORDER BY n"
     );
