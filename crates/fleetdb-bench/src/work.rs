@@ -15,7 +15,8 @@
 //! - **Burn-down**: `--burndown` objects with the `eligible` tag are created in transactions of
 //!   1000 (the insert rate is reported), then `--workers` tasks (own sessions) loop: `claim(...,
 //!   --batch)`, then ONE transaction (`Session::finish_many_with`) deleting the `eligible` tag of
-//!   every claimed object and finishing every claim.
+//!   every claimed object and finishing every claim; with `--finish-and-claim` that transaction
+//!   also claims the next batch (`Session::finish_many_and_claim`).
 //!   jobs/s = N ÷ (time from worker start until every object is done and no claim is left).
 //! - **Sessions**: `--sessions` sessions with a 10 s TTL in one store; the store's background task
 //!   renews all of them in one statement per tick (TTL/3). Over a window of `--sessions-secs`
@@ -142,10 +143,16 @@ pub struct WorkArgs {
     /// order, so random ids make the queue unordered).
     #[arg(long)]
     pub random_ids: bool,
-    /// One-at-a-time: workers finish and claim the next in one call (`Work::finish_and_claim`)
-    /// instead of a finish and then a claim.
+    /// Workers finish and claim the next in one call instead of a finish and then a claim:
+    /// one-at-a-time with `Work::finish_and_claim`, burn-down with
+    /// `Session::finish_many_and_claim` (one transaction per batch instead of two).
     #[arg(long)]
     pub finish_and_claim: bool,
+    /// One-at-a-time: write every measured latency to this file, one line per claim in the
+    /// window: seconds since the window opened, then the eligible→claimed latency in ms (to see
+    /// whether a tail is spread out or bunched in stalls).
+    #[arg(long)]
+    pub latency_trace: Option<PathBuf>,
     /// Burn-down: objects made eligible before the workers start.
     #[arg(long, default_value_t = 50_000)]
     pub burndown: usize,
@@ -1098,6 +1105,8 @@ struct WorkerRec {
     claims_in_window: u64,
     completed_in_window: u64,
     lat_us: Vec<u64>,
+    /// (µs since the window opened, latency µs), kept only for `--latency-trace`.
+    trace: Vec<(u64, u64)>,
     claim_wait_us: Vec<u64>,
     finish_us: Vec<u64>,
     claims_total: u64,
@@ -1129,6 +1138,7 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
         let session = session.clone();
         let (stop, sent, errors) = (stop.clone(), sent.clone(), errors.clone());
         let finish_and_claim = args.finish_and_claim;
+        let trace = args.latency_trace.is_some();
         workers.spawn(async move {
             let mut rec = WorkerRec::default();
             let mut next: Vec<fleetdb::Work> = Vec::new();
@@ -1166,7 +1176,14 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
                     rec.claim_wait_us
                         .push(got_at.duration_since(asked).as_micros() as u64);
                     match t_add {
-                        Some(t) => rec.lat_us.push((got_wall - t).max(0) as u64),
+                        Some(t) => {
+                            let lat = (got_wall - t).max(0) as u64;
+                            rec.lat_us.push(lat);
+                            if trace {
+                                let at = got_at.duration_since(warm_end).as_micros() as u64;
+                                rec.trace.push((at, lat));
+                            }
+                        }
                         None => rec.missing_t += 1,
                     }
                 }
@@ -1317,6 +1334,7 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
         wr.claims_in_window += r.claims_in_window;
         wr.completed_in_window += r.completed_in_window;
         wr.lat_us.extend(r.lat_us);
+        wr.trace.extend(r.trace);
         wr.claim_wait_us.extend(r.claim_wait_us);
         wr.finish_us.extend(r.finish_us);
         wr.claims_total += r.claims_total;
@@ -1339,6 +1357,19 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
         }
     }
 
+    if let Some(path) = &args.latency_trace {
+        wr.trace.sort_unstable();
+        let mut text = String::with_capacity(wr.trace.len() * 20);
+        for (at, lat) in &wr.trace {
+            text.push_str(&format!(
+                "{:.6} {:.3}\n",
+                *at as f64 / 1e6,
+                *lat as f64 / 1e3
+            ));
+        }
+        std::fs::write(path, text)
+            .map_err(|e| format!("writing the latency trace {}: {e}", path.display()))?;
+    }
     let mut problems = Vec::new();
     if left > 0 {
         problems.push(format!(
@@ -1519,15 +1550,24 @@ async fn burndown(db: &Db, args: &WorkArgs) -> BResult<BurnResult> {
         let session = session.clone();
         let (done, errors) = (done.clone(), errors.clone());
         let batch = args.batch;
+        let finish_and_claim = args.finish_and_claim;
         workers.spawn(async move {
             let mut rec = BurnRec::default();
             let started = Instant::now();
+            // The claims the last finish-and-claim brought (`--finish-and-claim`).
+            let mut next: Option<Vec<fleetdb::Work>> = None;
             while done.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
-                let c0 = Instant::now();
-                rec.claim_calls += 1;
-                let got = session.claim(PROCESS, SELECTOR, batch).await;
-                rec.claim.0 += 1;
-                rec.claim.1 += c0.elapsed().as_secs_f64();
+                let got = match next.take() {
+                    Some(works) if !works.is_empty() => Ok(works),
+                    _ => {
+                        let c0 = Instant::now();
+                        rec.claim_calls += 1;
+                        let got = session.claim(PROCESS, SELECTOR, batch).await;
+                        rec.claim.0 += 1;
+                        rec.claim.1 += c0.elapsed().as_secs_f64();
+                        got
+                    }
+                };
                 let mut works = match got {
                     Ok(w) => w,
                     Err(e) => {
@@ -1549,17 +1589,24 @@ async fn burndown(db: &Db, args: &WorkArgs) -> BResult<BurnResult> {
                 let claimed: Arc<Vec<ObjectKey>> =
                     Arc::new(works.iter().map(|w| w.key().clone()).collect());
                 let f0 = Instant::now();
-                let r = session
-                    .finish_many_with(&mut works, |tx| {
-                        let claimed = claimed.clone();
-                        async move {
-                            for k in claimed.iter() {
-                                tx.tag_delete(k, ELIGIBLE)?;
-                            }
-                            Ok(())
+                let delete_tags = |tx: fleetdb::Txn| {
+                    let claimed = claimed.clone();
+                    async move {
+                        for k in claimed.iter() {
+                            tx.tag_delete(k, ELIGIBLE)?;
                         }
-                    })
-                    .await;
+                        Ok(())
+                    }
+                };
+                let r = if finish_and_claim {
+                    rec.claim_calls += 1;
+                    session
+                        .finish_many_and_claim(&mut works, delete_tags, PROCESS, SELECTOR, batch)
+                        .await
+                        .map(|((), claimed)| next = Some(claimed))
+                } else {
+                    session.finish_many_with(&mut works, delete_tags).await
+                };
                 rec.finish.0 += 1;
                 rec.finish.1 += f0.elapsed().as_secs_f64();
                 if let Err(e) = r {
@@ -2230,10 +2277,14 @@ pub fn render_markdown(r: &WorkReport) -> String {
     if !r.burn.is_empty() {
         let _ = writeln!(
             s,
-            "\n### Burn-down: {} eligible objects, {} workers, claims of {}, one transaction per batch (delete the tags and finish: finish_many_with)\n",
+            "\n### Burn-down: {} eligible objects, {} workers, claims of {}, one transaction per batch (delete the tags and finish: {})\n",
             fmt_int(a.burndown as f64),
             a.workers,
-            a.batch
+            a.batch,
+            match a.finish_and_claim {
+                true => "finish_many_and_claim, which also claims the next batch",
+                false => "finish_many_with",
+            }
         );
         let _ = writeln!(
             s,
@@ -2268,7 +2319,7 @@ pub fn render_markdown(r: &WorkReport) -> String {
         );
         let _ = writeln!(
             s,
-            "| backend | claim: calls, mean ms, % | delete txn: calls, mean ms, % | finish_many_with: calls, mean ms, % | backend commits | process CPU % | postgres CPU % | other CPU % | PG commits / rollbacks | claim attempts rolled back (token gap) |"
+            "| backend | claim: calls, mean ms, % | delete txn: calls, mean ms, % | finish (and claim): calls, mean ms, % | backend commits | process CPU % | postgres CPU % | other CPU % | PG commits / rollbacks | claim attempts rolled back (token gap) |"
         );
         let _ = writeln!(s, "|---|---|---|---|---:|---:|---:|---:|---|---:|");
         for m in &r.burn {

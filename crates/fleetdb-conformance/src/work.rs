@@ -2116,6 +2116,112 @@ pub async fn finish_and_claim_finishes_then_claims_the_next(h: &Harness) {
     );
 }
 
+/// `finish_many_and_claim`: a batch's writes, releases and the next claim in one transaction.
+/// A batch that fails (a caller write refused, a claim lost) changes nothing and claims nothing;
+/// one that lands finishes every claim (history `Started`, `Finished`) and claims the next ones,
+/// never one it just finished, with larger fencing tokens. Claims of 16 (the size backends may
+/// treat as a batch).
+pub async fn finish_many_and_claim_finishes_then_claims_the_next(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let keys = machines(h, 40).await;
+    for k in &keys {
+        st.tag_set(k, "todo", &json!(true)).await.unwrap();
+    }
+    let s = st.session_start(spec("c")).await.unwrap();
+    let sel = "kind = machine and has(todo)";
+    let mut got = s.claim("P", sel, 16).await.unwrap();
+    assert_eq!(got.len(), 16);
+    let claimed: Vec<ObjectKey> = got.iter().map(|w| w.key().clone()).collect();
+    let delete_todo = |keys: Vec<ObjectKey>, extra: Option<&'static str>| {
+        move |tx: fleetdb::Txn| {
+            let keys = keys.clone();
+            async move {
+                for k in &keys {
+                    tx.tag_delete(k, "todo")?;
+                }
+                if let Some(name) = extra {
+                    tx.tag_delete(&keys[0], name)?;
+                }
+                Ok(keys.len())
+            }
+        }
+    };
+    // A caller write that is refused: nothing is written, every claim stays, nothing is claimed.
+    let err = s
+        .finish_many_and_claim(
+            &mut got,
+            delete_todo(claimed.clone(), Some("absent")),
+            "P",
+            sel,
+            16,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    assert_eq!(st.work_list(Some("P"), 100).await.unwrap().len(), 16);
+    for k in &claimed {
+        assert!(st.tag_get(k, "todo").await.unwrap().is_some());
+    }
+    // A lost claim (cancelled by an operator): the whole batch is refused.
+    let lost = claimed[15].clone();
+    assert!(st.work_cancel(&lost, "P").await.unwrap());
+    let err = s
+        .finish_many_and_claim(&mut got, delete_todo(claimed.clone(), None), "P", sel, 16)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WorkLost { .. }), "{err:?}");
+    assert_eq!(st.work_list(Some("P"), 100).await.unwrap().len(), 15);
+    for k in &claimed {
+        assert!(st.tag_get(k, "todo").await.unwrap().is_some());
+    }
+    // Without it, the batch lands and the next 16 are claimed in the same transaction.
+    let mut batch: Vec<_> = got.drain(..15).collect();
+    let done = claimed[..15].to_vec();
+    let top = batch.iter().map(|w| w.token()).max().unwrap();
+    let (n, next) = s
+        .finish_many_and_claim(&mut batch, delete_todo(done.clone(), None), "P", sel, 16)
+        .await
+        .unwrap();
+    assert_eq!(n, 15);
+    assert_eq!(next.len(), 16);
+    for w in &next {
+        assert!(!done.contains(w.key()), "{} was just finished", w.key());
+        assert!(w.token() > top, "fencing tokens keep increasing");
+        assert_eq!(w.session().id(), s.id());
+    }
+    for k in &done {
+        assert!(st.tag_get(k, "todo").await.unwrap().is_none());
+        assert_eq!(
+            events(h, k)
+                .await
+                .into_iter()
+                .map(|(e, _)| e)
+                .collect::<Vec<_>>(),
+            [WorkEvent::Started, WorkEvent::Finished]
+        );
+    }
+    let held = st.work_list(Some("P"), 100).await.unwrap();
+    assert_eq!(held.len(), 16);
+    assert!(held.iter().all(|w| next.iter().any(|n| n.key() == &w.key)));
+    // Ended claims cannot be finished again, and another session's claims are refused.
+    assert!(matches!(
+        s.finish_many_and_claim(&mut batch, delete_todo(Vec::new(), None), "P", sel, 1)
+            .await,
+        Err(Error::WorkLost { .. })
+    ));
+    let other = st.session_start(spec("other")).await.unwrap();
+    let mut next = next;
+    assert!(matches!(
+        other
+            .finish_many_and_claim(&mut next, |_| async { Ok(()) }, "P", sel, 1)
+            .await,
+        Err(Error::Invalid { .. })
+    ));
+    assert_eq!(st.work_list(Some("P"), 100).await.unwrap().len(), 16);
+    std::mem::forget(got);
+}
+
 /// A worker's finish that deletes the tag that made the object eligible (the shape backends may
 /// run as one statement), alone and followed by the next claim: every check of the general path
 /// (a missing tag, a lost claim) leaves everything as it was, and a finish that lands deletes the

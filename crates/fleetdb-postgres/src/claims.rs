@@ -234,7 +234,16 @@ pub(crate) struct Hooks<'a> {
     pub(crate) locked: Option<LockedHook<'a>>,
     /// Once check-and-take's answer is in: only the commit is left.
     pub(crate) taken: Option<Box<dyn FnOnce() + Send + 'a>>,
+    /// Awaited once the finishes have answered and before find-and-lock is sent; yields the
+    /// claim hand to scan from (the find's last three parameters, [`work::TypedParams::set_hand`]).
+    /// A claim behind a finish takes its hand's turn here, so the turn covers the find alone,
+    /// not the finish before it (at the cost of one more round trip).
+    pub(crate) gate: Option<Gate<'a>>,
 }
+
+/// [`Hooks::gate`].
+pub(crate) type Gate<'a> =
+    std::pin::Pin<Box<dyn Future<Output = fleetdb_core::ObjectKey> + Send + 'a>>;
 
 /// [`Hooks::locked`].
 pub(crate) type LockedHook<'a> = Box<dyn FnOnce(Option<&str>) + Send + 'a>;
@@ -318,15 +327,38 @@ impl ClaimTxn {
                 _ => Ok(None),
             }
         };
-        let (lock_values, take_values) = (lock_params.values(), take_params.values());
+        let take_values = take_params.values();
+        let gated_params: work::TypedParams;
         let (begin, finished, locked, took, commit) = {
             let mut begin = pin!(maybe_done(conn.batch_execute(sql::BEGIN_READ_COMMITTED)));
             let mut settings = pin!(maybe_done(conn.query(&settings_stmt, &[])));
             let mut finished = pin!(maybe_done(finished));
+            let lock_values = match hooks.gate {
+                None => lock_params.values(),
+                Some(gate) => {
+                    // Send the first three, wait for their answers, then pass the gate.
+                    futures::future::poll_fn(|cx| {
+                        let _ = begin.as_mut().poll(cx);
+                        let _ = settings.as_mut().poll(cx);
+                        let _ = finished.as_mut().poll(cx);
+                        Poll::Ready(())
+                    })
+                    .await;
+                    begin.as_mut().await;
+                    settings.as_mut().await;
+                    finished.as_mut().await;
+                    let hand = gate.await;
+                    let mut params = lock_params.clone();
+                    params.set_hand(&hand);
+                    gated_params = params;
+                    gated_params.values()
+                }
+            };
             let mut locked = pin!(maybe_done(conn.query(&lock_stmt, &lock_values)));
             let mut took = pin!(maybe_done(conn.query(&take_stmt, &take_values)));
             let mut commit = pin!(maybe_done(conn.batch_execute("COMMIT")));
-            // Send every request, in this order: tokio-postgres sends a request on its first poll.
+            // Send every request, in this order: tokio-postgres sends a request on its first poll
+            // (a request already sent is not sent again).
             futures::future::poll_fn(|cx| {
                 let _ = begin.as_mut().poll(cx);
                 let _ = settings.as_mut().poll(cx);
@@ -593,6 +625,7 @@ impl PostgresBackend {
             Hooks {
                 locked: None,
                 taken: Some(Box::new(move || drop(turn))),
+                gate: None,
             },
         )
         .await

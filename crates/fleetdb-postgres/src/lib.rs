@@ -904,13 +904,18 @@ impl PostgresBackend {
             &work::hand_start(),
         );
         let clock_hand = self.hands.hand(&req.process, &lock_sql);
-        // Held until the hand has moved past this claim's candidates (see `Hand::TURN_MIN`).
-        let turn = match req.limit >= work::Hand::TURN_MIN {
-            true => Some(clock_hand.turn.lock().await),
-            false => None,
-        };
-        let hand = clock_hand.get();
-        lock_params.set_hand(&hand);
+        // A claim of many candidates holds its hand's turn until the hand has moved past its
+        // candidates (see `Hand::TURN_MIN`). Behind a finish it takes the turn once the finish
+        // has answered (`Hooks::gate`): finishes of many candidates must not queue for it.
+        let wants_turn = req.limit >= work::Hand::TURN_MIN;
+        let gated = wants_turn && finish.is_some();
+        let turn = std::sync::Mutex::new(None);
+        if wants_turn && !gated {
+            *turn.lock().unwrap_or_else(|p| p.into_inner()) = Some(clock_hand.turn.lock().await);
+        }
+        let hand = std::sync::Mutex::new(clock_hand.get());
+        let hand_now = || hand.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        lock_params.set_hand(&hand_now());
         let slots = [work::Slot {
             r: 0,
             sid: req.session_id.clone(),
@@ -921,20 +926,29 @@ impl PostgresBackend {
         // A claim of many candidates moves the hand past the ones it locked and lets the next
         // one find its own as soon as find-and-lock's answer is in; a small one moves it by
         // what it took. The combiner's turn passes on once the work is written.
-        let turned = turn.is_some();
         let hooks = claims::Hooks {
-            locked: turn.map(|turn| -> claims::LockedHook<'_> {
-                let (clock_hand, hand) = (&clock_hand, hand.clone());
+            locked: wants_turn.then(|| -> claims::LockedHook<'_> {
+                let (clock_hand, turn, hand_now) = (&clock_hand, &turn, &hand_now);
                 Box::new(move |locked| {
                     if let Some(locked) = locked {
-                        clock_hand.advance(&hand, locked);
+                        clock_hand.advance(&hand_now(), locked);
                     }
-                    drop(turn);
+                    drop(turn.lock().unwrap_or_else(|p| p.into_inner()).take());
                 })
             }),
             taken: combiner_turn
                 .take()
                 .map(|t| -> Box<dyn FnOnce() + Send> { Box::new(move || drop(t)) }),
+            gate: gated.then(|| -> claims::Gate<'_> {
+                let (clock_hand, turn, hand) = (&clock_hand, &turn, &hand);
+                Box::pin(async move {
+                    let guard = clock_hand.turn.lock().await;
+                    *turn.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+                    let now = clock_hand.get();
+                    *hand.lock().unwrap_or_else(|p| p.into_inner()) = now.clone();
+                    now
+                })
+            }),
         };
         let txn = claims::ClaimTxn::run(
             self,
@@ -943,9 +957,12 @@ impl PostgresBackend {
             &work::claim_take_sql(q, work::slots_json(&slots)),
             hooks,
         )
-        .await?;
-        if !turned {
-            clock_hand.advance_to(&hand, &txn.taken_keys());
+        .await;
+        // Whatever happened, the turn is free again.
+        drop(turn.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let txn = txn?;
+        if !wants_turn {
+            clock_hand.advance_to(&hand_now(), &txn.taken_keys());
         }
         let finish_results = match (finish, &txn.finished) {
             (Some(f), Some(done)) => match f.results(done, 0).map_err(Failure::Fail)? {

@@ -730,8 +730,45 @@ impl Session {
         F: FnMut(Txn) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
+        let (pre, post) = self.finish_many_ops(works)?;
+        let r = self.store.txn_with(f, pre, post).await;
+        let out = self.finish_many_lost_if_expired(works.len(), r)?;
+        self.finish_many_done(works);
+        Ok(out)
+    }
+
+    /// [`Session::finish_many_with`], then claim up to `limit` more objects matching `selector`
+    /// for `process`, in ONE transaction (the batch form of [`Work::finish_and_claim`]): a worker
+    /// burning down a queue commits once per batch instead of twice. If the finish fails,
+    /// nothing happened: every claim is still held and nothing was claimed. A claim that fails
+    /// after the finish committed returns no work (the finish stands).
+    pub async fn finish_many_and_claim<T, F, Fut>(
+        &self,
+        works: &mut [Work],
+        f: F,
+        process: &str,
+        selector: &str,
+        limit: usize,
+    ) -> Result<(T, Vec<Work>)>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let (pre, post) = self.finish_many_ops(works)?;
+        let req =
+            self.claim_request(process, ClaimTarget::Selector(selector.to_string()), limit)?;
+        let r = self.store.txn_then_claim(f, pre, post, Some(req)).await;
+        let (value, claimed) = self.finish_many_lost_if_expired(works.len(), r)?;
+        self.finish_many_done(works);
+        self.note_empty(process, selector, claimed.work.is_empty(), claimed.revision);
+        Ok((value, self.claimed(process, claimed.work)))
+    }
+
+    /// The precondition and the release ops of a batch finish of `works`, after checking that
+    /// each is open and this session's.
+    fn finish_many_ops(&self, works: &[Work]) -> Result<(Vec<Precondition>, Vec<Op>)> {
         self.check()?;
-        for w in works.iter() {
+        for w in works {
             w.check_open()?;
             if w.info.session_id != self.id() {
                 return Err(Error::invalid(
@@ -744,20 +781,27 @@ impl Session {
         let pre = vec![Precondition::SessionAlive {
             session_id: self.id().to_string(),
         }];
-        let post: Vec<Op> = works
+        let post = works
             .iter()
             .map(|w| w.release_op(Outcome::Finished))
             .collect();
-        let r = self.store.txn_with(f, pre, post).await;
-        let out = match self.note(r) {
+        Ok((pre, post))
+    }
+
+    /// A `SessionExpired` while finishing `n` claims means they are lost.
+    fn finish_many_lost_if_expired<T>(&self, n: usize, r: Result<T>) -> Result<T> {
+        match self.note(r) {
             Err(Error::SessionExpired { session_id }) => Err(Error::WorkLost {
                 what: format!(
-                    "{} claim(s) of session {session_id}: the session has expired; nothing was changed",
-                    works.len()
+                    "{n} claim(s) of session {session_id}: the session has expired; nothing was changed"
                 ),
             }),
             other => other,
-        }?;
+        }
+    }
+
+    /// Mark `works` finished (their batch committed) and count them.
+    fn finish_many_done(&self, works: &mut [Work]) {
         for w in works.iter_mut() {
             w.done = true;
             self.store
@@ -766,7 +810,6 @@ impl Session {
                 .with_label_values(&[w.info.process.as_str(), "finished"])
                 .inc();
         }
-        Ok(out)
     }
 
     /// Close the session: release everything it holds (history `Canceled`, cause "session
