@@ -2841,6 +2841,64 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// A claim of many reads what it must once per claim, not once per candidate: the find
+    /// aggregates its candidates once (its answer, the count and the setting for the take named
+    /// the aggregate three times, and each was an initplan run anew), and the take probes the
+    /// claiming session once (it probed it per candidate, and again per candidate for the
+    /// history's component and host: 100 session probes for a claim of 50).
+    #[tokio::test]
+    async fn a_claim_of_many_reads_its_session_and_candidates_once() {
+        let (backend, base, schema) = test_backend(1).await;
+        let client = backend.client().await.unwrap();
+        seed_eligible(&client, 200, 5).await;
+        client
+            .batch_execute(&sql::session_level(sql::CLAIM_PLANNED))
+            .await
+            .unwrap();
+        let q = eligible_jobs(50);
+        let (find, find_params) = work::claim_lock_sql(&q, &["s".to_string()], &work::hand_start());
+        let plan = explain_analyze(&client, &find, &find_params).await.text;
+        let scans_of_c = plan
+            .lines()
+            .filter(|l| l.contains("CTE Scan on c ") || l.trim_end().ends_with("CTE Scan on c"))
+            .count();
+        assert!(plan.contains("rows=50 loops=1"), "{plan}");
+        assert_eq!(scans_of_c, 1, "the candidates are aggregated once:\n{plan}");
+        let keys: Vec<serde_json::Value> = (1..=50)
+            .map(|i| serde_json::json!({"ns": "default", "kind": "job", "id": format!("j{i:05}")}))
+            .collect();
+        hand_over(&client, &serde_json::Value::Array(keys).to_string()).await;
+        let slots = work::slots_json(&[work::Slot {
+            r: 0,
+            sid: "s".into(),
+            f: None,
+            n: 50,
+        }]);
+        let (take, take_params) = work::claim_take_sql(&q, slots);
+        let plan = explain_analyze(&client, &take, &take_params).await.text;
+        assert!(plan.contains("Insert on work "), "{plan}");
+        // Probes that ran (a holder's session is probed only for a candidate someone holds).
+        let session_probes: Vec<&str> = plan
+            .lines()
+            .filter(|l| l.contains(" on sessions") && !l.contains("never executed"))
+            .collect();
+        assert!(!session_probes.is_empty(), "{plan}");
+        for probe in &session_probes {
+            assert!(
+                probe.contains("loops=1)"),
+                "a session probed per candidate: {probe}\n{plan}"
+            );
+        }
+        let taken: i64 = client
+            .query_one("SELECT count(*) FROM work", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(taken, 50, "{plan}");
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
     /// `EXPLAIN ANALYZE <execute>`, as one text.
     async fn explain_prepared_text(client: &deadpool_postgres::Client, execute: &str) -> String {
         let rows = client
