@@ -202,6 +202,34 @@ pub(crate) struct FinishParams {
 
 impl FinishParams {
     pub(crate) fn new(finishes: &[&FusedFinish]) -> FinishParams {
+        // Written as typed rows, not `serde_json::Value`s: a map per row made this a fifth of
+        // the client's CPU in the burn-down.
+        #[derive(serde::Serialize)]
+        struct Group<'a> {
+            g: usize,
+            sid: &'a str,
+            event: &'static str,
+        }
+        #[derive(serde::Serialize)]
+        struct TagRow<'a> {
+            n: usize,
+            g: usize,
+            ns: &'a str,
+            kind: &'a str,
+            id: &'a str,
+            name: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct WorkRow<'a> {
+            n: usize,
+            g: usize,
+            ns: &'a str,
+            kind: &'a str,
+            id: &'a str,
+            p: &'a str,
+            token: i64,
+            fin: bool,
+        }
         let mut groups = Vec::with_capacity(finishes.len());
         let (mut tags, mut work) = (Vec::new(), Vec::new());
         for (g, f) in finishes.iter().enumerate() {
@@ -209,25 +237,38 @@ impl FinishParams {
                 true => WorkEvent::Finished,
                 false => WorkEvent::Canceled,
             };
-            groups.push(serde_json::json!({"g": g, "sid": f.session_id, "event": event.as_str()}));
+            groups.push(Group {
+                g,
+                sid: &f.session_id,
+                event: event.as_str(),
+            });
             for (key, name) in &f.deletes {
-                tags.push(
-                    serde_json::json!({"n": tags.len(), "g": g, "ns": key.namespace,
-                    "kind": key.kind, "id": key.id, "name": name}),
-                );
+                tags.push(TagRow {
+                    n: tags.len(),
+                    g,
+                    ns: &key.namespace,
+                    kind: &key.kind,
+                    id: &key.id,
+                    name,
+                });
             }
             for (key, token) in &f.releases {
-                work.push(
-                    serde_json::json!({"n": work.len(), "g": g, "ns": key.namespace,
-                    "kind": key.kind, "id": key.id, "p": f.process, "token": token,
-                    "fin": f.finished}),
-                );
+                work.push(WorkRow {
+                    n: work.len(),
+                    g,
+                    ns: &key.namespace,
+                    kind: &key.kind,
+                    id: &key.id,
+                    p: &f.process,
+                    token: *token,
+                    fin: f.finished,
+                });
             }
         }
         FinishParams {
-            groups: serde_json::Value::Array(groups).to_string(),
-            tags: serde_json::Value::Array(tags).to_string(),
-            work: serde_json::Value::Array(work).to_string(),
+            groups: json_rows(&groups),
+            tags: json_rows(&tags),
+            work: json_rows(&work),
             now: finishes.iter().map(|f| f.now).max().unwrap_or_default(),
         }
     }
@@ -236,6 +277,11 @@ impl FinishParams {
     pub(crate) fn params(&self) -> [Param<'_>; 4] {
         [&self.groups, &self.now, &self.tags, &self.work]
     }
+}
+
+/// `rows` as a JSON array (rows of plain fields: serializing them cannot fail).
+pub(crate) fn json_rows<T: serde::Serialize>(rows: &[T]) -> String {
+    serde_json::to_string(rows).unwrap_or_default()
 }
 
 /// What [`SQL`]'s row says: the finishes that passed and the revision of each tag deleted.
