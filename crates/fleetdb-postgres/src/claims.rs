@@ -449,7 +449,8 @@ impl ClaimTxn {
                 None => HashSet::new(),
             };
             let locked_n = match &locked {
-                Some(json) => serde_json::from_str::<Vec<serde_json::Value>>(json)
+                // Counted, not read (the hand reads the keys).
+                Some(json) => serde_json::from_str::<Vec<serde::de::IgnoredAny>>(json)
                     .map_err(|e| Error::Backend(format!("the candidates of a claim: {e}")))?
                     .len(),
                 None => 0,
