@@ -708,7 +708,12 @@ pub(crate) fn assigned(
 /// that made an object stop matching), and so is each slot's session, once per slot (`ss`:
 /// probed per candidate, it cost a session probe per job, and another one for the history's
 /// component and host); each survivor gets a fencing token, its work row (replacing a row of a
-/// dead session, which gets `Expired` history first) and `Started` history. Each session is
+/// dead session, which gets `Expired` history first) and `Started` history. New work rows are
+/// plain inserts and a dead session's row is updated in place (by the `ctid` its probe read):
+/// `INSERT … ON CONFLICT` probed the key once more per candidate and wrote one more WAL record
+/// (the speculative insertion's confirmation). No other transaction can insert the key
+/// meanwhile: every claim path locks the object first, and this one holds its lock (a unique
+/// violation would retry the claim). Each session is
 /// probed by its id alone, in a subquery kept out of the join tree: joined plainly, a plan made
 /// while `sessions` looked small read every session per take. Returns
 /// `(namespace, kind, id, token, session, slot r)` in key
@@ -746,13 +751,15 @@ pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, Type
            ORDER BY o.namespace, o.kind, o.id), \
          t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, c.r, \
            nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c), \
-         old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, t.n \
-           FROM t CROSS JOIN LATERAL (SELECT * FROM work w WHERE w.namespace = t.namespace \
-             AND w.kind = t.kind AND w.id = t.id AND w.process = {process} OFFSET 0) AS w), \
+         old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, w.tid, t.n \
+           FROM t CROSS JOIN LATERAL (SELECT w.*, w.ctid AS tid FROM work w \
+             WHERE w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
+             AND w.process = {process} OFFSET 0) AS w), \
          up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
            SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, {now} FROM t \
-           ON CONFLICT (namespace, kind, id, process) DO UPDATE SET session_id = excluded.session_id, \
-             token = excluded.token, started_at = excluded.started_at), \
+           WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.n = t.n)), \
+         re AS (UPDATE work w SET session_id = t.sid, token = t.token, started_at = {now} \
+           FROM old JOIN t ON t.n = old.n WHERE w.ctid = old.tid), \
          h AS (INSERT INTO work_history \
            (namespace, kind, id, process, event, session_id, component, host, token, at, cause) \
            SELECT namespace, kind, id, {process}, event, session_id, component, host, token, {now}, cause \
