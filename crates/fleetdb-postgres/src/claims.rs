@@ -234,10 +234,14 @@ pub(crate) struct Hooks<'a> {
     pub(crate) locked: Option<LockedHook<'a>>,
     /// Once check-and-take's answer is in: only the commit is left.
     pub(crate) taken: Option<Box<dyn FnOnce() + Send + 'a>>,
-    /// Awaited once the finishes have answered and before find-and-lock is sent; yields the
-    /// claim hand to scan from (the find's last three parameters, [`work::TypedParams::set_hand`]).
-    /// A claim behind a finish takes its hand's turn here, so the turn covers the find alone,
-    /// not the finish before it (at the cost of one more round trip).
+    /// Awaited with the connection in hand, before find-and-lock is sent (behind a finish, once
+    /// the finish has answered: one more round trip); yields the claim hand to scan from (the
+    /// find's last three parameters, [`work::TypedParams::set_hand`]). A claim of many takes its
+    /// hand's turn here, so the turn covers the find alone. Whoever waits for the turn may hold
+    /// a connection and, behind a finish, row locks; the holder needs neither: it has its
+    /// connection, and find-and-lock waits for no row lock (`SKIP LOCKED`). Taken before the
+    /// connection, a holder waiting for a pooled connection that turn waiters held would wait
+    /// for ever.
     pub(crate) gate: Option<Gate<'a>>,
 }
 
@@ -335,6 +339,14 @@ impl ClaimTxn {
             let mut finished = pin!(maybe_done(finished));
             let lock_values = match hooks.gate {
                 None => lock_params.values(),
+                // Nothing to wait for first: pass the gate, then send everything at once.
+                Some(gate) if finish.is_none() => {
+                    let hand = gate.await;
+                    let mut params = lock_params.clone();
+                    params.set_hand(&hand);
+                    gated_params = params;
+                    gated_params.values()
+                }
                 Some(gate) => {
                     // Send the first three, wait for their answers, then pass the gate.
                     futures::future::poll_fn(|cx| {
@@ -789,6 +801,32 @@ mod tests {
         }
     }
 
+    /// A worker's batch finish of `works` (all of one session): delete each one's `ready` tag,
+    /// then release each.
+    fn finish_many(backend: &PostgresBackend, works: &[WorkInfo]) -> Batch {
+        let mut ops: Vec<Op> = works
+            .iter()
+            .map(|w| Op::TagDelete {
+                key: w.key.clone(),
+                name: "ready".into(),
+            })
+            .collect();
+        ops.extend(works.iter().map(|w| Op::WorkRelease {
+            key: w.key.clone(),
+            process: w.process.clone(),
+            session_id: w.session_id.clone(),
+            token: w.token,
+            outcome: Outcome::Finished,
+        }));
+        Batch {
+            preconditions: vec![fleetdb_core::Precondition::SessionAlive {
+                session_id: works[0].session_id.clone(),
+            }],
+            ops,
+            now: backend.clock.now(),
+        }
+    }
+
     /// Both turns of `P`'s selector, as claims in flight hold them: claims made meanwhile wait.
     fn hold_turns(backend: &PostgresBackend) -> Vec<Turn> {
         let key = ("P".to_string(), SELECTOR.to_string());
@@ -886,6 +924,55 @@ mod tests {
             );
         }
         assert!(backend.work_list(None, 100).await.unwrap().is_empty());
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// Batch claims and batch finish-and-claims of one selector through a pool of two
+    /// connections all get done: a claim queued for its hand's turn may hold a connection (and,
+    /// behind a finish, row locks), so the turn's holder must never wait for one (it took the
+    /// turn before its connection once, and these six workers stopped for good).
+    #[tokio::test]
+    async fn batch_claims_never_wait_for_each_other_through_a_small_pool() {
+        let (backend, base, schema) = crate::test_backend(2).await;
+        seed(&backend, 600, 6).await;
+        let mut tasks = Vec::new();
+        for s in 0..6 {
+            let b = backend.clone();
+            tasks.push(tokio::spawn(async move {
+                let session = format!("s{s}");
+                let req = || ClaimRequest {
+                    limit: 20,
+                    ..claim(&b, &session)
+                };
+                let mut done = 0;
+                let mut next = b.claim(req()).await.unwrap().work;
+                while !next.is_empty() {
+                    let batch = finish_many(&b, &next);
+                    done += next.len();
+                    next = match s % 2 {
+                        // Half finish and claim in one transaction, half one after the other.
+                        0 => b.commit_then_claim(batch, req()).await.unwrap().1.work,
+                        _ => {
+                            b.commit(batch).await.unwrap();
+                            b.claim(req()).await.unwrap().work
+                        }
+                    };
+                }
+                done
+            }));
+        }
+        let done = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(tasks))
+            .await
+            .expect("the workers waited for each other for ever");
+        let done: usize = done.into_iter().map(|d| d.unwrap()).sum();
+        assert_eq!(done, 600);
+        assert!(backend.work_list(None, 10).await.unwrap().is_empty());
+        let h = history(&backend).await;
+        assert_eq!(
+            h.iter().filter(|e| e.event == WorkEvent::Finished).count(),
+            600
+        );
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }

@@ -905,14 +905,12 @@ impl PostgresBackend {
         );
         let clock_hand = self.hands.hand(&req.process, &lock_sql);
         // A claim of many candidates holds its hand's turn until the hand has moved past its
-        // candidates (see `Hand::TURN_MIN`). Behind a finish it takes the turn once the finish
-        // has answered (`Hooks::gate`): finishes of many candidates must not queue for it.
+        // candidates (see `Hand::TURN_MIN`). It takes the turn with its connection in hand and,
+        // behind a finish, once the finish has answered (`Hooks::gate`): finishes of many
+        // candidates must not queue for it, and the turn's holder must never wait for a
+        // connection that a claim queued for the turn holds.
         let wants_turn = req.limit >= work::Hand::TURN_MIN;
-        let gated = wants_turn && finish.is_some();
         let turn = std::sync::Mutex::new(None);
-        if wants_turn && !gated {
-            *turn.lock().unwrap_or_else(|p| p.into_inner()) = Some(clock_hand.turn.lock().await);
-        }
         let hand = std::sync::Mutex::new(clock_hand.get());
         let hand_now = || hand.lock().unwrap_or_else(|p| p.into_inner()).clone();
         lock_params.set_hand(&hand_now());
@@ -939,7 +937,7 @@ impl PostgresBackend {
             taken: combiner_turn
                 .take()
                 .map(|t| -> Box<dyn FnOnce() + Send> { Box::new(move || drop(t)) }),
-            gate: gated.then(|| -> claims::Gate<'_> {
+            gate: wants_turn.then(|| -> claims::Gate<'_> {
                 let (clock_hand, turn, hand) = (&clock_hand, &turn, &hand);
                 Box::pin(async move {
                     let guard = clock_hand.turn.lock().await;
