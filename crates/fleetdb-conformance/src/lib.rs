@@ -96,6 +96,7 @@ macro_rules! suite {
             lone_writes_at_once_answer_as_alone,
             finish_and_claim_finishes_then_claims_the_next,
             finish_many_and_claim_finishes_then_claims_the_next,
+            claims_by_label_and_by_tag_take_exactly_the_matches,
             finish_deleting_the_eligible_tag,
             work_matches_a_model_under_random_operations;
             watch_starts_with_a_snapshot_then_changes,

@@ -2116,6 +2116,65 @@ pub async fn finish_and_claim_finishes_then_claims_the_next(h: &Harness) {
     );
 }
 
+/// Claims by selectors that read labels and by ones that read only the key and tags take
+/// exactly the objects that match, in claims of one and of many (the sizes backends may treat
+/// differently), and never an object twice.
+pub async fn claims_by_label_and_by_tag_take_exactly_the_matches(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    st.process_define("Q", &[]).await.unwrap();
+    let mut r1 = Vec::new();
+    for i in 0..60 {
+        let k = key("default", "machine", &format!("m{i:03}"));
+        let mut l = Labels::new();
+        l.insert("rack".into(), format!("r{}", i % 3));
+        st.object_put(&k, l).await.unwrap();
+        if i % 2 == 0 {
+            st.tag_set(&k, "todo", &json!(true)).await.unwrap();
+        }
+        if i % 3 == 1 && i % 2 == 0 {
+            r1.push(k);
+        }
+    }
+    let other = key("default", "switch", "s0");
+    st.object_put(&other, Labels::new()).await.unwrap();
+    st.tag_set(&other, "todo", &json!(true)).await.unwrap();
+    let s = st.session_start(spec("c")).await.unwrap();
+    // Held until the end (a dropped claim is cancelled and could be claimed again).
+    let mut held = Vec::new();
+    let claim = |process: &'static str, sel: &'static str, limit: usize| {
+        let s = s.clone();
+        async move { s.claim(process, sel, limit).await.unwrap() }
+    };
+    let keys = |works: &[fleetdb::Work]| works.iter().map(|w| w.key().clone()).collect::<Vec<_>>();
+    // A label and a tag: 10 objects (rack r1, even i).
+    let by_label = "label(rack) = \"r1\" and has(todo)";
+    let mut got = Vec::new();
+    for limit in [1, 20] {
+        let works = claim("P", by_label, limit).await;
+        got.extend(keys(&works));
+        held.extend(works);
+    }
+    got.sort();
+    assert_eq!(got, r1);
+    // The key and a tag only: 30 machines with `todo` for Q (the switch is another kind).
+    let by_tag = "kind = machine and has(todo)";
+    let mut got = Vec::new();
+    for limit in [1, 20, 20] {
+        let works = claim("Q", by_tag, limit).await;
+        got.extend(keys(&works));
+        held.extend(works);
+    }
+    let n = got.len();
+    got.sort();
+    got.dedup();
+    assert_eq!((n, got.len()), (30, 30), "each once");
+    assert!(got.iter().all(|k| k.kind == "machine"));
+    assert!(claim("Q", by_tag, 20).await.is_empty());
+    assert_eq!(st.work_list(None, 100).await.unwrap().len(), 40);
+    drop(held);
+}
+
 /// `finish_many_and_claim`: a batch's writes, releases and the next claim in one transaction.
 /// A batch that fails (a caller write refused, a claim lost) changes nothing and claims nothing;
 /// one that lands finishes every claim (history `Started`, `Finished`) and claims the next ones,
