@@ -339,29 +339,22 @@ impl ClaimTxn {
             let mut finished = pin!(maybe_done(finished));
             let lock_values = match hooks.gate {
                 None => lock_params.values(),
-                // Nothing to wait for first: pass the gate, then send everything at once.
-                Some(gate) if finish.is_none() => {
-                    let hand = gate.await;
-                    let mut params = lock_params.clone();
-                    params.set_hand(&hand);
-                    gated_params = params;
-                    gated_params.values()
-                }
                 Some(gate) => {
-                    // Send the first three, wait for their answers, then pass the gate.
-                    futures::future::poll_fn(|cx| {
-                        let _ = begin.as_mut().poll(cx);
-                        let _ = settings.as_mut().poll(cx);
-                        let _ = finished.as_mut().poll(cx);
-                        Poll::Ready(())
-                    })
-                    .await;
-                    begin.as_mut().await;
-                    settings.as_mut().await;
-                    finished.as_mut().await;
-                    let hand = gate.await;
+                    if finish.is_some() {
+                        // Send the first three and wait for their answers before the gate.
+                        futures::future::poll_fn(|cx| {
+                            let _ = begin.as_mut().poll(cx);
+                            let _ = settings.as_mut().poll(cx);
+                            let _ = finished.as_mut().poll(cx);
+                            Poll::Ready(())
+                        })
+                        .await;
+                        begin.as_mut().await;
+                        settings.as_mut().await;
+                        finished.as_mut().await;
+                    }
                     let mut params = lock_params.clone();
-                    params.set_hand(&hand);
+                    params.set_hand(&gate.await);
                     gated_params = params;
                     gated_params.values()
                 }
