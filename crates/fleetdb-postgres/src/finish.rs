@@ -23,6 +23,7 @@ use tokio_postgres::Row;
 
 use crate::error::db_err;
 use crate::sql::Param;
+use crate::work;
 
 /// Every row is reached by key (lateral probes) and written by the `ctid` its locking read
 /// returned: plans that hold whatever the planner believes of the tables (a `DELETE … USING
@@ -231,7 +232,7 @@ impl FinishParams {
             fin: bool,
         }
         let mut groups = Vec::with_capacity(finishes.len());
-        let (mut tags, mut work) = (Vec::new(), Vec::new());
+        let (mut tags, mut releases) = (Vec::new(), Vec::new());
         for (g, f) in finishes.iter().enumerate() {
             let event = match f.finished {
                 true => WorkEvent::Finished,
@@ -253,8 +254,8 @@ impl FinishParams {
                 });
             }
             for (key, token) in &f.releases {
-                work.push(WorkRow {
-                    n: work.len(),
+                releases.push(WorkRow {
+                    n: releases.len(),
                     g,
                     ns: &key.namespace,
                     kind: &key.kind,
@@ -266,9 +267,9 @@ impl FinishParams {
             }
         }
         FinishParams {
-            groups: json_rows(&groups),
-            tags: json_rows(&tags),
-            work: json_rows(&work),
+            groups: work::json_rows(&groups),
+            tags: work::json_rows(&tags),
+            work: work::json_rows(&releases),
             now: finishes.iter().map(|f| f.now).max().unwrap_or_default(),
         }
     }
@@ -277,11 +278,6 @@ impl FinishParams {
     pub(crate) fn params(&self) -> [Param<'_>; 4] {
         [&self.groups, &self.now, &self.tags, &self.work]
     }
-}
-
-/// `rows` as a JSON array (rows of plain fields: serializing them cannot fail).
-pub(crate) fn json_rows<T: serde::Serialize>(rows: &[T]) -> String {
-    serde_json::to_string(rows).unwrap_or_default()
 }
 
 /// What [`SQL`]'s row says: the finishes that passed and the revision of each tag deleted.

@@ -217,8 +217,13 @@ fn key_from_row(r: &Row) -> Result<ObjectKey> {
 
 /// A JSON array of strings, as text.
 pub(crate) fn json_list(items: &[String]) -> String {
-    // A list of strings always serializes.
-    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_string())
+    json_rows(items)
+}
+
+/// `rows` as a JSON array, as text (strings, or rows of plain fields: serializing them cannot
+/// fail).
+pub(crate) fn json_rows<T: serde::Serialize>(rows: &[T]) -> String {
+    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_string())
 }
 
 pub(crate) fn limit_param(limit: usize) -> i64 {
@@ -675,7 +680,7 @@ pub(crate) fn slots_json(slots: &[Slot]) -> String {
             n: s.n,
         })
         .collect();
-    crate::finish::json_rows(&rows)
+    json_rows(&rows)
 }
 
 /// How many of `locked` candidates step 2 gives each slot: in slot order, each up to its `n`,

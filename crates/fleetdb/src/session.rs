@@ -596,6 +596,13 @@ impl Session {
         Ok((self.claimed(process, claimed.work), claimed.revision))
     }
 
+    /// What a selector claim behind a finish took, as [`Work`] (counted), its emptiness noted
+    /// for `claim_wait`.
+    fn claimed_by_selector(&self, process: &str, selector: &str, claimed: Claimed) -> Vec<Work> {
+        self.note_empty(process, selector, claimed.work.is_empty(), claimed.revision);
+        self.claimed(process, claimed.work)
+    }
+
     /// Record whether the claim of (process, selector) came back empty, and the revision it
     /// looked at.
     fn note_empty(&self, process: &str, selector: &str, empty: bool, revision: Option<Revision>) {
@@ -760,8 +767,7 @@ impl Session {
         let r = self.store.txn_then_claim(f, pre, post, Some(req)).await;
         let (value, claimed) = self.finish_many_lost_if_expired(works.len(), r)?;
         self.finish_many_done(works);
-        self.note_empty(process, selector, claimed.work.is_empty(), claimed.revision);
-        Ok((value, self.claimed(process, claimed.work)))
+        Ok((value, self.claimed_by_selector(process, selector, claimed)))
     }
 
     /// The precondition and the release ops of a batch finish of `works`, after checking that
@@ -936,9 +942,10 @@ impl Work {
         let out = self.lost_if_expired(out);
         let (value, claimed) = self.count_end("finished", out)?;
         self.done = true;
-        self.session
-            .note_empty(process, selector, claimed.work.is_empty(), claimed.revision);
-        Ok((value, self.session.claimed(process, claimed.work)))
+        Ok((
+            value,
+            self.session.claimed_by_selector(process, selector, claimed),
+        ))
     }
 
     /// A `SessionExpired` while ending a claim means the claim is lost.
