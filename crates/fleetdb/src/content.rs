@@ -120,7 +120,8 @@ impl BlobWriter {
             )
             .await?;
         // A blob is no object: no claim can have a new candidate.
-        self.store.committed_batch(0, &[], None);
+        self.store
+            .committed_batch(crate::session::Touched::Nothing, &[], None);
         Ok(info)
     }
 

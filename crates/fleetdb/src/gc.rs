@@ -602,7 +602,7 @@ impl Store {
             }
             if results.iter().any(|r| r.changed) {
                 // Removals make no claim candidate: wake the watches, not waiting claims.
-                self.committed_batch(0, &results, None);
+                self.committed_batch(crate::session::Touched::Nothing, &results, None);
             }
         }
         stats.swept_blobs = freed_digests.len() as u64;

@@ -297,15 +297,15 @@ impl Store {
     }
 
     /// A write committed: wake this process's watches and tell other processes. The write
-    /// touched `objects` objects ([`session::objects_touched`]; 0 for writes that cannot make a
-    /// claim candidate) and returned `results`, maybe followed in its transaction by a claim:
+    /// touched what `touched` says ([`session::touched`]; [`session::Touched::Nothing`] for
+    /// writes that cannot make a claim candidate) and returned `results`, maybe followed in its transaction by a claim:
     /// `claimed` = (process, selector, limit, how many it got). Waiting claims are
     /// woken as [`session::ClaimWakes`] says; the revisions the batch wrote are noted as this
     /// store's own, which the waiting claims' revision poll then does not take for another
     /// process's change.
     pub(crate) fn committed_batch(
         &self,
-        objects: usize,
+        touched: session::Touched,
         results: &[OpResult],
         claimed: Option<(&str, &str, usize, usize)>,
     ) {
@@ -321,7 +321,7 @@ impl Store {
         let except = claimed.and_then(|(process, selector, limit, got)| {
             (got < limit).then_some((process, selector))
         });
-        self.keeper.claim_wakes.committed(except, objects);
+        self.keeper.claim_wakes.committed(except, &touched);
         self.start_announcer();
     }
 
@@ -348,13 +348,13 @@ impl Store {
             now: self.clock.now(),
         };
         batch.validate(&self.limits)?;
-        let objects = session::objects_touched(&batch.ops);
+        let touched = session::touched(&batch.ops);
         let r = self.backend.commit(batch).await;
         self.metrics.txn(&r);
         if let Ok(results) = &r {
             self.gc.note(results);
             if results.iter().any(|x| x.changed) {
-                self.committed_batch(objects, results, None);
+                self.committed_batch(touched, results, None);
             }
         }
         r
@@ -686,7 +686,7 @@ impl Store {
             batch.preconditions.splice(0..0, pre.iter().cloned());
             batch.ops.extend(post.iter().cloned());
             batch.validate(&self.limits)?;
-            let objects = session::objects_touched(&batch.ops);
+            let touched = session::touched(&batch.ops);
             let committed = match &claim {
                 None => self
                     .backend
@@ -713,7 +713,7 @@ impl Store {
                             )),
                             fleetdb_core::work::ClaimTarget::Object(_) => None,
                         });
-                        self.committed_batch(objects, &results, group);
+                        self.committed_batch(touched, &results, group);
                     }
                     return Ok((out, claimed));
                 }

@@ -132,10 +132,13 @@ const WAKES_PER_COMMIT_MAX: usize = 64;
 
 /// Wake-ups of this store's waiting claims ([`Session::claim_wait`]), per (process, selector).
 ///
-/// A commit of this store wakes, in every group, as many waiters as objects it touched (a
-/// selector selects objects: a commit that touched none cannot have made a candidate, and one
-/// object can make one), all of them for a commit that may free claims everywhere (a session
-/// closed, a process redefined); and not one in the group of a claim made in the commit's own
+/// A commit of this store wakes, in every group, as many waiters as objects it touched that may
+/// now match the group's selector (a selector selects objects: a commit that touched none cannot
+/// have made a candidate, and one object can make one; an object the commit deleted, or deleted
+/// a tag of that the selector requires, cannot: so a worker's finish that deletes the tag its
+/// selector requires wakes none of its own group), all of them for a commit that may free claims
+/// everywhere (a session closed, a process redefined); and not one in the group of a claim made
+/// in the commit's own
 /// transaction (`finish_and_claim`) that came back short: that claim looked for candidates after
 /// the transaction's writes and found no more. A wake-up that finds no waiter is kept (one per
 /// group) for the next to wait, so a worker whose last claim came back empty waits at once
@@ -151,6 +154,10 @@ pub(crate) struct ClaimWakes {
 #[derive(Debug, Default)]
 struct WaitGroupState {
     notify: tokio::sync::Notify,
+    /// The tags the group's selector requires ([`fleetdb_core::selector::Selector::required_tags`];
+    /// none if it does not parse): a commit that deleted one of them from an object made no
+    /// candidate of that object.
+    required: std::collections::BTreeSet<String>,
 }
 
 impl WaitGroupState {
@@ -172,15 +179,21 @@ impl ClaimWakes {
         if groups.len() >= WAIT_GROUPS_MAX {
             groups.retain(|_, g| Arc::strong_count(g) > 1);
         }
-        let g = Arc::new(WaitGroupState::default());
+        let required = fleetdb_core::selector::Selector::parse(selector)
+            .map(|s| s.required_tags())
+            .unwrap_or_default();
+        let g = Arc::new(WaitGroupState {
+            notify: tokio::sync::Notify::new(),
+            required,
+        });
         groups.insert((process.to_string(), selector.to_string()), g.clone());
         g
     }
 
-    /// A write of this store committed, touching `objects` objects (`usize::MAX`: it may have
-    /// freed claims anywhere): wake up to that many waiters of every group but `except`.
-    pub(crate) fn committed(&self, except: Option<(&str, &str)>, objects: usize) {
-        if objects == 0 {
+    /// A write of this store committed, touching what `touched` says: wake, in every group but
+    /// `except`, as many waiters as objects it touched that may now match the group's selector.
+    pub(crate) fn committed(&self, except: Option<(&str, &str)>, touched: &Touched) {
+        if *touched == Touched::Nothing {
             return;
         }
         let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,16 +201,72 @@ impl ClaimWakes {
             if except.is_some_and(|(p, s)| p == process && s == selector) {
                 continue;
             }
-            g.wake(objects.min(WAKES_PER_COMMIT_MAX));
+            g.wake(touched.wakes(&g.required).min(WAKES_PER_COMMIT_MAX));
         }
     }
 }
 
-/// How many objects `ops` touched, for [`ClaimWakes::committed`]: distinct object keys of the
-/// object, tag and claim ops; `usize::MAX` for ops that may free claims of many objects (a session
-/// closed, a process's conflicts redefined) and for any op not listed as touching no object.
-pub(crate) fn objects_touched(ops: &[Op]) -> usize {
-    let mut keys: Vec<&ObjectKey> = Vec::new();
+/// What a committed write touched, for [`ClaimWakes::committed`]: how many waiters of each
+/// group it may have made a candidate for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Touched {
+    /// No object: a key-value, an export, a lease, a blob, a session start. It cannot have made
+    /// a claim candidate.
+    Nothing,
+    /// Claims may have been freed anywhere (a session closed or expired, a process's conflicts
+    /// redefined, an op not known to touch no object): every waiter of every group may look.
+    Anywhere,
+    /// Distinct objects, each with what the write left of it (at most
+    /// [`WAKES_PER_COMMIT_MAX`]; more count as that many for every group).
+    Objects(Vec<TouchedObject>),
+}
+
+/// One object a write touched, and what the write's ops left of it, in op order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TouchedObject {
+    key: ObjectKey,
+    /// Deleted and not put again.
+    gone: bool,
+    /// Deleted (with its tags) at some point: only the tags set after that are known to exist.
+    wiped: bool,
+    /// Tags whose last op deleted them.
+    deleted: Vec<String>,
+    /// Tags set after the last delete of the object.
+    set_after_wipe: Vec<String>,
+}
+
+impl TouchedObject {
+    /// Whether the object may match a selector requiring `required` after the write: not if it
+    /// is gone, or the write deleted a required tag (a finish that deletes the tag its selector
+    /// requires leaves nothing for that selector's waiters to claim).
+    fn may_match(&self, required: &std::collections::BTreeSet<String>) -> bool {
+        let unset_since_wipe =
+            self.wiped && required.iter().any(|t| !self.set_after_wipe.contains(t));
+        !self.gone && !self.deleted.iter().any(|t| required.contains(t)) && !unset_since_wipe
+    }
+}
+
+impl Touched {
+    /// Waiters of a group whose selector requires the tags `required` this write may have made
+    /// a candidate for.
+    fn wakes(&self, required: &std::collections::BTreeSet<String>) -> usize {
+        match self {
+            Touched::Nothing => 0,
+            Touched::Anywhere => WAKES_PER_COMMIT_MAX,
+            Touched::Objects(objects) if objects.len() > WAKES_PER_COMMIT_MAX => {
+                WAKES_PER_COMMIT_MAX
+            }
+            Touched::Objects(objects) => objects.iter().filter(|o| o.may_match(required)).count(),
+        }
+    }
+}
+
+/// What `ops` touched ([`Touched`]): the distinct objects of the object, tag and claim ops, each
+/// with the tags the ops left deleted; [`Touched::Anywhere`] for ops that may free claims of
+/// many objects (a session closed, a process's conflicts redefined) and for any op not listed
+/// as touching no object.
+pub(crate) fn touched(ops: &[Op]) -> Touched {
+    let mut objects: Vec<TouchedObject> = Vec::new();
     for op in ops {
         let key = match op {
             Op::ObjectPut { key, .. }
@@ -229,16 +298,51 @@ pub(crate) fn objects_touched(ops: &[Op]) -> usize {
             | Op::BlobCommit { .. }
             | Op::BlobDelete { .. }
             | Op::GcSweep { .. } => continue,
-            _ => return usize::MAX,
+            _ => return Touched::Anywhere,
         };
-        if !keys.contains(&key) {
-            keys.push(key);
-            if keys.len() == WAKES_PER_COMMIT_MAX {
-                break; // no group is woken more often
+        let at = match objects.iter().position(|o| &o.key == key) {
+            Some(at) => at,
+            None if objects.len() > WAKES_PER_COMMIT_MAX => continue, // counted as many already
+            None => {
+                objects.push(TouchedObject {
+                    key: key.clone(),
+                    gone: false,
+                    wiped: false,
+                    deleted: Vec::new(),
+                    set_after_wipe: Vec::new(),
+                });
+                objects.len() - 1
             }
+        };
+        let o = &mut objects[at];
+        match op {
+            Op::ObjectPut { .. } => o.gone = false,
+            Op::ObjectDelete { .. } => {
+                o.gone = true;
+                o.wiped = true;
+                o.deleted.clear();
+                o.set_after_wipe.clear();
+            }
+            Op::TagSet { name, .. } => {
+                o.deleted.retain(|t| t != name);
+                if o.wiped && !o.set_after_wipe.contains(name) {
+                    o.set_after_wipe.push(name.clone());
+                }
+            }
+            Op::TagDelete { name, .. } => {
+                if !o.deleted.contains(name) {
+                    o.deleted.push(name.clone());
+                }
+                o.set_after_wipe.retain(|t| t != name);
+            }
+            _ => {}
         }
     }
-    keys.len()
+    if objects.is_empty() {
+        Touched::Nothing
+    } else {
+        Touched::Objects(objects)
+    }
 }
 
 impl Keeper {
@@ -377,7 +481,12 @@ impl Store {
         // Expired sessions and TTLs change membership and the World: wake the watches. Waiting
         // claims only if sessions went: their claims were free since their deadlines, which
         // woke nobody.
-        self.committed_batch(if n > 0 { usize::MAX } else { 0 }, &[], None);
+        let touched = if n > 0 {
+            Touched::Anywhere
+        } else {
+            Touched::Nothing
+        };
+        self.committed_batch(touched, &[], None);
         Ok(n)
     }
 
@@ -1252,6 +1361,18 @@ mod tests {
             .is_ok()
     }
 
+    /// What a write setting tag `z` on `n` objects touched.
+    fn tag_sets(n: usize) -> Touched {
+        let ops: Vec<Op> = (0..n)
+            .map(|i| Op::TagSet {
+                key: ObjectKey::new("default", "job", format!("j{i}")).unwrap(),
+                name: "z".into(),
+                value: "true".into(),
+            })
+            .collect();
+        touched(&ops)
+    }
+
     #[tokio::test]
     async fn a_commit_wakes_every_group_but_a_short_claims_own() {
         let wakes = ClaimWakes::default();
@@ -1260,16 +1381,26 @@ mod tests {
             Arc::ptr_eq(&a, &wakes.group("P", "has(x)")),
             "one state per group"
         );
-        wakes.committed(None, 1);
+        wakes.committed(None, &tag_sets(1));
         assert!(woken(&a.notify).await && woken(&b.notify).await);
-        wakes.committed(Some(("P", "has(x)")), 1);
+        wakes.committed(Some(("P", "has(x)")), &tag_sets(1));
         assert!(
             !woken(&a.notify).await,
             "the short claim's own group is not woken"
         );
         assert!(woken(&b.notify).await, "other groups are");
-        wakes.committed(None, 0);
+        wakes.committed(None, &Touched::Nothing);
         assert!(!woken(&b.notify).await, "no object, no wake-up");
+        let finish_x = touched(&[Op::TagDelete {
+            key: ObjectKey::new("default", "job", "j0").unwrap(),
+            name: "x".into(),
+        }]);
+        wakes.committed(None, &finish_x);
+        assert!(
+            !woken(&a.notify).await,
+            "a write that deleted the tag a group requires wakes none of it"
+        );
+        assert!(woken(&b.notify).await, "other groups are woken");
     }
 
     #[tokio::test]
@@ -1287,7 +1418,7 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        wakes.committed(None, 2);
+        wakes.committed(None, &tag_sets(2));
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
@@ -1313,29 +1444,118 @@ mod tests {
     }
 
     #[test]
-    fn objects_touched_counts_distinct_objects_and_no_object_as_none() {
+    fn touched_counts_distinct_objects_and_no_object_as_none() {
         let key = |id: &str| ObjectKey::new("default", "job", id).unwrap();
         let set = |id: &str| Op::TagSet {
             key: key(id),
             name: "eligible".into(),
             value: "true".into(),
         };
-        let delete = Op::TagDelete {
-            key: key("a"),
-            name: "eligible".into(),
+        let delete = |id: &str, tag: &str| Op::TagDelete {
+            key: key(id),
+            name: tag.into(),
         };
-        assert_eq!(objects_touched(&[set("a"), delete, set("b")]), 2);
+        let none = std::collections::BTreeSet::new();
+        let eligible: std::collections::BTreeSet<String> = ["eligible".to_string()].into();
+        let t = touched(&[set("a"), delete("a", "other"), set("b")]);
+        assert_eq!(t.wakes(&none), 2);
+        assert_eq!(t.wakes(&eligible), 2);
         let kv = Op::KvSet {
             key: "k".into(),
             value: "v".into(),
             expect: None,
             lifetime: Default::default(),
         };
-        assert_eq!(objects_touched(&[kv]), 0, "a key-value names no object");
+        assert_eq!(
+            touched(&[kv]),
+            Touched::Nothing,
+            "a key-value names no object"
+        );
         let close = Op::SessionClose { id: "s".into() };
-        assert_eq!(objects_touched(&[set("a"), close]), usize::MAX);
+        assert_eq!(touched(&[set("a"), close]), Touched::Anywhere);
+        assert_eq!(Touched::Anywhere.wakes(&eligible), WAKES_PER_COMMIT_MAX);
         let many: Vec<Op> = (0..100).map(|i| set(&format!("j{i}"))).collect();
-        assert_eq!(objects_touched(&many), WAKES_PER_COMMIT_MAX);
+        assert_eq!(touched(&many).wakes(&none), WAKES_PER_COMMIT_MAX);
+        let many: Vec<Op> = (0..100)
+            .map(|i| delete(&format!("j{i}"), "eligible"))
+            .collect();
+        assert_eq!(
+            touched(&many).wakes(&eligible),
+            WAKES_PER_COMMIT_MAX,
+            "past the cap, every group is woken as for that many"
+        );
+    }
+
+    #[test]
+    fn a_write_that_deletes_a_required_tag_makes_no_candidate_of_its_object() {
+        let key = |id: &str| ObjectKey::new("default", "job", id).unwrap();
+        let set = |id: &str, tag: &str| Op::TagSet {
+            key: key(id),
+            name: tag.into(),
+            value: "true".into(),
+        };
+        let delete = |id: &str, tag: &str| Op::TagDelete {
+            key: key(id),
+            name: tag.into(),
+        };
+        let release = |id: &str| Op::WorkRelease {
+            key: key(id),
+            process: "P".into(),
+            session_id: "s".into(),
+            token: 1,
+            outcome: fleetdb_core::work::Outcome::Finished,
+        };
+        let req = |tags: &[&str]| -> std::collections::BTreeSet<String> {
+            tags.iter().map(|t| t.to_string()).collect()
+        };
+        // A worker's finish: its claim released and the tag its selector requires deleted.
+        let finish = touched(&[delete("a", "eligible"), release("a")]);
+        assert_eq!(finish.wakes(&req(&["eligible"])), 0);
+        assert_eq!(
+            finish.wakes(&req(&["other"])),
+            1,
+            "other selectors may match it now"
+        );
+        assert_eq!(finish.wakes(&req(&[])), 1);
+        // A finish that keeps the tag frees the object for the next claim.
+        assert_eq!(touched(&[release("a")]).wakes(&req(&["eligible"])), 1);
+        // The last op on a tag decides.
+        let again = touched(&[delete("a", "eligible"), set("a", "eligible")]);
+        assert_eq!(again.wakes(&req(&["eligible"])), 1);
+        let gone = touched(&[set("a", "eligible"), delete("a", "eligible")]);
+        assert_eq!(gone.wakes(&req(&["eligible"])), 0);
+        // A deleted object matches nothing; put again, it has only the tags set since.
+        let deleted = touched(&[Op::ObjectDelete { key: key("a") }]);
+        assert_eq!(deleted.wakes(&req(&[])), 0);
+        let put = Op::ObjectPut {
+            key: key("a"),
+            labels: Default::default(),
+            mode: Default::default(),
+        };
+        let recreated = touched(&[Op::ObjectDelete { key: key("a") }, put.clone()]);
+        assert_eq!(recreated.wakes(&req(&[])), 1);
+        assert_eq!(recreated.wakes(&req(&["eligible"])), 0);
+        let retagged = touched(&[
+            Op::ObjectDelete { key: key("a") },
+            put,
+            set("a", "eligible"),
+        ]);
+        assert_eq!(retagged.wakes(&req(&["eligible"])), 1);
+        // Objects count one by one.
+        let two = touched(&[delete("a", "eligible"), release("a"), set("b", "eligible")]);
+        assert_eq!(two.wakes(&req(&["eligible"])), 1);
+    }
+
+    #[test]
+    fn a_group_knows_the_tags_its_selector_requires() {
+        let wakes = ClaimWakes::default();
+        let g = wakes.group("P", "kind = job and has(eligible) and not has(done)");
+        assert_eq!(g.required, ["eligible".to_string()].into());
+        let bad = wakes.group("P", "has(");
+        assert!(
+            bad.required.is_empty(),
+            "an unparsable selector requires nothing"
+        );
     }
 
     #[test]
