@@ -214,10 +214,10 @@ pub(crate) enum Touched {
     /// a claim candidate.
     Nothing,
     /// Claims may have been freed anywhere (a session closed or expired, a process's conflicts
-    /// redefined, an op not known to touch no object): every waiter of every group may look.
+    /// redefined, an op not known to touch no object), or more objects were touched than one
+    /// commit wakes waiters for ([`WAKES_PER_COMMIT_MAX`]): every group may look.
     Anywhere,
-    /// Distinct objects, each with what the write left of it (at most
-    /// [`WAKES_PER_COMMIT_MAX`]; more count as that many for every group).
+    /// Distinct objects (at most [`WAKES_PER_COMMIT_MAX`]), each with what the write left of it.
     Objects(Vec<TouchedObject>),
 }
 
@@ -253,9 +253,6 @@ impl Touched {
         match self {
             Touched::Nothing => 0,
             Touched::Anywhere => WAKES_PER_COMMIT_MAX,
-            Touched::Objects(objects) if objects.len() > WAKES_PER_COMMIT_MAX => {
-                WAKES_PER_COMMIT_MAX
-            }
             Touched::Objects(objects) => objects.iter().filter(|o| o.may_match(required)).count(),
         }
     }
@@ -263,8 +260,8 @@ impl Touched {
 
 /// What `ops` touched ([`Touched`]): the distinct objects of the object, tag and claim ops, each
 /// with the tags the ops left deleted; [`Touched::Anywhere`] for ops that may free claims of
-/// many objects (a session closed, a process's conflicts redefined) and for any op not listed
-/// as touching no object.
+/// many objects (a session closed, a process's conflicts redefined), for any op not listed as
+/// touching no object, and past [`WAKES_PER_COMMIT_MAX`] objects.
 pub(crate) fn touched(ops: &[Op]) -> Touched {
     let mut objects: Vec<TouchedObject> = Vec::new();
     for op in ops {
@@ -302,7 +299,7 @@ pub(crate) fn touched(ops: &[Op]) -> Touched {
         };
         let at = match objects.iter().position(|o| &o.key == key) {
             Some(at) => at,
-            None if objects.len() > WAKES_PER_COMMIT_MAX => continue, // counted as many already
+            None if objects.len() == WAKES_PER_COMMIT_MAX => return Touched::Anywhere,
             None => {
                 objects.push(TouchedObject {
                     key: key.clone(),
@@ -1475,7 +1472,7 @@ mod tests {
         assert_eq!(touched(&[set("a"), close]), Touched::Anywhere);
         assert_eq!(Touched::Anywhere.wakes(&eligible), WAKES_PER_COMMIT_MAX);
         let many: Vec<Op> = (0..100).map(|i| set(&format!("j{i}"))).collect();
-        assert_eq!(touched(&many).wakes(&none), WAKES_PER_COMMIT_MAX);
+        assert_eq!(touched(&many), Touched::Anywhere);
         let many: Vec<Op> = (0..100)
             .map(|i| delete(&format!("j{i}"), "eligible"))
             .collect();
@@ -1484,6 +1481,10 @@ mod tests {
             WAKES_PER_COMMIT_MAX,
             "past the cap, every group is woken as for that many"
         );
+        let capped: Vec<Op> = (0..WAKES_PER_COMMIT_MAX)
+            .map(|i| set(&format!("j{i}")))
+            .collect();
+        assert_eq!(touched(&capped).wakes(&none), WAKES_PER_COMMIT_MAX);
     }
 
     #[test]
