@@ -298,11 +298,11 @@ impl Store {
 
     /// A write committed: wake this process's watches and tell other processes. The write
     /// touched what `touched` says ([`session::touched`]; [`session::Touched::Nothing`] for
-    /// writes that cannot make a claim candidate) and returned `results`, maybe followed in its transaction by a claim:
-    /// `claimed` = (process, selector, limit, how many it got). Waiting claims are
-    /// woken as [`session::ClaimWakes`] says; the revisions the batch wrote are noted as this
-    /// store's own, which the waiting claims' revision poll then does not take for another
-    /// process's change.
+    /// writes that cannot make a claim candidate) and returned `results`, maybe followed in its
+    /// transaction by a claim: `claimed` = (process, selector, limit, how many it got). Waiting
+    /// claims are woken as [`session::ClaimWakes`] says; the revisions the batch wrote are noted
+    /// as this store's own, which the waiting claims' revision poll then does not take for
+    /// another process's change.
     pub(crate) fn committed_batch(
         &self,
         touched: session::Touched,
