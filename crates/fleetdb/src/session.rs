@@ -138,14 +138,14 @@ const WAKES_PER_COMMIT_MAX: usize = 64;
 /// a tag of that the selector requires, cannot: so a worker's finish that deletes the tag its
 /// selector requires wakes none of its own group), all of them for a commit that may free claims
 /// everywhere (a session closed, a process redefined); and not one in the group of a claim made
-/// in the commit's own
-/// transaction (`finish_and_claim`) that came back short: that claim looked for candidates after
-/// the transaction's writes and found no more. A wake-up that finds no waiter is kept (one per
-/// group) for the next to wait, so a worker whose last claim came back empty waits at once
-/// ([`Session::claim_wait`]): a commit since that claim either woke a waiter, who looks, or left
-/// the wake-up for it. In the one-at-a-time benchmark at 250 jobs/s, finishes, passed-on
-/// wake-ups and the claim a worker made again after an empty `finish_and_claim` made 2.0–3.0
-/// claim calls per job come back empty (a transaction of three statements each); 1.2–1.4 now.
+/// in the commit's own transaction (`finish_and_claim`) that came back short: that claim looked
+/// for candidates after the transaction's writes and found no more. A wake-up that finds no
+/// waiter is kept (one per group) for the next to wait, so a worker whose last claim came back
+/// empty waits at once ([`Session::claim_wait`]): a commit since that claim either woke a waiter,
+/// who looks, or left the wake-up for it. In the one-at-a-time benchmark at 250 jobs/s,
+/// finishes, passed-on wake-ups and the claim a worker made again after an empty
+/// `finish_and_claim` made 2.0–3.0 claim calls per job come back empty (a transaction of three
+/// statements each); 1.2–1.4 then.
 #[derive(Debug, Default)]
 pub(crate) struct ClaimWakes {
     groups: Mutex<HashMap<WaitGroup, Arc<WaitGroupState>>>,
