@@ -269,6 +269,18 @@ pub(crate) struct ClaimTxn {
     pub(crate) took: Vec<tokio_postgres::Row>,
 }
 
+/// Poll each pinned request once, in order, and go on: tokio-postgres sends a request on its
+/// first poll, so this puts them on the wire in this order without waiting for an answer.
+macro_rules! send_in_order {
+    ($($request:ident),+) => {
+        futures::future::poll_fn(|cx| {
+            $(let _ = $request.as_mut().poll(cx);)+
+            Poll::Ready(())
+        })
+        .await
+    };
+}
+
 impl ClaimTxn {
     /// The keys the take took (rows it could not read left out).
     pub(crate) fn taken_keys(&self) -> Vec<fleetdb_core::ObjectKey> {
@@ -342,13 +354,7 @@ impl ClaimTxn {
                 Some(gate) => {
                     if finish.is_some() {
                         // Send the first three and wait for their answers before the gate.
-                        futures::future::poll_fn(|cx| {
-                            let _ = begin.as_mut().poll(cx);
-                            let _ = settings.as_mut().poll(cx);
-                            let _ = finished.as_mut().poll(cx);
-                            Poll::Ready(())
-                        })
-                        .await;
+                        send_in_order!(begin, settings, finished);
                         begin.as_mut().await;
                         settings.as_mut().await;
                         finished.as_mut().await;
@@ -362,18 +368,8 @@ impl ClaimTxn {
             let mut locked = pin!(maybe_done(conn.query(&lock_stmt, &lock_values)));
             let mut took = pin!(maybe_done(conn.query(&take_stmt, &take_values)));
             let mut commit = pin!(maybe_done(conn.batch_execute("COMMIT")));
-            // Send every request, in this order: tokio-postgres sends a request on its first poll
-            // (a request already sent is not sent again).
-            futures::future::poll_fn(|cx| {
-                let _ = begin.as_mut().poll(cx);
-                let _ = settings.as_mut().poll(cx);
-                let _ = finished.as_mut().poll(cx);
-                let _ = locked.as_mut().poll(cx);
-                let _ = took.as_mut().poll(cx);
-                let _ = commit.as_mut().poll(cx);
-                Poll::Ready(())
-            })
-            .await;
+            // Send every request, in this order (one already sent is not sent again).
+            send_in_order!(begin, settings, finished, locked, took, commit);
             // The answers come in the same order.
             begin.as_mut().await;
             settings.as_mut().await;
