@@ -1,12 +1,13 @@
 //! Selector claims of one (process, selector) from many workers of this process share
 //! transactions (flat combining).
 //!
-//! At most [`IN_FLIGHT_MAX`] claim transactions per (process, selector text) are in flight from
-//! this process at a time; a transaction passes its turn on as soon as its work is written, before
-//! its commit's WAL flush ([`Hooks`]). A claim that finds a turn free runs alone at once, exactly
-//! as it would without sharing ([`PostgresBackend::claim_selector_alone`]); claims arriving
-//! meanwhile wait in a queue, and when a turn passes on, the waiting ones (up to [`SHARED_MAX`],
-//! in arrival order) go together in ONE transaction of one round trip ([`ClaimTxn`]), on a
+//! One claim transaction per (process, selector text) is in flight from this process at a time,
+//! and a second one once [`SECOND_MIN`] claims wait ([`IN_FLIGHT_MAX`]); a transaction passes its
+//! turn on as soon as its work is written, before its commit's WAL flush ([`Hooks`]). A claim that
+//! finds nothing in flight runs alone at once, exactly as it would without sharing
+//! ([`PostgresBackend::claim_selector_alone`]); claims arriving meanwhile wait in a queue, and
+//! when a turn passes on (or the claim that makes [`SECOND_MIN`] waiting starts the second
+//! transaction), the waiting ones (up to [`SHARED_MAX`], in arrival order) go together in ONE transaction of one round trip ([`ClaimTxn`]), on a
 //! spawned task that answers each caller: `BEGIN` and the planner settings; ONE statement with
 //! every claim's finish (a worker's "finish this, give me the next"; [`finish::SQL`] checks and
 //! writes each finish on its own); ONE find-and-lock for all of them ([`work::claim_lock_sql`]
@@ -88,13 +89,24 @@ struct Group {
 }
 
 /// Claim transactions of one (process, selector) in flight at once from this process (a
-/// transaction passes its turn on once its work is written, before its commit's WAL flush): one
-/// claim alone and one shared transaction, or two shared ones. Measured with the one-at-a-time
-/// benchmark (paced at 1,500/s, four runs each, interleaved): with one, PostgreSQL used 112–122 %
-/// CPU and p99 was 13–29 ms in two runs, 421–2,190 ms in two; with two, 135–148 % and 8.9–218 ms
-/// in three runs, 712 ms in one. Flat out, more in flight completed more (1,421 / 1,572 / 1,862
-/// jobs/s with one / two / three, before the turn passed on early) at more CPU per job.
+/// transaction passes its turn on once its work is written, before its commit's WAL flush): the
+/// second only while [`SECOND_MIN`] claims wait. Measured with the one-at-a-time benchmark
+/// (before the turn passed on early, paced at 1,500/s, four runs each, interleaved): with one,
+/// PostgreSQL used 112–122 % CPU and p99 was 13–29 ms in two runs, 421–2,190 ms in two; with two,
+/// 135–148 % and 8.9–218 ms in three runs, 712 ms in one. Flat out, more in flight completed more
+/// (1,421 / 1,572 / 1,862 jobs/s with one / two / three) at more CPU per job.
 pub(crate) const IN_FLIGHT_MAX: usize = 2;
+
+/// Claims waiting behind the transaction in flight that start a second one at once. A claim
+/// transaction's fixed cost (`BEGIN`, settings, initializing three large plans, `COMMIT`) is
+/// about that of four claims' own work, so a smaller batch waits for the turn instead: with the
+/// second turn always open (the claim finding it free ran alone), a loaded worker pool ran
+/// transactions of ~1.4 claims and PostgreSQL's CPU was the limit. Measured with the
+/// one-at-a-time benchmark flat out (thirteenth session, rounds of interleaved runs): 1,534–1,722
+/// completed/s and p99 17–39 ms against 1,227–1,448/s and 22–46 ms with it always open; waiting
+/// for six completed 1,737–2,049/s but p99 rose to 50–136 ms; one transaction only completed
+/// ~1,600–1,800/s while the producers added 1,850–2,170/s (the backlog grew, p99 1.5–2.1 s).
+pub(crate) const SECOND_MIN: usize = 4;
 
 #[derive(Default)]
 pub(crate) struct ClaimCombiner {
@@ -107,11 +119,13 @@ pub(crate) struct ClaimCombiner {
 }
 
 enum Entered {
-    /// Fewer than [`IN_FLIGHT_MAX`] transactions of the key are in flight: this claim runs
-    /// alone, holding a turn.
+    /// No transaction of the key is in flight: this claim runs alone, holding a turn.
     First,
     /// Queued: the answer comes on this channel.
     Queued(oneshot::Receiver<Answer>),
+    /// Queued, and enough claims wait to start a second transaction now: the caller passes a
+    /// turn on (the waiting claims go in a shared transaction), then waits for its answer.
+    Launch(oneshot::Receiver<Answer>),
 }
 
 impl ClaimCombiner {
@@ -122,21 +136,21 @@ impl ClaimCombiner {
     fn enter(&self, key: &GroupKey, req: &ClaimRequest, finish: Option<&FusedFinish>) -> Entered {
         let mut groups = self.lock();
         let group = groups.entry(key.clone()).or_default();
-        match group.in_flight < IN_FLIGHT_MAX {
-            true => {
-                group.in_flight += 1;
-                Entered::First
-            }
-            false => {
-                let (reply, answer) = oneshot::channel();
-                group.waiting.push_back(Waiting {
-                    req: req.clone(),
-                    finish: finish.cloned(),
-                    reply,
-                });
-                Entered::Queued(answer)
-            }
+        if group.in_flight == 0 {
+            group.in_flight = 1;
+            return Entered::First;
         }
+        let (reply, answer) = oneshot::channel();
+        group.waiting.push_back(Waiting {
+            req: req.clone(),
+            finish: finish.cloned(),
+            reply,
+        });
+        if group.in_flight < IN_FLIGHT_MAX && group.waiting.len() >= SECOND_MIN {
+            group.in_flight += 1;
+            return Entered::Launch(answer);
+        }
+        Entered::Queued(answer)
     }
 
     /// A turn of `key` passes on: the claims to send next, in arrival order (none: the turn is
@@ -500,27 +514,44 @@ impl PostgresBackend {
                 self.claim_selector_alone(req, selector, finish, &mut turn)
                     .await
             }
-            Entered::Queued(answer) => match answer.await {
-                Ok(Answer::Done(r)) => r,
-                Ok(Answer::ClaimAlone(Some(finished))) => {
-                    // As alone: once the finish has committed, a claim that cannot proceed
-                    // yields no work.
-                    let work = self
-                        .claim_selector_alone(req, selector, None, &mut None)
-                        .await
-                        .map(|(_, claimed)| claimed)
-                        .unwrap_or_default();
-                    Ok((Some(finished), work))
-                }
-                Ok(Answer::ClaimAlone(None)) => {
-                    self.claim_selector_alone(req, selector, None, &mut None)
-                        .await
-                }
-                Ok(Answer::Alone) | Err(_) => {
-                    self.claim_selector_alone(req, selector, finish, &mut None)
-                        .await
-                }
-            },
+            Entered::Launch(answer) => {
+                drop(Turn {
+                    backend: self.clone(),
+                    key,
+                });
+                self.claim_queued(req, selector, finish, answer).await
+            }
+            Entered::Queued(answer) => self.claim_queued(req, selector, finish, answer).await,
+        }
+    }
+
+    async fn claim_queued(
+        &self,
+        req: &ClaimRequest,
+        selector: Selector,
+        finish: Option<&FusedFinish>,
+        answer: oneshot::Receiver<Answer>,
+    ) -> Result<ClaimAnswer> {
+        match answer.await {
+            Ok(Answer::Done(r)) => r,
+            Ok(Answer::ClaimAlone(Some(finished))) => {
+                // As alone: once the finish has committed, a claim that cannot proceed
+                // yields no work.
+                let work = self
+                    .claim_selector_alone(req, selector, None, &mut None)
+                    .await
+                    .map(|(_, claimed)| claimed)
+                    .unwrap_or_default();
+                Ok((Some(finished), work))
+            }
+            Ok(Answer::ClaimAlone(None)) => {
+                self.claim_selector_alone(req, selector, None, &mut None)
+                    .await
+            }
+            Ok(Answer::Alone) | Err(_) => {
+                self.claim_selector_alone(req, selector, finish, &mut None)
+                    .await
+            }
         }
     }
 
@@ -819,16 +850,16 @@ mod tests {
     /// Both turns of `P`'s selector, as claims in flight hold them: claims made meanwhile wait.
     fn hold_turns(backend: &PostgresBackend) -> Vec<Turn> {
         let key = ("P".to_string(), SELECTOR.to_string());
+        assert!(matches!(
+            backend.claims.enter(&key, &claim(backend, "s0"), None),
+            Entered::First
+        ));
+        // The second turn, as a shared transaction started by claims waiting holds it.
+        backend.claims.lock().get_mut(&key).unwrap().in_flight = IN_FLIGHT_MAX;
         (0..IN_FLIGHT_MAX)
-            .map(|_| {
-                assert!(matches!(
-                    backend.claims.enter(&key, &claim(backend, "s0"), None),
-                    Entered::First
-                ));
-                Turn {
-                    backend: backend.clone(),
-                    key: key.clone(),
-                }
+            .map(|_| Turn {
+                backend: backend.clone(),
+                key: key.clone(),
             })
             .collect()
     }
@@ -913,6 +944,55 @@ mod tests {
             );
         }
         assert!(backend.work_list(None, 100).await.unwrap().is_empty());
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// While one claim transaction is in flight, claims wait for its turn; once
+    /// [`SECOND_MIN`] wait, the last to arrive starts a second transaction for all of them
+    /// at once, without waiting for the first.
+    #[tokio::test]
+    async fn a_second_transaction_starts_once_enough_claims_wait() {
+        let (backend, base, schema) = crate::test_backend(4).await;
+        seed(&backend, 10, SECOND_MIN).await;
+        let key = ("P".to_string(), SELECTOR.to_string());
+        assert!(matches!(
+            backend.claims.enter(&key, &claim(&backend, "s0"), None),
+            Entered::First
+        ));
+        let first = Turn {
+            backend: backend.clone(),
+            key: key.clone(),
+        };
+        let spawn = |s: usize| {
+            let b = backend.clone();
+            tokio::spawn(async move { b.claim(claim(&b, &format!("s{s}"))).await })
+        };
+        let mut tasks: Vec<_> = (0..SECOND_MIN - 1).map(spawn).collect();
+        until_waiting(&backend, SECOND_MIN - 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(backend.claims.shared_txns.load(Ordering::Relaxed), 0);
+        assert!(
+            tasks.iter().all(|t| !t.is_finished()),
+            "a claim did not wait"
+        );
+        tasks.push(spawn(SECOND_MIN - 1));
+        let got = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks))
+            .await
+            .expect("the waiting claims waited for the first turn");
+        for claimed in got {
+            assert_eq!(claimed.unwrap().unwrap().work.len(), 1);
+        }
+        assert_eq!(backend.claims.shared_txns.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            backend.claims.shared_claims.load(Ordering::Relaxed),
+            SECOND_MIN as u64
+        );
+        drop(first);
+        assert!(
+            backend.claims.lock().get(&key).is_none(),
+            "the turns are free"
+        );
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
