@@ -2,12 +2,12 @@
 //! transactions (flat combining).
 //!
 //! One claim transaction per (process, selector text) is in flight from this process at a time,
-//! and a second one once [`SECOND_MIN`] claims wait ([`IN_FLIGHT_MAX`]); a transaction passes its
-//! turn on as soon as its work is written, before its commit's WAL flush ([`Hooks`]). A claim that
-//! finds nothing in flight runs alone at once, exactly as it would without sharing
-//! ([`PostgresBackend::claim_selector_alone`]); claims arriving meanwhile wait in a queue, and
-//! when a turn passes on (or the claim that makes [`SECOND_MIN`] waiting starts the second
-//! transaction), the waiting ones (up to [`SHARED_MAX`], in arrival order) go together in ONE transaction of one round trip ([`ClaimTxn`]), on a
+//! and a second one once [`SECOND_MIN`] claims wait or the first has waited [`SECOND_AFTER`]
+//! ([`IN_FLIGHT_MAX`]); a transaction passes its turn on as soon as its work is written, before
+//! its commit's WAL flush ([`Hooks`]). A claim that finds nothing in flight runs alone at once,
+//! exactly as it would without sharing ([`PostgresBackend::claim_selector_alone`]); claims
+//! arriving meanwhile wait in a queue, and when a turn passes on (or an arriving claim starts the
+//! second transaction), the waiting ones (up to [`SHARED_MAX`], in arrival order) go together in ONE transaction of one round trip ([`ClaimTxn`]), on a
 //! spawned task that answers each caller: `BEGIN` and the planner settings; ONE statement with
 //! every claim's finish (a worker's "finish this, give me the next"; [`finish::SQL`] checks and
 //! writes each finish on its own); ONE find-and-lock for all of them ([`work::claim_lock_sql`]
@@ -40,6 +40,7 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use futures::future::maybe_done;
 
@@ -74,6 +75,8 @@ struct Waiting {
     req: ClaimRequest,
     finish: Option<FusedFinish>,
     reply: oneshot::Sender<Answer>,
+    /// When it began to wait.
+    since: Instant,
 }
 
 /// (process, selector text).
@@ -90,27 +93,39 @@ struct Group {
 
 /// Claim transactions of one (process, selector) in flight at once from this process (a
 /// transaction passes its turn on once its work is written, before its commit's WAL flush): the
-/// second only while [`SECOND_MIN`] claims wait. Measured with the one-at-a-time benchmark
-/// (before the turn passed on early, paced at 1,500/s, four runs each, interleaved): with one,
-/// PostgreSQL used 112–122 % CPU and p99 was 13–29 ms in two runs, 421–2,190 ms in two; with two,
-/// 135–148 % and 8.9–218 ms in three runs, 712 ms in one. Flat out, more in flight completed more
-/// (1,421 / 1,572 / 1,862 jobs/s with one / two / three) at more CPU per job.
+/// second only when [`SECOND_MIN`] claims wait, or one has waited [`SECOND_AFTER`]. Measured with
+/// the one-at-a-time benchmark (before the turn passed on early, paced at 1,500/s, four runs
+/// each, interleaved): with one, PostgreSQL used 112–122 % CPU and p99 was 13–29 ms in two runs,
+/// 421–2,190 ms in two; with two, 135–148 % and 8.9–218 ms in three runs, 712 ms in one. Flat
+/// out, more in flight completed more (1,421 / 1,572 / 1,862 jobs/s with one / two / three) at
+/// more CPU per job.
 pub(crate) const IN_FLIGHT_MAX: usize = 2;
 
-/// Claims waiting behind the transaction in flight that start a second one at once. A claim
+/// Claims waiting behind the transaction in flight that start the second one at once. A claim
 /// transaction's fixed cost (`BEGIN`, settings, initializing three large plans, `COMMIT`) is
-/// about that of four claims' own work, so a smaller batch waits for the turn instead: with the
-/// second turn always open (the claim finding it free ran alone), a loaded worker pool ran
-/// transactions of ~1.4 claims and PostgreSQL's CPU was the limit. Measured with the
-/// one-at-a-time benchmark flat out (thirteenth session, rounds of interleaved runs): 1,534–1,722
-/// completed/s and p99 17–39 ms against 1,227–1,448/s and 22–46 ms with it always open; waiting
-/// for six completed 1,737–2,049/s but p99 rose to 50–136 ms; one transaction only completed
-/// ~1,600–1,800/s while the producers added 1,850–2,170/s (the backlog grew, p99 1.5–2.1 s).
+/// about that of four claims' own work; with the second turn always open (a claim that found it
+/// free ran alone), a loaded pool of eight workers ran transactions of ~1.4 claims and
+/// PostgreSQL's CPU was the limit. A smaller batch waits for the turn instead, unless its first
+/// claim has waited [`SECOND_AFTER`].
+///
+/// Measured with the one-at-a-time benchmark flat out (8 producers × 8 workers, thirteenth
+/// session, 8 rounds of the four builds interleaved, medians): second turn always open 1,422
+/// completed/s, p99 30.3 ms, 0.97 ms of PostgreSQL CPU per job; four waiting or 3 ms (this
+/// rule) 1,601/s, 28.9 ms, 0.82 ms; four waiting only 1,586/s but p99 38.8 ms (a claim could
+/// wait behind a slow transaction for its whole length); four or 2 ms 1,514/s, 32.8 ms. One
+/// transaction only completed ~1,600–1,800/s while the producers added 1,850–2,170/s: the
+/// backlog grew and p99 was 1.5–2.1 s.
 pub(crate) const SECOND_MIN: usize = 4;
 
-#[derive(Default)]
+/// How long the first waiting claim waits for the turn in flight before the next claim to arrive
+/// starts the second transaction, however few wait (see [`SECOND_MIN`]). Checked as claims
+/// arrive: without arrivals, the turn in flight passes on as soon as its work is written.
+pub(crate) const SECOND_AFTER: Duration = Duration::from_millis(3);
+
 pub(crate) struct ClaimCombiner {
     groups: Mutex<HashMap<GroupKey, Group>>,
+    /// [`SECOND_AFTER`] in microseconds (tests set it to rule time out).
+    pub(crate) second_after_us: AtomicU64,
     /// Shared transactions committed, the claims they answered, and the ones that failed (for
     /// tests and debugging).
     pub(crate) shared_txns: AtomicU64,
@@ -118,13 +133,26 @@ pub(crate) struct ClaimCombiner {
     pub(crate) shared_failed: AtomicU64,
 }
 
+impl Default for ClaimCombiner {
+    fn default() -> Self {
+        ClaimCombiner {
+            groups: Mutex::default(),
+            second_after_us: AtomicU64::new(SECOND_AFTER.as_micros() as u64),
+            shared_txns: AtomicU64::default(),
+            shared_claims: AtomicU64::default(),
+            shared_failed: AtomicU64::default(),
+        }
+    }
+}
+
 enum Entered {
     /// No transaction of the key is in flight: this claim runs alone, holding a turn.
     First,
     /// Queued: the answer comes on this channel.
     Queued(oneshot::Receiver<Answer>),
-    /// Queued, and enough claims wait to start a second transaction now: the caller passes a
-    /// turn on (the waiting claims go in a shared transaction), then waits for its answer.
+    /// Queued, and enough claims wait (or long enough) to start the second transaction now: the
+    /// caller passes a turn on (the waiting claims go in a shared transaction), then waits for
+    /// its answer.
     Launch(oneshot::Receiver<Answer>),
 }
 
@@ -145,8 +173,14 @@ impl ClaimCombiner {
             req: req.clone(),
             finish: finish.cloned(),
             reply,
+            since: Instant::now(),
         });
-        if group.in_flight < IN_FLIGHT_MAX && group.waiting.len() >= SECOND_MIN {
+        let after = Duration::from_micros(self.second_after_us.load(Ordering::Relaxed));
+        let long = group
+            .waiting
+            .front()
+            .is_some_and(|w| w.since.elapsed() >= after);
+        if group.in_flight < IN_FLIGHT_MAX && (group.waiting.len() >= SECOND_MIN || long) {
             group.in_flight += 1;
             return Entered::Launch(answer);
         }
@@ -955,6 +989,11 @@ mod tests {
     async fn a_second_transaction_starts_once_enough_claims_wait() {
         let (backend, base, schema) = crate::test_backend(4).await;
         seed(&backend, 10, SECOND_MIN).await;
+        // Only the count: a slow machine must not start it early by the clock.
+        backend
+            .claims
+            .second_after_us
+            .store(u64::MAX, Ordering::Relaxed);
         let key = ("P".to_string(), SELECTOR.to_string());
         assert!(matches!(
             backend.claims.enter(&key, &claim(&backend, "s0"), None),
@@ -988,6 +1027,52 @@ mod tests {
             backend.claims.shared_claims.load(Ordering::Relaxed),
             SECOND_MIN as u64
         );
+        drop(first);
+        assert!(
+            backend.claims.lock().get(&key).is_none(),
+            "the turns are free"
+        );
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// A claim that has waited [`SECOND_AFTER`] behind the transaction in flight: the next
+    /// claim to arrive starts the second transaction for both, though fewer than
+    /// [`SECOND_MIN`] wait.
+    #[tokio::test]
+    async fn a_second_transaction_starts_once_a_claim_waited_long() {
+        let (backend, base, schema) = crate::test_backend(4).await;
+        seed(&backend, 10, 2).await;
+        let key = ("P".to_string(), SELECTOR.to_string());
+        assert!(matches!(
+            backend.claims.enter(&key, &claim(&backend, "s0"), None),
+            Entered::First
+        ));
+        let first = Turn {
+            backend: backend.clone(),
+            key: key.clone(),
+        };
+        let spawn = |s: usize| {
+            let b = backend.clone();
+            tokio::spawn(async move { b.claim(claim(&b, &format!("s{s}"))).await })
+        };
+        let waiting = spawn(0);
+        until_waiting(&backend, 1).await;
+        tokio::time::sleep(SECOND_AFTER * 3).await;
+        assert!(
+            !waiting.is_finished(),
+            "a lone claim did not wait for the turn"
+        );
+        let got = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures::future::join_all([waiting, spawn(1)]),
+        )
+        .await
+        .expect("the claims waited for the first turn");
+        for claimed in got {
+            assert_eq!(claimed.unwrap().unwrap().work.len(), 1);
+        }
+        assert_eq!(backend.claims.shared_txns.load(Ordering::Relaxed), 1);
         drop(first);
         assert!(
             backend.claims.lock().get(&key).is_none(),
