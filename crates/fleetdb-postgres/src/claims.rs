@@ -7,8 +7,8 @@
 //! its commit's WAL flush ([`Hooks`]). A claim that finds nothing in flight runs alone at once,
 //! exactly as it would without sharing ([`PostgresBackend::claim_selector_alone`]); claims
 //! arriving meanwhile wait in a queue, and when a turn passes on (or an arriving claim starts the
-//! second transaction), the waiting ones (up to [`SHARED_MAX`], in arrival order) go together in ONE transaction of one round trip ([`ClaimTxn`]), on a
-//! spawned task that answers each caller: `BEGIN` and the planner settings; ONE statement with
+//! second transaction), the waiting ones (up to [`SHARED_MAX`], in arrival order) go together in
+//! ONE transaction of one round trip ([`ClaimTxn`]), on a spawned task that answers each caller: `BEGIN` and the planner settings; ONE statement with
 //! every claim's finish (a worker's "finish this, give me the next"; [`finish::SQL`] checks and
 //! writes each finish on its own); ONE find-and-lock for all of them ([`work::claim_lock_sql`]
 //! with every claiming session and the sum of their limits); ONE check-and-take
@@ -113,8 +113,8 @@ pub(crate) const IN_FLIGHT_MAX: usize = 2;
 /// completed/s, p99 30.3 ms, 0.97 ms of PostgreSQL CPU per job; four waiting or 3 ms (this
 /// rule) 1,601/s, 28.9 ms, 0.82 ms; four waiting only 1,586/s but p99 38.8 ms (a claim could
 /// wait behind a slow transaction for its whole length); four or 2 ms 1,514/s, 32.8 ms. One
-/// transaction only completed ~1,600–1,800/s while the producers added 1,850–2,170/s: the
-/// backlog grew and p99 was 1.5–2.1 s.
+/// transaction only (20 % less PostgreSQL CPU) completed 1,592–2,096/s while the producers added
+/// 1,854–2,443/s: the backlog grew and p99 was 1.5–2.2 s (docs/benchmarks.md, thirteenth session).
 pub(crate) const SECOND_MIN: usize = 4;
 
 /// How long the first waiting claim waits for the turn in flight before the next claim to arrive
