@@ -8,12 +8,13 @@
 //! exactly as it would without sharing ([`PostgresBackend::claim_selector_alone`]); claims
 //! arriving meanwhile wait in a queue, and when a turn passes on (or an arriving claim starts the
 //! second transaction), the waiting ones (up to [`SHARED_MAX`], in arrival order) go together in
-//! ONE transaction of one round trip ([`ClaimTxn`]), on a spawned task that answers each caller: `BEGIN` and the planner settings; ONE statement with
-//! every claim's finish (a worker's "finish this, give me the next"; [`finish::SQL`] checks and
-//! writes each finish on its own); ONE find-and-lock for all of them ([`work::claim_lock_sql`]
-//! with every claiming session and the sum of their limits); ONE check-and-take
-//! ([`work::claim_take_sql`]: the locked candidates go to the claims in arrival order, each up to
-//! its limit, skipping a claim whose session is not alive or whose finish failed); `COMMIT`.
+//! ONE transaction of one round trip ([`ClaimTxn`]), on a spawned task that answers each caller:
+//! `BEGIN` and the planner settings; ONE statement with every claim's finish (a worker's "finish
+//! this, give me the next"; [`finish::SQL`] checks and writes each finish on its own); ONE
+//! find-and-lock for all of them ([`work::claim_lock_sql`] with every claiming session and the
+//! sum of their limits); ONE check-and-take ([`work::claim_take_sql`]: the locked candidates go
+//! to the claims in arrival order, each up to its limit, skipping a claim whose session is not
+//! alive or whose finish failed); `COMMIT`.
 //!
 //! Under load a worker's claim costs a share of a transaction and of four statements instead of
 //! all of them: ~230 µs of statement time per job instead of ~400 in the one-at-a-time benchmark.
