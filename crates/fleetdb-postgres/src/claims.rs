@@ -2,11 +2,11 @@
 //! transactions (flat combining).
 //!
 //! One claim transaction per (process, selector text) is in flight from this process at a time,
-//! and a second one once [`SECOND_MIN`] claims wait or the first has waited [`SECOND_AFTER`]
+//! and a second one once [`SECOND_MIN`] claims wait or one has waited [`SECOND_AFTER`]
 //! ([`IN_FLIGHT_MAX`]); a transaction passes its turn on as soon as its work is written, before
 //! its commit's WAL flush ([`Hooks`]). A claim that finds nothing in flight runs alone at once,
 //! exactly as it would without sharing ([`PostgresBackend::claim_selector_alone`]); claims
-//! arriving meanwhile wait in a queue, and when a turn passes on (or an arriving claim starts the
+//! arriving meanwhile wait in a queue, and when a turn passes on (or a waiting claim starts the
 //! second transaction), the waiting ones (up to [`SHARED_MAX`], in arrival order) go together in
 //! ONE transaction of one round trip ([`ClaimTxn`]), on a spawned task that answers each caller:
 //! `BEGIN` and the planner settings; ONE statement with every claim's finish (a worker's "finish
@@ -118,9 +118,10 @@ pub(crate) const IN_FLIGHT_MAX: usize = 2;
 /// 1,854–2,443/s: the backlog grew and p99 was 1.5–2.2 s (docs/benchmarks.md, thirteenth session).
 pub(crate) const SECOND_MIN: usize = 4;
 
-/// How long the first waiting claim waits for the turn in flight before the next claim to arrive
-/// starts the second transaction, however few wait (see [`SECOND_MIN`]). Checked as claims
-/// arrive: without arrivals, the turn in flight passes on as soon as its work is written.
+/// How long a claim waits for the turn in flight before it starts the second transaction itself,
+/// however few wait (see [`SECOND_MIN`]): each queued claim waits for its answer this long, then
+/// starts it if it is still queued, the first claim waiting has waited as long, and a turn is free
+/// ([`ClaimCombiner::launch_late`]).
 pub(crate) const SECOND_AFTER: Duration = Duration::from_millis(3);
 
 pub(crate) struct ClaimCombiner {
@@ -151,9 +152,8 @@ enum Entered {
     First,
     /// Queued: the answer comes on this channel.
     Queued(oneshot::Receiver<Answer>),
-    /// Queued, and enough claims wait (or long enough) to start the second transaction now: the
-    /// caller passes a turn on (the waiting claims go in a shared transaction), then waits for
-    /// its answer.
+    /// Queued, and enough claims wait to start the second transaction now: the caller passes a
+    /// turn on (the waiting claims go in a shared transaction), then waits for its answer.
     Launch(oneshot::Receiver<Answer>),
 }
 
@@ -176,16 +176,34 @@ impl ClaimCombiner {
             reply,
             since: Instant::now(),
         });
-        let after = Duration::from_micros(self.second_after_us.load(Ordering::Relaxed));
-        let long = group
-            .waiting
-            .front()
-            .is_some_and(|w| w.since.elapsed() >= after);
-        if group.in_flight < IN_FLIGHT_MAX && (group.waiting.len() >= SECOND_MIN || long) {
+        if group.in_flight < IN_FLIGHT_MAX && group.waiting.len() >= SECOND_MIN {
             group.in_flight += 1;
             return Entered::Launch(answer);
         }
         Entered::Queued(answer)
+    }
+
+    fn second_after(&self) -> Duration {
+        Duration::from_micros(self.second_after_us.load(Ordering::Relaxed))
+    }
+
+    /// Whether a claim that has waited [`SECOND_AFTER`] should start the second transaction
+    /// now: the first claim waiting has waited that long and a turn is free. If so, the turn is
+    /// taken: the caller passes it on.
+    fn launch_late(&self, key: &GroupKey) -> bool {
+        let mut groups = self.lock();
+        let Some(group) = groups.get_mut(key) else {
+            return false;
+        };
+        let long = group
+            .waiting
+            .front()
+            .is_some_and(|w| w.since.elapsed() >= self.second_after());
+        if long && group.in_flight < IN_FLIGHT_MAX {
+            group.in_flight += 1;
+            return true;
+        }
+        false
     }
 
     /// A turn of `key` passes on: the claims to send next, in arrival order (none: the turn is
@@ -552,22 +570,37 @@ impl PostgresBackend {
             Entered::Launch(answer) => {
                 drop(Turn {
                     backend: self.clone(),
-                    key,
+                    key: key.clone(),
                 });
-                self.claim_queued(req, selector, finish, answer).await
+                self.claim_queued(req, selector, finish, &key, answer).await
             }
-            Entered::Queued(answer) => self.claim_queued(req, selector, finish, answer).await,
+            Entered::Queued(answer) => self.claim_queued(req, selector, finish, &key, answer).await,
         }
     }
 
+    /// A queued claim's answer. If it has waited [`SECOND_AFTER`] and still waits, it starts
+    /// the second transaction when it may ([`ClaimCombiner::launch_late`]).
     async fn claim_queued(
         &self,
         req: &ClaimRequest,
         selector: Selector,
         finish: Option<&FusedFinish>,
-        answer: oneshot::Receiver<Answer>,
+        key: &GroupKey,
+        mut answer: oneshot::Receiver<Answer>,
     ) -> Result<ClaimAnswer> {
-        match answer.await {
+        let answer = match tokio::time::timeout(self.claims.second_after(), &mut answer).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                if self.claims.launch_late(key) {
+                    drop(Turn {
+                        backend: self.clone(),
+                        key: key.clone(),
+                    });
+                }
+                answer.await
+            }
+        };
+        match answer {
             Ok(Answer::Done(r)) => r,
             Ok(Answer::ClaimAlone(Some(finished))) => {
                 // As alone: once the finish has committed, a claim that cannot proceed
@@ -1037,13 +1070,12 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
-    /// A claim that has waited [`SECOND_AFTER`] behind the transaction in flight: the next
-    /// claim to arrive starts the second transaction for both, though fewer than
-    /// [`SECOND_MIN`] wait.
+    /// A claim that has waited [`SECOND_AFTER`] behind the transaction in flight starts the
+    /// second transaction itself, though fewer than [`SECOND_MIN`] wait and no claim arrives.
     #[tokio::test]
     async fn a_second_transaction_starts_once_a_claim_waited_long() {
         let (backend, base, schema) = crate::test_backend(4).await;
-        seed(&backend, 10, 2).await;
+        seed(&backend, 10, 1).await;
         let key = ("P".to_string(), SELECTOR.to_string());
         assert!(matches!(
             backend.claims.enter(&key, &claim(&backend, "s0"), None),
@@ -1053,26 +1085,14 @@ mod tests {
             backend: backend.clone(),
             key: key.clone(),
         };
-        let spawn = |s: usize| {
-            let b = backend.clone();
-            tokio::spawn(async move { b.claim(claim(&b, &format!("s{s}"))).await })
-        };
-        let waiting = spawn(0);
-        until_waiting(&backend, 1).await;
-        tokio::time::sleep(SECOND_AFTER * 3).await;
-        assert!(
-            !waiting.is_finished(),
-            "a lone claim did not wait for the turn"
-        );
-        let got = tokio::time::timeout(
+        let claimed = tokio::time::timeout(
             Duration::from_secs(30),
-            futures::future::join_all([waiting, spawn(1)]),
+            backend.claim(claim(&backend, "s0")),
         )
         .await
-        .expect("the claims waited for the first turn");
-        for claimed in got {
-            assert_eq!(claimed.unwrap().unwrap().work.len(), 1);
-        }
+        .expect("the claim waited for the first turn")
+        .unwrap();
+        assert_eq!(claimed.work.len(), 1);
         assert_eq!(backend.claims.shared_txns.load(Ordering::Relaxed), 1);
         drop(first);
         assert!(
