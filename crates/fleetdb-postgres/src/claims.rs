@@ -915,25 +915,51 @@ mod tests {
         }
     }
 
-    /// Both turns of `P`'s selector, as claims in flight hold them: claims made meanwhile wait.
-    fn hold_turns(backend: &PostgresBackend) -> Vec<Turn> {
-        let key = ("P".to_string(), SELECTOR.to_string());
+    /// The key of `P`'s selector.
+    fn group_key() -> GroupKey {
+        ("P".to_string(), SELECTOR.to_string())
+    }
+
+    /// The first turn of `P`'s selector, as a claim alone in flight holds it.
+    fn hold_first_turn(backend: &PostgresBackend) -> Turn {
+        let key = group_key();
         assert!(matches!(
             backend.claims.enter(&key, &claim(backend, "s0"), None),
             Entered::First
         ));
+        Turn {
+            backend: backend.clone(),
+            key,
+        }
+    }
+
+    /// Both turns of `P`'s selector, as claims in flight hold them: claims made meanwhile wait.
+    fn hold_turns(backend: &PostgresBackend) -> Vec<Turn> {
+        let mut turns = vec![hold_first_turn(backend)];
         // The second turn, as a shared transaction started by claims waiting holds it.
-        backend.claims.lock().get_mut(&key).unwrap().in_flight = IN_FLIGHT_MAX;
-        (0..IN_FLIGHT_MAX)
-            .map(|_| Turn {
-                backend: backend.clone(),
-                key: key.clone(),
-            })
-            .collect()
+        backend
+            .claims
+            .lock()
+            .get_mut(&group_key())
+            .unwrap()
+            .in_flight = IN_FLIGHT_MAX;
+        turns.extend((1..IN_FLIGHT_MAX).map(|_| Turn {
+            backend: backend.clone(),
+            key: group_key(),
+        }));
+        turns
+    }
+
+    /// Once the turns held are dropped, nothing of `P`'s selector is in flight or waiting.
+    fn assert_turns_free(backend: &PostgresBackend) {
+        assert!(
+            backend.claims.lock().get(&group_key()).is_none(),
+            "the turns are free"
+        );
     }
 
     async fn until_waiting(backend: &PostgresBackend, n: usize) {
-        let key = ("P".to_string(), SELECTOR.to_string());
+        let key = group_key();
         for _ in 0..500 {
             let waiting = backend
                 .claims
@@ -1027,16 +1053,8 @@ mod tests {
         backend
             .claims
             .second_after_us
-            .store(u64::MAX, Ordering::Relaxed);
-        let key = ("P".to_string(), SELECTOR.to_string());
-        assert!(matches!(
-            backend.claims.enter(&key, &claim(&backend, "s0"), None),
-            Entered::First
-        ));
-        let first = Turn {
-            backend: backend.clone(),
-            key: key.clone(),
-        };
+            .store(3_600_000_000, Ordering::Relaxed);
+        let first = hold_first_turn(&backend);
         let spawn = |s: usize| {
             let b = backend.clone();
             tokio::spawn(async move { b.claim(claim(&b, &format!("s{s}"))).await })
@@ -1062,10 +1080,7 @@ mod tests {
             SECOND_MIN as u64
         );
         drop(first);
-        assert!(
-            backend.claims.lock().get(&key).is_none(),
-            "the turns are free"
-        );
+        assert_turns_free(&backend);
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
@@ -1076,15 +1091,7 @@ mod tests {
     async fn a_second_transaction_starts_once_a_claim_waited_long() {
         let (backend, base, schema) = crate::test_backend(4).await;
         seed(&backend, 10, 1).await;
-        let key = ("P".to_string(), SELECTOR.to_string());
-        assert!(matches!(
-            backend.claims.enter(&key, &claim(&backend, "s0"), None),
-            Entered::First
-        ));
-        let first = Turn {
-            backend: backend.clone(),
-            key: key.clone(),
-        };
+        let first = hold_first_turn(&backend);
         let claimed = tokio::time::timeout(
             Duration::from_secs(30),
             backend.claim(claim(&backend, "s0")),
@@ -1095,10 +1102,7 @@ mod tests {
         assert_eq!(claimed.work.len(), 1);
         assert_eq!(backend.claims.shared_txns.load(Ordering::Relaxed), 1);
         drop(first);
-        assert!(
-            backend.claims.lock().get(&key).is_none(),
-            "the turns are free"
-        );
+        assert_turns_free(&backend);
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
