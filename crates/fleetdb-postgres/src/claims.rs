@@ -568,14 +568,20 @@ impl PostgresBackend {
                     .await
             }
             Entered::Launch(answer) => {
-                drop(Turn {
-                    backend: self.clone(),
-                    key: key.clone(),
-                });
+                self.start_shared(&key);
                 self.claim_queued(req, selector, finish, &key, answer).await
             }
             Entered::Queued(answer) => self.claim_queued(req, selector, finish, &key, answer).await,
         }
+    }
+
+    /// Pass on at once the turn of `key` just taken for a second transaction: the waiting
+    /// claims go together in a shared transaction that holds it ([`Turn`]'s drop).
+    fn start_shared(&self, key: &GroupKey) {
+        drop(Turn {
+            backend: self.clone(),
+            key: key.clone(),
+        });
     }
 
     /// A queued claim's answer. If it has waited [`SECOND_AFTER`] and still waits, it starts
@@ -592,10 +598,7 @@ impl PostgresBackend {
             Ok(answer) => answer,
             Err(_) => {
                 if self.claims.launch_late(key) {
-                    drop(Turn {
-                        backend: self.clone(),
-                        key: key.clone(),
-                    });
+                    self.start_shared(key);
                 }
                 answer.await
             }
