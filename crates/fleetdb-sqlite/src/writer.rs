@@ -12,6 +12,7 @@
 //! Every caller is answered only after the group's COMMIT returned, i.e. after its data is durable.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
@@ -59,6 +60,9 @@ pub(crate) type Reply = oneshot::Sender<Result<Written>>;
 pub(crate) struct Queue {
     waiting: Mutex<VecDeque<(Write, Reply)>>,
     wake: std::sync::mpsc::SyncSender<()>,
+    /// The checkpointer found the WAL past its limit: the next group's leader checkpoints on the
+    /// write connection after its commit (see `Checkpointer`).
+    wal_restart: AtomicBool,
 }
 
 impl Queue {
@@ -69,6 +73,7 @@ impl Queue {
             Queue {
                 waiting: Mutex::default(),
                 wake,
+                wal_restart: AtomicBool::new(false),
             },
             rx,
         )
@@ -85,6 +90,23 @@ impl Queue {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_empty()
+    }
+
+    /// Ask the next group's leader to finish a checkpoint (see `Checkpointer`).
+    pub(crate) fn want_wal_restart(&self) {
+        self.wal_restart.store(true, Ordering::Release);
+    }
+
+    /// After a group, on the write connection: if the checkpointer asked, copy what its own pass
+    /// left (the frames appended meanwhile). No frame of this process is appended while the
+    /// leader holds the connection, so this copies every frame and the next write starts the WAL
+    /// over.
+    fn finish_wal_restart(&self, c: &Connection) {
+        if self.wal_restart.swap(false, Ordering::AcqRel) {
+            if let Err(e) = crate::checkpoint(c) {
+                tracing::debug!(error = %e, "WAL restart checkpoint failed; retrying later");
+            }
+        }
     }
 
     fn wake_writer(&self) {
@@ -109,6 +131,7 @@ impl Queue {
         };
         let mut group = self.take_group();
         flush(&mut c, &mut group);
+        self.finish_wal_restart(&c);
         drop(c);
         // Writes queued meanwhile (their callers found the connection taken and woke the writer,
         // or will): make sure the writer looks.
@@ -133,6 +156,7 @@ impl Queue {
                     break;
                 }
                 flush(&mut c, &mut group);
+                q.finish_wal_restart(&c);
             }
         }
     }
