@@ -62,8 +62,9 @@ pub struct SqliteOptions {
     pub busy_timeout_ms: u64,
     /// Read connections kept open.
     pub readers_max: usize,
-    /// The WAL's size past which the checkpointer makes it start over (see [`Checkpointer`]);
-    /// also the size a longer WAL file is cut back to when it starts over.
+    /// The WAL's size past which the checkpointer has the write path finish a checkpoint, so
+    /// that the WAL starts over even under writes that never pause (docs/design.md, "SQLite
+    /// checkpoints"); also the size a longer WAL file is cut back to when it starts over.
     pub wal_restart_bytes: u64,
 }
 
@@ -342,7 +343,7 @@ impl SqliteBackend {
         if options.migrate {
             migrate::migrate(&mut conn, clock.now())?;
         }
-        let checkpointer = match &location {
+        let checkpoint_conn = match &location {
             Location::File(path) => {
                 // Checkpoints copy the WAL into the database file and fsync it: work the writer
                 // should not wait for. Move it to a thread of its own.
@@ -358,7 +359,7 @@ impl SqliteBackend {
         let write_conn = Arc::new(Mutex::new(conn));
         let (queue, wake) = writer::Queue::new();
         let queue = Arc::new(queue);
-        let checkpointer = checkpointer
+        let checkpointer = checkpoint_conn
             .map(|c| Checkpointer::spawn(c, Arc::downgrade(&queue), options.wal_restart_bytes))
             .transpose()?;
         let writer_thread = {
