@@ -99,8 +99,8 @@ impl Queue {
 
     /// After a group, on the write connection: if the checkpointer asked, copy what its own pass
     /// left (the frames appended meanwhile). No frame of this process is appended while the
-    /// leader holds the connection, so this copies every frame and the next write starts the WAL
-    /// over.
+    /// leader holds the connection, so this copies every frame (unless a reader still reads an
+    /// older snapshot: then a later pass asks again) and the next write starts the WAL over.
     fn finish_wal_restart(&self, c: &Connection) {
         if self.wal_restart.swap(false, Ordering::AcqRel) {
             if let Err(e) = crate::checkpoint(c) {
