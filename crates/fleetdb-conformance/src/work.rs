@@ -1050,6 +1050,32 @@ pub async fn metrics_count_sessions_work_and_transactions(h: &Harness) {
         text.contains("fleetdb_work_finished_total{process=\"P\",result=\"canceled\"} 1"),
         "{text}"
     );
+    // Every transaction's duration is observed, by kind: the machines' creation, the finish,
+    // fail and cancel are writes, the claim a claim; a finish with the next claim is one more.
+    let count = |kind: &str| {
+        m.transaction_seconds
+            .with_label_values(&[kind])
+            .get_sample_count()
+    };
+    assert!(count("write") >= 6, "writes observed: {}", count("write"));
+    assert_eq!(count("claim"), 1);
+    assert_eq!(count("write_and_claim"), 0);
+    // All three machines are free again (the backoff is over): one finish with the next claim.
+    let s = st.session_start(spec("c2")).await.unwrap();
+    let mut w = s.claim("P", "kind = machine", 1).await.unwrap().remove(0);
+    let (_, next) = w
+        .finish_and_claim(|_| async { Ok(()) }, "P", "kind = machine", 1)
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(count("claim"), 2);
+    assert_eq!(count("write_and_claim"), 1);
+    let text = m.encode();
+    assert!(
+        text.contains("fleetdb_transaction_duration_seconds_count{kind=\"write_and_claim\"} 1"),
+        "{text}"
+    );
+    s.close().await.unwrap();
 }
 
 pub async fn finish_many_is_all_or_nothing(h: &Harness) {

@@ -349,7 +349,9 @@ impl Store {
         };
         batch.validate(&self.limits)?;
         let touched = session::touched(&batch.ops);
+        let started = std::time::Instant::now();
         let r = self.backend.commit(batch).await;
+        self.metrics.txn_time(metrics::TxnKind::Write, started);
         self.metrics.txn(&r);
         if let Ok(results) = &r {
             self.gc.note(results);
@@ -687,6 +689,7 @@ impl Store {
             batch.ops.extend(post.iter().cloned());
             batch.validate(&self.limits)?;
             let touched = session::touched(&batch.ops);
+            let started = std::time::Instant::now();
             let committed = match &claim {
                 None => self
                     .backend
@@ -699,6 +702,11 @@ impl Store {
                     self.backend.commit_then_claim(batch, req).await
                 }
             };
+            let kind = match claim {
+                None => metrics::TxnKind::Write,
+                Some(_) => metrics::TxnKind::WriteAndClaim,
+            };
+            self.metrics.txn_time(kind, started);
             match committed {
                 Ok((results, claimed)) => {
                     self.metrics.transactions_executed.inc();

@@ -2,7 +2,11 @@
 //! and active backoffs per process) computed from the store when [`Metrics::refresh`] runs. The
 //! server exposes [`Metrics::encode`] at `/metrics`.
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::time::Instant;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 /// The metrics of one store. Cheap to clone (the metrics are shared).
 #[derive(Clone)]
@@ -14,6 +18,11 @@ pub struct Metrics {
     pub transactions_executed: IntCounter,
     pub transactions_retried: IntCounter,
     pub transactions_failed: IntCounter,
+    /// How long the store's transactions took, from the call to the backend to its answer
+    /// (durable), by kind (see [`TxnKind`]). Conflicted attempts are observed one by one.
+    pub transaction_seconds: HistogramVec,
+    /// Its children by [`TxnKind`], resolved once (no label lookup per transaction).
+    transaction_kinds: [prometheus::Histogram; 3],
     pub work_started: IntCounterVec,
     pub work_finished: IntCounterVec,
     pub work_active: IntGaugeVec,
@@ -55,6 +64,54 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
         .register(Box::new(g.clone()))
         .expect("metric registered once");
     g
+}
+
+/// Upper bounds of [`Metrics::transaction_seconds`]'s buckets: a commit's WAL flush on a local
+/// disk takes a fraction of a millisecond, a loaded queue's claim several milliseconds, a stall
+/// or a database far away seconds.
+const TRANSACTION_BUCKETS: [f64; 14] = [
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric name");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+/// The kinds of [`Metrics::transaction_seconds`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnKind {
+    /// A batch of writes (objects, tags, World records, a finish, a fail…).
+    Write,
+    /// A batch of writes and, in the same backend call, the next claim (`Work::finish_and_claim`).
+    WriteAndClaim,
+    /// A claim (by selector or of one object).
+    Claim,
+}
+
+impl TxnKind {
+    const ALL: [TxnKind; 3] = [TxnKind::Write, TxnKind::WriteAndClaim, TxnKind::Claim];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TxnKind::Write => "write",
+            TxnKind::WriteAndClaim => "write_and_claim",
+            TxnKind::Claim => "claim",
+        }
+    }
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
@@ -99,6 +156,15 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let r = Registry::new();
+        let transaction_seconds = histogram_vec(
+            &r,
+            "fleetdb_transaction_duration_seconds",
+            "Duration of the store's transactions (to the durable answer), by kind: write, write_and_claim, claim.",
+            &["kind"],
+            &TRANSACTION_BUCKETS,
+        );
+        let transaction_kinds =
+            TxnKind::ALL.map(|k| transaction_seconds.with_label_values(&[k.label()]));
         Metrics {
             sessions_started: counter(
                 &r,
@@ -130,6 +196,8 @@ impl Default for Metrics {
                 "fleetdb_transactions_failed_total",
                 "Write transactions that failed.",
             ),
+            transaction_seconds,
+            transaction_kinds,
             work_started: counter_vec(
                 &r,
                 "fleetdb_work_started_total",
@@ -208,6 +276,11 @@ impl Metrics {
     }
 
     /// Record the result of a write transaction.
+    /// Observe one transaction of `kind` that started at `since`.
+    pub(crate) fn txn_time(&self, kind: TxnKind, since: Instant) {
+        self.transaction_kinds[kind as usize].observe(since.elapsed().as_secs_f64());
+    }
+
     pub(crate) fn txn<T>(&self, r: &crate::Result<T>) {
         match r {
             Ok(_) => self.transactions_executed.inc(),

@@ -688,7 +688,12 @@ impl Session {
         let req = self.claim_request(process, target, limit)?;
         self.store.ready().await?;
         let by_selector = matches!(req.target, ClaimTarget::Selector(_));
-        let claimed = match self.store.backend.claim(req).await {
+        let started = std::time::Instant::now();
+        let claimed = self.store.backend.claim(req).await;
+        self.store
+            .metrics
+            .txn_time(crate::metrics::TxnKind::Claim, started);
+        let claimed = match claimed {
             // Under heavy contention (PostgreSQL serialization failures on every attempt) a
             // selector claim gets nothing this time, like a claim whose candidates were all taken:
             // the caller (or `claim_wait`) tries again. A claim of one named object reports it.
