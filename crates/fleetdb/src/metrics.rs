@@ -103,7 +103,16 @@ pub enum TxnKind {
 }
 
 impl TxnKind {
+    /// Every kind, in [`TxnKind::index`] order.
     const ALL: [TxnKind; 3] = [TxnKind::Write, TxnKind::WriteAndClaim, TxnKind::Claim];
+
+    fn index(self) -> usize {
+        match self {
+            TxnKind::Write => 0,
+            TxnKind::WriteAndClaim => 1,
+            TxnKind::Claim => 2,
+        }
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -275,16 +284,36 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    /// Record the result of a write transaction.
     /// Observe one transaction of `kind` that started at `since`.
     pub(crate) fn txn_time(&self, kind: TxnKind, since: Instant) {
-        self.transaction_kinds[kind as usize].observe(since.elapsed().as_secs_f64());
+        self.transaction_kinds[kind.index()].observe(since.elapsed().as_secs_f64());
     }
 
+    /// Record the result of a write transaction.
     pub(crate) fn txn<T>(&self, r: &crate::Result<T>) {
         match r {
             Ok(_) => self.transactions_executed.inc(),
             Err(_) => self.transactions_failed.inc(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_transaction_kind_observes_into_its_own_label() {
+        let m = Metrics::default();
+        for (n, kind) in TxnKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), n);
+            for _ in 0..=n {
+                m.txn_time(kind, Instant::now());
+            }
+        }
+        for (n, kind) in TxnKind::ALL.into_iter().enumerate() {
+            let h = m.transaction_seconds.with_label_values(&[kind.label()]);
+            assert_eq!(h.get_sample_count(), n as u64 + 1, "{}", kind.label());
         }
     }
 }
