@@ -149,8 +149,9 @@ pub struct WorkArgs {
     #[arg(long)]
     pub finish_and_claim: bool,
     /// One-at-a-time: write every measured latency to this file, one line per claim in the
-    /// window: seconds since the window opened, then the eligible→claimed latency in ms (to see
-    /// whether a tail is spread out or bunched in stalls).
+    /// window: seconds since the window opened, the eligible→claimed latency in ms and the wall
+    /// clock in seconds since the epoch (to see whether a tail is spread out or bunched in
+    /// stalls, and to line stalls up with the database's own logs).
     #[arg(long)]
     pub latency_trace: Option<PathBuf>,
     /// Burn-down: objects made eligible before the workers start.
@@ -1105,8 +1106,9 @@ struct WorkerRec {
     claims_in_window: u64,
     completed_in_window: u64,
     lat_us: Vec<u64>,
-    /// (µs since the window opened, latency µs), kept only for `--latency-trace`.
-    trace: Vec<(u64, u64)>,
+    /// (µs since the window opened, latency µs, wall clock µs since the epoch), kept only for
+    /// `--latency-trace`.
+    trace: Vec<(u64, u64, i64)>,
     claim_wait_us: Vec<u64>,
     finish_us: Vec<u64>,
     claims_total: u64,
@@ -1181,7 +1183,7 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
                             rec.lat_us.push(lat);
                             if trace {
                                 let at = got_at.duration_since(warm_end).as_micros() as u64;
-                                rec.trace.push((at, lat));
+                                rec.trace.push((at, lat, got_wall));
                             }
                         }
                         None => rec.missing_t += 1,
@@ -1360,11 +1362,12 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
     if let Some(path) = &args.latency_trace {
         wr.trace.sort_unstable();
         let mut text = String::with_capacity(wr.trace.len() * 20);
-        for (at, lat) in &wr.trace {
+        for (at, lat, wall) in &wr.trace {
             text.push_str(&format!(
-                "{:.6} {:.3}\n",
+                "{:.6} {:.3} {:.6}\n",
                 *at as f64 / 1e6,
-                *lat as f64 / 1e3
+                *lat as f64 / 1e3,
+                *wall as f64 / 1e6
             ));
         }
         std::fs::write(path, text)

@@ -114,6 +114,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "history_prune_by_seq",
         sql: include_str!("../migrations/0011_history_prune_by_seq.sql"),
     },
+    Migration {
+        version: 12,
+        name: "keys_led_by_id",
+        sql: include_str!("../migrations/0012_keys_led_by_id.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -2686,9 +2691,9 @@ mod tests {
     fn unkeyed_scans(plan: &str, tables: &[&str]) -> Vec<String> {
         // The leading column of each index of the claim tables that is led by a key.
         const LEADS: &[(&str, &str)] = &[
-            ("work_pkey", "namespace"),
+            ("work_pkey", "id"),
             ("work_process", "process"),
-            ("work_backoff_pkey", "namespace"),
+            ("work_backoff_pkey", "id"),
             ("work_backoff_process", "process"),
             ("sessions_pkey", "id"),
         ];

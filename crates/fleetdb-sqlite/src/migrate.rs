@@ -64,6 +64,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "history_prune_by_seq",
         sql: include_str!("../migrations/0011_history_prune_by_seq.sql"),
     },
+    Migration {
+        version: 12,
+        name: "keys_led_by_id",
+        sql: include_str!("../migrations/0012_keys_led_by_id.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 /// The newest migration this binary knows.
-const LATEST: u32 = 11;
+const LATEST: u32 = 12;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -426,6 +426,43 @@ async fn sqlite_0011_history_prune_by_seq_keeps_rows_written_before_it() {
     check_v2_rows_then_history_prune_by_seq(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// After 0012 (on PostgreSQL the key indexes of tags, claims, backoffs and an object's history
+/// lead with `id`): the tag, claim, backoff and history written before it are read and ended by
+/// key, and an object's history is listed newest first.
+async fn check_rows_then_keys_led_by_id(store: &Store) {
+    let m1 = ObjectKey::new("default", "machine", "m1").unwrap();
+    let tag = store.tag_get(&m1, "provided").await.unwrap().unwrap();
+    assert_eq!(tag.revision.0, 2);
+    assert_eq!(store.tag_list(&m1).await.unwrap().len(), 1);
+    let history = store
+        .history(&fleetdb::HistoryFilter::Object(m1.clone()), None, 10)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|e| (e.token, e.event.as_str()))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        history,
+        vec![(8, "Started"), (7, "Finished"), (7, "Started")]
+    );
+    check_v2_rows_then_work_key_probes(store).await;
+    // A tag written after it lands in the rebuilt index and is found by key.
+    store.tag_set(&m1, "after", &json!(12)).await.unwrap();
+    assert_eq!(store.tag_list(&m1).await.unwrap().len(), 2);
+    assert!(store.tag_get(&m1, "after").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn sqlite_0012_keys_led_by_id_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_with_v2_rows(11);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(V9_WORK_ROWS).unwrap();
+    c.execute_batch(V10_HISTORY_ROWS).unwrap();
+    drop(c);
+    check_rows_then_keys_led_by_id(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -684,6 +721,17 @@ async fn postgres_0011_history_prune_by_seq_keeps_rows_written_before_it() {
     pg_exec(&s.url, V10_HISTORY_ROWS).await;
     let store = Store::open(&s.url).await.unwrap();
     check_v2_rows_then_history_prune_by_seq(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0012_keys_led_by_id_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(11).await;
+    pg_exec(&s.url, V9_WORK_ROWS).await;
+    pg_exec(&s.url, V10_HISTORY_ROWS).await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_rows_then_keys_led_by_id(&store).await;
     drop(store);
     pg_drop(s).await;
 }
