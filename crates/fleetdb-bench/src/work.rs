@@ -149,9 +149,11 @@ pub struct WorkArgs {
     #[arg(long)]
     pub finish_and_claim: bool,
     /// One-at-a-time: write every measured latency to this file, one line per claim in the
-    /// window: seconds since the window opened, the eligible→claimed latency in ms and the wall
-    /// clock in seconds since the epoch (to see whether a tail is spread out or bunched in
-    /// stalls, and to line stalls up with the database's own logs).
+    /// window: seconds since the window opened, the eligible→claimed latency in ms, the wall
+    /// clock in seconds since the epoch, the add call's own time in ms (0 when the claim came
+    /// first) and the claiming call's time in ms (to see whether a tail is spread out or bunched
+    /// in stalls, which part of the latency grew, and to line stalls up with the database's
+    /// own logs).
     #[arg(long)]
     pub latency_trace: Option<PathBuf>,
     /// Burn-down: objects made eligible before the workers start.
@@ -703,6 +705,16 @@ pub struct WorkReport {
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
+/// One claim of the one-at-a-time window, for `--latency-trace` (µs; `wall` since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TracePoint {
+    at: u64,
+    lat: u64,
+    wall: i64,
+    add: u64,
+    wait: u64,
+}
+
 /// A time-ordered id (UUID v7 layout: 48-bit ms timestamp, then random) or a random v4 UUID.
 fn job_id(random: bool) -> String {
     let u = uuid::Uuid::new_v4();
@@ -1106,9 +1118,8 @@ struct WorkerRec {
     claims_in_window: u64,
     completed_in_window: u64,
     lat_us: Vec<u64>,
-    /// (µs since the window opened, latency µs, wall clock µs since the epoch), kept only for
-    /// `--latency-trace`.
-    trace: Vec<(u64, u64, i64)>,
+    /// Kept only for `--latency-trace`.
+    trace: Vec<TracePoint>,
     claim_wait_us: Vec<u64>,
     finish_us: Vec<u64>,
     claims_total: u64,
@@ -1124,7 +1135,9 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
         .await
         .map_err(|e| format!("process_define: {e}"))?;
     let errors = Arc::new(ErrorLog::default());
-    let sent: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    // Each job in flight: when its add was called and when that call returned (0 until then), µs
+    // since the epoch.
+    let sent: Arc<Mutex<HashMap<String, (i64, i64)>>> = Arc::default();
     let mut sessions = Vec::new();
     for w in 0..args.workers {
         sessions
@@ -1178,12 +1191,25 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
                     rec.claim_wait_us
                         .push(got_at.duration_since(asked).as_micros() as u64);
                     match t_add {
-                        Some(t) => {
+                        Some((t, added)) => {
                             let lat = (got_wall - t).max(0) as u64;
                             rec.lat_us.push(lat);
                             if trace {
                                 let at = got_at.duration_since(warm_end).as_micros() as u64;
-                                rec.trace.push((at, lat, got_wall));
+                                // The add call's own time (0: claimed before the call returned).
+                                let add = if added > 0 {
+                                    (added - t).max(0) as u64
+                                } else {
+                                    0
+                                };
+                                let wait = got_at.duration_since(asked).as_micros() as u64;
+                                rec.trace.push(TracePoint {
+                                    at,
+                                    lat,
+                                    wall: got_wall,
+                                    add,
+                                    wait,
+                                });
                             }
                         }
                         None => rec.missing_t += 1,
@@ -1258,7 +1284,7 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
                 }
                 sent.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.clone(), t);
+                    .insert(id.clone(), (t, 0));
                 let r = store
                     .txn(|tx| {
                         let key = key.clone();
@@ -1271,6 +1297,10 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
                 let done = Instant::now();
                 match r {
                     Ok(()) => {
+                        if let Some(e) = sent.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id)
+                        {
+                            e.1 = now_micros();
+                        }
                         rec.adds_total += 1;
                         if started >= warm_end {
                             rec.adds_in_window += 1;
@@ -1362,12 +1392,14 @@ async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
     if let Some(path) = &args.latency_trace {
         wr.trace.sort_unstable();
         let mut text = String::with_capacity(wr.trace.len() * 20);
-        for (at, lat, wall) in &wr.trace {
+        for p in &wr.trace {
             text.push_str(&format!(
-                "{:.6} {:.3} {:.6}\n",
-                *at as f64 / 1e6,
-                *lat as f64 / 1e3,
-                *wall as f64 / 1e6
+                "{:.6} {:.3} {:.6} {:.3} {:.3}\n",
+                p.at as f64 / 1e6,
+                p.lat as f64 / 1e3,
+                p.wall as f64 / 1e6,
+                p.add as f64 / 1e3,
+                p.wait as f64 / 1e3
             ));
         }
         std::fs::write(path, text)
