@@ -6,6 +6,8 @@
 -- burn-down benchmark. Each of these indexes is read only with every key column fixed by
 -- equality (a probe, or an object's tags or history in `name` / `seq` order), so the order of the
 -- key columns changes no result. `objects` keeps (namespace, kind, id): listings scan its ranges.
+-- Each new key is a full index build while the table is locked (docs/design.md §6: on a large
+-- fleet, run `fleetdb migrate up` in a maintenance window).
 ALTER TABLE tags DROP CONSTRAINT tags_pkey, ADD PRIMARY KEY (id, namespace, kind, name);
 ALTER TABLE work DROP CONSTRAINT work_pkey, ADD PRIMARY KEY (id, namespace, kind, process);
 ALTER TABLE work_backoff DROP CONSTRAINT work_backoff_pkey,
