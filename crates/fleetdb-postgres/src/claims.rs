@@ -702,7 +702,7 @@ impl PostgresBackend {
         };
         let (lock_sql, mut lock_params) = work::claim_lock_sql(&q, &sessions, &work::hand_start());
         let clock_hand = self.hands.hand(&process, &lock_sql);
-        let hand = clock_hand.get();
+        let hand = clock_hand.get(now);
         lock_params.set_hand(&hand);
         // The finishes, in one statement: finish `f` is the `f`-th claim with one.
         let finishes: Vec<&FusedFinish> = taken.iter().filter_map(|w| w.finish.as_ref()).collect();
@@ -734,7 +734,7 @@ impl PostgresBackend {
         )
         .await
         .ok()?;
-        clock_hand.advance_to(&hand, &txn.taken_keys());
+        clock_hand.advance_to(&hand, &txn.taken_keys(), now);
         let passed = |f: usize| txn.finished.as_ref().is_some_and(|done| done.passed(f));
         let assigned = work::assigned(&slots, txn.locked_n, |sid| txn.alive.contains(sid), passed);
         let mut took: HashMap<usize, Vec<WorkInfo>> = HashMap::new();

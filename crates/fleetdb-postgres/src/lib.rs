@@ -916,7 +916,12 @@ impl PostgresBackend {
         // connection that a claim queued for the turn holds.
         let wants_turn = req.limit >= work::Hand::TURN_MIN;
         let turn = std::sync::Mutex::new(None);
-        let hand = std::sync::Mutex::new(clock_hand.get());
+        // A claim of many reads the hand once it holds the turn (`gate`); reading it here too
+        // would note a sweep that its find then does not make.
+        let hand = std::sync::Mutex::new(match wants_turn {
+            true => work::hand_start(),
+            false => clock_hand.get(q.now),
+        });
         let hand_now = || hand.lock().unwrap_or_else(|p| p.into_inner()).clone();
         lock_params.set_hand(&hand_now());
         let slots = [work::Slot {
@@ -934,7 +939,7 @@ impl PostgresBackend {
                 let (clock_hand, turn, hand_now) = (&clock_hand, &turn, &hand_now);
                 Box::new(move |locked| {
                     if let Some(locked) = locked {
-                        clock_hand.advance(&hand_now(), locked);
+                        clock_hand.advance(&hand_now(), locked, q.now);
                     }
                     drop(turn.lock().unwrap_or_else(|p| p.into_inner()).take());
                 })
@@ -947,9 +952,9 @@ impl PostgresBackend {
                 Box::pin(async move {
                     let guard = clock_hand.turn.lock().await;
                     *turn.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
-                    let now = clock_hand.get();
-                    *hand.lock().unwrap_or_else(|p| p.into_inner()) = now.clone();
-                    now
+                    let from = clock_hand.get(q.now);
+                    *hand.lock().unwrap_or_else(|p| p.into_inner()) = from.clone();
+                    from
                 })
             }),
         };
@@ -965,7 +970,7 @@ impl PostgresBackend {
         drop(turn.lock().unwrap_or_else(|p| p.into_inner()).take());
         let txn = txn?;
         if !wants_turn {
-            clock_hand.advance_to(&hand_now(), &txn.taken_keys());
+            clock_hand.advance_to(&hand_now(), &txn.taken_keys(), q.now);
         }
         let finish_results = match (finish, &txn.finished) {
             (Some(f), Some(done)) => match f.results(done, 0).map_err(Failure::Fail)? {
@@ -2522,6 +2527,48 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// A candidate released behind the hand while claims keep finding candidates after it is
+    /// taken by the first claim `SWEEP_MAX` after the last one that covered the key space.
+    #[tokio::test]
+    async fn a_candidate_behind_the_hand_waits_at_most_a_sweep() {
+        let (backend, base, schema) = test_backend(2).await;
+        let client = backend.client().await.unwrap();
+        seed_eligible(&client, 10, 2).await;
+        client
+            .batch_execute("UPDATE sessions SET deadline = 1000000000000")
+            .await
+            .unwrap();
+        let sweep = work::SWEEP_MAX.as_micros() as i64;
+        let claim = |limit: usize, now: i64| {
+            let backend = backend.clone();
+            async move {
+                let got = backend
+                    .claim(ClaimRequest {
+                        session_id: "s".into(),
+                        process: "P".into(),
+                        target: fleetdb_core::work::ClaimTarget::Selector(
+                            "kind = job and has(eligible)".into(),
+                        ),
+                        limit,
+                        now: Timestamp(now),
+                    })
+                    .await
+                    .unwrap();
+                got.work.into_iter().map(|w| w.key.id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(claim(2, 0).await, ["j01", "j02"]);
+        client
+            .batch_execute("DELETE FROM work WHERE id = 'j01'")
+            .await
+            .unwrap();
+        assert_eq!(claim(2, sweep / 2).await, ["j03", "j04"]);
+        assert_eq!(claim(2, sweep - 1).await, ["j05", "j06"], "after the hand");
+        assert_eq!(claim(2, sweep).await, ["j01", "j07"], "from the start");
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
     /// What find-and-lock leaves for check-and-take in its transaction, as the session's
     /// settings: `locked` (a JSON array of keys) found for the live session `s`.
     async fn hand_over(client: &deadpool_postgres::Client, locked: &str) {
@@ -2928,17 +2975,52 @@ mod tests {
             )
             .unwrap()
         };
-        assert_eq!(hand.get(), work::hand_start());
-        hand.advance(&work::hand_start(), &locked(&["a", "b"]));
-        assert_eq!(hand.get(), key("b"));
+        let t = Timestamp(0);
+        assert_eq!(hand.get(t), work::hand_start());
+        hand.advance(&work::hand_start(), &locked(&["a", "b"]), t);
+        assert_eq!(hand.get(t), key("b"));
         // Wrapped: took "c" after the hand, then "a" from the start: the hand is at "a".
-        hand.advance(&key("b"), &locked(&["a", "c"]));
-        assert_eq!(hand.get(), key("a"));
+        hand.advance(&key("b"), &locked(&["a", "c"]), t);
+        assert_eq!(hand.get(t), key("a"));
         // Nothing locked: the hand stays; other selectors and processes have their own.
-        hand.advance(&key("a"), "[]");
-        assert_eq!(hands.hand("P", "q").get(), key("a"));
-        assert_eq!(hands.hand("Q", "q").get(), work::hand_start());
-        assert_eq!(hands.hand("P", "other").get(), work::hand_start());
+        hand.advance(&key("a"), "[]", t);
+        assert_eq!(hands.hand("P", "q").get(t), key("a"));
+        assert_eq!(hands.hand("Q", "q").get(t), work::hand_start());
+        assert_eq!(hands.hand("P", "other").get(t), work::hand_start());
+    }
+
+    /// Claims that never wrap (new candidates keep coming after the hand) still start at the
+    /// start once `SWEEP_MAX` has passed since one covered the whole key space, and only one
+    /// claim does; a claim that wraps, starts at the start or finds nothing counts as covering it.
+    #[test]
+    fn a_hand_that_has_not_swept_for_a_while_starts_at_the_start() {
+        let hand = work::Hand::default();
+        let key = |id: &str| ObjectKey {
+            namespace: "default".into(),
+            kind: "job".into(),
+            id: id.into(),
+        };
+        let at = |ms: i64| Timestamp(ms * 1000);
+        let sweep = work::SWEEP_MAX.as_millis() as i64;
+        assert_eq!(hand.get(at(0)), work::hand_start());
+        hand.advance_to(&work::hand_start(), &[key("a")], at(0));
+        // Claims that take keys after the hand only: no sweep.
+        hand.advance_to(&key("a"), &[key("b")], at(sweep / 2));
+        hand.advance_to(&key("b"), &[key("c")], at(sweep - 1));
+        assert_eq!(hand.get(at(sweep - 1)), key("c"));
+        // SWEEP_MAX after the claim that started at the start: this claim starts there, the one
+        // beside it at the hand.
+        assert_eq!(hand.get(at(sweep)), work::hand_start());
+        assert_eq!(hand.get(at(sweep)), key("c"));
+        // A claim that wrapped (took "a" up to its start "c") is a sweep too.
+        hand.advance_to(&key("c"), &[key("d"), key("a")], at(sweep + 500));
+        assert_eq!(hand.get(at(2 * sweep + 499)), key("a"));
+        assert_eq!(hand.get(at(2 * sweep + 500)), work::hand_start());
+        // So is a claim that found nothing.
+        hand.advance_to(&key("a"), &[], at(3 * sweep));
+        assert_eq!(hand.get(at(4 * sweep - 1)), key("a"));
+        // A clock that goes back never starts a sweep early.
+        assert_eq!(hand.get(at(0)), key("a"));
     }
 
     /// The fused finish runs with a generic plan made once per connection, maybe while the tables

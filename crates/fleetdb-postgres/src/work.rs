@@ -538,22 +538,41 @@ pub(crate) fn claim_lock_sql(
 /// Where each (process, selector) claim of this process scans from next: a clock hand over the
 /// key space. After a claim it points at the last candidate taken in scan order (the largest one
 /// up to the old hand if the scan wrapped, else the largest one taken), so consecutive claims
-/// take consecutive stretches and every candidate is reached within one turn. Claims make no
-/// ordering promise (design.md invariant 19), so this only changes which candidates come first.
-/// Bounded: forgotten wholesale past [`HANDS_MAX`] selectors.
+/// take consecutive stretches and every candidate is reached within one turn. A turn ends when a
+/// claim wraps around; where new candidates keep coming after the hand (time-ordered ids of a
+/// queue that is behind), that may not happen, and a candidate committed behind the hand (ids of
+/// one millisecond commit in any order) would wait until the queue ran dry: so a claim starts at
+/// the start of the key space once [`SWEEP_MAX`] has passed without one that covered it all.
+/// Claims make no ordering promise (design.md invariant 19), so this only changes which
+/// candidates come first. Bounded: forgotten wholesale past [`HANDS_MAX`] selectors.
 #[derive(Default)]
 pub(crate) struct ClaimHands(std::sync::Mutex<HashMap<(String, String), Arc<Hand>>>);
 
 /// One (process, selector) hand.
 #[derive(Default)]
 pub(crate) struct Hand {
-    at: std::sync::Mutex<Option<ObjectKey>>,
+    at: std::sync::Mutex<HandAt>,
     /// Claims of many candidates take turns finding theirs ([`Hand::TURN_MIN`]).
     pub(crate) turn: tokio::sync::Mutex<()>,
 }
 
+#[derive(Default)]
+struct HandAt {
+    /// Where the next claim starts (`None`: at the start).
+    key: Option<ObjectKey>,
+    /// When a claim last covered the whole key space: it started at the start, wrapped around,
+    /// or found nothing (both passes ran). `None` before the first claim.
+    swept: Option<Timestamp>,
+}
+
 /// (process, selector statement) pairs whose hands are kept.
 const HANDS_MAX: usize = 1024;
+
+/// The longest a hand goes without a claim that covers the whole key space: past it, the next
+/// claim starts at the start, so no candidate waits behind the hand for longer while candidates
+/// keep coming after it. Such a claim passes the candidates other claims hold and the index
+/// entries of finished ones (what the hand saves), once a second per process and selector.
+pub(crate) const SWEEP_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The key before every key: a claim from it scans everything in its first branch.
 pub(crate) fn hand_start() -> ObjectKey {
@@ -591,17 +610,22 @@ impl Hand {
     /// wait.
     pub(crate) const TURN_MIN: usize = 16;
 
-    pub(crate) fn get(&self) -> ObjectKey {
-        self.at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_else(hand_start)
+    /// Where a claim at `now` starts: at the hand, or at the start when [`SWEEP_MAX`] has passed
+    /// since a claim last covered the whole key space (this one will: the time is noted now, so
+    /// the claims beside it still start at the hand).
+    pub(crate) fn get(&self, now: Timestamp) -> ObjectKey {
+        let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        let swept = *at.swept.get_or_insert(now);
+        if now.0.saturating_sub(swept.0) >= SWEEP_MAX.as_micros() as i64 {
+            at.swept = Some(now);
+            return hand_start();
+        }
+        at.key.clone().unwrap_or_else(hand_start)
     }
 
-    /// Move the hand after a claim that scanned from `from` and locked `locked` (a JSON array of
-    /// `{"ns","kind","id"}`).
-    pub(crate) fn advance(&self, from: &ObjectKey, locked: &str) {
+    /// Move the hand after a claim at `now` that scanned from `from` and locked `locked` (a JSON
+    /// array of `{"ns","kind","id"}`).
+    pub(crate) fn advance(&self, from: &ObjectKey, locked: &str, now: Timestamp) {
         #[derive(serde::Deserialize)]
         struct Locked {
             ns: String,
@@ -621,21 +645,25 @@ impl Hand {
                 id: k.id,
             })
             .collect();
-        self.advance_to(from, &keys);
+        self.advance_to(from, &keys, now);
     }
 
-    /// Move the hand after a claim that scanned from `from` and took `keys` (none: it stays).
-    pub(crate) fn advance_to(&self, from: &ObjectKey, keys: &[ObjectKey]) {
+    /// Move the hand after a claim at `now` that scanned from `from` and took `keys` (none: it
+    /// stays).
+    pub(crate) fn advance_to(&self, from: &ObjectKey, keys: &[ObjectKey], now: Timestamp) {
         let wrapped = keys
             .iter()
             .filter(|k| key_tuple(k) <= key_tuple(from))
             .max_by(|a, b| key_tuple(a).cmp(&key_tuple(b)));
-        let Some(next) =
+        let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.is_empty() || wrapped.is_some() || *from == hand_start() {
+            at.swept = Some(at.swept.map_or(now, |s| s.max(now)));
+        }
+        if let Some(next) =
             wrapped.or_else(|| keys.iter().max_by(|a, b| key_tuple(a).cmp(&key_tuple(b))))
-        else {
-            return;
-        };
-        *self.at.lock().unwrap_or_else(|p| p.into_inner()) = Some(next.clone());
+        {
+            at.key = Some(next.clone());
+        }
     }
 }
 
