@@ -738,12 +738,18 @@ impl PostgresBackend {
             let conn: &deadpool_postgres::ClientWrapper = guard.client();
             let fail = |e: tokio_postgres::Error| classify(&e);
             let read_stmt = conn.prepare_cached(read).await.map_err(fail)?;
-            let (begin, rows) = futures::future::join(
-                conn.batch_execute(sql::BEGIN_SWEEP),
+            let settings = conn
+                .prepare_cached(sql::SWEEP_PLANNED)
+                .await
+                .map_err(fail)?;
+            let (begin, set, rows) = futures::future::join3(
+                conn.batch_execute(sql::BEGIN),
+                conn.query(&settings, &[]),
                 conn.query(&read_stmt, read_params),
             )
             .await;
             let decided = begin
+                .and(set.map(|_| ()))
                 .and(rows)
                 .map_err(fail)
                 .and_then(|rows| decide(&rows).map_err(Failure::Fail));
@@ -798,7 +804,12 @@ impl PostgresBackend {
         let param = fused::tag_sets_param(&sets);
         let params: [Param<'_>; 2] = [&param, &batch.now.0];
         let rows = self
-            .one_statement(sql::BEGIN_SWEEP, None, fused::TAG_SETS, &params)
+            .one_statement(
+                sql::BEGIN,
+                Some(sql::SWEEP_PLANNED),
+                fused::TAG_SETS,
+                &params,
+            )
             .await?;
         let row = rows
             .first()
