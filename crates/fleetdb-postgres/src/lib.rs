@@ -2485,6 +2485,24 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
+    /// The ids session `s` claims for process `P` with `kind = job and has(eligible)` at `now`
+    /// (µs), in the order the claim returned them.
+    async fn claimed_ids(backend: &PostgresBackend, limit: usize, now: i64) -> Vec<String> {
+        let got = backend
+            .claim(ClaimRequest {
+                session_id: "s".into(),
+                process: "P".into(),
+                target: fleetdb_core::work::ClaimTarget::Selector(
+                    "kind = job and has(eligible)".into(),
+                ),
+                limit,
+                now: Timestamp(now),
+            })
+            .await
+            .unwrap();
+        got.work.into_iter().map(|w| w.key.id).collect()
+    }
+
     /// Selector claims turn like a clock hand: each starts after the last candidate the previous
     /// one took, and wraps around to the start, so released candidates behind the hand wait for
     /// the next turn instead of being taken again first.
@@ -2494,24 +2512,7 @@ mod tests {
         let (backend, base, schema) = test_backend(2).await;
         let client = backend.client().await.unwrap();
         seed_eligible(&client, 10, 2).await;
-        let claim = |limit: usize| {
-            let backend = backend.clone();
-            async move {
-                let got = backend
-                    .claim(ClaimRequest {
-                        session_id: "s".into(),
-                        process: "P".into(),
-                        target: fleetdb_core::work::ClaimTarget::Selector(
-                            "kind = job and has(eligible)".into(),
-                        ),
-                        limit,
-                        now: Timestamp(0),
-                    })
-                    .await
-                    .unwrap();
-                got.work.into_iter().map(|w| w.key.id).collect::<Vec<_>>()
-            }
-        };
+        let claim = |limit: usize| claimed_ids(&backend, limit, 0);
         let release = |ids: &'static str| {
             let client = &client;
             async move {
@@ -2550,24 +2551,7 @@ mod tests {
             .await
             .unwrap();
         let sweep = work::SWEEP_MAX.as_micros() as i64;
-        let claim = |limit: usize, now: i64| {
-            let backend = backend.clone();
-            async move {
-                let got = backend
-                    .claim(ClaimRequest {
-                        session_id: "s".into(),
-                        process: "P".into(),
-                        target: fleetdb_core::work::ClaimTarget::Selector(
-                            "kind = job and has(eligible)".into(),
-                        ),
-                        limit,
-                        now: Timestamp(now),
-                    })
-                    .await
-                    .unwrap();
-                got.work.into_iter().map(|w| w.key.id).collect::<Vec<_>>()
-            }
-        };
+        let claim = |limit: usize, now: i64| claimed_ids(&backend, limit, now);
         assert_eq!(claim(2, 0).await, ["j01", "j02"]);
         client
             .batch_execute("DELETE FROM work WHERE id = 'j01'")
