@@ -15,19 +15,25 @@ use crate::error::db_err;
 pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
 
 pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+/// The settings of a transaction that must not scan whole tables ([`BEGIN_SWEEP`]), written once.
+macro_rules! sweep_settings {
+    () => {
+        "SELECT set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true)"
+    };
+}
 /// A collector's sweep transaction: SERIALIZABLE, with sequential scans off. Each sweep
 /// transaction reads the change log after its mark revision (a short range at the end of the
 /// primary key) and deletes candidates by key; with no statistics yet (a freshly loaded table,
 /// autovacuum behind or off) the planner otherwise reads the whole change log in every sweep
 /// transaction: minutes instead of seconds for a million objects. JIT is off: a plan that must
 /// take a disabled node costs over 10^10 and would be compiled (see [`CLAIM_PLANNED`]).
-pub(crate) const BEGIN_SWEEP: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE; \
-     SELECT set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true)";
+pub(crate) const BEGIN_SWEEP: &str =
+    concat!("BEGIN ISOLATION LEVEL SERIALIZABLE; ", sweep_settings!());
 /// [`BEGIN_SWEEP`]'s settings alone, to be prepared and sent after [`BEGIN`] by the hot bulk
 /// paths (the shared adds of many producers): sent as text they were parsed and planned at every
 /// transaction (one plan per call in `pg_stat_statements`, ~20 µs each).
-pub(crate) const SWEEP_PLANNED: &str =
-    "SELECT set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true)";
+pub(crate) const SWEEP_PLANNED: &str = sweep_settings!();
+
 /// Claims and finishes: every statement sees what is committed when it starts; their decisions
 /// rest on row locks, not on SSI (a claim locks the object first; a finish reads its work and tag
 /// rows `FOR UPDATE`, see `transaction_for`).
