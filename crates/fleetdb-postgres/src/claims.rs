@@ -725,7 +725,7 @@ impl PostgresBackend {
             self,
             (&lock_sql, &lock_params),
             finish_params.as_ref(),
-            &work::claim_take_sql(&q, work::slots_json(&slots)),
+            &work::claim_take_sql(&q, work::slots_json(&slots), work::Take::Lean),
             Hooks {
                 locked: None,
                 taken: Some(Box::new(move || drop(turn))),

@@ -888,8 +888,15 @@ impl PostgresBackend {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // The first attempt writes new claim rows only; a failed one (a dead session's claim
+            // row in the way fails the insert on `work_pkey`) retries at once, taking such rows
+            // over, and later ones back off.
+            let take = match attempt {
+                1 => work::Take::Lean,
+                _ => work::Take::Takeover,
+            };
             match self
-                .claim_selector_once(req, &q, finish, combiner_turn)
+                .claim_selector_once(req, &q, finish, combiner_turn, take)
                 .await
             {
                 Ok(out) => return Ok(out),
@@ -901,7 +908,9 @@ impl PostgresBackend {
                             last: msg,
                         });
                     }
-                    tokio::time::sleep(backoff(attempt)).await;
+                    if take == work::Take::Takeover {
+                        tokio::time::sleep(backoff(attempt - 1)).await;
+                    }
                 }
             }
         }
@@ -913,6 +922,7 @@ impl PostgresBackend {
         q: &fleetdb_core::backend::CandidateQuery,
         finish: Option<&finish::FusedFinish>,
         combiner_turn: &mut Option<claims::Turn>,
+        take: work::Take,
     ) -> std::result::Result<claims::ClaimAnswer, Failure> {
         let (lock_sql, mut lock_params) = work::claim_lock_sql(
             q,
@@ -973,7 +983,7 @@ impl PostgresBackend {
             self,
             (&lock_sql, &lock_params),
             finish_params.as_ref(),
-            &work::claim_take_sql(q, work::slots_json(&slots)),
+            &work::claim_take_sql(q, work::slots_json(&slots), take),
             hooks,
         )
         .await;
@@ -2470,7 +2480,7 @@ mod tests {
         seed_eligible(&client, 3000, 5).await;
         let q = eligible_jobs(1);
         hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j02999"}]"#).await;
-        let (take, params) = work::claim_take_sql(&q, one_slot());
+        let (take, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover);
         let plan = explain_analyze(&client, &take, &params).await;
         assert!(plan.text.contains("Insert on work "), "{}", plan.text);
         let total = plan.rows;
@@ -2481,6 +2491,68 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(taken, 1, "the take took the locked key");
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// A lean take ([`work::Take::Lean`]) never writes over a claim row a dead session still
+    /// holds: its insert fails on `work_pkey`, a failure the claim retries, and nothing of it
+    /// is kept; the takeover take then replaces the row, after its `Expired` history.
+    #[tokio::test]
+    async fn a_lean_take_leaves_a_dead_sessions_claim_to_the_takeover() {
+        let (backend, base, schema) = test_backend(1).await;
+        let client = backend.client().await.unwrap();
+        seed_eligible(&client, 3, 1).await;
+        client
+            .batch_execute(
+                "INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
+                 VALUES ('dead', 'crashy', 'h', '', 1000, 0, 0); \
+                 INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+                 VALUES ('default', 'job', 'j2', 'P', 'dead', 7, 0);",
+            )
+            .await
+            .unwrap();
+        let q = eligible_jobs(1);
+        let history = || async {
+            let rows = client
+                .query(
+                    "SELECT event, session_id FROM work_history WHERE id = 'j2' ORDER BY seq",
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| format!("{}:{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+        };
+        client.batch_execute("BEGIN").await.unwrap();
+        hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j2"}]"#).await;
+        let (lean, params) = work::claim_take_sql(&q, one_slot(), work::Take::Lean);
+        let err = client.query(&lean, &params.values()).await.unwrap_err();
+        assert!(
+            matches!(classify(&err), Failure::Retry(ref m) if m.contains("work_pkey")),
+            "{err}"
+        );
+        client.batch_execute("ROLLBACK").await.unwrap();
+        let holder: String = client
+            .query_one("SELECT session_id FROM work WHERE id = 'j2'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(holder, "dead");
+        assert!(history().await.is_empty(), "the failed take wrote history");
+
+        hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j2"}]"#).await;
+        let (takeover, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover);
+        let rows = client.query(&takeover, &params.values()).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let holder: String = client
+            .query_one("SELECT session_id FROM work WHERE id = 'j2'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(holder, "s");
+        assert_eq!(history().await, ["Expired:dead", "Started:s"]);
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
@@ -2609,7 +2681,7 @@ mod tests {
             .unwrap();
         let (find, find_params) = work::claim_lock_sql(q, &["s".to_string()], &work::hand_start());
         hand_over(client, r#"[{"ns":"default","kind":"job","id":"j02001"}]"#).await;
-        let (take, take_params) = work::claim_take_sql(q, one_slot());
+        let (take, take_params) = work::claim_take_sql(q, one_slot(), work::Take::Takeover);
         client
             .batch_execute(&format!(
                 "{first} PREPARE find AS {find}; PREPARE take AS {take}"
@@ -2919,7 +2991,7 @@ mod tests {
             f: None,
             n: 50,
         }]);
-        let (take, take_params) = work::claim_take_sql(&q, slots);
+        let (take, take_params) = work::claim_take_sql(&q, slots, work::Take::Takeover);
         let plan = explain_analyze(&client, &take, &take_params).await.text;
         assert!(plan.contains("Insert on work "), "{plan}");
         // Probes that ran (a holder's session is probed only for a candidate someone holds).

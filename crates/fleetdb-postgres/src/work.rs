@@ -758,7 +758,19 @@ pub(crate) fn assigned(
 /// It was a join on one position per candidate, one row per position a slot could take
 /// (`generate_series`): with hash and merge joins off, a nested loop of candidates × positions,
 /// 10,000 comparisons and ~4 ms of a claim of 100's ~19 ms.
-pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, TypedParams) {
+///
+/// [`Take::Lean`] writes new work rows only, with their `Started` history: the plan leaves out
+/// the probe for an existing row, its update and its `Expired` history (a third of the plan's
+/// nodes, which every execution initializes). A candidate whose claim row a dead session still
+/// holds then fails the insert on `work_pkey` (a transient failure: nothing is written), and the
+/// claim's next attempt takes it over with [`Take::Takeover`]. Measured in the one-at-a-time
+/// benchmark (`pg_stat_statements`, six runs of each, ~58,000 executions): 0.296 → 0.265 ms per
+/// execution.
+pub(crate) fn claim_take_sql(
+    q: &CandidateQuery,
+    slots: String,
+    take: Take,
+) -> (String, TypedParams) {
     let (base, mut params) = selector_on_keys(&q.selector, q.now, Keys::Rows("k0"));
     let slots = params.push(SqlParam::Text(slots));
     let now = params.push(SqlParam::Int(q.now.0));
@@ -768,6 +780,7 @@ pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, Type
     let setting =
         |name: &str| format!("COALESCE(NULLIF(current_setting('{name}', true), ''), '[]')::jsonb");
     let (alive, locked, passed) = (setting(ALIVE_GUC), setting(LOCKED_GUC), setting(PASSED_GUC));
+    let writes = take_writes_sql(take, &process, &now);
     let sql = format!(
         "WITH sl AS MATERIALIZED (SELECT x.r, x.sid, \
              sum(x.n) OVER (ORDER BY x.o) - x.n AS lo, sum(x.n) OVER (ORDER BY x.o) AS hi \
@@ -784,30 +797,57 @@ pub(crate) fn claim_take_sql(q: &CandidateQuery, slots: String) -> (String, Type
            ORDER BY o.namespace, o.kind, o.id), \
          t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, c.r, \
            nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c), \
-         old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, w.tid, t.n \
-           FROM t CROSS JOIN LATERAL (SELECT w.*, w.ctid AS tid FROM work w \
-             WHERE w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
-             AND w.process = {process} OFFSET 0) AS w), \
-         up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
-           SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, {now} FROM t \
-           WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.n = t.n)), \
-         re AS (UPDATE work w SET session_id = t.sid, token = t.token, started_at = {now} \
-           FROM old JOIN t ON t.n = old.n WHERE w.ctid = old.tid), \
-         h AS (INSERT INTO work_history \
-           (namespace, kind, id, process, event, session_id, component, host, token, at, cause) \
-           SELECT namespace, kind, id, {process}, event, session_id, component, host, token, {now}, cause \
-           FROM (SELECT 0 AS phase, old.n, old.namespace, old.kind, old.id, 'Expired' AS event, \
-                   old.session_id, COALESCE(os.component, '') AS component, \
-                   COALESCE(os.host, '') AS host, old.token, 'session expired' AS cause \
-                 FROM old LEFT JOIN LATERAL (SELECT component, host FROM sessions \
-                   WHERE id = old.session_id OFFSET 0) AS os ON true \
-                 UNION ALL \
-                 SELECT 1, t.n, t.namespace, t.kind, t.id, 'Started', t.sid, ss.component, \
-                   ss.host, t.token, NULL FROM t JOIN ss ON ss.r = t.r) AS e \
-           ORDER BY phase, n) \
+         {writes} \
          SELECT namespace, kind, id, token, sid, r FROM t ORDER BY n"
     );
     (sql, params)
+}
+
+/// How [`claim_take_sql`] writes the work rows of the candidates it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// New rows only (the common case: the first attempt of every claim).
+    Lean,
+    /// A row a dead session still holds is taken over in place, after its `Expired` history.
+    Takeover,
+}
+
+/// The writes of [`claim_take_sql`] after its candidates `t` (with `ss`, the slots' sessions).
+fn take_writes_sql(take: Take, process: &str, now: &str) -> String {
+    const HISTORY: &str = "h AS (INSERT INTO work_history \
+           (namespace, kind, id, process, event, session_id, component, host, token, at, cause)";
+    let started =
+        "SELECT t.n, t.namespace, t.kind, t.id, 'Started', t.sid, ss.component, ss.host, \
+           t.token, NULL FROM t JOIN ss ON ss.r = t.r";
+    match take {
+        Take::Lean => format!(
+            "up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+               SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, {now} FROM t), \
+             {HISTORY} SELECT namespace, kind, id, {process}, event, session_id, component, host, \
+               token, {now}, cause FROM ({started}) AS e(n, namespace, kind, id, event, session_id, \
+               component, host, token, cause) ORDER BY n)"
+        ),
+        Take::Takeover => format!(
+            "old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, w.tid, t.n \
+               FROM t CROSS JOIN LATERAL (SELECT w.*, w.ctid AS tid FROM work w \
+                 WHERE w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
+                 AND w.process = {process} OFFSET 0) AS w), \
+             up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+               SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, {now} FROM t \
+               WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.n = t.n)), \
+             re AS (UPDATE work w SET session_id = t.sid, token = t.token, started_at = {now} \
+               FROM old JOIN t ON t.n = old.n WHERE w.ctid = old.tid), \
+             {HISTORY} SELECT namespace, kind, id, {process}, event, session_id, component, host, \
+               token, {now}, cause \
+               FROM (SELECT 0 AS phase, old.n, old.namespace, old.kind, old.id, 'Expired' AS event, \
+                       old.session_id, COALESCE(os.component, '') AS component, \
+                       COALESCE(os.host, '') AS host, old.token, 'session expired' AS cause \
+                     FROM old LEFT JOIN LATERAL (SELECT component, host FROM sessions \
+                       WHERE id = old.session_id OFFSET 0) AS os ON true \
+                     UNION ALL SELECT 1, e.* FROM ({started}) AS e) AS e \
+               ORDER BY phase, n)"
+        ),
+    }
 }
 
 pub(crate) fn select_sql(
