@@ -124,6 +124,9 @@ pub static MIGRATIONS: &[Migration] = &[
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
 /// [`Error::RetriesExhausted`].
 const COMMIT_ATTEMPTS_MAX: u32 = 30;
+/// Passes a selector claim makes at most when candidates it locked were gone at its take
+/// (claimed by others between its find's snapshot and its lock): each moves on to the next.
+const CLAIM_PASSES_MAX: usize = 4;
 /// First backoff between attempts; doubles per attempt up to [`BACKOFF_MAX`].
 const BACKOFF_INITIAL: Duration = Duration::from_millis(1);
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
@@ -878,13 +881,18 @@ impl PostgresBackend {
         finish: Option<&finish::FusedFinish>,
         combiner_turn: &mut Option<claims::Turn>,
     ) -> Result<claims::ClaimAnswer> {
-        let q = fleetdb_core::backend::CandidateQuery {
+        let mut q = fleetdb_core::backend::CandidateQuery {
             selector,
             process: req.process.clone(),
             exclude: Vec::new(),
             now: req.now,
             limit: req.limit,
         };
+        // What earlier passes got: the finish's results and work.
+        let mut finish = finish;
+        let mut finished: Option<Vec<OpResult>> = None;
+        let mut got: Vec<WorkInfo> = Vec::new();
+        let mut passes = 0;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -899,7 +907,22 @@ impl PostgresBackend {
                 .claim_selector_once(req, &q, finish, combiner_turn, take)
                 .await
             {
-                Ok(out) => return Ok(out),
+                Ok(((fin, claimed), gone)) => {
+                    finished = finished.or(fin);
+                    let n = claimed.work.len();
+                    got.extend(claimed.work);
+                    passes += 1;
+                    // Candidates it locked were claimed by others, or stopped matching, between
+                    // its find's snapshot and its lock (its take saw them gone): the claim moves
+                    // on to the next candidates, without the finish, which has committed.
+                    if gone == 0 || n >= q.limit || passes >= CLAIM_PASSES_MAX {
+                        let claimed = Claimed::short_of(req.limit, got, claimed.revision);
+                        return Ok((finished, claimed));
+                    }
+                    finish = None;
+                    q.limit -= n;
+                    attempt = 0;
+                }
                 Err(Failure::Fail(err)) => return Err(err),
                 Err(Failure::Retry(msg)) => {
                     if attempt >= COMMIT_ATTEMPTS_MAX {
@@ -923,7 +946,7 @@ impl PostgresBackend {
         finish: Option<&finish::FusedFinish>,
         combiner_turn: &mut Option<claims::Turn>,
         take: work::Take,
-    ) -> std::result::Result<claims::ClaimAnswer, Failure> {
+    ) -> std::result::Result<(claims::ClaimAnswer, usize), Failure> {
         let (lock_sql, mut lock_params) = work::claim_lock_sql(
             q,
             std::slice::from_ref(&req.session_id),
@@ -935,7 +958,7 @@ impl PostgresBackend {
         // behind a finish, once the finish has answered (`Hooks::gate`): finishes of many
         // candidates must not queue for it, and the turn's holder must never wait for a
         // connection that a claim queued for the turn holds.
-        let wants_turn = req.limit >= work::Hand::TURN_MIN;
+        let wants_turn = q.limit >= work::Hand::TURN_MIN;
         let turn = std::sync::Mutex::new(None);
         // A claim of many reads the hand once it holds the turn (`gate`); reading it here too
         // would note a sweep that its find then does not make.
@@ -949,7 +972,7 @@ impl PostgresBackend {
             r: 0,
             sid: req.session_id.clone(),
             f: finish.map(|_| 0),
-            n: req.limit,
+            n: q.limit,
         }];
         let finish_params = finish.map(|f| finish::FinishParams::new(&[f]));
         // A claim of many candidates moves the hand past the ones it locked and lets the next
@@ -997,13 +1020,13 @@ impl PostgresBackend {
             (Some(f), Some(done)) => match f.results(done, 0).map_err(Failure::Fail)? {
                 Some(results) => Some(results),
                 // A finish check failed: nothing was written (the take skipped its claim).
-                None => return Ok((None, Claimed::default())),
+                None => return Ok(((None, Claimed::default()), 0)),
             },
             _ => None,
         };
         let refused = |err: Error| match &finish_results {
             // A finish that passed has committed; the claim yields nothing.
-            Some(_) => Ok((finish_results.clone(), Claimed::default())),
+            Some(_) => Ok(((finish_results.clone(), Claimed::default()), 0)),
             None => Err(Failure::Fail(err)),
         };
         if !txn.alive.contains(&req.session_id) {
@@ -1020,9 +1043,13 @@ impl PostgresBackend {
             .map(|r| claimed_work(r, req, req.now))
             .collect::<Result<Vec<_>>>()
             .map_err(Failure::Fail)?;
+        let gone = txn.locked_n.saturating_sub(work.len());
         Ok((
-            finish_results,
-            Claimed::short_of(req.limit, work, txn.revision),
+            (
+                finish_results,
+                Claimed::short_of(q.limit, work, txn.revision),
+            ),
+            gone,
         ))
     }
 
