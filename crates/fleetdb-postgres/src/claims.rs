@@ -1098,18 +1098,7 @@ mod tests {
     async fn shared_claims_behind_a_dead_sessions_claim_still_get_work() {
         let (backend, base, schema) = crate::test_backend(4).await;
         seed(&backend, 10, SECOND_MIN).await;
-        backend
-            .client()
-            .await
-            .unwrap()
-            .batch_execute(
-                "INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
-                 VALUES ('dead', 'crashy', 'h', '', 1000, 0, 0); \
-                 INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
-                 VALUES ('default', 'job', 'j000', 'P', 'dead', 1, 0);",
-            )
-            .await
-            .unwrap();
+        crate::seed_dead_claim(&backend.client().await.unwrap(), "j000", 1).await;
         backend
             .claims
             .second_after_us

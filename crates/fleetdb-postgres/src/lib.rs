@@ -1866,6 +1866,28 @@ pub(crate) async fn test_backend(pool_size_max: usize) -> (PostgresBackend, Stri
     (backend, base, schema)
 }
 
+/// Job `default/job/<id>` claimed for process `P` (token `token`) by session `dead`, whose
+/// deadline has passed: what a worker that crashed while holding it leaves behind.
+#[cfg(test)]
+pub(crate) async fn seed_dead_claim(client: &deadpool_postgres::Client, id: &str, token: i64) {
+    client
+        .execute(
+            "INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
+             VALUES ('dead', 'crashy', 'h', '', 1000, 0, 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+             VALUES ('default', 'job', $1, 'P', 'dead', $2, 0)",
+            &[&id, &token],
+        )
+        .await
+        .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2530,15 +2552,7 @@ mod tests {
         let (backend, base, schema) = test_backend(1).await;
         let client = backend.client().await.unwrap();
         seed_eligible(&client, 3, 1).await;
-        client
-            .batch_execute(
-                "INSERT INTO sessions (id, component, host, runtime_info, ttl_ms, created_at, deadline) \
-                 VALUES ('dead', 'crashy', 'h', '', 1000, 0, 0); \
-                 INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
-                 VALUES ('default', 'job', 'j2', 'P', 'dead', 7, 0);",
-            )
-            .await
-            .unwrap();
+        seed_dead_claim(&client, "j2", 7).await;
         let q = eligible_jobs(1);
         let history = || async {
             let rows = client
