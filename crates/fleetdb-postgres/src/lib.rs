@@ -923,17 +923,22 @@ impl PostgresBackend {
                     q.limit -= n;
                     attempt = 0;
                 }
-                Err(Failure::Fail(err)) => return Err(err),
-                Err(Failure::Retry(msg)) => {
-                    if attempt >= COMMIT_ATTEMPTS_MAX {
-                        return Err(Error::RetriesExhausted {
-                            attempts: attempt,
-                            last: msg,
-                        });
-                    }
+                Err(Failure::Retry(_)) if attempt < COMMIT_ATTEMPTS_MAX => {
                     if take == work::Take::Takeover {
                         tokio::time::sleep(backoff(attempt - 1)).await;
                     }
+                }
+                // A later pass that fails answers what the earlier ones committed (the finish,
+                // work now held): the claim is short, not failed.
+                Err(_) if passes > 0 => {
+                    return Ok((finished, Claimed::short_of(req.limit, got, None)));
+                }
+                Err(Failure::Fail(err)) => return Err(err),
+                Err(Failure::Retry(msg)) => {
+                    return Err(Error::RetriesExhausted {
+                        attempts: attempt,
+                        last: msg,
+                    });
                 }
             }
         }
