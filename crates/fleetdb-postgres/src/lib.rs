@@ -2571,6 +2571,13 @@ mod tests {
                 .map(|r| format!("{}:{}", r.get::<_, String>(0), r.get::<_, String>(1)))
                 .collect::<Vec<_>>()
         };
+        let holder = || async {
+            let row = client
+                .query_one("SELECT session_id FROM work WHERE id = 'j2'", &[])
+                .await
+                .unwrap();
+            row.get::<_, String>(0)
+        };
         client.batch_execute("BEGIN").await.unwrap();
         hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j2"}]"#).await;
         let (lean, params) = work::claim_take_sql(&q, one_slot(), work::Take::Lean);
@@ -2580,24 +2587,14 @@ mod tests {
             "{err}"
         );
         client.batch_execute("ROLLBACK").await.unwrap();
-        let holder: String = client
-            .query_one("SELECT session_id FROM work WHERE id = 'j2'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(holder, "dead");
+        assert_eq!(holder().await, "dead");
         assert!(history().await.is_empty(), "the failed take wrote history");
 
         hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j2"}]"#).await;
         let (takeover, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover);
         let rows = client.query(&takeover, &params.values()).await.unwrap();
         assert_eq!(rows.len(), 1);
-        let holder: String = client
-            .query_one("SELECT session_id FROM work WHERE id = 'j2'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(holder, "s");
+        assert_eq!(holder().await, "s");
         assert_eq!(history().await, ["Expired:dead", "Started:s"]);
         drop(client);
         testing::drop_schema(&base, &schema).await.unwrap();
