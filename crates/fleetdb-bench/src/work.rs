@@ -383,6 +383,9 @@ mod counted_impl {
         fn capabilities(&self) -> Capabilities {
             self.inner.capabilities()
         }
+        fn durability_warnings(&self) -> Vec<String> {
+            self.inner.durability_warnings()
+        }
         async fn schema_status(&self) -> Result<SchemaStatus> {
             timed!(self, schema_status, self.inner.schema_status())
         }

@@ -306,6 +306,14 @@ async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
         },
     )
     .await?;
+    // Server settings that void what a claim promises (a crash may undo a committed one): said
+    // on every command, as the operator may be about to rely on them.
+    for w in store.backend().durability_warnings() {
+        match cli.output {
+            Format::Json => eprintln!("{}", json!({ "warning": w })),
+            Format::Table => eprintln!("warning: {w}"),
+        }
+    }
     let result = dispatch(&store, cli, namespace_given).await;
     // A short-lived command exits right after its write; tell watchers in other processes now
     // (PostgreSQL NOTIFY) rather than leave them to their poll interval.

@@ -547,6 +547,48 @@ fn pg_db(rt: &tokio::runtime::Runtime) -> (Db, String) {
     )
 }
 
+/// A server setting that voids what a claim promises is said on every command, on stderr (a
+/// JSON line with `-o json`), and the command still runs.
+#[test]
+fn postgres_commits_that_a_crash_may_undo_are_warned_of() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut db, schema) = pg_db(&rt);
+    let url = db.url.clone();
+    db.url = format!("{url}%20-c%20synchronous_commit%3Doff");
+    let out = fleetdb(&db, &["ns", "ls"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(
+            "warning: PostgreSQL commits FleetDB's transactions with synchronous_commit = off"
+        ),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("default"));
+    let out = fleetdb(&db, &["-o", "json", "ns", "ls"], None);
+    assert!(out.status.success());
+    let line: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert!(line["warning"]
+        .as_str()
+        .unwrap()
+        .contains("synchronous_commit = off"));
+    // The server's own setting (on): nothing said.
+    db.url = url;
+    let out = fleetdb(&db, &["ns", "ls"], None);
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("synchronous_commit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rt.block_on(fleetdb_postgres::testing::drop_schema(&pg_base(), &schema))
+        .unwrap();
+}
+
 #[test]
 fn postgres_round_trip_and_bad_input() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -82,6 +82,15 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// A short name for messages ("sqlite", "postgres").
     fn name(&self) -> &'static str;
     fn capabilities(&self) -> Capabilities;
+    /// Settings of the database, read when it was opened, under which a commit that returned
+    /// may still be lost or the database corrupted by a crash — and with it what FleetDB
+    /// promises (a claim that was granted stays granted; fencing tokens never repeat). One
+    /// sentence each, naming the setting; empty when there is none. The embedded backend's
+    /// weaker durability (SQLite `synchronous=NORMAL`) is the caller's own explicit choice at
+    /// open and is not reported.
+    fn durability_warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     async fn schema_status(&self) -> Result<SchemaStatus>;
     /// Apply pending migrations. Writes nothing when there is nothing to apply.

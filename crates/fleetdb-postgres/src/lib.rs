@@ -201,6 +201,8 @@ pub struct PostgresBackend {
     /// Lone creates and tag sets waiting for a turn, written in shared transactions
     /// ([`combine`]).
     writes: Arc<combine::WriteCombiner>,
+    /// What [`durability_warnings`] found at open ([`Backend::durability_warnings`]).
+    durability: Arc<[String]>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -214,6 +216,38 @@ impl fmt::Debug for PostgresBackend {
             .field("channel", &self.channel)
             .finish()
     }
+}
+
+/// The warnings of [`Backend::durability_warnings`] for the server settings `fsync`,
+/// `full_page_writes` and `synchronous_commit` as this store's connections see them (a
+/// connection option, a role's or a database's setting counts as much as the server's file).
+/// `synchronous_commit = local` or a `remote_*` level is durable on this server; what a failover
+/// to an asynchronous standby can lose is the replication set-up's (docs/operations.md).
+fn durability_warnings([fsync, full_page_writes, synchronous_commit]: &[String; 3]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if fsync == "off" {
+        warnings.push(
+            "PostgreSQL runs with fsync = off: an operating-system crash or a power loss can lose \
+             committed writes and corrupt the database"
+                .to_string(),
+        );
+    }
+    if full_page_writes == "off" {
+        warnings.push(
+            "PostgreSQL runs with full_page_writes = off: an operating-system crash can leave torn \
+             pages and a corrupt database"
+                .to_string(),
+        );
+    }
+    if synchronous_commit == "off" {
+        warnings.push(
+            "PostgreSQL commits FleetDB's transactions with synchronous_commit = off: a server \
+             crash can lose the last committed ones, so a claim a worker already acts on can \
+             vanish and be granted again, and fencing tokens can repeat"
+                .to_string(),
+        );
+    }
+    warnings
 }
 
 impl PostgresBackend {
@@ -276,6 +310,7 @@ impl PostgresBackend {
             kv: Arc::default(),
             claims: Arc::default(),
             writes: Arc::default(),
+            durability: Arc::new([]),
         };
         let client = backend.client().await.map_err(|e| match e {
             Error::Unavailable(msg) => {
@@ -288,15 +323,28 @@ impl PostgresBackend {
         if options.migrate && !status.pending.is_empty() {
             migrate::run(&client, MIGRATIONS, backend.clock.as_ref()).await?;
         }
-        let schema: Option<String> = client
-            .query_one("SELECT current_schema()", &[])
+        let row = client
+            .query_one(
+                "SELECT current_schema(), current_setting('fsync'), \
+                   current_setting('full_page_writes'), current_setting('synchronous_commit')",
+                &[],
+            )
             .await
-            .map_err(db_err)?
-            .try_get(0)
             .map_err(db_err)?;
+        let schema: Option<String> = row.try_get(0).map_err(db_err)?;
+        let settings: [String; 3] = [
+            row.try_get(1).map_err(db_err)?,
+            row.try_get(2).map_err(db_err)?,
+            row.try_get(3).map_err(db_err)?,
+        ];
         drop(client);
+        let durability: Arc<[String]> = durability_warnings(&settings).into();
+        for w in durability.iter() {
+            tracing::warn!(target = %backend.target, "{w}");
+        }
         Ok(PostgresBackend {
             channel: Arc::from(notify::channel_name(schema.as_deref().unwrap_or("public"))),
+            durability,
             ..backend
         })
     }
@@ -1316,6 +1364,10 @@ impl Backend for PostgresBackend {
             group_commit: true,
             revisions_visible_in_order: false,
         }
+    }
+
+    fn durability_warnings(&self) -> Vec<String> {
+        self.durability.to_vec()
     }
 
     async fn schema_status(&self) -> Result<SchemaStatus> {
@@ -2892,6 +2944,24 @@ mod tests {
             }
         }
         unkeyed
+    }
+
+    #[test]
+    fn durability_warnings_name_each_setting_that_lets_a_crash_undo_commits() {
+        let warn = |f: &str, p: &str, c: &str| durability_warnings(&[f.into(), p.into(), c.into()]);
+        for level in ["on", "local", "remote_write", "remote_apply"] {
+            assert!(warn("on", "on", level).is_empty(), "{level}");
+        }
+        let each = [
+            (warn("off", "on", "on"), "fsync = off"),
+            (warn("on", "off", "on"), "full_page_writes = off"),
+            (warn("on", "on", "off"), "synchronous_commit = off"),
+        ];
+        for (warned, setting) in each {
+            assert_eq!(warned.len(), 1, "{warned:?}");
+            assert!(warned[0].contains(setting), "{warned:?}");
+        }
+        assert_eq!(warn("off", "off", "off").len(), 3);
     }
 
     #[test]

@@ -30,6 +30,11 @@ impl TestDb {
         }
     }
 
+    /// A URL for the schema whose connections commit with `synchronous_commit = level`.
+    fn synchronous_commit_url(&self, level: &str) -> String {
+        format!("{}%20-c%20synchronous_commit%3D{level}", self.url)
+    }
+
     /// A URL for the schema whose sessions are read-only: any write fails.
     fn read_only_url(&self) -> String {
         let sep = if self.base.contains('?') { '&' } else { '?' };
@@ -1553,5 +1558,39 @@ async fn announcements_wake_listeners_of_the_same_schema_only() {
     }
     drop((announcer, stranger));
     elsewhere.drop().await;
+    db.drop().await;
+}
+
+/// Commits a server crash may undo are named at open: `synchronous_commit = off` for this
+/// store's connections (set here by a connection option, as a role's or a database's setting
+/// would), and not a durable level.
+#[tokio::test]
+async fn settings_under_which_a_crash_undoes_commits_are_named() {
+    let db = TestDb::new().await;
+    let open = |url: String| async move {
+        PostgresBackend::open(
+            &url,
+            PostgresOptions::default(),
+            Arc::new(fleetdb_core::SystemClock),
+        )
+        .await
+        .unwrap()
+    };
+    let off = open(db.synchronous_commit_url("off")).await;
+    let warned = off.durability_warnings();
+    assert!(
+        warned
+            .iter()
+            .any(|w| w.contains("synchronous_commit = off")),
+        "{warned:?}"
+    );
+    for level in ["on", "local", "remote_write"] {
+        let backend = open(db.synchronous_commit_url(level)).await;
+        let warned = backend.durability_warnings();
+        assert!(
+            !warned.iter().any(|w| w.contains("synchronous_commit")),
+            "{level}: {warned:?}"
+        );
+    }
     db.drop().await;
 }
