@@ -5,6 +5,7 @@ mod gc_cmd;
 mod import_cmd;
 mod output;
 mod work_cmd;
+mod worker;
 mod world_cmd;
 
 use std::io::Read;
@@ -78,7 +79,7 @@ enum Command {
     /// List (or --count) the objects a selector matches.
     Select(work_cmd::SelectArgs),
     /// Turn a program into a worker: claim objects and run it for each one.
-    Worker(work_cmd::WorkerArgs),
+    Worker(worker::WorkerArgs),
     /// Stream changes (objects, or World data with --world) as JSON lines.
     Watch(world_cmd::WatchArgs),
     /// Export a record from a host (or `export sync`: replace a host's whole export set).
@@ -543,7 +544,7 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
         Command::Backoff(cmd) => work_cmd::backoff(store, fmt, ns, cmd).await,
         Command::History(a) => work_cmd::history(store, fmt, ns, a).await,
         Command::Select(a) => work_cmd::select(store, fmt, a).await,
-        Command::Worker(a) => work_cmd::worker(store, &cli.db, a).await,
+        Command::Worker(a) => worker::worker(store, &cli.db, a).await,
         Command::Watch(a) => world_cmd::watch(store, ns, namespace_given, a).await,
         Command::Export(a) => world_cmd::export(store, ns, fmt, a).await,
         Command::Collect(a) => world_cmd::collect(store, fmt, a).await,

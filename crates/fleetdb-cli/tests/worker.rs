@@ -1,6 +1,8 @@
-//! `fleetdb worker` with real processes: a worker killed with SIGKILL while it holds a claim
-//! loses it at its session's deadline; another worker then gets the object, and the history shows
-//! the `Expired` row. Real processes run on real time, so this test waits (about 2 s) for a TTL.
+//! `fleetdb worker` with real processes and real signals: a worker killed with SIGKILL while it
+//! holds a claim loses it at its session's deadline (and its command dies with it); another worker
+//! then gets the object, and the history shows the `Expired` row. A worker sent SIGTERM stops its
+//! command and releases its claim at once; a command past `--timeout` is stopped and the run fails.
+//! Real processes run on real time, so these tests wait (a few seconds at most).
 
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -56,6 +58,53 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Whether process `pid` still runs (a zombie does not).
+fn running(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Sends `sig` (a `kill` signal name) to a process.
+fn send(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig}");
+}
+
+/// The lines a child writes on stderr, collected as they come.
+fn stderr_lines(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let err = child.stderr.take().unwrap();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { return };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// Waits for a child's exit, at most `timeout`.
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < timeout, "the worker did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -72,7 +121,9 @@ fn crash_and_take_over(url: &str) {
     run(url, d, &["tag", "set", "machine", "m1", "ready", "true"]);
 
     // Worker A claims m1 and runs a long command; we kill A itself with SIGKILL.
+    let pidfile = d.join("command.pid");
     let a = fleetdb(url, d)
+        .env("PIDFILE", &pidfile)
         .args([
             "worker",
             "--component",
@@ -84,8 +135,9 @@ fn crash_and_take_over(url: &str) {
             "--ttl",
             "1s",
             "--",
-            "sleep",
-            "3",
+            "sh",
+            "-c",
+            "echo $$ > \"$PIDFILE\"; exec sleep 30",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -97,9 +149,21 @@ fn crash_and_take_over(url: &str) {
     });
     let held = json(url, d, &["work", "ls"]);
     let a_token = held[0]["token"].as_i64().unwrap();
+    wait_for("A's command to start", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let command_pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
     a.0.kill().unwrap(); // SIGKILL: no cleanup, no close, no cancel
     a.0.wait().unwrap();
     let killed_at = Instant::now();
+    // Its command dies with it (it would otherwise go on working on an object about to be
+    // someone else's).
+    wait_for("A's command to die with A", Duration::from_secs(5), || {
+        !running(&command_pid)
+    });
 
     // Worker B, started right away, cannot take it before A's deadline; it gets it after the TTL.
     let b = fleetdb(url, d)
@@ -191,15 +255,18 @@ fn worker_failure_records_the_cause_and_backs_off() {
             "--",
             "sh",
             "-c",
-            "echo 'disk not found' >&2; exit 3",
+            "head -c 100000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'disk not found' >&2; exit 3",
         ],
     );
     let h = json(&url, d, &["history", "machine", "m1"]);
     let last = &h["items"][0];
     assert_eq!(last["event"], "Failed");
+    let cause = last["cause"].as_str().unwrap();
+    assert!(cause.ends_with("disk not found"), "{cause}");
     assert!(
-        last["cause"].as_str().unwrap().contains("disk not found"),
-        "{last}"
+        cause.len() <= 4096 + 64,
+        "only the tail of stderr: {} bytes",
+        cause.len()
     );
     let b = json(&url, d, &["backoff", "ls"]);
     assert_eq!(b.as_array().unwrap().len(), 1);
@@ -279,4 +346,154 @@ fn worker_failure_records_the_cause_and_backs_off() {
     );
     assert_eq!(h["items"].as_array().unwrap().len(), 2);
     assert!(h["next"].is_string());
+}
+
+/// SIGTERM to a worker running a command: the command gets SIGTERM (its whole process group),
+/// the run is recorded as `Canceled` (no backoff), the session is closed and the worker exits 0;
+/// the object is claimable at once. `command` runs with `$MARK` set, and must write `started` on
+/// stderr once it runs (the worker passes stderr through as it comes).
+fn stop_with_sigterm(command: &str, grace: &str) -> (tempfile::TempDir, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = format!("sqlite://{}/db.sqlite", d.display());
+    run(&url, d, &["process", "define", "Provision"]);
+    run(&url, d, &["object", "put", "machine", "m1"]);
+    let w = fleetdb(&url, d)
+        .env("MARK", d.join("mark"))
+        .args([
+            "worker",
+            "--component",
+            "w",
+            "--process",
+            "Provision",
+            "--selector",
+            "kind = machine",
+            "--grace",
+            grace,
+            "--",
+            "sh",
+            "-c",
+            command,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut w = Killed(w);
+    let lines = stderr_lines(&mut w.0);
+    wait_for(
+        "the command's stderr, passed through",
+        Duration::from_secs(20),
+        || lines.lock().unwrap().iter().any(|l| l == "started"),
+    );
+    send(&w.0, "TERM");
+    let sent = Instant::now();
+    let status = wait_exit(&mut w.0, Duration::from_secs(20));
+    let took = sent.elapsed();
+    assert!(status.success(), "{status}: {:?}", lines.lock().unwrap());
+    let ev: Vec<String> = events(&url, d).into_iter().map(|(e, _)| e).collect();
+    assert_eq!(ev, ["Started", "Canceled"]);
+    assert!(json(&url, d, &["work", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(json(&url, d, &["backoff", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(
+        json(&url, d, &["session", "ls"])
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "the session is closed, not left to expire"
+    );
+    (dir, took)
+}
+
+#[test]
+fn sigterm_stops_the_command_and_releases_the_claim_at_once() {
+    let (dir, took) = stop_with_sigterm(
+        "trap 'echo got-term > \"$MARK\"; exit 7' TERM; echo started >&2; \
+         while :; do sleep 0.05; done",
+        "30s",
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("mark")).unwrap(),
+        "got-term\n",
+        "the command got SIGTERM"
+    );
+    assert!(took < Duration::from_secs(10), "stopped in {took:?}");
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
+    let (_dir, took) = stop_with_sigterm("trap '' TERM; echo started >&2; sleep 60", "1s");
+    assert!(
+        took >= Duration::from_millis(900),
+        "killed before the grace: {took:?}"
+    );
+    assert!(took < Duration::from_secs(15), "stopped in {took:?}");
+}
+
+#[test]
+fn a_run_past_the_timeout_is_stopped_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = format!("sqlite://{}/db.sqlite", d.display());
+    run(&url, d, &["process", "define", "Install"]);
+    run(&url, d, &["object", "put", "machine", "m1"]);
+    let start = Instant::now();
+    run(
+        &url,
+        d,
+        &[
+            "worker",
+            "--component",
+            "w",
+            "--process",
+            "Install",
+            "--selector",
+            "kind = machine",
+            "--once",
+            "--timeout",
+            "1s",
+            "--grace",
+            "1s",
+            "--backoff",
+            "60s,10m,2",
+            "--",
+            "sh",
+            "-c",
+            "echo 'still imaging' >&2; sleep 60",
+        ],
+    );
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let h = json(&url, d, &["history", "machine", "m1"]);
+    let last = &h["items"][0];
+    assert_eq!(last["event"], "Failed");
+    let cause = last["cause"].as_str().unwrap();
+    assert!(cause.starts_with("timed out after 1s"), "{cause}");
+    assert!(cause.ends_with("still imaging"), "{cause}");
+    assert_eq!(json(&url, d, &["backoff", "ls"])[0]["last_interval_s"], 60);
+    for bad in ["0s", "later"] {
+        let out = fleetdb(&url, d)
+            .args([
+                "worker",
+                "--component",
+                "w",
+                "--process",
+                "Install",
+                "--selector",
+                "kind = machine",
+                "--timeout",
+                bad,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--timeout {bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--timeout"));
+    }
 }

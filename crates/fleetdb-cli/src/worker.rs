@@ -1,0 +1,518 @@
+//! `fleetdb worker … -- CMD ARGS`: turns any program into a worker. It claims objects with one
+//! session and runs CMD once per claimed object, heartbeating meanwhile; CMD's exit status decides
+//! the outcome (0 finishes, anything else fails with the tail of its stderr as the cause).
+//!
+//! What the worker promises about CMD (Unix; docs/cli.md):
+//! - CMD runs in its own process group, so a signal meant for the worker (a terminal's Ctrl-C)
+//!   reaches the worker alone, and whatever the worker sends reaches CMD's whole process tree.
+//! - On Linux CMD dies with the worker (`PR_SET_PDEATHSIG`): a worker killed with SIGKILL leaves no
+//!   command running on an object whose claim will expire and go to another worker.
+//! - SIGTERM or SIGINT to the worker stops it: it claims nothing more, sends SIGTERM to a running
+//!   CMD, gives it `--grace` to end (SIGKILL after), records the run (exit 0: `Finished`;
+//!   otherwise `Canceled`, without backoff: the object is not at fault), cancels what it claimed
+//!   but did not run, closes its session (releasing every claim at once) and exits 0. A second
+//!   signal skips the grace.
+//! - `--timeout`: a run longer than that gets SIGTERM, then SIGKILL after `--grace`, and fails
+//!   with the cause "timed out after …" (and the backoff) unless it still exited 0.
+//! - If the session is lost, CMD's process group is killed at once and the worker exits with
+//!   `SessionExpired`: the claim may already be someone else's.
+//! - CMD's stderr is passed through as it comes; only its last [`CAUSE_TAIL_BYTES`] are kept.
+
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use fleetdb::{Backoff, Error, Session, SessionSpec, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Component name (recorded in sessions and history).
+    #[arg(long)]
+    component: String,
+    /// Host name (default: this machine's, made to fit the name rule).
+    #[arg(long)]
+    host: Option<String>,
+    /// The process to claim work for (declared with `fleetdb process define`).
+    #[arg(long)]
+    process: String,
+    /// Which objects to work on.
+    #[arg(long)]
+    selector: String,
+    /// Objects claimed at a time (run one after the other).
+    #[arg(long, default_value_t = 1)]
+    limit: usize,
+    /// Session TTL.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Backoff after a failure: INITIAL,MAX,EXPONENT[,JITTER].
+    #[arg(long, default_value = "1s,10m,2")]
+    backoff: String,
+    /// Longest a run of the command may take: then it gets SIGTERM (SIGKILL after --grace) and
+    /// the run fails with "timed out". Default: no limit.
+    #[arg(long, value_parser = positive_duration)]
+    timeout: Option<Duration>,
+    /// Time a command has to end after SIGTERM (the worker stopping, or --timeout) before it
+    /// gets SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Claim once (without waiting), work what was claimed, and exit.
+    #[arg(long)]
+    once: bool,
+    /// The program to run for each claimed object, with its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// Bytes of a failed command's stderr kept as the failure cause.
+const CAUSE_TAIL_BYTES: usize = 4096;
+
+/// How long the worker waits, after its command exited, for the command's stderr to close (a
+/// process the command left behind may hold it open).
+const STDERR_LINGER: Duration = Duration::from_secs(1);
+
+/// How often a running command's session is checked (it is killed once the session is lost).
+const SESSION_CHECK: Duration = Duration::from_millis(200);
+
+/// Where the worker is in stopping (signals to the worker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// Working.
+    No,
+    /// The first SIGTERM or SIGINT: no new work; the running command gets SIGTERM and `--grace`.
+    Drain,
+    /// A second one: the running command gets SIGKILL now.
+    Now,
+}
+
+/// How a run of the command ended.
+enum Ended {
+    /// It exited (on its own, or after a signal from the worker: `signalled` says why).
+    Exited {
+        status: ExitStatus,
+        signalled: Option<Signalled>,
+    },
+    /// Waiting for it failed.
+    WaitFailed(std::io::Error),
+    /// The session was lost; the command was killed.
+    SessionLost,
+}
+
+/// Why the worker signalled a running command.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Signalled {
+    Stopping,
+    TimedOut,
+}
+
+/// `fleetdb worker … -- CMD ARGS`: claim objects and run CMD for each, heartbeating meanwhile.
+pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Error> {
+    let backoff = Backoff::parse(&a.backoff)?;
+    fleetdb::core::selector::Selector::parse(&a.selector)?;
+    if a.limit == 0 {
+        return Err(Error::invalid(
+            "--limit",
+            "0",
+            "claim at least one object at a time",
+        ));
+    }
+    // Signals are watched from the start, so one that comes while a command runs is handled, not
+    // fatal (its default action would kill the worker and leave the command and the claim).
+    let stop = watch_signals(a.grace)?;
+    let host = a.host.clone().unwrap_or_else(default_host);
+    let spec = SessionSpec::new(&a.component, &host)
+        .runtime_info(format!(
+            "fleetdb worker pid {} running {}",
+            std::process::id(),
+            a.command.join(" ")
+        ))
+        .ttl(a.ttl);
+    let session = store.session_start(spec).await?;
+    eprintln!(
+        "worker: session {} ({} on {host}) claiming {} work",
+        session.id(),
+        a.component,
+        a.process
+    );
+    let result = worker_loop(&session, db_url, &a, &backoff, stop).await;
+    if !session.is_expired() {
+        let _ = session.clone().close().await;
+    }
+    if result.is_ok() {
+        eprintln!("worker: stopped; session {} closed", session.id());
+    }
+    result
+}
+
+/// The worker's stop state, driven by SIGTERM and SIGINT.
+fn watch_signals(grace: Duration) -> Result<watch::Receiver<Stop>, Error> {
+    let install = |kind: SignalKind| {
+        signal(kind).map_err(|e| Error::Backend(format!("cannot watch for signals: {e}")))
+    };
+    let (mut term, mut int) = (
+        install(SignalKind::terminate())?,
+        install(SignalKind::interrupt())?,
+    );
+    let (tx, rx) = watch::channel(Stop::No);
+    tokio::spawn(async move {
+        for stop in [Stop::Drain, Stop::Now] {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            match stop {
+                Stop::Drain => eprintln!(
+                    "worker: {name}: stopping; a running command gets SIGTERM and {} to end \
+                     (signal again to stop at once)",
+                    humantime::format_duration(grace)
+                ),
+                _ => eprintln!("worker: {name} again: stopping at once"),
+            }
+            if tx.send(stop).is_err() {
+                return;
+            }
+        }
+        // Later signals change nothing; keep them from killing the worker while it closes.
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+    });
+    Ok(rx)
+}
+
+async fn worker_loop(
+    session: &Session,
+    db_url: &str,
+    a: &WorkerArgs,
+    backoff: &Backoff,
+    mut stop: watch::Receiver<Stop>,
+) -> Result<(), Error> {
+    loop {
+        if *stop.borrow() != Stop::No {
+            return Ok(());
+        }
+        let claimed = if a.once {
+            session.claim(&a.process, &a.selector, a.limit).await?
+        } else {
+            let wait =
+                session.claim_wait(&a.process, &a.selector, a.limit, Duration::from_secs(30));
+            tokio::select! {
+                r = wait => r?,
+                _ = stop.changed() => return Ok(()),
+            }
+        };
+        for mut w in claimed {
+            let key = w.key().clone();
+            if *stop.borrow() != Stop::No {
+                w.cancel().await?; // claimed, never run
+                continue;
+            }
+            eprintln!("worker: {} {} (token {})", a.process, key, w.token());
+            let mut cmd = Command::new(&a.command[0]);
+            cmd.args(&a.command[1..])
+                .env("FLEETDB_DB", db_url)
+                .env("FLEETDB_NAMESPACE", &key.namespace)
+                .env("FLEETDB_KIND", &key.kind)
+                .env("FLEETDB_ID", &key.id)
+                .env("FLEETDB_PROCESS", &a.process)
+                .env("FLEETDB_TOKEN", w.token().to_string())
+                .env("FLEETDB_SESSION", session.id())
+                .stdin(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            let mut child = spawn_in_own_group(cmd).map_err(|e| {
+                Error::invalid(
+                    "command",
+                    a.command.join(" "),
+                    format!("cannot start it: {e}"),
+                )
+            })?;
+            let tail = Arc::new(Mutex::new(Tail::default()));
+            let tee = child
+                .stderr
+                .take()
+                .map(|s| tokio::spawn(tee_stderr(s, tail.clone())));
+            let ended = supervise(&mut child, session, a, &mut stop).await;
+            if let Some(mut tee) = tee {
+                if tokio::time::timeout(STDERR_LINGER, &mut tee).await.is_err() {
+                    tee.abort();
+                }
+            }
+            let tail = tail.lock().unwrap_or_else(|p| p.into_inner()).text();
+            match ended {
+                Ended::SessionLost => {
+                    std::mem::forget(w); // the claim is lost with the session; nothing to cancel
+                    return Err(Error::SessionExpired {
+                        session_id: session.id().to_string(),
+                    });
+                }
+                Ended::Exited { status, .. } if status.success() => {
+                    w.finish(|_| async { Ok(()) }).await?
+                }
+                Ended::Exited {
+                    signalled: Some(Signalled::Stopping),
+                    ..
+                } => w.cancel().await?,
+                Ended::Exited { status, signalled } => {
+                    let mut cause = match signalled {
+                        Some(Signalled::TimedOut) => format!(
+                            "timed out after {} ({status})",
+                            humantime::format_duration(a.timeout.unwrap_or_default())
+                        ),
+                        _ => status.to_string(),
+                    };
+                    if !tail.is_empty() {
+                        cause = format!("{cause}: {tail}");
+                    }
+                    w.fail(backoff, &cause).await?;
+                }
+                Ended::WaitFailed(e) => {
+                    w.fail(backoff, &format!("waiting for the command failed: {e}"))
+                        .await?
+                }
+            }
+        }
+        if a.once {
+            return Ok(());
+        }
+    }
+}
+
+/// Starts `cmd` as the leader of a new process group; on Linux it also dies with the worker.
+fn spawn_in_own_group(mut cmd: Command) -> std::io::Result<Child> {
+    cmd.process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        let worker = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (prctl, getppid); its error is built without allocating.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The worker died before the setting took: do not run unwatched.
+                if libc::getppid() != worker {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn()
+}
+
+/// Sends `sig` to the process group `child` leads (its whole tree, unless a part left it).
+fn signal_group(pid: Option<u32>, sig: libc::c_int) {
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
+        unsafe {
+            libc::kill(-(pid as libc::pid_t), sig);
+        }
+    }
+}
+
+/// Waits for a run of the command, signalling it when the worker stops, when `--timeout` passes
+/// (SIGTERM, then SIGKILL after `--grace`) and when the session is lost (SIGKILL).
+async fn supervise(
+    child: &mut Child,
+    session: &Session,
+    a: &WorkerArgs,
+    stop: &mut watch::Receiver<Stop>,
+) -> Ended {
+    let mut run = Run {
+        pid: child.id(),
+        grace: a.grace,
+        signalled: None,
+        kill_at: None,
+        killed: false,
+    };
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let timeout_at = a.timeout.map(|t| Instant::now() + t);
+    let mut watching = true; // stop changes can still come
+    let mut check = tokio::time::interval(SESSION_CHECK);
+    // A signal that came before the command started.
+    run.stop(*stop.borrow_and_update());
+    loop {
+        let kill_at = run.kill_at.filter(|_| !run.killed);
+        tokio::select! {
+            status = child.wait() => {
+                return match status {
+                    Ok(status) => Ended::Exited { status, signalled: run.signalled },
+                    Err(e) => Ended::WaitFailed(e),
+                };
+            }
+            _ = check.tick() => {
+                if session.is_expired() {
+                    run.kill();
+                    let _ = child.wait().await;
+                    return Ended::SessionLost;
+                }
+            }
+            _ = tokio::time::sleep_until(timeout_at.unwrap_or(far)),
+                if run.signalled.is_none() && timeout_at.is_some() => {
+                eprintln!("worker: the command ran past --timeout: SIGTERM");
+                run.terminate(Signalled::TimedOut);
+            }
+            _ = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                eprintln!("worker: the command did not end within --grace: SIGKILL");
+                run.kill();
+            }
+            changed = stop.changed(), if watching => match changed {
+                Ok(()) => run.stop(*stop.borrow_and_update()),
+                Err(_) => watching = false,
+            },
+        }
+    }
+}
+
+/// The signals a run of the command got from the worker.
+struct Run {
+    /// The command's pid (its process group's id).
+    pid: Option<u32>,
+    grace: Duration,
+    /// Why it was asked to end, the first time.
+    signalled: Option<Signalled>,
+    /// When it gets SIGKILL if it has not ended.
+    kill_at: Option<Instant>,
+    killed: bool,
+}
+
+impl Run {
+    /// SIGTERM now and SIGKILL after the grace, unless it was asked to end already.
+    fn terminate(&mut self, why: Signalled) {
+        if self.signalled.is_none() {
+            self.signalled = Some(why);
+            signal_group(self.pid, libc::SIGTERM);
+            self.kill_at = Some(Instant::now() + self.grace);
+        }
+    }
+
+    fn kill(&mut self) {
+        if !self.killed {
+            signal_group(self.pid, libc::SIGKILL);
+            self.killed = true;
+        }
+    }
+
+    /// What the worker's stop state asks of the run.
+    fn stop(&mut self, stop: Stop) {
+        match stop {
+            Stop::No => {}
+            Stop::Drain => self.terminate(Signalled::Stopping),
+            Stop::Now => {
+                self.signalled.get_or_insert(Signalled::Stopping);
+                self.kill();
+            }
+        }
+    }
+}
+
+/// The last [`CAUSE_TAIL_BYTES`] of a command's stderr.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+        if self.0.len() > 2 * CAUSE_TAIL_BYTES {
+            let cut = self.0.len() - CAUSE_TAIL_BYTES;
+            self.0.drain(..cut);
+        }
+    }
+
+    /// The kept tail as text (at most [`CAUSE_TAIL_BYTES`]), trimmed.
+    fn text(&self) -> String {
+        let start = self.0.len().saturating_sub(CAUSE_TAIL_BYTES);
+        String::from_utf8_lossy(&self.0[start..]).trim().to_string()
+    }
+}
+
+/// Copies the command's stderr to the worker's as it comes, keeping its tail.
+async fn tee_stderr(mut from: ChildStderr, tail: Arc<Mutex<Tail>>) {
+    let mut out = tokio::io::stderr();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let _ = out.write_all(&buf[..n]).await;
+                let _ = out.flush().await;
+                tail.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(&buf[..n]);
+            }
+        }
+    }
+}
+
+/// This machine's host name, made to fit the name rule.
+fn default_host() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "localhost".into());
+    let cleaned: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed = cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .chars()
+        .take(76)
+        .collect::<String>();
+    if trimmed.is_empty() {
+        "localhost".into()
+    } else {
+        trimmed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes_only() {
+        let mut t = Tail::default();
+        t.push(b"start ");
+        for _ in 0..10_000 {
+            t.push(b"0123456789");
+        }
+        t.push(b" the end\n");
+        let text = t.text();
+        assert_eq!(text.len(), CAUSE_TAIL_BYTES - 1, "trimmed of its newline");
+        assert!(text.ends_with("the end"));
+        assert!(!text.contains("start"));
+        assert!(t.0.len() <= 2 * CAUSE_TAIL_BYTES, "memory stays bounded");
+    }
+
+    #[test]
+    fn timeouts_must_be_positive() {
+        assert!(positive_duration("0s").is_err());
+        assert!(positive_duration("soon").is_err());
+        assert_eq!(positive_duration("2m"), Ok(Duration::from_secs(120)));
+    }
+}
