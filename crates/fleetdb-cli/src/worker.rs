@@ -1,6 +1,7 @@
 //! `fleetdb worker … -- CMD ARGS`: turns any program into a worker. It claims objects with one
-//! session and runs CMD once per claimed object, heartbeating meanwhile; CMD's exit status decides
-//! the outcome (0 finishes, anything else fails with the tail of its stderr as the cause).
+//! session and runs CMD once per claimed object (up to `--concurrency` at once), heartbeating
+//! meanwhile; CMD's exit status decides the outcome (0 finishes, anything else fails with the tail
+//! of its stderr as the cause).
 //!
 //! What the worker promises about CMD (Unix; docs/cli.md):
 //! - CMD runs in its own process group, so a signal meant for the worker (a terminal's Ctrl-C)
@@ -16,14 +17,21 @@
 //!   with the cause "timed out after …" (and the backoff) unless it still exited 0.
 //! - If the session is lost, CMD's process group is killed at once and the worker exits with
 //!   `SessionExpired`: the claim may already be someone else's.
-//! - CMD's stderr is passed through as it comes; only its last [`CAUSE_TAIL_BYTES`] are kept.
+//! - CMD's stderr is passed through as it comes (with `--concurrency` above 1, line by line, each
+//!   after its object); only its last [`CAUSE_TAIL_BYTES`] are kept.
+//! - A run whose outcome cannot be recorded (its session lost, the claim taken away) ends the
+//!   worker with that error; the other runs' commands are killed and their claims cancelled.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use fleetdb::{Backoff, Error, Session, SessionSpec, Store};
+use fleetdb::{Backoff, Error, Session, SessionSpec, Store, Work};
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, Command};
 use tokio::signal::unix::{signal, SignalKind};
@@ -44,9 +52,12 @@ pub struct WorkerArgs {
     /// Which objects to work on.
     #[arg(long)]
     selector: String,
-    /// Objects claimed at a time (run one after the other).
+    /// Objects claimed at a time (those beyond free --concurrency slots wait, claimed, for one).
     #[arg(long, default_value_t = 1)]
     limit: usize,
+    /// Commands run at once (1 to 1024), each on its own claimed object, under one session.
+    #[arg(long, default_value_t = 1, value_parser = concurrency)]
+    concurrency: usize,
     /// Session TTL.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     ttl: Duration,
@@ -75,6 +86,18 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
         return Err("must be more than zero".into());
     }
     Ok(d)
+}
+
+/// Most commands one worker runs at once.
+const CONCURRENCY_MAX: usize = 1024;
+
+fn concurrency(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=CONCURRENCY_MAX).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "must be a whole number from 1 to {CONCURRENCY_MAX}"
+        )),
+    }
 }
 
 /// Bytes of a failed command's stderr kept as the failure cause.
@@ -196,6 +219,11 @@ fn watch_signals(grace: Duration) -> Result<watch::Receiver<Stop>, Error> {
     Ok(rx)
 }
 
+/// A claim in flight.
+type Claiming<'a> = Pin<Box<dyn Future<Output = fleetdb::Result<Vec<Work>>> + 'a>>;
+
+/// Claims and runs until stopped (or, with `--once`, until one claim's objects are done): claims
+/// when nothing claimed waits to run and a slot is free; starts a run whenever a slot is free.
 async fn worker_loop(
     session: &Session,
     db_url: &str,
@@ -203,94 +231,137 @@ async fn worker_loop(
     backoff: &Backoff,
     mut stop: watch::Receiver<Stop>,
 ) -> Result<(), Error> {
+    let mut waiting: VecDeque<Work> = VecDeque::new();
+    let mut runs = FuturesUnordered::new();
+    // The claim in flight is kept across turns (a run ending must not drop it: work it got
+    // meanwhile would be cancelled, for nothing).
+    let mut claiming: Option<Claiming<'_>> = None;
+    if a.once {
+        waiting.extend(session.claim(&a.process, &a.selector, a.limit).await?);
+    }
     loop {
-        if *stop.borrow() != Stop::No {
-            return Ok(());
-        }
-        let claimed = if a.once {
-            session.claim(&a.process, &a.selector, a.limit).await?
-        } else {
-            let wait =
-                session.claim_wait(&a.process, &a.selector, a.limit, Duration::from_secs(30));
-            tokio::select! {
-                r = wait => r?,
-                _ = stop.changed() => return Ok(()),
-            }
-        };
-        for mut w in claimed {
-            let key = w.key().clone();
-            if *stop.borrow() != Stop::No {
+        let stopping = *stop.borrow() != Stop::No;
+        if stopping {
+            claiming = None;
+            for mut w in waiting.drain(..) {
                 w.cancel().await?; // claimed, never run
-                continue;
-            }
-            eprintln!("worker: {} {} (token {})", a.process, key, w.token());
-            let mut cmd = Command::new(&a.command[0]);
-            cmd.args(&a.command[1..])
-                .env("FLEETDB_DB", db_url)
-                .env("FLEETDB_NAMESPACE", &key.namespace)
-                .env("FLEETDB_KIND", &key.kind)
-                .env("FLEETDB_ID", &key.id)
-                .env("FLEETDB_PROCESS", &a.process)
-                .env("FLEETDB_TOKEN", w.token().to_string())
-                .env("FLEETDB_SESSION", session.id())
-                .stdin(Stdio::null())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true);
-            let mut child = spawn_in_own_group(cmd).map_err(|e| {
-                Error::invalid(
-                    "command",
-                    a.command.join(" "),
-                    format!("cannot start it: {e}"),
-                )
-            })?;
-            let tail = Arc::new(Mutex::new(Tail::default()));
-            let tee = child
-                .stderr
-                .take()
-                .map(|s| tokio::spawn(tee_stderr(s, tail.clone())));
-            let ended = supervise(&mut child, session, a, &mut stop).await;
-            if let Some(mut tee) = tee {
-                if tokio::time::timeout(STDERR_LINGER, &mut tee).await.is_err() {
-                    tee.abort();
-                }
-            }
-            let tail = tail.lock().unwrap_or_else(|p| p.into_inner()).text();
-            match ended {
-                Ended::SessionLost => {
-                    std::mem::forget(w); // the claim is lost with the session; nothing to cancel
-                    return Err(Error::SessionExpired {
-                        session_id: session.id().to_string(),
-                    });
-                }
-                Ended::Exited { status, .. } if status.success() => {
-                    w.finish(|_| async { Ok(()) }).await?
-                }
-                Ended::Exited {
-                    signalled: Some(Signalled::Stopping),
-                    ..
-                } => w.cancel().await?,
-                Ended::Exited { status, signalled } => {
-                    let mut cause = match signalled {
-                        Some(Signalled::TimedOut) => format!(
-                            "timed out after {} ({status})",
-                            humantime::format_duration(a.timeout.unwrap_or_default())
-                        ),
-                        _ => status.to_string(),
-                    };
-                    if !tail.is_empty() {
-                        cause = format!("{cause}: {tail}");
-                    }
-                    w.fail(backoff, &cause).await?;
-                }
-                Ended::WaitFailed(e) => {
-                    w.fail(backoff, &format!("waiting for the command failed: {e}"))
-                        .await?
-                }
             }
         }
-        if a.once {
-            return Ok(());
+        while runs.len() < a.concurrency {
+            let Some(w) = waiting.pop_front() else { break };
+            runs.push(run_one(w, session, db_url, a, backoff, stop.clone()));
         }
+        if claiming.is_none()
+            && !stopping
+            && !a.once
+            && waiting.is_empty()
+            && runs.len() < a.concurrency
+        {
+            claiming = Some(Box::pin(session.claim_wait(
+                &a.process,
+                &a.selector,
+                a.limit,
+                Duration::from_secs(30),
+            )));
+        }
+        if runs.is_empty() && claiming.is_none() {
+            return Ok(()); // stopped, or --once done
+        }
+        tokio::select! {
+            claimed = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
+                claiming = None;
+                waiting.extend(claimed?);
+            }
+            ran = runs.next(), if !runs.is_empty() => {
+                // A failed run (its session lost, or its outcome not recorded) ends the worker; the
+                // other runs' commands are killed as their futures are dropped.
+                ran.expect("guarded")?;
+            }
+            _ = stop.changed(), if !stopping => {}
+        }
+    }
+}
+
+/// One run of the command on `w`, to its recorded outcome.
+async fn run_one(
+    mut w: Work,
+    session: &Session,
+    db_url: &str,
+    a: &WorkerArgs,
+    backoff: &Backoff,
+    mut stop: watch::Receiver<Stop>,
+) -> Result<(), Error> {
+    let key = w.key().clone();
+    eprintln!("worker: {} {} (token {})", a.process, key, w.token());
+    let mut cmd = Command::new(&a.command[0]);
+    cmd.args(&a.command[1..])
+        .env("FLEETDB_DB", db_url)
+        .env("FLEETDB_NAMESPACE", &key.namespace)
+        .env("FLEETDB_KIND", &key.kind)
+        .env("FLEETDB_ID", &key.id)
+        .env("FLEETDB_PROCESS", &a.process)
+        .env("FLEETDB_TOKEN", w.token().to_string())
+        .env("FLEETDB_SESSION", session.id())
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = spawn_in_own_group(cmd).map_err(|e| {
+        Error::invalid(
+            "command",
+            a.command.join(" "),
+            format!("cannot start it: {e}"),
+        )
+    })?;
+    // Lines of concurrent runs are told apart by their object.
+    let prefix = (a.concurrency > 1).then(|| format!("[{key}] "));
+    let tail = Arc::new(Mutex::new(Tail::default()));
+    let tee = child
+        .stderr
+        .take()
+        .map(|s| AbortOnDrop(tokio::spawn(tee_stderr(s, prefix, tail.clone()))));
+    let ended = supervise(&mut child, session, a, &mut stop).await;
+    if let Some(mut tee) = tee {
+        let _ = tokio::time::timeout(STDERR_LINGER, &mut tee.0).await;
+    }
+    let tail = tail.lock().unwrap_or_else(|p| p.into_inner()).text();
+    match ended {
+        Ended::SessionLost => {
+            std::mem::forget(w); // the claim is lost with the session; nothing to cancel
+            Err(Error::SessionExpired {
+                session_id: session.id().to_string(),
+            })
+        }
+        Ended::Exited { status, .. } if status.success() => w.finish(|_| async { Ok(()) }).await,
+        Ended::Exited {
+            signalled: Some(Signalled::Stopping),
+            ..
+        } => w.cancel().await,
+        Ended::Exited { status, signalled } => {
+            let mut cause = match signalled {
+                Some(Signalled::TimedOut) => format!(
+                    "timed out after {} ({status})",
+                    humantime::format_duration(a.timeout.unwrap_or_default())
+                ),
+                _ => status.to_string(),
+            };
+            if !tail.is_empty() {
+                cause = format!("{cause}: {tail}");
+            }
+            w.fail(backoff, &cause).await
+        }
+        Ended::WaitFailed(e) => {
+            w.fail(backoff, &format!("waiting for the command failed: {e}"))
+                .await
+        }
+    }
+}
+
+/// A spawned task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -336,6 +407,8 @@ async fn supervise(
     a: &WorkerArgs,
     stop: &mut watch::Receiver<Stop>,
 ) -> Ended {
+    // Dropped before the command was reaped (another run ended the worker): kill its group.
+    let mut guard = GroupGuard(child.id());
     let mut run = Run {
         pid: child.id(),
         grace: a.grace,
@@ -353,6 +426,7 @@ async fn supervise(
         let kill_at = run.kill_at.filter(|_| !run.killed);
         tokio::select! {
             status = child.wait() => {
+                guard.0 = None; // reaped: its pid (the group's id) may be reused
                 return match status {
                     Ok(status) => Ended::Exited { status, signalled: run.signalled },
                     Err(e) => Ended::WaitFailed(e),
@@ -362,6 +436,7 @@ async fn supervise(
                 if session.is_expired() {
                     run.kill();
                     let _ = child.wait().await;
+                    guard.0 = None;
                     return Ended::SessionLost;
                 }
             }
@@ -379,6 +454,15 @@ async fn supervise(
                 Err(_) => watching = false,
             },
         }
+    }
+}
+
+/// Kills a command's process group when dropped, unless disarmed (`None`) once it was reaped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        signal_group(self.0, libc::SIGKILL);
     }
 }
 
@@ -444,21 +528,44 @@ impl Tail {
     }
 }
 
-/// Copies the command's stderr to the worker's as it comes, keeping its tail.
-async fn tee_stderr(mut from: ChildStderr, tail: Arc<Mutex<Tail>>) {
+/// Copies the command's stderr to the worker's as it comes (whole lines after `prefix`, when
+/// there is one), keeping its tail.
+async fn tee_stderr(mut from: ChildStderr, prefix: Option<String>, tail: Arc<Mutex<Tail>>) {
     let mut out = tokio::io::stderr();
     let mut buf = vec![0u8; 8192];
+    let mut line = Vec::new(); // a prefixed line not yet ended
     loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let _ = out.write_all(&buf[..n]).await;
-                let _ = out.flush().await;
-                tail.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(&buf[..n]);
-            }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        tail.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(&buf[..n]);
+        let Some(prefix) = &prefix else {
+            let _ = out.write_all(&buf[..n]).await;
+            let _ = out.flush().await;
+            continue;
+        };
+        line.extend_from_slice(&buf[..n]);
+        let mut text = Vec::new();
+        while let Some(end) = line.iter().position(|&b| b == b'\n') {
+            text.extend_from_slice(prefix.as_bytes());
+            text.extend(line.drain(..=end));
         }
+        // A line that never ends is passed on in pieces, not kept whole.
+        if line.len() >= CAUSE_TAIL_BYTES {
+            text.extend_from_slice(prefix.as_bytes());
+            text.append(&mut line);
+            text.push(b'\n');
+        }
+        let _ = out.write_all(&text).await;
+        let _ = out.flush().await;
+    }
+    if let (Some(prefix), false) = (&prefix, line.is_empty()) {
+        line.push(b'\n');
+        let _ = out.write_all(&[prefix.as_bytes(), &line].concat()).await;
+        let _ = out.flush().await;
     }
 }
 

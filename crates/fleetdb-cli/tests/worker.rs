@@ -351,13 +351,18 @@ fn worker_failure_records_the_cause_and_backs_off() {
 /// SIGTERM to a worker running a command: the command gets SIGTERM (its whole process group),
 /// the run is recorded as `Canceled` (no backoff), the session is closed and the worker exits 0;
 /// the object is claimable at once. `command` runs with `$MARK` set, and must write `started` on
-/// stderr once it runs (the worker passes stderr through as it comes).
-fn stop_with_sigterm(command: &str, grace: &str) -> (tempfile::TempDir, Duration) {
+/// stderr once it runs (the worker passes stderr through as it comes). With `runs` > 1, that many
+/// objects and commands at once (`--concurrency`).
+fn stop_with_sigterm(command: &str, grace: &str, runs: usize) -> (tempfile::TempDir, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let url = format!("sqlite://{}/db.sqlite", d.display());
     run(&url, d, &["process", "define", "Provision"]);
-    run(&url, d, &["object", "put", "machine", "m1"]);
+    let ids: Vec<String> = (1..=runs).map(|i| format!("m{i}")).collect();
+    for id in &ids {
+        run(&url, d, &["object", "put", "machine", id]);
+    }
+    let n = runs.to_string();
     let w = fleetdb(&url, d)
         .env("MARK", d.join("mark"))
         .args([
@@ -370,6 +375,10 @@ fn stop_with_sigterm(command: &str, grace: &str) -> (tempfile::TempDir, Duration
             "kind = machine",
             "--grace",
             grace,
+            "--limit",
+            &n,
+            "--concurrency",
+            &n,
             "--",
             "sh",
             "-c",
@@ -384,15 +393,27 @@ fn stop_with_sigterm(command: &str, grace: &str) -> (tempfile::TempDir, Duration
     wait_for(
         "the command's stderr, passed through",
         Duration::from_secs(20),
-        || lines.lock().unwrap().iter().any(|l| l == "started"),
+        || {
+            let lines = lines.lock().unwrap();
+            lines.iter().filter(|l| l.ends_with("started")).count() == runs
+        },
     );
     send(&w.0, "TERM");
     let sent = Instant::now();
     let status = wait_exit(&mut w.0, Duration::from_secs(20));
     let took = sent.elapsed();
     assert!(status.success(), "{status}: {:?}", lines.lock().unwrap());
-    let ev: Vec<String> = events(&url, d).into_iter().map(|(e, _)| e).collect();
-    assert_eq!(ev, ["Started", "Canceled"]);
+    for id in &ids {
+        let h = json(&url, d, &["history", "machine", id]);
+        let ev: Vec<&str> = h["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(ev, ["Started", "Canceled"], "{id}");
+    }
     assert!(json(&url, d, &["work", "ls"])
         .as_array()
         .unwrap()
@@ -417,6 +438,7 @@ fn sigterm_stops_the_command_and_releases_the_claim_at_once() {
         "trap 'echo got-term > \"$MARK\"; exit 7' TERM; echo started >&2; \
          while :; do sleep 0.05; done",
         "30s",
+        1,
     );
     assert_eq!(
         std::fs::read_to_string(dir.path().join("mark")).unwrap(),
@@ -428,12 +450,29 @@ fn sigterm_stops_the_command_and_releases_the_claim_at_once() {
 
 #[test]
 fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
-    let (_dir, took) = stop_with_sigterm("trap '' TERM; echo started >&2; sleep 60", "1s");
+    let (_dir, took) = stop_with_sigterm("trap '' TERM; echo started >&2; sleep 60", "1s", 1);
     assert!(
         took >= Duration::from_millis(900),
         "killed before the grace: {took:?}"
     );
     assert!(took < Duration::from_secs(15), "stopped in {took:?}");
+}
+
+#[test]
+fn sigterm_stops_every_concurrent_command() {
+    let (dir, _) = stop_with_sigterm(
+        "trap 'echo \"$FLEETDB_ID\" >> \"$MARK\"; exit 7' TERM; echo started >&2; \
+         while :; do sleep 0.05; done",
+        "30s",
+        3,
+    );
+    let mut got: Vec<String> = std::fs::read_to_string(dir.path().join("mark"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    got.sort();
+    assert_eq!(got, ["m1", "m2", "m3"], "each command got SIGTERM");
 }
 
 #[test]
@@ -495,5 +534,80 @@ fn a_run_past_the_timeout_is_stopped_and_fails() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "--timeout {bad}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("--timeout"));
+    }
+}
+
+/// `--concurrency 3`: three commands run at once under one session (each waits until all three
+/// have started, so run one after the other they would time out), each line of their stderr
+/// passed through after its object; every run is recorded.
+#[test]
+fn commands_run_side_by_side_with_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = format!("sqlite://{}/db.sqlite", d.display());
+    let started = d.join("started");
+    std::fs::create_dir(&started).unwrap();
+    run(&url, d, &["process", "define", "Provision"]);
+    for m in ["m1", "m2", "m3"] {
+        run(&url, d, &["object", "put", "machine", m]);
+    }
+    let out = fleetdb(&url, d)
+        .env("STARTED", &started)
+        .args([
+            "worker",
+            "--component",
+            "w",
+            "--process",
+            "Provision",
+            "--selector",
+            "kind = machine",
+            "--once",
+            "--limit",
+            "3",
+            "--concurrency",
+            "3",
+            "--timeout",
+            "20s",
+            "--",
+            "sh",
+            "-c",
+            "echo \"begin $FLEETDB_ID\" >&2; touch \"$STARTED/$FLEETDB_ID\"; \
+             while [ \"$(ls \"$STARTED\" | wc -l)\" -lt 3 ]; do sleep 0.05; done; echo end >&2",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for m in ["m1", "m2", "m3"] {
+        let h = json(&url, d, &["history", "machine", m]);
+        assert_eq!(h["items"][0]["event"], "Finished", "{m}: {h}");
+        let line = format!("machine/{m}] begin {m}");
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with('[') && l.ends_with(&line)),
+            "{line}: {err}"
+        );
+    }
+    let ended = err.lines().filter(|l| l.ends_with("] end")).count();
+    assert_eq!(ended, 3, "{err}");
+    for bad in ["0", "1025", "many"] {
+        let out = fleetdb(&url, d)
+            .args([
+                "worker",
+                "--component",
+                "w",
+                "--process",
+                "Provision",
+                "--selector",
+                "kind = machine",
+                "--concurrency",
+                bad,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--concurrency {bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency"));
     }
 }
