@@ -199,6 +199,11 @@ enum TagCmd {
         id: String,
         name: String,
         value: Option<String>,
+        /// Commit only while the claim of the `fleetdb worker` running this command is held (from
+        /// FLEETDB_NAMESPACE, _KIND, _ID, _PROCESS, _SESSION, _TOKEN); otherwise exit 4, nothing
+        /// written.
+        #[arg(long)]
+        fenced: bool,
     },
     /// Show one tag.
     Get {
@@ -213,6 +218,9 @@ enum TagCmd {
         kind: String,
         id: String,
         name: String,
+        /// As for `tag set --fenced`.
+        #[arg(long)]
+        fenced: bool,
     },
 }
 
@@ -401,7 +409,9 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                 id,
                 name,
                 value,
+                fenced,
             } => {
+                let fence = fenced.then(worker::fence_from_env).transpose()?;
                 let k = key(&kind, &id)?;
                 validate::name("tag", &name)?;
                 let text = match value.as_deref() {
@@ -423,7 +433,10 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                     Some(v) => v.to_string(),
                 };
                 let value = validate::parse_json(&format!("tag {name:?} value"), &text)?;
-                let w = store.tag_set(&k, &name, &value).await?;
+                let w = match &fence {
+                    Some(f) => store.tag_set_fenced(f, &k, &name, &value).await?,
+                    None => store.tag_set(&k, &name, &value).await?,
+                };
                 match fmt {
                     Format::Json => {
                         let mut v = output::tag(&w.item);
@@ -478,9 +491,18 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                 }
                 Ok(())
             }
-            TagCmd::Rm { kind, id, name } => {
+            TagCmd::Rm {
+                kind,
+                id,
+                name,
+                fenced,
+            } => {
+                let fence = fenced.then(worker::fence_from_env).transpose()?;
                 let k = key(&kind, &id)?;
-                let r = store.tag_delete(&k, &name).await?;
+                let r = match &fence {
+                    Some(f) => store.tag_delete_fenced(f, &k, &name).await?,
+                    None => store.tag_delete(&k, &name).await?,
+                };
                 match fmt {
                     Format::Json => output::print_json(
                         &json!({"deleted": format!("{k}#{name}"), "revision": r.0}),

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use fleetdb::{Backoff, Error, Session, SessionSpec, Store, Work};
+use fleetdb::{Backoff, Error, Fence, ObjectKey, Session, SessionSpec, Store, Work};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, Command};
@@ -567,6 +567,37 @@ async fn tee_stderr(mut from: ChildStderr, prefix: Option<String>, tail: Arc<Mut
         let _ = out.write_all(&[prefix.as_bytes(), &line].concat()).await;
         let _ = out.flush().await;
     }
+}
+
+/// The claim of the `fleetdb worker` running this process, from the environment it gives its
+/// command (`--fenced` writes).
+pub fn fence_from_env() -> Result<Fence, Error> {
+    let var = |name: &str| {
+        std::env::var(name).map_err(|_| {
+            Error::invalid(
+                "--fenced",
+                name,
+                "is not set: fenced writes are for commands run by `fleetdb worker`, which sets \
+                 FLEETDB_NAMESPACE, FLEETDB_KIND, FLEETDB_ID, FLEETDB_PROCESS, FLEETDB_SESSION \
+                 and FLEETDB_TOKEN",
+            )
+        })
+    };
+    let token = var("FLEETDB_TOKEN")?;
+    let fence = Fence {
+        key: ObjectKey::new(
+            &var("FLEETDB_NAMESPACE")?,
+            &var("FLEETDB_KIND")?,
+            &var("FLEETDB_ID")?,
+        )?,
+        process: var("FLEETDB_PROCESS")?,
+        session_id: var("FLEETDB_SESSION")?,
+        token: token
+            .parse()
+            .map_err(|_| Error::invalid("FLEETDB_TOKEN", token, "must be a whole number"))?,
+    };
+    fence.validate()?;
+    Ok(fence)
 }
 
 /// This machine's host name, made to fit the name rule.

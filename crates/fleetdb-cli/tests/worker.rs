@@ -13,6 +13,7 @@ fn fleetdb(url: &str, dir: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fleetdb"));
     c.current_dir(dir)
         .env("FLEETDB_DB", url)
+        .env("FLEETDB_BIN", env!("CARGO_BIN_EXE_fleetdb"))
         .env_remove("FLEETDB_NAMESPACE");
     c
 }
@@ -610,4 +611,81 @@ fn commands_run_side_by_side_with_concurrency() {
         assert_eq!(out.status.code(), Some(2), "--concurrency {bad}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency"));
     }
+}
+
+/// `tag set --fenced` / `tag rm --fenced`: a worker's command writes through its claim (the
+/// worker's environment names it); the same write with a stale token, or outside a worker, is
+/// refused and writes nothing.
+#[test]
+fn a_commands_fenced_writes_go_through_only_while_its_claim_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = format!("sqlite://{}/db.sqlite", d.display());
+    run(&url, d, &["process", "define", "Install"]);
+    run(&url, d, &["object", "put", "machine", "m1"]);
+    run(&url, d, &["tag", "set", "machine", "m1", "stale", "true"]);
+    run(
+        &url,
+        d,
+        &[
+            "worker", "--component", "w", "--process", "Install", "--selector", "kind = machine",
+            "--once", "--", "sh", "-c",
+            "\"$FLEETDB_BIN\" tag set --fenced \"$FLEETDB_KIND\" \"$FLEETDB_ID\" progress '\"imaging\"' && \
+             \"$FLEETDB_BIN\" tag rm --fenced \"$FLEETDB_KIND\" \"$FLEETDB_ID\" stale",
+        ],
+    );
+    let h = json(&url, d, &["history", "machine", "m1"]);
+    assert_eq!(h["items"][0]["event"], "Finished", "{h}");
+    let token = h["items"][0]["token"].as_i64().unwrap();
+    let tags = json(&url, d, &["tag", "ls", "machine", "m1"]);
+    let names: Vec<&str> = tags
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["progress"], "{tags}");
+    // The claim has ended: the same fence is refused (exit 4) and writes nothing.
+    let fenced = |token: String| {
+        fleetdb(&url, d)
+            .envs([
+                ("FLEETDB_NAMESPACE", "default"),
+                ("FLEETDB_KIND", "machine"),
+                ("FLEETDB_ID", "m1"),
+                ("FLEETDB_PROCESS", "Install"),
+                (
+                    "FLEETDB_SESSION",
+                    h["items"][0]["session_id"].as_str().unwrap(),
+                ),
+                ("FLEETDB_TOKEN", &token),
+            ])
+            .args([
+                "tag", "set", "--fenced", "machine", "m1", "progress", "\"late\"",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = fenced(token.to_string());
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not held"));
+    let out = fenced("soon".into());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FLEETDB_TOKEN"));
+    assert_eq!(
+        json(&url, d, &["tag", "get", "machine", "m1", "progress"])["value"],
+        "imaging"
+    );
+    // Outside a worker there is no claim to fence with.
+    let out = fleetdb(&url, d)
+        .env_remove("FLEETDB_TOKEN")
+        .args(["tag", "rm", "--fenced", "machine", "m1", "progress"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fleetdb worker"));
 }

@@ -2421,3 +2421,83 @@ async fn finish_deleting_todo(
 async fn event_kinds(h: &Harness, k: &ObjectKey) -> Vec<WorkEvent> {
     events(h, k).await.into_iter().map(|(e, _)| e).collect()
 }
+
+/// Fenced writes ([`fleetdb::Work::update`], [`Store::txn_fenced`]): they commit only while the
+/// claim is held by its session with its token and the session is alive; otherwise `WorkLost`
+/// and nothing is written. The claim stays held after one.
+pub async fn fenced_writes_commit_only_while_the_claim_is_held(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    let k = machines(h, 1).await.remove(0);
+    let s = st.session_start(spec("installer")).await.unwrap();
+    let mut w = s.claim_object(&k, "Install").await.unwrap();
+    let progress = |v: &'static str| {
+        let k = k.clone();
+        move |tx: fleetdb::Txn| {
+            let k = k.clone();
+            async move { tx.tag_set(&k, "progress", &json!(v)) }
+        }
+    };
+    let seen = || async { st.tag_get(&k, "progress").await.unwrap().map(|t| t.value) };
+    w.update(progress("imaging")).await.unwrap();
+    assert_eq!(seen().await, Some(json!("imaging")));
+    assert_eq!(st.work_list(None, 10).await.unwrap().len(), 1, "still held");
+    // A writer without the Work (a worker's command) fences with the claim's description.
+    let fence = w.fence();
+    st.txn_fenced(&fence, progress("booting")).await.unwrap();
+    assert_eq!(seen().await, Some(json!("booting")));
+    let lost = |r: fleetdb::Result<()>, why: &str| match r {
+        Err(Error::WorkLost { what }) => assert!(what.contains(why), "{what}"),
+        other => panic!("expected WorkLost ({why}), got {other:?}"),
+    };
+    let mut stale = fence.clone();
+    stale.token -= 1;
+    lost(
+        st.txn_fenced(&stale, progress("stale")).await,
+        "held by another claim",
+    );
+    let mut other = fence.clone();
+    other.session_id = "another-session".into();
+    lost(
+        st.txn_fenced(&other, progress("other")).await,
+        "held by another claim",
+    );
+    let mut unclaimed = fence.clone();
+    unclaimed.process = "Recovery".into();
+    lost(
+        st.txn_fenced(&unclaimed, progress("unclaimed")).await,
+        "not held by anyone",
+    );
+    assert_eq!(
+        seen().await,
+        Some(json!("booting")),
+        "refused writes wrote nothing"
+    );
+    // The session's deadline passes (no sweeper has run: the claim's row is still there).
+    s.pause_renewal();
+    h.clock.advance(Duration::from_secs(11));
+    lost(
+        st.txn_fenced(&fence, progress("late")).await,
+        "expired session",
+    );
+    lost(w.update(progress("late")).await, "expired");
+    assert_eq!(seen().await, Some(json!("booting")));
+    // Taken over: the old fence stays refused, the new holder's writes go through.
+    let s2 = st.session_start(spec("rescuer")).await.unwrap();
+    let mut w2 = s2.claim_object(&k, "Install").await.unwrap();
+    lost(
+        st.txn_fenced(&fence, progress("late")).await,
+        "held by another claim",
+    );
+    w2.update(progress("rescued")).await.unwrap();
+    assert_eq!(seen().await, Some(json!("rescued")));
+    let after = w2.fence();
+    w2.finish(|_| async { Ok(()) }).await.unwrap();
+    lost(
+        st.txn_fenced(&after, progress("after")).await,
+        "not held by anyone",
+    );
+    lost(w2.update(progress("after")).await, "ended already");
+    assert_eq!(seen().await, Some(json!("rescued")));
+    std::mem::forget(w); // its session is gone; dropping would try to cancel
+}

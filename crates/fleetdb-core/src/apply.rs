@@ -234,6 +234,27 @@ async fn check_precondition<T: TxRows + ?Sized>(
             live_session(rows, session_id, now).await?;
             return Ok(());
         }
+        Precondition::WorkHeld {
+            key,
+            process,
+            session_id,
+            token,
+        } => {
+            let lost = |why: &str| Error::WorkLost {
+                what: format!("{process} on {key} (token {token}) {why}; nothing was changed"),
+            };
+            match rows.work_read_held(key, process).await? {
+                None => return Err(lost("is not held by anyone")),
+                Some(w) if w.session_id != *session_id || w.token != *token => {
+                    return Err(lost("is held by another claim"))
+                }
+                Some(_) => {}
+            }
+            return match live_session(rows, session_id, now).await {
+                Err(Error::SessionExpired { .. }) => Err(lost("belongs to an expired session")),
+                other => other.map(|_| ()),
+            };
+        }
     };
     if seen != now {
         return Err(Error::Conflict { what });

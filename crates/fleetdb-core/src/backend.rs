@@ -451,6 +451,10 @@ pub trait TxRows: Send {
     /// Every declared process.
     async fn process_all(&mut self) -> Result<Vec<Process>>;
     async fn work_read(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>>;
+    /// The claim as a fenced write's precondition reads it: the row must stay as read until the
+    /// transaction commits (a concurrent release, expiry or takeover waits, or makes this
+    /// transaction fail and retry), so the write never commits after the claim ended.
+    async fn work_read_held(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>>;
     /// Work held by one session.
     async fn work_of_session(&mut self, session_id: &str) -> Result<Vec<WorkInfo>>;
     async fn work_insert(&mut self, w: &WorkInfo) -> Result<()>;

@@ -453,6 +453,14 @@ pub enum Precondition {
     },
     /// The session exists and its deadline is after the batch's `now`.
     SessionAlive { session_id: String },
+    /// A fenced write: `process` on `key` is held by `session_id` with fencing token `token`, and
+    /// that session is alive at the batch's `now`; otherwise the batch fails with `WorkLost`.
+    WorkHeld {
+        key: ObjectKey,
+        process: String,
+        session_id: String,
+        token: i64,
+    },
 }
 
 /// Preconditions and operations committed atomically at time `now`.

@@ -558,6 +558,10 @@ impl TxRows for PgTx<'_> {
         work::work_read(self, key, process).await
     }
 
+    async fn work_read_held(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>> {
+        work::work_read_held(self, key, process).await
+    }
+
     async fn work_of_session(&mut self, session_id: &str) -> Result<Vec<WorkInfo>> {
         work::work_of_session(self, session_id).await
     }

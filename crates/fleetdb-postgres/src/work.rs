@@ -72,6 +72,11 @@ macro_rules! work_get {
 const WORK_GET: &str = work_get!("");
 /// [`WORK_GET`] for a READ COMMITTED finish: the claim's row stays as read until it commits.
 const WORK_GET_LOCKED: &str = work_get!(" FOR UPDATE");
+/// [`WORK_GET`] for a fenced write's precondition: a release, expiry or takeover of the claim
+/// (each deletes or replaces the row) waits for this transaction, and one that committed after
+/// its snapshot makes it fail with a serialization error (and retry, to `WorkLost`). A plain
+/// read would not do: claims and finishes run READ COMMITTED, outside SSI's conflict tracking.
+const WORK_GET_SHARED: &str = work_get!(" FOR SHARE");
 const WORK_OF_SESSION: &str =
     "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
      WHERE session_id = $1 ORDER BY namespace, kind, id, process";
@@ -929,6 +934,20 @@ pub(crate) async fn process_put(tx: &mut PgTx<'_>, p: &Process) -> Result<()> {
 pub(crate) async fn process_all(tx: &mut PgTx<'_>) -> Result<Vec<Process>> {
     let rows = tx.read(PROCESS_ALL, &[]).await?;
     rows.iter().map(process_from_row).collect()
+}
+
+pub(crate) async fn work_read_held(
+    tx: &mut PgTx<'_>,
+    key: &ObjectKey,
+    process: &str,
+) -> Result<Option<WorkInfo>> {
+    let rows = tx
+        .read(
+            WORK_GET_SHARED,
+            &[&key.namespace, &key.kind, &key.id, &process],
+        )
+        .await?;
+    rows.first().map(work_from_row).transpose()
 }
 
 pub(crate) async fn work_read(

@@ -343,6 +343,10 @@ impl TxRows for SqliteRows<'_> {
     async fn work_read(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>> {
         work::work_read(self.conn, key, process)
     }
+    /// One writer at a time: nothing changes the row before this transaction ends.
+    async fn work_read_held(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>> {
+        work::work_read(self.conn, key, process)
+    }
     async fn work_of_session(&mut self, session_id: &str) -> Result<Vec<WorkInfo>> {
         work::work_of_session(self.conn, session_id)
     }

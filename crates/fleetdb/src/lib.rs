@@ -52,7 +52,7 @@ pub use fleetdb_core::{
 pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
 pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
 pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec, GC_RUNS_KEPT};
-pub use session::{Session, Work};
+pub use session::{Fence, Session, Work};
 pub use txn::Txn;
 pub use watch::{Watch, WatchEvent, WatchRequest, WatchScope};
 pub use world::World;
@@ -341,9 +341,18 @@ impl Store {
     }
 
     pub(crate) async fn write(&self, ops: Vec<Op>) -> Result<Vec<OpResult>> {
+        self.write_with(Vec::new(), ops).await
+    }
+
+    /// [`Store::write`] under preconditions.
+    async fn write_with(
+        &self,
+        preconditions: Vec<Precondition>,
+        ops: Vec<Op>,
+    ) -> Result<Vec<OpResult>> {
         self.ready().await?;
         let batch = Batch {
-            preconditions: Vec::new(),
+            preconditions,
             ops,
             now: self.clock.now(),
         };
@@ -554,17 +563,44 @@ impl Store {
         name: &str,
         value: &serde_json::Value,
     ) -> Result<Written<Tag>> {
+        self.tag_set_under(Vec::new(), key, name, value).await
+    }
+
+    /// [`Store::tag_set`] fenced by a claim: it commits only while `fence`'s claim is held
+    /// ([`Store::txn_fenced`]); otherwise `WorkLost` and nothing is written.
+    pub async fn tag_set_fenced(
+        &self,
+        fence: &Fence,
+        key: &ObjectKey,
+        name: &str,
+        value: &serde_json::Value,
+    ) -> Result<Written<Tag>> {
+        fence.validate()?;
+        self.tag_set_under(vec![fence.precondition()], key, name, value)
+            .await
+    }
+
+    async fn tag_set_under(
+        &self,
+        pre: Vec<Precondition>,
+        key: &ObjectKey,
+        name: &str,
+        value: &serde_json::Value,
+    ) -> Result<Written<Tag>> {
         let text = validate::canonical_json(
             &format!("tag {name:?} value"),
             value,
             self.limits.tag_value_bytes_max,
         )?;
         let r = self
-            .write(vec![Op::TagSet {
-                key: key.clone(),
-                name: name.into(),
-                value: text,
-            }])
+            .write_with(
+                pre,
+                vec![Op::TagSet {
+                    key: key.clone(),
+                    name: name.into(),
+                    value: text,
+                }],
+            )
             .await?;
         expect_applied(r, |a| match a {
             Applied::Tag(t) => Some(t),
@@ -591,13 +627,32 @@ impl Store {
     }
 
     pub async fn tag_delete(&self, key: &ObjectKey, name: &str) -> Result<Revision> {
-        let r = self
-            .write(vec![Op::TagDelete {
-                key: key.clone(),
-                name: name.into(),
-            }])
-            .await?;
-        deleted_revision(r)
+        self.tag_delete_under(Vec::new(), key, name).await
+    }
+
+    /// [`Store::tag_delete`] fenced by a claim, as [`Store::tag_set_fenced`].
+    pub async fn tag_delete_fenced(
+        &self,
+        fence: &Fence,
+        key: &ObjectKey,
+        name: &str,
+    ) -> Result<Revision> {
+        fence.validate()?;
+        self.tag_delete_under(vec![fence.precondition()], key, name)
+            .await
+    }
+
+    async fn tag_delete_under(
+        &self,
+        pre: Vec<Precondition>,
+        key: &ObjectKey,
+        name: &str,
+    ) -> Result<Revision> {
+        let op = Op::TagDelete {
+            key: key.clone(),
+            name: name.into(),
+        };
+        deleted_revision(self.write_with(pre, vec![op]).await?)
     }
 
     // ---- transactions ----
@@ -635,6 +690,21 @@ impl Store {
         Fut: Future<Output = Result<T>>,
     {
         self.txn_with(f, Vec::new(), Vec::new()).await
+    }
+
+    /// [`Store::txn`] fenced by a claim: the transaction commits only while `fence`'s claim is
+    /// held (its session alive, its token current); otherwise it fails with `WorkLost` and writes
+    /// nothing. The check holds until commit: a release, expiry or takeover of the claim that
+    /// races with it either waits for it or makes it retry (and fail). For writes made on behalf
+    /// of a claim by someone without its [`Work`], e.g. a command run by `fleetdb worker`.
+    pub async fn txn_fenced<T, F, Fut>(&self, fence: &Fence, f: F) -> Result<T>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        fence.validate()?;
+        self.txn_with(f, vec![fence.precondition()], Vec::new())
+            .await
     }
 
     /// [`Store::txn`] with extra preconditions (checked first) and extra ops (applied after the

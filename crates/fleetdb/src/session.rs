@@ -948,6 +948,38 @@ impl Session {
     }
 }
 
+/// A claim as seen by a writer that does not hold its [`Work`] (another process, a worker's
+/// command): writes through [`Store::txn_fenced`] commit only while it is held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: ObjectKey,
+    pub process: String,
+    pub session_id: String,
+    pub token: i64,
+}
+
+impl Fence {
+    /// Its key and process name follow the name rules; the session id is not empty.
+    pub fn validate(&self) -> Result<()> {
+        self.key.validate()?;
+        fleetdb_core::validate::name("process", &self.process)?;
+        if self.session_id.is_empty() {
+            return Err(Error::invalid("session id", "", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The precondition of a write fenced by this claim.
+    pub fn precondition(&self) -> Precondition {
+        Precondition::WorkHeld {
+            key: self.key.clone(),
+            process: self.process.clone(),
+            session_id: self.session_id.clone(),
+            token: self.token,
+        }
+    }
+}
+
 /// An exclusive claim on (object, process), held by a session, with a fencing token. End it with
 /// [`Work::finish`], [`Work::cancel`] or [`Work::fail`]; a claim dropped without an outcome is
 /// cancelled in the background.
@@ -975,6 +1007,32 @@ impl Work {
     }
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// This claim as a fence for writes made elsewhere ([`Store::txn_fenced`]; a worker's
+    /// command gets it in its environment from `fleetdb worker`).
+    pub fn fence(&self) -> Fence {
+        Fence {
+            key: self.info.key.clone(),
+            process: self.info.process.clone(),
+            session_id: self.info.session_id.clone(),
+            token: self.info.token,
+        }
+    }
+
+    /// Run the caller's writes in ONE transaction that commits only while this claim is still
+    /// held (by this session, with this token, the session alive): a fenced write. Otherwise it
+    /// fails with `WorkLost` and writes nothing. The claim stays held either way; record progress
+    /// with it, and end the claim with [`Work::finish`], [`Work::cancel`] or [`Work::fail`].
+    /// `f` may run several times (see [`Store::txn`]).
+    pub async fn update<T, F, Fut>(&mut self, f: F) -> Result<T>
+    where
+        F: FnMut(Txn) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.check_open()?;
+        let out = self.session.store.txn_fenced(&self.fence(), f).await;
+        self.lost_if_expired(out)
     }
 
     fn release_op(&self, outcome: Outcome) -> Op {

@@ -48,3 +48,62 @@ async fn drop(h: Harness) {
 }
 
 fleetdb_conformance::suite!(make, drop);
+
+/// A fenced write racing a release on PostgreSQL. Claims and finishes run READ COMMITTED, outside
+/// SSI's conflict tracking, so the fenced write's check must hold the claim's row, not merely
+/// read it: here a releaser on its own connection holds the row locked (as a finish does); the
+/// fenced write waits for it, and once the release has deleted the row and committed, the write
+/// fails with `WorkLost` and writes nothing. (With a plain snapshot read it would have committed
+/// after the claim ended.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_racing_a_release_waits_and_fails() {
+    use std::time::Duration;
+    let h = make().await;
+    let st = h.store.clone();
+    st.process_define("Install", &[]).await.unwrap();
+    let k = fleetdb::ObjectKey::new("default", "machine", "m1").unwrap();
+    st.object_put(&k, fleetdb::Labels::new()).await.unwrap();
+    let s = st
+        .session_start(fleetdb::SessionSpec::new("c", "h").ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let w = s.claim_object(&k, "Install").await.unwrap();
+    let fence = w.fence();
+    let (releaser, conn) = tokio_postgres::connect(&h.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    releaser
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM work WHERE id = 'm1' AND process = 'Install' FOR UPDATE",
+        )
+        .await
+        .unwrap();
+    let write = tokio::spawn({
+        let (st, k) = (st.clone(), k.clone());
+        async move {
+            st.txn_fenced(&fence, |tx| {
+                let k = k.clone();
+                async move { tx.tag_set(&k, "progress", &serde_json::json!("late")) }
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !write.is_finished(),
+        "the fenced write waits for the claim's row"
+    );
+    releaser
+        .batch_execute("DELETE FROM work WHERE id = 'm1' AND process = 'Install'; COMMIT")
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(20), write)
+        .await
+        .expect("the fenced write ends once the release committed")
+        .unwrap();
+    assert!(matches!(r, Err(fleetdb::Error::WorkLost { .. })), "{r:?}");
+    assert!(st.tag_get(&k, "progress").await.unwrap().is_none());
+    std::mem::forget(w); // its row is gone; dropping would try to cancel
+    drop(h).await;
+}
