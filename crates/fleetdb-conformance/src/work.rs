@@ -1903,7 +1903,7 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
     let mut handles: Vec<(usize, fleetdb::Work)> = Vec::new();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     // How often each interesting outcome happened: the sequence must exercise all of them.
-    let (mut claimed, mut refused, mut ended, mut lost) = (0, 0, 0, 0);
+    let (mut claimed, mut refused, mut ended, mut lost, mut fenced) = (0, 0, 0, 0, 0);
 
     // Three components; when one's session has expired it starts a new one (a restart).
     let mut slots = [0usize, 1, 2];
@@ -1965,37 +1965,73 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
                 let o = objs.iter().position(|k| k == w.key()).unwrap();
                 let p = procs.iter().copied().find(|p| *p == w.process()).unwrap();
                 let still = held.get(&(o, p)) == Some(&(s, w.token())) && alive(s, &deadline);
-                let kind = rng.below(3);
-                let r = match kind {
-                    0 => w.finish(|_| async { Ok(()) }).await,
-                    1 => w.cancel().await,
-                    _ => w.fail(&backoff, "model").await,
-                };
-                match r {
-                    Ok(()) => {
-                        assert!(still, "step {step}: ending a lost claim succeeded");
-                        held.remove(&(o, p));
-                        ended += 1;
-                        match kind {
-                            0 => {
-                                backoffs.remove(&(o, p));
-                            }
-                            2 => {
-                                let last = backoffs.get(&(o, p)).map(|b| b.1);
-                                let next = backoff.next_interval_s(last);
-                                backoffs
-                                    .insert((o, p), (now + Duration::from_secs(next as u64), next));
-                            }
-                            _ => {}
+                if rng.below(4) == 0 {
+                    // A fenced write: it commits exactly when ending the claim would succeed,
+                    // and leaves the claim held.
+                    let k = w.key().clone();
+                    let before = st.tag_get(&k, "fenced").await.unwrap().map(|t| t.value);
+                    let r = w
+                        .update(|tx| {
+                            let k = k.clone();
+                            async move { tx.tag_set(&k, "fenced", &json!(step)) }
+                        })
+                        .await;
+                    let after = st.tag_get(&k, "fenced").await.unwrap().map(|t| t.value);
+                    match r {
+                        Ok(()) => {
+                            assert!(
+                                still,
+                                "step {step}: a fenced write of a lost claim committed"
+                            );
+                            assert_eq!(after, Some(json!(step)), "step {step}");
+                            fenced += 1;
                         }
+                        Err(Error::WorkLost { .. }) => {
+                            assert!(
+                                !still,
+                                "step {step}: a held claim's fenced write was refused"
+                            );
+                            assert_eq!(after, before, "step {step}: a refused write wrote");
+                            lost += 1;
+                        }
+                        Err(e) => panic!("step {step}: unexpected {e}"),
                     }
-                    Err(Error::WorkLost { .. }) | Err(Error::SessionExpired { .. }) => {
-                        assert!(!still, "step {step}: a held claim was refused");
-                        lost += 1;
+                    handles.push((s, w));
+                } else {
+                    let kind = rng.below(3);
+                    let r = match kind {
+                        0 => w.finish(|_| async { Ok(()) }).await,
+                        1 => w.cancel().await,
+                        _ => w.fail(&backoff, "model").await,
+                    };
+                    match r {
+                        Ok(()) => {
+                            assert!(still, "step {step}: ending a lost claim succeeded");
+                            held.remove(&(o, p));
+                            ended += 1;
+                            match kind {
+                                0 => {
+                                    backoffs.remove(&(o, p));
+                                }
+                                2 => {
+                                    let last = backoffs.get(&(o, p)).map(|b| b.1);
+                                    let next = backoff.next_interval_s(last);
+                                    backoffs.insert(
+                                        (o, p),
+                                        (now + Duration::from_secs(next as u64), next),
+                                    );
+                                }
+                                _ => {}
+                            }
+                        }
+                        Err(Error::WorkLost { .. }) | Err(Error::SessionExpired { .. }) => {
+                            assert!(!still, "step {step}: a held claim was refused");
+                            lost += 1;
+                        }
+                        Err(e) => panic!("step {step}: unexpected {e}"),
                     }
-                    Err(e) => panic!("step {step}: unexpected {e}"),
+                    std::mem::forget(w);
                 }
-                std::mem::forget(w);
             }
             7 if rng.below(3) == 0 => {
                 let s = slots[rng.below(3) as usize];
@@ -2067,8 +2103,8 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
     }
     let expired = sessions.iter().filter(|s| s.is_expired()).count();
     assert!(
-        claimed >= 10 && refused >= 5 && ended >= 5 && lost >= 1 && expired >= 1,
-        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, expired {expired}"
+        claimed >= 10 && refused >= 5 && ended >= 5 && lost >= 1 && fenced >= 3 && expired >= 1,
+        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, fenced {fenced}, expired {expired}"
     );
 }
 
