@@ -2537,3 +2537,48 @@ pub async fn fenced_writes_commit_only_while_the_claim_is_held(h: &Harness) {
     assert_eq!(seen().await, Some(json!("rescued")));
     std::mem::forget(w); // its session is gone; dropping would try to cancel
 }
+
+/// Tracked selectors ([`Store::metrics_track_selector`]): each refresh sets
+/// `fleetdb_selector_objects{selector=NAME}` to what the selector matches, as `Store::count`
+/// says; an untracked name's gauge goes; bad names and selectors are refused.
+pub async fn tracked_selectors_count_their_matches(h: &Harness) {
+    let st = &h.store;
+    let ks = machines(h, 3).await;
+    for (k, tag) in [(0, "provided"), (1, "provided"), (1, "agent_started")] {
+        st.tag_set(&ks[k], tag, &json!(true)).await.unwrap();
+    }
+    let awaiting = "kind = machine and has(provided) and not has(agent_started)";
+    st.metrics_track_selector("awaiting_agent", awaiting)
+        .unwrap();
+    st.metrics_track_selector("machines", "kind = machine")
+        .unwrap();
+    let gauge = |name: &str| {
+        let text = st.metrics().encode();
+        let prefix = format!("fleetdb_selector_objects{{selector=\"{name}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.parse::<u64>().unwrap()))
+    };
+    st.metrics_refresh().await.unwrap();
+    assert_eq!(gauge("awaiting_agent"), Some(1));
+    assert_eq!(gauge("machines"), Some(3));
+    st.tag_set(&ks[2], "provided", &json!(true)).await.unwrap();
+    st.metrics_refresh().await.unwrap();
+    assert_eq!(
+        gauge("awaiting_agent"),
+        Some(st.count(awaiting).await.unwrap())
+    );
+    assert_eq!(gauge("awaiting_agent"), Some(2));
+    assert!(st.metrics_untrack_selector("machines"));
+    assert!(!st.metrics_untrack_selector("machines"));
+    st.metrics_refresh().await.unwrap();
+    assert_eq!(gauge("machines"), None);
+    for (name, selector) in [("bad name", "kind = machine"), ("ok", "kind = ")] {
+        assert!(matches!(
+            st.metrics_track_selector(name, selector),
+            Err(Error::Invalid { .. })
+        ));
+    }
+    st.metrics_refresh().await.unwrap();
+    assert_eq!(gauge("ok"), None);
+    assert_eq!(gauge("awaiting_agent"), Some(2));
+}

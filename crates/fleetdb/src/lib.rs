@@ -53,6 +53,9 @@ pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
 pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
 pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec, GC_RUNS_KEPT};
 pub use session::{Fence, Session, Work};
+
+/// Most selectors one store's metrics track ([`Store::metrics_track_selector`]).
+pub const TRACKED_SELECTORS_MAX: usize = 100;
 pub use txn::Txn;
 pub use watch::{Watch, WatchEvent, WatchRequest, WatchScope};
 pub use world::World;
@@ -376,10 +379,65 @@ impl Store {
         &self.metrics
     }
 
-    /// Recompute the gauges (active work and active backoffs per process) from the store.
+    /// Count the objects `selector` matches in the gauge `fleetdb_selector_objects{selector=name}`
+    /// at every [`Store::metrics_refresh`]: a workflow state ("provided, agent not started") from
+    /// the very selector its workers claim with, so the dashboards and the claims never disagree
+    /// (BMDB wrote its stats queries twice, and they drifted). Tracking a name again replaces its
+    /// selector. At most [`TRACKED_SELECTORS_MAX`] names.
+    pub fn metrics_track_selector(&self, name: &str, selector: &str) -> Result<()> {
+        validate::name("selector name", name)?;
+        fleetdb_core::selector::Selector::parse(selector)?;
+        let mut tracked = self
+            .metrics
+            .tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if tracked.len() >= TRACKED_SELECTORS_MAX && !tracked.contains_key(name) {
+            return Err(Error::invalid(
+                "selector name",
+                name,
+                format!("at most {TRACKED_SELECTORS_MAX} selectors are tracked"),
+            ));
+        }
+        tracked.insert(name.to_string(), selector.to_string());
+        Ok(())
+    }
+
+    /// Stop tracking a selector (its gauge goes at the next refresh); whether it was tracked.
+    pub fn metrics_untrack_selector(&self, name: &str) -> bool {
+        self.metrics
+            .tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .is_some()
+    }
+
+    /// Recompute the gauges (active work and active backoffs per process, objects per tracked
+    /// selector) from the store.
     pub async fn metrics_refresh(&self) -> Result<()> {
         self.ready().await?;
-        let stats = self.backend.work_stats(self.clock.now()).await?;
+        let now = self.clock.now();
+        let tracked: Vec<(String, String)> = self
+            .metrics
+            .tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let mut counts = Vec::with_capacity(tracked.len());
+        for (name, selector) in tracked {
+            counts.push((name, self.backend.count(&selector, now).await?));
+        }
+        self.metrics.selector_objects.reset();
+        for (name, n) in counts {
+            self.metrics
+                .selector_objects
+                .with_label_values(&[name.as_str()])
+                .set(n as i64);
+        }
+        let stats = self.backend.work_stats(now).await?;
         self.metrics.work_active.reset();
         self.metrics.backoffs_active.reset();
         for s in stats {

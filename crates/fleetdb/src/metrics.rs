@@ -1,5 +1,6 @@
 //! Prometheus metrics of one store: counters updated as things happen, and gauges (active work
-//! and active backoffs per process) computed from the store when [`Metrics::refresh`] runs. The
+//! and active backoffs per process, objects per tracked selector) computed from the store when
+//! `Store::metrics_refresh` runs. The
 //! server exposes [`Metrics::encode`] at `/metrics`.
 
 use std::time::Instant;
@@ -27,6 +28,11 @@ pub struct Metrics {
     pub work_finished: IntCounterVec,
     pub work_active: IntGaugeVec,
     pub backoffs_active: IntGaugeVec,
+    /// Objects each tracked selector matches ([`crate::Store::metrics_track_selector`]).
+    pub selector_objects: IntGaugeVec,
+    /// The tracked selectors: name → selector text.
+    pub(crate) tracked:
+        std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
     pub gc_runs: IntCounter,
     pub gc_swept: IntCounterVec,
     pub gc_bytes_freed: IntCounter,
@@ -231,6 +237,13 @@ impl Default for Metrics {
                 "Backoffs not yet over.",
                 &["process"],
             ),
+            selector_objects: gauge_vec(
+                &r,
+                "fleetdb_selector_objects",
+                "Objects a tracked selector matches (a workflow state), by the name it was tracked under.",
+                &["selector"],
+            ),
+            tracked: Default::default(),
             gc_runs: counter(&r, "fleetdb_gc_runs_total", "Garbage collections run."),
             gc_swept: counter_vec(
                 &r,
