@@ -170,7 +170,13 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
         a.component,
         a.process
     );
-    let result = worker_loop(&session, db_url, &a, &backoff, stop).await;
+    let worker = Worker {
+        session: &session,
+        db_url,
+        a: &a,
+        backoff: &backoff,
+    };
+    let result = worker.run(stop).await;
     if !session.is_expired() {
         let _ = session.clone().close().await;
     }
@@ -222,136 +228,137 @@ fn watch_signals(grace: Duration) -> Result<watch::Receiver<Stop>, Error> {
 /// A claim in flight.
 type Claiming<'a> = Pin<Box<dyn Future<Output = fleetdb::Result<Vec<Work>>> + 'a>>;
 
-/// Claims and runs until stopped (or, with `--once`, until one claim's objects are done): claims
-/// when nothing claimed waits to run and a slot is free; starts a run whenever a slot is free.
-async fn worker_loop(
-    session: &Session,
-    db_url: &str,
-    a: &WorkerArgs,
-    backoff: &Backoff,
-    mut stop: watch::Receiver<Stop>,
-) -> Result<(), Error> {
-    let mut waiting: VecDeque<Work> = VecDeque::new();
-    let mut runs = FuturesUnordered::new();
-    // The claim in flight is kept across turns (a run ending must not drop it: work it got
-    // meanwhile would be cancelled, for nothing).
-    let mut claiming: Option<Claiming<'_>> = None;
-    if a.once {
-        waiting.extend(session.claim(&a.process, &a.selector, a.limit).await?);
-    }
-    loop {
-        let stopping = *stop.borrow() != Stop::No;
-        if stopping {
-            claiming = None;
-            for mut w in waiting.drain(..) {
-                w.cancel().await?; // claimed, never run
-            }
-        }
-        while runs.len() < a.concurrency {
-            let Some(w) = waiting.pop_front() else { break };
-            runs.push(run_one(w, session, db_url, a, backoff, stop.clone()));
-        }
-        if claiming.is_none()
-            && !stopping
-            && !a.once
-            && waiting.is_empty()
-            && runs.len() < a.concurrency
-        {
-            claiming = Some(Box::pin(session.claim_wait(
-                &a.process,
-                &a.selector,
-                a.limit,
-                Duration::from_secs(30),
-            )));
-        }
-        if runs.is_empty() && claiming.is_none() {
-            return Ok(()); // stopped, or --once done
-        }
-        tokio::select! {
-            claimed = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
-                claiming = None;
-                waiting.extend(claimed?);
-            }
-            ran = runs.next(), if !runs.is_empty() => {
-                // A failed run (its session lost, or its outcome not recorded) ends the worker; the
-                // other runs' commands are killed as their futures are dropped.
-                ran.expect("guarded")?;
-            }
-            _ = stop.changed(), if !stopping => {}
-        }
-    }
+/// One worker: its session and what it was told.
+struct Worker<'a> {
+    session: &'a Session,
+    db_url: &'a str,
+    a: &'a WorkerArgs,
+    backoff: &'a Backoff,
 }
 
-/// One run of the command on `w`, to its recorded outcome.
-async fn run_one(
-    mut w: Work,
-    session: &Session,
-    db_url: &str,
-    a: &WorkerArgs,
-    backoff: &Backoff,
-    mut stop: watch::Receiver<Stop>,
-) -> Result<(), Error> {
-    let key = w.key().clone();
-    eprintln!("worker: {} {} (token {})", a.process, key, w.token());
-    let mut cmd = Command::new(&a.command[0]);
-    cmd.args(&a.command[1..])
-        .env("FLEETDB_DB", db_url)
-        .env("FLEETDB_NAMESPACE", &key.namespace)
-        .env("FLEETDB_KIND", &key.kind)
-        .env("FLEETDB_ID", &key.id)
-        .env("FLEETDB_PROCESS", &a.process)
-        .env("FLEETDB_TOKEN", w.token().to_string())
-        .env("FLEETDB_SESSION", session.id())
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = spawn_in_own_group(cmd).map_err(|e| {
-        Error::invalid(
-            "command",
-            a.command.join(" "),
-            format!("cannot start it: {e}"),
-        )
-    })?;
-    // Lines of concurrent runs are told apart by their object.
-    let prefix = (a.concurrency > 1).then(|| format!("[{key}] "));
-    let tail = Arc::new(Mutex::new(Tail::default()));
-    let tee = child
-        .stderr
-        .take()
-        .map(|s| AbortOnDrop(tokio::spawn(tee_stderr(s, prefix, tail.clone()))));
-    let ended = supervise(&mut child, session, a, &mut stop).await;
-    if let Some(mut tee) = tee {
-        let _ = tokio::time::timeout(STDERR_LINGER, &mut tee.0).await;
-    }
-    let tail = tail.lock().unwrap_or_else(|p| p.into_inner()).text();
-    match ended {
-        Ended::SessionLost => {
-            std::mem::forget(w); // the claim is lost with the session; nothing to cancel
-            Err(Error::SessionExpired {
-                session_id: session.id().to_string(),
-            })
+impl Worker<'_> {
+    /// Claims and runs until stopped (or, with `--once`, until one claim's objects are done): claims
+    /// when nothing claimed waits to run and a slot is free; starts a run whenever a slot is free.
+    async fn run(&self, mut stop: watch::Receiver<Stop>) -> Result<(), Error> {
+        let (session, a) = (self.session, self.a);
+        let mut waiting: VecDeque<Work> = VecDeque::new();
+        let mut runs = FuturesUnordered::new();
+        // The claim in flight is kept across turns (a run ending must not drop it: work it got
+        // meanwhile would be cancelled, for nothing).
+        let mut claiming: Option<Claiming<'_>> = None;
+        if a.once {
+            waiting.extend(session.claim(&a.process, &a.selector, a.limit).await?);
         }
-        Ended::Exited { status, .. } if status.success() => w.finish(|_| async { Ok(()) }).await,
-        Ended::Exited {
-            signalled: Some(Signalled::Stopping),
-            ..
-        } => w.cancel().await,
-        Ended::Exited { status, signalled } => {
-            let mut cause = match signalled {
-                Some(Signalled::TimedOut) => format!(
-                    "timed out after {} ({status})",
-                    humantime::format_duration(a.timeout.unwrap_or_default())
-                ),
-                _ => status.to_string(),
-            };
-            if !tail.is_empty() {
-                cause = format!("{cause}: {tail}");
+        loop {
+            let stopping = *stop.borrow() != Stop::No;
+            if stopping {
+                claiming = None;
+                for mut w in waiting.drain(..) {
+                    w.cancel().await?; // claimed, never run
+                }
             }
-            w.fail(backoff, &cause).await
+            while runs.len() < a.concurrency {
+                let Some(w) = waiting.pop_front() else { break };
+                runs.push(self.run_one(w, stop.clone()));
+            }
+            if claiming.is_none()
+                && !stopping
+                && !a.once
+                && waiting.is_empty()
+                && runs.len() < a.concurrency
+            {
+                claiming = Some(Box::pin(session.claim_wait(
+                    &a.process,
+                    &a.selector,
+                    a.limit,
+                    Duration::from_secs(30),
+                )));
+            }
+            if runs.is_empty() && claiming.is_none() {
+                return Ok(()); // stopped, or --once done
+            }
+            tokio::select! {
+                claimed = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
+                    claiming = None;
+                    waiting.extend(claimed?);
+                }
+                ran = runs.next(), if !runs.is_empty() => {
+                    // A failed run (its session lost, or its outcome not recorded) ends the worker; the
+                    // other runs' commands are killed as their futures are dropped.
+                    ran.expect("guarded")?;
+                }
+                _ = stop.changed(), if !stopping => {}
+            }
         }
-        Ended::WaitFailed(e) => {
-            w.fail(backoff, &format!("waiting for the command failed: {e}"))
-                .await
+    }
+
+    /// One run of the command on `w`, to its recorded outcome.
+    async fn run_one(&self, mut w: Work, mut stop: watch::Receiver<Stop>) -> Result<(), Error> {
+        let (session, a, backoff) = (self.session, self.a, self.backoff);
+        let key = w.key().clone();
+        eprintln!("worker: {} {} (token {})", a.process, key, w.token());
+        let mut cmd = Command::new(&a.command[0]);
+        cmd.args(&a.command[1..])
+            .env("FLEETDB_DB", self.db_url)
+            .env("FLEETDB_NAMESPACE", &key.namespace)
+            .env("FLEETDB_KIND", &key.kind)
+            .env("FLEETDB_ID", &key.id)
+            .env("FLEETDB_PROCESS", &a.process)
+            .env("FLEETDB_TOKEN", w.token().to_string())
+            .env("FLEETDB_SESSION", session.id())
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = spawn_in_own_group(cmd).map_err(|e| {
+            Error::invalid(
+                "command",
+                a.command.join(" "),
+                format!("cannot start it: {e}"),
+            )
+        })?;
+        // Lines of concurrent runs are told apart by their object.
+        let prefix = (a.concurrency > 1).then(|| format!("[{key}] "));
+        let tail = Arc::new(Mutex::new(Tail::default()));
+        let tee = child
+            .stderr
+            .take()
+            .map(|s| AbortOnDrop(tokio::spawn(tee_stderr(s, prefix, tail.clone()))));
+        let ended = supervise(&mut child, session, a, &mut stop).await;
+        if let Some(mut tee) = tee {
+            let _ = tokio::time::timeout(STDERR_LINGER, &mut tee.0).await;
+        }
+        let tail = tail.lock().unwrap_or_else(|p| p.into_inner()).text();
+        match ended {
+            Ended::SessionLost => {
+                std::mem::forget(w); // the claim is lost with the session; nothing to cancel
+                Err(Error::SessionExpired {
+                    session_id: session.id().to_string(),
+                })
+            }
+            Ended::Exited { status, .. } if status.success() => {
+                w.finish(|_| async { Ok(()) }).await
+            }
+            Ended::Exited {
+                signalled: Some(Signalled::Stopping),
+                ..
+            } => w.cancel().await,
+            Ended::Exited { status, signalled } => {
+                let mut cause = match signalled {
+                    Some(Signalled::TimedOut) => format!(
+                        "timed out after {} ({status})",
+                        humantime::format_duration(a.timeout.unwrap_or_default())
+                    ),
+                    _ => status.to_string(),
+                };
+                if !tail.is_empty() {
+                    cause = format!("{cause}: {tail}");
+                }
+                w.fail(backoff, &cause).await
+            }
+            Ended::WaitFailed(e) => {
+                w.fail(backoff, &format!("waiting for the command failed: {e}"))
+                    .await
+            }
         }
     }
 }

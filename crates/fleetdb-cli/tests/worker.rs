@@ -106,6 +106,19 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// `fleetdb worker` refuses each of `values` for `flag` as bad input (exit 2, naming the flag).
+fn refused(url: &str, d: &std::path::Path, process: &str, flag: &str, values: &[&str]) {
+    for bad in values {
+        let out = fleetdb(url, d)
+            .args(["worker", "--component", "w", "--process", process])
+            .args(["--selector", "kind = machine", flag, bad, "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(flag));
+    }
+}
+
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -516,26 +529,7 @@ fn a_run_past_the_timeout_is_stopped_and_fails() {
     assert!(cause.starts_with("timed out after 1s"), "{cause}");
     assert!(cause.ends_with("still imaging"), "{cause}");
     assert_eq!(json(&url, d, &["backoff", "ls"])[0]["last_interval_s"], 60);
-    for bad in ["0s", "later"] {
-        let out = fleetdb(&url, d)
-            .args([
-                "worker",
-                "--component",
-                "w",
-                "--process",
-                "Install",
-                "--selector",
-                "kind = machine",
-                "--timeout",
-                bad,
-                "--",
-                "true",
-            ])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "--timeout {bad}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("--timeout"));
-    }
+    refused(&url, d, "Install", "--timeout", &["0s", "later"]);
 }
 
 /// `--concurrency 3`: three commands run at once under one session (each waits until all three
@@ -591,26 +585,13 @@ fn commands_run_side_by_side_with_concurrency() {
     }
     let ended = err.lines().filter(|l| l.ends_with("] end")).count();
     assert_eq!(ended, 3, "{err}");
-    for bad in ["0", "1025", "many"] {
-        let out = fleetdb(&url, d)
-            .args([
-                "worker",
-                "--component",
-                "w",
-                "--process",
-                "Provision",
-                "--selector",
-                "kind = machine",
-                "--concurrency",
-                bad,
-                "--",
-                "true",
-            ])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "--concurrency {bad}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency"));
-    }
+    refused(
+        &url,
+        d,
+        "Provision",
+        "--concurrency",
+        &["0", "1025", "many"],
+    );
 }
 
 /// `tag set --fenced` / `tag rm --fenced`: a worker's command writes through its claim (the

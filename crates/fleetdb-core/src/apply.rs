@@ -142,17 +142,10 @@ async fn apply_run<T: TxRows + ?Sized>(
                 let Op::WorkRelease { key, token, .. } = op else {
                     continue;
                 };
-                let lost = |why: &str| Error::WorkLost {
-                    what: format!("{process} on {key} (token {token}) {why}; nothing was changed"),
-                };
-                let Some(w) = held.get(key) else {
-                    return Err(lost("is not held by anyone"));
-                };
-                if w.session_id != *session_id || w.token != *token {
-                    return Err(lost("is held by another claim"));
-                }
+                let w = holder(held.get(key), session_id, *token)
+                    .map_err(|why| work_lost(process, key, *token, why))?;
                 let Some(session) = &session else {
-                    return Err(lost("belongs to an expired session"));
+                    return Err(work_lost(process, key, *token, EXPIRED_HOLDER));
                 };
                 entries.push(history(
                     w,
@@ -240,18 +233,11 @@ async fn check_precondition<T: TxRows + ?Sized>(
             session_id,
             token,
         } => {
-            let lost = |why: &str| Error::WorkLost {
-                what: format!("{process} on {key} (token {token}) {why}; nothing was changed"),
-            };
-            match rows.work_read_held(key, process).await? {
-                None => return Err(lost("is not held by anyone")),
-                Some(w) if w.session_id != *session_id || w.token != *token => {
-                    return Err(lost("is held by another claim"))
-                }
-                Some(_) => {}
-            }
+            let lost = |why| work_lost(process, key, *token, why);
+            let w = rows.work_read_held(key, process).await?;
+            holder(w.as_ref(), session_id, *token).map_err(lost)?;
             return match live_session(rows, session_id, now).await {
-                Err(Error::SessionExpired { .. }) => Err(lost("belongs to an expired session")),
+                Err(Error::SessionExpired { .. }) => Err(lost(EXPIRED_HOLDER)),
                 other => other.map(|_| ()),
             };
         }
@@ -637,21 +623,17 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
             token,
             outcome,
         } => {
-            let lost = |why: &str| Error::WorkLost {
-                what: format!("{process} on {key} (token {token}) {why}; nothing was changed"),
-            };
-            let Some(w) = rows.work_read(key, process).await? else {
-                return Err(lost("is not held by anyone"));
-            };
-            if w.session_id != *session_id || w.token != *token {
-                return Err(lost("is held by another claim"));
-            }
+            let lost = |why| work_lost(process, key, *token, why);
+            let w = rows.work_read(key, process).await?;
+            let w = holder(w.as_ref(), session_id, *token)
+                .map_err(lost)?
+                .clone();
             let Some(session) = rows
                 .session_read(session_id)
                 .await?
                 .filter(|s| s.alive_at(now))
             else {
-                return Err(lost("belongs to an expired session"));
+                return Err(lost(EXPIRED_HOLDER));
             };
             match outcome {
                 Outcome::Finished => {
@@ -756,6 +738,31 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
         | Op::BlobCommit { .. }
         | Op::BlobDelete { .. }
         | Op::GcSweep { .. } => Box::pin(crate::gc_apply::apply_gc_op(rows, op, now)).await,
+    }
+}
+
+/// The claim as read, if it is `session_id`'s with `token`; else why not (for [`work_lost`]).
+fn holder<'w>(
+    read: Option<&'w WorkInfo>,
+    session_id: &str,
+    token: i64,
+) -> std::result::Result<&'w WorkInfo, &'static str> {
+    match read {
+        None => Err("is not held by anyone"),
+        Some(w) if w.session_id != session_id || w.token != token => {
+            Err("is held by another claim")
+        }
+        Some(w) => Ok(w),
+    }
+}
+
+/// Why a claim whose row is right is still not held ([`work_lost`]).
+const EXPIRED_HOLDER: &str = "belongs to an expired session";
+
+/// `WorkLost` for `process` on `key` with `token`, saying why.
+fn work_lost(process: &str, key: &ObjectKey, token: i64, why: &str) -> Error {
+    Error::WorkLost {
+        what: format!("{process} on {key} (token {token}) {why}; nothing was changed"),
     }
 }
 
