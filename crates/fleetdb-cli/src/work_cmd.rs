@@ -27,6 +27,10 @@ pub enum ProcessCmd {
     },
     /// List declared processes.
     Ls,
+    /// Pause a process: no claim for it starts until it is resumed (claims held go on).
+    Pause { name: String },
+    /// Resume a paused process.
+    Resume { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -193,14 +197,22 @@ pub async fn process(store: &Store, fmt: Format, cmd: ProcessCmd) -> Result<(), 
             vec![store.process_define(&name, &c).await?]
         }
         ProcessCmd::Ls => store.process_list().await?,
+        ProcessCmd::Pause { name } => vec![store.process_pause(&name).await?],
+        ProcessCmd::Resume { name } => vec![store.process_resume(&name).await?],
     };
     match fmt {
         Format::Json => output::print_json(
-            &procs.iter().map(|p| json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339()})).collect::<Vec<_>>(),
+            &procs.iter().map(|p| json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339(), "paused": p.paused})).collect::<Vec<_>>(),
         ),
         Format::Table => output::table(
-            &["PROCESS", "CONFLICTS"],
-            &procs.iter().map(|p| vec![p.name.clone(), p.conflicts.join(",")]).collect::<Vec<_>>(),
+            &["PROCESS", "CONFLICTS", "STATE"],
+            &procs
+                .iter()
+                .map(|p| {
+                    let state = if p.paused { "paused" } else { "active" };
+                    vec![p.name.clone(), p.conflicts.join(","), state.into()]
+                })
+                .collect::<Vec<_>>(),
         ),
     }
     Ok(())

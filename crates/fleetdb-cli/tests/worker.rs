@@ -670,3 +670,56 @@ fn a_commands_fenced_writes_go_through_only_while_its_claim_is_held() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fleetdb worker"));
 }
+
+/// `process pause` / `process resume`: a paused process's workers claim nothing; `process ls`
+/// shows the state; after `resume` they work again.
+#[test]
+fn a_paused_process_gets_no_work_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = format!("sqlite://{}/db.sqlite", d.display());
+    run(&url, d, &["process", "define", "Install"]);
+    run(&url, d, &["object", "put", "machine", "m1"]);
+    assert_eq!(
+        json(&url, d, &["process", "pause", "Install"])[0]["paused"],
+        true
+    );
+    let once = || {
+        run(
+            &url,
+            d,
+            &[
+                "worker",
+                "--component",
+                "w",
+                "--process",
+                "Install",
+                "--selector",
+                "kind = machine",
+                "--once",
+                "--",
+                "true",
+            ],
+        )
+    };
+    once();
+    let items = |h: Value| h["items"].as_array().unwrap().len();
+    assert_eq!(items(json(&url, d, &["history", "machine", "m1"])), 0);
+    let ls = fleetdb(&url, d).args(["process", "ls"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("paused"));
+    assert_eq!(
+        json(&url, d, &["process", "resume", "Install"])[0]["paused"],
+        false
+    );
+    once();
+    assert_eq!(
+        json(&url, d, &["history", "machine", "m1"])["items"][0]["event"],
+        "Finished"
+    );
+    let out = fleetdb(&url, d)
+        .args(["process", "pause", "Nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not declared"));
+}

@@ -100,6 +100,7 @@ macro_rules! suite {
             finish_deleting_the_eligible_tag,
             fenced_writes_commit_only_while_the_claim_is_held,
             tracked_selectors_count_their_matches,
+            paused_processes_start_no_claims,
             work_matches_a_model_under_random_operations;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,

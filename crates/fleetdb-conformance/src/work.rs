@@ -2582,3 +2582,70 @@ pub async fn tracked_selectors_count_their_matches(h: &Harness) {
     assert_eq!(gauge("ok"), None);
     assert_eq!(gauge("awaiting_agent"), Some(2));
 }
+
+/// A paused process starts no claims: selector claims find nothing, `claim_object` is refused;
+/// claims already held go on and end as usual; other processes are not affected; redefining the
+/// process keeps it paused; resuming lets claims start again.
+pub async fn paused_processes_start_no_claims(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    st.process_define("Audit", &[]).await.unwrap();
+    let ks = machines(h, 3).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut held = s.claim_object(&ks[0], "Install").await.unwrap();
+    let p = st.process_pause("Install").await.unwrap();
+    assert!(p.paused);
+    let listed = st.process_list().await.unwrap();
+    assert!(listed.iter().any(|p| p.name == "Install" && p.paused));
+    assert!(listed.iter().any(|p| p.name == "Audit" && !p.paused));
+    assert!(s
+        .claim("Install", "kind = machine", 5)
+        .await
+        .unwrap()
+        .is_empty());
+    match s.claim_object(&ks[1], "Install").await {
+        Err(Error::Refused { reason, .. }) => assert!(reason.contains("paused"), "{reason}"),
+        other => panic!("expected Refused, got {:?}", other.map(|w| w.token())),
+    }
+    let audits = s.claim("Audit", "kind = machine", 5).await.unwrap();
+    assert_eq!(audits.len(), 3, "another process is not paused");
+    for mut w in audits {
+        w.cancel().await.unwrap();
+    }
+    // The claim held before the pause goes on: a fenced write, then its finish.
+    let k0 = ks[0].clone();
+    held.update(|tx| {
+        let k0 = k0.clone();
+        async move { tx.tag_set(&k0, "progress", &json!("done")) }
+    })
+    .await
+    .unwrap();
+    held.finish(|_| async { Ok(()) }).await.unwrap();
+    // Pausing again changes nothing; redefining keeps the pause; undeclared names are refused.
+    assert!(st.process_pause("Install").await.unwrap().paused);
+    assert!(
+        st.process_define("Install", &["Audit"])
+            .await
+            .unwrap()
+            .paused
+    );
+    assert!(matches!(
+        st.process_pause("Nope").await,
+        Err(Error::Invalid { .. })
+    ));
+    assert!(matches!(
+        st.process_pause("bad name").await,
+        Err(Error::Invalid { .. })
+    ));
+    assert!(s
+        .claim("Install", "kind = machine", 5)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(!st.process_resume("Install").await.unwrap().paused);
+    let got = s.claim("Install", "kind = machine", 5).await.unwrap();
+    assert_eq!(got.len(), 3, "claims start again");
+    for mut w in got {
+        w.finish(|_| async { Ok(()) }).await.unwrap();
+    }
+}

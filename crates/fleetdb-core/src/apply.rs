@@ -600,19 +600,30 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                     ));
                 }
             }
-            let created_at = rows
-                .process_read(name)
-                .await?
-                .map(|p| p.created_at)
-                .unwrap_or(now);
+            let old = rows.process_read(name).await?;
             let p = Process {
                 name: name.clone(),
                 conflicts: list,
-                created_at,
+                created_at: old.as_ref().map_or(now, |p| p.created_at),
+                paused: old.is_some_and(|p| p.paused),
             };
             rows.process_put(&p).await?;
             Ok(OpResult {
                 changed: true,
+                applied: Applied::Process(p),
+            })
+        }
+        Op::ProcessPause { name, paused } => {
+            let Some(mut p) = rows.process_read(name).await? else {
+                return Err(undeclared(name));
+            };
+            let changed = p.paused != *paused;
+            if changed {
+                p.paused = *paused;
+                rows.process_put(&p).await?;
+            }
+            Ok(OpResult {
+                changed,
                 applied: Applied::Process(p),
             })
         }
@@ -841,16 +852,26 @@ async fn expire<T: TxRows + ?Sized>(rows: &mut T, w: &WorkInfo, now: Timestamp) 
     .await
 }
 
-/// The process itself and every process it conflicts with, in either direction.
-async fn exclusions<T: TxRows + ?Sized>(rows: &mut T, process: &str) -> Result<Vec<String>> {
+/// The error of a claim (or a pause) of a process never declared.
+pub fn undeclared(process: &str) -> Error {
+    Error::invalid(
+        "process",
+        process,
+        "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
+    )
+}
+
+/// The process itself and every process it conflicts with, in either direction; and whether the
+/// process is paused.
+async fn exclusions<T: TxRows + ?Sized>(
+    rows: &mut T,
+    process: &str,
+) -> Result<(Vec<String>, bool)> {
     let all = rows.process_all().await?;
     let Some(p) = all.iter().find(|p| p.name == process) else {
-        return Err(Error::invalid(
-            "process",
-            process,
-            "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
-        ));
+        return Err(undeclared(process));
     };
+    let paused = p.paused;
     let mut out = vec![p.name.clone()];
     out.extend(p.conflicts.iter().cloned());
     out.extend(
@@ -860,7 +881,7 @@ async fn exclusions<T: TxRows + ?Sized>(rows: &mut T, process: &str) -> Result<V
     );
     out.sort();
     out.dedup();
-    Ok(out)
+    Ok((out, paused))
 }
 
 /// Claim work: check the session, find candidates (not held by a live session for this process or
@@ -872,7 +893,17 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
 ) -> Result<Vec<WorkInfo>> {
     let now = req.now;
     let session = live_session(rows, &req.session_id, now).await?;
-    let exclude = exclusions(rows, &req.process).await?;
+    let (exclude, paused) = exclusions(rows, &req.process).await?;
+    if paused {
+        // No claim starts while the process is paused: a selector claim finds nothing.
+        return match &req.target {
+            ClaimTarget::Object(key) => Err(Error::Refused {
+                what: format!("claim of {key} for process {:?}", req.process),
+                reason: "the process is paused (resume it with `fleetdb process resume`)".into(),
+            }),
+            ClaimTarget::Selector(_) => Ok(Vec::new()),
+        };
+    }
     let keys = match &req.target {
         ClaimTarget::Object(key) => {
             // Lock first: what follows must see every claim committed before it.

@@ -76,6 +76,11 @@ pub enum Op {
         name: String,
         conflicts: Vec<String>,
     },
+    /// Pause a declared process (no claim for it starts) or resume it.
+    ProcessPause {
+        name: String,
+        paused: bool,
+    },
     /// End a claim. Fails with `WorkLost` unless the claim is held by `session_id` with `token`.
     WorkRelease {
         key: ObjectKey,
@@ -248,6 +253,7 @@ impl Op {
                 validate::name("session id", &session.id)
             }
             Op::SessionClose { id } => validate::name("session id", id),
+            Op::ProcessPause { name, .. } => validate::name("process", name),
             Op::ProcessDefine { name, conflicts } => {
                 validate::name("process", name)?;
                 if conflicts.len() > work::PROCESS_CONFLICTS_MAX {

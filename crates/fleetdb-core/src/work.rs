@@ -111,6 +111,9 @@ pub struct Process {
     pub name: String,
     pub conflicts: Vec<String>,
     pub created_at: Timestamp,
+    /// Paused by an operator: no claim for it starts (claims held go on and end as usual).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Active work: an exclusive claim by a session on (object, process).

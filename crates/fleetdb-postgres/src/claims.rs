@@ -284,13 +284,7 @@ impl Drop for Turn {
 }
 
 /// The error of a claim for a process never declared.
-pub(crate) fn undeclared(process: &str) -> Error {
-    Error::invalid(
-        "process",
-        process,
-        "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
-    )
-}
+pub(crate) use fleetdb_core::apply::undeclared;
 
 /// What a claim's caller does as its transaction's answers come in, before its commit is
 /// durable (the commit's WAL flush is most of a loaded transaction's time).

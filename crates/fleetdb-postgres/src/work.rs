@@ -54,11 +54,12 @@ pub(crate) const SESSION_RENEW: &str =
      WHERE s.id = ids.id AND s.deadline > $1::bigint RETURNING s.id, s.deadline";
 
 pub(crate) const PROCESS_ALL: &str =
-    "SELECT name, conflicts, created_at FROM processes ORDER BY name";
-const PROCESS_GET: &str = "SELECT name, conflicts, created_at FROM processes WHERE name = $1";
+    "SELECT name, conflicts, created_at, paused FROM processes ORDER BY name";
+const PROCESS_GET: &str =
+    "SELECT name, conflicts, created_at, paused FROM processes WHERE name = $1";
 const PROCESS_PUT: &str =
-    "INSERT INTO processes (name, conflicts, created_at) VALUES ($1, $2, $3) \
-     ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts";
+    "INSERT INTO processes (name, conflicts, created_at, paused) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts, paused = excluded.paused";
 
 macro_rules! work_get {
     ($lock:literal) => {
@@ -196,6 +197,7 @@ pub(crate) fn process_from_row(r: &Row) -> Result<Process> {
         conflicts: serde_json::from_str(&conflicts)
             .map_err(|e| Error::Backend(format!("corrupt process conflicts in the store: {e}")))?,
         created_at: Timestamp(r.try_get(2).map_err(db_err)?),
+        paused: r.try_get(3).map_err(db_err)?,
     })
 }
 
@@ -522,10 +524,11 @@ pub(crate) fn claim_lock_sql(
         "WITH s AS (SELECT id FROM (SELECT ss.id, ss.deadline FROM sessions ss \
            WHERE ss.id = ANY (ARRAY(SELECT jsonb_array_elements_text(({sids})::jsonb))) \
            OFFSET 0) ss WHERE ss.deadline > {now}), \
-         me AS (SELECT 1 FROM processes WHERE name = {process}), \
+         me AS (SELECT paused FROM processes WHERE name = {process}), \
          c AS MATERIALIZED (SELECT b.namespace, b.kind, b.id FROM {passes} \
            CROSS JOIN LATERAL (SELECT o.namespace, o.kind, o.id {from} \
-             AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me) {free} {outer} \
+             AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me WHERE NOT me.paused) \
+             {free} {outer} \
              ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) AS b \
            LIMIT {limit}) \
          SELECT a.alive::text, a.declared, a.locked::text, \
@@ -927,7 +930,12 @@ pub(crate) async fn process_read(tx: &mut PgTx<'_>, name: &str) -> Result<Option
 }
 
 pub(crate) async fn process_put(tx: &mut PgTx<'_>, p: &Process) -> Result<()> {
-    let params = owned![p.name.clone(), json_list(&p.conflicts), p.created_at.0];
+    let params = owned![
+        p.name.clone(),
+        json_list(&p.conflicts),
+        p.created_at.0,
+        p.paused
+    ];
     tx.defer(PROCESS_PUT, params).await
 }
 

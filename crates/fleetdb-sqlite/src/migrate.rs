@@ -69,6 +69,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "keys_led_by_id",
         sql: include_str!("../migrations/0012_keys_led_by_id.sql"),
     },
+    Migration {
+        version: 13,
+        name: "process_pause",
+        sql: include_str!("../migrations/0013_process_pause.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

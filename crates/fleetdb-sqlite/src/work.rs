@@ -99,12 +99,20 @@ fn history_from(h: HistoryRaw) -> Result<HistoryEntry> {
     })
 }
 
-fn process_from(name: String, conflicts: String, created_at: i64) -> Result<Process> {
+/// A process row: name, conflicts, created_at, paused.
+type ProcessRaw = (String, String, i64, bool);
+
+fn process_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProcessRaw> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
+fn process_from((name, conflicts, created_at, paused): ProcessRaw) -> Result<Process> {
     Ok(Process {
         name,
         conflicts: serde_json::from_str(&conflicts)
             .map_err(|e| Error::Backend(format!("corrupt process conflicts in the store: {e}")))?,
         created_at: Timestamp(created_at),
+        paused,
     })
 }
 
@@ -180,36 +188,31 @@ pub(crate) fn sessions_expired(
 
 pub(crate) fn process_read(c: &Connection, name: &str) -> Result<Option<Process>> {
     let raw = c
-        .prepare_cached("SELECT name, conflicts, created_at FROM processes WHERE name = ?1")
-        .and_then(|mut s| {
-            s.query_row([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()
-        })
+        .prepare_cached("SELECT name, conflicts, created_at, paused FROM processes WHERE name = ?1")
+        .and_then(|mut s| s.query_row([name], process_raw).optional())
         .map_err(map_err)?;
-    raw.map(|(n, c, t)| process_from(n, c, t)).transpose()
+    raw.map(process_from).transpose()
 }
 
 pub(crate) fn process_put(c: &Connection, p: &Process) -> Result<()> {
     let conflicts = serde_json::to_string(&p.conflicts).unwrap_or_else(|_| "[]".into());
     exec(
         c,
-        "INSERT INTO processes (name, conflicts, created_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts",
-        params![p.name, conflicts, p.created_at.0],
+        "INSERT INTO processes (name, conflicts, created_at, paused) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts, paused = excluded.paused",
+        params![p.name, conflicts, p.created_at.0, p.paused],
     )?;
     Ok(())
 }
 
 pub(crate) fn process_all(c: &Connection) -> Result<Vec<Process>> {
-    let raws: Vec<(String, String, i64)> = collect(
+    let raws: Vec<ProcessRaw> = collect(
         c,
-        "SELECT name, conflicts, created_at FROM processes ORDER BY name",
+        "SELECT name, conflicts, created_at, paused FROM processes ORDER BY name",
         [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        process_raw,
     )?;
-    raws.into_iter()
-        .map(|(n, c, t)| process_from(n, c, t))
-        .collect()
+    raws.into_iter().map(process_from).collect()
 }
 
 pub(crate) fn work_read(

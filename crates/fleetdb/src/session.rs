@@ -1233,6 +1233,38 @@ impl Store {
         }
     }
 
+    /// Pause a declared process (operators): no claim for it starts until it is resumed, on any
+    /// backend connection; selector claims find nothing and `claim_object` is refused. Claims
+    /// already held go on and end as usual. Pausing a paused process changes nothing.
+    pub async fn process_pause(&self, name: &str) -> Result<fleetdb_core::work::Process> {
+        self.process_set_paused(name, true).await
+    }
+
+    /// Resume a paused process: claims start again (waiting `claim_wait`s within
+    /// [`CLAIM_WAIT_RETRY`]).
+    pub async fn process_resume(&self, name: &str) -> Result<fleetdb_core::work::Process> {
+        self.process_set_paused(name, false).await
+    }
+
+    async fn process_set_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<fleetdb_core::work::Process> {
+        let r = self
+            .write(vec![Op::ProcessPause {
+                name: name.to_string(),
+                paused,
+            }])
+            .await?;
+        match r.into_iter().next().map(|r| r.applied) {
+            Some(fleetdb_core::Applied::Process(p)) => Ok(p),
+            _ => Err(Error::Backend(
+                "pausing a process returned no process".into(),
+            )),
+        }
+    }
+
     pub async fn process_list(&self) -> Result<Vec<fleetdb_core::work::Process>> {
         self.ready().await?;
         self.backend.process_list().await

@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
 /// The newest migration this binary knows.
-const LATEST: u32 = 12;
+const LATEST: u32 = 13;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -463,6 +463,34 @@ async fn sqlite_0012_keys_led_by_id_keeps_rows_written_before_it() {
     check_rows_then_keys_led_by_id(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// After 0013 (processes can be paused): the process and claim written before it are not paused,
+/// keep their conflicts, and claims of the process start; pausing it then stops them.
+async fn check_rows_then_process_pause(store: &Store) {
+    let p = store.process_list().await.unwrap();
+    assert_eq!(p.len(), 1);
+    assert!(!p[0].paused && p[0].conflicts.is_empty(), "{p:?}");
+    let s = store
+        .session_start(fleetdb::SessionSpec::new("c", "h"))
+        .await
+        .unwrap();
+    let m3 = ObjectKey::new("default", "machine", "m3").unwrap();
+    store.object_put(&m3, Labels::new()).await.unwrap();
+    let mut w = s.claim_object(&m3, "P").await.unwrap();
+    w.finish(|_| async { Ok(()) }).await.unwrap();
+    assert!(store.process_pause("P").await.unwrap().paused);
+    assert!(store.process_list().await.unwrap()[0].paused);
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_0013_process_pause_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_with_v2_rows(12);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(V9_WORK_ROWS).unwrap();
+    drop(c);
+    check_rows_then_process_pause(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -732,6 +760,16 @@ async fn postgres_0012_keys_led_by_id_keeps_rows_written_before_it() {
     pg_exec(&s.url, V10_HISTORY_ROWS).await;
     let store = Store::open(&s.url).await.unwrap();
     check_rows_then_keys_led_by_id(&store).await;
+    drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0013_process_pause_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(12).await;
+    pg_exec(&s.url, V9_WORK_ROWS).await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_rows_then_process_pause(&store).await;
     drop(store);
     pg_drop(s).await;
 }
