@@ -31,6 +31,12 @@ pub enum ProcessCmd {
     Pause { name: String },
     /// Resume a paused process.
     Resume { name: String },
+    /// Limit a process to N claims held at once, fleet-wide (`none`: no limit).
+    Limit {
+        name: String,
+        /// Claims held at once (1 to 1,000,000), or `none`.
+        max_active: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,18 +205,28 @@ pub async fn process(store: &Store, fmt: Format, cmd: ProcessCmd) -> Result<(), 
         ProcessCmd::Ls => store.process_list().await?,
         ProcessCmd::Pause { name } => vec![store.process_pause(&name).await?],
         ProcessCmd::Resume { name } => vec![store.process_resume(&name).await?],
+        ProcessCmd::Limit { name, max_active } => {
+            let max = match max_active.as_str() {
+                "none" => None,
+                n => Some(n.parse::<u64>().map_err(|_| {
+                    Error::invalid("process limit", n, "a whole number of claims, or `none`")
+                })?),
+            };
+            vec![store.process_limit(&name, max).await?]
+        }
     };
     match fmt {
         Format::Json => output::print_json(
-            &procs.iter().map(|p| json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339(), "paused": p.paused})).collect::<Vec<_>>(),
+            &procs.iter().map(|p| json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339(), "paused": p.paused, "max_active": p.max_active})).collect::<Vec<_>>(),
         ),
         Format::Table => output::table(
-            &["PROCESS", "CONFLICTS", "STATE"],
+            &["PROCESS", "CONFLICTS", "STATE", "LIMIT"],
             &procs
                 .iter()
                 .map(|p| {
                     let state = if p.paused { "paused" } else { "active" };
-                    vec![p.name.clone(), p.conflicts.join(","), state.into()]
+                    let limit = p.max_active.map_or("-".into(), |n| n.to_string());
+                    vec![p.name.clone(), p.conflicts.join(","), state.into(), limit]
                 })
                 .collect::<Vec<_>>(),
         ),

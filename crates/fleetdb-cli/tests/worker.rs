@@ -723,3 +723,54 @@ fn a_paused_process_gets_no_work_until_resumed() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not declared"));
 }
+
+/// `process limit NAME N|none`: `process ls` shows it; a worker asking for more gets what fits.
+#[test]
+fn a_limited_process_runs_at_most_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = format!("sqlite://{}/db.sqlite", d.display());
+    run(&url, d, &["process", "define", "Install"]);
+    for m in ["m1", "m2", "m3"] {
+        run(&url, d, &["object", "put", "machine", m]);
+    }
+    assert_eq!(
+        json(&url, d, &["process", "limit", "Install", "2"])[0]["max_active"],
+        2
+    );
+    let ls = fleetdb(&url, d).args(["process", "ls"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("LIMIT"));
+    run(
+        &url,
+        d,
+        &[
+            "worker",
+            "--component",
+            "w",
+            "--process",
+            "Install",
+            "--selector",
+            "kind = machine",
+            "--once",
+            "--limit",
+            "3",
+            "--",
+            "true",
+        ],
+    );
+    let ran = json(&url, d, &["history", "--process", "Install"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "Finished")
+        .count();
+    assert_eq!(ran, 2, "a claim of 3 took the 2 that fit");
+    assert!(json(&url, d, &["process", "limit", "Install", "none"])[0]["max_active"].is_null());
+    for bad in ["0", "many"] {
+        let out = fleetdb(&url, d)
+            .args(["process", "limit", "Install", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "limit {bad}");
+    }
+}

@@ -101,6 +101,8 @@ macro_rules! suite {
             fenced_writes_commit_only_while_the_claim_is_held,
             tracked_selectors_count_their_matches,
             paused_processes_start_no_claims,
+            limited_processes_hold_at_most_their_limit,
+            racing_workers_never_pass_a_process_limit,
             work_matches_a_model_under_random_operations;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,

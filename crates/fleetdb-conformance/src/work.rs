@@ -2649,3 +2649,131 @@ pub async fn paused_processes_start_no_claims(h: &Harness) {
         w.finish(|_| async { Ok(()) }).await.unwrap();
     }
 }
+
+/// A process limited to N claims held at once: claims beyond it find nothing (`claim_object` is
+/// refused) until one ends or its session dies; raising or lifting the limit lets more start;
+/// redefining the process keeps it; bad limits are refused.
+pub async fn limited_processes_hold_at_most_their_limit(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    let ks = machines(h, 6).await;
+    let all = "kind = machine";
+    assert_eq!(
+        st.process_limit("Install", Some(2))
+            .await
+            .unwrap()
+            .max_active,
+        Some(2)
+    );
+    let s1 = st.session_start(spec("a")).await.unwrap();
+    let s2 = st.session_start(spec("b")).await.unwrap();
+    let mut first = s1.claim("Install", all, 5).await.unwrap();
+    assert_eq!(first.len(), 2, "a claim of many takes what fits");
+    assert!(s2.claim("Install", all, 5).await.unwrap().is_empty());
+    let free = ks
+        .iter()
+        .find(|k| first.iter().all(|w| w.key() != *k))
+        .unwrap();
+    match s2.claim_object(free, "Install").await {
+        Err(Error::Refused { reason, .. }) => assert!(reason.contains("limit is 2"), "{reason}"),
+        other => panic!("expected Refused, got {:?}", other.map(|w| w.token())),
+    }
+    // A claim that ends frees its place.
+    first
+        .pop()
+        .unwrap()
+        .finish(|_| async { Ok(()) })
+        .await
+        .unwrap();
+    let second = s2.claim("Install", all, 5).await.unwrap();
+    assert_eq!(second.len(), 1);
+    // A session that dies frees its places at its deadline (only live claims count).
+    s1.pause_renewal();
+    h.clock.advance(Duration::from_secs(9));
+    st.renew_sessions().await.unwrap();
+    h.clock.advance(Duration::from_secs(2));
+    assert!(s1.is_expired());
+    let third = s2.claim("Install", all, 5).await.unwrap();
+    assert_eq!(third.len(), 1, "s1's claim no longer counts");
+    assert!(s2.claim("Install", all, 5).await.unwrap().is_empty());
+    // Redefining keeps the limit; raising it lets more start; lifting it lets all start.
+    assert_eq!(
+        st.process_define("Install", &[]).await.unwrap().max_active,
+        Some(2)
+    );
+    st.process_limit("Install", Some(3)).await.unwrap();
+    let fourth = s2.claim("Install", all, 5).await.unwrap();
+    assert_eq!(fourth.len(), 1);
+    st.process_limit("Install", None).await.unwrap();
+    let rest = s2.claim("Install", all, 5).await.unwrap();
+    assert_eq!(rest.len(), 3, "no limit: every free machine");
+    for bad in [
+        Some(0),
+        Some(fleetdb::core::work::PROCESS_MAX_ACTIVE_MAX + 1),
+    ] {
+        assert!(matches!(
+            st.process_limit("Install", bad).await,
+            Err(Error::Invalid { .. })
+        ));
+    }
+    assert!(matches!(
+        st.process_limit("Nope", Some(1)).await,
+        Err(Error::Invalid { .. })
+    ));
+    let held = [first, second, third, fourth, rest].into_iter().flatten();
+    for w in held {
+        std::mem::forget(w);
+    }
+}
+
+/// Many workers of a limited process racing (claims, finish-and-claims, shared transactions on
+/// PostgreSQL): the claims held by live sessions never pass the limit.
+pub async fn racing_workers_never_pass_a_process_limit(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    machines(h, 12).await;
+    st.process_limit("Install", Some(3)).await.unwrap();
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let (st, held, most) = (st.clone(), held.clone(), most.clone());
+        tasks.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            let s = st.session_start(spec(&format!("w{i}"))).await.unwrap();
+            let mut got = 0;
+            let mut current = s.claim("Install", "kind = machine", 1).await.unwrap().pop();
+            for _ in 0..40 {
+                let Some(mut w) = current.take() else {
+                    tokio::task::yield_now().await;
+                    current = s.claim("Install", "kind = machine", 1).await.unwrap().pop();
+                    continue;
+                };
+                got += 1;
+                let now = held.fetch_add(1, SeqCst) + 1;
+                most.fetch_max(now, SeqCst);
+                let live = st.work_list(Some("Install"), 100).await.unwrap().len();
+                assert!(live <= 3, "{live} claims held, the limit is 3");
+                tokio::task::yield_now().await;
+                held.fetch_sub(1, SeqCst);
+                let (_, next) = w
+                    .finish_and_claim(|_| async { Ok(()) }, "Install", "kind = machine", 1)
+                    .await
+                    .unwrap();
+                current = next.into_iter().next();
+            }
+            if let Some(mut w) = current {
+                w.cancel().await.unwrap();
+            }
+            s.close().await.unwrap();
+            got
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert!(total >= 20, "the workers got work: {total} claims");
+    assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+    assert!(st.work_list(None, 100).await.unwrap().is_empty());
+}

@@ -605,7 +605,8 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                 name: name.clone(),
                 conflicts: list,
                 created_at: old.as_ref().map_or(now, |p| p.created_at),
-                paused: old.is_some_and(|p| p.paused),
+                paused: old.as_ref().is_some_and(|p| p.paused),
+                max_active: old.and_then(|p| p.max_active),
             };
             rows.process_put(&p).await?;
             Ok(OpResult {
@@ -614,18 +615,16 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
             })
         }
         Op::ProcessPause { name, paused } => {
-            let Some(mut p) = rows.process_read(name).await? else {
-                return Err(undeclared(name));
-            };
-            let changed = p.paused != *paused;
-            if changed {
-                p.paused = *paused;
-                rows.process_put(&p).await?;
-            }
-            Ok(OpResult {
-                changed,
-                applied: Applied::Process(p),
+            process_control(rows, name, |p| {
+                std::mem::replace(&mut p.paused, *paused) != *paused
             })
+            .await
+        }
+        Op::ProcessLimit { name, max_active } => {
+            process_control(rows, name, |p| {
+                std::mem::replace(&mut p.max_active, *max_active) != *max_active
+            })
+            .await
         }
         Op::WorkRelease {
             key,
@@ -852,6 +851,25 @@ async fn expire<T: TxRows + ?Sized>(rows: &mut T, w: &WorkInfo, now: Timestamp) 
     .await
 }
 
+/// An operator's change of a declared process: `change` sets it and says whether it changed.
+async fn process_control<T: TxRows + ?Sized>(
+    rows: &mut T,
+    name: &str,
+    change: impl FnOnce(&mut Process) -> bool,
+) -> Result<OpResult> {
+    let Some(mut p) = rows.process_read(name).await? else {
+        return Err(undeclared(name));
+    };
+    let changed = change(&mut p);
+    if changed {
+        rows.process_put(&p).await?;
+    }
+    Ok(OpResult {
+        changed,
+        applied: Applied::Process(p),
+    })
+}
+
 /// The error of a claim (or a pause) of a process never declared.
 pub fn undeclared(process: &str) -> Error {
     Error::invalid(
@@ -861,17 +879,16 @@ pub fn undeclared(process: &str) -> Error {
     )
 }
 
-/// The process itself and every process it conflicts with, in either direction; and whether the
-/// process is paused.
+/// The process itself and every process it conflicts with, in either direction; and the process.
 async fn exclusions<T: TxRows + ?Sized>(
     rows: &mut T,
     process: &str,
-) -> Result<(Vec<String>, bool)> {
+) -> Result<(Vec<String>, Process)> {
     let all = rows.process_all().await?;
     let Some(p) = all.iter().find(|p| p.name == process) else {
         return Err(undeclared(process));
     };
-    let paused = p.paused;
+    let me = p.clone();
     let mut out = vec![p.name.clone()];
     out.extend(p.conflicts.iter().cloned());
     out.extend(
@@ -881,7 +898,7 @@ async fn exclusions<T: TxRows + ?Sized>(
     );
     out.sort();
     out.dedup();
-    Ok((out, paused))
+    Ok((out, me))
 }
 
 /// Claim work: check the session, find candidates (not held by a live session for this process or
@@ -893,16 +910,33 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
 ) -> Result<Vec<WorkInfo>> {
     let now = req.now;
     let session = live_session(rows, &req.session_id, now).await?;
-    let (exclude, paused) = exclusions(rows, &req.process).await?;
-    if paused {
-        // No claim starts while the process is paused: a selector claim finds nothing.
-        return match &req.target {
-            ClaimTarget::Object(key) => Err(Error::Refused {
-                what: format!("claim of {key} for process {:?}", req.process),
-                reason: "the process is paused (resume it with `fleetdb process resume`)".into(),
-            }),
-            ClaimTarget::Selector(_) => Ok(Vec::new()),
-        };
+    let (exclude, process) = exclusions(rows, &req.process).await?;
+    // No claim starts while the process is paused, or past its limit: a selector claim finds
+    // nothing, a claim of one object is refused.
+    let refuse = |reason: String| match &req.target {
+        ClaimTarget::Object(key) => Err(Error::Refused {
+            what: format!("claim of {key} for process {:?}", req.process),
+            reason,
+        }),
+        ClaimTarget::Selector(_) => Ok(Vec::new()),
+    };
+    if process.paused {
+        return refuse("the process is paused (resume it with `fleetdb process resume`)".into());
+    }
+    let mut limit = req.limit;
+    if let Some(max) = process.max_active {
+        // Claims of a limited process take turns: the count, read after the lock, holds until
+        // this one commits.
+        rows.lock_process(&req.process).await?;
+        let live = rows.work_count_live(&req.process, now).await?;
+        let room = usize::try_from(max.saturating_sub(live)).unwrap_or(usize::MAX);
+        if room == 0 {
+            return refuse(format!(
+                "the process has {live} claims held, its limit is {max} \
+                 (`fleetdb process limit`)"
+            ));
+        }
+        limit = limit.min(room);
     }
     let keys = match &req.target {
         ClaimTarget::Object(key) => {
@@ -946,7 +980,7 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
                 process: req.process.clone(),
                 exclude,
                 now,
-                limit: req.limit,
+                limit,
             })
             .await?
         }

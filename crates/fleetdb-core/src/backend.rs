@@ -649,6 +649,15 @@ pub trait TxRows: Send {
         Ok(())
     }
 
+    /// Lock a process against concurrent claims of it until the transaction ends, so that a
+    /// claim's count of its live claims ([`TxRows::work_count_live`], read after the lock) stays
+    /// true until it commits (a backend whose writes are serialized anyway need not do anything).
+    async fn lock_process(&mut self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
+    /// Claims of `process` held by sessions alive at `now`.
+    async fn work_count_live(&mut self, process: &str, now: Timestamp) -> Result<u64>;
     /// Lock an object against concurrent claims until the transaction ends (a backend whose
     /// writes are serialized anyway need not do anything).
     async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {

@@ -81,6 +81,11 @@ pub enum Op {
         name: String,
         paused: bool,
     },
+    /// Set (or, with `None`, lift) a declared process's limit of claims held at once.
+    ProcessLimit {
+        name: String,
+        max_active: Option<u64>,
+    },
     /// End a claim. Fails with `WorkLost` unless the claim is held by `session_id` with `token`.
     WorkRelease {
         key: ObjectKey,
@@ -254,6 +259,22 @@ impl Op {
             }
             Op::SessionClose { id } => validate::name("session id", id),
             Op::ProcessPause { name, .. } => validate::name("process", name),
+            Op::ProcessLimit { name, max_active } => {
+                validate::name("process", name)?;
+                match max_active {
+                    Some(n) if !(1..=work::PROCESS_MAX_ACTIVE_MAX).contains(n) => {
+                        Err(Error::invalid(
+                            "process limit",
+                            n.to_string(),
+                            format!(
+                                "from 1 to {} claims at once (to stop claims, pause the process)",
+                                work::PROCESS_MAX_ACTIVE_MAX
+                            ),
+                        ))
+                    }
+                    _ => Ok(()),
+                }
+            }
             Op::ProcessDefine { name, conflicts } => {
                 validate::name("process", name)?;
                 if conflicts.len() > work::PROCESS_CONFLICTS_MAX {

@@ -114,7 +114,14 @@ pub struct Process {
     /// Paused by an operator: no claim for it starts (claims held go on and end as usual).
     #[serde(default)]
     pub paused: bool,
+    /// At most this many claims of it held by live sessions at once, fleet-wide (`None`: no
+    /// limit). Claims beyond it wait for one to end.
+    #[serde(default)]
+    pub max_active: Option<u64>,
 }
+
+/// The largest `Process::max_active` an operator may set.
+pub const PROCESS_MAX_ACTIVE_MAX: u64 = 1_000_000;
 
 /// Active work: an exclusive claim by a session on (object, process).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

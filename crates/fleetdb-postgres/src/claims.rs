@@ -322,6 +322,10 @@ pub(crate) struct ClaimTxn {
     pub(crate) finished: Option<FinishRow>,
     pub(crate) alive: HashSet<String>,
     pub(crate) declared: bool,
+    /// The process has a limit of claims held at once: find-and-lock locked nothing, and its
+    /// claims go through the general path, where claims of a limited process take turns
+    /// (`fleetdb_core::apply::apply_claim`).
+    pub(crate) limited: bool,
     /// How many candidates find-and-lock locked.
     pub(crate) locked_n: usize,
     /// The change log's revision in find-and-lock's snapshot, when it locked fewer candidates
@@ -505,6 +509,7 @@ impl ClaimTxn {
             let declared: bool = row.try_get(1).map_err(db_err)?;
             let locked: Option<String> = row.try_get(2).map_err(db_err)?;
             let revision: Option<i64> = row.try_get(3).map_err(db_err)?;
+            let limited: bool = row.try_get(6).map_err(db_err)?;
             let alive: HashSet<String> = match alive {
                 Some(json) => serde_json::from_str(&json)
                     .map_err(|e| Error::Backend(format!("the alive sessions of a claim: {e}")))?,
@@ -521,6 +526,7 @@ impl ClaimTxn {
                 finished,
                 alive,
                 declared,
+                limited,
                 locked_n,
                 revision: revision.map(fleetdb_core::Revision),
                 took,
@@ -774,6 +780,10 @@ impl PostgresBackend {
                     return refused(Error::SessionExpired {
                         session_id: w.req.session_id.clone(),
                     });
+                }
+                if txn.limited {
+                    // Alone, it takes the general path of a limited process.
+                    return Answer::ClaimAlone(finished);
                 }
                 match took.remove(&slot.r) {
                     Some(work) => Answer::Done(Ok((

@@ -121,8 +121,8 @@ pub static MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 13,
-        name: "process_pause",
-        sql: include_str!("../migrations/0013_process_pause.sql"),
+        name: "process_controls",
+        sql: include_str!("../migrations/0013_process_controls.sql"),
     },
 ];
 
@@ -960,7 +960,25 @@ impl PostgresBackend {
                 .claim_selector_once(req, &q, finish, combiner_turn, take)
                 .await
             {
-                Ok(((fin, claimed), gone)) => {
+                Ok(((fin, _), PassEnd { limited: true, .. })) => {
+                    // A limited process: its finish (if any) has committed; the claim takes the
+                    // general path, where claims of a limited process take turns.
+                    finished = finished.or(fin);
+                    let mut general = req.clone();
+                    general.limit = q.limit;
+                    let more = match self.transact(Write::Claim(&general)).await {
+                        Ok(Written::Claim(work)) => work,
+                        Ok(_) => {
+                            return Err(Error::Backend("a claim returned something else".into()))
+                        }
+                        // What earlier passes committed is answered, as for a later pass.
+                        Err(_) if finished.is_some() || passes > 0 => Vec::new(),
+                        Err(err) => return Err(err),
+                    };
+                    got.extend(more);
+                    return Ok((finished, Claimed::short_of(req.limit, got, None)));
+                }
+                Ok(((fin, claimed), PassEnd { gone, .. })) => {
                     finished = finished.or(fin);
                     let n = claimed.work.len();
                     got.extend(claimed.work);
@@ -1004,7 +1022,7 @@ impl PostgresBackend {
         finish: Option<&finish::FusedFinish>,
         combiner_turn: &mut Option<claims::Turn>,
         take: work::Take,
-    ) -> std::result::Result<(claims::ClaimAnswer, usize), Failure> {
+    ) -> std::result::Result<(claims::ClaimAnswer, PassEnd), Failure> {
         let (lock_sql, mut lock_params) = work::claim_lock_sql(
             q,
             std::slice::from_ref(&req.session_id),
@@ -1078,13 +1096,16 @@ impl PostgresBackend {
             (Some(f), Some(done)) => match f.results(done, 0).map_err(Failure::Fail)? {
                 Some(results) => Some(results),
                 // A finish check failed: nothing was written (the take skipped its claim).
-                None => return Ok(((None, Claimed::default()), 0)),
+                None => return Ok(((None, Claimed::default()), PassEnd::default())),
             },
             _ => None,
         };
         let refused = |err: Error| match &finish_results {
             // A finish that passed has committed; the claim yields nothing.
-            Some(_) => Ok(((finish_results.clone(), Claimed::default()), 0)),
+            Some(_) => Ok((
+                (finish_results.clone(), Claimed::default()),
+                PassEnd::default(),
+            )),
             None => Err(Failure::Fail(err)),
         };
         if !txn.alive.contains(&req.session_id) {
@@ -1094,6 +1115,13 @@ impl PostgresBackend {
         }
         if !txn.declared {
             return refused(claims::undeclared(&req.process));
+        }
+        if txn.limited {
+            let end = PassEnd {
+                gone: 0,
+                limited: true,
+            };
+            return Ok(((finish_results, Claimed::default()), end));
         }
         let work = txn
             .took
@@ -1107,7 +1135,10 @@ impl PostgresBackend {
                 finish_results,
                 Claimed::short_of(q.limit, work, txn.revision),
             ),
-            gone,
+            PassEnd {
+                gone,
+                limited: false,
+            },
         ))
     }
 
@@ -1251,6 +1282,15 @@ where
 /// objects they take (under SERIALIZABLE, claimers racing for the head of a queue abort one
 /// another); sweeps without sequential scans (`sql::BEGIN_SWEEP`); finishes READ COMMITTED with
 /// their reads locking ([`releases_only`]).
+/// What one pass of a selector claim leaves for the next: candidates it locked but found gone
+/// at the take, or that its process is limited (nothing was taken: the claim takes the general
+/// path).
+#[derive(Default)]
+struct PassEnd {
+    gone: usize,
+    limited: bool,
+}
+
 fn transaction_for<'a>(write: &Write<'_>, conn: &'a deadpool_postgres::ClientWrapper) -> PgTx<'a> {
     match write {
         Write::Claim(_) => PgTx::with_begin(conn, sql::BEGIN_READ_COMMITTED),

@@ -558,6 +558,14 @@ impl TxRows for PgTx<'_> {
         work::work_read(self, key, process).await
     }
 
+    async fn lock_process(&mut self, name: &str) -> Result<()> {
+        work::lock_process(self, name).await
+    }
+
+    async fn work_count_live(&mut self, process: &str, now: Timestamp) -> Result<u64> {
+        work::work_count_live(self, process, now.0).await
+    }
+
     async fn work_read_held(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>> {
         work::work_read_held(self, key, process).await
     }

@@ -54,12 +54,19 @@ pub(crate) const SESSION_RENEW: &str =
      WHERE s.id = ids.id AND s.deadline > $1::bigint RETURNING s.id, s.deadline";
 
 pub(crate) const PROCESS_ALL: &str =
-    "SELECT name, conflicts, created_at, paused FROM processes ORDER BY name";
+    "SELECT name, conflicts, created_at, paused, max_active FROM processes ORDER BY name";
 const PROCESS_GET: &str =
-    "SELECT name, conflicts, created_at, paused FROM processes WHERE name = $1";
+    "SELECT name, conflicts, created_at, paused, max_active FROM processes WHERE name = $1";
 const PROCESS_PUT: &str =
-    "INSERT INTO processes (name, conflicts, created_at, paused) VALUES ($1, $2, $3, $4) \
-     ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts, paused = excluded.paused";
+    "INSERT INTO processes (name, conflicts, created_at, paused, max_active) \
+     VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts, paused = excluded.paused, \
+       max_active = excluded.max_active";
+/// Claims of a limited process take turns from here to their commit (`TxRows::lock_process`).
+const PROCESS_LOCK: &str = "SELECT 1 FROM processes WHERE name = $1 FOR UPDATE";
+/// Claims of a process held by live sessions.
+const WORK_COUNT_LIVE: &str = "SELECT count(*) FROM work w JOIN sessions s ON s.id = w.session_id \
+     WHERE w.process = $1 AND s.deadline > $2";
 
 macro_rules! work_get {
     ($lock:literal) => {
@@ -198,6 +205,10 @@ pub(crate) fn process_from_row(r: &Row) -> Result<Process> {
             .map_err(|e| Error::Backend(format!("corrupt process conflicts in the store: {e}")))?,
         created_at: Timestamp(r.try_get(2).map_err(db_err)?),
         paused: r.try_get(3).map_err(db_err)?,
+        max_active: r
+            .try_get::<_, Option<i64>>(4)
+            .map_err(db_err)?
+            .map(|n| n.max(0) as u64),
     })
 }
 
@@ -524,18 +535,21 @@ pub(crate) fn claim_lock_sql(
         "WITH s AS (SELECT id FROM (SELECT ss.id, ss.deadline FROM sessions ss \
            WHERE ss.id = ANY (ARRAY(SELECT jsonb_array_elements_text(({sids})::jsonb))) \
            OFFSET 0) ss WHERE ss.deadline > {now}), \
-         me AS (SELECT paused FROM processes WHERE name = {process}), \
+         me AS (SELECT paused, max_active FROM processes WHERE name = {process}), \
          c AS MATERIALIZED (SELECT b.namespace, b.kind, b.id FROM {passes} \
            CROSS JOIN LATERAL (SELECT o.namespace, o.kind, o.id {from} \
-             AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me WHERE NOT me.paused) \
+             AND EXISTS (SELECT 1 FROM s) \
+             AND EXISTS (SELECT 1 FROM me WHERE NOT me.paused AND me.max_active IS NULL) \
              {free} {outer} \
              ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) AS b \
            LIMIT {limit}) \
          SELECT a.alive::text, a.declared, a.locked::text, \
            CASE WHEN COALESCE(jsonb_array_length(a.locked), 0) < {limit} THEN ({revision}) END, \
            set_config('{ALIVE_GUC}', COALESCE(a.alive, '[]'::jsonb)::text, true), \
-           set_config('{LOCKED_GUC}', COALESCE(a.locked, '[]'::jsonb)::text, true) \
+           set_config('{LOCKED_GUC}', COALESCE(a.locked, '[]'::jsonb)::text, true), \
+           a.limited \
          FROM (SELECT (SELECT jsonb_agg(id) FROM s) AS alive, EXISTS (SELECT 1 FROM me) AS declared, \
+           EXISTS (SELECT 1 FROM me WHERE me.max_active IS NOT NULL) AS limited, \
            (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
               ORDER BY c.namespace, c.kind, c.id) FROM c) AS locked OFFSET 0) AS a",
         revision = crate::sql::REVISION_NOW
@@ -934,7 +948,8 @@ pub(crate) async fn process_put(tx: &mut PgTx<'_>, p: &Process) -> Result<()> {
         p.name.clone(),
         json_list(&p.conflicts),
         p.created_at.0,
-        p.paused
+        p.paused,
+        p.max_active.map(|n| n as i64)
     ];
     tx.defer(PROCESS_PUT, params).await
 }
@@ -942,6 +957,20 @@ pub(crate) async fn process_put(tx: &mut PgTx<'_>, p: &Process) -> Result<()> {
 pub(crate) async fn process_all(tx: &mut PgTx<'_>) -> Result<Vec<Process>> {
     let rows = tx.read(PROCESS_ALL, &[]).await?;
     rows.iter().map(process_from_row).collect()
+}
+
+pub(crate) async fn lock_process(tx: &mut PgTx<'_>, name: &str) -> Result<()> {
+    tx.read(PROCESS_LOCK, &[&name]).await?;
+    Ok(())
+}
+
+pub(crate) async fn work_count_live(tx: &mut PgTx<'_>, process: &str, now: i64) -> Result<u64> {
+    let rows = tx.read(WORK_COUNT_LIVE, &[&process, &now]).await?;
+    let n: i64 = match rows.first() {
+        Some(r) => r.try_get(0).map_err(db_err)?,
+        None => 0,
+    };
+    Ok(n.max(0) as u64)
 }
 
 pub(crate) async fn work_read_held(

@@ -158,7 +158,7 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (10, "work_key_probes"),
             (11, "history_prune_by_seq"),
             (12, "keys_led_by_id"),
-            (13, "process_pause"),
+            (13, "process_controls"),
         ]
     );
     assert_eq!(

@@ -71,8 +71,8 @@ pub static MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 13,
-        name: "process_pause",
-        sql: include_str!("../migrations/0013_process_pause.sql"),
+        name: "process_controls",
+        sql: include_str!("../migrations/0013_process_controls.sql"),
     },
 ];
 

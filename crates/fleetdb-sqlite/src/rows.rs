@@ -343,6 +343,9 @@ impl TxRows for SqliteRows<'_> {
     async fn work_read(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>> {
         work::work_read(self.conn, key, process)
     }
+    async fn work_count_live(&mut self, process: &str, now: Timestamp) -> Result<u64> {
+        work::work_count_live(self.conn, process, now)
+    }
     /// One writer at a time: nothing changes the row before this transaction ends.
     async fn work_read_held(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>> {
         work::work_read(self.conn, key, process)

@@ -99,20 +99,21 @@ fn history_from(h: HistoryRaw) -> Result<HistoryEntry> {
     })
 }
 
-/// A process row: name, conflicts, created_at, paused.
-type ProcessRaw = (String, String, i64, bool);
+/// A process row: name, conflicts, created_at, paused, max_active.
+type ProcessRaw = (String, String, i64, bool, Option<i64>);
 
 fn process_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProcessRaw> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
 }
 
-fn process_from((name, conflicts, created_at, paused): ProcessRaw) -> Result<Process> {
+fn process_from((name, conflicts, created_at, paused, max_active): ProcessRaw) -> Result<Process> {
     Ok(Process {
         name,
         conflicts: serde_json::from_str(&conflicts)
             .map_err(|e| Error::Backend(format!("corrupt process conflicts in the store: {e}")))?,
         created_at: Timestamp(created_at),
         paused,
+        max_active: max_active.map(|n| n.max(0) as u64),
     })
 }
 
@@ -188,7 +189,9 @@ pub(crate) fn sessions_expired(
 
 pub(crate) fn process_read(c: &Connection, name: &str) -> Result<Option<Process>> {
     let raw = c
-        .prepare_cached("SELECT name, conflicts, created_at, paused FROM processes WHERE name = ?1")
+        .prepare_cached(
+            "SELECT name, conflicts, created_at, paused, max_active FROM processes WHERE name = ?1",
+        )
         .and_then(|mut s| s.query_row([name], process_raw).optional())
         .map_err(map_err)?;
     raw.map(process_from).transpose()
@@ -198,9 +201,17 @@ pub(crate) fn process_put(c: &Connection, p: &Process) -> Result<()> {
     let conflicts = serde_json::to_string(&p.conflicts).unwrap_or_else(|_| "[]".into());
     exec(
         c,
-        "INSERT INTO processes (name, conflicts, created_at, paused) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts, paused = excluded.paused",
-        params![p.name, conflicts, p.created_at.0, p.paused],
+        "INSERT INTO processes (name, conflicts, created_at, paused, max_active)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts,
+           paused = excluded.paused, max_active = excluded.max_active",
+        params![
+            p.name,
+            conflicts,
+            p.created_at.0,
+            p.paused,
+            p.max_active.map(|n| n as i64)
+        ],
     )?;
     Ok(())
 }
@@ -208,11 +219,22 @@ pub(crate) fn process_put(c: &Connection, p: &Process) -> Result<()> {
 pub(crate) fn process_all(c: &Connection) -> Result<Vec<Process>> {
     let raws: Vec<ProcessRaw> = collect(
         c,
-        "SELECT name, conflicts, created_at, paused FROM processes ORDER BY name",
+        "SELECT name, conflicts, created_at, paused, max_active FROM processes ORDER BY name",
         [],
         process_raw,
     )?;
     raws.into_iter().map(process_from).collect()
+}
+
+pub(crate) fn work_count_live(c: &Connection, process: &str, now: Timestamp) -> Result<u64> {
+    let n: i64 = c
+        .prepare_cached(
+            "SELECT count(*) FROM work w JOIN sessions s ON s.id = w.session_id \
+             WHERE w.process = ?1 AND s.deadline > ?2",
+        )
+        .and_then(|mut s| s.query_row(params![process, now.0], |r| r.get(0)))
+        .map_err(map_err)?;
+    Ok(n.max(0) as u64)
 }
 
 pub(crate) fn work_read(

@@ -1246,21 +1246,41 @@ impl Store {
         self.process_set_paused(name, false).await
     }
 
+    /// Limit a declared process to `max_active` claims held by live sessions at once, fleet-wide
+    /// (`None` lifts the limit): claims beyond it find nothing (`claim_object` is refused) until
+    /// one ends. Claims of a limited process take turns (each counts the live claims under a lock
+    /// of the process), so the limit holds across processes and hosts; a claim of many still
+    /// takes only what fits. Lowering the limit below the claims held ends none of them.
+    pub async fn process_limit(
+        &self,
+        name: &str,
+        max_active: Option<u64>,
+    ) -> Result<fleetdb_core::work::Process> {
+        self.process_control(Op::ProcessLimit {
+            name: name.to_string(),
+            max_active,
+        })
+        .await
+    }
+
     async fn process_set_paused(
         &self,
         name: &str,
         paused: bool,
     ) -> Result<fleetdb_core::work::Process> {
-        let r = self
-            .write(vec![Op::ProcessPause {
-                name: name.to_string(),
-                paused,
-            }])
-            .await?;
+        self.process_control(Op::ProcessPause {
+            name: name.to_string(),
+            paused,
+        })
+        .await
+    }
+
+    async fn process_control(&self, op: Op) -> Result<fleetdb_core::work::Process> {
+        let r = self.write(vec![op]).await?;
         match r.into_iter().next().map(|r| r.applied) {
             Some(fleetdb_core::Applied::Process(p)) => Ok(p),
             _ => Err(Error::Backend(
-                "pausing a process returned no process".into(),
+                "changing a process returned no process".into(),
             )),
         }
     }

@@ -463,12 +463,15 @@ async fn sqlite_0012_keys_led_by_id_keeps_rows_written_before_it() {
     check_rows_then_keys_led_by_id(&open_sqlite(&path).await.unwrap()).await;
 }
 
-/// After 0013 (processes can be paused): the process and claim written before it are not paused,
-/// keep their conflicts, and claims of the process start; pausing it then stops them.
-async fn check_rows_then_process_pause(store: &Store) {
+/// After 0013 (processes can be paused and limited): the process written before it is neither,
+/// keeps its conflicts, and its claims start; a pause and a limit are then kept.
+async fn check_rows_then_process_controls(store: &Store) {
     let p = store.process_list().await.unwrap();
     assert_eq!(p.len(), 1);
-    assert!(!p[0].paused && p[0].conflicts.is_empty(), "{p:?}");
+    assert!(
+        !p[0].paused && p[0].max_active.is_none() && p[0].conflicts.is_empty(),
+        "{p:?}"
+    );
     let s = store
         .session_start(fleetdb::SessionSpec::new("c", "h"))
         .await
@@ -478,17 +481,19 @@ async fn check_rows_then_process_pause(store: &Store) {
     let mut w = s.claim_object(&m3, "P").await.unwrap();
     w.finish(|_| async { Ok(()) }).await.unwrap();
     assert!(store.process_pause("P").await.unwrap().paused);
-    assert!(store.process_list().await.unwrap()[0].paused);
+    store.process_limit("P", Some(5)).await.unwrap();
+    let p = store.process_list().await.unwrap();
+    assert!(p[0].paused && p[0].max_active == Some(5), "{p:?}");
     s.close().await.unwrap();
 }
 
 #[tokio::test]
-async fn sqlite_0013_process_pause_keeps_rows_written_before_it() {
+async fn sqlite_0013_process_controls_keeps_rows_written_before_it() {
     let (_d, path) = sqlite_with_v2_rows(12);
     let c = rusqlite::Connection::open(&path).unwrap();
     c.execute_batch(V9_WORK_ROWS).unwrap();
     drop(c);
-    check_rows_then_process_pause(&open_sqlite(&path).await.unwrap()).await;
+    check_rows_then_process_controls(&open_sqlite(&path).await.unwrap()).await;
 }
 
 #[tokio::test]
@@ -765,11 +770,11 @@ async fn postgres_0012_keys_led_by_id_keeps_rows_written_before_it() {
 }
 
 #[tokio::test]
-async fn postgres_0013_process_pause_keeps_rows_written_before_it() {
+async fn postgres_0013_process_controls_keeps_rows_written_before_it() {
     let s = pg_with_v2_rows(12).await;
     pg_exec(&s.url, V9_WORK_ROWS).await;
     let store = Store::open(&s.url).await.unwrap();
-    check_rows_then_process_pause(&store).await;
+    check_rows_then_process_controls(&store).await;
     drop(store);
     pg_drop(s).await;
 }
