@@ -14,7 +14,8 @@ fn fleetdb(url: &str, dir: &std::path::Path) -> Command {
     c.current_dir(dir)
         .env("FLEETDB_DB", url)
         .env("FLEETDB_BIN", env!("CARGO_BIN_EXE_fleetdb"))
-        .env_remove("FLEETDB_NAMESPACE");
+        .env_remove("FLEETDB_NAMESPACE")
+        .env_remove("FLEETDB_TOKEN"); // as outside a worker's command
     c
 }
 
@@ -106,16 +107,42 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// A SQLite store in a fresh directory, with `process` declared and `machines` put.
+fn sqlite_store(process: &str, machines: &[&str]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/db.sqlite", dir.path().display());
+    run(&url, dir.path(), &["process", "define", process]);
+    for m in machines {
+        run(&url, dir.path(), &["object", "put", "machine", m]);
+    }
+    (dir, url)
+}
+
+/// `fleetdb ARGS`, expected to fail: its exit code and stderr.
+fn failing(url: &str, d: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = fleetdb(url, d).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `fleetdb worker` refuses each of `values` for `flag` as bad input (exit 2, naming the flag).
 fn refused(url: &str, d: &std::path::Path, process: &str, flag: &str, values: &[&str]) {
     for bad in values {
-        let out = fleetdb(url, d)
-            .args(["worker", "--component", "w", "--process", process])
-            .args(["--selector", "kind = machine", flag, bad, "--", "true"])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{flag} {bad}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains(flag));
+        let args = [
+            "worker",
+            "--component",
+            "w",
+            "--process",
+            process,
+            "--selector",
+        ];
+        let mut args = args.to_vec();
+        args.extend(["kind = machine", flag, bad, "--", "true"]);
+        let (code, err) = failing(url, d, &args);
+        assert_eq!(code, Some(2), "{flag} {bad}");
+        assert!(err.contains(flag));
     }
 }
 
@@ -491,11 +518,8 @@ fn sigterm_stops_every_concurrent_command() {
 
 #[test]
 fn a_run_past_the_timeout_is_stopped_and_fails() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, url) = sqlite_store("Install", &["m1"]);
     let d = dir.path();
-    let url = format!("sqlite://{}/db.sqlite", d.display());
-    run(&url, d, &["process", "define", "Install"]);
-    run(&url, d, &["object", "put", "machine", "m1"]);
     let start = Instant::now();
     run(
         &url,
@@ -599,11 +623,8 @@ fn commands_run_side_by_side_with_concurrency() {
 /// refused and writes nothing.
 #[test]
 fn a_commands_fenced_writes_go_through_only_while_its_claim_is_held() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, url) = sqlite_store("Install", &["m1"]);
     let d = dir.path();
-    let url = format!("sqlite://{}/db.sqlite", d.display());
-    run(&url, d, &["process", "define", "Install"]);
-    run(&url, d, &["object", "put", "machine", "m1"]);
     run(&url, d, &["tag", "set", "machine", "m1", "stale", "true"]);
     run(
         &url,
@@ -662,24 +683,21 @@ fn a_commands_fenced_writes_go_through_only_while_its_claim_is_held() {
         "imaging"
     );
     // Outside a worker there is no claim to fence with.
-    let out = fleetdb(&url, d)
-        .env_remove("FLEETDB_TOKEN")
-        .args(["tag", "rm", "--fenced", "machine", "m1", "progress"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("fleetdb worker"));
+    let (code, err) = failing(
+        &url,
+        d,
+        &["tag", "rm", "--fenced", "machine", "m1", "progress"],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("fleetdb worker"));
 }
 
 /// `process pause` / `process resume`: a paused process's workers claim nothing; `process ls`
 /// shows the state; after `resume` they work again.
 #[test]
 fn a_paused_process_gets_no_work_until_resumed() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, url) = sqlite_store("Install", &["m1"]);
     let d = dir.path();
-    let url = format!("sqlite://{}/db.sqlite", d.display());
-    run(&url, d, &["process", "define", "Install"]);
-    run(&url, d, &["object", "put", "machine", "m1"]);
     assert_eq!(
         json(&url, d, &["process", "pause", "Install"])[0]["paused"],
         true
@@ -716,12 +734,9 @@ fn a_paused_process_gets_no_work_until_resumed() {
         json(&url, d, &["history", "machine", "m1"])["items"][0]["event"],
         "Finished"
     );
-    let out = fleetdb(&url, d)
-        .args(["process", "pause", "Nope"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not declared"));
+    let (code, err) = failing(&url, d, &["process", "pause", "Nope"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("not declared"));
 }
 
 /// `process limit NAME N|none`: `process ls` shows it; a worker asking for more gets what fits.
@@ -767,10 +782,7 @@ fn a_limited_process_runs_at_most_its_limit() {
     assert_eq!(ran, 2, "a claim of 3 took the 2 that fit");
     assert!(json(&url, d, &["process", "limit", "Install", "none"])[0]["max_active"].is_null());
     for bad in ["0", "many"] {
-        let out = fleetdb(&url, d)
-            .args(["process", "limit", "Install", bad])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "limit {bad}");
+        let (code, _) = failing(&url, d, &["process", "limit", "Install", bad]);
+        assert_eq!(code, Some(2), "limit {bad}");
     }
 }
