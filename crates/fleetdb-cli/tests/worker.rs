@@ -118,6 +118,16 @@ fn sqlite_store(process: &str, machines: &[&str]) -> (tempfile::TempDir, String)
     (dir, url)
 }
 
+/// `fleetdb worker --once` of `process` on every machine, with `extra` flags, running `command`.
+fn work_once(url: &str, d: &std::path::Path, process: &str, extra: &[&str], command: &[&str]) {
+    let mut args = vec!["worker", "--component", "w", "--process", process];
+    args.extend(["--selector", "kind = machine", "--once"]);
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(command);
+    run(url, d, &args);
+}
+
 /// `fleetdb ARGS`, expected to fail: its exit code and stderr.
 fn failing(url: &str, d: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
     let out = fleetdb(url, d).args(args).output().unwrap();
@@ -279,25 +289,12 @@ fn worker_failure_records_the_cause_and_backs_off() {
     let url = format!("sqlite://{}/db.sqlite", d.display());
     run(&url, d, &["process", "define", "Install"]);
     run(&url, d, &["object", "put", "machine", "m1"]);
-    run(
+    work_once(
         &url,
         d,
-        &[
-            "worker",
-            "--component",
-            "w",
-            "--process",
-            "Install",
-            "--selector",
-            "kind = machine",
-            "--once",
-            "--backoff",
-            "60s,10m,2",
-            "--",
-            "sh",
-            "-c",
-            "head -c 100000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'disk not found' >&2; exit 3",
-        ],
+        "Install",
+        &["--backoff", "60s,10m,2"],
+        &["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'disk not found' >&2; exit 3"],
     );
     let h = json(&url, d, &["history", "machine", "m1"]);
     let last = &h["items"][0];
@@ -313,22 +310,7 @@ fn worker_failure_records_the_cause_and_backs_off() {
     assert_eq!(b.as_array().unwrap().len(), 1);
     assert_eq!(b[0]["last_interval_s"], 60);
     // In backoff: a second --once run claims nothing.
-    run(
-        &url,
-        d,
-        &[
-            "worker",
-            "--component",
-            "w",
-            "--process",
-            "Install",
-            "--selector",
-            "kind = machine",
-            "--once",
-            "--",
-            "true",
-        ],
-    );
+    work_once(&url, d, "Install", &[], &["true"]);
     assert_eq!(
         json(&url, d, &["history", "machine", "m1"])["items"]
             .as_array()
@@ -337,22 +319,7 @@ fn worker_failure_records_the_cause_and_backs_off() {
         2
     );
     run(&url, d, &["backoff", "clear", "machine", "m1", "Install"]);
-    run(
-        &url,
-        d,
-        &[
-            "worker",
-            "--component",
-            "w",
-            "--process",
-            "Install",
-            "--selector",
-            "kind = machine",
-            "--once",
-            "--",
-            "true",
-        ],
-    );
+    work_once(&url, d, "Install", &[], &["true"]);
     assert_eq!(
         json(&url, d, &["history", "machine", "m1"])["items"][0]["event"],
         "Finished"
@@ -521,29 +488,12 @@ fn a_run_past_the_timeout_is_stopped_and_fails() {
     let (dir, url) = sqlite_store("Install", &["m1"]);
     let d = dir.path();
     let start = Instant::now();
-    run(
+    work_once(
         &url,
         d,
-        &[
-            "worker",
-            "--component",
-            "w",
-            "--process",
-            "Install",
-            "--selector",
-            "kind = machine",
-            "--once",
-            "--timeout",
-            "1s",
-            "--grace",
-            "1s",
-            "--backoff",
-            "60s,10m,2",
-            "--",
-            "sh",
-            "-c",
-            "echo 'still imaging' >&2; sleep 60",
-        ],
+        "Install",
+        &["--timeout", "1s", "--grace", "1s", "--backoff", "60s,10m,2"],
+        &["sh", "-c", "echo 'still imaging' >&2; sleep 60"],
     );
     assert!(start.elapsed() < Duration::from_secs(20));
     let h = json(&url, d, &["history", "machine", "m1"]);
@@ -702,24 +652,7 @@ fn a_paused_process_gets_no_work_until_resumed() {
         json(&url, d, &["process", "pause", "Install"])[0]["paused"],
         true
     );
-    let once = || {
-        run(
-            &url,
-            d,
-            &[
-                "worker",
-                "--component",
-                "w",
-                "--process",
-                "Install",
-                "--selector",
-                "kind = machine",
-                "--once",
-                "--",
-                "true",
-            ],
-        )
-    };
+    let once = || work_once(&url, d, "Install", &[], &["true"]);
     once();
     let items = |h: Value| h["items"].as_array().unwrap().len();
     assert_eq!(items(json(&url, d, &["history", "machine", "m1"])), 0);
@@ -755,24 +688,7 @@ fn a_limited_process_runs_at_most_its_limit() {
     );
     let ls = fleetdb(&url, d).args(["process", "ls"]).output().unwrap();
     assert!(String::from_utf8_lossy(&ls.stdout).contains("LIMIT"));
-    run(
-        &url,
-        d,
-        &[
-            "worker",
-            "--component",
-            "w",
-            "--process",
-            "Install",
-            "--selector",
-            "kind = machine",
-            "--once",
-            "--limit",
-            "3",
-            "--",
-            "true",
-        ],
-    );
+    work_once(&url, d, "Install", &["--limit", "3"], &["true"]);
     let ran = json(&url, d, &["history", "--process", "Install"])["items"]
         .as_array()
         .unwrap()
