@@ -1585,6 +1585,19 @@ mod tests {
         );
         let close = Op::SessionClose { id: "s".into() };
         assert_eq!(touched(&[set("a"), close]), Touched::Anywhere);
+        // Resuming a process, or raising its limit, may free claims of any object.
+        for op in [
+            Op::ProcessPause {
+                name: "P".into(),
+                paused: false,
+            },
+            Op::ProcessLimit {
+                name: "P".into(),
+                max_active: None,
+            },
+        ] {
+            assert_eq!(touched(&[op]), Touched::Anywhere);
+        }
         assert_eq!(Touched::Anywhere.wakes(&eligible), WAKES_PER_COMMIT_MAX);
         let many: Vec<Op> = (0..100).map(|i| set(&format!("j{i}"))).collect();
         assert_eq!(touched(&many), Touched::Anywhere);
