@@ -202,7 +202,11 @@ pub async fn process(store: &Store, fmt: Format, cmd: ProcessCmd) -> Result<(), 
             let c: Vec<&str> = conflicts.iter().map(String::as_str).collect();
             vec![store.process_define(&name, &c).await?]
         }
-        ProcessCmd::Ls => store.process_list().await?,
+        ProcessCmd::Ls => {
+            let procs = store.process_list().await?;
+            let stats = store.work_stats().await?;
+            return process_ls(fmt, &procs, &stats);
+        }
         ProcessCmd::Pause { name } => vec![store.process_pause(&name).await?],
         ProcessCmd::Resume { name } => vec![store.process_resume(&name).await?],
         ProcessCmd::Limit { name, max_active } => {
@@ -227,6 +231,53 @@ pub async fn process(store: &Store, fmt: Format, cmd: ProcessCmd) -> Result<(), 
                     let state = if p.paused { "paused" } else { "active" };
                     let limit = p.max_active.map_or("-".into(), |n| n.to_string());
                     vec![p.name.clone(), p.conflicts.join(","), state.into(), limit]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+    Ok(())
+}
+
+/// `process ls`: each process with its state, limit, live claims and active backoffs.
+fn process_ls(
+    fmt: Format,
+    procs: &[fleetdb::Process],
+    stats: &[fleetdb::core::backend::WorkStats],
+) -> Result<(), Error> {
+    let counts = |name: &str| {
+        stats
+            .iter()
+            .find(|s| s.process == name)
+            .map_or((0, 0), |s| (s.active_work, s.active_backoffs))
+    };
+    match fmt {
+        Format::Json => output::print_json(
+            &procs
+                .iter()
+                .map(|p| {
+                    let (work, backoffs) = counts(&p.name);
+                    json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339(),
+                       "paused": p.paused, "max_active": p.max_active,
+                       "active_work": work, "active_backoffs": backoffs})
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Format::Table => output::table(
+            &["PROCESS", "CONFLICTS", "STATE", "LIMIT", "ACTIVE", "BACKOFFS"],
+            &procs
+                .iter()
+                .map(|p| {
+                    let (work, backoffs) = counts(&p.name);
+                    let state = if p.paused { "paused" } else { "active" };
+                    let limit = p.max_active.map_or("-".into(), |n| n.to_string());
+                    vec![
+                        p.name.clone(),
+                        p.conflicts.join(","),
+                        state.into(),
+                        limit,
+                        work.to_string(),
+                        backoffs.to_string(),
+                    ]
                 })
                 .collect::<Vec<_>>(),
         ),

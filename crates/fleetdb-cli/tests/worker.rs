@@ -309,6 +309,11 @@ fn worker_failure_records_the_cause_and_backs_off() {
     let b = json(&url, d, &["backoff", "ls"]);
     assert_eq!(b.as_array().unwrap().len(), 1);
     assert_eq!(b[0]["last_interval_s"], 60);
+    let p = json(&url, d, &["process", "ls"]);
+    assert_eq!(
+        (&p[0]["active_backoffs"], &p[0]["active_work"]),
+        (&1.into(), &0.into())
+    );
     // In backoff: a second --once run claims nothing.
     work_once(&url, d, "Install", &[], &["true"]);
     assert_eq!(

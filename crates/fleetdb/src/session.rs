@@ -1285,6 +1285,13 @@ impl Store {
         }
     }
 
+    /// Per declared process: claims held by live sessions and backoffs not yet over (what the
+    /// `fleetdb_work_active` and `fleetdb_backoffs_active` gauges show).
+    pub async fn work_stats(&self) -> Result<Vec<fleetdb_core::backend::WorkStats>> {
+        self.ready().await?;
+        self.backend.work_stats(self.clock.now()).await
+    }
+
     pub async fn process_list(&self) -> Result<Vec<fleetdb_core::work::Process>> {
         self.ready().await?;
         self.backend.process_list().await
