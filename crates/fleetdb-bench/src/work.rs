@@ -148,6 +148,11 @@ pub struct WorkArgs {
     /// `Session::finish_many_and_claim` (one transaction per batch instead of two).
     #[arg(long)]
     pub finish_and_claim: bool,
+    /// Limit the workers' process to this many claims held at once (`Store::process_limit`):
+    /// what claims of a limited process cost (they take turns on a lock of the process). With the
+    /// limit at or above the workers' claims it never binds, so only the cost shows.
+    #[arg(long)]
+    pub process_limit: Option<u64>,
     /// One-at-a-time: write every measured latency to this file, one line per claim in the
     /// window: seconds since the window opened, the eligible→claimed latency in ms, the wall
     /// clock in seconds since the epoch, the add call's own time in ms (0 when the claim came
@@ -1131,12 +1136,24 @@ struct WorkerRec {
     max_token: i64,
 }
 
-async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
-    let store = &db.store;
+/// The workers' process, limited when `--process-limit` says so.
+async fn define_process(store: &Store, args: &WorkArgs) -> BResult<()> {
     store
         .process_define(PROCESS, &[])
         .await
         .map_err(|e| format!("process_define: {e}"))?;
+    if let Some(n) = args.process_limit {
+        store
+            .process_limit(PROCESS, Some(n))
+            .await
+            .map_err(|e| format!("process_limit: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn one_at_a_time(db: &Db, args: &WorkArgs) -> BResult<OneResult> {
+    let store = &db.store;
+    define_process(store, args).await?;
     let errors = Arc::new(ErrorLog::default());
     // Each job in flight: when its add was called and when that call returned (0 until then), µs
     // since the epoch.
@@ -1555,10 +1572,7 @@ struct BurnRec {
 async fn burndown(db: &Db, args: &WorkArgs) -> BResult<BurnResult> {
     let store = &db.store;
     let n = args.burndown;
-    store
-        .process_define(PROCESS, &[])
-        .await
-        .map_err(|e| format!("process_define: {e}"))?;
+    define_process(store, args).await?;
     let errors = Arc::new(ErrorLog::default());
     let keys = (0..n)
         .map(|_| job_key(&job_id(false)))
