@@ -322,16 +322,15 @@ pub(crate) struct ClaimTxn {
     pub(crate) finished: Option<FinishRow>,
     pub(crate) alive: HashSet<String>,
     pub(crate) declared: bool,
-    /// The process has a limit of claims held at once: find-and-lock locked nothing, and its
-    /// claims go through the general path, where claims of a limited process take turns
-    /// (`fleetdb_core::apply::apply_claim`).
-    pub(crate) limited: bool,
     /// How many candidates find-and-lock locked.
     pub(crate) locked_n: usize,
     /// The change log's revision in find-and-lock's snapshot, when it locked fewer candidates
     /// than the limit.
     pub(crate) revision: Option<fleetdb_core::Revision>,
     pub(crate) took: Vec<tokio_postgres::Row>,
+    /// The process's limit left room for fewer candidates than were locked
+    /// ([`work::CAPPED_ROW`]): the claims cut short must not look further.
+    pub(crate) capped: bool,
 }
 
 /// Poll each pinned request once, in order, and go on: tokio-postgres sends a request on its
@@ -509,7 +508,6 @@ impl ClaimTxn {
             let declared: bool = row.try_get(1).map_err(db_err)?;
             let locked: Option<String> = row.try_get(2).map_err(db_err)?;
             let revision: Option<i64> = row.try_get(3).map_err(db_err)?;
-            let limited: bool = row.try_get(6).map_err(db_err)?;
             let alive: HashSet<String> = match alive {
                 Some(json) => serde_json::from_str(&json)
                     .map_err(|e| Error::Backend(format!("the alive sessions of a claim: {e}")))?,
@@ -522,13 +520,18 @@ impl ClaimTxn {
                     .len(),
                 None => 0,
             };
+            let mut took = took;
+            let before = took.len();
+            took.retain(|r| {
+                r.try_get::<_, Option<i64>>(5).ok().flatten() != Some(work::CAPPED_ROW)
+            });
             Ok(ClaimTxn {
                 finished,
                 alive,
                 declared,
-                limited,
                 locked_n,
                 revision: revision.map(fleetdb_core::Revision),
+                capped: took.len() < before,
                 took,
             })
         })();
@@ -781,18 +784,15 @@ impl PostgresBackend {
                         session_id: w.req.session_id.clone(),
                     });
                 }
-                if txn.limited {
-                    // Alone, it takes the general path of a limited process.
-                    return Answer::ClaimAlone(finished);
-                }
                 match took.remove(&slot.r) {
                     Some(work) => Answer::Done(Ok((
                         finished,
                         Claimed::short_of(slot.n, work, txn.revision),
                     ))),
                     // Its candidates were all gone at the take (its session died meanwhile, or
-                    // they stopped matching): ask again alone.
-                    None if assigned > 0 => Answer::ClaimAlone(finished),
+                    // they stopped matching): ask again alone. Cut by its process's limit, it
+                    // has its answer.
+                    None if assigned > 0 && !txn.capped => Answer::ClaimAlone(finished),
                     None => Answer::Done(Ok((
                         finished,
                         Claimed::short_of(slot.n, Vec::new(), txn.revision),

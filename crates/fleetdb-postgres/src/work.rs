@@ -492,6 +492,11 @@ fn not_in_backoff_sql(process: &str, now: &str, k: &str) -> String {
 /// and the index entries of finished ones.
 /// The hand's three parameters are the last ones ([`TypedParams::set_hand`]): the text does
 /// not depend on it.
+///
+/// A process with a limit has its row locked here (`lk`, before the candidates: the select
+/// list is evaluated in order; its last column, `limited`, is what makes it run), and held to
+/// commit: claims of a limited process take turns from here, and step 2 counts the room in a
+/// snapshot taken after the lock ([`claim_take_sql`]). A paused process finds no candidates.
 pub(crate) fn claim_lock_sql(
     q: &CandidateQuery,
     sessions: &[String],
@@ -535,11 +540,12 @@ pub(crate) fn claim_lock_sql(
         "WITH s AS (SELECT id FROM (SELECT ss.id, ss.deadline FROM sessions ss \
            WHERE ss.id = ANY (ARRAY(SELECT jsonb_array_elements_text(({sids})::jsonb))) \
            OFFSET 0) ss WHERE ss.deadline > {now}), \
-         me AS (SELECT paused, max_active FROM processes WHERE name = {process}), \
+         me AS (SELECT paused FROM processes WHERE name = {process}), \
+         lk AS MATERIALIZED (SELECT 1 FROM processes WHERE name = {process} \
+           AND max_active IS NOT NULL FOR UPDATE), \
          c AS MATERIALIZED (SELECT b.namespace, b.kind, b.id FROM {passes} \
            CROSS JOIN LATERAL (SELECT o.namespace, o.kind, o.id {from} \
-             AND EXISTS (SELECT 1 FROM s) \
-             AND EXISTS (SELECT 1 FROM me WHERE NOT me.paused AND me.max_active IS NULL) \
+             AND EXISTS (SELECT 1 FROM s) AND EXISTS (SELECT 1 FROM me WHERE NOT me.paused) \
              {free} {outer} \
              ORDER BY o.namespace, o.kind, o.id LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) AS b \
            LIMIT {limit}) \
@@ -549,7 +555,7 @@ pub(crate) fn claim_lock_sql(
            set_config('{LOCKED_GUC}', COALESCE(a.locked, '[]'::jsonb)::text, true), \
            a.limited \
          FROM (SELECT (SELECT jsonb_agg(id) FROM s) AS alive, EXISTS (SELECT 1 FROM me) AS declared, \
-           EXISTS (SELECT 1 FROM me WHERE me.max_active IS NOT NULL) AS limited, \
+           EXISTS (SELECT 1 FROM lk) AS limited, \
            (SELECT jsonb_agg(jsonb_build_object('ns', c.namespace, 'kind', c.kind, 'id', c.id) \
               ORDER BY c.namespace, c.kind, c.id) FROM c) AS locked OFFSET 0) AS a",
         revision = crate::sql::REVISION_NOW
@@ -788,6 +794,12 @@ pub(crate) fn assigned(
 /// claim's next attempt takes it over with [`Take::Takeover`]. Measured in the one-at-a-time
 /// benchmark (`pg_stat_statements`, six runs of each, ~58,000 executions): 0.296 → 0.265 ms per
 /// execution.
+///
+/// A process with a limit (`processes.max_active`) takes at most the room left: its
+/// find-and-lock holds the process row locked (`FOR UPDATE`) until commit, so claims of a limited
+/// process take turns from there, and this statement — a fresh snapshot, after the lock — counts
+/// the live claims and cuts the candidates to the room (`room`; no limit: `LIMIT NULL`, and the
+/// count is never evaluated). When it cut any, a row with `r` = [`CAPPED_ROW`] says so.
 pub(crate) fn claim_take_sql(
     q: &CandidateQuery,
     slots: String,
@@ -817,13 +829,26 @@ pub(crate) fn claim_take_sql(
            JOIN ss ON l.pos > ss.lo AND l.pos <= ss.hi), \
          c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid, k.r {base} {free} \
            ORDER BY o.namespace, o.kind, o.id), \
+         room AS MATERIALIZED (SELECT CASE WHEN p.max_active IS NULL THEN NULL \
+             ELSE GREATEST(0, p.max_active - (SELECT count(*) FROM work w \
+               JOIN sessions s ON s.id = w.session_id \
+               WHERE w.process = {process} AND s.deadline > {now})) END AS n \
+           FROM processes p WHERE p.name = {process}), \
          t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, c.r, \
-           nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c), \
+           nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c \
+           LIMIT (SELECT n FROM room)), \
          {writes} \
-         SELECT namespace, kind, id, token, sid, r FROM t ORDER BY n"
+         SELECT namespace, kind, id, token, sid, r FROM (SELECT namespace, kind, id, token, sid, r, n \
+           FROM t UNION ALL SELECT NULL, NULL, NULL, room.n, NULL, {CAPPED_ROW}, 0 FROM room \
+           WHERE room.n < (SELECT count(*) FROM c)) AS x ORDER BY n"
     );
     (sql, params)
 }
+
+/// The `r` of the row [`claim_take_sql`] adds when its process's limit left room for fewer
+/// candidates than it had (its `token` column is the room): the claims it cut short were capped,
+/// not outrun, and must not look for more.
+pub(crate) const CAPPED_ROW: i64 = -1;
 
 /// How [`claim_take_sql`] writes the work rows of the candidates it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

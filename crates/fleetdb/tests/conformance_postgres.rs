@@ -107,3 +107,63 @@ async fn a_fenced_write_racing_a_release_waits_and_fails() {
     std::mem::forget(w); // its row is gone; dropping would try to cancel
     drop(h).await;
 }
+
+/// Claims of a limited process take turns on its row: while another transaction holds the row
+/// locked (as a claim of the process does until it commits), a claim of the process waits — and
+/// then counts the claims committed meanwhile; a claim of an unlimited process never waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_of_a_limited_process_take_turns_on_its_row() {
+    use std::time::Duration;
+    let h = make().await;
+    let st = h.store.clone();
+    for p in ["Install", "Audit"] {
+        st.process_define(p, &[]).await.unwrap();
+    }
+    st.process_limit("Install", Some(1)).await.unwrap();
+    for id in ["m1", "m2"] {
+        let k = fleetdb::ObjectKey::new("default", "machine", id).unwrap();
+        st.object_put(&k, fleetdb::Labels::new()).await.unwrap();
+    }
+    let s = st
+        .session_start(fleetdb::SessionSpec::new("c", "h").ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let (other, conn) = tokio_postgres::connect(&h.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for p in ["Install", "Audit"] {
+        other
+            .batch_execute(&format!(
+                "BEGIN; SELECT 1 FROM processes WHERE name = '{p}' FOR UPDATE"
+            ))
+            .await
+            .unwrap();
+        let claim = tokio::spawn({
+            let s = s.clone();
+            async move { s.claim(p, "kind = machine", 2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waited = !claim.is_finished();
+        other.batch_execute("COMMIT").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), claim)
+            .await
+            .expect("the claim ends once the row is free")
+            .unwrap()
+            .unwrap();
+        match p {
+            "Install" => {
+                assert!(waited, "a claim of a limited process waits for its row");
+                assert_eq!(got.len(), 1, "the limit is 1");
+            }
+            _ => {
+                assert!(!waited, "a claim of an unlimited process takes no lock");
+                assert_eq!(got.len(), 2);
+            }
+        }
+        for mut w in got {
+            w.cancel().await.unwrap();
+        }
+    }
+    drop(h).await;
+}
