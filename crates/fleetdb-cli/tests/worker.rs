@@ -284,11 +284,8 @@ fn killed_worker_loses_its_claim_postgres() {
 
 #[test]
 fn worker_failure_records_the_cause_and_backs_off() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, url) = sqlite_store("Install", &["m1"]);
     let d = dir.path();
-    let url = format!("sqlite://{}/db.sqlite", d.display());
-    run(&url, d, &["process", "define", "Install"]);
-    run(&url, d, &["object", "put", "machine", "m1"]);
     work_once(
         &url,
         d,
@@ -367,14 +364,10 @@ fn worker_failure_records_the_cause_and_backs_off() {
 /// stderr once it runs (the worker passes stderr through as it comes). With `runs` > 1, that many
 /// objects and commands at once (`--concurrency`).
 fn stop_with_sigterm(command: &str, grace: &str, runs: usize) -> (tempfile::TempDir, Duration) {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let url = format!("sqlite://{}/db.sqlite", d.display());
-    run(&url, d, &["process", "define", "Provision"]);
     let ids: Vec<String> = (1..=runs).map(|i| format!("m{i}")).collect();
-    for id in &ids {
-        run(&url, d, &["object", "put", "machine", id]);
-    }
+    let names: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (dir, url) = sqlite_store("Provision", &names);
+    let d = dir.path();
     let n = runs.to_string();
     let w = fleetdb(&url, d)
         .env("MARK", d.join("mark"))
@@ -516,15 +509,10 @@ fn a_run_past_the_timeout_is_stopped_and_fails() {
 /// passed through after its object; every run is recorded.
 #[test]
 fn commands_run_side_by_side_with_concurrency() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, url) = sqlite_store("Provision", &["m1", "m2", "m3"]);
     let d = dir.path();
-    let url = format!("sqlite://{}/db.sqlite", d.display());
     let started = d.join("started");
     std::fs::create_dir(&started).unwrap();
-    run(&url, d, &["process", "define", "Provision"]);
-    for m in ["m1", "m2", "m3"] {
-        run(&url, d, &["object", "put", "machine", m]);
-    }
     let out = fleetdb(&url, d)
         .env("STARTED", &started)
         .args([
@@ -680,13 +668,8 @@ fn a_paused_process_gets_no_work_until_resumed() {
 /// `process limit NAME N|none`: `process ls` shows it; a worker asking for more gets what fits.
 #[test]
 fn a_limited_process_runs_at_most_its_limit() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, url) = sqlite_store("Install", &["m1", "m2", "m3"]);
     let d = dir.path();
-    let url = format!("sqlite://{}/db.sqlite", d.display());
-    run(&url, d, &["process", "define", "Install"]);
-    for m in ["m1", "m2", "m3"] {
-        run(&url, d, &["object", "put", "machine", m]);
-    }
     assert_eq!(
         json(&url, d, &["process", "limit", "Install", "2"])[0]["max_active"],
         2
