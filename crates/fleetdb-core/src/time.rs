@@ -43,14 +43,21 @@ impl Timestamp {
     }
 
     /// RFC 3339 with microseconds, e.g. `2026-11-25T10:00:00.000000Z`.
+    /// Times RFC 3339 cannot write (before 1970 or after 9999) are written as microseconds from
+    /// the epoch, e.g. `5us-before-epoch` (a parked backoff's `until` is `i64::MAX`).
     pub fn to_rfc3339(self) -> String {
-        if self.0 >= 0 {
-            let t = UNIX_EPOCH + Duration::from_micros(self.0 as u64);
-            humantime::format_rfc3339_micros(t).to_string()
-        } else {
-            format!("{}us-before-epoch", -self.0)
+        if self.0 < 0 {
+            return format!("{}us-before-epoch", self.0.unsigned_abs());
         }
+        if self.0 >= Self::YEAR_10000.0 {
+            return format!("{}us-after-epoch", self.0);
+        }
+        let t = UNIX_EPOCH + Duration::from_micros(self.0 as u64);
+        humantime::format_rfc3339_micros(t).to_string()
     }
+
+    /// 10000-01-01T00:00:00Z, the first time RFC 3339 cannot write.
+    const YEAR_10000: Timestamp = Timestamp(253_402_300_800 * 1_000_000);
 }
 
 /// `t + d`, saturating.
@@ -149,5 +156,24 @@ mod tests {
             Timestamp(1_500_000).to_rfc3339(),
             "1970-01-01T00:00:01.500000Z"
         );
+        // The edges RFC 3339 cannot write are written, not a panic (`to_string` of humantime's
+        // formatter fails past the year 9999).
+        assert_eq!(
+            Timestamp(253_402_300_800 * 1_000_000 - 1).to_rfc3339(),
+            "9999-12-31T23:59:59.999999Z"
+        );
+        assert_eq!(
+            Timestamp(253_402_300_800 * 1_000_000).to_rfc3339(),
+            "253402300800000000us-after-epoch"
+        );
+        assert_eq!(
+            Timestamp(i64::MAX).to_string(),
+            "9223372036854775807us-after-epoch"
+        );
+        assert_eq!(
+            Timestamp(i64::MIN).to_rfc3339(),
+            "9223372036854775808us-before-epoch"
+        );
+        assert_eq!(Timestamp(-5).to_rfc3339(), "5us-before-epoch");
     }
 }
