@@ -37,6 +37,13 @@ pub enum ProcessCmd {
         /// Claims held at once (1 to 1,000,000), or `none`.
         max_active: String,
     },
+    /// Park an object after N failures of the process in a row: no claim takes it again until
+    /// `backoff clear` (`none`: retry for ever).
+    MaxFailures {
+        name: String,
+        /// Failures in a row (1 to 1,000,000), or `none`.
+        max_failures: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,24 +225,48 @@ pub async fn process(store: &Store, fmt: Format, cmd: ProcessCmd) -> Result<(), 
             };
             vec![store.process_limit(&name, max).await?]
         }
+        ProcessCmd::MaxFailures { name, max_failures } => {
+            let max = match max_failures.as_str() {
+                "none" => None,
+                n => Some(n.parse::<u64>().map_err(|_| {
+                    Error::invalid(
+                        "process max failures",
+                        n,
+                        "a whole number of failures in a row, or `none`",
+                    )
+                })?),
+            };
+            vec![store.process_max_failures(&name, max).await?]
+        }
     };
     match fmt {
-        Format::Json => output::print_json(
-            &procs.iter().map(|p| json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339(), "paused": p.paused, "max_active": p.max_active})).collect::<Vec<_>>(),
-        ),
+        Format::Json => output::print_json(&procs.iter().map(process_json).collect::<Vec<_>>()),
         Format::Table => output::table(
-            &["PROCESS", "CONFLICTS", "STATE", "LIMIT"],
-            &procs
-                .iter()
-                .map(|p| {
-                    let state = if p.paused { "paused" } else { "active" };
-                    let limit = p.max_active.map_or("-".into(), |n| n.to_string());
-                    vec![p.name.clone(), p.conflicts.join(","), state.into(), limit]
-                })
-                .collect::<Vec<_>>(),
+            &PROCESS_HEADER,
+            &procs.iter().map(process_row).collect::<Vec<_>>(),
         ),
     }
     Ok(())
+}
+
+/// The columns of a process in tables ([`process_row`]).
+const PROCESS_HEADER: [&str; 5] = ["PROCESS", "CONFLICTS", "STATE", "LIMIT", "MAX-FAILURES"];
+
+fn process_row(p: &fleetdb::Process) -> Vec<String> {
+    let state = if p.paused { "paused" } else { "active" };
+    let or_dash = |n: Option<u64>| n.map_or("-".into(), |n| n.to_string());
+    vec![
+        p.name.clone(),
+        p.conflicts.join(","),
+        state.into(),
+        or_dash(p.max_active),
+        or_dash(p.max_failures),
+    ]
+}
+
+fn process_json(p: &fleetdb::Process) -> serde_json::Value {
+    json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339(),
+       "paused": p.paused, "max_active": p.max_active, "max_failures": p.max_failures})
 }
 
 /// `process ls`: each process with its state, limit, live claims and active backoffs.
@@ -248,39 +279,38 @@ fn process_ls(
         stats
             .iter()
             .find(|s| s.process == name)
-            .map_or((0, 0), |s| (s.active_work, s.active_backoffs))
+            .map_or((0, 0, 0), |s| (s.active_work, s.active_backoffs, s.parked))
     };
     match fmt {
         Format::Json => output::print_json(
             &procs
                 .iter()
                 .map(|p| {
-                    let (work, backoffs) = counts(&p.name);
-                    json!({"name": p.name, "conflicts": p.conflicts, "created_at": p.created_at.to_rfc3339(),
-                       "paused": p.paused, "max_active": p.max_active,
-                       "active_work": work, "active_backoffs": backoffs})
+                    let (work, backoffs, parked) = counts(&p.name);
+                    let mut v = process_json(p);
+                    v["active_work"] = work.into();
+                    v["active_backoffs"] = backoffs.into();
+                    v["parked"] = parked.into();
+                    v
                 })
                 .collect::<Vec<_>>(),
         ),
-        Format::Table => output::table(
-            &["PROCESS", "CONFLICTS", "STATE", "LIMIT", "ACTIVE", "BACKOFFS"],
-            &procs
-                .iter()
-                .map(|p| {
-                    let (work, backoffs) = counts(&p.name);
-                    let state = if p.paused { "paused" } else { "active" };
-                    let limit = p.max_active.map_or("-".into(), |n| n.to_string());
-                    vec![
-                        p.name.clone(),
-                        p.conflicts.join(","),
-                        state.into(),
-                        limit,
-                        work.to_string(),
-                        backoffs.to_string(),
-                    ]
-                })
-                .collect::<Vec<_>>(),
-        ),
+        Format::Table => {
+            let mut header = PROCESS_HEADER.to_vec();
+            header.extend(["ACTIVE", "BACKOFFS", "PARKED"]);
+            output::table(
+                &header,
+                &procs
+                    .iter()
+                    .map(|p| {
+                        let (work, backoffs, parked) = counts(&p.name);
+                        let mut row = process_row(p);
+                        row.extend([work, backoffs, parked].map(|n| n.to_string()));
+                        row
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }
     }
     Ok(())
 }
@@ -340,16 +370,29 @@ pub async fn backoff(store: &Store, fmt: Format, ns: &str, cmd: BackoffCmd) -> R
                     &items
                         .iter()
                         .map(|b| json!({"namespace": b.key.namespace, "kind": b.key.kind, "id": b.key.id, "process": b.process,
-                            "until": b.until.to_rfc3339(), "cause": b.cause, "last_interval_s": b.last_interval_s}))
+                            "until": (!b.parked()).then(|| b.until.to_rfc3339()), "parked": b.parked(),
+                            "failures": b.failures, "cause": b.cause, "last_interval_s": b.last_interval_s}))
                         .collect::<Vec<_>>(),
                 ),
                 Format::Table => output::table(
-                    &["PROCESS", "OBJECT", "UNTIL", "INTERVAL", "CAUSE"],
+                    &["PROCESS", "OBJECT", "UNTIL", "INTERVAL", "FAILURES", "CAUSE"],
                     &items
                         .iter()
                         .map(|b| {
                             let cause: String = b.cause.chars().take(60).collect();
-                            vec![b.process.clone(), b.key.to_string(), b.until.to_rfc3339(), format!("{}s", b.last_interval_s), cause]
+                            let until = if b.parked() {
+                                "parked (until cleared)".to_string()
+                            } else {
+                                b.until.to_rfc3339()
+                            };
+                            vec![
+                                b.process.clone(),
+                                b.key.to_string(),
+                                until,
+                                format!("{}s", b.last_interval_s),
+                                b.failures.to_string(),
+                                cause,
+                            ]
                         })
                         .collect::<Vec<_>>(),
                 ),

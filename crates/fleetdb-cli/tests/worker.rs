@@ -690,3 +690,71 @@ fn a_limited_process_runs_at_most_its_limit() {
         assert_eq!(code, Some(2), "limit {bad}");
     }
 }
+
+/// `process max-failures NAME N|none`: a machine whose command keeps failing is parked —
+/// `backoff ls` and `process ls` show it, no worker runs it — until `backoff clear`.
+#[test]
+fn a_machine_that_keeps_failing_is_parked_until_cleared() {
+    let (dir, url) = sqlite_store("Install", &["m1"]);
+    let d = dir.path();
+    assert_eq!(
+        json(&url, d, &["process", "max-failures", "Install", "1"])[0]["max_failures"],
+        1
+    );
+    let failing_run = || {
+        work_once(
+            &url,
+            d,
+            "Install",
+            &[],
+            &["sh", "-c", "echo 'no disk' >&2; exit 1"],
+        )
+    };
+    failing_run();
+    let b = json(&url, d, &["backoff", "ls"]);
+    assert_eq!(
+        (
+            &b[0]["parked"],
+            &b[0]["failures"],
+            &b[0]["until"],
+            &b[0]["cause"]
+        ),
+        (
+            &true.into(),
+            &1.into(),
+            &Value::Null,
+            &"exit status: 1: no disk".into()
+        )
+    );
+    let ls = fleetdb(&url, d).args(["backoff", "ls"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("parked (until cleared)"));
+    let p = json(&url, d, &["process", "ls"]);
+    assert_eq!(
+        (&p[0]["parked"], &p[0]["max_failures"]),
+        (&1.into(), &1.into())
+    );
+    let ls = fleetdb(&url, d).args(["process", "ls"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("MAX-FAILURES"));
+    // Parked: a worker gets nothing.
+    work_once(&url, d, "Install", &[], &["true"]);
+    let events = |url: &str| {
+        json(url, d, &["history", "machine", "m1"])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(events(&url), ["Failed", "Started"]);
+    // Cleared: it runs again.
+    run(&url, d, &["backoff", "clear", "machine", "m1", "Install"]);
+    work_once(&url, d, "Install", &[], &["true"]);
+    assert_eq!(events(&url)[0], "Finished");
+    assert!(
+        json(&url, d, &["process", "max-failures", "Install", "none"])[0]["max_failures"].is_null()
+    );
+    for bad in ["0", "often"] {
+        let (code, _) = failing(&url, d, &["process", "max-failures", "Install", bad]);
+        assert_eq!(code, Some(2), "max-failures {bad}");
+    }
+}

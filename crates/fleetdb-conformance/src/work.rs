@@ -2726,6 +2726,128 @@ pub async fn limited_processes_hold_at_most_their_limit(h: &Harness) {
     }
 }
 
+/// An object that fails `max_failures` times in a row is parked: no claim of the process takes it
+/// (selector or `claim_object`) however much time passes, until an operator clears its backoff;
+/// a finish or a clear starts the count again; other processes are not affected.
+pub async fn objects_failing_too_often_are_parked(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    st.process_define("Audit", &[]).await.unwrap();
+    let ks = machines(h, 2).await;
+    let all = "kind = machine";
+    let p = st.process_max_failures("Install", Some(3)).await.unwrap();
+    assert_eq!(p.max_failures, Some(3));
+    let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 2.0).unwrap();
+    // Each failure from a session of its own (time passes between them beyond any TTL).
+    let fail = |cause: &'static str| {
+        let (k, b) = (&ks[0], &b);
+        async move {
+            let s = st.session_start(spec("a")).await.unwrap();
+            let mut w = s.claim_object(k, "Install").await.unwrap();
+            w.fail(b, cause).await.unwrap();
+            s.close().await.unwrap();
+        }
+    };
+    let backoff = || async {
+        st.backoff_list(Some("Install"), false, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|b| b.key == ks[0])
+            .unwrap()
+    };
+    // Two failures: backed off, counted, not parked.
+    for (i, cause) in ["one", "two"].into_iter().enumerate() {
+        fail(cause).await;
+        let bo = backoff().await;
+        assert_eq!(bo.failures, i as u64 + 1);
+        assert!(!bo.parked());
+        h.clock.advance(Duration::from_secs(61));
+    }
+    // The third parks it, whatever time passes.
+    fail("three").await;
+    let bo = backoff().await;
+    assert_eq!(
+        (bo.failures, bo.parked(), bo.cause.as_str()),
+        (3, true, "three")
+    );
+    assert_eq!(bo.until, fleetdb::core::work::PARKED);
+    h.clock.advance(Duration::from_secs(30 * 24 * 3600));
+    let s = st.session_start(spec("a")).await.unwrap();
+    let got = s.claim("Install", all, 5).await.unwrap();
+    assert_eq!(got.len(), 1, "only the other machine");
+    assert_eq!(got[0].key(), &ks[1]);
+    match s.claim_object(&ks[0], "Install").await {
+        Err(Error::Conflict { what }) => assert!(what.contains("parked"), "{what}"),
+        other => panic!("expected Conflict, got {:?}", other.map(|w| w.token())),
+    }
+    // Other processes still claim it; the stats and `active only` listings count it.
+    let mut audit = s.claim_object(&ks[0], "Audit").await.unwrap();
+    audit.cancel().await.unwrap();
+    let stats = st.work_stats().await.unwrap();
+    let install = stats.iter().find(|x| x.process == "Install").unwrap();
+    assert_eq!((install.active_backoffs, install.parked), (1, 1));
+    st.metrics_refresh().await.unwrap();
+    let m = st.metrics();
+    assert_eq!(m.work_parked.with_label_values(&["Install"]).get(), 1);
+    assert_eq!(m.work_parked.with_label_values(&["Audit"]).get(), 0);
+    assert_eq!(
+        st.backoff_list(Some("Install"), true, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Raising or lifting the setting leaves it parked; clearing the backoff frees it and starts
+    // the count again.
+    st.process_max_failures("Install", None).await.unwrap();
+    assert!(backoff().await.parked());
+    st.process_max_failures("Install", Some(2)).await.unwrap();
+    assert!(st.backoff_clear(&ks[0], "Install").await.unwrap());
+    fail("again").await;
+    assert_eq!(backoff().await.failures, 1, "counted from the clear");
+    h.clock.advance(Duration::from_secs(2));
+    // A finish starts it again too.
+    s.claim_object(&ks[0], "Install")
+        .await
+        .unwrap()
+        .finish(|_| async { Ok(()) })
+        .await
+        .unwrap();
+    fail("after the finish").await;
+    assert_eq!(backoff().await.failures, 1, "counted from the finish");
+    h.clock.advance(Duration::from_secs(2));
+    fail("second").await;
+    assert!(
+        backoff().await.parked(),
+        "the lowered setting applies at the next failure"
+    );
+    // Redefining keeps it; bad settings and undeclared processes are refused.
+    assert_eq!(
+        st.process_define("Install", &[])
+            .await
+            .unwrap()
+            .max_failures,
+        Some(2)
+    );
+    for bad in [
+        Some(0),
+        Some(fleetdb::core::work::PROCESS_MAX_FAILURES_MAX + 1),
+    ] {
+        assert!(matches!(
+            st.process_max_failures("Install", bad).await,
+            Err(Error::Invalid { .. })
+        ));
+    }
+    assert!(matches!(
+        st.process_max_failures("Nope", Some(1)).await,
+        Err(Error::Invalid { .. })
+    ));
+    for w in got {
+        std::mem::forget(w);
+    }
+}
+
 /// Many workers of a limited process racing (claims, finish-and-claims, shared transactions on
 /// PostgreSQL): the claims held by live sessions never pass the limit (2, with 8 workers).
 pub async fn racing_workers_never_pass_a_process_limit(h: &Harness) {

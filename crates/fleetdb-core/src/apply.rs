@@ -12,6 +12,7 @@ use crate::validate;
 use crate::work::HistoryEntry;
 use crate::work::{
     BackoffInfo, ClaimRequest, ClaimTarget, Outcome, Process, SessionInfo, WorkEvent, WorkInfo,
+    PARKED,
 };
 
 /// Check every precondition, then apply every op in order. On `Err` the caller must roll back.
@@ -606,7 +607,8 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                 conflicts: list,
                 created_at: old.as_ref().map_or(now, |p| p.created_at),
                 paused: old.as_ref().is_some_and(|p| p.paused),
-                max_active: old.and_then(|p| p.max_active),
+                max_active: old.as_ref().and_then(|p| p.max_active),
+                max_failures: old.and_then(|p| p.max_failures),
             };
             rows.process_put(&p).await?;
             Ok(OpResult {
@@ -623,6 +625,12 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
         Op::ProcessLimit { name, max_active } => {
             process_control(rows, name, |p| {
                 std::mem::replace(&mut p.max_active, *max_active) != *max_active
+            })
+            .await
+        }
+        Op::ProcessMaxFailures { name, max_failures } => {
+            process_control(rows, name, |p| {
+                std::mem::replace(&mut p.max_failures, *max_failures) != *max_failures
             })
             .await
         }
@@ -658,24 +666,33 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                     backoff,
                     uniform,
                 } => {
-                    let last = rows
-                        .backoff_read(key, process)
+                    let last = rows.backoff_read(key, process).await?;
+                    let interval_s =
+                        backoff.next_interval_s(last.as_ref().map(|b| b.last_interval_s));
+                    let failures = last.map_or(1, |b| b.failures.saturating_add(1));
+                    let max_failures = rows
+                        .process_read(process)
                         .await?
-                        .map(|b| b.last_interval_s);
-                    let interval_s = backoff.next_interval_s(last);
-                    let until = Timestamp(
-                        now.0
-                            .saturating_add(interval_s.saturating_mul(1_000_000))
-                            .saturating_add(
-                                backoff.jitter_ms(interval_s, *uniform).saturating_mul(1000),
-                            ),
-                    );
+                        .and_then(|p| p.max_failures);
+                    let until = if max_failures.is_some_and(|m| failures >= m) {
+                        PARKED
+                    } else {
+                        Timestamp(
+                            now.0
+                                .saturating_add(interval_s.saturating_mul(1_000_000))
+                                .saturating_add(
+                                    backoff.jitter_ms(interval_s, *uniform).saturating_mul(1000),
+                                )
+                                .min(PARKED.0 - 1),
+                        )
+                    };
                     rows.backoff_put(&BackoffInfo {
                         key: key.clone(),
                         process: process.clone(),
                         until,
                         cause: cause.clone(),
                         last_interval_s: interval_s,
+                        failures,
                     })
                     .await?;
                     release(
@@ -962,6 +979,15 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
                 }
             }
             if let Some(b) = rows.backoff_read(key, &req.process).await? {
+                if b.parked() {
+                    return Err(Error::Conflict {
+                        what: format!(
+                            "{key} is parked for {} after {} failures in a row (clear its backoff \
+                             to retry it): {}",
+                            req.process, b.failures, b.cause
+                        ),
+                    });
+                }
                 if b.until > now {
                     return Err(Error::Conflict {
                         what: format!(

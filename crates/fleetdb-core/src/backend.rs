@@ -696,6 +696,8 @@ pub struct WorkStats {
     pub process: String,
     pub active_work: u64,
     pub active_backoffs: u64,
+    /// Of the active backoffs, the parked ones (`max_failures` reached).
+    pub parked: u64,
 }
 
 /// What [`TxRows::claim_candidates`] looks for.

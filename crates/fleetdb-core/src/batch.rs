@@ -86,6 +86,12 @@ pub enum Op {
         name: String,
         max_active: Option<u64>,
     },
+    /// Set (or, with `None`, lift) the failures in a row after which a declared process parks an
+    /// object (see `Process::max_failures`).
+    ProcessMaxFailures {
+        name: String,
+        max_failures: Option<u64>,
+    },
     /// End a claim. Fails with `WorkLost` unless the claim is held by `session_id` with `token`.
     WorkRelease {
         key: ObjectKey,
@@ -269,6 +275,22 @@ impl Op {
                             format!(
                                 "from 1 to {} claims at once (to stop claims, pause the process)",
                                 work::PROCESS_MAX_ACTIVE_MAX
+                            ),
+                        ))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Op::ProcessMaxFailures { name, max_failures } => {
+                validate::name("process", name)?;
+                match max_failures {
+                    Some(n) if !(1..=work::PROCESS_MAX_FAILURES_MAX).contains(n) => {
+                        Err(Error::invalid(
+                            "process max failures",
+                            n.to_string(),
+                            format!(
+                                "from 1 to {} failures in a row (to retry for ever, lift it)",
+                                work::PROCESS_MAX_FAILURES_MAX
                             ),
                         ))
                     }

@@ -118,10 +118,23 @@ pub struct Process {
     /// limit). Claims beyond it wait for one to end.
     #[serde(default)]
     pub max_active: Option<u64>,
+    /// An object is parked for this process after this many failures in a row (`None`: it is
+    /// retried for ever, each time after its backoff): the failure that reaches it leaves a
+    /// backoff without end ([`PARKED`]), so no claim of this process takes the object again
+    /// (`claim_object` is refused, as in any backoff) until an operator clears that backoff.
+    /// Counted per (object, process); a finish or a cleared backoff starts the count again.
+    #[serde(default)]
+    pub max_failures: Option<u64>,
 }
 
 /// The largest `Process::max_active` an operator may set.
 pub const PROCESS_MAX_ACTIVE_MAX: u64 = 1_000_000;
+
+/// The largest `Process::max_failures` an operator may set.
+pub const PROCESS_MAX_FAILURES_MAX: u64 = 1_000_000;
+
+/// The `until` of a parked backoff: never over (see [`Process::max_failures`]).
+pub const PARKED: Timestamp = Timestamp(i64::MAX);
 
 /// Active work: an exclusive claim by a session on (object, process).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +156,21 @@ pub struct BackoffInfo {
     pub cause: String,
     /// The interval the last failure chose, in whole seconds (the base of the next one).
     pub last_interval_s: i64,
+    /// Failures of (object, process) in a row: since it last finished or an operator cleared its
+    /// backoff (rows from before migration 0014 count as one).
+    #[serde(default = "one")]
+    pub failures: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl BackoffInfo {
+    /// Parked: its process's `max_failures` was reached; over only when an operator clears it.
+    pub fn parked(&self) -> bool {
+        self.until == PARKED
+    }
 }
 
 /// A history event.

@@ -124,6 +124,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "process_controls",
         sql: include_str!("../migrations/0013_process_controls.sql"),
     },
+    Migration {
+        version: 14,
+        name: "max_failures",
+        sql: include_str!("../migrations/0014_max_failures.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -1894,7 +1899,9 @@ impl Backend for PostgresBackend {
     }
 
     async fn work_stats(&self, now: Timestamp) -> Result<Vec<WorkStats>> {
-        let rows = self.query(work::WORK_STATS, &[&now.0]).await?;
+        let rows = self
+            .query(work::WORK_STATS, &[&now.0, &fleetdb_core::work::PARKED.0])
+            .await?;
         rows.iter().map(work::work_stats_from_row).collect()
     }
 

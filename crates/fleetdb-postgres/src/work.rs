@@ -54,14 +54,16 @@ pub(crate) const SESSION_RENEW: &str =
      WHERE s.id = ids.id AND s.deadline > $1::bigint RETURNING s.id, s.deadline";
 
 pub(crate) const PROCESS_ALL: &str =
-    "SELECT name, conflicts, created_at, paused, max_active FROM processes ORDER BY name";
+    "SELECT name, conflicts, created_at, paused, max_active, max_failures FROM processes \
+     ORDER BY name";
 const PROCESS_GET: &str =
-    "SELECT name, conflicts, created_at, paused, max_active FROM processes WHERE name = $1";
+    "SELECT name, conflicts, created_at, paused, max_active, max_failures FROM processes \
+     WHERE name = $1";
 const PROCESS_PUT: &str =
-    "INSERT INTO processes (name, conflicts, created_at, paused, max_active) \
-     VALUES ($1, $2, $3, $4, $5) \
+    "INSERT INTO processes (name, conflicts, created_at, paused, max_active, max_failures) \
+     VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts, paused = excluded.paused, \
-       max_active = excluded.max_active";
+       max_active = excluded.max_active, max_failures = excluded.max_failures";
 /// Claims of a limited process take turns from here to their commit (`TxRows::lock_process`).
 const PROCESS_LOCK: &str = "SELECT 1 FROM processes WHERE name = $1 FOR UPDATE";
 /// Claims of a process held by live sessions.
@@ -99,17 +101,19 @@ pub(crate) const WORK_LIST: &str =
      ORDER BY process, namespace, kind, id LIMIT $2";
 
 const BACKOFF_GET: &str =
-    "SELECT namespace, kind, id, process, until, cause, last_interval_s FROM work_backoff \
-     WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
+    "SELECT namespace, kind, id, process, until, cause, last_interval_s, failures \
+     FROM work_backoff WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
 const BACKOFF_PUT: &str = "INSERT INTO work_backoff \
-     (namespace, kind, id, process, until, cause, last_interval_s) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     (namespace, kind, id, process, until, cause, last_interval_s, failures) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
      ON CONFLICT (namespace, kind, id, process) DO UPDATE SET until = excluded.until, \
-     cause = excluded.cause, last_interval_s = excluded.last_interval_s";
+     cause = excluded.cause, last_interval_s = excluded.last_interval_s, \
+     failures = excluded.failures";
 const BACKOFF_REMOVE: &str =
     "DELETE FROM work_backoff WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
 pub(crate) const BACKOFF_LIST: &str =
-    "SELECT namespace, kind, id, process, until, cause, last_interval_s FROM work_backoff \
+    "SELECT namespace, kind, id, process, until, cause, last_interval_s, failures \
+     FROM work_backoff \
      WHERE ($1::text IS NULL OR process = $1::text) AND ($2::bigint IS NULL OR until > $2::bigint) \
      ORDER BY process, namespace, kind, id LIMIT $3";
 
@@ -134,11 +138,13 @@ pub(crate) const HISTORY_PRUNE: &str = "WITH head AS MATERIALIZED (\
        (SELECT h.seq FROM head h WHERE h.seq < (SELECT seq FROM stop)) RETURNING 1) \
      SELECT count(*) FROM d";
 
-/// Per declared process: claims held by live sessions and backoffs still running at `$1`.
+/// Per declared process: claims held by live sessions, backoffs still running at `$1` and, of
+/// those, the parked ones (`until` = [`fleetdb_core::work::PARKED`], `$2`).
 pub(crate) const WORK_STATS: &str = "SELECT p.name, \
      (SELECT count(*) FROM work w JOIN sessions s ON s.id = w.session_id \
        WHERE w.process = p.name AND s.deadline > $1::bigint), \
-     (SELECT count(*) FROM work_backoff b WHERE b.process = p.name AND b.until > $1::bigint) \
+     (SELECT count(*) FROM work_backoff b WHERE b.process = p.name AND b.until > $1::bigint), \
+     (SELECT count(*) FROM work_backoff b WHERE b.process = p.name AND b.until = $2::bigint) \
      FROM processes p ORDER BY p.name";
 
 const NEXT_TOKEN: &str = "SELECT nextval('fleetdb_fencing')";
@@ -174,6 +180,7 @@ pub(crate) fn backoff_from_row(r: &Row) -> Result<BackoffInfo> {
         until: Timestamp(r.try_get(4).map_err(db_err)?),
         cause: r.try_get(5).map_err(db_err)?,
         last_interval_s: r.try_get(6).map_err(db_err)?,
+        failures: u64::try_from(r.try_get::<_, i64>(7).map_err(db_err)?).unwrap_or(1),
     })
 }
 
@@ -209,6 +216,10 @@ pub(crate) fn process_from_row(r: &Row) -> Result<Process> {
             .try_get::<_, Option<i64>>(4)
             .map_err(db_err)?
             .map(|n| n.max(0) as u64),
+        max_failures: r
+            .try_get::<_, Option<i64>>(5)
+            .map_err(db_err)?
+            .map(|n| n.max(0) as u64),
     })
 }
 
@@ -221,6 +232,7 @@ pub(crate) fn work_stats_from_row(r: &Row) -> Result<WorkStats> {
         process: r.try_get(0).map_err(db_err)?,
         active_work: count(1)?,
         active_backoffs: count(2)?,
+        parked: count(3)?,
     })
 }
 
@@ -974,7 +986,8 @@ pub(crate) async fn process_put(tx: &mut PgTx<'_>, p: &Process) -> Result<()> {
         json_list(&p.conflicts),
         p.created_at.0,
         p.paused,
-        p.max_active.map(|n| n as i64)
+        p.max_active.map(|n| n as i64),
+        p.max_failures.map(|n| n as i64)
     ];
     tx.defer(PROCESS_PUT, params).await
 }
@@ -1078,6 +1091,7 @@ pub(crate) async fn backoff_put(tx: &mut PgTx<'_>, b: &BackoffInfo) -> Result<()
         b.until.0,
         b.cause.clone(),
         b.last_interval_s,
+        i64::try_from(b.failures).unwrap_or(i64::MAX),
     ];
     tx.defer(BACKOFF_PUT, params).await
 }

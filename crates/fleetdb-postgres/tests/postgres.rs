@@ -159,6 +159,7 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (11, "history_prune_by_seq"),
             (12, "keys_led_by_id"),
             (13, "process_controls"),
+            (14, "max_failures"),
         ]
     );
     assert_eq!(

@@ -74,6 +74,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "process_controls",
         sql: include_str!("../migrations/0013_process_controls.sql"),
     },
+    Migration {
+        version: 14,
+        name: "max_failures",
+        sql: include_str!("../migrations/0014_max_failures.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -16,7 +16,7 @@ use crate::rows::{object_from, object_row};
 
 const SESSION_COLS: &str = "id, component, host, runtime_info, ttl_ms, created_at, deadline";
 const WORK_COLS: &str = "namespace, kind, id, process, session_id, token, started_at";
-const BACKOFF_COLS: &str = "namespace, kind, id, process, until, cause, last_interval_s";
+const BACKOFF_COLS: &str = "namespace, kind, id, process, until, cause, last_interval_s, failures";
 const HISTORY_COLS: &str =
     "seq, namespace, kind, id, process, event, session_id, component, host, token, at, cause";
 
@@ -49,6 +49,7 @@ fn backoff_row(r: &Row<'_>) -> rusqlite::Result<BackoffInfo> {
         until: Timestamp(r.get(4)?),
         cause: r.get(5)?,
         last_interval_s: r.get(6)?,
+        failures: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(1),
     })
 }
 
@@ -99,14 +100,26 @@ fn history_from(h: HistoryRaw) -> Result<HistoryEntry> {
     })
 }
 
-/// A process row: name, conflicts, created_at, paused, max_active.
-type ProcessRaw = (String, String, i64, bool, Option<i64>);
+/// A process row: name, conflicts, created_at, paused, max_active, max_failures.
+type ProcessRaw = (String, String, i64, bool, Option<i64>, Option<i64>);
+
+/// The columns [`process_raw`] reads.
+const PROCESS_COLS: &str = "name, conflicts, created_at, paused, max_active, max_failures";
 
 fn process_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProcessRaw> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
-fn process_from((name, conflicts, created_at, paused, max_active): ProcessRaw) -> Result<Process> {
+fn process_from(
+    (name, conflicts, created_at, paused, max_active, max_failures): ProcessRaw,
+) -> Result<Process> {
     Ok(Process {
         name,
         conflicts: serde_json::from_str(&conflicts)
@@ -114,6 +127,7 @@ fn process_from((name, conflicts, created_at, paused, max_active): ProcessRaw) -
         created_at: Timestamp(created_at),
         paused,
         max_active: max_active.map(|n| n.max(0) as u64),
+        max_failures: max_failures.map(|n| n.max(0) as u64),
     })
 }
 
@@ -189,9 +203,9 @@ pub(crate) fn sessions_expired(
 
 pub(crate) fn process_read(c: &Connection, name: &str) -> Result<Option<Process>> {
     let raw = c
-        .prepare_cached(
-            "SELECT name, conflicts, created_at, paused, max_active FROM processes WHERE name = ?1",
-        )
+        .prepare_cached(&format!(
+            "SELECT {PROCESS_COLS} FROM processes WHERE name = ?1"
+        ))
         .and_then(|mut s| s.query_row([name], process_raw).optional())
         .map_err(map_err)?;
     raw.map(process_from).transpose()
@@ -201,16 +215,18 @@ pub(crate) fn process_put(c: &Connection, p: &Process) -> Result<()> {
     let conflicts = serde_json::to_string(&p.conflicts).unwrap_or_else(|_| "[]".into());
     exec(
         c,
-        "INSERT INTO processes (name, conflicts, created_at, paused, max_active)
-         VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO processes (name, conflicts, created_at, paused, max_active, max_failures)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (name) DO UPDATE SET conflicts = excluded.conflicts,
-           paused = excluded.paused, max_active = excluded.max_active",
+           paused = excluded.paused, max_active = excluded.max_active,
+           max_failures = excluded.max_failures",
         params![
             p.name,
             conflicts,
             p.created_at.0,
             p.paused,
-            p.max_active.map(|n| n as i64)
+            p.max_active.map(|n| n as i64),
+            p.max_failures.map(|n| n as i64)
         ],
     )?;
     Ok(())
@@ -219,7 +235,7 @@ pub(crate) fn process_put(c: &Connection, p: &Process) -> Result<()> {
 pub(crate) fn process_all(c: &Connection) -> Result<Vec<Process>> {
     let raws: Vec<ProcessRaw> = collect(
         c,
-        "SELECT name, conflicts, created_at, paused, max_active FROM processes ORDER BY name",
+        &format!("SELECT {PROCESS_COLS} FROM processes ORDER BY name"),
         [],
         process_raw,
     )?;
@@ -293,10 +309,20 @@ pub(crate) fn backoff_put(c: &Connection, b: &BackoffInfo) -> Result<()> {
     let k = &b.key;
     exec(
         c,
-        "INSERT INTO work_backoff (namespace, kind, id, process, until, cause, last_interval_s) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO work_backoff (namespace, kind, id, process, until, cause, last_interval_s, failures)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (namespace, kind, id, process) DO UPDATE SET until = excluded.until, cause = excluded.cause,
-             last_interval_s = excluded.last_interval_s",
-        params![k.namespace, k.kind, k.id, b.process, b.until.0, b.cause, b.last_interval_s],
+             last_interval_s = excluded.last_interval_s, failures = excluded.failures",
+        params![
+            k.namespace,
+            k.kind,
+            k.id,
+            b.process,
+            b.until.0,
+            b.cause,
+            b.last_interval_s,
+            i64::try_from(b.failures).unwrap_or(i64::MAX)
+        ],
     )?;
     Ok(())
 }
@@ -537,14 +563,16 @@ pub(crate) fn work_stats(
         "SELECT p.name,
                 (SELECT count(*) FROM work w JOIN sessions s ON s.id = w.session_id
                   WHERE w.process = p.name AND s.deadline > ?1),
-                (SELECT count(*) FROM work_backoff b WHERE b.process = p.name AND b.until > ?1)
+                (SELECT count(*) FROM work_backoff b WHERE b.process = p.name AND b.until > ?1),
+                (SELECT count(*) FROM work_backoff b WHERE b.process = p.name AND b.until = ?2)
          FROM processes p ORDER BY p.name",
-        [now.0],
+        [now.0, fleetdb_core::work::PARKED.0],
         |r| {
             Ok(fleetdb_core::backend::WorkStats {
                 process: r.get(0)?,
                 active_work: r.get::<_, i64>(1)? as u64,
                 active_backoffs: r.get::<_, i64>(2)? as u64,
+                parked: r.get::<_, i64>(3)? as u64,
             })
         },
     )

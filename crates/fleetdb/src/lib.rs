@@ -440,6 +440,7 @@ impl Store {
         let stats = self.backend.work_stats(now).await?;
         self.metrics.work_active.reset();
         self.metrics.backoffs_active.reset();
+        self.metrics.work_parked.reset();
         for s in stats {
             self.metrics
                 .work_active
@@ -449,6 +450,10 @@ impl Store {
                 .backoffs_active
                 .with_label_values(&[s.process.as_str()])
                 .set(s.active_backoffs as i64);
+            self.metrics
+                .work_parked
+                .with_label_values(&[s.process.as_str()])
+                .set(s.parked as i64);
         }
         Ok(())
     }

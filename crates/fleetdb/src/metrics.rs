@@ -28,6 +28,8 @@ pub struct Metrics {
     pub work_finished: IntCounterVec,
     pub work_active: IntGaugeVec,
     pub backoffs_active: IntGaugeVec,
+    /// Objects parked per process (`Process::max_failures` reached).
+    pub work_parked: IntGaugeVec,
     /// Objects each tracked selector matches ([`crate::Store::metrics_track_selector`]).
     pub selector_objects: IntGaugeVec,
     /// The tracked selectors: name → selector text.
@@ -235,6 +237,12 @@ impl Default for Metrics {
                 &r,
                 "fleetdb_backoffs_active",
                 "Backoffs not yet over.",
+                &["process"],
+            ),
+            work_parked: gauge_vec(
+                &r,
+                "fleetdb_work_parked",
+                "Objects parked after failing max_failures times in a row: no claim takes them until an operator clears their backoff.",
                 &["process"],
             ),
             selector_objects: gauge_vec(

@@ -1263,6 +1263,24 @@ impl Store {
         .await
     }
 
+    /// Park an object for a declared process after `max_failures` failures in a row (`None`:
+    /// retry for ever, each time after its backoff). The failure that reaches it leaves a backoff
+    /// that never ends (`BackoffInfo::parked`): no claim of the process takes the object again
+    /// until an operator clears that backoff (`backoff_clear`), which also starts the count
+    /// again, as a finish does. Applies from the next failure: backoffs already parked stay parked
+    /// when the setting is raised or lifted, and lowering it parks none before it fails again.
+    pub async fn process_max_failures(
+        &self,
+        name: &str,
+        max_failures: Option<u64>,
+    ) -> Result<fleetdb_core::work::Process> {
+        self.process_control(Op::ProcessMaxFailures {
+            name: name.to_string(),
+            max_failures,
+        })
+        .await
+    }
+
     async fn process_set_paused(
         &self,
         name: &str,
@@ -1285,8 +1303,9 @@ impl Store {
         }
     }
 
-    /// Per declared process: claims held by live sessions and backoffs not yet over (what the
-    /// `fleetdb_work_active` and `fleetdb_backoffs_active` gauges show).
+    /// Per declared process: claims held by live sessions, backoffs not yet over and, of those,
+    /// the parked ones (what the `fleetdb_work_active`, `fleetdb_backoffs_active` and
+    /// `fleetdb_work_parked` gauges show).
     pub async fn work_stats(&self) -> Result<Vec<fleetdb_core::backend::WorkStats>> {
         self.ready().await?;
         self.backend.work_stats(self.clock.now()).await

@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
 /// The newest migration this binary knows.
-const LATEST: u32 = 13;
+const LATEST: u32 = 14;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -496,6 +496,60 @@ async fn sqlite_0013_process_controls_keeps_rows_written_before_it() {
     check_rows_then_process_controls(&open_sqlite(&path).await.unwrap()).await;
 }
 
+/// After 0014 (objects that keep failing are parked): the backoff written before it counts one
+/// failure and is not parked, the process parks nothing; a limit set then parks at the second
+/// failure in a row.
+async fn check_rows_then_max_failures(url: &str) {
+    let clock = Arc::new(fleetdb::ManualClock::new(fleetdb::Timestamp::from_system(
+        std::time::SystemTime::now(),
+    )));
+    let store = Store::open_with(
+        url,
+        OpenOptions {
+            clock: clock.clone(),
+            ..OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let m2 = ObjectKey::new("default", "machine", "m2").unwrap();
+    let b = store.backoff_list(Some("P"), true, 10).await.unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!((&b[0].key, b[0].failures, b[0].parked()), (&m2, 1, false));
+    let p = store.process_list().await.unwrap();
+    assert_eq!(p[0].max_failures, None, "{p:?}");
+    let p = store.process_max_failures("P", Some(2)).await.unwrap();
+    assert_eq!(p.max_failures, Some(2));
+    let s = store
+        .session_start(fleetdb::SessionSpec::new("c", "h"))
+        .await
+        .unwrap();
+    let m3 = ObjectKey::new("default", "machine", "m3").unwrap();
+    store.object_put(&m3, Labels::new()).await.unwrap();
+    let second = std::time::Duration::from_secs(1);
+    let backoff = fleetdb::Backoff::new(second, second, 1.0).unwrap();
+    let mut w = s.claim_object(&m3, "P").await.unwrap();
+    w.fail(&backoff, "first").await.unwrap();
+    clock.advance(second);
+    let mut w = s.claim_object(&m3, "P").await.unwrap();
+    w.fail(&backoff, "second").await.unwrap();
+    let b = store.backoff_list(Some("P"), true, 10).await.unwrap();
+    let m3b = b.iter().find(|b| b.key == m3).unwrap();
+    assert_eq!((m3b.failures, m3b.parked()), (2, true));
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_0014_max_failures_keeps_rows_written_before_it() {
+    // The rows as written before 0013 (SQLite wants every column of a row), then 0013.
+    let (_d, path) = sqlite_with_v2_rows(12);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(V9_WORK_ROWS).unwrap();
+    drop(c);
+    fleetdb_sqlite::testing::migrate_file_to(&path, 13).unwrap();
+    check_rows_then_max_failures(&format!("sqlite://{}", path.display())).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -776,6 +830,14 @@ async fn postgres_0013_process_controls_keeps_rows_written_before_it() {
     let store = Store::open(&s.url).await.unwrap();
     check_rows_then_process_controls(&store).await;
     drop(store);
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0014_max_failures_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(13).await;
+    pg_exec(&s.url, V9_WORK_ROWS).await;
+    check_rows_then_max_failures(&s.url).await;
     pg_drop(s).await;
 }
 
