@@ -61,6 +61,21 @@ pub enum WorkCmd {
         id: String,
         process: String,
     },
+    /// Why an object is or is not claimed for a process: every reason a claim would not take it
+    /// (paused, at the limit, held, in backoff, parked, not matching the selector), the claims on
+    /// it, its backoff and its latest history. Takes and writes nothing.
+    Explain {
+        kind: String,
+        id: String,
+        #[arg(long)]
+        process: String,
+        /// The workers' selector: which of its terms the object fails.
+        #[arg(long)]
+        selector: Option<String>,
+        /// History events shown (newest first).
+        #[arg(long, default_value_t = 5)]
+        history: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,6 +137,12 @@ fn work_json(w: &fleetdb::WorkInfo) -> Value {
         "namespace": w.key.namespace, "kind": w.key.kind, "id": w.key.id, "process": w.process,
         "session_id": w.session_id, "token": w.token, "started_at": w.started_at.to_rfc3339(),
     })
+}
+
+fn backoff_json(b: &fleetdb::BackoffInfo) -> Value {
+    json!({"namespace": b.key.namespace, "kind": b.key.kind, "id": b.key.id, "process": b.process,
+        "until": (!b.parked()).then(|| b.until.to_rfc3339()), "parked": b.parked(),
+        "failures": b.failures, "cause": b.cause, "last_interval_s": b.last_interval_s})
 }
 
 fn history_json(e: &HistoryEntry) -> Value {
@@ -334,6 +355,24 @@ pub async fn work(store: &Store, fmt: Format, ns: &str, cmd: WorkCmd) -> Result<
             }
             return Ok(());
         }
+        WorkCmd::Explain {
+            kind,
+            id,
+            process,
+            selector,
+            history,
+        } => {
+            let k = ObjectKey::new(ns, &kind, &id)?;
+            let e = store
+                .work_explain(&k, &process, selector.as_deref())
+                .await?;
+            let events = store
+                .history(&HistoryFilter::Object(k), None, history.max(1))
+                .await?
+                .items;
+            let events = &events[..events.len().min(history)];
+            return explain(fmt, &e, events);
+        }
     };
     let items = store.work_list(process.as_deref(), limit).await?;
     match fmt {
@@ -357,6 +396,105 @@ pub async fn work(store: &Store, fmt: Format, ns: &str, cmd: WorkCmd) -> Result<
     Ok(())
 }
 
+/// `work explain`.
+fn explain(
+    fmt: Format,
+    e: &fleetdb::core::work::WorkExplain,
+    events: &[HistoryEntry],
+) -> Result<(), Error> {
+    let holder_json = |h: &fleetdb::core::work::Holder| {
+        let mut v = work_json(&h.work);
+        v["alive"] = h.alive.into();
+        v["component"] = h.component.clone().into();
+        v["host"] = h.host.clone().into();
+        v
+    };
+    match fmt {
+        Format::Json => output::print_json(&json!({
+            "namespace": e.key.namespace, "kind": e.key.kind, "id": e.key.id, "process": e.process,
+            "claimable": e.claimable(), "blockers": e.blockers, "object_exists": e.object_exists,
+            "declared": e.declared.as_ref().map(process_json), "held": e.held,
+            "holders": e.holders.iter().map(holder_json).collect::<Vec<_>>(),
+            "backoff": e.backoff.as_ref().map(backoff_json),
+            "selector": e.selector.as_ref().map(|s| json!({"selector": s.selector, "matches": s.matches, "unmet": s.unmet})),
+            "history": events.iter().map(history_json).collect::<Vec<_>>(),
+        })),
+        Format::Table => {
+            let verdict = if e.claimable() {
+                "claimable now"
+            } else {
+                "NOT claimable"
+            };
+            println!("{} for {}: {verdict}", e.key, e.process);
+            for b in &e.blockers {
+                println!("  - {b}");
+            }
+            if let Some(p) = &e.declared {
+                let mut facts = vec![if p.paused { "paused" } else { "active" }.to_string()];
+                if let Some(max) = p.max_active {
+                    facts.push(format!("{} of {max} claims held", e.held.unwrap_or(0)));
+                }
+                if let Some(n) = p.max_failures {
+                    facts.push(format!("parks after {n} failures in a row"));
+                }
+                println!("process:  {} ({})", p.name, facts.join(", "));
+            }
+            for h in &e.holders {
+                let state = if h.alive {
+                    "alive"
+                } else {
+                    "session dead: the next claim takes it over"
+                };
+                println!(
+                    "claim:    {} by session {} ({} on {}), token {}, since {} ({state})",
+                    h.work.process,
+                    h.work.session_id,
+                    h.component,
+                    h.host,
+                    h.work.token,
+                    h.work.started_at
+                );
+            }
+            if let Some(b) = &e.backoff {
+                let until = if b.parked() {
+                    "parked until cleared".to_string()
+                } else {
+                    format!("until {}", b.until)
+                };
+                println!(
+                    "backoff:  {until}, {} failure(s) in a row, last interval {}s: {}",
+                    b.failures, b.last_interval_s, b.cause
+                );
+            }
+            if let Some(s) = &e.selector {
+                if s.matches {
+                    println!("selector: matches `{}`", s.selector);
+                } else {
+                    let unmet: Vec<String> = s.unmet.iter().map(|t| format!("`{t}`")).collect();
+                    println!("selector: fails {} of `{}`", unmet.join(", "), s.selector);
+                }
+            }
+            for h in events {
+                let cause = h
+                    .cause
+                    .as_deref()
+                    .map(|c| format!(": {c}"))
+                    .unwrap_or_default();
+                println!(
+                    "history:  {} {} {} (token {}, {} on {}){cause}",
+                    h.at,
+                    h.event.as_str(),
+                    h.process,
+                    h.token,
+                    h.component,
+                    h.host
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn backoff(store: &Store, fmt: Format, ns: &str, cmd: BackoffCmd) -> Result<(), Error> {
     match cmd {
         BackoffCmd::Ls {
@@ -366,16 +504,13 @@ pub async fn backoff(store: &Store, fmt: Format, ns: &str, cmd: BackoffCmd) -> R
         } => {
             let items = store.backoff_list(process.as_deref(), !all, limit).await?;
             match fmt {
-                Format::Json => output::print_json(
-                    &items
-                        .iter()
-                        .map(|b| json!({"namespace": b.key.namespace, "kind": b.key.kind, "id": b.key.id, "process": b.process,
-                            "until": (!b.parked()).then(|| b.until.to_rfc3339()), "parked": b.parked(),
-                            "failures": b.failures, "cause": b.cause, "last_interval_s": b.last_interval_s}))
-                        .collect::<Vec<_>>(),
-                ),
+                Format::Json => {
+                    output::print_json(&items.iter().map(backoff_json).collect::<Vec<_>>())
+                }
                 Format::Table => output::table(
-                    &["PROCESS", "OBJECT", "UNTIL", "INTERVAL", "FAILURES", "CAUSE"],
+                    &[
+                        "PROCESS", "OBJECT", "UNTIL", "INTERVAL", "FAILURES", "CAUSE",
+                    ],
                     &items
                         .iter()
                         .map(|b| {

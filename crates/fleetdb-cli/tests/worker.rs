@@ -758,3 +758,71 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
         assert_eq!(code, Some(2), "max-failures {bad}");
     }
 }
+
+/// `work explain`: why a machine is not being worked on, and that it is once the reason is gone.
+#[test]
+fn work_explain_tells_why_a_machine_waits() {
+    let (dir, url) = sqlite_store("Install", &["m1"]);
+    let d = dir.path();
+    let explain = |selector: &str| {
+        json(
+            &url,
+            d,
+            &[
+                "work",
+                "explain",
+                "machine",
+                "m1",
+                "--process",
+                "Install",
+                "--selector",
+                selector,
+            ],
+        )
+    };
+    let e = explain("kind = machine and has(provided)");
+    assert_eq!(e["claimable"], false);
+    assert_eq!(e["selector"]["unmet"][0], "has(provided)");
+    assert!(e["blockers"][0]
+        .as_str()
+        .unwrap()
+        .contains("does not match"));
+    run(&url, d, &["process", "pause", "Install"]);
+    let e = explain("kind = machine");
+    assert_eq!(e["claimable"], false);
+    assert!(e["blockers"][0].as_str().unwrap().contains("paused"), "{e}");
+    let out = fleetdb(&url, d)
+        .args(["work", "explain", "machine", "m1", "--process", "Install"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("NOT claimable") && text.contains("paused"),
+        "{text}"
+    );
+    run(&url, d, &["process", "resume", "Install"]);
+    let e = explain("kind = machine");
+    assert_eq!(
+        (&e["claimable"], &e["blockers"]),
+        (&true.into(), &serde_json::json!([]))
+    );
+    work_once(&url, d, "Install", &[], &["true"]);
+    let e = explain("kind = machine");
+    assert_eq!(e["history"][0]["event"], "Finished");
+    let (code, err) = failing(
+        &url,
+        d,
+        &[
+            "work",
+            "explain",
+            "machine",
+            "m1",
+            "--process",
+            "Install",
+            "--selector",
+            "has(",
+        ],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("selector"), "{err}");
+}

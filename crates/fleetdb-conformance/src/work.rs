@@ -2848,6 +2848,181 @@ pub async fn objects_failing_too_often_are_parked(h: &Harness) {
     }
 }
 
+/// `work_explain` says why an object is or is not claimable, and agrees with what a claim of it
+/// does in every state: matching or not, held by a conflicting process, by a dead session,
+/// paused, at the limit, in backoff, parked, missing, undeclared.
+pub async fn work_explain_says_why_an_object_is_not_claimed(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    st.process_define("Recovery", &["Install"]).await.unwrap();
+    let ks = machines(h, 2).await;
+    let m1 = &ks[0];
+    let sel = "kind = machine and has(provided) and not has(agent_started)";
+    let s = st.session_start(spec("explainer")).await.unwrap();
+    // What the explanation says and what a claim of the object does agree; returns the blockers.
+    let agrees = |key: ObjectKey, process: &'static str, selector: Option<&'static str>| {
+        let s = &s;
+        async move {
+            let e = st.work_explain(&key, process, selector).await.unwrap();
+            assert_eq!((&e.key, e.process.as_str()), (&key, process));
+            let by_selector = match selector {
+                Some(text) => {
+                    let got = s.claim(process, text, 10).await;
+                    let took = got
+                        .as_ref()
+                        .is_ok_and(|ws| ws.iter().any(|w| w.key() == &key));
+                    for mut w in got.unwrap_or_default() {
+                        w.cancel().await.unwrap();
+                    }
+                    Some(took)
+                }
+                None => None,
+            };
+            // `claim_object` names its object: the selector's verdict is not its business.
+            let object_side: Vec<&String> = e
+                .blockers
+                .iter()
+                .filter(|b| !b.contains("does not match the selector"))
+                .collect();
+            match s.claim_object(&key, process).await {
+                Ok(mut w) => {
+                    assert!(object_side.is_empty(), "claimed, yet {object_side:?}");
+                    w.cancel().await.unwrap();
+                }
+                Err(err) => {
+                    let first = object_side
+                        .first()
+                        .unwrap_or_else(|| panic!("refused ({err}), yet explained claimable"));
+                    assert!(
+                        err.to_string().contains(first.as_str()) || first.contains("not declared"),
+                        "{err} / {first}"
+                    );
+                }
+            }
+            if let Some(took) = by_selector {
+                assert_eq!(took, e.claimable(), "{:?}", e.blockers);
+            }
+            e.blockers
+        }
+    };
+    // Not matching: the terms it fails.
+    let e = st.work_explain(m1, "Install", Some(sel)).await.unwrap();
+    let sc = e.selector.clone().unwrap();
+    assert!(!sc.matches);
+    assert_eq!(sc.unmet, vec!["has(provided)".to_string()]);
+    assert!(e.object_exists && e.declared.is_some() && e.holders.is_empty());
+    let b = agrees(m1.clone(), "Install", Some(sel)).await;
+    assert_eq!(b.len(), 1);
+    assert!(
+        b[0].contains("does not match the selector") && b[0].contains("has(provided)"),
+        "{b:?}"
+    );
+    st.tag_set(m1, "provided", &serde_json::json!(true))
+        .await
+        .unwrap();
+    assert!(agrees(m1.clone(), "Install", Some(sel)).await.is_empty());
+    // Held by a conflicting process's live claim.
+    let other = st.session_start(spec("recovery")).await.unwrap();
+    let held = other.claim_object(m1, "Recovery").await.unwrap();
+    let e = st.work_explain(m1, "Install", None).await.unwrap();
+    assert_eq!(e.holders.len(), 1);
+    assert!(e.holders[0].alive);
+    assert_eq!(
+        (
+            e.holders[0].work.process.as_str(),
+            e.holders[0].component.as_str()
+        ),
+        ("Recovery", "recovery")
+    );
+    let b = agrees(m1.clone(), "Install", Some(sel)).await;
+    assert!(b[0].contains("held for process Recovery"), "{b:?}");
+    // A dead session's claim blocks nothing (the next claim takes it over).
+    other.pause_renewal();
+    for _ in 0..3 {
+        h.clock.advance(Duration::from_secs(4));
+        st.renew_sessions().await.unwrap();
+    }
+    assert!(other.is_expired() && !s.is_expired());
+    let e = st.work_explain(m1, "Install", None).await.unwrap();
+    assert_eq!(e.holders.len(), 1);
+    assert!(!e.holders[0].alive);
+    assert!(agrees(m1.clone(), "Install", None).await.is_empty());
+    std::mem::forget(held);
+    // Paused; at its limit.
+    st.process_pause("Install").await.unwrap();
+    let b = agrees(m1.clone(), "Install", Some(sel)).await;
+    assert!(b.iter().any(|x| x.contains("paused")), "{b:?}");
+    st.process_resume("Install").await.unwrap();
+    st.process_limit("Install", Some(1)).await.unwrap();
+    let mut taken = s.claim_object(&ks[1], "Install").await.unwrap();
+    let e = st.work_explain(m1, "Install", None).await.unwrap();
+    assert_eq!(e.held, Some(1));
+    let b = agrees(m1.clone(), "Install", None).await;
+    assert!(b[0].contains("its limit is 1"), "{b:?}");
+    taken.cancel().await.unwrap();
+    st.process_limit("Install", None).await.unwrap();
+    // In backoff, then parked.
+    let backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(5), 1.0).unwrap();
+    let mut w = s.claim_object(m1, "Install").await.unwrap();
+    w.fail(&backoff, "no disk").await.unwrap();
+    let b = agrees(m1.clone(), "Install", Some(sel)).await;
+    assert!(
+        b[0].contains("in backoff") && b[0].contains("no disk"),
+        "{b:?}"
+    );
+    assert_eq!(
+        st.work_explain(m1, "Install", None)
+            .await
+            .unwrap()
+            .backoff
+            .unwrap()
+            .failures,
+        1
+    );
+    for _ in 0..2 {
+        h.clock.advance(Duration::from_secs(3));
+        st.renew_sessions().await.unwrap();
+    }
+    st.process_max_failures("Install", Some(2)).await.unwrap();
+    let mut w = s.claim_object(m1, "Install").await.unwrap();
+    w.fail(&backoff, "still no disk").await.unwrap();
+    let e = st.work_explain(m1, "Install", Some(sel)).await.unwrap();
+    assert_eq!(e.blockers.len(), 1);
+    assert!(
+        e.blockers[0].contains("parked") && e.blockers[0].contains("2 failures"),
+        "{:?}",
+        e.blockers
+    );
+    assert!(e.backoff.unwrap().parked());
+    // Several reasons at once, in the claim's order; a missing object; an undeclared process.
+    st.process_pause("Install").await.unwrap();
+    let e = st.work_explain(m1, "Install", None).await.unwrap();
+    assert_eq!(e.blockers.len(), 2);
+    assert!(
+        e.blockers[0].contains("paused") && e.blockers[1].contains("parked"),
+        "{:?}",
+        e.blockers
+    );
+    let gone = ObjectKey::new("default", "machine", "gone").unwrap();
+    let e = st.work_explain(&gone, "Install", Some(sel)).await.unwrap();
+    assert!(!e.object_exists);
+    assert!(
+        e.blockers.iter().any(|b| b.contains("not found")),
+        "{:?}",
+        e.blockers
+    );
+    let e = st.work_explain(m1, "Nope", None).await.unwrap();
+    assert!(e.declared.is_none());
+    assert!(e.blockers[0].contains("not declared"), "{:?}", e.blockers);
+    // Bad input is refused, not explained.
+    for bad in [
+        st.work_explain(m1, "Install", Some("has(")).await,
+        st.work_explain(m1, "no such name!", None).await,
+    ] {
+        assert!(matches!(bad, Err(Error::Invalid { .. })), "{bad:?}");
+    }
+}
+
 /// Many workers of a limited process racing (claims, finish-and-claims, shared transactions on
 /// PostgreSQL): the claims held by live sessions never pass the limit (2, with 8 workers).
 pub async fn racing_workers_never_pass_a_process_limit(h: &Harness) {

@@ -711,6 +711,16 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                 applied: Applied::Done { count: 1 },
             })
         }
+        Op::WorkExplain {
+            key,
+            process,
+            selector,
+        } => Ok(OpResult {
+            changed: false,
+            applied: Applied::WorkExplain(Box::new(
+                explain(rows, key, process, selector.as_deref(), now).await?,
+            )),
+        }),
         Op::WorkForceCancel { key, process } => {
             let Some(w) = rows.work_read(key, process).await? else {
                 return Ok(OpResult {
@@ -918,6 +928,176 @@ async fn exclusions<T: TxRows + ?Sized>(
     Ok((out, me))
 }
 
+/// Why no claim of a paused process starts.
+const PAUSED: &str = "the process is paused (resume it with `fleetdb process resume`)";
+
+/// Why no claim of a process at its limit starts.
+fn full(live: u64, max: u64) -> String {
+    format!("the process has {live} claims held, its limit is {max} (`fleetdb process limit`)")
+}
+
+/// What keeps an object from being claimed for a process, object-side: in the order claims
+/// check them.
+enum ObjectBlock {
+    Missing,
+    /// A claim of the process or a conflicting one, by a live session.
+    Held(WorkInfo),
+    /// A backoff not yet over (or parked).
+    Backoff(BackoffInfo),
+}
+
+impl ObjectBlock {
+    /// As a claim of `key` for `process` reports it.
+    fn reason(&self, key: &ObjectKey, process: &str) -> String {
+        match self {
+            ObjectBlock::Missing => format!("object {key} not found"),
+            ObjectBlock::Held(w) => format!(
+                "{key} is held for process {} by session {}",
+                w.process, w.session_id
+            ),
+            ObjectBlock::Backoff(b) if b.parked() => format!(
+                "{key} is parked for {process} after {} failures in a row (clear its backoff to \
+                 retry it): {}",
+                b.failures, b.cause
+            ),
+            ObjectBlock::Backoff(b) => format!(
+                "{key} is in backoff for {process} until {}: {}",
+                b.until, b.cause
+            ),
+        }
+    }
+
+    fn error(self, key: &ObjectKey, process: &str) -> Error {
+        match self {
+            ObjectBlock::Missing => Error::not_found(format!("object {key}")),
+            _ => Error::Conflict {
+                what: self.reason(key, process),
+            },
+        }
+    }
+}
+
+/// The claims on `key` of the processes `exclude`, each with whether its session is alive at
+/// `now` and who that session is.
+async fn holders<T: TxRows + ?Sized>(
+    rows: &mut T,
+    key: &ObjectKey,
+    exclude: &[String],
+    now: Timestamp,
+) -> Result<Vec<crate::work::Holder>> {
+    let mut out = Vec::new();
+    for p in exclude {
+        if let Some(w) = rows.work_read(key, p).await? {
+            let s = rows.session_read(&w.session_id).await?;
+            out.push(crate::work::Holder {
+                alive: s.as_ref().is_some_and(|s| s.alive_at(now)),
+                component: s.as_ref().map(|s| s.component.clone()).unwrap_or_default(),
+                host: s.map(|s| s.host).unwrap_or_default(),
+                work: w,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// [`Op::WorkExplain`]: what a claim of `key` for `process` at `now` would check, read without
+/// locks and taking nothing, with every reason it would not take the object (a claim stops at
+/// the first). The checks and their words are the claim's own (`PAUSED`, [`full`],
+/// [`ObjectBlock`]), so an explanation cannot drift from what claims do.
+async fn explain<T: TxRows + ?Sized>(
+    rows: &mut T,
+    key: &ObjectKey,
+    process: &str,
+    selector: Option<&str>,
+    now: Timestamp,
+) -> Result<crate::work::WorkExplain> {
+    let mut blockers = Vec::new();
+    let declared = rows.process_read(process).await?;
+    let mut held = None;
+    let exclude = match &declared {
+        None => {
+            blockers.push(format!("process {process:?} is not declared"));
+            vec![process.to_string()]
+        }
+        Some(p) => {
+            if p.paused {
+                blockers.push(PAUSED.to_string());
+            }
+            if let Some(max) = p.max_active {
+                let live = rows.work_count_live(process, now).await?;
+                held = Some(live);
+                if live >= max {
+                    blockers.push(full(live, max));
+                }
+            }
+            exclusions(rows, process).await?.0
+        }
+    };
+    let object = rows.object_read(key).await?;
+    if object.is_none() {
+        blockers.push(ObjectBlock::Missing.reason(key, process));
+    }
+    let holders = holders(rows, key, &exclude, now).await?;
+    for h in holders.iter().filter(|h| h.alive) {
+        blockers.push(ObjectBlock::Held(h.work.clone()).reason(key, process));
+    }
+    let backoff = rows.backoff_read(key, process).await?;
+    if let Some(b) = backoff.as_ref().filter(|b| b.until > now) {
+        blockers.push(ObjectBlock::Backoff(b.clone()).reason(key, process));
+    }
+    let selector = match selector {
+        None => None,
+        Some(text) => {
+            let sel = crate::selector::Selector::parse(text)?;
+            let unmet = match &object {
+                None => vec![sel.to_string()],
+                Some(o) => {
+                    let tags: std::collections::BTreeMap<String, (serde_json::Value, Timestamp)> =
+                        rows.tag_read_all(key)
+                            .await?
+                            .into_iter()
+                            .map(|(t, _)| (t.name, (t.value, t.updated_at)))
+                            .collect();
+                    let view = crate::selector::ObjectView {
+                        namespace: &key.namespace,
+                        kind: &key.kind,
+                        id: &key.id,
+                        labels: &o.labels,
+                        tags: &tags,
+                    };
+                    sel.unmet(&view, now)
+                }
+            };
+            if object.is_some() && !unmet.is_empty() {
+                blockers.push(format!(
+                    "{key} does not match the selector: it fails {}",
+                    unmet
+                        .iter()
+                        .map(|t| format!("`{t}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            Some(crate::work::SelectorCheck {
+                selector: sel.to_string(),
+                matches: unmet.is_empty(),
+                unmet,
+            })
+        }
+    };
+    Ok(crate::work::WorkExplain {
+        key: key.clone(),
+        process: process.to_string(),
+        blockers,
+        object_exists: object.is_some(),
+        declared,
+        held,
+        holders,
+        backoff,
+        selector,
+    })
+}
+
 /// Claim work: check the session, find candidates (not held by a live session for this process or
 /// a conflicting one, not in backoff), release stale claims of dead sessions on them (history
 /// `Expired`), insert the claims with fresh fencing tokens and write `Started` history.
@@ -938,7 +1118,7 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
         ClaimTarget::Selector(_) => Ok(Vec::new()),
     };
     if process.paused {
-        return refuse("the process is paused (resume it with `fleetdb process resume`)".into());
+        return refuse(PAUSED.into());
     }
     let mut limit = req.limit;
     if let Some(max) = process.max_active {
@@ -948,10 +1128,7 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
         let live = rows.work_count_live(&req.process, now).await?;
         let room = usize::try_from(max.saturating_sub(live)).unwrap_or(usize::MAX);
         if room == 0 {
-            return refuse(format!(
-                "the process has {live} claims held, its limit is {max} \
-                 (`fleetdb process limit`)"
-            ));
+            return refuse(full(live, max));
         }
         limit = limit.min(room);
     }
@@ -960,41 +1137,16 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
             // Lock first: what follows must see every claim committed before it.
             rows.lock_object(key).await?;
             if rows.object_read(key).await?.is_none() {
-                return Err(Error::not_found(format!("object {key}")));
+                return Err(ObjectBlock::Missing.error(key, &req.process));
             }
-            for p in &exclude {
-                if let Some(w) = rows.work_read(key, p).await? {
-                    let alive = rows
-                        .session_read(&w.session_id)
-                        .await?
-                        .is_some_and(|s| s.alive_at(now));
-                    if alive {
-                        return Err(Error::Conflict {
-                            what: format!(
-                                "{key} is held for process {} by session {}",
-                                w.process, w.session_id
-                            ),
-                        });
-                    }
+            for h in holders(rows, key, &exclude, now).await? {
+                if h.alive {
+                    return Err(ObjectBlock::Held(h.work).error(key, &req.process));
                 }
             }
             if let Some(b) = rows.backoff_read(key, &req.process).await? {
-                if b.parked() {
-                    return Err(Error::Conflict {
-                        what: format!(
-                            "{key} is parked for {} after {} failures in a row (clear its backoff \
-                             to retry it): {}",
-                            req.process, b.failures, b.cause
-                        ),
-                    });
-                }
                 if b.until > now {
-                    return Err(Error::Conflict {
-                        what: format!(
-                            "{key} is in backoff for {} until {}: {}",
-                            req.process, b.until, b.cause
-                        ),
-                    });
+                    return Err(ObjectBlock::Backoff(b).error(key, &req.process));
                 }
             }
             vec![key.clone()]

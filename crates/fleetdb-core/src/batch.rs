@@ -110,6 +110,13 @@ pub enum Op {
         key: ObjectKey,
         process: String,
     },
+    /// Read, writing nothing, why (object, process) can or cannot be claimed now, and, with a
+    /// selector, which of its terms the object fails (`Applied::WorkExplain`).
+    WorkExplain {
+        key: ObjectKey,
+        process: String,
+        selector: Option<String>,
+    },
 
     // ---- the World (see `crate::world`) ----
     /// Export records from `host`. With `sync`, they become the host's complete export set: every
@@ -335,6 +342,18 @@ impl Op {
                 key.validate()?;
                 validate::name("process", process)
             }
+            Op::WorkExplain {
+                key,
+                process,
+                selector,
+            } => {
+                key.validate()?;
+                validate::name("process", process)?;
+                if let Some(s) = selector {
+                    crate::selector::Selector::parse(s)?;
+                }
+                Ok(())
+            }
             Op::Export {
                 host,
                 records,
@@ -553,6 +572,8 @@ pub enum Applied {
     },
     Session(SessionInfo),
     Process(Process),
+    /// What `Op::WorkExplain` found.
+    WorkExplain(Box<work::WorkExplain>),
     /// A claim ended (or a session closed, releasing this many claims; or backoffs were cleared).
     Done {
         count: u64,

@@ -166,6 +166,54 @@ fn one() -> u64 {
     1
 }
 
+/// Why an object can or cannot be claimed for a process now: what a claim of it checks, read
+/// in one transaction and taking nothing (`Store::work_explain`, `fleetdb work explain`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkExplain {
+    pub key: ObjectKey,
+    pub process: String,
+    /// What keeps a claim from taking the object now, in the order a claim checks, each as the
+    /// claim's own error says it. Empty: a claim of this process would take it.
+    pub blockers: Vec<String>,
+    pub object_exists: bool,
+    /// The process as declared (`None`: not declared).
+    pub declared: Option<Process>,
+    /// Claims of the process held by live sessions (counted only when it has a limit).
+    pub held: Option<u64>,
+    /// Claims on the object of the process or of a process it conflicts with, live or not (a
+    /// dead session's claim is taken over by the next claim).
+    pub holders: Vec<Holder>,
+    pub backoff: Option<BackoffInfo>,
+    /// With a selector: the parts of it the object does not meet (its top-level `and` terms, or
+    /// the whole selector); empty when it matches.
+    pub selector: Option<SelectorCheck>,
+}
+
+/// A claim on an object, with whether its session is alive and who that session is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub work: WorkInfo,
+    pub alive: bool,
+    pub component: String,
+    pub host: String,
+}
+
+/// An object against a selector, in `WorkExplain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectorCheck {
+    pub selector: String,
+    pub matches: bool,
+    /// The terms it fails (canonical text).
+    pub unmet: Vec<String>,
+}
+
+impl WorkExplain {
+    /// A claim of the process would take the object now.
+    pub fn claimable(&self) -> bool {
+        self.blockers.is_empty()
+    }
+}
+
 impl BackoffInfo {
     /// Parked: its process's `max_failures` was reached; over only when an operator clears it.
     pub fn parked(&self) -> bool {

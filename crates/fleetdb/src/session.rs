@@ -294,7 +294,8 @@ pub(crate) fn touched(ops: &[Op]) -> Touched {
             | Op::LeaseRemoveResource { .. }
             | Op::BlobCommit { .. }
             | Op::BlobDelete { .. }
-            | Op::GcSweep { .. } => continue,
+            | Op::GcSweep { .. }
+            | Op::WorkExplain { .. } => continue,
             _ => return Touched::Anywhere,
         };
         let at = match objects.iter().position(|o| &o.key == key) {
@@ -1366,6 +1367,31 @@ impl Store {
             }])
             .await?;
         Ok(r.first().is_some_and(|r| r.changed))
+    }
+
+    /// Why `key` can or cannot be claimed for `process` now — "why is this machine not being
+    /// worked on?": every reason a claim would not take it (the process undeclared, paused or at
+    /// its limit; the object missing; a live claim of the process or a conflicting one; a backoff
+    /// or parking), in the words and order of the claim's own checks, with the claims on the
+    /// object, its backoff and, given the workers' `selector`, the terms of it the object fails.
+    /// Read in one transaction that takes nothing and writes nothing.
+    pub async fn work_explain(
+        &self,
+        key: &ObjectKey,
+        process: &str,
+        selector: Option<&str>,
+    ) -> Result<fleetdb_core::work::WorkExplain> {
+        let r = self
+            .write(vec![Op::WorkExplain {
+                key: key.clone(),
+                process: process.to_string(),
+                selector: selector.map(str::to_string),
+            }])
+            .await?;
+        match r.into_iter().next().map(|r| r.applied) {
+            Some(fleetdb_core::Applied::WorkExplain(e)) => Ok(*e),
+            _ => Err(Error::Backend("an explanation returned nothing".into())),
+        }
     }
 
     /// Backoffs, optionally of one process; `active_only` hides those already over.

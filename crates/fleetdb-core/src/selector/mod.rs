@@ -245,6 +245,21 @@ impl Selector {
         eval::expr(&self.expr, obj, now)
     }
 
+    /// The parts of the selector `obj` fails at `now`, as canonical text: the top-level `and`
+    /// terms it fails, or the whole selector when that is not an `and`. Empty exactly when it
+    /// [`matches`](Selector::matches).
+    pub fn unmet(&self, obj: &ObjectView<'_>, now: Timestamp) -> Vec<String> {
+        match &self.expr {
+            Expr::And(terms) => terms
+                .iter()
+                .filter(|t| !eval::expr(t, obj, now))
+                .map(|t| t.to_string())
+                .collect(),
+            e if !eval::expr(e, obj, now) => vec![e.to_string()],
+            _ => Vec::new(),
+        }
+    }
+
     /// A SQL boolean expression (never NULL) over the objects table aliased `o` (columns
     /// namespace, kind, id, labels) and, for each tag of [`Selector::tags`], the LEFT JOINed
     /// `tags` row aliased `t0`, `t1`, … (see [`Selector::tag_joins`]). Values are appended to

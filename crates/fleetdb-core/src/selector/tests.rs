@@ -821,6 +821,24 @@ proptest! {
         prop_assert_eq!(back, s, "{}", text);
     }
 
+    /// `unmet` is empty exactly when the object matches, and each term it names fails alone.
+    #[test]
+    fn unmet_terms_are_exactly_the_failing_ones(
+        objects in testgen::arb_objects(NOW, 4),
+        e in testgen::arb_small_expr(),
+    ) {
+        let s = Selector { expr: e };
+        for o in &objects {
+            let view = o.view();
+            let unmet = s.unmet(&view, NOW);
+            prop_assert_eq!(unmet.is_empty(), s.matches(&view, NOW), "{}", s);
+            for t in &unmet {
+                let term = Selector::parse(t).map_err(|e| TestCaseError::fail(format!("{t}: {e}")))?;
+                prop_assert!(!term.matches(&view, NOW), "{} in {}", t, s);
+            }
+        }
+    }
+
     #[test]
     fn sqlite_matches_the_reference(
         objects in testgen::arb_objects(NOW, 10),
