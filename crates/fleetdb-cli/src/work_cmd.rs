@@ -80,12 +80,15 @@ pub enum WorkCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum BackoffCmd {
-    /// List backoffs (active ones; --all for those already over too).
+    /// List backoffs (active ones; --all for those already over too; --parked for the parked
+    /// ones only).
     Ls {
         #[arg(long)]
         process: Option<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "parked")]
         all: bool,
+        #[arg(long)]
+        parked: bool,
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
@@ -500,9 +503,14 @@ pub async fn backoff(store: &Store, fmt: Format, ns: &str, cmd: BackoffCmd) -> R
         BackoffCmd::Ls {
             process,
             all,
+            parked,
             limit,
         } => {
-            let items = store.backoff_list(process.as_deref(), !all, limit).await?;
+            let items = if parked {
+                store.backoff_parked(process.as_deref(), limit).await?
+            } else {
+                store.backoff_list(process.as_deref(), !all, limit).await?
+            };
             match fmt {
                 Format::Json => {
                     output::print_json(&items.iter().map(backoff_json).collect::<Vec<_>>())

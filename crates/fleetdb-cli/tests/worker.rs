@@ -728,6 +728,13 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
     );
     let ls = fleetdb(&url, d).args(["backoff", "ls"]).output().unwrap();
     assert!(String::from_utf8_lossy(&ls.stdout).contains("parked (until cleared)"));
+    assert_eq!(
+        json(&url, d, &["backoff", "ls", "--parked"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let p = json(&url, d, &["process", "ls"]);
     assert_eq!(
         (&p[0]["parked"], &p[0]["max_failures"]),
@@ -748,6 +755,10 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
     assert_eq!(events(&url), ["Failed", "Started"]);
     // Cleared: it runs again.
     run(&url, d, &["backoff", "clear", "machine", "m1", "Install"]);
+    assert!(json(&url, d, &["backoff", "ls", "--parked"])
+        .as_array()
+        .unwrap()
+        .is_empty());
     work_once(&url, d, "Install", &[], &["true"]);
     assert_eq!(events(&url)[0], "Finished");
     assert!(

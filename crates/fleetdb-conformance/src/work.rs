@@ -2762,6 +2762,7 @@ pub async fn objects_failing_too_often_are_parked(h: &Harness) {
         let bo = backoff().await;
         assert_eq!(bo.failures, i as u64 + 1);
         assert!(!bo.parked());
+        assert!(st.backoff_parked(None, 10).await.unwrap().is_empty());
         h.clock.advance(Duration::from_secs(61));
     }
     // The third parks it, whatever time passes.
@@ -2772,6 +2773,13 @@ pub async fn objects_failing_too_often_are_parked(h: &Harness) {
         (3, true, "three")
     );
     assert_eq!(bo.until, fleetdb::core::work::PARKED);
+    let parked = st.backoff_parked(Some("Install"), 10).await.unwrap();
+    assert_eq!(parked, vec![bo.clone()]);
+    assert!(st
+        .backoff_parked(Some("Audit"), 10)
+        .await
+        .unwrap()
+        .is_empty());
     h.clock.advance(Duration::from_secs(30 * 24 * 3600));
     let s = st.session_start(spec("a")).await.unwrap();
     let got = s.claim("Install", all, 5).await.unwrap();

@@ -683,6 +683,8 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                                 .saturating_add(
                                     backoff.jitter_ms(interval_s, *uniform).saturating_mul(1000),
                                 )
+                                // Below `PARKED`: only a parking reaches it
+                                // (`Store::backoff_parked` lists those above this).
                                 .min(PARKED.0 - 1),
                         )
                     };

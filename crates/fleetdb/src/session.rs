@@ -1410,6 +1410,22 @@ impl Store {
         self.backend.backoff_list(process, at, limit).await
     }
 
+    /// The parked objects (backoffs that end only when cleared), optionally of one process.
+    pub async fn backoff_parked(
+        &self,
+        process: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<fleetdb_core::work::BackoffInfo>> {
+        self.ready().await?;
+        crate::check_limit(limit)?;
+        if let Some(p) = process {
+            fleetdb_core::validate::name("process", p)?;
+        }
+        // Every other backoff ends before `PARKED` (a failure's `until` is clamped below it).
+        let at = Timestamp(fleetdb_core::work::PARKED.0 - 1);
+        self.backend.backoff_list(process, Some(at), limit).await
+    }
+
     /// Remove the backoff of (object, process). Returns whether there was one.
     pub async fn backoff_clear(&self, key: &ObjectKey, process: &str) -> Result<bool> {
         let r = self
