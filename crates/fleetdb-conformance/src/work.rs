@@ -1880,6 +1880,8 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
     st.process_define("Q", &["P"]).await.unwrap();
     st.process_define("R", &[]).await.unwrap();
     let procs = ["P", "Q", "R"];
+    // R parks an object at its second failure in a row.
+    st.process_max_failures("R", Some(2)).await.unwrap();
     let conflicts = |a: &str, b: &str| a == b || (a != "R" && b != "R");
     let objs = machines(h, 4).await;
     let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(8), 2.0).unwrap();
@@ -1897,13 +1899,15 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
         deadline.push(h.clock.now() + ttl);
         paused.push(false);
     }
-    // Model: (object index, process) -> (session index, token); backoffs: -> (until, last interval s).
+    // Model: (object index, process) -> (session index, token); backoffs: -> (until, last
+    // interval s, failures in a row).
     let mut held: HashMap<(usize, &str), (usize, i64)> = HashMap::new();
-    let mut backoffs: HashMap<(usize, &str), (fleetdb::Timestamp, i64)> = HashMap::new();
+    let mut backoffs: HashMap<(usize, &str), (fleetdb::Timestamp, i64, u64)> = HashMap::new();
     let mut handles: Vec<(usize, fleetdb::Work)> = Vec::new();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     // How often each interesting outcome happened: the sequence must exercise all of them.
     let (mut claimed, mut refused, mut ended, mut lost, mut fenced) = (0, 0, 0, 0, 0);
+    let (mut parked, mut cleared) = (0, 0);
 
     // Three components; when one's session has expired it starts a new one (a restart).
     let mut slots = [0usize, 1, 2];
@@ -1935,7 +1939,7 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
                 let blocked = held.iter().any(|((ho, hp), (hs, _))| {
                     *ho == o && conflicts(hp, p) && alive(*hs, &deadline)
                 });
-                let in_backoff = backoffs.get(&(o, p)).is_some_and(|(until, _)| *until > now);
+                let in_backoff = backoffs.get(&(o, p)).is_some_and(|b| b.0 > now);
                 match r {
                     Ok(w) => {
                         assert!(
@@ -2014,12 +2018,16 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
                                     backoffs.remove(&(o, p));
                                 }
                                 2 => {
-                                    let last = backoffs.get(&(o, p)).map(|b| b.1);
-                                    let next = backoff.next_interval_s(last);
-                                    backoffs.insert(
-                                        (o, p),
-                                        (now + Duration::from_secs(next as u64), next),
-                                    );
+                                    let last = backoffs.get(&(o, p)).copied();
+                                    let next = backoff.next_interval_s(last.map(|b| b.1));
+                                    let failures = last.map_or(1, |b| b.2 + 1);
+                                    let until = if p == "R" && failures >= 2 {
+                                        parked += 1;
+                                        fleetdb::core::work::PARKED
+                                    } else {
+                                        now + Duration::from_secs(next as u64)
+                                    };
+                                    backoffs.insert((o, p), (until, next, failures));
                                 }
                                 _ => {}
                             }
@@ -2040,6 +2048,17 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
             }
             8 => {
                 h.clock.advance(Duration::from_millis(rng.below(6000)));
+            }
+            9 if rng.below(3) == 0 => {
+                // An operator clears a backoff (parked or not): claimable again, counted anew.
+                let (o, p) = (rng.below(4) as usize, procs[rng.below(3) as usize]);
+                let had = st.backoff_clear(&objs[o], p).await.unwrap();
+                assert_eq!(
+                    had,
+                    backoffs.remove(&(o, p)).is_some(),
+                    "step {step}: clear"
+                );
+                cleared += u64::from(had);
             }
             _ => {
                 st.sweep_sessions().await.unwrap();
@@ -2075,18 +2094,18 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
             .collect();
         live_model.sort();
         assert_eq!(live_store, live_model, "step {step}: live claims");
-        let mut bo_store: Vec<(String, String, i64)> = st
+        let mut bo_store: Vec<(String, String, i64, u64)> = st
             .backoff_list(None, true, 1000)
             .await
             .unwrap()
             .into_iter()
-            .map(|b| (b.key.id, b.process, b.until.0))
+            .map(|b| (b.key.id, b.process, b.until.0, b.failures))
             .collect();
         bo_store.sort();
-        let mut bo_model: Vec<(String, String, i64)> = backoffs
+        let mut bo_model: Vec<(String, String, i64, u64)> = backoffs
             .iter()
-            .filter(|(_, (until, _))| *until > now)
-            .map(|((o, p), (until, _))| (objs[*o].id.clone(), p.to_string(), until.0))
+            .filter(|(_, b)| b.0 > now)
+            .map(|((o, p), b)| (objs[*o].id.clone(), p.to_string(), b.0 .0, b.2))
             .collect();
         bo_model.sort();
         assert_eq!(bo_store, bo_model, "step {step}: active backoffs");
@@ -2103,8 +2122,9 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
     }
     let expired = sessions.iter().filter(|s| s.is_expired()).count();
     assert!(
-        claimed >= 10 && refused >= 5 && ended >= 5 && lost >= 1 && fenced >= 3 && expired >= 1,
-        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, fenced {fenced}, expired {expired}"
+        claimed >= 10 && refused >= 5 && ended >= 5 && lost >= 1 && fenced >= 3 && expired >= 1
+            && parked >= 1 && cleared >= 1,
+        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, fenced {fenced}, expired {expired}, parked {parked}, cleared {cleared}"
     );
 }
 
