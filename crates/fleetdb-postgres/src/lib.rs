@@ -1070,12 +1070,14 @@ impl PostgresBackend {
             (&lock_sql, &lock_params),
             finish_params.as_ref(),
             &work::claim_take_sql(q, work::slots_json(&slots), take),
+            clock_hand.limited().then_some(q.process.as_str()),
             hooks,
         )
         .await;
         // Whatever happened, the turn is free again.
         drop(turn.lock().unwrap_or_else(|p| p.into_inner()).take());
         let txn = txn?;
+        clock_hand.set_limited(txn.limited);
         if !wants_turn {
             clock_hand.advance_to(&hand_now(), &txn.taken_keys(), q.now);
         }

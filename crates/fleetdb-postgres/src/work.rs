@@ -66,6 +66,10 @@ const PROCESS_PUT: &str =
        max_active = excluded.max_active, max_failures = excluded.max_failures";
 /// Claims of a limited process take turns from here to their commit (`TxRows::lock_process`).
 const PROCESS_LOCK: &str = "SELECT 1 FROM processes WHERE name = $1 FOR UPDATE";
+/// The same, sent before find-and-lock by a selector claim whose hand saw the process limited
+/// ([`Hand::limited`]); nothing for a process without a limit.
+pub(crate) const PROCESS_LOCK_LIMITED: &str =
+    "SELECT 1 FROM processes WHERE name = $1 AND max_active IS NOT NULL FOR UPDATE";
 /// Claims of a process held by live sessions.
 const WORK_COUNT_LIVE: &str = "SELECT count(*) FROM work w JOIN sessions s ON s.id = w.session_id \
      WHERE w.process = $1 AND s.deadline > $2";
@@ -594,6 +598,10 @@ pub(crate) struct Hand {
     at: std::sync::Mutex<HandAt>,
     /// Claims of many candidates take turns finding theirs ([`Hand::TURN_MIN`]).
     pub(crate) turn: tokio::sync::Mutex<()>,
+    /// The last claim's find-and-lock found the process limited: the next ones lock its row
+    /// in a statement of their own before it ([`PROCESS_LOCK_LIMITED`]). A hint only: a claim
+    /// that guesses wrong is still correct (find-and-lock locks the row itself), only slower.
+    limited: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -642,6 +650,16 @@ impl ClaimHands {
 }
 
 impl Hand {
+    /// Whether the last claim found the process limited.
+    pub(crate) fn limited(&self) -> bool {
+        self.limited.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_limited(&self, limited: bool) {
+        self.limited
+            .store(limited, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Claims of at least this many candidates find them one at a time per process (a tokio
     /// mutex held for the find-and-lock round trip only, taken before the transaction begins, so
     /// no database lock is held while waiting for it). Claims started together would otherwise
