@@ -9,8 +9,10 @@
 //! arriving meanwhile wait in a queue, and when a turn passes on (or a waiting claim starts the
 //! second transaction), the waiting ones (up to [`SHARED_MAX`], in arrival order) go together in
 //! ONE transaction of one round trip ([`ClaimTxn`]), on a spawned task that answers each caller:
-//! `BEGIN` and the planner settings; ONE statement with every claim's finish (a worker's "finish
-//! this, give me the next"; [`finish::SQL`] checks and writes each finish on its own); ONE
+//! `BEGIN` and the planner settings (for a process its hand saw limited, also a lock of the
+//! process's row, [`work::PROCESS_LOCK_LIMITED`]); ONE statement with every claim's finish (a
+//! worker's "finish this, give me the next"; [`finish::SQL`] checks and writes each finish on its
+//! own); ONE
 //! find-and-lock for all of them ([`work::claim_lock_sql`] with every claiming session and the
 //! sum of their limits); ONE check-and-take ([`work::claim_take_sql`]: the locked candidates go
 //! to the claims in arrival order, each up to its limit, skipping a claim whose session is not
