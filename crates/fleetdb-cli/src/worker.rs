@@ -294,7 +294,7 @@ impl Worker<'_> {
 
     /// One run of the command on `w`, to its recorded outcome.
     async fn run_one(&self, mut w: Work, mut stop: watch::Receiver<Stop>) -> Result<(), Error> {
-        let (session, a, backoff) = (self.session, self.a, self.backoff);
+        let (session, a) = (self.session, self.a);
         let key = w.key().clone();
         eprintln!("worker: {} {} (token {})", a.process, key, w.token());
         let mut cmd = Command::new(&a.command[0]);
@@ -353,13 +353,34 @@ impl Worker<'_> {
                 if !tail.is_empty() {
                     cause = format!("{cause}: {tail}");
                 }
-                w.fail(backoff, &cause).await
+                self.fail(w, &cause).await
             }
             Ended::WaitFailed(e) => {
-                w.fail(backoff, &format!("waiting for the command failed: {e}"))
+                self.fail(w, &format!("waiting for the command failed: {e}"))
                     .await
             }
         }
+    }
+
+    /// Fail `w` with `cause`; say so when the failure parked its object (the process's
+    /// `max-failures`): no worker of the process will run it again until someone clears it.
+    async fn fail(&self, mut w: Work, cause: &str) -> Result<(), Error> {
+        let (key, process) = (w.key().clone(), w.process().to_string());
+        w.fail(self.backoff, cause).await?;
+        let store = self.session.store();
+        if let Ok(e) = store.work_explain(&key, &process, None).await {
+            if let Some(b) = e.backoff.filter(|b| b.parked()) {
+                eprintln!(
+                    "worker: {key} is parked for {process} after {}; \
+                     `fleetdb -n {} backoff clear {} {} {process}` lets it run again",
+                    b.failures_text(),
+                    key.namespace,
+                    key.kind,
+                    key.id
+                );
+            }
+        }
+        Ok(())
     }
 }
 

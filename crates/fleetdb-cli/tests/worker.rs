@@ -701,16 +701,30 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
         json(&url, d, &["process", "max-failures", "Install", "1"])[0]["max_failures"],
         1
     );
-    let failing_run = || {
-        work_once(
-            &url,
-            d,
+    let out = run(
+        &url,
+        d,
+        &[
+            "worker",
+            "--component",
+            "w",
+            "--process",
             "Install",
-            &[],
-            &["sh", "-c", "echo 'no disk' >&2; exit 1"],
-        )
-    };
-    failing_run();
+            "--selector",
+            "kind = machine",
+            "--once",
+            "--",
+            "sh",
+            "-c",
+            "echo 'no disk' >&2; exit 1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("default/machine/m1 is parked for Install after 1 failure;")
+            && err.contains("backoff clear machine m1 Install"),
+        "{err}"
+    );
     let b = json(&url, d, &["backoff", "ls"]);
     assert_eq!(
         (

@@ -958,9 +958,9 @@ impl ObjectBlock {
                 w.process, w.session_id
             ),
             ObjectBlock::Backoff(b) if b.parked() => format!(
-                "{key} is parked for {process} after {} failures in a row (clear its backoff to \
-                 retry it): {}",
-                b.failures, b.cause
+                "{key} is parked for {process} after {} (clear its backoff to retry it): {}",
+                b.failures_text(),
+                b.cause
             ),
             ObjectBlock::Backoff(b) => format!(
                 "{key} is in backoff for {process} until {}: {}",

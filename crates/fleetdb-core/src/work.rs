@@ -219,6 +219,14 @@ impl BackoffInfo {
     pub fn parked(&self) -> bool {
         self.until == PARKED
     }
+
+    /// "1 failure", "3 failures in a row".
+    pub fn failures_text(&self) -> String {
+        match self.failures {
+            1 => "1 failure".to_string(),
+            n => format!("{n} failures in a row"),
+        }
+    }
 }
 
 /// A history event.
