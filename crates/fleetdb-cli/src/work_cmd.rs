@@ -98,6 +98,11 @@ pub enum BackoffCmd {
         id: String,
         process: String,
     },
+    /// Clear every parked backoff (of one process with --process): the objects run again.
+    Unpark {
+        #[arg(long)]
+        process: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -539,6 +544,13 @@ pub async fn backoff(store: &Store, fmt: Format, ns: &str, cmd: BackoffCmd) -> R
                         })
                         .collect::<Vec<_>>(),
                 ),
+            }
+        }
+        BackoffCmd::Unpark { process } => {
+            let n = store.backoff_unpark(process.as_deref()).await?;
+            match fmt {
+                Format::Json => output::print_json(&json!({"cleared": n})),
+                Format::Table => println!("cleared {n} parked backoff(s)"),
             }
         }
         BackoffCmd::Clear { kind, id, process } => {

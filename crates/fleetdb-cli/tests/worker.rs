@@ -701,24 +701,27 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
         json(&url, d, &["process", "max-failures", "Install", "1"])[0]["max_failures"],
         1
     );
-    let out = run(
-        &url,
-        d,
-        &[
-            "worker",
-            "--component",
-            "w",
-            "--process",
-            "Install",
-            "--selector",
-            "kind = machine",
-            "--once",
-            "--",
-            "sh",
-            "-c",
-            "echo 'no disk' >&2; exit 1",
-        ],
-    );
+    let failing_run = || {
+        run(
+            &url,
+            d,
+            &[
+                "worker",
+                "--component",
+                "w",
+                "--process",
+                "Install",
+                "--selector",
+                "kind = machine",
+                "--once",
+                "--",
+                "sh",
+                "-c",
+                "echo 'no disk' >&2; exit 1",
+            ],
+        )
+    };
+    let out = failing_run();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("default/machine/m1 is parked for Install after 1 failure;")
@@ -773,6 +776,14 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
         .as_array()
         .unwrap()
         .is_empty());
+    // Parked again (the finish after the clear started the count again), then unparked
+    // wholesale.
+    failing_run();
+    let parked = json(&url, d, &["backoff", "ls", "--parked"]);
+    assert_eq!(parked.as_array().unwrap().len(), 1);
+    let unparked = json(&url, d, &["backoff", "unpark", "--process", "Install"]);
+    assert_eq!(unparked["cleared"], 1);
+    assert_eq!(json(&url, d, &["backoff", "unpark"])["cleared"], 0);
     work_once(&url, d, "Install", &[], &["true"]);
     assert_eq!(events(&url)[0], "Finished");
     assert!(

@@ -103,6 +103,7 @@ macro_rules! suite {
             paused_processes_start_no_claims,
             limited_processes_hold_at_most_their_limit,
             objects_failing_too_often_are_parked,
+            unparking_clears_every_parked_backoff,
             work_explain_says_why_an_object_is_not_claimed,
             racing_workers_never_pass_a_process_limit,
             work_matches_a_model_under_random_operations;

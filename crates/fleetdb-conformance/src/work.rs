@@ -2850,6 +2850,15 @@ pub async fn objects_failing_too_often_are_parked(h: &Harness) {
         backoff().await.parked(),
         "the lowered setting applies at the next failure"
     );
+    // Unparking clears every parked backoff (of the process named), and only those.
+    assert_eq!(st.backoff_unpark(Some("Audit")).await.unwrap(), 0);
+    assert_eq!(st.backoff_unpark(None).await.unwrap(), 1);
+    assert!(st.backoff_parked(None, 10).await.unwrap().is_empty());
+    assert!(st
+        .backoff_list(Some("Install"), false, 10)
+        .await
+        .unwrap()
+        .is_empty());
     // Redefining keeps it; bad settings and undeclared processes are refused.
     assert_eq!(
         st.process_define("Install", &[])
@@ -2874,6 +2883,35 @@ pub async fn objects_failing_too_often_are_parked(h: &Harness) {
     for w in got {
         std::mem::forget(w);
     }
+}
+
+/// Unparking clears more parked backoffs than one of its transactions holds
+/// ([`fleetdb::UNPARK_BATCH`]), all of them.
+pub async fn unparking_clears_every_parked_backoff(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    st.process_max_failures("Install", Some(1)).await.unwrap();
+    let n = fleetdb::UNPARK_BATCH + 3;
+    machines(h, n).await;
+    let s = st.session_start(spec("w")).await.unwrap();
+    let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1), 1.0).unwrap();
+    loop {
+        let got = s.claim("Install", "kind = machine", 100).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        for mut w in got {
+            w.fail(&b, "bad image").await.unwrap();
+        }
+    }
+    let parked = st.backoff_parked(None, 1000).await.unwrap();
+    assert_eq!(parked.len(), n);
+    assert_eq!(st.backoff_unpark(Some("Install")).await.unwrap(), n as u64);
+    assert!(st.backoff_parked(None, 1000).await.unwrap().is_empty());
+    assert_eq!(
+        s.claim("Install", "kind = machine", 1).await.unwrap().len(),
+        1
+    );
 }
 
 /// `work_explain` says why an object is or is not claimable, and agrees with what a claim of it

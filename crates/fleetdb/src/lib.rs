@@ -52,7 +52,7 @@ pub use fleetdb_core::{
 pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
 pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
 pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec, GC_RUNS_KEPT};
-pub use session::{Fence, Session, Work};
+pub use session::{Fence, Session, Work, UNPARK_BATCH};
 
 /// Most selectors one store's metrics track ([`Store::metrics_track_selector`]).
 pub const TRACKED_SELECTORS_MAX: usize = 100;

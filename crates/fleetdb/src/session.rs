@@ -258,6 +258,9 @@ impl Touched {
     }
 }
 
+/// Parked backoffs one transaction of [`Store::backoff_unpark`] clears.
+pub const UNPARK_BATCH: usize = 500;
+
 /// What `ops` touched ([`Touched`]): the distinct objects of the object, tag and claim ops, each
 /// with the tags the ops left deleted; [`Touched::Anywhere`] for ops that may free claims of
 /// many objects (a session closed, a process's conflicts redefined), for any op not listed as
@@ -1435,6 +1438,32 @@ impl Store {
             }])
             .await?;
         Ok(r.first().is_some_and(|r| r.changed))
+    }
+
+    /// Clear every parked backoff, optionally of one process: the objects can be claimed again,
+    /// their failures counted from zero (after fixing what made a whole batch fail). In
+    /// transactions of up to [`UNPARK_BATCH`]; returns how many were cleared.
+    pub async fn backoff_unpark(&self, process: Option<&str>) -> Result<u64> {
+        let mut cleared = 0;
+        loop {
+            let parked = self.backoff_parked(process, UNPARK_BATCH).await?;
+            if parked.is_empty() {
+                return Ok(cleared);
+            }
+            let ops = parked
+                .into_iter()
+                .map(|b| Op::BackoffClear {
+                    key: b.key,
+                    process: b.process,
+                })
+                .collect();
+            let done = self.write(ops).await?.iter().filter(|r| r.changed).count() as u64;
+            if done == 0 {
+                // Listed, yet gone when cleared: someone else is clearing them.
+                return Ok(cleared);
+            }
+            cleared += done;
+        }
     }
 
     /// Work history, newest first. `cursor` is the `next` of the previous page.
