@@ -743,6 +743,7 @@ impl PostgresBackend {
         };
         let (lock_sql, mut lock_params) = work::claim_lock_sql(&q, &sessions, &work::hand_start());
         let clock_hand = self.hands.hand(&process, &lock_sql);
+        let limited = clock_hand.limited();
         let hand = clock_hand.get(now);
         lock_params.set_hand(&hand);
         // The finishes, in one statement: finish `f` is the `f`-th claim with one.
@@ -766,8 +767,8 @@ impl PostgresBackend {
             self,
             (&lock_sql, &lock_params),
             finish_params.as_ref(),
-            &work::claim_take_sql(&q, work::slots_json(&slots), work::Take::Lean),
-            clock_hand.limited().then_some(process.as_str()),
+            &work::claim_take_sql(&q, work::slots_json(&slots), work::Take::Lean, limited),
+            limited.then_some(process.as_str()),
             Hooks {
                 locked: None,
                 taken: Some(Box::new(move || drop(turn))),
@@ -1088,6 +1089,44 @@ mod tests {
             1,
             "one transaction: its find saw what the other took"
         );
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// A process limited after its claimers last saw it unlimited: their next claim's take,
+    /// planned without the limit's machinery, takes nothing (its gate), and the claim looks again
+    /// with it, taking only the room left: the limit holds from the first claim after it was set.
+    #[tokio::test]
+    async fn a_limit_set_between_claims_holds_from_the_next_one() {
+        let (backend, base, schema) = crate::test_backend(4).await;
+        seed(&backend, 4, 2).await;
+        let now = backend.clock.now();
+        let release = |w: &WorkInfo| Op::WorkRelease {
+            key: w.key.clone(),
+            process: "P".into(),
+            session_id: w.session_id.clone(),
+            token: w.token,
+            outcome: Outcome::Canceled,
+        };
+        // A claim of the unlimited process: its hand says so.
+        let first = backend.claim(claim(&backend, "s0")).await.unwrap().work;
+        backend
+            .commit(batch(vec![release(&first[0])], now))
+            .await
+            .unwrap();
+        // s1 holds one; then the process is limited to two.
+        let held = backend.claim(claim(&backend, "s1")).await.unwrap().work;
+        assert_eq!(held.len(), 1);
+        let limit = Op::ProcessLimit {
+            name: "P".into(),
+            max_active: Some(2),
+        };
+        backend.commit(batch(vec![limit], now)).await.unwrap();
+        let mut many = claim(&backend, "s0");
+        many.limit = 3;
+        let got = backend.claim(many).await.unwrap().work;
+        assert_eq!(got.len(), 1, "the room left by the new limit");
+        let live = backend.work_list(Some("P"), 10).await.unwrap();
+        assert_eq!(live.len(), 2, "{live:?}");
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 

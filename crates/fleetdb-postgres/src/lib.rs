@@ -1016,6 +1016,9 @@ impl PostgresBackend {
             &work::hand_start(),
         );
         let clock_hand = self.hands.hand(&req.process, &lock_sql);
+        // Whether the last claim found the process limited: its row is locked first and the
+        // take counts the room (see `Hand::limited`).
+        let limited = clock_hand.limited();
         // A claim of many candidates holds its hand's turn until the hand has moved past its
         // candidates (see `Hand::TURN_MIN`). It takes the turn with its connection in hand and,
         // behind a finish, once the finish has answered (`Hooks::gate`): finishes of many
@@ -1069,8 +1072,8 @@ impl PostgresBackend {
             self,
             (&lock_sql, &lock_params),
             finish_params.as_ref(),
-            &work::claim_take_sql(q, work::slots_json(&slots), take),
-            clock_hand.limited().then_some(q.process.as_str()),
+            &work::claim_take_sql(q, work::slots_json(&slots), take, limited),
+            limited.then_some(q.process.as_str()),
             hooks,
         )
         .await;
@@ -2604,7 +2607,7 @@ mod tests {
         seed_eligible(&client, 3000, 5).await;
         let q = eligible_jobs(1);
         hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j02999"}]"#).await;
-        let (take, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover);
+        let (take, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover, false);
         let plan = explain_analyze(&client, &take, &params).await;
         assert!(plan.text.contains("Insert on work "), "{}", plan.text);
         let total = plan.rows;
@@ -2650,7 +2653,7 @@ mod tests {
         };
         client.batch_execute("BEGIN").await.unwrap();
         hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j2"}]"#).await;
-        let (lean, params) = work::claim_take_sql(&q, one_slot(), work::Take::Lean);
+        let (lean, params) = work::claim_take_sql(&q, one_slot(), work::Take::Lean, false);
         let err = client.query(&lean, &params.values()).await.unwrap_err();
         assert!(
             matches!(classify(&err), Failure::Retry(ref m) if m.contains("work_pkey")),
@@ -2661,7 +2664,7 @@ mod tests {
         assert!(history().await.is_empty(), "the failed take wrote history");
 
         hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j2"}]"#).await;
-        let (takeover, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover);
+        let (takeover, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover, false);
         let rows = client.query(&takeover, &params.values()).await.unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(holder().await, "s");
@@ -2794,7 +2797,8 @@ mod tests {
             .unwrap();
         let (find, find_params) = work::claim_lock_sql(q, &["s".to_string()], &work::hand_start());
         hand_over(client, r#"[{"ns":"default","kind":"job","id":"j02001"}]"#).await;
-        let (take, take_params) = work::claim_take_sql(q, one_slot(), work::Take::Takeover);
+        // The take with the limit's machinery, the larger plan (the guards read past `room`).
+        let (take, take_params) = work::claim_take_sql(q, one_slot(), work::Take::Takeover, true);
         client
             .batch_execute(&format!(
                 "{first} PREPARE find AS {find}; PREPARE take AS {take}"
@@ -3151,7 +3155,7 @@ mod tests {
             f: None,
             n: 50,
         }]);
-        let (take, take_params) = work::claim_take_sql(&q, slots, work::Take::Takeover);
+        let (take, take_params) = work::claim_take_sql(&q, slots, work::Take::Takeover, false);
         let plan = explain_analyze(&client, &take, &take_params).await.text;
         assert!(plan.contains("Insert on work "), "{plan}");
         // Probes that ran (a holder's session is probed only for a candidate someone holds).

@@ -834,6 +834,7 @@ pub(crate) fn claim_take_sql(
     q: &CandidateQuery,
     slots: String,
     take: Take,
+    limited: bool,
 ) -> (String, TypedParams) {
     let (base, mut params) = selector_on_keys(&q.selector, q.now, Keys::Rows("k0"));
     let slots = params.push(SqlParam::Text(slots));
@@ -845,6 +846,36 @@ pub(crate) fn claim_take_sql(
         |name: &str| format!("COALESCE(NULLIF(current_setting('{name}', true), ''), '[]')::jsonb");
     let (alive, locked, passed) = (setting(ALIVE_GUC), setting(LOCKED_GUC), setting(PASSED_GUC));
     let writes = take_writes_sql(take, &process, &now);
+    // The limit's machinery only for a process its claimer saw limited: every node of a plan is
+    // initialized on every run, and `room` with the capped row is a quarter of this one's. A
+    // process limited since takes nothing here (the gate) and is claimed again with it.
+    let (room, bound, answer) = if limited {
+        (
+            format!(
+                "room AS MATERIALIZED (SELECT CASE WHEN p.max_active IS NULL THEN NULL \
+                   ELSE GREATEST(0, p.max_active - (SELECT count(*) FROM work w \
+                     JOIN sessions s ON s.id = w.session_id \
+                     WHERE w.process = {process} AND s.deadline > {now})) END AS n \
+                 FROM processes p WHERE p.name = {process}), "
+            ),
+            "LIMIT (SELECT n FROM room)".to_string(),
+            format!(
+                "SELECT namespace, kind, id, token, sid, r FROM (SELECT namespace, kind, id, \
+                   token, sid, r, n FROM t UNION ALL SELECT NULL, NULL, NULL, room.n, NULL, \
+                   {CAPPED_ROW}, 0 FROM room WHERE room.n < (SELECT count(*) FROM c)) AS x \
+                 ORDER BY n"
+            ),
+        )
+    } else {
+        (
+            String::new(),
+            format!(
+                "WHERE NOT EXISTS (SELECT 1 FROM processes p WHERE p.name = {process} \
+                   AND p.max_active IS NOT NULL)"
+            ),
+            "SELECT namespace, kind, id, token, sid, r FROM t ORDER BY n".to_string(),
+        )
+    };
     let sql = format!(
         "WITH sl AS MATERIALIZED (SELECT x.r, x.sid, \
              sum(x.n) OVER (ORDER BY x.o) - x.n AS lo, sum(x.n) OVER (ORDER BY x.o) AS hi \
@@ -859,18 +890,11 @@ pub(crate) fn claim_take_sql(
            JOIN ss ON l.pos > ss.lo AND l.pos <= ss.hi), \
          c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid, k.r {base} {free} \
            ORDER BY o.namespace, o.kind, o.id), \
-         room AS MATERIALIZED (SELECT CASE WHEN p.max_active IS NULL THEN NULL \
-             ELSE GREATEST(0, p.max_active - (SELECT count(*) FROM work w \
-               JOIN sessions s ON s.id = w.session_id \
-               WHERE w.process = {process} AND s.deadline > {now})) END AS n \
-           FROM processes p WHERE p.name = {process}), \
+         {room}\
          t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, c.r, \
-           nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c \
-           LIMIT (SELECT n FROM room)), \
+           nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c {bound}), \
          {writes} \
-         SELECT namespace, kind, id, token, sid, r FROM (SELECT namespace, kind, id, token, sid, r, n \
-           FROM t UNION ALL SELECT NULL, NULL, NULL, room.n, NULL, {CAPPED_ROW}, 0 FROM room \
-           WHERE room.n < (SELECT count(*) FROM c)) AS x ORDER BY n"
+         {answer}"
     );
     (sql, params)
 }
