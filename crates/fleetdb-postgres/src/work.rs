@@ -829,7 +829,10 @@ pub(crate) fn assigned(
 /// find-and-lock holds the process row locked (`FOR UPDATE`) until commit, so claims of a limited
 /// process take turns from there, and this statement — a fresh snapshot, after the lock — counts
 /// the live claims and cuts the candidates to the room (`room`; no limit: `LIMIT NULL`, and the
-/// count is never evaluated). When it cut any, a row with `r` = [`CAPPED_ROW`] says so.
+/// count is never evaluated). When it cut any, a row with `r` = [`CAPPED_ROW`] says so. That
+/// machinery is in the take only when `limited` (the claimer's hand saw the process limited);
+/// without it the take is gated on the process having no limit now, and takes nothing otherwise
+/// (the claim then looks again, limited).
 pub(crate) fn claim_take_sql(
     q: &CandidateQuery,
     slots: String,
