@@ -65,8 +65,11 @@ pub enum WorkCmd {
     /// (paused, at the limit, held, in backoff, parked, not matching the selector), the claims on
     /// it, its backoff and its latest history. Takes and writes nothing.
     Explain {
+        /// Kind of the object.
         kind: String,
+        /// Id of the object.
         id: String,
+        /// The process whose claims would take it.
         #[arg(long)]
         process: String,
         /// The workers' selector: which of its terms the object fails.
