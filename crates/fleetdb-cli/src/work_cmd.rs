@@ -249,25 +249,11 @@ pub async fn process(store: &Store, fmt: Format, cmd: ProcessCmd) -> Result<(), 
         ProcessCmd::Pause { name } => vec![store.process_pause(&name).await?],
         ProcessCmd::Resume { name } => vec![store.process_resume(&name).await?],
         ProcessCmd::Limit { name, max_active } => {
-            let max = match max_active.as_str() {
-                "none" => None,
-                n => Some(n.parse::<u64>().map_err(|_| {
-                    Error::invalid("process limit", n, "a whole number of claims, or `none`")
-                })?),
-            };
+            let max = count_or_none("process limit", &max_active, "claims")?;
             vec![store.process_limit(&name, max).await?]
         }
         ProcessCmd::MaxFailures { name, max_failures } => {
-            let max = match max_failures.as_str() {
-                "none" => None,
-                n => Some(n.parse::<u64>().map_err(|_| {
-                    Error::invalid(
-                        "process max failures",
-                        n,
-                        "a whole number of failures in a row, or `none`",
-                    )
-                })?),
-            };
+            let max = count_or_none("process max failures", &max_failures, "failures in a row")?;
             vec![store.process_max_failures(&name, max).await?]
         }
     };
@@ -279,6 +265,17 @@ pub async fn process(store: &Store, fmt: Format, cmd: ProcessCmd) -> Result<(), 
         ),
     }
     Ok(())
+}
+
+/// A count given as `N` or `none` (`None`), for `field`: a whole number of `unit`.
+fn count_or_none(field: &str, text: &str, unit: &str) -> Result<Option<u64>, Error> {
+    match text {
+        "none" => Ok(None),
+        n => n
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| Error::invalid(field, n, format!("a whole number of {unit}, or `none`"))),
+    }
 }
 
 /// The columns of a process in tables ([`process_row`]).

@@ -118,14 +118,21 @@ fn sqlite_store(process: &str, machines: &[&str]) -> (tempfile::TempDir, String)
     (dir, url)
 }
 
-/// `fleetdb worker --once` of `process` on every machine, with `extra` flags, running `command`.
-fn work_once(url: &str, d: &std::path::Path, process: &str, extra: &[&str], command: &[&str]) {
+/// `fleetdb worker --once` of `process` on every machine, with `extra` flags, running `command`;
+/// its output.
+fn work_once(
+    url: &str,
+    d: &std::path::Path,
+    process: &str,
+    extra: &[&str],
+    command: &[&str],
+) -> Output {
     let mut args = vec!["worker", "--component", "w", "--process", process];
     args.extend(["--selector", "kind = machine", "--once"]);
     args.extend_from_slice(extra);
     args.push("--");
     args.extend_from_slice(command);
-    run(url, d, &args);
+    run(url, d, &args)
 }
 
 /// `fleetdb ARGS`, expected to fail: its exit code and stderr.
@@ -684,10 +691,16 @@ fn a_limited_process_runs_at_most_its_limit() {
         .filter(|e| e["event"] == "Finished")
         .count();
     assert_eq!(ran, 2, "a claim of 3 took the 2 that fit");
-    assert!(json(&url, d, &["process", "limit", "Install", "none"])[0]["max_active"].is_null());
-    for bad in ["0", "many"] {
-        let (code, _) = failing(&url, d, &["process", "limit", "Install", bad]);
-        assert_eq!(code, Some(2), "limit {bad}");
+    lifted_and_refused(&url, d, "limit", "max_active", &["0", "many"]);
+}
+
+/// `process SETTING Install none` lifts the setting (its JSON `field` null); each of `bad`
+/// exits 2.
+fn lifted_and_refused(url: &str, d: &std::path::Path, setting: &str, field: &str, bad: &[&str]) {
+    assert!(json(url, d, &["process", setting, "Install", "none"])[0][field].is_null());
+    for b in bad {
+        let (code, _) = failing(url, d, &["process", setting, "Install", b]);
+        assert_eq!(code, Some(2), "{setting} {b}");
     }
 }
 
@@ -702,24 +715,8 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
         1
     );
     let failing_run = || {
-        run(
-            &url,
-            d,
-            &[
-                "worker",
-                "--component",
-                "w",
-                "--process",
-                "Install",
-                "--selector",
-                "kind = machine",
-                "--once",
-                "--",
-                "sh",
-                "-c",
-                "echo 'no disk' >&2; exit 1",
-            ],
-        )
+        let failing = ["sh", "-c", "echo 'no disk' >&2; exit 1"];
+        work_once(&url, d, "Install", &[], &failing)
     };
     let out = failing_run();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -786,13 +783,7 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
     assert_eq!(json(&url, d, &["backoff", "unpark"])["cleared"], 0);
     work_once(&url, d, "Install", &[], &["true"]);
     assert_eq!(events(&url)[0], "Finished");
-    assert!(
-        json(&url, d, &["process", "max-failures", "Install", "none"])[0]["max_failures"].is_null()
-    );
-    for bad in ["0", "often"] {
-        let (code, _) = failing(&url, d, &["process", "max-failures", "Install", bad]);
-        assert_eq!(code, Some(2), "max-failures {bad}");
-    }
+    lifted_and_refused(&url, d, "max-failures", "max_failures", &["0", "often"]);
 }
 
 /// `work explain`: why a machine is not being worked on, and that it is once the reason is gone.

@@ -274,35 +274,21 @@ impl Op {
             Op::ProcessPause { name, .. } => validate::name("process", name),
             Op::ProcessLimit { name, max_active } => {
                 validate::name("process", name)?;
-                match max_active {
-                    Some(n) if !(1..=work::PROCESS_MAX_ACTIVE_MAX).contains(n) => {
-                        Err(Error::invalid(
-                            "process limit",
-                            n.to_string(),
-                            format!(
-                                "from 1 to {} claims at once (to stop claims, pause the process)",
-                                work::PROCESS_MAX_ACTIVE_MAX
-                            ),
-                        ))
-                    }
-                    _ => Ok(()),
-                }
+                process_setting(
+                    "process limit",
+                    *max_active,
+                    work::PROCESS_MAX_ACTIVE_MAX,
+                    "claims at once (to stop claims, pause the process)",
+                )
             }
             Op::ProcessMaxFailures { name, max_failures } => {
                 validate::name("process", name)?;
-                match max_failures {
-                    Some(n) if !(1..=work::PROCESS_MAX_FAILURES_MAX).contains(n) => {
-                        Err(Error::invalid(
-                            "process max failures",
-                            n.to_string(),
-                            format!(
-                                "from 1 to {} failures in a row (to retry for ever, lift it)",
-                                work::PROCESS_MAX_FAILURES_MAX
-                            ),
-                        ))
-                    }
-                    _ => Ok(()),
-                }
+                process_setting(
+                    "process max failures",
+                    *max_failures,
+                    work::PROCESS_MAX_FAILURES_MAX,
+                    "failures in a row (to retry for ever, lift it)",
+                )
             }
             Op::ProcessDefine { name, conflicts } => {
                 validate::name("process", name)?;
@@ -556,6 +542,18 @@ impl Batch {
             ));
         }
         self.ops.iter().try_for_each(|op| op.validate(limits))
+    }
+}
+
+/// An operator's count setting of a process (`None`: lifted): from 1 to `max` `unit`.
+fn process_setting(field: &str, n: Option<u64>, max: u64, unit: &str) -> Result<()> {
+    match n {
+        Some(n) if !(1..=max).contains(&n) => Err(Error::invalid(
+            field,
+            n.to_string(),
+            format!("from 1 to {max} {unit}"),
+        )),
+        _ => Ok(()),
     }
 }
 
