@@ -374,12 +374,16 @@ pub async fn work(store: &Store, fmt: Format, ns: &str, cmd: WorkCmd) -> Result<
             let e = store
                 .work_explain(&k, &process, selector.as_deref())
                 .await?;
-            let events = store
-                .history(&HistoryFilter::Object(k), None, history.max(1))
-                .await?
-                .items;
-            let events = &events[..events.len().min(history)];
-            return explain(fmt, &e, events);
+            let events = match history {
+                0 => Vec::new(),
+                n => {
+                    store
+                        .history(&HistoryFilter::Object(k), None, n)
+                        .await?
+                        .items
+                }
+            };
+            return explain(fmt, &e, &events);
         }
     };
     let items = store.work_list(process.as_deref(), limit).await?;
