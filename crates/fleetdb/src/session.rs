@@ -26,6 +26,9 @@ use crate::{Store, Txn};
 pub const SWEEP_SESSIONS_MAX: usize = 1000;
 /// How often the background task sweeps expired sessions.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// After a failed (or unanswered) renewal, the background task tries again this soon (or a tick
+/// later, if that is sooner), until a renewal succeeds or the deadline passes.
+pub const RENEW_RETRY: Duration = Duration::from_millis(200);
 /// How often `claim_wait` looks at the change log for something new.
 pub const CLAIM_WAIT_POLL: Duration = Duration::from_millis(100);
 /// How often `claim_wait` tries again even without a change (time-based selectors, backoffs ending).
@@ -512,7 +515,13 @@ impl Store {
         };
         let weak = self.downgrade();
         rt.spawn(async move {
-            let mut since_sweep = Duration::ZERO;
+            use tokio::time::Instant;
+            // Two deadlines of their own: a renewal every TTL/3 and a sweep every
+            // SWEEP_INTERVAL. A new session only ever brings the renewal forward (a shorter TTL
+            // shortens the tick): sessions started more often than a tick must not keep
+            // pushing the renewal of the others back.
+            let mut next_renew: Option<Instant> = None;
+            let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
             loop {
                 let tick = {
                     let Some(store) = weak.upgrade() else { return };
@@ -525,28 +534,48 @@ impl Store {
                         .unwrap_or(3_000);
                     Duration::from_millis((min_ttl / 3).max(100) as u64)
                 };
+                let renew_at = match next_renew {
+                    Some(at) => at.min(Instant::now() + tick),
+                    None => Instant::now() + tick,
+                };
+                next_renew = Some(renew_at);
                 let woken = {
                     let Some(keeper) = weak.keeper.upgrade() else {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::time::sleep(tick) => false,
+                        _ = tokio::time::sleep_until(renew_at.min(next_sweep)) => false,
                         _ = keeper.changed.notified() => true,
                     }
                 };
                 let Some(store) = weak.upgrade() else { return };
                 if woken {
-                    continue; // a new session: recompute the tick (its deadline is fresh)
+                    continue; // a new session: recompute the tick
                 }
-                let _ = store.renew_sessions().await;
-                since_sweep += tick;
+                let now = Instant::now();
+                if now >= renew_at {
+                    // A renewal that does not answer within a tick counts as failed (its
+                    // deadline may still have moved in the store: the local one is the earlier,
+                    // the safe side); a failed one is tried again RENEW_RETRY later, not a
+                    // whole tick later, so an outage shorter than the TTL costs no session.
+                    let renewed = tokio::time::timeout(tick, store.renew_sessions()).await;
+                    next_renew = Some(match renewed {
+                        Ok(Ok(())) => now + tick,
+                        Ok(Err(_)) => Instant::now() + RENEW_RETRY.min(tick),
+                        Err(_) => {
+                            tracing::warn!(after = ?tick, "session renewal timed out; retrying");
+                            Instant::now() + RENEW_RETRY.min(tick)
+                        }
+                    });
+                }
                 // The sweep and the history pruning run on a task of their own, one at a time:
                 // however long they take (a first prune may delete millions of rows), the
                 // renewals keep their cadence, and no session expires waiting for them.
-                if since_sweep >= SWEEP_INTERVAL
-                    && !store.keeper.sweeping.swap(true, Ordering::SeqCst)
-                {
-                    since_sweep = Duration::ZERO;
+                if now >= next_sweep {
+                    next_sweep = now + SWEEP_INTERVAL;
+                    if store.keeper.sweeping.swap(true, Ordering::SeqCst) {
+                        continue;
+                    }
                     let store = store.clone();
                     tokio::spawn(async move {
                         if let Err(e) = store.sweep_sessions().await {

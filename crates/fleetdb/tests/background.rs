@@ -1,6 +1,6 @@
 //! The background task with the real clock: it keeps sessions alive past their TTL, and it prunes
 //! history older than the retention setting. (Everything else moves time by hand; this is the one
-//! place where the task itself is exercised, so it waits about 3.5 s of real time.)
+//! place where the task itself is exercised, so each test waits about 3 s of real time.)
 
 use std::time::Duration;
 
@@ -46,4 +46,40 @@ async fn background_renews_sessions_and_prunes_history() {
     assert!(hist.items.is_empty(), "{:?}", hist.items);
     w.finish(|_| async { Ok(()) }).await.unwrap();
     s.close().await.unwrap();
+}
+
+/// Sessions started more often than the renewal tick must not push the renewal of the others
+/// back (each start wakes the task to recompute its tick).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_starting_all_the_time_do_not_starve_renewals() {
+    let store = Store::open("sqlite::memory:").await.unwrap();
+    let spec = || SessionSpec::new("c", "h").ttl(Duration::from_secs(2));
+    let s = store.session_start(spec()).await.unwrap();
+    let first_deadline = s.deadline();
+    // A new session every 200 ms (the tick is 667 ms) for 3.5 s: past the first deadline.
+    let mut others = Vec::new();
+    for _ in 0..17 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        others.push(store.session_start(spec()).await.unwrap());
+    }
+    assert!(!s.is_expired(), "renewed while sessions kept starting");
+    let row = store.session_get(s.id()).await.unwrap().unwrap();
+    assert!(row.deadline > first_deadline);
+}
+
+/// A renewal that fails is tried again soon, not a tick later: failures for about half the TTL
+/// cost no session (with retries a tick apart, the fourth attempt would fall on the deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_renewals_are_retried_before_the_deadline() {
+    let store = Store::open("sqlite::memory:").await.unwrap();
+    let s = store
+        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let first_deadline = s.deadline();
+    store.inject_renewal_failures(4);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(!s.is_expired(), "a retry succeeded before the deadline");
+    let row = store.session_get(s.id()).await.unwrap().unwrap();
+    assert!(row.deadline > first_deadline);
 }
