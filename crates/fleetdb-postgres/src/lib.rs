@@ -1262,12 +1262,19 @@ where
 /// The pause before attempt `attempt + 1`: exponential from 1 ms, capped at 100 ms, with jitter
 /// (uniform in the upper half of the window).
 /// The transaction a write runs in: SERIALIZABLE by default; claims READ COMMITTED, locking the
-/// objects they take (under SERIALIZABLE, claimers racing for the head of a queue abort one
-/// another); sweeps without sequential scans (`sql::BEGIN_SWEEP`); finishes READ COMMITTED with
+/// objects they take and the claim rows they read (under SERIALIZABLE, claimers racing for the
+/// head of a queue abort one another); sweeps without sequential scans (`sql::BEGIN_SWEEP`); finishes READ COMMITTED with
 /// their reads locking ([`releases_only`]).
 fn transaction_for<'a>(write: &Write<'_>, conn: &'a deadpool_postgres::ClientWrapper) -> PgTx<'a> {
     match write {
-        Write::Claim(_) => PgTx::with_begin(conn, sql::BEGIN_READ_COMMITTED),
+        // Claims read the claim rows on their object locked (after the object's own lock, the
+        // order every path takes): a dead holder's row deleted meanwhile (by the sweeper, or by
+        // its late finish) is then seen gone, not expired a second time.
+        Write::Claim(_) => {
+            let mut tx = PgTx::with_begin(conn, sql::BEGIN_READ_COMMITTED);
+            tx.lock_reads = true;
+            tx
+        }
         Write::Batch(batch)
             if batch
                 .ops
@@ -2670,6 +2677,134 @@ mod tests {
         assert_eq!(holder().await, "s");
         assert_eq!(history().await, ["Expired:dead", "Started:s"]);
         drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// A takeover whose dead row is deleted while it runs (the sweeper, or the dead holder's late
+    /// finish) inserts a row of its own: it never answers a claim without its work row (which
+    /// let the next claim take the object again: two workers on one job).
+    #[tokio::test]
+    async fn a_takeover_whose_dead_row_goes_meanwhile_still_holds_its_claim() {
+        let (backend, base, schema) = test_backend(2).await;
+        let client = backend.client().await.unwrap();
+        let sweeper = backend.client().await.unwrap();
+        seed_eligible(&client, 3, 1).await;
+        seed_dead_claim(&client, "j2", 7).await;
+        // The sweep deletes the dead claim; it has not committed when the take starts.
+        sweeper
+            .batch_execute("BEGIN; DELETE FROM work WHERE id = 'j2'")
+            .await
+            .unwrap();
+        hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j2"}]"#).await;
+        let q = eligible_jobs(1);
+        let (takeover, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover, false);
+        let take = async { client.query(&takeover, &params.values()).await.unwrap() };
+        let (rows, ()) = tokio::join!(take, commit_once_someone_waits(&sweeper));
+        assert_eq!(rows.len(), 1, "the take answered its claim");
+        let held: Vec<(String, i64)> = client
+            .query("SELECT session_id, token FROM work WHERE id = 'j2'", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let token: i64 = rows[0].get(3);
+        assert_eq!(
+            held,
+            [("s".to_string(), token)],
+            "the claim it answered is held"
+        );
+        let events: Vec<String> = client
+            .query(
+                "SELECT event FROM work_history WHERE id = 'j2' ORDER BY seq",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            events,
+            ["Started"],
+            "the deleter, not the take, records the expiry"
+        );
+        drop((client, sweeper));
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// `COMMIT` on `conn` (in a transaction) once another backend waits for one of its locks.
+    /// (`pg_locks` is read live; `pg_stat_activity` would be the transaction's first snapshot.)
+    async fn commit_once_someone_waits(conn: &deadpool_postgres::Client) {
+        loop {
+            let waiting: i64 = conn
+                .query_one(
+                    "SELECT count(*) FROM pg_locks \
+                     WHERE NOT granted AND pg_backend_pid() = ANY (pg_blocking_pids(pid))",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        conn.batch_execute("COMMIT").await.unwrap();
+    }
+
+    /// A claim of one object whose dead holder's row is deleted while it runs (the sweeper, or
+    /// the holder's late finish) does not expire it again: the row is read locked, so the claim
+    /// sees it gone and writes no second `Expired` (nor an `Expired` after a `Finished`).
+    #[tokio::test]
+    async fn a_claim_of_one_object_does_not_expire_a_row_deleted_meanwhile() {
+        let (backend, base, schema) = test_backend(3).await;
+        let client = backend.client().await.unwrap();
+        let sweeper = backend.client().await.unwrap();
+        seed_eligible(&client, 3, 1).await;
+        seed_dead_claim(&client, "j2", 7).await;
+        sweeper
+            .batch_execute("BEGIN; DELETE FROM work WHERE id = 'j2'")
+            .await
+            .unwrap();
+        let key = ObjectKey::new("default", "job", "j2").unwrap();
+        let claim = async {
+            backend
+                .claim(ClaimRequest {
+                    session_id: "s".into(),
+                    process: "P".into(),
+                    target: fleetdb_core::work::ClaimTarget::Object(key.clone()),
+                    limit: 1,
+                    now: Timestamp(500),
+                })
+                .await
+                .unwrap()
+        };
+        let (got, ()) = tokio::join!(claim, commit_once_someone_waits(&sweeper));
+        assert_eq!(got.work.len(), 1);
+        let events: Vec<String> = client
+            .query(
+                "SELECT event FROM work_history WHERE id = 'j2' ORDER BY seq",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            events,
+            ["Started"],
+            "the deleter, not the claim, records the expiry"
+        );
+        let holder: String = client
+            .query_one("SELECT session_id FROM work WHERE id = 'j2'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(holder, "s");
+        drop((client, sweeper));
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 

@@ -913,6 +913,9 @@ pub(crate) enum Take {
     /// New rows only (the common case: the first attempt of every claim).
     Lean,
     /// A row a dead session still holds is taken over in place, after its `Expired` history.
+    /// The row is locked as it is read: a sweep or the holder's late finish deleting it
+    /// meanwhile drops it from the takeover (a new row is inserted instead, with no second
+    /// `Expired`); read unlocked, the update found it gone and the claim answered with no row.
     Takeover,
 }
 
@@ -935,7 +938,7 @@ fn take_writes_sql(take: Take, process: &str, now: &str) -> String {
             "old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, w.tid, t.n \
                FROM t CROSS JOIN LATERAL (SELECT w.*, w.ctid AS tid FROM work w \
                  WHERE w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
-                 AND w.process = {process} OFFSET 0) AS w), \
+                 AND w.process = {process} OFFSET 0 FOR UPDATE) AS w), \
              up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
                SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, {now} FROM t \
                WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.n = t.n)), \
