@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
+use fleetdb::core::work::{tail_bytes, CAUSE_BYTES_MAX, RUNTIME_INFO_BYTES_MAX};
 use fleetdb::{Backoff, Error, Fence, ObjectKey, Session, SessionSpec, Store, Work};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,7 +71,7 @@ pub struct WorkerArgs {
     timeout: Option<Duration>,
     /// Time a command has to end after SIGTERM (the worker stopping, or --timeout) before it
     /// gets SIGKILL.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = bounded_duration)]
     grace: Duration,
     /// Claim once (without waiting), work what was claimed, and exit.
     #[arg(long)]
@@ -81,9 +82,23 @@ pub struct WorkerArgs {
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    let d = bounded_duration(s)?;
     if d.is_zero() {
         return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// Longest `--timeout` or `--grace`: longer ones would overflow the clock's deadlines.
+const RUN_DURATION_MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn bounded_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > RUN_DURATION_MAX {
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(RUN_DURATION_MAX)
+        ));
     }
     Ok(d)
 }
@@ -157,11 +172,7 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
     let stop = watch_signals(a.grace)?;
     let host = a.host.clone().unwrap_or_else(default_host);
     let spec = SessionSpec::new(&a.component, &host)
-        .runtime_info(format!(
-            "fleetdb worker pid {} running {}",
-            std::process::id(),
-            a.command.join(" ")
-        ))
+        .runtime_info(runtime_info(std::process::id(), &a.command))
         .ttl(a.ttl);
     let session = store.session_start(spec).await?;
     eprintln!(
@@ -351,7 +362,11 @@ impl Worker<'_> {
                     _ => status.to_string(),
                 };
                 if !tail.is_empty() {
-                    cause = format!("{cause}: {tail}");
+                    // The status first, then as much of stderr's end as the cause can hold (the
+                    // store keeps a cause's last bytes: a long stderr would push the status out).
+                    let tail = tail.replace('\0', "\\0");
+                    let room = CAUSE_BYTES_MAX.saturating_sub(cause.len() + 2);
+                    cause = format!("{cause}: {}", tail_bytes(&tail, room));
                 }
                 self.fail(w, &cause).await
             }
@@ -628,37 +643,95 @@ pub fn fence_from_env() -> Result<Fence, Error> {
     Ok(fence)
 }
 
+/// The session's runtime info: the worker's pid and command line, cut (with an ellipsis) to
+/// what a session's runtime info may hold, so a long inline script cannot stop the worker.
+fn runtime_info(pid: u32, command: &[String]) -> String {
+    let full = format!("fleetdb worker pid {pid} running {}", command.join(" "));
+    if full.len() <= RUNTIME_INFO_BYTES_MAX {
+        return full;
+    }
+    let mut end = RUNTIME_INFO_BYTES_MAX - "…".len();
+    while !full.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &full[..end])
+}
+
 /// This machine's host name, made to fit the name rule.
 fn default_host() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| "localhost".into());
-    let cleaned: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let trimmed = cleaned
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .chars()
-        .take(76)
-        .collect::<String>();
-    if trimmed.is_empty() {
+    host_name(&raw)
+}
+
+/// `raw` made to fit the name rule: other characters become `-`, a run of separators becomes
+/// its first, and the result starts and ends with a letter or digit, in at most 76 bytes.
+fn host_name(raw: &str) -> String {
+    let is_sep = |c: char| matches!(c, '.' | '-' | '_');
+    let mut out = String::new();
+    for c in raw.trim().chars() {
+        let c = if c.is_ascii_alphanumeric() || is_sep(c) {
+            c
+        } else {
+            '-'
+        };
+        if is_sep(c) && out.chars().last().is_none_or(is_sep) {
+            continue; // no leading separator, no two in a row
+        }
+        out.push(c);
+    }
+    out.truncate(76); // ASCII only by now
+    let out = out.trim_end_matches(is_sep);
+    if out.is_empty() {
         "localhost".into()
     } else {
-        trimmed
+        out.to_string()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_are_made_to_fit_the_name_rule() {
+        for (raw, want) in [
+            ("web-1.example.org\n", "web-1.example.org"),
+            ("xn--bcher-kva.example", "xn-bcher-kva.example"),
+            ("a_-b", "a_b"),
+            ("--.weird host!!", "weird-host"),
+            ("...", "localhost"),
+        ] {
+            let got = host_name(raw);
+            assert_eq!(got, want, "{raw:?}");
+            fleetdb::core::validate::name("host", &got).unwrap();
+        }
+        // Cut at 76 bytes where the 76th is a separator: it is trimmed too.
+        let long = format!("{}.{}", "a".repeat(75), "b".repeat(20));
+        let got = host_name(&long);
+        assert_eq!(got, "a".repeat(75));
+        fleetdb::core::validate::name("host", &got).unwrap();
+    }
+
+    #[test]
+    fn a_long_command_line_is_cut_to_fit_the_runtime_info() {
+        let script = vec!["sh".to_string(), "-c".to_string(), "é".repeat(5000)];
+        let info = runtime_info(7, &script);
+        assert!(info.len() <= RUNTIME_INFO_BYTES_MAX, "{}", info.len());
+        assert!(info.starts_with("fleetdb worker pid 7 running sh -c é") && info.ends_with('…'));
+        let short = runtime_info(7, &["true".to_string()]);
+        assert_eq!(short, "fleetdb worker pid 7 running true");
+    }
+
+    #[test]
+    fn run_durations_are_bounded() {
+        assert!(positive_duration("10000000000000000000s").is_err());
+        assert!(bounded_duration("300000000000y").is_err());
+        assert!(positive_duration("0s").is_err());
+        assert_eq!(bounded_duration("0s").unwrap(), Duration::ZERO);
+        assert_eq!(positive_duration("90s").unwrap(), Duration::from_secs(90));
+    }
 
     #[test]
     fn the_tail_keeps_the_last_bytes_only() {

@@ -298,7 +298,8 @@ fn worker_failure_records_the_cause_and_backs_off() {
         d,
         "Install",
         &["--backoff", "60s,10m,2"],
-        &["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'disk not found' >&2; exit 3"],
+        // NUL bytes (spelled `\0` in the cause, twice as long) near the end of a long stderr.
+        &["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x >&2; head -c 3000 /dev/zero >&2; echo >&2; echo 'disk not found' >&2; exit 3"],
     );
     let h = json(&url, d, &["history", "machine", "m1"]);
     let last = &h["items"][0];
@@ -306,7 +307,12 @@ fn worker_failure_records_the_cause_and_backs_off() {
     let cause = last["cause"].as_str().unwrap();
     assert!(cause.ends_with("disk not found"), "{cause}");
     assert!(
-        cause.len() <= 4096 + 64,
+        cause.starts_with("exit status: 3: ") && cause.contains("\\0\\0"),
+        "the status first: {}",
+        &cause[..40]
+    );
+    assert!(
+        cause.len() <= 4096,
         "only the tail of stderr: {} bytes",
         cause.len()
     );

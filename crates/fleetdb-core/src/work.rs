@@ -390,10 +390,11 @@ impl Backoff {
         match last_s {
             None => self.initial_s,
             Some(last) => {
-                // Multiply in whole milliseconds (truncating, as a duration would) before rounding
-                // up to seconds, so 90 s × 1.1 is 99 s, not 100 s from 99.00000000000001.
-                let next_ms = (last.max(1) as f64 * 1000.0 * self.exponent).floor();
-                let next_s = (next_ms / 1000.0).ceil().min(self.maximum_s as f64);
+                // Multiply in whole nanoseconds (truncating, as a duration would) before rounding
+                // up to seconds, so 90 s × 1.1 is 99 s, not 100 s from 99.00000000000001, while
+                // 1 s × 1.0004 is still 2 s (in whole milliseconds it stayed 1 s for ever).
+                let next_ns = (last.max(1) as f64 * 1e9 * self.exponent).floor();
+                let next_s = (next_ns / 1e9).ceil().min(self.maximum_s as f64);
                 (next_s as i64).clamp(self.initial_s, self.maximum_s)
             }
         }
@@ -483,22 +484,45 @@ pub enum ClaimTarget {
     Object(ObjectKey),
 }
 
-/// Check a failure cause.
+/// A failure cause as stored: NUL bytes spelled `\0`, then the last [`CAUSE_BYTES_MAX`] bytes
+/// (the end of an error output is usually the useful part).
 pub fn cause(text: &str) -> Result<String> {
-    if text.len() > CAUSE_BYTES_MAX {
-        // Keep the tail: the end of an error output is usually the useful part.
-        let mut start = text.len() - CAUSE_BYTES_MAX;
-        while !text.is_char_boundary(start) {
-            start += 1;
-        }
-        return Ok(text[start..].replace('\0', "\\0"));
+    Ok(tail_bytes(&text.replace('\0', "\\0"), CAUSE_BYTES_MAX).to_string())
+}
+
+/// The longest end of `text` of at most `max` bytes that starts on a character boundary.
+pub fn tail_bytes(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
     }
-    Ok(text.replace('\0', "\\0"))
+    &text[start..]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causes_keep_their_tail_within_the_limit_after_escaping_nuls() {
+        // 3,000 NULs become 6,000 bytes: still a cause of at most the limit, not an error.
+        let c = cause(&"\0".repeat(3000)).unwrap();
+        assert_eq!(c.len(), CAUSE_BYTES_MAX);
+        assert!(c.ends_with("\\0"));
+        // Multi-byte characters are never split.
+        let c = cause(&format!("x{}", "é".repeat(CAUSE_BYTES_MAX))).unwrap();
+        assert!(c.len() <= CAUSE_BYTES_MAX && c.chars().all(|ch| ch == 'é'));
+        assert_eq!(tail_bytes("héllo", 4), "llo");
+        assert_eq!(tail_bytes("abc", 10), "abc");
+    }
+
+    #[test]
+    fn a_small_exponent_still_grows_the_interval() {
+        let b = Backoff::parse("1s,10s,1.0004").unwrap();
+        assert_eq!(seq(&b, 4), [1, 2, 3, 4]);
+        let b = Backoff::parse("90s,1h,1.1").unwrap();
+        assert_eq!(b.next_interval_s(Some(90)), 99);
+    }
 
     fn seq(b: &Backoff, n: usize) -> Vec<i64> {
         let mut out = Vec::new();
