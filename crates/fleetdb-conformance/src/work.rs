@@ -649,6 +649,83 @@ pub async fn dropped_work_is_cancelled(h: &Harness) {
     );
 }
 
+/// A claim whose caller gives up while it runs (a timeout, a `select!`) leaves nothing held for
+/// nobody: what it took is cancelled, for a claim alone and for the claim of a
+/// `finish_and_claim` (whose finish stands).
+pub async fn a_claim_given_up_in_flight_is_cancelled(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 2).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    // Given up at its first wait: the claim was already on its way.
+    let gone = tokio::time::timeout(Duration::ZERO, s.claim("P", "kind = machine", 1)).await;
+    assert!(gone.is_err(), "the claim was given up");
+    let mut first = None;
+    for _ in 0..300 {
+        let ev: Vec<Vec<WorkEvent>> = events_of(h, &ks).await;
+        if let Some(i) = ev
+            .iter()
+            .position(|e| e == &[WorkEvent::Started, WorkEvent::Canceled])
+        {
+            first = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = first.expect("the given-up claim was made, then cancelled");
+    assert!(st.work_list(None, 10).await.unwrap().is_empty());
+    // The same for the claim behind a finish.
+    let other = &ks[1 - first];
+    let mut w = s.claim_object(other, "P").await.unwrap();
+    let gone = tokio::time::timeout(
+        Duration::ZERO,
+        w.finish_and_claim(
+            |tx| {
+                let k = other.clone();
+                async move { tx.tag_set(&k, "done", &json!(true)) }
+            },
+            "P",
+            "kind = machine and not has(done)",
+            1,
+        ),
+    )
+    .await;
+    assert!(gone.is_err(), "the finish and claim was given up");
+    let mut settled = false;
+    for _ in 0..300 {
+        let ev = events_of(h, &ks).await;
+        let finished = ev[1 - first].last() == Some(&WorkEvent::Finished);
+        if finished && st.work_list(None, 10).await.unwrap().is_empty() && ev[first].len() == 4 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ev = events_of(h, &ks).await;
+    assert!(
+        settled,
+        "the finish stands and its claim was cancelled: {ev:?}"
+    );
+    assert_eq!(
+        ev[first],
+        [
+            WorkEvent::Started,
+            WorkEvent::Canceled,
+            WorkEvent::Started,
+            WorkEvent::Canceled
+        ]
+    );
+}
+
+/// The history events of each of `ks`, oldest first.
+async fn events_of(h: &Harness, ks: &[ObjectKey]) -> Vec<Vec<WorkEvent>> {
+    let mut out = Vec::new();
+    for k in ks {
+        out.push(events(h, k).await.into_iter().map(|e| e.0).collect());
+    }
+    out
+}
+
 pub async fn workers_never_claim_one_object_twice(h: &Harness) {
     let st = &h.store;
     st.process_define("P", &[]).await.unwrap();
@@ -766,6 +843,58 @@ pub async fn claim_wait_wakes_on_another_processs_change(h: &Harness) {
         .unwrap()
         .unwrap();
     assert_eq!(got.len(), 1);
+    assert_eq!(got[0].key(), &k);
+}
+
+/// A worker calling `claim_wait` with short timeouts still claims again every
+/// `CLAIM_WAIT_RETRY`: a backoff that ends writes nothing, so only that retry finds the object
+/// (each call used to skip its first claim after an empty one and time out before the retry).
+pub async fn claim_wait_with_short_timeouts_sees_a_backoff_end(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let k = machines(h, 1).await.remove(0);
+    st.tag_set(&k, "ready", &json!(true)).await.unwrap();
+    let s = st.session_start(spec("c")).await.unwrap();
+    let selector = "kind = machine and has(ready)";
+    let b = Backoff::new(Duration::from_secs(5), Duration::from_secs(5), 1.0).unwrap();
+    let mut w = s.claim_object(&k, "P").await.unwrap();
+    w.fail(&b, "not yet").await.unwrap();
+    let short = Duration::from_millis(300);
+    assert!(s
+        .claim_wait("P", selector, 1, short)
+        .await
+        .unwrap()
+        .is_empty());
+    h.clock.advance(Duration::from_secs(6));
+    // At most ~1 s (the retry) of 300 ms calls; 3 s allowed for a loaded test machine.
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got = s.claim_wait("P", selector, 1, short).await.unwrap();
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 1, "claimed once the backoff ended");
+    assert_eq!(got[0].key(), &k);
+}
+
+/// `claim_wait` with `Duration::MAX` (wait for ever) waits; it does not overflow the clock.
+pub async fn claim_wait_for_ever_is_a_wait(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let s = st.session_start(spec("c")).await.unwrap();
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move { s.claim_wait("P", "kind = machine", 1, Duration::MAX).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "still waiting");
+    let k = machines(h, 1).await.remove(0);
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("woke")
+        .unwrap()
+        .unwrap();
     assert_eq!(got[0].key(), &k);
 }
 

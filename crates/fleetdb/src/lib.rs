@@ -832,7 +832,12 @@ impl Store {
                 Some(req) => {
                     let mut req = req.clone();
                     req.now = batch.now;
-                    self.backend.commit_then_claim(batch, req).await
+                    let backend = self.backend.clone();
+                    self.detached_claim(
+                        async move { backend.commit_then_claim(batch, req).await },
+                        |(_, claimed)| &claimed.work,
+                    )
+                    .await
                 }
             };
             let kind = match claim {

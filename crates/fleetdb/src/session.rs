@@ -33,6 +33,8 @@ pub const RENEW_RETRY: Duration = Duration::from_millis(200);
 pub const CLAIM_WAIT_POLL: Duration = Duration::from_millis(100);
 /// How often `claim_wait` tries again even without a change (time-based selectors, backoffs ending).
 pub const CLAIM_WAIT_RETRY: Duration = Duration::from_secs(1);
+/// A wait longer than the clock can express (`claim_wait` with `Duration::MAX`) waits this long.
+const FOR_EVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 #[derive(Debug)]
 struct SessionState {
@@ -51,6 +53,8 @@ struct EmptyClaim {
     selector: String,
     /// The change-log revision it looked at, when the backend said ([`Claimed`]).
     revision: Option<Revision>,
+    /// When it came back.
+    at: tokio::time::Instant,
 }
 
 #[derive(Debug)]
@@ -722,7 +726,11 @@ impl Session {
         self.store.ready().await?;
         let by_selector = matches!(req.target, ClaimTarget::Selector(_));
         let started = std::time::Instant::now();
-        let claimed = self.store.backend.claim(req).await;
+        let backend = self.store.backend.clone();
+        let claimed = self
+            .store
+            .detached_claim(async move { backend.claim(req).await }, |c| &c.work)
+            .await;
         self.store
             .metrics
             .txn_time(crate::metrics::TxnKind::Claim, started);
@@ -755,17 +763,22 @@ impl Session {
             process: process.to_string(),
             selector: selector.to_string(),
             revision,
+            at: tokio::time::Instant::now(),
         });
     }
 
-    /// The revision this session's last claim of (process, selector) looked at, if it came back
-    /// empty and the backend said.
-    fn empty_revision(&self, process: &str, selector: &str) -> Option<Option<Revision>> {
+    /// This session's last claim of (process, selector), if it came back empty: the revision it
+    /// looked at (if the backend said) and when.
+    fn empty_claim(
+        &self,
+        process: &str,
+        selector: &str,
+    ) -> Option<(Option<Revision>, tokio::time::Instant)> {
         let st = self.shared.state();
         st.empty_claim
             .as_ref()
             .filter(|e| e.process == process && e.selector == selector)
-            .map(|e| e.revision)
+            .map(|e| (e.revision, e.at))
     }
 
     /// Claim up to `limit` objects matching `selector` for `process`: objects no live session
@@ -801,7 +814,10 @@ impl Session {
         limit: usize,
         timeout: Duration,
     ) -> Result<Vec<Work>> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // `Duration::MAX` (wait for ever) must not overflow the clock.
+        let deadline = tokio::time::Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| tokio::time::Instant::now() + FOR_EVER);
         let group = self.store.keeper.claim_wakes.group(process, selector);
         // A busy queue: the first claim finds work. A claim that came back empty — this one, or
         // this session's last one of this selector (say, the claim of a `finish_and_claim` just
@@ -812,21 +828,29 @@ impl Session {
         // looks, or left its wake-up for the next to wait; a commit of another process moves the
         // revision past it, which the poll sees. Only when the backend could not say is the
         // revision read after the claim, and another process's commit between the two is seen
-        // by the retry within `CLAIM_WAIT_RETRY`.
-        let mut looked = self.empty_revision(process, selector);
-        if looked.is_none() {
-            let got = self.claim(process, selector, limit).await?;
-            if !got.is_empty() {
-                return Ok(got);
-            }
-            looked = self.empty_revision(process, selector);
-        }
+        // by the retry within `CLAIM_WAIT_RETRY`. The retry counts from the empty claim, not
+        // from this call: a worker calling with short timeouts still claims again every
+        // `CLAIM_WAIT_RETRY` (a backoff ending, a `now - 10m` term coming true write nothing).
+        let mut looked = self
+            .empty_claim(process, selector)
+            .filter(|(_, at)| at.elapsed() < CLAIM_WAIT_RETRY);
         loop {
-            let mut seen = match looked.flatten() {
+            let (revision, at) = match looked {
+                Some(last) => last,
+                None => {
+                    let got = self.claim(process, selector, limit).await?;
+                    if !got.is_empty() {
+                        return Ok(got);
+                    }
+                    self.empty_claim(process, selector)
+                        .unwrap_or((None, tokio::time::Instant::now()))
+                }
+            };
+            let mut seen = match revision {
                 Some(r) => r,
                 None => self.store.backend.revision().await?.current,
             };
-            let retry_at = tokio::time::Instant::now() + CLAIM_WAIT_RETRY;
+            let retry_at = at + CLAIM_WAIT_RETRY;
             loop {
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
@@ -858,11 +882,7 @@ impl Session {
                 }
                 self.check()?;
             }
-            let got = self.claim(process, selector, limit).await?;
-            if !got.is_empty() {
-                return Ok(got);
-            }
-            looked = self.empty_revision(process, selector);
+            looked = None;
         }
     }
 
@@ -1247,6 +1267,45 @@ fn rand_unit() -> f64 {
 }
 
 impl Store {
+    /// Run a backend call that claims on a task of its own, and answer what it returns. A caller
+    /// that gives up meanwhile (a timeout, a `select!`) cannot leave a claim held for nobody: the
+    /// call runs to its end, and the work it took, no longer wanted, is cancelled there (history
+    /// `Canceled`) — issue 3: "a claim dropped without an outcome is cancelled".
+    pub(crate) async fn detached_claim<T, C>(
+        &self,
+        call: C,
+        work: fn(&T) -> &[WorkInfo],
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        C: Future<Output = Result<T>> + Send + 'static,
+    {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(Ok(unwanted)) = answer.send(call.await) {
+                let ops: Vec<Op> = work(&unwanted)
+                    .iter()
+                    .map(|w| Op::WorkRelease {
+                        key: w.key.clone(),
+                        process: w.process.clone(),
+                        session_id: w.session_id.clone(),
+                        token: w.token,
+                        outcome: Outcome::Canceled,
+                    })
+                    .collect();
+                if !ops.is_empty() {
+                    if let Err(e) = store.write(ops).await {
+                        tracing::debug!(error = %e, "cancelling an unwanted claim failed (it expires with its session)");
+                    }
+                }
+            }
+        });
+        answered
+            .await
+            .map_err(|_| Error::Backend("a claim's task ended without an answer".into()))?
+    }
+
     /// Declare (or redeclare) a process and the processes it conflicts with. Conflicts must be
     /// declared already; they are symmetric when claims are checked.
     pub async fn process_define(
