@@ -2312,8 +2312,25 @@ pub async fn finish_and_claim_finishes_then_claims_the_next(h: &Harness) {
     );
     assert!(st.tag_get(&k1, "done").await.unwrap().is_some());
     assert_eq!(keys.len(), 3);
-    // A finished claim cannot be finished again; a lost one claims nothing.
+    // A claim that cannot proceed once the finish passed (an undeclared process) takes nothing;
+    // the finish stands (the same on every backend).
     let mut n = n;
+    let (_, none) = n
+        .finish_and_claim(|_tx| async { Ok(()) }, "Undeclared", "kind = machine", 1)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert_eq!(
+        events(h, n.key()).await.last().map(|e| e.0.clone()),
+        Some(WorkEvent::Finished)
+    );
+    let mut n = s
+        .claim("P", "kind = machine and not has(done)", 1)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    // A finished claim cannot be finished again; a lost one claims nothing.
     st.work_cancel(n.key(), "P").await.unwrap();
     assert!(matches!(
         n.finish_and_claim(|_tx| async { Ok(()) }, "P", "kind = machine", 1)

@@ -206,13 +206,29 @@ fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Wr
             claimed(c, req, work).map(Written::Claim)
         }
         Write::BatchThenClaim(batch, req) => {
-            let (results, work) = {
+            let results = {
                 let mut rows = SqliteRows { conn: c, revision };
-                futures::executor::block_on(async {
-                    let results = apply_batch(&mut rows, batch).await?;
-                    Ok::<_, fleetdb_core::Error>((results, apply_claim(&mut rows, req).await?))
-                })?
+                futures::executor::block_on(apply_batch(&mut rows, batch))?
             };
+            // Once the batch applied, a claim that cannot proceed (an undeclared process, say)
+            // takes nothing and the batch stands, as on PostgreSQL (`Backend::commit_then_claim`):
+            // the claim runs in a savepoint of its own.
+            exec(c, "SAVEPOINT fleetdb_claim")?;
+            let before = *revision;
+            let work = {
+                let mut rows = SqliteRows { conn: c, revision };
+                futures::executor::block_on(apply_claim(&mut rows, req))
+            };
+            let work = match work {
+                Ok(work) => work,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the claim behind a batch took nothing");
+                    exec(c, "ROLLBACK TO fleetdb_claim")?;
+                    *revision = before;
+                    Vec::new()
+                }
+            };
+            exec(c, "RELEASE fleetdb_claim")?;
             Ok(Written::BatchThenClaim(results, claimed(c, req, work)?))
         }
         Write::Renew { ids, now } => crate::work::session_renew(c, ids, *now).map(Written::Renew),
