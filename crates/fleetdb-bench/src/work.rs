@@ -363,7 +363,7 @@ mod counted_impl {
     use fleetdb::core::backend::{SchemaStatus, WorkStats};
     use fleetdb::core::work::{
         BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo,
-        WorkInfo,
+        WorkCursor, WorkInfo, WorkListing,
     };
     use fleetdb::core::{
         Backend, Batch, Capabilities, Change, ChangeFilter, Namespace, Object, ObjectKey,
@@ -473,19 +473,20 @@ mod counted_impl {
         async fn process_list(&self) -> Result<Vec<Process>> {
             timed!(self, process_list, self.inner.process_list())
         }
-        async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>> {
-            timed!(self, work_list, self.inner.work_list(process, limit))
+        async fn work_list(&self, q: &WorkListing) -> Result<Vec<WorkInfo>> {
+            timed!(self, work_list, self.inner.work_list(q))
         }
         async fn backoff_list(
             &self,
             process: Option<&str>,
             active_at: Option<Timestamp>,
+            after: Option<&WorkCursor>,
             limit: usize,
         ) -> Result<Vec<BackoffInfo>> {
             timed!(
                 self,
                 backoff_list,
-                self.inner.backoff_list(process, active_at, limit)
+                self.inner.backoff_list(process, active_at, after, limit)
             )
         }
         async fn history_list(

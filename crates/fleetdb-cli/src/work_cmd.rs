@@ -1,7 +1,7 @@
 //! `fleetdb session|process|work|backoff|history|select|worker`.
 
 use clap::{Args, Subcommand};
-use fleetdb::{Error, HistoryEntry, HistoryFilter, ObjectKey, Store};
+use fleetdb::{BackoffWhich, Error, HistoryEntry, HistoryFilter, ObjectKey, Store};
 use serde_json::{json, Value};
 
 use crate::output::{self, Format};
@@ -46,14 +46,64 @@ pub enum ProcessCmd {
     },
 }
 
+/// Paging of `work ls` and `backoff ls` (their JSON stays an array: when more remain, the
+/// cursor of the rest is said on stderr, `more: --cursor C`).
+#[derive(clap::Args, Debug)]
+pub struct PageArgs {
+    /// Page size (1..=1000).
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    /// Continue after this cursor (from a previous page's `more: --cursor C`).
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+impl PageArgs {
+    /// Every page `fetch` gives from the cursor on (one page unless `all`), and the cursor of
+    /// the rest, if any.
+    async fn collect<T, F, Fut>(
+        &self,
+        all: bool,
+        mut fetch: F,
+    ) -> Result<(Vec<T>, Option<String>), Error>
+    where
+        F: FnMut(Option<String>, usize) -> Fut,
+        Fut: std::future::Future<Output = Result<fleetdb::Page<T>, Error>>,
+    {
+        let mut items = Vec::new();
+        let mut cursor = self.cursor.clone();
+        loop {
+            let page = fetch(cursor, self.limit).await?;
+            items.extend(page.items);
+            match page.next {
+                Some(next) if all => cursor = Some(next),
+                rest => return Ok((items, rest)),
+            }
+        }
+    }
+}
+
+/// Say where the rest of a listing starts (stderr: stdout keeps its documented shape).
+fn more(next: Option<String>) {
+    if let Some(n) = next {
+        eprintln!("more: --cursor {n}");
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum WorkCmd {
-    /// List active claims.
+    /// List active claims (ordered by process, then object).
     Ls {
         #[arg(long)]
         process: Option<String>,
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        /// Only the claims of this session.
+        #[arg(long)]
+        session: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+        /// Follow cursors and list everything.
+        #[arg(long)]
+        all: bool,
     },
     /// Force-cancel a claim, whoever holds it (its holder then gets WorkLost).
     Cancel {
@@ -92,8 +142,11 @@ pub enum BackoffCmd {
         all: bool,
         #[arg(long)]
         parked: bool,
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        #[command(flatten)]
+        page: PageArgs,
+        /// Follow cursors and list everything (`--all` shows the backoffs already over).
+        #[arg(long)]
+        all_pages: bool,
     },
     /// Clear the backoff of an object for a process.
     Clear {
@@ -203,12 +256,20 @@ pub async fn session(store: &Store, fmt: Format, cmd: SessionCmd) -> Result<(), 
                 .session_get(&id)
                 .await?
                 .ok_or_else(|| Error::not_found(format!("session {id}")))?;
-            let held: Vec<_> = store
-                .work_list(None, 1000)
-                .await?
-                .into_iter()
-                .filter(|w| w.session_id == id)
-                .collect();
+            let every = PageArgs {
+                limit: fleetdb::core::query::LIST_PAGE_MAX,
+                cursor: None,
+            };
+            let (held, _) = every
+                .collect(true, |cursor, limit| {
+                    let id = id.as_str();
+                    async move {
+                        store
+                            .work_page(None, Some(id), cursor.as_deref(), limit)
+                            .await
+                    }
+                })
+                .await?;
             match fmt {
                 Format::Json => {
                     let mut v = session_json(&s, now);
@@ -345,8 +406,13 @@ fn process_ls(
 }
 
 pub async fn work(store: &Store, fmt: Format, ns: &str, cmd: WorkCmd) -> Result<(), Error> {
-    let (process, limit) = match cmd {
-        WorkCmd::Ls { process, limit } => (process, limit),
+    let (process, session, page, all) = match cmd {
+        WorkCmd::Ls {
+            process,
+            session,
+            page,
+            all,
+        } => (process, session, page, all),
         WorkCmd::Cancel { kind, id, process } => {
             let k = ObjectKey::new(ns, &kind, &id)?;
             let canceled = store.work_cancel(&k, &process).await?;
@@ -386,7 +452,15 @@ pub async fn work(store: &Store, fmt: Format, ns: &str, cmd: WorkCmd) -> Result<
             return explain(fmt, &e, &events);
         }
     };
-    let items = store.work_list(process.as_deref(), limit).await?;
+    let (process, session) = (process.as_deref(), session.as_deref());
+    let (items, next) = page
+        .collect(all, |cursor, limit| async move {
+            store
+                .work_page(process, session, cursor.as_deref(), limit)
+                .await
+        })
+        .await?;
+    more(next);
     match fmt {
         Format::Json => output::print_json(&items.iter().map(work_json).collect::<Vec<_>>()),
         Format::Table => output::table(
@@ -513,13 +587,23 @@ pub async fn backoff(store: &Store, fmt: Format, ns: &str, cmd: BackoffCmd) -> R
             process,
             all,
             parked,
-            limit,
+            page,
+            all_pages,
         } => {
-            let items = if parked {
-                store.backoff_parked(process.as_deref(), limit).await?
-            } else {
-                store.backoff_list(process.as_deref(), !all, limit).await?
+            let which = match (parked, all) {
+                (true, _) => BackoffWhich::Parked,
+                (false, true) => BackoffWhich::All,
+                (false, false) => BackoffWhich::Active,
             };
+            let process = process.as_deref();
+            let (items, next) = page
+                .collect(all_pages, |cursor, limit| async move {
+                    store
+                        .backoff_page(process, which, cursor.as_deref(), limit)
+                        .await
+                })
+                .await?;
+            more(next);
             match fmt {
                 Format::Json => {
                     output::print_json(&items.iter().map(backoff_json).collect::<Vec<_>>())

@@ -859,3 +859,49 @@ fn work_explain_tells_why_a_machine_waits() {
     assert_eq!(code, Some(2));
     assert!(err.contains("selector"), "{err}");
 }
+
+/// `backoff ls` and `work ls` page: one page of --limit, the rest's cursor on stderr (the JSON
+/// stays an array), --cursor goes on, --all (`backoff ls`: --all-pages) lists everything.
+#[test]
+fn backoff_and_work_listings_page() {
+    let (dir, url) = sqlite_store("Install", &["m1", "m2", "m3"]);
+    let d = dir.path();
+    work_once(
+        &url,
+        d,
+        "Install",
+        &["--backoff", "60s,10m,2", "--limit", "3"],
+        &["false"],
+    );
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let out = run(&url, d, &["-o", "json", "backoff", "ls", "--limit", "2"]);
+    let first: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&first), ["m1", "m2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let cursor = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("more: --cursor "))
+        .unwrap_or_else(|| panic!("no cursor on stderr: {stderr}"))
+        .to_string();
+    let rest = json(
+        &url,
+        d,
+        &["backoff", "ls", "--limit", "2", "--cursor", &cursor],
+    );
+    assert_eq!(ids(&rest), ["m3"]);
+    let all = json(&url, d, &["backoff", "ls", "--limit", "1", "--all-pages"]);
+    assert_eq!(ids(&all), ["m1", "m2", "m3"]);
+    let bad = fleetdb(&url, d)
+        .args(["backoff", "ls", "--cursor", "nonsense"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "a bad cursor is a usage error");
+    let none = json(&url, d, &["work", "ls", "--session", "s-none", "--all"]);
+    assert_eq!(none, serde_json::json!([]));
+}

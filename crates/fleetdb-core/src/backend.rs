@@ -17,7 +17,8 @@ use crate::model::{
 use crate::query::ObjectQuery;
 use crate::time::Timestamp;
 use crate::work::{
-    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo,
+    WorkCursor, WorkInfo, WorkListing,
 };
 use crate::world::{Space, WorldQuery, WorldRecord};
 
@@ -158,13 +159,15 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Sessions ordered by id, after `after`, at most `limit`.
     async fn session_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionInfo>>;
     async fn process_list(&self) -> Result<Vec<Process>>;
-    /// Work rows ordered by (process, namespace, kind, id), optionally of one process.
-    async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>>;
-    /// Backoff rows ordered by (process, namespace, kind, id) with `until > active_at` if given.
+    /// Work rows ordered by (process, namespace, kind, id): [`WorkListing`]'s page.
+    async fn work_list(&self, q: &WorkListing) -> Result<Vec<WorkInfo>>;
+    /// Backoff rows ordered by (process, namespace, kind, id) with `until > active_at` if given,
+    /// after `after` if given.
     async fn backoff_list(
         &self,
         process: Option<&str>,
         active_at: Option<Timestamp>,
+        after: Option<&WorkCursor>,
         limit: usize,
     ) -> Result<Vec<BackoffInfo>>;
     /// History newest first, with `seq < before` if given, at most `limit`.

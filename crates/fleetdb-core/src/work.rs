@@ -484,6 +484,83 @@ pub enum ClaimTarget {
     Object(ObjectKey),
 }
 
+/// A position in a listing of claims or backoffs (ordered by process, namespace, kind, id),
+/// exchanged as an opaque string (`Page::next`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkCursor {
+    pub process: String,
+    pub key: ObjectKey,
+}
+
+impl WorkCursor {
+    /// The cursor after `process`'s row of `key`.
+    pub fn after(process: &str, key: &ObjectKey) -> WorkCursor {
+        WorkCursor {
+            process: process.to_string(),
+            key: key.clone(),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "{}\n{}\n{}\n{}",
+            self.process, self.key.namespace, self.key.kind, self.key.id
+        ))
+    }
+
+    pub fn decode(text: &str) -> Result<WorkCursor> {
+        use base64::Engine as _;
+        let bad = || Error::invalid("cursor", text, "is not a cursor returned by this listing");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .map_err(|_| bad())?;
+        let s = String::from_utf8(bytes).map_err(|_| bad())?;
+        let parts: Vec<&str> = s.split('\n').collect();
+        let [process, namespace, kind, id] = parts[..] else {
+            return Err(bad());
+        };
+        validate::name("process", process).map_err(|_| bad())?;
+        let key = ObjectKey::new(namespace, kind, id).map_err(|_| bad())?;
+        Ok(WorkCursor {
+            process: process.to_string(),
+            key,
+        })
+    }
+}
+
+/// A page of claims: optionally of one process and of one session, after a cursor, at most
+/// `limit` rows, ordered by (process, namespace, kind, id).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkListing {
+    pub process: Option<String>,
+    pub session: Option<String>,
+    pub after: Option<WorkCursor>,
+    pub limit: usize,
+}
+
+impl WorkListing {
+    /// The first `limit` claims, optionally of one process.
+    pub fn new(process: Option<&str>, limit: usize) -> WorkListing {
+        WorkListing {
+            process: process.map(str::to_string),
+            limit,
+            ..WorkListing::default()
+        }
+    }
+}
+
+/// Which backoffs a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackoffWhich {
+    /// Those not over yet (parked ones included).
+    Active,
+    /// Every backoff row, over or not.
+    All,
+    /// Only parked ones (they end only when cleared).
+    Parked,
+}
+
 /// A failure cause as stored: NUL bytes spelled `\0`, then the last [`CAUSE_BYTES_MAX`] bytes
 /// (the end of an error output is usually the useful part).
 pub fn cause(text: &str) -> Result<String> {
@@ -514,6 +591,15 @@ mod tests {
         assert!(c.len() <= CAUSE_BYTES_MAX && c.chars().all(|ch| ch == 'é'));
         assert_eq!(tail_bytes("héllo", 4), "llo");
         assert_eq!(tail_bytes("abc", 10), "abc");
+    }
+
+    #[test]
+    fn work_cursors_round_trip_and_refuse_garbage() {
+        let c = WorkCursor::after("P", &ObjectKey::new("lab", "machine", "m-1").unwrap());
+        assert_eq!(WorkCursor::decode(&c.encode()).unwrap(), c);
+        for bad in ["", "!!", "UA", "UApsYWIKbWFjaGluZQ"] {
+            assert!(WorkCursor::decode(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1125,7 +1125,10 @@ mod tests {
         many.limit = 3;
         let got = backend.claim(many).await.unwrap().work;
         assert_eq!(got.len(), 1, "the room left by the new limit");
-        let live = backend.work_list(Some("P"), 10).await.unwrap();
+        let live = backend
+            .work_list(&fleetdb_core::work::WorkListing::new(Some("P"), 10))
+            .await
+            .unwrap();
         assert_eq!(live.len(), 2, "{live:?}");
         testing::drop_schema(&base, &schema).await.unwrap();
     }
@@ -1186,7 +1189,11 @@ mod tests {
                 "{event:?}"
             );
         }
-        assert!(backend.work_list(None, 100).await.unwrap().is_empty());
+        assert!(backend
+            .work_list(&fleetdb_core::work::WorkListing::new(None, 100))
+            .await
+            .unwrap()
+            .is_empty());
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
@@ -1349,7 +1356,11 @@ mod tests {
             .expect("the workers waited for each other for ever");
         let done: usize = done.into_iter().map(|d| d.unwrap()).sum();
         assert_eq!(done, 600);
-        assert!(backend.work_list(None, 10).await.unwrap().is_empty());
+        assert!(backend
+            .work_list(&fleetdb_core::work::WorkListing::new(None, 10))
+            .await
+            .unwrap()
+            .is_empty());
         let h = history(&backend).await;
         assert_eq!(
             h.iter().filter(|e| e.event == WorkEvent::Finished).count(),
@@ -1400,7 +1411,10 @@ mod tests {
         assert_eq!(backend.claims.shared_txns.load(Ordering::Relaxed), 1);
         // The stale finish wrote nothing and its claim took nothing: s1 holds its one job, its
         // tag is there; s0 holds its next one.
-        let held_now = backend.work_list(None, 100).await.unwrap();
+        let held_now = backend
+            .work_list(&fleetdb_core::work::WorkListing::new(None, 100))
+            .await
+            .unwrap();
         let of = |s: &str| held_now.iter().filter(|w| w.session_id == s).count();
         assert_eq!((of("s0"), of("s1")), (1, 1), "{held_now:?}");
         assert!(held_now
@@ -1432,7 +1446,11 @@ mod tests {
             let h = history(&backend).await;
             if h.iter().any(|e| e.event == WorkEvent::Canceled) {
                 assert!(h.iter().any(|e| e.event == WorkEvent::Started));
-                assert!(backend.work_list(None, 10).await.unwrap().is_empty());
+                assert!(backend
+                    .work_list(&fleetdb_core::work::WorkListing::new(None, 10))
+                    .await
+                    .unwrap()
+                    .is_empty());
                 let again = backend.claim(claim(&backend, "s0")).await.unwrap();
                 assert_eq!(again.work.len(), 1, "the job is free again");
                 drop(backend);

@@ -44,7 +44,8 @@ use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
 use fleetdb_core::backend::WorkStats;
 use fleetdb_core::selector::{Dialect, Selector};
 use fleetdb_core::work::{
-    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo,
+    WorkCursor, WorkInfo, WorkListing,
 };
 use fleetdb_core::world::{WorldQuery, WorldRecord};
 use fleetdb_core::{
@@ -1259,6 +1260,19 @@ where
     }
 }
 
+/// A listing cursor as four text parameters (process, namespace, kind, id), NULL without one.
+fn cursor_params(after: Option<&WorkCursor>) -> [Option<&str>; 4] {
+    match after {
+        Some(c) => [
+            Some(c.process.as_str()),
+            Some(c.key.namespace.as_str()),
+            Some(c.key.kind.as_str()),
+            Some(c.key.id.as_str()),
+        ],
+        None => [None; 4],
+    }
+}
+
 /// The pause before attempt `attempt + 1`: exponential from 1 ms, capped at 100 ms, with jitter
 /// (uniform in the upper half of the window).
 /// The transaction a write runs in: SERIALIZABLE by default; claims READ COMMITTED, locking the
@@ -1652,9 +1666,15 @@ impl Backend for PostgresBackend {
         rows.iter().map(work::process_from_row).collect()
     }
 
-    async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>> {
-        let limit = work::limit_param(limit);
-        let rows = self.query(work::WORK_LIST, &[&process, &limit]).await?;
+    async fn work_list(&self, q: &WorkListing) -> Result<Vec<WorkInfo>> {
+        let limit = work::limit_param(q.limit);
+        let [p, n, k, i] = cursor_params(q.after.as_ref());
+        let rows = self
+            .query(
+                work::WORK_LIST,
+                &[&q.process, &q.session, &p, &n, &k, &i, &limit],
+            )
+            .await?;
         rows.iter().map(work::work_from_row).collect()
     }
 
@@ -1662,12 +1682,17 @@ impl Backend for PostgresBackend {
         &self,
         process: Option<&str>,
         active_at: Option<Timestamp>,
+        after: Option<&WorkCursor>,
         limit: usize,
     ) -> Result<Vec<BackoffInfo>> {
         let active_at = active_at.map(|t| t.0);
         let limit = work::limit_param(limit);
+        let [p, n, k, i] = cursor_params(after);
         let rows = self
-            .query(work::BACKOFF_LIST, &[&process, &active_at, &limit])
+            .query(
+                work::BACKOFF_LIST,
+                &[&process, &active_at, &p, &n, &k, &i, &limit],
+            )
             .await?;
         rows.iter().map(work::backoff_from_row).collect()
     }

@@ -99,10 +99,13 @@ const WORK_INSERT: &str =
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 const WORK_REMOVE: &str =
     "DELETE FROM work WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
+/// `$1` process, `$2` session (each or NULL), `$3`..`$6` the cursor (process, namespace,
+/// kind, id; NULL for the first page), `$7` the limit.
 pub(crate) const WORK_LIST: &str =
     "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
-     WHERE ($1::text IS NULL OR process = $1::text) \
-     ORDER BY process, namespace, kind, id LIMIT $2";
+     WHERE ($1::text IS NULL OR process = $1::text) AND ($2::text IS NULL OR session_id = $2::text) \
+       AND ($3::text IS NULL OR (process, namespace, kind, id) > ($3::text, $4::text, $5::text, $6::text)) \
+     ORDER BY process, namespace, kind, id LIMIT $7";
 
 const BACKOFF_GET: &str =
     "SELECT namespace, kind, id, process, until, cause, last_interval_s, failures \
@@ -115,11 +118,14 @@ const BACKOFF_PUT: &str = "INSERT INTO work_backoff \
      failures = excluded.failures";
 const BACKOFF_REMOVE: &str =
     "DELETE FROM work_backoff WHERE namespace = $1 AND kind = $2 AND id = $3 AND process = $4";
+/// `$1` process, `$2` active at (each or NULL), `$3`..`$6` the cursor (as [`WORK_LIST`]'s),
+/// `$7` the limit.
 pub(crate) const BACKOFF_LIST: &str =
     "SELECT namespace, kind, id, process, until, cause, last_interval_s, failures \
      FROM work_backoff \
      WHERE ($1::text IS NULL OR process = $1::text) AND ($2::bigint IS NULL OR until > $2::bigint) \
-     ORDER BY process, namespace, kind, id LIMIT $3";
+       AND ($3::text IS NULL OR (process, namespace, kind, id) > ($3::text, $4::text, $5::text, $6::text)) \
+     ORDER BY process, namespace, kind, id LIMIT $7";
 
 /// `seq` is an identity column: the server numbers the row.
 const HISTORY_APPEND: &str = "INSERT INTO work_history \

@@ -1018,7 +1018,14 @@ async fn racing_claims_of_one_object_give_one_winner_and_conflicts() {
         }
     }
     assert_eq!(winners, 1);
-    assert_eq!(backend.work_list(None, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        backend
+            .work_list(&fleetdb_core::work::WorkListing::new(None, 10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     db.drop().await;
 }
 
@@ -1162,7 +1169,14 @@ async fn a_failing_deferred_write_commits_nothing_and_transient_ones_are_retried
         matches!(&err, Error::Backend(m) if m.contains("history refused")),
         "{err:?}"
     );
-    assert_eq!(backend.work_list(None, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        backend
+            .work_list(&fleetdb_core::work::WorkListing::new(None, 10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     // Closing the session writes a Canceled row for its claim: refused, nothing changes.
     let close = batch(vec![Op::SessionClose { id: "s1".into() }]);
     let err = backend.commit(close).await.unwrap_err();
@@ -1171,7 +1185,14 @@ async fn a_failing_deferred_write_commits_nothing_and_transient_ones_are_retried
         "{err:?}"
     );
     assert!(backend.session_get("s1").await.unwrap().is_some());
-    assert_eq!(backend.work_list(None, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        backend
+            .work_list(&fleetdb_core::work::WorkListing::new(None, 10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
     // Transient: two serialization failures, then it goes through, exactly once.
     raw.batch_execute("UPDATE refuse SET mode = 'twice'")
@@ -1194,7 +1215,14 @@ async fn a_failing_deferred_write_commits_nothing_and_transient_ones_are_retried
         .unwrap()
         .get(0);
     assert_eq!(history, 3);
-    assert_eq!(backend.work_list(None, 10).await.unwrap().len(), 3);
+    assert_eq!(
+        backend
+            .work_list(&fleetdb_core::work::WorkListing::new(None, 10))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
     db.drop().await;
 }
 

@@ -29,7 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use fleetdb_core::work::{
-    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkInfo,
+    BackoffInfo, ClaimRequest, Claimed, HistoryEntry, HistoryFilter, Process, SessionInfo,
+    WorkCursor, WorkInfo, WorkListing,
 };
 use fleetdb_core::Timestamp;
 use fleetdb_core::{
@@ -585,17 +586,18 @@ impl Backend for SqliteBackend {
         self.read(work::process_all)
     }
 
-    async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>> {
-        self.read(|c| work::work_list(c, process, limit))
+    async fn work_list(&self, q: &WorkListing) -> Result<Vec<WorkInfo>> {
+        self.read(|c| work::work_list(c, q))
     }
 
     async fn backoff_list(
         &self,
         process: Option<&str>,
         active_at: Option<Timestamp>,
+        after: Option<&WorkCursor>,
         limit: usize,
     ) -> Result<Vec<BackoffInfo>> {
-        self.read(|c| work::backoff_list(c, process, active_at, limit))
+        self.read(|c| work::backoff_list(c, process, active_at, after, limit))
     }
 
     async fn history_list(

@@ -5,7 +5,8 @@ use fleetdb_core::apply::stored_key;
 use fleetdb_core::backend::CandidateQuery;
 use fleetdb_core::selector::{Dialect, Selector, SqlParam};
 use fleetdb_core::work::{
-    BackoffInfo, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkEvent, WorkInfo,
+    BackoffInfo, HistoryEntry, HistoryFilter, Process, SessionInfo, WorkCursor, WorkEvent,
+    WorkInfo, WorkListing,
 };
 use fleetdb_core::{Error, Object, ObjectKey, Result, Timestamp};
 use rusqlite::types::Value;
@@ -446,18 +447,30 @@ pub(crate) fn session_list(
     )
 }
 
-pub(crate) fn work_list(
-    c: &Connection,
-    process: Option<&str>,
-    limit: usize,
-) -> Result<Vec<WorkInfo>> {
+/// A listing cursor as four text parameters (process, namespace, kind, id), NULL without one.
+fn cursor_params(after: Option<&WorkCursor>) -> [Option<&str>; 4] {
+    match after {
+        Some(c) => [
+            Some(c.process.as_str()),
+            Some(c.key.namespace.as_str()),
+            Some(c.key.kind.as_str()),
+            Some(c.key.id.as_str()),
+        ],
+        None => [None; 4],
+    }
+}
+
+pub(crate) fn work_list(c: &Connection, q: &WorkListing) -> Result<Vec<WorkInfo>> {
+    let [p, n, k, i] = cursor_params(q.after.as_ref());
     collect(
         c,
         &format!(
             "SELECT {WORK_COLS} FROM work WHERE (?1 IS NULL OR process = ?1)
-             ORDER BY process, namespace, kind, id LIMIT +?2"
+               AND (?2 IS NULL OR session_id = ?2)
+               AND (?3 IS NULL OR (process, namespace, kind, id) > (?3, ?4, ?5, ?6))
+             ORDER BY process, namespace, kind, id LIMIT +?7"
         ),
-        params![process, limit as i64],
+        params![q.process, q.session, p, n, k, i, q.limit as i64],
         work_row,
     )
 }
@@ -466,15 +479,18 @@ pub(crate) fn backoff_list(
     c: &Connection,
     process: Option<&str>,
     active_at: Option<Timestamp>,
+    after: Option<&WorkCursor>,
     limit: usize,
 ) -> Result<Vec<BackoffInfo>> {
+    let [p, n, k, i] = cursor_params(after);
     collect(
         c,
         &format!(
             "SELECT {BACKOFF_COLS} FROM work_backoff WHERE (?1 IS NULL OR process = ?1) AND (?2 IS NULL OR until > ?2)
-             ORDER BY process, namespace, kind, id LIMIT +?3"
+               AND (?3 IS NULL OR (process, namespace, kind, id) > (?3, ?4, ?5, ?6))
+             ORDER BY process, namespace, kind, id LIMIT +?7"
         ),
-        params![process, active_at.map(|t| t.0), limit as i64],
+        params![process, active_at.map(|t| t.0), p, n, k, i, limit as i64],
         backoff_row,
     )
 }

@@ -38,8 +38,8 @@ pub use content::{BlobWriter, BLOB_LIST_PAGE_MAX};
 pub use fleetdb_core::content::IngestStatus;
 use fleetdb_core::validate;
 pub use fleetdb_core::work::{
-    Backoff, BackoffInfo, HistoryEntry, HistoryFilter, Outcome, Process, SessionInfo, SessionSpec,
-    WorkEvent, WorkInfo,
+    Backoff, BackoffInfo, BackoffWhich, HistoryEntry, HistoryFilter, Outcome, Process, SessionInfo,
+    SessionSpec, WorkCursor, WorkEvent, WorkInfo, WorkListing,
 };
 pub use fleetdb_core::{
     self as core, parse_label_selector, Applied, Backend, Batch, Capabilities, Change,

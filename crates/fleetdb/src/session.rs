@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fleetdb_core::work::{
-    Backoff, ClaimRequest, ClaimTarget, Claimed, Outcome, SessionInfo, SessionSpec, WorkInfo,
-    CLAIM_BATCH_MAX,
+    Backoff, BackoffWhich, ClaimRequest, ClaimTarget, Claimed, Outcome, SessionInfo, SessionSpec,
+    WorkInfo, CLAIM_BATCH_MAX,
 };
 use fleetdb_core::{Error, ObjectKey, Op, Precondition, Result, Revision, Timestamp};
 
@@ -1269,8 +1269,9 @@ fn rand_unit() -> f64 {
 impl Store {
     /// Run a backend call that claims on a task of its own, and answer what it returns. A caller
     /// that gives up meanwhile (a timeout, a `select!`) cannot leave a claim held for nobody: the
-    /// call runs to its end, and the work it took, no longer wanted, is cancelled there (history
-    /// `Canceled`) — issue 3: "a claim dropped without an outcome is cancelled".
+    /// call runs to its end, and the work it took, if nobody takes the answer (the caller gone
+    /// before it was sent, or after, with the answer still in the channel), is cancelled
+    /// (history `Canceled`) — issue 3: "a claim dropped without an outcome is cancelled".
     pub(crate) async fn detached_claim<T, C>(
         &self,
         call: C,
@@ -1283,27 +1284,21 @@ impl Store {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let store = self.clone();
         tokio::spawn(async move {
-            if let Err(Ok(unwanted)) = answer.send(call.await) {
-                let ops: Vec<Op> = work(&unwanted)
-                    .iter()
-                    .map(|w| Op::WorkRelease {
-                        key: w.key.clone(),
-                        process: w.process.clone(),
-                        session_id: w.session_id.clone(),
-                        token: w.token,
-                        outcome: Outcome::Canceled,
-                    })
-                    .collect();
-                if !ops.is_empty() {
-                    if let Err(e) = store.write(ops).await {
-                        tracing::debug!(error = %e, "cancelling an unwanted claim failed (it expires with its session)");
-                    }
-                }
-            }
+            let delivery = Delivery {
+                answer: Some(call.await),
+                store,
+                work,
+            };
+            // Not taken (sent to nobody, or dropped in the channel): `Delivery::drop` cancels.
+            let _ = answer.send(delivery);
         });
-        answered
+        let mut delivery = answered
             .await
-            .map_err(|_| Error::Backend("a claim's task ended without an answer".into()))?
+            .map_err(|_| Error::Backend("a claim's task ended without an answer".into()))?;
+        delivery
+            .answer
+            .take()
+            .unwrap_or_else(|| Err(Error::Backend("a claim's answer was taken twice".into())))
     }
 
     /// Declare (or redeclare) a process and the processes it conflicts with. Conflicts must be
@@ -1438,14 +1433,41 @@ impl Store {
         })
     }
 
-    /// Active claims (of live and of not yet swept dead sessions), optionally of one process.
+    /// Active claims (of live and of not yet swept dead sessions), optionally of one process:
+    /// the first `limit` (at most `LIST_PAGE_MAX`); [`Store::work_page`] goes on from there.
     pub async fn work_list(&self, process: Option<&str>, limit: usize) -> Result<Vec<WorkInfo>> {
+        Ok(self.work_page(process, None, None, limit).await?.items)
+    }
+
+    /// A page of active claims (ordered by process, namespace, kind, id), optionally of one
+    /// process and of one session, after `cursor` (the `next` of the previous page).
+    pub async fn work_page(
+        &self,
+        process: Option<&str>,
+        session: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::Page<WorkInfo>> {
         self.ready().await?;
         crate::check_limit(limit)?;
         if let Some(p) = process {
             fleetdb_core::validate::name("process", p)?;
         }
-        self.backend.work_list(process, limit).await
+        if let Some(s) = session {
+            fleetdb_core::validate::name("session", s)?;
+        }
+        let q = fleetdb_core::work::WorkListing {
+            process: process.map(str::to_string),
+            session: session.map(str::to_string),
+            after: cursor
+                .map(fleetdb_core::work::WorkCursor::decode)
+                .transpose()?,
+            limit: limit + 1,
+        };
+        let items = self.backend.work_list(&q).await?;
+        Ok(page(items, limit, |w| {
+            fleetdb_core::work::WorkCursor::after(&w.process, &w.key)
+        }))
     }
 
     /// Operators: end a claim whoever holds it (history `Canceled`, cause "canceled by
@@ -1485,36 +1507,64 @@ impl Store {
         }
     }
 
-    /// Backoffs, optionally of one process; `active_only` hides those already over.
+    /// Backoffs, optionally of one process; `active_only` hides those already over. The first
+    /// `limit` (at most `LIST_PAGE_MAX`); [`Store::backoff_page`] goes on from there.
     pub async fn backoff_list(
         &self,
         process: Option<&str>,
         active_only: bool,
         limit: usize,
     ) -> Result<Vec<fleetdb_core::work::BackoffInfo>> {
-        self.ready().await?;
-        crate::check_limit(limit)?;
-        if let Some(p) = process {
-            fleetdb_core::validate::name("process", p)?;
-        }
-        let at = active_only.then(|| self.clock.now());
-        self.backend.backoff_list(process, at, limit).await
+        let which = match active_only {
+            true => BackoffWhich::Active,
+            false => BackoffWhich::All,
+        };
+        Ok(self.backoff_page(process, which, None, limit).await?.items)
     }
 
-    /// The parked objects (backoffs that end only when cleared), optionally of one process.
+    /// The parked objects (backoffs that end only when cleared), optionally of one process:
+    /// the first `limit`.
     pub async fn backoff_parked(
         &self,
         process: Option<&str>,
         limit: usize,
     ) -> Result<Vec<fleetdb_core::work::BackoffInfo>> {
+        Ok(self
+            .backoff_page(process, BackoffWhich::Parked, None, limit)
+            .await?
+            .items)
+    }
+
+    /// A page of backoffs (ordered by process, namespace, kind, id), optionally of one process,
+    /// after `cursor` (the `next` of the previous page).
+    pub async fn backoff_page(
+        &self,
+        process: Option<&str>,
+        which: BackoffWhich,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::Page<fleetdb_core::work::BackoffInfo>> {
         self.ready().await?;
         crate::check_limit(limit)?;
         if let Some(p) = process {
             fleetdb_core::validate::name("process", p)?;
         }
-        // Every other backoff ends before `PARKED` (a failure's `until` is clamped below it).
-        let at = Timestamp(fleetdb_core::work::PARKED.0 - 1);
-        self.backend.backoff_list(process, Some(at), limit).await
+        let after = cursor
+            .map(fleetdb_core::work::WorkCursor::decode)
+            .transpose()?;
+        let at = match which {
+            BackoffWhich::Active => Some(self.clock.now()),
+            BackoffWhich::All => None,
+            // Every other backoff ends before `PARKED` (a failure's `until` is clamped below it).
+            BackoffWhich::Parked => Some(Timestamp(fleetdb_core::work::PARKED.0 - 1)),
+        };
+        let items = self
+            .backend
+            .backoff_list(process, at, after.as_ref(), limit + 1)
+            .await?;
+        Ok(page(items, limit, |b| {
+            fleetdb_core::work::WorkCursor::after(&b.process, &b.key)
+        }))
     }
 
     /// Remove the backoff of (object, process). Returns whether there was one.
@@ -1645,6 +1695,59 @@ fn decode_key_cursor(c: &str) -> Result<ObjectKey> {
             "is not a cursor returned by a selector listing",
         )),
     }
+}
+
+/// A claim's answer on its way to the caller ([`Store::detached_claim`]): dropped untaken, it
+/// cancels the work it holds.
+struct Delivery<T> {
+    answer: Option<Result<T>>,
+    store: Store,
+    work: fn(&T) -> &[WorkInfo],
+}
+
+impl<T> Drop for Delivery<T> {
+    fn drop(&mut self) {
+        let Some(Ok(unwanted)) = self.answer.take() else {
+            return;
+        };
+        let ops: Vec<Op> = (self.work)(&unwanted)
+            .iter()
+            .map(|w| Op::WorkRelease {
+                key: w.key.clone(),
+                process: w.process.clone(),
+                session_id: w.session_id.clone(),
+                token: w.token,
+                outcome: Outcome::Canceled,
+            })
+            .collect();
+        if ops.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.write(ops).await {
+                    tracing::debug!(error = %e, "cancelling an unwanted claim failed (it expires with its session)");
+                }
+            });
+        }
+    }
+}
+
+/// The first `limit` of `items` (fetched one more than that) as a page whose `next` is the
+/// cursor after its last item when more remain.
+fn page<T>(
+    mut items: Vec<T>,
+    limit: usize,
+    cursor: impl Fn(&T) -> fleetdb_core::work::WorkCursor,
+) -> crate::Page<T> {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next = match more {
+        true => items.last().map(|last| cursor(last).encode()),
+        false => None,
+    };
+    crate::Page { items, next }
 }
 
 #[cfg(test)]
