@@ -271,6 +271,26 @@ fn exit_code(e: &Error) -> u8 {
     }
 }
 
+/// End quietly when the reader of stdout goes away (`fleetdb … | head`), like every Unix
+/// filter: `println!` panics on a closed pipe (Rust ignores SIGPIPE, and must go on ignoring
+/// it here: a write to a PostgreSQL socket the server closed would kill us instead of failing).
+/// Exit status 141, as a shell reports a process ended by SIGPIPE.
+fn quiet_on_closed_stdout() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info)
+    }));
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
@@ -279,6 +299,7 @@ async fn main() -> ExitCode {
         .value_source("namespace")
         .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    quiet_on_closed_stdout();
     let format = cli.output;
     match run(cli, namespace_given).await {
         Ok(()) => ExitCode::SUCCESS,

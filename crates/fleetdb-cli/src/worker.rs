@@ -39,6 +39,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// `eprintln!` that never panics: a worker whose stderr is gone (a closed pipe) goes on
+/// working; a panic would leave its claims held until its session's TTL.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
     /// Component name (recorded in sessions and history).
@@ -175,7 +184,7 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
         .runtime_info(runtime_info(std::process::id(), &a.command))
         .ttl(a.ttl);
     let session = store.session_start(spec).await?;
-    eprintln!(
+    say!(
         "worker: session {} ({} on {host}) claiming {} work",
         session.id(),
         a.component,
@@ -192,7 +201,7 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
         let _ = session.clone().close().await;
     }
     if result.is_ok() {
-        eprintln!("worker: stopped; session {} closed", session.id());
+        say!("worker: stopped; session {} closed", session.id());
     }
     result
 }
@@ -214,12 +223,12 @@ fn watch_signals(grace: Duration) -> Result<watch::Receiver<Stop>, Error> {
                 _ = int.recv() => "SIGINT",
             };
             match stop {
-                Stop::Drain => eprintln!(
+                Stop::Drain => say!(
                     "worker: {name}: stopping; a running command gets SIGTERM and {} to end \
                      (signal again to stop at once)",
                     humantime::format_duration(grace)
                 ),
-                _ => eprintln!("worker: {name} again: stopping at once"),
+                _ => say!("worker: {name} again: stopping at once"),
             }
             if tx.send(stop).is_err() {
                 return;
@@ -307,7 +316,7 @@ impl Worker<'_> {
     async fn run_one(&self, mut w: Work, mut stop: watch::Receiver<Stop>) -> Result<(), Error> {
         let (session, a) = (self.session, self.a);
         let key = w.key().clone();
-        eprintln!("worker: {} {} (token {})", a.process, key, w.token());
+        say!("worker: {} {} (token {})", a.process, key, w.token());
         let mut cmd = Command::new(&a.command[0]);
         cmd.args(&a.command[1..])
             .env("FLEETDB_DB", self.db_url)
@@ -385,7 +394,7 @@ impl Worker<'_> {
         let store = self.session.store();
         if let Ok(e) = store.work_explain(&key, &process, None).await {
             if let Some(b) = e.backoff.filter(|b| b.parked()) {
-                eprintln!(
+                say!(
                     "worker: {key} is parked for {process} after {}; \
                      `fleetdb -n {} backoff clear {} {} {process}` lets it run again",
                     b.failures_text(),
@@ -485,11 +494,11 @@ async fn supervise(
             }
             _ = tokio::time::sleep_until(timeout_at.unwrap_or(far)),
                 if run.signalled.is_none() && timeout_at.is_some() => {
-                eprintln!("worker: the command ran past --timeout: SIGTERM");
+                say!("worker: the command ran past --timeout: SIGTERM");
                 run.terminate(Signalled::TimedOut);
             }
             _ = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
-                eprintln!("worker: the command did not end within --grace: SIGKILL");
+                say!("worker: the command did not end within --grace: SIGKILL");
                 run.kill();
             }
             changed = stop.changed(), if watching => match changed {

@@ -603,3 +603,35 @@ fn postgres_round_trip_and_bad_input() {
     rt.block_on(fleetdb_postgres::testing::drop_schema(&pg_base(), &schema))
         .unwrap();
 }
+
+/// A reader of stdout that goes away (`fleetdb … | head`) ends the command quietly (status
+/// 141, as SIGPIPE would), not with a panic.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fleetdb"));
+        c.current_dir(dir.path())
+            .env_remove("FLEETDB_NAMESPACE")
+            .env_remove("FLEETDB_DB")
+            .stdin(Stdio::null());
+        c
+    };
+    assert!(cmd()
+        .args(["object", "put", "machine", "m1"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let mut child = cmd()
+        .args(["-o", "json", "object", "ls", "--all"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before anything was written
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
