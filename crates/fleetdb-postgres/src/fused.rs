@@ -309,7 +309,7 @@ pub(crate) const TAG_SETS: &str = "WITH k AS MATERIALIZED (SELECT * FROM jsonb_t
         WHERE o.namespace = k.ns AND o.kind = k.kind AND o.id = k.id)) AS gone), \
      cur AS MATERIALIZED (SELECT k.*, t.value AS old, t.updated_at AS old_at, t.revision AS old_rev \
         FROM k LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags WHERE namespace = k.ns \
-          AND kind = k.kind AND id = k.id AND name = k.name) AS t ON true), \
+          AND kind = k.kind AND id = k.id AND name = k.name FOR UPDATE) AS t ON true), \
      r AS MATERIALIZED (SELECT x.n, nextval('fleetdb_revision') AS rev \
         FROM (SELECT n FROM cur WHERE old IS DISTINCT FROM value ORDER BY n) AS x \
         WHERE NOT (SELECT gone FROM miss)), \
@@ -399,7 +399,7 @@ pub(crate) const UPSERT_READ: &str =
      LEFT JOIN LATERAL (SELECT labels, created_at, updated_at, revision FROM objects \
        WHERE k.name IS NULL AND namespace = k.ns AND kind = k.kind AND id = k.id) AS o ON true \
      LEFT JOIN LATERAL (SELECT value, updated_at, revision FROM tags WHERE k.name IS NOT NULL \
-       AND namespace = k.ns AND kind = k.kind AND id = k.id AND name = k.name) AS t ON true";
+       AND namespace = k.ns AND kind = k.kind AND id = k.id AND name = k.name FOR UPDATE) AS t ON true";
 
 /// Upserts, step 2: the writes decided from step 1, revisions in op order. `$1` the objects
 /// (`[{n, ns, kind, id, labels, created_at, old, new}]`), `$2` the tags (`[{n, ns, kind, id,

@@ -504,7 +504,7 @@ impl PostgresBackend {
     ) -> Result<Vec<OpResult>> {
         const SQL: &str = "WITH obj AS (SELECT 1 FROM objects WHERE namespace = $1 AND kind = $2 AND id = $3),
              old AS (SELECT value, updated_at, revision FROM tags
-                     WHERE namespace = $1 AND kind = $2 AND id = $3 AND name = $4),
+                     WHERE namespace = $1 AND kind = $2 AND id = $3 AND name = $4 FOR UPDATE),
              chg AS (INSERT INTO changes (revision, namespace, kind, id, entity, name, op, old_value, new_value, at)
                      SELECT nextval('fleetdb_revision'), $1, $2, $3, 'tag', $4, 'put', (SELECT value FROM old), $5, $6
                      WHERE EXISTS (SELECT 1 FROM obj) AND NOT EXISTS (SELECT 1 FROM old WHERE value = $5)
@@ -2758,10 +2758,12 @@ mod tests {
         testing::drop_schema(&base, &schema).await.unwrap();
     }
 
-    /// `COMMIT` on `conn` (in a transaction) once another backend waits for one of its locks.
-    /// (`pg_locks` is read live; `pg_stat_activity` would be the transaction's first snapshot.)
+    /// `COMMIT` on `conn` (in a transaction) once another backend waits for one of its locks,
+    /// or after 2 s without (a build whose statement does not wait: the test then fails on its
+    /// outcome, not by hanging). (`pg_locks` is read live; `pg_stat_activity` would be the
+    /// transaction's first snapshot.)
     async fn commit_once_someone_waits(conn: &deadpool_postgres::Client) {
-        loop {
+        for _ in 0..400 {
             let waiting: i64 = conn
                 .query_one(
                     "SELECT count(*) FROM pg_locks \
@@ -2777,6 +2779,45 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         conn.batch_execute("COMMIT").await.unwrap();
+    }
+
+    /// A tag set of the value a tag has, while a finish deletes that tag READ COMMITTED (which
+    /// SERIALIZABLE's conflict checks do not see), is not judged a no-op on the deleted row: its
+    /// locked read fails ("concurrent delete"), it retries, and the tag holds the value set.
+    #[tokio::test]
+    async fn a_tag_set_racing_a_finishs_delete_of_the_tag_is_not_lost() {
+        let (backend, base, schema) = test_backend(3).await;
+        let client = backend.client().await.unwrap();
+        let finisher = backend.client().await.unwrap();
+        seed_eligible(&client, 1, 1).await;
+        finisher
+            .batch_execute(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; \
+                 DELETE FROM tags WHERE id = 'j1' AND name = 'eligible'",
+            )
+            .await
+            .unwrap();
+        let set = backend.commit(Batch {
+            preconditions: Vec::new(),
+            ops: vec![fleetdb_core::Op::TagSet {
+                key: ObjectKey::new("default", "job", "j1").unwrap(),
+                name: "eligible".into(),
+                value: "true".into(),
+            }],
+            now: Timestamp(10),
+        });
+        let (set, ()) = tokio::join!(set, commit_once_someone_waits(&finisher));
+        set.unwrap();
+        let held: Vec<String> = client
+            .query("SELECT value FROM tags WHERE id = 'j1'", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(held, ["true"], "the set after the delete holds");
+        drop((client, finisher));
+        testing::drop_schema(&base, &schema).await.unwrap();
     }
 
     /// A claim of one object whose dead holder's row is deleted while it runs (the sweeper, or

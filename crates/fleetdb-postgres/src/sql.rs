@@ -108,11 +108,16 @@ macro_rules! tag_read {
         )
     };
 }
-pub(crate) const TAG_READ: &str = tag_read!("");
+/// Every write reads its tags locked, whatever its isolation: a worker's finish deletes tags
+/// READ COMMITTED, which SERIALIZABLE's conflict checks do not see, so an unlocked read could
+/// rest a decision on a tag deleted meanwhile (a set judged a no-op while the tag was gone, a
+/// precondition passed, a change-log row with an old value that no longer was). Locked, a
+/// serializable writer fails on such a row ("concurrent delete") and retries; one in READ
+/// COMMITTED reads the newest row.
 pub(crate) const TAG_READ_LOCKED: &str = tag_read!(" FOR UPDATE");
 
-/// Many [`TAG_READ`]s in one statement: `$1` is a JSON array of `{"n","ns","kind","id","name"}`;
-/// one row per element, in `n` order, with [`TAG_READ`]'s columns (`$lock` as there).
+/// Many tag reads in one statement: `$1` is a JSON array of `{"n","ns","kind","id","name"}`;
+/// one row per element, in `n` order, with [`TAG_READ_LOCKED`]'s columns (`$lock` as there).
 macro_rules! tag_read_many {
     ($lock:literal) => {
         concat!(
@@ -128,7 +133,7 @@ macro_rules! tag_read_many {
         )
     };
 }
-pub(crate) const TAG_READ_MANY: &str = tag_read_many!("");
+/// Many [`TAG_READ_LOCKED`]s.
 pub(crate) const TAG_READ_MANY_LOCKED: &str = tag_read_many!(" FOR UPDATE");
 
 /// Many [`TAG_REMOVE`]s in one statement: `$1` is a JSON array of
@@ -356,7 +361,7 @@ pub(crate) fn tag_from_row(key: &ObjectKey, row: &Row) -> Result<(Tag, String)> 
     Ok((tag, text))
 }
 
-/// A tag from a [`TAG_READ`] row (`exists, value, updated_at, revision`), if present.
+/// A tag from a [`TAG_READ_LOCKED`] row (`exists, value, updated_at, revision`), if present.
 pub(crate) fn tag_from_read_row(
     key: &ObjectKey,
     name: &str,

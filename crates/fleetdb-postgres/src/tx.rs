@@ -55,8 +55,9 @@ pub(crate) struct PgTx<'a> {
     pub(crate) transient: Option<String>,
     /// Deferred writes, in order. Only ever non-empty once `begun`.
     pending: Vec<Deferred>,
-    /// Reads of tags and work rows lock what they read (`FOR UPDATE`): the transaction runs
-    /// READ COMMITTED and its decisions rest on those rows (see `PostgresBackend::commit`).
+    /// Reads of work rows lock what they read (`FOR UPDATE`): the transaction runs READ
+    /// COMMITTED and its decisions rest on those rows (see `PostgresBackend::commit`). Reads
+    /// of tags always lock (`sql::TAG_READ_LOCKED`).
     pub(crate) lock_reads: bool,
 }
 
@@ -345,13 +346,12 @@ impl TxRows for PgTx<'_> {
     }
 
     async fn tag_read(&mut self, key: &ObjectKey, name: &str) -> Result<TagRead> {
-        let text = if self.lock_reads {
-            sql::TAG_READ_LOCKED
-        } else {
-            sql::TAG_READ
-        };
+        // Always locked (see `sql::TAG_READ_LOCKED`).
         let row = self
-            .read_one(text, &[&key.namespace, &key.kind, &key.id, &name])
+            .read_one(
+                sql::TAG_READ_LOCKED,
+                &[&key.namespace, &key.kind, &key.id, &name],
+            )
             .await?;
         let object_exists: bool = row.try_get(0).map_err(|e| self.fail(e))?;
         Ok(TagRead {
@@ -401,12 +401,7 @@ impl TxRows for PgTx<'_> {
             })
             .collect();
         let text = serde_json::Value::Array(keys).to_string();
-        let many = if self.lock_reads {
-            sql::TAG_READ_MANY_LOCKED
-        } else {
-            sql::TAG_READ_MANY
-        };
-        let rows = self.read(many, &[&text]).await?;
+        let rows = self.read(sql::TAG_READ_MANY_LOCKED, &[&text]).await?;
         if rows.len() != items.len() {
             return Err(Error::Backend(format!(
                 "reading {} tags returned {} rows",
