@@ -581,6 +581,47 @@ pub async fn a_blob_held_only_by_an_expired_lease_goes_at_the_expiry(h: &Harness
     assert_eq!(s.blob_get(&kept.digest).await.unwrap(), b"rooted");
 }
 
+/// A blob committed again during a collection (under a lease that then ends, as a deploy puts
+/// its files) is wanted now: the collection that marked it as garbage before spares it.
+pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness) {
+    let s = &h.store;
+    let b = s.blob_put(b"same bytes", labels(&[]), None).await.unwrap();
+    let snap = s.backend().gc_snapshot().await.unwrap();
+    let marked = gc::mark(&snap, h.clock.now());
+    assert_eq!(marked.garbage_blobs, [b.digest.clone()]);
+    let l = s.lease_create(LeaseSpec::default()).await.unwrap();
+    let again = s
+        .blob_put(b"same bytes", labels(&[]), Some(&l.id))
+        .await
+        .unwrap();
+    assert_eq!(again.digest, b.digest);
+    assert!(
+        again.revision > b.revision,
+        "committed again: a new revision"
+    );
+    s.lease_delete(&l.id, false).await.unwrap();
+    let r = s
+        .backend()
+        .commit(Batch {
+            preconditions: vec![],
+            ops: vec![Op::GcSweep {
+                mark_revision: snap.revision,
+                objects: vec![],
+                blobs: marked.garbage_blobs.clone(),
+                expired_leases: vec![],
+            }],
+            now: h.clock.now(),
+        })
+        .await
+        .unwrap();
+    let fleetdb::Applied::Swept { blobs, spared, .. } = &r[0].applied else {
+        panic!("{r:?}");
+    };
+    assert!(blobs.is_empty(), "swept {blobs:?}");
+    assert_eq!(*spared, 1);
+    assert_eq!(s.blob_get(&b.digest).await.unwrap(), b"same bytes");
+}
+
 /// Exports hold objects and blobs alive while they live (persistent: until unexported; TTL: until
 /// then, which also triggers a collection; session-bound: while the session lives), an export
 /// written during a collection protects what it holds, and an export cannot hold what does not

@@ -184,14 +184,16 @@ pub(crate) async fn apply_gc_op<T: TxRows + ?Sized>(
                             b.size
                         )));
                     }
-                    let merged = crate::validate::merge_labels(&b.labels, labels)?;
-                    if merged != b.labels {
-                        b.labels = merged;
-                        b.updated_at = now;
-                        b.revision = rows
-                            .blob_meta_put(&b, &blob_draft(&b, ChangeOp::Put, now))
-                            .await?;
-                    }
+                    // Written (a new revision and a change-log row) even when nothing changed:
+                    // a blob committed again is wanted now, and a collection running since
+                    // before must see that (its sweep spares what changed after its mark).
+                    // Unwritten, a re-upload under a lease — a deploy's files, say — of a blob
+                    // the collection had marked as garbage was swept once the lease ended.
+                    b.labels = crate::validate::merge_labels(&b.labels, labels)?;
+                    b.updated_at = now;
+                    b.revision = rows
+                        .blob_meta_put(&b, &blob_draft(&b, ChangeOp::Put, now))
+                        .await?;
                     b
                 }
                 None => {
