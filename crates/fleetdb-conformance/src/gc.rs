@@ -581,6 +581,34 @@ pub async fn a_blob_held_only_by_an_expired_lease_goes_at_the_expiry(h: &Harness
     assert_eq!(s.blob_get(&kept.digest).await.unwrap(), b"rooted");
 }
 
+/// A lease that expires on a store no collection has marked since it was written (an idle
+/// store) still triggers a run at its expiry: the commit itself says when one is due.
+pub async fn a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry(h: &Harness) {
+    let s = &h.store;
+    let l = s
+        .lease_create(LeaseSpec {
+            expire_in: Some(Duration::from_secs(10)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let held = s
+        .blob_put(b"leased only", labels(&[]), Some(&l.id))
+        .await
+        .unwrap();
+    assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
+    assert_eq!(
+        s.gc_status().next_deadline,
+        l.expires_at,
+        "the lease's expiry is the next deadline"
+    );
+    h.clock.advance(Duration::from_secs(11));
+    let stats = due_run(s).await.expect("a run at the lease's expiry");
+    assert_eq!(stats.trigger, "deadline");
+    assert_eq!(stats.swept_blobs, 1);
+    assert!(s.blob_info(&held.digest).await.unwrap().is_none());
+}
+
 /// A blob committed again during a collection (under a lease that then ends, as a deploy puts
 /// its files) is wanted now: the collection that marked it as garbage before spares it.
 pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness) {
@@ -588,7 +616,7 @@ pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness)
     let b = s.blob_put(b"same bytes", labels(&[]), None).await.unwrap();
     let snap = s.backend().gc_snapshot().await.unwrap();
     let marked = gc::mark(&snap, h.clock.now());
-    assert_eq!(marked.garbage_blobs, [b.digest.clone()]);
+    assert_eq!(marked.garbage_blobs, std::slice::from_ref(&b.digest));
     let l = s.lease_create(LeaseSpec::default()).await.unwrap();
     let again = s
         .blob_put(b"same bytes", labels(&[]), Some(&l.id))

@@ -96,7 +96,34 @@ pub(crate) struct GcState {
     collectors: Mutex<Vec<Arc<dyn ExternalCollector>>>,
 }
 
+/// The earliest time the writes of a batch committed at `now` make a collection due: a lease's
+/// expiry, a `gc.expire` label, an export's TTL (what they protect becomes garbage then).
+pub(crate) fn deadline_of(ops: &[Op], now: Timestamp) -> Option<Timestamp> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::LeaseCreate { expires_at, .. } => *expires_at,
+            Op::ObjectPut { labels, .. } => gc::root_by_labels(labels, now).1,
+            Op::Export { records, .. } => records
+                .iter()
+                .filter(|r| !r.holds.is_empty())
+                .filter_map(|r| r.lifetime.ttl_ms)
+                .map(|ms| now + Duration::from_millis(ms))
+                .min(),
+            _ => None,
+        })
+        .min()
+}
+
 impl GcState {
+    /// A commit's [`deadline_of`]: a run is due then, whether or not a mark has seen it (an
+    /// expiring lease on an idle store must trigger one by itself: containerd's bug).
+    pub(crate) fn note_deadline(&self, at: Option<Timestamp>) {
+        if let Some(t) = at {
+            let mut next = self.next_deadline.lock().unwrap_or_else(|p| p.into_inner());
+            *next = Some(next.map_or(t, |d| d.min(t)));
+        }
+    }
+
     /// Count what a commit did (the scheduler's thresholds).
     pub(crate) fn note(&self, results: &[OpResult]) {
         for r in results.iter().filter(|r| r.changed) {
@@ -314,6 +341,9 @@ impl Store {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        // A first run soon after start: its mark learns the deadlines (leases, `gc.expire`,
+        // export TTLs) written before this process, which then trigger runs by themselves.
+        self.gc.requested.store(true, Ordering::Relaxed);
         let weak = self.downgrade();
         rt.spawn(async move {
             loop {
@@ -459,9 +489,12 @@ impl Store {
         let mutations = self.gc.mutations.swap(0, Ordering::Relaxed);
         let result = self.collect().await;
         if result.is_err() {
-            // Nothing was lost: the counters say a run is still due.
+            // Nothing was lost: the counters say a run is still due, and so does a request (a
+            // failed deadline run's deadline may be gone from `next_deadline`, overwritten by
+            // the failed run's own mark).
             self.gc.deletions.fetch_add(deletions, Ordering::Relaxed);
             self.gc.mutations.fetch_add(mutations, Ordering::Relaxed);
+            self.gc.requested.store(true, Ordering::Relaxed);
         }
         let mut stats = result?;
         stats.trigger = trigger.to_string();

@@ -361,12 +361,14 @@ impl Store {
         };
         batch.validate(&self.limits)?;
         let touched = session::touched(&batch.ops);
+        let deadline = gc::deadline_of(&batch.ops, batch.now);
         let started = std::time::Instant::now();
         let r = self.backend.commit(batch).await;
         self.metrics.txn_time(metrics::TxnKind::Write, started);
         self.metrics.txn(&r);
         if let Ok(results) = &r {
             self.gc.note(results);
+            self.gc.note_deadline(deadline);
             if results.iter().any(|x| x.changed) {
                 self.committed_batch(touched, results, None);
             }
@@ -822,6 +824,7 @@ impl Store {
             batch.ops.extend(post.iter().cloned());
             batch.validate(&self.limits)?;
             let touched = session::touched(&batch.ops);
+            let deadline = gc::deadline_of(&batch.ops, batch.now);
             let started = std::time::Instant::now();
             let committed = match &claim {
                 None => self
@@ -849,6 +852,7 @@ impl Store {
                 Ok((results, claimed)) => {
                     self.metrics.transactions_executed.inc();
                     self.gc.note(&results);
+                    self.gc.note_deadline(deadline);
                     if results.iter().any(|r| r.changed) {
                         let group = claim.as_ref().and_then(|req| match &req.target {
                             fleetdb_core::work::ClaimTarget::Selector(s) => Some((
