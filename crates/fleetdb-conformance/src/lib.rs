@@ -927,6 +927,11 @@ pub async fn compaction_gives_compacted(h: &Harness) {
     }
     let all = all_changes(h).await;
     assert_eq!(all.len(), 11);
+    // Nothing is before a revision at or below zero (and no arithmetic overflows on it).
+    for nothing in [Revision(i64::MIN), Revision(0), Revision(1)] {
+        assert_eq!(s.compact(nothing).await.unwrap(), 0, "{nothing:?}");
+    }
+    assert_eq!(all_changes(h).await.len(), 11);
     let cut = all[5].revision;
     let dropped = s.compact(cut).await.unwrap();
     assert_eq!(dropped, 5);

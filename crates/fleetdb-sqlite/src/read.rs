@@ -105,6 +105,11 @@ pub(crate) fn changes(
     f: &ChangeFilter,
     limit: usize,
 ) -> Result<Vec<Change>> {
+    // One read transaction for the compaction check and the rows: as two statements in
+    // autocommit, a compaction committing between them made the rows skip revisions with no
+    // `Compacted` error (a watch's silent gap).
+    let tx = c.unchecked_transaction().map_err(map_err)?;
+    let c = &*tx;
     let info = current_revision(c)?;
     if after < info.compacted {
         return Err(Error::Compacted {
@@ -174,7 +179,11 @@ pub(crate) fn compact(c: &mut Connection, before: Revision) -> Result<u64> {
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(map_err)?;
     let info = current_revision(&tx)?;
-    let new_compacted = (before.0 - 1).min(info.current.0).max(info.compacted.0);
+    let new_compacted = before
+        .0
+        .saturating_sub(1)
+        .min(info.current.0)
+        .max(info.compacted.0);
     let dropped = tx
         .execute("DELETE FROM changes WHERE revision <= ?1", [new_compacted])
         .map_err(map_err)?;
