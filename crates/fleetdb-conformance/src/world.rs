@@ -657,6 +657,20 @@ pub async fn deploy_chain_rules_and_trees(h: &Harness) {
     assert_eq!(ids, [3, 4]);
     assert_eq!(s.deploy_prune(100).await.unwrap(), 1);
     assert_eq!(s.deploy_max_id().await.unwrap(), Some(4));
+    // A pruned id is not free: adding it again would fork the chain.
+    for used in [1, 3] {
+        assert!(matches!(
+            s.deploy_add(d(used, None, None)).await,
+            Err(Error::AlreadyExists { .. })
+        ));
+    }
+    // A path that is a file and a directory of another cannot be written out.
+    let mut both = d(5, None, None);
+    both.files = vec![file("a", b"x"), file("a-b", b"y"), file("a/b", b"z")];
+    assert!(matches!(
+        s.deploy_add(both).await,
+        Err(Error::Invalid { .. })
+    ));
     assert_eq!(
         s.deploy_get(4).await.unwrap().unwrap().payload,
         b"payload 4"

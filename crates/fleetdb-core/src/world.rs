@@ -689,6 +689,20 @@ impl DeployDraft {
         if let Some(w) = paths.windows(2).find(|w| w[0] == w[1]) {
             return Err(Error::invalid("deploy tree path", w[0], "appears twice"));
         }
+        // No file may also be a directory of another (`a` and `a/b`): such a tree could not
+        // be written out.
+        let files: std::collections::HashSet<&str> = paths.iter().copied().collect();
+        for p in &paths {
+            for (i, _) in p.match_indices('/') {
+                if files.contains(&p[..i]) {
+                    return Err(Error::invalid(
+                        "deploy tree path",
+                        &p[..i],
+                        format!("is a file and also a directory of {p:?}"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }

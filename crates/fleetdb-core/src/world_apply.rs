@@ -338,16 +338,13 @@ pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
         }
         Op::DeployAdd { deploy, stored } => add_deploy(rows, deploy, stored, now).await,
         Op::DeployPrune { before } => {
-            let mut newest = WorldQuery::new(Space::Deploy);
-            newest.descending = true;
-            newest.limit = 1;
-            let Some(max) = rows.world_scan(&newest).await?.pop() else {
+            let Some(max) = newest_deploy(rows).await? else {
                 return Ok(OpResult {
                     changed: false,
                     applied: Applied::Done { count: 0 },
                 });
             };
-            let bound = (*before).min(parse_deploy_key(&max.key)?);
+            let bound = (*before).min(max);
             let mut q = WorldQuery::new(Space::Deploy);
             q.before_key = Some(deploy_key(bound));
             let old = scan_all(rows, q).await?;
@@ -428,6 +425,18 @@ fn check_expect(key: &str, live: Option<&WorldRecord>, expect: Option<Revision>)
     })
 }
 
+/// The id of the newest deploy, if any.
+async fn newest_deploy<T: TxRows + ?Sized>(rows: &mut T) -> Result<Option<u64>> {
+    let mut newest = WorldQuery::new(Space::Deploy);
+    newest.descending = true;
+    newest.limit = 1;
+    rows.world_scan(&newest)
+        .await?
+        .pop()
+        .map(|max| parse_deploy_key(&max.key))
+        .transpose()
+}
+
 async fn add_deploy<T: TxRows + ?Sized>(
     rows: &mut T,
     d: &world::DeployDraft,
@@ -439,6 +448,18 @@ async fn add_deploy<T: TxRows + ?Sized>(
         return Err(Error::AlreadyExists {
             what: format!("deploy {}", d.id),
         });
+    }
+    // Pruning never removes the newest deploy, so it is the chain's high-water mark: an id at
+    // or below it was used (a pruned one, added again, would fork the chain).
+    if let Some(max) = newest_deploy(rows).await? {
+        if d.id <= max {
+            return Err(Error::AlreadyExists {
+                what: format!(
+                    "deploy {} (ids up to {max} are taken, pruned ones too)",
+                    d.id
+                ),
+            });
+        }
     }
     if d.id > 1 {
         let Some(prev) = rows
