@@ -185,6 +185,20 @@ impl KvCombiner {
     }
 }
 
+/// Takes a queued set back out of the queue when its caller goes away (a timeout, a `select!`):
+/// left there, it would be written by whichever caller next takes the queue, at any later time
+/// (after, say, the caller's own delete of the key). A no-op once a transaction has taken it.
+struct Queued<'a> {
+    combiner: &'a KvCombiner,
+    id: u64,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.combiner.withdraw(self.id);
+    }
+}
+
 /// Frees a transaction's keys and wakes the waiting callers when dropped (however the transaction
 /// ended).
 struct InFlight<'a> {
@@ -288,6 +302,7 @@ impl PostgresBackend {
             };
             return self.kv_set_alone(key, value, now).await;
         }
+        let _queued = Queued { combiner, id };
         loop {
             if !combiner.is_waiting(id) {
                 // A shared transaction has it: only its answer is left to wait for.
@@ -573,6 +588,40 @@ mod tests {
         let mut ids: Vec<&str> = log.iter().map(|c| c.id.as_str()).collect();
         ids.sort_unstable();
         assert_eq!(ids, ["a", "c", "d"]);
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// A set whose caller goes away while it waits in the queue leaves the queue: it is not
+    /// written later by whoever next takes the queue (after, say, the caller's delete).
+    #[tokio::test]
+    async fn a_queued_set_whose_caller_goes_away_is_not_written() {
+        let (backend, base, schema) = crate::test_backend(1).await;
+        // A key "in flight", so the set queues instead of running alone.
+        backend.kv.lock().in_flight.insert("elsewhere".into());
+        let held = backend.client().await.unwrap();
+        let gone = {
+            let b = backend.clone();
+            tokio::spawn(async move { b.commit(set("k", "stale")).await })
+        };
+        while backend.kv.lock().waiting.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        assert!(gone.await.unwrap_err().is_cancelled());
+        assert!(backend.kv.lock().waiting.is_empty(), "withdrawn");
+        drop(InFlight {
+            combiner: &backend.kv,
+            keys: vec!["elsewhere".into()],
+        });
+        drop(held);
+        backend.commit(set("other", "v")).await.unwrap();
+        let log = backend
+            .changes(Revision(0), &Default::default(), 100)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = log.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["other"], "the abandoned set was never written");
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
