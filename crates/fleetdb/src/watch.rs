@@ -262,7 +262,10 @@ impl Watcher {
                 c.id.clone(),
                 c.name.clone(),
             );
-            if snap.get(&k).is_some_and(|r| c.revision <= *r) {
+            // A member in the snapshot has no revision of its own (sessions carry none): its
+            // join, a put, is the one the snapshot holds (session ids are never reused).
+            let joined = c.entity == Entity::Member && c.op == ChangeOp::Put;
+            if snap.get(&k).is_some_and(|r| c.revision <= *r || joined) {
                 return false;
             }
         }
@@ -791,6 +794,12 @@ async fn hub_step(h: &Hub, backend: &dyn Backend) -> Result<()> {
         let reached = changes.len() < HUB_PAGE;
         {
             let mut st = h.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.pos != pos {
+                // A watcher joined an idle hub and moved its position (`try_register`) while
+                // this page was read: the page may be below what that watcher's snapshot
+                // holds. Read again from the new position.
+                continue;
+            }
             st.watchers.retain_mut(|w| {
                 if w.tx.is_closed() {
                     return false; // the consumer dropped its Watch
