@@ -570,6 +570,21 @@ pub async fn per_host_maps_are_separate_from_keys(h: &Harness) {
         ),
         ("ns/h1", Some("again"))
     );
+    // More hosts than a listing page: every one is read (a map was cut at a page).
+    let hosts = fleetdb::core::query::LIST_PAGE_MAX + 1;
+    let names: Vec<String> = (0..hosts).map(|i| format!("big{i:05}")).collect();
+    for chunk in names.chunks(50) {
+        futures::future::try_join_all(
+            chunk
+                .iter()
+                .map(|host| async move { s.world(host)?.map_set("big", host).await }),
+        )
+        .await
+        .unwrap();
+    }
+    let big = s.map_get("big").await.unwrap();
+    assert_eq!(big.len(), hosts);
+    assert!(big.iter().all(|(host, value)| host == value));
 }
 
 pub async fn deploy_chain_rules_and_trees(h: &Harness) {

@@ -386,6 +386,20 @@ pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
                 if let Some(dead) = &stored {
                     remove(rows, dead, now).await?;
                 }
+                let mut q = WorldQuery::new(Space::Registration);
+                q.scope = Some(namespace.clone());
+                q.live_at = Some(now);
+                let registered = scan_all(rows, q).await?.len();
+                if registered >= world::SCHEDULE_HOSTS_MAX {
+                    return Err(Error::Refused {
+                        what: format!("registration of host {host:?} in {namespace:?}"),
+                        reason: format!(
+                            "{registered} hosts are registered there, the most one scheduler \
+                             namespace takes ({})",
+                            world::SCHEDULE_HOSTS_MAX
+                        ),
+                    });
+                }
             }
             let rec = put(rows, rec, live.as_ref(), now).await?;
             reschedule(rows, namespace, now).await?;

@@ -79,6 +79,20 @@ impl Store {
         self.backend.world_list(&q).await
     }
 
+    /// Every record `q` selects, page by page (`q.limit` per page).
+    async fn world_query_all(&self, mut q: WorldQuery) -> Result<Vec<WorldRecord>> {
+        let mut out = Vec::new();
+        loop {
+            let page = self.world_query(q.clone()).await?;
+            let done = page.len() < q.limit;
+            q.after_key = page.last().map(|r| r.key.clone());
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
     async fn world_one(&self, space: Space, key: &str) -> Result<Option<WorldRecord>> {
         let mut q = WorldQuery::new(space);
         q.key = Some(key.to_string());
@@ -175,9 +189,9 @@ impl Store {
         validate::name("map namespace", namespace)?;
         let mut q = WorldQuery::new(Space::Map);
         q.scope = Some(namespace.to_string());
-        q.limit = world::SCHEDULE_HOSTS_MAX;
+        q.limit = fleetdb_core::query::LIST_PAGE_MAX;
         Ok(self
-            .world_query(q)
+            .world_query_all(q)
             .await?
             .into_iter()
             .map(|r| (r.owner.clone(), r.text()))
@@ -337,8 +351,8 @@ impl Store {
         let mut q = WorldQuery::new(Space::Registration);
         q.scope = Some(namespace.to_string());
         q.live_at = Some(self.clock.now());
-        q.limit = world::SCHEDULE_HOSTS_MAX;
-        self.world_query(q)
+        q.limit = fleetdb_core::query::LIST_PAGE_MAX;
+        self.world_query_all(q)
             .await?
             .into_iter()
             .map(Registration::try_from)
@@ -428,16 +442,13 @@ impl World {
         q.filters = filters.to_vec();
         q.live_at = Some(self.store.clock.now());
         q.limit = fleetdb_core::query::LIST_PAGE_MAX;
-        let mut out = Vec::new();
-        loop {
-            let page = self.store.world_query(q.clone()).await?;
-            let done = page.len() < q.limit;
-            q.after_key = page.last().map(|r| r.key.clone());
-            out.extend(page.into_iter().map(Export::from));
-            if done {
-                return Ok(out);
-            }
-        }
+        Ok(self
+            .store
+            .world_query_all(q)
+            .await?
+            .into_iter()
+            .map(Export::from)
+            .collect())
     }
 
     /// Set this host's value in map `namespace`.
