@@ -1227,6 +1227,28 @@ pub async fn apply_sweep<T: TxRows + ?Sized>(
     Ok(expired.len() as u64)
 }
 
+/// Release up to `limit` claims whose session row is gone, with `Expired` history. Closing or
+/// sweeping a session releases its claims in the same transaction, so such rows are rare: on
+/// PostgreSQL a claim (READ COMMITTED, its session alive in its snapshot) can commit a row for
+/// a session that a close or a sweep (SERIALIZABLE, whose read of the session's claims came
+/// before it) deletes at the same time. The row binds nobody (a claim takes over a row whose
+/// session is gone) but would keep its `Started` without an end; backends run this now and
+/// then. Returns how many it released.
+pub async fn apply_orphans<T: TxRows + ?Sized>(
+    rows: &mut T,
+    now: Timestamp,
+    limit: usize,
+) -> Result<u64> {
+    let orphans = rows.work_orphaned(limit).await?;
+    for w in &orphans {
+        rows.work_remove(&w.key, &w.process).await?;
+        let cause = Some("session gone".to_string());
+        rows.history_append(&history(w, "", "", WorkEvent::Expired, cause, now))
+            .await?;
+    }
+    Ok(orphans.len() as u64)
+}
+
 /// Parse a change-log row's JSON text (used by backends when reading the log).
 pub fn parse_stored_json(text: Option<String>) -> Result<Option<serde_json::Value>> {
     text.map(|t| {

@@ -460,6 +460,8 @@ pub trait TxRows: Send {
     async fn work_read_held(&mut self, key: &ObjectKey, process: &str) -> Result<Option<WorkInfo>>;
     /// Work held by one session.
     async fn work_of_session(&mut self, session_id: &str) -> Result<Vec<WorkInfo>>;
+    /// Up to `limit` claim rows whose session row is gone (see `apply::apply_orphans`).
+    async fn work_orphaned(&mut self, limit: usize) -> Result<Vec<WorkInfo>>;
     async fn work_insert(&mut self, w: &WorkInfo) -> Result<()>;
     async fn work_remove(&mut self, key: &ObjectKey, process: &str) -> Result<()>;
     async fn backoff_read(&mut self, key: &ObjectKey, process: &str)

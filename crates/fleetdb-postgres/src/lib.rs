@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object as PooledClient, Pool, RecyclingMethod};
-use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
+use fleetdb_core::apply::{apply_batch, apply_claim, apply_orphans, apply_sweep};
 use fleetdb_core::backend::WorkStats;
 use fleetdb_core::selector::{Dialect, Selector};
 use fleetdb_core::work::{
@@ -154,6 +154,8 @@ enum Write<'a> {
     Sweep {
         now: Timestamp,
         limit: usize,
+        /// Also release claims whose session is gone (`apply_orphans`).
+        orphans: bool,
     },
     /// A verified upload's chunks copied to the blob and its metadata committed (see `content`).
     BlobCommit(&'a content::BlobCommit<'a>),
@@ -399,9 +401,19 @@ impl PostgresBackend {
         let applied = match write {
             Write::Batch(batch) => apply_batch(&mut rows, batch).await.map(Written::Batch),
             Write::Claim(req) => apply_claim(&mut rows, req).await.map(Written::Claim),
-            Write::Sweep { now, limit } => apply_sweep(&mut rows, *now, *limit)
-                .await
-                .map(Written::Sweep),
+            Write::Sweep {
+                now,
+                limit,
+                orphans,
+            } => match apply_sweep(&mut rows, *now, *limit).await {
+                Ok(n) if *orphans => apply_orphans(&mut rows, *now, *limit).await.map(|o| {
+                    if o > 0 {
+                        tracing::warn!(released = o, "released claims whose session was gone");
+                    }
+                    Written::Sweep(n)
+                }),
+                other => other.map(Written::Sweep),
+            },
             Write::BlobCommit(c) => content::commit_in_tx(&mut rows, c)
                 .await
                 .map(Written::Batch),
@@ -1391,6 +1403,8 @@ const COMPACT_SETTLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Sweeps between two refreshes of the work tables' planner statistics.
 const SWEEPS_PER_ANALYZE: u64 = 10;
+/// Sweeps between two looks for claims whose session is gone (about a minute).
+const SWEEPS_PER_ORPHAN_CHECK: u64 = 60;
 
 #[async_trait]
 impl Backend for PostgresBackend {
@@ -1641,7 +1655,18 @@ impl Backend for PostgresBackend {
                 }
             }
         }
-        match self.transact(Write::Sweep { now, limit }).await? {
+        // A claim racing a close or a sweep of its own session can leave a row for a session
+        // that is gone (`apply_orphans`): looked for on the first sweep and every
+        // `SWEEPS_PER_ORPHAN_CHECK` after (an anti-join over every claim).
+        let orphans = n.is_multiple_of(SWEEPS_PER_ORPHAN_CHECK);
+        match self
+            .transact(Write::Sweep {
+                now,
+                limit,
+                orphans,
+            })
+            .await?
+        {
             Written::Sweep(n) => Ok(n),
             _ => Err(Error::Backend(
                 "a sweep returned something else".to_string(),
@@ -2779,6 +2804,54 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         conn.batch_execute("COMMIT").await.unwrap();
+    }
+
+    /// A claim row whose session is gone (a claim racing a close of its own session) is
+    /// released by a sweep, with `Expired` history, and the object is claimed as usual.
+    #[tokio::test]
+    async fn a_sweep_releases_claims_whose_session_is_gone() {
+        // Two connections: the test holds one, the sweep takes the other.
+        let (backend, base, schema) = test_backend(2).await;
+        let client = backend.client().await.unwrap();
+        seed_eligible(&client, 2, 1).await;
+        client
+            .execute(
+                "INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
+                 VALUES ('default', 'job', 'j1', 'P', 'closed', 5, 0)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(backend.session_sweep(Timestamp(500), 100).await.unwrap(), 0);
+        let left: i64 = client
+            .query_one("SELECT count(*) FROM work", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "the orphan was released");
+        let h = client
+            .query_one(
+                "SELECT event, session_id, token, cause FROM work_history WHERE id = 'j1'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                h.get::<_, String>(0),
+                h.get::<_, String>(1),
+                h.get::<_, i64>(2),
+                h.get::<_, Option<String>>(3)
+            ),
+            (
+                "Expired".into(),
+                "closed".into(),
+                5,
+                Some("session gone".into())
+            )
+        );
+        drop(client);
+        testing::drop_schema(&base, &schema).await.unwrap();
     }
 
     /// A tag set of the value a tag has, while a finish deletes that tag READ COMMITTED (which

@@ -569,6 +569,10 @@ impl TxRows for PgTx<'_> {
         work::work_of_session(self, session_id).await
     }
 
+    async fn work_orphaned(&mut self, limit: usize) -> Result<Vec<WorkInfo>> {
+        work::work_orphaned(self, limit).await
+    }
+
     async fn work_insert(&mut self, w: &WorkInfo) -> Result<()> {
         work::work_insert(self, w).await
     }

@@ -94,6 +94,11 @@ const WORK_GET_SHARED: &str = work_get!(" FOR SHARE");
 const WORK_OF_SESSION: &str =
     "SELECT namespace, kind, id, process, session_id, token, started_at FROM work \
      WHERE session_id = $1 ORDER BY namespace, kind, id, process";
+/// Claim rows whose session row is gone (`apply_orphans`): an anti-join over every claim, run
+/// now and then, not on every sweep.
+const WORK_ORPHANED: &str =
+    "SELECT namespace, kind, id, process, session_id, token, started_at FROM work w \
+     WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = w.session_id) LIMIT $1";
 const WORK_INSERT: &str =
     "INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
@@ -1093,6 +1098,11 @@ pub(crate) async fn work_read(
         .read(text, &[&key.namespace, &key.kind, &key.id, &process])
         .await?;
     rows.first().map(work_from_row).transpose()
+}
+
+pub(crate) async fn work_orphaned(tx: &mut PgTx<'_>, limit: usize) -> Result<Vec<WorkInfo>> {
+    let rows = tx.read(WORK_ORPHANED, &[&limit_param(limit)]).await?;
+    rows.iter().map(work_from_row).collect()
 }
 
 pub(crate) async fn work_of_session(tx: &mut PgTx<'_>, session_id: &str) -> Result<Vec<WorkInfo>> {

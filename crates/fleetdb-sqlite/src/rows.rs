@@ -353,6 +353,9 @@ impl TxRows for SqliteRows<'_> {
     async fn work_of_session(&mut self, session_id: &str) -> Result<Vec<WorkInfo>> {
         work::work_of_session(self.conn, session_id)
     }
+    async fn work_orphaned(&mut self, limit: usize) -> Result<Vec<WorkInfo>> {
+        work::work_orphaned(self.conn, limit)
+    }
     async fn work_insert(&mut self, w: &WorkInfo) -> Result<()> {
         work::work_insert(self.conn, w)
     }

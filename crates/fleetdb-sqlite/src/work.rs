@@ -275,6 +275,18 @@ pub(crate) fn work_of_session(c: &Connection, session_id: &str) -> Result<Vec<Wo
     )
 }
 
+pub(crate) fn work_orphaned(c: &Connection, limit: usize) -> Result<Vec<WorkInfo>> {
+    collect(
+        c,
+        &format!(
+            "SELECT {WORK_COLS} FROM work w \
+             WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = w.session_id) LIMIT ?1"
+        ),
+        [limit as i64],
+        work_row,
+    )
+}
+
 pub(crate) fn work_insert(c: &Connection, w: &WorkInfo) -> Result<()> {
     let k = &w.key;
     exec(
