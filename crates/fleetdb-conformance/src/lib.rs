@@ -64,6 +64,7 @@ macro_rules! suite {
             txn_retries_on_conflict,
             txn_serializes_concurrent_increments,
             txn_read_only_writes_nothing,
+            txn_read_only_sees_one_state,
             concurrent_writers_all_commit;
             session_start_list_close,
             processes_must_be_declared,
@@ -1144,6 +1145,43 @@ pub async fn txn_read_only_writes_nothing(h: &Harness) {
         .unwrap();
     assert!(got.is_some());
     assert_eq!(rev(h).await, before);
+}
+
+/// A read-only transaction's reads are one state: a change between two of its reads makes it
+/// run again (its reads are checked together at the end, as a write's are), never a mix.
+pub async fn txn_read_only_sees_one_state(h: &Harness) {
+    let s = &h.store;
+    let m1 = key("default", "machine", "m1");
+    s.object_put(&m1, Labels::new()).await.unwrap();
+    s.tag_set(&m1, "a", &json!(1)).await.unwrap();
+    s.tag_set(&m1, "b", &json!(1)).await.unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let before = rev(h).await;
+    let (a, b) = s
+        .txn(|tx| {
+            let (m1, runs, s) = (m1.clone(), runs.clone(), s.clone());
+            async move {
+                let a = tx.tag_get(&m1, "a").await?.unwrap().value;
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Both change together between the two reads.
+                    s.txn(|w| {
+                        let m1 = m1.clone();
+                        async move {
+                            w.tag_set(&m1, "a", &json!(2))?;
+                            w.tag_set(&m1, "b", &json!(2))
+                        }
+                    })
+                    .await?;
+                }
+                let b = tx.tag_get(&m1, "b").await?.unwrap().value;
+                Ok((a, b))
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!((a, b), (json!(2), json!(2)), "one state, not a mix");
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "ran again after the change");
+    assert_eq!(rev(h).await.0, before.0 + 2, "the check wrote nothing");
 }
 
 pub async fn concurrent_writers_all_commit(h: &Harness) {

@@ -818,7 +818,13 @@ impl Store {
             };
             let mut batch = tx.into_batch();
             if batch.ops.is_empty() && post.is_empty() && claim.is_none() {
-                return Ok((out, Default::default())); // read-only: the reads were consistent (checked as they were recorded)
+                // Read-only. One read (and no precondition of the caller's) is consistent by
+                // itself; several were each read at their own moment, so they are checked
+                // together — their preconditions committed with no writes — or a change between
+                // two of them would hand back a state that never existed.
+                if pre.is_empty() && batch.preconditions.len() <= 1 {
+                    return Ok((out, Default::default()));
+                }
             }
             batch.preconditions.splice(0..0, pre.iter().cloned());
             batch.ops.extend(post.iter().cloned());
