@@ -520,6 +520,21 @@ async fn blob_put(
     }
 }
 
+/// Where `blob get --out PATH` writes before renaming over PATH: a hidden file beside it.
+fn partial_path(path: &std::path::Path) -> Result<std::path::PathBuf, Error> {
+    let name = path.file_name().ok_or_else(|| {
+        Error::invalid(
+            "--out",
+            path.display().to_string(),
+            "must name a file, not a folder",
+        )
+    })?;
+    let mut part = std::ffi::OsString::from(".");
+    part.push(name);
+    part.push(format!(".part-{}", std::process::id()));
+    Ok(path.with_file_name(part))
+}
+
 /// Copy `[offset, offset + length)` of a blob (clamped to its end) into `out`; the bytes copied.
 async fn blob_copy(
     store: &Store,
@@ -602,19 +617,28 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
             if store.blob_info(&digest).await?.is_none() {
                 return Err(Error::not_found(format!("blob {digest}")));
             }
-            let file = std::fs::File::create(&path)
+            // Into a file of our own beside the target, renamed over it once complete: a
+            // failure (a bad offset, a full disk) never truncates or removes a file that was
+            // there, and nobody sees a half-written one.
+            let part = partial_path(&path)?;
+            let file = std::fs::File::create(&part)
                 .map_err(|e| io_invalid("--out", &path, "create", e))?;
             let mut out = std::io::BufWriter::new(file);
             let copied = match blob_copy(store, &digest, offset, length, &mut out).await {
-                Ok(Ok(n)) => Ok(n),
+                Ok(Ok(n)) => out
+                    .into_inner()
+                    .map_err(|e| e.into_error())
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| std::fs::rename(&part, &path))
+                    .map(|()| n)
+                    .map_err(|e| io_invalid("--out", &path, "write", e)),
                 Ok(Err(e)) => Err(io_invalid("--out", &path, "write", e)),
                 Err(e) => Err(e),
             };
-            drop(out);
             let n = match copied {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&part);
                     return Err(e);
                 }
             };

@@ -131,6 +131,31 @@ fn blob_put_get_round_trip_ranges_info_ls_rm() {
     assert_eq!(v["bytes"], data.len() as u64);
     assert_eq!(v["digest"], digest);
     assert!(std::fs::read(&out_path).unwrap() == data);
+    // A failure (an offset past the end) leaves a file that was there as it was, and no
+    // partial file beside it.
+    let precious = db.dir.path().join("precious.txt");
+    std::fs::write(&precious, b"keep me").unwrap();
+    fails_with(
+        &db,
+        &[
+            "blob",
+            "get",
+            &digest,
+            "--out",
+            precious.to_str().unwrap(),
+            "--offset",
+            "999999999",
+        ],
+        2,
+        "offset",
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    let leftovers: Vec<_> = std::fs::read_dir(db.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".part-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 
     // Ranged reads: across the 1 MiB boundary, to the end, and past the end (clamped).
     let range = ok(
@@ -308,6 +333,12 @@ fn leases_create_list_show_and_hold_blobs() {
         "expiry",
     );
     fails_with(&db, &["lease", "create", "x", "--expire-in", "soon"], 2, "");
+    fails_with(
+        &db,
+        &["lease", "create", "x", "--expire-in", "500000000years"],
+        2,
+        "at most",
+    );
     fails_with(&db, &["lease", "ls", "-l", "a=b,,"], 2, "selector");
     fails_with(&db, &["lease", "show", "nope"], 3, "not found");
 

@@ -146,6 +146,10 @@ pub struct GcStatus {
     pub next_deadline: Option<Timestamp>,
 }
 
+/// The longest expiry a lease may be given (ten years): a longer one is a lease without expiry
+/// in all but name, and past the year 9999 not even a time.
+pub const LEASE_EXPIRE_IN_MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// A lease to create.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseSpec {
@@ -192,13 +196,21 @@ impl Store {
         let id = spec
             .id
             .unwrap_or_else(|| format!("lease-{}", uuid::Uuid::new_v4().simple()));
-        let expires_at = match spec.expire_in {
-            Some(d) if d.is_zero() => {
-                return Err(Error::invalid("lease expiry", "0s", "must be positive"))
-            }
-            Some(d) => Some(self.clock.now() + d),
-            None => None,
-        };
+        let expires_at =
+            match spec.expire_in {
+                Some(d) if d.is_zero() => {
+                    return Err(Error::invalid("lease expiry", "0s", "must be positive"))
+                }
+                Some(d) if d > LEASE_EXPIRE_IN_MAX => return Err(Error::invalid(
+                    "lease expiry",
+                    format!("{d:?}"),
+                    format!(
+                        "must be at most {LEASE_EXPIRE_IN_MAX:?} (a lease without expiry: none)"
+                    ),
+                )),
+                Some(d) => Some(self.clock.now() + d),
+                None => None,
+            };
         let r = single(
             self.write(vec![Op::LeaseCreate {
                 id,
