@@ -156,6 +156,21 @@ fn read_items(
             }
         }
         let max = store.limits().tag_value_bytes_max;
+        let writes_max = store.limits().txn_ops_max;
+        if 1 + parsed.tags.len() > writes_max {
+            return Err(at(
+                line,
+                Error::invalid(
+                    "tags",
+                    parsed.tags.len().to_string(),
+                    format!(
+                        "an object and its tags are written in one transaction of at most \
+                         {writes_max} writes: at most {} tags",
+                        writes_max - 1
+                    ),
+                ),
+            ));
+        }
         for (name, value) in &parsed.tags {
             validate::name("tag", name).map_err(|e| at(line, e))?;
             validate::canonical_json(&format!("tag {name:?} value"), value, max)
@@ -169,6 +184,26 @@ fn read_items(
         });
     }
     Ok(items)
+}
+
+/// `items` in line order, cut into transactions of at most `batch` objects and at most
+/// `writes_max` writes (an object and each of its tags; every item fits alone, `read_items`
+/// checked), so no transaction of valid lines is refused for its size.
+fn chunk(items: &[Item], batch: usize, writes_max: usize) -> Vec<&[Item]> {
+    let mut out = Vec::new();
+    let (mut start, mut writes) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let w = 1 + item.tags.len();
+        if i > start && (i - start == batch || writes + w > writes_max) {
+            out.push(&items[start..i]);
+            (start, writes) = (i, 0);
+        }
+        writes += w;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
 }
 
 /// Run the import: `file` (`-` or none: stdin), `batch` objects per transaction.
@@ -204,7 +239,7 @@ pub async fn import(
         }
     };
     let started = std::time::Instant::now();
-    let chunks: Vec<&[Item]> = items.chunks(batch).collect();
+    let chunks = chunk(&items, batch, store.limits().txn_ops_max);
     // Transactions start in line order; after a failure none starts (those in flight finish).
     let failed = std::sync::atomic::AtomicBool::new(false);
     let mut outcomes: Vec<(usize, Outcome)> = futures::stream::iter(chunks.iter().enumerate())
@@ -274,4 +309,46 @@ pub async fn import(
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(line: usize, tags: usize) -> Item {
+        Item {
+            line,
+            key: ObjectKey::new("default", "machine", &format!("m{line}")).unwrap(),
+            labels: Labels::new(),
+            tags: (0..tags)
+                .map(|t| (format!("t{t}"), serde_json::json!(t)))
+                .collect(),
+        }
+    }
+
+    /// Transactions are cut by objects and by writes: 1,000 bare objects then 1,000 with 15 tags
+    /// each (a file whose lines are all valid) never make a transaction of more than 10,000.
+    #[test]
+    fn chunks_hold_at_most_the_writes_a_transaction_takes() {
+        let mut items: Vec<Item> = (0..1000).map(|i| item(i, 0)).collect();
+        items.extend((1000..2000).map(|i| item(i, 15)));
+        let chunks = chunk(&items, 1000, 10_000);
+        let lines: Vec<usize> = chunks
+            .iter()
+            .flat_map(|c| c.iter().map(|i| i.line))
+            .collect();
+        assert_eq!(
+            lines,
+            (0..2000).collect::<Vec<_>>(),
+            "every line once, in order"
+        );
+        for c in &chunks {
+            assert!(c.len() <= 1000);
+            let writes: usize = c.iter().map(|i| 1 + i.tags.len()).sum();
+            assert!(writes <= 10_000, "{writes}");
+        }
+        assert_eq!(chunks[0].len(), 1000);
+        assert_eq!(chunk(&items[..3], 2, 10_000).len(), 2);
+        assert!(chunk(&[], 10, 10).is_empty());
+    }
 }

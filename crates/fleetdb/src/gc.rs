@@ -196,21 +196,22 @@ impl Store {
         let id = spec
             .id
             .unwrap_or_else(|| format!("lease-{}", uuid::Uuid::new_v4().simple()));
-        let expires_at =
-            match spec.expire_in {
-                Some(d) if d.is_zero() => {
-                    return Err(Error::invalid("lease expiry", "0s", "must be positive"))
-                }
-                Some(d) if d > LEASE_EXPIRE_IN_MAX => return Err(Error::invalid(
+        let expires_at = match spec.expire_in {
+            Some(d) if d.is_zero() => {
+                return Err(Error::invalid("lease expiry", "0s", "must be positive"))
+            }
+            Some(d) if d > LEASE_EXPIRE_IN_MAX => {
+                return Err(Error::invalid(
                     "lease expiry",
                     format!("{d:?}"),
                     format!(
                         "must be at most {LEASE_EXPIRE_IN_MAX:?} (a lease without expiry: none)"
                     ),
-                )),
-                Some(d) => Some(self.clock.now() + d),
-                None => None,
-            };
+                ))
+            }
+            Some(d) => Some(self.clock.now() + d),
+            None => None,
+        };
         let r = single(
             self.write(vec![Op::LeaseCreate {
                 id,
