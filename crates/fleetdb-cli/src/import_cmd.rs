@@ -318,7 +318,7 @@ mod tests {
     fn item(line: usize, tags: usize) -> Item {
         Item {
             line,
-            key: ObjectKey::new("default", "machine", &format!("m{line}")).unwrap(),
+            key: ObjectKey::new("default", "machine", format!("m{line}")).unwrap(),
             labels: Labels::new(),
             tags: (0..tags)
                 .map(|t| (format!("t{t}"), serde_json::json!(t)))
