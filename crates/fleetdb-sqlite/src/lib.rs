@@ -252,7 +252,15 @@ pub fn parse_url(url: &str) -> Result<Location> {
         return Ok(Location::Memory);
     }
     let path = rest.strip_prefix("//").unwrap_or(rest);
-    let path = path.split('?').next().unwrap_or_default();
+    if path.contains(['?', '#']) {
+        // Dropping a query (`?mode=ro`) would open read-write what was meant read-only, and
+        // a file whose name has a `?` would be another file.
+        return Err(Error::invalid(
+            "database URL",
+            url,
+            "takes no query or fragment (`?`, `#`): options go in OpenOptions",
+        ));
+    }
     if path.is_empty() {
         return Err(Error::invalid(
             "database URL",
@@ -304,13 +312,19 @@ impl SqliteBackend {
                 "must be between 1 and 2^63 - 1",
             ));
         }
-        let conn = match &location {
+        let mut location = location;
+        let conn = match &mut location {
             Location::Memory => {
                 let c = Connection::open_in_memory().map_err(map_err)?;
                 configure(&c, &options)?;
                 c
             }
             Location::File(path) => {
+                // Absolute once and for all: connections opened later, and the blob folders
+                // beside the file, must not follow the process into another working folder.
+                *path = std::path::absolute(&*path).map_err(|e| {
+                    Error::invalid("database path", path.display().to_string(), e.to_string())
+                })?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| {
                         Error::Unavailable(format!(
@@ -794,6 +808,72 @@ mod tests {
             .await
             .unwrap();
         backend
+    }
+
+    #[test]
+    fn urls_name_a_file_or_memory_and_take_no_query() {
+        assert!(matches!(parse_url("sqlite::memory:"), Ok(Location::Memory)));
+        assert!(matches!(
+            parse_url("sqlite:///abs/db.sqlite"),
+            Ok(Location::File(p)) if p == std::path::Path::new("/abs/db.sqlite")
+        ));
+        assert!(matches!(
+            parse_url("sqlite://rel/db.sqlite"),
+            Ok(Location::File(p)) if p == std::path::Path::new("rel/db.sqlite")
+        ));
+        for bad in [
+            "sqlite:///db.sqlite?mode=ro",
+            "sqlite://a#b",
+            "sqlite://",
+            "postgres://x",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A relative path is made absolute at open: later connections (and the blob folders) do
+    /// not follow the process into another working folder.
+    #[tokio::test]
+    async fn a_relative_path_is_resolved_once_at_open() {
+        let dir = tempfile::tempdir_in(".").unwrap();
+        let rel = std::path::Path::new(dir.path().file_name().unwrap()).join("db.sqlite");
+        assert!(rel.is_relative(), "{}", rel.display());
+        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::ManualClock::new(NOW));
+        let backend = SqliteBackend::open(Location::File(rel), SqliteOptions::default(), clock)
+            .await
+            .unwrap();
+        match &backend.location {
+            Location::File(p) => assert!(p.is_absolute(), "{}", p.display()),
+            Location::Memory => panic!("a file"),
+        }
+    }
+
+    /// A write connection left inside a transaction (by a panic in a write, say) does not
+    /// break every later write: the next group rolls the stray transaction back first.
+    #[tokio::test]
+    async fn a_transaction_left_open_does_not_break_later_writes() {
+        let backend = claim_setup().await;
+        backend
+            .write_conn
+            .lock()
+            .unwrap()
+            .execute_batch("BEGIN IMMEDIATE; DELETE FROM sessions")
+            .unwrap();
+        let r = backend
+            .commit(Batch {
+                preconditions: Vec::new(),
+                ops: vec![fleetdb_core::Op::ProcessDefine {
+                    name: "Q".into(),
+                    conflicts: Vec::new(),
+                }],
+                now: NOW,
+            })
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+        assert!(
+            backend.session_get("s1").await.unwrap().is_some(),
+            "the stray transaction's delete was rolled back"
+        );
     }
 
     fn claim_request(limit: usize) -> ClaimRequest {

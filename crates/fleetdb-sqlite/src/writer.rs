@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
 use fleetdb_core::work::{ClaimRequest, Claimed};
-use fleetdb_core::{Batch, OpResult, Result, Timestamp};
+use fleetdb_core::{Batch, Error, OpResult, Result, Timestamp};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
@@ -169,7 +169,23 @@ fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>) {
     let mut attempt = 0;
     let results = loop {
         attempt += 1;
-        match run_group(c, group) {
+        // A panic in a write (none is known) must not leave the connection inside a
+        // transaction, nor its callers waiting: it rolls back and fails the group.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_group(c, group)))
+            .unwrap_or_else(|panic| {
+                if !c.is_autocommit() {
+                    let _ = c.execute_batch("ROLLBACK");
+                }
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                Err(Error::Backend(format!(
+                    "a write failed inside SQLite's writer: {what}"
+                )))
+            });
+        match ran {
             Ok(results) => break results,
             Err(e) if e.is_retryable() && attempt < GROUP_ATTEMPTS_MAX => {
                 tracing::debug!(attempt, error = %e, "sqlite group commit retry");
@@ -257,6 +273,10 @@ fn claimed(
 /// so a failing one rolls back alone; a lone request needs no savepoint (its failure rolls back
 /// the transaction).
 fn run_group(c: &mut Connection, group: &[(Write, Reply)]) -> Result<Vec<Result<Written>>> {
+    if !c.is_autocommit() {
+        // Left open by something that did not end it: nothing of it was answered as committed.
+        let _ = c.execute_batch("ROLLBACK");
+    }
     exec(c, "BEGIN IMMEDIATE")?;
     let single = group.len() == 1;
     let outcome = (|| {
@@ -273,6 +293,11 @@ fn run_group(c: &mut Connection, group: &[(Write, Reply)]) -> Result<Vec<Result<
                         exec(c, "RELEASE fleetdb_txn")?;
                     }
                     results.push(Ok(r));
+                }
+                Err(e) if c.is_autocommit() => {
+                    // The failure ended the whole transaction (a full disk, an I/O error):
+                    // nothing of the group is kept, and every request gets this error.
+                    return Err(e);
                 }
                 Err(e) => {
                     if !single {

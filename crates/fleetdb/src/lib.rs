@@ -337,6 +337,14 @@ impl Store {
             self.ready.store(true, Ordering::Release);
             return Ok(());
         }
+        if s.database > s.binary {
+            // Migrated by a newer binary since this store opened: upgrading this one helps,
+            // migrating cannot.
+            return Err(Error::SchemaTooNew {
+                database: s.database,
+                binary: s.binary,
+            });
+        }
         Err(Error::SchemaBehind {
             database: s.database,
             binary: s.binary,
