@@ -252,6 +252,14 @@ impl Op {
                     });
                 }
                 let parsed = validate::parse_json(&format!("tag {name:?} value"), value)?;
+                if validate::has_nul(&parsed) {
+                    // As `canonical_json` says: PostgreSQL's jsonb cannot hold it.
+                    return Err(Error::invalid(
+                        format!("tag {name:?} value"),
+                        "<value>",
+                        "must not contain NUL characters (\\u0000)",
+                    ));
+                }
                 if serde_json::to_string(&parsed).ok().as_deref() != Some(value.as_str()) {
                     return Err(Error::invalid(
                         format!("tag {name:?} value"),

@@ -257,6 +257,13 @@ impl ChangeFilter {
             if p.len() > validate::NAME_BYTES_MAX {
                 return Err(Error::invalid("id prefix", p, "longer than any id"));
             }
+            if p.contains('\0') {
+                return Err(Error::invalid(
+                    "id prefix",
+                    p,
+                    "must not contain NUL characters",
+                ));
+            }
         }
         Ok(())
     }

@@ -52,6 +52,13 @@ impl LabelRequirement {
                         "a compared value must not be empty (use `KEY` or `!KEY` to test presence)",
                     ));
                 }
+                if value.contains('\0') {
+                    return Err(Error::invalid(
+                        format!("label selector {key:?}"),
+                        value,
+                        "must not contain NUL characters",
+                    ));
+                }
                 if key.len() + value.len() > validate::LABEL_BYTES_MAX {
                     return Err(Error::TooLarge {
                         field: format!("label selector {key:?}"),
@@ -205,6 +212,37 @@ impl ObjectQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NUL characters are refused at the edge wherever PostgreSQL's text could not hold them:
+    /// in tag values arriving as ops, label selector values and change-log id prefixes.
+    #[test]
+    fn nul_characters_are_refused_at_the_edge() {
+        use crate::{Batch, ChangeFilter, Limits, ObjectKey, Op, Timestamp};
+        let op = |value: &str| Batch {
+            preconditions: Vec::new(),
+            ops: vec![Op::TagSet {
+                key: ObjectKey::new("default", "machine", "m1").unwrap(),
+                name: "t".into(),
+                value: value.into(),
+            }],
+            now: Timestamp(0),
+        };
+        let limits = Limits::default();
+        assert!(op(r#""ok""#).validate(&limits).is_ok());
+        assert!(op(r#""a\u0000b""#).validate(&limits).is_err());
+        assert!(op(r#"{"k\u0000":1}"#).validate(&limits).is_err());
+        let eq = LabelRequirement::Eq {
+            key: "k".into(),
+            value: "a\0b".into(),
+        };
+        assert!(eq.validate().is_err());
+        let f = ChangeFilter {
+            namespace: Some("default".into()),
+            kind: Some("machine".into()),
+            id_prefix: Some("m\0".into()),
+        };
+        assert!(f.validate().is_err());
+    }
 
     #[test]
     fn selector_parsing() {

@@ -193,7 +193,8 @@ pub fn canonical_json(field: &str, value: &serde_json::Value, max: usize) -> Res
     Ok(text)
 }
 
-fn has_nul(v: &serde_json::Value) -> bool {
+/// Whether a JSON value holds a NUL character anywhere (strings or object keys).
+pub(crate) fn has_nul(v: &serde_json::Value) -> bool {
     match v {
         serde_json::Value::String(s) => s.contains('\0'),
         serde_json::Value::Array(a) => a.iter().any(has_nul),
