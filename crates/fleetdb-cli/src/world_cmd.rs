@@ -1389,6 +1389,11 @@ pub async fn schedule(store: &Store, fmt: Format, cmd: ScheduleCmd) -> Result<()
                             }
                         },
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                            if stdout_gone() {
+                                // Its reader went away (`| head -1`): stop, and leave (nothing
+                                // would print again until the schedule changed).
+                                return Ok(());
+                            }
                             if session.is_expired() {
                                 return Err(Error::SessionExpired {
                                     session_id: session.id().to_string(),
@@ -1434,4 +1439,16 @@ pub async fn members(store: &Store, fmt: Format) -> Result<(), Error> {
         ),
     }
     Ok(())
+}
+
+/// Whether stdout is a pipe whose reader has gone (the write end then polls as an error).
+fn stdout_gone() -> bool {
+    let mut fd = libc::pollfd {
+        fd: 1,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout: poll only reports on the descriptor.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
 }

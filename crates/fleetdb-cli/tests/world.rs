@@ -738,6 +738,33 @@ fn schedule_and_members() {
     assert_eq!(a.next(LINE)["hosts"], serde_json::json!(["h1"]));
     assert_eq!(ok_json(&db, &["members"]).as_array().unwrap().len(), 1);
 
+    // Its reader goes away (`| head -1`): it stops and leaves, though the schedule does not
+    // change again (it used to stay registered until something made it print).
+    let mut gone = cmd(&db, &["schedule", "register", "web", "--host", "h7"])
+        .spawn()
+        .expect("run fleetdb");
+    {
+        let mut first = String::new();
+        BufReader::new(gone.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.contains("h7"), "{first}");
+    } // the reader is dropped here
+    let until = std::time::Instant::now() + LINE;
+    let status = loop {
+        if let Some(s) = gone.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < until, "still running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(ok_json(&db, &["members"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        ok_json(&db, &["schedule", "show", "web"])["hosts"],
+        serde_json::json!(["h1"])
+    );
+
     fails_with(
         &db,
         &["schedule", "show", "nobody"],
