@@ -1099,15 +1099,34 @@ async fn extract(store: &Store, id: u64, dir: &Path) -> Result<usize, Error> {
         return Err(Error::invalid("--extract", &shown, "must be a directory"));
     }
     let files = store.deploy_files(id).await?;
-    std::fs::create_dir_all(dir).map_err(|e| io("create it", dir, e))?;
-    for (f, content) in &files {
-        w::validate_tree_path(&f.path)?;
-        let path = dir.join(&f.path);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io("create it", parent, e))?;
+    // Into a folder of our own beside DIR, renamed into place once complete: a failure (a
+    // full disk) leaves no half-written tree, and DIR as it was.
+    let name = dir.file_name().ok_or_else(|| {
+        Error::invalid("--extract", &shown, "must name a directory, not end in ..")
+    })?;
+    let mut part_name = std::ffi::OsString::from(".");
+    part_name.push(name);
+    part_name.push(format!(".part-{}", std::process::id()));
+    let part = dir.with_file_name(part_name);
+    let written = (|| {
+        std::fs::create_dir_all(&part).map_err(|e| io("create it", &part, e))?;
+        for (f, content) in &files {
+            w::validate_tree_path(&f.path)?;
+            let path = part.join(&f.path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| io("create it", parent, e))?;
+            }
+            std::fs::write(&path, content).map_err(|e| io("write it", &path, e))?;
+            set_mode(&path, f.mode).map_err(|e| io("set its mode", &path, e))?;
         }
-        std::fs::write(&path, content).map_err(|e| io("write it", &path, e))?;
-        set_mode(&path, f.mode).map_err(|e| io("set its mode", &path, e))?;
+        if dir.exists() {
+            std::fs::remove_dir(dir).map_err(|e| io("replace it", dir, e))?;
+        }
+        std::fs::rename(&part, dir).map_err(|e| io("move the tree into it", dir, e))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&part);
+        return Err(e);
     }
     Ok(files.len())
 }

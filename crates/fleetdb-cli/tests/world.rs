@@ -462,6 +462,16 @@ fn deploy_tree_round_trip_and_chain_refusals() {
             & 0o7777;
         assert_eq!(m, mode, "{rel}");
     }
+    // Into an empty directory that exists: the same; nothing of the extraction is left beside.
+    std::fs::create_dir(db.dir.path().join("out2")).unwrap();
+    ok_json(&db, &["deploy", "get", "1", "--extract", "out2"]);
+    assert!(db.dir.path().join("out2/bin/run.sh").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(db.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".part-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     // Extracting into a directory that holds something is refused.
     fails_with(
         &db,
