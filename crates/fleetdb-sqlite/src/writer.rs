@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep};
+use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep, claim_precheck};
 use fleetdb_core::work::{ClaimRequest, Claimed};
 use fleetdb_core::{Batch, Error, OpResult, Result, Timestamp};
 use rusqlite::Connection;
@@ -228,23 +228,20 @@ fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Wr
             };
             // Once the batch applied, a claim that cannot proceed (an undeclared process, say)
             // takes nothing and the batch stands, as on PostgreSQL (`Backend::commit_then_claim`):
-            // the claim runs in a savepoint of its own.
-            exec(c, "SAVEPOINT fleetdb_claim")?;
-            let before = *revision;
+            // its checks run first, read only (no savepoint: its sub-journal cost a quarter of
+            // the one-at-a-time throughput).
             let work = {
                 let mut rows = SqliteRows { conn: c, revision };
-                futures::executor::block_on(apply_claim(&mut rows, req))
+                futures::executor::block_on(async {
+                    match claim_precheck(&mut rows, req).await {
+                        Ok(()) => apply_claim(&mut rows, req).await,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "the claim behind a batch took nothing");
+                            Ok(Vec::new())
+                        }
+                    }
+                })?
             };
-            let work = match work {
-                Ok(work) => work,
-                Err(e) => {
-                    tracing::debug!(error = %e, "the claim behind a batch took nothing");
-                    exec(c, "ROLLBACK TO fleetdb_claim")?;
-                    *revision = before;
-                    Vec::new()
-                }
-            };
-            exec(c, "RELEASE fleetdb_claim")?;
             Ok(Written::BatchThenClaim(results, claimed(c, req, work)?))
         }
         Write::Renew { ids, now } => crate::work::session_renew(c, ids, *now).map(Written::Renew),
