@@ -449,6 +449,14 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                                     format!("cannot read stdin: {e}"),
                                 )
                             })?;
+                        if s.len() as u64 == limit {
+                            // Cut at the limit: say so, not "EOF while parsing".
+                            return Err(Error::TooLarge {
+                                field: format!("tag {name:?} value (stdin)"),
+                                size: s.len(),
+                                max: limit as usize - 1,
+                            });
+                        }
                         s
                     }
                     Some(v) => v.to_string(),
