@@ -292,6 +292,7 @@ fn entity_param(e: Entity) -> Param<'static> {
         Entity::Member => &"member",
         Entity::Lease => &"lease",
         Entity::Content => &"content",
+        Entity::GcKind => &"gc_kind",
     }
 }
 
