@@ -147,13 +147,17 @@ pub(crate) async fn run(
 }
 
 /// One migration in one transaction: record it first (so a concurrent migrator of the same
-/// version blocks, then fails on the primary key), then run its SQL.
+/// version blocks, then fails on the primary key), then run its SQL. READ COMMITTED whatever the
+/// server's default: under SERIALIZABLE the concurrent migrator could fail with a serialization
+/// error instead of the unique violation it is prepared for.
 async fn apply_one(
     client: &Client,
     m: &Migration,
     now: Timestamp,
 ) -> std::result::Result<(), tokio_postgres::Error> {
-    client.batch_execute("BEGIN").await?;
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await?;
     let result = async {
         let version = i32::try_from(m.version).unwrap_or(i32::MAX);
         client
