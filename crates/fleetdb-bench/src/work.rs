@@ -457,7 +457,11 @@ mod counted_impl {
         ) -> Result<Vec<(String, Timestamp)>> {
             timed!(self, session_renew, self.inner.session_renew(ids, now))
         }
-        async fn session_sweep(&self, now: Timestamp, limit: usize) -> Result<u64> {
+        async fn session_sweep(
+            &self,
+            now: Timestamp,
+            limit: usize,
+        ) -> Result<fleetdb::core::backend::Swept> {
             timed!(self, session_sweep, self.inner.session_sweep(now, limit))
         }
         async fn session_get(&self, id: &str) -> Result<Option<SessionInfo>> {

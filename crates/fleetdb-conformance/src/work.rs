@@ -1299,6 +1299,30 @@ pub async fn metrics_count_sessions_work_and_transactions(h: &Harness) {
         "{text}"
     );
     s.close().await.unwrap();
+    // Every other way a claim ends is counted once, where it ends: an operator's cancel
+    // (`canceled`; the holder that then finds it lost counts nothing), and a crashed worker's
+    // claim released by the sweeper (`expired`).
+    let finished = |r: &str| m.work_finished.with_label_values(&["P", r]).get();
+    let (canceled, expired) = (finished("canceled"), finished("expired"));
+    let s = st.session_start(spec("c3")).await.unwrap();
+    let mut held = s.claim("P", "kind = machine", 2).await.unwrap();
+    assert!(st.work_cancel(held[0].key(), "P").await.unwrap());
+    assert!(matches!(
+        held[0].finish(|_| async { Ok(()) }).await,
+        Err(Error::WorkLost { .. })
+    ));
+    assert!(matches!(
+        held[0].cancel().await,
+        Err(Error::WorkLost { .. })
+    ));
+    assert_eq!(finished("canceled"), canceled + 1);
+    assert_eq!(finished("expired"), expired);
+    std::mem::forget(held.pop()); // the crashed worker: no outcome, no cancel
+    std::mem::forget(held);
+    std::mem::forget(s); // its session stops renewing
+    h.clock.advance(Duration::from_secs(11));
+    st.sweep_sessions().await.unwrap();
+    assert_eq!(finished("expired"), expired + 1);
 }
 
 pub async fn finish_many_is_all_or_nothing(h: &Harness) {

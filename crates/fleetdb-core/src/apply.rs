@@ -1219,10 +1219,12 @@ pub async fn apply_sweep<T: TxRows + ?Sized>(
     rows: &mut T,
     now: Timestamp,
     limit: usize,
-) -> Result<u64> {
+) -> Result<crate::backend::Swept> {
     let expired = rows.sessions_expired(now, limit).await?;
+    let mut released = Vec::new();
     for s in &expired {
         for w in rows.work_of_session(&s.id).await? {
+            released.push(w.process.clone());
             rows.work_remove(&w.key, &w.process).await?;
             let cause = Some("session expired".to_string());
             rows.history_append(&history(
@@ -1239,7 +1241,10 @@ pub async fn apply_sweep<T: TxRows + ?Sized>(
         crate::world_apply::session_ended(rows, s, now).await?;
     }
     crate::world_apply::sweep_expired(rows, now, limit).await?;
-    Ok(expired.len() as u64)
+    Ok(crate::backend::Swept {
+        sessions: expired.len() as u64,
+        expired: released,
+    })
 }
 
 /// Release up to `limit` claims whose session row is gone, with `Expired` history. Closing or
@@ -1248,12 +1253,12 @@ pub async fn apply_sweep<T: TxRows + ?Sized>(
 /// a session that a close or a sweep (SERIALIZABLE, whose read of the session's claims came
 /// before it) deletes at the same time. The row binds nobody (a claim takes over a row whose
 /// session is gone) but would keep its `Started` without an end; backends run this now and
-/// then. Returns how many it released.
+/// then. Returns the process of each claim it released.
 pub async fn apply_orphans<T: TxRows + ?Sized>(
     rows: &mut T,
     now: Timestamp,
     limit: usize,
-) -> Result<u64> {
+) -> Result<Vec<String>> {
     let orphans = rows.work_orphaned(limit).await?;
     for w in &orphans {
         rows.work_remove(&w.key, &w.process).await?;
@@ -1261,7 +1266,7 @@ pub async fn apply_orphans<T: TxRows + ?Sized>(
         rows.history_append(&history(w, "", "", WorkEvent::Expired, cause, now))
             .await?;
     }
-    Ok(orphans.len() as u64)
+    Ok(orphans.into_iter().map(|w| w.process).collect())
 }
 
 /// Parse a change-log row's JSON text (used by backends when reading the log).

@@ -78,6 +78,14 @@ pub struct Capabilities {
 }
 
 /// The storage contract. Every method is one atomic unit; [`Backend::commit`] is the only write.
+/// What a sweep did: the expired sessions it removed, and the process of every claim it
+/// released with `Expired` history (theirs, and claims whose session was gone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub sessions: u64,
+    pub expired: Vec<String>,
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// A short name for messages ("sqlite", "postgres").
@@ -154,7 +162,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<(String, Timestamp)>>;
     /// Delete up to `limit` sessions expired at `now`, writing an `Expired` history row for each
     /// claim they held and releasing it. Returns how many sessions were removed.
-    async fn session_sweep(&self, now: Timestamp, limit: usize) -> Result<u64>;
+    async fn session_sweep(&self, now: Timestamp, limit: usize) -> Result<Swept>;
     async fn session_get(&self, id: &str) -> Result<Option<SessionInfo>>;
     /// Sessions ordered by id, after `after`, at most `limit`.
     async fn session_list(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionInfo>>;

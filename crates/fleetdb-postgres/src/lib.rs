@@ -165,7 +165,7 @@ enum Write<'a> {
 enum Written {
     Batch(Vec<OpResult>),
     Claim(Vec<WorkInfo>),
-    Sweep(u64),
+    Sweep(fleetdb_core::backend::Swept),
 }
 
 /// How [`PostgresBackend::open`] behaves.
@@ -406,12 +406,18 @@ impl PostgresBackend {
                 limit,
                 orphans,
             } => match apply_sweep(&mut rows, *now, *limit).await {
-                Ok(n) if *orphans => apply_orphans(&mut rows, *now, *limit).await.map(|o| {
-                    if o > 0 {
-                        tracing::warn!(released = o, "released claims whose session was gone");
-                    }
-                    Written::Sweep(n)
-                }),
+                Ok(mut swept) if *orphans => {
+                    apply_orphans(&mut rows, *now, *limit).await.map(|o| {
+                        if !o.is_empty() {
+                            tracing::warn!(
+                                released = o.len(),
+                                "released claims whose session was gone"
+                            );
+                        }
+                        swept.expired.extend(o);
+                        Written::Sweep(swept)
+                    })
+                }
                 other => other.map(Written::Sweep),
             },
             Write::BlobCommit(c) => content::commit_in_tx(&mut rows, c)
@@ -1637,7 +1643,11 @@ impl Backend for PostgresBackend {
             .collect()
     }
 
-    async fn session_sweep(&self, now: Timestamp, limit: usize) -> Result<u64> {
+    async fn session_sweep(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<fleetdb_core::backend::Swept> {
         // The work tables go from empty to thousands of rows in seconds; with the statistics of
         // an empty table the planner picks merge anti-joins that compare every candidate with
         // every claim (a claim took 0.8 s at 3,000 claims instead of 5 ms). Autovacuum looks once
@@ -2822,7 +2832,8 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(backend.session_sweep(Timestamp(500), 100).await.unwrap(), 0);
+        let swept = backend.session_sweep(Timestamp(500), 100).await.unwrap();
+        assert_eq!((swept.sessions, swept.expired), (0, vec!["P".to_string()]));
         let left: i64 = client
             .query_one("SELECT count(*) FROM work", &[])
             .await

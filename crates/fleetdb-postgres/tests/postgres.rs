@@ -1120,7 +1120,7 @@ async fn session_renew_is_one_statement_for_live_sessions_only() {
     );
     assert!(backend.session_renew(&[], later).await.unwrap().is_empty());
     // The sweep removes only the expired one.
-    assert_eq!(backend.session_sweep(later, 100).await.unwrap(), 1);
+    assert_eq!(backend.session_sweep(later, 100).await.unwrap().sessions, 1);
     let left: Vec<String> = backend
         .session_list(None, 10)
         .await

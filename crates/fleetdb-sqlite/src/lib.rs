@@ -579,7 +579,11 @@ impl Backend for SqliteBackend {
         }
     }
 
-    async fn session_sweep(&self, now: Timestamp, limit: usize) -> Result<u64> {
+    async fn session_sweep(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<fleetdb_core::backend::Swept> {
         match self.write(writer::Write::Sweep { now, limit }).await? {
             writer::Written::Sweep(n) => Ok(n),
             _ => Err(Error::Backend(

@@ -51,7 +51,7 @@ pub(crate) enum Written {
     Claim(Claimed),
     BatchThenClaim(Vec<OpResult>, Claimed),
     Renew(Vec<(String, Timestamp)>),
-    Sweep(u64),
+    Sweep(fleetdb_core::backend::Swept),
 }
 
 pub(crate) type Reply = oneshot::Sender<Result<Written>>;

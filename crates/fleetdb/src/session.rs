@@ -481,11 +481,19 @@ impl Store {
     /// once; the sweep only tidies up and records.
     pub async fn sweep_sessions(&self) -> Result<u64> {
         self.ready().await?;
-        let n = self
+        let swept = self
             .backend
             .session_sweep(self.clock.now(), SWEEP_SESSIONS_MAX)
             .await?;
+        let n = swept.sessions;
         self.metrics.sessions_expired.inc_by(n);
+        // The claims of crashed workers end here (nobody else sees them end): `expired`.
+        for process in &swept.expired {
+            self.metrics
+                .work_finished
+                .with_label_values(&[process.as_str(), "expired"])
+                .inc();
+        }
         // Expired sessions and TTLs change membership and the World: wake the watches. Waiting
         // claims only if sessions went: their claims were free since their deadlines, which
         // woke nobody.
@@ -1202,16 +1210,20 @@ impl Work {
         Ok(())
     }
 
-    /// Count how the claim ended: `result` if it did, `expired` if it was lost to its session.
-    fn count_end<T>(&self, result: &str, r: Result<T>) -> Result<T> {
-        let m = &self.session.store.metrics.work_finished;
+    /// Count how the claim ended, if this call ended it (`result`). A claim found lost ended
+    /// elsewhere — an operator's cancel, a session close, an expiry swept or taken over —
+    /// and is counted there (or not at all); it is over for this handle too: later calls
+    /// fail at once and dropping it sends no release that cannot succeed.
+    fn count_end<T>(&mut self, result: &str, r: Result<T>) -> Result<T> {
         match &r {
-            Ok(_) => m
+            Ok(_) => self
+                .session
+                .store
+                .metrics
+                .work_finished
                 .with_label_values(&[self.info.process.as_str(), result])
                 .inc(),
-            Err(Error::WorkLost { .. }) => m
-                .with_label_values(&[self.info.process.as_str(), "expired"])
-                .inc(),
+            Err(Error::WorkLost { .. }) => self.done = true,
             Err(_) => {}
         }
         r
@@ -1249,10 +1261,16 @@ impl Drop for Work {
             self.session.store.clone(),
             self.release_op(Outcome::Canceled),
         );
+        let process = self.info.process.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = store.write(vec![op]).await {
-                    tracing::debug!(error = %e, "cancelling a dropped claim failed (it expires with its session)");
+                match store.write(vec![op]).await {
+                    Ok(_) => store
+                        .metrics
+                        .work_finished
+                        .with_label_values(&[process.as_str(), "canceled"])
+                        .inc(),
+                    Err(e) => tracing::debug!(error = %e, "cancelling a dropped claim failed (it expires with its session)"),
                 }
             });
         }
@@ -1479,7 +1497,14 @@ impl Store {
                 process: process.to_string(),
             }])
             .await?;
-        Ok(r.first().is_some_and(|r| r.changed))
+        let canceled = r.first().is_some_and(|r| r.changed);
+        if canceled {
+            self.metrics
+                .work_finished
+                .with_label_values(&[process, "canceled"])
+                .inc();
+        }
+        Ok(canceled)
     }
 
     /// Why `key` can or cannot be claimed for `process` now — "why is this machine not being
@@ -1710,6 +1735,10 @@ impl<T> Drop for Delivery<T> {
         let Some(Ok(unwanted)) = self.answer.take() else {
             return;
         };
+        let processes: Vec<String> = (self.work)(&unwanted)
+            .iter()
+            .map(|w| w.process.clone())
+            .collect();
         let ops: Vec<Op> = (self.work)(&unwanted)
             .iter()
             .map(|w| Op::WorkRelease {
@@ -1726,8 +1755,23 @@ impl<T> Drop for Delivery<T> {
         let store = self.store.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = store.write(ops).await {
-                    tracing::debug!(error = %e, "cancelling an unwanted claim failed (it expires with its session)");
+                match store.write(ops).await {
+                    Ok(_) => {
+                        for p in &processes {
+                            // Started (it was claimed) and canceled: both sides counted.
+                            store
+                                .metrics
+                                .work_started
+                                .with_label_values(&[p.as_str()])
+                                .inc();
+                            store
+                                .metrics
+                                .work_finished
+                                .with_label_values(&[p.as_str(), "canceled"])
+                                .inc();
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cancelling an unwanted claim failed (it expires with its session)"),
                 }
             });
         }
