@@ -450,8 +450,16 @@ impl Store {
     /// out with, so no change falls between the two); otherwise give it back.
     fn try_register(&self, w: Watcher) -> Option<Watcher> {
         let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.watchers.is_empty() && st.joining == 1 && w.pos != st.pos && w.snapshot.is_some() {
-            st.pos = w.pos; // nobody else depends on the hub's position
+        // Nobody else depends on an idle hub's position: a snapshot watch puts it at its
+        // snapshot, a resume ahead of it moves it forward (behind, the watch catches up on its
+        // own, at its consumer's pace). A new store's hub starts at 0: without this, the first
+        // resume waited for the hub to read the whole change log.
+        if st.watchers.is_empty()
+            && st.joining == 1
+            && w.pos != st.pos
+            && (w.snapshot.is_some() || w.pos > st.pos)
+        {
+            st.pos = w.pos;
         }
         if w.pos == st.pos {
             st.joining -= 1;
@@ -472,13 +480,17 @@ impl Store {
             let _ = tokio::time::timeout(Duration::from_millis(100), moved).await;
             return Ok(!w.tx.is_closed());
         }
-        let page = self
-            .backend
-            .changes(w.pos, &w.filter, HUB_PAGE.min(w.tx.max_capacity()))
-            .await?;
+        let limit = HUB_PAGE.min(w.tx.max_capacity());
+        let page = self.backend.changes(w.pos, &w.filter, limit).await?;
+        // A page short of the limit holds every change of ours after `w.pos`; one that went
+        // past the target holds every one up to it: either way the watch is at the target
+        // (everything up to it is settled), not at its last change, which it would chase the
+        // hub from for as long as writes it does not want kept coming.
+        let mut whole = page.len() < limit;
         let mut advanced = false;
         for c in page {
             if c.revision > target {
+                whole = true;
                 break;
             }
             let c = Arc::new(c);
@@ -493,8 +505,8 @@ impl Store {
             w.pos = rev;
             advanced = true;
         }
-        if !advanced {
-            w.pos = target; // nothing of ours up to the hub's position
+        if !advanced || whole {
+            w.pos = target; // nothing more of ours up to the hub's position
         }
         Ok(true)
     }
