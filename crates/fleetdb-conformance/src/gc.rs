@@ -22,6 +22,51 @@ async fn exists(s: &Store, kind: &str, id: &str) -> bool {
         .is_some()
 }
 
+/// Commit a sweep of what a mark at `mark` took for garbage (as the collector would, in one
+/// batch), and what it did.
+async fn sweep_marked(
+    h: &Harness,
+    mark: fleetdb::Revision,
+    objects: Vec<fleetdb::ObjectKey>,
+    blobs: Vec<String>,
+) -> Swept {
+    let r = h
+        .store
+        .backend()
+        .commit(Batch {
+            preconditions: vec![],
+            ops: vec![Op::GcSweep {
+                mark_revision: mark,
+                objects,
+                blobs,
+                expired_leases: vec![],
+            }],
+            now: h.clock.now(),
+        })
+        .await
+        .unwrap();
+    match &r[0].applied {
+        fleetdb::Applied::Swept {
+            objects,
+            blobs,
+            spared,
+            ..
+        } => Swept {
+            objects: *objects,
+            blobs: blobs.clone(),
+            spared: *spared,
+        },
+        other => panic!("{other:?}"),
+    }
+}
+
+/// What [`sweep_marked`] removed and spared.
+struct Swept {
+    objects: u64,
+    blobs: Vec<String>,
+    spared: u64,
+}
+
 async fn declare(s: &Store) {
     s.gc_kind_declare("image", true).await.unwrap();
     s.gc_kind_declare("layer", true).await.unwrap();
@@ -289,26 +334,9 @@ pub async fn objects_created_or_referenced_during_a_collection_survive_it(h: &Ha
     )
     .await
     .unwrap();
-    let r = s
-        .backend()
-        .commit(Batch {
-            preconditions: vec![],
-            ops: vec![Op::GcSweep {
-                mark_revision: snap.revision,
-                objects: marked.garbage_objects.clone(),
-                blobs: vec![],
-                expired_leases: vec![],
-            }],
-            now: h.clock.now(),
-        })
-        .await
-        .unwrap();
-    let fleetdb::Applied::Swept {
-        objects, spared, ..
-    } = &r[0].applied
-    else {
-        panic!("{r:?}");
-    };
+    let swept = sweep_marked(h, snap.revision, marked.garbage_objects.clone(), vec![]).await;
+    let objects = &swept.objects;
+    let spared = &swept.spared;
     assert_eq!((*objects, *spared), (17, 3));
     for id in ["g3", "g7", "g9"] {
         assert!(exists(s, "layer", id).await, "{id} was spared");
@@ -620,26 +648,9 @@ pub async fn a_kind_made_not_collectable_during_a_collection_spares_the_rest(h: 
     let marked = gc::mark(&snap, h.clock.now());
     assert_eq!(marked.garbage_objects.len(), 2);
     s.gc_kind_declare("image", false).await.unwrap();
-    let r = s
-        .backend()
-        .commit(Batch {
-            preconditions: vec![],
-            ops: vec![Op::GcSweep {
-                mark_revision: snap.revision,
-                objects: marked.garbage_objects.clone(),
-                blobs: vec![],
-                expired_leases: vec![],
-            }],
-            now: h.clock.now(),
-        })
-        .await
-        .unwrap();
-    let fleetdb::Applied::Swept {
-        objects, spared, ..
-    } = &r[0].applied
-    else {
-        panic!("{r:?}");
-    };
+    let swept = sweep_marked(h, snap.revision, marked.garbage_objects.clone(), vec![]).await;
+    let objects = &swept.objects;
+    let spared = &swept.spared;
     assert_eq!((*objects, *spared), (0, 2));
     assert!(exists(s, "image", "i1").await);
     assert!(
@@ -670,23 +681,9 @@ pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness)
         "committed again: a new revision"
     );
     s.lease_delete(&l.id, false).await.unwrap();
-    let r = s
-        .backend()
-        .commit(Batch {
-            preconditions: vec![],
-            ops: vec![Op::GcSweep {
-                mark_revision: snap.revision,
-                objects: vec![],
-                blobs: marked.garbage_blobs.clone(),
-                expired_leases: vec![],
-            }],
-            now: h.clock.now(),
-        })
-        .await
-        .unwrap();
-    let fleetdb::Applied::Swept { blobs, spared, .. } = &r[0].applied else {
-        panic!("{r:?}");
-    };
+    let swept = sweep_marked(h, snap.revision, vec![], marked.garbage_blobs.clone()).await;
+    let blobs = &swept.blobs;
+    let spared = &swept.spared;
     assert!(blobs.is_empty(), "swept {blobs:?}");
     assert_eq!(*spared, 1);
     assert_eq!(s.blob_get(&b.digest).await.unwrap(), b"same bytes");
@@ -803,23 +800,9 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
     let marked = gc::mark(&snap, h.clock.now());
     assert_eq!(marked.garbage_blobs, vec![late.clone()]);
     export_held("late", vec![blob(&late)]).await.unwrap();
-    let r = s
-        .backend()
-        .commit(Batch {
-            preconditions: vec![],
-            ops: vec![Op::GcSweep {
-                mark_revision: snap.revision,
-                objects: vec![],
-                blobs: marked.garbage_blobs.clone(),
-                expired_leases: vec![],
-            }],
-            now: h.clock.now(),
-        })
-        .await
-        .unwrap();
-    let fleetdb::Applied::Swept { blobs, spared, .. } = &r[0].applied else {
-        panic!("{r:?}");
-    };
+    let swept = sweep_marked(h, snap.revision, vec![], marked.garbage_blobs.clone()).await;
+    let blobs = &swept.blobs;
+    let spared = &swept.spared;
     assert_eq!((blobs.len(), *spared), (0, 1));
     s.gc_run().await.unwrap();
     assert!(s.blob_info(&late).await.unwrap().is_some());

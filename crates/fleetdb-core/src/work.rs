@@ -501,6 +501,20 @@ impl WorkCursor {
         }
     }
 
+    /// A cursor as the four text parameters of a listing's SQL (process, namespace, kind, id),
+    /// NULL without one.
+    pub fn params(after: Option<&WorkCursor>) -> [Option<&str>; 4] {
+        match after {
+            Some(c) => [
+                Some(c.process.as_str()),
+                Some(c.key.namespace.as_str()),
+                Some(c.key.kind.as_str()),
+                Some(c.key.id.as_str()),
+            ],
+            None => [None; 4],
+        }
+    }
+
     pub fn encode(&self) -> String {
         use base64::Engine as _;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(

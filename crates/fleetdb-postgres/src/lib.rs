@@ -1278,19 +1278,6 @@ where
     }
 }
 
-/// A listing cursor as four text parameters (process, namespace, kind, id), NULL without one.
-fn cursor_params(after: Option<&WorkCursor>) -> [Option<&str>; 4] {
-    match after {
-        Some(c) => [
-            Some(c.process.as_str()),
-            Some(c.key.namespace.as_str()),
-            Some(c.key.kind.as_str()),
-            Some(c.key.id.as_str()),
-        ],
-        None => [None; 4],
-    }
-}
-
 /// The pause before attempt `attempt + 1`: exponential from 1 ms, capped at 100 ms, with jitter
 /// (uniform in the upper half of the window).
 /// The transaction a write runs in: SERIALIZABLE by default; claims READ COMMITTED, locking the
@@ -1703,7 +1690,7 @@ impl Backend for PostgresBackend {
 
     async fn work_list(&self, q: &WorkListing) -> Result<Vec<WorkInfo>> {
         let limit = work::limit_param(q.limit);
-        let [p, n, k, i] = cursor_params(q.after.as_ref());
+        let [p, n, k, i] = WorkCursor::params(q.after.as_ref());
         let rows = self
             .query(
                 work::WORK_LIST,
@@ -1722,7 +1709,7 @@ impl Backend for PostgresBackend {
     ) -> Result<Vec<BackoffInfo>> {
         let active_at = active_at.map(|t| t.0);
         let limit = work::limit_param(limit);
-        let [p, n, k, i] = cursor_params(after);
+        let [p, n, k, i] = WorkCursor::params(after);
         let rows = self
             .query(
                 work::BACKOFF_LIST,

@@ -459,21 +459,8 @@ pub(crate) fn session_list(
     )
 }
 
-/// A listing cursor as four text parameters (process, namespace, kind, id), NULL without one.
-fn cursor_params(after: Option<&WorkCursor>) -> [Option<&str>; 4] {
-    match after {
-        Some(c) => [
-            Some(c.process.as_str()),
-            Some(c.key.namespace.as_str()),
-            Some(c.key.kind.as_str()),
-            Some(c.key.id.as_str()),
-        ],
-        None => [None; 4],
-    }
-}
-
 pub(crate) fn work_list(c: &Connection, q: &WorkListing) -> Result<Vec<WorkInfo>> {
-    let [p, n, k, i] = cursor_params(q.after.as_ref());
+    let [p, n, k, i] = WorkCursor::params(q.after.as_ref());
     collect(
         c,
         &format!(
@@ -494,7 +481,7 @@ pub(crate) fn backoff_list(
     after: Option<&WorkCursor>,
     limit: usize,
 ) -> Result<Vec<BackoffInfo>> {
-    let [p, n, k, i] = cursor_params(after);
+    let [p, n, k, i] = WorkCursor::params(after);
     collect(
         c,
         &format!(
