@@ -436,17 +436,8 @@ impl Store {
             .iter()
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
-        let mut counts = Vec::with_capacity(tracked.len());
-        for (name, selector) in tracked {
-            counts.push((name, self.backend.count(&selector, now).await?));
-        }
-        self.metrics.selector_objects.reset();
-        for (name, n) in counts {
-            self.metrics
-                .selector_objects
-                .with_label_values(&[name.as_str()])
-                .set(n as i64);
-        }
+        // The work gauges first, and each tracked selector on its own: one that fails (a
+        // timeout, say) keeps its last value and is reported, and stops nothing else.
         let stats = self.backend.work_stats(now).await?;
         self.metrics.work_active.reset();
         self.metrics.backoffs_active.reset();
@@ -465,7 +456,46 @@ impl Store {
                 .with_label_values(&[s.process.as_str()])
                 .set(s.parked as i64);
         }
-        Ok(())
+        let mut first_error = None;
+        let mut counts = Vec::with_capacity(tracked.len());
+        for (name, selector) in tracked {
+            match self.backend.count(&selector, now).await {
+                Ok(n) => counts.push((name, Some(n))),
+                Err(e) => {
+                    tracing::warn!(selector = %name, error = %e, "counting a tracked selector failed");
+                    first_error.get_or_insert(e);
+                    counts.push((name, None));
+                }
+            }
+        }
+        let kept: Vec<(String, i64)> = counts
+            .iter()
+            .filter(|(_, n)| n.is_none())
+            .map(|(name, _)| {
+                let g = self
+                    .metrics
+                    .selector_objects
+                    .with_label_values(&[name.as_str()]);
+                (name.clone(), g.get())
+            })
+            .collect();
+        self.metrics.selector_objects.reset();
+        for (name, n) in counts
+            .iter()
+            .filter_map(|(name, n)| n.map(|n| (name, n as i64)))
+        {
+            self.metrics
+                .selector_objects
+                .with_label_values(&[name.as_str()])
+                .set(n);
+        }
+        for (name, n) in kept {
+            self.metrics
+                .selector_objects
+                .with_label_values(&[name.as_str()])
+                .set(n);
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     // ---- schema ----

@@ -742,12 +742,13 @@ impl Session {
         self.store
             .metrics
             .txn_time(crate::metrics::TxnKind::Claim, started);
+        // A claim is a transaction like a write: executed or failed.
+        self.store.metrics.txn(&claimed);
         let claimed = match claimed {
             // Under heavy contention (PostgreSQL serialization failures on every attempt) a
             // selector claim gets nothing this time, like a claim whose candidates were all taken:
             // the caller (or `claim_wait`) tries again. A claim of one named object reports it.
             Err(Error::RetriesExhausted { attempts, last }) if by_selector => {
-                self.store.metrics.transactions_failed.inc();
                 tracing::warn!(attempts, last = %last, "claim gave up under contention; nothing claimed");
                 Claimed::default()
             }
