@@ -996,17 +996,7 @@ impl Session {
     pub async fn close(self) -> Result<u64> {
         self.store.keeper.forget(self.id());
         self.shared.state().expired = true;
-        self.store.metrics.sessions_closed.inc();
-        let r = self
-            .store
-            .write(vec![Op::SessionClose {
-                id: self.id().to_string(),
-            }])
-            .await?;
-        Ok(match r.first().map(|r| &r.applied) {
-            Some(fleetdb_core::Applied::Done { count }) => *count,
-            _ => 0,
-        })
+        self.store.session_close(self.id()).await
     }
 }
 
@@ -1446,6 +1436,8 @@ impl Store {
         let r = self
             .write(vec![Op::SessionClose { id: id.to_string() }])
             .await?;
+        // Counted once it happened (an operator's close of another process's session too).
+        self.metrics.sessions_closed.inc();
         Ok(match r.first().map(|r| &r.applied) {
             Some(fleetdb_core::Applied::Done { count }) => *count,
             _ => 0,
