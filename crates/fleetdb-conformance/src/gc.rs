@@ -637,31 +637,6 @@ pub async fn a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry(h:
     assert!(s.blob_info(&held.digest).await.unwrap().is_none());
 }
 
-/// A kind made not collectable during a collection: its objects are roots now, so the rest of
-/// the run spares what the mark took for garbage (what those objects reference, too).
-pub async fn a_kind_made_not_collectable_during_a_collection_spares_the_rest(h: &Harness) {
-    let s = &h.store;
-    declare(s).await;
-    obj(s, "layer", "l1", &[]).await;
-    obj(s, "image", "i1", &[("fleetdb.io/gc.ref.layer", "l1")]).await;
-    let snap = s.backend().gc_snapshot().await.unwrap();
-    let marked = gc::mark(&snap, h.clock.now());
-    assert_eq!(marked.garbage_objects.len(), 2);
-    s.gc_kind_declare("image", false).await.unwrap();
-    let swept = sweep_marked(h, snap.revision, marked.garbage_objects.clone(), vec![]).await;
-    let objects = &swept.objects;
-    let spared = &swept.spared;
-    assert_eq!((*objects, *spared), (0, 2));
-    assert!(exists(s, "image", "i1").await);
-    assert!(
-        exists(s, "layer", "l1").await,
-        "what a new root references stays"
-    );
-    // And the next collection keeps both: the image is a root now.
-    s.gc_run().await.unwrap();
-    assert!(exists(s, "layer", "l1").await);
-}
-
 /// A blob committed again during a collection (under a lease that then ends, as a deploy puts
 /// its files) is wanted now: the collection that marked it as garbage before spares it.
 pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness) {

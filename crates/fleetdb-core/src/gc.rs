@@ -228,8 +228,6 @@ pub struct BlobInfo {
 
 /// The change-log namespace of lease changes.
 pub const LEASE_CHANGE_NAMESPACE: &str = ".lease";
-/// The change-log namespace of kinds' collectability (id: the kind).
-pub const GC_KIND_CHANGE_NAMESPACE: &str = ".gc-kind";
 /// The change-log namespace of blob (content store) changes.
 pub const CONTENT_CHANGE_NAMESPACE: &str = ".content";
 
@@ -303,10 +301,6 @@ pub enum ChangeStart {
     Lease(String),
     /// What the export at this World key holds.
     Export(String),
-    /// A kind's collectability changed: objects of a kind no longer collectable are roots now,
-    /// and what they reference was not marked as such: the rest of the collection spares
-    /// everything (the next one decides).
-    Everything,
     /// Nothing the collector removes.
     None,
 }
@@ -315,8 +309,6 @@ pub enum ChangeStart {
 pub fn change_start(namespace: String, kind: String, id: String) -> ChangeStart {
     if namespace == LEASE_CHANGE_NAMESPACE {
         ChangeStart::Lease(id)
-    } else if namespace == GC_KIND_CHANGE_NAMESPACE {
-        ChangeStart::Everything
     } else if namespace == CONTENT_CHANGE_NAMESPACE {
         ChangeStart::Node(Resource::Blob { digest: id })
     } else if namespace == crate::world::Space::Export.change_namespace() {

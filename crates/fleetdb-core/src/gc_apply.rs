@@ -8,7 +8,7 @@ use crate::batch::{Applied, Op, OpResult};
 use crate::error::{Error, Result};
 use crate::gc::{
     change_start, references, BlobInfo, ChangeStart, GcKind, Lease, Resource,
-    CONTENT_CHANGE_NAMESPACE, GC_KIND_CHANGE_NAMESPACE, LEASE_CHANGE_NAMESPACE,
+    CONTENT_CHANGE_NAMESPACE, LEASE_CHANGE_NAMESPACE,
 };
 use crate::model::{ChangeOp, Entity, Labels, ObjectKey, Revision};
 use crate::time::Timestamp;
@@ -98,21 +98,6 @@ pub(crate) async fn apply_gc_op<T: TxRows + ?Sized>(
                 collectable: *collectable,
                 declared_at: now,
             })
-            .await?;
-            // A change row, so a collection running now spares the rest of its run (its mark
-            // took this kind's objects for collectable, and what they reference for garbage).
-            let json = serde_json::json!({ "collectable": collectable }).to_string();
-            rows.change_append(&draft(
-                GC_KIND_CHANGE_NAMESPACE,
-                "",
-                kind,
-                Entity::GcKind,
-                "",
-                ChangeOp::Put,
-                None,
-                Some(json),
-                now,
-            ))
             .await?;
             Ok(done(true, 1))
         }
@@ -285,7 +270,6 @@ async fn protected_since<T: TxRows + ?Sized>(
                     start.extend(ExportMeta::holds_of(rec.meta.as_deref()));
                 }
             }
-            ChangeStart::Everything => return Ok(None),
             ChangeStart::None => {}
         }
     }

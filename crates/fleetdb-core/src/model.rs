@@ -120,8 +120,6 @@ pub enum Entity {
     Lease,
     /// A content-store blob's metadata.
     Content,
-    /// A kind's collectability (garbage collection).
-    GcKind,
 }
 
 impl From<crate::world::Space> for Entity {
@@ -155,7 +153,6 @@ impl Entity {
             Entity::Member => "member",
             Entity::Lease => "lease",
             Entity::Content => "content",
-            Entity::GcKind => "gc_kind",
         }
     }
 
@@ -174,7 +171,6 @@ impl Entity {
             "member" => Ok(Entity::Member),
             "lease" => Ok(Entity::Lease),
             "content" => Ok(Entity::Content),
-            "gc_kind" => Ok(Entity::GcKind),
             other => Err(Error::Backend(format!(
                 "unknown change entity {other:?} in the change log"
             ))),

@@ -292,7 +292,6 @@ fn entity_param(e: Entity) -> Param<'static> {
         Entity::Member => &"member",
         Entity::Lease => &"lease",
         Entity::Content => &"content",
-        Entity::GcKind => &"gc_kind",
     }
 }
 

@@ -715,10 +715,6 @@ impl Store {
                         start.extend(ExportMeta::holds_of(rec.meta.as_deref()));
                     }
                 }
-                gc::ChangeStart::Everything => {
-                    fresh.gave_up = true; // a kind's collectability changed: spare the rest
-                    return Ok(0);
-                }
                 gc::ChangeStart::None => {}
             }
         }
