@@ -617,19 +617,36 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
             if store.blob_info(&digest).await?.is_none() {
                 return Err(Error::not_found(format!("blob {digest}")));
             }
-            // Into a file of our own beside the target, renamed over it once complete: a
-            // failure (a bad offset, a full disk) never truncates or removes a file that was
-            // there, and nobody sees a half-written one.
-            let part = partial_path(&path)?;
+            // A regular file (or none yet) is written as a file of our own beside it, renamed
+            // over it once complete (with the old file's permissions): a failure (a bad
+            // offset, a full disk) never truncates or removes a file that was there, and nobody
+            // sees a half-written one. Anything else (a symlink, a device, a pipe) is written
+            // through, in place.
+            let existing = std::fs::symlink_metadata(&path).ok();
+            let replace = existing.as_ref().is_none_or(|m| m.file_type().is_file());
+            let part = if replace {
+                partial_path(&path)?
+            } else {
+                path.clone()
+            };
             let file = std::fs::File::create(&part)
                 .map_err(|e| io_invalid("--out", &path, "create", e))?;
+            if let Some(m) = existing.as_ref().filter(|_| replace) {
+                let _ = file.set_permissions(m.permissions());
+            }
             let mut out = std::io::BufWriter::new(file);
             let copied = match blob_copy(store, &digest, offset, length, &mut out).await {
                 Ok(Ok(n)) => out
                     .into_inner()
                     .map_err(|e| e.into_error())
-                    .and_then(|f| f.sync_all())
-                    .and_then(|()| std::fs::rename(&part, &path))
+                    .and_then(|f| if replace { f.sync_all() } else { Ok(()) })
+                    .and_then(|()| {
+                        if replace {
+                            std::fs::rename(&part, &path)
+                        } else {
+                            Ok(())
+                        }
+                    })
                     .map(|()| n)
                     .map_err(|e| io_invalid("--out", &path, "write", e)),
                 Ok(Err(e)) => Err(io_invalid("--out", &path, "write", e)),
@@ -638,7 +655,9 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
             let n = match copied {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = std::fs::remove_file(&part);
+                    if replace {
+                        let _ = std::fs::remove_file(&part);
+                    }
                     return Err(e);
                 }
             };

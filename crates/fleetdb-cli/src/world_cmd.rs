@@ -1099,8 +1099,38 @@ async fn extract(store: &Store, id: u64, dir: &Path) -> Result<usize, Error> {
         return Err(Error::invalid("--extract", &shown, "must be a directory"));
     }
     let files = store.deploy_files(id).await?;
-    // Into a folder of our own beside DIR, renamed into place once complete: a failure (a
-    // full disk) leaves no half-written tree, and DIR as it was.
+    let write_tree = |root: &Path| -> Result<(), Error> {
+        for (f, content) in &files {
+            w::validate_tree_path(&f.path)?;
+            let path = root.join(&f.path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| io("create it", parent, e))?;
+            }
+            std::fs::write(&path, content).map_err(|e| io("write it", &path, e))?;
+            set_mode(&path, f.mode).map_err(|e| io("set its mode", &path, e))?;
+        }
+        Ok(())
+    };
+    if dir.exists() {
+        // An empty directory that exists (a mount point, one made with its owner and mode) is
+        // kept and written into; a failure empties it again.
+        if let Err(e) = write_tree(dir) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    let p = entry.path();
+                    let _ = if p.is_dir() && !p.is_symlink() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
+                }
+            }
+            return Err(e);
+        }
+        return Ok(files.len());
+    }
+    // A new DIR: written as a folder of our own beside it, renamed into place at the end, so a
+    // failure (a full disk) leaves no half-written tree.
     let name = dir.file_name().ok_or_else(|| {
         Error::invalid("--extract", &shown, "must name a directory, not end in ..")
     })?;
@@ -1108,22 +1138,12 @@ async fn extract(store: &Store, id: u64, dir: &Path) -> Result<usize, Error> {
     part_name.push(name);
     part_name.push(format!(".part-{}", std::process::id()));
     let part = dir.with_file_name(part_name);
-    let written = (|| {
-        std::fs::create_dir_all(&part).map_err(|e| io("create it", &part, e))?;
-        for (f, content) in &files {
-            w::validate_tree_path(&f.path)?;
-            let path = part.join(&f.path);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| io("create it", parent, e))?;
-            }
-            std::fs::write(&path, content).map_err(|e| io("write it", &path, e))?;
-            set_mode(&path, f.mode).map_err(|e| io("set its mode", &path, e))?;
-        }
-        if dir.exists() {
-            std::fs::remove_dir(dir).map_err(|e| io("replace it", dir, e))?;
-        }
-        std::fs::rename(&part, dir).map_err(|e| io("move the tree into it", dir, e))
-    })();
+    let written = std::fs::create_dir_all(&part)
+        .map_err(|e| io("create it", &part, e))
+        .and_then(|()| write_tree(&part))
+        .and_then(|()| {
+            std::fs::rename(&part, dir).map_err(|e| io("move the tree into it", dir, e))
+        });
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&part);
         return Err(e);

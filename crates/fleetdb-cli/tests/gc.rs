@@ -156,6 +156,21 @@ fn blob_put_get_round_trip_ranges_info_ls_rm() {
         .filter(|e| e.file_name().to_string_lossy().contains(".part-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A symlink is written through (it stays a link), a device in place.
+    let real = db.dir.path().join("real.bin");
+    std::fs::write(&real, b"old").unwrap();
+    let link = db.dir.path().join("link.bin");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    ok_json(
+        &db,
+        &["blob", "get", &digest, "--out", link.to_str().unwrap()],
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read(&real).unwrap() == data);
+    ok_json(&db, &["blob", "get", &digest, "--out", "/dev/null"]);
 
     // Ranged reads: across the 1 MiB boundary, to the end, and past the end (clamped).
     let range = ok(

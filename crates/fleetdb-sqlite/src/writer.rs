@@ -235,10 +235,18 @@ fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Wr
                 futures::executor::block_on(async {
                     match claim_precheck(&mut rows, req).await {
                         Ok(()) => apply_claim(&mut rows, req).await,
-                        Err(e) => {
+                        // A check the claim fails: it takes nothing, the batch stands. A storage
+                        // error is not a check: it fails the request, batch included.
+                        Err(
+                            e @ (fleetdb_core::Error::SessionExpired { .. }
+                            | fleetdb_core::Error::Invalid { .. }
+                            | fleetdb_core::Error::NotFound { .. }
+                            | fleetdb_core::Error::Refused { .. }),
+                        ) => {
                             tracing::debug!(error = %e, "the claim behind a batch took nothing");
                             Ok(Vec::new())
                         }
+                        Err(e) => Err(e),
                     }
                 })?
             };

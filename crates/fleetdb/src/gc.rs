@@ -354,9 +354,6 @@ impl Store {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        // A first run soon after start: its mark learns the deadlines (leases, `gc.expire`,
-        // export TTLs) written before this process, which then trigger runs by themselves.
-        self.gc.requested.store(true, Ordering::Relaxed);
         let weak = self.downgrade();
         rt.spawn(async move {
             loop {

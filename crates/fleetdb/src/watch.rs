@@ -451,14 +451,9 @@ impl Store {
     fn try_register(&self, w: Watcher) -> Option<Watcher> {
         let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
         // Nobody else depends on an idle hub's position: a snapshot watch puts it at its
-        // snapshot, a resume ahead of it moves it forward (behind, the watch catches up on its
-        // own, at its consumer's pace). A new store's hub starts at 0: without this, the first
-        // resume waited for the hub to read the whole change log.
-        if st.watchers.is_empty()
-            && st.joining == 1
-            && w.pos != st.pos
-            && (w.snapshot.is_some() || w.pos > st.pos)
-        {
+        // snapshot's revision, which is settled. (A resume's revision need not be: the hub's
+        // position must only ever be settled, so a resume never moves it.)
+        if st.watchers.is_empty() && st.joining == 1 && w.pos != st.pos && w.snapshot.is_some() {
             st.pos = w.pos;
         }
         if w.pos == st.pos {
