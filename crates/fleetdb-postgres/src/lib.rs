@@ -2761,16 +2761,7 @@ mod tests {
             [("s".to_string(), token)],
             "the claim it answered is held"
         );
-        let events: Vec<String> = client
-            .query(
-                "SELECT event FROM work_history WHERE id = 'j2' ORDER BY seq",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let events = history_events(&client, "j2").await;
         assert_eq!(
             events,
             ["Started"],
@@ -2778,6 +2769,20 @@ mod tests {
         );
         drop((client, sweeper));
         testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// The history events of job `id`, oldest first.
+    async fn history_events(client: &deadpool_postgres::Client, id: &str) -> Vec<String> {
+        client
+            .query(
+                "SELECT event FROM work_history WHERE id = $1 ORDER BY seq",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 
     /// `COMMIT` on `conn` (in a transaction) once another backend waits for one of its locks,
@@ -2920,16 +2925,7 @@ mod tests {
         };
         let (got, ()) = tokio::join!(claim, commit_once_someone_waits(&sweeper));
         assert_eq!(got.work.len(), 1);
-        let events: Vec<String> = client
-            .query(
-                "SELECT event FROM work_history WHERE id = 'j2' ORDER BY seq",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let events = history_events(&client, "j2").await;
         assert_eq!(
             events,
             ["Started"],
