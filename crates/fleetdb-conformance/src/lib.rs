@@ -114,6 +114,7 @@ macro_rules! suite {
             work_matches_a_model_under_random_operations;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,
+            a_first_resume_from_far_back_goes_at_the_consumers_pace,
             watch_from_a_compacted_revision_gives_compacted,
             slow_watcher_is_cut_off_fast_one_keeps_up,
             directed_exports_are_invisible_to_other_hosts,

@@ -78,6 +78,32 @@ pub async fn watch_starts_with_a_snapshot_then_changes(h: &Harness) {
     );
 }
 
+/// The first watch of a store resuming from far back (more changes than its buffer holds)
+/// goes at its consumer's pace: it catches up on its own and joins the hub, never lagging.
+pub async fn a_first_resume_from_far_back_goes_at_the_consumers_pace(h: &Harness) {
+    let s = &h.store;
+    let start = s.revision().await.unwrap().current;
+    for i in 0..100 {
+        s.kv_set(&format!("far/{i:03}"), "v").await.unwrap();
+    }
+    let mut w = s
+        .watch(
+            WatchRequest::new(WatchScope::Kv {
+                prefix: "far/".into(),
+            })
+            .from_revision(start)
+            .buffer(8),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // a slow consumer
+    for i in 0..100 {
+        assert_eq!(next_change(&mut w).await.id, format!("far/{i:03}"));
+    }
+    s.kv_set("far/new", "v").await.unwrap();
+    assert_eq!(next_change(&mut w).await.id, "far/new");
+}
+
 pub async fn watch_resume_loses_and_duplicates_nothing(h: &Harness) {
     let s = &h.store;
     let start = s.revision().await.unwrap().current;

@@ -242,6 +242,8 @@ struct Watcher {
     pos: Revision,
     /// Per-key revisions of the snapshot (changes at or below are already reflected).
     snapshot: Option<HashMap<(String, String, String, String), Revision>>,
+    /// A revision known settled when the watch opened (its snapshot's, or read for a resume).
+    settled: Revision,
     last_sent: Instant,
 }
 
@@ -350,7 +352,7 @@ impl Store {
         let filter = req.scope.filter();
         let (tx, rx) = mpsc::channel(buffer);
         let end = Arc::new(Mutex::new(None));
-        let (pos, snapshot) = match req.from_revision {
+        let (pos, snapshot, settled) = match req.from_revision {
             Some(from) => {
                 let info = self.backend.revision().await?;
                 if from < info.compacted {
@@ -359,7 +361,8 @@ impl Store {
                         compacted_revision: info.compacted,
                     });
                 }
-                (from, None)
+                let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
+                (from, None, settled)
             }
             None => {
                 let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
@@ -383,7 +386,7 @@ impl Store {
                     items: Arc::new(items),
                 })
                 .map_err(|_| Error::Backend("a new watch buffer was full".into()))?;
-                (settled, Some(keys))
+                (settled, Some(keys), settled)
             }
         };
         let watcher = Watcher {
@@ -393,6 +396,7 @@ impl Store {
             end: end.clone(),
             pos,
             snapshot,
+            settled,
             last_sent: Instant::now(),
         };
         self.hub
@@ -450,11 +454,20 @@ impl Store {
     /// out with, so no change falls between the two); otherwise give it back.
     fn try_register(&self, w: Watcher) -> Option<Watcher> {
         let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
-        // Nobody else depends on an idle hub's position: a snapshot watch puts it at its
-        // snapshot's revision, which is settled. (A resume's revision need not be: the hub's
-        // position must only ever be settled, so a resume never moves it.)
-        if st.watchers.is_empty() && st.joining == 1 && w.pos != st.pos && w.snapshot.is_some() {
-            st.pos = w.pos;
+        // Nobody else depends on an idle hub's position, which must only ever be a settled
+        // revision: a snapshot watch puts it at its snapshot's (settled); a resume moves it
+        // forward to the revision settled when the watch opened (not to its own, which may be
+        // neither settled nor recent: the watch catches up to the hub on its own, at its
+        // consumer's pace, then joins). Without this, the first resume on a store waited for
+        // the hub to read the change log from 0.
+        // (Registered at an old position instead, the watch would get the backlog through the
+        // hub's fan-out, which never waits: more than its buffer holds, and it lagged.)
+        if st.watchers.is_empty() && st.joining == 1 {
+            if w.snapshot.is_some() {
+                st.pos = w.pos;
+            } else if w.settled > st.pos {
+                st.pos = w.settled;
+            }
         }
         if w.pos == st.pos {
             st.joining -= 1;
