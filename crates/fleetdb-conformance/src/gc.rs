@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fleetdb::core::gc::{self, Resource};
+use fleetdb::core::gc::{self, BlobInfo, Lease, Resource};
 use fleetdb::{Batch, Clock, Error, ExternalCollector, LeaseSpec, Op, Result, Store};
 
 use crate::{key, labels, Harness};
@@ -65,6 +65,19 @@ struct Swept {
     objects: u64,
     blobs: Vec<String>,
     spared: u64,
+}
+
+/// A lease expiring in 10 s and a blob of `bytes` that only it holds.
+async fn blob_under_a_lease_of_10s(s: &Store, bytes: &[u8]) -> (Lease, BlobInfo) {
+    let l = s
+        .lease_create(LeaseSpec {
+            expire_in: Some(Duration::from_secs(10)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let held = s.blob_put(bytes, labels(&[]), Some(&l.id)).await.unwrap();
+    (l, held)
 }
 
 async fn declare(s: &Store) {
@@ -573,17 +586,7 @@ pub async fn threshold_runs_respect_the_time_budget_requests_do_not(h: &Harness)
 
 pub async fn a_blob_held_only_by_an_expired_lease_goes_at_the_expiry(h: &Harness) {
     let s = &h.store;
-    let l = s
-        .lease_create(LeaseSpec {
-            expire_in: Some(Duration::from_secs(10)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let held = s
-        .blob_put(b"layer bytes", labels(&[]), Some(&l.id))
-        .await
-        .unwrap();
+    let (_, held) = blob_under_a_lease_of_10s(s, b"layer bytes").await;
     let kept = s
         .blob_put(b"rooted", labels(&[("fleetdb.io/gc.root", "true")]), None)
         .await
@@ -613,17 +616,7 @@ pub async fn a_blob_held_only_by_an_expired_lease_goes_at_the_expiry(h: &Harness
 /// store) still triggers a run at its expiry: the commit itself says when one is due.
 pub async fn a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry(h: &Harness) {
     let s = &h.store;
-    let l = s
-        .lease_create(LeaseSpec {
-            expire_in: Some(Duration::from_secs(10)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let held = s
-        .blob_put(b"leased only", labels(&[]), Some(&l.id))
-        .await
-        .unwrap();
+    let (l, held) = blob_under_a_lease_of_10s(s, b"leased only").await;
     assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
     assert_eq!(
         s.gc_status().next_deadline,

@@ -2732,16 +2732,8 @@ mod tests {
     /// let the next claim take the object again: two workers on one job).
     #[tokio::test]
     async fn a_takeover_whose_dead_row_goes_meanwhile_still_holds_its_claim() {
-        let (backend, base, schema) = test_backend(2).await;
-        let client = backend.client().await.unwrap();
-        let sweeper = backend.client().await.unwrap();
-        seed_eligible(&client, 3, 1).await;
-        seed_dead_claim(&client, "j2", 7).await;
         // The sweep deletes the dead claim; it has not committed when the take starts.
-        sweeper
-            .batch_execute("BEGIN; DELETE FROM work WHERE id = 'j2'")
-            .await
-            .unwrap();
+        let (_backend, base, schema, client, sweeper) = dead_claim_being_deleted(2).await;
         hand_over(&client, r#"[{"ns":"default","kind":"job","id":"j2"}]"#).await;
         let q = eligible_jobs(1);
         let (takeover, params) = work::claim_take_sql(&q, one_slot(), work::Take::Takeover, false);
@@ -2769,6 +2761,30 @@ mod tests {
         );
         drop((client, sweeper));
         testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// Jobs j1..j3, a dead session's claim of j2, and a second connection (returned last) in a
+    /// transaction that has deleted that claim and not committed (a sweep, or the dead
+    /// holder's late finish, in flight).
+    async fn dead_claim_being_deleted(
+        pool: usize,
+    ) -> (
+        PostgresBackend,
+        String,
+        String,
+        deadpool_postgres::Client,
+        deadpool_postgres::Client,
+    ) {
+        let (backend, base, schema) = test_backend(pool).await;
+        let client = backend.client().await.unwrap();
+        let deleter = backend.client().await.unwrap();
+        seed_eligible(&client, 3, 1).await;
+        seed_dead_claim(&client, "j2", 7).await;
+        deleter
+            .batch_execute("BEGIN; DELETE FROM work WHERE id = 'j2'")
+            .await
+            .unwrap();
+        (backend, base, schema, client, deleter)
     }
 
     /// The history events of job `id`, oldest first.
@@ -2901,15 +2917,7 @@ mod tests {
     /// sees it gone and writes no second `Expired` (nor an `Expired` after a `Finished`).
     #[tokio::test]
     async fn a_claim_of_one_object_does_not_expire_a_row_deleted_meanwhile() {
-        let (backend, base, schema) = test_backend(3).await;
-        let client = backend.client().await.unwrap();
-        let sweeper = backend.client().await.unwrap();
-        seed_eligible(&client, 3, 1).await;
-        seed_dead_claim(&client, "j2", 7).await;
-        sweeper
-            .batch_execute("BEGIN; DELETE FROM work WHERE id = 'j2'")
-            .await
-            .unwrap();
+        let (backend, base, schema, client, sweeper) = dead_claim_being_deleted(3).await;
         let key = ObjectKey::new("default", "job", "j2").unwrap();
         let claim = async {
             backend
