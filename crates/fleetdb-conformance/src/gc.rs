@@ -30,6 +30,17 @@ async fn sweep_marked(
     objects: Vec<fleetdb::ObjectKey>,
     blobs: Vec<String>,
 ) -> Swept {
+    sweep_marked_kinds(h, mark, objects, blobs, vec![]).await
+}
+
+/// [`sweep_marked`] of a mark that took `collectable_kinds` as collectable.
+async fn sweep_marked_kinds(
+    h: &Harness,
+    mark: fleetdb::Revision,
+    objects: Vec<fleetdb::ObjectKey>,
+    blobs: Vec<String>,
+    collectable_kinds: Vec<String>,
+) -> Swept {
     let r = h
         .store
         .backend()
@@ -40,6 +51,7 @@ async fn sweep_marked(
                 objects,
                 blobs,
                 expired_leases: vec![],
+                collectable_kinds,
             }],
             now: h.clock.now(),
         })
@@ -655,6 +667,65 @@ pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness)
     assert!(blobs.is_empty(), "swept {blobs:?}");
     assert_eq!(*spared, 1);
     assert_eq!(s.blob_get(&b.digest).await.unwrap(), b"same bytes");
+}
+
+/// A kind declared not collectable while a collection runs makes its objects roots the mark did
+/// not follow: a sweep after the declaration removes nothing of that mark (neither the kind's
+/// objects nor what they reference), and one before it sweeps as marked.
+pub async fn a_kind_declared_not_collectable_during_a_collection_keeps_what_it_references(
+    h: &Harness,
+) {
+    let s = &h.store;
+    declare(s).await;
+    let digest = s
+        .blob_put(b"layer bytes", labels(&[]), None)
+        .await
+        .unwrap()
+        .digest;
+    obj(s, "image", "i1", &[("fleetdb.io/gc.ref.content", &digest)]).await;
+    let snap = s.backend().gc_snapshot().await.unwrap();
+    let marked = gc::mark(&snap, h.clock.now());
+    assert_eq!(marked.garbage_blobs, std::slice::from_ref(&digest));
+    assert_eq!(
+        marked.garbage_objects.len(),
+        1,
+        "{:?}",
+        marked.garbage_objects
+    );
+    let kinds: Vec<String> = snap
+        .kinds
+        .iter()
+        .filter(|k| k.collectable)
+        .map(|k| k.kind.clone())
+        .collect();
+    assert!(kinds.contains(&"image".to_string()), "{kinds:?}");
+    // Images become roots: image i1 and the blob it references are needed now.
+    s.gc_kind_declare("image", false).await.unwrap();
+    let swept = sweep_marked_kinds(
+        h,
+        snap.revision,
+        vec![],
+        marked.garbage_blobs.clone(),
+        kinds.clone(),
+    )
+    .await;
+    assert!(swept.blobs.is_empty(), "swept {:?}", swept.blobs);
+    assert_eq!(swept.spared, 1);
+    assert_eq!(s.blob_get(&digest).await.unwrap(), b"layer bytes");
+    // A collection now keeps both; declared collectable again, both go.
+    let stats = s.gc_run().await.unwrap();
+    assert_eq!(
+        (stats.swept_objects, stats.swept_blobs),
+        (0, 0),
+        "{stats:?}"
+    );
+    s.gc_kind_declare("image", true).await.unwrap();
+    let stats = s.gc_run().await.unwrap();
+    assert_eq!(
+        (stats.swept_objects, stats.swept_blobs),
+        (1, 1),
+        "{stats:?}"
+    );
 }
 
 /// Exports hold objects and blobs alive while they live (persistent: until unexported; TTL: until

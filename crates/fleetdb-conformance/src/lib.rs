@@ -136,6 +136,7 @@ macro_rules! suite {
             threshold_runs_respect_the_time_budget_requests_do_not,
             a_blob_held_only_by_an_expired_lease_goes_at_the_expiry,
             a_blob_committed_again_during_a_collection_survives_it,
+            a_kind_declared_not_collectable_during_a_collection_keeps_what_it_references,
             a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry,
             exports_hold_objects_and_blobs_while_they_live;
             blob_put_get_ranges_info_list_delete,

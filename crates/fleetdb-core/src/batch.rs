@@ -223,6 +223,11 @@ pub enum Op {
         objects: Vec<ObjectKey>,
         blobs: Vec<String>,
         expired_leases: Vec<String>,
+        /// The kinds the mark took as collectable. If any of them is no longer (declared not
+        /// collectable since), its objects are roots the mark did not follow: the batch removes
+        /// nothing (expired leases aside) and the next collection decides.
+        #[serde(default)]
+        collectable_kinds: Vec<String>,
     },
 }
 
@@ -472,8 +477,12 @@ impl Op {
                 objects,
                 blobs,
                 expired_leases,
+                collectable_kinds,
                 ..
             } => {
+                collectable_kinds
+                    .iter()
+                    .try_for_each(|k| validate::name("kind", k))?;
                 objects.iter().try_for_each(ObjectKey::validate)?;
                 blobs.iter().try_for_each(|d| world::validate_digest(d))?;
                 expired_leases

@@ -243,7 +243,17 @@ pub(crate) async fn apply_gc_op<T: TxRows + ?Sized>(
             objects,
             blobs,
             expired_leases,
-        } => sweep(rows, *mark_revision, objects, blobs, expired_leases, now).await,
+            collectable_kinds,
+        } => {
+            let batch = SweepBatch {
+                mark: *mark_revision,
+                objects,
+                blobs,
+                expired_leases,
+                collectable_kinds,
+            };
+            sweep(rows, batch, now).await
+        }
         other => Err(Error::Backend(format!(
             "not a lease or collection operation: {other:?}"
         ))),
@@ -299,15 +309,49 @@ async fn protected_since<T: TxRows + ?Sized>(
     Ok(Some(seen))
 }
 
+/// One `Op::GcSweep`'s fields.
+struct SweepBatch<'a> {
+    mark: Revision,
+    objects: &'a [ObjectKey],
+    blobs: &'a [String],
+    expired_leases: &'a [String],
+    collectable_kinds: &'a [String],
+}
+
+/// Whether a kind the mark took as collectable is no longer collectable. Read in the sweeping
+/// transaction (on PostgreSQL a SERIALIZABLE read of the kinds' rows, so a declaration
+/// committing meanwhile orders after this batch or makes it retry).
+async fn kinds_changed<T: TxRows + ?Sized>(rows: &mut T, kinds: &[String]) -> Result<bool> {
+    for kind in kinds {
+        if !rows
+            .gc_kind_read(kind)
+            .await?
+            .is_some_and(|k| k.collectable)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 async fn sweep<T: TxRows + ?Sized>(
     rows: &mut T,
-    mark: Revision,
-    objects: &[ObjectKey],
-    blobs: &[String],
-    expired_leases: &[String],
+    batch: SweepBatch<'_>,
     now: Timestamp,
 ) -> Result<OpResult> {
-    let Some(protected) = protected_since(rows, mark).await? else {
+    let SweepBatch {
+        mark,
+        objects,
+        blobs,
+        expired_leases,
+        collectable_kinds,
+    } = batch;
+    let protected = if kinds_changed(rows, collectable_kinds).await? {
+        None
+    } else {
+        protected_since(rows, mark).await?
+    };
+    let Some(protected) = protected else {
         return Ok(OpResult {
             changed: false,
             applied: Applied::Swept {
@@ -319,10 +363,7 @@ async fn sweep<T: TxRows + ?Sized>(
             },
         });
     };
-    let mut collectable: HashMap<String, bool> = HashMap::new();
     let (mut swept_objects, mut spared, mut leases) = (0u64, 0u64, 0u64);
-    let mut swept_blobs = Vec::new();
-    let mut bytes = 0u64;
     for id in expired_leases {
         if let Some(l) = rows.lease_read(id).await? {
             if !l.alive_at(now) {
@@ -332,6 +373,9 @@ async fn sweep<T: TxRows + ?Sized>(
             }
         }
     }
+    let mut collectable: HashMap<String, bool> = HashMap::new();
+    let mut swept_blobs = Vec::new();
+    let mut bytes = 0u64;
     // Candidates that something changed during the collection reaches are spared here; the
     // backend's set-based primitive rechecks the revision and the kind inside the transaction.
     let (objects, spared_objects): (Vec<&ObjectKey>, Vec<&ObjectKey>) = objects

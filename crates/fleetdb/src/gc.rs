@@ -587,7 +587,19 @@ impl Store {
         let mut leases = marked.expired_leases.clone();
         let mut freed_digests = Vec::new();
         let mut fresh = Fresh::new(snap.revision);
+        // The kinds the mark removed objects of: every sweep transaction checks they still are
+        // collectable (a kind declared not collectable makes its objects roots the mark did not
+        // follow), and the run stops sparing the rest when one is no longer.
+        let collectable_kinds: Vec<String> = snap
+            .kinds
+            .iter()
+            .filter(|k| k.collectable)
+            .map(|k| k.kind.clone())
+            .collect();
         while !objects.is_empty() || !blobs.is_empty() || !leases.is_empty() {
+            if !fresh.gave_up && self.kinds_changed(&collectable_kinds).await? {
+                fresh.gave_up = true;
+            }
             // What changed since the last batch is protected here, so each sweep transaction
             // only reads the change log written since (see `Fresh`).
             let spared = self.advance(&mut fresh, &mut objects, &mut blobs).await?;
@@ -607,6 +619,7 @@ impl Store {
                 objects: objects.split_off(objects.len() - n_obj),
                 blobs: blobs.split_off(blobs.len() - n_blob),
                 expired_leases: std::mem::take(&mut leases),
+                collectable_kinds: collectable_kinds.clone(),
             };
             let t = Instant::now();
             let batch_now = self.clock.now();
@@ -658,6 +671,22 @@ impl Store {
         self.run_external(&snap, now, &mut stats).await;
         stats.sweep_ms = sweep_start.elapsed().as_secs_f64() * 1000.0;
         Ok(stats)
+    }
+
+    /// Whether a kind of `kinds` (collectable at the mark) is no longer collectable.
+    async fn kinds_changed(&self, kinds: &[String]) -> Result<bool> {
+        if kinds.is_empty() {
+            return Ok(false);
+        }
+        let now: HashSet<String> = self
+            .backend
+            .gc_kinds()
+            .await?
+            .into_iter()
+            .filter(|k| k.collectable)
+            .map(|k| k.kind)
+            .collect();
+        Ok(kinds.iter().any(|k| !now.contains(k)))
     }
 
     /// Protect, outside any transaction, everything reachable from what was put after
