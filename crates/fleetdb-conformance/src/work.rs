@@ -1321,8 +1321,49 @@ pub async fn metrics_count_sessions_work_and_transactions(h: &Harness) {
     std::mem::forget(held);
     std::mem::forget(s); // its session stops renewing
     h.clock.advance(Duration::from_secs(11));
+    let sessions_expired = m.sessions_expired.get();
+    // The store's renewal finds the session gone too: counted once, by the sweep.
+    st.renew_sessions().await.unwrap();
     st.sweep_sessions().await.unwrap();
+    st.renew_sessions().await.unwrap();
     assert_eq!(finished("expired"), expired + 1);
+    assert_eq!(m.sessions_expired.get(), sessions_expired + 1);
+    // A session closed with claims held: each released claim counts `canceled`, the close
+    // `closed`, not `expired`.
+    let (canceled, closed) = (finished("canceled"), m.sessions_closed.get());
+    st.process_define("Q", &[]).await.unwrap();
+    let s = st.session_start(spec("c4")).await.unwrap();
+    let a = s.claim("P", "kind = machine", 2).await.unwrap();
+    let b = s.claim("Q", "kind = machine", 1).await.unwrap();
+    assert_eq!((a.len(), b.len()), (2, 1));
+    assert_eq!(s.clone().close().await.unwrap(), 3);
+    assert_eq!(finished("canceled"), canceled + 2);
+    assert_eq!(
+        m.work_finished.with_label_values(&["Q", "canceled"]).get(),
+        1
+    );
+    assert_eq!(m.sessions_closed.get(), closed + 1);
+    st.renew_sessions().await.unwrap();
+    assert_eq!(m.sessions_expired.get(), sessions_expired + 1);
+    // A transaction refused (here a fenced write whose claim is not held) counts as failed;
+    // none was retried in this single-caller test.
+    let failed = m.transactions_failed.get();
+    let fence = fleetdb::Fence {
+        key: key("default", "machine", "m000"),
+        process: "P".into(),
+        session_id: "gone".into(),
+        token: 1,
+    };
+    let r = st
+        .txn_fenced(&fence, |tx| {
+            let k = fence.key.clone();
+            async move { tx.tag_set(&k, "x", &serde_json::json!(1)) }
+        })
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(m.transactions_failed.get(), failed + 1);
+    assert_eq!(m.transactions_retried.get(), 0);
+    drop((a, b));
 }
 
 pub async fn finish_many_is_all_or_nothing(h: &Harness) {

@@ -583,8 +583,8 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
             crate::world_apply::session_ended(rows, &session, now).await?;
             Ok(OpResult {
                 changed: true,
-                applied: Applied::Done {
-                    count: held.len() as u64,
+                applied: Applied::Released {
+                    processes: held.into_iter().map(|w| w.process).collect(),
                 },
             })
         }

@@ -222,6 +222,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// `wait`). Returns the highest revision below which the log has no holes: a watcher may
     /// deliver everything up to it and resume after it without missing anything. Gap markers are
     /// never returned by [`Backend::changes`].
+    /// Attempts this backend ran again inside one call after a transient failure
+    /// (serialization failure, deadlock), since it was opened: the store adds them to
+    /// `fleetdb_transactions_retried_total`. Backends that never retry internally say 0.
+    fn retries(&self) -> u64 {
+        0
+    }
+
     async fn settled_revision(&self, wait: std::time::Duration) -> Result<Revision> {
         let _ = wait;
         Ok(self.revision().await?.current)

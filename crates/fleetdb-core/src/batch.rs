@@ -589,9 +589,13 @@ pub enum Applied {
     Process(Process),
     /// What `Op::WorkExplain` found.
     WorkExplain(Box<work::WorkExplain>),
-    /// A claim ended (or a session closed, releasing this many claims; or backoffs were cleared).
+    /// A claim ended (or backoffs were cleared: this many).
     Done {
         count: u64,
+    },
+    /// A session closed, releasing its claims: the process of each (once per claim).
+    Released {
+        processes: Vec<String>,
     },
     /// What an export or unexport did, record by record.
     Exports(ExportOutcome),

@@ -199,7 +199,10 @@ impl PostgresBackend {
         expires_at: Timestamp,
     ) -> Result<IngestStatus> {
         check_ingest_start(reference, expected, now, expires_at)?;
-        retrying(|| self.ingest_start_once(reference, expected, now, expires_at)).await
+        retrying(&self.retries, || {
+            self.ingest_start_once(reference, expected, now, expires_at)
+        })
+        .await
     }
 
     async fn ingest_start_once(
@@ -281,7 +284,10 @@ impl PostgresBackend {
                 max: INGEST_WRITE_BYTES_MAX,
             });
         }
-        retrying(|| self.ingest_write_once(reference, offset, data, now)).await
+        retrying(&self.retries, || {
+            self.ingest_write_once(reference, offset, data, now)
+        })
+        .await
     }
 
     async fn ingest_write_once(
@@ -416,7 +422,7 @@ impl PostgresBackend {
     ) -> Result<BlobInfo> {
         validate_ingest_ref(reference)?;
         check_expected(Some((digest, size)))?;
-        let (status, actual) = retrying(|| self.ingest_hash(reference)).await?;
+        let (status, actual) = retrying(&self.retries, || self.ingest_hash(reference)).await?;
         if status.expires_at <= now {
             return Err(Error::not_found(format!(
                 "upload {reference:?} (it expired)"
@@ -513,7 +519,7 @@ impl PostgresBackend {
         len: Option<u64>,
     ) -> Result<Vec<u8>> {
         validate_digest(digest)?;
-        retrying(|| self.blob_read_once(digest, offset, len)).await
+        retrying(&self.retries, || self.blob_read_once(digest, offset, len)).await
     }
 
     async fn blob_read_once(
@@ -574,7 +580,7 @@ impl PostgresBackend {
     pub(crate) async fn content_blob_remove_bytes(&self, digests: &[String]) -> Result<u64> {
         let mut removed = 0;
         for batch in digests.chunks(REMOVE_BATCH) {
-            removed += retrying(|| self.remove_bytes_once(batch)).await?;
+            removed += retrying(&self.retries, || self.remove_bytes_once(batch)).await?;
         }
         Ok(removed)
     }

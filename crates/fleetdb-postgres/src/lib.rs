@@ -195,6 +195,8 @@ pub struct PostgresBackend {
     target: String,
     /// Sweeps done, to refresh the planner statistics of the work tables every few of them.
     sweeps: Arc<std::sync::atomic::AtomicU64>,
+    /// Attempts run again after a transient failure ([`Backend::retries`]).
+    retries: Arc<std::sync::atomic::AtomicU64>,
     /// The pool's connection settings, for the dedicated `LISTEN` connection.
     config: Arc<tokio_postgres::Config>,
     /// The `NOTIFY` channel of this schema (see [`notify::channel_name`]).
@@ -315,6 +317,7 @@ impl PostgresBackend {
             clock,
             target,
             sweeps: Arc::default(),
+            retries: Arc::default(),
             config: listen_config,
             channel: Arc::from(""),
             settled: Arc::default(),
@@ -366,6 +369,12 @@ impl PostgresBackend {
         self.pool.get().await.map_err(pool_err)
     }
 
+    /// Count one attempt run again after a transient failure.
+    pub(crate) fn note_retry(&self) {
+        self.retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Apply `write` in one SERIALIZABLE transaction, retrying transient failures.
     async fn transact(&self, write: Write<'_>) -> Result<Written> {
         let mut attempt = 0;
@@ -381,6 +390,7 @@ impl PostgresBackend {
                             last: msg,
                         });
                     }
+                    self.note_retry();
                     let pause = backoff(attempt);
                     tracing::debug!(attempt, ?pause, reason = %msg, "retrying PostgreSQL transaction");
                     tokio::time::sleep(pause).await;
@@ -502,6 +512,7 @@ impl PostgresBackend {
                             });
                         }
                         drop(client);
+                        self.note_retry();
                         tokio::time::sleep(backoff(attempt)).await;
                     }
                 },
@@ -809,7 +820,7 @@ impl PostgresBackend {
         read_params: &[Param<'_>],
         decide: impl Fn(&[tokio_postgres::Row]) -> Result<Decided<T>>,
     ) -> Result<Option<T>> {
-        retrying(|| async {
+        retrying(&self.retries, || async {
             let client = self.client().await.map_err(Failure::Fail)?;
             let mut guard = TxGuard {
                 client: Some(client),
@@ -1001,6 +1012,7 @@ impl PostgresBackend {
                     attempt = 0;
                 }
                 Err(Failure::Retry(_)) if attempt < COMMIT_ATTEMPTS_MAX => {
+                    self.note_retry();
                     if take == work::Take::Takeover {
                         tokio::time::sleep(backoff(attempt - 1)).await;
                     }
@@ -1168,6 +1180,7 @@ impl PostgresBackend {
                             });
                         }
                         drop(client);
+                        self.note_retry();
                         let pause = backoff(attempt);
                         tracing::debug!(attempt, ?pause, reason = %msg, "retrying PostgreSQL statement");
                         tokio::time::sleep(pause).await;
@@ -1254,7 +1267,10 @@ enum Decided<T> {
 
 /// Run `attempt` until it succeeds or fails for good, pausing between transient failures
 /// ([`backoff`]), at most [`COMMIT_ATTEMPTS_MAX`] times (the fused bulk paths, the content store).
-pub(crate) async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T>
+pub(crate) async fn retrying<T, F, Fut>(
+    retries: &std::sync::atomic::AtomicU64,
+    mut attempt: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, Failure>>,
@@ -1272,6 +1288,7 @@ where
                         last: msg,
                     });
                 }
+                retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(backoff(tried)).await;
             }
         }
@@ -1401,6 +1418,10 @@ const SWEEPS_PER_ORPHAN_CHECK: u64 = 60;
 
 #[async_trait]
 impl Backend for PostgresBackend {
+    fn retries(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn name(&self) -> &'static str {
         "postgres"
     }

@@ -1198,11 +1198,14 @@ async fn a_failing_deferred_write_commits_nothing_and_transient_ones_are_retried
     raw.batch_execute("UPDATE refuse SET mode = 'twice'")
         .await
         .unwrap();
+    let retries = backend.retries();
     let got = backend
         .claim(by_selector("s1", "kind = machine", 2))
         .await
         .unwrap();
     assert_eq!(got.work.len(), 2);
+    // Each attempt run again is counted (the store adds them to transactions_retried).
+    assert_eq!(backend.retries() - retries, 2);
     let refusals: i64 = raw
         .query_one("SELECT last_value FROM refusals", &[])
         .await

@@ -374,6 +374,7 @@ impl Store {
         let r = self.backend.commit(batch).await;
         self.metrics.txn_time(metrics::TxnKind::Write, started);
         self.metrics.txn(&r);
+        self.metrics.backend_retries(self.backend.retries());
         if let Ok(results) = &r {
             self.gc.note(results);
             self.gc.note_deadline(deadline);
@@ -427,6 +428,7 @@ impl Store {
     /// selector) from the store.
     pub async fn metrics_refresh(&self) -> Result<()> {
         self.ready().await?;
+        self.metrics.backend_retries(self.backend.retries());
         let now = self.clock.now();
         let tracked: Vec<(String, String)> = self
             .metrics
@@ -892,6 +894,7 @@ impl Store {
                 Some(_) => metrics::TxnKind::WriteAndClaim,
             };
             self.metrics.txn_time(kind, started);
+            self.metrics.backend_retries(self.backend.retries());
             match committed {
                 Ok((results, claimed)) => {
                     self.metrics.transactions_executed.inc();

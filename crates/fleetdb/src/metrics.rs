@@ -22,6 +22,8 @@ pub struct Metrics {
     /// How long the store's transactions took, from the call to the backend to its answer
     /// (durable), by kind (see [`TxnKind`]). Conflicted attempts are observed one by one.
     pub transaction_seconds: HistogramVec,
+    /// The backend's own retries already added to `transactions_retried` ([`Metrics::backend_retries`]).
+    backend_retries_seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Its children by [`TxnKind`], resolved once (no label lookup per transaction).
     transaction_kinds: [prometheus::Histogram; 3],
     pub work_started: IntCounterVec,
@@ -214,6 +216,7 @@ impl Default for Metrics {
                 "Write transactions that failed.",
             ),
             transaction_seconds,
+            backend_retries_seen: Default::default(),
             transaction_kinds,
             work_started: counter_vec(
                 &r,
@@ -308,6 +311,17 @@ impl Metrics {
     /// Observe one transaction of `kind` that started at `since`.
     pub(crate) fn txn_time(&self, kind: TxnKind, since: Instant) {
         self.transaction_kinds[kind.index()].observe(since.elapsed().as_secs_f64());
+    }
+
+    /// Add the retries a backend made inside its own calls (`Backend::retries`, a running total)
+    /// to `transactions_retried`, each once.
+    pub(crate) fn backend_retries(&self, total: u64) {
+        let prev = self
+            .backend_retries_seen
+            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+        if total > prev {
+            self.transactions_retried.inc_by(total - prev);
+        }
     }
 
     /// Record the result of a write transaction.

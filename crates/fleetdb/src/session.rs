@@ -452,11 +452,9 @@ impl Store {
                     let mut st = s.state();
                     match renewed.get(&s.info.id) {
                         Some(deadline) => st.deadline = *deadline,
-                        // The store says it is gone or past its deadline.
-                        None => {
-                            st.expired = true;
-                            self.metrics.sessions_expired.inc();
-                        }
+                        // The store says it is gone or past its deadline (counted as expired by
+                        // the sweep that removes it, if it expired; a close is counted closed).
+                        None => st.expired = true,
                     }
                 }
                 Ok(())
@@ -465,9 +463,8 @@ impl Store {
                 // Transient: keep trying until the deadline passes.
                 for s in &sessions {
                     let mut st = s.state();
-                    if now >= st.deadline && !st.expired {
+                    if now >= st.deadline {
                         st.expired = true;
-                        self.metrics.sessions_expired.inc();
                     }
                 }
                 tracing::warn!(error = %e, "session renewal failed; retrying until the deadline");
@@ -744,6 +741,9 @@ impl Session {
             .txn_time(crate::metrics::TxnKind::Claim, started);
         // A claim is a transaction like a write: executed or failed.
         self.store.metrics.txn(&claimed);
+        self.store
+            .metrics
+            .backend_retries(self.store.backend.retries());
         let claimed = match claimed {
             // Under heavy contention (PostgreSQL serialization failures on every attempt) a
             // selector claim gets nothing this time, like a claim whose candidates were all taken:
@@ -992,11 +992,13 @@ impl Session {
     }
 
     /// Close the session: release everything it holds (history `Canceled`, cause "session
-    /// closed") and delete it. Returns how many claims were released.
+    /// closed") and delete it. Returns how many claims were released. If the close fails, the
+    /// session lives on (renewed while a clone of it exists), and closing a clone tries again.
     pub async fn close(self) -> Result<u64> {
+        let released = self.store.session_close(self.id()).await?;
         self.store.keeper.forget(self.id());
         self.shared.state().expired = true;
-        self.store.session_close(self.id()).await
+        Ok(released)
     }
 }
 
@@ -1436,12 +1438,20 @@ impl Store {
         let r = self
             .write(vec![Op::SessionClose { id: id.to_string() }])
             .await?;
-        // Counted once it happened (an operator's close of another process's session too).
+        // Counted once it happened (an operator's close of another process's session too), and
+        // so are the claims it released, as `canceled` (their history says "session closed").
         self.metrics.sessions_closed.inc();
-        Ok(match r.first().map(|r| &r.applied) {
-            Some(fleetdb_core::Applied::Done { count }) => *count,
-            _ => 0,
-        })
+        let released = match r.into_iter().next().map(|r| r.applied) {
+            Some(fleetdb_core::Applied::Released { processes }) => processes,
+            _ => Vec::new(),
+        };
+        for process in &released {
+            self.metrics
+                .work_finished
+                .with_label_values(&[process.as_str(), "canceled"])
+                .inc();
+        }
+        Ok(released.len() as u64)
     }
 
     /// Active claims (of live and of not yet swept dead sessions), optionally of one process:
