@@ -150,7 +150,8 @@ pub(crate) const HISTORY_PRUNE: &str = "WITH head AS MATERIALIZED (\
        SELECT seq, at FROM work_history ORDER BY seq LIMIT $2), \
      stop AS (SELECT coalesce(min(seq), 9223372036854775807) AS seq FROM head WHERE at >= $1), \
      d AS (DELETE FROM work_history WHERE seq IN \
-       (SELECT h.seq FROM head h WHERE h.seq < (SELECT seq FROM stop)) RETURNING 1) \
+       (SELECT h.seq FROM head h WHERE h.seq < (SELECT seq FROM stop)) \
+       AND seq < (SELECT max(seq) FROM work_history) RETURNING 1) \
      SELECT count(*) FROM d";
 
 /// Per declared process: claims held by live sessions, backoffs still running at `$1` and, of

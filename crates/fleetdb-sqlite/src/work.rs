@@ -526,9 +526,12 @@ pub(crate) fn history_list(
 /// One batch of [`fleetdb_core::Backend::history_prune`]: of the `batch` oldest rows (by `seq`),
 /// delete those before the first one written at or after `before`.
 pub(crate) fn history_prune(c: &Connection, before: Timestamp, batch: usize) -> Result<u64> {
+    // The newest row stays whatever its age: `seq` is the rowid, and SQLite numbers a row of an
+    // empty table 1 again (the sequence must only grow, as PostgreSQL's identity does).
     let sql = "WITH head AS (SELECT seq, at FROM work_history ORDER BY seq LIMIT +?2) \
         DELETE FROM work_history WHERE seq IN (SELECT seq FROM head WHERE seq < \
-          (SELECT coalesce(min(seq), 9223372036854775807) FROM head WHERE at >= ?1))";
+          (SELECT coalesce(min(seq), 9223372036854775807) FROM head WHERE at >= ?1)) \
+          AND seq < (SELECT max(seq) FROM work_history)";
     Ok(exec(c, sql, params![before.0, batch as i64])? as u64)
 }
 
