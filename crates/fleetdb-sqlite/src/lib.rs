@@ -530,7 +530,19 @@ impl Backend for SqliteBackend {
     }
 
     async fn compact(&self, before: Revision) -> Result<u64> {
-        self.exclusive(move |c| read::compact(c, before)).await
+        let upto = self
+            .exclusive(move |c| read::compact_mark(c, before))
+            .await?;
+        // Batch by batch, each taking the write lock again: writers of this process and of
+        // others go in between.
+        let mut dropped = 0;
+        loop {
+            let n = self.exclusive(move |c| read::compact_rows(c, upto)).await?;
+            dropped += n;
+            if n < read::COMPACT_BATCH as u64 {
+                return Ok(dropped);
+            }
+        }
     }
 
     async fn revision(&self) -> Result<RevisionInfo> {
@@ -812,6 +824,52 @@ mod tests {
             .await
             .unwrap();
         backend
+    }
+
+    /// A compaction of more change rows than one batch deletes them all, batch by batch, and
+    /// reads before the new compaction point fail `Compacted`.
+    #[tokio::test]
+    async fn compaction_deletes_in_batches() {
+        use fleetdb_core::{Op, PutMode};
+        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::ManualClock::new(NOW));
+        let backend = SqliteBackend::open(Location::Memory, SqliteOptions::default(), clock)
+            .await
+            .unwrap();
+        let n = read::COMPACT_BATCH * 2 + 5;
+        for chunk in 0..3 {
+            let ops = (0..n)
+                .filter(|i| i % 3 == chunk)
+                .map(|i| Op::ObjectPut {
+                    key: ObjectKey::new("default", "machine", format!("m{i}")).unwrap(),
+                    labels: Default::default(),
+                    mode: PutMode::Upsert,
+                })
+                .collect();
+            backend
+                .commit(Batch {
+                    preconditions: Vec::new(),
+                    ops,
+                    now: NOW,
+                })
+                .await
+                .unwrap();
+        }
+        let info = backend.revision().await.unwrap();
+        assert!(info.current.0 >= n, "{info:?}");
+        let dropped = backend.compact(Revision(info.current.0 + 1)).await.unwrap();
+        assert!(dropped >= n as u64, "{dropped}");
+        let left: i64 = backend
+            .read(|c| {
+                c.query_row("SELECT count(*) FROM changes", [], |r| r.get(0))
+                    .map_err(map_err)
+            })
+            .unwrap();
+        assert_eq!(left, 0);
+        assert_eq!(backend.revision().await.unwrap().compacted, info.current);
+        assert!(matches!(
+            backend.changes(Revision(1), &Default::default(), 10).await,
+            Err(Error::Compacted { .. })
+        ));
     }
 
     #[test]

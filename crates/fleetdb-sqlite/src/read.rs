@@ -173,8 +173,15 @@ pub(crate) fn changes(
         .collect()
 }
 
-/// Drop change-log entries before `before`, in one transaction on the write connection.
-pub(crate) fn compact(c: &mut Connection, before: Revision) -> Result<u64> {
+/// Change-log rows [`compact_rows`] deletes per transaction: the database's one write lock is
+/// held for one such batch at a time, so other writers (every process's renewals and finishes)
+/// wait for a batch, not for the whole log.
+pub(crate) const COMPACT_BATCH: i64 = 10_000;
+
+/// Move the compaction point to just before `before` (never back, never past the current
+/// revision), in one short transaction: from then on reads before it fail `Compacted`, whether
+/// or not the rows are gone yet. Returns the new compaction point; [`compact_rows`] deletes.
+pub(crate) fn compact_mark(c: &mut Connection, before: Revision) -> Result<i64> {
     let tx = c
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(map_err)?;
@@ -184,14 +191,28 @@ pub(crate) fn compact(c: &mut Connection, before: Revision) -> Result<u64> {
         .saturating_sub(1)
         .min(info.current.0)
         .max(info.compacted.0);
-    let dropped = tx
-        .execute("DELETE FROM changes WHERE revision <= ?1", [new_compacted])
-        .map_err(map_err)?;
     tx.execute(
         "UPDATE fleetdb_meta SET value = ?1 WHERE key = 'compacted_revision'",
         [new_compacted],
     )
     .map_err(map_err)?;
+    tx.commit().map_err(map_err)?;
+    Ok(new_compacted)
+}
+
+/// Delete at most [`COMPACT_BATCH`] change-log rows at or before `upto` (the compaction point),
+/// oldest first, in one transaction. Rows a crash left behind go with the next compaction.
+pub(crate) fn compact_rows(c: &mut Connection, upto: i64) -> Result<u64> {
+    let tx = c
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(map_err)?;
+    let dropped = tx
+        .execute(
+            "DELETE FROM changes WHERE revision IN \
+               (SELECT revision FROM changes WHERE revision <= ?1 ORDER BY revision LIMIT ?2)",
+            [upto, COMPACT_BATCH],
+        )
+        .map_err(map_err)?;
     tx.commit().map_err(map_err)?;
     Ok(dropped as u64)
 }
