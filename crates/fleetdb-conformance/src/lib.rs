@@ -72,6 +72,7 @@ macro_rules! suite {
             conflicting_processes_exclude_each_other,
             finish_runs_writes_and_releases_atomically,
             backoff_follows_bmdb_vectors,
+            a_stale_token_of_the_same_session_is_refused,
             history_records_every_step,
             history_prune_goes_in_write_order,
             dead_session_work_is_claimable_at_its_deadline,

@@ -240,21 +240,26 @@ pub async fn finish_runs_writes_and_releases_atomically(h: &Harness) {
     assert!(matches!(w.cancel().await, Err(Error::WorkLost { .. })));
 }
 
-pub async fn backoff_follows_bmdb_vectors(h: &Harness) {
+/// Fail the one machine `n` times with `b`, each time once its backoff is over, and say how long
+/// each backoff was (whole seconds); in backoff the object is claimable neither by selector nor
+/// by name.
+async fn backoff_waits(
+    h: &Harness,
+    s: &fleetdb::Session,
+    k: &ObjectKey,
+    b: &Backoff,
+    n: usize,
+) -> Vec<u64> {
     let st = &h.store;
-    st.process_define("Install", &[]).await.unwrap();
-    let ks = machines(h, 1).await;
-    let s = st.session_start(spec("c")).await.unwrap();
-    let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5), 2.0).unwrap();
     let mut seen = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..n {
         let mut w = s
             .claim("Install", "kind = machine", 1)
             .await
             .unwrap()
             .pop()
             .expect("claimable after backoff");
-        w.fail(&b, "disk on fire").await.unwrap();
+        w.fail(b, "disk on fire").await.unwrap();
         let bo = st
             .backoff_list(Some("Install"), true, 10)
             .await
@@ -264,14 +269,13 @@ pub async fn backoff_follows_bmdb_vectors(h: &Harness) {
         assert_eq!(bo.cause, "disk on fire");
         let wait = Duration::from_micros((bo.until.0 - h.clock.now().0) as u64);
         seen.push(wait.as_secs());
-        // In backoff: not claimable, neither by selector nor by name, until it ends.
         assert!(s
             .claim("Install", "kind = machine", 1)
             .await
             .unwrap()
             .is_empty());
         assert!(matches!(
-            s.claim_object(&ks[0], "Install").await,
+            s.claim_object(k, "Install").await,
             Err(Error::Conflict { .. })
         ));
         h.clock.advance(wait - Duration::from_millis(1));
@@ -283,31 +287,57 @@ pub async fn backoff_follows_bmdb_vectors(h: &Harness) {
         h.clock.advance(Duration::from_millis(1));
         h.store.renew_sessions().await.unwrap();
     }
-    assert_eq!(seen, vec![1, 2, 4, 5, 5]);
-    // Finish resets the sequence.
-    s.claim("Install", "kind = machine", 1)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .finish(|_| async { Ok(()) })
+    seen
+}
+
+pub async fn backoff_follows_bmdb_vectors(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s = st
+        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(3600)))
         .await
         .unwrap();
+    let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5), 2.0).unwrap();
+    assert_eq!(
+        backoff_waits(h, &s, &ks[0], &b, 5).await,
+        vec![1, 2, 4, 5, 5]
+    );
+    let finish = || async {
+        s.claim("Install", "kind = machine", 1)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+            .finish(|_| async { Ok(()) })
+            .await
+            .unwrap();
+    };
+    // Finish resets the sequence: it starts over at the initial interval.
+    finish().await;
     assert!(st.backoff_list(None, false, 10).await.unwrap().is_empty());
+    assert_eq!(backoff_waits(h, &s, &ks[0], &b, 2).await, vec![1, 2]);
+    // BMDB's second vector: {60s, 120s, 1.1}, rounded up to whole seconds.
+    finish().await;
+    let slow = Backoff::new(Duration::from_secs(60), Duration::from_secs(120), 1.1).unwrap();
+    assert_eq!(
+        backoff_waits(h, &s, &ks[0], &slow, 9).await,
+        vec![60, 66, 73, 81, 90, 99, 109, 120, 120]
+    );
     let mut w = s
         .claim("Install", "kind = machine", 1)
         .await
         .unwrap()
         .pop()
         .unwrap();
-    w.fail(&b, "again").await.unwrap();
+    w.fail(&slow, "again").await.unwrap();
     let bo = st
         .backoff_list(None, false, 10)
         .await
         .unwrap()
         .pop()
         .unwrap();
-    assert_eq!(bo.last_interval_s, 1);
+    assert_eq!(bo.last_interval_s, 120);
     // Operators can clear it.
     assert!(st.backoff_clear(&ks[0], "Install").await.unwrap());
     assert!(!st.backoff_clear(&ks[0], "Install").await.unwrap());
@@ -315,6 +345,49 @@ pub async fn backoff_follows_bmdb_vectors(h: &Harness) {
         s.claim("Install", "kind = machine", 1).await.unwrap().len(),
         1
     );
+}
+
+/// The fencing token alone decides: a handle of a claim the same live session has since taken
+/// again (after an operator's cancel) is refused — finish, cancel and fail all `WorkLost`,
+/// changing nothing — and the new claim stays held.
+pub async fn a_stale_token_of_the_same_session_is_refused(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 1).await;
+    let s = st.session_start(spec("c")).await.unwrap();
+    let mut old = s.claim_object(&ks[0], "P").await.unwrap();
+    assert!(st.work_cancel(&ks[0], "P").await.unwrap());
+    let mut new = s.claim_object(&ks[0], "P").await.unwrap();
+    assert!(new.info().token > old.info().token);
+    assert_eq!(new.info().session_id, old.info().session_id);
+    let history = || async {
+        st.history(&HistoryFilter::Object(ks[0].clone()), None, 100)
+            .await
+            .unwrap()
+            .items
+    };
+    let before = history().await;
+    let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5), 2.0).unwrap();
+    assert!(matches!(
+        old.fail(&b, "stale").await,
+        Err(Error::WorkLost { .. })
+    ));
+    assert!(matches!(
+        old.finish(|tx| {
+            let k = ks[0].clone();
+            async move { tx.tag_set(&k, "done", &json!(true)) }
+        })
+        .await,
+        Err(Error::WorkLost { .. })
+    ));
+    assert!(matches!(old.cancel().await, Err(Error::WorkLost { .. })));
+    assert_eq!(history().await, before, "nothing written");
+    assert!(st.tag_get(&ks[0], "done").await.unwrap().is_none());
+    assert!(st.backoff_list(None, false, 10).await.unwrap().is_empty());
+    let held = st.work_list(Some("P"), 10).await.unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].token, new.info().token);
+    new.finish(|_| async { Ok(()) }).await.unwrap();
 }
 
 pub async fn history_records_every_step(h: &Harness) {
@@ -891,9 +964,10 @@ pub async fn claim_wait_wakes_on_a_change(h: &Harness) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let k = machines(h, 1).await.remove(0);
     st.tag_set(&k, "ready", &json!(true)).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+    // Within a second of the change (issue 3), with a second of slack for a loaded machine.
+    let got = tokio::time::timeout(Duration::from_secs(2), waiter)
         .await
-        .expect("woke")
+        .expect("woke within 2 s of the change")
         .unwrap()
         .unwrap();
     assert_eq!(got.len(), 1);
@@ -1094,6 +1168,23 @@ pub async fn bmdb_workflow_selectors(h: &Harness) {
             .collect();
         assert_eq!(got, expected, "{sel}");
         assert_eq!(st.count(sel).await.unwrap(), expected.len() as u64);
+    }
+    // Claims take exactly what the listings show: the same selector drives both (on
+    // PostgreSQL a claim builds its own FROM clause, driven by the first required tag).
+    let s = st.session_start(spec("workflows")).await.unwrap();
+    for (process, sel, expected) in [
+        ("AgentStart", agent_start, vec!["fresh", "installed"]),
+        ("Recovery", recovery, vec!["silent", "stale"]),
+        ("Install", install, vec!["first-install", "install"]),
+    ] {
+        st.process_define(process, &[]).await.unwrap();
+        let mut got: Vec<String> = Vec::new();
+        for mut w in s.claim(process, sel, 100).await.unwrap() {
+            got.push(w.key().id.clone());
+            w.cancel().await.unwrap();
+        }
+        got.sort();
+        assert_eq!(got, expected, "claimed by {process}: {sel}");
     }
     let err = st.select("has(provided) and", None, 10).await.unwrap_err();
     assert!(err.to_string().contains("selector"), "{err}");
