@@ -1296,7 +1296,37 @@ pub async fn selector_sql_agrees_with_reference(h: &Harness) {
             all.push((o, tags));
         }
     }
-    for sel in selectors {
+    // Then random compositions of them (and, or, not, nesting), seeded: the SQL of every
+    // shape of expression, not only the hand-picked ones. Every fourth is also claimed (a
+    // claim builds its own query on PostgreSQL) and must take exactly the matches.
+    let mut rng = Rng(0xC0FF_EE15_600D_F00D);
+    fn compose(rng: &mut Rng, atoms: &[&str], depth: u32) -> String {
+        match if depth == 0 { 0 } else { rng.below(4) } {
+            0 => format!("({})", atoms[rng.below(atoms.len() as u64) as usize]),
+            1 => format!("not {}", compose(rng, atoms, depth - 1)),
+            2 => format!(
+                "({} and {})",
+                compose(rng, atoms, depth - 1),
+                compose(rng, atoms, depth - 1)
+            ),
+            _ => format!(
+                "({} or {})",
+                compose(rng, atoms, depth - 1),
+                compose(rng, atoms, depth - 1)
+            ),
+        }
+    }
+    let mut all_selectors: Vec<String> = selectors.iter().map(|s| s.to_string()).collect();
+    for _ in 0..120 {
+        all_selectors.push(compose(&mut rng, &selectors, 3));
+    }
+    st.process_define("Diff", &[]).await.unwrap();
+    let claimer = st
+        .session_start(SessionSpec::new("diff", "h").ttl(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    for (i, sel) in all_selectors.iter().enumerate() {
+        let sel = sel.as_str();
         let parsed = Selector::parse(sel).unwrap();
         let mut expected: Vec<String> = all
             .iter()
@@ -1329,6 +1359,13 @@ pub async fn selector_sql_agrees_with_reference(h: &Harness) {
             expected.len() as u64,
             "count {sel}"
         );
+        if i % 4 == 3 {
+            let mut works = claimer.claim("Diff", sel, 1000).await.unwrap();
+            let mut claimed: Vec<String> = works.iter().map(|w| w.key().to_string()).collect();
+            claimed.sort();
+            assert_eq!(claimed, expected, "claim {sel}");
+            claimer.finish_many(&mut works).await.unwrap();
+        }
     }
 }
 
