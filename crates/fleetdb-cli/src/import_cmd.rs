@@ -300,12 +300,12 @@ pub async fn import(
     match fmt {
         Format::Json => output::print_json(&json!({
             "objects": written,
-            "transactions": items.len().div_ceil(batch),
+            "transactions": chunks.len(),
             "seconds": secs,
         })),
         Format::Table => println!(
             "imported {written} objects in {} transactions ({secs:.2} s)",
-            items.len().div_ceil(batch)
+            chunks.len()
         ),
     }
     Ok(())
