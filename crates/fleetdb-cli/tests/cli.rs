@@ -645,3 +645,342 @@ fn a_closed_stdout_ends_the_command_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(141), "{stderr}");
 }
+
+/// `fleetdb worker` of `process` in the background, its command a long `sleep`: it holds up to
+/// `limit` claims until killed (on drop; its command dies with it).
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hold(db: &Db, component: &str, process: &str, limit: &str) -> Holder {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetdb"));
+    cmd.current_dir(db.dir.path())
+        .env_remove("FLEETDB_NAMESPACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if db.url.is_empty() {
+        cmd.env_remove("FLEETDB_DB");
+    } else {
+        cmd.env("FLEETDB_DB", &db.url);
+    }
+    cmd.args([
+        "worker",
+        "--component",
+        component,
+        "--process",
+        process,
+        "--selector",
+        "kind = machine",
+        "--limit",
+        limit,
+        "--concurrency",
+        limit,
+        "--",
+        "sleep",
+        "60",
+    ]);
+    Holder(cmd.spawn().expect("run fleetdb worker"))
+}
+
+/// `work ls` (of `process`, if given): the JSON array.
+fn claims(db: &Db, process: Option<&str>) -> Vec<Value> {
+    let mut args = vec!["work", "ls"];
+    args.extend(process.map(|p| ["--process", p]).into_iter().flatten());
+    ok_json(db, &args).as_array().unwrap().clone()
+}
+
+/// Waits until `process` has `n` claims, at most 20 s.
+fn wait_for_claims(db: &Db, process: &str, n: usize) -> Vec<Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let held = claims(db, Some(process));
+        if held.len() == n {
+            return held;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "timed out waiting for {n} claim(s) of {process}: {held:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `session ls`, `session show ID` (the session and the claims it holds) and `session close ID`
+/// (an operator's: the session is gone from `session ls` and its claim released with a
+/// `Canceled` history row, cause "session closed"); an unknown id exits 3.
+#[test]
+fn session_show_and_close_release_the_claim() {
+    let db = sqlite_db();
+    ok_json(&db, &["process", "define", "Install"]);
+    ok_json(&db, &["object", "put", "machine", "m1"]);
+    let _holder = hold(&db, "holder", "Install", "1");
+    let held = wait_for_claims(&db, "Install", 1);
+    let token = held[0]["token"].as_i64().unwrap();
+
+    let sessions = ok_json(&db, &["session", "ls"]);
+    assert_eq!(sessions.as_array().unwrap().len(), 1, "{sessions}");
+    let s = &sessions[0];
+    let id = s["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (&s["component"], &s["alive"], &s["ttl_ms"]),
+        (&"holder".into(), &true.into(), &10_000.into()),
+        "{s}"
+    );
+    assert_eq!(held[0]["session_id"], id.as_str());
+
+    let show = ok_json(&db, &["session", "show", &id]);
+    for field in [
+        "id",
+        "component",
+        "host",
+        "runtime_info",
+        "ttl_ms",
+        "created_at",
+    ] {
+        assert_eq!(show[field], s[field], "{field}: {show}");
+    }
+    assert!(show["runtime_info"]
+        .as_str()
+        .unwrap()
+        .starts_with("fleetdb worker pid "));
+    let work = show["work"].as_array().unwrap();
+    assert_eq!(work.len(), 1, "{show}");
+    assert_eq!(
+        (&work[0]["kind"], &work[0]["id"], &work[0]["process"]),
+        (&"machine".into(), &"m1".into(), &"Install".into())
+    );
+    assert_eq!(
+        (&work[0]["session_id"], &work[0]["token"]),
+        (&id.as_str().into(), &token.into())
+    );
+    let table = fleetdb(&db, &["session", "show", &id], None);
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.starts_with(&format!("id:           {id}\n"))
+            && table.contains(&format!(
+                "work:         Install default/machine/m1 (token {token})"
+            )),
+        "{table}"
+    );
+
+    let closed = ok_json(&db, &["session", "close", &id]);
+    assert_eq!(
+        (&closed["closed"], &closed["released"]),
+        (&id.as_str().into(), &1.into())
+    );
+    let after = ok_json(&db, &["session", "ls"]);
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["id"] != id.as_str()),
+        "a closed session is not listed: {after}"
+    );
+    assert!(claims(&db, None).is_empty(), "its claim is released");
+    let h = ok_json(&db, &["history", "machine", "m1"]);
+    let last = &h["items"][0];
+    assert_eq!(
+        (&last["event"], &last["cause"], &last["process"]),
+        (
+            &"Canceled".into(),
+            &"session closed".into(),
+            &"Install".into()
+        ),
+        "{h}"
+    );
+    assert_eq!(
+        (&last["session_id"], &last["token"]),
+        (&id.as_str().into(), &token.into())
+    );
+    assert_eq!(h["items"][1]["event"], "Started", "{h}");
+    assert_eq!(
+        ok_json(&db, &["process", "ls"])[0]["active_work"],
+        0,
+        "no claim held"
+    );
+    assert!(
+        ok_json(&db, &["backoff", "ls"])
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "a close is not the object's failure"
+    );
+
+    // Gone: show and close say so (exit 3).
+    for cmd in ["show", "close"] {
+        let (code, err) = fails(&db, &["session", cmd, &id], None);
+        assert_eq!(code, 3, "session {cmd}: {err}");
+        assert!(
+            err.contains(&format!("session {id} not found")),
+            "session {cmd}: {err}"
+        );
+    }
+    let (code, err) = fails(&db, &["-o", "json", "session", "show", "no-such"], None);
+    assert_eq!(code, 3);
+    let v: Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
+}
+
+/// `process define NAME --conflicts A,B`: `process ls` shows the conflicts (JSON and table), a
+/// claim of A keeps the object from the conflicting process, and a conflict with an undeclared
+/// process is refused (exit 2, naming it) and writes nothing. `work ls --process P` lists only
+/// P's claims.
+#[test]
+fn process_conflicts_and_work_ls_by_process() {
+    let db = sqlite_db();
+    ok_json(&db, &["process", "define", "Install"]);
+    ok_json(&db, &["process", "define", "Wipe"]);
+    let p = ok_json(
+        &db,
+        &[
+            "process",
+            "define",
+            "Provision",
+            "--conflicts",
+            "Install,Wipe",
+        ],
+    );
+    assert_eq!(p[0]["conflicts"], serde_json::json!(["Install", "Wipe"]));
+    let conflicts = |db: &Db| -> Vec<(String, Value)> {
+        ok_json(db, &["process", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_string(),
+                    p["conflicts"].clone(),
+                )
+            })
+            .collect()
+    };
+    let want = vec![
+        ("Install".to_string(), serde_json::json!([])),
+        (
+            "Provision".to_string(),
+            serde_json::json!(["Install", "Wipe"]),
+        ),
+        ("Wipe".to_string(), serde_json::json!([])),
+    ];
+    assert_eq!(conflicts(&db), want);
+    let table = fleetdb(&db, &["process", "ls"], None);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.starts_with(&["Provision", "Install,Wipe", "active"])
+        }),
+        "{table}"
+    );
+
+    // A conflict with an undeclared process: refused, nothing written (a new process is not
+    // declared, an existing one keeps its conflicts).
+    for name in ["Reimage", "Provision"] {
+        let (code, err) = fails(
+            &db,
+            &["process", "define", name, "--conflicts", "Install,Nope"],
+            None,
+        );
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(
+            err.starts_with("error: ")
+                && err.contains("conflicting process \"Nope\"")
+                && err.contains("not declared"),
+            "{name}: {err}"
+        );
+    }
+    let (_, err) = fails(
+        &db,
+        &[
+            "-o",
+            "json",
+            "process",
+            "define",
+            "Reimage",
+            "--conflicts",
+            "Nope",
+        ],
+        None,
+    );
+    let v: Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(v["error"]["code"], "invalid");
+    assert_eq!(conflicts(&db), want);
+
+    // Claims of two processes at once: Install holds two machines, Wipe one.
+    for m in ["m1", "m2", "m3"] {
+        ok_json(&db, &["object", "put", "machine", m]);
+    }
+    let _install = hold(&db, "installer", "Install", "2");
+    let _wipe = hold(&db, "wiper", "Wipe", "1");
+    let install = wait_for_claims(&db, "Install", 2);
+    let wipe = wait_for_claims(&db, "Wipe", 1);
+    assert!(
+        install.iter().all(|w| w["process"] == "Install"),
+        "{install:?}"
+    );
+    assert_ne!(install[0]["id"], install[1]["id"]);
+    assert_eq!(
+        install[0]["session_id"], install[1]["session_id"],
+        "one worker's session"
+    );
+    assert_eq!(wipe[0]["process"], "Wipe");
+    assert_ne!(wipe[0]["session_id"], install[0]["session_id"]);
+    assert!(claims(&db, Some("Provision")).is_empty());
+    let all = claims(&db, None);
+    assert_eq!(all.len(), 3, "{all:?}");
+    let by_process = |p: &str| {
+        all.iter()
+            .filter(|w| w["process"] == p)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(by_process("Install"), install);
+    assert_eq!(by_process("Wipe"), wipe);
+    let table = fleetdb(&db, &["work", "ls", "--process", "Wipe"], None);
+    let table = String::from_utf8_lossy(&table.stdout);
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert!(
+        rows.len() == 1 && rows[0].starts_with("Wipe "),
+        "only Wipe's claim: {table}"
+    );
+
+    // The conflict holds: an object Install holds cannot go to Provision; a free one can.
+    let taken = install[0]["id"].as_str().unwrap();
+    let e = ok_json(
+        &db,
+        &[
+            "work",
+            "explain",
+            "machine",
+            taken,
+            "--process",
+            "Provision",
+        ],
+    );
+    assert_eq!(e["claimable"], false, "{e}");
+    assert!(
+        e["blockers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b.as_str().unwrap().contains("held for process Install")),
+        "{e}"
+    );
+    let free = ["m1", "m2", "m3"]
+        .into_iter()
+        .find(|m| all.iter().all(|w| w["id"] != *m))
+        .expect("one machine is free");
+    let e = ok_json(
+        &db,
+        &["work", "explain", "machine", free, "--process", "Provision"],
+    );
+    assert_eq!(e["claimable"], true, "{e}");
+}

@@ -60,6 +60,25 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A time of the CLI's JSON (RFC 3339 UTC with microseconds).
+fn time(v: &Value) -> std::time::SystemTime {
+    let text = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+/// The deadline of the one session of `component` in `session ls`, if it is listed.
+fn deadline_of(url: &str, dir: &std::path::Path, component: &str) -> Option<std::time::SystemTime> {
+    let sessions = json(url, dir, &["session", "ls"]);
+    let mine: Vec<&Value> = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["component"] == component)
+        .collect();
+    assert!(mine.len() <= 1, "one session of {component}: {sessions}");
+    mine.first().map(|s| time(&s["deadline"]))
+}
+
 /// Whether process `pid` still runs (a zombie does not).
 fn running(pid: &str) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -214,9 +233,16 @@ fn crash_and_take_over(url: &str) {
         .unwrap()
         .trim()
         .to_string();
+    // A's deadline as the store has it just before the kill; a renewal may still land between
+    // this read and the kill, so it is read again after (deadlines only move forward): the later
+    // of the two is the earliest moment another claim may take m1.
+    let mut deadline = deadline_of(url, d, "crashy").expect("A's session is listed while it works");
     a.0.kill().unwrap(); // SIGKILL: no cleanup, no close, no cancel
     a.0.wait().unwrap();
     let killed_at = Instant::now();
+    if let Some(after) = deadline_of(url, d, "crashy") {
+        deadline = deadline.max(after);
+    }
     // Its command dies with it (it would otherwise go on working on an object about to be
     // someone else's).
     wait_for("A's command to die with A", Duration::from_secs(5), || {
@@ -267,6 +293,21 @@ fn crash_and_take_over(url: &str) {
     assert!(
         tokens[0] > a_token,
         "the new claim has a newer fencing token"
+    );
+    // B's claim started at A's deadline or after it, never while A's session could still be
+    // alive.
+    let b_started = h["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "Started" && e["component"] == "rescuer")
+        .unwrap_or_else(|| panic!("no Started row of the rescuer: {h}"));
+    assert!(
+        time(&b_started["at"]) >= deadline,
+        "B started at {} before A's deadline {}",
+        b_started["at"],
+        humantime::format_rfc3339_micros(deadline)
     );
 }
 
@@ -904,4 +945,152 @@ fn backoff_and_work_listings_page() {
     assert_eq!(bad.status.code(), Some(2), "a bad cursor is a usage error");
     let none = json(&url, d, &["work", "ls", "--session", "s-none", "--all"]);
     assert_eq!(none, serde_json::json!([]));
+}
+
+/// A command that runs longer than the session's TTL keeps its claim: the worker renews the
+/// session while it runs, so the run finishes, and nothing expires.
+#[test]
+fn a_command_longer_than_the_ttl_keeps_its_claim() {
+    let (dir, url) = sqlite_store("Install", &["m1"]);
+    let d = dir.path();
+    let start = Instant::now();
+    let out = work_once(
+        &url,
+        d,
+        "Install",
+        &["--ttl", "1s"],
+        &["sh", "-c", "sleep 3"],
+    );
+    assert!(out.status.success());
+    assert!(start.elapsed() >= Duration::from_secs(3));
+    let h = json(&url, d, &["history", "machine", "m1"]);
+    let ev: Vec<&str> = h["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(ev, ["Started", "Finished"], "no Expired row: {h}");
+    let (started, finished) = (time(&h["items"][1]["at"]), time(&h["items"][0]["at"]));
+    assert!(
+        finished.duration_since(started).unwrap() >= Duration::from_secs(3),
+        "the claim was held for the whole run, three TTLs: {h}"
+    );
+    assert_eq!(h["items"][0]["token"], h["items"][1]["token"], "one claim");
+    assert!(json(&url, d, &["work", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(json(&url, d, &["backoff", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// An operator closes a worker's session while its command runs (`session close` from another
+/// process): the worker kills the command at once and exits with `session_expired` (exit 4,
+/// docs/cli.md, "Lost session"); the claim was released by the close (`Canceled`, "session
+/// closed") and the object is free for the next worker.
+#[test]
+fn a_closed_session_kills_the_command_and_ends_the_worker() {
+    let (dir, url) = sqlite_store("Provision", &["m1"]);
+    let d = dir.path();
+    let pidfile = d.join("command.pid");
+    let w = fleetdb(&url, d)
+        .env("PIDFILE", &pidfile)
+        .args([
+            "worker",
+            "--component",
+            "w",
+            "--process",
+            "Provision",
+            "--selector",
+            "kind = machine",
+            "--ttl",
+            "3s",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > \"$PIDFILE\"; exec sleep 30",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut w = Killed(w);
+    let lines = stderr_lines(&mut w.0);
+    wait_for("the command to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let command_pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(running(&command_pid));
+    let sessions = json(&url, d, &["session", "ls"]);
+    assert_eq!(sessions.as_array().unwrap().len(), 1, "{sessions}");
+    let id = sessions[0]["id"].as_str().unwrap().to_string();
+    let held = json(&url, d, &["work", "ls"]);
+    assert_eq!(held[0]["session_id"], id.as_str(), "{held}");
+    let token = held[0]["token"].as_i64().unwrap();
+
+    let closed = json(&url, d, &["session", "close", &id]);
+    assert_eq!(
+        (&closed["closed"], &closed["released"]),
+        (&id.as_str().into(), &1.into())
+    );
+    let closed_at = Instant::now();
+    let status = wait_exit(&mut w.0, Duration::from_secs(10));
+    let took = closed_at.elapsed();
+    let said = lines.lock().unwrap().join("\n");
+    assert_eq!(status.code(), Some(4), "exit 4 (session_expired): {said}");
+    assert!(
+        said.contains(&format!("error: session {id} has expired")),
+        "{said}"
+    );
+    // Seen at the next renewal (every TTL/3), not at the end of the command.
+    assert!(
+        took < Duration::from_secs(5),
+        "the worker ended {took:?} after the close"
+    );
+    assert!(
+        !running(&command_pid),
+        "the command was killed with the session"
+    );
+
+    let h = json(&url, d, &["history", "machine", "m1"]);
+    let ev: Vec<(&str, &Value)> = h["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| (e["event"].as_str().unwrap(), &e["cause"]))
+        .collect();
+    assert_eq!(
+        ev,
+        [
+            ("Started", &Value::Null),
+            ("Canceled", &"session closed".into())
+        ],
+        "{h}"
+    );
+    assert_eq!(h["items"][0]["token"], token);
+    assert!(json(&url, d, &["session", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(json(&url, d, &["work", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Not the object's fault: no backoff, and the next worker gets it.
+    assert!(json(&url, d, &["backoff", "ls"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    work_once(&url, d, "Provision", &[], &["true"]);
+    let h = json(&url, d, &["history", "machine", "m1"]);
+    assert_eq!(h["items"][0]["event"], "Finished", "{h}");
+    assert!(h["items"][0]["token"].as_i64().unwrap() > token);
 }
