@@ -1046,7 +1046,7 @@ fn a_closed_session_kills_the_command_and_ends_the_worker() {
     let said = lines.lock().unwrap().join("\n");
     assert_eq!(status.code(), Some(4), "exit 4 (session_expired): {said}");
     assert!(
-        said.contains(&format!("error: session {id} has expired")),
+        said.contains(&format!("error: session {id} has expired or was closed")),
         "{said}"
     );
     // Seen at the next renewal (every TTL/3), not at the end of the command.

@@ -40,7 +40,7 @@ pub enum Error {
     #[error("conflict: {what} changed since it was read")]
     Conflict { what: String },
     /// The session has expired (or was closed): every later call on it fails; start a new one.
-    #[error("session {session_id} has expired")]
+    #[error("session {session_id} has expired or was closed")]
     SessionExpired { session_id: String },
     /// The claim is no longer held by this session with this fencing token; nothing was changed.
     #[error("work lost: {what}")]
