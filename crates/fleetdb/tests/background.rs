@@ -27,6 +27,8 @@ async fn background_renews_sessions_and_prunes_history() {
         .await
         .unwrap();
     let mut w = s.claim_object(&k, "P").await.unwrap();
+    w.cancel().await.unwrap();
+    let mut w = s.claim_object(&k, "P").await.unwrap();
     let first_deadline = s.deadline();
     // Past the first deadline by 1.5 s: only renewals (every 667 ms) keep it alive. (A TTL of 1 s
     // left a loaded machine 333 ms of slack between renewals, and expired once.)
@@ -38,12 +40,14 @@ async fn background_renews_sessions_and_prunes_history() {
     assert!(s.deadline() > first_deadline);
     let row = store.session_get(s.id()).await.unwrap().unwrap();
     assert!(row.deadline > first_deadline);
-    // The Started row is older than the 1 s retention: the background sweep pruned it.
+    // Every row is older than the 1 s retention: the background sweep pruned all but the
+    // newest (the second claim's Started, which carries the sequence on).
     let hist = store
         .history(&HistoryFilter::Object(k.clone()), None, 10)
         .await
         .unwrap();
-    assert!(hist.items.is_empty(), "{:?}", hist.items);
+    assert_eq!(hist.items.len(), 1, "{:?}", hist.items);
+    assert_eq!(hist.items[0].token, w.token());
     w.finish(|_| async { Ok(()) }).await.unwrap();
     s.close().await.unwrap();
 }
