@@ -185,14 +185,23 @@ impl Drop for Turn {
         if taken.is_empty() {
             return;
         }
-        // Without a runtime (shutting down) the waiting ones' replies drop with `taken`, and each
-        // caller still there runs its write alone.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let backend = self.0.clone();
-            runtime.spawn(async move {
-                let _turn = Turn(backend.clone());
-                backend.commit_shared(taken).await;
-            });
+        // The turn goes with `taken`, made before the task: a task dropped unpolled (a runtime
+        // shutting down) or none at all still passes it on when it drops. Without a runtime the
+        // waiting ones' replies drop with `taken` (each caller still there runs its write
+        // alone), and the turn passes to the next waiting ones the same way until none is left.
+        let turn = Turn(self.0.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let backend = self.0.clone();
+                runtime.spawn(async move {
+                    let _turn = turn;
+                    backend.commit_shared(taken).await;
+                });
+            }
+            Err(_) => {
+                drop(taken);
+                drop(turn);
+            }
         }
     }
 }
@@ -311,6 +320,53 @@ mod tests {
 
     fn ids(ws: &[Waiting]) -> Vec<String> {
         ws.iter().map(|w| w.key.id.clone()).collect()
+    }
+
+    /// A turn dropped where there is no runtime (a transaction's future dropped on a plain
+    /// thread, or a runtime shutting down) with a write waiting behind it is not lost: the
+    /// waiting write runs alone, and later writes get a turn at once.
+    #[tokio::test]
+    async fn a_turn_dropped_without_a_runtime_is_passed_on() {
+        let (backend, base, schema) = crate::test_backend(2).await;
+        let create = |id: &str| {
+            let key = ObjectKey::new("default", "job", id).unwrap();
+            Batch {
+                preconditions: Vec::new(),
+                now: Timestamp(5),
+                ops: vec![Op::ObjectPut {
+                    key,
+                    labels: fleetdb_core::Labels::new(),
+                    mode: fleetdb_core::PutMode::Create,
+                }],
+            }
+        };
+        let key = ObjectKey::new("default", "job", "held").unwrap();
+        assert!(backend
+            .writes
+            .enter(Shape::Create, &key, &create("held"))
+            .is_none());
+        let turn = Turn(backend.clone());
+        let waiter = {
+            let backend = backend.clone();
+            let batch = create("waiting");
+            tokio::spawn(
+                async move { fleetdb_core::backend::Backend::commit(&backend, batch).await },
+            )
+        };
+        while backend.writes.lock().waiting.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        std::thread::spawn(move || drop(turn)).join().unwrap();
+        waiter.await.unwrap().unwrap();
+        let later = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            fleetdb_core::backend::Backend::commit(&backend, create("later")),
+        )
+        .await
+        .expect("a later write gets a turn");
+        later.unwrap();
+        assert_eq!(backend.writes.lock().in_flight, 0);
+        crate::testing::drop_schema(&base, &schema).await.unwrap();
     }
 
     #[test]
