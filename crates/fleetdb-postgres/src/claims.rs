@@ -23,7 +23,9 @@
 //! The rules that keep it the claims' own semantics:
 //! - a claim is either answered from the shared transaction or handed back to its caller, which
 //!   runs it alone (with its retries): every claim of a transaction that failed (nothing of it
-//!   was written), one whose finish failed a check (that finish wrote nothing, the take skipped
+//!   was written; but when the database could not be used — a connection lost, perhaps after
+//!   COMMIT went out — every caller gets that error, as alone: a finish that committed must
+//!   not run again), one whose finish failed a check (that finish wrote nothing, the take skipped
 //!   the claim; alone, the general path names the failure), and the claim part of one whose
 //!   candidates were all gone at the take (its session died meanwhile, or they stopped
 //!   matching) — its finish committed;
@@ -775,8 +777,19 @@ impl PostgresBackend {
                 gate: None,
             },
         )
-        .await
-        .ok()?;
+        .await;
+        let txn = match txn {
+            Ok(txn) => txn,
+            // The database could not be used: the transaction may have committed (the
+            // connection lost after COMMIT went out). Nothing is handed back to run again — a
+            // finish that committed would fail `WorkLost` alone, and the work taken for it would
+            // be held for nobody: every caller gets the error, as each would have alone.
+            Err(Failure::Fail(e @ Error::Unavailable(_))) => {
+                return Some(taken.iter().map(|_| Answer::Done(Err(e.clone()))).collect());
+            }
+            // Nothing of it was written (a statement failed, so COMMIT rolled back).
+            Err(_) => return None,
+        };
         clock_hand.set_limited(txn.limited);
         clock_hand.advance_to(&hand, &txn.taken_keys(), now);
         let passed = |f: usize| txn.finished.as_ref().is_some_and(|done| done.passed(f));
@@ -817,13 +830,14 @@ impl PostgresBackend {
                         None => Err(err),
                     })
                 };
-                if !txn.declared {
-                    return refused(undeclared(&process));
-                }
+                // In the order a claim alone checks: its session, then the process.
                 if !txn.alive.contains(&w.req.session_id) {
                     return refused(Error::SessionExpired {
                         session_id: w.req.session_id.clone(),
                     });
+                }
+                if !txn.declared {
+                    return refused(undeclared(&process));
                 }
                 match took.remove(&slot.r) {
                     Some(work) => Answer::Done(Ok((
@@ -1425,6 +1439,32 @@ mod tests {
             .await
             .unwrap()
             .is_some());
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// Shared claims check what a claim alone checks, in its order: claims of sessions that are
+    /// gone, for a process never declared, get `SessionExpired` (as alone), not the process's
+    /// error.
+    #[tokio::test]
+    async fn a_shared_claim_checks_its_session_before_its_process() {
+        let (backend, base, schema) = crate::test_backend(4).await;
+        let turns = hold_turns(&backend);
+        let mut tasks = Vec::new();
+        for (i, s) in ["gone-1", "gone-2"].into_iter().enumerate() {
+            let b = backend.clone();
+            tasks.push(tokio::spawn(async move { b.claim(claim(&b, s)).await }));
+            until_waiting(&backend, i + 1).await;
+        }
+        drop(turns);
+        for t in tasks {
+            let err = t.await.unwrap().unwrap_err();
+            assert!(matches!(err, Error::SessionExpired { .. }), "{err}");
+        }
+        assert_eq!(backend.claims.shared_txns.load(Ordering::Relaxed), 1);
+        // Alone, the same.
+        let err = backend.claim(claim(&backend, "gone-3")).await.unwrap_err();
+        assert!(matches!(err, Error::SessionExpired { .. }), "{err}");
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }
