@@ -112,7 +112,9 @@ macro_rules! suite {
             unparking_clears_every_parked_backoff,
             work_explain_says_why_an_object_is_not_claimed,
             racing_workers_never_pass_a_process_limit,
-            work_matches_a_model_under_random_operations;
+            work_matches_a_model_under_random_operations,
+            work_matches_a_model_seed_2,
+            work_matches_a_model_seed_3;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,
             a_first_resume_from_far_back_goes_at_the_consumers_pace,

@@ -2302,6 +2302,20 @@ impl Rng {
 /// advance clock / sweep, checked after every step against a simple in-memory model of who holds
 /// what, which backoffs are active, and which sessions are alive.
 pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
+    work_model(h, 0x9E37_79B9_7F4A_7C15).await;
+}
+
+/// [`work_matches_a_model_under_random_operations`] with other sequences.
+pub async fn work_matches_a_model_seed_2(h: &Harness) {
+    work_model(h, 0xD1B5_4A32_D192_ED03).await;
+}
+
+/// [`work_matches_a_model_under_random_operations`] with other sequences.
+pub async fn work_matches_a_model_seed_3(h: &Harness) {
+    work_model(h, 0x8CB9_2BA7_2F3D_8DD7).await;
+}
+
+async fn work_model(h: &Harness, seed: u64) {
     use std::collections::HashMap;
     let st = &h.store;
     st.process_define("P", &[]).await.unwrap();
@@ -2332,10 +2346,10 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
     let mut held: HashMap<(usize, &str), (usize, i64)> = HashMap::new();
     let mut backoffs: HashMap<(usize, &str), (fleetdb::Timestamp, i64, u64)> = HashMap::new();
     let mut handles: Vec<(usize, fleetdb::Work)> = Vec::new();
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng(seed);
     // How often each interesting outcome happened: the sequence must exercise all of them.
     let (mut claimed, mut refused, mut ended, mut lost, mut fenced) = (0, 0, 0, 0, 0);
-    let (mut parked, mut cleared) = (0, 0);
+    let (mut parked, mut cleared, mut picked, mut closed) = (0, 0, 0, 0);
 
     // Three components; when one's session has expired it starts a new one (a restart).
     let mut slots = [0usize, 1, 2];
@@ -2363,32 +2377,66 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
                     rng.below(4) as usize,
                     procs[rng.below(3) as usize],
                 );
-                let r = sessions[s].claim_object(&objs[o], p).await;
-                let blocked = held.iter().any(|((ho, hp), (hs, _))| {
-                    *ho == o && conflicts(hp, p) && alive(*hs, &deadline)
-                });
-                let in_backoff = backoffs.get(&(o, p)).is_some_and(|b| b.0 > now);
-                match r {
-                    Ok(w) => {
-                        assert!(
-                            alive(s, &deadline) && !blocked && !in_backoff,
-                            "step {step}: claim should have failed"
-                        );
-                        held.insert((o, p), (s, w.token()));
-                        handles.push((s, w));
-                        claimed += 1;
+                let free = |o: usize| {
+                    !held.iter().any(|((ho, hp), (hs, _))| {
+                        *ho == o && conflicts(hp, p) && alive(*hs, &deadline)
+                    }) && !backoffs.get(&(o, p)).is_some_and(|b| b.0 > now)
+                };
+                if rng.below(3) == 0 {
+                    // A selector claim of one: which object it takes is the hand's choice, but
+                    // it must be one the model says is free, and it takes one if any is.
+                    let any_free = (0..objs.len()).any(free);
+                    match sessions[s].claim(p, "kind = machine", 1).await {
+                        Ok(mut got) => {
+                            assert!(alive(s, &deadline), "step {step}: session dead");
+                            match got.pop() {
+                                Some(w) => {
+                                    let o = objs.iter().position(|k| k == w.key()).unwrap();
+                                    assert!(
+                                        free(o),
+                                        "step {step}: took a held or backed-off object"
+                                    );
+                                    held.insert((o, p), (s, w.token()));
+                                    handles.push((s, w));
+                                    claimed += 1;
+                                    picked += 1;
+                                }
+                                None => assert!(!any_free, "step {step}: missed a free object"),
+                            }
+                        }
+                        Err(Error::SessionExpired { .. }) => {
+                            assert!(!alive(s, &deadline), "step {step}: session alive")
+                        }
+                        Err(e) => panic!("step {step}: unexpected {e}"),
                     }
-                    Err(Error::SessionExpired { .. }) => {
-                        assert!(!alive(s, &deadline), "step {step}: session alive")
+                } else {
+                    let r = sessions[s].claim_object(&objs[o], p).await;
+                    let blocked = held.iter().any(|((ho, hp), (hs, _))| {
+                        *ho == o && conflicts(hp, p) && alive(*hs, &deadline)
+                    });
+                    let in_backoff = backoffs.get(&(o, p)).is_some_and(|b| b.0 > now);
+                    match r {
+                        Ok(w) => {
+                            assert!(
+                                alive(s, &deadline) && !blocked && !in_backoff,
+                                "step {step}: claim should have failed"
+                            );
+                            held.insert((o, p), (s, w.token()));
+                            handles.push((s, w));
+                            claimed += 1;
+                        }
+                        Err(Error::SessionExpired { .. }) => {
+                            assert!(!alive(s, &deadline), "step {step}: session alive")
+                        }
+                        Err(Error::Conflict { .. }) => {
+                            assert!(
+                                blocked || in_backoff,
+                                "step {step}: claim should have worked"
+                            );
+                            refused += 1;
+                        }
+                        Err(e) => panic!("step {step}: unexpected {e}"),
                     }
-                    Err(Error::Conflict { .. }) => {
-                        assert!(
-                            blocked || in_backoff,
-                            "step {step}: claim should have worked"
-                        );
-                        refused += 1;
-                    }
-                    Err(e) => panic!("step {step}: unexpected {e}"),
                 }
             }
             4..=6 if !handles.is_empty() => {
@@ -2471,8 +2519,23 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
             }
             7 if rng.below(3) == 0 => {
                 let s = slots[rng.below(3) as usize];
-                sessions[s].pause_renewal();
-                paused[s] = true;
+                if rng.below(2) == 0 {
+                    sessions[s].pause_renewal();
+                    paused[s] = true;
+                } else {
+                    // The component closes its session: everything it holds is released (a
+                    // session swept already is not found).
+                    match sessions[s].clone().close().await {
+                        Ok(_) => closed += 1,
+                        Err(Error::NotFound { .. }) => {
+                            assert!(!alive(s, &deadline), "step {step}: live session not found")
+                        }
+                        Err(e) => panic!("step {step}: unexpected {e}"),
+                    }
+                    held.retain(|_, (hs, _)| *hs != s);
+                    deadline[s] = deadline[s].min(now);
+                    paused[s] = true;
+                }
             }
             8 => {
                 h.clock.advance(Duration::from_millis(rng.below(6000)));
@@ -2551,8 +2614,8 @@ pub async fn work_matches_a_model_under_random_operations(h: &Harness) {
     let expired = sessions.iter().filter(|s| s.is_expired()).count();
     assert!(
         claimed >= 10 && refused >= 5 && ended >= 5 && lost >= 1 && fenced >= 3 && expired >= 1
-            && parked >= 1 && cleared >= 1,
-        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, fenced {fenced}, expired {expired}, parked {parked}, cleared {cleared}"
+            && parked >= 1 && cleared >= 1 && picked >= 3 && closed >= 1,
+        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, fenced {fenced}, expired {expired}, parked {parked}, cleared {cleared}, picked {picked}, closed {closed}"
     );
 }
 
