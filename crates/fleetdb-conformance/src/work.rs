@@ -2380,7 +2380,7 @@ async fn work_model(h: &Harness, seed: u64) {
                 let free = |o: usize| {
                     !held.iter().any(|((ho, hp), (hs, _))| {
                         *ho == o && conflicts(hp, p) && alive(*hs, &deadline)
-                    }) && !backoffs.get(&(o, p)).is_some_and(|b| b.0 > now)
+                    }) && backoffs.get(&(o, p)).is_none_or(|b| b.0 <= now)
                 };
                 if rng.below(3) == 0 {
                     // A selector claim of one: which object it takes is the hand's choice, but
