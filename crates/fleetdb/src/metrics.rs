@@ -193,7 +193,7 @@ impl Default for Metrics {
             sessions_expired: counter(
                 &r,
                 "fleetdb_sessions_expired_total",
-                "Sessions of this process that expired, plus expired sessions this process swept.",
+                "Expired sessions this process's sweeper removed (each counted once, by the process that swept it).",
             ),
             sessions_closed: counter(
                 &r,
@@ -203,17 +203,17 @@ impl Default for Metrics {
             transactions_executed: counter(
                 &r,
                 "fleetdb_transactions_executed_total",
-                "Write transactions committed.",
+                "Write and claim transactions committed.",
             ),
             transactions_retried: counter(
                 &r,
                 "fleetdb_transactions_retried_total",
-                "Transaction attempts that conflicted and were run again.",
+                "Transaction attempts that conflicted or failed transiently and were run again (in the store or the backend).",
             ),
             transactions_failed: counter(
                 &r,
                 "fleetdb_transactions_failed_total",
-                "Write transactions that failed.",
+                "Write and claim transactions that failed.",
             ),
             transaction_seconds,
             backend_retries_seen: Default::default(),
