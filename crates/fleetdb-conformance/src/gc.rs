@@ -563,9 +563,19 @@ pub async fn gc_reports_stats_and_metrics(h: &Harness) {
 pub async fn threshold_runs_respect_the_time_budget_requests_do_not(h: &Harness) {
     let s = &h.store;
     declare(s).await;
-    // A share so small that, after one run, threshold runs wait practically forever.
+    // A share too small to compute a pause with is refused (the collector panicked on it).
+    for bad in [1e-9, f64::MIN_POSITIVE, 0.0, -1.0, 1.5, f64::NAN] {
+        let err = s
+            .gc_set_options(fleetdb::GcOptions {
+                pause_share: bad,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{bad}: {err}");
+    }
+    // The smallest share: after one run, threshold runs wait a thousand times its length.
     s.gc_set_options(fleetdb::GcOptions {
-        pause_share: 1e-9,
+        pause_share: fleetdb::gc::PAUSE_SHARE_MIN,
         mutation_threshold: 1,
         ..Default::default()
     })

@@ -305,6 +305,13 @@ impl SqliteBackend {
         options: SqliteOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
+        if options.busy_timeout_ms > i32::MAX as u64 {
+            return Err(Error::invalid(
+                "busy_timeout_ms",
+                options.busy_timeout_ms.to_string(),
+                format!("must be at most {} (about 24 days)", i32::MAX),
+            ));
+        }
         if options.wal_restart_bytes == 0 || i64::try_from(options.wal_restart_bytes).is_err() {
             return Err(Error::invalid(
                 "wal_restart_bytes",
@@ -824,6 +831,22 @@ mod tests {
             .await
             .unwrap();
         backend
+    }
+
+    /// A busy timeout SQLite cannot take (more than i32::MAX ms) is refused at open, not a
+    /// panic inside the driver.
+    #[tokio::test]
+    async fn an_oversized_busy_timeout_is_refused() {
+        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::ManualClock::new(NOW));
+        let options = SqliteOptions {
+            busy_timeout_ms: 1 << 31,
+            ..SqliteOptions::default()
+        };
+        let err = SqliteBackend::open(Location::Memory, options, clock)
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, Error::Invalid { .. }), "{err}");
     }
 
     /// A compaction of more change rows than one batch deletes them all, batch by batch, and

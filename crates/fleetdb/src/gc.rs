@@ -23,6 +23,10 @@ use serde::Serialize;
 
 use crate::{check_limit, Store, Written};
 
+/// The smallest [`GcOptions::pause_share`]: a collection then pauses at most a thousand times
+/// its own duration.
+pub const PAUSE_SHARE_MIN: f64 = 0.001;
+
 /// When the collector runs by itself (the background task checks every second).
 #[derive(Debug, Clone)]
 pub struct GcOptions {
@@ -380,11 +384,13 @@ impl Store {
     }
 
     pub fn gc_set_options(&self, options: GcOptions) -> Result<()> {
-        if !(options.pause_share > 0.0 && options.pause_share <= 1.0) {
+        // At least 0.001: the pause after a run is its time divided by the share (a share near
+        // zero made a pause no `Duration` or `Instant` can hold, and the collector panicked).
+        if !(options.pause_share >= PAUSE_SHARE_MIN && options.pause_share <= 1.0) {
             return Err(Error::invalid(
                 "gc pause share",
                 options.pause_share.to_string(),
-                "must be in (0, 1]",
+                format!("must be between {PAUSE_SHARE_MIN} and 1"),
             ));
         }
         *self.gc.options.lock().unwrap_or_else(|p| p.into_inner()) = options;
