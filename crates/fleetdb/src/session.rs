@@ -55,6 +55,22 @@ struct EmptyClaim {
     revision: Option<Revision>,
     /// When it came back.
     at: tokio::time::Instant,
+    /// The same by the store's clock (which decides what is claimable: backoffs ending,
+    /// `now - d` terms): a clock moved past the retry since claims again at once.
+    clock_at: Timestamp,
+}
+
+/// When `claim_wait` claims again after an empty claim (see [`Session::empty_claim`]).
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: tokio::time::Instant,
+    clock_at: Timestamp,
+}
+
+impl Retry {
+    fn due(&self, clock_now: Timestamp) -> bool {
+        tokio::time::Instant::now() >= self.at || clock_now >= self.clock_at
+    }
 }
 
 #[derive(Debug)]
@@ -773,21 +789,25 @@ impl Session {
             selector: selector.to_string(),
             revision,
             at: tokio::time::Instant::now(),
+            clock_at: self.store.clock.now(),
         });
     }
 
     /// This session's last claim of (process, selector), if it came back empty: the revision it
-    /// looked at (if the backend said) and when.
-    fn empty_claim(
-        &self,
-        process: &str,
-        selector: &str,
-    ) -> Option<(Option<Revision>, tokio::time::Instant)> {
+    /// looked at (if the backend said) and when to claim again — [`CLAIM_WAIT_RETRY`] after it,
+    /// in real time and by the store's clock, whichever comes first.
+    fn empty_claim(&self, process: &str, selector: &str) -> Option<(Option<Revision>, Retry)> {
         let st = self.shared.state();
         st.empty_claim
             .as_ref()
             .filter(|e| e.process == process && e.selector == selector)
-            .map(|e| (e.revision, e.at))
+            .map(|e| {
+                let retry = Retry {
+                    at: e.at + CLAIM_WAIT_RETRY,
+                    clock_at: e.clock_at + CLAIM_WAIT_RETRY,
+                };
+                (e.revision, retry)
+            })
     }
 
     /// Claim up to `limit` objects matching `selector` for `process`: objects no live session
@@ -842,30 +862,34 @@ impl Session {
         // `CLAIM_WAIT_RETRY` (a backoff ending, a `now - 10m` term coming true write nothing).
         let mut looked = self
             .empty_claim(process, selector)
-            .filter(|(_, at)| at.elapsed() < CLAIM_WAIT_RETRY);
+            .filter(|(_, retry)| !retry.due(self.store.clock.now()));
         loop {
-            let (revision, at) = match looked {
+            let (revision, retry) = match looked {
                 Some(last) => last,
                 None => {
                     let got = self.claim(process, selector, limit).await?;
                     if !got.is_empty() {
                         return Ok(got);
                     }
-                    self.empty_claim(process, selector)
-                        .unwrap_or((None, tokio::time::Instant::now()))
+                    self.empty_claim(process, selector).unwrap_or((
+                        None,
+                        Retry {
+                            at: tokio::time::Instant::now() + CLAIM_WAIT_RETRY,
+                            clock_at: self.store.clock.now() + CLAIM_WAIT_RETRY,
+                        },
+                    ))
                 }
             };
             let mut seen = match revision {
                 Some(r) => r,
                 None => self.store.backend.revision().await?.current,
             };
-            let retry_at = at + CLAIM_WAIT_RETRY;
             loop {
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
                     return Ok(Vec::new());
                 }
-                if now >= retry_at {
+                if retry.due(self.store.clock.now()) {
                     break;
                 }
                 let woken = tokio::select! {
