@@ -377,9 +377,12 @@ impl ClaimTxn {
         (take_sql, take_params): &(String, work::TypedParams),
         prelock: Option<&str>,
         hooks: Hooks<'_>,
-    ) -> std::result::Result<ClaimTxn, Failure> {
+    ) -> std::result::Result<ClaimTxn, RunFailure> {
         backend.claims.txns.fetch_add(1, Ordering::Relaxed);
-        let client = backend.client().await.map_err(Failure::Fail)?;
+        let client = backend
+            .client()
+            .await
+            .map_err(|e| RunFailure::NotSent(Failure::Fail(e)))?;
         let mut guard = TxGuard {
             client: Some(client),
             open: true,
@@ -419,7 +422,7 @@ impl ClaimTxn {
                 Ok(stmts) => stmts,
                 Err(failure) => {
                     guard.open = false; // no transaction was opened
-                    return Err(failure);
+                    return Err(RunFailure::NotSent(failure));
                 }
             };
         let finished = async {
@@ -530,10 +533,10 @@ impl ClaimTxn {
                 .into_iter()
                 .flatten()
                 .next();
-                return Err(match first {
+                return Err(RunFailure::Sent(match first {
                     Some(e) => classify(&e),
                     None => Failure::Fail(Error::Backend("a claim failed".into())),
-                });
+                }));
             }
         };
         drop(guard);
@@ -575,7 +578,28 @@ impl ClaimTxn {
                 limited,
             })
         })();
-        decoded.map_err(Failure::Fail)
+        decoded.map_err(RunFailure::Committed)
+    }
+}
+
+/// How a [`ClaimTxn::run`] failed, which decides whether its claims may run again alone.
+pub(crate) enum RunFailure {
+    /// Before anything was sent (no connection, statements not prepared): nothing happened.
+    NotSent(Failure),
+    /// After the transaction was sent: a statement failed (COMMIT then rolled back), or the
+    /// connection was lost — then it may have committed.
+    Sent(Failure),
+    /// It committed, but its answer could not be read.
+    Committed(Error),
+}
+
+impl RunFailure {
+    /// As a failure of a claim alone.
+    pub(crate) fn failure(self) -> Failure {
+        match self {
+            RunFailure::NotSent(f) | RunFailure::Sent(f) => f,
+            RunFailure::Committed(e) => Failure::Fail(e),
+        }
     }
 }
 
@@ -780,15 +804,17 @@ impl PostgresBackend {
         .await;
         let txn = match txn {
             Ok(txn) => txn,
-            // The database could not be used: the transaction may have committed (the
-            // connection lost after COMMIT went out). Nothing is handed back to run again — a
-            // finish that committed would fail `WorkLost` alone, and the work taken for it would
-            // be held for nobody: every caller gets the error, as each would have alone.
-            Err(Failure::Fail(e @ Error::Unavailable(_))) => {
+            // It committed, or may have (the connection lost after it was sent). Nothing is
+            // handed back to run again — a finish that committed would fail `WorkLost` alone,
+            // and the work taken for it would be held for nobody: every caller gets the error,
+            // as each would have alone.
+            Err(RunFailure::Sent(Failure::Fail(e @ Error::Unavailable(_))))
+            | Err(RunFailure::Committed(e)) => {
                 return Some(taken.iter().map(|_| Answer::Done(Err(e.clone()))).collect());
             }
-            // Nothing of it was written (a statement failed, so COMMIT rolled back).
-            Err(_) => return None,
+            // Nothing of it was written: nothing was sent, or a statement failed (COMMIT then
+            // rolled back). Each claim runs alone.
+            Err(RunFailure::NotSent(_)) | Err(RunFailure::Sent(_)) => return None,
         };
         clock_hand.set_limited(txn.limited);
         clock_hand.advance_to(&hand, &txn.taken_keys(), now);
