@@ -391,6 +391,9 @@ mod counted_impl {
         fn durability_warnings(&self) -> Vec<String> {
             self.inner.durability_warnings()
         }
+        fn retries(&self) -> u64 {
+            self.inner.retries()
+        }
         async fn schema_status(&self) -> Result<SchemaStatus> {
             timed!(self, schema_status, self.inner.schema_status())
         }

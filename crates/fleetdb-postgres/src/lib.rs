@@ -1011,8 +1011,12 @@ impl PostgresBackend {
                     q.limit -= n;
                     attempt = 0;
                 }
-                Err(Failure::Retry(_)) if attempt < COMMIT_ATTEMPTS_MAX => {
-                    self.note_retry();
+                Err(Failure::Retry(msg)) if attempt < COMMIT_ATTEMPTS_MAX => {
+                    // A lean attempt stopped by a claim row in the way (`work_pkey`: a dead
+                    // session's, taken over next) is how a takeover starts, not contention.
+                    if take == work::Take::Takeover || !msg.contains("work_pkey") {
+                        self.note_retry();
+                    }
                     if take == work::Take::Takeover {
                         tokio::time::sleep(backoff(attempt - 1)).await;
                     }
@@ -1110,7 +1114,7 @@ impl PostgresBackend {
         .await;
         // Whatever happened, the turn is free again.
         drop(turn.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let txn = txn?;
+        let txn = txn.map_err(claims::RunFailure::failure)?;
         clock_hand.set_limited(txn.limited);
         if !wants_turn {
             clock_hand.advance_to(&hand_now(), &txn.taken_keys(), q.now);

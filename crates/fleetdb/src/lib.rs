@@ -86,7 +86,8 @@ pub struct OpenOptions {
     /// Run the background task: session renewal (every TTL/3), the sweeper of expired sessions
     /// (every second) and history pruning. Tests that drive time by hand turn it off.
     pub background: bool,
-    /// Delete work history older than this (checked with every sweep). `None` keeps it all.
+    /// Delete work history older than this (checked with every sweep), all but the newest row.
+    /// `None` keeps it all.
     pub history_retention: Option<Duration>,
     /// Watches look at the change log at least this often, even without a wake-up (changes of
     /// this process, and of others on PostgreSQL via NOTIFY, wake them at once).
@@ -252,13 +253,16 @@ impl Store {
     ) -> Result<Store> {
         let status = backend.schema_status().await?;
         let ready = status.database == status.binary;
+        // The backend's retries before this store existed are not this store's.
+        let metrics = metrics::Metrics::default();
+        metrics.backend_retries_before(backend.retries());
         Ok(Store {
             backend,
             clock,
             limits,
             ready: Arc::new(AtomicBool::new(ready)),
             keeper: Arc::default(),
-            metrics: metrics::Metrics::default(),
+            metrics,
             background: Arc::new(Background {
                 enabled: AtomicBool::new(true),
                 history_retention: std::sync::Mutex::new(None),

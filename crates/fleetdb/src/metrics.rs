@@ -324,6 +324,13 @@ impl Metrics {
         }
     }
 
+    /// The backend's retries before this store existed (a store made on a backend in use):
+    /// not counted.
+    pub(crate) fn backend_retries_before(&self, total: u64) {
+        self.backend_retries_seen
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Record the result of a write transaction.
     pub(crate) fn txn<T>(&self, r: &crate::Result<T>) {
         match r {
