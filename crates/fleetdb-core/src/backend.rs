@@ -188,7 +188,8 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Delete history rows written before `before`, in write (`seq`) order: the oldest rows up
     /// to the first one at or after `before` (a row after it stays, even if older, until the rows
     /// before it go), in statements of at most [`crate::work::HISTORY_PRUNE_BATCH`] rows each, one
-    /// transaction per statement. Returns how many rows were deleted.
+    /// transaction per statement. The newest row is never deleted (`seq` must only grow; SQLite
+    /// would number a row of an emptied table 1 again). Returns how many rows were deleted.
     async fn history_prune(&self, before: Timestamp) -> Result<u64>;
     /// Objects matching a selector (text, parsed by the backend), ordered by (namespace, kind, id),
     /// after `after`, at most `limit`.
@@ -575,6 +576,13 @@ pub trait TxRows: Send {
     async fn gc_kind_read(&mut self, kind: &str) -> Result<Option<GcKind>> {
         let _ = kind;
         Err(tx_unsupported("garbage collection"))
+    }
+    /// [`TxRows::gc_kind_read`], holding the row until the transaction ends where writers run
+    /// concurrently (PostgreSQL: `FOR SHARE`), so that a declaration of the kind waits for this
+    /// transaction, or this one retries after it: a sweep that decided on a kind being
+    /// collectable commits before any declaration that it is not.
+    async fn gc_kind_read_held(&mut self, kind: &str) -> Result<Option<GcKind>> {
+        self.gc_kind_read(kind).await
     }
     async fn gc_kind_put(&mut self, k: &GcKind) -> Result<()> {
         let _ = k;

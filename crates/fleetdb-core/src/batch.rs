@@ -589,7 +589,8 @@ pub enum Applied {
     Process(Process),
     /// What `Op::WorkExplain` found.
     WorkExplain(Box<work::WorkExplain>),
-    /// A claim ended (or backoffs were cleared: this many).
+    /// An operation that reports a count: a claim ended, backoffs cleared, deploys pruned, a
+    /// lease or kind written (see each op).
     Done {
         count: u64,
     },

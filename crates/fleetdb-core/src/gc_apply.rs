@@ -319,12 +319,12 @@ struct SweepBatch<'a> {
 }
 
 /// Whether a kind the mark took as collectable is no longer collectable. Read in the sweeping
-/// transaction (on PostgreSQL a SERIALIZABLE read of the kinds' rows, so a declaration
-/// committing meanwhile orders after this batch or makes it retry).
+/// transaction, the rows held (PostgreSQL: `FOR SHARE`): a declaration waits for this batch to
+/// commit, or this batch retries after it and sees it.
 async fn kinds_changed<T: TxRows + ?Sized>(rows: &mut T, kinds: &[String]) -> Result<bool> {
     for kind in kinds {
         if !rows
-            .gc_kind_read(kind)
+            .gc_kind_read_held(kind)
             .await?
             .is_some_and(|k| k.collectable)
         {
@@ -351,18 +351,8 @@ async fn sweep<T: TxRows + ?Sized>(
     } else {
         protected_since(rows, mark).await?
     };
-    let Some(protected) = protected else {
-        return Ok(OpResult {
-            changed: false,
-            applied: Applied::Swept {
-                objects: 0,
-                blobs: Vec::new(),
-                bytes: 0,
-                leases: 0,
-                spared: (objects.len() + blobs.len()) as u64,
-            },
-        });
-    };
+    // Expired leases go whatever else this batch does: an expired lease protects nothing, and
+    // its deadline has passed, so nothing would trigger another run for it.
     let (mut swept_objects, mut spared, mut leases) = (0u64, 0u64, 0u64);
     for id in expired_leases {
         if let Some(l) = rows.lease_read(id).await? {
@@ -373,6 +363,18 @@ async fn sweep<T: TxRows + ?Sized>(
             }
         }
     }
+    let Some(protected) = protected else {
+        return Ok(OpResult {
+            changed: leases > 0,
+            applied: Applied::Swept {
+                objects: 0,
+                blobs: Vec::new(),
+                bytes: 0,
+                leases,
+                spared: (objects.len() + blobs.len()) as u64,
+            },
+        });
+    };
     let mut collectable: HashMap<String, bool> = HashMap::new();
     let mut swept_blobs = Vec::new();
     let mut bytes = 0u64;

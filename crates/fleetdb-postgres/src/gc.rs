@@ -19,6 +19,9 @@ use crate::{PostgresBackend, TxGuard};
 
 pub(crate) const GC_KIND_GET: &str =
     "SELECT kind, collectable, declared_at FROM gc_kinds WHERE kind = $1";
+/// [`GC_KIND_GET`] holding the row: a sweep's check that a kind is still collectable.
+pub(crate) const GC_KIND_GET_SHARE: &str =
+    "SELECT kind, collectable, declared_at FROM gc_kinds WHERE kind = $1 FOR SHARE";
 pub(crate) const GC_KIND_ALL: &str =
     "SELECT kind, collectable, declared_at FROM gc_kinds ORDER BY kind";
 pub(crate) const GC_KIND_PUT: &str =

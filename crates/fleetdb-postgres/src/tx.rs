@@ -634,6 +634,11 @@ impl TxRows for PgTx<'_> {
         rows.first().map(gc::gc_kind_from_row).transpose()
     }
 
+    async fn gc_kind_read_held(&mut self, kind: &str) -> Result<Option<GcKind>> {
+        let rows = self.read(gc::GC_KIND_GET_SHARE, &[&kind]).await?;
+        rows.first().map(gc::gc_kind_from_row).transpose()
+    }
+
     async fn gc_kind_put(&mut self, k: &GcKind) -> Result<()> {
         let collectable = i64::from(k.collectable);
         self.execute(gc::GC_KIND_PUT, &[&k.kind, &collectable, &k.declared_at.0])

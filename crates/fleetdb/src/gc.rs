@@ -593,14 +593,16 @@ impl Store {
         let mut leases = marked.expired_leases.clone();
         let mut freed_digests = Vec::new();
         let mut fresh = Fresh::new(snap.revision);
-        // The kinds the mark removed objects of: every sweep transaction checks they still are
-        // collectable (a kind declared not collectable makes its objects roots the mark did not
-        // follow), and the run stops sparing the rest when one is no longer.
-        let collectable_kinds: Vec<String> = snap
-            .kinds
+        // The kinds the mark found garbage objects of: every sweep transaction checks they are
+        // still collectable (a kind declared not collectable makes its objects roots whose
+        // references the mark did not follow), and the run spares the rest when one is no
+        // longer. A collectable kind without garbage had every object reached and followed:
+        // declaring it changes nothing for this mark.
+        let collectable_kinds: Vec<String> = objects
             .iter()
-            .filter(|k| k.collectable)
             .map(|k| k.kind.clone())
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
             .collect();
         while !objects.is_empty() || !blobs.is_empty() || !leases.is_empty() {
             if !fresh.gave_up && self.kinds_changed(&collectable_kinds).await? {
