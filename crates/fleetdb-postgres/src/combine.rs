@@ -185,24 +185,22 @@ impl Drop for Turn {
         if taken.is_empty() {
             return;
         }
+        // Without a runtime (a transaction's future dropped on a plain thread), nothing can
+        // run the waiting writes: their replies drop (each caller still there runs its write
+        // alone), and so do those of every group still waiting, until the turn is given back.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            drop(taken);
+            while !self.0.writes.pass().is_empty() {}
+            return;
+        };
         // The turn goes with `taken`, made before the task: a task dropped unpolled (a runtime
-        // shutting down) or none at all still passes it on when it drops. Without a runtime the
-        // waiting ones' replies drop with `taken` (each caller still there runs its write
-        // alone), and the turn passes to the next waiting ones the same way until none is left.
+        // shutting down) still passes it on when it drops.
         let turn = Turn(self.0.clone());
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let backend = self.0.clone();
-                runtime.spawn(async move {
-                    let _turn = turn;
-                    backend.commit_shared(taken).await;
-                });
-            }
-            Err(_) => {
-                drop(taken);
-                drop(turn);
-            }
-        }
+        let backend = self.0.clone();
+        runtime.spawn(async move {
+            let _turn = turn;
+            backend.commit_shared(taken).await;
+        });
     }
 }
 
