@@ -570,8 +570,16 @@ pub async fn dead_session_work_is_claimable_at_its_deadline(h: &Harness) {
         .expect("free at the deadline");
     assert!(w.token() > held.token());
     // Taking a dead session's claim over is no conflict (PostgreSQL's lean first attempt stops
-    // at its row, by design): nothing counts as retried.
+    // at its row, by design): nothing counts as retried. The dead claim ended here, `expired`,
+    // counted once: the sweep below finds nothing of it left.
     assert_eq!(st.metrics().transactions_retried.get(), retried);
+    let expired = || {
+        st.metrics()
+            .work_finished
+            .with_label_values(&["P", "expired"])
+            .get()
+    };
+    assert_eq!(expired(), 1);
     // The stale holder cannot end it, and changes nothing by trying.
     assert!(matches!(
         held.finish(|_| async { Ok(()) }).await,
@@ -592,6 +600,7 @@ pub async fn dead_session_work_is_claimable_at_its_deadline(h: &Harness) {
     // The sweeper deletes the dead session.
     assert_eq!(st.sweep_sessions().await.unwrap(), 1);
     assert!(st.session_get(dead.id()).await.unwrap().is_none());
+    assert_eq!(expired(), 1);
     assert!(st.session_get(alive.id()).await.unwrap().is_some());
 }
 
@@ -1503,6 +1512,19 @@ pub async fn metrics_count_sessions_work_and_transactions(h: &Harness) {
     assert_eq!(m.transactions_failed.get(), failed + 1);
     assert_eq!(m.transactions_retried.get(), 0);
     drop((a, b));
+    // A crashed worker's claim taken over by a claim of the object by name, before any sweep:
+    // `expired` once, where it ended.
+    let expired = finished("expired");
+    let crashed = st.session_start(spec("c5")).await.unwrap();
+    let k = key("default", "machine", "m000");
+    std::mem::forget(crashed.claim_object(&k, "P").await.unwrap());
+    crashed.pause_renewal();
+    h.clock.advance(Duration::from_secs(11));
+    let rescuer = st.session_start(spec("c6")).await.unwrap();
+    rescuer.claim_object(&k, "P").await.unwrap();
+    assert_eq!(finished("expired"), expired + 1);
+    st.sweep_sessions().await.unwrap();
+    assert_eq!(finished("expired"), expired + 1);
 }
 
 pub async fn finish_many_is_all_or_nothing(h: &Harness) {

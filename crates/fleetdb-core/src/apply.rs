@@ -1117,11 +1117,12 @@ pub async fn claim_precheck<T: TxRows + ?Sized>(rows: &mut T, req: &ClaimRequest
 
 /// Claim work: check the session, find candidates (not held by a live session for this process or
 /// a conflicting one, not in backoff), release stale claims of dead sessions on them (history
-/// `Expired`), insert the claims with fresh fencing tokens and write `Started` history.
+/// `Expired`), insert the claims with fresh fencing tokens and write `Started` history. Returns
+/// the work and how many dead sessions' claims it took over.
 pub async fn apply_claim<T: TxRows + ?Sized>(
     rows: &mut T,
     req: &ClaimRequest,
-) -> Result<Vec<WorkInfo>> {
+) -> Result<(Vec<WorkInfo>, u64)> {
     let now = req.now;
     let session = live_session(rows, &req.session_id, now).await?;
     let (exclude, process) = exclusions(rows, &req.process).await?;
@@ -1132,7 +1133,7 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
             what: format!("claim of {key} for process {:?}", req.process),
             reason,
         }),
-        ClaimTarget::Selector(_) => Ok(Vec::new()),
+        ClaimTarget::Selector(_) => Ok((Vec::new(), 0)),
     };
     if process.paused {
         return refuse(PAUSED.into());
@@ -1182,8 +1183,10 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
     };
     let mut out = Vec::with_capacity(keys.len());
     // Claims of dead sessions still on these (object, process): released with `Expired` history.
+    let mut expired = 0;
     for stale in rows.work_read_many(&keys, &req.process).await? {
         expire(rows, &stale, now).await?;
+        expired += 1;
     }
     let tokens = rows.next_tokens(keys.len()).await?;
     if tokens.len() != keys.len() {
@@ -1211,7 +1214,7 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
         rows.history_append(&h).await?;
         out.push(w);
     }
-    Ok(out)
+    Ok((out, expired))
 }
 
 /// Remove up to `limit` expired sessions, expiring every claim they held.

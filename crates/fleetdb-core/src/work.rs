@@ -458,6 +458,9 @@ pub struct Claimed {
     pub work: Vec<WorkInfo>,
     /// `None`: the claim filled its limit, or the backend could not tell.
     pub revision: Option<Revision>,
+    /// Claims of dead sessions this claim took over (each ended with `Expired` history, in the
+    /// claim's process): the crashed workers' claims no sweep will see.
+    pub expired: u64,
 }
 
 impl Claimed {
@@ -466,6 +469,7 @@ impl Claimed {
         Self {
             work,
             revision: None,
+            expired: 0,
         }
     }
 
@@ -473,7 +477,17 @@ impl Claimed {
     /// is short of the limit.
     pub fn short_of(limit: usize, work: Vec<WorkInfo>, revision: Option<Revision>) -> Self {
         let revision = revision.filter(|_| work.len() < limit);
-        Self { work, revision }
+        Self {
+            work,
+            revision,
+            expired: 0,
+        }
+    }
+
+    /// With `n` dead sessions' claims taken over.
+    pub fn with_expired(mut self, n: u64) -> Self {
+        self.expired = n;
+        self
     }
 }
 

@@ -164,7 +164,8 @@ enum Write<'a> {
 /// What a [`Write`] returns.
 enum Written {
     Batch(Vec<OpResult>),
-    Claim(Vec<WorkInfo>),
+    /// The work, and the dead sessions' claims taken over.
+    Claim(Vec<WorkInfo>, u64),
     Sweep(fleetdb_core::backend::Swept),
 }
 
@@ -410,7 +411,9 @@ impl PostgresBackend {
         let mut rows = transaction_for(write, conn);
         let applied = match write {
             Write::Batch(batch) => apply_batch(&mut rows, batch).await.map(Written::Batch),
-            Write::Claim(req) => apply_claim(&mut rows, req).await.map(Written::Claim),
+            Write::Claim(req) => apply_claim(&mut rows, req)
+                .await
+                .map(|(work, expired)| Written::Claim(work, expired)),
             Write::Sweep {
                 now,
                 limit,
@@ -980,6 +983,7 @@ impl PostgresBackend {
         let mut finish = finish;
         let mut finished: Option<Vec<OpResult>> = None;
         let mut got: Vec<WorkInfo> = Vec::new();
+        let mut expired = 0;
         let mut passes = 0;
         let mut attempt = 0;
         loop {
@@ -999,12 +1003,14 @@ impl PostgresBackend {
                     finished = finished.or(fin);
                     let n = claimed.work.len();
                     got.extend(claimed.work);
+                    expired += claimed.expired;
                     passes += 1;
                     // Candidates it locked were claimed by others, or stopped matching, between
                     // its find's snapshot and its lock (its take saw them gone): the claim moves
                     // on to the next candidates, without the finish, which has committed.
                     if gone == 0 || n >= q.limit || passes >= CLAIM_PASSES_MAX {
-                        let claimed = Claimed::short_of(req.limit, got, claimed.revision);
+                        let claimed = Claimed::short_of(req.limit, got, claimed.revision)
+                            .with_expired(expired);
                         return Ok((finished, claimed));
                     }
                     finish = None;
@@ -1024,7 +1030,8 @@ impl PostgresBackend {
                 // A later pass that fails answers what the earlier ones committed (the finish,
                 // work now held): the claim is short, not failed.
                 Err(_) if passes > 0 => {
-                    return Ok((finished, Claimed::short_of(req.limit, got, None)));
+                    let claimed = Claimed::short_of(req.limit, got, None).with_expired(expired);
+                    return Ok((finished, claimed));
                 }
                 Err(Failure::Fail(err)) => return Err(err),
                 Err(Failure::Retry(msg)) => {
@@ -1146,6 +1153,12 @@ impl PostgresBackend {
             .map(|r| claimed_work(r, req, req.now))
             .collect::<Result<Vec<_>>>()
             .map_err(Failure::Fail)?;
+        // Committed: a flag that cannot be read counts nothing.
+        let expired = txn
+            .took
+            .iter()
+            .filter(|r| r.try_get::<_, bool>(6).unwrap_or(false))
+            .count() as u64;
         // Cut by the process's limit, the claim has all it may take.
         let gone = match txn.capped {
             true => 0,
@@ -1154,7 +1167,7 @@ impl PostgresBackend {
         Ok((
             (
                 finish_results,
-                Claimed::short_of(q.limit, work, txn.revision),
+                Claimed::short_of(q.limit, work, txn.revision).with_expired(expired),
             ),
             gone,
         ))
@@ -1626,7 +1639,7 @@ impl Backend for PostgresBackend {
             return Ok(self.claim_selector(&req, selector, None).await?.1);
         }
         match self.transact(Write::Claim(&req)).await? {
-            Written::Claim(work) => Ok(Claimed::work(work)),
+            Written::Claim(work, expired) => Ok(Claimed::work(work).with_expired(expired)),
             _ => Err(Error::Backend(
                 "a claim returned something else".to_string(),
             )),

@@ -861,6 +861,11 @@ pub(crate) fn claim_take_sql(
         |name: &str| format!("COALESCE(NULLIF(current_setting('{name}', true), ''), '[]')::jsonb");
     let (alive, locked, passed) = (setting(ALIVE_GUC), setting(LOCKED_GUC), setting(PASSED_GUC));
     let writes = take_writes_sql(take, &process, &now);
+    // Each answer row says whether it took a dead session's claim over (counted `expired`).
+    let took_over = match take {
+        Take::Lean => "false",
+        Take::Takeover => "EXISTS (SELECT 1 FROM old WHERE old.n = t.n)",
+    };
     // The limit's machinery only for a process its claimer saw limited: every node of a plan is
     // initialized on every run, and `room` with the capped row is a quarter of this one's. A
     // process limited since takes nothing here (the gate) and is claimed again with it.
@@ -875,9 +880,10 @@ pub(crate) fn claim_take_sql(
             ),
             "LIMIT (SELECT n FROM room)".to_string(),
             format!(
-                "SELECT namespace, kind, id, token, sid, r FROM (SELECT namespace, kind, id, \
-                   token, sid, r, n FROM t UNION ALL SELECT NULL, NULL, NULL, room.n, NULL, \
-                   {CAPPED_ROW}, 0 FROM room WHERE room.n < (SELECT count(*) FROM c)) AS x \
+                "SELECT namespace, kind, id, token, sid, r, took_over FROM (SELECT namespace, \
+                   kind, id, token, sid, r, n, {took_over} AS took_over FROM t UNION ALL \
+                   SELECT NULL, NULL, NULL, room.n, NULL, {CAPPED_ROW}, 0, false FROM room \
+                   WHERE room.n < (SELECT count(*) FROM c)) AS x \
                  ORDER BY n"
             ),
         )
@@ -888,7 +894,10 @@ pub(crate) fn claim_take_sql(
                 "WHERE NOT EXISTS (SELECT 1 FROM processes p WHERE p.name = {process} \
                    AND p.max_active IS NOT NULL)"
             ),
-            "SELECT namespace, kind, id, token, sid, r FROM t ORDER BY n".to_string(),
+            format!(
+                "SELECT namespace, kind, id, token, sid, r, {took_over} AS took_over FROM t \
+                 ORDER BY n"
+            ),
         )
     };
     let sql = format!(

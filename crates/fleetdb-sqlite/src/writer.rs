@@ -244,7 +244,7 @@ fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Wr
                             | fleetdb_core::Error::Refused { .. }),
                         ) => {
                             tracing::debug!(error = %e, "the claim behind a batch took nothing");
-                            Ok(Vec::new())
+                            Ok((Vec::new(), 0))
                         }
                         Err(e) => Err(e),
                     }
@@ -265,13 +265,17 @@ fn apply_one(c: &mut Connection, write: &Write, revision: &mut i64) -> Result<Wr
 fn claimed(
     c: &Connection,
     req: &ClaimRequest,
-    work: Vec<fleetdb_core::work::WorkInfo>,
+    (work, expired): (Vec<fleetdb_core::work::WorkInfo>, u64),
 ) -> Result<Claimed> {
     let revision = match work.len() < req.limit {
         true => Some(current_revision(c)?.current),
         false => None,
     };
-    Ok(Claimed { work, revision })
+    Ok(Claimed {
+        work,
+        revision,
+        expired,
+    })
 }
 
 /// One transaction for the whole group. With several requests each runs in its own savepoint,

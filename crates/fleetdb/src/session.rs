@@ -719,15 +719,24 @@ impl Session {
     }
 
     /// Wrap claimed rows as [`Work`] and count them.
-    fn claimed(&self, process: &str, claimed: Vec<WorkInfo>) -> Vec<Work> {
-        if !claimed.is_empty() {
+    fn claimed(&self, process: &str, claimed: Claimed) -> Vec<Work> {
+        if !claimed.work.is_empty() {
             self.store
                 .metrics
                 .work_started
                 .with_label_values(&[process])
-                .inc_by(claimed.len() as u64);
+                .inc_by(claimed.work.len() as u64);
+        }
+        // Dead sessions' claims this claim took over ended here, before any sweep saw them.
+        if claimed.expired > 0 {
+            self.store
+                .metrics
+                .work_finished
+                .with_label_values(&[process, "expired"])
+                .inc_by(claimed.expired);
         }
         claimed
+            .work
             .into_iter()
             .map(|info| Work {
                 session: self.clone(),
@@ -770,14 +779,15 @@ impl Session {
             }
             r => self.note(r)?,
         };
-        Ok((self.claimed(process, claimed.work), claimed.revision))
+        let revision = claimed.revision;
+        Ok((self.claimed(process, claimed), revision))
     }
 
     /// What a selector claim behind a finish took, as [`Work`] (counted), its emptiness noted
     /// for `claim_wait`.
     fn claimed_by_selector(&self, process: &str, selector: &str, claimed: Claimed) -> Vec<Work> {
         self.note_empty(process, selector, claimed.work.is_empty(), claimed.revision);
-        self.claimed(process, claimed.work)
+        self.claimed(process, claimed)
     }
 
     /// Record whether the claim of (process, selector) came back empty, and the revision it
