@@ -23,9 +23,10 @@
 //! The rules that keep it the claims' own semantics:
 //! - a claim is either answered from the shared transaction or handed back to its caller, which
 //!   runs it alone (with its retries): every claim of a transaction that failed (nothing of it
-//!   was written; but when the database could not be used — a connection lost, perhaps after
-//!   COMMIT went out — every caller gets that error, as alone: a finish that committed must
-//!   not run again), one whose finish failed a check (that finish wrote nothing, the take skipped
+//!   was written: nothing was sent, or the server refused a statement; but when the outcome is
+//!   not known — the connection lost after it was sent — or it committed and its answer could
+//!   not be read, every caller gets the error, as alone: a finish that committed must not run
+//!   again), one whose finish failed a check (that finish wrote nothing, the take skipped
 //!   the claim; alone, the general path names the failure), and the claim part of one whose
 //!   candidates were all gone at the take (its session died meanwhile, or they stopped
 //!   matching) — its finish committed;
@@ -533,10 +534,15 @@ impl ClaimTxn {
                 .into_iter()
                 .flatten()
                 .next();
-                return Err(RunFailure::Sent(match first {
-                    Some(e) => classify(&e),
-                    None => Failure::Fail(Error::Backend("a claim failed".into())),
-                }));
+                // The server answered a statement with an error: the transaction rolled back
+                // (COMMIT of an aborted transaction is a rollback; an error answering COMMIT is
+                // a failed commit). Anything else — the connection lost, a request the client
+                // could not send while COMMIT went after it — may have committed.
+                return Err(match first {
+                    Some(e) if e.as_db_error().is_some() => RunFailure::Sent(classify(&e)),
+                    Some(e) => RunFailure::Unknown(crate::error::db_err(e)),
+                    None => RunFailure::Unknown(Error::Backend("a claim failed".into())),
+                });
             }
         };
         drop(guard);
@@ -586,9 +592,11 @@ impl ClaimTxn {
 pub(crate) enum RunFailure {
     /// Before anything was sent (no connection, statements not prepared): nothing happened.
     NotSent(Failure),
-    /// After the transaction was sent: a statement failed (COMMIT then rolled back), or the
-    /// connection was lost — then it may have committed.
+    /// The server answered a statement with an error: the transaction rolled back.
     Sent(Failure),
+    /// The outcome is not known (the connection lost, a request not sent after others were):
+    /// it may have committed.
+    Unknown(Error),
     /// It committed, but its answer could not be read.
     Committed(Error),
 }
@@ -598,7 +606,7 @@ impl RunFailure {
     pub(crate) fn failure(self) -> Failure {
         match self {
             RunFailure::NotSent(f) | RunFailure::Sent(f) => f,
-            RunFailure::Committed(e) => Failure::Fail(e),
+            RunFailure::Unknown(e) | RunFailure::Committed(e) => Failure::Fail(e),
         }
     }
 }
@@ -722,8 +730,8 @@ impl PostgresBackend {
     }
 
     /// Run `taken` (claims of one process and selector, in arrival order) in one transaction and
-    /// decide each (see the module documentation). Every failure before the commit hands every
-    /// claim back.
+    /// decide each (see the module documentation). A transaction that surely did not commit
+    /// hands every claim back; one that did or may have answers every caller with its error.
     async fn claim_shared(&self, taken: &[Waiting], turn: Turn) -> Vec<Answer> {
         let answers = self.claim_shared_txn(taken, turn).await;
         match &answers {
@@ -808,12 +816,11 @@ impl PostgresBackend {
             // handed back to run again — a finish that committed would fail `WorkLost` alone,
             // and the work taken for it would be held for nobody: every caller gets the error,
             // as each would have alone.
-            Err(RunFailure::Sent(Failure::Fail(e @ Error::Unavailable(_))))
-            | Err(RunFailure::Committed(e)) => {
+            Err(RunFailure::Unknown(e)) | Err(RunFailure::Committed(e)) => {
                 return Some(taken.iter().map(|_| Answer::Done(Err(e.clone()))).collect());
             }
-            // Nothing of it was written: nothing was sent, or a statement failed (COMMIT then
-            // rolled back). Each claim runs alone.
+            // Nothing of it was written: nothing was sent, or the server refused a statement
+            // (the transaction rolled back). Each claim runs alone.
             Err(RunFailure::NotSent(_)) | Err(RunFailure::Sent(_)) => return None,
         };
         clock_hand.set_limited(txn.limited);

@@ -819,8 +819,8 @@ pub(crate) fn assigned(
 /// violation would retry the claim). Each session is
 /// probed by its id alone, in a subquery kept out of the join tree: joined plainly, a plan made
 /// while `sessions` looked small read every session per take. Returns
-/// `(namespace, kind, id, token, session, slot r)` in key
-/// order. Several slots: the claims of one process's workers sharing a transaction
+/// `(namespace, kind, id, token, session, slot r, took_over)` in key order (`took_over`: the
+/// row was a dead session's claim, taken over). Several slots: the claims of one process's workers sharing a transaction
 /// ([`crate::claims`]).
 ///
 /// The candidates go to the slots by position: each passing slot owns the positions (lo, hi] of

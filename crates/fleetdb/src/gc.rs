@@ -593,13 +593,15 @@ impl Store {
         let mut leases = marked.expired_leases.clone();
         let mut freed_digests = Vec::new();
         let mut fresh = Fresh::new(snap.revision);
-        // The kinds the mark found garbage objects of: every sweep transaction checks they are
-        // still collectable (a kind declared not collectable makes its objects roots whose
-        // references the mark did not follow), and the run spares the rest when one is no
-        // longer. A collectable kind without garbage had every object reached and followed:
-        // declaring it changes nothing for this mark.
-        let collectable_kinds: Vec<String> = objects
+        // The kinds the mark took as collectable: every sweep transaction checks they still are
+        // (a kind declared not collectable makes its objects roots whose references the mark
+        // may not have followed: its garbage, and what a flat lease keeps without following),
+        // and the run spares the rest when one is no longer. (Sorted: the sweeps lock their
+        // rows in one order.)
+        let collectable_kinds: Vec<String> = snap
+            .kinds
             .iter()
+            .filter(|k| k.collectable)
             .map(|k| k.kind.clone())
             .collect::<std::collections::BTreeSet<String>>()
             .into_iter()

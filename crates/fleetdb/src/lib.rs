@@ -888,7 +888,7 @@ impl Store {
                     let backend = self.backend.clone();
                     self.detached_claim(
                         async move { backend.commit_then_claim(batch, req).await },
-                        |(_, claimed)| &claimed.work,
+                        |(_, claimed)| claimed,
                     )
                     .await
                 }

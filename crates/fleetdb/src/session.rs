@@ -759,7 +759,7 @@ impl Session {
         let backend = self.store.backend.clone();
         let claimed = self
             .store
-            .detached_claim(async move { backend.claim(req).await }, |c| &c.work)
+            .detached_claim(async move { backend.claim(req).await }, |c| c)
             .await;
         self.store
             .metrics
@@ -1320,7 +1320,7 @@ impl Store {
     pub(crate) async fn detached_claim<T, C>(
         &self,
         call: C,
-        work: fn(&T) -> &[WorkInfo],
+        claimed: fn(&T) -> &Claimed,
     ) -> Result<T>
     where
         T: Send + 'static,
@@ -1332,7 +1332,7 @@ impl Store {
             let delivery = Delivery {
                 answer: Some(call.await),
                 store,
-                work,
+                claimed,
             };
             // Not taken (sent to nobody, or dropped in the channel): `Delivery::drop` cancels.
             let _ = answer.send(delivery);
@@ -1764,7 +1764,7 @@ fn decode_key_cursor(c: &str) -> Result<ObjectKey> {
 struct Delivery<T> {
     answer: Option<Result<T>>,
     store: Store,
-    work: fn(&T) -> &[WorkInfo],
+    claimed: fn(&T) -> &Claimed,
 }
 
 impl<T> Drop for Delivery<T> {
@@ -1772,11 +1772,18 @@ impl<T> Drop for Delivery<T> {
         let Some(Ok(unwanted)) = self.answer.take() else {
             return;
         };
-        let processes: Vec<String> = (self.work)(&unwanted)
-            .iter()
-            .map(|w| w.process.clone())
-            .collect();
-        let ops: Vec<Op> = (self.work)(&unwanted)
+        let claimed = (self.claimed)(&unwanted);
+        // The dead sessions' claims it took over ended all the same: `expired`, in its process.
+        if let Some(w) = claimed.work.first().filter(|_| claimed.expired > 0) {
+            self.store
+                .metrics
+                .work_finished
+                .with_label_values(&[w.process.as_str(), "expired"])
+                .inc_by(claimed.expired);
+        }
+        let processes: Vec<String> = claimed.work.iter().map(|w| w.process.clone()).collect();
+        let ops: Vec<Op> = claimed
+            .work
             .iter()
             .map(|w| Op::WorkRelease {
                 key: w.key.clone(),
