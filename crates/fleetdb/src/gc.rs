@@ -606,8 +606,11 @@ impl Store {
             .collect::<std::collections::BTreeSet<String>>()
             .into_iter()
             .collect();
+        // Whether the last batch removed none of its candidates: only then may a kind have
+        // changed (each sweep transaction checks), and the kinds are read to stop the run.
+        let mut all_spared = false;
         while !objects.is_empty() || !blobs.is_empty() || !leases.is_empty() {
-            if !fresh.gave_up && self.kinds_changed(&collectable_kinds).await? {
+            if all_spared && !fresh.gave_up && self.kinds_changed(&collectable_kinds).await? {
                 fresh.gave_up = true;
             }
             // What changed since the last batch is protected here, so each sweep transaction
@@ -650,6 +653,7 @@ impl Store {
                 let ratio = target.as_secs_f64() / took.as_secs_f64().max(1e-4);
                 batch = ((batch as f64 * ratio.clamp(0.5, 2.0) * 0.9) as usize).clamp(16, 16_384);
             }
+            all_spared = false;
             for r in &results {
                 if let Applied::Swept {
                     objects,
@@ -659,6 +663,7 @@ impl Store {
                     spared,
                 } = &r.applied
                 {
+                    all_spared = *spared > 0 && *objects == 0 && blobs.is_empty();
                     stats.swept_objects += objects;
                     stats.bytes_freed += bytes;
                     stats.expired_leases += leases;
