@@ -68,6 +68,15 @@ struct Retry {
 }
 
 impl Retry {
+    /// [`CLAIM_WAIT_RETRY`] after an empty claim that came back at `at` (real time), `clock_at`
+    /// (the store's clock).
+    fn after(at: tokio::time::Instant, clock_at: Timestamp) -> Self {
+        Retry {
+            at: at + CLAIM_WAIT_RETRY,
+            clock_at: clock_at + CLAIM_WAIT_RETRY,
+        }
+    }
+
     fn due(&self, clock_now: Timestamp) -> bool {
         tokio::time::Instant::now() >= self.at || clock_now >= self.clock_at
     }
@@ -811,13 +820,7 @@ impl Session {
         st.empty_claim
             .as_ref()
             .filter(|e| e.process == process && e.selector == selector)
-            .map(|e| {
-                let retry = Retry {
-                    at: e.at + CLAIM_WAIT_RETRY,
-                    clock_at: e.clock_at + CLAIM_WAIT_RETRY,
-                };
-                (e.revision, retry)
-            })
+            .map(|e| (e.revision, Retry::after(e.at, e.clock_at)))
     }
 
     /// Claim up to `limit` objects matching `selector` for `process`: objects no live session
@@ -881,13 +884,11 @@ impl Session {
                     if !got.is_empty() {
                         return Ok(got);
                     }
-                    self.empty_claim(process, selector).unwrap_or((
-                        None,
-                        Retry {
-                            at: tokio::time::Instant::now() + CLAIM_WAIT_RETRY,
-                            clock_at: self.store.clock.now() + CLAIM_WAIT_RETRY,
-                        },
-                    ))
+                    self.empty_claim(process, selector).unwrap_or_else(|| {
+                        let retry =
+                            Retry::after(tokio::time::Instant::now(), self.store.clock.now());
+                        (None, retry)
+                    })
                 }
             };
             let mut seen = match revision {
