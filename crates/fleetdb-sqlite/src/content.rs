@@ -43,6 +43,7 @@ const INGEST_COLS: &str =
     "ref, expected_digest, expected_size, \"offset\", started_at, updated_at, expires_at";
 
 /// Where the bytes live.
+#[derive(Clone)]
 pub(crate) struct Dirs {
     blobs: PathBuf,
     ingest: PathBuf,
@@ -134,10 +135,26 @@ fn bytes_needed(c: &Connection, digest: &str) -> Result<bool> {
 // ---- the rules every backend applies (mirrored in fleetdb-postgres/src/content.rs) ----
 
 /// Run blocking file work off the async threads.
+/// Run `f` in one write transaction on `c` (BEGIN IMMEDIATE: the database's write lock).
+fn in_write_txn<T>(c: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    c.execute_batch("BEGIN IMMEDIATE").map_err(map_err)?;
+    match f(c) {
+        Ok(v) => match c.execute_batch("COMMIT") {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                let _ = c.execute_batch("ROLLBACK");
+                Err(map_err(e))
+            }
+        },
+        Err(e) => {
+            let _ = c.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Backend(format!("a content store task failed: {e}")))?
+    crate::off_runtime(f).await
 }
 
 /// Open (creating it if asked) and lock an upload's file for this call.
@@ -205,23 +222,13 @@ impl SqliteBackend {
     }
 
     /// Run `f` in a transaction holding the database's write lock (this process's writer and
-    /// every other process wait): for short bookkeeping only.
-    fn locked<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let c = self.write_conn.lock().unwrap_or_else(|p| p.into_inner());
-        c.execute_batch("BEGIN IMMEDIATE").map_err(map_err)?;
-        match f(&c) {
-            Ok(v) => match c.execute_batch("COMMIT") {
-                Ok(()) => Ok(v),
-                Err(e) => {
-                    let _ = c.execute_batch("ROLLBACK");
-                    Err(map_err(e))
-                }
-            },
-            Err(e) => {
-                let _ = c.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
+    /// every other process wait): for short bookkeeping only. On the blocking pool, as
+    /// [`SqliteBackend::exclusive`]: taking the lock may wait for another process.
+    async fn locked<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.exclusive(move |c| in_write_txn(c, f)).await
     }
 
     pub(crate) async fn content_ingest_start(
@@ -238,9 +245,13 @@ impl SqliteBackend {
             Some((d, s)) => (Some(d.to_string()), Some(s as i64)),
             None => (None, None),
         };
-        self.locked(|c| {
+        let reference = reference.to_string();
+        let expected = expected.map(|(d, s)| (d.to_string(), s));
+        self.locked(move |c| {
+            let reference = reference.as_str();
             match ingest_get(c, reference)? {
                 Some(stored) if stored.expires_at > now => {
+                    let expected = expected.as_ref().map(|(d, s)| (d.as_str(), *s));
                     check_resume(reference, &stored, expected)?;
                     c.execute(
                         "UPDATE ingests SET expected_digest = coalesce(?2, expected_digest), \
@@ -268,6 +279,7 @@ impl SqliteBackend {
             ingest_get(c, reference)?
                 .ok_or_else(|| Error::Backend("the upload row vanished".into()))
         })
+        .await
     }
 
     fn live_ingest(&self, reference: &str, now: Timestamp) -> Result<IngestStatus> {
@@ -316,14 +328,17 @@ impl SqliteBackend {
         })
         .await?;
         let end = offset + data.len() as u64;
-        let updated = self.locked(|c| {
-            c.execute(
-                "UPDATE ingests SET \"offset\" = ?2, updated_at = ?3 \
-                 WHERE ref = ?1 AND \"offset\" = ?4",
-                params![reference, end as i64, now.0, offset as i64],
-            )
-            .map_err(map_err)
-        })?;
+        let r = reference.to_string();
+        let updated = self
+            .locked(move |c| {
+                c.execute(
+                    "UPDATE ingests SET \"offset\" = ?2, updated_at = ?3 \
+                     WHERE ref = ?1 AND \"offset\" = ?4",
+                    params![r, end as i64, now.0, offset as i64],
+                )
+                .map_err(map_err)
+            })
+            .await?;
         drop(file);
         if updated != 1 {
             return Err(Error::Conflict {
@@ -385,14 +400,17 @@ impl SqliteBackend {
             return Err(digest_mismatch(reference, digest, &actual));
         }
         // Mark the upload with what it commits: from here on its bytes are needed.
-        let marked = self.locked(|c| {
-            c.execute(
-                "UPDATE ingests SET expected_digest = ?2, expected_size = ?3 \
-                 WHERE ref = ?1 AND \"offset\" = ?3 AND started_at = ?4",
-                params![reference, digest, size as i64, status.started_at.0],
-            )
-            .map_err(map_err)
-        })?;
+        let (r, d, started_at) = (reference.to_string(), digest.to_string(), status.started_at);
+        let marked = self
+            .locked(move |c| {
+                c.execute(
+                    "UPDATE ingests SET expected_digest = ?2, expected_size = ?3 \
+                     WHERE ref = ?1 AND \"offset\" = ?3 AND started_at = ?4",
+                    params![r, d, size as i64, started_at.0],
+                )
+                .map_err(map_err)
+            })
+            .await?;
         if marked != 1 {
             return Err(Error::Conflict {
                 what: format!("upload {reference:?} (it changed while it was committed)"),
@@ -441,11 +459,13 @@ impl SqliteBackend {
                 ))
             }
         };
-        self.locked(|c| {
-            c.execute("DELETE FROM ingests WHERE ref = ?1", [reference])
+        let r = reference.to_string();
+        self.locked(move |c| {
+            c.execute("DELETE FROM ingests WHERE ref = ?1", [r])
                 .map_err(map_err)?;
             remove_if_present(&path)
-        })?;
+        })
+        .await?;
         drop(file);
         Ok(info)
     }
@@ -454,13 +474,16 @@ impl SqliteBackend {
         validate_ingest_ref(reference)?;
         let dirs = self.content_dirs()?;
         let path = dirs.ingest(reference);
-        let removed = self.locked(|c| {
-            let n = c
-                .execute("DELETE FROM ingests WHERE ref = ?1", [reference])
-                .map_err(map_err)?;
-            remove_if_present(&path)?;
-            Ok(n)
-        })?;
+        let r = reference.to_string();
+        let removed = self
+            .locked(move |c| {
+                let n = c
+                    .execute("DELETE FROM ingests WHERE ref = ?1", [r])
+                    .map_err(map_err)?;
+                remove_if_present(&path)?;
+                Ok(n)
+            })
+            .await?;
         if removed == 0 {
             return Err(Error::not_found(format!("upload {reference:?}")));
         }
@@ -480,7 +503,7 @@ impl SqliteBackend {
 
     pub(crate) async fn content_ingest_sweep(&self, now: Timestamp) -> Result<u64> {
         let dirs = self.content_dirs()?;
-        self.locked(|c| {
+        self.locked(move |c| {
             let refs: Vec<String> = {
                 let mut s = c
                     .prepare_cached("SELECT ref FROM ingests WHERE expires_at <= ?1")
@@ -495,6 +518,7 @@ impl SqliteBackend {
             }
             Ok(refs.len() as u64)
         })
+        .await
     }
 
     pub(crate) async fn content_blob_info(&self, digest: &str) -> Result<Option<BlobInfo>> {
@@ -560,18 +584,21 @@ impl SqliteBackend {
                 // for 20,000 digests in the GC benchmark).
                 tokio::time::sleep(REMOVE_PAUSE).await;
             }
-            removed += self.locked(|c| {
-                let mut n = 0;
-                for d in batch {
-                    if validate_digest(d).is_err() || bytes_needed(c, d)? {
-                        continue;
+            let (batch, dirs) = (batch.to_vec(), dirs.clone());
+            removed += self
+                .locked(move |c| {
+                    let mut n = 0;
+                    for d in &batch {
+                        if validate_digest(d).is_err() || bytes_needed(c, d)? {
+                            continue;
+                        }
+                        if remove_if_present(&dirs.blob(d))? {
+                            n += 1;
+                        }
                     }
-                    if remove_if_present(&dirs.blob(d))? {
-                        n += 1;
-                    }
-                }
-                Ok(n)
-            })?;
+                    Ok(n)
+                })
+                .await?;
         }
         if removed > 0 {
             sync_dir(&dirs.blobs)?;
@@ -600,27 +627,31 @@ impl SqliteBackend {
         // Upload files without an upload row (the lock keeps new uploads out meanwhile).
         let files = names(&dirs.ingest)?;
         if !files.is_empty() {
-            removed += self.locked(|c| {
-                let live: std::collections::HashSet<PathBuf> = {
-                    let mut s = c
-                        .prepare_cached("SELECT ref FROM ingests")
-                        .map_err(map_err)?;
-                    let rows = s
-                        .query_map([], |r| r.get::<_, String>(0))
-                        .map_err(map_err)?;
-                    rows.map(|r| r.map(|r| dirs.ingest(&r)))
-                        .collect::<rusqlite::Result<_>>()
-                        .map_err(map_err)?
-                };
-                let mut n = 0;
-                for f in files {
-                    let p = dirs.ingest.join(f);
-                    if !live.contains(&p) && remove_if_present(&p)? {
-                        n += 1;
+            let d = dirs.clone();
+            removed += self
+                .locked(move |c| {
+                    let dirs = d;
+                    let live: std::collections::HashSet<PathBuf> = {
+                        let mut s = c
+                            .prepare_cached("SELECT ref FROM ingests")
+                            .map_err(map_err)?;
+                        let rows = s
+                            .query_map([], |r| r.get::<_, String>(0))
+                            .map_err(map_err)?;
+                        rows.map(|r| r.map(|r| dirs.ingest(&r)))
+                            .collect::<rusqlite::Result<_>>()
+                            .map_err(map_err)?
+                    };
+                    let mut n = 0;
+                    for f in files {
+                        let p = dirs.ingest.join(f);
+                        if !live.contains(&p) && remove_if_present(&p)? {
+                            n += 1;
+                        }
                     }
-                }
-                Ok(n)
-            })?;
+                    Ok(n)
+                })
+                .await?;
         }
         Ok(removed)
     }

@@ -123,7 +123,7 @@ impl Drop for SqliteBackend {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         // The writer thread ends when the queue is gone (its wake channel closes).
-        let (placeholder, _) = writer::Queue::new();
+        let (placeholder, _) = writer::Queue::new(std::time::Duration::ZERO);
         drop(std::mem::replace(&mut self.queue, Arc::new(placeholder)));
         if let Some(t) = self.writer_thread.take() {
             let _ = t.join();
@@ -213,6 +213,20 @@ pub(crate) fn checkpoint(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// Map a rusqlite error to a FleetDB error. The only place that interprets driver errors.
+/// Run `f`, which may wait (for a lock, a disk), on tokio's blocking pool when there is a
+/// runtime, so that the runtime's threads go on; without one, on this thread.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt
+            .spawn_blocking(f)
+            .await
+            .map_err(|e| Error::Backend(format!("a SQLite task failed: {e}")))?,
+        Err(_) => f(),
+    }
+}
+
 pub(crate) fn map_err(e: rusqlite::Error) -> Error {
     use rusqlite::ErrorCode;
     match &e {
@@ -379,7 +393,8 @@ impl SqliteBackend {
             Location::Memory => None,
         };
         let write_conn = Arc::new(Mutex::new(conn));
-        let (queue, wake) = writer::Queue::new();
+        let (queue, wake) =
+            writer::Queue::new(std::time::Duration::from_millis(options.busy_timeout_ms));
         let queue = Arc::new(queue);
         let checkpointer = checkpoint_conn
             .map(|c| Checkpointer::spawn(c, Arc::downgrade(&queue), options.wal_restart_bytes))
@@ -449,16 +464,16 @@ impl SqliteBackend {
         .await
     }
 
-    /// Run `f` with the write connection, between groups (migrations, compaction).
-    async fn exclusive<T: Send + 'static>(
+    /// Run `f` with the write connection, between groups (migrations, compaction), on the
+    /// blocking pool: the connection may be held by the writer thread, waiting for another
+    /// process's write lock, and `f`'s own statements may wait for it too; the caller's (async)
+    /// thread must not (see the writer module).
+    pub(crate) async fn exclusive<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let out = {
-            let mut c = self.write_conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut c)
-        };
-        out
+        let conn = self.write_conn.clone();
+        off_runtime(move || f(&mut conn.lock().unwrap_or_else(|p| p.into_inner()))).await
     }
 }
 
@@ -831,6 +846,85 @@ mod tests {
             .await
             .unwrap();
         backend
+    }
+
+    /// Another process holding the database's write lock does not stop this process's async
+    /// runtime (the CLI's has one thread, which also renews the session and watches a worker's
+    /// command): a write, a compaction and a content-store bookkeeping step wait for the lock off
+    /// the runtime's thread, and go through once the other process lets go. Before, the write
+    /// waited on the caller's thread: nothing else ran until it failed `Unavailable`, five busy
+    /// timeouts later.
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiting_for_another_process_does_not_stop_the_runtime() {
+        use fleetdb_core::{Op, PutMode};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.sqlite");
+        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::ManualClock::new(NOW));
+        // Long enough that a wait on the runtime's thread lasts until the watchdog below.
+        let options = SqliteOptions {
+            busy_timeout_ms: 3_600_000,
+            ..SqliteOptions::default()
+        };
+        let backend = Arc::new(
+            SqliteBackend::open(Location::File(path.clone()), options, clock)
+                .await
+                .unwrap(),
+        );
+        // "Another process": a connection on a thread of its own, holding the write lock until
+        // this test's task tells it to let go, or until a watchdog's 10 s if the task cannot run.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, is_held) = std::sync::mpsc::channel::<()>();
+        let watchdog = Arc::new(AtomicBool::new(false));
+        let fired = watchdog.clone();
+        let other = std::thread::spawn(move || {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch("BEGIN IMMEDIATE").unwrap();
+            held.send(()).unwrap();
+            if released
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_err()
+            {
+                fired.store(true, Ordering::SeqCst);
+            }
+            c.execute_batch("COMMIT").unwrap();
+        });
+        is_held.recv().unwrap();
+        let b = backend.clone();
+        let write = tokio::spawn(async move {
+            b.commit(Batch {
+                preconditions: Vec::new(),
+                ops: vec![Op::ObjectPut {
+                    key: ObjectKey::new("default", "machine", "m0").unwrap(),
+                    labels: Default::default(),
+                    mode: PutMode::Upsert,
+                }],
+                now: NOW,
+            })
+            .await
+        });
+        let b = backend.clone();
+        let compact = tokio::spawn(async move { b.compact(Revision(1)).await });
+        let b = backend.clone();
+        let sweep = tokio::spawn(async move { b.ingest_sweep(NOW).await });
+        // This task runs while they wait: the runtime's one thread is free.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!write.is_finished() && !compact.is_finished() && !sweep.is_finished());
+        let _ = release.send(());
+        other.join().unwrap();
+        assert!(
+            !watchdog.load(Ordering::SeqCst),
+            "the runtime's thread waited for the other process's lock"
+        );
+        let written = write.await.unwrap();
+        assert!(written.is_ok(), "{written:?}");
+        let compacted = compact.await.unwrap();
+        assert!(compacted.is_ok(), "{compacted:?}");
+        assert_eq!(sweep.await.unwrap().unwrap(), 0);
+        let key = ObjectKey::new("default", "machine", "m0").unwrap();
+        assert!(backend.object_get(&key).await.unwrap().is_some());
     }
 
     /// A busy timeout SQLite cannot take (more than i32::MAX ms) is refused at open, not a

@@ -8,6 +8,11 @@
 //! write that is waiting (up to [`GROUP_JOBS_MAX`]), runs each inside its own SAVEPOINT of ONE
 //! transaction and commits once: many logical transactions share one fsync. Every queued write
 //! either commits on its caller's thread or has woken the writer, so none is left behind.
+//! A caller never waits on its thread for another process's write lock: it runs on an async
+//! runtime (the CLI's has one thread, which also renews the session and watches the worker's
+//! command), so its BEGIN does not wait; if another process holds the lock, the writer thread
+//! takes the group and waits for the lock there (SQLite's busy timeout, [`GROUP_ATTEMPTS_MAX`]
+//! times).
 //! A request that fails rolls back to its savepoint and gets its error; its neighbours commit.
 //! Every caller is answered only after the group's COMMIT returned, i.e. after its data is durable.
 
@@ -60,6 +65,8 @@ pub(crate) type Reply = oneshot::Sender<Result<Written>>;
 pub(crate) struct Queue {
     waiting: Mutex<VecDeque<(Write, Reply)>>,
     wake: std::sync::mpsc::SyncSender<()>,
+    /// The write connection's busy timeout, set again after a caller's BEGIN that did not wait.
+    busy_timeout: std::time::Duration,
     /// The checkpointer found the WAL past its limit: the next group's leader checkpoints on the
     /// write connection after its commit (see `Checkpointer`).
     wal_restart: AtomicBool,
@@ -67,12 +74,13 @@ pub(crate) struct Queue {
 
 impl Queue {
     /// The queue and the receiving end the writer thread waits on.
-    pub(crate) fn new() -> (Queue, std::sync::mpsc::Receiver<()>) {
+    pub(crate) fn new(busy_timeout: std::time::Duration) -> (Queue, std::sync::mpsc::Receiver<()>) {
         let (wake, rx) = std::sync::mpsc::sync_channel(1);
         (
             Queue {
                 waiting: Mutex::default(),
                 wake,
+                busy_timeout,
                 wal_restart: AtomicBool::new(false),
             },
             rx,
@@ -83,6 +91,14 @@ impl Queue {
         let mut q = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         let n = q.len().min(GROUP_JOBS_MAX);
         q.drain(..n).collect()
+    }
+
+    /// Put a group its leader could not run back at the front of the queue, in its order.
+    fn hand_back(&self, group: Vec<(Write, Reply)>) {
+        let mut q = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        for w in group.into_iter().rev() {
+            q.push_front(w);
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -130,11 +146,16 @@ impl Queue {
             }
         };
         let mut group = self.take_group();
-        flush(&mut c, &mut group);
-        self.finish_wal_restart(&c);
+        if let Err(Busy) = flush(&mut c, &mut group, Lead::Caller(self.busy_timeout)) {
+            // Another process holds the write lock: the writer thread waits for it, not this
+            // caller's thread.
+            self.hand_back(group);
+        } else {
+            self.finish_wal_restart(&c);
+        }
         drop(c);
         // Writes queued meanwhile (their callers found the connection taken and woke the writer,
-        // or will): make sure the writer looks.
+        // or will), or handed back: make sure the writer looks.
         if !self.is_empty() {
             self.wake_writer();
         }
@@ -155,23 +176,75 @@ impl Queue {
                 if group.is_empty() {
                     break;
                 }
-                flush(&mut c, &mut group);
+                // The writer thread waits for the lock: never handed back.
+                let _ = flush(&mut c, &mut group, Lead::Writer);
                 q.finish_wal_restart(&c);
             }
         }
     }
 }
 
-fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>) {
+/// Who runs a group, and so how its BEGIN waits for another process's write lock.
+#[derive(Clone, Copy)]
+enum Lead {
+    /// A caller on its own (async runtime's) thread: the BEGIN does not wait. The value is the
+    /// connection's busy timeout, set again after.
+    Caller(std::time::Duration),
+    /// The writer thread: the BEGIN waits up to the busy timeout.
+    Writer,
+}
+
+/// A caller's group found another process holding the write lock: nothing ran, every request
+/// is still unanswered in the group.
+struct Busy;
+
+/// BEGIN IMMEDIATE: take the database's write lock for a group, waiting for it only if `lead`
+/// may. `Ok(false)` when another process holds it and `lead` may not wait.
+fn begin(c: &Connection, lead: Lead) -> Result<bool> {
+    if !c.is_autocommit() {
+        // Left open by something that did not end it: nothing of it was answered as committed.
+        let _ = c.execute_batch("ROLLBACK");
+    }
+    let Lead::Caller(busy_timeout) = lead else {
+        exec(c, "BEGIN IMMEDIATE")?;
+        return Ok(true);
+    };
+    c.busy_timeout(std::time::Duration::ZERO).map_err(map_err)?;
+    let begun = c
+        .prepare_cached("BEGIN IMMEDIATE")
+        .and_then(|mut s| s.raw_execute());
+    c.busy_timeout(busy_timeout).map_err(map_err)?;
+    match begun {
+        Ok(_) => Ok(true),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(map_err(e)),
+    }
+}
+
+/// Run `group` in one transaction and answer each of its callers, retrying a group that failed
+/// as a whole with a retryable error. `Err(Busy)` only for [`Lead::Caller`]: another process
+/// holds the write lock; the group is untouched and unanswered.
+fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>, lead: Lead) -> Result<(), Busy> {
     if group.is_empty() {
-        return;
+        return Ok(());
     }
     let mut attempt = 0;
     let results = loop {
         attempt += 1;
         // A panic in a write (none is known) must not leave the connection inside a
         // transaction, nor its callers waiting: it rolls back and fails the group.
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_group(c, group)))
+        let ran =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match begin(c, lead)? {
+                true => run_group(c, group).map(Some),
+                false => Ok(None),
+            }))
             .unwrap_or_else(|panic| {
                 if !c.is_autocommit() {
                     let _ = c.execute_batch("ROLLBACK");
@@ -186,7 +259,10 @@ fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>) {
                 )))
             });
         match ran {
-            Ok(results) => break results,
+            Ok(Some(results)) => break results,
+            Ok(None) => return Err(Busy),
+            // On a caller's thread a retry would wait for the lock: the writer thread retries.
+            Err(e) if e.is_retryable() && matches!(lead, Lead::Caller(_)) => return Err(Busy),
             Err(e) if e.is_retryable() && attempt < GROUP_ATTEMPTS_MAX => {
                 tracing::debug!(attempt, error = %e, "sqlite group commit retry");
                 continue;
@@ -197,6 +273,7 @@ fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>) {
     for ((_, reply), result) in group.drain(..).zip(results) {
         let _ = reply.send(result); // the caller may have gone away; its write still committed
     }
+    Ok(())
 }
 
 /// Run a fixed statement (BEGIN, SAVEPOINT, COMMIT …) from the statement cache: no parsing per
@@ -278,15 +355,10 @@ fn claimed(
     })
 }
 
-/// One transaction for the whole group. With several requests each runs in its own savepoint,
-/// so a failing one rolls back alone; a lone request needs no savepoint (its failure rolls back
-/// the transaction).
+/// One transaction for the whole group, begun by the caller ([`begin`]). With several requests
+/// each runs in its own savepoint, so a failing one rolls back alone; a lone request needs no
+/// savepoint (its failure rolls back the transaction).
 fn run_group(c: &mut Connection, group: &[(Write, Reply)]) -> Result<Vec<Result<Written>>> {
-    if !c.is_autocommit() {
-        // Left open by something that did not end it: nothing of it was answered as committed.
-        let _ = c.execute_batch("ROLLBACK");
-    }
-    exec(c, "BEGIN IMMEDIATE")?;
     let single = group.len() == 1;
     let outcome = (|| {
         let mut revision = current_revision(c)?.current.0;
