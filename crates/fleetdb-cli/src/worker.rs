@@ -19,8 +19,9 @@
 //!   `SessionExpired`: the claim may already be someone else's.
 //! - CMD's stderr is passed through as it comes (with `--concurrency` above 1, line by line, each
 //!   after its object); only its last [`CAUSE_TAIL_BYTES`] are kept.
-//! - A run whose outcome cannot be recorded (its session lost, the claim taken away) ends the
-//!   worker with that error; the other runs' commands are killed and their claims cancelled.
+//! - Recording a run's outcome is tried again while it fails transiently ([`record`]); a run whose
+//!   outcome cannot be recorded (its session lost, the claim taken away) ends the worker with that
+//!   error; the other runs' commands are killed and their claims cancelled.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -356,12 +357,15 @@ impl Worker<'_> {
                 })
             }
             Ended::Exited { status, .. } if status.success() => {
-                w.finish(|_| async { Ok(()) }).await
+                record(&key, OUTCOME_RETRY, async || {
+                    w.finish(|_| async { Ok(()) }).await
+                })
+                .await
             }
             Ended::Exited {
                 signalled: Some(Signalled::Stopping),
                 ..
-            } => w.cancel().await,
+            } => record(&key, OUTCOME_RETRY, async || w.cancel().await).await,
             Ended::Exited { status, signalled } => {
                 let mut cause = match signalled {
                     Some(Signalled::TimedOut) => format!(
@@ -390,7 +394,10 @@ impl Worker<'_> {
     /// `max-failures`): no worker of the process will run it again until someone clears it.
     async fn fail(&self, mut w: Work, cause: &str) -> Result<(), Error> {
         let (key, process) = (w.key().clone(), w.process().to_string());
-        w.fail(self.backoff, cause).await?;
+        record(&key, OUTCOME_RETRY, async || {
+            w.fail(self.backoff, cause).await
+        })
+        .await?;
         let store = self.session.store();
         if let Ok(e) = store.work_explain(&key, &process, None).await {
             if let Some(b) = e.backoff.filter(|b| b.parked()) {
@@ -405,6 +412,47 @@ impl Worker<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// When to try recording a run's outcome again after a transient failure: first after
+/// `first`, then twice as long each time up to `max`.
+#[derive(Clone, Copy, Debug)]
+struct RetryDelays {
+    first: Duration,
+    max: Duration,
+}
+
+const OUTCOME_RETRY: RetryDelays = RetryDelays {
+    first: Duration::from_millis(100),
+    max: Duration::from_secs(2),
+};
+
+/// Record the outcome of `key`'s run with `write` (a finish, fail or cancel), trying again while
+/// it fails transiently: the database busy (SQLite: another process holding its write lock past
+/// the busy timeout) or unreachable (PostgreSQL restarting or failing over), or conflicts past
+/// the store's own retries. A failed outcome write keeps the claim (the store's contract), so a
+/// retry is safe; giving up would end the worker and run the object again although the command
+/// ran. Ends with the session: once its renewals have failed past its deadline every write
+/// fails `SessionExpired`, which is not retried. Any other error is returned at once.
+async fn record(
+    key: &ObjectKey,
+    delays: RetryDelays,
+    mut write: impl AsyncFnMut() -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut delay = delays.first;
+    loop {
+        match write().await {
+            Err(e) if e.is_retryable() || matches!(e, Error::RetriesExhausted { .. }) => {
+                say!(
+                    "worker: recording the outcome of {key} failed ({e}); trying again in {}",
+                    humantime::format_duration(delay)
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(delays.max);
+            }
+            done => return done,
+        }
     }
 }
 
@@ -702,6 +750,46 @@ fn host_name(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An outcome write failing transiently is tried again until it goes through; one failing
+    /// otherwise (the session lost, the claim taken) is returned at once.
+    #[tokio::test]
+    async fn outcomes_are_recorded_through_transient_failures() {
+        let key = ObjectKey::new("default", "machine", "m0").unwrap();
+        let delays = RetryDelays {
+            first: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+        };
+        let mut calls = 0;
+        let r = record(&key, delays, async || {
+            calls += 1;
+            match calls {
+                1 => Err(Error::Unavailable("the SQLite database is busy".into())),
+                2 => Err(Error::RetriesExhausted {
+                    attempts: 10,
+                    last: "serialization failure".into(),
+                }),
+                3 => Err(Error::Conflict { what: "x".into() }),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(calls, 4);
+        let mut calls = 0;
+        let r = record(&key, delays, async || {
+            calls += 1;
+            match calls {
+                1 => Err(Error::Unavailable("connection refused".into())),
+                _ => Err(Error::SessionExpired {
+                    session_id: "s".into(),
+                }),
+            }
+        })
+        .await;
+        assert!(matches!(r, Err(Error::SessionExpired { .. })), "{r:?}");
+        assert_eq!(calls, 2);
+    }
 
     #[test]
     fn host_names_are_made_to_fit_the_name_rule() {
