@@ -392,6 +392,11 @@ impl SqliteBackend {
             }
             Location::Memory => None,
         };
+        // No busy timeout on the write connection: a caller's BEGIN must not wait for another
+        // process (the writer thread waits instead, see the writer module); what holds the
+        // connection itself sets it for its own statements (`exclusive`).
+        conn.busy_timeout(std::time::Duration::ZERO)
+            .map_err(map_err)?;
         let write_conn = Arc::new(Mutex::new(conn));
         let (queue, wake) =
             writer::Queue::new(std::time::Duration::from_millis(options.busy_timeout_ms));
@@ -473,7 +478,15 @@ impl SqliteBackend {
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let conn = self.write_conn.clone();
-        off_runtime(move || f(&mut conn.lock().unwrap_or_else(|p| p.into_inner()))).await
+        let busy_timeout = std::time::Duration::from_millis(self.options.busy_timeout_ms);
+        off_runtime(move || {
+            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            c.busy_timeout(busy_timeout).map_err(map_err)?;
+            let out = f(&mut c);
+            c.busy_timeout(std::time::Duration::ZERO).map_err(map_err)?;
+            out
+        })
+        .await
     }
 }
 

@@ -10,9 +10,9 @@
 //! either commits on its caller's thread or has woken the writer, so none is left behind.
 //! A caller never waits on its thread for another process's write lock: it runs on an async
 //! runtime (the CLI's has one thread, which also renews the session and watches the worker's
-//! command), so its BEGIN does not wait; if another process holds the lock, the writer thread
-//! takes the group and waits for the lock there (SQLite's busy timeout, [`GROUP_ATTEMPTS_MAX`]
-//! times).
+//! command). The write connection has no busy timeout; if another process holds the lock, the
+//! writer thread takes the group and waits for the lock there (the busy timeout set for that
+//! BEGIN only, [`GROUP_ATTEMPTS_MAX`] times).
 //! A request that fails rolls back to its savepoint and gets its error; its neighbours commit.
 //! Every caller is answered only after the group's COMMIT returned, i.e. after its data is durable.
 
@@ -65,7 +65,8 @@ pub(crate) type Reply = oneshot::Sender<Result<Written>>;
 pub(crate) struct Queue {
     waiting: Mutex<VecDeque<(Write, Reply)>>,
     wake: std::sync::mpsc::SyncSender<()>,
-    /// The write connection's busy timeout, set again after a caller's BEGIN that did not wait.
+    /// How long the writer thread's BEGIN waits for another process's write lock (the write
+    /// connection itself has no busy timeout: see [`begin`]).
     busy_timeout: std::time::Duration,
     /// The checkpointer found the WAL past its limit: the next group's leader checkpoints on the
     /// write connection after its commit (see `Checkpointer`).
@@ -146,7 +147,7 @@ impl Queue {
             }
         };
         let mut group = self.take_group();
-        if let Err(Busy) = flush(&mut c, &mut group, Lead::Caller(self.busy_timeout)) {
+        if let Err(Busy) = flush(&mut c, &mut group, Lead::Caller) {
             // Another process holds the write lock: the writer thread waits for it, not this
             // caller's thread.
             self.hand_back(group);
@@ -177,7 +178,7 @@ impl Queue {
                     break;
                 }
                 // The writer thread waits for the lock: never handed back.
-                let _ = flush(&mut c, &mut group, Lead::Writer);
+                let _ = flush(&mut c, &mut group, Lead::Writer(q.busy_timeout));
                 q.finish_wal_restart(&c);
             }
         }
@@ -187,11 +188,10 @@ impl Queue {
 /// Who runs a group, and so how its BEGIN waits for another process's write lock.
 #[derive(Clone, Copy)]
 enum Lead {
-    /// A caller on its own (async runtime's) thread: the BEGIN does not wait. The value is the
-    /// connection's busy timeout, set again after.
-    Caller(std::time::Duration),
-    /// The writer thread: the BEGIN waits up to the busy timeout.
-    Writer,
+    /// A caller on its own (async runtime's) thread: the BEGIN does not wait.
+    Caller,
+    /// The writer thread: the BEGIN waits up to this long.
+    Writer(std::time::Duration),
 }
 
 /// A caller's group found another process holding the write lock: nothing ran, every request
@@ -200,32 +200,40 @@ struct Busy;
 
 /// BEGIN IMMEDIATE: take the database's write lock for a group, waiting for it only if `lead`
 /// may. `Ok(false)` when another process holds it and `lead` may not wait.
+///
+/// The write connection has no busy timeout (`SqliteBackend::open`), so the first try never
+/// waits; only the writer thread, finding the lock taken, tries again with its timeout. (Setting
+/// the timeout is one C call, but the uncontended path, thousands of groups a second, makes none.)
 fn begin(c: &Connection, lead: Lead) -> Result<bool> {
     if !c.is_autocommit() {
         // Left open by something that did not end it: nothing of it was answered as committed.
         let _ = c.execute_batch("ROLLBACK");
     }
-    let Lead::Caller(busy_timeout) = lead else {
-        exec(c, "BEGIN IMMEDIATE")?;
-        return Ok(true);
-    };
-    c.busy_timeout(std::time::Duration::ZERO).map_err(map_err)?;
-    let begun = c
+    let first = c
         .prepare_cached("BEGIN IMMEDIATE")
         .and_then(|mut s| s.raw_execute());
-    c.busy_timeout(busy_timeout).map_err(map_err)?;
-    match begun {
-        Ok(_) => Ok(true),
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if matches!(
-                e.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
-        {
-            Ok(false)
+    match (first, lead) {
+        (Ok(_), _) => Ok(true),
+        (Err(e), Lead::Caller) if is_busy(&e) => Ok(false),
+        (Err(e), Lead::Writer(busy_timeout)) if is_busy(&e) => {
+            c.busy_timeout(busy_timeout).map_err(map_err)?;
+            let waited = exec(c, "BEGIN IMMEDIATE");
+            c.busy_timeout(std::time::Duration::ZERO).map_err(map_err)?;
+            waited.map(|()| true)
         }
-        Err(e) => Err(map_err(e)),
+        (Err(e), _) => Err(map_err(e)),
     }
+}
+
+/// Whether `e` says another connection holds a lock this one needs.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(e, _) if matches!(
+            e.code,
+            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+        )
+    )
 }
 
 /// Run `group` in one transaction and answer each of its callers, retrying a group that failed
@@ -262,7 +270,7 @@ fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>, lead: Lead) -> Res
             Ok(Some(results)) => break results,
             Ok(None) => return Err(Busy),
             // On a caller's thread a retry would wait for the lock: the writer thread retries.
-            Err(e) if e.is_retryable() && matches!(lead, Lead::Caller(_)) => return Err(Busy),
+            Err(e) if e.is_retryable() && matches!(lead, Lead::Caller) => return Err(Busy),
             Err(e) if e.is_retryable() && attempt < GROUP_ATTEMPTS_MAX => {
                 tracing::debug!(attempt, error = %e, "sqlite group commit retry");
                 continue;
