@@ -1094,3 +1094,112 @@ fn a_closed_session_kills_the_command_and_ends_the_worker() {
     assert_eq!(h["items"][0]["event"], "Finished", "{h}");
     assert!(h["items"][0]["token"].as_i64().unwrap() > token);
 }
+
+/// Several worker processes on one SQLite file (the embedded default, shared by separate
+/// processes; each command another process writing through its claim), while yet another
+/// process holds the database's write lock now and then: every object runs exactly once, every run is recorded `Finished`, and no session expires or
+/// claim is cancelled (the workers' writes wait for the lock off their runtimes, and an outcome
+/// that fails transiently is recorded again).
+#[test]
+fn worker_processes_sharing_a_sqlite_file_run_each_object_once() {
+    const MACHINES: usize = 40;
+    let names: Vec<String> = (0..MACHINES).map(|i| format!("m{i:02}")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let db = d.join("db.sqlite");
+    let url = format!("sqlite://{}", db.display());
+    run(&url, d, &["process", "define", "Install"]);
+    let lines: String = names
+        .iter()
+        .map(|m| format!("{{\"kind\":\"machine\",\"id\":\"{m}\"}}\n"))
+        .collect();
+    let import = d.join("machines.jsonl");
+    std::fs::write(&import, lines).unwrap();
+    run(&url, d, &["object", "import", import.to_str().unwrap()]);
+    let ran = d.join("ran");
+    let mut workers: Vec<Child> = (0..3)
+        .map(|i| {
+            fleetdb(&url, d)
+                .env("RAN", &ran)
+                .args([
+                    "worker",
+                    "--component",
+                    &format!("w{i}"),
+                    "--process",
+                    "Install",
+                    "--selector",
+                    "kind = machine and not has(installed)",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo \"$FLEETDB_ID\" >> \"$RAN\" && \
+                     \"$FLEETDB_BIN\" tag set --fenced \"$FLEETDB_KIND\" \"$FLEETDB_ID\" installed true",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // "Another process" taking the write lock for 1.5 s at a time (well under the TTL).
+    let holder = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let c = rusqlite::Connection::open(&db).unwrap();
+            c.busy_timeout(Duration::from_secs(30)).unwrap();
+            for _ in 0..2 {
+                std::thread::sleep(Duration::from_millis(300));
+                c.execute_batch("BEGIN IMMEDIATE").unwrap();
+                std::thread::sleep(Duration::from_millis(1_500));
+                c.execute_batch("COMMIT").unwrap();
+            }
+        })
+    };
+    let finished = || {
+        json(
+            &url,
+            d,
+            &["history", "--process", "Install", "--limit", "1000"],
+        )["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "Finished")
+            .count()
+    };
+    wait_for(
+        "every machine to be finished",
+        Duration::from_secs(60),
+        || finished() >= MACHINES,
+    );
+    holder.join().unwrap();
+    for w in &workers {
+        send(w, "TERM");
+    }
+    for w in &mut workers {
+        assert!(wait_exit(w, Duration::from_secs(20)).success());
+    }
+    let mut seen: Vec<String> = std::fs::read_to_string(&ran)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    seen.sort();
+    assert_eq!(seen, names, "each machine ran exactly once");
+    let history = json(
+        &url,
+        d,
+        &["history", "--process", "Install", "--limit", "1000"],
+    );
+    let mut counts = std::collections::BTreeMap::new();
+    for e in history["items"].as_array().unwrap() {
+        *counts
+            .entry(e["event"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    let want = std::collections::BTreeMap::from([
+        ("Finished".to_string(), MACHINES),
+        ("Started".to_string(), MACHINES),
+    ]);
+    assert_eq!(counts, want, "{history}");
+}
