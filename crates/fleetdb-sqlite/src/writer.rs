@@ -116,11 +116,14 @@ impl Queue {
 
     /// After a group, on the write connection: if the checkpointer asked, copy what its own pass
     /// left (the frames appended meanwhile). No frame of this process is appended while the
-    /// leader holds the connection, so this copies every frame (unless a reader still reads an
-    /// older snapshot: then a later pass asks again) and the next write starts the WAL over.
+    /// leader holds the connection, and a RESTART checkpoint also takes the database's write lock
+    /// (without waiting: the connection has no busy timeout) so that no other process appends
+    /// either. So this copies every frame (unless another process holds the lock or a reader
+    /// still reads an older snapshot: then it copies what it can and a later pass asks again)
+    /// and the next write starts the WAL over.
     fn finish_wal_restart(&self, c: &Connection) {
         if self.wal_restart.swap(false, Ordering::AcqRel) {
-            if let Err(e) = crate::checkpoint(c) {
+            if let Err(e) = c.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
                 tracing::debug!(error = %e, "WAL restart checkpoint failed; retrying later");
             }
         }
