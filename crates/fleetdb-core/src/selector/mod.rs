@@ -223,7 +223,7 @@ impl Selector {
 
     /// Like [`Selector::parse`], with the error's position and parts as fields.
     pub fn parse_detailed(text: &str) -> Result<Selector, SelectorError> {
-        parse::parse(text).map(|expr| Selector { expr })
+        parse::parse(text, SELECTOR_BYTES_MAX).map(|expr| Selector { expr })
     }
 
     /// The syntax tree.
@@ -396,10 +396,21 @@ impl serde::Serialize for Selector {
     }
 }
 
+/// The longest canonical text a selector within [`SELECTOR_BYTES_MAX`] can print, with room to
+/// spare: printing only adds spaces around operators, quotes and escapes in strings (at most
+/// 2× a string), longer duration units (< 2×) and numbers in full (`1e15` →
+/// `1000000000000000.0`: 4.5×); it never adds parentheses the input lacked, nor depth,
+/// predicates or tags (those limits hold for the canonical text as for the input).
+pub const CANONICAL_BYTES_MAX: usize = 8 * SELECTOR_BYTES_MAX;
+
+/// Reads canonical text (what `Serialize` writes) back: up to [`CANONICAL_BYTES_MAX`], since the
+/// canonical text of a selector within the limit may be longer than the limit.
 impl<'de> serde::Deserialize<'de> for Selector {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        Selector::parse(&text).map_err(serde::de::Error::custom)
+        parse::parse(&text, CANONICAL_BYTES_MAX)
+            .map(|expr| Selector { expr })
+            .map_err(|e| serde::de::Error::custom(e.into_error(&text)))
     }
 }
 

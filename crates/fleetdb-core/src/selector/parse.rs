@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 
 use super::{
-    CmpOp, EqOp, Expr, Field, Literal, Operand, Pred, SelectorError, SELECTOR_BYTES_MAX,
-    SELECTOR_DEPTH_MAX, SELECTOR_PREDICATES_MAX, SELECTOR_TAGS_MAX,
+    CmpOp, EqOp, Expr, Field, Literal, Operand, Pred, SelectorError, SELECTOR_DEPTH_MAX,
+    SELECTOR_PREDICATES_MAX, SELECTOR_TAGS_MAX,
 };
 use crate::error::Error;
 use crate::validate;
@@ -20,11 +20,12 @@ const CMP_EXPECTED: &str = "a comparison operator (=, !=, <, <=, >, >=)";
 
 type PResult<T> = Result<T, SelectorError>;
 
-pub(super) fn parse(text: &str) -> PResult<Expr> {
-    if text.len() > SELECTOR_BYTES_MAX {
+/// Parse `text`, at most `bytes_max` long ([`super::SELECTOR_BYTES_MAX`] for a selector given by a user).
+pub(super) fn parse(text: &str, bytes_max: usize) -> PResult<Expr> {
+    if text.len() > bytes_max {
         return Err(SelectorError {
-            position: SELECTOR_BYTES_MAX,
-            expected: format!("a selector of at most {SELECTOR_BYTES_MAX} bytes"),
+            position: bytes_max,
+            expected: format!("a selector of at most {bytes_max} bytes"),
             found: format!("{} bytes", text.len()),
         });
     }

@@ -360,6 +360,34 @@ fn serde_as_text() {
     assert_eq!("has(a)".parse::<Selector>().unwrap(), sel("has(a)"));
 }
 
+/// A selector within the limit whose canonical text is longer than the limit (strings whose
+/// characters print escaped, lists printed with spaces) still travels as that text and reads
+/// back; text over [`CANONICAL_BYTES_MAX`] does not.
+#[test]
+fn canonical_text_over_the_limit_reads_back() {
+    let quotes = format!("label(k) = '{}'", "\"".repeat(SELECTOR_BYTES_MAX - 14));
+    let newlines = format!("label(k) = \"{}\"", "\n".repeat(SELECTOR_BYTES_MAX - 13));
+    let list = format!(
+        "label(k) in ({})",
+        vec!["'a'"; (SELECTOR_BYTES_MAX - 14) / 4].join(",")
+    );
+    let numbers = vec!["tag(a).x=1e15"; SELECTOR_PREDICATES_MAX].join(" or ");
+    for text in [quotes, newlines, list, numbers] {
+        assert!(text.len() <= SELECTOR_BYTES_MAX, "{}", text.len());
+        let s = sel(&text);
+        let canonical = s.to_string();
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Selector>(&j).unwrap(),
+            s,
+            "{canonical}"
+        );
+        assert!(canonical.len() <= CANONICAL_BYTES_MAX);
+    }
+    let long = format!("has(a){}", " ".repeat(CANONICAL_BYTES_MAX));
+    assert!(serde_json::from_str::<Selector>(&serde_json::to_string(&long).unwrap()).is_err());
+}
+
 // ---------------------------------------------------------------- reference evaluator
 
 #[test]
