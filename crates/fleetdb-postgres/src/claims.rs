@@ -267,9 +267,9 @@ impl Drop for Turn {
         if next.is_empty() {
             return;
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            // No runtime to run them on: every waiting claim runs alone (a dropped reply says
-            // so), and the key is freed.
+        let Some((rt, _spawning)) = crate::combine::passing_on() else {
+            // Nothing to run them on (see `passing_on`): every waiting claim runs alone (a
+            // dropped reply says so), and the key is freed.
             drop(next);
             while !self.backend.claims.next(&self.key).is_empty() {}
             return;

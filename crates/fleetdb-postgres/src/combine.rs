@@ -175,6 +175,34 @@ fn take(waiting: &mut VecDeque<Waiting>) -> Vec<Waiting> {
     taken
 }
 
+thread_local! {
+    /// Set while this thread spawns the task a dropped turn passes on (see [`passing_on`]).
+    static PASSING_ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The runtime to spawn the task a dropped turn (this module's or a claim's) passes its waiting
+/// work on to, and a guard to hold while spawning it; `None` when that work cannot run: there
+/// is no runtime (a transaction's future dropped on a plain thread), or this thread is spawning
+/// such a task already — a runtime shutting down drops a spawned task at once, and with it the
+/// turn the task held, whose drop would spawn the next group's task from inside the first
+/// spawn, and so on, one stack frame deeper per waiting group. On `None` the caller drops the
+/// waiting work's replies, group after group in a loop (each caller still there runs alone),
+/// until its turn is given back.
+pub(crate) fn passing_on() -> Option<(tokio::runtime::Handle, impl Drop)> {
+    struct Spawning;
+    impl Drop for Spawning {
+        fn drop(&mut self) {
+            PASSING_ON.with(|p| p.set(false));
+        }
+    }
+    if PASSING_ON.with(|p| p.get()) {
+        return None;
+    }
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    PASSING_ON.with(|p| p.set(true));
+    Some((runtime, Spawning))
+}
+
 /// Holds one of the [`IN_FLIGHT_MAX`] turns; passes it on when dropped, however the transaction
 /// holding it ended.
 struct Turn(PostgresBackend);
@@ -185,10 +213,7 @@ impl Drop for Turn {
         if taken.is_empty() {
             return;
         }
-        // Without a runtime (a transaction's future dropped on a plain thread), nothing can
-        // run the waiting writes: their replies drop (each caller still there runs its write
-        // alone), and so do those of every group still waiting, until the turn is given back.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some((runtime, _spawning)) = passing_on() else {
             drop(taken);
             while !self.0.writes.pass().is_empty() {}
             return;
@@ -364,6 +389,59 @@ mod tests {
         .expect("a later write gets a turn");
         later.unwrap();
         assert_eq!(backend.writes.lock().in_flight, 0);
+        crate::testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// A runtime shutting down drops each task a turn spawns at once, and with it the turn the
+    /// task held: passing that one on spawned the next group's task from inside the first
+    /// spawn, one stack frame deeper per waiting group (here 2,000 groups, one write each, on a
+    /// thread of 256 KiB: the stack overflowed). Now the groups are drained in a loop.
+    #[tokio::test]
+    async fn turns_passed_on_while_the_runtime_shuts_down_do_not_recurse() {
+        let (backend, base, schema) = crate::test_backend(2).await;
+        let key = ObjectKey::new("default", "job", "one").unwrap();
+        let batch = Batch {
+            preconditions: Vec::new(),
+            now: Timestamp(5),
+            ops: vec![Op::ObjectPut {
+                key: key.clone(),
+                labels: fleetdb_core::Labels::new(),
+                mode: fleetdb_core::PutMode::Create,
+            }],
+        };
+        let mut turns = Vec::new();
+        while backend.writes.enter(Shape::Create, &key, &batch).is_none() {
+            turns.push(Turn(backend.clone()));
+        }
+        // One object: each group takes one write.
+        let answers: Vec<_> = (0..2_000)
+            .map(|_| backend.writes.enter(Shape::Create, &key, &batch).unwrap())
+            .collect();
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let handle = rt.handle().clone();
+                drop(rt);
+                let _entered = handle.enter();
+                drop(turns);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        {
+            let state = backend.writes.lock();
+            assert!(state.waiting.is_empty());
+            assert_eq!(state.in_flight, 0);
+        }
+        for mut a in answers {
+            assert!(
+                a.try_recv().is_err(),
+                "every waiting write is told to run alone"
+            );
+        }
         crate::testing::drop_schema(&base, &schema).await.unwrap();
     }
 
