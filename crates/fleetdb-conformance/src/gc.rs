@@ -652,6 +652,90 @@ pub async fn a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry(h:
     assert!(s.blob_info(&held.digest).await.unwrap().is_none());
 }
 
+/// A lease written by another process — a CLI command that then exits — triggers a run in this
+/// one at its expiry, though this process wrote nothing and marked nothing since: its collector
+/// follows the change log for deadlines (containerd's bug, across processes). Here the other
+/// process also ran a collection first, so this one starts following at that run's mark: a
+/// lease written after it (expiring first) is found in the log, one written before it by the
+/// recorded mark's deadline.
+pub async fn a_lease_written_by_another_process_triggers_a_run_at_its_expiry(h: &Harness) {
+    let other = Store::open_with(
+        &h.url,
+        fleetdb::OpenOptions {
+            clock: Arc::new(h.clock.clone()),
+            background: false,
+            ..fleetdb::OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let before = other
+        .lease_create(LeaseSpec {
+            expire_in: Some(Duration::from_secs(20)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let held_before = other
+        .blob_put(b"leased before the run", labels(&[]), Some(&before.id))
+        .await
+        .unwrap();
+    let recorded = other.gc_run().await.unwrap();
+    assert_eq!(recorded.next_deadline, before.expires_at);
+    let (after, held_after) = blob_under_a_lease_of_10s(&other, b"leased after the run").await;
+    drop(other);
+
+    let s = &h.store;
+    assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
+    assert_eq!(
+        s.gc_status().next_deadline,
+        after.expires_at,
+        "the lease written after the other process's mark, from the change log"
+    );
+    h.clock.advance(Duration::from_secs(11));
+    let stats = due_run(s)
+        .await
+        .expect("a run at the other process's lease's expiry");
+    assert_eq!(stats.trigger, "deadline");
+    assert_eq!(stats.swept_blobs, 1);
+    assert!(s.blob_info(&held_after.digest).await.unwrap().is_none());
+    assert!(s.blob_info(&held_before.digest).await.unwrap().is_some());
+    assert_eq!(s.gc_status().next_deadline, before.expires_at);
+    h.clock.advance(Duration::from_secs(10));
+    let stats = due_run(s).await.expect("a run at the first lease's expiry");
+    assert_eq!(stats.trigger, "deadline");
+    assert!(s.blob_info(&held_before.digest).await.unwrap().is_none());
+}
+
+/// The same without a collection recorded anywhere: the first tick reads the change log from
+/// its start, and an object with a `gc.expire` another process wrote makes a run due too.
+pub async fn an_expiry_written_by_another_process_before_any_collection_is_seen(h: &Harness) {
+    declare(&h.store).await;
+    let other = Store::open_with(
+        &h.url,
+        fleetdb::OpenOptions {
+            clock: Arc::new(h.clock.clone()),
+            background: false,
+            ..fleetdb::OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let expire = h.clock.now() + Duration::from_secs(30);
+    let text = expire.to_rfc3339();
+    obj(&other, "image", "i1", &[("fleetdb.io/gc.expire", &text)]).await;
+    drop(other);
+    let s = &h.store;
+    assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
+    assert_eq!(s.gc_status().next_deadline, Some(expire));
+    h.clock.advance(Duration::from_secs(31));
+    let stats = due_run(s)
+        .await
+        .expect("a run at the other process's gc.expire");
+    assert_eq!(stats.trigger, "deadline");
+    assert!(!exists(s, "image", "i1").await);
+}
+
 /// A blob committed again during a collection (under a lease that then ends, as a deploy puts
 /// its files) is wanted now: the collection that marked it as garbage before spares it.
 pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness) {

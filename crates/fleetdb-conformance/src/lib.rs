@@ -141,6 +141,8 @@ macro_rules! suite {
             a_blob_committed_again_during_a_collection_survives_it,
             a_kind_declared_not_collectable_during_a_collection_keeps_what_it_references,
             a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry,
+            a_lease_written_by_another_process_triggers_a_run_at_its_expiry,
+            an_expiry_written_by_another_process_before_any_collection_is_seen,
             exports_hold_objects_and_blobs_while_they_live;
             blob_put_get_ranges_info_list_delete,
             blob_digest_or_size_mismatch_commits_nothing,

@@ -376,6 +376,35 @@ pub fn root_by_labels(labels: &Labels, now: Timestamp) -> (bool, Option<Timestam
     }
 }
 
+/// The deadline a change-log entry makes a collection due at, as [`root_by_labels`] and the mark
+/// see it: a lease put with an expiry, an object put with a future `gc.expire`, an export put
+/// holding resources with a TTL. What another process commits reaches this one's collector this
+/// way (its own commits say so at once): an expiring lease written by a short-lived process (a
+/// CLI command) must trigger a run in the long-lived ones too. `None` for anything else, and for
+/// an entry whose value cannot be read (the next mark sees it anyway).
+pub fn deadline_of_change(change: &crate::model::Change, now: Timestamp) -> Option<Timestamp> {
+    use crate::model::{ChangeOp, Entity};
+    if change.op != ChangeOp::Put {
+        return None;
+    }
+    let value = change.new_value.as_ref()?;
+    match change.entity {
+        Entity::Lease => value.get("expires_at")?.as_i64().map(Timestamp),
+        Entity::Object => {
+            let labels: Labels = serde_json::from_value(value.get("labels")?.clone()).ok()?;
+            root_by_labels(&labels, now).1
+        }
+        Entity::Export => {
+            let holds = value.get("meta")?.get("holds")?.as_array()?;
+            if holds.is_empty() {
+                return None;
+            }
+            value.get("expires_at")?.as_i64().map(Timestamp)
+        }
+        _ => None,
+    }
+}
+
 /// Nodes of the reference graph, interned to dense integer ids (borrowing the snapshot's text).
 /// Objects and blobs of the snapshot come first; then "phantom" nodes: targets of references,
 /// lease resources and World blobs that do not exist (they count as marked, like any node).
@@ -601,6 +630,14 @@ pub struct GcStats {
     /// Application collectors that failed this round (skipped).
     pub collector_errors: Vec<String>,
     pub trigger: String,
+    /// The revision the mark read the store at, and the earliest deadline it found (a lease's
+    /// expiry, a `gc.expire`, an export's TTL): a process starting later learns the deadlines
+    /// known then from here, and those written since from the change log after this revision.
+    /// (Absent in records of older versions.)
+    #[serde(default)]
+    pub mark_revision: Option<Revision>,
+    #[serde(default)]
+    pub next_deadline: Option<Timestamp>,
 }
 
 /// Labels with any gc label (the mark phase needs only those).
@@ -614,6 +651,105 @@ mod tests {
 
     fn key(kind: &str, id: &str) -> ObjectKey {
         ObjectKey::new("ns", kind, id).unwrap()
+    }
+
+    /// What each kind of change-log entry says about when a collection is due, read from the
+    /// values the apply code writes (a lease's JSON, an object's labels, an export record).
+    #[test]
+    fn deadlines_of_changes() {
+        use crate::model::{Change, ChangeOp, Entity};
+        use crate::world::{Space, WorldRecord};
+        let now = Timestamp(1_000_000);
+        let at = Timestamp(5_000_000);
+        let change = |entity: Entity, op: ChangeOp, value: Option<String>| Change {
+            revision: Revision(1),
+            namespace: String::new(),
+            kind: String::new(),
+            id: String::new(),
+            entity,
+            name: String::new(),
+            op,
+            old_value: None,
+            new_value: value.map(|v| serde_json::from_str(&v).unwrap()),
+            at: now,
+        };
+        let lease = |expires_at: Option<Timestamp>| {
+            serde_json::json!({ "labels": {}, "flat": false, "expires_at": expires_at }).to_string()
+        };
+        let labels = |pairs: &[(&str, String)]| {
+            crate::apply::labels_json(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            )
+        };
+        let export = |holds: bool, expires_at: Option<Timestamp>| {
+            let mut r = WorldRecord::new(Space::Export, "k", now);
+            let holds = match holds {
+                true => vec![Resource::Object {
+                    key: key("image", "i1"),
+                }],
+                false => Vec::new(),
+            };
+            r.meta = Some(serde_json::to_string(&crate::world::ExportMeta { holds }).unwrap());
+            r.expires_at = expires_at;
+            r.change_json()
+        };
+        let expire = at.to_rfc3339();
+        for (c, want) in [
+            (
+                change(Entity::Lease, ChangeOp::Put, Some(lease(Some(at)))),
+                Some(at),
+            ),
+            (
+                change(Entity::Lease, ChangeOp::Put, Some(lease(None))),
+                None,
+            ),
+            (change(Entity::Lease, ChangeOp::Delete, None), None),
+            (
+                change(
+                    Entity::Object,
+                    ChangeOp::Put,
+                    Some(labels(&[(EXPIRE_LABEL, expire.clone())])),
+                ),
+                Some(at),
+            ),
+            // Expired already: no deadline ahead (the next run collects it anyway).
+            (
+                change(
+                    Entity::Object,
+                    ChangeOp::Put,
+                    Some(labels(&[(EXPIRE_LABEL, Timestamp(1).to_rfc3339())])),
+                ),
+                None,
+            ),
+            (
+                change(Entity::Object, ChangeOp::Put, Some(labels(&[]))),
+                None,
+            ),
+            (change(Entity::Object, ChangeOp::Delete, None), None),
+            (
+                change(Entity::Export, ChangeOp::Put, Some(export(true, Some(at)))),
+                Some(at),
+            ),
+            // Holding nothing, its TTL frees nothing.
+            (
+                change(Entity::Export, ChangeOp::Put, Some(export(false, Some(at)))),
+                None,
+            ),
+            (
+                change(Entity::Export, ChangeOp::Put, Some(export(true, None))),
+                None,
+            ),
+            (change(Entity::Tag, ChangeOp::Put, Some("1".into())), None),
+            (
+                change(Entity::Kv, ChangeOp::Put, Some(export(true, Some(at)))),
+                None,
+            ),
+        ] {
+            assert_eq!(deadline_of_change(&c, now), want, "{c:?}");
+        }
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {

@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use fleetdb_core::gc::{self, GcKind, GcStats, Lease, Resource};
 use fleetdb_core::world::{ExportMeta, Space, WorldQuery};
 use fleetdb_core::{
-    parse_label_selector, Applied, Batch, Error, LabelRequirement, Labels, ObjectKey, Op, OpResult,
-    Page, Result, Timestamp,
+    parse_label_selector, Applied, Batch, ChangeFilter, Error, LabelRequirement, Labels, ObjectKey,
+    Op, OpResult, Page, Result, Revision, Timestamp,
 };
 use serde::Serialize;
 
@@ -92,6 +92,9 @@ pub(crate) struct GcState {
     last: Mutex<Option<GcStats>>,
     runs: AtomicU64,
     next_deadline: Mutex<Option<Timestamp>>,
+    /// The change-log position up to which this process has taken the deadlines of every
+    /// process's commits ([`Store::gc_follow_changes`]); `None` until the first tick.
+    followed: Mutex<Option<Revision>>,
     /// Real time before which no automatic run starts (the pause budget).
     not_before: Mutex<Option<Instant>>,
     /// Real time before which no threshold-triggered run starts: the whole run's duration
@@ -99,6 +102,15 @@ pub(crate) struct GcState {
     cpu_not_before: Mutex<Option<Instant>>,
     collectors: Mutex<Vec<Arc<dyn ExternalCollector>>>,
 }
+
+/// Change-log entries read per page when following other processes' deadlines, and pages per
+/// tick at most (the rest at the next tick).
+const FOLLOW_PAGE: usize = 1_000;
+const FOLLOW_PAGES_MAX: usize = 10;
+/// A process whose first tick finds more change-log entries than this since the last recorded
+/// mark (or none recorded) does not read them all: it asks for one collection instead, whose
+/// mark finds every deadline, and follows from the current revision.
+const FOLLOW_BEHIND_MAX: i64 = 100_000;
 
 /// The earliest time the writes of a batch committed at `now` make a collection due: a lease's
 /// expiry, a `gc.expire` label, an export's TTL (what they protect becomes garbage then).
@@ -425,6 +437,10 @@ impl Store {
     /// lease or `gc.expire` deadline has passed — and the pause budget allows. The background
     /// task calls this every second; it is public so that tests and embedders can drive it.
     pub async fn gc_maybe_run(&self) -> Result<Option<GcStats>> {
+        if let Err(e) = self.gc_follow_changes().await {
+            // A deadline of another process is then seen at a later tick, or at the next mark.
+            tracing::debug!(error = %e, "could not follow the change log for collection deadlines");
+        }
         let opts = self
             .gc
             .options
@@ -473,6 +489,78 @@ impl Store {
             }
         }
         self.run_collection(trigger).await.map(Some)
+    }
+
+    /// Take the deadlines of every process's commits since the last tick from the change log
+    /// ([`gc::deadline_of_change`]): this process's own commits note theirs at once, but a lease
+    /// with an expiry written by another process — a CLI command that then exits — would
+    /// otherwise wait for this process's next mark, which on an idle store never comes
+    /// (containerd's bug, across processes). The first tick starts where the newest recorded
+    /// collection (of any process) marked, taking that mark's deadline; with none recorded, from
+    /// the start of the log. Too far behind, or past a compaction, it asks for one collection
+    /// instead (its mark sees every deadline) and follows from the current revision.
+    async fn gc_follow_changes(&self) -> Result<()> {
+        self.ready().await?;
+        let followed = *self.gc.followed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut after = match followed {
+            Some(r) => r,
+            None => self.gc_follow_start().await?,
+        };
+        for _ in 0..FOLLOW_PAGES_MAX {
+            let page = match self
+                .backend
+                .changes(after, &ChangeFilter::default(), FOLLOW_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(Error::Compacted { .. }) => {
+                    self.gc.requested.store(true, Ordering::Relaxed);
+                    after = self.backend.revision().await?.current;
+                    break;
+                }
+                Err(e) => {
+                    self.gc_followed_to(after);
+                    return Err(e);
+                }
+            };
+            let now = self.clock.now();
+            for c in &page {
+                self.gc.note_deadline(gc::deadline_of_change(c, now));
+            }
+            if let Some(last) = page.last() {
+                after = last.revision;
+            }
+            if page.len() < FOLLOW_PAGE {
+                break;
+            }
+        }
+        self.gc_followed_to(after);
+        Ok(())
+    }
+
+    /// Where the first tick starts following (see [`Store::gc_follow_changes`]).
+    async fn gc_follow_start(&self) -> Result<Revision> {
+        let newest = ignore_unsupported(self.backend.gc_runs(1).await)?;
+        let recorded: Option<GcStats> = newest.first().and_then(|t| serde_json::from_str(t).ok());
+        let info = self.backend.revision().await?;
+        let from = match recorded.as_ref().and_then(|r| r.mark_revision) {
+            Some(r) => {
+                self.gc
+                    .note_deadline(recorded.as_ref().and_then(|r| r.next_deadline));
+                r
+            }
+            None => info.compacted,
+        };
+        if from < info.compacted || info.current.0 - from.0 > FOLLOW_BEHIND_MAX {
+            self.gc.requested.store(true, Ordering::Relaxed);
+            return Ok(info.current);
+        }
+        Ok(from)
+    }
+
+    /// Record the follow position (a mark moves it back to its own revision: see `collect`).
+    fn gc_followed_to(&self, at: Revision) {
+        *self.gc.followed.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
     }
 
     /// Run one full collection now.
@@ -574,6 +662,16 @@ impl Store {
             .next_deadline
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = marked.next_deadline;
+        stats.mark_revision = Some(snap.revision);
+        stats.next_deadline = marked.next_deadline;
+        // The mark replaced the deadlines noted so far with those it saw at its revision: the
+        // ones committed after it are taken from the change log again.
+        {
+            let mut followed = self.gc.followed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = followed.as_mut() {
+                *f = (*f).min(snap.revision);
+            }
+        }
         stats.marked = marked.live as u64;
         stats.mark_ms = started.elapsed().as_secs_f64() * 1000.0;
 
