@@ -306,6 +306,24 @@ pub(crate) struct Hub {
     /// Set by a local commit; the announcer tells other processes.
     announce: Notify,
     announcer_started: AtomicBool,
+    /// Tests only: run once in `hub_step` between reading a page and fanning it out.
+    #[cfg(test)]
+    after_read: TestHook,
+    /// Tests only: run once in `Store::watch` between the snapshot's revision and its state.
+    #[cfg(test)]
+    before_snapshot: TestHook,
+}
+
+/// Tests only: a step (a commit, a watch opening) put between two reads, deterministically.
+#[cfg(test)]
+type TestHook = Mutex<Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>;
+
+#[cfg(test)]
+async fn run_hook(hook: &TestHook) {
+    let step = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(step) = step {
+        step.await;
+    }
 }
 
 #[derive(Default)]
@@ -366,6 +384,8 @@ impl Store {
             }
             None => {
                 let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
+                #[cfg(test)]
+                run_hook(&self.hub.before_snapshot).await;
                 let items = self.snapshot(&req.scope, req.viewer.as_deref()).await?;
                 let keys = items
                     .iter()
@@ -812,6 +832,8 @@ async fn hub_step(h: &Hub, backend: &dyn Backend) -> Result<()> {
             .collect();
         let new_pos = changes.last().map_or(settled, |c| c.revision).max(pos);
         let reached = changes.len() < HUB_PAGE;
+        #[cfg(test)]
+        run_hook(&h.after_read).await;
         {
             let mut st = h.state.lock().unwrap_or_else(|p| p.into_inner());
             if st.pos != pos {
@@ -845,6 +867,278 @@ async fn hub_step(h: &Hub, backend: &dyn Backend) -> Result<()> {
         h.moved.notify_waiters();
         if reached {
             return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::OpenOptions;
+    use fleetdb_core::work::SessionSpec;
+    use fleetdb_core::{ManualClock, Timestamp};
+    use tokio::sync::{mpsc::error::TryRecvError, oneshot};
+
+    /// A store on an in-memory SQLite database whose hub moves only when a test steps it
+    /// (`hub_step`): its task is never started, so nothing runs between a test's steps.
+    async fn store() -> Store {
+        let s = Store::open_with(
+            "sqlite::memory:",
+            OpenOptions {
+                clock: Arc::new(ManualClock::new(Timestamp(1_767_225_600_000_000))),
+                background: false,
+                ..OpenOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        s.hub.started.store(true, Ordering::SeqCst);
+        s
+    }
+
+    fn hub_pos(s: &Store) -> Revision {
+        s.hub.state.lock().unwrap().pos
+    }
+
+    /// A watcher resuming after `pos` (as `Store::watch` makes one), not yet handed to the hub.
+    fn resume_watcher(
+        scope: &WatchScope,
+        pos: Revision,
+        settled: Revision,
+        buffer: usize,
+    ) -> (Watcher, mpsc::Receiver<WatchEvent>) {
+        let (tx, rx) = mpsc::channel(buffer);
+        let w = Watcher {
+            filter: scope.filter(),
+            viewer: None,
+            tx,
+            end: Arc::default(),
+            pos,
+            snapshot: None,
+            settled,
+            last_sent: Instant::now(),
+        };
+        (w, rx)
+    }
+
+    /// The revisions of the changes buffered for `rx`, and that nothing else is.
+    fn buffered_changes(rx: &mut mpsc::Receiver<WatchEvent>) -> Vec<Revision> {
+        let mut out = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(WatchEvent::Change(c)) => out.push(c.revision),
+                Ok(other) => panic!("expected only changes, got {other:?}"),
+                Err(TryRecvError::Empty) => return out,
+                Err(TryRecvError::Disconnected) => panic!("the watch was ended"),
+            }
+        }
+    }
+
+    /// c92775a: a snapshot watch joins the idle hub (moving its position from P to its
+    /// snapshot's revision S) while a hub step is between reading a page from P and fanning it
+    /// out. The page is read again from S: the watch gets nothing at or below its snapshot.
+    /// Before, the page from P was fanned out to it: a key put and deleted before the snapshot
+    /// (so not in it) came as two changes below the snapshot's revision.
+    #[tokio::test]
+    async fn a_page_read_before_a_snapshot_watch_moved_the_idle_hub_is_not_fanned_out() {
+        let s = store().await;
+        s.kv_set("gone", "1").await.unwrap();
+        s.kv_delete("gone", None).await.unwrap();
+        let kept = s.kv_set("kept", "1").await.unwrap().item.revision;
+        let start = hub_pos(&s);
+        assert!(start < kept, "the hub is behind the log: {start:?}");
+
+        // Between the step's read and its fan-out: a snapshot watch opens on the idle hub.
+        let (opened, watch) = oneshot::channel();
+        let s2 = s.clone();
+        *s.hub.after_read.lock().unwrap() = Some(Box::pin(async move {
+            let w = s2
+                .watch(WatchRequest::new(WatchScope::Kv { prefix: "".into() }))
+                .await
+                .unwrap();
+            let _ = opened.send(w);
+        }));
+        hub_step(&s.hub, s.backend.as_ref()).await.unwrap();
+        let mut w = watch.await.expect("the hook ran");
+
+        match w.rx.try_recv() {
+            Ok(WatchEvent::Snapshot { revision, items }) => {
+                assert_eq!(revision, kept);
+                let keys: Vec<&str> = items.iter().map(|c| c.id.as_str()).collect();
+                assert_eq!(keys, ["kept"]);
+            }
+            other => panic!("expected the snapshot, got {other:?}"),
+        }
+        assert_eq!(
+            buffered_changes(&mut w.rx),
+            [],
+            "changes at or below the snapshot's revision {kept:?}"
+        );
+        assert_eq!(hub_pos(&s), kept);
+
+        // The watch is live at its snapshot: the next commit comes, once.
+        let next = s.kv_set("next", "1").await.unwrap().item.revision;
+        hub_step(&s.hub, s.backend.as_ref()).await.unwrap();
+        assert_eq!(buffered_changes(&mut w.rx), [next]);
+    }
+
+    /// c92775a: a session that joins between a member snapshot's revision and its session
+    /// listing is in the snapshot (members carry no revision: 0) and its join is a change after
+    /// the snapshot's revision. The join is not delivered again; its leave still comes. Before,
+    /// the join came as a change after the snapshot that already held the session.
+    #[tokio::test]
+    async fn a_member_joining_while_the_snapshot_is_read_is_not_delivered_twice() {
+        let s = store().await;
+        let (started, session) = oneshot::channel();
+        let s2 = s.clone();
+        *s.hub.before_snapshot.lock().unwrap() = Some(Box::pin(async move {
+            let sess = s2
+                .session_start(SessionSpec::new("agent", "h1"))
+                .await
+                .unwrap();
+            let _ = started.send(sess);
+        }));
+        let mut w = s
+            .watch(WatchRequest::new(WatchScope::Members))
+            .await
+            .unwrap();
+        let sess = session.await.expect("the hook ran");
+        let snapshot = match w.rx.try_recv() {
+            Ok(WatchEvent::Snapshot { revision, items }) => {
+                let ids: Vec<&str> = items.iter().map(|c| c.id.as_str()).collect();
+                assert_eq!(ids, [sess.id()], "the session is in the snapshot");
+                revision
+            }
+            other => panic!("expected the snapshot, got {other:?}"),
+        };
+        let joined = s
+            .backend
+            .changes(snapshot, &WatchScope::Members.filter(), 10)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&joined[..], [c] if c.op == ChangeOp::Put && c.id == sess.id()),
+            "the join is a change after the snapshot's revision: {joined:?}"
+        );
+
+        hub_step(&s.hub, s.backend.as_ref()).await.unwrap();
+        assert_eq!(
+            buffered_changes(&mut w.rx),
+            [],
+            "the join the snapshot holds came again"
+        );
+        assert_eq!(hub_pos(&s), joined[0].revision);
+
+        let id = sess.id().to_string();
+        sess.close().await.unwrap();
+        hub_step(&s.hub, s.backend.as_ref()).await.unwrap();
+        match w.rx.try_recv() {
+            Ok(WatchEvent::Change(c)) => {
+                assert_eq!((c.op, c.id.as_str()), (ChangeOp::Delete, &*id))
+            }
+            other => panic!("expected the leave, got {other:?}"),
+        }
+    }
+
+    /// efe7183: a catching-up watch whose page is short of its limit has every change of its
+    /// own up to the hub's position: one step takes it to that position (and it joins), even
+    /// when changes it does not want follow its last one. Before, it stopped at its last change
+    /// and needed another read of the log (under a stream of such writes, read after read).
+    #[tokio::test]
+    async fn a_catching_up_watch_moves_to_the_hubs_position_after_a_short_page() {
+        let s = store().await;
+        let start = s.revision().await.unwrap().current;
+        let mine = s.kv_set("mine/a", "1").await.unwrap().item.revision;
+        for i in 0..3 {
+            s.kv_set(&format!("other/{i}"), "1").await.unwrap();
+        }
+        let target = s.revision().await.unwrap().current;
+        {
+            let mut st = s.hub.state.lock().unwrap();
+            st.pos = target;
+            st.joining = 1;
+        }
+        let scope = WatchScope::Kv {
+            prefix: "mine/".into(),
+        };
+        let (mut w, mut rx) = resume_watcher(&scope, start, target, 16);
+
+        assert!(s.catch_up_step(&mut w).await.unwrap());
+        assert_eq!(buffered_changes(&mut rx), [mine]);
+        assert_eq!(w.pos, target, "stopped at its last change {mine:?}");
+        assert!(s.try_register(w).is_none(), "it joins the hub");
+        assert_eq!(s.hub.state.lock().unwrap().joining, 0);
+    }
+
+    /// efe7183: a full page (as many changes as the watch's buffer) that went past the hub's
+    /// position holds every change of the watch's up to it: the watch is at that position.
+    /// A full page that did not may be followed by more of its changes: the watch stays at
+    /// its last one. Before, it stopped at its last change up to the hub's position in both
+    /// cases (and read the log again from there).
+    #[tokio::test]
+    async fn a_catching_up_watch_moves_to_the_hubs_position_after_a_page_past_it() {
+        let s = store().await;
+        let start = s.revision().await.unwrap().current;
+        let a = s.kv_set("mine/a", "1").await.unwrap().item.revision;
+        let b = s.kv_set("mine/b", "1").await.unwrap().item.revision;
+        let c = s.kv_set("mine/c", "1").await.unwrap().item.revision;
+        let target = s.kv_set("other/x", "1").await.unwrap().item.revision;
+        let d = s.kv_set("mine/d", "1").await.unwrap().item.revision;
+        assert!(c < target && target < d);
+        s.hub.state.lock().unwrap().pos = target;
+        let scope = WatchScope::Kv {
+            prefix: "mine/".into(),
+        };
+        // A buffer of 2: pages of 2 changes.
+        let (mut w, mut rx) = resume_watcher(&scope, start, target, 2);
+
+        // [a, b], both up to the target: more of its changes may follow.
+        assert!(s.catch_up_step(&mut w).await.unwrap());
+        assert_eq!(buffered_changes(&mut rx), [a, b]);
+        assert_eq!(w.pos, b);
+        // [c, d], d past the target: nothing more of its up to the target.
+        assert!(s.catch_up_step(&mut w).await.unwrap());
+        assert_eq!(buffered_changes(&mut rx), [c]);
+        assert_eq!(w.pos, target, "stopped at its last change {c:?}");
+    }
+
+    /// efe7183 (as 62eb94d left it): a resume opening on an idle hub moves the hub forward, to
+    /// the revision settled when the watch opened (not to the resume's own), and the watch
+    /// catches up to it on its own, then joins. Before, the hub stayed at 0 on a new store and
+    /// the resume waited for it to read the whole log.
+    #[tokio::test]
+    async fn a_resume_moves_an_idle_hub_forward_to_the_settled_revision() {
+        let s = store().await;
+        let first = s.kv_set("k/1", "1").await.unwrap().item.revision;
+        let second = s.kv_set("k/2", "1").await.unwrap().item.revision;
+        let third = s.kv_set("k/3", "1").await.unwrap().item.revision;
+        assert_eq!(hub_pos(&s), Revision(0));
+
+        let mut w = s
+            .watch(WatchRequest::new(WatchScope::Kv { prefix: "".into() }).from_revision(first))
+            .await
+            .unwrap();
+        assert_eq!(
+            hub_pos(&s),
+            third,
+            "the idle hub is at the revision settled when the watch opened"
+        );
+        // The watch catches up on its own task (the hub does not move meanwhile), then joins.
+        for want in [second, third] {
+            match w.next().await {
+                Some(Ok(WatchEvent::Change(c))) => assert_eq!(c.revision, want),
+                other => panic!("expected change {want:?}, got {other:?}"),
+            }
+        }
+        // (It joins in the same poll that sent the last change; yield until it has.)
+        while s.hub.state.lock().unwrap().joining > 0 {
+            tokio::task::yield_now().await;
+        }
+        let next = s.kv_set("k/4", "1").await.unwrap().item.revision;
+        hub_step(&s.hub, s.backend.as_ref()).await.unwrap();
+        match w.rx.try_recv() {
+            Ok(WatchEvent::Change(c)) => assert_eq!(c.revision, next),
+            other => panic!("expected change {next:?}, got {other:?}"),
         }
     }
 }
