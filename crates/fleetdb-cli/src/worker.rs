@@ -357,15 +357,32 @@ impl Worker<'_> {
                 })
             }
             Ended::Exited { status, .. } if status.success() => {
-                record(&key, OUTCOME_RETRY, async || {
-                    w.finish(|_| async { Ok(()) }).await
-                })
+                let token = w.token();
+                record(
+                    &key,
+                    OUTCOME_RETRY,
+                    || session.is_expired(),
+                    &mut stop,
+                    async || w.finish(|_| async { Ok(()) }).await,
+                    async || self.outcome_recorded(&key, &a.process, token).await,
+                )
                 .await
             }
             Ended::Exited {
                 signalled: Some(Signalled::Stopping),
                 ..
-            } => record(&key, OUTCOME_RETRY, async || w.cancel().await).await,
+            } => {
+                let token = w.token();
+                record(
+                    &key,
+                    OUTCOME_RETRY,
+                    || session.is_expired(),
+                    &mut stop,
+                    async || w.cancel().await,
+                    async || self.outcome_recorded(&key, &a.process, token).await,
+                )
+                .await
+            }
             Ended::Exited { status, signalled } => {
                 let mut cause = match signalled {
                     Some(Signalled::TimedOut) => format!(
@@ -381,22 +398,58 @@ impl Worker<'_> {
                     let room = CAUSE_BYTES_MAX.saturating_sub(cause.len() + 2);
                     cause = format!("{cause}: {}", tail_bytes(&tail, room));
                 }
-                self.fail(w, &cause).await
+                self.fail(w, &cause, &mut stop).await
             }
             Ended::WaitFailed(e) => {
-                self.fail(w, &format!("waiting for the command failed: {e}"))
-                    .await
+                self.fail(
+                    w,
+                    &format!("waiting for the command failed: {e}"),
+                    &mut stop,
+                )
+                .await
             }
         }
     }
 
+    /// Whether `key`'s history holds the outcome (finished, failed or canceled) of this
+    /// session's claim with `token` for `process`: what an attempt whose answer was lost may
+    /// have written (see [`record`]). The claim's rows are among the newest of the object.
+    async fn outcome_recorded(&self, key: &ObjectKey, process: &str, token: i64) -> bool {
+        let store = self.session.store();
+        let filter = fleetdb::HistoryFilter::Object(key.clone());
+        let Ok(page) = store.history(&filter, None, 20).await else {
+            return false;
+        };
+        page.items.iter().any(|e| {
+            e.token == token
+                && e.process == process
+                && e.session_id == self.session.id()
+                && matches!(
+                    e.event,
+                    fleetdb::WorkEvent::Finished
+                        | fleetdb::WorkEvent::Failed
+                        | fleetdb::WorkEvent::Canceled
+                )
+        })
+    }
+
     /// Fail `w` with `cause`; say so when the failure parked its object (the process's
     /// `max-failures`): no worker of the process will run it again until someone clears it.
-    async fn fail(&self, mut w: Work, cause: &str) -> Result<(), Error> {
-        let (key, process) = (w.key().clone(), w.process().to_string());
-        record(&key, OUTCOME_RETRY, async || {
-            w.fail(self.backoff, cause).await
-        })
+    async fn fail(
+        &self,
+        mut w: Work,
+        cause: &str,
+        stop: &mut watch::Receiver<Stop>,
+    ) -> Result<(), Error> {
+        let (key, process, token) = (w.key().clone(), w.process().to_string(), w.token());
+        record(
+            &key,
+            OUTCOME_RETRY,
+            || self.session.is_expired(),
+            stop,
+            async || w.fail(self.backoff, cause).await,
+            async || self.outcome_recorded(&key, &process, token).await,
+        )
         .await?;
         let store = self.session.store();
         if let Ok(e) = store.work_explain(&key, &process, None).await {
@@ -432,26 +485,56 @@ const OUTCOME_RETRY: RetryDelays = RetryDelays {
 /// it fails transiently: the database busy (SQLite: another process holding its write lock past
 /// the busy timeout) or unreachable (PostgreSQL restarting or failing over), or conflicts past
 /// the store's own retries. A failed outcome write keeps the claim (the store's contract), so a
-/// retry is safe; giving up would end the worker and run the object again although the command
-/// ran. Ends with the session: once its renewals have failed past its deadline every write
-/// fails `SessionExpired`, which is not retried. Any other error is returned at once.
+/// retry cannot record twice (the claim's token fences it); giving up would end the worker and
+/// run the object again although the command ran. It gives up (the last error) when the
+/// session is `lost` (its renewals failed past its deadline: the claim may be another's) or on a
+/// second signal (`Stop::Now`). An attempt that failed `Unavailable` may have committed with
+/// only its answer lost (PostgreSQL: the connection dropped after COMMIT was sent): a later
+/// attempt then finds the claim gone (`WorkLost`), and `recorded` says whether the object's
+/// history holds this claim's outcome — then it is done. Any other error is returned at once.
 async fn record(
     key: &ObjectKey,
     delays: RetryDelays,
+    lost: impl Fn() -> bool,
+    stop: &mut watch::Receiver<Stop>,
     mut write: impl AsyncFnMut() -> Result<(), Error>,
+    mut recorded: impl AsyncFnMut() -> bool,
 ) -> Result<(), Error> {
     let mut delay = delays.first;
+    let mut uncertain = false;
     loop {
         match write().await {
             Err(e) if e.is_retryable() || matches!(e, Error::RetriesExhausted { .. }) => {
+                uncertain |= matches!(e, Error::Unavailable(_));
+                if lost() || *stop.borrow() == Stop::Now {
+                    return Err(e);
+                }
                 say!(
                     "worker: recording the outcome of {key} failed ({e}); trying again in {}",
                     humantime::format_duration(delay)
                 );
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopping_now(stop) => {}
+                }
                 delay = (delay * 2).min(delays.max);
             }
+            Err(Error::WorkLost { .. }) if uncertain && recorded().await => {
+                say!(
+                    "worker: the outcome of {key} was recorded by an attempt whose answer was lost"
+                );
+                return Ok(());
+            }
             done => return done,
+        }
+    }
+}
+
+/// Resolves once a second signal asks to stop at once (never if the sender is gone).
+async fn stopping_now(stop: &mut watch::Receiver<Stop>) {
+    while *stop.borrow_and_update() != Stop::Now {
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -752,7 +835,9 @@ mod tests {
     use super::*;
 
     /// An outcome write failing transiently is tried again until it goes through; one failing
-    /// otherwise (the session lost, the claim taken) is returned at once.
+    /// otherwise (the session lost, the claim taken) is returned at once; the retries stop when
+    /// the session is lost; a claim found gone after an attempt whose answer was lost is done if
+    /// its outcome is in the history.
     #[tokio::test]
     async fn outcomes_are_recorded_through_transient_failures() {
         let key = ObjectKey::new("default", "machine", "m0").unwrap();
@@ -760,35 +845,106 @@ mod tests {
             first: Duration::from_millis(1),
             max: Duration::from_millis(2),
         };
+        let (_tx, mut stop) = watch::channel(Stop::No);
+        let unavailable = || Error::Unavailable("connection closed".into());
+        let lost = || Error::WorkLost {
+            what: "claim".into(),
+        };
         let mut calls = 0;
-        let r = record(&key, delays, async || {
-            calls += 1;
-            match calls {
-                1 => Err(Error::Unavailable("the SQLite database is busy".into())),
-                2 => Err(Error::RetriesExhausted {
-                    attempts: 10,
-                    last: "serialization failure".into(),
-                }),
-                3 => Err(Error::Conflict { what: "x".into() }),
-                _ => Ok(()),
-            }
-        })
+        let r = record(
+            &key,
+            delays,
+            || false,
+            &mut stop,
+            async || {
+                calls += 1;
+                match calls {
+                    1 => Err(Error::Unavailable("the SQLite database is busy".into())),
+                    2 => Err(Error::RetriesExhausted {
+                        attempts: 10,
+                        last: "serialization failure".into(),
+                    }),
+                    3 => Err(Error::Conflict { what: "x".into() }),
+                    _ => Ok(()),
+                }
+            },
+            async || panic!("not asked"),
+        )
         .await;
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(calls, 4);
+
         let mut calls = 0;
-        let r = record(&key, delays, async || {
-            calls += 1;
-            match calls {
-                1 => Err(Error::Unavailable("connection refused".into())),
-                _ => Err(Error::SessionExpired {
-                    session_id: "s".into(),
-                }),
-            }
-        })
+        let r = record(
+            &key,
+            delays,
+            || false,
+            &mut stop,
+            async || {
+                calls += 1;
+                match calls {
+                    1 => Err(unavailable()),
+                    _ => Err(Error::SessionExpired {
+                        session_id: "s".into(),
+                    }),
+                }
+            },
+            async || false,
+        )
         .await;
         assert!(matches!(r, Err(Error::SessionExpired { .. })), "{r:?}");
         assert_eq!(calls, 2);
+
+        // The database stays down: the retries end with the session.
+        let calls = std::cell::Cell::new(0);
+        let r = record(
+            &key,
+            delays,
+            || calls.get() >= 3,
+            &mut stop,
+            async || {
+                calls.set(calls.get() + 1);
+                Err(unavailable())
+            },
+            async || false,
+        )
+        .await;
+        assert!(matches!(r, Err(Error::Unavailable(_))), "{r:?}");
+        assert_eq!(calls.get(), 3);
+
+        // The first attempt committed, its answer lost: the history says so.
+        let mut calls = 0;
+        for (in_history, ok) in [(true, true), (false, false)] {
+            calls = 0;
+            let r = record(
+                &key,
+                delays,
+                || false,
+                &mut stop,
+                async || {
+                    calls += 1;
+                    match calls {
+                        1 => Err(unavailable()),
+                        _ => Err(lost()),
+                    }
+                },
+                async || in_history,
+            )
+            .await;
+            assert_eq!(r.is_ok(), ok, "{r:?}");
+        }
+        assert_eq!(calls, 2);
+        // A claim lost without an uncertain attempt before is lost: the history is not asked.
+        let r = record(
+            &key,
+            delays,
+            || false,
+            &mut stop,
+            async || Err(lost()),
+            async || panic!("not asked"),
+        )
+        .await;
+        assert!(matches!(r, Err(Error::WorkLost { .. })), "{r:?}");
     }
 
     #[test]

@@ -879,21 +879,36 @@ impl Session {
         loop {
             let (revision, retry) = match looked {
                 Some(last) => last,
-                None => {
-                    let got = self.claim(process, selector, limit).await?;
-                    if !got.is_empty() {
-                        return Ok(got);
-                    }
-                    self.empty_claim(process, selector).unwrap_or_else(|| {
+                None => match self.claim(process, selector, limit).await {
+                    Ok(got) if !got.is_empty() => return Ok(got),
+                    Ok(_) => self.empty_claim(process, selector).unwrap_or_else(|| {
                         let retry =
                             Retry::after(tokio::time::Instant::now(), self.store.clock.now());
                         (None, retry)
-                    })
-                }
+                    }),
+                    // The database unreachable for a moment (a restart, a failover): nothing
+                    // claimed, and the wait goes on — an outage shorter than the session's TTL
+                    // costs only latency (its renewals retry until its deadline too). The next
+                    // claim is made at the retry; a lost session ends the wait.
+                    Err(e) if transient(&e) => {
+                        self.check()?;
+                        tracing::debug!(error = %e, process, "claim_wait: claim failed; retrying");
+                        let retry =
+                            Retry::after(tokio::time::Instant::now(), self.store.clock.now());
+                        (None, retry)
+                    }
+                    Err(e) => return Err(e),
+                },
             };
+            // The revision the empty claim looked at; if unknown (and unreadable now), the first
+            // poll that reads one starts from it (a change before it is seen at the retry).
             let mut seen = match revision {
-                Some(r) => r,
-                None => self.store.backend.revision().await?.current,
+                Some(r) => Some(r),
+                None => match self.store.backend.revision().await {
+                    Ok(info) => Some(info.current),
+                    Err(e) if transient(&e) => None,
+                    Err(e) => return Err(e),
+                },
             };
             loop {
                 let now = tokio::time::Instant::now();
@@ -910,11 +925,23 @@ impl Session {
                 if woken {
                     break;
                 }
-                let current = self.store.backend.revision().await?.current;
-                if current != seen {
-                    if self.store.keeper.own_revisions.all_own(seen, current) {
+                let current = match self.store.backend.revision().await {
+                    Ok(info) => info.current,
+                    Err(e) if transient(&e) => {
+                        self.check()?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let Some(was) = seen else {
+                    seen = Some(current);
+                    self.check()?;
+                    continue;
+                };
+                if current != was {
+                    if self.store.keeper.own_revisions.all_own(was, current) {
                         // This store's own commits: they woke the groups they concern.
-                        seen = current;
+                        seen = Some(current);
                         self.check()?;
                         continue;
                     }
@@ -1837,6 +1864,12 @@ fn page<T>(
         false => None,
     };
     crate::Page { items, next }
+}
+
+/// An error a later attempt of the same call may not get: the database busy or unreachable for
+/// a moment, or conflicts past the store's own retries.
+pub(crate) fn transient(e: &Error) -> bool {
+    e.is_retryable() || matches!(e, Error::RetriesExhausted { .. })
 }
 
 #[cfg(test)]

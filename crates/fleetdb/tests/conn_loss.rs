@@ -1,0 +1,441 @@
+//! What the PostgreSQL backend and the store layer do when connections are lost (a real server
+//! behind a TCP proxy the tests control; written by a review, kept for what it fixed).
+//! A controllable TCP proxy sits between the store and the server: it can kill every connection
+//! and refuse new ones for a while (a restart), leave existing connections open but silent while
+//! new ones work (half-open connections after a failover), or pass a transaction's pipelined
+//! `COMMIT` to the server and then drop the connection before the answer (commit outcome unknown).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleetdb::{Labels, ObjectKey, OpenOptions, SessionSpec, Store};
+use fleetdb_postgres::testing;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify};
+
+const SELECTOR: &str = "kind = job and has(ready)";
+
+#[derive(Default)]
+struct ProxyState {
+    /// Accept and drop new connections at once.
+    down: AtomicBool,
+    conns: Mutex<Vec<Conn>>,
+    /// Armed: the first client chunk holding a `COMMIT` simple query is forwarded with the
+    /// server's answers muted, the sender is told, and once `release` is notified the connection
+    /// is dropped.
+    arm: Mutex<Option<oneshot::Sender<()>>>,
+    release: Notify,
+}
+
+struct Conn {
+    /// Server -> client muted.
+    mute_down: Arc<AtomicBool>,
+    /// Client -> server muted.
+    mute_up: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Proxy {
+    addr: std::net::SocketAddr,
+    st: Arc<ProxyState>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let st = Arc::new(ProxyState::default());
+        let st2 = st.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if st2.down.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let mute_down = Arc::new(AtomicBool::new(false));
+                let mute_up = Arc::new(AtomicBool::new(false));
+                let (md, mu, st3) = (mute_down.clone(), mute_up.clone(), st2.clone());
+                let up = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if mu.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        let chunk = &buf[..n];
+                        let is_commit = chunk.windows(7).any(|w| w == b"COMMIT\0");
+                        let armed = is_commit.then(|| st3.arm.lock().unwrap().take()).flatten();
+                        if let Some(tell) = armed {
+                            md.store(true, Ordering::SeqCst);
+                            let release = st3.release.notified();
+                            if sw.write_all(chunk).await.is_err() {
+                                return;
+                            }
+                            let _ = tell.send(());
+                            release.await;
+                            return; // drops the client's reader; the writer goes below
+                        }
+                        if sw.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let md2 = mute_down.clone();
+                let down = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if md2.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                // When the upward pump ends after an armed COMMIT, end the downward one too
+                // (dropping the client's socket).
+                let down_abort = down.abort_handle();
+                let watcher = tokio::spawn(async move {
+                    let _ = up.await;
+                    down_abort.abort();
+                });
+                st2.conns.lock().unwrap().push(Conn {
+                    mute_down,
+                    mute_up,
+                    tasks: vec![watcher, down],
+                });
+            }
+        });
+        Proxy { addr, st }
+    }
+
+    /// Kill every connection and refuse new ones for `pause` (a server restart).
+    async fn restart(&self, pause: Duration) {
+        self.st.down.store(true, Ordering::SeqCst);
+        for c in self.st.conns.lock().unwrap().drain(..) {
+            for t in c.tasks {
+                t.abort();
+            }
+        }
+        tokio::time::sleep(pause).await;
+        self.st.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Existing connections stay open but nothing passes any more; new ones work.
+    fn blackhole(&self) {
+        for c in self.st.conns.lock().unwrap().iter() {
+            c.mute_down.store(true, Ordering::SeqCst);
+            c.mute_up.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn arm_commit(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        *self.st.arm.lock().unwrap() = Some(tx);
+        rx
+    }
+}
+
+struct Db {
+    base: String,
+    url: String,
+    schema: String,
+}
+
+impl Db {
+    async fn new() -> Db {
+        let base = testing::test_url();
+        let (url, schema) = testing::create_schema(&base).await.unwrap();
+        Db { base, url, schema }
+    }
+
+    /// The schema's URL through a new proxy.
+    async fn proxied(&self) -> (Proxy, String) {
+        let config: tokio_postgres::Config = self.url.parse().unwrap();
+        let (host, port) = match (config.get_hosts().first(), config.get_ports().first()) {
+            (Some(tokio_postgres::config::Host::Tcp(h)), Some(p)) => (h.clone(), *p),
+            _ => panic!("the test server must be reached over TCP"),
+        };
+        let host_port = format!("{host}:{port}");
+        assert!(self.url.contains(&host_port));
+        let proxy = Proxy::start(host_port.clone()).await;
+        let url = self.url.replace(&host_port, &proxy.addr.to_string());
+        (proxy, url)
+    }
+
+    async fn raw(&self) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    }
+
+    async fn drop(self) {
+        testing::drop_schema(&self.base, &self.schema)
+            .await
+            .unwrap();
+    }
+}
+
+async fn open(url: &str, pool: usize, background: bool) -> Store {
+    Store::open_with(
+        url,
+        OpenOptions {
+            postgres_pool_size_max: pool,
+            background,
+            ..OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn job(i: usize) -> ObjectKey {
+    ObjectKey::new("default", "job", format!("j{i}")).unwrap()
+}
+
+/// docs/operations.md: "a database outage shorter than the TTL costs nothing but latency". A
+/// `claim_wait` (what `fleetdb worker` waits in) across a 300 ms restart of the server should
+/// keep waiting and then claim the job added after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_wait_rides_out_a_short_restart() {
+    let db = Db::new().await;
+    let direct = open(&db.url, 4, false).await;
+    let (proxy, url) = db.proxied().await;
+    let store = open(&url, 4, true).await;
+    store.process_define("P", &[]).await.unwrap();
+    direct.object_put(&job(0), Labels::new()).await.unwrap();
+    let s = store
+        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let wait = s.claim_wait("P", SELECTOR, 1, Duration::from_secs(8));
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.restart(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        direct
+            .tag_set(&job(0), "ready", &serde_json::json!(true))
+            .await
+            .unwrap();
+    };
+    let (got, ()) = tokio::join!(wait, outage);
+    let got = got.map(|w| w.iter().map(|w| w.key().clone()).collect::<Vec<_>>());
+    eprintln!("claim_wait across a 300 ms restart: {got:?}");
+    assert!(!s.is_expired());
+    assert_eq!(
+        got.ok(),
+        Some(vec![job(0)]),
+        "claim_wait failed on a 300 ms outage"
+    );
+    drop(s);
+    db.drop().await;
+}
+
+/// After a failover the old connections may stay open but never answer (a vanished host: until
+/// TCP gives up, ~15 min; behind a proxy or load balancer: for ever) while new connections reach
+/// the new primary. The session's renewals must not keep going to the dead connections until the
+/// session expires.
+#[ignore = "not fixed yet"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_survive_half_open_connections() {
+    let db = Db::new().await;
+    let (proxy, url) = db.proxied().await;
+    let store = open(&url, 4, true).await;
+    let s = store
+        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await; // a renewal has run
+                                                          // A few connections in the pool (any load does that).
+    let busy = futures::future::join_all((0..4).map(|_| store.revision())).await;
+    assert!(busy.iter().all(|r| r.is_ok()));
+    eprintln!(
+        "conns before blackhole {}",
+        proxy.st.conns.lock().unwrap().len()
+    );
+    proxy.blackhole();
+    let start = Instant::now();
+    // New connections work: another store through the same proxy.
+    let other = open(&url, 2, false).await;
+    assert!(other.session_get(s.id()).await.unwrap().is_some());
+    eprintln!("conns after other {}", proxy.st.conns.lock().unwrap().len());
+    for _ in 0..14 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        eprintln!(
+            "{:?}: deadline {:?} conns {}",
+            start.elapsed(),
+            s.deadline(),
+            proxy.st.conns.lock().unwrap().len()
+        );
+    }
+    let expired = s.is_expired();
+    // And a call on the first store: does it answer at all?
+    let r = tokio::time::timeout(Duration::from_secs(3), store.revision()).await;
+    eprintln!(
+        "after {:?} of half-open connections: session expired = {expired}; store.revision() = {:?}",
+        start.elapsed(),
+        r.as_ref().map(|r| r.as_ref().map(|i| i.current))
+    );
+    assert!(
+        !expired,
+        "the session expired while the database was reachable"
+    );
+    assert!(
+        r.is_ok(),
+        "a call on the store hung on a half-open pooled connection"
+    );
+    drop(s);
+    db.drop().await;
+}
+
+/// A shared key-value transaction whose COMMIT reached the server (and committed) but whose
+/// answer was lost: each set is handed back and run again alone, after another writer's set of
+/// the same key: that writer's value is overwritten by an older set applied twice.
+#[ignore = "not fixed yet"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_set_whose_commit_answer_is_lost_is_not_applied_twice() {
+    let db = Db::new().await;
+    let direct = open(&db.url, 2, false).await;
+    let (proxy, url) = db.proxied().await;
+    let store = open(&url, 1, false).await;
+    direct.kv_set("k1", "seed").await.unwrap();
+    // Hold k1's row: the first set (alone, on the pool's only connection) waits, so the next
+    // two queue and go together in one shared transaction.
+    let mut locker = db.raw().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM world WHERE space = 'kv' AND key = 'k1' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.kv_set("k1", "one").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let committed = proxy.arm_commit();
+    let second = tokio::spawn({
+        let store = store.clone();
+        async move { store.kv_set("k2", "mine").await }
+    });
+    let third = tokio::spawn({
+        let store = store.clone();
+        async move { store.kv_set("k3", "mine").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.commit().await.unwrap();
+    first.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), committed)
+        .await
+        .expect("a shared transaction's COMMIT went through the proxy")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // the server commits
+                                                          // Another writer sets k2 after that commit.
+    direct.kv_set("k2", "theirs").await.unwrap();
+    proxy.st.release.notify_waiters();
+    let r2 = second.await.unwrap();
+    let r3 = third.await.unwrap();
+    eprintln!(
+        "answers: k2 {:?}, k3 {:?}",
+        r2.as_ref().map(|w| w.changed),
+        r3.as_ref().map(|w| w.changed)
+    );
+    let log = direct
+        .changes(fleetdb::Revision(0), &Default::default(), 1000)
+        .await
+        .unwrap();
+    let k2: Vec<String> = log
+        .iter()
+        .filter(|c| c.id == "k2")
+        .map(|c| format!("{}:{}", c.revision.0, c.new_value.as_ref().unwrap()))
+        .collect();
+    let now = direct.kv_get("k2").await.unwrap().unwrap().value;
+    eprintln!("k2's change log: {k2:?}; k2 now = {now:?}");
+    assert_eq!(
+        now, "theirs",
+        "the later writer's value was overwritten by a replayed set"
+    );
+    assert_eq!(k2.len(), 2, "one set written twice: {k2:?}");
+    db.drop().await;
+}
+
+/// pg_terminate_backend of every connection of a store (pool and LISTEN): later calls, renewals
+/// and watches go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_connections_are_replaced() {
+    let db = Db::new().await;
+    let app = format!("review_{}", db.schema);
+    let url = format!("{}%20-c%20application_name%3D{app}", db.url);
+    let store = open(&url, 4, true).await;
+    let direct = open(&db.url, 2, false).await;
+    let s = store
+        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let mut watch = store
+        .watch(fleetdb::WatchRequest::new(fleetdb::WatchScope::Kv {
+            prefix: String::new(),
+        }))
+        .await
+        .unwrap();
+    let _snapshot = watch.next().await.unwrap().unwrap();
+    store.kv_set("a", "1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let raw = db.raw().await;
+    let killed = raw
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .len();
+    // Calls right after: at most the first fails?
+    let mut outcomes = Vec::new();
+    for i in 0..5 {
+        outcomes.push(
+            store
+                .kv_set("a", &format!("x{i}"))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        );
+    }
+    eprintln!("killed {killed}; calls right after: {outcomes:?}");
+    direct.kv_set("b", "from another process").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen_b = false;
+    while Instant::now() < deadline && !seen_b {
+        if let Some(Ok(fleetdb::WatchEvent::Change(c))) =
+            watch.next_timeout(Duration::from_millis(500)).await
+        {
+            seen_b |= c.id == "b";
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    eprintln!("watch saw b: {seen_b}; session expired: {}", s.is_expired());
+    assert!(seen_b);
+    assert!(!s.is_expired());
+    // Each killed pooled connection may fail the one call it is handed for (the pool learns it
+    // is closed then); the calls after go through.
+    assert!(outcomes.last().is_some_and(|o| o.is_ok()), "{outcomes:?}");
+    drop(s);
+    db.drop().await;
+}
