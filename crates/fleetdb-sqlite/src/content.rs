@@ -20,6 +20,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fleetdb_core::batch::{Applied, Batch, Op, OpResult};
 use fleetdb_core::content::{
@@ -29,6 +30,7 @@ use fleetdb_core::content::{
 use fleetdb_core::gc::BlobInfo;
 use fleetdb_core::world::validate_digest;
 use fleetdb_core::{Backend, Error, Labels, Result, Timestamp};
+
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use sha2::Digest as _;
 
@@ -329,8 +331,11 @@ impl SqliteBackend {
         .await?;
         let end = offset + data.len() as u64;
         let r = reference.to_string();
+        // The file (and its lock) goes with the statement: if this call is given up while the
+        // statement waits for the database, the lock is held until the statement has run.
         let updated = self
             .locked(move |c| {
+                let _held = file;
                 c.execute(
                     "UPDATE ingests SET \"offset\" = ?2, updated_at = ?3 \
                      WHERE ref = ?1 AND \"offset\" = ?4",
@@ -339,7 +344,6 @@ impl SqliteBackend {
                 .map_err(map_err)
             })
             .await?;
-        drop(file);
         if updated != 1 {
             return Err(Error::Conflict {
                 what: format!("upload {reference:?}"),
@@ -399,10 +403,14 @@ impl SqliteBackend {
         if actual != digest {
             return Err(digest_mismatch(reference, digest, &actual));
         }
-        // Mark the upload with what it commits: from here on its bytes are needed.
+        // Mark the upload with what it commits: from here on its bytes are needed. (The file's
+        // lock goes with each statement, as in `content_ingest_write`.)
+        let file = Arc::new(file);
         let (r, d, started_at) = (reference.to_string(), digest.to_string(), status.started_at);
+        let held = file.clone();
         let marked = self
             .locked(move |c| {
+                let _held = held;
                 c.execute(
                     "UPDATE ingests SET expected_digest = ?2, expected_size = ?3 \
                      WHERE ref = ?1 AND \"offset\" = ?3 AND started_at = ?4",
@@ -461,12 +469,12 @@ impl SqliteBackend {
         };
         let r = reference.to_string();
         self.locked(move |c| {
+            let _held = file;
             c.execute("DELETE FROM ingests WHERE ref = ?1", [r])
                 .map_err(map_err)?;
             remove_if_present(&path)
         })
         .await?;
-        drop(file);
         Ok(info)
     }
 

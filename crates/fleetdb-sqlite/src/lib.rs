@@ -480,11 +480,17 @@ impl SqliteBackend {
         let conn = self.write_conn.clone();
         let busy_timeout = std::time::Duration::from_millis(self.options.busy_timeout_ms);
         off_runtime(move || {
-            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            c.busy_timeout(busy_timeout).map_err(map_err)?;
-            let out = f(&mut c);
-            c.busy_timeout(std::time::Duration::ZERO).map_err(map_err)?;
-            out
+            /// Takes the busy timeout off the write connection again however `f` ends (a
+            /// panic included): callers' BEGINs must not wait (see the writer module).
+            struct NoWait<'a>(std::sync::MutexGuard<'a, Connection>);
+            impl Drop for NoWait<'_> {
+                fn drop(&mut self) {
+                    let _ = self.0.busy_timeout(std::time::Duration::ZERO);
+                }
+            }
+            let mut c = NoWait(conn.lock().unwrap_or_else(|p| p.into_inner()));
+            c.0.busy_timeout(busy_timeout).map_err(map_err)?;
+            f(&mut c.0)
         })
         .await
     }
@@ -938,6 +944,54 @@ mod tests {
         assert_eq!(sweep.await.unwrap().unwrap(), 0);
         let key = ObjectKey::new("default", "machine", "m0").unwrap();
         assert!(backend.object_get(&key).await.unwrap().is_some());
+    }
+
+    /// An upload write whose caller gives up while its bookkeeping statement waits for another
+    /// process's write lock keeps the upload's file locked until that statement has run: a
+    /// second write meanwhile is refused (`Unavailable`), not let in to overwrite the bytes the
+    /// first one's row then claims (before: the row said 8 bytes, the file held the second's 2).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_write_given_up_keeps_its_file_locked_until_it_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite");
+        let clock: Arc<dyn Clock> = Arc::new(fleetdb_core::ManualClock::new(NOW));
+        let backend = SqliteBackend::open(
+            Location::File(path.clone()),
+            SqliteOptions::default(),
+            clock,
+        )
+        .await
+        .unwrap();
+        let later = Timestamp(NOW.0 + 3_600_000_000);
+        backend.ingest_start("up", None, NOW, later).await.unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let first = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            backend.ingest_write("up", 0, b"AAAAAAAA", NOW),
+        )
+        .await;
+        assert!(
+            first.is_err(),
+            "the first write waits for the other process"
+        );
+        let second = backend.ingest_write("up", 0, b"BB", NOW).await;
+        assert!(matches!(second, Err(Error::Unavailable(_))), "{second:?}");
+        other.execute_batch("COMMIT").unwrap();
+        let recorded = async {
+            loop {
+                let list = backend.ingest_list().await.unwrap();
+                if list.first().is_some_and(|u| u.offset == 8) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), recorded)
+            .await
+            .expect("the given-up write's statement ran once the lock was free");
+        let next = backend.ingest_write("up", 8, b"CC", NOW).await.unwrap();
+        assert_eq!(next.offset, 10);
     }
 
     /// A busy timeout SQLite cannot take (more than i32::MAX ms) is refused at open, not a
