@@ -707,10 +707,9 @@ pub async fn a_lease_written_by_another_process_triggers_a_run_at_its_expiry(h: 
     assert!(s.blob_info(&held_before.digest).await.unwrap().is_none());
 }
 
-/// The same without a collection recorded anywhere: the first tick reads the change log from
-/// its start, and an object with a `gc.expire` another process wrote makes a run due too.
+/// The same without a collection recorded anywhere: the first tick reads the leases' entries of
+/// the change log from its start.
 pub async fn an_expiry_written_by_another_process_before_any_collection_is_seen(h: &Harness) {
-    declare(&h.store).await;
     let other = Store::open_with(
         &h.url,
         fleetdb::OpenOptions {
@@ -721,19 +720,15 @@ pub async fn an_expiry_written_by_another_process_before_any_collection_is_seen(
     )
     .await
     .unwrap();
-    let expire = h.clock.now() + Duration::from_secs(30);
-    let text = expire.to_rfc3339();
-    obj(&other, "image", "i1", &[("fleetdb.io/gc.expire", &text)]).await;
+    let (l, held) = blob_under_a_lease_of_10s(&other, b"leased elsewhere").await;
     drop(other);
     let s = &h.store;
     assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
-    assert_eq!(s.gc_status().next_deadline, Some(expire));
-    h.clock.advance(Duration::from_secs(31));
-    let stats = due_run(s)
-        .await
-        .expect("a run at the other process's gc.expire");
+    assert_eq!(s.gc_status().next_deadline, l.expires_at);
+    h.clock.advance(Duration::from_secs(11));
+    let stats = due_run(s).await.expect("a run at the other process's lease's expiry");
     assert_eq!(stats.trigger, "deadline");
-    assert!(!exists(s, "image", "i1").await);
+    assert!(s.blob_info(&held.digest).await.unwrap().is_none());
 }
 
 /// A blob committed again during a collection (under a lease that then ends, as a deploy puts

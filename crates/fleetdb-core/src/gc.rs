@@ -376,13 +376,14 @@ pub fn root_by_labels(labels: &Labels, now: Timestamp) -> (bool, Option<Timestam
     }
 }
 
-/// The deadline a change-log entry makes a collection due at, as [`root_by_labels`] and the mark
-/// see it: a lease put with an expiry, an object put with a future `gc.expire`, an export put
-/// holding resources with a TTL. What another process commits reaches this one's collector this
-/// way (its own commits say so at once): an expiring lease written by a short-lived process (a
-/// CLI command) must trigger a run in the long-lived ones too. `None` for anything else, and for
-/// an entry whose value cannot be read (the next mark sees it anyway).
-pub fn deadline_of_change(change: &crate::model::Change, now: Timestamp) -> Option<Timestamp> {
+/// The deadline a change-log entry makes a collection due at: a lease put with an expiry, an
+/// export put holding resources with a TTL (past or not: a past one is due now). What another
+/// process commits reaches this one's collector this way (its own commits say so at once): an
+/// expiring lease written by a short-lived process (a CLI command) must trigger a run in the
+/// long-lived ones too. `None` for anything else (an object's `gc.expire` included: objects'
+/// entries are not followed, see the store's collector), and for an entry whose value cannot be
+/// read (the next mark sees it anyway).
+pub fn deadline_of_change(change: &crate::model::Change) -> Option<Timestamp> {
     use crate::model::{ChangeOp, Entity};
     if change.op != ChangeOp::Put {
         return None;
@@ -390,10 +391,6 @@ pub fn deadline_of_change(change: &crate::model::Change, now: Timestamp) -> Opti
     let value = change.new_value.as_ref()?;
     match change.entity {
         Entity::Lease => value.get("expires_at")?.as_i64().map(Timestamp),
-        Entity::Object => {
-            let labels: Labels = serde_json::from_value(value.get("labels")?.clone()).ok()?;
-            root_by_labels(&labels, now).1
-        }
         Entity::Export => {
             let holds = value.get("meta")?.get("holds")?.as_array()?;
             if holds.is_empty() {
@@ -654,7 +651,7 @@ mod tests {
     }
 
     /// What each kind of change-log entry says about when a collection is due, read from the
-    /// values the apply code writes (a lease's JSON, an object's labels, an export record).
+    /// values the apply code writes (a lease's JSON, an export record).
     #[test]
     fn deadlines_of_changes() {
         use crate::model::{Change, ChangeOp, Entity};
@@ -676,14 +673,6 @@ mod tests {
         let lease = |expires_at: Option<Timestamp>| {
             serde_json::json!({ "labels": {}, "flat": false, "expires_at": expires_at }).to_string()
         };
-        let labels = |pairs: &[(&str, String)]| {
-            crate::apply::labels_json(
-                &pairs
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.clone()))
-                    .collect(),
-            )
-        };
         let export = |holds: bool, expires_at: Option<Timestamp>| {
             let mut r = WorldRecord::new(Space::Export, "k", now);
             let holds = match holds {
@@ -696,39 +685,27 @@ mod tests {
             r.expires_at = expires_at;
             r.change_json()
         };
-        let expire = at.to_rfc3339();
+        let past = Timestamp(1);
+        let labels = crate::apply::labels_json(
+            &[(EXPIRE_LABEL.to_string(), at.to_rfc3339())]
+                .into_iter()
+                .collect(),
+        );
         for (c, want) in [
             (
                 change(Entity::Lease, ChangeOp::Put, Some(lease(Some(at)))),
                 Some(at),
+            ),
+            // Read late, past its expiry: due now.
+            (
+                change(Entity::Lease, ChangeOp::Put, Some(lease(Some(past)))),
+                Some(past),
             ),
             (
                 change(Entity::Lease, ChangeOp::Put, Some(lease(None))),
                 None,
             ),
             (change(Entity::Lease, ChangeOp::Delete, None), None),
-            (
-                change(
-                    Entity::Object,
-                    ChangeOp::Put,
-                    Some(labels(&[(EXPIRE_LABEL, expire.clone())])),
-                ),
-                Some(at),
-            ),
-            // Expired already: no deadline ahead (the next run collects it anyway).
-            (
-                change(
-                    Entity::Object,
-                    ChangeOp::Put,
-                    Some(labels(&[(EXPIRE_LABEL, Timestamp(1).to_rfc3339())])),
-                ),
-                None,
-            ),
-            (
-                change(Entity::Object, ChangeOp::Put, Some(labels(&[]))),
-                None,
-            ),
-            (change(Entity::Object, ChangeOp::Delete, None), None),
             (
                 change(Entity::Export, ChangeOp::Put, Some(export(true, Some(at)))),
                 Some(at),
@@ -742,13 +719,15 @@ mod tests {
                 change(Entity::Export, ChangeOp::Put, Some(export(true, None))),
                 None,
             ),
+            // Objects' entries are not followed (their gc.expire is seen at a mark).
+            (change(Entity::Object, ChangeOp::Put, Some(labels)), None),
             (change(Entity::Tag, ChangeOp::Put, Some("1".into())), None),
             (
                 change(Entity::Kv, ChangeOp::Put, Some(export(true, Some(at)))),
                 None,
             ),
         ] {
-            assert_eq!(deadline_of_change(&c, now), want, "{c:?}");
+            assert_eq!(deadline_of_change(&c), want, "{c:?}");
         }
     }
 

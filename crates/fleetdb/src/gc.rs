@@ -92,9 +92,13 @@ pub(crate) struct GcState {
     last: Mutex<Option<GcStats>>,
     runs: AtomicU64,
     next_deadline: Mutex<Option<Timestamp>>,
-    /// The change-log position up to which this process has taken the deadlines of every
-    /// process's commits ([`Store::gc_follow_changes`]); `None` until the first tick.
-    followed: Mutex<Option<Revision>>,
+    /// The change-log positions (one per stream of [`FOLLOWED`]) up to which this process has
+    /// taken the deadlines of every process's commits ([`Store::gc_follow_changes`]); `None`
+    /// until the first tick.
+    followed: Mutex<Option<[Revision; 2]>>,
+    /// Counts the marks that moved `followed` back (a follow that read the positions before
+    /// one does not store its own after it).
+    mark_epoch: AtomicU64,
     /// Real time before which no automatic run starts (the pause budget).
     not_before: Mutex<Option<Instant>>,
     /// Real time before which no threshold-triggered run starts: the whole run's duration
@@ -104,13 +108,13 @@ pub(crate) struct GcState {
 }
 
 /// Change-log entries read per page when following other processes' deadlines, and pages per
-/// tick at most (the rest at the next tick).
+/// stream and tick at most (the rest at the next tick).
 const FOLLOW_PAGE: usize = 1_000;
 const FOLLOW_PAGES_MAX: usize = 10;
-/// A process whose first tick finds more change-log entries than this since the last recorded
-/// mark (or none recorded) does not read them all: it asks for one collection instead, whose
-/// mark finds every deadline, and follows from the current revision.
-const FOLLOW_BEHIND_MAX: i64 = 100_000;
+/// The change-log streams followed for deadlines: leases and exports (each a namespace of the
+/// log, so a read is an index range: the objects' and tags' entries, nearly all of a busy log,
+/// are not read). An object's `gc.expire` written by another process is seen at the next mark.
+const FOLLOWED: [&str; 2] = [gc::LEASE_CHANGE_NAMESPACE, ".export"];
 
 /// The earliest time the writes of a batch committed at `now` make a collection due: a lease's
 /// expiry, a `gc.expire` label, an export's TTL (what they protect becomes garbage then).
@@ -491,76 +495,82 @@ impl Store {
         self.run_collection(trigger).await.map(Some)
     }
 
-    /// Take the deadlines of every process's commits since the last tick from the change log
-    /// ([`gc::deadline_of_change`]): this process's own commits note theirs at once, but a lease
-    /// with an expiry written by another process — a CLI command that then exits — would
-    /// otherwise wait for this process's next mark, which on an idle store never comes
-    /// (containerd's bug, across processes). The first tick starts where the newest recorded
-    /// collection (of any process) marked, taking that mark's deadline; with none recorded, from
-    /// the start of the log. Too far behind, or past a compaction, it asks for one collection
-    /// instead (its mark sees every deadline) and follows from the current revision.
+    /// Take the deadlines of every process's leases and exports committed since the last tick
+    /// from the change log ([`gc::deadline_of_change`]): this process's own commits note theirs at
+    /// once, but a lease with an expiry written by another process — a CLI command that then
+    /// exits — would otherwise wait for this process's next mark, which on an idle store never
+    /// comes (containerd's bug, across processes). Each stream of [`FOLLOWED`] is read up to the
+    /// settled revision only (PostgreSQL's revisions become visible out of order: an entry below
+    /// one already read may still commit). The first tick starts where the newest recorded
+    /// collection (of any process) marked, taking that mark's deadline; with none recorded, at
+    /// the start of the log. Past a compaction it goes on from the settled revision (what was
+    /// compacted away is seen at the next mark); it never asks for a collection (a fleet of
+    /// workers restarting would each run one).
     async fn gc_follow_changes(&self) -> Result<()> {
         self.ready().await?;
+        let epoch = self.gc.mark_epoch.load(Ordering::Acquire);
         let followed = *self.gc.followed.lock().unwrap_or_else(|p| p.into_inner());
-        let mut after = match followed {
-            Some(r) => r,
-            None => self.gc_follow_start().await?,
+        let mut pos = match followed {
+            Some(p) => p,
+            None => [self.gc_follow_start().await?; 2],
         };
-        for _ in 0..FOLLOW_PAGES_MAX {
-            let page = match self
-                .backend
-                .changes(after, &ChangeFilter::default(), FOLLOW_PAGE)
-                .await
-            {
-                Ok(page) => page,
-                Err(Error::Compacted { .. }) => {
-                    self.gc.requested.store(true, Ordering::Relaxed);
-                    after = self.backend.revision().await?.current;
+        let upto = self.backend.settled_revision(SETTLE_WAIT).await?;
+        let mut result = Ok(());
+        'streams: for (i, namespace) in FOLLOWED.iter().enumerate() {
+            let filter = ChangeFilter {
+                namespace: Some(namespace.to_string()),
+                ..ChangeFilter::default()
+            };
+            for _ in 0..FOLLOW_PAGES_MAX {
+                if pos[i] >= upto {
                     break;
                 }
-                Err(e) => {
-                    self.gc_followed_to(after);
-                    return Err(e);
+                let page = match self.backend.changes(pos[i], &filter, FOLLOW_PAGE).await {
+                    Ok(page) => page,
+                    Err(Error::Compacted { .. }) => {
+                        pos[i] = upto;
+                        break;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break 'streams;
+                    }
+                };
+                let settled: Vec<_> = page.iter().take_while(|c| c.revision <= upto).collect();
+                for c in &settled {
+                    self.gc.note_deadline(gc::deadline_of_change(c));
                 }
-            };
-            let now = self.clock.now();
-            for c in &page {
-                self.gc.note_deadline(gc::deadline_of_change(c, now));
-            }
-            if let Some(last) = page.last() {
-                after = last.revision;
-            }
-            if page.len() < FOLLOW_PAGE {
-                break;
+                if page.len() == FOLLOW_PAGE && settled.len() == page.len() {
+                    // More may follow, up to `upto`.
+                    pos[i] = page.last().map_or(upto, |c| c.revision);
+                } else {
+                    pos[i] = upto;
+                    break;
+                }
             }
         }
-        self.gc_followed_to(after);
-        Ok(())
+        let mut followed = self.gc.followed.lock().unwrap_or_else(|p| p.into_inner());
+        // A mark since this follow read the positions moved them back (to re-note what it
+        // replaced): that stands.
+        if self.gc.mark_epoch.load(Ordering::Acquire) == epoch {
+            *followed = Some(pos);
+        }
+        result
     }
 
     /// Where the first tick starts following (see [`Store::gc_follow_changes`]).
     async fn gc_follow_start(&self) -> Result<Revision> {
         let newest = ignore_unsupported(self.backend.gc_runs(1).await)?;
         let recorded: Option<GcStats> = newest.first().and_then(|t| serde_json::from_str(t).ok());
-        let info = self.backend.revision().await?;
-        let from = match recorded.as_ref().and_then(|r| r.mark_revision) {
+        let compacted = self.backend.revision().await?.compacted;
+        Ok(match recorded.as_ref().and_then(|r| r.mark_revision) {
             Some(r) => {
                 self.gc
                     .note_deadline(recorded.as_ref().and_then(|r| r.next_deadline));
-                r
+                r.max(compacted)
             }
-            None => info.compacted,
-        };
-        if from < info.compacted || info.current.0 - from.0 > FOLLOW_BEHIND_MAX {
-            self.gc.requested.store(true, Ordering::Relaxed);
-            return Ok(info.current);
-        }
-        Ok(from)
-    }
-
-    /// Record the follow position (a mark moves it back to its own revision: see `collect`).
-    fn gc_followed_to(&self, at: Revision) {
-        *self.gc.followed.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+            None => compacted,
+        })
     }
 
     /// Run one full collection now.
@@ -669,8 +679,11 @@ impl Store {
         {
             let mut followed = self.gc.followed.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(f) = followed.as_mut() {
-                *f = (*f).min(snap.revision);
+                for p in f.iter_mut() {
+                    *p = (*p).min(snap.revision);
+                }
             }
+            self.gc.mark_epoch.fetch_add(1, Ordering::AcqRel);
         }
         stats.marked = marked.live as u64;
         stats.mark_ms = started.elapsed().as_secs_f64() * 1000.0;
