@@ -39,10 +39,16 @@ pub(crate) fn classify(e: &tokio_postgres::Error) -> Failure {
         }
         let c = code.code();
         // Connection exceptions, authentication, a missing database, the server shutting down or
-        // refusing connections: the database cannot be used right now.
+        // refusing connections, the server closing an idle session (57P05) or one idle in a
+        // transaction (25P03), a server that is (now) a standby and refuses writes (25006: after
+        // a failover, a connection to the demoted primary): the database cannot be used right
+        // now; trying again (on another connection) may succeed.
         if c.starts_with("08")
             || c.starts_with("28")
-            || matches!(c, "3D000" | "57P01" | "57P02" | "57P03" | "53300")
+            || matches!(
+                c,
+                "3D000" | "57P01" | "57P02" | "57P03" | "57P05" | "53300" | "25P03" | "25006"
+            )
         {
             return Failure::Fail(Error::Unavailable(msg));
         }
@@ -84,5 +90,31 @@ pub(crate) fn pool_err(e: PoolError) -> Error {
             Failure::Fail(err) => err,
         },
         other => Error::Unavailable(format!("connection pool: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server refusing writes (a standby, or a primary demoted by a failover: here a session
+    /// made read-only) is unavailable for now, not a backend bug: callers try again.
+    #[tokio::test]
+    async fn a_read_only_server_is_unavailable() {
+        let (client, conn) =
+            tokio_postgres::connect(&crate::testing::test_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute("SET default_transaction_read_only = on")
+            .await
+            .unwrap();
+        let e = client
+            .batch_execute("CREATE TABLE fleetdb_ro_probe_t (x int)")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("25006"), "{e}");
+        assert!(matches!(db_err(e), Error::Unavailable(_)));
     }
 }

@@ -143,6 +143,30 @@ const BACKOFF_INITIAL: Duration = Duration::from_millis(1);
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// Connect timeout used when the URL does not set `connect_timeout`.
 const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// TCP settings of every connection, unless the URL sets them: a server that vanished (a
+/// failover, a host gone) is noticed in about a minute by an idle connection (keepalive probes
+/// from 30 s, every 10 s, 3 unanswered) and in 30 s by one waiting for an answer (unacknowledged
+/// data), instead of the operating system's defaults (2 h; ~15 min of retransmissions).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Apply [`KEEPALIVE_IDLE`] and its companions to `config` where the URL left the defaults.
+fn dead_peer_detection(config: &mut tokio_postgres::Config) {
+    if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVE_RETRIES);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+}
 /// Object listings with at most this many label requirements use a cached prepared statement
 /// (the SQL shape depends on the requirements, so caching every shape could grow without bound).
 const CACHED_LABEL_REQUIREMENTS_MAX: usize = 8;
@@ -287,6 +311,7 @@ impl PostgresBackend {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
         }
+        dead_peer_detection(&mut config);
         if options.pool_size_max == 0 {
             return Err(Error::invalid(
                 "pool size",
@@ -1183,9 +1208,18 @@ impl PostgresBackend {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let client = self.client().await?;
-            let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
-            match client.query(&stmt, params).await {
+            let mut guard = Answered::new(self.client().await?, &self.pool);
+            let stmt = guard.client().prepare_cached(sql).await.map_err(db_err);
+            let ran = match stmt {
+                Ok(stmt) => guard.client().query(&stmt, params).await,
+                Err(e) => {
+                    guard.answered();
+                    return Err(e);
+                }
+            };
+            guard.answered();
+            let client = guard;
+            match ran {
                 Ok(rows) => return Ok(rows),
                 Err(e) => match classify(&e) {
                     Failure::Fail(err) => return Err(err),
@@ -1241,6 +1275,51 @@ fn claimed_work(r: &tokio_postgres::Row, req: &ClaimRequest, now: Timestamp) -> 
         token: r.try_get(3).map_err(db_err)?,
         started_at: now,
     })
+}
+
+/// Owns a pooled connection while a request on it waits for its answer. Dropped before the
+/// answer came (the caller gave up: a renewal not answered within a tick, a caller's timeout),
+/// the connection is detached from the pool and closed — it may be half-open (after a failover
+/// the old server's connections can stay open and silent, while new ones reach the new
+/// primary), and put back it would be handed out again and again, every later request on it
+/// waiting for ever — and the pool's idle connections go too (made before, likely to the same
+/// dead peer): the next requests open new ones. Normally answered requests cost nothing.
+pub(crate) struct Answered<'a> {
+    client: Option<PooledClient>,
+    pool: &'a deadpool_postgres::Pool,
+    pending: bool,
+}
+
+impl<'a> Answered<'a> {
+    pub(crate) fn new(client: PooledClient, pool: &'a deadpool_postgres::Pool) -> Self {
+        Answered {
+            client: Some(client),
+            pool,
+            pending: true,
+        }
+    }
+
+    pub(crate) fn client(&self) -> &deadpool_postgres::ClientWrapper {
+        // Set in the constructor, taken only in drop.
+        self.client.as_deref().expect("Answered holds a client")
+    }
+
+    /// The request was answered (successfully or not): the connection may go back to the pool.
+    pub(crate) fn answered(&mut self) {
+        self.pending = false;
+    }
+}
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        if self.pending {
+            if let Some(client) = self.client.take() {
+                drop(PooledClient::take(client));
+            }
+            self.pool.retain(|_, _| false);
+            tracing::warn!("a PostgreSQL request was given up before its answer: its connection and the idle ones are closed");
+        }
+    }
 }
 
 /// Owns the pooled connection of a transaction. If the transaction is still open when it drops

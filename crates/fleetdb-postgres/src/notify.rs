@@ -17,8 +17,9 @@ const CHANNEL_BYTES_MAX: usize = 63;
 /// Pauses between reconnection attempts of the listener.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
-/// TCP keepalive of the listening connection, which is otherwise idle: a silently dead server is
-/// noticed within about a minute rather than hours.
+/// TCP keepalive of the listening connection, which is otherwise idle: with the interval and
+/// count every connection gets (`dead_peer_detection` in lib.rs: probes every 10 s, 3 unanswered),
+/// a silently dead server is noticed within about a minute rather than hours.
 const LISTEN_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 type Messages = Pin<Box<dyn Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Send>>;

@@ -124,12 +124,14 @@ async fn schema_rows(client: &tokio_postgres::Client) -> Vec<(i32, String, i64)>
 async fn open_migrates_and_a_second_open_writes_nothing() {
     let db = TestDb::new().await;
 
-    // A read-only session cannot migrate: proves the read-only check below detects writes.
+    // A read-only session cannot migrate: proves the read-only check below detects writes. (A
+    // server refusing writes is a standby, or a primary demoted by a failover: unavailable for
+    // now, to be tried again.)
     let err = open_url(&db.read_only_url(), PostgresOptions::default())
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, Error::Backend(m) if m.contains("read-only")),
+        matches!(&err, Error::Unavailable(m) if m.contains("read-only")),
         "{err:?}"
     );
 

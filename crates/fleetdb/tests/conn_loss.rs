@@ -251,7 +251,6 @@ async fn claim_wait_rides_out_a_short_restart() {
 /// TCP gives up, ~15 min; behind a proxy or load balancer: for ever) while new connections reach
 /// the new primary. The session's renewals must not keep going to the dead connections until the
 /// session expires.
-#[ignore = "not fixed yet"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_survive_half_open_connections() {
     let db = Db::new().await;
