@@ -726,7 +726,9 @@ pub async fn an_expiry_written_by_another_process_before_any_collection_is_seen(
     assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
     assert_eq!(s.gc_status().next_deadline, l.expires_at);
     h.clock.advance(Duration::from_secs(11));
-    let stats = due_run(s).await.expect("a run at the other process's lease's expiry");
+    let stats = due_run(s)
+        .await
+        .expect("a run at the other process's lease's expiry");
     assert_eq!(stats.trigger, "deadline");
     assert!(s.blob_info(&held.digest).await.unwrap().is_none());
 }
