@@ -20,9 +20,12 @@
 //!   at once (`in_flight`): sets of one key run in their callers' order of arrival at the
 //!   queue, and two such transactions never wait on each other's rows;
 //! - a set the transaction cannot decide (another writer created the key meanwhile, or changed
-//!   it between the statement's snapshot and its update), or any set of a transaction that
-//!   failed (nothing of it was written), is handed back to its caller, which runs it alone (with
-//!   retries). A set the transaction wrote is never handed back.
+//!   it between the statement's snapshot and its update), or any set of a transaction the
+//!   server refused (nothing of it was written), is handed back to its caller, which runs it
+//!   alone (with retries). A set the transaction wrote is never handed back, nor one whose
+//!   transaction's outcome is unknown (the connection failed after the COMMIT may have reached
+//!   the server): its caller gets `Unavailable` (run again, it could be applied twice, after a
+//!   later writer's set).
 //!
 //! A set that finds nothing waiting or being written runs alone at once, and so does a queue of
 //! one: one client pays nothing for the sharing.
@@ -115,6 +118,9 @@ enum Outcome {
     /// Not decided, or its transaction failed (see the module documentation): the caller runs
     /// it alone.
     Alone,
+    /// Its transaction's outcome is unknown (the connection was lost after the COMMIT may have
+    /// reached the server): running it again could apply it twice, after a later writer's set.
+    Unknown(fleetdb_core::Error),
 }
 
 /// A set waiting in the queue.
@@ -247,17 +253,31 @@ fn outcome(rec: WorldRecord, row: &Row) -> Result<Outcome> {
 
 /// The rows each set of a shared transaction may be answered with: all of them if the
 /// transaction committed (or, had `BEGIN` failed, each statement that succeeded on its own),
-/// none if any statement failed inside it (nothing of it was written).
+/// none if the server refused a statement inside it (nothing of it was written: each runs
+/// alone). `Err` when the connection failed instead (no server error): the pipelined COMMIT may
+/// have reached the server and committed, so none may run again (each caller gets the error).
 fn shared_answers(
-    begun: bool,
+    begin: std::result::Result<(), tokio_postgres::Error>,
     rows: Vec<std::result::Result<Vec<Row>, tokio_postgres::Error>>,
-    committed: bool,
-) -> Vec<Option<Vec<Row>>> {
-    let all_ok = rows.iter().all(|r| r.is_ok());
-    if begun && !(all_ok && committed) {
-        return rows.iter().map(|_| None).collect();
+    commit: std::result::Result<(), tokio_postgres::Error>,
+) -> std::result::Result<Vec<Option<Vec<Row>>>, fleetdb_core::Error> {
+    let lost = begin
+        .as_ref()
+        .err()
+        .into_iter()
+        .chain(rows.iter().filter_map(|r| r.as_ref().err()))
+        .chain(commit.as_ref().err())
+        .find(|e| e.as_db_error().is_none());
+    if let Some(e) = lost {
+        return Err(fleetdb_core::Error::Unavailable(format!(
+            "the connection failed during a key-value transaction, which may have committed: {e}"
+        )));
     }
-    rows.into_iter().map(|r| r.ok()).collect()
+    let all_ok = rows.iter().all(|r| r.is_ok());
+    if begin.is_ok() && !(all_ok && commit.is_ok()) {
+        return Ok(rows.iter().map(|_| None).collect());
+    }
+    Ok(rows.into_iter().map(|r| r.ok()).collect())
 }
 
 fn record(key: &str, value: &str, now: Timestamp) -> WorldRecord {
@@ -364,6 +384,7 @@ impl PostgresBackend {
     ) -> Result<Option<Vec<OpResult>>> {
         match got {
             Ok(Outcome::Done(r)) => Ok(r),
+            Ok(Outcome::Unknown(e)) => Err(e),
             Ok(Outcome::Alone) | Err(_) => self.kv_set_alone(key, value, now).await,
         }
     }
@@ -398,9 +419,20 @@ impl PostgresBackend {
                     client.batch_execute("COMMIT"),
                 )
                 .await;
-                shared_answers(begin.is_ok(), rows, commit.is_ok())
+                shared_answers(begin, rows, commit)
             }
-            Err(_) => vec![None; taken.len()],
+            Err(_) => Ok(vec![None; taken.len()]),
+        };
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(e) => {
+                drop(client);
+                self.kv.shared_failed.fetch_add(1, Ordering::Relaxed);
+                for p in taken {
+                    let _ = p.reply.send(Outcome::Unknown(e.clone()));
+                }
+                return;
+            }
         };
         drop(client);
         let written = answers.iter().filter(|a| a.is_some()).count() as u64;
