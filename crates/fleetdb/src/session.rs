@@ -44,6 +44,10 @@ struct SessionState {
     /// This session's last selector claim, if it came back empty: `claim_wait` then waits
     /// before claiming (see there).
     empty_claim: Option<EmptyClaim>,
+    /// Claims that failed `Unavailable` — perhaps only their answer was lost with the
+    /// connection, after they committed (process, the claim's time): the next claim of the
+    /// process takes what they took (see [`Session::adopt_uncertain`]).
+    uncertain: Vec<(String, Timestamp)>,
 }
 
 /// A selector claim that came back empty.
@@ -426,6 +430,7 @@ impl Store {
                 expired: false,
                 paused: false,
                 empty_claim: None,
+                uncertain: Vec::new(),
             }),
             info,
         });
@@ -764,6 +769,19 @@ impl Session {
         let req = self.claim_request(process, target, limit)?;
         self.store.ready().await?;
         let by_selector = matches!(req.target, ClaimTarget::Selector(_));
+        let adopted = self.adopt_uncertain(process).await?;
+        if !adopted.is_empty() {
+            match &req.target {
+                ClaimTarget::Selector(_) => return Ok((adopted, None)),
+                // Those of other objects are dropped: cancelled (the caller asked for this one).
+                ClaimTarget::Object(key) => {
+                    if let Some(w) = adopted.into_iter().find(|w| &w.info.key == key) {
+                        return Ok((vec![w], None));
+                    }
+                }
+            }
+        }
+        let at = req.now;
         let started = std::time::Instant::now();
         let backend = self.store.backend.clone();
         let claimed = self
@@ -786,10 +804,73 @@ impl Session {
                 tracing::warn!(attempts, last = %last, "claim gave up under contention; nothing claimed");
                 Claimed::default()
             }
+            Err(e @ Error::Unavailable(_)) => {
+                self.shared
+                    .state()
+                    .uncertain
+                    .push((process.to_string(), at));
+                return Err(e);
+            }
             r => self.note(r)?,
         };
         let revision = claimed.revision;
         Ok((self.claimed(process, claimed), revision))
+    }
+
+    /// What this session's claims of `process` that failed `Unavailable` took, as [`Work`]: a
+    /// claim whose connection was lost after its COMMIT reached the server committed, and its
+    /// caller got an error — the objects it took stayed held by this (live) session for nobody
+    /// until the session ended. They are this session's claim rows of the process started at
+    /// the failed claim's time. Empty when there were none (a claim that failed before
+    /// committing took nothing); the failed claims are forgotten once looked up. An error
+    /// (the database still unreachable) keeps them for the next claim.
+    async fn adopt_uncertain(&self, process: &str) -> Result<Vec<Work>> {
+        let times: Vec<Timestamp> = {
+            let st = self.shared.state();
+            st.uncertain
+                .iter()
+                .filter(|(p, _)| p == process)
+                .map(|(_, t)| *t)
+                .collect()
+        };
+        if times.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .work_page(Some(process), Some(self.id()), cursor.as_deref(), 1_000)
+                .await?;
+            found.extend(
+                page.items
+                    .into_iter()
+                    .filter(|w| times.contains(&w.started_at)),
+            );
+            match page.next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        self.shared
+            .state()
+            .uncertain
+            .retain(|(p, t)| p != process || !times.contains(t));
+        if !found.is_empty() {
+            tracing::info!(
+                process,
+                claims = found.len(),
+                "claims whose answer was lost with the connection are taken up"
+            );
+        }
+        Ok(self.claimed(
+            process,
+            Claimed {
+                work: found,
+                ..Claimed::default()
+            },
+        ))
     }
 
     /// What a selector claim behind a finish took, as [`Work`] (counted), its emptiness noted

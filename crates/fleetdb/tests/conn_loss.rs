@@ -440,3 +440,56 @@ async fn terminated_connections_are_replaced() {
     drop(s);
     db.drop().await;
 }
+
+/// A claim whose COMMIT reached the server but whose answer was lost returns an error; the
+/// work it took is held by the (live) session. The session's next claim of the process takes
+/// it up (before: it stayed held for nobody until the session ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_commit_answer_is_lost_is_taken_up_by_the_next_claim() {
+    let db = Db::new().await;
+    let direct = open(&db.url, 2, false).await;
+    let (proxy, url) = db.proxied().await;
+    let store = open(&url, 2, false).await;
+    store.process_define("P", &[]).await.unwrap();
+    direct.object_put(&job(0), Labels::new()).await.unwrap();
+    direct
+        .tag_set(&job(0), "ready", &serde_json::json!(true))
+        .await
+        .unwrap();
+    let s = store
+        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let committed = proxy.arm_commit();
+    let claim = s.claim("P", SELECTOR, 1);
+    let cut = async {
+        committed.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.st.release.notify_waiters();
+    };
+    let (got, ()) = tokio::join!(claim, cut);
+    assert!(
+        matches!(got, Err(fleetdb::Error::Unavailable(_))),
+        "the claim's answer was cut: {:?}",
+        got.map(|w| w.len())
+    );
+    let held = direct.work_list(Some("P"), 10).await.unwrap();
+    assert_eq!(held.len(), 1, "the claim committed");
+    let mut again = s.claim("P", SELECTOR, 1).await.unwrap();
+    assert_eq!(
+        again.len(),
+        1,
+        "the next claim takes up what the lost one took"
+    );
+    assert_eq!(again[0].key(), &job(0));
+    assert_eq!(again[0].token(), held[0].token);
+    again
+        .pop()
+        .unwrap()
+        .finish(|_| async { Ok(()) })
+        .await
+        .unwrap();
+    assert!(direct.work_list(Some("P"), 10).await.unwrap().is_empty());
+    drop(s);
+    db.drop().await;
+}
