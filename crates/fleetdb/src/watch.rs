@@ -36,6 +36,9 @@ const HUB_PAGE: usize = 10_000;
 const ANNOUNCE_COALESCE: Duration = Duration::from_millis(5);
 /// How long the hub lets `settled_revision` wait for an in-flight transaction.
 const SETTLE_WAIT: Duration = Duration::from_millis(500);
+/// Pauses between a catching-up watch's failed reads: from 100 ms, doubling to 5 s.
+const CATCH_UP_RETRY_FIRST: Duration = Duration::from_millis(100);
+const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What a watch follows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,15 +442,24 @@ impl Store {
         })
     }
 
-    /// Catch a watcher up from its position to the hub's, then hand it to the hub.
+    /// Catch a watcher up from its position to the hub's, then hand it to the hub. A read that
+    /// fails transiently (the database unreachable for a moment) is tried again, as the hub's
+    /// are, while the consumer is there: the watch ends only on an error that stays
+    /// (`Compacted`, say).
     async fn join(self, mut w: Watcher) {
+        let mut pause = CATCH_UP_RETRY_FIRST;
         loop {
             w = match self.try_register(w) {
                 None => return,
                 Some(w) => w,
             };
             match self.catch_up_step(&mut w).await {
-                Ok(true) => {}
+                Ok(true) => pause = CATCH_UP_RETRY_FIRST,
+                Err(e) if e.is_retryable() && !w.tx.is_closed() => {
+                    tracing::debug!(error = %e, ?pause, "a catching-up watch's read failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(CATCH_UP_RETRY_MAX);
+                }
                 Ok(false) => {
                     // The consumer is gone.
                     self.hub

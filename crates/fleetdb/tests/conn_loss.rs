@@ -493,3 +493,48 @@ async fn a_claim_whose_commit_answer_is_lost_is_taken_up_by_the_next_claim() {
     drop(s);
     db.drop().await;
 }
+
+/// A watch resuming from far back catches up at its consumer's pace, reading the change log
+/// page by page; a server restart in the middle fails a read, which is tried again: the watch
+/// delivers every change (before, it ended with `Unavailable` and the consumer had to resume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catching_up_watch_rides_out_a_short_restart() {
+    let db = Db::new().await;
+    let direct = open(&db.url, 2, false).await;
+    let (proxy, url) = db.proxied().await;
+    let store = open(&url, 4, false).await;
+    let from = direct.revision().await.unwrap().current;
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
+    for k in &keys {
+        direct.kv_set(k, "v").await.unwrap();
+    }
+    let mut watch = store
+        .watch(
+            fleetdb::WatchRequest::new(fleetdb::WatchScope::Kv {
+                prefix: String::new(),
+            })
+            .from_revision(from)
+            .buffer(4),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let take =
+        |event: Option<fleetdb::Result<fleetdb::WatchEvent>>, seen: &mut Vec<String>| match event {
+            Some(Ok(fleetdb::WatchEvent::Change(c))) => seen.push(c.id.clone()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("the watch ended: {e}"),
+            None => panic!("the watch ended"),
+        };
+    while seen.len() < 2 {
+        take(watch.next_timeout(Duration::from_secs(5)).await, &mut seen);
+    }
+    proxy.restart(Duration::from_millis(300)).await;
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while seen.len() < keys.len() {
+        assert!(Instant::now() < give_up, "caught up only to {seen:?}");
+        take(watch.next_timeout(Duration::from_secs(5)).await, &mut seen);
+    }
+    assert_eq!(seen, keys);
+    db.drop().await;
+}
