@@ -361,10 +361,14 @@ impl Worker<'_> {
                 record(
                     &key,
                     OUTCOME_RETRY,
-                    || session.is_expired(),
+                    || self.session_lost(),
                     &mut stop,
                     async || w.finish(|_| async { Ok(()) }).await,
-                    async || self.outcome_recorded(&key, &a.process, token).await,
+                    async || {
+                        let finished = fleetdb::WorkEvent::Finished;
+                        self.outcome_recorded(&key, &a.process, token, finished)
+                            .await
+                    },
                 )
                 .await
             }
@@ -376,10 +380,14 @@ impl Worker<'_> {
                 record(
                     &key,
                     OUTCOME_RETRY,
-                    || session.is_expired(),
+                    || self.session_lost(),
                     &mut stop,
                     async || w.cancel().await,
-                    async || self.outcome_recorded(&key, &a.process, token).await,
+                    async || {
+                        let canceled = fleetdb::WorkEvent::Canceled;
+                        self.outcome_recorded(&key, &a.process, token, canceled)
+                            .await
+                    },
                 )
                 .await
             }
@@ -411,25 +419,45 @@ impl Worker<'_> {
         }
     }
 
-    /// Whether `key`'s history holds the outcome (finished, failed or canceled) of this
-    /// session's claim with `token` for `process`: what an attempt whose answer was lost may
-    /// have written (see [`record`]). The claim's rows are among the newest of the object.
-    async fn outcome_recorded(&self, key: &ObjectKey, process: &str, token: i64) -> bool {
+    /// Whether `key`'s history holds `event` for this session's claim with `token` for
+    /// `process`: what an attempt whose answer was lost may have written (see [`record`]).
+    /// Newest first, page by page until the rows are older than the claim (lower tokens);
+    /// `None` when the history cannot be read.
+    async fn outcome_recorded(
+        &self,
+        key: &ObjectKey,
+        process: &str,
+        token: i64,
+        event: fleetdb::WorkEvent,
+    ) -> Option<bool> {
         let store = self.session.store();
         let filter = fleetdb::HistoryFilter::Object(key.clone());
-        let Ok(page) = store.history(&filter, None, 20).await else {
-            return false;
-        };
-        page.items.iter().any(|e| {
-            e.token == token
-                && e.process == process
-                && e.session_id == self.session.id()
-                && matches!(
-                    e.event,
-                    fleetdb::WorkEvent::Finished
-                        | fleetdb::WorkEvent::Failed
-                        | fleetdb::WorkEvent::Canceled
-                )
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = store.history(&filter, cursor.as_deref(), 100).await.ok()?;
+            for e in &page.items {
+                if e.token == token
+                    && e.process == process
+                    && e.session_id == self.session.id()
+                    && e.event == event
+                {
+                    return Some(true);
+                }
+            }
+            if page.items.iter().any(|e| e.token < token) {
+                return Some(false);
+            }
+            match page.next {
+                Some(c) => cursor = Some(c),
+                None => return Some(false),
+            }
+        }
+    }
+
+    /// The error a run's outcome write gives up with once the session is lost.
+    fn session_lost(&self) -> Option<Error> {
+        self.session.is_expired().then(|| Error::SessionExpired {
+            session_id: self.session.id().to_string(),
         })
     }
 
@@ -445,10 +473,13 @@ impl Worker<'_> {
         record(
             &key,
             OUTCOME_RETRY,
-            || self.session.is_expired(),
+            || self.session_lost(),
             stop,
             async || w.fail(self.backoff, cause).await,
-            async || self.outcome_recorded(&key, &process, token).await,
+            async || {
+                let failed = fleetdb::WorkEvent::Failed;
+                self.outcome_recorded(&key, &process, token, failed).await
+            },
         )
         .await?;
         let store = self.session.store();
@@ -495,38 +526,47 @@ const OUTCOME_RETRY: RetryDelays = RetryDelays {
 async fn record(
     key: &ObjectKey,
     delays: RetryDelays,
-    lost: impl Fn() -> bool,
+    lost: impl Fn() -> Option<Error>,
     stop: &mut watch::Receiver<Stop>,
     mut write: impl AsyncFnMut() -> Result<(), Error>,
-    mut recorded: impl AsyncFnMut() -> bool,
+    mut recorded: impl AsyncFnMut() -> Option<bool>,
 ) -> Result<(), Error> {
     let mut delay = delays.first;
     let mut uncertain = false;
     loop {
-        match write().await {
+        let failed = match write().await {
             Err(e) if e.is_retryable() || matches!(e, Error::RetriesExhausted { .. }) => {
                 uncertain |= matches!(e, Error::Unavailable(_));
-                if lost() || *stop.borrow() == Stop::Now {
-                    return Err(e);
-                }
-                say!(
-                    "worker: recording the outcome of {key} failed ({e}); trying again in {}",
-                    humantime::format_duration(delay)
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stopping_now(stop) => {}
-                }
-                delay = (delay * 2).min(delays.max);
+                e
             }
-            Err(Error::WorkLost { .. }) if uncertain && recorded().await => {
-                say!(
-                    "worker: the outcome of {key} was recorded by an attempt whose answer was lost"
-                );
-                return Ok(());
-            }
+            Err(Error::WorkLost { what }) if uncertain => match recorded().await {
+                Some(true) => {
+                    say!(
+                        "worker: the outcome of {key} was recorded by an attempt whose answer was lost"
+                    );
+                    return Ok(());
+                }
+                Some(false) => return Err(Error::WorkLost { what }),
+                // The history could not be read (the same outage): look again later.
+                None => Error::WorkLost { what },
+            },
             done => return done,
+        };
+        if let Some(lost) = lost() {
+            return Err(lost);
         }
+        if *stop.borrow() == Stop::Now {
+            return Err(failed);
+        }
+        say!(
+            "worker: recording the outcome of {key} failed ({failed}); trying again in {}",
+            humantime::format_duration(delay)
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopping_now(stop) => {}
+        }
+        delay = (delay * 2).min(delays.max);
     }
 }
 
@@ -854,7 +894,7 @@ mod tests {
         let r = record(
             &key,
             delays,
-            || false,
+            || None,
             &mut stop,
             async || {
                 calls += 1;
@@ -878,7 +918,7 @@ mod tests {
         let r = record(
             &key,
             delays,
-            || false,
+            || None,
             &mut stop,
             async || {
                 calls += 1;
@@ -889,7 +929,7 @@ mod tests {
                     }),
                 }
             },
-            async || false,
+            async || Some(false),
         )
         .await;
         assert!(matches!(r, Err(Error::SessionExpired { .. })), "{r:?}");
@@ -900,17 +940,45 @@ mod tests {
         let r = record(
             &key,
             delays,
-            || calls.get() >= 3,
+            || {
+                (calls.get() >= 3).then(|| Error::SessionExpired {
+                    session_id: "s".into(),
+                })
+            },
             &mut stop,
             async || {
                 calls.set(calls.get() + 1);
                 Err(unavailable())
             },
-            async || false,
+            async || Some(false),
         )
         .await;
-        assert!(matches!(r, Err(Error::Unavailable(_))), "{r:?}");
+        assert!(matches!(r, Err(Error::SessionExpired { .. })), "{r:?}");
         assert_eq!(calls.get(), 3);
+
+        // The history unreadable at first (the same outage): looked at again.
+        let mut calls = 0;
+        let mut looks = 0;
+        let r = record(
+            &key,
+            delays,
+            || None,
+            &mut stop,
+            async || {
+                calls += 1;
+                match calls {
+                    1 => Err(unavailable()),
+                    _ => Err(lost()),
+                }
+            },
+            async || {
+                looks += 1;
+                (looks > 1).then_some(true)
+            },
+        )
+        .await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!((calls, looks), (3, 2));
 
         // The first attempt committed, its answer lost: the history says so.
         let mut calls = 0;
@@ -919,7 +987,7 @@ mod tests {
             let r = record(
                 &key,
                 delays,
-                || false,
+                || None,
                 &mut stop,
                 async || {
                     calls += 1;
@@ -928,7 +996,7 @@ mod tests {
                         _ => Err(lost()),
                     }
                 },
-                async || in_history,
+                async || Some(in_history),
             )
             .await;
             assert_eq!(r.is_ok(), ok, "{r:?}");
@@ -938,7 +1006,7 @@ mod tests {
         let r = record(
             &key,
             delays,
-            || false,
+            || None,
             &mut stop,
             async || Err(lost()),
             async || panic!("not asked"),

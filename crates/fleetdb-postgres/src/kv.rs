@@ -261,13 +261,20 @@ fn shared_answers(
     rows: Vec<std::result::Result<Vec<Row>, tokio_postgres::Error>>,
     commit: std::result::Result<(), tokio_postgres::Error>,
 ) -> std::result::Result<Vec<Option<Vec<Row>>>, fleetdb_core::Error> {
+    // A COMMIT refused with a connection or shutdown error (class 08, 57P0x: a server shutting
+    // down while it waits for a synchronous standby) may have committed locally.
+    let commit_unknown = commit.as_ref().err().filter(|e| {
+        e.code()
+            .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P0"))
+    });
     let lost = begin
         .as_ref()
         .err()
         .into_iter()
         .chain(rows.iter().filter_map(|r| r.as_ref().err()))
         .chain(commit.as_ref().err())
-        .find(|e| e.as_db_error().is_none());
+        .find(|e| e.as_db_error().is_none())
+        .or(commit_unknown);
     if let Some(e) = lost {
         return Err(fleetdb_core::Error::Unavailable(format!(
             "the connection failed during a key-value transaction, which may have committed: {e}"

@@ -99,6 +99,13 @@ pub(crate) struct GcState {
     /// Counts the marks that moved `followed` back (a follow that read the positions before
     /// one does not store its own after it).
     mark_epoch: AtomicU64,
+    /// The revision the last mark of this process read the store at: a deadline already past
+    /// from an entry at or before it was the mark's to see (no run is started for it again).
+    last_mark: Mutex<Option<Revision>>,
+    /// While a collection runs (`Some`), the earliest deadline noted meanwhile: the mark replaces
+    /// `next_deadline` with what it saw at its snapshot, and those committed after the snapshot
+    /// must not be lost with it.
+    noted_in_run: Mutex<Option<Option<Timestamp>>>,
     /// Real time before which no automatic run starts (the pause budget).
     not_before: Mutex<Option<Instant>>,
     /// Real time before which no threshold-triggered run starts: the whole run's duration
@@ -141,6 +148,10 @@ impl GcState {
         if let Some(t) = at {
             let mut next = self.next_deadline.lock().unwrap_or_else(|p| p.into_inner());
             *next = Some(next.map_or(t, |d| d.min(t)));
+            let mut run = self.noted_in_run.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(noted) = run.as_mut() {
+                *noted = Some(noted.map_or(t, |d| d.min(t)));
+            }
         }
     }
 
@@ -499,9 +510,12 @@ impl Store {
     /// from the change log ([`gc::deadline_of_change`]): this process's own commits note theirs at
     /// once, but a lease with an expiry written by another process — a CLI command that then
     /// exits — would otherwise wait for this process's next mark, which on an idle store never
-    /// comes (containerd's bug, across processes). Each stream of [`FOLLOWED`] is read up to the
-    /// settled revision only (PostgreSQL's revisions become visible out of order: an entry below
-    /// one already read may still commit). The first tick starts where the newest recorded
+    /// comes (containerd's bug, across processes). Each stream of [`FOLLOWED`] moves its position
+    /// only up to the settled revision (PostgreSQL's revisions become visible out of order: an
+    /// entry below one already read may still commit), and every entry read is noted (a past
+    /// deadline of an entry this process's last mark read the store after is skipped: that mark
+    /// saw it; otherwise catching up on a backlog would run a collection per page). The first
+    /// tick starts where the newest recorded
     /// collection (of any process) marked, taking that mark's deadline; with none recorded, at
     /// the start of the log. Past a compaction it goes on from the settled revision (what was
     /// compacted away is seen at the next mark); it never asks for a collection (a fleet of
@@ -536,15 +550,23 @@ impl Store {
                         break 'streams;
                     }
                 };
-                let settled: Vec<_> = page.iter().take_while(|c| c.revision <= upto).collect();
-                for c in &settled {
-                    self.gc.note_deadline(gc::deadline_of_change(c));
+                // Every entry read is noted (noting one twice is harmless: the earliest counts);
+                // the position only moves up to the settled revision.
+                let now = self.clock.now();
+                let marked = *self.gc.last_mark.lock().unwrap_or_else(|p| p.into_inner());
+                for c in &page {
+                    let seen_by_mark = marked.is_some_and(|m| c.revision <= m);
+                    match gc::deadline_of_change(c) {
+                        Some(d) if d <= now && seen_by_mark => {}
+                        d => self.gc.note_deadline(d),
+                    }
                 }
-                if page.len() == FOLLOW_PAGE && settled.len() == page.len() {
+                let last = page.last().map(|c| c.revision);
+                if page.len() == FOLLOW_PAGE && last.is_some_and(|l| l <= upto) {
                     // More may follow, up to `upto`.
-                    pos[i] = page.last().map_or(upto, |c| c.revision);
+                    pos[i] = last.unwrap_or(upto);
                 } else {
-                    pos[i] = upto;
+                    pos[i] = upto.max(pos[i]);
                     break;
                 }
             }
@@ -652,6 +674,11 @@ impl Store {
             trigger: "explicit".into(),
             ..GcStats::default()
         };
+        *self
+            .gc
+            .noted_in_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(None);
         // The snapshot (SQLite reads it synchronously; PostgreSQL decodes a million rows) and the
         // mark are long CPU work: on a blocking thread, so the runtime's workers keep serving
         // writers meanwhile.
@@ -667,11 +694,22 @@ impl Store {
         .await
         .map_err(|e| Error::Backend(format!("the mark phase panicked: {e}")))??;
         stats.snapshot_ms = read.as_secs_f64() * 1000.0;
+        let noted = self
+            .gc
+            .noted_in_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .flatten();
         *self
             .gc
             .next_deadline
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = marked.next_deadline;
+            .unwrap_or_else(|p| p.into_inner()) = match (marked.next_deadline, noted) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        *self.gc.last_mark.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.revision);
         stats.mark_revision = Some(snap.revision);
         stats.next_deadline = marked.next_deadline;
         // The mark replaced the deadlines noted so far with those it saw at its revision: the

@@ -48,6 +48,9 @@ struct SessionState {
     /// connection, after they committed (process, the claim's time): the next claim of the
     /// process takes what they took (see [`Session::adopt_uncertain`]).
     uncertain: Vec<(String, Timestamp)>,
+    /// Selector and object claims of this session in flight (`claim_target`): adoption waits
+    /// until none is, so it never takes up rows a claim is about to hand out.
+    claims_in_flight: usize,
 }
 
 /// A selector claim that came back empty.
@@ -62,6 +65,23 @@ struct EmptyClaim {
     /// The same by the store's clock (which decides what is claimable: backoffs ending,
     /// `now - d` terms): a clock moved past the retry since claims again at once.
     clock_at: Timestamp,
+}
+
+/// Counts a claim of the session in flight while it lives (see `SessionState::claims_in_flight`).
+struct InFlightClaim<'a>(&'a SessionShared);
+
+impl<'a> InFlightClaim<'a> {
+    fn new(shared: &'a SessionShared) -> Self {
+        shared.state().claims_in_flight += 1;
+        InFlightClaim(shared)
+    }
+}
+
+impl Drop for InFlightClaim<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.claims_in_flight = st.claims_in_flight.saturating_sub(1);
+    }
 }
 
 /// When `claim_wait` claims again after an empty claim (see [`Session::empty_claim`]).
@@ -431,6 +451,7 @@ impl Store {
                 paused: false,
                 empty_claim: None,
                 uncertain: Vec::new(),
+                claims_in_flight: 0,
             }),
             info,
         });
@@ -769,11 +790,14 @@ impl Session {
         let req = self.claim_request(process, target, limit)?;
         self.store.ready().await?;
         let by_selector = matches!(req.target, ClaimTarget::Selector(_));
-        let adopted = self.adopt_uncertain(process).await?;
+        let mut adopted = self.adopt_uncertain(process).await?;
         if !adopted.is_empty() {
+            // What the caller did not ask for is dropped: cancelled, claimable again.
             match &req.target {
-                ClaimTarget::Selector(_) => return Ok((adopted, None)),
-                // Those of other objects are dropped: cancelled (the caller asked for this one).
+                ClaimTarget::Selector(_) => {
+                    adopted.truncate(limit);
+                    return Ok((adopted, None));
+                }
                 ClaimTarget::Object(key) => {
                     if let Some(w) = adopted.into_iter().find(|w| &w.info.key == key) {
                         return Ok((vec![w], None));
@@ -782,6 +806,7 @@ impl Session {
             }
         }
         let at = req.now;
+        let _in_flight = InFlightClaim::new(&self.shared);
         let started = std::time::Instant::now();
         let backend = self.store.backend.clone();
         let claimed = self
@@ -804,7 +829,8 @@ impl Session {
                 tracing::warn!(attempts, last = %last, "claim gave up under contention; nothing claimed");
                 Claimed::default()
             }
-            Err(e @ Error::Unavailable(_)) => {
+            // SQLite's `Unavailable` (busy, disk full) never follows a commit.
+            Err(e @ Error::Unavailable(_)) if self.store.backend.name() != "sqlite" => {
                 self.shared
                     .state()
                     .uncertain
@@ -817,7 +843,10 @@ impl Session {
         Ok((self.claimed(process, claimed), revision))
     }
 
-    /// What this session's claims of `process` that failed `Unavailable` took, as [`Work`]: a
+    /// What this session's claims of `process` that failed `Unavailable` took, as [`Work`] (see
+    /// design.md 15b; the rows are found by the failed claim's time, which a shared claim
+    /// transaction of PostgreSQL writes only for its latest caller: the others' rows stay held
+    /// until their session ends, as before): a
     /// claim whose connection was lost after its COMMIT reached the server committed, and its
     /// caller got an error — the objects it took stayed held by this (live) session for nobody
     /// until the session ended. They are this session's claim rows of the process started at
@@ -825,13 +854,19 @@ impl Session {
     /// committing took nothing); the failed claims are forgotten once looked up. An error
     /// (the database still unreachable) keeps them for the next claim.
     async fn adopt_uncertain(&self, process: &str) -> Result<Vec<Work>> {
+        // Taken out under the lock (two claims of the session at once must not both take the
+        // rows up), and only while no other claim of the session is in flight (its rows are
+        // about to be handed out: this one would hand them out again); put back on error.
         let times: Vec<Timestamp> = {
-            let st = self.shared.state();
-            st.uncertain
-                .iter()
-                .filter(|(p, _)| p == process)
-                .map(|(_, t)| *t)
-                .collect()
+            let mut st = self.shared.state();
+            if st.claims_in_flight > 0 {
+                return Ok(Vec::new());
+            }
+            let (mine, rest) = std::mem::take(&mut st.uncertain)
+                .into_iter()
+                .partition(|(p, _)| p == process);
+            st.uncertain = rest;
+            mine.into_iter().map(|(_, t)| t).collect()
         };
         if times.is_empty() {
             return Ok(Vec::new());
@@ -839,10 +874,20 @@ impl Session {
         let mut found = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let page = self
+            let page = match self
                 .store
                 .work_page(Some(process), Some(self.id()), cursor.as_deref(), 1_000)
-                .await?;
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    self.shared
+                        .state()
+                        .uncertain
+                        .extend(times.iter().map(|t| (process.to_string(), *t)));
+                    return Err(e);
+                }
+            };
             found.extend(
                 page.items
                     .into_iter()
@@ -853,10 +898,6 @@ impl Session {
                 None => break,
             }
         }
-        self.shared
-            .state()
-            .uncertain
-            .retain(|(p, t)| p != process || !times.contains(t));
         if !found.is_empty() {
             tracing::info!(
                 process,
