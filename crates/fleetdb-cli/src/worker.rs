@@ -434,7 +434,12 @@ impl Worker<'_> {
         let filter = fleetdb::HistoryFilter::Object(key.clone());
         let mut cursor: Option<String> = None;
         loop {
-            let page = store.history(&filter, cursor.as_deref(), 100).await.ok()?;
+            let page = match store.history(&filter, cursor.as_deref(), 100).await {
+                Ok(page) => page,
+                Err(e) if e.is_retryable() => return None,
+                // Not to be read (never will be): not shown recorded.
+                Err(_) => return Some(false),
+            };
             for e in &page.items {
                 if e.token == token
                     && e.process == process
@@ -444,7 +449,13 @@ impl Worker<'_> {
                     return Some(true);
                 }
             }
-            if page.items.iter().any(|e| e.token < token) {
+            // Claims of one (object, process) follow one another: a row of an earlier one (a
+            // lower token) means none further down is this claim's.
+            if page
+                .items
+                .iter()
+                .any(|e| e.process == process && e.token < token)
+            {
                 return Some(false);
             }
             match page.next {

@@ -557,7 +557,11 @@ impl Store {
                 for c in &page {
                     let seen_by_mark = marked.is_some_and(|m| c.revision <= m);
                     match gc::deadline_of_change(c) {
-                        Some(d) if d <= now && seen_by_mark => {}
+                        // A past deadline: due now only once (not from an entry the last mark
+                        // read the store after, nor, every tick until it settles, from one past
+                        // the settled revision: a mark would not reach it yet, and would run
+                        // again at every tick while a long transaction holds the revision back).
+                        Some(d) if d <= now && (seen_by_mark || c.revision > upto) => {}
                         d => self.gc.note_deadline(d),
                     }
                 }

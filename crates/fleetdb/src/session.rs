@@ -48,9 +48,10 @@ struct SessionState {
     /// connection, after they committed (process, the claim's time): the next claim of the
     /// process takes what they took (see [`Session::adopt_uncertain`]).
     uncertain: Vec<(String, Timestamp)>,
-    /// Selector and object claims of this session in flight (`claim_target`): adoption waits
-    /// until none is, so it never takes up rows a claim is about to hand out.
-    claims_in_flight: usize,
+    /// The time of this session's last claim: each claim's differs (by 1 µs when the clock did
+    /// not move), so a claim's rows (`started_at`) tell which claim took them (see
+    /// `adopt_uncertain`).
+    last_claim_at: Timestamp,
 }
 
 /// A selector claim that came back empty.
@@ -67,20 +68,26 @@ struct EmptyClaim {
     clock_at: Timestamp,
 }
 
-/// Counts a claim of the session in flight while it lives (see `SessionState::claims_in_flight`).
-struct InFlightClaim<'a>(&'a SessionShared);
+/// How far (µs) a claim's time may be moved past the clock to differ from the session's last
+/// claim's: claims within one microsecond, or a manual clock that did not move.
+const CLAIM_TIME_NUDGE_MAX: i64 = 1_000;
 
-impl<'a> InFlightClaim<'a> {
-    fn new(shared: &'a SessionShared) -> Self {
-        shared.state().claims_in_flight += 1;
-        InFlightClaim(shared)
-    }
+/// Puts failed claims' times back in the session's list unless they were looked up (see
+/// `Session::adopt_uncertain`).
+struct PutBack<'a> {
+    shared: &'a SessionShared,
+    process: &'a str,
+    times: Option<&'a [Timestamp]>,
 }
 
-impl Drop for InFlightClaim<'_> {
+impl Drop for PutBack<'_> {
     fn drop(&mut self) {
-        let mut st = self.0.state();
-        st.claims_in_flight = st.claims_in_flight.saturating_sub(1);
+        if let Some(times) = self.times {
+            self.shared
+                .state()
+                .uncertain
+                .extend(times.iter().map(|t| (self.process.to_string(), *t)));
+        }
     }
 }
 
@@ -451,7 +458,7 @@ impl Store {
                 paused: false,
                 empty_claim: None,
                 uncertain: Vec::new(),
-                claims_in_flight: 0,
+                last_claim_at: Timestamp(i64::MIN),
             }),
             info,
         });
@@ -744,12 +751,27 @@ impl Session {
         if let ClaimTarget::Selector(text) = &target {
             fleetdb_core::selector::Selector::parse(text)?;
         }
+        let now = {
+            let mut st = self.shared.state();
+            let clock = self.store.clock.now();
+            let last = st.last_claim_at;
+            // Later than the last claim's by 1 µs when the clock has not moved on (claims in the
+            // same microsecond, a manual clock); a clock stepped back further is followed.
+            let now = match last.0.checked_sub(clock.0) {
+                Some(behind) if (0..CLAIM_TIME_NUDGE_MAX).contains(&behind) => {
+                    Timestamp(last.0 + 1)
+                }
+                _ => clock,
+            };
+            st.last_claim_at = now;
+            now
+        };
         Ok(ClaimRequest {
             session_id: self.id().to_string(),
             process: process.to_string(),
             target,
             limit,
-            now: self.store.clock.now(),
+            now,
         })
     }
 
@@ -806,7 +828,6 @@ impl Session {
             }
         }
         let at = req.now;
-        let _in_flight = InFlightClaim::new(&self.shared);
         let started = std::time::Instant::now();
         let backend = self.store.backend.clone();
         let claimed = self
@@ -855,49 +876,47 @@ impl Session {
     /// (the database still unreachable) keeps them for the next claim.
     async fn adopt_uncertain(&self, process: &str) -> Result<Vec<Work>> {
         // Taken out under the lock (two claims of the session at once must not both take the
-        // rows up), and only while no other claim of the session is in flight (its rows are
-        // about to be handed out: this one would hand them out again); put back on error.
+        // rows up); put back unless looked up (an error, or this call given up meanwhile). Each
+        // claim of the session has its own time (`claim_request`), so the rows started at a
+        // failed claim's time are that claim's (or, in a shared PostgreSQL claim transaction,
+        // its group's, which failed with it).
         let times: Vec<Timestamp> = {
             let mut st = self.shared.state();
-            if st.claims_in_flight > 0 {
-                return Ok(Vec::new());
-            }
             let (mine, rest) = std::mem::take(&mut st.uncertain)
                 .into_iter()
                 .partition(|(p, _)| p == process);
             st.uncertain = rest;
-            mine.into_iter().map(|(_, t)| t).collect()
+            let mut times: Vec<Timestamp> = mine.into_iter().map(|(_, t)| t).collect();
+            times.sort_unstable();
+            times.dedup();
+            times
         };
         if times.is_empty() {
             return Ok(Vec::new());
         }
+        let mut pending = PutBack {
+            shared: &self.shared,
+            process,
+            times: Some(&times),
+        };
         let mut found = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let page = match self
+            let page = self
                 .store
                 .work_page(Some(process), Some(self.id()), cursor.as_deref(), 1_000)
-                .await
-            {
-                Ok(page) => page,
-                Err(e) => {
-                    self.shared
-                        .state()
-                        .uncertain
-                        .extend(times.iter().map(|t| (process.to_string(), *t)));
-                    return Err(e);
-                }
-            };
+                .await?;
             found.extend(
                 page.items
                     .into_iter()
-                    .filter(|w| times.contains(&w.started_at)),
+                    .filter(|w| times.binary_search(&w.started_at).is_ok()),
             );
             match page.next {
                 Some(c) => cursor = Some(c),
                 None => break,
             }
         }
+        pending.times = None;
         if !found.is_empty() {
             tracing::info!(
                 process,
