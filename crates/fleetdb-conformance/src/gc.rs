@@ -659,16 +659,7 @@ pub async fn a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry(h:
 /// lease written after it (expiring first) is found in the log, one written before it by the
 /// recorded mark's deadline.
 pub async fn a_lease_written_by_another_process_triggers_a_run_at_its_expiry(h: &Harness) {
-    let other = Store::open_with(
-        &h.url,
-        fleetdb::OpenOptions {
-            clock: Arc::new(h.clock.clone()),
-            background: false,
-            ..fleetdb::OpenOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let other = h.another_process().await;
     let before = other
         .lease_create(LeaseSpec {
             expire_in: Some(Duration::from_secs(20)),
@@ -710,16 +701,7 @@ pub async fn a_lease_written_by_another_process_triggers_a_run_at_its_expiry(h: 
 /// The same without a collection recorded anywhere: the first tick reads the leases' entries of
 /// the change log from its start.
 pub async fn an_expiry_written_by_another_process_before_any_collection_is_seen(h: &Harness) {
-    let other = Store::open_with(
-        &h.url,
-        fleetdb::OpenOptions {
-            clock: Arc::new(h.clock.clone()),
-            background: false,
-            ..fleetdb::OpenOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let other = h.another_process().await;
     let (l, held) = blob_under_a_lease_of_10s(&other, b"leased elsewhere").await;
     drop(other);
     let s = &h.store;

@@ -29,6 +29,23 @@ pub struct Harness {
     pub cleanup: String,
 }
 
+impl Harness {
+    /// Another store on the harness's database, as another process would open it (its own
+    /// connections and caches; no background task), on the same clock.
+    pub async fn another_process(&self) -> fleetdb::Store {
+        fleetdb::Store::open_with(
+            &self.url,
+            fleetdb::OpenOptions {
+                clock: std::sync::Arc::new(self.clock.clone()),
+                background: false,
+                ..fleetdb::OpenOptions::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+}
+
 /// The time every harness clock starts at: 2026-01-01T00:00:00Z.
 pub const START: Timestamp = Timestamp(1_767_225_600_000_000);
 

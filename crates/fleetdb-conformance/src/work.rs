@@ -1015,16 +1015,7 @@ pub async fn claim_wait_wakes_on_another_processs_change(h: &Harness) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     st.kv_set("unrelated", "x").await.unwrap();
     let k = machines(h, 1).await.remove(0);
-    let other = fleetdb::Store::open_with(
-        &h.url,
-        fleetdb::OpenOptions {
-            clock: std::sync::Arc::new(h.clock.clone()),
-            background: false,
-            ..fleetdb::OpenOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let other = h.another_process().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiter.is_finished(), "nothing to claim yet");
     other.tag_set(&k, "ready", &json!(true)).await.unwrap();
