@@ -1316,7 +1316,11 @@ impl Work {
 
     /// Run the caller's writes, release the claim, clear the backoff and write history, in ONE
     /// transaction. If it fails, nothing happened: the claim is still held and can be finished,
-    /// cancelled or failed again. `f` may run several times (see [`Store::txn`]).
+    /// cancelled or failed again. `f` may run several times (see [`Store::txn`]). One exception:
+    /// `Unavailable` from PostgreSQL may also mean that the connection was lost after the COMMIT
+    /// reached the server, and the finish committed; a retry then fails `WorkLost`, and the
+    /// object's history tells (a `Finished` row with this claim's token, as `fleetdb worker`
+    /// checks).
     pub async fn finish<T, F, Fut>(&mut self, f: F) -> Result<T>
     where
         F: FnMut(Txn) -> Fut,
