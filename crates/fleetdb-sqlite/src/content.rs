@@ -136,29 +136,6 @@ fn bytes_needed(c: &Connection, digest: &str) -> Result<bool> {
 
 // ---- the rules every backend applies (mirrored in fleetdb-postgres/src/content.rs) ----
 
-/// Run blocking file work off the async threads.
-/// Run `f` in one write transaction on `c` (BEGIN IMMEDIATE: the database's write lock).
-fn in_write_txn<T>(c: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-    c.execute_batch("BEGIN IMMEDIATE").map_err(map_err)?;
-    match f(c) {
-        Ok(v) => match c.execute_batch("COMMIT") {
-            Ok(()) => Ok(v),
-            Err(e) => {
-                let _ = c.execute_batch("ROLLBACK");
-                Err(map_err(e))
-            }
-        },
-        Err(e) => {
-            let _ = c.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    crate::off_runtime(f).await
-}
-
 /// Open (creating it if asked) and lock an upload's file for this call.
 fn open_locked(path: &Path, reference: &str, create: bool) -> Result<File> {
     if let Some(dir) = path.parent() {
@@ -230,7 +207,15 @@ impl SqliteBackend {
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.exclusive(move |c| in_write_txn(c, f)).await
+        self.exclusive(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let v = f(&tx)?; // dropped on error: rolled back
+            tx.commit().map_err(map_err)?;
+            Ok(v)
+        })
+        .await
     }
 
     pub(crate) async fn content_ingest_start(
@@ -310,13 +295,13 @@ impl SqliteBackend {
         }
         let path = dirs.ingest(reference);
         let r = reference.to_string();
-        let file = blocking(move || open_locked(&path, &r, true)).await?;
+        let file = crate::off_runtime(move || open_locked(&path, &r, true)).await?;
         // Read again under the file lock: another writer may have advanced it meanwhile.
         let status = self.live_ingest(reference, now)?;
         check_write(&status, offset, data.len())?;
         let bytes = data.to_vec();
         let (r, ingest_dir) = (reference.to_string(), dirs.ingest.clone());
-        let file = blocking(move || {
+        let file = crate::off_runtime(move || {
             let mut f = file;
             trim(&f, offset, &r)?;
             f.seek(SeekFrom::Start(offset))
@@ -373,11 +358,11 @@ impl SqliteBackend {
         let path = dirs.ingest(reference);
         let (p, r) = (path.clone(), reference.to_string());
         // An empty upload may have no file yet.
-        let file = blocking(move || open_locked(&p, &r, size == 0)).await?;
+        let file = crate::off_runtime(move || open_locked(&p, &r, size == 0)).await?;
         let status = self.live_ingest(reference, now)?;
         check_commit(&status, digest, size)?;
         let r = reference.to_string();
-        let (file, actual) = blocking(move || {
+        let (file, actual) = crate::off_runtime(move || {
             let f = file;
             trim(&f, size, &r)?;
             let mut hasher = sha2::Sha256::new();
@@ -425,7 +410,7 @@ impl SqliteBackend {
             });
         }
         let (blob_path, blobs_dir, p) = (dirs.blob(digest), dirs.blobs.clone(), path.clone());
-        blocking(move || {
+        crate::off_runtime(move || {
             fs::create_dir_all(&blobs_dir)
                 .map_err(|e| io_err(format!("creating {}", blobs_dir.display()), e))?;
             match fs::hard_link(&p, &blob_path) {
@@ -556,7 +541,7 @@ impl SqliteBackend {
         let (start, end) = range(&info, offset, len)?;
         let path = dirs.blob(digest);
         let d = digest.to_string();
-        let read = blocking(move || {
+        let read = crate::off_runtime(move || {
             let mut f = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
