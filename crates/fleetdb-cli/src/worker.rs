@@ -546,7 +546,7 @@ async fn record(
     let mut uncertain = false;
     loop {
         let failed = match write().await {
-            Err(e) if e.is_retryable() || matches!(e, Error::RetriesExhausted { .. }) => {
+            Err(e) if e.is_transient() => {
                 uncertain |= matches!(e, Error::Unavailable(_));
                 e
             }

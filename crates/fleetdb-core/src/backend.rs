@@ -75,6 +75,10 @@ pub struct Capabilities {
     pub group_commit: bool,
     /// Revisions become visible in the order they were assigned (no in-flight gaps).
     pub revisions_visible_in_order: bool,
+    /// An `Unavailable` error may follow a transaction that committed (a server whose answer
+    /// to COMMIT was lost with the connection); without it, `Unavailable` means nothing was
+    /// written (SQLite: busy, a full disk).
+    pub unavailable_may_have_committed: bool,
 }
 
 /// The storage contract. Every method is one atomic unit; [`Backend::commit`] is the only write.

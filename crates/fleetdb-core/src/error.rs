@@ -103,6 +103,13 @@ impl Error {
         matches!(self, Error::Conflict { .. } | Error::Unavailable(_))
     }
 
+    /// Whether a later attempt of the same call, after a pause, may not get this error: a
+    /// retryable one, or conflicts past the store's own retries (what a worker waits out:
+    /// `Session::claim_wait`, `fleetdb worker`'s outcome writes).
+    pub fn is_transient(&self) -> bool {
+        self.is_retryable() || matches!(self, Error::RetriesExhausted { .. })
+    }
+
     /// A short stable code for machines (CLI JSON output, later wire status).
     pub fn code(&self) -> &'static str {
         match self {

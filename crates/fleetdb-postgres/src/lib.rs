@@ -1527,6 +1527,7 @@ impl Backend for PostgresBackend {
             multi_process_writers: true,
             group_commit: true,
             revisions_visible_in_order: false,
+            unavailable_may_have_committed: true,
         }
     }
 

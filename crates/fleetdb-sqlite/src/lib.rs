@@ -507,6 +507,7 @@ impl Backend for SqliteBackend {
             multi_process_writers: true,
             group_commit: true,
             revisions_visible_in_order: true,
+            unavailable_may_have_committed: false,
         }
     }
 

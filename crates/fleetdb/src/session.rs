@@ -850,8 +850,14 @@ impl Session {
                 tracing::warn!(attempts, last = %last, "claim gave up under contention; nothing claimed");
                 Claimed::default()
             }
-            // SQLite's `Unavailable` (busy, disk full) never follows a commit.
-            Err(e @ Error::Unavailable(_)) if self.store.backend.name() != "sqlite" => {
+            // (SQLite's `Unavailable`, busy or a full disk, never follows a commit.)
+            Err(e @ Error::Unavailable(_))
+                if self
+                    .store
+                    .backend
+                    .capabilities()
+                    .unavailable_may_have_committed =>
+            {
                 self.shared
                     .state()
                     .uncertain
@@ -862,6 +868,11 @@ impl Session {
         };
         let revision = claimed.revision;
         Ok((self.claimed(process, claimed), revision))
+    }
+
+    /// When `claim_wait` claims again if it claimed now and got nothing.
+    fn retry_from_now(&self) -> Retry {
+        Retry::after(tokio::time::Instant::now(), self.store.clock.now())
     }
 
     /// What this session's claims of `process` that failed `Unavailable` took, as [`Work`]
@@ -1022,21 +1033,17 @@ impl Session {
                 Some(last) => last,
                 None => match self.claim(process, selector, limit).await {
                     Ok(got) if !got.is_empty() => return Ok(got),
-                    Ok(_) => self.empty_claim(process, selector).unwrap_or_else(|| {
-                        let retry =
-                            Retry::after(tokio::time::Instant::now(), self.store.clock.now());
-                        (None, retry)
-                    }),
+                    Ok(_) => self
+                        .empty_claim(process, selector)
+                        .unwrap_or_else(|| (None, self.retry_from_now())),
                     // The database unreachable for a moment (a restart, a failover): nothing
                     // claimed, and the wait goes on — an outage shorter than the session's TTL
                     // costs only latency (its renewals retry until its deadline too). The next
                     // claim is made at the retry; a lost session ends the wait.
-                    Err(e) if transient(&e) => {
+                    Err(e) if e.is_transient() => {
                         self.check()?;
                         tracing::debug!(error = %e, process, "claim_wait: claim failed; retrying");
-                        let retry =
-                            Retry::after(tokio::time::Instant::now(), self.store.clock.now());
-                        (None, retry)
+                        (None, self.retry_from_now())
                     }
                     Err(e) => return Err(e),
                 },
@@ -1047,7 +1054,7 @@ impl Session {
                 Some(r) => Some(r),
                 None => match self.store.backend.revision().await {
                     Ok(info) => Some(info.current),
-                    Err(e) if transient(&e) => None,
+                    Err(e) if e.is_transient() => None,
                     Err(e) => return Err(e),
                 },
             };
@@ -1068,7 +1075,7 @@ impl Session {
                 }
                 let current = match self.store.backend.revision().await {
                     Ok(info) => info.current,
-                    Err(e) if transient(&e) => {
+                    Err(e) if e.is_transient() => {
                         self.check()?;
                         continue;
                     }
@@ -2009,12 +2016,6 @@ fn page<T>(
         false => None,
     };
     crate::Page { items, next }
-}
-
-/// An error a later attempt of the same call may not get: the database busy or unreachable for
-/// a moment, or conflicts past the store's own retries.
-pub(crate) fn transient(e: &Error) -> bool {
-    e.is_retryable() || matches!(e, Error::RetriesExhausted { .. })
 }
 
 #[cfg(test)]
