@@ -1208,7 +1208,7 @@ impl PostgresBackend {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut guard = Answered::new(self.client().await?, &self.pool);
+            let mut guard = Answered::new(self.client().await?);
             let stmt = guard.client().prepare_cached(sql).await.map_err(db_err);
             let ran = match stmt {
                 Ok(stmt) => guard.client().query(&stmt, params).await,
@@ -1284,39 +1284,33 @@ fn claimed_work(r: &tokio_postgres::Row, req: &ClaimRequest, now: Timestamp) -> 
 /// primary), and put back it would be handed out again and again, every later request on it
 /// waiting for ever — and the pool's idle connections go too (made before, likely to the same
 /// dead peer): the next requests open new ones. Normally answered requests cost nothing.
-pub(crate) struct Answered<'a> {
-    client: Option<PooledClient>,
-    pool: &'a deadpool_postgres::Pool,
-    pending: bool,
-}
+pub(crate) struct Answered(TxGuard);
 
-impl<'a> Answered<'a> {
-    pub(crate) fn new(client: PooledClient, pool: &'a deadpool_postgres::Pool) -> Self {
-        Answered {
+impl Answered {
+    pub(crate) fn new(client: PooledClient) -> Self {
+        Answered(TxGuard {
             client: Some(client),
-            pool,
-            pending: true,
-        }
+            open: true,
+        })
     }
 
     pub(crate) fn client(&self) -> &deadpool_postgres::ClientWrapper {
-        // Set in the constructor, taken only in drop.
-        self.client.as_deref().expect("Answered holds a client")
+        self.0.client()
     }
 
     /// The request was answered (successfully or not): the connection may go back to the pool.
     pub(crate) fn answered(&mut self) {
-        self.pending = false;
+        self.0.open = false;
     }
 }
 
-impl Drop for Answered<'_> {
+/// Given up: the pool's idle connections are closed here, this one by the [`TxGuard`] after.
+impl Drop for Answered {
     fn drop(&mut self) {
-        if self.pending {
-            if let Some(client) = self.client.take() {
-                drop(PooledClient::take(client));
+        if self.0.open {
+            if let Some(pool) = self.0.client.as_ref().and_then(PooledClient::pool) {
+                pool.retain(|_, _| false);
             }
-            self.pool.retain(|_, _| false);
             tracing::warn!("a PostgreSQL request was given up before its answer: its connection and the idle ones are closed");
         }
     }
