@@ -348,21 +348,22 @@ mod tests {
     /// A turn dropped where there is no runtime (a transaction's future dropped on a plain
     /// thread, or a runtime shutting down) with a write waiting behind it is not lost: the
     /// waiting write runs alone, and later writes get a turn at once.
+    /// A batch creating job `id`.
+    fn create(id: &str) -> Batch {
+        Batch {
+            preconditions: Vec::new(),
+            now: Timestamp(5),
+            ops: vec![Op::ObjectPut {
+                key: ObjectKey::new("default", "job", id).unwrap(),
+                labels: fleetdb_core::Labels::new(),
+                mode: fleetdb_core::PutMode::Create,
+            }],
+        }
+    }
+
     #[tokio::test]
     async fn a_turn_dropped_without_a_runtime_is_passed_on() {
         let (backend, base, schema) = crate::test_backend(2).await;
-        let create = |id: &str| {
-            let key = ObjectKey::new("default", "job", id).unwrap();
-            Batch {
-                preconditions: Vec::new(),
-                now: Timestamp(5),
-                ops: vec![Op::ObjectPut {
-                    key,
-                    labels: fleetdb_core::Labels::new(),
-                    mode: fleetdb_core::PutMode::Create,
-                }],
-            }
-        };
         let key = ObjectKey::new("default", "job", "held").unwrap();
         assert!(backend
             .writes
@@ -400,15 +401,7 @@ mod tests {
     async fn turns_passed_on_while_the_runtime_shuts_down_do_not_recurse() {
         let (backend, base, schema) = crate::test_backend(2).await;
         let key = ObjectKey::new("default", "job", "one").unwrap();
-        let batch = Batch {
-            preconditions: Vec::new(),
-            now: Timestamp(5),
-            ops: vec![Op::ObjectPut {
-                key: key.clone(),
-                labels: fleetdb_core::Labels::new(),
-                mode: fleetdb_core::PutMode::Create,
-            }],
-        };
+        let batch = create("one");
         let mut turns = Vec::new();
         while backend.writes.enter(Shape::Create, &key, &batch).is_none() {
             turns.push(Turn(backend.clone()));
