@@ -357,38 +357,20 @@ impl Worker<'_> {
                 })
             }
             Ended::Exited { status, .. } if status.success() => {
-                let token = w.token();
-                record(
-                    &key,
-                    OUTCOME_RETRY,
-                    || self.session_lost(),
-                    &mut stop,
-                    async || w.finish(|_| async { Ok(()) }).await,
-                    async || {
-                        let finished = fleetdb::WorkEvent::Finished;
-                        self.outcome_recorded(&key, &a.process, token, finished)
-                            .await
-                    },
-                )
+                let finished = fleetdb::WorkEvent::Finished;
+                self.record(&mut w, finished, &mut stop, async |w: &mut Work| {
+                    w.finish(|_| async { Ok(()) }).await
+                })
                 .await
             }
             Ended::Exited {
                 signalled: Some(Signalled::Stopping),
                 ..
             } => {
-                let token = w.token();
-                record(
-                    &key,
-                    OUTCOME_RETRY,
-                    || self.session_lost(),
-                    &mut stop,
-                    async || w.cancel().await,
-                    async || {
-                        let canceled = fleetdb::WorkEvent::Canceled;
-                        self.outcome_recorded(&key, &a.process, token, canceled)
-                            .await
-                    },
-                )
+                let canceled = fleetdb::WorkEvent::Canceled;
+                self.record(&mut w, canceled, &mut stop, async |w: &mut Work| {
+                    w.cancel().await
+                })
                 .await
             }
             Ended::Exited { status, signalled } => {
@@ -465,6 +447,26 @@ impl Worker<'_> {
         }
     }
 
+    /// Record `w`'s outcome (`event`) with `write`, through transient failures ([`record`]).
+    async fn record(
+        &self,
+        w: &mut Work,
+        event: fleetdb::WorkEvent,
+        stop: &mut watch::Receiver<Stop>,
+        mut write: impl AsyncFnMut(&mut Work) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let (key, process, token) = (w.key().clone(), w.process().to_string(), w.token());
+        record(
+            &key,
+            OUTCOME_RETRY,
+            || self.session_lost(),
+            stop,
+            async || write(w).await,
+            async || self.outcome_recorded(&key, &process, token, event).await,
+        )
+        .await
+    }
+
     /// The error a run's outcome write gives up with once the session is lost.
     fn session_lost(&self) -> Option<Error> {
         self.session.is_expired().then(|| Error::SessionExpired {
@@ -480,18 +482,11 @@ impl Worker<'_> {
         cause: &str,
         stop: &mut watch::Receiver<Stop>,
     ) -> Result<(), Error> {
-        let (key, process, token) = (w.key().clone(), w.process().to_string(), w.token());
-        record(
-            &key,
-            OUTCOME_RETRY,
-            || self.session_lost(),
-            stop,
-            async || w.fail(self.backoff, cause).await,
-            async || {
-                let failed = fleetdb::WorkEvent::Failed;
-                self.outcome_recorded(&key, &process, token, failed).await
-            },
-        )
+        let (key, process) = (w.key().clone(), w.process().to_string());
+        let failed = fleetdb::WorkEvent::Failed;
+        self.record(&mut w, failed, stop, async |w: &mut Work| {
+            w.fail(self.backoff, cause).await
+        })
         .await?;
         let store = self.session.store();
         if let Ok(e) = store.work_explain(&key, &process, None).await {
@@ -885,28 +880,34 @@ fn host_name(raw: &str) -> String {
 mod tests {
     use super::*;
 
-    /// An outcome write failing transiently is tried again until it goes through; one failing
-    /// otherwise (the session lost, the claim taken) is returned at once; the retries stop when
-    /// the session is lost; a claim found gone after an attempt whose answer was lost is done if
-    /// its outcome is in the history.
-    #[tokio::test]
-    async fn outcomes_are_recorded_through_transient_failures() {
+    /// [`record`] of machine m0 with millisecond delays, no signal.
+    async fn rec(
+        lost: impl Fn() -> Option<Error>,
+        write: impl AsyncFnMut() -> Result<(), Error>,
+        recorded: impl AsyncFnMut() -> Option<bool>,
+    ) -> Result<(), Error> {
         let key = ObjectKey::new("default", "machine", "m0").unwrap();
         let delays = RetryDelays {
             first: Duration::from_millis(1),
             max: Duration::from_millis(2),
         };
         let (_tx, mut stop) = watch::channel(Stop::No);
+        record(&key, delays, lost, &mut stop, write, recorded).await
+    }
+
+    /// An outcome write failing transiently is tried again until it goes through; one failing
+    /// otherwise (the session lost, the claim taken) is returned at once; the retries stop when
+    /// the session is lost; a claim found gone after an attempt whose answer was lost is done if
+    /// its outcome is in the history.
+    #[tokio::test]
+    async fn outcomes_are_recorded_through_transient_failures() {
         let unavailable = || Error::Unavailable("connection closed".into());
         let lost = || Error::WorkLost {
             what: "claim".into(),
         };
         let mut calls = 0;
-        let r = record(
-            &key,
-            delays,
+        let r = rec(
             || None,
-            &mut stop,
             async || {
                 calls += 1;
                 match calls {
@@ -926,11 +927,8 @@ mod tests {
         assert_eq!(calls, 4);
 
         let mut calls = 0;
-        let r = record(
-            &key,
-            delays,
+        let r = rec(
             || None,
-            &mut stop,
             async || {
                 calls += 1;
                 match calls {
@@ -948,15 +946,12 @@ mod tests {
 
         // The database stays down: the retries end with the session.
         let calls = std::cell::Cell::new(0);
-        let r = record(
-            &key,
-            delays,
+        let r = rec(
             || {
                 (calls.get() >= 3).then(|| Error::SessionExpired {
                     session_id: "s".into(),
                 })
             },
-            &mut stop,
             async || {
                 calls.set(calls.get() + 1);
                 Err(unavailable())
@@ -970,11 +965,8 @@ mod tests {
         // The history unreadable at first (the same outage): looked at again.
         let mut calls = 0;
         let mut looks = 0;
-        let r = record(
-            &key,
-            delays,
+        let r = rec(
             || None,
-            &mut stop,
             async || {
                 calls += 1;
                 match calls {
@@ -995,11 +987,8 @@ mod tests {
         let mut calls = 0;
         for (in_history, ok) in [(true, true), (false, false)] {
             calls = 0;
-            let r = record(
-                &key,
-                delays,
+            let r = rec(
                 || None,
-                &mut stop,
                 async || {
                     calls += 1;
                     match calls {
@@ -1014,15 +1003,7 @@ mod tests {
         }
         assert_eq!(calls, 2);
         // A claim lost without an uncertain attempt before is lost: the history is not asked.
-        let r = record(
-            &key,
-            delays,
-            || None,
-            &mut stop,
-            async || Err(lost()),
-            async || panic!("not asked"),
-        )
-        .await;
+        let r = rec(|| None, async || Err(lost()), async || panic!("not asked")).await;
         assert!(matches!(r, Err(Error::WorkLost { .. })), "{r:?}");
     }
 
