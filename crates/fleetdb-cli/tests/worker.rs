@@ -146,12 +146,30 @@ fn work_once(
     extra: &[&str],
     command: &[&str],
 ) -> Output {
-    let mut args = vec!["worker", "--component", "w", "--process", process];
-    args.extend(["--selector", "kind = machine", "--once"]);
-    args.extend_from_slice(extra);
+    let mut flags = vec!["--once"];
+    flags.extend_from_slice(extra);
+    run(
+        url,
+        d,
+        &worker_args("w", process, "kind = machine", &flags, command),
+    )
+}
+
+/// The arguments of `fleetdb worker --component COMPONENT --process PROCESS --selector
+/// SELECTOR FLAGS… -- COMMAND…`.
+fn worker_args<'a>(
+    component: &'a str,
+    process: &'a str,
+    selector: &'a str,
+    flags: &[&'a str],
+    command: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["worker", "--component", component, "--process", process];
+    args.extend(["--selector", selector]);
+    args.extend_from_slice(flags);
     args.push("--");
     args.extend_from_slice(command);
-    run(url, d, &args)
+    args
 }
 
 /// `fleetdb ARGS`, expected to fail: its exit code and stderr.
@@ -569,27 +587,26 @@ fn commands_run_side_by_side_with_concurrency() {
     std::fs::create_dir(&started).unwrap();
     let out = fleetdb(&url, d)
         .env("STARTED", &started)
-        .args([
-            "worker",
-            "--component",
+        .args(worker_args(
             "w",
-            "--process",
             "Provision",
-            "--selector",
             "kind = machine",
-            "--once",
-            "--limit",
-            "3",
-            "--concurrency",
-            "3",
-            "--timeout",
-            "20s",
-            "--",
-            "sh",
-            "-c",
-            "echo \"begin $FLEETDB_ID\" >&2; touch \"$STARTED/$FLEETDB_ID\"; \
-             while [ \"$(ls \"$STARTED\" | wc -l)\" -lt 3 ]; do sleep 0.05; done; echo end >&2",
-        ])
+            &[
+                "--once",
+                "--limit",
+                "3",
+                "--concurrency",
+                "3",
+                "--timeout",
+                "20s",
+            ],
+            &[
+                "sh",
+                "-c",
+                "echo \"begin $FLEETDB_ID\" >&2; touch \"$STARTED/$FLEETDB_ID\"; \
+                 while [ \"$(ls \"$STARTED\" | wc -l)\" -lt 3 ]; do sleep 0.05; done; echo end >&2",
+            ],
+        ))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -999,21 +1016,13 @@ fn a_closed_session_kills_the_command_and_ends_the_worker() {
     let pidfile = d.join("command.pid");
     let w = fleetdb(&url, d)
         .env("PIDFILE", &pidfile)
-        .args([
-            "worker",
-            "--component",
+        .args(worker_args(
             "w",
-            "--process",
             "Provision",
-            "--selector",
             "kind = machine",
-            "--ttl",
-            "3s",
-            "--",
-            "sh",
-            "-c",
-            "echo $$ > \"$PIDFILE\"; exec sleep 30",
-        ])
+            &["--ttl", "3s"],
+            &["sh", "-c", "echo $$ > \"$PIDFILE\"; exec sleep 30"],
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -1119,22 +1128,21 @@ fn worker_processes_sharing_a_sqlite_file_run_each_object_once() {
     let ran = d.join("ran");
     let mut workers: Vec<Child> = (0..3)
         .map(|i| {
+            let component = format!("w{i}");
             fleetdb(&url, d)
                 .env("RAN", &ran)
-                .args([
-                    "worker",
-                    "--component",
-                    &format!("w{i}"),
-                    "--process",
+                .args(worker_args(
+                    &component,
                     "Install",
-                    "--selector",
                     "kind = machine and not has(installed)",
-                    "--",
-                    "sh",
-                    "-c",
-                    "echo \"$FLEETDB_ID\" >> \"$RAN\" && \
-                     \"$FLEETDB_BIN\" tag set --fenced \"$FLEETDB_KIND\" \"$FLEETDB_ID\" installed true",
-                ])
+                    &[],
+                    &[
+                        "sh",
+                        "-c",
+                        "echo \"$FLEETDB_ID\" >> \"$RAN\" && \
+                         \"$FLEETDB_BIN\" tag set --fenced \"$FLEETDB_KIND\" \"$FLEETDB_ID\" installed true",
+                    ],
+                ))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
