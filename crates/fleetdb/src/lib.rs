@@ -376,9 +376,8 @@ impl Store {
         let deadline = gc::deadline_of(&batch.ops, batch.now);
         let started = std::time::Instant::now();
         let r = self.backend.commit(batch).await;
-        self.metrics.txn_time(metrics::TxnKind::Write, started);
+        self.attempted(metrics::TxnKind::Write, started);
         self.metrics.txn(&r);
-        self.metrics.backend_retries(self.backend.retries());
         if let Ok(results) = &r {
             self.gc.note(results);
             self.gc.note_deadline(deadline);
@@ -426,6 +425,13 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)
             .is_some()
+    }
+
+    /// Count a backend call that ran since `started`: its time, and the backend's own retries
+    /// (PostgreSQL's) since the last count.
+    pub(crate) fn attempted(&self, kind: metrics::TxnKind, started: std::time::Instant) {
+        self.metrics.txn_time(kind, started);
+        self.metrics.backend_retries(self.backend.retries());
     }
 
     /// Recompute the gauges (active work and active backoffs per process, objects per tracked
@@ -897,8 +903,7 @@ impl Store {
                 None => metrics::TxnKind::Write,
                 Some(_) => metrics::TxnKind::WriteAndClaim,
             };
-            self.metrics.txn_time(kind, started);
-            self.metrics.backend_retries(self.backend.retries());
+            self.attempted(kind, started);
             match committed {
                 Ok((results, claimed)) => {
                     self.metrics.transactions_executed.inc();

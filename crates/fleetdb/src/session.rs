@@ -835,13 +835,9 @@ impl Session {
             .detached_claim(async move { backend.claim(req).await }, |c| c)
             .await;
         self.store
-            .metrics
-            .txn_time(crate::metrics::TxnKind::Claim, started);
+            .attempted(crate::metrics::TxnKind::Claim, started);
         // A claim is a transaction like a write: executed or failed.
         self.store.metrics.txn(&claimed);
-        self.store
-            .metrics
-            .backend_retries(self.store.backend.retries());
         let claimed = match claimed {
             // Under heavy contention (PostgreSQL serialization failures on every attempt) a
             // selector claim gets nothing this time, like a claim whose candidates were all taken:
