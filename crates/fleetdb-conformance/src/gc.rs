@@ -79,15 +79,19 @@ struct Swept {
     spared: u64,
 }
 
+/// A lease expiring in `secs` seconds.
+async fn lease_expiring_in(s: &Store, secs: u64) -> Lease {
+    s.lease_create(LeaseSpec {
+        expire_in: Some(Duration::from_secs(secs)),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// A lease expiring in 10 s and a blob of `bytes` that only it holds.
 async fn blob_under_a_lease_of_10s(s: &Store, bytes: &[u8]) -> (Lease, BlobInfo) {
-    let l = s
-        .lease_create(LeaseSpec {
-            expire_in: Some(Duration::from_secs(10)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let l = lease_expiring_in(s, 10).await;
     let held = s.blob_put(bytes, labels(&[]), Some(&l.id)).await.unwrap();
     (l, held)
 }
@@ -295,13 +299,7 @@ pub async fn leases_hold_objects_flat_or_deep(h: &Harness) {
 pub async fn an_expired_lease_triggers_collection_by_itself(h: &Harness) {
     let s = &h.store;
     declare(s).await;
-    let l = s
-        .lease_create(LeaseSpec {
-            expire_in: Some(Duration::from_secs(10)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let l = lease_expiring_in(s, 10).await;
     s.object_put_leased(&key("default", "layer", "held"), labels(&[]), &l.id)
         .await
         .unwrap();
@@ -660,13 +658,7 @@ pub async fn a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry(h:
 /// recorded mark's deadline.
 pub async fn a_lease_written_by_another_process_triggers_a_run_at_its_expiry(h: &Harness) {
     let other = h.another_process().await;
-    let before = other
-        .lease_create(LeaseSpec {
-            expire_in: Some(Duration::from_secs(20)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let before = lease_expiring_in(&other, 20).await;
     let held_before = other
         .blob_put(b"leased before the run", labels(&[]), Some(&before.id))
         .await
