@@ -825,6 +825,18 @@ mod tests {
 
     const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
 
+    /// Commit `ops` at [`NOW`].
+    async fn commit_at_now(backend: &SqliteBackend, ops: Vec<fleetdb_core::Op>) {
+        backend
+            .commit(Batch {
+                preconditions: Vec::new(),
+                ops,
+                now: NOW,
+            })
+            .await
+            .unwrap();
+    }
+
     /// An in-memory backend with process `P`, session `s1` and machines m0, m1, m2.
     async fn claim_setup() -> SqliteBackend {
         use fleetdb_core::work::SessionInfo;
@@ -857,14 +869,7 @@ mod tests {
                 mode: PutMode::Upsert,
             });
         }
-        backend
-            .commit(Batch {
-                preconditions: Vec::new(),
-                ops,
-                now: NOW,
-            })
-            .await
-            .unwrap();
+        commit_at_now(&backend, ops).await;
         backend
     }
 
@@ -1029,14 +1034,7 @@ mod tests {
                     mode: PutMode::Upsert,
                 })
                 .collect();
-            backend
-                .commit(Batch {
-                    preconditions: Vec::new(),
-                    ops,
-                    now: NOW,
-                })
-                .await
-                .unwrap();
+            commit_at_now(&backend, ops).await;
         }
         let info = backend.revision().await.unwrap();
         assert!(info.current.0 >= n, "{info:?}");
