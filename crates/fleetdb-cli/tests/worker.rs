@@ -35,6 +35,11 @@ fn json(url: &str, dir: &std::path::Path, args: &[&str]) -> Value {
     serde_json::from_slice(&run(url, dir, &full).stdout).unwrap()
 }
 
+/// The items of a listing printed as one JSON array (`work ls`, `session ls` …).
+fn listed(url: &str, dir: &std::path::Path, args: &[&str]) -> Vec<Value> {
+    json(url, dir, args).as_array().unwrap().clone()
+}
+
 fn events(url: &str, dir: &std::path::Path) -> Vec<(String, String)> {
     let h = json(url, dir, &["history", "machine", "m1"]);
     let mut v: Vec<(String, String)> = h["items"]
@@ -415,10 +420,7 @@ fn worker_failure_records_the_cause_and_backs_off() {
     assert!(String::from_utf8_lossy(&err.stderr).contains("selector"));
     assert_eq!(json(&url, d, &["process", "ls"])[0]["name"], "Install");
     assert!(
-        json(&url, d, &["session", "ls"])
-            .as_array()
-            .unwrap()
-            .is_empty(),
+        listed(&url, d, &["session", "ls"]).is_empty(),
         "workers close their sessions"
     );
     let h = json(
@@ -492,19 +494,10 @@ fn stop_with_sigterm(command: &str, grace: &str, runs: usize) -> (tempfile::Temp
             .collect();
         assert_eq!(ev, ["Started", "Canceled"], "{id}");
     }
-    assert!(json(&url, d, &["work", "ls"])
-        .as_array()
-        .unwrap()
-        .is_empty());
-    assert!(json(&url, d, &["backoff", "ls"])
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(listed(&url, d, &["work", "ls"]).is_empty());
+    assert!(listed(&url, d, &["backoff", "ls"]).is_empty());
     assert!(
-        json(&url, d, &["session", "ls"])
-            .as_array()
-            .unwrap()
-            .is_empty(),
+        listed(&url, d, &["session", "ls"]).is_empty(),
         "the session is closed, not left to expire"
     );
     (dir, took)
@@ -833,10 +826,7 @@ fn a_machine_that_keeps_failing_is_parked_until_cleared() {
     assert_eq!(events(&url), ["Failed", "Started"]);
     // Cleared: it runs again.
     run(&url, d, &["backoff", "clear", "machine", "m1", "Install"]);
-    assert!(json(&url, d, &["backoff", "ls", "--parked"])
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(listed(&url, d, &["backoff", "ls", "--parked"]).is_empty());
     // Parked again (the finish after the clear started the count again), then unparked
     // wholesale.
     failing_run();
@@ -995,14 +985,8 @@ fn a_command_longer_than_the_ttl_keeps_its_claim() {
         "the claim was held for the whole run, three TTLs: {h}"
     );
     assert_eq!(h["items"][0]["token"], h["items"][1]["token"], "one claim");
-    assert!(json(&url, d, &["work", "ls"])
-        .as_array()
-        .unwrap()
-        .is_empty());
-    assert!(json(&url, d, &["backoff", "ls"])
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(listed(&url, d, &["work", "ls"]).is_empty());
+    assert!(listed(&url, d, &["backoff", "ls"]).is_empty());
 }
 
 /// An operator closes a worker's session while its command runs (`session close` from another
@@ -1085,19 +1069,10 @@ fn a_closed_session_kills_the_command_and_ends_the_worker() {
         "{h}"
     );
     assert_eq!(h["items"][0]["token"], token);
-    assert!(json(&url, d, &["session", "ls"])
-        .as_array()
-        .unwrap()
-        .is_empty());
-    assert!(json(&url, d, &["work", "ls"])
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(listed(&url, d, &["session", "ls"]).is_empty());
+    assert!(listed(&url, d, &["work", "ls"]).is_empty());
     // Not the object's fault: no backoff, and the next worker gets it.
-    assert!(json(&url, d, &["backoff", "ls"])
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(listed(&url, d, &["backoff", "ls"]).is_empty());
     work_once(&url, d, "Provision", &[], &["true"]);
     let h = json(&url, d, &["history", "machine", "m1"]);
     assert_eq!(h["items"][0]["event"], "Finished", "{h}");
