@@ -357,8 +357,7 @@ impl Worker<'_> {
                 })
             }
             Ended::Exited { status, .. } if status.success() => {
-                let finished = fleetdb::WorkEvent::Finished;
-                self.record(&mut w, finished, &mut stop, async |w: &mut Work| {
+                self.record(&mut w, &mut stop, async |w: &mut Work| {
                     w.finish(|_| async { Ok(()) }).await
                 })
                 .await
@@ -367,11 +366,8 @@ impl Worker<'_> {
                 signalled: Some(Signalled::Stopping),
                 ..
             } => {
-                let canceled = fleetdb::WorkEvent::Canceled;
-                self.record(&mut w, canceled, &mut stop, async |w: &mut Work| {
-                    w.cancel().await
-                })
-                .await
+                self.record(&mut w, &mut stop, async |w: &mut Work| w.cancel().await)
+                    .await
             }
             Ended::Exited { status, signalled } => {
                 let mut cause = match signalled {
@@ -401,68 +397,20 @@ impl Worker<'_> {
         }
     }
 
-    /// Whether `key`'s history holds `event` for this session's claim with `token` for
-    /// `process`: what an attempt whose answer was lost may have written (see [`record`]).
-    /// Newest first, page by page until the rows are older than the claim (lower tokens);
-    /// `None` when the history cannot be read.
-    async fn outcome_recorded(
-        &self,
-        key: &ObjectKey,
-        process: &str,
-        token: i64,
-        event: fleetdb::WorkEvent,
-    ) -> Option<bool> {
-        let store = self.session.store();
-        let filter = fleetdb::HistoryFilter::Object(key.clone());
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = match store.history(&filter, cursor.as_deref(), 100).await {
-                Ok(page) => page,
-                Err(e) if e.is_retryable() => return None,
-                // Not to be read (never will be): not shown recorded.
-                Err(_) => return Some(false),
-            };
-            for e in &page.items {
-                if e.token == token
-                    && e.process == process
-                    && e.session_id == self.session.id()
-                    && e.event == event
-                {
-                    return Some(true);
-                }
-            }
-            // Claims of one (object, process) follow one another: a row of an earlier one (a
-            // lower token) means none further down is this claim's.
-            if page
-                .items
-                .iter()
-                .any(|e| e.process == process && e.token < token)
-            {
-                return Some(false);
-            }
-            match page.next {
-                Some(c) => cursor = Some(c),
-                None => return Some(false),
-            }
-        }
-    }
-
-    /// Record `w`'s outcome (`event`) with `write`, through transient failures ([`record`]).
+    /// Record `w`'s outcome with `write`, through transient failures ([`record`]).
     async fn record(
         &self,
         w: &mut Work,
-        event: fleetdb::WorkEvent,
         stop: &mut watch::Receiver<Stop>,
         mut write: impl AsyncFnMut(&mut Work) -> Result<(), Error>,
     ) -> Result<(), Error> {
-        let (key, process, token) = (w.key().clone(), w.process().to_string(), w.token());
+        let key = w.key().clone();
         record(
             &key,
             OUTCOME_RETRY,
             || self.session_lost(),
             stop,
             async || write(w).await,
-            async || self.outcome_recorded(&key, &process, token, event).await,
         )
         .await
     }
@@ -483,8 +431,7 @@ impl Worker<'_> {
         stop: &mut watch::Receiver<Stop>,
     ) -> Result<(), Error> {
         let (key, process) = (w.key().clone(), w.process().to_string());
-        let failed = fleetdb::WorkEvent::Failed;
-        self.record(&mut w, failed, stop, async |w: &mut Work| {
+        self.record(&mut w, stop, async |w: &mut Work| {
             w.fail(self.backoff, cause).await
         })
         .await?;
@@ -526,36 +473,20 @@ const OUTCOME_RETRY: RetryDelays = RetryDelays {
 /// run the object again although the command ran. It gives up (the last error) when the
 /// session is `lost` (its renewals failed past its deadline: the claim may be another's) or on a
 /// second signal (`Stop::Now`). An attempt that failed `Unavailable` may have committed with
-/// only its answer lost (PostgreSQL: the connection dropped after COMMIT was sent): a later
-/// attempt then finds the claim gone (`WorkLost`), and `recorded` says whether the object's
-/// history holds this claim's outcome — then it is done. Any other error is returned at once.
+/// only its answer lost (PostgreSQL: the connection dropped after COMMIT was sent): the store
+/// resolves that from the object's history (`Work::finish`), so a later attempt answers `Ok`
+/// if the outcome was recorded. Any other error is returned at once.
 async fn record(
     key: &ObjectKey,
     delays: RetryDelays,
     lost: impl Fn() -> Option<Error>,
     stop: &mut watch::Receiver<Stop>,
     mut write: impl AsyncFnMut() -> Result<(), Error>,
-    mut recorded: impl AsyncFnMut() -> Option<bool>,
 ) -> Result<(), Error> {
     let mut delay = delays.first;
-    let mut uncertain = false;
     loop {
         let failed = match write().await {
-            Err(e) if e.is_transient() => {
-                uncertain |= matches!(e, Error::Unavailable(_));
-                e
-            }
-            Err(Error::WorkLost { what }) if uncertain => match recorded().await {
-                Some(true) => {
-                    say!(
-                        "worker: the outcome of {key} was recorded by an attempt whose answer was lost"
-                    );
-                    return Ok(());
-                }
-                Some(false) => return Err(Error::WorkLost { what }),
-                // The history could not be read (the same outage): look again later.
-                None => Error::WorkLost { what },
-            },
+            Err(e) if e.is_transient() => e,
             done => return done,
         };
         if let Some(lost) = lost() {
@@ -884,7 +815,6 @@ mod tests {
     async fn rec(
         lost: impl Fn() -> Option<Error>,
         write: impl AsyncFnMut() -> Result<(), Error>,
-        recorded: impl AsyncFnMut() -> Option<bool>,
     ) -> Result<(), Error> {
         let key = ObjectKey::new("default", "machine", "m0").unwrap();
         let delays = RetryDelays {
@@ -892,19 +822,16 @@ mod tests {
             max: Duration::from_millis(2),
         };
         let (_tx, mut stop) = watch::channel(Stop::No);
-        record(&key, delays, lost, &mut stop, write, recorded).await
+        record(&key, delays, lost, &mut stop, write).await
     }
 
     /// An outcome write failing transiently is tried again until it goes through; one failing
     /// otherwise (the session lost, the claim taken) is returned at once; the retries stop when
-    /// the session is lost; a claim found gone after an attempt whose answer was lost is done if
-    /// its outcome is in the history.
+    /// the session is lost. (A claim found gone after an attempt whose answer was lost is
+    /// resolved by the store: `Work::finish`.)
     #[tokio::test]
     async fn outcomes_are_recorded_through_transient_failures() {
         let unavailable = || Error::Unavailable("connection closed".into());
-        let lost = || Error::WorkLost {
-            what: "claim".into(),
-        };
         let mut calls = 0;
         let r = rec(
             || None,
@@ -920,7 +847,6 @@ mod tests {
                     _ => Ok(()),
                 }
             },
-            async || panic!("not asked"),
         )
         .await;
         assert!(r.is_ok(), "{r:?}");
@@ -938,7 +864,6 @@ mod tests {
                     }),
                 }
             },
-            async || Some(false),
         )
         .await;
         assert!(matches!(r, Err(Error::SessionExpired { .. })), "{r:?}");
@@ -956,55 +881,25 @@ mod tests {
                 calls.set(calls.get() + 1);
                 Err(unavailable())
             },
-            async || Some(false),
         )
         .await;
         assert!(matches!(r, Err(Error::SessionExpired { .. })), "{r:?}");
         assert_eq!(calls.get(), 3);
 
-        // The history unreadable at first (the same outage): looked at again.
+        // A claim lost is lost: returned at once.
         let mut calls = 0;
-        let mut looks = 0;
         let r = rec(
             || None,
             async || {
                 calls += 1;
-                match calls {
-                    1 => Err(unavailable()),
-                    _ => Err(lost()),
-                }
-            },
-            async || {
-                looks += 1;
-                (looks > 1).then_some(true)
+                Err(Error::WorkLost {
+                    what: "claim".into(),
+                })
             },
         )
         .await;
-        assert!(r.is_ok(), "{r:?}");
-        assert_eq!((calls, looks), (3, 2));
-
-        // The first attempt committed, its answer lost: the history says so.
-        let mut calls = 0;
-        for (in_history, ok) in [(true, true), (false, false)] {
-            calls = 0;
-            let r = rec(
-                || None,
-                async || {
-                    calls += 1;
-                    match calls {
-                        1 => Err(unavailable()),
-                        _ => Err(lost()),
-                    }
-                },
-                async || Some(in_history),
-            )
-            .await;
-            assert_eq!(r.is_ok(), ok, "{r:?}");
-        }
-        assert_eq!(calls, 2);
-        // A claim lost without an uncertain attempt before is lost: the history is not asked.
-        let r = rec(|| None, async || Err(lost()), async || panic!("not asked")).await;
         assert!(matches!(r, Err(Error::WorkLost { .. })), "{r:?}");
+        assert_eq!(calls, 1);
     }
 
     #[test]

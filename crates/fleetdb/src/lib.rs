@@ -835,18 +835,21 @@ impl Store {
         F: FnMut(Txn) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        Ok(self.txn_then_claim(f, pre, post, None).await?.0)
+        Ok(self.txn_then_claim(f, pre, post, None, None).await?.out)
     }
 
-    /// [`Store::txn_with`], then (when `claim` is given) a claim in the same backend call once
-    /// the batch committed: a worker's "finish this, give me the next" in one writer round trip.
+    /// [`Store::txn_with`], then (when `claim` is given) a claim of `claim`'s session in the same
+    /// backend call once the batch committed: a worker's "finish this, give me the next" in one
+    /// writer round trip. When the batch holds a claim's `release` and the commit's answer may
+    /// have been lost after it committed, the history tells ([`Store::release_committed`]).
     pub(crate) async fn txn_then_claim<T, F, Fut>(
         &self,
         mut f: F,
         pre: Vec<Precondition>,
         post: Vec<Op>,
-        claim: Option<fleetdb_core::work::ClaimRequest>,
-    ) -> Result<(T, fleetdb_core::work::Claimed)>
+        claim: Option<(fleetdb_core::work::ClaimRequest, &session::Session)>,
+        release: Option<&session::Release>,
+    ) -> Result<session::Committed<T>>
     where
         F: FnMut(Txn) -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -855,7 +858,13 @@ impl Store {
         let attempts = self.limits.txn_attempts_max.max(1);
         let mut last = String::new();
         for attempt in 0..attempts {
-            let tx = Txn::new(self.backend.clone(), self.limits.clone(), self.clock.now());
+            // A claim's time is its session's next (each claim's differs: `Session::claim_time`);
+            // the batch runs at the same time.
+            let now = match &claim {
+                Some((_, session)) => session.claim_time(),
+                None => self.clock.now(),
+            };
+            let tx = Txn::new(self.backend.clone(), self.limits.clone(), now);
             let out = match f(tx.clone()).await {
                 Ok(out) => out,
                 Err(e @ Error::Conflict { .. }) => {
@@ -873,7 +882,11 @@ impl Store {
                 // together — their preconditions committed with no writes — or a change between
                 // two of them would hand back a state that never existed.
                 if pre.is_empty() && batch.preconditions.len() <= 1 {
-                    return Ok((out, Default::default()));
+                    return Ok(session::Committed {
+                        out,
+                        claimed: Default::default(),
+                        claim_unknown_at: None,
+                    });
                 }
             }
             batch.preconditions.splice(0..0, pre.iter().cloned());
@@ -882,13 +895,14 @@ impl Store {
             let touched = session::touched(&batch.ops);
             let deadline = gc::deadline_of(&batch.ops, batch.now);
             let started = std::time::Instant::now();
+            let claim_at = batch.now;
             let committed = match &claim {
                 None => self
                     .backend
                     .commit(batch)
                     .await
                     .map(|r| (r, Default::default())),
-                Some(req) => {
+                Some((req, _)) => {
                     let mut req = req.clone();
                     req.now = batch.now;
                     let backend = self.backend.clone();
@@ -910,7 +924,7 @@ impl Store {
                     self.gc.note(&results);
                     self.gc.note_deadline(deadline);
                     if results.iter().any(|r| r.changed) {
-                        let group = claim.as_ref().and_then(|req| match &req.target {
+                        let group = claim.as_ref().and_then(|(req, _)| match &req.target {
                             fleetdb_core::work::ClaimTarget::Selector(s) => Some((
                                 req.process.as_str(),
                                 s.as_str(),
@@ -921,7 +935,11 @@ impl Store {
                         });
                         self.committed_batch(touched, &results, group);
                     }
-                    return Ok((out, claimed));
+                    return Ok(session::Committed {
+                        out,
+                        claimed,
+                        claim_unknown_at: None,
+                    });
                 }
                 Err(e @ Error::Conflict { .. }) => {
                     self.metrics.transactions_retried.inc();
@@ -929,6 +947,23 @@ impl Store {
                     retry_pause(attempt).await;
                 }
                 Err(e) => {
+                    if let Some(r) = release {
+                        // The answer may hide a commit: the history tells.
+                        match self.release_committed(r, e).await {
+                            Ok(()) => {
+                                self.metrics.transactions_executed.inc();
+                                return Ok(session::Committed {
+                                    out,
+                                    claimed: Default::default(),
+                                    claim_unknown_at: claim.is_some().then_some(claim_at),
+                                });
+                            }
+                            Err(e) => {
+                                self.metrics.transactions_failed.inc();
+                                return Err(e);
+                            }
+                        }
+                    }
                     self.metrics.transactions_failed.inc();
                     return Err(e);
                 }

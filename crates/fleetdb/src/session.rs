@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fleetdb_core::work::{
-    Backoff, BackoffWhich, ClaimRequest, ClaimTarget, Claimed, Outcome, SessionInfo, SessionSpec,
-    WorkInfo, CLAIM_BATCH_MAX,
+    Backoff, BackoffWhich, ClaimRequest, ClaimTarget, Claimed, HistoryFilter, Outcome, SessionInfo,
+    SessionSpec, WorkEvent, WorkInfo, CLAIM_BATCH_MAX,
 };
 use fleetdb_core::{Error, ObjectKey, Op, Precondition, Result, Revision, Timestamp};
 
@@ -751,28 +751,37 @@ impl Session {
         if let ClaimTarget::Selector(text) = &target {
             fleetdb_core::selector::Selector::parse(text)?;
         }
-        let now = {
-            let mut st = self.shared.state();
-            let clock = self.store.clock.now();
-            let last = st.last_claim_at;
-            // Later than the last claim's by 1 µs when the clock has not moved on (claims in the
-            // same microsecond, a manual clock); a clock stepped back further is followed.
-            let now = match last.0.checked_sub(clock.0) {
-                Some(behind) if (0..CLAIM_TIME_NUDGE_MAX).contains(&behind) => {
-                    Timestamp(last.0 + 1)
-                }
-                _ => clock,
-            };
-            st.last_claim_at = now;
-            now
-        };
         Ok(ClaimRequest {
             session_id: self.id().to_string(),
             process: process.to_string(),
             target,
             limit,
-            now,
+            now: self.claim_time(),
         })
+    }
+
+    /// The time of this session's next claim: the clock's, or 1 µs past the last claim's when
+    /// the clock has not moved on (claims in the same microsecond, a manual clock); a clock
+    /// stepped back further is followed. Each claim's time differs, so its rows (`started_at`)
+    /// tell which claim took them (`adopt_uncertain`).
+    pub(crate) fn claim_time(&self) -> Timestamp {
+        let mut st = self.shared.state();
+        let clock = self.store.clock.now();
+        let last = st.last_claim_at;
+        let now = match last.0.checked_sub(clock.0) {
+            Some(behind) if (0..CLAIM_TIME_NUDGE_MAX).contains(&behind) => Timestamp(last.0 + 1),
+            _ => clock,
+        };
+        st.last_claim_at = now;
+        now
+    }
+
+    /// Remember a claim that may have committed though its answer was lost (`adopt_uncertain`).
+    fn claim_uncertain(&self, process: &str, at: Timestamp) {
+        self.shared
+            .state()
+            .uncertain
+            .push((process.to_string(), at));
     }
 
     /// Wrap claimed rows as [`Work`] and count them.
@@ -799,6 +808,7 @@ impl Session {
                 session: self.clone(),
                 info,
                 done: false,
+                unknown: false,
             })
             .collect()
     }
@@ -854,10 +864,7 @@ impl Session {
                     .capabilities()
                     .unavailable_may_have_committed =>
             {
-                self.shared
-                    .state()
-                    .uncertain
-                    .push((process.to_string(), at));
+                self.claim_uncertain(process, at);
                 return Err(e);
             }
             r => self.note(r)?,
@@ -1120,8 +1127,12 @@ impl Session {
         Fut: Future<Output = Result<T>>,
     {
         let (pre, post) = self.finish_many_ops(works)?;
-        let r = self.store.txn_with(f, pre, post).await;
-        let out = self.finish_many_lost_if_expired(works.len(), r)?;
+        let release = works.first().map(|w| w.release(WorkEvent::Finished));
+        let r = self
+            .store
+            .txn_then_claim(f, pre, post, None, release.as_ref())
+            .await;
+        let out = self.finish_many_lost_if_expired(works, r)?.out;
         self.finish_many_done(works);
         Ok(out)
     }
@@ -1146,10 +1157,20 @@ impl Session {
         let (pre, post) = self.finish_many_ops(works)?;
         let req =
             self.claim_request(process, ClaimTarget::Selector(selector.to_string()), limit)?;
-        let r = self.store.txn_then_claim(f, pre, post, Some(req)).await;
-        let (value, claimed) = self.finish_many_lost_if_expired(works.len(), r)?;
+        let release = works.first().map(|w| w.release(WorkEvent::Finished));
+        let r = self
+            .store
+            .txn_then_claim(f, pre, post, Some((req, self)), release.as_ref())
+            .await;
+        let done = self.finish_many_lost_if_expired(works, r)?;
         self.finish_many_done(works);
-        Ok((value, self.claimed_by_selector(process, selector, claimed)))
+        if let Some(at) = done.claim_unknown_at {
+            self.claim_uncertain(process, at);
+        }
+        Ok((
+            done.out,
+            self.claimed_by_selector(process, selector, done.claimed),
+        ))
     }
 
     /// The precondition and the release ops of a batch finish of `works`, after checking that
@@ -1176,8 +1197,13 @@ impl Session {
         Ok((pre, post))
     }
 
-    /// A `SessionExpired` while finishing `n` claims means they are lost.
-    fn finish_many_lost_if_expired<T>(&self, n: usize, r: Result<T>) -> Result<T> {
+    /// A `SessionExpired` while finishing `works` means they are lost; an answer that may hide a
+    /// commit is remembered in each (see [`Work::finish`]).
+    fn finish_many_lost_if_expired<T>(&self, works: &mut [Work], r: Result<T>) -> Result<T> {
+        let n = works.len();
+        for w in works.iter_mut() {
+            w.note_unknown(&r);
+        }
         match self.note(r) {
             Err(Error::SessionExpired { session_id }) => Err(Error::WorkLost {
                 what: format!(
@@ -1251,6 +1277,37 @@ pub struct Work {
     session: Session,
     info: WorkInfo,
     done: bool,
+    /// An attempt to end it failed `Unavailable` on a backend where that may follow a commit
+    /// (its answer lost with the connection): a later `WorkLost` may mean that attempt
+    /// committed, which the history tells ([`Store::release_committed`]).
+    unknown: bool,
+}
+
+/// What [`Store::txn_then_claim`] committed.
+pub(crate) struct Committed<T> {
+    /// What the caller's closure returned.
+    pub(crate) out: T,
+    /// What the claim behind the batch took.
+    pub(crate) claimed: Claimed,
+    /// The commit was known from the history only (its answer lost): what the claim behind it
+    /// took is unknown; it ran at this time (the session's next claim takes it up:
+    /// `Session::adopt_uncertain`).
+    pub(crate) claim_unknown_at: Option<Timestamp>,
+}
+
+/// A claim's release in a batch, by which the history tells whether the batch committed when
+/// its answer did not say ([`Store::release_committed`]). One release of a batch is enough:
+/// its releases commit together.
+#[derive(Debug, Clone)]
+pub(crate) struct Release {
+    key: ObjectKey,
+    process: String,
+    session_id: String,
+    token: i64,
+    /// The history event the release writes.
+    event: WorkEvent,
+    /// An earlier attempt of it failed in a way that may have hidden its commit.
+    earlier_unknown: bool,
 }
 
 impl Work {
@@ -1298,6 +1355,33 @@ impl Work {
         self.lost_if_expired(out)
     }
 
+    /// This claim's release writing `event`, for [`Store::release_committed`].
+    fn release(&self, event: WorkEvent) -> Release {
+        Release {
+            key: self.info.key.clone(),
+            process: self.info.process.clone(),
+            session_id: self.info.session_id.clone(),
+            token: self.info.token,
+            event,
+            earlier_unknown: self.unknown,
+        }
+    }
+
+    /// Remember an answer that may hide a commit of this claim's release: `Unavailable` from a
+    /// backend whose connection can be lost after the COMMIT reached the server.
+    fn note_unknown<T>(&mut self, r: &Result<T>) {
+        if matches!(r, Err(Error::Unavailable(_)))
+            && self
+                .session
+                .store
+                .backend
+                .capabilities()
+                .unavailable_may_have_committed
+        {
+            self.unknown = true;
+        }
+    }
+
     fn release_op(&self, outcome: Outcome) -> Op {
         Op::WorkRelease {
             key: self.info.key.clone(),
@@ -1322,11 +1406,13 @@ impl Work {
 
     /// Run the caller's writes, release the claim, clear the backoff and write history, in ONE
     /// transaction. If it fails, nothing happened: the claim is still held and can be finished,
-    /// cancelled or failed again. `f` may run several times (see [`Store::txn`]). One exception:
-    /// `Unavailable` from PostgreSQL may also mean that the connection was lost after the COMMIT
-    /// reached the server, and the finish committed; a retry then fails `WorkLost`, and the
-    /// object's history tells (a `Finished` row with this claim's token, as `fleetdb worker`
-    /// checks).
+    /// cancelled or failed again. `f` may run several times (see [`Store::txn`]).
+    ///
+    /// A connection lost after the COMMIT reached PostgreSQL leaves the outcome unknown; the
+    /// object's history tells (a `Finished` row of this claim), and this call looks there
+    /// before answering: `Ok` if the finish committed. If the history cannot be read either
+    /// (the database still unreachable), it returns `Unavailable`, and a later call of this
+    /// claim that finds it gone (`WorkLost`) looks again: `Ok` if it was this finish.
     pub async fn finish<T, F, Fut>(&mut self, f: F) -> Result<T>
     where
         F: FnMut(Txn) -> Fut,
@@ -1337,18 +1423,26 @@ impl Work {
             session_id: self.info.session_id.clone(),
         }];
         let post = vec![self.release_op(Outcome::Finished)];
-        let out = self.session.store.txn_with(f, pre, post).await;
+        let release = self.release(WorkEvent::Finished);
+        let out = self
+            .session
+            .store
+            .txn_then_claim(f, pre, post, None, Some(&release))
+            .await;
+        self.note_unknown(&out);
         let out = self.lost_if_expired(out);
         let out = self.count_end("finished", out)?;
         self.done = true;
-        Ok(out)
+        Ok(out.out)
     }
 
     /// [`Work::finish`], then claim up to `limit` more objects matching `selector` for
     /// `process` — in ONE round trip to the embedded store's writer (one transaction: the
     /// finish, then the claim). A worker's loop "finish this, give me the next" so costs one
     /// write instead of two. If the finish fails, nothing happened (the claim is still held) and
-    /// nothing was claimed; a claim that fails after the finish committed returns no work.
+    /// nothing was claimed; a claim that fails after the finish committed returns no work. An
+    /// answer lost with the connection is resolved as for [`Work::finish`]; what the claim took
+    /// then is unknown here, and the session's next claim of `process` takes it up.
     pub async fn finish_and_claim<T, F, Fut>(
         &mut self,
         f: F,
@@ -1370,17 +1464,23 @@ impl Work {
             session_id: self.info.session_id.clone(),
         }];
         let post = vec![self.release_op(Outcome::Finished)];
+        let release = self.release(WorkEvent::Finished);
         let out = self
             .session
             .store
-            .txn_then_claim(f, pre, post, Some(req))
+            .txn_then_claim(f, pre, post, Some((req, &self.session)), Some(&release))
             .await;
+        self.note_unknown(&out);
         let out = self.lost_if_expired(out);
-        let (value, claimed) = self.count_end("finished", out)?;
+        let done = self.count_end("finished", out)?;
         self.done = true;
+        if let Some(at) = done.claim_unknown_at {
+            self.session.claim_uncertain(process, at);
+        }
         Ok((
-            value,
-            self.session.claimed_by_selector(process, selector, claimed),
+            done.out,
+            self.session
+                .claimed_by_selector(process, selector, done.claimed),
         ))
     }
 
@@ -1399,17 +1499,18 @@ impl Work {
 
     async fn end(&mut self, outcome: Outcome) -> Result<()> {
         self.check_open()?;
-        let result = match &outcome {
-            Outcome::Finished => "finished",
-            Outcome::Canceled => "canceled",
-            Outcome::Failed { .. } => "failed",
+        let (result, event) = match &outcome {
+            Outcome::Finished => ("finished", WorkEvent::Finished),
+            Outcome::Canceled => ("canceled", WorkEvent::Canceled),
+            Outcome::Failed { .. } => ("failed", WorkEvent::Failed),
         };
-        let r = self
-            .session
-            .store
-            .write(vec![self.release_op(outcome)])
-            .await
-            .map(|_| ());
+        let release = self.release(event);
+        let store = &self.session.store;
+        let r = match store.write(vec![self.release_op(outcome)]).await {
+            Ok(_) => Ok(()),
+            Err(e) => store.release_committed(&release, e).await,
+        };
+        self.note_unknown(&r);
         let r = self.lost_if_expired(r);
         self.count_end(result, r)?;
         self.done = true;
@@ -1436,6 +1537,8 @@ impl Work {
     }
 
     /// Release the claim without an outcome (history `Canceled`); the backoff is left as it is.
+    /// An answer lost with the connection is resolved as for [`Work::finish`] (so are
+    /// [`Work::fail`]'s).
     pub async fn cancel(&mut self) -> Result<()> {
         self.end(Outcome::Canceled).await
     }
@@ -1842,6 +1945,68 @@ impl Store {
                 return Ok(cleared);
             }
             cleared += done;
+        }
+    }
+
+    /// After `e` from a batch holding `release`: `Ok` if the batch (or an earlier attempt of it)
+    /// committed though the answer said otherwise, else the error to answer. Only an answer that
+    /// may hide a commit is looked into — `Unavailable` from a backend whose connection can be
+    /// lost after the COMMIT reached the server, or `WorkLost` after such an attempt — and the
+    /// object's history tells: this claim's release event (token, session) is there. A
+    /// `WorkLost` whose history cannot be read now answers the read's (transient) error: the
+    /// caller tries again and looks again.
+    pub(crate) async fn release_committed(&self, release: &Release, e: Error) -> Result<()> {
+        let may_hide = match &e {
+            Error::Unavailable(_) => self.backend.capabilities().unavailable_may_have_committed,
+            Error::WorkLost { .. } => release.earlier_unknown,
+            _ => false,
+        };
+        if !may_hide {
+            return Err(e);
+        }
+        match self.release_recorded(release).await {
+            Ok(true) => {
+                tracing::info!(
+                    object = %release.key,
+                    process = %release.process,
+                    token = release.token,
+                    "a claim's release whose answer was lost with the connection had committed"
+                );
+                Ok(())
+            }
+            Ok(false) => Err(e),
+            Err(read) if matches!(e, Error::WorkLost { .. }) && read.is_transient() => Err(read),
+            Err(_) => Err(e),
+        }
+    }
+
+    /// Whether the history of `release`'s object holds its event, written by this claim.
+    async fn release_recorded(&self, release: &Release) -> Result<bool> {
+        let filter = HistoryFilter::Object(release.key.clone());
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self.history(&filter, cursor.as_deref(), 100).await?;
+            if page.items.iter().any(|e| {
+                e.process == release.process
+                    && e.token == release.token
+                    && e.session_id == release.session_id
+                    && e.event == release.event
+            }) {
+                return Ok(true);
+            }
+            // Claims of one (object, process) follow one another, newest first: a row of an
+            // earlier claim (a lower token) means none further down is this claim's.
+            if page
+                .items
+                .iter()
+                .any(|e| e.process == release.process && e.token < release.token)
+            {
+                return Ok(false);
+            }
+            match page.next {
+                Some(c) => cursor = Some(c),
+                None => return Ok(false),
+            }
         }
     }
 

@@ -538,3 +538,141 @@ async fn a_catching_up_watch_rides_out_a_short_restart() {
     assert_eq!(seen, keys);
     db.drop().await;
 }
+
+/// A store over the proxy with process P, jobs 0..n ready (written directly), and a session.
+async fn jobs_ready(db: &Db, n: usize) -> (Store, Proxy, Store, fleetdb::Session) {
+    let direct = open(&db.url, 2, false).await;
+    let (proxy, url) = db.proxied().await;
+    let store = open(&url, 2, false).await;
+    store.process_define("P", &[]).await.unwrap();
+    for i in 0..n {
+        direct.object_put(&job(i), Labels::new()).await.unwrap();
+        direct
+            .tag_set(&job(i), "ready", &serde_json::json!(true))
+            .await
+            .unwrap();
+    }
+    let s = store
+        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    (direct, proxy, store, s)
+}
+
+/// The events of `key`'s history for process P, oldest first.
+async fn events(direct: &Store, key: &ObjectKey) -> Vec<fleetdb::WorkEvent> {
+    let page = direct
+        .history(&fleetdb::HistoryFilter::Object(key.clone()), None, 100)
+        .await
+        .unwrap();
+    page.items.iter().rev().map(|e| e.event).collect()
+}
+
+/// A finish whose COMMIT reached the server but whose answer was lost committed: the store
+/// finds its `Finished` row in the history and answers `Ok` with what the closure returned
+/// (before: `Unavailable`, then `WorkLost` on a retry, and the caller had to read the history).
+/// A cancel and a fail the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_whose_commit_answer_is_lost_is_found_committed() {
+    use fleetdb::WorkEvent::{Canceled, Failed, Finished, Started};
+    let db = Db::new().await;
+    let (direct, proxy, _store, s) = jobs_ready(&db, 3).await;
+    let backoff =
+        fleetdb::Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 2.0).unwrap();
+    for (i, want) in [Finished, Canceled, Failed].into_iter().enumerate() {
+        let mut w = s.claim_object(&job(i), "P").await.unwrap();
+        let committed = proxy.arm_commit();
+        let end = async {
+            match want {
+                Finished => w.finish(|_| async { Ok(42) }).await,
+                Canceled => w.cancel().await.map(|()| 42),
+                _ => w.fail(&backoff, "boom").await.map(|()| 42),
+            }
+        };
+        let cut = async {
+            committed.await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            proxy.st.release.notify_waiters();
+        };
+        let (got, ()) = tokio::join!(end, cut);
+        assert_eq!(got.unwrap(), 42, "{want:?}: the release committed");
+        assert_eq!(events(&direct, &job(i)).await, vec![Started, want]);
+        assert!(
+            matches!(w.cancel().await, Err(fleetdb::Error::WorkLost { .. })),
+            "the claim has ended"
+        );
+    }
+    assert!(direct.work_list(Some("P"), 10).await.unwrap().is_empty());
+    drop(s);
+    db.drop().await;
+}
+
+/// The same with the database unreachable right after the cut: the history cannot be read, so
+/// the finish answers `Unavailable`; tried again once the database is back, it finds the claim
+/// gone (`WorkLost`) and then its own `Finished` row: `Ok`, recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_found_gone_after_a_lost_answer_is_found_committed() {
+    use fleetdb::WorkEvent::{Finished, Started};
+    let db = Db::new().await;
+    let (direct, proxy, _store, s) = jobs_ready(&db, 1).await;
+    let mut w = s.claim_object(&job(0), "P").await.unwrap();
+    let committed = proxy.arm_commit();
+    let cut = async {
+        committed.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.st.down.store(true, Ordering::SeqCst);
+        for c in proxy.st.conns.lock().unwrap().drain(..) {
+            for t in c.tasks {
+                t.abort();
+            }
+        }
+        proxy.st.release.notify_waiters();
+    };
+    let (got, ()) = tokio::join!(w.finish(|_| async { Ok(()) }), cut);
+    assert!(
+        matches!(got, Err(fleetdb::Error::Unavailable(_))),
+        "nothing to tell from: {got:?}"
+    );
+    proxy.st.down.store(false, Ordering::SeqCst);
+    w.finish(|_| async { Ok(()) }).await.unwrap();
+    assert_eq!(events(&direct, &job(0)).await, vec![Started, Finished]);
+    drop(s);
+    db.drop().await;
+}
+
+/// A `finish_and_claim` whose answer was lost: its finish is found committed, and the claim
+/// behind it, which took a job, is taken up by the session's next claim (before: the
+/// call failed, and the job stayed held for nobody until the session ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_and_claim_whose_answer_is_lost_hands_its_claim_to_the_next() {
+    let db = Db::new().await;
+    let (direct, proxy, _store, s) = jobs_ready(&db, 2).await;
+    let mut w = s.claim_object(&job(0), "P").await.unwrap();
+    let committed = proxy.arm_commit();
+    let cut = async {
+        committed.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.st.release.notify_waiters();
+    };
+    let (got, ()) = tokio::join!(
+        w.finish_and_claim(|_| async { Ok(7) }, "P", SELECTOR, 1),
+        cut
+    );
+    let (value, next) = got.unwrap();
+    assert_eq!(value, 7);
+    assert!(next.is_empty(), "what the claim took is not known here");
+    let held = direct.work_list(Some("P"), 10).await.unwrap();
+    assert_eq!(held.len(), 1, "the claim behind the finish took a job");
+    let mut again = s.claim("P", SELECTOR, 5).await.unwrap();
+    assert_eq!(again.len(), 1, "the next claim takes it up");
+    assert_eq!(again[0].token(), held[0].token);
+    again
+        .pop()
+        .unwrap()
+        .finish(|_| async { Ok(()) })
+        .await
+        .unwrap();
+    assert!(direct.work_list(Some("P"), 10).await.unwrap().is_empty());
+    drop(s);
+    db.drop().await;
+}
