@@ -145,7 +145,10 @@ macro_rules! suite {
             per_host_maps_are_separate_from_keys,
             deploy_chain_rules_and_trees,
             schedule_follows_registrations_and_session_liveness,
-            membership_lists_and_watches_live_sessions;
+            membership_lists_and_watches_live_sessions,
+            removing_an_expired_export_reports_nothing_removed,
+            collect_is_ordered_by_record_key,
+            pruned_legacy_deploys_take_their_blob_records_along;
             gc_keeps_roots_and_what_they_reference,
             malformed_reference_labels_are_rejected,
             leases_hold_objects_flat_or_deep,

@@ -859,3 +859,137 @@ pub async fn membership_lists_and_watches_live_sessions(h: &Harness) {
     assert_eq!(c.op, ChangeOp::Delete);
     assert_eq!(s.members().await.unwrap().len(), 1);
 }
+
+/// Invariant 23: exports report exactly what changed. An export whose TTL has passed is hidden
+/// from every read at once; removing it (unexport, or a sync that leaves it out) before the
+/// sweeper did removes its row but reports nothing removed — the caller removed nothing it
+/// could see (before: listed in `removed`).
+pub async fn removing_an_expired_export_reports_nothing_removed(h: &Harness) {
+    let s = &h.store;
+    let h1 = s.world("h1").unwrap();
+    for sync in [false, true] {
+        let mut short = rec("f", "t", "*", "x");
+        short.lifetime = Lifetime::ttl(Duration::from_secs(5));
+        h1.export(vec![short, rec("f", "live", "*", "y")])
+            .await
+            .unwrap();
+        h.clock.advance(Duration::from_secs(6));
+        let seen: Vec<String> = h1
+            .collect(&[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id.name)
+            .collect();
+        assert_eq!(seen, ["live"], "the expired one is hidden");
+        let o = if sync {
+            h1.sync_exports(vec![]).await.unwrap()
+        } else {
+            h1.unexport(vec![
+                ExportId::new("f", "t", "*"),
+                ExportId::new("f", "live", "*"),
+            ])
+            .await
+            .unwrap()
+        };
+        assert_eq!(
+            o.removed,
+            vec![ExportId::new("f", "live", "*")],
+            "sync {sync}: only the live export is reported removed"
+        );
+        let again = h1
+            .unexport(vec![ExportId::new("f", "t", "*")])
+            .await
+            .unwrap();
+        assert!(again.removed.is_empty(), "its row went too: {again:?}");
+    }
+}
+
+/// `collect` is ordered by record key, `from/kind/name/target` as bytes (documented so): `-`
+/// sorts before `/`, so host `h1-a` comes before `h1`.
+pub async fn collect_is_ordered_by_record_key(h: &Harness) {
+    let s = &h.store;
+    for host in ["h1", "h1-a", "h0"] {
+        s.world(host)
+            .unwrap()
+            .export(vec![rec("k", "n", "*", host)])
+            .await
+            .unwrap();
+    }
+    let from: Vec<String> = s
+        .world("h9")
+        .unwrap()
+        .collect(&[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.from)
+        .collect();
+    assert_eq!(from, ["h0", "h1-a", "h1"]);
+}
+
+/// Deploys added before trees moved to the content store kept their files as World blob
+/// records; only a prune can free them, and it does once no kept deploy holds them (before:
+/// kept for ever). A deploy op carrying file contents is refused now.
+pub async fn pruned_legacy_deploys_take_their_blob_records_along(h: &Harness) {
+    use fleetdb::core::world::{Space, WorldQuery};
+    use fleetdb::core::{Batch, Clock as _, Limits, Op};
+    let s = &h.store;
+    let file = |path: &str, content: &[u8]| DeployFileDraft {
+        path: path.into(),
+        mode: 0o644,
+        content: content.to_vec(),
+    };
+    let legacy = |id: u64, files: Vec<DeployFileDraft>| Batch {
+        preconditions: vec![],
+        ops: vec![Op::DeployAdd {
+            deploy: DeployDraft {
+                id,
+                hash: None,
+                parent_hash: None,
+                payload: format!("p{id}").into_bytes(),
+                files,
+            },
+            stored: vec![],
+        }],
+        now: h.clock.now(),
+    };
+    let refused = legacy(1, vec![file("etc/a.conf", b"a")]).validate(&Limits::default());
+    assert!(matches!(refused, Err(Error::Invalid { .. })), "{refused:?}");
+    // Written as an old version did (the backend takes the op as it comes).
+    let shared = file("etc/shared.conf", b"in both");
+    s.backend()
+        .commit(legacy(
+            1,
+            vec![file("etc/a.conf", b"only 1"), shared.clone()],
+        ))
+        .await
+        .unwrap();
+    s.backend().commit(legacy(2, vec![shared])).await.unwrap();
+    s.deploy_add(DeployDraft {
+        id: 3,
+        hash: None,
+        parent_hash: None,
+        payload: b"p3".to_vec(),
+        files: vec![],
+    })
+    .await
+    .unwrap();
+    let blobs = || async {
+        s.backend()
+            .world_list(&WorldQuery::new(Space::Blob))
+            .await
+            .unwrap()
+            .len()
+    };
+    assert_eq!(blobs().await, 2);
+    assert_eq!(s.deploy_prune(2).await.unwrap(), 1);
+    assert_eq!(blobs().await, 1, "deploy 2 still holds the shared file");
+    assert_eq!(
+        s.deploy_files(2).await.unwrap()[0].1,
+        b"in both",
+        "deploy 2's file is still read"
+    );
+    assert_eq!(s.deploy_prune(3).await.unwrap(), 1);
+    assert_eq!(blobs().await, 0, "no deploy holds any");
+}

@@ -422,6 +422,17 @@ impl Op {
             }
             Op::DeployAdd { deploy, stored } => {
                 deploy.validate()?;
+                // Trees go to the content store first (`Store::deploy_add`); an op names them
+                // (`stored`). Inline contents were the old way, stored as World blob records
+                // that only a prune removes: not written any more.
+                if let Some(f) = deploy.files.first() {
+                    return Err(Error::invalid(
+                        "deploy files",
+                        f.path.clone(),
+                        "a deploy op carries its files' digests (stored in the content store \
+                         first, as Store::deploy_add does), not their contents",
+                    ));
+                }
                 for f in stored {
                     world::validate_tree_path(&f.path)?;
                     world::validate_digest(&f.digest)?;

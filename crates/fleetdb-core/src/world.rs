@@ -925,7 +925,7 @@ fn epoch() -> Timestamp {
     Timestamp::EPOCH
 }
 
-fn parse_meta<T: serde::de::DeserializeOwned>(r: &WorldRecord) -> Result<T> {
+pub(crate) fn parse_meta<T: serde::de::DeserializeOwned>(r: &WorldRecord) -> Result<T> {
     let text = r.meta.as_deref().unwrap_or("null");
     serde_json::from_str(text).map_err(|e| {
         Error::Backend(format!(

@@ -232,33 +232,47 @@ pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
                 put(rows, rec, old, now).await?;
                 outcome.changed.push(r.id.clone());
             }
+            // Rows removed, live or not: an expired (or dead session's) export the sweeper has
+            // not reached yet goes too, but only a live one is reported `removed` — the caller
+            // removed nothing that every read had not hidden already (invariant 23).
+            let mut dropped = false;
             if *sync {
                 let mut q = WorldQuery::new(Space::Export);
                 q.owner = Some(host.clone());
                 for rec in scan_all(rows, q).await? {
                     if !keep.contains(&rec.key) {
+                        let live = is_live(rows, &rec, now).await?;
                         remove(rows, &rec, now).await?;
-                        outcome
-                            .removed
-                            .push(world::ExportId::new(rec.kind, rec.name, rec.target));
+                        dropped = true;
+                        if live {
+                            outcome
+                                .removed
+                                .push(world::ExportId::new(rec.kind, rec.name, rec.target));
+                        }
                     }
                 }
             }
             Ok(OpResult {
-                changed: !outcome.changed.is_empty() || !outcome.removed.is_empty(),
+                changed: !outcome.changed.is_empty() || dropped,
                 applied: Applied::Exports(outcome),
             })
         }
         Op::Unexport { host, ids } => {
             let mut outcome = ExportOutcome::default();
+            let mut dropped = false;
             for id in ids {
-                if let Some(rec) = rows.world_read(Space::Export, &id.key(host)).await? {
+                // As for `sync` above: a dead row goes, unreported.
+                let (stored, live) = read_live(rows, Space::Export, &id.key(host), now).await?;
+                if let Some(rec) = stored {
                     remove(rows, &rec, now).await?;
-                    outcome.removed.push(id.clone());
+                    dropped = true;
+                    if live.is_some() {
+                        outcome.removed.push(id.clone());
+                    }
                 }
             }
             Ok(OpResult {
-                changed: !outcome.removed.is_empty(),
+                changed: dropped,
                 applied: Applied::Exports(outcome),
             })
         }
@@ -351,6 +365,7 @@ pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
             for rec in &old {
                 remove(rows, rec, now).await?;
             }
+            prune_legacy_blobs(rows, &old, bound, now).await?;
             Ok(OpResult {
                 changed: !old.is_empty(),
                 applied: Applied::Done {
@@ -440,6 +455,43 @@ fn check_expect(key: &str, live: Option<&WorldRecord>, expect: Option<Revision>)
 }
 
 /// The id of the newest deploy, if any.
+/// Remove the World blob records (`Space::Blob`: deploy trees stored before they moved to the
+/// content store) that the `pruned` deploys held and no deploy from `kept_from` on holds. Only
+/// a prune can free them (the collector works on the content store), so it does: otherwise they
+/// stayed for ever (mgmt's "blobs are never deleted"). Costs one key read when there are none.
+async fn prune_legacy_blobs<T: TxRows + ?Sized>(
+    rows: &mut T,
+    pruned: &[WorldRecord],
+    kept_from: u64,
+    now: Timestamp,
+) -> Result<()> {
+    let mut any = WorldQuery::new(Space::Blob);
+    any.limit = 1;
+    if pruned.is_empty() || rows.world_scan(&any).await?.is_empty() {
+        return Ok(());
+    }
+    let digests = |recs: &[WorldRecord]| -> Result<std::collections::BTreeSet<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for r in recs {
+            let meta: DeployMeta = world::parse_meta(r)?;
+            out.extend(meta.files.into_iter().map(|f| f.digest));
+        }
+        Ok(out)
+    };
+    let mut freed = digests(pruned)?;
+    let mut q = WorldQuery::new(Space::Deploy);
+    q.after_key = Some(deploy_key(kept_from.saturating_sub(1)));
+    for held in digests(&scan_all(rows, q).await?)? {
+        freed.remove(&held);
+    }
+    for digest in freed {
+        if let Some(blob) = rows.world_read(Space::Blob, &digest).await? {
+            remove(rows, &blob, now).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn newest_deploy<T: TxRows + ?Sized>(rows: &mut T) -> Result<Option<u64>> {
     let mut newest = WorldQuery::new(Space::Deploy);
     newest.descending = true;

@@ -427,7 +427,8 @@ impl World {
     }
 
     /// Exports this host may see (its own, those to it and those to `*`) that pass any of the
-    /// filters (none: all), filtered in the database. Ordered by (from, kind, name, target).
+    /// filters (none: all), filtered in the database. Ordered by record key,
+    /// `from/kind/name/target` compared as bytes (so host `h1-a` comes before `h1`).
     pub async fn collect(&self, filters: &[ExportFilter]) -> Result<Vec<Export>> {
         if filters.len() > COLLECT_FILTERS_MAX {
             return Err(Error::invalid(
