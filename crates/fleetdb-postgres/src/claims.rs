@@ -760,7 +760,8 @@ impl PostgresBackend {
         };
         let selector = Selector::parse(text).ok()?;
         let process = first.req.process.clone();
-        // The latest time of the claims: each is as if it had come a moment later.
+        // The latest time of the claims: each is as if it had come a moment later (its rows
+        // keep its own time: `Slot::at`).
         let now = taken.iter().map(|w| w.req.now).max()?;
         let mut sessions: Vec<String> = Vec::new();
         for w in taken {
@@ -795,6 +796,7 @@ impl PostgresBackend {
                     f - 1
                 }),
                 n: w.req.limit,
+                at: w.req.now,
             })
             .collect();
         let txn = ClaimTxn::run(
@@ -839,7 +841,7 @@ impl PostgresBackend {
             else {
                 continue;
             };
-            if let Ok(w) = crate::claimed_work(row, &taken[r].req, now) {
+            if let Ok(w) = crate::claimed_work(row, &taken[r].req, taken[r].req.now) {
                 took.entry(r).or_default().push(w);
             }
         }
@@ -1413,6 +1415,51 @@ mod tests {
             h.iter().filter(|e| e.event == WorkEvent::Finished).count(),
             600
         );
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+    }
+
+    /// Claims sharing a transaction run at the latest of their times, but each claim's rows
+    /// (`started_at`, the `Started` history) keep its own time: how a session tells the rows
+    /// of its claim whose answer was lost from its others' (before, every row got the group's
+    /// time, and only the latest caller's lost claim was taken up).
+    #[tokio::test]
+    async fn claims_sharing_a_transaction_keep_their_own_times() {
+        let (backend, base, schema) = crate::test_backend(4).await;
+        seed(&backend, 5, 2).await;
+        let turns = hold_turns(&backend);
+        let base_now = backend.clock.now();
+        let mut tasks = Vec::new();
+        for (i, s) in ["s0", "s1", "s0"].into_iter().enumerate() {
+            let b = backend.clone();
+            let req = ClaimRequest {
+                now: Timestamp(base_now.0 + 1_000 * i as i64),
+                ..claim(&backend, s)
+            };
+            tasks.push(tokio::spawn(async move { b.claim(req).await }));
+            until_waiting(&backend, i + 1).await;
+        }
+        drop(turns);
+        let mut times = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let got = t.await.unwrap().unwrap().work;
+            assert_eq!(got.len(), 1);
+            let at = Timestamp(base_now.0 + 1_000 * i as i64);
+            assert_eq!(got[0].started_at, at, "claim {i}'s answer");
+            times.push((got[0].key.clone(), at));
+        }
+        assert_eq!(backend.claims.shared_txns.load(Ordering::Relaxed), 1);
+        let rows = backend
+            .work_list(&fleetdb_core::work::WorkListing::new(None, 100))
+            .await
+            .unwrap();
+        let h = history(&backend).await;
+        for (key, at) in times {
+            let row = rows.iter().find(|w| w.key == key).unwrap();
+            assert_eq!(row.started_at, at, "{key}'s row");
+            let started = h.iter().find(|e| e.key == key).unwrap();
+            assert_eq!(started.at, at, "{key}'s Started");
+        }
         drop(backend);
         testing::drop_schema(&base, &schema).await.unwrap();
     }

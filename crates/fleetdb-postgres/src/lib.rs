@@ -1106,6 +1106,7 @@ impl PostgresBackend {
             sid: req.session_id.clone(),
             f: finish.map(|_| 0),
             n: q.limit,
+            at: req.now,
         }];
         let finish_params = finish.map(|f| finish::FinishParams::new(&[f]));
         // A claim of many candidates moves the hand past the ones it locked and lets the next
@@ -3164,6 +3165,7 @@ mod tests {
             sid: "s".into(),
             f: None,
             n: 1,
+            at: Timestamp(0),
         }])
     }
 
@@ -3543,6 +3545,7 @@ mod tests {
             sid: "s".into(),
             f: None,
             n: 50,
+            at: Timestamp(0),
         }]);
         let (take, take_params) = work::claim_take_sql(&q, slots, work::Take::Takeover, false);
         let plan = explain_analyze(&client, &take, &take_params).await.text;

@@ -755,6 +755,11 @@ pub(crate) struct Slot {
     pub(crate) sid: String,
     pub(crate) f: Option<usize>,
     pub(crate) n: usize,
+    /// The claim's own time, written as its rows' `started_at` (and their `Started` history's
+    /// time): a session tells its claims' rows apart by it (its next claim takes up what a
+    /// claim whose answer was lost took), also in a transaction shared with other claims,
+    /// which runs at the latest of their times.
+    pub(crate) at: Timestamp,
 }
 
 /// The JSON of `slots` (with their order) that [`claim_take_sql`] takes.
@@ -766,6 +771,7 @@ pub(crate) fn slots_json(slots: &[Slot]) -> String {
         sid: &'a str,
         f: Option<usize>,
         n: usize,
+        at: i64,
     }
     let rows: Vec<Row> = slots
         .iter()
@@ -776,6 +782,7 @@ pub(crate) fn slots_json(slots: &[Slot]) -> String {
             sid: &s.sid,
             f: s.f,
             n: s.n,
+            at: s.at.0,
         })
         .collect();
     json_rows(&rows)
@@ -901,21 +908,22 @@ pub(crate) fn claim_take_sql(
         )
     };
     let sql = format!(
-        "WITH sl AS MATERIALIZED (SELECT x.r, x.sid, \
+        "WITH sl AS MATERIALIZED (SELECT x.r, x.sid, x.at, \
              sum(x.n) OVER (ORDER BY x.o) - x.n AS lo, sum(x.n) OVER (ORDER BY x.o) AS hi \
-           FROM jsonb_to_recordset(({slots})::jsonb) AS x(o bigint, r bigint, sid text, f bigint, n bigint) \
+           FROM jsonb_to_recordset(({slots})::jsonb) \
+             AS x(o bigint, r bigint, sid text, f bigint, n bigint, at bigint) \
            WHERE (x.f IS NULL OR {passed} @> to_jsonb(x.f)) AND {alive} ? x.sid), \
-         ss AS MATERIALIZED (SELECT sl.r, sl.sid, sl.lo, sl.hi, s.component, s.host FROM sl \
-           CROSS JOIN LATERAL (SELECT s.component, s.host FROM (SELECT component, host, deadline \
-             FROM sessions WHERE id = sl.sid OFFSET 0) s WHERE s.deadline > {now}) s), \
+         ss AS MATERIALIZED (SELECT sl.r, sl.sid, sl.at, sl.lo, sl.hi, s.component, s.host \
+           FROM sl CROSS JOIN LATERAL (SELECT s.component, s.host FROM (SELECT component, host, \
+             deadline FROM sessions WHERE id = sl.sid OFFSET 0) s WHERE s.deadline > {now}) s), \
          k0 AS MATERIALIZED (SELECT l.v ->> 'ns' AS ns, l.v ->> 'kind' AS kind, \
-             l.v ->> 'id' AS id, ss.sid, ss.r \
+             l.v ->> 'id' AS id, ss.sid, ss.r, ss.at \
            FROM jsonb_array_elements({locked}) WITH ORDINALITY AS l(v, pos) \
            JOIN ss ON l.pos > ss.lo AND l.pos <= ss.hi), \
-         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid, k.r {base} {free} \
+         c AS MATERIALIZED (SELECT o.namespace, o.kind, o.id, k.sid, k.r, k.at {base} {free} \
            ORDER BY o.namespace, o.kind, o.id), \
          {room}\
-         t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, c.r, \
+         t AS MATERIALIZED (SELECT c.namespace, c.kind, c.id, c.sid, c.r, c.at, \
            nextval('fleetdb_fencing') AS token, row_number() OVER () AS n FROM c {bound}), \
          {writes} \
          {answer}"
@@ -946,14 +954,14 @@ fn take_writes_sql(take: Take, process: &str, now: &str) -> String {
            (namespace, kind, id, process, event, session_id, component, host, token, at, cause)";
     let started =
         "SELECT t.n, t.namespace, t.kind, t.id, 'Started', t.sid, ss.component, ss.host, \
-           t.token, NULL FROM t JOIN ss ON ss.r = t.r";
+           t.token, t.at, NULL FROM t JOIN ss ON ss.r = t.r";
     match take {
         Take::Lean => format!(
             "up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
-               SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, {now} FROM t), \
+               SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, t.at FROM t), \
              {HISTORY} SELECT namespace, kind, id, {process}, event, session_id, component, host, \
-               token, {now}, cause FROM ({started}) AS e(n, namespace, kind, id, event, session_id, \
-               component, host, token, cause) ORDER BY n)"
+               token, at, cause FROM ({started}) AS e(n, namespace, kind, id, event, session_id, \
+               component, host, token, at, cause) ORDER BY n)"
         ),
         Take::Takeover => format!(
             "old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, w.tid, t.n \
@@ -961,15 +969,16 @@ fn take_writes_sql(take: Take, process: &str, now: &str) -> String {
                  WHERE w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
                  AND w.process = {process} OFFSET 0 FOR UPDATE) AS w), \
              up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
-               SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, {now} FROM t \
+               SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, t.at FROM t \
                WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.n = t.n)), \
-             re AS (UPDATE work w SET session_id = t.sid, token = t.token, started_at = {now} \
+             re AS (UPDATE work w SET session_id = t.sid, token = t.token, started_at = t.at \
                FROM old JOIN t ON t.n = old.n WHERE w.ctid = old.tid), \
              {HISTORY} SELECT namespace, kind, id, {process}, event, session_id, component, host, \
-               token, {now}, cause \
+               token, at, cause \
                FROM (SELECT 0 AS phase, old.n, old.namespace, old.kind, old.id, 'Expired' AS event, \
                        old.session_id, COALESCE(os.component, '') AS component, \
-                       COALESCE(os.host, '') AS host, old.token, 'session expired' AS cause \
+                       COALESCE(os.host, '') AS host, old.token, {now} AS at, \
+                       'session expired' AS cause \
                      FROM old LEFT JOIN LATERAL (SELECT component, host FROM sessions \
                        WHERE id = old.session_id OFFSET 0) AS os ON true \
                      UNION ALL SELECT 1, e.* FROM ({started}) AS e) AS e \
@@ -1397,6 +1406,7 @@ mod tests {
             sid: sid.into(),
             f,
             n,
+            at: Timestamp(0),
         };
         let slots = [
             slot(0, "a", Some(0), 1),
@@ -1414,7 +1424,7 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&slots_json(&slots)).unwrap();
         assert_eq!(
             json[2],
-            serde_json::json!({"o": 2, "r": 2, "sid": "b", "f": 1, "n": 2})
+            serde_json::json!({"o": 2, "r": 2, "sid": "b", "f": 1, "n": 2, "at": 0})
         );
         assert_eq!(json[1]["f"], serde_json::Value::Null);
     }

@@ -882,18 +882,16 @@ impl Session {
     /// (design.md 15b). A claim whose connection was lost after its COMMIT reached the server
     /// committed, and its caller got an error: the objects it took stayed held by this (live)
     /// session for nobody until the session ended. They are this session's claim rows of the
-    /// process started at the failed claim's time. (A shared claim transaction of PostgreSQL
-    /// writes its group's latest time on every row: only that caller's failed claim finds them;
-    /// the others' rows stay held until their session ends, as before.) Empty when there were
+    /// process started at the failed claim's time (a shared claim transaction of PostgreSQL
+    /// writes each claim's own time on its rows). Empty when there were
     /// none (a claim that failed before committing took nothing); the failed claims are
     /// forgotten once looked up. An error (the database still unreachable) keeps them for the
     /// next claim.
     async fn adopt_uncertain(&self, process: &str) -> Result<Vec<Work>> {
         // Taken out under the lock (two claims of the session at once must not both take the
         // rows up); put back unless looked up (an error, or this call given up meanwhile). Each
-        // claim of the session has its own time (`claim_request`), so the rows started at a
-        // failed claim's time are that claim's (or, in a shared PostgreSQL claim transaction,
-        // its group's, which failed with it).
+        // claim of the session has its own time (`claim_time`), so the rows started at a
+        // failed claim's time are that claim's.
         let times: Vec<Timestamp> = {
             let mut st = self.shared.state();
             if st.uncertain.is_empty() {
