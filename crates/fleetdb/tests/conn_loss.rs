@@ -125,14 +125,36 @@ impl Proxy {
 
     /// Kill every connection and refuse new ones for `pause` (a server restart).
     async fn restart(&self, pause: Duration) {
+        self.go_down();
+        tokio::time::sleep(pause).await;
+        self.st.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Kill every connection and refuse new ones until `down` is cleared.
+    fn go_down(&self) {
         self.st.down.store(true, Ordering::SeqCst);
         for c in self.st.conns.lock().unwrap().drain(..) {
             for t in c.tasks {
                 t.abort();
             }
         }
+    }
+
+    /// Once the armed COMMIT reached the server (`committed`), wait `pause` (it commits), then
+    /// drop that connection before its answer; with `down`, every other one too, and refuse new
+    /// ones.
+    async fn cut_after_commit(
+        &self,
+        committed: oneshot::Receiver<()>,
+        pause: Duration,
+        down: bool,
+    ) {
+        committed.await.unwrap();
         tokio::time::sleep(pause).await;
-        self.st.down.store(false, Ordering::SeqCst);
+        if down {
+            self.go_down();
+        }
+        self.st.release.notify_waiters();
     }
 
     /// Existing connections stay open but nothing passes any more; new ones work.
@@ -462,11 +484,7 @@ async fn a_claim_whose_commit_answer_is_lost_is_taken_up_by_the_next_claim() {
         .unwrap();
     let committed = proxy.arm_commit();
     let claim = s.claim("P", SELECTOR, 1);
-    let cut = async {
-        committed.await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        proxy.st.release.notify_waiters();
-    };
+    let cut = proxy.cut_after_commit(committed, Duration::from_millis(300), false);
     let (got, ()) = tokio::join!(claim, cut);
     assert!(
         matches!(got, Err(fleetdb::Error::Unavailable(_))),
@@ -589,11 +607,7 @@ async fn an_outcome_whose_commit_answer_is_lost_is_found_committed() {
                 _ => w.fail(&backoff, "boom").await.map(|()| 42),
             }
         };
-        let cut = async {
-            committed.await.unwrap();
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            proxy.st.release.notify_waiters();
-        };
+        let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), false);
         let (got, ()) = tokio::join!(end, cut);
         assert_eq!(got.unwrap(), 42, "{want:?}: the release committed");
         assert_eq!(events(&direct, &job(i)).await, vec![Started, want]);
@@ -617,17 +631,7 @@ async fn a_finish_found_gone_after_a_lost_answer_is_found_committed() {
     let (direct, proxy, _store, s) = jobs_ready(&db, 1).await;
     let mut w = s.claim_object(&job(0), "P").await.unwrap();
     let committed = proxy.arm_commit();
-    let cut = async {
-        committed.await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        proxy.st.down.store(true, Ordering::SeqCst);
-        for c in proxy.st.conns.lock().unwrap().drain(..) {
-            for t in c.tasks {
-                t.abort();
-            }
-        }
-        proxy.st.release.notify_waiters();
-    };
+    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), true);
     let (got, ()) = tokio::join!(w.finish(|_| async { Ok(()) }), cut);
     assert!(
         matches!(got, Err(fleetdb::Error::Unavailable(_))),
@@ -649,11 +653,7 @@ async fn a_finish_and_claim_whose_answer_is_lost_hands_its_claim_to_the_next() {
     let (direct, proxy, _store, s) = jobs_ready(&db, 2).await;
     let mut w = s.claim_object(&job(0), "P").await.unwrap();
     let committed = proxy.arm_commit();
-    let cut = async {
-        committed.await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        proxy.st.release.notify_waiters();
-    };
+    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), false);
     let (got, ()) = tokio::join!(
         w.finish_and_claim(|_| async { Ok(7) }, "P", SELECTOR, 1),
         cut
