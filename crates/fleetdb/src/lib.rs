@@ -835,12 +835,12 @@ impl Store {
         F: FnMut(Txn) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        Ok(self.txn_then_claim(f, pre, post, None, None).await?.out)
+        Ok(self.txn_then_claim(f, pre, post, None, &[]).await?.out)
     }
 
     /// [`Store::txn_with`], then (when `claim` is given) a claim of `claim`'s session in the same
     /// backend call once the batch committed: a worker's "finish this, give me the next" in one
-    /// writer round trip. When the batch holds a claim's `release` and the commit's answer may
+    /// writer round trip. When the batch holds claims' `releases` and the commit's answer may
     /// have been lost after it committed, the history tells ([`Store::release_committed`]).
     pub(crate) async fn txn_then_claim<T, F, Fut>(
         &self,
@@ -848,7 +848,7 @@ impl Store {
         pre: Vec<Precondition>,
         post: Vec<Op>,
         claim: Option<(fleetdb_core::work::ClaimRequest, &session::Session)>,
-        release: Option<&session::Release>,
+        releases: &[session::Release],
     ) -> Result<session::Committed<T>>
     where
         F: FnMut(Txn) -> Fut,
@@ -947,9 +947,9 @@ impl Store {
                     retry_pause(attempt).await;
                 }
                 Err(e) => {
-                    if let Some(r) = release {
+                    if !releases.is_empty() {
                         // The answer may hide a commit: the history tells.
-                        match self.release_committed(r, e).await {
+                        match self.release_committed(releases, e).await {
                             Ok(()) => {
                                 self.metrics.transactions_executed.inc();
                                 return Ok(session::Committed {

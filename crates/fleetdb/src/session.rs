@@ -1125,10 +1125,10 @@ impl Session {
         Fut: Future<Output = Result<T>>,
     {
         let (pre, post) = self.finish_many_ops(works)?;
-        let release = works.first().map(|w| w.release(WorkEvent::Finished));
+        let releases = Work::releases(works);
         let r = self
             .store
-            .txn_then_claim(f, pre, post, None, release.as_ref())
+            .txn_then_claim(f, pre, post, None, &releases)
             .await;
         let out = self.finish_many_lost_if_expired(works, r)?.out;
         self.finish_many_done(works);
@@ -1155,10 +1155,10 @@ impl Session {
         let (pre, post) = self.finish_many_ops(works)?;
         let req =
             self.claim_request(process, ClaimTarget::Selector(selector.to_string()), limit)?;
-        let release = works.first().map(|w| w.release(WorkEvent::Finished));
+        let releases = Work::releases(works);
         let r = self
             .store
-            .txn_then_claim(f, pre, post, Some((req, self)), release.as_ref())
+            .txn_then_claim(f, pre, post, Some((req, self)), &releases)
             .await;
         let done = self.finish_many_lost_if_expired(works, r)?;
         self.finish_many_done(works);
@@ -1294,8 +1294,7 @@ pub(crate) struct Committed<T> {
 }
 
 /// A claim's release in a batch, by which the history tells whether the batch committed when
-/// its answer did not say ([`Store::release_committed`]). One release of a batch is enough:
-/// its releases commit together.
+/// its answer did not say ([`Store::release_committed`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Release {
     key: ObjectKey,
@@ -1351,6 +1350,14 @@ impl Work {
         self.check_open()?;
         let out = self.session.store.txn_fenced(&self.fence(), f).await;
         self.lost_if_expired(out)
+    }
+
+    /// The releases of a batch finish of `works`, for [`Store::release_committed`].
+    fn releases(works: &[Work]) -> Vec<Release> {
+        works
+            .iter()
+            .map(|w| w.release(WorkEvent::Finished))
+            .collect()
     }
 
     /// This claim's release writing `event`, for [`Store::release_committed`].
@@ -1425,7 +1432,7 @@ impl Work {
         let out = self
             .session
             .store
-            .txn_then_claim(f, pre, post, None, Some(&release))
+            .txn_then_claim(f, pre, post, None, std::slice::from_ref(&release))
             .await;
         self.note_unknown(&out);
         let out = self.lost_if_expired(out);
@@ -1466,7 +1473,13 @@ impl Work {
         let out = self
             .session
             .store
-            .txn_then_claim(f, pre, post, Some((req, &self.session)), Some(&release))
+            .txn_then_claim(
+                f,
+                pre,
+                post,
+                Some((req, &self.session)),
+                std::slice::from_ref(&release),
+            )
             .await;
         self.note_unknown(&out);
         let out = self.lost_if_expired(out);
@@ -1506,7 +1519,11 @@ impl Work {
         let store = &self.session.store;
         let r = match store.write(vec![self.release_op(outcome)]).await {
             Ok(_) => Ok(()),
-            Err(e) => store.release_committed(&release, e).await,
+            Err(e) => {
+                store
+                    .release_committed(std::slice::from_ref(&release), e)
+                    .await
+            }
         };
         self.note_unknown(&r);
         let r = self.lost_if_expired(r);
@@ -1946,36 +1963,41 @@ impl Store {
         }
     }
 
-    /// After `e` from a batch holding `release`: `Ok` if the batch (or an earlier attempt of it)
-    /// committed though the answer said otherwise, else the error to answer. Only an answer that
-    /// may hide a commit is looked into — `Unavailable` from a backend whose connection can be
-    /// lost after the COMMIT reached the server, or `WorkLost` after such an attempt — and the
-    /// object's history tells: this claim's release event (token, session) is there. A
-    /// `WorkLost` whose history cannot be read now answers the read's (transient) error: the
-    /// caller tries again and looks again.
-    pub(crate) async fn release_committed(&self, release: &Release, e: Error) -> Result<()> {
+    /// After `e` from a batch holding `releases`: `Ok` if the batch (or an earlier attempt of
+    /// its releases) committed though the answer said otherwise, else the error to answer. Only
+    /// an answer that may hide a commit is looked into — `Unavailable` from a backend whose
+    /// connection can be lost after the COMMIT reached the server, or `WorkLost` after such an
+    /// attempt of one of them — and the objects' histories tell: each claim's release event
+    /// (token, session) is there. Every release is checked, not one: a batch retried with other
+    /// claims than the attempt whose answer was lost must not count those as done. A `WorkLost`
+    /// whose history cannot be read now answers the read's (transient) error: the caller tries
+    /// again and looks again.
+    pub(crate) async fn release_committed(&self, releases: &[Release], e: Error) -> Result<()> {
         let may_hide = match &e {
             Error::Unavailable(_) => self.backend.capabilities().unavailable_may_have_committed,
-            Error::WorkLost { .. } => release.earlier_unknown,
+            Error::WorkLost { .. } => releases.iter().any(|r| r.earlier_unknown),
             _ => false,
         };
-        if !may_hide {
+        if !may_hide || releases.is_empty() {
             return Err(e);
         }
-        match self.release_recorded(release).await {
-            Ok(true) => {
-                tracing::info!(
-                    object = %release.key,
-                    process = %release.process,
-                    token = release.token,
-                    "a claim's release whose answer was lost with the connection had committed"
-                );
-                Ok(())
+        for release in releases {
+            match self.release_recorded(release).await {
+                Ok(true) => {}
+                Ok(false) => return Err(e),
+                Err(read) if matches!(e, Error::WorkLost { .. }) && read.is_transient() => {
+                    return Err(read)
+                }
+                Err(_) => return Err(e),
             }
-            Ok(false) => Err(e),
-            Err(read) if matches!(e, Error::WorkLost { .. }) && read.is_transient() => Err(read),
-            Err(_) => Err(e),
         }
+        tracing::info!(
+            claims = releases.len(),
+            object = %releases[0].key,
+            process = %releases[0].process,
+            "claims' releases whose answer was lost with the connection had committed"
+        );
+        Ok(())
     }
 
     /// Whether the history of `release`'s object holds its event, written by this claim.

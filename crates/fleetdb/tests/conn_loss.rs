@@ -676,3 +676,54 @@ async fn a_finish_and_claim_whose_answer_is_lost_hands_its_claim_to_the_next() {
     drop(s);
     db.drop().await;
 }
+
+/// A batch finish whose answer was lost (and the database then unreachable) answers
+/// `Unavailable`. Tried again with another claim in place of one of its own, it is not taken for
+/// done (that claim's finish is not in the history): `WorkLost`, that claim still held. Tried
+/// again as it was, it is found committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_finish_whose_answer_is_lost_is_found_committed_for_its_own_claims_only() {
+    let db = Db::new().await;
+    let (direct, proxy, _store, s) = jobs_ready(&db, 3).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(s.claim_object(&job(i), "P").await.unwrap());
+    }
+    let other = held.pop().unwrap();
+    let committed = proxy.arm_commit();
+    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), true);
+    let (got, ()) = tokio::join!(s.finish_many(&mut held), cut);
+    assert!(
+        matches!(got, Err(fleetdb::Error::Unavailable(_))),
+        "nothing to tell from: {got:?}"
+    );
+    proxy.st.down.store(false, Ordering::SeqCst);
+    let second = held.pop().unwrap();
+    let mut mixed = vec![held.pop().unwrap(), other];
+    let got = s.finish_many(&mut mixed).await;
+    assert!(
+        matches!(got, Err(fleetdb::Error::WorkLost { .. })),
+        "job 2 was never finished: {got:?}"
+    );
+    let still: Vec<ObjectKey> = direct
+        .work_list(Some("P"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.key)
+        .collect();
+    assert_eq!(still, vec![job(2)]);
+    let other = mixed.pop().unwrap();
+    let mut again = vec![mixed.pop().unwrap(), second];
+    s.finish_many(&mut again).await.unwrap();
+    let mut other = other;
+    other.finish(|_| async { Ok(()) }).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            events(&direct, &job(i)).await,
+            vec![fleetdb::WorkEvent::Started, fleetdb::WorkEvent::Finished]
+        );
+    }
+    drop(s);
+    db.drop().await;
+}
