@@ -793,6 +793,71 @@ pub async fn a_kind_declared_not_collectable_during_a_collection_keeps_what_it_r
     );
 }
 
+/// A change-log compaction (`fleetdb compact`) during a collection deletes the change rows the
+/// sweep transaction reads to protect what changed after the mark: the transaction sees that
+/// the log was compacted past the mark and spares every candidate (an object a root started
+/// referencing meanwhile was swept otherwise), while expired leases still go; the next
+/// collection, marking after the compaction, decides as usual.
+pub async fn a_reference_written_during_a_collection_survives_a_compaction(h: &Harness) {
+    let s = &h.store;
+    s.gc_kind_declare("layer", true).await.unwrap();
+    obj(s, "layer", "l1", &[]).await;
+    obj(s, "layer", "l2", &[]).await;
+    obj(s, "machine", "m1", &[]).await;
+    let expiring = lease_expiring_in(s, 5).await;
+    let snap = s.backend().gc_snapshot().await.unwrap();
+    h.clock.advance(Duration::from_secs(6));
+    let marked = gc::mark(&snap, h.clock.now());
+    assert_eq!(
+        marked.garbage_objects,
+        vec![key("default", "layer", "l1"), key("default", "layer", "l2")]
+    );
+    assert_eq!(marked.expired_leases, vec![expiring.id.clone()]);
+    // While the collection runs: a machine (a root) starts referencing l1 ...
+    obj(s, "machine", "m1", &[("fleetdb.io/gc.ref.layer", "l1")]).await;
+    // ... and an operator compacts the change log.
+    let cur = s.revision().await.unwrap().current;
+    s.compact(fleetdb::Revision(cur.0 + 1)).await.unwrap();
+    let r = s
+        .backend()
+        .commit(Batch {
+            preconditions: vec![],
+            ops: vec![Op::GcSweep {
+                mark_revision: snap.revision,
+                objects: marked.garbage_objects.clone(),
+                blobs: vec![],
+                expired_leases: marked.expired_leases.clone(),
+                collectable_kinds: vec!["layer".into()],
+            }],
+            now: h.clock.now(),
+        })
+        .await
+        .unwrap();
+    match &r[0].applied {
+        fleetdb::Applied::Swept {
+            objects,
+            leases,
+            spared,
+            ..
+        } => assert_eq!(
+            (*objects, *leases, *spared),
+            (0, 1, 2),
+            "after a compaction past the mark every candidate is spared, the expired lease goes"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        exists(s, "layer", "l1").await,
+        "l1 was swept though machine m1 references it"
+    );
+    assert!(s.lease_get(&expiring.id).await.unwrap().is_none());
+    // A collection marking after the compaction takes l2 and keeps l1.
+    let stats = s.gc_run().await.unwrap();
+    assert_eq!(stats.swept_objects, 1, "{stats:?}");
+    assert!(exists(s, "layer", "l1").await);
+    assert!(!exists(s, "layer", "l2").await);
+}
+
 /// Exports hold objects and blobs alive while they live (persistent: until unexported; TTL: until
 /// then, which also triggers a collection; session-bound: while the session lives), an export
 /// written during a collection protects what it holds, and an export cannot hold what does not

@@ -157,6 +157,7 @@ macro_rules! suite {
             a_blob_held_only_by_an_expired_lease_goes_at_the_expiry,
             a_blob_committed_again_during_a_collection_survives_it,
             a_kind_declared_not_collectable_during_a_collection_keeps_what_it_references,
+            a_reference_written_during_a_collection_survives_a_compaction,
             a_lease_written_since_the_last_mark_triggers_a_run_at_its_expiry,
             a_lease_written_by_another_process_triggers_a_run_at_its_expiry,
             an_expiry_written_by_another_process_before_any_collection_is_seen,
