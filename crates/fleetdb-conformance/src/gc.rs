@@ -508,6 +508,106 @@ pub async fn external_collectors_remove_unused_resources_and_failures_skip(h: &H
     );
 }
 
+/// A volume service whose clients use volumes WHILE a collection runs: every volume `all` lists
+/// is leased or referenced by a client after the mark's snapshot (in `all` itself), and removing
+/// the first unused one (`v-free`) makes a client reference another (`v-late`), after the
+/// collector read what is held.
+struct VolumesInUse {
+    store: Mutex<Option<Store>>,
+    older_lease: String,
+    leased: Mutex<Vec<(String, String)>>,
+    removed: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl ExternalCollector for VolumesInUse {
+    fn kind(&self) -> &str {
+        "volume"
+    }
+    async fn all(&self) -> Result<Vec<String>> {
+        let Some(s) = self.store.lock().unwrap().clone() else {
+            return Err(Error::Backend("the test's client is gone".into()));
+        };
+        // (a) a new lease, and the volume the service keeps for it (`leased`);
+        let l = s.lease_create(LeaseSpec::default()).await?;
+        self.leased
+            .lock()
+            .unwrap()
+            .push((l.id.clone(), "v-leased".into()));
+        // (b) a machine now references a volume by label;
+        s.object_put(
+            &key("default", "machine", "m2"),
+            labels(&[("fleetdb.io/gc.ref.volume", "v-ref")]),
+        )
+        .await?;
+        // (c) a live lease created before the run now holds a volume.
+        s.lease_add(
+            &self.older_lease,
+            Resource::Object {
+                key: key("default", "volume", "v-added"),
+            },
+        )
+        .await?;
+        Ok(vec![
+            "v-leased".into(),
+            "v-ref".into(),
+            "v-added".into(),
+            "v-free".into(),
+            "v-late".into(),
+        ])
+    }
+    async fn active(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    async fn leased(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.leased.lock().unwrap().clone())
+    }
+    async fn remove(&self, id: &str) -> Result<()> {
+        self.removed.lock().unwrap().push(id.to_string());
+        if id == "v-free" {
+            // (d) meanwhile a client references v-late (after what is held was read).
+            let s = self.store.lock().unwrap().take();
+            if let Some(s) = s {
+                s.object_put(
+                    &key("default", "machine", "m3"),
+                    labels(&[("fleetdb.io/gc.ref.volume", "v-late")]),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// External resources leased or referenced while a collection runs survive it: what is held is
+/// read after the collector listed what exists, and what is written after that read is taken from
+/// the change log before each removal. Only the volume nobody uses is removed.
+pub async fn external_resources_leased_or_referenced_during_a_collection_survive_it(h: &Harness) {
+    let s = &h.store;
+    let older = s.lease_create(LeaseSpec::default()).await.unwrap();
+    let removed = Arc::new(Mutex::new(Vec::new()));
+    s.gc_register_collector(Arc::new(VolumesInUse {
+        store: Mutex::new(Some(s.clone())),
+        older_lease: older.id.clone(),
+        leased: Mutex::default(),
+        removed: removed.clone(),
+    }))
+    .unwrap();
+    let stats = s.gc_run().await.unwrap();
+    assert!(
+        stats.collector_errors.is_empty(),
+        "{:?}",
+        stats.collector_errors
+    );
+    // Held when it would be removed: by a live lease (asked through `leased`), by a machine's
+    // reference label, by a live lease's resource, by a reference written after the fresh read.
+    assert_eq!(
+        *removed.lock().unwrap(),
+        vec!["v-free".to_string()],
+        "volumes in use were removed"
+    );
+}
+
 pub async fn gc_reports_stats_and_metrics(h: &Harness) {
     let s = &h.store;
     declare(s).await;

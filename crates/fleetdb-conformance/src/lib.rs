@@ -152,6 +152,7 @@ macro_rules! suite {
             an_expired_lease_triggers_collection_by_itself,
             objects_created_or_referenced_during_a_collection_survive_it,
             external_collectors_remove_unused_resources_and_failures_skip,
+            external_resources_leased_or_referenced_during_a_collection_survive_it,
             gc_reports_stats_and_metrics,
             threshold_runs_respect_the_time_budget_requests_do_not,
             a_blob_held_only_by_an_expired_lease_goes_at_the_expiry,

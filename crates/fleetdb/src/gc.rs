@@ -7,7 +7,7 @@
 //! referenced while a collection runs is never removed by it. Blob bytes are removed after the
 //! metadata commits; bytes left behind by a crash are found and removed by the next run.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -759,6 +759,8 @@ impl Store {
             .collect::<std::collections::BTreeSet<String>>()
             .into_iter()
             .collect();
+        // Nothing below reads the mark's snapshot (external collectors read the store afresh).
+        drop(snap);
         // Whether the last batch removed none of its candidates: only then may a kind have
         // changed (each sweep transaction checks), and the kinds are read to stop the run.
         let mut all_spared = false;
@@ -836,7 +838,7 @@ impl Store {
         }
         stats.orphans_removed = ignore_unsupported(self.backend.blob_orphans_remove().await)?;
         ignore_unsupported(self.backend.ingest_sweep(now).await)?;
-        self.run_external(&snap, now, &mut stats).await;
+        self.run_external(&mut stats).await;
         stats.sweep_ms = sweep_start.elapsed().as_secs_f64() * 1000.0;
         Ok(stats)
     }
@@ -954,9 +956,17 @@ impl Store {
         Ok((before - objects.len() - blobs.len()) as u64)
     }
 
-    /// External collectors: remove what exists, is not active, not leased by a live lease and
-    /// not referenced by any live object. A failing collector skips the round.
-    async fn run_external(&self, snap: &gc::GcSnapshot, now: Timestamp, stats: &mut GcStats) {
+    /// External collectors: remove what exists, is not active, not held for a live lease by the
+    /// collector, not a live lease's resource and not referenced by any object. A failing
+    /// collector skips the round.
+    ///
+    /// What is held is read from the store AFTER the collectors were asked what exists (and what
+    /// they keep): judged from the mark's snapshot, a resource leased or referenced while the
+    /// collection ran was listed by `all` and removed though in use. Every collector's `all`,
+    /// `active` and `leased` are asked first, then ONE fresh snapshot is read (revision `R`),
+    /// and before each removal what was put after `R` is read from the change log
+    /// ([`ExternalFresh`]), so a reference or lease written meanwhile spares its resource.
+    async fn run_external(&self, stats: &mut GcStats) {
         let collectors: Vec<Arc<dyn ExternalCollector>> = self
             .gc
             .collectors
@@ -966,33 +976,217 @@ impl Store {
         if collectors.is_empty() {
             return;
         }
-        let held = external_held(snap, now);
-        let live = live_leases(snap, now);
+        let mut rounds = Vec::with_capacity(collectors.len());
         for c in collectors {
-            let kind = c.kind().to_string();
-            let round = async {
+            let asked = async {
                 let all = c.all().await?;
-                let mut keep: HashSet<String> = c.active().await?.into_iter().collect();
-                keep.extend(
-                    c.leased()
-                        .await?
-                        .into_iter()
-                        .filter(|(lease, _)| live.contains(lease.as_str()))
-                        .map(|(_, id)| id),
-                );
-                for id in all {
-                    if keep.contains(&id) || held.contains(&(kind.clone(), id.clone())) {
-                        continue;
+                let active: HashSet<String> = c.active().await?.into_iter().collect();
+                let mut leased: HashMap<String, Vec<String>> = HashMap::new();
+                for (lease, id) in c.leased().await? {
+                    leased.entry(id).or_default().push(lease);
+                }
+                Ok::<_, Error>(ExternalRound {
+                    all,
+                    active,
+                    leased,
+                })
+            };
+            match asked.await {
+                Ok(round) => rounds.push((c, round)),
+                Err(e) => fail_round(&*c, e, stats).await,
+            }
+        }
+        let any_candidate = rounds
+            .iter()
+            .any(|(_, r)| r.all.iter().any(|id| !r.active.contains(id)));
+        let mut fresh = if any_candidate {
+            match ExternalFresh::read(self).await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    for (c, _) in rounds {
+                        fail_round(
+                            &*c,
+                            Error::Backend(format!("reading what is held: {e}")),
+                            stats,
+                        )
+                        .await;
                     }
-                    c.remove(&id).await?;
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        for (c, round) in rounds {
+            let kind = c.kind().to_string();
+            let result = async {
+                if let Some(fresh) = fresh.as_mut() {
+                    for id in &round.all {
+                        if round.active.contains(id) {
+                            continue;
+                        }
+                        if fresh.keeps(&kind, id, &round.leased) {
+                            continue;
+                        }
+                        // Written since the fresh read: a new reference or lease spares it.
+                        self.external_advance(fresh).await?;
+                        if fresh.gave_up {
+                            break;
+                        }
+                        if fresh.keeps(&kind, id, &round.leased) {
+                            continue;
+                        }
+                        c.remove(id).await?;
+                    }
                 }
                 c.finish().await
             };
-            if let Err(e) = round.await {
-                c.cancel().await;
-                stats.collector_errors.push(format!("{kind}: {e}"));
+            if let Err(e) = result.await {
+                fail_round(&*c, e, stats).await;
             }
         }
+    }
+
+    /// Take into `fresh` what was put since its revision (up to the settled revision): the
+    /// references of objects written since, the resources of leases created or extended since
+    /// (and those leases, as alive). Past a compaction, or past [`FRESH_MAX`] changed entities,
+    /// it gives up: what is held can no longer be told, and nothing more is removed this round.
+    async fn external_advance(&self, fresh: &mut ExternalFresh) -> Result<()> {
+        if fresh.gave_up {
+            return Ok(());
+        }
+        let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
+        if settled <= fresh.mark {
+            return Ok(());
+        }
+        let changed = match self
+            .backend
+            .gc_changed(fresh.mark, settled, FRESH_MAX)
+            .await
+        {
+            Ok(c) => c,
+            Err(Error::Compacted { .. }) => {
+                fresh.gave_up = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if changed.len() >= FRESH_MAX {
+            fresh.gave_up = true;
+            return Ok(());
+        }
+        for (_, ns, kind, id) in changed {
+            match gc::change_start(ns, kind, id) {
+                gc::ChangeStart::Node(Resource::Object { key }) => {
+                    if let Some(o) = self.backend.object_get(&key).await? {
+                        fresh.hold_references(&key.namespace, &o.labels);
+                    }
+                }
+                gc::ChangeStart::Lease(id) => {
+                    // Put since the fresh read: alive then (a lease is created alive, and only
+                    // a live lease is extended); kept alive for this round, which only keeps more.
+                    for r in ignore_unsupported(self.backend.lease_resources(&id).await)? {
+                        fresh.hold(&r);
+                    }
+                    fresh.live.insert(id);
+                }
+                // Blobs reference blobs only; exports hold what exists in the store.
+                gc::ChangeStart::Node(Resource::Blob { .. })
+                | gc::ChangeStart::Export(_)
+                | gc::ChangeStart::None => {}
+            }
+        }
+        fresh.mark = settled;
+        Ok(())
+    }
+}
+
+/// What a collector said in one round: what exists, what it keeps itself, what it holds for
+/// leases.
+struct ExternalRound {
+    all: Vec<String>,
+    active: HashSet<String>,
+    /// Resource id → the leases the collector holds it for.
+    leased: HashMap<String, Vec<String>>,
+}
+
+/// Cancel a collector's round and report why.
+async fn fail_round(c: &dyn ExternalCollector, e: Error, stats: &mut GcStats) {
+    c.cancel().await;
+    stats.collector_errors.push(format!("{}: {e}", c.kind()));
+}
+
+/// What external collectors must keep, read after they listed what exists: `(kind, id)` of every
+/// reference to a non-blob kind by an object, and of every live lease's `Resource::Object`; the
+/// leases alive. Over-approximates (any object's reference counts, a lease is taken as alive for
+/// the rest of the round), which only ever keeps more. `mark` is the revision it is complete up
+/// to ([`Store::external_advance`] moves it).
+struct ExternalFresh {
+    mark: Revision,
+    held: HashSet<(String, String)>,
+    live: HashSet<String>,
+    gave_up: bool,
+}
+
+impl ExternalFresh {
+    async fn read(store: &Store) -> Result<Self> {
+        // Long CPU work on a large store (as the mark's snapshot): on a blocking thread.
+        let backend = store.backend.clone();
+        let clock = store.clock.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let snap = handle.block_on(backend.gc_snapshot())?;
+            Ok(Self::of(&snap, clock.now()))
+        })
+        .await
+        .map_err(|e| Error::Backend(format!("reading what is held panicked: {e}")))?
+    }
+
+    /// What `snap` holds, with the leases alive at `now`.
+    fn of(snap: &gc::GcSnapshot, now: Timestamp) -> Self {
+        let mut fresh = ExternalFresh {
+            mark: snap.revision,
+            held: HashSet::new(),
+            live: snap
+                .leases
+                .iter()
+                .filter(|l| l.alive_at(now))
+                .map(|l| l.id.clone())
+                .collect(),
+            gave_up: false,
+        };
+        for (key, _, labels) in &snap.objects {
+            if let Some(l) = labels {
+                fresh.hold_references(&key.namespace, l);
+            }
+        }
+        for (lease, r) in &snap.lease_resources {
+            if fresh.live.contains(lease.as_str()) {
+                fresh.hold(r);
+            }
+        }
+        fresh
+    }
+
+    fn hold(&mut self, r: &Resource) {
+        if let Resource::Object { key } = r {
+            self.held.insert((key.kind.clone(), key.id.clone()));
+        }
+    }
+
+    fn hold_references(&mut self, namespace: &str, labels: &fleetdb_core::Labels) {
+        for r in gc::references(namespace, labels) {
+            self.hold(&r);
+        }
+    }
+
+    /// Whether resource `id` of `kind` is held: referenced, a live lease's, or listed by its
+    /// collector as held for a live lease (`leased`).
+    fn keeps(&self, kind: &str, id: &str, leased: &HashMap<String, Vec<String>>) -> bool {
+        self.held.contains(&(kind.to_string(), id.to_string()))
+            || leased
+                .get(id)
+                .is_some_and(|leases| leases.iter().any(|l| self.live.contains(l.as_str())))
     }
 }
 
@@ -1045,38 +1239,6 @@ impl Fresh {
             Resource::Blob { digest } => self.blobs.insert(digest.clone()),
         }
     }
-}
-
-/// (kind, id) of every reference to a non-object kind held by a live object or a live lease —
-/// what external collectors must keep. Over-approximates (any object's reference counts), which
-/// only ever keeps more.
-fn external_held(snap: &gc::GcSnapshot, now: Timestamp) -> HashSet<(String, String)> {
-    let mut held = HashSet::new();
-    for (key, _, labels) in &snap.objects {
-        if let Some(l) = labels {
-            for r in gc::references(&key.namespace, l) {
-                if let Resource::Object { key } = r {
-                    held.insert((key.kind, key.id));
-                }
-            }
-        }
-    }
-    let live = live_leases(snap, now);
-    for (lease, r) in &snap.lease_resources {
-        if let (true, Resource::Object { key }) = (live.contains(lease.as_str()), r) {
-            held.insert((key.kind.clone(), key.id.clone()));
-        }
-    }
-    held
-}
-
-/// Ids of the snapshot's leases alive at `now`.
-fn live_leases(snap: &gc::GcSnapshot, now: Timestamp) -> HashSet<&str> {
-    snap.leases
-        .iter()
-        .filter(|l| l.alive_at(now))
-        .map(|l| l.id.as_str())
-        .collect()
 }
 
 fn ignore_unsupported<T: Default>(r: Result<T>) -> Result<T> {
