@@ -807,6 +807,68 @@ pub async fn an_expiry_written_by_another_process_before_any_collection_is_seen(
     assert!(s.blob_info(&held.digest).await.unwrap().is_none());
 }
 
+/// A blob committed with `gc.expire` makes its expiry a collection deadline at once, as an
+/// object's label does: on an idle store the blob goes at its expiry, with no other trigger.
+pub async fn a_blob_with_gc_expire_triggers_a_run_at_its_expiry(h: &Harness) {
+    let s = &h.store;
+    let at = h.clock.now() + Duration::from_secs(10);
+    let b = s
+        .blob_put(
+            b"expiring",
+            labels(&[("fleetdb.io/gc.expire", &at.to_rfc3339())]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.gc_status().next_deadline, Some(at));
+    assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
+    h.clock.advance(Duration::from_secs(11));
+    let stats = due_run(s).await.expect("a run at the blob's gc.expire");
+    assert_eq!(stats.trigger, "deadline");
+    assert_eq!(stats.swept_blobs, 1);
+    assert!(s.blob_info(&b.digest).await.unwrap().is_none());
+}
+
+/// The same for a blob another process committed (a CLI upload that then exits): the blobs'
+/// entries of the change log are followed like the leases' and exports'.
+pub async fn a_blob_expiry_written_by_another_process_triggers_a_run(h: &Harness) {
+    let at = h.clock.now() + Duration::from_secs(10);
+    let other = h.another_process().await;
+    let b = other
+        .blob_put(
+            b"expiring elsewhere",
+            labels(&[("fleetdb.io/gc.expire", &at.to_rfc3339())]),
+            None,
+        )
+        .await
+        .unwrap();
+    drop(other);
+    let s = &h.store;
+    assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
+    assert_eq!(s.gc_status().next_deadline, Some(at));
+    h.clock.advance(Duration::from_secs(11));
+    let stats = due_run(s)
+        .await
+        .expect("a run at the other process's blob's gc.expire");
+    assert_eq!(stats.trigger, "deadline");
+    assert!(s.blob_info(&b.digest).await.unwrap().is_none());
+}
+
+/// Every blob commit is a mutation (an unreferenced blob is garbage at once): a process that
+/// only uploads reaches the mutation threshold and collects.
+pub async fn unreferenced_blob_commits_count_toward_the_mutation_threshold(h: &Harness) {
+    let s = &h.store;
+    for i in 0..150u32 {
+        s.blob_put(format!("garbage {i}").as_bytes(), labels(&[]), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.gc_status().mutations_since, 150);
+    let stats = due_run(s).await.expect("a run past the mutation threshold");
+    assert_eq!(stats.trigger, "mutations");
+    assert_eq!(stats.swept_blobs, 150);
+}
+
 /// A blob committed again during a collection (under a lease that then ends, as a deploy puts
 /// its files) is wanted now: the collection that marked it as garbage before spares it.
 pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness) {

@@ -377,12 +377,12 @@ pub fn root_by_labels(labels: &Labels, now: Timestamp) -> (bool, Option<Timestam
 }
 
 /// The deadline a change-log entry makes a collection due at: a lease put with an expiry, an
-/// export put holding resources with a TTL (past or not: a past one is due now). What another
-/// process commits reaches this one's collector this way (its own commits say so at once): an
-/// expiring lease written by a short-lived process (a CLI command) must trigger a run in the
-/// long-lived ones too. `None` for anything else (an object's `gc.expire` included: objects'
-/// entries are not followed, see the store's collector), and for an entry whose value cannot be
-/// read (the next mark sees it anyway).
+/// export put holding resources with a TTL, a blob committed with a `gc.expire` label (past or
+/// not: a past one is due now). What another process commits reaches this one's collector this
+/// way (its own commits say so at once): an expiring lease written by a short-lived process (a
+/// CLI command) must trigger a run in the long-lived ones too. `None` for anything else (an
+/// object's `gc.expire` included: objects' entries are not followed, see the store's
+/// collector), and for an entry whose value cannot be read (the next mark sees it anyway).
 pub fn deadline_of_change(change: &crate::model::Change) -> Option<Timestamp> {
     use crate::model::{ChangeOp, Entity};
     if change.op != ChangeOp::Put {
@@ -391,6 +391,13 @@ pub fn deadline_of_change(change: &crate::model::Change) -> Option<Timestamp> {
     let value = change.new_value.as_ref()?;
     match change.entity {
         Entity::Lease => value.get("expires_at")?.as_i64().map(Timestamp),
+        Entity::Content => {
+            let text = value.get("labels")?.get(EXPIRE_LABEL)?.as_str()?;
+            match parse_gc_label(EXPIRE_LABEL, text) {
+                Ok(Some(GcLabel::Expire(t))) => Some(t),
+                _ => None,
+            }
+        }
         Entity::Export => {
             let holds = value.get("meta")?.get("holds")?.as_array()?;
             if holds.is_empty() {
@@ -719,6 +726,37 @@ mod tests {
                 change(Entity::Export, ChangeOp::Put, Some(export(true, None))),
                 None,
             ),
+            // A blob's gc.expire (the blob's change value: size and labels).
+            (
+                change(Entity::Content, ChangeOp::Put, Some(labels.clone())),
+                Some(at),
+            ),
+            (
+                change(
+                    Entity::Content,
+                    ChangeOp::Put,
+                    Some(r#"{"size": 3, "labels": {"a": "b"}}"#.into()),
+                ),
+                None,
+            ),
+            // Unreadable: no deadline (the next mark decides), no panic.
+            (
+                change(
+                    Entity::Content,
+                    ChangeOp::Put,
+                    Some(format!(r#"{{"labels": {{"{EXPIRE_LABEL}": "soon"}}}}"#)),
+                ),
+                None,
+            ),
+            (
+                change(
+                    Entity::Content,
+                    ChangeOp::Put,
+                    Some(format!(r#"{{"labels": {{"{EXPIRE_LABEL}": 7}}}}"#)),
+                ),
+                None,
+            ),
+            (change(Entity::Content, ChangeOp::Delete, None), None),
             // Objects' entries are not followed (their gc.expire is seen at a mark).
             (change(Entity::Object, ChangeOp::Put, Some(labels)), None),
             (change(Entity::Tag, ChangeOp::Put, Some("1".into())), None),

@@ -95,7 +95,7 @@ pub(crate) struct GcState {
     /// The change-log positions (one per stream of [`FOLLOWED`]) up to which this process has
     /// taken the deadlines of every process's commits ([`Store::gc_follow_changes`]); `None`
     /// until the first tick.
-    followed: Mutex<Option<[Revision; 2]>>,
+    followed: Mutex<Option<[Revision; FOLLOWED.len()]>>,
     /// Counts the marks that moved `followed` back (a follow that read the positions before
     /// one does not store its own after it).
     mark_epoch: AtomicU64,
@@ -118,10 +118,15 @@ pub(crate) struct GcState {
 /// stream and tick at most (the rest at the next tick).
 const FOLLOW_PAGE: usize = 1_000;
 const FOLLOW_PAGES_MAX: usize = 10;
-/// The change-log streams followed for deadlines: leases and exports (each a namespace of the
-/// log, so a read is an index range: the objects' and tags' entries, nearly all of a busy log,
-/// are not read). An object's `gc.expire` written by another process is seen at the next mark.
-const FOLLOWED: [&str; 2] = [gc::LEASE_CHANGE_NAMESPACE, ".export"];
+/// The change-log streams followed for deadlines: leases, exports and blobs (each a namespace of
+/// the log, so a read is an index range: the objects' and tags' entries, nearly all of a busy
+/// log, are not read; a blob's entry comes with an upload, far costlier than reading it). An
+/// object's `gc.expire` written by another process is seen at the next mark.
+const FOLLOWED: [&str; 3] = [
+    gc::LEASE_CHANGE_NAMESPACE,
+    ".export",
+    gc::CONTENT_CHANGE_NAMESPACE,
+];
 
 /// The earliest time the writes of a batch committed at `now` make a collection due: a lease's
 /// expiry, a `gc.expire` label, an export's TTL (what they protect becomes garbage then).
@@ -506,7 +511,7 @@ impl Store {
         self.run_collection(trigger).await.map(Some)
     }
 
-    /// Take the deadlines of every process's leases and exports committed since the last tick
+    /// Take the deadlines of every process's leases, exports and blobs committed since the last tick
     /// from the change log ([`gc::deadline_of_change`]): this process's own commits note theirs at
     /// once, but a lease with an expiry written by another process — a CLI command that then
     /// exits — would otherwise wait for this process's next mark, which on an idle store never
@@ -526,7 +531,7 @@ impl Store {
         let followed = *self.gc.followed.lock().unwrap_or_else(|p| p.into_inner());
         let mut pos = match followed {
             Some(p) => p,
-            None => [self.gc_follow_start().await?; 2],
+            None => [self.gc_follow_start().await?; FOLLOWED.len()],
         };
         let upto = self.backend.settled_revision(SETTLE_WAIT).await?;
         let mut result = Ok(());
