@@ -869,6 +869,70 @@ pub async fn unreferenced_blob_commits_count_toward_the_mutation_threshold(h: &H
     assert_eq!(stats.swept_blobs, 150);
 }
 
+/// A lease deleted by another process (`fleetdb lease rm ID` without `--sync`, which then
+/// exits), or an export another process stops holding with, makes a collection due in this one:
+/// the change-log follower reads those entries too. Once: the run's mark saw them.
+pub async fn a_lease_deleted_by_another_process_triggers_a_run(h: &Harness) {
+    use fleetdb::core::world::{ExportId, ExportRecord, Lifetime};
+    let s = &h.store;
+    let l = s.lease_create(LeaseSpec::default()).await.unwrap();
+    let leased = s
+        .blob_put(b"leased", labels(&[]), Some(&l.id))
+        .await
+        .unwrap();
+    let exported = s.blob_put(b"exported", labels(&[]), None).await.unwrap();
+    let export = |holds: Vec<Resource>| ExportRecord {
+        id: ExportId::new("files", "e", "*"),
+        data: b"e".to_vec(),
+        lifetime: Lifetime::persistent(),
+        holds,
+    };
+    s.world("h1")
+        .unwrap()
+        .export(vec![export(vec![Resource::Blob {
+            digest: exported.digest.clone(),
+        }])])
+        .await
+        .unwrap();
+    s.gc_run().await.unwrap();
+    assert!(s.blob_info(&leased.digest).await.unwrap().is_some());
+    assert!(s.blob_info(&exported.digest).await.unwrap().is_some());
+
+    let other = h.another_process().await;
+    other.lease_delete(&l.id, false).await.unwrap();
+    let stats = due_run(s)
+        .await
+        .expect("a run for the lease another process deleted");
+    assert_eq!(stats.trigger, "requested");
+    assert!(s.blob_info(&leased.digest).await.unwrap().is_none());
+    assert!(s.blob_info(&exported.digest).await.unwrap().is_some());
+
+    // The export, written again holding nothing, releases its blob.
+    other
+        .world("h1")
+        .unwrap()
+        .export(vec![export(vec![])])
+        .await
+        .unwrap();
+    drop(other);
+    let stats = due_run(s)
+        .await
+        .expect("a run for the export that stopped holding");
+    assert_eq!(stats.trigger, "requested");
+    assert!(s.blob_info(&exported.digest).await.unwrap().is_none());
+
+    // Seen by that run's mark: no run again for the same entries.
+    let give_up = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < give_up {
+        let again = s.gc_maybe_run().await.unwrap();
+        assert!(
+            again.is_none(),
+            "a run again for the same entries: {again:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A blob committed again during a collection (under a lease that then ends, as a deploy puts
 /// its files) is wanted now: the collection that marked it as garbage before spares it.
 pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness) {

@@ -511,8 +511,8 @@ impl Store {
         self.run_collection(trigger).await.map(Some)
     }
 
-    /// Take the deadlines of every process's leases, exports and blobs committed since the last tick
-    /// from the change log ([`gc::deadline_of_change`]): this process's own commits note theirs at
+    /// Take the deadlines of every process's leases, exports and blobs committed since the last
+    /// tick from the change log ([`gc::deadline_of_change`]): this process's own commits note theirs at
     /// once, but a lease with an expiry written by another process — a CLI command that then
     /// exits — would otherwise wait for this process's next mark, which on an idle store never
     /// comes (containerd's bug, across processes). Each stream of [`FOLLOWED`] moves its position
@@ -523,8 +523,9 @@ impl Store {
     /// tick starts where the newest recorded
     /// collection (of any process) marked, taking that mark's deadline; with none recorded, at
     /// the start of the log. Past a compaction it goes on from the settled revision (what was
-    /// compacted away is seen at the next mark); it never asks for a collection (a fleet of
-    /// workers restarting would each run one).
+    /// compacted away is seen at the next mark). It requests a collection only for an entry that
+    /// released what was held ([`gc::releases_of_change`]: a lease deleted, an export no longer
+    /// holding, by another process) after this process's last mark; deadlines are only noted.
     async fn gc_follow_changes(&self) -> Result<()> {
         self.ready().await?;
         let epoch = self.gc.mark_epoch.load(Ordering::Acquire);
@@ -568,6 +569,13 @@ impl Store {
                         // again at every tick while a long transaction holds the revision back).
                         Some(d) if d <= now && (seen_by_mark || c.revision > upto) => {}
                         d => self.gc.note_deadline(d),
+                    }
+                    // A lease deleted while alive, an export no longer holding what it held
+                    // (`fleetdb lease rm` without --sync, by a process that then exits): what
+                    // they held may be garbage now, and no deadline says so. Due now, once: not
+                    // for an entry the last mark saw, nor before it settles (as above).
+                    if gc::releases_of_change(c) && !seen_by_mark && c.revision <= upto {
+                        self.gc.requested.store(true, Ordering::Relaxed);
                     }
                 }
                 let last = page.last().map(|c| c.revision);
