@@ -508,6 +508,106 @@ pub async fn external_collectors_remove_unused_resources_and_failures_skip(h: &H
     );
 }
 
+/// A volume service whose clients use volumes WHILE a collection runs: every volume `all` lists
+/// is leased or referenced by a client after the mark's snapshot (in `all` itself), and removing
+/// the first unused one (`v-free`) makes a client reference another (`v-late`), after the
+/// collector read what is held.
+struct VolumesInUse {
+    store: Mutex<Option<Store>>,
+    older_lease: String,
+    leased: Mutex<Vec<(String, String)>>,
+    removed: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl ExternalCollector for VolumesInUse {
+    fn kind(&self) -> &str {
+        "volume"
+    }
+    async fn all(&self) -> Result<Vec<String>> {
+        let Some(s) = self.store.lock().unwrap().clone() else {
+            return Err(Error::Backend("the test's client is gone".into()));
+        };
+        // (a) a new lease, and the volume the service keeps for it (`leased`);
+        let l = s.lease_create(LeaseSpec::default()).await?;
+        self.leased
+            .lock()
+            .unwrap()
+            .push((l.id.clone(), "v-leased".into()));
+        // (b) a machine now references a volume by label;
+        s.object_put(
+            &key("default", "machine", "m2"),
+            labels(&[("fleetdb.io/gc.ref.volume", "v-ref")]),
+        )
+        .await?;
+        // (c) a live lease created before the run now holds a volume.
+        s.lease_add(
+            &self.older_lease,
+            Resource::Object {
+                key: key("default", "volume", "v-added"),
+            },
+        )
+        .await?;
+        Ok(vec![
+            "v-leased".into(),
+            "v-ref".into(),
+            "v-added".into(),
+            "v-free".into(),
+            "v-late".into(),
+        ])
+    }
+    async fn active(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    async fn leased(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.leased.lock().unwrap().clone())
+    }
+    async fn remove(&self, id: &str) -> Result<()> {
+        self.removed.lock().unwrap().push(id.to_string());
+        if id == "v-free" {
+            // (d) meanwhile a client references v-late (after what is held was read).
+            let s = self.store.lock().unwrap().take();
+            if let Some(s) = s {
+                s.object_put(
+                    &key("default", "machine", "m3"),
+                    labels(&[("fleetdb.io/gc.ref.volume", "v-late")]),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// External resources leased or referenced while a collection runs survive it: what is held is
+/// read after the collector listed what exists, and what is written after that read is taken from
+/// the change log before each removal. Only the volume nobody uses is removed.
+pub async fn external_resources_leased_or_referenced_during_a_collection_survive_it(h: &Harness) {
+    let s = &h.store;
+    let older = s.lease_create(LeaseSpec::default()).await.unwrap();
+    let removed = Arc::new(Mutex::new(Vec::new()));
+    s.gc_register_collector(Arc::new(VolumesInUse {
+        store: Mutex::new(Some(s.clone())),
+        older_lease: older.id.clone(),
+        leased: Mutex::default(),
+        removed: removed.clone(),
+    }))
+    .unwrap();
+    let stats = s.gc_run().await.unwrap();
+    assert!(
+        stats.collector_errors.is_empty(),
+        "{:?}",
+        stats.collector_errors
+    );
+    // Held when it would be removed: by a live lease (asked through `leased`), by a machine's
+    // reference label, by a live lease's resource, by a reference written after the fresh read.
+    assert_eq!(
+        *removed.lock().unwrap(),
+        vec!["v-free".to_string()],
+        "volumes in use were removed"
+    );
+}
+
 pub async fn gc_reports_stats_and_metrics(h: &Harness) {
     let s = &h.store;
     declare(s).await;
@@ -707,6 +807,132 @@ pub async fn an_expiry_written_by_another_process_before_any_collection_is_seen(
     assert!(s.blob_info(&held.digest).await.unwrap().is_none());
 }
 
+/// A blob committed with `gc.expire` makes its expiry a collection deadline at once, as an
+/// object's label does: on an idle store the blob goes at its expiry, with no other trigger.
+pub async fn a_blob_with_gc_expire_triggers_a_run_at_its_expiry(h: &Harness) {
+    let s = &h.store;
+    let at = h.clock.now() + Duration::from_secs(10);
+    let b = s
+        .blob_put(
+            b"expiring",
+            labels(&[("fleetdb.io/gc.expire", &at.to_rfc3339())]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.gc_status().next_deadline, Some(at));
+    assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
+    h.clock.advance(Duration::from_secs(11));
+    let stats = due_run(s).await.expect("a run at the blob's gc.expire");
+    assert_eq!(stats.trigger, "deadline");
+    assert_eq!(stats.swept_blobs, 1);
+    assert!(s.blob_info(&b.digest).await.unwrap().is_none());
+}
+
+/// The same for a blob another process committed (a CLI upload that then exits): the blobs'
+/// entries of the change log are followed like the leases' and exports'.
+pub async fn a_blob_expiry_written_by_another_process_triggers_a_run(h: &Harness) {
+    let at = h.clock.now() + Duration::from_secs(10);
+    let other = h.another_process().await;
+    let b = other
+        .blob_put(
+            b"expiring elsewhere",
+            labels(&[("fleetdb.io/gc.expire", &at.to_rfc3339())]),
+            None,
+        )
+        .await
+        .unwrap();
+    drop(other);
+    let s = &h.store;
+    assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
+    assert_eq!(s.gc_status().next_deadline, Some(at));
+    h.clock.advance(Duration::from_secs(11));
+    let stats = due_run(s)
+        .await
+        .expect("a run at the other process's blob's gc.expire");
+    assert_eq!(stats.trigger, "deadline");
+    assert!(s.blob_info(&b.digest).await.unwrap().is_none());
+}
+
+/// Every blob commit is a mutation (an unreferenced blob is garbage at once): a process that
+/// only uploads reaches the mutation threshold and collects.
+pub async fn unreferenced_blob_commits_count_toward_the_mutation_threshold(h: &Harness) {
+    let s = &h.store;
+    for i in 0..150u32 {
+        s.blob_put(format!("garbage {i}").as_bytes(), labels(&[]), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.gc_status().mutations_since, 150);
+    let stats = due_run(s).await.expect("a run past the mutation threshold");
+    assert_eq!(stats.trigger, "mutations");
+    assert_eq!(stats.swept_blobs, 150);
+}
+
+/// A lease deleted by another process (`fleetdb lease rm ID` without `--sync`, which then
+/// exits), or an export another process stops holding with, makes a collection due in this one:
+/// the change-log follower reads those entries too. Once: the run's mark saw them.
+pub async fn a_lease_deleted_by_another_process_triggers_a_run(h: &Harness) {
+    use fleetdb::core::world::{ExportId, ExportRecord, Lifetime};
+    let s = &h.store;
+    let l = s.lease_create(LeaseSpec::default()).await.unwrap();
+    let leased = s
+        .blob_put(b"leased", labels(&[]), Some(&l.id))
+        .await
+        .unwrap();
+    let exported = s.blob_put(b"exported", labels(&[]), None).await.unwrap();
+    let export = |holds: Vec<Resource>| ExportRecord {
+        id: ExportId::new("files", "e", "*"),
+        data: b"e".to_vec(),
+        lifetime: Lifetime::persistent(),
+        holds,
+    };
+    s.world("h1")
+        .unwrap()
+        .export(vec![export(vec![Resource::Blob {
+            digest: exported.digest.clone(),
+        }])])
+        .await
+        .unwrap();
+    s.gc_run().await.unwrap();
+    assert!(s.blob_info(&leased.digest).await.unwrap().is_some());
+    assert!(s.blob_info(&exported.digest).await.unwrap().is_some());
+
+    let other = h.another_process().await;
+    other.lease_delete(&l.id, false).await.unwrap();
+    let stats = due_run(s)
+        .await
+        .expect("a run for the lease another process deleted");
+    assert_eq!(stats.trigger, "requested");
+    assert!(s.blob_info(&leased.digest).await.unwrap().is_none());
+    assert!(s.blob_info(&exported.digest).await.unwrap().is_some());
+
+    // The export, written again holding nothing, releases its blob.
+    other
+        .world("h1")
+        .unwrap()
+        .export(vec![export(vec![])])
+        .await
+        .unwrap();
+    drop(other);
+    let stats = due_run(s)
+        .await
+        .expect("a run for the export that stopped holding");
+    assert_eq!(stats.trigger, "requested");
+    assert!(s.blob_info(&exported.digest).await.unwrap().is_none());
+
+    // Seen by that run's mark: no run again for the same entries.
+    let give_up = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < give_up {
+        let again = s.gc_maybe_run().await.unwrap();
+        assert!(
+            again.is_none(),
+            "a run again for the same entries: {again:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A blob committed again during a collection (under a lease that then ends, as a deploy puts
 /// its files) is wanted now: the collection that marked it as garbage before spares it.
 pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness) {
@@ -791,6 +1017,71 @@ pub async fn a_kind_declared_not_collectable_during_a_collection_keeps_what_it_r
         (1, 1),
         "{stats:?}"
     );
+}
+
+/// A change-log compaction (`fleetdb compact`) during a collection deletes the change rows the
+/// sweep transaction reads to protect what changed after the mark: the transaction sees that
+/// the log was compacted past the mark and spares every candidate (an object a root started
+/// referencing meanwhile was swept otherwise), while expired leases still go; the next
+/// collection, marking after the compaction, decides as usual.
+pub async fn a_reference_written_during_a_collection_survives_a_compaction(h: &Harness) {
+    let s = &h.store;
+    s.gc_kind_declare("layer", true).await.unwrap();
+    obj(s, "layer", "l1", &[]).await;
+    obj(s, "layer", "l2", &[]).await;
+    obj(s, "machine", "m1", &[]).await;
+    let expiring = lease_expiring_in(s, 5).await;
+    let snap = s.backend().gc_snapshot().await.unwrap();
+    h.clock.advance(Duration::from_secs(6));
+    let marked = gc::mark(&snap, h.clock.now());
+    assert_eq!(
+        marked.garbage_objects,
+        vec![key("default", "layer", "l1"), key("default", "layer", "l2")]
+    );
+    assert_eq!(marked.expired_leases, vec![expiring.id.clone()]);
+    // While the collection runs: a machine (a root) starts referencing l1 ...
+    obj(s, "machine", "m1", &[("fleetdb.io/gc.ref.layer", "l1")]).await;
+    // ... and an operator compacts the change log.
+    let cur = s.revision().await.unwrap().current;
+    s.compact(fleetdb::Revision(cur.0 + 1)).await.unwrap();
+    let r = s
+        .backend()
+        .commit(Batch {
+            preconditions: vec![],
+            ops: vec![Op::GcSweep {
+                mark_revision: snap.revision,
+                objects: marked.garbage_objects.clone(),
+                blobs: vec![],
+                expired_leases: marked.expired_leases.clone(),
+                collectable_kinds: vec!["layer".into()],
+            }],
+            now: h.clock.now(),
+        })
+        .await
+        .unwrap();
+    match &r[0].applied {
+        fleetdb::Applied::Swept {
+            objects,
+            leases,
+            spared,
+            ..
+        } => assert_eq!(
+            (*objects, *leases, *spared),
+            (0, 1, 2),
+            "after a compaction past the mark every candidate is spared, the expired lease goes"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        exists(s, "layer", "l1").await,
+        "l1 was swept though machine m1 references it"
+    );
+    assert!(s.lease_get(&expiring.id).await.unwrap().is_none());
+    // A collection marking after the compaction takes l2 and keeps l1.
+    let stats = s.gc_run().await.unwrap();
+    assert_eq!(stats.swept_objects, 1, "{stats:?}");
+    assert!(exists(s, "layer", "l1").await);
+    assert!(!exists(s, "layer", "l2").await);
 }
 
 /// Exports hold objects and blobs alive while they live (persistent: until unexported; TTL: until

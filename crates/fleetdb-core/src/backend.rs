@@ -639,7 +639,9 @@ pub trait TxRows: Send {
     }
     /// Every distinct (namespace, kind, id) written by a `put` change after `after`, with its
     /// latest revision, at most `limit` (the sweep protects what changed during a collection;
-    /// deletions cannot add references, so they are left out).
+    /// deletions cannot add references, so they are left out). Fails `Compacted` when `after` is
+    /// below the compaction point, read in the same transaction: rows after `after` may be gone,
+    /// so what changed can no longer be told (the sweep then spares every candidate).
     async fn changes_after(
         &mut self,
         after: Revision,

@@ -377,12 +377,12 @@ pub fn root_by_labels(labels: &Labels, now: Timestamp) -> (bool, Option<Timestam
 }
 
 /// The deadline a change-log entry makes a collection due at: a lease put with an expiry, an
-/// export put holding resources with a TTL (past or not: a past one is due now). What another
-/// process commits reaches this one's collector this way (its own commits say so at once): an
-/// expiring lease written by a short-lived process (a CLI command) must trigger a run in the
-/// long-lived ones too. `None` for anything else (an object's `gc.expire` included: objects'
-/// entries are not followed, see the store's collector), and for an entry whose value cannot be
-/// read (the next mark sees it anyway).
+/// export put holding resources with a TTL, a blob committed with a `gc.expire` label (past or
+/// not: a past one is due now). What another process commits reaches this one's collector this
+/// way (its own commits say so at once): an expiring lease written by a short-lived process (a
+/// CLI command) must trigger a run in the long-lived ones too. `None` for anything else (an
+/// object's `gc.expire` included: objects' entries are not followed, see the store's
+/// collector), and for an entry whose value cannot be read (the next mark sees it anyway).
 pub fn deadline_of_change(change: &crate::model::Change) -> Option<Timestamp> {
     use crate::model::{ChangeOp, Entity};
     if change.op != ChangeOp::Put {
@@ -391,6 +391,13 @@ pub fn deadline_of_change(change: &crate::model::Change) -> Option<Timestamp> {
     let value = change.new_value.as_ref()?;
     match change.entity {
         Entity::Lease => value.get("expires_at")?.as_i64().map(Timestamp),
+        Entity::Content => {
+            let text = value.get("labels")?.get(EXPIRE_LABEL)?.as_str()?;
+            match parse_gc_label(EXPIRE_LABEL, text) {
+                Ok(Some(GcLabel::Expire(t))) => Some(t),
+                _ => None,
+            }
+        }
         Entity::Export => {
             let holds = value.get("meta")?.get("holds")?.as_array()?;
             if holds.is_empty() {
@@ -399,6 +406,50 @@ pub fn deadline_of_change(change: &crate::model::Change) -> Option<Timestamp> {
             value.get("expires_at")?.as_i64().map(Timestamp)
         }
         _ => None,
+    }
+}
+
+/// Whether a change-log entry released what was held while it was alive, so that a collection
+/// is due now (no deadline says so): a lease deleted before its expiry, an export deleted, or
+/// replaced by one not holding all it held, while it was alive. A lease or export deleted after
+/// its expiry (the collector's and the sweeper's removals) releases nothing its deadline's run
+/// did not already free. `false` for anything else, and for an entry whose value cannot be read.
+pub fn releases_of_change(change: &crate::model::Change) -> bool {
+    use crate::model::{ChangeOp, Entity};
+    let Some(old) = change.old_value.as_ref() else {
+        return false;
+    };
+    // Alive when the entry was written: no expiry, or one still ahead (`null`: none).
+    let alive = match old.get("expires_at") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(t) => t.as_i64().is_some_and(|t| change.at.0 < t),
+    };
+    if !alive {
+        return false;
+    }
+    let holds = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v.get("meta")
+            .and_then(|m| m.get("holds"))
+            .and_then(|h| h.as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
+    match change.entity {
+        Entity::Lease => change.op == ChangeOp::Delete,
+        Entity::Export => {
+            let held = holds(old);
+            if held.is_empty() {
+                return false;
+            }
+            match (change.op, change.new_value.as_ref()) {
+                (ChangeOp::Put, Some(new)) => {
+                    let still = holds(new);
+                    held.iter().any(|h| !still.contains(h))
+                }
+                _ => true,
+            }
+        }
+        _ => false,
     }
 }
 
@@ -719,6 +770,37 @@ mod tests {
                 change(Entity::Export, ChangeOp::Put, Some(export(true, None))),
                 None,
             ),
+            // A blob's gc.expire (the blob's change value: size and labels).
+            (
+                change(Entity::Content, ChangeOp::Put, Some(labels.clone())),
+                Some(at),
+            ),
+            (
+                change(
+                    Entity::Content,
+                    ChangeOp::Put,
+                    Some(r#"{"size": 3, "labels": {"a": "b"}}"#.into()),
+                ),
+                None,
+            ),
+            // Unreadable: no deadline (the next mark decides), no panic.
+            (
+                change(
+                    Entity::Content,
+                    ChangeOp::Put,
+                    Some(format!(r#"{{"labels": {{"{EXPIRE_LABEL}": "soon"}}}}"#)),
+                ),
+                None,
+            ),
+            (
+                change(
+                    Entity::Content,
+                    ChangeOp::Put,
+                    Some(format!(r#"{{"labels": {{"{EXPIRE_LABEL}": 7}}}}"#)),
+                ),
+                None,
+            ),
+            (change(Entity::Content, ChangeOp::Delete, None), None),
             // Objects' entries are not followed (their gc.expire is seen at a mark).
             (change(Entity::Object, ChangeOp::Put, Some(labels)), None),
             (change(Entity::Tag, ChangeOp::Put, Some("1".into())), None),
@@ -728,6 +810,123 @@ mod tests {
             ),
         ] {
             assert_eq!(deadline_of_change(&c), want, "{c:?}");
+        }
+    }
+
+    /// Which change-log entries release what they held (a collection is due now).
+    #[test]
+    fn releases_of_changes() {
+        use crate::model::{Change, ChangeOp, Entity};
+        use crate::world::{Space, WorldRecord};
+        let now = Timestamp(1_000_000);
+        let later = Timestamp(5_000_000);
+        let past = Timestamp(1);
+        let change =
+            |entity: Entity, op: ChangeOp, old: Option<String>, new: Option<String>| Change {
+                revision: Revision(1),
+                namespace: String::new(),
+                kind: String::new(),
+                id: String::new(),
+                entity,
+                name: String::new(),
+                op,
+                old_value: old.map(|v| serde_json::from_str(&v).unwrap()),
+                new_value: new.map(|v| serde_json::from_str(&v).unwrap()),
+                at: now,
+            };
+        let lease = |expires_at: Option<Timestamp>| {
+            serde_json::json!({ "labels": {}, "flat": false, "expires_at": expires_at }).to_string()
+        };
+        let export = |holds: &[&str], expires_at: Option<Timestamp>| {
+            let mut r = WorldRecord::new(Space::Export, "k", now);
+            let holds = holds
+                .iter()
+                .map(|id| Resource::Object {
+                    key: key("image", id),
+                })
+                .collect();
+            r.meta = Some(serde_json::to_string(&crate::world::ExportMeta { holds }).unwrap());
+            r.expires_at = expires_at;
+            r.change_json()
+        };
+        use ChangeOp::{Delete, Put};
+        for (c, want) in [
+            // A lease deleted while alive (no expiry, or one ahead): yes; expired: its run did it.
+            (change(Entity::Lease, Delete, Some(lease(None)), None), true),
+            (
+                change(Entity::Lease, Delete, Some(lease(Some(later))), None),
+                true,
+            ),
+            (
+                change(Entity::Lease, Delete, Some(lease(Some(past))), None),
+                false,
+            ),
+            (change(Entity::Lease, Put, None, Some(lease(None))), false),
+            // An export deleted holding something; replaced by one holding less; not so.
+            (
+                change(Entity::Export, Delete, Some(export(&["i1"], None)), None),
+                true,
+            ),
+            (
+                change(
+                    Entity::Export,
+                    Delete,
+                    Some(export(&["i1"], Some(past))),
+                    None,
+                ),
+                false,
+            ),
+            (
+                change(Entity::Export, Delete, Some(export(&[], None)), None),
+                false,
+            ),
+            (
+                change(
+                    Entity::Export,
+                    Put,
+                    Some(export(&["i1", "i2"], None)),
+                    Some(export(&["i2"], None)),
+                ),
+                true,
+            ),
+            (
+                change(
+                    Entity::Export,
+                    Put,
+                    Some(export(&["i1"], None)),
+                    Some(export(&["i1", "i2"], None)),
+                ),
+                false,
+            ),
+            (
+                change(Entity::Export, Put, None, Some(export(&["i1"], None))),
+                false,
+            ),
+            // Unreadable or other entries: no.
+            (
+                change(
+                    Entity::Lease,
+                    Delete,
+                    Some(r#"{"expires_at": "x"}"#.into()),
+                    None,
+                ),
+                false,
+            ),
+            (
+                change(Entity::Export, Delete, Some(r#"{"meta": 3}"#.into()), None),
+                false,
+            ),
+            (
+                change(
+                    Entity::Object,
+                    Delete,
+                    Some(r#"{"labels": {}}"#.into()),
+                    None,
+                ),
+                false,
+            ),
+        ] {
+            assert_eq!(releases_of_change(&c), want, "{c:?}");
         }
     }
 

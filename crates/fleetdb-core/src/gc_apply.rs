@@ -262,12 +262,19 @@ pub(crate) async fn apply_gc_op<T: TxRows + ?Sized>(
 
 /// Everything reachable from what changed after `mark`: objects and blobs written since, and
 /// the resources of leases touched since. Read in the sweeping transaction, so it is exact.
+/// `None` (spare every candidate) when too much changed to tell, or when the change log has
+/// been compacted past `mark` (`fleetdb compact` during the collection): the rows that say what
+/// changed may be gone, and an empty page would sweep what became referenced meanwhile.
 async fn protected_since<T: TxRows + ?Sized>(
     rows: &mut T,
     mark: Revision,
 ) -> Result<Option<HashSet<Resource>>> {
     let mut start: Vec<Resource> = Vec::new();
-    let page = rows.changes_after(mark, FRESH_MAX).await?;
+    let page = match rows.changes_after(mark, FRESH_MAX).await {
+        Ok(page) => page,
+        Err(Error::Compacted { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
     if page.len() >= FRESH_MAX {
         return Ok(None); // too much changed to tell: spare the whole batch
     }

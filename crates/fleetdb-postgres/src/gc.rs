@@ -97,9 +97,14 @@ pub(crate) const BLOB_REMOVE: &str = concat!(
     "d AS (DELETE FROM blobs WHERE digest = $10::text) SELECT revision FROM c"
 );
 /// Change-log rows after `$1` (never gap markers), at most `$2`.
-pub(crate) const CHANGES_AFTER: &str =
-    "SELECT max(revision), namespace, kind, id FROM changes WHERE revision > $1 AND op = 'put' \
-     GROUP BY namespace, kind, id LIMIT $2";
+/// The compaction point, then each distinct entity put after `$1` with its latest revision (at
+/// most `$2`; NULLs when there is none): one statement, so the rows and the point are of one
+/// snapshot (a compaction deleting rows after `$1` has moved the point past it).
+pub(crate) const CHANGES_AFTER: &str = "SELECT m.value, x.rev, x.namespace, x.kind, x.id \
+     FROM (SELECT value FROM fleetdb_meta WHERE key = 'compacted_revision') AS m \
+     LEFT JOIN (SELECT max(revision) AS rev, namespace, kind, id FROM changes \
+       WHERE revision > $1 AND op = 'put' \
+       GROUP BY namespace, kind, id LIMIT $2) AS x ON true";
 
 // ---- the sweep (set-based, see `TxRows::gc_objects_remove`) ----
 

@@ -855,16 +855,30 @@ impl TxRows for PgTx<'_> {
     ) -> Result<Vec<(Revision, String, String, String)>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self.read(gc::CHANGES_AFTER, &[&after.0, &limit]).await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    Revision(r.try_get(0).map_err(|e| self.fail(e))?),
-                    r.try_get(1).map_err(|e| self.fail(e))?,
+        if rows.is_empty() {
+            return Err(Error::Backend(
+                "fleetdb_meta has no compacted_revision row".to_string(),
+            ));
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let compacted: i64 = r.try_get(0).map_err(|e| self.fail(e))?;
+            if after.0 < compacted {
+                return Err(Error::Compacted {
+                    requested: after,
+                    compacted_revision: Revision(compacted),
+                });
+            }
+            if let Some(rev) = r.try_get::<_, Option<i64>>(1).map_err(|e| self.fail(e))? {
+                out.push((
+                    Revision(rev),
                     r.try_get(2).map_err(|e| self.fail(e))?,
                     r.try_get(3).map_err(|e| self.fail(e))?,
-                ))
-            })
-            .collect()
+                    r.try_get(4).map_err(|e| self.fail(e))?,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     async fn lock_object(&mut self, key: &ObjectKey) -> Result<()> {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use fleetdb_core::backend::{GcRemoved, RemovedObject};
 use fleetdb_core::gc::{BlobInfo, GcKind, GcSnapshot, Lease, Resource, GC_LABEL_PREFIX};
 use fleetdb_core::world::Space;
-use fleetdb_core::{Labels, ObjectKey, Result, Revision, Timestamp};
+use fleetdb_core::{Error, Labels, ObjectKey, Result, Revision, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::map_err;
@@ -235,6 +235,19 @@ pub(crate) fn changes_after(
     after: Revision,
     limit: usize,
 ) -> Result<Vec<(Revision, String, String, String)>> {
+    // The compaction point, read in the caller's (write) transaction: a compaction moves it in a
+    // transaction of its own before deleting any row, so rows after `after` are all there
+    // unless it is past `after`.
+    let compacted: i64 = c
+        .prepare_cached("SELECT value FROM fleetdb_meta WHERE key = 'compacted_revision'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(map_err)?;
+    if after.0 < compacted {
+        return Err(Error::Compacted {
+            requested: after,
+            compacted_revision: Revision(compacted),
+        });
+    }
     collect(
         c,
         "SELECT max(revision), namespace, kind, id FROM changes WHERE revision > ?1 AND op = 'put'

@@ -15,9 +15,9 @@
 //! ```
 
 use fleetdb_core::content::{IngestStatus, INGEST_TTL_DEFAULT, INGEST_WRITE_BYTES_MAX};
-use fleetdb_core::gc::BlobInfo;
+use fleetdb_core::gc::{self, BlobInfo};
 use fleetdb_core::world::{sha256_digest, validate_digest};
-use fleetdb_core::{validate, Error, Labels, Op, Page, Result};
+use fleetdb_core::{validate, Applied, Error, Labels, Op, OpResult, Page, Result};
 use sha2::Digest as _;
 
 use crate::Store;
@@ -119,6 +119,16 @@ impl BlobWriter {
                 now,
             )
             .await?;
+        // The collector's scheduler, as for every write (`Store::write`): a commit is a mutation
+        // (an unreferenced blob is garbage at once), and a blob's `gc.expire` is a deadline.
+        let results = [OpResult {
+            changed: true,
+            applied: Applied::Blob(info.clone()),
+        }];
+        self.store.gc.note(&results);
+        self.store
+            .gc
+            .note_deadline(gc::root_by_labels(&info.labels, now).1);
         // A blob is no object: no claim can have a new candidate.
         self.store
             .committed_batch(crate::session::Touched::Nothing, &[], None);

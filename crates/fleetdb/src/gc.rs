@@ -7,7 +7,7 @@
 //! referenced while a collection runs is never removed by it. Blob bytes are removed after the
 //! metadata commits; bytes left behind by a crash are found and removed by the next run.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -95,7 +95,7 @@ pub(crate) struct GcState {
     /// The change-log positions (one per stream of [`FOLLOWED`]) up to which this process has
     /// taken the deadlines of every process's commits ([`Store::gc_follow_changes`]); `None`
     /// until the first tick.
-    followed: Mutex<Option<[Revision; 2]>>,
+    followed: Mutex<Option<[Revision; FOLLOWED.len()]>>,
     /// Counts the marks that moved `followed` back (a follow that read the positions before
     /// one does not store its own after it).
     mark_epoch: AtomicU64,
@@ -118,10 +118,15 @@ pub(crate) struct GcState {
 /// stream and tick at most (the rest at the next tick).
 const FOLLOW_PAGE: usize = 1_000;
 const FOLLOW_PAGES_MAX: usize = 10;
-/// The change-log streams followed for deadlines: leases and exports (each a namespace of the
-/// log, so a read is an index range: the objects' and tags' entries, nearly all of a busy log,
-/// are not read). An object's `gc.expire` written by another process is seen at the next mark.
-const FOLLOWED: [&str; 2] = [gc::LEASE_CHANGE_NAMESPACE, ".export"];
+/// The change-log streams followed for deadlines: leases, exports and blobs (each a namespace of
+/// the log, so a read is an index range: the objects' and tags' entries, nearly all of a busy
+/// log, are not read; a blob's entry comes with an upload, far costlier than reading it). An
+/// object's `gc.expire` written by another process is seen at the next mark.
+const FOLLOWED: [&str; 3] = [
+    gc::LEASE_CHANGE_NAMESPACE,
+    ".export",
+    gc::CONTENT_CHANGE_NAMESPACE,
+];
 
 /// The earliest time the writes of a batch committed at `now` make a collection due: a lease's
 /// expiry, a `gc.expire` label, an export's TTL (what they protect becomes garbage then).
@@ -506,8 +511,8 @@ impl Store {
         self.run_collection(trigger).await.map(Some)
     }
 
-    /// Take the deadlines of every process's leases and exports committed since the last tick
-    /// from the change log ([`gc::deadline_of_change`]): this process's own commits note theirs at
+    /// Take the deadlines of every process's leases, exports and blobs committed since the last
+    /// tick from the change log ([`gc::deadline_of_change`]): this process's own commits note theirs at
     /// once, but a lease with an expiry written by another process — a CLI command that then
     /// exits — would otherwise wait for this process's next mark, which on an idle store never
     /// comes (containerd's bug, across processes). Each stream of [`FOLLOWED`] moves its position
@@ -518,15 +523,16 @@ impl Store {
     /// tick starts where the newest recorded
     /// collection (of any process) marked, taking that mark's deadline; with none recorded, at
     /// the start of the log. Past a compaction it goes on from the settled revision (what was
-    /// compacted away is seen at the next mark); it never asks for a collection (a fleet of
-    /// workers restarting would each run one).
+    /// compacted away is seen at the next mark). It requests a collection only for an entry that
+    /// released what was held ([`gc::releases_of_change`]: a lease deleted, an export no longer
+    /// holding, by another process) after this process's last mark; deadlines are only noted.
     async fn gc_follow_changes(&self) -> Result<()> {
         self.ready().await?;
         let epoch = self.gc.mark_epoch.load(Ordering::Acquire);
         let followed = *self.gc.followed.lock().unwrap_or_else(|p| p.into_inner());
         let mut pos = match followed {
             Some(p) => p,
-            None => [self.gc_follow_start().await?; 2],
+            None => [self.gc_follow_start().await?; FOLLOWED.len()],
         };
         let upto = self.backend.settled_revision(SETTLE_WAIT).await?;
         let mut result = Ok(());
@@ -563,6 +569,13 @@ impl Store {
                         // again at every tick while a long transaction holds the revision back).
                         Some(d) if d <= now && (seen_by_mark || c.revision > upto) => {}
                         d => self.gc.note_deadline(d),
+                    }
+                    // A lease deleted while alive, an export no longer holding what it held
+                    // (`fleetdb lease rm` without --sync, by a process that then exits): what
+                    // they held may be garbage now, and no deadline says so. Due now, once: not
+                    // for an entry the last mark saw, nor before it settles (as above).
+                    if gc::releases_of_change(c) && !seen_by_mark && c.revision <= upto {
+                        self.gc.requested.store(true, Ordering::Relaxed);
                     }
                 }
                 let last = page.last().map(|c| c.revision);
@@ -759,6 +772,8 @@ impl Store {
             .collect::<std::collections::BTreeSet<String>>()
             .into_iter()
             .collect();
+        // Nothing below reads the mark's snapshot (external collectors read the store afresh).
+        drop(snap);
         // Whether the last batch removed none of its candidates: only then may a kind have
         // changed (each sweep transaction checks), and the kinds are read to stop the run.
         let mut all_spared = false;
@@ -836,7 +851,7 @@ impl Store {
         }
         stats.orphans_removed = ignore_unsupported(self.backend.blob_orphans_remove().await)?;
         ignore_unsupported(self.backend.ingest_sweep(now).await)?;
-        self.run_external(&snap, now, &mut stats).await;
+        self.run_external(&mut stats).await;
         stats.sweep_ms = sweep_start.elapsed().as_secs_f64() * 1000.0;
         Ok(stats)
     }
@@ -954,9 +969,17 @@ impl Store {
         Ok((before - objects.len() - blobs.len()) as u64)
     }
 
-    /// External collectors: remove what exists, is not active, not leased by a live lease and
-    /// not referenced by any live object. A failing collector skips the round.
-    async fn run_external(&self, snap: &gc::GcSnapshot, now: Timestamp, stats: &mut GcStats) {
+    /// External collectors: remove what exists, is not active, not held for a live lease by the
+    /// collector, not a live lease's resource and not referenced by any object. A failing
+    /// collector skips the round.
+    ///
+    /// What is held is read from the store AFTER the collectors were asked what exists (and what
+    /// they keep): judged from the mark's snapshot, a resource leased or referenced while the
+    /// collection ran was listed by `all` and removed though in use. Every collector's `all`,
+    /// `active` and `leased` are asked first, then ONE fresh snapshot is read (revision `R`),
+    /// and before each removal what was put after `R` is read from the change log
+    /// ([`ExternalFresh`]), so a reference or lease written meanwhile spares its resource.
+    async fn run_external(&self, stats: &mut GcStats) {
         let collectors: Vec<Arc<dyn ExternalCollector>> = self
             .gc
             .collectors
@@ -966,33 +989,217 @@ impl Store {
         if collectors.is_empty() {
             return;
         }
-        let held = external_held(snap, now);
-        let live = live_leases(snap, now);
+        let mut rounds = Vec::with_capacity(collectors.len());
         for c in collectors {
-            let kind = c.kind().to_string();
-            let round = async {
+            let asked = async {
                 let all = c.all().await?;
-                let mut keep: HashSet<String> = c.active().await?.into_iter().collect();
-                keep.extend(
-                    c.leased()
-                        .await?
-                        .into_iter()
-                        .filter(|(lease, _)| live.contains(lease.as_str()))
-                        .map(|(_, id)| id),
-                );
-                for id in all {
-                    if keep.contains(&id) || held.contains(&(kind.clone(), id.clone())) {
-                        continue;
+                let active: HashSet<String> = c.active().await?.into_iter().collect();
+                let mut leased: HashMap<String, Vec<String>> = HashMap::new();
+                for (lease, id) in c.leased().await? {
+                    leased.entry(id).or_default().push(lease);
+                }
+                Ok::<_, Error>(ExternalRound {
+                    all,
+                    active,
+                    leased,
+                })
+            };
+            match asked.await {
+                Ok(round) => rounds.push((c, round)),
+                Err(e) => fail_round(&*c, e, stats).await,
+            }
+        }
+        let any_candidate = rounds
+            .iter()
+            .any(|(_, r)| r.all.iter().any(|id| !r.active.contains(id)));
+        let mut fresh = if any_candidate {
+            match ExternalFresh::read(self).await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    for (c, _) in rounds {
+                        fail_round(
+                            &*c,
+                            Error::Backend(format!("reading what is held: {e}")),
+                            stats,
+                        )
+                        .await;
                     }
-                    c.remove(&id).await?;
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        for (c, round) in rounds {
+            let kind = c.kind().to_string();
+            let result = async {
+                if let Some(fresh) = fresh.as_mut() {
+                    for id in &round.all {
+                        if round.active.contains(id) {
+                            continue;
+                        }
+                        if fresh.keeps(&kind, id, &round.leased) {
+                            continue;
+                        }
+                        // Written since the fresh read: a new reference or lease spares it.
+                        self.external_advance(fresh).await?;
+                        if fresh.gave_up {
+                            break;
+                        }
+                        if fresh.keeps(&kind, id, &round.leased) {
+                            continue;
+                        }
+                        c.remove(id).await?;
+                    }
                 }
                 c.finish().await
             };
-            if let Err(e) = round.await {
-                c.cancel().await;
-                stats.collector_errors.push(format!("{kind}: {e}"));
+            if let Err(e) = result.await {
+                fail_round(&*c, e, stats).await;
             }
         }
+    }
+
+    /// Take into `fresh` what was put since its revision (up to the settled revision): the
+    /// references of objects written since, the resources of leases created or extended since
+    /// (and those leases, as alive). Past a compaction, or past [`FRESH_MAX`] changed entities,
+    /// it gives up: what is held can no longer be told, and nothing more is removed this round.
+    async fn external_advance(&self, fresh: &mut ExternalFresh) -> Result<()> {
+        if fresh.gave_up {
+            return Ok(());
+        }
+        let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
+        if settled <= fresh.mark {
+            return Ok(());
+        }
+        let changed = match self
+            .backend
+            .gc_changed(fresh.mark, settled, FRESH_MAX)
+            .await
+        {
+            Ok(c) => c,
+            Err(Error::Compacted { .. }) => {
+                fresh.gave_up = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if changed.len() >= FRESH_MAX {
+            fresh.gave_up = true;
+            return Ok(());
+        }
+        for (_, ns, kind, id) in changed {
+            match gc::change_start(ns, kind, id) {
+                gc::ChangeStart::Node(Resource::Object { key }) => {
+                    if let Some(o) = self.backend.object_get(&key).await? {
+                        fresh.hold_references(&key.namespace, &o.labels);
+                    }
+                }
+                gc::ChangeStart::Lease(id) => {
+                    // Put since the fresh read: alive then (a lease is created alive, and only
+                    // a live lease is extended); kept alive for this round, which only keeps more.
+                    for r in ignore_unsupported(self.backend.lease_resources(&id).await)? {
+                        fresh.hold(&r);
+                    }
+                    fresh.live.insert(id);
+                }
+                // Blobs reference blobs only; exports hold what exists in the store.
+                gc::ChangeStart::Node(Resource::Blob { .. })
+                | gc::ChangeStart::Export(_)
+                | gc::ChangeStart::None => {}
+            }
+        }
+        fresh.mark = settled;
+        Ok(())
+    }
+}
+
+/// What a collector said in one round: what exists, what it keeps itself, what it holds for
+/// leases.
+struct ExternalRound {
+    all: Vec<String>,
+    active: HashSet<String>,
+    /// Resource id → the leases the collector holds it for.
+    leased: HashMap<String, Vec<String>>,
+}
+
+/// Cancel a collector's round and report why.
+async fn fail_round(c: &dyn ExternalCollector, e: Error, stats: &mut GcStats) {
+    c.cancel().await;
+    stats.collector_errors.push(format!("{}: {e}", c.kind()));
+}
+
+/// What external collectors must keep, read after they listed what exists: `(kind, id)` of every
+/// reference to a non-blob kind by an object, and of every live lease's `Resource::Object`; the
+/// leases alive. Over-approximates (any object's reference counts, a lease is taken as alive for
+/// the rest of the round), which only ever keeps more. `mark` is the revision it is complete up
+/// to ([`Store::external_advance`] moves it).
+struct ExternalFresh {
+    mark: Revision,
+    held: HashSet<(String, String)>,
+    live: HashSet<String>,
+    gave_up: bool,
+}
+
+impl ExternalFresh {
+    async fn read(store: &Store) -> Result<Self> {
+        // Long CPU work on a large store (as the mark's snapshot): on a blocking thread.
+        let backend = store.backend.clone();
+        let clock = store.clock.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let snap = handle.block_on(backend.gc_snapshot())?;
+            Ok(Self::of(&snap, clock.now()))
+        })
+        .await
+        .map_err(|e| Error::Backend(format!("reading what is held panicked: {e}")))?
+    }
+
+    /// What `snap` holds, with the leases alive at `now`.
+    fn of(snap: &gc::GcSnapshot, now: Timestamp) -> Self {
+        let mut fresh = ExternalFresh {
+            mark: snap.revision,
+            held: HashSet::new(),
+            live: snap
+                .leases
+                .iter()
+                .filter(|l| l.alive_at(now))
+                .map(|l| l.id.clone())
+                .collect(),
+            gave_up: false,
+        };
+        for (key, _, labels) in &snap.objects {
+            if let Some(l) = labels {
+                fresh.hold_references(&key.namespace, l);
+            }
+        }
+        for (lease, r) in &snap.lease_resources {
+            if fresh.live.contains(lease.as_str()) {
+                fresh.hold(r);
+            }
+        }
+        fresh
+    }
+
+    fn hold(&mut self, r: &Resource) {
+        if let Resource::Object { key } = r {
+            self.held.insert((key.kind.clone(), key.id.clone()));
+        }
+    }
+
+    fn hold_references(&mut self, namespace: &str, labels: &fleetdb_core::Labels) {
+        for r in gc::references(namespace, labels) {
+            self.hold(&r);
+        }
+    }
+
+    /// Whether resource `id` of `kind` is held: referenced, a live lease's, or listed by its
+    /// collector as held for a live lease (`leased`).
+    fn keeps(&self, kind: &str, id: &str, leased: &HashMap<String, Vec<String>>) -> bool {
+        self.held.contains(&(kind.to_string(), id.to_string()))
+            || leased
+                .get(id)
+                .is_some_and(|leases| leases.iter().any(|l| self.live.contains(l.as_str())))
     }
 }
 
@@ -1045,38 +1252,6 @@ impl Fresh {
             Resource::Blob { digest } => self.blobs.insert(digest.clone()),
         }
     }
-}
-
-/// (kind, id) of every reference to a non-object kind held by a live object or a live lease —
-/// what external collectors must keep. Over-approximates (any object's reference counts), which
-/// only ever keeps more.
-fn external_held(snap: &gc::GcSnapshot, now: Timestamp) -> HashSet<(String, String)> {
-    let mut held = HashSet::new();
-    for (key, _, labels) in &snap.objects {
-        if let Some(l) = labels {
-            for r in gc::references(&key.namespace, l) {
-                if let Resource::Object { key } = r {
-                    held.insert((key.kind, key.id));
-                }
-            }
-        }
-    }
-    let live = live_leases(snap, now);
-    for (lease, r) in &snap.lease_resources {
-        if let (true, Resource::Object { key }) = (live.contains(lease.as_str()), r) {
-            held.insert((key.kind.clone(), key.id.clone()));
-        }
-    }
-    held
-}
-
-/// Ids of the snapshot's leases alive at `now`.
-fn live_leases(snap: &gc::GcSnapshot, now: Timestamp) -> HashSet<&str> {
-    snap.leases
-        .iter()
-        .filter(|l| l.alive_at(now))
-        .map(|l| l.id.as_str())
-        .collect()
 }
 
 fn ignore_unsupported<T: Default>(r: Result<T>) -> Result<T> {
