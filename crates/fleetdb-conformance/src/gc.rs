@@ -206,6 +206,87 @@ pub async fn malformed_reference_labels_are_rejected(h: &Harness) {
     assert!(!exists(s, "layer", "x").await, "nothing written");
 }
 
+/// A blob has no namespace, so a `fleetdb.io/gc.ref.<kind>` label on it (kind other than
+/// `content`) could hold no object: every blob label path refuses it (`Invalid`), where it was
+/// once accepted and ignored, and the object it named was collected.
+pub async fn a_blob_cannot_reference_an_object(h: &Harness) {
+    let s = &h.store;
+    s.gc_kind_declare("image", true).await.unwrap();
+    obj(s, "image", "i1", &[]).await;
+    let bad = labels(&[
+        ("fleetdb.io/gc.root", "true"),
+        ("fleetdb.io/gc.ref.image", "i1"),
+    ]);
+    let refused = |what: &str, r: Result<BlobInfo>| match r {
+        Err(e @ Error::Invalid { .. }) => assert!(
+            e.to_string().contains("a blob can only reference blobs"),
+            "{what}: {e}"
+        ),
+        Err(e) => panic!("{what}: {e}"),
+        Ok(b) => panic!("{what}: a blob referencing an object was committed: {b:?}"),
+    };
+    refused("blob_put", s.blob_put(b"index", bad.clone(), None).await);
+    let digest = fleetdb::core::world::sha256_digest(b"index");
+    // A streamed upload: the commit is refused, the upload is kept.
+    let mut w = s.blob_writer("index-upload", None, None).await.unwrap();
+    w.write(b"index").await.unwrap();
+    refused("BlobWriter::commit", w.commit(bad.clone()).await);
+    let w = s.blob_writer("index-upload", None, None).await.unwrap();
+    assert_eq!(w.offset(), 5, "the refused commit kept the upload");
+    refused(
+        "BlobWriter::commit_as",
+        w.commit_as(&digest, 5, bad.clone()).await,
+    );
+    // The operation itself, as a transaction or a remote client would send it.
+    let op = Op::BlobCommit {
+        digest: digest.clone(),
+        size: 5,
+        labels: bad.clone(),
+        lease: None,
+    };
+    let err = op.validate(&fleetdb::Limits::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::Invalid { .. }),
+        "Op::BlobCommit: {err}"
+    );
+    assert!(
+        s.blob_info(&digest).await.unwrap().is_none(),
+        "nothing committed"
+    );
+    // Under a suffix too; and the same label stays fine on an object.
+    refused(
+        "blob_put (suffix)",
+        s.blob_put(
+            b"index",
+            labels(&[("fleetdb.io/gc.ref.image.amd64", "i1")]),
+            None,
+        )
+        .await,
+    );
+    obj(s, "machine", "m1", &[("fleetdb.io/gc.ref.image", "i1")]).await;
+    // A blob referencing blobs is what a blob may do: committed, and followed.
+    let layer = s
+        .blob_put(b"layer", Default::default(), None)
+        .await
+        .unwrap();
+    let w = s.blob_writer("index-upload", None, None).await.unwrap();
+    let index = w
+        .commit_as(
+            &digest,
+            5,
+            labels(&[
+                ("fleetdb.io/gc.root", "true"),
+                ("fleetdb.io/gc.ref.content", &layer.digest),
+            ]),
+        )
+        .await
+        .unwrap();
+    s.gc_run().await.unwrap();
+    assert!(s.blob_info(&index.digest).await.unwrap().is_some());
+    assert!(s.blob_info(&layer.digest).await.unwrap().is_some());
+    assert!(exists(s, "image", "i1").await, "held by the machine");
+}
+
 pub async fn leases_hold_objects_flat_or_deep(h: &Harness) {
     let s = &h.store;
     declare(s).await;

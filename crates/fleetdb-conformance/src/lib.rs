@@ -148,6 +148,7 @@ macro_rules! suite {
             membership_lists_and_watches_live_sessions;
             gc_keeps_roots_and_what_they_reference,
             malformed_reference_labels_are_rejected,
+            a_blob_cannot_reference_an_object,
             leases_hold_objects_flat_or_deep,
             an_expired_lease_triggers_collection_by_itself,
             objects_created_or_referenced_during_a_collection_survive_it,

@@ -104,7 +104,7 @@ impl BlobWriter {
     /// Verify the upload against `digest` and `size` and commit it.
     pub async fn commit_as(self, digest: &str, size: u64, labels: Labels) -> Result<BlobInfo> {
         validate_digest(digest)?;
-        validate::user_labels(&labels)?;
+        validate::blob_labels(&labels)?;
         self.store.ready().await?;
         let now = self.store.clock.now();
         let info = self
@@ -180,7 +180,7 @@ impl Store {
         labels: Labels,
         lease: Option<&str>,
     ) -> Result<BlobInfo> {
-        validate::user_labels(&labels)?;
+        validate::blob_labels(&labels)?;
         let digest = sha256_digest(bytes);
         let reference = format!("put-{}", uuid::Uuid::new_v4());
         let mut w = self
