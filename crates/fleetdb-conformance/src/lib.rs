@@ -166,6 +166,7 @@ macro_rules! suite {
             blob_digest_or_size_mismatch_commits_nothing,
             ingest_resumes_where_it_stands_and_refuses_other_offsets,
             expired_ingests_are_swept,
+            an_upload_expires_only_when_untouched,
             same_content_twice_is_one_blob,
             blob_committed_under_a_lease_is_held_by_it,
             orphaned_bytes_are_removed_after_a_crash,

@@ -319,15 +319,18 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         let _ = (reference, expected, now, expires_at);
         Err(self.unsupported("the content store"))
     }
-    /// Append `data` at `offset` (which must be the ingest's current offset).
+    /// Append `data` at `offset` (which must be the ingest's current offset). A write touches
+    /// the upload: it then expires at `expires_at` (or later, if it already did), so an upload
+    /// being written expires only once it is left untouched.
     async fn ingest_write(
         &self,
         reference: &str,
         offset: u64,
         data: &[u8],
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> Result<crate::content::IngestStatus> {
-        let _ = (reference, offset, data, now);
+        let _ = (reference, offset, data, now, expires_at);
         Err(self.unsupported("the content store"))
     }
     /// Verify the upload against `digest` and `size` (a mismatch commits nothing and keeps the

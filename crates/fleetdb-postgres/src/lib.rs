@@ -2002,8 +2002,9 @@ impl Backend for PostgresBackend {
         offset: u64,
         data: &[u8],
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> Result<fleetdb_core::content::IngestStatus> {
-        self.content_ingest_write(reference, offset, data, now)
+        self.content_ingest_write(reference, offset, data, now, expires_at)
             .await
     }
 
