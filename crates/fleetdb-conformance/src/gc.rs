@@ -377,6 +377,86 @@ pub async fn leases_hold_objects_flat_or_deep(h: &Harness) {
     assert!(!exists(s, "image", "i3").await);
 }
 
+/// A lease holds at most [`gc::LEASE_RESOURCES_MAX`] resources: the add past it is refused
+/// (`Refused`) in its own transaction, on every path that adds to a lease (`lease_add`,
+/// `object_put_leased`, a blob commit under the lease), and writes nothing. The count is kept on
+/// the lease's row; a million real rows would make this test take minutes, so once the count is
+/// shown to follow adds and removes, it is moved near the limit behind the store's back.
+pub async fn a_lease_holds_at_most_lease_resources_max(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    let spec = || LeaseSpec {
+        id: Some("big".into()),
+        ..Default::default()
+    };
+    s.lease_create(spec()).await.unwrap();
+    let layer = |i: u32| Resource::Object {
+        key: key("default", "layer", &format!("l{i}")),
+    };
+    // Holds l1, l2 and a blob (3): an add of what it holds and a removal are counted right.
+    for i in 1..=3 {
+        assert!(s.lease_add("big", layer(i)).await.unwrap());
+    }
+    assert!(!s.lease_add("big", layer(1)).await.unwrap(), "held already");
+    assert!(s.lease_remove_resource("big", layer(3)).await.unwrap());
+    assert!(!s.lease_remove_resource("big", layer(3)).await.unwrap());
+    s.blob_put(b"in big", Default::default(), Some("big"))
+        .await
+        .unwrap();
+    assert_eq!(s.lease_resources("big").await.unwrap().len(), 3);
+    let max = gc::LEASE_RESOURCES_MAX as u64;
+    h.sql(&format!(
+        "UPDATE leases SET resources = resources + {} WHERE id = 'big'",
+        max - 4
+    ))
+    .await;
+    // One more fits (the lease then holds the maximum) ...
+    assert!(s.lease_add("big", layer(4)).await.unwrap());
+    // ... and none after it, whichever way it is added.
+    let full = |what: &str, e: Error| {
+        assert!(matches!(e, Error::Refused { .. }), "{what}: {e}");
+        assert!(
+            e.to_string().contains(&max.to_string()),
+            "{what}: the limit is named: {e}"
+        );
+    };
+    full("lease_add", s.lease_add("big", layer(5)).await.unwrap_err());
+    full(
+        "object_put_leased",
+        s.object_put_leased(&key("default", "layer", "l5"), labels(&[]), "big")
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        !exists(s, "layer", "l5").await,
+        "the refused put wrote nothing"
+    );
+    full(
+        "blob commit",
+        s.blob_put(b"one too many", Default::default(), Some("big"))
+            .await
+            .unwrap_err(),
+    );
+    let digest = fleetdb::core::world::sha256_digest(b"one too many");
+    assert!(
+        s.blob_info(&digest).await.unwrap().is_none(),
+        "nor the blob"
+    );
+    // Adding what it holds already writes nothing and is no error; other leases are not affected.
+    assert!(!s.lease_add("big", layer(4)).await.unwrap());
+    let other = s.lease_create(LeaseSpec::default()).await.unwrap();
+    assert!(s.lease_add(&other.id, layer(5)).await.unwrap());
+    // A removal makes room for one.
+    assert!(s.lease_remove_resource("big", layer(4)).await.unwrap());
+    assert!(s.lease_add("big", layer(5)).await.unwrap());
+    full("lease_add", s.lease_add("big", layer(6)).await.unwrap_err());
+    assert_eq!(s.lease_resources("big").await.unwrap().len(), 4);
+    // A lease created again under the same id starts empty.
+    s.lease_delete("big", false).await.unwrap();
+    s.lease_create(spec()).await.unwrap();
+    assert!(s.lease_add("big", layer(6)).await.unwrap());
+}
+
 pub async fn an_expired_lease_triggers_collection_by_itself(h: &Harness) {
     let s = &h.store;
     declare(s).await;

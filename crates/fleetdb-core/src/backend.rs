@@ -609,17 +609,19 @@ pub trait TxRows: Send {
         let _ = (id, change);
         Err(tx_unsupported("leases"))
     }
-    /// Returns whether a row was added.
+    /// Add a resource to a lease unless it holds it already, keeping the lease's count of
+    /// resources (`leases.resources`) in the same transaction. Returns the count after the add,
+    /// or `None` if the lease held the resource already (nothing written).
     async fn lease_resource_add(
         &mut self,
         lease: &str,
         resource: &Resource,
         now: Timestamp,
-    ) -> Result<bool> {
+    ) -> Result<Option<u64>> {
         let _ = (lease, resource, now);
         Err(tx_unsupported("leases"))
     }
-    /// Returns whether a row was removed.
+    /// Returns whether a row was removed (the lease's count goes down with it).
     async fn lease_resource_remove(&mut self, lease: &str, resource: &Resource) -> Result<bool> {
         let _ = (lease, resource);
         Err(tx_unsupported("leases"))
