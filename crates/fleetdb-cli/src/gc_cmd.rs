@@ -479,7 +479,7 @@ async fn blob_put(
     labels: &[String],
 ) -> Result<BlobInfo, Error> {
     let labels = parse_labels(labels)?;
-    fleetdb::core::validate::user_labels(&labels)?;
+    fleetdb::core::validate::blob_labels(&labels)?;
     if let Some(l) = lease {
         // Fail before uploading anything (the commit checks again, in its transaction).
         if store.lease_get(l).await?.is_none() {

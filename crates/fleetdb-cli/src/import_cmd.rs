@@ -148,13 +148,9 @@ fn read_items(
                 ),
             ));
         }
-        for (k, v) in &parsed.labels {
-            if v.is_empty() {
-                validate::user_label_key(k).map_err(|e| at(line, e))?;
-            } else {
-                validate::user_label(k, v).map_err(|e| at(line, e))?;
-            }
-        }
+        // The whole label set, as the write checks it (the count, then each label), so a line
+        // the transaction would refuse is found before anything is written.
+        validate::user_labels(&parsed.labels).map_err(|e| at(line, e))?;
         let max = store.limits().tag_value_bytes_max;
         let writes_max = store.limits().txn_ops_max;
         if 1 + parsed.tags.len() > writes_max {

@@ -414,6 +414,25 @@ fn import(db: &Db) {
     let (code, err) = fails(db, &["object", "import"], Some(&bad));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("line 21"), "{err}");
+    // More labels than an object may hold (256), after lines that small transactions would have
+    // committed first: refused up front too.
+    let many: Vec<String> = (0..257).map(|i| format!("\"l{i}\": \"v\"")).collect();
+    let bad = format!(
+        "{}{{\"kind\": \"machine\", \"id\": \"m0110\", \"labels\": {{{}}}}}\n",
+        lines(100, 110),
+        many.join(", ")
+    );
+    let (code, err) = fails(
+        db,
+        &["object", "import", "--batch", "2", "--jobs", "1"],
+        Some(&bad),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("line 21") && err.contains("at most 256 labels"),
+        "{err}"
+    );
+    assert_eq!(revision(db), before, "the lines before it were not written");
     for bad in [
         "{\"kind\": \"machine\"}\n",
         "{\"kind\": \"machine\", \"id\": \"a\", \"tagz\": {}}\n",

@@ -115,6 +115,15 @@ fn blob_put_get_round_trip_ranges_info_ls_rm() {
     let file = write_file(db.dir.path(), "big.bin", &data);
     let digest = sha256(&data);
 
+    // A blob's labels may reference blobs only: refused before anything is uploaded.
+    fails_with(
+        &db,
+        &["blob", "put", &file, "-l", "fleetdb.io/gc.ref.image=i1"],
+        2,
+        "a blob can only reference blobs",
+    );
+    assert_eq!(ok_json(&db, &["blob", "ingests"]), serde_json::json!([]));
+
     // Table output: exactly the digest.
     let out = ok(&db, &["blob", "put", &file]);
     assert_eq!(String::from_utf8(out).unwrap(), format!("{digest}\n"));

@@ -228,7 +228,7 @@ pub async fn ingest_resumes_where_it_stands_and_refuses_other_offsets(h: &Harnes
     for off in [0, cut as u64 - 1, cut as u64 + 1] {
         let err = s
             .backend()
-            .ingest_write("resumable", off, b"zz", now)
+            .ingest_write("resumable", off, b"zz", now, now + INGEST_TTL_DEFAULT)
             .await
             .unwrap_err();
         match &err {
@@ -272,6 +272,58 @@ pub async fn expired_ingests_are_swept(h: &Harness) {
     assert_eq!(w.offset(), 0);
     // Nothing of the swept upload is left behind.
     assert_eq!(s.backend().blob_orphans_remove().await.unwrap(), 0);
+}
+
+/// An upload expires [`INGEST_TTL_DEFAULT`] after it was last touched (started, resumed or
+/// written), not after it started: one written an hour at a time for 30 hours is committed
+/// whole; one left untouched for the TTL expires.
+pub async fn an_upload_expires_only_when_untouched(h: &Harness) {
+    let s = &h.store;
+    let mut w = s.blob_writer("slow-upload", None, None).await.unwrap();
+    let mut sent = Vec::new();
+    for hour in 0..30 {
+        let piece = format!("hour {hour}; ");
+        if let Err(e) = w.write(piece.as_bytes()).await {
+            panic!("the write of hour {hour} failed: {e}");
+        }
+        sent.extend_from_slice(piece.as_bytes());
+        let now = s.clock().now();
+        assert_eq!(
+            w.status().expires_at,
+            now + INGEST_TTL_DEFAULT,
+            "hour {hour}"
+        );
+        h.clock.advance(Duration::from_secs(3600));
+        // A collection in between does not take it.
+        let now = s.clock().now();
+        assert_eq!(
+            s.backend().ingest_sweep(now).await.unwrap(),
+            0,
+            "hour {hour}"
+        );
+    }
+    let listed = s.ingest_list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].expires_at,
+        w.status().expires_at,
+        "listed as written"
+    );
+    let info = w.commit(Labels::new()).await.unwrap();
+    assert_eq!(s.blob_get(&info.digest).await.unwrap(), sent);
+
+    // Written just before its expiry, every time: alive. Then untouched: expired and swept.
+    let mut idle = s.blob_writer("idle", None, None).await.unwrap();
+    for piece in [b"a", b"b", b"c"] {
+        idle.write(piece).await.unwrap();
+        h.clock.advance(INGEST_TTL_DEFAULT - Duration::from_secs(1));
+    }
+    h.clock.advance(Duration::from_secs(2));
+    let err = idle.write(b"d").await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    let now = s.clock().now();
+    assert_eq!(s.backend().ingest_sweep(now).await.unwrap(), 1);
+    assert!(ingest_refs(s).await.is_empty());
 }
 
 pub async fn same_content_twice_is_one_blob(h: &Harness) {

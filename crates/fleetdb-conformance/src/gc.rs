@@ -206,6 +206,87 @@ pub async fn malformed_reference_labels_are_rejected(h: &Harness) {
     assert!(!exists(s, "layer", "x").await, "nothing written");
 }
 
+/// A blob has no namespace, so a `fleetdb.io/gc.ref.<kind>` label on it (kind other than
+/// `content`) could hold no object: every blob label path refuses it (`Invalid`), where it was
+/// once accepted and ignored, and the object it named was collected.
+pub async fn a_blob_cannot_reference_an_object(h: &Harness) {
+    let s = &h.store;
+    s.gc_kind_declare("image", true).await.unwrap();
+    obj(s, "image", "i1", &[]).await;
+    let bad = labels(&[
+        ("fleetdb.io/gc.root", "true"),
+        ("fleetdb.io/gc.ref.image", "i1"),
+    ]);
+    let refused = |what: &str, r: Result<BlobInfo>| match r {
+        Err(e @ Error::Invalid { .. }) => assert!(
+            e.to_string().contains("a blob can only reference blobs"),
+            "{what}: {e}"
+        ),
+        Err(e) => panic!("{what}: {e}"),
+        Ok(b) => panic!("{what}: a blob referencing an object was committed: {b:?}"),
+    };
+    refused("blob_put", s.blob_put(b"index", bad.clone(), None).await);
+    let digest = fleetdb::core::world::sha256_digest(b"index");
+    // A streamed upload: the commit is refused, the upload is kept.
+    let mut w = s.blob_writer("index-upload", None, None).await.unwrap();
+    w.write(b"index").await.unwrap();
+    refused("BlobWriter::commit", w.commit(bad.clone()).await);
+    let w = s.blob_writer("index-upload", None, None).await.unwrap();
+    assert_eq!(w.offset(), 5, "the refused commit kept the upload");
+    refused(
+        "BlobWriter::commit_as",
+        w.commit_as(&digest, 5, bad.clone()).await,
+    );
+    // The operation itself, as a transaction or a remote client would send it.
+    let op = Op::BlobCommit {
+        digest: digest.clone(),
+        size: 5,
+        labels: bad.clone(),
+        lease: None,
+    };
+    let err = op.validate(&fleetdb::Limits::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::Invalid { .. }),
+        "Op::BlobCommit: {err}"
+    );
+    assert!(
+        s.blob_info(&digest).await.unwrap().is_none(),
+        "nothing committed"
+    );
+    // Under a suffix too; and the same label stays fine on an object.
+    refused(
+        "blob_put (suffix)",
+        s.blob_put(
+            b"index",
+            labels(&[("fleetdb.io/gc.ref.image.amd64", "i1")]),
+            None,
+        )
+        .await,
+    );
+    obj(s, "machine", "m1", &[("fleetdb.io/gc.ref.image", "i1")]).await;
+    // A blob referencing blobs is what a blob may do: committed, and followed.
+    let layer = s
+        .blob_put(b"layer", Default::default(), None)
+        .await
+        .unwrap();
+    let w = s.blob_writer("index-upload", None, None).await.unwrap();
+    let index = w
+        .commit_as(
+            &digest,
+            5,
+            labels(&[
+                ("fleetdb.io/gc.root", "true"),
+                ("fleetdb.io/gc.ref.content", &layer.digest),
+            ]),
+        )
+        .await
+        .unwrap();
+    s.gc_run().await.unwrap();
+    assert!(s.blob_info(&index.digest).await.unwrap().is_some());
+    assert!(s.blob_info(&layer.digest).await.unwrap().is_some());
+    assert!(exists(s, "image", "i1").await, "held by the machine");
+}
+
 pub async fn leases_hold_objects_flat_or_deep(h: &Harness) {
     let s = &h.store;
     declare(s).await;
@@ -294,6 +375,86 @@ pub async fn leases_hold_objects_flat_or_deep(h: &Harness) {
         .unwrap());
     s.gc_run().await.unwrap();
     assert!(!exists(s, "image", "i3").await);
+}
+
+/// A lease holds at most [`gc::LEASE_RESOURCES_MAX`] resources: the add past it is refused
+/// (`Refused`) in its own transaction, on every path that adds to a lease (`lease_add`,
+/// `object_put_leased`, a blob commit under the lease), and writes nothing. The count is kept on
+/// the lease's row; a million real rows would make this test take minutes, so once the count is
+/// shown to follow adds and removes, it is moved near the limit behind the store's back.
+pub async fn a_lease_holds_at_most_lease_resources_max(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    let spec = || LeaseSpec {
+        id: Some("big".into()),
+        ..Default::default()
+    };
+    s.lease_create(spec()).await.unwrap();
+    let layer = |i: u32| Resource::Object {
+        key: key("default", "layer", &format!("l{i}")),
+    };
+    // Holds l1, l2 and a blob (3): an add of what it holds and a removal are counted right.
+    for i in 1..=3 {
+        assert!(s.lease_add("big", layer(i)).await.unwrap());
+    }
+    assert!(!s.lease_add("big", layer(1)).await.unwrap(), "held already");
+    assert!(s.lease_remove_resource("big", layer(3)).await.unwrap());
+    assert!(!s.lease_remove_resource("big", layer(3)).await.unwrap());
+    s.blob_put(b"in big", Default::default(), Some("big"))
+        .await
+        .unwrap();
+    assert_eq!(s.lease_resources("big").await.unwrap().len(), 3);
+    let max = gc::LEASE_RESOURCES_MAX as u64;
+    h.sql(&format!(
+        "UPDATE leases SET resources = resources + {} WHERE id = 'big'",
+        max - 4
+    ))
+    .await;
+    // One more fits (the lease then holds the maximum) ...
+    assert!(s.lease_add("big", layer(4)).await.unwrap());
+    // ... and none after it, whichever way it is added.
+    let full = |what: &str, e: Error| {
+        assert!(matches!(e, Error::Refused { .. }), "{what}: {e}");
+        assert!(
+            e.to_string().contains(&max.to_string()),
+            "{what}: the limit is named: {e}"
+        );
+    };
+    full("lease_add", s.lease_add("big", layer(5)).await.unwrap_err());
+    full(
+        "object_put_leased",
+        s.object_put_leased(&key("default", "layer", "l5"), labels(&[]), "big")
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        !exists(s, "layer", "l5").await,
+        "the refused put wrote nothing"
+    );
+    full(
+        "blob commit",
+        s.blob_put(b"one too many", Default::default(), Some("big"))
+            .await
+            .unwrap_err(),
+    );
+    let digest = fleetdb::core::world::sha256_digest(b"one too many");
+    assert!(
+        s.blob_info(&digest).await.unwrap().is_none(),
+        "nor the blob"
+    );
+    // Adding what it holds already writes nothing and is no error; other leases are not affected.
+    assert!(!s.lease_add("big", layer(4)).await.unwrap());
+    let other = s.lease_create(LeaseSpec::default()).await.unwrap();
+    assert!(s.lease_add(&other.id, layer(5)).await.unwrap());
+    // A removal makes room for one.
+    assert!(s.lease_remove_resource("big", layer(4)).await.unwrap());
+    assert!(s.lease_add("big", layer(5)).await.unwrap());
+    full("lease_add", s.lease_add("big", layer(6)).await.unwrap_err());
+    assert_eq!(s.lease_resources("big").await.unwrap().len(), 4);
+    // A lease created again under the same id starts empty.
+    s.lease_delete("big", false).await.unwrap();
+    s.lease_create(spec()).await.unwrap();
+    assert!(s.lease_add("big", layer(6)).await.unwrap());
 }
 
 pub async fn an_expired_lease_triggers_collection_by_itself(h: &Harness) {

@@ -319,15 +319,18 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         let _ = (reference, expected, now, expires_at);
         Err(self.unsupported("the content store"))
     }
-    /// Append `data` at `offset` (which must be the ingest's current offset).
+    /// Append `data` at `offset` (which must be the ingest's current offset). A write touches
+    /// the upload: it then expires at `expires_at` (or later, if it already did), so an upload
+    /// being written expires only once it is left untouched.
     async fn ingest_write(
         &self,
         reference: &str,
         offset: u64,
         data: &[u8],
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> Result<crate::content::IngestStatus> {
-        let _ = (reference, offset, data, now);
+        let _ = (reference, offset, data, now, expires_at);
         Err(self.unsupported("the content store"))
     }
     /// Verify the upload against `digest` and `size` (a mismatch commits nothing and keeps the
@@ -606,17 +609,19 @@ pub trait TxRows: Send {
         let _ = (id, change);
         Err(tx_unsupported("leases"))
     }
-    /// Returns whether a row was added.
+    /// Add a resource to a lease unless it holds it already, keeping the lease's count of
+    /// resources (`leases.resources`) in the same transaction. Returns the count after the add,
+    /// or `None` if the lease held the resource already (nothing written).
     async fn lease_resource_add(
         &mut self,
         lease: &str,
         resource: &Resource,
         now: Timestamp,
-    ) -> Result<bool> {
+    ) -> Result<Option<u64>> {
         let _ = (lease, resource, now);
         Err(tx_unsupported("leases"))
     }
-    /// Returns whether a row was removed.
+    /// Returns whether a row was removed (the lease's count goes down with it).
     async fn lease_resource_remove(&mut self, lease: &str, resource: &Resource) -> Result<bool> {
         let _ = (lease, resource);
         Err(tx_unsupported("leases"))

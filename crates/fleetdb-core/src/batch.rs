@@ -477,7 +477,7 @@ impl Op {
                 ..
             } => {
                 world::validate_digest(digest)?;
-                validate::user_labels(labels)?;
+                validate::blob_labels(labels)?;
                 if let Some(l) = lease {
                     validate::name("lease id", l)?;
                 }

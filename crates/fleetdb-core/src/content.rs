@@ -16,7 +16,8 @@ pub const BLOB_BYTES_MAX: u64 = 8 << 30;
 pub const INGEST_WRITE_BYTES_MAX: usize = 4 << 20;
 /// Bytes per chunk row (PostgreSQL) and per read of a blob file.
 pub const CHUNK_BYTES: usize = 256 << 10;
-/// How long an untouched ingest lives by default.
+/// How long an untouched ingest lives by default: its expiry is this long after it was started,
+/// resumed or last written.
 pub const INGEST_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// Longest ingest reference, in bytes.
 pub const INGEST_REF_BYTES_MAX: usize = 256;

@@ -8,7 +8,7 @@ use crate::batch::{Applied, Op, OpResult};
 use crate::error::{Error, Result};
 use crate::gc::{
     change_start, references, BlobInfo, ChangeStart, GcKind, Lease, Resource,
-    CONTENT_CHANGE_NAMESPACE, LEASE_CHANGE_NAMESPACE,
+    CONTENT_CHANGE_NAMESPACE, LEASE_CHANGE_NAMESPACE, LEASE_RESOURCES_MAX,
 };
 use crate::model::{ChangeOp, Entity, Labels, ObjectKey, Revision};
 use crate::time::Timestamp;
@@ -71,6 +71,28 @@ async fn live_lease<T: TxRows + ?Sized>(rows: &mut T, id: &str, now: Timestamp) 
             reason: "it has expired".into(),
         }),
         None => Err(Error::not_found(format!("lease {id:?}"))),
+    }
+}
+
+/// Add `resource` to `lease` (checked live by the caller) unless it holds it: whether it was
+/// added. An add past [`LEASE_RESOURCES_MAX`] is refused, in the add's transaction (the batch
+/// writes nothing); the count is kept on the lease's row, so this reads no other resource.
+async fn lease_hold<T: TxRows + ?Sized>(
+    rows: &mut T,
+    lease: &str,
+    resource: &Resource,
+    now: Timestamp,
+) -> Result<bool> {
+    match rows.lease_resource_add(lease, resource, now).await? {
+        None => Ok(false),
+        Some(n) if n > LEASE_RESOURCES_MAX as u64 => Err(Error::Refused {
+            what: format!("adding {resource} to lease {lease:?}"),
+            reason: format!(
+                "the lease holds {LEASE_RESOURCES_MAX} resources, the most one lease may hold; \
+                 remove some or use another lease"
+            ),
+        }),
+        Some(_) => Ok(true),
     }
 }
 
@@ -151,7 +173,7 @@ pub(crate) async fn apply_gc_op<T: TxRows + ?Sized>(
         }
         Op::LeaseAddResource { lease, resource } => {
             let l = live_lease(rows, lease, now).await?;
-            let added = rows.lease_resource_add(lease, resource, now).await?;
+            let added = lease_hold(rows, lease, resource, now).await?;
             if added {
                 // A change row, so a collection running now protects what was just leased.
                 rows.change_append(&lease_draft(&l, ChangeOp::Put, now))
@@ -212,7 +234,8 @@ pub(crate) async fn apply_gc_op<T: TxRows + ?Sized>(
                 }
             };
             if let Some(l) = lease {
-                rows.lease_resource_add(
+                lease_hold(
+                    rows,
                     l,
                     &Resource::Blob {
                         digest: digest.clone(),

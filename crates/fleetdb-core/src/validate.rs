@@ -131,6 +131,34 @@ pub fn user_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// Check a label patch written on a blob: [`user_labels`], and its references may only be to
+/// other blobs (`fleetdb.io/gc.ref.content…`). A blob has no namespace, so a reference from it to
+/// an object (`fleetdb.io/gc.ref.<kind>` with another kind) could hold nothing: it is refused
+/// rather than accepted and ignored. Removing such a label (an empty value) is allowed.
+pub fn blob_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    user_labels(labels)?;
+    for (k, v) in labels {
+        let Some(rest) = k.strip_prefix(crate::gc::REF_PREFIX) else {
+            continue;
+        };
+        let kind = rest.split(['.', '/']).next().unwrap_or(rest);
+        if !v.is_empty() && kind != crate::gc::CONTENT_KIND {
+            return Err(Error::invalid(
+                format!("blob label {k:?}"),
+                v.as_str(),
+                format!(
+                    "a blob can only reference blobs ({}{}[.<suffix>|/<suffix>]=sha256:…): \
+                     blobs have no namespace, so a blob cannot hold an object (kind {kind:?}); \
+                     hold the object with a lease, a reference from an object or gc.root",
+                    crate::gc::REF_PREFIX,
+                    crate::gc::CONTENT_KIND
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Apply a label patch: keys with an empty value are removed, others set. Returns the new label
 /// set; fails if it would hold more than [`LABELS_PER_OBJECT_MAX`] labels.
 pub fn merge_labels(
@@ -257,6 +285,40 @@ mod tests {
         assert!(user_label("/k", "v").is_err());
         assert!(user_label("k v", "v").is_err());
         assert!(user_label("k", "a\0b").is_err());
+    }
+
+    #[test]
+    fn blob_references_are_to_blobs_only() {
+        let l = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let digest = format!("sha256:{}", "a".repeat(64));
+        blob_labels(&l(&[("fleetdb.io/gc.ref.content", &digest)])).unwrap();
+        blob_labels(&l(&[("fleetdb.io/gc.ref.content.layer-1", &digest)])).unwrap();
+        blob_labels(&l(&[("fleetdb.io/gc.ref.content/0", &digest)])).unwrap();
+        blob_labels(&l(&[("fleetdb.io/gc.root", "true"), ("a", "b")])).unwrap();
+        // Removing an old one is fine.
+        blob_labels(&l(&[("fleetdb.io/gc.ref.image", "")])).unwrap();
+        for key in [
+            "fleetdb.io/gc.ref.image",
+            "fleetdb.io/gc.ref.image.x",
+            "fleetdb.io/gc.ref.image/x",
+            "fleetdb.io/gc.ref.contents",
+        ] {
+            let err = blob_labels(&l(&[(key, "i1")])).unwrap_err();
+            assert!(matches!(err, Error::Invalid { .. }), "{key}: {err}");
+            assert!(
+                err.to_string().contains("a blob can only reference blobs"),
+                "{err}"
+            );
+        }
+        // The same labels are fine on objects.
+        user_labels(&l(&[("fleetdb.io/gc.ref.image", "i1")])).unwrap();
+        // Malformed labels are still refused as such.
+        assert!(blob_labels(&l(&[("fleetdb.io/gc.ref.content", "i1")])).is_err());
     }
 
     #[test]

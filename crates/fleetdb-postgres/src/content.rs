@@ -55,7 +55,9 @@ const INGEST_RESET: &str = "UPDATE ingests SET expected_digest = $2, expected_si
      \"offset\" = 0, started_at = $4, updated_at = $4, expires_at = $5 WHERE ref = $1";
 const INGEST_TOUCH: &str = "UPDATE ingests SET expected_digest = $2, expected_size = $3, \
      updated_at = $4, expires_at = $5 WHERE ref = $1";
-const INGEST_ADVANCE: &str = "UPDATE ingests SET \"offset\" = $2, updated_at = $3 WHERE ref = $1";
+/// A write touches the upload: its expiry moves (never back).
+const INGEST_ADVANCE: &str = "UPDATE ingests SET \"offset\" = $2, updated_at = $3, \
+     expires_at = GREATEST(expires_at, $4) WHERE ref = $1";
 const INGEST_CHUNKS_DROP: &str = "DELETE FROM ingest_chunks WHERE ref = $1";
 const INGEST_DROP: &str = "DELETE FROM ingests WHERE ref = $1";
 const INGEST_CHUNK_EXTEND: &str =
@@ -275,6 +277,7 @@ impl PostgresBackend {
         offset: u64,
         data: &[u8],
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> Result<IngestStatus> {
         validate_ingest_ref(reference)?;
         if data.len() > INGEST_WRITE_BYTES_MAX {
@@ -285,7 +288,7 @@ impl PostgresBackend {
             });
         }
         retrying(&self.retries, || {
-            self.ingest_write_once(reference, offset, data, now)
+            self.ingest_write_once(reference, offset, data, now, expires_at)
         })
         .await
     }
@@ -296,6 +299,7 @@ impl PostgresBackend {
         offset: u64,
         data: &[u8],
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> std::result::Result<IngestStatus, Failure> {
         let tx = Tx::begin(self, READ_COMMITTED).await?;
         let out = async {
@@ -344,10 +348,11 @@ impl PostgresBackend {
                 tx.execute(INGEST_CHUNKS_ADD, &[&reference, &seqs, &chunks])
                     .await?;
             }
-            tx.execute(INGEST_ADVANCE, &[&reference, &pos, &now.0])
+            tx.execute(INGEST_ADVANCE, &[&reference, &pos, &now.0, &expires_at.0])
                 .await?;
             status.offset = pos as u64;
             status.updated_at = now;
+            status.expires_at = status.expires_at.max(expires_at);
             Ok(status)
         }
         .await;

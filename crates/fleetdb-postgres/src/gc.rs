@@ -60,12 +60,21 @@ pub(crate) const LEASE_REMOVE: &str = concat!(
      r AS (DELETE FROM lease_resources WHERE lease_id = $10::text) \
      SELECT revision FROM c"
 );
+/// Adds the row unless it exists, and counts it on the lease's row, in one statement: (whether it
+/// was added, the lease's count after it).
 pub(crate) const LEASE_RESOURCE_ADD: &str =
-    "INSERT INTO lease_resources (lease_id, rtype, namespace, kind, id, added_at) \
-     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+    "WITH i AS (INSERT INTO lease_resources (lease_id, rtype, namespace, kind, id, added_at) \
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1), \
+     u AS (UPDATE leases SET resources = resources + 1 \
+     WHERE id = $1 AND EXISTS (SELECT 1 FROM i) RETURNING resources) \
+     SELECT EXISTS (SELECT 1 FROM i), (SELECT resources FROM u)";
+/// Removes the row and uncounts it, in one statement: whether it was removed.
 pub(crate) const LEASE_RESOURCE_REMOVE: &str =
-    "DELETE FROM lease_resources WHERE lease_id = $1 AND rtype = $2 AND namespace = $3 \
-     AND kind = $4 AND id = $5";
+    "WITH d AS (DELETE FROM lease_resources WHERE lease_id = $1 AND rtype = $2 \
+     AND namespace = $3 AND kind = $4 AND id = $5 RETURNING 1), \
+     u AS (UPDATE leases SET resources = GREATEST(resources - 1, 0) \
+     WHERE id = $1 AND EXISTS (SELECT 1 FROM d)) \
+     SELECT EXISTS (SELECT 1 FROM d)";
 pub(crate) const LEASE_RESOURCES_OF: &str =
     "SELECT rtype, namespace, kind, id FROM lease_resources WHERE lease_id = $1";
 const LEASE_RESOURCES_ALL: &str =

@@ -130,6 +130,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "max_failures",
         sql: include_str!("../migrations/0014_max_failures.sql"),
     },
+    Migration {
+        version: 15,
+        name: "lease_resource_count",
+        sql: include_str!("../migrations/0015_lease_resource_count.sql"),
+    },
 ];
 
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
@@ -2003,8 +2008,9 @@ impl Backend for PostgresBackend {
         offset: u64,
         data: &[u8],
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> Result<fleetdb_core::content::IngestStatus> {
-        self.content_ingest_write(reference, offset, data, now)
+        self.content_ingest_write(reference, offset, data, now, expires_at)
             .await
     }
 

@@ -274,6 +274,13 @@ impl<'a> PgTx<'a> {
             .ok_or_else(|| Error::Backend("a single-row query returned no row".to_string()))
     }
 
+    /// Run a write that answers one row inside the transaction (never pipelined with `BEGIN`).
+    async fn write_row(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Row> {
+        let stmt = self.statement(sql).await?;
+        self.begin_alone().await?;
+        self.after_pending(|c| c.query_one(&stmt, params)).await
+    }
+
     /// Run a write (one statement returning the new revision) inside the transaction.
     async fn write(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Revision> {
         let stmt = self.statement(sql).await?;
@@ -672,26 +679,28 @@ impl TxRows for PgTx<'_> {
         lease: &str,
         resource: &Resource,
         now: Timestamp,
-    ) -> Result<bool> {
+    ) -> Result<Option<u64>> {
         let (rtype, ns, kind, id) = resource.columns();
-        let n = self
-            .execute(
+        let row = self
+            .write_row(
                 gc::LEASE_RESOURCE_ADD,
                 &[&lease, &rtype, &ns, &kind, &id, &now.0],
             )
             .await?;
-        Ok(n > 0)
+        let added: bool = row.try_get(0).map_err(|e| self.fail(e))?;
+        let count: Option<i64> = row.try_get(1).map_err(|e| self.fail(e))?;
+        Ok(added.then(|| count.map_or(0, |n| n.max(0) as u64)))
     }
 
     async fn lease_resource_remove(&mut self, lease: &str, resource: &Resource) -> Result<bool> {
         let (rtype, ns, kind, id) = resource.columns();
-        let n = self
-            .execute(
+        let row = self
+            .write_row(
                 gc::LEASE_RESOURCE_REMOVE,
                 &[&lease, &rtype, &ns, &kind, &id],
             )
             .await?;
-        Ok(n > 0)
+        row.try_get(0).map_err(|e| self.fail(e))
     }
 
     async fn lease_resources_of(&mut self, lease: &str) -> Result<Vec<Resource>> {

@@ -162,6 +162,7 @@ async fn open_migrates_and_a_second_open_writes_nothing() {
             (12, "keys_led_by_id"),
             (13, "process_controls"),
             (14, "max_failures"),
+            (15, "lease_resource_count"),
         ]
     );
     assert_eq!(

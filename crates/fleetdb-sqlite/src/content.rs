@@ -285,6 +285,7 @@ impl SqliteBackend {
         offset: u64,
         data: &[u8],
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> Result<IngestStatus> {
         validate_ingest_ref(reference)?;
         let dirs = self.content_dirs()?;
@@ -321,10 +322,11 @@ impl SqliteBackend {
         let updated = self
             .locked(move |c| {
                 let _held = file;
+                // The write touches the upload: its expiry moves (never back).
                 c.execute(
-                    "UPDATE ingests SET \"offset\" = ?2, updated_at = ?3 \
-                     WHERE ref = ?1 AND \"offset\" = ?4",
-                    params![r, end as i64, now.0, offset as i64],
+                    "UPDATE ingests SET \"offset\" = ?2, updated_at = ?3, \
+                     expires_at = max(expires_at, ?5) WHERE ref = ?1 AND \"offset\" = ?4",
+                    params![r, end as i64, now.0, offset as i64, expires_at.0],
                 )
                 .map_err(map_err)
             })
@@ -337,6 +339,7 @@ impl SqliteBackend {
         Ok(IngestStatus {
             offset: end,
             updated_at: now,
+            expires_at: status.expires_at.max(expires_at),
             ..status
         })
     }

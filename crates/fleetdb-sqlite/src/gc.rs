@@ -146,28 +146,48 @@ pub(crate) fn lease_remove(c: &Connection, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Add a resource unless the lease holds it, counting it on the lease's row: the count after the
+/// add, `None` if it was held already.
 pub(crate) fn lease_resource_add(
     c: &Connection,
     lease: &str,
     r: &Resource,
     now: Timestamp,
-) -> Result<bool> {
+) -> Result<Option<u64>> {
     let (t, ns, kind, id) = r.columns();
-    Ok(exec(
+    let added = exec(
         c,
         "INSERT INTO lease_resources (lease_id, rtype, namespace, kind, id, added_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
         params![lease, t, ns, kind, id, now.0],
-    )? > 0)
+    )? > 0;
+    if !added {
+        return Ok(None);
+    }
+    let count: Option<i64> = c
+        .prepare_cached(
+            "UPDATE leases SET resources = resources + 1 WHERE id = ?1 RETURNING resources",
+        )
+        .and_then(|mut s| s.query_row([lease], |r| r.get(0)).optional())
+        .map_err(map_err)?;
+    Ok(Some(count.map_or(0, |n| n.max(0) as u64)))
 }
 
 pub(crate) fn lease_resource_remove(c: &Connection, lease: &str, r: &Resource) -> Result<bool> {
     let (t, ns, kind, id) = r.columns();
-    Ok(exec(
+    let removed = exec(
         c,
         "DELETE FROM lease_resources WHERE lease_id = ?1 AND rtype = ?2 AND namespace = ?3 AND kind = ?4 AND id = ?5",
         params![lease, t, ns, kind, id],
-    )? > 0)
+    )? > 0;
+    if removed {
+        exec(
+            c,
+            "UPDATE leases SET resources = max(resources - 1, 0) WHERE id = ?1",
+            [lease],
+        )?;
+    }
+    Ok(removed)
 }
 
 pub(crate) fn lease_resources_of(c: &Connection, lease: &str) -> Result<Vec<Resource>> {

@@ -754,8 +754,9 @@ impl Backend for SqliteBackend {
         offset: u64,
         data: &[u8],
         now: Timestamp,
+        expires_at: Timestamp,
     ) -> Result<fleetdb_core::content::IngestStatus> {
-        self.content_ingest_write(reference, offset, data, now)
+        self.content_ingest_write(reference, offset, data, now, expires_at)
             .await
     }
 
@@ -974,14 +975,14 @@ mod tests {
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         let first = tokio::time::timeout(
             std::time::Duration::from_millis(300),
-            backend.ingest_write("up", 0, b"AAAAAAAA", NOW),
+            backend.ingest_write("up", 0, b"AAAAAAAA", NOW, later),
         )
         .await;
         assert!(
             first.is_err(),
             "the first write waits for the other process"
         );
-        let second = backend.ingest_write("up", 0, b"BB", NOW).await;
+        let second = backend.ingest_write("up", 0, b"BB", NOW, later).await;
         assert!(matches!(second, Err(Error::Unavailable(_))), "{second:?}");
         other.execute_batch("COMMIT").unwrap();
         let recorded = async {
@@ -996,7 +997,10 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(20), recorded)
             .await
             .expect("the given-up write's statement ran once the lock was free");
-        let next = backend.ingest_write("up", 8, b"CC", NOW).await.unwrap();
+        let next = backend
+            .ingest_write("up", 8, b"CC", NOW, later)
+            .await
+            .unwrap();
         assert_eq!(next.offset, 10);
     }
 

@@ -79,6 +79,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "max_failures",
         sql: include_str!("../migrations/0014_max_failures.sql"),
     },
+    Migration {
+        version: 15,
+        name: "lease_resource_count",
+        sql: include_str!("../migrations/0015_lease_resource_count.sql"),
+    },
 ];
 
 fn binary_version() -> u32 {

@@ -432,7 +432,7 @@ impl TxRows for SqliteRows<'_> {
         lease: &str,
         resource: &Resource,
         now: Timestamp,
-    ) -> Result<bool> {
+    ) -> Result<Option<u64>> {
         gc::lease_resource_add(self.conn, lease, resource, now)
     }
     async fn lease_resource_remove(&mut self, lease: &str, resource: &Resource) -> Result<bool> {

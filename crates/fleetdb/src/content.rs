@@ -62,14 +62,21 @@ impl BlobWriter {
     }
 
     /// Append `data` (sent in pieces of at most [`INGEST_WRITE_BYTES_MAX`]); each piece is
-    /// durable when its call returns.
+    /// durable when its call returns, and moves the upload's expiry to
+    /// [`INGEST_TTL_DEFAULT`] from now.
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         for piece in data.chunks(INGEST_WRITE_BYTES_MAX) {
             let now = self.store.clock.now();
             self.status = self
                 .store
                 .backend
-                .ingest_write(&self.status.reference, self.status.offset, piece, now)
+                .ingest_write(
+                    &self.status.reference,
+                    self.status.offset,
+                    piece,
+                    now,
+                    now + INGEST_TTL_DEFAULT,
+                )
                 .await?;
             if let Some(h) = &mut self.hasher {
                 h.update(piece);
@@ -104,7 +111,7 @@ impl BlobWriter {
     /// Verify the upload against `digest` and `size` and commit it.
     pub async fn commit_as(self, digest: &str, size: u64, labels: Labels) -> Result<BlobInfo> {
         validate_digest(digest)?;
-        validate::user_labels(&labels)?;
+        validate::blob_labels(&labels)?;
         self.store.ready().await?;
         let now = self.store.clock.now();
         let info = self
@@ -156,7 +163,8 @@ impl Store {
     /// Start an upload under `reference`, or resume the one in progress (its `offset` says where
     /// to continue). `expected` (digest, size) is checked at commit; a resumed upload must agree
     /// with what it was started with. The upload expires [`INGEST_TTL_DEFAULT`] after it was
-    /// started or last resumed (an expired upload is swept, or started over when resumed).
+    /// last touched — started, resumed or written (an expired upload is swept, or started over
+    /// when resumed).
     pub async fn blob_writer(
         &self,
         reference: &str,
@@ -190,7 +198,7 @@ impl Store {
         labels: Labels,
         lease: Option<&str>,
     ) -> Result<BlobInfo> {
-        validate::user_labels(&labels)?;
+        validate::blob_labels(&labels)?;
         let digest = sha256_digest(bytes);
         let reference = format!("put-{}", uuid::Uuid::new_v4());
         let mut w = self

@@ -9,9 +9,9 @@ use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
 use serde_json::json;
 
 /// The migrations that have a test below. Add the number when you add the test.
-const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+const TESTED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 /// The newest migration this binary knows.
-const LATEST: u32 = 14;
+const LATEST: u32 = 15;
 
 #[test]
 fn every_migration_has_a_test() {
@@ -550,6 +550,58 @@ async fn sqlite_0014_max_failures_keeps_rows_written_before_it() {
     check_rows_then_max_failures(&format!("sqlite://{}", path.display())).await;
 }
 
+/// Rows as version 14 wrote them: a lease holding exactly `gc::LEASE_RESOURCES_MAX` resources
+/// (the review's million rows, written straight into the table) and one holding two.
+fn v14_lease_rows(fill: &str) -> String {
+    format!(
+        "INSERT INTO leases (id, labels, flat, expires_at, created_at, revision) \
+           VALUES ('big', '{{}}', 0, NULL, 10, 3), ('small', '{{}}', 0, NULL, 10, 4);
+         INSERT INTO lease_resources (lease_id, rtype, namespace, kind, id, added_at) \
+           VALUES ('small', 'object', 'default', 'layer', 's1', 10), \
+                  ('small', 'blob', '', '', 'sha256:{}', 10);
+         {fill}",
+        "a".repeat(64)
+    )
+}
+const V14_FILL_SQLITE: &str =
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000) \
+     INSERT INTO lease_resources (lease_id, rtype, namespace, kind, id, added_at) \
+     SELECT 'big', 'object', 'default', 'layer', 'l' || i, 0 FROM n;";
+const V14_FILL_PG: &str = "INSERT INTO lease_resources (lease_id, rtype, namespace, kind, id, added_at) \
+     SELECT 'big', 'object', 'default', 'layer', 'l' || i, 0 FROM generate_series(1, 1000000) AS i;";
+
+/// After 0015 (a lease's resources are counted on its row): the leases written before it are
+/// counted, so the one holding the maximum takes no more (until one is removed) and the small one
+/// takes more.
+async fn check_rows_then_lease_resource_count(store: &Store) {
+    use fleetdb::core::gc::{Resource, LEASE_RESOURCES_MAX};
+    assert_eq!(LEASE_RESOURCES_MAX, 1_000_000, "the fill matches the limit");
+    let layer = |id: &str| Resource::Object {
+        key: ObjectKey::new("default", "layer", id).unwrap(),
+    };
+    let err = store.lease_add("big", layer("one-more")).await.unwrap_err();
+    assert!(matches!(err, Error::Refused { .. }), "{err}");
+    assert!(!store.lease_add("big", layer("l7")).await.unwrap(), "held");
+    assert!(store
+        .lease_remove_resource("big", layer("l7"))
+        .await
+        .unwrap());
+    assert!(store.lease_add("big", layer("one-more")).await.unwrap());
+    let err = store.lease_add("big", layer("l7")).await.unwrap_err();
+    assert!(matches!(err, Error::Refused { .. }), "{err}");
+    assert_eq!(store.lease_resources("small").await.unwrap().len(), 2);
+    assert!(store.lease_add("small", layer("s2")).await.unwrap());
+}
+
+#[tokio::test]
+async fn sqlite_0015_lease_resource_count_keeps_rows_written_before_it() {
+    let (_d, path) = sqlite_with_v2_rows(14);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(&v14_lease_rows(V14_FILL_SQLITE)).unwrap();
+    drop(c);
+    check_rows_then_lease_resource_count(&open_sqlite(&path).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn sqlite_open_with_nothing_to_migrate_writes_nothing() {
     let (_d, path) = sqlite_path();
@@ -838,6 +890,16 @@ async fn postgres_0014_max_failures_keeps_rows_written_before_it() {
     let s = pg_with_v2_rows(13).await;
     pg_exec(&s.url, V9_WORK_ROWS).await;
     check_rows_then_max_failures(&s.url).await;
+    pg_drop(s).await;
+}
+
+#[tokio::test]
+async fn postgres_0015_lease_resource_count_keeps_rows_written_before_it() {
+    let s = pg_with_v2_rows(14).await;
+    pg_exec(&s.url, &v14_lease_rows(V14_FILL_PG)).await;
+    let store = Store::open(&s.url).await.unwrap();
+    check_rows_then_lease_resource_count(&store).await;
+    drop(store);
     pg_drop(s).await;
 }
 
