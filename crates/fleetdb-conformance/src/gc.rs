@@ -971,23 +971,34 @@ pub async fn an_expiry_written_by_another_process_before_any_collection_is_seen(
 /// A blob committed with `gc.expire` makes its expiry a collection deadline at once, as an
 /// object's label does: on an idle store the blob goes at its expiry, with no other trigger.
 pub async fn a_blob_with_gc_expire_triggers_a_run_at_its_expiry(h: &Harness) {
-    let s = &h.store;
     let at = h.clock.now() + Duration::from_secs(10);
-    let b = s
-        .blob_put(
-            b"expiring",
-            labels(&[("fleetdb.io/gc.expire", &at.to_rfc3339())]),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(s.gc_status().next_deadline, Some(at));
+    let b = expiring_blob(&h.store, b"expiring", at).await;
+    let stats = collected_at_expiry(h, at, &b.digest).await;
+    assert_eq!(stats.swept_blobs, 1);
+}
+
+/// A blob of `data` that expires (`gc.expire`) at `at`.
+async fn expiring_blob(s: &Store, data: &[u8], at: fleetdb::Timestamp) -> BlobInfo {
+    s.blob_put(
+        data,
+        labels(&[("fleetdb.io/gc.expire", &at.to_rfc3339())]),
+        None,
+    )
+    .await
+    .unwrap()
+}
+
+/// No run is due before `at` (10 s from now), the collector's next deadline; one comes just
+/// past it (trigger `deadline`) and removes the blob `digest`.
+async fn collected_at_expiry(h: &Harness, at: fleetdb::Timestamp, digest: &str) -> gc::GcStats {
+    let s = &h.store;
     assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
+    assert_eq!(s.gc_status().next_deadline, Some(at));
     h.clock.advance(Duration::from_secs(11));
     let stats = due_run(s).await.expect("a run at the blob's gc.expire");
     assert_eq!(stats.trigger, "deadline");
-    assert_eq!(stats.swept_blobs, 1);
-    assert!(s.blob_info(&b.digest).await.unwrap().is_none());
+    assert!(s.blob_info(digest).await.unwrap().is_none());
+    stats
 }
 
 /// The same for a blob another process committed (a CLI upload that then exits): the blobs'
@@ -995,24 +1006,9 @@ pub async fn a_blob_with_gc_expire_triggers_a_run_at_its_expiry(h: &Harness) {
 pub async fn a_blob_expiry_written_by_another_process_triggers_a_run(h: &Harness) {
     let at = h.clock.now() + Duration::from_secs(10);
     let other = h.another_process().await;
-    let b = other
-        .blob_put(
-            b"expiring elsewhere",
-            labels(&[("fleetdb.io/gc.expire", &at.to_rfc3339())]),
-            None,
-        )
-        .await
-        .unwrap();
+    let b = expiring_blob(&other, b"expiring elsewhere", at).await;
     drop(other);
-    let s = &h.store;
-    assert!(s.gc_maybe_run().await.unwrap().is_none(), "not due yet");
-    assert_eq!(s.gc_status().next_deadline, Some(at));
-    h.clock.advance(Duration::from_secs(11));
-    let stats = due_run(s)
-        .await
-        .expect("a run at the other process's blob's gc.expire");
-    assert_eq!(stats.trigger, "deadline");
-    assert!(s.blob_info(&b.digest).await.unwrap().is_none());
+    collected_at_expiry(h, at, &b.digest).await;
 }
 
 /// Every blob commit is a mutation (an unreferenced blob is garbage at once): a process that

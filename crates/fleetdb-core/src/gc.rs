@@ -701,15 +701,14 @@ mod tests {
         ObjectKey::new("ns", kind, id).unwrap()
     }
 
-    /// What each kind of change-log entry says about when a collection is due, read from the
-    /// values the apply code writes (a lease's JSON, an export record).
-    #[test]
-    fn deadlines_of_changes() {
-        use crate::model::{Change, ChangeOp, Entity};
-        use crate::world::{Space, WorldRecord};
-        let now = Timestamp(1_000_000);
-        let at = Timestamp(5_000_000);
-        let change = |entity: Entity, op: ChangeOp, value: Option<String>| Change {
+    /// A change-log entry of `entity` at 1 s with these values (JSON text).
+    fn change_of(
+        entity: crate::model::Entity,
+        op: crate::model::ChangeOp,
+        old: Option<String>,
+        new: Option<String>,
+    ) -> crate::model::Change {
+        crate::model::Change {
             revision: Revision(1),
             namespace: String::new(),
             kind: String::new(),
@@ -717,13 +716,29 @@ mod tests {
             entity,
             name: String::new(),
             op,
-            old_value: None,
-            new_value: value.map(|v| serde_json::from_str(&v).unwrap()),
-            at: now,
+            old_value: old.map(|v| serde_json::from_str(&v).unwrap()),
+            new_value: new.map(|v| serde_json::from_str(&v).unwrap()),
+            at: Timestamp(1_000_000),
+        }
+    }
+
+    /// The JSON of a lease as the apply code writes it.
+    fn lease_json(expires_at: Option<Timestamp>) -> String {
+        serde_json::json!({ "labels": {}, "flat": false, "expires_at": expires_at }).to_string()
+    }
+
+    /// What each kind of change-log entry says about when a collection is due, read from the
+    /// values the apply code writes (a lease's JSON, an export record).
+    #[test]
+    fn deadlines_of_changes() {
+        use crate::model::{ChangeOp, Entity};
+        use crate::world::{Space, WorldRecord};
+        let now = Timestamp(1_000_000);
+        let at = Timestamp(5_000_000);
+        let change = |entity: Entity, op: ChangeOp, value: Option<String>| {
+            change_of(entity, op, None, value)
         };
-        let lease = |expires_at: Option<Timestamp>| {
-            serde_json::json!({ "labels": {}, "flat": false, "expires_at": expires_at }).to_string()
-        };
+        let lease = lease_json;
         let export = |holds: bool, expires_at: Option<Timestamp>| {
             let mut r = WorldRecord::new(Space::Export, "k", now);
             let holds = match holds {
@@ -816,27 +831,13 @@ mod tests {
     /// Which change-log entries release what they held (a collection is due now).
     #[test]
     fn releases_of_changes() {
-        use crate::model::{Change, ChangeOp, Entity};
+        use crate::model::{ChangeOp, Entity};
         use crate::world::{Space, WorldRecord};
         let now = Timestamp(1_000_000);
         let later = Timestamp(5_000_000);
         let past = Timestamp(1);
-        let change =
-            |entity: Entity, op: ChangeOp, old: Option<String>, new: Option<String>| Change {
-                revision: Revision(1),
-                namespace: String::new(),
-                kind: String::new(),
-                id: String::new(),
-                entity,
-                name: String::new(),
-                op,
-                old_value: old.map(|v| serde_json::from_str(&v).unwrap()),
-                new_value: new.map(|v| serde_json::from_str(&v).unwrap()),
-                at: now,
-            };
-        let lease = |expires_at: Option<Timestamp>| {
-            serde_json::json!({ "labels": {}, "flat": false, "expires_at": expires_at }).to_string()
-        };
+        let change = change_of;
+        let lease = lease_json;
         let export = |holds: &[&str], expires_at: Option<Timestamp>| {
             let mut r = WorldRecord::new(Space::Export, "k", now);
             let holds = holds

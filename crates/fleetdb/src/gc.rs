@@ -872,6 +872,32 @@ impl Store {
         Ok(kinds.iter().any(|k| !now.contains(k)))
     }
 
+    /// The entities put after `mark` up to the settled revision (and that revision), or `None`
+    /// when there are none or what changed can no longer be told — past a compaction or
+    /// [`FRESH_MAX`] entities, which sets `gave_up` (the caller spares the rest) — or it had
+    /// already.
+    async fn changed_since(
+        &self,
+        mark: Revision,
+        gave_up: &mut bool,
+    ) -> Result<Option<(Vec<(Revision, String, String, String)>, Revision)>> {
+        if *gave_up {
+            return Ok(None);
+        }
+        let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
+        if settled <= mark {
+            return Ok(None);
+        }
+        match self.backend.gc_changed(mark, settled, FRESH_MAX).await {
+            Ok(c) if c.len() < FRESH_MAX => Ok(Some((c, settled))),
+            Ok(_) | Err(Error::Compacted { .. }) => {
+                *gave_up = true;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Protect, outside any transaction, everything reachable from what was put after
     /// `fresh.mark` up to the settled revision, drop it from the candidates (`objects`, `blobs`)
     /// and move `fresh.mark` there. Returns how many candidates it spared.
@@ -881,29 +907,10 @@ impl Store {
         objects: &mut Vec<fleetdb_core::ObjectKey>,
         blobs: &mut Vec<String>,
     ) -> Result<u64> {
-        if fresh.gave_up {
+        let Some((changed, settled)) = self.changed_since(fresh.mark, &mut fresh.gave_up).await?
+        else {
             return Ok(0);
-        }
-        let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
-        if settled <= fresh.mark {
-            return Ok(0);
-        }
-        let changed = match self
-            .backend
-            .gc_changed(fresh.mark, settled, FRESH_MAX)
-            .await
-        {
-            Ok(c) => c,
-            Err(Error::Compacted { .. }) => {
-                fresh.gave_up = true; // what changed can no longer be told: spare the rest
-                return Ok(0);
-            }
-            Err(e) => return Err(e),
         };
-        if changed.len() >= FRESH_MAX {
-            fresh.gave_up = true;
-            return Ok(0);
-        }
         // The nodes put in (mark, settled]: re-read even if protected before (their references
         // may have changed); other nodes protected before were closed over then and have not
         // changed since (a change would be in this range or after it).
@@ -1065,29 +1072,10 @@ impl Store {
     /// (and those leases, as alive). Past a compaction, or past [`FRESH_MAX`] changed entities,
     /// it gives up: what is held can no longer be told, and nothing more is removed this round.
     async fn external_advance(&self, fresh: &mut ExternalFresh) -> Result<()> {
-        if fresh.gave_up {
+        let Some((changed, settled)) = self.changed_since(fresh.mark, &mut fresh.gave_up).await?
+        else {
             return Ok(());
-        }
-        let settled = self.backend.settled_revision(SETTLE_WAIT).await?;
-        if settled <= fresh.mark {
-            return Ok(());
-        }
-        let changed = match self
-            .backend
-            .gc_changed(fresh.mark, settled, FRESH_MAX)
-            .await
-        {
-            Ok(c) => c,
-            Err(Error::Compacted { .. }) => {
-                fresh.gave_up = true;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
         };
-        if changed.len() >= FRESH_MAX {
-            fresh.gave_up = true;
-            return Ok(());
-        }
         for (_, ns, kind, id) in changed {
             match gc::change_start(ns, kind, id) {
                 gc::ChangeStart::Node(Resource::Object { key }) => {
