@@ -1433,3 +1433,89 @@ pub async fn exports_hold_objects_and_blobs_while_they_live(h: &Harness) {
         );
     }
 }
+
+/// A collector whose `remove` of "v-free" makes another writer take a revision it has not
+/// committed yet (as any slow write transaction on PostgreSQL does), then references "v-late"
+/// from an object through the store (committed, a higher revision).
+struct VolumesBehindAnInFlightRevision {
+    store: Mutex<Option<(Store, String)>>,
+    holder: Arc<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
+    removed: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl ExternalCollector for VolumesBehindAnInFlightRevision {
+    fn kind(&self) -> &str {
+        "volume"
+    }
+    async fn all(&self) -> Result<Vec<String>> {
+        Ok(vec!["v-free".into(), "v-late".into()])
+    }
+    async fn active(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    async fn remove(&self, id: &str) -> Result<()> {
+        self.removed.lock().unwrap().push(id.to_string());
+        let taken = self.store.lock().unwrap().take();
+        if let (Some((s, url)), "v-free") = (taken, id) {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            // Another writer's transaction: its change row (revision g) inserted, not committed.
+            c.batch_execute(
+                "BEGIN; INSERT INTO changes \
+                 (revision, namespace, kind, id, entity, name, op, old_value, new_value, at) \
+                 VALUES (nextval('fleetdb_revision'), 'default', 'machine', 'slow', 'object', \
+                 '', 'put', NULL, NULL, 0)",
+            )
+            .await
+            .expect("hold a revision");
+            *self.holder.lock().await = Some(c);
+            // Meanwhile a client references v-late: committed at g + 1.
+            s.object_put(
+                &key("default", "machine", "m-late"),
+                labels(&[("fleetdb.io/gc.ref.volume", "v-late")]),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// PostgreSQL only (its revisions can commit out of order): an external resource referenced by an
+/// object committed during the collectors' removals is kept even while an older write
+/// transaction holds the settled revision back. Before, the check before each removal read the
+/// change log only up to the settled revision, and removed it.
+pub async fn an_external_reference_committed_behind_an_open_transaction_is_kept(h: &Harness) {
+    let s = &h.store;
+    let removed = Arc::new(Mutex::new(Vec::new()));
+    let holder = Arc::new(tokio::sync::Mutex::new(None));
+    s.gc_register_collector(Arc::new(VolumesBehindAnInFlightRevision {
+        store: Mutex::new(Some((s.clone(), h.url.clone()))),
+        holder: holder.clone(),
+        removed: removed.clone(),
+    }))
+    .unwrap();
+    let stats = s.gc_run().await.unwrap();
+    if let Some(c) = holder.lock().await.take() {
+        let _ = c.batch_execute("ROLLBACK").await;
+    }
+    assert!(
+        stats.collector_errors.is_empty(),
+        "{:?}",
+        stats.collector_errors
+    );
+    assert!(
+        s.object_get(&key("default", "machine", "m-late"))
+            .await
+            .unwrap()
+            .is_some(),
+        "the referencing object is committed"
+    );
+    assert_eq!(
+        *removed.lock().unwrap(),
+        vec!["v-free".to_string()],
+        "v-late was removed although a committed object references it"
+    );
+}

@@ -167,3 +167,12 @@ async fn claims_of_a_limited_process_take_turns_on_its_row() {
     }
     drop(h).await;
 }
+
+/// See [`fleetdb_conformance::gc::an_external_reference_committed_behind_an_open_transaction_is_kept`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_reference_committed_behind_an_open_transaction_is_kept() {
+    let h = make().await;
+    fleetdb_conformance::gc::an_external_reference_committed_behind_an_open_transaction_is_kept(&h)
+        .await;
+    drop(h).await;
+}
