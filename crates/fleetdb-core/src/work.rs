@@ -461,6 +461,10 @@ pub struct Claimed {
     /// Claims of dead sessions this claim took over (each ended with `Expired` history, in the
     /// claim's process): the crashed workers' claims no sweep will see.
     pub expired: u64,
+    /// A claim run after a batch in a transaction of its own (`Backend::commit_then_claim`)
+    /// lost its answer with the connection and may have committed: what it took is the
+    /// session's rows of the process started at the claim's time (the caller takes them up).
+    pub unknown: bool,
 }
 
 impl Claimed {
@@ -470,6 +474,7 @@ impl Claimed {
             work,
             revision: None,
             expired: 0,
+            unknown: false,
         }
     }
 
@@ -481,6 +486,7 @@ impl Claimed {
             work,
             revision,
             expired: 0,
+            unknown: false,
         }
     }
 

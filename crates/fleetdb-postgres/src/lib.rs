@@ -1709,7 +1709,17 @@ impl Backend for PostgresBackend {
             }
         }
         let results = self.commit(batch).await?;
-        let claimed = self.claim(claim).await.unwrap_or_default();
+        // The batch stands; a claim that failed took nothing — unless only its answer was
+        // lost with the connection: then the caller is told (`unknown`) and takes up what it
+        // may have taken (its own rows started at the claim's time).
+        let claimed = match self.claim(claim).await {
+            Ok(claimed) => claimed,
+            Err(Error::Unavailable(_)) => Claimed {
+                unknown: true,
+                ..Claimed::default()
+            },
+            Err(_) => Claimed::default(),
+        };
         Ok((results, claimed))
     }
 

@@ -363,6 +363,7 @@ fn claimed(
         work,
         revision,
         expired,
+        unknown: false,
     })
 }
 

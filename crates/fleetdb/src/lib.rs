@@ -365,6 +365,18 @@ impl Store {
         preconditions: Vec<Precondition>,
         ops: Vec<Op>,
     ) -> Result<Vec<OpResult>> {
+        self.write_releasing(preconditions, ops, &[]).await
+    }
+
+    /// [`Store::write_with`] of a batch holding claims' `releases`: an answer that may hide a
+    /// commit is resolved from the history ([`Store::release_committed`]) before it is counted
+    /// (resolved: no results to hand back, so none to note).
+    pub(crate) async fn write_releasing(
+        &self,
+        preconditions: Vec<Precondition>,
+        ops: Vec<Op>,
+        releases: &[session::Release],
+    ) -> Result<Vec<OpResult>> {
         self.ready().await?;
         let batch = Batch {
             preconditions,
@@ -375,7 +387,13 @@ impl Store {
         let touched = session::touched(&batch.ops);
         let deadline = gc::deadline_of(&batch.ops, batch.now);
         let started = std::time::Instant::now();
-        let r = self.backend.commit(batch).await;
+        let r = match self.backend.commit(batch).await {
+            Err(e) if !releases.is_empty() => self
+                .release_committed(releases, e)
+                .await
+                .map(|()| Vec::new()),
+            r => r,
+        };
         self.attempted(metrics::TxnKind::Write, started);
         self.metrics.txn(&r);
         if let Ok(results) = &r {
@@ -885,7 +903,6 @@ impl Store {
                     return Ok(session::Committed {
                         out,
                         claimed: Default::default(),
-                        claim_unknown_at: None,
                     });
                 }
             }
@@ -935,11 +952,13 @@ impl Store {
                         });
                         self.committed_batch(touched, &results, group);
                     }
-                    return Ok(session::Committed {
-                        out,
-                        claimed,
-                        claim_unknown_at: None,
-                    });
+                    if claimed.unknown {
+                        // The claim behind the batch lost its answer (its own transaction).
+                        if let Some((req, session)) = &claim {
+                            session.claim_uncertain(&req.process, claim_at);
+                        }
+                    }
+                    return Ok(session::Committed { out, claimed });
                 }
                 Err(e @ Error::Conflict { .. }) => {
                     self.metrics.transactions_retried.inc();
@@ -947,6 +966,14 @@ impl Store {
                     retry_pause(attempt).await;
                 }
                 Err(e) => {
+                    // Its claim may have committed with the batch: the session's next claim
+                    // takes up what it took, whatever the releases turn out to be (a later
+                    // attempt that finds them committed claims nothing itself).
+                    if let (Some((req, session)), Error::Unavailable(_)) = (&claim, &e) {
+                        if self.backend.capabilities().unavailable_may_have_committed {
+                            session.claim_uncertain(&req.process, claim_at);
+                        }
+                    }
                     if !releases.is_empty() {
                         // The answer may hide a commit: the history tells.
                         match self.release_committed(releases, e).await {
@@ -955,7 +982,6 @@ impl Store {
                                 return Ok(session::Committed {
                                     out,
                                     claimed: Default::default(),
-                                    claim_unknown_at: claim.is_some().then_some(claim_at),
                                 });
                             }
                             Err(e) => {

@@ -52,6 +52,10 @@ struct SessionState {
     /// not move), so a claim's rows (`started_at`) tell which claim took them (see
     /// `adopt_uncertain`).
     last_claim_at: Timestamp,
+    /// The tokens of this session's claims handed out as a [`Work`] not yet dropped: never
+    /// handed out again by `adopt_uncertain` (a clock stepped back can give two claims one
+    /// time).
+    handed_out: std::collections::HashSet<i64>,
 }
 
 /// A selector claim that came back empty.
@@ -458,6 +462,7 @@ impl Store {
                 paused: false,
                 empty_claim: None,
                 uncertain: Vec::new(),
+                handed_out: Default::default(),
                 last_claim_at: Timestamp(i64::MIN),
             }),
             info,
@@ -777,7 +782,7 @@ impl Session {
     }
 
     /// Remember a claim that may have committed though its answer was lost (`adopt_uncertain`).
-    fn claim_uncertain(&self, process: &str, at: Timestamp) {
+    pub(crate) fn claim_uncertain(&self, process: &str, at: Timestamp) {
         self.shared
             .state()
             .uncertain
@@ -800,6 +805,10 @@ impl Session {
                 .work_finished
                 .with_label_values(&[process, "expired"])
                 .inc_by(claimed.expired);
+        }
+        if !claimed.work.is_empty() {
+            let mut st = self.shared.state();
+            st.handed_out.extend(claimed.work.iter().map(|w| w.token));
         }
         claimed
             .work
@@ -921,11 +930,12 @@ impl Session {
                 .store
                 .work_page(Some(process), Some(self.id()), cursor.as_deref(), 1_000)
                 .await?;
-            found.extend(
-                page.items
-                    .into_iter()
-                    .filter(|w| times.binary_search(&w.started_at).is_ok()),
-            );
+            {
+                let st = self.shared.state();
+                found.extend(page.items.into_iter().filter(|w| {
+                    times.binary_search(&w.started_at).is_ok() && !st.handed_out.contains(&w.token)
+                }));
+            }
             match page.next {
                 Some(c) => cursor = Some(c),
                 None => break,
@@ -1162,9 +1172,6 @@ impl Session {
             .await;
         let done = self.finish_many_lost_if_expired(works, r)?;
         self.finish_many_done(works);
-        if let Some(at) = done.claim_unknown_at {
-            self.claim_uncertain(process, at);
-        }
         Ok((
             done.out,
             self.claimed_by_selector(process, selector, done.claimed),
@@ -1285,12 +1292,10 @@ pub struct Work {
 pub(crate) struct Committed<T> {
     /// What the caller's closure returned.
     pub(crate) out: T,
-    /// What the claim behind the batch took.
-    pub(crate) claimed: Claimed,
-    /// The commit was known from the history only (its answer lost): what the claim behind it
-    /// took is unknown; it ran at this time (the session's next claim takes it up:
+    /// What the claim behind the batch took (nothing when the commit was known from the
+    /// history only: what the claim took then is the session's next claim's,
     /// `Session::adopt_uncertain`).
-    pub(crate) claim_unknown_at: Option<Timestamp>,
+    pub(crate) claimed: Claimed,
 }
 
 /// A claim's release in a batch, by which the history tells whether the batch committed when
@@ -1485,9 +1490,6 @@ impl Work {
         let out = self.lost_if_expired(out);
         let done = self.count_end("finished", out)?;
         self.done = true;
-        if let Some(at) = done.claim_unknown_at {
-            self.session.claim_uncertain(process, at);
-        }
         Ok((
             done.out,
             self.session
@@ -1516,15 +1518,16 @@ impl Work {
             Outcome::Failed { .. } => ("failed", WorkEvent::Failed),
         };
         let release = self.release(event);
-        let store = &self.session.store;
-        let r = match store.write(vec![self.release_op(outcome)]).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                store
-                    .release_committed(std::slice::from_ref(&release), e)
-                    .await
-            }
-        };
+        let r = self
+            .session
+            .store
+            .write_releasing(
+                Vec::new(),
+                vec![self.release_op(outcome)],
+                std::slice::from_ref(&release),
+            )
+            .await
+            .map(|_| ());
         self.note_unknown(&r);
         let r = self.lost_if_expired(r);
         self.count_end(result, r)?;
@@ -1578,6 +1581,11 @@ impl Work {
 
 impl Drop for Work {
     fn drop(&mut self) {
+        self.session
+            .shared
+            .state()
+            .handed_out
+            .remove(&self.info.token);
         if self.done {
             return;
         }
