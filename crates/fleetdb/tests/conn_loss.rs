@@ -20,6 +20,21 @@ const SELECTOR: &str = "kind = job and has(ready)";
 /// would after `Unavailable`, at most this many times.
 const STALE_RETRIES: usize = 5;
 
+/// `$call` (an expression giving a `fleetdb::Result`), again while it fails `Unavailable`, at
+/// most [`STALE_RETRIES`] more times.
+macro_rules! until_available {
+    ($call:expr) => {{
+        let mut got = $call;
+        for _ in 0..STALE_RETRIES {
+            if !matches!(got, Err(fleetdb::Error::Unavailable(_))) {
+                break;
+            }
+            got = $call;
+        }
+        got
+    }};
+}
+
 #[derive(Default)]
 struct ProxyState {
     /// Accept and drop new connections at once.
@@ -504,7 +519,7 @@ async fn a_claim_whose_commit_answer_is_lost_is_taken_up_by_the_next_claim() {
 async fn taken_up_by_the_next_claim(direct: &Store, s: &fleetdb::Session) {
     let held = direct.work_list(Some("P"), 10).await.unwrap();
     assert_eq!(held.len(), 1, "the lost claim committed");
-    let mut again = s.claim("P", SELECTOR, 5).await.unwrap();
+    let mut again = until_available!(s.claim("P", SELECTOR, 5).await).unwrap();
     assert_eq!(again.len(), 1, "the next claim takes it up");
     assert_eq!(again[0].key(), &held[0].key);
     assert_eq!(again[0].token(), held[0].token);
@@ -643,14 +658,7 @@ async fn a_finish_found_gone_after_a_lost_answer_is_found_committed() {
         "nothing to tell from: {got:?}"
     );
     proxy.st.down.store(false, Ordering::SeqCst);
-    let mut got = w.finish(|_| async { Ok(()) }).await;
-    for _ in 0..STALE_RETRIES {
-        if !matches!(got, Err(fleetdb::Error::Unavailable(_))) {
-            break;
-        }
-        got = w.finish(|_| async { Ok(()) }).await;
-    }
-    got.unwrap();
+    until_available!(w.finish(|_| async { Ok(()) }).await).unwrap();
     assert_eq!(events(&direct, &job(0)).await, vec![Started, Finished]);
     drop(s);
     db.drop().await;
@@ -661,15 +669,41 @@ async fn a_finish_found_gone_after_a_lost_answer_is_found_committed() {
 /// call failed, and the job stayed held for nobody until the session ended).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finish_and_claim_whose_answer_is_lost_hands_its_claim_to_the_next() {
+    finish_and_claim_whose_answer_is_lost(false).await;
+}
+
+/// The same with the history unreadable too (the database down right after the cut): the call
+/// answers `Unavailable`; tried again once the database is back, it finds the claim gone
+/// (`WorkLost`) and the finish in the history: `Ok`. The claim behind the lost attempt took a
+/// job; the session's next claim takes it up (before: the store remembered the retry's claim
+/// time, which claimed nothing, and the job stayed held for nobody).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_and_claim_found_gone_after_a_lost_answer_hands_its_claim_to_the_next() {
+    finish_and_claim_whose_answer_is_lost(true).await;
+}
+
+async fn finish_and_claim_whose_answer_is_lost(down: bool) {
     let db = Db::new().await;
     let (direct, proxy, _store, s) = jobs_ready(&db, 2).await;
     let mut w = s.claim_object(&job(0), "P").await.unwrap();
     let committed = proxy.arm_commit();
-    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), false);
-    let (got, ()) = tokio::join!(
+    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), down);
+    let (mut got, ()) = tokio::join!(
         w.finish_and_claim(|_| async { Ok(7) }, "P", SELECTOR, 1),
         cut
     );
+    if down {
+        assert!(
+            matches!(got, Err(fleetdb::Error::Unavailable(_))),
+            "nothing to tell from: {:?}",
+            got.map(|(v, n)| (v, n.len()))
+        );
+        proxy.st.down.store(false, Ordering::SeqCst);
+        got = until_available!(
+            w.finish_and_claim(|_| async { Ok(7) }, "P", SELECTOR, 1)
+                .await
+        );
+    }
     let (value, next) = got.unwrap();
     assert_eq!(value, 7);
     assert!(next.is_empty(), "what the claim took is not known here");
@@ -701,13 +735,7 @@ async fn a_batch_finish_whose_answer_is_lost_is_found_committed_for_its_own_clai
     proxy.st.down.store(false, Ordering::SeqCst);
     let second = held.pop().unwrap();
     let mut mixed = vec![held.pop().unwrap(), other];
-    let mut got = s.finish_many(&mut mixed).await;
-    for _ in 0..STALE_RETRIES {
-        if !matches!(got, Err(fleetdb::Error::Unavailable(_))) {
-            break;
-        }
-        got = s.finish_many(&mut mixed).await;
-    }
+    let got = until_available!(s.finish_many(&mut mixed).await);
     assert!(
         matches!(got, Err(fleetdb::Error::WorkLost { .. })),
         "job 2 was never finished: {got:?}"
@@ -731,61 +759,6 @@ async fn a_batch_finish_whose_answer_is_lost_is_found_committed_for_its_own_clai
             vec![fleetdb::WorkEvent::Started, fleetdb::WorkEvent::Finished]
         );
     }
-    drop(s);
-    db.drop().await;
-}
-
-/// A `finish_and_claim` whose COMMIT answer was lost while the history could not be
-/// read either (`Unavailable`, the design's "unreadable" path), tried again once the database is
-/// back: the retry finds the claim gone (`WorkLost`), the history says the finish committed:
-/// `Ok`. The claim behind the LOST attempt took a job; the session's next claim must take it up.
-/// (Before: the store remembered the retry's claim time, which claimed nothing, and the job the
-/// lost attempt took stayed held by the session for nobody.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_finish_and_claim_found_gone_after_a_lost_answer_hands_its_claim_to_the_next() {
-    let db = Db::new().await;
-    let (direct, proxy, _store, s) = jobs_ready(&db, 2).await;
-    let mut w = s.claim_object(&job(0), "P").await.unwrap();
-    let committed = proxy.arm_commit();
-    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), true);
-    let (got, ()) = tokio::join!(
-        w.finish_and_claim(|_| async { Ok(7) }, "P", SELECTOR, 1),
-        cut
-    );
-    assert!(
-        matches!(got, Err(fleetdb::Error::Unavailable(_))),
-        "nothing to tell from: {:?}",
-        got.map(|(v, n)| (v, n.len()))
-    );
-    proxy.st.down.store(false, Ordering::SeqCst);
-    let mut got = w
-        .finish_and_claim(|_| async { Ok(7) }, "P", SELECTOR, 1)
-        .await;
-    for _ in 0..STALE_RETRIES {
-        if !matches!(got, Err(fleetdb::Error::Unavailable(_))) {
-            break;
-        }
-        got = w
-            .finish_and_claim(|_| async { Ok(7) }, "P", SELECTOR, 1)
-            .await;
-    }
-    let (value, next) = got.unwrap();
-    assert_eq!(value, 7);
-    assert!(
-        next.is_empty(),
-        "what the lost claim took is not known here"
-    );
-    let held = direct.work_list(Some("P"), 10).await.unwrap();
-    assert_eq!(held.len(), 1, "the lost attempt's claim committed");
-    let again = s.claim("P", SELECTOR, 5).await.unwrap();
-    let got: Vec<(ObjectKey, i64)> = again.iter().map(|w| (w.key().clone(), w.token())).collect();
-    assert!(
-        got.contains(&(held[0].key.clone(), held[0].token)),
-        "the next claim should take up {} (token {}) held for nobody; it got {got:?}",
-        held[0].key,
-        held[0].token
-    );
-    drop(again);
     drop(s);
     db.drop().await;
 }
@@ -839,14 +812,7 @@ async fn a_claim_time_repeated_after_a_clock_step_never_hands_a_held_claim_out_t
         failed.map(|w| w.len())
     );
     proxy.st.down.store(false, Ordering::SeqCst);
-    let mut again = s.claim("P", SELECTOR, 5).await;
-    for _ in 0..STALE_RETRIES {
-        match again {
-            Err(fleetdb::Error::Unavailable(_)) => again = s.claim("P", SELECTOR, 5).await,
-            _ => break,
-        }
-    }
-    let again = again.unwrap();
+    let again = until_available!(s.claim("P", SELECTOR, 5).await).unwrap();
     let got: Vec<(ObjectKey, i64)> = again.iter().map(|w| (w.key().clone(), w.token())).collect();
     assert!(
         !got.contains(&(job(0), w0.token())),
