@@ -15,6 +15,17 @@ async fn obj(s: &Store, kind: &str, id: &str, l: &[(&str, &str)]) {
         .unwrap();
 }
 
+/// Machine `machine` references volume `volume` (an external collector's resource) by label.
+async fn references_volume(s: &Store, machine: &str, volume: &str) {
+    obj(
+        s,
+        "machine",
+        machine,
+        &[("fleetdb.io/gc.ref.volume", volume)],
+    )
+    .await;
+}
+
 async fn exists(s: &Store, kind: &str, id: &str) -> bool {
     s.object_get(&key("default", kind, id))
         .await
@@ -696,11 +707,7 @@ impl ExternalCollector for VolumesInUse {
             .unwrap()
             .push((l.id.clone(), "v-leased".into()));
         // (b) a machine now references a volume by label;
-        s.object_put(
-            &key("default", "machine", "m2"),
-            labels(&[("fleetdb.io/gc.ref.volume", "v-ref")]),
-        )
-        .await?;
+        references_volume(&s, "m2", "v-ref").await;
         // (c) a live lease created before the run now holds a volume.
         s.lease_add(
             &self.older_lease,
@@ -729,11 +736,7 @@ impl ExternalCollector for VolumesInUse {
             // (d) meanwhile a client references v-late (after what is held was read).
             let s = self.store.lock().unwrap().take();
             if let Some(s) = s {
-                s.object_put(
-                    &key("default", "machine", "m3"),
-                    labels(&[("fleetdb.io/gc.ref.volume", "v-late")]),
-                )
-                .await?;
+                references_volume(&s, "m3", "v-late").await;
             }
         }
         Ok(())
@@ -1473,11 +1476,7 @@ impl ExternalCollector for VolumesBehindAnInFlightRevision {
             .expect("hold a revision");
             *self.holder.lock().await = Some(c);
             // Meanwhile a client references v-late: committed at g + 1.
-            s.object_put(
-                &key("default", "machine", "m-late"),
-                labels(&[("fleetdb.io/gc.ref.volume", "v-late")]),
-            )
-            .await?;
+            references_volume(&s, "m-late", "v-late").await;
         }
         Ok(())
     }

@@ -170,6 +170,17 @@ impl Proxy {
         }
     }
 
+    /// Arm the next COMMIT (at once, before the caller's write starts) and cut it as
+    /// [`Proxy::cut_after_commit`] does.
+    fn cut_next_commit(
+        &self,
+        pause: Duration,
+        down: bool,
+    ) -> impl std::future::Future<Output = ()> + '_ {
+        let committed = self.arm_commit();
+        self.cut_after_commit(committed, pause, down)
+    }
+
     /// Once the armed COMMIT reached the server (`committed`), wait `pause` (it commits), then
     /// drop that connection before its answer; with `down`, every other one too, and refuse new
     /// ones.
@@ -500,9 +511,8 @@ async fn terminated_connections_are_replaced() {
 async fn a_claim_whose_commit_answer_is_lost_is_taken_up_by_the_next_claim() {
     let db = Db::new().await;
     let (direct, proxy, _store, s) = jobs_ready(&db, 1).await;
-    let committed = proxy.arm_commit();
+    let cut = proxy.cut_next_commit(Duration::from_millis(300), false);
     let claim = s.claim("P", SELECTOR, 1);
-    let cut = proxy.cut_after_commit(committed, Duration::from_millis(300), false);
     let (got, ()) = tokio::join!(claim, cut);
     assert!(
         matches!(got, Err(fleetdb::Error::Unavailable(_))),
@@ -579,9 +589,26 @@ async fn a_catching_up_watch_rides_out_a_short_restart() {
 
 /// A store over the proxy with process P, jobs 0..n ready (written directly), and a session.
 async fn jobs_ready(db: &Db, n: usize) -> (Store, Proxy, Store, fleetdb::Session) {
+    jobs_ready_on(db, n, None).await
+}
+
+/// [`jobs_ready`] with the proxied store on `clock` (else the system clock).
+async fn jobs_ready_on(
+    db: &Db,
+    n: usize,
+    clock: Option<fleetdb::ManualClock>,
+) -> (Store, Proxy, Store, fleetdb::Session) {
     let direct = open(&db.url, 2, false).await;
     let (proxy, url) = db.proxied().await;
-    let store = open(&url, 2, false).await;
+    let mut options = OpenOptions {
+        postgres_pool_size_max: 2,
+        background: false,
+        ..OpenOptions::default()
+    };
+    if let Some(clock) = clock {
+        options.clock = Arc::new(clock);
+    }
+    let store = Store::open_with(&url, options).await.unwrap();
     store.process_define("P", &[]).await.unwrap();
     for i in 0..n {
         direct.object_put(&job(i), Labels::new()).await.unwrap();
@@ -619,7 +646,7 @@ async fn an_outcome_whose_commit_answer_is_lost_is_found_committed() {
         fleetdb::Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 2.0).unwrap();
     for (i, want) in [Finished, Canceled, Failed].into_iter().enumerate() {
         let mut w = s.claim_object(&job(i), "P").await.unwrap();
-        let committed = proxy.arm_commit();
+        let cut = proxy.cut_next_commit(Duration::from_millis(200), false);
         let end = async {
             match want {
                 Finished => w.finish(|_| async { Ok(42) }).await,
@@ -627,7 +654,6 @@ async fn an_outcome_whose_commit_answer_is_lost_is_found_committed() {
                 _ => w.fail(&backoff, "boom").await.map(|()| 42),
             }
         };
-        let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), false);
         let (got, ()) = tokio::join!(end, cut);
         assert_eq!(got.unwrap(), 42, "{want:?}: the release committed");
         assert_eq!(events(&direct, &job(i)).await, vec![Started, want]);
@@ -650,8 +676,7 @@ async fn a_finish_found_gone_after_a_lost_answer_is_found_committed() {
     let db = Db::new().await;
     let (direct, proxy, _store, s) = jobs_ready(&db, 1).await;
     let mut w = s.claim_object(&job(0), "P").await.unwrap();
-    let committed = proxy.arm_commit();
-    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), true);
+    let cut = proxy.cut_next_commit(Duration::from_millis(200), true);
     let (got, ()) = tokio::join!(w.finish(|_| async { Ok(()) }), cut);
     assert!(
         matches!(got, Err(fleetdb::Error::Unavailable(_))),
@@ -686,8 +711,7 @@ async fn finish_and_claim_whose_answer_is_lost(down: bool) {
     let db = Db::new().await;
     let (direct, proxy, _store, s) = jobs_ready(&db, 2).await;
     let mut w = s.claim_object(&job(0), "P").await.unwrap();
-    let committed = proxy.arm_commit();
-    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), down);
+    let cut = proxy.cut_next_commit(Duration::from_millis(200), down);
     let (mut got, ()) = tokio::join!(
         w.finish_and_claim(|_| async { Ok(7) }, "P", SELECTOR, 1),
         cut
@@ -725,8 +749,7 @@ async fn a_batch_finish_whose_answer_is_lost_is_found_committed_for_its_own_clai
         held.push(s.claim_object(&job(i), "P").await.unwrap());
     }
     let other = held.pop().unwrap();
-    let committed = proxy.arm_commit();
-    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), true);
+    let cut = proxy.cut_next_commit(Duration::from_millis(200), true);
     let (got, ()) = tokio::join!(s.finish_many(&mut held), cut);
     assert!(
         matches!(got, Err(fleetdb::Error::Unavailable(_))),
@@ -771,33 +794,9 @@ async fn a_batch_finish_whose_answer_is_lost_is_found_committed_for_its_own_clai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_time_repeated_after_a_clock_step_never_hands_a_held_claim_out_twice() {
     let db = Db::new().await;
-    let direct = open(&db.url, 2, false).await;
-    let (proxy, url) = db.proxied().await;
     let clock =
         fleetdb::ManualClock::new(fleetdb::Timestamp::from_system(std::time::SystemTime::now()));
-    let store = Store::open_with(
-        &url,
-        OpenOptions {
-            postgres_pool_size_max: 2,
-            background: false,
-            clock: Arc::new(clock.clone()),
-            ..OpenOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    store.process_define("P", &[]).await.unwrap();
-    for i in 0..3 {
-        direct.object_put(&job(i), Labels::new()).await.unwrap();
-        direct
-            .tag_set(&job(i), "ready", &serde_json::json!(true))
-            .await
-            .unwrap();
-    }
-    let s = store
-        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let (_direct, proxy, _store, s) = jobs_ready_on(&db, 3, Some(clock.clone())).await;
     let c = fleetdb::Clock::now(&clock);
     let w0 = s.claim_object(&job(0), "P").await.unwrap();
     // The clock is stepped back 5 ms (NTP); a claim then; 5 ms later the clock reads `c` again.
@@ -834,8 +833,7 @@ async fn a_release_resolved_committed_is_counted_executed() {
     let mut w = s.claim_object(&job(0), "P").await.unwrap();
     let m = store.metrics();
     let (failed0, executed0) = (m.transactions_failed.get(), m.transactions_executed.get());
-    let committed = proxy.arm_commit();
-    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), false);
+    let cut = proxy.cut_next_commit(Duration::from_millis(200), false);
     let (got, ()) = tokio::join!(w.cancel(), cut);
     got.unwrap();
     let (failed, executed) = (
@@ -861,8 +859,7 @@ async fn a_finish_and_claim_whose_claims_answer_is_lost_hands_its_claim_to_the_n
     let (direct, proxy, _store, s) = jobs_ready(&db, 2).await;
     let mut w = s.claim_object(&job(0), "P").await.unwrap();
     proxy.st.skip.store(1, Ordering::SeqCst); // the finish's COMMIT passes; the claim's is cut
-    let committed = proxy.arm_commit();
-    let cut = proxy.cut_after_commit(committed, Duration::from_millis(200), false);
+    let cut = proxy.cut_next_commit(Duration::from_millis(200), false);
     let (got, ()) = tokio::join!(
         w.finish_and_claim(
             |tx| async move {
