@@ -95,6 +95,8 @@ struct Item {
     key: ObjectKey,
     labels: Labels,
     tags: Vec<(String, serde_json::Value)>,
+    /// The content its writes carry ([`fleetdb::core::Op::payload_bytes`]: labels and tag values).
+    bytes: usize,
 }
 
 fn at(line: usize, e: Error) -> Error {
@@ -167,34 +169,43 @@ fn read_items(
                 ),
             ));
         }
+        let mut bytes: usize = parsed.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
         for (name, value) in &parsed.tags {
             validate::name("tag", name).map_err(|e| at(line, e))?;
-            validate::canonical_json(&format!("tag {name:?} value"), value, max)
-                .map_err(|e| at(line, e))?;
+            bytes += validate::canonical_json(&format!("tag {name:?} value"), value, max)
+                .map_err(|e| at(line, e))?
+                .len();
         }
+        // Written in one transaction, the object and its tags must fit its content limit.
+        fleetdb::core::batch::txn_bytes_within(bytes, store.limits()).map_err(|e| at(line, e))?;
         items.push(Item {
             line,
             key,
             labels: parsed.labels,
             tags: parsed.tags.into_iter().collect(),
+            bytes,
         });
     }
     Ok(items)
 }
 
-/// `items` in line order, cut into transactions of at most `batch` objects and at most
-/// `writes_max` writes (an object and each of its tags; every item fits alone, `read_items`
-/// checked), so no transaction of valid lines is refused for its size.
-fn chunk(items: &[Item], batch: usize, writes_max: usize) -> Vec<&[Item]> {
+/// `items` in line order, cut into transactions of at most `batch` objects, at most
+/// `writes_max` writes (an object and each of its tags) and at most `bytes_max` bytes of content
+/// (every item fits alone, `read_items` checked), so no transaction of valid lines is refused
+/// for its size.
+fn chunk(items: &[Item], batch: usize, writes_max: usize, bytes_max: usize) -> Vec<&[Item]> {
     let mut out = Vec::new();
-    let (mut start, mut writes) = (0, 0);
+    let (mut start, mut writes, mut bytes) = (0, 0, 0);
     for (i, item) in items.iter().enumerate() {
         let w = 1 + item.tags.len();
-        if i > start && (i - start == batch || writes + w > writes_max) {
+        if i > start
+            && (i - start == batch || writes + w > writes_max || bytes + item.bytes > bytes_max)
+        {
             out.push(&items[start..i]);
-            (start, writes) = (i, 0);
+            (start, writes, bytes) = (i, 0, 0);
         }
         writes += w;
+        bytes += item.bytes;
     }
     if start < items.len() {
         out.push(&items[start..]);
@@ -235,7 +246,8 @@ pub async fn import(
         }
     };
     let started = std::time::Instant::now();
-    let chunks = chunk(&items, batch, store.limits().txn_ops_max);
+    let limits = store.limits();
+    let chunks = chunk(&items, batch, limits.txn_ops_max, limits.txn_bytes_max);
     // Transactions start in line order; after a failure none starts (those in flight finish).
     let failed = std::sync::atomic::AtomicBool::new(false);
     let mut outcomes: Vec<(usize, Outcome)> = futures::stream::iter(chunks.iter().enumerate())
@@ -319,6 +331,7 @@ mod tests {
             tags: (0..tags)
                 .map(|t| (format!("t{t}"), serde_json::json!(t)))
                 .collect(),
+            bytes: 100 * tags,
         }
     }
 
@@ -328,7 +341,7 @@ mod tests {
     fn chunks_hold_at_most_the_writes_a_transaction_takes() {
         let mut items: Vec<Item> = (0..1000).map(|i| item(i, 0)).collect();
         items.extend((1000..2000).map(|i| item(i, 15)));
-        let chunks = chunk(&items, 1000, 10_000);
+        let chunks = chunk(&items, 1000, 10_000, usize::MAX);
         let lines: Vec<usize> = chunks
             .iter()
             .flat_map(|c| c.iter().map(|i| i.line))
@@ -344,7 +357,25 @@ mod tests {
             assert!(writes <= 10_000, "{writes}");
         }
         assert_eq!(chunks[0].len(), 1000);
-        assert_eq!(chunk(&items[..3], 2, 10_000).len(), 2);
-        assert!(chunk(&[], 10, 10).is_empty());
+        assert_eq!(chunk(&items[..3], 2, 10_000, usize::MAX).len(), 2);
+        assert!(chunk(&[], 10, 10, 10).is_empty());
+    }
+
+    /// Transactions are cut by content too: 1,000 objects of 15 tags (1,500 bytes each) under a
+    /// limit of 100,000 bytes go 66 to a transaction, every line once and in order.
+    #[test]
+    fn chunks_hold_at_most_the_bytes_a_transaction_takes() {
+        let items: Vec<Item> = (0..1000).map(|i| item(i, 15)).collect();
+        let chunks = chunk(&items, 1000, 10_000, 100_000);
+        let lines: Vec<usize> = chunks
+            .iter()
+            .flat_map(|c| c.iter().map(|i| i.line))
+            .collect();
+        assert_eq!(lines, (0..1000).collect::<Vec<_>>());
+        for c in &chunks {
+            let bytes: usize = c.iter().map(|i| i.bytes).sum();
+            assert!(bytes <= 100_000, "{bytes}");
+        }
+        assert_eq!(chunks[0].len(), 66);
     }
 }

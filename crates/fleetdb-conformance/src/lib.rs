@@ -98,6 +98,7 @@ macro_rules! suite {
             tag_identical_set_is_noop,
             tag_needs_existing_object,
             tag_value_size_limit_is_configurable,
+            a_transaction_over_its_byte_limit_is_refused_whole,
             invalid_input_changes_nothing,
             json_values_round_trip,
             change_log_records_every_mutation,
@@ -759,6 +760,96 @@ pub async fn tag_value_size_limit_is_configurable(h: &Harness) {
         .tag_set(&m, "big", &json!("x".repeat(100)))
         .await
         .unwrap();
+}
+
+/// The writes of one transaction together are bounded (`Limits::txn_bytes_max`), each write
+/// being within its own bound: the push that crosses the limit fails `TooLarge`, and nothing of
+/// the transaction is written; one export call of many records is bounded the same way.
+pub async fn a_transaction_over_its_byte_limit_is_refused_whole(h: &Harness) {
+    let small = Store::from_backend(
+        h.store.backend().clone(),
+        Arc::new(h.clock.clone()),
+        Limits {
+            txn_bytes_max: 1000,
+            ..Limits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let m = key("default", "machine", "m1");
+    small.object_put(&m, Labels::new()).await.unwrap();
+    let before = rev(h).await;
+    let value = json!("x".repeat(298)); // 300 bytes of JSON text
+    let err = small
+        .txn(|tx| {
+            let (m, value) = (m.clone(), value.clone());
+            async move {
+                for name in ["a", "b", "c", "d"] {
+                    tx.tag_set(&m, name, &value)?;
+                }
+                Ok(())
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::TooLarge {
+            field: "transaction (the content of its writes together)".into(),
+            size: 1200,
+            max: 1000
+        }
+    );
+    assert_eq!(
+        rev(h).await,
+        before,
+        "nothing of the transaction is written"
+    );
+    assert!(small.tag_list(&m).await.unwrap().is_empty());
+    // Within the limit, the same writes commit.
+    small
+        .txn(|tx| {
+            let (m, value) = (m.clone(), value.clone());
+            async move {
+                for name in ["a", "b", "c"] {
+                    tx.tag_set(&m, name, &value)?;
+                }
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(small.tag_list(&m).await.unwrap().len(), 3);
+    // One export call: each record within its own bound, the call over the transaction's.
+    let before = rev(h).await;
+    let records: Vec<fleetdb::core::world::ExportRecord> = (0..4)
+        .map(|i| fleetdb::core::world::ExportRecord {
+            id: fleetdb::core::world::ExportId::new("file", format!("f{i}"), "h2"),
+            data: vec![b'x'; 300],
+            lifetime: fleetdb::core::world::Lifetime::persistent(),
+            holds: vec![],
+        })
+        .collect();
+    let err = small
+        .world("h1")
+        .unwrap()
+        .export(records)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                size: 1200,
+                max: 1000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(rev(h).await, before);
+    // The default is 64 MiB.
+    assert_eq!(Limits::default().txn_bytes_max, 64 << 20);
 }
 
 pub async fn invalid_input_changes_nothing(h: &Harness) {

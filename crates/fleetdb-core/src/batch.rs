@@ -231,7 +231,33 @@ pub enum Op {
     },
 }
 
+/// The bytes of labels' keys and values.
+fn labels_bytes(labels: &crate::Labels) -> usize {
+    labels.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
 impl Op {
+    /// The op's variable-size content in bytes, counted against [`Limits::txn_bytes_max`]: tag
+    /// values, labels, export data, key-value and map values, deploy payloads and inline files,
+    /// a sweep's lists. Names and other bounded fields count nothing.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Op::NamespaceCreate { labels, .. }
+            | Op::NamespaceLabels { labels, .. }
+            | Op::ObjectPut { labels, .. }
+            | Op::LeaseCreate { labels, .. }
+            | Op::BlobCommit { labels, .. } => labels_bytes(labels),
+            Op::TagSet { value, .. } | Op::KvSet { value, .. } | Op::MapSet { value, .. } => {
+                value.len()
+            }
+            Op::Export { records, .. } => records.iter().map(|r| r.data.len()).sum(),
+            Op::DeployAdd { deploy, .. } => {
+                deploy.payload.len() + deploy.files.iter().map(|f| f.content.len()).sum::<usize>()
+            }
+            _ => 0,
+        }
+    }
+
     /// Validate every field against the rules and limits. Called at the edge (the library and,
     /// later, the server on what arrives over the wire) before a batch reaches a backend.
     pub fn validate(&self, limits: &Limits) -> Result<()> {
@@ -569,8 +595,21 @@ impl Batch {
                 format!("at most {} reads per transaction", limits.txn_reads_max),
             ));
         }
-        self.ops.iter().try_for_each(|op| op.validate(limits))
+        self.ops.iter().try_for_each(|op| op.validate(limits))?;
+        txn_bytes_within(self.ops.iter().map(Op::payload_bytes).sum(), limits)
     }
+}
+
+/// Whether `bytes` of writes' content fit in one transaction ([`Limits::txn_bytes_max`]).
+pub fn txn_bytes_within(bytes: usize, limits: &Limits) -> Result<()> {
+    if bytes > limits.txn_bytes_max {
+        return Err(Error::TooLarge {
+            field: "transaction (the content of its writes together)".into(),
+            size: bytes,
+            max: limits.txn_bytes_max,
+        });
+    }
+    Ok(())
 }
 
 /// An operator's count setting of a process (`None`: lifted): from 1 to `max` `unit`.
@@ -635,6 +674,9 @@ pub struct OpResult {
     pub applied: Applied,
 }
 
+/// Default of [`Limits::txn_bytes_max`]: 64 MiB (a deploy's largest payload, 16 MiB, four times).
+pub const TXN_BYTES_MAX_DEFAULT: usize = 64 << 20;
+
 /// Limits enforced at the edge. Every bound has a name; see `docs/design.md`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -642,6 +684,11 @@ pub struct Limits {
     pub tag_value_bytes_max: usize,
     /// Writes in one transaction.
     pub txn_ops_max: usize,
+    /// The variable-size content of one transaction's writes together, in bytes
+    /// ([`Op::payload_bytes`]: tag values, labels, export data, key-value and map values, deploy
+    /// payloads). Each write has its own bound; this one keeps a transaction of many large writes
+    /// (10,000 tags of 1 MiB) from being built, sent and held in memory whole.
+    pub txn_bytes_max: usize,
     /// Point reads recorded by one transaction.
     pub txn_reads_max: usize,
     /// Times a transaction closure runs before giving up on conflicts.
@@ -653,6 +700,7 @@ impl Default for Limits {
         Limits {
             tag_value_bytes_max: 1 << 20,
             txn_ops_max: 10_000,
+            txn_bytes_max: TXN_BYTES_MAX_DEFAULT,
             txn_reads_max: 10_000,
             txn_attempts_max: 20,
         }

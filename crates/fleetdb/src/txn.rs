@@ -27,6 +27,8 @@ enum ReadKey {
 struct State {
     reads: BTreeMap<ReadKey, Option<Revision>>,
     ops: Vec<Op>,
+    /// The ops' content so far ([`Op::payload_bytes`]).
+    bytes: usize,
 }
 
 /// A transaction handle, passed by value to the closure (clones share the same transaction).
@@ -94,6 +96,9 @@ impl Txn {
                 format!("at most {} writes per transaction", self.limits.txn_ops_max),
             ));
         }
+        let bytes = st.bytes + op.payload_bytes();
+        fleetdb_core::batch::txn_bytes_within(bytes, &self.limits)?;
+        st.bytes = bytes;
         st.ops.push(op);
         Ok(())
     }
