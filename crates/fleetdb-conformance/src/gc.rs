@@ -1093,6 +1093,53 @@ pub async fn a_lease_deleted_by_another_process_triggers_a_run(h: &Harness) {
     }
 }
 
+/// A resource removed from a live lease, here or by another process (`fleetdb lease` in a
+/// command that then exits), requests a collection: what the lease held is freed without waiting
+/// for a threshold or the lease's end (containerd's removals trigger nothing).
+pub async fn a_resource_removed_from_a_lease_triggers_a_run(h: &Harness) {
+    let s = &h.store;
+    let l = s.lease_create(LeaseSpec::default()).await.unwrap();
+    let mut blobs = Vec::new();
+    for bytes in [&b"one"[..], b"two"] {
+        blobs.push(s.blob_put(bytes, labels(&[]), Some(&l.id)).await.unwrap());
+    }
+    s.gc_run().await.unwrap();
+    assert!(s.gc_maybe_run().await.unwrap().is_none(), "nothing due yet");
+    let held = |i: usize| Resource::Blob {
+        digest: blobs[i].digest.clone(),
+    };
+
+    let other = h.another_process().await;
+    assert!(other.lease_remove_resource(&l.id, held(0)).await.unwrap());
+    drop(other);
+    let stats = due_run(s)
+        .await
+        .expect("a run for the resource another process removed from the lease");
+    assert_eq!(stats.trigger, "requested");
+    assert!(s.blob_info(&blobs[0].digest).await.unwrap().is_none());
+    assert!(s.blob_info(&blobs[1].digest).await.unwrap().is_some());
+    assert!(
+        s.lease_get(&l.id).await.unwrap().is_some(),
+        "the lease lives on"
+    );
+
+    // Removed here: requested (run once the pause after the last run allows). Removing what it
+    // no longer holds requests nothing.
+    assert!(s.lease_remove_resource(&l.id, held(1)).await.unwrap());
+    let stats = due_run(s)
+        .await
+        .expect("a run for the resource removed here");
+    assert_eq!(stats.trigger, "requested");
+    assert!(s.blob_info(&blobs[1].digest).await.unwrap().is_none());
+    assert!(!s.lease_remove_resource(&l.id, held(1)).await.unwrap());
+    let give_up = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < give_up {
+        let again = s.gc_maybe_run().await.unwrap();
+        assert!(again.is_none(), "a run for nothing removed: {again:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A blob committed again during a collection (under a lease that then ends, as a deploy puts
 /// its files) is wanted now: the collection that marked it as garbage before spares it.
 pub async fn a_blob_committed_again_during_a_collection_survives_it(h: &Harness) {

@@ -200,6 +200,7 @@ macro_rules! suite {
             a_blob_expiry_written_by_another_process_triggers_a_run,
             unreferenced_blob_commits_count_toward_the_mutation_threshold,
             a_lease_deleted_by_another_process_triggers_a_run,
+            a_resource_removed_from_a_lease_triggers_a_run,
             exports_hold_objects_and_blobs_while_they_live;
             blob_put_get_ranges_info_list_delete,
             blob_digest_or_size_mismatch_commits_nothing,

@@ -410,8 +410,8 @@ pub fn deadline_of_change(change: &crate::model::Change) -> Option<Timestamp> {
 }
 
 /// Whether a change-log entry released what was held while it was alive, so that a collection
-/// is due now (no deadline says so): a lease deleted before its expiry, an export deleted, or
-/// replaced by one not holding all it held, while it was alive. A lease or export deleted after
+/// is due now (no deadline says so): a lease deleted, or a resource removed from it, an export
+/// deleted, or replaced by one not holding all it held, while it was alive. A lease or export deleted after
 /// its expiry (the collector's and the sweeper's removals) releases nothing its deadline's run
 /// did not already free. `false` for anything else, and for an entry whose value cannot be read.
 pub fn releases_of_change(change: &crate::model::Change) -> bool {
@@ -435,7 +435,9 @@ pub fn releases_of_change(change: &crate::model::Change) -> bool {
             .unwrap_or_default()
     };
     match change.entity {
-        Entity::Lease => change.op == ChangeOp::Delete,
+        // Deleted, or a resource removed (a put with the lease before it: `LeaseRemoveResource`;
+        // a create or a resource added has none).
+        Entity::Lease => true,
         Entity::Export => {
             let held = holds(old);
             if held.is_empty() {
@@ -863,6 +865,20 @@ mod tests {
                 false,
             ),
             (change(Entity::Lease, Put, None, Some(lease(None))), false),
+            // A resource removed from a live lease (the lease before and after): yes.
+            (
+                change(Entity::Lease, Put, Some(lease(None)), Some(lease(None))),
+                true,
+            ),
+            (
+                change(
+                    Entity::Lease,
+                    Put,
+                    Some(lease(Some(past))),
+                    Some(lease(Some(past))),
+                ),
+                false,
+            ),
             // An export deleted holding something; replaced by one holding less; not so.
             (
                 change(Entity::Export, Delete, Some(export(&["i1"], None)), None),

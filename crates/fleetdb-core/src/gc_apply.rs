@@ -182,10 +182,28 @@ pub(crate) async fn apply_gc_op<T: TxRows + ?Sized>(
             Ok(done(added, u64::from(added)))
         }
         Op::LeaseRemoveResource { lease, resource } => {
-            if rows.lease_read(lease).await?.is_none() {
+            let Some(l) = rows.lease_read(lease).await? else {
                 return Err(Error::not_found(format!("lease {lease:?}")));
-            }
+            };
             let removed = rows.lease_resource_remove(lease, resource).await?;
+            if removed {
+                // A change row with the lease before and after (`gc::releases_of_change`): what
+                // it held may be garbage now, and another process's collector learns so from the
+                // log, as of a lease deleted.
+                let json = lease_json(&l);
+                rows.change_append(&draft(
+                    LEASE_CHANGE_NAMESPACE,
+                    "",
+                    &l.id,
+                    Entity::Lease,
+                    "",
+                    ChangeOp::Put,
+                    Some(json.clone()),
+                    Some(json),
+                    now,
+                ))
+                .await?;
+            }
             Ok(done(removed, u64::from(removed)))
         }
         Op::BlobCommit {

@@ -336,15 +336,22 @@ impl Store {
         .changed)
     }
 
+    /// Remove a resource from a lease (`false`: it did not hold it). What it held may be garbage
+    /// now: a collection is requested (as for a deleted lease), and the change-log row tells other
+    /// processes' collectors so too.
     pub async fn lease_remove_resource(&self, lease: &str, resource: Resource) -> Result<bool> {
-        Ok(single(
+        let removed = single(
             self.write(vec![Op::LeaseRemoveResource {
                 lease: lease.to_string(),
                 resource,
             }])
             .await?,
         )?
-        .changed)
+        .changed;
+        if removed {
+            self.gc.requested.store(true, Ordering::Relaxed);
+        }
+        Ok(removed)
     }
 
     pub async fn lease_resources(&self, lease: &str) -> Result<Vec<Resource>> {
