@@ -140,6 +140,14 @@ pub static MIGRATIONS: &[Migration] = &[
 /// Attempts of one transaction (batch, claim, sweep) or retried statement before
 /// [`Error::RetriesExhausted`].
 const COMMIT_ATTEMPTS_MAX: u32 = 30;
+
+/// How long a transaction whose connection broke at `COMMIT` is looked up by its id before its
+/// caller hears `Unavailable` ([`PostgresBackend::after_lost_commit`]): a restart of the server
+/// usually ends within it.
+const LOST_COMMIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Pause between two lookups of such a transaction.
+const LOST_COMMIT_POLL: Duration = Duration::from_millis(50);
 /// Passes a selector claim makes at most when candidates it locked were gone at its take
 /// (claimed by others between its find's snapshot and its lock): each moves on to the next.
 const CLAIM_PASSES_MAX: usize = 4;
@@ -476,8 +484,17 @@ impl PostgresBackend {
                 // was sent leaves it open: roll it back.
                 Err(failure) => {
                     if conn.batch_execute("ROLLBACK").await.is_err() {
-                        // Leave `open` set: the connection is dropped rather than reused.
-                        return Err(failure);
+                        // Leave `open` set: the connection is dropped rather than reused. The
+                        // connection broke: COMMIT may have been carried out, and the
+                        // transaction's id says whether it was.
+                        return match (failure, rows.xid.take()) {
+                            (Failure::Fail(Error::Unavailable(msg)), Some(xid)) => {
+                                drop(rows);
+                                drop(guard);
+                                self.after_lost_commit(&xid, results, msg).await
+                            }
+                            (failure, _) => Err(failure),
+                        };
                     }
                     Err(failure)
                 }
@@ -493,6 +510,62 @@ impl PostgresBackend {
         };
         guard.open = false;
         outcome
+    }
+
+    /// A transaction whose connection broke at `COMMIT` (the answer lost; `COMMIT` sent, or a
+    /// write before it): its id (`xid`) says what became of it. Committed: its results stand, and
+    /// the caller hears so instead of `Unavailable` (a read-modify-write retried after a lost
+    /// answer would apply twice). Rolled back: nothing of it was kept, so it runs again (a
+    /// transient failure). Not known within [`LOST_COMMIT_WAIT`] (the server unreachable, or the
+    /// transaction still open on a half-open connection): `Unavailable`, as without the id.
+    async fn after_lost_commit(
+        &self,
+        xid: &str,
+        written: Written,
+        msg: String,
+    ) -> std::result::Result<Written, Failure> {
+        match self.lost_commit_status(xid).await {
+            Some(true) => {
+                tracing::info!(xid, error = %msg, "the connection broke at COMMIT; the transaction committed");
+                Ok(written)
+            }
+            Some(false) => Err(Failure::Retry(format!(
+                "the connection broke at COMMIT and the transaction was rolled back: {msg}"
+            ))),
+            None => Err(Failure::Fail(Error::Unavailable(msg))),
+        }
+    }
+
+    /// `Some(committed)` once `pg_xact_status` of `xid` is final, asked on other connections
+    /// every [`LOST_COMMIT_POLL`] (`in progress` until the server has finished the COMMIT, or
+    /// noticed the broken connection and rolled back); `None` after [`LOST_COMMIT_WAIT`].
+    async fn lost_commit_status(&self, xid: &str) -> Option<bool> {
+        let give_up = std::time::Instant::now() + LOST_COMMIT_WAIT;
+        loop {
+            let ask = async {
+                let mut guard = Answered::new(self.client().await?);
+                let stmt = guard.client().prepare_cached(sql::XACT_STATUS).await;
+                let row = match stmt {
+                    Ok(stmt) => guard.client().query_one(&stmt, &[&xid]).await,
+                    Err(e) => Err(e),
+                };
+                guard.answered();
+                let status: Option<String> = row.and_then(|r| r.try_get(0)).map_err(db_err)?;
+                Ok::<_, Error>(status)
+            };
+            let left = give_up.saturating_duration_since(std::time::Instant::now());
+            match tokio::time::timeout(left.max(LOST_COMMIT_POLL), ask).await {
+                Ok(Ok(Some(status))) if status == "committed" => return Some(true),
+                Ok(Ok(Some(status))) if status == "aborted" => return Some(false),
+                // In progress, or the server not reachable yet (a stale pooled connection, a
+                // restart): ask again.
+                _ => {}
+            }
+            if std::time::Instant::now() >= give_up {
+                return None;
+            }
+            tokio::time::sleep(LOST_COMMIT_POLL).await;
+        }
     }
 
     /// One statement in its own transaction (`begin` opens it: SERIALIZABLE unless a caller has

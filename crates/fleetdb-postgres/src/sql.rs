@@ -15,6 +15,13 @@ use crate::error::db_err;
 pub(crate) type Param<'a> = &'a (dyn ToSql + Sync);
 
 pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+
+/// The open transaction's id (assigning one: every general-path transaction writes anyway).
+pub(crate) const XACT_ID: &str = "SELECT pg_current_xact_id()::text";
+
+/// What became of a transaction by its id: `committed`, `aborted` or `in progress` (NULL when it
+/// is too old to tell, past the commit log's horizon).
+pub(crate) const XACT_STATUS: &str = "SELECT pg_xact_status(($1::text)::xid8)";
 /// The settings of a transaction that must not scan whole tables ([`BEGIN_SWEEP`]), written once.
 macro_rules! sweep_settings {
     () => {

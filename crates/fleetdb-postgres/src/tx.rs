@@ -59,6 +59,11 @@ pub(crate) struct PgTx<'a> {
     /// COMMITTED and its decisions rest on those rows (see `PostgresBackend::commit`). Reads
     /// of tags always lock (`sql::TAG_READ_LOCKED`).
     pub(crate) lock_reads: bool,
+    /// The transaction's id (`pg_current_xact_id`), asked with `BEGIN` in the same round trip:
+    /// if the answer to its `COMMIT` is lost, `pg_xact_status` tells whether it committed
+    /// (`PostgresBackend::lost_commit_status`). `None` until the transaction is open, or if the
+    /// answer did not come.
+    pub(crate) xid: Option<String>,
 }
 
 /// Poll `writes`, then `last`, in that order (tokio-postgres sends a request on its first poll,
@@ -126,6 +131,7 @@ impl<'a> PgTx<'a> {
             transient: None,
             pending: Vec::new(),
             lock_reads: false,
+            xid: None,
         }
     }
 
@@ -185,10 +191,17 @@ impl<'a> PgTx<'a> {
     async fn begin_alone(&mut self) -> Result<()> {
         if !self.begun {
             // The apply functions always read before they write; this is only a safety net.
-            if let Err(e) = self.client.batch_execute(self.begin).await {
+            let xid = self.statement(sql::XACT_ID).await?;
+            let (begin, id) = futures::future::join(
+                self.client.batch_execute(self.begin),
+                self.client.query_one(&xid, &[]),
+            )
+            .await;
+            if let Err(e) = begin {
                 return Err(self.fail(e));
             }
             self.begun = true;
+            self.xid = id.ok().and_then(|row| row.try_get(0).ok());
         }
         Ok(())
     }
@@ -252,10 +265,13 @@ impl<'a> PgTx<'a> {
         if self.begun {
             return self.after_pending(|c| c.query(&stmt, params)).await;
         }
-        // Nothing is deferred before the transaction is open.
+        // Nothing is deferred before the transaction is open. The transaction's id goes with
+        // `BEGIN` (one statement more, no round trip more).
+        let xid = self.statement(sql::XACT_ID).await?;
         let client = self.client;
-        let (begin, rows) = futures::future::join(
+        let (begin, id, rows) = futures::future::join3(
             client.batch_execute(self.begin),
+            client.query_one(&xid, &[]),
             client.query(&stmt, params),
         )
         .await;
@@ -263,6 +279,7 @@ impl<'a> PgTx<'a> {
             return Err(self.fail(e));
         }
         self.begun = true;
+        self.xid = id.ok().and_then(|row| row.try_get(0).ok());
         rows.map_err(|e| self.fail(e))
     }
 

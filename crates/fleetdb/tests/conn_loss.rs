@@ -47,6 +47,9 @@ struct ProxyState {
     release: Notify,
     /// Armed COMMITs to let through before the one cut.
     skip: std::sync::atomic::AtomicUsize,
+    /// The armed COMMIT is not forwarded at all: the connection is dropped instead (the server
+    /// sees it end inside the transaction and rolls back).
+    drop_commit: AtomicBool,
 }
 
 struct Conn {
@@ -106,6 +109,10 @@ impl Proxy {
                             })
                             .flatten();
                         if let Some(tell) = armed {
+                            if st3.drop_commit.swap(false, Ordering::SeqCst) {
+                                let _ = tell.send(());
+                                return; // drops the server's writer: it reads the end
+                            }
                             md.store(true, Ordering::SeqCst);
                             let release = st3.release.notified();
                             if sw.write_all(chunk).await.is_err() {
@@ -204,6 +211,13 @@ impl Proxy {
             c.mute_down.store(true, Ordering::SeqCst);
             c.mute_up.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Drop the connection of the next COMMIT instead of forwarding it (it never reaches the
+    /// server); resolves once it is dropped.
+    fn drop_next_commit(&self) -> oneshot::Receiver<()> {
+        self.st.drop_commit.store(true, Ordering::SeqCst);
+        self.arm_commit()
     }
 
     fn arm_commit(&self) -> oneshot::Receiver<()> {
@@ -522,6 +536,84 @@ async fn a_claim_whose_commit_answer_is_lost_is_taken_up_by_the_next_claim() {
     taken_up_by_the_next_claim(&direct, &s).await;
     drop(s);
     db.drop().await;
+}
+
+/// A read-modify-write transaction (an increment: the general path, its read recorded as a
+/// precondition) whose COMMIT reached the server but whose answer was lost is looked up by its
+/// transaction id: it answers `Ok`, and the increment is applied once (before, `Unavailable`, and
+/// a caller trying again incremented twice). With the server unreachable for a while after the
+/// cut (a restart), the lookup waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_commit_answer_is_lost_is_found_committed() {
+    let db = Db::new().await;
+    let direct = open(&db.url, 2, false).await;
+    let (proxy, url) = db.proxied().await;
+    let store = open(&url, 4, false).await;
+    let k = job(0);
+    direct.object_put(&k, Labels::new()).await.unwrap();
+    direct
+        .tag_set(&k, "n", &serde_json::json!(0))
+        .await
+        .unwrap();
+    for (i, restart) in [false, true].into_iter().enumerate() {
+        let cut = async {
+            proxy
+                .cut_next_commit(Duration::from_millis(200), restart)
+                .await;
+            if restart {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                proxy.st.down.store(false, Ordering::SeqCst);
+            }
+        };
+        let (got, ()) = tokio::join!(increment(&store, &k), cut);
+        assert_eq!(got, Ok(()), "round {i}: the answer was lost after COMMIT");
+        assert_eq!(counter(&direct, &k).await, i as i64 + 1, "applied once");
+    }
+    db.drop().await;
+}
+
+/// A transaction whose connection broke before its COMMIT reached the server was rolled back
+/// there: its id says so, and it runs again at once (before: `Unavailable`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_commit_never_arrived_runs_again() {
+    let db = Db::new().await;
+    let direct = open(&db.url, 2, false).await;
+    let (proxy, url) = db.proxied().await;
+    let store = open(&url, 4, false).await;
+    let k = job(0);
+    direct.object_put(&k, Labels::new()).await.unwrap();
+    direct
+        .tag_set(&k, "n", &serde_json::json!(0))
+        .await
+        .unwrap();
+    let dropped = proxy.drop_next_commit();
+    let got = increment(&store, &k).await;
+    assert!(dropped.await.is_ok(), "the COMMIT was dropped");
+    assert_eq!(got, Ok(()));
+    assert_eq!(counter(&direct, &k).await, 1, "run again, applied once");
+    db.drop().await;
+}
+
+/// Tag `n` of `k` plus one, read and written in one transaction.
+async fn increment(store: &Store, k: &ObjectKey) -> fleetdb::Result<()> {
+    store
+        .txn(|tx| {
+            let k = k.clone();
+            async move {
+                let n = tx
+                    .tag_get(&k, "n")
+                    .await?
+                    .and_then(|t| t.value.as_i64())
+                    .unwrap_or(0);
+                tx.tag_set(&k, "n", &serde_json::json!(n + 1))
+            }
+        })
+        .await
+}
+
+async fn counter(direct: &Store, k: &ObjectKey) -> i64 {
+    let tag = direct.tag_get(k, "n").await.unwrap().unwrap();
+    tag.value.as_i64().unwrap()
 }
 
 /// The one claim of P held (by `s`, whose claim's answer was lost) is what `s`'s next claim
