@@ -723,19 +723,25 @@ pub async fn tag_needs_existing_object(h: &Harness) {
     assert_eq!(rev(h).await, before);
 }
 
+/// A store on the harness's backend with `limits`, and object `default/machine/m1` in it.
+async fn limited_store_and_m1(h: &Harness, limits: Limits) -> (Store, ObjectKey) {
+    let small = Store::from_backend(h.store.backend().clone(), Arc::new(h.clock.clone()), limits)
+        .await
+        .unwrap();
+    let m = key("default", "machine", "m1");
+    small.object_put(&m, Labels::new()).await.unwrap();
+    (small, m)
+}
+
 pub async fn tag_value_size_limit_is_configurable(h: &Harness) {
-    let small = Store::from_backend(
-        h.store.backend().clone(),
-        Arc::new(h.clock.clone()),
+    let (small, m) = limited_store_and_m1(
+        h,
         Limits {
             tag_value_bytes_max: 64,
             ..Limits::default()
         },
     )
-    .await
-    .unwrap();
-    let m = key("default", "machine", "m1");
-    small.object_put(&m, Labels::new()).await.unwrap();
+    .await;
     let before = rev(h).await;
     let err = small
         .tag_set(&m, "big", &json!("x".repeat(100)))
@@ -767,18 +773,14 @@ pub async fn tag_value_size_limit_is_configurable(h: &Harness) {
 /// being within its own bound: the push that crosses the limit fails `TooLarge`, and nothing of
 /// the transaction is written; one export call of many records is bounded the same way.
 pub async fn a_transaction_over_its_byte_limit_is_refused_whole(h: &Harness) {
-    let small = Store::from_backend(
-        h.store.backend().clone(),
-        Arc::new(h.clock.clone()),
+    let (small, m) = limited_store_and_m1(
+        h,
         Limits {
             txn_bytes_max: 1000,
             ..Limits::default()
         },
     )
-    .await
-    .unwrap();
-    let m = key("default", "machine", "m1");
-    small.object_put(&m, Labels::new()).await.unwrap();
+    .await;
     let before = rev(h).await;
     let value = json!("x".repeat(298)); // 300 bytes of JSON text
     let err = small

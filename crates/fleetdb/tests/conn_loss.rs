@@ -546,15 +546,7 @@ async fn a_claim_whose_commit_answer_is_lost_is_taken_up_by_the_next_claim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_whose_commit_answer_is_lost_is_found_committed() {
     let db = Db::new().await;
-    let direct = open(&db.url, 2, false).await;
-    let (proxy, url) = db.proxied().await;
-    let store = open(&url, 4, false).await;
-    let k = job(0);
-    direct.object_put(&k, Labels::new()).await.unwrap();
-    direct
-        .tag_set(&k, "n", &serde_json::json!(0))
-        .await
-        .unwrap();
+    let (direct, proxy, store, k) = counter_at_zero(&db).await;
     for (i, restart) in [false, true].into_iter().enumerate() {
         let cut = async {
             proxy
@@ -577,6 +569,17 @@ async fn a_transaction_whose_commit_answer_is_lost_is_found_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_whose_commit_never_arrived_runs_again() {
     let db = Db::new().await;
+    let (direct, proxy, store, k) = counter_at_zero(&db).await;
+    let dropped = proxy.drop_next_commit();
+    let got = increment(&store, &k).await;
+    assert!(dropped.await.is_ok(), "the COMMIT was dropped");
+    assert_eq!(got, Ok(()));
+    assert_eq!(counter(&direct, &k).await, 1, "run again, applied once");
+    db.drop().await;
+}
+
+/// A store on the server directly, one through a proxy, and object `job/j0` with tag `n` = 0.
+async fn counter_at_zero(db: &Db) -> (Store, Proxy, Store, ObjectKey) {
     let direct = open(&db.url, 2, false).await;
     let (proxy, url) = db.proxied().await;
     let store = open(&url, 4, false).await;
@@ -586,12 +589,7 @@ async fn a_transaction_whose_commit_never_arrived_runs_again() {
         .tag_set(&k, "n", &serde_json::json!(0))
         .await
         .unwrap();
-    let dropped = proxy.drop_next_commit();
-    let got = increment(&store, &k).await;
-    assert!(dropped.await.is_ok(), "the COMMIT was dropped");
-    assert_eq!(got, Ok(()));
-    assert_eq!(counter(&direct, &k).await, 1, "run again, applied once");
-    db.drop().await;
+    (direct, proxy, store, k)
 }
 
 /// Tag `n` of `k` plus one, read and written in one transaction.
