@@ -1003,3 +1003,62 @@ fn process_conflicts_and_work_ls_by_process() {
     );
     assert_eq!(e["claimable"], true, "{e}");
 }
+
+/// `work explain --selector` (the in-memory reference) and `select` / `worker` (the
+/// SQL) must agree on which objects a selector matches (docs/selectors.md: they agree for all
+/// floats). On the embedded database a tag holding the float 1e-300 is said to match
+/// `tag(x) = 1e-300` and to be claimable, yet `select` finds nothing and a worker never claims it.
+#[test]
+fn explain_select_and_worker_agree_on_a_float_tag() {
+    let db = sqlite_db();
+    ok_json(&db, &["object", "put", "machine", "m1"]);
+    ok_json(&db, &["tag", "set", "machine", "m1", "x", "1e-300"]);
+    ok_json(&db, &["process", "define", "P"]);
+    let selector = "tag(x) = 1e-300";
+    let e = ok_json(
+        &db,
+        &[
+            "work",
+            "explain",
+            "machine",
+            "m1",
+            "--process",
+            "P",
+            "--selector",
+            selector,
+        ],
+    );
+    assert_eq!(e["selector"]["matches"], true, "{e}");
+    assert_eq!(e["claimable"], true, "{e}");
+    let count = ok_json(&db, &["select", selector, "--count"]);
+    assert_eq!(
+        count["count"], 1,
+        "work explain says m1 matches `{selector}` and is claimable; select counts {count}"
+    );
+    let out = fleetdb(
+        &db,
+        &[
+            "worker",
+            "--component",
+            "c",
+            "--process",
+            "P",
+            "--selector",
+            selector,
+            "--once",
+            "--",
+            "true",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history = ok_json(&db, &["history", "machine", "m1"]);
+    assert!(
+        history["items"].as_array().is_some_and(|h| !h.is_empty()),
+        "the worker claims and finishes m1: {history}"
+    );
+}

@@ -137,6 +137,7 @@ macro_rules! suite {
             claim_wait_for_ever_is_a_wait,
             bmdb_workflow_selectors,
             selector_sql_agrees_with_reference,
+            selector_edge_values_agree_with_the_reference,
             metrics_count_sessions_work_and_transactions,
             finish_many_is_all_or_nothing,
             finish_many_with_writes_is_atomic,

@@ -278,11 +278,18 @@ impl<'p> Gen<'p> {
         match right {
             Operand::Literal(lit) => match lit {
                 Literal::Number(n) => {
+                    // A float literal goes in as its JSON text, read by SQLite's own
+                    // text-to-double conversion, as the tag's value is (`json_extract`): that
+                    // conversion is not exactly rounded (1e-300 reads as a neighbour), so an
+                    // exact f64 would differ from the same number read from the tag. Equal
+                    // texts (both canonical, serde_json's shortest form) give equal doubles.
                     let p = match n.as_i64() {
-                        Some(i) => SqlParam::Int(i),
-                        None => SqlParam::Float(n.as_f64().unwrap_or(f64::NAN)),
+                        Some(i) => self.param(SqlParam::Int(i)),
+                        None => {
+                            let text = self.param(SqlParam::Text(n.to_string()));
+                            format!("json_extract({text}, '$')")
+                        }
                     };
-                    let p = self.param(p);
                     format!(
                         "(CASE WHEN {} {NUM} THEN {} {o} {p} ELSE FALSE END)",
                         a.ty, a.val
