@@ -3713,16 +3713,23 @@ fn edge_values() -> Vec<serde_json::Value> {
     ]
 }
 
+/// An object of [`selector_edge_values_agree_with_the_reference`]: key, labels, tags (value,
+/// updated at).
+type EdgeObject = (
+    ObjectKey,
+    Labels,
+    BTreeMap<String, (serde_json::Value, fleetdb::Timestamp)>,
+);
+
+/// Every selector over objects built from edge values (every JSON type, unicode and escaped
+/// strings, nested values, -0.0, 0.1, 1e±300; labels with `=`, `!=`, `in`, `not in`) matches
+/// what the in-memory reference says, page by page.
 pub async fn selector_edge_values_agree_with_the_reference(h: &Harness) {
     let st = &h.store;
     let values = edge_values();
     let label_values = ["x", "1", "é", "\u{1F600}", "a\"b", "a b", "A"];
     let now = st.clock().now();
-    let mut objects: Vec<(
-        ObjectKey,
-        Labels,
-        BTreeMap<String, (serde_json::Value, fleetdb::Timestamp)>,
-    )> = Vec::new();
+    let mut objects: Vec<EdgeObject> = Vec::new();
     for (i, a) in values.iter().enumerate() {
         let mut batch = Vec::new();
         for (j, b) in values.iter().enumerate() {
