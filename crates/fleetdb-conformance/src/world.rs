@@ -993,3 +993,58 @@ pub async fn pruned_legacy_deploys_take_their_blob_records_along(h: &Harness) {
     assert_eq!(s.deploy_prune(3).await.unwrap(), 1);
     assert_eq!(blobs().await, 0, "no deploy holds any");
 }
+
+/// Changes until nothing comes for `quiet`.
+async fn drain_changes(w: &mut Watch, quiet: Duration) -> Vec<std::sync::Arc<fleetdb::Change>> {
+    let mut out = Vec::new();
+    loop {
+        match w.next_timeout(quiet).await {
+            Some(Ok(WatchEvent::Change(c))) => out.push(c),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("watch ended: {e}"),
+            None => return out,
+        }
+    }
+}
+
+/// A resume from a revision the store has not reached (a position saved against another
+/// database, a restored backup) is refused (found by review: it was accepted and silently
+/// skipped every change up to it); otherwise it would have to lose nothing.
+pub async fn a_watch_from_a_future_revision_is_refused(h: &Harness) {
+    let s = &h.store;
+    s.kv_set("fut/0", "0").await.unwrap();
+    let current = s.revision().await.unwrap().current;
+    let ahead = Revision(current.0 + 3);
+    let opened = s
+        .watch(
+            WatchRequest::new(WatchScope::Kv {
+                prefix: "fut/".into(),
+            })
+            .from_revision(ahead),
+        )
+        .await;
+    let mut w = match opened {
+        Err(Error::Invalid { .. }) => return, // refused: fine
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(w) => w,
+    };
+    let mut written = Vec::new();
+    for i in 1..=5 {
+        written.push(
+            s.kv_set(&format!("fut/{i}"), "v")
+                .await
+                .unwrap()
+                .item
+                .revision,
+        );
+    }
+    let got: Vec<Revision> = drain_changes(&mut w, Duration::from_millis(1500))
+        .await
+        .iter()
+        .map(|c| c.revision)
+        .collect();
+    assert_eq!(
+        got, written,
+        "a watch from {ahead:?} (current {current:?}) was accepted and skipped changes silently"
+    );
+}

@@ -1001,7 +1001,12 @@ impl Store {
 
     // ---- change log ----
 
-    /// Change-log entries after `after`, in revision order, at most `limit` (1..=10,000).
+    /// Change-log entries after `after`, in revision order, at most `limit` (1..=10,000), up to
+    /// the settled revision only: on PostgreSQL a transaction holding revision `g` may commit
+    /// after `g + 1` is visible, so entries past a revision whose transaction may still commit
+    /// are held back (at most [`CHANGES_SETTLE_WAIT`] is spent waiting for such a transaction)
+    /// and paging by the last revision read never skips one. `after` past the newest revision
+    /// (a position from another database, or from before a restore) is refused.
     pub async fn changes(
         &self,
         after: Revision,
@@ -1017,7 +1022,17 @@ impl Store {
                 format!("must be between 1 and {CHANGES_PAGE_MAX}"),
             ));
         }
-        self.backend.changes(after, filter, limit).await
+        let settled = self.backend.settled_revision(CHANGES_SETTLE_WAIT).await?;
+        if after >= settled {
+            let current = self.backend.revision().await?.current;
+            if after > current {
+                return Err(ahead_of_the_store("after", after, current));
+            }
+            return Ok(Vec::new());
+        }
+        let mut page = self.backend.changes(after, filter, limit).await?;
+        page.retain(|c| c.revision <= settled);
+        Ok(page)
     }
 
     /// Drop change-log entries with revision < `before`. Returns how many were dropped.
@@ -1053,6 +1068,24 @@ async fn open_postgres(_url: &str, _options: &OpenOptions) -> Result<Arc<dyn Bac
 
 /// Most change-log entries one call returns.
 pub const CHANGES_PAGE_MAX: usize = 10_000;
+
+/// How long [`Store::changes`] waits for a transaction that holds a revision below committed ones
+/// before it answers without the entries past it.
+pub const CHANGES_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A resume position (`field`) past the store's newest revision: it was taken from another
+/// database, or before a restore; resuming from it would skip every change up to it.
+pub(crate) fn ahead_of_the_store(field: &str, asked: Revision, current: Revision) -> Error {
+    Error::invalid(
+        field,
+        asked.0.to_string(),
+        format!(
+            "is past the store's newest revision {}: a position from another database or from \
+             before a restore (start again without it)",
+            current.0
+        ),
+    )
+}
 
 /// Trim a page fetched with `limit + 1` rows and return the cursor of the next page.
 pub(crate) fn next_page<T>(
