@@ -161,7 +161,8 @@ macro_rules! suite {
             racing_workers_never_pass_a_process_limit,
             work_matches_a_model_under_random_operations,
             work_matches_a_model_seed_2,
-            work_matches_a_model_seed_3;
+            work_matches_a_model_seed_3,
+            a_deleted_objects_backoffs_go_with_it;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,
             a_first_resume_from_far_back_goes_at_the_consumers_pace,

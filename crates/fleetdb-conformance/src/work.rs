@@ -3876,3 +3876,90 @@ pub async fn selector_edge_values_agree_with_the_reference(h: &Harness) {
         failures.join("\n")
     );
 }
+
+/// review-c: a deleted object takes its backoffs along. Its history is kept (invariant 21), but
+/// a backoff or a parking belongs to the object: once the machine is removed from the inventory
+/// it must not stay counted as parked (`process ls` PARKED, `fleetdb_work_parked`, `backoff ls
+/// --parked`), and a new object created later under the same key (a machine re-added after its
+/// disk was replaced) must not be born parked by its predecessor's failures.
+pub async fn a_deleted_objects_backoffs_go_with_it(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    st.process_max_failures("Install", Some(1)).await.unwrap();
+    let ks = machines(h, 1).await;
+    let m = &ks[0];
+    let s = st.session_start(spec("w")).await.unwrap();
+    let b = Backoff::new(Duration::from_secs(5), Duration::from_secs(60), 2.0).unwrap();
+    let mut w = s.claim_object(m, "Install").await.unwrap();
+    w.fail(&b, "disk gone").await.unwrap();
+    assert_eq!(st.backoff_parked(None, 10).await.unwrap().len(), 1);
+    // The machine is decommissioned: its history stays, its parking goes.
+    st.object_delete(m).await.unwrap();
+    assert_eq!(events(h, m).await.len(), 2, "history outlives the object");
+    let stats = st.work_stats().await.unwrap();
+    let install = stats.iter().find(|x| x.process == "Install").unwrap();
+    assert_eq!(
+        (install.active_backoffs, install.parked),
+        (0, 0),
+        "a deleted object is still counted as parked in `process ls`"
+    );
+    assert!(
+        st.backoff_parked(None, 10).await.unwrap().is_empty(),
+        "a deleted object is still listed by `backoff ls --parked`"
+    );
+    // A new machine under the same key is a new object: claimable at once.
+    st.object_put(m, Labels::new()).await.unwrap();
+    let e = st.work_explain(m, "Install", None).await.unwrap();
+    assert!(
+        e.claimable(),
+        "a re-created object is born parked: {:?}",
+        e.blockers
+    );
+    let mut w = s.claim_object(m, "Install").await.unwrap();
+    w.cancel().await.unwrap();
+
+    // Objects deleted together in one transaction (PostgreSQL's bulk path), and an object the
+    // collector removes: their backoffs go too.
+    let more = [
+        key("default", "machine", "x1"),
+        key("default", "machine", "x2"),
+        key("default", "disk", "d1"),
+    ];
+    for k in &more {
+        st.object_put(k, Labels::new()).await.unwrap();
+        let mut w = s.claim_object(k, "Install").await.unwrap();
+        w.fail(&b, "broken").await.unwrap();
+    }
+    assert_eq!(st.backoff_list(None, false, 10).await.unwrap().len(), 3);
+    st.txn(|tx| {
+        let keys = more[..2].to_vec();
+        async move {
+            for k in &keys {
+                tx.object_delete(k)?;
+            }
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    st.gc_kind_declare("disk", true).await.unwrap();
+    st.gc_run().await.unwrap();
+    assert!(
+        st.object_get(&more[2]).await.unwrap().is_none(),
+        "collected"
+    );
+    assert_eq!(
+        st.backoff_list(None, false, 10).await.unwrap(),
+        vec![],
+        "the backoffs of objects deleted together or collected are gone"
+    );
+
+    // Deleted while it was worked on: the failure is recorded, no backoff is left behind.
+    let y = key("default", "machine", "y1");
+    st.object_put(&y, Labels::new()).await.unwrap();
+    let mut w = s.claim_object(&y, "Install").await.unwrap();
+    st.object_delete(&y).await.unwrap();
+    w.fail(&b, "gone").await.unwrap();
+    assert_eq!(events(h, &y).await.len(), 2);
+    assert_eq!(st.backoff_list(None, false, 10).await.unwrap(), vec![]);
+}

@@ -688,15 +688,19 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                                 .min(PARKED.0 - 1),
                         )
                     };
-                    rows.backoff_put(&BackoffInfo {
-                        key: key.clone(),
-                        process: process.clone(),
-                        until,
-                        cause: cause.clone(),
-                        last_interval_s: interval_s,
-                        failures,
-                    })
-                    .await?;
+                    // An object deleted while it was worked on gets no backoff: its backoffs went
+                    // with it, and a new object under the key starts afresh.
+                    if rows.object_read(key).await?.is_some() {
+                        rows.backoff_put(&BackoffInfo {
+                            key: key.clone(),
+                            process: process.clone(),
+                            until,
+                            cause: cause.clone(),
+                            last_interval_s: interval_s,
+                            failures,
+                        })
+                        .await?;
+                    }
                     release(
                         rows,
                         &w,

@@ -643,7 +643,9 @@ pub(crate) const DELETE_WRITE: &str = "WITH ch AS MATERIALIZED (SELECT * FROM js
      dt AS (DELETE FROM tags t USING ch WHERE ch.entity = 'tag' AND t.namespace = ch.ns \
         AND t.kind = ch.kind AND t.id = ch.id AND t.name = ch.name), \
      dobj AS (DELETE FROM objects o USING ch WHERE ch.entity = 'object' AND o.namespace = ch.ns \
-        AND o.kind = ch.kind AND o.id = ch.id) \
+        AND o.kind = ch.kind AND o.id = ch.id), \
+     dbo AS (DELETE FROM work_backoff b USING ch WHERE ch.entity = 'object' AND b.id = ch.id \
+        AND b.namespace = ch.ns AND b.kind = ch.kind) \
      SELECT (SELECT jsonb_agg(jsonb_build_array(ch.n, r.rev))::text \
        FROM ch JOIN r ON r.i = ch.i WHERE ch.entity = 'object')";
 

@@ -132,7 +132,9 @@ pub(crate) const SWEEP_OBJECTS: &str = "WITH cand AS (\
        RETURNING o.namespace, o.kind, o.id, o.labels), \
      t AS (DELETE FROM tags t USING o \
        WHERE t.namespace = o.namespace AND t.kind = o.kind AND t.id = o.id \
-       RETURNING t.namespace, t.kind, t.id, t.name, t.value) \
+       RETURNING t.namespace, t.kind, t.id, t.name, t.value), \
+     b AS (DELETE FROM work_backoff b USING o \
+       WHERE b.id = o.id AND b.namespace = o.namespace AND b.kind = o.kind) \
      SELECT 0, namespace, kind, id, labels, NULL::text FROM o \
      UNION ALL SELECT 1, namespace, kind, id, value, name FROM t";
 /// How many of the candidates `($1, $2, $3)` exist (only asked when some were not removed).

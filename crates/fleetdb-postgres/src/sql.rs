@@ -191,7 +191,9 @@ pub(crate) const OBJECT_PUT: &str = concat!(
 pub(crate) const OBJECT_REMOVE: &str = concat!(
     change_cte!(),
     ", d AS (DELETE FROM objects WHERE namespace = $10::text AND kind = $11::text \
-     AND id = $12::text) SELECT revision FROM c"
+     AND id = $12::text), \
+     db AS (DELETE FROM work_backoff WHERE id = $12::text AND namespace = $10::text \
+     AND kind = $11::text) SELECT revision FROM c"
 );
 pub(crate) const TAG_PUT: &str = concat!(
     change_cte!(),

@@ -416,6 +416,10 @@ pub(crate) fn objects_remove(
             "DELETE FROM tags WHERE namespace = ?1 AND kind = ?2 AND id = ?3 RETURNING name, value",
         )
         .map_err(map_err)?;
+    // A removed object's backoffs go with it (as `object_remove`'s).
+    let mut backoffs = c
+        .prepare_cached("DELETE FROM work_backoff WHERE id = ?3 AND namespace = ?1 AND kind = ?2")
+        .map_err(map_err)?;
     let mut out = GcRemoved {
         removed: Vec::with_capacity(keys.len()),
         kept: 0,
@@ -445,6 +449,9 @@ pub(crate) fn objects_remove(
             .collect::<rusqlite::Result<_>>()
             .map_err(map_err)?;
         t.sort_unstable();
+        backoffs
+            .execute(params![k.namespace, k.kind, k.id])
+            .map_err(map_err)?;
         out.removed.push(RemovedObject {
             key: k.clone(),
             labels: labels_from_text(&labels)?,

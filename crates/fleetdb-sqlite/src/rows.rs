@@ -248,6 +248,11 @@ impl TxRows for SqliteRows<'_> {
             "DELETE FROM objects WHERE namespace = ?1 AND kind = ?2 AND id = ?3",
             params![key.namespace, key.kind, key.id],
         )?;
+        // Its backoffs (and parkings) go with it: a new object under the key starts afresh.
+        self.exec(
+            "DELETE FROM work_backoff WHERE id = ?3 AND namespace = ?1 AND kind = ?2",
+            params![key.namespace, key.kind, key.id],
+        )?;
         Ok(rev)
     }
 
