@@ -328,8 +328,26 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
     validate::name("namespace", &cli.namespace)?;
     let migrate = !matches!(cli.command, Command::Migrate(MigrateCmd::Status));
+    // `migrate status` reads: a SQLite file that is not there (a typo in --db, a first run) is
+    // not created, nor its folders; it is reported as an empty database (version 0, every
+    // migration pending), read from one in memory.
+    let mut db = cli.db.clone();
+    if !migrate {
+        let url = if db.is_empty() {
+            fleetdb::DEFAULT_URL
+        } else {
+            db.as_str()
+        };
+        if url.starts_with("sqlite:") {
+            if let fleetdb::SqliteLocation::File(path) = fleetdb::sqlite_location(url)? {
+                if !path.exists() {
+                    db = "sqlite::memory:".into();
+                }
+            }
+        }
+    }
     let store = Store::open_with(
-        &cli.db,
+        &db,
         OpenOptions {
             migrate,
             ..OpenOptions::default()

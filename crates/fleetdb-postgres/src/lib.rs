@@ -141,6 +141,10 @@ pub static MIGRATIONS: &[Migration] = &[
 /// [`Error::RetriesExhausted`].
 const COMMIT_ATTEMPTS_MAX: u32 = 30;
 
+/// Most connections a store's pool may hold (PostgreSQL's own `max_connections` is usually far
+/// below; the pool sizes its buffers from this up front: `usize::MAX` panicked).
+pub const POOL_SIZE_MAX: usize = 10_000;
+
 /// How long a transaction whose connection broke at `COMMIT` is looked up by its id before its
 /// caller hears `Unavailable` ([`PostgresBackend::after_lost_commit`]): a restart of the server
 /// usually ends within it.
@@ -325,11 +329,11 @@ impl PostgresBackend {
             config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
         }
         dead_peer_detection(&mut config);
-        if options.pool_size_max == 0 {
+        if !(1..=POOL_SIZE_MAX).contains(&options.pool_size_max) {
             return Err(Error::invalid(
                 "pool size",
-                "0",
-                "must be at least 1 connection",
+                options.pool_size_max.to_string(),
+                format!("must be between 1 and {POOL_SIZE_MAX} connections"),
             ));
         }
         let listen_config = Arc::new(config.clone());

@@ -41,6 +41,22 @@ pub struct GcOptions {
     pub sweep_batch_target: Duration,
 }
 
+impl GcOptions {
+    /// Check the options (also at open, before the database is touched).
+    pub fn validate(&self) -> Result<()> {
+        // At least 0.001: the pause after a run is its time divided by the share (a share near
+        // zero made a pause no `Duration` or `Instant` can hold, and the collector panicked).
+        if !(self.pause_share >= PAUSE_SHARE_MIN && self.pause_share <= 1.0) {
+            return Err(Error::invalid(
+                "gc pause share",
+                self.pause_share.to_string(),
+                format!("must be between {PAUSE_SHARE_MIN} and 1"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for GcOptions {
     fn default() -> Self {
         GcOptions {
@@ -423,15 +439,7 @@ impl Store {
     }
 
     pub fn gc_set_options(&self, options: GcOptions) -> Result<()> {
-        // At least 0.001: the pause after a run is its time divided by the share (a share near
-        // zero made a pause no `Duration` or `Instant` can hold, and the collector panicked).
-        if !(options.pause_share >= PAUSE_SHARE_MIN && options.pause_share <= 1.0) {
-            return Err(Error::invalid(
-                "gc pause share",
-                options.pause_share.to_string(),
-                format!("must be between {PAUSE_SHARE_MIN} and 1"),
-            ));
-        }
+        options.validate()?;
         *self.gc.options.lock().unwrap_or_else(|p| p.into_inner()) = options;
         Ok(())
     }

@@ -50,7 +50,10 @@ pub use fleetdb_core::{
 };
 #[cfg(feature = "postgres")]
 pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
-pub use fleetdb_sqlite::{Durability, SqliteBackend, SqliteOptions};
+pub use fleetdb_sqlite::{
+    parse_url as sqlite_location, Durability, Location as SqliteLocation, SqliteBackend,
+    SqliteOptions,
+};
 pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec, GC_RUNS_KEPT};
 pub use session::{Fence, Session, Work, UNPARK_BATCH};
 
@@ -121,7 +124,7 @@ pub struct Store {
     backend: Arc<dyn Backend>,
     clock: Arc<dyn Clock>,
     limits: Limits,
-    ready: Arc<AtomicBool>,
+    ready: Arc<Ready>,
     keeper: Arc<session::Keeper>,
     metrics: metrics::Metrics,
     background: Arc<Background>,
@@ -129,6 +132,19 @@ pub struct Store {
     hub_timing: watch::HubTiming,
     gc: Arc<gc::GcState>,
 }
+
+/// Whether the database's schema is this binary's, and when that was last read.
+#[derive(Debug, Default)]
+pub(crate) struct Ready {
+    ok: AtomicBool,
+    /// The store clock's time of the last read (µs).
+    checked: std::sync::atomic::AtomicI64,
+}
+
+/// How often a running store reads the schema version again, on the first call after it is
+/// due: a newer binary of another process (a rolling upgrade) may have migrated the database,
+/// and this one must stop writing with its older idea of the schema (`SchemaTooNew`).
+pub const SCHEMA_RECHECK: Duration = Duration::from_secs(1);
 
 /// Settings of the background task.
 #[derive(Debug, Default)]
@@ -142,7 +158,7 @@ struct WeakStore {
     backend: std::sync::Weak<dyn Backend>,
     clock: Arc<dyn Clock>,
     limits: Limits,
-    ready: Arc<AtomicBool>,
+    ready: Arc<Ready>,
     keeper: std::sync::Weak<session::Keeper>,
     metrics: metrics::Metrics,
     background: Arc<Background>,
@@ -202,6 +218,9 @@ impl Store {
 
     pub async fn open_with(url: &str, options: OpenOptions) -> Result<Store> {
         let url = if url.is_empty() { DEFAULT_URL } else { url };
+        // Every option is checked before the database is touched: a refused open creates,
+        // migrates and writes nothing.
+        options.gc.validate()?;
         let backend: Arc<dyn Backend> = if url.starts_with("sqlite:") {
             let location = fleetdb_sqlite::parse_url(url)?;
             let opts = SqliteOptions {
@@ -253,6 +272,7 @@ impl Store {
     ) -> Result<Store> {
         let status = backend.schema_status().await?;
         let ready = status.database == status.binary;
+        let checked = clock.now().0;
         // The backend's retries before this store existed are not this store's.
         let metrics = metrics::Metrics::default();
         metrics.backend_retries_before(backend.retries());
@@ -260,7 +280,10 @@ impl Store {
             backend,
             clock,
             limits,
-            ready: Arc::new(AtomicBool::new(ready)),
+            ready: Arc::new(Ready {
+                ok: AtomicBool::new(ready),
+                checked: std::sync::atomic::AtomicI64::new(checked),
+            }),
             keeper: Arc::default(),
             metrics,
             background: Arc::new(Background {
@@ -333,14 +356,36 @@ impl Store {
     }
 
     pub(crate) async fn ready(&self) -> Result<()> {
-        if self.ready.load(Ordering::Acquire) {
-            return Ok(());
+        let now = self.clock.now().0;
+        let rechecking = self.ready.ok.load(Ordering::Acquire);
+        if rechecking {
+            // Ready: read the version again once `SCHEMA_RECHECK` has passed, by one caller
+            // (the one that moves the time on); the others go on meanwhile.
+            let last = self.ready.checked.load(Ordering::Relaxed);
+            let due = now.saturating_sub(last) >= SCHEMA_RECHECK.as_micros() as i64;
+            if !due
+                || self
+                    .ready
+                    .checked
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                return Ok(());
+            }
         }
-        let s = self.backend.schema_status().await?;
+        let s = match self.backend.schema_status().await {
+            Ok(s) => s,
+            // A re-read that fails (the database unreachable) leaves the call to fail or not
+            // on its own; it is tried again at the next one due.
+            Err(_) if rechecking => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.ready.checked.store(now, Ordering::Relaxed);
         if s.database == s.binary {
-            self.ready.store(true, Ordering::Release);
+            self.ready.ok.store(true, Ordering::Release);
             return Ok(());
         }
+        self.ready.ok.store(false, Ordering::Release);
         if s.database > s.binary {
             // Migrated by a newer binary since this store opened: upgrading this one helps,
             // migrating cannot.
@@ -537,7 +582,9 @@ impl Store {
     /// Apply pending migrations; writes nothing if there are none.
     pub async fn migrate(&self) -> Result<SchemaStatus> {
         let s = self.backend.migrate().await?;
-        self.ready.store(s.database == s.binary, Ordering::Release);
+        self.ready
+            .ok
+            .store(s.database == s.binary, Ordering::Release);
         Ok(s)
     }
 

@@ -1,0 +1,237 @@
+//! Opening, schema versions and metrics: defects found by a review (each test states what a user
+//! saw before its fix).
+
+use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
+
+fn sqlite_path() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    (dir, path)
+}
+
+fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+/// A store at `url` on a clock the test moves.
+async fn open_on_a_manual_clock(url: &str) -> (Store, fleetdb::ManualClock) {
+    let clock = fleetdb::ManualClock::new(fleetdb::Timestamp(1_767_225_600_000_000));
+    let store = Store::open_with(
+        url,
+        OpenOptions {
+            clock: std::sync::Arc::new(clock.clone()),
+            ..OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    (store, clock)
+}
+
+fn m(id: &str) -> ObjectKey {
+    ObjectKey::new("default", "machine", id).unwrap()
+}
+
+async fn pg_schema() -> (String, String) {
+    fleetdb_postgres::testing::create_schema(&fleetdb_postgres::testing::test_url())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn pg_drop(name: &str) {
+    fleetdb_postgres::testing::drop_schema(&fleetdb_postgres::testing::test_url(), name)
+        .await
+        .unwrap();
+}
+
+async fn pg_exec(url: &str, sql: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap();
+}
+
+// ------------------------------------------------------------------------------------------
+// A store that opened on an up-to-date database never looks at the schema version again: once a
+// newer binary (another process, a rolling upgrade) has migrated the database past it, this
+// binary goes on writing with its old idea of the schema. docs/operations.md: "refuses a
+// database newer than itself (`SchemaTooNew`, nothing written)"; `Store::ready` even has the
+// branch for it ("Migrated by a newer binary since this store opened"), reached only by a store
+// that was behind at open.
+
+#[tokio::test]
+async fn sqlite_a_running_store_refuses_writes_once_a_newer_binary_migrated() {
+    let (_d, path) = sqlite_path();
+    let (store, clock) = open_on_a_manual_clock(&sqlite_url(&path)).await;
+    store.object_put(&m("m1"), Labels::new()).await.unwrap();
+    // Another process, a newer binary, migrates the database past this one.
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute(
+            "INSERT INTO fleetdb_schema VALUES (999, 'from_the_future', 0)",
+            [],
+        )
+        .unwrap();
+    }
+    // Read again at the first call once `SCHEMA_RECHECK` has passed.
+    clock.advance(fleetdb::SCHEMA_RECHECK);
+    let r = store.object_put(&m("m2"), Labels::new()).await;
+    assert!(
+        matches!(r, Err(Error::SchemaTooNew { database: 999, .. })),
+        "an old binary still writes to a database migrated past it: {r:?}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_a_running_store_refuses_writes_once_a_newer_binary_migrated() {
+    let (url, schema) = pg_schema().await;
+    let (store, clock) = open_on_a_manual_clock(&url).await;
+    store.object_put(&m("m1"), Labels::new()).await.unwrap();
+    pg_exec(
+        &url,
+        "INSERT INTO fleetdb_schema VALUES (999, 'from_the_future', 0)",
+    )
+    .await;
+    clock.advance(fleetdb::SCHEMA_RECHECK);
+    let r = store.object_put(&m("m2"), Labels::new()).await;
+    drop(store);
+    pg_drop(&schema).await;
+    assert!(
+        matches!(r, Err(Error::SchemaTooNew { database: 999, .. })),
+        "an old binary still writes to a database migrated past it: {r:?}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// `OpenOptions::postgres_pool_size_max` is checked for 0 only: a huge value (a config file's
+// "unlimited" mapped to usize::MAX, say) panics inside the pool's construction instead of being
+// refused as invalid input.
+
+#[tokio::test]
+async fn postgres_a_pool_size_too_large_is_refused_not_a_panic() {
+    let (url, schema) = pg_schema().await;
+    let u = url.clone();
+    let r = tokio::spawn(async move {
+        Store::open_with(
+            &u,
+            OpenOptions {
+                postgres_pool_size_max: usize::MAX,
+                ..OpenOptions::default()
+            },
+        )
+        .await
+        .map(|_| ())
+    })
+    .await;
+    pg_drop(&schema).await;
+    match r {
+        Err(join) => panic!("open panicked on a pool size of usize::MAX: {join}"),
+        Ok(r) => assert!(
+            matches!(r, Err(Error::Invalid { .. })),
+            "a pool size of usize::MAX is refused as invalid: {r:?}"
+        ),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Invalid open options are checked only after the database was created and migrated: an open
+// that fails for a bad `gc.pause_share` has already created the file (and its folder) and
+// applied every migration — a failed open of a database of an older binary upgrades it all the
+// same (roll back no longer possible: "roll binaries forward, not back").
+
+#[tokio::test]
+async fn sqlite_an_open_refused_for_its_options_writes_nothing() {
+    let (_d, path) = sqlite_path();
+    fleetdb_sqlite::testing::migrate_file_to(&path, 1).unwrap();
+    let r = Store::open_with(
+        &sqlite_url(&path),
+        OpenOptions {
+            gc: fleetdb::GcOptions {
+                pause_share: 0.0,
+                ..fleetdb::GcOptions::default()
+            },
+            ..OpenOptions::default()
+        },
+    )
+    .await;
+    assert!(matches!(r, Err(Error::Invalid { .. })), "{r:?}");
+    drop(r);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = c
+        .query_row("SELECT max(version) FROM fleetdb_schema", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        version, 1,
+        "an open refused for its options migrated the database anyway"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// `Work::finish_and_claim` given up by its caller (a timeout, a `select!`) while its backend call
+// runs: the call runs to its end on a task of its own (`Store::detached_claim`), the finish
+// commits (history `Finished`), and the unwanted next claim is cancelled and counted started and
+// canceled. The finish itself is never counted: `fleetdb_work_finished_total{result="finished"}`
+// misses it (and the handle's drop then sends a cancel that finds the claim gone, counting
+// nothing either). docs/metrics.md: claims ended are "counted once, by the process that ended
+// them".
+
+#[ignore = "known defect, not fixed yet: the finish is counted after the caller's await, not in the detached task that commits it"]
+#[tokio::test]
+async fn a_finish_and_claim_given_up_by_its_caller_still_counts_the_finish() {
+    let (_d, path) = sqlite_path();
+    let store = Store::open_with(
+        &sqlite_url(&path),
+        OpenOptions {
+            background: false,
+            ..OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.process_define("P", &[]).await.unwrap();
+    for id in ["m1", "m2"] {
+        store.object_put(&m(id), Labels::new()).await.unwrap();
+    }
+    let s = store
+        .session_start(fleetdb::SessionSpec::new("c", "h"))
+        .await
+        .unwrap();
+    let mut w = s.claim_object(&m("m1"), "P").await.unwrap();
+    // Polled once, then dropped: the caller gave up before the answer.
+    let given_up = futures::FutureExt::now_or_never(w.finish_and_claim(
+        |_| async { Ok(()) },
+        "P",
+        "kind = machine",
+        1,
+    ));
+    assert!(given_up.is_none(), "the caller gave up before the answer");
+    drop(w);
+    // Let the detached call, the cancel of its unwanted claim and the handle's drop run.
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if store.work_list(Some("P"), 10).await.unwrap().is_empty() {
+            break;
+        }
+    }
+    let history = store
+        .history(&fleetdb::HistoryFilter::Object(m("m1")), None, 10)
+        .await
+        .unwrap();
+    assert!(
+        history
+            .items
+            .iter()
+            .any(|h| h.event == fleetdb::WorkEvent::Finished),
+        "the finish committed: {:?}",
+        history.items
+    );
+    let mm = store.metrics();
+    assert_eq!(
+        mm.work_finished.with_label_values(&["P", "finished"]).get(),
+        1,
+        "the committed finish is counted (started {}, canceled {})",
+        mm.work_started.with_label_values(&["P"]).get(),
+        mm.work_finished.with_label_values(&["P", "canceled"]).get(),
+    );
+}
