@@ -970,9 +970,11 @@ impl Store {
                     let mut req = req.clone();
                     req.now = batch.now;
                     let backend = self.backend.clone();
+                    let ended = session::released(&batch.ops);
                     self.detached_claim(
                         async move { backend.commit_then_claim(batch, req).await },
                         |(_, claimed)| claimed,
+                        ended,
                     )
                     .await
                 }

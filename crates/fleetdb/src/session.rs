@@ -328,6 +328,25 @@ impl Touched {
 /// Parked backoffs one transaction of [`Store::backoff_unpark`] clears.
 pub const UNPARK_BATCH: usize = 500;
 
+/// The claims `ops` release, as `fleetdb_work_finished_total` labels them: (process, result).
+pub(crate) fn released(ops: &[Op]) -> Vec<(String, &'static str)> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::WorkRelease {
+                process, outcome, ..
+            } => Some((
+                process.clone(),
+                match outcome {
+                    Outcome::Finished => "finished",
+                    Outcome::Canceled => "canceled",
+                    Outcome::Failed { .. } => "failed",
+                },
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 /// What `ops` touched ([`Touched`]): the distinct objects of the object, tag and claim ops, each
 /// with the tags the ops left deleted; [`Touched::Anywhere`] for ops that may free claims of
 /// many objects (a session closed, a process's conflicts redefined), for any op not listed as
@@ -851,7 +870,7 @@ impl Session {
         let backend = self.store.backend.clone();
         let claimed = self
             .store
-            .detached_claim(async move { backend.claim(req).await }, |c| c)
+            .detached_claim(async move { backend.claim(req).await }, |c| c, Vec::new())
             .await;
         self.store
             .attempted(crate::metrics::TxnKind::Claim, started);
@@ -1622,10 +1641,15 @@ impl Store {
     /// call runs to its end, and the work it took, if nobody takes the answer (the caller gone
     /// before it was sent, or after, with the answer still in the channel), is cancelled
     /// (history `Canceled`) — issue 3: "a claim dropped without an outcome is cancelled".
+    ///
+    /// `ended`: the claims the call's transaction releases (process, result label), counted in
+    /// `fleetdb_work_finished_total` here when nobody takes the answer (the caller, gone, would
+    /// have counted them).
     pub(crate) async fn detached_claim<T, C>(
         &self,
         call: C,
         claimed: fn(&T) -> &Claimed,
+        ended: Vec<(String, &'static str)>,
     ) -> Result<T>
     where
         T: Send + 'static,
@@ -1638,6 +1662,7 @@ impl Store {
                 answer: Some(call.await),
                 store,
                 claimed,
+                ended,
             };
             // Not taken (sent to nobody, or dropped in the channel): `Delivery::drop` cancels.
             let _ = answer.send(delivery);
@@ -2137,6 +2162,8 @@ struct Delivery<T> {
     answer: Option<Result<T>>,
     store: Store,
     claimed: fn(&T) -> &Claimed,
+    /// The claims the committed transaction released: (process, result).
+    ended: Vec<(String, &'static str)>,
 }
 
 impl<T> Drop for Delivery<T> {
@@ -2144,6 +2171,15 @@ impl<T> Drop for Delivery<T> {
         let Some(Ok(unwanted)) = self.answer.take() else {
             return;
         };
+        // What the transaction released before its claim (a finish_and_claim's finish)
+        // committed: counted here, as its caller would have.
+        for (process, result) in &self.ended {
+            self.store
+                .metrics
+                .work_finished
+                .with_label_values(&[process.as_str(), result])
+                .inc();
+        }
         let claimed = (self.claimed)(&unwanted);
         // The dead sessions' claims it took over ended all the same: `expired`, in its process.
         if let Some(w) = claimed.work.first().filter(|_| claimed.expired > 0) {

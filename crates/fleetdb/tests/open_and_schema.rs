@@ -171,12 +171,10 @@ async fn sqlite_an_open_refused_for_its_options_writes_nothing() {
 // `Work::finish_and_claim` given up by its caller (a timeout, a `select!`) while its backend call
 // runs: the call runs to its end on a task of its own (`Store::detached_claim`), the finish
 // commits (history `Finished`), and the unwanted next claim is cancelled and counted started and
-// canceled. The finish itself is never counted: `fleetdb_work_finished_total{result="finished"}`
-// misses it (and the handle's drop then sends a cancel that finds the claim gone, counting
-// nothing either). docs/metrics.md: claims ended are "counted once, by the process that ended
-// them".
+// canceled. The finish is counted too, by the undelivered answer (`Delivery`: the releases of
+// the batch): before, `fleetdb_work_finished_total{result="finished"}` missed it.
+// docs/metrics.md: claims ended are "counted once, by the process that ended them".
 
-#[ignore = "known defect, not fixed yet: the finish is counted after the caller's await, not in the detached task that commits it"]
 #[tokio::test]
 async fn a_finish_and_claim_given_up_by_its_caller_still_counts_the_finish() {
     let (_d, path) = sqlite_path();
