@@ -330,7 +330,8 @@ async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
     let migrate = !matches!(cli.command, Command::Migrate(MigrateCmd::Status));
     // `migrate status` reads: a SQLite file that is not there (a typo in --db, a first run) is
     // not created, nor its folders; it is reported as an empty database (version 0, every
-    // migration pending), read from one in memory.
+    // migration pending), read from one in memory. One that is there is read on a read-only
+    // connection (opening the store would switch a rollback-journal file to WAL).
     let mut db = cli.db.clone();
     if !migrate {
         let url = if db.is_empty() {
@@ -342,6 +343,9 @@ async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
             if let fleetdb::SqliteLocation::File(path) = fleetdb::sqlite_location(url)? {
                 if !path.exists() {
                     db = "sqlite::memory:".into();
+                } else if let Ok(status) = fleetdb::sqlite_file_schema_status(&path) {
+                    print_schema(cli.output, &status);
+                    return Ok(());
                 }
             }
         }
@@ -631,23 +635,28 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                 MigrateCmd::Status => store.schema_status().await?,
                 MigrateCmd::Up => store.migrate().await?,
             };
-            match fmt {
-                Format::Json => output::print_json(&output::schema(&status)),
-                Format::Table => {
-                    println!("database schema version: {}", status.database);
-                    println!("binary schema version:   {}", status.binary);
-                    for m in &status.applied {
-                        println!(
-                            "  applied  {:04}_{}  at {}",
-                            m.version, m.name, m.applied_at
-                        );
-                    }
-                    for m in &status.pending {
-                        println!("  pending  {:04}_{}", m.version, m.name);
-                    }
-                }
-            }
+            print_schema(fmt, &status);
             Ok(())
+        }
+    }
+}
+
+/// A schema status, as `migrate status` and `migrate up` print it.
+fn print_schema(fmt: Format, status: &fleetdb::SchemaStatus) {
+    match fmt {
+        Format::Json => output::print_json(&output::schema(status)),
+        Format::Table => {
+            println!("database schema version: {}", status.database);
+            println!("binary schema version:   {}", status.binary);
+            for m in &status.applied {
+                println!(
+                    "  applied  {:04}_{}  at {}",
+                    m.version, m.name, m.applied_at
+                );
+            }
+            for m in &status.pending {
+                println!("  pending  {:04}_{}", m.version, m.name);
+            }
         }
     }
 }

@@ -257,6 +257,21 @@ pub(crate) fn current_revision(c: &Connection) -> Result<RevisionInfo> {
     .map_err(map_err)
 }
 
+/// The schema versions of the database file at `path`, read on a read-only connection that
+/// creates nothing and changes nothing (no journal mode switch): what `fleetdb migrate status`
+/// shows. Fails if the file cannot be opened read-only (a WAL database whose `-shm` file is
+/// missing and cannot be made, say); the caller may then open it the usual way.
+pub fn file_schema_status(path: &Path) -> Result<SchemaStatus> {
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(map_err)?;
+    c.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(map_err)?;
+    migrate::status(&c)
+}
+
 /// Parse `sqlite:///abs/path`, `sqlite://rel/path`, `sqlite:path` or `sqlite::memory:`.
 pub fn parse_url(url: &str) -> Result<Location> {
     let rest = url

@@ -51,8 +51,8 @@ pub use fleetdb_core::{
 #[cfg(feature = "postgres")]
 pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
 pub use fleetdb_sqlite::{
-    parse_url as sqlite_location, Durability, Location as SqliteLocation, SqliteBackend,
-    SqliteOptions,
+    file_schema_status as sqlite_file_schema_status, parse_url as sqlite_location, Durability,
+    Location as SqliteLocation, SqliteBackend, SqliteOptions,
 };
 pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec, GC_RUNS_KEPT};
 pub use session::{Fence, Session, Work, UNPARK_BATCH};
