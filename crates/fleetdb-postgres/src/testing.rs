@@ -114,6 +114,16 @@ pub async fn drop_schema(base_url: &str, schema: &str) -> Result<(), String> {
     }
 }
 
+/// Run `sql` (one or more statements) on a connection of its own to `url` (tests that change a
+/// schema behind a store's back).
+pub async fn exec(url: &str, sql: &str) -> Result<(), String> {
+    let client = connect(url).await?;
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| format!("{sql}: {}", error_chain(&e)))
+}
+
 /// Apply the migrations up to and including `version` only (for migration tests).
 pub async fn migrate_to(url: &str, version: u32) -> Result<(), String> {
     let client = connect(url).await?;

@@ -701,11 +701,7 @@ async fn pg_schema() -> PgSchema {
 }
 
 async fn pg_exec(url: &str, sql: &str) {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client.batch_execute(sql).await.unwrap();
+    fleetdb_postgres::testing::exec(url, sql).await.unwrap();
 }
 
 async fn pg_drop(s: PgSchema) {
