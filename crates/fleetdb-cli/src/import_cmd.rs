@@ -169,7 +169,7 @@ fn read_items(
                 ),
             ));
         }
-        let mut bytes: usize = parsed.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let mut bytes = fleetdb::core::batch::labels_bytes(&parsed.labels);
         for (name, value) in &parsed.tags {
             validate::name("tag", name).map_err(|e| at(line, e))?;
             bytes += validate::canonical_json(&format!("tag {name:?} value"), value, max)

@@ -328,22 +328,18 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
     validate::name("namespace", &cli.namespace)?;
     let migrate = !matches!(cli.command, Command::Migrate(MigrateCmd::Status));
-    // `migrate status` reads: a SQLite file that is not there (a typo in --db, a first run) is
-    // not created, nor its folders; it is reported as an empty database (version 0, every
-    // migration pending), read from one in memory. One that is there is read on a read-only
-    // connection (opening the store would switch a rollback-journal file to WAL).
-    let mut db = cli.db.clone();
+    // `migrate status` reads a SQLite file on a read-only connection: nothing is created (a
+    // typo in --db, a first run) and the journal mode is left as it is; the store's own open is
+    // the fallback (and PostgreSQL's way).
     if !migrate {
-        let url = if db.is_empty() {
+        let url = if cli.db.is_empty() {
             fleetdb::DEFAULT_URL
         } else {
-            db.as_str()
+            cli.db.as_str()
         };
         if url.starts_with("sqlite:") {
             if let fleetdb::SqliteLocation::File(path) = fleetdb::sqlite_location(url)? {
-                if !path.exists() {
-                    db = "sqlite::memory:".into();
-                } else if let Ok(status) = fleetdb::sqlite_file_schema_status(&path) {
+                if let Ok(status) = fleetdb::sqlite_file_schema_status(&path) {
                     print_schema(cli.output, &status);
                     return Ok(());
                 }
@@ -351,7 +347,7 @@ async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
         }
     }
     let store = Store::open_with(
-        &db,
+        &cli.db,
         OpenOptions {
             migrate,
             ..OpenOptions::default()

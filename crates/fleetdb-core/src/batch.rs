@@ -231,8 +231,8 @@ pub enum Op {
     },
 }
 
-/// The bytes of labels' keys and values.
-fn labels_bytes(labels: &crate::Labels) -> usize {
+/// The bytes of labels' keys and values (what labels count in [`Op::payload_bytes`]).
+pub fn labels_bytes(labels: &crate::Labels) -> usize {
     labels.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 

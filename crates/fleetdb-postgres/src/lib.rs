@@ -546,21 +546,17 @@ impl PostgresBackend {
     async fn lost_commit_status(&self, xid: &str) -> Option<bool> {
         let give_up = std::time::Instant::now() + LOST_COMMIT_WAIT;
         loop {
-            let ask = async {
-                let mut guard = Answered::new(self.client().await?);
-                let stmt = guard.client().prepare_cached(sql::XACT_STATUS).await;
-                let row = match stmt {
-                    Ok(stmt) => guard.client().query_one(&stmt, &[&xid]).await,
-                    Err(e) => Err(e),
-                };
-                guard.answered();
-                let status: Option<String> = row.and_then(|r| r.try_get(0)).map_err(db_err)?;
-                Ok::<_, Error>(status)
-            };
             let left = give_up.saturating_duration_since(std::time::Instant::now());
-            match tokio::time::timeout(left.max(LOST_COMMIT_POLL), ask).await {
-                Ok(Ok(Some(status))) if status == "committed" => return Some(true),
-                Ok(Ok(Some(status))) if status == "aborted" => return Some(false),
+            let params: [sql::Param<'_>; 1] = [&xid];
+            let ask = self.query_retrying(sql::XACT_STATUS, &params);
+            let status: Option<String> =
+                match tokio::time::timeout(left.max(LOST_COMMIT_POLL), ask).await {
+                    Ok(Ok(rows)) => rows.first().and_then(|r| r.try_get(0).ok()).flatten(),
+                    _ => None,
+                };
+            match status.as_deref() {
+                Some("committed") => return Some(true),
+                Some("aborted") => return Some(false),
                 // In progress, or the server not reachable yet (a stale pooled connection, a
                 // restart): ask again.
                 _ => {}

@@ -259,9 +259,13 @@ pub(crate) fn current_revision(c: &Connection) -> Result<RevisionInfo> {
 
 /// The schema versions of the database file at `path`, read on a read-only connection that
 /// creates nothing and changes nothing (no journal mode switch): what `fleetdb migrate status`
-/// shows. Fails if the file cannot be opened read-only (a WAL database whose `-shm` file is
-/// missing and cannot be made, say); the caller may then open it the usual way.
+/// shows. A file that is not there is an empty database (version 0, every migration pending)
+/// and is not created. Fails if the file cannot be opened read-only (a WAL database whose
+/// `-shm` file is missing and cannot be made, say); the caller may then open it the usual way.
 pub fn file_schema_status(path: &Path) -> Result<SchemaStatus> {
+    if !path.exists() {
+        return migrate::status(&Connection::open_in_memory().map_err(map_err)?);
+    }
     let c = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

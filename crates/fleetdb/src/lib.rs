@@ -970,7 +970,7 @@ impl Store {
                     let mut req = req.clone();
                     req.now = batch.now;
                     let backend = self.backend.clone();
-                    let ended = session::released(&batch.ops);
+                    let ended = session::released(&post); // only the store appends releases
                     self.detached_claim(
                         async move { backend.commit_then_claim(batch, req).await },
                         |(_, claimed)| claimed,

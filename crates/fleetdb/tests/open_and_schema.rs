@@ -49,12 +49,10 @@ async fn pg_exec(url: &str, sql: &str) {
 }
 
 // ------------------------------------------------------------------------------------------
-// A store that opened on an up-to-date database never looks at the schema version again: once a
-// newer binary (another process, a rolling upgrade) has migrated the database past it, this
-// binary goes on writing with its old idea of the schema. docs/operations.md: "refuses a
-// database newer than itself (`SchemaTooNew`, nothing written)"; `Store::ready` even has the
-// branch for it ("Migrated by a newer binary since this store opened"), reached only by a store
-// that was behind at open.
+// A running store reads the schema version again once `SCHEMA_RECHECK` has passed: once a newer
+// binary (another process, a rolling upgrade) has migrated the database past it, it stops
+// writing (`SchemaTooNew`). Before, a store that opened on an up-to-date database never looked
+// again and went on writing with its old idea of the schema.
 
 #[tokio::test]
 async fn sqlite_a_running_store_refuses_writes_once_a_newer_binary_migrated() {
@@ -70,13 +68,7 @@ async fn sqlite_a_running_store_refuses_writes_once_a_newer_binary_migrated() {
         )
         .unwrap();
     }
-    // Read again at the first call once `SCHEMA_RECHECK` has passed.
-    clock.advance(fleetdb::SCHEMA_RECHECK);
-    let r = store.object_put(&m("m2"), Labels::new()).await;
-    assert!(
-        matches!(r, Err(Error::SchemaTooNew { database: 999, .. })),
-        "an old binary still writes to a database migrated past it: {r:?}"
-    );
+    assert_refused_after_the_recheck(&store, &clock).await;
 }
 
 #[tokio::test]
@@ -89,10 +81,15 @@ async fn postgres_a_running_store_refuses_writes_once_a_newer_binary_migrated() 
         "INSERT INTO fleetdb_schema VALUES (999, 'from_the_future', 0)",
     )
     .await;
-    clock.advance(fleetdb::SCHEMA_RECHECK);
-    let r = store.object_put(&m("m2"), Labels::new()).await;
+    assert_refused_after_the_recheck(&store, &clock).await;
     drop(store);
     pg_drop(&schema).await;
+}
+
+/// Once `SCHEMA_RECHECK` has passed, the next write reads the version again and is refused.
+async fn assert_refused_after_the_recheck(store: &Store, clock: &fleetdb::ManualClock) {
+    clock.advance(fleetdb::SCHEMA_RECHECK);
+    let r = store.object_put(&m("m2"), Labels::new()).await;
     assert!(
         matches!(r, Err(Error::SchemaTooNew { database: 999, .. })),
         "an old binary still writes to a database migrated past it: {r:?}"
@@ -100,9 +97,8 @@ async fn postgres_a_running_store_refuses_writes_once_a_newer_binary_migrated() 
 }
 
 // ------------------------------------------------------------------------------------------
-// `OpenOptions::postgres_pool_size_max` is checked for 0 only: a huge value (a config file's
-// "unlimited" mapped to usize::MAX, say) panics inside the pool's construction instead of being
-// refused as invalid input.
+// `OpenOptions::postgres_pool_size_max` is bounded (`POOL_SIZE_MAX`): a huge value (a config
+// file's "unlimited" mapped to usize::MAX, say) panicked inside the pool's construction.
 
 #[tokio::test]
 async fn postgres_a_pool_size_too_large_is_refused_not_a_panic() {
@@ -131,10 +127,9 @@ async fn postgres_a_pool_size_too_large_is_refused_not_a_panic() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Invalid open options are checked only after the database was created and migrated: an open
-// that fails for a bad `gc.pause_share` has already created the file (and its folder) and
-// applied every migration — a failed open of a database of an older binary upgrades it all the
-// same (roll back no longer possible: "roll binaries forward, not back").
+// Open options are checked before the database is touched. Before, an open that failed for a bad
+// `gc.pause_share` had already created the file (and its folder) and applied every migration — a
+// failed open of an older binary's database upgraded it all the same.
 
 #[tokio::test]
 async fn sqlite_an_open_refused_for_its_options_writes_nothing() {
