@@ -398,7 +398,7 @@ impl ClaimTxn {
                 Some(_) => Some(
                     conn.prepare_cached(finish::SQL)
                         .await
-                        .map_err(|e| classify(&e))?,
+                        .map_err(|e| crate::prepare_failed(&e))?,
                 ),
                 None => None,
             };
@@ -407,12 +407,12 @@ impl ClaimTxn {
             let settings = conn
                 .prepare_cached(sql::CLAIM_PLANNED)
                 .await
-                .map_err(|e| classify(&e))?;
+                .map_err(|e| crate::prepare_failed(&e))?;
             let prelock = match prelock {
                 Some(_) => Some(
                     conn.prepare_cached(work::PROCESS_LOCK_LIMITED)
                         .await
-                        .map_err(|e| classify(&e))?,
+                        .map_err(|e| crate::prepare_failed(&e))?,
                 ),
                 None => None,
             };
@@ -529,18 +529,26 @@ impl ClaimTxn {
                     finished.and_then(|r| r.err()),
                     locked.and_then(|r| r.err()),
                     took.and_then(|r| r.err()),
-                    commit.and_then(|r| r.err()),
                 ]
                 .into_iter()
                 .flatten()
-                .next();
+                .next()
+                .map(|e| (e, false))
+                .or_else(|| commit.and_then(|r| r.err()).map(|e| (e, true)));
                 // The server answered a statement with an error: the transaction rolled back
                 // (COMMIT of an aborted transaction is a rollback; an error answering COMMIT is
-                // a failed commit). Anything else — the connection lost, a request the client
-                // could not send while COMMIT went after it — may have committed.
+                // a failed commit), and one that ended the session before COMMIT kept nothing
+                // (a transient failure: it runs again on another connection). Anything else —
+                // the connection lost, a request the client could not send while COMMIT went
+                // after it, the session ended answering COMMIT itself — may have committed.
                 return Err(match first {
-                    Some(e) if e.as_db_error().is_some() => RunFailure::Sent(classify(&e)),
-                    Some(e) => RunFailure::Unknown(crate::error::db_err(e)),
+                    Some((e, true)) if crate::error::session_ended(&e) => {
+                        RunFailure::Unknown(crate::error::db_err(e))
+                    }
+                    Some((e, _)) if e.as_db_error().is_some() => RunFailure::Sent(
+                        crate::error::ended_before_commit(&e).unwrap_or_else(|| classify(&e)),
+                    ),
+                    Some((e, _)) => RunFailure::Unknown(crate::error::db_err(e)),
                     None => RunFailure::Unknown(Error::Backend("a claim failed".into())),
                 });
             }

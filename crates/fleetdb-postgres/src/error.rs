@@ -66,6 +66,54 @@ pub(crate) fn classify(e: &tokio_postgres::Error) -> Failure {
     Failure::Fail(Error::Backend(text))
 }
 
+/// Whether the server ended the session with this error (a `FATAL` or `PANIC` report: the
+/// connection terminated by an administrator or a failover tool, the server shutting down or
+/// restarting after a crash). The backend exits at once, so a transaction open on the connection
+/// is rolled back and nothing sent after the statement that got this answer is carried out. As
+/// the answer to anything but `COMMIT`, it means the transaction kept nothing and may run again
+/// on another connection; as `COMMIT`'s own answer it says nothing of the outcome (callers look
+/// it up or report `Unavailable`).
+pub(crate) fn session_ended(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        matches!(
+            db.parsed_severity(),
+            Some(tokio_postgres::error::Severity::Fatal | tokio_postgres::error::Severity::Panic)
+        )
+    })
+}
+
+/// Whether the connection is gone: the server ended the session ([`session_ended`]), or the
+/// connection closed or failed without an answer from the server.
+pub(crate) fn connection_gone(e: &tokio_postgres::Error) -> bool {
+    session_ended(e)
+        || (e.as_db_error().is_none()
+            && matches!(classify(e), Failure::Fail(Error::Unavailable(_))))
+}
+
+/// [`Failure::Retry`] for an answer that ended the session before `COMMIT` (see
+/// [`session_ended`]): the transaction kept nothing and runs again on another connection.
+pub(crate) fn ended_before_commit(e: &tokio_postgres::Error) -> Option<Failure> {
+    session_ended(e).then(|| retry_elsewhere(e))
+}
+
+/// [`Failure::Retry`] when the connection is gone ([`connection_gone`]) and the caller has not
+/// sent `COMMIT` (nor any statement outside a transaction): nothing can have been kept, so the
+/// work runs again on another connection — a pooled connection the server had closed, an
+/// administrator's `pg_terminate_backend`, a failover.
+pub(crate) fn gone_before_commit(e: &tokio_postgres::Error) -> Option<Failure> {
+    connection_gone(e).then(|| retry_elsewhere(e))
+}
+
+fn retry_elsewhere(e: &tokio_postgres::Error) -> Failure {
+    let why = match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    Failure::Retry(format!(
+        "the connection ended before COMMIT (nothing was kept): {why}"
+    ))
+}
+
 /// A driver error outside a retried transaction: a transient conflict is reported as
 /// [`Error::Unavailable`] (trying again may succeed).
 pub(crate) fn db_err(e: tokio_postgres::Error) -> Error {

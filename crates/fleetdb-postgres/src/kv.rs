@@ -261,6 +261,18 @@ fn shared_answers(
     rows: Vec<std::result::Result<Vec<Row>, tokio_postgres::Error>>,
     commit: std::result::Result<(), tokio_postgres::Error>,
 ) -> std::result::Result<Vec<Option<Vec<Row>>>, fleetdb_core::Error> {
+    // The server ended the session before COMMIT's answer: the transaction kept nothing (the
+    // requests after that answer failed `closed`, which alone would say nothing): each set runs
+    // alone.
+    let ended = begin
+        .as_ref()
+        .err()
+        .into_iter()
+        .chain(rows.iter().filter_map(|r| r.as_ref().err()))
+        .any(crate::error::session_ended);
+    if ended {
+        return Ok(rows.iter().map(|_| None).collect());
+    }
     // A COMMIT refused with a connection or shutdown error (class 08, 57P0x: a server shutting
     // down while it waits for a synchronous standby) may have committed locally.
     let commit_unknown = commit.as_ref().err().filter(|e| {

@@ -583,10 +583,23 @@ impl PostgresBackend {
         loop {
             attempt += 1;
             let client = self.client().await?;
-            let stmt = client.prepare_cached(sql_text).await.map_err(db_err)?;
-            let settings = match settings {
-                Some(text) => Some(client.prepare_cached(text).await.map_err(db_err)?),
-                None => None,
+            let prepared = async {
+                let stmt = client.prepare_cached(sql_text).await?;
+                let settings = match settings {
+                    Some(text) => Some(client.prepare_cached(text).await?),
+                    None => None,
+                };
+                Ok((stmt, settings))
+            };
+            let (stmt, settings) = match prepared.await {
+                Ok(prepared) => prepared,
+                Err(e) => match prepare_failed(&e) {
+                    Failure::Fail(err) => return Err(err),
+                    Failure::Retry(msg) => {
+                        self.pause_before_retry(attempt, msg).await?;
+                        continue;
+                    }
+                },
             };
             let set = async {
                 match &settings {
@@ -601,29 +614,36 @@ impl PostgresBackend {
                 client.batch_execute("COMMIT"),
             )
             .await;
-            // The first failure tells what happened (a failed statement turns COMMIT into a rollback).
+            // The first failure tells what happened (a failed statement turns COMMIT into a
+            // rollback; the server ending the session before COMMIT's answer kept nothing).
             let outcome = match (begin.and(set), rows, commit) {
-                (Err(e), _, _) | (Ok(()), Err(e), _) | (Ok(()), Ok(_), Err(e)) => Err(e),
+                (Err(e), _, _) | (Ok(()), Err(e), _) => {
+                    Err(crate::error::ended_before_commit(&e).unwrap_or_else(|| classify(&e)))
+                }
+                (Ok(()), Ok(_), Err(e)) => Err(classify(&e)),
                 (Ok(()), Ok(rows), Ok(())) => Ok(rows),
             };
+            drop(client);
             match outcome {
                 Ok(rows) => return Ok(rows),
-                Err(e) => match classify(&e) {
-                    Failure::Fail(err) => return Err(err),
-                    Failure::Retry(msg) => {
-                        if attempt >= COMMIT_ATTEMPTS_MAX {
-                            return Err(Error::RetriesExhausted {
-                                attempts: attempt,
-                                last: msg,
-                            });
-                        }
-                        drop(client);
-                        self.note_retry();
-                        tokio::time::sleep(backoff(attempt)).await;
-                    }
-                },
+                Err(Failure::Fail(err)) => return Err(err),
+                Err(Failure::Retry(msg)) => self.pause_before_retry(attempt, msg).await?,
             }
         }
+    }
+
+    /// Before attempt `attempt + 1` of a statement after a transient failure (`msg`): counted and
+    /// paused ([`backoff`]); `RetriesExhausted` after [`COMMIT_ATTEMPTS_MAX`] attempts.
+    async fn pause_before_retry(&self, attempt: u32, msg: String) -> Result<()> {
+        if attempt >= COMMIT_ATTEMPTS_MAX {
+            return Err(Error::RetriesExhausted {
+                attempts: attempt,
+                last: msg,
+            });
+        }
+        self.note_retry();
+        tokio::time::sleep(backoff(attempt)).await;
+        Ok(())
     }
 
     /// The hot path of a lone tag set, in ONE round trip: `BEGIN`, one statement and `COMMIT`
@@ -1288,34 +1308,24 @@ impl PostgresBackend {
         loop {
             attempt += 1;
             let mut guard = Answered::new(self.client().await?);
-            let stmt = guard.client().prepare_cached(sql).await.map_err(db_err);
-            let ran = match stmt {
-                Ok(stmt) => guard.client().query(&stmt, params).await,
-                Err(e) => {
-                    guard.answered();
-                    return Err(e);
-                }
+            // A prepare runs nothing: a connection gone there is tried again on another one.
+            let ran = match guard.client().prepare_cached(sql).await {
+                Ok(stmt) => guard
+                    .client()
+                    .query(&stmt, params)
+                    .await
+                    .map_err(|e| classify(&e)),
+                Err(e) => Err(prepare_failed(&e)),
             };
             guard.answered();
-            let client = guard;
+            drop(guard);
             match ran {
                 Ok(rows) => return Ok(rows),
-                Err(e) => match classify(&e) {
-                    Failure::Fail(err) => return Err(err),
-                    Failure::Retry(msg) => {
-                        if attempt >= COMMIT_ATTEMPTS_MAX {
-                            return Err(Error::RetriesExhausted {
-                                attempts: attempt,
-                                last: msg,
-                            });
-                        }
-                        drop(client);
-                        self.note_retry();
-                        let pause = backoff(attempt);
-                        tracing::debug!(attempt, ?pause, reason = %msg, "retrying PostgreSQL statement");
-                        tokio::time::sleep(pause).await;
-                    }
-                },
+                Err(Failure::Fail(err)) => return Err(err),
+                Err(Failure::Retry(msg)) => {
+                    tracing::debug!(attempt, reason = %msg, "retrying PostgreSQL statement");
+                    self.pause_before_retry(attempt, msg).await?;
+                }
             }
         }
     }
@@ -1535,7 +1545,15 @@ async fn prepare_claim(
     if conn.statement_cache.size() >= sql::STATEMENTS_CACHED_MAX {
         conn.statement_cache.clear();
     }
-    conn.prepare_cached(text).await.map_err(|e| classify(&e))
+    conn.prepare_cached(text)
+        .await
+        .map_err(|e| prepare_failed(&e))
+}
+
+/// A failed prepare: nothing was run, so a connection gone is a transient failure (the work runs
+/// again on another connection).
+pub(crate) fn prepare_failed(e: &tokio_postgres::Error) -> Failure {
+    crate::error::gone_before_commit(e).unwrap_or_else(|| classify(e))
 }
 
 fn backoff(attempt: u32) -> Duration {

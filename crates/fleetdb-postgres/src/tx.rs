@@ -31,7 +31,7 @@ use futures::future::{maybe_done, MaybeDone};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
-use crate::error::{classify, Failure};
+use crate::error::{classify, gone_before_commit, Failure};
 use crate::gc;
 use crate::sql::{self, Param};
 use crate::work;
@@ -64,6 +64,9 @@ pub(crate) struct PgTx<'a> {
     /// (`PostgresBackend::lost_commit_status`). `None` until the transaction is open, or if the
     /// answer did not come.
     pub(crate) xid: Option<String>,
+    /// `COMMIT` is being sent: its own answer says nothing of the outcome when the connection
+    /// ends there ([`crate::error::session_ended`]), every answer before it does.
+    committing: bool,
 }
 
 /// Poll `writes`, then `last`, in that order (tokio-postgres sends a request on its first poll,
@@ -132,6 +135,7 @@ impl<'a> PgTx<'a> {
             pending: Vec::new(),
             lock_reads: false,
             xid: None,
+            committing: false,
         }
     }
 
@@ -152,7 +156,11 @@ impl<'a> PgTx<'a> {
     {
         let client = self.client;
         if self.pending.is_empty() {
-            return last(client).await.map_err(|e| self.fail(e));
+            return match last(client).await {
+                Ok(v) => Ok(v),
+                Err(e) if self.committing => Err(self.fail_commit(e)),
+                Err(e) => Err(self.fail(e)),
+            };
         }
         let pending = std::mem::take(&mut self.pending);
         let refs: Vec<Vec<Param<'_>>> = pending
@@ -166,10 +174,15 @@ impl<'a> PgTx<'a> {
             .collect();
         let (write_err, answer) = pipeline(writes, last(client)).await;
         if let Some(e) = write_err {
-            return Err(self.fail(e));
+            // `COMMIT` sent behind the failed write: what became of it is not known here.
+            return Err(match answer.is_some() && self.committing {
+                true => self.fail_commit(e),
+                false => self.fail(e),
+            });
         }
         match answer {
             Some(Ok(v)) => Ok(v),
+            Some(Err(e)) if self.committing => Err(self.fail_commit(e)),
             Some(Err(e)) => Err(self.fail(e)),
             None => Err(Error::Backend(
                 "a deferred write failed without an error".to_string(),
@@ -229,7 +242,10 @@ impl<'a> PgTx<'a> {
     /// `COMMIT` from being sent): send `ROLLBACK`, which only warns if there is no transaction.
     pub(crate) async fn commit(&mut self) -> std::result::Result<(), Failure> {
         self.transient = None;
-        match self.after_pending(|c| c.batch_execute("COMMIT")).await {
+        self.committing = true;
+        let committed = self.after_pending(|c| c.batch_execute("COMMIT")).await;
+        self.committing = false;
+        match committed {
             Ok(()) => Ok(()),
             Err(err) => Err(self
                 .transient
@@ -238,9 +254,21 @@ impl<'a> PgTx<'a> {
         }
     }
 
-    /// Translate a driver error, remembering a transient one so the caller retries.
+    /// Translate a driver error, remembering a transient one so the caller retries. This is
+    /// never `COMMIT`'s answer, and `COMMIT` is only sent by [`PgTx::commit`]: a connection gone
+    /// here kept nothing of the transaction, which runs again on another connection.
     fn fail(&mut self, e: tokio_postgres::Error) -> Error {
-        match classify(&e) {
+        let failure = gone_before_commit(&e).unwrap_or_else(|| classify(&e));
+        self.note(failure)
+    }
+
+    /// Translate the error answering `COMMIT` (the caller looks a lost answer up).
+    fn fail_commit(&mut self, e: tokio_postgres::Error) -> Error {
+        self.note(classify(&e))
+    }
+
+    fn note(&mut self, failure: Failure) -> Error {
+        match failure {
             Failure::Retry(msg) => {
                 let err = Error::Unavailable(format!("transient: {msg}"));
                 self.transient = Some(msg);

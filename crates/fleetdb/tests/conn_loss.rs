@@ -979,3 +979,117 @@ async fn a_finish_and_claim_whose_claims_answer_is_lost_hands_its_claim_to_the_n
     drop(s);
     db.drop().await;
 }
+
+/// A store (pool of 2, no background tasks) whose connections carry `application_name` `app`,
+/// so that a test can find and terminate them.
+async fn open_named(db: &Db, app: &str) -> Store {
+    open(
+        &format!("{}%20-c%20application_name%3D{app}", db.url),
+        2,
+        false,
+    )
+    .await
+}
+
+/// Wait until a backend of `app` waits for a lock (the statement the test blocked), then
+/// terminate it (`pg_terminate_backend`: the server answers that statement `FATAL` 57P01 and
+/// ends the session) and let the blocker go.
+async fn terminate_the_blocked(
+    raw: &tokio_postgres::Client,
+    blocker: &tokio_postgres::Client,
+    app: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let killed = raw
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .len();
+        if killed > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no backend of {app} waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// The server ends a transaction's session (an administrator's `pg_terminate_backend`, a
+/// failover tool, a restart) while it waits inside, before `COMMIT`: the transaction kept
+/// nothing, so the store runs it again on another connection and the caller gets its answer
+/// (before: `Unavailable`, "terminating connection due to administrator command", for a
+/// transaction that could simply have run again). Three paths: the general one (a
+/// read-modify-write, applied exactly once), a lone tag set (one pipelined statement) and a
+/// claim (its own pipelined transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_session_the_server_ends_before_commit_runs_again() {
+    let db = Db::new().await;
+    let app = format!("ended_{}", db.schema);
+    let direct = open(&db.url, 2, false).await;
+    let store = open_named(&db, &app).await;
+    let k = job(0);
+    direct.object_put(&k, Labels::new()).await.unwrap();
+    direct
+        .tag_set(&k, "n", &serde_json::json!(0))
+        .await
+        .unwrap();
+    let (raw, blocker) = (db.raw().await, db.raw().await);
+    let lock_tag = |name: &'static str| {
+        format!(
+            "BEGIN; SELECT 1 FROM {}.tags WHERE kind = 'job' AND id = 'j0' AND name = '{name}' FOR UPDATE",
+            db.schema
+        )
+    };
+
+    // The general path: its locked read of `n` waits for the blocker.
+    blocker.batch_execute(&lock_tag("n")).await.unwrap();
+    let (got, ()) = tokio::join!(
+        increment(&store, &k),
+        terminate_the_blocked(&raw, &blocker, &app)
+    );
+    got.unwrap();
+    assert_eq!(counter(&direct, &k).await, 1, "applied once");
+
+    // A lone tag set: its upsert waits for the blocker's lock on the row.
+    blocker.batch_execute(&lock_tag("n")).await.unwrap();
+    let five = serde_json::json!(5);
+    let set = store.tag_set(&k, "n", &five);
+    let (got, ()) = tokio::join!(set, terminate_the_blocked(&raw, &blocker, &app));
+    got.unwrap();
+    assert_eq!(counter(&direct, &k).await, 5);
+
+    // A claim: its take waits to write the claim row.
+    store.process_define("P", &[]).await.unwrap();
+    direct
+        .tag_set(&k, "ready", &serde_json::json!(true))
+        .await
+        .unwrap();
+    let s = store
+        .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {}.work IN SHARE MODE",
+            db.schema
+        ))
+        .await
+        .unwrap();
+    let claim = s.claim("P", SELECTOR, 1);
+    let (got, ()) = tokio::join!(claim, terminate_the_blocked(&raw, &blocker, &app));
+    let got = got.unwrap();
+    assert_eq!(got.len(), 1, "the claim ran again and took the job");
+    assert_eq!(got[0].key(), &k);
+    assert_eq!(direct.work_list(Some("P"), 10).await.unwrap().len(), 1);
+    drop(got);
+    drop(s);
+    db.drop().await;
+}
