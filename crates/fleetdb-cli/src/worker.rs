@@ -191,9 +191,10 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
         a.component,
         a.process
     );
+    let db_url = command_db_url(db_url);
     let worker = Worker {
         session: &session,
-        db_url,
+        db_url: &db_url,
         a: &a,
         backoff: &backoff,
     };
@@ -760,6 +761,28 @@ pub fn fence_from_env() -> Result<Fence, Error> {
     Ok(fence)
 }
 
+/// The database URL given to the command (`FLEETDB_DB`): the worker's, with a relative SQLite
+/// path (the default's is one) made absolute, so that a command that changes directory still
+/// reaches the worker's database rather than a new one created where it stands.
+fn command_db_url(db_url: &str) -> String {
+    let url = if db_url.is_empty() {
+        fleetdb::DEFAULT_URL
+    } else {
+        db_url
+    };
+    if let Ok(fleetdb::SqliteLocation::File(path)) = fleetdb::sqlite_location(url) {
+        if path.is_relative() {
+            if let Some(abs) = std::env::current_dir()
+                .ok()
+                .and_then(|cwd| cwd.join(&path).to_str().map(str::to_string))
+            {
+                return format!("sqlite://{abs}");
+            }
+        }
+    }
+    url.to_string()
+}
+
 /// The session's runtime info: the worker's pid and command line, cut (with an ellipsis) to
 /// what a session's runtime info may hold, so a long inline script cannot stop the worker.
 fn runtime_info(pid: u32, command: &[String]) -> String {
@@ -930,6 +953,22 @@ mod tests {
         assert!(info.starts_with("fleetdb worker pid 7 running sh -c é") && info.ends_with('…'));
         let short = runtime_info(7, &["true".to_string()]);
         assert_eq!(short, "fleetdb worker pid 7 running true");
+    }
+
+    #[test]
+    fn the_commands_database_url_is_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        let abs = |rel: &str| format!("sqlite://{}", cwd.join(rel).display());
+        assert_eq!(command_db_url(""), abs("fleetdb-data/fleetdb.sqlite"));
+        assert_eq!(command_db_url("sqlite://a/b.db"), abs("a/b.db"));
+        assert_eq!(command_db_url("sqlite:b.db"), abs("b.db"));
+        for same in [
+            "sqlite:///abs/b.db",
+            "sqlite::memory:",
+            "postgres://postgres@127.0.0.1/postgres",
+        ] {
+            assert_eq!(command_db_url(same), same);
+        }
     }
 
     #[test]

@@ -699,6 +699,37 @@ fn a_commands_fenced_writes_go_through_only_while_its_claim_is_held() {
     assert!(err.contains("fleetdb worker"));
 }
 
+/// `FLEETDB_DB` names the worker's database wherever its command runs: a worker given a relative
+/// SQLite path (the default `sqlite://fleetdb-data/…` is one) passes it on made absolute, so a
+/// command that changes directory before its fenced write reaches the worker's database (not a
+/// new one created where it stands) and the write goes through.
+#[test]
+fn a_command_in_another_directory_writes_to_the_workers_database() {
+    let (dir, _) = sqlite_store("Install", &["m1"]);
+    let d = dir.path();
+    std::fs::create_dir(d.join("elsewhere")).unwrap();
+    let url = "sqlite://db.sqlite"; // relative to the worker's directory
+    run(
+        url,
+        d,
+        &[
+            "worker", "--component", "w", "--process", "Install", "--selector", "kind = machine",
+            "--once", "--", "sh", "-c",
+            "cd elsewhere && \"$FLEETDB_BIN\" tag set --fenced \"$FLEETDB_KIND\" \"$FLEETDB_ID\" done true",
+        ],
+    );
+    let h = json(url, d, &["history", "machine", "m1"]);
+    assert_eq!(h["items"][0]["event"], "Finished", "{h}");
+    assert_eq!(
+        json(url, d, &["tag", "get", "machine", "m1", "done"])["value"],
+        true
+    );
+    assert!(
+        !d.join("elsewhere").join("db.sqlite").exists(),
+        "no database was made where the command stood"
+    );
+}
+
 /// `process pause` / `process resume`: a paused process's workers claim nothing; `process ls`
 /// shows the state; after `resume` they work again.
 #[test]
