@@ -589,7 +589,19 @@ async fn supervise(
             status = child.wait() => {
                 guard.0 = None; // reaped: its pid (the group's id) may be reused
                 return match status {
-                    Ok(status) => Ended::Exited { status, signalled: run.signalled },
+                    Ok(status) => {
+                        // Killed by a stop signal that reached it with the worker's own (systemd
+                        // stopping the service signals its whole control group; `kill 0`): the
+                        // worker's may be handled only after the exit. It is the worker stopping,
+                        // not the object failing.
+                        if run.signalled.is_none()
+                            && ended_by_a_stop_signal(&status)
+                            && stop_comes(stop, STOP_SIGNAL_LINGER).await
+                        {
+                            run.signalled = Some(Signalled::Stopping);
+                        }
+                        Ended::Exited { status, signalled: run.signalled }
+                    }
                     Err(e) => Ended::WaitFailed(e),
                 };
             }
@@ -616,6 +628,36 @@ async fn supervise(
             },
         }
     }
+}
+
+/// How long a command that died of SIGTERM or SIGINT (not sent by the worker) waits for the
+/// worker's own stop signal, sent with it, before its run counts as failed.
+const STOP_SIGNAL_LINGER: Duration = Duration::from_millis(200);
+
+/// Whether a command ended as SIGTERM or SIGINT ends one: killed by it, or a shell's exit status
+/// for a child killed by it (128 + the signal).
+fn ended_by_a_stop_signal(status: &ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let stops = [libc::SIGTERM, libc::SIGINT];
+    status.signal().is_some_and(|s| stops.contains(&s))
+        || status
+            .code()
+            .is_some_and(|c| stops.iter().any(|s| c == 128 + s))
+}
+
+/// Whether the worker is told to stop (now, or within `within`).
+async fn stop_comes(stop: &mut watch::Receiver<Stop>, within: Duration) -> bool {
+    let told = async {
+        loop {
+            if *stop.borrow_and_update() != Stop::No {
+                return true;
+            }
+            if stop.changed().await.is_err() {
+                return false;
+            }
+        }
+    };
+    tokio::time::timeout(within, told).await.unwrap_or(false)
 }
 
 /// Kills a command's process group when dropped, unless disarmed (`None`) once it was reaped.
