@@ -1430,6 +1430,12 @@ impl Work {
                 ),
             });
         }
+        // Expired for its holder, the session's claims are lost to it, whatever a renewal whose
+        // answer was lost told the database; unless an earlier attempt may have committed
+        // (`unknown`): trying again finds out what it did.
+        if !self.unknown {
+            self.lost_if_expired(self.session.check())?;
+        }
         Ok(())
     }
 

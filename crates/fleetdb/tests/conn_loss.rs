@@ -1093,3 +1093,45 @@ async fn a_transaction_whose_session_the_server_ends_before_commit_runs_again() 
     drop(s);
     db.drop().await;
 }
+
+/// A renewal that committed but whose answer was lost moves the session's deadline on in the
+/// database only: for its holder the session expires at the deadline it knows, and from then
+/// on every call fails (issue 3: "`SessionExpired` on every later call"), ending a claim too —
+/// `WorkLost`, nothing written (before: a finish still went through, while `fleetdb worker`
+/// had already killed the command as lost, and a batch finish of the same claim was refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_cannot_be_ended_once_its_session_expired_for_its_holder() {
+    use fleetdb::WorkEvent::Started;
+    let db = Db::new().await;
+    let clock =
+        fleetdb::ManualClock::new(fleetdb::Timestamp::from_system(std::time::SystemTime::now()));
+    let (direct, _proxy, _store, s) = jobs_ready_on(&db, 1, Some(clock.clone())).await;
+    let mut w = s.claim_object(&job(0), "P").await.unwrap();
+    s.pause_renewal();
+    db.raw()
+        .await
+        .execute(
+            &format!(
+                "UPDATE {}.sessions SET deadline = deadline + 600000000",
+                db.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(61));
+    assert!(s.is_expired());
+    let got = w.finish(|_| async { Ok(()) }).await;
+    assert!(
+        matches!(got, Err(fleetdb::Error::WorkLost { .. })),
+        "{got:?}"
+    );
+    assert!(matches!(
+        w.cancel().await,
+        Err(fleetdb::Error::WorkLost { .. })
+    ));
+    assert_eq!(events(&direct, &job(0)).await, vec![Started]);
+    drop(w);
+    drop(s);
+    db.drop().await;
+}
