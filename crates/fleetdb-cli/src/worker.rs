@@ -40,13 +40,102 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// `eprintln!` that never panics: a worker whose stderr is gone (a closed pipe) goes on
-/// working; a panic would leave its claims held until its session's TTL.
+/// The worker's own messages (`eprintln!` that never blocks nor panics; see [`say`]).
 macro_rules! say {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($t)*);
-    }};
+    ($($t:tt)*) => {
+        say::line(format!($($t)*))
+    };
+}
+
+/// The worker's messages go to stderr from a thread of their own, through a queue of
+/// [`say::QUEUE`] lines. The worker runs on one thread, which also renews its session: written
+/// there, a message to a stderr whose reader had stalled (a full pipe) stopped the renewals, the
+/// session expired, another worker took the object while this one's command still ran — and
+/// this worker, stuck, could not kill it. A line that finds the queue full is dropped, and how
+/// many were is said with the next one that fits. A stderr that is gone (a closed pipe) is
+/// ignored: a panic would leave the claims held until the TTL.
+mod say {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    /// Lines waiting for stderr at most.
+    pub const QUEUE: usize = 1024;
+
+    /// How long [`flush`] waits for the lines queued to be written.
+    const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+    enum Msg {
+        Line(String),
+        Flushed(std::sync::mpsc::Sender<()>),
+    }
+
+    static QUEUED: OnceLock<Option<SyncSender<Msg>>> = OnceLock::new();
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+    fn queue() -> Option<&'static SyncSender<Msg>> {
+        QUEUED
+            .get_or_init(|| {
+                let (tx, rx) = sync_channel::<Msg>(QUEUE);
+                let writer = std::thread::Builder::new()
+                    .name("fleetdb-worker-stderr".into())
+                    .spawn(move || {
+                        for msg in rx {
+                            match msg {
+                                Msg::Line(l) => {
+                                    let _ = writeln!(std::io::stderr(), "{l}");
+                                }
+                                Msg::Flushed(done) => {
+                                    let _ = done.send(());
+                                }
+                            }
+                        }
+                    });
+                writer.ok().map(|_| tx)
+            })
+            .as_ref()
+    }
+
+    /// Queue `text` for stderr; never waits.
+    pub fn line(text: String) {
+        let Some(tx) = queue() else {
+            let _ = writeln!(std::io::stderr(), "{text}");
+            return;
+        };
+        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        let text = match dropped {
+            0 => text,
+            n => format!("worker: ({n} messages dropped: stderr was not read)\n{text}"),
+        };
+        match tx.try_send(Msg::Line(text)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                DROPPED.fetch_add(dropped + 1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Wait (at most [`FLUSH_WAIT`]) until the lines queued so far are written: before the
+    /// process exits, which would end the writer with them.
+    pub fn flush() {
+        let Some(tx) = queue() else { return };
+        let give_up = Instant::now() + FLUSH_WAIT;
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut msg = Msg::Flushed(done_tx);
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < give_up => {
+                    msg = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = done.recv_timeout(give_up.saturating_duration_since(Instant::now()));
+    }
 }
 
 #[derive(Args, Debug)]
@@ -170,11 +259,12 @@ enum Signalled {
 pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Error> {
     let backoff = Backoff::parse(&a.backoff)?;
     fleetdb::core::selector::Selector::parse(&a.selector)?;
-    if a.limit == 0 {
+    let most = fleetdb::core::work::CLAIM_BATCH_MAX;
+    if a.limit == 0 || a.limit > most {
         return Err(Error::invalid(
             "--limit",
-            "0",
-            "claim at least one object at a time",
+            a.limit.to_string(),
+            format!("claims between 1 and {most} objects at a time"),
         ));
     }
     // Signals are watched from the start, so one that comes while a command runs is handled, not
@@ -205,6 +295,7 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
     if result.is_ok() {
         say!("worker: stopped; session {} closed", session.id());
     }
+    say::flush();
     result
 }
 

@@ -608,6 +608,8 @@ fn a_run_past_the_timeout_is_stopped_and_fails() {
     assert!(cause.ends_with("still imaging"), "{cause}");
     assert_eq!(json(&url, d, &["backoff", "ls"])[0]["last_interval_s"], 60);
     refused(&url, d, "Install", "--timeout", &["0s", "later"]);
+    // Above a claim's most, refused before a session starts (before: after, naming `limit`).
+    refused(&url, d, "Install", "--limit", &["0", "1001"]);
 }
 
 /// `--concurrency 3`: three commands run at once under one session (each waits until all three
@@ -1257,4 +1259,52 @@ fn worker_processes_sharing_a_sqlite_file_run_each_object_once() {
         ("Started".to_string(), MACHINES),
     ]);
     assert_eq!(counts, want, "{history}");
+}
+
+/// A worker whose stderr nobody reads (a stalled log pipe) keeps its session and its runs. Its
+/// own messages were written on the one thread that also renews the session: once the pipe was
+/// full, the message that the next object started stopped the worker — renewals too — so the
+/// session expired while a command still ran (free for another worker to take), and the stuck
+/// worker could neither record the run nor kill the command. They are queued now, and dropped
+/// past the queue's room.
+#[test]
+fn a_worker_whose_stderr_is_not_read_keeps_its_session() {
+    let (dir, url) = sqlite_store("Provision", &["m1", "m2", "m3"]);
+    let d = dir.path();
+    // All three claimed at once, two run at a time. m1 fills the worker's stderr (100 KB
+    // through it; a pipe holds 64 KB) and runs on for 4 s, four TTLs; m2 ends after 1 s, so m3
+    // starts (and the worker says so) while m1 runs.
+    let w = fleetdb(&url, d)
+        .args(worker_args(
+            "w",
+            "Provision",
+            "kind = machine",
+            &[
+                "--ttl",
+                "1s",
+                "--limit",
+                "3",
+                "--concurrency",
+                "2",
+                "--once",
+            ],
+            &[
+                "sh",
+                "-c",
+                "if [ \"$FLEETDB_ID\" = m1 ]; then head -c 100000 /dev/zero | tr '\\0' x >&2; \
+                 sleep 4; else sleep 1; fi",
+            ],
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped()) // never read
+        .spawn()
+        .unwrap();
+    let _w = Killed(w);
+    let finished = |m: &str| {
+        let h = json(&url, d, &["history", "machine", m]);
+        h["items"][0]["event"] == "Finished"
+    };
+    wait_for("every run Finished", Duration::from_secs(30), || {
+        ["m1", "m2", "m3"].iter().all(|m| finished(m))
+    });
 }
