@@ -282,6 +282,11 @@ async fn open(url: &str, pool: usize, background: bool) -> Store {
     .unwrap()
 }
 
+/// A manual clock that starts at the system's time.
+fn manual_clock() -> fleetdb::ManualClock {
+    fleetdb::ManualClock::new(fleetdb::Timestamp::from_system(std::time::SystemTime::now()))
+}
+
 fn job(i: usize) -> ObjectKey {
     ObjectKey::new("default", "job", format!("j{i}")).unwrap()
 }
@@ -884,8 +889,7 @@ async fn a_batch_finish_whose_answer_is_lost_is_found_committed_for_its_own_clai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_time_repeated_after_a_clock_step_never_hands_a_held_claim_out_twice() {
     let db = Db::new().await;
-    let clock =
-        fleetdb::ManualClock::new(fleetdb::Timestamp::from_system(std::time::SystemTime::now()));
+    let clock = manual_clock();
     let (_direct, proxy, _store, s) = jobs_ready_on(&db, 3, Some(clock.clone())).await;
     let c = fleetdb::Clock::now(&clock);
     let w0 = s.claim_object(&job(0), "P").await.unwrap();
@@ -1103,8 +1107,7 @@ async fn a_transaction_whose_session_the_server_ends_before_commit_runs_again() 
 async fn a_claim_cannot_be_ended_once_its_session_expired_for_its_holder() {
     use fleetdb::WorkEvent::Started;
     let db = Db::new().await;
-    let clock =
-        fleetdb::ManualClock::new(fleetdb::Timestamp::from_system(std::time::SystemTime::now()));
+    let clock = manual_clock();
     let (direct, _proxy, _store, s) = jobs_ready_on(&db, 1, Some(clock.clone())).await;
     let mut w = s.claim_object(&job(0), "P").await.unwrap();
     s.pause_renewal();
