@@ -3963,3 +3963,75 @@ pub async fn a_deleted_objects_backoffs_go_with_it(h: &Harness) {
     assert_eq!(events(h, &y).await.len(), 2);
     assert_eq!(st.backoff_list(None, false, 10).await.unwrap(), vec![]);
 }
+
+/// Undeclared process names are an error (issue 3, item 5) in the operators' calls too: a typo
+/// in `backoff clear`, `work cancel`, `backoff unpark --process` or a listing by process must
+/// not answer "nothing there" (the backoff stays, the operator believes it cleared). A declared
+/// process with nothing to clear or list still answers so.
+pub async fn operators_naming_an_undeclared_process_are_refused(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    let ks = machines(h, 2).await;
+    let m = &ks[0];
+    let s = st.session_start(spec("w")).await.unwrap();
+    let b = Backoff::new(Duration::from_secs(60), Duration::from_secs(60), 1.0).unwrap();
+    let mut w = s.claim_object(m, "Install").await.unwrap();
+    w.fail(&b, "boom").await.unwrap();
+    let _held = s.claim_object(&ks[1], "Install").await.unwrap();
+    let undeclared = |what: &str, r: Result<String, Error>| match r {
+        Err(Error::Invalid { rule, .. }) if rule.contains("not declared") => {}
+        other => panic!("{what} of an undeclared process: {other:?}"),
+    };
+    undeclared(
+        "backoff clear",
+        st.backoff_clear(m, "Instal").await.map(|b| b.to_string()),
+    );
+    undeclared(
+        "work cancel",
+        st.work_cancel(m, "Instal").await.map(|b| b.to_string()),
+    );
+    undeclared(
+        "backoff unpark",
+        st.backoff_unpark(Some("Instal"))
+            .await
+            .map(|n| n.to_string()),
+    );
+    undeclared(
+        "work ls",
+        st.work_page(Some("Instal"), None, None, 10)
+            .await
+            .map(|p| format!("{:?}", p.items)),
+    );
+    undeclared(
+        "backoff ls",
+        st.backoff_page(Some("Instal"), fleetdb::BackoffWhich::All, None, 10)
+            .await
+            .map(|p| format!("{:?}", p.items)),
+    );
+    undeclared(
+        "history",
+        st.history(&HistoryFilter::Process("Instal".into()), None, 10)
+            .await
+            .map(|p| format!("{:?}", p.items)),
+    );
+    // Nothing was changed by the refusals; a declared process with nothing there answers so.
+    assert_eq!(st.backoff_list(None, false, 10).await.unwrap().len(), 1);
+    assert_eq!(st.work_list(None, 10).await.unwrap().len(), 1);
+    st.process_define("Audit", &[]).await.unwrap();
+    assert!(!st.backoff_clear(m, "Audit").await.unwrap());
+    assert!(!st.work_cancel(m, "Audit").await.unwrap());
+    assert_eq!(st.backoff_unpark(Some("Audit")).await.unwrap(), 0);
+    assert!(st
+        .work_page(Some("Audit"), None, None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(st
+        .history(&HistoryFilter::Process("Audit".into()), None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(st.backoff_clear(m, "Install").await.unwrap());
+}

@@ -729,6 +729,7 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
         }),
         Op::WorkForceCancel { key, process } => {
             let Some(w) = rows.work_read(key, process).await? else {
+                declared(rows, process).await?;
                 return Ok(OpResult {
                     changed: false,
                     applied: Applied::Done { count: 0 },
@@ -756,6 +757,9 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
         }
         Op::BackoffClear { key, process } => {
             let removed = rows.backoff_remove(key, process).await?;
+            if !removed {
+                declared(rows, process).await?;
+            }
             Ok(OpResult {
                 changed: removed,
                 applied: Applied::Done {
@@ -910,6 +914,16 @@ pub fn undeclared(process: &str) -> Error {
         process,
         "is not declared; declare it with `fleetdb process define` (or Store::process_define)",
     )
+}
+
+/// `Ok` if `process` is declared, else the error of an undeclared process: an operator's op
+/// that found nothing to change for a process never declared (a typo) says so instead of
+/// answering "nothing there".
+async fn declared<T: TxRows + ?Sized>(rows: &mut T, process: &str) -> Result<()> {
+    match rows.process_read(process).await? {
+        Some(_) => Ok(()),
+        None => Err(undeclared(process)),
+    }
 }
 
 /// The process itself and every process it conflicts with, in either direction; and the process.

@@ -1856,6 +1856,9 @@ impl Store {
             limit: limit + 1,
         };
         let items = self.backend.work_list(&q).await?;
+        if items.is_empty() {
+            self.refuse_undeclared(process).await?;
+        }
         Ok(page(items, limit, |w| {
             fleetdb_core::work::WorkCursor::after(&w.process, &w.key)
         }))
@@ -1960,6 +1963,9 @@ impl Store {
             .backend
             .backoff_list(process, at, after.as_ref(), limit + 1)
             .await?;
+        if items.is_empty() {
+            self.refuse_undeclared(process).await?;
+        }
         Ok(page(items, limit, |b| {
             fleetdb_core::work::WorkCursor::after(&b.process, &b.key)
         }))
@@ -2069,6 +2075,24 @@ impl Store {
         }
     }
 
+    /// `Err` if a listing by `process` names a process never declared (a typo would otherwise
+    /// list nothing, as if there were nothing to see). Asked only of empty pages.
+    async fn refuse_undeclared(&self, process: Option<&str>) -> Result<()> {
+        match process {
+            Some(p)
+                if !self
+                    .backend
+                    .process_list()
+                    .await?
+                    .iter()
+                    .any(|d| d.name == p) =>
+            {
+                Err(fleetdb_core::apply::undeclared(p))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Work history, newest first. `cursor` is the `next` of the previous page.
     pub async fn history(
         &self,
@@ -2101,6 +2125,9 @@ impl Store {
             })
             .transpose()?;
         let mut items = self.backend.history_list(filter, before, limit + 1).await?;
+        if let (true, fleetdb_core::work::HistoryFilter::Process(p)) = (items.is_empty(), filter) {
+            self.refuse_undeclared(Some(p)).await?;
+        }
         let next = crate::next_page(&mut items, limit, |h| h.seq.to_string());
         Ok(crate::Page { items, next })
     }
