@@ -80,6 +80,23 @@ pub fn labels_text(labels: &fleetdb::Labels) -> String {
         .join(",")
 }
 
+/// Text from outside (a failure cause: the tail of a command's stderr) as one line for a table
+/// or a message: control characters escaped (`\n`, `\t`, `\r`, `\u{1b}`), so a row stays one
+/// line and nothing of it reaches the terminal as a control sequence.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Print rows as aligned columns under a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -513,7 +513,7 @@ fn explain(
             };
             println!("{} for {}: {verdict}", e.key, e.process);
             for b in &e.blockers {
-                println!("  - {b}");
+                println!("  - {}", output::one_line(b));
             }
             if let Some(p) = &e.declared {
                 let mut facts = vec![if p.paused { "paused" } else { "active" }.to_string()];
@@ -549,7 +549,9 @@ fn explain(
                 };
                 println!(
                     "backoff:  {until}, {} failure(s) in a row, last interval {}s: {}",
-                    b.failures, b.last_interval_s, b.cause
+                    b.failures,
+                    b.last_interval_s,
+                    output::one_line(&b.cause)
                 );
             }
             if let Some(s) = &e.selector {
@@ -564,7 +566,7 @@ fn explain(
                 let cause = h
                     .cause
                     .as_deref()
-                    .map(|c| format!(": {c}"))
+                    .map(|c| format!(": {}", output::one_line(c)))
                     .unwrap_or_default();
                 println!(
                     "history:  {} {} {} (token {}, {} on {}){cause}",
@@ -615,7 +617,8 @@ pub async fn backoff(store: &Store, fmt: Format, ns: &str, cmd: BackoffCmd) -> R
                     &items
                         .iter()
                         .map(|b| {
-                            let cause: String = b.cause.chars().take(60).collect();
+                            let cause: String =
+                                output::one_line(&b.cause).chars().take(60).collect();
                             let until = if b.parked() {
                                 "parked (until cleared)".to_string()
                             } else {
@@ -701,9 +704,7 @@ pub async fn history(store: &Store, fmt: Format, ns: &str, a: HistoryArgs) -> Re
                             e.token.to_string(),
                             e.component.clone(),
                             e.host.clone(),
-                            e.cause
-                                .clone()
-                                .unwrap_or_default()
+                            output::one_line(e.cause.as_deref().unwrap_or_default())
                                 .chars()
                                 .take(60)
                                 .collect(),

@@ -1062,3 +1062,66 @@ fn explain_select_and_worker_agree_on_a_float_tag() {
         "the worker claims and finishes m1: {history}"
     );
 }
+
+/// A failure's cause is the tail of a command's stderr: several lines, maybe with terminal
+/// escape sequences. The tables of `backoff ls`, `history` and `work explain` keep one line per
+/// row and write no control character of the cause to the operator's terminal (JSON keeps the
+/// cause as it is).
+#[test]
+fn causes_with_newlines_and_escapes_keep_tables_one_row_a_line() {
+    let db = sqlite_db();
+    ok_json(&db, &["process", "define", "Install"]);
+    ok_json(&db, &["object", "put", "machine", "m1"]);
+    ok_json(&db, &["tag", "set", "machine", "m1", "todo", "{}"]);
+    let out = fleetdb(
+        &db,
+        &[
+            "worker",
+            "--component",
+            "w",
+            "--process",
+            "Install",
+            "--selector",
+            "has(todo)",
+            "--backoff",
+            "1h,1h,1",
+            "--once",
+            "--",
+            "sh",
+            "-c",
+            "printf 'disk gone\\n\\033[2J\\033[31mred\\033[0m\\nlast line\\n' >&2; exit 3",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = ok_json(&db, &["backoff", "ls"]);
+    let cause = json[0]["cause"].as_str().unwrap().to_string();
+    assert!(cause.contains("disk gone\n\u{1b}[2J"), "{cause:?}");
+    let table = |args: &[&str]| -> String {
+        let out = fleetdb(&db, args, None);
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for (args, rows) in [
+        (&["backoff", "ls"][..], 1),
+        (&["history", "machine", "m1"][..], 2),
+    ] {
+        let text = table(args);
+        assert_eq!(text.lines().count(), 1 + rows, "{args:?}:\n{text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "{args:?} wrote an escape:\n{text}"
+        );
+        assert!(text.contains("disk gone\\n"), "{args:?}:\n{text}");
+    }
+    let text = table(&["work", "explain", "machine", "m1", "--process", "Install"]);
+    assert!(!text.contains('\u{1b}'), "explain wrote an escape:\n{text}");
+    assert!(
+        text.lines().all(|l| !l.starts_with("last line")),
+        "explain broke a cause over lines:\n{text}"
+    );
+}
