@@ -292,12 +292,38 @@ pub enum HistoryFilter {
 /// Exponential backoff after failures, with BMDB's semantics: the first failure waits `initial`;
 /// each next one waits the previous interval × `exponent`, clamped to `maximum` and rounded up to
 /// whole seconds. A finish resets the sequence. Optional jitter adds up to `jitter` × interval.
+///
+/// Deserializing validates as [`Backoff::new`] and [`Backoff::with_jitter`] do (a backoff read
+/// from a configuration file is no exception).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "BackoffFields")]
 pub struct Backoff {
     initial_s: i64,
     maximum_s: i64,
     exponent: f64,
     jitter: f64,
+}
+
+/// A [`Backoff`] as serialized, before validation.
+#[derive(Deserialize)]
+struct BackoffFields {
+    initial_s: i64,
+    maximum_s: i64,
+    exponent: f64,
+    jitter: f64,
+}
+
+impl TryFrom<BackoffFields> for Backoff {
+    type Error = Error;
+
+    fn try_from(f: BackoffFields) -> Result<Backoff> {
+        let secs = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+        let b = Backoff::new(secs(f.initial_s), secs(f.maximum_s), f.exponent)?
+            .with_jitter(f.jitter)?;
+        // Whole seconds in, the same whole seconds out.
+        debug_assert_eq!((b.initial_s, b.maximum_s), (f.initial_s, f.maximum_s));
+        Ok(b)
+    }
 }
 
 impl Backoff {
@@ -663,6 +689,29 @@ mod tests {
         assert_eq!(seq(&b, 9), vec![60, 66, 73, 81, 90, 99, 109, 120, 120]);
         let fixed = Backoff::new(Duration::from_secs(7), Duration::from_secs(7), 1.0).unwrap();
         assert_eq!(seq(&fixed, 3), vec![7, 7, 7]);
+    }
+
+    #[test]
+    fn deserialized_backoffs_are_validated_as_constructed_ones() {
+        // What serializes comes back as it was.
+        let b = Backoff::parse("2s,10m,1.5,0.25").unwrap();
+        let text = serde_json::to_string(&b).unwrap();
+        assert_eq!(serde_json::from_str::<Backoff>(&text).unwrap(), b);
+        // A backoff read from a config file is validated like one built with `new`: an initial
+        // interval over the maximum made the second failure's `clamp` panic inside the store's
+        // write, and a zero or negative one (or a NaN exponent, a negative jitter) was no
+        // backoff at all.
+        for bad in [
+            r#"{"initial_s":10,"maximum_s":5,"exponent":2.0,"jitter":0.0}"#,
+            r#"{"initial_s":0,"maximum_s":5,"exponent":2.0,"jitter":0.0}"#,
+            r#"{"initial_s":-5,"maximum_s":5,"exponent":2.0,"jitter":0.0}"#,
+            r#"{"initial_s":1,"maximum_s":99999999999,"exponent":2.0,"jitter":0.0}"#,
+            r#"{"initial_s":1,"maximum_s":5,"exponent":0.5,"jitter":0.0}"#,
+            r#"{"initial_s":1,"maximum_s":5,"exponent":2.0,"jitter":-1.0}"#,
+            r#"{"initial_s":1,"maximum_s":5,"exponent":2.0,"jitter":1.5}"#,
+        ] {
+            assert!(serde_json::from_str::<Backoff>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
