@@ -278,7 +278,7 @@ pub async fn session(store: &Store, fmt: Format, cmd: SessionCmd) -> Result<(), 
                 }
                 Format::Table => {
                     println!("id:           {}\ncomponent:    {}\nhost:         {}\nruntime info: {}\nttl:          {} ms\ncreated:      {}\ndeadline:     {}\nalive:        {}",
-                        s.id, s.component, s.host, s.runtime_info, s.ttl_ms, s.created_at, s.deadline, s.alive_at(now));
+                        s.id, s.component, s.host, output::one_line(&s.runtime_info), s.ttl_ms, s.created_at, s.deadline, s.alive_at(now));
                     for w in held {
                         println!("work:         {} {} (token {})", w.process, w.key, w.token);
                     }

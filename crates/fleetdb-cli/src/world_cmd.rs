@@ -1470,7 +1470,7 @@ pub async fn members(store: &Store, fmt: Format) -> Result<(), Error> {
                         s.id.clone(),
                         s.component.clone(),
                         s.host.clone(),
-                        s.runtime_info.chars().take(60).collect(),
+                        output::one_line(&s.runtime_info.chars().take(60).collect::<String>()),
                         s.deadline.to_rfc3339(),
                     ]
                 })

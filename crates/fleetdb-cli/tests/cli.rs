@@ -677,6 +677,11 @@ impl Drop for Holder {
 }
 
 fn hold(db: &Db, component: &str, process: &str, limit: &str) -> Holder {
+    hold_running(db, component, process, limit, &["sleep", "60"])
+}
+
+/// [`hold`] with the worker running `command`.
+fn hold_running(db: &Db, component: &str, process: &str, limit: &str, command: &[&str]) -> Holder {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetdb"));
     cmd.current_dir(db.dir.path())
         .env_remove("FLEETDB_NAMESPACE")
@@ -701,9 +706,8 @@ fn hold(db: &Db, component: &str, process: &str, limit: &str) -> Holder {
         "--concurrency",
         limit,
         "--",
-        "sleep",
-        "60",
     ]);
+    cmd.args(command);
     Holder(cmd.spawn().expect("run fleetdb worker"))
 }
 
@@ -738,7 +742,10 @@ fn session_show_and_close_release_the_claim() {
     let db = sqlite_db();
     ok_json(&db, &["process", "define", "Install"]);
     ok_json(&db, &["object", "put", "machine", "m1"]);
-    let _holder = hold(&db, "holder", "Install", "1");
+    // A command line with a newline and a terminal escape: its runtime info shows on one line,
+    // escaped (before: raw, a row spread over lines and the escape reached the terminal).
+    let script = "sleep 60 # \u{1b}[2J\nend";
+    let _holder = hold_running(&db, "holder", "Install", "1", &["sh", "-c", script]);
     let held = wait_for_claims(&db, "Install", 1);
     let token = held[0]["token"].as_i64().unwrap();
 
@@ -781,6 +788,12 @@ fn session_show_and_close_release_the_claim() {
     let table = fleetdb(&db, &["session", "show", &id], None);
     assert!(table.status.success());
     let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        !table.contains('\u{1b}')
+            && table.contains("runtime info: fleetdb worker pid ")
+            && table.contains("# \\u{1b}[2J\\nend\n"),
+        "{table}"
+    );
     assert!(
         table.starts_with(&format!("id:           {id}\n"))
             && table.contains(&format!(
