@@ -436,6 +436,14 @@ pub async fn work(store: &Store, fmt: Format, ns: &str, cmd: WorkCmd) -> Result<
             selector,
             history,
         } => {
+            let most = fleetdb::core::work::HISTORY_PAGE_ROWS_MAX;
+            if history > most {
+                return Err(Error::invalid(
+                    "--history",
+                    history.to_string(),
+                    format!("shows at most {most} events"),
+                ));
+            }
             let k = ObjectKey::new(ns, &kind, &id)?;
             let e = store
                 .work_explain(&k, &process, selector.as_deref())

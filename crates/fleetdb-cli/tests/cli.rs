@@ -1015,6 +1015,24 @@ fn process_conflicts_and_work_ls_by_process() {
         &["work", "explain", "machine", free, "--process", "Provision"],
     );
     assert_eq!(e["claimable"], true, "{e}");
+    // More history than a page holds: bad input up front (before: after the explanation, as a
+    // `limit` error).
+    let (code, err) = fails(
+        &db,
+        &[
+            "work",
+            "explain",
+            "machine",
+            free,
+            "--process",
+            "Provision",
+            "--history",
+            "1001",
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--history"), "{err}");
 }
 
 /// `work explain --selector` (the in-memory reference) and `select` / `worker` (the
