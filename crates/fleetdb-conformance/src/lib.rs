@@ -100,6 +100,7 @@ macro_rules! suite {
             tag_value_size_limit_is_configurable,
             a_transaction_over_its_byte_limit_is_refused_whole,
             invalid_input_changes_nothing,
+            listing_positions_are_checked_at_the_edge,
             json_values_round_trip,
             change_log_records_every_mutation,
             change_log_filters,
@@ -923,6 +924,39 @@ pub async fn invalid_input_changes_nothing(h: &Harness) {
         s.object_get(&m).await.unwrap().unwrap().labels,
         Labels::new()
     );
+}
+
+/// A listing's `after` position that no listing of it could have returned (a NUL, which
+/// PostgreSQL's text refuses) is refused up front as `Invalid` on every backend, not sent to the
+/// database (where PostgreSQL failed it as a backend error and SQLite answered a page).
+pub async fn listing_positions_are_checked_at_the_edge(h: &Harness) {
+    let s = &h.store;
+    let bad = "a\0b";
+    let refused = |what: &str, r: Result<(), Error>| match r {
+        Err(Error::Invalid { .. }) => {}
+        other => panic!("{what} after {bad:?}: {other:?}, expected Invalid"),
+    };
+    refused("kv_list", s.kv_list("", Some(bad), 10).await.map(drop));
+    refused(
+        "lease_list",
+        s.lease_list("", Some(bad), 10).await.map(drop),
+    );
+    refused(
+        "session_list",
+        s.session_list(Some(bad), 10).await.map(drop),
+    );
+    // Positions a listing returns are still taken.
+    s.kv_set("a/1", "x").await.unwrap();
+    s.kv_set("a/2", "y").await.unwrap();
+    let page = s.kv_list("a/", Some("a/1"), 10).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
+        ["a/2"]
+    );
+    s.lease_list("", Some("l1"), 10).await.unwrap();
+    s.session_list(Some("00000000-0000-0000-0000-000000000000"), 10)
+        .await
+        .unwrap();
 }
 
 pub async fn json_values_round_trip(h: &Harness) {

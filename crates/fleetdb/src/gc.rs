@@ -295,6 +295,9 @@ impl Store {
     ) -> Result<Page<Lease>> {
         self.ready().await?;
         check_limit(limit)?;
+        if let Some(a) = after {
+            fleetdb_core::validate::name("after", a)?;
+        }
         let reqs: Vec<LabelRequirement> = if selector.trim().is_empty() {
             Vec::new()
         } else {

@@ -1801,6 +1801,9 @@ impl Store {
     ) -> Result<crate::Page<SessionInfo>> {
         self.ready().await?;
         crate::check_limit(limit)?;
+        if let Some(a) = after {
+            fleetdb_core::validate::name("after", a)?;
+        }
         let mut items = self.backend.session_list(after, limit + 1).await?;
         let next = crate::next_page(&mut items, limit, |s| s.id.clone());
         Ok(crate::Page { items, next })

@@ -118,6 +118,11 @@ impl Store {
     ) -> Result<Vec<KvEntry>> {
         world::validate_kv_prefix(prefix)?;
         check_limit(limit)?;
+        if let Some(a) = after {
+            // A position is a key a listing returned: anything else (a NUL, which PostgreSQL's
+            // text refuses) is refused here, alike on every backend.
+            world::validate_kv_key(a)?;
+        }
         let mut q = WorldQuery::new(Space::Kv);
         q.key_prefix = Some(prefix.to_string());
         q.after_key = after.map(str::to_string);
