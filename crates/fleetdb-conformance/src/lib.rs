@@ -945,6 +945,19 @@ pub async fn listing_positions_are_checked_at_the_edge(h: &Harness) {
         "session_list",
         s.session_list(Some(bad), 10).await.map(drop),
     );
+    // An object listing's cursor is a struct with public fields: built by hand, it is checked
+    // as its decoding checks it.
+    let mut q = ObjectQuery::new("default");
+    q.after = Some(ObjectCursor {
+        kind: bad.into(),
+        id: "x".into(),
+    });
+    refused("object_list", s.object_list(&q).await.map(drop));
+    q.after = Some(ObjectCursor {
+        kind: "machine".into(),
+        id: bad.into(),
+    });
+    refused("object_list", s.object_list(&q).await.map(drop));
     // Positions a listing returns are still taken.
     s.kv_set("a/1", "x").await.unwrap();
     s.kv_set("a/2", "y").await.unwrap();
@@ -954,6 +967,11 @@ pub async fn listing_positions_are_checked_at_the_edge(h: &Harness) {
         ["a/2"]
     );
     s.lease_list("", Some("l1"), 10).await.unwrap();
+    q.after = Some(ObjectCursor {
+        kind: "machine".into(),
+        id: "m0".into(),
+    });
+    s.object_list(&q).await.unwrap();
     s.session_list(Some("00000000-0000-0000-0000-000000000000"), 10)
         .await
         .unwrap();

@@ -198,6 +198,18 @@ impl ObjectQuery {
         for r in &self.labels {
             r.validate()?;
         }
+        if let Some(c) = &self.after {
+            // A cursor built by hand is checked as `ObjectCursor::decode` checks one.
+            let bad = |_| {
+                Error::invalid(
+                    "cursor",
+                    c.encode(),
+                    "is not a cursor returned by a listing",
+                )
+            };
+            validate::name("kind", &c.kind).map_err(bad)?;
+            validate::name("id", &c.id).map_err(bad)?;
+        }
         if self.limit == 0 || self.limit > LIST_PAGE_MAX {
             return Err(Error::invalid(
                 "limit",
