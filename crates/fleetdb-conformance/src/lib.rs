@@ -101,6 +101,7 @@ macro_rules! suite {
             a_transaction_over_its_byte_limit_is_refused_whole,
             invalid_input_changes_nothing,
             listing_positions_are_checked_at_the_edge,
+            a_negative_position_is_invalid_not_compacted,
             json_values_round_trip,
             change_log_records_every_mutation,
             change_log_filters,
@@ -923,6 +924,36 @@ pub async fn invalid_input_changes_nothing(h: &Harness) {
     assert_eq!(
         s.object_get(&m).await.unwrap().unwrap().labels,
         Labels::new()
+    );
+}
+
+/// A change-log position below 0 is no position at all: `changes` and `watch` refuse it as
+/// `Invalid` (they answered `Compacted`, "revision -1 has been compacted", sending a consumer
+/// to start over from a snapshot instead of saying its input was wrong).
+pub async fn a_negative_position_is_invalid_not_compacted(h: &Harness) {
+    let s = &h.store;
+    s.object_put(&key("default", "machine", "m1"), Labels::new())
+        .await
+        .unwrap();
+    for r in [-1, i64::MIN] {
+        match s.changes(Revision(r), &ChangeFilter::default(), 10).await {
+            Err(Error::Invalid { .. }) => {}
+            other => panic!("changes after {r}: {other:?}, expected Invalid"),
+        }
+        let req = fleetdb::WatchRequest::new(fleetdb::WatchScope::All).from_revision(Revision(r));
+        match s.watch(req).await {
+            Err(Error::Invalid { .. }) => {}
+            Err(e) => panic!("watch from {r}: {e:?}, expected Invalid"),
+            Ok(_) => panic!("watch from {r}: Ok, expected Invalid"),
+        }
+    }
+    // 0 is the start of the log.
+    assert_eq!(
+        s.changes(Revision(0), &ChangeFilter::default(), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
     );
 }
 

@@ -1064,6 +1064,7 @@ impl Store {
     ) -> Result<Vec<Change>> {
         self.ready().await?;
         filter.validate()?;
+        position_not_negative("after", after)?;
         if limit == 0 || limit > CHANGES_PAGE_MAX {
             return Err(Error::invalid(
                 "limit",
@@ -1134,6 +1135,19 @@ pub(crate) fn ahead_of_the_store(field: &str, asked: Revision, current: Revision
             current.0
         ),
     )
+}
+
+/// A resume position (`field`) below 0: no revision is, so it is bad input, not a compacted
+/// position (which would send the consumer to start over from a snapshot).
+pub(crate) fn position_not_negative(field: &str, asked: Revision) -> Result<()> {
+    if asked.0 < 0 {
+        return Err(Error::invalid(
+            field,
+            asked.0.to_string(),
+            "must be 0 or more",
+        ));
+    }
+    Ok(())
 }
 
 /// Trim a page fetched with `limit + 1` rows and return the cursor of the next page.

@@ -365,6 +365,9 @@ impl Store {
         if let Some(v) = &req.viewer {
             fleetdb_core::validate::name("host", v)?;
         }
+        if let Some(from) = req.from_revision {
+            crate::position_not_negative("from revision", from)?;
+        }
         let buffer = req.buffer.unwrap_or(WATCH_BUFFER_DEFAULT);
         if buffer == 0 || buffer > WATCH_BUFFER_MAX {
             return Err(Error::invalid(
