@@ -251,7 +251,21 @@ enum MigrateCmd {
 }
 
 fn parse_labels(args: &[String]) -> Result<Labels, Error> {
-    args.iter().map(|a| validate::parse_label_arg(a)).collect()
+    let mut labels = Labels::new();
+    for a in args {
+        let (k, v) = validate::parse_label_arg(a)?;
+        // A key given two values (`-l a=1 -l a=2`, or a set and a delete): which was meant is
+        // not for the command to guess.
+        if labels.get(&k).is_some_and(|old| *old != v) {
+            return Err(Error::invalid(
+                "--label",
+                a.as_str(),
+                format!("the key {k:?} is given twice, with different values"),
+            ));
+        }
+        labels.insert(k, v);
+    }
+    Ok(labels)
 }
 
 fn exit_code(e: &Error) -> u8 {

@@ -342,6 +342,32 @@ fn bad_input_changes_nothing(db: &Db) {
             2,
             "label selector",
         ),
+        // One key given two values: which one was meant is not for the command to guess (the
+        // last one was written).
+        (
+            vec![
+                "object", "put", "machine", "keep", "--label", "a=1", "--label", "a=2",
+            ],
+            None,
+            2,
+            "invalid --label \"a=2\": the key \"a\" is given twice",
+        ),
+        // The flag is named (it said `invalid limit "100000"`, after the explain's reads).
+        (
+            vec![
+                "work",
+                "explain",
+                "machine",
+                "keep",
+                "--process",
+                "P",
+                "--history",
+                "100000",
+            ],
+            None,
+            2,
+            "invalid --history \"100000\"",
+        ),
     ];
     for (args, stdin, code, needle) in cases {
         let (got, err) = fails(db, &args, stdin);
