@@ -228,6 +228,40 @@ impl Default for PostgresOptions {
     }
 }
 
+/// What the driver checks of a URL's hosts and ports before it connects, checked here so that a
+/// URL it can never connect with is `Invalid` (its "invalid configuration" read as an outage:
+/// `Unavailable`, the class a caller retries).
+fn check_hosts(config: &tokio_postgres::Config, target: &str) -> Result<()> {
+    let (hosts, addrs) = (config.get_hosts().len(), config.get_hostaddrs().len());
+    if hosts == 0 && addrs == 0 {
+        return Err(Error::invalid(
+            "PostgreSQL URL",
+            target,
+            "names no host (postgres://user@HOST/db; this driver has no default host: for a \
+             Unix socket give its folder, ?host=/var/run/postgresql)",
+        ));
+    }
+    if hosts != 0 && addrs != 0 && hosts != addrs {
+        return Err(Error::invalid(
+            "PostgreSQL URL",
+            target,
+            format!("names {hosts} hosts but {addrs} hostaddrs: give one per host"),
+        ));
+    }
+    let ports = config.get_ports().len();
+    if ports > 1 && ports != hosts.max(addrs) {
+        return Err(Error::invalid(
+            "PostgreSQL URL",
+            target,
+            format!(
+                "gives {ports} ports for {} hosts: one port for all, or one per host",
+                hosts.max(addrs)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The PostgreSQL backend: a connection pool and a clock.
 #[derive(Clone)]
 pub struct PostgresBackend {
@@ -325,6 +359,7 @@ impl PostgresBackend {
         }
         let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| Error::invalid("PostgreSQL URL", &target, e.to_string()))?;
+        check_hosts(&config, &target)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
         }

@@ -126,6 +126,25 @@ async fn postgres_a_pool_size_too_large_is_refused_not_a_panic() {
     }
 }
 
+// A PostgreSQL URL the driver cannot connect with whatever the server's state (no host: libpq
+// would use its default socket, this driver has no default; more ports than hosts) was answered
+// `Unavailable` ("database unavailable: … invalid configuration", CLI exit 6, the class a caller
+// retries) instead of `Invalid` naming what is missing.
+
+#[tokio::test]
+async fn a_postgres_url_the_driver_cannot_use_is_invalid_not_unavailable() {
+    for url in [
+        "postgres://postgres@/postgres",
+        "postgres://postgres@127.0.0.1,127.0.0.2/postgres?port=5432,5433,5434",
+    ] {
+        match Store::open(url).await {
+            Err(Error::Invalid { .. }) => {}
+            Err(e) => panic!("{url}: {e:?}, expected Invalid"),
+            Ok(_) => panic!("{url}: opened, expected Invalid"),
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Open options are checked before the database is touched. Before, an open that failed for a bad
 // `gc.pause_share` had already created the file (and its folder) and applied every migration — a
