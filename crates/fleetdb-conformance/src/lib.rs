@@ -102,6 +102,7 @@ macro_rules! suite {
             invalid_input_changes_nothing,
             listing_positions_are_checked_at_the_edge,
             a_negative_position_is_invalid_not_compacted,
+            a_cursor_of_another_listing_is_refused,
             json_values_round_trip,
             change_log_records_every_mutation,
             change_log_filters,
@@ -955,6 +956,57 @@ pub async fn a_negative_position_is_invalid_not_compacted(h: &Harness) {
             .len(),
         1
     );
+}
+
+/// A cursor is a position in one listing: given to a listing of another kind (objects) or
+/// process (claims, backoffs), it was taken as a position there and answered a page silently
+/// (the kind's first page again, or nothing). It is refused as `Invalid`.
+pub async fn a_cursor_of_another_listing_is_refused(h: &Harness) {
+    let s = &h.store;
+    for (kind, id) in [
+        ("machine", "m1"),
+        ("machine", "m2"),
+        ("switch", "s1"),
+        ("switch", "s2"),
+    ] {
+        s.object_put(&key("default", kind, id), Labels::new())
+            .await
+            .unwrap();
+    }
+    let mut q = ObjectQuery::new("default");
+    q.kind = Some("switch".into());
+    q.limit = 1;
+    let next = s.object_list(&q).await.unwrap().next.unwrap();
+    q.after = Some(ObjectCursor::decode(&next).unwrap());
+    assert_eq!(s.object_list(&q).await.unwrap().items[0].key.id, "s2");
+    q.kind = Some("machine".into());
+    match s.object_list(&q).await {
+        Err(Error::Invalid { .. }) => {}
+        other => panic!("a switch listing's cursor in a machine listing: {other:?}"),
+    }
+    // Without a kind filter every (kind, id) is a position of the listing.
+    q.kind = None;
+    s.object_list(&q).await.unwrap();
+
+    let c = fleetdb::WorkCursor::after("Other", &key("default", "machine", "m1")).encode();
+    match s.work_page(Some("Mine"), None, Some(&c), 10).await {
+        Err(Error::Invalid { .. }) => {}
+        other => panic!("another process's claim cursor: {other:?}"),
+    }
+    match s
+        .backoff_page(Some("Mine"), fleetdb::BackoffWhich::All, Some(&c), 10)
+        .await
+    {
+        Err(Error::Invalid { .. }) => {}
+        other => panic!("another process's backoff cursor: {other:?}"),
+    }
+    s.work_page(Some("Other"), None, Some(&c), 10)
+        .await
+        .unwrap();
+    s.work_page(None, None, Some(&c), 10).await.unwrap();
+    s.backoff_page(Some("Other"), fleetdb::BackoffWhich::All, Some(&c), 10)
+        .await
+        .unwrap();
 }
 
 /// A listing's `after` position that no listing of it could have returned (a NUL, which

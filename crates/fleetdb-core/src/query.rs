@@ -209,6 +209,16 @@ impl ObjectQuery {
             };
             validate::name("kind", &c.kind).map_err(bad)?;
             validate::name("id", &c.id).map_err(bad)?;
+            if self.kind.as_ref().is_some_and(|k| *k != c.kind) {
+                return Err(Error::invalid(
+                    "cursor",
+                    c.encode(),
+                    format!(
+                        "is a position among objects of kind {:?}, not of this listing's kind",
+                        c.kind
+                    ),
+                ));
+            }
         }
         if self.limit == 0 || self.limit > LIST_PAGE_MAX {
             return Err(Error::invalid(

@@ -561,6 +561,22 @@ impl WorkCursor {
         }
     }
 
+    /// Check that this cursor is a position of a listing of `process` (any, for `None`): a
+    /// cursor of another process's listing is refused, not taken as a position in this one.
+    pub fn check_process(&self, process: Option<&str>) -> Result<()> {
+        match process {
+            Some(p) if p != self.process => Err(Error::invalid(
+                "cursor",
+                self.encode(),
+                format!(
+                    "is a position among claims or backoffs of process {:?}, not of {p:?}",
+                    self.process
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn encode(&self) -> String {
         use base64::Engine as _;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(

@@ -1861,6 +1861,9 @@ impl Store {
                 .transpose()?,
             limit: limit + 1,
         };
+        if let Some(c) = &q.after {
+            c.check_process(process)?;
+        }
         let items = self.backend.work_list(&q).await?;
         if items.is_empty() {
             self.refuse_undeclared(process).await?;
@@ -1959,6 +1962,9 @@ impl Store {
         let after = cursor
             .map(fleetdb_core::work::WorkCursor::decode)
             .transpose()?;
+        if let Some(c) = &after {
+            c.check_process(process)?;
+        }
         let at = match which {
             BackoffWhich::Active => Some(self.clock.now()),
             BackoffWhich::All => None,
