@@ -1308,3 +1308,64 @@ fn a_worker_whose_stderr_is_not_read_keeps_its_session() {
         ["m1", "m2", "m3"].iter().all(|m| finished(m))
     });
 }
+
+/// A worker keeps its session while another process imports a large file with transactions in
+/// flight (`object import --jobs 16`). The importer's group commit took every waiting
+/// transaction into ONE: with the worker's writes contending, its backlog (16 transactions of
+/// 10,000 writes) went in as one that held the write lock for seconds on end, and back-to-back
+/// groups left the worker microseconds to take the lock between them. The worker's renewals
+/// waited past its TTL, its session expired and it exited (every run in debug builds).
+#[test]
+fn a_worker_keeps_its_session_beside_an_import_in_another_process() {
+    let (dir, url) = sqlite_store("Install", &["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7"]);
+    let d = dir.path();
+    let items = d.join("items.jsonl");
+    let lines: String = (0..100_000)
+        .map(|i| format!("{{\"kind\":\"item\",\"id\":\"i{i}\",\"tags\":{{\"t\":{i}}}}}\n"))
+        .collect();
+    std::fs::write(&items, lines).unwrap();
+    // Work that never runs out: every machine again and again, each run writing a fenced tag
+    // from its own process.
+    let mut worker = fleetdb(&url, d)
+        .args(worker_args(
+            "w",
+            "Install",
+            "kind = machine",
+            &["--concurrency", "4", "--limit", "4"],
+            &[
+                "sh",
+                "-c",
+                "\"$FLEETDB_BIN\" tag set --fenced \"$FLEETDB_KIND\" \"$FLEETDB_ID\" n 1",
+            ],
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let items = items.to_str().unwrap();
+    run(
+        &url,
+        d,
+        &["object", "import", items, "--batch", "5000", "--jobs", "16"],
+    );
+    let alive = worker.try_wait().unwrap().is_none();
+    let history = json(
+        &url,
+        d,
+        &["history", "--process", "Install", "--limit", "1000"],
+    );
+    let expired = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "Expired")
+        .count();
+    if alive {
+        send(&worker, "TERM");
+    }
+    let status = wait_exit(&mut worker, Duration::from_secs(20));
+    assert!(alive, "the worker exited during the import: {status}");
+    assert_eq!(expired, 0, "no claim expired: {history}");
+    assert!(status.success(), "{status}");
+}

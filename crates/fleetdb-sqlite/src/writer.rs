@@ -31,8 +31,26 @@ use crate::{current_revision, map_err};
 
 /// Most write requests committed together in one group.
 pub const GROUP_JOBS_MAX: usize = 256;
+/// Most writes (ops) in one group, and most bytes of their content ([`Batch`] ops'
+/// `payload_bytes`): the defaults of one transaction's limits (`Limits::txn_ops_max`,
+/// `txn_bytes_max`). A request is added to a group only while the group stays within both (a
+/// first request always goes, alone if it is larger), so the database's write lock is held for
+/// about one large transaction at most. Unbounded, a backlog of large transactions (`object
+/// import --jobs 16`: 16 of 10,000 writes) went into ONE transaction that held the lock 16 times
+/// as long, and other processes' sessions expired waiting to renew.
+pub const GROUP_WRITES_MAX: usize = 10_000;
+pub const GROUP_BYTES_MAX: usize = fleetdb_core::batch::TXN_BYTES_MAX_DEFAULT;
 /// Attempts at a group that finds the database busy (another process writing) past busy_timeout.
 const GROUP_ATTEMPTS_MAX: u32 = 5;
+/// How often the writer thread tries again to take a write lock another process holds.
+const BUSY_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+/// A group that held the write lock this long is followed by [`YIELD_AFTER_LONG`] without it,
+/// in which other processes polling for the lock (every [`BUSY_POLL`]) take it. Back to back,
+/// a backlog's groups left them microseconds between a COMMIT and the next BEGIN, which their
+/// polls (SQLite's busy handler sleeps up to 100 ms between tries) never hit: a process writing
+/// without pause starved every other one past its sessions' TTL.
+const LONG_HOLD: std::time::Duration = std::time::Duration::from_millis(20);
+const YIELD_AFTER_LONG: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// A write that joins a group: each runs in its own savepoint.
 pub(crate) enum Write {
@@ -48,6 +66,24 @@ pub(crate) enum Write {
         now: Timestamp,
         limit: usize,
     },
+}
+
+impl Write {
+    /// Its writes and the bytes of their content, counted against a group's bounds.
+    fn size(&self) -> (usize, usize) {
+        let batch = |b: &Batch| {
+            let bytes = b.ops.iter().map(|op| op.payload_bytes()).sum();
+            (b.ops.len().max(1), bytes)
+        };
+        match self {
+            Write::Batch(b) => batch(b),
+            Write::BatchThenClaim(b, _) => {
+                let (w, bytes) = batch(b);
+                (w + 1, bytes)
+            }
+            Write::Claim(_) | Write::Renew { .. } | Write::Sweep { .. } => (1, 0),
+        }
+    }
 }
 
 /// What a [`Write`] returns.
@@ -88,9 +124,18 @@ impl Queue {
         )
     }
 
+    /// The next group: waiting requests in order, within [`GROUP_JOBS_MAX`],
+    /// [`GROUP_WRITES_MAX`] and [`GROUP_BYTES_MAX`] (the first one whatever its size).
     fn take_group(&self) -> Vec<(Write, Reply)> {
         let mut q = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let n = q.len().min(GROUP_JOBS_MAX);
+        let (mut n, mut writes, mut bytes) = (0, 0, 0);
+        for (w, _) in q.iter().take(GROUP_JOBS_MAX) {
+            let (ww, wb) = w.size();
+            if n > 0 && (writes + ww > GROUP_WRITES_MAX || bytes + wb > GROUP_BYTES_MAX) {
+                break;
+            }
+            (n, writes, bytes) = (n + 1, writes + ww, bytes + wb);
+        }
         q.drain(..n).collect()
     }
 
@@ -219,10 +264,20 @@ fn begin(c: &Connection, lead: Lead) -> Result<bool> {
         (Ok(_), _) => Ok(true),
         (Err(e), Lead::Caller) if is_busy(&e) => Ok(false),
         (Err(e), Lead::Writer(busy_timeout)) if is_busy(&e) => {
-            c.busy_timeout(busy_timeout).map_err(map_err)?;
-            let waited = exec(c, "BEGIN IMMEDIATE");
-            c.busy_timeout(std::time::Duration::ZERO).map_err(map_err)?;
-            waited.map(|()| true)
+            // Polled every BUSY_POLL rather than with SQLite's busy handler, whose sleeps grow
+            // to 100 ms and miss the short gaps another process's writer leaves.
+            let deadline = std::time::Instant::now() + busy_timeout;
+            loop {
+                std::thread::sleep(BUSY_POLL);
+                match c
+                    .prepare_cached("BEGIN IMMEDIATE")
+                    .and_then(|mut s| s.raw_execute())
+                {
+                    Ok(_) => return Ok(true),
+                    Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {}
+                    Err(e) => return Err(map_err(e)),
+                }
+            }
         }
         (Err(e), _) => Err(map_err(e)),
     }
@@ -247,13 +302,19 @@ fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>, lead: Lead) -> Res
         return Ok(());
     }
     let mut attempt = 0;
+    let mut held = std::time::Duration::ZERO;
     let results = loop {
         attempt += 1;
         // A panic in a write (none is known) must not leave the connection inside a
         // transaction, nor its callers waiting: it rolls back and fails the group.
         let ran =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match begin(c, lead)? {
-                true => run_group(c, group).map(Some),
+                true => {
+                    let start = std::time::Instant::now();
+                    let ran = run_group(c, group).map(Some);
+                    held = start.elapsed();
+                    ran
+                }
                 false => Ok(None),
             }))
             .unwrap_or_else(|panic| {
@@ -283,6 +344,9 @@ fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>, lead: Lead) -> Res
     };
     for ((_, reply), result) in group.drain(..).zip(results) {
         let _ = reply.send(result); // the caller may have gone away; its write still committed
+    }
+    if held >= LONG_HOLD {
+        std::thread::sleep(YIELD_AFTER_LONG);
     }
     Ok(())
 }
