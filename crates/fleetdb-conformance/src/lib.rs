@@ -988,6 +988,10 @@ pub async fn a_cursor_of_another_listing_is_refused(h: &Harness) {
     q.kind = None;
     s.object_list(&q).await.unwrap();
 
+    // Declared: a listing by an undeclared process is refused for that alone.
+    for p in ["Mine", "Other"] {
+        s.process_define(p, &[]).await.unwrap();
+    }
     let c = fleetdb::WorkCursor::after("Other", &key("default", "machine", "m1")).encode();
     match s.work_page(Some("Mine"), None, Some(&c), 10).await {
         Err(Error::Invalid { .. }) => {}
