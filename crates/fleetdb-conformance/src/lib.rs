@@ -184,7 +184,8 @@ macro_rules! suite {
             removing_an_expired_export_reports_nothing_removed,
             collect_is_ordered_by_record_key,
             pruned_legacy_deploys_take_their_blob_records_along,
-            a_watch_from_a_future_revision_is_refused;
+            a_watch_from_a_future_revision_is_refused,
+            a_sub_millisecond_ttl_is_rounded_up_not_refused;
             gc_keeps_roots_and_what_they_reference,
             malformed_reference_labels_are_rejected,
             a_blob_cannot_reference_an_object,

@@ -1066,3 +1066,39 @@ pub async fn a_watch_from_a_future_revision_is_refused(h: &Harness) {
         "a watch from {ahead:?} (current {current:?}) was accepted and skipped changes silently"
     );
 }
+
+/// `Lifetime::ttl` turns a duration into whole milliseconds by rounding UP: a positive TTL
+/// under a millisecond is 1ms (not "0ms", refused), and no TTL is cut short.
+pub async fn a_sub_millisecond_ttl_is_rounded_up_not_refused(h: &Harness) {
+    let s = &h.store;
+    let now = fleetdb::Clock::now(&h.clock);
+    let e = s
+        .kv_set_with(
+            "ttl/sub-ms",
+            "v",
+            None,
+            Lifetime::ttl(Duration::from_micros(500)),
+        )
+        .await
+        .expect("a positive TTL under a millisecond is accepted");
+    assert_eq!(e.item.expires_at, Some(now + Duration::from_millis(1)));
+    let mut r = rec("f", "sub-ms", "*", "d");
+    r.lifetime = Lifetime::ttl(Duration::from_micros(1500));
+    let h1 = s.world("h1").unwrap();
+    h1.export(vec![r]).await.unwrap();
+    let got = h1.collect(&[]).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].expires_at,
+        Some(now + Duration::from_millis(2)),
+        "1.5ms lives 2ms, not 1ms"
+    );
+    h.clock.advance(Duration::from_micros(1500));
+    assert!(s.kv_get("ttl/sub-ms").await.unwrap().is_none());
+    assert_eq!(h1.collect(&[]).await.unwrap().len(), 1, "not cut short");
+    assert_eq!(
+        Lifetime::ttl(Duration::ZERO).ttl_ms,
+        Some(0),
+        "zero stays zero (and is refused)"
+    );
+}

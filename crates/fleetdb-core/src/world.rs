@@ -272,10 +272,12 @@ impl Lifetime {
         }
     }
 
+    /// Removed `ttl` after the write, in whole milliseconds rounded UP: a positive TTL under a
+    /// millisecond is 1ms (truncated, it was "0ms" and refused), and no TTL is cut short.
     pub fn ttl(ttl: std::time::Duration) -> Self {
         Lifetime {
             session_id: None,
-            ttl_ms: Some(ttl.as_millis().min(u64::MAX as u128) as u64),
+            ttl_ms: Some(ttl.as_nanos().div_ceil(1_000_000).min(u64::MAX as u128) as u64),
         }
     }
 
