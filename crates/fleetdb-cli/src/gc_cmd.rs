@@ -612,10 +612,20 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
             offset,
             length,
         } => {
-            // Check first so that a missing blob leaves no empty file behind.
+            // Check first so that a missing blob or a bad offset leaves no empty file behind.
             fleetdb::core::world::validate_digest(&digest)?;
-            if store.blob_info(&digest).await?.is_none() {
-                return Err(Error::not_found(format!("blob {digest}")));
+            let info = store
+                .blob_info(&digest)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("blob {digest}")))?;
+            // An offset past the end is refused before anything is opened for writing: a
+            // symlink, device or pipe is written through, and creating it truncates its target.
+            if offset > info.size {
+                return Err(Error::invalid(
+                    "offset",
+                    offset.to_string(),
+                    format!("blob {digest} has {} bytes", info.size),
+                ));
             }
             // A regular file (or none yet) is written as a file of our own beside it, renamed
             // over it once complete (with the old file's permissions): a failure (a bad

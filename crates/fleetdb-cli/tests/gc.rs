@@ -730,3 +730,34 @@ fn exports_hold_blobs_and_objects_alive() {
     fails_with(&db, &["blob", "info", &held], 3, "not found");
     fails_with(&db, &["object", "get", "image", "web"], 3, "not found");
 }
+
+#[test]
+fn blob_get_out_through_a_symlink_with_a_bad_offset_leaves_the_target_untouched() {
+    // A symlink is written through in place, but a request refused before any byte is read
+    // (an offset past the end) must not truncate the file it points at.
+    let db = sqlite_db();
+    let src = write_file(db.dir.path(), "src.bin", b"hello\n");
+    let digest = String::from_utf8(ok(&db, &["blob", "put", &src]))
+        .unwrap()
+        .trim()
+        .to_string();
+    let real = db.dir.path().join("precious.txt");
+    std::fs::write(&real, b"precious\n").unwrap();
+    let link = db.dir.path().join("link.txt");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    fails_with(
+        &db,
+        &[
+            "blob",
+            "get",
+            &digest,
+            "--out",
+            link.to_str().unwrap(),
+            "--offset",
+            "100",
+        ],
+        2,
+        "offset",
+    );
+    assert_eq!(std::fs::read(&real).unwrap(), b"precious\n");
+}
