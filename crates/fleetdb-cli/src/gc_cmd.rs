@@ -482,8 +482,15 @@ async fn blob_put(
     fleetdb::core::validate::blob_labels(&labels)?;
     if let Some(l) = lease {
         // Fail before uploading anything (the commit checks again, in its transaction).
-        if store.lease_get(l).await?.is_none() {
-            return Err(Error::not_found(format!("lease {l:?}")));
+        match store.lease_get(l).await? {
+            None => return Err(Error::not_found(format!("lease {l:?}"))),
+            Some(lease) if !lease.alive_at(store.clock().now()) => {
+                return Err(Error::Refused {
+                    what: format!("lease {l:?}"),
+                    reason: "it has expired".into(),
+                })
+            }
+            Some(_) => {}
         }
     }
     let mut input: Box<dyn Read> = if file.as_os_str() == "-" {

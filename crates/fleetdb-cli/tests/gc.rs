@@ -761,3 +761,43 @@ fn blob_get_out_through_a_symlink_with_a_bad_offset_leaves_the_target_untouched(
     );
     assert_eq!(std::fs::read(&real).unwrap(), b"precious\n");
 }
+
+#[test]
+fn blob_put_to_an_expired_lease_is_refused_before_reading_the_input() {
+    // The lease is checked before uploading: an expired one is refused at once (exit 4), not
+    // after the whole input was read and stored (here stdin never ends).
+    let db = sqlite_db();
+    ok(&db, &["lease", "create", "short", "--expire-in", "1s"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetdb"))
+        .current_dir(db.dir.path())
+        .env("FLEETDB_DB", &db.url)
+        .env_remove("FLEETDB_NAMESPACE")
+        .args(["blob", "put", "-", "--lease", "short"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fleetdb");
+    let _stdin_kept_open = child.stdin.take().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let Some(status) = status else {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        panic!("blob put to an expired lease waited for its input instead of refusing");
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(4), "{err}");
+    assert!(err.contains("expired"), "{err}");
+    assert!(out.stdout.is_empty());
+}
