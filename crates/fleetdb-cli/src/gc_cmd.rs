@@ -24,13 +24,29 @@ const GET_CHUNK_BYTES: u64 = 4 << 20;
 
 // ---- arguments ----
 
+/// `lease create --expire-in`: a positive duration of at most ten years (the store's bound),
+/// checked while parsing so that the message names the flag and the value as typed.
+fn parse_expire_in(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("a lease expiry must be positive".into());
+    }
+    if d > fleetdb::gc::LEASE_EXPIRE_IN_MAX {
+        return Err(
+            "a lease expiry must be at most 10 years (omit --expire-in for a lease that lives until deleted)"
+                .into(),
+        );
+    }
+    Ok(d)
+}
+
 #[derive(Subcommand, Debug)]
 pub enum LeaseCmd {
     /// Create a lease (its id is generated when omitted) and print it.
     Create {
         id: Option<String>,
         /// The lease expires this long from now (e.g. 10m, 2h); default: until deleted.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = parse_expire_in)]
         expire_in: Option<Duration>,
         /// KEY=VALUE, repeatable.
         #[arg(short, long = "label")]

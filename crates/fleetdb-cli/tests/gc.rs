@@ -801,3 +801,21 @@ fn blob_put_to_an_expired_lease_is_refused_before_reading_the_input() {
     assert!(err.contains("expired"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn lease_create_with_an_expiry_out_of_range_names_the_flag_and_the_value_given() {
+    // The message names --expire-in and the value as typed (not a normalized number of
+    // seconds), and does not suggest an expiry "none" the flag does not take.
+    let db = sqlite_db();
+    for bad in ["99999999999d", "0s", "3651days"] {
+        let out = run(&db, &["lease", "create", "l1", "--expire-in", bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains("--expire-in"), "{bad}: {err}");
+        assert!(err.contains(bad), "{bad}: {err}");
+        assert!(!err.contains("without expiry: none"), "{bad}: {err}");
+    }
+    let ls = ok_json(&db, &["lease", "ls"]);
+    assert_eq!(ls["items"], serde_json::json!([]));
+    ok(&db, &["lease", "create", "l1", "--expire-in", "3650days"]);
+}
