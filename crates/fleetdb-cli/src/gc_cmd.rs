@@ -558,14 +558,9 @@ fn partial_path(path: &std::path::Path) -> Result<std::path::PathBuf, Error> {
     Ok(path.with_file_name(part))
 }
 
-/// Copy `[offset, offset + length)` of a blob (clamped to its end) into `out`; the bytes copied.
-async fn blob_copy(
-    store: &Store,
-    digest: &str,
-    offset: u64,
-    length: Option<u64>,
-    out: &mut dyn Write,
-) -> Result<Result<u64, std::io::Error>, Error> {
+/// The blob `digest`, checked to exist and to reach `offset` — before anything is written.
+async fn blob_at(store: &Store, digest: &str, offset: u64) -> Result<BlobInfo, Error> {
+    fleetdb::core::world::validate_digest(digest)?;
     let info = store
         .blob_info(digest)
         .await?
@@ -577,6 +572,19 @@ async fn blob_copy(
             format!("blob {digest} has {} bytes", info.size),
         ));
     }
+    Ok(info)
+}
+
+/// Copy `[offset, offset + length)` of the blob `info` (checked by [`blob_at`]; clamped to its
+/// end) into `out`; the bytes copied.
+async fn blob_copy(
+    store: &Store,
+    info: &BlobInfo,
+    offset: u64,
+    length: Option<u64>,
+    out: &mut dyn Write,
+) -> Result<Result<u64, std::io::Error>, Error> {
+    let digest = info.digest.as_str();
     let end = length.map_or(info.size, |l| offset.saturating_add(l).min(info.size));
     let mut pos = offset;
     while pos < end {
@@ -615,8 +623,9 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
             offset,
             length,
         } => {
+            let info = blob_at(store, &digest, offset).await?;
             let mut out = std::io::stdout().lock();
-            match blob_copy(store, &digest, offset, length, &mut out).await? {
+            match blob_copy(store, &info, offset, length, &mut out).await? {
                 Ok(_) => {}
                 // The reader went away (`| head -c N`): stop quietly.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
@@ -635,21 +644,10 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
             offset,
             length,
         } => {
-            // Check first so that a missing blob or a bad offset leaves no empty file behind.
-            fleetdb::core::world::validate_digest(&digest)?;
-            let info = store
-                .blob_info(&digest)
-                .await?
-                .ok_or_else(|| Error::not_found(format!("blob {digest}")))?;
-            // An offset past the end is refused before anything is opened for writing: a
-            // symlink, device or pipe is written through, and creating it truncates its target.
-            if offset > info.size {
-                return Err(Error::invalid(
-                    "offset",
-                    offset.to_string(),
-                    format!("blob {digest} has {} bytes", info.size),
-                ));
-            }
+            // Checked before anything is opened for writing, so a missing blob or an offset past
+            // the end leaves no empty file behind: a symlink, device or pipe is written through,
+            // and creating it truncates its target.
+            let info = blob_at(store, &digest, offset).await?;
             // A regular file (or none yet) is written as a file of our own beside it, renamed
             // over it once complete (with the old file's permissions): a failure (a bad
             // offset, a full disk) never truncates or removes a file that was there, and nobody
@@ -668,7 +666,7 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
                 let _ = file.set_permissions(m.permissions());
             }
             let mut out = std::io::BufWriter::new(file);
-            let copied = match blob_copy(store, &digest, offset, length, &mut out).await {
+            let copied = match blob_copy(store, &info, offset, length, &mut out).await {
                 Ok(Ok(n)) => out
                     .into_inner()
                     .map_err(|e| e.into_error())
