@@ -144,20 +144,7 @@ fn blob_put_get_round_trip_ranges_info_ls_rm() {
     // partial file beside it.
     let precious = db.dir.path().join("precious.txt");
     std::fs::write(&precious, b"keep me").unwrap();
-    fails_with(
-        &db,
-        &[
-            "blob",
-            "get",
-            &digest,
-            "--out",
-            precious.to_str().unwrap(),
-            "--offset",
-            "999999999",
-        ],
-        2,
-        "offset",
-    );
+    get_out_past_the_end(&db, &digest, &precious, "999999999");
     assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
     let leftovers: Vec<_> = std::fs::read_dir(db.dir.path())
         .unwrap()
@@ -745,20 +732,7 @@ fn blob_get_out_through_a_symlink_with_a_bad_offset_leaves_the_target_untouched(
     std::fs::write(&real, b"precious\n").unwrap();
     let link = db.dir.path().join("link.txt");
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    fails_with(
-        &db,
-        &[
-            "blob",
-            "get",
-            &digest,
-            "--out",
-            link.to_str().unwrap(),
-            "--offset",
-            "100",
-        ],
-        2,
-        "offset",
-    );
+    get_out_past_the_end(&db, &digest, &link, "100");
     assert_eq!(std::fs::read(&real).unwrap(), b"precious\n");
 }
 
@@ -818,4 +792,15 @@ fn lease_create_with_an_expiry_out_of_range_names_the_flag_and_the_value_given()
     let ls = ok_json(&db, &["lease", "ls"]);
     assert_eq!(ls["items"], serde_json::json!([]));
     ok(&db, &["lease", "create", "l1", "--expire-in", "3650days"]);
+}
+
+/// `blob get DIGEST --out OUT --offset OFFSET` with an offset past the blob's end: refused, exit 2.
+fn get_out_past_the_end(db: &Db, digest: &str, out: &std::path::Path, offset: &str) {
+    let out = out.to_str().unwrap();
+    fails_with(
+        db,
+        &["blob", "get", digest, "--out", out, "--offset", offset],
+        2,
+        "offset",
+    );
 }
