@@ -226,9 +226,10 @@ enum TagCmd {
 
 #[derive(Args, Debug)]
 struct ChangesArgs {
-    /// Entries after this revision.
-    #[arg(long, default_value_t = 0)]
-    after: i64,
+    /// Entries after this revision (default: from the oldest entry the log still holds; an
+    /// explicit revision the log was compacted past is refused, exit 4).
+    #[arg(long)]
+    after: Option<i64>,
     /// Only this kind (in the selected namespace).
     #[arg(long)]
     kind: Option<String>,
@@ -583,7 +584,19 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                     id_prefix: a.prefix,
                 }
             };
-            let changes = store.changes(Revision(a.after), &filter, a.limit).await?;
+            // Without --after, from the start of what the log holds: a compaction (even one that
+            // lands meanwhile) moves that start, it is not a gap the user asked about.
+            let mut after = a.after.unwrap_or(0);
+            let changes = loop {
+                match store.changes(Revision(after), &filter, a.limit).await {
+                    Err(Error::Compacted {
+                        compacted_revision, ..
+                    }) if a.after.is_none() && compacted_revision.0 > after => {
+                        after = compacted_revision.0
+                    }
+                    r => break r?,
+                }
+            };
             match fmt {
                 Format::Json => {
                     output::print_json(&changes.iter().map(output::change).collect::<Vec<_>>())

@@ -566,6 +566,33 @@ fn embedded_default_import() {
     import(&sqlite_db());
 }
 
+/// `changes` without `--after` lists what the change log holds: after a compaction it starts at
+/// the compaction point instead of failing `compacted` over a position the user never gave. An
+/// explicit `--after` before that point is still refused (never a silent gap).
+#[test]
+fn changes_without_after_start_at_the_compaction_point() {
+    let db = sqlite_db();
+    for id in ["m1", "m2", "m3"] {
+        ok_json(&db, &["object", "put", "machine", id]);
+    }
+    let compacted = ok_json(&db, &["compact", "--before", "3"]);
+    assert_eq!(compacted["compacted_revision"], 2);
+    let changes = ok_json(&db, &["changes"]);
+    let ids: Vec<&str> = changes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m3"], "{changes}");
+    let table = fleetdb(&db, &["changes"], None);
+    assert!(table.status.success(), "{table:?}");
+    assert!(String::from_utf8_lossy(&table.stdout).contains("default/machine/m3"));
+    let (code, err) = fails(&db, &["changes", "--after", "1"], None);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("compacted"), "{err}");
+}
+
 #[test]
 fn migrate_status_writes_nothing_and_up_migrates() {
     let db = Db {
