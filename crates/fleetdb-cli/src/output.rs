@@ -75,7 +75,7 @@ pub fn schema(s: &SchemaStatus) -> Value {
 pub fn labels_text(labels: &fleetdb::Labels) -> String {
     labels
         .iter()
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| format!("{k}={}", one_line(v)))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -97,10 +97,16 @@ pub fn one_line(text: &str) -> String {
     out
 }
 
-/// Print rows as aligned columns under a header.
+/// Print rows as aligned columns under a header. Every cell goes through [`one_line`]: values
+/// anyone wrote (key-values, export data, labels, causes) keep a row on one line and send no
+/// control character to the terminal.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| one_line(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
         }
@@ -118,7 +124,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
-        line(r.clone());
+        line(r);
     }
 }
 

@@ -1209,3 +1209,72 @@ fn causes_with_newlines_and_escapes_keep_tables_one_row_a_line() {
         "explain broke a cause over lines:\n{text}"
     );
 }
+
+/// Values written by anyone (key-values, export data, map values, label values) may hold
+/// newlines and terminal escape sequences: every table keeps one line per row and writes no
+/// control character to the operator's terminal (JSON, and `kv get`'s bare value, keep them).
+#[test]
+fn values_with_newlines_and_escapes_keep_tables_one_row_a_line() {
+    let db = sqlite_db();
+    let nasty = "first\n\u{1b}[2J\u{1b}[31mred\rlast";
+    ok_json(
+        &db,
+        &[
+            "object",
+            "put",
+            "machine",
+            "m1",
+            "-l",
+            &format!("note={nasty}"),
+        ],
+    );
+    let out = fleetdb(&db, &["kv", "set", "k1"], Some(nasty));
+    assert!(out.status.success(), "{out:?}");
+    ok_json(
+        &db,
+        &[
+            "export", "--host", "h1", "--kind", "file", "--name", "motd", "--to", "h2", "--data",
+            nasty,
+        ],
+    );
+    ok_json(&db, &["map", "set", "m", nasty, "--host", "h1"]);
+    let json = ok_json(&db, &["kv", "get", "k1"]);
+    assert_eq!(json["value"], nasty, "JSON keeps the value as it is");
+    for args in [
+        &["kv", "ls"][..],
+        &["object", "ls"][..],
+        &["select", "kind = machine"][..],
+        &["collect", "--host", "h2"][..],
+        &["map", "get", "m"][..],
+    ] {
+        let out = fleetdb(&db, args, None);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.lines().count(), 2, "{args:?}:\n{text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "{args:?} wrote an escape:\n{text}"
+        );
+        assert!(
+            !text.contains('\r'),
+            "{args:?} wrote a carriage return:\n{text}"
+        );
+        assert!(text.contains("first\\n"), "{args:?}:\n{text}");
+    }
+    ok_json(
+        &db,
+        &["lease", "create", "L", "-l", &format!("note={nasty}")],
+    );
+    let out = fleetdb(&db, &["lease", "show", "L"], None);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\r'),
+        "lease show:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("labels:") && l.ends_with("red\\rlast")),
+        "lease show:\n{text}"
+    );
+}
