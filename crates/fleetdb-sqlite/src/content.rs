@@ -15,6 +15,12 @@
 //!   commit marks its upload (under the same lock) before it looks for an existing blob file,
 //!   a removal can never take the bytes of a blob whose commit it raced: no age guard is needed.
 //!
+//! - The folder's blob files belong to ONE database file, named in `blobs/database` by the
+//!   first database that writes or removes blob files there. Every database file of a folder
+//!   would otherwise share `blobs/` and `ingest/`, and each one's collection remove the others'
+//!   files as orphans; another database in the folder gets `Unsupported` (naming the owner) for
+//!   writes and removals, so its collections leave the files alone.
+//!
 //! `sqlite::memory:` has no folder: its content store is `Unsupported`.
 
 use std::fs::{self, File, OpenOptions};
@@ -44,11 +50,18 @@ const REMOVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 const INGEST_COLS: &str =
     "ref, expected_digest, expected_size, \"offset\", started_at, updated_at, expires_at";
 
+/// The file in the folder's `blobs/` that names the database file owning its blob files.
+const OWNER_FILE: &str = "database";
+
 /// Where the bytes live.
 #[derive(Clone)]
 pub(crate) struct Dirs {
     blobs: PathBuf,
     ingest: PathBuf,
+    /// `blobs/database`: the owner's file name ([`OWNER_FILE`]).
+    owner: PathBuf,
+    /// The file name of this database.
+    database: String,
 }
 
 impl Dirs {
@@ -60,6 +73,70 @@ impl Dirs {
     fn ingest(&self, reference: &str) -> PathBuf {
         self.ingest
             .join(hex(&sha2::Sha256::digest(reference.as_bytes())))
+    }
+
+    /// These folders, to write or remove blob or upload files: only if they are this
+    /// database's (`blobs/database` names its file). A folder nobody owns yet becomes this
+    /// database's if `claim`; otherwise the answer is `None` (nothing of it is this
+    /// database's). A folder another database owns is `Unsupported`.
+    fn owned(self, claim: bool) -> Result<Option<Dirs>> {
+        let read = |dirs: &Dirs| -> Result<Option<String>> {
+            match fs::read_to_string(&dirs.owner) {
+                Ok(owner) => Ok(Some(owner.trim_end_matches('\n').to_string())),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_err(format!("reading {}", dirs.owner.display()), e)),
+            }
+        };
+        let mut owner = read(&self)?;
+        if owner.is_none() && claim {
+            // Written whole beside it, then linked into place: a reader never sees a partial
+            // name, and of two databases claiming at once exactly one link succeeds.
+            let folder = self.owner.parent().unwrap_or(Path::new("."));
+            fs::create_dir_all(folder)
+                .map_err(|e| io_err(format!("creating {}", folder.display()), e))?;
+            let tmp = folder.join(format!(
+                ".{OWNER_FILE}.{}.{}",
+                std::process::id(),
+                hex(&sha2::Sha256::digest(
+                    format!("{:?}", std::time::SystemTime::now()).as_bytes()
+                ))
+            ));
+            let written = File::create(&tmp)
+                .and_then(|mut f| {
+                    f.write_all(format!("{}\n", self.database).as_bytes())?;
+                    f.sync_all()
+                })
+                .and_then(|()| match fs::hard_link(&tmp, &self.owner) {
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+                    r => r,
+                });
+            let _ = fs::remove_file(&tmp);
+            written.map_err(|e| io_err(format!("writing {}", self.owner.display()), e))?;
+            sync_dir(folder)?;
+            owner = read(&self)?;
+        }
+        match owner {
+            None => Ok(None),
+            Some(owner) if owner == self.database => Ok(Some(self)),
+            Some(owner) => Err(Error::Unsupported {
+                backend: "sqlite".into(),
+                what: format!(
+                    "a content store for {:?}: the blob files of its folder belong to the \
+                     database file {owner:?} ({}), and every database file of a folder shares \
+                     them (each one's collection would remove the others' as orphans); keep one \
+                     database per folder, or, if the database was renamed, write its file name \
+                     into that file",
+                    self.database,
+                    self.owner.display()
+                ),
+            }),
+        }
+    }
+
+    /// [`Dirs::owned`], claiming the folders if nobody owns them yet.
+    fn own(self) -> Result<Dirs> {
+        self.owned(true)?
+            .ok_or_else(|| Error::Backend("the blob folder's owner vanished".into()))
     }
 }
 
@@ -192,12 +269,27 @@ impl SqliteBackend {
                 Ok(Dirs {
                     blobs: root.join("blobs").join("sha256"),
                     ingest: root.join("ingest"),
+                    owner: root.join("blobs").join(OWNER_FILE),
+                    database: path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
                 })
             }
             Location::Memory => Err(self.unsupported(
                 "the content store (an in-memory database has no folder for blob files)",
             )),
         }
+    }
+
+    /// The content folders, to write or remove blob or upload files ([`Dirs::owned`]).
+    fn owned_dirs(&self, claim: bool) -> Result<Option<Dirs>> {
+        self.content_dirs()?.owned(claim)
+    }
+
+    /// [`SqliteBackend::owned_dirs`], claiming the folder if nobody owns it yet.
+    fn own_dirs(&self) -> Result<Dirs> {
+        self.content_dirs()?.own()
     }
 
     /// Run `f` in a transaction holding the database's write lock (this process's writer and
@@ -226,7 +318,7 @@ impl SqliteBackend {
         expires_at: Timestamp,
     ) -> Result<IngestStatus> {
         check_ingest_start(reference, expected, now, expires_at)?;
-        let dirs = self.content_dirs()?;
+        let dirs = self.own_dirs()?;
         let path = dirs.ingest(reference);
         let (digest, size) = match expected {
             Some((d, s)) => (Some(d.to_string()), Some(s as i64)),
@@ -288,7 +380,7 @@ impl SqliteBackend {
         expires_at: Timestamp,
     ) -> Result<IngestStatus> {
         validate_ingest_ref(reference)?;
-        let dirs = self.content_dirs()?;
+        let dirs = self.own_dirs()?;
         let status = self.live_ingest(reference, now)?;
         check_write(&status, offset, data.len())?;
         if data.is_empty() {
@@ -355,7 +447,7 @@ impl SqliteBackend {
     ) -> Result<BlobInfo> {
         validate_ingest_ref(reference)?;
         check_expected(Some((digest, size)))?;
-        let dirs = self.content_dirs()?;
+        let dirs = self.own_dirs()?;
         let status = self.live_ingest(reference, now)?;
         check_commit(&status, digest, size)?;
         let path = dirs.ingest(reference);
@@ -468,7 +560,7 @@ impl SqliteBackend {
 
     pub(crate) async fn content_ingest_abort(&self, reference: &str) -> Result<()> {
         validate_ingest_ref(reference)?;
-        let dirs = self.content_dirs()?;
+        let dirs = self.own_dirs()?;
         let path = dirs.ingest(reference);
         let r = reference.to_string();
         let removed = self
@@ -507,6 +599,11 @@ impl SqliteBackend {
                 let rows = s.query_map([now.0], |r| r.get(0)).map_err(map_err)?;
                 rows.collect::<rusqlite::Result<_>>().map_err(map_err)?
             };
+            if refs.is_empty() {
+                return Ok(0);
+            }
+            // Files of this database's uploads: only in a folder that is its own.
+            let dirs = dirs.own()?;
             for r in &refs {
                 c.execute("DELETE FROM ingests WHERE ref = ?1", [r])
                     .map_err(map_err)?;
@@ -571,7 +668,11 @@ impl SqliteBackend {
     }
 
     pub(crate) async fn content_blob_remove_bytes(&self, digests: &[String]) -> Result<u64> {
-        let dirs = self.content_dirs()?;
+        if digests.is_empty() {
+            self.content_dirs()?;
+            return Ok(0);
+        }
+        let dirs = self.own_dirs()?;
         let mut removed = 0;
         for (i, batch) in digests.chunks(REMOVE_BATCH).enumerate() {
             if i > 0 {
@@ -603,7 +704,20 @@ impl SqliteBackend {
     }
 
     pub(crate) async fn content_blob_orphans_remove(&self) -> Result<u64> {
-        let dirs = self.content_dirs()?;
+        // A database with no blob and no upload claims no folder: the files there, if any, are
+        // another database's (of a folder nobody claimed yet: written before owners were).
+        self.content_dirs()?;
+        let holds_content = self.read(|c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM blobs) OR EXISTS (SELECT 1 FROM ingests)",
+                [],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(map_err)
+        })?;
+        let Some(dirs) = self.owned_dirs(holds_content)? else {
+            return Ok(0);
+        };
         let names = |dir: &Path| -> Result<Vec<String>> {
             match fs::read_dir(dir) {
                 Ok(entries) => Ok(entries

@@ -243,3 +243,51 @@ async fn a_finish_and_claim_given_up_by_its_caller_still_counts_the_finish() {
         mm.work_finished.with_label_values(&["P", "canceled"]).get(),
     );
 }
+
+/// Two SQLite databases in one folder shared its `blobs/`: each one's collection removed the
+/// other's blob files as orphans, and `blob get` then failed with "the bytes of blob … are
+/// missing". The folder's blob files now belong to the first database that stores one there
+/// (`blobs/database` names its file); another database in the folder is refused a content store
+/// (`Unsupported`, naming the owner) and its collections leave the files alone.
+#[tokio::test]
+async fn sqlite_two_databases_in_one_folder_do_not_remove_each_others_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Store::open(&sqlite_url(&dir.path().join("a.sqlite")))
+        .await
+        .unwrap();
+    let b = Store::open(&sqlite_url(&dir.path().join("b.sqlite")))
+        .await
+        .unwrap();
+    let root: Labels = [("fleetdb.io/gc.root".to_string(), "true".to_string())].into();
+    let held = a.blob_put(b"held by a", root.clone(), None).await.unwrap();
+
+    // b holds no blob: every file of the folder looked like its orphan.
+    let stats = b.gc_run().await.unwrap();
+    assert_eq!(stats.orphans_removed, 0, "{stats:?}");
+    assert_eq!(a.blob_get(&held.digest).await.unwrap(), b"held by a");
+
+    let err = b.blob_put(b"b's own", root, None).await.unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(
+        err.to_string().contains("a.sqlite"),
+        "names the owner: {err}"
+    );
+    let stats = b.gc_run().await.unwrap();
+    assert_eq!(stats.orphans_removed, 0, "{stats:?}");
+    let stats = a.gc_run().await.unwrap();
+    assert_eq!(stats.orphans_removed, 0, "{stats:?}");
+    assert_eq!(a.blob_get(&held.digest).await.unwrap(), b"held by a");
+
+    // A folder written before owners were (no `blobs/database`): a database holding no blob
+    // claims nothing and removes nothing; one holding blobs claims it at its next collection.
+    let owner = dir.path().join("blobs").join("database");
+    assert_eq!(std::fs::read_to_string(&owner).unwrap(), "a.sqlite\n");
+    std::fs::remove_file(&owner).unwrap();
+    let stats = b.gc_run().await.unwrap();
+    assert_eq!(stats.orphans_removed, 0, "{stats:?}");
+    assert!(!owner.exists());
+    assert_eq!(a.blob_get(&held.digest).await.unwrap(), b"held by a");
+    a.gc_run().await.unwrap();
+    assert_eq!(std::fs::read_to_string(&owner).unwrap(), "a.sqlite\n");
+    assert_eq!(a.blob_get(&held.digest).await.unwrap(), b"held by a");
+}
