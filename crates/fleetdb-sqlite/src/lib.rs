@@ -273,6 +273,7 @@ pub fn file_schema_status(path: &Path) -> Result<SchemaStatus> {
     .map_err(map_err)?;
     c.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(map_err)?;
+    migrate::check_owned(&c, path)?;
     migrate::status(&c)
 }
 
@@ -376,6 +377,9 @@ impl SqliteBackend {
                 open_file(path, &options, false)?
             }
         };
+        if let Location::File(path) = &location {
+            migrate::check_owned(&conn, path)?;
+        }
         migrate::check_not_too_new(&conn)?;
         if let Location::File(_) = location {
             // WAL lets readers run beside the writer. Setting it again on a WAL database writes nothing.

@@ -114,6 +114,52 @@ fn database_version(c: &Connection) -> Result<u32> {
     .map_err(map_err)
 }
 
+/// Refuse a file FleetDB does not own, before anything is written (no journal mode switch, no
+/// table): a file that is not a SQLite database, or a SQLite database of another application —
+/// one with tables, views, indexes or triggers but no `fleetdb_schema`. An empty database (a new
+/// file) is FleetDB's to fill; one with `fleetdb_schema` is FleetDB's, whatever its journal mode.
+pub(crate) fn check_owned(c: &Connection, path: &std::path::Path) -> Result<()> {
+    let foreign = c
+        .prepare(
+            "SELECT name FROM sqlite_master \
+             WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name LIMIT 6",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        });
+    let names = match foreign {
+        Ok(names) => names,
+        Err(rusqlite::Error::SqliteFailure(f, _))
+            if f.code == rusqlite::ErrorCode::NotADatabase =>
+        {
+            return Err(Error::invalid(
+                "database file",
+                path.display().to_string(),
+                "is not a SQLite database (not a FleetDB database); FleetDB leaves it as it is: \
+                 name a new file or a FleetDB database",
+            ));
+        }
+        Err(e) => return Err(map_err(e)),
+    };
+    if names.is_empty() || has_schema_table(c)? {
+        return Ok(());
+    }
+    let mut list = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > 5 {
+        list.push_str(", …");
+    }
+    Err(Error::invalid(
+        "database file",
+        path.display().to_string(),
+        format!(
+            "is not a FleetDB database: it is a SQLite database of another application (it holds \
+             {list} and no fleetdb_schema table); FleetDB leaves it as it is: name a new file or a \
+             FleetDB database"
+        ),
+    ))
+}
+
 /// Refuse a database whose schema is newer than this binary, before anything is written.
 pub(crate) fn check_not_too_new(c: &Connection) -> Result<()> {
     let database = database_version(c)?;

@@ -291,3 +291,70 @@ async fn sqlite_two_databases_in_one_folder_do_not_remove_each_others_blobs() {
     assert_eq!(std::fs::read_to_string(&owner).unwrap(), "a.sqlite\n");
     assert_eq!(a.blob_get(&held.digest).await.unwrap(), b"held by a");
 }
+
+// ------------------------------------------------------------------------------------------
+// Opening a SQLite file that another application owns (tables, no `fleetdb_schema`, rollback
+// journal) switched it to WAL and then migrated FleetDB's tables into it: FleetDB modified a file
+// it does not own. It is refused now (`Invalid`, naming the file) before anything is written: the
+// file stays byte-identical, no `-wal`/`-shm`/`-journal` is left, no `blobs/` or `ingest/` folder.
+
+/// A file of "another application": one table, rollback journal, two rows.
+fn foreign_sqlite_file(path: &std::path::Path) -> Vec<u8> {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=DELETE;
+         CREATE TABLE contacts (id INTEGER PRIMARY KEY, name TEXT);
+         INSERT INTO contacts (name) VALUES ('ada'), ('grace');",
+    )
+    .unwrap();
+    drop(c);
+    std::fs::read(path).unwrap()
+}
+
+fn assert_untouched(dir: &std::path::Path, path: &std::path::Path, before: &[u8]) {
+    assert_eq!(
+        std::fs::read(path).unwrap(),
+        before,
+        "the other application's file was modified"
+    );
+    let mut left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["db.sqlite"], "files left beside it");
+}
+
+#[tokio::test]
+async fn sqlite_a_file_of_another_application_is_refused_and_left_untouched() {
+    let (d, path) = sqlite_path();
+    let before = foreign_sqlite_file(&path);
+    for migrate in [true, false] {
+        let r = Store::open_with(
+            &sqlite_url(&path),
+            OpenOptions {
+                migrate,
+                ..OpenOptions::default()
+            },
+        )
+        .await;
+        match &r {
+            Err(Error::Invalid { rule, .. }) => assert!(
+                rule.contains("not a FleetDB database") && rule.contains("contacts"),
+                "{rule}"
+            ),
+            other => panic!("migrate={migrate}: expected Invalid, got {other:?}"),
+        }
+        drop(r);
+        assert_untouched(d.path(), &path, &before);
+    }
+    // A file that is not SQLite at all: the same refusal, the file kept.
+    std::fs::write(&path, b"name,email\nada,ada@example.com\n").unwrap();
+    let r = Store::open(&sqlite_url(&path)).await;
+    assert!(
+        matches!(&r, Err(Error::Invalid { rule, .. }) if rule.contains("not a SQLite database")),
+        "{r:?}"
+    );
+    drop(r);
+    assert_untouched(d.path(), &path, b"name,email\nada,ada@example.com\n");
+}
