@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Subcommand};
+use fleetdb::core::content::{INGEST_TTL_DEFAULT, INGEST_TTL_UNNAMED};
 use fleetdb::core::gc::{BlobInfo, GcKind, GcStats, Lease, Resource};
 use fleetdb::{Error, IngestStatus, LeaseSpec, ObjectKey, Store, Timestamp};
 use serde_json::{json, Value};
@@ -112,6 +113,12 @@ pub enum BlobCmd {
         /// Add the blob to this (live) lease in the same transaction.
         #[arg(long)]
         lease: Option<String>,
+        /// Upload under this reference: a put that did not finish (killed, failed) is resumed by
+        /// running it again with the same reference and input (the bytes received already are
+        /// read, not sent again), for 24 h after its last write. Without it the upload is
+        /// unnamed and its bytes are reclaimed 10 minutes after a put that did not finish.
+        #[arg(long = "ref", value_name = "REF")]
+        reference: Option<String>,
         /// KEY=VALUE, repeatable.
         #[arg(short, long = "label")]
         labels: Vec<String>,
@@ -493,9 +500,13 @@ async fn blob_put(
     file: &Path,
     lease: Option<&str>,
     labels: &[String],
+    reference: Option<&str>,
 ) -> Result<BlobInfo, Error> {
     let labels = parse_labels(labels)?;
     fleetdb::core::validate::blob_labels(&labels)?;
+    if let Some(r) = reference {
+        fleetdb::core::content::validate_ingest_ref(r)?;
+    }
     if let Some(l) = lease {
         // Fail before uploading anything (the commit checks again, in its transaction).
         match store.lease_get(l).await? {
@@ -509,38 +520,120 @@ async fn blob_put(
             Some(_) => {}
         }
     }
-    let mut input: Box<dyn Read> = if file.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
+    let input: Box<dyn Read + Send> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin())
     } else {
-        Box::new(std::fs::File::open(file).map_err(|e| io_invalid("file", file, "open", e))?)
-    };
-    let reference = format!("cli-put-{}", uuid::Uuid::new_v4().simple());
-    let mut w = store.blob_writer(&reference, None, lease).await?;
-    let mut buf = vec![0u8; PUT_CHUNK_BYTES];
-    loop {
-        let n = match read_chunk(input.as_mut(), &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = w.abort().await;
-                return Err(io_invalid("file", file, "read", e));
-            }
-        };
-        if n == 0 {
-            break;
+        let f = std::fs::File::open(file).map_err(|e| io_invalid("file", file, "open", e))?;
+        if f.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(Error::invalid(
+                "file",
+                file.display().to_string(),
+                "is a folder: name a file, or '-' for stdin",
+            ));
         }
-        if let Err(e) = w.write(&buf[..n]).await {
-            let _ = w.abort().await;
+        Box::new(f)
+    };
+    // A named upload can be resumed (it lives as long as any); an unnamed one cannot, so it
+    // lives only INGEST_TTL_UNNAMED after its last touch: a put killed midway leaves its bytes
+    // to the first collection after that.
+    let named = reference.is_some();
+    let (reference, ttl) = match reference {
+        Some(r) => (r.to_string(), INGEST_TTL_DEFAULT),
+        None => (
+            format!("cli-put-{}", uuid::Uuid::new_v4().simple()),
+            INGEST_TTL_UNNAMED,
+        ),
+    };
+    let mut w = store
+        .blob_writer_with_ttl(&reference, None, lease, ttl)
+        .await?;
+    let (digest, size) = match put_stream(&mut w, input, file, ttl).await {
+        Ok(sent) => sent,
+        Err(e) => {
+            // Best effort: the upload would expire soon anyway. A named one is kept to be
+            // resumed, unless it holds nothing.
+            if !named || w.offset() == 0 {
+                let _ = w.abort().await;
+            }
             return Err(e);
         }
+    };
+    let result = w.commit_as(&digest, size, labels).await;
+    if result.is_err() && !named {
+        let _ = store.ingest_abort(&reference).await;
     }
-    match w.commit(labels).await {
-        Ok(info) => Ok(info),
-        Err(e) => {
-            // Best effort: an upload left behind would expire anyway.
-            let _ = store.ingest_abort(&reference).await;
-            Err(e)
+    result
+}
+
+/// Send `input` to the upload `w`; the digest and size of the whole input. The input is read on
+/// a thread of its own, so that the upload is kept alive meanwhile (a slow pipe outlives no
+/// TTL). The bytes the upload holds already (a resumed `--ref`) are read and hashed, not sent
+/// again; the commit checks that the whole upload hashes to the input's digest.
+async fn put_stream(
+    w: &mut fleetdb::BlobWriter,
+    input: Box<dyn Read + Send>,
+    file: &Path,
+    ttl: Duration,
+) -> Result<(String, u64), Error> {
+    use sha2::Digest as _;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(1);
+    std::thread::Builder::new()
+        .name("blob-put-input".into())
+        .spawn(move || {
+            let mut input = input;
+            loop {
+                let mut buf = vec![0u8; PUT_CHUNK_BYTES];
+                match read_chunk(input.as_mut(), &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(buf)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        break;
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::Backend(format!("cannot start the input thread: {e}")))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut total: u64 = 0;
+    let mut skip = w.offset();
+    let received = skip;
+    loop {
+        let chunk = tokio::select! {
+            c = rx.recv() => c,
+            _ = tokio::time::sleep(ttl / 3) => {
+                w.keep_alive().await?;
+                continue;
+            }
+        };
+        let Some(chunk) = chunk else { break };
+        let chunk = chunk.map_err(|e| io_invalid("file", file, "read", e))?;
+        hasher.update(&chunk);
+        total += chunk.len() as u64;
+        let held = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
+        skip -= held as u64;
+        if held < chunk.len() {
+            w.write(&chunk[held..]).await?;
         }
     }
+    if skip > 0 {
+        let reference = w.status().reference.clone();
+        return Err(Error::invalid(
+            "file",
+            file.display().to_string(),
+            format!(
+                "has {total} bytes, fewer than the {received} the upload {reference:?} received \
+                 already: give the input it was started with, or drop it (`fleetdb blob abort \
+                 {reference}`)"
+            ),
+        ));
+    }
+    Ok((format!("sha256:{:x}", hasher.finalize()), total))
 }
 
 /// Where `blob get --out PATH` writes before renaming over PATH: a hidden file beside it.
@@ -610,8 +703,16 @@ pub async fn blob(store: &Store, fmt: Format, cmd: BlobCmd) -> Result<(), Error>
             file,
             lease,
             labels,
+            reference,
         } => {
-            let info = blob_put(store, &file, lease.as_deref(), &labels).await?;
+            let info = blob_put(
+                store,
+                &file,
+                lease.as_deref(),
+                &labels,
+                reference.as_deref(),
+            )
+            .await?;
             match fmt {
                 Format::Json => output::print_json(&blob_json(&info)),
                 Format::Table => println!("{}", info.digest),

@@ -804,3 +804,133 @@ fn get_out_past_the_end(db: &Db, digest: &str, out: &std::path::Path, offset: &s
         "offset",
     );
 }
+
+/// Start `blob put - <extra>` fed `sent` through a pipe kept open, wait until the upload holds
+/// all of it, then kill the process (SIGKILL: nothing of it runs after). The upload it left.
+fn blob_put_killed_midway(db: &Db, extra: &[&str], sent: &[u8]) -> Value {
+    let mut args = vec!["blob", "put", "-"];
+    args.extend_from_slice(extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetdb"))
+        .current_dir(db.dir.path())
+        .env("FLEETDB_DB", &db.url)
+        .env_remove("FLEETDB_NAMESPACE")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run fleetdb");
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(sent).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let ingest = loop {
+        let v = ok_json(db, &["blob", "ingests"]);
+        if let Some(i) = v.as_array().and_then(|a| a.first()) {
+            if i["offset"] == sent.len() as u64 {
+                break i.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never held what was sent: {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(pipe);
+    ingest
+}
+
+/// Seconds from `a` to `b`, two RFC 3339 times of the CLI's JSON (same day or the next).
+fn seconds_between(a: &Value, b: &Value) -> f64 {
+    let secs = |v: &Value| {
+        let t = v.as_str().unwrap();
+        let time = &t[t.find('T').unwrap() + 1..t.len() - 1];
+        let p: Vec<f64> = time.split(':').map(|x| x.parse().unwrap()).collect();
+        p[0] * 3600.0 + p[1] * 60.0 + p[2]
+    };
+    (secs(b) - secs(a)).rem_euclid(86_400.0)
+}
+
+// A `blob put` killed midway left an upload nobody could resume (its reference was random and
+// unknown) that held its bytes for 24 hours. Now `--ref REF` names the upload: the same command
+// run again resumes it (the bytes received are read from the input, not sent again; the commit
+// checks the whole upload's digest); an input shorter than what was received is refused, the
+// upload kept. Without `--ref` the upload lives 10 minutes after its last write, and the first
+// collection after that removes it.
+#[test]
+fn a_blob_put_killed_midway_resumes_by_its_ref_or_is_reclaimed_soon() {
+    let db = sqlite_db();
+    let data = pseudo_random(5 << 20);
+
+    let left = blob_put_killed_midway(&db, &["--ref", "nightly/image"], &data[..3 << 20]);
+    assert_eq!(left["reference"], "nightly/image");
+    let out = run_with(
+        &db,
+        &["blob", "put", "-", "--ref", "nightly/image"],
+        Some(&data[..1 << 20]),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("fewer than the 3145728"), "{err}");
+    assert_eq!(
+        ok_json(&db, &["blob", "ingests"])[0]["offset"],
+        3 << 20,
+        "a refused resume keeps the upload"
+    );
+    let out = run_with(
+        &db,
+        &["-o", "json", "blob", "put", "-", "--ref", "nightly/image"],
+        Some(&data),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["digest"], sha256(&data));
+    assert_eq!(ok(&db, &["blob", "get", &sha256(&data)]), data);
+    assert_eq!(ok_json(&db, &["blob", "ingests"]), serde_json::json!([]));
+
+    // A put that fails before sending anything leaves nothing, named or not.
+    for extra in [&["--ref", "folder"][..], &[]] {
+        let mut args = vec!["blob", "put", "."];
+        args.extend_from_slice(extra);
+        fails_with(&db, &args, 2, "is a folder");
+    }
+    let empty = run_with(&db, &["blob", "put", "-", "--ref", "reads-nothing"], None);
+    assert!(empty.status.success(), "an empty input is an empty blob");
+    assert_eq!(ok_json(&db, &["blob", "ingests"]), serde_json::json!([]));
+
+    let left = blob_put_killed_midway(&db, &[], &data[..2 << 20]);
+    let ttl = seconds_between(&left["updated_at"], &left["expires_at"]);
+    assert!(
+        (ttl - 600.0).abs() < 1.0,
+        "an unnamed upload lives {ttl} s: {left}"
+    );
+    // The first collection after its expiry (a store whose clock is 11 minutes ahead) takes it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(11 * 60);
+        let store = fleetdb::Store::open_with(
+            &db.url,
+            fleetdb::OpenOptions {
+                clock: std::sync::Arc::new(fleetdb::ManualClock::new(
+                    fleetdb::Timestamp::from_system(later),
+                )),
+                background: false,
+                ..fleetdb::OpenOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        store.gc_run().await.unwrap();
+        assert!(store.ingest_list().await.unwrap().is_empty());
+    });
+    let ingest_files = std::fs::read_dir(db.dir.path().join("ingest"))
+        .unwrap()
+        .count();
+    assert_eq!(ingest_files, 0, "the upload's bytes were removed");
+}

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use fleetdb::core::content::{CHUNK_BYTES, INGEST_TTL_DEFAULT, INGEST_WRITE_BYTES_MAX};
+use fleetdb::core::content::{
+    CHUNK_BYTES, INGEST_TTL_DEFAULT, INGEST_TTL_UNNAMED, INGEST_WRITE_BYTES_MAX,
+};
 use fleetdb::core::gc::Resource;
 use fleetdb::core::world::sha256_digest;
 use fleetdb::{Batch, Error, Labels, Op, Store};
@@ -324,6 +326,82 @@ pub async fn an_upload_expires_only_when_untouched(h: &Harness) {
     let now = s.clock().now();
     assert_eq!(s.backend().ingest_sweep(now).await.unwrap(), 1);
     assert!(ingest_refs(s).await.is_empty());
+}
+
+/// A `blob_put` given up midway (its future dropped after the first piece, as a timeout or a
+/// killed process leaves it) left an upload nobody could resume (its reference is random) that
+/// held its bytes for 24 hours. It lives [`INGEST_TTL_UNNAMED`] after its last write now, and the
+/// giving up makes that expiry a deadline of the collector: the first collection after it
+/// removes the upload and its bytes.
+pub async fn a_blob_put_given_up_midway_is_reclaimed_soon(h: &Harness) {
+    use futures::FutureExt as _;
+    let s = &h.store;
+    let data = pattern(3 * INGEST_WRITE_BYTES_MAX, 11);
+    let mut put = Box::pin(s.blob_put(&data, Labels::new(), None));
+    let mut written = None;
+    for _ in 0..5_000 {
+        if let Some(r) = (&mut put).now_or_never() {
+            panic!("the put ended before it was given up: {r:?}");
+        }
+        if let Some(i) = s.ingest_list().await.unwrap().pop() {
+            if i.offset > 0 {
+                written = Some(i);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(put);
+    let ingest = written.expect("the put wrote its first piece");
+    assert!(ingest.offset < data.len() as u64, "{ingest:?}");
+    assert_eq!(
+        ingest.expires_at,
+        ingest.updated_at + INGEST_TTL_UNNAMED,
+        "an upload nobody can resume lives {INGEST_TTL_UNNAMED:?} after its last write"
+    );
+    let deadline = s.gc_status().next_deadline.expect("a collection is due");
+    assert!(
+        deadline <= s.clock().now() + INGEST_TTL_UNNAMED,
+        "due at {deadline:?}"
+    );
+    h.clock.advance(INGEST_TTL_UNNAMED + Duration::from_secs(1));
+    s.gc_run().await.unwrap();
+    assert!(ingest_refs(s).await.is_empty(), "the upload was reclaimed");
+    assert_eq!(
+        s.backend().blob_orphans_remove().await.unwrap(),
+        0,
+        "nothing of it is left behind"
+    );
+    // A put that is not given up is unaffected.
+    let info = s.blob_put(&data, Labels::new(), None).await.unwrap();
+    assert_eq!(s.blob_get(&info.digest).await.unwrap(), data);
+
+    // A short-lived upload waiting for its input stays alive by `keep_alive`, and says so when
+    // it was not kept alive in time.
+    let nine = INGEST_TTL_UNNAMED - Duration::from_secs(60);
+    let mut w = s
+        .blob_writer_with_ttl("waiting", None, None, INGEST_TTL_UNNAMED)
+        .await
+        .unwrap();
+    w.write(b"first").await.unwrap();
+    h.clock.advance(nine);
+    w.keep_alive().await.unwrap();
+    assert_eq!(w.status().expires_at, s.clock().now() + INGEST_TTL_UNNAMED);
+    h.clock.advance(nine);
+    w.write(b" second").await.unwrap();
+    h.clock.advance(INGEST_TTL_UNNAMED + Duration::from_secs(1));
+    let err = w.keep_alive().await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    assert_eq!(
+        ingest_refs(s).await,
+        ["waiting"],
+        "keep_alive does not start an expired upload over"
+    );
+    let err = s
+        .blob_writer_with_ttl("waiting", None, None, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
 }
 
 pub async fn same_content_twice_is_one_blob(h: &Harness) {

@@ -214,6 +214,7 @@ macro_rules! suite {
             blob_digest_or_size_mismatch_commits_nothing,
             ingest_resumes_where_it_stands_and_refuses_other_offsets,
             expired_ingests_are_swept,
+            a_blob_put_given_up_midway_is_reclaimed_soon,
             an_upload_expires_only_when_untouched,
             same_content_twice_is_one_blob,
             blob_committed_under_a_lease_is_held_by_it,

@@ -19,6 +19,12 @@ pub const CHUNK_BYTES: usize = 256 << 10;
 /// How long an untouched ingest lives by default: its expiry is this long after it was started,
 /// resumed or last written.
 pub const INGEST_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// How long an upload nobody can resume by name lives after it was last touched: `Store::blob_put`'s
+/// and `fleetdb blob put`'s without `--ref` (a random reference). A process killed midway leaves
+/// it, and its bytes are reclaimed by the first collection after this, not a day later.
+pub const INGEST_TTL_UNNAMED: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// The longest expiry an upload may be given ([`INGEST_TTL_DEFAULT`] is the default).
+pub const INGEST_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 /// Longest ingest reference, in bytes.
 pub const INGEST_REF_BYTES_MAX: usize = 256;
 

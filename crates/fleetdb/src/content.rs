@@ -14,7 +14,9 @@
 //! # Ok(()) }
 //! ```
 
-use fleetdb_core::content::{IngestStatus, INGEST_TTL_DEFAULT, INGEST_WRITE_BYTES_MAX};
+use fleetdb_core::content::{
+    IngestStatus, INGEST_TTL_DEFAULT, INGEST_TTL_MAX, INGEST_TTL_UNNAMED, INGEST_WRITE_BYTES_MAX,
+};
 use fleetdb_core::gc::{self, BlobInfo};
 use fleetdb_core::world::{sha256_digest, validate_digest};
 use fleetdb_core::{validate, Applied, Error, Labels, Op, OpResult, Page, Result};
@@ -33,6 +35,8 @@ pub struct BlobWriter {
     lease: Option<String>,
     /// The hash of everything written, when this writer saw it all (started at offset 0).
     hasher: Option<sha2::Sha256>,
+    /// How long the upload lives after it was last touched.
+    ttl: std::time::Duration,
 }
 
 impl std::fmt::Debug for BlobWriter {
@@ -62,8 +66,8 @@ impl BlobWriter {
     }
 
     /// Append `data` (sent in pieces of at most [`INGEST_WRITE_BYTES_MAX`]); each piece is
-    /// durable when its call returns, and moves the upload's expiry to
-    /// [`INGEST_TTL_DEFAULT`] from now.
+    /// durable when its call returns, and moves the upload's expiry to its TTL
+    /// ([`INGEST_TTL_DEFAULT`] unless started with [`Store::blob_writer_with_ttl`]) from now.
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         for piece in data.chunks(INGEST_WRITE_BYTES_MAX) {
             let now = self.store.clock.now();
@@ -75,7 +79,7 @@ impl BlobWriter {
                     self.status.offset,
                     piece,
                     now,
-                    now + INGEST_TTL_DEFAULT,
+                    now + self.ttl,
                 )
                 .await?;
             if let Some(h) = &mut self.hasher {
@@ -142,6 +146,37 @@ impl BlobWriter {
         Ok(info)
     }
 
+    /// Move the upload's expiry to its TTL from now without writing (a writer waiting for its
+    /// input). `NotFound` if it expired meanwhile (it may have been swept or started over by
+    /// another writer: write from the start again).
+    pub async fn keep_alive(&mut self) -> Result<()> {
+        let now = self.store.clock.now();
+        let expected = self
+            .status
+            .expected_digest
+            .as_deref()
+            .zip(self.status.expected_size);
+        let status = if self.status.expires_at > now {
+            self.store
+                .backend
+                .ingest_start(&self.status.reference, expected, now, now + self.ttl)
+                .await?
+        } else {
+            self.status.clone()
+        };
+        if status.expires_at <= now
+            || status.started_at != self.status.started_at
+            || status.offset != self.status.offset
+        {
+            return Err(Error::not_found(format!(
+                "upload {:?} (it expired; start it again)",
+                self.status.reference
+            )));
+        }
+        self.status = status;
+        Ok(())
+    }
+
     /// Drop the upload and its bytes.
     pub async fn abort(self) -> Result<()> {
         self.store
@@ -171,7 +206,28 @@ impl Store {
         expected: Option<(&str, u64)>,
         lease: Option<&str>,
     ) -> Result<BlobWriter> {
+        self.blob_writer_with_ttl(reference, expected, lease, INGEST_TTL_DEFAULT)
+            .await
+    }
+
+    /// [`Store::blob_writer`] with the upload living `ttl` (1 s to [`INGEST_TTL_MAX`]) after it
+    /// was last touched: short for an upload nobody will resume by its reference
+    /// ([`INGEST_TTL_UNNAMED`]), so that the bytes of one given up midway are reclaimed soon.
+    pub async fn blob_writer_with_ttl(
+        &self,
+        reference: &str,
+        expected: Option<(&str, u64)>,
+        lease: Option<&str>,
+        ttl: std::time::Duration,
+    ) -> Result<BlobWriter> {
         fleetdb_core::content::validate_ingest_ref(reference)?;
+        if ttl < std::time::Duration::from_secs(1) || ttl > INGEST_TTL_MAX {
+            return Err(Error::invalid(
+                "upload ttl",
+                format!("{ttl:?}"),
+                format!("must be between 1s and {}s", INGEST_TTL_MAX.as_secs()),
+            ));
+        }
         if let Some((d, _)) = expected {
             validate_digest(d)?;
         }
@@ -180,7 +236,7 @@ impl Store {
         let now = self.clock.now();
         let status = self
             .backend
-            .ingest_start(reference, expected, now, now + INGEST_TTL_DEFAULT)
+            .ingest_start(reference, expected, now, now + ttl)
             .await?;
         let hasher = (status.offset == 0).then(sha2::Sha256::new);
         Ok(BlobWriter {
@@ -188,10 +244,16 @@ impl Store {
             status,
             lease: lease.map(str::to_string),
             hasher,
+            ttl,
         })
     }
 
     /// Store `bytes` as a blob (its digest computed here), optionally under a lease.
+    ///
+    /// The upload has a random reference nobody can resume, so it lives
+    /// [`INGEST_TTL_UNNAMED`] after its last write: one whose caller gave up (a timeout, a
+    /// dropped future) or whose process died midway holds its bytes until the first collection
+    /// after that, and a call given up in a process that collects requests that collection.
     pub async fn blob_put(
         &self,
         bytes: &[u8],
@@ -201,9 +263,25 @@ impl Store {
         validate::blob_labels(&labels)?;
         let digest = sha256_digest(bytes);
         let reference = format!("put-{}", uuid::Uuid::new_v4());
+        // Given up before its end (the future dropped): the upload's expiry is a deadline of
+        // this process's collector, so its bytes go at that time even on an idle store.
+        struct GivenUp<'a>(Option<&'a Store>);
+        impl Drop for GivenUp<'_> {
+            fn drop(&mut self) {
+                if let Some(s) = self.0 {
+                    s.gc.note_deadline(Some(s.clock.now() + INGEST_TTL_UNNAMED));
+                }
+            }
+        }
         let mut w = self
-            .blob_writer(&reference, Some((&digest, bytes.len() as u64)), lease)
+            .blob_writer_with_ttl(
+                &reference,
+                Some((&digest, bytes.len() as u64)),
+                lease,
+                INGEST_TTL_UNNAMED,
+            )
             .await?;
+        let mut given_up = GivenUp(Some(self));
         let written = w.write(bytes).await;
         let committed = match written {
             Ok(()) => w.commit(labels).await,
@@ -213,6 +291,7 @@ impl Store {
             // Best effort: the upload would expire anyway.
             let _ = self.backend.ingest_abort(&reference).await;
         }
+        given_up.0 = None;
         committed
     }
 
