@@ -1565,3 +1565,46 @@ pub async fn an_external_reference_committed_behind_an_open_transaction_is_kept(
         "v-late was removed although a committed object references it"
     );
 }
+
+/// A lease holds resources by key, whether they exist or not (as containerd's `AddResource`,
+/// which lets a lease hold content still being written): `lease_add` of an object or a blob not
+/// written yet is accepted and listed, and what is written under that key later — an object put
+/// without a lease, a blob committed without one — is held from then on, and goes once the lease
+/// does. (An export, by contrast, must find what it holds: `NotFound`.)
+pub async fn a_lease_holds_what_is_written_under_a_key_it_held_before(h: &Harness) {
+    let s = &h.store;
+    declare(s).await;
+    s.lease_create(LeaseSpec {
+        id: Some("pull".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let layer = Resource::Object {
+        key: key("default", "layer", "l-future"),
+    };
+    let bytes = b"a layer still being pulled";
+    let digest = fleetdb::core::world::sha256_digest(bytes);
+    let blob = Resource::Blob {
+        digest: digest.clone(),
+    };
+    assert!(s.lease_add("pull", layer.clone()).await.unwrap());
+    assert!(s.lease_add("pull", blob.clone()).await.unwrap());
+    let mut held = s.lease_resources("pull").await.unwrap();
+    held.sort_by_key(|r| format!("{r:?}"));
+    let mut want = vec![layer.clone(), blob.clone()];
+    want.sort_by_key(|r| format!("{r:?}"));
+    assert_eq!(held, want, "held before they exist");
+
+    obj(s, "layer", "l-future", &[]).await;
+    obj(s, "layer", "l-unheld", &[]).await;
+    s.blob_put(bytes, labels(&[]), None).await.unwrap();
+    s.gc_run().await.unwrap();
+    assert!(exists(s, "layer", "l-future").await, "held by the lease");
+    assert!(!exists(s, "layer", "l-unheld").await, "garbage");
+    assert!(s.blob_info(&digest).await.unwrap().is_some(), "held");
+
+    s.lease_delete("pull", true).await.unwrap();
+    assert!(!exists(s, "layer", "l-future").await, "the lease is gone");
+    assert!(s.blob_info(&digest).await.unwrap().is_none());
+}

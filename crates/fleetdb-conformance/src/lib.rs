@@ -191,6 +191,7 @@ macro_rules! suite {
             a_blob_cannot_reference_an_object,
             leases_hold_objects_flat_or_deep,
             a_lease_holds_at_most_lease_resources_max,
+            a_lease_holds_what_is_written_under_a_key_it_held_before,
             an_expired_lease_triggers_collection_by_itself,
             objects_created_or_referenced_during_a_collection_survive_it,
             external_collectors_remove_unused_resources_and_failures_skip,
