@@ -305,6 +305,38 @@ pub fn parse_url(url: &str) -> Result<Location> {
     Ok(Location::File(PathBuf::from(path)))
 }
 
+/// The database file's path with every symbolic link resolved (its folder exists). SQLite keeps
+/// the `-wal` and `-shm` beside the file a link points to, and the content store must be beside
+/// it too: opened by a link and by the real name, one database had two content stores, each
+/// missing the other's blobs. A link to a missing file is refused: SQLite would create the
+/// target, which is not what the path names.
+fn resolve_links(path: &Path) -> Result<PathBuf> {
+    let invalid = |rule: String| Error::invalid("database path", path.display().to_string(), rule);
+    match std::fs::canonicalize(path) {
+        Ok(p) => Ok(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Ok(target) = std::fs::read_link(path) {
+                return Err(invalid(format!(
+                    "is a symbolic link to {}, which does not exist: create the database by its \
+                     own name",
+                    target.display()
+                )));
+            }
+            let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err(invalid("must name a file".into()));
+            };
+            let dir = std::fs::canonicalize(dir).map_err(|e| {
+                Error::Unavailable(format!("cannot resolve the folder {}: {e}", dir.display()))
+            })?;
+            Ok(dir.join(name))
+        }
+        Err(e) => Err(Error::Unavailable(format!(
+            "cannot resolve the database path {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 fn configure(c: &Connection, options: &SqliteOptions) -> Result<()> {
     c.busy_timeout(std::time::Duration::from_millis(options.busy_timeout_ms))
         .map_err(map_err)?;
@@ -374,6 +406,7 @@ impl SqliteBackend {
                         ))
                     })?;
                 }
+                *path = resolve_links(path)?;
                 open_file(path, &options, false)?
             }
         };

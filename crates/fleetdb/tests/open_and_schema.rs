@@ -358,3 +358,53 @@ async fn sqlite_a_file_of_another_application_is_refused_and_left_untouched() {
     drop(r);
     assert_untouched(d.path(), &path, b"name,email\nada,ada@example.com\n");
 }
+
+// ------------------------------------------------------------------------------------------
+// A database opened through a symbolic link kept its blobs beside the LINK (SQLite keeps its
+// `-wal`/`-shm` beside the file the link points to): a blob put through the link was missing
+// ("the bytes of blob … are missing") for every store that opened the file by its real path or
+// another link, and theirs for it. The path is resolved at open now: the content store is
+// beside the database file, whichever name it was opened by. A link to a missing file is
+// refused (it would create the file at the link's target while naming the link).
+
+#[tokio::test]
+async fn sqlite_a_database_opened_through_a_symlink_keeps_its_blobs_beside_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("data").join("db.sqlite");
+    let link = dir.path().join("links").join("db.sqlite");
+    std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    let by_real = Store::open(&sqlite_url(&real)).await.unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let by_link = Store::open(&sqlite_url(&link)).await.unwrap();
+    let put_by_link = by_link
+        .blob_put(b"through the link", Labels::new(), None)
+        .await
+        .unwrap();
+    let put_by_real = by_real
+        .blob_put(b"by the real name", Labels::new(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        by_real.blob_get(&put_by_link.digest).await.unwrap(),
+        b"through the link"
+    );
+    assert_eq!(
+        by_link.blob_get(&put_by_real.digest).await.unwrap(),
+        b"by the real name"
+    );
+    assert!(
+        !link.parent().unwrap().join("blobs").exists(),
+        "a content store beside the link"
+    );
+    drop((by_real, by_link));
+
+    let dangling = dir.path().join("links").join("gone.sqlite");
+    std::os::unix::fs::symlink(dir.path().join("data").join("missing.sqlite"), &dangling).unwrap();
+    let r = Store::open(&sqlite_url(&dangling)).await;
+    assert!(
+        matches!(&r, Err(Error::Invalid { rule, .. }) if rule.contains("symbolic link")),
+        "{r:?}"
+    );
+    assert!(!dir.path().join("data").join("missing.sqlite").exists());
+}
