@@ -395,18 +395,55 @@ impl SqliteBackend {
             Location::File(path) => {
                 // Absolute once and for all: connections opened later, and the blob folders
                 // beside the file, must not follow the process into another working folder.
+                if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+                    return Err(Error::invalid(
+                        "database path",
+                        path.display().to_string(),
+                        "names a folder (it ends with '/'): name a file in it (…/fleetdb.sqlite)",
+                    ));
+                }
                 *path = std::path::absolute(&*path).map_err(|e| {
                     Error::invalid("database path", path.display().to_string(), e.to_string())
                 })?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| {
-                        Error::Unavailable(format!(
-                            "cannot create the folder {}: {e}",
-                            dir.display()
-                        ))
+                        use std::io::ErrorKind;
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::AlreadyExists | ErrorKind::NotADirectory
+                        ) {
+                            // A part of the path is a file: no retry can help.
+                            Error::invalid(
+                                "database path",
+                                path.display().to_string(),
+                                format!("{} is not a folder ({e})", dir.display()),
+                            )
+                        } else {
+                            Error::Unavailable(format!(
+                                "cannot create the folder {}: {e}",
+                                dir.display()
+                            ))
+                        }
                     })?;
                 }
                 *path = resolve_links(path)?;
+                match std::fs::metadata(&*path) {
+                    Ok(m) if m.is_dir() => {
+                        return Err(Error::invalid(
+                            "database path",
+                            path.display().to_string(),
+                            "is a folder: name a file in it (…/fleetdb.sqlite)",
+                        ))
+                    }
+                    Ok(m) if !m.is_file() => {
+                        return Err(Error::invalid(
+                            "database path",
+                            path.display().to_string(),
+                            "is not a regular file (a device, a pipe or a socket)",
+                        ))
+                    }
+                    _ => {}
+                }
                 open_file(path, &options, false)?
             }
         };

@@ -408,3 +408,35 @@ async fn sqlite_a_database_opened_through_a_symlink_keeps_its_blobs_beside_the_f
     );
     assert!(!dir.path().join("data").join("missing.sqlite").exists());
 }
+
+// ------------------------------------------------------------------------------------------
+// A SQLite path that cannot be a database file was reported as the database being unavailable
+// (`Unavailable`: a transient error, exit 6, "retry later") or as a "disk I/O error" (a device):
+// a folder, a path under a regular file, a character device. They are `Invalid` now, saying
+// what the path is, and nothing is created.
+
+#[tokio::test]
+async fn sqlite_a_path_that_cannot_be_a_database_file_is_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, b"notes").unwrap();
+    for (path, says) in [
+        (dir.path().to_path_buf(), "is a folder"),
+        (file.join("db.sqlite"), "not a folder"),
+        (std::path::PathBuf::from("/dev/null"), "not a regular file"),
+        (dir.path().join("new").join("x/"), "names a folder"),
+    ] {
+        let r = Store::open(&sqlite_url(&path)).await;
+        match &r {
+            Err(Error::Invalid { rule, .. }) => assert!(rule.contains(says), "{path:?}: {rule}"),
+            other => panic!("{path:?}: expected Invalid, got {other:?}"),
+        }
+    }
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["notes.txt"]);
+    assert_eq!(std::fs::read(&file).unwrap(), b"notes");
+}
