@@ -357,8 +357,18 @@ impl PostgresBackend {
                 "must start with postgres:// or postgresql://",
             ));
         }
-        let mut config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| Error::invalid("PostgreSQL URL", &target, e.to_string()))?;
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            // The driver's message is only "invalid connection string"; its source names the
+            // option or value at fault.
+            let rule = match std::error::Error::source(&e) {
+                Some(cause) => format!(
+                    "{e}: {cause} (FleetDB's own settings, such as the pool size, go in \
+                     OpenOptions, not in the URL)"
+                ),
+                None => e.to_string(),
+            };
+            Error::invalid("PostgreSQL URL", &target, rule)
+        })?;
         check_hosts(&config, &target)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);

@@ -440,3 +440,28 @@ async fn sqlite_a_path_that_cannot_be_a_database_file_is_invalid() {
     assert_eq!(left, ["notes.txt"]);
     assert_eq!(std::fs::read(&file).unwrap(), b"notes");
 }
+
+// ------------------------------------------------------------------------------------------
+// A PostgreSQL URL the driver refused was reported as `invalid PostgreSQL URL "…": invalid
+// connection string`, whatever was wrong: the option or value at fault (the driver's error's
+// source) was dropped. It is named now.
+
+#[tokio::test]
+async fn a_postgres_url_the_driver_refuses_names_the_option_at_fault() {
+    for (url, names) in [
+        (
+            "postgres://postgres@127.0.0.1/postgres?pool_size=8",
+            "pool_size",
+        ),
+        (
+            "postgres://postgres@127.0.0.1/postgres?connect_timeout=soon",
+            "connect_timeout",
+        ),
+    ] {
+        match Store::open(url).await {
+            Err(Error::Invalid { rule, .. }) => assert!(rule.contains(names), "{url}: {rule}"),
+            Err(e) => panic!("{url}: {e:?}, expected Invalid"),
+            Ok(_) => panic!("{url}: opened, expected Invalid"),
+        }
+    }
+}
