@@ -422,7 +422,10 @@ impl PostgresBackend {
             }
             other => other,
         })?;
-        let (status, _) = migrate::read_status(&client, MIGRATIONS).await?;
+        let (status, schema_table) = migrate::read_status(&client, MIGRATIONS).await?;
+        if !schema_table {
+            migrate::check_owned(&client).await?;
+        }
         migrate::check_not_too_new(&status)?;
         if options.migrate && !status.pending.is_empty() {
             migrate::run(&client, MIGRATIONS, backend.clock.as_ref()).await?;

@@ -16,6 +16,49 @@ const SCHEMA_TABLE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_cl
 const CREATE_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS fleetdb_schema (\
      version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)";
 
+/// Up to six relations of the current schema that are not FleetDB's to fill: tables, views,
+/// sequences and the like, other than those an extension created (`pg_stat_statements`' view in
+/// `public`, say); none once `fleetdb_schema` exists (a concurrent migrator created it since
+/// this one looked: the schema is FleetDB's). `NULL` schema: none.
+const FOREIGN_RELATIONS: &str = "SELECT current_schema()::text, c.relname::text \
+     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+       WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') \
+     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class s \
+       WHERE s.relnamespace = n.oid AND s.relname = 'fleetdb_schema') \
+     ORDER BY c.relname LIMIT 6";
+
+/// Refuse a schema of another application — one holding tables (views, sequences…) but no
+/// `fleetdb_schema` — before anything is written: FleetDB's tables are not created beside an
+/// application's, nor is a failed first migration left behind in it. Call it when
+/// `fleetdb_schema` does not exist. SELECTs only.
+pub(crate) async fn check_owned(client: &Client) -> Result<()> {
+    let rows = client.query(FOREIGN_RELATIONS, &[]).await.map_err(db_err)?;
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let schema: String = first.try_get(0).map_err(db_err)?;
+    let mut names = rows
+        .iter()
+        .take(5)
+        .map(|r| r.try_get::<_, String>(1).map_err(db_err))
+        .collect::<Result<Vec<_>>>()?
+        .join(", ");
+    if rows.len() > 5 {
+        names.push_str(", …");
+    }
+    Err(Error::invalid(
+        "PostgreSQL schema",
+        schema,
+        format!(
+            "is not a FleetDB schema: it holds {names} and no fleetdb_schema table (another \
+             application's); FleetDB leaves it as it is: point search_path at an empty schema \
+             (?options=-c%20search_path%3Dfleetdb) or a FleetDB one"
+        ),
+    ))
+}
+
 /// The highest version in a list of migrations.
 pub(crate) fn binary_version(migrations: &[Migration]) -> u32 {
     migrations.iter().map(|m| m.version).max().unwrap_or(0)
@@ -103,6 +146,7 @@ pub(crate) async fn run(
             return Ok(status);
         };
         if !table_exists {
+            check_owned(client).await?;
             if let Err(e) = client.batch_execute(CREATE_SCHEMA_TABLE).await {
                 // Two migrators creating the table at once: one of them gets a duplicate.
                 let raced = e.code().is_some_and(|c| {

@@ -465,3 +465,60 @@ async fn a_postgres_url_the_driver_refuses_names_the_option_at_fault() {
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// PostgreSQL, as SQLite above: a schema of another application (tables, no `fleetdb_schema`)
+// was migrated into — FleetDB's tables created beside the application's, or, when a name
+// collided ("objects"), an empty `fleetdb_schema` left behind by the failed first migration
+// ("migration 0001_init failed: relation \"objects\" already exists"). It is refused now
+// (`Invalid`, naming the schema and its tables) and left as it was.
+
+#[tokio::test]
+async fn postgres_a_schema_of_another_application_is_refused_and_left_untouched() {
+    let (url, schema) = pg_schema().await;
+    pg_exec(
+        &url,
+        "CREATE TABLE objects (id INT PRIMARY KEY, x TEXT); INSERT INTO objects VALUES (1, 'a');",
+    )
+    .await;
+    for migrate in [true, false] {
+        let r = Store::open_with(
+            &url,
+            OpenOptions {
+                migrate,
+                ..OpenOptions::default()
+            },
+        )
+        .await;
+        match &r {
+            Err(Error::Invalid { rule, .. }) => assert!(
+                rule.contains("not a FleetDB schema") && rule.contains("objects"),
+                "{rule}"
+            ),
+            other => panic!("migrate={migrate}: expected Invalid, got {other:?}"),
+        }
+    }
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let tables: Vec<String> = c
+        .query(
+            "SELECT table_name::text FROM information_schema.tables \
+             WHERE table_schema = current_schema() ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    drop(c);
+    let _ = conn.await;
+    pg_drop(&schema).await;
+    assert_eq!(
+        tables,
+        ["objects"],
+        "the other application's schema was modified"
+    );
+}
