@@ -34,6 +34,28 @@ const FOREIGN_RELATIONS: &str = "SELECT current_schema()::text, c.relname::text 
 /// application's, nor is a failed first migration left behind in it. Call it when
 /// `fleetdb_schema` does not exist. SELECTs only.
 pub(crate) async fn check_owned(client: &Client) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT current_schema()::text, current_setting('search_path')",
+            &[],
+        )
+        .await
+        .map_err(db_err)?;
+    if row
+        .try_get::<_, Option<String>>(0)
+        .map_err(db_err)?
+        .is_none()
+    {
+        // Nowhere to create tables in: the first CREATE failed with "no schema has been
+        // selected to create in" (a database error, exit 1).
+        let search_path: String = row.try_get(1).map_err(db_err)?;
+        return Err(Error::invalid(
+            "PostgreSQL search_path",
+            search_path,
+            "names no schema that exists (or that this role may use): create the schema first \
+             (CREATE SCHEMA …) or fix the URL's search_path",
+        ));
+    }
     let rows = client.query(FOREIGN_RELATIONS, &[]).await.map_err(db_err)?;
     let Some(first) = rows.first() else {
         return Ok(());

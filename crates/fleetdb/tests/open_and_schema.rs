@@ -522,3 +522,23 @@ async fn postgres_a_schema_of_another_application_is_refused_and_left_untouched(
         "the other application's schema was modified"
     );
 }
+
+// A URL whose search_path names a schema that does not exist failed with "database error: no
+// schema has been selected to create in (SQLSTATE 3F000)" (exit 1). It is `Invalid`, naming the
+// search_path and what to do, and nothing is created.
+
+#[tokio::test]
+async fn postgres_a_search_path_naming_no_schema_is_invalid() {
+    let base = fleetdb_postgres::testing::test_url();
+    let schema = format!("fleetdb_t_missing_{:08x}", std::process::id());
+    let url = fleetdb_postgres::testing::schema_url(&base, &schema);
+    match Store::open(&url).await {
+        Err(Error::Invalid { field, value, rule }) => {
+            assert_eq!(field, "PostgreSQL search_path");
+            assert!(value.contains(&schema), "{value}");
+            assert!(rule.contains("CREATE SCHEMA"), "{rule}");
+        }
+        Err(e) => panic!("{e:?}, expected Invalid"),
+        Ok(_) => panic!("opened, expected Invalid"),
+    }
+}
