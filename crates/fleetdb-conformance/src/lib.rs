@@ -166,7 +166,8 @@ macro_rules! suite {
             work_matches_a_model_seed_2,
             work_matches_a_model_seed_3,
             a_deleted_objects_backoffs_go_with_it,
-            operators_naming_an_undeclared_process_are_refused;
+            operators_naming_an_undeclared_process_are_refused,
+            an_expired_claims_history_carries_its_sessions_deadline;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,
             a_first_resume_from_far_back_goes_at_the_consumers_pace,

@@ -4035,3 +4035,64 @@ pub async fn operators_naming_an_undeclared_process_are_refused(h: &Harness) {
         .is_empty());
     assert!(st.backoff_clear(m, "Install").await.unwrap());
 }
+
+/// review-w: a lapsed claim's `Expired` history carries the time it lapsed — its session's
+/// deadline — however late it is noticed: by a sweep that ran an hour late (every process was
+/// down), or by a claim that took the object over. It was stamped with the time of the sweep
+/// or of the takeover, so an operator reading history saw the claim held an hour longer than it was.
+pub async fn an_expired_claims_history_carries_its_sessions_deadline(h: &Harness) {
+    let st = &h.store;
+    st.process_define("P", &[]).await.unwrap();
+    let ks = machines(h, 3).await;
+    let dead = st.session_start(spec("crashy")).await.unwrap();
+    let held = dead.claim("P", "kind = machine", 3).await.unwrap();
+    assert_eq!(held.len(), 3);
+    dead.pause_renewal();
+    let deadline = st.session_get(dead.id()).await.unwrap().unwrap().deadline;
+    h.clock.advance(Duration::from_secs(3600));
+    let dead_id = dead.id().to_string();
+    let expired_at = |k: &ObjectKey| {
+        let (k, dead_id) = (k.clone(), dead_id.clone());
+        async move {
+            let hist = st
+                .history(&HistoryFilter::Object(k), None, 10)
+                .await
+                .unwrap()
+                .items;
+            let e: Vec<_> = hist
+                .iter()
+                .filter(|e| e.event == WorkEvent::Expired)
+                .collect();
+            assert_eq!(e.len(), 1, "{hist:?}");
+            assert_eq!(e[0].session_id, dead_id);
+            (e[0].at, e[0].component.clone())
+        }
+    };
+    // Taken over by a claim of the object by name, then by a selector claim, an hour late.
+    let rescuer = st.session_start(spec("rescuer")).await.unwrap();
+    let a = rescuer.claim_object(&ks[0], "P").await.unwrap();
+    let b = rescuer.claim("P", "kind = machine", 1).await.unwrap();
+    assert_eq!(b.len(), 1);
+    let taken = b[0].key().clone();
+    assert_ne!(taken, ks[0]);
+    // The third by a sweep, an hour late.
+    assert_eq!(st.sweep_sessions().await.unwrap(), 1);
+    for k in &ks {
+        assert_eq!(expired_at(k).await, (deadline, "crashy".to_string()), "{k}");
+    }
+    // A claim's own events keep the time they happened (a session's claims at one clock
+    // reading are 1 µs apart).
+    let started = st
+        .history(&HistoryFilter::Object(taken), None, 10)
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(started[0].event, WorkEvent::Started);
+    let now = h.clock.now();
+    assert!(
+        started[0].at >= now && started[0].at.0 < now.0 + 1000,
+        "{started:?}"
+    );
+    std::mem::forget(held); // their session is gone; dropping would try to cancel
+    drop((a, b));
+}

@@ -869,11 +869,20 @@ async fn release<T: TxRows + ?Sized>(
     .await
 }
 
-/// Release a claim whose session is dead (history `Expired`). The session row may be gone already.
+/// When a claim of a session that expired at `deadline` lapsed, as its `Expired` history says:
+/// the deadline, however late a sweep or a takeover notices it (a sweeper an hour late must not
+/// make the claim look held for that hour), but never before the claim started (another
+/// process's clock, behind) nor after `now`.
+pub fn lapsed_at(w: &WorkInfo, deadline: Timestamp, now: Timestamp) -> Timestamp {
+    deadline.max(w.started_at).min(now)
+}
+
+/// Release a claim whose session is dead (history `Expired`, at the session's deadline:
+/// [`lapsed_at`]). The session row may be gone already (then its deadline is unknown: `now`).
 async fn expire<T: TxRows + ?Sized>(rows: &mut T, w: &WorkInfo, now: Timestamp) -> Result<()> {
-    let (component, host) = match rows.session_read(&w.session_id).await? {
-        Some(s) => (s.component, s.host),
-        None => (String::new(), String::new()),
+    let (component, host, at) = match rows.session_read(&w.session_id).await? {
+        Some(s) => (s.component, s.host, lapsed_at(w, s.deadline, now)),
+        None => (String::new(), String::new(), now),
     };
     rows.work_remove(&w.key, &w.process).await?;
     let cause = Some("session expired".to_string());
@@ -883,7 +892,7 @@ async fn expire<T: TxRows + ?Sized>(rows: &mut T, w: &WorkInfo, now: Timestamp) 
         &host,
         WorkEvent::Expired,
         cause,
-        now,
+        at,
     ))
     .await
 }
@@ -1235,7 +1244,8 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
     Ok((out, expired))
 }
 
-/// Remove up to `limit` expired sessions, expiring every claim they held.
+/// Remove up to `limit` expired sessions, expiring every claim they held (history `Expired` at
+/// the session's deadline, not at the sweep's `now`: [`lapsed_at`]).
 pub async fn apply_sweep<T: TxRows + ?Sized>(
     rows: &mut T,
     now: Timestamp,
@@ -1254,7 +1264,7 @@ pub async fn apply_sweep<T: TxRows + ?Sized>(
                 &s.host,
                 WorkEvent::Expired,
                 cause,
-                now,
+                lapsed_at(&w, s.deadline, now),
             ))
             .await?;
         }

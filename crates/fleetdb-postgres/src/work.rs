@@ -941,8 +941,8 @@ pub(crate) const CAPPED_ROW: i64 = -1;
 pub(crate) enum Take {
     /// New rows only (the common case: the first attempt of every claim).
     Lean,
-    /// A row a dead session still holds is taken over in place, after its `Expired` history.
-    /// The row is locked as it is read: a sweep or the holder's late finish deleting it
+    /// A row a dead session still holds is taken over in place, after its `Expired` history
+    /// (at the session's deadline, as `apply::lapsed_at`). The row is locked as it is read: a sweep or the holder's late finish deleting it
     /// meanwhile drops it from the takeover (a new row is inserted instead, with no second
     /// `Expired`); read unlocked, the update found it gone and the claim answered with no row.
     Takeover,
@@ -964,7 +964,8 @@ fn take_writes_sql(take: Take, process: &str, now: &str) -> String {
                component, host, token, at, cause) ORDER BY n)"
         ),
         Take::Takeover => format!(
-            "old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, w.tid, t.n \
+            "old AS MATERIALIZED (SELECT w.namespace, w.kind, w.id, w.session_id, w.token, \
+               w.started_at, w.tid, t.n \
                FROM t CROSS JOIN LATERAL (SELECT w.*, w.ctid AS tid FROM work w \
                  WHERE w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
                  AND w.process = {process} OFFSET 0 FOR UPDATE) AS w), \
@@ -977,9 +978,11 @@ fn take_writes_sql(take: Take, process: &str, now: &str) -> String {
                token, at, cause \
                FROM (SELECT 0 AS phase, old.n, old.namespace, old.kind, old.id, 'Expired' AS event, \
                        old.session_id, COALESCE(os.component, '') AS component, \
-                       COALESCE(os.host, '') AS host, old.token, {now} AS at, \
+                       COALESCE(os.host, '') AS host, old.token, \
+                       CASE WHEN os.deadline IS NULL THEN {now} \
+                         ELSE LEAST(GREATEST(os.deadline, old.started_at), {now}) END AS at, \
                        'session expired' AS cause \
-                     FROM old LEFT JOIN LATERAL (SELECT component, host FROM sessions \
+                     FROM old LEFT JOIN LATERAL (SELECT component, host, deadline FROM sessions \
                        WHERE id = old.session_id OFFSET 0) AS os ON true \
                      UNION ALL SELECT 1, e.* FROM ({started}) AS e) AS e \
                ORDER BY phase, n)"
