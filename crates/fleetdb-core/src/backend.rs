@@ -191,7 +191,8 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<HistoryEntry>>;
     /// Delete history rows written before `before`, in write (`seq`) order: the oldest rows up
     /// to the first one at or after `before` (a row after it stays, even if older, until the rows
-    /// before it go), in statements of at most [`crate::work::HISTORY_PRUNE_BATCH`] rows each, one
+    /// before it go), in statements of at most [`crate::work::HISTORY_PRUNE_BATCH`] rows each (the first of
+    /// [`crate::work::HISTORY_PRUNE_FIRST`]: [`crate::work::delete_in_batches`]), one
     /// transaction per statement. The newest row is never deleted (`seq` must only grow; SQLite
     /// would number a row of an emptied table 1 again). Returns how many rows were deleted.
     async fn history_prune(&self, before: Timestamp) -> Result<u64>;

@@ -1110,18 +1110,22 @@ impl PostgresBackend {
     /// [`Backend::history_prune`] in statements of at most `batch` rows, each its own
     /// transaction.
     pub(crate) async fn history_prune_in(&self, before: Timestamp, batch: usize) -> Result<u64> {
-        fleetdb_core::work::delete_in_batches(batch, |batch| async move {
-            let limit = i64::try_from(batch).unwrap_or(i64::MAX);
-            let rows = self
-                .query_retrying(work::HISTORY_PRUNE, &[&before.0, &limit])
-                .await?;
-            let n: i64 = rows
-                .first()
-                .ok_or_else(|| Error::Backend("a history prune returned no row".into()))?
-                .try_get(0)
-                .map_err(db_err)?;
-            Ok(u64::try_from(n).unwrap_or(0))
-        })
+        fleetdb_core::work::delete_in_batches(
+            fleetdb_core::work::HISTORY_PRUNE_FIRST,
+            batch,
+            |batch| async move {
+                let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+                let rows = self
+                    .query_retrying(work::HISTORY_PRUNE, &[&before.0, &limit])
+                    .await?;
+                let n: i64 = rows
+                    .first()
+                    .ok_or_else(|| Error::Backend("a history prune returned no row".into()))?
+                    .try_get(0)
+                    .map_err(db_err)?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            },
+        )
         .await
     }
 

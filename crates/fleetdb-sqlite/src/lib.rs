@@ -556,9 +556,11 @@ impl SqliteBackend {
     /// [`Backend::history_prune`] in statements of at most `batch` rows, the write connection
     /// taken for each.
     pub(crate) async fn history_prune_in(&self, before: Timestamp, batch: usize) -> Result<u64> {
-        fleetdb_core::work::delete_in_batches(batch, |batch| {
-            self.exclusive(move |c| work::history_prune(c, before, batch))
-        })
+        fleetdb_core::work::delete_in_batches(
+            fleetdb_core::work::HISTORY_PRUNE_FIRST,
+            batch,
+            |batch| self.exclusive(move |c| work::history_prune(c, before, batch)),
+        )
         .await
     }
 
