@@ -167,7 +167,8 @@ macro_rules! suite {
             work_matches_a_model_seed_3,
             a_deleted_objects_backoffs_go_with_it,
             operators_naming_an_undeclared_process_are_refused,
-            an_expired_claims_history_carries_its_sessions_deadline;
+            an_expired_claims_history_carries_its_sessions_deadline,
+            lapsed_claims_count_as_failures_and_park;
             watch_starts_with_a_snapshot_then_changes,
             watch_resume_loses_and_duplicates_nothing,
             a_first_resume_from_far_back_goes_at_the_consumers_pace,

@@ -2327,13 +2327,62 @@ pub async fn work_matches_a_model_seed_3(h: &Harness) {
     work_model(h, 0x8CB9_2BA7_2F3D_8DD7).await;
 }
 
+/// The model's claims: (object index, process) -> (session index, token).
+type Held = std::collections::HashMap<(usize, &'static str), (usize, i64)>;
+/// One of the model's claims.
+type HeldClaim = ((usize, &'static str), (usize, i64));
+/// The model's backoffs: (object index, process) -> (until, last interval s, failures in a row).
+type Backoffs = std::collections::HashMap<(usize, &'static str), (fleetdb::Timestamp, i64, u64)>;
+
+/// In the model, the claims of dead sessions in `dead` that the store no longer has (a claim
+/// took them over or expired them, or the sweep did) expired: each counts as a failure of
+/// (object, process), parking it for `R` at its second failure in a row (review-w).
+async fn expiries(
+    st: &Store,
+    objs: &[ObjectKey],
+    dead: &[HeldClaim],
+    held: &mut Held,
+    backoffs: &mut Backoffs,
+    now: fleetdb::Timestamp,
+    parked: &mut u64,
+) -> u64 {
+    let mut n = 0;
+    let rows: BTreeSet<(String, String, i64)> = st
+        .work_list(None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.key.id, w.process, w.token))
+        .collect();
+    for ((o, p), (s, t)) in dead {
+        if held.get(&(*o, *p)) != Some(&(*s, *t))
+            || rows.contains(&(objs[*o].id.clone(), p.to_string(), *t))
+        {
+            continue;
+        }
+        held.remove(&(*o, *p));
+        n += 1;
+        let last = backoffs.get(&(*o, *p)).copied();
+        let failures = last.map_or(1, |b| b.2 + 1);
+        let until = if *p == "R" && failures >= 2 {
+            *parked += 1;
+            fleetdb::core::work::PARKED
+        } else {
+            // Past already: an expiry makes no wait.
+            now
+        };
+        backoffs.insert((*o, *p), (until, last.map_or(0, |b| b.1), failures));
+    }
+    n
+}
+
 async fn work_model(h: &Harness, seed: u64) {
     use std::collections::HashMap;
     let st = &h.store;
     st.process_define("P", &[]).await.unwrap();
     st.process_define("Q", &["P"]).await.unwrap();
     st.process_define("R", &[]).await.unwrap();
-    let procs = ["P", "Q", "R"];
+    let procs: [&'static str; 3] = ["P", "Q", "R"];
     // R parks an object at its second failure in a row.
     st.process_max_failures("R", Some(2)).await.unwrap();
     let conflicts = |a: &str, b: &str| a == b || (a != "R" && b != "R");
@@ -2355,13 +2404,14 @@ async fn work_model(h: &Harness, seed: u64) {
     }
     // Model: (object index, process) -> (session index, token); backoffs: -> (until, last
     // interval s, failures in a row).
-    let mut held: HashMap<(usize, &str), (usize, i64)> = HashMap::new();
-    let mut backoffs: HashMap<(usize, &str), (fleetdb::Timestamp, i64, u64)> = HashMap::new();
+    let mut held: Held = HashMap::new();
+    let mut backoffs: Backoffs = HashMap::new();
     let mut handles: Vec<(usize, fleetdb::Work)> = Vec::new();
     let mut rng = Rng(seed);
     // How often each interesting outcome happened: the sequence must exercise all of them.
     let (mut claimed, mut refused, mut ended, mut lost, mut fenced) = (0, 0, 0, 0, 0);
     let (mut parked, mut cleared, mut picked, mut closed) = (0, 0, 0, 0);
+    let mut lapsed = 0;
 
     // Three components; when one's session has expired it starts a new one (a restart).
     let mut slots = [0usize, 1, 2];
@@ -2389,23 +2439,34 @@ async fn work_model(h: &Harness, seed: u64) {
                     rng.below(4) as usize,
                     procs[rng.below(3) as usize],
                 );
-                let free = |o: usize| {
+                let free = |o: usize, held: &Held, backoffs: &Backoffs| {
                     !held.iter().any(|((ho, hp), (hs, _))| {
                         *ho == o && conflicts(hp, p) && alive(*hs, &deadline)
                     }) && backoffs.get(&(o, p)).is_none_or(|b| b.0 <= now)
                 };
+                // Dead sessions' claims before the claim: one it takes over (or expires on its
+                // way) counts as a failure, and may park the object.
+                let dead: Vec<_> = held
+                    .iter()
+                    .filter(|(_, (hs, _))| !alive(*hs, &deadline))
+                    .map(|(k, v)| (*k, *v))
+                    .collect();
                 if rng.below(3) == 0 {
                     // A selector claim of one: which object it takes is the hand's choice, but
                     // it must be one the model says is free, and it takes one if any is.
-                    let any_free = (0..objs.len()).any(free);
-                    match sessions[s].claim(p, "kind = machine", 1).await {
+                    let r = sessions[s].claim(p, "kind = machine", 1).await;
+                    lapsed +=
+                        expiries(st, &objs, &dead, &mut held, &mut backoffs, now, &mut parked)
+                            .await;
+                    let any_free = (0..objs.len()).any(|o| free(o, &held, &backoffs));
+                    match r {
                         Ok(mut got) => {
                             assert!(alive(s, &deadline), "step {step}: session dead");
                             match got.pop() {
                                 Some(w) => {
                                     let o = objs.iter().position(|k| k == w.key()).unwrap();
                                     assert!(
-                                        free(o),
+                                        free(o, &held, &backoffs),
                                         "step {step}: took a held or backed-off object"
                                     );
                                     held.insert((o, p), (s, w.token()));
@@ -2422,15 +2483,20 @@ async fn work_model(h: &Harness, seed: u64) {
                         Err(e) => panic!("step {step}: unexpected {e}"),
                     }
                 } else {
-                    let r = sessions[s].claim_object(&objs[o], p).await;
                     let blocked = held.iter().any(|((ho, hp), (hs, _))| {
                         *ho == o && conflicts(hp, p) && alive(*hs, &deadline)
                     });
                     let in_backoff = backoffs.get(&(o, p)).is_some_and(|b| b.0 > now);
+                    let r = sessions[s].claim_object(&objs[o], p).await;
+                    let parks_before = parked;
+                    lapsed +=
+                        expiries(st, &objs, &dead, &mut held, &mut backoffs, now, &mut parked)
+                            .await;
+                    let parks = parked > parks_before;
                     match r {
                         Ok(w) => {
                             assert!(
-                                alive(s, &deadline) && !blocked && !in_backoff,
+                                alive(s, &deadline) && !blocked && !in_backoff && !parks,
                                 "step {step}: claim should have failed"
                             );
                             held.insert((o, p), (s, w.token()));
@@ -2442,7 +2508,7 @@ async fn work_model(h: &Harness, seed: u64) {
                         }
                         Err(Error::Conflict { .. }) => {
                             assert!(
-                                blocked || in_backoff,
+                                blocked || in_backoff || parks,
                                 "step {step}: claim should have worked"
                             );
                             refused += 1;
@@ -2507,7 +2573,8 @@ async fn work_model(h: &Harness, seed: u64) {
                                 }
                                 2 => {
                                     let last = backoffs.get(&(o, p)).copied();
-                                    let next = backoff.next_interval_s(last.map(|b| b.1));
+                                    let next = backoff
+                                        .next_interval_s(last.map(|b| b.1).filter(|&i| i > 0));
                                     let failures = last.map_or(1, |b| b.2 + 1);
                                     let until = if p == "R" && failures >= 2 {
                                         parked += 1;
@@ -2564,7 +2631,14 @@ async fn work_model(h: &Harness, seed: u64) {
                 cleared += u64::from(had);
             }
             _ => {
+                let dead: Vec<_> = held
+                    .iter()
+                    .filter(|(_, (hs, _))| !alive(*hs, &deadline))
+                    .map(|(k, v)| (*k, *v))
+                    .collect();
                 st.sweep_sessions().await.unwrap();
+                lapsed +=
+                    expiries(st, &objs, &dead, &mut held, &mut backoffs, now, &mut parked).await;
             }
         }
         // Renew (as the background task would), in the model too.
@@ -2626,8 +2700,8 @@ async fn work_model(h: &Harness, seed: u64) {
     let expired = sessions.iter().filter(|s| s.is_expired()).count();
     assert!(
         claimed >= 10 && refused >= 5 && ended >= 5 && lost >= 1 && fenced >= 3 && expired >= 1
-            && parked >= 1 && cleared >= 1 && picked >= 3 && closed >= 1,
-        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, fenced {fenced}, expired {expired}, parked {parked}, cleared {cleared}, picked {picked}, closed {closed}"
+            && parked >= 1 && cleared >= 1 && picked >= 3 && closed >= 1 && lapsed >= 1,
+        "the sequence did not exercise enough: claimed {claimed}, refused {refused}, ended {ended}, lost {lost}, fenced {fenced}, expired {expired}, parked {parked}, cleared {cleared}, picked {picked}, closed {closed}, lapsed {lapsed}"
     );
 }
 
@@ -4095,4 +4169,148 @@ pub async fn an_expired_claims_history_carries_its_sessions_deadline(h: &Harness
     );
     std::mem::forget(held); // their session is gone; dropping would try to cancel
     drop((a, b));
+}
+
+/// review-w: a worker that dies holding a claim (killed out of memory, crashed on a poison
+/// object) lets its session lapse; that expiry counts as a failure of (object, process) in a
+/// row, as `fail` does, wherever it is noticed — by the sweep, or by a claim taking the dead
+/// holder's claim over (of the object by name, or by selector) — so a process with a failure
+/// budget parks the object instead of handing it to the next worker to die on, for ever. The
+/// claim whose takeover parks it takes other work (a selector claim) or is refused (a claim of
+/// the object), the expiry and the parking committed. A finish starts the count again; without
+/// a budget nothing parks, and a `fail` after an expiry still waits the first interval.
+pub async fn lapsed_claims_count_as_failures_and_park(h: &Harness) {
+    let st = &h.store;
+    st.process_define("Install", &[]).await.unwrap();
+    st.process_define("Audit", &[]).await.unwrap();
+    st.process_max_failures("Install", Some(3)).await.unwrap();
+    let ks = machines(h, 3).await;
+    let all = "kind = machine";
+    let expired = || {
+        st.metrics()
+            .work_finished
+            .with_label_values(&["Install", "expired"])
+            .get()
+    };
+    let backoff = |k: &ObjectKey, p: &'static str| {
+        let k = k.clone();
+        async move {
+            st.backoff_list(Some(p), false, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|b| b.key == k)
+        }
+    };
+    // A worker claims, then dies: its session lapses.
+    let crash = |k: &ObjectKey, p: &'static str| {
+        let k = k.clone();
+        async move {
+            let s = st.session_start(spec("crashy")).await.unwrap();
+            let w = s.claim_object(&k, p).await.unwrap();
+            s.pause_renewal();
+            std::mem::forget(w);
+            h.clock.advance(Duration::from_secs(11));
+        }
+    };
+    // m000 and m001 lapse once, noticed by the sweep.
+    crash(&ks[0], "Install").await;
+    crash(&ks[1], "Install").await;
+    st.sweep_sessions().await.unwrap();
+    for k in &ks[..2] {
+        let b = backoff(k, "Install").await.expect("counted");
+        assert_eq!((b.failures, b.parked()), (1, false), "{k}");
+        assert_eq!(b.cause, "session expired");
+        assert!(b.until <= h.clock.now(), "no wait: {b:?}");
+    }
+    // m000 is claimed and lapses again, noticed by the next claim of it (counted 2), which
+    // lapses too (a lapse counts where it is noticed).
+    crash(&ks[0], "Install").await;
+    assert_eq!(backoff(&ks[0], "Install").await.unwrap().failures, 1);
+    crash(&ks[0], "Install").await;
+    let b = backoff(&ks[0], "Install").await.unwrap();
+    assert_eq!((b.failures, b.parked()), (2, false));
+    // The third lapse reaches the budget: the selector claim that finds it expires it, parks
+    // m000 and takes m001 instead.
+    let rescuer = st.session_start(spec("rescuer")).await.unwrap();
+    let before = expired();
+    let mut got = rescuer.claim("Install", all, 2).await.unwrap();
+    assert_eq!(
+        got.iter().map(|w| w.key().clone()).collect::<Vec<_>>(),
+        [ks[1].clone(), ks[2].clone()]
+    );
+    assert_eq!(expired(), before + 1);
+    let b = backoff(&ks[0], "Install").await.unwrap();
+    assert_eq!((b.failures, b.parked()), (3, true));
+    assert_eq!(
+        events(h, &ks[0])
+            .await
+            .iter()
+            .map(|e| e.0)
+            .collect::<Vec<_>>(),
+        [
+            WorkEvent::Started,
+            WorkEvent::Expired,
+            WorkEvent::Started,
+            WorkEvent::Expired,
+            WorkEvent::Started,
+            WorkEvent::Expired
+        ]
+    );
+    assert!(st.work_list(Some("Install"), 10).await.unwrap().len() == 2);
+    match rescuer.claim_object(&ks[0], "Install").await {
+        Err(Error::Conflict { what }) => assert!(what.contains("parked"), "{what}"),
+        other => panic!("expected Conflict, got {:?}", other.map(|w| w.token())),
+    }
+    // A finish starts m001's count again.
+    for w in got.iter_mut() {
+        w.finish(|_| async { Ok(()) }).await.unwrap();
+    }
+    drop(got);
+    assert!(backoff(&ks[1], "Install").await.is_none());
+    crash(&ks[1], "Install").await;
+    crash(&ks[1], "Install").await;
+    let b = backoff(&ks[1], "Install").await.unwrap();
+    assert_eq!(
+        (b.failures, b.parked()),
+        (1, false),
+        "the takeover counted one"
+    );
+    // m002 lapses three times (two noticed by the next crashing claim); a claim of it by name
+    // that takes the third lapse over is refused, the expiry and the parking committed.
+    for _ in 0..3 {
+        crash(&ks[2], "Install").await;
+    }
+    let rescuer = st.session_start(spec("rescuer")).await.unwrap();
+    // The explanation says so before the claim does.
+    let why = st.work_explain(&ks[2], "Install", None).await.unwrap();
+    assert!(!why.claimable(), "{why:?}");
+    assert!(why.blockers[0].contains("parked"), "{why:?}");
+    let before = expired();
+    match rescuer.claim_object(&ks[2], "Install").await {
+        Err(Error::Conflict { what }) => assert!(what.contains("parked"), "{what}"),
+        other => panic!("expected Conflict, got {:?}", other.map(|w| w.token())),
+    }
+    assert_eq!(expired(), before + 1);
+    let b = backoff(&ks[2], "Install").await.unwrap();
+    assert_eq!((b.failures, b.parked()), (3, true));
+    assert!(st
+        .work_list(Some("Install"), 10)
+        .await
+        .unwrap()
+        .iter()
+        .all(|w| w.key != ks[2]));
+    // Without a budget: counted, never parked; a failure after a lapse waits the first
+    // interval of its backoff.
+    for _ in 0..3 {
+        crash(&ks[0], "Audit").await;
+    }
+    let rescuer = st.session_start(spec("rescuer")).await.unwrap();
+    let mut w = rescuer.claim_object(&ks[0], "Audit").await.unwrap();
+    let b = Backoff::new(Duration::from_secs(5), Duration::from_secs(60), 2.0).unwrap();
+    w.fail(&b, "broken").await.unwrap();
+    let bo = backoff(&ks[0], "Audit").await.unwrap();
+    assert_eq!((bo.failures, bo.parked()), (4, false));
+    assert_eq!(bo.until, h.clock.now() + Duration::from_secs(5));
+    assert_eq!(bo.last_interval_s, 5);
 }

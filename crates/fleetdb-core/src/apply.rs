@@ -667,8 +667,10 @@ async fn apply_op<T: TxRows + ?Sized>(rows: &mut T, op: &Op, now: Timestamp) -> 
                     uniform,
                 } => {
                     let last = rows.backoff_read(key, process).await?;
-                    let interval_s =
-                        backoff.next_interval_s(last.as_ref().map(|b| b.last_interval_s));
+                    // An interval of 0: the row counts expiries only, no interval was chosen.
+                    let interval_s = backoff.next_interval_s(
+                        last.as_ref().map(|b| b.last_interval_s).filter(|&s| s > 0),
+                    );
                     let failures = last.map_or(1, |b| b.failures.saturating_add(1));
                     let max_failures = rows
                         .process_read(process)
@@ -878,23 +880,87 @@ pub fn lapsed_at(w: &WorkInfo, deadline: Timestamp, now: Timestamp) -> Timestamp
 }
 
 /// Release a claim whose session is dead (history `Expired`, at the session's deadline:
-/// [`lapsed_at`]). The session row may be gone already (then its deadline is unknown: `now`).
-async fn expire<T: TxRows + ?Sized>(rows: &mut T, w: &WorkInfo, now: Timestamp) -> Result<()> {
+/// [`lapsed_at`]), counted as a failure of (object, process) ([`count_expiry`]). The session
+/// row may be gone already (then its deadline is unknown: `now`). Returns whether the count
+/// parked the object.
+async fn expire<T: TxRows + ?Sized>(
+    rows: &mut T,
+    w: &WorkInfo,
+    max_failures: Option<u64>,
+    now: Timestamp,
+) -> Result<bool> {
     let (component, host, at) = match rows.session_read(&w.session_id).await? {
         Some(s) => (s.component, s.host, lapsed_at(w, s.deadline, now)),
         None => (String::new(), String::new(), now),
     };
     rows.work_remove(&w.key, &w.process).await?;
-    let cause = Some("session expired".to_string());
     rows.history_append(&history(
         w,
         &component,
         &host,
         WorkEvent::Expired,
-        cause,
+        Some(EXPIRED_CAUSE.to_string()),
         at,
     ))
-    .await
+    .await?;
+    count_expiry(rows, w, max_failures, at).await
+}
+
+/// The cause of an expired claim, in its history and in the backoff its expiry counts in.
+pub const EXPIRED_CAUSE: &str = "session expired";
+
+/// An expiry of claim `w` (its session lapsed at `at` while holding it: a worker killed, out
+/// of memory, crashed on a poison object) counts as a failure of (object, process) in a row,
+/// as `fail` does: the backoff row's `failures` grows by one (a new row: 1), its cause is
+/// [`EXPIRED_CAUSE`], and when the count reaches the process's `max_failures` the object is
+/// parked ([`PARKED`]). Processes declare no backoff interval, so an expiry that does not park
+/// makes no wait (`until` stays at most `at`, already past; the interval of the last `fail`
+/// is kept for the next one, 0 on a new row: none chosen yet). A finish deletes the row, so
+/// the count starts again. An object deleted meanwhile gets no row (as in `fail`). Returns
+/// whether it parked the object.
+async fn count_expiry<T: TxRows + ?Sized>(
+    rows: &mut T,
+    w: &WorkInfo,
+    max_failures: Option<u64>,
+    at: Timestamp,
+) -> Result<bool> {
+    if rows.object_read(&w.key).await?.is_none() {
+        return Ok(false);
+    }
+    let last = rows.backoff_read(&w.key, &w.process).await?;
+    let failures = last.as_ref().map_or(1, |b| b.failures.saturating_add(1));
+    let parks = max_failures.is_some_and(|m| failures >= m);
+    let until = match (&last, parks) {
+        (_, true) => PARKED,
+        (Some(b), false) => b.until.max(at),
+        (None, false) => at,
+    };
+    rows.backoff_put(&BackoffInfo {
+        key: w.key.clone(),
+        process: w.process.clone(),
+        until,
+        cause: EXPIRED_CAUSE.to_string(),
+        last_interval_s: last.map_or(0, |b| b.last_interval_s),
+        failures,
+    })
+    .await?;
+    Ok(parks)
+}
+
+/// The error of a claim of one object that took a dead holder's claim over and, counting that
+/// expiry, parked the object instead ([`count_expiry`]; the expiry and the parking commit).
+pub fn parked_by_expiry(key: &ObjectKey, process: &str) -> Error {
+    Error::Conflict {
+        what: expiry_parks(key, process),
+    }
+}
+
+/// Why a claim of `key` for `process` parks it instead of taking it (see [`parked_by_expiry`]).
+fn expiry_parks(key: &ObjectKey, process: &str) -> String {
+    format!(
+        "{key} is parked for {process}: the claim its dead session held expired, and that \
+         reached the process's failure budget (clear its backoff to retry it): {EXPIRED_CAUSE}"
+    )
 }
 
 /// An operator's change of a declared process: `change` sets it and says whether it changed.
@@ -1074,6 +1140,18 @@ async fn explain<T: TxRows + ?Sized>(
     if let Some(b) = backoff.as_ref().filter(|b| b.until > now) {
         blockers.push(ObjectBlock::Backoff(b.clone()).reason(key, process));
     }
+    // A dead session's claim of the process, which the claim would expire: counted as a
+    // failure, it parks the object when it reaches the budget (`count_expiry`).
+    let dead_own = holders
+        .iter()
+        .any(|h| !h.alive && h.work.process == process);
+    let budget = declared.as_ref().and_then(|p| p.max_failures);
+    if dead_own
+        && object.is_some()
+        && budget.is_some_and(|m| backoff.as_ref().map_or(1, |b| b.failures + 1) >= m)
+    {
+        blockers.push(expiry_parks(key, process));
+    }
     let selector = match selector {
         None => None,
         Some(text) => {
@@ -1177,7 +1255,7 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
         }
         limit = limit.min(room);
     }
-    let keys = match &req.target {
+    let mut keys = match &req.target {
         ClaimTarget::Object(key) => {
             // Lock first: what follows must see every claim committed before it.
             rows.lock_object(key).await?;
@@ -1201,20 +1279,43 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
             rows.claim_candidates(&CandidateQuery {
                 selector,
                 process: req.process.clone(),
-                exclude,
+                exclude: exclude.clone(),
                 now,
                 limit,
             })
             .await?
         }
     };
-    let mut out = Vec::with_capacity(keys.len());
-    // Claims of dead sessions still on these (object, process): released with `Expired` history.
+    // Claims of dead sessions still on these (object, process): released with `Expired`
+    // history, each counted as a failure. One whose count parks the object is not taken: a
+    // claim of it is refused (with the expiry and the parking committed), a selector claim
+    // looks again (the parked backoff now excludes it) until no takeover parks.
     let mut expired = 0;
-    for stale in rows.work_read_many(&keys, &req.process).await? {
-        expire(rows, &stale, now).await?;
-        expired += 1;
+    loop {
+        let mut parked = false;
+        for stale in rows.work_read_many(&keys, &req.process).await? {
+            expired += 1;
+            if expire(rows, &stale, process.max_failures, now).await? {
+                parked = true;
+                keys.retain(|k| *k != stale.key);
+            }
+        }
+        match (&req.target, parked) {
+            (ClaimTarget::Selector(text), true) => {
+                keys = rows
+                    .claim_candidates(&CandidateQuery {
+                        selector: crate::selector::Selector::parse(text)?,
+                        process: req.process.clone(),
+                        exclude: exclude.clone(),
+                        now,
+                        limit,
+                    })
+                    .await?;
+            }
+            _ => break,
+        }
     }
+    let mut out = Vec::with_capacity(keys.len());
     let tokens = rows.next_tokens(keys.len()).await?;
     if tokens.len() != keys.len() {
         return Err(Error::Backend(
@@ -1245,7 +1346,8 @@ pub async fn apply_claim<T: TxRows + ?Sized>(
 }
 
 /// Remove up to `limit` expired sessions, expiring every claim they held (history `Expired` at
-/// the session's deadline, not at the sweep's `now`: [`lapsed_at`]).
+/// the session's deadline, not at the sweep's `now`: [`lapsed_at`]; each counted as a failure:
+/// [`count_expiry`]).
 pub async fn apply_sweep<T: TxRows + ?Sized>(
     rows: &mut T,
     now: Timestamp,
@@ -1253,20 +1355,34 @@ pub async fn apply_sweep<T: TxRows + ?Sized>(
 ) -> Result<crate::backend::Swept> {
     let expired = rows.sessions_expired(now, limit).await?;
     let mut released = Vec::new();
+    // Each process's failure budget, read once per sweep.
+    let mut budgets: std::collections::HashMap<String, Option<u64>> = Default::default();
     for s in &expired {
         for w in rows.work_of_session(&s.id).await? {
             released.push(w.process.clone());
             rows.work_remove(&w.key, &w.process).await?;
-            let cause = Some("session expired".to_string());
+            let at = lapsed_at(&w, s.deadline, now);
             rows.history_append(&history(
                 &w,
                 &s.component,
                 &s.host,
                 WorkEvent::Expired,
-                cause,
-                lapsed_at(&w, s.deadline, now),
+                Some(EXPIRED_CAUSE.to_string()),
+                at,
             ))
             .await?;
+            let max_failures = match budgets.get(&w.process) {
+                Some(m) => *m,
+                None => {
+                    let m = rows
+                        .process_read(&w.process)
+                        .await?
+                        .and_then(|p| p.max_failures);
+                    budgets.insert(w.process.clone(), m);
+                    m
+                }
+            };
+            count_expiry(rows, &w, max_failures, at).await?;
         }
         rows.session_remove(&s.id).await?;
         crate::world_apply::session_ended(rows, s, now).await?;

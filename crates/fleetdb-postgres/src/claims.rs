@@ -339,6 +339,9 @@ pub(crate) struct ClaimTxn {
     /// The process's limit left room for fewer candidates than were locked
     /// ([`work::CAPPED_ROW`]): the claims cut short must not look further.
     pub(crate) capped: bool,
+    /// Dead sessions' claims the take expired without taking them over: counting the expiry
+    /// parked the object ([`work::PARKED_ROW`]; counted `expired`, not in `took`).
+    pub(crate) parked: usize,
     /// The process has a limit (find-and-lock locked its row): the next claims of this hand
     /// lock it first ([`work::Hand::limited`]).
     pub(crate) limited: bool,
@@ -577,10 +580,14 @@ impl ClaimTxn {
                 None => 0,
             };
             let mut took = took;
+            let r_of = |r: &tokio_postgres::Row| r.try_get::<_, Option<i64>>(5).ok().flatten();
+            let parked = took
+                .iter()
+                .filter(|r| r_of(r) == Some(work::PARKED_ROW))
+                .count();
+            took.retain(|r| r_of(r) != Some(work::PARKED_ROW));
             let before = took.len();
-            took.retain(|r| {
-                r.try_get::<_, Option<i64>>(5).ok().flatten() != Some(work::CAPPED_ROW)
-            });
+            took.retain(|r| r_of(r) != Some(work::CAPPED_ROW));
             Ok(ClaimTxn {
                 finished,
                 alive,
@@ -589,6 +596,7 @@ impl ClaimTxn {
                 revision: revision.map(fleetdb_core::Revision),
                 capped: took.len() < before,
                 took,
+                parked,
                 limited,
             })
         })();

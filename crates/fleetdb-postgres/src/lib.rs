@@ -1334,7 +1334,8 @@ impl PostgresBackend {
             .took
             .iter()
             .filter(|r| r.try_get::<_, bool>(6).unwrap_or(false))
-            .count() as u64;
+            .count() as u64
+            + txn.parked as u64;
         // Cut by the process's limit, the claim has all it may take.
         let gone = match txn.capped {
             true => 0,

@@ -873,6 +873,20 @@ pub(crate) fn claim_take_sql(
         Take::Lean => "false",
         Take::Takeover => "EXISTS (SELECT 1 FROM old WHERE old.n = t.n)",
     };
+    // A takeover whose expiry, counted as a failure, parked the object takes nothing of it: no
+    // answer row of `t`, one [`PARKED_ROW`] instead (its expiry is counted, the claim moves on).
+    let (took, parked) = match take {
+        Take::Lean => ("t".to_string(), String::new()),
+        Take::Takeover => (
+            "(SELECT * FROM t WHERE NOT EXISTS \
+               (SELECT 1 FROM ex WHERE ex.n = t.n AND ex.parks)) AS t"
+                .to_string(),
+            format!(
+                " UNION ALL SELECT ex.namespace, ex.kind, ex.id, NULL::bigint, NULL::text, \
+                   {PARKED_ROW}::bigint, ex.n, true FROM ex WHERE ex.parks"
+            ),
+        ),
+    };
     // The limit's machinery only for a process its claimer saw limited: every node of a plan is
     // initialized on every run, and `room` with the capped row is a quarter of this one's. A
     // process limited since takes nothing here (the gate) and is claimed again with it.
@@ -888,9 +902,9 @@ pub(crate) fn claim_take_sql(
             "LIMIT (SELECT n FROM room)".to_string(),
             format!(
                 "SELECT namespace, kind, id, token, sid, r, took_over FROM (SELECT namespace, \
-                   kind, id, token, sid, r, n, {took_over} AS took_over FROM t UNION ALL \
+                   kind, id, token, sid, r, n, {took_over} AS took_over FROM {took} UNION ALL \
                    SELECT NULL, NULL, NULL, room.n, NULL, {CAPPED_ROW}, 0, false FROM room \
-                   WHERE room.n < (SELECT count(*) FROM c)) AS x \
+                   WHERE room.n < (SELECT count(*) FROM c){parked}) AS x \
                  ORDER BY n"
             ),
         )
@@ -901,10 +915,17 @@ pub(crate) fn claim_take_sql(
                 "WHERE NOT EXISTS (SELECT 1 FROM processes p WHERE p.name = {process} \
                    AND p.max_active IS NOT NULL)"
             ),
-            format!(
-                "SELECT namespace, kind, id, token, sid, r, {took_over} AS took_over FROM t \
-                 ORDER BY n"
-            ),
+            match take {
+                Take::Lean => format!(
+                    "SELECT namespace, kind, id, token, sid, r, {took_over} AS took_over FROM t \
+                     ORDER BY n"
+                ),
+                Take::Takeover => format!(
+                    "SELECT namespace, kind, id, token, sid, r, took_over FROM (SELECT namespace, \
+                       kind, id, token, sid, r, n, {took_over} AS took_over FROM {took}{parked}) \
+                       AS x ORDER BY n"
+                ),
+            },
         )
     };
     let sql = format!(
@@ -935,6 +956,12 @@ pub(crate) fn claim_take_sql(
 /// candidates than it had (its `token` column is the room): the claims it cut short were capped,
 /// not outrun, and must not look for more.
 pub(crate) const CAPPED_ROW: i64 = -1;
+
+/// The `r` of a row [`claim_take_sql`] adds for each dead session's claim it expired and did
+/// not take over because that expiry, counted as a failure, parked the object
+/// (`apply::count_expiry`): counted `expired`, not taken (the claim looks on, as for a
+/// candidate found gone).
+pub(crate) const PARKED_ROW: i64 = -2;
 
 /// How [`claim_take_sql`] writes the work rows of the candidates it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -969,23 +996,43 @@ fn take_writes_sql(take: Take, process: &str, now: &str) -> String {
                FROM t CROSS JOIN LATERAL (SELECT w.*, w.ctid AS tid FROM work w \
                  WHERE w.namespace = t.namespace AND w.kind = t.kind AND w.id = t.id \
                  AND w.process = {process} OFFSET 0 FOR UPDATE) AS w), \
+             ex AS MATERIALIZED (SELECT old.*, COALESCE(os.component, '') AS component, \
+                 COALESCE(os.host, '') AS host, \
+                 CASE WHEN os.deadline IS NULL THEN {now} \
+                   ELSE LEAST(GREATEST(os.deadline, old.started_at), {now}) END AS at, \
+                 COALESCE(b.failures, 0) + 1 AS failures, COALESCE(b.last_interval_s, 0) AS last_s, \
+                 b.until AS b_until, \
+                 COALESCE(COALESCE(b.failures, 0) + 1 >= (SELECT p.max_failures FROM processes p \
+                   WHERE p.name = {process}), false) AS parks \
+               FROM old LEFT JOIN LATERAL (SELECT component, host, deadline FROM sessions \
+                 WHERE id = old.session_id OFFSET 0) AS os ON true \
+               LEFT JOIN LATERAL (SELECT b.failures, b.last_interval_s, b.until FROM work_backoff b \
+                 WHERE b.id = old.id AND b.namespace = old.namespace AND b.kind = old.kind \
+                 AND b.process = {process} OFFSET 0) AS b ON true), \
              up AS (INSERT INTO work (namespace, kind, id, process, session_id, token, started_at) \
                SELECT t.namespace, t.kind, t.id, {process}, t.sid, t.token, t.at FROM t \
                WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.n = t.n)), \
              re AS (UPDATE work w SET session_id = t.sid, token = t.token, started_at = t.at \
-               FROM old JOIN t ON t.n = old.n WHERE w.ctid = old.tid), \
+               FROM ex JOIN t ON t.n = ex.n WHERE w.ctid = ex.tid AND NOT ex.parks), \
+             rm AS (DELETE FROM work w USING ex WHERE w.ctid = ex.tid AND ex.parks), \
+             bo AS (INSERT INTO work_backoff \
+                 (namespace, kind, id, process, until, cause, last_interval_s, failures) \
+               SELECT ex.namespace, ex.kind, ex.id, {process}, \
+                 CASE WHEN ex.parks THEN {PARKED} ELSE GREATEST(COALESCE(ex.b_until, ex.at), ex.at) END, \
+                 '{EXPIRED_CAUSE}', ex.last_s, ex.failures FROM ex ORDER BY ex.n \
+               ON CONFLICT (namespace, kind, id, process) DO UPDATE SET until = excluded.until, \
+                 cause = excluded.cause, last_interval_s = excluded.last_interval_s, \
+                 failures = excluded.failures), \
              {HISTORY} SELECT namespace, kind, id, {process}, event, session_id, component, host, \
                token, at, cause \
-               FROM (SELECT 0 AS phase, old.n, old.namespace, old.kind, old.id, 'Expired' AS event, \
-                       old.session_id, COALESCE(os.component, '') AS component, \
-                       COALESCE(os.host, '') AS host, old.token, \
-                       CASE WHEN os.deadline IS NULL THEN {now} \
-                         ELSE LEAST(GREATEST(os.deadline, old.started_at), {now}) END AS at, \
-                       'session expired' AS cause \
-                     FROM old LEFT JOIN LATERAL (SELECT component, host, deadline FROM sessions \
-                       WHERE id = old.session_id OFFSET 0) AS os ON true \
-                     UNION ALL SELECT 1, e.* FROM ({started}) AS e) AS e \
-               ORDER BY phase, n)"
+               FROM (SELECT 0 AS phase, ex.n, ex.namespace, ex.kind, ex.id, 'Expired' AS event, \
+                       ex.session_id, ex.component, ex.host, ex.token, ex.at, \
+                       '{EXPIRED_CAUSE}' AS cause FROM ex \
+                     UNION ALL SELECT 1, e.* FROM ({started} \
+                       WHERE NOT EXISTS (SELECT 1 FROM ex WHERE ex.n = t.n AND ex.parks)) AS e) AS e \
+               ORDER BY phase, n)",
+            PARKED = fleetdb_core::work::PARKED.0,
+            EXPIRED_CAUSE = fleetdb_core::apply::EXPIRED_CAUSE,
         ),
     }
 }

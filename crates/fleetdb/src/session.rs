@@ -1026,8 +1026,10 @@ impl Session {
         let (mut got, _) = self
             .claim_target(process, ClaimTarget::Object(key.clone()), 1)
             .await?;
+        // Nothing, and no error: the claim took a dead holder's claim over, and that expiry,
+        // counted as a failure, parked the object (committed with its `Expired` history).
         got.pop()
-            .ok_or_else(|| Error::Backend("a claim of one object returned nothing".into()))
+            .ok_or_else(|| fleetdb_core::apply::parked_by_expiry(key, process))
     }
 
     /// Like [`Session::claim`], but when nothing is claimable, wait (up to `timeout`) for a
