@@ -532,6 +532,12 @@ mod counted_impl {
         ) -> Result<Vec<fleetdb::core::world::WorldRecord>> {
             self.inner.world_list(query).await
         }
+        async fn world_list_all(
+            &self,
+            queries: &[fleetdb::core::world::WorldQuery],
+        ) -> Result<Vec<Vec<fleetdb::core::world::WorldRecord>>> {
+            self.inner.world_list_all(queries).await
+        }
         async fn settled_revision(&self, wait: std::time::Duration) -> Result<Revision> {
             self.inner.settled_revision(wait).await
         }

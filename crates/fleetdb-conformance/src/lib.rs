@@ -187,7 +187,8 @@ macro_rules! suite {
             collect_is_ordered_by_record_key,
             pruned_legacy_deploys_take_their_blob_records_along,
             a_watch_from_a_future_revision_is_refused,
-            a_sub_millisecond_ttl_is_rounded_up_not_refused;
+            a_sub_millisecond_ttl_is_rounded_up_not_refused,
+            a_collect_of_many_pages_is_one_snapshot;
             gc_keeps_roots_and_what_they_reference,
             malformed_reference_labels_are_rejected,
             a_blob_cannot_reference_an_object,

@@ -1102,3 +1102,57 @@ pub async fn a_sub_millisecond_ttl_is_rounded_up_not_refused(h: &Harness) {
         "zero stays zero (and is refused)"
     );
 }
+
+/// A collect of more records than a page reads every page from ONE snapshot: while another
+/// host's `sync_exports` rewrites all its records at once, a collector sees all of them old or
+/// all of them new, never a mix (before, each page was read on its own, and a sync committing
+/// between two pages gave a set the store never held).
+pub async fn a_collect_of_many_pages_is_one_snapshot(h: &Harness) {
+    let s = &h.store;
+    let n = fleetdb::core::query::LIST_PAGE_MAX + LIST_PAGE_MAX_HALF;
+    let records = move |v: usize| -> Vec<ExportRecord> {
+        (0..n)
+            .map(|i| rec("file", &format!("f{i:05}"), "*", &format!("v{v}")))
+            .collect()
+    };
+    let h1 = s.world("h1").unwrap();
+    h1.sync_exports(records(0)).await.unwrap();
+    let syncs = 12;
+    let writer = {
+        let h1 = h1.clone();
+        tokio::spawn(async move {
+            for v in 1..=syncs {
+                h1.sync_exports(records(v)).await.unwrap();
+            }
+        })
+    };
+    let reader = s.world("h2").unwrap();
+    let mut reads = 0;
+    loop {
+        let done = writer.is_finished();
+        let seen = reader.collect(&[]).await.unwrap();
+        assert_eq!(seen.len(), n);
+        let versions: std::collections::BTreeSet<&[u8]> =
+            seen.iter().map(|e| e.data.as_slice()).collect();
+        assert_eq!(
+            versions.len(),
+            1,
+            "collect {reads} mixed two syncs: {:?}",
+            versions
+                .iter()
+                .map(|v| String::from_utf8_lossy(v))
+                .collect::<Vec<_>>()
+        );
+        reads += 1;
+        if done {
+            break;
+        }
+    }
+    writer.await.unwrap();
+    let last = reader.collect(&[]).await.unwrap();
+    assert!(last
+        .iter()
+        .all(|e| e.data == format!("v{syncs}").as_bytes()));
+}
+
+const LIST_PAGE_MAX_HALF: usize = fleetdb::core::query::LIST_PAGE_MAX / 2;

@@ -221,6 +221,12 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// World records matching the query (one query: [`WorldQuery::to_sql`]).
     async fn world_list(&self, query: &WorldQuery) -> Result<Vec<WorldRecord>>;
 
+    /// Every record each of `queries` selects, read page by page (`query.limit` records a
+    /// page, the next page after the last key read), ALL pages of all queries from ONE read
+    /// snapshot: a write committing meanwhile is wholly in the answer or wholly out of it
+    /// (a reader of many pages never sees half of another host's `sync_exports`).
+    async fn world_list_all(&self, queries: &[WorldQuery]) -> Result<Vec<Vec<WorldRecord>>>;
+
     /// Make sure every revision up to the current one is either visible in the change log or will
     /// never be: where revisions may become visible out of order
     /// ([`Capabilities::revisions_visible_in_order`] false), fill each hole below the highest

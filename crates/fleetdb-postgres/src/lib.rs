@@ -2041,6 +2041,54 @@ impl Backend for PostgresBackend {
         rows.iter().map(sql::world_from_row).collect()
     }
 
+    async fn world_list_all(&self, queries: &[WorldQuery]) -> Result<Vec<Vec<WorldRecord>>> {
+        // One REPEATABLE READ READ ONLY transaction: every page sees the snapshot of its first
+        // statement (such a transaction never fails to serialize).
+        let mut guard = TxGuard {
+            client: Some(self.client().await?),
+            open: true,
+        };
+        let read = async {
+            let conn = guard.client();
+            conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(db_err)?;
+            let mut out = Vec::with_capacity(queries.len());
+            for q in queries {
+                let mut q = q.clone();
+                // A page of none would never end.
+                q.limit = q.limit.max(1);
+                let mut records = Vec::new();
+                loop {
+                    let (text, params) = q.to_sql(Dialect::Postgres, sql::WORLD_COLUMNS);
+                    let rows = conn
+                        .query_typed(&text, &work::TypedParams::new(params).typed())
+                        .await
+                        .map_err(db_err)?;
+                    let page = rows
+                        .iter()
+                        .map(sql::world_from_row)
+                        .collect::<Result<Vec<_>>>()?;
+                    let done = page.len() < q.limit;
+                    q.after_key = page.last().map(|r| r.key.clone());
+                    records.extend(page);
+                    if done {
+                        break;
+                    }
+                }
+                out.push(records);
+            }
+            Ok(out)
+        }
+        .await;
+        // A read-only transaction: COMMIT and ROLLBACK end it alike. If that fails, the guard
+        // closes the connection instead of handing it back inside a transaction.
+        let end = if read.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        guard.client().batch_execute(end).await.map_err(db_err)?;
+        guard.open = false;
+        read
+    }
+
     async fn settled_revision(&self, wait: Duration) -> Result<Revision> {
         settle::settled_revision(self, wait).await
     }

@@ -806,6 +806,13 @@ impl Backend for SqliteBackend {
         self.read(|c| world::world_scan(c, query))
     }
 
+    async fn world_list_all(
+        &self,
+        queries: &[fleetdb_core::world::WorldQuery],
+    ) -> Result<Vec<Vec<fleetdb_core::world::WorldRecord>>> {
+        self.read(|c| world::world_scan_all(c, queries))
+    }
+
     async fn lease_get(&self, id: &str) -> Result<Option<fleetdb_core::gc::Lease>> {
         self.read(|c| gc::lease_read(c, id))
     }

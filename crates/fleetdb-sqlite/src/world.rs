@@ -70,6 +70,34 @@ pub(crate) fn world_scan(c: &Connection, q: &WorldQuery) -> Result<Vec<WorldReco
     raws.into_iter().map(world_from).collect()
 }
 
+/// Every record of each query, page by page, in ONE read transaction (one snapshot: in WAL
+/// mode a read transaction sees the database as of its first read until it ends).
+pub(crate) fn world_scan_all(
+    c: &Connection,
+    queries: &[WorldQuery],
+) -> Result<Vec<Vec<WorldRecord>>> {
+    let tx = c.unchecked_transaction().map_err(map_err)?;
+    let mut out = Vec::with_capacity(queries.len());
+    for q in queries {
+        let mut q = q.clone();
+        // A page of none would never end.
+        q.limit = q.limit.max(1);
+        let mut records = Vec::new();
+        loop {
+            let page = world_scan(&tx, &q)?;
+            let done = page.len() < q.limit;
+            q.after_key = page.last().map(|r| r.key.clone());
+            records.extend(page);
+            if done {
+                break;
+            }
+        }
+        out.push(records);
+    }
+    tx.commit().map_err(map_err)?;
+    Ok(out)
+}
+
 /// Insert or update a record. scope, owner, kind, name and target are functions of the key (see
 /// `Space`), so an update leaves them, and the indexes on them, untouched.
 pub(crate) fn world_write(c: &Connection, r: &WorldRecord, revision: Revision) -> Result<()> {

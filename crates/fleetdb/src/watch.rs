@@ -714,32 +714,25 @@ impl Store {
                 }
             }
         }
-        for mut q in queries {
-            loop {
-                let page = self.backend.world_list(&q).await?;
-                let done = page.len() < q.limit;
-                q.after_key = page.last().map(|r| r.key.clone());
-                for r in page {
-                    let kind = match r.space {
-                        Space::Export => r.kind.clone(),
-                        Space::Map | Space::Registration | Space::Schedule => r.scope.clone(),
-                        _ => String::new(),
-                    };
-                    let value = serde_json::from_str(&r.change_json()).unwrap_or_default();
-                    out.push(put(
-                        r.space.change_namespace(),
-                        &kind,
-                        &r.key,
-                        Entity::from(r.space),
-                        "",
-                        value,
-                        r.revision,
-                        r.updated_at,
-                    ));
-                }
-                if done {
-                    break;
-                }
+        // Every page from one snapshot: a write landing between two pages is wholly in or out.
+        for records in self.backend.world_list_all(&queries).await? {
+            for r in records {
+                let kind = match r.space {
+                    Space::Export => r.kind.clone(),
+                    Space::Map | Space::Registration | Space::Schedule => r.scope.clone(),
+                    _ => String::new(),
+                };
+                let value = serde_json::from_str(&r.change_json()).unwrap_or_default();
+                out.push(put(
+                    r.space.change_namespace(),
+                    &kind,
+                    &r.key,
+                    Entity::from(r.space),
+                    "",
+                    value,
+                    r.revision,
+                    r.updated_at,
+                ));
             }
         }
         Ok(out)

@@ -79,18 +79,28 @@ impl Store {
         self.backend.world_list(&q).await
     }
 
-    /// Every record `q` selects, page by page (`q.limit` per page).
-    async fn world_query_all(&self, mut q: WorldQuery) -> Result<Vec<WorldRecord>> {
-        let mut out = Vec::new();
-        loop {
-            let page = self.world_query(q.clone()).await?;
-            let done = page.len() < q.limit;
-            q.after_key = page.last().map(|r| r.key.clone());
-            out.extend(page);
-            if done {
-                return Ok(out);
-            }
+    /// Every record `q` selects, page by page (`q.limit` per page), all pages from one
+    /// snapshot (a write committing meanwhile is wholly in or wholly out).
+    async fn world_query_all(&self, q: WorldQuery) -> Result<Vec<WorldRecord>> {
+        Ok(self
+            .world_snapshot(vec![q])
+            .await?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// Every record of each query, page by page, all from ONE snapshot.
+    async fn world_snapshot(&self, queries: Vec<WorldQuery>) -> Result<Vec<Vec<WorldRecord>>> {
+        self.ready().await?;
+        let n = queries.len();
+        let out = self.backend.world_list_all(&queries).await?;
+        if out.len() != n {
+            return Err(Error::Backend(format!(
+                "the backend answered {} World queries, not {n}",
+                out.len()
+            )));
         }
+        Ok(out)
     }
 
     async fn world_one(&self, space: Space, key: &str) -> Result<Option<WorldRecord>> {
