@@ -1156,3 +1156,72 @@ pub async fn a_collect_of_many_pages_is_one_snapshot(h: &Harness) {
 }
 
 const LIST_PAGE_MAX_HALF: usize = fleetdb::core::query::LIST_PAGE_MAX / 2;
+
+/// A schedule never lists a host whose registration is no longer live, whether or not a
+/// sweeper has run since its session's deadline: the answer is what the sweep will write
+/// (the next host moves up under `max_count`), read in one snapshot with the registrations.
+/// Before, `schedule_get` returned the stored schedule, dead hosts included, until a sweep.
+pub async fn a_schedule_never_lists_an_expired_host(h: &Harness) {
+    let s = &h.store;
+    let start = |host: &str, ttl: u64| {
+        let s = s.clone();
+        let host = host.to_string();
+        async move {
+            s.session_start(SessionSpec::new("sched", host).ttl(Duration::from_secs(ttl)))
+                .await
+                .unwrap()
+        }
+    };
+    let (sa, sb, sc) = (
+        start("ha", 600).await,
+        start("hb", 10).await,
+        start("hc", 600).await,
+    );
+    let one = ScheduleOptions {
+        strategy: Strategy::Rr,
+        max_count: 1,
+    };
+    for (host, session) in [("hb", &sb), ("ha", &sa), ("hc", &sc)] {
+        for ns in ["web", "solo"] {
+            if ns == "solo" && host != "hb" {
+                continue;
+            }
+            s.world(host)
+                .unwrap()
+                .schedule_register(ns, session, one.clone())
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(s.schedule_get("web").await.unwrap().unwrap().hosts, ["hb"]);
+    assert_eq!(s.schedule_get("solo").await.unwrap().unwrap().hosts, ["hb"]);
+    // hb's session passes its deadline; nobody sweeps.
+    std::mem::forget(sb);
+    h.clock.advance(Duration::from_secs(11));
+    let other = h.another_process().await;
+    for store in [s, &other] {
+        let web = store.schedule_get("web").await.unwrap().unwrap();
+        assert_eq!(web.hosts, ["ha"], "hb is dead: the next host is scheduled");
+        let regs: Vec<String> = store
+            .schedule_registrations("web")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.host)
+            .collect();
+        assert_eq!(regs, ["ha", "hc"]);
+        let solo = store.schedule_get("solo").await.unwrap().unwrap();
+        assert!(solo.hosts.is_empty(), "{solo:?}");
+    }
+    // The sweep then writes exactly what was answered.
+    s.sweep_sessions().await.unwrap();
+    assert_eq!(s.schedule_get("web").await.unwrap().unwrap().hosts, ["ha"]);
+    assert!(s
+        .schedule_get("solo")
+        .await
+        .unwrap()
+        .unwrap()
+        .hosts
+        .is_empty());
+    assert_eq!(s.schedule_get("nobody").await.unwrap(), None);
+}

@@ -352,26 +352,51 @@ impl Store {
     // ---- scheduler and membership ----
 
     /// The scheduled hosts of `namespace` (`None`: nobody ever registered).
+    ///
+    /// Never a host whose registration is no longer live: when a registered session passed its
+    /// deadline and no sweep has rewritten the schedule yet, the hosts are computed here from
+    /// the live registrations and the stored schedule, as that sweep will write them
+    /// ([`world::compute_schedule`]); `revision` and `updated_at` stay the stored schedule's.
     pub async fn schedule_get(&self, namespace: &str) -> Result<Option<Schedule>> {
         validate::name("scheduler namespace", namespace)?;
-        self.world_one(Space::Schedule, namespace)
+        let mut stored = WorldQuery::new(Space::Schedule);
+        stored.key = Some(namespace.to_string());
+        stored.limit = 1;
+        let [schedule, registrations]: [Vec<WorldRecord>; 2] = self
+            .world_snapshot(vec![stored, self.registrations_query(namespace)])
             .await?
-            .map(Schedule::try_from)
-            .transpose()
+            .try_into()
+            .map_err(|_| Error::Backend("the backend answered the wrong World queries".into()))?;
+        let Some(record) = schedule.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut schedule = Schedule::try_from(record)?;
+        let live = registrations
+            .into_iter()
+            .map(Registration::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        let (hosts, options) = world::compute_schedule(&live, &schedule.hosts);
+        schedule.hosts = hosts;
+        schedule.options = options;
+        Ok(Some(schedule))
     }
 
     /// The live registrations of `namespace`, by host.
     pub async fn schedule_registrations(&self, namespace: &str) -> Result<Vec<Registration>> {
         validate::name("scheduler namespace", namespace)?;
-        let mut q = WorldQuery::new(Space::Registration);
-        q.scope = Some(namespace.to_string());
-        q.live_at = Some(self.clock.now());
-        q.limit = fleetdb_core::query::LIST_PAGE_MAX;
-        self.world_query_all(q)
+        self.world_query_all(self.registrations_query(namespace))
             .await?
             .into_iter()
             .map(Registration::try_from)
             .collect()
+    }
+
+    fn registrations_query(&self, namespace: &str) -> WorldQuery {
+        let mut q = WorldQuery::new(Space::Registration);
+        q.scope = Some(namespace.to_string());
+        q.live_at = Some(self.clock.now());
+        q.limit = fleetdb_core::query::LIST_PAGE_MAX;
+        q
     }
 
     /// The live sessions (host, component, runtime info), by id.
