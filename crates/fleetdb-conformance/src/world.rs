@@ -1225,3 +1225,57 @@ pub async fn a_schedule_never_lists_an_expired_host(h: &Harness) {
         .is_empty());
     assert_eq!(s.schedule_get("nobody").await.unwrap(), None);
 }
+
+/// A deploy the chain refuses (its id taken, the previous one missing, a parent hash that
+/// does not match) is refused before any of its files is uploaded: the content store gets
+/// nothing (before, every file was stored first, garbage until a collection).
+pub async fn a_refused_deploy_uploads_nothing(h: &Harness) {
+    let s = &h.store;
+    let d = |id: u64, hash: Option<&str>, parent: Option<&str>, content: &str| DeployDraft {
+        id,
+        hash: hash.map(str::to_string),
+        parent_hash: parent.map(str::to_string),
+        payload: vec![],
+        files: vec![DeployFileDraft {
+            path: "etc/app.conf".into(),
+            mode: 0o644,
+            content: content.as_bytes().to_vec(),
+        }],
+    };
+    let first = s.deploy_add(d(1, Some("h1"), None, "one")).await.unwrap();
+    let refusals = [
+        (d(1, None, None, "taken"), "already"),
+        (
+            d(2, Some("h2"), Some("wrong"), "mismatch"),
+            "does not match",
+        ),
+        (d(3, None, None, "gap"), "previous deploy 2 does not exist"),
+    ];
+    for (draft, needle) in refusals {
+        let digest = fleetdb::core::world::sha256_digest(&draft.files[0].content);
+        let err = s.deploy_add(draft).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Refused { .. } | Error::AlreadyExists { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(needle), "{err}");
+        assert!(
+            s.blob_info(&digest).await.unwrap().is_none(),
+            "{needle}: the refused deploy's file was uploaded"
+        );
+    }
+    let blobs: Vec<String> = s
+        .blob_list(None, 10)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|b| b.digest)
+        .collect();
+    assert_eq!(blobs, [first.files[0].digest.clone()]);
+    assert!(s.lease_list("", None, 10).await.unwrap().items.is_empty());
+    // The chain accepts the right one.
+    s.deploy_add(d(2, Some("h2"), Some("h1"), "two"))
+        .await
+        .unwrap();
+}

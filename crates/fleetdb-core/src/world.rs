@@ -775,6 +775,58 @@ impl TryFrom<WorldRecord> for Deploy {
     }
 }
 
+/// The deploy chain's rules (`docs/design.md` invariant 27), decided from what the store holds:
+/// `exists`, whether deploy `d.id` is stored; `newest`, the highest stored id; `previous`,
+/// deploy `d.id - 1` if it is stored. The deploy's transaction decides with this; a caller
+/// may check with it first, on a read, to refuse before uploading anything.
+pub fn check_deploy_chain(
+    d: &DeployDraft,
+    exists: bool,
+    newest: Option<u64>,
+    previous: Option<&Deploy>,
+) -> Result<()> {
+    if exists {
+        return Err(Error::AlreadyExists {
+            what: format!("deploy {}", d.id),
+        });
+    }
+    // Pruning never removes the newest deploy, so it is the chain's high-water mark: an id at
+    // or below it was used (a pruned one, added again, would fork the chain).
+    if let Some(max) = newest {
+        if d.id <= max {
+            return Err(Error::AlreadyExists {
+                what: format!(
+                    "deploy {} (ids up to {max} are taken, pruned ones too)",
+                    d.id
+                ),
+            });
+        }
+    }
+    if d.id > 1 {
+        let Some(prev) = previous else {
+            return Err(Error::Refused {
+                what: format!("deploy {}", d.id),
+                reason: format!("the previous deploy {} does not exist", d.id - 1),
+            });
+        };
+        if let (Some(_), Some(parent)) = (&d.hash, &d.parent_hash) {
+            if prev.hash.as_deref() != Some(parent.as_str()) {
+                return Err(Error::Refused {
+                    what: format!("deploy {}", d.id),
+                    reason: format!(
+                        "parent hash {parent:?} does not match the hash of deploy {} ({})",
+                        d.id - 1,
+                        prev.hash
+                            .as_ref()
+                            .map_or("none".to_string(), |h| format!("{h:?}"))
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `sha256:<hex>` of `content`.
 pub fn sha256_digest(content: &[u8]) -> String {
     use sha2::Digest as _;

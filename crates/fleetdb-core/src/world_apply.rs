@@ -510,53 +510,17 @@ async fn add_deploy<T: TxRows + ?Sized>(
     now: Timestamp,
 ) -> Result<OpResult> {
     let key = deploy_key(d.id);
-    if rows.world_read(Space::Deploy, &key).await?.is_some() {
-        return Err(Error::AlreadyExists {
-            what: format!("deploy {}", d.id),
-        });
-    }
-    // Pruning never removes the newest deploy, so it is the chain's high-water mark: an id at
-    // or below it was used (a pruned one, added again, would fork the chain).
-    if let Some(max) = newest_deploy(rows).await? {
-        if d.id <= max {
-            return Err(Error::AlreadyExists {
-                what: format!(
-                    "deploy {} (ids up to {max} are taken, pruned ones too)",
-                    d.id
-                ),
-            });
-        }
-    }
-    if d.id > 1 {
-        let Some(prev) = rows
-            .world_read(Space::Deploy, &deploy_key(d.id - 1))
+    let exists = rows.world_read(Space::Deploy, &key).await?.is_some();
+    let newest = newest_deploy(rows).await?;
+    let previous = if d.id > 1 && !exists {
+        rows.world_read(Space::Deploy, &deploy_key(d.id - 1))
             .await?
-        else {
-            return Err(Error::Refused {
-                what: format!("deploy {}", d.id),
-                reason: format!("the previous deploy {} does not exist", d.id - 1),
-            });
-        };
-        if let (Some(_), Some(parent)) = (&d.hash, &d.parent_hash) {
-            let prev_meta: DeployMeta = world::Deploy::try_from(prev).map(|p| DeployMeta {
-                hash: p.hash,
-                parent_hash: p.parent_hash,
-                files: Vec::new(),
-            })?;
-            if prev_meta.hash.as_deref() != Some(parent.as_str()) {
-                return Err(Error::Refused {
-                    what: format!("deploy {}", d.id),
-                    reason: format!(
-                        "parent hash {parent:?} does not match the hash of deploy {} ({})",
-                        d.id - 1,
-                        prev_meta
-                            .hash
-                            .map_or("none".to_string(), |h| format!("{h:?}"))
-                    ),
-                });
-            }
-        }
-    }
+            .map(world::Deploy::try_from)
+            .transpose()?
+    } else {
+        None
+    };
+    world::check_deploy_chain(d, exists, newest, previous.as_ref())?;
     let mut files = Vec::with_capacity(d.files.len());
     for f in &d.files {
         let digest = sha256_digest(&f.content);

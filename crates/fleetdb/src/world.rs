@@ -227,6 +227,21 @@ impl Store {
     pub async fn deploy_add(&self, mut draft: DeployDraft) -> Result<Deploy> {
         draft.validate()?;
         let files = std::mem::take(&mut draft.files);
+        if !files.is_empty() {
+            // Refuse what the chain refuses before uploading anything (the transaction decides
+            // again: another deploy may land meanwhile).
+            let previous = match draft.id {
+                1 => None,
+                id => self.deploy_get(id - 1).await?,
+            };
+            let exists = self.deploy_get(draft.id).await?.is_some();
+            world::check_deploy_chain(
+                &draft,
+                exists,
+                self.deploy_max_id().await?,
+                previous.as_ref(),
+            )?;
+        }
         let lease = if files.is_empty() {
             None
         } else {
