@@ -1107,7 +1107,10 @@ async fn extract(store: &Store, id: u64, dir: &Path) -> Result<usize, Error> {
                 std::fs::create_dir_all(parent).map_err(|e| io("create it", parent, e))?;
             }
             std::fs::write(&path, content).map_err(|e| io("write it", &path, e))?;
-            set_mode(&path, f.mode).map_err(|e| io("set its mode", &path, e))?;
+            // Permission bits only, whatever a deploy stored before they were checked: never
+            // a setuid, setgid or sticky file.
+            set_mode(&path, f.mode & w::DEPLOY_FILE_MODE_MAX)
+                .map_err(|e| io("set its mode", &path, e))?;
         }
         Ok(())
     };

@@ -395,6 +395,29 @@ fn write_file(root: &Path, rel: &str, content: &[u8], mode: u32) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// A tree with a setuid, setgid or sticky file is refused (exit 2) naming the file and its
+/// mode; nothing is added. Before, the mode was stored and extracted as is.
+#[test]
+fn deploy_add_refuses_a_setuid_file_in_the_tree() {
+    let db = sqlite_db();
+    let tree = db.dir.path().join("tree");
+    write_file(&tree, "bin/ok", b"fine", 0o755);
+    for (mode, shown) in [(0o4755, "4755"), (0o1777, "1777")] {
+        write_file(&tree, "bin/su", b"root me", mode);
+        fails_with(
+            &db,
+            &["deploy", "add", "1", "--tree", "tree"],
+            2,
+            &format!(
+                "invalid deploy file mode \"{shown} of bin/su\": must be permission bits only"
+            ),
+        );
+    }
+    fails_with(&db, &["deploy", "get", "1"], 3, "deploy 1 not found");
+    write_file(&tree, "bin/su", b"root me", 0o755);
+    ok_json(&db, &["deploy", "add", "1", "--tree", "tree"]);
+}
+
 #[test]
 fn deploy_tree_round_trip_and_chain_refusals() {
     use std::os::unix::fs::PermissionsExt;

@@ -190,7 +190,8 @@ macro_rules! suite {
             a_sub_millisecond_ttl_is_rounded_up_not_refused,
             a_collect_of_many_pages_is_one_snapshot,
             a_schedule_never_lists_an_expired_host,
-            a_refused_deploy_uploads_nothing;
+            a_refused_deploy_uploads_nothing,
+            deploy_files_with_setuid_setgid_or_sticky_bits_are_refused;
             gc_keeps_roots_and_what_they_reference,
             malformed_reference_labels_are_rejected,
             a_blob_cannot_reference_an_object,

@@ -1279,3 +1279,37 @@ pub async fn a_refused_deploy_uploads_nothing(h: &Harness) {
         .await
         .unwrap();
 }
+
+/// A deploy tree carries permission bits only: a file with the setuid, setgid or sticky bit
+/// is refused with an error naming the file and its mode, before anything is uploaded (before,
+/// such a mode was stored and extracted as is: a setuid-root file on every host applying it).
+pub async fn deploy_files_with_setuid_setgid_or_sticky_bits_are_refused(h: &Harness) {
+    let s = &h.store;
+    let d = |mode: u32| DeployDraft {
+        id: 1,
+        hash: None,
+        parent_hash: None,
+        payload: vec![],
+        files: vec![DeployFileDraft {
+            path: "bin/tool".into(),
+            mode,
+            content: format!("mode {mode:o}").into_bytes(),
+        }],
+    };
+    for mode in [0o4755, 0o2755, 0o1777, 0o6755, 0o10644] {
+        let draft = d(mode);
+        let digest = fleetdb::core::world::sha256_digest(&draft.files[0].content);
+        match s.deploy_add(draft).await {
+            Err(Error::Invalid { field, value, .. }) => {
+                assert_eq!(field, "deploy file mode");
+                assert!(value.contains("bin/tool"), "{value}");
+                assert!(value.contains(&format!("{mode:o}")), "{value}");
+            }
+            other => panic!("mode {mode:o}: expected Invalid, got {other:?}"),
+        }
+        assert!(s.blob_info(&digest).await.unwrap().is_none());
+    }
+    assert_eq!(s.deploy_max_id().await.unwrap(), None);
+    let ok = s.deploy_add(d(0o755)).await.unwrap();
+    assert_eq!(ok.files[0].mode, 0o755);
+}

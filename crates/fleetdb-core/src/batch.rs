@@ -461,6 +461,7 @@ impl Op {
                 }
                 for f in stored {
                     world::validate_tree_path(&f.path)?;
+                    world::validate_file_mode(&f.path, f.mode)?;
                     world::validate_digest(&f.digest)?;
                 }
                 Ok(())

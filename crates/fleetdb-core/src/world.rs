@@ -678,13 +678,7 @@ impl DeployDraft {
         let mut paths: Vec<&str> = Vec::with_capacity(self.files.len());
         for f in &self.files {
             validate_tree_path(&f.path)?;
-            if f.mode > 0o7777 {
-                return Err(Error::invalid(
-                    "file mode",
-                    format!("{:o}", f.mode),
-                    "must be permission bits (at most 0o7777)",
-                ));
-            }
+            validate_file_mode(&f.path, f.mode)?;
             paths.push(&f.path);
         }
         paths.sort_unstable();
@@ -707,6 +701,24 @@ impl DeployDraft {
         }
         Ok(())
     }
+}
+
+/// The largest mode of a deploy file: read, write and execute bits for owner, group and others.
+pub const DEPLOY_FILE_MODE_MAX: u32 = 0o777;
+
+/// Check a deploy file's mode: permission bits only. The setuid, setgid and sticky bits are
+/// refused: a deploy is written out on every host that applies it, often as root, and must not
+/// install a setuid file there.
+pub fn validate_file_mode(path: &str, mode: u32) -> Result<()> {
+    if mode > DEPLOY_FILE_MODE_MAX {
+        return Err(Error::invalid(
+            "deploy file mode",
+            format!("{mode:04o} of {path}"),
+            "must be permission bits only (at most 0777): setuid, setgid and sticky bits are \
+             refused (clear them, e.g. chmod u-s,g-s,-t)",
+        ));
+    }
+    Ok(())
 }
 
 /// A relative path of a deploy tree: `/`-separated, no empty, `.` or `..` components.
