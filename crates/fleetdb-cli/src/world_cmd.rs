@@ -47,11 +47,19 @@ pub enum WorldScope {
     Members,
 }
 
+/// `--max-events`: a count of lines to print before exiting; 0 would print nothing.
+fn at_least_one(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be at least 1 (leave it out to run until interrupted)".into()),
+    }
+}
+
 /// Options of every streaming command.
 #[derive(Args, Debug, Clone)]
 pub struct StreamArgs {
-    /// Exit (status 0) after printing this many lines; the snapshot is one line.
-    #[arg(long)]
+    /// Exit (status 0) after printing this many lines (at least 1); the snapshot is one line.
+    #[arg(long, value_parser = at_least_one)]
     max_events: Option<u64>,
     /// Events buffered before a reader that falls behind is cut off (exit 6, `watch_lagged`).
     #[arg(long)]
@@ -309,8 +317,8 @@ pub enum ScheduleCmd {
         /// Component name recorded in the session.
         #[arg(long, default_value = "fleetdb-schedule")]
         component: String,
-        /// Exit (unregistering) after printing this many schedules.
-        #[arg(long)]
+        /// Exit (unregistering) after printing this many schedules (at least 1).
+        #[arg(long, value_parser = at_least_one)]
         max_events: Option<u64>,
     },
     /// Show the schedule of a namespace and its live registrations (exit 3 if nobody ever
@@ -504,9 +512,6 @@ async fn stream(
     req.viewer = viewer;
     req.buffer = s.buffer;
     let mut watch = store.watch(req).await?;
-    if s.max_events == Some(0) {
-        return Ok(());
-    }
     let stop = interrupted();
     tokio::pin!(stop);
     let mut printed = 0u64;
@@ -1403,9 +1408,6 @@ pub async fn schedule(store: &Store, fmt: Format, cmd: ScheduleCmd) -> Result<()
                         namespace: Some(scheduler.clone()),
                     }))
                     .await?;
-                if max_events == Some(0) {
-                    return Ok(());
-                }
                 let stop = interrupted();
                 tokio::pin!(stop);
                 let mut last: Option<Value> = None;

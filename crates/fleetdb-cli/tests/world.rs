@@ -395,6 +395,36 @@ fn write_file(root: &Path, rel: &str, content: &[u8], mode: u32) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// `--max-events 0` is refused (exit 2) naming the flag, by every streaming command; before,
+/// it exited at once, successfully, having printed nothing (`schedule register` registered
+/// and left again).
+#[test]
+fn max_events_zero_is_refused_naming_the_flag() {
+    let db = sqlite_db();
+    for args in [
+        &["watch", "--max-events", "0"][..],
+        &["kv", "watch", "--max-events", "0"],
+        &["schedule", "watch", "web", "--max-events", "0"],
+        &[
+            "schedule",
+            "register",
+            "web",
+            "--host",
+            "h1",
+            "--max-events",
+            "0",
+        ],
+    ] {
+        fails_with(
+            &db,
+            args,
+            2,
+            "invalid value '0' for '--max-events <MAX_EVENTS>': must be at least 1",
+        );
+    }
+    fails_with(&db, &["schedule", "show", "web"], 3, "not found");
+}
+
 /// A tree with a setuid, setgid or sticky file is refused (exit 2) naming the file and its
 /// mode; nothing is added. Before, the mode was stored and extracted as is.
 #[test]
