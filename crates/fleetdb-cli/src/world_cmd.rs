@@ -47,6 +47,35 @@ pub enum WorldScope {
     Members,
 }
 
+/// A record's TTL (`--ttl` of `export`, `kv set`, `kv cas`; `"ttl"` of `export sync`): positive
+/// and at most a week (`world::TTL_MAX_MS`), checked while parsing so that the message names
+/// the flag and the value as typed (the store's says milliseconds).
+fn record_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    let max = Duration::from_millis(w::TTL_MAX_MS);
+    if d.is_zero() || d > max {
+        return Err(format!(
+            "must be positive and at most a week ({})",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+/// `schedule register --ttl`: a session TTL, within the store's bounds.
+fn session_ttl(s: &str) -> Result<Duration, String> {
+    use fleetdb::core::work::{SESSION_TTL_MAX, SESSION_TTL_MIN};
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < SESSION_TTL_MIN || d > SESSION_TTL_MAX {
+        return Err(format!(
+            "a session TTL must be between {} and {}",
+            humantime::format_duration(SESSION_TTL_MIN),
+            humantime::format_duration(SESSION_TTL_MAX)
+        ));
+    }
+    Ok(d)
+}
+
 /// `--max-events`: a count of lines to print before exiting; 0 would print nothing.
 fn at_least_one(s: &str) -> Result<u64, String> {
     match s.parse::<u64>() {
@@ -113,7 +142,7 @@ pub struct ExportArgs {
     #[arg(long)]
     data_file: Option<PathBuf>,
     /// Remove the export this long after the write (default: it stays until unexported).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = record_ttl)]
     ttl: Option<Duration>,
     /// Hold this object (of the `-n` namespace) alive while the export lives (the garbage
     /// collector keeps it and what it references). Repeatable.
@@ -175,7 +204,7 @@ pub enum KvCmd {
         key: String,
         value: Option<String>,
         /// Remove the key this long after the write.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = record_ttl)]
         ttl: Option<Duration>,
     },
     /// Set a key only if its revision is R (0: only if it does not exist); exit 4 otherwise.
@@ -184,7 +213,7 @@ pub enum KvCmd {
         value: String,
         #[arg(long)]
         expect_revision: i64,
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = record_ttl)]
         ttl: Option<Duration>,
     },
     /// Delete a key (exit 3 if it does not exist).
@@ -312,7 +341,7 @@ pub enum ScheduleCmd {
         #[arg(long, default_value_t = 0)]
         max_count: u32,
         /// Session TTL: the host drops out this long after this command stops renewing.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = session_ttl)]
         ttl: Duration,
         /// Component name recorded in the session.
         #[arg(long, default_value = "fleetdb-schedule")]
@@ -695,10 +724,7 @@ pub async fn export(store: &Store, ns: &str, fmt: Format, a: ExportArgs) -> Resu
             };
             let ttl = r
                 .ttl
-                .map(|t| {
-                    humantime::parse_duration(&t)
-                        .map_err(|e| Error::invalid("export ttl", &t, e.to_string()))
-                })
+                .map(|t| record_ttl(&t).map_err(|e| Error::invalid("export ttl", &t, e)))
                 .transpose()?;
             let rec = ExportRecord {
                 id: ExportId::new(r.kind, r.name, r.to),

@@ -425,6 +425,72 @@ fn max_events_zero_is_refused_naming_the_flag() {
     fails_with(&db, &["schedule", "show", "web"], 3, "not found");
 }
 
+/// An out-of-range `--ttl` is refused naming the flag and the value as typed, with the bound
+/// in the units people type; before: `invalid ttl "691200000ms"` for `--ttl 8d`, `invalid
+/// session ttl "0ns"` for `--ttl 0s`.
+#[test]
+fn ttl_flags_name_the_flag_and_the_value_as_typed() {
+    let db = sqlite_db();
+    for (args, needle) in [
+        (
+            &["kv", "set", "k", "x", "--ttl", "8d"][..],
+            "invalid value '8d' for '--ttl <TTL>': must be positive and at most a week (7days)",
+        ),
+        (
+            &[
+                "kv",
+                "cas",
+                "k",
+                "x",
+                "--expect-revision",
+                "0",
+                "--ttl",
+                "0s",
+            ],
+            "invalid value '0s' for '--ttl <TTL>': must be positive and at most a week",
+        ),
+        (
+            &[
+                "export", "--host", "h1", "--kind", "k", "--name", "n", "--to", "*", "--data", "x",
+                "--ttl", "8d",
+            ],
+            "invalid value '8d' for '--ttl <TTL>': must be positive and at most a week",
+        ),
+        (
+            &["schedule", "register", "web", "--host", "h1", "--ttl", "0s"],
+            "invalid value '0s' for '--ttl <TTL>': a session TTL must be between 1s and 1h",
+        ),
+        (
+            &["schedule", "register", "web", "--host", "h1", "--ttl", "2h"],
+            "invalid value '2h' for '--ttl <TTL>': a session TTL must be between 1s and 1h",
+        ),
+    ] {
+        fails_with(&db, args, 2, needle);
+    }
+    // A record of `export sync` names its ttl as written too.
+    let file = db.dir.path().join("records.json");
+    std::fs::write(
+        &file,
+        r#"[{"kind": "k", "name": "n", "to": "*", "data": "x", "ttl": "8d"}]"#,
+    )
+    .unwrap();
+    fails_with(
+        &db,
+        &[
+            "export",
+            "sync",
+            "--host",
+            "h1",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        2,
+        "invalid export ttl \"8d\": must be positive and at most a week",
+    );
+    let ok = ok_json(&db, &["kv", "set", "k", "x", "--ttl", "7d"]);
+    assert!(ok["expires_at"].is_string());
+}
+
 /// A tree with a setuid, setgid or sticky file is refused (exit 2) naming the file and its
 /// mode; nothing is added. Before, the mode was stored and extracted as is.
 #[test]
