@@ -792,8 +792,10 @@ pub async fn collect(store: &Store, fmt: Format, a: CollectArgs) -> Result<(), E
             &items
                 .iter()
                 .map(|e| {
+                    // Another host's data: escaped, so the row stays one line and no control
+                    // sequence reaches the terminal.
                     let data = match std::str::from_utf8(&e.data) {
-                        Ok(s) => s.chars().take(60).collect(),
+                        Ok(s) => output::one_line(&s.chars().take(60).collect::<String>()),
                         Err(_) => format!("<{} bytes>", e.data.len()),
                     };
                     vec![
@@ -926,7 +928,7 @@ pub async fn kv(store: &Store, fmt: Format, cmd: KvCmd) -> Result<(), Error> {
                 |e| {
                     vec![
                         e.key.clone(),
-                        e.value.chars().take(60).collect(),
+                        output::one_line(&e.value.chars().take(60).collect::<String>()),
                         e.revision.to_string(),
                         e.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
                     ]
@@ -960,7 +962,7 @@ pub async fn map(store: &Store, fmt: Format, cmd: MapCmd) -> Result<(), Error> {
                     &["HOST", "VALUE"],
                     &values
                         .iter()
-                        .map(|(h, v)| vec![h.clone(), v.clone()])
+                        .map(|(h, v)| vec![h.clone(), output::one_line(v)])
                         .collect::<Vec<_>>(),
                 ),
             }
@@ -1250,7 +1252,7 @@ pub async fn deploy(store: &Store, fmt: Format, cmd: DeployCmd) -> Result<(), Er
                     println!("hash:        {}", d.hash.as_deref().unwrap_or("-"));
                     println!("parent hash: {}", d.parent_hash.as_deref().unwrap_or("-"));
                     match std::str::from_utf8(&d.payload) {
-                        Ok(s) if !s.is_empty() => println!("payload:     {s}"),
+                        Ok(s) if !s.is_empty() => println!("payload:     {}", output::one_line(s)),
                         _ => println!("payload:     {} bytes", d.payload.len()),
                     }
                     println!("created:     {}", d.created_at);

@@ -491,6 +491,41 @@ fn ttl_flags_name_the_flag_and_the_value_as_typed() {
     assert!(ok["expires_at"].is_string());
 }
 
+/// Another host's export data, a map value, a key's value or a deploy payload holding control
+/// characters (a newline, an escape sequence) is shown in a table escaped: each row stays one
+/// line and nothing reaches the terminal as a control sequence (before: printed raw).
+#[test]
+fn world_tables_escape_control_characters() {
+    let db = sqlite_db();
+    let nasty = "one\ntwo\u{1b}[31mred";
+    let shown = "one\\ntwo\\u{1b}[31mred";
+    ok_json(
+        &db,
+        &[
+            "export", "--host", "h1", "--kind", "k", "--name", "n", "--to", "*", "--data", nasty,
+        ],
+    );
+    ok_json(&db, &["map", "set", "m", nasty, "--host", "h1"]);
+    ok_json(&db, &["kv", "set", "key", nasty]);
+    ok_json(&db, &["deploy", "add", "1", "--payload", nasty]);
+    for args in [
+        &["collect", "--host", "h2"][..],
+        &["map", "get", "m"],
+        &["kv", "ls"],
+        &["deploy", "get", "1"],
+    ] {
+        let out = run(&db, args);
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.contains('\u{1b}'), "{args:?}: raw escape in {text:?}");
+        let line = text
+            .lines()
+            .find(|l| l.contains("one"))
+            .unwrap_or_else(|| panic!("{args:?}: {text:?}"));
+        assert!(line.contains(shown), "{args:?}: {line:?}");
+    }
+}
+
 /// A tree with a setuid, setgid or sticky file is refused (exit 2) naming the file and its
 /// mode; nothing is added. Before, the mode was stored and extracted as is.
 #[test]
