@@ -1313,3 +1313,62 @@ pub async fn deploy_files_with_setuid_setgid_or_sticky_bits_are_refused(h: &Harn
     let ok = s.deploy_add(d(0o755)).await.unwrap();
     assert_eq!(ok.files[0].mode, 0o755);
 }
+
+/// A schedule watch's snapshot, like `schedule_get`, never lists a host whose registration is
+/// no longer live, swept or not: it holds the schedule the sweep will write; the sweep's
+/// change follows (before, the snapshot held the dead host until that change).
+pub async fn a_schedule_watch_snapshot_never_lists_an_expired_host(h: &Harness) {
+    let s = &h.store;
+    let sa = s
+        .session_start(SessionSpec::new("sched", "ha").ttl(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    let sb = s
+        .session_start(SessionSpec::new("sched", "hb").ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let opts = ScheduleOptions {
+        strategy: Strategy::Rr,
+        max_count: 0,
+    };
+    s.world("hb")
+        .unwrap()
+        .schedule_register("web", &sb, opts.clone())
+        .await
+        .unwrap();
+    s.world("ha")
+        .unwrap()
+        .schedule_register("web", &sa, opts)
+        .await
+        .unwrap();
+    std::mem::forget(sb);
+    h.clock.advance(Duration::from_secs(11));
+    for namespace in [Some("web".to_string()), None] {
+        let mut w = s
+            .watch(WatchRequest::new(WatchScope::Schedule { namespace }))
+            .await
+            .unwrap();
+        let WatchEvent::Snapshot { items, .. } = next(&mut w).await else {
+            panic!("a snapshot first");
+        };
+        assert_eq!(items.len(), 1);
+        assert_eq!(
+            items[0].new_value.as_ref().unwrap()["meta"]["hosts"],
+            serde_json::json!(["ha"]),
+            "the dead host hb is not scheduled"
+        );
+    }
+    let mut w = s
+        .watch(WatchRequest::new(WatchScope::Schedule {
+            namespace: Some("web".into()),
+        }))
+        .await
+        .unwrap();
+    next(&mut w).await;
+    s.sweep_sessions().await.unwrap();
+    let c = next_change(&mut w).await;
+    assert_eq!(
+        c.new_value.as_ref().unwrap()["meta"]["hosts"],
+        serde_json::json!(["ha"])
+    );
+}

@@ -987,6 +987,29 @@ pub fn compute_schedule(
     (out, options)
 }
 
+/// The stored `meta` of a schedule record.
+pub fn schedule_meta(namespace: &str, hosts: &[String], options: &ScheduleOptions) -> String {
+    serde_json::json!({
+        "namespace": namespace,
+        "hosts": hosts,
+        "options": options,
+    })
+    .to_string()
+}
+
+/// A stored schedule record as the namespace's LIVE registrations `live` have it now: hosts
+/// and options recomputed with the stored hosts as the previous order, which is what the sweep
+/// of a dead registration writes; revision and times stay the stored record's. Reads answer
+/// with this, so no read lists a host whose registration is no longer live (swept or not).
+pub fn schedule_record_live(mut r: WorldRecord, live: &[Registration]) -> Result<WorldRecord> {
+    let stored = Schedule::try_from(r.clone())?;
+    let (hosts, options) = compute_schedule(live, &stored.hosts);
+    if hosts != stored.hosts || options != stored.options {
+        r.meta = Some(schedule_meta(&stored.namespace, &hosts, &options));
+    }
+    Ok(r)
+}
+
 fn epoch() -> Timestamp {
     Timestamp::EPOCH
 }

@@ -631,14 +631,11 @@ pub(crate) async fn reschedule<T: TxRows + ?Sized>(
     };
     let mut rec = WorldRecord::new(Space::Schedule, namespace, now);
     rec.scope = namespace.to_string();
-    rec.meta = Some(
-        serde_json::json!({
-            "namespace": schedule.namespace,
-            "hosts": schedule.hosts,
-            "options": schedule.options,
-        })
-        .to_string(),
-    );
+    rec.meta = Some(world::schedule_meta(
+        &schedule.namespace,
+        &schedule.hosts,
+        &schedule.options,
+    ));
     put(rows, rec, stored.as_ref(), now).await?;
     Ok(())
 }

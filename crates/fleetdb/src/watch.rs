@@ -686,6 +686,11 @@ impl Store {
                 let mut q = world_scan(Space::Schedule);
                 q.scope = namespace.clone();
                 queries.push(q);
+                // The live registrations, read in the same snapshot: a schedule is shown as
+                // they have it (see `world::schedule_record_live`).
+                let mut regs = world_scan(Space::Registration);
+                regs.scope = namespace.clone();
+                queries.push(regs);
             }
             WatchScope::Members => {
                 let mut after: Option<String> = None;
@@ -715,7 +720,23 @@ impl Store {
             }
         }
         // Every page from one snapshot: a write landing between two pages is wholly in or out.
-        for records in self.backend.world_list_all(&queries).await? {
+        let mut answers = self.backend.world_list_all(&queries).await?;
+        if let WatchScope::Schedule { .. } = scope {
+            let registrations = answers.pop().unwrap_or_default();
+            let mut live: HashMap<String, Vec<world::Registration>> = HashMap::new();
+            for r in registrations {
+                live.entry(r.scope.clone())
+                    .or_default()
+                    .push(world::Registration::try_from(r)?);
+            }
+            for schedules in &mut answers {
+                for r in schedules.iter_mut() {
+                    let regs = live.get(&r.scope).map_or(&[][..], Vec::as_slice);
+                    *r = world::schedule_record_live(r.clone(), regs)?;
+                }
+            }
+        }
+        for records in answers {
             for r in records {
                 let kind = match r.space {
                     Space::Export => r.kind.clone(),

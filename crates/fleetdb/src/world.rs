@@ -385,15 +385,11 @@ impl Store {
         let Some(record) = schedule.into_iter().next() else {
             return Ok(None);
         };
-        let mut schedule = Schedule::try_from(record)?;
         let live = registrations
             .into_iter()
             .map(Registration::try_from)
             .collect::<Result<Vec<_>>>()?;
-        let (hosts, options) = world::compute_schedule(&live, &schedule.hosts);
-        schedule.hosts = hosts;
-        schedule.options = options;
-        Ok(Some(schedule))
+        Schedule::try_from(world::schedule_record_live(record, &live)?).map(Some)
     }
 
     /// The live registrations of `namespace`, by host.
