@@ -459,12 +459,10 @@ impl Op {
                          first, as Store::deploy_add does), not their contents",
                     ));
                 }
-                for f in stored {
-                    world::validate_tree_path(&f.path)?;
-                    world::validate_file_mode(&f.path, f.mode)?;
-                    world::validate_digest(&f.digest)?;
-                }
-                Ok(())
+                world::validate_tree(stored.iter().map(|f| (f.path.as_str(), f.mode, f.size)))?;
+                stored
+                    .iter()
+                    .try_for_each(|f| world::validate_digest(&f.digest))
             }
             Op::DeployPrune { before } => {
                 if *before > i64::MAX as u64 {

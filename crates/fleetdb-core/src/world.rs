@@ -660,47 +660,60 @@ impl DeployDraft {
                 max: DEPLOY_PAYLOAD_BYTES_MAX,
             });
         }
-        if self.files.len() > DEPLOY_FILES_MAX {
-            return Err(Error::invalid(
-                "deploy tree",
-                format!("{} files", self.files.len()),
-                format!("at most {DEPLOY_FILES_MAX} files"),
-            ));
-        }
-        let total: usize = self.files.iter().map(|f| f.content.len()).sum();
-        if total > DEPLOY_TREE_BYTES_MAX {
-            return Err(Error::TooLarge {
-                field: "deploy tree".into(),
-                size: total,
-                max: DEPLOY_TREE_BYTES_MAX,
-            });
-        }
-        let mut paths: Vec<&str> = Vec::with_capacity(self.files.len());
-        for f in &self.files {
-            validate_tree_path(&f.path)?;
-            validate_file_mode(&f.path, f.mode)?;
-            paths.push(&f.path);
-        }
-        paths.sort_unstable();
-        if let Some(w) = paths.windows(2).find(|w| w[0] == w[1]) {
-            return Err(Error::invalid("deploy tree path", w[0], "appears twice"));
-        }
-        // No file may also be a directory of another (`a` and `a/b`): such a tree could not
-        // be written out.
-        let files: std::collections::HashSet<&str> = paths.iter().copied().collect();
-        for p in &paths {
-            for (i, _) in p.match_indices('/') {
-                if files.contains(&p[..i]) {
-                    return Err(Error::invalid(
-                        "deploy tree path",
-                        &p[..i],
-                        format!("is a file and also a directory of {p:?}"),
-                    ));
-                }
+        validate_tree(
+            self.files
+                .iter()
+                .map(|f| (f.path.as_str(), f.mode, f.content.len() as u64)),
+        )
+    }
+}
+
+/// The rules of every deploy tree, whatever carries it (a draft's contents, or an op's stored
+/// digests — the op is what a remote client sends): at most [`DEPLOY_FILES_MAX`] files of
+/// [`DEPLOY_TREE_BYTES_MAX`] bytes together, each path valid ([`validate_tree_path`]) and its
+/// mode permission bits ([`validate_file_mode`]), no path twice, and none a file and also a
+/// directory of another (`a` and `a/b`: such a tree could not be written out).
+/// `files`: (path, mode, size).
+pub fn validate_tree<'a>(files: impl ExactSizeIterator<Item = (&'a str, u32, u64)>) -> Result<()> {
+    if files.len() > DEPLOY_FILES_MAX {
+        return Err(Error::invalid(
+            "deploy tree",
+            format!("{} files", files.len()),
+            format!("at most {DEPLOY_FILES_MAX} files"),
+        ));
+    }
+    let mut paths: Vec<&str> = Vec::with_capacity(files.len());
+    let mut total: u64 = 0;
+    for (path, mode, size) in files {
+        total = total.saturating_add(size);
+        validate_tree_path(path)?;
+        validate_file_mode(path, mode)?;
+        paths.push(path);
+    }
+    if total > DEPLOY_TREE_BYTES_MAX as u64 {
+        return Err(Error::TooLarge {
+            field: "deploy tree".into(),
+            size: usize::try_from(total).unwrap_or(usize::MAX),
+            max: DEPLOY_TREE_BYTES_MAX,
+        });
+    }
+    paths.sort_unstable();
+    if let Some(w) = paths.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::invalid("deploy tree path", w[0], "appears twice"));
+    }
+    let set: std::collections::HashSet<&str> = paths.iter().copied().collect();
+    for p in &paths {
+        for (i, _) in p.match_indices('/') {
+            if set.contains(&p[..i]) {
+                return Err(Error::invalid(
+                    "deploy tree path",
+                    &p[..i],
+                    format!("is a file and also a directory of {p:?}"),
+                ));
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The largest mode of a deploy file: read, write and execute bits for owner, group and others.
@@ -1264,6 +1277,59 @@ mod tests {
             sha256_digest(b""),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    /// A deploy op's stored digests keep the tree rules a draft keeps (the op is what a remote
+    /// client sends; before, only each path and digest was checked).
+    #[test]
+    fn a_deploy_ops_stored_tree_keeps_the_tree_rules() {
+        use crate::batch::Op;
+        let file = |path: &str, size: u64| DeployFile {
+            path: path.into(),
+            mode: 0o644,
+            digest: sha256_digest(path.as_bytes()),
+            size,
+        };
+        let op = |stored: Vec<DeployFile>| Op::DeployAdd {
+            deploy: DeployDraft {
+                id: 1,
+                hash: None,
+                parent_hash: None,
+                payload: vec![],
+                files: vec![],
+            },
+            stored,
+        };
+        let limits = crate::Limits::default();
+        assert!(op(vec![file("a", 1), file("b/c", 2)])
+            .validate(&limits)
+            .is_ok());
+        let refused = |stored: Vec<DeployFile>, needle: &str| {
+            let err = op(stored).validate(&limits).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        };
+        refused(
+            vec![file("a", 1), file("a/b", 1)],
+            "is a file and also a directory",
+        );
+        refused(vec![file("a", 1), file("a", 1)], "appears twice");
+        refused(
+            (0..=DEPLOY_FILES_MAX)
+                .map(|i| file(&format!("f{i}"), 0))
+                .collect(),
+            "at most 10000 files",
+        );
+        refused(
+            vec![file("a", DEPLOY_TREE_BYTES_MAX as u64), file("b", 1)],
+            "deploy tree is 67108865 bytes",
+        );
+        refused(
+            vec![file("a", u64::MAX), file("b", u64::MAX)],
+            "deploy tree is",
+        );
+        let mut setuid = file("a", 1);
+        setuid.mode = 0o4755;
+        refused(vec![setuid], "deploy file mode");
     }
 
     #[test]
