@@ -792,10 +792,10 @@ pub async fn collect(store: &Store, fmt: Format, a: CollectArgs) -> Result<(), E
             &items
                 .iter()
                 .map(|e| {
-                    // Another host's data: escaped, so the row stays one line and no control
-                    // sequence reaches the terminal.
+                    // Another host's data: `output::table` escapes it, so the row stays one
+                    // line and no control sequence reaches the terminal.
                     let data = match std::str::from_utf8(&e.data) {
-                        Ok(s) => output::one_line(&s.chars().take(60).collect::<String>()),
+                        Ok(s) => s.chars().take(60).collect(),
                         Err(_) => format!("<{} bytes>", e.data.len()),
                     };
                     vec![
@@ -928,7 +928,7 @@ pub async fn kv(store: &Store, fmt: Format, cmd: KvCmd) -> Result<(), Error> {
                 |e| {
                     vec![
                         e.key.clone(),
-                        output::one_line(&e.value.chars().take(60).collect::<String>()),
+                        e.value.chars().take(60).collect(),
                         e.revision.to_string(),
                         e.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
                     ]
@@ -962,7 +962,7 @@ pub async fn map(store: &Store, fmt: Format, cmd: MapCmd) -> Result<(), Error> {
                     &["HOST", "VALUE"],
                     &values
                         .iter()
-                        .map(|(h, v)| vec![h.clone(), output::one_line(v)])
+                        .map(|(h, v)| vec![h.clone(), v.clone()])
                         .collect::<Vec<_>>(),
                 ),
             }
