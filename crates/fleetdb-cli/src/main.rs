@@ -4,6 +4,7 @@
 mod gc_cmd;
 mod import_cmd;
 mod output;
+mod watchdog;
 mod work_cmd;
 mod worker;
 mod world_cmd;

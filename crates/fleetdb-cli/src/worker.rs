@@ -16,7 +16,9 @@
 //! - `--timeout`: a run longer than that gets SIGTERM, then SIGKILL after `--grace`, and fails
 //!   with the cause "timed out after …" (and the backoff) unless it still exited 0.
 //! - If the session is lost, CMD's process group is killed at once and the worker exits with
-//!   `SessionExpired`: the claim may already be someone else's.
+//!   `SessionExpired`: the claim may already be someone else's. A worker that cannot act (stopped
+//!   by SIGSTOP or Ctrl-Z) has its watchdog ([`crate::watchdog`], Linux) kill CMD's group just
+//!   before the session's deadline instead.
 //! - CMD's stderr is passed through as it comes (with `--concurrency` above 1, line by line, each
 //!   after its object); only its last [`CAUSE_TAIL_BYTES`] are kept.
 //! - Recording a run's outcome is tried again while it fails transiently ([`record`]); a run whose
@@ -39,6 +41,8 @@ use tokio::process::{Child, ChildStderr, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::watchdog::Watchdog;
 
 /// The worker's own messages (`eprintln!` that never blocks nor panics; see [`say`]).
 macro_rules! say {
@@ -270,11 +274,21 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
     // Signals are watched from the start, so one that comes while a command runs is handled, not
     // fatal (its default action would kill the worker and leave the command and the claim).
     let stop = watch_signals(a.grace)?;
+    // Started before the session: no command runs without it.
+    let watchdog =
+        Arc::new(Watchdog::start().map_err(|e| {
+            Error::Backend(format!("cannot start the worker's watchdog process: {e}"))
+        })?);
     let host = a.host.clone().unwrap_or_else(default_host);
     let spec = SessionSpec::new(&a.component, &host)
         .runtime_info(runtime_info(std::process::id(), &a.command))
         .ttl(a.ttl);
     let session = store.session_start(spec).await?;
+    watchdog.deadline(session.deadline());
+    let _deadlines = AbortOnDrop(tokio::spawn(tell_deadlines(
+        session.clone(),
+        watchdog.clone(),
+    )));
     say!(
         "worker: session {} ({} on {host}) claiming {} work",
         session.id(),
@@ -287,6 +301,7 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
         db_url: &db_url,
         a: &a,
         backoff: &backoff,
+        watchdog: &watchdog,
     };
     let result = worker.run(stop).await;
     if !session.is_expired() {
@@ -347,6 +362,7 @@ struct Worker<'a> {
     db_url: &'a str,
     a: &'a WorkerArgs,
     backoff: &'a Backoff,
+    watchdog: &'a Watchdog,
 }
 
 impl Worker<'_> {
@@ -422,7 +438,7 @@ impl Worker<'_> {
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = spawn_in_own_group(cmd).map_err(|e| {
+        let mut child = spawn_in_own_group(cmd, self.watchdog).map_err(|e| {
             Error::invalid(
                 "command",
                 a.command.join(" "),
@@ -436,7 +452,7 @@ impl Worker<'_> {
             .stderr
             .take()
             .map(|s| AbortOnDrop(tokio::spawn(tee_stderr(s, prefix, tail.clone()))));
-        let ended = supervise(&mut child, session, a, &mut stop).await;
+        let ended = supervise(&mut child, session, a, &mut stop, self.watchdog).await;
         if let Some(mut tee) = tee {
             let _ = tokio::time::timeout(STDERR_LINGER, &mut tee.0).await;
         }
@@ -617,8 +633,10 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Starts `cmd` as the leader of a new process group; on Linux it also dies with the worker.
-fn spawn_in_own_group(mut cmd: Command) -> std::io::Result<Child> {
+/// Starts `cmd` as the leader of a new process group, announced to the worker's watchdog before
+/// it runs (so it dies at the session's deadline even if the worker is stopped); on Linux it also
+/// dies with the worker.
+fn spawn_in_own_group(mut cmd: Command, watchdog: &Watchdog) -> std::io::Result<Child> {
     cmd.process_group(0);
     #[cfg(target_os = "linux")]
     {
@@ -638,6 +656,14 @@ fn spawn_in_own_group(mut cmd: Command) -> std::io::Result<Child> {
             });
         }
     }
+    // Last before exec (closures run in the order given), once nothing else can fail.
+    if let Some(fd) = watchdog.fd() {
+        // SAFETY: the closure runs in the forked child before exec and makes async-signal-safe
+        // calls only (getpid, send); its error is built without allocating.
+        unsafe {
+            cmd.pre_exec(move || crate::watchdog::announce(fd));
+        }
+    }
     cmd.spawn()
 }
 
@@ -651,6 +677,23 @@ fn signal_group(pid: Option<u32>, sig: libc::c_int) {
     }
 }
 
+/// How often the watchdog is told the session's deadline (when a renewal moved it).
+const DEADLINE_TELL: Duration = Duration::from_millis(25);
+
+/// Tells the watchdog the session's deadline as renewals move it.
+async fn tell_deadlines(session: Session, watchdog: Arc<Watchdog>) {
+    let mut told = None;
+    let mut tick = tokio::time::interval(DEADLINE_TELL);
+    loop {
+        tick.tick().await;
+        let deadline = session.deadline();
+        if told != Some(deadline) {
+            watchdog.deadline(deadline);
+            told = Some(deadline);
+        }
+    }
+}
+
 /// Waits for a run of the command, signalling it when the worker stops, when `--timeout` passes
 /// (SIGTERM, then SIGKILL after `--grace`) and when the session is lost (SIGKILL).
 async fn supervise(
@@ -658,9 +701,13 @@ async fn supervise(
     session: &Session,
     a: &WorkerArgs,
     stop: &mut watch::Receiver<Stop>,
+    watchdog: &Watchdog,
 ) -> Ended {
     // Dropped before the command was reaped (another run ended the worker): kill its group.
-    let mut guard = GroupGuard(child.id());
+    let mut guard = GroupGuard {
+        pid: child.id(),
+        watchdog,
+    };
     let mut run = Run {
         pid: child.id(),
         grace: a.grace,
@@ -678,7 +725,7 @@ async fn supervise(
         let kill_at = run.kill_at.filter(|_| !run.killed);
         tokio::select! {
             status = child.wait() => {
-                guard.0 = None; // reaped: its pid (the group's id) may be reused
+                guard.reaped();
                 return match status {
                     Ok(status) => {
                         // Killed by a stop signal that reached it with the worker's own (systemd
@@ -700,7 +747,7 @@ async fn supervise(
                 if session.is_expired() {
                     run.kill();
                     let _ = child.wait().await;
-                    guard.0 = None;
+                    guard.reaped();
                     return Ended::SessionLost;
                 }
             }
@@ -751,12 +798,28 @@ async fn stop_comes(stop: &mut watch::Receiver<Stop>, within: Duration) -> bool 
     tokio::time::timeout(within, told).await.unwrap_or(false)
 }
 
-/// Kills a command's process group when dropped, unless disarmed (`None`) once it was reaped.
-struct GroupGuard(Option<u32>);
+/// Kills a command's process group when dropped, unless disarmed ([`GroupGuard::reaped`]) once
+/// it was reaped; either way the group is then no longer the watchdog's to kill.
+struct GroupGuard<'a> {
+    pid: Option<u32>,
+    watchdog: &'a Watchdog,
+}
 
-impl Drop for GroupGuard {
+impl GroupGuard<'_> {
+    /// The command was reaped: its pid (the group's id) may be reused.
+    fn reaped(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            self.watchdog.done(pid);
+        }
+    }
+}
+
+impl Drop for GroupGuard<'_> {
     fn drop(&mut self) {
-        signal_group(self.0, libc::SIGKILL);
+        signal_group(self.pid, libc::SIGKILL);
+        if let Some(pid) = self.pid.take() {
+            self.watchdog.done(pid);
+        }
     }
 }
 

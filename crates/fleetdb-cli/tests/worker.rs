@@ -1153,6 +1153,104 @@ fn a_closed_session_kills_the_command_and_ends_the_worker() {
     assert!(h["items"][0]["token"].as_i64().unwrap() > token);
 }
 
+/// The state letter of process `pid` in /proc (`T`: stopped), if it exists.
+fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A worker stopped with SIGSTOP (or a terminal's Ctrl-Z, a debugger) cannot kill its command
+/// when its session expires: found by a soak, the command ran on beside the command of the worker
+/// that took the object over, until the stopped worker was continued. The worker's watchdog (a
+/// process of its own) kills it at the session's deadline: the next worker's command, started
+/// on the object while the first worker is still stopped, finds the first command gone; the
+/// first worker, continued, exits with `session_expired`.
+#[test]
+fn a_stopped_workers_command_dies_at_its_sessions_deadline() {
+    let (dir, url) = sqlite_store("Provision", &["m1"]);
+    let d = dir.path();
+    let pidfile = d.join("command.pid");
+    let a = fleetdb(&url, d)
+        .env("PIDFILE", &pidfile)
+        .args(worker_args(
+            "stopped",
+            "Provision",
+            "kind = machine",
+            &["--ttl", "1s", "--once"],
+            &["sh", "-c", "echo $$ > \"$PIDFILE\"; exec sleep 30"],
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut a = Killed(a);
+    wait_for("A's command to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let command_pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    let token = json(&url, d, &["work", "ls"])[0]["token"].as_i64().unwrap();
+    send(&a.0, "STOP");
+    wait_for("A to stop", Duration::from_secs(5), || {
+        state(a.0.id()) == Some('T')
+    });
+
+    // B takes m1 over once A's session is past its deadline; its command checks that A's is gone
+    // (dead, or a zombie its stopped parent has not reaped), and fails if it still runs.
+    let check = format!(
+        "s=$(sed 's/.*) //' /proc/{command_pid}/stat 2>/dev/null | cut -c1); \
+         test -z \"$s\" || test \"$s\" = Z"
+    );
+    let b = fleetdb(&url, d)
+        .args(worker_args(
+            "rescuer",
+            "Provision",
+            "kind = machine",
+            &["--ttl", "5s"],
+            &["sh", "-c", &check],
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut b = Killed(b);
+    wait_for("B to take m1 over", Duration::from_secs(30), || {
+        events(&url, d)
+            .iter()
+            .any(|(e, c)| c == "rescuer" && e != "Started")
+    });
+    assert_eq!(state(a.0.id()), Some('T'), "A was stopped all along");
+    send(&b.0, "TERM");
+    wait_exit(&mut b.0, Duration::from_secs(10));
+    let ev: Vec<(String, String)> = events(&url, d).into_iter().take(4).collect();
+    assert_eq!(
+        ev,
+        vec![
+            ("Started".to_string(), "stopped".to_string()),
+            ("Expired".to_string(), "stopped".to_string()),
+            ("Started".to_string(), "rescuer".to_string()),
+            ("Finished".to_string(), "rescuer".to_string()),
+        ],
+        "B's command found A's still running if it failed"
+    );
+    assert!(!running(&command_pid), "A's command is dead");
+
+    // Continued, A finds its session lost: exit 4, nothing recorded for its token.
+    send(&a.0, "CONT");
+    let status = wait_exit(&mut a.0, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(4), "session_expired");
+    let h = json(&url, d, &["history", "machine", "m1"]);
+    let a_rows = h["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["token"] == token)
+        .count();
+    assert_eq!(a_rows, 2, "A's claim: Started and Expired only: {h}");
+}
+
 /// Several worker processes on one SQLite file (the embedded default, shared by separate
 /// processes; each command another process writing through its claim), while yet another
 /// process holds the database's write lock now and then: every object runs exactly once, every run is recorded `Finished`, and no session expires or
