@@ -1118,12 +1118,7 @@ impl PostgresBackend {
                 let rows = self
                     .query_retrying(work::HISTORY_PRUNE, &[&before.0, &limit])
                     .await?;
-                let n: i64 = rows
-                    .first()
-                    .ok_or_else(|| Error::Backend("a history prune returned no row".into()))?
-                    .try_get(0)
-                    .map_err(db_err)?;
-                Ok(u64::try_from(n).unwrap_or(0))
+                count_of(&rows, "a history prune")
             },
         )
         .await
@@ -1605,6 +1600,17 @@ async fn prepare_claim(
 
 /// A failed prepare: nothing was run, so a connection gone is a transient failure (the work runs
 /// again on another connection).
+/// The count in the first column of a statement's one row (`what` names the statement in the
+/// error when there is no row); a negative count reads as 0.
+fn count_of(rows: &[tokio_postgres::Row], what: &str) -> Result<u64> {
+    let n: i64 = rows
+        .first()
+        .ok_or_else(|| Error::Backend(format!("{what} returned no row")))?
+        .try_get(0)
+        .map_err(db_err)?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 pub(crate) fn prepare_failed(e: &tokio_postgres::Error) -> Failure {
     crate::error::gone_before_commit(e).unwrap_or_else(|| classify(e))
 }
@@ -1812,12 +1818,7 @@ impl Backend for PostgresBackend {
         let before = Revision(before.0.min(settled.0.saturating_add(1)));
         let floor = before.0.saturating_sub(1);
         let rows = self.query(sql::COMPACT, &[&before.0, &floor]).await?;
-        let deleted: i64 = rows
-            .first()
-            .ok_or_else(|| Error::Backend("compaction returned no row".to_string()))?
-            .try_get(0)
-            .map_err(db_err)?;
-        Ok(u64::try_from(deleted).unwrap_or(0))
+        count_of(&rows, "compaction")
     }
 
     async fn revision(&self) -> Result<RevisionInfo> {
@@ -2289,12 +2290,7 @@ impl Backend for PostgresBackend {
         let selector = Selector::parse(selector)?;
         let (sql, params) = work::count_sql(&selector, now);
         let rows = self.query_selector(&sql, &params).await?;
-        let n: i64 = rows
-            .first()
-            .ok_or_else(|| Error::Backend("count returned no row".to_string()))?
-            .try_get(0)
-            .map_err(db_err)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        count_of(&rows, "count")
     }
 }
 
