@@ -162,12 +162,12 @@ pub struct WorkerArgs {
     /// Commands run at once (1 to 1024), each on its own claimed object, under one session.
     #[arg(long, default_value_t = 1, value_parser = concurrency)]
     concurrency: usize,
-    /// Session TTL.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Session TTL (1s to 1h).
+    #[arg(long, default_value = "10s", value_parser = crate::world_cmd::session_ttl)]
     ttl: Duration,
     /// Backoff after a failure: INITIAL,MAX,EXPONENT[,JITTER].
-    #[arg(long, default_value = "1s,10m,2")]
-    backoff: String,
+    #[arg(long, default_value = "1s,10m,2", value_parser = parse_backoff)]
+    backoff: Backoff,
     /// Longest a run of the command may take: then it gets SIGTERM (SIGKILL after --grace) and
     /// the run fails with "timed out". Default: no limit.
     #[arg(long, value_parser = positive_duration)]
@@ -182,6 +182,14 @@ pub struct WorkerArgs {
     /// The program to run for each claimed object, with its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+/// `--backoff`, checked while parsing so that the message names the flag and the value as typed.
+fn parse_backoff(s: &str) -> Result<Backoff, String> {
+    Backoff::parse(s).map_err(|e| match e {
+        Error::Invalid { rule, .. } => rule,
+        e => e.to_string(),
+    })
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
@@ -261,7 +269,7 @@ enum Signalled {
 
 /// `fleetdb worker … -- CMD ARGS`: claim objects and run CMD for each, heartbeating meanwhile.
 pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Error> {
-    let backoff = Backoff::parse(&a.backoff)?;
+    let backoff = a.backoff;
     fleetdb::core::selector::Selector::parse(&a.selector)?;
     let most = fleetdb::core::work::CLAIM_BATCH_MAX;
     if a.limit == 0 || a.limit > most {

@@ -62,8 +62,8 @@ fn record_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `schedule register --ttl`: a session TTL, within the store's bounds.
-fn session_ttl(s: &str) -> Result<Duration, String> {
+/// `schedule register --ttl`, `worker --ttl`: a session TTL, within the store's bounds.
+pub(crate) fn session_ttl(s: &str) -> Result<Duration, String> {
     use fleetdb::core::work::{SESSION_TTL_MAX, SESSION_TTL_MIN};
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d < SESSION_TTL_MIN || d > SESSION_TTL_MAX {
@@ -84,14 +84,25 @@ fn at_least_one(s: &str) -> Result<u64, String> {
     }
 }
 
+/// `--buffer`: events a watch may hold for a slow reader, within the store's bounds (checked
+/// while parsing so that the message names the flag).
+fn watch_buffer(s: &str) -> Result<usize, String> {
+    let max = fleetdb::watch::WATCH_BUFFER_MAX;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be between 1 and {max}")),
+    }
+}
+
 /// Options of every streaming command.
 #[derive(Args, Debug, Clone)]
 pub struct StreamArgs {
     /// Exit (status 0) after printing this many lines (at least 1); the snapshot is one line.
     #[arg(long, value_parser = at_least_one)]
     max_events: Option<u64>,
-    /// Events buffered before a reader that falls behind is cut off (exit 6, `watch_lagged`).
-    #[arg(long)]
+    /// Events buffered before a reader that falls behind is cut off (exit 6, `watch_lagged`;
+    /// 1 to 1048576).
+    #[arg(long, value_parser = watch_buffer)]
     buffer: Option<usize>,
 }
 

@@ -425,6 +425,68 @@ fn max_events_zero_is_refused_naming_the_flag() {
     fails_with(&db, &["schedule", "show", "web"], 3, "not found");
 }
 
+/// An out-of-range `--buffer` (every streaming command), worker `--ttl` or worker `--backoff`
+/// is refused (exit 2) naming the flag and the value as typed; before: `invalid watch buffer
+/// "0"`, `invalid session ttl "0ns"` for `--ttl 0s`, `invalid backoff initial "0ns"` for
+/// `--backoff 0s,1m,2`.
+#[test]
+fn buffer_and_worker_flags_name_the_flag_and_the_value_as_typed() {
+    let db = sqlite_db();
+    let worker = |flag: &'static str, value: &'static str| {
+        vec![
+            "worker",
+            "--component",
+            "c",
+            "--process",
+            "p",
+            "--selector",
+            "has(x)",
+            flag,
+            value,
+            "--",
+            "true",
+        ]
+    };
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["watch", "--buffer", "0"],
+            "invalid value '0' for '--buffer <BUFFER>': must be between 1 and 1048576",
+        ),
+        (
+            vec!["kv", "watch", "--buffer", "2000000"],
+            "invalid value '2000000' for '--buffer <BUFFER>': must be between 1 and 1048576",
+        ),
+        (
+            vec!["schedule", "watch", "web", "--buffer", "0"],
+            "invalid value '0' for '--buffer <BUFFER>'",
+        ),
+        (
+            worker("--ttl", "0s"),
+            "invalid value '0s' for '--ttl <TTL>': a session TTL must be between 1s and 1h",
+        ),
+        (
+            worker("--ttl", "2h"),
+            "invalid value '2h' for '--ttl <TTL>': a session TTL must be between 1s and 1h",
+        ),
+        (
+            worker("--backoff", "0s,1m,2"),
+            "invalid value '0s,1m,2' for '--backoff <BACKOFF>': the initial interval \"0s\" must be at least 1s",
+        ),
+        (
+            worker("--backoff", "1s,40d,2"),
+            "invalid value '1s,40d,2' for '--backoff <BACKOFF>': the maximum interval \"40d\" must be at least the initial interval and at most 30 days",
+        ),
+        (
+            worker("--backoff", "1s,1m,0.5"),
+            "invalid value '1s,1m,0.5' for '--backoff <BACKOFF>': the exponent \"0.5\" must be between 1 and 100",
+        ),
+    ];
+    for (args, needle) in cases {
+        fails_with(&db, &args, 2, needle);
+    }
+    fails_with(&db, &["schedule", "show", "web"], 3, "not found");
+}
+
 /// An out-of-range `--ttl` is refused naming the flag and the value as typed, with the bound
 /// in the units people type; before: `invalid ttl "691200000ms"` for `--ttl 8d`, `invalid
 /// session ttl "0ns"` for `--ttl 0s`.

@@ -395,9 +395,22 @@ impl Backoff {
             s.parse::<f64>()
                 .map_err(|_| bad(&format!("{s:?} is not a number")))
         };
-        let b = Backoff::new(d(parts[0])?, d(parts[1])?, f(parts[2])?)?;
+        // The bounds' errors name the part as typed (not as a `Duration` prints: "0ns").
+        let part = |e: Error| match e {
+            Error::Invalid { field, rule, .. } => {
+                let (what, typed) = match field.as_str() {
+                    "backoff initial" => ("the initial interval", parts[0]),
+                    "backoff maximum" => ("the maximum interval", parts[1]),
+                    "backoff exponent" => ("the exponent", parts[2]),
+                    _ => ("the jitter", parts.get(3).copied().unwrap_or_default()),
+                };
+                Error::invalid("backoff", text, format!("{what} {typed:?} {rule}"))
+            }
+            e => e,
+        };
+        let b = Backoff::new(d(parts[0])?, d(parts[1])?, f(parts[2])?).map_err(part)?;
         match parts.get(3) {
-            Some(j) => b.with_jitter(f(j)?),
+            Some(j) => b.with_jitter(f(j)?).map_err(part),
             None => Ok(b),
         }
     }
