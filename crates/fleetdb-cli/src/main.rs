@@ -272,7 +272,7 @@ fn parse_labels(args: &[String]) -> Result<Labels, Error> {
 
 fn exit_code(e: &Error) -> u8 {
     match e {
-        Error::Invalid { .. } | Error::TooLarge { .. } => 2,
+        Error::Invalid { .. } | Error::TooLarge { .. } | Error::TooLargeInput { .. } => 2,
         Error::NotFound { .. } => 3,
         Error::AlreadyExists { .. }
         | Error::Conflict { .. }
@@ -485,9 +485,8 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
                             })?;
                         if s.len() as u64 == limit {
                             // Cut at the limit: say so, not "EOF while parsing".
-                            return Err(Error::TooLarge {
+                            return Err(Error::TooLargeInput {
                                 field: format!("tag {name:?} value (stdin)"),
-                                size: s.len(),
                                 max: limit as usize - 1,
                             });
                         }

@@ -646,19 +646,39 @@ pub async fn watch(
 
 // ---- exports ----
 
+/// Reads `path` (`-`: stdin), refusing more than `max` bytes: a regular file by its size before
+/// anything is read, anything else (stdin, a pipe) by reading at most one byte past `max`.
 fn read_bytes(field: &str, path: &Path, max: usize) -> Result<Vec<u8>, Error> {
-    let shown = path.display().to_string();
-    let mut buf = Vec::new();
-    let res = if path == Path::new("-") {
-        std::io::stdin().take(max as u64 + 1).read_to_end(&mut buf)
+    let stdin = path == Path::new("-");
+    let shown = if stdin {
+        "<stdin>".to_string()
     } else {
-        std::fs::File::open(path).and_then(|f| f.take(max as u64 + 1).read_to_end(&mut buf))
+        path.display().to_string()
     };
-    res.map_err(|e| Error::invalid(field, &shown, format!("cannot read it: {e}")))?;
+    let cannot = |e: std::io::Error| Error::invalid(field, &shown, format!("cannot read it: {e}"));
+    let mut buf = Vec::new();
+    if stdin {
+        std::io::stdin()
+            .take(max as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(cannot)?;
+    } else {
+        let f = std::fs::File::open(path).map_err(cannot)?;
+        let md = f.metadata().map_err(cannot)?;
+        if md.is_file() && md.len() > max as u64 {
+            return Err(Error::TooLarge {
+                field: format!("{field} {shown}"),
+                size: usize::try_from(md.len()).unwrap_or(usize::MAX),
+                max,
+            });
+        }
+        f.take(max as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(cannot)?;
+    }
     if buf.len() > max {
-        return Err(Error::TooLarge {
+        return Err(Error::TooLargeInput {
             field: format!("{field} {shown}"),
-            size: buf.len(),
             max,
         });
     }

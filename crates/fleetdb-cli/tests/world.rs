@@ -487,6 +487,58 @@ fn buffer_and_worker_flags_name_the_flag_and_the_value_as_typed() {
     fails_with(&db, &["schedule", "show", "web"], 3, "not found");
 }
 
+/// Input over a size limit is reported with its real size (a file) or as "more than" the limit
+/// (stdin, read only up to one byte past it); before, both said "is LIMIT+1 bytes".
+#[test]
+fn over_long_input_reports_its_real_size_or_more_than_the_limit() {
+    let db = sqlite_db();
+    let max = 1usize << 20;
+    // stdin: kv set without a value.
+    let mut child = cmd(&db, &["kv", "set", "k"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        // The command stops reading at the limit: a broken pipe is expected.
+        let _ = pipe.write_all(&vec![b'x'; 3 * max]);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("value <stdin> is more than 1048576 bytes; the maximum is 1048576"),
+        "{err}"
+    );
+    // A file: its size.
+    let file = db.dir.path().join("data.bin");
+    std::fs::write(&file, vec![b'x'; 3 * max]).unwrap();
+    let file_arg = file.to_str().unwrap();
+    fails_with(
+        &db,
+        &[
+            "export",
+            "--host",
+            "h1",
+            "--kind",
+            "k",
+            "--name",
+            "n",
+            "--to",
+            "*",
+            "--data-file",
+            file_arg,
+        ],
+        2,
+        &format!("export data file {file_arg} is 3145728 bytes; the maximum is 1048576"),
+    );
+    fails_with(&db, &["kv", "get", "k"], 3, "not found");
+    let out = ok_json(&db, &["collect", "--host", "h1"]);
+    assert_eq!(out.as_array().map(Vec::len), Some(0), "{out}");
+}
+
 /// An out-of-range `--ttl` is refused naming the flag and the value as typed, with the bound
 /// in the units people type; before: `invalid ttl "691200000ms"` for `--ttl 8d`, `invalid
 /// session ttl "0ns"` for `--ttl 0s`.

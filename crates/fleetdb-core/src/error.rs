@@ -24,6 +24,10 @@ pub enum Error {
         size: usize,
         max: usize,
     },
+    /// Input cut off while it was read, one byte past a limit (stdin, a pipe): larger than
+    /// `max`, by how much is not known. Code `too_large`, as [`Error::TooLarge`].
+    #[error("{field} is more than {max} bytes; the maximum is {max}")]
+    TooLargeInput { field: String, max: usize },
     /// The thing addressed does not exist.
     #[error("{what} not found")]
     NotFound { what: String },
@@ -114,7 +118,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Invalid { .. } => "invalid",
-            Error::TooLarge { .. } => "too_large",
+            Error::TooLarge { .. } | Error::TooLargeInput { .. } => "too_large",
             Error::NotFound { .. } => "not_found",
             Error::AlreadyExists { .. } => "already_exists",
             Error::NamespaceNotEmpty { .. } => "namespace_not_empty",
