@@ -1226,6 +1226,53 @@ pub async fn a_schedule_never_lists_an_expired_host(h: &Harness) {
     assert_eq!(s.schedule_get("nobody").await.unwrap(), None);
 }
 
+/// Unregistering a registration whose session already passed its deadline answers `NotFound`,
+/// as an unknown one does and as `kv_delete` of a lapsed key does (the registration is
+/// invisible to every read, invariant 25), and writes nothing: the sweep removes it. Before, it
+/// succeeded, removing a registration no read showed.
+pub async fn unregistering_a_lapsed_registration_is_not_found(h: &Harness) {
+    let s = &h.store;
+    let session = s
+        .session_start(SessionSpec::new("sched", "ha").ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let opts = ScheduleOptions {
+        strategy: Strategy::Rr,
+        max_count: 1,
+    };
+    let world = s.world("ha").unwrap();
+    world
+        .schedule_register("web", &session, opts)
+        .await
+        .unwrap();
+    let unknown = world.schedule_unregister("never").await.unwrap_err();
+    assert!(matches!(unknown, Error::NotFound { .. }), "{unknown}");
+    std::mem::forget(session);
+    h.clock.advance(Duration::from_secs(11));
+    let before = s.revision().await.unwrap().current;
+    let err = world.schedule_unregister("web").await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    assert!(
+        err.to_string().contains("registration of host \"ha\""),
+        "{err}"
+    );
+    assert_eq!(
+        s.revision().await.unwrap().current,
+        before,
+        "nothing written"
+    );
+    // The sweep then removes it, and the schedule is empty.
+    s.sweep_sessions().await.unwrap();
+    assert!(s
+        .schedule_get("web")
+        .await
+        .unwrap()
+        .unwrap()
+        .hosts
+        .is_empty());
+    assert!(s.schedule_registrations("web").await.unwrap().is_empty());
+}
+
 /// A deploy the chain refuses (its id taken, the previous one missing, a parent hash that
 /// does not match) is refused before any of its files is uploaded: the content store gets
 /// nothing (before, every file was stored first, garbage until a collection).

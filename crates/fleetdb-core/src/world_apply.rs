@@ -422,7 +422,10 @@ pub(crate) async fn apply_world_op<T: TxRows + ?Sized>(
         }
         Op::ScheduleUnregister { namespace, host } => {
             let key = map_key(namespace, host);
-            let Some(cur) = rows.world_read(Space::Registration, &key).await? else {
+            // A lapsed registration (its session past its deadline) is not found, as with
+            // `KvDelete`: no read shows it, and the sweep removes it.
+            let (_, live) = read_live(rows, Space::Registration, &key, now).await?;
+            let Some(cur) = live else {
                 return Err(Error::not_found(format!(
                     "registration of host {host:?} in scheduler namespace {namespace:?}"
                 )));

@@ -550,6 +550,9 @@ impl World {
         Registration::try_from(w.item)
     }
 
+    /// Remove this host's registration in `namespace` (the schedule is recomputed in the same
+    /// transaction). `NotFound` when there is none, or when its session has passed its deadline
+    /// (it is invisible already; the sweep removes it).
     pub async fn schedule_unregister(&self, namespace: &str) -> Result<Revision> {
         deleted(one(self
             .store
