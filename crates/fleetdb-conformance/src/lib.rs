@@ -193,7 +193,8 @@ macro_rules! suite {
             a_refused_deploy_uploads_nothing,
             deploy_files_with_setuid_setgid_or_sticky_bits_are_refused,
             a_schedule_watch_snapshot_never_lists_an_expired_host,
-            unregistering_a_lapsed_registration_is_not_found;
+            unregistering_a_lapsed_registration_is_not_found,
+            a_first_deploy_with_a_parent_hash_is_refused;
             gc_keeps_roots_and_what_they_reference,
             malformed_reference_labels_are_rejected,
             a_blob_cannot_reference_an_object,

@@ -1273,6 +1273,38 @@ pub async fn unregistering_a_lapsed_registration_is_not_found(h: &Harness) {
     assert!(s.schedule_registrations("web").await.unwrap().is_empty());
 }
 
+/// Deploy 1 is the first of the chain: a parent hash on it names nothing and is refused
+/// (`Invalid`, nothing stored, the id still free), whether it comes through `deploy_add` or as
+/// a batch op. Before, it was accepted and stored as the deploy's parent.
+pub async fn a_first_deploy_with_a_parent_hash_is_refused(h: &Harness) {
+    let s = &h.store;
+    let draft = |parent: Option<&str>| DeployDraft {
+        id: 1,
+        hash: Some("aaa".into()),
+        parent_hash: parent.map(str::to_string),
+        payload: b"first".to_vec(),
+        files: vec![],
+    };
+    let err = s.deploy_add(draft(Some("zzz"))).await.unwrap_err();
+    match &err {
+        Error::Invalid { field, value, rule } => {
+            assert_eq!(field, "parent hash");
+            assert_eq!(value, "zzz");
+            assert!(rule.contains("deploy 1 is the first"), "{rule}");
+        }
+        e => panic!("expected Invalid, got {e}"),
+    }
+    let op = fleetdb::core::Op::DeployAdd {
+        deploy: draft(Some("zzz")),
+        stored: vec![],
+    };
+    let err = op.validate(s.limits()).unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    assert_eq!(s.deploy_max_id().await.unwrap(), None, "nothing stored");
+    let d = s.deploy_add(draft(None)).await.unwrap();
+    assert_eq!((d.id, d.parent_hash), (1, None));
+}
+
 /// A deploy the chain refuses (its id taken, the previous one missing, a parent hash that
 /// does not match) is refused before any of its files is uploaded: the content store gets
 /// nothing (before, every file was stored first, garbage until a collection).

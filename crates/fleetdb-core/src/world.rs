@@ -653,6 +653,13 @@ impl DeployDraft {
                 }
             }
         }
+        if let (1, Some(parent)) = (self.id, &self.parent_hash) {
+            return Err(Error::invalid(
+                "parent hash",
+                parent.chars().take(64).collect::<String>(),
+                "deploy 1 is the first: it has no parent (leave the parent hash out)",
+            ));
+        }
         if self.payload.len() > DEPLOY_PAYLOAD_BYTES_MAX {
             return Err(Error::TooLarge {
                 field: "deploy payload".into(),
