@@ -340,10 +340,14 @@ async fn lease_page(
     if let Some(a) = after {
         fleetdb::core::validate::name("lease id", a)?;
     }
-    let items = store.backend().lease_list(after, limit).await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|l| l.id.clone()))
-        .flatten();
+    // One more than asked for tells whether another page follows.
+    let mut items = store.backend().lease_list(after, limit + 1).await?;
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|l| l.id.clone())
+    } else {
+        None
+    };
     Ok(fleetdb::Page { items, next })
 }
 

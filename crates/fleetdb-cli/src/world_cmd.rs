@@ -941,13 +941,10 @@ pub async fn kv(store: &Store, fmt: Format, cmd: KvCmd) -> Result<(), Error> {
             let mut items = Vec::new();
             let next = loop {
                 let page = store.kv_list(&prefix, after.as_deref(), limit).await?;
-                let full = page.len() == limit;
-                let last = page.last().map(|e| e.key.clone());
-                items.extend(page);
-                match last {
-                    Some(k) if full && all => after = Some(k),
-                    Some(k) if full => break Some(k),
-                    _ => break None,
+                items.extend(page.items);
+                match page.next {
+                    Some(k) if all => after = Some(k),
+                    other => break other,
                 }
             };
             output::print_page(
@@ -1305,9 +1302,15 @@ pub async fn deploy(store: &Store, fmt: Format, cmd: DeployCmd) -> Result<(), Er
                 let full = page.len() == limit;
                 let last = page.last().map(|d| d.id);
                 items.extend(page);
+                // A full page is the last one when nothing follows it: no cursor then, as
+                // for every other listing.
+                let more = match last {
+                    Some(id) if full => !store.deploy_list(Some(id), 1).await?.is_empty(),
+                    _ => false,
+                };
                 match last {
-                    Some(id) if full && all => after = Some(id),
-                    Some(id) if full => break Some(id),
+                    Some(id) if more && all => after = Some(id),
+                    Some(id) if more => break Some(id),
                     _ => break None,
                 }
             };

@@ -539,6 +539,48 @@ fn over_long_input_reports_its_real_size_or_more_than_the_limit() {
     assert_eq!(out.as_array().map(Vec::len), Some(0), "{out}");
 }
 
+/// `kv ls`, `blob ls`, `deploy ls` and `lease ls` give no `next` cursor when the page that ends
+/// the listing is exactly full, as `object ls` and `select` do; before, they gave one, and it
+/// led to an empty page.
+#[test]
+fn listings_give_no_next_after_an_exactly_full_last_page() {
+    let db = sqlite_db();
+    for k in ["a", "b"] {
+        ok_json(&db, &["kv", "set", k, "v"]);
+        ok_json(&db, &["lease", "create", &format!("lease-{k}")]);
+        let file = db.dir.path().join(k);
+        std::fs::write(&file, k).unwrap();
+        ok_json(&db, &["blob", "put", file.to_str().unwrap()]);
+    }
+    ok_json(&db, &["deploy", "add", "1", "--payload", "one"]);
+    ok_json(&db, &["deploy", "add", "2", "--payload", "two"]);
+    for list in [
+        &["kv", "ls"][..],
+        &["blob", "ls"],
+        &["deploy", "ls"],
+        &["lease", "ls"],
+    ] {
+        let mut args = list.to_vec();
+        args.extend(["--limit", "2"]);
+        let page = ok_json(&db, &args);
+        assert_eq!(
+            page["items"].as_array().unwrap().len(),
+            2,
+            "{list:?}: {page}"
+        );
+        assert!(page["next"].is_null(), "{list:?}: {page}");
+        let mut args = list.to_vec();
+        args.extend(["--limit", "1"]);
+        let page = ok_json(&db, &args);
+        assert_eq!(
+            page["items"].as_array().unwrap().len(),
+            1,
+            "{list:?}: {page}"
+        );
+        assert!(!page["next"].is_null(), "{list:?}: {page}");
+    }
+}
+
 /// An out-of-range `--ttl` is refused naming the flag and the value as typed, with the bound
 /// in the units people type; before: `invalid ttl "691200000ms"` for `--ttl 8d`, `invalid
 /// session ttl "0ns"` for `--ttl 0s`.

@@ -194,7 +194,8 @@ macro_rules! suite {
             deploy_files_with_setuid_setgid_or_sticky_bits_are_refused,
             a_schedule_watch_snapshot_never_lists_an_expired_host,
             unregistering_a_lapsed_registration_is_not_found,
-            a_first_deploy_with_a_parent_hash_is_refused;
+            a_first_deploy_with_a_parent_hash_is_refused,
+            an_exactly_full_last_page_has_no_next_cursor;
             gc_keeps_roots_and_what_they_reference,
             malformed_reference_labels_are_rejected,
             a_blob_cannot_reference_an_object,
@@ -1062,7 +1063,10 @@ pub async fn listing_positions_are_checked_at_the_edge(h: &Harness) {
     s.kv_set("a/2", "y").await.unwrap();
     let page = s.kv_list("a/", Some("a/1"), 10).await.unwrap();
     assert_eq!(
-        page.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
+        page.items
+            .iter()
+            .map(|e| e.key.as_str())
+            .collect::<Vec<_>>(),
         ["a/2"]
     );
     s.lease_list("", Some("l1"), 10).await.unwrap();

@@ -509,6 +509,7 @@ pub async fn kv_get_set_cas_delete(h: &Harness) {
         .kv_list("p/", None, 10)
         .await
         .unwrap()
+        .items
         .into_iter()
         .map(|e| e.key)
         .collect();
@@ -1303,6 +1304,45 @@ pub async fn a_first_deploy_with_a_parent_hash_is_refused(h: &Harness) {
     assert_eq!(s.deploy_max_id().await.unwrap(), None, "nothing stored");
     let d = s.deploy_add(draft(None)).await.unwrap();
     assert_eq!((d.id, d.parent_hash), (1, None));
+}
+
+/// A page that ends the listing exactly at its limit has no `next` cursor, as `list` and
+/// `select` have none: `kv_list` and `blob_list` fetch one row more than the limit to tell.
+/// Before, both gave a cursor whenever the page was full, leading to an empty next page.
+pub async fn an_exactly_full_last_page_has_no_next_cursor(h: &Harness) {
+    let s = &h.store;
+    for k in ["pg/a", "pg/b", "other"] {
+        s.kv_set(k, "v").await.unwrap();
+    }
+    let page = s.kv_list("pg/", None, 2).await.unwrap();
+    let keys: Vec<&str> = page.items.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["pg/a", "pg/b"]);
+    assert_eq!(page.next, None, "the last page, exactly full");
+    let first = s.kv_list("pg/", None, 1).await.unwrap();
+    assert_eq!(first.next.as_deref(), Some("pg/a"));
+    let second = s.kv_list("pg/", first.next.as_deref(), 1).await.unwrap();
+    assert_eq!(second.items.len(), 1);
+    assert_eq!(second.items[0].key, "pg/b");
+    assert_eq!(second.next, None);
+
+    let mut digests = Vec::new();
+    for data in [&b"one"[..], b"two"] {
+        let b = s
+            .blob_put(data, fleetdb::Labels::new(), None)
+            .await
+            .unwrap();
+        digests.push(b.digest);
+    }
+    digests.sort();
+    let page = s.blob_list(None, 2).await.unwrap();
+    let got: Vec<String> = page.items.into_iter().map(|b| b.digest).collect();
+    assert_eq!(got, digests);
+    assert_eq!(page.next, None, "the last page, exactly full");
+    let first = s.blob_list(None, 1).await.unwrap();
+    assert_eq!(first.next.as_deref(), Some(digests[0].as_str()));
+    let second = s.blob_list(first.next.as_deref(), 1).await.unwrap();
+    assert_eq!(second.items[0].digest, digests[1]);
+    assert_eq!(second.next, None);
 }
 
 /// A deploy the chain refuses (its id taken, the previous one missing, a parent hash that

@@ -319,7 +319,7 @@ impl Store {
     }
 
     /// Blobs ordered by digest, after `after`, at most `limit` (up to [`BLOB_LIST_PAGE_MAX`]);
-    /// `next` is the cursor of the next page.
+    /// `next` is the cursor of the next page, `None` when this page ends the listing.
     pub async fn blob_list(&self, after: Option<&str>, limit: usize) -> Result<Page<BlobInfo>> {
         if let Some(a) = after {
             validate_digest(a)?;
@@ -332,10 +332,9 @@ impl Store {
             ));
         }
         self.ready().await?;
-        let items = self.backend.blob_list(after, limit).await?;
-        let next = (items.len() == limit)
-            .then(|| items.last().map(|b| b.digest.clone()))
-            .flatten();
+        // One more than asked for tells whether another page follows.
+        let mut items = self.backend.blob_list(after, limit + 1).await?;
+        let next = crate::next_page(&mut items, limit, |b| b.digest.clone());
         Ok(Page { items, next })
     }
 

@@ -15,7 +15,7 @@ use fleetdb_core::world::{
     ExportRecord, KvEntry, Lifetime, Registration, Schedule, ScheduleOptions, Space, WorldQuery,
     WorldRecord,
 };
-use fleetdb_core::{Applied, Error, Labels, Op, OpResult, Result, Revision};
+use fleetdb_core::{Applied, Error, Labels, Op, OpResult, Page, Result, Revision};
 
 use crate::watch::{Watch, WatchRequest, WatchScope};
 use crate::{check_limit, Session, Store, Written};
@@ -119,13 +119,15 @@ impl Store {
         Ok(self.world_one(Space::Kv, key).await?.map(KvEntry::from))
     }
 
-    /// Entries whose key starts with `prefix`, in key order, after `after`, at most `limit`.
+    /// Entries whose key starts with `prefix`, in key order, after `after`, at most `limit`;
+    /// `next` is the cursor of the next page (the last key), `None` when this page ends the
+    /// listing (one row more than `limit` is read to tell).
     pub async fn kv_list(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<KvEntry>> {
+    ) -> Result<Page<KvEntry>> {
         world::validate_kv_prefix(prefix)?;
         check_limit(limit)?;
         if let Some(a) = after {
@@ -137,13 +139,15 @@ impl Store {
         q.key_prefix = Some(prefix.to_string());
         q.after_key = after.map(str::to_string);
         q.live_at = Some(self.clock.now());
-        q.limit = limit;
-        Ok(self
+        q.limit = limit + 1;
+        let mut items: Vec<KvEntry> = self
             .world_query(q)
             .await?
             .into_iter()
             .map(KvEntry::from)
-            .collect())
+            .collect();
+        let next = crate::next_page(&mut items, limit, |e| e.key.clone());
+        Ok(Page { items, next })
     }
 
     /// Set a key (persistent). Setting the same value changes nothing (`changed: false`).
