@@ -173,7 +173,8 @@ pub enum ExportSub {
         host: String,
         /// JSON array of {"kind", "name", "to", "data" | "data_base64", "ttl"?, "holds"?}
         /// ('-': stdin); holds: [{"type": "blob", "digest"} | {"type": "object", "key":
-        /// {"namespace", "kind", "id"}}].
+        /// {"namespace", "kind", "id"}} | {"type": "object", "namespace", "kind", "id"}].
+        /// `collect -o json`'s output of this host is taken as it is.
         #[arg(long, default_value = "-")]
         file: PathBuf,
     },
@@ -689,7 +690,10 @@ fn lifetime(ttl: Option<Duration>) -> Lifetime {
     ttl.map_or_else(Lifetime::persistent, Lifetime::ttl)
 }
 
-/// A record of `export sync`'s input.
+/// A record of `export sync`'s input. An element of `collect -o json` is one too (a round
+/// trip): its holds are printed flat, it carries `data` and `data_base64` both, and the fields
+/// only collect prints are checked (`from`, `session_id`, `expires_at`) or ignored
+/// (`revision`, `updated_at`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SyncRecord {
@@ -700,7 +704,51 @@ struct SyncRecord {
     data_base64: Option<String>,
     ttl: Option<String>,
     #[serde(default)]
-    holds: Vec<Resource>,
+    holds: Vec<SyncHold>,
+    from: Option<String>,
+    session_id: Option<String>,
+    expires_at: Option<String>,
+    #[allow(dead_code)]
+    revision: Option<serde::de::IgnoredAny>,
+    #[allow(dead_code)]
+    updated_at: Option<serde::de::IgnoredAny>,
+}
+
+/// A hold of `export sync`'s input: the nested shape (`{"type": "object", "key": {…}}`,
+/// `{"type": "blob", "digest"}`) or an object printed flat, as `collect` and `lease show` print
+/// it (`{"type": "object", "namespace", "kind", "id"}`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SyncHold {
+    Nested(Resource),
+    Flat(FlatObjectHold),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlatObjectHold {
+    #[serde(rename = "type")]
+    _type: FlatObjectType,
+    namespace: String,
+    kind: String,
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FlatObjectType {
+    Object,
+}
+
+impl SyncHold {
+    fn resource(self) -> Result<Resource, Error> {
+        match self {
+            SyncHold::Nested(r) => Ok(r),
+            SyncHold::Flat(f) => Ok(Resource::Object {
+                key: fleetdb::ObjectKey::new(f.namespace, f.kind, f.id)?,
+            }),
+        }
+    }
 }
 
 fn print_outcome(fmt: Format, o: &ExportOutcome) {
@@ -736,20 +784,61 @@ pub async fn export(store: &Store, ns: &str, fmt: Format, a: ExportArgs) -> Resu
                 "export records",
                 file.display().to_string(),
                 format!(
-                    "must be a JSON array of {{\"kind\", \"name\", \"to\", \"data\" | \"data_base64\", \"ttl\"?}}: {e}"
+                    "must be a JSON array of {{\"kind\", \"name\", \"to\", \"data\" | \"data_base64\", \"ttl\"?, \"holds\"?}} (or collect -o json's output); a hold is {{\"type\": \"blob\", \"digest\"}} or {{\"type\": \"object\", \"key\": {{\"namespace\", \"kind\", \"id\"}}}} or {{\"type\": \"object\", \"namespace\", \"kind\", \"id\"}}: {e}"
                 ),
             )
         })?;
         let mut records = Vec::with_capacity(parsed.len());
         for r in parsed {
+            let shown = format!("{}/{} to {}", r.kind, r.name, r.to);
+            if let Some(from) = &r.from {
+                if *from != host {
+                    return Err(Error::invalid(
+                        "export from",
+                        from,
+                        format!(
+                            "a record exported by another host; sync --host {from} takes it \
+                             (record {shown})"
+                        ),
+                    ));
+                }
+            }
+            for (field, set) in [
+                ("session_id", r.session_id.is_some()),
+                ("expires_at", r.expires_at.is_some()),
+            ] {
+                if set {
+                    return Err(Error::invalid(
+                        "export record",
+                        &shown,
+                        format!(
+                            "has a {field} (as collect prints a session-bound or expiring \
+                             export): sync writes persistent records or \"ttl\" ones; give \
+                             \"ttl\" and leave out {field}"
+                        ),
+                    ));
+                }
+            }
             let data = match (r.data, r.data_base64) {
                 (Some(t), None) => t.into_bytes(),
                 (None, Some(b)) => from_base64("export data_base64", &b)?,
-                _ => {
+                (Some(t), Some(b)) => {
+                    // As collect prints them: the same bytes twice.
+                    let bytes = from_base64("export data_base64", &b)?;
+                    if bytes != t.as_bytes() {
+                        return Err(Error::invalid(
+                            "export record",
+                            &shown,
+                            "\"data\" and \"data_base64\" differ (give one)",
+                        ));
+                    }
+                    bytes
+                }
+                (None, None) => {
                     return Err(Error::invalid(
                         "export record",
-                        format!("{}/{} to {}", r.kind, r.name, r.to),
-                        "needs exactly one of \"data\" and \"data_base64\"",
+                        &shown,
+                        "needs \"data\" or \"data_base64\"",
                     ))
                 }
             };
@@ -761,7 +850,11 @@ pub async fn export(store: &Store, ns: &str, fmt: Format, a: ExportArgs) -> Resu
                 id: ExportId::new(r.kind, r.name, r.to),
                 data,
                 lifetime: lifetime(ttl),
-                holds: r.holds,
+                holds: r
+                    .holds
+                    .into_iter()
+                    .map(SyncHold::resource)
+                    .collect::<Result<_, _>>()?,
             };
             rec.validate()?;
             records.push(rec);

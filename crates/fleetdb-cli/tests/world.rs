@@ -581,6 +581,121 @@ fn listings_give_no_next_after_an_exactly_full_last_page() {
     }
 }
 
+/// `collect -o json`'s output can be fed back to `export sync` of the same host: holds printed
+/// flat (`{"type": "object", "namespace", "kind", "id"}`) are taken as the nested input shape
+/// is, `data` and `data_base64` together are taken when they agree, and the fields collect adds
+/// (`revision`, `updated_at`) are ignored; `from` must be the syncing host, and a record with a
+/// session or an expiry is refused (its lifetime would be lost). Before, every collected
+/// record was refused (unknown field `from`, flat holds).
+#[test]
+fn collect_output_round_trips_through_export_sync() {
+    let db = sqlite_db();
+    let blob = db.dir.path().join("held");
+    std::fs::write(&blob, b"held").unwrap();
+    let digest = ok_json(&db, &["blob", "put", blob.to_str().unwrap()])["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let binary = db.dir.path().join("binary");
+    std::fs::write(&binary, [0u8, 159, 146, 150]).unwrap();
+    ok_json(&db, &["object", "put", "image", "web"]);
+    ok_json(
+        &db,
+        &[
+            "export",
+            "--host",
+            "h1",
+            "--kind",
+            "k",
+            "--name",
+            "text",
+            "--to",
+            "*",
+            "--data",
+            "hello",
+            "--hold-object",
+            "image/web",
+            "--hold-blob",
+            &digest,
+        ],
+    );
+    ok_json(
+        &db,
+        &[
+            "export",
+            "--host",
+            "h1",
+            "--kind",
+            "k",
+            "--name",
+            "bin",
+            "--to",
+            "h2",
+            "--data-file",
+            binary.to_str().unwrap(),
+        ],
+    );
+    let collected = ok_json(&db, &["collect", "--host", "h1", "--from", "h1"]);
+    assert_eq!(collected.as_array().unwrap().len(), 2, "{collected}");
+    let file = db.dir.path().join("collected.json");
+    std::fs::write(&file, collected.to_string()).unwrap();
+    let file_arg = file.to_str().unwrap();
+    let out = ok_json(&db, &["export", "sync", "--host", "h1", "--file", file_arg]);
+    assert_eq!(out["changed"], serde_json::json!([]), "{out}");
+    assert_eq!(out["removed"], serde_json::json!([]), "{out}");
+    assert_eq!(out["unchanged"].as_array().unwrap().len(), 2, "{out}");
+    let again = ok_json(&db, &["collect", "--host", "h1", "--from", "h1"]);
+    assert_eq!(again, collected, "nothing rewritten");
+    // The nested input shape still works, and the two shapes name the same hold.
+    let nested = format!(
+        r#"[{{"kind": "k", "name": "text", "to": "*", "data": "hello", "holds": [
+            {{"type": "object", "key": {{"namespace": "default", "kind": "image", "id": "web"}}}},
+            {{"type": "blob", "digest": "{digest}"}}]}},
+           {{"kind": "k", "name": "bin", "to": "h2", "data_base64": "AJ+Slg=="}}]"#
+    );
+    std::fs::write(&file, nested).unwrap();
+    let out = ok_json(&db, &["export", "sync", "--host", "h1", "--file", file_arg]);
+    assert_eq!(out["unchanged"].as_array().unwrap().len(), 2, "{out}");
+    // Another host's records are not taken as this host's.
+    std::fs::write(&file, collected.to_string()).unwrap();
+    fails_with(
+        &db,
+        &["export", "sync", "--host", "h2", "--file", file_arg],
+        2,
+        "invalid export from \"h1\": a record exported by another host; sync --host h1",
+    );
+    // Data and data_base64 that disagree are refused.
+    let text = collected
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|r| r["name"] == "text")
+        .unwrap();
+    let mut bad = collected.clone();
+    bad[text]["data_base64"] = serde_json::json!("eHl6");
+    std::fs::write(&file, bad.to_string()).unwrap();
+    fails_with(
+        &db,
+        &["export", "sync", "--host", "h1", "--file", file_arg],
+        2,
+        "\"data\" and \"data_base64\" differ",
+    );
+    // A record with an expiry (or a session) would lose it: refused.
+    let mut ttl = collected.clone();
+    ttl[0]["expires_at"] = serde_json::json!("2030-01-01T00:00:00.000000Z");
+    std::fs::write(&file, ttl.to_string()).unwrap();
+    fails_with(
+        &db,
+        &["export", "sync", "--host", "h1", "--file", file_arg],
+        2,
+        "expires_at",
+    );
+    assert_eq!(
+        ok_json(&db, &["collect", "--host", "h1", "--from", "h1"]),
+        collected
+    );
+}
+
 /// An out-of-range `--ttl` is refused naming the flag and the value as typed, with the bound
 /// in the units people type; before: `invalid ttl "691200000ms"` for `--ttl 8d`, `invalid
 /// session ttl "0ns"` for `--ttl 0s`.
