@@ -555,3 +555,57 @@ pub async fn commits_racing_byte_removal_never_lose_bytes(h: &Harness) {
     s.backend().blob_orphans_remove().await.unwrap();
     assert!(s.blob_get(&digest).await.unwrap() == data);
 }
+
+/// A read that would hold more than `Limits::blob_read_bytes_max` in memory (a whole blob by
+/// `blob_get`, or a range running to a far end) is refused with `TooLarge`, naming the read's
+/// size and `blob_read_range`, before anything is read; ranges within the bound work, also of
+/// a blob larger than it. Before, `blob_get` read a blob of up to 8 GiB into memory.
+pub async fn a_whole_blob_read_is_bounded_by_the_read_limit(h: &Harness) {
+    let limits = fleetdb::Limits {
+        blob_read_bytes_max: 10,
+        ..fleetdb::Limits::default()
+    };
+    let small = Store::from_backend(
+        h.store.backend().clone(),
+        std::sync::Arc::new(h.clock.clone()),
+        limits,
+    )
+    .await
+    .unwrap();
+    let data = pattern(25, 7);
+    let big = small.blob_put(&data, Labels::new(), None).await.unwrap();
+    let d = big.digest.as_str();
+    for (what, r) in [
+        ("blob_get", small.blob_get(d).await),
+        ("to the end", small.blob_read_range(d, 0, None).await),
+        ("11 bytes", small.blob_read_range(d, 0, Some(11)).await),
+    ] {
+        match r {
+            Err(Error::TooLarge { field, size, max }) => {
+                assert_eq!(max, 10, "{what}");
+                assert!(field.contains(d), "{what}: {field}");
+                assert!(field.contains("blob_read_range"), "{what}: {field}");
+                assert_eq!(size, if what == "11 bytes" { 11 } else { 25 }, "{what}");
+            }
+            other => panic!("{what}: expected TooLarge, got {other:?}"),
+        }
+    }
+    // Ranges within the bound, one clipped at the end (asking for more than the bound).
+    assert!(small.blob_read_range(d, 0, Some(10)).await.unwrap() == data[..10]);
+    assert!(small.blob_read_range(d, 15, None).await.unwrap() == data[15..]);
+    assert!(small.blob_read_range(d, 20, Some(1000)).await.unwrap() == data[20..]);
+    // A blob within the bound is read whole; a missing one is still NotFound.
+    let fits = small
+        .blob_put(&data[..10], Labels::new(), None)
+        .await
+        .unwrap();
+    assert!(small.blob_get(&fits.digest).await.unwrap() == data[..10]);
+    let missing = sha256_digest(b"never stored");
+    assert!(matches!(
+        small.blob_get(&missing).await,
+        Err(Error::NotFound { .. })
+    ));
+    // The default store's bound.
+    assert_eq!(fleetdb::Limits::default().blob_read_bytes_max, 256 << 20);
+    assert!(h.store.blob_get(d).await.unwrap() == data);
+}

@@ -231,6 +231,7 @@ macro_rules! suite {
             blob_committed_under_a_lease_is_held_by_it,
             orphaned_bytes_are_removed_after_a_crash,
             commits_racing_byte_removal_never_lose_bytes,
+            a_whole_blob_read_is_bounded_by_the_read_limit,
         );
     };
     (@cases $make:path, $drop:path; $($case:ident),* ; $($work:ident),* ; $($world:ident),* ; $($gc:ident),* ; $($content:ident),* $(,)?) => {

@@ -692,7 +692,13 @@ pub struct Limits {
     pub txn_reads_max: usize,
     /// Times a transaction closure runs before giving up on conflicts.
     pub txn_attempts_max: u32,
+    /// Bytes one content-store read may return, held in memory at once (`Store::blob_get`,
+    /// `Store::blob_read_range`): a larger blob is read in ranges.
+    pub blob_read_bytes_max: usize,
 }
+
+/// Default of [`Limits::blob_read_bytes_max`]: 256 MiB (a blob may have 8 GiB).
+pub const BLOB_READ_BYTES_MAX_DEFAULT: usize = 256 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -702,6 +708,7 @@ impl Default for Limits {
             txn_bytes_max: TXN_BYTES_MAX_DEFAULT,
             txn_reads_max: 10_000,
             txn_attempts_max: 20,
+            blob_read_bytes_max: BLOB_READ_BYTES_MAX_DEFAULT,
         }
     }
 }

@@ -295,12 +295,18 @@ impl Store {
         committed
     }
 
-    /// The whole blob. `NotFound` if it is not stored.
+    /// The whole blob, in memory. `NotFound` if it is not stored; `TooLarge` (before anything
+    /// is read) if it is larger than [`Limits::blob_read_bytes_max`](crate::Limits) (256 MiB by
+    /// default; a blob may have 8 GiB): read such a blob in ranges with
+    /// [`Store::blob_read_range`], as `fleetdb blob get` does (4 MiB at a time).
     pub async fn blob_get(&self, digest: &str) -> Result<Vec<u8>> {
         self.blob_read_range(digest, 0, None).await
     }
 
-    /// `len` bytes (or up to the end) from `offset`.
+    /// `len` bytes (or up to the end) from `offset`, clipped at the blob's end. A read of more
+    /// than [`Limits::blob_read_bytes_max`](crate::Limits) bytes (counted after clipping) is
+    /// `TooLarge`, before anything is read. `NotFound` if the blob is not stored; an `offset`
+    /// past its end is `Invalid`.
     pub async fn blob_read_range(
         &self,
         digest: &str,
@@ -309,6 +315,26 @@ impl Store {
     ) -> Result<Vec<u8>> {
         validate_digest(digest)?;
         self.ready().await?;
+        let max = self.limits.blob_read_bytes_max as u64;
+        if len.is_none_or(|l| l > max) {
+            // Only then is the size needed (one metadata read): a range within the bound
+            // cannot return more than the bound.
+            let Some(info) = self.backend.blob_info(digest).await? else {
+                return Err(Error::not_found(format!("blob {digest}")));
+            };
+            let wanted = info.size.saturating_sub(offset);
+            let wanted = len.map_or(wanted, |l| l.min(wanted));
+            if wanted > max {
+                return Err(Error::TooLarge {
+                    field: format!(
+                        "a read of blob {digest} from byte {offset} (read it in ranges: \
+                         blob_read_range)"
+                    ),
+                    size: usize::try_from(wanted).unwrap_or(usize::MAX),
+                    max: self.limits.blob_read_bytes_max,
+                });
+            }
+        }
         self.backend.blob_read(digest, offset, len).await
     }
 

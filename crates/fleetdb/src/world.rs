@@ -338,7 +338,8 @@ impl Store {
         let mut out = Vec::with_capacity(d.files.len());
         for f in d.files {
             // The content store; deploys added before trees moved there kept them as World blobs.
-            let bytes = match self.blob_get(&f.digest).await {
+            // Its size is known (at most the tree's bound): no size lookup before the read.
+            let bytes = match self.blob_read_range(&f.digest, 0, Some(f.size)).await {
                 Ok(bytes) => bytes,
                 Err(Error::NotFound { .. }) => {
                     match self.world_one(Space::Blob, &f.digest).await? {
