@@ -62,7 +62,7 @@ pub enum LeaseCmd {
         #[arg(short = 'l', long)]
         selector: Option<String>,
         /// Page size (1..=1000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = crate::output::page_limit)]
         limit: usize,
         /// Continue after this cursor (the `next` of a previous page).
         #[arg(long)]
@@ -140,7 +140,7 @@ pub enum BlobCmd {
     /// List blobs, ordered by digest.
     Ls {
         /// Page size (1..=1000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = crate::output::page_limit)]
         limit: usize,
         /// Continue after this digest (the `next` of a previous page).
         #[arg(long)]

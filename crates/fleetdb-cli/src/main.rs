@@ -182,7 +182,7 @@ struct ObjectLs {
     #[arg(short = 'l', long)]
     selector: Option<String>,
     /// Page size (1..=1000).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::output::page_limit)]
     limit: usize,
     /// Continue after this cursor (the `next` of a previous page).
     #[arg(long)]
@@ -240,7 +240,7 @@ struct ChangesArgs {
     /// Every namespace, not just the selected one.
     #[arg(long, conflicts_with_all = ["kind", "prefix"])]
     all_namespaces: bool,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::output::changes_limit)]
     limit: usize,
 }
 

@@ -159,3 +159,22 @@ pub fn print_page<T, N: Serialize + std::fmt::Display>(
         }
     }
 }
+
+/// `--limit` of a listing: a page of 1 to [`LIST_PAGE_MAX`](fleetdb::core::query::LIST_PAGE_MAX)
+/// rows, checked while parsing so that the message names the flag and the value as typed.
+pub fn page_limit(s: &str) -> Result<usize, String> {
+    bounded_count(s, fleetdb::core::query::LIST_PAGE_MAX)
+}
+
+/// `changes --limit`: 1 to [`CHANGES_PAGE_MAX`](fleetdb::CHANGES_PAGE_MAX) entries.
+pub fn changes_limit(s: &str) -> Result<usize, String> {
+    bounded_count(s, fleetdb::CHANGES_PAGE_MAX)
+}
+
+/// A whole number from 1 to `max`.
+pub fn bounded_count(s: &str, max: usize) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {max}")),
+    }
+}

@@ -51,7 +51,7 @@ pub enum ProcessCmd {
 #[derive(clap::Args, Debug)]
 pub struct PageArgs {
     /// Page size (1..=1000).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = crate::output::page_limit)]
     limit: usize,
     /// Continue after this cursor (from a previous page's `more: --cursor C`).
     #[arg(long)]
@@ -169,7 +169,7 @@ pub struct HistoryArgs {
     /// History of one process instead of one object.
     #[arg(long, conflicts_with = "object")]
     process: Option<String>,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::output::page_limit)]
     limit: usize,
     #[arg(long)]
     cursor: Option<String>,
@@ -182,7 +182,7 @@ pub struct SelectArgs {
     /// Only print how many objects match.
     #[arg(long)]
     count: bool,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::output::page_limit)]
     limit: usize,
     #[arg(long)]
     cursor: Option<String>,

@@ -157,7 +157,7 @@ pub struct WorkerArgs {
     #[arg(long)]
     selector: String,
     /// Objects claimed at a time (those beyond free --concurrency slots wait, claimed, for one).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = claim_limit)]
     limit: usize,
     /// Commands run at once (1 to 1024), each on its own claimed object, under one session.
     #[arg(long, default_value_t = 1, value_parser = concurrency)]
@@ -182,6 +182,11 @@ pub struct WorkerArgs {
     /// The program to run for each claimed object, with its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+/// `--limit`: objects claimed at a time, 1 to `CLAIM_BATCH_MAX`.
+fn claim_limit(s: &str) -> Result<usize, String> {
+    crate::output::bounded_count(s, fleetdb::core::work::CLAIM_BATCH_MAX)
 }
 
 /// `--backoff`, checked while parsing so that the message names the flag and the value as typed.
@@ -271,14 +276,6 @@ enum Signalled {
 pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Error> {
     let backoff = a.backoff;
     fleetdb::core::selector::Selector::parse(&a.selector)?;
-    let most = fleetdb::core::work::CLAIM_BATCH_MAX;
-    if a.limit == 0 || a.limit > most {
-        return Err(Error::invalid(
-            "--limit",
-            a.limit.to_string(),
-            format!("claims between 1 and {most} objects at a time"),
-        ));
-    }
     // Signals are watched from the start, so one that comes while a command runs is handled, not
     // fatal (its default action would kill the worker and leave the command and the claim).
     let stop = watch_signals(a.grace)?;

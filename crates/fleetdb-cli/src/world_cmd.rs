@@ -238,7 +238,7 @@ pub enum KvCmd {
     /// List keys with a prefix, in key order.
     Ls {
         prefix: Option<String>,
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = crate::output::page_limit)]
         limit: usize,
         /// Continue after this key (the `next` of a previous page).
         #[arg(long)]
@@ -319,7 +319,7 @@ pub enum DeployCmd {
         /// Deploys after this id.
         #[arg(long)]
         after: Option<u64>,
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = crate::output::page_limit)]
         limit: usize,
         /// Follow pages and list everything.
         #[arg(long)]

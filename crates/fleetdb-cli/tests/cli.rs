@@ -329,7 +329,7 @@ fn bad_input_changes_nothing(db: &Db) {
             vec!["object", "ls", "--limit", "0"],
             None,
             2,
-            "invalid limit \"0\"",
+            "invalid value '0' for '--limit <LIMIT>': must be a whole number from 1 to 1000",
         ),
         (
             vec!["object", "ls", "--cursor", "zzz"],

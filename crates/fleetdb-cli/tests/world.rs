@@ -696,6 +696,58 @@ fn collect_output_round_trips_through_export_sync() {
     );
 }
 
+/// Every listing's `--limit` out of its range is refused while parsing (exit 2) naming the
+/// flag and the value as typed; before, the store's message said `invalid limit "0"` (no flag),
+/// `blob ls` in other words than the rest.
+#[test]
+fn every_listing_limit_names_the_flag() {
+    let db = sqlite_db();
+    let lists: [&[&str]; 11] = [
+        &["object", "ls"],
+        &["select", "has(x)"],
+        &["history", "--process", "P"],
+        &["work", "ls"],
+        &["backoff", "ls"],
+        &["kv", "ls"],
+        &["deploy", "ls"],
+        &["lease", "ls"],
+        &["blob", "ls"],
+        &["changes"],
+        &[
+            "worker",
+            "--component",
+            "c",
+            "--process",
+            "p",
+            "--selector",
+            "has(x)",
+        ],
+    ];
+    for list in lists {
+        let max = if list[0] == "changes" {
+            "10000"
+        } else {
+            "1000"
+        };
+        let over = if max == "1000" { "1001" } else { "10001" };
+        for bad in ["0", over] {
+            let mut args = list.to_vec();
+            args.extend(["--limit", bad]);
+            if list[0] == "worker" {
+                args.extend(["--", "true"]);
+            }
+            fails_with(
+                &db,
+                &args,
+                2,
+                &format!(
+                    "invalid value '{bad}' for '--limit <LIMIT>': must be a whole number from 1 to {max}"
+                ),
+            );
+        }
+    }
+}
+
 /// An out-of-range `--ttl` is refused naming the flag and the value as typed, with the bound
 /// in the units people type; before: `invalid ttl "691200000ms"` for `--ttl 8d`, `invalid
 /// session ttl "0ns"` for `--ttl 0s`.
