@@ -330,22 +330,12 @@ async fn sqlite_a_file_of_another_application_is_refused_and_left_untouched() {
     let (d, path) = sqlite_path();
     let before = foreign_sqlite_file(&path);
     for migrate in [true, false] {
-        let r = Store::open_with(
+        open_is_refused(
             &sqlite_url(&path),
-            OpenOptions {
-                migrate,
-                ..OpenOptions::default()
-            },
+            migrate,
+            &["not a FleetDB database", "contacts"],
         )
         .await;
-        match &r {
-            Err(Error::Invalid { rule, .. }) => assert!(
-                rule.contains("not a FleetDB database") && rule.contains("contacts"),
-                "{rule}"
-            ),
-            other => panic!("migrate={migrate}: expected Invalid, got {other:?}"),
-        }
-        drop(r);
         assert_untouched(d.path(), &path, &before);
     }
     // A file that is not SQLite at all: the same refusal, the file kept.
@@ -482,21 +472,7 @@ async fn postgres_a_schema_of_another_application_is_refused_and_left_untouched(
     )
     .await;
     for migrate in [true, false] {
-        let r = Store::open_with(
-            &url,
-            OpenOptions {
-                migrate,
-                ..OpenOptions::default()
-            },
-        )
-        .await;
-        match &r {
-            Err(Error::Invalid { rule, .. }) => assert!(
-                rule.contains("not a FleetDB schema") && rule.contains("objects"),
-                "{rule}"
-            ),
-            other => panic!("migrate={migrate}: expected Invalid, got {other:?}"),
-        }
+        open_is_refused(&url, migrate, &["not a FleetDB schema", "objects"]).await;
     }
     let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
@@ -540,5 +516,23 @@ async fn postgres_a_search_path_naming_no_schema_is_invalid() {
         }
         Err(e) => panic!("{e:?}, expected Invalid"),
         Ok(_) => panic!("opened, expected Invalid"),
+    }
+}
+
+/// Opening `url` (migrating or not) is refused as `Invalid`, the rule saying each of `says`.
+async fn open_is_refused(url: &str, migrate: bool, says: &[&str]) {
+    let r = Store::open_with(
+        url,
+        OpenOptions {
+            migrate,
+            ..OpenOptions::default()
+        },
+    )
+    .await;
+    match &r {
+        Err(Error::Invalid { rule, .. }) => {
+            assert!(says.iter().all(|s| rule.contains(s)), "{rule}")
+        }
+        other => panic!("migrate={migrate}: expected Invalid, got {other:?}"),
     }
 }
