@@ -57,7 +57,7 @@ enum Command {
     /// Drop change-log entries before a revision.
     Compact {
         /// Drop entries with a revision lower than this.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::output::revision)]
         before: i64,
     },
     /// Schema migrations.
@@ -229,7 +229,7 @@ enum TagCmd {
 struct ChangesArgs {
     /// Entries after this revision (default: from the oldest entry the log still holds; an
     /// explicit revision the log was compacted past is refused, exit 4).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::output::revision)]
     after: Option<i64>,
     /// Only this kind (in the selected namespace).
     #[arg(long)]

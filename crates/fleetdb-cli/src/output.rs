@@ -171,6 +171,23 @@ pub fn changes_limit(s: &str) -> Result<usize, String> {
     bounded_count(s, fleetdb::CHANGES_PAGE_MAX)
 }
 
+/// A revision flag (`changes --after`, `compact --before`, `--from-revision`): a whole number,
+/// 0 or more, checked while parsing so that the message names the flag and the value as typed.
+pub fn revision(s: &str) -> Result<i64, String> {
+    match s.parse::<i64>() {
+        Ok(n) if n >= 0 => Ok(n),
+        _ => Err("must be a revision (a whole number, 0 or more)".into()),
+    }
+}
+
+/// `--expect-revision`: 0 (the key must be absent) or the key's revision.
+pub fn expected_revision(s: &str) -> Result<i64, String> {
+    match s.parse::<i64>() {
+        Ok(n) if n >= 0 => Ok(n),
+        _ => Err("must be a revision (a whole number; 0: absent)".into()),
+    }
+}
+
 /// A whole number from 1 to `max`.
 pub fn bounded_count(s: &str, max: usize) -> Result<usize, String> {
     match s.parse::<usize>() {

@@ -115,7 +115,7 @@ pub struct WatchArgs {
     #[arg(long)]
     prefix: Option<String>,
     /// Replay the change log after this revision instead of starting with a snapshot.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::output::revision)]
     from_revision: Option<i64>,
     /// Watch World data instead of objects.
     #[arg(long, value_enum)]
@@ -223,7 +223,7 @@ pub enum KvCmd {
     Cas {
         key: String,
         value: String,
-        #[arg(long)]
+        #[arg(long, value_parser = crate::output::expected_revision)]
         expect_revision: i64,
         #[arg(long, value_parser = record_ttl)]
         ttl: Option<Duration>,
@@ -232,7 +232,7 @@ pub enum KvCmd {
     Rm {
         key: String,
         /// Only if the key is at this revision (exit 4 otherwise).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::output::expected_revision)]
         expect_revision: Option<i64>,
     },
     /// List keys with a prefix, in key order.
@@ -250,7 +250,7 @@ pub enum KvCmd {
     /// Stream changes of keys with a prefix as JSON lines.
     Watch {
         prefix: Option<String>,
-        #[arg(long)]
+        #[arg(long, value_parser = crate::output::revision)]
         from_revision: Option<i64>,
         #[command(flatten)]
         stream: StreamArgs,
@@ -372,7 +372,7 @@ pub enum ScheduleCmd {
     Watch {
         #[arg(value_name = "SCHEDULER_NS")]
         scheduler: String,
-        #[arg(long)]
+        #[arg(long, value_parser = crate::output::revision)]
         from_revision: Option<i64>,
         #[command(flatten)]
         stream: StreamArgs,
@@ -529,17 +529,6 @@ fn interrupted() -> impl std::future::Future<Output = ()> {
     }
 }
 
-fn revision_arg(r: Option<i64>) -> Result<Option<Revision>, Error> {
-    match r {
-        Some(r) if r < 0 => Err(Error::invalid(
-            "from revision",
-            r.to_string(),
-            "must be 0 or more",
-        )),
-        other => Ok(other.map(Revision)),
-    }
-}
-
 /// Open a watch and print its events as JSON lines (see the module documentation).
 async fn stream(
     store: &Store,
@@ -549,7 +538,8 @@ async fn stream(
     s: &StreamArgs,
 ) -> Result<(), Error> {
     let mut req = WatchRequest::new(scope);
-    req.from_revision = revision_arg(from)?;
+    // Checked while parsing (`output::revision`): 0 or more.
+    req.from_revision = from.map(Revision);
     req.viewer = viewer;
     req.buffer = s.buffer;
     let mut watch = store.watch(req).await?;
@@ -964,17 +954,6 @@ fn print_kv_written(fmt: Format, w: &Written<KvEntry>) {
     }
 }
 
-fn expect_arg(r: i64) -> Result<Revision, Error> {
-    if r < 0 {
-        return Err(Error::invalid(
-            "expected revision",
-            r.to_string(),
-            "must be 0 (absent) or a revision",
-        ));
-    }
-    Ok(Revision(r))
-}
-
 pub async fn kv(store: &Store, fmt: Format, cmd: KvCmd) -> Result<(), Error> {
     match cmd {
         KvCmd::Get { key } => {
@@ -1006,7 +985,7 @@ pub async fn kv(store: &Store, fmt: Format, cmd: KvCmd) -> Result<(), Error> {
             expect_revision,
             ttl,
         } => {
-            let expect = expect_arg(expect_revision)?;
+            let expect = Revision(expect_revision);
             let w = store
                 .kv_set_with(&key, &value, Some(expect), lifetime(ttl))
                 .await?;
@@ -1016,7 +995,7 @@ pub async fn kv(store: &Store, fmt: Format, cmd: KvCmd) -> Result<(), Error> {
             key,
             expect_revision,
         } => {
-            let expect = expect_revision.map(expect_arg).transpose()?;
+            let expect = expect_revision.map(Revision);
             let r = store.kv_delete(&key, expect).await?;
             match fmt {
                 Format::Json => output::print_json(&json!({"deleted": key, "revision": r.0})),

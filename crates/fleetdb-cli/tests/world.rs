@@ -265,7 +265,7 @@ fn kv_set_get_cas_rm() {
         &db,
         &["kv", "cas", "k", "x", "--expect-revision=-1"],
         2,
-        "expected revision",
+        "invalid value '-1' for '--expect-revision <EXPECT_REVISION>'",
     );
 }
 
@@ -1171,7 +1171,12 @@ fn watch_prints_json_lines() {
         "--prefix",
     );
     fails_with(&db, &["watch", "--prefix", "m"], 2, "needs --kind");
-    fails_with(&db, &["watch", "--from-revision=-1"], 2, "from revision");
+    fails_with(
+        &db,
+        &["watch", "--from-revision=-1"],
+        2,
+        "invalid value '-1' for '--from-revision",
+    );
     ok_json(&db, &["compact", "--before", "3"]);
     fails_with(
         &db,
@@ -1345,4 +1350,54 @@ fn postgres_watcher_sees_a_kv_set_by_another_process() {
     drop(store);
     rt.block_on(fleetdb_postgres::testing::drop_schema(&base, &schema))
         .unwrap();
+}
+
+/// A negative revision in any revision-taking flag is refused while parsing (exit 2) naming the
+/// flag and the value as typed; before: `invalid from revision "-3"`, `invalid expected revision
+/// "-1"` (naming a field, after opening the database), and `changes --after=-5` / `compact
+/// --before=-5` went to the store.
+#[test]
+fn negative_revision_flags_name_the_flag() {
+    let db = sqlite_db();
+    let cases: [(&[&str], &str, &str); 7] = [
+        (&["changes", "--after=-5"], "-5", "--after <AFTER>"),
+        (&["compact", "--before=-5"], "-5", "--before <BEFORE>"),
+        (
+            &["watch", "--from-revision=-3"],
+            "-3",
+            "--from-revision <FROM_REVISION>",
+        ),
+        (
+            &["kv", "watch", "--from-revision=-3"],
+            "-3",
+            "--from-revision <FROM_REVISION>",
+        ),
+        (
+            &["schedule", "watch", "web", "--from-revision=-3"],
+            "-3",
+            "--from-revision <FROM_REVISION>",
+        ),
+        (
+            &["kv", "cas", "k", "v", "--expect-revision=-1"],
+            "-1",
+            "--expect-revision <EXPECT_REVISION>",
+        ),
+        (
+            &["kv", "rm", "k", "--expect-revision=-1"],
+            "-1",
+            "--expect-revision <EXPECT_REVISION>",
+        ),
+    ];
+    for (args, bad, flag) in cases {
+        fails_with(
+            &db,
+            args,
+            2,
+            &format!("invalid value '{bad}' for '{flag}': must be a revision"),
+        );
+    }
+    assert!(
+        !db.dir.path().join("db.sqlite").exists(),
+        "refused before opening the database"
+    );
 }
