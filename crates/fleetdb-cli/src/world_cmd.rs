@@ -84,6 +84,23 @@ fn at_least_one(s: &str) -> Result<u64, String> {
     }
 }
 
+/// `deploy prune --before`: a deploy id, 1 or more (no deploy has an id lower than 1, so 0
+/// would prune nothing while reading as a request).
+fn deploy_id(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a deploy id (1 or more)".into()),
+    }
+}
+
+/// `deploy prune --keep`: at least 1.
+fn prune_keep(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be at least 1 (the newest deploy always stays)".into()),
+    }
+}
+
 /// `--buffer`: events a watch may hold for a slow reader, within the store's bounds (checked
 /// while parsing so that the message names the flag).
 fn watch_buffer(s: &str) -> Result<usize, String> {
@@ -328,11 +345,11 @@ pub enum DeployCmd {
     /// Remove old deploys (the newest always stays).
     #[command(group(ArgGroup::new("which").args(["before", "keep"]).required(true)))]
     Prune {
-        /// Remove deploys with an id lower than this.
-        #[arg(long)]
+        /// Remove deploys with an id lower than this (1 or more).
+        #[arg(long, value_parser = deploy_id)]
         before: Option<u64>,
-        /// Keep the newest N deploys.
-        #[arg(long)]
+        /// Keep the newest N deploys (at least 1).
+        #[arg(long, value_parser = prune_keep)]
         keep: Option<u64>,
     },
 }
@@ -1408,16 +1425,11 @@ pub async fn deploy(store: &Store, fmt: Format, cmd: DeployCmd) -> Result<(), Er
         DeployCmd::Prune { before, keep } => {
             let before = match (before, keep) {
                 (Some(b), _) => b,
-                (None, Some(0)) => {
-                    return Err(Error::invalid(
-                        "--keep",
-                        "0",
-                        "must be at least 1 (the newest deploy always stays)",
-                    ))
-                }
+                // --keep is at least 1 (checked while parsing: `prune_keep`); keeping more
+                // deploys than there are prunes below id 1, that is nothing.
                 (None, Some(k)) => match store.deploy_max_id().await? {
-                    Some(max) => (max + 1).saturating_sub(k),
-                    None => 0,
+                    Some(max) => (max + 1).saturating_sub(k).max(1),
+                    None => 1,
                 },
                 (None, None) => return Err(Error::invalid("--before", "", "is required")),
             };

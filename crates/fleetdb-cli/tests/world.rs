@@ -1401,3 +1401,29 @@ fn negative_revision_flags_name_the_flag() {
         "refused before opening the database"
     );
 }
+
+/// `deploy prune --before 0` (no deploy has an id lower than 1) is refused naming the flag, as
+/// `--keep 0` is; before: it printed "pruned 0 deploy(s) with an id lower than 0".
+#[test]
+fn deploy_prune_before_zero_is_refused_naming_the_flag() {
+    let db = sqlite_db();
+    fails_with(
+        &db,
+        &["deploy", "prune", "--before", "0"],
+        2,
+        "invalid value '0' for '--before <BEFORE>': must be a deploy id (1 or more)",
+    );
+    fails_with(
+        &db,
+        &["deploy", "prune", "--keep", "0"],
+        2,
+        "invalid value '0' for '--keep <KEEP>': must be at least 1 (the newest deploy always stays)",
+    );
+    let pruned = ok_json(&db, &["deploy", "prune", "--before", "1"]);
+    assert_eq!(pruned["pruned"], 0);
+    assert_eq!(pruned["before"], 1);
+    // Keeping more deploys than there are is no id 0 either.
+    let pruned = ok_json(&db, &["deploy", "prune", "--keep", "5"]);
+    assert_eq!(pruned["pruned"], 0);
+    assert_eq!(pruned["before"], 1);
+}
