@@ -184,6 +184,38 @@ fn dead_peer_detection(config: &mut tokio_postgres::Config) {
         config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
 }
+/// `idle_in_transaction_session_timeout` of every connection, unless the URL's `options` set it:
+/// the server ends a session that sits this long inside a transaction without sending its next
+/// statement, releasing its row locks. A FleetDB process stopped in the middle of one of its own
+/// transactions (SIGSTOP, a debugger, a VM pause; its kernel still answers keepalives) otherwise
+/// holds them for ever: claims skip the objects it locked after its session expired, sweeps
+/// wait on them. FleetDB's transactions pipeline their statements; the longest pause between two
+/// is a claim waiting its turn behind another claim's statements, milliseconds (a collector's
+/// snapshot reader done before the other half idles until both end, but it has read everything
+/// by then). 5 s is far above that and short against session TTLs (1 s to 1 h, default 10 s:
+/// `fleetdb_core::work::SESSION_TTL_*`): with the default TTL a stopped holder's locks are gone
+/// before its session expires. A session ended this way answers 25P03 (`Unavailable`, tried
+/// again).
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Add [`IDLE_IN_TRANSACTION_TIMEOUT`] to the startup `options` of `config` unless they already
+/// set `idle_in_transaction_session_timeout` (`-c name=value` or `--name=value`, either spelling).
+fn idle_in_transaction_timeout(config: &mut tokio_postgres::Config) {
+    let current = config.get_options().unwrap_or("");
+    let normalized = current.replace('-', "_");
+    if normalized.contains("idle_in_transaction_session_timeout") {
+        return;
+    }
+    let ms = IDLE_IN_TRANSACTION_TIMEOUT.as_millis();
+    let setting = format!("-c idle_in_transaction_session_timeout={ms}");
+    let options = if current.trim().is_empty() {
+        setting
+    } else {
+        format!("{current} {setting}")
+    };
+    config.options(&options);
+}
+
 /// Object listings with at most this many label requirements use a cached prepared statement
 /// (the SQL shape depends on the requirements, so caching every shape could grow without bound).
 const CACHED_LABEL_REQUIREMENTS_MAX: usize = 8;
@@ -374,6 +406,7 @@ impl PostgresBackend {
             config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
         }
         dead_peer_detection(&mut config);
+        idle_in_transaction_timeout(&mut config);
         if !(1..=POOL_SIZE_MAX).contains(&options.pool_size_max) {
             return Err(Error::invalid(
                 "pool size",
@@ -2352,6 +2385,78 @@ mod tests {
         }
         assert!(backoff(1) <= Duration::from_millis(1));
         assert!(backoff(30) >= Duration::from_millis(50));
+    }
+
+    /// Every connection of a store carries `idle_in_transaction_session_timeout`
+    /// ([`IDLE_IN_TRANSACTION_TIMEOUT`], or what the URL's `options` set): a process stopped
+    /// inside one of its transactions (simulated here by a connection that locks a work row and
+    /// sends nothing more) loses the transaction and its row locks when it runs out, the
+    /// connection's next statement answers `Unavailable` (25P03); before, the lock stayed for as
+    /// long as the process was stopped.
+    #[tokio::test]
+    async fn a_transaction_left_idle_is_ended_by_the_server_and_its_locks_released() {
+        // The default, on the pool's connections and on the listener's configuration.
+        let (backend, base, schema) = test_backend(2).await;
+        let client = backend.client().await.unwrap();
+        let shown: String = client
+            .query_one("SHOW idle_in_transaction_session_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(shown, "5s");
+        assert!(backend
+            .config
+            .get_options()
+            .unwrap()
+            .contains("idle_in_transaction_session_timeout=5000"));
+        drop(client);
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
+
+        // A value set in the URL's options is kept (here short, to see it act).
+        let (url, schema) = testing::create_schema(&base).await.unwrap();
+        let url = format!("{url}%20-c%20idle_in_transaction_session_timeout%3D300ms");
+        let backend = PostgresBackend::open(
+            &url,
+            PostgresOptions::default(),
+            Arc::new(fleetdb_core::SystemClock),
+        )
+        .await
+        .unwrap();
+        let holder = backend.client().await.unwrap();
+        let shown: String = holder
+            .query_one("SHOW idle_in_transaction_session_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(shown, "300ms");
+        seed_dead_claim(&holder, "j1", 1).await;
+        holder
+            .batch_execute("BEGIN; SELECT 1 FROM work WHERE id = 'j1' FOR UPDATE")
+            .await
+            .unwrap();
+        let other = backend.client().await.unwrap();
+        let locked = other
+            .batch_execute("BEGIN; SELECT 1 FROM work WHERE id = 'j1' FOR UPDATE NOWAIT")
+            .await;
+        assert!(locked.is_err(), "the holder's lock is held meanwhile");
+        other.batch_execute("ROLLBACK").await.unwrap();
+        // The server's timer, not a clock FleetDB reads: real time must pass.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let freed = other
+            .query("SELECT 1 FROM work WHERE id = 'j1' FOR UPDATE NOWAIT", &[])
+            .await
+            .unwrap();
+        assert_eq!(freed.len(), 1, "the lock went with the idle transaction");
+        let ended = holder.query("SELECT 1", &[]).await.unwrap_err();
+        assert!(
+            matches!(db_err(ended), Error::Unavailable(_)),
+            "a session ended for idling in a transaction is Unavailable"
+        );
+        drop(holder);
+        drop(other);
+        drop(backend);
+        testing::drop_schema(&base, &schema).await.unwrap();
     }
 
     /// The first read of a transaction is pipelined with BEGIN and must run inside it.
