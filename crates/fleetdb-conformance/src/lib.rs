@@ -961,6 +961,11 @@ pub async fn a_negative_position_is_invalid_not_compacted(h: &Harness) {
             Err(e) => panic!("watch from {r}: {e:?}, expected Invalid"),
             Ok(_) => panic!("watch from {r}: Ok, expected Invalid"),
         }
+        // A compaction point before the log's start compacts nothing: refused, not "0 dropped".
+        match s.compact(Revision(r)).await {
+            Err(Error::Invalid { .. }) => {}
+            other => panic!("compact before {r}: {other:?}, expected Invalid"),
+        }
     }
     // 0 is the start of the log.
     assert_eq!(

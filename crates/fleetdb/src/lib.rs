@@ -1085,8 +1085,10 @@ impl Store {
         Ok(page)
     }
 
-    /// Drop change-log entries with revision < `before`. Returns how many were dropped.
+    /// Drop change-log entries with revision < `before`. Returns how many were dropped. A
+    /// negative `before` is `Invalid` (no revision is below 0).
     pub async fn compact(&self, before: Revision) -> Result<u64> {
+        position_not_negative("before", before)?;
         self.ready().await?;
         self.backend.compact(before).await
     }
