@@ -174,17 +174,24 @@ pub fn changes_limit(s: &str) -> Result<usize, String> {
 /// A revision flag (`changes --after`, `compact --before`, `--from-revision`): a whole number,
 /// 0 or more, checked while parsing so that the message names the flag and the value as typed.
 pub fn revision(s: &str) -> Result<i64, String> {
-    match s.parse::<i64>() {
-        Ok(n) if n >= 0 => Ok(n),
-        _ => Err("must be a revision (a whole number, 0 or more)".into()),
-    }
+    at_least(s, 0, "must be a revision (a whole number, 0 or more)")
 }
 
 /// `--expect-revision`: 0 (the key must be absent) or the key's revision.
 pub fn expected_revision(s: &str) -> Result<i64, String> {
-    match s.parse::<i64>() {
-        Ok(n) if n >= 0 => Ok(n),
-        _ => Err("must be a revision (a whole number; 0: absent)".into()),
+    at_least(s, 0, "must be a revision (a whole number; 0: absent)")
+}
+
+/// A whole number of at least `min` (`rule` says what the flag takes otherwise), checked while
+/// parsing so that the message names the flag and the value as typed.
+pub fn at_least<T: std::str::FromStr + PartialOrd>(
+    s: &str,
+    min: T,
+    rule: &str,
+) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(rule.to_string()),
     }
 }
 

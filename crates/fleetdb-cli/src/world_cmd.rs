@@ -78,27 +78,22 @@ pub(crate) fn session_ttl(s: &str) -> Result<Duration, String> {
 
 /// `--max-events`: a count of lines to print before exiting; 0 would print nothing.
 fn at_least_one(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("must be at least 1 (leave it out to run until interrupted)".into()),
-    }
+    output::at_least(
+        s,
+        1,
+        "must be at least 1 (leave it out to run until interrupted)",
+    )
 }
 
 /// `deploy prune --before`: a deploy id, 1 or more (no deploy has an id lower than 1, so 0
 /// would prune nothing while reading as a request).
 fn deploy_id(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("must be a deploy id (1 or more)".into()),
-    }
+    output::at_least(s, 1, "must be a deploy id (1 or more)")
 }
 
 /// `deploy prune --keep`: at least 1.
 fn prune_keep(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("must be at least 1 (the newest deploy always stays)".into()),
-    }
+    output::at_least(s, 1, "must be at least 1 (the newest deploy always stays)")
 }
 
 /// `--buffer`: events a watch may hold for a slow reader, within the store's bounds (checked
