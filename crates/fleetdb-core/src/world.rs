@@ -1098,6 +1098,16 @@ impl WorldQuery {
         }
     }
 
+    /// Walking every page of this query (the backends' `world_list_all`): move the query past
+    /// `page` (one answer of it) and add `page` to `into`. `true` when it was the last page
+    /// (fewer rows than the limit).
+    pub fn take_page(&mut self, page: Vec<WorldRecord>, into: &mut Vec<WorldRecord>) -> bool {
+        let done = page.len() < self.limit;
+        self.after_key = page.last().map(|r| r.key.clone());
+        into.extend(page);
+        done
+    }
+
     /// The SQL (`SELECT <columns> FROM world WHERE …`) and its parameters.
     pub fn to_sql(&self, dialect: Dialect, columns: &str) -> (String, Vec<SqlParam>) {
         let mut params: Vec<SqlParam> = Vec::new();

@@ -154,10 +154,7 @@ async fn scan_all<T: TxRows + ?Sized>(rows: &mut T, mut q: WorldQuery) -> Result
     let mut out = Vec::new();
     loop {
         let page = rows.world_scan(&q).await?;
-        let done = page.len() < PAGE;
-        q.after_key = page.last().map(|r| r.key.clone());
-        out.extend(page);
-        if done {
+        if q.take_page(page, &mut out) {
             return Ok(out);
         }
     }

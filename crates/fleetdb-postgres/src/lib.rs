@@ -2103,10 +2103,7 @@ impl Backend for PostgresBackend {
                         .iter()
                         .map(sql::world_from_row)
                         .collect::<Result<Vec<_>>>()?;
-                    let done = page.len() < q.limit;
-                    q.after_key = page.last().map(|r| r.key.clone());
-                    records.extend(page);
-                    if done {
+                    if q.take_page(page, &mut records) {
                         break;
                     }
                 }

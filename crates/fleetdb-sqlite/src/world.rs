@@ -84,11 +84,7 @@ pub(crate) fn world_scan_all(
         q.limit = q.limit.max(1);
         let mut records = Vec::new();
         loop {
-            let page = world_scan(&tx, &q)?;
-            let done = page.len() < q.limit;
-            q.after_key = page.last().map(|r| r.key.clone());
-            records.extend(page);
-            if done {
+            if q.take_page(world_scan(&tx, &q)?, &mut records) {
                 break;
             }
         }
