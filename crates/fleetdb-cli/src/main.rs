@@ -372,7 +372,13 @@ async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
     .await?;
     // Server settings that void what a claim promises (a crash may undo a committed one): said
     // on every command, as the operator may be about to rely on them.
-    for w in store.backend().durability_warnings() {
+    // And a host clock off from the server's (PostgreSQL: the store runs on the server's).
+    for w in store
+        .backend()
+        .durability_warnings()
+        .into_iter()
+        .chain(store.clock_warning())
+    {
         match cli.output {
             Format::Json => eprintln!("{}", json!({ "warning": w })),
             Format::Table => eprintln!("warning: {w}"),

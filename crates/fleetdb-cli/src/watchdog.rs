@@ -40,7 +40,7 @@ mod other {
         pub fn start() -> std::io::Result<Watchdog> {
             Ok(Watchdog)
         }
-        pub fn deadline(&self, _deadline: Timestamp) {}
+        pub fn deadline(&self, _deadline: Timestamp, _now: Timestamp) {}
         pub fn done(&self, _pid: u32) {}
         pub fn fd(&self) -> Option<RawFd> {
             None
@@ -107,9 +107,17 @@ mod linux {
             }
         }
 
-        /// The session's deadline as last renewed.
-        pub fn deadline(&self, deadline: Timestamp) {
-            send(self.socket.as_raw_fd(), MSG_DEADLINE, deadline.as_micros());
+        /// The session's deadline as last renewed, on the store's clock, whose time is `now`
+        /// (on PostgreSQL the database server's, not this host's): told as a time of this host's
+        /// boot clock, which neither a step of the wall clock nor an offset from the server's
+        /// moves.
+        pub fn deadline(&self, deadline: Timestamp, now: Timestamp) {
+            let left = deadline.as_micros().saturating_sub(now.as_micros());
+            send(
+                self.socket.as_raw_fd(),
+                MSG_DEADLINE,
+                now_micros().saturating_add(left),
+            );
         }
 
         /// A command's process group was reaped (or killed by the worker): no longer the watchdog's.
@@ -152,14 +160,15 @@ mod linux {
         n == std::mem::size_of_val(&msg) as isize
     }
 
-    /// The wall clock in microseconds (the clock sessions' deadlines are on). Async-signal-safe.
+    /// The boot clock in microseconds (monotonic, counting a suspend too): the clock the
+    /// watchdog's deadlines are on ([`Watchdog::deadline`]). Async-signal-safe.
     fn now_micros() -> i64 {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         // SAFETY: clock_gettime writes `ts`.
-        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
         // `time_t` and `c_long` are 32 bits wide on some targets.
         #[allow(clippy::unnecessary_cast)]
         let micros = ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000;
@@ -221,7 +230,7 @@ mod linux {
             let wait_ms: libc::c_int = if deadline == i64::MAX || expired {
                 1_000
             } else {
-                // Up to the kill (rounded up), at most a second: the wall clock may be stepped.
+                // Up to the kill (rounded up), at most a second.
                 let left = deadline.saturating_sub(KILL_AHEAD_MICROS) - now;
                 ((left + 999) / 1_000).clamp(1, 1_000) as libc::c_int
             };

@@ -289,7 +289,7 @@ pub async fn worker(store: &Store, db_url: &str, a: WorkerArgs) -> Result<(), Er
         .runtime_info(runtime_info(std::process::id(), &a.command))
         .ttl(a.ttl);
     let session = store.session_start(spec).await?;
-    watchdog.deadline(session.deadline());
+    watchdog.deadline(session.deadline(), store.clock().now());
     let _deadlines = AbortOnDrop(tokio::spawn(tell_deadlines(
         session.clone(),
         watchdog.clone(),
@@ -693,7 +693,7 @@ async fn tell_deadlines(session: Session, watchdog: Arc<Watchdog>) {
         tick.tick().await;
         let deadline = session.deadline();
         if told != Some(deadline) {
-            watchdog.deadline(deadline);
+            watchdog.deadline(deadline, session.store().clock().now());
             told = Some(deadline);
         }
     }

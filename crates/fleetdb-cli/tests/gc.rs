@@ -917,9 +917,9 @@ fn a_blob_put_killed_midway_resumes_by_its_ref_or_is_reclaimed_soon() {
         let store = fleetdb::Store::open_with(
             &db.url,
             fleetdb::OpenOptions {
-                clock: std::sync::Arc::new(fleetdb::ManualClock::new(
+                clock: Some(std::sync::Arc::new(fleetdb::ManualClock::new(
                     fleetdb::Timestamp::from_system(later),
-                )),
+                ))),
                 background: false,
                 ..fleetdb::OpenOptions::default()
             },

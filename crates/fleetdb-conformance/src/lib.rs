@@ -36,7 +36,7 @@ impl Harness {
         fleetdb::Store::open_with(
             &self.url,
             fleetdb::OpenOptions {
-                clock: std::sync::Arc::new(self.clock.clone()),
+                clock: Some(std::sync::Arc::new(self.clock.clone())),
                 background: false,
                 ..fleetdb::OpenOptions::default()
             },

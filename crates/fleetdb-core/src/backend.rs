@@ -105,6 +105,19 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Vec::new()
     }
 
+    /// Read the database server's clock once more, when this backend's store runs on it
+    /// ([`crate::ServerClock`]), and answer [`Backend::clock_offset`]. A backend on a clock of
+    /// its caller's answers `None` and reads nothing.
+    async fn clock_sync(&self) -> Result<Option<i64>> {
+        Ok(None)
+    }
+
+    /// The database server's clock minus this host's wall clock (µs), as last sampled, when this
+    /// backend's store runs on the server's clock.
+    fn clock_offset(&self) -> Option<i64> {
+        None
+    }
+
     async fn schema_status(&self) -> Result<SchemaStatus>;
     /// Apply pending migrations. Writes nothing when there is nothing to apply.
     async fn migrate(&self) -> Result<SchemaStatus>;

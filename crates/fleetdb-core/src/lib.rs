@@ -24,4 +24,4 @@ pub use batch::{Applied, Batch, Limits, Op, OpResult, Precondition, PutMode};
 pub use error::{Error, Result};
 pub use model::*;
 pub use query::{parse_label_selector, LabelRequirement, ObjectCursor, ObjectQuery};
-pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+pub use time::{Clock, ClockSample, ManualClock, SampleUse, ServerClock, SystemClock, Timestamp};

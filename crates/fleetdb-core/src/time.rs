@@ -134,6 +134,187 @@ impl Clock for ManualClock {
     }
 }
 
+/// The database server's clock, as this process reads it: the time the server gave in its best
+/// sample, plus the time this process's monotonic clock counted since. On PostgreSQL every
+/// component of a fleet runs on it by default, so their deadlines compare on one clock whatever
+/// the hosts' own clocks say (a host whose clock ran a minute ahead would otherwise see every
+/// other host's session as expired and take its claims, and its own sessions would outlive it by
+/// a minute). SQLite's processes share one host's clock and use it directly.
+///
+/// A sample is one round trip: sent at `sent`, the server's time, answered at `received`. It is
+/// placed halfway through the round trip, within half of it ([`ClockSample::error_micros`]); an
+/// anchor's error then grows by [`ServerClock::DRIFT_PPM`] of the time since. A sample replaces
+/// the anchor when its error is smaller than the anchor's now, or when the two disagree by more
+/// than both errors together: the server's clock was stepped, or this host slept (its monotonic
+/// clock does not count a suspend), and the new sample is the truth. Between samples the time
+/// follows the monotonic clock, so steps of this host's own wall clock (an NTP step, an operator's
+/// `date -s`) change nothing. Time may step back by up to the anchor's error when a better sample
+/// replaces it (fractions of a millisecond on a local network), as a wall clock does.
+///
+/// Before its first sample it reads the `wall` clock, which it also uses to report this host's
+/// offset from the server ([`ServerClock::offset_micros`]).
+#[derive(Debug)]
+pub struct ServerClock {
+    wall: Arc<dyn Clock>,
+    /// The monotonic clock's zero for `base`.
+    origin: std::time::Instant,
+    /// The anchor's server time minus its monotonic time since `origin` (µs): [`Clock::now`] is
+    /// one load and one monotonic reading. [`NO_ANCHOR`] before the first sample.
+    base: AtomicI64,
+    anchor: std::sync::Mutex<Option<Anchor>>,
+}
+
+/// [`ServerClock::base`] before the first sample.
+const NO_ANCHOR: i64 = i64::MIN;
+
+#[derive(Debug, Clone, Copy)]
+struct Anchor {
+    /// The server's time at `at` (the sample's midpoint).
+    server: Timestamp,
+    at: std::time::Instant,
+    /// Half the sample's round trip (µs).
+    error: i64,
+    /// `server` minus the wall clock's time at `at` (µs).
+    offset: i64,
+}
+
+/// One reading of the server's clock ([`ServerClock::offer`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClockSample {
+    pub sent: std::time::Instant,
+    pub server: Timestamp,
+    pub received: std::time::Instant,
+}
+
+impl ClockSample {
+    /// Half the round trip (µs): how far the server's reading can be from the midpoint.
+    pub fn error_micros(&self) -> i64 {
+        micros(self.received.saturating_duration_since(self.sent)) / 2
+    }
+
+    fn midpoint(&self) -> std::time::Instant {
+        self.sent + self.received.saturating_duration_since(self.sent) / 2
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// What [`ServerClock::offer`] did with a sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleUse {
+    /// The first sample: the clock now follows the server.
+    First,
+    /// More precise than the anchor: it replaces it.
+    Better,
+    /// Disagrees with the anchor beyond both errors (a step of the server's clock, a suspend of
+    /// this host): it replaces it.
+    Stepped,
+    /// No better than the anchor: ignored.
+    Kept,
+}
+
+impl ServerClock {
+    /// How fast a monotonic clock may run against the server's, at most, in parts per million
+    /// (crystal oscillators drift tens of ppm; this bound is generous).
+    pub const DRIFT_PPM: i64 = 100;
+
+    pub fn new(wall: Arc<dyn Clock>) -> Self {
+        ServerClock {
+            wall,
+            origin: std::time::Instant::now(),
+            base: AtomicI64::new(NO_ANCHOR),
+            anchor: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Take a sample into account (see the type's documentation).
+    pub fn offer(&self, sample: ClockSample) -> SampleUse {
+        let at = sample.midpoint();
+        let error = sample.error_micros();
+        let mut anchor = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        let used = match *anchor {
+            None => SampleUse::First,
+            Some(a) => {
+                let since = signed_micros(a.at, at);
+                let predicted = a.server.0.saturating_add(since);
+                let anchor_error = a.error.saturating_add(drift_micros(since));
+                if sample.server.0.abs_diff(predicted) > anchor_error.saturating_add(error) as u64 {
+                    SampleUse::Stepped
+                } else if error < anchor_error {
+                    SampleUse::Better
+                } else {
+                    SampleUse::Kept
+                }
+            }
+        };
+        if used != SampleUse::Kept {
+            // The wall clock read now stands for its time at the midpoint, `at`.
+            let wall = self
+                .wall
+                .now()
+                .0
+                .saturating_sub(signed_micros(at, std::time::Instant::now()));
+            *anchor = Some(Anchor {
+                server: sample.server,
+                at,
+                error,
+                offset: sample.server.0.saturating_sub(wall),
+            });
+            let base = sample
+                .server
+                .0
+                .saturating_sub(signed_micros(self.origin, at))
+                .max(NO_ANCHOR + 1);
+            self.base.store(base, Ordering::Release);
+        }
+        used
+    }
+
+    /// The server's clock minus this host's wall clock when the anchor was taken (µs); `None`
+    /// before the first sample.
+    pub fn offset_micros(&self) -> Option<i64> {
+        self.anchor().map(|a| a.offset)
+    }
+
+    /// How far [`Clock::now`] may be from the server's clock now (µs); `None` before the first
+    /// sample.
+    pub fn error_micros(&self) -> Option<i64> {
+        self.anchor().map(|a| {
+            a.error
+                .saturating_add(drift_micros(signed_micros(a.at, std::time::Instant::now())))
+        })
+    }
+
+    fn anchor(&self) -> Option<Anchor> {
+        *self.anchor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How far a monotonic clock may have drifted from the server's over `since` µs.
+fn drift_micros(since: i64) -> i64 {
+    let d = i128::from(since.unsigned_abs()) * i128::from(ServerClock::DRIFT_PPM) / 1_000_000;
+    i64::try_from(d).unwrap_or(i64::MAX)
+}
+
+/// `to - from` in µs, negative when `to` is earlier.
+fn signed_micros(from: std::time::Instant, to: std::time::Instant) -> i64 {
+    match to.checked_duration_since(from) {
+        Some(d) => micros(d),
+        None => -micros(from.duration_since(to)),
+    }
+}
+
+impl Clock for ServerClock {
+    fn now(&self) -> Timestamp {
+        match self.base.load(Ordering::Acquire) {
+            NO_ANCHOR => self.wall.now(),
+            base => Timestamp(base.saturating_add(micros(self.origin.elapsed()))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +328,76 @@ mod tests {
         let c2 = c.clone();
         c2.advance(Duration::from_micros(5));
         assert_eq!(c.now(), Timestamp(3_000_005));
+    }
+
+    /// A sample of `server` taken over a round trip of `rtt_ms` that ended `ago_ms` before now.
+    fn sample(server: Timestamp, rtt_ms: u64, ago_ms: u64) -> ClockSample {
+        let received = std::time::Instant::now() - Duration::from_millis(ago_ms);
+        ClockSample {
+            sent: received - Duration::from_millis(rtt_ms),
+            server,
+            received,
+        }
+    }
+
+    /// `now` of `clock` minus `t`, in ms.
+    fn ahead_ms(clock: &ServerClock, t: Timestamp) -> i64 {
+        (clock.now().0 - t.0) / 1000
+    }
+
+    #[test]
+    fn a_server_clock_follows_the_server_not_the_wall() {
+        let wall = ManualClock::new(Timestamp(1_000_000_000_000));
+        let clock = ServerClock::new(Arc::new(wall.clone()));
+        // Before any sample: the wall clock.
+        assert_eq!(clock.now(), wall.now());
+        assert_eq!(clock.offset_micros(), None);
+        // The server is an hour ahead of this host's wall clock.
+        let server = Timestamp(wall.now().0 + 3_600_000_000);
+        assert_eq!(clock.offer(sample(server, 2, 50)), SampleUse::First);
+        // Its time: the server's, plus what passed since the sample's midpoint (51 ms ago).
+        let ahead = ahead_ms(&clock, server);
+        assert!((50..1_000).contains(&ahead), "{ahead} ms");
+        let offset = clock.offset_micros().unwrap();
+        assert!((offset - 3_600_000_000).abs() < 1_000_000, "{offset}");
+        assert_eq!(clock.error_micros().map(|e| e / 1000), Some(1));
+        // A step of the wall clock changes nothing.
+        wall.advance(Duration::from_secs(7_200));
+        wall.set(Timestamp(5));
+        let ahead = ahead_ms(&clock, server);
+        assert!((50..1_000).contains(&ahead), "{ahead} ms");
+    }
+
+    #[test]
+    fn a_server_clock_keeps_its_most_precise_sample_and_follows_steps() {
+        let clock = ServerClock::new(Arc::new(SystemClock));
+        let t = Timestamp(1_800_000_000_000_000);
+        assert_eq!(clock.offer(sample(t, 20, 100)), SampleUse::First);
+        // 90 ms later, within the first one's ±10 ms: a sample of ±1 ms is better.
+        let better = Timestamp(t.0 + 90_000 + 4_000);
+        assert_eq!(clock.offer(sample(better, 2, 10)), SampleUse::Better);
+        assert_eq!(clock.error_micros().map(|e| e / 1000), Some(1));
+        // A less precise one that agrees is ignored.
+        let worse = Timestamp(better.0 + 5_000);
+        assert_eq!(clock.offer(sample(worse, 30, 0)), SampleUse::Kept);
+        let ahead = ahead_ms(&clock, better);
+        assert!((9..1_000).contains(&ahead), "{ahead} ms");
+        // One that disagrees beyond both errors: the server's clock was stepped back a minute.
+        let stepped = Timestamp(better.0 - 60_000_000);
+        assert_eq!(clock.offer(sample(stepped, 30, 0)), SampleUse::Stepped);
+        let ahead = ahead_ms(&clock, stepped);
+        assert!((14..1_000).contains(&ahead), "{ahead} ms");
+        // The anchor's error grows with the time since it: a sample as precise as it, an hour
+        // later, replaces it (its drift bound makes the old one worse).
+        let at = clock.now();
+        let later = ClockSample {
+            sent: std::time::Instant::now() + Duration::from_secs(3_600),
+            server: Timestamp(at.0 + 3_600_000_000),
+            received: std::time::Instant::now()
+                + Duration::from_secs(3_600)
+                + Duration::from_millis(30),
+        };
+        assert_eq!(clock.offer(later), SampleUse::Better);
     }
 
     #[test]

@@ -49,8 +49,9 @@ use fleetdb_core::work::{
 };
 use fleetdb_core::world::{WorldQuery, WorldRecord};
 use fleetdb_core::{
-    Backend, Batch, Capabilities, Change, ChangeFilter, Clock, Error, Migration, Namespace, Object,
-    ObjectKey, ObjectQuery, OpResult, Result, Revision, RevisionInfo, SchemaStatus, Tag, Timestamp,
+    Backend, Batch, Capabilities, Change, ChangeFilter, Clock, ClockSample, Error, Migration,
+    Namespace, Object, ObjectKey, ObjectQuery, OpResult, Result, Revision, RevisionInfo,
+    SchemaStatus, ServerClock, Tag, Timestamp,
 };
 use tokio_postgres::NoTls;
 
@@ -326,6 +327,9 @@ pub struct PostgresBackend {
     writes: Arc<combine::WriteCombiner>,
     /// What [`durability_warnings`] found at open ([`Backend::durability_warnings`]).
     durability: Arc<[String]>,
+    /// The server's clock, when `clock` is it ([`PostgresBackend::open_on_server_clock`]):
+    /// sampled at open and by [`Backend::clock_sync`].
+    server_clock: Option<Arc<ServerClock>>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -373,6 +377,28 @@ fn durability_warnings([fsync, full_page_writes, synchronous_commit]: &[String; 
     warnings
 }
 
+/// Round trips to the server's clock at open ([`PostgresBackend::open_on_server_clock`]): the
+/// shortest one gives the anchor (the first one may wait for a plan or a cold cache).
+pub const CLOCK_SAMPLES_AT_OPEN: usize = 3;
+
+/// One reading of the server's clock: one round trip of a prepared statement on `client` (the
+/// statement is prepared before the round trip is timed). `clock_timestamp()`, not `now()`: the
+/// time of the reading, not of the transaction's start.
+async fn clock_sample(client: &PooledClient) -> Result<ClockSample> {
+    let statement = client
+        .prepare_cached("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8")
+        .await
+        .map_err(db_err)?;
+    let sent = std::time::Instant::now();
+    let row = client.query_one(&statement, &[]).await.map_err(db_err)?;
+    let received = std::time::Instant::now();
+    Ok(ClockSample {
+        sent,
+        server: Timestamp(row.try_get(0).map_err(db_err)?),
+        received,
+    })
+}
+
 impl PostgresBackend {
     /// Connect to `url` (`postgres://…` or `postgresql://…`, in `tokio_postgres::Config` syntax,
     /// e.g. `?options=-c%20search_path%3Dmy_schema`), check the schema version before writing
@@ -381,6 +407,27 @@ impl PostgresBackend {
     /// Fails with [`Error::SchemaTooNew`] (having written nothing) if the database has a migration
     /// this binary does not know, and with [`Error::Unavailable`] if the server cannot be reached.
     pub async fn open(url: &str, options: PostgresOptions, clock: Arc<dyn Clock>) -> Result<Self> {
+        Self::open_inner(url, options, clock, None).await
+    }
+
+    /// [`PostgresBackend::open`] on the database server's clock: `clock` is sampled
+    /// ([`CLOCK_SAMPLES_AT_OPEN`] round trips, the most precise kept) before anything is read or
+    /// written, and again by every [`Backend::clock_sync`]. Every process of a fleet that opens
+    /// its store this way compares deadlines on one clock, whatever its host's clock says.
+    pub async fn open_on_server_clock(
+        url: &str,
+        options: PostgresOptions,
+        clock: Arc<ServerClock>,
+    ) -> Result<Self> {
+        Self::open_inner(url, options, clock.clone(), Some(clock)).await
+    }
+
+    async fn open_inner(
+        url: &str,
+        options: PostgresOptions,
+        clock: Arc<dyn Clock>,
+        server_clock: Option<Arc<ServerClock>>,
+    ) -> Result<Self> {
         let target = redact_url(url);
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(Error::invalid(
@@ -448,6 +495,7 @@ impl PostgresBackend {
             claims: Arc::default(),
             writes: Arc::default(),
             durability: Arc::new([]),
+            server_clock,
         };
         let client = backend.client().await.map_err(|e| match e {
             Error::Unavailable(msg) => {
@@ -455,6 +503,12 @@ impl PostgresBackend {
             }
             other => other,
         })?;
+        // Before anything is stamped (migrations write times): on the server's clock.
+        if let Some(server_clock) = &backend.server_clock {
+            for _ in 0..CLOCK_SAMPLES_AT_OPEN {
+                server_clock.offer(clock_sample(&client).await?);
+            }
+        }
         let (status, schema_table) = migrate::read_status(&client, MIGRATIONS).await?;
         if !schema_table {
             migrate::check_owned(&client).await?;
@@ -491,6 +545,12 @@ impl PostgresBackend {
 
     async fn client(&self) -> Result<PooledClient> {
         self.pool.get().await.map_err(pool_err)
+    }
+
+    /// The server's clock this backend runs on, if it does
+    /// ([`PostgresBackend::open_on_server_clock`]).
+    pub fn server_clock(&self) -> Option<&Arc<ServerClock>> {
+        self.server_clock.as_ref()
     }
 
     /// Count one attempt run again after a transient failure.
@@ -1716,6 +1776,19 @@ impl Backend for PostgresBackend {
 
     fn durability_warnings(&self) -> Vec<String> {
         self.durability.to_vec()
+    }
+
+    async fn clock_sync(&self) -> Result<Option<i64>> {
+        let Some(server_clock) = &self.server_clock else {
+            return Ok(None);
+        };
+        let client = self.client().await?;
+        server_clock.offer(clock_sample(&client).await?);
+        Ok(server_clock.offset_micros())
+    }
+
+    fn clock_offset(&self) -> Option<i64> {
+        self.server_clock.as_ref()?.offset_micros()
     }
 
     async fn schema_status(&self) -> Result<SchemaStatus> {

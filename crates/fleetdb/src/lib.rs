@@ -21,6 +21,7 @@
 //! [`Store`] is the one user-facing type. It validates every input at the edge and talks to a
 //! [`Backend`]: SQLite, PostgreSQL, or (later) a remote server: the same API either way.
 
+mod clock;
 mod content;
 pub mod gc;
 pub mod metrics;
@@ -34,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use clock::{CLOCK_OFFSET_WARN, CLOCK_SYNC_INTERVAL};
 pub use content::{BlobWriter, BLOB_LIST_PAGE_MAX};
 pub use fleetdb_core::content::IngestStatus;
 use fleetdb_core::validate;
@@ -45,8 +47,8 @@ pub use fleetdb_core::{
     self as core, parse_label_selector, Applied, Backend, Batch, Capabilities, Change,
     ChangeFilter, ChangeOp, Clock, Entity, Error, LabelRequirement, Labels, Limits, ManualClock,
     Namespace, Object, ObjectCursor, ObjectKey, ObjectQuery, Op, OpResult, Page, Precondition,
-    PutMode, Result, Revision, RevisionInfo, SchemaStatus, SystemClock, Tag, Timestamp,
-    DEFAULT_NAMESPACE,
+    PutMode, Result, Revision, RevisionInfo, SchemaStatus, ServerClock, SystemClock, Tag,
+    Timestamp, DEFAULT_NAMESPACE,
 };
 #[cfg(feature = "postgres")]
 pub use fleetdb_postgres::{PostgresBackend, PostgresOptions};
@@ -83,7 +85,12 @@ pub struct OpenOptions {
     /// Durability of the embedded backend (default: full; each commit is on disk when it returns).
     pub durability: Durability,
     pub limits: Limits,
-    pub clock: Arc<dyn Clock>,
+    /// The store's clock, used as given (tests pass a [`ManualClock`]). `None` (the default):
+    /// this host's wall clock on SQLite (every process of a SQLite database runs on its host),
+    /// and the database server's clock on PostgreSQL ([`ServerClock`], sampled at open and every
+    /// [`CLOCK_SYNC_INTERVAL`]): the processes of a fleet compare session deadlines, claims and
+    /// backoffs on one clock whatever their hosts' clocks say.
+    pub clock: Option<Arc<dyn Clock>>,
     /// PostgreSQL connections kept in the pool.
     pub postgres_pool_size_max: usize,
     /// Run the background task: session renewal (every TTL/3), the sweeper of expired sessions
@@ -107,7 +114,7 @@ impl Default for OpenOptions {
             migrate: true,
             durability: Durability::Full,
             limits: Limits::default(),
-            clock: Arc::new(SystemClock),
+            clock: None,
             postgres_pool_size_max: 16,
             background: true,
             history_retention: None,
@@ -221,14 +228,19 @@ impl Store {
         // Every option is checked before the database is touched: a refused open creates,
         // migrates and writes nothing.
         options.gc.validate()?;
-        let backend: Arc<dyn Backend> = if url.starts_with("sqlite:") {
+        let (backend, clock): (Arc<dyn Backend>, Arc<dyn Clock>) = if url.starts_with("sqlite:") {
             let location = fleetdb_sqlite::parse_url(url)?;
             let opts = SqliteOptions {
                 migrate: options.migrate,
                 durability: options.durability,
                 ..SqliteOptions::default()
             };
-            Arc::new(SqliteBackend::open(location, opts, options.clock.clone()).await?)
+            let clock = options
+                .clock
+                .clone()
+                .unwrap_or_else(|| Arc::new(SystemClock));
+            let backend = SqliteBackend::open(location, opts, clock.clone()).await?;
+            (Arc::new(backend), clock)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             open_postgres(url, &options).await?
         } else {
@@ -238,7 +250,8 @@ impl Store {
                 "must start with sqlite: (sqlite:///path, sqlite::memory:) or postgres://",
             ));
         };
-        let mut store = Store::from_backend(backend, options.clock, options.limits).await?;
+        let mut store = Store::from_backend(backend, clock, options.limits).await?;
+        store.clock_offset_seen();
         store.hub_timing = watch::HubTiming {
             poll: options.watch_poll_interval.max(Duration::from_millis(1)),
             progress: options
@@ -1099,19 +1112,34 @@ impl Store {
     }
 }
 
+/// A PostgreSQL backend and the clock its store runs on: the one given, else the server's.
 #[cfg(feature = "postgres")]
-async fn open_postgres(url: &str, options: &OpenOptions) -> Result<Arc<dyn Backend>> {
+async fn open_postgres(
+    url: &str,
+    options: &OpenOptions,
+) -> Result<(Arc<dyn Backend>, Arc<dyn Clock>)> {
     let opts = PostgresOptions {
         migrate: options.migrate,
         pool_size_max: options.postgres_pool_size_max,
     };
-    Ok(Arc::new(
-        PostgresBackend::open(url, opts, options.clock.clone()).await?,
-    ))
+    Ok(match &options.clock {
+        Some(clock) => (
+            Arc::new(PostgresBackend::open(url, opts, clock.clone()).await?),
+            clock.clone(),
+        ),
+        None => {
+            let clock = Arc::new(ServerClock::new(Arc::new(SystemClock)));
+            let backend = PostgresBackend::open_on_server_clock(url, opts, clock.clone()).await?;
+            (Arc::new(backend), clock)
+        }
+    })
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn open_postgres(_url: &str, _options: &OpenOptions) -> Result<Arc<dyn Backend>> {
+async fn open_postgres(
+    _url: &str,
+    _options: &OpenOptions,
+) -> Result<(Arc<dyn Backend>, Arc<dyn Clock>)> {
     Err(Error::Unsupported {
         backend: "postgres".into(),
         what: "this build of fleetdb was made without the `postgres` feature".into(),

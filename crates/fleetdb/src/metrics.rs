@@ -44,6 +44,9 @@ pub struct Metrics {
     pub gc_last_sweep_seconds: prometheus::Gauge,
     pub gc_writers_blocked_seconds: prometheus::Counter,
     pub gc_writers_blocked_max_seconds: prometheus::Gauge,
+    /// The store's clock minus this host's wall clock, as last sampled: on PostgreSQL the store
+    /// runs on the database server's clock (`ServerClock`); 0 on a store that runs on this host's.
+    pub clock_offset_seconds: prometheus::Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -286,6 +289,12 @@ impl Default for Metrics {
                 &r,
                 "fleetdb_gc_writers_blocked_max_seconds",
                 "Longest single wait of writers on the last collection.",
+            ),
+            clock_offset_seconds: gauge(
+                &r,
+                "fleetdb_clock_offset_seconds",
+                "The store's clock (the database server's, on PostgreSQL) minus this host's wall \
+                 clock, as last sampled.",
             ),
             registry: r,
         }

@@ -613,6 +613,7 @@ impl Store {
             // pushing the renewal of the others back.
             let mut next_renew: Option<Instant> = None;
             let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
+            let mut next_clock_sync = Instant::now() + crate::CLOCK_SYNC_INTERVAL;
             loop {
                 let tick = {
                     let Some(store) = weak.upgrade() else { return };
@@ -662,6 +663,13 @@ impl Store {
                 // The sweep and the history pruning run on a task of their own, one at a time:
                 // however long they take (a first prune may delete millions of rows), the
                 // renewals keep their cadence, and no session expires waiting for them.
+                // The server's clock (PostgreSQL), sampled on a task of its own: a server that
+                // does not answer delays no renewal.
+                if now >= next_clock_sync {
+                    next_clock_sync = now + crate::CLOCK_SYNC_INTERVAL;
+                    let store = store.clone();
+                    tokio::spawn(async move { store.clock_sync().await });
+                }
                 if now >= next_sweep {
                     next_sweep = now + SWEEP_INTERVAL;
                     if store.keeper.sweeping.swap(true, Ordering::SeqCst) {

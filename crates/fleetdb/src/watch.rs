@@ -940,7 +940,7 @@ mod tests {
         let s = Store::open_with(
             "sqlite::memory:",
             OpenOptions {
-                clock: Arc::new(ManualClock::new(Timestamp(1_767_225_600_000_000))),
+                clock: Some(Arc::new(ManualClock::new(Timestamp(1_767_225_600_000_000)))),
                 background: false,
                 ..OpenOptions::default()
             },

@@ -190,7 +190,7 @@ async fn open(url: &str, clock: &fleetdb::ManualClock) -> Store {
     Store::open_with(
         url,
         OpenOptions {
-            clock: Arc::new(clock.clone()),
+            clock: Some(Arc::new(clock.clone())),
             background: false,
             ..OpenOptions::default()
         },

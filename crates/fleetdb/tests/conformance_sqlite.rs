@@ -14,7 +14,7 @@ async fn make() -> Harness {
     let store = Store::open_with(
         &url,
         OpenOptions {
-            clock: Arc::new(clock.clone()),
+            clock: Some(Arc::new(clock.clone())),
             // Tests move time by hand and renew and sweep explicitly.
             background: false,
             ..OpenOptions::default()

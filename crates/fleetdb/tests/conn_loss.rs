@@ -701,7 +701,7 @@ async fn jobs_ready_on(
         ..OpenOptions::default()
     };
     if let Some(clock) = clock {
-        options.clock = Arc::new(clock);
+        options.clock = Some(Arc::new(clock));
     }
     let store = Store::open_with(&url, options).await.unwrap();
     store.process_define("P", &[]).await.unwrap();

@@ -506,7 +506,7 @@ async fn check_rows_then_max_failures(url: &str) {
     let store = Store::open_with(
         url,
         OpenOptions {
-            clock: clock.clone(),
+            clock: Some(clock.clone()),
             ..OpenOptions::default()
         },
     )
@@ -958,7 +958,7 @@ async fn postgres_concurrent_first_opens_migrate_once() {
             Store::open_with(
                 &url,
                 OpenOptions {
-                    clock: Arc::new(fleetdb::SystemClock),
+                    clock: Some(Arc::new(fleetdb::SystemClock)),
                     ..OpenOptions::default()
                 },
             )

@@ -19,7 +19,7 @@ async fn open_on_a_manual_clock(url: &str) -> (Store, fleetdb::ManualClock) {
     let store = Store::open_with(
         url,
         OpenOptions {
-            clock: std::sync::Arc::new(clock.clone()),
+            clock: Some(std::sync::Arc::new(clock.clone())),
             ..OpenOptions::default()
         },
     )
