@@ -277,7 +277,9 @@ impl Store {
         Ok(store)
     }
 
-    /// Wrap an already opened backend.
+    /// Wrap an already opened backend. `clock` must be the one the backend was opened with (for
+    /// a PostgreSQL backend on the server's clock, the `ServerClock` given to
+    /// `PostgresBackend::open_on_server_clock`): the store and its backend compare times.
     pub async fn from_backend(
         backend: Arc<dyn Backend>,
         clock: Arc<dyn Clock>,
