@@ -240,6 +240,14 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// (a reader of many pages never sees half of another host's `sync_exports`).
     async fn world_list_all(&self, queries: &[WorldQuery]) -> Result<Vec<Vec<WorldRecord>>>;
 
+    /// Attempts this backend ran again inside one call after a transient failure
+    /// (PostgreSQL: serialization failure, deadlock; SQLite: the write lock held by another
+    /// process past the busy timeout), since it was opened: the store adds them to
+    /// `fleetdb_transactions_retried_total`. Backends that never retry internally say 0.
+    fn retries(&self) -> u64 {
+        0
+    }
+
     /// Make sure every revision up to the current one is either visible in the change log or will
     /// never be: where revisions may become visible out of order
     /// ([`Capabilities::revisions_visible_in_order`] false), fill each hole below the highest
@@ -247,13 +255,6 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// `wait`). Returns the highest revision below which the log has no holes: a watcher may
     /// deliver everything up to it and resume after it without missing anything. Gap markers are
     /// never returned by [`Backend::changes`].
-    /// Attempts this backend ran again inside one call after a transient failure
-    /// (serialization failure, deadlock), since it was opened: the store adds them to
-    /// `fleetdb_transactions_retried_total`. Backends that never retry internally say 0.
-    fn retries(&self) -> u64 {
-        0
-    }
-
     async fn settled_revision(&self, wait: std::time::Duration) -> Result<Revision> {
         let _ = wait;
         Ok(self.revision().await?.current)

@@ -597,6 +597,14 @@ impl Backend for SqliteBackend {
         "sqlite"
     }
 
+    /// Writes the writer ran again because another process held the database's write lock past
+    /// the busy timeout (each write of a retried group counted).
+    fn retries(&self) -> u64 {
+        self.queue
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             multi_process_writers: true,

@@ -17,7 +17,7 @@
 //! Every caller is answered only after the group's COMMIT returned, i.e. after its data is durable.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use fleetdb_core::apply::{apply_batch, apply_claim, apply_sweep, claim_precheck};
@@ -112,6 +112,10 @@ pub(crate) struct Queue {
     /// The checkpointer found the WAL past its limit: the next group's leader checkpoints on the
     /// write connection after its commit (see `Checkpointer`).
     wal_restart: AtomicBool,
+    /// Writes run again after their group failed transiently (another process held the write
+    /// lock past the busy timeout): `Backend::retries`, which the store adds to
+    /// `fleetdb_transactions_retried_total`.
+    pub(crate) retries: AtomicU64,
 }
 
 impl Queue {
@@ -124,6 +128,7 @@ impl Queue {
                 wake,
                 busy_timeout,
                 wal_restart: AtomicBool::new(false),
+                retries: AtomicU64::new(0),
             },
             rx,
         )
@@ -200,7 +205,7 @@ impl Queue {
             }
         };
         let mut group = self.take_group();
-        if let Err(Busy) = flush(&mut c, &mut group, Lead::Caller) {
+        if let Err(Busy) = flush(&mut c, &mut group, Lead::Caller, &self.retries) {
             // Another process holds the write lock: the writer thread waits for it, not this
             // caller's thread.
             self.hand_back(group);
@@ -231,7 +236,7 @@ impl Queue {
                     break;
                 }
                 // The writer thread waits for the lock: never handed back.
-                let _ = flush(&mut c, &mut group, Lead::Writer(q.busy_timeout));
+                let _ = flush(&mut c, &mut group, Lead::Writer(q.busy_timeout), &q.retries);
                 q.finish_wal_restart(&c);
             }
         }
@@ -300,9 +305,15 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 }
 
 /// Run `group` in one transaction and answer each of its callers, retrying a group that failed
-/// as a whole with a retryable error. `Err(Busy)` only for [`Lead::Caller`]: another process
-/// holds the write lock; the group is untouched and unanswered.
-fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>, lead: Lead) -> Result<(), Busy> {
+/// as a whole with a retryable error (each of its writes run again counted in `retries`).
+/// `Err(Busy)` only for [`Lead::Caller`]: another process holds the write lock; the group is
+/// untouched and unanswered.
+fn flush(
+    c: &mut Connection,
+    group: &mut Vec<(Write, Reply)>,
+    lead: Lead,
+    retries: &AtomicU64,
+) -> Result<(), Busy> {
     if group.is_empty() {
         return Ok(());
     }
@@ -343,6 +354,7 @@ fn flush(c: &mut Connection, group: &mut Vec<(Write, Reply)>, lead: Lead) -> Res
             Err(e) if e.is_retryable() && matches!(lead, Lead::Caller) => return Err(Busy),
             Err(e) if e.is_retryable() && attempt < GROUP_ATTEMPTS_MAX => {
                 tracing::debug!(attempt, error = %e, "sqlite group commit retry");
+                retries.fetch_add(group.len() as u64, Ordering::Relaxed);
                 continue;
             }
             Err(e) => break group.iter().map(|_| Err(e.clone())).collect(),

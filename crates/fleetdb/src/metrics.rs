@@ -211,7 +211,7 @@ impl Default for Metrics {
             transactions_retried: counter(
                 &r,
                 "fleetdb_transactions_retried_total",
-                "Transaction attempts that conflicted or failed transiently and were run again (in the store or the backend).",
+                "Transaction attempts that conflicted or failed transiently (PostgreSQL serialization failures and deadlocks, SQLite's write lock held by another process) and were run again (in the store or the backend).",
             ),
             transactions_failed: counter(
                 &r,

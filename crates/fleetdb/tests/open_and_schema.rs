@@ -536,3 +536,62 @@ async fn open_is_refused(url: &str, migrate: bool, says: &[&str]) {
         other => panic!("migrate={migrate}: expected Invalid, got {other:?}"),
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// SQLite: a write that found another process holding the database's write lock past the busy
+// timeout is run again by the backend's writer (`GROUP_ATTEMPTS_MAX` attempts). Those attempts
+// are "attempts the backend itself ran again after a transient failure" (docs/metrics.md), yet
+// `fleetdb_transactions_retried_total` stayed 0 on SQLite whatever the contention: an operator
+// reading it against the duration histogram (docs/operations.md, "What to watch") blamed the
+// machine for waits that were another process's writes.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_write_run_again_after_another_process_held_the_lock_counts_as_retried() {
+    let (_d, path) = sqlite_path();
+    let clock: std::sync::Arc<dyn fleetdb::Clock> = std::sync::Arc::new(fleetdb::ManualClock::new(
+        fleetdb::Timestamp(1_767_225_600_000_000),
+    ));
+    let options = fleetdb_sqlite::SqliteOptions {
+        busy_timeout_ms: 100,
+        ..fleetdb_sqlite::SqliteOptions::default()
+    };
+    let backend = fleetdb_sqlite::SqliteBackend::open(
+        fleetdb_sqlite::Location::File(path.clone()),
+        options,
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let store = Store::from_backend(std::sync::Arc::new(backend), clock, Default::default())
+        .await
+        .unwrap();
+    let mm = store.metrics();
+    store.object_put(&m("m0"), Labels::new()).await.unwrap();
+    assert_eq!(mm.transactions_retried.get(), 0);
+    // "Another process": a connection holding the write lock for 2.5 busy timeouts, so the
+    // store's write fails its first two attempts (each waits 100 ms) and commits at its third
+    // (the writer makes five).
+    let (held, is_held) = std::sync::mpsc::channel::<()>();
+    let other = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        held.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        c.execute_batch("COMMIT").unwrap();
+    });
+    is_held.recv().unwrap();
+    store.object_put(&m("m1"), Labels::new()).await.unwrap();
+    other.join().unwrap();
+    let retried = mm.transactions_retried.get();
+    assert!(
+        retried >= 1,
+        "the write waited out another process's lock and ran again, yet retried = {retried}"
+    );
+    assert_eq!(mm.transactions_executed.get(), 2);
+    assert_eq!(mm.transactions_failed.get(), 0);
+    let text = mm.encode();
+    assert!(
+        !text.contains("fleetdb_transactions_retried_total 0"),
+        "{text}"
+    );
+}
