@@ -844,7 +844,7 @@ impl Session {
                 session: self.clone(),
                 info,
                 done: false,
-                unknown: false,
+                uncertain: Vec::new(),
             })
             .collect()
     }
@@ -1236,7 +1236,7 @@ impl Session {
     fn finish_many_lost_if_expired<T>(&self, works: &mut [Work], r: Result<T>) -> Result<T> {
         let n = works.len();
         for w in works.iter_mut() {
-            w.note_unknown(&r);
+            w.note_unknown(&r, WorkEvent::Finished);
         }
         match self.note(r) {
             Err(Error::SessionExpired { session_id }) => Err(Error::WorkLost {
@@ -1311,10 +1311,12 @@ pub struct Work {
     session: Session,
     info: WorkInfo,
     done: bool,
-    /// An attempt to end it failed `Unavailable` on a backend where that may follow a commit
-    /// (its answer lost with the connection): a later `WorkLost` may mean that attempt
-    /// committed, which the history tells ([`Store::release_committed`]).
-    unknown: bool,
+    /// The events of the attempts to end it that failed `Unavailable` on a backend where that
+    /// may follow a commit (their answers lost with the connection): a later `WorkLost` may
+    /// mean one of them committed, which the history tells ([`Store::release_committed`]), and
+    /// the claim then ended here, counted once whichever way the handle ends
+    /// ([`Store::count_uncertain_end`]).
+    uncertain: Vec<WorkEvent>,
 }
 
 /// What [`Store::txn_then_claim`] committed.
@@ -1402,13 +1404,14 @@ impl Work {
             session_id: self.info.session_id.clone(),
             token: self.info.token,
             event,
-            earlier_unknown: self.unknown,
+            earlier_unknown: !self.uncertain.is_empty(),
         }
     }
 
-    /// Remember an answer that may hide a commit of this claim's release: `Unavailable` from a
-    /// backend whose connection can be lost after the COMMIT reached the server.
-    fn note_unknown<T>(&mut self, r: &Result<T>) {
+    /// Remember an answer that may hide a commit of this claim's release writing `event`:
+    /// `Unavailable` from a backend whose connection can be lost after the COMMIT reached the
+    /// server.
+    fn note_unknown<T>(&mut self, r: &Result<T>, event: WorkEvent) {
         if matches!(r, Err(Error::Unavailable(_)))
             && self
                 .session
@@ -1416,9 +1419,15 @@ impl Work {
                 .backend
                 .capabilities()
                 .unavailable_may_have_committed
+            && !self.uncertain.contains(&event)
         {
-            self.unknown = true;
+            self.uncertain.push(event);
         }
+    }
+
+    /// The releases of the attempts whose answers were lost ([`Work::note_unknown`]).
+    fn uncertain_releases(&self) -> Vec<Release> {
+        self.uncertain.iter().map(|e| self.release(*e)).collect()
     }
 
     fn release_op(&self, outcome: Outcome) -> Op {
@@ -1442,8 +1451,8 @@ impl Work {
         }
         // Expired for its holder, the session's claims are lost to it, whatever a renewal whose
         // answer was lost told the database; unless an earlier attempt may have committed
-        // (`unknown`): trying again finds out what it did.
-        if !self.unknown {
+        // (`uncertain`): trying again finds out what it did.
+        if self.uncertain.is_empty() {
             self.lost_if_expired(self.session.check())?;
         }
         Ok(())
@@ -1474,9 +1483,9 @@ impl Work {
             .store
             .txn_then_claim(f, pre, post, None, std::slice::from_ref(&release))
             .await;
-        self.note_unknown(&out);
+        self.note_unknown(&out, WorkEvent::Finished);
         let out = self.lost_if_expired(out);
-        let out = self.count_end("finished", out)?;
+        let out = self.count_end("finished", out).await?;
         self.done = true;
         Ok(out.out)
     }
@@ -1521,9 +1530,9 @@ impl Work {
                 std::slice::from_ref(&release),
             )
             .await;
-        self.note_unknown(&out);
+        self.note_unknown(&out, WorkEvent::Finished);
         let out = self.lost_if_expired(out);
-        let done = self.count_end("finished", out)?;
+        let done = self.count_end("finished", out).await?;
         self.done = true;
         Ok((
             done.out,
@@ -1563,18 +1572,19 @@ impl Work {
             )
             .await
             .map(|_| ());
-        self.note_unknown(&r);
+        self.note_unknown(&r, event);
         let r = self.lost_if_expired(r);
-        self.count_end(result, r)?;
+        self.count_end(result, r).await?;
         self.done = true;
         Ok(())
     }
 
     /// Count how the claim ended, if this call ended it (`result`). A claim found lost ended
     /// elsewhere — an operator's cancel, a session close, an expiry swept or taken over —
-    /// and is counted there (or not at all); it is over for this handle too: later calls
-    /// fail at once and dropping it sends no release that cannot succeed.
-    fn count_end<T>(&mut self, result: &str, r: Result<T>) -> Result<T> {
+    /// and is counted there (or not at all), unless an earlier attempt of this handle whose
+    /// answer was lost ended it ([`Store::count_uncertain_end`]); it is over for this handle
+    /// too: later calls fail at once and dropping it sends no release that cannot succeed.
+    async fn count_end<T>(&mut self, result: &str, r: Result<T>) -> Result<T> {
         match &r {
             Ok(_) => self
                 .session
@@ -1583,7 +1593,11 @@ impl Work {
                 .work_finished
                 .with_label_values(&[self.info.process.as_str(), result])
                 .inc(),
-            Err(Error::WorkLost { .. }) => self.done = true,
+            Err(Error::WorkLost { .. }) => {
+                self.done = true;
+                let uncertain = self.uncertain_releases();
+                self.session.store.count_uncertain_end(&uncertain).await;
+            }
             Err(_) => {}
         }
         r
@@ -1629,6 +1643,7 @@ impl Drop for Work {
             self.release_op(Outcome::Canceled),
         );
         let process = self.info.process.clone();
+        let uncertain = self.uncertain_releases();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 match store.write(vec![op]).await {
@@ -1637,10 +1652,25 @@ impl Drop for Work {
                         .work_finished
                         .with_label_values(&[process.as_str(), "canceled"])
                         .inc(),
-                    Err(e) => tracing::debug!(error = %e, "cancelling a dropped claim failed (it expires with its session)"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cancelling a dropped claim failed (it expires with its session)");
+                        // An earlier attempt whose answer was lost may have ended it.
+                        store.count_uncertain_end(&uncertain).await;
+                    }
                 }
             });
         }
+    }
+}
+
+/// The `result` label of `fleetdb_work_finished_total` for a claim its holder ended with a
+/// release writing `event` (none for the events no release writes).
+fn ended_as(event: WorkEvent) -> Option<&'static str> {
+    match event {
+        WorkEvent::Finished => Some("finished"),
+        WorkEvent::Canceled => Some("canceled"),
+        WorkEvent::Failed => Some("failed"),
+        WorkEvent::Started | WorkEvent::Expired => None,
     }
 }
 
@@ -2065,6 +2095,32 @@ impl Store {
             "claims' releases whose answer was lost with the connection had committed"
         );
         Ok(())
+    }
+
+    /// Count the end of a claim found gone that one of `uncertain` — releases of it by this
+    /// process whose answers were lost with the connection — may have committed: the first
+    /// found in the history ended the claim here, and is counted as its caller would have
+    /// (`fleetdb_work_finished_total`, once: the claim is over for its handle). Nothing if none
+    /// is found, or if the history cannot be read (best effort: the claim is over either way).
+    pub(crate) async fn count_uncertain_end(&self, uncertain: &[Release]) {
+        for release in uncertain {
+            match self.release_recorded(release).await {
+                Ok(true) => {
+                    if let Some(result) = ended_as(release.event) {
+                        self.metrics
+                            .work_finished
+                            .with_label_values(&[release.process.as_str(), result])
+                            .inc();
+                    }
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading how a claim ended failed; not counted");
+                    return;
+                }
+            }
+        }
     }
 
     /// Whether the history of `release`'s object holds its event, written by this claim.

@@ -1138,3 +1138,58 @@ async fn a_claim_cannot_be_ended_once_its_session_expired_for_its_holder() {
     drop(s);
     db.drop().await;
 }
+
+/// A finish whose COMMIT answer was lost, and whose history could not be read either (the
+/// database unreachable: `Unavailable`), committed: the claim ended here, by this finish. If the
+/// worker then ends the handle another way — a cancel (`WorkLost`: the claim is gone) or simply
+/// dropping it — `fleetdb_work_finished_total{result="finished"}` must still count that finish,
+/// once (docs/metrics.md: claims ended are "counted once, by the process that ended them").
+/// Before, only a second `finish` found it; a cancel or a drop counted nothing, and started
+/// claims outran ended ones for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_whose_answer_was_lost_is_counted_however_the_handle_ends() {
+    use fleetdb::WorkEvent::{Finished, Started};
+    let db = Db::new().await;
+    let (direct, proxy, store, s) = jobs_ready(&db, 2).await;
+    let m = store.metrics();
+    let ended = |result: &str| m.work_finished.with_label_values(&["P", result]).get();
+    // A finish cut after its COMMIT, the database then unreachable.
+    let unresolved_finish = |i: usize| {
+        let (s, proxy) = (&s, &proxy);
+        async move {
+            let mut w = s.claim_object(&job(i), "P").await.unwrap();
+            let cut = proxy.cut_next_commit(Duration::from_millis(200), true);
+            let (got, ()) = tokio::join!(w.finish(|_| async { Ok(()) }), cut);
+            assert!(
+                matches!(got, Err(fleetdb::Error::Unavailable(_))),
+                "nothing to tell from: {got:?}"
+            );
+            proxy.st.down.store(false, Ordering::SeqCst);
+            w
+        }
+    };
+    // Then cancelled: the claim is gone (`WorkLost`), ended by the finish.
+    let mut w = unresolved_finish(0).await;
+    let got = until_available!(w.cancel().await);
+    assert!(
+        matches!(got, Err(fleetdb::Error::WorkLost { .. })),
+        "{got:?}"
+    );
+    assert_eq!(events(&direct, &job(0)).await, vec![Started, Finished]);
+    assert_eq!(
+        (ended("finished"), ended("canceled")),
+        (1, 0),
+        "the finish that ended the claim is counted, the cancel that found it gone is not"
+    );
+    // Then dropped: its cancel finds the claim gone; the finish is counted all the same.
+    let w = unresolved_finish(1).await;
+    drop(w);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ended("finished") < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(events(&direct, &job(1)).await, vec![Started, Finished]);
+    assert_eq!((ended("finished"), ended("canceled")), (2, 0));
+    drop(s);
+    db.drop().await;
+}
