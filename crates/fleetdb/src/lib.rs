@@ -986,9 +986,11 @@ impl Store {
                     req.now = batch.now;
                     let backend = self.backend.clone();
                     let ended = session::released(&post); // only the store appends releases
+                    let process = req.process.clone();
                     self.detached_claim(
                         async move { backend.commit_then_claim(batch, req).await },
                         |(_, claimed)| claimed,
+                        &process,
                         ended,
                     )
                     .await

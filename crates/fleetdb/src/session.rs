@@ -878,7 +878,12 @@ impl Session {
         let backend = self.store.backend.clone();
         let claimed = self
             .store
-            .detached_claim(async move { backend.claim(req).await }, |c| c, Vec::new())
+            .detached_claim(
+                async move { backend.claim(req).await },
+                |c| c,
+                process,
+                Vec::new(),
+            )
             .await;
         self.store
             .attempted(crate::metrics::TxnKind::Claim, started);
@@ -1691,13 +1696,16 @@ impl Store {
     /// before it was sent, or after, with the answer still in the channel), is cancelled
     /// (history `Canceled`) — issue 3: "a claim dropped without an outcome is cancelled".
     ///
-    /// `ended`: the claims the call's transaction releases (process, result label), counted in
+    /// `process`: the process the call claims for, under which the dead sessions' claims it
+    /// took over are counted `expired` when nobody takes the answer. `ended`: the claims the
+    /// call's transaction releases (process, result label), counted in
     /// `fleetdb_work_finished_total` here when nobody takes the answer (the caller, gone, would
     /// have counted them).
     pub(crate) async fn detached_claim<T, C>(
         &self,
         call: C,
         claimed: fn(&T) -> &Claimed,
+        process: &str,
         ended: Vec<(String, &'static str)>,
     ) -> Result<T>
     where
@@ -1706,11 +1714,13 @@ impl Store {
     {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let store = self.clone();
+        let process = process.to_string();
         tokio::spawn(async move {
             let delivery = Delivery {
                 answer: Some(call.await),
                 store,
                 claimed,
+                process,
                 ended,
             };
             // Not taken (sent to nobody, or dropped in the channel): `Delivery::drop` cancels.
@@ -2273,6 +2283,8 @@ struct Delivery<T> {
     answer: Option<Result<T>>,
     store: Store,
     claimed: fn(&T) -> &Claimed,
+    /// The process the call claimed for.
+    process: String,
     /// The claims the committed transaction released: (process, result).
     ended: Vec<(String, &'static str)>,
 }
@@ -2292,12 +2304,13 @@ impl<T> Drop for Delivery<T> {
                 .inc();
         }
         let claimed = (self.claimed)(&unwanted);
-        // The dead sessions' claims it took over ended all the same: `expired`, in its process.
-        if let Some(w) = claimed.work.first().filter(|_| claimed.expired > 0) {
+        // The dead sessions' claims it took over ended all the same: `expired`, in its process
+        // (also when it took nothing: a takeover whose expiry parked the object).
+        if claimed.expired > 0 {
             self.store
                 .metrics
                 .work_finished
-                .with_label_values(&[w.process.as_str(), "expired"])
+                .with_label_values(&[self.process.as_str(), "expired"])
                 .inc_by(claimed.expired);
         }
         let processes: Vec<String> = claimed.work.iter().map(|w| w.process.clone()).collect();

@@ -595,3 +595,49 @@ async fn sqlite_a_write_run_again_after_another_process_held_the_lock_counts_as_
         "{text}"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// A claim given up by its caller (a timeout, a `select!`) still runs to its end
+// (`Store::detached_claim`), and its undelivered answer counts what the caller would have. A
+// crashed worker's claim it took over ended there, `expired` — but the answer counted that only
+// when the claim also took work (it read the process from the work): a takeover whose expiry
+// parked the object (`process max-failures`) takes nothing, and the crashed worker's claim,
+// ended for good (history `Expired`, no row left for a sweep), was never counted anywhere.
+
+#[tokio::test]
+async fn a_claim_given_up_by_its_caller_counts_the_expiry_of_the_claim_it_took_over() {
+    let (_d, path) = sqlite_path();
+    let (store, clock) = open_on_a_manual_clock(&sqlite_url(&path)).await;
+    store.process_define("P", &[]).await.unwrap();
+    store.process_max_failures("P", Some(1)).await.unwrap();
+    store.object_put(&m("m1"), Labels::new()).await.unwrap();
+    let spec = || fleetdb::SessionSpec::new("c", "h").ttl(std::time::Duration::from_secs(10));
+    // A worker claims m1 and crashes: its session lapses.
+    let crashed = store.session_start(spec()).await.unwrap();
+    std::mem::forget(crashed.claim_object(&m("m1"), "P").await.unwrap());
+    crashed.pause_renewal();
+    clock.advance(std::time::Duration::from_secs(11));
+    let rescuer = store.session_start(spec()).await.unwrap();
+    // Polled once, then dropped: the caller gave up before the answer.
+    let given_up = futures::FutureExt::now_or_never(rescuer.claim_object(&m("m1"), "P"));
+    assert!(given_up.is_none(), "the caller gave up before the answer");
+    // The detached claim expires the crashed worker's claim, which parks m1 (one failure).
+    let mut parked = Vec::new();
+    for _ in 0..250 {
+        parked = store.backoff_parked(Some("P"), 10).await.unwrap();
+        if !parked.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(parked.len(), 1, "the takeover's expiry parked m1");
+    // Nothing is left for a sweep to count.
+    store.sweep_sessions().await.unwrap();
+    assert!(store.work_list(Some("P"), 10).await.unwrap().is_empty());
+    let mm = store.metrics();
+    assert_eq!(
+        mm.work_finished.with_label_values(&["P", "expired"]).get(),
+        1,
+        "the crashed worker's claim ended by the given-up claim is counted once"
+    );
+}
