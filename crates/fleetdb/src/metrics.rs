@@ -367,4 +367,107 @@ mod tests {
             assert_eq!(h.get_sample_count(), n as u64 + 1, "{}", kind.label());
         }
     }
+
+    /// docs/metrics.md's table names every metric the registry exports, with its type and its
+    /// labels, and nothing else; counters end in `_total`, durations are in seconds, and each
+    /// has a help text. Read from the text exposition, as a scrape sees it.
+    #[test]
+    fn the_documented_metrics_are_the_exported_ones() {
+        use std::collections::BTreeMap;
+        let m = Metrics::default();
+        // A series of every labelled metric, so that each family shows in the exposition.
+        m.work_started.with_label_values(&["P"]).inc();
+        m.work_finished.with_label_values(&["P", "finished"]).inc();
+        m.work_active.with_label_values(&["P"]).set(1);
+        m.backoffs_active.with_label_values(&["P"]).set(1);
+        m.work_parked.with_label_values(&["P"]).set(1);
+        m.selector_objects.with_label_values(&["s"]).set(1);
+        m.gc_swept.with_label_values(&["object"]).inc();
+        let text = m.encode();
+        // name -> (type, label names, help)
+        let mut exported: BTreeMap<String, (String, Vec<String>, String)> = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').unwrap();
+                exported.entry(name.into()).or_default().2 = help.into();
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                exported.entry(name.into()).or_default().0 = kind.into();
+            } else if let Some((series, _)) = line.split_once(' ') {
+                let (name, labels) = match series.split_once('{') {
+                    Some((n, l)) => (n, l.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        name.strip_suffix(s)
+                            .filter(|f| exported.get(*f).is_some_and(|e| e.0 == "histogram"))
+                    })
+                    .unwrap_or(name);
+                let names: Vec<String> = labels
+                    .split(',')
+                    .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_string()))
+                    .filter(|k| k != "le")
+                    .collect();
+                let e = exported
+                    .get_mut(family)
+                    .expect("a series of a declared family");
+                if e.1.is_empty() {
+                    e.1 = names;
+                }
+            }
+        }
+        // The table: | `name`[, `name`] | type | labels | meaning |
+        let docs = include_str!("../../../docs/metrics.md");
+        let mut documented: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+        for row in docs.lines().filter(|l| l.starts_with("| `fleetdb_")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let ticked = |cell: &str| -> Vec<String> {
+                cell.split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_string)
+                    .collect()
+            };
+            // Label cells name each label in backticks, its values in parentheses after it or,
+            // for a lone label, after a colon.
+            let mut depth = 0;
+            let bare: String = cells[3]
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => return depth == 0,
+                    }
+                    false
+                })
+                .collect();
+            let labels = ticked(&bare);
+            for name in ticked(cells[1]) {
+                documented.insert(name, (cells[2].to_string(), labels.clone()));
+            }
+        }
+        let exported_names: Vec<&String> = exported.keys().collect();
+        let documented_names: Vec<&String> = documented.keys().collect();
+        assert_eq!(exported_names, documented_names, "{text}");
+        for (name, (kind, labels, help)) in &exported {
+            let (doc_kind, doc_labels) = &documented[name];
+            assert_eq!(kind, doc_kind, "{name}'s type");
+            assert_eq!(labels, doc_labels, "{name}'s labels");
+            assert!(!help.is_empty(), "{name} has no help text");
+            assert_eq!(
+                kind == "counter",
+                name.ends_with("_total"),
+                "{name}: `_total` for counters only"
+            );
+            if name.contains("duration") || name.contains("_ms") {
+                assert!(name.contains("_seconds"), "{name}: durations in seconds");
+            }
+        }
+    }
 }
