@@ -132,6 +132,7 @@ macro_rules! suite {
             closing_a_session_releases_its_work,
             dropped_work_is_cancelled,
             a_claim_given_up_in_flight_is_cancelled,
+            every_claim_started_is_counted_ended_once,
             work_and_backoff_listings_page_through_everything,
             workers_never_claim_one_object_twice,
             claim_wait_wakes_on_a_change,

@@ -4314,3 +4314,121 @@ pub async fn lapsed_claims_count_as_failures_and_park(h: &Harness) {
     assert_eq!(bo.until, h.clock.now() + Duration::from_secs(5));
     assert_eq!(bo.last_interval_s, 5);
 }
+
+/// Every claim started is counted ended once, by the process that ended it, whichever way it
+/// ends — a finish, a finish with the next claim, a batch finish, a fail (parking included), a
+/// cancel, a drop, a claim given up in flight, an operator's cancel, a session close, a crashed
+/// worker's expiry taken over or swept — with two processes (stores) claiming at once: over
+/// both, `fleetdb_work_started_total` = `fleetdb_work_finished_total` (every result) + the
+/// claims still held (`fleetdb_work_active`), per process.
+pub async fn every_claim_started_is_counted_ended_once(h: &Harness) {
+    let a = &h.store;
+    let b = h.another_process().await;
+    a.process_define("P", &[]).await.unwrap();
+    a.process_define("Q", &[]).await.unwrap();
+    a.process_max_failures("P", Some(2)).await.unwrap();
+    machines(h, 40).await;
+    let all = "kind = machine";
+    let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(1), 1.0).unwrap();
+    // One round of one store's worker: each claim ends another way; some stay held (returned).
+    async fn round(s: &fleetdb::Session, round: usize, backoff: &Backoff) -> Vec<fleetdb::Work> {
+        let mut held = Vec::new();
+        for (p, n) in [("P", 4), ("Q", 3)] {
+            let got = s.claim(p, "kind = machine", n).await.unwrap();
+            for (i, mut w) in got.into_iter().enumerate() {
+                match (i + round) % 7 {
+                    0 => w.finish(|_| async { Ok(()) }).await.unwrap(),
+                    1 => {
+                        let (_, next) = w
+                            .finish_and_claim(|_| async { Ok(()) }, p, "kind = machine", 1)
+                            .await
+                            .unwrap();
+                        held.extend(next);
+                    }
+                    2 => w.fail(backoff, "boom").await.unwrap(),
+                    3 => w.cancel().await.unwrap(),
+                    4 => drop(w),
+                    _ => held.push(w),
+                }
+            }
+            // A claim given up in flight.
+            drop(poll_once(s.claim(p, "kind = machine", 1)));
+        }
+        // Half of what is held is finished in one batch; the rest stays held.
+        let kept = held.split_off(held.len() / 2);
+        s.finish_many(&mut held).await.unwrap();
+        kept
+    }
+    let sa = a.session_start(spec("a")).await.unwrap();
+    let sb = b.session_start(spec("b")).await.unwrap();
+    // Kept for later: an operator cancels some, a close, a crash or a drop ends the rest.
+    let mut kept = Vec::new();
+    for r in 0..6 {
+        let (ka, kb) = tokio::join!(round(&sa, r, &backoff), round(&sb, r, &backoff));
+        kept.extend(ka);
+        kept.extend(kb);
+        // An operator cancels one claim held, from the other process.
+        if let Some(w) = a.work_list(None, 100).await.unwrap().first() {
+            b.work_cancel(&w.key, &w.process).await.unwrap();
+        }
+        h.clock.advance(Duration::from_secs(2));
+        a.renew_sessions().await.unwrap();
+        b.renew_sessions().await.unwrap();
+    }
+    // b's session is closed with claims held; a crashed worker of a lapses with its claims, some
+    // taken over by b's next claims, the rest swept by a.
+    sb.close().await.unwrap();
+    let crashed = a.session_start(spec("crashy")).await.unwrap();
+    std::mem::forget(crashed.claim("P", all, 3).await.unwrap());
+    std::mem::forget(crashed.claim("Q", all, 3).await.unwrap());
+    crashed.pause_renewal();
+    h.clock.advance(Duration::from_secs(11));
+    let rescuer = b.session_start(spec("rescuer")).await.unwrap();
+    let taken = rescuer.claim("P", all, 40).await.unwrap();
+    a.sweep_sessions().await.unwrap();
+    b.sweep_sessions().await.unwrap();
+    drop(taken);
+    drop(kept);
+    // The drops' cancels run on tasks of their own: wait until the counts settle.
+    let total = |r: &str| {
+        [a.metrics(), b.metrics()]
+            .iter()
+            .map(|m| {
+                ["P", "Q"]
+                    .iter()
+                    .map(|p| match r {
+                        "started" => m.work_started.with_label_values(&[p]).get(),
+                        r => m.work_finished.with_label_values(&[p, r]).get(),
+                    })
+                    .sum::<u64>()
+            })
+            .sum::<u64>()
+    };
+    let mut last = (0, 0, 0);
+    for _ in 0..100 {
+        a.metrics_refresh().await.unwrap();
+        let active: i64 = ["P", "Q"]
+            .iter()
+            .map(|p| a.metrics().work_active.with_label_values(&[p]).get())
+            .sum();
+        let ended: u64 = ["finished", "canceled", "failed", "expired"]
+            .iter()
+            .map(|r| total(r))
+            .sum();
+        last = (total("started"), ended, active as u64);
+        if last.0 == last.1 + last.2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(last.0 > 40, "enough claims to tell: {last:?}");
+    assert_eq!(
+        last.0,
+        last.1 + last.2,
+        "(started, ended, active): finished {} canceled {} failed {} expired {}",
+        total("finished"),
+        total("canceled"),
+        total("failed"),
+        total("expired")
+    );
+}
