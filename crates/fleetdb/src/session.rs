@@ -1649,9 +1649,14 @@ impl Drop for Work {
         );
         let process = self.info.process.clone();
         let uncertain = self.uncertain_releases();
+        // An answer lost with the connection is resolved from the history, as for `cancel`.
+        let release = self.release(WorkEvent::Canceled);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                match store.write(vec![op]).await {
+                let cancelled = store
+                    .write_releasing(Vec::new(), vec![op], std::slice::from_ref(&release))
+                    .await;
+                match cancelled {
                     Ok(_) => store
                         .metrics
                         .work_finished

@@ -1193,3 +1193,29 @@ async fn a_finish_whose_answer_was_lost_is_counted_however_the_handle_ends() {
     drop(s);
     db.drop().await;
 }
+
+/// A `Work` dropped without an outcome is cancelled on a task of its own. When that cancel's
+/// COMMIT answer is lost (it committed: history `Canceled`), the claim ended here all the same:
+/// `fleetdb_work_finished_total{result="canceled"}` counts it, as for a `cancel()` whose answer
+/// was lost (before: the drop's cancel took the lost answer for a failure and counted nothing,
+/// and started claims outran ended ones for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_claims_cancel_whose_answer_is_lost_is_counted() {
+    use fleetdb::WorkEvent::{Canceled, Started};
+    let db = Db::new().await;
+    let (direct, proxy, store, s) = jobs_ready(&db, 1).await;
+    let m = store.metrics();
+    let canceled = || m.work_finished.with_label_values(&["P", "canceled"]).get();
+    let w = s.claim_object(&job(0), "P").await.unwrap();
+    let cut = proxy.cut_next_commit(Duration::from_millis(200), false);
+    drop(w);
+    cut.await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while canceled() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(events(&direct, &job(0)).await, vec![Started, Canceled]);
+    assert_eq!(canceled(), 1, "the drop's cancel committed: counted once");
+    drop(s);
+    db.drop().await;
+}
