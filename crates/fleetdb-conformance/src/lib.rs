@@ -111,6 +111,7 @@ macro_rules! suite {
             txn_is_atomic,
             txn_reads_its_own_writes,
             txn_retries_on_conflict,
+            txn_retries_count_the_attempts_run_again,
             txn_serializes_concurrent_increments,
             txn_read_only_writes_nothing,
             txn_read_only_sees_one_state,
@@ -1421,6 +1422,45 @@ pub async fn txn_retries_on_conflict(h: &Harness) {
         s.tag_get(&m1, "n").await.unwrap().unwrap().value,
         json!(101)
     );
+}
+
+/// A transaction that conflicts at every attempt gives up after `Limits::txn_attempts_max`
+/// attempts (`RetriesExhausted`): each attempt run again counts once in
+/// `fleetdb_transactions_retried_total` ("attempts that conflicted and ran again"), the last one,
+/// run no more, not; the transaction counts once as failed.
+pub async fn txn_retries_count_the_attempts_run_again(h: &Harness) {
+    let s = &h.store;
+    let m = s.metrics();
+    let m1 = key("default", "machine", "m1");
+    s.object_put(&m1, Labels::new()).await.unwrap();
+    s.tag_set(&m1, "n", &json!(0)).await.unwrap();
+    let (retried, failed) = (m.transactions_retried.get(), m.transactions_failed.get());
+    let runs = Arc::new(AtomicU32::new(0));
+    let out = s
+        .txn(|tx| {
+            let (m1, runs, s) = (m1.clone(), runs.clone(), s.clone());
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let n = tx.tag_get(&m1, "n").await?.unwrap().value.as_i64().unwrap();
+                // Someone else changes what it read before every commit.
+                s.tag_set(&m1, "n", &json!(1_000 + run)).await?;
+                tx.tag_set(&m1, "n", &json!(n + 1))?;
+                Ok(())
+            }
+        })
+        .await;
+    let attempts = s.limits().txn_attempts_max;
+    match out {
+        Err(Error::RetriesExhausted { attempts: n, .. }) => assert_eq!(n, attempts),
+        other => panic!("{other:?}, expected RetriesExhausted"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), attempts);
+    assert_eq!(
+        m.transactions_retried.get() - retried,
+        u64::from(attempts - 1),
+        "attempts run again after a conflict"
+    );
+    assert_eq!(m.transactions_failed.get() - failed, 1);
 }
 
 pub async fn txn_serializes_concurrent_increments(h: &Harness) {

@@ -948,9 +948,8 @@ impl Store {
             let out = match f(tx.clone()).await {
                 Ok(out) => out,
                 Err(e @ Error::Conflict { .. }) => {
-                    self.metrics.transactions_retried.inc();
                     last = e.to_string();
-                    retry_pause(attempt).await;
+                    self.before_retry(attempt, attempts).await;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -1027,9 +1026,8 @@ impl Store {
                     return Ok(session::Committed { out, claimed });
                 }
                 Err(e @ Error::Conflict { .. }) => {
-                    self.metrics.transactions_retried.inc();
                     last = e.to_string();
-                    retry_pause(attempt).await;
+                    self.before_retry(attempt, attempts).await;
                 }
                 Err(e) => {
                     // Its claim may have committed with the batch: the session's next claim
@@ -1063,6 +1061,16 @@ impl Store {
         }
         self.metrics.transactions_failed.inc();
         Err(Error::RetriesExhausted { attempts, last })
+    }
+
+    /// After attempt `attempt` (of `attempts`, counted from 0) of a transaction conflicted: if
+    /// another attempt follows, count it as run again (`fleetdb_transactions_retried_total`) and
+    /// pause before it; after the last one, nothing (the transaction fails at once).
+    async fn before_retry(&self, attempt: u32, attempts: u32) {
+        if attempt + 1 < attempts {
+            self.metrics.transactions_retried.inc();
+            retry_pause(attempt).await;
+        }
     }
 
     // ---- change log ----
