@@ -2318,6 +2318,18 @@ impl<T> Drop for Delivery<T> {
                 .with_label_values(&[self.process.as_str(), "expired"])
                 .inc_by(claimed.expired);
         }
+        if claimed.work.is_empty() {
+            return;
+        }
+        // Started: it was claimed, whatever becomes of the cancel (a cancel that fails leaves
+        // it to end with its session, counted there).
+        for w in &claimed.work {
+            self.store
+                .metrics
+                .work_started
+                .with_label_values(&[w.process.as_str()])
+                .inc();
+        }
         let processes: Vec<String> = claimed.work.iter().map(|w| w.process.clone()).collect();
         let ops: Vec<Op> = claimed
             .work
@@ -2330,21 +2342,25 @@ impl<T> Drop for Delivery<T> {
                 outcome: Outcome::Canceled,
             })
             .collect();
-        if ops.is_empty() {
-            return;
-        }
+        // An answer lost with the connection is resolved from the history, as for `cancel`.
+        let releases: Vec<Release> = claimed
+            .work
+            .iter()
+            .map(|w| Release {
+                key: w.key.clone(),
+                process: w.process.clone(),
+                session_id: w.session_id.clone(),
+                token: w.token,
+                event: WorkEvent::Canceled,
+                earlier_unknown: false,
+            })
+            .collect();
         let store = self.store.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                match store.write(ops).await {
+                match store.write_releasing(Vec::new(), ops, &releases).await {
                     Ok(_) => {
                         for p in &processes {
-                            // Started (it was claimed) and canceled: both sides counted.
-                            store
-                                .metrics
-                                .work_started
-                                .with_label_values(&[p.as_str()])
-                                .inc();
                             store
                                 .metrics
                                 .work_finished

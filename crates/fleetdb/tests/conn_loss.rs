@@ -1219,3 +1219,30 @@ async fn a_dropped_claims_cancel_whose_answer_is_lost_is_counted() {
     drop(s);
     db.drop().await;
 }
+
+/// A claim given up by its caller in flight runs to its end and what it took is cancelled
+/// (`Delivery`). When that cancel's COMMIT answer is lost (it committed: history `Canceled`),
+/// the claim was started and ended here all the same: counted started and canceled, once each
+/// (before: the lost answer was taken for a failure, and neither was counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_up_claims_cancel_whose_answer_is_lost_is_counted() {
+    use fleetdb::WorkEvent::{Canceled, Started};
+    let db = Db::new().await;
+    let (direct, proxy, store, s) = jobs_ready(&db, 1).await;
+    let m = store.metrics();
+    let started = || m.work_started.with_label_values(&["P"]).get();
+    let canceled = || m.work_finished.with_label_values(&["P", "canceled"]).get();
+    proxy.st.skip.store(1, Ordering::SeqCst); // the claim's COMMIT passes; the cancel's is cut
+    let cut = proxy.cut_next_commit(Duration::from_millis(200), false);
+    let given_up = futures::FutureExt::now_or_never(s.claim("P", SELECTOR, 1));
+    assert!(given_up.is_none(), "the caller gave up before the answer");
+    cut.await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (started(), canceled()) != (1, 1) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(events(&direct, &job(0)).await, vec![Started, Canceled]);
+    assert_eq!((started(), canceled()), (1, 1), "(started, canceled)");
+    drop(s);
+    db.drop().await;
+}
