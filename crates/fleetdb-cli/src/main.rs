@@ -54,11 +54,16 @@ enum Command {
     Tag(TagCmd),
     /// Read the change log.
     Changes(ChangesArgs),
-    /// Drop change-log entries before a revision.
+    /// Drop change-log entries before a revision, or older than an age.
+    #[command(group(clap::ArgGroup::new("cut").required(true).args(["before", "older_than"])))]
     Compact {
         /// Drop entries with a revision lower than this.
         #[arg(long, value_parser = crate::output::revision)]
-        before: i64,
+        before: Option<i64>,
+        /// Drop entries written longer ago than this (e.g. 7d), in revision order up to the
+        /// first younger one.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
     },
     /// Schema migrations.
     #[command(subcommand)]
@@ -626,8 +631,23 @@ async fn dispatch(store: &Store, cli: Cli, namespace_given: bool) -> Result<(), 
             }
             Ok(())
         }
-        Command::Compact { before } => {
-            let dropped = store.compact(Revision(before)).await?;
+        Command::Compact { before, older_than } => {
+            let dropped = match (before, older_than) {
+                (Some(before), _) => store.compact(Revision(before)).await?,
+                (None, Some(age)) => {
+                    // Each call looks at a bounded stretch of the log: go on until one drops
+                    // nothing.
+                    let mut dropped = 0;
+                    loop {
+                        let n = store.compact_older_than(age).await?;
+                        if n == 0 {
+                            break dropped;
+                        }
+                        dropped += n;
+                    }
+                }
+                (None, None) => unreachable!("clap requires --before or --older-than"),
+            };
             let info = store.revision().await?;
             match fmt {
                 Format::Json => output::print_json(&json!({

@@ -594,6 +594,60 @@ fn changes_without_after_start_at_the_compaction_point() {
     assert!(err.contains("compacted"), "{err}");
 }
 
+/// `compact --older-than D` drops the change-log entries written longer ago than D (here by a
+/// store whose clock is two days behind) and keeps the younger ones; `--before` and
+/// `--older-than` are one or the other.
+#[test]
+fn compact_older_than_drops_entries_by_age() {
+    let db = sqlite_db();
+    let path = db.dir.path().join("db.sqlite");
+    let db = Db {
+        url: format!("sqlite://{}", path.display()),
+        dir: db.dir,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let earlier = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 24 * 3600);
+        let store = fleetdb::Store::open_with(
+            &db.url,
+            fleetdb::OpenOptions {
+                clock: Some(std::sync::Arc::new(fleetdb::ManualClock::new(
+                    fleetdb::Timestamp::from_system(earlier),
+                ))),
+                background: false,
+                ..fleetdb::OpenOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        for id in ["old1", "old2"] {
+            let k = fleetdb::ObjectKey::new("default", "machine", id).unwrap();
+            store.object_put(&k, fleetdb::Labels::new()).await.unwrap();
+        }
+    });
+    ok_json(&db, &["object", "put", "machine", "new"]);
+    let compacted = ok_json(&db, &["compact", "--older-than", "1d"]);
+    assert_eq!(compacted["dropped"], 2, "{compacted}");
+    assert_eq!(compacted["compacted_revision"], 2, "{compacted}");
+    let changes = ok_json(&db, &["changes"]);
+    let ids: Vec<&str> = changes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["new"], "{changes}");
+    let again = ok_json(&db, &["compact", "--older-than", "1d"]);
+    assert_eq!(again["dropped"], 0, "{again}");
+    for args in [
+        &["compact"][..],
+        &["compact", "--before", "3", "--older-than", "1d"],
+    ] {
+        let (code, err) = fails(&db, args, None);
+        assert_eq!(code, 2, "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn migrate_status_writes_nothing_and_up_migrates() {
     let db = Db {

@@ -107,6 +107,7 @@ macro_rules! suite {
             change_log_records_every_mutation,
             change_log_filters,
             compaction_gives_compacted,
+            age_based_compaction_keeps_the_change_log_bounded,
             clock_is_an_input,
             txn_is_atomic,
             txn_reads_its_own_writes,
@@ -1294,6 +1295,65 @@ pub async fn compaction_gives_compacted(h: &Harness) {
             .unwrap()
             .len(),
         1
+    );
+}
+
+/// A deployment's change log does not grow with its age: a steady workload (six entries an hour)
+/// compacted by age after every hour keeps the entries of the retention window and nothing older,
+/// whatever the number of hours; positions before the window are `Compacted`.
+pub async fn age_based_compaction_keeps_the_change_log_bounded(h: &Harness) {
+    let s = &h.store;
+    let retention = Duration::from_secs(3 * 3600);
+    let m = key("default", "machine", "m1");
+    s.object_put(&m, Labels::new()).await.unwrap();
+    // Nothing is older than the retention yet: nothing goes.
+    assert_eq!(s.compact_older_than(retention).await.unwrap(), 0);
+    assert_eq!(all_changes(h).await.len(), 1);
+    let mut sizes = Vec::new();
+    for hour in 0..12 {
+        for i in 0..5 {
+            s.tag_set(&m, "counter", &json!(hour * 10 + i))
+                .await
+                .unwrap();
+        }
+        s.tag_delete(&m, "counter").await.unwrap();
+        h.clock.advance(Duration::from_secs(3600));
+        s.compact_older_than(retention).await.unwrap();
+        let cutoff = fleetdb::Clock::now(&h.clock) - retention;
+        let from = s.revision().await.unwrap().compacted;
+        let log = s
+            .changes(from, &ChangeFilter::default(), 10_000)
+            .await
+            .unwrap();
+        assert!(
+            log.iter().all(|c| c.at >= cutoff),
+            "hour {hour}: an entry older than the retention stayed: {log:?}"
+        );
+        sizes.push(log.len());
+    }
+    // The entries of the last three hours (written at the hour's start, kept while at or after
+    // the cutoff), never more.
+    assert_eq!(sizes[0], 7, "{sizes:?}");
+    assert!(sizes[3..].iter().all(|&n| n == 18), "{sizes:?}");
+    // Reading from before the window is Compacted; from the compaction point, the window.
+    let info = s.revision().await.unwrap();
+    let err = s
+        .changes(Revision(0), &ChangeFilter::default(), 100)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Compacted { .. }), "{err}");
+    let window = s
+        .changes(info.compacted, &ChangeFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(window.len(), 18);
+    assert_eq!(window.last().unwrap().revision, info.current);
+    // A retention longer than the log's age compacts nothing more.
+    assert_eq!(
+        s.compact_older_than(Duration::from_secs(100 * 3600))
+            .await
+            .unwrap(),
+        0
     );
 }
 

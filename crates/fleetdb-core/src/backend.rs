@@ -147,6 +147,22 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<Change>>;
     /// Drop change-log entries with revision < `before`. Returns how many were dropped.
     async fn compact(&self, before: Revision) -> Result<u64>;
+    /// The revision and time (`at`) of at most `limit` change-log entries with revision >
+    /// `after`, in revision order: what a compaction by age walks, without the entries' values.
+    /// Backends may include entries no reader is shown (PostgreSQL's gap markers). The default
+    /// reads the entries.
+    async fn change_times(
+        &self,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<(Revision, Timestamp)>> {
+        Ok(self
+            .changes(after, &ChangeFilter::default(), limit)
+            .await?
+            .into_iter()
+            .map(|c| (c.revision, c.at))
+            .collect())
+    }
     async fn revision(&self) -> Result<RevisionInfo>;
 
     // ---- sessions and work ----

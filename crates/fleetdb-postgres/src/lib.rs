@@ -1917,6 +1917,23 @@ impl Backend for PostgresBackend {
         Ok(out)
     }
 
+    async fn change_times(
+        &self,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<(Revision, Timestamp)>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.query(sql::CHANGE_TIMES, &[&after.0, &limit]).await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    Revision(r.try_get(0).map_err(db_err)?),
+                    Timestamp(r.try_get(1).map_err(db_err)?),
+                ))
+            })
+            .collect()
+    }
+
     async fn compact(&self, before: Revision) -> Result<u64> {
         // Never past a revision whose transaction may still commit: its change would land below
         // the compaction point, where no watcher resuming after that point would look.

@@ -493,6 +493,11 @@ pub(crate) fn like_prefix(prefix: &str) -> String {
 /// The change-log namespace of key-value changes (left out of `changes_scope`).
 const KV_CHANGE_NAMESPACE: &str = ".kv";
 
+/// The revision and time of change-log entries after `$1`, at most `$2`, in revision order (gap
+/// markers too: `Backend::change_times`, for a compaction by age; the primary key, no values).
+pub(crate) const CHANGE_TIMES: &str =
+    "SELECT revision, at FROM changes WHERE revision > $1 ORDER BY revision LIMIT $2";
+
 /// The change-log read: the compaction point and, unless `after` is older than it, the entries
 /// (never the gap markers [`crate::settle`] writes). One statement, so both come from the same
 /// snapshot. `$1` = after; the filter's parameters

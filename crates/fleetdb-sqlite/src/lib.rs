@@ -674,6 +674,14 @@ impl Backend for SqliteBackend {
         self.read(|c| read::changes(c, after, filter, limit))
     }
 
+    async fn change_times(
+        &self,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<(Revision, Timestamp)>> {
+        self.read(|c| read::change_times(c, after, limit))
+    }
+
     async fn compact(&self, before: Revision) -> Result<u64> {
         let upto = self
             .exclusive(move |c| read::compact_mark(c, before))

@@ -178,6 +178,29 @@ pub(crate) fn changes(
 /// wait for a batch, not for the whole log.
 pub(crate) const COMPACT_BATCH: i64 = 10_000;
 
+/// The revision and time of at most `limit` change-log entries after `after`, in revision order
+/// (`Backend::change_times`: the primary key, no values read).
+pub(crate) fn change_times(
+    c: &Connection,
+    after: Revision,
+    limit: usize,
+) -> Result<Vec<(Revision, Timestamp)>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT revision, at FROM changes WHERE revision > ?1 ORDER BY revision LIMIT ?2",
+        )
+        .map_err(map_err)?;
+    let rows = stmt
+        .query_map([after.0, limit], |r| {
+            Ok((Revision(r.get(0)?), Timestamp(r.get(1)?)))
+        })
+        .map_err(map_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(map_err)?;
+    Ok(rows)
+}
+
 /// Move the compaction point to just before `before` (never back, never past the current
 /// revision), in one short transaction: from then on reads before it fail `Compacted`, whether
 /// or not the rows are gone yet. Returns the new compaction point; [`compact_rows`] deletes.

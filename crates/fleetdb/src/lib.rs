@@ -99,6 +99,10 @@ pub struct OpenOptions {
     /// Delete work history older than this (checked with every sweep), all but the newest row.
     /// `None` keeps it all.
     pub history_retention: Option<Duration>,
+    /// Compact the change log by age: drop the entries written before `now − retention`
+    /// ([`Store::compact_older_than`], after every sweep). `None` keeps every entry until
+    /// [`Store::compact`]. A watch or reader behind the retention gets `Compacted` and relists.
+    pub change_retention: Option<Duration>,
     /// Watches look at the change log at least this often, even without a wake-up (changes of
     /// this process, and of others on PostgreSQL via NOTIFY, wake them at once).
     pub watch_poll_interval: Duration,
@@ -118,6 +122,7 @@ impl Default for OpenOptions {
             postgres_pool_size_max: 16,
             background: true,
             history_retention: None,
+            change_retention: None,
             watch_poll_interval: Duration::from_secs(1),
             watch_progress_interval: Duration::from_secs(5),
             gc: GcOptions::default(),
@@ -158,6 +163,7 @@ pub const SCHEMA_RECHECK: Duration = Duration::from_secs(1);
 pub(crate) struct Background {
     pub(crate) enabled: AtomicBool,
     pub(crate) history_retention: std::sync::Mutex<Option<Duration>>,
+    pub(crate) change_retention: std::sync::Mutex<Option<Duration>>,
 }
 
 /// A store reference that does not keep the store open (for background tasks).
@@ -267,6 +273,11 @@ impl Store {
             .history_retention
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = options.history_retention;
+        *store
+            .background
+            .change_retention
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = options.change_retention;
         // A sweeper in every connected process: dead sessions are cleaned up even where no
         // session of this process runs.
         store.start_background();
@@ -304,6 +315,7 @@ impl Store {
             background: Arc::new(Background {
                 enabled: AtomicBool::new(true),
                 history_retention: std::sync::Mutex::new(None),
+                change_retention: std::sync::Mutex::new(None),
             }),
             hub: Arc::default(),
             gc: Arc::default(),
@@ -1118,6 +1130,50 @@ impl Store {
         self.backend.compact(before).await
     }
 
+    /// Compact the change log by age: drop the entries written before `now − age`, in revision
+    /// order up to the first one written at or after it (an entry stamped earlier by a clock
+    /// that was behind waits for the entries before it, as history pruning does). Looks at most
+    /// [`COMPACT_BY_AGE_SCAN_MAX`] entries per call (revision and time only, no values: the
+    /// first look reads [`COMPACT_BY_AGE_FIRST`], each next one ten times more while all are
+    /// old); a longer backlog goes with the next calls. Returns how many entries were dropped.
+    /// The background task runs it after every sweep with [`OpenOptions::change_retention`].
+    pub async fn compact_older_than(&self, age: Duration) -> Result<u64> {
+        self.ready().await?;
+        let cutoff = self.clock.now() - age;
+        let mut after = self.backend.revision().await?.compacted;
+        let mut before = None;
+        let mut page = COMPACT_BY_AGE_FIRST;
+        let mut seen = 0;
+        'scan: loop {
+            let times = match self.backend.change_times(after, page).await {
+                // Another process compacted meanwhile: go on from its point (it only moves on).
+                Err(Error::Compacted {
+                    compacted_revision, ..
+                }) if compacted_revision > after => {
+                    after = compacted_revision;
+                    continue;
+                }
+                r => r?,
+            };
+            seen += times.len();
+            for &(revision, at) in &times {
+                if at >= cutoff {
+                    break 'scan;
+                }
+                before = Some(Revision(revision.0.saturating_add(1)));
+                after = revision;
+            }
+            if times.len() < page || seen >= COMPACT_BY_AGE_SCAN_MAX {
+                break;
+            }
+            page = (page * 10).min(CHANGES_PAGE_MAX);
+        }
+        match before {
+            Some(before) => self.backend.compact(before).await,
+            None => Ok(0),
+        }
+    }
+
     pub async fn revision(&self) -> Result<RevisionInfo> {
         self.ready().await?;
         self.backend.revision().await
@@ -1160,6 +1216,12 @@ async fn open_postgres(
 
 /// Most change-log entries one call returns.
 pub const CHANGES_PAGE_MAX: usize = 10_000;
+/// Change-log entries one [`Store::compact_older_than`] looks at first (most calls, every second
+/// in the background, find little or nothing old enough).
+pub const COMPACT_BY_AGE_FIRST: usize = 100;
+/// Change-log entries one [`Store::compact_older_than`] looks at most (and so drops at most): a
+/// first compaction of a long log goes in steps, one per call.
+pub const COMPACT_BY_AGE_SCAN_MAX: usize = 100_000;
 
 /// How long [`Store::changes`] waits for a transaction that holds a revision below committed ones
 /// before it answers without the entries past it.

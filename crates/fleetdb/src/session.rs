@@ -690,6 +690,16 @@ impl Store {
                                 tracing::warn!(error = %e, "history pruning failed");
                             }
                         }
+                        let retention = *store
+                            .background
+                            .change_retention
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        if let Some(keep) = retention {
+                            if let Err(e) = store.compact_older_than(keep).await {
+                                tracing::warn!(error = %e, "change-log compaction failed");
+                            }
+                        }
                         store.keeper.sweeping.store(false, Ordering::SeqCst);
                     });
                 }

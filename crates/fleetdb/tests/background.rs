@@ -1,6 +1,7 @@
 //! The background task with the real clock: it keeps sessions alive past their TTL, and it prunes
-//! history older than the retention setting. (Everything else moves time by hand; this is the one
-//! place where the task itself is exercised, so each test waits about 3 s of real time.)
+//! history and compacts the change log older than the retention settings. (Everything else moves
+//! time by hand; this is the one place where the task itself is exercised, so each test waits
+//! about 3 s of real time.)
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ async fn background_renews_sessions_and_prunes_history() {
         &url,
         OpenOptions {
             history_retention: Some(Duration::from_secs(1)),
+            change_retention: Some(Duration::from_secs(1)),
             ..OpenOptions::default()
         },
     )
@@ -21,7 +23,7 @@ async fn background_renews_sessions_and_prunes_history() {
     .unwrap();
     store.process_define("P", &[]).await.unwrap();
     let k = ObjectKey::new("default", "machine", "m1").unwrap();
-    store.object_put(&k, Labels::new()).await.unwrap();
+    let put = store.object_put(&k, Labels::new()).await.unwrap();
     let s = store
         .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(2)))
         .await
@@ -48,6 +50,14 @@ async fn background_renews_sessions_and_prunes_history() {
         .unwrap();
     assert_eq!(hist.items.len(), 1, "{:?}", hist.items);
     assert_eq!(hist.items[0].token, w.token());
+    // The change log too: the object's entry (and the session's joining) is older than the 1 s
+    // change retention, compacted away by the background task.
+    let info = store.revision().await.unwrap();
+    assert!(
+        info.compacted >= put.item.revision,
+        "{info:?} {:?}",
+        put.item
+    );
     w.finish(|_| async { Ok(()) }).await.unwrap();
     s.close().await.unwrap();
 }
