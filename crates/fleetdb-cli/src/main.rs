@@ -367,10 +367,18 @@ async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {
             }
         }
     }
+    // A worker is the long-lived process of a CLI deployment: it keeps history and the change
+    // log to their retention, if given.
+    let (history_retention, change_retention) = match &cli.command {
+        Command::Worker(a) => a.retention(),
+        _ => (None, None),
+    };
     let store = Store::open_with(
         &cli.db,
         OpenOptions {
             migrate,
+            history_retention,
+            change_retention,
             ..OpenOptions::default()
         },
     )

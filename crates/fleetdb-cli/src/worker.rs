@@ -179,9 +179,25 @@ pub struct WorkerArgs {
     /// Claim once (without waiting), work what was claimed, and exit.
     #[arg(long)]
     once: bool,
+    /// Delete work history older than this (e.g. 30d; all but the newest row), every second
+    /// while the worker runs. Default: keep it all.
+    #[arg(long, value_parser = positive_duration)]
+    history_retention: Option<Duration>,
+    /// Compact change-log entries older than this (e.g. 7d), every second while the worker runs.
+    /// Default: keep them all (see `compact`).
+    #[arg(long, value_parser = positive_duration)]
+    change_retention: Option<Duration>,
     /// The program to run for each claimed object, with its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+impl WorkerArgs {
+    /// The store's history and change-log retention (`--history-retention`,
+    /// `--change-retention`), which its background task applies while the worker runs.
+    pub(crate) fn retention(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.history_retention, self.change_retention)
+    }
 }
 
 /// `--limit`: objects claimed at a time, 1 to `CLAIM_BATCH_MAX`.

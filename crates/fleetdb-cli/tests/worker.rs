@@ -1467,3 +1467,81 @@ fn a_worker_keeps_its_session_beside_an_import_in_another_process() {
     assert_eq!(expired, 0, "no claim expired: {history}");
     assert!(status.success(), "{status}");
 }
+
+/// A worker is a CLI deployment's long-lived process: with `--history-retention` and
+/// `--change-retention` it keeps the work history and the change log to their windows (its
+/// store's background task, every second), instead of both growing for as long as the fleet
+/// runs. The rows here were written by a store whose clock is two days behind.
+#[test]
+fn a_worker_keeps_history_and_the_change_log_to_their_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let d = dir.path();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let earlier = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+        let store = fleetdb::Store::open_with(
+            &url,
+            fleetdb::OpenOptions {
+                clock: Some(std::sync::Arc::new(fleetdb::ManualClock::new(
+                    fleetdb::Timestamp::from_system(earlier),
+                ))),
+                background: false,
+                ..fleetdb::OpenOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        store.process_define("P", &[]).await.unwrap();
+        let s = store
+            .session_start(fleetdb::SessionSpec::new("old", "h"))
+            .await
+            .unwrap();
+        for id in ["m1", "m2"] {
+            let k = fleetdb::ObjectKey::new("default", "machine", id).unwrap();
+            store.object_put(&k, fleetdb::Labels::new()).await.unwrap();
+            let mut w = s.claim_object(&k, "P").await.unwrap();
+            w.finish(|_| async { Ok(()) }).await.unwrap();
+        }
+        s.close().await.unwrap();
+    });
+    let history = |id: &str| {
+        json(&url, d, &["history", "machine", id])["items"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!((history("m1"), history("m2")), (2, 2));
+    let worker = fleetdb(&url, d)
+        .args(worker_args(
+            "w",
+            "P",
+            "kind = machine and has(never)",
+            &["--history-retention", "1d", "--change-retention", "1d"],
+            &["true"],
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut worker = Killed(worker);
+    let lines = stderr_lines(&mut worker.0);
+    wait_for(
+        "the old history to be pruned",
+        Duration::from_secs(20),
+        || history("m1") == 0,
+    );
+    // All but the newest row (the sequence goes on from it).
+    assert_eq!(history("m2"), 1);
+    wait_for(
+        "the old changes to be compacted",
+        Duration::from_secs(20),
+        || failing(&url, d, &["changes", "--after", "0"]).0 == Some(4),
+    );
+    send(&worker.0, "TERM");
+    let status = wait_exit(&mut worker.0, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}: {:?}", lines.lock().unwrap());
+    for flag in ["--history-retention", "--change-retention"] {
+        refused(&url, d, "P", flag, &["0s", "soon"]);
+    }
+}
