@@ -198,7 +198,8 @@ macro_rules! suite {
             a_schedule_watch_snapshot_never_lists_an_expired_host,
             unregistering_a_lapsed_registration_is_not_found,
             a_first_deploy_with_a_parent_hash_is_refused,
-            an_exactly_full_last_page_has_no_next_cursor;
+            an_exactly_full_last_page_has_no_next_cursor,
+            a_sweep_at_its_limit_says_more_is_due;
             gc_keeps_roots_and_what_they_reference,
             malformed_reference_labels_are_rejected,
             a_blob_cannot_reference_an_object,

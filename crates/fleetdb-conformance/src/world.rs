@@ -1491,3 +1491,30 @@ pub async fn a_schedule_watch_snapshot_never_lists_an_expired_host(h: &Harness) 
         serde_json::json!(["ha"])
     );
 }
+
+/// A sweep that stops at its limit of expired records says so (`Swept::more`), so the background
+/// task sweeps again at once instead of an interval later: records expiring faster than one
+/// sweep's limit per interval no longer pile up (test
+/// `a_backlog_of_expired_keys_is_swept_at_once_not_a_limit_per_interval`). Exports and keys
+/// alike; the last sweep, below its limit, says no more.
+pub async fn a_sweep_at_its_limit_says_more_is_due(h: &Harness) {
+    let s = &h.store;
+    let h1 = s.world("h1").unwrap();
+    let ttl = Lifetime::ttl(Duration::from_secs(5));
+    for i in 0..3 {
+        s.kv_set_with(&format!("k{i}"), "x", None, ttl.clone())
+            .await
+            .unwrap();
+        let mut e = rec("f", &format!("e{i}"), "*", "x");
+        e.lifetime = ttl.clone();
+        h1.export(vec![e]).await.unwrap();
+    }
+    h.clock.advance(Duration::from_secs(6));
+    let now = fleetdb::Clock::now(&h.clock);
+    let first = s.backend().session_sweep(now, 2).await.unwrap();
+    assert_eq!((first.records, first.more), (4, true), "{first:?}");
+    let second = s.backend().session_sweep(now, 2).await.unwrap();
+    assert_eq!((second.records, second.more), (2, false), "{second:?}");
+    assert!(s.kv_list("", None, 10).await.unwrap().items.is_empty());
+    assert!(h1.collect(&[]).await.unwrap().is_empty());
+}

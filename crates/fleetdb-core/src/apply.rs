@@ -1387,10 +1387,12 @@ pub async fn apply_sweep<T: TxRows + ?Sized>(
         rows.session_remove(&s.id).await?;
         crate::world_apply::session_ended(rows, s, now).await?;
     }
-    crate::world_apply::sweep_expired(rows, now, limit).await?;
+    let (records, full) = crate::world_apply::sweep_expired(rows, now, limit).await?;
     Ok(crate::backend::Swept {
         sessions: expired.len() as u64,
         expired: released,
+        records,
+        more: full || expired.len() >= limit,
     })
 }
 

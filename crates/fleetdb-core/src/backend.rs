@@ -88,6 +88,10 @@ pub struct Capabilities {
 pub struct Swept {
     pub sessions: u64,
     pub expired: Vec<String>,
+    /// World records whose TTL had passed that it removed.
+    pub records: u64,
+    /// It stopped at its limit (of sessions, or of records of a space): more may be due now.
+    pub more: bool,
 }
 
 #[async_trait]

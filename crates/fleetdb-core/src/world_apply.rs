@@ -698,21 +698,25 @@ pub(crate) async fn session_ended<T: TxRows + ?Sized>(
     Ok(removed)
 }
 
-/// Remove up to `limit` records whose TTL has passed. Returns how many.
+/// Remove up to `limit` records of each space whose TTL has passed. Returns how many, and
+/// whether a space had `limit` of them (more may be due).
 pub(crate) async fn sweep_expired<T: TxRows + ?Sized>(
     rows: &mut T,
     now: Timestamp,
     limit: usize,
-) -> Result<u64> {
+) -> Result<(u64, bool)> {
     let mut removed = 0u64;
+    let mut full = false;
     for space in [Space::Export, Space::Kv] {
         let mut q = WorldQuery::new(space);
         q.expired_at = Some(now);
         q.limit = limit;
-        for rec in rows.world_scan(&q).await? {
+        let expired = rows.world_scan(&q).await?;
+        full |= expired.len() >= limit;
+        for rec in expired {
             remove(rows, &rec, now).await?;
             removed += 1;
         }
     }
-    Ok(removed)
+    Ok((removed, full))
 }

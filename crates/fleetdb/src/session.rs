@@ -26,6 +26,11 @@ use crate::{Store, Txn};
 pub const SWEEP_SESSIONS_MAX: usize = 1000;
 /// How often the background task sweeps expired sessions.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the background task goes on sweeping while each sweep stops at its limit (then the
+/// next interval's sweep goes on).
+pub const SWEEP_BACKLOG_TIME: Duration = Duration::from_secs(5);
+/// The pause between two sweeps of a backlog (see [`SWEEP_BACKLOG_TIME`]).
+const SWEEP_BACKLOG_PAUSE: Duration = Duration::from_millis(5);
 /// After a failed (or unanswered) renewal, the background task tries again this soon (or a tick
 /// later, if that is sooner), until a renewal succeeds or the deadline passes.
 pub const RENEW_RETRY: Duration = Duration::from_millis(200);
@@ -559,6 +564,11 @@ impl Store {
     /// with `Expired` history. Claims never wait for this: a dead session's work is claimable at
     /// once; the sweep only tidies up and records.
     pub async fn sweep_sessions(&self) -> Result<u64> {
+        Ok(self.sweep_once().await?.sessions)
+    }
+
+    /// One sweep ([`Store::sweep_sessions`]); says whether it stopped at its limit.
+    async fn sweep_once(&self) -> Result<fleetdb_core::backend::Swept> {
         self.ready().await?;
         let swept = self
             .backend
@@ -582,7 +592,27 @@ impl Store {
             Touched::Nothing
         };
         self.committed_batch(touched, &[], None);
-        Ok(n)
+        Ok(swept)
+    }
+
+    /// The background task's sweep: again soon while a sweep stops at its limit (at most
+    /// [`SWEEP_BACKLOG_TIME`]), so that sessions and TTL records expiring faster than one
+    /// sweep's limit per [`SWEEP_INTERVAL`] do not pile up. [`SWEEP_BACKLOG_PAUSE`] apart:
+    /// other processes on a SQLite file take the write lock in between.
+    async fn sweep_backlog(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            match self.sweep_once().await {
+                Ok(swept) if swept.more && started.elapsed() < SWEEP_BACKLOG_TIME => {
+                    tokio::time::sleep(SWEEP_BACKLOG_PAUSE).await;
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "session sweep failed");
+                    return;
+                }
+            }
+        }
     }
 
     /// Test hook: make the next `n` renewal rounds fail as if the database were unreachable.
@@ -677,9 +707,7 @@ impl Store {
                     }
                     let store = store.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = store.sweep_sessions().await {
-                            tracing::warn!(error = %e, "session sweep failed");
-                        }
+                        store.sweep_backlog().await;
                         let retention = *store
                             .background
                             .history_retention

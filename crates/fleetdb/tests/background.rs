@@ -97,3 +97,69 @@ async fn failed_renewals_are_retried_before_the_deadline() {
     let row = store.session_get(s.id()).await.unwrap().unwrap();
     assert!(row.deadline > first_deadline);
 }
+
+/// Records whose TTL passed faster than one sweep takes (1,000 of a space) per interval do not
+/// pile up: while a sweep stops at its limit, the background task sweeps again at once. 2,500
+/// expired keys go within one interval of the first sweep that finds them, not in three (a
+/// steady 1,500 TTL keys a second grew the table by 500 a second, for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_expired_keys_is_swept_at_once_not_a_limit_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let clock =
+        fleetdb::ManualClock::new(fleetdb::Timestamp::from_system(std::time::SystemTime::now()));
+    let store = Store::open_with(
+        &url,
+        OpenOptions {
+            clock: Some(std::sync::Arc::new(clock.clone())),
+            ..OpenOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let n = 2_500;
+    let sets = (0..n).map(|i| {
+        let store = store.clone();
+        async move {
+            let ttl = fleetdb::core::world::Lifetime::ttl(Duration::from_secs(1));
+            store
+                .kv_set_with(&format!("lock/{i}"), "x", None, ttl)
+                .await
+                .unwrap();
+        }
+    });
+    futures::future::join_all(sets).await;
+    // Every key's TTL has passed by the store's clock; the background sweeps find them.
+    clock.advance(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let mut first = None;
+    loop {
+        let deleted = store
+            .changes(
+                fleetdb::Revision(0),
+                &fleetdb::ChangeFilter::default(),
+                10_000,
+            )
+            .await
+            .unwrap()
+            .iter()
+            .filter(|c| c.op == fleetdb::ChangeOp::Delete && c.namespace == ".kv")
+            .count();
+        if deleted > 0 && first.is_none() {
+            first = Some(std::time::Instant::now());
+        }
+        if deleted == n {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{deleted} of {n} expired keys swept"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = first.unwrap().elapsed();
+    assert!(
+        took < Duration::from_millis(900),
+        "the backlog took {took:?} from the first sweep: one sweep's limit per interval"
+    );
+}
