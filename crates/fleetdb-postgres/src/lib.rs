@@ -723,7 +723,15 @@ impl PostgresBackend {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let client = self.client().await?;
+            // Given up before its answers came (a caller's timeout while the statement waits for
+            // a row lock), the connection must not go back to the pool: still busy with the
+            // statement, it would hold up whoever is handed it next (the pool is last in, first
+            // out: the very next call) until the lock is let go. The guard detaches it instead.
+            let mut guard = TxGuard {
+                client: Some(self.client().await?),
+                open: true,
+            };
+            let client = guard.client();
             let prepared = async {
                 let stmt = client.prepare_cached(sql_text).await?;
                 let settings = match settings {
@@ -732,15 +740,21 @@ impl PostgresBackend {
                 };
                 Ok((stmt, settings))
             };
-            let (stmt, settings) = match prepared.await {
+            let prepared = prepared.await;
+            let (stmt, settings) = match prepared {
                 Ok(prepared) => prepared,
-                Err(e) => match prepare_failed(&e) {
-                    Failure::Fail(err) => return Err(err),
-                    Failure::Retry(msg) => {
-                        self.pause_before_retry(attempt, msg).await?;
-                        continue;
+                Err(e) => {
+                    // A failed prepare ran nothing: the connection is as it was.
+                    guard.open = false;
+                    drop(guard);
+                    match prepare_failed(&e) {
+                        Failure::Fail(err) => return Err(err),
+                        Failure::Retry(msg) => {
+                            self.pause_before_retry(attempt, msg).await?;
+                            continue;
+                        }
                     }
-                },
+                }
             };
             let set = async {
                 match &settings {
@@ -764,7 +778,9 @@ impl PostgresBackend {
                 (Ok(()), Ok(_), Err(e)) => Err(classify(&e)),
                 (Ok(()), Ok(rows), Ok(())) => Ok(rows),
             };
-            drop(client);
+            // Answered (COMMIT's answer came, or an error ended the transaction): reusable.
+            guard.open = false;
+            drop(guard);
             match outcome {
                 Ok(rows) => return Ok(rows),
                 Err(Failure::Fail(err)) => return Err(err),

@@ -1,0 +1,85 @@
+//! Callers that give up: a future of the library dropped at one of its await points (a
+//! `tokio::time::timeout`, a `select!`, an aborted task). The contract (docs/design.md,
+//! "Cancellation"): the operation either happened or did not, the store stays fully usable, and
+//! nothing is held for longer than its session. These tests drop calls while PostgreSQL keeps
+//! them waiting on a lock another connection holds, then use the same store again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetdb::{Labels, ManualClock, ObjectKey, OpenOptions, Store};
+use fleetdb_postgres::testing;
+use serde_json::json;
+
+/// How long a test lets a call run before giving up on it (it is stuck on a lock meanwhile).
+const GIVE_UP: Duration = Duration::from_millis(300);
+/// How long a call that should not wait at all is given before the test says it waited.
+const PROMPT: Duration = Duration::from_secs(3);
+
+fn options() -> OpenOptions {
+    OpenOptions {
+        clock: Some(Arc::new(ManualClock::new(fleetdb::Timestamp(
+            1_700_000_000_000_000,
+        )))),
+        background: false,
+        ..OpenOptions::default()
+    }
+}
+
+/// A connection of the test's own to `url` (the store's schema on its search path).
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A lone tag set given up while it waits for a row lock must not leave its pooled connection
+/// busy with it: the next call of the same store (handed the same connection first, the pool
+/// being last in, first out) answered only once the other transaction let the lock go —
+/// a read, a renewal, anything, held up by a write its caller had abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_write_given_up_on_a_lock_does_not_hold_up_the_next_call() {
+    let base = testing::test_url();
+    let (url, schema) = testing::create_schema(&base).await.unwrap();
+    let store = Store::open_with(&url, options()).await.unwrap();
+    let k = ObjectKey::new("default", "machine", "m1").unwrap();
+    store.object_put(&k, Labels::new()).await.unwrap();
+    store.tag_set(&k, "state", &json!(1)).await.unwrap();
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM tags WHERE id = 'm1' FOR UPDATE")
+        .await
+        .unwrap();
+    let gave_up = tokio::time::timeout(GIVE_UP, store.tag_set(&k, "state", &json!(2))).await;
+    assert!(gave_up.is_err(), "the set waits for the lock");
+
+    // The lock is still held: calls that do not need it answer at once.
+    let read = tokio::time::timeout(PROMPT, store.object_get(&k)).await;
+    assert!(
+        matches!(read, Ok(Ok(Some(_)))),
+        "a read after a given-up write answers without waiting for the write's lock: {read:?}"
+    );
+    let other = ObjectKey::new("default", "machine", "m2").unwrap();
+    let write = tokio::time::timeout(PROMPT, store.object_put(&other, Labels::new())).await;
+    assert!(
+        matches!(write, Ok(Ok(_))),
+        "a write of another object answers at once: {write:?}"
+    );
+
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    // The given-up set either happened or did not, consistently with the change log; the store
+    // writes the tag again as usual.
+    let tag = store.tag_get(&k, "state").await.unwrap().unwrap();
+    assert!(tag.value == json!(1) || tag.value == json!(2), "{tag:?}");
+    store.tag_set(&k, "state", &json!(3)).await.unwrap();
+    let tag = store.tag_get(&k, "state").await.unwrap().unwrap();
+    assert_eq!(tag.value, json!(3));
+    drop(store);
+    drop(holder);
+    testing::drop_schema(&base, &schema).await.unwrap();
+}
