@@ -1813,8 +1813,16 @@ impl Backend for PostgresBackend {
     }
 
     async fn migrate(&self) -> Result<SchemaStatus> {
-        let client = self.client().await?;
-        migrate::run(&client, MIGRATIONS, self.clock.as_ref()).await
+        // Given up inside a migration's transaction (a timeout while it waits for another
+        // migrator), the connection must not go back to the pool: the next call on it would run
+        // inside that transaction. The guard detaches it; the server rolls the migration back.
+        let mut guard = TxGuard {
+            client: Some(self.client().await?),
+            open: true,
+        };
+        let status = migrate::run(guard.client(), MIGRATIONS, self.clock.as_ref()).await;
+        guard.open = false;
+        status
     }
 
     async fn namespace_get(&self, name: &str) -> Result<Option<Namespace>> {

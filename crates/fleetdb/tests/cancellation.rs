@@ -83,3 +83,60 @@ async fn a_lone_write_given_up_on_a_lock_does_not_hold_up_the_next_call() {
     drop(holder);
     testing::drop_schema(&base, &schema).await.unwrap();
 }
+
+/// A migration given up while it waits (here for another migrator of the same version, whose
+/// row holds the primary key) must not hand its connection back to the pool inside its
+/// transaction: the next call on that connection ran inside it — the next `migrate` saw the
+/// abandoned transaction's own schema row and answered "up to date" without committing
+/// anything, so the database stayed a version behind what the store had been told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_given_up_on_a_lock_leaves_no_transaction_in_the_pool() {
+    let base = testing::test_url();
+    let (url, schema) = testing::create_schema(&base).await.unwrap();
+    let last = fleetdb_postgres::MIGRATIONS.last().unwrap().version;
+    testing::migrate_to(&url, last - 1).await.unwrap();
+    let store = Store::open_with(
+        &url,
+        OpenOptions {
+            migrate: false,
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    let holder = raw(&url).await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO fleetdb_schema (version, name, applied_at) \
+             VALUES ({last}, 'another migrator', 0)"
+        ))
+        .await
+        .unwrap();
+    let gave_up = tokio::time::timeout(GIVE_UP, store.migrate()).await;
+    assert!(gave_up.is_err(), "the migration waits for the other one");
+    // The other migrator fails and rolls back: the version is still to be applied.
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    let status = tokio::time::timeout(PROMPT, store.migrate())
+        .await
+        .expect("a migration after a given-up one answers")
+        .unwrap();
+    assert!(status.pending.is_empty(), "{status:?}");
+    // What the store was told is what the database holds, seen from another connection.
+    let fresh = raw(&url).await;
+    let applied: i32 = fresh
+        .query_one("SELECT max(version) FROM fleetdb_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        applied,
+        i32::try_from(last).unwrap(),
+        "the migration committed"
+    );
+    let k = ObjectKey::new("default", "machine", "m1").unwrap();
+    store.object_put(&k, Labels::new()).await.unwrap();
+    drop(store);
+    drop((holder, fresh));
+    testing::drop_schema(&base, &schema).await.unwrap();
+}
