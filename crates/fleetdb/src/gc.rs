@@ -128,6 +128,8 @@ pub(crate) struct GcState {
     /// divided by the same share (so collection itself uses at most that share of the time).
     cpu_not_before: Mutex<Option<Instant>>,
     collectors: Mutex<Vec<Arc<dyn ExternalCollector>>>,
+    /// The scheduler's task ([`Store::start_gc`]).
+    scheduler: crate::TaskFlag,
 }
 
 /// Change-log entries read per page when following other processes' deadlines, and pages per
@@ -413,11 +415,18 @@ impl Store {
 
     /// The background scheduler: every second, run a collection if one is due.
     pub(crate) fn start_gc(&self) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        if !self.background.enabled.load(Ordering::SeqCst) {
             return;
+        }
+        let Some(running) = self.gc.scheduler.start() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // not running after all: `running` drops
         };
         let weak = self.downgrade();
         rt.spawn(async move {
+            let _running = running;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(store) = weak.upgrade() else { return };

@@ -158,6 +158,50 @@ pub(crate) struct Ready {
 /// and this one must stop writing with its older idea of the schema (`SchemaTooNew`).
 pub const SCHEMA_RECHECK: Duration = Duration::from_secs(1);
 
+/// Whether a background task of the store (session renewal and sweeps, a sweep, the watch hub,
+/// the announcer, the collector's scheduler) runs. The task's future holds the [`Running`] that
+/// [`TaskFlag::start`] hands out: it drops when the task ends, and also when the runtime the
+/// task was spawned on shuts down (a runtime drops its tasks' futures), so the next call that
+/// wants the task starts it again on the caller's runtime ([`Store::keep_background_running`]).
+/// A flag set for good instead left a store that outlived the runtime it was opened on (a
+/// setup runtime, a test's runtime, a runtime per call) without renewals, watches or
+/// collections, believing them running.
+#[derive(Debug, Default)]
+pub(crate) struct TaskFlag {
+    running: Arc<AtomicBool>,
+    /// Started once: restarted by [`Store::keep_background_running`] when it stopped.
+    wanted: AtomicBool,
+}
+
+impl TaskFlag {
+    /// The task's [`Running`] if it was not running (the caller spawns it), else `None`.
+    pub(crate) fn start(&self) -> Option<Running> {
+        if self.running.load(Ordering::Acquire) {
+            return None;
+        }
+        if self.running.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        self.wanted.store(true, Ordering::Relaxed);
+        Some(Running(self.running.clone()))
+    }
+
+    /// Started before and not running now.
+    pub(crate) fn stopped(&self) -> bool {
+        self.wanted.load(Ordering::Relaxed) && !self.running.load(Ordering::Acquire)
+    }
+}
+
+/// Held by a running background task (see [`TaskFlag`]); clears its flag when dropped.
+#[derive(Debug)]
+pub(crate) struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Settings of the background task.
 #[derive(Debug, Default)]
 pub(crate) struct Background {
@@ -382,7 +426,18 @@ impl Store {
         self.start_announcer();
     }
 
+    /// Start again the background tasks that stopped while the store lives: the runtime they
+    /// ran on shut down (see [`TaskFlag`]). Every call of the store comes by here (`ready`).
+    pub(crate) fn keep_background_running(&self) {
+        self.start_background();
+        self.start_gc();
+        if self.hub.started.stopped() {
+            self.start_hub();
+        }
+    }
+
     pub(crate) async fn ready(&self) -> Result<()> {
+        self.keep_background_running();
         let now = self.clock.now().0;
         let rechecking = self.ready.ok.load(Ordering::Acquire);
         if rechecking {

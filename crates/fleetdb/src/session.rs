@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -138,13 +138,13 @@ impl SessionShared {
 #[derive(Debug, Default)]
 pub(crate) struct Keeper {
     sessions: Mutex<HashMap<String, Weak<SessionShared>>>,
-    started: AtomicBool,
+    started: crate::TaskFlag,
     /// Fault injection for tests: fail this many renewal rounds.
     fail_renewals: AtomicU32,
     /// Wakes the background task when a session starts (its tick may have to shorten).
     changed: tokio::sync::Notify,
     /// A sweep (and history pruning) is running on its own task.
-    sweeping: AtomicBool,
+    sweeping: crate::TaskFlag,
     /// Wakes waiting `claim_wait`s of this store when a write of this store commits (writes of
     /// other processes are seen by polling the revision).
     pub(crate) claim_wakes: ClaimWakes,
@@ -627,16 +627,17 @@ impl Store {
         if !self.background.enabled.load(Ordering::SeqCst) {
             return;
         }
-        if self.keeper.started.swap(true, Ordering::SeqCst) {
+        // Checked first: every call of the store comes by here (a runtime's handle is not free).
+        let Some(running) = self.keeper.started.start() else {
             return;
-        }
+        };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.keeper.started.store(false, Ordering::SeqCst);
-            return;
+            return; // not running after all: `running` drops
         };
         let weak = self.downgrade();
         rt.spawn(async move {
             use tokio::time::Instant;
+            let _running = running;
             // Two deadlines of their own: a renewal every TTL/3 and a sweep every
             // SWEEP_INTERVAL. A new session only ever brings the renewal forward (a shorter TTL
             // shortens the tick): sessions started more often than a tick must not keep
@@ -702,11 +703,12 @@ impl Store {
                 }
                 if now >= next_sweep {
                     next_sweep = now + SWEEP_INTERVAL;
-                    if store.keeper.sweeping.swap(true, Ordering::SeqCst) {
+                    let Some(sweeping) = store.keeper.sweeping.start() else {
                         continue;
-                    }
+                    };
                     let store = store.clone();
                     tokio::spawn(async move {
+                        let _sweeping = sweeping;
                         store.sweep_backlog().await;
                         let retention = *store
                             .background
@@ -728,7 +730,6 @@ impl Store {
                                 tracing::warn!(error = %e, "change-log compaction failed");
                             }
                         }
-                        store.keeper.sweeping.store(false, Ordering::SeqCst);
                     });
                 }
             }

@@ -13,7 +13,6 @@
 //! [`Error::WatchLagged`]`{ last_delivered }`: it never blocks writers or other watchers.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -309,10 +308,10 @@ pub(crate) struct Hub {
     wake: Notify,
     /// The hub moved (watchers catching up wait on it).
     moved: Notify,
-    started: AtomicBool,
+    pub(crate) started: crate::TaskFlag,
     /// Set by a local commit; the announcer tells other processes.
     announce: Notify,
-    announcer_started: AtomicBool,
+    announcer_started: crate::TaskFlag,
     /// Tests only: run once in `hub_step` between reading a page and fanning it out.
     #[cfg(test)]
     after_read: TestHook,
@@ -760,16 +759,19 @@ impl Store {
     }
 
     pub(crate) fn start_hub(&self) {
-        if self.hub.started.swap(true, Ordering::SeqCst) {
+        let Some(running) = self.hub.started.start() else {
             return;
-        }
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // not running after all: `running` drops
+        };
         let hub: Weak<Hub> = Arc::downgrade(&self.hub);
         let backend: Weak<dyn Backend> = Arc::downgrade(&self.backend);
         let timing = self.hub_timing;
         {
             let hub = hub.clone();
             let backend2 = self.backend.clone();
-            tokio::spawn(async move {
+            rt.spawn(async move {
                 let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
                     if let Some(h) = hub.upgrade() {
                         h.wake.notify_one();
@@ -780,7 +782,9 @@ impl Store {
                 }
             });
         }
-        tokio::spawn(async move {
+        rt.spawn(async move {
+            // The listener above goes with this task's runtime too: both start again together.
+            let _running = running;
             let mut last_progress = Instant::now();
             loop {
                 let Some(h) = hub.upgrade() else { return };
@@ -818,16 +822,16 @@ impl Store {
 
     /// Tell other processes about local commits, coalesced (at most one announcement in flight).
     pub(crate) fn start_announcer(&self) {
-        if self.hub.announcer_started.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let hub: Weak<Hub> = Arc::downgrade(&self.hub);
-        let backend: Weak<dyn Backend> = Arc::downgrade(&self.backend);
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.hub.announcer_started.store(false, Ordering::SeqCst);
+        let Some(running) = self.hub.announcer_started.start() else {
             return;
         };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // not running after all: `running` drops
+        };
+        let hub: Weak<Hub> = Arc::downgrade(&self.hub);
+        let backend: Weak<dyn Backend> = Arc::downgrade(&self.backend);
         rt.spawn(async move {
+            let _running = running;
             loop {
                 {
                     let Some(h) = hub.upgrade() else { return };
@@ -947,7 +951,8 @@ mod tests {
         )
         .await
         .unwrap();
-        s.hub.started.store(true, Ordering::SeqCst);
+        // Marked running for good, by no task.
+        std::mem::forget(s.hub.started.start());
         s
     }
 

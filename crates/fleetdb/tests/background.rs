@@ -163,3 +163,68 @@ async fn a_backlog_of_expired_keys_is_swept_at_once_not_a_limit_per_interval() {
         "the backlog took {took:?} from the first sweep: one sweep's limit per interval"
     );
 }
+
+/// A store that outlives the runtime it was opened on (a program's setup runtime, a test's
+/// runtime with the store kept in a static, a sync facade building a runtime per call) goes on
+/// with its background work on the runtime it is used from next: a runtime that shuts down drops
+/// the tasks spawned on it. Before, the store still thought its tasks were running: no session
+/// started afterwards was ever renewed (it expired in the database while its holder went on
+/// working), no watch got a change, and no requested collection ran.
+#[test]
+fn background_work_goes_on_after_the_runtime_it_ran_on_shut_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let store = first.block_on(Store::open(&url)).unwrap();
+    let k = ObjectKey::new("default", "machine", "m1").unwrap();
+    first.block_on(async {
+        store.object_put(&k, Labels::new()).await.unwrap();
+        // The watch hub and the announcer start on this runtime too.
+        let mut w = store
+            .watch(fleetdb::WatchRequest::new(fleetdb::WatchScope::All))
+            .await
+            .unwrap();
+        store.tag_set(&k, "t", &serde_json::json!(0)).await.unwrap();
+        w.next().await.unwrap().unwrap();
+    });
+    drop(first);
+
+    let second = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let s = store
+            .session_start(SessionSpec::new("c", "h").ttl(Duration::from_secs(2)))
+            .await
+            .unwrap();
+        let first_deadline = s.deadline();
+        let mut w = store
+            .watch(
+                fleetdb::WatchRequest::new(fleetdb::WatchScope::All)
+                    .from_revision(store.revision().await.unwrap().current),
+            )
+            .await
+            .unwrap();
+        store.tag_set(&k, "t", &serde_json::json!(1)).await.unwrap();
+        let got = w.next_timeout(Duration::from_secs(3)).await;
+        assert!(
+            matches!(got, Some(Ok(fleetdb::WatchEvent::Change(_)))),
+            "the watch gets the change: {got:?}"
+        );
+        let runs = store.gc_status().runs;
+        store.gc_request();
+        // Past the first deadline by 1 s: only renewals (every 667 ms) keep it alive.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        let row = store.session_get(s.id()).await.unwrap();
+        assert!(
+            row.is_some_and(|r| r.deadline > first_deadline),
+            "the session is renewed"
+        );
+        assert!(
+            store.gc_status().runs > runs,
+            "the requested collection ran"
+        );
+    });
+}
