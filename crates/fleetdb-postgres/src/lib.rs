@@ -1493,17 +1493,30 @@ impl PostgresBackend {
         sql: &str,
         params: &work::TypedParams,
     ) -> Result<Vec<tokio_postgres::Row>> {
-        let client = self.client().await?;
-        client
-            .query_typed(sql, &params.typed())
-            .await
-            .map_err(db_err)
+        let mut guard = self.read_client().await?;
+        let rows = guard.client().query_typed(sql, &params.typed()).await;
+        guard.open = false;
+        rows.map_err(db_err)
     }
 
     async fn query(&self, sql: &str, params: &[Param<'_>]) -> Result<Vec<tokio_postgres::Row>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
-        client.query(&stmt, params).await.map_err(db_err)
+        let mut guard = self.read_client().await?;
+        let conn = guard.client();
+        let rows = async { conn.query(&conn.prepare_cached(sql).await?, params).await }.await;
+        guard.open = false;
+        rows.map_err(db_err)
+    }
+
+    /// A pooled connection for reads, held by a [`TxGuard`] until the caller sets `open` to
+    /// false once every request it sent was answered. A read given up before (a caller's timeout
+    /// while the query waits for a lock, or is merely long) is detached and closed instead of
+    /// going back to the pool still busy with it, where the next call handed it (last in, first
+    /// out: the very next) would wait behind the abandoned query.
+    async fn read_client(&self) -> Result<TxGuard> {
+        Ok(TxGuard {
+            client: Some(self.client().await?),
+            open: true,
+        })
     }
 }
 
@@ -1808,8 +1821,10 @@ impl Backend for PostgresBackend {
     }
 
     async fn schema_status(&self) -> Result<SchemaStatus> {
-        let client = self.client().await?;
-        Ok(migrate::read_status(&client, MIGRATIONS).await?.0)
+        let mut guard = self.read_client().await?;
+        let status = migrate::read_status(guard.client(), MIGRATIONS).await;
+        guard.open = false;
+        Ok(status?.0)
     }
 
     async fn migrate(&self) -> Result<SchemaStatus> {
@@ -1852,16 +1867,22 @@ impl Backend for PostgresBackend {
     async fn object_list(&self, query: &ObjectQuery) -> Result<Vec<Object>> {
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
         let (text, params) = sql::object_list_sql(query, &limit);
-        let client = self.client().await?;
-        let rows = if query.labels.len() <= CACHED_LABEL_REQUIREMENTS_MAX {
-            let stmt = client.prepare_cached(&text).await.map_err(db_err)?;
-            client.query(&stmt, &params).await
-        } else {
-            let stmt = client.prepare(&text).await.map_err(db_err)?;
+        let mut guard = self.read_client().await?;
+        let client = guard.client();
+        let rows = async {
+            let stmt = if query.labels.len() <= CACHED_LABEL_REQUIREMENTS_MAX {
+                client.prepare_cached(&text).await?
+            } else {
+                client.prepare(&text).await?
+            };
             client.query(&stmt, &params).await
         }
-        .map_err(db_err)?;
-        rows.iter().map(sql::object_from_row).collect()
+        .await;
+        guard.open = false;
+        rows.map_err(db_err)?
+            .iter()
+            .map(sql::object_from_row)
+            .collect()
     }
 
     async fn tag_get(&self, key: &ObjectKey, name: &str) -> Result<Option<Tag>> {
@@ -2063,11 +2084,13 @@ impl Backend for PostgresBackend {
             .sweeps
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n.is_multiple_of(SWEEPS_PER_ANALYZE) {
-            if let Ok(client) = self.client().await {
-                if let Err(e) = client
+            if let Ok(mut guard) = self.read_client().await {
+                let analyzed = guard
+                    .client()
                     .batch_execute("ANALYZE work, work_backoff, sessions")
-                    .await
-                {
+                    .await;
+                guard.open = false;
+                if let Err(e) = analyzed {
                     tracing::debug!(error = %e, "refreshing work table statistics failed");
                 }
             }

@@ -140,3 +140,45 @@ async fn a_migration_given_up_on_a_lock_leaves_no_transaction_in_the_pool() {
     drop((holder, fresh));
     testing::drop_schema(&base, &schema).await.unwrap();
 }
+
+/// A read given up before its answer (here stuck behind another transaction's lock on the
+/// objects table, as a migration's DDL takes it) must not put its connection back into the pool
+/// still busy with the query: the next call handed it (a read of another table, a renewal)
+/// waited for the abandoned read to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_given_up_on_a_lock_does_not_hold_up_the_next_call() {
+    let base = testing::test_url();
+    let (url, schema) = testing::create_schema(&base).await.unwrap();
+    let store = Store::open_with(&url, options()).await.unwrap();
+    let k = ObjectKey::new("default", "machine", "m1").unwrap();
+    store.object_put(&k, Labels::new()).await.unwrap();
+    store.tag_set(&k, "state", &json!(1)).await.unwrap();
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE objects IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let gave_up = tokio::time::timeout(GIVE_UP, store.object_get(&k)).await;
+        assert!(gave_up.is_err(), "the read waits for the lock");
+        let listed = tokio::time::timeout(
+            GIVE_UP,
+            store.object_list(&fleetdb::ObjectQuery::new("default")),
+        )
+        .await;
+        assert!(listed.is_err(), "the listing waits for the lock");
+    }
+
+    // The objects table is still locked: a read of the tags answers at once.
+    let tag = tokio::time::timeout(PROMPT, store.tag_get(&k, "state")).await;
+    assert!(
+        matches!(tag, Ok(Ok(Some(_)))),
+        "a read after given-up reads answers without waiting for their lock: {tag:?}"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert!(store.object_get(&k).await.unwrap().is_some());
+    drop(store);
+    drop(holder);
+    testing::drop_schema(&base, &schema).await.unwrap();
+}
