@@ -668,18 +668,40 @@ impl Store {
     async fn run_collection(&self, trigger: &str) -> Result<GcStats> {
         self.ready().await?;
         let _one_at_a_time = self.gc.running.lock().await;
-        self.gc.requested.store(false, Ordering::Relaxed);
-        let deletions = self.gc.deletions.swap(0, Ordering::Relaxed);
-        let mutations = self.gc.mutations.swap(0, Ordering::Relaxed);
-        let result = self.collect().await;
-        if result.is_err() {
-            // Nothing was lost: the counters say a run is still due, and so does a request (a
-            // failed deadline run's deadline may be gone from `next_deadline`, overwritten by
-            // the failed run's own mark).
-            self.gc.deletions.fetch_add(deletions, Ordering::Relaxed);
-            self.gc.mutations.fetch_add(mutations, Ordering::Relaxed);
-            self.gc.requested.store(true, Ordering::Relaxed);
+        /// What a run took for its own; a run that does not complete — it failed, or its future
+        /// was dropped midway (a caller's timeout, the scheduler's runtime shutting down) —
+        /// gives it back, so nothing is lost: the counters say a run is still due, and so does
+        /// a request (a deadline run's deadline may be gone from `next_deadline`, overwritten
+        /// by the run's own mark).
+        struct Taken<'a> {
+            gc: &'a GcState,
+            deletions: u64,
+            mutations: u64,
+            completed: bool,
         }
+        impl Drop for Taken<'_> {
+            fn drop(&mut self) {
+                if !self.completed {
+                    self.gc
+                        .deletions
+                        .fetch_add(self.deletions, Ordering::Relaxed);
+                    self.gc
+                        .mutations
+                        .fetch_add(self.mutations, Ordering::Relaxed);
+                    self.gc.requested.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        self.gc.requested.store(false, Ordering::Relaxed);
+        let mut taken = Taken {
+            gc: &self.gc,
+            deletions: self.gc.deletions.swap(0, Ordering::Relaxed),
+            mutations: self.gc.mutations.swap(0, Ordering::Relaxed),
+            completed: false,
+        };
+        let result = self.collect().await;
+        taken.completed = result.is_ok();
+        drop(taken);
         let mut stats = result?;
         stats.trigger = trigger.to_string();
         self.gc.runs.fetch_add(1, Ordering::Relaxed);

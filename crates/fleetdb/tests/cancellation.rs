@@ -182,3 +182,42 @@ async fn a_read_given_up_on_a_lock_does_not_hold_up_the_next_call() {
     drop(holder);
     testing::drop_schema(&base, &schema).await.unwrap();
 }
+
+/// A collection given up midway (a `timeout` around `gc_run`, the scheduler's task dropped with
+/// its runtime) did not run: what made one due must still make one due. The run had already
+/// taken the deletion and mutation counts (and the request) for its own and, given up, put
+/// nothing back: the garbage of the deletions before it waited for some later trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_given_up_midway_is_still_due() {
+    let base = testing::test_url();
+    let (url, schema) = testing::create_schema(&base).await.unwrap();
+    let store = Store::open_with(&url, options()).await.unwrap();
+    let k = ObjectKey::new("default", "machine", "m1").unwrap();
+    store.object_put(&k, Labels::new()).await.unwrap();
+    store.object_delete(&k).await.unwrap();
+    assert_eq!(store.gc_status().deletions_since, 1);
+
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE objects IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let gave_up = tokio::time::timeout(GIVE_UP, store.gc_run()).await;
+    assert!(
+        gave_up.is_err(),
+        "the collection's snapshot waits for the lock"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    assert_eq!(
+        store.gc_status().deletions_since,
+        1,
+        "the deletion still counts towards a run"
+    );
+    let ran = store.gc_maybe_run().await.unwrap();
+    assert!(ran.is_some(), "the run the deletion made due runs");
+    assert_eq!(store.gc_status().deletions_since, 0);
+    drop(store);
+    drop(holder);
+    testing::drop_schema(&base, &schema).await.unwrap();
+}
