@@ -25,8 +25,11 @@
 //!   follow its op order, as alone;
 //! - the transaction's time is the latest of its writes' (each write's own time is taken when
 //!   it is called, before the commit that carries it);
-//! - a write whose caller gave up while it waited is still written (as a write alone whose
-//!   caller gave up may be); nothing is left half-written.
+//! - a write whose caller gave up while it waited is taken out of the queue (`Queued`): it did
+//!   not happen, and must not happen later — after its caller's next writes, which need not
+//!   queue (a tag delete), the next shared transaction would have written it over them. Once a
+//!   shared transaction has taken it, it is written or not with that transaction (as a write
+//!   alone whose caller gave up after sending it); nothing is left half-written.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +89,8 @@ enum Answer {
 
 /// A write waiting for a turn.
 struct Waiting {
+    /// Its place in the queue, to take it out again ([`WriteCombiner::withdraw`]).
+    id: u64,
     shape: Shape,
     key: ObjectKey,
     batch: Batch,
@@ -96,6 +101,7 @@ struct Waiting {
 struct State {
     in_flight: usize,
     waiting: VecDeque<Waiting>,
+    next_id: u64,
 }
 
 /// The lone writes of one backend (shared by its clones).
@@ -120,20 +126,28 @@ impl WriteCombiner {
         shape: Shape,
         key: &ObjectKey,
         batch: &Batch,
-    ) -> Option<oneshot::Receiver<Answer>> {
+    ) -> Option<(u64, oneshot::Receiver<Answer>)> {
         let mut state = self.lock();
         if state.in_flight < IN_FLIGHT_MAX {
             state.in_flight += 1;
             return None;
         }
         let (reply, answer) = oneshot::channel();
+        let id = state.next_id;
+        state.next_id += 1;
         state.waiting.push_back(Waiting {
+            id,
             shape,
             key: key.clone(),
             batch: batch.clone(),
             reply,
         });
-        Some(answer)
+        Some((id, answer))
+    }
+
+    /// Take write `id` out of the queue if it is still there (its caller is leaving).
+    fn withdraw(&self, id: u64) {
+        self.lock().waiting.retain(|w| w.id != id);
     }
 
     /// A turn ends: the waiting writes it passes to (see the module documentation), or none —
@@ -203,6 +217,19 @@ pub(crate) fn passing_on() -> Option<(tokio::runtime::Handle, impl Drop)> {
     Some((runtime, Spawning))
 }
 
+/// Takes a queued write back out of the queue when its caller goes away (a timeout, a
+/// `select!`); a no-op once a shared transaction has taken it.
+struct Queued<'a> {
+    combiner: &'a WriteCombiner,
+    id: u64,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.combiner.withdraw(self.id);
+    }
+}
+
 /// Holds one of the [`IN_FLIGHT_MAX`] turns; passes it on when dropped, however the transaction
 /// holding it ended.
 struct Turn(PostgresBackend);
@@ -243,10 +270,18 @@ impl PostgresBackend {
                 let _turn = Turn(self.clone());
                 self.commit_unshared(&batch).await
             }
-            Some(answer) => match answer.await {
-                Ok(Answer::Done(result)) => result,
-                Ok(Answer::Alone) | Err(_) => self.commit_unshared(&batch).await,
-            },
+            Some((id, answer)) => {
+                let queued = Queued {
+                    combiner: &self.writes,
+                    id,
+                };
+                let answer = answer.await;
+                drop(queued);
+                match answer {
+                    Ok(Answer::Done(result)) => result,
+                    Ok(Answer::Alone) | Err(_) => self.commit_unshared(&batch).await,
+                }
+            }
         }
     }
 
@@ -330,6 +365,7 @@ mod tests {
             value: "1".into(),
         };
         Waiting {
+            id: 0,
             shape,
             key,
             batch: Batch {
@@ -429,7 +465,7 @@ mod tests {
             assert!(state.waiting.is_empty());
             assert_eq!(state.in_flight, 0);
         }
-        for mut a in answers {
+        for (_, mut a) in answers {
             assert!(
                 a.try_recv().is_err(),
                 "every waiting write is told to run alone"

@@ -221,3 +221,52 @@ async fn a_collection_given_up_midway_is_still_due() {
     drop(holder);
     testing::drop_schema(&base, &schema).await.unwrap();
 }
+
+/// A lone write given up while it waited for its turn (PostgreSQL shares transactions among lone
+/// tag sets and creates, one in flight at a time) did not happen, and must not happen later:
+/// left in the queue, it was written by the next shared transaction — after its caller's next
+/// writes, which do not queue (a tag delete here), so a tag the caller had deleted came back
+/// with the value it had given up on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_write_given_up_in_the_queue_is_not_written_later() {
+    let base = testing::test_url();
+    let (url, schema) = testing::create_schema(&base).await.unwrap();
+    let store = Store::open_with(&url, options()).await.unwrap();
+    let busy = ObjectKey::new("default", "machine", "busy").unwrap();
+    let k = ObjectKey::new("default", "machine", "m1").unwrap();
+    for key in [&busy, &k] {
+        store.object_put(key, Labels::new()).await.unwrap();
+        store.tag_set(key, "state", &json!(0)).await.unwrap();
+    }
+
+    // The turn's holder waits for a lock another connection holds.
+    let holder = raw(&url).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM tags WHERE id = 'busy' FOR UPDATE")
+        .await
+        .unwrap();
+    let in_flight = {
+        let store = store.clone();
+        let busy = busy.clone();
+        tokio::spawn(async move { store.tag_set(&busy, "state", &json!(1)).await })
+    };
+    // Give the spawned set time to take the turn (it then waits for the lock).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let gave_up =
+        tokio::time::timeout(GIVE_UP, store.tag_set(&k, "state", &json!("abandoned"))).await;
+    assert!(gave_up.is_err(), "the set waits in the queue");
+    store.tag_delete(&k, "state").await.unwrap();
+
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    in_flight.await.unwrap().unwrap();
+    // Whatever runs next takes the queue's turn; a write of the same shape makes sure one ran.
+    store.tag_set(&busy, "state", &json!(2)).await.unwrap();
+    assert_eq!(
+        store.tag_get(&k, "state").await.unwrap(),
+        None,
+        "the given-up set is not written after the caller's delete"
+    );
+    drop(store);
+    drop(holder);
+    testing::drop_schema(&base, &schema).await.unwrap();
+}
