@@ -310,6 +310,25 @@ impl SqliteBackend {
         .await
     }
 
+    /// [`Self::locked`], holding `held` (an upload's locked file) until the transaction has
+    /// committed or rolled back.
+    async fn exclusive_write<T: Send + 'static, H: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        held: H,
+    ) -> Result<T> {
+        self.exclusive(move |c| {
+            let _held = held; // dropped last, after the transaction below
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let v = f(&tx)?; // dropped on error: rolled back
+            tx.commit().map_err(map_err)?;
+            Ok(v)
+        })
+        .await
+    }
+
     pub(crate) async fn content_ingest_start(
         &self,
         reference: &str,
@@ -410,18 +429,24 @@ impl SqliteBackend {
         let end = offset + data.len() as u64;
         let r = reference.to_string();
         // The file (and its lock) goes with the statement: if this call is given up while the
-        // statement waits for the database, the lock is held until the statement has run.
+        // statement waits for the database, the lock is held until the statement's transaction
+        // has committed (handed back out of it, dropped after `locked`). Dropped with the
+        // statement instead, before COMMIT, another write of the upload (this writer's next,
+        // after a given-up one) read the old offset in that window, overwrote the bytes just
+        // written and failed its update: the upload's row and file disagreed for good.
         let updated = self
-            .locked(move |c| {
-                let _held = file;
-                // The write touches the upload: its expiry moves (never back).
-                c.execute(
-                    "UPDATE ingests SET \"offset\" = ?2, updated_at = ?3, \
+            .exclusive_write(
+                move |c| {
+                    // The write touches the upload: its expiry moves (never back).
+                    c.execute(
+                        "UPDATE ingests SET \"offset\" = ?2, updated_at = ?3, \
                      expires_at = max(expires_at, ?5) WHERE ref = ?1 AND \"offset\" = ?4",
-                    params![r, end as i64, now.0, offset as i64, expires_at.0],
-                )
-                .map_err(map_err)
-            })
+                        params![r, end as i64, now.0, offset as i64, expires_at.0],
+                    )
+                    .map_err(map_err)
+                },
+                file,
+            )
             .await?;
         if updated != 1 {
             return Err(Error::Conflict {

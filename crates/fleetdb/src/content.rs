@@ -37,6 +37,22 @@ pub struct BlobWriter {
     hasher: Option<sha2::Sha256>,
     /// How long the upload lives after it was last touched.
     ttl: std::time::Duration,
+    /// The piece being written: set before the backend call, cleared once it answered. Still
+    /// set at the next call, the write was given up midway (its future dropped) and its piece
+    /// may land after all; it goes to `given_up`.
+    in_flight: Option<Landing>,
+    /// Pieces of writes given up midway, not yet known to have landed or not: the next write
+    /// that the upload refuses at this writer's offset looks where the upload stands, and takes
+    /// in the piece that landed (offset and digest) before it writes on.
+    given_up: Vec<Landing>,
+}
+
+/// Where an upload stands if a piece of a given-up write landed, and the hash of everything up
+/// to there.
+#[derive(Clone)]
+struct Landing {
+    end: u64,
+    hasher: Option<sha2::Sha256>,
 }
 
 impl std::fmt::Debug for BlobWriter {
@@ -68,31 +84,89 @@ impl BlobWriter {
     /// Append `data` (sent in pieces of at most [`INGEST_WRITE_BYTES_MAX`]); each piece is
     /// durable when its call returns, and moves the upload's expiry to its TTL
     /// ([`INGEST_TTL_DEFAULT`] unless started with [`Store::blob_writer_with_ttl`]) from now.
+    ///
+    /// A write given up midway (its future dropped) may still land; the writer stays usable:
+    /// its next write continues after what landed.
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         for piece in data.chunks(INGEST_WRITE_BYTES_MAX) {
-            let now = self.store.clock.now();
-            self.status = self
-                .store
-                .backend
-                .ingest_write(
-                    &self.status.reference,
-                    self.status.offset,
-                    piece,
-                    now,
-                    now + self.ttl,
-                )
-                .await?;
-            if let Some(h) = &mut self.hasher {
-                h.update(piece);
+            let mut written = self.write_piece(piece).await;
+            if matches!(written, Err(Error::Invalid { .. })) && !self.given_up.is_empty() {
+                // Refused at this writer's offset: a given-up piece may have landed.
+                if self.take_in_landed().await? {
+                    written = self.write_piece(piece).await;
+                }
             }
+            written?;
         }
         Ok(())
+    }
+
+    /// One piece at this writer's offset. Answered `Ok`, no given-up piece landed (the upload
+    /// takes its writes one at a time, at its offset).
+    async fn write_piece(&mut self, piece: &[u8]) -> Result<()> {
+        self.given_up.extend(self.in_flight.take());
+        let at = self.status.offset;
+        let hasher = self.hasher.clone().map(|mut h| {
+            h.update(piece);
+            h
+        });
+        self.in_flight = Some(Landing {
+            end: at + piece.len() as u64,
+            hasher: hasher.clone(),
+        });
+        let now = self.store.clock.now();
+        let written = self
+            .store
+            .backend
+            .ingest_write(&self.status.reference, at, piece, now, now + self.ttl)
+            .await;
+        self.in_flight = None;
+        self.status = written?;
+        self.hasher = hasher;
+        self.given_up.clear();
+        Ok(())
+    }
+
+    /// Where the upload stands, if a given-up piece of this writer landed: taken in (its offset
+    /// and hash) and `true`; otherwise nothing changes.
+    async fn take_in_landed(&mut self) -> Result<bool> {
+        self.given_up.extend(self.in_flight.take());
+        let now = self.store.clock.now();
+        let expected = self
+            .status
+            .expected_digest
+            .as_deref()
+            .zip(self.status.expected_size);
+        let status = self
+            .store
+            .backend
+            .ingest_start(&self.status.reference, expected, now, now + self.ttl)
+            .await?;
+        if status.started_at != self.status.started_at {
+            return Ok(false);
+        }
+        let Some(landed) = self
+            .given_up
+            .iter()
+            .find(|l| l.end == status.offset)
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        self.status = status;
+        self.hasher = landed.hasher;
+        self.given_up.clear();
+        Ok(true)
     }
 
     /// Verify and commit the upload as a blob with these labels (added to the writer's lease,
     /// if any). The digest and size are the expected ones given at the start, or computed from
     /// what this writer wrote. A mismatch commits nothing and keeps the upload.
-    pub async fn commit(self, labels: Labels) -> Result<BlobInfo> {
+    pub async fn commit(mut self, labels: Labels) -> Result<BlobInfo> {
+        if self.in_flight.is_some() || !self.given_up.is_empty() {
+            // A given-up write's piece may have landed: commit what the upload holds.
+            self.take_in_landed().await?;
+        }
         let (digest, size) = match (&self.status.expected_digest, self.status.expected_size) {
             (Some(d), Some(s)) => (d.clone(), s),
             _ => match &self.hasher {
@@ -245,6 +319,8 @@ impl Store {
             lease: lease.map(str::to_string),
             hasher,
             ttl,
+            in_flight: None,
+            given_up: Vec::new(),
         })
     }
 

@@ -270,3 +270,41 @@ async fn a_lone_write_given_up_in_the_queue_is_not_written_later() {
     drop(holder);
     testing::drop_schema(&base, &schema).await.unwrap();
 }
+
+/// A `BlobWriter::write` given up midway (its piece still on its way: on SQLite the file and the
+/// upload's row are written off the runtime, and go on without the caller) may land after all.
+/// The writer must stay usable: its next write continues after the piece that landed, and the
+/// digest it computes covers it. Before, the writer kept its old offset, and every later write
+/// failed `Invalid` (the upload stood further on), leaving only a resume without the digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_write_given_up_that_landed_leaves_the_writer_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = Store::open_with(&format!("sqlite://{}", path.display()), options())
+        .await
+        .unwrap();
+    let mut w = store.blob_writer("upload-1", None, None).await.unwrap();
+
+    // Another process holds the database's write lock: the piece's bookkeeping waits for it.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let gave_up = tokio::time::timeout(GIVE_UP, w.write(b"first ")).await;
+    assert!(gave_up.is_err(), "the write waits for the lock");
+    other.execute_batch("COMMIT").unwrap();
+
+    // The given-up piece lands once the lock is free; the writer goes on after it. (While it is
+    // still on its way, the upload is busy: `Unavailable`, try again.)
+    let mut wrote = w.write(b"second").await;
+    for _ in 0..100 {
+        if !matches!(wrote, Err(fleetdb::Error::Unavailable(_))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        wrote = w.write(b"second").await;
+    }
+    wrote.unwrap();
+    let info = w.commit(Labels::new()).await.unwrap();
+    let whole = b"first second";
+    assert_eq!(info.size, whole.len() as u64);
+    assert_eq!(store.blob_get(&info.digest).await.unwrap(), whole);
+}
