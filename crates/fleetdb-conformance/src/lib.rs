@@ -210,6 +210,7 @@ macro_rules! suite {
             watch_from_a_compacted_revision_gives_compacted,
             slow_watcher_is_cut_off_fast_one_keeps_up,
             directed_exports_are_invisible_to_other_hosts,
+            a_watch_never_delivers_exports_directed_to_another_host,
             sync_exports_prunes_what_a_host_no_longer_exports,
             session_bound_exports_vanish_when_the_session_expires,
             kv_get_set_cas_delete,

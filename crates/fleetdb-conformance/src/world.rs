@@ -1518,3 +1518,104 @@ pub async fn a_sweep_at_its_limit_says_more_is_due(h: &Harness) {
     assert!(s.kv_list("", None, 10).await.unwrap().items.is_empty());
     assert!(h1.collect(&[]).await.unwrap().is_empty());
 }
+
+/// A host never receives, by any watch, a change of an export directed to another host: not in
+/// a snapshot, not live, not when resuming from an old revision (the catch-up path reads the
+/// log on its own), whatever the scope (`All` included), and not the removals either (an
+/// unexport, a sync dropping it, its session's end, its TTL's sweep), whose old value carries
+/// the data. Pins invariant 22 for every path a watch takes.
+pub async fn a_watch_never_delivers_exports_directed_to_another_host(h: &Harness) {
+    let s = &h.store;
+    let start = s.revision().await.unwrap().current;
+    let (h1, h3) = (s.world("h1").unwrap(), s.world("h3").unwrap());
+    let sess = s
+        .session_start(SessionSpec::new("agent", "h1").ttl(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let mut bound = rec("f", "bound", "h2", "secret");
+    bound.lifetime = Lifetime::session(sess.id());
+    let mut ttl = rec("f", "ttl", "h2", "secret");
+    ttl.lifetime = Lifetime::ttl(Duration::from_secs(30));
+    let scopes = [
+        WatchScope::All,
+        WatchScope::Exports { kind: None },
+        WatchScope::Exports {
+            kind: Some("f".into()),
+        },
+    ];
+    // Live watches of h3, opened before anything was exported.
+    let mut live = Vec::new();
+    for scope in &scopes {
+        let mut w = h3.watch(scope.clone(), None).await.unwrap();
+        assert!(
+            matches!(next(&mut w).await, WatchEvent::Snapshot { items, .. } if items.is_empty())
+        );
+        live.push(w);
+    }
+    h1.export(vec![
+        bound,
+        ttl,
+        rec("f", "p", "h2", "secret"),
+        rec("f", "pub", "*", "pub"),
+    ])
+    .await
+    .unwrap();
+    // Retarget `p` to h9 (its record for h2 is removed), then remove it.
+    h1.sync_exports(vec![
+        rec("f", "p", "h9", "secret"),
+        rec("f", "pub", "*", "pub"),
+    ])
+    .await
+    .unwrap();
+    h1.unexport(vec![ExportId::new("f", "p", "h9")])
+        .await
+        .unwrap();
+    sess.close().await.unwrap();
+    h.clock.advance(Duration::from_secs(31));
+    s.sweep_sessions().await.unwrap();
+    // A last change every watch waits for.
+    h1.export(vec![rec("f", "last", "*", "end")]).await.unwrap();
+    let visible = |c: &fleetdb::Change| {
+        c.namespace != ".export" || c.id.ends_with("/*") || c.id.ends_with("/h3")
+    };
+    let drain = |mut w: Watch| async move {
+        let mut seen = Vec::new();
+        loop {
+            let c = next_change(&mut w).await;
+            let end = c.id == "h1/f/last/*";
+            seen.push(c);
+            if end {
+                return seen;
+            }
+        }
+    };
+    let mut resumed = Vec::new();
+    for scope in &scopes {
+        resumed.push(h3.watch(scope.clone(), Some(start)).await.unwrap());
+    }
+    for (i, w) in live.into_iter().chain(resumed).enumerate() {
+        let seen = drain(w).await;
+        let leaked: Vec<String> = seen
+            .iter()
+            .filter(|c| !visible(c))
+            .map(|c| format!("{:?} {}", c.op, c.id))
+            .collect();
+        assert!(leaked.is_empty(), "watch {i} of h3 got {leaked:?}");
+        assert!(
+            seen.iter().any(|c| c.id == "h1/f/pub/*"),
+            "watch {i} of h3 got the export to every host"
+        );
+    }
+    // A snapshot now holds only what h3 may see.
+    let mut w = h3
+        .watch(WatchScope::Exports { kind: None }, None)
+        .await
+        .unwrap();
+    match next(&mut w).await {
+        WatchEvent::Snapshot { items, .. } => {
+            let ids: Vec<&str> = items.iter().map(|c| c.id.as_str()).collect();
+            assert_eq!(ids, ["h1/f/last/*", "h1/f/pub/*"]);
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
