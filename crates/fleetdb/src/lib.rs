@@ -1148,6 +1148,9 @@ impl Store {
     /// are held back (at most [`CHANGES_SETTLE_WAIT`] is spent waiting for such a transaction)
     /// and paging by the last revision read never skips one. `after` past the newest revision
     /// (a position from another database, or from before a restore) is refused.
+    ///
+    /// The operator's view: unfiltered, it holds the World's entries too, every export's data
+    /// whoever it is for (a host reads its exports through [`World`](crate::World)).
     pub async fn changes(
         &self,
         after: Revision,

@@ -137,7 +137,8 @@ pub struct WatchRequest {
     pub scope: WatchScope,
     /// Replay changes after this revision. `None`: start with a snapshot of the scope.
     pub from_revision: Option<Revision>,
-    /// Only what this host may see (World exports directed elsewhere are hidden).
+    /// Only what this host may see (World exports directed elsewhere are hidden). `None`: the
+    /// operator's view, every export of every host included.
     pub viewer: Option<String>,
     /// Events buffered before a slow consumer is cut off (default [`WATCH_BUFFER_DEFAULT`]).
     pub buffer: Option<usize>,

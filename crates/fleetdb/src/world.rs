@@ -4,7 +4,8 @@
 //! a host's own — its exports, its value in a per-host map, its scheduler registration — is
 //! written through a [`World`] handle bound to that host, and exports are collected through it
 //! too, so a host only ever sees exports meant for it. (Over the network the server will bind
-//! the handle to the caller's credentials.)
+//! the handle to the caller's credentials.) [`Store::changes`] and a [`Store::watch`] without a
+//! viewer are the operator's views: they carry every export's data, whoever it is for.
 
 use std::collections::BTreeMap;
 
