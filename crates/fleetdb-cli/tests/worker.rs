@@ -1545,3 +1545,52 @@ fn a_worker_keeps_history_and_the_change_log_to_their_retention() {
         refused(&url, d, "P", flag, &["0s", "soon"]);
     }
 }
+
+/// `-n` does not scope a worker (docs/cli.md, global options): its selector picks the
+/// namespaces, so `-n lab worker --selector 'kind = machine'` claims the machines of every
+/// namespace, and its command is told each object's own namespace; `namespace = lab` in the
+/// selector is what keeps it to lab. Pinned so that the documented behaviour stays true.
+#[test]
+fn a_workers_namespace_is_its_selectors_not_dash_n() {
+    let (dir, url) = sqlite_store("Install", &["m1"]);
+    let d = dir.path();
+    run(&url, d, &["ns", "create", "lab"]);
+    run(&url, d, &["-n", "lab", "object", "put", "machine", "m2"]);
+    let worker = |selector: &str| {
+        run(
+            &url,
+            d,
+            &[
+                "-n",
+                "lab",
+                "worker",
+                "--component",
+                "w",
+                "--process",
+                "Install",
+                "--selector",
+                selector,
+                "--once",
+                "--limit",
+                "10",
+                "--concurrency",
+                "2",
+                "--",
+                "sh",
+                "-c",
+                "echo \"$FLEETDB_NAMESPACE/$FLEETDB_KIND/$FLEETDB_ID\"",
+            ],
+        )
+    };
+    let out = worker("namespace = lab and kind = machine");
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(printed.trim(), "lab/machine/m2", "{printed}");
+    let out = worker("kind = machine");
+    let mut printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    printed.sort();
+    // m1 of `default` is claimed although `-n lab` was given.
+    assert_eq!(printed, ["default/machine/m1", "lab/machine/m2"]);
+}
