@@ -322,7 +322,11 @@ async fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     quiet_on_closed_stdout();
     let format = cli.output;
-    match run(cli, namespace_given).await {
+    let outcome = match namespace_ignored(&cli, matches.value_source("namespace")) {
+        Some(refused) => Err(refused),
+        None => run(cli, namespace_given).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match format {
@@ -344,6 +348,29 @@ async fn main() -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// `-n` typed on the command line of a command whose selector picks the namespaces (`select`,
+/// `worker`): refused (exit 2) rather than silently ignored — `-n lab worker --selector 'kind =
+/// machine'` would claim the machines of every namespace. `FLEETDB_NAMESPACE` in the environment
+/// is not refused: a worker gives it to its commands, which may run these.
+fn namespace_ignored(cli: &Cli, source: Option<clap::parser::ValueSource>) -> Option<Error> {
+    let command = match cli.command {
+        Command::Select(_) => "select",
+        Command::Worker(_) => "worker",
+        _ => return None,
+    };
+    (source == Some(clap::parser::ValueSource::CommandLine)).then(|| {
+        Error::invalid(
+            "-n/--namespace",
+            &cli.namespace,
+            format!(
+                "does not apply to `{command}`, whose selector matches every namespace: write \
+                 `namespace = {} and …` in the selector instead",
+                cli.namespace
+            ),
+        )
+    })
 }
 
 async fn run(cli: Cli, namespace_given: bool) -> Result<(), Error> {

@@ -1546,51 +1546,80 @@ fn a_worker_keeps_history_and_the_change_log_to_their_retention() {
     }
 }
 
-/// `-n` does not scope a worker (docs/cli.md, global options): its selector picks the
-/// namespaces, so `-n lab worker --selector 'kind = machine'` claims the machines of every
-/// namespace, and its command is told each object's own namespace; `namespace = lab` in the
-/// selector is what keeps it to lab. Pinned so that the documented behaviour stays true.
+/// A worker's selector picks its namespaces (docs/cli.md, global options): `-n lab worker
+/// --selector 'kind = machine'` claimed and ran its command on the machines of EVERY namespace,
+/// `-n` silently ignored. `-n` typed with `worker` (or `select`) is now refused before anything
+/// runs, naming the selector term that does it; `namespace = lab` in the selector keeps a worker
+/// to lab, and its command is told each object's own namespace. `FLEETDB_NAMESPACE` in the
+/// environment (a worker gives it to its commands) is not refused.
 #[test]
 fn a_workers_namespace_is_its_selectors_not_dash_n() {
     let (dir, url) = sqlite_store("Install", &["m1"]);
     let d = dir.path();
     run(&url, d, &["ns", "create", "lab"]);
     run(&url, d, &["-n", "lab", "object", "put", "machine", "m2"]);
-    let worker = |selector: &str| {
-        run(
-            &url,
-            d,
-            &[
-                "-n",
-                "lab",
-                "worker",
-                "--component",
-                "w",
-                "--process",
-                "Install",
-                "--selector",
-                selector,
-                "--once",
-                "--limit",
-                "10",
-                "--concurrency",
-                "2",
-                "--",
-                "sh",
-                "-c",
-                "echo \"$FLEETDB_NAMESPACE/$FLEETDB_KIND/$FLEETDB_ID\"",
-            ],
-        )
+    let worker_args = |selector: &'static str| {
+        vec![
+            "worker",
+            "--component",
+            "w",
+            "--process",
+            "Install",
+            "--selector",
+            selector,
+            "--once",
+            "--limit",
+            "10",
+            "--concurrency",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$FLEETDB_NAMESPACE/$FLEETDB_KIND/$FLEETDB_ID\"",
+        ]
     };
-    let out = worker("namespace = lab and kind = machine");
-    let printed = String::from_utf8_lossy(&out.stdout).to_string();
-    assert_eq!(printed.trim(), "lab/machine/m2", "{printed}");
-    let out = worker("kind = machine");
-    let mut printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    printed.sort();
-    // m1 of `default` is claimed although `-n lab` was given.
-    assert_eq!(printed, ["default/machine/m1", "lab/machine/m2"]);
+    for command in [
+        worker_args("kind = machine"),
+        vec!["select", "kind = machine"],
+    ] {
+        let mut args = vec!["-n", "lab"];
+        args.extend(command);
+        let out = fleetdb(&url, d).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("write `namespace = lab and …` in the selector"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?} ran");
+    }
+    let history = json(&url, d, &["history", "--process", "Install"]);
+    assert_eq!(
+        history["items"].as_array().map(Vec::len),
+        Some(0),
+        "{history}"
+    );
+    let printed = |out: Output| {
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let out = run(&url, d, &worker_args("namespace = lab and kind = machine"));
+    assert_eq!(printed(out), ["lab/machine/m2"]);
+    let out = run(&url, d, &worker_args("kind = machine"));
+    assert_eq!(printed(out), ["default/machine/m1", "lab/machine/m2"]);
+    // In the environment (a worker's command running fleetdb), FLEETDB_NAMESPACE is no refusal.
+    let out = fleetdb(&url, d)
+        .env("FLEETDB_NAMESPACE", "lab")
+        .args(["select", "kind = machine"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
