@@ -37,11 +37,21 @@ use std::time::Duration;
 
 pub use clock::{CLOCK_OFFSET_WARN, CLOCK_SYNC_INTERVAL};
 pub use content::{BlobWriter, BLOB_LIST_PAGE_MAX};
+pub use fleetdb_core::backend::{AppliedMigration, MigrationInfo, WorkStats};
 pub use fleetdb_core::content::IngestStatus;
+// Every type a public method takes or returns is named here, at the crate root: an embedding
+// program never reaches into `fleetdb::core`'s modules for them (`tests/public_api.rs`).
+pub use fleetdb_core::gc::{BlobInfo, GcKind, GcStats, Lease, Resource};
 use fleetdb_core::validate;
 pub use fleetdb_core::work::{
-    Backoff, BackoffInfo, BackoffWhich, HistoryEntry, HistoryFilter, Outcome, Process, SessionInfo,
-    SessionSpec, WorkCursor, WorkEvent, WorkInfo, WorkListing,
+    Backoff, BackoffInfo, BackoffWhich, HistoryEntry, HistoryFilter, Holder, Outcome, Process,
+    SelectorCheck, SessionInfo, SessionSpec, WorkCursor, WorkEvent, WorkExplain, WorkInfo,
+    WorkListing,
+};
+pub use fleetdb_core::world::{
+    Deploy, DeployDraft, DeployFile, DeployFileDraft, Export, ExportFilter, ExportId,
+    ExportOutcome, ExportRecord, KvEntry, Lifetime, Registration, Schedule, ScheduleOptions,
+    Strategy,
 };
 pub use fleetdb_core::{
     self as core, parse_label_selector, Applied, Backend, Batch, Capabilities, Change,

@@ -5,13 +5,10 @@
 
 use std::time::Duration;
 
-use fleetdb::core::gc::Resource;
-use fleetdb::core::world::{
-    DeployDraft, ExportFilter, ExportId, ExportRecord, Lifetime, ScheduleOptions,
-};
 use fleetdb::{
-    Backoff, BackoffWhich, BlobWriter, ChangeFilter, Fence, HistoryFilter, LeaseSpec, ObjectKey,
-    ObjectQuery, OpenOptions, Revision, Session, SessionSpec, Store, Txn, Watch, WatchRequest,
+    Backoff, BackoffWhich, BlobWriter, ChangeFilter, DeployDraft, ExportFilter, ExportId,
+    ExportRecord, Fence, HistoryFilter, LeaseSpec, Lifetime, ObjectKey, ObjectQuery, OpenOptions,
+    Resource, Revision, ScheduleOptions, Session, SessionSpec, Store, Txn, Watch, WatchRequest,
     WatchScope, Work, World,
 };
 
@@ -233,4 +230,45 @@ fn world_futures_are_send(
         },
         None,
     ));
+}
+
+/// Every type a public method takes or returns (and the types of their public fields) is named
+/// through `fleetdb::…`, as the ones of objects and tags are: an embedding program does not
+/// reach into `fleetdb::core`'s modules to write down what `Store::lease_create` or
+/// `Store::kv_get` returned.
+fn types_are_named_at_the_crate_root(
+    _gc: (
+        fleetdb::GcKind,
+        fleetdb::GcStats,
+        fleetdb::Lease,
+        fleetdb::Resource,
+        fleetdb::BlobInfo,
+    ),
+    _world: (
+        fleetdb::KvEntry,
+        fleetdb::Lifetime,
+        fleetdb::Deploy,
+        fleetdb::DeployDraft,
+        fleetdb::DeployFile,
+        fleetdb::DeployFileDraft,
+        fleetdb::Schedule,
+        fleetdb::ScheduleOptions,
+        fleetdb::Strategy,
+        fleetdb::Registration,
+    ),
+    _exports: (
+        fleetdb::Export,
+        fleetdb::ExportId,
+        fleetdb::ExportRecord,
+        fleetdb::ExportFilter,
+        fleetdb::ExportOutcome,
+    ),
+    _work: (
+        fleetdb::WorkExplain,
+        fleetdb::Holder,
+        fleetdb::SelectorCheck,
+        fleetdb::WorkStats,
+    ),
+    _schema: (fleetdb::MigrationInfo, fleetdb::AppliedMigration),
+) {
 }
