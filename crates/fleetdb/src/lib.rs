@@ -21,6 +21,10 @@
 //! [`Store`] is the one user-facing type. It validates every input at the edge and talks to a
 //! [`Backend`]: SQLite, PostgreSQL, or (later) a remote server: the same API either way.
 
+// The documentation's links all lead somewhere a reader of `fleetdb`'s docs can follow:
+// `cargo doc -p fleetdb` fails on a broken link or one to an item the crate does not export.
+#![deny(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)]
+
 mod clock;
 mod content;
 pub mod gc;
@@ -67,7 +71,9 @@ pub use fleetdb_sqlite::{
     Location as SqliteLocation, SqliteBackend, SqliteOptions,
 };
 pub use gc::{ExternalCollector, GcOptions, GcStatus, LeaseSpec, GC_RUNS_KEPT};
-pub use session::{Fence, Session, Work, UNPARK_BATCH};
+pub use session::{
+    Fence, Session, Work, CLAIM_WAIT_POLL, CLAIM_WAIT_RETRY, SWEEP_SESSIONS_MAX, UNPARK_BATCH,
+};
 
 /// Most selectors one store's metrics track ([`Store::metrics_track_selector`]).
 pub const TRACKED_SELECTORS_MAX: usize = 100;

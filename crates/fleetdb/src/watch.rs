@@ -1,6 +1,6 @@
 //! Watches: resumable, filtered change feeds with bounded buffers.
 //!
-//! One [`Hub`] per store reads the change log ONCE for all watchers of the process and fans each
+//! One hub per store reads the change log ONCE for all watchers of the process and fans each
 //! change out to the watchers whose filter it passes. The log is the truth; wake-ups only say
 //! "look again": a local commit (pushed, no polling), a `NOTIFY` from another process
 //! (PostgreSQL), or the poll interval as the fallback. The hub only delivers up to the backend's

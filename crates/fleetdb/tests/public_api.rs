@@ -272,3 +272,11 @@ fn types_are_named_at_the_crate_root(
     _schema: (fleetdb::MigrationInfo, fleetdb::AppliedMigration),
 ) {
 }
+
+// The bounds the docs of `Session::claim_wait`, `Store::process_resume` and
+// `Store::sweep_sessions` link to are exported (they were `pub` in a private module: the docs'
+// links led nowhere, and `cargo doc` warned; `lib.rs` now denies such links).
+const _: () = {
+    assert!(fleetdb::CLAIM_WAIT_POLL.as_millis() < fleetdb::CLAIM_WAIT_RETRY.as_millis());
+    assert!(fleetdb::SWEEP_SESSIONS_MAX > 0);
+};
