@@ -148,6 +148,7 @@ macro_rules! suite {
             txn_serializes_concurrent_increments,
             txn_read_only_writes_nothing,
             txn_read_only_sees_one_state,
+            txn_handle_refuses_use_after_its_attempt,
             concurrent_writers_all_commit;
             session_start_list_close,
             processes_must_be_declared,
@@ -1641,6 +1642,99 @@ pub async fn txn_read_only_sees_one_state(h: &Harness) {
     assert_eq!((a, b), (json!(2), json!(2)), "one state, not a mix");
     assert_eq!(runs.load(Ordering::SeqCst), 2, "ran again after the change");
     assert_eq!(rev(h).await.0, before.0 + 2, "the check wrote nothing");
+}
+
+/// A transaction handle used after its attempt ended (a clone kept outside the closure, or held
+/// by a task that outlives it; or the handle of an attempt that conflicted, used in the next)
+/// refuses writes and reads with `Invalid`, as does the handle of a transaction its caller gave
+/// up on. Before, a write answered `Ok(())` and went into a batch already committed or thrown
+/// away: the caller believed it written, and nothing was.
+pub async fn txn_handle_refuses_use_after_its_attempt(h: &Harness) {
+    let s = &h.store;
+    let m1 = key("default", "machine", "m1");
+    s.object_put(&m1, Labels::new()).await.unwrap();
+    s.tag_set(&m1, "n", &json!(0)).await.unwrap();
+    let kept = Arc::new(std::sync::Mutex::new(None::<fleetdb::Txn>));
+    let late = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let runs = Arc::new(AtomicU32::new(0));
+    s.txn(|tx| {
+        let (m1, kept, late, runs, s) = (
+            m1.clone(),
+            kept.clone(),
+            late.clone(),
+            runs.clone(),
+            s.clone(),
+        );
+        async move {
+            let n = tx.tag_get(&m1, "n").await?.unwrap().value;
+            if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                // This attempt conflicts (someone else changes what it read), and its handle
+                // is kept for the next attempt.
+                *kept.lock().unwrap() = Some(tx.clone());
+                s.tag_set(&m1, "n", &json!(1)).await?;
+            } else {
+                let stale = kept.lock().unwrap().clone().unwrap();
+                late.lock()
+                    .unwrap()
+                    .push(stale.tag_set(&m1, "from_the_first_attempt", &json!(1)));
+                *kept.lock().unwrap() = Some(tx.clone());
+            }
+            tx.tag_set(&m1, "seen", &n)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the first attempt conflicted"
+    );
+    let late = std::mem::take(&mut *late.lock().unwrap());
+    assert!(
+        matches!(late.as_slice(), [Err(Error::Invalid { .. })]),
+        "a write through the first attempt's handle, in the second: {late:?}"
+    );
+    // The committed attempt's handle, after `txn` returned.
+    let tx = kept.lock().unwrap().take().unwrap();
+    let write = tx.tag_set(&m1, "after_the_commit", &json!(1));
+    assert!(
+        matches!(write, Err(Error::Invalid { .. })),
+        "a write after the commit: {write:?}"
+    );
+    assert!(tx.object_delete(&m1).is_err());
+    let read = tx.tag_get(&m1, "n").await;
+    assert!(matches!(read, Err(Error::Invalid { .. })), "{read:?}");
+    // A caller that gives up on a transaction (drops its future) while the closure runs.
+    let (sent, got) = tokio::sync::oneshot::channel();
+    let sent = std::sync::Mutex::new(Some(sent));
+    let given_up = s.txn(|tx| {
+        if let Some(sent) = sent.lock().unwrap().take() {
+            let _ = sent.send(tx);
+        }
+        std::future::pending::<fleetdb::Result<()>>()
+    });
+    let tx = tokio::select! {
+        _ = given_up => unreachable!("the closure never returns"),
+        tx = got => tx.unwrap(),
+    };
+    let write = tx.tag_set(&m1, "after_giving_up", &json!(1));
+    assert!(
+        matches!(write, Err(Error::Invalid { .. })),
+        "a write after the caller gave up: {write:?}"
+    );
+    // What was committed is the second attempt's own write, and only it.
+    assert_eq!(
+        s.tag_get(&m1, "seen").await.unwrap().unwrap().value,
+        json!(1)
+    );
+    assert!(s.object_get(&m1).await.unwrap().is_some());
+    for name in [
+        "from_the_first_attempt",
+        "after_the_commit",
+        "after_giving_up",
+    ] {
+        assert_eq!(s.tag_get(&m1, name).await.unwrap(), None, "{name}");
+    }
 }
 
 pub async fn concurrent_writers_all_commit(h: &Harness) {

@@ -1028,7 +1028,13 @@ impl Store {
                 None => self.clock.now(),
             };
             let tx = Txn::new(self.backend.clone(), self.limits.clone(), now);
-            let out = match f(tx.clone()).await {
+            // The attempt ends once the closure returned, whatever it answered (or when the
+            // caller gives up meanwhile): a clone of its handle kept past it refuses to be used
+            // (its writes would be committed by nobody).
+            let _ended = tx.end_on_drop();
+            let out = f(tx.clone()).await;
+            let mut batch = tx.into_batch();
+            let out = match out {
                 Ok(out) => out,
                 Err(e @ Error::Conflict { .. }) => {
                     last = e.to_string();
@@ -1037,7 +1043,6 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             };
-            let mut batch = tx.into_batch();
             if batch.ops.is_empty() && post.is_empty() && claim.is_none() {
                 // Read-only. One read (and no precondition of the caller's) is consistent by
                 // itself; several were each read at their own moment, so they are checked

@@ -29,9 +29,17 @@ struct State {
     ops: Vec<Op>,
     /// The ops' content so far ([`Op::payload_bytes`]).
     bytes: usize,
+    /// The attempt this handle belongs to has ended (its closure returned: the batch was taken
+    /// to commit, or the attempt was given up or is run again with a new handle). A clone used
+    /// after it is refused: a write would go into a batch already committed or thrown away.
+    ended: bool,
 }
 
 /// A transaction handle, passed by value to the closure (clones share the same transaction).
+///
+/// A handle serves one attempt of the closure, until the closure returns: a clone used after
+/// that (kept outside the closure, or held by a task that outlives it) refuses reads and writes
+/// with `Invalid` rather than accept writes that nothing will commit.
 #[derive(Clone)]
 pub struct Txn {
     backend: Arc<dyn Backend>,
@@ -64,6 +72,7 @@ impl Txn {
     /// concurrent change: fail early with `Conflict` (the transaction is retried).
     fn record(&self, key: ReadKey, revision: Option<Revision>) -> Result<()> {
         let mut st = self.state();
+        open(&st)?;
         if st.reads.len() >= self.limits.txn_reads_max && !st.reads.contains_key(&key) {
             return Err(Error::invalid(
                 "transaction",
@@ -89,6 +98,7 @@ impl Txn {
     fn push(&self, op: Op) -> Result<()> {
         op.validate(&self.limits)?;
         let mut st = self.state();
+        open(&st)?;
         if st.ops.len() >= self.limits.txn_ops_max {
             return Err(Error::invalid(
                 "transaction",
@@ -274,9 +284,23 @@ impl Txn {
         })
     }
 
-    /// Turn the transaction into the batch to commit.
+    /// A guard that ends this handle's attempt when dropped: also when the caller gives up on the
+    /// transaction (drops its future) while the closure runs.
+    pub(crate) fn end_on_drop(&self) -> EndOnDrop {
+        EndOnDrop(self.state.clone())
+    }
+
+    /// Turn the transaction into the batch to commit, and end its attempt: every clone of this
+    /// handle refuses to be used from now on (called once the closure returned, whatever it
+    /// returned).
     pub(crate) fn into_batch(self) -> Batch {
-        let st = std::mem::take(&mut *self.state());
+        let st = std::mem::replace(
+            &mut *self.state(),
+            State {
+                ended: true,
+                ..State::default()
+            },
+        );
         Batch {
             preconditions: st
                 .reads
@@ -295,4 +319,26 @@ impl Txn {
             now: self.now,
         }
     }
+}
+
+/// Ends a handle's attempt when dropped ([`Txn::end_on_drop`]).
+pub(crate) struct EndOnDrop(Arc<Mutex<State>>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).ended = true;
+    }
+}
+
+/// `Invalid` once the handle's attempt has ended ([`State::ended`]).
+fn open(st: &State) -> Result<()> {
+    if st.ended {
+        return Err(Error::invalid(
+            "transaction",
+            "a handle used after its attempt ended",
+            "a Txn is usable only inside its closure until the closure returns (this attempt \
+             committed, gave up or ran again with a new Txn): nothing was read or written",
+        ));
+    }
+    Ok(())
 }
