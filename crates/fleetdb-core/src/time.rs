@@ -116,10 +116,15 @@ impl ManualClock {
         }
     }
 
-    /// Move time forward by `d`.
+    /// Move time forward by `d`, at most to the end of time (`Timestamp(i64::MAX)`: it never
+    /// wraps around to before the epoch).
     pub fn advance(&self, d: Duration) {
         let us = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        self.micros.fetch_add(us, Ordering::SeqCst);
+        let _ = self
+            .micros
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_add(us))
+            });
     }
 
     /// Set the time (may move backwards, to test clock steps).
@@ -318,6 +323,22 @@ impl Clock for ServerClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manual clock advanced past the end of time stays at its end: before, `advance` added
+    /// with a wrapping atomic add, and `advance(Duration::MAX)` (a test's "long after
+    /// everything expired") moved time to 292,000 years before the epoch, where every session,
+    /// claim and lease looked alive again.
+    #[test]
+    fn manual_clock_advance_saturates_at_the_end_of_time() {
+        let c = ManualClock::new(Timestamp(1_767_225_600_000_000));
+        c.advance(Duration::MAX);
+        assert_eq!(c.now(), Timestamp(i64::MAX));
+        c.advance(Duration::from_secs(1));
+        assert_eq!(c.now(), Timestamp(i64::MAX));
+        let c = ManualClock::new(Timestamp(i64::MAX - 5));
+        c.advance(Duration::from_micros(10));
+        assert_eq!(c.now(), Timestamp(i64::MAX));
+    }
 
     #[test]
     fn manual_clock_moves_only_when_told() {
