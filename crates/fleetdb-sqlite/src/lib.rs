@@ -393,6 +393,15 @@ impl SqliteBackend {
                 c
             }
             Location::File(path) => {
+                // No file can be named with a NUL byte: the path is wrong, not the database
+                // unavailable (a transient error, which callers retry).
+                if path.as_os_str().as_encoded_bytes().contains(&0) {
+                    return Err(Error::invalid(
+                        "database path",
+                        path.display().to_string().replace('\0', "\\0"),
+                        "must not contain a NUL byte",
+                    ));
+                }
                 // Absolute once and for all: connections opened later, and the blob folders
                 // beside the file, must not follow the process into another working folder.
                 if path.as_os_str().as_encoded_bytes().ends_with(b"/") {

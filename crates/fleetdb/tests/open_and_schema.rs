@@ -432,6 +432,32 @@ async fn sqlite_a_path_that_cannot_be_a_database_file_is_invalid() {
 }
 
 // ------------------------------------------------------------------------------------------
+// A SQLite URL whose path holds a NUL byte (no file can be named so) was reported as
+// `Unavailable` ("cannot resolve the database path …"): a transient error, which
+// `Error::is_retryable` says to retry, so a caller's retry loop waited on a URL that can never
+// open. It is `Invalid` now, and nothing is created.
+
+#[tokio::test]
+async fn sqlite_a_path_with_a_nul_byte_is_invalid_not_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        format!("sqlite://{}/a\0b.sqlite", dir.path().display()),
+        format!("sqlite://{}/x\0/db.sqlite", dir.path().display()),
+        "sqlite://\0".to_string(),
+    ] {
+        let r = Store::open(&url).await;
+        match &r {
+            Err(e @ Error::Invalid { rule, .. }) => {
+                assert!(rule.contains("NUL"), "{url:?}: {rule}");
+                assert!(!e.is_retryable());
+            }
+            other => panic!("{url:?}: expected Invalid, got {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+// ------------------------------------------------------------------------------------------
 // A PostgreSQL URL the driver refused was reported as `invalid PostgreSQL URL "…": invalid
 // connection string`, whatever was wrong: the option or value at fault (the driver's error's
 // source) was dropped. It is named now.
