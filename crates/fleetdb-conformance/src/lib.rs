@@ -135,6 +135,7 @@ macro_rules! suite {
             a_negative_position_is_invalid_not_compacted,
             a_cursor_of_another_listing_is_refused,
             json_values_round_trip,
+            a_tag_value_nested_too_deep_is_invalid,
             change_log_records_every_mutation,
             change_log_filters,
             compaction_gives_compacted,
@@ -1122,6 +1123,67 @@ pub async fn listing_positions_are_checked_at_the_edge(h: &Harness) {
     s.session_list(Some("00000000-0000-0000-0000-000000000000"), 10)
         .await
         .unwrap();
+}
+
+/// A tag value nested deeper than JSON text can be read back (`JSON_DEPTH_MAX`, 127 arrays or
+/// objects) is `Invalid`, however deep: before, a value a caller built (or parsed without
+/// serde_json's recursion limit) nested a few thousand levels deep was serialized recursively
+/// and overflowed the stack: `tag_set` aborted the whole process.
+pub async fn a_tag_value_nested_too_deep_is_invalid(h: &Harness) {
+    let s = &h.store;
+    let m1 = key("default", "machine", "m1");
+    s.object_put(&m1, Labels::new()).await.unwrap();
+    let nest = |depth: usize| {
+        let mut v = json!(1);
+        for _ in 0..depth {
+            v = serde_json::Value::Array(vec![v]);
+        }
+        v
+    };
+    // Taken apart level by level: dropping it whole would recurse as deep as it nests.
+    fn take_apart(mut v: serde_json::Value) {
+        while let serde_json::Value::Array(mut a) = v {
+            v = a.pop().unwrap_or_default();
+        }
+    }
+    let deepest = nest(fleetdb::core::validate::JSON_DEPTH_MAX);
+    s.tag_set(&m1, "deepest", &deepest).await.unwrap();
+    assert_eq!(
+        s.tag_get(&m1, "deepest").await.unwrap().unwrap().value,
+        deepest
+    );
+    take_apart(deepest);
+    for depth in [fleetdb::core::validate::JSON_DEPTH_MAX + 1, 1_000_000] {
+        let v = nest(depth);
+        let r = s.tag_set(&m1, "deep", &v).await;
+        assert!(
+            matches!(&r, Err(Error::Invalid { rule, .. }) if rule.contains("nest")),
+            "depth {depth}: {r:?}"
+        );
+        let r = s
+            .txn(|tx| {
+                let (m1, v) = (m1.clone(), nest(depth));
+                async move {
+                    let r = tx.tag_set(&m1, "deep", &v);
+                    take_apart(v);
+                    r
+                }
+            })
+            .await;
+        assert!(
+            matches!(r, Err(Error::Invalid { .. })),
+            "depth {depth}: {r:?}"
+        );
+        take_apart(v);
+    }
+    let names: Vec<String> = s
+        .tag_list(&m1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["deepest"]);
 }
 
 pub async fn json_values_round_trip(h: &Harness) {

@@ -196,10 +196,64 @@ pub fn parse_label_arg(arg: &str) -> Result<(String, String)> {
     Ok((k.to_string(), v.to_string()))
 }
 
-/// Serialize a JSON value canonically (object keys sorted, no whitespace) and check its size.
-/// Two values that are equal as JSON have the same canonical text, which is what makes
-/// "set to the identical value" detectable as a no-op.
+/// Most arrays and objects a JSON value may nest inside each other: the most JSON text can nest
+/// and still be read back (serde_json's parser stops at 128 levels).
+pub const JSON_DEPTH_MAX: usize = 127;
+
+/// Whether `value` nests arrays and objects more than `max` levels deep. Iterative (a stack of
+/// one iterator per level): a recursive walk of a value a million levels deep would overflow
+/// the thread's stack, which aborts the process.
+fn nests_deeper_than(value: &serde_json::Value, max: usize) -> bool {
+    use serde_json::Value;
+    enum Level<'a> {
+        Array(std::slice::Iter<'a, Value>),
+        Object(serde_json::map::Values<'a>),
+    }
+    fn level(v: &Value) -> Option<Level<'_>> {
+        match v {
+            Value::Array(a) => Some(Level::Array(a.iter())),
+            Value::Object(o) => Some(Level::Object(o.values())),
+            _ => None,
+        }
+    }
+    let mut stack: Vec<Level<'_>> = level(value).into_iter().collect();
+    if stack.len() > max {
+        return true;
+    }
+    while let Some(top) = stack.last_mut() {
+        let next = match top {
+            Level::Array(items) => items.next(),
+            Level::Object(values) => values.next(),
+        };
+        match next {
+            None => {
+                stack.pop();
+            }
+            Some(child) => {
+                if let Some(inner) = level(child) {
+                    if stack.len() >= max {
+                        return true;
+                    }
+                    stack.push(inner);
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Serialize a JSON value canonically (object keys sorted, no whitespace) and check its size
+/// and nesting ([`JSON_DEPTH_MAX`]). Two values that are equal as JSON have the same canonical
+/// text, which is what makes "set to the identical value" detectable as a no-op.
 pub fn canonical_json(field: &str, value: &serde_json::Value, max: usize) -> Result<String> {
+    // Checked first: serializing (and the NUL check) recurse as deep as the value nests.
+    if nests_deeper_than(value, JSON_DEPTH_MAX) {
+        return Err(Error::invalid(
+            field,
+            "<value>",
+            format!("nests arrays and objects more than {JSON_DEPTH_MAX} levels deep"),
+        ));
+    }
     // serde_json's default map is a BTreeMap, so keys come out sorted.
     let text = serde_json::to_string(value)
         .map_err(|e| Error::invalid(field, "<value>", e.to_string()))?;
@@ -332,6 +386,31 @@ mod tests {
             out,
             [("b".to_string(), "2".to_string()), ("c".into(), "3".into())].into()
         );
+    }
+
+    #[test]
+    fn canonical_json_limits_nesting_without_recursing() {
+        let nest = |depth: usize, object: bool| {
+            let mut v = serde_json::json!("x");
+            for _ in 0..depth {
+                v = if object {
+                    serde_json::json!({ "k": v })
+                } else {
+                    serde_json::json!([0, v, 1])
+                };
+            }
+            v
+        };
+        for object in [false, true] {
+            let ok = nest(JSON_DEPTH_MAX, object);
+            let text = canonical_json("v", &ok, 1 << 20).unwrap();
+            assert_eq!(parse_json("v", &text).unwrap(), ok, "reads back");
+            let err = canonical_json("v", &nest(JSON_DEPTH_MAX + 1, object), 1 << 20).unwrap_err();
+            assert!(err.to_string().contains("127 levels"), "{err}");
+        }
+        // Wide, not deep: fine.
+        let wide = serde_json::Value::Array(vec![serde_json::json!([[1]]); 10_000]);
+        assert!(canonical_json("v", &wide, 1 << 20).is_ok());
     }
 
     #[test]
