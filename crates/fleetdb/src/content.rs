@@ -1,8 +1,13 @@
 //! The content store: content-addressed blobs (sha256) written through resumable, expiring
 //! uploads ("ingests"), with the expected digest and size verified before anything is committed.
 //!
-//! ```no_run
-//! # async fn demo(store: fleetdb::Store) -> fleetdb::Result<()> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> fleetdb::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! // On a database file: blobs are files beside it (an in-memory database has no content store).
+//! let url = format!("sqlite://{}/fleetdb.sqlite", dir.path().display());
+//! let store = fleetdb::Store::open(&url).await?;
 //! let info = store.blob_put(b"hello", Default::default(), None).await?;
 //! assert_eq!(store.blob_get(&info.digest).await?, b"hello");
 //!

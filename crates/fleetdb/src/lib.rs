@@ -4,8 +4,9 @@
 //! typed tags in namespaces, a change log with a global revision, and atomic transactions, on
 //! embedded SQLite (zero setup) or PostgreSQL.
 //!
-//! ```no_run
-//! # async fn demo() -> fleetdb::Result<()> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> fleetdb::Result<()> {
 //! use fleetdb::{ObjectKey, Store};
 //! use serde_json::json;
 //!
@@ -944,8 +945,12 @@ impl Store {
     /// send messages, bump counters or call other services from inside it; return what you need
     /// and act on it after `txn` returns.
     ///
-    /// ```no_run
-    /// # async fn demo(store: fleetdb::Store, m1: fleetdb::ObjectKey) -> fleetdb::Result<()> {
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> fleetdb::Result<()> {
+    /// # let store = fleetdb::Store::open("sqlite::memory:").await?;
+    /// # let m1 = fleetdb::ObjectKey::new("default", "machine", "m1")?;
+    /// # store.object_put(&m1, Default::default()).await?;
     /// use serde_json::json;
     /// let generation = store
     ///     .txn(|tx| {
@@ -960,6 +965,7 @@ impl Store {
     ///         }
     ///     })
     ///     .await?;
+    /// # assert_eq!(generation, 1);
     /// # Ok(()) }
     /// ```
     pub async fn txn<T, F, Fut>(&self, f: F) -> Result<T>
