@@ -299,15 +299,7 @@ impl SqliteBackend {
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.exclusive(move |c| {
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(map_err)?;
-            let v = f(&tx)?; // dropped on error: rolled back
-            tx.commit().map_err(map_err)?;
-            Ok(v)
-        })
-        .await
+        self.exclusive_write(f, ()).await
     }
 
     /// [`Self::locked`], holding `held` (an upload's locked file) until the transaction has
