@@ -384,7 +384,7 @@ pub const CLOCK_SAMPLES_AT_OPEN: usize = 3;
 /// One reading of the server's clock: one round trip of a prepared statement on `client` (the
 /// statement is prepared before the round trip is timed). `clock_timestamp()`, not `now()`: the
 /// time of the reading, not of the transaction's start.
-async fn clock_sample(client: &PooledClient) -> Result<ClockSample> {
+async fn clock_sample(client: &deadpool_postgres::ClientWrapper) -> Result<ClockSample> {
     let statement = client
         .prepare_cached("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8")
         .await
@@ -1811,8 +1811,13 @@ impl Backend for PostgresBackend {
         let Some(server_clock) = &self.server_clock else {
             return Ok(None);
         };
-        let client = self.client().await?;
-        server_clock.offer(clock_sample(&client).await?);
+        // Given up before its answer (the background task's timeout: a half-open connection
+        // after a failover, a server that does not answer), the connection is closed, not put
+        // back into the pool for the store's next call to wait on ([`Answered`]).
+        let mut client = Answered::new(self.client().await?);
+        let sample = clock_sample(client.client()).await;
+        client.answered();
+        server_clock.offer(sample?);
         Ok(server_clock.offset_micros())
     }
 

@@ -1246,3 +1246,31 @@ async fn a_given_up_claims_cancel_whose_answer_is_lost_is_counted() {
     drop(s);
     db.drop().await;
 }
+
+/// The background task samples the server's clock every `CLOCK_SYNC_INTERVAL` and gives a
+/// sample up after half of it. A sample given up on a connection that never answers (half-open
+/// after a failover) put that connection back into the pool, still waiting for its answer: the
+/// pool is last in, first out, so the store's next call took it and hung with it, while new
+/// connections reached the server. Given up, it must be closed as a given-up renewal's is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_sample_given_up_on_a_half_open_connection_does_not_hang_the_next_call() {
+    let db = Db::new().await;
+    let (proxy, url) = db.proxied().await;
+    // No clock given: the store runs on the server's clock, sampled by `clock_sync`.
+    let store = open(&url, 1, false).await;
+    assert!(
+        store.clock_offset_micros().is_some(),
+        "on the server's clock"
+    );
+    proxy.blackhole();
+    // As the background task does (with its own, longer, timeout).
+    let sync = tokio::time::timeout(Duration::from_millis(300), store.backend().clock_sync()).await;
+    assert!(sync.is_err(), "the sample was given up: {sync:?}");
+    let r = tokio::time::timeout(Duration::from_secs(5), store.revision()).await;
+    assert!(
+        matches!(r, Ok(Ok(_))),
+        "the call after a given-up clock sample hung on its half-open connection: {r:?}"
+    );
+    drop(store);
+    db.drop().await;
+}
