@@ -460,8 +460,12 @@ impl Store {
         if rechecking {
             // Ready: read the version again once `SCHEMA_RECHECK` has passed, by one caller
             // (the one that moves the time on); the others go on meanwhile.
+            // Also due when the clock stepped back that far (on PostgreSQL the server's clock,
+            // which a `ServerClock` follows when it is stepped): the last read's time is then
+            // in the future, and waiting for the clock to catch up with it waits for as long as
+            // the step (an old binary writing for an hour to a database migrated past it).
             let last = self.ready.checked.load(Ordering::Relaxed);
-            let due = now.saturating_sub(last) >= SCHEMA_RECHECK.as_micros() as i64;
+            let due = now.abs_diff(last) >= SCHEMA_RECHECK.as_micros() as u64;
             if !due
                 || self
                     .ready

@@ -1,7 +1,7 @@
 //! Opening, schema versions and metrics: defects found by a review (each test states what a user
 //! saw before its fix).
 
-use fleetdb::{Error, Labels, ObjectKey, OpenOptions, Store};
+use fleetdb::{Clock, Error, Labels, ObjectKey, OpenOptions, Store};
 
 fn sqlite_path() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -86,10 +86,49 @@ async fn postgres_a_running_store_refuses_writes_once_a_newer_binary_migrated() 
     pg_drop(&schema).await;
 }
 
+/// The store's clock stepped back (on PostgreSQL it is the server's clock, which `ServerClock`
+/// follows when it is stepped; a host's wall clock on SQLite): the time of the last re-read was
+/// then in the future, and none was due again until the clock had caught up with it - an hour
+/// stepped back, an hour of writes by an old binary to a database a newer one had migrated.
+#[tokio::test]
+async fn sqlite_the_schema_is_read_again_after_the_clock_stepped_back() {
+    let (_d, path) = sqlite_path();
+    let (store, clock) = open_on_a_manual_clock(&sqlite_url(&path)).await;
+    store.object_put(&m("m1"), Labels::new()).await.unwrap();
+    clock.set(fleetdb::Timestamp(clock.now().0 - 3_600_000_000));
+    store.object_put(&m("m2"), Labels::new()).await.unwrap();
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute(
+            "INSERT INTO fleetdb_schema VALUES (999, 'from_the_future', 0)",
+            [],
+        )
+        .unwrap();
+    }
+    assert_refused_after_the_recheck(&store, &clock).await;
+}
+
+#[tokio::test]
+async fn postgres_the_schema_is_read_again_after_the_clock_stepped_back() {
+    let (url, schema) = pg_schema().await;
+    let (store, clock) = open_on_a_manual_clock(&url).await;
+    store.object_put(&m("m1"), Labels::new()).await.unwrap();
+    clock.set(fleetdb::Timestamp(clock.now().0 - 3_600_000_000));
+    store.object_put(&m("m2"), Labels::new()).await.unwrap();
+    pg_exec(
+        &url,
+        "INSERT INTO fleetdb_schema VALUES (999, 'from_the_future', 0)",
+    )
+    .await;
+    assert_refused_after_the_recheck(&store, &clock).await;
+    drop(store);
+    pg_drop(&schema).await;
+}
+
 /// Once `SCHEMA_RECHECK` has passed, the next write reads the version again and is refused.
 async fn assert_refused_after_the_recheck(store: &Store, clock: &fleetdb::ManualClock) {
     clock.advance(fleetdb::SCHEMA_RECHECK);
-    let r = store.object_put(&m("m2"), Labels::new()).await;
+    let r = store.object_put(&m("m3"), Labels::new()).await;
     assert!(
         matches!(r, Err(Error::SchemaTooNew { database: 999, .. })),
         "an old binary still writes to a database migrated past it: {r:?}"
