@@ -4193,8 +4193,39 @@ mod tests {
         // So is a claim that found nothing.
         hand.advance_to(&key("a"), &[], at(3 * sweep));
         assert_eq!(hand.get(at(4 * sweep - 1)), key("a"));
-        // A clock that goes back never starts a sweep early.
-        assert_eq!(hand.get(at(0)), key("a"));
+        // A clock that goes back (less than SWEEP_MAX: concurrent claims' times) never starts a
+        // sweep early.
+        assert_eq!(hand.get(at(3 * sweep - sweep / 2)), key("a"));
+    }
+
+    /// The store's clock stepped back (on PostgreSQL the server's clock, which `ServerClock`
+    /// follows when it is stepped): the last sweep's time then lay in the future, and every
+    /// claim that wrapped kept it there (the later of the two times), so no claim started at the
+    /// start until the clock had caught up with it. A candidate behind the hand, while new ones
+    /// kept coming after it, waited as long as the step (an hour) instead of `SWEEP_MAX`.
+    #[test]
+    fn a_hand_still_sweeps_after_the_clock_stepped_back() {
+        let hand = work::Hand::default();
+        let key = |id: &str| ObjectKey {
+            namespace: "default".into(),
+            kind: "job".into(),
+            id: id.into(),
+        };
+        let at = |ms: i64| Timestamp(ms * 1000);
+        let sweep = work::SWEEP_MAX.as_millis() as i64;
+        let hour = 3_600_000;
+        assert_eq!(hand.get(at(hour)), work::hand_start());
+        hand.advance_to(&work::hand_start(), &[key("a")], at(hour));
+        // Stepped back an hour; claims keep taking keys after the hand.
+        hand.advance_to(&key("a"), &[key("b")], at(0));
+        hand.advance_to(&key("b"), &[key("c")], at(sweep / 2));
+        // SWEEP_MAX or more from the last sweep, backwards: this claim starts at the start.
+        assert_eq!(hand.get(at(sweep)), work::hand_start());
+        assert_eq!(hand.get(at(sweep)), key("c"));
+        // It wrapped: a sweep at the new time, and the next one SWEEP_MAX after it.
+        hand.advance_to(&work::hand_start(), &[key("a")], at(sweep));
+        assert_eq!(hand.get(at(2 * sweep - 1)), key("a"));
+        assert_eq!(hand.get(at(2 * sweep)), work::hand_start());
     }
 
     /// The fused finish runs with a generic plan made once per connection, maybe while the tables

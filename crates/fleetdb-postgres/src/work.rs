@@ -681,12 +681,15 @@ impl Hand {
     pub(crate) const TURN_MIN: usize = 16;
 
     /// Where a claim at `now` starts: at the hand, or at the start when [`SWEEP_MAX`] has passed
-    /// since a claim last covered the whole key space (this one will: the time is noted now, so
-    /// the claims beside it still start at the hand).
+    /// since a claim last covered the whole key space, or the clock stepped back by as much (this
+    /// one will: the time is noted now, so the claims beside it still start at the hand).
     pub(crate) fn get(&self, now: Timestamp) -> ObjectKey {
         let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
         let swept = *at.swept.get_or_insert(now);
-        if now.0.saturating_sub(swept.0) >= SWEEP_MAX.as_micros() as i64 {
+        // Also when the clock stepped back that far (on PostgreSQL the server's clock, which a
+        // `ServerClock` follows when it is stepped): waiting for it to catch up with the last
+        // sweep's time would leave candidates behind the hand for as long as the step.
+        if now.0.abs_diff(swept.0) >= SWEEP_MAX.as_micros() as u64 {
             at.swept = Some(now);
             return hand_start();
         }
