@@ -151,9 +151,10 @@ impl Clock for ManualClock {
 /// anchor's error then grows by [`ServerClock::DRIFT_PPM`] of the time since. A sample replaces
 /// the anchor when its error is smaller than the anchor's now, or when the two disagree by more
 /// than both errors together: the server's clock was stepped, or this host slept (its monotonic
-/// clock does not count a suspend), and the new sample is the truth. Between samples the time
-/// follows the monotonic clock, so steps of this host's own wall clock (an NTP step, an operator's
-/// `date -s`) change nothing. Time may step back by up to the anchor's error when a better sample
+/// clock stopped), and the new sample is the truth. Between samples the time follows this host's
+/// boot clock ([`ServerClock::monotonic_micros`]: monotonic, and on Linux counting a suspend, so
+/// a host resumed from sleep is not behind until its next sample), so steps of this host's own
+/// wall clock (an NTP step, an operator's `date -s`) change nothing. Time may step back by up to the anchor's error when a better sample
 /// replaces it (fractions of a millisecond on a local network), as a wall clock does.
 ///
 /// Before its first sample it reads the `wall` clock, which it also uses to report this host's
@@ -161,10 +162,9 @@ impl Clock for ManualClock {
 #[derive(Debug)]
 pub struct ServerClock {
     wall: Arc<dyn Clock>,
-    /// The monotonic clock's zero for `base`.
-    origin: std::time::Instant,
-    /// The anchor's server time minus its monotonic time since `origin` (µs): [`Clock::now`] is
-    /// one load and one monotonic reading. [`NO_ANCHOR`] before the first sample.
+    /// The anchor's server time minus its time on [`ServerClock::monotonic_micros`] (µs):
+    /// [`Clock::now`] is one load and one monotonic reading. [`NO_ANCHOR`] before the first
+    /// sample.
     base: AtomicI64,
     anchor: std::sync::Mutex<Option<Anchor>>,
 }
@@ -176,34 +176,32 @@ const NO_ANCHOR: i64 = i64::MIN;
 struct Anchor {
     /// The server's time at `at` (the sample's midpoint).
     server: Timestamp,
-    at: std::time::Instant,
+    /// [`ServerClock::monotonic_micros`] at the sample's midpoint.
+    at: i64,
     /// Half the sample's round trip (µs).
     error: i64,
     /// `server` minus the wall clock's time at `at` (µs).
     offset: i64,
 }
 
-/// One reading of the server's clock ([`ServerClock::offer`]).
+/// One reading of the server's clock ([`ServerClock::offer`]): sent and received are times of
+/// [`ServerClock::monotonic_micros`].
 #[derive(Debug, Clone, Copy)]
 pub struct ClockSample {
-    pub sent: std::time::Instant,
+    pub sent: i64,
     pub server: Timestamp,
-    pub received: std::time::Instant,
+    pub received: i64,
 }
 
 impl ClockSample {
     /// Half the round trip (µs): how far the server's reading can be from the midpoint.
     pub fn error_micros(&self) -> i64 {
-        micros(self.received.saturating_duration_since(self.sent)) / 2
+        self.received.saturating_sub(self.sent).max(0) / 2
     }
 
-    fn midpoint(&self) -> std::time::Instant {
-        self.sent + self.received.saturating_duration_since(self.sent) / 2
+    fn midpoint(&self) -> i64 {
+        self.sent.saturating_add(self.error_micros())
     }
-}
-
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// What [`ServerClock::offer`] did with a sample.
@@ -228,7 +226,6 @@ impl ServerClock {
     pub fn new(wall: Arc<dyn Clock>) -> Self {
         ServerClock {
             wall,
-            origin: std::time::Instant::now(),
             base: AtomicI64::new(NO_ANCHOR),
             anchor: std::sync::Mutex::new(None),
         }
@@ -242,7 +239,7 @@ impl ServerClock {
         let used = match *anchor {
             None => SampleUse::First,
             Some(a) => {
-                let since = signed_micros(a.at, at);
+                let since = at.saturating_sub(a.at);
                 let predicted = a.server.0.saturating_add(since);
                 let anchor_error = a.error.saturating_add(drift_micros(since));
                 if sample.server.0.abs_diff(predicted) > anchor_error.saturating_add(error) as u64 {
@@ -260,18 +257,14 @@ impl ServerClock {
                 .wall
                 .now()
                 .0
-                .saturating_sub(signed_micros(at, std::time::Instant::now()));
+                .saturating_sub(Self::monotonic_micros().saturating_sub(at));
             *anchor = Some(Anchor {
                 server: sample.server,
                 at,
                 error,
                 offset: sample.server.0.saturating_sub(wall),
             });
-            let base = sample
-                .server
-                .0
-                .saturating_sub(signed_micros(self.origin, at))
-                .max(NO_ANCHOR + 1);
+            let base = sample.server.0.saturating_sub(at).max(NO_ANCHOR + 1);
             self.base.store(base, Ordering::Release);
         }
         used
@@ -288,8 +281,37 @@ impl ServerClock {
     pub fn error_micros(&self) -> Option<i64> {
         self.anchor().map(|a| {
             a.error
-                .saturating_add(drift_micros(signed_micros(a.at, std::time::Instant::now())))
+                .saturating_add(drift_micros(Self::monotonic_micros().saturating_sub(a.at)))
         })
+    }
+
+    /// This host's boot clock in µs, the time base of samples and of [`Clock::now`] between
+    /// them: monotonic and, on Linux (`CLOCK_BOOTTIME`), counting the time the host was
+    /// suspended (`Instant`, `CLOCK_MONOTONIC`, stops then: a resumed host's store would run
+    /// behind by the suspend until its next sample, its expired sessions alive to it). Elsewhere
+    /// `Instant` since the first reading.
+    pub fn monotonic_micros() -> i64 {
+        #[cfg(target_os = "linux")]
+        {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes `ts`; CLOCK_BOOTTIME exists since Linux 2.6.39.
+            unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+            // `time_t` and `c_long` are 32 bits wide on some targets.
+            #[allow(clippy::unnecessary_cast)]
+            let micros = (ts.tv_sec as i64)
+                .saturating_mul(1_000_000)
+                .saturating_add(ts.tv_nsec as i64 / 1_000);
+            micros
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            let d = ORIGIN.get_or_init(std::time::Instant::now).elapsed();
+            i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+        }
     }
 
     fn anchor(&self) -> Option<Anchor> {
@@ -303,19 +325,11 @@ fn drift_micros(since: i64) -> i64 {
     i64::try_from(d).unwrap_or(i64::MAX)
 }
 
-/// `to - from` in µs, negative when `to` is earlier.
-fn signed_micros(from: std::time::Instant, to: std::time::Instant) -> i64 {
-    match to.checked_duration_since(from) {
-        Some(d) => micros(d),
-        None => -micros(from.duration_since(to)),
-    }
-}
-
 impl Clock for ServerClock {
     fn now(&self) -> Timestamp {
         match self.base.load(Ordering::Acquire) {
             NO_ANCHOR => self.wall.now(),
-            base => Timestamp(base.saturating_add(micros(self.origin.elapsed()))),
+            base => Timestamp(base.saturating_add(Self::monotonic_micros())),
         }
     }
 }
@@ -352,10 +366,10 @@ mod tests {
     }
 
     /// A sample of `server` taken over a round trip of `rtt_ms` that ended `ago_ms` before now.
-    fn sample(server: Timestamp, rtt_ms: u64, ago_ms: u64) -> ClockSample {
-        let received = std::time::Instant::now() - Duration::from_millis(ago_ms);
+    fn sample(server: Timestamp, rtt_ms: i64, ago_ms: i64) -> ClockSample {
+        let received = ServerClock::monotonic_micros() - ago_ms * 1_000;
         ClockSample {
-            sent: received - Duration::from_millis(rtt_ms),
+            sent: received - rtt_ms * 1_000,
             server,
             received,
         }
@@ -389,6 +403,17 @@ mod tests {
         assert!((50..1_000).contains(&ahead), "{ahead} ms");
     }
 
+    /// The time base counts like the monotonic clock (and never goes back).
+    #[test]
+    fn the_boot_clock_counts_real_time() {
+        let (t0, i0) = (ServerClock::monotonic_micros(), std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        let (t1, i1) = (ServerClock::monotonic_micros(), std::time::Instant::now());
+        let instant = i64::try_from((i1 - i0).as_micros()).unwrap();
+        assert!(t1 >= t0 + 20_000, "{t0} → {t1}");
+        assert!((t1 - t0 - instant).abs() < 2_000, "{} vs {instant} µs", t1 - t0);
+    }
+
     #[test]
     fn a_server_clock_keeps_its_most_precise_sample_and_follows_steps() {
         let clock = ServerClock::new(Arc::new(SystemClock));
@@ -411,12 +436,11 @@ mod tests {
         // The anchor's error grows with the time since it: a sample as precise as it, an hour
         // later, replaces it (its drift bound makes the old one worse).
         let at = clock.now();
+        let hour = 3_600_000_000;
         let later = ClockSample {
-            sent: std::time::Instant::now() + Duration::from_secs(3_600),
-            server: Timestamp(at.0 + 3_600_000_000),
-            received: std::time::Instant::now()
-                + Duration::from_secs(3_600)
-                + Duration::from_millis(30),
+            sent: ServerClock::monotonic_micros() + hour,
+            server: Timestamp(at.0 + hour),
+            received: ServerClock::monotonic_micros() + hour + 30_000,
         };
         assert_eq!(clock.offer(later), SampleUse::Better);
     }

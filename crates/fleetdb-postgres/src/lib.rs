@@ -389,9 +389,9 @@ async fn clock_sample(client: &deadpool_postgres::ClientWrapper) -> Result<Clock
         .prepare_cached("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8")
         .await
         .map_err(db_err)?;
-    let sent = std::time::Instant::now();
+    let sent = ServerClock::monotonic_micros();
     let row = client.query_one(&statement, &[]).await.map_err(db_err)?;
-    let received = std::time::Instant::now();
+    let received = ServerClock::monotonic_micros();
     Ok(ClockSample {
         sent,
         server: Timestamp(row.try_get(0).map_err(db_err)?),
