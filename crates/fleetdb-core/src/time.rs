@@ -411,7 +411,11 @@ mod tests {
         let (t1, i1) = (ServerClock::monotonic_micros(), std::time::Instant::now());
         let instant = i64::try_from((i1 - i0).as_micros()).unwrap();
         assert!(t1 >= t0 + 20_000, "{t0} → {t1}");
-        assert!((t1 - t0 - instant).abs() < 2_000, "{} vs {instant} µs", t1 - t0);
+        assert!(
+            (t1 - t0 - instant).abs() < 2_000,
+            "{} vs {instant} µs",
+            t1 - t0
+        );
     }
 
     #[test]
