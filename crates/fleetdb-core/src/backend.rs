@@ -116,7 +116,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(None)
     }
 
-    /// The database server's clock minus this host's wall clock (µs), as last sampled, when this
+    /// The database server's clock minus this host's wall clock (µs), now, when this
     /// backend's store runs on the server's clock.
     fn clock_offset(&self) -> Option<i64> {
         None

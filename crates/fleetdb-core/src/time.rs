@@ -180,8 +180,6 @@ struct Anchor {
     at: i64,
     /// Half the sample's round trip (µs).
     error: i64,
-    /// `server` minus the wall clock's time at `at` (µs).
-    offset: i64,
 }
 
 /// One reading of the server's clock ([`ServerClock::offer`]): sent and received are times of
@@ -252,17 +250,10 @@ impl ServerClock {
             }
         };
         if used != SampleUse::Kept {
-            // The wall clock read now stands for its time at the midpoint, `at`.
-            let wall = self
-                .wall
-                .now()
-                .0
-                .saturating_sub(Self::monotonic_micros().saturating_sub(at));
             *anchor = Some(Anchor {
                 server: sample.server,
                 at,
                 error,
-                offset: sample.server.0.saturating_sub(wall),
             });
             let base = sample.server.0.saturating_sub(at).max(NO_ANCHOR + 1);
             self.base.store(base, Ordering::Release);
@@ -270,10 +261,11 @@ impl ServerClock {
         used
     }
 
-    /// The server's clock minus this host's wall clock when the anchor was taken (µs); `None`
-    /// before the first sample.
+    /// The server's clock minus this host's wall clock now (µs): read live, so a step of the
+    /// wall clock shows at once; `None` before the first sample.
     pub fn offset_micros(&self) -> Option<i64> {
-        self.anchor().map(|a| a.offset)
+        self.anchor()?;
+        Some(self.now().0.saturating_sub(self.wall.now().0))
     }
 
     /// How far [`Clock::now`] may be from the server's clock now (µs); `None` before the first
@@ -396,8 +388,10 @@ mod tests {
         let offset = clock.offset_micros().unwrap();
         assert!((offset - 3_600_000_000).abs() < 1_000_000, "{offset}");
         assert_eq!(clock.error_micros().map(|e| e / 1000), Some(1));
-        // A step of the wall clock changes nothing.
+        // A step of the wall clock changes nothing but the offset, which shows it at once.
         wall.advance(Duration::from_secs(7_200));
+        let offset = clock.offset_micros().unwrap();
+        assert!((offset + 3_600_000_000).abs() < 1_000_000, "{offset}");
         wall.set(Timestamp(5));
         let ahead = ahead_ms(&clock, server);
         assert!((50..1_000).contains(&ahead), "{ahead} ms");

@@ -17,7 +17,7 @@ pub const CLOCK_OFFSET_WARN: Duration = Duration::from_secs(1);
 
 impl Store {
     /// The store's clock minus this host's wall clock (µs): `Some` when the store runs on the
-    /// database server's clock (PostgreSQL, no clock given at open), as last sampled.
+    /// database server's clock (PostgreSQL, no clock given at open), read now.
     pub fn clock_offset_micros(&self) -> Option<i64> {
         self.backend.clock_offset()
     }
